@@ -1,0 +1,66 @@
+"""bn_fold: a convolution followed by an eval-mode BatchNorm is one convolution.
+
+Identity (per output channel o, for any input x):
+
+    BN(conv(x; W, b))[o] = conv(x; W', b')[o]
+
+    with  s[o]  = gamma[o] / sqrt(var[o] + eps)
+          W'[o] = W[o] * s[o]                      (all in-channels and taps of o)
+          b'[o] = (b[o] - mean[o]) * s[o] + beta[o]   (b[o] := 0 if the conv has no bias)
+
+Preconditions: BN in eval mode (running statistics), BN channels == conv out channels.
+Holds for every stride, padding (zero padding is applied to x, before the weights, so it is
+untouched), dilation and groups; the fused conv keeps all of them.
+
+Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
+honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
+``expand(lhs - rhs) == 0`` element by element. The identity is linear in
+1/sqrt(var+eps), so no algebraic simplification of the square root is ever needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from .symbolic import (assert_equal, batch_norm, bn_symbols, conv2d, describe,
+                       symbols_tensor)
+
+
+def fuse(w, b, mean, var, gamma, beta, eps):
+    """Fused (W', b') for conv(W, b) -> BN. ``b`` may be None."""
+    O = w.shape[0]
+    w2 = np.empty(w.shape, dtype=object)
+    b2 = np.empty(O, dtype=object)
+    for o in range(O):
+        s = gamma[o] / sympy.sqrt(var[o] + eps)
+        w2[o] = w[o] * s
+        b2[o] = ((b[o] if b is not None else 0) - mean[o]) * s + beta[o]
+    return w2, b2
+
+
+CONFIGS = [
+    # C, O, H, W, (kh, kw), stride, padding, dilation, groups, bias
+    dict(C=2, O=2, H=4, W=5, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, bias=True),
+    dict(C=4, O=4, H=5, W=5, k=(3, 2), stride=(2, 2), padding=(1, 0, 0, 1), dilation=(1, 1), groups=2, bias=False),
+    dict(C=2, O=4, H=5, W=5, k=(3, 3), stride=(1, 1), padding=(2, 2, 2, 2), dilation=(2, 2), groups=2, bias=True),
+    dict(C=2, O=2, H=4, W=5, k=(1, 3), stride=(2, 1), padding=(0, 0, 1, 1), dilation=(1, 2), groups=2, bias=True),
+]
+
+
+def prove() -> list[str]:
+    done = []
+    for cfg in CONFIGS:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (O, C // g) + cfg["k"])
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        bn = bn_symbols("", O)
+        conv_kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g)
+        lhs = batch_norm(conv2d(x, w, b, **conv_kw), *bn)
+        w2, b2 = fuse(w, b, *bn)
+        rhs = conv2d(x, w2, b2, **conv_kw)
+        desc = describe("conv->BN == conv", **cfg)
+        assert_equal(lhs, rhs, "bn_fold " + desc)
+        done.append(desc)
+    return done

@@ -1,0 +1,332 @@
+"""Tiny symbolic reference implementation of the operators the fusion rules talk about.
+
+Everything here works on ``numpy`` object arrays whose entries are ``sympy`` expressions:
+
+* activations have shape ``(C, H, W)`` (batch 1 is implicit),
+* conv weights have shape ``(O, C/groups, kh, kw)`` -- the PyTorch layout,
+* biases and per-channel parameters have shape ``(C,)``.
+
+Conventions (identical to the library):
+
+* padding is a 4-tuple ``(top, bottom, left, right)`` of *zero* padding,
+* stride and dilation are ``(sh, sw)`` / ``(dh, dw)`` pairs,
+* ``conv2d`` is cross-correlation, exactly like ``torch.nn.functional.conv2d``:
+
+      y[o, p, q] = b[o] + sum_{i, u, v} w[o, i, u, v] * xpad[g(o)*C/G + i, p*sh + u*dh, q*sw + v*dw]
+
+  where ``g(o) = o // (O/G)`` is the group of output channel ``o``.
+
+The implementation is deliberately naive (explicit loops, explicit zero padding) so that it
+can be read and checked by eye: it is the *specification* the proofs compare against.
+Nothing in this file knows about any fusion rule, except the grouped-conv regrouping lemma
+(:func:`regroup_weight`), which is proven in ``proofs/regroup.py`` and reused by several proofs.
+
+Equality is decided by :func:`assert_equal`: ``sympy.expand(lhs - rhs) == 0`` elementwise
+(falling back to ``expand(cancel(together(lhs - rhs)))``). Both are *sound* zero tests: a zero
+result is a proof that the difference is identically zero as a function of all symbols.
+BN statistics are kept symbolic, and the BN scale is written honestly as
+``gamma / sympy.sqrt(var + eps)``; no substitution of ``1/sqrt(var+eps)`` by a free symbol is made
+anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Sequence
+
+import numpy as np
+import sympy
+
+ZERO = sympy.Integer(0)
+ONE = sympy.Integer(1)
+
+__all__ = [
+    "ZERO", "ONE", "symbols_tensor", "zeros", "const_tensor", "norm_pads", "pair",
+    "pad", "conv2d", "batch_norm", "bn_scale_shift", "avg_pool2d", "add", "sub",
+    "scale", "concat", "regroup_weight", "assert_equal", "assert_differs", "expand_zero",
+    "EPS", "bn_symbols", "describe",
+]
+
+
+# --------------------------------------------------------------------------- constructors
+
+def symbols_tensor(name: str, shape: Sequence[int], **assumptions) -> np.ndarray:
+    """An object array of fresh symbols ``name_i_j_...`` with the given shape."""
+    out = np.empty(tuple(shape), dtype=object)
+    for idx in itertools.product(*(range(s) for s in shape)):
+        out[idx] = sympy.Symbol(name + "_" + "_".join(map(str, idx)), **assumptions)
+    return out
+
+
+def zeros(shape: Sequence[int]) -> np.ndarray:
+    out = np.empty(tuple(shape), dtype=object)
+    out.fill(ZERO)
+    return out
+
+
+def const_tensor(value, shape: Sequence[int]) -> np.ndarray:
+    out = np.empty(tuple(shape), dtype=object)
+    out.fill(sympy.sympify(value))
+    return out
+
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def norm_pads(padding) -> tuple[int, int, int, int]:
+    """int -> all sides; (ph, pw) -> symmetric; (top, bottom, left, right) as is."""
+    if isinstance(padding, int):
+        return (padding,) * 4
+    padding = tuple(int(p) for p in padding)
+    if len(padding) == 2:
+        return (padding[0], padding[0], padding[1], padding[1])
+    if len(padding) == 4:
+        return padding  # type: ignore[return-value]
+    raise ValueError(f"bad padding {padding!r}")
+
+
+# --------------------------------------------------------------------------- operators
+
+def pad(x: np.ndarray, pads) -> np.ndarray:
+    """Explicit zero padding of a (C, H, W) tensor by (top, bottom, left, right)."""
+    t, b, l, r = norm_pads(pads)
+    if min(t, b, l, r) < 0:
+        raise ValueError("negative padding is not supported")
+    C, H, W = x.shape
+    out = zeros((C, H + t + b, W + l + r))
+    out[:, t:t + H, l:l + W] = x
+    return out
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), padding=(0, 0, 0, 0),
+           dilation=(1, 1), groups: int = 1) -> np.ndarray:
+    """Grouped, strided, dilated 2-D cross-correlation with explicit zero padding."""
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    if C % groups or O % groups or C // groups != Cg:
+        raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, groups {groups}")
+    xp = pad(x, padding)
+    Hp, Wp = xp.shape[1:]
+    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError("empty output")
+    Og = O // groups
+    out = np.empty((O, Ho, Wo), dtype=object)
+    for o in range(O):
+        c0 = (o // Og) * Cg
+        for p in range(Ho):
+            for q in range(Wo):
+                terms = []
+                for i in range(Cg):
+                    for u in range(kh):
+                        for v in range(kw):
+                            xv = xp[c0 + i, p * sh + u * dh, q * sw + v * dw]
+                            wv = w[o, i, u, v]
+                            if xv != 0 and wv != 0:
+                                terms.append(wv * xv)
+                if b is not None:
+                    terms.append(b[o])
+                out[o, p, q] = sympy.Add(*terms)
+    return out
+
+
+def bn_scale_shift(mean, var, gamma, beta, eps):
+    """Per-channel (s, t) with BN(x) = s*x + t: s = gamma/sqrt(var+eps), t = beta - mean*s."""
+    C = len(mean)
+    s = np.empty(C, dtype=object)
+    t = np.empty(C, dtype=object)
+    for c in range(C):
+        s[c] = gamma[c] / sympy.sqrt(var[c] + eps)
+        t[c] = beta[c] - mean[c] * s[c]
+    return s, t
+
+
+def batch_norm(x: np.ndarray, mean, var, gamma, beta, eps) -> np.ndarray:
+    """Eval-mode BatchNorm2d, written literally: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    out = np.empty(x.shape, dtype=object)
+    for c in range(x.shape[0]):
+        for idx in np.ndindex(x.shape[1:]):
+            out[(c,) + idx] = (x[(c,) + idx] - mean[c]) / sympy.sqrt(var[c] + eps) * gamma[c] + beta[c]
+    return out
+
+
+def avg_pool2d(x: np.ndarray, k, stride=None, padding=0, count_include_pad: bool = True) -> np.ndarray:
+    """torch.nn.functional.avg_pool2d (ceil_mode=False) with zero padding (top,bottom,left,right).
+
+    count_include_pad=True divides by kh*kw; False divides by the number of non-padding
+    elements inside the window.
+    """
+    kh, kw = pair(k)
+    sh, sw = pair(stride if stride is not None else (kh, kw))
+    t, bo, l, r = norm_pads(padding)
+    C, H, W = x.shape
+    xp = pad(x, (t, bo, l, r))
+    Ho = (H + t + bo - kh) // sh + 1
+    Wo = (W + l + r - kw) // sw + 1
+    out = np.empty((C, Ho, Wo), dtype=object)
+    for c in range(C):
+        for p in range(Ho):
+            for q in range(Wo):
+                terms, count = [], 0
+                for u in range(kh):
+                    for v in range(kw):
+                        row, col = p * sh + u, q * sw + v
+                        terms.append(xp[c, row, col])
+                        if t <= row < t + H and l <= col < l + W:
+                            count += 1
+                div = kh * kw if count_include_pad else count
+                out[c, p, q] = sympy.Add(*terms) / div
+    return out
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.shape != b.shape:
+        raise ValueError(f"add: shape mismatch {a.shape} vs {b.shape}")
+    return a + b
+
+
+def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.shape != b.shape:
+        raise ValueError(f"sub: shape mismatch {a.shape} vs {b.shape}")
+    return a - b
+
+
+def scale(x: np.ndarray, s) -> np.ndarray:
+    """Per-channel multiply: out[c, ...] = s[c] * x[c, ...] (works for activations and weights)."""
+    out = np.empty(x.shape, dtype=object)
+    for c in range(x.shape[0]):
+        for idx in np.ndindex(x.shape[1:]):
+            out[(c,) + idx] = s[c] * x[(c,) + idx]
+    return out
+
+
+def concat(xs: Iterable[np.ndarray]) -> np.ndarray:
+    """Concatenate along the channel (first) axis."""
+    return np.concatenate(list(xs), axis=0)
+
+
+# --------------------------------------------------------------------------- regrouping lemma
+
+def regroup_weight(w: np.ndarray, groups: int, new_groups: int) -> np.ndarray:
+    """Re-express a groups=``groups`` conv weight as a groups=``new_groups`` weight.
+
+    Requires ``new_groups`` to divide ``groups``. With C input channels, a conv with groups g
+    has weight (O, C/g, kh, kw); the returned weight has shape (O, C/g', kh, kw) and is
+    block-diagonal with zeros: for output o (old group j = o // (O/g), new group
+    j' = o // (O/g')), and old local input index i,
+
+        W'[o, j*C/g - j'*C/g' + i] = W[o, i],   all other entries 0.
+
+    Proven in ``proofs/regroup.py``: conv(x, W, groups=g) == conv(x, W', groups=g').
+    """
+    if groups % new_groups:
+        raise ValueError(f"new_groups={new_groups} must divide groups={groups}")
+    O, Cg, kh, kw = w.shape
+    C = Cg * groups
+    Cg2 = C // new_groups
+    Og, Og2 = O // groups, O // new_groups
+    out = zeros((O, Cg2, kh, kw))
+    for o in range(O):
+        j, j2 = o // Og, o // Og2
+        off = j * Cg - j2 * Cg2
+        for i in range(Cg):
+            out[o, off + i] = w[o, i]
+    return out
+
+
+# --------------------------------------------------------------------------- equality
+
+def expand_zero(expr) -> bool:
+    """Sound test that ``expr`` is identically zero."""
+    if expr == 0:
+        return True
+    if sympy.expand(expr) == 0:
+        return True
+    return sympy.expand(sympy.cancel(sympy.together(expr))) == 0
+
+
+def _as_array(a) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, sympy.MatrixBase):
+        return np.array(a.tolist(), dtype=object)
+    return np.array(a, dtype=object)
+
+
+def assert_equal(lhs, rhs, what: str) -> int:
+    """Raise AssertionError naming the first element where expand(lhs - rhs) != 0.
+
+    Returns the number of elements compared.
+    """
+    lhs, rhs = _as_array(lhs), _as_array(rhs)
+    if lhs.shape != rhs.shape:
+        raise AssertionError(f"{what}: shape mismatch {lhs.shape} (lhs) vs {rhs.shape} (rhs)")
+    for idx in np.ndindex(lhs.shape):
+        diff = sympy.sympify(lhs[idx]) - sympy.sympify(rhs[idx])
+        if not expand_zero(diff):
+            raise AssertionError(
+                f"{what}: sides differ at element {idx}:\n"
+                f"  lhs = {lhs[idx]}\n  rhs = {rhs[idx]}\n"
+                f"  expand(lhs - rhs) = {sympy.expand(diff)}")
+    return lhs.size
+
+
+def assert_differs(lhs, rhs, idx, what: str, witness: dict | None = None):
+    """Show a counterexample: expand(lhs - rhs) != 0 at element ``idx``.
+
+    Because ``expand`` of a nonzero expression could in principle hide an algebraic relation
+    (e.g. between sqrt(v+eps) and v+eps), a concrete numeric ``witness`` substitution is
+    evaluated too (unspecified symbols are set to small integers; ``eps`` to 0 and BN
+    variance symbols -- whose names start with ``var`` -- to perfect squares, so every
+    sqrt(var+eps) is rational); the numeric difference must be a nonzero rational.
+    Returns (symbolic difference, numeric difference).
+    """
+    lhs, rhs = _as_array(lhs), _as_array(rhs)
+    diff = sympy.expand(sympy.sympify(lhs[idx]) - sympy.sympify(rhs[idx]))
+    if diff == 0:
+        raise AssertionError(f"{what}: expected a counterexample at {idx}, but the sides agree")
+    base = dict(witness or {})
+    L, R = sympy.sympify(lhs[idx]), sympy.sympify(rhs[idx])
+    free = sorted((L.free_symbols | R.free_symbols) - set(base), key=lambda s: s.name)
+    num = None
+    for attempt in range(8):
+        subs = dict(base)
+        for n, sym in enumerate(free):
+            if sym.name == "eps":
+                subs[sym] = sympy.Integer(0)
+            elif sym.name.startswith("var"):
+                subs[sym] = sympy.Integer(((n + attempt) % 3 + 1) ** 2)  # var+eps: a square
+            else:
+                subs[sym] = sympy.Integer((7 * n + 3 * attempt) % 11 + 1)
+        num = sympy.nsimplify(L.subs(subs) - R.subs(subs))
+        if num != 0 and num.is_Rational:
+            break
+    else:
+        raise AssertionError(f"{what}: no numeric witness found at {idx}: {num}")
+    return diff, num
+
+
+# --------------------------------------------------------------------------- convenience
+
+EPS = sympy.Symbol("eps")
+
+
+def bn_symbols(tag: str, C: int):
+    """Symbolic BN running statistics and affine parameters for C channels.
+
+    Returns (mean, var, gamma, beta, eps); ``eps`` is the shared symbol ``eps``.
+    """
+    return (symbols_tensor(f"mean{tag}", (C,)), symbols_tensor(f"var{tag}", (C,)),
+            symbols_tensor(f"gamma{tag}", (C,)), symbols_tensor(f"beta{tag}", (C,)), EPS)
+
+
+def describe(kind: str, **cfg) -> str:
+    """Uniform one-line configuration description used by every proof."""
+    return kind + ": " + ", ".join(f"{k}={v}" for k, v in cfg.items())
