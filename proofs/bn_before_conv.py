@@ -1,0 +1,94 @@
+"""bn_before_conv: an eval-mode BatchNorm followed by an UNPADDED conv is one conv.
+
+Identity: with per-input-channel s[c] = gamma[c] / sqrt(var[c] + eps), t[c] = beta[c] -
+mean[c]*s[c] (so BN(x)[c] = s[c]*x[c] + t[c]), a conv W (O, C/G, kh, kw), bias b (0 if
+absent), groups G, any stride and dilation, and c(o, i) = (o // (O/G)) * (C/G) + i the input
+channel read by weight row (o, i):
+
+    W'[o, i, u, v] = W[o, i, u, v] * s[c(o, i)]
+    b'[o]          = b[o] + sum_{i, u, v} W[o, i, u, v] * t[c(o, i)]
+
+    conv(BN(x); W, b, padding 0) == conv(x; W', b', padding 0).
+
+Precondition: the conv has NO zero padding. With padding, the conv pads BN(x) with zeros,
+but the fused conv pads x with zeros and BN(0) = t != 0: border outputs would need the shift
+t for in-image taps only. REFUSED (symbolic counterexample below; the interior agrees).
+
+Proof: symbolic x, W, b and BN parameters with the BN scale kept as gamma/sympy.sqrt(var+eps);
+both sides are linear in 1/sqrt(var+eps), so expand(lhs - rhs) == 0 is an exact proof. The
+refused case shows expand(lhs - rhs) != 0 at a border pixel and a numeric witness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from .symbolic import (assert_differs, assert_equal, batch_norm, bn_scale_shift, bn_symbols,
+                       conv2d, describe, norm_pads, symbols_tensor)
+
+
+def fuse(w, b, mean, var, gamma, beta, eps, groups: int = 1, padding=0, allow_refused=False):
+    """(W', b') for BN -> conv(w, b, groups). Refuses padded convs unless allow_refused."""
+    if any(norm_pads(padding)) and not allow_refused:
+        raise ValueError("refused: BN before a zero-padded conv is not a conv (BN(0) != 0)")
+    s, t = bn_scale_shift(mean, var, gamma, beta, eps)
+    O, Cg, kh, kw = w.shape
+    w2 = np.empty(w.shape, dtype=object)
+    b2 = np.empty(O, dtype=object)
+    for o in range(O):
+        c0 = (o // (O // groups)) * Cg
+        terms = [b[o]] if b is not None else []
+        for i in range(Cg):
+            for u in range(kh):
+                for v in range(kw):
+                    w2[o, i, u, v] = w[o, i, u, v] * s[c0 + i]
+                    terms.append(w[o, i, u, v] * t[c0 + i])
+        b2[o] = sympy.Add(*terms)
+    return w2, b2
+
+
+CONFIGS = [
+    dict(C=2, O=2, H=4, W=5, k=(3, 3), stride=(1, 1), dilation=(1, 1), groups=1, bias=True),
+    dict(C=4, O=4, H=5, W=5, k=(2, 3), stride=(2, 2), dilation=(1, 1), groups=2, bias=False),
+    dict(C=2, O=4, H=5, W=5, k=(2, 2), stride=(1, 2), dilation=(2, 2), groups=2, bias=True),
+    dict(C=2, O=2, H=4, W=4, k=(1, 1), stride=(1, 1), dilation=(1, 1), groups=1, bias=True),
+]
+
+
+def prove() -> list[str]:
+    done = []
+    for cfg in CONFIGS:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (O, C // g) + cfg["k"])
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        bn = bn_symbols("", C)
+        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=g)
+        lhs = conv2d(batch_norm(x, *bn), w, b, **kw)
+        rhs = conv2d(x, *fuse(w, b, *bn, groups=g), **kw)
+        desc = describe("BN -> conv(padding 0) == conv", **cfg)
+        assert_equal(lhs, rhs, "bn_before_conv " + desc)
+        done.append(desc)
+
+    # REFUSED: padding 1.
+    x = symbols_tensor("x", (1, 3, 3))
+    w = symbols_tensor("w", (1, 1, 3, 3))
+    b = symbols_tensor("b", (1,))
+    bn = bn_symbols("", 1)
+    try:
+        fuse(w, b, *bn, padding=1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("bn_before_conv: fuse accepted a padded conv")
+    lhs = conv2d(batch_norm(x, *bn), w, b, padding=1)
+    rhs = conv2d(x, *fuse(w, b, *bn, padding=1, allow_refused=True), padding=1)
+    assert_equal(lhs[:, 1:2, 1:2], rhs[:, 1:2, 1:2], "bn_before_conv refused case, interior")
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0), "bn_before_conv refused case")
+    _, t = bn_scale_shift(*bn)
+    expected = -t[0] * sum(w[0, 0, u, v] for u in range(3) for v in range(3) if u == 0 or v == 0)
+    assert_equal([diff], [sympy.expand(expected)], "bn_before_conv refused: difference is -t * border taps")
+    done.append(f"refused: BN -> conv3x3(padding 1): at corner (0,0) lhs - rhs = "
+                f"-t * sum_(padded taps) W != 0 since BN(0) = t (numeric witness {num}); interior agrees")
+    return done

@@ -1,0 +1,164 @@
+"""seq_merge: two convs in sequence, one of them 1x1, are one conv (with a precondition).
+
+(A) 1x1 then kxk. conv1: W1 (M, C/g1, 1, 1), b1, stride 1, padding 0, dilation 1, groups g1.
+    conv2: W2 (O, M/g2, kh, kw), b2, any stride, padding P, dilation, groups g2.
+    Let G = gcd(g1, g2); rewrite both kernels with groups G (regrouping lemma,
+    proofs/regroup.py) and write m(o, l) = (o // (O/G)) * (M/G) + l for the l-th mid channel
+    of o's group. Then
+
+        W[o, i, u, v] = sum_{l < M/G} W2[o, l, u, v] * W1[m(o,l), i]
+        b[o]          = b2[o] + sum_{l < M/G} sum_{u,v} W2[o, l, u, v] * b1[m(o,l)]
+
+        conv2(conv1(x)) == conv(x; W, b, groups=G, stride, padding P, dilation of conv2)
+
+    EXACT iff P == 0 or b1 is absent (b1 == 0). With P > 0 conv2 sees zero padding of
+    conv1(x) = W1 x + b1, i.e. the border taps read 0 instead of b1 (while the fused conv's
+    own zero padding of x gives W1*0 = 0 for the weight part, which is fine): the bias term
+    b1 is counted for every tap in the fused bias, but at border outputs the padded taps
+    contribute nothing. REFUSED in that case (symbolic counterexample below).
+
+(B) kxk then 1x1. conv1: W1 (M, C/g1, kh, kw), b1, any stride/padding/dilation, groups g1.
+    conv2: W2 (O, M/g2, 1, 1), b2, stride 1, padding 0, groups g2. With G, m(o,l) as above:
+
+        W[o, i, u, v] = sum_{l} W2[o, l] * W1[m(o,l), i, u, v]     (W = W2 @ W1 over channels)
+        b[o]          = b2[o] + sum_{l} W2[o, l] * b1[m(o,l)]        (b = W2 b1 + b2)
+
+        conv2(conv1(x)) == conv(x; W, b, groups=G, stride/padding/dilation of conv1)
+
+    always exact (a 1x1 stride-1 unpadded conv is a per-pixel matrix multiply).
+
+Proof: symbolic x, W1, b1, W2, b2; expand(lhs - rhs) == 0 elementwise. The refused case is
+shown with a nonzero expand(lhs - rhs) at a border pixel plus a concrete numeric witness,
+and the same formula is shown to agree on the interior (so the failure is exactly the border).
+"""
+
+from __future__ import annotations
+
+from math import gcd
+
+import numpy as np
+import sympy
+
+from .symbolic import (assert_differs, assert_equal, conv2d, describe, norm_pads, regroup_weight,
+                       symbols_tensor, zeros)
+
+
+def _regroup(w, g, G):
+    return regroup_weight(w, g, G) if g != G else w
+
+
+def fuse_1x1_kxk(w1, b1, g1, w2, b2, g2, padding, allow_refused: bool = False):
+    """(W, b, G) for 1x1 conv (w1, b1, groups g1) -> kxk conv (w2, b2, groups g2, padding)."""
+    if w1.shape[2:] != (1, 1):
+        raise ValueError("first conv must be 1x1")
+    if b1 is not None and any(norm_pads(padding)) and not allow_refused:
+        raise ValueError("refused: 1x1 conv with bias followed by a zero-padded kxk conv")
+    G = gcd(g1, g2)
+    w1r, w2r = _regroup(w1, g1, G), _regroup(w2, g2, G)
+    M, Ci = w1r.shape[:2]
+    O, Ml, kh, kw = w2r.shape
+    w = zeros((O, Ci, kh, kw))
+    b = np.empty(O, dtype=object)
+    for o in range(O):
+        base = (o // (O // G)) * (M // G)
+        for i in range(Ci):
+            for u in range(kh):
+                for v in range(kw):
+                    w[o, i, u, v] = sympy.Add(*[w2r[o, l, u, v] * w1r[base + l, i, 0, 0] for l in range(Ml)])
+        terms = [b2[o]] if b2 is not None else []
+        if b1 is not None:
+            terms += [w2r[o, l, u, v] * b1[base + l] for l in range(Ml) for u in range(kh) for v in range(kw)]
+        b[o] = sympy.Add(*terms)
+    return w, b, G
+
+
+def fuse_kxk_1x1(w1, b1, g1, w2, b2, g2):
+    """(W, b, G) for kxk conv (w1, b1, groups g1) -> 1x1 conv (w2, b2, groups g2, stride 1, pad 0)."""
+    if w2.shape[2:] != (1, 1):
+        raise ValueError("second conv must be 1x1")
+    G = gcd(g1, g2)
+    w1r, w2r = _regroup(w1, g1, G), _regroup(w2, g2, G)
+    M, Ci, kh, kw = w1r.shape
+    O, Ml = w2r.shape[:2]
+    w = zeros((O, Ci, kh, kw))
+    b = np.empty(O, dtype=object)
+    for o in range(O):
+        base = (o // (O // G)) * (M // G)
+        for i in range(Ci):
+            for u in range(kh):
+                for v in range(kw):
+                    w[o, i, u, v] = sympy.Add(*[w2r[o, l, 0, 0] * w1r[base + l, i, u, v] for l in range(Ml)])
+        terms = [b2[o]] if b2 is not None else []
+        if b1 is not None:
+            terms += [w2r[o, l, 0, 0] * b1[base + l] for l in range(Ml)]
+        b[o] = sympy.Add(*terms)
+    return w, b, G
+
+
+CONFIGS_A = [  # 1x1 -> kxk
+    dict(C=2, M=2, O=2, H=4, W=5, k=(3, 3), g1=1, g2=1, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), b1=True, b2=True),
+    dict(C=4, M=4, O=4, H=5, W=5, k=(3, 3), g1=2, g2=2, stride=(2, 2), padding=(1, 1, 1, 1), dilation=(1, 1), b1=False, b2=True),
+    dict(C=2, M=2, O=2, H=5, W=5, k=(2, 2), g1=1, g2=2, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(2, 2), b1=True, b2=False),
+    dict(C=4, M=2, O=2, H=4, W=5, k=(2, 3), g1=2, g2=1, stride=(1, 2), padding=(1, 0, 0, 1), dilation=(1, 1), b1=False, b2=True),
+]
+CONFIGS_B = [  # kxk -> 1x1
+    dict(C=2, M=2, O=2, H=5, W=5, k=(3, 3), g1=2, g2=1, stride=(2, 2), padding=(1, 1, 1, 1), dilation=(1, 1), b1=True, b2=True),
+    dict(C=2, M=4, O=2, H=4, W=5, k=(2, 3), g1=1, g2=2, stride=(1, 2), padding=(0, 1, 2, 1), dilation=(2, 1), b1=True, b2=False),
+    dict(C=4, M=4, O=4, H=4, W=4, k=(3, 1), g1=4, g2=2, stride=(1, 1), padding=(1, 1, 0, 0), dilation=(1, 1), b1=False, b2=True),
+]
+
+
+def _tensors(cfg, k1, k2):
+    C, M, O = cfg["C"], cfg["M"], cfg["O"]
+    x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+    w1 = symbols_tensor("w1", (M, C // cfg["g1"]) + k1)
+    w2 = symbols_tensor("w2", (O, M // cfg["g2"]) + k2)
+    b1 = symbols_tensor("b1", (M,)) if cfg["b1"] else None
+    b2 = symbols_tensor("b2", (O,)) if cfg["b2"] else None
+    return x, w1, b1, w2, b2
+
+
+def prove() -> list[str]:
+    done = []
+    for cfg in CONFIGS_A:
+        x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"]), w2, b2, groups=cfg["g2"], **kw)
+        w, b, G = fuse_1x1_kxk(w1, b1, cfg["g1"], w2, b2, cfg["g2"], cfg["padding"])
+        rhs = conv2d(x, w, b, groups=G, **kw)
+        desc = describe("conv1x1 -> convkxk == conv", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+    for cfg in CONFIGS_B:
+        x, w1, b1, w2, b2 = _tensors(cfg, cfg["k"], (1, 1))
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"], **kw), w2, b2, groups=cfg["g2"])
+        w, b, G = fuse_kxk_1x1(w1, b1, cfg["g1"], w2, b2, cfg["g2"])
+        rhs = conv2d(x, w, b, groups=G, **kw)
+        desc = describe("convkxk -> conv1x1 == conv", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+
+    # REFUSED: 1x1 conv WITH bias, then a zero-padded 3x3 conv.
+    cfg = dict(C=2, M=2, O=1, H=4, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), padding=(1, 1, 1, 1),
+               dilation=(1, 1), b1=True, b2=True)
+    x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
+    try:
+        fuse_1x1_kxk(w1, b1, 1, w2, b2, 1, cfg["padding"])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("seq_merge: fuse_1x1_kxk accepted the refused configuration")
+    lhs = conv2d(conv2d(x, w1, b1), w2, b2, padding=cfg["padding"])
+    w, b, G = fuse_1x1_kxk(w1, b1, 1, w2, b2, 1, cfg["padding"], allow_refused=True)
+    rhs = conv2d(x, w, b, padding=cfg["padding"])
+    assert_equal(lhs[:, 1:-1, 1:-1], rhs[:, 1:-1, 1:-1], "seq_merge refused case, interior")
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0), "seq_merge refused case")
+    # The symbolic difference is exactly the bias of the padded taps:
+    # -(sum over the 5 taps in row 0 / column 0 of W2[0, m] * b1[m]).
+    expected = -sum(w2[0, m, u, v] * b1[m] for m in range(2) for u in range(3) for v in range(3)
+                    if u == 0 or v == 0)
+    assert_equal([diff], [expected], "seq_merge refused case: difference is the padded taps' bias")
+    done.append(f"refused: conv1x1(bias) -> conv3x3(padding 1): at corner pixel (0,0) "
+                f"lhs - rhs = -sum_(border taps) W2*b1 != 0 (numeric witness {num}); interior agrees")
+    return done
