@@ -211,22 +211,31 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def to_apple_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
-    """Return ``state`` (Apple or timm layout, detected) with our model's (Apple) keys.
+def to_apple_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module
+) -> Tuple[StateDict, Dict[str, str]]:
+    """Rename ``state`` (Apple or timm layout, detected) to our model's (Apple) keys.
 
-    timm keys that do not belong to ``model``'s structure are kept, prefixed
-    with ``<unmapped timm key>`` so that the key check reports them.
+    Returns:
+        ``(renamed, origin)``: the renamed state dict and, for each renamed key
+        whose file key differs, that file key (for error messages). timm keys
+        that fit no part of ``model``'s structure are kept under their own name,
+        so the key check reports them as unexpected.
     """
     if detect_layout(state) == "apple":
-        return dict(state)
+        return dict(state), {}
     layout = network_layout(model)
     out: StateDict = {}
+    origin: Dict[str, str] = {}
     for k, v in state.items():
         try:
-            out[timm_key_to_apple(k, layout)] = v
+            ours = timm_key_to_apple(k, layout)
         except KeyError:
-            out[f"<unmapped timm key> {k}"] = v
-    return out
+            ours = k
+        out[ours] = v
+        if ours != k:
+            origin[ours] = k
+    return out, origin
 
 
 def _is_counter(key: str) -> bool:
@@ -237,27 +246,43 @@ def _is_counter(key: str) -> bool:
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a train-time FastViT checkpoint (Apple or timm layout) into ``model`` in place.
 
+    Every parameter and buffer must be present (``num_batches_tracked`` may be
+    absent or extra) and have the model's shape.
+
     Raises:
-        ValueError: listing missing and unexpected keys, or tensors whose shape
-            does not match the model (e.g. another variant or class count).
+        ValueError: listing missing and unexpected keys (for timm files with
+            the file's own key name in parentheses), or tensors whose shape does
+            not match the model (e.g. another variant or class count).
         NotImplementedError: for fused (reparameterized) checkpoints.
     """
-    state = to_apple_state_dict(read_state_dict(path), model)
+    path = os.fspath(path)
+    file_state = read_state_dict(path)
+    layout = detect_layout(file_state)
+    state, origin = to_apple_state_dict(file_state, model)
     own = model.state_dict()
+    timm_names = {}
+    if layout == "timm":
+        net = network_layout(model)
+        timm_names = {k: apple_key_to_timm(k, net) for k in own}
+
+    def show(key: str) -> str:
+        theirs = origin.get(key) or timm_names.get(key)
+        return f"{key} ({layout}: {theirs})" if theirs else key
+
     missing = sorted(k for k in own if k not in state and not _is_counter(k))
     unexpected = sorted(k for k in state if k not in own and not _is_counter(k))
     if missing or unexpected:
         raise ValueError(
-            f"{os.fspath(path)} does not fit {type(model).__name__}: "
-            f"missing keys {missing}; unexpected keys {unexpected}"
+            f"{path} ({layout} layout) does not fit {type(model).__name__}: "
+            f"missing keys {[show(k) for k in missing]}; "
+            f"unexpected keys {[show(k) for k in unexpected]}"
         )
     bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{show(k)}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
     if bad_shapes:
-        raise ValueError(f"{os.fspath(path)}: shape mismatch: " + "; ".join(bad_shapes))
-    state = {k: v for k, v in state.items() if k in own}
-    model.load_state_dict(state, strict=False)
+        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad_shapes))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model

@@ -1,0 +1,314 @@
+"""The IR: a small dataflow graph of ops over tensors.
+
+A :class:`Graph` holds input :class:`Value` s, a topologically ordered list of
+:class:`Node` s and output values.  Every node has exactly one output value
+(``node.out``).  A node carries
+
+* ``op``: a name in the op table (:mod:`repalgebra.ops`),
+* ``inputs``: the values it reads,
+* ``attrs``: hashable attributes (ints, floats, strings, tuples),
+* ``params``: named parameter tensors (weights, BN statistics, ...),
+* ``source``: the module path it came from, used in messages and reports.
+
+Shapes and dtypes are inferred when a node is made (``Node.make``) from the op
+table, so every value knows its shape.  Graphs are small; clarity beats
+cleverness.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Value:
+    """A tensor flowing along an edge: a graph input or the output of a node."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    producer: "Node | None" = None
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+@dataclass(eq=False)
+class Node:
+    """One op application.  Treat as immutable: rewrites build new nodes."""
+
+    op: str
+    inputs: tuple[Value, ...]
+    attrs: Mapping[str, Any]
+    params: Mapping[str, torch.Tensor]
+    source: str
+    out: Value = field(init=False)
+
+    @staticmethod
+    def make(
+        op: str,
+        inputs: Sequence[Value],
+        attrs: Mapping[str, Any] | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
+        source: str = "",
+        name: str | None = None,
+    ) -> "Node":
+        """Build a node, filling in attribute defaults and inferring its output shape."""
+        from repalgebra.ops import OPS, op_def
+
+        opdef = op_def(op)
+        full_attrs = opdef.complete_attrs(dict(attrs or {}), source)
+        node = Node(op, tuple(inputs), full_attrs, dict(params or {}), source)
+        shape, dtype = opdef.infer(node)
+        node.out = Value(name or f"{op}{next(_ids)}", shape, dtype, node)
+        assert op in OPS
+        return node
+
+    def replace(self, **changes: Any) -> "Node":
+        """A new node like this one with some of op/inputs/attrs/params/source changed."""
+        fields = dict(op=self.op, inputs=self.inputs, attrs=self.attrs, params=self.params, source=self.source)
+        if "attrs" in changes:
+            changes["attrs"] = {**self.attrs, **changes["attrs"]}
+        fields.update(changes)
+        return Node.make(**fields)
+
+    @property
+    def x(self) -> Value:
+        """The first input (most ops have one)."""
+        return self.inputs[0]
+
+    def __repr__(self) -> str:
+        return f"Node({self.op} -> {self.out!r}, source={self.source!r})"
+
+
+class Graph:
+    """A dataflow graph: inputs, topologically ordered nodes, outputs."""
+
+    def __init__(self, inputs: Sequence[Value], nodes: Sequence[Node], outputs: Sequence[Value]):
+        self.inputs = list(inputs)
+        self.nodes = list(nodes)
+        self.outputs = list(outputs)
+        self._users: dict[int, list[Node]] | None = None  # cache, dropped on every change
+        self._members: set[int] | None = None
+
+    # -- construction -------------------------------------------------------------------
+
+    @staticmethod
+    def input(name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Value:
+        """A new graph-input value."""
+        return Value(name, tuple(shape), dtype, None)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def users(self, value: Value) -> list[Node]:
+        """Nodes that read ``value`` (in graph order, once each)."""
+        if self._users is None:
+            self._users = {}
+            for n in self.nodes:
+                for i in dict.fromkeys(map(id, n.inputs)):
+                    self._users.setdefault(i, []).append(n)
+        return list(self._users.get(id(value), ()))
+
+    def num_uses(self, value: Value) -> int:
+        """How many nodes read ``value``, plus one if it is a graph output."""
+        return len(self.users(value)) + sum(o is value for o in self.outputs)
+
+    def contains(self, node: Node) -> bool:
+        """Whether ``node`` is (still) part of this graph."""
+        if self._members is None:
+            self._members = {id(n) for n in self.nodes}
+        return id(node) in self._members
+
+    def _changed(self) -> None:
+        self._users = None
+        self._members = None
+
+    def op_counts(self) -> dict[str, int]:
+        """How many nodes of each op the graph has."""
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def param_count(self) -> int:
+        """Total number of parameter elements (BN statistics included)."""
+        return sum(p.numel() for n in self.nodes for p in n.params.values())
+
+    # -- transformation -----------------------------------------------------------------
+
+    def toposort(self) -> None:
+        """Reorder nodes topologically, keeping the current order where it is valid."""
+        known = {id(v) for v in self.inputs}
+        ready: list[Node] = []
+        pending = list(self.nodes)
+        while pending:
+            rest = []
+            for n in pending:
+                if all(id(i) in known for i in n.inputs):
+                    ready.append(n)
+                    known.add(id(n.out))
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                missing = {i.name for n in rest for i in n.inputs if id(i) not in known}
+                raise ValueError(f"graph has a cycle or dangling inputs: {sorted(missing)}")
+            pending = rest
+        self.nodes = ready
+        self._changed()
+
+    def insert_before(self, anchor: Node, new_nodes: Sequence[Node]) -> None:
+        """Insert ``new_nodes`` just before ``anchor``, re-sorting if they read later values."""
+        k = next(i for i, n in enumerate(self.nodes) if n is anchor)
+        known = {id(v) for v in self.inputs} | {id(n.out) for n in self.nodes[:k]}
+        ok = True
+        for n in new_nodes:
+            ok = ok and all(id(i) in known for i in n.inputs)
+            known.add(id(n.out))
+        self.nodes[k:k] = list(new_nodes)
+        self._changed()
+        if not ok:
+            self.toposort()
+
+    def eliminate_dead(self) -> int:
+        """Drop nodes whose output nobody reads; returns how many were removed."""
+        live = {id(o) for o in self.outputs}
+        kept = []
+        for n in reversed(self.nodes):
+            if id(n.out) in live:
+                kept.append(n)
+                live.update(id(i) for i in n.inputs)
+        removed = len(self.nodes) - len(kept)
+        self.nodes = kept[::-1]
+        if removed:
+            self._changed()
+        return removed
+
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Make every reader of ``old`` (and the graph outputs) read ``new`` instead.
+
+        The one place where nodes are changed in place: the engine rewires the
+        nodes of its own private copy of a graph.
+        """
+        for n in self.users(old):
+            n.inputs = tuple(new if i is old else i for i in n.inputs)
+        self.outputs = [new if o is old else o for o in self.outputs]
+        self._changed()
+
+    def map_params(self, fn: Callable[[torch.Tensor, Node], torch.Tensor]) -> "Graph":
+        """A new graph (new nodes and values) whose nodes carry ``fn(tensor, node)`` for every parameter."""
+        mapping: dict[int, Value] = {id(v): v for v in self.inputs}
+        nodes = []
+        for n in self.nodes:
+            new = Node.make(
+                n.op,
+                [mapping[id(i)] for i in n.inputs],
+                n.attrs,
+                {k: fn(p, n) for k, p in n.params.items()},
+                n.source,
+                name=n.out.name,
+            )
+            mapping[id(n.out)] = new.out
+            nodes.append(new)
+        return Graph(self.inputs, nodes, [mapping[id(o)] for o in self.outputs])
+
+    # -- printing -----------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        lines = []
+        ins = ", ".join(f"%{v.name}: {_fmt_shape(v)}" for v in self.inputs)
+        lines.append(f"graph({ins}):")
+        rows = []
+        for n in self.nodes:
+            args = ", ".join(repr(i) for i in n.inputs)
+            attrs = _fmt_attrs(n.attrs)
+            params = " ".join(f"{k}{list(p.shape)}" for k, p in n.params.items())
+            rows.append((f"%{n.out.name} = {n.op}({args})", attrs, params, _fmt_shape(n.out), n.source))
+        if rows:
+            w0 = max(len(r[0]) for r in rows)
+            w3 = max(len(r[3]) for r in rows)
+            for call, attrs, params, shape, source in rows:
+                extra = " ".join(x for x in (attrs, params) if x)
+                src = f"  # {source}" if source else ""
+                lines.append(f"  {call:<{w0}}  : {shape:<{w3}}  {extra}{src}".rstrip())
+        outs = ", ".join(repr(o) for o in self.outputs)
+        lines.append(f"  return {outs}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Graph {len(self.nodes)} nodes {self.op_counts()}>"
+
+    def show(self) -> None:
+        """Print the readable text form."""
+        print(self)
+
+    def to_dot(self, title: str | None = None) -> str:
+        """The graph in Graphviz DOT: one box per node (op, key attrs, shape, source)."""
+        from repalgebra.ops import op_def
+
+        def q(s: str) -> str:
+            return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+        lines = ["digraph G {", '  rankdir=TB; node [fontname="Helvetica", fontsize=10];']
+        if title:
+            lines.append(f"  label={q(title)}; labelloc=t;")
+        for v in self.inputs:
+            lines.append(f"  {q(v.name)} [shape=oval, label={q(v.name + chr(10) + _fmt_shape(v))}];")
+        for n in self.nodes:
+            label = n.op
+            key = _fmt_attrs(n.attrs, short=True)
+            if key:
+                label += "\n" + key
+            label += "\n" + _fmt_shape(n.out)
+            if n.source:
+                label += "\n" + n.source
+            color = _KIND_COLORS[op_def(n.op).kind]
+            lines.append(f"  {q(n.out.name)} [shape=box, style=filled, fillcolor={q(color)}, label={q(label)}];")
+            for i in n.inputs:
+                lines.append(f"  {q(i.name)} -> {q(n.out.name)};")
+        for k, o in enumerate(self.outputs):
+            lines.append(f"  {q('out' + str(k))} [shape=oval, label=\"output\"];")
+            lines.append(f"  {q(o.name)} -> {q('out' + str(k))};")
+        lines.append("}")
+        return "\n".join(lines)
+
+
+_KIND_COLORS = {"linear": "#dbe9f6", "layout": "#e8e8e8", "nonlinear": "#f6e3db", "opaque": "#f3f0c8"}
+
+
+def _fmt_shape(v: Value) -> str:
+    if v.shape is None:
+        return "?"
+    return "x".join(str(s) for s in v.shape)
+
+
+def _fmt_attrs(attrs: Mapping[str, Any], short: bool = False) -> str:
+    parts = []
+    for k, v in attrs.items():
+        if k.startswith("_"):
+            continue
+        if callable(v) and not isinstance(v, type):
+            v = getattr(v, "__name__", type(v).__name__)
+        if short and isinstance(v, tuple) and len(set(v)) == 1 and v:
+            v = v[0]
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def walk_back(value: Value) -> Iterable[Node]:
+    """The producers upstream of ``value`` (depth first, each once)."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        n = v.producer
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        yield n
+        stack.extend(n.inputs)

@@ -1,0 +1,100 @@
+"""Tensor algebra the rules share: BN as an affine map, identity kernels, regrouping, kernel padding.
+
+Everything here builds new tensors; nothing writes into its arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from repalgebra.ir import Node
+
+
+def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as ``y = s * x + t``: ``s = weight / sqrt(var + eps)``, ``t = bias - mean * s``."""
+    p = bn.params
+    s = p["weight"] / torch.sqrt(p["var"] + bn.attrs["eps"])
+    return s, p["bias"] - p["mean"] * s
+
+
+def conv_bias(conv: Node) -> torch.Tensor:
+    """The conv's bias, zeros when it has none."""
+    w = conv.params["weight"]
+    b = conv.params.get("bias")
+    return torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+
+
+def identity_kernel(channels: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 1x1 kernel of a conv with ``groups`` groups that computes the identity: ``(C, C/G, 1, 1)``."""
+    per_group = channels // groups
+    w = torch.zeros(channels, per_group, 1, 1, dtype=dtype)
+    c = torch.arange(channels)
+    w[c, c % per_group, 0, 0] = 1
+    return w
+
+
+def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """The kernel of the same conv written with ``new_groups`` groups (``new_groups`` divides ``groups``).
+
+    A conv with ``g`` groups is a conv with ``g'`` groups whose kernel is block
+    diagonal inside each of the ``g'`` groups, with zeros elsewhere.
+    """
+    if groups == new_groups:
+        return weight
+    if groups % new_groups:
+        raise ValueError(f"cannot regroup a conv with {groups} groups to {new_groups}")
+    out_ch, in_per_group = weight.shape[:2]
+    out_per_group = out_ch // groups
+    in_per_new = in_per_group * (groups // new_groups)
+    new = weight.new_zeros(out_ch, in_per_new, *weight.shape[2:])
+    for j in range(groups):
+        local = (j % (groups // new_groups)) * in_per_group
+        rows = slice(j * out_per_group, (j + 1) * out_per_group)
+        new[rows, local : local + in_per_group] = weight[rows]
+    return new
+
+
+def ungroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """Inverse of :func:`regroup`: keep only the diagonal blocks of a ``groups``-group kernel."""
+    if groups == new_groups:
+        return weight
+    out_ch, in_per_group = weight.shape[:2]
+    ratio = new_groups // groups
+    in_per_new = in_per_group // ratio
+    out_per_new = out_ch // new_groups
+    blocks = []
+    for j in range(new_groups):
+        local = (j % ratio) * in_per_new
+        blocks.append(weight[j * out_per_new : (j + 1) * out_per_new, local : local + in_per_new])
+    return torch.cat(blocks)
+
+
+def pad_kernel(weight: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Zero-pad a kernel's spatial extent by rows/columns on each side."""
+    return F.pad(weight, (left, right, top, bottom))
+
+
+def densify(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:
+    """A dilated kernel as an undilated one: taps spread ``dilation`` apart with zeros between."""
+    dh, dw = dilation
+    o, i, kh, kw = weight.shape
+    dense = weight.new_zeros(o, i, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    dense[:, :, ::dh, ::dw] = weight
+    return dense
+
+
+def compose_channels(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Channel-mix ``outer`` (O, M, kh, kw) after ``inner`` (M, I, kh', kw') where one of them is 1x1.
+
+    Both kernels are dense (groups 1).  The result is ``sum_m outer[o, m] * inner[m, i]``
+    with the spatial taps of whichever kernel is not 1x1.
+    """
+    if outer.shape[2:] == (1, 1):
+        return torch.einsum("om,mihw->oihw", outer[:, :, 0, 0], inner)
+    return torch.einsum("omhw,mi->oihw", outer, inner[:, :, 0, 0])
+
+
+def conv_cost(weight: torch.Tensor) -> int:
+    """Multiply-adds per output pixel of a conv with this kernel (its number of weights)."""
+    return weight.numel()

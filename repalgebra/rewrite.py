@@ -1,0 +1,212 @@
+"""The rewrite engine: apply fusion rules to a fixpoint.
+
+A rule is a plain function ``(graph, node) -> Rewrite | Refusal | None``,
+registered with :func:`rule` for the ops it is tried on.  ``None`` means "no
+match"; a :class:`Refusal` means "the pattern matched but a precondition does
+not hold" and carries the reason, which ``fuse`` reports for the nodes it had
+to leave alone; a :class:`Rewrite` says "value ``old`` equals value ``new``,
+computed by the new ``nodes``".
+
+The engine (:func:`rewrite`) works on its own copy of the graph with every
+parameter promoted to float64, applies rules until none fires, removes dead
+nodes after each rewrite, and casts the parameters back to the dtype of the
+values they act on once, at the end.  Rules build new tensors; they never
+write into parameters they were given.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from repalgebra.ir import Graph, Node, Value
+from repalgebra.ops import op_def
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """``old`` is replaced everywhere by ``new``, which ``nodes`` (new, in order) compute."""
+
+    old: Value
+    new: Value
+    nodes: tuple[Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rule matched but its precondition failed; ``reason`` says which.
+
+    ``about`` is the node that stays because of it, when that is not the node
+    the rule was tried on (a BN that cannot fold into the conv after it).
+    """
+
+    reason: str
+    about: Node | None = None
+
+
+RuleFn = Callable[[Graph, Node], "Rewrite | Refusal | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule: its name, the ops it is tried on, the function."""
+
+    name: str
+    ops: tuple[str, ...]
+    fn: RuleFn
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip()
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(name: str, on: str | Sequence[str]):
+    """Register a rule function under ``name``, tried on nodes whose op is in ``on``."""
+    ops = (on,) if isinstance(on, str) else tuple(on)
+    for o in ops:
+        op_def(o)  # unknown op -> error at import time
+
+    def register(fn: RuleFn) -> RuleFn:
+        if name in RULES:
+            raise ValueError(f"rule {name!r} registered twice")
+        RULES[name] = Rule(name, ops, fn)
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Firing:
+    """One application of a rule."""
+
+    rule: str
+    source: str
+    op: str
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    """A node that fusion would like to remove but could not, and why."""
+
+    source: str
+    op: str
+    reason: str
+
+
+@dataclass
+class RewriteReport:
+    """What the engine did: rules fired, nodes left alone, op counts before/after."""
+
+    fired: list[Firing] = field(default_factory=list)
+    left_alone: list[LeftAlone] = field(default_factory=list)
+    before: dict[str, int] = field(default_factory=dict)
+    after: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def rule_counts(self) -> dict[str, int]:
+        """How often each rule fired."""
+        counts: dict[str, int] = {}
+        for f in self.fired:
+            counts[f.rule] = counts.get(f.rule, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def __str__(self) -> str:
+        lines = [f"rewrite: {len(self.fired)} rewrites in {self.seconds:.3f}s"]
+        ops = sorted(set(self.before) | set(self.after))
+        if ops:
+            w = max(len(o) for o in ops)
+            lines.append(f"  {'op':<{w}}  before  after")
+            for o in ops:
+                lines.append(f"  {o:<{w}}  {self.before.get(o, 0):>6}  {self.after.get(o, 0):>5}")
+        if self.fired:
+            lines.append("  rules fired:")
+            for name, n in self.rule_counts().items():
+                lines.append(f"    {name:<20} x{n}")
+        if self.left_alone:
+            lines.append("  left alone:")
+            for la in self.left_alone:
+                lines.append(f"    {la.op} at {la.source or '<graph>'}: {la.reason}")
+        return "\n".join(lines)
+
+
+# Ops that a fully fused linear region no longer contains: if one survives, say why.
+REMOVABLE_OPS = ("batch_norm", "scale", "identity", "pad", "avg_pool2d", "add", "sub")
+
+
+def rewrite(
+    graph: Graph,
+    rules: Iterable[Rule] | None = None,
+    *,
+    fold_dtype: torch.dtype = torch.float64,
+    max_rewrites: int = 1_000_000,
+    progress: bool = False,
+) -> tuple[Graph, RewriteReport]:
+    """Apply ``rules`` (default: all registered) to a fixpoint; returns a new graph and a report.
+
+    The input graph is not modified.  Parameters are promoted to ``fold_dtype``
+    for the whole rewrite and cast back once at the end.
+    """
+    import repalgebra.rules  # noqa: F401  (registers the built-in rules)
+
+    start = time.perf_counter()
+    rules = list(RULES.values()) if rules is None else list(rules)
+    by_op: dict[str, list[Rule]] = {}
+    for r in rules:
+        for o in r.ops:
+            by_op.setdefault(o, []).append(r)
+
+    g = graph.map_params(lambda p, n: p.to(fold_dtype) if p.is_floating_point() else p)
+    report = RewriteReport(before=g.op_counts())
+    refusals: dict[int, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(g.nodes):
+            if not g.contains(node):
+                continue
+            for r in by_op.get(node.op, ()):
+                result = r.fn(g, node)
+                if result is None:
+                    continue
+                if isinstance(result, Refusal):
+                    refusals[id(result.about or node)] = f"{r.name}: {result.reason}"
+                    continue
+                _apply(g, result)
+                report.fired.append(Firing(r.name, node.source, node.op))
+                changed = True
+                if progress and len(report.fired) % 200 == 0:
+                    print(f"  ... {len(report.fired)} rewrites", file=sys.stderr)
+                if len(report.fired) >= max_rewrites:
+                    raise RuntimeError(f"rewrite did not reach a fixpoint after {max_rewrites} rewrites")
+                break
+    for n in g.nodes:
+        if n.op in REMOVABLE_OPS:
+            reason = refusals.get(id(n)) or _no_rule_reason(g, n)
+            report.left_alone.append(LeftAlone(n.source, n.op, reason))
+    g = g.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype else p)
+    report.after = g.op_counts()
+    report.seconds = time.perf_counter() - start
+    return g, report
+
+
+def _apply(g: Graph, rw: Rewrite) -> None:
+    """Insert ``rw.nodes`` before the node that produced ``rw.old``, reroute its uses, drop dead nodes."""
+    if rw.old.shape != rw.new.shape:
+        raise AssertionError(f"rewrite changes shape {rw.old.shape} -> {rw.new.shape} at {rw.old.producer}")
+    if rw.nodes:
+        g.insert_before(rw.old.producer, rw.nodes)
+    g.replace_uses(rw.old, rw.new)
+    g.eliminate_dead()
+
+
+def _no_rule_reason(g: Graph, n: Node) -> str:
+    src = n.x.producer.op if n.x.producer else "graph input"
+    users = ", ".join(sorted({u.op for u in g.users(n.out)})) or "graph output"
+    return f"no rule applies (input from {src}, used by {users})"

@@ -1,0 +1,21 @@
+"""The built-in fusion rules, one module each.  Importing this package registers them.
+
+Within one op, rules are tried in this order: earlier ones prepare the ground
+for later ones (a BN branch becomes a conv before branches are summed).
+"""
+
+from repalgebra.rules import (  # noqa: F401  (registration)
+    identity_elim,
+    bn_fold,
+    scale_fold,
+    bn_to_conv,
+    identity_to_conv,
+    dilation_to_dense,
+    kernel_pad,
+    branch_sum,
+    concat_merge,
+    pad_absorb,
+    avg_pool_to_conv,
+    bn_before_conv,
+    seq_merge,
+)

@@ -1,0 +1,32 @@
+"""BN before conv: an eval-mode BN feeding an unpadded conv folds into it.
+
+    conv(BN(x); W, b) = conv(x; W[o,i] * s[i], b[o] + sum_{i,taps} W[o,i,taps] * t[i])
+    where s = gamma / sqrt(var + eps), t = beta - mean * s  (i the input channel, within o's group)
+
+Preconditions: the BN's output is read only by the conv, and the conv does
+not zero-pad.  With padding the identity breaks: the conv's border sees 0
+where the unfused graph sees BN(0) = t != 0, so the rule refuses.
+"""
+
+from repalgebra.kernels import bn_affine, conv_bias
+from repalgebra.match import conv_with, producer, sole_use
+from repalgebra.rewrite import Refusal, Rewrite, rule
+
+
+@rule("bn_before_conv", on="conv2d")
+def bn_before_conv(graph, conv):
+    bn = producer(conv.x, "batch_norm")
+    if bn is None or not sole_use(graph, bn.out):
+        return None
+    if any(conv.attrs["padding"]):
+        return Refusal("the conv after it zero-pads, and BN(0) != 0 at the border", about=bn)
+    s, t = bn_affine(bn)
+    w = conv.params["weight"]
+    groups = conv.attrs["groups"]
+    out_ch, in_per_group = w.shape[:2]
+    # The scale of input channel i of output channel o's group, laid out like W[o, i].
+    per_o = lambda v: v.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, in_per_group).reshape(out_ch, in_per_group)
+    new_w = w * per_o(s)[:, :, None, None]
+    new_b = conv_bias(conv) + (w * per_o(t)[:, :, None, None]).sum((1, 2, 3))
+    new = conv_with(conv, sources=(bn,), inputs=(bn.x,), weight=new_w, bias=new_b)
+    return Rewrite(conv.out, new.out, (new,))

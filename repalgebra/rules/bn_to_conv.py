@@ -1,0 +1,50 @@
+"""BN as conv: a BN branch that joins a sum beside a conv becomes a 1x1 conv.
+
+    BN(x) = conv(x; s[c] * I_G, t)     with I_G the identity kernel of a G-group conv
+    (I_G[c, c mod C/G] = 1), s = gamma / sqrt(var + eps), t = beta - mean * s
+
+Preconditions: the BN is an operand of add/sub/concat and another operand is a
+conv2d or a BN reading the same input (so the two can be summed next).  G is
+that sibling's groups when it divides the channels, else C (depthwise).
+"""
+
+from repalgebra.kernels import bn_affine, identity_kernel
+from repalgebra.match import JOINS, producer, with_operands
+from repalgebra.ir import Node, Value
+from repalgebra.rewrite import Rewrite, rule
+
+
+def sibling(join: Node, value: Value, x: Value) -> Node | None:
+    """A conv/BN operand of ``join`` (other than ``value``) that reads ``x``."""
+    for other in join.inputs:
+        if other is value:
+            continue
+        sib = producer(other, "conv2d", "batch_norm")
+        if sib is not None and sib.x is x:
+            return sib
+    return None
+
+
+def identity_groups(sib: Node, channels: int) -> int:
+    """Groups for an identity-like conv joining ``sib``: the sibling conv's groups, else depthwise."""
+    groups = sib.attrs["groups"] if sib.op == "conv2d" else channels
+    return groups if channels % groups == 0 else channels
+
+
+@rule("bn_to_conv", on=JOINS)
+def bn_to_conv(graph, join):
+    for k, value in enumerate(join.inputs):
+        bn = producer(value, "batch_norm")
+        if bn is None or len(bn.x.shape) != 4:
+            continue
+        sib = sibling(join, value, bn.x)
+        if sib is None:
+            continue
+        channels = bn.x.shape[1]
+        groups = identity_groups(sib, channels)
+        s, t = bn_affine(bn)
+        w = identity_kernel(channels, groups, s.dtype) * s.reshape(-1, 1, 1, 1)
+        conv = Node.make("conv2d", [bn.x], {"groups": groups}, {"weight": w, "bias": t}, bn.source)
+        new = with_operands(join, {k: conv.out})
+        return Rewrite(join.out, new.out, (conv, new))
+    return None

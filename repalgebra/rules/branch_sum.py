@@ -1,0 +1,34 @@
+"""Branch summation: convs of one input with the same window add (or subtract) into one conv.
+
+    conv(x; W_a, b_a) +- conv(x; W_b, b_b) = conv(x; W_a +- W_b, b_a +- b_b)
+
+Grouped convs with different groups are first written with gcd(g_a, g_b)
+groups (a block-diagonal kernel with zeros), which is exact.
+
+Preconditions: both operands of the add/sub are conv2d reading the same value
+with equal stride, dilation, kernel size and leading padding (equal output
+grids follow from the add).  ``kernel_pad`` and ``dilation_to_dense`` make
+windows equal first.
+"""
+
+from math import gcd
+
+from repalgebra.kernels import conv_bias, regroup
+from repalgebra.match import conv_with, producer, window
+from repalgebra.rewrite import Rewrite, rule
+
+
+@rule("branch_sum", on=("add", "sub"))
+def branch_sum(graph, join):
+    a, b = (producer(v, "conv2d") for v in join.inputs)
+    if a is None or b is None or a.x is not b.x or window(a) != window(b):
+        return None
+    sign = 1.0 if join.op == "add" else -1.0
+    ga, gb = a.attrs["groups"], b.attrs["groups"]
+    g = gcd(ga, gb)
+    w = regroup(a.params["weight"], ga, g) + sign * regroup(b.params["weight"], gb, g)
+    bias = None
+    if "bias" in a.params or "bias" in b.params:
+        bias = conv_bias(a) + sign * conv_bias(b)
+    new = conv_with(a, sources=(b, join), weight=w, bias=bias, groups=g)
+    return Rewrite(join.out, new.out, (new,))

@@ -1,0 +1,33 @@
+"""Dilation to dense: a dilated kernel is an undilated larger kernel with zeros between taps.
+
+    conv(x; W, dilation d) = conv(x; D_d(W), dilation 1),
+    D_d(W)[.., i*d, j*d] = W[.., i, j], zero elsewhere;  size (k-1)*d+1
+
+Preconditions: the conv is summed (add/sub/concat) with another conv of the
+same input and stride whose taps do not lie on the same lattice (a different
+dilation, or an offset that is not a multiple of it).  Alone, a dilated conv
+is cheaper than its dense form, so the rule leaves it.
+"""
+
+from repalgebra.kernels import densify
+from repalgebra.match import JOINS, conv_operands, conv_with, on_lattice, window, with_operands
+from repalgebra.rewrite import Rewrite, rule
+
+
+@rule("dilation_to_dense", on=JOINS)
+def dilation_to_dense(graph, join):
+    for group in conv_operands(join).values():
+        if len(group) < 2 or on_lattice([window(c) for _, c in group]):
+            continue
+        new_nodes, replaced = [], {}
+        for k, conv in group:
+            if conv.attrs["dilation"] != (1, 1):
+                w = densify(conv.params["weight"], conv.attrs["dilation"])
+                new = conv_with(conv, weight=w, dilation=(1, 1))
+                new_nodes.append(new)
+                replaced[k] = new.out
+        if not new_nodes:
+            continue
+        new_join = with_operands(join, replaced)
+        return Rewrite(join.out, new_join.out, (*new_nodes, new_join))
+    return None

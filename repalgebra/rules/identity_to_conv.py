@@ -1,0 +1,31 @@
+"""Identity as conv: the skip branch ``x`` of a sum beside a conv becomes a 1x1 conv.
+
+    x = conv(x; I_G, 0)     with I_G the identity kernel of a G-group conv
+
+Preconditions: ``x`` itself is an operand of add/sub/concat and another operand
+is a conv2d or a BN reading ``x``.  G is that sibling's groups (it divides the
+channels, since the sibling reads ``x``), or C for a BN sibling.
+"""
+
+from repalgebra.kernels import identity_kernel
+from repalgebra.ir import Node
+from repalgebra.match import JOINS, with_operands
+from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.bn_to_conv import identity_groups, sibling
+
+
+@rule("identity_to_conv", on=JOINS)
+def identity_to_conv(graph, join):
+    for k, value in enumerate(join.inputs):
+        if value.shape is None or len(value.shape) != 4:
+            continue
+        sib = sibling(join, value, value)
+        if sib is None:
+            continue
+        groups = identity_groups(sib, value.shape[1])
+        w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype)
+        conv = Node.make("conv2d", [value], {"groups": groups}, {"weight": w}, join.source)
+        new = with_operands(join, {k: conv.out})
+        return Rewrite(join.out, new.out, (conv, new))
+    return None
+
