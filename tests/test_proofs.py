@@ -1,0 +1,149 @@
+"""Tests for the sympy proofs in ``proofs/`` (one per fusion rule)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from proofs import RULES, is_refused, load  # noqa: E402
+from proofs import bn_fold, bn_before_conv, seq_merge  # noqa: E402
+from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm,  # noqa: E402
+                             bn_symbols, conv2d, symbols_tensor)
+
+REFUSAL_RULES = {"seq_merge", "avg_pool_to_conv", "bn_before_conv"}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_proof(rule):
+    done = load(rule).prove()
+    assert done, f"{rule}: no configuration proven"
+    proved = [d for d in done if not is_refused(d)]
+    refused = [d for d in done if is_refused(d)]
+    assert proved
+    if rule in REFUSAL_RULES:
+        assert refused, f"{rule}: the refused case(s) must be shown"
+
+
+def test_rule_modules_exist_and_document_their_identity():
+    for rule in RULES:
+        mod = load(rule)
+        assert mod.__doc__ and len(mod.__doc__) > 200, f"{rule}: missing identity docstring"
+        assert callable(mod.prove)
+
+
+def test_python_m_proofs():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "proofs"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    for rule in RULES:
+        mine = [l for l in lines if l.split()[:1] == [rule]]
+        assert len(mine) == 1, f"expected one line for {rule}:\n{res.stdout}"
+        assert " proved " in mine[0], mine[0]
+        if rule in REFUSAL_RULES:
+            assert "refused case" in mine[0], mine[0]
+    assert "FAILED" not in res.stdout
+
+
+def test_wrong_formula_is_caught():
+    """bn_fold without multiplying the conv bias by the BN scale must NOT be proven."""
+    x = symbols_tensor("x", (1, 3, 3))
+    w = symbols_tensor("w", (1, 1, 3, 3))
+    b = symbols_tensor("b", (1,))
+    mean, var, gamma, beta, eps = bn_symbols("", 1)
+    lhs = batch_norm(conv2d(x, w, b, padding=1), mean, var, gamma, beta, eps)
+    w2, b2 = bn_fold.fuse(w, b, mean, var, gamma, beta, eps)
+    rhs = conv2d(x, w2, b2, padding=1)
+    assert_equal(lhs, rhs, "correct bn_fold")  # sanity: the right formula passes
+    s = gamma[0] / sympy.sqrt(var[0] + eps)
+    wrong_b = np.array([b[0] - mean[0] * s + beta[0]], dtype=object)  # bias not scaled
+    wrong = conv2d(x, w2, wrong_b, padding=1)
+    with pytest.raises(AssertionError, match=r"differ at element \(0, 0, 0\)"):
+        assert_equal(lhs, wrong, "bn_fold with unscaled bias")
+    assert_differs(lhs, wrong, (0, 0, 0), "bn_fold with unscaled bias")
+
+
+def test_refusals_raise_in_fuse():
+    w1, b1 = symbols_tensor("w1", (2, 2, 1, 1)), symbols_tensor("b1", (2,))
+    w2 = symbols_tensor("w2", (2, 2, 3, 3))
+    with pytest.raises(ValueError, match="refused"):
+        seq_merge.fuse_1x1_kxk(w1, b1, 1, w2, None, 1, padding=1)
+    with pytest.raises(ValueError, match="refused"):
+        bn_before_conv.fuse(w2, None, *bn_symbols("", 2), padding=(0, 0, 1, 0))
+
+
+def _num(a):
+    return np.array(a.tolist(), dtype=np.float64) if isinstance(a, np.ndarray) else a
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(C=4, O=6, H=7, W=6, k=(3, 2), stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2), groups=2),
+    dict(C=3, O=3, H=5, W=5, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(2, 2), groups=3),
+    dict(C=2, O=4, H=6, W=5, k=(1, 3), stride=(2, 2), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1),
+])
+def test_reference_conv_matches_torch(cfg):
+    """The symbolic reference conv2d is the torch conv2d (on numbers)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(0)
+    C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+    x = rng.integers(-3, 4, (C, cfg["H"], cfg["W"])).astype(object)
+    w = rng.integers(-3, 4, (O, C // g) + cfg["k"]).astype(object)
+    b = rng.integers(-3, 4, (O,)).astype(object)
+    x, w, b = (np.vectorize(sympy.Integer, otypes=[object])(a) for a in (x, w, b))
+    ours = _num(conv2d(x, w, b, stride=cfg["stride"], padding=cfg["padding"],
+                       dilation=cfg["dilation"], groups=g))
+    t, bo, l, r = cfg["padding"]
+    xt = F.pad(torch.tensor(_num(x))[None], (l, r, t, bo))
+    ref = F.conv2d(xt, torch.tensor(_num(w)), torch.tensor(_num(b)), stride=cfg["stride"],
+                   dilation=cfg["dilation"], groups=g)[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("k,stride,pad,cip", [(3, 1, 1, True), (3, 2, 1, False), ((2, 3), (2, 1), 0, False),
+                                                (3, 2, 1, True)])
+def test_reference_avg_pool_and_bn_match_torch(k, stride, pad, cip):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(1)
+    xn = rng.normal(size=(2, 5, 6))
+    x = np.vectorize(lambda v: sympy.Float(v, 30), otypes=[object])(xn)
+    ours = _num(avg_pool2d(x, k, stride, pad, cip))
+    ref = F.avg_pool2d(torch.tensor(xn)[None], k, stride, pad, count_include_pad=cip)[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12)
+
+    mean, var, gamma, beta = (rng.normal(size=2) for _ in range(4))
+    var = np.abs(var) + 0.5
+    ours = _num(batch_norm(x, *(np.array([sympy.Float(v, 30) for v in a], dtype=object)
+                                for a in (mean, var, gamma, beta)), sympy.Float(1e-5, 30)))
+    ref = F.batch_norm(torch.tensor(xn)[None], torch.tensor(mean), torch.tensor(var),
+                       torch.tensor(gamma), torch.tensor(beta), training=False, eps=1e-5)[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_runner_reports_failure(monkeypatch, capsys):
+    """A wrong fused formula makes the runner print FAILED with the differing element, exit 1."""
+    from proofs.__main__ import main
+
+    def wrong_fuse(w, b, mean, var, gamma, beta, eps):
+        w2, b2 = bn_fold.__dict__["_orig_fuse"](w, b, mean, var, gamma, beta, eps)
+        b2 = b2.copy()
+        b2[0] = (b[0] if b is not None else 0) - mean[0] + beta[0]  # forgot the scale
+        return w2, b2
+
+    monkeypatch.setitem(bn_fold.__dict__, "_orig_fuse", bn_fold.fuse)
+    monkeypatch.setattr(bn_fold, "fuse", wrong_fuse)
+    assert main(["bn_fold"]) == 1
+    out = capsys.readouterr().out
+    assert "bn_fold" in out and "FAILED" in out and "differ at element" in out
