@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         line = f"{name:<18} proved  ({n} configuration{'s' if n != 1 else ''})"
         if refused:
             line += f"  + {len(refused)} refused case{'s' if len(refused) != 1 else ''} shown"
-        print(f"{line:<66} {dt:5.1f}s", flush=True)
+        print(f"{line:<72} {dt:5.1f}s", flush=True)
         if args.verbose:
             for d in done:
                 print("    " + d, flush=True)
