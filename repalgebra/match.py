@@ -55,7 +55,10 @@ JOINS = ("add", "sub", "concat")
 
 
 def merged_source(*nodes: Node) -> str:
-    """The source path for a node that replaces ``nodes``: their longest common dotted prefix."""
+    """The source path for a node that replaces ``nodes``: their longest common dotted prefix.
+
+    Without a common prefix it is the first node's source (the one the others fold into).
+    """
     paths = [n.source.split(".") for n in nodes if n.source]
     if not paths:
         return ""
@@ -64,7 +67,7 @@ def merged_source(*nodes: Node) -> str:
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    return ".".join(common) or paths[0][0]
+    return ".".join(common) or ".".join(paths[0])
 
 
 def conv_with(conv: Node, *, sources: tuple[Node, ...] = (), inputs: tuple[Value, ...] | None = None, **changes) -> Node:

@@ -1,0 +1,73 @@
+"""Where a channel axis goes through layout ops (flatten, reshape, permute, transpose).
+
+Per-channel maps (BN, layer scale) commute with ops that only move elements, as
+long as every element keeps its channel.  :func:`follow_axis` says on which
+axis of a layout op's output the channels of input axis ``axis`` end up,
+or ``None`` when the op mixes that axis with others.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+from repalgebra.ir import Graph, Node, Value
+
+LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose")
+
+
+def follow_axis(node: Node, axis: int) -> int | None:
+    """The output axis of layout ``node`` that holds input axis ``axis`` whole, if any."""
+    shape_in, shape_out = node.x.shape, node.out.shape
+    axis %= len(shape_in)
+    a = node.attrs
+    if node.op == "transpose":
+        d0, d1 = a["dim0"] % len(shape_in), a["dim1"] % len(shape_in)
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if node.op == "permute":
+        return [d % len(shape_in) for d in a["dims"]].index(axis)
+    # flatten and reshape: the axis survives if the elements before it and the axis itself line up.
+    before = prod(shape_in[:axis])
+    for k in range(len(shape_out)):
+        if prod(shape_out[:k]) == before and shape_out[k] == shape_in[axis]:
+            return k
+    return None
+
+
+def layout_chain(graph: Graph, value: Value, stop_ops: tuple[str, ...]) -> tuple[Node | None, list[Node]]:
+    """Walk up from ``value`` through layout ops to a producer whose op is in ``stop_ops``.
+
+    Every value on the way (``value`` included) must be read exactly once, so
+    the chain can be rebuilt without leaving a copy behind.  Returns that
+    producer and the layout nodes in between in data-flow order, or
+    ``(None, [])``.
+    """
+    chain: list[Node] = []
+    v = value
+    while graph.num_uses(v) == 1 and v.producer is not None:
+        n = v.producer
+        if n.op in stop_ops:
+            return n, chain[::-1]
+        if n.op not in LAYOUT_OPS:
+            break
+        chain.append(n)
+        v = n.x
+    return None, []
+
+
+def follow_chain(chain: list[Node], axis: int) -> int | None:
+    """The axis holding input axis ``axis`` after all of ``chain``, as a non-negative index."""
+    for n in chain:
+        axis = follow_axis(n, axis)
+        if axis is None:
+            return None
+    return axis
+
+
+def replay(chain: list[Node], start: Value) -> list[Node]:
+    """New copies of the layout ``chain`` applied to ``start`` (same shapes, same attrs)."""
+    out, v = [], start
+    for n in chain:
+        new = n.replace(inputs=(v,))
+        out.append(new)
+        v = new.out
+    return out

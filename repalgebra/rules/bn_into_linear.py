@@ -1,0 +1,35 @@
+"""BN into linear: an eval-mode BN before a Linear folds into it, through layout ops.
+
+    Linear(L(BN(x)); W, b) = Linear(L(x); W[o,c] * s[c], b + W t)
+    where s = gamma / sqrt(var + eps), t = beta - mean * s
+
+``L`` is a chain of flatten / reshape / transpose / permute ops (possibly
+empty) that moves BN's channel axis, whole, to the last axis the Linear reads:
+it only moves elements, so each element meets the same s[c] and t[c] either
+way.  Unlike a conv there is no padding, so the fold is always exact.
+This folds FastViT's attention pre-norm (BatchNorm2d, then flatten and
+transpose to tokens) into the qkv projection.
+
+Preconditions: every value from the BN to the Linear is read only by the next
+op, and the layout ops keep the channel axis whole and end with it last.
+"""
+
+from repalgebra.kernels import bn_affine
+from repalgebra.layout import follow_chain, layout_chain, replay
+from repalgebra.match import merged_source
+from repalgebra.rewrite import Rewrite, rule
+
+
+@rule("bn_into_linear", on="linear")
+def bn_into_linear(graph, lin):
+    bn, chain = layout_chain(graph, lin.x, ("batch_norm",))
+    if bn is None or follow_chain(chain, 1) != len(lin.x.shape) - 1:
+        return None
+    s, t = bn_affine(bn)
+    w = lin.params["weight"]
+    b = lin.params.get("bias")
+    bias = w @ t if b is None else b + w @ t
+    moved = replay(chain, bn.x)
+    start = moved[-1].out if moved else bn.x
+    new = lin.replace(inputs=(start,), params={"weight": w * s, "bias": bias}, source=merged_source(lin, bn))
+    return Rewrite(lin.out, new.out, (*moved, new))
