@@ -1,33 +1,226 @@
-"""The ``repalgebra`` command line."""
+"""The ``repalgebra`` command line: fuse, export, verify, show, rules, demo.
+
+MODEL is a FastViT variant name (``fastvit_t8`` ...), optionally with
+``--checkpoint``, or ``module:attr`` naming an ``nn.Module`` or a factory
+returning one, in an importable module or a ``.py`` file
+(``path/to/blocks.py:make_block``).
+
+Exit codes: 0 success, 1 failure (a check failed, the model could not be
+folded or exported), 2 bad arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
+import time
+from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A bad argument: exit code 2."""
+
+
+def _step(k: int, total: int, what: str) -> float:
+    print(f"[{k}/{total}] {what}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,256,256, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"shape entries must be positive, got {text!r}")
+    return shape
+
+
+def load_model(spec: str, checkpoint: str | None = None):
+    """The train-time model named by ``spec`` (see the module docstring), in eval mode."""
+    import torch
+
+    import fastvit_models
+
+    if spec in fastvit_models.list_models():
+        return fastvit_models.create_model(spec, checkpoint=checkpoint).eval()
+    if ":" not in spec:
+        names = ", ".join(fastvit_models.list_models())
+        raise UsageError(f"unknown model {spec!r}: give a FastViT name ({names}) or module:attr")
+    if checkpoint is not None:
+        raise UsageError("--checkpoint is only for FastViT names; load weights inside your factory")
+    mod_name, attr = spec.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.exists():
+                raise UsageError(f"no such file: {mod_name}")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {mod_name!r}: {e}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise UsageError(f"{mod_name!r} has no attribute {attr!r}")
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def _example(args):
+    import torch
+
+    return (torch.randn(args.input_shape),)
+
+
+def _fuse(args) -> int:
+    import torch
+
+    import repalgebra
+
+    t = _step(1, 3, f"building {args.model}")
+    model = load_model(args.model, args.checkpoint)
+    t = _step(2, 3, "fusing")
+    fused = repalgebra.fuse(model, _example(args))
+    print(fused.fuse_report)
+    _step(3, 3, f"writing {args.output}")
+    state = fused.state_dict()
+    if str(args.output).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
+    else:
+        torch.save(state, args.output)
+    print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values)")
+    return 0
+
+
+def _verify(args) -> int:
+    import torch
+
+    import repalgebra
+
+    _step(1, 3, f"building {args.model}")
+    model = load_model(args.model, args.checkpoint)
+    _step(2, 3, "fusing")
+    fused = repalgebra.fuse(model, _example(args))
+    _step(3, 3, "comparing train-time and fused models")
+    dtype = {"float64": torch.float64, "float32": torch.float32, None: None}[args.dtype]
+    report = repalgebra.verify(model, fused, _example(args), n=args.n, dtype=dtype)
+    print(report)
+    return 0 if report else 1
+
+
+def _export(args) -> int:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import repalgebra
+    from repalgebra.backend.onnx import export_onnx
+
+    _step(1, 4, f"building {args.model}")
+    model = load_model(args.model, args.checkpoint)
+    _step(2, 4, "fusing")
+    fused = repalgebra.fuse(model, _example(args))
+    _step(3, 4, f"exporting to {args.output} (opset {args.opset or 'default'})")
+    proto = export_onnx(fused, args.output, args.input_shape, opset=args.opset, fuse=False, metadata={"model": args.model})
+    _step(4, 4, "running it in onnxruntime")
+    x = torch.randn(args.input_shape)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = fused(x).numpy()
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    print("ONNX nodes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    ok = err <= 1e-5
+    print(f"onnxruntime vs fused torch: max relative error {err:.2e} (tolerance 1e-05, float32) -> {'OK' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def _show(args) -> int:
+    import shutil
+    import subprocess
+
+    import repalgebra
+
+    model = load_model(args.model, args.checkpoint)
+    graph = repalgebra.trace(model, _example(args))
+    if args.fused:
+        graph, _ = repalgebra.rewrite(graph)
+    out = args.output
+    if out is None:
+        print(graph)
+        return 0
+    dot = graph.to_dot(title=f"{args.model}{' (fused)' if args.fused else ''}")
+    suffix = Path(out).suffix.lstrip(".")
+    if suffix == "dot":
+        Path(out).write_text(dot)
+    elif suffix in ("svg", "png"):
+        if shutil.which("dot") is None:
+            print("graphviz 'dot' is not installed (apt-get install graphviz); here is the DOT text:", file=sys.stderr)
+            print(dot)
+            return 1
+        subprocess.run(["dot", f"-T{suffix}", "-o", out], input=dot.encode(), check=True)
+    else:
+        raise UsageError(f"-o must end in .svg, .png or .dot, got {out!r}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args) -> int:
     from repalgebra.demo import run_demo
 
     return run_demo()
 
 
-def _rules(args: argparse.Namespace) -> int:
+def _rules(args) -> int:
+    import repalgebra
     from repalgebra.rewrite import RULES
-
-    import repalgebra.rules  # noqa: F401
 
     for r in RULES.values():
         first = r.doc.splitlines()[0] if r.doc else ""
-        print(f"{r.name:<18} on {','.join(r.ops):<16} {first}")
+        print(f"{r.name:<20} on {','.join(r.ops):<24} {first}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="repalgebra", description="Structural reparameterization as an algebra of proven rewrite rules.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    d = sub.add_parser("demo", help="fold a train-time block, check it against the original, print the report")
+    p = argparse.ArgumentParser(
+        prog="repalgebra",
+        description="Structural reparameterization as an algebra of proven rewrite rules.",
+        epilog="MODEL: a FastViT name (fastvit_t8, fastvit_sa12, ...) or module:attr / file.py:attr naming an nn.Module or a factory.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def model_cmd(name: str, help: str, fn):
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("model", metavar="MODEL", help="FastViT name or module:attr")
+        c.add_argument("--checkpoint", help="FastViT checkpoint (.pth, .pth.tar, .safetensors; Apple or timm layout)")
+        c.add_argument("--input-shape", type=_parse_shape, default=(1, 3, 256, 256), metavar="N,C,H,W", help="example input shape (default 1,3,256,256)")
+        c.set_defaults(func=fn)
+        return c
+
+    c = model_cmd("fuse", "fold MODEL and write the fused state dict; prints the fuse report", _fuse)
+    c.add_argument("-o", "--output", required=True, help="output file (.pt or .safetensors)")
+    c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
+    c.add_argument("-o", "--output", required=True, help="output .onnx file")
+    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    c = model_cmd("verify", "compare the train-time MODEL with its fused form on random inputs", _verify)
+    c.add_argument("-n", type=int, default=3, help="number of random inputs (default 3)")
+    c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="run both models in this dtype")
+    c = model_cmd("show", "print or draw the IR of MODEL", _show)
+    c.add_argument("--fused", action="store_true", help="show the fused graph")
+    c.add_argument("-o", "--output", default=None, help="write a picture (.svg, .png, needs graphviz) or .dot")
+    d = sub.add_parser("demo", help="build fastvit_t8, fuse, verify, export to ONNX and time it: the main job in a minute")
     d.set_defaults(func=_demo)
     r = sub.add_parser("rules", help="list the fusion rules")
     r.set_defaults(func=_rules)
@@ -36,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 1 on failure, 2 on bad arguments."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except UsageError as e:
+        print(f"repalgebra: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
         print(f"repalgebra: error: {e}", file=sys.stderr)
         return 1
 

@@ -299,3 +299,47 @@ def graph_to_onnx(
     for k, v in (metadata or {}).items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     return model
+
+
+def export_onnx(
+    model_or_graph: "torch.nn.Module | Graph",
+    path: str | None,
+    input_shape: tuple[int, ...] = (1, 3, 256, 256),
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    fuse: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Export a model (or an IR graph) to ONNX, fusing it first by default.
+
+    The module is traced into the IR with an input of ``input_shape`` in the
+    model's dtype, rewritten to its fused form (``fuse=True``), lowered op by
+    op with the op table's ONNX lowerings, checked with
+    ``onnx.checker.check_model(full_check=True)`` and, when ``path`` is given,
+    saved there.  The metadata records the producer, version, the rules that
+    fired and anything in ``metadata`` (the CLI adds the variant name).
+    The model you pass is not modified.
+    """
+    from repalgebra import __version__
+    from repalgebra.rewrite import rewrite
+
+    if isinstance(model_or_graph, Graph):
+        graph = model_or_graph
+    elif isinstance(model_or_graph, torch.nn.Module):
+        from repalgebra.frontend.torch import trace
+
+        dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
+        graph = trace(model_or_graph, (torch.zeros(input_shape, dtype=dtype),))
+    else:
+        raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
+    meta = {"producer": "repalgebra", "repalgebra_version": __version__}
+    if fuse:
+        graph, report = rewrite(graph)
+        meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in report.rule_counts().items()) or "none"
+    meta.update(metadata or {})
+    model = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta)
+    onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        onnx.save(model, str(path))
+    return model
