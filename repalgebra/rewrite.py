@@ -61,7 +61,9 @@ class Rule:
 
     @property
     def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip()
+        """The rule's identity and preconditions: its module docstring (one rule per module)."""
+        module = sys.modules.get(self.fn.__module__)
+        return ((module.__doc__ if module else None) or self.fn.__doc__ or "").strip()
 
 
 RULES: dict[str, Rule] = {}
