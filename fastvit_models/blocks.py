@@ -71,8 +71,8 @@ def conv_bn(
 class DropPath(nn.Module):
     """Stochastic depth: zero whole samples of a residual branch while training.
 
-    Identity in eval mode. Models build it only for a positive rate (otherwise
-    ``nn.Identity``), so the default traced graph has no random ops.
+    Identity in eval mode. Blocks build it only for a positive rate (otherwise
+    they hold ``None`` and skip the call), so default traced graphs have no such node.
     """
 
     def __init__(self, drop_prob: float) -> None:
@@ -183,8 +183,9 @@ class MobileOneBlock(nn.Module):
         self.stride = stride
         self.groups = groups
 
-        self.se = SEBlock(out_channels) if use_se else nn.Identity()
-        self.activation = nn.GELU() if use_act else nn.Identity()
+        # Absent parts are None rather than nn.Identity, so traced graphs carry no no-op nodes.
+        self.se = SEBlock(out_channels) if use_se else None
+        self.activation = nn.GELU() if use_act else None
 
         self.rbr_skip = (
             nn.BatchNorm2d(in_channels) if in_channels == out_channels and stride == 1 else None
@@ -216,7 +217,11 @@ class MobileOneBlock(nn.Module):
         out = branches[0]
         for b in branches[1:]:
             out = out + b
-        return self.activation(self.se(out))
+        if self.se is not None:
+            out = self.se(out)
+        if self.activation is not None:
+            out = self.activation(out)
+        return out
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -267,6 +272,7 @@ class ReparamLargeKernelConv(nn.Module):
         out = self.lkb_origin(x)
         if self.small_conv is not None:
             out = out + self.small_conv(x)
+        # Deliberately no activation: the reference discards its GELU's result.
         return out
 
 
@@ -440,9 +446,9 @@ class RepCPE(nn.Module):
         return self.pe(x) + x
 
 
-def _drop_path(rate: float) -> nn.Module:
-    """``DropPath(rate)`` for a positive rate, else ``nn.Identity`` (as the reference)."""
-    return DropPath(rate) if rate > 0.0 else nn.Identity()
+def _drop_path(rate: float) -> Optional[DropPath]:
+    """``DropPath(rate)`` for a positive rate, else ``None`` (no node in traced graphs)."""
+    return DropPath(rate) if rate > 0.0 else None
 
 
 class RepMixerBlock(nn.Module):
@@ -478,7 +484,10 @@ class RepMixerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply token mixing, then the scaled FFN residual."""
         x = self.token_mixer(x)
-        return x + self.drop_path(self.layer_scale * self.convffn(x))
+        branch = self.layer_scale * self.convffn(x)
+        if self.drop_path is not None:
+            branch = self.drop_path(branch)
+        return x + branch
 
 
 class AttentionBlock(nn.Module):
@@ -513,8 +522,14 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the attention residual, then the FFN residual."""
-        x = x + self.drop_path(self.layer_scale_1 * self.token_mixer(self.norm(x)))
-        return x + self.drop_path(self.layer_scale_2 * self.convffn(x))
+        branch = self.layer_scale_1 * self.token_mixer(self.norm(x))
+        if self.drop_path is not None:
+            branch = self.drop_path(branch)
+        x = x + branch
+        branch = self.layer_scale_2 * self.convffn(x)
+        if self.drop_path is not None:
+            branch = self.drop_path(branch)
+        return x + branch
 
 
 def convolutional_stem(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -16,7 +16,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import os
-import re
+import pickle
 from typing import Dict, List, Mapping, Tuple, Union
 
 import torch
@@ -177,7 +177,15 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
 
         obj = load_file(path, device="cpu")
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # e.g. training checkpoints that also pickle an argparse.Namespace.
+            raise ValueError(
+                f"{path}: holds objects other than tensors and plain containers, which "
+                "torch.load(weights_only=True) refuses to unpickle; re-save just the "
+                "state dict (torch.save(ckpt['state_dict'], ...)) from a trusted copy"
+            ) from err
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), Mapping):

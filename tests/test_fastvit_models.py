@@ -141,7 +141,7 @@ def _fused_count_from_model(model: nn.Module) -> int:
         if isinstance(m, fm.MobileOneBlock):
             main = m.rbr_conv[0].conv if m.rbr_conv is not None else None
             assert main is not None
-            total += fused_conv(main) + _n_params(m.se)
+            total += fused_conv(main) + (_n_params(m.se) if m.se is not None else 0)
         elif isinstance(m, fm.ReparamLargeKernelConv):
             total += fused_conv(m.lkb_origin.conv)
         elif isinstance(m, fm.RepMixer):
@@ -182,11 +182,12 @@ def test_mobileone_branches_where_shapes_allow():
     assert stem2.rbr_skip is not None and stem2.rbr_scale is None  # 1x1
     for block in (stem0, stem1, stem2):
         assert len(block.rbr_conv) == 1 and isinstance(block.activation, nn.GELU)
+        assert block.se is None
     assert isinstance(model.conv_exp.se, fm.SEBlock) and model.conv_exp.rbr_skip is None
     assert model.conv_exp.rbr_conv[0].conv.weight.shape == (768, 1, 3, 3)
     mixer = model.network[0][0].token_mixer
     assert mixer.norm.rbr_conv is None and mixer.norm.rbr_scale is None
-    assert isinstance(mixer.mixer.activation, nn.Identity)
+    assert mixer.mixer.activation is None and mixer.norm.activation is None
     assert mixer.layer_scale.shape == (48, 1, 1)
     embed = model.network[1]
     assert embed.proj[0].lkb_origin.conv.weight.shape == (96, 1, 7, 7)
@@ -243,6 +244,7 @@ def test_forward_256_and_fx_trace(name, num_classes):
     traced = torch.fx.symbolic_trace(model)
     targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
     assert "network.0.0.token_mixer.mixer.rbr_conv.0.conv" in targets
+    assert not any(isinstance(traced.get_submodule(t), nn.Identity) for t in targets)
     with torch.no_grad():
         x = _image(256)
         out = model(x)
@@ -464,3 +466,13 @@ def test_unrecognised_layout_raises(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         fm.create_model("fastvit_t8", checkpoint=path)
 
+
+
+def test_pickled_objects_are_refused_clearly(tmp_path):
+    import argparse
+
+    path = tmp_path / "train.pth.tar"
+    state = fm.create_model("fastvit_t8").state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        fm.create_model("fastvit_t8", checkpoint=path)
