@@ -17,6 +17,7 @@ import importlib
 
 # Fixed order: primitives first (lemmas before their users), composites last.
 RULES = [
+    "identity_elim",
     "bn_fold",
     "bn_to_conv",
     "identity_to_conv",
@@ -30,6 +31,8 @@ RULES = [
     "avg_pool_to_conv",
     "concat_merge",
     "bn_before_conv",
+    "bn_into_linear",
+    "linear_affine_fold",
     "repmixer",
     "cpe",
 ]

@@ -6,6 +6,14 @@ Everything here works on ``numpy`` object arrays whose entries are ``sympy`` exp
 * conv weights have shape ``(O, C/groups, kh, kw)`` -- the PyTorch layout,
 * biases and per-channel parameters have shape ``(C,)``.
 
+The token-side operators (:func:`linear` and the layout ops :func:`flatten`, :func:`reshape`,
+:func:`transpose`, :func:`permute`, :func:`layout`) work on tensors of any rank with the
+PyTorch axis conventions, batch axis included (e.g. ``(B, C, H, W)`` or ``(B, N, C)``);
+:func:`batch_norm` and :func:`scale` take the channel ``axis`` (0 by default, 1 for a
+batched ``(B, C, ...)`` tensor). Linear weights have the PyTorch shape ``(out, in)``.
+Numpy object arrays are row-major, exactly like a contiguous torch tensor, so ``reshape``
+and ``flatten`` are ``numpy.reshape`` and move every element where torch moves it.
+
 Conventions (identical to the library):
 
 * padding is a 4-tuple ``(top, bottom, left, right)`` of *zero* padding,
@@ -32,6 +40,7 @@ anywhere.
 from __future__ import annotations
 
 import itertools
+from math import prod
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -44,7 +53,8 @@ __all__ = [
     "ZERO", "ONE", "symbols_tensor", "zeros", "const_tensor", "norm_pads", "pair",
     "pad", "conv2d", "batch_norm", "bn_scale_shift", "avg_pool2d", "add", "sub",
     "scale", "concat", "regroup_weight", "assert_equal", "assert_differs", "expand_zero",
-    "EPS", "bn_symbols", "describe",
+    "EPS", "bn_symbols", "describe", "identity", "linear", "flatten", "reshape", "transpose",
+    "permute", "LAYOUT_OPS", "layout", "carried_axes", "describe_chain",
 ]
 
 
@@ -148,12 +158,17 @@ def bn_scale_shift(mean, var, gamma, beta, eps):
     return s, t
 
 
-def batch_norm(x: np.ndarray, mean, var, gamma, beta, eps) -> np.ndarray:
-    """Eval-mode BatchNorm2d, written literally: (x - mean) / sqrt(var + eps) * gamma + beta."""
+def batch_norm(x: np.ndarray, mean, var, gamma, beta, eps, axis: int = 0) -> np.ndarray:
+    """Eval-mode BatchNorm, written literally: (x - mean) / sqrt(var + eps) * gamma + beta.
+
+    ``axis`` is the channel axis (0 for an unbatched (C, H, W) tensor, 1 for BatchNorm1d/2d
+    on a batched (B, C, ...) tensor).
+    """
+    axis %= x.ndim
     out = np.empty(x.shape, dtype=object)
-    for c in range(x.shape[0]):
-        for idx in np.ndindex(x.shape[1:]):
-            out[(c,) + idx] = (x[(c,) + idx] - mean[c]) / sympy.sqrt(var[c] + eps) * gamma[c] + beta[c]
+    for idx in np.ndindex(x.shape):
+        c = idx[axis]
+        out[idx] = (x[idx] - mean[c]) / sympy.sqrt(var[c] + eps) * gamma[c] + beta[c]
     return out
 
 
@@ -198,18 +213,100 @@ def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a - b
 
 
-def scale(x: np.ndarray, s) -> np.ndarray:
-    """Per-channel multiply: out[c, ...] = s[c] * x[c, ...] (works for activations and weights)."""
+def scale(x: np.ndarray, s, axis: int = 0) -> np.ndarray:
+    """Per-channel multiply: out[..., c, ...] = s[c] * x[..., c, ...] with c on ``axis``.
+
+    Works for activations and (with axis 0) for weights.
+    """
+    axis %= x.ndim
     out = np.empty(x.shape, dtype=object)
-    for c in range(x.shape[0]):
-        for idx in np.ndindex(x.shape[1:]):
-            out[(c,) + idx] = s[c] * x[(c,) + idx]
+    for idx in np.ndindex(x.shape):
+        out[idx] = s[idx[axis]] * x[idx]
     return out
 
 
 def concat(xs: Iterable[np.ndarray]) -> np.ndarray:
     """Concatenate along the channel (first) axis."""
     return np.concatenate(list(xs), axis=0)
+
+
+# --------------------------------------------------------------------------- tokens and layout
+
+def identity(x: np.ndarray) -> np.ndarray:
+    """``nn.Identity``: returns its input (the same tensor, as torch does)."""
+    return x
+
+
+def linear(x: np.ndarray, w: np.ndarray, b=None) -> np.ndarray:
+    """``torch.nn.functional.linear`` over the last axis, written out:
+
+        y[..., o] = b[o] + sum_c w[o, c] * x[..., c]      (w has shape (out, in)).
+    """
+    O, Cin = w.shape
+    if x.shape[-1] != Cin:
+        raise ValueError(f"linear: x {x.shape} does not end with in_features={Cin}")
+    out = np.empty(x.shape[:-1] + (O,), dtype=object)
+    for idx in np.ndindex(x.shape[:-1]):
+        for o in range(O):
+            terms = [w[o, c] * x[idx + (c,)] for c in range(Cin)]
+            if b is not None:
+                terms.append(b[o])
+            out[idx + (o,)] = sympy.Add(*terms)
+    return out
+
+
+def reshape(x: np.ndarray, shape) -> np.ndarray:
+    """``x.reshape(shape)`` (row-major, ``-1`` allowed), like a contiguous torch tensor."""
+    return np.reshape(x, tuple(shape)).copy()
+
+
+def flatten(x: np.ndarray, start: int = 0, end: int = -1) -> np.ndarray:
+    """``torch.flatten(x, start, end)``."""
+    s, e = start % x.ndim, end % x.ndim
+    return reshape(x, x.shape[:s] + (prod(x.shape[s:e + 1]),) + x.shape[e + 1:])
+
+
+def transpose(x: np.ndarray, dim0: int, dim1: int) -> np.ndarray:
+    """``x.transpose(dim0, dim1)``."""
+    return np.swapaxes(x, dim0, dim1).copy()
+
+
+def permute(x: np.ndarray, dims) -> np.ndarray:
+    """``x.permute(dims)``."""
+    return np.transpose(x, tuple(dims)).copy()
+
+
+# Same op and attribute names as the library's layout ops (repalgebra.ops), so a chain written
+# as data here can be replayed through the library too (tests/test_proofs.py does).
+LAYOUT_OPS = {"flatten": flatten, "reshape": reshape, "transpose": transpose, "permute": permute}
+
+
+def layout(x: np.ndarray, chain) -> np.ndarray:
+    """Apply a chain of layout ops given as ``[(op, attrs), ...]``, e.g.
+    ``[("flatten", dict(start=2, end=-1)), ("transpose", dict(dim0=-2, dim1=-1))]``."""
+    for op, attrs in chain:
+        x = LAYOUT_OPS[op](x, **attrs)
+    return x
+
+
+def carried_axes(chain, shape: Sequence[int], axis: int) -> tuple[list[int], tuple[int, ...]]:
+    """Where a layout ``chain`` carries input ``axis`` of a ``shape`` tensor *whole*.
+
+    Labels every element with its index on ``axis``, runs the chain on the labels and returns
+    the output axes k with ``out_label[idx] == idx[k]`` for every output index (and the output
+    shape). This is exactly the condition for every per-channel map A to commute with the
+    chain: ``A_k(L(x)) == L(A_axis(x))`` for all per-channel (s, t) -- if some element's label
+    differs from its index on k, generic s, t tell the two sides apart there.
+    """
+    shape = tuple(shape)
+    axis %= len(shape)
+    labels = np.empty(shape, dtype=object)
+    for idx in np.ndindex(shape):
+        labels[idx] = idx[axis]
+    out = layout(labels, chain)
+    ks = [k for k in range(out.ndim)
+          if out.shape[k] == shape[axis] and all(out[idx] == idx[k] for idx in np.ndindex(out.shape))]
+    return ks, out.shape
 
 
 # --------------------------------------------------------------------------- regrouping lemma
@@ -330,3 +427,14 @@ def bn_symbols(tag: str, C: int):
 def describe(kind: str, **cfg) -> str:
     """Uniform one-line configuration description used by every proof."""
     return kind + ": " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def describe_chain(chain) -> str:
+    """``[("permute", dict(dims=(0, 2, 3, 1)))]`` -> ``"permute(0, 2, 3, 1)"``; empty -> ``"(none)"``."""
+    parts = []
+    for op, attrs in chain:
+        vals = []
+        for v in attrs.values():
+            vals.extend(v if isinstance(v, (tuple, list)) else [v])
+        parts.append(f"{op}({', '.join(map(str, vals))})")
+    return " ".join(parts) or "(none)"

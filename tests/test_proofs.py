@@ -16,11 +16,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from proofs import RULES, is_refused, load  # noqa: E402
-from proofs import bn_fold, bn_before_conv, seq_merge  # noqa: E402
+from proofs import bn_fold, bn_before_conv, bn_into_linear, linear_affine_fold, seq_merge  # noqa: E402
 from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm,  # noqa: E402
-                             bn_symbols, conv2d, symbols_tensor)
+                             bn_symbols, carried_axes, conv2d, layout, linear, scale,
+                             symbols_tensor)
 
-REFUSAL_RULES = {"seq_merge", "avg_pool_to_conv", "bn_before_conv"}
+REFUSAL_RULES = {"seq_merge", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
+                 "linear_affine_fold"}
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -81,6 +83,97 @@ def test_refusals_raise_in_fuse():
         seq_merge.fuse_1x1_kxk(w1, b1, 1, w2, None, 1, padding=1)
     with pytest.raises(ValueError, match="refused"):
         bn_before_conv.fuse(w2, None, *bn_symbols("", 2), padding=(0, 0, 1, 0))
+    cfg = bn_into_linear.REFUSED
+    with pytest.raises(ValueError, match="refused"):
+        bn_into_linear.precondition(cfg["chain"], cfg["shape"], cfg["axis"])
+    cfg = linear_affine_fold.REFUSED
+    with pytest.raises(ValueError, match="refused"):
+        linear_affine_fold.precondition(cfg["chain"], cfg["x"][:-1] + (cfg["O"],), cfg["axis"])
+
+
+def _layout_cases():
+    """(input shape, tracked axis, chain, target axis, accepted) for every chain the proofs use."""
+    cases = []
+    for cfg in bn_into_linear.CONFIGS + [bn_into_linear.REFUSED]:
+        ndim_out = len(layout(symbols_tensor("x", cfg["shape"]), cfg["chain"]).shape)
+        cases.append((cfg["shape"], cfg["axis"], cfg["chain"], ndim_out - 1,
+                      cfg is not bn_into_linear.REFUSED))
+    for cfg in linear_affine_fold.CONFIGS + [linear_affine_fold.REFUSED]:
+        y = tuple(cfg["x"][:-1]) + (cfg["O"],)
+        ndim_out = len(layout(symbols_tensor("y", y), cfg["chain"]).shape)
+        cases.append((y, len(y) - 1, cfg["chain"], cfg["axis"] % ndim_out,
+                      cfg is not linear_affine_fold.REFUSED))
+    return cases
+
+
+@pytest.mark.parametrize("shape,axis,chain,target,accepted", _layout_cases())
+def test_layout_precondition_matches_library(shape, axis, chain, target, accepted):
+    """The proofs' semantic precondition (carried_axes) and the library's syntactic one
+    (repalgebra.layout.follow_chain) agree on every layout chain the proofs use."""
+    torch = pytest.importorskip("torch")
+    from repalgebra.ir import Node, Value
+    from repalgebra.layout import follow_chain
+
+    ks, out_shape = carried_axes(chain, shape, axis)
+    assert (target in ks) == accepted
+    nodes, v = [], Value("x", tuple(shape), torch.float32)
+    for op, attrs in chain:
+        nodes.append(Node.make(op, [v], attrs))
+        v = nodes[-1].out
+    assert tuple(v.shape) == tuple(out_shape)
+    got = follow_chain(nodes, axis)
+    assert (got == target) == accepted, (got, target)
+    if got is not None:
+        assert got in ks  # the library never claims an axis that is not carried whole
+
+
+def test_wrong_linear_folds_are_caught():
+    """Plausible slips in the new fused formulas must NOT be proven."""
+    # bn_into_linear scaling W's rows (s[o]) and shifting by W^T t, instead of columns and W t.
+    cfg = bn_into_linear.CONFIGS[0]
+    x = symbols_tensor("x", cfg["shape"])
+    w = symbols_tensor("w", (cfg["shape"][1], cfg["shape"][1]))
+    bn = bn_symbols("", cfg["shape"][1])
+    lhs = linear(layout(batch_norm(x, *bn, axis=1), cfg["chain"]), w)
+    w2, b2 = bn_into_linear.fuse(w, None, *bn)
+    assert_equal(lhs, linear(layout(x, cfg["chain"]), w2, b2), "correct bn_into_linear")
+    wrong_w, wrong_b = bn_into_linear.fuse(w.T.copy(), None, *bn)
+    with pytest.raises(AssertionError, match="differ at element"):
+        assert_equal(lhs, linear(layout(x, cfg["chain"]), wrong_w.T.copy(), wrong_b), "W^T t")
+    # linear_affine_fold with the bias left unscaled.
+    x = symbols_tensor("x", (1, 2, 2))
+    w, b, s = symbols_tensor("w", (2, 2)), symbols_tensor("b", (2,)), symbols_tensor("s", (2,))
+    chain = [("transpose", dict(dim0=-2, dim1=-1))]
+    lhs = scale(layout(linear(x, w, b), chain), s, axis=1)
+    w2, _ = linear_affine_fold.fuse(w, b, s)
+    with pytest.raises(AssertionError, match="differ at element"):
+        assert_equal(lhs, layout(linear(x, w2, b), chain), "unscaled bias")
+
+
+@pytest.mark.parametrize("shape,chain", [
+    ((2, 3, 2, 2), [("flatten", dict(start=2, end=-1)), ("transpose", dict(dim0=-2, dim1=-1))]),
+    ((2, 3, 4), [("transpose", dict(dim0=-2, dim1=-1)), ("reshape", dict(shape=(2, 4, 3, 1)))]),
+    ((2, 3, 2, 2), [("permute", dict(dims=(0, 2, 3, 1))), ("flatten", dict(start=0, end=2))]),
+    ((2, 3, 4), [("reshape", dict(shape=(-1, 2, 6))), ("permute", dict(dims=(2, 0, 1)))]),
+])
+def test_reference_linear_and_layout_match_torch(shape, chain):
+    """The symbolic linear and layout ops are torch's (on numbers)."""
+    torch = pytest.importorskip("torch")
+    from repalgebra.ops import OPS
+
+    rng = np.random.default_rng(2)
+    xn = rng.integers(-3, 4, shape)
+    x = np.vectorize(sympy.Integer, otypes=[object])(xn)
+    ours, ref = layout(x, chain), torch.tensor(xn, dtype=torch.float64)
+    for op, attrs in chain:
+        ref = OPS[op]([ref], attrs, {})
+    assert ours.shape == tuple(ref.shape)
+    np.testing.assert_array_equal(_num(ours), ref.numpy())
+    wn, bn_ = rng.integers(-3, 4, (3, ours.shape[-1])), rng.integers(-3, 4, (3,))
+    lin = linear(ours, *(np.vectorize(sympy.Integer, otypes=[object])(a) for a in (wn, bn_)))
+    ref = torch.nn.functional.linear(ref, torch.tensor(wn, dtype=torch.float64),
+                                     torch.tensor(bn_, dtype=torch.float64))
+    np.testing.assert_array_equal(_num(lin), ref.numpy())
 
 
 def _num(a):

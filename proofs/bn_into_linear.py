@@ -1,0 +1,135 @@
+"""bn_into_linear: an eval-mode BatchNorm before a Linear folds into it, through layout ops.
+
+Identity: with per-channel s[c] = gamma[c] / sqrt(var[c] + eps), t[c] = beta[c] - mean[c]*s[c]
+(so BN(x) = s[c]*x + t[c] on channel c), a Linear W (O, C), bias b (0 if absent), and L a chain
+of layout ops (flatten / reshape / transpose / permute, possibly empty):
+
+    W'[o, c] = W[o, c] * s[c]
+    b'[o]    = b[o] + sum_c W[o, c] * t[c]          (always has a bias)
+
+    Linear(L(BN(x)); W, b) == Linear(L(x); W', b').
+
+Why: L only moves elements. If L carries BN's channel axis *whole* to the last axis (the one
+the Linear reads), every element arriving at Linear input feature c came from channel c, so
+L(BN(x))[..., c] = s[c] * L(x)[..., c] + t[c], and the Linear absorbs the affine map column by
+column. There is no padding, so unlike bn_before_conv the fold is always exact.
+
+Precondition: L carries BN's channel axis whole onto the Linear's last axis. Checked
+semantically by :func:`precondition` (:func:`proofs.symbolic.carried_axes`: label every element
+with its channel, run L, the last axis must read back its own index everywhere); the library
+checks it syntactically (``repalgebra.layout.follow_chain``), and tests/test_proofs.py checks
+both agree on every chain used here.
+
+Configurations: FastViT's attention pre-norm (BatchNorm2d on (B, C, H, W), flatten(2),
+transpose(-2, -1), qkv Linear), a channels-last permute, permute + flatten, BatchNorm1d on
+(B, C, L) with transpose and a reshape to (B*L, C), and the empty chain (BatchNorm1d -> Linear).
+
+REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its
+features (with H*W == C the shapes even fit), element [.., c, p] meets s[c] but the fold puts
+s[p] on it; symbolic counterexample below.
+
+Proof: symbolic x, W, b and BN parameters with the BN scale kept as gamma/sympy.sqrt(var+eps);
+both sides are linear in 1/sqrt(var+eps), so expand(lhs - rhs) == 0 is an exact proof.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from .symbolic import (assert_differs, assert_equal, batch_norm, bn_scale_shift, bn_symbols,
+                       carried_axes, describe, describe_chain, layout, linear, symbols_tensor)
+
+
+def fuse(w, b, mean, var, gamma, beta, eps):
+    """(W', b') for BN -> L -> Linear(w, b); ``b`` may be None (b' always exists)."""
+    s, t = bn_scale_shift(mean, var, gamma, beta, eps)
+    O, C = w.shape
+    w2 = np.empty(w.shape, dtype=object)
+    b2 = np.empty(O, dtype=object)
+    for o in range(O):
+        terms = [b[o]] if b is not None else []
+        for c in range(C):
+            w2[o, c] = w[o, c] * s[c]
+            terms.append(w[o, c] * t[c])
+        b2[o] = sympy.Add(*terms)
+    return w2, b2
+
+
+def precondition(chain, shape, axis: int = 1):
+    """Raise ValueError('refused: ...') unless ``chain`` carries BN ``axis`` whole to the last axis."""
+    ks, out_shape = carried_axes(chain, shape, axis)
+    if len(out_shape) - 1 not in ks:
+        raise ValueError(f"refused: layout {chain} on {tuple(shape)} does not carry BN axis {axis} "
+                         f"whole to the Linear's last axis (carried to {ks}, output {out_shape})")
+
+
+FASTVIT = [("flatten", dict(start=2, end=-1)), ("transpose", dict(dim0=-2, dim1=-1))]
+
+# x shape, BN channel axis, layout chain L, Linear out features, bias
+CONFIGS = [
+    dict(name="FastViT attn pre-norm", shape=(1, 3, 2, 2), axis=1, chain=FASTVIT, O=4, bias=True),
+    dict(name="FastViT attn pre-norm", shape=(2, 2, 1, 3), axis=1, chain=FASTVIT, O=3, bias=False),
+    dict(name="channels-last permute", shape=(1, 2, 2, 3), axis=1,
+         chain=[("permute", dict(dims=(0, 2, 3, 1)))], O=3, bias=True),
+    dict(name="permute + flatten", shape=(1, 2, 2, 2), axis=1,
+         chain=[("permute", dict(dims=(0, 2, 3, 1))), ("flatten", dict(start=1, end=2))], O=2, bias=True),
+    dict(name="BN1d, transpose + reshape", shape=(2, 3, 2), axis=1,
+         chain=[("transpose", dict(dim0=1, dim1=2)), ("reshape", dict(shape=(4, 3)))], O=2, bias=True),
+    dict(name="BN1d, empty chain", shape=(2, 3), axis=1, chain=[], O=2, bias=False),
+]
+
+# flatten(2) without the transpose: (1, C=2, 1, 2) -> (1, 2, 2); the Linear reads H*W as features.
+REFUSED = dict(name="flatten(2) without transpose", shape=(1, 2, 1, 2), axis=1,
+               chain=[("flatten", dict(start=2, end=-1))], O=1, bias=True)
+
+
+def _sides(cfg, x, w, b, bn):
+    lhs = linear(layout(batch_norm(x, *bn, axis=cfg["axis"]), cfg["chain"]), w, b)
+    rhs = linear(layout(x, cfg["chain"]), *fuse(w, b, *bn))
+    return lhs, rhs
+
+
+def _tensors(cfg):
+    shape, axis = cfg["shape"], cfg["axis"]
+    x = symbols_tensor("x", shape)
+    cin = layout(x, cfg["chain"]).shape[-1]
+    w = symbols_tensor("w", (cfg["O"], cin))
+    b = symbols_tensor("b", (cfg["O"],)) if cfg["bias"] else None
+    return x, w, b, bn_symbols("", shape[axis])
+
+
+def _desc(cfg, kind):
+    chain = describe_chain(cfg["chain"])
+    return describe(kind, case=cfg["name"], x=cfg["shape"], L=chain, O=cfg["O"], bias=cfg["bias"])
+
+
+def prove() -> list[str]:
+    done = []
+    for cfg in CONFIGS:
+        precondition(cfg["chain"], cfg["shape"], cfg["axis"])
+        x, w, b, bn = _tensors(cfg)
+        lhs, rhs = _sides(cfg, x, w, b, bn)
+        desc = _desc(cfg, "Linear(L(BN(x))) == Linear(L(x))")
+        assert_equal(lhs, rhs, "bn_into_linear " + desc)
+        done.append(desc)
+
+    # REFUSED: the Linear's features are the spatial positions, not BN's channels.
+    cfg = REFUSED
+    try:
+        precondition(cfg["chain"], cfg["shape"], cfg["axis"])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("bn_into_linear: precondition accepted flatten(2) without transpose")
+    x, w, b, bn = _tensors(cfg)
+    lhs, rhs = _sides(cfg, x, w, b, bn)
+    idx = (0, 0, 0)  # token (channel) 0, the only output feature
+    diff, num = assert_differs(lhs, rhs, idx, "bn_into_linear refused case")
+    # lhs reads BN(x)[c=0, p] = s[0] x[0, p] + t[0]; the fold applies s[p], t[p] to feature p.
+    s, t = bn_scale_shift(*bn)
+    expected = w[0, 1] * ((s[0] - s[1]) * x[0, 0, 0, 1] + t[0] - t[1])
+    assert_equal([diff], [sympy.expand(expected)], "bn_into_linear refused: difference")
+    done.append(f"refused: {cfg['name']}: x (1, C=2, 1, 2) -> (1, 2, 2): at {idx} lhs - rhs = "
+                f"W[0,1] * ((s[0] - s[1]) x[0,0,0,1] + t[0] - t[1]) != 0 (numeric witness {num})")
+    return done

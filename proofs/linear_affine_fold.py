@@ -1,0 +1,169 @@
+"""linear_affine_fold: a per-channel affine map after a Linear folds into it, through layout ops.
+
+Identity: A(y) = s*y + t per channel, on A's channel axis: an eval-mode BatchNorm
+(s = gamma / sqrt(var + eps), t = beta - mean*s) or a layer scale (s = gamma, t = 0). With a
+Linear W (O, C), bias b (0 if absent) and L a chain of layout ops (flatten / reshape /
+transpose / permute, possibly empty):
+
+    W'[o, :] = s[o] * W[o, :]
+    b'[o]    = s[o] * b[o] + t[o]        (no bias and no shift (layer scale) -> no bias)
+
+    A(L(Linear(x; W, b))) == L(Linear(x; W', b')).
+
+Why: L only moves elements. If L carries the Linear's output-feature axis (its last axis)
+*whole* onto A's channel axis, the element A meets at channel o is output feature o of the
+Linear, so A(L(y)) = L(s*y + t) with (s, t) acting on the feature axis, and s*(W x + b) + t
+is again a Linear, row by row.
+
+Precondition: L carries the Linear's last axis whole onto A's axis. Checked semantically by
+:func:`precondition` (:func:`proofs.symbolic.carried_axes`); the library checks it
+syntactically (``repalgebra.layout.follow_chain``); tests/test_proofs.py checks that both
+agree on every chain used here.
+
+Configurations: FastViT's layer scale after the attention projection (tokens (B, N, C) ->
+proj -> transpose(-2, -1) -> reshape to (B, C, H, W) -> layer scale on axis 1), the same with a
+BatchNorm2d, LeViT's Linear_BN (Linear on (B, N, C) -> flatten(0, 1) -> BatchNorm1d -> reshape
+back; the final reshape is applied to both sides), a channels-last Linear followed by
+permute to NCHW and BatchNorm2d, and a plain layer scale on the last axis (empty chain).
+
+REFUSED: a layout op that mixes the feature axis with another axis. Here the classic slip
+``y.reshape(B, C, N)`` instead of ``y.transpose(1, 2)``: with N = 2, C = 4 it splits each row of
+4 features over two output rows, so the element at [0, 0, 1] is feature 1 but meets the layer
+scale s[0]; the per-channel fold puts s[1] on it. Symbolic counterexample below.
+
+Proof: symbolic x, W, b, s and BN parameters (BN scale kept as gamma/sympy.sqrt(var+eps));
+both sides are linear in 1/sqrt(var+eps), so expand(lhs - rhs) == 0 is an exact proof.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from .symbolic import (assert_differs, assert_equal, batch_norm, bn_scale_shift, bn_symbols,
+                       carried_axes, describe, describe_chain, layout, linear, scale, symbols_tensor)
+
+
+def fuse(w, b, s, t=None):
+    """(W', b') for Linear(w, b) -> L -> per-channel (s, t). ``b``/``t`` may be None.
+
+    Returns b' = None when there is neither a bias nor a shift (layer scale after a bias-free
+    Linear), like the library.
+    """
+    O = w.shape[0]
+    w2 = np.empty(w.shape, dtype=object)
+    for o in range(O):
+        w2[o] = s[o] * w[o]
+    if b is None and t is None:
+        return w2, None
+    b2 = np.empty(O, dtype=object)
+    for o in range(O):
+        b2[o] = (s[o] * b[o] if b is not None else 0) + (t[o] if t is not None else 0)
+    return w2, b2
+
+
+def fuse_bn(w, b, mean, var, gamma, beta, eps):
+    """(W', b') for Linear(w, b) -> L -> eval-mode BN."""
+    return fuse(w, b, *bn_scale_shift(mean, var, gamma, beta, eps))
+
+
+def precondition(chain, shape, axis: int):
+    """Raise ValueError('refused: ...') unless ``chain``, applied to the Linear's output of
+    ``shape``, carries its last axis whole onto ``axis``."""
+    ks, out_shape = carried_axes(chain, shape, -1)
+    if axis % len(out_shape) not in ks:
+        raise ValueError(f"refused: layout {chain} on {tuple(shape)} does not carry the Linear's "
+                         f"feature axis whole to axis {axis} (carried to {ks}, output {out_shape})")
+
+
+def _fastvit(B, H, W, C):
+    return [("transpose", dict(dim0=-2, dim1=-1)), ("reshape", dict(shape=(B, C, H, W)))]
+
+
+# x: Linear input; O: Linear out features; L: layout chain after it; A: "scale" or "bn" on axis;
+# post: layout applied after A on both sides (not part of the rule).
+CONFIGS = [
+    dict(name="FastViT layer scale after attn proj", x=(1, 4, 3), O=2, bias=True,
+         chain=_fastvit(1, 2, 2, 2), A="scale", axis=1),
+    dict(name="FastViT layer scale after attn proj", x=(2, 3, 2), O=3, bias=False,
+         chain=_fastvit(2, 1, 3, 3), A="scale", axis=1),
+    dict(name="BatchNorm2d after proj + reshape", x=(1, 4, 2), O=2, bias=False,
+         chain=_fastvit(1, 2, 2, 2), A="bn", axis=1),
+    dict(name="LeViT Linear_BN", x=(2, 3, 2), O=3, bias=False,
+         chain=[("flatten", dict(start=0, end=1))], A="bn", axis=1,
+         post=[("reshape", dict(shape=(2, 3, 3)))]),
+    dict(name="LeViT Linear_BN", x=(2, 2, 3), O=2, bias=True,
+         chain=[("flatten", dict(start=0, end=1))], A="bn", axis=1,
+         post=[("reshape", dict(shape=(2, 2, 2)))]),
+    dict(name="channels-last Linear, permute, BN2d", x=(1, 2, 2, 2), O=3, bias=True,
+         chain=[("permute", dict(dims=(0, 3, 1, 2)))], A="bn", axis=1),
+    dict(name="layer scale, empty chain", x=(1, 3, 2), O=2, bias=True, chain=[], A="scale", axis=-1),
+]
+
+# y.reshape(B, C, N) instead of y.transpose(1, 2): (1, N=2, C=4) -> (1, 4, 2), layer scale on axis 1.
+REFUSED = dict(name="reshape (B,N,C)->(B,C,N) without transpose", x=(1, 2, 2), O=4, bias=True,
+               chain=[("reshape", dict(shape=(1, 4, 2)))], A="scale", axis=1)
+
+
+def _tensors(cfg):
+    x = symbols_tensor("x", cfg["x"])
+    O = cfg["O"]
+    w = symbols_tensor("w", (O, cfg["x"][-1]))
+    b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+    if cfg["A"] == "bn":
+        return x, w, b, bn_symbols("", O)
+    return x, w, b, (symbols_tensor("s", (O,)),)
+
+
+def _sides(cfg, x, w, b, params):
+    y = layout(linear(x, w, b), cfg["chain"])
+    if cfg["A"] == "bn":
+        lhs = batch_norm(y, *params, axis=cfg["axis"])
+        w2, b2 = fuse_bn(w, b, *params)
+    else:
+        lhs = scale(y, params[0], axis=cfg["axis"])
+        w2, b2 = fuse(w, b, params[0])
+        if (b2 is None) != (b is None):
+            raise AssertionError("linear_affine_fold: layer scale must keep bias-ness")
+    rhs = layout(linear(x, w2, b2), cfg["chain"])
+    post = cfg.get("post", [])
+    return layout(lhs, post), layout(rhs, post)
+
+
+def _desc(cfg, kind):
+    chain = describe_chain(cfg["chain"])
+    return describe(kind, case=cfg["name"], x=cfg["x"], O=cfg["O"], bias=cfg["bias"], L=chain,
+                    A=f"{cfg['A']}(axis={cfg['axis']})")
+
+
+def prove() -> list[str]:
+    done = []
+    for cfg in CONFIGS:
+        y_shape = tuple(cfg["x"][:-1]) + (cfg["O"],)
+        precondition(cfg["chain"], y_shape, cfg["axis"])
+        x, w, b, params = _tensors(cfg)
+        lhs, rhs = _sides(cfg, x, w, b, params)
+        desc = _desc(cfg, "A(L(Linear(x))) == L(Linear'(x))")
+        assert_equal(lhs, rhs, "linear_affine_fold " + desc)
+        done.append(desc)
+
+    # REFUSED: the reshape mixes the feature axis with the token axis.
+    cfg = REFUSED
+    y_shape = tuple(cfg["x"][:-1]) + (cfg["O"],)
+    try:
+        precondition(cfg["chain"], y_shape, cfg["axis"])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("linear_affine_fold: precondition accepted a feature-mixing reshape")
+    x, w, b, (s,) = _tensors(cfg)
+    lhs, rhs = _sides(cfg, x, w, b, (s,))
+    # out[0, 0, 1] is y[0, 0, 1] (token 0, feature 1): A gives it s[0], the fold s[1].
+    idx = (0, 0, 1)
+    diff, num = assert_differs(lhs, rhs, idx, "linear_affine_fold refused case")
+    y = linear(x, w, b)
+    assert_equal([diff], [sympy.expand((s[0] - s[1]) * y[0, 0, 1])],
+                 "linear_affine_fold refused: difference")
+    done.append(f"refused: {cfg['name']}: (1, N=2, C=4) -> (1, 4, 2), layer scale on axis 1: at {idx} "
+                f"lhs - rhs = (s[0] - s[1]) * Linear(x)[0,0,1] != 0 (numeric witness {num})")
+    return done
