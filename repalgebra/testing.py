@@ -1,0 +1,793 @@
+"""Test support for fusion rules and fused graphs: Hypothesis strategies and an honest equality check.
+
+Users testing their own rules or front ends import this module::
+
+    from hypothesis import given
+    from repalgebra.testing import assert_graphs_equal, conv_specs, bn_stats, float_dtypes, seeds
+
+    @given(conv_specs(), float_dtypes(), seeds())
+    def test_my_rule(spec, dtype, seed):
+        ...
+        assert_graphs_equal(graph, fused, x, dtype)
+
+Strategies
+----------
+* :func:`conv_specs` draws a :class:`ConvSpec`: channels 1-16, groups dividing
+  both, kernel ``(kh, kw)`` 1-7 (odd and even), stride 1-2, dilation 1-3,
+  padding (asymmetric too), with or without bias, and an input size for which
+  the output is non-empty.
+* :func:`bn_stats` draws eval-mode BatchNorm statistics (:class:`BNStats`):
+  running variance from 1e-3 to 10, mean, gamma (any sign), beta, eps.
+* :func:`input_shapes` draws NCHW shapes with batch 1-3.
+* :func:`float_dtypes` draws float32 or float64.
+* :func:`linear_graphs` draws a random *foldable* linear branchy region of one
+  input (a :class:`RegionExample`): its normal form is a single conv2d.
+
+Tensors are drawn from a seed (``seeds()``) with a ``torch.Generator``, so an
+example is small to print and exactly reproducible: :func:`conv_params`,
+:func:`random_input`, :meth:`BNStats.params`.
+
+The equality check
+------------------
+:func:`assert_graphs_equal` compares two graphs on one input, elementwise,
+against a bound proportional to the input's *magnitude graph*
+(:func:`magnitude`): the graph evaluated on ``|x|`` with every coefficient
+replaced by its absolute value.  See its docstring for the tolerance rule and
+why it is measured against this magnitude rather than against ``|output|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from math import gcd
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.interpret import run_graph
+from repalgebra.ir import Graph, Node, Value
+from repalgebra.ops import op_def
+
+__all__ = [
+    "ConvSpec",
+    "BNStats",
+    "RegionExample",
+    "conv_specs",
+    "conv_specs_onto",
+    "bn_stats",
+    "input_shapes",
+    "float_dtypes",
+    "seeds",
+    "linear_graphs",
+    "conv_params",
+    "random_input",
+    "magnitude",
+    "assert_graphs_equal",
+    "RTOL",
+    "ParamSnapshot",
+    "snapshot_params",
+    "assert_params_unchanged",
+]
+
+MAX_CHANNELS = 16
+KERNELS = range(1, 8)
+STRIDES = (1, 2)
+DILATIONS = (1, 2, 3)
+
+
+# --------------------------------------------------------------------------- conv specs
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The geometry of one conv2d and of the input it reads (``height`` x ``width``).
+
+    ``padding`` is ``(top, bottom, left, right)`` as in the op table.  The input
+    size is chosen so that the output is non-empty.
+    """
+
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    bias: bool = True
+    height: int = 8
+    width: int = 8
+
+    def __post_init__(self) -> None:
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups {self.groups} must divide {self.in_channels} and {self.out_channels}")
+        if min(self.out_size) < 1:
+            raise ValueError(f"empty output for {self}")
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """The dilated kernel's extent ``(k - 1) * d + 1`` per axis."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilation))
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """Output ``(height, width)``."""
+        t, b, l, r = self.padding
+        eh, ew = self.extent
+        return ((self.height + t + b - eh) // self.stride[0] + 1, (self.width + l + r - ew) // self.stride[1] + 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel)
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        return (batch, self.in_channels, self.height, self.width)
+
+    def output_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        return (batch, self.out_channels, *self.out_size)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The conv2d attributes (keyword arguments for ``GraphBuilder.conv2d``)."""
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a per-pixel channel mix."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and not any(self.padding)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _value(draw, fixed, strategy):
+    """``fixed`` if given (a value, or a strategy to draw from), else draw from ``strategy``."""
+    if fixed is None:
+        return draw(strategy)
+    if isinstance(fixed, st.SearchStrategy):
+        return draw(fixed)
+    return fixed
+
+
+@st.composite
+def conv_specs(
+    draw,
+    *,
+    in_channels=None,
+    out_channels=None,
+    groups=None,
+    kernel=None,
+    stride=None,
+    dilation=None,
+    padding=None,
+    bias=None,
+    height=None,
+    width=None,
+    max_extra_size: int = 6,
+) -> ConvSpec:
+    """A random :class:`ConvSpec`.
+
+    Every argument, when given, fixes that field (a value or a strategy);
+    ``padding="none"`` means no padding, ``padding="symmetric"`` equal
+    top/bottom and left/right.  Unfixed fields are drawn: channels 1-16, groups
+    dividing both channel counts (grouped and depthwise convs are drawn often),
+    kernel sides 1-7 independently (odd and even), stride 1-2 and dilation 1-3
+    per axis, padding 0..extent-1 per side (at least 0..2), bias or not.  The
+    input height/width is at least what makes the output non-empty and at most
+    ``max_extra_size`` more.
+    """
+    cin = _value(draw, in_channels, st.none())
+    cout = _value(draw, out_channels, st.none())
+    g = _value(draw, groups, st.none())
+    if g is None and cin is None and cout is None:
+        # Draw the groups first so that grouped and depthwise convs are common.
+        g = draw(st.one_of(st.just(1), st.integers(1, MAX_CHANNELS)))
+    if g is None:
+        cin = cin or draw(st.integers(1, MAX_CHANNELS))
+        cout = cout or draw(st.integers(1, MAX_CHANNELS))
+        g = draw(st.sampled_from(_divisors(gcd(cin, cout))))
+    else:
+        cin = cin or g * draw(st.integers(1, max(1, MAX_CHANNELS // g)))
+        cout = cout or g * draw(st.integers(1, max(1, MAX_CHANNELS // g)))
+    kernel = _value(draw, kernel, st.tuples(st.sampled_from(KERNELS), st.sampled_from(KERNELS)))
+    stride = _value(draw, stride, st.tuples(st.sampled_from(STRIDES), st.sampled_from(STRIDES)))
+    dilation = _value(draw, dilation, st.tuples(st.sampled_from(DILATIONS), st.sampled_from(DILATIONS)))
+    kernel, stride, dilation = (tuple((v, v) if isinstance(v, int) else v) for v in (kernel, stride, dilation))
+    eh, ew = ((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    if padding == "none":
+        padding = (0, 0, 0, 0)
+    elif padding == "symmetric":
+        ph = draw(st.integers(0, max(eh - 1, 2)))
+        pw = draw(st.integers(0, max(ew - 1, 2)))
+        padding = (ph, ph, pw, pw)
+    else:
+        side = lambda e: st.integers(0, max(e - 1, 2))  # noqa: E731
+        padding = _value(draw, padding, st.tuples(side(eh), side(eh), side(ew), side(ew)))
+    t, b, l, r = padding
+    h_lo, w_lo = max(1, eh - t - b), max(1, ew - l - r)
+    height = _value(draw, height, st.integers(h_lo, h_lo + max_extra_size))
+    width = _value(draw, width, st.integers(w_lo, w_lo + max_extra_size))
+    bias = _value(draw, bias, st.booleans())
+    return ConvSpec(cin, cout, g, kernel, stride, dilation, tuple(padding), bias, height, width)
+
+
+def _axis_options(n: int, n_out: int, stride: int, kernels, dilations, unpadded: bool) -> list[tuple[int, int, int, int]]:
+    """Per axis: every (kernel, dilation, pad_before, pad_after) mapping ``n`` inputs to ``n_out`` outputs."""
+    opts = []
+    for k in kernels:
+        for d in dilations:
+            e = (k - 1) * d + 1
+            for total in range(stride * (n_out - 1) + e - n, stride * n_out + e - n):
+                if total < 0 or (unpadded and total):
+                    continue
+                if (n + total - e) // stride + 1 != n_out:
+                    continue
+                opts.extend((k, d, before, total - before) for before in range(total + 1))
+    return opts
+
+
+def _on_axis_lattice(opt, ref: ConvSpec, axis: int) -> bool:
+    k, d, before, _ = opt
+    return d == ref.dilation[axis] and (before - ref.padding[2 * axis]) % d == 0
+
+
+@st.composite
+def conv_specs_onto(
+    draw,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    stride=1,
+    *,
+    in_channels: int,
+    out_channels: int,
+    groups=None,
+    bias=None,
+    kernel=None,
+    dilation=None,
+    unpadded: bool = False,
+    lattice_of: ConvSpec | None = None,
+    on_lattice: bool = True,
+) -> ConvSpec:
+    """A conv reading an input of ``size`` (H, W) with ``stride`` whose output grid is exactly ``out_size``.
+
+    Kernel (1-7 per axis), dilation (1-3) and padding (asymmetric too) are
+    drawn among those that land on that grid; ``kernel`` / ``dilation`` fix
+    them, ``unpadded=True`` asks for no padding.  With ``lattice_of``, the
+    conv's taps lie on the same lattice as that conv's (same dilation, leading
+    paddings differing by multiples of it: what ``kernel_pad`` needs), or,
+    with ``on_lattice=False``, not (what ``dilation_to_dense`` is for).
+    Groups are drawn among the common divisors of the channel counts.
+    """
+    s = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    fix = lambda v, a: (KERNELS if v is None else [v if isinstance(v, int) else v[a]])  # noqa: E731
+    fixd = lambda v, a: (DILATIONS if v is None else [v if isinstance(v, int) else v[a]])  # noqa: E731
+    axes = [
+        _axis_options(size[a], out_size[a], s[a], fix(kernel, a), fixd(dilation, a), unpadded) for a in (0, 1)
+    ]
+    if lattice_of is not None:
+        on = [[o for o in axes[a] if _on_axis_lattice(o, lattice_of, a)] for a in (0, 1)]
+        if on_lattice:
+            axes = on
+        else:
+            off = [[o for o in axes[a] if not _on_axis_lattice(o, lattice_of, a)] for a in (0, 1)]
+            broken = [a for a in (0, 1) if off[a]]
+            assume(bool(broken))
+            a = draw(st.sampled_from(broken))
+            axes[a] = off[a]
+    assume(bool(axes[0]) and bool(axes[1]))
+    kh, dh, top, bottom = draw(st.sampled_from(axes[0]))
+    kw, dw, left, right = draw(st.sampled_from(axes[1]))
+    g = _value(draw, groups, st.sampled_from(_divisors(gcd(in_channels, out_channels))))
+    bias = _value(draw, bias, st.booleans())
+    return ConvSpec(in_channels, out_channels, g, (kh, kw), s, (dh, dw), (top, bottom, left, right), bias, *size)
+
+
+# --------------------------------------------------------------------------- BN statistics
+
+
+@dataclass(frozen=True, eq=False)
+class BNStats:
+    """Eval-mode BatchNorm statistics, stored in float64."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    @property
+    def channels(self) -> int:
+        return self.mean.numel()
+
+    def params(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``mean``, ``var``, ``weight``, ``bias`` in ``dtype``."""
+        return {k: getattr(self, k).to(dtype) for k in ("mean", "var", "weight", "bias")}
+
+    def kwargs(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Keyword arguments for ``GraphBuilder.batch_norm``."""
+        return {**self.params(dtype), "eps": self.eps}
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` with ``BN(x) = s * x + t`` (float64)."""
+        s = self.weight / torch.sqrt(self.var + self.eps)
+        return s, self.bias - self.mean * s
+
+    def __repr__(self) -> str:
+        return (
+            f"BNStats(C={self.channels}, var in [{self.var.min().item():.3g}, {self.var.max().item():.3g}], "
+            f"|mean|<={self.mean.abs().max().item():.3g}, |gamma|<={self.weight.abs().max().item():.3g}, eps={self.eps})"
+        )
+
+
+@st.composite
+def bn_stats(draw, channels: int) -> BNStats:
+    """Random BN statistics for ``channels`` channels.
+
+    Running variance per channel log-uniform in a drawn sub-range of
+    [1e-3, 10] (so shrinking reaches the extremes 1e-3 and 10), mean and beta
+    normal with a drawn scale (0 to 3), gamma normal (either sign, sometimes
+    exactly 1), eps one of 1e-5, 1e-3, 0.1.
+    """
+    seed = draw(seeds())
+    lo, hi = sorted(draw(st.tuples(st.floats(-3, 1), st.floats(-3, 1))))
+    mean_scale = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))
+    unit_gamma = draw(st.booleans())
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    gen = torch.Generator().manual_seed(seed)
+    c = channels
+    var = 10 ** (lo + (hi - lo) * torch.rand(c, generator=gen, dtype=torch.float64))
+    mean = mean_scale * torch.randn(c, generator=gen, dtype=torch.float64)
+    weight = torch.ones(c, dtype=torch.float64) if unit_gamma else torch.randn(c, generator=gen, dtype=torch.float64)
+    bias = mean_scale * torch.randn(c, generator=gen, dtype=torch.float64)
+    return BNStats(mean, var.clamp(1e-3, 10.0), weight, bias, eps)
+
+
+# --------------------------------------------------------------------------- shapes, dtypes, tensors
+
+
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for :func:`conv_params` / :func:`random_input`."""
+    return st.integers(0, 2**31 - 1)
+
+
+def float_dtypes() -> st.SearchStrategy[torch.dtype]:
+    """float32 or float64."""
+    return st.sampled_from([torch.float32, torch.float64])
+
+
+@st.composite
+def input_shapes(draw, channels=None, height=None, width=None, max_size: int = 12) -> tuple[int, int, int, int]:
+    """An NCHW shape: batch 1-3, channels 1-16, height/width 1-``max_size`` (each fixable)."""
+    n = draw(st.integers(1, 3))
+    c = _value(draw, channels, st.integers(1, MAX_CHANNELS))
+    h = _value(draw, height, st.integers(1, max_size))
+    w = _value(draw, width, st.integers(1, max_size))
+    return (n, c, h, w)
+
+
+def random_input(shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """A standard-normal tensor of ``shape``, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def conv_params(spec: ConvSpec, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``weight`` (and ``bias`` if ``spec.bias``) for ``spec``: normal, scaled by 1/sqrt(fan-in)."""
+    gen = torch.Generator().manual_seed(seed)
+    fan_in = spec.weight_shape[1] * spec.weight_shape[2] * spec.weight_shape[3]
+    w = torch.randn(*spec.weight_shape, generator=gen, dtype=torch.float64) / fan_in**0.5
+    out = {"weight": w.to(dtype)}
+    if spec.bias:
+        out["bias"] = torch.randn(spec.out_channels, generator=gen, dtype=torch.float64).to(dtype)
+    return out
+
+
+def add_conv(b: GraphBuilder, x: Value, spec: ConvSpec, dtype: torch.dtype, seed: int, source: str = "conv") -> Value:
+    """Add a conv2d node for ``spec`` with :func:`conv_params` to builder ``b``."""
+    return b.conv2d(x, **conv_params(spec, dtype, seed), **spec.attrs, source=source)
+
+
+def add_bn(b: GraphBuilder, x: Value, stats: BNStats, dtype: torch.dtype, source: str = "bn") -> Value:
+    """Add a batch_norm node with ``stats`` to builder ``b``."""
+    return b.batch_norm(x, **stats.kwargs(dtype), source=source)
+
+
+# --------------------------------------------------------------------------- parameter snapshots
+
+
+@dataclass(eq=False)
+class ParamSnapshot:
+    """The nodes of a graph and bitwise clones of their parameters (see :func:`snapshot_params`)."""
+
+    nodes: list[Node]
+    saved: list[tuple[Node, str, torch.Tensor]]
+
+
+def snapshot_params(graph: Graph) -> ParamSnapshot:
+    """Clones of every parameter tensor of ``graph``, to check later that nothing wrote into them."""
+    return ParamSnapshot(list(graph.nodes), [(n, k, p.detach().clone()) for n in graph.nodes for k, p in n.params.items()])
+
+
+def assert_params_unchanged(graph: Graph, snapshot: ParamSnapshot) -> None:
+    """``graph`` still has the same nodes, and every parameter is bit-for-bit what :func:`snapshot_params` saw."""
+    assert [id(n) for n in graph.nodes] == [id(n) for n in snapshot.nodes], "the graph's node list was changed"
+    for n, k, saved in snapshot.saved:
+        now = n.params[k]
+        assert now.dtype == saved.dtype and now.shape == saved.shape, f"{n.op}.{k} changed dtype/shape"
+        assert torch.equal(_bits(now), _bits(saved)), f"{n.op}.{k} at {n.source!r} was modified in place"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+# --------------------------------------------------------------------------- the equality check
+
+#: Tolerance per compute dtype, relative to the magnitude graph (see :func:`assert_graphs_equal`).
+RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def _abs_params(n: Node) -> dict[str, torch.Tensor]:
+    return {k: p.to(torch.float64).abs() for k, p in n.params.items()}
+
+
+def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
+    op, a = n.op, n.attrs
+    if op == "conv2d":
+        return op_def(op)(ms, a, _abs_params(n))
+    if op == "batch_norm":
+        p = {k: v.to(torch.float64) for k, v in n.params.items()}
+        s = (p["weight"] / torch.sqrt(p["var"] + a["eps"])).abs()
+        view = lambda v: v.reshape(1, -1, *([1] * (ms[0].dim() - 2)))  # noqa: E731
+        return (ms[0] + view(p["mean"].abs())) * view(s) + view(p["bias"].abs())
+    if op in ("add", "sub"):
+        return ms[0] + ms[1]
+    if op == "scale":
+        return op_def(op)(ms, a, _abs_params(n))
+    if op == "pad":
+        return op_def(op)(ms, {**a, "value": abs(a["value"])}, {})
+    if op == "linear":
+        return op_def(op)(ms, a, _abs_params(n))
+    if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "relu"):
+        # Non-negative coefficients (or element moves); relu is 1-Lipschitz with |relu(y)| <= |y|.
+        return op_def(op)(ms, a, {})
+    raise NotImplementedError(f"no magnitude (error bound) rule for op {op!r} at {n.source or '<graph>'}")
+
+
+def magnitude(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The magnitude graph's output: ``graph`` on ``|inputs|`` with every coefficient made non-negative.
+
+    Convs, scales and linears use ``|W|``, ``|b|``; ``sub`` becomes ``add``; a
+    pad pads with ``|value|``; BN is ``|s| (|x| + |mean|) + |beta|`` with
+    ``s = gamma / sqrt(var + eps)``, which bounds every intermediate of both
+    ways to compute it (``(x - mean) * s + beta`` and ``s * x + t``).  Pools,
+    concat, means and layout ops have non-negative coefficients already.
+    Evaluated in float64.  Elementwise, the result bounds the absolute value
+    of every term summed into that output, hence of the output itself.  Raises
+    ``NotImplementedError`` for ops without such a rule (non-linear ones
+    other than relu).
+    """
+    env: dict[int, torch.Tensor] = {id(v): t.to(torch.float64).abs() for v, t in zip(graph.inputs, inputs)}
+    for n in graph.nodes:
+        env[id(n.out)] = _magnitude_op(n, [env[id(i)] for i in n.inputs])
+    outs = tuple(env[id(o)] for o in graph.outputs)
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _as_tuple(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+def _param_eps(*graphs: Graph) -> float:
+    eps = [torch.finfo(p.dtype).eps for g in graphs for n in g.nodes for p in n.params.values() if p.is_floating_point()]
+    return max(eps, default=0.0)
+
+
+def assert_graphs_equal(g1: Graph, g2: Graph, x: torch.Tensor, dtype: torch.dtype, *, what: str = "") -> None:
+    """Assert that graphs ``g1`` (reference) and ``g2`` (e.g. its fused form) compute the same function at ``x``.
+
+    Both graphs are run twice: in float64 and in ``dtype`` (the interpreter
+    casts parameters to the input's dtype).  Outputs must have equal shapes,
+    the compute dtype, be finite, and satisfy elementwise
+
+        |y1 - y2| <= tol * M,   M = max(magnitude(g1, x), magnitude(g2, x))
+
+    with the tolerance rule
+
+    * float64 run: ``tol = eps(p) + 1e-12`` where ``eps(p)`` is the machine
+      epsilon (``torch.finfo(.).eps``, twice the unit roundoff) of the widest-
+      epsilon parameter dtype of the graphs: ~1.2e-7 for float32 parameters,
+      ~2.2e-16 for float64 ones;
+    * ``dtype`` run: ``tol = RTOL[dtype]``: float64 1e-12, float32 1e-5,
+      float16 1e-2, bfloat16 5e-2.
+
+    Why these numbers.  The engine folds in float64 and casts each fused
+    parameter once to the graph's dtype.  In exact arithmetic ``|W_fused|``
+    and ``|b_fused|`` are bounded by the magnitude graph's coefficients (a
+    fused coefficient is a sum of products of original ones), so the cast
+    moves the output by at most ``u(p) * M`` (``u`` the unit roundoff), which
+    the float64 run isolates: ``eps(p) = 2u(p)`` leaves a factor 2, and 1e-12
+    covers float64 arithmetic (~1e4 roundings of 1.1e-16).  In the ``dtype``
+    run both graphs also round every multiply-add: a sum of K terms computed
+    in floating point is off by at most ``K u M`` (and typically by
+    ``sqrt(K) u`` times the typical term, far below ``u M``).  For float32
+    (``u`` = 6e-8) 1e-5 is ~170 ``u``, which covers the chains of BN, conv and
+    adds the tests build with kernels up to 19x19 (dilated 7x7) and 16 input
+    channels; float64 1e-12 is ~9000 ``u``.
+
+    Why relative to ``M`` and not to ``max |y1|``: branches that cancel (``BN(x)
+    - BN(x)`` in RepMixer, a ``sub`` of similar convs) give outputs much smaller
+    than the terms that were rounded, and the rounding error scales with the
+    terms.  ``M`` is the standard forward error bound's ``|W| |x|`` for the
+    whole graph; an error that is large relative to ``M`` is a wrong rewrite,
+    not rounding.  ``M`` is elementwise, so an error confined to a border row
+    (a wrong padding) is measured against that row's own magnitude.
+    """
+    x64 = x.detach().to(torch.float64)
+    m = tuple(torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude(g1, x64)), _as_tuple(magnitude(g2, x64))))
+    runs = [(torch.float64, _param_eps(g1, g2) + RTOL[torch.float64])]
+    if dtype != torch.float64:
+        runs.append((dtype, RTOL[dtype]))
+    for run_dtype, tol in runs:
+        xd = x.detach().to(run_dtype)
+        y1, y2 = _as_tuple(run_graph(g1, xd)), _as_tuple(run_graph(g2, xd))
+        assert len(y1) == len(y2) == len(m), f"{what}: output counts differ: {len(y1)} vs {len(y2)}"
+        for k, (a, b, mk) in enumerate(zip(y1, y2, m)):
+            where = f"{what} output {k} ({run_dtype} run)"
+            assert a.shape == b.shape, f"{where}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+            assert a.dtype == b.dtype == run_dtype, f"{where}: dtypes {a.dtype}, {b.dtype}, expected {run_dtype}"
+            assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{where}: non-finite values"
+            err = (a.to(torch.float64) - b.to(torch.float64)).abs()
+            bound = tol * mk
+            bad = err > bound
+            if bool(bad.any()):
+                i = int(torch.argmax(torch.where(bad, err / mk.clamp_min(1e-300), torch.zeros_like(err))))
+                idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
+                raise AssertionError(
+                    f"{where}: {int(bad.sum())} of {err.numel()} elements differ beyond tol={tol:.1e} x magnitude; "
+                    f"worst at {idx}: |diff|={err[idx].item():.3e}, magnitude={mk[idx].item():.3e}, "
+                    f"ratio={err[idx].item() / max(mk[idx].item(), 1e-300):.3e}; "
+                    f"max|y1|={a.abs().max().item():.3e}"
+                )
+
+
+# --------------------------------------------------------------------------- random linear regions
+
+
+@dataclass(eq=False)
+class RegionExample:
+    """A generated linear region: the graph, an input for it, its dtype, and what was drawn."""
+
+    graph: Graph
+    x: torch.Tensor
+    dtype: torch.dtype
+    branches: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"RegionExample(dtype={self.dtype}, x={tuple(self.x.shape)}, branches={self.branches})\n{self.graph}"
+
+
+@dataclass
+class _Region:
+    """What the branches of one region share: input value, channels, stride, input and output grid."""
+
+    x: Value
+    channels: int
+    stride: int
+    size: tuple[int, int]  # input (H, W)
+    out: tuple[int, int]  # output (Ho, Wo)
+
+    @property
+    def same_grid(self) -> bool:
+        return self.stride == 1 and self.out == self.size
+
+
+def _feasible_pools(r: _Region) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Avg-pool (kernel, padding) pairs with stride ``r.stride`` mapping the input grid to ``r.out``."""
+    out = []
+    for kh in KERNELS:
+        for kw in KERNELS:
+            for ph in range(kh // 2 + 1):
+                for pw in range(kw // 2 + 1):
+                    ho = (r.size[0] + 2 * ph - kh) // r.stride + 1
+                    wo = (r.size[1] + 2 * pw - kw) // r.stride + 1
+                    if (ho, wo) == r.out and kh <= r.size[0] + 2 * ph and kw <= r.size[1] + 2 * pw:
+                        out.append(((kh, kw), (ph, pw)))
+    return out
+
+
+def _short(spec: ConvSpec) -> str:
+    return (
+        f"conv{spec.kernel[0]}x{spec.kernel[1]}(c{spec.in_channels}->{spec.out_channels} g{spec.groups} "
+        f"s{spec.stride[0]} d{spec.dilation} p{spec.padding}{' bias' if spec.bias else ''})"
+    )
+
+
+class _Gen:
+    """Builder state while drawing one region."""
+
+    def __init__(self, draw, dtype: torch.dtype):
+        self.draw = draw
+        self.dtype = dtype
+        self.b = GraphBuilder()
+        self.n = 0
+        self.desc: list[str] = []
+
+    def seed(self) -> int:
+        return self.draw(seeds())
+
+    def src(self, kind: str) -> str:
+        self.n += 1
+        return f"region.b{self.n}.{kind}"
+
+    def conv(self, x: Value, spec: ConvSpec, source: str) -> Value:
+        return add_conv(self.b, x, spec, self.dtype, self.seed(), source)
+
+    def bn(self, x: Value, source: str) -> Value:
+        return add_bn(self.b, x, self.draw(bn_stats(x.shape[1])), self.dtype, source)
+
+    def scale(self, x: Value, source: str) -> Value:
+        gen = torch.Generator().manual_seed(self.seed())
+        s = torch.randn(x.shape[1], generator=gen, dtype=torch.float64).to(self.dtype)
+        return self.b.scale(x, scale=s, source=source)
+
+    def onto(self, r: "_Region", cin: int | None = None, cout: int | None = None, **kw) -> ConvSpec:
+        c = r.channels
+        return self.draw(conv_specs_onto(r.size, r.out, r.stride, in_channels=cin or c, out_channels=cout or c, **kw))
+
+    # -- branches: each returns a value of shape (N, C, Ho, Wo) --------------------------
+
+    def conv_branch(self, r: "_Region") -> Value:
+        """conv (+ BN) (+ layer scale), any kernel / dilation / padding that lands on the output grid."""
+        draw = self.draw
+        spec = self.onto(r)
+        src = self.src("conv")
+        y = self.conv(r.x, spec, src)
+        with_bn = draw(st.booleans())
+        if with_bn:
+            y = self.bn(y, src + ".bn")
+        layer_scale = draw(st.booleans())
+        if layer_scale:
+            y = self.scale(y, src + ".ls")
+        self.desc.append(f"{_short(spec)}{' +bn' if with_bn else ''}{' +ls' if layer_scale else ''}")
+        return y
+
+    def pad_conv_branch(self, r: "_Region") -> Value:
+        """explicit zero pad, then a conv whose own padding makes up the rest."""
+        draw = self.draw
+        spec = self.onto(r)
+        explicit = tuple(draw(st.integers(0, p)) for p in spec.padding)
+        rest = tuple(p - e for p, e in zip(spec.padding, explicit))
+        src = self.src("padconv")
+        padded = self.b.pad(r.x, pads=explicit, source=src + ".pad")
+        inner = replace(spec, padding=rest, height=padded.shape[2], width=padded.shape[3])
+        self.desc.append(f"pad{explicit}+{_short(inner)}")
+        return self.conv(padded, inner, src)
+
+    def seq_branch(self, r: "_Region") -> Value:
+        """1x1 conv (+ BN) then kxk conv (+ BN); the 1x1 has a bias or a BN only when the kxk is unpadded."""
+        draw = self.draw
+        c = r.channels
+        unpadded_ok = all(_axis_options(r.size[a], r.out[a], r.stride, KERNELS, DILATIONS, True) for a in (0, 1))
+        kxk_unpadded = unpadded_ok and draw(st.booleans())
+        g = draw(st.sampled_from(_divisors(c)))
+        # Mid channels: a multiple of g, at least c, so the merged kernel is never larger than the two.
+        mid = draw(st.sampled_from([m for m in range(c, MAX_CHANNELS + 1) if m % g == 0] or [c]))
+        inner_bias = kxk_unpadded and draw(st.booleans())
+        mid_bn = kxk_unpadded and draw(st.booleans())
+        kxk = self.onto(r, cin=mid, groups=g, unpadded=kxk_unpadded)
+        src = self.src("seq")
+        y = self.conv(r.x, ConvSpec(c, mid, g, (1, 1), bias=inner_bias, height=r.size[0], width=r.size[1]), src + ".pw")
+        if mid_bn:
+            y = self.bn(y, src + ".pw.bn")
+        y = self.conv(y, kxk, src + ".kxk")
+        out_bn = draw(st.booleans())
+        if out_bn:
+            y = self.bn(y, src + ".bn")
+        pw = f"1x1(c{mid} g{g}{' bias' if inner_bias else ''}{' +bn' if mid_bn else ''})"
+        self.desc.append(f"{pw}->{_short(kxk)}{' +bn' if out_bn else ''}")
+        return y
+
+    def concat_branch(self, r: "_Region") -> Value:
+        """channel concat of two conv (+ BN) branches splitting the channels."""
+        draw = self.draw
+        c1 = draw(st.integers(1, r.channels - 1))
+        parts = []
+        for cout in (c1, r.channels - c1):
+            spec = self.onto(r, cout=cout)
+            src = self.src("cat")
+            y = self.conv(r.x, spec, src)
+            with_bn = draw(st.booleans())
+            if with_bn:
+                y = self.bn(y, src + ".bn")
+            parts.append(y)
+            self.desc.append(f"cat[{_short(spec)}{' +bn' if with_bn else ''}]")
+        return self.b.concat(*parts, axis=1, source=self.src("cat"))
+
+    def pool_branch(self, r: _Region) -> Value:
+        """avg pool with count_include_pad=True."""
+        kernel, padding = self.draw(st.sampled_from(_feasible_pools(r)))
+        self.desc.append(f"avgpool{kernel} p{padding}")
+        return self.b.avg_pool2d(r.x, kernel=kernel, stride=(r.stride, r.stride), padding=padding, count_include_pad=True, source=self.src("pool"))
+
+    def bn_branch(self, r: _Region) -> Value:
+        self.desc.append("bn")
+        return self.bn(r.x, self.src("bn"))
+
+    def identity_branch(self, r: _Region) -> Value:
+        self.desc.append("identity")
+        return r.x
+
+
+@st.composite
+def linear_graphs(draw, dtype=None, max_branches: int = 4) -> RegionExample:
+    """A random linear branchy region of one input that folds, by construction, to one conv2d.
+
+    The region reads ``x`` (batch 1-3, channels 1-16, 1-10 x 1-10) and has a
+    stride (1 or 2) and an output grid shared by all its branches.  Branches
+    (1 to ``max_branches``) are drawn from:
+
+    * conv (+ BN) (+ layer scale): any kernel 1-7, dilation 1-3, groups,
+      padding (asymmetric too) chosen to land on the region's output grid;
+    * explicit zero pad + conv (the pad and the conv's padding share the total);
+    * 1x1 conv -> kxk conv (+ BN), the 1x1 with a bias or a BN only when the
+      kxk is unpadded (DBB's 1x1-kxk branch), mid channels >= channels;
+    * concat of two conv (+ BN) branches splitting the channels;
+    * avg pool with ``count_include_pad=True``;
+    * BN and identity, when the region keeps the grid (stride 1, no shrink).
+
+    The first branch is always a conv-type one (the others convert to convs
+    only beside a conv of the same input).  Branches are joined left to right
+    with ``add`` or ``sub``; then an optional trailing layer scale or BN; then,
+    for grid-keeping regions, an optional outer residual ``x + region``.
+    Every construct is one the rules fold exactly (a biased 1x1 never meets a
+    padded kxk, a BN never precedes a padded conv, pools always count the
+    padding), so the normal form is exactly one conv2d.
+    """
+    dtype = _value(draw, dtype, float_dtypes())
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, MAX_CHANNELS))
+    h, w = draw(st.integers(1, 10)), draw(st.integers(1, 10))
+    if draw(st.booleans()):
+        stride, out = 1, (h, w)  # keep the grid: identity and BN branches become possible
+    else:
+        stride = draw(st.sampled_from(STRIDES))
+        out = (draw(st.integers(1, (h - 1) // stride + 1)), draw(st.integers(1, (w - 1) // stride + 1)))
+    gen = _Gen(draw, dtype)
+    x = gen.b.input("x", (n, c, h, w), dtype)
+    r = _Region(x, c, stride, (h, w), out)
+    first: list[Callable[[_Region], Value]] = [gen.conv_branch, gen.pad_conv_branch, gen.seq_branch]
+    if c >= 2:
+        first.append(gen.concat_branch)
+    others = list(first)
+    if _feasible_pools(r):
+        others.append(gen.pool_branch)
+    if r.same_grid:
+        others += [gen.bn_branch, gen.identity_branch]
+    y = draw(st.sampled_from(first))(r)
+    for _ in range(draw(st.integers(0, max_branches - 1))):
+        z = draw(st.sampled_from(others))(r)
+        op = draw(st.sampled_from(["add", "sub"]))
+        gen.desc.append(op)
+        y = getattr(gen.b, op)(y, z, source=gen.src(op))
+    tail = draw(st.sampled_from(["none", "scale", "bn"]))
+    if tail == "scale":
+        y = gen.scale(y, "region.ls")
+    elif tail == "bn":
+        y = gen.bn(y, "region.norm")
+    if tail != "none":
+        gen.desc.append(f"then {tail}")
+    if r.same_grid and draw(st.booleans()):
+        y = gen.b.add(x, y, source="residual")
+        gen.desc.append("x + region")
+    xt = random_input((n, c, h, w), dtype, draw(seeds()))
+    return RegionExample(gen.b.build(y), xt, dtype, gen.desc)
