@@ -1,0 +1,785 @@
+"""The worked examples of the rule pages in ``docs/rules/``: listings, numbers and pictures.
+
+Every rule page shows a tiny graph before and after its rule, a worked numeric
+example and, where the rule refuses some cases, a counterexample.  All of it is
+computed here, never typed by hand::
+
+    python docs/rules/examples.py            # print every generated block
+    python docs/rules/examples.py bn_fold    # only one page's blocks
+    python docs/rules/examples.py --write    # rewrite the blocks in the pages (+ SVGs if `dot` exists)
+    python docs/rules/examples.py --check    # exit 1 if a page is out of date
+
+A page holds each generated block between marker comments::
+
+    <!-- listing:bn_fold:before -->
+    ...generated...
+    <!-- /listing -->
+
+``tests/test_docs_rules.py`` checks that the pages hold exactly what this
+script generates now, so the docs cannot silently go stale.
+
+Conventions of the examples: one image, float64, small integer inputs and
+weights, and BatchNorm ``eps = 0`` so that the BN scale ``gamma / sqrt(var)``
+is an exact small fraction (the rules use whatever ``eps`` a node carries).
+Values are printed as integers or fractions when they are exactly so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from repalgebra import RULES, Graph, Refusal, rewrite, run_graph
+from repalgebra.builder import GraphBuilder
+from repalgebra.ir import Value
+
+HERE = Path(__file__).resolve().parent
+IMG = HERE / "img"
+DT = torch.float64
+
+# The rule pages, in reading order: the primitive rules, then the two composites.
+PRIMITIVES = [
+    "bn_fold",
+    "bn_to_conv",
+    "identity_to_conv",
+    "identity_elim",
+    "kernel_pad",
+    "dilation_to_dense",
+    "pad_absorb",
+    "branch_sum",
+    "scale_fold",
+    "seq_merge",
+    "avg_pool_to_conv",
+    "concat_merge",
+    "bn_before_conv",
+]
+COMPOSITES = ["repmixer", "cpe"]
+PAGES = PRIMITIVES + COMPOSITES
+
+
+# --------------------------------------------------------------------------- small tensors
+
+
+def t(*rows) -> torch.Tensor:
+    """A float64 tensor from nested lists."""
+    return torch.tensor(rows if len(rows) != 1 else rows[0], dtype=DT)
+
+
+def k(*rows) -> torch.Tensor:
+    """A 1x1-channel kernel ``(1, 1, kh, kw)`` from its rows."""
+    return t(list(rows)).reshape(1, 1, len(rows), len(rows[0]))
+
+
+def image(*channels) -> torch.Tensor:
+    """A batch-1 image ``(1, C, H, W)`` from per-channel row lists."""
+    return t(list(channels)).unsqueeze(0)
+
+
+X = image([[1, 2, 0], [0, 1, 3], [2, 0, 1]])  # the 1-channel 3x3 input of most examples
+X2 = image([[1, 2, 0], [0, 1, 3], [2, 0, 1]], [[0, 1, 1], [2, 0, 1], [1, 1, 0]])  # 2 channels
+W3 = k([1, 0, -1], [2, 1, 0], [0, 1, 1])  # a 3x3 kernel with no symmetry, so orientation shows
+ONES3 = k([1, 1, 1], [1, 1, 1], [1, 1, 1])  # counterexamples: every padded tap counts once
+P1 = (1, 1, 1, 1)
+
+
+def bn_params(mean, var, gamma, beta) -> dict:
+    """BatchNorm parameters (eps = 0, see the module docstring) from per-channel lists."""
+    return dict(mean=t(mean), var=t(var), weight=t(gamma), bias=t(beta), eps=0.0)
+
+
+def bn_st(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as the affine map ``s * x + t``."""
+    s = p["weight"] / torch.sqrt(p["var"] + p["eps"])
+    return s, p["bias"] - p["mean"] * s
+
+
+def bn_text(p: dict, label: str = "BN") -> list[str]:
+    """Two lines: a BN's parameters, and its s and t."""
+    s, tt = bn_st(p)
+    return [
+        f"{label}: mean = {vec(p['mean'])}, var = {vec(p['var'])}, gamma = {vec(p['weight'])}, beta = {vec(p['bias'])}, eps = {fmt(p['eps'])}",
+        f"    s = gamma / sqrt(var + eps) = {vec(s)},   t = beta - mean * s = {vec(tt)}",
+    ]
+
+
+# --------------------------------------------------------------------------- printing numbers
+
+
+def fmt(v: float) -> str:
+    """An integer or small fraction when ``v`` is exactly one, else 4 significant digits."""
+    r = round(v)
+    if abs(v - r) < 1e-9:
+        return str(int(r))
+    f = Fraction(v).limit_denominator(1000)
+    if abs(float(f) - v) < 1e-9:
+        return f"{f.numerator}/{f.denominator}"
+    return f"{v:.4g}"
+
+
+def grid(m: torch.Tensor) -> list[str]:
+    """A 2-D tensor as right-aligned columns."""
+    cells = [[fmt(float(v)) for v in row] for row in m]
+    w = max(len(c) for row in cells for c in row)
+    return ["  ".join(c.rjust(w) for c in row) for row in cells]
+
+
+def side(*items: tuple[str, torch.Tensor]) -> list[str]:
+    """Several labelled 2-D grids next to each other."""
+    blocks = [[label] + grid(m) for label, m in items]
+    widths = [max(len(s) for s in b) for b in blocks]
+    height = max(len(b) for b in blocks)
+    lines = []
+    for r in range(height):
+        parts = [(b[r] if r < len(b) else "").ljust(w) for b, w in zip(blocks, widths)]
+        lines.append("    ".join(parts).rstrip())
+    return lines
+
+
+def vec(v: torch.Tensor) -> str:
+    """A 1-D tensor as ``[a, b]`` (a single number for one element)."""
+    v = v.reshape(-1)
+    return fmt(float(v[0])) if v.numel() == 1 else "[" + ", ".join(fmt(float(a)) for a in v) + "]"
+
+
+def maps(label: str, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The channels of an image ``(1, C, H, W)`` as labelled grids."""
+    if x.shape[1] == 1:
+        return [(label, x[0, 0])]
+    return [(f"{label}[c={c}]", x[0, c]) for c in range(x.shape[1])]
+
+
+def kernels(label: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The 2-D slices of a kernel ``(O, I, kh, kw)`` as labelled grids."""
+    if w.shape[0] * w.shape[1] == 1:
+        return [(label, w[0, 0])]
+    return [(f"{label}[{o},{i}]", w[o, i]) for o in range(w.shape[0]) for i in range(w.shape[1])]
+
+
+class Text:
+    """Accumulates the lines of a numbers block."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def line(self, s: str = "") -> "Text":
+        self.lines.append(s)
+        return self
+
+    def grids(self, *items: tuple[str, torch.Tensor]) -> "Text":
+        if self.lines and self.lines[-1] != "":
+            self.lines.append("")
+        self.lines.extend(side(*items))
+        return self
+
+    def __str__(self) -> str:
+        while self.lines and self.lines[-1] == "":
+            self.lines.pop()
+        return "\n".join(self.lines)
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def canonical(graph: Graph) -> Graph:
+    """Name every node's value ``<op><position>``, so listings do not depend on global counters."""
+    for i, n in enumerate(graph.nodes):
+        n.out.name = f"{n.op}{i}"
+    return graph
+
+
+def value_of(graph: Graph, value: Value, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run ``graph`` and return ``value`` (any intermediate value)."""
+    return run_graph(Graph(graph.inputs, graph.nodes, [value]), *inputs)
+
+
+def node(graph: Graph, op: str, index: int = 0):
+    """The ``index``-th node of ``graph`` whose op is ``op``."""
+    return [n for n in graph.nodes if n.op == op][index]
+
+
+def refusal(graph: Graph, name: str) -> str:
+    """The reason the rule ``name`` gives for refusing somewhere in ``graph`` (it must refuse)."""
+    r = RULES[name]
+    for n in graph.nodes:
+        if n.op in r.ops:
+            result = r.fn(graph, n)
+            if isinstance(result, Refusal):
+                return result.reason
+    raise AssertionError(f"{name} does not refuse this graph")
+
+
+def equal_line(before: torch.Tensor, after: torch.Tensor) -> str:
+    if not torch.allclose(before, after, atol=1e-9, rtol=0):
+        raise AssertionError(f"the rewritten graph differs: {(before - after).abs().max():.3g}")
+    return "before == after: yes (every element, to within 1e-9)"
+
+
+def differ_line(truth: torch.Tensor, candidate: torch.Tensor) -> str:
+    if torch.allclose(truth, candidate, atol=1e-9, rtol=0):
+        raise AssertionError("the counterexample does not differ")
+    return "they differ exactly where the window reaches the padding"
+
+
+@dataclass
+class Example:
+    """A page's example: the graph before and after, and its generated text blocks."""
+
+    name: str
+    before: Graph
+    after: Graph
+    blocks: dict[str, str] = field(default_factory=dict)
+
+    def all_blocks(self) -> dict[str, str]:
+        return {"before": str(self.before), "after": str(self.after), **self.blocks}
+
+
+def apply(name: str, graph: Graph, *rules: str) -> tuple[Graph, list[str]]:
+    """Rewrite ``graph`` with the named rules only (all rules when none given); both graphs get canonical names."""
+    chosen = [RULES[r] for r in rules] if rules else None
+    after, report = rewrite(graph, chosen)
+    fired = [f.rule for f in report.fired]
+    if rules and not fired:
+        raise AssertionError(f"{name}: {rules} did not fire")
+    canonical(graph)
+    canonical(after)
+    return after, [f"{f.rule:<18} at {f.source or '<graph>'}" for f in report.fired]
+
+
+# --------------------------------------------------------------------------- the examples
+
+EXAMPLES: dict[str, Callable[[], Example]] = {}
+
+
+def example(fn: Callable[[], Example]) -> Callable[[], Example]:
+    EXAMPLES[fn.__name__] = fn
+    return fn
+
+
+@example
+def bn_fold() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    c = b.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    bn = bn_params([2], [4], [3], [1])
+    y = b.batch_norm(c, **bn, source="block.bn")
+    g = b.build(y)
+    after, _ = apply("bn_fold", g, "bn_fold")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    for line in bn_text(bn):
+        txt.line(line)
+    txt.grids(*maps("x", X), ("W", W3[0, 0]), ("W' = s W", fused.params["weight"][0, 0]))
+    txt.line(f"b' = s * b + t = s * 0 + t = {vec(fused.params['bias'])}")
+    txt.grids(("BN(conv(x; W))", before_y[0, 0]), ("conv(x; W', b')", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    shared = GraphBuilder()
+    x = shared.input("x", X.shape, DT)
+    c = shared.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    sg = shared.build(shared.add(c, shared.batch_norm(c, **bn, source="block.bn"), source="block"))
+    ref = Text().line(f"in y = z + BN(z) with z = conv(x), bn_fold refuses: {refusal(sg, 'bn_fold')}")
+    return Example("bn_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def bn_to_conv() -> Example:
+    wide = t([[1, 2], [0, 1]]).reshape(2, 2, 1, 1)
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    conv = b.conv2d(x, weight=wide, source="block.conv")
+    bnp = bn_params([2, 1], [4, 1], [1, 2], [3, 0])
+    bn = b.batch_norm(x, **bnp, source="block.skip")
+    g = b.build(b.add(conv, bn, source="block"))
+    bn_node = bn.producer
+    branch = value_of(g, bn, X2)
+    after, _ = apply("bn_to_conv", g, "bn_to_conv")
+    new = [n for n in after.nodes if n.op == "conv2d" and n.source == "block.skip"][0]
+    conv_branch = value_of(after, new.out, X2)
+    txt = Text()
+    for line in bn_text(bnp, "BN over 2 channels"):
+        txt.line(line)
+    txt.line(f"the sibling conv is dense (groups {conv.producer.attrs['groups']}), so K = diag(s) as a 2x2 matrix of 1x1 taps:")
+    txt.grids(("K[:, :, 0, 0]", new.params["weight"][:, :, 0, 0]))
+    txt.line(f"bias = t = {vec(new.params['bias'])}")
+    txt.grids(*maps("x", X2))
+    txt.grids(*maps("BN(x)", branch))
+    txt.grids(*maps("conv(x; K, t)", conv_branch))
+    txt.line().line(equal_line(branch, conv_branch))
+    txt.line(equal_line(run_graph(g, X2), run_graph(after, X2)).replace("before == after", "whole graph before == after"))
+    assert bn_node.op == "batch_norm"
+    return Example("bn_to_conv", g, after, {"numbers": str(txt)})
+
+
+@example
+def identity_to_conv() -> Example:
+    w = torch.arange(-4, 32, dtype=DT).reshape(2, 2, 3, 3) % 5 - 2
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    conv = b.conv2d(x, weight=w, padding=P1, source="block.conv")
+    g = b.build(b.add(x, conv, source="block"))
+    after, _ = apply("identity_to_conv", g, "identity_to_conv")
+    new = [n for n in after.nodes if n.op == "conv2d" and n.params["weight"].shape[2:] == (1, 1)][0]
+    branch = value_of(after, new.out, X2)
+    txt = Text()
+    txt.line(f"the sibling conv is dense (groups {conv.producer.attrs['groups']}): the identity is the 2x2 identity matrix of 1x1 taps")
+    txt.grids(("I[:, :, 0, 0]", new.params["weight"][:, :, 0, 0]))
+    txt.line(f"bias: {'none' if 'bias' not in new.params else vec(new.params['bias'])}")
+    txt.grids(*maps("x", X2))
+    txt.grids(*maps("conv(x; I)", branch))
+    txt.line().line(equal_line(X2, branch))
+    txt.line(equal_line(run_graph(g, X2), run_graph(after, X2)).replace("before == after", "whole graph before == after"))
+    return Example("identity_to_conv", g, after, {"numbers": str(txt)})
+
+
+@example
+def identity_elim() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    i = b.identity(x, source="block.drop")
+    g = b.build(b.conv2d(i, weight=W3, padding=P1, source="block.conv"))
+    after, _ = apply("identity_elim", g, "identity_elim")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.grids(*maps("x", X), *maps("identity(x)", value_of(g, i, X)), ("W", W3[0, 0]))
+    txt.grids(("conv(identity(x); W)", before_y[0, 0]), ("conv(x; W)", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+    return Example("identity_elim", g, after, {"numbers": str(txt)})
+
+
+@example
+def kernel_pad() -> Example:
+    w1 = k([2])
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    big = b.conv2d(x, weight=W3, padding=P1, source="block.conv3x3")
+    small = b.conv2d(x, weight=w1, source="block.conv1x1")
+    g = b.build(b.add(big, small, source="block"))
+    small_y = value_of(g, small, X)
+    after, _ = apply("kernel_pad", g, "kernel_pad")
+    grown = [n for n in after.nodes if n.source == "block.conv1x1"][0]
+    grown_y = value_of(after, grown.out, X)
+    txt = Text()
+    txt.line(f"the 1x1 branch grows to 3x3: one zero row/column on each side (a = b = c = e = 1),")
+    txt.line(f"and its padding grows by the same amounts: {small.producer.attrs['padding']} -> {grown.attrs['padding']}")
+    txt.grids(*maps("x", X), ("W (1x1)", w1[0, 0]), ("pad(W) (3x3)", grown.params["weight"][0, 0]))
+    txt.grids(("conv(x; W, padding 0)", small_y[0, 0]), ("conv(x; pad(W), padding 1)", grown_y[0, 0]))
+    txt.line().line(equal_line(small_y, grown_y))
+    txt.line(equal_line(run_graph(g, X), run_graph(after, X)).replace("before == after", "whole graph before == after"))
+    return Example("kernel_pad", g, after, {"numbers": str(txt)})
+
+
+@example
+def dilation_to_dense() -> Example:
+    wd = k([1, 0, 2], [0, 1, 0], [1, 0, 1])
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    near = b.conv2d(x, weight=W3, padding=P1, source="block.conv3x3")
+    far = b.conv2d(x, weight=wd, padding=(2, 2, 2, 2), dilation=(2, 2), source="block.dilated")
+    g = b.build(b.add(near, far, source="block"))
+    far_y = value_of(g, far, X)
+    after, _ = apply("dilation_to_dense", g, "dilation_to_dense")
+    dense = [n for n in after.nodes if n.source == "block.dilated"][0]
+    dense_y = value_of(after, dense.out, X)
+    txt = Text()
+    txt.line("a 3x3 kernel with dilation 2 spans 5x5; its dense form puts the taps 2 apart, zeros between")
+    txt.grids(*maps("x", X), ("W (dilation 2)", wd[0, 0]), ("D_2(W) (dilation 1)", dense.params["weight"][0, 0]))
+    txt.grids(("conv(x; W, dilation 2, padding 2)", far_y[0, 0]), ("conv(x; D_2(W), padding 2)", dense_y[0, 0]))
+    txt.line().line(equal_line(far_y, dense_y))
+    txt.line(equal_line(run_graph(g, X), run_graph(after, X)).replace("before == after", "whole graph before == after"))
+    return Example("dilation_to_dense", g, after, {"numbers": str(txt)})
+
+
+@example
+def pad_absorb() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    p = b.pad(x, pads=P1, source="block.pad")
+    g = b.build(b.conv2d(p, weight=W3, source="block.conv"))
+    after, _ = apply("pad_absorb", g, "pad_absorb")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.grids(*maps("x", X), *maps("pad(x, 1)", value_of(g, p, X)), ("W", W3[0, 0]))
+    txt.grids(("conv(pad(x); W, padding 0)", before_y[0, 0]), ("conv(x; W, padding 1)", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    # Refused: a pad with value 1 is not the conv's zero padding.
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    p = b.pad(x, pads=P1, value=1.0, source="block.pad")
+    bad = b.build(b.conv2d(p, weight=ONES3, source="block.conv"))
+    truth = run_graph(bad, X)
+    zero = GraphBuilder()
+    zx = zero.input("x", X.shape, DT)
+    candidate = run_graph(zero.build(zero.conv2d(zx, weight=ONES3, padding=P1)), X)
+    ref = Text()
+    ref.line(f"pad_absorb refuses: {refusal(bad, 'pad_absorb')}")
+    ref.grids(*maps("pad(x, 1, value=1)", value_of(bad, p, X)), ("W (all ones)", ONES3[0, 0]))
+    ref.grids(("conv(pad(x, value=1); W)", truth[0, 0]), ("conv(x; W, padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate) + ": one per padded tap in the window")
+    return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def branch_sum() -> Example:
+    wb = k([0, 1, 0], [1, -1, 1], [0, 1, 0])
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    ya = b.conv2d(x, weight=W3, bias=t([1]), padding=P1, source="block.a")
+    yb = b.conv2d(x, weight=wb, bias=t([2]), padding=P1, source="block.b")
+    g = b.build(b.add(ya, yb, source="block"))
+    after, _ = apply("branch_sum", g, "branch_sum")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.grids(*maps("x", X), ("W_a (b_a = 1)", W3[0, 0]), ("W_b (b_b = 2)", wb[0, 0]), ("W_a + W_b", fused.params["weight"][0, 0]))
+    txt.line(f"b_a + b_b = {vec(fused.params['bias'])}")
+    txt.grids(("conv(x; W_a, b_a)", value_of(g, ya, X)[0, 0]), ("conv(x; W_b, b_b)", value_of(g, yb, X)[0, 0]), ("their sum", before_y[0, 0]), ("conv(x; W_a + W_b, b_a + b_b)", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+    return Example("branch_sum", g, after, {"numbers": str(txt)})
+
+
+@example
+def scale_fold() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    c = b.conv2d(x, weight=W3, bias=t([1]), padding=P1, source="block.conv")
+    g = b.build(b.scale(c, scale=t([0.5]), source="block.layer_scale"))
+    after, _ = apply("scale_fold", g, "scale_fold")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.line("layer scale gamma = 1/2; the conv has bias b = 1")
+    txt.grids(*maps("x", X), ("W", W3[0, 0]), ("W' = gamma W", fused.params["weight"][0, 0]))
+    txt.line(f"b' = gamma b = {vec(fused.params['bias'])}")
+    txt.grids(("gamma * conv(x; W, b)", before_y[0, 0]), ("conv(x; W', b')", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    shared = GraphBuilder()
+    x = shared.input("x", X.shape, DT)
+    c = shared.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    sg = shared.build(shared.add(c, shared.scale(c, scale=t([0.5]), source="block.layer_scale"), source="block"))
+    ref = Text().line(f"in y = c + gamma * c with c = conv(x), scale_fold refuses: {refusal(sg, 'scale_fold')}")
+    return Example("scale_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def seq_merge() -> Example:
+    w1 = torch.cat([W3, k([0, 1, 0], [1, 1, 1], [0, 1, 0])])  # (2, 1, 3, 3)
+    w2 = t([[2, -1]]).reshape(1, 2, 1, 1)
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    mid = b.conv2d(x, weight=w1, bias=t([1, 0]), padding=P1, source="block.conv3x3")
+    g = b.build(b.conv2d(mid, weight=w2, bias=t([3]), source="block.conv1x1"))
+    after, _ = apply("seq_merge", g, "seq_merge")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.line(f"kxk then 1x1: a 3x3 conv to 2 channels (bias b1 = {vec(mid.producer.params['bias'])}),")
+    txt.line(f"then a 1x1 conv back to 1 channel (W2 = {vec(w2)}, b2 = 3)")
+    txt.grids(*maps("x", X), *kernels("W1", w1))
+    txt.grids(("W = W2[0] W1[0] + W2[1] W1[1]", fused.params["weight"][0, 0]))
+    txt.line(f"b = W2 b1 + b2 = {vec(fused.params['bias'])}")
+    txt.grids(("conv1x1(conv3x3(x))", before_y[0, 0]), ("conv(x; W, b)", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    # Refused: a biased 1x1 before a zero-padded 3x3.
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    inner = b.conv2d(x, weight=k([2]), bias=t([1]), source="block.conv1x1")
+    bad = b.build(b.conv2d(inner, weight=ONES3, padding=P1, source="block.conv3x3"))
+    truth = run_graph(bad, X)
+    c = GraphBuilder()
+    cx = c.input("x", X.shape, DT)
+    # The formula anyway: W = W2 * 2, b = b2 + sum_taps W2 * b1 = 0 + 9 * 1.
+    candidate = run_graph(c.build(c.conv2d(cx, weight=2 * ONES3, bias=t([9]), padding=P1)), X)
+    ref = Text()
+    ref.line(f"seq_merge refuses: {refusal(bad, 'seq_merge')}")
+    ref.line("1x1 conv: w1 = 2, b1 = 1; then a 3x3 conv of all ones with padding 1, no bias.")
+    ref.line("The formula would give W = 2 * ones(3x3), b = 9 * b1 = 9.")
+    ref.grids(*maps("x", X), *maps("2x + 1", value_of(bad, inner, X)))
+    ref.grids(("conv3x3(conv1x1(x))", truth[0, 0]), ("conv(x; W, b = 9)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate) + ": b1 = 1 for every tap that reads padding")
+
+    # Refused: merging would cost more than the two convs (FastViT's ConvFFN shape: depthwise kxk, then a wide 1x1).
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    dw = b.conv2d(x, weight=torch.ones(2, 1, 3, 3, dtype=DT), padding=P1, groups=2, source="ffn.conv")
+    wide = b.build(b.conv2d(dw, weight=torch.ones(4, 2, 1, 1, dtype=DT), source="ffn.fc1"))
+    ref.line().line("a depthwise 3x3 on 2 channels (18 weights), then a 1x1 from 2 to 4 channels (8 weights):")
+    ref.line(f"seq_merge refuses: {refusal(wide, 'seq_merge')}")
+    return Example("seq_merge", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def avg_pool_to_conv() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    conv = b.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    pool = b.avg_pool2d(x, kernel=(3, 3), stride=(1, 1), padding=(1, 1), source="block.pool")
+    g = b.build(b.add(conv, pool, source="block"))
+    pool_y = value_of(g, pool, X)
+    after, _ = apply("avg_pool_to_conv", g, "avg_pool_to_conv")
+    new = [n for n in after.nodes if n.source == "block.pool"][0]
+    new_y = value_of(after, new.out, X)
+    txt = Text()
+    txt.grids(*maps("x", X), ("K = ones / 9", new.params["weight"][0, 0]))
+    txt.grids(("avg_pool(x; 3, stride 1, padding 1)", pool_y[0, 0]), ("conv(x; K, padding 1)", new_y[0, 0]))
+    txt.line().line(equal_line(pool_y, new_y))
+    txt.line(equal_line(run_graph(g, X), run_graph(after, X)).replace("before == after", "whole graph before == after"))
+
+    ref = Text()
+    # Refused 1: count_include_pad=False.
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    conv = b.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    pool = b.avg_pool2d(x, kernel=(3, 3), stride=(1, 1), padding=(1, 1), count_include_pad=False, source="block.pool")
+    bad = b.build(b.add(conv, pool, source="block"))
+    truth = value_of(bad, pool, X)
+    candidate = torch.nn.functional.conv2d(X, torch.full((1, 1, 3, 3), 1 / 9, dtype=DT), padding=1)
+    ref.line("(1) count_include_pad=False")
+    ref.line(f"avg_pool_to_conv refuses: {refusal(bad, 'avg_pool_to_conv')}")
+    ref.grids(("avg_pool(x; count_include_pad=False)", truth[0, 0]), ("conv(x; ones/9, padding 1)", candidate[0, 0]))
+    ref.line().line(differ_line(truth, candidate) + ": a corner divides by 4, an edge by 6")
+    # Refused 2: biased 1x1 before a padded pool.
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    inner = b.conv2d(x, weight=k([1]), bias=t([1]), source="block.conv1x1")
+    pool = b.avg_pool2d(inner, kernel=(3, 3), stride=(1, 1), padding=(1, 1), source="block.pool")
+    bad = b.build(pool)
+    truth = run_graph(bad, X)
+    candidate = torch.nn.functional.conv2d(X, torch.full((1, 1, 3, 3), 1 / 9, dtype=DT), t([1]), padding=1)
+    ref.line().line("(2) a 1x1 conv with bias b = 1 (weight 1) before the padded pool")
+    ref.line(f"avg_pool_to_conv refuses: {refusal(bad, 'avg_pool_to_conv')}")
+    ref.grids(("avg_pool(x + 1)", truth[0, 0]), ("conv(x; ones/9, bias 1, padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate) + ": -b/9 for every tap that reads padding")
+    return Example("avg_pool_to_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def concat_merge() -> Example:
+    wb = k([0, 1, 0], [1, -1, 1], [0, 1, 0])
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    ya = b.conv2d(x, weight=W3, bias=t([1]), padding=P1, source="block.a")
+    yb = b.conv2d(x, weight=wb, padding=P1, source="block.b")
+    g = b.build(b.concat(ya, yb, source="block"))
+    after, _ = apply("concat_merge", g, "concat_merge")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.grids(*maps("x", X), ("W_a (b_a = 1)", W3[0, 0]), ("W_b (no bias)", wb[0, 0]))
+    txt.grids(*kernels("W", fused.params["weight"]))
+    txt.line(f"b = [b_a; 0] = {vec(fused.params['bias'])}")
+    txt.grids(*maps("cat(conv_a(x), conv_b(x))", before_y))
+    txt.grids(*maps("conv(x; W, b)", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return Example("concat_merge", g, after, {"numbers": str(txt)})
+
+
+@example
+def bn_before_conv() -> Example:
+    w = t([[1, 2]]).reshape(1, 2, 1, 1)
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    bnp = bn_params([2, 0], [4, 1], [1, 2], [3, 1])
+    bn = b.batch_norm(x, **bnp, source="block.bn")
+    g = b.build(b.conv2d(bn, weight=w, source="block.conv"))
+    after, _ = apply("bn_before_conv", g, "bn_before_conv")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X2), run_graph(after, X2)
+    txt = Text()
+    for line in bn_text(bnp, "BN over 2 input channels"):
+        txt.line(line)
+    txt.line(f"1x1 conv from 2 channels to 1: W = {vec(w)}, no bias")
+    txt.grids(*maps("x", X2))
+    txt.line().line(f"W' = W * s (per input channel) = {vec(fused.params['weight'])}")
+    txt.line(f"b' = sum_i W[i] t[i] = {vec(fused.params['bias'])}")
+    txt.grids(("conv(BN(x); W)", before_y[0, 0]), ("conv(x; W', b')", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    bnp = bn_params([2], [4], [1], [3])
+    bn = b.batch_norm(x, **bnp, source="block.bn")
+    bad = b.build(b.conv2d(bn, weight=ONES3, padding=P1, source="block.conv"))
+    truth = run_graph(bad, X)
+    s, tt = bn_st(bnp)
+    # The formula anyway: W' = W * s, b' = (sum of W's taps) * t.
+    candidate = torch.nn.functional.conv2d(X, ONES3 * s, ONES3.sum() * tt, padding=1)
+    ref = Text()
+    ref.line(f"bn_before_conv refuses: {refusal(bad, 'bn_before_conv')}")
+    for line in bn_text(bnp):
+        ref.line(line)
+    ref.line("then a 3x3 conv of all ones with padding 1, no bias.")
+    ref.line(f"The formula would give W' = ones * s = ones * {vec(s)}, b' = 9 t = {vec(ONES3.sum() * tt)}.")
+    ref.grids(*maps("x", X), *maps(f"BN(x) = {vec(s)} x + {vec(tt)}", value_of(bad, bn, X)))
+    ref.grids(("conv(BN(x); W, padding 1)", truth[0, 0]), ("conv(x; W', b', padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate) + f": -t = {vec(-tt)} for every tap that reads padding")
+    return Example("bn_before_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def repmixer() -> Example:
+    wdw = torch.cat([W3, k([0, 1, 0], [1, -1, 1], [0, 1, 0])])  # (2, 1, 3, 3) depthwise
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    conv = b.conv2d(x, weight=wdw, padding=P1, groups=2, source="mixer.conv.conv")
+    pa, pb, pc = bn_params([0, 1], [4, 1], [2, 1], [1, 0]), bn_params([1, 0], [4, 1], [1, 2], [1, 0]), bn_params([2, 1], [1, 4], [1, 2], [0, 1])
+    ls = t([0.5, 2])
+    bn_a = b.batch_norm(conv, **pa, source="mixer.conv.bn")
+    bn_b = b.batch_norm(x, **pb, source="mixer.skip")
+    mixer = b.add(bn_a, bn_b, source="mixer")
+    bn_c = b.batch_norm(x, **pc, source="norm")
+    diff = b.sub(mixer, bn_c, source="mixer")
+    y = b.add(x, b.scale(diff, scale=ls, source="layer_scale"))
+    g = b.build(y)
+    after, fired = apply("repmixer", g)
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X2), run_graph(after, X2)
+    txt = Text()
+    txt.line("C = 2 channels, depthwise (groups 2); eps = 0 in all three BNs, which as s x + t are")
+    for label, p in (("BN_a (after the conv)", pa), ("BN_b (mixer.skip)", pb), ("BN_c (norm)", pc)):
+        s, tt = bn_st(p)
+        txt.line(f"    {label:<22} s = {vec(s):<9} t = {vec(tt)}")
+    txt.line(f"    {'layer scale':<22} ls = {vec(ls)}")
+    txt.grids(*maps("x", X2))
+    txt.grids(*kernels("W", wdw))
+    txt.grids(*kernels("W*", fused.params["weight"]))
+    txt.line(f"b* = ls * (t_a + t_b - t_c) = {vec(fused.params['bias'])}")
+    txt.grids(*maps("block(x)", before_y))
+    txt.grids(*maps("conv(x; W*, b*)", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return Example("repmixer", g, after, {"numbers": str(txt), "fired": "\n".join(fired)})
+
+
+@example
+def cpe() -> Example:
+    wdw = torch.cat([W3, k([0, 1, 0], [1, -1, 1], [0, 1, 0])])
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    pe = b.conv2d(x, weight=wdw, bias=t([1, -1]), padding=P1, groups=2, source="pos_emb.pe")
+    g = b.build(b.add(pe, x, source="pos_emb"))
+    after, fired = apply("cpe", g)
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X2), run_graph(after, X2)
+    txt = Text()
+    txt.line("C = 2 channels, depthwise 3x3 with bias b = [1, -1]")
+    txt.grids(*maps("x", X2))
+    txt.grids(*kernels("W", wdw))
+    txt.line().line("W* = W + delta (a 1 added at the centre tap of every channel's kernel)")
+    txt.grids(*kernels("W*", fused.params["weight"]))
+    txt.line(f"b* = b = {vec(fused.params['bias'])}")
+    txt.grids(*maps("conv(x; W, b) + x", before_y))
+    txt.grids(*maps("conv(x; W*, b*)", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return Example("cpe", g, after, {"numbers": str(txt), "fired": "\n".join(fired)})
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def build(name: str) -> Example:
+    """Run the example of page ``name``."""
+    return EXAMPLES[name]()
+
+
+def blocks(names=None) -> dict[tuple[str, str], str]:
+    """Every generated block, keyed by (page, kind), as the page holds it (a fenced text block)."""
+    out = {}
+    for name in names or PAGES:
+        for kind, text in build(name).all_blocks().items():
+            out[(name, kind)] = fenced(text)
+    return out
+
+
+def fenced(text: str) -> str:
+    return "```text\n" + text.rstrip("\n") + "\n```"
+
+
+MARKER = re.compile(r"(<!-- listing:(\w+):(\w+) -->\n)(.*?)(<!-- /listing -->)", re.S)
+
+
+def page_blocks(text: str) -> dict[tuple[str, str], str]:
+    """The generated blocks a page currently holds, keyed by (page, kind)."""
+    return {(m.group(2), m.group(3)): m.group(4).rstrip("\n") for m in MARKER.finditer(text)}
+
+
+def page_path(name: str) -> Path:
+    return HERE / f"{name}.md"
+
+
+def update_page(name: str, generated: dict[tuple[str, str], str]) -> tuple[str, list[str]]:
+    """The page text with its blocks replaced, and the generated kinds it has no marker for."""
+    text = page_path(name).read_text()
+    seen = set()
+
+    def sub(m: re.Match) -> str:
+        key = (m.group(2), m.group(3))
+        if key not in generated:
+            raise KeyError(f"{name}.md: marker {key} matches no generated block")
+        seen.add(key)
+        return m.group(1) + generated[key] + "\n" + m.group(5)
+
+    new = MARKER.sub(sub, text)
+    missing = [kind for (page, kind) in generated if page == name and (page, kind) not in seen]
+    return new, missing
+
+
+def write_svgs(name: str, ex: Example) -> None:
+    IMG.mkdir(exist_ok=True)
+    for when, graph in (("before", ex.before), ("after", ex.after)):
+        dot = graph.to_dot(title=f"{name}: {when}")
+        svg = subprocess.run(["dot", "-Tsvg"], input=dot, capture_output=True, text=True, check=True).stdout
+        (IMG / f"{name}_{when}.svg").write_text(svg)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("pages", nargs="*", help=f"subset of: {' '.join(PAGES)}")
+    ap.add_argument("--write", action="store_true", help="rewrite the blocks in the pages, and the SVGs if `dot` exists")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a page's blocks differ from what this script generates")
+    args = ap.parse_args(argv)
+    names = args.pages or PAGES
+    bad = [n for n in names if n not in EXAMPLES]
+    if bad:
+        ap.error(f"unknown page(s): {', '.join(bad)}")
+    if not (args.write or args.check):
+        for (name, kind), text in blocks(names).items():
+            print(f"<!-- listing:{name}:{kind} -->\n{text}\n<!-- /listing -->\n")
+        return 0
+    status = 0
+    have_dot = shutil.which("dot") is not None
+    for name in names:
+        ex = build(name)
+        generated = {(name, kind): fenced(text) for kind, text in ex.all_blocks().items()}
+        new, missing = update_page(name, generated)
+        old = page_path(name).read_text()
+        if missing:
+            print(f"{name}.md: no marker for {', '.join(missing)}", file=sys.stderr)
+            status = 1
+        if args.write:
+            if new != old:
+                page_path(name).write_text(new)
+                print(f"{name}.md: updated")
+            if have_dot:
+                write_svgs(name, ex)
+        elif new != old:
+            print(f"{name}.md: out of date (run python docs/rules/examples.py --write)", file=sys.stderr)
+            status = 1
+    if args.write and not have_dot:
+        print("`dot` not found: SVGs left as they are", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
