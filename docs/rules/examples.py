@@ -61,6 +61,8 @@ PRIMITIVES = [
     "avg_pool_to_conv",
     "concat_merge",
     "bn_before_conv",
+    "bn_into_linear",
+    "linear_affine_fold",
 ]
 COMPOSITES = ["repmixer", "cpe"]
 PAGES = PRIMITIVES + COMPOSITES
@@ -206,6 +208,20 @@ def node(graph: Graph, op: str, index: int = 0):
     return [n for n in graph.nodes if n.op == op][index]
 
 
+def no_match(graph: Graph, name: str) -> str:
+    """Check that the rule ``name`` neither fires nor refuses anywhere in ``graph``; a line saying so."""
+    r = RULES[name]
+    for n in graph.nodes:
+        if n.op in r.ops and r.fn(graph, n) is not None:
+            raise AssertionError(f"{name} matches this graph")
+    return f"{name} does not match: the graph is left as it is"
+
+
+def tokens(label: str, y: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A ``(1, N, C)`` token tensor as an N x C grid (a row per token)."""
+    return (label, y[0])
+
+
 def refusal(graph: Graph, name: str) -> str:
     """The reason the rule ``name`` gives for refusing somewhere in ``graph`` (it must refuse)."""
     r = RULES[name]
@@ -223,10 +239,10 @@ def equal_line(before: torch.Tensor, after: torch.Tensor) -> str:
     return "before == after: yes (every element, to within 1e-9)"
 
 
-def differ_line(truth: torch.Tensor, candidate: torch.Tensor) -> str:
+def differ_line(truth: torch.Tensor, candidate: torch.Tensor, why: str = "they differ exactly where the window reaches the padding") -> str:
     if torch.allclose(truth, candidate, atol=1e-9, rtol=0):
         raise AssertionError("the counterexample does not differ")
-    return "they differ exactly where the window reaches the padding"
+    return why
 
 
 @dataclass
@@ -626,6 +642,86 @@ def bn_before_conv() -> Example:
     ref.grids(("conv(BN(x); W, padding 1)", truth[0, 0]), ("conv(x; W', b', padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
     ref.line().line(differ_line(truth, candidate) + f": -t = {vec(-tt)} for every tap that reads padding")
     return Example("bn_before_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def bn_into_linear() -> Example:
+    w = t([[1, 2], [0, -1]])
+    xs = image([[1, 2], [0, 3]], [[2, 0], [1, 1]])  # (1, 2, 2, 2): 2 channels, 4 pixels
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    bnp = bn_params([2, 0], [4, 1], [1, 2], [3, 1])
+    bn = b.batch_norm(x, **bnp, source="attn.norm")
+    seq = b.transpose(b.flatten(bn, start=2, source="attn"), dim0=-2, dim1=-1, source="attn")
+    g = b.build(b.linear(seq, weight=w, bias=t([1, 0]), source="attn.qkv"))
+    after, _ = apply("bn_into_linear", g, "bn_into_linear")
+    fused = node(after, "linear")
+    before_y, after_y = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    for line in bn_text(bnp, "BN over 2 channels"):
+        txt.line(line)
+    txt.line("the 2x2 image becomes 4 tokens of 2 features (flatten, then transpose); the Linear maps 2 -> 2")
+    txt.grids(*maps("x", xs))
+    txt.grids(tokens("tokens L(x)", value_of(after, fused.x, xs)), ("W", w), ("W' = W * s (per column)", fused.params["weight"]))
+    txt.line("b = [1, 0]")
+    txt.line(f"b' = b + W t = {vec(fused.params['bias'])}")
+    txt.grids(tokens("Linear(L(BN(x)); W, b)", before_y), tokens("Linear(L(x); W', b')", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+
+    # Not a match: flatten without the transpose, so the Linear's features are pixels, not channels.
+    xr = image([[1, 2]], [[0, 3]])  # (1, 2, 1, 2): C = 2 channels, H * W = 2 pixels
+    b = GraphBuilder()
+    x = b.input("x", xr.shape, DT)
+    bnr = bn_params([2, 0], [4, 1], [1, 2], [3, 1])
+    flat = b.flatten(b.batch_norm(x, **bnr, source="attn.norm"), start=2, source="attn")
+    bad = b.build(b.linear(flat, weight=w, source="attn.qkv"))
+    truth = run_graph(bad, xr)
+    s_, t_ = bn_st(bnr)
+    candidate = torch.nn.functional.linear(xr.flatten(2), w * s_, w @ t_)
+    ref = Text()
+    ref.line("x has shape 1x2x1x2 (2 channels, 2 pixels); flatten(2) without transpose gives 1x2x2:")
+    ref.line("a row per channel, a column per pixel, and the Linear reads the pixels as its features.")
+    ref.line(no_match(bad, "bn_into_linear"))
+    ref.grids(tokens("rows of L(x)", xr.flatten(2)), tokens("Linear(L(BN(x)); W)", truth), tokens("the fold anyway", candidate), ("difference", (truth - candidate)[0]))
+    ref.line().line(differ_line(truth, candidate, "they differ: the fold scales column p by s[p], but the element in row c came from channel c and met s[c]"))
+    return Example("bn_into_linear", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def linear_affine_fold() -> Example:
+    w = t([[1, 2], [0, -1]])
+    xs = t([[[1, 2], [0, 1], [3, 0], [2, 2]]])  # (1, 4, 2): 4 tokens of 2 features
+    ls = t([0.5, 2])
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    y = b.linear(x, weight=w, bias=t([1, -1]), source="attn.proj")
+    img = b.reshape(b.transpose(y, dim0=-2, dim1=-1, source="attn"), shape=(1, 2, 2, 2), source="attn")
+    g = b.build(b.scale(img, scale=ls, source="layer_scale_1"))
+    after, _ = apply("linear_affine_fold", g, "linear_affine_fold")
+    fused = node(after, "linear")
+    before_y, after_y = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    txt.line(f"4 tokens of 2 features; the Linear maps 2 -> 2 (b = [1, -1]); layer scale s = {vec(ls)} on the image's channels")
+    txt.grids(tokens("x (tokens)", xs), ("W", w), ("W' = s[o] W[o, :] (per row)", fused.params["weight"]))
+    txt.line(f"b' = s * b = {vec(fused.params['bias'])}")
+    txt.grids(*maps("s * L(Linear(x; W, b))", before_y))
+    txt.grids(*maps("L(Linear(x; W', b'))", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+
+    # Not a match: reshape (B, C, N) instead of transpose mixes tokens and features.
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    y = b.linear(x, weight=w, source="attn.proj")
+    bad = b.build(b.scale(b.reshape(y, shape=(1, 2, 4), source="attn"), scale=ls, source="layer_scale_1"))
+    truth = run_graph(bad, xs)
+    candidate = torch.nn.functional.linear(xs, w * ls[:, None]).reshape(1, 2, 4)
+    ref = Text()
+    ref.line("the classic slip: y.reshape(1, C, N) instead of y.transpose(1, 2); each row of the result")
+    ref.line("holds 2 whole tokens (both features of each), and the layer scale multiplies the row by one s[c]")
+    ref.line(no_match(bad, "linear_affine_fold"))
+    ref.grids(tokens("Linear(x; W)", value_of(bad, y, xs)), tokens("s * reshape(...)", truth), tokens("the fold anyway", candidate), ("difference", (truth - candidate)[0]))
+    ref.line().line(differ_line(truth, candidate, "they differ wherever a feature lands in a row whose channel is not that feature"))
+    return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example
