@@ -264,6 +264,8 @@ class Graph:
             key = _fmt_attrs(n.attrs, short=True)
             if key:
                 label += "\n" + key
+            if "weight" in n.params:
+                label += "\nweight " + "x".join(map(str, n.params["weight"].shape))
             label += "\n" + _fmt_shape(n.out)
             if n.source:
                 label += "\n" + n.source

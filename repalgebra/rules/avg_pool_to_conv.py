@@ -23,7 +23,7 @@ from repalgebra.rewrite import Refusal, Rewrite, rule
 @rule("avg_pool_to_conv", on="avg_pool2d")
 def avg_pool_to_conv(graph, pool):
     a = pool.attrs
-    pads = any(a["padding"])
+    pads = any(_pair(a["padding"]))
     before = producer(pool.x, "conv2d")
     merges = before is not None and sole_use(graph, pool.x) and is_1x1_pointwise(before)
     joins = any(_has_conv_sibling(j, pool) for j in graph.users(pool.out) if j.op in JOINS)

@@ -6,14 +6,16 @@ Grouped kernels are written with one group first (block-diagonal with zeros):
 the concatenated output channels are not ordered group by group.
 
 Preconditions: every operand of the channel concat is a conv2d reading the same
-value with the same window (stride, dilation, kernel size, leading padding).
+value with the same window (stride, dilation, kernel size, leading padding),
+and the merged kernel is no larger than the kernels it replaces (grouped
+kernels written densely can be much larger: that would make a model slower).
 """
 
 import torch
 
-from repalgebra.kernels import conv_bias, regroup
+from repalgebra.kernels import conv_bias, conv_cost, regroup
 from repalgebra.match import conv_with, producer, window
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rewrite import Refusal, Rewrite, rule
 
 
 @rule("concat_merge", on="concat")
@@ -27,6 +29,9 @@ def concat_merge(graph, cat):
     groups = {c.attrs["groups"] for c in convs}
     g = groups.pop() if groups == {1} else 1
     w = torch.cat([regroup(c.params["weight"], c.attrs["groups"], g) for c in convs])
+    before = sum(conv_cost(c.params["weight"]) for c in convs)
+    if conv_cost(w) > before:
+        return Refusal(f"the merged dense kernel would have {conv_cost(w)} weights, more than the {before} of the grouped convs")
     bias = None
     if any("bias" in c.params for c in convs):
         bias = torch.cat([conv_bias(c) for c in convs])
