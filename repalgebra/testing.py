@@ -493,8 +493,12 @@ def _param_eps(*graphs: Graph) -> float:
     return max(eps, default=0.0)
 
 
-def assert_graphs_equal(g1: Graph, g2: Graph, x: torch.Tensor, dtype: torch.dtype, *, what: str = "") -> None:
+def assert_graphs_equal(
+    g1: Graph, g2: Graph, x: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype, *, what: str = ""
+) -> None:
     """Assert that graphs ``g1`` (reference) and ``g2`` (e.g. its fused form) compute the same function at ``x``.
+
+    ``x`` is the input tensor (or a sequence of them, one per graph input).
 
     Both graphs are run twice: in float64 and in ``dtype`` (the interpreter
     casts parameters to the input's dtype).  Outputs must have equal shapes,
@@ -533,14 +537,15 @@ def assert_graphs_equal(g1: Graph, g2: Graph, x: torch.Tensor, dtype: torch.dtyp
     not rounding.  ``M`` is elementwise, so an error confined to a border row
     (a wrong padding) is measured against that row's own magnitude.
     """
-    x64 = x.detach().to(torch.float64)
-    m = tuple(torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude(g1, x64)), _as_tuple(magnitude(g2, x64))))
+    xs = (x,) if torch.is_tensor(x) else tuple(x)
+    x64 = [t.detach().to(torch.float64) for t in xs]
+    m = tuple(torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude(g1, *x64)), _as_tuple(magnitude(g2, *x64))))
     runs = [(torch.float64, _param_eps(g1, g2) + RTOL[torch.float64])]
     if dtype != torch.float64:
         runs.append((dtype, RTOL[dtype]))
     for run_dtype, tol in runs:
-        xd = x.detach().to(run_dtype)
-        y1, y2 = _as_tuple(run_graph(g1, xd)), _as_tuple(run_graph(g2, xd))
+        xd = [t.detach().to(run_dtype) for t in xs]
+        y1, y2 = _as_tuple(run_graph(g1, *xd)), _as_tuple(run_graph(g2, *xd))
         assert len(y1) == len(y2) == len(m), f"{what}: output counts differ: {len(y1)} vs {len(y2)}"
         for k, (a, b, mk) in enumerate(zip(y1, y2, m)):
             where = f"{what} output {k} ({run_dtype} run)"
@@ -699,12 +704,12 @@ class _Gen:
         return y
 
     def concat_branch(self, r: "_Region") -> Value:
-        """channel concat of two conv (+ BN) branches splitting the channels."""
+        """channel concat of two dense (groups 1) conv (+ BN) branches splitting the channels."""
         draw = self.draw
         c1 = draw(st.integers(1, r.channels - 1))
         parts = []
         for cout in (c1, r.channels - c1):
-            spec = self.onto(r, cout=cout)
+            spec = self.onto(r, cout=cout, groups=1)  # concat_merge keeps grouped kernels apart
             src = self.src("cat")
             y = self.conv(r.x, spec, src)
             with_bn = draw(st.booleans())
@@ -742,7 +747,7 @@ def linear_graphs(draw, dtype=None, max_branches: int = 4) -> RegionExample:
     * explicit zero pad + conv (the pad and the conv's padding share the total);
     * 1x1 conv -> kxk conv (+ BN), the 1x1 with a bias or a BN only when the
       kxk is unpadded (DBB's 1x1-kxk branch), mid channels >= channels;
-    * concat of two conv (+ BN) branches splitting the channels;
+    * concat of two dense conv (+ BN) branches splitting the channels;
     * avg pool with ``count_include_pad=True``;
     * BN and identity, when the region keeps the grid (stride 1, no shrink).
 
