@@ -6,8 +6,9 @@ Grouped convs with different groups are first written with gcd(g_a, g_b)
 groups (a block-diagonal kernel with zeros), which is exact.
 
 Preconditions: both operands of the add/sub are conv2d reading the same value
-with equal stride, dilation, kernel size and leading padding (equal output
-grids follow from the add).  ``kernel_pad`` and ``dilation_to_dense`` make
+with equal stride, dilation, kernel size and leading padding, and equal output
+shapes (the add broadcasts: equal windows with different trailing padding can
+give a 1-row output added to every row of a taller one).  ``kernel_pad`` and ``dilation_to_dense`` make
 windows equal first.
 """
 
@@ -15,7 +16,7 @@ from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
 from repalgebra.match import conv_with, producer, window
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rewrite import Refusal, Rewrite, rule
 
 
 @rule("branch_sum", on=("add", "sub"))
@@ -23,6 +24,8 @@ def branch_sum(graph, join):
     a, b = (producer(v, "conv2d") for v in join.inputs)
     if a is None or b is None or a.x is not b.x or window(a) != window(b):
         return None
+    if a.out.shape != b.out.shape:
+        return Refusal(f"the {join.op} broadcasts {a.out.shape} with {b.out.shape}: the convs do not cover the same outputs")
     sign = 1.0 if join.op == "add" else -1.0
     ga, gb = a.attrs["groups"], b.attrs["groups"]
     g = gcd(ga, gb)

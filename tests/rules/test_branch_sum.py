@@ -1,0 +1,129 @@
+"""branch_sum: convs of one input with the same window add (or subtract) into one conv.
+
+    conv(x; W_a, b_a) +- conv(x; W_b, b_b) = conv(x; W_a +- W_b, b_a +- b_b)   (regrouped to gcd(g_a, g_b))
+
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+from dataclasses import replace
+from math import gcd
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rulecheck import fired, only, reasons, run_rules
+from test_kernel_pad import grid
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.match import window
+from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs_onto, float_dtypes, random_input, seeds
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def equal_window_pair(draw):
+    """Two convs of one input with one window: same kernel, stride, dilation, top/left padding.
+
+    Groups and bias are drawn independently; the trailing padding may differ
+    where the stride leaves room (same output grid).
+    """
+    c, size, out, s = draw(grid())
+    a = draw(conv_specs_onto(size, out, s, in_channels=c, out_channels=c))
+    t, bot, l, r = a.padding
+    eh, ew = a.extent
+    bottoms = [p for p in range(bot + s) if (a.height + t + p - eh) // s == (a.height + t + bot - eh) // s and a.height + t + p >= eh]
+    rights = [p for p in range(r + s) if (a.width + l + p - ew) // s == (a.width + l + r - ew) // s and a.width + l + p >= ew]
+    b = replace(
+        a,
+        groups=draw(st.sampled_from(_divisors(c))),
+        bias=draw(st.booleans()),
+        padding=(t, draw(st.sampled_from(bottoms)), l, draw(st.sampled_from(rights))),
+    )
+    return a, b
+
+
+@given(pair=equal_window_pair(), dtype=float_dtypes(), op=st.sampled_from(["add", "sub"]), batch=st.integers(1, 3), seed=seeds())
+def test_sums_equal_window_convs(pair, dtype, op, batch, seed):
+    a, b_spec = pair
+    bld = GraphBuilder()
+    x = bld.input("x", a.input_shape(batch), dtype)
+    ya, yb = add_conv(bld, x, a, dtype, seed, "block.a"), add_conv(bld, x, b_spec, dtype, seed + 1, "block.b")
+    graph = bld.build(bld.node(op, ya, yb, source="block"))
+
+    fused, report = run_rules(graph, "branch_sum")
+    assert report.rule_counts() == {"branch_sum": 1}
+    assert fused.op_counts() == {"conv2d": 1}
+    conv = only(fused, "conv2d")
+    assert conv.attrs["groups"] == gcd(a.groups, b_spec.groups)
+    assert ("bias" in conv.params) == (a.bias or b_spec.bias)
+    assert window(conv) == window(graph.nodes[0])
+    assert conv.source == "block"
+    assert_graphs_equal(graph, fused, random_input(a.input_shape(batch), dtype, seed), dtype)
+
+
+@given(pair=equal_window_pair(), dtype=float_dtypes(), seed=seeds())
+def test_conv_added_to_itself_and_a_conv_with_another_user(pair, dtype, seed):
+    """``c + c`` is one conv with 2W; a conv also read elsewhere stays for that reader (still exact)."""
+    a, b_spec = pair
+    bld = GraphBuilder()
+    x = bld.input("x", a.input_shape(), dtype)
+    ya, yb = add_conv(bld, x, a, dtype, seed), add_conv(bld, x, b_spec, dtype, seed + 1)
+    graph = bld.build(bld.add(ya, ya), bld.sub(ya, yb))
+    fused, report = run_rules(graph, "branch_sum")
+    assert fired(report, "branch_sum") == 2
+    assert fused.op_counts() == {"conv2d": 2}
+    assert_graphs_equal(graph, fused, random_input(a.input_shape(), dtype, seed), dtype)
+
+
+@given(g=grid(), dtype=float_dtypes(), case=st.sampled_from(["windows_differ", "other_input", "conv_and_input"]), seed=seeds(), data=st.data())
+def test_not_fired_without_two_equal_window_convs_of_one_input(g, dtype, case, seed, data):
+    c, size, out, s = g
+    a = data.draw(conv_specs_onto(size, out, s, in_channels=c, out_channels=c))
+    bld = GraphBuilder()
+    x = bld.input("x", a.input_shape(), dtype)
+    z = bld.input("z", a.input_shape(), dtype)
+    ya = add_conv(bld, x, a, dtype, seed)
+    if case == "conv_and_input":
+        other = bld.input("y", a.output_shape(), dtype)
+    else:
+        b_spec = data.draw(conv_specs_onto(size, out, s, in_channels=c, out_channels=c))
+        if case == "windows_differ":
+            from hypothesis import assume
+
+            assume(window_of(b_spec) != window_of(a))
+        other = add_conv(bld, x if case == "windows_differ" else z, b_spec, dtype, seed + 1)
+    graph = bld.build(bld.add(ya, other))
+    fused, report = run_rules(graph, "branch_sum")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert reasons(report, "add")[0].startswith("no rule applies")
+
+
+def window_of(spec):
+    return (spec.kernel, spec.dilation, spec.stride, spec.padding[0], spec.padding[2])
+
+
+@given(dtype=float_dtypes(), c=st.integers(1, 8), kw=st.integers(1, 3), seed=seeds(), op=st.sampled_from(["add", "sub"]))
+def test_refused_when_the_add_broadcasts(dtype, c, kw, seed, op):
+    """Equal windows, different bottom padding: a 1-row output broadcast over a 3-row one.
+
+    ``conv_b`` computes one row that the add repeats; a merged conv would
+    instead slide ``W_b`` over every row.  (A bug: the rule used to fire here.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w_tall, w_flat = (torch.randn(c, c, 3, kw, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    for tall_first in (True, False):
+        bld = GraphBuilder()
+        x = bld.input("x", (1, c, 3, 4), dtype)
+        tall = bld.conv2d(x, weight=w_tall, padding=(0, 2, 0, kw - 1), source="tall")  # 3 x 4 output
+        flat = bld.conv2d(x, weight=w_flat, padding=(0, 0, 0, kw - 1), source="flat")  # 1 x 4 output
+        operands = (tall, flat) if tall_first else (flat, tall)
+        graph = bld.build(bld.node(op, *operands, source="sum"))
+        assert graph.outputs[0].shape == (1, c, 3, 4)
+        for rules in (("branch_sum",), ()):
+            fused, report = run_rules(graph, *rules)
+            assert fired(report, "branch_sum") == 0
+            assert reasons(report, op) == [f"branch_sum: the {op} broadcasts {operands[0].shape} with {operands[1].shape}: the convs do not cover the same outputs"]
+            assert_graphs_equal(graph, fused, random_input((1, c, 3, 4), dtype, seed), dtype)
