@@ -12,7 +12,7 @@ from math import prod
 
 from repalgebra.ir import Graph, Node, Value
 
-LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose")
+LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose", "reshape_dyn")
 
 
 def follow_axis(node: Node, axis: int) -> int | None:
@@ -64,10 +64,10 @@ def follow_chain(chain: list[Node], axis: int) -> int | None:
 
 
 def replay(chain: list[Node], start: Value) -> list[Node]:
-    """New copies of the layout ``chain`` applied to ``start`` (same shapes, same attrs)."""
+    """New copies of the layout ``chain`` applied to ``start`` (same shapes, same attrs, same shape-only inputs)."""
     out, v = [], start
     for n in chain:
-        new = n.replace(inputs=(v,))
+        new = n.replace(inputs=(v, *n.inputs[1:]))
         out.append(new)
         v = new.out
     return out

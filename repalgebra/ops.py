@@ -69,6 +69,12 @@ class OpDef:
         if any(i.shape is None for i in node.inputs):
             return None, node.inputs[0].dtype if node.inputs else None
         dtype = next((i.dtype for i in node.inputs if i.dtype is not None and i.dtype.is_floating_point), torch.float32)
+        # The result depends only on these; meta execution is slow (a BN takes milliseconds), so remember it.
+        key = (self.name, tuple((i.shape, i.dtype) for i in node.inputs), tuple(node.attrs.items()), tuple((k, p.shape) for k, p in node.params.items()))
+        try:
+            return _INFERRED[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable attribute, not cached
+            pass
         ins = [torch.empty(i.shape, dtype=i.dtype or dtype, device="meta") for i in node.inputs]
         params = {k: torch.empty(p.shape, dtype=dtype, device="meta") for k, p in node.params.items()}
         try:
@@ -76,7 +82,13 @@ class OpDef:
         except Exception as e:  # a shape error names the node, not a torch internals line
             shapes = [i.shape for i in node.inputs]
             raise ValueError(f"{self.name} at {node.source or '<graph>'}: cannot apply to input shapes {shapes}: {e}") from e
-        return tuple(out.shape), out.dtype
+        result = tuple(out.shape), out.dtype
+        try:
+            if len(_INFERRED) < 100_000:
+                _INFERRED[key] = result
+        except TypeError:
+            pass
+        return result
 
     def __call__(self, inputs: Sequence[torch.Tensor], attrs: Mapping[str, Any], params: Mapping[str, torch.Tensor]):
         """Reference semantics: run the op on real tensors (params cast to the input dtype)."""
@@ -87,6 +99,7 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
+_INFERRED: dict[tuple, tuple[tuple[int, ...], torch.dtype]] = {}  # shape inference memo (OpDef.infer)
 
 
 def op(name: str, *, kind: str, variadic: bool = False, shape=None):
@@ -306,3 +319,27 @@ def opaque(*xs, fn=REQUIRED, kwargs=(), out_shape=None, out_dtype=None):
     tuple of ``(name, value)`` pairs of extra constant keyword arguments.
     """
     return fn(*xs, **dict(kwargs))
+
+
+# --------------------------------------------------------------------------- added by the torch front end
+
+
+def _dyn_size(entry, refs) -> int:
+    if isinstance(entry, int):
+        return entry
+    size = 1
+    for f in entry:
+        size *= f if isinstance(f, int) else refs[f[0]].shape[f[1]]
+    return size
+
+
+@op("reshape_dyn", kind="layout", variadic=True)
+def reshape_dyn(x, *refs, shape=REQUIRED):
+    """Reshape to sizes read at run time, as in ``x.reshape(B, H * W, 64)`` with ``B, C, H, W = y.shape``.
+
+    ``x`` is the first input; the others (``refs``) are read only for their
+    shapes.  Each entry of ``shape`` is an int (``-1`` allowed) or a tuple of
+    factors whose product is the size: an int, or ``(r, axis)`` for
+    ``refs[r].shape[axis]``.  ``x.reshape_as(y)`` is ``shape=(((0, 0),), ((0, 1),), ...)``.
+    """
+    return x.reshape(tuple(_dyn_size(e, refs) for e in shape))

@@ -41,12 +41,16 @@ def seq_merge(graph, outer):
     else:
         return Refusal("neither conv is a pointwise 1x1")
     gi, go = inner.attrs["groups"], outer.attrs["groups"]
-    w_in, w_out = regroup(inner.params["weight"], gi, 1), regroup(outer.params["weight"], go, 1)
     g = gcd(gi, go)
-    w = ungroup(compose_channels(w_out, w_in), 1, g)
-    cost = conv_cost(w)
+    # The merged kernel is (O, I/g, taps of the non-1x1 conv): price it before building it.
+    taps = (inner if outer.params["weight"].shape[2:] == (1, 1) else outer).params["weight"].shape[2:]
+    in_channels = inner.params["weight"].shape[1] * gi
+    cost = outer.params["weight"].shape[0] * (in_channels // g) * taps[0] * taps[1]
     if cost > conv_cost(inner.params["weight"]) + conv_cost(outer.params["weight"]) and not _absorbed(graph, outer, cost):
         return Refusal(f"the merged kernel would have {cost} weights, more than the two convs together")
+    w_in, w_out = regroup(inner.params["weight"], gi, 1), regroup(outer.params["weight"], go, 1)
+    w = ungroup(compose_channels(w_out, w_in), 1, g)
+    assert conv_cost(w) == cost
     bias = None
     if "bias" in inner.params or "bias" in outer.params:
         bias = conv_bias(outer) + torch.einsum("omhw,m->o", w_out, conv_bias(inner))

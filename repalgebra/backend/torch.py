@@ -1,0 +1,340 @@
+"""The torch back end: :class:`~repalgebra.ir.Graph` to a new ``nn.Module`` (a ``torch.fx.GraphModule``).
+
+Each op lowers through its entry in the op table, ``op_def(op).lowerings["torch"]``,
+registered here with :func:`lowers`.  Ops with weights become ordinary
+modules (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.AvgPool2d``,
+...) named after their source path (``stages.0.blocks.1.token_mixer`` becomes
+``stages_0_blocks_1_token_mixer``); weightless ops become calls
+(``operator.add``, ``torch.cat``, ``F.gelu``, ``x.reshape``); a layer scale is
+a buffer and a multiply; an ``opaque`` node calls a deep copy of its module.
+A conv with asymmetric padding is an ``nn.ZeroPad2d`` followed by the conv.
+An op without a torch lowering still works: it runs its reference semantics
+from the op table (:class:`OpCall`), so adding an op is adding one entry.
+
+The generated module is itself ``torch.fx``-traceable and the front end maps
+every lowering back to the same op, so fusing a fused model changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import keyword
+import operator
+import re
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from repalgebra.frontend.calls import CallFn, FnCall
+from repalgebra.ir import Graph, Node
+from repalgebra.ops import OPS, op_def
+
+__all__ = ["to_module", "lowers", "Lowering", "OpCall"]
+
+LoweringFn = Callable[["Lowering", Node, list[fx.Node]], fx.Node]
+
+
+def lowers(*ops: str) -> Callable[[LoweringFn], LoweringFn]:
+    """Register ``fn(ctx, node, inputs) -> fx.Node`` as the torch lowering of ``ops`` (in the op table)."""
+
+    def register(fn: LoweringFn) -> LoweringFn:
+        for name in ops:
+            op_def(name).lowerings["torch"] = fn
+        return fn
+
+    return register
+
+
+class OpCall(nn.Module):
+    """Fallback lowering: an op of the table run by its reference semantics, parameters as buffers."""
+
+    def __init__(self, op: str, attrs: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+        """Hold ``op``'s attributes and (cloned) parameters."""
+        super().__init__()
+        self.op = op
+        self.attrs = dict(attrs)
+        self.param_names = tuple(params)
+        for k, p in params.items():
+            self.register_buffer(k, p.detach().clone())
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        """Run the op."""
+        return op_def(self.op)(xs, self.attrs, {k: getattr(self, k) for k in self.param_names})
+
+    def extra_repr(self) -> str:
+        """Show the op name."""
+        return self.op
+
+
+class Lowering:
+    """The module and fx graph being built; lowerings add submodules, buffers and calls through it."""
+
+    def __init__(self) -> None:
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self._taken: set[str] = set(dir(nn.Module()))
+        self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
+
+    def name(self, hint: str) -> str:
+        """A fresh attribute name derived from ``hint`` (a source path or op name)."""
+        base = re.sub(r"\W+", "_", hint).strip("_") or "m"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = "m_" + base
+        name, k = base, 1
+        while name in self._taken:
+            name, k = f"{base}_{k}", k + 1
+        self._taken.add(name)
+        return name
+
+    def add_module(self, hint: str, module: nn.Module) -> str:
+        """Register ``module`` under a fresh name; returns the name."""
+        name = self.name(hint)
+        self.root.add_module(name, module)
+        return name
+
+    def add_buffer(self, hint: str, tensor: torch.Tensor) -> fx.Node:
+        """Register a constant tensor (cloned) and return the node reading it."""
+        name = self.name(hint)
+        self.root.register_buffer(name, tensor.detach().clone())
+        return self.graph.get_attr(name)
+
+    def opaque_module(self, fn: nn.Module, hint: str) -> str:
+        """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
+        if id(fn) not in self._copies:
+            self._copies[id(fn)] = self.add_module(hint, copy.deepcopy(fn))
+        return self._copies[id(fn)]
+
+    def module(self, hint: str, module: nn.Module, *args: Any, **kwargs: Any) -> fx.Node:
+        """Register ``module`` and call it."""
+        return self.graph.call_module(self.add_module(hint, module), args, kwargs)
+
+    def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        """Call ``fn``."""
+        return self.graph.call_function(fn, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        """Call method ``name`` of ``args[0]``."""
+        return self.graph.call_method(name, args, kwargs)
+
+
+def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class_name: str = "FusedModule") -> fx.GraphModule:
+    """A new module (eval mode) computing ``graph``; shares no storage with the graph.
+
+    Args:
+        graph: the graph to lower.
+        output_spec: the structure of the model's outputs (from the front end);
+            without it one output is returned as is and several as a tuple.
+        class_name: the generated module's class name.
+    """
+    ctx = Lowering()
+    env: dict[int, fx.Node] = {}
+    for v in graph.inputs:
+        env[id(v)] = ctx.graph.placeholder(ctx.name(v.name))
+    for n in graph.nodes:
+        lower = op_def(n.op).lowerings.get("torch", _lower_by_reference)
+        env[id(n.out)] = lower(ctx, n, [env[id(i)] for i in n.inputs])
+    outs = [env[id(o)] for o in graph.outputs]
+    if output_spec is not None:
+        ctx.graph.output(pytree.tree_unflatten(outs, output_spec))
+    else:
+        ctx.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+    gm = fx.GraphModule(ctx.root, ctx.graph, class_name)
+    return gm.eval()
+
+
+def _hint(node: Node, suffix: str = "") -> str:
+    return (node.source or node.op) + suffix
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone())
+
+
+def _lower_by_reference(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.module(_hint(node, "_" + node.op), OpCall(node.op, dict(node.attrs), dict(node.params)), *xs)
+
+
+# --------------------------------------------------------------------------- lowerings
+
+
+@lowers("conv2d")
+def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w, b = node.params["weight"], node.params.get("bias")
+    a = node.attrs
+    top, bottom, left, right = a["padding"]
+    symmetric = top == bottom and left == right
+    conv = nn.Conv2d(
+        w.shape[1] * a["groups"], w.shape[0], tuple(w.shape[2:]), a["stride"],
+        (top, left) if symmetric else 0, a["dilation"], a["groups"], bias=b is not None, device="meta", dtype=w.dtype,
+    )
+    conv.weight = _param(w)
+    if b is not None:
+        conv.bias = _param(b)
+    name = ctx.name(_hint(node))
+    x = xs[0]
+    if not symmetric:
+        x = ctx.module(name + "_pad", nn.ZeroPad2d((left, right, top, bottom)), x)
+    ctx.root.add_module(name, conv)
+    return ctx.graph.call_module(name, (x,))
+
+
+_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+@lowers("batch_norm")
+def _batch_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    rank = len(node.x.shape or ())
+    if rank not in _BN:
+        return _lower_by_reference(ctx, node, xs)
+    p = node.params
+    bn = _BN[rank](p["mean"].shape[0], eps=node.attrs["eps"], device=p["mean"].device, dtype=p["mean"].dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(p["mean"])
+        bn.running_var.copy_(p["var"])
+        bn.weight.copy_(p["weight"])
+        bn.bias.copy_(p["bias"])
+    return ctx.module(_hint(node), bn.eval(), xs[0])
+
+
+@lowers("linear")
+def _linear(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w, b = node.params["weight"], node.params.get("bias")
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+    lin.weight = _param(w)
+    if b is not None:
+        lin.bias = _param(b)
+    return ctx.module(_hint(node), lin, xs[0])
+
+
+@lowers("identity")
+def _identity(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return xs[0]
+
+
+for _op, _fn in {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "matmul": torch.matmul}.items():
+    lowers(_op)(lambda ctx, node, xs, fn=_fn: ctx.function(fn, *xs))
+
+
+@lowers("scale")
+def _scale(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    s = node.params["scale"]
+    rank = len(node.x.shape)
+    axis = node.attrs["axis"] % rank
+    view = s.reshape((-1,) + (1,) * (rank - 1 - axis))
+    return ctx.function(operator.mul, xs[0], ctx.add_buffer(_hint(node, "_scale"), view))
+
+
+@lowers("pad")
+def _pad(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    top, bottom, left, right = node.attrs["pads"]
+    value = node.attrs["value"]
+    mod = nn.ZeroPad2d((left, right, top, bottom)) if value == 0 else nn.ConstantPad2d((left, right, top, bottom), value)
+    return ctx.module(_hint(node, "_pad"), mod, xs[0])
+
+
+@lowers("avg_pool2d")
+def _avg_pool2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    pool = nn.AvgPool2d(a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"])
+    return ctx.module(_hint(node, "_pool"), pool, xs[0])
+
+
+@lowers("concat")
+def _concat(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.cat, list(xs), dim=node.attrs["axis"])
+
+
+@lowers("reshape")
+def _reshape(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("reshape", xs[0], tuple(node.attrs["shape"]))
+
+
+@lowers("reshape_dyn")
+def _reshape_dyn(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    x, refs = xs[0], xs[1:]
+    shapes: dict[int, fx.Node] = {}
+
+    def size(entry: Any) -> Any:
+        if isinstance(entry, int):
+            return entry
+        out = None
+        for f in entry:
+            if not isinstance(f, int):
+                r, axis = f
+                if r not in shapes:
+                    shapes[r] = ctx.function(getattr, refs[r], "shape")
+                f = ctx.function(operator.getitem, shapes[r], axis)
+            out = f if out is None else ctx.function(operator.mul, out, f)
+        return out
+
+    return ctx.method("reshape", x, *[size(e) for e in node.attrs["shape"]])
+
+
+@lowers("flatten")
+def _flatten(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.flatten, xs[0], node.attrs["start"], node.attrs["end"])
+
+
+@lowers("permute")
+def _permute(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("permute", xs[0], tuple(node.attrs["dims"]))
+
+
+@lowers("transpose")
+def _transpose(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("transpose", xs[0], node.attrs["dim0"], node.attrs["dim1"])
+
+
+@lowers("relu")
+def _relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.relu, xs[0])
+
+
+@lowers("gelu")
+def _gelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.gelu, xs[0], approximate=node.attrs["approximate"])
+
+
+@lowers("sigmoid")
+def _sigmoid(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.sigmoid, xs[0])
+
+
+@lowers("softmax")
+def _softmax(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.softmax, xs[0], dim=node.attrs["axis"])
+
+
+@lowers("mean")
+def _mean(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("mean", xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])
+
+
+@lowers("layer_norm")
+def _layer_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    p = node.params
+    if ("weight" in p) != ("bias" in p):
+        return _lower_by_reference(ctx, node, xs)
+    shape = tuple(node.attrs["normalized_shape"])
+    ln = nn.LayerNorm(shape, eps=node.attrs["eps"], elementwise_affine="weight" in p, device="meta")
+    if "weight" in p:
+        ln.weight, ln.bias = _param(p["weight"]), _param(p["bias"])
+    return ctx.module(_hint(node), ln, xs[0])
+
+
+@lowers("opaque")
+def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    fn = node.attrs["fn"]
+    if not isinstance(fn, nn.Module):
+        fn = CallFn(fn)
+    hint = _hint(node, "_" + fn.name) if isinstance(fn, FnCall) else (node.source or type(fn).__name__)
+    name = ctx.opaque_module(fn, hint)
+    return ctx.graph.call_module(name, tuple(xs), dict(node.attrs["kwargs"]))
+
+
+def lowered_ops() -> Sequence[str]:
+    """The ops of the table that have a torch lowering (the rest run by reference semantics)."""
+    return [name for name, d in OPS.items() if "torch" in d.lowerings]

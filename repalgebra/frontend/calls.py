@@ -1,0 +1,140 @@
+"""Callable modules for the parts of a model the IR does not model: calls carried through as ``opaque`` nodes.
+
+A traced call such as ``x.reshape(B, N, C)`` (where ``B, N, C`` come from
+``x.shape`` at run time), ``x + self.pos_embed`` or ``qkv[0]`` becomes one
+:class:`FnCall` module.  Its ``forward`` takes the call's tensor inputs and
+rebuilds the original arguments from a *template*: tensor inputs by position,
+constant tensors from its own buffers, and shape expressions (:class:`SymExpr`)
+that it re-evaluates on every call, so the carried-through code keeps working
+at any input size, exactly as the traced model did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class In:
+    """Template leaf: the ``index``-th tensor input of the call."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Buf:
+    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall`."""
+
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class SymExpr:
+    """Template node: a non-tensor value (a size, a shape) recomputed from the inputs at run time."""
+
+    kind: str  # "call_function" | "call_method"
+    target: Any
+    args: tuple
+    kwargs: dict
+
+
+def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
+    """The concrete argument that ``template`` stands for, given the call's tensor inputs."""
+    if isinstance(template, In):
+        return inputs[template.index]
+    if isinstance(template, Buf):
+        return getattr(owner, template.name)
+    if isinstance(template, SymExpr):
+        args = resolve(template.args, inputs, owner)
+        kwargs = resolve(template.kwargs, inputs, owner)
+        return invoke(template.kind, template.target, args, kwargs)
+    if isinstance(template, tuple):
+        return tuple(resolve(t, inputs, owner) for t in template)
+    if isinstance(template, list):
+        return [resolve(t, inputs, owner) for t in template]
+    if isinstance(template, dict):
+        return {k: resolve(v, inputs, owner) for k, v in template.items()}
+    if isinstance(template, slice):
+        return slice(*(resolve(t, inputs, owner) for t in (template.start, template.stop, template.step)))
+    return template
+
+
+def invoke(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Call ``target`` the way an fx node of ``kind`` does."""
+    if kind == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    return target(*args, **kwargs)
+
+
+def target_name(target: Any) -> str:
+    """A short readable name for a call target (``reshape``, ``getitem``, ``MyBlock``)."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, nn.Module):
+        return type(target).__name__
+    return getattr(target, "__name__", type(target).__name__)
+
+
+class FnCall(nn.Module):
+    """One traced call carried through unchanged: ``target(*template)`` with the tensor inputs filled in.
+
+    ``kind`` is ``"call_function"``, ``"call_method"`` (``target`` a method
+    name) or ``"call_module"`` (``target`` a module, registered as ``fn``).
+    Constant tensors the call reads are registered as buffers, so ``.to()``
+    moves them with the module.
+    """
+
+    def __init__(self, kind: str, target: Any, args: tuple, kwargs: dict, consts: dict[str, torch.Tensor]) -> None:
+        """Create the call; ``args``/``kwargs`` are templates (see :func:`resolve`)."""
+        super().__init__()
+        self.kind = kind
+        if kind == "call_module":
+            self.fn = target
+            self.target = None
+        else:
+            self.target = target
+        self.args_template = args
+        self.kwargs_template = kwargs
+        for name, t in consts.items():
+            self.register_buffer(name, t)
+
+    def forward(self, *inputs: Any) -> Any:
+        """Rebuild the arguments from ``inputs`` and make the call."""
+        args = resolve(self.args_template, inputs, self)
+        kwargs = resolve(self.kwargs_template, inputs, self)
+        if self.kind == "call_module":
+            return self.fn(*args, **kwargs)
+        return invoke(self.kind, self.target, args, kwargs)
+
+    @property
+    def name(self) -> str:
+        """What the call calls, for names and reports."""
+        return target_name(self.fn if self.kind == "call_module" else self.target)
+
+    def extra_repr(self) -> str:
+        """Show the call target in ``print(module)``."""
+        return self.name
+
+
+class CallFn(nn.Module):
+    """A plain callable as a module: ``CallFn(fn)(*xs, **kw) == fn(*xs, **kw)``."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        """Wrap ``fn``."""
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs: Any, **kwargs: Any) -> Any:
+        """Call the wrapped function."""
+        return self.fn(*xs, **kwargs)
+
+    def extra_repr(self) -> str:
+        """Show the wrapped function's name."""
+        return target_name(self.fn)
+
+
+__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "invoke", "target_name"]

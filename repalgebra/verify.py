@@ -1,0 +1,186 @@
+"""``repalgebra.verify(reference, candidate)``: compare two models on random inputs and report the numbers.
+
+    report = repalgebra.verify(model, repalgebra.fuse(model), dtype=torch.float64)
+    print(report)        # a small table: max abs / relative error per output, tolerance, pass/fail
+    assert report        # bool(report) is pass/fail
+
+Errors are measured per output over all ``n`` inputs: the absolute error is
+``max |ref - cand|`` and the relative error is that divided by ``max |ref|``
+(the output's magnitude, so values near zero do not blow it up).  The
+tolerance on the relative error follows the dtype the comparison runs in
+(:data:`TOLERANCES`): float64 ``1e-9``, float32 ``1e-5``, float16 ``1e-2``,
+bfloat16 ``3e-2`` (8 bits of mantissa).  Outputs of different shapes, or with
+NaN/Inf, fail.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from repalgebra.frontend.torch import infer_example_inputs
+
+__all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES"]
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+@dataclass
+class OutputError:
+    """The errors of one output (one leaf of the output structure), maxima over all inputs."""
+
+    index: int
+    shape: tuple[int, ...]
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    problem: str = ""  # shape mismatch, NaN, ...
+
+    def passed(self, tolerance: float) -> bool:
+        """Whether this output is within ``tolerance`` (relative) and has no problem."""
+        return not self.problem and self.max_rel <= tolerance
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`; ``bool(report)`` is pass/fail and ``str(report)`` a small table."""
+
+    outputs: list[OutputError] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    tolerance: float = 1e-5
+    n: int = 0
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    problem: str = ""  # a mismatch of the output structure
+
+    @property
+    def passed(self) -> bool:
+        """Every output within tolerance and the output structures equal."""
+        return not self.problem and bool(self.outputs) and all(o.passed(self.tolerance) for o in self.outputs)
+
+    @property
+    def max_rel(self) -> float:
+        """The largest relative error over all outputs."""
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def max_abs(self) -> float:
+        """The largest absolute error over all outputs."""
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        dtype = str(self.dtype).replace("torch.", "")
+        lines = [
+            f"verify: {'PASS' if self.passed else 'FAIL'} ({self.n} random inputs {shapes}, {dtype}, "
+            f"tolerance {self.tolerance:.0e} relative)"
+        ]
+        if self.problem:
+            lines.append(f"  {self.problem}")
+        rows = [("output", "shape", "max abs err", "max rel err", "ok")]
+        for o in self.outputs:
+            ok = "yes" if o.passed(self.tolerance) else f"NO {o.problem}".rstrip()
+            rows.append((str(o.index), "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", ok))
+        widths = [max(len(r[k]) for r in rows) for k in range(5)]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return "\n".join(lines)
+
+
+def verify(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    n: int = 3,
+    dtype: torch.dtype | None = None,
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` on ``n`` random inputs and report their differences.
+
+    Args:
+        reference: the model to compare against (usually the unfused one).
+        candidate: the model under test (usually ``fuse(reference)``).
+        example_inputs: a tensor or tuple of tensors giving the input shapes
+            and dtype (their values are not used); inferred from the
+            reference's first Conv2d/Linear/BatchNorm as in
+            :func:`repalgebra.trace` when ``None``.
+        n: how many random (standard normal) inputs to try.
+        dtype: run both models in this dtype (e.g. ``torch.float64`` to see
+            the fusion's own error without float32 rounding).  Deep copies are
+            cast; the caller's modules are never changed.
+        tolerance: the relative-error bound; by default :data:`TOLERANCES`
+            of the dtype the comparison runs in.
+        seed: seed of the random inputs.
+
+    Both models are evaluated in eval mode under ``torch.no_grad()``: a model in
+    training mode is deep-copied and switched to eval, never changed.
+    """
+    if example_inputs is None:
+        example, _ = infer_example_inputs(reference)
+    else:
+        example = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+    run_dtype = dtype or example[0].dtype
+    if not run_dtype.is_floating_point:
+        raise TypeError(f"verify compares floating-point models; got dtype {run_dtype}")
+    ref, cand = (_prepared(m, dtype) for m in (reference, candidate))
+    report = VerifyReport(
+        dtype=run_dtype,
+        tolerance=TOLERANCES.get(run_dtype, 1e-5) if tolerance is None else tolerance,
+        n=n,
+        input_shapes=[tuple(t.shape) for t in example],
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        xs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype) for t in example]
+        with torch.no_grad():
+            ya, spec_a = pytree.tree_flatten(ref(*xs))
+            yb, spec_b = pytree.tree_flatten(cand(*xs))
+        if spec_a != spec_b or len(ya) != len(yb):
+            report.problem = f"output structures differ: {spec_a} vs {spec_b}"
+            return report
+        if not report.outputs:
+            report.outputs = [OutputError(k, tuple(a.shape) if torch.is_tensor(a) else ()) for k, a in enumerate(ya)]
+        for o, a, b in zip(report.outputs, ya, yb):
+            _compare(o, a, b)
+    return report
+
+
+def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` itself when it can run as is; else an eval-mode (and ``dtype``-cast) deep copy."""
+    if dtype is None and not any(m.training for m in model.modules()):
+        return model
+    copied = copy.deepcopy(model).eval()
+    return copied.to(dtype) if dtype is not None else copied
+
+
+def _compare(o: OutputError, a: Any, b: Any) -> None:
+    if not (torch.is_tensor(a) and torch.is_tensor(b)):
+        if a != b:
+            o.problem = f"values differ: {a!r} vs {b!r}"
+        return
+    if a.shape != b.shape:
+        o.problem = f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+        return
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not (bool(torch.isfinite(a64).all()) and bool(torch.isfinite(b64).all())):
+        o.problem = "NaN or Inf in an output"
+        return
+    if a.numel() == 0:
+        return
+    err = (a64 - b64).abs().max().item()
+    scale = a64.abs().max().item()
+    o.max_abs = max(o.max_abs, err)
+    o.max_rel = max(o.max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
