@@ -1,0 +1,69 @@
+"""bn_before_conv: an eval-mode BN feeding an unpadded conv folds into it.
+
+    conv(BN(x); W, b) = conv(x; W[o,i] * s[i], b[o] + sum_{i,taps} W[o,i,taps] * t[i])
+
+Refused when the conv zero-pads: its border would see 0 where the unfused graph sees BN(0) = t.
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from rulecheck import fired, only, reasons, run_rules
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.testing import add_bn, add_conv, assert_graphs_equal, bn_stats, conv_specs, float_dtypes, random_input, seeds
+
+
+@given(spec=conv_specs(padding="none"), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds(), data=st.data())
+def test_folds_bn_into_unpadded_conv(spec, dtype, batch, seed, data):
+    stats = data.draw(bn_stats(spec.in_channels))
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(batch), dtype)
+    graph = b.build(add_conv(b, add_bn(b, x, stats, dtype, "blk.bn"), spec, dtype, seed, "blk.conv"))
+
+    fused, report = run_rules(graph, "bn_before_conv")
+    assert report.rule_counts() == {"bn_before_conv": 1}
+    assert report.before == {"batch_norm": 1, "conv2d": 1} and fused.op_counts() == {"conv2d": 1}
+    conv = only(fused, "conv2d")
+    assert conv.x is x and "bias" in conv.params
+    assert {k: conv.attrs[k] for k in spec.attrs} == spec.attrs
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(batch), dtype, seed + 1), dtype)
+
+
+@given(spec=conv_specs(), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_refused_when_the_conv_pads(spec, dtype, seed, data):
+    assume(any(spec.padding))
+    stats = data.draw(bn_stats(spec.in_channels))
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    graph = b.build(add_conv(b, add_bn(b, x, stats, dtype, "bn"), spec, dtype, seed))
+    reason = "bn_before_conv: the conv after it zero-pads, and BN(0) != 0 at the border"
+    for rules in (("bn_before_conv",), ()):
+        fused, report = run_rules(graph, *rules)
+        assert fired(report, "bn_before_conv") == 0 and fused.op_counts() == graph.op_counts()
+        assert reasons(report, "batch_norm") == [reason]
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed), dtype)
+
+
+@given(spec=conv_specs(padding="none"), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_refused_through_an_explicit_zero_pad(spec, dtype, seed, data):
+    """BN -> pad(0) -> conv: pad_absorb makes the conv pad, so the BN must stay."""
+    stats = data.draw(bn_stats(spec.in_channels))
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    graph = b.build(add_conv(b, b.pad(add_bn(b, x, stats, dtype, "bn"), pads=(1, 0, 0, 1)), spec, dtype, seed))
+    fused, report = run_rules(graph)
+    assert fused.op_counts() == {"batch_norm": 1, "conv2d": 1}
+    assert reasons(report, "batch_norm") == ["bn_before_conv: the conv after it zero-pads, and BN(0) != 0 at the border"]
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed), dtype)
+
+
+@given(spec=conv_specs(padding="none"), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_not_fired_when_the_bn_has_another_user(spec, dtype, seed, data):
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    y = add_bn(b, x, data.draw(bn_stats(spec.in_channels)), dtype, "bn")
+    graph = b.build(add_conv(b, y, spec, dtype, seed), y)
+    fused, report = run_rules(graph, "bn_before_conv")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert reasons(report, "batch_norm")[0].startswith("no rule applies")

@@ -1,0 +1,96 @@
+"""concat_merge: convs of one input with one window, concatenated on channels, are one conv.
+
+    cat(conv(x; W_1, b_1), ..., conv(x; W_n, b_n)) = conv(x; cat(W_1..W_n), cat(b_1..b_n))
+
+Refused when a kernel is grouped: written densely the merged kernel would be
+larger than the grouped ones.  Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+from dataclasses import replace
+from math import gcd
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from rulecheck import fired, only, refusal_reason, run_rules
+from test_kernel_pad import grid
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs_onto, float_dtypes, random_input, seeds
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def same_window_convs(draw, grouped=False):
+    """2-3 conv specs reading one input with one window; out channels, bias (and groups) drawn per conv."""
+    c, size, out, s = draw(grid())
+    first = draw(conv_specs_onto(size, out, s, in_channels=c, out_channels=draw(st.integers(1, 16)), groups=1))
+    specs = [first]
+    for _ in range(draw(st.integers(1, 2))):
+        cout = draw(st.integers(1, 16))
+        g = draw(st.sampled_from(_divisors(gcd(c, cout)))) if grouped else 1
+        specs.append(replace(first, out_channels=cout, groups=g, bias=draw(st.booleans())))
+    if grouped:
+        assume(any(sp.groups > 1 for sp in specs))
+        specs = draw(st.permutations(specs))
+    return specs
+
+
+def build(specs, dtype, seed, axis=1, batch=1):
+    b = GraphBuilder()
+    x = b.input("x", specs[0].input_shape(batch), dtype)
+    ys = [add_conv(b, x, sp, dtype, seed + k, f"blk.b{k}") for k, sp in enumerate(specs)]
+    return b.build(b.concat(*ys, axis=axis, source="blk"))
+
+
+@given(specs=same_window_convs(), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds())
+def test_merges_dense_convs(specs, dtype, batch, seed):
+    graph = build(specs, dtype, seed, batch=batch)
+    fused, report = run_rules(graph, "concat_merge")
+    assert report.rule_counts() == {"concat_merge": 1}
+    conv = only(fused, "conv2d")
+    assert fused.op_counts() == {"conv2d": 1}
+    assert conv.attrs["groups"] == 1 and conv.out.shape[1] == sum(sp.out_channels for sp in specs)
+    assert ("bias" in conv.params) == any(sp.bias for sp in specs)
+    assert conv.source == "blk"
+    assert_graphs_equal(graph, fused, random_input(specs[0].input_shape(batch), dtype, seed), dtype)
+
+
+@given(specs=same_window_convs(grouped=True), dtype=float_dtypes(), seed=seeds())
+def test_refused_for_grouped_convs(specs, dtype, seed):
+    graph = build(specs, dtype, seed)
+    fused, report = run_rules(graph, "concat_merge")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    taps = specs[0].kernel[0] * specs[0].kernel[1]
+    c = specs[0].in_channels
+    dense = sum(sp.out_channels * c * taps for sp in specs)
+    grouped = sum(sp.out_channels * (c // sp.groups) * taps for sp in specs)
+    assert refusal_reason(graph, "concat_merge", graph.nodes[-1]) == (
+        f"the merged dense kernel would have {dense} weights, more than the {grouped} of the grouped convs"
+    )
+
+
+@given(specs=same_window_convs(), dtype=float_dtypes(), case=st.sampled_from(["window", "input", "identity", "axis"]), seed=seeds(), data=st.data())
+def test_not_fired(specs, dtype, case, seed, data):
+    a = specs[0]
+    b = GraphBuilder()
+    x = b.input("x", a.input_shape(), dtype)
+    z = b.input("z", a.input_shape(), dtype)
+    ya = add_conv(b, x, a, dtype, seed)
+    axis = 1
+    if case == "window":
+        other = data.draw(conv_specs_onto((a.height, a.width), a.out_size, a.stride, in_channels=a.in_channels, out_channels=3))
+        assume((other.kernel, other.dilation, other.padding[0], other.padding[2]) != (a.kernel, a.dilation, a.padding[0], a.padding[2]))
+        yb = add_conv(b, x, other, dtype, seed + 1)
+    elif case == "input":
+        yb = add_conv(b, z, a, dtype, seed + 1)
+    elif case == "identity":
+        assume(a.out_size == (a.height, a.width))
+        yb = x
+    else:  # spatial concat of two convs of one input with one window
+        yb, axis = add_conv(b, x, a, dtype, seed + 1), 2
+    graph = b.build(b.concat(ya, yb, axis=axis))
+    fused, report = run_rules(graph, "concat_merge")
+    assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
