@@ -42,6 +42,7 @@ class FuseReport:
     notes: list[str] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # trace / rewrite / build
 
     def rule_counts(self) -> dict[str, int]:
         """How often each rule fired, most frequent first."""
@@ -106,7 +107,9 @@ def fuse(
     """
     start = time.perf_counter()
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
+    t_trace = time.perf_counter()
     graph, rw = rewrite(traced.graph)
+    t_rewrite = time.perf_counter()
     fused = to_module(graph, output_spec=traced.output_spec, class_name=f"Fused{type(model).__name__}")
     report = FuseReport(
         fired=list(rw.fired),
@@ -121,7 +124,9 @@ def fuse(
         notes=traced.notes,
         input_shapes=[tuple(t.shape) for t in traced.example_inputs],
     )
-    report.seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    report.seconds = end - start
+    report.stage_seconds = {"trace": t_trace - start, "rewrite": t_rewrite - t_trace, "build": end - t_rewrite}
     fused.fuse_report = report
     return fused.eval()
 

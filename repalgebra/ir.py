@@ -94,7 +94,9 @@ class Graph:
         self.inputs = list(inputs)
         self.nodes = list(nodes)
         self.outputs = list(outputs)
-        self._users: dict[int, list[Node]] | None = None  # cache, dropped on every change
+        # Indexes kept up to date by the mutating methods below (built on first use):
+        # readers of each value (id -> {id(node): node}, in order of arrival) and the member nodes.
+        self._users: dict[int, dict[int, Node]] | None = None
         self._members: set[int] | None = None
 
     # -- construction -------------------------------------------------------------------
@@ -106,26 +108,41 @@ class Graph:
 
     # -- queries ------------------------------------------------------------------------
 
-    def users(self, value: Value) -> list[Node]:
-        """Nodes that read ``value`` (in graph order, once each)."""
+    def _index(self) -> dict[int, dict[int, Node]]:
         if self._users is None:
-            self._users = {}
+            self._users, self._members = {}, set()
             for n in self.nodes:
-                for i in dict.fromkeys(map(id, n.inputs)):
-                    self._users.setdefault(i, []).append(n)
-        return list(self._users.get(id(value), ()))
+                self._link(n)
+        return self._users
+
+    def _link(self, n: Node) -> None:
+        for i in n.inputs:
+            self._users.setdefault(id(i), {})[id(n)] = n
+        self._members.add(id(n))
+
+    def _unlink(self, n: Node) -> None:
+        for i in n.inputs:
+            readers = self._users.get(id(i))
+            if readers is not None:
+                readers.pop(id(n), None)
+        self._users.pop(id(n.out), None)
+        self._members.discard(id(n))
+
+    def users(self, value: Value) -> list[Node]:
+        """Nodes that read ``value`` (once each)."""
+        return list(self._index().get(id(value), {}).values())
 
     def num_uses(self, value: Value) -> int:
         """How many nodes read ``value``, plus one if it is a graph output."""
-        return len(self.users(value)) + sum(o is value for o in self.outputs)
+        return len(self._index().get(id(value), ())) + sum(o is value for o in self.outputs)
 
     def contains(self, node: Node) -> bool:
         """Whether ``node`` is (still) part of this graph."""
-        if self._members is None:
-            self._members = {id(n) for n in self.nodes}
+        self._index()
         return id(node) in self._members
 
     def _changed(self) -> None:
+        """Drop the indexes (after changing ``nodes`` or node inputs from outside these methods)."""
         self._users = None
         self._members = None
 
@@ -159,19 +176,24 @@ class Graph:
                 missing = {i.name for n in rest for i in n.inputs if id(i) not in known}
                 raise ValueError(f"graph has a cycle or dangling inputs: {sorted(missing)}")
             pending = rest
-        self.nodes = ready
-        self._changed()
+        self.nodes = ready  # same nodes and edges: the indexes stay valid
 
     def insert_before(self, anchor: Node, new_nodes: Sequence[Node]) -> None:
         """Insert ``new_nodes`` just before ``anchor``, re-sorting if they read later values."""
-        k = next(i for i, n in enumerate(self.nodes) if n is anchor)
-        known = {id(v) for v in self.inputs} | {id(n.out) for n in self.nodes[:k]}
+        self._index()
+        k = self.nodes.index(anchor)
+        new_outs: set[int] = set()
         ok = True
         for n in new_nodes:
-            ok = ok and all(id(i) in known for i in n.inputs)
-            known.add(id(n.out))
+            for i in n.inputs:
+                p = i.producer
+                if ok and p is not None and id(i) not in new_outs:
+                    # read a value computed before the anchor (or not in the graph at all: re-sort reports it)
+                    ok = id(p) in self._members and self.nodes.index(p) < k
+            new_outs.add(id(n.out))
         self.nodes[k:k] = list(new_nodes)
-        self._changed()
+        for n in new_nodes:
+            self._link(n)
         if not ok:
             self.toposort()
 
@@ -184,9 +206,29 @@ class Graph:
                 kept.append(n)
                 live.update(id(i) for i in n.inputs)
         removed = len(self.nodes) - len(kept)
-        self.nodes = kept[::-1]
         if removed:
+            self.nodes = kept[::-1]
             self._changed()
+        return removed
+
+    def eliminate_dead_from(self, candidates: Iterable[Node]) -> int:
+        """Drop the ``candidates`` nobody reads, and then the producers that leaves unread.
+
+        After a change that removed reads only from ``candidates`` (a rewrite:
+        the replaced value's producer and the new nodes), this removes exactly
+        what :meth:`eliminate_dead` would, without a pass over the whole graph.
+        """
+        self._index()
+        stack = list(candidates)
+        removed = 0
+        while stack:
+            n = stack.pop()
+            if id(n) not in self._members or self.num_uses(n.out):
+                continue
+            self._unlink(n)
+            self.nodes.remove(n)  # by identity (nodes compare by identity)
+            removed += 1
+            stack.extend(i.producer for i in n.inputs if i.producer is not None)
         return removed
 
     def replace_uses(self, old: Value, new: Value) -> None:
@@ -195,10 +237,11 @@ class Graph:
         The one place where nodes are changed in place: the engine rewires the
         nodes of its own private copy of a graph.
         """
-        for n in self.users(old):
+        readers = self._index().pop(id(old), {})
+        for n in readers.values():
             n.inputs = tuple(new if i is old else i for i in n.inputs)
+            self._users.setdefault(id(new), {})[id(n)] = n
         self.outputs = [new if o is old else o for o in self.outputs]
-        self._changed()
 
     def map_params(self, fn: Callable[[torch.Tensor, Node], torch.Tensor]) -> "Graph":
         """A new graph (new nodes and values) whose nodes carry ``fn(tensor, node)`` for every parameter."""

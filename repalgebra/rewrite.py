@@ -180,7 +180,7 @@ def rewrite(
                 if isinstance(result, Refusal):
                     refusals[id(result.about or node)] = f"{r.name}: {result.reason}"
                     continue
-                _apply(g, result)
+                _apply(g, result, whole_graph=not report.fired)
                 report.fired.append(Firing(r.name, node.source, node.op))
                 changed = True
                 if progress and len(report.fired) % 200 == 0:
@@ -198,14 +198,21 @@ def rewrite(
     return g, report
 
 
-def _apply(g: Graph, rw: Rewrite) -> None:
-    """Insert ``rw.nodes`` before the node that produced ``rw.old``, reroute its uses, drop dead nodes."""
+def _apply(g: Graph, rw: Rewrite, whole_graph: bool = False) -> None:
+    """Insert ``rw.nodes`` before the node that produced ``rw.old``, reroute its uses, drop dead nodes.
+
+    The first rewrite sweeps the whole graph for dead nodes (the input may have
+    some); later ones only look where the rewrite removed reads.
+    """
     if rw.old.shape != rw.new.shape:
         raise AssertionError(f"rewrite changes shape {rw.old.shape} -> {rw.new.shape} at {rw.old.producer}")
     if rw.nodes:
         g.insert_before(rw.old.producer, rw.nodes)
     g.replace_uses(rw.old, rw.new)
-    g.eliminate_dead()
+    if whole_graph:
+        g.eliminate_dead()
+    else:
+        g.eliminate_dead_from([rw.old.producer, *rw.nodes])
 
 
 def _no_rule_reason(g: Graph, n: Node) -> str:

@@ -44,7 +44,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
 
@@ -185,9 +185,12 @@ def trace_model(
             raise TypeError(f"example input {k} has dtype {t.dtype}: inputs must be floating point")
     if len(given) != len(placeholders):
         raise TypeError(f"{type(model).__name__}.forward takes {len(placeholders)} tensor inputs, got {len(given)} example inputs")
-    record = _record(gm, given, inferred)
-    builder = _Builder(work, record)
-    graph, spec = builder.build(fx_graph, placeholders, given)
+    try:  # shapes from the op table and meta tensors: no arithmetic, fast
+        builder = _Builder(work)
+        graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
+    except _NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
+        builder = _Builder(work, _record(gm, given, inferred))
+        graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     notes = list(builder.notes)
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
@@ -370,6 +373,34 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+class _NeedsRealRun(Exception):
+    """A call could not run on meta tensors; its shape needs a real run."""
+
+
+def _build(builder: "_Builder", fx_graph: fx.Graph, placeholders: list, given: tuple, inferred: str | None) -> tuple[Graph, pytree.TreeSpec]:
+    try:
+        return builder.build(fx_graph, placeholders, given)
+    except ValueError as e:
+        if inferred:
+            raise ValueError(f"the model does not run on the inferred input ({inferred}): {e}; pass example_inputs") from e
+        raise
+
+
+def _call_meta(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Make the call on meta tensors; a module's parameters and buffers are swapped for meta ones."""
+    if kind != "call_module":
+        return invoke(kind, target, args, kwargs)
+    tensors = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    if not tensors:
+        return target(*args, **kwargs)
+    meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
+    return torch.func.functional_call(target, meta, args, kwargs)
+
+
+def _meta(v: Any) -> Any:
+    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
+
+
 def _summarize(r: Any) -> Any:
     if torch.is_tensor(r):
         return _TensorInfo(tuple(r.shape), r.dtype)
@@ -453,11 +484,19 @@ def _channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int
 
 
 class _Builder:
-    """Maps the fx nodes of one traced model to IR nodes."""
+    """Maps the fx nodes of one traced model to IR nodes.
 
-    def __init__(self, root: nn.Module, record: dict[fx.Node, Any]) -> None:
+    Shapes come from a real run (``record``: per fx node a tensor's shape and
+    dtype or a non-tensor's value) or, without one, from the op table for the
+    ops it maps and from running the other calls on meta tensors (``example``:
+    per fx node a meta tensor or a value); a call that cannot run on meta
+    tensors raises :class:`_NeedsRealRun`.
+    """
+
+    def __init__(self, root: nn.Module, record: dict[fx.Node, Any] | None = None) -> None:
         self.root = root
         self.record = record
+        self.example: dict[fx.Node, Any] = {}
         self.nodes: list[Node] = []
         self.env: dict[fx.Node, Any] = {}
         self.left_alone: list[LeftAlone] = []
@@ -474,11 +513,13 @@ class _Builder:
                     v = Graph.input(n.name, tuple(t.shape), t.dtype)
                     graph_inputs.append(v)
                     self.env[n] = v
+                    self.example[n] = _meta(t)
                 else:  # a baked-in default (concrete_args)
-                    self.env[n] = n.args[0] if n.args else None
+                    self.env[n] = self.example[n] = n.args[0] if n.args else None
             elif n.op == "get_attr":
                 obj = _fetch(self.root, n.target)
                 self.env[n] = _Const(obj.detach().clone(), n.target) if torch.is_tensor(obj) else obj
+                self.example[n] = _meta(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
             elif n.op in ("call_function", "call_method"):
@@ -512,15 +553,35 @@ class _Builder:
         self.nodes.append(node)
         return node.out
 
+    def run_meta(self, n: fx.Node, kind: str, target: Any) -> Any:
+        """Run the call on meta tensors; returns (and remembers) its summary."""
+        ex = lambda a: fx.node.map_aggregate(a, lambda x: self.example[x] if isinstance(x, fx.Node) else x)  # noqa: E731
+        try:
+            result = _call_meta(kind, target, ex(n.args), ex(n.kwargs))
+        except Exception as e:
+            raise _NeedsRealRun(f"{n.format_node()}: {e}") from e
+        self.example[n] = result
+        return _summarize(result)
+
+    def info(self, n: fx.Node, kind: str, target: Any) -> Any:
+        """What the call returns (summary), or None when the op table is trusted to say it."""
+        if self.record is not None:
+            return self.record.get(n)
+        if kind == "call_module" and _recognised(target) is not None:
+            return None
+        if target in _TRUSTED_FUNCTIONS:  # meta execution of these is slow; the op table is exact
+            return None
+        return self.run_meta(n, kind, target)
+
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
-        info = self.record.get(n)
-        if not isinstance(info, _TensorInfo) and info != "tensors":
+        info = self.info(n, kind, target)
+        if info is not None and not isinstance(info, _TensorInfo) and info != "tensors":
             # A size, a shape, an assertion: recomputed inside the calls that use it.
             if _has_value(args, kwargs):
                 return SymExpr(kind, target, args, kwargs)
             return info
-        if isinstance(info, _TensorInfo):
+        if info is None or isinstance(info, _TensorInfo):
             handler = _MODULE_HANDLERS.get(_recognised(target)) if kind == "call_module" else _FUNCTION_HANDLERS.get(
                 ("method", target) if kind == "call_method" else target
             )
@@ -529,13 +590,16 @@ class _Builder:
                 if made is not None:
                     op, inputs, attrs, params, source = made
                     node = Node.make(op, inputs, attrs, params, source or self.source(n), name=n.name)
-                    if node.out.shape == info.shape and node.out.dtype == info.dtype:
+                    if info is None or (node.out.shape == info.shape and node.out.dtype == info.dtype):
                         self.nodes.append(node)
+                        self.example.setdefault(n, torch.empty(node.out.shape, dtype=node.out.dtype, device="meta"))
                         return node.out
                     self.notes.append(
                         f"{n.format_node()} at {self.source(n)!r}: the {op} op would give {node.out.shape} "
                         f"{node.out.dtype}, the model {info.shape} {info.dtype}; carried through unchanged"
                     )
+        if info is None:
+            info = self.run_meta(n, kind, target)
         return self.opaque(n, kind, target, args, kwargs, info)
 
     def opaque(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict, info: Any) -> Value:
@@ -1045,6 +1109,7 @@ def _f_contiguous(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
 
 
 _FUNCTION_HANDLERS: dict[Any, Callable[..., Made]] = {}
+_TRUSTED_FUNCTIONS = (F.batch_norm,)
 
 
 def _register(handler: Callable[..., Made], *targets: Any) -> None:

@@ -1,0 +1,102 @@
+"""Time ``repalgebra.fuse`` on a 100-block RepVGG-style network, and the fused/unfused forward latency.
+
+    python bench/fuse_time.py [--blocks 100] [--channels 32] [--size 32] [--batch 1]
+
+Each block is ``ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))`` (700 traced
+nodes for 100 blocks).  The fuse time is the median of a few runs after one
+warm-up fuse (the very first fuse in a process also pays one-time imports
+inside torch, printed separately).  Latencies are medians of interleaved runs
+(``bench/timing.py``).  Target: fusing 100 blocks in under 1 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians, machine  # noqa: E402
+
+import repalgebra  # noqa: E402
+
+
+def conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
+    """Conv (no bias) + BN, as RepVGG writes its branches."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """3x3 conv-BN + 1x1 conv-BN + BN identity, then ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        """Create the block."""
+        super().__init__()
+        self.dense = conv_bn(channels, channels, 3)
+        self.pointwise = conv_bn(channels, channels, 1)
+        self.identity = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the three branches and apply ReLU."""
+        return self.act(self.dense(x) + self.pointwise(x) + self.identity(x))
+
+
+def network(blocks: int, channels: int) -> nn.Sequential:
+    """``blocks`` RepVGG blocks in a row, with random BN statistics, in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*(RepVGGBlock(channels) for _ in range(blocks)))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return net.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print fuse time and latency ratio; exit 1 if the fused model disagrees with the original."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=100)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args(argv)
+
+    print(machine())
+    x = torch.randn(args.batch, args.channels, args.size, args.size)
+    t = time.perf_counter()
+    repalgebra.fuse(network(2, args.channels), x)  # warm-up: one-time imports inside torch
+    first = time.perf_counter() - t
+
+    model = network(args.blocks, args.channels)
+    times = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        fused = repalgebra.fuse(model, x)
+        times.append(time.perf_counter() - t)
+    fuse_s = statistics.median(times)
+    report = fused.fuse_report
+    print(f"network: {args.blocks} RepVGG blocks, {args.channels} channels, input {tuple(x.shape)}")
+    print(f"ops: {report.ops_before} -> {report.ops_after}")
+    print(f"fuse time: {fuse_s:.3f} s (median of {args.runs}; first fuse in the process {first:.2f} s incl. imports)")
+    print("  stages: " + ", ".join(f"{k} {v:.3f} s" for k, v in report.stage_seconds.items()))
+
+    with torch.no_grad():
+        unfused_s, fused_s = interleaved_medians([lambda: model(x), lambda: fused(x)], rounds=15)
+    print(f"forward latency: unfused {unfused_s * 1e3:.2f} ms, fused {fused_s * 1e3:.2f} ms, "
+          f"ratio fused/unfused {fused_s / unfused_s:.3f}")
+    check = repalgebra.verify(model, fused, x, n=1)
+    print(f"check: max relative error {check.max_rel:.1e} (float32) -> {'ok' if check else 'FAIL'}")
+    return 0 if check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
