@@ -166,7 +166,7 @@ def rewrite(
 
     g = graph.map_params(lambda p, n: p.to(fold_dtype) if p.is_floating_point() else p)
     report = RewriteReport(before=g.op_counts())
-    refusals: dict[int, str] = {}
+    refusals: dict[int, tuple[Node, str]] = {}  # id -> (node, reason): the node is kept so its id is never reused
     changed = True
     while changed:
         changed = False
@@ -178,7 +178,8 @@ def rewrite(
                 if result is None:
                     continue
                 if isinstance(result, Refusal):
-                    refusals[id(result.about or node)] = f"{r.name}: {result.reason}"
+                    about = result.about or node
+                    refusals[id(about)] = (about, f"{r.name}: {result.reason}")
                     continue
                 _apply(g, result, whole_graph=not report.fired)
                 report.fired.append(Firing(r.name, node.source, node.op))
@@ -190,7 +191,9 @@ def rewrite(
                 break
     for n in g.nodes:
         if n.op in REMOVABLE_OPS:
-            reason = refusals.get(id(n)) or _no_rule_reason(g, n)
+            about, reason = refusals.get(id(n), (None, None))
+            if about is not n:
+                reason = _no_rule_reason(g, n)
             report.left_alone.append(LeftAlone(n.source, n.op, reason))
     g = g.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype else p)
     report.after = g.op_counts()
