@@ -9,7 +9,8 @@ Errors are measured per output over all ``n`` inputs: the absolute error is
 (the output's magnitude, so values near zero do not blow it up).  The
 tolerance on the relative error follows the dtype the comparison runs in
 (:data:`TOLERANCES`): float64 ``1e-9``, float32 ``1e-5``, float16 ``1e-2``,
-bfloat16 ``3e-2`` (8 bits of mantissa).  Outputs of different shapes, or with
+bfloat16 ``3e-2`` (8 bits of mantissa); when the models' parameters are of a
+coarser dtype than the run, theirs applies.  Outputs of different shapes, or with
 NaN/Inf, fail.
 """
 
@@ -122,7 +123,10 @@ def verify(
             the fusion's own error without float32 rounding).  Deep copies are
             cast; the caller's modules are never changed.
         tolerance: the relative-error bound; by default :data:`TOLERANCES`
-            of the dtype the comparison runs in.
+            of the dtype the comparison runs in or of the models' own
+            parameters, whichever is coarser (a float32 model fused in float64
+            has its folded weights rounded to float32, so comparing it in
+            float64 measures float32 rounding: tolerance 1e-5).
         seed: seed of the random inputs.
 
     Both models are evaluated in eval mode under ``torch.no_grad()``: a model in
@@ -135,10 +139,12 @@ def verify(
     run_dtype = dtype or example[0].dtype
     if not run_dtype.is_floating_point:
         raise TypeError(f"verify compares floating-point models; got dtype {run_dtype}")
+    if tolerance is None:  # the coarser of the run's dtype and the models' own
+        tolerance = max(TOLERANCES.get(d, 1e-5) for d in {run_dtype, *_param_dtypes(reference), *_param_dtypes(candidate)})
     ref, cand = (_prepared(m, dtype) for m in (reference, candidate))
     report = VerifyReport(
         dtype=run_dtype,
-        tolerance=TOLERANCES.get(run_dtype, 1e-5) if tolerance is None else tolerance,
+        tolerance=tolerance,
         n=n,
         input_shapes=[tuple(t.shape) for t in example],
     )
@@ -156,6 +162,10 @@ def verify(
         for o, a, b in zip(report.outputs, ya, yb):
             _compare(o, a, b)
     return report
+
+
+def _param_dtypes(model: nn.Module) -> set[torch.dtype]:
+    return {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
 
 
 def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:

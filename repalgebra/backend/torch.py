@@ -135,7 +135,7 @@ def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class
         env[id(v)] = ctx.graph.placeholder(ctx.name(v.name))
     for n in graph.nodes:
         lower = op_def(n.op).lowerings.get("torch", _lower_by_reference)
-        env[id(n.out)] = lower(ctx, n, [env[id(i)] for i in n.inputs])
+        env[id(n.out)] = lower(ctx, _params_in_value_dtype(n), [env[id(i)] for i in n.inputs])
     outs = [env[id(o)] for o in graph.outputs]
     if output_spec is not None:
         ctx.graph.output(pytree.tree_unflatten(outs, output_spec))
@@ -143,6 +143,16 @@ def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class
         ctx.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
     gm = fx.GraphModule(ctx.root, ctx.graph, class_name)
     return gm.eval()
+
+
+def _params_in_value_dtype(node: Node) -> Node:
+    """``node`` with its floating-point parameters in the dtype of the value it computes (as the op table runs it)."""
+    dtype = node.out.dtype
+    if dtype is None or not dtype.is_floating_point or all(p.dtype == dtype or not p.is_floating_point() for p in node.params.values()):
+        return node
+    cast = copy.copy(node)
+    cast.params = {k: p.to(dtype) if p.is_floating_point() else p for k, p in node.params.items()}
+    return cast
 
 
 def _hint(node: Node, suffix: str = "") -> str:

@@ -165,6 +165,10 @@ def trace_model(
     except Exception as e:  # a module holding a lock, a generator, ...
         raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
     work.eval()
+    wrapped = _recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths
+    if wrapped:  # fx never asks whether the root is a leaf: give it a parent
+        work = _Root(work)
+        leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
     given = _as_tuple(example_inputs) if example_inputs is not None else None
     concrete = _concrete_args(work, None if given is None else len(given))
     tracer = _Tracer(leaf_types, leaf_paths)
@@ -172,7 +176,6 @@ def trace_model(
         fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise _untraceable(work, tracer.path_stack, e) from e
-    gm = fx.GraphModule(work, fx_graph)
     all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
     placeholders = all_placeholders[: len(all_placeholders) - len(concrete)]
     inferred = None
@@ -185,11 +188,12 @@ def trace_model(
             raise TypeError(f"example input {k} has dtype {t.dtype}: inputs must be floating point")
     if len(given) != len(placeholders):
         raise TypeError(f"{type(model).__name__}.forward takes {len(placeholders)} tensor inputs, got {len(given)} example inputs")
+    prefix = "m" if wrapped else ""
     try:  # shapes from the op table and meta tensors: no arithmetic, fast
-        builder = _Builder(work)
+        builder = _Builder(work, prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     except _NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
-        builder = _Builder(work, _record(gm, given, inferred))
+        builder = _Builder(work, _record(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     notes = list(builder.notes)
     if inferred:
@@ -259,6 +263,17 @@ _RECOGNISED: tuple[type, ...] = (
     nn.LayerNorm,
     nn.AdaptiveAvgPool2d,
 )
+
+
+class _Root(nn.Module):
+    """A parent for a model that is itself a leaf (a lone ``Conv2d``), which fx would trace into."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Any) -> Any:
+        return self.m(x)
 
 
 def _recognised(m: nn.Module) -> type | None:
@@ -493,8 +508,9 @@ class _Builder:
     tensors raises :class:`_NeedsRealRun`.
     """
 
-    def __init__(self, root: nn.Module, record: dict[fx.Node, Any] | None = None) -> None:
+    def __init__(self, root: nn.Module, record: dict[fx.Node, Any] | None = None, prefix: str = "") -> None:
         self.root = root
+        self.prefix = prefix  # the wrapper's child name when the model was wrapped (see _Root)
         self.record = record
         self.example: dict[fx.Node, Any] = {}
         self.nodes: list[Node] = []
@@ -518,7 +534,7 @@ class _Builder:
                     self.env[n] = self.example[n] = n.args[0] if n.args else None
             elif n.op == "get_attr":
                 obj = _fetch(self.root, n.target)
-                self.env[n] = _Const(obj.detach().clone(), n.target) if torch.is_tensor(obj) else obj
+                self.env[n] = _Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
                 self.example[n] = _meta(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
@@ -536,8 +552,14 @@ class _Builder:
     def args(self, a: Any) -> Any:
         return fx.node.map_aggregate(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
 
+    def path(self, path: str) -> str:
+        """A module path of the traced copy as a path of the user's model."""
+        if not self.prefix:
+            return path
+        return "" if path == self.prefix else path.removeprefix(self.prefix + ".")
+
     def source(self, n: fx.Node) -> str:
-        return n.target if n.op == "call_module" else n.meta.get("repalgebra_source", "")
+        return self.path(n.target if n.op == "call_module" else n.meta.get("repalgebra_source", ""))
 
     def as_value(self, v: Any, n: fx.Node) -> Value:
         """A graph value for an output leaf: activations as they are, constant tensors as constant nodes."""
@@ -699,7 +721,7 @@ def _m_conv2d(b: _Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) 
     if x is None or len(x.shape) != 4:
         return None
     if m.padding_mode != "zeros":
-        b.notes.append(f"conv {n.target!r} pads with mode {m.padding_mode!r}: carried through unchanged")
+        b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
         return None
     padding = _conv_padding(m.padding, m.kernel_size, m.dilation)
     params = {"weight": m.weight.detach().clone()}
@@ -835,11 +857,15 @@ _MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
 
 
 def _f_join(op: str) -> Callable[..., Made]:
-    """``a + b`` / ``a - b`` of two activations of one shape."""
+    """``a + b`` / ``a - b`` of two activations of one shape; adding 0 is the identity."""
 
     def handler(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
         if kwargs or len(args) != 2:
             return None
+        zero = [isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0 for a in args]
+        if zero[1] or (zero[0] and op == "add"):  # x + 0, 0 + x, x - 0 (an accumulator started at 0)
+            x = _v(args[1] if zero[0] else args[0])
+            return None if x is None else ("identity", [x], {}, {}, "")
         x, y = _v(args[0]), _v(args[1])
         if x is None or y is None or x.shape != y.shape:
             return None
@@ -872,7 +898,7 @@ def _f_mul(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> M
         return "scale", [x], {"axis": axis}, {"scale": vec}, c.path
     if isinstance(c, (int, float)) and not isinstance(c, bool) and len(x.shape) >= 1:
         axis = _scalar_axis(x.shape)
-        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=torch.float64)}, ""
+        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, ""
     return None
 
 

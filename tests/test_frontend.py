@@ -1,0 +1,341 @@
+"""The torch front end (``repalgebra.trace``) and back end (``to_module``): ops, sources, params, shapes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+from repalgebra import run_graph, trace
+from repalgebra.backend.torch import OpCall, lowered_ops, to_module
+from repalgebra.frontend.calls import FnCall
+from repalgebra.frontend.torch import trace_model
+from repalgebra.ops import OPS, op_def
+
+
+def ops_of(graph) -> list[str]:
+    return [n.op for n in graph.nodes]
+
+
+def node(graph, op: str, k: int = 0):
+    return [n for n in graph.nodes if n.op == op][k]
+
+
+def same(model: nn.Module, x, **kw) -> repalgebra.Graph:
+    """Trace, then check the interpreter and the back end both compute the model."""
+    model.eval()
+    g = trace(model, x, **kw)
+    xs = x if isinstance(x, tuple) else (x,)
+    with torch.no_grad():
+        ref = model(*xs)
+        torch.testing.assert_close(run_graph(g, *xs), ref)
+        torch.testing.assert_close(to_module(g)(*xs), ref)
+    return g
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_recognised_modules_become_ops_with_sources():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Identity(),
+        nn.AvgPool2d(3, 1, 1),
+        nn.GELU(approximate="tanh"),
+        nn.Sigmoid(),
+        nn.ZeroPad2d((1, 0, 2, 0)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+        nn.LayerNorm(6),
+        nn.Softmax(-1),
+    )
+    g = same(model, torch.randn(2, 3, 6, 6))
+    assert ops_of(g) == [
+        "conv2d", "batch_norm", "relu", "identity", "identity", "avg_pool2d", "gelu", "sigmoid", "pad",
+        "mean", "flatten", "linear", "batch_norm", "layer_norm", "softmax",
+    ]
+    assert [n.source for n in g.nodes] == [str(k) for k in range(15)]
+    assert node(g, "gelu").attrs["approximate"] == "tanh"
+    assert node(g, "pad").attrs["pads"] == (2, 0, 1, 0)
+    assert node(g, "mean").attrs == {"dims": (2, 3), "keepdim": True}
+
+
+def test_nested_paths_and_params_cloned():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.layer_scale = nn.Parameter(torch.rand(4, 1, 1))
+
+        def forward(self, x):
+            return x + self.layer_scale * self.conv(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([nn.Sequential(Inner(), Inner())])
+
+        def forward(self, x):
+            return self.stages[0](x)
+
+    model = Net()
+    g = trace(model, torch.randn(1, 4, 5, 5))
+    assert [(n.op, n.source) for n in g.nodes] == [
+        ("conv2d", "stages.0.0.conv"), ("scale", "stages.0.0.layer_scale"), ("add", "stages.0.0"),
+        ("conv2d", "stages.0.1.conv"), ("scale", "stages.0.1.layer_scale"), ("add", "stages.0.1"),
+    ]
+    conv, scale = g.nodes[0], g.nodes[1]
+    src = model.stages[0][0]
+    assert torch.equal(conv.params["weight"], src.conv.weight) and not conv.params["weight"].requires_grad
+    assert conv.params["weight"].data_ptr() != src.conv.weight.data_ptr()
+    assert scale.params["scale"].data_ptr() != src.layer_scale.data_ptr()
+    assert scale.attrs["axis"] == 1 and scale.params["scale"].shape == (4,)
+
+
+def test_conv_padding_forms():
+    for conv, pads in [
+        (nn.Conv2d(2, 2, 3, padding="same"), (1, 1, 1, 1)),
+        (nn.Conv2d(2, 2, 4, padding="same"), (1, 2, 1, 2)),
+        (nn.Conv2d(2, 2, (2, 3), padding="same", dilation=2), (1, 1, 2, 2)),
+        (nn.Conv2d(2, 2, 3, padding="valid"), (0, 0, 0, 0)),
+        (nn.Conv2d(2, 2, 3, padding=(2, 1)), (2, 2, 1, 1)),
+    ]:
+        g = same(conv, torch.randn(1, 2, 7, 8))
+        assert node(g, "conv2d").attrs["padding"] == pads, conv
+    g = same(nn.Conv2d(2, 2, 4, padding="same"), torch.randn(1, 2, 7, 8))
+    assert any(isinstance(m, nn.ZeroPad2d) for m in to_module(g).modules())
+
+
+def test_conv_without_bias_and_bn_affine_false():
+    g = same(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3, affine=False)), torch.randn(1, 2, 3, 3))
+    assert set(g.nodes[0].params) == {"weight"}
+    bn = g.nodes[1]
+    assert torch.equal(bn.params["weight"], torch.ones(3)) and torch.equal(bn.params["bias"], torch.zeros(3))
+
+
+def test_unknown_modules_are_opaque_deep_copies():
+    pool = nn.MaxPool2d(2)
+    silu = nn.SiLU()
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), pool, silu, nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+    g = same(model, torch.randn(1, 2, 6, 6))
+    assert ops_of(g) == ["conv2d", "opaque", "opaque", "opaque"]
+    fns = [n.attrs["fn"] for n in g.nodes[1:]]
+    assert isinstance(fns[0], nn.MaxPool2d) and fns[0] is not pool and fns[1] is not silu
+    assert node(g, "opaque", 2).out.shape == (1, 2, 3, 3)
+
+
+def test_subclass_with_its_own_forward_is_not_mistaken_for_its_base():
+    class WSConv(nn.Conv2d):  # weight standardisation: not a plain conv
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    g = same(WSConv(2, 3, 3, padding=1), torch.randn(1, 2, 5, 5))
+    assert "conv2d" not in ops_of(g)
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def test_functions_and_methods():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 2, 3, 3))
+            self.b = nn.Parameter(torch.randn(4))
+            self.lw = nn.Parameter(torch.randn(5, 4))
+            self.register_buffer("rm", torch.randn(4))
+            self.register_buffer("rv", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            y = F.conv2d(F.pad(x, (1, 1, 2, 0)), self.w, self.b, padding=(0, 0))
+            y = F.batch_norm(y, self.rm, self.rv, eps=1e-3)
+            y = F.relu(y) + torch.relu(y) - F.gelu(y)
+            y = torch.cat([y, x.mean((2, 3), keepdim=True).expand(-1, -1, y.shape[2], y.shape[3])], dim=1)
+            z = y[:, :4].permute(0, 2, 3, 1).contiguous()
+            z = F.linear(z, self.lw)
+            z = z.transpose(1, 2).flatten(2) * 2.0
+            a = z @ z.transpose(-1, -2)
+            return torch.softmax(a, dim=-1), z.view(-1, 5)
+
+    g = same(M().double(), torch.randn(2, 2, 5, 6, dtype=torch.float64))
+    ops = ops_of(g)
+    for op in ("pad", "conv2d", "batch_norm", "relu", "gelu", "add", "sub", "concat", "mean", "permute",
+               "identity", "linear", "transpose", "flatten", "scale", "matmul", "softmax", "reshape"):
+        assert op in ops, op
+    assert node(g, "concat").attrs["axis"] == 1
+    assert node(g, "pad").attrs["pads"] == (2, 0, 1, 1)
+    assert node(g, "batch_norm").attrs["eps"] == 1e-3
+    assert node(g, "reshape").attrs["shape"] == (-1, 5)
+
+
+def test_mul_by_constants_and_activations():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g1 = nn.Parameter(torch.rand(3, 1, 1))
+            self.g2 = nn.Parameter(torch.rand(1, 3, 1, 1))
+            self.register_buffer("g3", torch.rand(5))
+            self.register_buffer("full", torch.rand(3, 4, 5))
+
+        def forward(self, x):
+            a = self.g1 * x
+            b = x * self.g2
+            c = 3 * x * self.g3  # along the last axis
+            d = x * self.full  # not per channel: carried through
+            return a * b + c * d
+
+    g = same(M(), torch.randn(2, 3, 4, 5))
+    scales = [n for n in g.nodes if n.op == "scale"]
+    assert [s.attrs["axis"] for s in scales] == [1, 1, 1, 3]
+    assert [s.source for s in scales] == ["g1", "g2", "", "g3"]
+    assert ops_of(g).count("mul") == 2 and ops_of(g).count("opaque") == 1
+
+
+def test_dynamic_sizes_are_read_at_run_time():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            B, C, H, W = x.shape
+            t = self.proj(x.flatten(2).transpose(1, 2))
+            return t.transpose(1, 2).reshape(B, C, H, W) + x.view(x.size(0), -1).reshape_as(x)
+
+    model = Tokens()
+    g = same(model, torch.randn(1, 4, 3, 5))
+    assert ops_of(g).count("reshape_dyn") == 3
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 3, 5))
+    x = torch.randn(3, 4, 6, 2)  # another batch and resolution
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_shape_reads_move_off_foldable_values():
+    """``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``: the shape is read from x and the weight."""
+
+    class LinearNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            x = self.c(x)
+            return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    g = same(LinearNorm(), torch.randn(2, 3, 4))
+    rs = node(g, "reshape_dyn")
+    assert rs.inputs[1] is g.inputs[0] and rs.attrs["shape"] == (((0, 0),), ((0, 1),), 6)
+
+
+def test_getitem_and_other_calls_are_fncalls():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 3, 4, 4))
+
+        def forward(self, x):
+            q, k = x.chunk(2, dim=1)
+            return (q + self.pos[:, :, : x.shape[2]]).clamp(min=0), k.sum()
+
+    g = same(M(), (torch.randn(2, 6, 4, 4),))
+    fns = [n.attrs["fn"] for n in g.nodes if n.op == "opaque"]
+    assert all(isinstance(f, FnCall) for f in fns)
+    assert {f.name for f in fns} >= {"chunk", "getitem", "add", "clamp", "sum"}
+    chunk = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].name == "chunk")
+    assert chunk.out.shape is None  # a tuple of tensors
+
+
+# --------------------------------------------------------------------------- inputs, errors, leaves
+
+
+def test_inferred_inputs():
+    assert trace(nn.Conv2d(5, 2, 1)).inputs[0].shape == (1, 5, 64, 64)
+    assert trace(nn.Sequential(nn.Linear(7, 2), nn.ReLU())).inputs[0].shape == (1, 7)
+    assert trace(nn.BatchNorm2d(3).eval()).inputs[0].shape == (1, 3, 64, 64)
+    r = trace_model(nn.Conv2d(5, 2, 1).double())
+    assert r.inferred_input.startswith("1x5x64x64 float64 from Conv2d")
+    with pytest.raises(ValueError, match="cannot infer"):
+        trace(nn.ReLU())
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):  # expects (B, 12, N): the guess (1, 12) does not fit
+            return self.fc(x.permute(0, 2, 1))
+
+    with pytest.raises(ValueError, match="does not run on the inferred input"):
+        trace(Transposed())
+
+
+def test_untraceable_names_path_and_leaf_fix():
+    class Picky(nn.Module):
+        def forward(self, x):
+            return x if x.max() > 1 else x * 2
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(nn.ReLU(), Picky()))
+    with pytest.raises(TypeError, match=r"(?s)'1\.1' \(Picky\).*leaf_modules=\(Picky,\)"):
+        trace(model, torch.randn(1, 2, 3, 3))
+    g = same(model, torch.randn(1, 2, 3, 3), leaf_modules=["1.1"])
+    assert ops_of(g) == ["conv2d", "relu", "opaque"] and node(g, "opaque").source == "1.1"
+    with pytest.raises(ValueError, match="not a submodule"):
+        trace(model, torch.randn(1, 2, 3, 3), leaf_modules=[Picky()])
+    with pytest.raises(TypeError, match="leaf_modules entries"):
+        trace(model, torch.randn(1, 2, 3, 3), leaf_modules=[3])
+
+
+def test_training_model_traced_in_eval_mode_and_left_untouched():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = trace_model(model, torch.randn(4, 2, 3, 3))
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ops_of(r.graph) == ["conv2d", "batch_norm", "identity"] and r.was_training
+
+
+def test_meta_fallback_to_a_real_run():
+    class NeedsValues(nn.Module):
+        def forward(self, x):
+            return x * x.abs().max().item()  # .item() cannot run on meta tensors
+
+    g = same(nn.Sequential(nn.Conv2d(2, 2, 1), NeedsValues()), torch.randn(1, 2, 3, 3), leaf_modules=[NeedsValues])
+    assert ops_of(g) == ["conv2d", "opaque"]
+
+
+# --------------------------------------------------------------------------- back end
+
+
+def test_every_op_has_a_torch_lowering():
+    assert set(lowered_ops()) == set(OPS)
+
+
+def test_backend_names_and_eval_mode():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2))])
+
+        def forward(self, x):
+            return self.stages[0](x) + x
+
+    fused = repalgebra.fuse(Net(), torch.randn(1, 2, 4, 4))
+    names = dict(fused.named_modules())
+    assert isinstance(names["stages_0"], nn.Conv2d)  # named after the common path of what it fused
+    assert not fused.training
+
+
+def test_op_without_torch_lowering_runs_by_reference(monkeypatch):
+    g = trace(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)).eval(), torch.randn(1, 2, 3, 3))
+    monkeypatch.delitem(op_def("batch_norm").lowerings, "torch")
+    m = to_module(g)
+    assert any(isinstance(x, OpCall) for x in m.modules())
+    x = torch.randn(1, 2, 3, 3)
+    torch.testing.assert_close(m(x), run_graph(g, x))

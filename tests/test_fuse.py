@@ -1,0 +1,439 @@
+"""``repalgebra.fuse``: a new eval-mode module, the input untouched, idempotent, reported, robust to bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+from repalgebra import FuseReport, UntraceableError, fuse, verify
+
+D = torch.float64
+
+
+def randomize(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Random BN statistics and affine parameters (running_var in [0.5, 2])."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(c, generator=g))
+    return model.to(dtype)
+
+
+class Block(nn.Module):
+    """RepVGG-style: 3x3 conv-BN + 1x1 conv-BN + BN, ReLU."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.skip = nn.BatchNorm2d(c)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(F.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.skip(x)))
+
+
+def net(c: int = 8, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize(nn.Sequential(Block(c), Block(c)), dtype=dtype)
+
+
+def snapshot(model: nn.Module) -> tuple:
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        {k: v.requires_grad for k, v in model.named_parameters()},
+    )
+
+
+def assert_unchanged(model: nn.Module, snap: tuple) -> None:
+    state, flags, grads = snap
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k in state:
+        assert now[k].dtype == state[k].dtype and torch.equal(now[k], state[k]), k
+    assert [m.training for m in model.modules()] == flags
+    assert {k: v.requires_grad for k, v in model.named_parameters()} == grads
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_input_model_is_never_mutated(train_mode):
+    model = net().train(train_mode)
+    snap = snapshot(model)
+    fused = fuse(model, torch.randn(2, 8, 10, 10))
+    assert_unchanged(model, snap)
+    assert not fused.training and not any(m.training for m in fused.modules())
+    # eval-mode semantics, said so in the report when the model was training
+    x = torch.randn(2, 8, 10, 10)
+    ref = copy.deepcopy(model).eval()(x)
+    torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    assert ("training mode" in str(fused.fuse_report)) == train_mode
+    assert_unchanged(model, snap)
+
+
+def test_fused_shares_no_storage_and_is_independent():
+    model = net()
+    x = torch.randn(1, 8, 10, 10)
+    fused = fuse(model, x)
+    before = fused(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in [*fused.parameters(), *fused.buffers()]}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(fused(x), before)
+
+
+def test_result_is_one_conv_per_block():
+    model = net()
+    fused = fuse(model, torch.randn(1, 8, 10, 10))
+    assert fused.fuse_report.ops_after == {"conv2d": 2, "relu": 2}
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert verify(model, fused, torch.randn(1, 8, 10, 10), dtype=D)
+
+
+def test_idempotent():
+    model = net()
+    x = torch.randn(2, 8, 10, 10)
+    once = fuse(model, x)
+    twice = fuse(once, x)
+    assert twice.fuse_report.ops_after == once.fuse_report.ops_after == twice.fuse_report.ops_before
+    assert not twice.fuse_report.fired
+    assert torch.equal(once(x), twice(x))
+    assert sorted(dict(once.named_parameters())) == sorted(dict(twice.named_parameters()))
+
+
+def test_idempotent_with_opaque_parts_and_asymmetric_padding():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 8, 4, padding="same")  # even kernel: asymmetric padding
+            self.bn = nn.BatchNorm2d(8)
+            self.pool = nn.MaxPool2d(2)  # unknown: carried through
+            self.ln = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.pool(self.bn(self.a(x)))
+            B, C, H, W = y.shape
+            y = self.ln(y.reshape(B, C, H * W).transpose(1, 2))
+            return self.fc(y).softmax(-1), y[:, 0]
+
+    model = randomize(M())
+    x = torch.randn(2, 4, 8, 8)
+    once = fuse(model, x)
+    assert any(isinstance(m, nn.ZeroPad2d) for m in once.modules())
+    twice = fuse(once, x)
+    assert twice.fuse_report.ops_after == once.fuse_report.ops_after
+    for a, b in zip(once(x), twice(x)):
+        assert torch.equal(a, b)
+    assert verify(model, once, x, dtype=D)
+    assert verify(model, twice, torch.randn(3, 4, 12, 6), dtype=D)  # any input size
+
+
+def test_report():
+    model = net()
+    fused = fuse(model, torch.randn(1, 8, 10, 10))
+    r = fused.fuse_report
+    assert isinstance(r, FuseReport)
+    assert r.rule_counts()["bn_fold"] == 4
+    assert {f.source for f in r.fired if f.rule == "bn_fold"} == {"0.bn3", "0.bn1", "1.bn3", "1.bn1"}
+    assert r.ops_before["batch_norm"] == 6 and "batch_norm" not in r.ops_after
+    assert r.params_before == sum(p.numel() for p in model.parameters())
+    assert r.params_after == sum(p.numel() for p in fused.parameters()) == 2 * (8 * 8 * 9 + 8)
+    assert r.buffers_before > 0 and r.buffers_after == 0
+    text = str(r)
+    for word in ("bn_fold", "batch_norm", "parameters", "before", "after", "eval-mode"):
+        assert word in text
+
+
+def test_report_left_alone_with_reason():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y), y  # the conv's output is read twice: BN cannot fold
+
+    fused = fuse(randomize(M()), torch.randn(1, 4, 6, 6))
+    (la,) = fused.fuse_report.left_alone
+    assert la.op == "batch_norm" and la.source == "bn" and "read elsewhere" in la.reason
+    assert "left alone" in str(fused.fuse_report)
+
+
+# --------------------------------------------------------------------------- BN that cannot fold
+
+
+class TrainBN(nn.BatchNorm2d):
+    """A BN that insists on training mode."""
+
+    def train(self, mode: bool = True):
+        return super().train(True)
+
+
+@pytest.mark.parametrize(
+    "make_bn,reason",
+    [
+        (lambda: TrainBN(4), "training mode"),
+        (lambda: nn.BatchNorm2d(4, track_running_stats=False), "track_running_stats=False"),
+    ],
+)
+def test_bn_with_batch_statistics_is_left_alone(make_bn, reason):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), make_bn(), nn.ReLU())
+    model.eval()
+    snap = snapshot(model)
+    x = torch.randn(4, 4, 6, 6)
+    fused = fuse(model, x)
+    assert_unchanged(model, snap)
+    r = fused.fuse_report
+    assert r.ops_after.get("opaque") == 1 and r.ops_after.get("conv2d") == 1
+    assert any(la.op == "batch_norm" and reason in la.reason and la.source == "1" for la in r.left_alone), str(r)
+    fresh = copy.deepcopy(model)
+    torch.testing.assert_close(fused(x), fresh(x))
+
+
+def test_functional_batch_norm_training_true_is_left_alone():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.register_buffer("m", torch.zeros(3))
+            self.register_buffer("v", torch.ones(3))
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.m.clone(), self.v.clone(), training=True)
+
+    fused = fuse(M(), torch.randn(2, 3, 4, 4))
+    assert any("training=True" in la.reason for la in fused.fuse_report.left_alone)
+
+
+def test_bn_affine_false_and_conv_without_bias():
+    model = randomize(nn.Sequential(nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6, affine=False)))
+    fused = fuse(model, torch.randn(1, 4, 7, 7))
+    (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.bias is not None  # the BN's shift
+    assert verify(model, fused, torch.randn(1, 4, 7, 7), dtype=D)
+    lone = fuse(nn.Conv2d(4, 6, 3, bias=False), torch.randn(1, 4, 7, 7))
+    (conv,) = [m for m in lone.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.bias is None
+
+
+# --------------------------------------------------------------------------- control flow, leaves
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -x
+
+
+class WithDataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.blocks = nn.Sequential(nn.ReLU(), DataDependent())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def test_data_dependent_control_flow_names_module_and_fix():
+    model = randomize(WithDataDependent())
+    with pytest.raises(TypeError) as info:
+        fuse(model, torch.randn(1, 4, 6, 6))
+    msg = str(info.value)
+    assert isinstance(info.value, UntraceableError)
+    assert "'blocks.1'" in msg and "DataDependent" in msg and "leaf_modules=(DataDependent,)" in msg
+
+
+@pytest.mark.parametrize("leaf", [DataDependent, "blocks.1", "instance"])
+def test_leaf_modules_carry_the_module_through(leaf):
+    model = randomize(WithDataDependent())
+    if leaf == "instance":
+        leaf = model.blocks[1]
+    x = torch.randn(1, 4, 6, 6)
+    fused = fuse(model, x, leaf_modules=(leaf,))
+    assert fused.fuse_report.ops_after == {"conv2d": 1, "opaque": 1, "relu": 1}
+    assert fused.fuse_report.opaque == ["blocks.1"]
+    for sign in (1, -1):
+        assert verify(model, fused, sign * x.abs() + sign, dtype=D, n=1)
+        torch.testing.assert_close(fused(sign * x.abs()), model.eval()(sign * x.abs()))
+
+
+def test_top_level_control_flow_error():
+    class M(nn.Module):
+        def forward(self, x):
+            return x if x.mean() > 0 else -x
+
+    with pytest.raises(TypeError, match="forward\\(\\) of M itself"):
+        fuse(M(), torch.randn(2, 3))
+
+
+# --------------------------------------------------------------------------- bad input, dtypes
+
+
+def test_nan_or_inf_parameter_named():
+    model = net()
+    with torch.no_grad():
+        model[1].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"1\.conv1\.weight"):
+        fuse(model)
+    model = net()
+    model[0].bn3.running_var[2] = float("inf")
+    with pytest.raises(ValueError, match=r"0\.bn3\.running_var"):
+        fuse(model)
+
+
+def test_non_float_rejected():
+    model = net()
+    model[0].register_parameter("count", nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False))
+    with pytest.raises(TypeError, match="count.*int64"):
+        fuse(model)
+    with pytest.raises(TypeError, match="floating point"):
+        fuse(net(), torch.ones(1, 8, 4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError):
+        fuse("not a module")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folded_in_float64_and_cast_back(dtype):
+    model = net(dtype=dtype)
+    x = torch.randn(2, 8, 10, 10, dtype=dtype)
+    fused = fuse(model, x)
+    assert all(p.dtype == dtype for p in fused.parameters())
+    assert fused.fuse_report.ops_after == {"conv2d": 2, "relu": 2}
+    assert fused(x).dtype == dtype
+    assert verify(model, fused, x)  # float16 1e-2 / bfloat16 3e-2 relative
+    # the folded weights are the float64 fold of the half weights, rounded once
+    ref = fuse(net(dtype=dtype).to(D), x.to(D))
+    for (k, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b.to(dtype)), k
+
+
+def test_float64_model_matches_to_1e9():
+    model = net(dtype=D)
+    fused = fuse(model)
+    report = verify(model, fused)
+    assert report and report.dtype == D and report.max_rel < 1e-12
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+def test_inferred_input_is_reported():
+    fused = fuse(net())
+    assert fused.fuse_report.input_shapes == [(1, 8, 64, 64)]
+    assert "input inferred: 1x8x64x64" in str(fused.fuse_report)
+
+
+def test_cannot_infer_input():
+    class M(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        fuse(M())
+
+
+def test_several_inputs_and_structured_outputs():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x, y, scale: float = 2.0):
+            return {"sum": self.a(x) + self.b(x), "other": (self.b(y) * scale, y)}
+
+    model = randomize(M()).eval()
+    x, y = torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)
+    fused = fuse(model, (x, y))
+    out, ref = fused(x, y), model(x, y)
+    assert out.keys() == ref.keys()
+    torch.testing.assert_close(out["sum"], ref["sum"])
+    torch.testing.assert_close(out["other"][0], ref["other"][0])
+    assert out["other"][1] is y
+    assert fused.fuse_report.ops_after["conv2d"] == 2
+    with pytest.raises(ValueError, match="example_inputs"):
+        fuse(model)
+
+
+def test_functional_style_and_layer_scale():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6, 3, 3) * 0.1)
+            self.w1 = nn.Parameter(torch.randn(6, 6, 1, 1) * 0.1)
+            self.w2 = nn.Parameter(torch.randn(4, 6, 1, 1) * 0.1)
+            self.register_buffer("mean", torch.randn(6) * 0.1)
+            self.register_buffer("var", torch.rand(6) + 0.5)
+            self.gamma = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)
+
+        def forward(self, x):
+            y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.w) + F.conv2d(x, self.w1)
+            y = F.batch_norm(y, self.mean, self.var, None, None, False, 0.1, 1e-3)
+            return torch.cat([self.gamma * y, F.conv2d(x, self.w2, padding=0) * 0.5], dim=1)
+
+    model = M()
+    fused = fuse(model, torch.randn(1, 6, 7, 7))
+    assert fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)
+    assert verify(model, fused, torch.randn(2, 6, 7, 7), dtype=D)
+
+
+def test_mul_of_two_activations_stays_mul():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) * torch.sigmoid(self.b(x))
+
+    fused = fuse(Gate(), torch.randn(1, 4, 5, 5))
+    assert fused.fuse_report.ops_after == {"conv2d": 2, "mul": 1, "sigmoid": 1}
+
+
+def test_reflect_padding_conv_is_carried_through():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(3)).eval()
+    fused = fuse(model, torch.randn(1, 3, 6, 6))
+    assert fused.fuse_report.ops_after == {"batch_norm": 1, "opaque": 1}
+    assert any("reflect" in n for n in fused.fuse_report.notes)
+    assert verify(model, fused, torch.randn(1, 3, 6, 6), dtype=D)
+
+
+def test_fastvit_model_fuses_and_runs_at_other_sizes():
+    import fastvit_models
+
+    torch.manual_seed(0)
+    model = randomize(fastvit_models.create_model("fastvit_t8", num_classes=10), dtype=D).eval()
+    fused = fuse(model, torch.randn(1, 3, 64, 64, dtype=D))
+    after = fused.fuse_report.ops_after
+    assert "batch_norm" not in after and "sub" not in after, str(fused.fuse_report)
+    assert verify(model, fused, torch.randn(1, 3, 64, 64, dtype=D), n=1)
+    assert verify(model, fused, torch.randn(2, 3, 96, 96, dtype=D), n=1)

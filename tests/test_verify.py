@@ -1,0 +1,127 @@
+"""``repalgebra.verify``: numbers per output, dtype-derived tolerance, pass/fail, callers' modules untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from repalgebra import VerifyReport, fuse, verify
+from repalgebra.verify import TOLERANCES
+
+
+def model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].running_mean.normal_(0, 0.2)
+    return m.to(dtype).eval()
+
+
+class Perturbed(nn.Module):
+    def __init__(self, inner: nn.Module, eps: float) -> None:
+        super().__init__()
+        self.inner, self.eps = inner, eps
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y + self.eps * y.abs().max()
+
+
+def test_identical_models_pass_with_zero_error():
+    m = model()
+    r = verify(m, m, torch.randn(1, 3, 8, 8))
+    assert isinstance(r, VerifyReport) and r and r.passed
+    assert r.max_abs == 0 and r.max_rel == 0 and r.n == 3 and r.input_shapes == [(1, 3, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+def test_tolerance_follows_dtype(dtype, tol):
+    assert TOLERANCES[dtype] == tol
+    m = model(dtype)
+    assert verify(m, m, torch.randn(1, 3, 6, 6, dtype=dtype)).tolerance == tol
+
+
+def test_relative_error_is_measured_and_judged():
+    m = model(torch.float64)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small = verify(m, Perturbed(m, 1e-11), x)
+    assert small and 5e-12 < small.max_rel < 2e-11
+    big = verify(m, Perturbed(m, 1e-7), x)
+    assert not big and not big.passed and 5e-8 < big.max_rel < 2e-7
+    assert verify(m, Perturbed(m, 1e-7), x, tolerance=1e-6)
+
+
+def test_float64_run_casts_copies_and_leaves_callers_alone():
+    m = model().train()
+    fused = fuse(m, torch.randn(1, 3, 8, 8))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    r = verify(m, fused, torch.randn(1, 3, 8, 8), dtype=torch.float64)
+    assert r and r.dtype == torch.float64
+    # float32 weights compared in float64: float32's tolerance applies, the numbers show its rounding
+    assert r.tolerance == 1e-5 and 0 < r.max_rel < 1e-6
+    assert m.training and all(p.dtype == torch.float32 for p in m.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # no BN statistics updated
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_table_and_bool():
+    m = model()
+    text = str(verify(m, m, torch.randn(1, 3, 5, 5), n=2))
+    assert text.startswith("verify: PASS (2 random inputs 1x3x5x5, float32, tolerance 1e-05 relative)")
+    assert "max abs err" in text and "max rel err" in text and "1x4x5x5" in text
+    bad = verify(m, Perturbed(m, 1e-2), torch.randn(1, 3, 5, 5))
+    assert not bad and str(bad).startswith("verify: FAIL") and "NO" in str(bad)
+
+
+def test_shape_or_structure_mismatch_fails():
+    m = model()
+    other = nn.Sequential(m, nn.AvgPool2d(2))
+    r = verify(m, other, torch.randn(1, 3, 6, 6))
+    assert not r and "shapes differ" in r.outputs[0].problem
+
+    class Two(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    r = verify(Two(), nn.Identity(), torch.randn(2, 2))
+    assert not r and "output structures differ" in r.problem
+
+
+def test_several_outputs_and_inputs():
+    class M(nn.Module):
+        def forward(self, x, y):
+            return {"a": x + y, "b": (x * y, x - y)}
+
+    class N(M):
+        def forward(self, x, y):
+            out = super().forward(x, y)
+            out["b"] = (out["b"][0] * (1 + 1e-3), out["b"][1])
+            return out
+
+    r = verify(M(), N(), (torch.randn(3, 4), torch.randn(3, 4)))
+    assert [o.passed(r.tolerance) for o in r.outputs] == [True, False, True]
+    assert not r
+
+
+def test_nan_fails_and_inferred_inputs():
+    m = model()
+    r = verify(m, Perturbed(m, float("nan")))
+    assert not r and r.outputs[0].problem.startswith("NaN")
+    assert r.input_shapes == [(1, 3, 64, 64)]
+
+
+def test_int_dtype_rejected():
+    with pytest.raises(TypeError):
+        verify(model(), model(), torch.ones(1, 3, 4, 4, dtype=torch.int64))
+
+
+def test_verify_does_not_change_modules_in_place_when_casting():
+    m = model()
+    before = copy.deepcopy(m)
+    verify(m, m, torch.randn(1, 3, 4, 4), dtype=torch.float16)
+    for (k, a), (_, b) in zip(m.state_dict().items(), before.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
