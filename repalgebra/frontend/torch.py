@@ -208,38 +208,52 @@ def infer_example_inputs(
 ) -> tuple[tuple[torch.Tensor, ...], str]:
     """A plausible single random input for ``model`` and a sentence saying how it was chosen.
 
-    The first Conv1d/2d/3d, Linear or BatchNorm the (traced) model calls
+    The model itself if it is a Conv/Linear/BatchNorm, else the first such
+    module the traced model calls (in module order when it cannot be traced)
     decides: ``1 x in_channels x 64 x 64`` for a Conv2d, ``1 x in_features``
-    for a Linear, and so on.  Raises ``ValueError`` when there is none or the
-    model takes several inputs.
+    for a Linear, ``1 x C x 64 x 64`` for a BatchNorm2d, and so on.  Raises
+    ``ValueError`` when there is none or the model takes several inputs.
     """
     if n_inputs != 1:
         raise ValueError(f"{type(model).__name__}.forward takes {n_inputs} inputs: pass example_inputs")
+    root = model.m if isinstance(model, _Root) else model
+    candidates: Iterable[tuple[str, nn.Module]] = [("", root)]
     if fx_graph is None:
-        fx_graph = _Tracer((), set()).trace(copy.deepcopy(model).eval())
-    s = DEFAULT_SIZE
+        try:
+            fx_graph = _Tracer((), set()).trace(copy.deepcopy(root).eval())
+        except Exception:
+            candidates = [*candidates, *root.named_modules()]
+    if fx_graph is not None:
+        calls = [n.target for n in fx_graph.nodes if n.op == "call_module"]
+        candidates = [*candidates, *((p, model.get_submodule(p)) for p in calls)]
     dtype = model_dtype(model)
-    for n in fx_graph.nodes:
-        if n.op != "call_module":
-            continue
-        m = model.get_submodule(n.target)
-        shape = None
-        if isinstance(m, nn.Conv2d):
-            shape = (1, m.in_channels, s, s)
-        elif isinstance(m, nn.Conv1d):
-            shape = (1, m.in_channels, s)
-        elif isinstance(m, nn.Conv3d):
-            shape = (1, m.in_channels, 16, 16, 16)
-        elif isinstance(m, nn.Linear):
-            shape = (1, m.in_features)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            shape = (1, m.num_features, s, s) if isinstance(m, nn.BatchNorm2d) else (1, m.num_features)
+    for path, m in candidates:
+        shape = _input_shape_for(m)
         if shape is not None:
-            how = f"{'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} from {type(m).__name__} {n.target!r}"
+            path = path.removeprefix("m.") if isinstance(model, _Root) else path
+            where = f" {path!r}" if path else ""
+            how = f"{'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} from {type(m).__name__}{where}"
             return (torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype),), how
     raise ValueError(
-        f"cannot infer an input shape for {type(model).__name__}: it calls no Conv2d, Linear or BatchNorm; pass example_inputs"
+        f"cannot infer an input shape for {type(root).__name__}: it calls no Conv2d, Linear or BatchNorm; pass example_inputs"
     )
+
+
+def _input_shape_for(m: nn.Module) -> tuple[int, ...] | None:
+    s = DEFAULT_SIZE
+    if isinstance(m, nn.Conv2d):
+        return (1, m.in_channels, s, s)
+    if isinstance(m, nn.Conv1d):
+        return (1, m.in_channels, s)
+    if isinstance(m, nn.Conv3d):
+        return (1, m.in_channels, 16, 16, 16)
+    if isinstance(m, nn.Linear):
+        return (1, m.in_features)
+    if isinstance(m, nn.BatchNorm2d):
+        return (1, m.num_features, s, s)
+    if isinstance(m, nn.BatchNorm1d):
+        return (1, m.num_features)
+    return None
 
 
 # --------------------------------------------------------------------------- tracing
