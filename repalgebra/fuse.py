@@ -6,8 +6,9 @@
 Fusion folds *eval-mode* semantics (BatchNorm with its running statistics,
 dropout as the identity) whatever mode the model is in; the model itself is
 never changed (parameters, buffers and ``training`` flags stay bit for bit).
-All folding arithmetic runs in float64; a float16/bfloat16 model's folded
-weights are cast back to its dtype once, at the end.
+All folding arithmetic runs in float64 on the CPU; a float16/bfloat16 model's
+folded weights are cast back to its dtype once, at the end, and the fused
+module is moved to the model's device.
 """
 
 from __future__ import annotations
@@ -108,9 +109,13 @@ def fuse(
     start = time.perf_counter()
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
     t_trace = time.perf_counter()
-    graph, rw = rewrite(traced.graph)
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    graph = traced.graph
+    if device.type != "cpu":  # fold on the CPU (the rules build their constants there), move back at the end
+        graph = graph.map_params(lambda p, n: p.cpu())
+    graph, rw = rewrite(graph)
     t_rewrite = time.perf_counter()
-    fused = to_module(graph, output_spec=traced.output_spec, class_name=f"Fused{type(model).__name__}")
+    fused = to_module(graph, output_spec=traced.output_spec, class_name=f"Fused{type(model).__name__}").to(device)
     report = FuseReport(
         fired=list(rw.fired),
         left_alone=[*traced.left_alone, *rw.left_alone],
