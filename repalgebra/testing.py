@@ -1,6 +1,7 @@
 """Test support for fusion rules and fused graphs: Hypothesis strategies and an honest equality check.
 
-Users testing their own rules or front ends import this module::
+Users testing their own rules or front ends import this module (it needs
+``hypothesis``, in the ``dev`` extra)::
 
     from hypothesis import given
     from repalgebra.testing import assert_graphs_equal, conv_specs, bn_stats, float_dtypes, seeds
@@ -16,6 +17,9 @@ Strategies
   both, kernel ``(kh, kw)`` 1-7 (odd and even), stride 1-2, dilation 1-3,
   padding (asymmetric too), with or without bias, and an input size for which
   the output is non-empty.
+* :func:`conv_specs_onto` draws a conv from a given input grid onto a given
+  output grid (convs that can be summed), optionally on or off the tap
+  lattice of another conv.
 * :func:`bn_stats` draws eval-mode BatchNorm statistics (:class:`BNStats`):
   running variance from 1e-3 to 10, mean, gamma (any sign), beta, eps.
 * :func:`input_shapes` draws NCHW shapes with batch 1-3.
@@ -25,15 +29,20 @@ Strategies
 
 Tensors are drawn from a seed (``seeds()``) with a ``torch.Generator``, so an
 example is small to print and exactly reproducible: :func:`conv_params`,
-:func:`random_input`, :meth:`BNStats.params`.
+:func:`random_input`, :meth:`BNStats.params`; :func:`add_conv` and
+:func:`add_bn` add them to a :class:`~repalgebra.builder.GraphBuilder`.
+:func:`snapshot_params` / :func:`assert_params_unchanged` check bit for bit
+that a rewrite left its input graph alone.
 
 The equality check
 ------------------
-:func:`assert_graphs_equal` compares two graphs on one input, elementwise,
-against a bound proportional to the input's *magnitude graph*
-(:func:`magnitude`): the graph evaluated on ``|x|`` with every coefficient
-replaced by its absolute value.  See its docstring for the tolerance rule and
-why it is measured against this magnitude rather than against ``|output|``.
+:func:`assert_graphs_equal` runs both graphs in float64 and in the given
+dtype and compares them elementwise against ``tol * M``, where ``M`` is the
+*magnitude graph* (:func:`magnitude`: the graph on ``|x|`` with every
+coefficient made non-negative) and ``tol`` is ``eps(parameter dtype) + 1e-12``
+in the float64 run (the one rounding of the fused parameters) and
+``RTOL[dtype]`` (float32 1e-5, float64 1e-12) in the dtype run.  Its docstring
+says why, and why ``M`` rather than ``|output|``.
 """
 
 from __future__ import annotations
@@ -43,7 +52,6 @@ from math import gcd
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -65,6 +73,8 @@ __all__ = [
     "linear_graphs",
     "conv_params",
     "random_input",
+    "add_conv",
+    "add_bn",
     "magnitude",
     "assert_graphs_equal",
     "RTOL",

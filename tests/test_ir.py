@@ -15,8 +15,17 @@ from repalgebra.builder import GraphBuilder
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node, walk_back
 from repalgebra.ops import OPS, op, op_def
-from repalgebra.testing import (RTOL, add_bn, add_conv, bn_stats, conv_params, conv_specs, float_dtypes, magnitude,
-                                random_input, seeds)
+from repalgebra.testing import (RTOL, add_bn, add_conv, bn_stats, conv_params, conv_specs, float_dtypes, input_shapes,
+                                magnitude, random_input, seeds)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one torch thread (a 2-thread pool on a loaded 2-core machine is ~30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def small_graph(dtype=torch.float32):
@@ -241,6 +250,22 @@ def test_interpreter_runs_in_the_input_dtype(dtype):
     assert bool((err <= RTOL[dtype] * magnitude(graph, x.to(dtype).to(torch.float64))).all())
     if dtype != torch.float64:
         assert bool((err > 0).any())  # really computed in the low precision
+
+
+@given(shape=input_shapes(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float64]), seed=seeds(), data=st.data())
+def test_interpreter_on_any_shape_and_dtype(shape, dtype, seed, data):
+    """BN -> layer scale -> pad -> avg pool -> concat with the input, run in ``dtype`` vs float64."""
+    c = shape[1]
+    b = GraphBuilder()
+    x = b.input("x", shape, torch.float32)
+    y = b.scale(add_bn(b, x, data.draw(bn_stats(c)), torch.float32), scale=random_input((c,), torch.float32, seed))
+    y = b.avg_pool2d(b.pad(y, pads=(1, 0, 2, 1)), kernel=(2, 2), stride=(1, 1))
+    graph = b.build(b.concat(y, b.pad(x, pads=(0, 0, 1, 1)), axis=1))
+    xt = random_input(shape, dtype, seed)
+    out = run_graph(graph, xt)
+    assert out.dtype == dtype and tuple(out.shape) == graph.outputs[0].shape == (shape[0], 2 * c, shape[2], shape[3] + 2)
+    ref = run_graph(graph, xt.to(torch.float64))
+    assert bool(((out.to(torch.float64) - ref).abs() <= RTOL[dtype] * magnitude(graph, xt.to(torch.float64))).all())
 
 
 def test_interpreter_multiple_outputs_and_input_count():

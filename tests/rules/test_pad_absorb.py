@@ -7,10 +7,9 @@ Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 
 from dataclasses import replace
 
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rulecheck import fired, only, reasons, run_rules
+from rulecheck import fired, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
 from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs, float_dtypes, random_input, seeds
