@@ -231,6 +231,8 @@ for _op, _fn in {"add": operator.add, "sub": operator.sub, "mul": operator.mul, 
 @lowers("scale")
 def _scale(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     s = node.params["scale"]
+    if s.numel() and bool((s == s.flatten()[0]).all()):  # one number (``x * 0.5``): no buffer needed
+        return ctx.function(operator.mul, xs[0], float(s.flatten()[0]))
     rank = len(node.x.shape)
     axis = node.attrs["axis"] % rank
     view = s.reshape((-1,) + (1,) * (rank - 1 - axis))
