@@ -253,6 +253,12 @@ def transpose(x, *, dim0=REQUIRED, dim1=REQUIRED):
     return x.transpose(dim0, dim1)
 
 
+@op("select", kind="layout")
+def select(x, *, axis=0, index=REQUIRED):
+    """``x[index]`` along ``axis``, which disappears (``q, k, v = qkv[0], qkv[1], qkv[2]``)."""
+    return x.select(axis, index)
+
+
 # --------------------------------------------------------------------------- non-linear ops
 
 

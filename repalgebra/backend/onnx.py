@@ -70,7 +70,7 @@ class LowerCtx:
         else:
             array = tensor
         name = self.unique(f"{self.prefix}.{suffix}" if self.prefix else suffix)
-        proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        proto = numpy_helper.from_array(np.array(array, order="C", copy=True), name)  # keeps 0-d arrays 0-d
         if torch.is_tensor(tensor) and tensor.dtype == torch.bfloat16:
             proto = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.flatten().tolist())
         self.initializers.append(proto)
@@ -198,6 +198,35 @@ def _target_shape(ctx, n: Node) -> list[int]:
 @lowering("reshape", "flatten")
 def _reshape(ctx, n, x):
     return ctx.emit("Reshape", [x, ctx.ints("shape", _target_shape(ctx, n))])
+
+
+@lowering("reshape_dyn")
+def _reshape_dyn(ctx, n, x, *refs):
+    """Sizes read from the reference inputs at run time: Shape -> Gather -> Mul -> Concat -> Reshape."""
+    shapes: dict[int, str] = {}
+    entries = []
+    for entry in n.attrs["shape"]:
+        if isinstance(entry, int):
+            entries.append(ctx.ints("size", [entry]))
+            continue
+        size = None
+        for f in entry:
+            if isinstance(f, int):
+                term = ctx.ints("factor", [f])
+            else:
+                r, axis = f
+                if r not in shapes:
+                    shapes[r] = ctx.emit("Shape", [refs[r]])
+                term = ctx.emit("Gather", [shapes[r], ctx.ints("axis", [axis])], axis=0)
+            size = term if size is None else ctx.emit("Mul", [size, term])
+        entries.append(size)
+    return ctx.emit("Reshape", [x, ctx.emit("Concat", entries, axis=0)])
+
+
+@lowering("select")
+def _select(ctx, n, x):
+    index = ctx.const("index", np.asarray(n.attrs["index"], dtype=np.int64))
+    return ctx.emit("Gather", [x, index], axis=n.attrs["axis"])
 
 
 @lowering("permute")

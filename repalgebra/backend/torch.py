@@ -300,6 +300,11 @@ def _transpose(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.method("transpose", xs[0], node.attrs["dim0"], node.attrs["dim1"])
 
 
+@lowers("select")
+def _select(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("select", xs[0], node.attrs["axis"], node.attrs["index"])
+
+
 @lowers("relu")
 def _relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.relu, xs[0])

@@ -1011,6 +1011,20 @@ def _f_reshape_as(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     return "reshape_dyn", list(args), {"shape": shape}, {}, ""
 
 
+def _f_getitem(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x[i]`` with an int ``i``: select along axis 0 (other indexing stays opaque)."""
+    if kwargs or len(args) != 2 or _v(args[0]) is None or not _is_int(args[1]):
+        return None
+    return "select", [args[0]], {"axis": 0, "index": args[1]}, {}, ""
+
+
+def _f_select(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = _bind([("input", _REQ), ("dim", _REQ), ("index", _REQ)], args, kwargs)
+    if a is None or _v(a["input"]) is None or not (_is_int(a["dim"]) and _is_int(a["index"])):
+        return None
+    return "select", [a["input"]], {"axis": a["dim"], "index": a["index"]}, {}, ""
+
+
 def _f_permute(b: _Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     x, dims = _dims_arg(args, kwargs, "dims")
     return None if x is None or dims is None else ("permute", [x], {"dims": dims}, {}, "")
@@ -1166,6 +1180,8 @@ _register(_f_flatten, torch.flatten, ("method", "flatten"))
 _register(_f_reshape, torch.reshape, ("method", "reshape"), ("method", "view"))
 _register(_f_reshape_as, ("method", "reshape_as"), ("method", "view_as"))
 _register(_f_permute, torch.permute, ("method", "permute"))
+_register(_f_getitem, operator.getitem)
+_register(_f_select, torch.select, ("method", "select"))
 _register(_f_transpose, torch.transpose, ("method", "transpose"))
 _register(_f_mean, torch.mean, ("method", "mean"))
 _register(_f_softmax, F.softmax, torch.softmax, ("method", "softmax"))
