@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.match import branch_input
 from repalgebra.ops import op_def
 
 
@@ -139,7 +140,9 @@ class RewriteReport:
 
 
 # Ops that a fully fused linear region no longer contains: if one survives, say why.
-REMOVABLE_OPS = ("batch_norm", "scale", "identity", "pad", "avg_pool2d", "add", "sub")
+# Also reported: sums of branches of one value that did not fold, and nodes a
+# rule refused with an explicit ``about`` (an exactness precondition failed).
+REMOVABLE_OPS = ("batch_norm", "scale", "identity", "pad", "avg_pool2d")
 
 
 def rewrite(
@@ -179,7 +182,7 @@ def rewrite(
                     continue
                 if isinstance(result, Refusal):
                     about = result.about or node
-                    refusals[id(about)] = (about, f"{r.name}: {result.reason}")
+                    refusals[id(about)] = (about, f"{r.name}: {result.reason}", result.about is not None)
                     continue
                 _apply(g, result, whole_graph=not report.fired)
                 report.fired.append(Firing(r.name, node.source, node.op))
@@ -190,11 +193,11 @@ def rewrite(
                     raise RuntimeError(f"rewrite did not reach a fixpoint after {max_rewrites} rewrites")
                 break
     for n in g.nodes:
-        if n.op in REMOVABLE_OPS:
-            about, reason = refusals.get(id(n), (None, None))
-            if about is not n:
-                reason = _no_rule_reason(g, n)
-            report.left_alone.append(LeftAlone(n.source, n.op, reason))
+        about, reason, explicit = refusals.get(id(n), (None, None, False))
+        if about is not n:  # an id reused by a new node after the refused one died
+            reason, explicit = None, False
+        if n.op in REMOVABLE_OPS or explicit or _unfolded_join(n):
+            report.left_alone.append(LeftAlone(n.source, n.op, reason or _no_rule_reason(g, n)))
     g = g.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype else p)
     report.after = g.op_counts()
     report.seconds = time.perf_counter() - start
@@ -216,6 +219,11 @@ def _apply(g: Graph, rw: Rewrite, whole_graph: bool = False) -> None:
         g.eliminate_dead()
     else:
         g.eliminate_dead_from([rw.old.producer, *rw.nodes])
+
+
+def _unfolded_join(n: Node) -> bool:
+    """An add/sub of two branches of one value: fusion would have summed them."""
+    return n.op in ("add", "sub") and branch_input(n.inputs[0]) is branch_input(n.inputs[1])
 
 
 def _no_rule_reason(g: Graph, n: Node) -> str:

@@ -37,7 +37,7 @@ def seq_merge(graph, outer):
         geometry = outer
         has_bias = bool(conv_bias(inner).abs().max() > 0)
         if has_bias and any(outer.attrs["padding"]):
-            return Refusal("the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias")
+            return Refusal("the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias", about=outer)
     else:
         return Refusal("neither conv is a pointwise 1x1")
     gi, go = inner.attrs["groups"], outer.attrs["groups"]

@@ -98,7 +98,10 @@ def test_not_fired_without_two_equal_window_convs_of_one_input(g, dtype, case, s
     graph = bld.build(bld.add(ya, other))
     fused, report = run_rules(graph, "branch_sum")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
-    assert reasons(report, "add")[0].startswith("no rule applies")
+    if case == "windows_differ":  # two branches of one value that did not sum: reported
+        assert reasons(report, "add")[0].startswith("no rule applies")
+    else:  # an add of two different values is not a branch join: nothing to report
+        assert reasons(report, "add") == []
 
 
 def window_of(spec):

@@ -73,6 +73,9 @@ def test_not_fired_without_a_sibling_of_the_same_input(dtype, c, case, seed, dat
     graph = b.build(b.add(x, other, source="sum"))
     fused, report = run_rules(graph, "identity_to_conv")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
-    assert reasons(report, "add") and reasons(report, "add")[0].startswith("no rule applies")
+    if case == "x+x":  # two branches of one value that stay a sum: reported
+        assert reasons(report, "add") and reasons(report, "add")[0].startswith("no rule applies")
+    else:  # not a sum of branches of one value: nothing to report
+        assert reasons(report, "add") == []
     xs = (random_input((1, c, 4, 4), dtype, seed), random_input((1, c, 4, 4), dtype, seed + 1))
     assert_graphs_equal(graph, fused, xs, dtype)
