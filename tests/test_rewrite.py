@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from repalgebra import RULES, rewrite
 from repalgebra.builder import GraphBuilder
-from repalgebra.demo import repmixer_graph
+from repalgebra.examples import repmixer_graph
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Node
 from repalgebra.rewrite import Refusal, Rewrite, Rule, rule

@@ -1,0 +1,160 @@
+"""ONNX export straight from the IR: checker-clean, runs in onnxruntime, equals the fused torch module.
+
+Tolerance: float32 relative 1e-5 (to the largest output), between two float32
+runtimes computing the same fused graph with different kernels and summation
+orders.  Batch is dynamic: exported at batch 1, run at batch 1 and 3.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fastvit_models
+import repalgebra
+from fastvit_models.testing import randomize_model_
+from repalgebra.backend.onnx import DEFAULT_OPSET, LoweringError, export_onnx
+from test_user_blocks import (
+    ACBlock,
+    DiverseBranchBlock,
+    DilatedReparamBlock,
+    MobileOneUnit,
+    RepCPE,
+    RepGhostBottleneckCore,
+    RepMixer,
+    RepVGGBlock,
+    RepViTDW,
+    randomize,
+)
+
+RTOL = 1e-5
+
+
+def run_onnx(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def rel_err(got: np.ndarray, ref: torch.Tensor) -> float:
+    ref = ref.detach().numpy()
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def op_types(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def export_and_compare(fused: nn.Module, shape: tuple[int, ...], **kwargs) -> onnx.ModelProto:
+    proto = export_onnx(fused, None, shape, fuse=False, **kwargs)
+    onnx.checker.check_model(proto, full_check=True)
+    for batch in (1, 3):
+        x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert rel_err(run_onnx(proto, x), fused(x)) <= RTOL
+    return proto
+
+
+@pytest.mark.parametrize("name", fastvit_models.list_models())
+def test_fastvit_export(name):
+    """Every variant: no BatchNormalization, one Conv per fused conv, equal to the fused torch module."""
+    size = 256 if name in ("fastvit_t8", "fastvit_sa12") else 64
+    model = randomize_model_(fastvit_models.create_model(name), torch.Generator().manual_seed(0))
+    fused = repalgebra.fuse(model, (torch.zeros(1, 3, size, size),))
+    proto = export_and_compare(fused, (1, 3, size, size), metadata={"model": name})
+    ops = op_types(proto)
+    assert ops.get("BatchNormalization", 0) == 0
+    assert ops["Conv"] == fused.fuse_report.ops_after["conv2d"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["model"] == name and meta["producer"] == "repalgebra" and "repalgebra_version" in meta
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+USER_BLOCKS = {
+    "repvgg": (lambda: RepVGGBlock(8, 8), 8),
+    "repvgg_s2_grouped": (lambda: RepVGGBlock(8, 16, 2, 2), 8),
+    "mobileone": (lambda: MobileOneUnit(8, 8), 8),
+    "acnet": (lambda: ACBlock(8, 8), 8),
+    "dbb": (lambda: DiverseBranchBlock(8), 8),
+    "replk_dilated": (lambda: DilatedReparamBlock(8, 9), 8),
+    "repmixer": (lambda: RepMixer(8), 8),
+    "repcpe": (lambda: RepCPE(8), 8),
+    "repghost": (lambda: RepGhostBottleneckCore(8), 8),
+    "repvit": (lambda: RepViTDW(8), 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_BLOCKS))
+def test_user_block_export(name):
+    make, channels = USER_BLOCKS[name]
+    block = randomize(make()).float()
+    shape = (1, channels, 12, 12)
+    fused = repalgebra.fuse(block, (torch.zeros(shape),))
+    proto = export_and_compare(fused, shape)
+    assert op_types(proto).get("BatchNormalization", 0) == 0
+
+
+def test_export_fuses_by_default_and_matches_torch_onnx_export(capsys):
+    """Our exporter (fusing first) against torch.onnx.export of the same fused module: same outputs."""
+    model = randomize_model_(fastvit_models.create_model("fastvit_t8"), torch.Generator().manual_seed(0))
+    shape = (1, 3, 64, 64)
+    ours = export_onnx(model, None, shape)  # fuse=True: traces, rewrites, lowers
+    fused = repalgebra.fuse(model, (torch.zeros(shape),))
+    import io
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (torch.zeros(shape),), buf, dynamo=False, opset_version=DEFAULT_OPSET)
+    theirs = onnx.load_from_string(buf.getvalue())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    a, b = run_onnx(ours, x), run_onnx(theirs, x)
+    assert float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
+    with torch.no_grad():
+        assert rel_err(a, model(x)) <= RTOL
+    print(f"nodes: repalgebra {len(ours.graph.node)}, torch.onnx.export {len(theirs.graph.node)}")
+    assert op_types(ours).get("BatchNormalization", 0) == 0
+    assert op_types(ours)["Conv"] == op_types(theirs)["Conv"]
+    meta = {p.key: p.value for p in ours.metadata_props}
+    assert "bn_fold" in meta["rules_fired"]
+
+
+@pytest.mark.parametrize("opset", [13, 17, 20])
+def test_opsets(opset):
+    block = nn.Sequential(RepMixer(8), nn.GELU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    block = randomize(block).float()
+    fused = repalgebra.fuse(block, (torch.zeros(1, 8, 6, 6),))
+    proto = export_and_compare(fused, (1, 8, 6, 6), opset=opset)
+    assert proto.opset_import[0].version == opset
+    assert ("Gelu" in op_types(proto)) == (opset >= 20)
+
+
+def test_unlowerable_op_names_op_and_module_path():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=1)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Odd())
+    with pytest.raises(LoweringError, match=r"opaque.*at 1"):
+        export_onnx(model, None, (1, 3, 8, 8))
+
+
+def test_bad_opset():
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(nn.Conv2d(3, 4, 3), None, (1, 3, 8, 8), opset=7)
+
+
+def test_writes_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(randomize(RepVGGBlock(8, 8)).float(), path, (1, 8, 8, 8))
+    assert op_types(onnx.load(str(path))).get("Conv") == 1
