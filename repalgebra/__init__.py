@@ -13,5 +13,14 @@ from repalgebra.verify import VerifyReport, verify  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "Graph", "Node", "Value", "OPS", "op_def", "RULES", "Refusal", "Rewrite", "RewriteReport", "rewrite", "rule", "run_graph",
-    "trace", "fuse", "verify", "FuseReport", "VerifyReport", "UntraceableError",
+    "trace", "fuse", "verify", "export_onnx", "FuseReport", "VerifyReport", "UntraceableError",
 ]
+
+
+def __getattr__(name: str):
+    # ``export_onnx`` imports onnx, which most users of fuse never need: load it on first use.
+    if name == "export_onnx":
+        from repalgebra.backend.onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'repalgebra' has no attribute {name!r}")
