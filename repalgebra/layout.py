@@ -25,7 +25,16 @@ def follow_axis(node: Node, axis: int) -> int | None:
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if node.op == "permute":
         return [d % len(shape_in) for d in a["dims"]].index(axis)
-    # flatten and reshape: the axis survives if the elements before it and the axis itself line up.
+    if node.op == "flatten":
+        start, end = a["start"] % len(shape_in), a["end"] % len(shape_in)
+        if axis < start:
+            return axis
+        if axis > end:
+            return axis - (end - start)
+        others = [shape_in[k] for k in range(start, end + 1) if k != axis]
+        return start if all(s == 1 for s in others) else None
+    # reshape: the axis survives if the elements before it and the axis itself line up
+    # (unambiguous unless the axis has size 1, where any matching axis holds it).
     before = prod(shape_in[:axis])
     for k in range(len(shape_out)):
         if prod(shape_out[:k]) == before and shape_out[k] == shape_in[axis]:

@@ -209,13 +209,6 @@ def test_fence_parser():
 # Link targets that are known to be missing for now: the rule pages link the property tests that
 # are still being written.  Remove an entry once its file lands (a missing target listed here
 # is tolerated; any other missing target fails).
-PENDING_TARGETS = {
-    "tests/rules/test_bn_into_linear.py",
-    "tests/rules/test_linear_affine_fold.py",
-    "tests/rules/test_repmixer.py",
-    "tests/rules/test_cpe.py",
-}
-
 _LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -235,8 +228,6 @@ def test_relative_links_resolve(path: Path):
                 continue  # an anchor on the same page, or an absolute URL
             resolved = (path.parent / target).resolve()
             if resolved.exists():
-                continue
-            if resolved.is_relative_to(ROOT) and str(resolved.relative_to(ROOT)) in PENDING_TARGETS:
                 continue
             broken.append(f"line {n}: {target}")
     assert not broken, f"{path.relative_to(ROOT)}: links to missing files: {broken}"

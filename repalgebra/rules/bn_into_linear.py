@@ -23,7 +23,10 @@ from repalgebra.rewrite import Rewrite, rule
 @rule("bn_into_linear", on="linear")
 def bn_into_linear(graph, lin):
     bn, chain = layout_chain(graph, lin.x, ("batch_norm",))
-    if bn is None or follow_chain(chain, 1) != len(lin.x.shape) - 1:
+    if bn is None:
+        return None
+    one_channel = bn.x.shape[1] == 1 and lin.x.shape[-1] == 1  # a scalar affine: where it lands is moot
+    if not one_channel and follow_chain(chain, 1) != len(lin.x.shape) - 1:
         return None
     s, t = bn_affine(bn)
     w = lin.params["weight"]

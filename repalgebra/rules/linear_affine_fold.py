@@ -28,7 +28,8 @@ def linear_affine_fold(graph, node):
     if lin is None:
         return None
     axis = (1 if node.op == "batch_norm" else node.attrs["axis"]) % len(node.x.shape)
-    if follow_chain(chain, len(lin.out.shape) - 1) != axis:
+    one_channel = lin.out.shape[-1] == 1 and node.x.shape[axis] == 1  # a scalar affine: where it lands is moot
+    if not one_channel and follow_chain(chain, len(lin.out.shape) - 1) != axis:
         return None
     if node.op == "batch_norm":
         s, t = bn_affine(node)

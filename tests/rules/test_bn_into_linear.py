@@ -1,0 +1,82 @@
+"""bn_into_linear: a BN before a Linear folds into it, through layout ops that keep the channel axis whole.
+
+    Linear(L(BN(x)); W, b) = Linear(L(x); W[o,c] s[c], b + W t)
+
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rulecheck import only, reasons, run_rules
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.testing import add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
+
+# Layout chains from an NCHW BN output to tokens with the channel axis last (FastViT attention),
+# and chains that leave the channels elsewhere (the rule must not fire).
+CARRYING = {
+    "flatten_transpose": lambda b, y: b.transpose(b.flatten(y, start=2), dim0=-2, dim1=-1),
+    "permute": lambda b, y: b.permute(y, dims=(0, 2, 3, 1)),
+    "permute_flatten": lambda b, y: b.flatten(b.permute(y, dims=(0, 2, 3, 1)), start=1, end=2),
+}
+MIXING = {
+    "flatten_only": lambda b, y: b.flatten(y, start=2),  # the Linear reads spatial positions
+    "flatten_all": lambda b, y: b.flatten(y, start=1),  # channels and space merged
+}
+
+
+def _linear_params(c_in, c_out, bias, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5
+    p = {"weight": w.to(dtype)}
+    if bias:
+        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
+    return p
+
+
+@st.composite
+def cases(draw, chains):
+    c = draw(st.integers(1, 16))
+    shape = (draw(st.integers(1, 3)), c, draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    return shape, draw(bn_stats(c)), draw(st.sampled_from(sorted(chains))), draw(st.integers(1, 16)), draw(st.booleans())
+
+
+@given(case=cases(CARRYING), dtype=float_dtypes(), seed=seeds())
+def test_folds_through_layout(case, dtype, seed):
+    shape, stats, chain, c_out, bias = case
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    y = CARRYING[chain](b, add_bn(b, x, stats, dtype, "blk.norm"))
+    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.qkv"))
+    fused, report = run_rules(graph, "bn_into_linear")
+    assert report.rule_counts() == {"bn_into_linear": 1}
+    assert "batch_norm" not in fused.op_counts() and fused.op_counts()["linear"] == 1
+    assert "bias" in only(fused, "linear").params  # t moves into the bias
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(case=cases(MIXING), dtype=float_dtypes(), seed=seeds())
+def test_not_fired_when_channels_do_not_arrive_last(case, dtype, seed):
+    shape, stats, chain, c_out, bias = case
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    y = MIXING[chain](b, add_bn(b, x, stats, dtype, "norm"))
+    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
+    fused, report = run_rules(graph, "bn_into_linear")
+    if chain == "flatten_all" and shape[2] * shape[3] == 1:
+        return  # with 1x1 spatial size the channels are the last axis: folding is right, and fires
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert reasons(report, "batch_norm") and reasons(report, "batch_norm")[0].startswith("no rule applies")
+
+
+@given(case=cases(CARRYING), dtype=float_dtypes(), seed=seeds())
+def test_not_fired_when_the_bn_output_is_read_elsewhere(case, dtype, seed):
+    shape, stats, chain, c_out, bias = case
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    n = add_bn(b, x, stats, dtype, "norm")
+    y = b.linear(CARRYING[chain](b, n), **_linear_params(shape[1], c_out, bias, seed, dtype), source="lin")
+    graph = b.build(y, n)
+    fused, report = run_rules(graph, "bn_into_linear")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()

@@ -1,0 +1,89 @@
+"""linear_affine_fold: a BN or layer scale after a Linear folds into it, through layout ops.
+
+    A(L(Linear(x; W, b))) = L(Linear(x; s[o] W[o,:], s b + t))
+
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rulecheck import only, run_rules
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.testing import add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
+
+
+def _params(c_in, c_out, bias, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    p = {"weight": (torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5).to(dtype)}
+    if bias:
+        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
+    return p
+
+
+@st.composite
+def tokens(draw):
+    """(B, H, W, C_in, C_out): tokens (B, H*W, C_in) from an H x W map, C_out output features."""
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 16)), draw(st.integers(1, 16)))
+
+
+@given(t=tokens(), dtype=float_dtypes(), affine=st.sampled_from(["scale", "bn"]), bias=st.booleans(), seed=seeds(), data=st.data())
+def test_folds_after_projection_back_to_nchw(t, dtype, affine, bias, seed, data):
+    """FastViT: proj(tokens) -> transpose -> reshape to (B, C, H, W) -> layer scale (or a BN)."""
+    bsz, h, w, cin, cout = t
+    b = GraphBuilder()
+    x = b.input("x", (bsz, h * w, cin), dtype)
+    y = b.linear(x, **_params(cin, cout, bias, seed, dtype), source="blk.proj")
+    y = b.reshape(b.transpose(y, dim0=-2, dim1=-1), shape=(bsz, cout, h, w))
+    if affine == "scale":
+        gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+        y = b.scale(y, scale=gamma, source="blk.layer_scale")
+    else:
+        y = add_bn(b, y, data.draw(bn_stats(cout)), dtype, "blk.bn")
+    graph = b.build(y)
+    fused, report = run_rules(graph, "linear_affine_fold")
+    assert report.rule_counts() == {"linear_affine_fold": 1}
+    assert set(fused.op_counts()) == {"linear", "transpose", "reshape"}
+    assert ("bias" in only(fused, "linear").params) == (bias or affine == "bn")
+    assert_graphs_equal(graph, fused, random_input((bsz, h * w, cin), dtype, seed + 2), dtype)
+
+
+@given(t=tokens(), dtype=float_dtypes(), bias=st.booleans(), seed=seeds(), data=st.data())
+def test_folds_levit_bn1d_across_flatten(t, dtype, bias, seed, data):
+    bsz, h, w, cin, cout = t
+    b = GraphBuilder()
+    x = b.input("x", (bsz, h * w, cin), dtype)
+    y = b.linear(x, **_params(cin, cout, bias, seed, dtype), source="lin")
+    y = b.reshape(add_bn(b, b.flatten(y, start=0, end=1), data.draw(bn_stats(cout)), dtype, "bn"), shape=(bsz, h * w, cout))
+    graph = b.build(y)
+    fused, report = run_rules(graph, "linear_affine_fold")
+    assert report.rule_counts() == {"linear_affine_fold": 1} and "batch_norm" not in fused.op_counts()
+    assert_graphs_equal(graph, fused, random_input((bsz, h * w, cin), dtype, seed + 2), dtype)
+
+
+@given(t=tokens(), dtype=float_dtypes(), seed=seeds())
+def test_not_fired_when_the_reshape_mixes_features(t, dtype, seed):
+    """reshape (B, N, C) -> (B, C, N) without a transpose splits the feature axis: no fold."""
+    bsz, h, w, cin, cout = t
+    b = GraphBuilder()
+    x = b.input("x", (bsz, h * w, cin), dtype)
+    y = b.reshape(b.linear(x, **_params(cin, cout, True, seed, dtype), source="lin"), shape=(bsz, cout, h * w))
+    gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    graph = b.build(b.scale(y, scale=gamma, source="ls"))
+    fused, report = run_rules(graph, "linear_affine_fold")
+    if cout == 1 or h * w == 1:
+        return  # the reshape is a no-op or keeps whole features: folding is right, and fires
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(t=tokens(), dtype=float_dtypes(), seed=seeds())
+def test_not_fired_when_the_projection_is_read_elsewhere(t, dtype, seed):
+    bsz, h, w, cin, cout = t
+    b = GraphBuilder()
+    x = b.input("x", (bsz, h * w, cin), dtype)
+    y = b.linear(x, **_params(cin, cout, True, seed, dtype), source="lin")
+    gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    graph = b.build(b.scale(y, scale=gamma, axis=-1, source="ls"), y)
+    fused, report = run_rules(graph, "linear_affine_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
