@@ -206,9 +206,6 @@ def test_fence_parser():
 
 # --------------------------------------------------------------------------- links
 
-# Link targets that are known to be missing for now: the rule pages link the property tests that
-# are still being written.  Remove an entry once its file lands (a missing target listed here
-# is tolerated; any other missing target fails).
 _LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 
 
