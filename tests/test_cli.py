@@ -1,0 +1,119 @@
+"""The ``repalgebra`` command line: fuse, export, verify, rules, demo; exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import onnx
+import pytest
+import torch
+
+import fastvit_models
+import repalgebra
+from repalgebra.cli import main
+from repalgebra.demo import run_demo
+
+SMALL = ["--input-shape", "1,3,64,64"]
+
+
+@pytest.fixture
+def block_file(tmp_path):
+    """A user's module file with a factory, as ``path.py:attr``."""
+    path = tmp_path / "blocks.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+                self.b = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+            def forward(self, x):
+                return torch.relu(self.a(x) + self.b(x))
+
+        def make_block():
+            return Block()
+    """))
+    return f"{path}:make_block"
+
+
+def test_fuse_fastvit_writes_a_loadable_state(tmp_path, capsys):
+    out = tmp_path / "t8.pt"
+    assert main(["fuse", "fastvit_t8", "-o", str(out), *SMALL]) == 0
+    printed = capsys.readouterr()
+    assert "rules fired" in printed.out and "[2/3] fusing" in printed.err
+    state = torch.load(out, weights_only=True)
+    fused = repalgebra.fuse(fastvit_models.create_model("fastvit_t8"), (torch.zeros(1, 3, 64, 64),))
+    fused.load_state_dict(state)  # the file is the fused model's state
+    assert not any("bn" in k for k in state)
+
+
+def test_fuse_user_factory_to_safetensors(tmp_path, block_file, capsys):
+    out = tmp_path / "block.safetensors"
+    assert main(["fuse", block_file, "-o", str(out), "--input-shape", "1,3,16,16"]) == 0
+    from safetensors.torch import load_file
+
+    assert len(load_file(str(out))) == 2  # one conv: weight and bias
+
+
+def test_export_checks_and_compares(tmp_path, block_file, capsys):
+    out = tmp_path / "block.onnx"
+    assert main(["export", block_file, "-o", str(out), "--input-shape", "1,3,16,16", "--opset", "18"]) == 0
+    printed = capsys.readouterr().out
+    assert "Conv 1" in printed and "OK" in printed
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == 18
+
+
+def test_verify_passes(block_file, capsys):
+    assert main(["verify", block_file, "--input-shape", "1,3,16,16", "--dtype", "float64"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_rules_lists_every_rule(capsys):
+    assert main(["rules"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in repalgebra.RULES)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fuse", "no_such_model", "-o", "x.pt"],
+        ["fuse", "no_such_module_xyz:f", "-o", "x.pt"],
+        ["verify", "fastvit_t8", "--input-shape", "1,a,3"],
+        ["export", "fastvit_t8"],
+        ["bogus"],
+    ],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse prints its usage lines first
+    assert "error" in last and "Traceback" not in last
+
+
+def test_failure_exits_1(tmp_path, capsys):
+    path = tmp_path / "bad.py"
+    path.write_text("import torch\nfrom torch import nn\nm = nn.Sequential(nn.Conv2d(3, 4, 3))\nm[0].weight.data[0, 0, 0, 0] = float('nan')\n")
+    assert main(["fuse", f"{path}:m", "-o", str(tmp_path / "o.pt"), "--input-shape", "1,3,8,8"]) == 1
+    err = capsys.readouterr().err
+    assert "NaN" in err or "nan" in err
+
+
+def test_demo_small(capsys):
+    assert run_demo(size=64) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and "latency ms" in out
+
+
+def test_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "repalgebra.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "fuse" in r.stdout and "demo" in r.stdout
