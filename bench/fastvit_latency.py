@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(fastvit_models.list_models()))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--write", type=Path, default=None, help="put the table into this Markdown file")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on shared machines)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     for name in args.variants.split(","):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
