@@ -147,33 +147,45 @@ def _export(args) -> int:
     return 0 if ok else 1
 
 
+_PICTURE_FORMATS = ("svg", "png", "dot")
+
+
 def _show(args) -> int:
     import shutil
     import subprocess
 
     import repalgebra
 
+    out = args.output
+    fmt = Path(out).suffix.lstrip(".").lower() if out is not None else None
+    if out is not None and fmt not in _PICTURE_FORMATS:
+        raise UsageError(f"-o must end in .svg, .png or .dot, got {out!r}")
     model = load_model(args.model, args.checkpoint)
     graph = repalgebra.trace(model, _example(args))
     if args.fused:
         graph, _ = repalgebra.rewrite(graph)
-    out = args.output
     if out is None:
         print(graph)
         return 0
-    dot = graph.to_dot(title=f"{args.model}{' (fused)' if args.fused else ''}")
-    suffix = Path(out).suffix.lstrip(".")
-    if suffix == "dot":
+    what = f"{args.model}{' (fused)' if args.fused else ''}"
+    dot = graph.to_dot(title=what) + "\n"
+    if fmt == "dot":
         Path(out).write_text(dot)
-    elif suffix in ("svg", "png"):
-        if shutil.which("dot") is None:
-            print("graphviz 'dot' is not installed (apt-get install graphviz); here is the DOT text:", file=sys.stderr)
-            print(dot)
-            return 1
-        subprocess.run(["dot", f"-T{suffix}", "-o", out], input=dot.encode(), check=True)
     else:
-        raise UsageError(f"-o must end in .svg, .png or .dot, got {out!r}")
-    print(f"wrote {out}")
+        if shutil.which("dot") is None:
+            print(
+                f"repalgebra: graphviz's `dot` program is not on PATH, so {out} was not written.\n"
+                "  Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) and rerun,\n"
+                f"  or render the DOT text printed below yourself: save it as graph.dot, then `dot -T{fmt} graph.dot -o {out}`\n"
+                "  (`-o graph.dot` writes the DOT text without Graphviz).",
+                file=sys.stderr,
+            )
+            print(dot, end="")
+            return 1
+        r = subprocess.run(["dot", f"-T{fmt}", "-o", out], input=dot.encode(), capture_output=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"`dot -T{fmt}` failed (exit {r.returncode}): {r.stderr.decode(errors='replace').strip()}")
+    print(f"wrote {out} ({what}: {len(graph.nodes)} nodes)")
     return 0
 
 
