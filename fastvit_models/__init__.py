@@ -9,6 +9,12 @@ Typical use::
 
     import fastvit_models
     model = fastvit_models.create_model("fastvit_sa12", checkpoint="fastvit_sa12.pth.tar")
+
+Fused (reparameterized) checkpoints load too: ``create_model`` gives a
+train-time model that computes the fused network, ``load_fused`` its
+``repalgebra.fuse`` (see :mod:`fastvit_models.fused_checkpoint`)::
+
+    fused = fastvit_models.load_fused("fastvit_sa12", "fastvit_sa12_reparam.pth.tar")
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ from .blocks import (
 )
 from .checkpoint import load_checkpoint
 from .fastvit import FASTVIT_CONFIGS, FastViT, FastViTConfig, build_fastvit
+from .fused_checkpoint import load_fused, load_fused_checkpoint
 
 __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "load_fused",
+    "load_fused_checkpoint",
     "FastViT",
     "FastViTConfig",
     "FASTVIT_CONFIGS",
@@ -64,13 +73,19 @@ def create_model(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     drop_path_rate: float = 0.0,
 ) -> FastViT:
-    """Build a FastViT variant, optionally loading a train-time checkpoint.
+    """Build a FastViT variant, optionally loading a train-time or fused checkpoint.
 
     Args:
         name: one of :func:`list_models`.
         num_classes: outputs of the classifier (must match the checkpoint's head).
         checkpoint: ``.pth``, ``.pth.tar`` or ``.safetensors`` file in Apple's or
             timm's key layout (detected); see :mod:`fastvit_models.checkpoint`.
+            A fused checkpoint (``reparam_conv`` / ``lkb_reparam`` keys) gives
+            a train-time model computing the fused network (the same function,
+            float rounding aside): each unit's fused kernel sits in its main
+            conv branch behind an identity BN, the other branches are zeroed.
+            Those weights cannot be un-fused; training from them starts from
+            the zeroed branches (see :mod:`fastvit_models.fused_checkpoint`).
         drop_path_rate: stochastic depth rate (training only; default off).
 
     Returns:
@@ -79,7 +94,6 @@ def create_model(
     Raises:
         ValueError: unknown ``name`` (the message lists valid names), or a
             checkpoint with missing/unexpected keys or wrong shapes.
-        NotImplementedError: for fused checkpoints.
     """
     model = build_fastvit(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
     if checkpoint is not None:

@@ -11,6 +11,12 @@ Supported files: ``.pth`` / ``.pth.tar`` (a bare state dict, or one wrapped in
 stripped) and ``.safetensors``. Files are read with
 ``torch.load(..., weights_only=True)`` or ``safetensors.torch.load_file``;
 nothing is downloaded.
+
+Fused (reparameterized) checkpoints, as written after Apple's or timm's
+``reparameterize_model`` (``reparam_conv`` / ``lkb_reparam`` keys), are
+recognised by :func:`is_fused_state_dict` and loaded by
+:mod:`fastvit_models.fused_checkpoint`; :func:`load_checkpoint` dispatches to
+it, so both kinds load through the same call.
 """
 
 from __future__ import annotations
@@ -27,15 +33,19 @@ from .blocks import PatchEmbed, RepCPE
 __all__ = [
     "FUSED_CHECKPOINT_MESSAGE",
     "network_layout",
+    "is_fused_state_dict",
     "apple_key_to_timm",
     "timm_key_to_apple",
     "to_timm_state_dict",
     "read_state_dict",
     "detect_layout",
     "to_apple_state_dict",
+    "check_state_dict",
     "load_checkpoint",
 ]
 
+# Kept so that old imports keep working; fused checkpoints load since
+# fastvit_models.fused_checkpoint, and nothing raises this message any more.
 FUSED_CHECKPOINT_MESSAGE = "fused checkpoints load into repalgebra.fuse(model); not supported yet"
 
 StateDict = Dict[str, torch.Tensor]
@@ -57,7 +67,9 @@ _SE_APPLE_TO_TIMM = {"reduce": "fc1", "expand": "fc2"}
 _SE_TIMM_TO_APPLE = {v: k for k, v in _SE_APPLE_TO_TIMM.items()}
 # Layer scales: Apple stores bare parameters, timm a ``LayerScale2d`` with ``gamma``.
 _LAYER_SCALES = ("layer_scale", "layer_scale_1", "layer_scale_2")
-# Keys that exist only in fused (reparameterized) checkpoints.
+# Keys that exist only in fused (reparameterized) checkpoints. Apple names the
+# large-kernel conv's fused conv ``lkb_reparam``; timm calls it ``reparam_conv``
+# like every other fused conv.
 _FUSED_MARKERS = ("reparam_conv", "lkb_reparam")
 
 
@@ -101,6 +113,11 @@ def apple_key_to_timm(key: str, layout: NetworkLayout) -> str:
         network.2.0.token_mixer.layer_scale   -> stages.1.blocks.0.token_mixer.layer_scale.gamma
         conv_exp.se.reduce.weight             -> final_conv.se.fc1.weight
         head.weight                           -> head.fc.weight
+
+    Fused keys (sa12 layout)::
+
+        network.1.proj.0.lkb_reparam.weight   -> stages.1.downsample.proj.0.reparam_conv.weight
+        network.6.reparam_conv.bias           -> stages.3.pos_emb.reparam_conv.bias
     """
     parts = key.split(".")
     head: List[str]
@@ -116,14 +133,19 @@ def apple_key_to_timm(key: str, layout: NetworkLayout) -> str:
         if role == "downsample":
             head = ["stages", str(stage), "downsample"]  # rest starts with "proj"
         elif role == "pos_emb":
-            if rest[0] != "pe":
+            if rest[0] == "pe":
+                head, rest = ["stages", str(stage), "pos_emb", "pos_enc"], rest[1:]
+            elif rest[0] == "reparam_conv":  # fused RepCPE: same name in both layouts
+                head = ["stages", str(stage), "pos_emb"]
+            else:
                 raise KeyError(key)
-            head, rest = ["stages", str(stage), "pos_emb", "pos_enc"], rest[1:]
         else:
             head = ["stages", str(stage), "blocks"]
     else:
         raise KeyError(f"not a FastViT key in Apple layout: {key!r}")
     rest = _rename_parts(rest, _APPLE_TO_TIMM_PARTS, _SE_APPLE_TO_TIMM)
+    # Fused large-kernel conv: Apple's ``lkb_reparam`` is timm's ``reparam_conv``.
+    rest = ["reparam_conv" if p == "lkb_reparam" else p for p in rest]
     if rest and rest[-1] in _LAYER_SCALES:
         rest = rest + ["gamma"]
     return ".".join(head + rest)
@@ -147,9 +169,13 @@ def timm_key_to_apple(key: str, layout: NetworkLayout) -> str:
         index = layout.index((stage, role))
         rest = parts[3:]
         if role == "pos_emb":
-            if rest[0] != "pos_enc":
+            if rest[0] == "pos_enc":
+                rest = ["pe"] + rest[1:]
+            elif rest[0] != "reparam_conv":  # fused RepCPE keeps its name
                 raise KeyError(key)
-            rest = ["pe"] + rest[1:]
+        elif role == "downsample" and rest[:3] == ["proj", "0", "reparam_conv"]:
+            # The fused large-kernel conv: timm's ``reparam_conv``, Apple's ``lkb_reparam``.
+            rest = ["proj", "0", "lkb_reparam"] + rest[3:]
         head = ["network", str(index)]
     else:
         raise KeyError(f"not a FastViT key in timm layout: {key!r}")
@@ -199,15 +225,21 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
     return state
 
 
+def is_fused_state_dict(state: Mapping[str, torch.Tensor]) -> bool:
+    """True if ``state`` holds fused convs (a ``reparam_conv`` or ``lkb_reparam`` module).
+
+    Such state dicts come from Apple's or timm's ``reparameterize_model``;
+    :mod:`fastvit_models.fused_checkpoint` loads them.
+    """
+    return any(marker in k.split(".") for k in state for marker in _FUSED_MARKERS)
+
+
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """Return ``"apple"`` or ``"timm"`` for a FastViT state dict.
+    """Return ``"apple"`` or ``"timm"`` for a FastViT state dict, train-time or fused.
 
     Raises:
-        NotImplementedError: for fused checkpoints (``reparam_conv`` / ``lkb_reparam`` keys).
         ValueError: when neither layout's top-level names are present.
     """
-    if any(marker in k.split(".") for k in state for marker in _FUSED_MARKERS):
-        raise NotImplementedError(FUSED_CHECKPOINT_MESSAGE)
     tops = {k.split(".", 1)[0] for k in state}
     if tops & {"patch_embed", "network", "conv_exp"}:
         return "apple"
@@ -251,46 +283,80 @@ def _is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a train-time FastViT checkpoint (Apple or timm layout) into ``model`` in place.
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    model: nn.Module,
+    *,
+    path: str,
+    layout: str,
+    origin: Mapping[str, str],
+    kind: str = "",
+) -> None:
+    """Raise ``ValueError`` unless ``state`` has exactly the keys and shapes of ``expected``.
 
-    Every parameter and buffer must be present (``num_batches_tracked`` may be
-    absent or extra) and have the model's shape.
+    ``num_batches_tracked`` keys may be absent or extra. For timm files each
+    key is shown with the file's own name in parentheses (``origin`` for keys
+    the file has, :func:`apple_key_to_timm` for keys it lacks).
+    """
+    net = network_layout(model) if layout == "timm" else None
+
+    def show(key: str) -> str:
+        theirs = origin.get(key)
+        if theirs is None and net is not None and key in expected:
+            try:
+                theirs = apple_key_to_timm(key, net)
+            except KeyError:
+                theirs = None
+        return f"{key} ({layout}: {theirs})" if theirs and theirs != key else key
+
+    missing = sorted(k for k in expected if k not in state and not _is_counter(k))
+    unexpected = sorted(k for k in state if k not in expected and not _is_counter(k))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} ({layout} layout{', ' + kind if kind else ''}) does not fit "
+            f"{type(model).__name__}: "
+            f"missing keys {[show(k) for k in missing]}; "
+            f"unexpected keys {[show(k) for k in unexpected]}"
+        )
+    bad_shapes = [
+        f"{show(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k]
+    ]
+    if bad_shapes:
+        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad_shapes))
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load a FastViT checkpoint (Apple or timm layout) into ``model`` in place.
+
+    Train-time checkpoints: every parameter and buffer must be present
+    (``num_batches_tracked`` may be absent or extra) and have the model's shape.
+
+    Fused checkpoints (``reparam_conv`` / ``lkb_reparam`` keys, from Apple's or
+    timm's ``reparameterize_model``) are handed to
+    :func:`fastvit_models.fused_checkpoint.load_fused_state_dict_`: ``model``
+    then computes exactly the fused network, with each unit's reparameterized
+    kernel in its main conv branch and the other branches zeroed. A fused
+    checkpoint cannot be un-fused; see that module.
 
     Raises:
         ValueError: listing missing and unexpected keys (for timm files with
             the file's own key name in parentheses), or tensors whose shape does
             not match the model (e.g. another variant or class count).
-        NotImplementedError: for fused (reparameterized) checkpoints.
     """
     path = os.fspath(path)
     file_state = read_state_dict(path)
     layout = detect_layout(file_state)
     state, origin = to_apple_state_dict(file_state, model)
+    if is_fused_state_dict(file_state):
+        from .fused_checkpoint import load_fused_state_dict_
+
+        return load_fused_state_dict_(model, state, path=path, layout=layout, origin=origin)
     own = model.state_dict()
-    timm_names = {}
-    if layout == "timm":
-        net = network_layout(model)
-        timm_names = {k: apple_key_to_timm(k, net) for k in own}
-
-    def show(key: str) -> str:
-        theirs = origin.get(key) or timm_names.get(key)
-        return f"{key} ({layout}: {theirs})" if theirs else key
-
-    missing = sorted(k for k in own if k not in state and not _is_counter(k))
-    unexpected = sorted(k for k in state if k not in own and not _is_counter(k))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} ({layout} layout) does not fit {type(model).__name__}: "
-            f"missing keys {[show(k) for k in missing]}; "
-            f"unexpected keys {[show(k) for k in unexpected]}"
-        )
-    bad_shapes = [
-        f"{show(k)}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if bad_shapes:
-        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad_shapes))
+    check_state_dict(
+        state, {k: v.shape for k, v in own.items()}, model, path=path, layout=layout, origin=origin
+    )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model
