@@ -31,7 +31,6 @@ import torch.nn as nn
 from .blocks import PatchEmbed, RepCPE
 
 __all__ = [
-    "FUSED_CHECKPOINT_MESSAGE",
     "network_layout",
     "is_fused_state_dict",
     "apple_key_to_timm",
@@ -43,10 +42,6 @@ __all__ = [
     "check_state_dict",
     "load_checkpoint",
 ]
-
-# Kept so that old imports keep working; fused checkpoints load since
-# fastvit_models.fused_checkpoint, and nothing raises this message any more.
-FUSED_CHECKPOINT_MESSAGE = "fused checkpoints load into repalgebra.fuse(model); not supported yet"
 
 StateDict = Dict[str, torch.Tensor]
 # One entry per element of ``model.network``: (stage index, role), where role is

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import fastvit_models as fm
 from fastvit_models.checkpoint import (
-    FUSED_CHECKPOINT_MESSAGE,
     apple_key_to_timm,
     network_layout,
     timm_key_to_apple,
@@ -452,12 +451,13 @@ def test_wrong_variant_or_head_raises(tmp_path):
 @pytest.mark.parametrize(
     "fused_key", ["patch_embed.0.reparam_conv.weight", "network.1.proj.0.lkb_reparam.weight"]
 )
-def test_fused_checkpoint_not_supported_yet(tmp_path, fused_key):
+def test_incomplete_fused_checkpoint_lists_missing_keys(tmp_path, fused_key):
+    """A fused file is recognised as fused; an incomplete one is refused with the missing keys."""
     path = tmp_path / "fused.pth.tar"
     torch.save({"state_dict": {fused_key: torch.zeros(1), "head.weight": torch.zeros(1)}}, path)
-    with pytest.raises(NotImplementedError) as info:
+    with pytest.raises(ValueError, match="missing") as info:
         fm.create_model("fastvit_t8", checkpoint=path)
-    assert str(info.value) == FUSED_CHECKPOINT_MESSAGE
+    assert "reparam_conv" in str(info.value)
 
 
 def test_unrecognised_layout_raises(tmp_path):
