@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import (assert_differs, assert_equal, batch_norm, bn_scale_shift, bn_symbols,
+from .symbolic import (conv_symbols, assert_differs, assert_equal, batch_norm, bn_scale_shift, bn_symbols,
                        conv2d, describe, norm_pads, symbols_tensor)
 
 
@@ -59,10 +59,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        C, g = cfg["C"], cfg["groups"]
+        x, w, b = conv_symbols(cfg)
         bn = bn_symbols("", C)
         kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=g)
         lhs = conv2d(batch_norm(x, *bn), w, b, **kw)

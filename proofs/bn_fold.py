@@ -23,8 +23,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import (assert_equal, batch_norm, bn_symbols, conv2d, describe,
-                       symbols_tensor)
+from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, conv_symbols, describe
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -51,10 +50,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        O, g = cfg["O"], cfg["groups"]
+        x, w, b = conv_symbols(cfg)
         bn = bn_symbols("", O)
         conv_kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g)
         lhs = batch_norm(conv2d(x, w, b, **conv_kw), *bn)

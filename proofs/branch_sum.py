@@ -24,8 +24,7 @@ from math import gcd
 
 import numpy as np
 
-from .symbolic import (ZERO, assert_equal, conv2d, describe, regroup_weight, symbols_tensor,
-                       zeros)
+from .symbolic import assert_equal, conv2d, describe, regroup_weight, symbols_tensor, zeros
 
 
 def fuse(wa, ba, wb, bb, sign: int = 1, groups_a: int = 1, groups_b: int = 1):

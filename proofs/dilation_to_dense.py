@@ -15,7 +15,7 @@ Proof: symbolic x, W, b; expand(lhs - rhs) == 0 elementwise.
 
 from __future__ import annotations
 
-from .symbolic import assert_equal, conv2d, describe, pair, symbols_tensor, zeros
+from .symbolic import conv_symbols, assert_equal, conv2d, describe, pair, zeros
 
 
 def fuse(w, dilation):
@@ -40,10 +40,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,))
+        g = cfg["groups"]
+        x, w, b = conv_symbols(cfg, bias=True)
         kw = dict(stride=cfg["stride"], padding=cfg["padding"], groups=g)
         lhs = conv2d(x, w, b, dilation=cfg["dilation"], **kw)
         rhs = conv2d(x, fuse(w, cfg["dilation"]), b, dilation=(1, 1), **kw)

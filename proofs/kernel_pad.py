@@ -23,7 +23,7 @@ Proof: symbolic x, W, b; expand(lhs - rhs) == 0 elementwise.
 
 from __future__ import annotations
 
-from .symbolic import assert_equal, conv2d, describe, norm_pads, pair, symbols_tensor, zeros
+from .symbolic import conv_symbols, assert_equal, conv2d, describe, norm_pads, pair, zeros
 
 
 def fuse(w, padding, kpad, dilation=(1, 1)):
@@ -49,10 +49,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,))
+        g = cfg["groups"]
+        x, w, b = conv_symbols(cfg, bias=True)
         kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=g)
         lhs = conv2d(x, w, b, padding=cfg["padding"], **kw)
         w2, pad2 = fuse(w, cfg["padding"], cfg["kpad"], cfg["dilation"])

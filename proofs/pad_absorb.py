@@ -15,7 +15,7 @@ Proof: symbolic x, W, bias; expand(lhs - rhs) == 0 elementwise.
 
 from __future__ import annotations
 
-from .symbolic import assert_equal, conv2d, describe, norm_pads, pad, symbols_tensor
+from .symbolic import conv_symbols, assert_equal, conv2d, describe, norm_pads, pad
 
 
 def fuse(pads, conv_padding):
@@ -36,10 +36,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,))
+        g = cfg["groups"]
+        x, w, b = conv_symbols(cfg, bias=True)
         kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=g)
         lhs = conv2d(pad(x, cfg["pads"]), w, b, padding=cfg["padding"], **kw)
         rhs = conv2d(x, w, b, padding=fuse(cfg["pads"], cfg["padding"]), **kw)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .symbolic import assert_equal, conv2d, describe, scale, symbols_tensor
+from .symbolic import conv_symbols, assert_equal, conv2d, describe, scale, symbols_tensor
 
 
 def fuse(w, b, s):
@@ -36,10 +36,8 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (O, C // g) + cfg["k"])
-        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        O, g = cfg["O"], cfg["groups"]
+        x, w, b = conv_symbols(cfg)
         s = symbols_tensor("s", (O,))
         kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g)
         lhs = scale(conv2d(x, w, b, **kw), s)

@@ -438,3 +438,16 @@ def describe_chain(chain) -> str:
             vals.extend(v if isinstance(v, (tuple, list)) else [v])
         parts.append(f"{op}({', '.join(map(str, vals))})")
     return " ".join(parts) or "(none)"
+
+
+def conv_symbols(cfg: dict, bias: bool | None = None):
+    """Symbolic input ``x`` (C, H, W), kernel ``w`` (O, C/groups, kh, kw) and bias ``b`` for a proof config.
+
+    ``cfg`` has keys C, O, H, W, k, groups (and ``bias`` unless given here);
+    ``b`` is ``None`` for a conv without bias.
+    """
+    C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+    x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+    w = symbols_tensor("w", (O, C // g) + tuple(cfg["k"]))
+    with_bias = cfg["bias"] if bias is None else bias
+    return x, w, (symbols_tensor("b", (O,)) if with_bias else None)
