@@ -45,15 +45,6 @@ BLOCK_PY = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small models: one torch thread (a 2-thread pool on a loaded 2-core machine is much slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def need_dot():
     if shutil.which("dot") is None:

@@ -40,14 +40,6 @@ def _load_script():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def referenced_pictures() -> set[str]:
     return set(re.findall(r"\]\(img/fastvit/([\w.-]+\.svg)\)", PAGE.read_text()))
 

@@ -28,8 +28,6 @@ from fastvit_models.blocks import MobileOneBlock, RepCPE, RepMixer, ReparamLarge
 from fastvit_models.checkpoint import apple_key_to_timm, is_fused_state_dict, network_layout, timm_key_to_apple
 from fastvit_models.testing import randomize_model_
 
-torch.set_num_threads(1)
-
 SIZE = 64  # input resolution; enough for every stage (sa12's attention sees 2x2 tokens)
 NAMES = ("fastvit_t8", "fastvit_sa12")
 

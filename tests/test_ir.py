@@ -19,15 +19,6 @@ from repalgebra.testing import (RTOL, add_bn, add_conv, bn_stats, conv_params, c
                                 magnitude, random_input, seeds)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one torch thread (a 2-thread pool on a loaded 2-core machine is ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_graph(dtype=torch.float32):
     """x -> conv 3x3 (asymmetric padding) -> BN -> add(., conv 2x2(x)) -> relu, and x."""
     g = torch.Generator().manual_seed(0)

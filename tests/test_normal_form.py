@@ -27,15 +27,6 @@ from repalgebra import rewrite
 from repalgebra.testing import assert_graphs_equal, assert_params_unchanged, linear_graphs, snapshot_params
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one torch thread (a 2-thread pool on a loaded 2-core machine is ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @given(ex=linear_graphs())
 def test_linear_region_folds_to_one_conv(ex):
     snap = snapshot_params(ex.graph)

@@ -26,15 +26,6 @@ from repalgebra.testing import (ConvSpec, add_bn, add_conv, assert_graphs_equal,
                                 float_dtypes, random_input, seeds, snapshot_params)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one torch thread (a 2-thread pool on a loaded 2-core machine is ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ``import repalgebra.rewrite`` would give the function (the package re-exports it under that name).
 engine = importlib.import_module("repalgebra.rewrite")
 
