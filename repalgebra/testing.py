@@ -27,6 +27,23 @@ Strategies
 * :func:`linear_graphs` draws a random *foldable* linear branchy region of one
   input (a :class:`RegionExample`): its normal form is a single conv2d.
 
+For whole graphs and models (fuzzing, ``tests/test_fuzz.py``):
+
+* :func:`mixed_graphs` draws a random DAG of linear regions with ReLU, GELU
+  and opaque modules (:class:`Contraction`) between them, skip connections
+  and fan-out (a :class:`MixedExample`); each region records whether it is
+  foldable by construction and the op counts fusion must leave in it
+  (:class:`MixedRegion`).  :func:`assert_graphs_equal_through` is
+  :func:`assert_graphs_equal` across the non-linear ops.
+* :func:`branchy_blocks` draws a model of reparameterizable blocks written
+  as ordinary ``nn.Module`` s (:class:`RepBranches`: conv-BN, 1x1,
+  asymmetric, dilated, 1x1 -> kxk, avg pool, BN and identity branches
+  summed; :class:`PreNormConv`: a BN before a padded conv, which must stay),
+  with the numbers of convs and BNs fusion must leave (a :class:`BlockExample`).
+* :func:`assert_fuses_exactly` is for users' own pytest suites: fuse a model
+  in float64, compare to 1e-9 relative, and check that no BatchNorm is left
+  where it could fold.
+
 Tensors are drawn from a seed (``seeds()``) with a ``torch.Generator``, so an
 example is small to print and exactly reproducible: :func:`conv_params`,
 :func:`random_input`, :meth:`BNStats.params`; :func:`add_conv` and
@@ -806,3 +823,731 @@ def linear_graphs(draw, dtype=None, max_branches: int = 4) -> RegionExample:
         gen.desc.append("x + region")
     xt = random_input((n, c, h, w), dtype, draw(seeds()))
     return RegionExample(gen.b.build(y), xt, dtype, gen.desc)
+
+
+# =========================================================================== fuzzing: mixed graphs, user blocks
+#
+# Everything below was added for fuzzing whole graphs (``tests/test_fuzz.py``) and
+# for users' own pytest suites (:func:`assert_fuses_exactly`).
+
+import copy as _copy  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+__all__ += [
+    "Contraction",
+    "NONLINEAR_LIPSCHITZ",
+    "magnitude_through",
+    "assert_graphs_equal_through",
+    "MixedRegion",
+    "MixedExample",
+    "mixed_graphs",
+    "RepBranches",
+    "PreNormConv",
+    "BlockExample",
+    "branchy_blocks",
+    "assert_fuses_exactly",
+]
+
+
+class Contraction(nn.Module):
+    """An elementwise map ``f`` with ``|f(y)| <= |y|`` and Lipschitz constant 1, unknown to the front end.
+
+    ``kind`` is ``"tanh"``, ``"hardtanh"``, ``"softsign"`` or ``"leaky"``.  In a
+    graph it is an ``opaque`` node (fusion must carry it through untouched);
+    the two properties let :func:`magnitude_through` bound errors across it.
+    """
+
+    KINDS = ("tanh", "hardtanh", "softsign", "leaky")
+
+    def __init__(self, kind: str = "tanh") -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown contraction {kind!r}; one of {self.KINDS}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tanh":
+            return torch.tanh(x)
+        if self.kind == "hardtanh":
+            return x.clamp(-1.0, 1.0)
+        if self.kind == "softsign":
+            return x / (1 + x.abs())
+        return torch.where(x >= 0, x, 0.1 * x)
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+#: Lipschitz constants of the non-linear ops :func:`magnitude_through` knows; each also has ``|f(y)| <= |y|``.
+#: (GELU: ``y * Phi(y)``, derivative ``Phi(y) + y phi(y)`` at most 1.129.)
+NONLINEAR_LIPSCHITZ: dict[str, float] = {"relu": 1.0, "gelu": 1.13}
+
+
+def magnitude_through(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """:func:`magnitude` extended through non-linear ops: relu, gelu and :class:`Contraction` opaque nodes.
+
+    For such an ``f`` with ``|f(y)| <= |y|`` and Lipschitz constant ``L >= 1``,
+    ``M_out = L * M_in`` bounds both the value (``|f(y)| <= |y| <= M_in``) and
+    the error carried through (``|f(y) - f(y')| <= L |y - y'|``), so an error
+    within ``tol * M`` before the op is within ``tol * M`` after it.  Other
+    ops as in :func:`magnitude`.
+    """
+    env: dict[int, torch.Tensor] = {id(v): t.to(torch.float64).abs() for v, t in zip(graph.inputs, inputs)}
+    for n in graph.nodes:
+        ms = [env[id(i)] for i in n.inputs]
+        if n.op in NONLINEAR_LIPSCHITZ:
+            env[id(n.out)] = NONLINEAR_LIPSCHITZ[n.op] * ms[0]
+        elif n.op == "opaque" and isinstance(n.attrs["fn"], Contraction):
+            env[id(n.out)] = ms[0]
+        else:
+            env[id(n.out)] = _magnitude_op(n, ms)
+    outs = tuple(env[id(o)] for o in graph.outputs)
+    return outs[0] if len(outs) == 1 else outs
+
+
+def assert_graphs_equal_through(
+    g1: Graph,
+    g2: Graph,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    depth: int = 1,
+    what: str = "",
+) -> None:
+    """:func:`assert_graphs_equal` for graphs with non-linear ops between their linear regions.
+
+    The bound is the same elementwise ``|y1 - y2| <= tol * M`` with ``M`` from
+    :func:`magnitude_through`, and both tolerances multiplied by ``depth``:
+    the largest number of fused regions on one path from an input to an
+    output.  Each fused region rounds its folded parameters once (and its own
+    arithmetic in the ``dtype`` run), and those errors add up along a path
+    (the Lipschitz factors are already in ``M``).
+    """
+    xs = (x,) if torch.is_tensor(x) else tuple(x)
+    x64 = [t.detach().to(torch.float64) for t in xs]
+    m = tuple(
+        torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude_through(g1, *x64)), _as_tuple(magnitude_through(g2, *x64)))
+    )
+    runs = [(torch.float64, depth * (_param_eps(g1, g2) + RTOL[torch.float64]))]
+    if dtype != torch.float64:
+        runs.append((dtype, depth * RTOL[dtype]))
+    for run_dtype, tol in runs:
+        xd = [t.detach().to(run_dtype) for t in xs]
+        y1, y2 = _as_tuple(run_graph(g1, *xd)), _as_tuple(run_graph(g2, *xd))
+        assert len(y1) == len(y2) == len(m), f"{what}: output counts differ: {len(y1)} vs {len(y2)}"
+        for k, (a, b, mk) in enumerate(zip(y1, y2, m)):
+            where = f"{what} output {k} ({run_dtype} run, depth {depth})"
+            assert a.shape == b.shape, f"{where}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+            assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{where}: non-finite values"
+            err = (a.to(torch.float64) - b.to(torch.float64)).abs()
+            bad = err > tol * mk
+            if bool(bad.any()):
+                i = int(torch.argmax(torch.where(bad, err / mk.clamp_min(1e-300), torch.zeros_like(err))))
+                idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
+                raise AssertionError(
+                    f"{where}: {int(bad.sum())} of {err.numel()} elements differ beyond tol={tol:.1e} x magnitude; "
+                    f"worst at {idx}: |diff|={err[idx].item():.3e}, magnitude={mk[idx].item():.3e}"
+                )
+
+
+# --------------------------------------------------------------------------- random DAGs of regions
+
+
+@dataclass
+class MixedRegion:
+    """One maximal linear region of a :class:`MixedExample`, as the generator built it.
+
+    Its nodes are those whose ``source`` is ``prefix`` or starts with
+    ``prefix + "."`` (rules name a merged node after the common prefix of what
+    it replaces, so fused nodes keep the prefix).  ``expected`` is the op
+    count of those nodes after fusion: ``{"conv2d": 1}`` for a foldable conv
+    region, what must stay for one that cannot fold exactly.  ``reason`` is
+    part of the left-alone reason fusion must report for an unfoldable one.
+    """
+
+    prefix: str
+    kind: str
+    foldable: bool
+    expected: dict[str, int]
+    reason: str = ""
+    desc: list[str] = field(default_factory=list)
+
+    def owns(self, node: Node) -> bool:
+        """Whether ``node`` belongs to this region (by its source path)."""
+        return node.source == self.prefix or node.source.startswith(self.prefix + ".")
+
+
+@dataclass(eq=False)
+class MixedExample:
+    """A generated DAG of linear regions joined by non-linear and opaque ops (see :func:`mixed_graphs`).
+
+    ``between`` is the op count of the nodes outside every region (relu,
+    gelu, opaque, and ``add`` s joining a region with an earlier value):
+    fusion must leave them all.  ``depth`` bounds the number of regions on
+    any input-to-output path (for :func:`assert_graphs_equal_through`).
+    """
+
+    graph: Graph
+    x: torch.Tensor
+    dtype: torch.dtype
+    regions: list[MixedRegion]
+    between: dict[str, int]
+    depth: int
+
+    def region_counts(self, graph: Graph) -> dict[str, dict[str, int]]:
+        """Per region prefix, the op counts of ``graph``'s nodes that belong to it."""
+        out = {}
+        for r in self.regions:
+            counts: dict[str, int] = {}
+            for n in graph.nodes:
+                if r.owns(n):
+                    counts[n.op] = counts.get(n.op, 0) + 1
+            out[r.prefix] = dict(sorted(counts.items()))
+        return out
+
+    def between_counts(self, graph: Graph) -> dict[str, int]:
+        """Op counts of ``graph``'s nodes outside every region."""
+        counts: dict[str, int] = {}
+        for n in graph.nodes:
+            if not any(r.owns(n) for r in self.regions):
+                counts[n.op] = counts.get(n.op, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __repr__(self) -> str:
+        lines = [f"MixedExample(dtype={self.dtype}, x={tuple(self.x.shape)}, depth={self.depth})"]
+        for r in self.regions:
+            lines.append(f"  {r.prefix} [{r.kind}{'' if r.foldable else ', unfoldable'}] {r.desc} -> {r.expected}")
+        return "\n".join(lines + [str(self.graph)])
+
+
+class _PrefixGen(_Gen):
+    """:class:`_Gen` adding to a shared builder, naming sources under ``prefix``."""
+
+    def __init__(self, draw, dtype: torch.dtype, b: GraphBuilder, prefix: str):
+        super().__init__(draw, dtype)
+        self.b = b
+        self.prefix = prefix
+
+    def src(self, kind: str) -> str:
+        self.n += 1
+        return f"{self.prefix}.b{self.n}.{kind}"
+
+
+def _weights(shape, seed: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def _branchy_region(draw, gen: _PrefixGen, v: Value, max_branches: int) -> Value:
+    """The body of :func:`linear_graphs` on input ``v``: a foldable branchy region (one conv)."""
+    n, c, h, w = v.shape
+    if draw(st.booleans()):
+        stride, out = 1, (h, w)
+    else:
+        stride = draw(st.sampled_from(STRIDES))
+        out = (draw(st.integers(1, (h - 1) // stride + 1)), draw(st.integers(1, (w - 1) // stride + 1)))
+    r = _Region(v, c, stride, (h, w), out)
+    first: list[Callable[[_Region], Value]] = [gen.conv_branch, gen.pad_conv_branch, gen.seq_branch]
+    if c >= 2:
+        first.append(gen.concat_branch)
+    others = list(first)
+    if _feasible_pools(r):
+        others.append(gen.pool_branch)
+    if r.same_grid:
+        others += [gen.bn_branch, gen.identity_branch]
+    y = draw(st.sampled_from(first))(r)
+    for _ in range(draw(st.integers(0, max_branches - 1))):
+        z = draw(st.sampled_from(others))(r)
+        op = draw(st.sampled_from(["add", "sub"]))
+        gen.desc.append(op)
+        y = getattr(gen.b, op)(y, z, source=gen.src(op))
+    tail = draw(st.sampled_from(["none", "scale", "bn"]))
+    if tail == "scale":
+        y = gen.scale(y, f"{gen.prefix}.ls")
+    elif tail == "bn":
+        y = gen.bn(y, f"{gen.prefix}.norm")
+    if tail != "none":
+        gen.desc.append(f"then {tail}")
+    if r.same_grid and draw(st.booleans()):
+        y = gen.b.add(v, y, source=f"{gen.prefix}.residual")
+        gen.desc.append("x + region")
+    return y
+
+
+_SAME_KERNELS = [(1, 1), (3, 3), (1, 3), (3, 1), (5, 5), (3, 5)]
+
+
+def _same_conv(draw, cin: int, cout: int, size: tuple[int, int], padded: bool = True) -> ConvSpec:
+    """A stride-1 conv keeping the grid ("same" padding, odd kernel), groups dividing both channel counts."""
+    kh, kw = draw(st.sampled_from([k for k in _SAME_KERNELS if k != (1, 1)] if padded else [(1, 1)]))
+    g = draw(st.sampled_from(_divisors(gcd(cin, cout))))
+    return ConvSpec(cin, cout, g, (kh, kw), padding=(kh // 2, kh // 2, kw // 2, kw // 2), bias=draw(st.booleans()), height=size[0], width=size[1])
+
+
+def _mixed_region(draw, b: GraphBuilder, v: Value, kind: str, prefix: str, dtype: torch.dtype) -> tuple[Value, MixedRegion]:
+    """Build one region of ``kind`` on ``v``; returns its output and what fusion must make of it."""
+    n, c, h, w = v.shape
+    seed = lambda: draw(seeds())  # noqa: E731
+    gen = _PrefixGen(draw, dtype, b, prefix)
+    if kind == "branchy":
+        y = _branchy_region(draw, gen, v, 3)
+        return y, MixedRegion(prefix, kind, True, {"conv2d": 1}, desc=gen.desc)
+    if kind == "proj":  # conv c -> c2 (+ BN) (+ layer scale): one conv
+        c2 = draw(st.integers(1, 8))
+        s = draw(st.sampled_from(STRIDES))
+        out = (draw(st.integers(1, (h - 1) // s + 1)), draw(st.integers(1, (w - 1) // s + 1)))
+        spec = draw(conv_specs_onto((h, w), out, s, in_channels=c, out_channels=c2))
+        y = gen.conv(v, spec, f"{prefix}.conv")
+        desc = [_short(spec)]
+        if draw(st.booleans()):
+            y, desc = gen.bn(y, f"{prefix}.bn"), desc + ["bn"]
+        if draw(st.booleans()):
+            y, desc = gen.scale(y, f"{prefix}.ls"), desc + ["ls"]
+        return y, MixedRegion(prefix, kind, True, {"conv2d": 1}, desc=desc)
+    if kind == "bn_padded_conv":  # BN before a zero-padding conv: must stay (BN(0) != 0 at the border)
+        spec = _same_conv(draw, c, draw(st.integers(1, 8)), (h, w))
+        y = gen.conv(gen.bn(v, f"{prefix}.bn"), spec, f"{prefix}.conv")
+        desc = ["bn", _short(spec)]
+        if draw(st.booleans()):
+            y, desc = gen.bn(y, f"{prefix}.post"), desc + ["bn"]
+        return y, MixedRegion(prefix, kind, False, {"batch_norm": 1, "conv2d": 1}, "bn_before_conv: the conv after it zero-pads", desc)
+    if kind == "biased_1x1_padded":  # 1x1 with a bias before a zero-padding kxk: must stay two convs
+        mid = draw(st.integers(1, 8))
+        pw = ConvSpec(c, mid, 1, (1, 1), bias=True, height=h, width=w)
+        spec = _same_conv(draw, mid, draw(st.integers(1, 8)), (h, w))
+        y = gen.conv(gen.conv(v, pw, f"{prefix}.pw"), spec, f"{prefix}.kxk")
+        return y, MixedRegion(prefix, kind, False, {"conv2d": 2}, "seq_merge: the 1x1 conv has a bias", ["biased 1x1", _short(spec)])
+    if kind == "pool_no_count":  # avg pool dividing by fewer elements at the border, beside a conv: must stay
+        k = draw(st.sampled_from([(3, 3), (3, 1), (1, 3), (5, 3)]))
+        pool = b.avg_pool2d(v, kernel=k, stride=(1, 1), padding=(k[0] // 2, k[1] // 2), count_include_pad=False, source=f"{prefix}.pool")
+        spec = _same_conv(draw, c, c, (h, w), padded=draw(st.booleans()))
+        y = b.add(gen.conv(v, spec, f"{prefix}.conv"), pool, source=f"{prefix}.sum")
+        return y, MixedRegion(
+            prefix, kind, False, {"add": 1, "avg_pool2d": 1, "conv2d": 1}, "avg_pool_to_conv: count_include_pad=False", [f"avgpool{k} no-count", _short(spec)]
+        )
+    if kind == "pad_value":  # a constant pad with a non-zero value before a conv: must stay
+        pads = draw(st.tuples(*[st.integers(0, 2)] * 4).filter(any))
+        value = draw(st.sampled_from([1.0, -0.5, 2.0]))
+        p = b.pad(v, pads=pads, value=value, source=f"{prefix}.pad")
+        k = (draw(st.integers(1, min(3, p.shape[2]))), draw(st.integers(1, min(3, p.shape[3]))))
+        spec = ConvSpec(c, draw(st.integers(1, 8)), 1, k, bias=draw(st.booleans()), height=p.shape[2], width=p.shape[3])
+        y = gen.conv(p, spec, f"{prefix}.conv")
+        return y, MixedRegion(prefix, kind, False, {"conv2d": 1, "pad": 1}, "pad_absorb: pads with", [f"pad{pads}={value}", _short(spec)])
+    if kind == "tokens":  # [BN] -> tokens -> Linear -> [affine] -> back to NCHW: one Linear among layout ops
+        c2 = draw(st.integers(1, 8))
+        desc = []
+        y = v
+        if draw(st.booleans()):
+            y, desc = gen.bn(y, f"{prefix}.norm"), ["bn"]
+        y = b.transpose(b.flatten(y, start=2, source=f"{prefix}.flat"), dim0=1, dim1=2, source=f"{prefix}.t1")
+        y = b.linear(y, weight=_weights((c2, c), seed(), dtype, c**-0.5), bias=_weights((c2,), seed(), dtype) if draw(st.booleans()) else None, source=f"{prefix}.fc")
+        after = draw(st.sampled_from(["none", "scale_tokens", "bn_channels", "bn_image"]))
+        if after == "scale_tokens":
+            y = b.scale(y, scale=_weights((c2,), seed(), dtype), axis=-1, source=f"{prefix}.ls")
+        y = b.transpose(y, dim0=1, dim1=2, source=f"{prefix}.t2")
+        if after == "bn_channels":
+            y = gen.bn(y, f"{prefix}.bn")
+        y = b.reshape(y, shape=(n, c2, h, w), source=f"{prefix}.unflat")
+        if after == "bn_image":
+            y = gen.bn(y, f"{prefix}.bn")
+        desc += [f"linear {c}->{c2}", after]
+        return y, MixedRegion(prefix, kind, True, {"flatten": 1, "linear": 1, "reshape": 1, "transpose": 2}, desc=desc)
+    raise ValueError(kind)
+
+
+FOLDABLE_KINDS = ("branchy", "proj", "tokens")
+UNFOLDABLE_KINDS = ("bn_padded_conv", "biased_1x1_padded", "pool_no_count", "pad_value")
+
+
+@st.composite
+def mixed_graphs(draw, dtype=None, max_regions: int = 4, unfoldable: bool = True, head=None) -> MixedExample:
+    """A random DAG of linear regions with ReLU/GELU and opaque modules between them (an IR graph).
+
+    One input (batch 1-2, channels 1-8, 2-8 x 2-8).  Then 1 to ``max_regions``
+    regions; each reads the graph input or the output of an earlier boundary
+    (fan-out: several regions may read one value), and is followed by a
+    boundary: ``relu``, ``gelu`` or an ``opaque`` :class:`Contraction`.
+    Before its boundary a region's output is sometimes added to an earlier
+    boundary value of the same shape (a skip connection across non-linear
+    ops, which no rule may fold).  Boundary values nothing reads are graph
+    outputs, so no node is dead.  Optionally (``head``: drawn when ``None``)
+    a classifier head ends the graph: global mean, [BN], Linear, [BN],
+    [layer scale], which folds to the mean and one Linear.
+
+    Each region records (:class:`MixedRegion`) whether it is foldable *by
+    construction* and the op counts fusion must leave in it:
+
+    * foldable: ``branchy`` (the branchy regions of :func:`linear_graphs`:
+      conv/BN/pad/1x1-kxk/concat/pool/identity branches summed, tail BN or
+      layer scale, residual) and ``proj`` (a conv changing the channel count,
+      with BN and layer scale) end as one ``conv2d``; ``tokens`` (BN, flatten
+      and transpose to tokens, Linear, a layer scale or BN on the features,
+      back to NCHW) ends as one ``linear`` among its layout ops;
+    * not foldable exactly (with ``unfoldable``): ``bn_padded_conv`` (a BN
+      before a zero-padding conv), ``biased_1x1_padded`` (a biased 1x1
+      before a zero-padding kxk), ``pool_no_count`` (an average pool with
+      ``count_include_pad=False`` beside a conv), ``pad_value`` (a pad with a
+      non-zero value before a conv): what makes them unfoldable must stay,
+      with the reason in the report.
+    """
+    dtype = _value(draw, dtype, float_dtypes())
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 8))
+    h, w = draw(st.integers(2, 8)), draw(st.integers(2, 8))
+    b = GraphBuilder()
+    x = b.input("x", (n, c, h, w), dtype)
+    live: list[Value] = [x]  # boundary values a region may read
+    depth = {id(x): 0}
+    read: set[int] = set()
+    regions: list[MixedRegion] = []
+    between: dict[str, int] = {}
+    kinds = FOLDABLE_KINDS + (UNFOLDABLE_KINDS if unfoldable else ())
+
+    def count(op):
+        between[op] = between.get(op, 0) + 1
+
+    for i in range(draw(st.integers(1, max_regions))):
+        v = draw(st.sampled_from(live))
+        read.add(id(v))
+        kind = draw(st.sampled_from(kinds))
+        y, region = _mixed_region(draw, b, v, kind, f"r{i}", dtype)
+        regions.append(region)
+        d = depth[id(v)] + 1
+        skips = [u for u in live if u is not v and u.shape == y.shape]
+        if skips and draw(st.booleans()):
+            u = draw(st.sampled_from(skips))
+            read.add(id(u))
+            d = max(d, depth[id(u)])
+            y = b.add(y, u, source=f"skip{i}")
+            region.desc.append(f"+ {u.name}")
+            count("add")
+        act = draw(st.sampled_from(["relu", "gelu", "opaque"]))
+        if act == "opaque":
+            y = b.opaque(y, fn=Contraction(draw(st.sampled_from(Contraction.KINDS))), out_shape=y.shape, out_dtype=y.dtype, source=f"act{i}")
+        else:
+            y = b.node(act, y, source=f"act{i}")
+        count(act)
+        depth[id(y)] = d
+        live.append(y)
+    outputs = [u for u in live if id(u) not in read]
+    if _value(draw, head, st.booleans()):
+        v = draw(st.sampled_from(live))
+        prefix = f"r{len(regions)}"
+        gen = _PrefixGen(draw, dtype, b, prefix)
+        y = b.mean(v, dims=(2, 3), source=f"{prefix}.pool")
+        cv = v.shape[1]
+        desc = ["mean"]
+        if draw(st.booleans()):
+            y, desc = gen.bn(y, f"{prefix}.bn_in"), desc + ["bn"]
+        k = draw(st.integers(1, 8))
+        y = b.linear(y, weight=_weights((k, cv), draw(seeds()), dtype, cv**-0.5), bias=_weights((k,), draw(seeds()), dtype) if draw(st.booleans()) else None, source=f"{prefix}.fc")
+        desc.append(f"linear {cv}->{k}")
+        if draw(st.booleans()):
+            y, desc = gen.bn(y, f"{prefix}.bn_out"), desc + ["bn"]
+        if draw(st.booleans()):
+            y, desc = gen.scale(y, f"{prefix}.ls"), desc + ["ls"]
+        regions.append(MixedRegion(prefix, "head", True, {"linear": 1, "mean": 1}, desc=desc))
+        depth[id(y)] = depth[id(v)] + 1
+        if v in outputs:
+            outputs.remove(v)
+        outputs.append(y)
+    xt = random_input((n, c, h, w), dtype, draw(seeds()))
+    return MixedExample(b.build(*outputs), xt, dtype, regions, dict(sorted(between.items())), max(depth[id(o)] for o in outputs))
+
+
+# --------------------------------------------------------------------------- user-style blocks (nn.Module)
+
+
+class RepBranches(nn.Module):
+    """A reparameterizable block written the way users write one.
+
+    ``forward`` sums the branches (each an ordinary module of ``x``), then
+    applies the optional ``post`` module (a BatchNorm), multiplies by the
+    optional layer scale parameter ``gamma`` of shape ``(C, 1, 1)``, adds the
+    input back when ``residual``, and ends with the optional ``act``.
+    """
+
+    def __init__(
+        self,
+        branches: Sequence[nn.Module],
+        *,
+        post: nn.Module | None = None,
+        layer_scale: int | None = None,
+        residual: bool = False,
+        act: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.post = post
+        self.gamma = nn.Parameter(torch.ones(layer_scale, 1, 1)) if layer_scale else None
+        self.residual = residual
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        if self.post is not None:
+            out = self.post(out)
+        if self.gamma is not None:
+            out = out * self.gamma
+        if self.residual:
+            out = x + out
+        if self.act is not None:
+            out = self.act(out)
+        return out
+
+
+class PreNormConv(nn.Module):
+    """BatchNorm, then a zero-padding conv: *not* foldable exactly (the border sees 0, not ``BN(0)``)."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int], groups: int = 1, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=groups)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.norm(x))
+        return y if self.act is None else self.act(y)
+
+
+@dataclass(eq=False)
+class BlockExample:
+    """A generated model (:func:`branchy_blocks`), an input, and what fusing it must leave.
+
+    ``convs`` and ``batch_norms`` are the numbers of ``nn.Conv2d`` /
+    BatchNorm modules in the fused model: one conv per foldable block, a BN
+    and a conv per :class:`PreNormConv`.  ``unfoldable`` lists the module
+    paths of the blocks that cannot fold.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    convs: int
+    batch_norms: int
+    unfoldable: list[str] = field(default_factory=list)
+    desc: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"BlockExample(x={tuple(self.x.shape)}, convs={self.convs}, batch_norms={self.batch_norms}, blocks={self.desc})"
+
+
+def _conv_bn(cin: int, cout: int, kernel: tuple[int, int], stride: int, groups: int, dilation: int = 1) -> nn.Sequential:
+    pad = (dilation * (kernel[0] // 2), dilation * (kernel[1] // 2))
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+def _draw_branch(draw, kind: str, cin: int, cout: int, stride: int) -> tuple[nn.Module, str]:
+    """One branch of a block: maps ``cin`` channels to ``cout`` on the block's output grid ("same" padding)."""
+    g = draw(st.sampled_from(_divisors(gcd(cin, cout))))
+    if kind == "conv_bn":
+        k = draw(st.sampled_from([1, 3, 5]))
+        return _conv_bn(cin, cout, (k, k), stride, g), f"conv{k}x{k}-bn g{g}"
+    if kind == "asymmetric":
+        k = draw(st.sampled_from([3, 5]))
+        kernel = draw(st.sampled_from([(1, k), (k, 1)]))
+        return _conv_bn(cin, cout, kernel, stride, g), f"conv{kernel[0]}x{kernel[1]}-bn g{g}"
+    if kind == "dilated":
+        d = draw(st.sampled_from([2, 3]))
+        return _conv_bn(cin, cout, (3, 3), stride, g, d), f"conv3x3 d{d}-bn g{g}"
+    if kind == "conv1x1":
+        return nn.Conv2d(cin, cout, 1, stride, groups=g, bias=draw(st.booleans())), f"conv1x1 g{g}"
+    if kind == "seq":  # DBB's 1x1 -> kxk branch: no bias between them (the kxk zero-pads)
+        k = draw(st.sampled_from([3, 5]))
+        mid = draw(st.integers(cin, max(cin, 8)))
+        return nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), *_conv_bn(mid, cout, (k, k), stride, 1)), f"1x1({mid})-conv{k}x{k}-bn"
+    if kind == "pool":
+        k = draw(st.sampled_from([3, 5]))
+        return nn.AvgPool2d(k, stride, k // 2), f"avgpool{k}"
+    if kind == "bn":
+        return nn.BatchNorm2d(cin), "bn"
+    if kind == "identity":
+        return nn.Identity(), "identity"
+    raise ValueError(kind)
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Reproducible weights (1/sqrt(fan-in)), biases, BN statistics (var in [0.3, 3]), layer scales."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(rnd(m.weight.shape) / m.weight[0].numel() ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.5 * rnd(m.bias.shape))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(0.5 * rnd(c))
+                m.running_var.copy_(0.3 + 2.7 * torch.rand(c, generator=gen, dtype=torch.float64))
+                m.weight.copy_(rnd(c))
+                m.bias.copy_(0.5 * rnd(c))
+            elif isinstance(m, RepBranches) and m.gamma is not None:
+                m.gamma.copy_(rnd(m.gamma.shape))
+    return model.eval()
+
+
+@st.composite
+def branchy_blocks(draw, max_blocks: int = 3, unfoldable: bool = True) -> BlockExample:
+    """A random model of reparameterizable blocks written as ordinary ``nn.Module`` s (a :class:`BlockExample`).
+
+    An ``nn.Sequential`` of 1 to ``max_blocks`` blocks on a 1-2 x 1-8 x 3-8 x
+    3-8 input (float32).  Most blocks are :class:`RepBranches`: 1 to 4
+    branches summed, the first a conv-type one, drawn from conv-BN (1x1, 3x3,
+    5x5, grouped and depthwise), asymmetric 1xk / kx1 conv-BN (ACNet),
+    dilated conv-BN, a plain 1x1 conv, a 1x1 -> kxk conv-BN (DBB), and where
+    the block keeps channels and grid, an avg pool, a BN (RepVGG's identity)
+    and ``nn.Identity``; stride 1 or 2, "same" padding; then an optional BN,
+    layer scale, residual, and an activation (ReLU, GELU, or a
+    :class:`Contraction` the front end does not know).  Each folds to one
+    conv.  With ``unfoldable``, some blocks are :class:`PreNormConv` (a BN
+    before a padded conv), which must keep their BN.  Weights, biases, BN
+    statistics and layer scales are drawn from a seed.
+    """
+    batch, c = draw(st.integers(1, 2)), draw(st.integers(1, 8))
+    h, w = draw(st.integers(3, 8)), draw(st.integers(3, 8))
+    x = random_input((batch, c, h, w), torch.float32, draw(seeds()))
+    blocks, desc, unfold = [], [], []
+    convs = bns = 0
+    for i in range(draw(st.integers(1, max_blocks))):
+        act = draw(st.sampled_from(["relu", "gelu", "contraction"]))
+        act_mod = {"relu": nn.ReLU(), "gelu": nn.GELU()}.get(act) or Contraction(draw(st.sampled_from(Contraction.KINDS)))
+        if unfoldable and draw(st.integers(0, 3)) == 0:
+            cout = draw(st.integers(1, 8))
+            kernel = draw(st.sampled_from([(3, 3), (1, 3), (3, 1)]))
+            g = draw(st.sampled_from(_divisors(gcd(c, cout))))
+            blocks.append(PreNormConv(c, cout, kernel, g, act_mod))
+            desc.append(f"prenorm conv{kernel} g{g} {c}->{cout}")
+            unfold.append(str(i))
+            convs, bns, c = convs + 1, bns + 1, cout
+            continue
+        cout = draw(st.sampled_from([c, draw(st.integers(1, 8))]))
+        stride = draw(st.sampled_from([1, 1, 2]))
+        keeps = cout == c and stride == 1
+        first = draw(st.sampled_from(["conv_bn", "asymmetric", "dilated", "conv1x1", "seq"]))
+        others = ["conv_bn", "asymmetric", "dilated", "conv1x1", "seq"] + (["pool", "bn", "identity"] if keeps else [])
+        kinds = [first] + [draw(st.sampled_from(others)) for _ in range(draw(st.integers(0, 3)))]
+        branches, names = zip(*(_draw_branch(draw, k, c, cout, stride) for k in kinds))
+        post = nn.BatchNorm2d(cout) if draw(st.booleans()) else None
+        ls = cout if draw(st.booleans()) else None
+        residual = keeps and draw(st.booleans())
+        blocks.append(RepBranches(list(branches), post=post, layer_scale=ls, residual=residual, act=act_mod))
+        desc.append(
+            " + ".join(names) + f" s{stride} {c}->{cout}" + (" +bn" if post else "") + (" +ls" if ls else "") + (" +x" if residual else "") + f" {act}"
+        )
+        convs, c = convs + 1, cout
+        h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    model = _randomize(nn.Sequential(*blocks), draw(seeds()))
+    return BlockExample(model, x, convs, bns, unfold, desc)
+
+
+# --------------------------------------------------------------------------- assert_fuses_exactly
+
+
+def _unfolded_batch_norms(graph: Graph) -> list[str]:
+    """BN nodes of a fused graph that sit in a foldable place: next to a conv/Linear they fold into, or beside a conv."""
+    from repalgebra.layout import LAYOUT_OPS
+
+    problems = []
+    for n in graph.nodes:
+        if n.op != "batch_norm":
+            continue
+        where = f"BatchNorm at {n.source or '<graph>'}"
+        # A conv or Linear before it (through layout ops), read by nothing else: bn_fold / linear_affine_fold.
+        v = n.x
+        while v.producer is not None and v.producer.op in LAYOUT_OPS and graph.num_uses(v) == 1:
+            v = v.producer.x
+        p = v.producer
+        if p is not None and p.op in ("conv2d", "linear") and graph.num_uses(v) == 1:
+            problems.append(f"{where} follows the {p.op} at {p.source or '<graph>'} and was not folded into it")
+            continue
+        # Read only by an unpadded conv or (through layout ops) a Linear: bn_before_conv / bn_into_linear.
+        users = graph.users(n.out)
+        while len(users) == 1 and users[0].op in LAYOUT_OPS and graph.num_uses(users[0].out) == 1:
+            users = graph.users(users[0].out)
+        if graph.num_uses(n.out) == 1 and len(users) == 1:
+            u = users[0]
+            if (u.op == "conv2d" and u.x is n.out and not any(u.attrs["padding"])) or u.op == "linear":
+                problems.append(f"{where} feeds the {u.op} at {u.source or '<graph>'} (no padding) and was not folded into it")
+                continue
+        # An operand of a sum/concat beside a conv or BN of the same input: bn_to_conv.
+        for j in graph.users(n.out):
+            if j.op in ("add", "sub", "concat"):
+                for other in j.inputs:
+                    q = other.producer
+                    if other is not n.out and q is not None and q.op in ("conv2d", "batch_norm") and q.x is n.x:
+                        problems.append(f"{where} is summed beside the {q.op} at {q.source or '<graph>'} of the same input and was not folded")
+                        break
+    return problems
+
+
+def assert_fuses_exactly(
+    module: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    dtype: torch.dtype = torch.float64,
+    *,
+    rtol: float | None = None,
+    n_random: int = 2,
+    leaf_modules: Sequence[Any] = (),
+) -> nn.Module:
+    """Assert that ``repalgebra.fuse`` folds ``module`` exactly; for users' own pytest suites.
+
+    A deep copy of ``module`` is cast to ``dtype`` (float64 by default: then
+    the check sees fusion's own error, ~1e-15, and nothing of float32
+    rounding) and put in eval mode; ``module`` itself is not changed.  It is
+    fused at ``example_inputs`` (cast to ``dtype``) and
+
+    * the fused model must match the copy on ``example_inputs`` and on
+      ``n_random`` random inputs of the same shapes: per output,
+      ``max |fused - ref| <= rtol * max |ref|`` with ``rtol`` 1e-9 for float64
+      (else :data:`repalgebra.verify.TOLERANCES` of ``dtype``);
+    * no BatchNorm may remain in a foldable place of the fused model: after
+      a conv or Linear it could fold into (whose output nothing else reads),
+      before an unpadded conv or a Linear that alone reads it, or summed
+      beside a conv or BN of the same input.  BatchNorms that cannot fold
+      exactly (before a zero-padding conv, after a ReLU, with batch
+      statistics) may stay.
+
+    Returns the fused module.  Example::
+
+        from repalgebra.testing import assert_fuses_exactly
+
+        def test_my_block_fuses():
+            assert_fuses_exactly(MyBlock(64), torch.randn(1, 64, 14, 14))
+    """
+    from torch.utils import _pytree as pytree
+
+    from repalgebra.frontend.torch import trace
+    from repalgebra.fuse import fuse
+    from repalgebra.verify import TOLERANCES, verify
+
+    if rtol is None:
+        rtol = 1e-9 if dtype == torch.float64 else TOLERANCES[dtype]
+    xs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+    xs = tuple(t.detach().to(dtype) if t.is_floating_point() else t for t in xs)
+    model = _copy.deepcopy(module).to(dtype).eval()
+    fused = fuse(model, xs, leaf_modules=leaf_modules)
+    report = fused.fuse_report
+    with torch.no_grad():
+        ref, ref_spec = pytree.tree_flatten(model(*xs))
+        got, got_spec = pytree.tree_flatten(fused(*xs))
+    assert ref_spec == got_spec, f"fused model returns {got_spec}, the model {ref_spec}\n{report}"
+    for k, (a, b) in enumerate(zip(ref, got)):
+        if not torch.is_tensor(a):
+            assert a == b, f"output {k}: {b!r} instead of {a!r}\n{report}"
+            continue
+        assert a.shape == b.shape, f"output {k}: shape {tuple(b.shape)} instead of {tuple(a.shape)}\n{report}"
+        assert bool(torch.isfinite(b).all()) or not bool(torch.isfinite(a).all()), f"output {k}: NaN or Inf after fusion\n{report}"
+        err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        scale = a.double().abs().max().item() if a.numel() else 0.0
+        assert err <= rtol * scale, (
+            f"output {k}: fused model differs by {err:.3e} (max |ref| {scale:.3e}, relative {err / max(scale, 1e-300):.3e} "
+            f"> {rtol:.0e}) on the example inputs ({dtype})\n{report}"
+        )
+    if n_random:
+        vr = verify(model, fused, xs, n=n_random, dtype=dtype, tolerance=rtol)
+        assert vr, f"fused model differs on random inputs:\n{vr}\n{report}"
+    problems = _unfolded_batch_norms(trace(fused, xs, leaf_modules=leaf_modules))
+    assert not problems, "BatchNorm left in a foldable place:\n  " + "\n  ".join(problems) + f"\n{report}"
+    return fused
