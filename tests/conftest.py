@@ -11,7 +11,7 @@ with: the ``ci`` numbers, derandomized (the same examples on every run, so a
 mutant's verdict is reproducible), no example database (a failure found for a
 mutant must not be replayed against the real code, nor the other way round)
 and no shrinking (a mutant is killed by the first failure; its minimal form
-is not needed).
+is not needed).  ``mutants-random`` is the same with new examples on every run.
 """
 
 import os
@@ -30,6 +30,8 @@ settings.register_profile(
     phases=(Phase.explicit, Phase.generate),
     print_blob=False,
 )
+# The same, drawing new examples on every run (``python -m repalgebra.mutants --profile mutants-random``).
+settings.register_profile("mutants-random", settings.get_profile("mutants"), derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -8,7 +8,7 @@ it would merge with.  Tolerances: :func:`repalgebra.testing.assert_graphs_equal`
 """
 
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from rulecheck import SUM_RULES, fired, reasons, run_rules
 
@@ -138,3 +138,26 @@ def test_a_lone_pool_is_left_alone(pool, dtype):
     fused, report = run_rules(graph, "avg_pool_to_conv")
     assert report.fired == []
     assert reasons(report, "avg_pool2d") == ["no rule applies (input from graph input, used by graph output)"]
+
+
+@given(pool=pools(), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_refused_after_a_biased_pointwise_conv_when_the_pool_pads(pool, dtype, seed, data):
+    """conv1x1(x; W, b) then a zero-padding pool: its border windows average in 0, not b, so they must not merge.
+
+    (The case of ``test_pool_after_a_pointwise_conv`` that matters most, always drawn here.)
+    """
+    c, size, attrs = pool
+    assume(any(_pair(attrs["padding"])))
+    b = GraphBuilder()
+    cin = data.draw(st.integers(1, 16))
+    x = b.input("x", (data.draw(st.integers(1, 3)), cin, *size), dtype)
+    spec = ConvSpec(cin, c, data.draw(st.sampled_from([g for g in range(1, 17) if cin % g == 0 and c % g == 0])), (1, 1), height=size[0], width=size[1])
+    graph = b.build(b.avg_pool2d(add_conv(b, x, spec, dtype, seed, "pw"), **attrs, source="pool"))
+    xt = random_input(x.shape, dtype, seed + 1)
+    for rules in (("avg_pool_to_conv",), ()):
+        fused, report = run_rules(graph, *rules)
+        assert fired(report, "avg_pool_to_conv") == 0 and fused.op_counts() == {"avg_pool2d": 1, "conv2d": 1}
+        assert reasons(report, "avg_pool2d") == [
+            "avg_pool_to_conv: the conv before it has a bias and the pool zero-pads: the border would see 0, not the bias"
+        ]
+        assert_graphs_equal(graph, fused, xt, dtype)

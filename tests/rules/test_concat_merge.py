@@ -100,3 +100,17 @@ def test_not_fired(specs, dtype, case, seed, data):
     graph = b.build(b.concat(ya, yb, axis=axis))
     fused, report = run_rules(graph, "concat_merge")
     assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
+
+
+@given(specs=same_window_convs(), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_not_fired_for_equal_kernel_sizes_with_other_windows(specs, dtype, seed, data):
+    """Same kernel size and output grid, another padding or dilation: the taps read other pixels, no merge."""
+    a = specs[0]
+    other = data.draw(conv_specs_onto((a.height, a.width), a.out_size, a.stride, in_channels=a.in_channels, out_channels=3, kernel=a.kernel, groups=1))
+    assume((other.dilation, other.padding[0], other.padding[2]) != (a.dilation, a.padding[0], a.padding[2]))
+    b = GraphBuilder()
+    x = b.input("x", a.input_shape(), dtype)
+    graph = b.build(b.concat(add_conv(b, x, a, dtype, seed), add_conv(b, x, other, dtype, seed + 1), axis=1))
+    fused, report = run_rules(graph, "concat_merge")
+    assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input(a.input_shape(), dtype, seed), dtype)

@@ -159,3 +159,23 @@ def test_dbb_branch_merges_when_a_sibling_absorbs_it(dtype, c, mid, k, hw, seed)
     fused, _ = run_rules(graph, "seq_merge", *SUM_RULES)
     assert fused.op_counts() == {"conv2d": 1}
     assert_graphs_equal(graph, fused, xt, dtype)
+
+
+@given(dtype=float_dtypes(), c=st.integers(2, 16), k=st.sampled_from([3, 5]), narrow=st.sampled_from([1, 2]), hw=st.integers(1, 8),
+       bias_kind=st.sampled_from(["none", "zeros", "random"]), seed=seeds())
+def test_depthwise_then_pointwise_merges_with_gcd_groups(dtype, c, k, narrow, hw, bias_kind, seed):
+    """A depthwise kxk (C groups) then a 1x1 with ``narrow`` groups and outputs: one conv with gcd(C, narrow) groups.
+
+    Every depthwise filter lands on its own input channel of the merged
+    kernel; the merged conv has the 1x1's groups, not the depthwise conv's.
+    """
+    assume(c % narrow == 0)
+    inner = ConvSpec(c, c, c, (k, k), padding=(k // 2,) * 4, height=hw, width=hw)
+    outer = ConvSpec(c, narrow, narrow, (1, 1), height=hw, width=hw)
+    graph = build(inner, outer, bias_kind, dtype, seed)
+    fused, report = run_rules(graph, "seq_merge")
+    assert report.rule_counts() == {"seq_merge": 1}
+    conv = only(fused, "conv2d")
+    assert conv.attrs["groups"] == narrow and conv.params["weight"].shape == (narrow, c // narrow, k, k)
+    assert conv.attrs["padding"] == inner.padding
+    assert_graphs_equal(graph, fused, random_input(inner.input_shape(), dtype, seed + 2), dtype)

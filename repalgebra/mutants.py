@@ -1,0 +1,545 @@
+"""Mutation testing: seeded bugs in the rules, and proof that the test suite catches every one.
+
+    python -m repalgebra.mutants              # all mutants, 2 workers; exit 1 if any survives
+    python -m repalgebra.mutants --rule bn_fold --jobs 1
+    python -m repalgebra.mutants --list       # the mutants, without running them
+
+A *mutant* is a faulty copy of a rule: the bugs real fusion code has shipped
+(a conv bias not multiplied by the BN scale, ``groups`` dropped, a
+depthwise-then-1x1 merge computed wrongly, a 1x1-then-kxk merge wrong at
+zero-padded borders, BN folded before a padded conv, folding in float16) and
+the classic slips (eps outside the square root, a transposed kernel, a layer
+scale broadcast on the wrong axis, a dilation ignored, a sign flip in ``sub``,
+a bias dropped, the wrong padding kept, ...).  Every rule in
+:data:`repalgebra.RULES` has at least three.
+
+How a mutant is made.  :class:`Mutant` names a function (``module:function``)
+and a snippet of its source to replace.  The mutated source is compiled in the
+function's own module namespace, and then either
+
+* its code object is swapped into the function (``fn.__code__``), so every
+  reference to the function (the rule registry, ``from ... import`` names in
+  other modules and tests) runs the faulty code; or, with ``scope``,
+* a faulty copy of a shared helper (``repalgebra.kernels.bn_affine``, ...) is
+  bound in one rule module only, so only that rule sees the bug.
+
+:func:`applied` does either as a context manager that always restores the
+original, and the snippet must occur exactly once (else :class:`MutantError`).
+
+How a mutant is judged.  In a worker process, ``pytest.main`` runs the rule's
+property tests (``tests/rules/test_<rule>.py``, plus the mutant's extra
+tests) in-process with the mutant applied, with ``-x`` and the Hypothesis
+profile ``mutants`` (``tests/conftest.py``: the ``ci`` example counts,
+derandomized so a verdict is reproducible, no example database, no
+shrinking).  Failing tests (pytest exit code 1) kill the mutant; passing
+tests mean it survived; any other outcome (a collection error, ...) is an
+error.  Before the mutants, each test selection runs once unmutated and must
+pass, so a kill is never a test that fails anyway.  Two worker processes at
+most (``--jobs``), torch single-threaded in each.  The run prints a table and
+``mutants killed: N/N`` and exits 1 if any mutant survived or errored (or,
+for a full run, a rule has fewer than three).  About 70-80 seconds for the 62
+mutants on two shared cores.
+
+A surviving mutant is either a weak test (strengthen the test in
+``tests/rules``) or an equivalent mutant (the "bug" does not change what the
+rule computes: replace it by a meaningful one).
+"""
+
+from __future__ import annotations
+
+import __future__
+import argparse
+import contextlib
+import importlib
+import inspect
+import io
+import os
+import sys
+import textwrap
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+__all__ = ["Mutant", "MutantError", "MUTANTS", "Result", "MutationReport", "applied", "run", "main", "tests_for"]
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_JOBS = 2
+MUTANT_TIMEOUT = 120  # seconds per mutant's test run
+
+
+class MutantError(Exception):
+    """A mutant that cannot be applied (its snippet is not in the source exactly once, or does not compile)."""
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A seeded bug: replace ``old`` by ``new`` in the source of ``target`` (``"module:function"``).
+
+    Without ``scope`` the function's code is swapped everywhere; with ``scope``
+    (a module name) a faulty copy of the helper ``target`` is bound in that
+    module only (a helper shared by several rules, faulty for one of them).
+    ``tests`` are run in addition to ``tests/rules/test_<rule>.py``.
+    """
+
+    rule: str
+    name: str
+    bug: str
+    target: str
+    old: str
+    new: str
+    scope: str | None = None
+    tests: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.rule}/{self.name}"
+
+
+def _m(rule: str, name: str, bug: str, old: str, new: str, *, target: str | None = None, scope: str | None = None, tests: tuple[str, ...] = ()) -> Mutant:
+    """A mutant of rule ``rule``'s own function unless ``target`` names another function."""
+    return Mutant(rule, name, bug, target or f"repalgebra.rules.{rule}:{rule}", old, new, scope, tests)
+
+
+def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> Mutant:
+    """A faulty copy of ``helper`` (``"module:function"``) seen by rule ``rule`` only."""
+    return Mutant(rule, name, bug, helper, old, new, scope=f"repalgebra.rules.{rule}")
+
+
+_EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
+_BN_AFFINE = "repalgebra.kernels:bn_affine"
+_IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
+_REGROUP = "repalgebra.kernels:regroup"
+
+#: Every mutant, grouped by rule.  ``python -m repalgebra.mutants --list`` prints them.
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- identity_elim
+    _m("identity_elim", "never-fires", "the identity is never removed", "return Rewrite(node.out, node.x)", "return None"),
+    _m("identity_elim", "skips-producer", "the identity is replaced by its producer's input (skips one op too many)",
+       "return Rewrite(node.out, node.x)", "return Rewrite(node.out, node.x.producer.x if node.x.producer is not None else node.x)"),
+    _m("identity_elim", "graph-input", "the identity is replaced by the graph's first input",
+       "return Rewrite(node.out, node.x)", "return Rewrite(node.out, graph.inputs[0])"),
+    # ---------------------------------------------------------------- bn_fold
+    _m("bn_fold", "bias-unscaled", "the conv bias is not multiplied by the BN scale",
+       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) + t"),
+    _m("bn_fold", "shift-dropped", "the BN shift t = beta - mean * s is dropped",
+       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) * s"),
+    _m("bn_fold", "groups-dropped", "the fused conv loses its groups",
+       "weight=w, bias=conv_bias(conv) * s + t)", "weight=w, bias=conv_bias(conv) * s + t, groups=1)"),
+    _helper("bn_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    _helper("bn_fold", "var-as-std", "the running variance used as the standard deviation (no square root)", _BN_AFFINE,
+            'torch.sqrt(p["var"] + bn.attrs["eps"])', '(p["var"] + bn.attrs["eps"])'),
+    # ---------------------------------------------------------------- scale_fold
+    _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
+       "bias=None if bias is None else bias * gamma", "bias=bias"),
+    _m("scale_fold", "wrong-axis", "the layer scale is broadcast on the kernel's input-channel axis",
+       "gamma.reshape(-1, 1, 1, 1)", "gamma.reshape(1, -1, 1, 1)"),
+    _m("scale_fold", "any-axis", "a scale on the height axis is folded as if it were per channel",
+       'node.attrs["axis"] not in (1, -3)', 'node.attrs["axis"] not in (1, -3, 2, -2)'),
+    # ---------------------------------------------------------------- bn_to_conv
+    _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
+       '{"weight": w, "bias": t}', '{"weight": w}'),
+    _m("bn_to_conv", "unscaled", "the identity kernel is not multiplied by the BN scale",
+       "w = identity_kernel(channels, groups, s.dtype) * s.reshape(-1, 1, 1, 1)", "w = identity_kernel(channels, groups, s.dtype)"),
+    _helper("bn_to_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    _helper("bn_to_conv", "identity-tap", "the grouped identity kernel reads the first channel of each group",
+            _IDENTITY_KERNEL, "w[c, c % per_group, 0, 0] = 1", "w[c, 0, 0, 0] = 1"),
+    # ---------------------------------------------------------------- identity_to_conv
+    _m("identity_to_conv", "groups-dropped", "the identity conv is built with groups=1 (its kernel is the grouped one)",
+       '{"groups": groups}, {"weight": w}', '{"groups": 1}, {"weight": w}'),
+    _m("identity_to_conv", "channels-reversed", "the identity kernel maps each channel to its mirror image within its group",
+       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype)',
+       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype).flip(1)'),
+    _helper("identity_to_conv", "identity-tap", "the grouped identity kernel reads the first channel of each group",
+            _IDENTITY_KERNEL, "w[c, c % per_group, 0, 0] = 1", "w[c, 0, 0, 0] = 1"),
+    # ---------------------------------------------------------------- dilation_to_dense
+    _m("dilation_to_dense", "dilation-ignored", "the dilation is dropped and the kernel is not spread",
+       "new = conv_with(conv, weight=w, dilation=(1, 1))", "new = conv_with(conv, dilation=(1, 1))"),
+    _helper("dilation_to_dense", "axes-swapped", "the taps are spread with the height and width dilations swapped",
+            "repalgebra.kernels:densify", "dense[:, :, ::dh, ::dw] = weight", "dense[:, :, ::dw, ::dh] = weight"),
+    _helper("dilation_to_dense", "extent-off-by-one", "the dense kernel is one dilation step too large (k * d instead of (k - 1) * d + 1)",
+            "repalgebra.kernels:densify", "(kh - 1) * dh + 1, (kw - 1) * dw + 1", "kh * dh, kw * dw"),
+    # ---------------------------------------------------------------- kernel_pad
+    _m("kernel_pad", "wrong-side", "the kernel is padded on the opposite sides (a 1x1 lands off centre)",
+       'pad_kernel(conv.params["weight"], top, bottom, left, right)', 'pad_kernel(conv.params["weight"], bottom, top, right, left)'),
+    _m("kernel_pad", "undilated-padding", "the conv padding grows by the new taps, not by taps times dilation",
+       "padding=(pt + top * dh, pb + bottom * dh, pl + left * dw, pr + right * dw)", "padding=(pt + top, pb + bottom, pl + left, pr + right)"),
+    _m("kernel_pad", "transposed-kernel", "the kernel is transposed (kh x kw read as kw x kh) while padding it",
+       'pad_kernel(conv.params["weight"], top', 'pad_kernel(conv.params["weight"].transpose(2, 3), top'),
+    _m("kernel_pad", "padding-off-by-one", "off by one: the bottom/right padding grows one row/column too few",
+       "pb + bottom * dh, pl + left * dw, pr + right * dw", "pb + bottom * dh - 1, pl + left * dw, pr + right * dw - 1"),
+    # ---------------------------------------------------------------- branch_sum
+    _m("branch_sum", "sub-sign", "sign flip: a sub is summed as an add", 'sign = 1.0 if join.op == "add" else -1.0', "sign = 1.0"),
+    _m("branch_sum", "sub-bias-sign", "a sub subtracts the weights but adds the biases",
+       "bias = conv_bias(a) + sign * conv_bias(b)", "bias = conv_bias(a) + conv_bias(b)"),
+    _m("branch_sum", "bias-dropped", "the bias is dropped unless both convs have one",
+       'if "bias" in a.params or "bias" in b.params:', 'if "bias" in a.params and "bias" in b.params:'),
+    _m("branch_sum", "groups-dropped", "the summed conv keeps the first conv's groups instead of gcd(g_a, g_b)",
+       "weight=w, bias=bias, groups=g)", "weight=w, bias=bias, groups=ga)"),
+    _m("branch_sum", "broadcast", "convs of different output shapes are summed (the add broadcasts)",
+       "if a.out.shape != b.out.shape:", "if False:"),
+    # ---------------------------------------------------------------- concat_merge
+    _m("concat_merge", "bias-order", "the biases are concatenated in reverse order",
+       "torch.cat([conv_bias(c) for c in convs])", "torch.cat([conv_bias(c) for c in reversed(convs)])"),
+    _m("concat_merge", "bias-dropped", "the bias is dropped unless every conv has one",
+       'if any("bias" in c.params for c in convs):', 'if all("bias" in c.params for c in convs):'),
+    _m("concat_merge", "groups-dropped", "grouped kernels are concatenated as they are (groups dropped, not regrouped)",
+       'regroup(c.params["weight"], c.attrs["groups"], g)', 'c.params["weight"]'),
+    _m("concat_merge", "window-ignored", "convs are merged when their kernels have the same size, whatever their padding or dilation",
+       "window(c) != window(first)", 'c.params["weight"].shape[2:] != first.params["weight"].shape[2:]'),
+    # ---------------------------------------------------------------- pad_absorb
+    _m("pad_absorb", "pad-order", "the pad amounts are read in F.pad order (left, right, top, bottom)",
+       'zip(conv.attrs["padding"], pad.attrs["pads"])', 'zip(conv.attrs["padding"], (lambda t, b, l, r: (l, r, t, b))(*pad.attrs["pads"]))'),
+    _m("pad_absorb", "value-ignored", "a pad with a non-zero value is absorbed as zero padding", 'if pad.attrs["value"] != 0:', "if False:"),
+    _m("pad_absorb", "own-padding-dropped", "the conv's own padding is replaced by the pad's instead of added to it",
+       "tuple(p + q for p, q in", "tuple(q for p, q in"),
+    # ---------------------------------------------------------------- avg_pool_to_conv
+    _m("avg_pool_to_conv", "count-include-pad", "a pool with count_include_pad=False and padding becomes a conv",
+       'if a["ceil_mode"] or (pads and not a["count_include_pad"]):', 'if a["ceil_mode"]:'),
+    _m("avg_pool_to_conv", "square-weights", "the weights are 1/kh^2 instead of 1/(kh kw)", "1.0 / (kh * kw)", "1.0 / (kh * kh)"),
+    _m("avg_pool_to_conv", "padding-swapped", "the pool's (h, w) padding is kept with its axes swapped",
+       '"padding": (ph, ph, pw, pw)', '"padding": (pw, pw, ph, ph)'),
+    _m("avg_pool_to_conv", "biased-conv-padded-pool", "a zero-padding pool merges with the biased 1x1 conv before it (border sees 0, not the bias)",
+       "if merges and not joins and pads and bool(conv_bias(before).abs().max() > 0):", "if False:"),
+    _m("avg_pool_to_conv", "stride-is-kernel", "the conv's stride is the pool's kernel, not its stride",
+       '_pair(a["stride"] or a["kernel"])', '_pair(a["kernel"])'),
+    # ---------------------------------------------------------------- bn_before_conv
+    _m("bn_before_conv", "padded-conv", "BN folded before a zero-padding conv (the border sees 0, not BN(0))",
+       'if any(conv.attrs["padding"]):', "if False:"),
+    _m("bn_before_conv", "groups-dropped", "every group of the conv reads the BN scale of the first group's channels",
+       "v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)"),
+    _m("bn_before_conv", "shift-one-tap", "the BN shift is carried through the kernel's mean tap, not every tap",
+       "(w * per_o(t)[:, :, None, None]).sum((1, 2, 3))", "(w * per_o(t)[:, :, None, None]).sum(1).mean((1, 2))"),
+    _m("bn_before_conv", "bias-dropped", "the conv's own bias is dropped", "new_b = conv_bias(conv) + (", "new_b = 0 * conv_bias(conv) + ("),
+    _helper("bn_before_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    # ---------------------------------------------------------------- bn_into_linear
+    _m("bn_into_linear", "shift-dropped", "the BN shift is dropped when the Linear has a bias",
+       "bias = w @ t if b is None else b + w @ t", "bias = w @ t if b is None else b"),
+    _m("bn_into_linear", "wrong-axis", "the BN scale multiplies the Linear's output rows instead of its input columns",
+       '"weight": w * s,', '"weight": w * s[:, None] if w.shape[0] == w.shape[1] else w * s,'),
+    _m("bn_into_linear", "axis-unchecked", "a BN whose channels do not arrive on the Linear's input axis is folded",
+       "follow_chain(chain, 1) != len(lin.x.shape) - 1", "follow_chain(chain, 1) is None"),
+    _helper("bn_into_linear", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    # ---------------------------------------------------------------- linear_affine_fold
+    _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b"),
+    _m("linear_affine_fold", "wrong-axis", "the scale multiplies the Linear's input columns instead of its output rows",
+       '"weight": w * s[:, None]', '"weight": w * s if w.shape[0] == w.shape[1] else w * s[:, None]'),
+    _m("linear_affine_fold", "shift-dropped", "the BN shift is dropped when the Linear has a bias",
+       "bias = t if bias is None else bias + t", "bias = t if bias is None else bias"),
+    _m("linear_affine_fold", "axis-unchecked", "a scale or BN on another axis than the Linear's features is folded",
+       "follow_chain(chain, len(lin.out.shape) - 1) != axis", "follow_chain(chain, len(lin.out.shape) - 1) is None"),
+    _helper("linear_affine_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    # ---------------------------------------------------------------- seq_merge
+    _m("seq_merge", "biased-1x1-padded-kxk", "1x1-then-kxk merge with a biased 1x1 before a zero-padding kxk (wrong at the border)",
+       'if has_bias and any(outer.attrs["padding"]):', "if False:"),
+    _helper("seq_merge", "depthwise-1x1", "depthwise-then-1x1 merge computed wrongly: regrouping puts every group's kernel at input 0",
+            _REGROUP, "local = (j % (groups // new_groups)) * in_per_group", "local = 0"),
+    _m("seq_merge", "bias-one-tap", "the inner bias goes through the kxk kernel's first tap only, not all of its taps",
+       'torch.einsum("omhw,m->o", w_out, conv_bias(inner))', 'torch.einsum("om,m->o", w_out[:, :, 0, 0], conv_bias(inner))'),
+    _m("seq_merge", "wrong-geometry", "kxk-then-1x1 takes its stride/padding/dilation from the 1x1",
+       "if is_1x1_pointwise(outer):\n        geometry = inner", "if is_1x1_pointwise(outer):\n        geometry = outer"),
+    _m("seq_merge", "groups-dropped", "the merged conv keeps the inner conv's groups instead of gcd(g1, g2)",
+       "weight=w, bias=bias, groups=g)", "weight=w, bias=bias, groups=gi)"),
+    # ---------------------------------------------------------------- engine
+    Mutant("engine", "fold-in-own-dtype", "fp16 folding: parameters are folded in the model's own dtype, not float64",
+           "repalgebra.rewrite:rewrite", "p.to(fold_dtype) if p.is_floating_point() else p", "p",
+           tests=("tests/test_precision.py", "tests/test_rewrite.py::test_folding_happens_in_float64_and_params_are_cast_back_once")),
+]
+
+
+def tests_for(m: Mutant) -> list[str]:
+    """The tests run against mutant ``m``: its rule's property tests, then its extra tests."""
+    own = f"tests/rules/test_{m.rule}.py"
+    return ([own] if (ROOT / own).is_file() else []) + list(m.tests)
+
+
+# --------------------------------------------------------------------------- applying a mutant
+
+
+def _resolve(target: str):
+    module_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, fn_name)
+    if not isinstance(fn, types.FunctionType):
+        raise MutantError(f"{target} is not a function")
+    return module, fn
+
+
+def mutated_code(m: Mutant) -> types.CodeType:
+    """The code object of ``m.target`` with ``m.old`` replaced by ``m.new``, compiled in its own module's globals."""
+    _, fn = _resolve(m.target)
+    lines, first = inspect.getsourcelines(fn)
+    src = textwrap.dedent("".join(lines))
+    if src.count(m.old) != 1:
+        raise MutantError(f"{m.id}: the snippet {m.old!r} occurs {src.count(m.old)} times in {m.target}, not once")
+    src = src.replace(m.old, m.new)
+    body = src.splitlines(keepends=True)
+    skip = 0
+    while body[skip].lstrip().startswith("@"):  # decorators (rule registration) are not re-run
+        skip += 1
+    padded = "\n" * (first - 1 + skip) + "".join(body[skip:])  # tracebacks keep the file's line numbers
+    namespace = dict(fn.__globals__)
+    try:
+        code = compile(padded, inspect.getsourcefile(fn) or "<mutant>", "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+        exec(code, namespace)
+    except Exception as e:
+        raise MutantError(f"{m.id}: the mutated {m.target} does not compile: {e}") from e
+    new = namespace[fn.__name__].__code__
+    if new.co_freevars != fn.__code__.co_freevars:
+        raise MutantError(f"{m.id}: the mutated {m.target} has other free variables")
+    return new
+
+
+@contextlib.contextmanager
+def applied(m: Mutant) -> Iterator[None]:
+    """Apply mutant ``m`` for the duration of the ``with`` block; the original is always restored."""
+    _, fn = _resolve(m.target)
+    code = mutated_code(m)
+    if m.scope is None:
+        original = fn.__code__
+        fn.__code__ = code
+        try:
+            yield
+        finally:
+            fn.__code__ = original
+        return
+    scope = importlib.import_module(m.scope)
+    bound = getattr(scope, fn.__name__, None)
+    if bound is not fn:
+        raise MutantError(f"{m.id}: {m.scope} does not use {m.target} under the name {fn.__name__}")
+    faulty = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    faulty.__kwdefaults__ = fn.__kwdefaults__
+    setattr(scope, fn.__name__, faulty)
+    try:
+        yield
+    finally:
+        setattr(scope, fn.__name__, fn)
+
+
+# --------------------------------------------------------------------------- running the tests
+
+
+@dataclass
+class Result:
+    """The outcome of one run: ``killed``, ``survived``, ``error`` (for a mutant) or ``passed``/``failed`` (baseline)."""
+
+    mutant: str  # Mutant.id, or "baseline: <tests>"
+    status: str
+    seconds: float
+    detail: str = ""  # the first failing test, or the error
+
+
+@dataclass
+class MutationReport:
+    """All results of :func:`run`, with the wall time."""
+
+    mutants: list[Mutant]
+    results: dict[str, Result]
+    baselines: list[Result] = field(default_factory=list)
+    seconds: float = 0.0
+    jobs: int = 1
+
+    @property
+    def killed(self) -> int:
+        return sum(r.status == "killed" for r in self.results.values())
+
+    @property
+    def total(self) -> int:
+        return len(self.mutants)
+
+    @property
+    def ok(self) -> bool:
+        return self.killed == self.total and all(b.status == "passed" for b in self.baselines)
+
+    def per_rule(self) -> dict[str, tuple[int, int]]:
+        """Per rule: (killed, total)."""
+        out: dict[str, tuple[int, int]] = {}
+        for m in self.mutants:
+            k, t = out.get(m.rule, (0, 0))
+            out[m.rule] = (k + (self.results[m.id].status == "killed"), t + 1)
+        return out
+
+    def table(self) -> str:
+        rows = [("rule", "mutant", "result", "time", "killed by / bug")]
+        for m in self.mutants:
+            r = self.results[m.id]
+            rows.append((m.rule, m.name, r.status.upper() if r.status != "killed" else "killed", f"{r.seconds:.1f}s", r.detail if r.status == "killed" else f"{m.bug}: {r.detail}"))
+        widths = [max(len(row[k]) for row in rows) for k in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        for b in self.baselines:
+            if b.status != "passed":
+                lines.append(f"BASELINE FAILED ({b.mutant}): {b.detail}")
+        rules = {r: t for r, (_, t) in self.per_rule().items() if r != "engine"}
+        lines.append(
+            f"mutants killed: {self.killed}/{self.total} ({len(rules)} rules, at least {min(rules.values(), default=0)} each, "
+            f"plus {self.total - sum(rules.values())} engine) in {self.seconds:.0f}s with {self.jobs} workers"
+        )
+        return "\n".join(lines)
+
+
+class _FirstFailure:
+    """A pytest plugin remembering the first failing test."""
+
+    def __init__(self) -> None:
+        self.failed: str = ""
+        self.message: str = ""
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed and not self.failed:
+            self.failed = report.nodeid
+            text = str(report.longrepr) if report.longrepr else ""
+            last = [ln for ln in text.splitlines() if ln.startswith("E ")]
+            self.message = (last[0][1:].strip() if last else text.strip().splitlines()[-1] if text.strip() else "")[:160]
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed and not self.failed:
+            self.failed = f"collecting {report.nodeid}"
+
+
+def _pytest(tests: Sequence[str]) -> tuple[int, _FirstFailure, str]:
+    import pytest
+
+    plugin = _FirstFailure()
+    args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "--no-header", "--tb=short", "-o", "addopts=", "--rootdir", str(ROOT)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pytest.main(args, plugins=[plugin])
+    return int(code), plugin, out.getvalue()
+
+
+def _init_worker(profile: str = "mutants") -> None:
+    os.environ["HYPOTHESIS_PROFILE"] = profile
+    os.chdir(ROOT)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_baseline(tests: tuple[str, ...], profile: str = "mutants") -> Result:
+    _init_worker(profile)
+    start = time.perf_counter()
+    code, plugin, out = _pytest(tests)
+    status = "passed" if code == 0 else "failed"
+    detail = "" if code == 0 else (plugin.failed or f"pytest exit code {code}: {out.strip().splitlines()[-1:] }")
+    return Result(f"baseline: {' '.join(tests)}", status, time.perf_counter() - start, detail)
+
+
+class MutantTimeout(BaseException):
+    """Raised in a worker when a mutant's tests run past :data:`MUTANT_TIMEOUT`."""
+
+
+def _alarm(signum, frame):
+    raise MutantTimeout(f"tests still running after {MUTANT_TIMEOUT}s")
+
+
+def _run_mutant(m: Mutant, profile: str = "mutants") -> Result:
+    import signal
+
+    _init_worker(profile)
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(MUTANT_TIMEOUT)
+    try:
+        with applied(m):
+            code, plugin, out = _pytest(tests_for(m))
+    except MutantError as e:
+        return Result(m.id, "error", time.perf_counter() - start, str(e))
+    except MutantTimeout as e:
+        return Result(m.id, "killed", time.perf_counter() - start, f"timeout: {e}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    seconds = time.perf_counter() - start
+    if code == 1:
+        name = plugin.failed.split("::")[-1] if plugin.failed else "?"
+        return Result(m.id, "killed", seconds, f"{name}: {plugin.message}" if plugin.message else name)
+    if code == 0:
+        return Result(m.id, "survived", seconds, "all tests passed")
+    tail = out.strip().splitlines()[-1] if out.strip() else ""
+    return Result(m.id, "error", seconds, f"pytest exit code {code}: {plugin.failed or tail}")
+
+
+def select(rules: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[Mutant]:
+    """The mutants of the given rules (all when ``None``), optionally only those with the given ids or names."""
+    out = [m for m in MUTANTS if rules is None or m.rule in rules]
+    if names:
+        out = [m for m in out if m.id in names or m.name in names]
+    return out
+
+
+def run(mutants: Sequence[Mutant] | None = None, *, jobs: int = MAX_JOBS, profile: str = "mutants", progress=None) -> MutationReport:
+    """Run each mutant's tests with the mutant applied; returns a :class:`MutationReport`.
+
+    Each distinct test selection first runs unmutated (it must pass).  With
+    ``jobs`` > 1 (at most 2) the runs are spread over that many worker
+    processes (spawned, so each imports torch and pytest once).  ``profile``
+    is the Hypothesis profile of the tests (``mutants``: derandomized;
+    ``mutants-random`` draws new examples on every run, to check that kills
+    do not hang on particular examples).  A mutant whose tests run longer
+    than ``MUTANT_TIMEOUT`` seconds (fusion looping, say) is stopped and
+    counted killed: a suite that hangs fails.  ``progress`` is called with each :class:`Result`.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    mutants = list(MUTANTS if mutants is None else mutants)
+    for m in mutants:  # fail fast on a mutant that does not apply
+        mutated_code(m)
+    jobs = max(1, min(MAX_JOBS, jobs))
+    start = time.perf_counter()
+    selections = list(dict.fromkeys(tuple(tests_for(m)) for m in mutants))
+    report = MutationReport(mutants, {}, jobs=jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(_run_baseline, selections, [profile] * len(selections)):
+            report.baselines.append(r)
+            if progress:
+                progress(r)
+        # Slowest first (survivors and mutants of rules with many tests run longest) would balance better;
+        # the list order interleaves rules well enough.
+        for r in pool.map(_run_mutant, mutants, [profile] * len(mutants)):
+            report.results[r.mutant] = r
+            if progress:
+                progress(r)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repalgebra.mutants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rule", action="append", help="only this rule's mutants (repeatable)")
+    parser.add_argument("--mutant", action="append", help="only this mutant (rule/name or name; repeatable)")
+    parser.add_argument("--jobs", "-j", type=int, default=MAX_JOBS, help=f"worker processes (at most {MAX_JOBS})")
+    parser.add_argument("--profile", default="mutants",
+                        help="Hypothesis profile of the tests: mutants (default, derandomized) or mutants-random (new examples each run)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    mutants = select(args.rule, args.mutant)
+    if not mutants:
+        print("no mutants selected", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<45} {m.bug}")
+        print(f"{len(mutants)} mutants")
+        return 0
+
+    def progress(r: Result) -> None:
+        if not args.quiet:
+            print(f"  {r.status:<8} {r.seconds:5.1f}s  {r.mutant}", file=sys.stderr, flush=True)
+
+    report = run(mutants, jobs=args.jobs, profile=args.profile, progress=progress)
+    print(report.table())
+    if not (args.rule or args.mutant):  # the whole run: every rule must have its three mutants
+        from repalgebra import RULES
+
+        few = {r: sum(m.rule == r for m in mutants) for r in RULES if sum(m.rule == r for m in mutants) < 3}
+        if few:
+            print(f"rules with fewer than 3 mutants: {few}")
+            return 1
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
