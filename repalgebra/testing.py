@@ -789,40 +789,12 @@ def linear_graphs(draw, dtype=None, max_branches: int = 4) -> RegionExample:
     dtype = _value(draw, dtype, float_dtypes())
     n, c = draw(st.integers(1, 3)), draw(st.integers(1, MAX_CHANNELS))
     h, w = draw(st.integers(1, 10)), draw(st.integers(1, 10))
-    if draw(st.booleans()):
-        stride, out = 1, (h, w)  # keep the grid: identity and BN branches become possible
-    else:
-        stride = draw(st.sampled_from(STRIDES))
-        out = (draw(st.integers(1, (h - 1) // stride + 1)), draw(st.integers(1, (w - 1) // stride + 1)))
-    gen = _Gen(draw, dtype)
-    x = gen.b.input("x", (n, c, h, w), dtype)
-    r = _Region(x, c, stride, (h, w), out)
-    first: list[Callable[[_Region], Value]] = [gen.conv_branch, gen.pad_conv_branch, gen.seq_branch]
-    if c >= 2:
-        first.append(gen.concat_branch)
-    others = list(first)
-    if _feasible_pools(r):
-        others.append(gen.pool_branch)
-    if r.same_grid:
-        others += [gen.bn_branch, gen.identity_branch]
-    y = draw(st.sampled_from(first))(r)
-    for _ in range(draw(st.integers(0, max_branches - 1))):
-        z = draw(st.sampled_from(others))(r)
-        op = draw(st.sampled_from(["add", "sub"]))
-        gen.desc.append(op)
-        y = getattr(gen.b, op)(y, z, source=gen.src(op))
-    tail = draw(st.sampled_from(["none", "scale", "bn"]))
-    if tail == "scale":
-        y = gen.scale(y, "region.ls")
-    elif tail == "bn":
-        y = gen.bn(y, "region.norm")
-    if tail != "none":
-        gen.desc.append(f"then {tail}")
-    if r.same_grid and draw(st.booleans()):
-        y = gen.b.add(x, y, source="residual")
-        gen.desc.append("x + region")
+    b = GraphBuilder()
+    gen = _PrefixGen(draw, dtype, b, "region")
+    x = b.input("x", (n, c, h, w), dtype)
+    y = _branchy_region(draw, gen, x, max_branches)
     xt = random_input((n, c, h, w), dtype, draw(seeds()))
-    return RegionExample(gen.b.build(y), xt, dtype, gen.desc)
+    return RegionExample(b.build(y), xt, dtype, gen.desc)
 
 
 # =========================================================================== fuzzing: mixed graphs, user blocks
@@ -1040,7 +1012,7 @@ def _weights(shape, seed: int, dtype: torch.dtype, scale: float = 1.0) -> torch.
 
 
 def _branchy_region(draw, gen: _PrefixGen, v: Value, max_branches: int) -> Value:
-    """The body of :func:`linear_graphs` on input ``v``: a foldable branchy region (one conv)."""
+    """A foldable branchy region (one conv) on input ``v``: the body of :func:`linear_graphs` and the fuzzers' regions."""
     n, c, h, w = v.shape
     if draw(st.booleans()):
         stride, out = 1, (h, w)
