@@ -567,21 +567,27 @@ def assert_graphs_equal(
     xs = (x,) if torch.is_tensor(x) else tuple(x)
     x64 = [t.detach().to(torch.float64) for t in xs]
     m = tuple(torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude(g1, *x64)), _as_tuple(magnitude(g2, *x64))))
-    runs = [(torch.float64, _param_eps(g1, g2) + RTOL[torch.float64])]
+    _assert_runs_close(g1, g2, xs, m, dtype, 1, what)
+
+
+def _assert_runs_close(
+    g1: Graph, g2: Graph, xs: tuple[torch.Tensor, ...], m: tuple[torch.Tensor, ...], dtype: torch.dtype, depth: int, what: str
+) -> None:
+    """Run both graphs in float64 and in ``dtype``; assert ``|y1 - y2| <= depth * tol * m`` elementwise (see above)."""
+    runs = [(torch.float64, depth * (_param_eps(g1, g2) + RTOL[torch.float64]))]
     if dtype != torch.float64:
-        runs.append((dtype, RTOL[dtype]))
+        runs.append((dtype, depth * RTOL[dtype]))
     for run_dtype, tol in runs:
         xd = [t.detach().to(run_dtype) for t in xs]
         y1, y2 = _as_tuple(run_graph(g1, *xd)), _as_tuple(run_graph(g2, *xd))
         assert len(y1) == len(y2) == len(m), f"{what}: output counts differ: {len(y1)} vs {len(y2)}"
         for k, (a, b, mk) in enumerate(zip(y1, y2, m)):
-            where = f"{what} output {k} ({run_dtype} run)"
+            where = f"{what} output {k} ({run_dtype} run{f', depth {depth}' if depth != 1 else ''})"
             assert a.shape == b.shape, f"{where}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
             assert a.dtype == b.dtype == run_dtype, f"{where}: dtypes {a.dtype}, {b.dtype}, expected {run_dtype}"
             assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{where}: non-finite values"
             err = (a.to(torch.float64) - b.to(torch.float64)).abs()
-            bound = tol * mk
-            bad = err > bound
+            bad = err > tol * mk
             if bool(bad.any()):
                 i = int(torch.argmax(torch.where(bad, err / mk.clamp_min(1e-300), torch.zeros_like(err))))
                 idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
@@ -591,7 +597,6 @@ def assert_graphs_equal(
                     f"ratio={err[idx].item() / max(mk[idx].item(), 1e-300):.3e}; "
                     f"max|y1|={a.abs().max().item():.3e}"
                 )
-
 
 # --------------------------------------------------------------------------- random linear regions
 
@@ -901,27 +906,7 @@ def assert_graphs_equal_through(
     m = tuple(
         torch.maximum(a, b) for a, b in zip(_as_tuple(magnitude_through(g1, *x64)), _as_tuple(magnitude_through(g2, *x64)))
     )
-    runs = [(torch.float64, depth * (_param_eps(g1, g2) + RTOL[torch.float64]))]
-    if dtype != torch.float64:
-        runs.append((dtype, depth * RTOL[dtype]))
-    for run_dtype, tol in runs:
-        xd = [t.detach().to(run_dtype) for t in xs]
-        y1, y2 = _as_tuple(run_graph(g1, *xd)), _as_tuple(run_graph(g2, *xd))
-        assert len(y1) == len(y2) == len(m), f"{what}: output counts differ: {len(y1)} vs {len(y2)}"
-        for k, (a, b, mk) in enumerate(zip(y1, y2, m)):
-            where = f"{what} output {k} ({run_dtype} run, depth {depth})"
-            assert a.shape == b.shape, f"{where}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
-            assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{where}: non-finite values"
-            err = (a.to(torch.float64) - b.to(torch.float64)).abs()
-            bad = err > tol * mk
-            if bool(bad.any()):
-                i = int(torch.argmax(torch.where(bad, err / mk.clamp_min(1e-300), torch.zeros_like(err))))
-                idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
-                raise AssertionError(
-                    f"{where}: {int(bad.sum())} of {err.numel()} elements differ beyond tol={tol:.1e} x magnitude; "
-                    f"worst at {idx}: |diff|={err[idx].item():.3e}, magnitude={mk[idx].item():.3e}"
-                )
-
+    _assert_runs_close(g1, g2, xs, m, dtype, depth, what)
 
 # --------------------------------------------------------------------------- random DAGs of regions
 
