@@ -8,8 +8,15 @@ modules (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.AvgPool2d``,
 (``operator.add``, ``torch.cat``, ``F.gelu``, ``x.reshape``); a layer scale is
 a buffer and a multiply; an ``opaque`` node calls a deep copy of its module.
 A conv with asymmetric padding is an ``nn.ZeroPad2d`` followed by the conv.
+
 An op without a torch lowering still works: it runs its reference semantics
 from the op table (:class:`OpCall`), so adding an op is adding one entry.
+
+The IR has values, not memory layouts: the front end maps ``x.contiguous()``
+to the identity, and a rewrite may drop it.  So no lowering may need a
+contiguous input: reshapes lower to ``reshape`` (a view where one exists, a
+copy where not), never ``view``, and a carried-through ``x.view(...)`` or
+``x.view_as(y)`` call runs as ``reshape``/``reshape_as`` (:func:`_stride_free`).
 
 The generated module is itself ``torch.fx``-traceable and the front end maps
 every lowering back to the same op, so fusing a fused model changes nothing.
@@ -104,7 +111,7 @@ class Lowering:
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
         if id(fn) not in self._copies:
-            self._copies[id(fn)] = self.add_module(hint, copy.deepcopy(fn))
+            self._copies[id(fn)] = self.add_module(hint, _stride_free(copy.deepcopy(fn)))
         return self._copies[id(fn)]
 
     def module(self, hint: str, module: nn.Module, *args: Any, **kwargs: Any) -> fx.Node:
@@ -120,7 +127,13 @@ class Lowering:
         return self.graph.call_method(name, args, kwargs)
 
 
-def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class_name: str = "FusedModule") -> fx.GraphModule:
+def to_module(
+    graph: Graph,
+    *,
+    output_spec: pytree.TreeSpec | None = None,
+    class_name: str = "FusedModule",
+    keep_param_dtype: bool = False,
+) -> fx.GraphModule:
     """A new module (eval mode) computing ``graph``; shares no storage with the graph.
 
     Args:
@@ -128,6 +141,9 @@ def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class
         output_spec: the structure of the model's outputs (from the front end);
             without it one output is returned as is and several as a tuple.
         class_name: the generated module's class name.
+        keep_param_dtype: keep parameters in their own dtype instead of the
+            dtype of the values they act on (``fuse`` builds its float64
+            check module this way, from the graph before the cast back).
     """
     ctx = Lowering()
     env: dict[int, fx.Node] = {}
@@ -135,7 +151,7 @@ def to_module(graph: Graph, *, output_spec: pytree.TreeSpec | None = None, class
         env[id(v)] = ctx.graph.placeholder(ctx.name(v.name))
     for n in graph.nodes:
         lower = op_def(n.op).lowerings.get("torch", _lower_by_reference)
-        env[id(n.out)] = lower(ctx, _params_in_value_dtype(n), [env[id(i)] for i in n.inputs])
+        env[id(n.out)] = lower(ctx, n if keep_param_dtype else _params_in_value_dtype(n), [env[id(i)] for i in n.inputs])
     outs = [env[id(o)] for o in graph.outputs]
     if output_spec is not None:
         ctx.graph.output(pytree.tree_unflatten(outs, output_spec))
@@ -350,6 +366,22 @@ def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     hint = _hint(node, "_" + fn.name) if isinstance(fn, FnCall) else (node.source or type(fn).__name__)
     name = ctx.opaque_module(fn, hint)
     return ctx.graph.call_module(name, tuple(xs), dict(node.attrs["kwargs"]))
+
+
+# ``x.view(...)`` needs strides that allow it; ``x.reshape(...)`` gives the same values on any tensor.
+_VIEW_AS_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _stride_free(fn: nn.Module) -> nn.Module:
+    """``fn`` (a copy, changed in place) with a carried-through ``x.view(sizes)``/``x.view_as(y)`` made a reshape.
+
+    The model may have made ``x`` contiguous first (``x.transpose(1, 2).contiguous().view(B, -1)``);
+    in the IR that ``contiguous`` is the identity and is gone.  ``x.view(dtype)`` is a bit cast and stays.
+    """
+    if isinstance(fn, FnCall) and fn.kind == "call_method" and fn.target in _VIEW_AS_RESHAPE:
+        if not any(isinstance(a, torch.dtype) for a in pytree.tree_leaves((fn.args_template, fn.kwargs_template))):
+            fn.target = _VIEW_AS_RESHAPE[fn.target]
+    return fn
 
 
 def lowered_ops() -> Sequence[str]:
