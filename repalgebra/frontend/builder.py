@@ -1,0 +1,271 @@
+"""fx graph to IR: :class:`Builder` maps each fx node of a traced model to a :class:`~repalgebra.ir.Node`.
+
+A call whose module or function has a handler (looked up in the
+:class:`Handlers` tables it is given) becomes that handler's op; every other
+call becomes an ``opaque`` node carrying it through unchanged: the module
+itself, or a :class:`~repalgebra.frontend.calls.FnCall` that makes the
+call.  Calls that return sizes (``x.shape[1]``) become
+:class:`~repalgebra.frontend.calls.SymExpr` shape expressions, re-evaluated
+where they are used.  Output shapes come from the op table and from running
+the other calls on meta tensors, or from one real run when meta tensors fail
+(:class:`NeedsRealRun`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
+from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
+from repalgebra.frontend.shapes import reroute_shape_reads
+from repalgebra.ir import Graph, Node, Value
+from repalgebra.rewrite import LeftAlone
+
+# A handler gets (builder, fx node, target, args, kwargs) with fx nodes replaced by
+# Values / Consts / SymExprs / literals, and returns (op, inputs, attrs, params, source)
+# or None to carry the call through as an opaque node.
+Made = "tuple[str, list[Value], dict, dict, str] | None"
+Handler = Callable[..., Any]  # (Builder, fx.Node, target, args, kwargs) -> Made
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """Where :class:`Builder` looks calls up."""
+
+    modules: Mapping[type, Handler]  # by the module's recognised class (fx_trace.recognised)
+    functions: Mapping[Any, Handler]  # by function, or ("method", name) for a method call
+    trusted: tuple = ()  # functions whose op the table describes exactly: not run on meta tensors (slow)
+
+
+@dataclass(eq=False)
+class Const:
+    """A parameter or buffer read by a call (``self.layer_scale``), cloned."""
+
+    tensor: torch.Tensor
+    path: str
+
+
+class NeedsRealRun(Exception):
+    """A call could not run on meta tensors; its shape needs a real run."""
+
+
+class Builder:
+    """Maps the fx nodes of one traced model to IR nodes.
+
+    Shapes come from a real run (``record``: per fx node a tensor's shape and
+    dtype or a non-tensor's value) or, without one, from the op table for the
+    ops it maps and from running the other calls on meta tensors (``example``:
+    per fx node a meta tensor or a value); a call that cannot run on meta
+    tensors raises :class:`NeedsRealRun`.
+    """
+
+    def __init__(self, root: nn.Module, handlers: Handlers, record: dict[fx.Node, Any] | None = None, prefix: str = "") -> None:
+        self.root = root
+        self.handlers = handlers
+        self.prefix = prefix  # the wrapper's child name when the model was wrapped (see fx_trace.Root)
+        self.record = record
+        self.example: dict[fx.Node, Any] = {}
+        self.nodes: list[Node] = []
+        self.env: dict[fx.Node, Any] = {}
+        self.left_alone: list[LeftAlone] = []
+        self.notes: list[str] = []
+
+    # -- driver -------------------------------------------------------------------------
+
+    def build(self, fx_graph: fx.Graph, placeholders: list[fx.Node], inputs: tuple) -> tuple[Graph, pytree.TreeSpec]:
+        graph_inputs = []
+        for n in fx_graph.nodes:
+            if n.op == "placeholder":
+                if n in placeholders:
+                    t = inputs[placeholders.index(n)]
+                    v = Graph.input(n.name, tuple(t.shape), t.dtype)
+                    graph_inputs.append(v)
+                    self.env[n] = v
+                    self.example[n] = _meta(t)
+                else:  # a baked-in default (concrete_args)
+                    self.env[n] = self.example[n] = n.args[0] if n.args else None
+            elif n.op == "get_attr":
+                obj = _fetch(self.root, n.target)
+                self.env[n] = Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
+                self.example[n] = _meta(obj)
+            elif n.op == "call_module":
+                self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
+            elif n.op in ("call_function", "call_method"):
+                self.env[n] = self.call(n, n.op, n.target)
+            elif n.op == "output":
+                out = self.args(n.args[0])
+                leaves, spec = pytree.tree_flatten(out)
+                values = [self.as_value(v, n) for v in leaves]
+                graph = Graph(graph_inputs, self.nodes, values)
+                reroute_shape_reads(graph)
+                return graph, spec
+        raise AssertionError("fx graph without output")
+
+    def args(self, a: Any) -> Any:
+        return fx.node.map_aggregate(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
+
+    def path(self, path: str) -> str:
+        """A module path of the traced copy as a path of the user's model."""
+        if not self.prefix:
+            return path
+        return "" if path == self.prefix else path.removeprefix(self.prefix + ".")
+
+    def source(self, n: fx.Node) -> str:
+        return self.path(n.target if n.op == "call_module" else n.meta.get("repalgebra_source", ""))
+
+    def as_value(self, v: Any, n: fx.Node) -> Value:
+        """A graph value for an output leaf: activations as they are, constant tensors as constant nodes."""
+        if isinstance(v, Value):
+            return v
+        if isinstance(v, Const):
+            fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
+            return self.add("opaque", [], {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}, {}, v.path)
+        raise TypeError(f"model outputs must be tensors; one output is {type(v).__name__} ({v!r})")
+
+    def add(self, op: str, inputs: Sequence[Value], attrs: dict | None = None, params: dict | None = None, source: str = "", name: str | None = None) -> Value:
+        node = Node.make(op, inputs, attrs, params, source, name=name)
+        self.nodes.append(node)
+        return node.out
+
+    def run_meta(self, n: fx.Node, kind: str, target: Any) -> Any:
+        """Run the call on meta tensors; returns (and remembers) its summary."""
+        ex = lambda a: fx.node.map_aggregate(a, lambda x: self.example[x] if isinstance(x, fx.Node) else x)  # noqa: E731
+        try:
+            result = _call_meta(kind, target, ex(n.args), ex(n.kwargs))
+        except Exception as e:
+            raise NeedsRealRun(f"{n.format_node()}: {e}") from e
+        self.example[n] = result
+        return summarize(result)
+
+    def info(self, n: fx.Node, kind: str, target: Any) -> Any:
+        """What the call returns (summary), or None when the op table is trusted to say it."""
+        if self.record is not None:
+            return self.record.get(n)
+        if kind == "call_module" and recognised(target) is not None:
+            return None
+        if target in self.handlers.trusted:  # meta execution of these is slow; the op table is exact
+            return None
+        return self.run_meta(n, kind, target)
+
+    def call(self, n: fx.Node, kind: str, target: Any) -> Any:
+        args, kwargs = self.args(n.args), self.args(n.kwargs)
+        info = self.info(n, kind, target)
+        if info is not None and not isinstance(info, TensorInfo) and info != "tensors":
+            # A size, a shape, an assertion: recomputed inside the calls that use it.
+            if _has_value(args, kwargs):
+                return SymExpr(kind, target, args, kwargs)
+            return info
+        if info is None or isinstance(info, TensorInfo):
+            handler = self.handlers.modules.get(recognised(target)) if kind == "call_module" else self.handlers.functions.get(
+                ("method", target) if kind == "call_method" else target
+            )
+            if handler is not None:
+                made = handler(self, n, target, args, kwargs)
+                if made is not None:
+                    op, inputs, attrs, params, source = made
+                    node = Node.make(op, inputs, attrs, params, source or self.source(n), name=n.name)
+                    if info is None or (node.out.shape == info.shape and node.out.dtype == info.dtype):
+                        self.nodes.append(node)
+                        self.example.setdefault(n, torch.empty(node.out.shape, dtype=node.out.dtype, device="meta"))
+                        return node.out
+                    self.notes.append(
+                        f"{n.format_node()} at {self.source(n)!r}: the {op} op would give {node.out.shape} "
+                        f"{node.out.dtype}, the model {info.shape} {info.dtype}; carried through unchanged"
+                    )
+        if info is None:
+            info = self.run_meta(n, kind, target)
+        return self.opaque(n, kind, target, args, kwargs, info)
+
+    def opaque(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict, info: Any) -> Value:
+        """Carry the call through unchanged as an ``opaque`` node."""
+        if kind == "call_module" and not kwargs and all(isinstance(a, Value) for a in args):
+            fn, inputs = target, list(args)
+        else:
+            fn, inputs = _compile(kind, target, args, kwargs)
+        shape, dtype = (info.shape, info.dtype) if isinstance(info, TensorInfo) else (None, None)
+        return self.add("opaque", inputs, {"fn": fn, "out_shape": shape, "out_dtype": dtype}, {}, self.source(n), name=n.name)
+
+    def leave_bn(self, n: fx.Node, reason: str) -> None:
+        self.left_alone.append(LeftAlone(self.source(n), "batch_norm", reason))
+
+
+def _call_meta(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Make the call on meta tensors; a module's parameters and buffers are swapped for meta ones."""
+    if kind != "call_module":
+        return invoke(kind, target, args, kwargs)
+    tensors = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    if not tensors:
+        return target(*args, **kwargs)
+    meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
+    return torch.func.functional_call(target, meta, args, kwargs)
+
+
+def _meta(v: Any) -> Any:
+    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
+
+
+def _return(x: Any) -> Any:
+    return x
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_value(*trees: Any) -> bool:
+    found = False
+
+    def visit(x: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(x, (Value, SymExpr))
+        return x
+
+    for t in trees:
+        _map(t, visit)
+    return found
+
+
+def _map(a: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to the leaves of nested tuples/lists/dicts/slices and inside shape expressions."""
+    if isinstance(a, tuple):
+        return tuple(_map(x, fn) for x in a)
+    if isinstance(a, list):
+        return [_map(x, fn) for x in a]
+    if isinstance(a, dict):
+        return {k: _map(v, fn) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_map(a.start, fn), _map(a.stop, fn), _map(a.step, fn))
+    if isinstance(a, SymExpr):
+        fn(a)
+        return SymExpr(a.kind, a.target, _map(a.args, fn), _map(a.kwargs, fn))
+    return fn(a)
+
+
+def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall, list[Value]]:
+    """A :class:`FnCall` making this call, and the tensor inputs it reads (activations first seen first)."""
+    inputs: list[Value] = []
+    index: dict[int, int] = {}
+    consts: dict[str, torch.Tensor] = {}
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Value):
+            if id(x) not in index:
+                index[id(x)] = len(inputs)
+                inputs.append(x)
+            return In(index[id(x)])
+        if isinstance(x, Const):
+            name = f"c{len(consts)}"
+            consts[name] = x.tensor
+            return Buf(name)
+        return x
+
+    fn = FnCall(kind, target, _map(args, leaf), _map(kwargs, leaf), consts)
+    return fn, inputs

@@ -1,0 +1,236 @@
+"""Symbolic tracing with ``torch.fx``: an eval-mode copy of the model to an fx graph, and one real run of it.
+
+:func:`copy_for_tracing` deep-copies the model in eval mode (wrapping it in
+:class:`Root` when the model is itself a module the tracer keeps whole) and
+builds the :class:`Tracer`: it keeps the recognised modules (those the handler
+tables map to an op, see :func:`recognised`) and the user's ``leaf_modules``
+whole, and records the module path of every node.  :func:`trace_fx` traces the
+copy; when it fails, :func:`untraceable` names the module and the
+``leaf_modules`` fix.  :func:`record_run` runs the traced copy once, for the
+calls whose shapes cannot be learned on meta tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree as pytree
+
+LeafSpec = "type[nn.Module] | nn.Module | str"
+
+
+class UntraceableError(TypeError):
+    """``torch.fx`` cannot trace (part of) the model; the message names the module path and the fix."""
+
+
+def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.Module, Tracer, str]:
+    """An eval-mode deep copy of ``model`` to trace, the tracer for it, and the copy's prefix.
+
+    The prefix is the child name of ``model`` in the copy: ``"m"`` when the
+    model is itself kept whole and so is wrapped in a :class:`Root`, else ``""``.
+    """
+    leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:  # a module holding a lock, a generator, ...
+        raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
+    work.eval()
+    wrapped = recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths
+    if wrapped:  # fx never asks whether the root is a leaf: give it a parent
+        work = Root(work)
+        leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
+    return work, Tracer(leaf_types, leaf_paths), "m" if wrapped else ""
+
+
+def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.Graph, list[fx.Node]]:
+    """The fx graph of ``work`` and its tensor input placeholders (``n_given`` inputs, or None: all without defaults).
+
+    Defaults of the ``forward`` arguments after the given inputs are baked in.
+    """
+    concrete = concrete_args(work, n_given)
+    try:
+        fx_graph = tracer.trace(work, concrete_args=concrete or None)
+    except Exception as e:
+        raise untraceable(work, tracer.path_stack, e) from e
+    all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    return fx_graph, all_placeholders[: len(all_placeholders) - len(concrete)]
+
+
+# --------------------------------------------------------------------------- which modules stay whole
+
+
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Recognised module classes and the forward each must still use (a subclass with its own forward is not recognised).
+_RECOGNISED: tuple[type, ...] = (
+    nn.Conv2d,
+    _BatchNorm,
+    nn.Linear,
+    nn.Identity,
+    *DROPOUTS,
+    nn.AvgPool2d,
+    nn.ReLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.ConstantPad2d,
+    nn.Flatten,
+    nn.Softmax,
+    nn.LayerNorm,
+    nn.AdaptiveAvgPool2d,
+)
+
+
+class Root(nn.Module):
+    """A parent for a model that is itself a leaf (a lone ``Conv2d``), which fx would trace into."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Any) -> Any:
+        return self.m(x)
+
+
+def recognised(m: nn.Module) -> type | None:
+    """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None."""
+    for base in _RECOGNISED:
+        if isinstance(m, base) and type(m).forward is base.forward:
+            return base
+    return None
+
+
+def leaf_specs(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:
+    """Split ``leaf_modules`` into classes and module paths (instances are looked up by identity)."""
+    types, paths = [], set()
+    where = None
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str):
+            paths.add(spec)
+        elif isinstance(spec, nn.Module):
+            if where is None:
+                where = {id(m): p for p, m in model.named_modules()}
+            if id(spec) not in where:
+                raise ValueError(f"leaf module {type(spec).__name__} is not a submodule of the model")
+            paths.add(where[id(spec)])
+        else:
+            raise TypeError(f"leaf_modules entries are module classes, module instances or paths; got {spec!r}")
+    return tuple(types), paths
+
+
+# --------------------------------------------------------------------------- the trace
+
+
+class Tracer(fx.Tracer):
+    """fx tracer with our leaves, remembering the module path of every node and of a failure."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.path_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if recognised(m) is not None:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # Popped only on success: after an exception the stack names where tracing failed.
+        self.path_stack.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.path_stack.pop()
+        return out
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
+        return node
+
+
+def untraceable(work: nn.Module, stack: list[str], e: Exception) -> UntraceableError:
+    """The error for a failed trace, naming the innermost module being traced and how to keep it whole."""
+    path = stack[-1] if stack else ""
+    cls = type(work.get_submodule(path)).__name__ if path else type(work).__name__
+    why = (
+        "torch.fx traces forward() with symbolic tensors, so Python control flow that depends on tensor "
+        "values (such as `if x.sum() > 0:`) cannot be recorded"
+    )
+    if path:
+        return UntraceableError(
+            f"cannot trace module {path!r} ({cls}): {e}\n{why}. Keep that module whole (carried through "
+            f"unfused) by marking it as a leaf: repalgebra.fuse(model, leaf_modules=({cls},)) "
+            f"or leaf_modules=({path!r},)"
+        )
+    return UntraceableError(
+        f"cannot trace the forward() of {cls} itself: {e}\n{why}. Move the data-dependent part into a "
+        f"submodule and mark it as a leaf, e.g. repalgebra.fuse(model, leaf_modules=(MySubmodule,))"
+    )
+
+
+def concrete_args(model: nn.Module, n_given: int | None) -> dict[str, Any]:
+    """Defaults of the ``forward`` arguments after the given inputs, to be baked in by the trace."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if n_given is None:
+        n_given = sum(p.default is p.empty for p in positional)
+    return {p.name: p.default for p in positional[n_given:] if p.default is not p.empty}
+
+
+# --------------------------------------------------------------------------- one real run
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a call returned, when it is one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def summarize(r: Any) -> Any:
+    """A call's result as the front end keeps it: :class:`TensorInfo`, ``"tensors"`` for a container, else the value."""
+    if torch.is_tensor(r):
+        return TensorInfo(tuple(r.shape), r.dtype)
+    if any(torch.is_tensor(t) for t in pytree.tree_leaves(r)):
+        return "tensors"  # a container of tensors: carried as one opaque value
+    return r
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced copy once and keeps, per node, a tensor's shape/dtype or a non-tensor's value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.meta: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            where = n.meta.get("repalgebra_source") or "the model"
+            e.add_note(f"repalgebra: while running {n.format_node()} in {where!r}")
+            raise
+        self.meta[n] = summarize(result)
+        return result
+
+
+def record_run(gm: fx.GraphModule, inputs: tuple, inferred: str | None) -> dict[fx.Node, Any]:
+    """Run ``gm`` once on ``inputs``: per fx node, :func:`summarize` of its result."""
+    rec = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            rec.run(*inputs)
+    except Exception as e:
+        if inferred:
+            raise ValueError(f"the model does not run on the inferred input ({inferred}): {e}; pass example_inputs") from e
+        raise
+    return rec.meta

@@ -1,0 +1,133 @@
+"""Handlers for the ``nn.Module`` classes the front end recognises: each maps a module call to one op.
+
+A handler gets ``(builder, fx node, module, args, kwargs)`` and returns
+``(op, inputs, attrs, params, source)``, or None to leave the call opaque
+(see :mod:`repalgebra.frontend.builder`).  Parameters are cloned.  The table
+:data:`MODULE_HANDLERS` at the bottom is keyed by the recognised class
+(:func:`repalgebra.frontend.fx_trace.recognised`): a subclass that keeps its
+base's ``forward`` is handled as that base.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from repalgebra.frontend.args import avg_pool, bn_params, conv_padding, global_mean, ints, single
+from repalgebra.frontend.builder import Builder, Made
+from repalgebra.frontend.fx_trace import DROPOUTS
+
+
+def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 4:
+        return None
+    if m.padding_mode != "zeros":
+        b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
+        return None
+    padding = conv_padding(m.padding, m.kernel_size, m.dilation)
+    params = {"weight": m.weight.detach().clone()}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach().clone()
+    attrs = {"stride": tuple(m.stride), "padding": padding, "dilation": tuple(m.dilation), "groups": m.groups}
+    return "conv2d", [x], attrs, params, ""
+
+
+def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None:
+        return None
+    if m.training:
+        b.leave_bn(n, "the module stays in training mode after eval(): it normalises with batch statistics")
+        return None
+    if m.running_mean is None or m.running_var is None:
+        b.leave_bn(n, "track_running_stats=False: it normalises with batch statistics even in eval mode")
+        return None
+    return "batch_norm", [x], {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, m.weight, m.bias), ""
+
+
+def _m_linear(b: Builder, n: fx.Node, m: nn.Linear, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None:
+        return None
+    params = {"weight": m.weight.detach().clone()}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach().clone()
+    return "linear", [x], {}, params, ""
+
+
+def _m_identity(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None or m.training:  # a dropout that insists on training mode stays as it is
+        return None
+    return "identity", [x], {}, {}, ""
+
+
+def _m_avg_pool(b: Builder, n: fx.Node, m: nn.AvgPool2d, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return avg_pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+
+def _m_act(op: str) -> Callable[..., Made]:
+    def handler(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Made:
+        x = single(args, kwargs)
+        if x is None:
+            return None
+        attrs = {"approximate": m.approximate} if op == "gelu" else {}
+        return op, [x], attrs, {}, ""
+
+    return handler
+
+
+def _m_pad(b: Builder, n: fx.Node, m: nn.ConstantPad2d, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    pads = ints(m.padding, 4)
+    if x is None or pads is None:
+        return None
+    left, right, top, bottom = pads
+    return "pad", [x], {"pads": (top, bottom, left, right), "value": float(m.value)}, {}, ""
+
+
+def _m_flatten(b: Builder, n: fx.Node, m: nn.Flatten, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None else ("flatten", [x], {"start": m.start_dim, "end": m.end_dim}, {}, "")
+
+
+def _m_softmax(b: Builder, n: fx.Node, m: nn.Softmax, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None or m.dim is None else ("softmax", [x], {"axis": m.dim}, {}, "")
+
+
+def _m_layer_norm(b: Builder, n: fx.Node, m: nn.LayerNorm, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None:
+        return None
+    params = {k: getattr(m, k).detach().clone() for k in ("weight", "bias") if getattr(m, k, None) is not None}
+    return "layer_norm", [x], {"normalized_shape": tuple(m.normalized_shape), "eps": float(m.eps)}, params, ""
+
+
+def _m_adaptive_avg(b: Builder, n: fx.Node, m: nn.AdaptiveAvgPool2d, args: tuple, kwargs: dict) -> Made:
+    return global_mean(single(args, kwargs), m.output_size)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
+    nn.Conv2d: _m_conv2d,
+    _BatchNorm: _m_batch_norm,
+    nn.Linear: _m_linear,
+    nn.Identity: _m_identity,
+    **{d: _m_identity for d in DROPOUTS},
+    nn.AvgPool2d: _m_avg_pool,
+    nn.ReLU: _m_act("relu"),
+    nn.GELU: _m_act("gelu"),
+    nn.Sigmoid: _m_act("sigmoid"),
+    nn.ConstantPad2d: _m_pad,
+    nn.Flatten: _m_flatten,
+    nn.Softmax: _m_softmax,
+    nn.LayerNorm: _m_layer_norm,
+    nn.AdaptiveAvgPool2d: _m_adaptive_avg,
+}

@@ -1,0 +1,117 @@
+"""Where sizes are read from: moving a ``reshape_dyn``'s shape reads to earlier values.
+
+:func:`size_source` says, per op, which earlier value (or weight) fixes a
+size of its output at every input size; :func:`reroute_shape_reads` uses it to
+make each ``reshape_dyn`` read its sizes as early as it can, so a value read
+for its shape only no longer blocks a fold (LeViT's Linear + BN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from repalgebra.ir import Graph, Node, Value
+
+_SAME_SHAPE = ("batch_norm", "scale", "identity")  # ops whose output has their first input's shape
+
+
+def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
+    """An earlier place ``v.shape[axis]`` can be read from: ``(value, axis)``, a constant, or None.
+
+    ``v = p(u)`` fixes that size from ``u`` or from ``p``'s weights, for every input:
+
+    * ``batch_norm``, ``scale``, ``identity``, ``add``/``sub`` of equal shapes: ``v.shape[a] = u.shape[a]``;
+    * ``linear(u; W)``: ``v.shape[a] = u.shape[a]`` before the last axis, ``v.shape[-1] = W.shape[0]``;
+    * ``conv2d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a spatial
+      axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size.
+    """
+    n = v.producer
+    if n is None or v.shape is None:
+        return None
+    axis %= len(v.shape)
+    if n.op in _SAME_SHAPE or (n.op in ("add", "sub") and all(i.shape == v.shape for i in n.inputs)):
+        return n.inputs[0], axis
+    if n.op == "linear":
+        return n.params["weight"].shape[0] if axis == len(v.shape) - 1 else (n.x, axis)
+    if n.op == "conv2d":
+        w = n.params["weight"]
+        if axis == 0:
+            return n.x, 0
+        if axis == 1:
+            return w.shape[0]
+        k, s, d = w.shape[axis], n.attrs["stride"][axis - 2], n.attrs["dilation"][axis - 2]
+        pads = n.attrs["padding"][2 * (axis - 2)] + n.attrs["padding"][2 * (axis - 2) + 1]
+        if s == 1 and pads == d * (k - 1):
+            return n.x, axis
+    return None
+
+
+
+def reroute_shape_reads(graph: Graph) -> None:
+    """Make each ``reshape_dyn`` read its sizes as early as :func:`size_source` allows (in place).
+
+    ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))`` (LeViT) reads the
+    linear's output twice: for its values and for its shape.  Reading the
+    shape from ``x`` and ``W.shape[0]`` instead is exact at every input size
+    and leaves the linear a single reader, so the Linear + BN fold applies.
+    A read moves only off a value that at most one node reads for its values
+    (moving reads off values that stay alive anyway would only keep an earlier
+    tensor alive for longer).  Values left unread are removed.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "reshape_dyn":
+                continue
+            new = _rerouted(graph, node)
+            if new is not None:
+                graph.insert_before(node, [new])
+                graph.replace_uses(node.out, new.out)
+                graph.eliminate_dead()
+                changed = True
+
+
+def _rerouted(graph: Graph, node: Node) -> Node | None:
+    """``node`` (a ``reshape_dyn``) reading its sizes from earlier sources, or None if none moves."""
+    old_refs = node.inputs[1:]
+    movable = {id(r) for r in old_refs if _data_reads(graph, r) <= 1}
+    refs: list[Value] = []
+
+    def ref(v: Value) -> int:
+        for k, r in enumerate(refs):
+            if r is v:
+                return k
+        refs.append(v)
+        return len(refs) - 1
+
+    changed = False
+    shape: list[Any] = []
+    for entry in node.attrs["shape"]:
+        if isinstance(entry, int):
+            shape.append(entry)
+            continue
+        factors = []
+        for f in entry:
+            if isinstance(f, tuple):
+                v, axis = old_refs[f[0]], f[1]
+                src = size_source(v, axis) if id(v) in movable else None
+                changed = changed or src is not None
+                if src is None:
+                    f = (ref(v), axis)
+                else:
+                    f = src if isinstance(src, int) else (ref(src[0]), src[1])
+            factors.append(f)
+        const = all(isinstance(f, int) for f in factors)
+        shape.append(math.prod(factors) if const else tuple(factors))
+    if not changed:
+        return None
+    if not refs:  # every size is a weight's: a plain reshape
+        return Node.make("reshape", [node.x], {"shape": tuple(shape)}, {}, node.source, name=node.out.name)
+    return Node.make("reshape_dyn", [node.x, *refs], {"shape": tuple(shape)}, {}, node.source, name=node.out.name)
+
+def _data_reads(graph: Graph, v: Value) -> int:
+    """How many nodes (and graph outputs) read ``v`` for its values, not only for its shape."""
+    shape_only = sum(u.op == "reshape_dyn" and u.x is not v for u in graph.users(v))
+    return graph.num_uses(v) - shape_only
