@@ -1,0 +1,321 @@
+"""Train-time re-parameterizable blocks: RepVGG, MobileOne, ACNet (asymmetric convolution), DBB (diverse branch).
+
+Patterns reproduced (read in DingXiaoH/RepVGG ``repvgg.py``, apple/ml-mobileone ``mobileone.py``,
+DingXiaoH/ACNet ``acnet/acb.py`` and DingXiaoH/DiverseBranchBlock ``diversebranchblock.py``, ``dbb_transforms.py``,
+and huggingface/pytorch-image-models ``timm/models/byobnet.py``): ``conv_bn`` built as ``nn.Sequential()`` +
+``add_module('conv'|'bn')``, ``id_out = 0`` when there is no identity BN and a three-way sum;
+an SE with ``F.avg_pool2d(inputs, kernel_size=inputs.size(3))`` and ``x.view(-1, C, 1, 1)``; MobileOne's
+``identity_out = 0``, ``scale_out = 0``, ``out = scale_out + identity_out`` (an int when both are absent),
+``out += self.rbr_conv[ix](x)`` over ``num_conv_branches``; ACNet's square + (k,1) + (1,k) conv-BN branches and
+the crop layer (``input[:, :, :, c:-c]``) used when ``padding < k // 2``; DBB's ``BNAndPadLayer`` (BN, then
+``F.pad`` and four slice assignments ``output[:, :, 0:p, :] = pad_values`` with values computed from the BN
+statistics), the 1x1 -> BN-and-pad -> avg-pool branch, the identity-based 1x1 whose kernel is
+``self.weight + self.id_tensor`` computed in forward (``id_tensor`` a plain attribute, not a buffer),
+and ``out += branch(inputs)`` accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import ZooModel, seeded
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int, padding: int | tuple[int, int],
+            groups: int = 1) -> nn.Sequential:
+    result = nn.Sequential()
+    result.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False))
+    result.add_module("bn", nn.BatchNorm2d(out_channels))
+    return result
+
+
+class SEBlock(nn.Module):
+    def __init__(self, input_channels: int, internal_neurons: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(input_channels, internal_neurons, kernel_size=1, stride=1, bias=True)
+        self.up = nn.Conv2d(internal_neurons, input_channels, kernel_size=1, stride=1, bias=True)
+        self.input_channels = input_channels
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(inputs, kernel_size=inputs.size(3))
+        x = self.down(x)
+        x = F.relu(x)
+        x = self.up(x)
+        x = torch.sigmoid(x)
+        x = x.view(-1, self.input_channels, 1, 1)
+        return inputs * x
+
+
+# ---------------------------------------------------------------- RepVGG
+class RepVGGBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, use_se: bool = False) -> None:
+        super().__init__()
+        self.nonlinearity = nn.ReLU()
+        self.se = SEBlock(out_channels, out_channels // 4) if use_se else nn.Identity()
+        self.rbr_identity = nn.BatchNorm2d(in_channels) if out_channels == in_channels and stride == 1 else None
+        self.rbr_dense = conv_bn(in_channels, out_channels, 3, stride, 1, groups)
+        self.rbr_1x1 = conv_bn(in_channels, out_channels, 1, stride, 0, groups)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.rbr_identity is None:
+            id_out = 0
+        else:
+            id_out = self.rbr_identity(inputs)
+        return self.nonlinearity(self.se(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out))
+
+
+class RepVGG(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 32), num_classes: int = 10) -> None:
+        super().__init__()
+        self.stage0 = RepVGGBlock(3, widths[0], stride=2)
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks += [RepVGGBlock(cin, w, stride=2), RepVGGBlock(w, w, groups=2 if i == 1 else 1, use_se=i == 2)]
+            cin = w
+        self.stages = nn.Sequential(*blocks)
+        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stages(self.stage0(x))
+        out = self.gap(out)
+        out = out.view(out.size(0), -1)
+        return self.linear(out)
+
+
+# ---------------------------------------------------------------- MobileOne
+class MobileOneSE(nn.Module):
+    def __init__(self, in_channels: int, rd_ratio: float = 0.0625) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, max(1, int(in_channels * rd_ratio)), 1, bias=True)
+        self.expand = nn.Conv2d(max(1, int(in_channels * rd_ratio)), in_channels, 1, bias=True)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = inputs.size()
+        x = F.avg_pool2d(inputs, kernel_size=[h, w])
+        x = F.relu(self.reduce(x))
+        x = torch.sigmoid(self.expand(x))
+        x = x.view(-1, c, 1, 1)
+        return inputs * x
+
+
+class MobileOneBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 groups: int = 1, use_se: bool = False, num_conv_branches: int = 2) -> None:
+        super().__init__()
+        self.groups = groups
+        self.stride = stride
+        self.kernel_size = kernel_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_conv_branches = num_conv_branches
+        self.se = MobileOneSE(out_channels) if use_se else nn.Identity()
+        self.activation = nn.ReLU()
+        self.rbr_skip = nn.BatchNorm2d(num_features=in_channels) if out_channels == in_channels and stride == 1 else None
+        self.rbr_conv = nn.ModuleList([self._conv_bn(kernel_size, padding) for _ in range(self.num_conv_branches)])
+        self.rbr_scale = None
+        if kernel_size > 1:
+            self.rbr_scale = self._conv_bn(kernel_size=1, padding=0)
+
+    def _conv_bn(self, kernel_size: int, padding: int) -> nn.Sequential:
+        return conv_bn(self.in_channels, self.out_channels, kernel_size, self.stride, padding, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity_out = 0
+        if self.rbr_skip is not None:
+            identity_out = self.rbr_skip(x)
+        scale_out = 0
+        if self.rbr_scale is not None:
+            scale_out = self.rbr_scale(x)
+        out = scale_out + identity_out
+        for ix in range(self.num_conv_branches):
+            out += self.rbr_conv[ix](x)
+        return self.activation(self.se(out))
+
+
+class MobileOne(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (16, 24, 32), num_classes: int = 10) -> None:
+        super().__init__()
+        self.stage0 = MobileOneBlock(3, 16, kernel_size=3, stride=2, padding=1)
+        blocks, cin = [], 16
+        for i, w in enumerate(widths):
+            for j, s in enumerate((2, 1)):
+                c_in = cin if j == 0 else w
+                blocks.append(MobileOneBlock(c_in, c_in, 3, stride=s, padding=1, groups=c_in, num_conv_branches=3))
+                blocks.append(MobileOneBlock(c_in, w, 1, stride=1, padding=0, use_se=i == 2, num_conv_branches=3))
+            cin = w
+        self.stages = nn.Sequential(*blocks)
+        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stage0(x))
+        x = self.gap(x)
+        return self.linear(x.view(x.size(0), -1))
+
+
+# ---------------------------------------------------------------- ACNet
+class CropLayer(nn.Module):
+    """``crop_set = (-r, -c)`` crops ``r`` rows and ``c`` columns from both borders."""
+
+    def __init__(self, crop_set: tuple[int, int]) -> None:
+        super().__init__()
+        self.rows_to_crop = -crop_set[0]
+        self.cols_to_crop = -crop_set[1]
+        assert self.rows_to_crop >= 0
+        assert self.cols_to_crop >= 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.rows_to_crop == 0 and self.cols_to_crop == 0:
+            return input
+        elif self.rows_to_crop > 0 and self.cols_to_crop == 0:
+            return input[:, :, self.rows_to_crop:-self.rows_to_crop, :]
+        elif self.rows_to_crop == 0 and self.cols_to_crop > 0:
+            return input[:, :, :, self.cols_to_crop:-self.cols_to_crop]
+        return input[:, :, self.rows_to_crop:-self.rows_to_crop, self.cols_to_crop:-self.cols_to_crop]
+
+
+class ACBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.square_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, kernel_size), stride, padding, bias=False)
+        self.square_bn = nn.BatchNorm2d(out_channels)
+        center_offset_from_origin_border = padding - kernel_size // 2
+        if center_offset_from_origin_border >= 0:
+            self.ver_conv_crop_layer = nn.Identity()
+            ver_pad_or_crop = (padding, center_offset_from_origin_border)
+            self.hor_conv_crop_layer = nn.Identity()
+            hor_pad_or_crop = (center_offset_from_origin_border, padding)
+        else:
+            self.ver_conv_crop_layer = CropLayer(crop_set=(0, center_offset_from_origin_border))
+            ver_pad_or_crop = (padding, 0)
+            self.hor_conv_crop_layer = CropLayer(crop_set=(center_offset_from_origin_border, 0))
+            hor_pad_or_crop = (0, padding)
+        self.ver_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, 1), stride, ver_pad_or_crop, bias=False)
+        self.hor_conv = nn.Conv2d(in_channels, out_channels, (1, kernel_size), stride, hor_pad_or_crop, bias=False)
+        self.ver_bn = nn.BatchNorm2d(out_channels)
+        self.hor_bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        square_outputs = self.square_bn(self.square_conv(input))
+        vertical_outputs = self.ver_conv_crop_layer(input)
+        vertical_outputs = self.ver_bn(self.ver_conv(vertical_outputs))
+        horizontal_outputs = self.hor_conv_crop_layer(input)
+        horizontal_outputs = self.hor_bn(self.hor_conv(horizontal_outputs))
+        return square_outputs + vertical_outputs + horizontal_outputs
+
+
+class ACNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = ACBlock(3, 16, 3, stride=2, padding=1)
+        self.body = nn.Sequential(
+            nn.ReLU(), ACBlock(16, 16, 3, padding=1), nn.ReLU(),
+            ACBlock(16, 24, 3, stride=1, padding=0), nn.ReLU(),  # valid conv: the (3,1)/(1,3) branches crop
+            ACBlock(24, 32, 5, stride=2, padding=2), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.stem(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------- DBB
+class IdentityBasedConv1x1(nn.Conv2d):
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        super().__init__(channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
+        assert channels % groups == 0
+        input_dim = channels // groups
+        id_value = torch.zeros(channels, input_dim, 1, 1)
+        for i in range(channels):
+            id_value[i, i % input_dim, 0, 0] = 1
+        self.id_tensor = id_value.type_as(self.weight)
+        nn.init.normal_(self.weight, std=0.1)  # the reference zero-initializes; a trained model has moved away from 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        kernel = self.weight + self.id_tensor.to(self.weight.device)
+        return F.conv2d(input, kernel, None, stride=1, padding=0, dilation=self.dilation, groups=self.groups)
+
+
+class BNAndPadLayer(nn.Module):
+    def __init__(self, pad_pixels: int, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps)
+        self.pad_pixels = pad_pixels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = self.bn(input)
+        if self.pad_pixels > 0:
+            pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
+                self.bn.running_var + self.bn.eps)
+            output = F.pad(output, [self.pad_pixels] * 4)
+            pad_values = pad_values.view(1, -1, 1, 1)
+            output[:, :, 0:self.pad_pixels, :] = pad_values
+            output[:, :, -self.pad_pixels:, :] = pad_values
+            output[:, :, :, 0:self.pad_pixels] = pad_values
+            output[:, :, :, -self.pad_pixels:] = pad_values
+        return output
+
+
+class DiverseBranchBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 groups: int = 1) -> None:
+        super().__init__()
+        self.nonlinear = nn.ReLU()
+        self.dbb_origin = conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups)
+        self.dbb_avg = nn.Sequential()
+        if groups < out_channels:
+            self.dbb_avg.add_module("conv", nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", BNAndPadLayer(pad_pixels=padding, num_features=out_channels))
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=kernel_size, stride=stride, padding=0))
+            self.dbb_1x1 = conv_bn(in_channels, out_channels, 1, stride, 0, groups)
+        else:
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size=kernel_size, stride=stride, padding=padding))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(out_channels))
+        internal_channels_1x1_3x3 = in_channels if groups < out_channels else 2 * in_channels
+        self.dbb_1x1_kxk = nn.Sequential()
+        if internal_channels_1x1_3x3 == in_channels:
+            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(channels=in_channels, groups=groups))
+        else:
+            self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(in_channels, internal_channels_1x1_3x3, 1, 1, 0, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(pad_pixels=padding, num_features=internal_channels_1x1_3x3))
+        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal_channels_1x1_3x3, out_channels, kernel_size, stride, 0,
+                                                       groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = self.dbb_origin(inputs)
+        if hasattr(self, "dbb_1x1"):
+            out += self.dbb_1x1(inputs)
+        out += self.dbb_avg(inputs)
+        out += self.dbb_1x1_kxk(inputs)
+        return self.nonlinear(out)
+
+
+class DBBNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            DiverseBranchBlock(3, 16, 3, stride=2, padding=1),
+            DiverseBranchBlock(16, 16, 3, stride=1, padding=1),
+            DiverseBranchBlock(16, 16, 3, stride=2, padding=1, groups=16),  # depthwise: the avg branch is pool + BN only
+            DiverseBranchBlock(16, 32, 3, stride=2, padding=1))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+ENTRIES = (
+    ZooModel("repvgg", "RepVGG (3x3 + 1x1 + identity BN)", seeded(RepVGG, 501), (2, 3, 48, 48),
+             "conv_bn via Sequential.add_module; id_out = 0 when no identity; three-way sum; grouped layer; SE with F.avg_pool2d(kernel_size=inputs.size(3)) + view(-1, C, 1, 1)"),
+    ZooModel("mobileone", "MobileOne (over-parameterized dw/pw branches)", seeded(MobileOne, 502), (2, 3, 48, 48),
+             "identity_out = 0; scale_out = 0; out = scale_out + identity_out (int when both absent); out += rbr_conv[ix](x); SE avg_pool2d(kernel_size=[h, w])"),
+    ZooModel("acnet", "ACNet asymmetric convolution block", seeded(ACNet, 503), (2, 3, 40, 40),
+             "square kxk + (k,1) + (1,k) conv-BN branches summed; crop layer slicing input[:, :, :, c:-c] when padding < k//2; 5x5 ACB"),
+    ZooModel("dbb", "Diverse Branch Block", seeded(DBBNet, 504), (2, 3, 40, 40),
+             "BNAndPadLayer: F.pad + four slice assignments of BN-derived pad values; 1x1->BN-pad->AvgPool branch; kernel = weight + id_tensor in forward; out += branch"),
+)
