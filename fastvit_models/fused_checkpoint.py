@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import MobileOneBlock, RepCPE, RepMixer, ReparamLargeKernelConv
-from .checkpoint import (
+from .state_dicts import (
     StateDict,
     check_state_dict,
     detect_layout,
@@ -293,7 +293,7 @@ def load_fused_state_dict_(
     Args:
         model: the train-time FastViT to load into.
         state: fused state dict, already renamed to Apple's layout (timm files
-            go through :func:`fastvit_models.checkpoint.to_apple_state_dict`).
+            go through :func:`fastvit_models.state_dicts.to_apple_state_dict`).
         path, layout, origin: only for error messages (file, its layout, and
             for renamed keys the file's own key).
 
