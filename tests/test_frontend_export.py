@@ -1,0 +1,481 @@
+"""The export front end (``repalgebra.frontend.aten``): modules torch.fx cannot trace, captured at fixed shapes.
+
+Each module is written the way public model code writes it (in-place ops,
+padding computed from the input size, ``int(N ** 0.5)``, asserts and loops on
+sizes, SDPA attention).  For each: the captured graph computes the module in
+float64, and after rewriting, every conv + BN pair is folded and the result
+still computes the module.  Each capture costs ~0.3 s (the first ~2 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from repalgebra.frontend.aten import CaptureFailed, capture_export
+from repalgebra.frontend.calls import Buf, FnCall, In
+from repalgebra.interpret import run_graph
+from repalgebra.ir import Graph
+from repalgebra.rewrite import rewrite
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def randomize_bns(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics, so a wrong fold cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def conv_bn_pairs(graph: Graph) -> int:
+    return sum(n.op == "batch_norm" and n.x.producer is not None and n.x.producer.op == "conv2d" for n in graph.nodes)
+
+
+def capture_checked(model: nn.Module, *xs: torch.Tensor, pairs: int | None = None) -> Graph:
+    """Capture in float64; check the graph and its rewrite against the module; returns the captured graph.
+
+    ``pairs``: how many conv + BN pairs the capture must hold (all of them fold).
+    """
+    model = randomize_bns(model).double().eval()
+    xs = tuple(x.double() for x in xs)
+    cap = capture_export(copy.deepcopy(model), xs)
+    with torch.no_grad():
+        refs = pytree.tree_leaves(model(*xs))
+    outs = as_tuple(run_graph(cap.graph, *xs))
+    assert len(outs) == len(refs)
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert rel_err(out, ref) <= 1e-12
+    if pairs is not None:
+        assert conv_bn_pairs(cap.graph) == pairs
+    fused, _ = rewrite(cap.graph)
+    assert conv_bn_pairs(fused) == 0
+    if pairs:
+        assert fused.op_counts().get("batch_norm", 0) < cap.graph.op_counts()["batch_norm"]
+    for out, ref in zip(as_tuple(run_graph(fused, *xs)), refs):
+        assert rel_err(out, ref) <= 1e-9
+    return cap.graph
+
+
+def ops_of(graph: Graph) -> list[str]:
+    return [n.op for n in graph.nodes]
+
+
+def opaque_targets(graph: Graph) -> list:
+    return [n.attrs["fn"].target for n in graph.nodes if n.op == "opaque"]
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+
+# --------------------------------------------------------------------------- in-place forms
+
+
+class ReluAfterRead(nn.Module):
+    """The scaled branch reads ``y`` before ``y.relu_()`` overwrites it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        z = y * 2
+        y.relu_()
+        return z + y
+
+
+def test_inplace_relu_after_a_read_reads_the_value_before_it():
+    g = capture_checked(ReluAfterRead(), torch.randn(2, 3, 6, 6), pairs=1)
+    assert ops_of(g) == ["conv2d", "batch_norm", "scale", "relu", "add"]
+    bn, scale, relu, add = g.nodes[1:]
+    assert scale.x is bn.out and relu.x is bn.out and add.inputs == (scale.out, relu.out)
+    assert scale.params["scale"].tolist() == [2.0] * 8
+    assert [n.source for n in g.nodes[:2]] == ["conv", "bn"]
+
+
+class ResidualInPlace(nn.Module):
+    """An in-place ReLU on a value the residual reads again, ``add_`` after a read, a slice assignment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.proj = ConvBN(8, 8, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        r = self.act(s)  # also rewrites s: the sum below is 2 * relu(s)
+        y = self.proj(r + s)
+        a = y * 3
+        y.add_(1)
+        y[:, :4] = 0
+        return a + y
+
+
+def test_inplace_module_add_and_slice_assignment():
+    g = capture_checked(ResidualInPlace(), torch.randn(1, 3, 5, 5), pairs=2)
+    relu = next(n for n in g.nodes if n.op == "relu")
+    join = next(n for n in g.nodes if n.op == "add")
+    assert join.inputs == (relu.out, relu.out)  # s + r after the in-place ReLU
+    assert relu.source == "act"
+    assert {aten.slice_scatter.default, aten.add.Tensor} <= set(opaque_targets(g))
+
+
+# --------------------------------------------------------------------------- shape-dependent Python
+
+
+def pad_same(x: torch.Tensor, k: int, s: int, d: int = 1) -> torch.Tensor:
+    """TF 'SAME' padding, computed from the input's size (the odd extra row/column goes bottom/right)."""
+    ih, iw = x.shape[-2:]
+    pad_h = max((math.ceil(ih / s) - 1) * s + (k - 1) * d + 1 - ih, 0)
+    pad_w = max((math.ceil(iw / s) - 1) * s + (k - 1) * d + 1 - iw, 0)
+    return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+
+class Conv2dSame(nn.Conv2d):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__(cin, cout, k, stride, padding=0, bias=False)
+
+    def forward(self, x):
+        x = pad_same(x, self.kernel_size[0], self.stride[0], self.dilation[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameStem(nn.Module):
+    """Stride-2 'SAME' conv + BN + ReLU blocks, applied while the feature map is larger than 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(Conv2dSame(c, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU()) for c in (3, 8, 8))
+
+    def forward(self, x):
+        i = 0
+        while x.shape[-1] > 3:
+            x = self.blocks[i](x)
+            i += 1
+        return x
+
+
+def test_same_padding_and_a_loop_over_sizes():
+    model = SameStem()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    g = capture_checked(model, torch.randn(1, 3, 7, 13), pairs=3)  # widths 13 -> 7 -> 4 -> 2
+    pads = [n.attrs["pads"] for n in g.nodes if n.op == "pad"]
+    # (top, bottom, left, right): heights 7, 4, 2 and widths 13, 7, 4 at stride 2
+    assert pads == [(1, 1, 1, 1), (0, 1, 1, 1), (0, 1, 0, 1)]
+    assert [n.source for n in g.nodes if n.op == "conv2d"] == ["blocks.0.0", "blocks.1.0", "blocks.2.0"]
+
+
+class TokenConv(nn.Module):
+    """Tokens to a square grid (``int(N ** 0.5)``, asserted), a depthwise conv + BN with a residual, back to tokens."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.conv = ConvBN(dim, dim, 3, groups=dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        H = W = int(N ** 0.5)
+        assert H * W == N, "tokens must form a square grid"
+        y = x.transpose(1, 2).reshape(B, C, H, W)
+        y = self.conv(y) + y
+        return y.flatten(2).transpose(1, 2)
+
+
+def test_square_token_grid_from_sqrt_and_assert():
+    g = capture_checked(TokenConv(), torch.randn(2, 9, 16), pairs=1)
+    assert ops_of(g) == ["transpose", "reshape", "conv2d", "batch_norm", "add", "reshape", "transpose"]
+    assert g.nodes[1].attrs["shape"] == (2, 16, 3, 3)
+
+
+class WindowAttention(nn.Module):
+    """Swin-style: attention inside ``window x window`` windows, padding the map when the window does not divide it."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, window: int = 4) -> None:
+        super().__init__()
+        self.window, self.heads = window, heads
+        self.embed = ConvBN(3, dim, 3, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def partition(self, x):
+        B, H, W, C = x.shape
+        ws = self.window
+        x = x.view(B, H // ws, ws, W // ws, ws, C)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+
+    def reverse(self, w, H: int, W: int):
+        ws, C = self.window, w.shape[-1]
+        x = w.view(-1, H // ws, W // ws, ws, ws, C)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        shortcut = x
+        x = self.norm(x)
+        pad_b = (self.window - H % self.window) % self.window
+        pad_r = (self.window - W % self.window) % self.window
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        w = self.partition(x)
+        n = w.shape[1]
+        qkv = self.qkv(w).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        w = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, n, C)
+        x = self.reverse(self.proj(w), Hp, Wp)[:, :H, :W, :].contiguous()
+        return (shortcut + x).permute(0, 3, 1, 2)
+
+
+def test_window_attention_that_pads_when_the_window_does_not_divide():
+    g = capture_checked(WindowAttention(), torch.randn(1, 3, 11, 9), pairs=1)  # 6 x 5 map, windows of 4
+    assert {aten.pad.default, aten.slice.Tensor} <= set(opaque_targets(g))
+    assert [n.attrs["index"] for n in g.nodes if n.op == "select"] == [0, 1, 2]
+    assert {"layer_norm", "linear", "matmul", "softmax", "scale"} <= set(ops_of(g))
+
+
+class ViTBlock(nn.Module):
+    """Patch embedding (conv + BN, patch size asserted) and a pre-norm attention block using SDPA."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, patch: int = 4) -> None:
+        super().__init__()
+        self.patch, self.heads = patch, heads
+        self.embed = ConvBN(3, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def attn(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        assert H % self.patch == 0 and W % self.patch == 0, f"input {H}x{W} not divisible by the patch size"
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_vit_block_with_sdpa():
+    # embed's conv is 4 x 4 with padding 2 (k // 2): the map is 3 x 3 for a 8 x 8 input
+    g = capture_checked(ViTBlock(), torch.randn(2, 3, 8, 8), pairs=1)
+    sdpa = [n for n in g.nodes if n.op == "opaque"]
+    assert [n.attrs["fn"].target for n in sdpa] == [aten.scaled_dot_product_attention.default]
+    q, k, v = (i.producer for i in sdpa[0].inputs)  # qkv.unbind(0): three selects of one permuted value
+    assert [(n.op, n.attrs["index"]) for n in (q, k, v)] == [("select", 0), ("select", 1), ("select", 2)]
+    assert q.x is k.x is v.x and q.x.producer.op == "permute"
+    assert [n.source for n in g.nodes if n.op == "linear"] == ["qkv", "proj", "mlp.0", "mlp.2"]
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt-like (with a BN after the depthwise conv): channels-last MLP, layer scale, residual."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.bn = nn.BatchNorm2d(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.bn(self.dwconv(x)).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = self.gamma * x
+        return shortcut + x.permute(0, 3, 1, 2)
+
+
+def test_convnext_block():
+    g = capture_checked(ConvNeXtBlock(), torch.randn(1, 8, 6, 6), pairs=1)
+    assert ops_of(g) == ["conv2d", "batch_norm", "permute", "layer_norm", "linear", "gelu", "linear", "scale", "permute", "add"]
+    scale = g.nodes[7]
+    assert scale.attrs["axis"] == 3 and scale.params["scale"].shape == (8,)
+
+
+# --------------------------------------------------------------------------- op mapping details
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding="same", bias=False)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, None, None, False, 0.1, 1e-3)
+        a = F.avg_pool2d(F.pad(x, (1, 0, 2, 0)), 3, 1, count_include_pad=False)
+        b = torch.sigmoid(F.gelu(x[:, :, :, 1:], approximate="tanh"))
+        c = torch.cat([a, b], dim=1)
+        p = F.adaptive_avg_pool2d(c, 1) + c.mean((2, 3), keepdim=True)
+        return p.flatten(1).softmax(-1)[0]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = Head()
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_mapped_ops_attributes_and_sources():
+    g = capture_checked(Net(), torch.randn(2, 4, 5, 6), pairs=1)
+    assert ops_of(g) == [
+        "conv2d", "batch_norm", "pad", "avg_pool2d", "opaque", "gelu", "sigmoid",
+        "concat", "mean", "mean", "add", "reshape", "softmax", "select",
+    ]  # fmt: skip (flatten reaches the program as a view)
+    conv, bn, pad = g.nodes[:3]
+    assert conv.attrs["padding"] == (1, 1, 1, 1) and "bias" not in conv.params
+    assert bn.attrs["eps"] == 1e-3 and bn.params["weight"].tolist() == [1.0] * 4 and bn.source == "head"
+    assert pad.attrs["pads"] == (2, 0, 1, 0)  # torch's (left, right, top, bottom) = (1, 0, 2, 0)
+    assert g.nodes[3].attrs == {"kernel": (3, 3), "stride": (1, 1), "padding": (0, 0), "count_include_pad": False, "ceil_mode": False}
+    assert [n.attrs["dims"] for n in g.nodes if n.op == "mean"] == [(2, 3), (2, 3)]
+    assert {n.source for n in g.nodes} == {"head.conv", "head"}
+    sl = g.nodes[4].attrs["fn"]  # x[:, :, :, 1:]: aten.slice, carried through
+    assert isinstance(sl, FnCall) and sl.target is aten.slice.Tensor and sl.args_template[0] == In(0)
+
+
+class Outputs(nn.Module):
+    """Several outputs in a dict: tuple-valued calls, constants read and returned, a dtype a scale cannot give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.register_buffer("pos", torch.randn(1, 4, 3, 3))
+        self.register_buffer("k", torch.tensor([2.0], dtype=torch.float64))
+        self.table = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        a, b = (x + self.pos).chunk(2, dim=1)
+        top = x.max(dim=1)
+        return {"y": self.conv(a) + b, "top": top.values, "table": self.table, "k": x * self.k}
+
+
+def test_outputs_constants_and_tuple_valued_calls():
+    model = Outputs().eval()
+    x = torch.randn(1, 4, 3, 3)
+    cap = capture_export(copy.deepcopy(model), (x,))
+    with torch.no_grad():
+        ref = model(x)
+    got = pytree.tree_unflatten(list(run_graph(cap.graph, x)), cap.output_spec)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+    g = cap.graph
+    plus = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].target is aten.add.Tensor)
+    assert plus.attrs["fn"].args_template == (In(0), Buf("c0"))  # x + self.pos: the buffer travels with the call
+    split = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].target is aten.split.Tensor)
+    assert split.out.shape is None and all(u.attrs["fn"].name == "getitem" for u in g.users(split.out))
+    assert any("the scale op gives" in note and "float64" in note for note in cap.notes)
+    fused, _ = rewrite(g)
+    for out, r in zip(run_graph(fused, x), pytree.tree_leaves(ref)):
+        torch.testing.assert_close(out, r)
+
+
+def test_graph_shares_no_storage_with_the_model():
+    model = randomize_bns(ConvNeXtBlock()).eval()
+    x = torch.randn(1, 8, 5, 5)
+    cap = capture_export(model, (x,))  # not even a copy: the capture itself must clone
+    with torch.no_grad():
+        before = model(x)
+        for t in [*model.parameters(), *model.buffers()]:
+            t.add_(1)
+    model_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    graph_ptrs = {p.untyped_storage().data_ptr() for n in cap.graph.nodes for p in n.params.values()}
+    assert not model_ptrs & graph_ptrs
+    torch.testing.assert_close(run_graph(cap.graph, x), before, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class CountingConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x)
+
+
+class ScalesItsInput(nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x + 1
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x.relu()
+        return -x
+
+
+class CondBranch(nn.Module):
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (CountingConv(), "writes into buffer(s) calls"),
+        (ScalesItsInput(), "writes into its input(s) x"),
+        (Branchy(), "data-dependent"),
+        (CondBranch(), "cond"),
+    ],
+    ids=["buffer", "input", "data-dependent", "cond"],
+)
+def test_refusals_say_why_in_one_line(model, reason):
+    with pytest.raises(CaptureFailed) as info:
+        capture_export(model.eval(), (torch.randn(1, 3, 4, 4),))
+    msg = str(info.value)
+    assert reason in msg and "\n" not in msg
