@@ -1,7 +1,7 @@
-"""``repalgebra.fuse(model)``: trace, rewrite to a fixpoint, build a new module.
+"""``repalgebra.fuse(model)``: capture, rewrite to a fixpoint, build a new module, check it.
 
-    fused = repalgebra.fuse(model)      # new nn.Module in eval mode; model untouched
-    print(fused.fuse_report)            # what folded where, what was left alone and why
+    fused = repalgebra.fuse(model, x)   # new nn.Module in eval mode; model untouched
+    print(fused.fuse_report)            # what folded where, how each part was captured, what was kept whole
 
 Fusion folds *eval-mode* semantics (BatchNorm with its running statistics,
 dropout as the identity) whatever mode the model is in; the model itself is
@@ -9,22 +9,56 @@ never changed (parameters, buffers and ``training`` flags stay bit for bit).
 All folding arithmetic runs in float64 on the CPU; a float16/bfloat16 model's
 folded weights are cast back to its dtype once, at the end, and the fused
 module is moved to the model's device.
+
+How a model is captured (:mod:`repalgebra.frontend.capture`): ``torch.fx``
+first; where that fails, ``torch.export`` with shapes fixed at the example
+input; where both fail, the submodule the failure happened in is kept whole
+(an opaque call) and fused *inside* on its own, recursively, so a conv+BN pair
+inside an untraceable attention block still folds.  Each captured graph is
+checked against the original module on the example input before it is used
+(in float64 where the model runs in float64, against the folded weights before
+they are rounded back); a capture that computes something else is discarded and
+the next path tried.  ``fuse`` raises only for a model that does not run on the
+example input, for bad input, or with ``strict=True``.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
-from repalgebra.frontend.torch import trace_model
-from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, rewrite
+from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, record_calls
+from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
+from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
+from repalgebra.verify import TOLERANCES, first_difference
 
-__all__ = ["fuse", "FuseReport"]
+__all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard"]
+
+MAX_KEPT_WHOLE = 64  # submodules kept whole around one capture before the module itself is
+
+
+class FuseError(RuntimeError):
+    """``fuse(strict=True)`` could not capture a part, or the fused model differs from the original."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """How one module was handled: ``how`` is ``fx``, ``specialized`` or ``kept whole``; ``reason`` why not earlier paths."""
+
+    path: str
+    how: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = self.path or "<model>"
+        return f"{where}: {self.how}" + (f" ({self.reason})" if self.reason else "")
 
 
 @dataclass
@@ -42,8 +76,21 @@ class FuseReport:
     opaque: list[str] = field(default_factory=list)  # sources of nodes carried through unchanged
     notes: list[str] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)  # how the model and each part kept apart was captured
+    check: str = ""  # the final check: dtype, tolerance, error
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # trace / rewrite / build
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # capture / rewrite / build / check
+
+    @property
+    def capture(self) -> str:
+        """``fx``, ``specialized`` or ``kept whole``: how the model itself was captured."""
+        top = [p for p in self.parts if p.path == ""]
+        return top[-1].how if top else "fx"
+
+    @property
+    def kept_whole(self) -> list[Part]:
+        """The modules kept whole (their children fused on their own), with the reason."""
+        return [p for p in self.parts if p.how == "kept whole"]
 
     def rule_counts(self) -> dict[str, int]:
         """How often each rule fired, most frequent first."""
@@ -52,6 +99,10 @@ class FuseReport:
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
         lines = [f"fuse: {len(self.fired)} rewrites in {self.seconds:.3f}s (traced at {shapes}; eval-mode semantics)"]
+        lines.append(f"  capture: {self.capture}" + (f"; checked: {self.check}" if self.check else ""))
+        for p in self.parts:
+            if p.path or p.reason:
+                lines.append(f"    {p}")
         lines += [f"  note: {n}" for n in self.notes]
         ops = sorted(set(self.ops_before) | set(self.ops_after))
         w = max([len(o) for o in ops] + [len("parameters")])
@@ -76,64 +127,311 @@ class FuseReport:
         return "\n".join(lines)
 
 
+class ShapeGuard:
+    """Forward pre-hook of a module fused with shapes fixed at its example inputs: other shapes are an error.
+
+    Such a module recorded the Python of the original ``forward`` at those
+    shapes only (padding computed from ``H``, a loop over sizes); at other
+    shapes it could compute something else, so it refuses instead.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str) -> None:
+        self.shapes = [tuple(s) for s in shapes]
+        self.where = where
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
+        if got != self.shapes:
+            fmt = lambda ss: ", ".join("x".join(map(str, s)) for s in ss)  # noqa: E731
+            raise ValueError(
+                f"{self.where} was fused with its input shapes fixed at {fmt(self.shapes)} (its forward reads "
+                f"input sizes, so torch.export recorded it at those shapes); it was called with {fmt(got)}. "
+                f"Fuse the model again with an example input of the shape you run it at."
+            )
+
+
 def fuse(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     leaf_modules: Iterable[Any] = (),
+    strict: bool = False,
+    check: bool = True,
 ) -> nn.Module:
     """Fold every foldable region of ``model`` and return a new module in eval mode.
 
     Args:
-        model: any ``torch.fx``-traceable module, in train or eval mode; it is
-            not modified.  Fusion uses eval-mode semantics (BN running
-            statistics, no dropout).
-        example_inputs: a tensor or tuple of tensors used once to learn shapes;
-            inferred from the first Conv2d/Linear/BatchNorm when ``None`` (see
-            :func:`repalgebra.trace`).
+        model: any module that runs in eval mode on ``example_inputs``, in
+            train or eval mode; it is not modified.  Fusion uses eval-mode
+            semantics (BN running statistics, no dropout).
+        example_inputs: a tensor or tuple of tensors the model is captured
+            and checked at.  When ``None``: the input size the model carries
+            (``model.pretrained_cfg["input_size"]`` or ``default_cfg``, as
+            model-zoo libraries set it), else one guessed from the first
+            Conv2d/Linear/BatchNorm at 64x64, then at 224x224.
         leaf_modules: module classes, instances or dotted paths to carry
-            through whole, e.g. ``leaf_modules=(MyBlock,)`` for a block whose
-            ``forward`` has data-dependent control flow.
+            through whole and untouched (not fused inside either).
+        strict: raise instead of falling back: a model ``torch.fx`` cannot
+            trace raises :class:`~repalgebra.UntraceableError`, one whose
+            captures all fail raises :class:`FuseError`.
+        check: run the original and the fused module on the example input
+            before returning (float64 where the model runs in it) and reject
+            a capture that differs.  Only turn it off when you verify
+            yourself.
 
     Returns:
-        A ``torch.fx.GraphModule`` in eval mode whose fused regions are plain
-        ``nn.Conv2d``/``nn.Linear`` modules named after their source paths;
-        its ``fuse_report`` attribute is a :class:`FuseReport`.  Fusing it
-        again changes nothing.
+        A new module in eval mode (a ``torch.fx.GraphModule``, or the model's
+        own class when the model itself had to be kept whole) whose fused
+        regions are plain ``nn.Conv2d``/``nn.Linear`` modules named after
+        their source paths; its ``fuse_report`` attribute is a
+        :class:`FuseReport` that names every part kept whole or captured with
+        fixed shapes, and why.  Fusing it again changes nothing.
 
     Raises:
-        ValueError: NaN or Inf in a parameter or buffer (named).
-        TypeError: non-floating-point parameters or inputs, or a module
-            ``torch.fx`` cannot trace (named, with the ``leaf_modules`` fix).
+        TypeError: non-floating-point parameters or inputs, a model that is
+            not an ``nn.Module``.
+        ValueError: no input given and none could be inferred, or the model
+            does not run on the example input.
+        UntraceableError, FuseError: only with ``strict=True``.
     """
     start = time.perf_counter()
-    traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
-    t_trace = time.perf_counter()
+    check_model(model)
+    fuser = _Fuser(model, leaf_modules, strict, check)
+    inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
+    fused = fuser.fuse_module("", inputs)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-    graph = traced.graph
-    if device.type != "cpu":  # fold on the CPU (the rules build their constants there), move back at the end
-        graph = graph.map_params(lambda p, n: p.cpu())
-    graph, rw = rewrite(graph)
-    t_rewrite = time.perf_counter()
-    fused = to_module(graph, output_spec=traced.output_spec, class_name=f"Fused{type(model).__name__}").to(device)
-    report = FuseReport(
-        fired=list(rw.fired),
-        left_alone=[*traced.left_alone, *rw.left_alone],
-        ops_before=rw.before,
-        ops_after=rw.after,
-        params_before=_numel(model.parameters()),
-        params_after=_numel(fused.parameters()),
-        buffers_before=_numel(b for b in model.buffers() if b.is_floating_point()),
-        buffers_after=_numel(b for b in fused.buffers() if b.is_floating_point()),
-        opaque=[n.source or "<graph>" for n in graph.nodes if n.op == "opaque"],
-        notes=traced.notes,
-        input_shapes=[tuple(t.shape) for t in traced.example_inputs],
-    )
-    end = time.perf_counter()
-    report.seconds = end - start
-    report.stage_seconds = {"trace": t_trace - start, "rewrite": t_rewrite - t_trace, "build": end - t_rewrite}
+    fused = fused.to(device).eval()
+    report = fuser.report
+    report.params_before = _numel(model.parameters())
+    report.params_after = _numel(fused.parameters())
+    report.buffers_before = _numel(b for b in model.buffers() if b.is_floating_point())
+    report.buffers_after = _numel(b for b in fused.buffers() if b.is_floating_point())
+    report.input_shapes = [tuple(t.shape) for t in inputs]
+    if inferred:
+        report.notes.insert(0, f"input inferred: {inferred}")
+    if model.training:
+        report.notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
+    report.seconds = time.perf_counter() - start
     fused.fuse_report = report
-    return fused.eval()
+    return fused
+
+
+class _Fuser:
+    """One ``fuse`` call: a pristine eval copy of the model as the reference, the strategy, the report."""
+
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
+        try:
+            self.pristine = copy.deepcopy(model).eval()
+        except Exception as e:  # a module holding a lock, a generator, ...
+            raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
+        self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
+        self.strict = strict
+        self.check = check
+        self.dtype = model_dtype(model)
+        self.report = FuseReport()
+        self.stage = {"capture": 0.0, "rewrite": 0.0, "build": 0.0, "check": 0.0}
+        self.report.stage_seconds = self.stage
+
+    # -- strategy -------------------------------------------------------------------
+
+    def fuse_module(self, path: str, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+        """The fused form of the module at ``path``, called with ``inputs``: captured whole if possible."""
+        module = self.pristine.get_submodule(path)
+        leaves = self.leaves_under(path)
+        failures: list[tuple[str, CaptureFailed]] = []
+        for how in ("fx", "specialized"):
+            if how == "specialized" and leaves:
+                continue  # torch.export cannot keep the user's leaves whole
+            t = time.perf_counter()
+            try:
+                cap = capture_fx(module, inputs, leaves) if how == "fx" else capture_specialized(module, inputs)
+            except CaptureFailed as e:
+                self.stage["capture"] += time.perf_counter() - t
+                if self.strict and how == "fx":
+                    self.raise_strict(path, e)
+                failures.append((how, e))
+                continue
+            self.stage["capture"] += time.perf_counter() - t
+            try:
+                return self.finish(path, cap, inputs, _reasons(failures))
+            except CaptureFailed as e:
+                failures.append((how, e))
+        if self.strict:
+            raise FuseError(f"cannot capture {_where(path)}: {_reasons(failures)}")
+        return self.fuse_around(path, inputs, failures)
+
+    def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
+        """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them."""
+        module = self.pristine.get_submodule(path)
+        user = set(self.leaves_under(path))
+        kept: list[str] = []
+        failure = next((e for how, e in failures if how == "fx"), None)
+        while failure is not None and failure.path and failure.path not in kept and len(kept) < MAX_KEPT_WHOLE:
+            kept.append(failure.path)
+            try:
+                capture_fx(module, inputs, [*user, *kept])
+                failure = None
+            except CaptureFailed as e:
+                failure = e
+        if failure is not None or not kept:
+            return self.keep_whole(path, [Call(tuple(inputs), {})], _reasons(failures))
+        work = copy.deepcopy(module)
+        calls = record_calls(work, inputs, kept)
+        for sub in kept:
+            _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
+        try:
+            cap = capture_fx(work, inputs, [*user, *kept])
+            return self.finish(path, cap, inputs, f"kept {', '.join(map(repr, kept))} whole: {_reasons(failures)}", nested=True)
+        except CaptureFailed as e:
+            return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")
+
+    def fuse_part(self, path: str, calls: list[Call], why: str) -> nn.Module:
+        """A submodule kept apart: fused on its own when its calls allow it, else kept whole."""
+        module = self.pristine.get_submodule(path)
+        if not calls:
+            return copy.deepcopy(module)
+        if all(c.tensor_only for c in calls):
+            fused = self.fuse_module(path, calls[0].args)
+            if all(self.same(module, fused, c.args, nested=True) is None for c in calls[1:]):
+                return fused
+            return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
+        return self.keep_whole(path, calls, "called with keyword or non-tensor arguments")
+
+    def keep_whole(self, path: str, calls: list[Call], reason: str) -> nn.Module:
+        """A copy of the module at ``path`` whose children, as called in ``calls``, are fused on their own."""
+        module = copy.deepcopy(self.pristine.get_submodule(path))
+        self.report.parts.append(Part(path, "kept whole", reason))
+        descendants = [p for p, _ in module.named_modules() if p]
+        recorded: dict[str, list[Call]] = {p: [] for p in descendants}
+        for call in calls:
+            for p, cs in _record_call(self.pristine.get_submodule(path), call, descendants).items():
+                recorded[p] += cs
+        self._fuse_children(module, path, "", recorded)
+        return module
+
+    def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]]) -> None:
+        for name, child in list(module.named_children()):
+            rel = _join(prefix, name)
+            if recorded.get(rel):
+                setattr(module, name, self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent"))
+            else:  # not called itself (a ModuleList, or unused): its children may be
+                self._fuse_children(child, root_path, rel, recorded)
+
+    # -- one captured graph ---------------------------------------------------------------
+
+    def finish(self, path: str, cap: Capture, inputs: tuple, reason: str, nested: bool = False) -> nn.Module:
+        """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
+        t0 = time.perf_counter()
+        g64, rw = rewrite(cap.graph, cast_back=False)
+        graph = cast_params(g64)
+        t1 = time.perf_counter()
+        name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
+        fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        if cap.how == "specialized":
+            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path)))
+        t2 = time.perf_counter()
+        self.stage["rewrite"] += t1 - t0
+        self.stage["build"] += t2 - t1
+        if self.check:
+            exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
+            problem = self.same(self.pristine.get_submodule(path), exact, inputs, nested=nested)
+            self.stage["check"] += time.perf_counter() - t2
+            if problem is not None:
+                raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
+        r = self.report
+        r.parts.append(Part(path, cap.how, reason))
+        r.fired += [_prefixed(f, path) for f in rw.fired]
+        r.left_alone += [_prefixed(la, path) for la in [*cap.left_alone, *rw.left_alone]]
+        for mine, theirs in ((r.ops_before, rw.before), (r.ops_after, rw.after)):
+            for op, n in theirs.items():
+                mine[op] = mine.get(op, 0) + n
+        r.opaque += [_join(path, n.source) if n.source else (path or "<graph>") for n in graph.nodes if n.op == "opaque"]
+        r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
+        return fused
+
+    def same(self, reference: nn.Module, candidate: nn.Module, inputs: tuple, nested: bool) -> str | None:
+        """None when ``candidate`` computes what ``reference`` does on ``inputs``, else what differs.
+
+        Both run in float64 (on copies) where the reference runs in float64;
+        the tolerance is float64's unless ``candidate`` holds parts fused
+        earlier, whose weights are rounded to the model's dtype.
+        """
+        dtype = torch.float64 if self.dtype != torch.float64 else None
+        tol = TOLERANCES[torch.float64] if not nested or self.dtype == torch.float64 else TOLERANCES.get(self.dtype, 1e-5)
+        try:
+            ref = _run(copy.deepcopy(reference).to(torch.float64) if dtype else reference, inputs, torch.float64)
+        except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
+            dtype, tol = None, TOLERANCES.get(self.dtype, 1e-5)
+            ref = _run(reference, inputs, None)
+        try:
+            got = _run(candidate.to(torch.float64) if dtype else candidate, inputs, torch.float64 if dtype else None)
+        except Exception as e:  # noqa: BLE001
+            return f"it fails on the example input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return first_difference(ref, got, tol)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def leaves_under(self, path: str) -> list[str]:
+        """The user's leaf paths inside the module at ``path``, relative to it."""
+        if not path:
+            return list(self.user_leaves)
+        return [p[len(path) + 1 :] for p in self.user_leaves if p.startswith(path + ".")]
+
+    def raise_strict(self, path: str, e: CaptureFailed) -> None:
+        cause = e.__cause__
+        if isinstance(cause, UntraceableError):
+            raise cause
+        raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
+
+
+def _run(module: nn.Module, inputs: tuple, dtype: torch.dtype | None) -> Any:
+    xs = [t.detach().clone().to(dtype) if dtype and t.is_floating_point() else t.detach().clone() for t in inputs]
+    with torch.no_grad():
+        return module(*xs)
+
+
+def _record_call(module: nn.Module, call: Call, paths: list[str]) -> dict[str, list[Call]]:
+    """The calls made to the submodules at ``paths`` while ``module`` makes ``call``."""
+    if call.tensor_only:
+        return record_calls(module, call.args, paths)
+    got = record_calls(_Bound(module, call), (), ["m." + p for p in paths])
+    return {p.removeprefix("m."): cs for p, cs in got.items()}
+
+
+class _Bound(nn.Module):
+    """``module`` with one call's arguments bound, so it runs without inputs."""
+
+    def __init__(self, m: nn.Module, call: Call) -> None:
+        super().__init__()
+        self.m = m
+        self.call = call
+
+    def forward(self) -> Any:
+        return self.m(*self.call.args, **self.call.kwargs)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
+
+
+def _where(path: str) -> str:
+    return repr(path) if path else "the model"
+
+
+def _reasons(failures: list[tuple[str, CaptureFailed]]) -> str:
+    return "; ".join(f"{how}: {e.reason}" + (f" (in {e.path!r})" if e.path else "") for how, e in failures)
+
+
+def _prefixed(item: Any, path: str) -> Any:
+    """A report entry of a part, with its source made a path of the whole model."""
+    if not path:
+        return item
+    return type(item)(**{**item.__dict__, "source": _join(path, item.source)})
 
 
 def _numel(tensors: Iterable[torch.Tensor]) -> int:

@@ -152,11 +152,14 @@ def rewrite(
     fold_dtype: torch.dtype = torch.float64,
     max_rewrites: int = 1_000_000,
     progress: bool = False,
+    cast_back: bool = True,
 ) -> tuple[Graph, RewriteReport]:
     """Apply ``rules`` (default: all registered) to a fixpoint; returns a new graph and a report.
 
     The input graph is not modified.  Parameters are promoted to ``fold_dtype``
-    for the whole rewrite and cast back once at the end.
+    for the whole rewrite and cast back once at the end (with
+    ``cast_back=False`` they stay in ``fold_dtype``: :func:`cast_params` casts
+    them later, so a caller can check the exact folded graph first).
     """
     import repalgebra.rules  # noqa: F401  (registers the built-in rules)
 
@@ -180,7 +183,9 @@ def rewrite(
                 result = r.fn(g, node)
                 if result is None:
                     continue
-                if isinstance(result, Refusal):
+                if isinstance(result, Refusal) or not _finite(result):
+                    if not isinstance(result, Refusal):  # a NaN/Inf weight (a statistic of inf, say): fold nothing with it
+                        result = Refusal("a weight it would fold is not finite (NaN or Inf)", node)
                     about = result.about or node
                     refusals[id(about)] = (about, f"{r.name}: {result.reason}", result.about is not None)
                     continue
@@ -198,10 +203,21 @@ def rewrite(
             reason, explicit = None, False
         if n.op in REMOVABLE_OPS or explicit or _unfolded_join(n):
             report.left_alone.append(LeftAlone(n.source, n.op, reason or _no_rule_reason(g, n)))
-    g = g.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype else p)
+    if cast_back:
+        g = cast_params(g)
     report.after = g.op_counts()
     report.seconds = time.perf_counter() - start
     return g, report
+
+
+def _finite(rw: Rewrite) -> bool:
+    """Whether every floating-point parameter the rewrite computes is finite."""
+    return all(bool(torch.isfinite(p).all()) for n in rw.nodes for p in n.params.values() if p.is_floating_point())
+
+
+def cast_params(g: Graph) -> Graph:
+    """``g`` with every floating-point parameter cast to the dtype of the value its node makes."""
+    return g.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype else p)
 
 
 def _apply(g: Graph, rw: Rewrite, whole_graph: bool = False) -> None:

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.torch import infer_example_inputs
 
-__all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES"]
+__all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference"]
 
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -194,3 +194,38 @@ def _compare(o: OutputError, a: Any, b: Any) -> None:
     scale = a64.abs().max().item()
     o.max_abs = max(o.max_abs, err)
     o.max_rel = max(o.max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+
+
+def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | None:
+    """None when two model outputs agree within ``tolerance`` (relative), else a sentence naming the first that differs.
+
+    Outputs are compared leaf by leaf (tuples, lists, dicts); NaN and Inf must
+    sit at the same places with the same values (a model whose BN has an
+    infinite statistic still gives the same output when fused); the error of
+    the finite entries is measured as in :func:`verify`.
+    """
+    ya, spec_a = pytree.tree_flatten(reference)
+    yb, spec_b = pytree.tree_flatten(candidate)
+    if spec_a != spec_b:
+        return f"the output structures differ: {spec_a} vs {spec_b}"
+    for k, (a, b) in enumerate(zip(ya, yb)):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)):
+            if a != b:
+                return f"output {k} differs: {a!r} vs {b!r}"
+            continue
+        if a.shape != b.shape:
+            return f"output {k} has shape {tuple(b.shape)}, the original {tuple(a.shape)}"
+        a64, b64 = a.detach().double(), b.detach().double()
+        fa, fb = torch.isfinite(a64), torch.isfinite(b64)
+        nan_a, inf_a = torch.isnan(a64), torch.isinf(a64)
+        if not (bool((fa == fb).all()) and torch.equal(nan_a, torch.isnan(b64)) and torch.equal(a64[inf_a], b64[inf_a])):
+            return f"output {k} has NaN or Inf at other places than the original's"
+        if not bool(fa.any()):
+            continue
+        err = (a64[fa] - b64[fa]).abs().max().item()
+        scale = a64[fa].abs().max().item()
+        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        if rel > tolerance:
+            shape = "x".join(map(str, a.shape)) or "scalar"
+            return f"output {k} ({shape}) differs by {err:.3g} (relative {rel:.3g} > {tolerance:.0e})"
+    return None

@@ -50,6 +50,9 @@ class Const:
     path: str
 
 
+_NONE = object()  # Builder.info: the call returned None in the real run
+
+
 class NeedsRealRun(Exception):
     """A call could not run on meta tensors; its shape needs a real run."""
 
@@ -144,8 +147,8 @@ class Builder:
 
     def info(self, n: fx.Node, kind: str, target: Any) -> Any:
         """What the call returns (summary), or None when the op table is trusted to say it."""
-        if self.record is not None:
-            return self.record.get(n)
+        if self.record is not None:  # a recorded None (``torch._assert``) is a value, not "unknown"
+            return self.record[n] if self.record.get(n) is not None else (_NONE if n in self.record else None)
         if kind == "call_module" and recognised(target) is not None:
             return None
         if target in self.handlers.trusted:  # meta execution of these is slow; the op table is exact
@@ -155,6 +158,8 @@ class Builder:
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
         info = self.info(n, kind, target)
+        if info is _NONE:
+            return SymExpr(kind, target, args, kwargs) if _has_value(args, kwargs) else None
         if info is not None and not isinstance(info, TensorInfo) and info != "tensors":
             # A size, a shape, an assertion: recomputed inside the calls that use it.
             if _has_value(args, kwargs):

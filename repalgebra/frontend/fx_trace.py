@@ -19,14 +19,22 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
+
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
+
+from repalgebra.frontend.inplace import InplaceProxy
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
 
 
 class UntraceableError(TypeError):
-    """``torch.fx`` cannot trace (part of) the model; the message names the module path and the fix."""
+    """``torch.fx`` cannot trace (part of) the model; the message names the module path and the fix.
+
+    ``path`` is that module's path in the model (``""``: its own ``forward``).
+    """
+
+    path: str = ""
 
 
 def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.Module, Tracer, str]:
@@ -124,6 +132,18 @@ def leaf_specs(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[typ
     return tuple(types), paths
 
 
+def leaf_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> list[str]:
+    """``leaf_modules`` as the paths of the outermost matching submodules of ``model``."""
+    types, paths = leaf_specs(model, leaf_modules)
+    found: list[str] = []
+    for path, m in model.named_modules():
+        if any(path == f or path.startswith(f + ".") for f in found):
+            continue  # inside a leaf already
+        if path in paths or (types and isinstance(m, types)):
+            found.append(path)
+    return found
+
+
 # --------------------------------------------------------------------------- the trace
 
 
@@ -150,6 +170,9 @@ class Tracer(fx.Tracer):
         self.path_stack.pop()
         return out
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)  # records ``y += 1`` as an in-place call, which Proxy would drop
+
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
@@ -165,11 +188,13 @@ def untraceable(work: nn.Module, stack: list[str], e: Exception) -> UntraceableE
         "values (such as `if x.sum() > 0:`) cannot be recorded"
     )
     if path:
-        return UntraceableError(
+        err = UntraceableError(
             f"cannot trace module {path!r} ({cls}): {e}\n{why}. Keep that module whole (carried through "
             f"unfused) by marking it as a leaf: repalgebra.fuse(model, leaf_modules=({cls},)) "
             f"or leaf_modules=({path!r},)"
         )
+        err.path = path
+        return err
     return UntraceableError(
         f"cannot trace the forward() of {cls} itself: {e}\n{why}. Move the data-dependent part into a "
         f"submodule and mark it as a leaf, e.g. repalgebra.fuse(model, leaf_modules=(MySubmodule,))"

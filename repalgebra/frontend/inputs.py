@@ -19,23 +19,20 @@ DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
 
 def check_model(model: nn.Module) -> None:
-    """Reject models fusion cannot handle: non-float parameters (``TypeError``), NaN/Inf values (``ValueError``).
+    """Reject models fusion cannot handle: not a module, non-float parameters or complex buffers (``TypeError``).
 
-    Integer buffers (``num_batches_tracked``) are allowed; floating-point
-    buffers (BN statistics) must be finite like parameters.
+    Integer buffers (``num_batches_tracked``) are allowed.  NaN and Inf are
+    allowed too (a clamp bound of ``-inf``, say): the rewrite engine only
+    refuses to fold a weight that is not finite, and reports it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}: only floating-point models can be fused")
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"parameter {name!r} contains NaN or Inf")
     for name, b in model.named_buffers():
         if b.is_complex():
             raise TypeError(f"buffer {name!r} has dtype {b.dtype}: only floating-point models can be fused")
-        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
-            raise ValueError(f"buffer {name!r} contains NaN or Inf")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -67,7 +64,7 @@ def check_example_inputs(model: nn.Module, given: tuple, n_inputs: int) -> None:
 
 
 def infer_example_inputs(
-    model: nn.Module, fx_graph: fx.Graph | None = None, n_inputs: int = 1
+    model: nn.Module, fx_graph: fx.Graph | None = None, n_inputs: int = 1, size: int = DEFAULT_SIZE
 ) -> tuple[tuple[torch.Tensor, ...], str]:
     """A plausible single random input for ``model`` and a sentence saying how it was chosen.
 
@@ -91,7 +88,7 @@ def infer_example_inputs(
         candidates = [*candidates, *((p, model.get_submodule(p)) for p in calls)]
     dtype = model_dtype(model)
     for path, m in candidates:
-        shape = _input_shape_for(m)
+        shape = _input_shape_for(m, size)
         if shape is not None:
             path = path.removeprefix("m.") if isinstance(model, Root) else path
             where = f" {path!r}" if path else ""
@@ -102,8 +99,7 @@ def infer_example_inputs(
     )
 
 
-def _input_shape_for(m: nn.Module) -> tuple[int, ...] | None:
-    s = DEFAULT_SIZE
+def _input_shape_for(m: nn.Module, s: int = DEFAULT_SIZE) -> tuple[int, ...] | None:
     if isinstance(m, nn.Conv2d):
         return (1, m.in_channels, s, s)
     if isinstance(m, nn.Conv1d):
@@ -117,3 +113,53 @@ def _input_shape_for(m: nn.Module) -> tuple[int, ...] | None:
     if isinstance(m, nn.BatchNorm1d):
         return (1, m.num_features)
     return None
+
+
+def configured_input(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], str] | None:
+    """The input size a model-zoo model carries (``pretrained_cfg`` or ``default_cfg`` ``input_size``), batch 1."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(size, (tuple, list)) and size and all(isinstance(s, int) and s > 0 for s in size):
+            shape = (1, *size)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(model_dtype(model))
+            return (x,), f"{'x'.join(map(str, shape))} from model.{attr}['input_size']"
+    return None
+
+
+def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], str | None]:
+    """The example inputs to capture ``model`` (an eval-mode private copy) at, and how they were chosen.
+
+    Given inputs are checked (floating-point tensors) and used as they are.
+    Otherwise: the size the model carries (:func:`configured_input`), else a
+    guess from its first Conv2d/Linear/BatchNorm at 64x64, then at 224x224;
+    the first the model runs on wins.  ``ValueError`` when none runs, saying
+    what was tried and how to pass an input.
+    """
+    if example_inputs is not None:
+        given = as_tuple(example_inputs)
+        check_example_inputs(model, given, len(given))
+        return given, None
+    configured = configured_input(model)
+    tried: list[str] = []
+    candidates = [configured] if configured else []
+    for size in (DEFAULT_SIZE, 224):
+        try:
+            candidates.append(infer_example_inputs(model, size=size))
+        except ValueError as e:
+            if not candidates:
+                raise
+            tried.append(str(e))
+            break
+    for inputs, how in candidates:
+        try:
+            with torch.no_grad():
+                model(*[t.clone() for t in inputs])
+            return inputs, how
+        except Exception as e:  # noqa: BLE001  (any failure means: not this size)
+            first = (str(e).strip().splitlines() or [""])[0]
+            tried.append(f"{how}: {type(e).__name__}: {first}")
+    raise ValueError(
+        f"cannot find an input {type(model).__name__} runs on (tried {'; '.join(tried)}); pass one, "
+        f"e.g. repalgebra.fuse(model, torch.randn(1, 3, 224, 224))  # example_inputs: the shape you run it at"
+    )

@@ -49,15 +49,19 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
-from repalgebra.frontend.fx_trace import LeafSpec, UntraceableError, copy_for_tracing, record_run, trace_fx
+from repalgebra.frontend.fx_trace import LeafSpec, UntraceableError, copy_for_tracing, leaf_paths, record_run, trace_fx
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
-from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_model, infer_example_inputs
+from repalgebra.frontend.inplace import InplaceHazard, functionalize
+from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_model, example_inputs_for, infer_example_inputs, model_dtype
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph
 from repalgebra.rewrite import LeftAlone
 
-__all__ = ["trace", "trace_model", "reroute_shape_reads", "TraceResult", "UntraceableError", "check_model", "infer_example_inputs", "LeafSpec"]
+__all__ = [
+    "trace", "trace_model", "reroute_shape_reads", "TraceResult", "UntraceableError", "check_model", "infer_example_inputs",
+    "example_inputs_for", "leaf_paths", "model_dtype", "LeafSpec",
+]
 HANDLERS = Handlers(MODULE_HANDLERS, FUNCTION_HANDLERS, TRUSTED_FUNCTIONS)
 
 
@@ -119,7 +123,13 @@ def trace_model(
     was_training = model.training
     work, tracer, prefix = copy_for_tracing(model, leaf_modules)
     given = as_tuple(example_inputs) if example_inputs is not None else None
-    fx_graph, placeholders = trace_fx(work, tracer, None if given is None else len(given))
+    unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
+    try:
+        fx_graph, placeholders = trace_fx(work, tracer, None if given is None else len(given))
+        inplace_notes = functionalize(fx_graph, work)
+    except (UntraceableError, InplaceHazard) as e:
+        e.path = unprefixed(e.path)
+        raise
     inferred = None
     if given is None:
         given, inferred = infer_example_inputs(work, fx_graph, len(placeholders))
@@ -130,7 +140,7 @@ def trace_model(
     except NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
         builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
-    notes = list(builder.notes)
+    notes = [*inplace_notes, *builder.notes]
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:

@@ -1,0 +1,156 @@
+"""The capture paths, as one interface: a module and its example inputs to a graph, or a named reason why not.
+
+``fuse`` tries them in this order, for the whole model and then for each part
+it has to treat on its own:
+
+1. ``fx``: ``torch.fx`` symbolic tracing (:func:`capture_fx`).  Fast, and the
+   graph it gives works at any input size: shapes are read at run time.  It
+   fails on Python that looks at sizes (``if H % 7:``), on item assignment,
+   and on in-place ops whose effect value semantics cannot express (see
+   :mod:`repalgebra.frontend.inplace`).
+2. ``specialized``: ``torch.export`` with every shape fixed at the example
+   input (:func:`capture_specialized`): it records shape-dependent Python
+   exactly and functionalizes in-place ops, but the result is valid only at
+   those input shapes (``fuse`` guards the fused module accordingly).
+3. neither: the caller keeps the module whole and fuses its parts; see
+   :func:`record_calls`, which learns each submodule's inputs from one real run.
+
+Every failure is a :class:`CaptureFailed` with a one-line reason and the path
+of the innermost module it happened in (relative to the captured module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from repalgebra.ir import Graph
+from repalgebra.rewrite import LeftAlone
+
+__all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call"]
+
+
+class CaptureFailed(Exception):
+    """A capture path cannot capture a module: ``reason`` (one line) and ``path``, where it happened."""
+
+    def __init__(self, reason: str, path: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path
+
+
+@dataclass
+class Capture:
+    """A captured module: the graph, the structure of its outputs, and how it was captured."""
+
+    graph: Graph
+    output_spec: pytree.TreeSpec
+    how: str  # "fx" | "specialized"
+    notes: list[str] = field(default_factory=list)
+    left_alone: list[LeftAlone] = field(default_factory=list)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: Iterable[str] = ()) -> Capture:
+    """Trace ``module`` with ``torch.fx`` (on a private copy); ``leaf_paths`` are kept whole."""
+    from repalgebra.frontend.inplace import InplaceHazard
+    from repalgebra.frontend.torch import UntraceableError, trace_model
+
+    try:
+        traced = trace_model(module, inputs, leaf_modules=tuple(leaf_paths))
+    except InplaceHazard as e:
+        raise CaptureFailed(e.reason, e.path) from e
+    except UntraceableError as e:
+        raise CaptureFailed(_first_line(e.__cause__ or e), getattr(e, "path", "")) from e
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
+        raise CaptureFailed(_first_line(e), getattr(e, "path", "")) from e
+    return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone))
+
+
+def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Capture:
+    """Capture ``module`` with ``torch.export`` at the shapes of ``inputs`` (on a private eval copy)."""
+    from repalgebra.frontend.aten import CaptureFailed as ExportFailed
+    from repalgebra.frontend.aten import capture_export
+
+    work = copy.deepcopy(module).eval()
+    try:
+        with _quiet_export():
+            cap = capture_export(work, tuple(inputs))
+    except ExportFailed as e:
+        raise CaptureFailed(str(e)) from e
+    except Exception as e:  # noqa: BLE001  (torch.export raises many types; all mean "not this path")
+        raise CaptureFailed(_first_line(e)) from e
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+    return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with shapes fixed at {shapes}", *cap.notes])
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Keep torch.export's warnings and graph dumps off the user's terminal: a failure is reported as a reason."""
+    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@dataclass
+class Call:
+    """One call of a submodule during a real run: its arguments (tensors cloned)."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def tensor_only(self) -> bool:
+        """Positional floating-point tensors only: a call ``fuse`` can capture on its own."""
+        return not self.kwargs and bool(self.args) and all(torch.is_tensor(a) and a.is_floating_point() for a in self.args)
+
+    def signature(self) -> tuple:
+        return tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else repr(a) for a in self.args)
+
+
+def record_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...], paths: Iterable[str]) -> dict[str, list[Call]]:
+    """Run ``module`` once on ``inputs`` and return every call made to each submodule in ``paths``.
+
+    Forward pre-hooks on those submodules clone what they are given (a later
+    in-place op must not change the record); the hooks are removed after the
+    run, whatever happens.
+    """
+    calls: dict[str, list[Call]] = {p: [] for p in paths}
+    handles = []
+
+    def hook_for(path: str):
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            clone = lambda t: t.detach().clone() if torch.is_tensor(t) else t  # noqa: E731
+            calls[path].append(Call(pytree.tree_map(clone, args), pytree.tree_map(clone, kwargs)))
+
+        return hook
+
+    try:
+        for p in calls:
+            handles.append(module.get_submodule(p).register_forward_pre_hook(hook_for(p), with_kwargs=True))
+        with torch.no_grad():
+            module(*[t.clone() for t in inputs])
+    finally:
+        for h in handles:
+            h.remove()
+    return calls

@@ -1,0 +1,302 @@
+"""In-place ops in a ``torch.fx`` trace: make them out-of-place where that is exact, refuse where it is not.
+
+The IR has value semantics: a value never changes after it is made.  Eager
+PyTorch does not: ``y.relu_()``, ``nn.ReLU(inplace=True)(y)``, ``y += 1`` and
+``y.add_(z)`` change ``y`` itself, and every later read of ``y`` (or of a view
+of it) sees the new contents.  A symbolic trace records such a call as a node,
+but later reads of ``y`` still point at the node that made ``y``: mapped
+naively to the IR, they would read the value *before* the mutation, and the
+fused model would compute something else.
+
+:func:`functionalize` rewrites the fx graph so that it means the same under
+value semantics:
+
+* each in-place node ``I`` that mutates ``v`` becomes its out-of-place form
+  (``relu_`` -> ``relu``, ``inplace=True`` -> ``False``, ``operator.iadd`` ->
+  ``operator.add``), and every read of ``v`` *after* ``I`` reads ``I`` instead;
+* this is exact only when nothing else shares ``v``'s storage: when ``v`` may
+  alias another value that is read after the mutation (a view made by
+  ``view``/``reshape``/``transpose``/indexing, the input of ``nn.Identity``, an
+  unknown call that might return its input), when ``v`` is (a view of) a graph
+  input, or a parameter or buffer, :class:`InplaceHazard` is raised with the
+  module path, and the caller captures another way (``torch.export``, which
+  functionalizes through aliases, or keeps the module whole).
+
+"May alias" is conservative: only calls known to return fresh tensors (convs,
+norms, arithmetic, activations, ...) cut an alias chain.
+
+Symbolic tracing also loses ``y += 1``: a ``Proxy`` has no ``__iadd__``, so
+Python falls back to ``y = y + 1`` and the mutation of the tensor ``y`` that
+others may still hold is not recorded at all.  :class:`InplaceProxy` (used by
+our tracer) records augmented assignments as ``operator.iadd`` and friends so
+that :func:`functionalize` sees them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace"]
+
+
+class InplaceHazard(Exception):
+    """An in-place op whose effect value semantics cannot express; ``path`` is the module it is in."""
+
+    def __init__(self, reason: str, path: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path
+
+
+# ``a op= b`` -> the out-of-place operator.
+_AUGMENTED = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    operator.ifloordiv: operator.floordiv,
+    operator.imod: operator.mod,
+    operator.ipow: operator.pow,
+    operator.imatmul: operator.matmul,
+    operator.iand: operator.and_,
+    operator.ior: operator.or_,
+    operator.ixor: operator.xor,
+    operator.ilshift: operator.lshift,
+    operator.irshift: operator.rshift,
+}
+
+
+class InplaceProxy(fx.Proxy):
+    """An fx ``Proxy`` that records ``a += b`` (and the other augmented assignments) as in-place calls."""
+
+
+def _augmented(fn: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
+    return method
+
+
+for _fn in _AUGMENTED:
+    setattr(InplaceProxy, f"__{_fn.__name__}__", _augmented(_fn))
+
+# Methods ending in ``_`` that only change metadata, never values.
+_METADATA_METHODS = {"requires_grad_", "share_memory_", "retain_grad", "resize_as_"}
+# Methods whose result may share storage with ``self``.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "T", "mT",
+    "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "unbind", "split", "split_with_sizes",
+    "chunk", "tensor_split", "contiguous", "as_strided", "unfold", "diagonal", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "detach", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
+    "real", "imag", "view_as_real", "__getitem__", "align_to", "refine_names", "rename", "clone_if_needed",
+}  # fmt: skip
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+    torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.narrow, torch.select, torch.movedim,
+    torch.moveaxis, torch.swapaxes, torch.t, torch.tensor_split, torch.detach, torch.diagonal, torch.as_strided,
+    torch.broadcast_to, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.real, torch.imag,
+}  # fmt: skip
+# Calls known to return a new tensor (never one of their inputs or a view of one).
+_FRESH_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
+    operator.neg, operator.pow, operator.mod, operator.pos, operator.abs,
+    torch.add, torch.sub, torch.mul, torch.div, torch.matmul, torch.bmm, torch.mm, torch.einsum,
+    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.relu, torch.sigmoid, torch.tanh,
+    torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.softmax, torch.mean, torch.sum,
+    torch.amax, torch.amin, torch.max, torch.min, torch.clamp, torch.clip, torch.where, torch.roll,
+    torch.conv2d, torch.erf, torch.pow, torch.addmm, torch.baddbmm, torch.norm, torch.var, torch.std,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.randn_like, torch.pixel_shuffle,
+    torch.pixel_unshuffle, torch.cumsum, torch.sort, torch.topk, torch.gather, torch.masked_fill,
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
+    F.instance_norm, F.gelu, F.silu, F.mish, F.softmax, F.log_softmax, F.sigmoid, F.tanh, F.hardswish,
+    F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
+    F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
+    F.interpolate, F.scaled_dot_product_attention, F.normalize, F.unfold, F.fold, F.pixel_shuffle,
+    F.embedding, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+}  # fmt: skip
+_FRESH_METHODS = {
+    "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs",
+    "softmax", "mean", "sum", "amax", "amin", "max", "min", "clamp", "clip", "pow", "neg", "clone", "norm",
+    "var", "std", "roll", "masked_fill", "gather", "cumsum", "erf", "sign", "square", "reciprocal", "exp2",
+    "addmm", "bmm", "mm", "where", "new_zeros", "new_ones", "new_full", "new_empty", "logsumexp", "argmax",
+    "argmin", "sort", "topk", "repeat", "tile", "flip", "scatter", "index_select", "gelu", "sin", "cos",
+}  # fmt: skip
+# Dropout in eval mode and Identity return their input itself.
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_FRESH_MODULES = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Linear, nn.LayerNorm, nn.GroupNorm,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.Softmax, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Upsample,
+    nn.MultiheadAttention, nn.Embedding, nn.Bilinear, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+    nn.ReplicationPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Softplus, nn.LogSoftmax,
+)  # fmt: skip
+
+
+def _inplace_kwarg(target: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of ``target`` (an ``F.relu``-like function) is made with ``inplace=True``."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in params:
+        return False
+    if "inplace" in kwargs:
+        return kwargs["inplace"] is True
+    names = list(params)
+    k = names.index("inplace")
+    return len(args) > k and args[k] is True
+
+
+def is_inplace(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` changes its first argument in place."""
+    if n.op == "call_method":
+        name = n.target
+        return name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS
+    if n.op == "call_function":
+        if n.target in _AUGMENTED:
+            return True
+        name = getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is n.target:
+            return True
+        return _inplace_kwarg(n.target, n.args, n.kwargs)
+    if n.op == "call_module":
+        m = root.get_submodule(n.target)
+        return getattr(m, "inplace", False) is True and not isinstance(m, _ALIAS_MODULES)
+    return False
+
+
+def _alias_inputs(n: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """The nodes whose storage ``n``'s result may share (conservative: unknown calls may return any input)."""
+    tensors = [a for a in n.all_input_nodes]
+    if n.op in ("placeholder", "get_attr", "output"):
+        return []
+    if is_inplace(n, root):
+        return tensors[:1]
+    if n.op == "call_method":
+        if n.target in _FRESH_METHODS:
+            return []
+        return tensors[:1] if n.target in _VIEW_METHODS else tensors
+    if n.op == "call_function":
+        if n.target in _FRESH_FUNCTIONS:
+            return []
+        return tensors[:1] if n.target in _VIEW_FUNCTIONS else tensors
+    m = root.get_submodule(n.target)
+    if isinstance(m, _ALIAS_MODULES):
+        return tensors[:1]
+    if isinstance(m, _FRESH_MODULES) or (type(m).__module__.startswith("torch.nn.modules.activation")):
+        return []
+    return tensors
+
+
+def _alias_classes(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, fx.Node]:
+    """Union-find over "may share storage": each node mapped to its class representative."""
+    parent: dict[fx.Node, fx.Node] = {n: n for n in graph.nodes}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in graph.nodes:
+        for a in _alias_inputs(n, root):
+            parent[find(a)] = find(n)
+    return {n: find(n) for n in graph.nodes}
+
+
+def _where(n: fx.Node) -> str:
+    return n.meta.get("repalgebra_source", "")
+
+
+def _describe(n: fx.Node) -> str:
+    t = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{t}({', '.join(str(a) for a in n.args)})"
+
+
+def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
+    """Make every in-place node of ``graph`` out-of-place and reroute later reads (in place).
+
+    Returns notes for the report.  Raises :class:`InplaceHazard` when an
+    in-place node mutates a graph input, a parameter or buffer, or a value
+    that shares storage with another value read after the mutation.
+    """
+    nodes = list(graph.nodes)
+    inplace = [n for n in nodes if is_inplace(n, root)]
+    if not inplace:
+        return []
+    order = {n: k for k, n in enumerate(nodes)}
+    cls = _alias_classes(graph, root)
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for n in nodes:
+        members.setdefault(cls[n], []).append(n)
+    inplace_set = set(inplace)
+    for node in inplace:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            raise InplaceHazard(f"in-place call {_describe(node)} on a non-tensor first argument", _where(node))
+        v = node.args[0]
+        group = members[cls[v]]
+        for w in group:
+            if w.op == "placeholder":
+                raise InplaceHazard(f"{_describe(node)} changes the input {w.name!r} in place", _where(node))
+            if w.op == "get_attr":
+                raise InplaceHazard(f"{_describe(node)} changes the parameter or buffer {w.target!r} in place", _where(node))
+        for w in group:
+            if w is v or w in inplace_set:
+                continue
+            if order[w] > order[node] and all(a is v or order[a] > order[node] for a in _alias_inputs(w, root)):
+                continue  # a view made after the mutation (of the mutated value): it reads the new contents
+            if order[w] > order[node] or any(order[u] > order[node] for u in w.users):
+                raise InplaceHazard(
+                    f"{_describe(node)} changes {v.name!r} in place while {w.name!r} may share its storage "
+                    f"and is read afterwards",
+                    _where(node),
+                )
+        for user in list(v.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(v, node)
+    counts: dict[str, int] = {}
+    for node in inplace:
+        what = _make_out_of_place(node, root)
+        counts[what] = counts.get(what, 0) + 1
+    return ["in-place ops made out-of-place (nothing else shares their storage): " + ", ".join(f"{k} x{c}" for k, c in counts.items())]
+
+
+def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
+    """Turn ``n`` into the same computation without the mutation; returns what it was, for the notes."""
+    if n.op == "call_module":
+        m = root.get_submodule(n.target)
+        m.inplace = False  # every call site of this module was checked: none relies on the mutation
+        return f"{type(m).__name__}(inplace=True)"
+    if n.op == "call_method":
+        name = n.target
+        if hasattr(torch.Tensor, name[:-1]):
+            n.target = name[:-1]
+        else:  # copy_, fill_, zero_, ...: run it on a copy
+            n.op, n.target, n.args = "call_function", _on_copy, (name, *n.args)
+        return name
+    if n.target in _AUGMENTED:
+        n.target = _AUGMENTED[n.target]
+        return f"{n.target.__name__}= (augmented assignment)"
+    name = getattr(n.target, "__name__", "")
+    if name.endswith("_") and getattr(torch, name, None) is n.target and hasattr(torch, name[:-1]):
+        n.target = getattr(torch, name[:-1])
+        return f"torch.{name}"
+    n.kwargs = {**n.kwargs, "inplace": False}
+    if "inplace" in inspect.signature(n.target).parameters:
+        k = list(inspect.signature(n.target).parameters).index("inplace")
+        if len(n.args) > k:
+            n.args = n.args[:k] + (False,) + n.args[k + 1 :]
+            n.kwargs = {key: val for key, val in n.kwargs.items() if key != "inplace"}
+    return f"{name}(inplace=True)"
+
+
+def _on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``getattr(x.clone(), method)(*args, **kwargs)``: an in-place method without its side effect."""
+    return getattr(x.clone(), method)(*args, **kwargs)
+

@@ -1,0 +1,496 @@
+"""``fuse`` on models that ``torch.fx`` cannot capture as they are: in-place ops, shape-dependent Python,
+untraceable submodules, and the check that refuses to return a model that computes something else.
+
+Every model here is float64, so the fused model must equal it to ``1e-9`` relative (``verify``'s
+float64 tolerance): folding in float64 loses nothing that a correct fold would keep.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+from repalgebra import fuse, verify
+from repalgebra.fuse import FuseError
+
+D = torch.float64
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights, realistic BN statistics, float64, eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.to(D).eval()
+
+
+def bn_left(fused: nn.Module) -> int:
+    """BatchNorm modules left anywhere in the fused module (also inside parts kept whole)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+
+
+def check_exact(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    with torch.no_grad():
+        ref = model(x.clone())
+    fused = fuse(model, x, **kw)
+    with torch.no_grad():
+        out = fused(x.clone())
+    assert verify(model, fused, x, n=2), str(fused.fuse_report)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    return fused
+
+
+def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+# --------------------------------------------------------------------------- in-place ops
+
+
+class ReluAfterRead(nn.Module):
+    """``y`` is read by ``z = y * 2`` before ``relu_`` changes it, and after (``z + y``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        z = y * 2
+        y.relu_()
+        return z + y
+
+
+class InplaceModuleReread(nn.Module):
+    """``nn.ReLU(inplace=True)`` on a value that the shortcut reads again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.act = conv_bn(8, 8), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.body(x)
+        out = self.act(y)
+        return out + y  # y has been changed by the ReLU: this is 2 * relu(y)
+
+
+class AddAfterRead(nn.Module):
+    """``y.add_(1)`` after another branch read ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(8, 8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.a(x)
+        before = self.b(y)
+        y.add_(1)
+        return before + y
+
+
+class SliceAssign(nn.Module):
+    """``y[:, :4] = 0``: item assignment, which symbolic tracing cannot record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        kept = y * 1.5
+        y[:, :4] = 0
+        return kept + y
+
+
+class AugmentedAlias(nn.Module):
+    """``shortcut = y; y += ...``: the augmented assignment changes the shortcut too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(8, 8), conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        shortcut = y
+        y += self.b(x)
+        return y + shortcut
+
+
+class ViewChanged(nn.Module):
+    """A view taken before an in-place op and read after it: only a functionalizing capture is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        flat = y.flatten(2)
+        y.relu_()
+        return flat.sum(-1)
+
+
+class ResNetBasic(nn.Module):
+    """torchvision's BasicBlock spelling: in-place ReLU and ``out += identity``; folds on the fx path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+@pytest.mark.parametrize(
+    "cls,bns",  # AddAfterRead: BN ``b`` reads a conv output the add reads too, so it cannot fold
+    [(ReluAfterRead, 0), (InplaceModuleReread, 0), (AddAfterRead, 1), (SliceAssign, 0), (AugmentedAlias, 0), (ViewChanged, 0)],
+)
+def test_in_place_ops_never_give_a_wrong_model(cls, bns):
+    model = randomized(cls())
+    x = torch.randn(2, 8, 9, 9, dtype=D)
+    fused = check_exact(model, x)
+    assert bn_left(fused) == bns, str(fused.fuse_report)
+
+
+def test_in_place_without_other_readers_stays_on_the_fx_path():
+    model = randomized(ResNetBasic())
+    fused = check_exact(model, torch.randn(2, 8, 9, 9, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx" and r.ops_after == {"conv2d": 2, "add": 1, "relu": 2}, str(r)
+    assert any("out-of-place" in n for n in r.notes)
+    assert verify(model, fused, torch.randn(1, 8, 13, 11, dtype=D))  # fx: any input size
+
+
+def test_in_place_on_the_input_keeps_the_caller_semantics():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(8, 8)
+
+        def forward(self, x):
+            x.relu_()
+            return self.a(x) + x
+
+    model = randomized(M())
+    x = torch.randn(2, 8, 7, 7, dtype=D)
+    fused = fuse(model, x.clone())
+    torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+    assert bn_left(fused) == 0
+
+
+# --------------------------------------------------------------------------- shape-dependent Python
+
+
+class WindowAttention(nn.Module):
+    """Swin-style: pad to a multiple of the window when ``H % window != 0``, attend in windows, crop."""
+
+    def __init__(self, c: int = 8, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.norm = nn.BatchNorm2d(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ws = self.window
+        y = self.norm(x).permute(0, 2, 3, 1)
+        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_h or pad_w:
+            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        win = y.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        q, k, v = self.qkv(win).chunk(3, dim=-1)
+        attn = F.scaled_dot_product_attention(q, k, v)
+        y = self.proj(attn).view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        y = y[:, :H, :W].permute(0, 3, 1, 2)
+        x = x + y
+        return x + self.mlp(x)
+
+
+class SameConv(nn.Conv2d):
+    """TF-"same" padding computed from the input size at run time (timm's Conv2dSame spelling)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SameConv(3, 8, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = conv_bn(8, 8)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.stem(x))))
+
+
+class PatchTokens(nn.Module):
+    """Patch embedding with a size assert, tokens with ``int(N ** 0.5)`` back to a map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = 4
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        assert H % self.patch == 0 and W % self.patch == 0, "input size must be a multiple of the patch"
+        torch._assert(H == W, "square inputs only")
+        t = self.bn(self.proj(x)).flatten(2).transpose(1, 2)
+        t = self.fc(t)
+        side = int(t.shape[1] ** 0.5)
+        return t.transpose(1, 2).reshape(B, 16, side, side)
+
+
+@pytest.mark.parametrize(
+    "make,shape,bns",  # the attention's pre-norm BN reaches the qkv Linear only through a zero pad: it stays
+    [(WindowAttention, (2, 8, 10, 9), 1), (SameNet, (1, 3, 15, 17), 0), (PatchTokens, (2, 3, 16, 16), 0)],
+    ids=["window-attention", "conv2d-same", "patch-assert"],
+)
+def test_shape_dependent_python_is_captured_at_the_example_shape(make, shape, bns):
+    model = randomized(make())
+    x = torch.randn(shape, dtype=D)
+    fused = check_exact(model, x)
+    r = fused.fuse_report
+    assert r.capture in ("specialized", "fx"), str(r)
+    assert bn_left(fused) == bns, str(r)
+
+
+def test_specialized_module_refuses_other_shapes():
+    model = randomized(WindowAttention())
+    fused = fuse(model, torch.randn(1, 8, 10, 9, dtype=D))
+    assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
+    with pytest.raises(ValueError, match="shapes fixed at 1x8x10x9"):
+        fused(torch.randn(1, 8, 12, 12, dtype=D))
+
+
+# --------------------------------------------------------------------------- parts kept whole
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: no capture can record it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = conv_bn(8, 8)
+        self.neg = conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.pos(x)
+        return self.neg(x)
+
+
+class WithDataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.mixer = DataDependent()
+        self.head = conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.mixer(F.relu(self.stem(x)))))
+
+
+def test_untraceable_submodule_is_kept_whole_and_fused_inside():
+    model = randomized(WithDataDependent())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = check_exact(model, x)
+    r = fused.fuse_report
+    kept = {p.path: p.reason for p in r.kept_whole}
+    assert list(kept) == ["mixer"], str(r)
+    assert "mean" in kept["mixer"] or "data" in kept["mixer"].lower(), kept
+    # the branch taken at the example input is fused inside the kept module; the stem and head around it too
+    assert bn_left(fused) == 1, str(r)  # mixer.neg was never called at the example input: left as it is
+    assert "mixer" in str(r) and "kept whole" in str(r)
+    y = -x.abs() - 1  # takes the other branch: still the original function
+    torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+
+
+def test_strict_raises_with_the_module_named():
+    model = randomized(WithDataDependent())
+    with pytest.raises(repalgebra.UntraceableError, match="'mixer'.*DataDependent"):
+        fuse(model, torch.randn(2, 3, 8, 8, dtype=D), strict=True)
+
+
+def test_top_level_data_dependent_model_keeps_itself_whole():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y if y.mean() > 0 else -y
+
+    model = randomized(M())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    fused = check_exact(model, x)
+    assert fused.fuse_report.capture == "kept whole" and bn_left(fused) == 0, str(fused.fuse_report)
+    assert type(fused) is M  # its own class, with its child fused
+
+
+# --------------------------------------------------------------------------- the last line of defence
+
+
+def test_a_capture_that_computes_something_else_is_never_returned(monkeypatch):
+    """A seeded front-end bug (BN eps read as the default) is caught by the check, not shipped."""
+    import sys
+
+    fuse_module = sys.modules["repalgebra.fuse"]
+    real = fuse_module.rewrite
+
+    def buggy(graph, **kw):
+        g, rw = real(graph, **kw)
+        return g.map_params(lambda p, n: p * 1.01 if n.op == "conv2d" else p), rw
+
+    monkeypatch.setattr(fuse_module, "rewrite", buggy)
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.ReLU(), conv_bn(8, 8)))
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    with pytest.raises(FuseError, match="output 0"):
+        fuse(model, x, strict=True)
+    fused = fuse(model, x)  # falls back until nothing is captured wrongly: the convs stay as they are
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    assert "computes something else" in str(fused.fuse_report)
+
+
+# --------------------------------------------------------------------------- bug classes from real models
+
+
+def test_assert_on_traced_size_leaks_no_private_exception():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+
+        def forward(self, x):
+            torch._assert(x.shape[1] == 3, "three channels")
+            return self.a(x)
+
+    model = randomized(M())
+    fused = check_exact(model, torch.randn(1, 3, 6, 6, dtype=D))
+    assert bn_left(fused) == 0
+
+
+def test_tensor_made_on_a_fixed_device_inside_forward():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[-1], device="cpu", dtype=x.dtype)
+            return self.a(x) + pos
+
+    model = randomized(M())
+    fused = check_exact(model, torch.randn(1, 3, 6, 6, dtype=D))
+    assert bn_left(fused) == 0
+
+
+def test_infinite_buffer_not_folded_is_fine():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+            self.register_buffer("lo", torch.tensor(-math.inf))
+            self.register_buffer("hi", torch.tensor(math.inf))
+
+        def forward(self, x):
+            return torch.clamp(self.a(x), self.lo, self.hi)
+
+    model = randomized(M())
+    fused = check_exact(model, torch.randn(1, 3, 6, 6, dtype=D))
+    assert bn_left(fused) == 0
+
+
+def test_non_finite_weight_is_not_folded_and_named():
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.ReLU()))
+    with torch.no_grad():
+        model[0][1].running_var[2] = math.nan  # (an infinite variance folds exactly: its scale is 0)
+    x = torch.randn(1, 3, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert any("0.1" in la.source and "finite" in la.reason for la in fused.fuse_report.left_alone), str(fused.fuse_report)
+
+
+def test_input_size_from_the_models_config():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+            self.pretrained_cfg = {"input_size": (3, 40, 40)}
+
+        def forward(self, x):
+            assert x.shape[-1] == 40, "this model runs at 40x40 only"
+            return self.a(x)
+
+    fused = fuse(randomized(Net()))
+    assert fused.fuse_report.input_shapes == [(1, 3, 40, 40)]
+    assert "pretrained_cfg" in str(fused.fuse_report)
+
+
+def test_input_size_224_when_64_does_not_run():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+            self.pos = nn.Parameter(torch.zeros(1, 8, 224, 224))
+
+        def forward(self, x):
+            return self.a(x) + self.pos
+
+    fused = fuse(randomized(Net()))
+    assert fused.fuse_report.input_shapes == [(1, 3, 224, 224)]
+
+
+def test_no_input_that_runs_says_how_to_pass_one():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+
+        def forward(self, x):
+            assert x.shape[-1] == 97
+            return self.a(x)
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        fuse(randomized(Net()))
+
+
+def test_model_untouched_by_every_path():
+    model = randomized(WithDataDependent())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inplace = copy.deepcopy(randomized(InplaceModuleReread()))
+    fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    fuse(inplace, torch.randn(2, 8, 6, 6, dtype=D))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert inplace.act.inplace is True
