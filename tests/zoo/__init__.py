@@ -16,12 +16,38 @@ code whose patterns it reproduces.
 
 from __future__ import annotations
 
-from . import densenet, efficientnet, ghostnet, reparam, resnet
+from . import (
+    coatnet,
+    convnext,
+    densenet,
+    detection,
+    efficientnet,
+    efficientvit,
+    fastvit,
+    ghostnet,
+    hrnet,
+    inception,
+    levit,
+    metaformer,
+    mobilevit,
+    mvit,
+    nfnet,
+    pvt,
+    reparam,
+    resnet,
+    shiftvit,
+    split_resnets,
+    vit,
+    windows,
+)
 from ._base import ZooModel, count_bn, fx_fused_bn_count, randomize_bn
 
 __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "fx_fused_bn_count", "count_bn"]
 
-_FAMILIES = (resnet, densenet, efficientnet, ghostnet, reparam)
+_FAMILIES = (
+    resnet, split_resnets, densenet, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
+    convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt, shiftvit,
+)
 
 ZOO: tuple[ZooModel, ...] = tuple(e for family in _FAMILIES for e in family.ENTRIES)
 

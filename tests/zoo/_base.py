@@ -36,7 +36,8 @@ def randomize_bn(model: nn.Module, seed: int) -> None:
 
     BatchNorm: running mean ~ N(0, 0.2), running variance ~ U(0.5, 2), weight ~ U(0.5, 1.5) with a
     random sign on one channel in eight, bias ~ N(0, 0.2).  LayerNorm and GroupNorm with affine
-    parameters: weight ~ U(0.5, 1.5), bias ~ N(0, 0.1).  Deterministic in ``seed`` and the module order.
+    parameters, and hand-written norm classes with a 1-D ``weight`` (ConvNeXt's channels-first LayerNorm):
+    weight ~ U(0.5, 1.5), bias ~ N(0, 0.1).  Deterministic in ``seed`` and the module order.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -57,11 +58,18 @@ def randomize_bn(model: nn.Module, seed: int) -> None:
                     flip = torch.rand(w.shape, generator=g) < 0.125
                     m.weight.copy_(torch.where(flip, -w, w))
                     m.bias.copy_(normal(m.bias, 0.2))
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or _is_custom_norm(m):
                 if getattr(m, "weight", None) is not None:
                     m.weight.copy_(uniform(m.weight, 0.5, 1.5))
                 if getattr(m, "bias", None) is not None:
                     m.bias.copy_(normal(m.bias, 0.1))
+
+
+def _is_custom_norm(m: nn.Module) -> bool:
+    """A hand-written norm layer (e.g. ConvNeXt's channels-first ``LayerNorm``): "Norm" in the class name and a
+    1-D ``weight`` parameter of its own."""
+    w = m._parameters.get("weight")
+    return "Norm" in type(m).__name__ and w is not None and w.dim() == 1
 
 
 def seeded(factory: Callable[..., nn.Module], seed: int, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -84,15 +92,27 @@ def count_bn(model: nn.Module) -> int:
 
 
 def fx_fused_bn_count(model: nn.Module) -> int | None:
-    """BatchNorm modules left after ``torch.fx.experimental.optimization.fuse`` on a copy of ``model``.
+    """BatchNorms left after ``torch.fx.experimental.optimization.fuse`` on a copy of ``model``.
 
+    Counts the BatchNorm modules of the fused ``GraphModule`` plus its eval-mode ``F.batch_norm`` call nodes (a
+    BatchNorm subclass with its own forward is traced through to the functional call, which fx's fusion never
+    folds; ``training=True`` calls, such as NFNet's weight standardization, are not BatchNorm layers).
     ``None`` where ``torch.fx`` cannot trace the model (shape-dependent Python, asserts on sizes,
     data-dependent control flow).  The model itself is not changed.
     """
+    import torch.nn.functional as F
     from torch.fx.experimental.optimization import fuse
 
     try:
         fused = fuse(copy.deepcopy(model).eval())
     except Exception:  # noqa: BLE001 - any tracing failure means "fx cannot do it"
         return None
-    return count_bn(fused)
+    functional = sum(n.op == "call_function" and n.target is F.batch_norm and not _bn_training(n) for n in fused.graph.nodes)
+    return count_bn(fused) + functional
+
+
+def _bn_training(node: torch.fx.Node) -> bool:
+    """The ``training`` argument of an ``F.batch_norm`` call node (True: a batch-statistics normalization, e.g. weight
+    standardization, not an eval-mode BatchNorm)."""
+    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+    return bool(training) if isinstance(training, bool) else True

@@ -103,7 +103,8 @@ class MobileOneSE(nn.Module):
 
 class MobileOneBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, use_se: bool = False, num_conv_branches: int = 2) -> None:
+                 groups: int = 1, use_se: bool = False, num_conv_branches: int = 2, use_act: bool = True,
+                 use_scale_branch: bool = True, activation: nn.Module | None = None) -> None:
         super().__init__()
         self.groups = groups
         self.stride = stride
@@ -112,11 +113,11 @@ class MobileOneBlock(nn.Module):
         self.out_channels = out_channels
         self.num_conv_branches = num_conv_branches
         self.se = MobileOneSE(out_channels) if use_se else nn.Identity()
-        self.activation = nn.ReLU()
+        self.activation = (nn.ReLU() if activation is None else activation) if use_act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(num_features=in_channels) if out_channels == in_channels and stride == 1 else None
         self.rbr_conv = nn.ModuleList([self._conv_bn(kernel_size, padding) for _ in range(self.num_conv_branches)])
         self.rbr_scale = None
-        if kernel_size > 1:
+        if kernel_size > 1 and use_scale_branch:
             self.rbr_scale = self._conv_bn(kernel_size=1, padding=0)
 
     def _conv_bn(self, kernel_size: int, padding: int) -> nn.Sequential:

@@ -1,0 +1,177 @@
+"""Vision Transformer with a convolutional stem (ViT-C / hybrid) and dynamic image size.
+
+Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/vision_transformer.py``,
+``timm/layers/patch_embed.py``, ``timm/layers/pos_embed.py``, ``timm/layers/layer_scale.py`` and
+``timm/models/vision_transformer_hybrid.py``): a patch embedding that checks the input with
+``torch._assert(H % self.patch_size[0] == 0, f"...")`` before a conv-BN-ReLU stem + 1x1 projection, returning
+NHWC via ``x.permute(0, 2, 3, 1)``; ``_pos_embed`` that resamples the absolute position table to the actual grid
+(old grid side ``int(math.sqrt(num_pos))``, ``reshape(...).permute(0, 3, 1, 2)``, ``F.interpolate(mode='bicubic',
+antialias=True)``) when the input is not the configured size, then ``x.view(B, -1, C)`` and
+``torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)``; attention with
+``qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)``, q/k LayerNorm and
+``F.scaled_dot_product_attention``; ``LayerScale`` with ``x.mul_(self.gamma) if self.inplace else x * self.gamma``;
+``x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))``; class-token pooling ``x[:, 0]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import ZooModel, seeded
+from .efficientnet import DropPath
+
+
+class ConvStemPatchEmbed(nn.Module):
+    def __init__(self, img_size: int = 32, patch_size: int = 8, in_chans: int = 3, embed_dim: int = 32) -> None:
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[nn.Module] = []
+        cin, cout = in_chans, 8
+        for _ in range(int(math.log2(patch_size))):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin, cout = cout, cout * 2
+        layers.append(nn.Conv2d(cin, embed_dim, kernel_size=1, stride=1, padding=0))
+        self.proj = nn.Sequential(*layers)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        torch._assert(H % self.patch_size[0] == 0, f"Input height ({H}) should be divisible by patch size ({self.patch_size[0]}).")
+        torch._assert(W % self.patch_size[1] == 0, f"Input width ({W}) should be divisible by patch size ({self.patch_size[1]}).")
+        x = self.proj(x)
+        x = x.permute(0, 2, 3, 1)  # NCHW -> NHWC
+        return self.norm(x)
+
+
+def resample_abs_pos_embed(posemb: torch.Tensor, new_size: list[int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    num_pos_tokens = posemb.shape[1]
+    num_new_tokens = new_size[0] * new_size[1] + num_prefix_tokens
+    if num_new_tokens == num_pos_tokens and new_size[0] == new_size[1]:
+        return posemb
+    old_size = [int(math.sqrt(num_pos_tokens - num_prefix_tokens))] * 2
+    if num_prefix_tokens:
+        posemb_prefix, posemb = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    else:
+        posemb_prefix = None
+    embed_dim = posemb.shape[-1]
+    posemb = posemb.reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2)
+    posemb = F.interpolate(posemb, size=new_size, mode="bicubic", antialias=True)
+    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, embed_dim)
+    if posemb_prefix is not None:
+        posemb = torch.cat([posemb_prefix, posemb], dim=1)
+    return posemb
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True, qk_norm: bool = False) -> None:
+        super().__init__()
+        assert dim % num_heads == 0, "dim should be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1e-5, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float | None = 0.5, qk_norm: bool = False,
+                 inplace_ls: bool = False, drop_path: float = 0.1) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qk_norm=qk_norm)
+        self.ls1 = LayerScale(dim, init_values=init_values, inplace=inplace_ls) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values=init_values, inplace=inplace_ls) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size: int = 32, patch_size: int = 8, embed_dim: int = 32, depth: int = 2, num_heads: int = 4,
+                 num_classes: int = 10, dynamic_img_size: bool = True) -> None:
+        super().__init__()
+        self.dynamic_img_size = dynamic_img_size
+        self.num_prefix_tokens = 1
+        self.patch_embed = ConvStemPatchEmbed(img_size, patch_size, 3, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        nn.init.normal_(self.cls_token, std=1e-2)
+        self.pos_drop = nn.Dropout(p=0.1)
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, qk_norm=i == 0, inplace_ls=i == 1) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size:
+            B, H, W, C = x.shape
+            pos_embed = resample_abs_pos_embed(self.pos_embed, [H, W], num_prefix_tokens=self.num_prefix_tokens)
+            x = x.view(B, -1, C)
+        else:
+            pos_embed = self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + pos_embed
+        return self.pos_drop(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.blocks(x)
+        x = self.norm(x)
+        x = x[:, 0]
+        return self.head(x)
+
+
+ENTRIES = (
+    ZooModel("vit_conv_stem", "ViT with convolutional stem, dynamic image size", seeded(VisionTransformer, 1401), (2, 3, 40, 40),
+             "torch._assert(H % patch == 0); conv-BN-ReLU stem + 1x1 proj to NHWC; pos-embed resample (int(sqrt(N)), bicubic antialias) for a 5x5 grid vs 4x4 table; cls_token.expand + cat; SDPA; qk LayerNorm; LayerScale x.mul_(gamma); x[:, 0]"),
+)
