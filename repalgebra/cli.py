@@ -87,7 +87,7 @@ def _fuse(args) -> int:
     t = _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     t = _step(2, 3, "fusing")
-    fused = repalgebra.fuse(model, _example(args))
+    fused = repalgebra.fuse(model, _example(args), strict=args.strict)
     print(fused.fuse_report)
     _step(3, 3, f"writing {args.output}")
     state = fused.state_dict()
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = model_cmd("fuse", "fold MODEL and write the fused state dict; prints the fuse report", _fuse)
     c.add_argument("-o", "--output", required=True, help="output file (.pt or .safetensors)")
+    c.add_argument("--strict", action="store_true", help="fail instead of keeping untraceable parts whole")
     c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
     c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")

@@ -55,10 +55,11 @@ class Part:
     path: str
     how: str
     reason: str = ""
+    module: str = ""  # the module's class name
 
     def __str__(self) -> str:
-        where = self.path or "<model>"
-        return f"{where}: {self.how}" + (f" ({self.reason})" if self.reason else "")
+        where = f"{self.path!r} ({self.module})" if self.path else f"the model ({self.module})"
+        return f"{where}: {self.how}" + (f": {self.reason}" if self.reason else "")
 
 
 @dataclass
@@ -99,7 +100,8 @@ class FuseReport:
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
         lines = [f"fuse: {len(self.fired)} rewrites in {self.seconds:.3f}s (traced at {shapes}; eval-mode semantics)"]
-        lines.append(f"  capture: {self.capture}" + (f"; checked: {self.check}" if self.check else ""))
+        kept = len(self.kept_whole) - (self.capture == "kept whole")
+        lines.append(f"  capture: {self.capture}" + (f", {kept} part{'s' * (kept != 1)} kept whole" if kept > 0 else ""))
         for p in self.parts:
             if p.path or p.reason:
                 lines.append(f"    {p}")
@@ -256,9 +258,23 @@ class _Fuser:
                 return self.finish(path, cap, inputs, _reasons(failures))
             except CaptureFailed as e:
                 failures.append((how, e))
+        if not path:
+            self.ensure_runs(inputs)
         if self.strict:
             raise FuseError(f"cannot capture {_where(path)}: {_reasons(failures)}")
         return self.fuse_around(path, inputs, failures)
+
+    def ensure_runs(self, inputs: tuple) -> None:
+        """Raise ``ValueError`` unless the model runs in eval mode on ``inputs`` (then no capture could work)."""
+        try:
+            _run(self.pristine, inputs, None)
+        except Exception as e:  # noqa: BLE001
+            shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): "
+                f"{type(e).__name__}: {first}"
+            ) from e
 
     def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
         """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them."""
@@ -281,7 +297,7 @@ class _Fuser:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
             cap = capture_fx(work, inputs, [*user, *kept])
-            return self.finish(path, cap, inputs, f"kept {', '.join(map(repr, kept))} whole: {_reasons(failures)}", nested=True)
+            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", nested=True)
         except CaptureFailed as e:
             return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")
 
@@ -300,7 +316,7 @@ class _Fuser:
     def keep_whole(self, path: str, calls: list[Call], reason: str) -> nn.Module:
         """A copy of the module at ``path`` whose children, as called in ``calls``, are fused on their own."""
         module = copy.deepcopy(self.pristine.get_submodule(path))
-        self.report.parts.append(Part(path, "kept whole", reason))
+        self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
         for call in calls:
@@ -339,7 +355,7 @@ class _Fuser:
             if problem is not None:
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
         r = self.report
-        r.parts.append(Part(path, cap.how, reason))
+        r.parts.append(Part(path, cap.how, reason, type(self.pristine.get_submodule(path)).__name__))
         r.fired += [_prefixed(f, path) for f in rw.fired]
         r.left_alone += [_prefixed(la, path) for la in [*cap.left_alone, *rw.left_alone]]
         for mine, theirs in ((r.ops_before, rw.before), (r.ops_after, rw.after)):
@@ -424,7 +440,13 @@ def _where(path: str) -> str:
 
 
 def _reasons(failures: list[tuple[str, CaptureFailed]]) -> str:
-    return "; ".join(f"{how}: {e.reason}" + (f" (in {e.path!r})" if e.path else "") for how, e in failures)
+    """Why each capture path failed, one short clause each."""
+
+    def short(text: str) -> str:
+        text = text.strip().splitlines()[0] if text.strip() else ""
+        return text if len(text) <= 140 else text[:137] + "..."
+
+    return "; ".join(f"{how}: {short(e.reason)}" + (f" (in {e.path!r})" if e.path else "") for how, e in failures)
 
 
 def _prefixed(item: Any, path: str) -> Any:

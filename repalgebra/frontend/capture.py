@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -99,17 +100,23 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """Keep torch.export's warnings and graph dumps off the user's terminal: a failure is reported as a reason."""
-    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
+    names = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export", "torch._functorch")
+    loggers = [logging.getLogger(name) for name in names]
+    drop = _DropAll()
+    for lg in loggers:  # a filter, not a level: torch hands some records to its loggers directly
+        lg.addFilter(drop)
+    try:  # it also prints the failing graph to sys.stderr itself
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 @dataclass

@@ -1,0 +1,31 @@
+"""``repalgebra.fuse`` on every model of the zoo (``tests/zoo/``): it fuses, it is exact, it folds what a conv can absorb.
+
+Each model runs in float64, so the fused model must equal it to ``1e-9`` relative (the float64 tolerance of
+``repalgebra.verify``), on the example input and on a second random input of the same shape (a capture with
+shapes fixed at the example input is valid at that shape only).  BatchNorms left anywhere in the fused module
+(also inside parts kept whole) must be no more than ``torch.fx.experimental.optimization.fuse`` leaves, where
+that runs at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from repalgebra import fuse, verify
+from zoo import ZOO, count_bn, fx_fused_bn_count
+
+D = torch.float64
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+def test_zoo_model_fuses_exactly(entry):
+    model = entry.build().to(D).eval()
+    x = torch.randn(entry.input_shape, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    report = fused.fuse_report
+    assert verify(model, fused, x, n=2), str(report)  # float64: 1e-9 relative
+    left = count_bn(fused)
+    baseline = fx_fused_bn_count(model)
+    assert baseline is None or left <= baseline, f"{left} BatchNorms left, torch.fx's fuse leaves {baseline}\n{report}"
+    assert left <= count_bn(model)
