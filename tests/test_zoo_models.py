@@ -45,12 +45,14 @@ def test_builds_and_runs_in_float32_and_float64(entry: ZooModel) -> None:
     x = torch.randn(entry.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y32 = _flat(model(x.clone()))
+        rerun = _flat(model(x.clone()))
         again = _flat(entry.build()(x.clone()))
         model64 = entry.build().double()
         y64 = _flat(model64(x.double()))
-    for a, b, c in zip(y32, again, y64, strict=True):
+    for a, r, b, c in zip(y32, rerun, again, y64, strict=True):
         assert a.dtype == torch.float32 and c.dtype == torch.float64
         assert torch.isfinite(a).all() and torch.isfinite(c).all()
+        assert torch.equal(a, r), "no randomness in forward: a second call must give the same output"
         assert torch.equal(a, b), "two builds, same input: outputs must be bit-identical"
         scale = c.abs().max().clamp_min(1e-12)
         assert ((a.double() - c).abs().max() / scale).item() < 1e-3

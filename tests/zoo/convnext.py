@@ -7,7 +7,7 @@ Patterns reproduced (read in facebookresearch/ConvNeXt ``models/convnext.py``, h
 ``self.weight[:, None, None] * x + self.bias[:, None, None]``; the block's 7x7 depthwise conv, channels-last
 ``x.permute(0, 2, 3, 1)``, ``nn.LayerNorm``, ``nn.Linear`` MLP with GELU, layer scale ``self.gamma * x``, permute
 back, ``input + self.drop_path(x)``; 4x4/4 patchify stem and LN + 2x2/2 downsampling in a ``ModuleList``;
-``self.norm(x.mean([-2, -1]))`` head.  ConvMixer: ``nn.Sequential`` built with a list comprehension,
+``self.norm(x.mean([-2, -1]))`` head.  ConvMixer: one ``nn.Sequential`` holding a list comprehension of layers,
 ``Residual(fn)`` returning ``self.fn(x) + x``, ``padding="same"`` (string) depthwise conv, BatchNorm *after* GELU.
 """
 
@@ -107,22 +107,17 @@ class Residual(nn.Module):
         return self.fn(x) + x
 
 
-def ConvMixer(dim: int = 24, depth: int = 3, kernel_size: int = 9, patch_size: int = 7, n_classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size),
-        nn.GELU(),
-        nn.BatchNorm2d(dim),
-        *[nn.Sequential(
-            Residual(nn.Sequential(
-                nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
-                nn.GELU(),
-                nn.BatchNorm2d(dim))),
-            nn.Conv2d(dim, dim, kernel_size=1),
-            nn.GELU(),
-            nn.BatchNorm2d(dim)) for i in range(depth)],
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten(),
-        nn.Linear(dim, n_classes))
+def _mixer_layer(dim: int, kernel_size: int) -> nn.Sequential:
+    depthwise = nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"), nn.GELU(), nn.BatchNorm2d(dim))
+    return nn.Sequential(Residual(depthwise), nn.Conv2d(dim, dim, kernel_size=1), nn.GELU(), nn.BatchNorm2d(dim))
+
+
+class ConvMixer(nn.Sequential):
+    def __init__(self, dim: int = 24, depth: int = 3, kernel_size: int = 9, patch_size: int = 7, n_classes: int = 10) -> None:
+        super().__init__(
+            nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim),
+            *[_mixer_layer(dim, kernel_size) for _ in range(depth)],
+            nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
 
 
 ENTRIES = (

@@ -1,15 +1,14 @@
 """EfficientViT (MIT): ReLU linear attention with multi-scale token aggregation, MBConv local blocks.
 
-Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/efficientvit_mit.py`` and
-mit-han-lab/efficientvit ``efficientvit/models/nn/ops.py``): ``ConvNormAct`` with optional norm/activation
-(``nn.Identity`` otherwise) and a dropout in front; ``LiteMLA``: a 1x1 qkv conv, an ``nn.ModuleList`` of
-aggregation branches (depthwise 5x5 conv then grouped 1x1 with ``groups=3 * heads``) appended to a list and
-``torch.cat``-ed, ``reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)``, ``chunk(3, dim=-1)``, ReLU kernel,
-``F.pad(v, (0, 1), mode="constant", value=1.)`` to carry the normalizer, the attention computed after
-``q.float(), k.float(), v.float()`` (a float32 round trip even for a float64 model) inside
-``torch.autocast(..., enabled=False)`` with ``out[..., :-1] / (out[..., -1:] + self.eps)`` and ``.to(dtype)``;
-``ResidualBlock(main, shortcut)`` with ``res = self.main(self.pre_norm(x)); res = res + self.shortcut(x)``;
-MBConv with ``nn.Hardswish(inplace=True)``; a stem registered through ``add_module(f'res{i}', ...)``.
+Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/efficientvit_mit.py``): ``ConvNormAct``
+with optional norm/activation (``nn.Identity`` otherwise) and a dropout in front; ``LiteMLA``: a 1x1 qkv conv, an
+``nn.ModuleList`` of aggregation branches (depthwise 5x5 conv then grouped 1x1 with ``groups=3 * heads``) appended
+to a list and ``torch.cat``-ed, ``reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)``, ``chunk(3, dim=-1)``, ReLU
+kernel, ``F.pad(v, (0, 1), mode="constant", value=1.)`` to carry the normalizer, the attention computed after
+``q.float(), k.float(), v.float()`` (a float32 round trip even for a float64 model) inside ``torch.autocast(...,
+enabled=False)`` with ``out[..., :-1] / (out[..., -1:] + self.eps)`` and ``.to(dtype)``; ``ResidualBlock(main,
+shortcut)`` with ``res = self.main(self.pre_norm(x)); res = res + self.shortcut(x)``; MBConv with
+``nn.Hardswish(inplace=True)``; a stem registered through ``add_module(f'res{i}', ...)``.
 """
 
 from __future__ import annotations

@@ -95,13 +95,12 @@ class Attention(nn.Module):
         self.register_buffer("attention_bias_idxs", idxs)
 
     @torch.no_grad()
-    def train(self, mode: bool = True) -> "Attention":
+    def train(self, mode: bool = True) -> None:  # returns None, as the reference does
         super().train(mode)
         if mode and hasattr(self, "ab"):
             del self.ab
         else:
             self.ab = self.attention_biases[:, self.attention_bias_idxs]
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, N, C)
         B, N, C = x.shape
@@ -151,13 +150,12 @@ class AttentionSubsample(nn.Module):
         self.register_buffer("attention_bias_idxs", idxs)
 
     @torch.no_grad()
-    def train(self, mode: bool = True) -> "AttentionSubsample":
+    def train(self, mode: bool = True) -> None:  # returns None, as the reference does
         super().train(mode)
         if mode and hasattr(self, "ab"):
             del self.ab
         else:
             self.ab = self.attention_biases[:, self.attention_bias_idxs]
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

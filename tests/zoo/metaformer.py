@@ -139,11 +139,10 @@ class Attention(nn.Module):
         self.attention_bias_cache = {}
 
     @torch.no_grad()
-    def train(self, mode: bool = True) -> "Attention":
+    def train(self, mode: bool = True) -> None:  # returns None, as the reference does
         super().train(mode)
         if mode and self.attention_bias_cache:
             self.attention_bias_cache = {}
-        return self
 
     def get_attention_biases(self, device: torch.device) -> torch.Tensor:
         if torch.jit.is_tracing() or self.training:

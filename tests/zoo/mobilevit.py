@@ -2,16 +2,15 @@
 separable linear attention).
 
 Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/mobilevit.py`` and apple/ml-cvnets
-``cvnets/modules/mobilevit_block.py``, ``cvnets/layers/linear_attention.py``): v1 computes
-``new_h = math.ceil(H / patch_h) * patch_h``, bilinearly interpolates to it when ``H`` is not a multiple of the
-patch (15 -> 16 here) and back afterwards, unfolds with ``x.reshape(B * C * n_h, p_h, n_w, p_w).transpose(1, 2)``
-and ``reshape(B, C, N, P).transpose(1, 3).reshape(B * P, N, -1)``, folds with the mirror sequence, and fuses with
-``self.conv_fusion(torch.cat((shortcut, x), dim=1))``; MobileNetV2 inverted residuals with SiLU between.
-v2 resizes its input when needed (``align_corners=True``), unfolds with ``F.unfold(fm, kernel_size, stride)`` +
-``reshape(B, C, P, -1)``, runs ``x = x + self.pre_norm_attn(x)`` blocks with ``GroupNorm(1, C)``, splits the 1x1
-``qkv_proj`` output with ``torch.split(qkv, [1, d, d], dim=1)``, ``F.softmax(query, dim=-1)``,
-``torch.sum(key * scores, dim=-1, keepdim=True)``, ``F.relu(value) * context_vector.expand_as(value)``, and folds
-with ``F.fold(patches, output_size=..., kernel_size=..., stride=...)``.
+``cvnets/modules/mobilevit_block.py``): v1 computes ``new_h = math.ceil(H / patch_h) * patch_h``, bilinearly
+interpolates to it when ``H`` is not a multiple of the patch (15 -> 16 here) and back afterwards, unfolds with
+``x.reshape(B * C * n_h, p_h, n_w, p_w).transpose(1, 2)`` and ``reshape(B, C, N, P).transpose(1, 3).reshape(B * P,
+N, -1)``, folds with the mirror sequence, and fuses with ``self.conv_fusion(torch.cat((shortcut, x), dim=1))``;
+MobileNetV2 inverted residuals with SiLU between. v2 resizes its input when needed (``align_corners=True``), unfolds
+with ``F.unfold(fm, kernel_size, stride)`` + ``reshape(B, C, P, -1)``, runs ``x = x + self.pre_norm_attn(x)`` blocks
+with ``GroupNorm(1, C)``, splits the 1x1 ``qkv_proj`` output with ``torch.split(qkv, [1, d, d], dim=1)``,
+``F.softmax(query, dim=-1)``, ``torch.sum(key * scores, dim=-1, keepdim=True)``, ``F.relu(value) *
+context_vector.expand_as(value)``, and folds with ``F.fold(patches, output_size=..., kernel_size=..., stride=...)``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """MViTv2: multiscale pooling attention (pooled queries / keys / values) with a class token.
 
-Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/mvitv2.py`` and
-facebookresearch/mvit ``mvit/models/attention.py``): the qkv projection reshaped to
-``(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)`` and ``unbind(dim=0)``; ``reshape_pre_pool`` splitting off the class
-token (``x[:, :, :1, :]``) and reshaping tokens to ``(-1, H, W, C).permute(0, 3, 1, 2)``; depthwise strided conv
-pooling of q/k/v followed by a LayerNorm on the pooled tokens; ``reshape_post_pool`` concatenating the class token
-back; decomposed relative positions (``torch.einsum("byhwc,hkc->byhwk", ...)``) written into the attention matrix
-by **slice assignment** ``attn[:, :, sp_idx:, sp_idx:] = (attn[:, :, sp_idx:, sp_idx:].view(...) + ...).view(...)``;
-residual pooling ``x = x + q``; blocks that project the shortcut with a Linear when the width changes and pool it
-with ``nn.MaxPool2d`` when the query is strided; the feature size passed along with the tokens.
+Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/mvitv2.py``): the qkv projection
+reshaped to ``(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)`` and ``unbind(dim=0)``; ``reshape_pre_pool`` splitting
+off the class token (``x[:, :, :1, :]``) and reshaping tokens to ``(-1, H, W, C).permute(0, 3, 1, 2)``; depthwise
+strided conv pooling of q/k/v followed by a LayerNorm on the pooled tokens; ``reshape_post_pool`` concatenating the
+class token back; decomposed relative positions (``torch.einsum("byhwc,hkc->byhwk", ...)``) written into the
+attention matrix by **slice assignment** ``attn[:, :, sp_idx:, sp_idx:] = (attn[:, :, sp_idx:, sp_idx:].view(...) +
+...).view(...)``; residual pooling ``x = x + q``; blocks that project the shortcut with a Linear when the width
+changes and pool it with ``nn.MaxPool2d`` when the query is strided; the feature size passed along with the tokens.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """NFNet / NF-ResNet: normalizer-free blocks with scaled weight standardization computed in forward.
 
 Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/nfnet.py``,
-``timm/layers/std_conv.py`` and google-deepmind/deepmind-research ``nfnets/base.py``): ``ScaledStdConv2d``, a
-``nn.Conv2d`` subclass whose forward standardizes its own weight with
-``F.batch_norm(self.weight.reshape(1, out_channels, -1), None, None, weight=(self.gain * self.scale).view(-1),
-training=True, momentum=0., eps=self.eps).reshape_as(self.weight)`` (a *training-mode* batch norm over parameters,
-not activations) before ``F.conv2d``; ``GammaAct`` as ``F.gelu(x).mul_(self.gamma)`` (in place on a fresh value);
-blocks computing ``out = self.act1(x) * self.beta`` and reading it for both the downsample shortcut and the residual
-branch, SE with ``attn_gain * self.attn(out)``, ``out.mul_(self.skipinit_gain)`` and ``out * self.alpha + shortcut``;
-an ``AvgPool2d(2, ceil_mode=True, count_include_pad=False)`` + 1x1 downsample; no BatchNorm module at all.
+``timm/layers/std_conv.py``): ``ScaledStdConv2d``, a ``nn.Conv2d`` subclass whose forward standardizes its own
+weight with ``F.batch_norm(self.weight.reshape(1, out_channels, -1), None, None, weight=(self.gain *
+self.scale).view(-1), training=True, momentum=0., eps=self.eps).reshape_as(self.weight)`` (a *training-mode* batch
+norm over parameters, not activations) before ``F.conv2d``; ``GammaAct`` as ``F.gelu(x).mul_(self.gamma)`` (in place
+on a fresh value); blocks computing ``out = self.act1(x) * self.beta`` and reading it for both the downsample
+shortcut and the residual branch, SE with ``attn_gain * self.attn(out)``, ``out.mul_(self.skipinit_gain)`` and ``out
+* self.alpha + shortcut``; an ``AvgPool2d(2, ceil_mode=True, count_include_pad=False)`` + 1x1 downsample; no
+BatchNorm module at all.
 """
 
 from __future__ import annotations

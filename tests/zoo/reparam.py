@@ -1,17 +1,16 @@
 """Train-time re-parameterizable blocks: RepVGG, MobileOne, ACNet (asymmetric convolution), DBB (diverse branch).
 
-Patterns reproduced (read in DingXiaoH/RepVGG ``repvgg.py``, apple/ml-mobileone ``mobileone.py``,
-DingXiaoH/ACNet ``acnet/acb.py`` and DingXiaoH/DiverseBranchBlock ``diversebranchblock.py``, ``dbb_transforms.py``,
-and huggingface/pytorch-image-models ``timm/models/byobnet.py``): ``conv_bn`` built as ``nn.Sequential()`` +
-``add_module('conv'|'bn')``, ``id_out = 0`` when there is no identity BN and a three-way sum;
-an SE with ``F.avg_pool2d(inputs, kernel_size=inputs.size(3))`` and ``x.view(-1, C, 1, 1)``; MobileOne's
-``identity_out = 0``, ``scale_out = 0``, ``out = scale_out + identity_out`` (an int when both are absent),
-``out += self.rbr_conv[ix](x)`` over ``num_conv_branches``; ACNet's square + (k,1) + (1,k) conv-BN branches and
-the crop layer (``input[:, :, :, c:-c]``) used when ``padding < k // 2``; DBB's ``BNAndPadLayer`` (BN, then
-``F.pad`` and four slice assignments ``output[:, :, 0:p, :] = pad_values`` with values computed from the BN
-statistics), the 1x1 -> BN-and-pad -> avg-pool branch, the identity-based 1x1 whose kernel is
-``self.weight + self.id_tensor`` computed in forward (``id_tensor`` a plain attribute, not a buffer),
-and ``out += branch(inputs)`` accumulation.
+Patterns reproduced (read in DingXiaoH/RepVGG ``repvgg.py``, apple/ml-fastvit ``models/modules/mobileone.py``
+(MobileOne's block as FastViT ships it), DingXiaoH/ACNet ``acnet/acb.py`` and DingXiaoH/DiverseBranchBlock
+``diversebranchblock.py``): ``conv_bn`` built as ``nn.Sequential()`` + ``add_module('conv'|'bn')``, ``id_out = 0``
+when there is no identity BN and a three-way sum; an SE with ``F.avg_pool2d(inputs, kernel_size=inputs.size(3))``
+and ``x.view(-1, C, 1, 1)``; MobileOne's ``identity_out = 0``, ``scale_out = 0``, ``out = scale_out + identity_out``
+(an int when both are absent), ``out += self.rbr_conv[ix](x)`` over ``num_conv_branches``; ACNet's square + (k,1) +
+(1,k) conv-BN branches and the input crop (``input[:, :, :, self.crop:-self.crop]``) used when ``padding < k // 2``;
+DBB's ``BNAndPadLayer`` (BN, then ``F.pad`` and four slice assignments ``output[:, :, 0:p, :] = pad_values`` with
+values computed from the BN statistics), the 1x1 -> BN-and-pad -> avg-pool branch, the identity-based 1x1 whose
+kernel is ``self.weight + self.id_tensor`` computed in forward (``id_tensor`` a plain attribute, not a buffer), and
+``out += branch(inputs)`` accumulation.
 """
 
 from __future__ import annotations
@@ -115,7 +114,10 @@ class MobileOneBlock(nn.Module):
         self.se = MobileOneSE(out_channels) if use_se else nn.Identity()
         self.activation = (nn.ReLU() if activation is None else activation) if use_act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(num_features=in_channels) if out_channels == in_channels and stride == 1 else None
-        self.rbr_conv = nn.ModuleList([self._conv_bn(kernel_size, padding) for _ in range(self.num_conv_branches)])
+        if num_conv_branches > 0:
+            self.rbr_conv = nn.ModuleList([self._conv_bn(kernel_size, padding) for _ in range(self.num_conv_branches)])
+        else:
+            self.rbr_conv = None
         self.rbr_scale = None
         if kernel_size > 1 and use_scale_branch:
             self.rbr_scale = self._conv_bn(kernel_size=1, padding=0)
@@ -131,8 +133,9 @@ class MobileOneBlock(nn.Module):
         if self.rbr_scale is not None:
             scale_out = self.rbr_scale(x)
         out = scale_out + identity_out
-        for ix in range(self.num_conv_branches):
-            out += self.rbr_conv[ix](x)
+        if self.rbr_conv is not None:
+            for ix in range(self.num_conv_branches):
+                out += self.rbr_conv[ix](x)
         return self.activation(self.se(out))
 
 
@@ -158,54 +161,40 @@ class MobileOne(nn.Module):
 
 
 # ---------------------------------------------------------------- ACNet
-class CropLayer(nn.Module):
-    """``crop_set = (-r, -c)`` crops ``r`` rows and ``c`` columns from both borders."""
-
-    def __init__(self, crop_set: tuple[int, int]) -> None:
-        super().__init__()
-        self.rows_to_crop = -crop_set[0]
-        self.cols_to_crop = -crop_set[1]
-        assert self.rows_to_crop >= 0
-        assert self.cols_to_crop >= 0
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.rows_to_crop == 0 and self.cols_to_crop == 0:
-            return input
-        elif self.rows_to_crop > 0 and self.cols_to_crop == 0:
-            return input[:, :, self.rows_to_crop:-self.rows_to_crop, :]
-        elif self.rows_to_crop == 0 and self.cols_to_crop > 0:
-            return input[:, :, :, self.cols_to_crop:-self.cols_to_crop]
-        return input[:, :, self.rows_to_crop:-self.rows_to_crop, self.cols_to_crop:-self.cols_to_crop]
-
-
 class ACBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> None:
         super().__init__()
         self.square_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, kernel_size), stride, padding, bias=False)
-        self.square_bn = nn.BatchNorm2d(out_channels)
-        center_offset_from_origin_border = padding - kernel_size // 2
-        if center_offset_from_origin_border >= 0:
-            self.ver_conv_crop_layer = nn.Identity()
-            ver_pad_or_crop = (padding, center_offset_from_origin_border)
-            self.hor_conv_crop_layer = nn.Identity()
-            hor_pad_or_crop = (center_offset_from_origin_border, padding)
+        self.square_bn = nn.BatchNorm2d(num_features=out_channels)
+        if padding - kernel_size // 2 >= 0:
+            self.crop = 0
+            hor_padding = [padding - kernel_size // 2, padding]
+            ver_padding = [padding, padding - kernel_size // 2]
         else:
-            self.ver_conv_crop_layer = CropLayer(crop_set=(0, center_offset_from_origin_border))
-            ver_pad_or_crop = (padding, 0)
-            self.hor_conv_crop_layer = CropLayer(crop_set=(center_offset_from_origin_border, 0))
-            hor_pad_or_crop = (0, padding)
-        self.ver_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, 1), stride, ver_pad_or_crop, bias=False)
-        self.hor_conv = nn.Conv2d(in_channels, out_channels, (1, kernel_size), stride, hor_pad_or_crop, bias=False)
-        self.ver_bn = nn.BatchNorm2d(out_channels)
-        self.hor_bn = nn.BatchNorm2d(out_channels)
+            # a "negative padding": nn.Conv2d cannot express it, so the input is cropped in forward
+            self.crop = kernel_size // 2 - padding
+            hor_padding = [0, padding]
+            ver_padding = [padding, 0]
+        self.ver_conv = nn.Conv2d(in_channels, out_channels, (kernel_size, 1), stride, padding=ver_padding, bias=False)
+        self.hor_conv = nn.Conv2d(in_channels, out_channels, (1, kernel_size), stride, padding=hor_padding, bias=False)
+        self.ver_bn = nn.BatchNorm2d(num_features=out_channels)
+        self.hor_bn = nn.BatchNorm2d(num_features=out_channels)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        square_outputs = self.square_bn(self.square_conv(input))
-        vertical_outputs = self.ver_conv_crop_layer(input)
-        vertical_outputs = self.ver_bn(self.ver_conv(vertical_outputs))
-        horizontal_outputs = self.hor_conv_crop_layer(input)
-        horizontal_outputs = self.hor_bn(self.hor_conv(horizontal_outputs))
-        return square_outputs + vertical_outputs + horizontal_outputs
+        square_outputs = self.square_conv(input)
+        square_outputs = self.square_bn(square_outputs)
+        if self.crop > 0:
+            ver_input = input[:, :, :, self.crop:-self.crop]
+            hor_input = input[:, :, self.crop:-self.crop, :]
+        else:
+            ver_input = input
+            hor_input = input
+        vertical_outputs = self.ver_conv(ver_input)
+        vertical_outputs = self.ver_bn(vertical_outputs)
+        horizontal_outputs = self.hor_conv(hor_input)
+        horizontal_outputs = self.hor_bn(horizontal_outputs)
+        result = square_outputs + vertical_outputs + horizontal_outputs
+        return result
 
 
 class ACNet(nn.Module):
@@ -316,7 +305,7 @@ ENTRIES = (
     ZooModel("mobileone", "MobileOne (over-parameterized dw/pw branches)", seeded(MobileOne, 502), (2, 3, 48, 48),
              "identity_out = 0; scale_out = 0; out = scale_out + identity_out (int when both absent); out += rbr_conv[ix](x); SE avg_pool2d(kernel_size=[h, w])"),
     ZooModel("acnet", "ACNet asymmetric convolution block", seeded(ACNet, 503), (2, 3, 40, 40),
-             "square kxk + (k,1) + (1,k) conv-BN branches summed; crop layer slicing input[:, :, :, c:-c] when padding < k//2; 5x5 ACB"),
+             "square kxk + (k,1) + (1,k) conv-BN branches summed; asymmetric [p - k//2, p] paddings; input sliced input[:, :, :, crop:-crop] when padding < k//2; 5x5 ACB"),
     ZooModel("dbb", "Diverse Branch Block", seeded(DBBNet, 504), (2, 3, 40, 40),
              "BNAndPadLayer: F.pad + four slice assignments of BN-derived pad values; 1x1->BN-pad->AvgPool branch; kernel = weight + id_tensor in forward; out += branch"),
 )

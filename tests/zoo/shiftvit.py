@@ -5,8 +5,8 @@ that fills ``out = torch.zeros_like(x)`` by five **slice assignments** (``out[:,
 x[:, g*0:g*1, :, 1:]`` shifts left, then right, up, down, and the untouched remainder), i.e. a linear map
 equal to a one-hot depthwise 3x3 convolution with zero padding; ``shortcut + self.drop_path(self.mlp(self.norm2(x)))``
 with a BatchNorm pre-norm and a 1x1-conv MLP; patch embedding ``Conv2d(k=4, s=4)`` + BN; patch merging that applies
-a BN *before* a ``(2, 2)``/2 conv (a BN that folds forward into the next conv); ``GroupNorm(1, C)`` subclass head
-norm.
+a BN *before* a ``(2, 2)``/2 conv (a BN that folds forward into the next conv); the ``norm_layer='BN'``
+configuration throughout, so the head is BN -> ``AdaptiveAvgPool2d(1)`` -> flatten -> Linear.
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ from torch import nn
 
 from ._base import ZooModel, seeded
 from .efficientnet import DropPath
-
-
-class GroupNorm(nn.GroupNorm):
-    def __init__(self, num_channels: int, **kwargs: object) -> None:
-        super().__init__(1, num_channels, **kwargs)
 
 
 class Mlp(nn.Module):
@@ -87,7 +82,7 @@ class ShiftViT(nn.Module):
                 layers.append(PatchMerging(dim))
                 dim *= 2
         self.layers = nn.Sequential(*layers)
-        self.norm = GroupNorm(dim)
+        self.norm = nn.BatchNorm2d(dim)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(dim, num_classes)
 
@@ -100,5 +95,5 @@ class ShiftViT(nn.Module):
 
 ENTRIES = (
     ZooModel("shiftvit", "ShiftViT (slice-assignment shift)", seeded(ShiftViT, 2101), (2, 3, 40, 40),
-             "HAZARD: out = torch.zeros_like(x) then five slice assignments out[:, a:b, :, :-1] = x[:, a:b, :, 1:] (a one-hot dw 3x3 in disguise); BN pre-norm 1x1 MLP; BN before a 2x2/2 conv; GroupNorm(1) subclass"),
+             "HAZARD: out = torch.zeros_like(x) then five slice assignments out[:, a:b, :, :-1] = x[:, a:b, :, 1:] (a one-hot dw 3x3 in disguise); BN pre-norm 1x1 MLP; BN before a 2x2/2 conv; BN -> avgpool -> Linear head"),
 )

@@ -1,16 +1,21 @@
-"""Vision Transformer with a convolutional stem (ViT-C / hybrid) and dynamic image size.
+"""Vision Transformers with convolutional parts: ViT with a conv stem (ViT-C / hybrid) and dynamic image size; CeiT.
 
 Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/vision_transformer.py``,
 ``timm/layers/patch_embed.py``, ``timm/layers/pos_embed.py``, ``timm/layers/layer_scale.py`` and
-``timm/models/vision_transformer_hybrid.py``): a patch embedding that checks the input with
-``torch._assert(H % self.patch_size[0] == 0, f"...")`` before a conv-BN-ReLU stem + 1x1 projection, returning
-NHWC via ``x.permute(0, 2, 3, 1)``; ``_pos_embed`` that resamples the absolute position table to the actual grid
-(old grid side ``int(math.sqrt(num_pos))``, ``reshape(...).permute(0, 3, 1, 2)``, ``F.interpolate(mode='bicubic',
+``timm/models/vision_transformer_hybrid.py``): a patch embedding that checks the input with ``torch._assert(H %
+self.patch_size[0] == 0, f"...")`` before a conv-BN-ReLU stem + 1x1 projection, returning NHWC via ``x.permute(0, 2,
+3, 1)``; ``_pos_embed`` that resamples the absolute position table to the actual grid (old grid side
+``int(math.sqrt(num_pos))``, ``reshape(...).permute(0, 3, 1, 2)``, ``F.interpolate(mode='bicubic',
 antialias=True)``) when the input is not the configured size, then ``x.view(B, -1, C)`` and
-``torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)``; attention with
-``qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)``, q/k LayerNorm and
-``F.scaled_dot_product_attention``; ``LayerScale`` with ``x.mul_(self.gamma) if self.inplace else x * self.gamma``;
-``x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))``; class-token pooling ``x[:, 0]``.
+``torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)``; attention with ``qkv.reshape(B, N, 3, heads,
+head_dim).permute(2, 0, 3, 1, 4).unbind(0)``, q/k LayerNorm and ``F.scaled_dot_product_attention``; ``LayerScale``
+with ``x.mul_(self.gamma) if self.inplace else x * self.gamma``; ``x +
+self.drop_path1(self.ls1(self.attn(self.norm1(x))))``; class-token pooling ``x[:, 0]``. CeiT (read in public CeiT
+ports found through code search, whose ``LeFF`` wraps ``BatchNorm1d`` in einops ``Rearrange``; the excerpts do not
+name their repository; here the rearranges are the equivalent ``transpose``/``reshape`` calls): an image-to-tokens
+conv-BN-maxpool stem, ``x += self.pos_embedding[:, :(n + 1)]`` in place, and a locally-enhanced FFN that splits off
+the class token, applies ``BatchNorm1d`` to ``transpose(1, 2)``-ed tokens and rebuilds the square map with ``int(N
+** 0.5)``.
 """
 
 from __future__ import annotations
@@ -171,7 +176,76 @@ class VisionTransformer(nn.Module):
         return self.head(x)
 
 
+# ---------------------------------------------------------------- CeiT (image-to-tokens stem, locally-enhanced FFN)
+class LeFF(nn.Module):
+    """Linear -> BN1d -> GELU, tokens back to a square map (``int(N ** 0.5)``), depthwise 3x3 -> BN -> GELU,
+    Linear -> BN1d -> GELU; the class token bypasses it."""
+
+    def __init__(self, dim: int, scale: int = 4, depth_kernel: int = 3) -> None:
+        super().__init__()
+        scale_dim = dim * scale
+        self.up_proj = nn.Linear(dim, scale_dim)
+        self.up_bn = nn.BatchNorm1d(scale_dim)
+        self.depth_conv = nn.Conv2d(scale_dim, scale_dim, kernel_size=depth_kernel, padding=depth_kernel // 2, groups=scale_dim, bias=False)
+        self.depth_bn = nn.BatchNorm2d(scale_dim)
+        self.down_proj = nn.Linear(scale_dim, dim)
+        self.down_bn = nn.BatchNorm1d(dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls_token, x = torch.split(x, [1, x.size(1) - 1], dim=1)
+        B, N, C = x.shape
+        h = w = int(N ** 0.5)
+        x = self.up_proj(x).transpose(1, 2)  # b n c -> b c n
+        x = self.act(self.up_bn(x))
+        x = x.reshape(B, -1, h, w)
+        x = self.act(self.depth_bn(self.depth_conv(x)))
+        x = x.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+        x = self.down_proj(x).transpose(1, 2)
+        x = self.act(self.down_bn(x)).transpose(1, 2)
+        return torch.cat((cls_token, x), dim=1)
+
+
+class CeiTBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.leff = LeFF(dim, scale=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.leff(self.norm2(x))
+        return x
+
+
+class CeiT(nn.Module):
+    def __init__(self, dim: int = 32, depth: int = 2, num_heads: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.i2t = nn.Sequential(  # image-to-tokens: conv, BN, max pool, then 4x4 patches
+            nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16), nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(16, dim, kernel_size=4, stride=4))
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, 1 + 16, dim))
+        self.blocks = nn.ModuleList([CeiTBlock(dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.i2t(img).flatten(2).transpose(1, 2)
+        b, n, _ = x.shape
+        cls_tokens = self.cls_token.expand(b, -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)
+        x += self.pos_embedding[:, :(n + 1)]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
 ENTRIES = (
     ZooModel("vit_conv_stem", "ViT with convolutional stem, dynamic image size", seeded(VisionTransformer, 1401), (2, 3, 40, 40),
              "torch._assert(H % patch == 0); conv-BN-ReLU stem + 1x1 proj to NHWC; pos-embed resample (int(sqrt(N)), bicubic antialias) for a 5x5 grid vs 4x4 table; cls_token.expand + cat; SDPA; qk LayerNorm; LayerScale x.mul_(gamma); x[:, 0]"),
+    ZooModel("ceit", "CeiT (image-to-tokens stem, locally-enhanced FFN)", seeded(CeiT, 1402), (2, 3, 64, 64),
+             "conv-BN-maxpool-patchify stem; x += pos_embedding[:, :(n + 1)] in place; torch.split cls token; Linear -> BatchNorm1d on transpose(1, 2); h = w = int(N ** 0.5) reshape to a map; dw3x3-BN; cat cls back"),
 )

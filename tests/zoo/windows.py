@@ -1,19 +1,20 @@
 """Window attention: Swin (shifted windows, detection-backbone style) and ViTDet/SAM (padded windows + global).
 
-Patterns reproduced (read in SwinTransformer/Swin-Transformer-Object-Detection ``mmdet/models/backbones/
-swin_transformer.py``, huggingface/pytorch-image-models ``timm/models/swin_transformer.py``,
+Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/swin_transformer.py``,
 ``timm/models/vision_transformer_sam.py`` and facebookresearch/segment-anything
-``segment_anything/modeling/image_encoder.py``): padding when ``H % window_size != 0`` computed as
-``(ws - W % ws) % ws`` and applied with ``F.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))`` after the norm, then
-cropped with ``x[:, :H, :W, :].contiguous()``; ``torch.roll`` cyclic shifts; ``window_partition`` /
-``window_reverse`` as ``x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(...)``;
-the shifted-window mask built *in forward* from ``torch.zeros((1, Hp, Wp, 1))`` filled by slice assignment
-``img_mask[:, h, w, :] = cnt`` over ``slice`` objects and ``masked_fill(..., float(-100.0))``; blocks whose ``H``, ``W``
-attributes are assigned by the parent layer in forward (``blk.H, blk.W = H, W``); relative position bias tables
-indexed by a ``relative_position_index`` buffer; patch merging with ``x[:, 0::2, 0::2, :]`` slices, ``torch.cat``
-and odd-size padding.  ViTDet/SAM: ``window_partition`` returning ``(windows, (Hp, Wp))``, ``window_unpartition``,
-decomposed relative positions with ``torch.einsum("bhwc,hkc->bhwk", ...)`` and ``rel_pos[relative_coords.long()]``,
-global-attention blocks between windowed ones, and a conv neck with a hand-written ``LayerNorm2d``.
+``segment_anything/modeling/image_encoder.py``, and, through code search, the mmdet-style Swin detection /
+segmentation backbones (``BasicLayer.forward`` building the shifted-window mask; the excerpts found do not name
+their repository)): padding when ``H % window_size != 0`` computed as ``(ws - W % ws) % ws`` and applied with
+``F.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))`` after the norm, then cropped with ``x[:, :H, :W, :].contiguous()``;
+``torch.roll`` cyclic shifts; ``window_partition`` / ``window_reverse`` as ``x.view(B, H // ws, ws, W // ws, ws,
+C).permute(0, 1, 3, 2, 4, 5).contiguous().view(...)``; the shifted-window mask built *in forward* from
+``torch.zeros((1, Hp, Wp, 1))`` filled by slice assignment ``img_mask[:, h, w, :] = cnt`` over ``slice`` objects and
+``masked_fill(..., float(-100.0))``; blocks whose ``H``, ``W`` attributes are assigned by the parent layer in
+forward (``blk.H, blk.W = H, W``); relative position bias tables indexed by a ``relative_position_index`` buffer;
+patch merging with ``x[:, 0::2, 0::2, :]`` slices, ``torch.cat`` and odd-size padding. ViTDet/SAM:
+``window_partition`` returning ``(windows, (Hp, Wp))``, ``window_unpartition``, decomposed relative positions with
+``torch.einsum("bhwc,hkc->bhwk", ...)`` and ``rel_pos[relative_coords.long()]``, global-attention blocks between
+windowed ones, and a conv neck with a hand-written ``LayerNorm2d``.
 """
 
 from __future__ import annotations
