@@ -181,6 +181,8 @@ class Graph:
     def insert_before(self, anchor: Node, new_nodes: Sequence[Node]) -> None:
         """Insert ``new_nodes`` just before ``anchor``, re-sorting if they read later values."""
         self._index()
+        if id(anchor) not in self._members:
+            raise ValueError(f"insert_before: {anchor!r} is not in the graph (removed by an earlier change?)")
         k = self.nodes.index(anchor)
         new_outs: set[int] = set()
         ok = True

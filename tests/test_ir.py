@@ -382,6 +382,17 @@ def test_replace_uses_and_insert_before_keep_the_indexes_right():
     assert graph.nodes.index(late) > graph.nodes.index(c.producer)
 
 
+def test_insert_before_a_removed_node_names_it():
+    b = GraphBuilder()
+    x = b.input("x", (1, 2, 4, 4))
+    dead = b.relu(x)
+    graph = b.build(b.sigmoid(x))
+    graph.eliminate_dead()
+    with pytest.raises(ValueError, match=r"insert_before: Node\(relu -> .*\) is not in the graph"):
+        graph.insert_before(dead.producer, [Node.make("gelu", [x])])
+    assert [n.op for n in graph.nodes] == ["sigmoid"]
+
+
 def test_map_params_builds_new_nodes_and_keeps_inputs():
     graph, x = small_graph()
     doubled = graph.map_params(lambda p, n: p.to(torch.float64))

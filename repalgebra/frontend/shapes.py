@@ -57,13 +57,15 @@ def reroute_shape_reads(graph: Graph) -> None:
     and leaves the linear a single reader, so the Linear + BN fold applies.
     A read moves only off a value that at most one node reads for its values
     (moving reads off values that stay alive anyway would only keep an earlier
-    tensor alive for longer).  Values left unread are removed.
+    tensor alive for longer).  Values left unread are removed, so a later node
+    of the pass's list may be gone by the time the pass reaches it (a stage
+    whose tokens-to-image reshape nobody reads, as in PiT): it is skipped.
     """
     changed = True
     while changed:
         changed = False
         for node in list(graph.nodes):
-            if node.op != "reshape_dyn":
+            if node.op != "reshape_dyn" or not graph.contains(node):
                 continue
             new = _rerouted(graph, node)
             if new is not None:
@@ -96,7 +98,7 @@ def _rerouted(graph: Graph, node: Node) -> Node | None:
         for f in entry:
             if isinstance(f, tuple):
                 v, axis = old_refs[f[0]], f[1]
-                src = size_source(v, axis) if id(v) in movable else None
+                src = _earlier(graph, v, axis) if id(v) in movable else None
                 changed = changed or src is not None
                 if src is None:
                     f = (ref(v), axis)
@@ -110,6 +112,23 @@ def _rerouted(graph: Graph, node: Node) -> Node | None:
     if not refs:  # every size is a weight's: a plain reshape
         return Node.make("reshape", [node.x], {"shape": tuple(shape)}, {}, node.source, name=node.out.name)
     return Node.make("reshape_dyn", [node.x, *refs], {"shape": tuple(shape)}, {}, node.source, name=node.out.name)
+
+
+def _earlier(graph: Graph, v: Value, axis: int) -> tuple[Value, int] | int | None:
+    """:func:`size_source`, except onto a conv/linear output that only ``v``'s BN/scale/identity reads and that is the end.
+
+    That BN folds into the conv (``bn_fold``); a shape read left on the conv's
+    output would keep the unfolded conv alive and stop the fold (PiT's pooling:
+    a strided conv and a BN).  Left on ``v`` it moves with the fold.
+    """
+    src = size_source(v, axis)
+    if isinstance(src, tuple) and v.producer.op in _SAME_SHAPE:
+        u, a = src
+        p = u.producer
+        if p is not None and p.op in ("conv2d", "linear") and _data_reads(graph, u) == 1 and size_source(u, a) is None:
+            return None
+    return src
+
 
 def _data_reads(graph: Graph, v: Value) -> int:
     """How many nodes (and graph outputs) read ``v`` for its values, not only for its shape."""
