@@ -116,6 +116,23 @@ def test_view_as_a_bit_cast_stays_a_view():
     fused_equal(randomized(BitCast()), (2, 3, 4, 4))
 
 
+@pytest.mark.parametrize("kind,target", [("call_method", "view"), ("call_function", torch.ops.aten.view.default)])
+def test_a_carried_through_view_of_a_transposed_value_runs(kind, target):
+    """An opaque ``view`` (from the fx or the torch.export front end) of a value the IR transposed."""
+    from repalgebra.backend.torch import to_module
+    from repalgebra.builder import GraphBuilder
+    from repalgebra.frontend.calls import FnCall, In
+
+    b = GraphBuilder()
+    x = b.input("x", (2, 3, 4), D)
+    t = b.transpose(x, dim0=1, dim1=2)
+    call = FnCall(kind, target, (In(0), [2, 12]), {}, {})
+    graph = b.build(b.opaque(t, fn=call, out_shape=(2, 12), out_dtype=D))
+    xt = torch.randn(2, 3, 4, dtype=D)
+    assert torch.equal(to_module(graph)(xt), xt.transpose(1, 2).reshape(2, 12))
+    assert call.target == target  # the graph's own callable is untouched; the module has a copy
+
+
 # --------------------------------------------------------------------------- 2: a node of the shape-read pass removed under it
 
 

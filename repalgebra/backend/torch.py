@@ -369,7 +369,12 @@ def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 
 # ``x.view(...)`` needs strides that allow it; ``x.reshape(...)`` gives the same values on any tensor.
-_VIEW_AS_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+_VIEW_AS_RESHAPE = {
+    ("call_method", "view"): "reshape",
+    ("call_method", "view_as"): "reshape_as",
+    ("call_function", torch.ops.aten.view.default): torch.ops.aten.reshape.default,
+    ("call_function", torch.ops.aten._unsafe_view.default): torch.ops.aten.reshape.default,
+}
 
 
 def _stride_free(fn: nn.Module) -> nn.Module:
@@ -378,9 +383,14 @@ def _stride_free(fn: nn.Module) -> nn.Module:
     The model may have made ``x`` contiguous first (``x.transpose(1, 2).contiguous().view(B, -1)``);
     in the IR that ``contiguous`` is the identity and is gone.  ``x.view(dtype)`` is a bit cast and stays.
     """
-    if isinstance(fn, FnCall) and fn.kind == "call_method" and fn.target in _VIEW_AS_RESHAPE:
-        if not any(isinstance(a, torch.dtype) for a in pytree.tree_leaves((fn.args_template, fn.kwargs_template))):
-            fn.target = _VIEW_AS_RESHAPE[fn.target]
+    if isinstance(fn, FnCall) and fn.kind != "call_module":
+        key = (fn.kind, fn.target)
+        try:
+            swap = _VIEW_AS_RESHAPE.get(key)
+        except TypeError:  # an unhashable target
+            swap = None
+        if swap is not None and not any(isinstance(a, torch.dtype) for a in pytree.tree_leaves((fn.args_template, fn.kwargs_template))):
+            fn.target = swap
     return fn
 
 
