@@ -401,15 +401,17 @@ def test_assert_on_traced_size_leaks_no_private_exception():
     assert bn_left(fused) == 0
 
 
-def test_tensor_made_on_a_fixed_device_inside_forward():
+def test_tensor_made_on_a_fixed_device_then_an_assert():
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a = conv_bn(3, 8)
 
         def forward(self, x):
-            pos = torch.arange(x.shape[-1], device="cpu", dtype=x.dtype)
-            return self.a(x) + pos
+            pos = torch.arange(x.shape[-1], device="cpu", dtype=x.dtype)  # cannot run on meta tensors
+            y = self.a(x) + pos
+            torch._assert(y.shape[1] == 8, "eight channels")  # its result (None) once leaked _NeedsRealRun
+            return y
 
     model = randomized(M())
     fused = check_exact(model, torch.randn(1, 3, 6, 6, dtype=D))
