@@ -10,12 +10,21 @@ Reason: zero padding composes additively (pad(pad(x, P), Q) == pad(x, P + Q)) an
 pads its input with zeros before sliding the window. Preconditions: the explicit pad is a
 *zero* (constant 0) pad with non-negative amounts; reflect/replicate pads are not absorbed.
 
+After a 1x1 conv with stride 1 and NO bias (any dilation, groups and own padding p):
+
+    pad(conv1x1(x; W, padding=p), P) == conv1x1(x; W, padding=p + P).
+
+Reason: output pixel r of a 1x1 stride-1 conv reads only input pixel r, so it commutes with
+moving pixels; at a padded pixel it reads 0 and gives W * 0 = 0, which is what the pad puts
+there. REFUSED with a bias b: the padded conv gives b at the border, the pad gives 0.
+And a pad by (0, 0, 0, 0) is the identity, whatever its value.
+
 Proof: symbolic x, W, bias; expand(lhs - rhs) == 0 elementwise.
 """
 
 from __future__ import annotations
 
-from .symbolic import conv_symbols, assert_equal, conv2d, describe, norm_pads, pad
+from .symbolic import assert_differs, assert_equal, conv2d, conv_symbols, describe, norm_pads, pad
 
 
 def fuse(pads, conv_padding):
@@ -33,6 +42,13 @@ CONFIGS = [
 ]
 
 
+CONFIGS_AFTER = [  # 1x1 stride-1 conv without bias, then a zero pad
+    dict(C=2, O=2, H=2, W=3, k=(1, 1), padding=(0, 0, 0, 0), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1),
+    dict(C=4, O=2, H=3, W=2, k=(1, 1), padding=(1, 0, 0, 2), pads=(0, 2, 1, 0), dilation=(2, 3), groups=2),
+    dict(C=2, O=4, H=2, W=2, k=(1, 1), padding=(0, 1, 1, 0), pads=(2, 0, 0, 1), dilation=(1, 1), groups=2),
+]
+
+
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
@@ -44,4 +60,26 @@ def prove() -> list[str]:
         desc = describe("pad -> conv == conv(padding + pad)", **cfg)
         assert_equal(lhs, rhs, "pad_absorb " + desc)
         done.append(desc)
+    for cfg in CONFIGS_AFTER:
+        x, w, _ = conv_symbols(cfg, bias=False)
+        kw = dict(dilation=cfg["dilation"], groups=cfg["groups"])
+        lhs = pad(conv2d(x, w, None, padding=cfg["padding"], **kw), cfg["pads"])
+        rhs = conv2d(x, w, None, padding=fuse(cfg["pads"], cfg["padding"]), **kw)
+        desc = describe("conv1x1 (no bias) -> pad == conv1x1(padding + pad)", **cfg)
+        assert_equal(lhs, rhs, "pad_absorb " + desc)
+        done.append(desc)
+    x = conv_symbols(CONFIGS[0], bias=False)[0]
+    assert_equal(pad(x, (0, 0, 0, 0)), x, "pad_absorb: pad by nothing")
+    done.append("pad(x, (0, 0, 0, 0)) == x")
+
+    # REFUSED: a 1x1 conv with a bias, then a zero pad: the padded conv's border is the bias.
+    cfg = dict(C=2, O=2, H=2, W=2, k=(1, 1), groups=1)
+    x, w, b = conv_symbols(cfg, bias=True)
+    lhs = pad(conv2d(x, w, b), (1, 1, 1, 1))
+    rhs = conv2d(x, w, b, padding=(1, 1, 1, 1))
+    assert_equal(lhs[:, 1:-1, 1:-1], rhs[:, 1:-1, 1:-1], "pad_absorb refused case, interior")
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0), "pad_absorb refused case")
+    assert_equal([diff], [-b[0]], "pad_absorb refused case: difference is the bias")
+    done.append(f"refused: pad(conv1x1(x; W, b)) != conv1x1(x; W, b, padding): at the border lhs - rhs = -b "
+                f"(numeric witness {num}); interior agrees")
     return done

@@ -27,6 +27,21 @@
 
     always exact (a 1x1 stride-1 unpadded conv is a per-pixel matrix multiply).
 
+(C) A zero-padding 1x1 conv without bias is a pointwise conv followed by a zero pad:
+    conv1x1(x; W1, padding P) == pad(conv1x1(x; W1), P), because W1 * 0 = 0. So
+
+    (A') 1x1 (stride 1, padding P1, NO bias) then kxk (padding P2, bias b2):
+         conv2(conv1(x)) == conv(x; W, b, groups=G, stride/dilation of conv2, padding P1 + P2)
+         with W, b of (A) (b1 = 0); the padded 1x1 is pad(pointwise) and the pad is absorbed by
+         the kxk (pad_absorb), so conv2(conv1x1(pad(x))) and conv2(pad(conv1x1(x))) have one
+         normal form.
+    (B') kxk (bias b1, any geometry) then 1x1 (stride 1, padding P2, NO bias):
+         conv2(conv1(x)) == pad(conv(x; W, b, groups=G, geometry of conv1), P2)
+         with W, b of (B) (b2 = 0).
+
+    REFUSED: a zero-padding 1x1 WITH a bias is not a pad after a pointwise conv: its border is
+    the bias b, the pad's border is 0 (symbolic counterexample below).
+
 Proof: symbolic x, W1, b1, W2, b2; expand(lhs - rhs) == 0 elementwise. The refused case is
 shown with a nonzero expand(lhs - rhs) at a border pixel plus a concrete numeric witness,
 and the same formula is shown to agree on the interior (so the failure is exactly the border).
@@ -39,7 +54,7 @@ from math import gcd
 import numpy as np
 import sympy
 
-from .symbolic import (assert_differs, assert_equal, conv2d, describe, norm_pads, regroup_weight,
+from .symbolic import (assert_differs, assert_equal, conv2d, describe, norm_pads, pad, regroup_weight,
                        symbols_tensor, zeros)
 
 
@@ -108,6 +123,18 @@ CONFIGS_B = [  # kxk -> 1x1
 ]
 
 
+CONFIGS_A_PADDED = [  # 1x1 (padding P1, no bias) -> kxk (padding P2)
+    dict(C=2, M=2, O=2, H=3, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), p1=(1, 1, 1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), b1=False, b2=True),
+    dict(C=4, M=4, O=2, H=4, W=3, k=(2, 3), g1=2, g2=2, stride=(2, 1), p1=(0, 1, 2, 0), padding=(1, 0, 0, 1), dilation=(1, 2), b1=False, b2=True),
+    dict(C=2, M=4, O=4, H=3, W=3, k=(3, 1), g1=1, g2=4, stride=(1, 2), p1=(2, 1, 0, 1), padding=(0, 0, 1, 1), dilation=(1, 1), b1=False, b2=False),
+]
+CONFIGS_B_PADDED = [  # kxk (any geometry, bias) -> 1x1 (padding P2, no bias)
+    dict(C=2, M=2, O=2, H=4, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), padding=(1, 1, 1, 1), p2=(1, 1, 1, 1), dilation=(1, 1), b1=True, b2=False),
+    dict(C=4, M=4, O=2, H=5, W=4, k=(2, 3), g1=4, g2=2, stride=(2, 1), padding=(0, 1, 1, 0), p2=(0, 2, 1, 0), dilation=(2, 1), b1=True, b2=False),
+    dict(C=2, M=2, O=4, H=3, W=3, k=(1, 1), g1=2, g2=1, stride=(1, 1), padding=(1, 0, 0, 1), p2=(1, 0, 2, 1), dilation=(1, 1), b1=False, b2=False),
+]
+
+
 def _tensors(cfg, k1, k2):
     C, M, O = cfg["C"], cfg["M"], cfg["O"]
     x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
@@ -138,6 +165,36 @@ def prove() -> list[str]:
         desc = describe("convkxk -> conv1x1 == conv", **cfg)
         assert_equal(lhs, rhs, "seq_merge " + desc)
         done.append(desc)
+
+    for cfg in CONFIGS_A_PADDED:
+        x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
+        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, None, padding=cfg["p1"], groups=cfg["g1"]), w2, b2, groups=cfg["g2"], padding=cfg["padding"], **kw)
+        both = tuple(p + q for p, q in zip(cfg["p1"], cfg["padding"]))
+        w, b, G = fuse_1x1_kxk(w1, None, cfg["g1"], w2, b2, cfg["g2"], both)
+        rhs = conv2d(x, w, b, groups=G, padding=both, **kw)
+        desc = describe("conv1x1(padding P1, no bias) -> convkxk == conv(padding P1 + P2)", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+    for cfg in CONFIGS_B_PADDED:
+        x, w1, b1, w2, b2 = _tensors(cfg, cfg["k"], (1, 1))
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"], **kw), w2, None, groups=cfg["g2"], padding=cfg["p2"])
+        w, b, G = fuse_kxk_1x1(w1, b1, cfg["g1"], w2, None, cfg["g2"])
+        rhs = pad(conv2d(x, w, b, groups=G, **kw), cfg["p2"])
+        desc = describe("convkxk -> conv1x1(padding P2, no bias) == pad(conv, P2)", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+
+    # REFUSED: a zero-padding 1x1 conv WITH bias is not pad(pointwise conv): the border is b, not 0.
+    x, w1, b1 = symbols_tensor("x", (2, 2, 2)), symbols_tensor("w1", (2, 2, 1, 1)), symbols_tensor("b1", (2,))
+    lhs = conv2d(x, w1, b1, padding=(1, 1, 1, 1))
+    rhs = pad(conv2d(x, w1, b1), (1, 1, 1, 1))
+    assert_equal(lhs[:, 1:-1, 1:-1], rhs[:, 1:-1, 1:-1], "seq_merge refused padded 1x1, interior")
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0), "seq_merge refused padded 1x1")
+    assert_equal([diff], [b1[0]], "seq_merge refused padded 1x1: difference is the bias")
+    done.append(f"refused: conv1x1(bias, padding 1) != pad(conv1x1(bias), 1): at the border lhs - rhs = b1 "
+                f"(numeric witness {num}); interior agrees")
 
     # REFUSED: 1x1 conv WITH bias, then a zero-padded 3x3 conv.
     cfg = dict(C=2, M=2, O=1, H=4, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), padding=(1, 1, 1, 1),

@@ -442,7 +442,32 @@ def pad_absorb() -> Example:
     ref.grids(*maps("pad(x, 1, value=1)", value_of(bad, p, X)), ("W (all ones)", ONES3[0, 0]))
     ref.grids(("conv(pad(x, value=1); W)", truth[0, 0]), ("conv(x; W, padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
     ref.line().line(differ_line(truth, candidate) + ": one per padded tap in the window")
-    return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+    # After a bias-free 1x1 conv: the pad becomes the 1x1's padding; with a bias it stays.
+    w1 = t([[2, -1]]).reshape(1, 2, 1, 1)
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    pw = b.conv2d(x, weight=w1, source="block.conv1x1")
+    pg = b.build(b.pad(pw, pads=P1, source="block.pad"))
+    pafter, _ = apply("pad_absorb", pg, "pad_absorb")
+    pad_y, padding_y = run_graph(pg, X2), run_graph(pafter, X2)
+    pt = Text()
+    pt.line(f"a 1x1 conv without bias, W = {vec(w1)} (2 channels to 1), then a zero pad by 1:")
+    pt.line(f"it becomes the 1x1 conv with padding {node(pafter, 'conv2d').attrs['padding']}")
+    pt.grids(*maps("x", X2))
+    pt.grids(("pad(conv1x1(x; W), 1)", pad_y[0, 0]), ("conv1x1(x; W, padding 1)", padding_y[0, 0]))
+    pt.line().line(equal_line(pad_y, padding_y))
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    biased = b.build(b.pad(b.conv2d(x, weight=w1, bias=t([3]), source="block.conv1x1"), pads=P1, source="block.pad"))
+    truth = run_graph(biased, X2)
+    c = GraphBuilder()
+    cx = c.input("x", X2.shape, DT)
+    candidate = run_graph(c.build(c.conv2d(cx, weight=w1, bias=t([3]), padding=P1)), X2)
+    pt.line().line(f"with a bias b = 3, pad_absorb refuses: {refusal(biased, 'pad_absorb')}")
+    pt.grids(("pad(conv1x1(x; W, b), 1)", truth[0, 0]), ("conv1x1(x; W, b, padding 1)", candidate[0, 0]))
+    pt.line().line(differ_line(truth, candidate, "they differ on the border: 0 from the pad, b = 3 from the conv's padding"))
+    return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref), "pointwise": str(pt)})
 
 
 @example
@@ -533,7 +558,31 @@ def seq_merge() -> Example:
     wide = b.build(b.conv2d(dw, weight=torch.ones(4, 2, 1, 1, dtype=DT), source="ffn.fc1"))
     ref.line().line("a depthwise 3x3 on 2 channels (18 weights), then a 1x1 from 2 to 4 channels (8 weights):")
     ref.line(f"seq_merge refuses: {refusal(wide, 'seq_merge')}")
-    return Example("seq_merge", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+    # One normal form: a zero pad before or after a bias-free 1x1 conv, then an unpadded 3x3.
+    pw_w = t([[1], [-1]]).reshape(2, 1, 1, 1)
+    k2 = torch.cat([W3, ONES3], 1)  # (1, 2, 3, 3)
+    pads = Text()
+    merged = []
+    for spelled in ("conv3x3(conv1x1(pad(x)))", "conv3x3(pad(conv1x1(x)))"):
+        b = GraphBuilder()
+        x = b.input("x", X.shape, DT)
+        if spelled.startswith("conv3x3(conv1x1"):
+            y = b.conv2d(b.pad(x, pads=P1, source="block.pad"), weight=pw_w, source="block.conv1x1")
+        else:
+            y = b.pad(b.conv2d(x, weight=pw_w, source="block.conv1x1"), pads=P1, source="block.pad")
+        sg = b.build(b.conv2d(y, weight=k2, source="block.conv3x3"))
+        sa, chain = apply("seq_merge", sg)
+        conv = node(sa, "conv2d")
+        merged.append((spelled, sg, sa, conv))
+        pads.line(f"{spelled}: {', '.join(r.split()[0] for r in chain)} -> {len(sa.nodes)} node: conv, padding {conv.attrs['padding']}")
+    pads.line(f"1x1: W1 = {vec(pw_w)} (1 channel to 2), no bias; 3x3: W2[0, 0] = W, W2[0, 1] = all ones")
+    pads.grids(*[(f"merged kernel, {s_}", c.params["weight"][0, 0]) for s_, _, _, c in merged])
+    same = all(torch.equal(merged[0][3].params["weight"], c.params["weight"]) for *_, c in merged)
+    pads.line().line(f"the same conv from both spellings: {'yes' if same else 'no'}")
+    for s_, sg, sa, _ in merged:
+        pads.line(equal_line(run_graph(sg, X), run_graph(sa, X)).replace("before == after", f"{s_} before == after"))
+    return Example("seq_merge", g, after, {"numbers": str(txt), "refused": str(ref), "padded": str(pads)})
 
 
 @example

@@ -11,19 +11,33 @@ kxk then 1x1 (the 1x1 has stride 1, no padding), always exact:
 exact only if the kxk conv does not zero-pad or ``b1 = 0``: its padding
 sees 0 where the unfused graph sees ``b1``.  Groups compose to gcd(g1, g2).
 
+A bias-free 1x1 conv with stride 1 that zero-pads by ``P`` maps 0 to 0, so it
+is the pointwise conv followed by the pad: ``conv1x1(x; W, padding P) =
+pad(conv1x1(x; W), P)``.  Written so, the pad moves to where it belongs:
+
+    conv(conv1x1(x; W1, padding P1); W2, padding P2) = conv(x; W, padding P1 + P2)    (1x1 then kxk, b1 = 0)
+    conv1x1(conv(x; W1, b1); W2, padding P2)          = pad(conv(x; W, W2 b1), P2)    (kxk then 1x1, b2 = 0)
+
+with ``W`` as above, so ``conv(conv1x1(pad(x)))`` and ``conv(pad(conv1x1(x)))``
+reach the same single conv.  With a bias the padded 1x1's border is the bias,
+not 0, and it is not a pad after a pointwise conv.
+
 Preconditions: the inner conv's output is read only by the outer conv; one of
-them is a pointwise 1x1; the merged kernel is no larger than the two kernels
-together, or it is summed right after into a sibling conv of the same input at
-least as large (DiverseBranchBlock), so merging never makes a model slower.
+them is a 1x1 with stride 1 that has no padding or no bias; the merged kernel
+is no larger than the two kernels together, or it is summed right after into a
+sibling conv of the same input at least as large (DiverseBranchBlock), so
+merging never makes a model slower.
 """
 
 from math import gcd
 
 import torch
 
+from repalgebra.ir import Node
 from repalgebra.kernels import compose_channels, conv_bias, conv_cost, regroup, ungroup
-from repalgebra.match import JOINS, conv_with, is_1x1_pointwise, producer, sole_use
+from repalgebra.match import JOINS, conv_with, producer, sole_use
 from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.pad_absorb import has_bias, pad_after_pointwise, pixelwise
 
 
 @rule("seq_merge", on="conv2d")
@@ -31,13 +45,15 @@ def seq_merge(graph, outer):
     inner = producer(outer.x, "conv2d")
     if inner is None or not sole_use(graph, inner.out):
         return None
-    if is_1x1_pointwise(outer):
-        geometry = inner
-    elif is_1x1_pointwise(inner):
-        geometry = outer
-        has_bias = bool(conv_bias(inner).abs().max() > 0)
-        if has_bias and any(outer.attrs["padding"]):
+    pad_after = (0, 0, 0, 0)
+    if (pads := pad_after_pointwise(outer)) is not None:  # kxk then 1x1
+        geometry, padding, pad_after = inner, inner.attrs["padding"], pads
+    elif (pads := pad_after_pointwise(inner)) is not None:  # 1x1 then kxk
+        geometry, padding = outer, tuple(p + q for p, q in zip(outer.attrs["padding"], pads))
+        if has_bias(inner) and any(outer.attrs["padding"]):
             return Refusal("the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias", about=outer)
+    elif any(pixelwise(c) and any(c.attrs["padding"]) for c in (inner, outer)):
+        return Refusal("the 1x1 conv zero-pads and has a bias: its border is the bias, not 0", about=outer)
     else:
         return Refusal("neither conv is a pointwise 1x1")
     gi, go = inner.attrs["groups"], outer.attrs["groups"]
@@ -54,8 +70,11 @@ def seq_merge(graph, outer):
     bias = None
     if "bias" in inner.params or "bias" in outer.params:
         bias = conv_bias(outer) + torch.einsum("omhw,m->o", w_out, conv_bias(inner))
-    new = conv_with(geometry, sources=(inner, outer), inputs=(inner.x,), weight=w, bias=bias, groups=g)
-    return Rewrite(outer.out, new.out, (new,))
+    new = conv_with(geometry, sources=(inner, outer), inputs=(inner.x,), weight=w, bias=bias, groups=g, padding=padding)
+    if not any(pad_after):
+        return Rewrite(outer.out, new.out, (new,))
+    pad = Node.make("pad", [new.out], {"pads": pad_after}, {}, outer.source)
+    return Rewrite(outer.out, pad.out, (new, pad))
 
 
 def _absorbed(graph, outer, cost: int) -> bool:

@@ -1,18 +1,22 @@
-"""pad_absorb: an explicit zero pad before a conv becomes the conv's own padding.
+"""pad_absorb: an explicit zero pad next to a conv becomes the conv's own padding.
 
-    conv(pad(x, (a, b, c, e)); W, padding p) = conv(x; W, padding p + (a, b, c, e))
+    conv(pad(x, P); W, padding p) = conv(x; W, padding p + P)                      (any conv)
+    pad(conv1x1(x; W, padding p), P) = conv1x1(x; W, padding p + P)                (1x1, stride 1, no bias)
+    pad(x, (0, 0, 0, 0)) = x
 
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
 from dataclasses import replace
 
-from hypothesis import given
+import torch
+from hypothesis import assume, given
 from hypothesis import strategies as st
-from rulecheck import fired, reasons, run_rules
+from rulecheck import fired, only, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
-from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs, float_dtypes, random_input, seeds
+from repalgebra.testing import (ConvSpec, add_conv, assert_graphs_equal, conv_params, conv_specs, float_dtypes,
+                                random_input, seeds)
 
 
 @st.composite
@@ -37,7 +41,8 @@ def test_zero_pad_becomes_conv_padding(case, dtype, seed, readers):
     graph = b.build(*ys)
 
     fused, report = run_rules(graph, "pad_absorb")
-    assert report.rule_counts() == {"pad_absorb": readers}
+    # A pad by nothing is removed once, as the identity; a real one is absorbed by each reader.
+    assert report.rule_counts() == {"pad_absorb": readers if any(pads) else 1}
     assert fused.op_counts() == {"conv2d": readers}
     for conv in fused.nodes:
         assert conv.x is x
@@ -48,6 +53,7 @@ def test_zero_pad_becomes_conv_padding(case, dtype, seed, readers):
 @given(case=pad_then_conv(), dtype=float_dtypes(), seed=seeds(), value=st.sampled_from([1.0, -0.5, 3.0]))
 def test_refused_for_a_nonzero_pad_value(case, dtype, seed, value):
     spec, pads, shape = case
+    assume(any(pads))
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
     graph = b.build(add_conv(b, b.pad(x, pads=pads, value=value, source="pad"), spec, dtype, seed))
@@ -78,3 +84,79 @@ def test_refused_for_a_negative_pad(case, dtype, seed, data):
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert reasons(report, "pad") == ["pad_absorb: a negative pad crops"]
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
+
+
+@st.composite
+def pointwise_then_pad(draw):
+    """(1x1 stride-1 conv spec, its bias kind, pads after it)."""
+    cin, cout = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    g = draw(st.sampled_from([d for d in range(1, cin + 1) if cin % d == 0 and cout % d == 0]))
+    own = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    spec = ConvSpec(cin, cout, g, (1, 1), dilation=draw(st.sampled_from([(1, 1), (2, 3)])), padding=own,
+                    height=draw(st.integers(1, 5)), width=draw(st.integers(1, 5)))
+    pads = draw(st.tuples(*[st.integers(0, 3)] * 4).filter(any))
+    return spec, draw(st.sampled_from(["none", "zeros", "random"])), pads
+
+
+def pointwise_pad_graph(spec, bias_kind, pads, dtype, seed, value=0.0, extra_reader=False):
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(2), dtype)
+    p = conv_params(spec, dtype, seed)
+    p.pop("bias", None)
+    if bias_kind == "zeros":
+        p["bias"] = torch.zeros(spec.out_channels, dtype=dtype)
+    elif bias_kind == "random":
+        p["bias"] = torch.randn(spec.out_channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    y = b.conv2d(x, **p, **spec.attrs, source="blk.pw")
+    out = b.pad(y, pads=pads, value=value, source="blk.pad")
+    return b.build(out, y) if extra_reader else b.build(out)
+
+
+@given(case=pointwise_then_pad(), dtype=float_dtypes(), seed=seeds())
+def test_zero_pad_after_a_bias_free_1x1_becomes_its_padding(case, dtype, seed):
+    spec, bias_kind, pads = case
+    graph = pointwise_pad_graph(spec, bias_kind, pads, dtype, seed)
+    fused, report = run_rules(graph, "pad_absorb")
+    x = random_input(spec.input_shape(2), dtype, seed + 1)
+    assert_graphs_equal(graph, fused, x, dtype)
+    if bias_kind == "random":
+        assert report.fired == [] and fused.op_counts() == {"conv2d": 1, "pad": 1}
+        assert reasons(report, "pad") == ["pad_absorb: the 1x1 conv before it has a bias: its own border would be the bias, not 0"]
+        return
+    assert report.rule_counts() == {"pad_absorb": 1} and fused.op_counts() == {"conv2d": 1}
+    conv = only(fused, "conv2d")
+    assert conv.x is graph.inputs[0] and fused.outputs == [conv.out]
+    assert conv.attrs["padding"] == tuple(a + q for a, q in zip(spec.padding, pads))
+    assert conv.attrs["groups"] == spec.groups and conv.attrs["dilation"] == spec.dilation
+    assert conv.source == "blk"
+
+
+@given(case=pointwise_then_pad(), dtype=float_dtypes(), seed=seeds(), why=st.sampled_from(["shared", "stride", "kernel", "value"]))
+def test_pad_after_a_conv_stays_unless_the_conv_commutes_with_it(case, dtype, seed, why):
+    """The conv's output read elsewhere, a stride or a larger kernel (its border is no pad), or a non-zero pad value."""
+    spec, _, pads = case
+    if why == "stride":
+        spec = replace(spec, stride=(1, 2))
+    elif why == "kernel":
+        spec = replace(spec, kernel=(1, 2), width=spec.width + spec.dilation[1])
+    graph = pointwise_pad_graph(spec, "none", pads, dtype, seed, value=2.0 if why == "value" else 0.0, extra_reader=why == "shared")
+    fused, report = run_rules(graph, "pad_absorb")
+    assert report.fired == [] and fused.op_counts() == {"conv2d": 1, "pad": 1}
+    (reason,) = reasons(report, "pad")
+    assert reason == "pad_absorb: pads with 2.0, not zero" if why == "value" else reason.startswith("no rule applies")
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(2), dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), value=st.sampled_from([0.0, 1.5]), after=st.sampled_from(["input", "conv", "relu"]), seed=seeds())
+def test_a_pad_by_nothing_is_the_identity(dtype, value, after, seed):
+    spec = ConvSpec(2, 3, 1, (3, 3), stride=(2, 1), height=5, width=4)
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    y = {"input": x, "conv": None, "relu": None}[after]
+    if after != "input":
+        y = add_conv(b, x, spec, dtype, seed)
+        y = b.relu(y) if after == "relu" else y
+    graph = b.build(b.pad(y, pads=(0, 0, 0, 0), value=value, source="pad"))
+    fused, report = run_rules(graph, "pad_absorb")
+    assert report.rule_counts() == {"pad_absorb": 1} and "pad" not in fused.op_counts()
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed), dtype)

@@ -3,18 +3,27 @@
     kxk then 1x1:  conv1x1(conv(x; W1, b1); W2, b2) = conv(x; W2 W1, W2 b1 + b2)          (always exact)
     1x1 then kxk:  conv(conv1x1(x; W1, b1); W2, b2) = conv(x; W2 W1, b2 + sum W2 b1)      (exact iff unpadded or b1 = 0)
 
-Refused: a biased 1x1 before a padded kxk; a merged kernel larger than the two
-(unless a sibling conv in the following sum is at least as large); two
-non-pointwise convs.  Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+A bias-free 1x1 (stride 1) that zero-pads by P is pad(pointwise 1x1, P): before
+a kxk its padding adds to the kxk's, after a kxk it becomes a pad after the
+merged conv.  So a zero pad before or after a bias-free 1x1 gives one normal form.
+
+Refused: a biased 1x1 before a padded kxk; a biased 1x1 that pads; a merged
+kernel larger than the two (unless a sibling conv in the following sum is at
+least as large); two convs neither of which is a 1x1 of stride 1.
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
 from math import gcd
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from rulecheck import SUM_RULES, fired, only, reasons, refusal_reason, run_rules
 
+import repalgebra
+from repalgebra import rewrite
 from repalgebra.builder import GraphBuilder
 from repalgebra.testing import (ConvSpec, add_conv, assert_graphs_equal, conv_params, conv_specs, conv_specs_onto,
                                 float_dtypes, random_input, seeds)
@@ -35,24 +44,39 @@ def cost(spec: ConvSpec) -> int:
 
 
 @st.composite
-def pointwise(draw, cin, size, cout=None, bias=None):
+def pointwise(draw, cin, size, cout=None, bias=None, padded=False):
+    """A 1x1 stride-1 conv; with ``padded`` it zero-pads (0-2 per side) and ``size`` is its *output* size."""
     cout = cout or draw(st.integers(1, 16))
     g = draw(st.sampled_from(_divisors(gcd(cin, cout))))
-    return ConvSpec(cin, cout, g, (1, 1), bias=draw(st.booleans()) if bias is None else bias, height=size[0], width=size[1])
+    t, b, l, r = pads = tuple(draw(st.integers(0, 2)) for _ in range(4)) if padded else (0, 0, 0, 0)
+    h, w = (size[0] - t - b, size[1] - l - r) if padded else size
+    assume(h >= 1 and w >= 1)
+    return ConvSpec(cin, cout, g, (1, 1), padding=pads, bias=draw(st.booleans()) if bias is None else bias, height=h, width=w)
 
 
 @st.composite
 def seq_pair(draw):
-    """(inner, outer, inner bias kind) with one of them a pointwise 1x1, the other any conv."""
+    """(inner, outer, inner bias kind) with one of them a 1x1 of stride 1 (often zero-padding), the other any conv."""
+    padded = draw(st.booleans())
     if draw(st.booleans()):  # kxk then 1x1
         inner = draw(conv_specs())
-        outer = draw(pointwise(inner.out_channels, inner.out_size))
+        h, w = inner.out_size
+        size = (h + 4, w + 4) if padded else (h, w)  # room for the padded 1x1's output
+        outer = draw(pointwise(inner.out_channels, size, padded=padded))
+        assume(outer.height == h and outer.width == w)
     else:  # 1x1 then kxk
         outer = draw(conv_specs())
         # The 1x1 produces the kxk's input channels from any number of its own.
-        inner = draw(pointwise(draw(st.integers(1, 16)), (outer.height, outer.width), cout=outer.in_channels))
+        inner = draw(pointwise(draw(st.integers(1, 16)), (outer.height, outer.width), cout=outer.in_channels, padded=padded))
     bias_kind = draw(st.sampled_from(["none", "zeros", "random"]))
     return inner, outer, bias_kind
+
+
+def pad_after(spec: ConvSpec, biased: bool):
+    """P when ``spec`` is a pointwise 1x1 followed by a zero pad by P (1x1, stride 1, unpadded or bias-free), else None."""
+    if spec.kernel != (1, 1) or spec.stride != (1, 1) or (any(spec.padding) and biased):
+        return None
+    return spec.padding
 
 
 def build(inner, outer, bias_kind, dtype, seed, batch=1):
@@ -70,36 +94,54 @@ def build(inner, outer, bias_kind, dtype, seed, batch=1):
     return b.build(y)
 
 
-def expected_refusal(inner, outer, bias_kind) -> str | None:
-    if not outer.is_pointwise and inner.is_pointwise and bias_kind == "random" and any(outer.padding):
-        return "the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias"
+PADDED_BIASED = "the 1x1 conv zero-pads and has a bias: its border is the bias, not 0"
+NEITHER = "neither conv is a pointwise 1x1"
+
+
+def expected(inner, outer, bias_kind):
+    """(refusal or None, merged conv's geometry, its padding, the pad after it) as the rule documents them."""
+    inner_biased = bias_kind == "random"
+    if (after := pad_after(outer, outer.bias)) is not None:  # kxk then 1x1
+        geometry, padding = inner, inner.padding
+    elif (before := pad_after(inner, inner_biased)) is not None:  # 1x1 then kxk
+        if inner_biased and any(outer.padding):
+            return "the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias", None, None, None
+        geometry, padding, after = outer, tuple(p + q for p, q in zip(outer.padding, before)), (0, 0, 0, 0)
+    else:
+        padded_1x1 = any(c.kernel == (1, 1) and c.stride == (1, 1) and any(c.padding) for c in (inner, outer))
+        return (PADDED_BIASED if padded_1x1 else NEITHER), None, None, None
     c = merged_cost(inner, outer)
     if c > cost(inner) + cost(outer):
-        return f"the merged kernel would have {c} weights, more than the two convs together"
-    return None
+        return f"the merged kernel would have {c} weights, more than the two convs together", None, None, None
+    return None, geometry, padding, after
 
 
 @given(pair=seq_pair(), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds())
 def test_merges_or_refuses_exactly_as_documented(pair, dtype, batch, seed):
     inner, outer, bias_kind = pair
     graph = build(inner, outer, bias_kind, dtype, seed, batch)
-    refusal = expected_refusal(inner, outer, bias_kind)
+    refusal, geometry, padding, after = expected(inner, outer, bias_kind)
 
     fused, report = run_rules(graph, "seq_merge")
     if refusal is None:
         assert report.rule_counts() == {"seq_merge": 1}
         conv = only(fused, "conv2d")
-        geometry = inner if outer.is_pointwise else outer
-        assert conv.attrs["stride"] == geometry.stride and conv.attrs["padding"] == geometry.padding
+        assert conv.attrs["stride"] == geometry.stride and conv.attrs["padding"] == padding
         assert conv.attrs["dilation"] == geometry.dilation
         assert conv.attrs["groups"] == gcd(inner.groups, outer.groups)
         assert conv.params["weight"].numel() == merged_cost(inner, outer)
-        assert conv.source == "blk"
+        assert conv.source == "blk" and conv.x is graph.inputs[0]
+        if any(after):  # the 1x1's zero padding, now after the merged conv
+            pad = only(fused, "pad")
+            assert fused.op_counts() == {"conv2d": 1, "pad": 1} and pad.x is conv.out
+            assert pad.attrs["pads"] == after and pad.attrs["value"] == 0 and fused.outputs == [pad.out]
+        else:
+            assert fused.op_counts() == {"conv2d": 1}
     else:
         assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
         assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == refusal
         # An exactness refusal is reported on the kxk conv; a cost refusal is a choice, not reported.
-        exactness = refusal.startswith("the 1x1 conv has a bias")
+        exactness = refusal.startswith("the 1x1 conv has a bias") or refusal == PADDED_BIASED
         assert reasons(report, "conv2d") == ([f"seq_merge: {refusal}"] if exactness else [])
     assert_graphs_equal(graph, fused, random_input(inner.input_shape(batch), dtype, seed + 2), dtype)
 
@@ -111,10 +153,11 @@ def test_refused_for_two_non_pointwise_convs(dtype, seed, data):
     h, w = inner.out_size
     outer = data.draw(conv_specs_onto((h, w), (h, w), 1, in_channels=inner.out_channels, out_channels=data.draw(st.integers(1, 16))))
     assume(not outer.is_pointwise)
+    assume(pad_after(inner, True) is None and pad_after(outer, outer.bias) is None)
     graph = build(inner, outer, "random", dtype, seed)
     fused, report = run_rules(graph, "seq_merge")
     assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
-    assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == "neither conv is a pointwise 1x1"
+    assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == expected(inner, outer, "random")[0]
 
 
 @given(dtype=float_dtypes(), c=st.integers(2, 16), k=st.integers(2, 7), seed=seeds())
@@ -179,3 +222,131 @@ def test_depthwise_then_pointwise_merges_with_gcd_groups(dtype, c, k, narrow, hw
     assert conv.attrs["groups"] == narrow and conv.params["weight"].shape == (narrow, c // narrow, k, k)
     assert conv.attrs["padding"] == inner.padding
     assert_graphs_equal(graph, fused, random_input(inner.input_shape(), dtype, seed + 2), dtype)
+
+
+# --------------------------------------------------------------------------- one normal form for a zero pad around a bias-free 1x1
+
+
+@st.composite
+def pad_pw_kxk(draw):
+    """(pads, bias-free 1x1 spec on the unpadded input, kxk spec on the padded 1x1 output)."""
+    outer = draw(conv_specs())
+    t, b, l, r = pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    size = (outer.height - t - b, outer.width - l - r)
+    assume(min(size) >= 1)
+    pw = draw(pointwise(draw(st.integers(1, 8)), size, cout=outer.in_channels, bias=False))
+    return pads, pw, outer
+
+
+def pad_spellings(pads, pw, outer, dtype, seed, *, pad_first: bool):
+    """``outer(pw(pad(x)))`` (``pad_first``) or ``outer(pad(pw(x)))``, with the same weights."""
+    b = GraphBuilder()
+    x = b.input("x", pw.input_shape(), dtype)
+    if pad_first:
+        y = add_conv(b, b.pad(x, pads=pads, source="blk.pad"), pw, dtype, seed, "blk.pw")
+    else:
+        y = b.pad(add_conv(b, x, pw, dtype, seed, "blk.pw"), pads=pads, source="blk.pad")
+    return b.build(add_conv(b, y, outer, dtype, seed + 1, "blk.kxk"))
+
+
+@given(case=pad_pw_kxk(), dtype=float_dtypes(), seed=seeds())
+def test_a_zero_pad_before_or_after_a_bias_free_1x1_has_one_normal_form(case, dtype, seed):
+    """conv(conv1x1(pad(x))) and conv(pad(conv1x1(x))) rewrite (all rules) to the same graph: one conv where it merges."""
+    pads, pw, outer = case
+    first, after = (pad_spellings(pads, pw, outer, dtype, seed, pad_first=f) for f in (True, False))
+    (a, _), (b, _) = rewrite(first), rewrite(after)
+    assert a.op_counts() == b.op_counts()
+    for na, nb in zip(a.nodes, b.nodes):
+        assert (na.op, dict(na.attrs)) == (nb.op, dict(nb.attrs))
+        assert na.params.keys() == nb.params.keys() and all(torch.equal(na.params[k], nb.params[k]) for k in na.params)
+    if merged_cost(pw, outer) <= cost(pw) + cost(outer):
+        assert a.op_counts() == {"conv2d": 1}
+    xt = random_input(pw.input_shape(), dtype, seed + 2)
+    assert_graphs_equal(first, a, xt, dtype)
+    assert_graphs_equal(after, b, xt, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_kxk_then_padded_1x1_is_the_merged_conv_then_the_pad(dtype, seed, data):
+    """conv1x1(conv(x), padding P) without bias and pad(conv1x1(conv(x)), P) both end as pad(one conv, P)."""
+    inner = data.draw(conv_specs())
+    h, w = inner.out_size
+    pads = tuple(data.draw(st.integers(0, 2)) for _ in range(4))
+    pw = ConvSpec(inner.out_channels, data.draw(st.integers(1, 4)), 1, (1, 1), bias=False, height=h, width=w)
+    assume(merged_cost(inner, pw) <= cost(inner) + cost(pw))
+    graphs = []
+    for spelled in ("padding", "pad"):
+        b = GraphBuilder()
+        x = b.input("x", inner.input_shape(), dtype)
+        y = add_conv(b, x, inner, dtype, seed, "blk.kxk")
+        if spelled == "padding":
+            y = b.conv2d(y, **conv_params(pw, dtype, seed + 1), padding=pads, source="blk.pw")
+        else:
+            y = b.pad(add_conv(b, y, pw, dtype, seed + 1, "blk.pw"), pads=pads, source="blk.pw")
+        graphs.append(b.build(y))
+    (a, _), (b, _) = rewrite(graphs[0]), rewrite(graphs[1])
+    # The pad stays after the merged conv unless that is itself a bias-free 1x1 of stride 1 (pad_absorb).
+    absorbed = inner.kernel == (1, 1) and inner.stride == (1, 1) and not inner.bias
+    want = {"conv2d": 1, "pad": 1} if any(pads) and not absorbed else {"conv2d": 1}
+    assert a.op_counts() == b.op_counts() == want
+    assert torch.equal(only(a, "conv2d").params["weight"], only(b, "conv2d").params["weight"])
+    xt = random_input(inner.input_shape(), dtype, seed + 2)
+    for g, f in zip(graphs, (a, b)):
+        assert_graphs_equal(g, f, xt, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), pads=st.tuples(*[st.integers(0, 2)] * 4).filter(any), k=st.sampled_from([(3, 3), (1, 3), (5, 3)]))
+def test_refused_for_a_biased_1x1_that_pads(dtype, seed, pads, k):
+    """A biased 1x1 that zero-pads has the bias on its border, not 0: it is not a pad after a pointwise conv."""
+    pw = ConvSpec(3, 4, 1, (1, 1), padding=pads, bias=True, height=5, width=5)
+    h, w = pw.out_size
+    outer = ConvSpec(4, 2, 1, k, height=h, width=w)
+    graph = build(pw, outer, "random", dtype, seed)
+    fused, report = run_rules(graph, "seq_merge")
+    assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
+    assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == PADDED_BIASED
+    assert reasons(report, "conv2d") == [f"seq_merge: {PADDED_BIASED}"]
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_refused_for_a_biased_1x1_before_a_zero_padding_kxk(dtype, seed, data):
+    """The border of the padded kxk would read 0 where the unfused graph reads the 1x1's bias."""
+    outer = data.draw(conv_specs().filter(lambda c: any(c.padding) and c.kernel != (1, 1)))
+    inner = data.draw(pointwise(data.draw(st.integers(1, 8)), (outer.height, outer.width), cout=outer.in_channels, bias=True))
+    graph = build(inner, outer, "random", dtype, seed)
+    refusal = "the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias"
+    fused, report = run_rules(graph, "seq_merge")
+    assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
+    assert reasons(report, "conv2d") == [f"seq_merge: {refusal}"]
+
+
+class PadThen1x1(nn.Module):
+    """A bias-free 1x1 conv then an unpadded 3x3 conv, with a zero pad before (``pad_first``) or after the 1x1."""
+
+    def __init__(self, pad_first: bool) -> None:
+        super().__init__()
+        self.pad_first = pad_first
+        self.pw = nn.Conv2d(4, 6, 1, bias=False)
+        self.kxk = nn.Conv2d(6, 5, 3)
+
+    def forward(self, x):
+        if self.pad_first:
+            return self.kxk(self.pw(F.pad(x, (1, 1, 1, 1))))
+        return self.kxk(F.pad(self.pw(x), (1, 1, 1, 1)))
+
+
+def test_both_spellings_fuse_to_one_conv_with_equal_weights():
+    torch.manual_seed(0)
+    first = PadThen1x1(pad_first=True).double().eval()
+    after = PadThen1x1(pad_first=False).double().eval()
+    after.load_state_dict(first.state_dict())
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    fused = [repalgebra.fuse(m, x) for m in (first, after)]
+    convs = [[c for c in f.modules() if isinstance(c, nn.Conv2d)] for f in fused]
+    assert [f.fuse_report.ops_after for f in fused] == [{"conv2d": 1}] * 2
+    assert [len(c) for c in convs] == [1, 1]
+    (a,), (b,) = convs
+    assert a.padding == b.padding == (1, 1)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    for f, m in zip(fused, (first, after)):
+        assert (f(x) - m(x)).abs().max().item() <= 1e-12
