@@ -5,7 +5,10 @@ registered with :func:`rule` for the ops it is tried on.  ``None`` means "no
 match"; a :class:`Refusal` means "the pattern matched but a precondition does
 not hold" and carries the reason, which ``fuse`` reports for the nodes it had
 to leave alone; a :class:`Rewrite` says "value ``old`` equals value ``new``,
-computed by the new ``nodes``".
+computed by the new ``nodes``".  The registry (those names and ``RULES``)
+lives in :mod:`repalgebra.rules.registry`, which the rules import; this module
+imports the rules package (registering the built-in rules) and re-exports the
+registry's names, so imports run one way: engine -> rules -> registry.
 
 The engine (:func:`rewrite`) works on its own copy of the graph with every
 parameter promoted to float64, applies rules until none fires, removes dead
@@ -19,70 +22,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 import torch
 
-from repalgebra.ir import Graph, Node, Value
+import repalgebra.rules  # noqa: F401  (registers the built-in rules)
+from repalgebra.ir import Graph, Node
 from repalgebra.match import branch_input
-from repalgebra.ops import op_def
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """``old`` is replaced everywhere by ``new``, which ``nodes`` (new, in order) compute."""
-
-    old: Value
-    new: Value
-    nodes: tuple[Node, ...] = ()
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A rule matched but its precondition failed; ``reason`` says which.
-
-    ``about`` is the node that stays because of it, when that is not the node
-    the rule was tried on (a BN that cannot fold into the conv after it).
-    """
-
-    reason: str
-    about: Node | None = None
-
-
-RuleFn = Callable[[Graph, Node], "Rewrite | Refusal | None"]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A registered rule: its name, the ops it is tried on, the function."""
-
-    name: str
-    ops: tuple[str, ...]
-    fn: RuleFn
-
-    @property
-    def doc(self) -> str:
-        """The rule's identity and preconditions: its module docstring (one rule per module)."""
-        module = sys.modules.get(self.fn.__module__)
-        return ((module.__doc__ if module else None) or self.fn.__doc__ or "").strip()
-
-
-RULES: dict[str, Rule] = {}
-
-
-def rule(name: str, on: str | Sequence[str]):
-    """Register a rule function under ``name``, tried on nodes whose op is in ``on``."""
-    ops = (on,) if isinstance(on, str) else tuple(on)
-    for o in ops:
-        op_def(o)  # unknown op -> error at import time
-
-    def register(fn: RuleFn) -> RuleFn:
-        if name in RULES:
-            raise ValueError(f"rule {name!r} registered twice")
-        RULES[name] = Rule(name, ops, fn)
-        return fn
-
-    return register
+from repalgebra.rules.registry import RULES, Refusal, Rewrite, Rule, RuleFn, rule  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -161,8 +108,6 @@ def rewrite(
     ``cast_back=False`` they stay in ``fold_dtype``: :func:`cast_params` casts
     them later, so a caller can check the exact folded graph first).
     """
-    import repalgebra.rules  # noqa: F401  (registers the built-in rules)
-
     start = time.perf_counter()
     rules = list(RULES.values()) if rules is None else list(rules)
     by_op: dict[str, list[Rule]] = {}

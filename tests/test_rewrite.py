@@ -474,3 +474,31 @@ def test_mobileone_pointwise(c, hw, k, dtype, seed, data):
     conv = the_conv(fused)
     assert conv.params["weight"].shape == (cout, c, 1, 1) and conv.attrs["groups"] == 1
     assert_graphs_equal(graph, fused, random_input((1, c, hw, hw), dtype, seed), dtype)
+
+
+def test_imports_run_one_way_engine_rules_registry():
+    """The rules import the registry, never the engine; the registry imports neither; the engine re-exports the registry."""
+    import ast
+    import pathlib
+
+    import repalgebra.rules
+    from repalgebra.rules import registry
+
+    def imported(path):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                names.add(n.module)
+                names.update(f"{n.module}.{a.name}" for a in n.names)
+            elif isinstance(n, ast.Import):
+                names.update(a.name for a in n.names)
+        return names
+
+    folder = pathlib.Path(repalgebra.rules.__file__).parent
+    for path in folder.glob("*.py"):
+        mods = imported(path)
+        assert not {"repalgebra.rewrite", "repalgebra", "repalgebra.fuse"} & mods, f"{path.name} imports the engine"
+    assert not {m for m in imported(folder / "registry.py") if m.startswith("repalgebra.rules")}
+    for name in ("RULES", "Rule", "Rewrite", "Refusal", "rule", "RuleFn"):
+        assert getattr(engine, name) is getattr(registry, name), name

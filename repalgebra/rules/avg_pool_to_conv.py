@@ -17,7 +17,7 @@ import torch
 from repalgebra.ir import Node
 from repalgebra.match import JOINS, is_1x1_pointwise, producer, sole_use
 from repalgebra.kernels import conv_bias
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("avg_pool_to_conv", on="avg_pool2d")

@@ -10,7 +10,7 @@ where the unfused graph sees BN(0) = t != 0, so the rule refuses.
 
 from repalgebra.kernels import bn_affine, conv_bias
 from repalgebra.match import conv_with, producer, sole_use
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("bn_before_conv", on="conv2d")

@@ -9,7 +9,7 @@ Any stride, padding, dilation and groups: BN acts on each output channel alone.
 
 from repalgebra.kernels import bn_affine, conv_bias
 from repalgebra.match import conv_with, producer, sole_use
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("bn_fold", on="batch_norm")

@@ -17,7 +17,7 @@ op, and the layout ops keep the channel axis whole and end with it last.
 from repalgebra.kernels import bn_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
 from repalgebra.match import merged_source
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("bn_into_linear", on="linear")

@@ -11,7 +11,7 @@ that sibling's groups when it divides the channels, else C (depthwise).
 from repalgebra.kernels import bn_affine, identity_kernel
 from repalgebra.match import JOINS, producer, with_operands
 from repalgebra.ir import Node, Value
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 def sibling(join: Node, value: Value, x: Value) -> Node | None:

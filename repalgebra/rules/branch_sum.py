@@ -16,7 +16,7 @@ from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
 from repalgebra.match import conv_with, producer, window
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("branch_sum", on=("add", "sub"))

@@ -15,7 +15,7 @@ import torch
 
 from repalgebra.kernels import conv_bias, conv_cost, regroup
 from repalgebra.match import conv_with, producer, window
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("concat_merge", on="concat")

@@ -11,7 +11,7 @@ is cheaper than its dense form, so the rule leaves it.
 
 from repalgebra.kernels import densify
 from repalgebra.match import JOINS, conv_operands, conv_with, on_lattice, window, with_operands
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("dilation_to_dense", on=JOINS)

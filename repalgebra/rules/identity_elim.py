@@ -3,7 +3,7 @@
 Preconditions: none.  (``nn.Identity`` modules and no-op dropouts trace to this.)
 """
 
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("identity_elim", on="identity")

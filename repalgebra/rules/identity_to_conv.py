@@ -10,7 +10,7 @@ channels, since the sibling reads ``x``), or C for a BN sibling.
 from repalgebra.kernels import identity_kernel
 from repalgebra.ir import Node
 from repalgebra.match import JOINS, with_operands
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 from repalgebra.rules.bn_to_conv import identity_groups, sibling
 
 

@@ -13,7 +13,7 @@ input, stride and tap lattice whose windows differ; each is padded to the union 
 
 from repalgebra.kernels import pad_kernel
 from repalgebra.match import JOINS, conv_operands, conv_with, on_lattice, window, with_operands
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("kernel_pad", on=JOINS)

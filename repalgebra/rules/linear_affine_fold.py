@@ -19,7 +19,7 @@ import torch
 from repalgebra.kernels import bn_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
 from repalgebra.match import merged_source
-from repalgebra.rewrite import Rewrite, rule
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("linear_affine_fold", on=("batch_norm", "scale"))

@@ -23,7 +23,7 @@ reader of its output.
 from repalgebra.ir import Node
 from repalgebra.kernels import conv_bias
 from repalgebra.match import conv_with, producer, sole_use
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("pad_absorb", on=("conv2d", "pad"))

@@ -7,7 +7,7 @@ output nothing else reads.
 """
 
 from repalgebra.match import conv_with, producer, sole_use
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("scale_fold", on="scale")

@@ -36,7 +36,7 @@ import torch
 from repalgebra.ir import Node
 from repalgebra.kernels import compose_channels, conv_bias, conv_cost, regroup, ungroup
 from repalgebra.match import JOINS, conv_with, producer, sole_use
-from repalgebra.rewrite import Refusal, Rewrite, rule
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 from repalgebra.rules.pad_absorb import has_bias, pad_after_pointwise, pixelwise
 
 
