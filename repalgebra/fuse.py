@@ -375,7 +375,7 @@ class _Fuser:
         dtype = torch.float64 if self.dtype != torch.float64 else None
         tol = TOLERANCES[torch.float64] if not nested or self.dtype == torch.float64 else TOLERANCES.get(self.dtype, 1e-5)
         try:
-            ref = _run(copy.deepcopy(reference).to(torch.float64) if dtype else reference, inputs, torch.float64)
+            ref = _run(reference, inputs, torch.float64, cast_state=dtype is not None)
         except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
             dtype, tol = None, TOLERANCES.get(self.dtype, 1e-5)
             ref = _run(reference, inputs, None)
@@ -400,10 +400,16 @@ class _Fuser:
         raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
 
 
-def _run(module: nn.Module, inputs: tuple, dtype: torch.dtype | None) -> Any:
+def _run(module: nn.Module, inputs: tuple, dtype: torch.dtype | None, cast_state: bool = False) -> Any:
+    """``module`` on copies of ``inputs`` (cast to ``dtype``); ``cast_state``: its parameters and buffers too,
+    without copying or changing the module (``torch.func.functional_call``)."""
     xs = [t.detach().clone().to(dtype) if dtype and t.is_floating_point() else t.detach().clone() for t in inputs]
     with torch.no_grad():
-        return module(*xs)
+        if not cast_state:
+            return module(*xs)
+        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return torch.func.functional_call(module, cast, tuple(xs), tie_weights=False)
 
 
 def _record_call(module: nn.Module, call: Call, paths: list[str]) -> dict[str, list[Call]]:
