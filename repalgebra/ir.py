@@ -92,12 +92,34 @@ class Graph:
 
     def __init__(self, inputs: Sequence[Value], nodes: Sequence[Node], outputs: Sequence[Value]):
         self.inputs = list(inputs)
-        self.nodes = list(nodes)
         self.outputs = list(outputs)
         # Indexes kept up to date by the mutating methods below (built on first use):
-        # readers of each value (id -> {id(node): node}, in order of arrival) and the member nodes.
+        # readers of each value (id -> {id(node): node}, in order of arrival), the member nodes
+        # (id -> node) and an order key per member (id -> float, increasing along ``nodes``),
+        # with a lower bound for keys inserted just before it (``_lo``).  Between the
+        # engine's edits the keys, not the list, say the order: inserting and removing
+        # nodes is O(1), and ``nodes`` is rebuilt from the keys when next read.
         self._users: dict[int, dict[int, Node]] | None = None
-        self._members: set[int] | None = None
+        self._members: dict[int, Node] | None = None
+        self._key: dict[int, float] = {}
+        self._lo: dict[int, float] = {}
+        self._nodes: list[Node] = list(nodes)
+        self._stale = False  # ``_nodes`` lags behind the keys
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The nodes in topological order (a list; after changing it in place, call ``_changed``)."""
+        if self._stale:
+            self._nodes = sorted(self._members.values(), key=lambda n: self._key[id(n)])
+            self._stale = False
+        return self._nodes
+
+    @nodes.setter
+    def nodes(self, nodes: Sequence[Node]) -> None:
+        self._nodes = list(nodes)
+        self._stale = False
+        if self._members is not None:
+            self._number()
 
     # -- construction -------------------------------------------------------------------
 
@@ -110,15 +132,29 @@ class Graph:
 
     def _index(self) -> dict[int, dict[int, Node]]:
         if self._users is None:
-            self._users, self._members = {}, set()
+            self._users, self._members = {}, {}
             for n in self.nodes:
                 self._link(n)
+            self._number()
         return self._users
+
+    def _number(self) -> None:
+        """Order keys 0, 1, 2, ... along ``nodes``."""
+        nodes = self.nodes
+        self._key = {id(n): float(k) for k, n in enumerate(nodes)}
+        self._lo = {id(n): k - 1.0 for k, n in enumerate(nodes)}
+
+    def _keys_before(self, anchor: Node, count: int) -> list[float] | None:
+        """``count`` increasing keys between the keys already before ``anchor`` and its own; None if floats run out."""
+        lo, hi = self._lo[id(anchor)], self._key[id(anchor)]
+        keys = [lo + (hi - lo) * (k + 1) / (count + 1) for k in range(count)]
+        bounds = [lo, *keys, hi]
+        return keys if all(a < b for a, b in zip(bounds, bounds[1:])) else None
 
     def _link(self, n: Node) -> None:
         for i in n.inputs:
             self._users.setdefault(id(i), {})[id(n)] = n
-        self._members.add(id(n))
+        self._members[id(n)] = n
 
     def _unlink(self, n: Node) -> None:
         for i in n.inputs:
@@ -126,7 +162,10 @@ class Graph:
             if readers is not None:
                 readers.pop(id(n), None)
         self._users.pop(id(n.out), None)
-        self._members.discard(id(n))
+        del self._members[id(n)]
+        del self._key[id(n)]
+        self._lo.pop(id(n), None)
+        self._stale = True
 
     def users(self, value: Value) -> list[Node]:
         """Nodes that read ``value`` (once each)."""
@@ -143,6 +182,7 @@ class Graph:
 
     def _changed(self) -> None:
         """Drop the indexes (after changing ``nodes`` or node inputs from outside these methods)."""
+        self.nodes  # noqa: B018  (bring the list up to date first: it is the truth from here on)
         self._users = None
         self._members = None
 
@@ -176,14 +216,25 @@ class Graph:
                 missing = {i.name for n in rest for i in n.inputs if id(i) not in known}
                 raise ValueError(f"graph has a cycle or dangling inputs: {sorted(missing)}")
             pending = rest
-        self.nodes = ready  # same nodes and edges: the indexes stay valid
+        self.nodes = ready  # same nodes and edges: the indexes stay valid (the order keys are renumbered)
 
     def insert_before(self, anchor: Node, new_nodes: Sequence[Node]) -> None:
-        """Insert ``new_nodes`` just before ``anchor``, re-sorting if they read later values."""
+        """Insert ``new_nodes`` just before ``anchor``, re-sorting if they read later values.
+
+        O(len(new_nodes)): the new nodes get order keys between the anchor's and
+        the keys inserted before it so far.
+        """
         self._index()
         if id(anchor) not in self._members:
             raise ValueError(f"insert_before: {anchor!r} is not in the graph (removed by an earlier change?)")
-        k = self.nodes.index(anchor)
+        new_nodes = list(new_nodes)
+        if not new_nodes:
+            return
+        keys = self._keys_before(anchor, len(new_nodes))
+        if keys is None:  # the gap is used up (many inserts at one place): renumber, O(n), rare
+            self._number()
+            keys = self._keys_before(anchor, len(new_nodes))
+        anchor_key = self._key[id(anchor)]
         new_outs: set[int] = set()
         ok = True
         for n in new_nodes:
@@ -191,11 +242,15 @@ class Graph:
                 p = i.producer
                 if ok and p is not None and id(i) not in new_outs:
                     # read a value computed before the anchor (or not in the graph at all: re-sort reports it)
-                    ok = id(p) in self._members and self.nodes.index(p) < k
+                    ok = id(p) in self._members and self._key[id(p)] < anchor_key
             new_outs.add(id(n.out))
-        self.nodes[k:k] = list(new_nodes)
-        for n in new_nodes:
+        lo = self._lo[id(anchor)]
+        for n, k in zip(new_nodes, keys):
             self._link(n)
+            self._lo[id(n)], self._key[id(n)] = lo, k
+            lo = k
+        self._lo[id(anchor)] = lo
+        self._stale = True
         if not ok:
             self.toposort()
 
@@ -203,11 +258,12 @@ class Graph:
         """Drop nodes whose output nobody reads; returns how many were removed."""
         live = {id(o) for o in self.outputs}
         kept = []
-        for n in reversed(self.nodes):
+        nodes = self.nodes
+        for n in reversed(nodes):
             if id(n.out) in live:
                 kept.append(n)
                 live.update(id(i) for i in n.inputs)
-        removed = len(self.nodes) - len(kept)
+        removed = len(nodes) - len(kept)
         if removed:
             self.nodes = kept[::-1]
             self._changed()
@@ -228,7 +284,6 @@ class Graph:
             if id(n) not in self._members or self.num_uses(n.out):
                 continue
             self._unlink(n)
-            self.nodes.remove(n)  # by identity (nodes compare by identity)
             removed += 1
             stack.extend(i.producer for i in n.inputs if i.producer is not None)
         return removed

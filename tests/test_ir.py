@@ -393,6 +393,42 @@ def test_insert_before_a_removed_node_names_it():
     assert [n.op for n in graph.nodes] == ["sigmoid"]
 
 
+@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "remove", "read"]), st.integers(0, 10_000), st.integers(1, 3)), max_size=300))
+def test_inserts_and_removals_keep_the_order_a_list_would(ops):
+    """``insert_before``/``eliminate_dead_from`` (O(1) with order keys) give the order of list.insert/list.remove.
+
+    Many inserts at one place use up the gap between two keys and renumber.
+    """
+    b = GraphBuilder()
+    x = b.input("x", (1, 1, 2, 2))
+    chain = [b.relu(x)]
+    for _ in range(5):
+        chain.append(b.relu(chain[-1]))
+    graph = b.build(chain[-1])
+    model = list(graph.nodes)
+    for kind, pick, count in ops:
+        if kind == "insert":  # nodes reading only x: dead until read, so they can go anywhere
+            anchor = model[pick % len(model)]
+            new = [Node.make("sigmoid", [x]) for _ in range(count)]
+            graph.insert_before(anchor, new)
+            k = model.index(anchor)
+            model[k:k] = new
+        elif kind == "remove":
+            dead = [n for n in model if n.op == "sigmoid"]
+            if dead:
+                n = dead[pick % len(dead)]
+                assert graph.eliminate_dead_from([n]) == 1
+                model.remove(n)
+        else:
+            assert graph.nodes == model
+    assert graph.nodes == model
+    many = [Node.make("gelu", [x]) for _ in range(120)]
+    for n in many:  # always just before the same node: each gap halves
+        graph.insert_before(chain[3].producer, [n])
+    k = model.index(chain[3].producer)
+    assert graph.nodes == model[:k] + many + model[k:]
+
+
 def test_map_params_builds_new_nodes_and_keeps_inputs():
     graph, x = small_graph()
     doubled = graph.map_params(lambda p, n: p.to(torch.float64))
