@@ -123,12 +123,12 @@ CONFIGS_B = [  # kxk -> 1x1
 ]
 
 
-CONFIGS_A_PADDED = [  # 1x1 (padding P1, no bias) -> kxk (padding P2)
+CONFIGS_A += [  # 1x1 with padding p1 (no bias) -> kxk: padding p1 + padding
     dict(C=2, M=2, O=2, H=3, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), p1=(1, 1, 1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), b1=False, b2=True),
     dict(C=4, M=4, O=2, H=4, W=3, k=(2, 3), g1=2, g2=2, stride=(2, 1), p1=(0, 1, 2, 0), padding=(1, 0, 0, 1), dilation=(1, 2), b1=False, b2=True),
     dict(C=2, M=4, O=4, H=3, W=3, k=(3, 1), g1=1, g2=4, stride=(1, 2), p1=(2, 1, 0, 1), padding=(0, 0, 1, 1), dilation=(1, 1), b1=False, b2=False),
 ]
-CONFIGS_B_PADDED = [  # kxk (any geometry, bias) -> 1x1 (padding P2, no bias)
+CONFIGS_B += [  # kxk (any geometry, bias) -> 1x1 with padding p2 (no bias): pad(conv, p2)
     dict(C=2, M=2, O=2, H=4, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), padding=(1, 1, 1, 1), p2=(1, 1, 1, 1), dilation=(1, 1), b1=True, b2=False),
     dict(C=4, M=4, O=2, H=5, W=4, k=(2, 3), g1=4, g2=2, stride=(2, 1), padding=(0, 1, 1, 0), p2=(0, 2, 1, 0), dilation=(2, 1), b1=True, b2=False),
     dict(C=2, M=2, O=4, H=3, W=3, k=(1, 1), g1=2, g2=1, stride=(1, 1), padding=(1, 0, 0, 1), p2=(1, 0, 2, 1), dilation=(1, 1), b1=False, b2=False),
@@ -147,42 +147,26 @@ def _tensors(cfg, k1, k2):
 
 def prove() -> list[str]:
     done = []
+    none = (0, 0, 0, 0)
     for cfg in CONFIGS_A:
         x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
-        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
-        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"]), w2, b2, groups=cfg["g2"], **kw)
-        w, b, G = fuse_1x1_kxk(w1, b1, cfg["g1"], w2, b2, cfg["g2"], cfg["padding"])
-        rhs = conv2d(x, w, b, groups=G, **kw)
-        desc = describe("conv1x1 -> convkxk == conv", **cfg)
+        p1 = cfg.get("p1", none)
+        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, b1, padding=p1, groups=cfg["g1"]), w2, b2, groups=cfg["g2"], padding=cfg["padding"], **kw)
+        both = tuple(p + q for p, q in zip(p1, norm_pads(cfg["padding"])))
+        w, b, G = fuse_1x1_kxk(w1, b1, cfg["g1"], w2, b2, cfg["g2"], both)
+        rhs = conv2d(x, w, b, groups=G, padding=both, **kw)
+        desc = describe("conv1x1 (padding p1, no bias if any) -> convkxk == conv(padding p1 + padding)", **cfg)
         assert_equal(lhs, rhs, "seq_merge " + desc)
         done.append(desc)
     for cfg in CONFIGS_B:
         x, w1, b1, w2, b2 = _tensors(cfg, cfg["k"], (1, 1))
+        p2 = cfg.get("p2", none)
         kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
-        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"], **kw), w2, b2, groups=cfg["g2"])
+        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"], **kw), w2, b2, groups=cfg["g2"], padding=p2)
         w, b, G = fuse_kxk_1x1(w1, b1, cfg["g1"], w2, b2, cfg["g2"])
-        rhs = conv2d(x, w, b, groups=G, **kw)
-        desc = describe("convkxk -> conv1x1 == conv", **cfg)
-        assert_equal(lhs, rhs, "seq_merge " + desc)
-        done.append(desc)
-
-    for cfg in CONFIGS_A_PADDED:
-        x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
-        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"])
-        lhs = conv2d(conv2d(x, w1, None, padding=cfg["p1"], groups=cfg["g1"]), w2, b2, groups=cfg["g2"], padding=cfg["padding"], **kw)
-        both = tuple(p + q for p, q in zip(cfg["p1"], cfg["padding"]))
-        w, b, G = fuse_1x1_kxk(w1, None, cfg["g1"], w2, b2, cfg["g2"], both)
-        rhs = conv2d(x, w, b, groups=G, padding=both, **kw)
-        desc = describe("conv1x1(padding P1, no bias) -> convkxk == conv(padding P1 + P2)", **cfg)
-        assert_equal(lhs, rhs, "seq_merge " + desc)
-        done.append(desc)
-    for cfg in CONFIGS_B_PADDED:
-        x, w1, b1, w2, b2 = _tensors(cfg, cfg["k"], (1, 1))
-        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
-        lhs = conv2d(conv2d(x, w1, b1, groups=cfg["g1"], **kw), w2, None, groups=cfg["g2"], padding=cfg["p2"])
-        w, b, G = fuse_kxk_1x1(w1, b1, cfg["g1"], w2, None, cfg["g2"])
-        rhs = pad(conv2d(x, w, b, groups=G, **kw), cfg["p2"])
-        desc = describe("convkxk -> conv1x1(padding P2, no bias) == pad(conv, P2)", **cfg)
+        rhs = pad(conv2d(x, w, b, groups=G, **kw), p2)
+        desc = describe("convkxk -> conv1x1 (padding p2, no bias if any) == pad(conv, p2)", **cfg)
         assert_equal(lhs, rhs, "seq_merge " + desc)
         done.append(desc)
 

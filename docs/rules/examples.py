@@ -203,6 +203,13 @@ def value_of(graph: Graph, value: Value, *inputs: torch.Tensor) -> torch.Tensor:
     return run_graph(Graph(graph.inputs, graph.nodes, [value]), *inputs)
 
 
+def conv_of(x: torch.Tensor, **conv: torch.Tensor | tuple) -> torch.Tensor:
+    """One conv2d node (weights and attributes as keywords) run on ``x``: what a fold would compute."""
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    return run_graph(b.build(b.conv2d(v, **conv)), x)
+
+
 def node(graph: Graph, op: str, index: int = 0):
     """The ``index``-th node of ``graph`` whose op is ``op``."""
     return [n for n in graph.nodes if n.op == op][index]
@@ -434,9 +441,7 @@ def pad_absorb() -> Example:
     p = b.pad(x, pads=P1, value=1.0, source="block.pad")
     bad = b.build(b.conv2d(p, weight=ONES3, source="block.conv"))
     truth = run_graph(bad, X)
-    zero = GraphBuilder()
-    zx = zero.input("x", X.shape, DT)
-    candidate = run_graph(zero.build(zero.conv2d(zx, weight=ONES3, padding=P1)), X)
+    candidate = conv_of(X, weight=ONES3, padding=P1)
     ref = Text()
     ref.line(f"pad_absorb refuses: {refusal(bad, 'pad_absorb')}")
     ref.grids(*maps("pad(x, 1, value=1)", value_of(bad, p, X)), ("W (all ones)", ONES3[0, 0]))
@@ -461,9 +466,7 @@ def pad_absorb() -> Example:
     x = b.input("x", X2.shape, DT)
     biased = b.build(b.pad(b.conv2d(x, weight=w1, bias=t([3]), source="block.conv1x1"), pads=P1, source="block.pad"))
     truth = run_graph(biased, X2)
-    c = GraphBuilder()
-    cx = c.input("x", X2.shape, DT)
-    candidate = run_graph(c.build(c.conv2d(cx, weight=w1, bias=t([3]), padding=P1)), X2)
+    candidate = conv_of(X2, weight=w1, bias=t([3]), padding=P1)
     pt.line().line(f"with a bias b = 3, pad_absorb refuses: {refusal(biased, 'pad_absorb')}")
     pt.grids(("pad(conv1x1(x; W, b), 1)", truth[0, 0]), ("conv1x1(x; W, b, padding 1)", candidate[0, 0]))
     pt.line().line(differ_line(truth, candidate, "they differ on the border: 0 from the pad, b = 3 from the conv's padding"))
@@ -539,10 +542,8 @@ def seq_merge() -> Example:
     inner = b.conv2d(x, weight=k([2]), bias=t([1]), source="block.conv1x1")
     bad = b.build(b.conv2d(inner, weight=ONES3, padding=P1, source="block.conv3x3"))
     truth = run_graph(bad, X)
-    c = GraphBuilder()
-    cx = c.input("x", X.shape, DT)
     # The formula anyway: W = W2 * 2, b = b2 + sum_taps W2 * b1 = 0 + 9 * 1.
-    candidate = run_graph(c.build(c.conv2d(cx, weight=2 * ONES3, bias=t([9]), padding=P1)), X)
+    candidate = conv_of(X, weight=2 * ONES3, bias=t([9]), padding=P1)
     ref = Text()
     ref.line(f"seq_merge refuses: {refusal(bad, 'seq_merge')}")
     ref.line("1x1 conv: w1 = 2, b1 = 1; then a 3x3 conv of all ones with padding 1, no bias.")
