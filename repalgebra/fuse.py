@@ -267,7 +267,7 @@ class _Fuser:
     def ensure_runs(self, inputs: tuple) -> None:
         """Raise ``ValueError`` unless the model runs in eval mode on ``inputs`` (then no capture could work)."""
         try:
-            _run(self.pristine, inputs, None)
+            _run(self.pristine, Call(tuple(inputs), {}), None)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
             first = (str(e).strip().splitlines() or [""])[0]
@@ -297,7 +297,7 @@ class _Fuser:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
             cap = capture_fx(work, inputs, [*user, *kept])
-            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", nested=True)
+            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole")
         except CaptureFailed as e:
             return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")
 
@@ -308,7 +308,7 @@ class _Fuser:
             return copy.deepcopy(module)
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
-            if all(self.same(module, fused, c.args, nested=True) is None for c in calls[1:]):
+            if all(self.same(module, fused, c) is None for c in calls[1:]):
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
         return self.keep_whole(path, calls, "called with keyword or non-tensor arguments")
@@ -322,20 +322,39 @@ class _Fuser:
         for call in calls:
             for p, cs in _record_call(self.pristine.get_submodule(path), call, descendants).items():
                 recorded[p] += cs
-        self._fuse_children(module, path, "", recorded)
+        swaps = self._fuse_children(module, path, "", recorded)
+        original = self.pristine.get_submodule(path)
+        if self.check and swaps and not self.same_on_all(original, module, calls):
+            # A forward that reads its children's attributes (``self.bn.weight``) cannot take a fused child:
+            # put every child back, then swap in only those the module still computes the same with.
+            for parent, name, old, _ in swaps:
+                setattr(parent, name, old)
+            for parent, name, old, new in swaps:
+                setattr(parent, name, new)
+                if not self.same_on_all(original, module, calls):
+                    setattr(parent, name, old)
+                    self.report.notes.append(f"{_where(_join(path, name))}: not replaced by its fused form: its parent reads it otherwise")
         return module
 
-    def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]]) -> None:
+    def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]]) -> list[tuple]:
+        """Replace each called descendant by its fused form; returns the swaps ``(parent, name, old, new)``."""
+        swaps = []
         for name, child in list(module.named_children()):
             rel = _join(prefix, name)
             if recorded.get(rel):
-                setattr(module, name, self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent"))
+                new = self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent")
+                setattr(module, name, new)
+                swaps.append((module, name, child, new))
             else:  # not called itself (a ModuleList, or unused): its children may be
-                self._fuse_children(child, root_path, rel, recorded)
+                swaps += self._fuse_children(child, root_path, rel, recorded)
+        return swaps
+
+    def same_on_all(self, reference: nn.Module, candidate: nn.Module, calls: list[Call]) -> bool:
+        return all(self.same(reference, candidate, c) is None for c in calls)
 
     # -- one captured graph ---------------------------------------------------------------
 
-    def finish(self, path: str, cap: Capture, inputs: tuple, reason: str, nested: bool = False) -> nn.Module:
+    def finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
         """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
         t0 = time.perf_counter()
         g64, rw = rewrite(cap.graph, cast_back=False)
@@ -350,7 +369,7 @@ class _Fuser:
         self.stage["build"] += t2 - t1
         if self.check:
             exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
-            problem = self.same(self.pristine.get_submodule(path), exact, inputs, nested=nested)
+            problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
             self.stage["check"] += time.perf_counter() - t2
             if problem is not None:
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
@@ -365,22 +384,25 @@ class _Fuser:
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
         return fused
 
-    def same(self, reference: nn.Module, candidate: nn.Module, inputs: tuple, nested: bool) -> str | None:
-        """None when ``candidate`` computes what ``reference`` does on ``inputs``, else what differs.
+    def same(self, reference: nn.Module, candidate: nn.Module, call: Call) -> str | None:
+        """None when ``candidate`` computes what ``reference`` does for ``call``, else what differs.
 
-        Both run in float64 (on copies) where the reference runs in float64;
-        the tolerance is float64's unless ``candidate`` holds parts fused
-        earlier, whose weights are rounded to the model's dtype.
+        Both run in float64 where the reference does (their parameters cast on
+        the fly; neither module changes).  The tolerance is :data:`~repalgebra.verify.TOLERANCES`
+        of the model's dtype: a float32 model's fused form holds values rounded to float32
+        (parts fused on their own, constants ``torch.export`` computed at capture), so
+        the comparison runs without float32's rounding of the arithmetic but allows for
+        that of the weights, exactly as :func:`~repalgebra.verify` does.
         """
-        dtype = torch.float64 if self.dtype != torch.float64 else None
-        tol = TOLERANCES[torch.float64] if not nested or self.dtype == torch.float64 else TOLERANCES.get(self.dtype, 1e-5)
+        tol = TOLERANCES.get(self.dtype, 1e-5)
+        dtype: torch.dtype | None = torch.float64
         try:
-            ref = _run(reference, inputs, torch.float64, cast_state=dtype is not None)
+            ref = _run(reference, call, dtype)
         except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
-            dtype, tol = None, TOLERANCES.get(self.dtype, 1e-5)
-            ref = _run(reference, inputs, None)
+            dtype = None
+            ref = _run(reference, call, None)
         try:
-            got = _run(candidate.to(torch.float64) if dtype else candidate, inputs, torch.float64 if dtype else None)
+            got = _run(candidate, call, dtype)
         except Exception as e:  # noqa: BLE001
             return f"it fails on the example input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return first_difference(ref, got, tol)
@@ -400,16 +422,22 @@ class _Fuser:
         raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
 
 
-def _run(module: nn.Module, inputs: tuple, dtype: torch.dtype | None, cast_state: bool = False) -> Any:
-    """``module`` on copies of ``inputs`` (cast to ``dtype``); ``cast_state``: its parameters and buffers too,
-    without copying or changing the module (``torch.func.functional_call``)."""
-    xs = [t.detach().clone().to(dtype) if dtype and t.is_floating_point() else t.detach().clone() for t in inputs]
+def _run(module: nn.Module, call: Call, dtype: torch.dtype | None) -> Any:
+    """``module`` making ``call`` on copies of its tensors; with ``dtype``, the tensors, parameters and
+    buffers cast to it on the fly (``torch.func.functional_call``: the module is neither copied nor changed)."""
+
+    def prepare(t: Any) -> Any:
+        if not torch.is_tensor(t):
+            return t
+        return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
+
+    args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
     with torch.no_grad():
-        if not cast_state:
-            return module(*xs)
+        if dtype is None:
+            return module(*args, **kwargs)
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        return torch.func.functional_call(module, cast, tuple(xs), tie_weights=False)
+        return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
 
 
 def _record_call(module: nn.Module, call: Call, paths: list[str]) -> dict[str, list[Call]]:

@@ -336,6 +336,30 @@ def test_untraceable_submodule_is_kept_whole_and_fused_inside():
     torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
 
 
+def test_kept_whole_parent_that_reads_a_childs_attributes_keeps_that_child():
+    """DBB's BNAndPad reads ``self.bn.weight`` itself: that child stays a BatchNorm, its siblings still fuse."""
+
+    class ReadsChild(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv_bn(8, 8)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if x.mean() > -10:  # on values: this module is kept whole
+                y = y + self.bn.bias.view(1, -1, 1, 1)
+            return y
+
+    for dtype in (torch.float32, D):
+        model = randomized(ReadsChild()).to(dtype)
+        x = torch.randn(2, 8, 6, 6, dtype=dtype)
+        fused = fuse(model, x)
+        assert verify(model, fused, x, n=2), str(fused.fuse_report)
+        assert bn_left(fused) == 1 and isinstance(fused.bn, nn.BatchNorm2d), str(fused.fuse_report)
+        assert "'bn': not replaced by its fused form" in str(fused.fuse_report)
+
+
 def test_strict_raises_with_the_module_named():
     model = randomized(WithDataDependent())
     with pytest.raises(repalgebra.UntraceableError, match="'mixer'.*DataDependent"):

@@ -88,6 +88,10 @@ for _fn in _AUGMENTED:
 
 # Methods ending in ``_`` that only change metadata, never values.
 _METADATA_METHODS = {"requires_grad_", "share_memory_", "retain_grad", "resize_as_"}
+# Calls whose result is not a tensor (sizes, flags): they share no storage.
+_NON_TENSOR_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "item", "tolist", "element_size", "get_device"}
+_NON_TENSOR_FUNCTIONS = {len, torch.numel, torch.is_tensor, torch.is_floating_point}
+_NON_TENSOR_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse"}
 # Methods whose result may share storage with ``self``.
 _VIEW_METHODS = {
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "T", "mT",
@@ -179,12 +183,14 @@ def _alias_inputs(n: fx.Node, root: nn.Module) -> list[fx.Node]:
     if is_inplace(n, root):
         return tensors[:1]
     if n.op == "call_method":
-        if n.target in _FRESH_METHODS:
+        if n.target in _FRESH_METHODS or n.target in _NON_TENSOR_METHODS:
             return []
         return tensors[:1] if n.target in _VIEW_METHODS else tensors
     if n.op == "call_function":
-        if n.target in _FRESH_FUNCTIONS:
+        if n.target in _FRESH_FUNCTIONS or n.target in _NON_TENSOR_FUNCTIONS:
             return []
+        if n.target is getattr and len(n.args) == 2 and n.args[1] in _NON_TENSOR_ATTRIBUTES:
+            return []  # x.shape; but x.T, x.data, x.mT are views
         return tensors[:1] if n.target in _VIEW_FUNCTIONS else tensors
     m = root.get_submodule(n.target)
     if isinstance(m, _ALIAS_MODULES):
@@ -249,8 +255,8 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         for w in group:
             if w is v or w in inplace_set:
                 continue
-            if order[w] > order[node] and all(a is v or order[a] > order[node] for a in _alias_inputs(w, root)):
-                continue  # a view made after the mutation (of the mutated value): it reads the new contents
+            if order[w] > order[node] and all(a is v or order[a] >= order[node] for a in _alias_inputs(w, root)):
+                continue  # a view made after the mutation (of the mutated value or the result): it reads the new contents
             if order[w] > order[node] or any(order[u] > order[node] for u in w.users):
                 raise InplaceHazard(
                     f"{_describe(node)} changes {v.name!r} in place while {w.name!r} may share its storage "

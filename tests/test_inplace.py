@@ -1,0 +1,128 @@
+"""``repalgebra.frontend.inplace``: which in-place ops the fx path makes out-of-place, and which it refuses.
+
+Refusing is always safe (the model is captured another way); making out-of-place is exact only when no
+other reader shares the mutated storage.  Each case runs the functionalized graph against the module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from repalgebra.frontend.inplace import InplaceHazard, InplaceProxy, functionalize
+
+
+class _Tracer(fx.Tracer):
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)
+
+
+def functionalized(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    work = copy.deepcopy(model).eval()
+    graph = _Tracer().trace(work)
+    notes = functionalize(graph, work)
+    return fx.GraphModule(work, graph), notes
+
+
+class Head(nn.Module):
+    """MobileNetV3's classifier: an in-place Hardswish, then Dropout (which returns its input itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Linear(8, 8), nn.Hardswish(inplace=True), nn.Dropout(0.2), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.classifier(x)
+
+
+class SizeAfter(nn.Module):
+    """The size of a mutated value is read afterwards: sizes share no storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm1d(8), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.bn(x)
+        n = y.shape[0]
+        y = self.act(y)
+        return y.reshape(n, -1) * y.size(1)
+
+
+class TransposeView(nn.Module):
+    """``y.transpose(0, 1)`` is a view taken before the mutation and read after it: refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.bn(x)
+        t = y.transpose(0, 1)
+        y.relu_()
+        return t * 2
+
+
+class ChainedAccumulation(nn.Module):
+    """MobileOne's ``out = 0; out += branch(x)`` repeated, then an Identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.se = nn.Identity()
+
+    def forward(self, x):
+        out = 0
+        for b in self.branches:
+            out += b(x)
+        return F.relu(self.se(out))
+
+
+@pytest.mark.parametrize("cls", [Head, SizeAfter, ChainedAccumulation])
+def test_made_out_of_place_and_exact(cls):
+    model = cls().eval()
+    x = torch.randn(4, 8)
+    gm, notes = functionalized(model)
+    assert notes and "out-of-place" in notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), model(x.clone()), rtol=0, atol=0)
+    assert not any(getattr(m, "inplace", False) for m in gm.modules())
+
+
+def test_a_view_read_after_the_change_is_refused_with_its_module():
+    with pytest.raises(InplaceHazard, match="'transpose' may share its storage"):
+        functionalized(TransposeView())
+
+
+def test_changing_an_input_is_refused():
+    class Input(nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            return x + 1
+
+    with pytest.raises(InplaceHazard, match="input 'x'"):
+        functionalized(Input())
+
+
+def test_augmented_assignment_on_a_shared_tensor_is_recorded():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            y = self.bn(x)
+            shortcut = y
+            y += 1  # changes `shortcut` too
+            return y + shortcut
+
+    model = M().eval()
+    x = torch.randn(4, 8)
+    gm, notes = functionalized(model)
+    assert "augmented assignment" in notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
