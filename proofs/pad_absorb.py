@@ -19,12 +19,22 @@ moving pixels; at a padded pixel it reads 0 and gives W * 0 = 0, which is what t
 there. REFUSED with a bias b: the padded conv gives b at the border, the pad gives 0.
 And a pad by (0, 0, 0, 0) is the identity, whatever its value.
 
+Before an average pool (no ceil_mode) with padding (p, q) that counts its padding, or with no
+padding at all (then every window is inside the image and the divisor is kh*kw either way), an
+even zero pad (a, a, c, c) is more pool padding:
+
+    avg_pool2d(pad(x, (a, a, c, c)), k, s, (p, q)) == avg_pool2d(x, k, s, (p + a, q + c), count_include_pad=True).
+
+Reason: both pool the same zero-padded image and divide every window by kh*kw. REFUSED when the
+pool has padding and count_include_pad=False: it divides its own padded border windows by the
+real elements, which now include the pad's zeros, while the merged pool would not count them.
+
 Proof: symbolic x, W, bias; expand(lhs - rhs) == 0 elementwise.
 """
 
 from __future__ import annotations
 
-from .symbolic import assert_differs, assert_equal, conv2d, conv_symbols, describe, norm_pads, pad
+from .symbolic import assert_differs, assert_equal, avg_pool2d, conv2d, conv_symbols, describe, norm_pads, pad
 
 
 def fuse(pads, conv_padding):
@@ -46,6 +56,13 @@ CONFIGS_AFTER = [  # 1x1 stride-1 conv without bias, then a zero pad
     dict(C=2, O=2, H=2, W=3, k=(1, 1), padding=(0, 0, 0, 0), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1),
     dict(C=4, O=2, H=3, W=2, k=(1, 1), padding=(1, 0, 0, 2), pads=(0, 2, 1, 0), dilation=(2, 3), groups=2),
     dict(C=2, O=4, H=2, W=2, k=(1, 1), padding=(0, 1, 1, 0), pads=(2, 0, 0, 1), dilation=(1, 1), groups=2),
+]
+
+
+POOL_CONFIGS = [  # even zero pad, then an average pool (no ceil_mode)
+    dict(C=2, H=3, W=4, k=(3, 3), stride=(1, 1), padding=(0, 0), pads=(1, 1, 1, 1), count_include_pad=False),
+    dict(C=1, H=4, W=4, k=(3, 5), stride=(2, 1), padding=(1, 0), pads=(0, 0, 1, 1), count_include_pad=True),
+    dict(C=1, H=5, W=3, k=(5, 3), stride=(2, 2), padding=(0, 1), pads=(2, 2, 0, 0), count_include_pad=True),
 ]
 
 
@@ -71,6 +88,23 @@ def prove() -> list[str]:
     x = conv_symbols(CONFIGS[0], bias=False)[0]
     assert_equal(pad(x, (0, 0, 0, 0)), x, "pad_absorb: pad by nothing")
     done.append("pad(x, (0, 0, 0, 0)) == x")
+
+    for cfg in POOL_CONFIGS:
+        x = conv_symbols(dict(cfg, O=1, k=(1, 1), groups=1), bias=False)[0]
+        (a, _, c, _), (p, q) = cfg["pads"], cfg["padding"]
+        lhs = avg_pool2d(pad(x, cfg["pads"]), cfg["k"], cfg["stride"], cfg["padding"], cfg["count_include_pad"])
+        rhs = avg_pool2d(x, cfg["k"], cfg["stride"], (p + a, q + c), True)
+        desc = describe("pad -> avg_pool == avg_pool(padding + pad, count_include_pad)", **cfg)
+        assert_equal(lhs, rhs, "pad_absorb " + desc)
+        done.append(desc)
+
+    # REFUSED: a pool that pads and does not count its padding, after a zero pad.
+    x = conv_symbols(dict(C=1, O=1, H=4, W=4, k=(1, 1), groups=1), bias=False)[0]
+    lhs = avg_pool2d(pad(x, (1, 1, 1, 1)), 5, 1, 1, count_include_pad=False)
+    rhs = avg_pool2d(x, 5, 1, 2, count_include_pad=True)
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0), "pad_absorb refused pool case")
+    done.append(f"refused: avg_pool(pad(x, 1), 5, padding 1, count_include_pad=False) != avg_pool(x, 5, padding 2): "
+                f"the corner window divides by 16, not 25 (numeric witness {num})")
 
     # REFUSED: a 1x1 conv with a bias, then a zero pad: the padded conv's border is the bias.
     cfg = dict(C=2, O=2, H=2, W=2, k=(1, 1), groups=1)

@@ -470,7 +470,23 @@ def pad_absorb() -> Example:
     pt.line().line(f"with a bias b = 3, pad_absorb refuses: {refusal(biased, 'pad_absorb')}")
     pt.grids(("pad(conv1x1(x; W, b), 1)", truth[0, 0]), ("conv1x1(x; W, b, padding 1)", candidate[0, 0]))
     pt.line().line(differ_line(truth, candidate, "they differ on the border: 0 from the pad, b = 3 from the conv's padding"))
-    return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref), "pointwise": str(pt)})
+
+    # Before an average pool: the pad becomes the pool's padding, counted.
+    pools = []
+    for pool_pad, cip in ((0, False), (1, False)):
+        b = GraphBuilder()
+        x = b.input("x", X.shape, DT)
+        p = b.pad(x, pads=P1, source="block.pad")
+        pools.append(b.build(b.avg_pool2d(p, kernel=(3, 3), stride=(1, 1), padding=(pool_pad, pool_pad), count_include_pad=cip, source="block.pool")))
+    qafter, _ = apply("pad_absorb", pools[0], "pad_absorb")
+    pool = node(qafter, "avg_pool2d")
+    pool_y, padded_y = run_graph(pools[0], X), run_graph(qafter, X)
+    qt = Text()
+    qt.line(f"avg_pool(pad(x, 1); 3x3, stride 1) becomes avg_pool(x; 3x3, stride 1, padding {pool.attrs['padding']}, count_include_pad={pool.attrs['count_include_pad']})")
+    qt.grids(("avg_pool(pad(x, 1))", pool_y[0, 0]), ("avg_pool(x, padding 1)", padded_y[0, 0]))
+    qt.line().line(equal_line(pool_y, padded_y))
+    qt.line().line(f"a pool with padding 1 that does not count it, after the pad: pad_absorb refuses: {refusal(pools[1], 'pad_absorb')}")
+    return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref), "pointwise": str(pt), "pool": str(qt)})
 
 
 @example

@@ -14,19 +14,27 @@ on every side is the identity, whatever its value and producer.  Together with
 ``seq_merge`` this gives a zero pad before or after a bias-free 1x1 conv one
 normal form.
 
+Before an average pool that counts padded elements (its own padded border is
+zeros too):
+
+    avg_pool(pad(x, (a, a, c, c)); k, s, padding (p, q)) = avg_pool(x; k, s, padding (p + a, q + c), count_include_pad=True)
+
 Preconditions: a constant pad whose value is 0 and whose amounts are all
 non-negative (a negative pad crops, which padding cannot do).  After a conv:
 the conv is 1x1 with stride 1 and no (non-zero) bias, and the pad is the only
-reader of its output.
+reader of its output.  Before a pool: the pad is even on each axis (a pool pads
+both sides alike), the pool has no ``ceil_mode``, counts its own padding if it
+has any (``count_include_pad``), and its padding stays at most half its kernel
+(PyTorch's limit).
 """
 
 from repalgebra.ir import Node
 from repalgebra.kernels import conv_bias
-from repalgebra.match import conv_with, producer, sole_use
+from repalgebra.match import conv_with, merged_source, producer, sole_use
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
-@rule("pad_absorb", on=("conv2d", "pad"))
+@rule("pad_absorb", on=("conv2d", "avg_pool2d", "pad"))
 def pad_absorb(graph, node):
     if node.op == "pad":
         if not any(node.attrs["pads"]):
@@ -42,6 +50,8 @@ def pad_absorb(graph, node):
         return Refusal(f"pads with {pad.attrs['value']}, not zero", about=pad)
     if min(pad.attrs["pads"]) < 0:
         return Refusal("a negative pad crops", about=pad)
+    if node.op == "avg_pool2d":
+        return _into_pool(node, pad)
     padding = tuple(p + q for p, q in zip(conv.attrs["padding"], pad.attrs["pads"]))
     if node is conv:
         new = conv_with(conv, sources=(pad,), inputs=(pad.x,), padding=padding)
@@ -50,6 +60,27 @@ def pad_absorb(graph, node):
         return Refusal("the 1x1 conv before it has a bias: its own border would be the bias, not 0", about=pad)
     new = conv_with(conv, sources=(pad,), padding=padding)
     return Rewrite(pad.out, new.out, (new,))
+
+
+def _into_pool(pool: Node, pad: Node):
+    """``pool(pad(x))`` as ``pool(x)`` with more padding, counted (the pad's zeros count in every window)."""
+    t, b, l, r = pad.attrs["pads"]
+    a = pool.attrs
+    (kh, kw), (ph, pw) = _pair(a["kernel"]), _pair(a["padding"])
+    if t != b or l != r:
+        return Refusal("the pad is uneven on an axis; a pool pads both sides alike", about=pad)
+    if a["ceil_mode"]:
+        return Refusal("the pool rounds its output size up (ceil_mode): where its last window starts depends on the padding", about=pad)
+    if (ph or pw) and not a["count_include_pad"]:
+        return Refusal("the pool does not count its own padding (count_include_pad=False), and the pad's zeros count", about=pad)
+    if ph + t > kh // 2 or pw + l > kw // 2:
+        return Refusal("the pool would pad more than half its kernel", about=pad)
+    new = pool.replace(inputs=(pad.x,), attrs={"padding": (ph + t, pw + l), "count_include_pad": True}, source=merged_source(pool, pad))
+    return Rewrite(pool.out, new.out, (new,))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def pixelwise(conv: Node) -> bool:

@@ -3,6 +3,7 @@
     conv(pad(x, P); W, padding p) = conv(x; W, padding p + P)                      (any conv)
     pad(conv1x1(x; W, padding p), P) = conv1x1(x; W, padding p + P)                (1x1, stride 1, no bias)
     pad(x, (0, 0, 0, 0)) = x
+    avg_pool(pad(x, (a, a, c, c)); padding (p, q)) = avg_pool(x; padding (p + a, q + c), count_include_pad=True)
 
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
@@ -160,3 +161,86 @@ def test_a_pad_by_nothing_is_the_identity(dtype, value, after, seed):
     fused, report = run_rules(graph, "pad_absorb")
     assert report.rule_counts() == {"pad_absorb": 1} and "pad" not in fused.op_counts()
     assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed), dtype)
+
+
+@st.composite
+def pad_then_pool(draw):
+    """(pads, pool attrs, input shape) with an even pad the pool can take as padding."""
+    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    a, c = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    assume(a or c)
+    ph, pw = draw(st.integers(0, kh // 2 - a)), draw(st.integers(0, kw // 2 - c))
+    s = draw(st.sampled_from([1, 2]))
+    h = draw(st.integers(max(1, kh - 2 * (ph + a)), kh + 4))
+    w = draw(st.integers(max(1, kw - 2 * (pw + c)), kw + 4))
+    cip = True if (ph or pw) else draw(st.booleans())
+    attrs = dict(kernel=(kh, kw), stride=(s, draw(st.sampled_from([1, 2]))), padding=(ph, pw), count_include_pad=cip)
+    return (a, a, c, c), attrs, (draw(st.integers(1, 2)), draw(st.integers(1, 4)), h, w)
+
+
+def pool_graph(pads, attrs, shape, dtype, value=0.0):
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    return b.build(b.avg_pool2d(b.pad(x, pads=pads, value=value, source="blk.pad"), **attrs, source="blk.pool"))
+
+
+@given(case=pad_then_pool(), dtype=float_dtypes(), seed=seeds())
+def test_even_zero_pad_becomes_pool_padding(case, dtype, seed):
+    """avg_pool(pad(x, (a, a, c, c)); padding (p, q)) = avg_pool(x; padding (p + a, q + c), count_include_pad=True)."""
+    pads, attrs, shape = case
+    graph = pool_graph(pads, attrs, shape, dtype)
+    fused, report = run_rules(graph, "pad_absorb")
+    assert report.rule_counts() == {"pad_absorb": 1} and fused.op_counts() == {"avg_pool2d": 1}
+    pool = only(fused, "avg_pool2d")
+    assert pool.x is graph.inputs[0] and pool.source == "blk"
+    assert pool.attrs["padding"] == (attrs["padding"][0] + pads[0], attrs["padding"][1] + pads[2])
+    assert pool.attrs["count_include_pad"] and pool.attrs["kernel"] == attrs["kernel"] and pool.attrs["stride"] == attrs["stride"]
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
+
+
+POOL_REFUSALS = {
+    "uneven": "the pad is uneven on an axis; a pool pads both sides alike",
+    "ceil_mode": "the pool rounds its output size up (ceil_mode): where its last window starts depends on the padding",
+    "not-counted": "the pool does not count its own padding (count_include_pad=False), and the pad's zeros count",
+    "too-much": "the pool would pad more than half its kernel",
+}
+
+
+@given(dtype=float_dtypes(), seed=seeds(), why=st.sampled_from(sorted(POOL_REFUSALS)), k=st.sampled_from([3, 5]), hw=st.integers(5, 8))
+def test_pad_before_a_pool_stays_where_the_pool_cannot_take_it(dtype, seed, why, k, hw):
+    pads, attrs = (1, 1, 1, 1), dict(kernel=(k, k), stride=(2, 1), padding=(0, 0), count_include_pad=True)
+    if why == "uneven":
+        pads = (1, 0, 1, 1)
+    elif why == "ceil_mode":
+        attrs["ceil_mode"] = True
+    elif why == "not-counted":
+        attrs.update(padding=(1, 0), count_include_pad=False)
+    else:
+        attrs["padding"] = (k // 2, 0)
+    graph = pool_graph(pads, attrs, (1, 3, hw, hw), dtype)
+    fused, report = run_rules(graph, "pad_absorb")
+    assert report.fired == [] and fused.op_counts() == {"avg_pool2d": 1, "pad": 1}
+    assert reasons(report, "pad") == [f"pad_absorb: {POOL_REFUSALS[why]}"]
+    assert_graphs_equal(graph, fused, random_input((1, 3, hw, hw), dtype, seed), dtype)
+
+
+def test_a_pad_before_a_pool_beside_a_conv_folds_like_the_pool_padding():
+    """``conv(x) + avg_pool(pad(x))`` and ``conv(x) + avg_pool(x, padding)`` both end as one conv, the same."""
+    from repalgebra import rewrite
+
+    ends = []
+    for spelled in ("pad", "padding"):
+        b = GraphBuilder()
+        x = b.input("x", (1, 3, 6, 6), torch.float64)
+        conv = add_conv(b, x, ConvSpec(3, 3, 1, (3, 3), padding=(1, 1, 1, 1), height=6, width=6), torch.float64, 0, "blk.conv")
+        if spelled == "pad":
+            pool = b.avg_pool2d(b.pad(x, pads=(1, 1, 1, 1), source="blk.pad"), kernel=(3, 3), stride=(1, 1), source="blk.pool")
+        else:
+            pool = b.avg_pool2d(x, kernel=(3, 3), stride=(1, 1), padding=(1, 1), source="blk.pool")
+        graph = b.build(b.add(conv, pool, source="blk"))
+        fused, _ = rewrite(graph)
+        assert fused.op_counts() == {"conv2d": 1}
+        assert_graphs_equal(graph, fused, random_input((1, 3, 6, 6), torch.float64, 1), torch.float64)
+        ends.append(only(fused, "conv2d"))
+    a, b_ = ends
+    assert a.attrs == b_.attrs and torch.equal(a.params["weight"], b_.params["weight"]) and torch.equal(a.params["bias"], b_.params["bias"])
