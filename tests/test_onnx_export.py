@@ -19,7 +19,7 @@ from torch import nn
 import fastvit_models
 import repalgebra
 from fastvit_models.testing import randomize_model_
-from repalgebra.backend.onnx import DEFAULT_OPSET, LoweringError, export_onnx
+from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx
 from test_user_blocks import (
     ACBlock,
     DiverseBranchBlock,
@@ -139,13 +139,28 @@ def test_opsets(opset):
     assert ("Gelu" in op_types(proto)) == (opset >= 20)
 
 
-def test_unlowerable_op_names_op_and_module_path():
+def test_op_without_lowering_goes_through_the_fallback_and_is_reported():
     class Odd(nn.Module):
         def forward(self, x):
             return torch.cumsum(x, dim=1)
 
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Odd()).eval()
+    proto, report = export_onnx(model, None, (1, 3, 8, 8), return_report=True)
+    assert [(n.source, n.what) for n in report.fallback] == [("1", "cumsum")]
+    assert "CumSum" in op_types(proto) and "Conv" in op_types(proto)
+    assert "1 (cumsum)" in {p.key: p.value for p in proto.metadata_props}["repalgebra.fallback"]
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_op_neither_exporter_can_export_names_op_and_module_path():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.special.i0(x)
+
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Odd())
-    with pytest.raises(LoweringError, match=r"opaque.*at 1"):
+    with pytest.raises(ValueError, match=r"no ONNX lowering for special_i0 at 1, and torch.onnx.export .*i0"):
         export_onnx(model, None, (1, 3, 8, 8))
 
 

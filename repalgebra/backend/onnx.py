@@ -15,13 +15,27 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from repalgebra.backend.onnx_fallback import (
+    ExportedRegion,
+    ExportReport,
+    NodePath,
+    Region,
+    RegionReport,
+    Spliced,
+    capture_for_export,
+    describe,
+    export_regions,
+    find_regions,
+    fixed_shape_parts,
+    splice,
+)
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.ops import OPS
 
@@ -281,19 +295,43 @@ def graph_to_onnx(
     dynamic_batch: bool = True,
     graph_name: str = "repalgebra",
     metadata: dict[str, str] | None = None,
-) -> onnx.ModelProto:
+    return_report: bool = False,
+    notes: Sequence[str] = (),
+) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Lower ``graph`` to an ONNX model; parameters keep the graph's dtype.
 
-    Raises :class:`LoweringError` naming the op and module path of the first
-    node without a lowering (an opaque module, say).
+    Every node whose op has an ONNX lowering is lowered by it.  Runs of
+    consecutive nodes without one (opaque modules and calls, or a lowering
+    that refuses the node's attributes) are exported with ``torch.onnx.export``
+    and spliced in (:mod:`repalgebra.backend.onnx_fallback`).  With
+    ``dynamic_batch`` and such nodes, the graph is run once at another batch
+    size to learn which axes of their inputs follow the batch, and each
+    region's export is checked in onnxruntime at the graph's own batch; a
+    graph that does not run at another batch size, or a region whose export
+    does not follow the batch, is exported with the batch fixed (the report
+    says why).
+    The model's metadata says which nodes went through the fallback
+    (``repalgebra.fallback``) and how the batch was exported
+    (``repalgebra.batch``); ``return_report=True`` also returns the
+    :class:`ExportReport`.  ``notes`` are added to the report.
+
+    Raises :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
+    ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     dtype = graph.inputs[0].dtype or torch.float32
+    report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
+    regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch))
+    exported: list[ExportedRegion] = []
+    if regions:
+        exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes)
+        report.dynamic_batch = dynamic_batch
     ctx = LowerCtx(opset, dtype, dynamic_batch)
     names: dict[int, str] = {}
+    extra = Spliced()
 
     def io(v: Value, name: str):
         shape: list = list(v.shape)
@@ -305,29 +343,73 @@ def graph_to_onnx(
     for v in graph.inputs:
         names[id(v)] = ctx.unique(v.name)
         inputs.append(io(v, names[id(v)]))
+    region_of = {id(n): r for r in regions for n in r.run}
     for n in graph.nodes:
-        lower = OPS[n.op].lowerings.get("onnx")
-        if lower is None:
-            what = n.attrs.get("fn") if n.op == "opaque" else None
-            kind = f" ({type(what).__name__})" if what is not None else ""
-            raise LoweringError(f"no ONNX lowering for op {n.op!r}{kind} at {n.source or '<graph>'}")
+        r = region_of.get(id(n))
+        report.nodes.append(NodePath(n.source, n.op, describe(n), "fallback" if r else "own", r.index if r else None))
+        if r is not None:
+            if n is r.run[0]:
+                _splice(ctx, r, exported[r.index], names, extra, report)
+            continue
         ctx.prefix = n.source or n.out.name
-        names[id(n.out)] = lower(ctx, n, *(names[id(i)] for i in n.inputs))
+        before = len(ctx.nodes)
+        names[id(n.out)] = OPS[n.op].lowerings["onnx"](ctx, n, *(names[id(i)] for i in n.inputs))
+        report.own_onnx_nodes += len(ctx.nodes) - before
     outputs = []
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
         names_out = ctx.emit("Identity", [names[id(v)]], out=ctx.unique(name))
         outputs.append(io(v, names_out))
+    report.own_onnx_nodes += len(graph.outputs)
+    report.onnx_nodes = len(ctx.nodes)
     g = helper.make_graph(ctx.nodes, graph_name, inputs, outputs, ctx.initializers)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="repalgebra")
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in sorted(extra.opsets.items())]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="repalgebra", functions=extra.functions)
     from repalgebra import __version__
 
     model.producer_version = __version__
     model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime releases too
-    for k, v in (metadata or {}).items():
+    meta = {
+        **(metadata or {}),
+        "repalgebra.fallback": report.summary(),
+        "repalgebra.batch": "dynamic" if dynamic_batch else f"fixed at {graph.inputs[0].shape[0] if graph.inputs[0].shape else '-'}",
+    }
+    for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
-    return model
+    return (model, report) if return_report else model
+
+
+def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool) -> bool:
+    """Whether our lowering takes ``node``: its op has one and it does not refuse the node (tried on a scratch context)."""
+    lower = OPS[node.op].lowerings.get("onnx")
+    if lower is None:
+        return False
+    try:
+        lower(_Scratch(opset, dtype, dynamic_batch), node, *(f"x{k}" for k in range(len(node.inputs))))
+    except LoweringError:
+        return False
+    return True
+
+
+class _Scratch(LowerCtx):
+    """A lowering context that records nothing heavy: constants are names only (for :func:`_lowers`)."""
+
+    def const(self, suffix: str, tensor, dtype=None) -> str:
+        return self.unique(suffix)
+
+
+def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int, str], extra: Spliced, report: ExportReport) -> None:
+    """Splice one region's ONNX graph into ``ctx``; its outputs get their names in ``names``."""
+    before = len(ctx.nodes)
+    ctx.prefix = region.run[0].source or region.run[0].out.name
+    prefix = ctx.unique(f"{ctx.prefix}/fallback")
+    outs = splice(ctx, sub.model, [names[id(v)] for v in region.inputs], prefix, ctx.opset, extra)
+    for v, name in zip(region.outputs, outs):
+        names[id(v)] = name
+    count = len(ctx.nodes) - before
+    report.fallback_onnx_nodes += count
+    report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
 
 
 def export_onnx(
@@ -339,36 +421,52 @@ def export_onnx(
     dynamic_batch: bool = True,
     fuse: bool = True,
     metadata: dict[str, str] | None = None,
-) -> onnx.ModelProto:
+    return_report: bool = False,
+) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Export a model (or an IR graph) to ONNX, fusing it first by default.
 
     The module is traced into the IR with an input of ``input_shape`` in the
-    model's dtype, rewritten to its fused form (``fuse=True``), lowered op by
-    op with the op table's ONNX lowerings, checked with
+    model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
+    and a module whose own ``forward`` it cannot trace is one opaque call),
+    rewritten to its fused form (``fuse=True``), lowered op by op with the op
+    table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
+    spliced in (see :func:`graph_to_onnx`), checked with
     ``onnx.checker.check_model(full_check=True)`` and, when ``path`` is given,
-    saved there.  The metadata records the producer, version, the rules that
-    fired and anything in ``metadata`` (the CLI adds the variant name).
-    The model you pass is not modified.
+    saved there.  A module fused with shapes fixed at its example input
+    (``repalgebra.fuse`` on a model it captured with ``torch.export``) is
+    exported with the batch fixed, whatever ``dynamic_batch`` says; the report
+    notes it.  The metadata records the producer, version, the rules that
+    fired, which nodes went through the fallback and anything in ``metadata``
+    (the CLI adds the variant name).  The model you pass is not modified.
+
+    Returns the ``onnx.ModelProto``, or ``(model, ExportReport)`` with
+    ``return_report=True``.
     """
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite
 
+    notes: list[str] = []
+    capture = ""
     if isinstance(model_or_graph, Graph):
         graph = model_or_graph
     elif isinstance(model_or_graph, torch.nn.Module):
-        from repalgebra.frontend.torch import trace
-
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
-        graph = trace(model_or_graph, (torch.zeros(input_shape, dtype=dtype),))
+        graph, capture = capture_for_export(model_or_graph, (torch.zeros(input_shape, dtype=dtype),))
+        fixed = fixed_shape_parts(model_or_graph)
+        if fixed and dynamic_batch:
+            dynamic_batch = False
+            shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
+            notes.append(f"batch fixed at {input_shape[0]}: fused with shapes fixed at its example input: {shown}")
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     meta = {"producer": "repalgebra", "repalgebra_version": __version__}
     if fuse:
-        graph, report = rewrite(graph)
-        meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in report.rule_counts().items()) or "none"
+        graph, rewritten = rewrite(graph)
+        meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
     meta.update(metadata or {})
-    model = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta)
+    model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta, return_report=True, notes=notes)
+    report.capture = capture
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         onnx.save(model, str(path))
-    return model
+    return (model, report) if return_report else model

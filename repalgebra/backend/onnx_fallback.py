@@ -1,0 +1,751 @@
+"""The ONNX back end's fallback: what has no lowering of ours is exported by ``torch.onnx.export`` and spliced in.
+
+:func:`~repalgebra.backend.onnx.graph_to_onnx` lowers every node whose op has
+an ONNX lowering in the op table.  The rest (typically ``opaque`` nodes: a
+module kept whole, a carried-through call such as ``F.max_pool2d`` or an ATen
+overload recorded by ``torch.export``) is grouped into *regions*: runs of
+consecutive nodes without a lowering.  Each region becomes a small torch
+module (the torch back end's :func:`~repalgebra.backend.torch.to_module` of
+the region's nodes), is exported alone with ``torch.onnx.export`` (the
+TorchScript exporter) at our opset, and its ONNX graph is spliced into ours:
+its inputs become the names our lowering gave the region's input values, every
+other name gets a prefix made from the region's module path, and its
+initializers, opset imports and local functions are merged.
+
+Example inputs for a region come from one run of the graph.  With a dynamic
+batch the graph is run at another batch size than the one it was captured at;
+every axis of a region input or output whose size changes with it is exported
+as a dynamic axis (the batch need not be axis 0 there: ``qkv.permute(2, 0, 3,
+1, 4)``), and the sizes are traced from the run rather than at a batch of 1,
+which the exporter could treat as a broadcast.  A graph that does not run at
+another batch size is exported with the batch fixed, and the report says so.
+
+Which nodes went through the fallback is recorded in :class:`ExportReport`
+(and, as a summary, in the model's ``metadata_props``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import onnx
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from repalgebra.ir import Graph, Node, Value
+
+__all__ = ["ExportReport", "NodePath", "Region", "find_regions", "run_regions", "export_region", "splice", "FallbackError"]
+
+
+class FallbackError(ValueError):
+    """``torch.onnx.export`` could not export a region either; the message names it, the opset and the reason."""
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class NodePath:
+    """How one IR node reached ONNX: ``own`` (our lowering) or ``fallback`` (``torch.onnx.export``, region ``region``)."""
+
+    source: str
+    op: str
+    what: str  # the op, or for an opaque node what it calls (``MaxPool2d``, ``FnCall(scaled_dot_product_attention)``)
+    path: str  # "own" | "fallback"
+    region: int | None = None
+
+
+@dataclass
+class RegionReport:
+    """One fallback region: where it is, what it calls, the IR nodes and ONNX nodes, how it was exported."""
+
+    index: int
+    where: str
+    whats: list[str]
+    ir_nodes: int
+    onnx_nodes: int
+    exporter: str
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` did: per IR node the path it took, ONNX node counts, the fallback regions, notes."""
+
+    opset: int = 0
+    dynamic_batch: bool = True
+    capture: str = ""  # how the module was captured for export (fx, fx with parts kept whole, whole)
+    nodes: list[NodePath] = field(default_factory=list)
+    regions: list[RegionReport] = field(default_factory=list)
+    onnx_nodes: int = 0
+    own_onnx_nodes: int = 0
+    fallback_onnx_nodes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fallback(self) -> list[NodePath]:
+        """The IR nodes that went through ``torch.onnx.export``."""
+        return [n for n in self.nodes if n.path == "fallback"]
+
+    @property
+    def path(self) -> str:
+        """``own lowering`` when every node was lowered by us, else ``fallback (k nodes)``."""
+        k = len(self.fallback)
+        return "own lowering" if k == 0 else f"fallback ({k} node{'s' * (k != 1)})"
+
+    def summary(self) -> str:
+        """One line for the ONNX metadata (``repalgebra.fallback``): none, or each region's module path and calls."""
+        if not self.regions:
+            return "none"
+        parts = [f"{r.where} ({', '.join(r.whats)}): {r.onnx_nodes} ONNX nodes" for r in self.regions]
+        return f"{len(self.fallback)} IR nodes in {len(self.regions)} regions via torch.onnx.export: " + "; ".join(parts)
+
+    def __str__(self) -> str:
+        batch = "dynamic" if self.dynamic_batch else "fixed"
+        lines = [
+            f"export: {self.onnx_nodes} ONNX nodes (opset {self.opset}, batch {batch}): own lowering {self.own_onnx_nodes} "
+            f"from {len(self.nodes) - len(self.fallback)} IR nodes, fallback {self.fallback_onnx_nodes} "
+            f"from {len(self.fallback)} IR nodes in {len(self.regions)} region{'s' * (len(self.regions) != 1)}"
+        ]
+        if self.capture:
+            lines.append(f"  capture: {self.capture}")
+        if self.regions:
+            lines.append("  fallback (torch.onnx.export):")
+            for r in self.regions:
+                how = r.exporter.removeprefix("torch.onnx.export (TorchScript)").strip()
+                lines.append(
+                    f"    {r.where}: {r.ir_nodes} IR node{'s' * (r.ir_nodes != 1)} ({', '.join(r.whats)}) -> {r.onnx_nodes} ONNX nodes"
+                    + (f" ({how})" if how else "")
+                )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _dedup(items: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for i in items:
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def describe(node: Node) -> str:
+    """What a node computes, for reports: the op, or for an opaque node what it calls."""
+    if node.op != "opaque":
+        return node.op
+    fn = node.attrs.get("fn")
+    name = getattr(fn, "name", None) if type(fn).__name__ == "FnCall" else None
+    if name is not None:
+        return f"{name}"
+    return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", type(fn).__name__)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@dataclass
+class Region:
+    """Consecutive nodes without an ONNX lowering, exported together.
+
+    ``nodes`` are the run itself plus, before it, the producers of any non-tensor value it reads
+    (a tuple-valued call read by ``getitem``), recomputed here so that only tensors cross the border.
+    """
+
+    index: int
+    run: list[Node]  # the nodes this region stands for, in graph order
+    nodes: list[Node]  # what it computes: the run and the non-tensor producers it needs
+    inputs: list[Value]  # tensors it reads from outside
+    outputs: list[Value]  # tensors of the run read after it (or graph outputs)
+
+    @property
+    def where(self) -> str:
+        """The module path of the region (its first and last node's, when they differ)."""
+        first, last = (n.source or n.out.name for n in (self.run[0], self.run[-1]))
+        return first if first == last else f"{first} .. {last}"
+
+    @property
+    def whats(self) -> list[str]:
+        """What the region's nodes call, each once."""
+        return _dedup([describe(n) for n in self.run])
+
+    def module(self) -> nn.Module:
+        """The region as a torch module (the torch back end's lowering of its nodes)."""
+        from repalgebra.backend.torch import to_module
+
+        return to_module(Graph(self.inputs, self.nodes, self.outputs), class_name="FallbackRegion")
+
+
+def _is_tensor(v: Value) -> bool:
+    return v.shape is not None
+
+
+def find_regions(graph: Graph, lowered: Callable[[Node], bool]) -> list[Region]:
+    """The graph's nodes without a lowering, as regions of consecutive nodes (in graph order)."""
+    nodes = list(graph.nodes)
+    position = {id(n): k for k, n in enumerate(nodes)}
+    readers: dict[int, list[Node]] = {}
+    for n in nodes:
+        for v in n.inputs:
+            readers.setdefault(id(v), []).append(n)
+    outputs = {id(v) for v in graph.outputs}
+    runs: list[list[Node]] = []
+    current: list[Node] | None = None
+    for n in nodes:
+        if lowered(n):
+            current = None
+            continue
+        if current is None:
+            current = []
+            runs.append(current)
+        current.append(n)
+    regions = []
+    for k, run in enumerate(runs):
+        members = {id(n) for n in run}
+        needed = [v for n in run for v in n.inputs if not _is_tensor(v) and id(v.producer) not in members]
+        while needed:  # pull in the producers of non-tensor values, and what they read
+            v = needed.pop()
+            p = v.producer
+            if p is None or id(p) in members:
+                continue
+            members.add(id(p))
+            needed += [i for i in p.inputs if not _is_tensor(i)]
+        body = sorted((n for n in nodes if id(n) in members), key=lambda n: position[id(n)])
+        inputs: list[Value] = []
+        for n in body:
+            for v in n.inputs:
+                if (v.producer is None or id(v.producer) not in members) and all(v is not i for i in inputs):
+                    if not _is_tensor(v):
+                        raise AssertionError(f"non-tensor value {v} crosses into a fallback region")
+                    inputs.append(v)
+        run_ids = {id(n) for n in run}
+        outs = [
+            n.out for n in run
+            if _is_tensor(n.out) and (id(n.out) in outputs or any(id(r) not in run_ids for r in readers.get(id(n.out), [])))
+        ]
+        regions.append(Region(k, run, body, inputs, outs))
+    return regions
+
+
+# --------------------------------------------------------------------------- example inputs
+
+
+def run_regions(
+    graph: Graph, regions: list[Region], modules: list[nn.Module], x: Sequence[torch.Tensor]
+) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """Run ``graph`` on ``x`` (our nodes by the op table's reference semantics, regions by their modules);
+    returns each region's input and output tensors."""
+    from repalgebra.ops import op_def
+
+    first = {id(r.run[0]): r for r in regions}
+    in_region = {id(n) for r in regions for n in r.run}
+    env: dict[int, Any] = {id(v): t for v, t in zip(graph.inputs, x)}
+    seen: list[tuple[tuple, tuple]] = [((), ())] * len(regions)
+    with torch.no_grad():
+        for n in graph.nodes:
+            r = first.get(id(n))
+            if r is not None:
+                args = tuple(env[id(v)] for v in r.inputs)
+                got = modules[r.index](*args)
+                got = got if isinstance(got, tuple) else (got,)
+                seen[r.index] = (args, got)
+                for v, t in zip(r.outputs, got):
+                    env[id(v)] = t
+            elif id(n) not in in_region:
+                env[id(n.out)] = op_def(n.op)([env[id(i)] for i in n.inputs], n.attrs, n.params)
+    return seen
+
+
+def changed_axes(values: Sequence[Value], tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Per value, the axes whose size in ``tensors`` differs from the value's recorded shape."""
+    out = []
+    for v, t in zip(values, tensors):
+        if len(t.shape) != len(v.shape):
+            raise ValueError(f"{v.name}: rank {len(t.shape)} at the other batch size, {len(v.shape)} as captured")
+        out.append([k for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b])
+    return out
+
+
+# --------------------------------------------------------------------------- export the regions
+
+
+@dataclass
+class ExportedRegion:
+    """One region as ``torch.onnx.export`` gave it: the model, how it was exported, its dynamic input axes."""
+
+    model: onnx.ModelProto
+    exporter: str
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def export_regions(
+    graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str]
+) -> tuple[list[ExportedRegion], bool]:
+    """Every region exported with ``torch.onnx.export`` and checked in onnxruntime; and whether the batch stays dynamic.
+
+    With ``dynamic_batch``, the regions are traced at another batch size than the graph's (the example inputs
+    of one run of the graph there) with the axes that follow it dynamic, then checked at the graph's own batch.
+    When the graph does not run at the other batch size, or a region's export does not follow the batch (Python
+    in a module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
+    ``notes`` says why.  With the batch fixed, each region is traced at the graph's shapes and checked there.
+    """
+    modules = [r.module() for r in regions]
+    gen = torch.Generator().manual_seed(0)
+    dtype = graph.inputs[0].dtype or torch.float32
+    batch = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
+    at = lambda b: [torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype) for v in graph.inputs]  # noqa: E731
+    own = run_regions(graph, regions, modules, at(batch)) if batch is not None else None
+    if dynamic_batch and batch is not None:
+        other = batch + 2
+        try:
+            seen = run_regions(graph, regions, modules, at(other))
+            axes = [(changed_axes(r.inputs, i), changed_axes(r.outputs, o)) for r, (i, o) in zip(regions, seen)]
+        except Exception as e:  # noqa: BLE001  (sizes fixed at the captured batch somewhere in the graph)
+            notes.append(f"batch fixed at {batch}: the graph does not run at batch {other} ({_first_line(e)})")
+        else:
+            exported = [_export(r, m, i, a, opset) for r, m, (i, _), a in zip(regions, modules, seen, axes)]
+            wrong = next(((r, why) for r, e in zip(regions, exported) if (why := _differs(e.model, *own[r.index]))), None)
+            if wrong is None:
+                return exported, True
+            r, why = wrong
+            notes.append(
+                f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow the "
+                f"batch ({why}; its Python reads sizes as numbers)"
+            )
+    if own is None:
+        own = run_regions(graph, regions, modules, [torch.randn(v.shape, generator=gen, dtype=v.dtype or dtype) for v in graph.inputs])
+    exported = [_export(r, m, i, ([], []), opset) for r, m, (i, _) in zip(regions, modules, own)]
+    for r, e in zip(regions, exported):
+        why = _differs(e.model, *own[r.index])
+        if why:
+            raise FallbackError(f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}")
+    return exported, False
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
+    """Why ``model`` in onnxruntime does not give ``outputs`` on ``inputs`` (empty when it does)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+        got = session.run(None, feed)
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime: {_first_line(e)}"
+    for k, (g, t) in enumerate(zip(got, outputs)):
+        ref = t.detach().cpu().numpy()
+        if g.shape != ref.shape:
+            return f"output {k} has shape {tuple(g.shape)}, not {tuple(ref.shape)}"
+        if ref.size and not np.issubdtype(ref.dtype, np.floating):
+            if not np.array_equal(g, ref):
+                return f"output {k} differs"
+        elif ref.size:
+            err = float(np.abs(g.astype(np.float64) - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+            if not err <= rtol:
+                return f"output {k} differs by {err:.1e} relative"
+    return ""
+
+
+def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list, list], opset: int) -> ExportedRegion:
+    """One region exported by :func:`export_region`; a :class:`FallbackError` naming it when that fails."""
+    try:
+        model, used = export_region(region, module, examples, axes[0], axes[1], opset)
+    except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
+        calls = ", ".join(region.whats)
+        raise FallbackError(
+            f"no ONNX lowering for {calls} at {region.where}, and torch.onnx.export (TorchScript) cannot export it at "
+            f"opset {opset} either: {_first_line(e)}"
+        ) from e
+    how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
+    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a})
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx.export's tracer warnings and log lines stay off the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_region(
+    region: Region,
+    module: nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    dynamic: list[list[int]],
+    dynamic_out: list[list[int]],
+    opset: int,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """``module`` (the region) exported alone with ``torch.onnx.export`` (TorchScript) under :class:`Rewrites`,
+    inputs ``in0, in1, ...``, outputs ``out0, ...``, the given axes dynamic.  Returns the model and the rewrites
+    used."""
+    in_names = [f"in{k}" for k in range(len(examples))]
+    out_names = [f"out{k}" for k in range(len(region.outputs))]
+    axes = {name: {a: f"{name}_d{a}" for a in ax} for name, ax in [*zip(in_names, dynamic), *zip(out_names, dynamic_out)] if ax}
+    buf = io.BytesIO()
+    mode = Rewrites(opset)
+    with _quiet(), mode:
+        torch.onnx.export(
+            copy.deepcopy(module).eval(), tuple(examples), buf, dynamo=False, opset_version=opset,
+            input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used))
+
+
+# --------------------------------------------------------------------------- rewrites for torch.onnx.export
+#
+# A few ATen ops the TorchScript exporter cannot export at our opset (or at all), each rewritten as an exact
+# equivalent it can, only where it cannot (a rewrite returns NotImplemented otherwise): applied as a
+# TorchFunctionMode while a region is traced, so they also reach calls inside a module kept whole.  Resampling is
+# linear at fixed sizes: out = A_h @ x @ A_w^T, the matrices computed by the op itself on unit vectors (outside the
+# trace).
+
+
+@contextlib.contextmanager
+def _untraced() -> Iterator[None]:
+    """Compute constants while ``torch.onnx.export`` traces, without recording the computation."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _slice_scatter(x, src, dim=0, start=None, end=None, step=1, *, opset=0):
+    """``x`` with ``x[..., start:end:step, ...] = src`` along ``dim``: concatenation for step 1."""
+    dim = dim % x.dim()
+    size = int(x.shape[dim])
+    lo, hi, _ = slice(start, end, step).indices(size)
+    if step != 1:
+        out = x.clone()
+        out[(slice(None),) * dim + (slice(lo, hi, step),)] = src
+        return out
+    parts = [x.narrow(dim, 0, lo), src, x.narrow(dim, hi, size - hi)]
+    return torch.cat([p for p in parts if p.shape[dim] > 0], dim)
+
+
+def _copy(x, src, non_blocking=False, *, opset=0):
+    """Functional ``x.copy_(src)``: ``src`` broadcast to ``x``'s shape, in ``x``'s dtype."""
+    return src.to(x.dtype).expand_as(x)
+
+
+def _col2im(x, output_size, kernel_size, dilation=1, padding=0, stride=1, *, opset=0):
+    """``F.fold`` as a transposed convolution with one-hot kernels (one per kernel position, grouped by channel);
+    from opset 18 on, ONNX has ``Col2Im``."""
+    if opset >= 18:
+        return NotImplemented
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    (oh, ow), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(pair, (output_size, kernel_size, dilation, padding, stride))
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(0)
+    k = kh * kw
+    c = int(x.shape[1]) // k
+    lh = (oh + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    lw = (ow + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    with _untraced():
+        weight = torch.eye(k, dtype=x.dtype).reshape(k, 1, kh, kw).repeat(c, 1, 1, 1)
+    # The transposed convolution's output before the last rows and columns patches reach: extend by output_padding,
+    # (less than the stride or dilation), then zeros for positions no patch reaches.
+    full = ((lh - 1) * sh - 2 * ph + dh * (kh - 1) + 1, (lw - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
+    extra = tuple(min(o - f, max(s, d) - 1) for o, f, s, d in zip((oh, ow), full, (sh, sw), (dh, dw)))
+    y = torch.nn.functional.conv_transpose2d(
+        x.reshape(-1, c * k, lh, lw), weight, stride=(sh, sw), padding=(ph, pw), output_padding=extra, dilation=(dh, dw), groups=c
+    )
+    got = (full[0] + extra[0], full[1] + extra[1])
+    if got != (oh, ow):
+        y = torch.nn.functional.pad(y, (0, ow - got[1], 0, oh - got[0]))
+    return y if batched else y.squeeze(0)
+
+
+def _pool_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (n_out, n_in) averaging matrix of adaptive average pooling along one axis."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        lo, hi = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
+        m[o, lo:hi] = 1.0 / (hi - lo)
+    return m.to(dtype)
+
+
+def _adaptive_avg_pool2d(x, output_size, *, opset=0):
+    """Adaptive average pooling at fixed sizes whose output size does not divide the input's (the exporter takes
+    only those) as two matrix products."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    oh, ow = h if oh is None else oh, w if ow is None else ow
+    if h % oh == 0 and w % ow == 0:
+        return NotImplemented
+    with _untraced():
+        a_h, a_w = _pool_matrix(h, oh, x.dtype), _pool_matrix(w, ow, x.dtype).t().contiguous()
+    return torch.matmul(torch.matmul(a_h, x), a_w)
+
+
+def _resample(x, resize: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """A separable resampling at fixed sizes: ``resize(e, axis)`` on unit vectors along ``axis`` gives its matrices.
+
+    The unit vectors are two wide across the other axis, which keeps its size (torch's antialiased kernels
+    weigh a height-1 or width-1 input differently).
+    """
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    with _untraced():
+        e_h = torch.eye(h, dtype=x.dtype).reshape(h, 1, h, 1).repeat(1, 1, 1, 2)
+        e_w = torch.eye(w, dtype=x.dtype).reshape(w, 1, 1, w).repeat(1, 1, 2, 1)
+        a_h = resize(e_h, 0)[:, 0, :, 0].t().contiguous()
+        a_w = resize(e_w, 1)[:, 0, 0, :].contiguous()
+    return torch.matmul(torch.matmul(a_h, x), a_w)
+
+
+def _aa_op(op: Callable) -> Callable:
+    """An antialiased ATen resampling (``_upsample_bicubic2d_aa``, ...) as two matrix products."""
+
+    def rewrite(x, output_size, align_corners, scales_h=None, scales_w=None, *, opset=0):
+        oh, ow = output_size
+        return _resample(x, lambda e, axis: op(e, [oh, 2] if axis == 0 else [2, ow], align_corners, scales_h if axis == 0 else None,
+                                               None if axis == 0 else scales_w))
+
+    return rewrite
+
+
+def _interpolate(
+    x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None, antialias=False, *, opset=0
+):
+    """``F.interpolate(..., antialias=True)`` (no ONNX op before opset 18) as two matrix products; others unchanged."""
+    if not antialias or x.dim() != 4:
+        return NotImplemented
+    pair = lambda v: (v, v) if not isinstance(v, (tuple, list)) else tuple(v)  # noqa: E731
+    size, scale = (pair(size) if size is not None else None), (pair(scale_factor) if scale_factor is not None else None)
+
+    def resize(e: torch.Tensor, axis: int) -> torch.Tensor:
+        one = lambda v: (v[0], 2) if axis == 0 else (2, v[1])  # noqa: E731
+        kw = dict(mode=mode, align_corners=align_corners, recompute_scale_factor=recompute_scale_factor, antialias=True)
+        if size is not None:
+            return torch.nn.functional.interpolate(e, size=one(size), **kw)
+        return torch.nn.functional.interpolate(e, scale_factor=(scale[0], 1.0) if axis == 0 else (1.0, scale[1]), **kw)
+
+    return _resample(x, resize)
+
+
+aten = torch.ops.aten
+REWRITES: dict[Any, tuple[str, Callable]] = {
+    aten.slice_scatter.default: ("slice_scatter", _slice_scatter),
+    torch.slice_scatter: ("slice_scatter", _slice_scatter),
+    torch.Tensor.slice_scatter: ("slice_scatter", _slice_scatter),
+    aten.copy.default: ("copy", _copy),
+    aten.col2im.default: ("col2im", _col2im),
+    torch.nn.functional.fold: ("fold", _col2im),
+    aten.adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
+    aten._adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
+    torch.nn.functional.adaptive_avg_pool2d: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
+    aten._upsample_bicubic2d_aa.default: ("upsample_bicubic2d_aa", _aa_op(aten._upsample_bicubic2d_aa.default)),
+    aten._upsample_bilinear2d_aa.default: ("upsample_bilinear2d_aa", _aa_op(aten._upsample_bilinear2d_aa.default)),
+    torch.nn.functional.interpolate: ("interpolate(antialias)", _interpolate),
+}
+
+
+class Rewrites(TorchFunctionMode):
+    """While active, the calls in :data:`REWRITES` run as their rewrites (where the exporter needs them at
+    ``opset``); ``used`` names those that did."""
+
+    def __init__(self, opset: int) -> None:
+        super().__init__()
+        self.opset = opset
+        self.used: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            entry = REWRITES.get(func)
+        except TypeError:  # an unhashable callable
+            entry = None
+        if entry is not None:
+            out = entry[1](*args, **kwargs, opset=self.opset)
+            if out is not NotImplemented:
+                self.used.append(entry[0])
+                return out
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- splice
+
+
+@dataclass
+class Spliced:
+    """What the splices add besides nodes and initializers: opset imports and local functions."""
+
+    opsets: dict[str, int] = field(default_factory=dict)
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
+
+
+def splice(
+    ctx: Any, sub: onnx.ModelProto, input_names: Sequence[str], prefix: str, opset: int, extra: Spliced
+) -> list[str]:
+    """Add ``sub``'s graph to ``ctx`` (our lowering context) reading ``input_names``; returns its output names.
+
+    Every name of ``sub`` except its inputs is renamed ``prefix/name`` (made unique in ``ctx``); an output
+    that no node of ``sub`` computes (an input or an initializer passed through) becomes an ``Identity``.
+    """
+    g = sub.graph
+    for imp in sub.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            if imp.version != opset:
+                raise FallbackError(f"torch.onnx.export gave opset {imp.version} for {prefix}, asked for {opset}")
+        elif extra.opsets.setdefault(imp.domain, imp.version) != imp.version:
+            raise FallbackError(f"two versions of opset domain {imp.domain!r}: {extra.opsets[imp.domain]} and {imp.version}")
+    names: dict[str, str] = {i.name: n for i, n in zip(g.input, input_names)}
+    names[""] = ""
+
+    def rename(name: str) -> str:
+        if name not in names:
+            names[name] = ctx.unique(f"{prefix}/{name.lstrip('/')}")
+        return names[name]
+
+    def rename_graph(graph: onnx.GraphProto) -> None:  # names inside If/Loop bodies, with their outer-scope reads
+        for t in graph.initializer:
+            t.name = rename(t.name)
+        for vi in [*graph.input, *graph.output, *graph.value_info]:
+            vi.name = rename(vi.name)
+        for node in graph.node:
+            rename_node(node)
+
+    def rename_node(node: onnx.NodeProto) -> None:
+        node.input[:] = [rename(i) for i in node.input]
+        node.output[:] = [rename(o) for o in node.output]
+        node.name = ctx.unique(f"{prefix}/{node.name.lstrip('/') or node.op_type}#node")
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                rename_graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    rename_graph(sg)
+
+    produced = {o for node in g.node for o in node.output}
+    for t in g.initializer:
+        t = copy.deepcopy(t)
+        t.name = rename(t.name)
+        ctx.initializers.append(t)
+    for node in g.node:
+        node = copy.deepcopy(node)
+        rename_node(node)
+        ctx.nodes.append(node)
+    outs = []
+    for o in g.output:
+        if o.name in produced:
+            outs.append(names[o.name])
+        else:  # a pass-through: the exporter returned an input or a constant as it is
+            outs.append(ctx.emit("Identity", [rename(o.name)]))
+    for f in sub.functions:
+        if all((f.domain, f.name, f.overload) != (h.domain, h.name, h.overload) for h in extra.functions):
+            extra.functions.append(f)
+    return outs
+
+
+# --------------------------------------------------------------------------- capture for export
+
+
+MAX_LEAVES = 64  # submodules kept whole (carried through to the fallback) before the module itself is
+
+
+def capture_for_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Graph, str]:
+    """``model`` as a graph for export, and how it was captured.
+
+    ``torch.fx`` first; a submodule it cannot trace becomes a leaf (an opaque node for the fallback), one at a
+    time as the tracer names them; if the module's own ``forward`` cannot be traced, the whole module is one
+    opaque node (so the whole export goes through ``torch.onnx.export``).
+    """
+    from repalgebra.frontend.inplace import InplaceHazard
+    from repalgebra.frontend.torch import UntraceableError, trace
+
+    leaves: list[str] = []
+    reason = ""
+    while len(leaves) <= MAX_LEAVES:
+        try:
+            graph = trace(model, inputs, leaf_modules=tuple(leaves))
+        except (UntraceableError, InplaceHazard) as e:
+            path = getattr(e, "path", "")
+            reason = (str(e).strip().splitlines() or [""])[0]
+            if not path or path in leaves:
+                break
+            leaves.append(path)
+            continue
+        if not leaves:
+            return graph, "fx"
+        shown = ", ".join(repr(p) for p in leaves)
+        return graph, f"fx, with {len(leaves)} part{'s' * (len(leaves) != 1)} torch.fx cannot trace kept whole: {shown}"
+    return whole_model_graph(model, inputs), f"whole (torch.fx cannot trace {type(model).__name__}: {reason})"
+
+
+def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Graph:
+    """A graph of one opaque node calling ``model`` (then one ``getitem`` per output when it returns several)."""
+    from torch.utils import _pytree as pytree
+
+    from repalgebra.frontend.calls import FnCall, In
+
+    work = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        out = work(*[t.clone() for t in inputs])
+    xs = [Graph.input(f"x{k}" if len(inputs) > 1 else "x", tuple(t.shape), t.dtype) for k, t in enumerate(inputs)]
+    leaves, spec = pytree.tree_flatten(out)
+    if spec.is_leaf():
+        node = Node.make("opaque", xs, {"fn": work, "out_shape": tuple(out.shape), "out_dtype": out.dtype}, {}, "")
+        return Graph(xs, [node], [node.out])
+    whole = Node.make("opaque", xs, {"fn": Flat(work), "out_shape": None, "out_dtype": None}, {}, "")
+    nodes = [whole]
+    for k, t in enumerate(leaves):
+        fn = FnCall("call_function", _getitem, (In(0), k), {}, {})
+        nodes.append(Node.make("opaque", [whole.out], {"fn": fn, "out_shape": tuple(t.shape), "out_dtype": t.dtype}, {}, ""))
+    return Graph(xs, nodes, [n.out for n in nodes[1:]])
+
+
+def _getitem(xs: Any, k: int) -> Any:
+    return xs[k]
+
+
+class Flat(nn.Module):
+    """``module`` with its outputs flattened to a tuple of tensors."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *xs: Any) -> tuple:
+        from torch.utils import _pytree as pytree
+
+        return tuple(pytree.tree_leaves(self.module(*xs)))
+
+
+def fixed_shape_parts(model: nn.Module) -> list[str]:
+    """Where ``model`` holds parts ``fuse`` captured with shapes fixed (a ``ShapeGuard`` pre-hook): valid at one batch."""
+    from repalgebra.fuse import ShapeGuard
+
+    found = []
+    for path, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, ShapeGuard):
+                shapes = ", ".join("x".join(map(str, s)) for s in hook.shapes)
+                found.append(f"{path or 'the model'} (at {shapes})")
+    return found
