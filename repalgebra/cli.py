@@ -121,6 +121,7 @@ def _export(args) -> int:
     import numpy as np
     import onnxruntime as ort
     import torch
+    from torch.utils import _pytree as pytree
 
     import repalgebra
     from repalgebra.backend.onnx import export_onnx
@@ -130,19 +131,22 @@ def _export(args) -> int:
     _step(2, 4, "fusing")
     fused = repalgebra.fuse(model, _example(args))
     _step(3, 4, f"exporting to {args.output} (opset {args.opset or 'default'})")
-    proto = export_onnx(fused, args.output, args.input_shape, opset=args.opset, fuse=False, metadata={"model": args.model})
+    proto, report = export_onnx(
+        fused, args.output, args.input_shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True
+    )
+    print(report)
     _step(4, 4, "running it in onnxruntime")
     x = torch.randn(args.input_shape)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
-        ref = fused(x).numpy()
-    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+        ref = [t.numpy() for t in pytree.tree_leaves(fused(x))]
+    err = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref))
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     print("ONNX nodes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    ok = err <= 1e-5
+    ok = err <= 1e-5 and len(got) == len(ref)
     print(f"onnxruntime vs fused torch: max relative error {err:.2e} (tolerance 1e-05, float32) -> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
 

@@ -141,3 +141,29 @@ def test_fuse_keeps_an_untraceable_part_whole_and_says_so(tmp_path, capsys):
     assert "'2' (Gate): kept whole: fx: TraceError" in out and "1 part kept whole" in out
     assert main(["fuse", spec, "-o", str(tmp_path / "g.pt"), "--input-shape", "1,3,8,8", "--strict"]) == 1
     assert "cannot trace module '2' (Gate)" in capsys.readouterr().err
+
+
+def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tmp_path, capsys):
+    path = tmp_path / "gated.py"
+    path.write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Gate(nn.Module):  # control flow on values: kept whole by fuse, exported by torch.onnx.export
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+            def forward(self, x):
+                return self.body(x) if x.abs().sum() >= 0 else x
+
+        def make():
+            return nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), Gate())
+    """))
+    out = tmp_path / "g.onnx"
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8"]) == 0
+    printed = capsys.readouterr().out
+    assert "fallback (torch.onnx.export):" in printed and "m_3: 1 IR node (Gate)" in printed, printed
+    assert "into Python boolean (control flow on values)" in printed and "OK" in printed
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["repalgebra.fallback"].startswith("1 IR node in 1 region via torch.onnx.export: m_3 (Gate)")
+    assert meta["repalgebra.batch"] == "dynamic"

@@ -105,7 +105,8 @@ class ExportReport:
         if not self.regions:
             return "none"
         parts = [f"{r.where} ({', '.join(r.whats)}): {r.onnx_nodes} ONNX nodes" for r in self.regions]
-        return f"{len(self.fallback)} IR nodes in {len(self.regions)} regions via torch.onnx.export: " + "; ".join(parts)
+        k, r = len(self.fallback), len(self.regions)
+        return f"{k} IR node{'s' * (k != 1)} in {r} region{'s' * (r != 1)} via torch.onnx.export: " + "; ".join(parts)
 
     def __str__(self) -> str:
         batch = "dynamic" if self.dynamic_batch else "fixed"
@@ -282,6 +283,7 @@ class ExportedRegion:
     model: onnx.ModelProto
     exporter: str
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    branches: int = 0  # tensor values the trace turned into Python booleans (control flow fixed to one branch)
 
 
 def export_regions(
@@ -312,7 +314,7 @@ def export_regions(
             exported = [_export(r, m, i, a, opset) for r, m, (i, _), a in zip(regions, modules, seen, axes)]
             wrong = next(((r, why) for r, e in zip(regions, exported) if (why := _differs(e.model, *own[r.index]))), None)
             if wrong is None:
-                return exported, True
+                return _noted(regions, exported, notes), True
             r, why = wrong
             notes.append(
                 f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow the "
@@ -325,7 +327,19 @@ def export_regions(
         why = _differs(e.model, *own[r.index])
         if why:
             raise FallbackError(f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}")
-    return exported, False
+    return _noted(regions, exported, notes), False
+
+
+def _noted(regions: list[Region], exported: list[ExportedRegion], notes: list[str]) -> list[ExportedRegion]:
+    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values."""
+    for r, e in zip(regions, exported):
+        if e.branches:
+            notes.append(
+                f"{r.where}: torch.onnx.export's trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into "
+                f"Python boolean{'s' * (e.branches != 1)} (control flow on values): the export always takes the branch "
+                "its example input took"
+            )
+    return exported
 
 
 def _first_line(e: BaseException) -> str:
@@ -364,7 +378,7 @@ def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float 
 def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list, list], opset: int) -> ExportedRegion:
     """One region exported by :func:`export_region`; a :class:`FallbackError` naming it when that fails."""
     try:
-        model, used = export_region(region, module, examples, axes[0], axes[1], opset)
+        model, used, branches = export_region(region, module, examples, axes[0], axes[1], opset)
     except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
         calls = ", ".join(region.whats)
         raise FallbackError(
@@ -372,20 +386,20 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
             f"opset {opset} either: {_first_line(e)}"
         ) from e
     how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
-    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a})
+    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches)
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx.export's tracer warnings and log lines stay off the user's terminal."""
+def _quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """torch.onnx.export's tracer warnings and log lines stay off the user's terminal; the warnings are recorded."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
+            yield caught
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -398,21 +412,22 @@ def export_region(
     dynamic: list[list[int]],
     dynamic_out: list[list[int]],
     opset: int,
-) -> tuple[onnx.ModelProto, list[str]]:
+) -> tuple[onnx.ModelProto, list[str], int]:
     """``module`` (the region) exported alone with ``torch.onnx.export`` (TorchScript) under :class:`Rewrites`,
-    inputs ``in0, in1, ...``, outputs ``out0, ...``, the given axes dynamic.  Returns the model and the rewrites
-    used."""
+    inputs ``in0, in1, ...``, outputs ``out0, ...``, the given axes dynamic.  Returns the model, the rewrites
+    used and how many tensor values the trace turned into Python booleans."""
     in_names = [f"in{k}" for k in range(len(examples))]
     out_names = [f"out{k}" for k in range(len(region.outputs))]
     axes = {name: {a: f"{name}_d{a}" for a in ax} for name, ax in [*zip(in_names, dynamic), *zip(out_names, dynamic_out)] if ax}
     buf = io.BytesIO()
     mode = Rewrites(opset)
-    with _quiet(), mode:
+    with _quiet() as caught, mode:
         torch.onnx.export(
             copy.deepcopy(module).eval(), tuple(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
-    return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used))
+    branches = sum(isinstance(w.message, torch.jit.TracerWarning) and "Python boolean" in str(w.message) for w in caught)
+    return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), branches
 
 
 # --------------------------------------------------------------------------- rewrites for torch.onnx.export

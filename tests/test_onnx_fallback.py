@@ -1,0 +1,252 @@
+"""The ONNX back end's fallback (``repalgebra/backend/onnx_fallback.py``): regions, splicing, batch axes, rewrites.
+
+Nodes without an ONNX lowering are exported by ``torch.onnx.export`` and spliced in; each case here checks the
+export against the graph or module in onnxruntime (float32, 1e-5 relative) and what the report and metadata say.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+from repalgebra.backend.onnx import export_onnx, graph_to_onnx
+from repalgebra.backend.onnx_fallback import REWRITES, find_regions
+from repalgebra.frontend.calls import Buf, FnCall, In
+from repalgebra.interpret import run_graph
+from repalgebra.ir import Graph, Node
+
+RTOL = 1e-5
+aten = torch.ops.aten
+
+
+def run(proto: onnx.ModelProto, x: torch.Tensor) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def close(got: np.ndarray, ref: torch.Tensor) -> bool:
+    ref = ref.detach().numpy()
+    return got.shape == ref.shape and float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)) <= RTOL
+
+
+def opaque(inputs, target, args, out, consts=None, source=""):
+    fn = FnCall("call_function", target, args, {}, consts or {})
+    shape, dtype = (tuple(out.shape), out.dtype) if out is not None else (None, None)
+    return Node.make("opaque", inputs, {"fn": fn, "out_shape": shape, "out_dtype": dtype}, {}, source)
+
+
+def test_tuple_valued_call_is_recomputed_in_each_region_that_reads_it():
+    """sort -> (values, indices): getitem 0 and getitem 1 sit in two regions with our relu between them."""
+    x = Graph.input("x", (2, 4, 5))
+    probe = torch.zeros(2, 4, 5)
+    srt = opaque([x], torch.sort, (In(0), 1), None, source="sort")
+    values = opaque([srt.out], operator.getitem, (In(0), 0), probe, source="values")
+    relu = Node.make("relu", [values.out], source="relu")
+    indices = opaque([srt.out], operator.getitem, (In(0), 1), probe.long(), source="indices")
+    as_float = opaque([indices.out], torch.Tensor.float, (In(0),), probe, source="float")
+    add = Node.make("add", [relu.out, as_float.out], source="add")
+    graph = Graph([x], [srt, values, relu, indices, as_float, add], [add.out])
+    regions = find_regions(graph, lambda n: n.op != "opaque")
+    assert [[n.out.name for n in r.nodes] for r in regions] == [
+        [srt.out.name, values.out.name], [srt.out.name, indices.out.name, as_float.out.name]
+    ]
+    proto, report = graph_to_onnx(graph, return_report=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [r.where for r in report.regions] == ["sort .. values", "indices .. float"]
+    for batch in (2, 5):
+        xb = torch.randn(batch, 4, 5)
+        assert close(run(proto, xb)[0], run_graph(graph, xb))
+
+
+def test_constant_region_without_inputs_and_an_aten_overload():
+    x = Graph.input("x", (1, 3, 4))
+    table = torch.randn(3, 4)
+    const = opaque([], lambda c: c, (Buf("c0"),), table, {"c0": table}, source="table")
+    cum = opaque([x], aten.cumsum.default, (In(0), 2), torch.zeros(1, 3, 4), source="cum")
+    add = Node.make("add", [cum.out, const.out], source="add")
+    graph = Graph([x], [const, cum, add], [add.out])
+    proto, report = graph_to_onnx(graph, return_report=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.path for n in report.nodes] == ["fallback", "fallback", "own"] and len(report.regions) == 1
+    assert report.nodes[1].what == "cumsum.default"
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 4)
+        assert close(run(proto, xb)[0], run_graph(graph, xb))
+
+
+class Cumsum(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=2)
+
+
+def test_batch_axis_moved_by_our_nodes_is_found():
+    """The region's input has the batch at axis 1 (after our transpose); it is exported dynamic there."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Cumsum()).eval()
+
+    class Moved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            y = self.m(x).transpose(0, 1)
+            return torch.cumsum(y, dim=2).transpose(0, 1)
+
+    m = Moved().eval()
+    proto, report = export_onnx(m, None, (1, 3, 5, 5), return_report=True)
+    assert report.dynamic_batch and {"in0": [1]} in [r.dynamic_axes for r in report.regions]
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 5, 5)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], m(x))
+
+
+class BakesBatch(nn.Module):
+    """Reads the batch as a Python int (torch.fx cannot trace it; torch.onnx.export's trace fixes it)."""
+
+    def forward(self, x):
+        b = int(x.shape[0])
+        return torch.cumsum(x.reshape(b, -1), dim=1).reshape(x.shape)
+
+
+def test_region_whose_trace_fixes_the_batch_exports_with_the_batch_fixed():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BakesBatch()).eval()
+    proto, report = export_onnx(model, None, (2, 3, 4, 4), return_report=True)
+    assert not report.dynamic_batch
+    assert any("does not follow the batch" in n for n in report.notes), report.notes
+    assert "'1'" in report.capture and {p.key: p.value for p in proto.metadata_props}["repalgebra.batch"] == "fixed at 2"
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.abs().sum() >= 0 else -y  # a value in control flow: torch.fx cannot trace the model itself
+
+
+def test_model_fx_cannot_trace_at_all_is_exported_whole():
+    model = Branchy().eval()
+    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True)
+    assert report.capture.startswith("whole") and len(report.fallback) == 1
+    assert any("Python boolean" in n for n in report.notes)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+
+
+def test_a_model_fused_with_shapes_fixed_exports_with_the_batch_fixed():
+    class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.export at the example's shapes
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            for _ in range(int(y.shape[-1]) // 3):
+                y = y + F.max_pool2d(y, 3, 1, 1)
+            return y
+
+    model = SizeLoop().eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.capture == "specialized"
+    proto, report = export_onnx(fused, None, (2, 3, 6, 6), fuse=False, return_report=True)
+    assert not report.dynamic_batch and "fused with shapes fixed" in report.notes[0]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 0
+    with torch.no_grad():
+        assert close(run(proto, x)[0], fused(x))
+
+
+def test_spliced_names_are_unique_and_carry_the_module_path():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Cumsum(), nn.ReLU(), Cumsum()).eval()
+    proto = export_onnx(model, None, (1, 3, 4, 4))
+    names = [n.name for n in proto.graph.node]
+    outs = [o for n in proto.graph.node for o in n.output]
+    assert len(set(names)) == len(names) and len(set(outs)) == len(outs)
+    assert any(n.startswith("1/fallback") for n in names) and any(n.startswith("3/fallback") for n in names)
+
+
+# --------------------------------------------------------------------------- rewrites
+
+
+def _rewrite(fn):
+    return next(r for k, (_, r) in REWRITES.items() if k is fn)
+
+
+@pytest.mark.parametrize("start,end,step", [(1, 4, 1), (0, 5, 2), (None, None, 1), (-3, None, 1)])
+def test_slice_scatter_rewrite_is_exact(start, end, step):
+    x = torch.randn(2, 5, 9, 3)
+    src = torch.randn(2, 5, len(range(*slice(start, end, step).indices(9))), 3)
+    assert torch.equal(_rewrite(aten.slice_scatter.default)(x, src, 2, start, end, step), aten.slice_scatter.default(x, src, 2, start, end, step))
+
+
+@pytest.mark.parametrize("size,kernel,dilation,padding,stride", [
+    ((8, 8), (2, 2), 1, 0, 2), ((9, 10), (3, 3), 1, 1, 2), ((10, 10), (3, 2), 2, 1, 1), ((11, 11), (3, 3), 2, 0, 3), ((12, 7), (2, 3), 1, 2, 3),
+])
+def test_fold_rewrite_is_exact(size, kernel, dilation, padding, stride):
+    cols = F.unfold(torch.randn(2, 3, *size), kernel, dilation, padding, stride)
+    for c in (cols, cols[0]):
+        assert torch.equal(_rewrite(F.fold)(c, size, kernel, dilation, padding, stride), F.fold(c, size, kernel, dilation, padding, stride))
+    assert _rewrite(F.fold)(cols, size, kernel, dilation, padding, stride, opset=18) is NotImplemented  # ONNX Col2Im
+
+
+@pytest.mark.parametrize("out", [(7, 7), (4, 5), (3, 2)])
+def test_adaptive_avg_pool_rewrite_is_exact(out):
+    x = torch.randn(2, 3, 9, 11)
+    assert torch.allclose(_rewrite(F.adaptive_avg_pool2d)(x, out), F.adaptive_avg_pool2d(x, out), rtol=0, atol=1e-6)
+    assert _rewrite(F.adaptive_avg_pool2d)(x[..., :8, :8], 4) is NotImplemented  # the exporter takes factor sizes
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("how", [dict(size=(5, 6)), dict(size=(14, 20)), dict(scale_factor=0.5)])
+def test_antialiased_interpolate_rewrite_is_exact(mode, how):
+    x = torch.randn(2, 3, 9, 11)
+    got = _rewrite(F.interpolate)(x, mode=mode, antialias=True, **how)
+    assert torch.allclose(got, F.interpolate(x, mode=mode, antialias=True, **how), rtol=0, atol=1e-5)
+    op = aten._upsample_bicubic2d_aa.default
+    assert torch.allclose(_rewrite(op)(x, [4, 5], False), op(x, [4, 5], False), rtol=0, atol=1e-5)
+
+
+class Resamples(nn.Module):
+    """What TorchScript cannot export at opset 17, inside a module torch.fx cannot trace (kept whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = int(x.shape[-1])
+        y = F.interpolate(self.conv(x), size=(h // 2, h // 2 + 1), mode="bicubic", antialias=True)
+        y = F.adaptive_avg_pool2d(y, (3, 3))
+        cols = F.unfold(y, 2)
+        return F.fold(cols, (3, 3), 2)
+
+
+def test_rewrites_reach_calls_inside_a_module_kept_whole():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Resamples()).eval()
+    proto, report = export_onnx(model, None, (1, 3, 10, 10), return_report=True, opset=17)
+    (region,) = report.regions
+    assert region.exporter.endswith("with rewrites: adaptive_avg_pool2d, fold, interpolate(antialias)")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 10, 10)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
