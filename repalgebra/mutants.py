@@ -37,8 +37,8 @@ error.  Before the mutants, each test selection runs once unmutated and must
 pass, so a kill is never a test that fails anyway.  Two worker processes at
 most (``--jobs``), torch single-threaded in each.  The run prints a table and
 ``mutants killed: N/N`` and exits 1 if any mutant survived or errored (or,
-for a full run, a rule has fewer than three).  About 70-80 seconds for the 62
-mutants on two shared cores.
+for a full run, a rule has fewer than three).  About 90 seconds for the 73
+mutants on two idle cores (4 minutes when other work shares them).
 
 A surviving mutant is either a weak test (strengthen the test in
 ``tests/rules``) or an equivalent mutant (the "bug" does not change what the
