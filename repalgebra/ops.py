@@ -310,6 +310,191 @@ def layer_norm(x, *, weight: Tensor | None = None, bias: Tensor | None = None, n
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
+# --------------------------------------------------------------------------- the common vision vocabulary
+#
+# Ops that public vision models use between their foldable regions.  None of them is folded by a
+# rule: each ends a region (``nonlinear``, including the linear ones no rule folds, such as a
+# bilinear resize) or only moves elements (``layout``).  Shapes come from the reference semantics.
+
+
+@op("silu", kind="nonlinear")
+def silu(x):
+    """``x * sigmoid(x)`` (swish)."""
+    return F.silu(x)
+
+
+@op("hardswish", kind="nonlinear")
+def hardswish(x):
+    """``x * relu6(x + 3) / 6``."""
+    return F.hardswish(x)
+
+
+@op("hardsigmoid", kind="nonlinear")
+def hardsigmoid(x):
+    """``relu6(x + 3) / 6``."""
+    return F.hardsigmoid(x)
+
+
+@op("clamp", kind="nonlinear")
+def clamp(x, *, min=None, max=None):  # noqa: A002 - torch's and ONNX's names
+    """``min(max(x, min), max)``; either bound may be None (``ReLU6`` is ``clamp(min=0, max=6)``)."""
+    return torch.clamp(x, min, max)
+
+
+@op("tanh", kind="nonlinear")
+def tanh(x):
+    """Hyperbolic tangent."""
+    return torch.tanh(x)
+
+
+@op("sqrt", kind="nonlinear")
+def sqrt(x):
+    """Square root."""
+    return torch.sqrt(x)
+
+
+@op("rsqrt", kind="nonlinear")
+def rsqrt(x):
+    """``1 / sqrt(x)``."""
+    return torch.rsqrt(x)
+
+
+@op("pow", kind="nonlinear")
+def pow_(x, *, exponent=REQUIRED):
+    """``x ** exponent`` for a number ``exponent``."""
+    return torch.pow(x, exponent)
+
+
+@op("div", kind="nonlinear")
+def div(a, b):
+    """Element-wise quotient of two values (broadcasting); ``x / number`` is a ``scale``."""
+    return a / b
+
+
+@op("broadcast_add", kind="nonlinear")
+def broadcast_add(a, b):
+    """``a + b`` of two values of different shapes (broadcasting; ``add`` is for one shape)."""
+    return a + b
+
+
+@op("broadcast_sub", kind="nonlinear")
+def broadcast_sub(a, b):
+    """``a - b`` of two values of different shapes (broadcasting; ``sub`` is for one shape)."""
+    return a - b
+
+
+@op("add_const", kind="nonlinear")
+def add_const(x, *, const: Tensor, sign=1.0):
+    """``sign * x + const`` for a constant tensor (broadcasting) and ``sign`` 1 or -1.
+
+    ``x + 1e-6``, ``x + self.pos_embed``, ``x - self.mean``, ``self.anchors - x`` (``sign=-1``).
+    Affine, but no rule folds it: it ends a region.
+    """
+    return x + const if sign == 1 else const - x
+
+
+@op("sum", kind="nonlinear")
+def sum_(x, *, dims=REQUIRED, keepdim=False):
+    """Sum over ``dims`` (linear, but no rule folds it)."""
+    return x.sum(dim=dims, keepdim=keepdim)
+
+
+@op("max_pool2d", kind="nonlinear")
+def max_pool2d(x, *, kernel=REQUIRED, stride=REQUIRED, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    """Max pooling; ``padding`` is symmetric ``(h, w)`` (padded with -inf), as in PyTorch."""
+    return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+
+
+@op("adaptive_avg_pool2d", kind="nonlinear")
+def adaptive_avg_pool2d(x, *, output_size=REQUIRED):
+    """Adaptive average pooling to ``output_size`` ``(h, w)`` (None keeps that size); to 1 it is a ``mean``."""
+    return F.adaptive_avg_pool2d(x, output_size)
+
+
+@op("adaptive_max_pool2d", kind="nonlinear")
+def adaptive_max_pool2d(x, *, output_size=REQUIRED):
+    """Adaptive max pooling to ``output_size`` ``(h, w)`` (None keeps that size)."""
+    return F.adaptive_max_pool2d(x, output_size)
+
+
+@op("group_norm", kind="nonlinear")
+def group_norm(x, *, weight: Tensor | None = None, bias: Tensor | None = None, num_groups=REQUIRED, eps=1e-5):
+    """Group norm: axis 1 in ``num_groups`` groups, each normalised over its channels and the other axes."""
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+@op("interpolate", kind="nonlinear", variadic=True)
+def interpolate(x, *like, size=None, scale=None, mode="nearest", align_corners=None):
+    """``F.interpolate``: to ``size`` ``(h, w)``, by ``scale`` ``(sh, sw)``, or to the last two sizes of a second
+    input ``like`` (FPN's ``F.interpolate(top, size=lateral.shape[-2:])``); ``nearest``, ``nearest-exact``, ``bilinear``."""
+    if like:
+        size = tuple(like[0].shape[-2:])
+    return F.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align_corners)
+
+
+@op("attention", kind="nonlinear", variadic=True)
+def attention(q, k, v, *mask, scale=None, causal=False):
+    """``F.scaled_dot_product_attention(q, k, v, mask)``: ``softmax(q k^T * scale + mask) v``, no dropout.
+
+    ``mask`` (optional, a fourth input) is added to the scores, or where it is boolean, keeps the
+    scores it is True for; ``scale`` None is ``1 / sqrt(q.shape[-1])``.
+    """
+    return F.scaled_dot_product_attention(q, k, v, mask[0] if mask else None, 0.0, causal, scale=scale)
+
+
+@op("einsum", kind="nonlinear", variadic=True)
+def einsum(*xs, equation=REQUIRED):
+    """``torch.einsum(equation, *xs)``."""
+    return torch.einsum(equation, *xs)
+
+
+@op("slice", kind="layout")
+def slice_(x, *, axis=REQUIRED, start=0, end=None, step=1):
+    """``x[..., start:end:step, ...]`` along ``axis``; negative ``start``/``end`` count from the end, None is the end."""
+    index = [slice(None)] * x.dim()
+    index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+@op("chunk", kind="layout")
+def chunk(x, *, chunks=REQUIRED, index=REQUIRED, axis=0):
+    """``x.chunk(chunks, axis)[index]``: one piece of an (almost) even split, at any size of ``axis``."""
+    return x.chunk(chunks, axis)[index]
+
+
+@op("slice_scatter", kind="layout")
+def slice_scatter(x, src, *, axis=REQUIRED, start=0, end=None, step=1):
+    """``x`` with ``x[..., start:end:step, ...]`` along ``axis`` replaced by ``src`` (``y = x.clone(); y[:, :c] = src``)."""
+    return torch.slice_scatter(x, src, axis, start, end, step)
+
+
+@op("roll", kind="layout")
+def roll(x, *, shifts=REQUIRED, dims=REQUIRED):
+    """``torch.roll(x, shifts, dims)``: a cyclic shift along each of ``dims``."""
+    return torch.roll(x, shifts, dims)
+
+
+@op("pixel_shuffle", kind="layout")
+def pixel_shuffle(x, *, factor=REQUIRED):
+    """``(B, C r^2, H, W) -> (B, C, H r, W r)``."""
+    return F.pixel_shuffle(x, factor)
+
+
+@op("pixel_unshuffle", kind="layout")
+def pixel_unshuffle(x, *, factor=REQUIRED):
+    """``(B, C, H r, W r) -> (B, C r^2, H, W)``."""
+    return F.pixel_unshuffle(x, factor)
+
+
+@op("pad_nd", kind="layout")
+def pad_nd(x, *, pads=REQUIRED, mode="constant", value=0.0):
+    """``F.pad(x, pads, mode, value)`` with torch's order of ``pads`` (last axis first, ``(begin, end)`` each).
+
+    The pads ``pad`` cannot say: more than the last two axes (a channels-last map), or a mode other than ``constant``.
+    """
+    return F.pad(x, pads, mode=mode, value=value if mode == "constant" else None)
+
+
 # --------------------------------------------------------------------------- opaque
 
 

@@ -154,13 +154,21 @@ def _unary(ctx, n, x):
 
 @lowering("gelu")
 def _gelu(ctx, n, x):
-    if n.attrs["approximate"] != "none":
-        raise LoweringError(f"gelu at {n.source or '<graph>'}: only the exact (erf) GELU is lowered")
+    """Opset 20's ``Gelu``; below, ``x/2 (1 + erf(x / sqrt 2))`` or for ``approximate="tanh"``
+    ``x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    approximate = n.attrs["approximate"]
+    if approximate not in ("none", "tanh"):
+        raise LoweringError(f"gelu at {n.source or '<graph>'}: unknown approximation {approximate!r}")
     if ctx.opset >= 20:
-        return ctx.emit("Gelu", [x])
+        return ctx.emit("Gelu", [x], approximate=approximate)
     half = ctx.emit("Mul", [x, ctx.const("half", torch.tensor(0.5))])
-    erf = ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.const("inv_sqrt2", torch.tensor(1 / math.sqrt(2)))])])
-    return ctx.emit("Mul", [half, ctx.emit("Add", [erf, ctx.const("one", torch.tensor(1.0))])])
+    if approximate == "tanh":
+        cube = ctx.emit("Mul", [ctx.emit("Mul", [x, x]), x])
+        inner = ctx.emit("Add", [x, ctx.emit("Mul", [cube, ctx.const("c", torch.tensor(0.044715))])])
+        core = ctx.emit("Tanh", [ctx.emit("Mul", [inner, ctx.const("sqrt_2_over_pi", torch.tensor(math.sqrt(2 / math.pi)))])])
+    else:
+        core = ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.const("inv_sqrt2", torch.tensor(1 / math.sqrt(2)))])])
+    return ctx.emit("Mul", [half, ctx.emit("Add", [core, ctx.const("one", torch.tensor(1.0))])])
 
 
 @lowering("scale")
@@ -283,6 +291,299 @@ def _layer_norm(ctx, n, x):
     return ctx.emit(
         "LayerNormalization", [x, ctx.const("weight", w), ctx.const("bias", b)], axis=-len(shape), epsilon=float(n.attrs["eps"])
     )
+
+
+# --------------------------------------------------------------------------- the common vision vocabulary
+
+_INT64_MAX = 2**63 - 1  # Slice's "to the end"
+
+
+def _where(n: Node) -> str:
+    return n.source or "<graph>"
+
+
+def _static_size(ctx, n: Node, axis: int, value: Value | None = None) -> int:
+    """``value``'s (default: the input's) size along ``axis``, refused where it follows a dynamic batch."""
+    shape = (value or n.x).shape
+    axis %= len(shape)
+    if axis == 0 and ctx.dynamic_batch:
+        raise LoweringError(f"{n.op} at {_where(n)}: works along the batch axis, which is dynamic (export with dynamic_batch=False)")
+    return shape[axis]
+
+
+def _number(ctx, suffix: str, value: float) -> str:
+    """A 0-d constant of the graph's dtype."""
+    return ctx.const(suffix, torch.tensor(float(value)))
+
+
+@lowering("silu")
+def _silu(ctx, n, x):
+    return ctx.emit("Mul", [x, ctx.emit("Sigmoid", [x])])
+
+
+@lowering("hardswish")
+def _hardswish(ctx, n, x):
+    if ctx.opset >= 14:
+        return ctx.emit("HardSwish", [x])
+    return ctx.emit("Mul", [x, ctx.emit("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
+
+
+@lowering("hardsigmoid")
+def _hardsigmoid(ctx, n, x):
+    return ctx.emit("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+
+
+@lowering("clamp")
+def _clamp(ctx, n, x):
+    lo, hi = n.attrs["min"], n.attrs["max"]
+    ins = [x, "" if lo is None else _number(ctx, "min", lo)] + ([] if hi is None else [_number(ctx, "max", hi)])
+    return ctx.emit("Clip", ins)
+
+
+@lowering("tanh", "sqrt")
+def _elementwise(ctx, n, x):
+    return ctx.emit({"tanh": "Tanh", "sqrt": "Sqrt"}[n.op], [x])
+
+
+@lowering("rsqrt")
+def _rsqrt(ctx, n, x):
+    return ctx.emit("Reciprocal", [ctx.emit("Sqrt", [x])])
+
+
+@lowering("pow")
+def _pow(ctx, n, x):
+    return ctx.emit("Pow", [x, _number(ctx, "exponent", n.attrs["exponent"])])
+
+
+@lowering("div", "broadcast_add", "broadcast_sub")
+def _broadcasting(ctx, n, a, b):
+    return ctx.emit({"div": "Div", "broadcast_add": "Add", "broadcast_sub": "Sub"}[n.op], [a, b])
+
+
+@lowering("add_const")
+def _add_const(ctx, n, x):
+    c = ctx.const("const", n.params["const"])
+    return ctx.emit("Add", [x, c]) if n.attrs["sign"] == 1 else ctx.emit("Sub", [c, x])
+
+
+@lowering("sum")
+def _sum(ctx, n, x):
+    dims = n.attrs["dims"]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return ctx.emit("ReduceSum", [x, ctx.ints("axes", dims)], keepdims=int(n.attrs["keepdim"]))
+
+
+@lowering("max_pool2d")
+def _max_pool(ctx, n, x):
+    """``MaxPool`` in floor mode; ceil mode is more padding at the end, as many rows as PyTorch's ceil mode adds windows.
+
+    (PyTorch's ceil mode drops a last window that would start in the right padding; ONNX's does not,
+    so the output size is set by the end padding, which a max ignores.)
+    """
+    a = n.attrs
+    begins, ends = list(a["padding"]), []
+    for size_in, size_out, k, s, d, p in zip(n.x.shape[-2:], n.out.shape[-2:], a["kernel"], a["stride"], a["dilation"], begins):
+        end = max(p, (size_out - 1) * s + d * (k - 1) + 1 - size_in - p)
+        if end >= k:
+            raise LoweringError(f"max_pool2d at {_where(n)}: ceil mode needs an end padding of {end}, not below the kernel size {k}")
+        ends.append(end)
+    return ctx.emit(
+        "MaxPool", [x], kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=begins + ends, dilations=list(a["dilation"])
+    )
+
+
+@lowering("adaptive_avg_pool2d", "adaptive_max_pool2d")
+def _adaptive_pool(ctx, n, x):
+    """A global pool, or a pool whose window is the ratio of the sizes where the output size divides the input's."""
+    size_in = n.x.shape[-2:]
+    size_out = [i if o is None else o for i, o in zip(size_in, n.attrs["output_size"])]
+    avg = n.op == "adaptive_avg_pool2d"
+    if size_out == [1, 1]:
+        return ctx.emit("GlobalAveragePool" if avg else "GlobalMaxPool", [x])
+    if any(i % o for i, o in zip(size_in, size_out)):
+        raise LoweringError(f"{n.op} at {_where(n)}: output size {tuple(size_out)} does not divide input size {tuple(size_in)}")
+    kernel = [i // o for i, o in zip(size_in, size_out)]
+    return ctx.emit("AveragePool" if avg else "MaxPool", [x], kernel_shape=kernel, strides=kernel)
+
+
+@lowering("group_norm")
+def _group_norm(ctx, n, x):
+    """Reshape to ``(N, G, -1)``, InstanceNormalization (one mean and variance per group), reshape back, per-channel affine."""
+    shape = n.x.shape
+    groups = n.attrs["num_groups"]
+    grouped = ctx.emit("Reshape", [x, ctx.ints("grouped", [0, groups, -1])])
+    ones, zeros = torch.ones(groups), torch.zeros(groups)
+    normed = ctx.emit("InstanceNormalization", [grouped, ctx.const("ones", ones), ctx.const("zeros", zeros)], epsilon=float(n.attrs["eps"]))
+    y = ctx.emit("Reshape", [normed, ctx.emit("Shape", [x])])
+    per_channel = [-1] + [1] * (len(shape) - 2)
+    if "weight" in n.params:
+        y = ctx.emit("Mul", [y, ctx.const("weight", n.params["weight"].reshape(per_channel))])
+    if "bias" in n.params:
+        y = ctx.emit("Add", [y, ctx.const("bias", n.params["bias"].reshape(per_channel))])
+    return y
+
+
+# PyTorch's source coordinates: nearest floor(dst / scale), nearest-exact floor((dst + 0.5) / scale),
+# bilinear (dst + 0.5) / scale - 0.5 (align_corners=False) or dst * (in - 1) / (out - 1) (True).
+_RESIZE = {
+    ("nearest", None): dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    ("nearest-exact", None): dict(mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil"),
+    ("bilinear", False): dict(mode="linear", coordinate_transformation_mode="half_pixel"),
+    ("bilinear", None): dict(mode="linear", coordinate_transformation_mode="half_pixel"),
+    ("bilinear", True): dict(mode="linear", coordinate_transformation_mode="align_corners"),
+}
+
+
+@lowering("interpolate")
+def _interpolate(ctx, n, x, *like):
+    a = n.attrs
+    how = _RESIZE.get((a["mode"], a["align_corners"]))
+    if how is None:
+        raise LoweringError(f"interpolate at {_where(n)}: mode {a['mode']!r} with align_corners={a['align_corners']} is not lowered")
+    if a["scale"] is not None:
+        scales = ctx.const("scales", np.asarray([1.0, 1.0, *a["scale"]], dtype=np.float32))
+        return ctx.emit("Resize", [x, "", scales], **how)
+    lead = ctx.emit("Slice", [ctx.emit("Shape", [x]), ctx.ints("start", [0]), ctx.ints("end", [2])])
+    if like:
+        hw = ctx.emit("Slice", [ctx.emit("Shape", [like[0]]), ctx.ints("start", [-2]), ctx.ints("end", [_INT64_MAX])])
+    else:
+        hw = ctx.ints("size", list(a["size"]))
+    return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, hw], axis=0)], **how)
+
+
+@lowering("attention")
+def _attention(ctx, n, q, k, v, *mask):
+    """``Softmax(q k^T * scale + mask) v``: the mask added, or where boolean, kept where True; causal as a constant mask."""
+    qs, ks = n.inputs[0].shape, n.inputs[1].shape
+    perm = list(range(len(ks)))
+    perm[-2:] = perm[-1], perm[-2]
+    scores = ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)])
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1 / math.sqrt(qs[-1])
+    scores = ctx.emit("Mul", [scores, _number(ctx, "scale", scale)])
+    if mask:
+        if n.inputs[3].dtype == torch.bool:
+            scores = ctx.emit("Where", [mask[0], scores, _number(ctx, "minus_inf", -math.inf)])
+        else:
+            scores = ctx.emit("Add", [scores, mask[0]])
+    if n.attrs["causal"]:
+        keep = torch.ones(qs[-2], ks[-2], dtype=torch.bool).tril()
+        scores = ctx.emit("Add", [scores, ctx.const("causal", torch.zeros(keep.shape).masked_fill(~keep, -math.inf))])
+    return ctx.emit("MatMul", [ctx.emit("Softmax", [scores], axis=-1), v])
+
+
+def _einsum_matmul(equation: str, shapes: list) -> tuple[list[int], list[int], list[int]] | None:
+    """Transposes ``(a, b, out)`` that make a two-operand einsum one MatMul, or None.
+
+    It is one when each operand's letters are batch letters (in both and the output, equal sizes),
+    one letter of its own kept in the output (``m`` for ``a``, ``n`` for ``b``) and one contracted
+    letter in both but not the output: ``transpose(a) @ transpose(b)`` is then ``(batch..., m, n)``.
+    """
+    if "->" not in equation or "." in equation:
+        return None
+    lhs, out = equation.split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2 or any(len(set(t)) != len(t) for t in (*ins, out)):
+        return None
+    a, b = ins
+    batch = [c for c in out if c in a and c in b]
+    m = [c for c in out if c in a and c not in b]
+    nn_ = [c for c in out if c in b and c not in a]
+    k = [c for c in a if c in b and c not in out]
+    if len(m) != 1 or len(nn_) != 1 or len(k) != 1 or set(a) != set(batch + m + k) or set(b) != set(batch + k + nn_) or set(out) != set(batch + m + nn_):
+        return None
+    size = lambda t, c: shapes[t][(a, b)[t].index(c)]  # noqa: E731
+    if any(size(0, c) != size(1, c) for c in batch + k):
+        return None
+    mm = batch + m + nn_
+    return [a.index(c) for c in batch + m + k], [b.index(c) for c in batch + k + nn_], [mm.index(c) for c in out]
+
+
+@lowering("einsum")
+def _einsum(ctx, n, *xs):
+    """One MatMul (with transposes) where the equation is a batched matrix product, else ONNX ``Einsum``."""
+    plan = _einsum_matmul(n.attrs["equation"], [i.shape for i in n.inputs])
+    if plan is None:
+        return ctx.emit("Einsum", list(xs), equation=n.attrs["equation"])
+    perm_a, perm_b, perm_out = plan
+    a, b = (ctx.emit("Transpose", [t], perm=p) if p != sorted(p) else t for t, p in zip(xs, (perm_a, perm_b)))
+    y = ctx.emit("MatMul", [a, b])
+    return ctx.emit("Transpose", [y], perm=perm_out) if perm_out != sorted(perm_out) else y
+
+
+def _slice_of(ctx, x: str, axis: int, start: int, end, step: int = 1) -> str:
+    end = _INT64_MAX if end is None else end
+    return ctx.emit("Slice", [x, ctx.ints("starts", [start]), ctx.ints("ends", [end]), ctx.ints("axes", [axis]), ctx.ints("steps", [step])])
+
+
+@lowering("slice")
+def _slice(ctx, n, x):
+    a = n.attrs
+    return _slice_of(ctx, x, a["axis"] % len(n.x.shape), a["start"], a["end"], a["step"])
+
+
+@lowering("chunk")
+def _chunk(ctx, n, x):
+    a = n.attrs
+    length = _static_size(ctx, n, a["axis"])
+    size = -(-length // a["chunks"])
+    return _slice_of(ctx, x, a["axis"] % len(n.x.shape), a["index"] * size, min(length, (a["index"] + 1) * size))
+
+
+@lowering("slice_scatter")
+def _slice_scatter(ctx, n, x, src):
+    """``x`` before the slice, ``src``, ``x`` after it, concatenated (step 1)."""
+    a = n.attrs
+    axis = a["axis"] % len(n.x.shape)
+    length = _static_size(ctx, n, axis)
+    start, end, _ = slice(a["start"], a["end"]).indices(length)
+    if a["step"] != 1:
+        raise LoweringError(f"slice_scatter at {_where(n)}: only step 1 is lowered, got {a['step']}")
+    parts = ([_slice_of(ctx, x, axis, 0, start)] if start > 0 else []) + [src] + ([_slice_of(ctx, x, axis, end, None)] if end < length else [])
+    return ctx.emit("Concat", parts, axis=axis) if len(parts) > 1 else ctx.emit("Identity", [src])
+
+
+@lowering("roll")
+def _roll(ctx, n, x):
+    """Per axis: the last ``shift`` elements, then the others."""
+    y = x
+    for shift, dim in zip(n.attrs["shifts"], n.attrs["dims"]):
+        axis = dim % len(n.x.shape)
+        length = _static_size(ctx, n, axis)
+        s = shift % length
+        if s:
+            y = ctx.emit("Concat", [_slice_of(ctx, y, axis, length - s, None), _slice_of(ctx, y, axis, 0, length - s)], axis=axis)
+    return y if y != x else ctx.emit("Identity", [x])
+
+
+@lowering("pixel_shuffle")
+def _pixel_shuffle(ctx, n, x):
+    return ctx.emit("DepthToSpace", [x], blocksize=n.attrs["factor"], mode="CRD")
+
+
+@lowering("pixel_unshuffle")
+def _pixel_unshuffle(ctx, n, x):
+    """``(N, C, H r, W r) -> (N, C, H, r, W, r) -> (N, C, r, r, H, W) -> (N, C r^2, H, W)``."""
+    _, c, h, w = n.x.shape
+    r = n.attrs["factor"]
+    y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, h // r, r, w // r, r])])
+    y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
+    return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c * r * r, h // r, w // r])])
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@lowering("pad_nd")
+def _pad_nd(ctx, n, x):
+    a = n.attrs
+    rank = len(n.x.shape)
+    begins, ends = [0] * rank, [0] * rank
+    for k in range(len(a["pads"]) // 2):  # torch order: the last axis first
+        begins[rank - 1 - k], ends[rank - 1 - k] = a["pads"][2 * k], a["pads"][2 * k + 1]
+    if a["mode"] == "circular" and ctx.opset < 19:
+        raise LoweringError(f"pad_nd at {_where(n)}: circular padding needs opset >= 19, asked for {ctx.opset}")
+    ins = [x, ctx.ints("pads", begins + ends)] + ([_number(ctx, "value", a["value"])] if a["mode"] == "constant" else [])
+    return ctx.emit("Pad", ins, mode=_PAD_MODES[a["mode"]])
 
 
 # --------------------------------------------------------------------------- export

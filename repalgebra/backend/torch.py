@@ -358,6 +358,125 @@ def _layer_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.module(_hint(node), ln, xs[0])
 
 
+# --------------------------------------------------------------------------- the common vision vocabulary
+
+
+for _op, _fn in {
+    "silu": F.silu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "tanh": torch.tanh, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "div": operator.truediv, "broadcast_add": operator.add, "broadcast_sub": operator.sub,
+}.items():
+    lowers(_op)(lambda ctx, node, xs, fn=_fn: ctx.function(fn, *xs))
+
+
+@lowers("clamp")
+def _clamp(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.clamp, xs[0], min=node.attrs["min"], max=node.attrs["max"])
+
+
+@lowers("pow")
+def _pow(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.pow, xs[0], node.attrs["exponent"])
+
+
+@lowers("add_const")
+def _add_const(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    c = node.params["const"]
+    const = float(c) if c.dim() == 0 else ctx.add_buffer(_hint(node, "_const"), c)  # a number needs no buffer
+    return ctx.function(operator.add, xs[0], const) if node.attrs["sign"] == 1 else ctx.function(operator.sub, const, xs[0])
+
+
+@lowers("sum")
+def _sum(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("sum", xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])
+
+
+@lowers("max_pool2d")
+def _max_pool2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    pool = nn.MaxPool2d(a["kernel"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
+    return ctx.module(_hint(node, "_pool"), pool, xs[0])
+
+
+@lowers("adaptive_avg_pool2d", "adaptive_max_pool2d")
+def _adaptive_pool(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    cls = nn.AdaptiveAvgPool2d if node.op == "adaptive_avg_pool2d" else nn.AdaptiveMaxPool2d
+    return ctx.module(_hint(node, "_pool"), cls(node.attrs["output_size"]), xs[0])
+
+
+@lowers("group_norm")
+def _group_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    p = node.params
+    if ("weight" in p) != ("bias" in p) or len(node.x.shape or ()) < 2:
+        return _lower_by_reference(ctx, node, xs)
+    gn = nn.GroupNorm(node.attrs["num_groups"], node.x.shape[1], eps=node.attrs["eps"], affine="weight" in p, device="meta")
+    if "weight" in p:
+        gn.weight, gn.bias = _param(p["weight"]), _param(p["bias"])
+    return ctx.module(_hint(node), gn, xs[0])
+
+
+@lowers("interpolate")
+def _interpolate(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    size = a["size"]
+    if len(xs) == 2:  # the size of the second input's last two axes, read at run time
+        shape = ctx.function(getattr, xs[1], "shape")
+        size = ctx.function(operator.getitem, shape, slice(-2, None))
+    return ctx.function(F.interpolate, xs[0], size=size, scale_factor=a["scale"], mode=a["mode"], align_corners=a["align_corners"])
+
+
+@lowers("attention")
+def _attention(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    mask = xs[3] if len(xs) == 4 else None
+    return ctx.function(F.scaled_dot_product_attention, *xs[:3], attn_mask=mask, is_causal=node.attrs["causal"], scale=node.attrs["scale"])
+
+
+@lowers("einsum")
+def _einsum(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.einsum, node.attrs["equation"], *xs)
+
+
+@lowers("slice")
+def _slice(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    index = (slice(None),) * (a["axis"] % len(node.x.shape)) + (slice(a["start"], a["end"], a["step"]),)
+    return ctx.function(operator.getitem, xs[0], index)
+
+
+@lowers("chunk")
+def _chunk(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    parts = ctx.method("chunk", xs[0], node.attrs["chunks"], node.attrs["axis"])
+    return ctx.function(operator.getitem, parts, node.attrs["index"])
+
+
+@lowers("slice_scatter")
+def _slice_scatter(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    return ctx.function(torch.slice_scatter, xs[0], xs[1], a["axis"], a["start"], a["end"], a["step"])
+
+
+@lowers("roll")
+def _roll(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.roll, xs[0], tuple(node.attrs["shifts"]), tuple(node.attrs["dims"]))
+
+
+@lowers("pixel_shuffle")
+def _pixel_shuffle(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.pixel_shuffle, xs[0], node.attrs["factor"])
+
+
+@lowers("pixel_unshuffle")
+def _pixel_unshuffle(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.pixel_unshuffle, xs[0], node.attrs["factor"])
+
+
+@lowers("pad_nd")
+def _pad_nd(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    if a["mode"] == "constant":
+        return ctx.function(F.pad, xs[0], tuple(a["pads"]), mode="constant", value=a["value"])
+    return ctx.function(F.pad, xs[0], tuple(a["pads"]), mode=a["mode"])
+
+
 @lowers("opaque")
 def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     fn = node.attrs["fn"]

@@ -4,17 +4,22 @@ A handler's arguments arrive with fx nodes replaced by ``Value``s,
 :class:`~repalgebra.frontend.builder.Const`s, shape expressions and literals.
 :func:`bind` matches them to a signature, :func:`shaped`, :func:`ints` and
 :func:`conv_padding` read them as the op table wants them.  :func:`bn_params`,
-:func:`avg_pool` and :func:`global_mean` build the ops that both a module
-(``nn.AvgPool2d``) and its function (``F.avg_pool2d``) become.
+:func:`avg_pool`, :func:`global_mean`, :func:`max_pool`, :func:`adaptive_pool`,
+:func:`interpolate` and :func:`pad_nd` build the ops that both a module
+(``nn.AvgPool2d``) and its function (``F.avg_pool2d``) become.  :func:`constant`
+reads a constant through the calls the front end carries for it
+(``self.weight[:, None, None]``).
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import torch
 
-from repalgebra.frontend.builder import Made
+from repalgebra.frontend.builder import Const, Made
+from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Value
 
 
@@ -96,9 +101,104 @@ def avg_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, ceil_mode:
 
 
 def global_mean(x: Value | None, output_size: Any) -> Made:
-    """An adaptive average pool to size 1 as a ``mean`` over the last two axes."""
-    if x is None or len(x.shape) < 3 or output_size not in (1, (1, 1), [1, 1]):
+    """An adaptive average pool: to size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
+    if x is None or len(x.shape) < 3:
         return None
-    nd = len(x.shape)
-    return "mean", [x], {"dims": (nd - 2, nd - 1), "keepdim": True}, {}, ""
+    if output_size in (1, (1, 1), [1, 1]):
+        nd = len(x.shape)
+        return "mean", [x], {"dims": (nd - 2, nd - 1), "keepdim": True}, {}, ""
+    return adaptive_pool("adaptive_avg_pool2d", x, output_size)
 
+
+def adaptive_pool(op: str, x: Value | None, output_size: Any) -> Made:
+    """``adaptive_avg_pool2d``/``adaptive_max_pool2d`` of a 3-d or 4-d ``x`` to ``(h, w)`` (None keeps a size)."""
+    size = (output_size, output_size) if is_int(output_size) or output_size is None else output_size
+    if x is None or len(x.shape) not in (3, 4) or not isinstance(size, (tuple, list)) or len(size) != 2:
+        return None
+    if not all(s is None or is_int(s) for s in size):
+        return None
+    return op, [x], {"output_size": tuple(size)}, {}, ""
+
+
+def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any, return_indices: Any) -> Made:
+    """``max_pool2d`` of a 4-d ``x``, for ``nn.MaxPool2d`` and ``F.max_pool2d`` (values only)."""
+    kernel = ints(kernel, 2)
+    stride = kernel if stride is None or stride == [] or stride == () else ints(stride, 2)
+    padding, dilation = ints(padding, 2), ints(dilation, 2)
+    if x is None or len(x.shape) != 4 or None in (kernel, stride, padding, dilation) or return_indices is not False:
+        return None
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": bool(ceil_mode)}
+    return "max_pool2d", [x], attrs, {}, ""
+
+
+_MODES = ("nearest", "nearest-exact", "bilinear")
+
+
+def interpolate(x: Value | None, size: Any, scale: Any, mode: Any, align_corners: Any, recompute: Any = None, antialias: Any = False) -> Made:
+    """``F.interpolate``/``nn.Upsample`` of a 4-d ``x`` (nearest, nearest-exact, bilinear) as ``interpolate``."""
+    if x is None or len(x.shape) != 4 or mode not in _MODES or antialias or recompute:
+        return None
+    if (size is None) == (scale is None):
+        return None
+    if size is not None:
+        size = ints(size, 2)
+        if size is None:
+            return None
+    else:
+        pair = (scale, scale) if isinstance(scale, (int, float)) else scale
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+            return None
+        scale = tuple(float(v) for v in pair)
+    if align_corners is not None and (mode != "bilinear" or not isinstance(align_corners, bool)):
+        return None
+    attrs = {"size": size, "scale": scale, "mode": mode, "align_corners": align_corners}
+    return "interpolate", [x], attrs, {}, ""
+
+
+def pad_nd(x: Value | None, pads: Any, mode: Any, value: Any) -> Made:
+    """``F.pad`` beyond what ``pad`` says (more than two axes, or another mode) as ``pad_nd``."""
+    pads = ints(pads)
+    value = 0.0 if value is None else value
+    if x is None or pads is None or len(pads) % 2 or len(pads) // 2 > len(x.shape) or mode not in ("constant", "reflect", "replicate", "circular"):
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return "pad_nd", [x], {"pads": pads, "mode": mode, "value": float(value)}, {}, ""
+
+
+# --------------------------------------------------------------------------- constants read through a call
+
+# Calls on constants only that the front end carries as opaque nodes without inputs
+# (``self.weight[:, None, None]``, ``self.bias.view(1, -1, 1, 1)``): deterministic, safe to run once here.
+_CONST_CALLS = {
+    ("call_function", operator.getitem),
+    ("call_function", torch.reshape),
+    ("call_function", torch.unsqueeze),
+    ("call_function", torch.squeeze),
+    ("call_function", torch.neg),
+    ("call_function", operator.neg),
+    *(("call_method", m) for m in ("view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "flatten", "t", "contiguous", "expand", "neg")),
+}
+
+
+def constant(x: Any) -> "Const | None":
+    """``x`` as a constant: a :class:`Const`, or a value computed from constants only by calls in ``_CONST_CALLS``
+    (``self.layer_scale.unsqueeze(-1).unsqueeze(-1)``: each call an opaque node reading the one before)."""
+    if isinstance(x, Const):
+        return x
+    n = x.producer if isinstance(x, Value) else None
+    if n is None or n.op != "opaque" or not isinstance(n.attrs["fn"], FnCall):
+        return None
+    fn = n.attrs["fn"]
+    try:
+        if (fn.kind, fn.target) not in _CONST_CALLS:
+            return None
+    except TypeError:  # an unhashable target
+        return None
+    ins = [constant(i) for i in n.inputs]
+    if any(c is None for c in ins):
+        return None
+    with torch.no_grad():
+        t = fn(*(c.tensor for c in ins))
+    path = next((c.path for c in ins if c.path), n.source)
+    return Const(t.detach().clone(), path) if torch.is_tensor(t) else None

@@ -16,9 +16,13 @@ stay whole.
 Each ATen node then becomes an IR node:
 
 * ops the op table has (conv2d, batch norm, linear, add/sub, per-channel and
-  scalar multiplies as ``scale``, relu/gelu/sigmoid, constant pads, average
+  scalar multiplies and divisions as ``scale``, relu/gelu/sigmoid, constant pads, average
   pools and means, reshapes, permutes, concat, select, softmax, layer norm,
-  matmul, identities) map to their op, after checking that the op table infers
+  matmul, identities, and the vision vocabulary: max and adaptive pools,
+  silu/hardswish/hardsigmoid/relu6/clamp/tanh, broadcasting and constant
+  arithmetic, pow/sqrt/rsqrt, sum, group norm, upsampling, SDPA, einsum,
+  slices and splits, slice_scatter, roll, pixel (un)shuffle, other pads) map
+  to their op, after checking that the op table infers
   the same shape and dtype as ``torch.export`` recorded (else: opaque, with a
   note);
 * every other ATen call becomes an ``opaque`` node whose ``fn`` is a
@@ -535,19 +539,74 @@ def _unbind(b: _Builder, n: fx.Node, a: dict, index: int) -> Made:
 
 
 def _join(op: str) -> Callable[..., Made]:
-    """``a + b`` / ``a - b`` of two activations of one shape; ``x + 0`` and ``x - 0`` are the identity."""
+    """``a + b`` / ``a - b``: of two activations of one shape ``add``/``sub``, of other shapes ``broadcast_add``/
+    ``broadcast_sub``; with a constant or a number ``add_const``; ``x + 0`` and ``x - 0`` are the identity."""
 
     def handler(b: _Builder, n: fx.Node, a: dict) -> Made:
         x, y = a["self"], a["other"]
-        if a.get("alpha", 1) != 1 or _v(x) is None:
+        if a.get("alpha", 1) != 1:
             return None
-        if _is_num(y) and y == 0:
+        if _v(x) is not None and _is_num(y) and y == 0:
             return "identity", [x], {}, {}, None
-        if _v(y) is None or x.shape != y.shape:
-            return None
-        return op, [x, y], {}, {}, None
+        if _v(x) is not None and _v(y) is not None:
+            if x.shape == y.shape:
+                return op, [x, y], {}, {}, None
+            return ("broadcast_" + op, [x, y], {}, {}, None) if _broadcasts(x.shape, y.shape) else None
+        if _v(x) is not None:  # x + c, x - c
+            return _add_const(x, y, negate_const=op == "sub", negate_x=False)
+        if _v(y) is not None:  # c + y, c - y
+            return _add_const(y, x, negate_const=False, negate_x=op == "sub")
+        return None
 
     return handler
+
+
+def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    try:
+        torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
+    """``(-)x + (-)c`` for a number or a constant tensor that does not widen ``x``: ``add_const``."""
+    if not x.dtype.is_floating_point:
+        return None
+    if _is_num(c):
+        t = torch.tensor(float(c), dtype=torch.float64)
+    elif _c(c) is not None and _broadcasts(tuple(c.tensor.shape), x.shape) and torch.broadcast_shapes(c.tensor.shape, x.shape) == x.shape:
+        t = _c(c)
+    else:
+        return None
+    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0}, {"const": -t if negate_const else t}, _owner(c)
+
+
+def _rsub(b: _Builder, n: fx.Node, a: dict) -> Made:
+    """``aten.rsub.Scalar(x, c)``: ``c - x``."""
+    x = _v(a["self"])
+    return None if x is None or a.get("alpha", 1) != 1 else _add_const(x, a["other"], negate_const=False, negate_x=True)
+
+
+def _div(b: _Builder, n: fx.Node, a: dict) -> Made:
+    """``a / b``: ``div`` of two activations; by a number or a per-channel constant a ``scale``."""
+    x, y = _v(a["self"]), a["other"]
+    if x is None or not x.dtype.is_floating_point or a.get("rounding_mode") is not None:
+        return None
+    if _v(y) is not None:
+        return ("div", [x, y], {}, {}, None) if _broadcasts(x.shape, y.shape) else None
+    if _is_num(y):  # the reciprocal in float64, as the rewrite folds it
+        return None if y == 0 else _mul(b, n, {"self": x, "other": _Const(torch.tensor(1.0 / y, dtype=torch.float64), None)})
+    if _c(y) is not None:
+        return _mul(b, n, {"self": x, "other": _Const(1.0 / _c(y), y.path)})
+    return None
+
+
+def _pow(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, e = _v(a["self"]), a["exponent"]
+    if x is None or not _is_num(e) or not x.dtype.is_floating_point:
+        return None
+    return "pow", [x], {"exponent": e}, {}, None
 
 
 def _scalar_axis(shape: tuple[int, ...]) -> int:
@@ -595,6 +654,171 @@ def _mul(b: _Builder, n: fx.Node, a: dict) -> Made:
     return None
 
 
+def _clamp(lo: Any = None, hi: Any = None) -> Callable[..., Made]:
+    """``clamp``/``clamp_min``/``clamp_max``/``hardtanh``/``relu6`` with number bounds."""
+
+    def handler(b: _Builder, n: fx.Node, a: dict) -> Made:
+        x = _v(a["self"])
+        low = a.get("min", a.get("min_val", lo))
+        high = a.get("max", a.get("max_val", hi))
+        if x is None or (low is None and high is None) or any(v is not None and not _is_num(v) for v in (low, high)):
+            return None
+        return "clamp", [x], {"min": low, "max": high}, {}, None
+
+    return handler
+
+
+def _sum(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, dims = _v(a["self"]), _ints(a.get("dim"))
+    keepdim = a.get("keepdim", False)
+    if x is None or a["dtype"] is not None or not isinstance(keepdim, bool) or not x.shape:
+        return None
+    dims = tuple(range(len(x.shape))) if dims is None or dims == () else dims
+    return "sum", [x], {"dims": dims, "keepdim": keepdim}, {}, None
+
+
+def _max_pool(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, kernel, padding, dilation = _v(a["self"]), _pair(a["kernel_size"]), _pair(a["padding"]), _pair(a["dilation"])
+    stride = kernel if a["stride"] in ([], (), None) else _pair(a["stride"])
+    if x is None or len(x.shape) != 4 or None in (kernel, stride, padding, dilation):
+        return None
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": bool(a["ceil_mode"])}
+    return "max_pool2d", [x], attrs, {}, None
+
+
+def _max_pool_values(b: _Builder, n: fx.Node, a: dict, index: int) -> Made:
+    """``max_pool2d_with_indices(...)[0]``."""
+    return _max_pool(b, n, a) if index == 0 else None
+
+
+def _adaptive(op: str) -> Callable[..., Made]:
+    def handler(b: _Builder, n: fx.Node, a: dict, index: int = 0) -> Made:
+        x, size = _v(a["self"]), _pair(a["output_size"])
+        if x is None or len(x.shape) not in (3, 4) or size is None or index != 0:
+            return None
+        return op, [x], {"output_size": size}, {}, None
+
+    return handler
+
+
+def _gn(x: Any, weight: Any, bias: Any, groups: Any, eps: Any) -> Made:
+    x = _v(x)
+    if x is None or not _is_int(groups) or not _is_num(eps) or any(p is not None and _c(p) is None for p in (weight, bias)):
+        return None
+    params = {k: _c(p) for k, p in (("weight", weight), ("bias", bias)) if p is not None}
+    return "group_norm", [x], {"num_groups": groups, "eps": float(eps)}, params, _owner(weight)
+
+
+def _group_norm(b: _Builder, n: fx.Node, a: dict) -> Made:
+    return _gn(a["input"], a["weight"], a["bias"], a["num_groups"], a["eps"])
+
+
+def _native_group_norm(b: _Builder, n: fx.Node, a: dict, index: int) -> Made:
+    return None if index != 0 else _gn(a["input"], a["weight"], a["bias"], a["group"], a["eps"])
+
+
+def _upsample(mode: str) -> Callable[..., Made]:
+    """``upsample_nearest2d.vec``/``_upsample_nearest_exact2d.vec``/``upsample_bilinear2d.vec``: ``interpolate``."""
+
+    def handler(b: _Builder, n: fx.Node, a: dict) -> Made:
+        x, size, scales = _v(a["input"]), a["output_size"], a["scale_factors"]
+        if x is None or len(x.shape) != 4 or (size is None) == (scales is None):
+            return None
+        if size is not None and _ints(size) is None:
+            return None
+        if scales is not None and (not isinstance(scales, (list, tuple)) or len(scales) != 2 or not all(_is_num(v) for v in scales)):
+            return None
+        align = a.get("align_corners")
+        attrs = {
+            "size": None if size is None else tuple(size),
+            "scale": None if scales is None else tuple(float(v) for v in scales),
+            "mode": mode,
+            "align_corners": bool(align) if mode == "bilinear" else None,
+        }
+        return "interpolate", [x], attrs, {}, None
+
+    return handler
+
+
+def _attention(b: _Builder, n: fx.Node, a: dict) -> Made:
+    qkv = [_v(a[k]) for k in ("query", "key", "value")]
+    mask = a["attn_mask"]
+    if None in qkv or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
+        return None
+    if (mask is not None and (_v(mask) is None or a["is_causal"])) or (a["scale"] is not None and not _is_num(a["scale"])):
+        return None
+    scale = None if a["scale"] is None else float(a["scale"])
+    return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, None
+
+
+def _einsum(b: _Builder, n: fx.Node, a: dict) -> Made:
+    xs = [_v(t) for t in a["tensors"]] if isinstance(a["tensors"], (list, tuple)) else []
+    if not xs or None in xs or not isinstance(a["equation"], str):
+        return None
+    return "einsum", xs, {"equation": a["equation"].replace(" ", "")}, {}, None
+
+
+_END = 2**63 - 1  # aten's "to the end" (``x[a:]``)
+
+
+def _bound(v: Any) -> Any:
+    return None if v is None or (_is_int(v) and v >= _END) else v
+
+
+def _slice(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, start, end, step = _v(a["self"]), a["start"], _bound(a["end"]), a["step"]
+    if x is None or not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+        return None
+    return "slice", [x], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
+
+
+def _slice_scatter(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, src, start, end, step = _v(a["self"]), _v(a["src"]), a["start"], _bound(a["end"]), a["step"]
+    if x is None or src is None or not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+        return None
+    return "slice_scatter", [x, src], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
+
+
+def _split(b: _Builder, n: fx.Node, a: dict, index: int) -> Made:
+    """``split.Tensor`` (also what ``chunk`` becomes) and ``split_with_sizes``: each result a ``slice``."""
+    x, size = _v(a["self"]), a.get("split_size", a.get("split_sizes"))
+    if x is None or not _is_int(a["dim"]):
+        return None
+    if _is_int(size) and size > 0:
+        start, stop = index * size, (index + 1) * size
+    elif _ints(size) is not None and index < len(size):
+        start = sum(size[:index])
+        stop = start + size[index]
+    else:
+        return None
+    return "slice", [x], {"axis": a["dim"] % len(x.shape), "start": start, "end": stop, "step": 1}, {}, None
+
+
+def _copy(b: _Builder, n: fx.Node, a: dict) -> Made:
+    """``copy(dst, src)`` (from ``y[...] = src``): the values of ``src`` where it has ``dst``'s shape and dtype."""
+    dst, src = a["self"], _v(a["src"])
+    shape = tuple(dst.shape) if isinstance(dst, Value) else tuple(dst.tensor.shape) if isinstance(dst, _Const) else None
+    dtype = dst.dtype if isinstance(dst, Value) else dst.tensor.dtype if isinstance(dst, _Const) else None
+    if src is None or src.shape != shape or src.dtype != dtype:
+        return None
+    return "identity", [src], {}, {}, None
+
+
+def _roll(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, shifts, dims = _v(a["self"]), _ints(a["shifts"]), _ints(a["dims"])
+    if x is None or shifts is None or dims is None or len(shifts) != len(dims) or not dims:
+        return None
+    return "roll", [x], {"shifts": shifts, "dims": dims}, {}, None
+
+
+def _shuffle(op: str, name: str) -> Callable[..., Made]:
+    def handler(b: _Builder, n: fx.Node, a: dict) -> Made:
+        x = _v(a["self"])
+        return None if x is None or len(x.shape) != 4 or not _is_int(a[name]) else (op, [x], {"factor": a[name]}, {}, None)
+
+    return handler
+
+
 def _unary(op: str) -> Callable[..., Made]:
     def handler(b: _Builder, n: fx.Node, a: dict) -> Made:
         x = _v(a["self"])
@@ -616,11 +840,23 @@ def _pad_op(x: Any, pad: Any, value: Any) -> Made:
 
 
 def _pad(b: _Builder, n: fx.Node, a: dict) -> Made:
-    return None if a["mode"] != "constant" else _pad_op(a["self"], a["pad"], a["value"])
+    made = _pad_op(a["self"], a["pad"], a["value"]) if a["mode"] == "constant" else None
+    return made or _pad_nd(a["self"], a["pad"], a["mode"], a["value"])
 
 
 def _constant_pad_nd(b: _Builder, n: fx.Node, a: dict) -> Made:
-    return _pad_op(a["self"], a["pad"], a["value"])
+    return _pad_op(a["self"], a["pad"], a["value"]) or _pad_nd(a["self"], a["pad"], "constant", a["value"])
+
+
+def _pad_nd(x: Any, pad: Any, mode: Any, value: Any) -> Made:
+    """What ``pad`` cannot say (more axes: a channels-last map; reflect, replicate, circular): ``pad_nd``."""
+    x, pad = _v(x), _ints(pad)
+    value = 0.0 if value is None else value
+    if x is None or pad is None or len(pad) % 2 or len(pad) // 2 > len(x.shape) or not _is_num(value):
+        return None
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        return None
+    return "pad_nd", [x], {"pads": pad, "mode": mode, "value": float(value)}, {}, None
 
 
 def _avg_pool(b: _Builder, n: fx.Node, a: dict) -> Made:
@@ -633,9 +869,12 @@ def _avg_pool(b: _Builder, n: fx.Node, a: dict) -> Made:
 
 
 def _adaptive_avg(b: _Builder, n: fx.Node, a: dict) -> Made:
+    """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
     x = _v(a["self"])
-    if x is None or len(x.shape) < 3 or _pair(a["output_size"]) != (1, 1):
+    if x is None or len(x.shape) < 3:
         return None
+    if _pair(a["output_size"]) != (1, 1):
+        return _adaptive("adaptive_avg_pool2d")(b, n, a)
     nd = len(x.shape)
     return "mean", [x], {"dims": (nd - 2, nd - 1), "keepdim": True}, {}, None
 
@@ -760,6 +999,39 @@ _HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.alias.default: _identity,
     aten.detach.default: _identity,
     aten.contiguous.default: _identity,
+    aten.add.Scalar: _join("add"),
+    aten.sub.Scalar: _join("sub"),
+    aten.rsub.Scalar: _rsub,
+    aten.div.Tensor: _div,
+    aten.div.Scalar: _div,
+    aten.div.Tensor_mode: _div,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.silu.default: _unary("silu"),
+    aten.hardswish.default: _unary("hardswish"),
+    aten.hardsigmoid.default: _unary("hardsigmoid"),
+    aten.tanh.default: _unary("tanh"),
+    aten.sqrt.default: _unary("sqrt"),
+    aten.rsqrt.default: _unary("rsqrt"),
+    aten.relu6.default: _clamp(0.0, 6.0),
+    aten.hardtanh.default: _clamp(),
+    aten.clamp.default: _clamp(),
+    aten.clamp_min.default: _clamp(),
+    aten.clamp_max.default: _clamp(),
+    aten.sum.dim_IntList: _sum,
+    aten.sum.default: _sum,
+    aten.max_pool2d.default: _max_pool,
+    aten.group_norm.default: _group_norm,
+    aten.upsample_nearest2d.vec: _upsample("nearest"),
+    aten._upsample_nearest_exact2d.vec: _upsample("nearest-exact"),
+    aten.upsample_bilinear2d.vec: _upsample("bilinear"),
+    aten.scaled_dot_product_attention.default: _attention,
+    aten.einsum.default: _einsum,
+    aten.slice.Tensor: _slice,
+    aten.slice_scatter.default: _slice_scatter,
+    aten.copy.default: _copy,
+    aten.roll.default: _roll,
+    aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
+    aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),
 }
 
 # Calls returning several tensors, mapped per ``getitem`` index (None: the generic way, see _Builder.getitem).
@@ -768,4 +1040,9 @@ _MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.native_batch_norm.default: _native_bn,
     aten.native_layer_norm.default: _native_layer_norm,
     aten.unbind.int: _unbind,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split,
+    aten.max_pool2d_with_indices.default: _max_pool_values,
+    aten.adaptive_max_pool2d.default: _adaptive("adaptive_max_pool2d"),
+    aten.native_group_norm.default: _native_group_norm,
 }

@@ -106,6 +106,9 @@ class Builder:
                 values = [self.as_value(v, n) for v in leaves]
                 graph = Graph(graph_inputs, self.nodes, values)
                 reroute_shape_reads(graph)
+                # A call read only through ops that replaced its reads (the tuple of ``x.chunk(2)`` whose
+                # parts became ``chunk`` ops, a constant's ``w[:, None, None]`` folded into a ``scale``).
+                graph.eliminate_dead()
                 return graph, spec
         raise AssertionError("fx graph without output")
 

@@ -90,6 +90,19 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Softmax,
     nn.LayerNorm,
     nn.AdaptiveAvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.Hardtanh,  # and nn.ReLU6
+    nn.GroupNorm,
+    nn.Upsample,  # and nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
 )
 
 

@@ -18,30 +18,73 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from repalgebra.frontend.args import REQ, avg_pool, bind, bn_params, conv_padding, global_mean, ints, is_int, shaped, single
+from repalgebra.frontend.args import (
+    REQ, adaptive_pool, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int, max_pool,
+    pad_nd, shaped, single,
+)
 from repalgebra.frontend.builder import Builder, Const, Made
-from repalgebra.frontend.calls import SymExpr
+from repalgebra.frontend.calls import FnCall, In, SymExpr
 from repalgebra.ir import Value
 
 # --------------------------------------------------------------------------- arithmetic
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _broadcasts(x: Value, y: Value) -> bool:
+    try:
+        torch.broadcast_shapes(x.shape, y.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _f_join(op: str) -> Callable[..., Made]:
-    """``a + b`` / ``a - b`` of two activations of one shape; adding 0 is the identity."""
+    """``a + b`` / ``a - b``: of two activations of one shape ``add``/``sub``, of other shapes
+    ``broadcast_add``/``broadcast_sub``; with a constant or a number ``add_const``; adding 0 is the identity."""
 
     def handler(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
         if kwargs or len(args) != 2:
             return None
-        zero = [isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0 for a in args]
+        zero = [_is_num(a) and a == 0 for a in args]
         if zero[1] or (zero[0] and op == "add"):  # x + 0, 0 + x, x - 0 (an accumulator started at 0)
             x = shaped(args[1] if zero[0] else args[0])
             return None if x is None else ("identity", [x], {}, {}, "")
+        consts = [constant(a) for a in args]
         x, y = shaped(args[0]), shaped(args[1])
-        if x is None or y is None or x.shape != y.shape:
-            return None
-        return op, [x, y], {}, {}, ""
+        made = None
+        if x is not None and consts[0] is None:  # x + c, x - c
+            made = add_const(x, args[1], negate_const=op == "sub", negate_x=False)
+        elif y is not None and consts[1] is None:  # c + y, c - y
+            made = add_const(y, args[0], negate_const=False, negate_x=op == "sub")
+        if made is not None or x is None or y is None:
+            return made
+        if x.shape == y.shape:
+            return op, [x, y], {}, {}, ""
+        return ("broadcast_" + op, [x, y], {}, {}, "") if _broadcasts(x, y) else None
 
     return handler
+
+
+def add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
+    """``(-)x + (-)c`` for a number or a constant tensor ``c`` that does not widen ``x`` (``add_const``)."""
+    if not x.dtype.is_floating_point:
+        return None
+    cc = constant(c)
+    if _is_num(c):
+        t, source = torch.tensor(float(c), dtype=torch.float64), ""
+    elif cc is not None and cc.tensor.is_floating_point():
+        t, source = cc.tensor, cc.path
+        try:
+            if torch.broadcast_shapes(t.shape, x.shape) != x.shape:
+                return None
+        except RuntimeError:
+            return None
+    else:
+        return None
+    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0}, {"const": -t if negate_const else t}, source
 
 
 def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -49,12 +92,21 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     if kwargs or len(args) != 2:
         return None
     x, c = args
+    if constant(x) is not None and constant(c) is None:
+        x, c = c, x
     if not isinstance(x, Value):
         x, c = c, x
     if shaped(x) is None or not x.dtype.is_floating_point:
         return None
-    if isinstance(c, Value):
+    k = constant(c)
+    made = _scale_by(x, k if k is not None else c)
+    if made is None and isinstance(c, Value):
         return "mul", [x, c], {}, {}, ""
+    return made
+
+
+def _scale_by(x: Value, c: Any) -> Made:
+    """``x * c`` for a number or a per-channel constant ``c``: a ``scale``."""
     if isinstance(c, Const) and c.tensor.is_floating_point():
         shape = tuple(c.tensor.shape)
         if c.tensor.numel() == 1 and len(shape) <= len(x.shape):
@@ -88,10 +140,62 @@ def _channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int
     return varying[0]
 
 
+def _f_div(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``a / b``: ``div`` of two activations; dividing by a number or a per-channel constant is a ``scale``."""
+    a = bind([("input", REQ), ("other", REQ), ("rounding_mode", None)], args, kwargs)
+    if a is None or a["rounding_mode"] is not None:
+        return None
+    x, y = shaped(a["input"]), a["other"]
+    if x is None or not x.dtype.is_floating_point or constant(x) is not None:
+        return None
+    c = constant(y)
+    made = None
+    if _is_num(y) and y != 0:  # the reciprocal in float64, as the rewrite folds it
+        made = _scale_by(x, Const(torch.tensor(1.0 / y, dtype=torch.float64), ""))
+    elif c is not None and c.tensor.is_floating_point():
+        made = _scale_by(x, Const(1.0 / c.tensor, c.path))
+    if made is None and shaped(y) is not None and _broadcasts(x, y):
+        return "div", [x, y], {}, {}, ""
+    return made
+
+
+def _f_pow(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("exponent", REQ)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not _is_num(a["exponent"]) or not a["input"].dtype.is_floating_point:
+        return None
+    return "pow", [a["input"]], {"exponent": a["exponent"]}, {}, ""
+
+
 def _f_matmul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     if kwargs or len(args) != 2 or shaped(args[0]) is None or shaped(args[1]) is None:
         return None
     return "matmul", list(args), {}, {}, ""
+
+
+def _f_einsum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])`` of activations."""
+    if kwargs or not args or not isinstance(args[0], str):
+        return None
+    xs = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if not xs or any(shaped(x) is None or constant(x) is not None for x in xs):
+        return None
+    return "einsum", xs, {"equation": args[0].replace(" ", "")}, {}, ""
+
+
+def _f_attention(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.scaled_dot_product_attention`` without dropout, the mask (if any) an activation."""
+    spec = [("query", REQ), ("key", REQ), ("value", REQ), ("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False)]
+    a = bind(spec, args, kwargs)
+    if a is None or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
+        return None
+    qkv = [shaped(a[k]) for k in ("query", "key", "value")]
+    mask = a["attn_mask"]
+    if None in qkv or (mask is not None and (shaped(mask) is None or a["is_causal"])):
+        return None
+    if a["scale"] is not None and not _is_num(a["scale"]):
+        return None
+    scale = None if a["scale"] is None else float(a["scale"])
+    return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, ""
 
 
 # --------------------------------------------------------------------------- layout
@@ -187,10 +291,145 @@ def _f_reshape_as(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
 
 
 def _f_getitem(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``x[i]`` with an int ``i``: select along axis 0 (other indexing stays opaque)."""
-    if kwargs or len(args) != 2 or shaped(args[0]) is None or not is_int(args[1]):
+    """``x[i]``, ``x[:, :c]``, ``x[..., 0]``, ``x[:, None]``: select, slice and unsqueeze, one op per axis;
+    ``parts[i]`` of ``parts = x.chunk(...)``/``x.split(...)``/``x.unbind(...)``: that part (see :func:`_part`)."""
+    if kwargs or len(args) != 2:
         return None
-    return "select", [args[0]], {"axis": 0, "index": args[1]}, {}, ""
+    x, index = args
+    if isinstance(x, Value) and x.shape is None:
+        return _part(x, index)
+    if shaped(x) is None or constant(x) is not None:  # indexing a constant stays a constant (see args.constant)
+        return None
+    steps = _index_steps(index, len(x.shape))
+    if steps is None:
+        return None
+    if not steps:
+        return "identity", [x], {}, {}, ""
+    for op, attrs in steps[:-1]:
+        made = _step(x, op, attrs)
+        x = b.add(made[0], made[1], made[2], {}, b.source(n))
+    return _step(x, *steps[-1])
+
+
+def _index_steps(index: Any, rank: int) -> list[tuple[str, dict]] | None:
+    """Basic indexing (ints, slices with int bounds, None, one ``...``) as ``select``/``slice``/``unsqueeze`` steps."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    ok = lambda it: it is None or it is Ellipsis or is_int(it) or (  # noqa: E731
+        isinstance(it, slice) and all(v is None or is_int(v) for v in (it.start, it.stop, it.step)) and (it.step is None or it.step > 0)
+    )
+    if not all(ok(it) for it in items) or sum(it is Ellipsis for it in items) > 1:
+        return None
+    consumed = sum(it is not None and it is not Ellipsis for it in items)
+    if consumed > rank:
+        return None
+    if any(it is Ellipsis for it in items):
+        k = next(k for k, it in enumerate(items) if it is Ellipsis)
+        items[k : k + 1] = [slice(None)] * (rank - consumed)
+    steps: list[tuple[str, dict]] = []
+    axis = 0  # in the value built so far
+    for it in items:
+        if it is None:
+            steps.append(("unsqueeze", {"axis": axis}))
+            axis += 1
+        elif is_int(it):
+            steps.append(("select", {"axis": axis, "index": it}))
+        else:
+            start, step = it.start or 0, it.step or 1
+            if (start, it.stop, step) != (0, None, 1):
+                steps.append(("slice", {"axis": axis, "start": start, "end": it.stop, "step": step}))
+            axis += 1
+    return steps
+
+
+def _step(x: Value, op: str, attrs: dict) -> Made:
+    return _unsqueezed(x, attrs["axis"]) if op == "unsqueeze" else (op, [x], attrs, {}, "")
+
+
+def _unsqueezed(x: Value, axis: int) -> Made:
+    """``x.unsqueeze(axis)`` as a reshape that reads ``x``'s sizes at run time."""
+    rank = len(x.shape)
+    shape = tuple(((0, k),) for k in range(axis)) + (1,) + tuple(((0, k),) for k in range(axis, rank))
+    return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
+
+
+def _f_unsqueeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("dim", REQ)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or constant(a["input"]) is not None:
+        return None
+    return _unsqueezed(a["input"], a["dim"] % (len(a["input"].shape) + 1))
+
+
+def _f_squeeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.squeeze(dim)`` with an int ``dim``: a reshape that reads the other sizes at run time (a no-op if not 1)."""
+    a = bind([("input", REQ), ("dim", REQ)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or not a["input"].shape or constant(a["input"]) is not None:
+        return None
+    x = a["input"]
+    axis = a["dim"] % len(x.shape)
+    if x.shape[axis] != 1:
+        return "identity", [x], {}, {}, ""
+    shape = tuple(((0, k),) for k in range(len(x.shape)) if k != axis)
+    return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
+
+
+# One result of a call that returns several tensors, read as ``parts[i]``: the call is carried as one
+# tuple-valued opaque node (no shape), and each read of a result becomes an op on the call's input.
+_SPLITS = {
+    ("call_method", "chunk"): "chunk",
+    ("call_function", torch.chunk): "chunk",
+    ("call_method", "split"): "split",
+    ("call_function", torch.split): "split",
+    ("call_method", "unbind"): "unbind",
+    ("call_function", torch.unbind): "unbind",
+}
+_SIZE_NAMES = ("chunks", "split_size", "split_size_or_sections")
+
+
+def _part(parts: Value, index: Any) -> Made:
+    """``parts[index]`` of ``parts = x.chunk(n, dim)`` (``chunk``), ``x.split(s, dim)`` (``slice``), ``x.unbind(dim)`` (``select``).
+
+    The tuple-valued node is then read by nothing and is dropped with the dead nodes.
+    """
+    n = parts.producer
+    if n is None or n.op != "opaque" or not is_int(index) or len(n.inputs) != 1 or not isinstance(n.attrs["fn"], FnCall):
+        return None
+    fn = n.attrs["fn"]
+    try:
+        kind = _SPLITS.get((fn.kind, fn.target))
+    except TypeError:  # an unhashable target
+        return None
+    kwargs = {("size" if k in _SIZE_NAMES else k): v for k, v in fn.kwargs_template.items()}
+    spec = [("input", REQ), ("dim", 0)] if kind == "unbind" else [("input", REQ), ("size", REQ), ("dim", 0)]
+    a = bind(spec, fn.args_template, kwargs) if kind is not None else None
+    x = shaped(n.inputs[0])
+    if a is None or a["input"] != In(0) or x is None or not is_int(a["dim"]):
+        return None
+    axis, size = a["dim"] % len(x.shape), a.get("size")
+    length = x.shape[axis]
+    sizes = ints(size) if kind == "split" and isinstance(size, (list, tuple)) else None
+    if kind != "unbind" and sizes is None and not (is_int(size) and size > 0):
+        return None
+    if kind == "unbind":
+        count = length
+    elif sizes is not None:
+        count = len(sizes)
+    elif kind == "split":
+        count = -(-length // size)
+    else:  # chunk: parts of ceil(length / chunks)
+        count = -(-length // -(-length // size))
+    index = index + count if index < 0 else index  # parts[-1]: counted at the traced size
+    if not 0 <= index < count:
+        return None
+    if kind == "unbind":
+        return "select", [x], {"axis": axis, "index": index}, {}, ""
+    if kind == "chunk":
+        return "chunk", [x], {"chunks": size, "index": index, "axis": axis}, {}, ""
+    if sizes is None:  # equal parts of ``size``, the last one shorter: exact at any size of the axis
+        start, stop = index * size, (index + 1) * size
+    else:
+        start = sum(sizes[:index])
+        stop = start + sizes[index]
+    return "slice", [x], {"axis": axis, "start": start, "end": stop, "step": 1}, {}, ""
 
 
 def _f_select(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -236,6 +475,8 @@ def _f_softmax(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
 
 
 def _f_unary(op: str, *extra: tuple[str, Any]) -> Callable[..., Made]:
+    """A one-input op; ``extra`` are further arguments (``inplace`` is dropped: the front end functionalizes it)."""
+
     def handler(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
         a = bind([("input", REQ), *extra], args, kwargs)
         if a is None or shaped(a["input"]) is None:
@@ -244,6 +485,32 @@ def _f_unary(op: str, *extra: tuple[str, Any]) -> Callable[..., Made]:
         return op, [a["input"]], attrs, {}, ""
 
     return handler
+
+
+def _f_clamp(lo_name: str | None = "min", hi_name: str | None = "max", lo: Any = None, hi: Any = None) -> Callable[..., Made]:
+    """``clamp`` with number bounds: ``torch.clamp(x, min, max)``/``x.clip(...)``, ``F.hardtanh(x, min_val, max_val)``,
+    ``F.relu6(x)`` (bounds ``lo``, ``hi`` when the function has no arguments for them)."""
+
+    def handler(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+        bounds = [(lo_name, lo), (hi_name, hi)] if lo_name else []
+        a = bind([("input", REQ), *bounds, ("inplace", False)], args, kwargs)
+        if a is None or shaped(a["input"]) is None:
+            return None
+        low, high = (a[lo_name], a[hi_name]) if lo_name else (lo, hi)
+        if (low is None and high is None) or any(v is not None and not _is_num(v) for v in (low, high)):
+            return None
+        return "clamp", [a["input"]], {"min": low, "max": high}, {}, ""
+
+    return handler
+
+
+def _f_sum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("dim", None), ("keepdim", False), ("dtype", None)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["keepdim"], bool) or a["dtype"] is not None:
+        return None
+    x = a["input"]
+    dims = tuple(range(len(x.shape))) if a["dim"] is None else (a["dim"],) if is_int(a["dim"]) else ints(a["dim"])
+    return None if not dims else ("sum", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, "")
 
 
 def _f_identity_unless_training(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -281,12 +548,12 @@ def _f_conv2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
 
 def _f_pad(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("pad", REQ), ("mode", "constant"), ("value", None)], args, kwargs)
-    if a is None or shaped(a["input"]) is None or a["mode"] != "constant":
+    if a is None or shaped(a["input"]) is None:
         return None
     pad = ints(a["pad"])
     value = 0.0 if a["value"] is None else a["value"]
-    if pad is None or len(pad) not in (2, 4) or not isinstance(value, (int, float)) or len(a["input"].shape) < 2:
-        return None
+    if a["mode"] != "constant" or pad is None or len(pad) not in (2, 4) or not isinstance(value, (int, float)) or len(a["input"].shape) < 2:
+        return pad_nd(a["input"], a["pad"], a["mode"], a["value"])  # channels-last, reflect, replicate, circular
     left, right, top, bottom = (*pad, 0, 0)[:4]
     return "pad", [a["input"]], {"pads": (top, bottom, left, right), "value": float(value)}, {}, ""
 
@@ -343,6 +610,109 @@ def _f_adaptive_avg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: di
     return None if a is None else global_mean(shaped(a["input"]), a["output_size"])
 
 
+def _f_adaptive_max(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("output_size", REQ), ("return_indices", False)], args, kwargs)
+    if a is None or a["return_indices"] is not False:
+        return None
+    return adaptive_pool("adaptive_max_pool2d", shaped(a["input"]), a["output_size"])
+
+
+def _f_max_pool(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    spec = [("input", REQ), ("kernel_size", REQ), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False), ("return_indices", False)]
+    a = bind(spec, args, kwargs)
+    if a is None:
+        return None
+    return max_pool(shaped(a["input"]), a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], a["return_indices"])
+
+
+def _f_group_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("num_groups", REQ), ("weight", None), ("bias", None), ("eps", 1e-5)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not is_int(a["num_groups"]) or not _is_num(a["eps"]):
+        return None
+    if any(a[k] is not None and _const(a[k]) is None for k in ("weight", "bias")):
+        return None
+    params = {k: _const(a[k]) for k in ("weight", "bias") if a[k] is not None}
+    return "group_norm", [a["input"]], {"num_groups": a["num_groups"], "eps": float(a["eps"])}, params, ""
+
+
+def _f_interpolate(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.interpolate``; a size read from another value's shape (``size=y.shape[-2:]``) makes that value a second input."""
+    spec = [("input", REQ), ("size", None), ("scale_factor", None), ("mode", "nearest"), ("align_corners", None), ("recompute_scale_factor", None), ("antialias", False)]
+    a = bind(spec, args, kwargs)
+    if a is None:
+        return None
+    x, like = shaped(a["input"]), _size_of(a["size"])
+    rest = (a["mode"], a["align_corners"], a["recompute_scale_factor"], a["antialias"])
+    if like is None:
+        return interpolate(x, a["size"], a["scale_factor"], *rest)
+    made = interpolate(x, like.shape[-2:], a["scale_factor"], *rest)  # checks the other arguments
+    return None if made is None else ("interpolate", [x, like], {**made[2], "size": None}, {}, "")
+
+
+def _size_of(size: Any) -> Value | None:
+    """The value whose last two sizes ``size`` reads at run time: ``y.shape[-2:]``, ``y.shape[2:]``, ``y.size()[2:]``,
+    ``(y.shape[2], y.shape[3])``, ``(y.size(-2), y.size(-1))``; else None."""
+
+    def read(e: Any) -> tuple[Value, Any] | None:  # (y, index) for y.shape[index] / y.size()[index] / y.size(index)
+        if not isinstance(e, SymExpr):
+            return None
+        if e.target == "size" and len(e.args) == 2 and not e.kwargs and shaped(e.args[0]) is not None:
+            return e.args[0], e.args[1]
+        if e.target is operator.getitem and len(e.args) == 2 and isinstance(e.args[0], SymExpr):
+            inner = e.args[0]
+            of_shape = inner.target is getattr and inner.args[1:] == ("shape",)
+            of_size = inner.target == "size" and len(inner.args) == 1 and not inner.kwargs
+            if (of_shape or of_size) and shaped(inner.args[0]) is not None:
+                return inner.args[0], e.args[1]
+        return None
+
+    r = read(size)
+    if r is not None:
+        y, index = r
+        if isinstance(index, slice) and index.stop is None and index.step is None and index.start in (len(y.shape) - 2, -2) and len(y.shape) >= 2:
+            return y
+        return None
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        rs = [read(e) for e in size]
+        if None in rs or rs[0][0] is not rs[1][0] or not all(is_int(i) for _, i in rs):
+            return None
+        y = rs[0][0]
+        rank = len(y.shape)
+        return y if [i % rank for _, i in rs] == [rank - 2, rank - 1] else None
+    return None
+
+
+def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("src", REQ), ("dim", 0), ("start", None), ("end", None), ("step", 1)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or shaped(a["src"]) is None or not is_int(a["dim"]) or not is_int(a["step"]) or a["step"] < 1:
+        return None
+    if not all(v is None or is_int(v) for v in (a["start"], a["end"])):
+        return None
+    attrs = {"axis": a["dim"], "start": a["start"] or 0, "end": a["end"], "step": a["step"]}
+    return "slice_scatter", [a["input"], a["src"]], attrs, {}, ""
+
+
+def _f_roll(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("shifts", REQ), ("dims", None)], args, kwargs)
+    if a is None or shaped(a["input"]) is None:
+        return None
+    shifts, dims = ((v,) if is_int(v) else ints(v) for v in (a["shifts"], a["dims"]))
+    if shifts is None or dims is None or len(shifts) != len(dims):
+        return None
+    return "roll", [a["input"]], {"shifts": shifts, "dims": dims}, {}, ""
+
+
+def _f_pixel_shuffle(op: str) -> Callable[..., Made]:
+    def handler(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+        name = "upscale_factor" if op == "pixel_shuffle" else "downscale_factor"
+        a = bind([("input", REQ), (name, REQ)], args, kwargs)
+        if a is None or shaped(a["input"]) is None or len(a["input"].shape) != 4 or not is_int(a[name]):
+            return None
+        return op, [a["input"]], {"factor": a[name]}, {}, ""
+
+    return handler
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -382,3 +752,28 @@ _register(_f_layer_norm, F.layer_norm)
 _register(_f_avg_pool, F.avg_pool2d)
 _register(_f_adaptive_avg, F.adaptive_avg_pool2d)
 _register(_f_contiguous, ("method", "contiguous"))
+_register(_f_div, operator.truediv, torch.div, torch.true_divide, ("method", "div"), ("method", "true_divide"))
+_register(_f_pow, operator.pow, torch.pow, ("method", "pow"))
+_register(_f_matmul, torch.bmm, ("method", "bmm"))
+_register(_f_einsum, torch.einsum)
+_register(_f_attention, F.scaled_dot_product_attention)
+_register(_f_unary("silu", ("inplace", False)), F.silu)
+_register(_f_unary("hardswish", ("inplace", False)), F.hardswish)
+_register(_f_unary("hardsigmoid", ("inplace", False)), F.hardsigmoid)
+_register(_f_unary("tanh"), torch.tanh, F.tanh, ("method", "tanh"))
+_register(_f_unary("sqrt"), torch.sqrt, ("method", "sqrt"))
+_register(_f_unary("rsqrt"), torch.rsqrt, ("method", "rsqrt"))
+_register(_f_clamp(), torch.clamp, torch.clip, ("method", "clamp"), ("method", "clip"))
+_register(_f_clamp("min_val", "max_val", -1.0, 1.0), F.hardtanh)
+_register(_f_clamp(None, None, 0.0, 6.0), F.relu6)
+_register(_f_sum, torch.sum, ("method", "sum"))
+_register(_f_max_pool, F.max_pool2d, torch.max_pool2d)
+_register(_f_adaptive_max, F.adaptive_max_pool2d)
+_register(_f_group_norm, F.group_norm)
+_register(_f_interpolate, F.interpolate)
+_register(_f_roll, torch.roll, ("method", "roll"))
+_register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
+_register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
+_register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)
+_register(_f_unsqueeze, torch.unsqueeze, ("method", "unsqueeze"))
+_register(_f_squeeze, torch.squeeze, ("method", "squeeze"))

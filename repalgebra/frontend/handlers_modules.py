@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import avg_pool, bn_params, conv_padding, global_mean, ints, single
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, interpolate, ints, max_pool, pad_nd, single
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS
 
@@ -112,6 +112,52 @@ def _m_adaptive_avg(b: Builder, n: fx.Node, m: nn.AdaptiveAvgPool2d, args: tuple
     return global_mean(single(args, kwargs), m.output_size)
 
 
+def _m_max_pool(b: Builder, n: fx.Node, m: nn.MaxPool2d, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return max_pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+
+
+def _m_adaptive_max(b: Builder, n: fx.Node, m: nn.AdaptiveMaxPool2d, args: tuple, kwargs: dict) -> Made:
+    return None if m.return_indices else adaptive_pool("adaptive_max_pool2d", single(args, kwargs), m.output_size)
+
+
+def _m_hardtanh(b: Builder, n: fx.Node, m: nn.Hardtanh, args: tuple, kwargs: dict) -> Made:
+    """``nn.Hardtanh`` and ``nn.ReLU6``: ``clamp``."""
+    x = single(args, kwargs)
+    return None if x is None else ("clamp", [x], {"min": m.min_val, "max": m.max_val}, {}, "")
+
+
+def _m_group_norm(b: Builder, n: fx.Node, m: nn.GroupNorm, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None:
+        return None
+    params = {k: getattr(m, k).detach().clone() for k in ("weight", "bias") if getattr(m, k, None) is not None}
+    return "group_norm", [x], {"num_groups": m.num_groups, "eps": float(m.eps)}, params, ""
+
+
+def _m_upsample(b: Builder, n: fx.Node, m: nn.Upsample, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
+
+
+def _m_pixel_shuffle(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 4:
+        return None
+    if isinstance(m, nn.PixelShuffle):
+        return "pixel_shuffle", [x], {"factor": m.upscale_factor}, {}, ""
+    return "pixel_unshuffle", [x], {"factor": m.downscale_factor}, {}, ""
+
+
+def _m_pad_nd(mode: str) -> Callable[..., Made]:
+    """``nn.ReflectionPad2d``/``nn.ReplicationPad2d``: ``pad_nd``."""
+
+    def handler(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Made:
+        return pad_nd(single(args, kwargs), m.padding, mode, None)
+
+    return handler
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -130,4 +176,17 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Softmax: _m_softmax,
     nn.LayerNorm: _m_layer_norm,
     nn.AdaptiveAvgPool2d: _m_adaptive_avg,
+    nn.MaxPool2d: _m_max_pool,
+    nn.AdaptiveMaxPool2d: _m_adaptive_max,
+    nn.SiLU: _m_act("silu"),
+    nn.Hardswish: _m_act("hardswish"),
+    nn.Hardsigmoid: _m_act("hardsigmoid"),
+    nn.Tanh: _m_act("tanh"),
+    nn.Hardtanh: _m_hardtanh,
+    nn.GroupNorm: _m_group_norm,
+    nn.Upsample: _m_upsample,
+    nn.PixelShuffle: _m_pixel_shuffle,
+    nn.PixelUnshuffle: _m_pixel_shuffle,
+    nn.ReflectionPad2d: _m_pad_nd("reflect"),
+    nn.ReplicationPad2d: _m_pad_nd("replicate"),
 }

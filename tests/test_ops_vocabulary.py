@@ -1,0 +1,391 @@
+"""The common vision vocabulary (``repalgebra/ops.py``): the ops public models use between their foldable regions.
+
+One small module per op (or family of ops), written the way model code writes it, after a conv + BN stem.  For each:
+
+* both front ends map it: ``torch.fx`` (``trace``) and ``torch.export`` (``capture_export``) give a graph with the
+  op and without opaque nodes, and the exported graph computes the module (float64, relative 1e-12);
+* ``repalgebra.fuse`` folds the stem's BN and equals the module in float64 (relative 1e-12), at the example input
+  and at a second one of that shape;
+* the op's ONNX lowering (no fallback) runs in onnxruntime and equals the float32 module (relative 1e-5) at
+  opsets 13, 17 and 20, at batch 1 and 3, and emits the ONNX ops it should.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+from repalgebra.backend.onnx import export_onnx
+from repalgebra.frontend.aten import capture_export
+from repalgebra.frontend.torch import trace
+from repalgebra.interpret import run_graph
+from repalgebra.ops import OPS
+
+D = torch.float64
+OPSETS = (13, 17, 20)
+
+
+class Stem(nn.Sequential):
+    """conv + BN (the BN must fold into the conv whatever follows)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def stem(op: nn.Module | Callable, cin: int = 3, c: int = 4) -> nn.Module:
+    return nn.Sequential(Stem(cin, c), op if isinstance(op, nn.Module) else Lambda(op))
+
+
+# --------------------------------------------------------------------------- modules written as model code writes them
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's ``LayerNorm(data_format="channels_first")``: mean, ``pow``, ``sqrt``, ``/``, weight and bias by indexing."""
+
+    def __init__(self, c: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c)), eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class RsqrtNorm(nn.Module):
+    """``x * torch.rsqrt(var + eps)``, ``/ 6.``, ``1 - x``, a positional embedding added, an SE gate."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, c, 1, 6))
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        var = (x * x).mean((2, 3), keepdim=True)
+        y = x * torch.rsqrt(var + 1e-5) + self.pos
+        gate = self.fc(y.mean((2, 3), keepdim=True)).sigmoid()
+        return (1 - y) * gate / 6.0 + (x - 0.5).sum(1, keepdim=True)
+
+
+class FPNTopDown(nn.Module):
+    """FPN's ``F.interpolate(top, size=lateral.shape[-2:])`` and YOLO's ``nn.Upsample(scale_factor=2)``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        top = self.down(x)
+        return x + F.interpolate(top, size=x.shape[-2:], mode="nearest"), self.up(top)
+
+
+class Bilinear(nn.Module):
+    def forward(self, x):
+        a = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        b = F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True)
+        c = F.interpolate(x, size=(7, 11), mode="nearest-exact")
+        return a, b, c
+
+
+class Slicing(nn.Module):
+    """DPN's ``x[:, :c]``/``x[:, c:]``, ACNet's crop ``x[:, :, 1:-1, :]``, ``x[..., ::2]``, ``x[:, 0]``, ``x[:, None]``."""
+
+    def forward(self, x):
+        a, b = x[:, :2], x[:, 2:]
+        crop = x[:, :, 1:-1, :]
+        return a * b, crop[..., ::2], x[:, 0][:, None] + x[:, 1:3]
+
+
+class Splits(nn.Module):
+    """``a, b = x.chunk(2, dim=1)`` (CoAtNet), ``x.split([1, 3], 1)`` (LeViT, EfficientFormer), ``torch.split(x, 3, 1)``, ``unbind``."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        c, d = x.split([1, 3], 1)
+        e, f = torch.split(x, 3, dim=1)
+        g, h, i, j = x.unbind(1)
+        return a * b, torch.cat([d, c], 1) + torch.cat([f, e], 1), g * h - i + j
+
+
+class Shifts(nn.Module):
+    """Swin's cyclic shift, ``torch.roll(x, shifts=(-s, -s), dims=(1, 2))`` on a channels-last map, and back."""
+
+    def forward(self, x):
+        y = torch.roll(x.permute(0, 2, 3, 1), shifts=(-2, -1), dims=(1, 2))
+        return torch.roll(y * 2, shifts=(2, 1), dims=(1, 2)).permute(0, 3, 1, 2) + x.roll(1, 3)
+
+
+class Shuffles(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.up = nn.PixelShuffle(2)
+        self.conv = nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        return F.pixel_unshuffle(self.conv(self.up(x)), 2)
+
+
+class Products(nn.Module):
+    """``torch.einsum`` that is a batched matrix product, one that is not, and ``torch.bmm``."""
+
+    def forward(self, x):
+        t = x.flatten(2)
+        gram = torch.einsum("bchw,bdhw->bcd", x, x)
+        swapped = torch.einsum("bchw->bhwc", x)
+        return gram + torch.bmm(t, t.transpose(1, 2)), swapped
+
+
+class Attention(nn.Module):
+    """ViT attention with ``F.scaled_dot_product_attention``: plain, with an additive bias (CoAtNet), causal with a scale."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, 1, 1))
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        B, N, _ = t.shape
+        q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = (q @ k.transpose(-2, -1)) * self.bias
+        a = F.scaled_dot_product_attention(q, k, v)
+        b = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        c = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+        return a + b + c
+
+
+class Pads(nn.Module):
+    """Swin's ``F.pad(x, (0, 0, 0, pad_r, 0, pad_b))`` on a channels-last map, reflection and replication pads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reflect = nn.ReflectionPad2d(1)
+        self.replicate = nn.ReplicationPad2d((1, 0, 2, 1))
+
+    def forward(self, x):
+        cl = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, 2, 0, 1)).permute(0, 3, 1, 2)
+        return cl, self.reflect(x), self.replicate(x)
+
+
+class SliceAssign(nn.Module):
+    """GhostNet's ``out[:, :c] = ...`` after ``torch.cat``, written functionally: ``torch.slice_scatter``."""
+
+    def forward(self, x):
+        return torch.slice_scatter(x, x[:, 1:3].sigmoid(), dim=1, start=0, end=2)
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+@dataclass
+class Case:
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    ops: set[str]  # ops both front ends must make
+    onnx: Callable[[int], set[str]] = lambda opset: set()  # ONNX op types the export must contain at an opset
+    fx_ops: set[str] = field(default_factory=set)  # only the fx front end makes these
+    export_ops: set[str] = field(default_factory=set)  # only the export front end makes these
+
+
+def _onnx(*types: str) -> Callable[[int], set[str]]:
+    return lambda opset: set(types)
+
+
+CASES: dict[str, Case] = {
+    "max_pool": Case(lambda: stem(nn.MaxPool2d(3, 2, 1)), (1, 3, 9, 9), {"max_pool2d"}, _onnx("MaxPool")),
+    "max_pool_ceil_dilated": Case(
+        lambda: stem(lambda x: F.max_pool2d(x, (3, 2), (2, 3), 1, dilation=(2, 1), ceil_mode=True)), (1, 3, 10, 11), {"max_pool2d"}, _onnx("MaxPool")
+    ),
+    "adaptive_avg_pool": Case(lambda: stem(nn.AdaptiveAvgPool2d((3, 3))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("AveragePool")),
+    "adaptive_max_pool": Case(lambda: stem(lambda x: F.adaptive_max_pool2d(x, (2, 3))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("MaxPool")),
+    "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
+    "silu": Case(lambda: stem(nn.Sequential(nn.SiLU(), Lambda(F.silu))), (1, 3, 5, 5), {"silu"}, _onnx("Sigmoid", "Mul")),
+    "hardswish": Case(
+        lambda: stem(nn.Hardswish()), (1, 3, 5, 5), {"hardswish"}, lambda opset: {"HardSwish"} if opset >= 14 else {"HardSigmoid", "Mul"}
+    ),
+    "hardsigmoid": Case(lambda: stem(lambda x: F.hardsigmoid(x) * x), (1, 3, 5, 5), {"hardsigmoid", "mul"}, _onnx("HardSigmoid")),
+    "relu6_clamp": Case(
+        lambda: stem(nn.Sequential(nn.ReLU6(), Lambda(lambda x: F.relu6(x) + x.clamp(min=-0.5) + torch.clamp(x, max=0.25) + F.hardtanh(x)))),
+        (1, 3, 5, 5), {"clamp"}, _onnx("Clip"),
+    ),
+    "tanh": Case(lambda: stem(lambda x: torch.tanh(x) + x.tanh()), (1, 3, 5, 5), {"tanh"}, _onnx("Tanh")),
+    "gelu_tanh": Case(
+        lambda: stem(nn.GELU(approximate="tanh")), (1, 3, 5, 5), {"gelu"}, lambda opset: {"Gelu"} if opset >= 20 else {"Tanh"}
+    ),
+    "gelu_erf": Case(lambda: stem(nn.GELU()), (1, 3, 5, 5), {"gelu"}, lambda opset: {"Gelu"} if opset >= 20 else {"Erf"}),
+    "sigmoid_gate": Case(lambda: stem(lambda x: x * torch.sigmoid(x) + x * x.sigmoid()), (1, 3, 5, 5), {"sigmoid", "mul"}, _onnx("Sigmoid")),
+    "channels_first_layer_norm": Case(
+        lambda: stem(ChannelsFirstLayerNorm(4)), (1, 3, 5, 5), {"broadcast_sub", "pow", "sqrt", "div", "add_const", "scale"},
+        _onnx("Sub", "Pow", "Sqrt", "Div", "Add"),
+    ),
+    "rsqrt_const_arithmetic": Case(
+        lambda: stem(RsqrtNorm(4)), (1, 3, 5, 6), {"rsqrt", "add_const", "scale", "sum", "sigmoid"}, _onnx("Sqrt", "Reciprocal", "ReduceSum")
+    ),
+    "group_norm": Case(lambda: stem(lambda x: F.group_norm(x, 1)), (1, 3, 5, 5), {"group_norm"}, _onnx("InstanceNormalization")),
+    "group_norm_module": Case(lambda: stem(nn.GroupNorm(2, 4)), (1, 3, 5, 5), {"group_norm"}, _onnx("InstanceNormalization")),
+    "interpolate_nearest": Case(lambda: stem(FPNTopDown(4)), (1, 3, 8, 6), {"interpolate"}, _onnx("Resize")),
+    "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize")),
+    "slicing": Case(lambda: stem(Slicing()), (1, 3, 5, 6), {"slice", "select"}, _onnx("Slice", "Gather")),
+    "split_chunk_unbind": Case(
+        lambda: stem(Splits()), (1, 3, 5, 5), {"slice", "select"}, _onnx("Slice", "Gather"), fx_ops={"chunk"}
+    ),
+    "roll": Case(lambda: stem(Shifts()), (1, 3, 5, 6), {"roll"}, _onnx("Slice", "Concat")),
+    "pixel_shuffle": Case(lambda: stem(Shuffles(8), c=8), (1, 3, 6, 4), {"pixel_shuffle", "pixel_unshuffle"}, _onnx("DepthToSpace", "Transpose")),
+    "einsum_bmm": Case(lambda: stem(Products()), (1, 3, 5, 5), {"matmul"}, _onnx("MatMul", "Einsum"), fx_ops={"einsum"}),
+    "attention": Case(lambda: stem(Attention(), c=8), (1, 3, 3, 4), {"attention"}, _onnx("Softmax", "MatMul")),
+    "pad_nd": Case(lambda: stem(Pads()), (1, 3, 5, 5), {"pad_nd"}, _onnx("Pad")),
+    "slice_scatter": Case(lambda: stem(SliceAssign()), (1, 3, 5, 5), {"slice_scatter", "slice"}, _onnx("Concat")),
+}
+NAMES = sorted(CASES)
+
+
+def model_of(name: str, dtype: torch.dtype = D) -> nn.Module:
+    torch.manual_seed(0)
+    model = CASES[name].build().eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.to(dtype)
+
+
+def inputs(name: str, dtype: torch.dtype = D, seed: int = 0, batch: int | None = None) -> torch.Tensor:
+    shape = CASES[name].shape
+    shape = shape if batch is None else (batch, *shape[1:])
+    return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def flat(y) -> list[torch.Tensor]:
+    return [y] if torch.is_tensor(y) else [t for item in y for t in flat(item)]
+
+
+def rel_err(out, ref) -> float:
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(flat(out), flat(ref), strict=True))
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_front_end_maps_it(name):
+    case = CASES[name]
+    g = trace(model_of(name), (inputs(name),))
+    ops = g.op_counts()
+    assert "opaque" not in ops, ops
+    assert case.ops - case.export_ops | case.fx_ops <= set(ops), ops
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_front_end_maps_it(name):
+    case = CASES[name]
+    model, x = model_of(name), inputs(name)
+    g = capture_export(copy.deepcopy(model), (x,)).graph
+    ops = g.op_counts()
+    assert "opaque" not in ops, ops
+    assert case.ops - case.fx_ops | case.export_ops <= set(ops), ops
+    with torch.no_grad():
+        assert rel_err(run_graph(g, x), model(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fuse_is_exact_and_still_folds(name):
+    model = model_of(name)
+    fused = repalgebra.fuse(model, inputs(name))
+    report = fused.fuse_report
+    assert report.ops_after.get("batch_norm", 0) == 0 and "opaque" not in report.ops_after, str(report)
+    with torch.no_grad():
+        for seed in (0, 1):
+            x = inputs(name, seed=seed)
+            assert rel_err(fused(x), model(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_lowering_runs_in_onnxruntime(name, opset):
+    model = model_of(name, torch.float32)
+    fused = repalgebra.fuse(model, inputs(name, torch.float32))
+    proto = export_onnx(fused, None, CASES[name].shape, fuse=False, opset=opset)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta.get("repalgebra.fallback", "none") == "none"  # our lowerings, not torch.onnx.export's
+    types = {n.op_type for n in proto.graph.node}
+    assert CASES[name].onnx(opset) <= types, types
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = inputs(name, torch.float32, seed=batch, batch=batch)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            ref = flat(model(x))
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert float(np.abs(a - b.numpy()).max() / np.abs(b.numpy()).max()) <= 1e-5
+
+
+def test_every_new_op_has_both_lowerings_and_a_case():
+    """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
+    made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
+    vocabulary = {
+        "silu", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
+        "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
+    }
+    for op in vocabulary:
+        assert {"torch", "onnx"} <= set(OPS[op].lowerings), op
+        assert OPS[op].kind in ("nonlinear", "layout"), op
+    assert vocabulary - made <= {"broadcast_add"}  # (broadcast_add: see test_broadcasting_arithmetic)
+
+
+def test_broadcasting_arithmetic():
+    """``a + b`` of different shapes is ``broadcast_add``; of one shape it stays ``add`` (the op rules sum)."""
+    m = stem(lambda x: x + x.mean(1, keepdim=True) + x)
+    g = trace(m.double().eval(), (torch.randn(1, 3, 4, 4, dtype=D),))
+    assert g.op_counts()["broadcast_add"] == 1 and g.op_counts()["add"] == 1
+
+
+def test_fusing_twice_changes_nothing():
+    """The torch back end's lowerings map back to the same ops."""
+    for name in ("slicing", "split_chunk_unbind", "rsqrt_const_arithmetic", "interpolate_nearest", "attention"):
+        model, x = model_of(name), inputs(name)
+        once = repalgebra.fuse(model, x)
+        twice = repalgebra.fuse(once, x)
+        assert twice.fuse_report.ops_after == once.fuse_report.ops_after, name
+
+
+def test_interpolate_to_another_values_size_follows_it():
+    """FPN's ``F.interpolate(top, size=lateral.shape[-2:])`` reads the size at run time: the fused model runs at other sizes."""
+    model = model_of("interpolate_nearest")
+    fused = repalgebra.fuse(model, inputs("interpolate_nearest"))
+    x = torch.randn(2, 3, 12, 10, dtype=D)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12
+
+
+def test_max_pool_ceil_mode_drops_a_window_starting_in_the_padding():
+    """PyTorch's ceil mode drops a last window that would start in the right padding (ONNX's ceil mode does not)."""
+    x = torch.randn(1, 2, 10, 11)
+    y = F.max_pool2d(x, (3, 2), (2, 3), 1, dilation=(2, 1), ceil_mode=True)
+    assert y.shape[-1] == 4 and math.ceil((11 + 2 - 2) / 3) + 1 == 5
