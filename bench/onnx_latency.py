@@ -1,12 +1,24 @@
-"""onnxruntime latency: our fused export vs torch.onnx.export of the *train-time* model.
+"""onnxruntime latency: our fused export vs torch.onnx.export of the *train-time* model; and the zoo.
 
     python bench/onnx_latency.py [--variants fastvit_t8,...] [--rounds 15] [--write docs/benchmarks.md]
+    python bench/onnx_latency.py --zoo [--only resnet_basic,swin] [--rounds 15] [--write docs/benchmarks.md]
 
-Batch 1, 256x256, float32, CPU.  The baseline is what a user gets without
-repalgebra: ``torch.onnx.export`` of the train-time model (eval mode) run with
-onnxruntime's full graph optimizations, which fold conv+BN but not parallel
-branches.  Both sessions are timed in interleaved rounds, with 1 thread and
-with all threads; the table reports medians and the ratio.
+FastViT: batch 1, 256x256, float32, CPU.  The baseline is what a user gets
+without repalgebra: ``torch.onnx.export`` of the train-time model (eval mode)
+run with onnxruntime's full graph optimizations, which fold conv+BN but not
+parallel branches.  Both sessions are timed in interleaved rounds, with 1
+thread and with all threads; the table reports medians and the ratio.
+
+``--zoo``: every model of ``tests/zoo/`` at its input shape, fused, then
+exported two ways from the *same fused module*: ``repalgebra.export_onnx`` (our
+lowering, with ``torch.onnx.export`` as the fallback for what it does not
+cover) and ``torch.onnx.export`` (TorchScript) of the whole fused module.  The
+table gives the export path (own lowering, or how many IR nodes went through
+the fallback), the batch (dynamic, or fixed where the model was fused with
+shapes fixed), ONNX node counts (ours / torch.onnx.export of the fused module /
+of the train-time model) and the onnxruntime latency of both exports of the
+fused module, 1 thread, medians of interleaved rounds.  Its section sits
+between the ``<!-- onnx_zoo -->`` markers.
 """
 
 from __future__ import annotations
@@ -22,7 +34,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent
+# tests/ goes *before* bench/: ``import zoo`` must find the package tests/zoo/, not bench/zoo.py.
+for _p in (BENCH, BENCH.parent / "tests"):
+    if str(_p) in sys.path:
+        sys.path.remove(str(_p))
+    sys.path.insert(0, str(_p))
+
+from zoo import ZOO  # noqa: E402  (before fastvit_latency, which puts bench/ first again)
 
 import fastvit_models  # noqa: E402
 from fastvit_latency import write_section  # noqa: E402
@@ -31,6 +50,7 @@ from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx  # noqa: E402
 from timing import interleaved_medians, machine  # noqa: E402
 
 MARK = "<!-- onnx_latency -->"
+ZOO_MARK = "<!-- onnx_zoo -->"
 
 
 def session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
@@ -74,12 +94,96 @@ def table(rows: list[dict], thread_counts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def torch_export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto | str:
+    """``torch.onnx.export`` (TorchScript) of ``model`` at ``x``; the error's first line when it cannot."""
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=DEFAULT_OPSET)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return onnx.load_from_string(buf.getvalue())
+
+
+def measure_zoo(entry, rounds: int) -> dict:
+    """One zoo model: fuse, our export and torch.onnx.export of the fused module, nodes and 1-thread latency."""
+    import repalgebra
+
+    model = entry.build()
+    x = torch.randn(entry.input_shape, generator=torch.Generator().manual_seed(0))
+    fused = repalgebra.fuse(model, x)
+    ours, report = export_onnx(fused, None, tuple(x.shape), fuse=False, return_report=True)
+    theirs = torch_export(fused, x)
+    original = torch_export(model, x)
+    row = dict(
+        name=entry.name, path=report.path, batch="dynamic" if report.dynamic_batch else "fixed",
+        nodes_ours=len(ours.graph.node), nodes_fused=_nodes(theirs), nodes_train=_nodes(original), ms_ours=None, ms_fused=None,
+    )
+    sessions = [session(ours, 1)] + ([session(theirs, 1)] if isinstance(theirs, onnx.ModelProto) else [])
+    feeds = [{s.get_inputs()[0].name: x.numpy()} for s in sessions]
+    runs = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)]
+    times = interleaved_medians(runs, rounds=rounds)
+    row["ms_ours"] = times[0] * 1e3
+    if len(times) > 1:
+        row["ms_fused"] = times[1] * 1e3
+    return row
+
+
+def _nodes(proto: onnx.ModelProto | str) -> str:
+    return str(len(proto.graph.node)) if isinstance(proto, onnx.ModelProto) else "failed"
+
+
+def zoo_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | export path | batch | ONNX nodes: ours / torch.onnx fused / torch.onnx train-time | ours ms | torch.onnx fused ms | ratio |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fused_ms = f"{r['ms_fused']:.2f}" if r["ms_fused"] is not None else "-"
+        ratio = f"{r['ms_fused'] / r['ms_ours']:.2f}x" if r["ms_fused"] is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['path']} | {r['batch']} | {r['nodes_ours']} / {r['nodes_fused']} / {r['nodes_train']} | "
+            f"{r['ms_ours']:.2f} | {fused_ms} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main_zoo(args: argparse.Namespace) -> None:
+    only = set(args.only.split(",")) if args.only else None
+    torch.set_num_threads(1)
+    rows = []
+    for entry in ZOO:
+        if only and entry.name not in only:
+            continue
+        print(f"measuring {entry.name} ...", file=sys.stderr, flush=True)
+        rows.append(measure_zoo(entry, args.rounds))
+    fallback = sum(r["path"] != "own lowering" for r in rows)
+    body = (
+        f"### onnxruntime: the zoo (`tests/zoo/`), our export vs torch.onnx.export of the same fused module\n\n"
+        f"Machine: {machine()}, onnxruntime {ort.__version__}, opset {DEFAULT_OPSET}, 1 thread; each model at its "
+        f"zoo input shape, float32; medians of {args.rounds} interleaved rounds.  Export path: `own lowering` when "
+        f"every IR node was lowered by repalgebra, else how many went through `torch.onnx.export` (the fallback); "
+        f"batch `fixed` where the model was fused with shapes fixed.  Ratio: torch.onnx's time over ours (above 1: "
+        f"ours is faster).\n\n{zoo_table(rows)}\n\n"
+        f"**Totals:** {len(rows)} models exported, {len(rows) - fallback} by our lowering alone, {fallback} with "
+        f"fallback nodes."
+    )
+    print(body)
+    if args.write:
+        write_section(args.write, ZOO_MARK, body)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(fastvit_models.list_models()))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--write", type=Path, default=None, help="put the table into this Markdown file")
+    p.add_argument("--zoo", action="store_true", help="the zoo section instead of FastViT")
+    p.add_argument("--only", default="", help="with --zoo: comma-separated zoo model names")
     args = p.parse_args()
+    if args.zoo:
+        return main_zoo(args)
     thread_counts = sorted({1, os.cpu_count() or 1})
     rows = []
     for name in args.variants.split(","):

@@ -250,3 +250,44 @@ def test_rewrites_reach_calls_inside_a_module_kept_whole():
         x = torch.randn(batch, 3, 10, 10)
         with torch.no_grad():
             assert close(run(proto, x)[0], model(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Global pooling written with the kernel read from the input's shape (timm's SE blocks): fx carries it opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(F.avg_pool2d(x, x.shape[2:])))
+
+
+def test_pool_with_a_kernel_read_from_the_shape_keeps_the_batch_dynamic():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SqueezeExcite()).eval()
+    proto, report = export_onnx(model, None, (1, 3, 7, 9), return_report=True)
+    assert report.dynamic_batch, report.notes
+    assert any("avg_pool2d(whole input)" in r.exporter for r in report.regions) or not report.regions  # or lowered by us
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 7, 9)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+    x = torch.randn(2, 4, 5, 6)
+    rewrite = _rewrite(F.avg_pool2d)
+    assert torch.allclose(rewrite(x, (5, 6)), F.avg_pool2d(x, (5, 6)), rtol=0, atol=1e-6)
+    assert rewrite(x, 2) is NotImplemented and rewrite(x, (5, 6), padding=1) is NotImplemented
+
+
+class HalfPool(nn.Module):
+    def forward(self, x):
+        return F.avg_pool2d(x, x.shape[-1] // 2)  # a kernel size read from the shape, not the whole input
+
+
+def test_pool_with_a_kernel_size_computed_from_the_shape_exports_with_a_dynamic_batch():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), HalfPool()).eval()
+    proto, report = export_onnx(model, None, (2, 3, 8, 8), return_report=True)
+    assert report.dynamic_batch, report.notes
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))

@@ -626,7 +626,7 @@ def graph_to_onnx(
     dtype = graph.inputs[0].dtype or torch.float32
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
     regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch))
-    exported: list[ExportedRegion] = []
+    exported: list[ExportedRegion | None] = []
     if regions:
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes)
         report.dynamic_batch = dynamic_batch
@@ -649,7 +649,7 @@ def graph_to_onnx(
         r = region_of.get(id(n))
         report.nodes.append(NodePath(n.source, n.op, describe(n), "fallback" if r else "own", r.index if r else None))
         if r is not None:
-            if n is r.run[0]:
+            if n is r.run[0] and exported[r.index] is not None:  # None: only recomputed where read
                 _splice(ctx, r, exported[r.index], names, extra, report)
             continue
         ctx.prefix = n.source or n.out.name

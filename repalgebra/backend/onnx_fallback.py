@@ -288,22 +288,25 @@ class ExportedRegion:
 
 def export_regions(
     graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str]
-) -> tuple[list[ExportedRegion], bool]:
+) -> tuple[list[ExportedRegion | None], bool]:
     """Every region exported with ``torch.onnx.export`` and checked in onnxruntime; and whether the batch stays dynamic.
 
     With ``dynamic_batch``, the regions are traced at another batch size than the graph's (the example inputs
     of one run of the graph there) with the axes that follow it dynamic, then checked at the graph's own batch.
-    When the graph does not run at the other batch size, or a region's export does not follow the batch (Python
-    in a module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
+    When the graph does not run at the other batch size, a region cannot be exported with a dynamic batch
+    (a kernel size read from the input's shape at run time) or its export does not follow the batch (Python in a
+    module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
     ``notes`` says why.  With the batch fixed, each region is traced at the graph's shapes and checked there.
+    A region none of whose values is read outside it (a tuple-valued call, recomputed where it is read) is
+    not exported: ``None``.
     """
     modules = [r.module() for r in regions]
     gen = torch.Generator().manual_seed(0)
     dtype = graph.inputs[0].dtype or torch.float32
-    batch = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
+    batch = graph.inputs[0].shape[0]
     at = lambda b: [torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype) for v in graph.inputs]  # noqa: E731
-    own = run_regions(graph, regions, modules, at(batch)) if batch is not None else None
-    if dynamic_batch and batch is not None:
+    own = run_regions(graph, regions, modules, at(batch))
+    if dynamic_batch:
         other = batch + 2
         try:
             seen = run_regions(graph, regions, modules, at(other))
@@ -311,29 +314,31 @@ def export_regions(
         except Exception as e:  # noqa: BLE001  (sizes fixed at the captured batch somewhere in the graph)
             notes.append(f"batch fixed at {batch}: the graph does not run at batch {other} ({_first_line(e)})")
         else:
-            exported = [_export(r, m, i, a, opset) for r, m, (i, _), a in zip(regions, modules, seen, axes)]
-            wrong = next(((r, why) for r, e in zip(regions, exported) if (why := _differs(e.model, *own[r.index]))), None)
-            if wrong is None:
-                return _noted(regions, exported, notes), True
-            r, why = wrong
-            notes.append(
-                f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow the "
-                f"batch ({why}; its Python reads sizes as numbers)"
-            )
-    if own is None:
-        own = run_regions(graph, regions, modules, [torch.randn(v.shape, generator=gen, dtype=v.dtype or dtype) for v in graph.inputs])
-    exported = [_export(r, m, i, ([], []), opset) for r, m, (i, _) in zip(regions, modules, own)]
+            try:
+                exported = [_export(r, m, i, a, opset) if r.outputs else None for r, m, (i, _), a in zip(regions, modules, seen, axes)]
+            except FallbackError as e:
+                notes.append(f"batch fixed at {batch}: with a dynamic batch, {e}")
+            else:
+                wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs(e.model, *own[r.index]))), None)
+                if wrong is None:
+                    return _noted(regions, exported, notes), True
+                r, why = wrong
+                notes.append(
+                    f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow "
+                    f"the batch ({why}; its Python reads sizes as numbers)"
+                )
+    exported = [_export(r, m, i, ([], []), opset) if r.outputs else None for r, m, (i, _) in zip(regions, modules, own)]
     for r, e in zip(regions, exported):
-        why = _differs(e.model, *own[r.index])
+        why = e and _differs(e.model, *own[r.index])
         if why:
             raise FallbackError(f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}")
     return _noted(regions, exported, notes), False
 
 
-def _noted(regions: list[Region], exported: list[ExportedRegion], notes: list[str]) -> list[ExportedRegion]:
+def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: list[str]) -> list[ExportedRegion | None]:
     """``exported``, with a note for each region whose trace fixed Python control flow on tensor values."""
     for r, e in zip(regions, exported):
-        if e.branches:
+        if e is not None and e.branches:
             notes.append(
                 f"{r.where}: torch.onnx.export's trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into "
                 f"Python boolean{'s' * (e.branches != 1)} (control flow on values): the export always takes the branch "
@@ -439,6 +444,14 @@ def export_region(
 # trace).
 
 
+def _ints(v: Any) -> tuple:
+    """Sizes as Python numbers, ``(v, v)`` for one: under the trace a size read from a shape is a 0-d tensor, and
+    the sizes here are fixed (only the batch is dynamic, and these are spatial)."""
+    if isinstance(v, (int, float, torch.Tensor)) and not (torch.is_tensor(v) and v.dim() > 0):
+        v = (v, v)
+    return tuple(None if k is None else int(k) for k in v)
+
+
 @contextlib.contextmanager
 def _untraced() -> Iterator[None]:
     """Compute constants while ``torch.onnx.export`` traces, without recording the computation."""
@@ -474,8 +487,7 @@ def _col2im(x, output_size, kernel_size, dilation=1, padding=0, stride=1, *, ops
     from opset 18 on, ONNX has ``Col2Im``."""
     if opset >= 18:
         return NotImplemented
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    (oh, ow), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(pair, (output_size, kernel_size, dilation, padding, stride))
+    (oh, ow), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_ints, (output_size, kernel_size, dilation, padding, stride))
     batched = x.dim() == 3
     if not batched:
         x = x.unsqueeze(0)
@@ -498,6 +510,17 @@ def _col2im(x, output_size, kernel_size, dilation=1, padding=0, stride=1, *, ops
     return y if batched else y.squeeze(0)
 
 
+def _global_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None, *, opset=0):
+    """An average pool whose kernel is the whole input (``F.avg_pool2d(x, x.shape[2:])``, a squeeze-excite idiom) as a
+    mean: the exporter needs a kernel size it can read as a constant, and one read from the shape is not."""
+    size = _ints(x.shape[-2:])
+    if _ints(kernel_size) != size or stride not in (None, [], ()) and _ints(stride) != size:
+        return NotImplemented
+    if _ints(padding) != (0, 0) or divisor_override:
+        return NotImplemented
+    return x.mean(dim=(-2, -1), keepdim=True)
+
+
 def _pool_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
     """The (n_out, n_in) averaging matrix of adaptive average pooling along one axis."""
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -511,7 +534,7 @@ def _adaptive_avg_pool2d(x, output_size, *, opset=0):
     """Adaptive average pooling at fixed sizes whose output size does not divide the input's (the exporter takes
     only those) as two matrix products."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    oh, ow = _ints(output_size)
     oh, ow = h if oh is None else oh, w if ow is None else ow
     if h % oh == 0 and w % ow == 0:
         return NotImplemented
@@ -539,7 +562,7 @@ def _aa_op(op: Callable) -> Callable:
     """An antialiased ATen resampling (``_upsample_bicubic2d_aa``, ...) as two matrix products."""
 
     def rewrite(x, output_size, align_corners, scales_h=None, scales_w=None, *, opset=0):
-        oh, ow = output_size
+        oh, ow = _ints(output_size)
         return _resample(x, lambda e, axis: op(e, [oh, 2] if axis == 0 else [2, ow], align_corners, scales_h if axis == 0 else None,
                                                None if axis == 0 else scales_w))
 
@@ -553,7 +576,7 @@ def _interpolate(
     if not antialias or x.dim() != 4:
         return NotImplemented
     pair = lambda v: (v, v) if not isinstance(v, (tuple, list)) else tuple(v)  # noqa: E731
-    size, scale = (pair(size) if size is not None else None), (pair(scale_factor) if scale_factor is not None else None)
+    size, scale = (_ints(size) if size is not None else None), (pair(scale_factor) if scale_factor is not None else None)
 
     def resize(e: torch.Tensor, axis: int) -> torch.Tensor:
         one = lambda v: (v[0], 2) if axis == 0 else (2, v[1])  # noqa: E731
@@ -573,6 +596,8 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     aten.copy.default: ("copy", _copy),
     aten.col2im.default: ("col2im", _col2im),
     torch.nn.functional.fold: ("fold", _col2im),
+    aten.avg_pool2d.default: ("avg_pool2d(whole input)", _global_avg_pool2d),
+    torch.nn.functional.avg_pool2d: ("avg_pool2d(whole input)", _global_avg_pool2d),
     aten.adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
     aten._adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
     torch.nn.functional.adaptive_avg_pool2d: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
