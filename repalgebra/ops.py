@@ -495,6 +495,25 @@ def pad_nd(x, *, pads=REQUIRED, mode="constant", value=0.0):
     return F.pad(x, pads, mode=mode, value=value if mode == "constant" else None)
 
 
+def _constant_shape(node):
+    return tuple(node.params["value"].shape), node.attrs["dtype"]
+
+
+@op("constant", kind="layout", shape=_constant_shape)
+def constant(*, value: Tensor, dtype=REQUIRED):
+    """A constant tensor where an op reads a value: a relative-position bias gathered from its table, a class token.
+
+    No inputs.  ``dtype`` is its own: folding in float64 does not change it.
+    """
+    return value.to(dtype)
+
+
+@op("expand", kind="layout", variadic=True)
+def expand(x, *like, shape=None):
+    """``x.expand(shape)`` (``-1`` keeps a size), or with a second input ``x.expand_as(like)``."""
+    return x.expand_as(like[0]) if like else x.expand(shape)
+
+
 # --------------------------------------------------------------------------- opaque
 
 

@@ -196,6 +196,32 @@ class SliceAssign(nn.Module):
         return torch.slice_scatter(x, x[:, 1:3].sigmoid(), dim=1, start=0, end=2)
 
 
+class TableBias(nn.Module):
+    """Swin/CoAtNet's ``table[index].view(...).permute(2, 0, 1).unsqueeze(0)`` as an SDPA mask, and ViTDet/MViTv2's
+    ``torch.einsum("bhwc,hkc->bhwk", r_q, Rh)`` with a relative-position table: constants the ops read as values."""
+
+    def __init__(self, c: int = 4, h: int = 3, w: int = 4) -> None:
+        super().__init__()
+        n = h * w
+        self.table = nn.Parameter(torch.randn(2 * n, 1))
+        self.register_buffer("index", torch.randint(0, 2 * n, (n * n,)))
+        self.rel = nn.Parameter(torch.randn(h, 5, c))
+        self.n = n
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, C)
+        bias = self.table[self.index].view(self.n, self.n, 1).permute(2, 0, 1).unsqueeze(0)
+        a = F.scaled_dot_product_attention(t, t, t, attn_mask=bias)
+        r = torch.einsum("bhwc,hkc->bhwk", x.permute(0, 2, 3, 1), self.rel)
+        return a, r
+
+
+class Expands(nn.Module):
+    def forward(self, x):
+        g = x.mean((2, 3), keepdim=True)
+        return g.expand_as(x) * x + g.expand(-1, -1, 5, 5)
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -257,6 +283,8 @@ CASES: dict[str, Case] = {
     "attention": Case(lambda: stem(Attention(), c=8), (1, 3, 3, 4), {"attention"}, _onnx("Softmax", "MatMul")),
     "pad_nd": Case(lambda: stem(Pads()), (1, 3, 5, 5), {"pad_nd"}, _onnx("Pad")),
     "slice_scatter": Case(lambda: stem(SliceAssign()), (1, 3, 5, 5), {"slice_scatter", "slice"}, _onnx("Concat")),
+    "constant_operands": Case(lambda: stem(TableBias()), (1, 3, 3, 4), {"constant", "attention", "einsum"}, _onnx("Einsum", "Softmax")),
+    "expand": Case(lambda: stem(Expands()), (1, 3, 5, 5), {"expand"}, _onnx("Expand")),
 }
 NAMES = sorted(CASES)
 
@@ -352,6 +380,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
+        "constant", "expand",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op
@@ -389,3 +418,43 @@ def test_max_pool_ceil_mode_drops_a_window_starting_in_the_padding():
     x = torch.randn(1, 2, 10, 11)
     y = F.max_pool2d(x, (3, 2), (2, 3), 1, dilation=(2, 1), ceil_mode=True)
     assert y.shape[-1] == 4 and math.ceil((11 + 2 - 2) / 3) + 1 == 5
+
+
+class ClassToken(nn.Module):
+    """ViT's ``torch.cat((cls_token.expand(B, -1, -1), x), dim=1)`` and ShiftViT's ``out = torch.zeros_like(x)`` then
+    slice assignments: at the example's shapes (torch.export) the class token and the zeros are constants."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.stem = Stem(3, c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
+        out = torch.zeros_like(x)
+        out[:, :2, :, 1:] = x[:, :2, :, :-1]
+        out[:, 2:] = x[:, 2:]
+        return t, out
+
+
+def test_class_token_and_zeros_like_at_fixed_shapes():
+    model = ClassToken().double().eval()
+    x = torch.randn(2, 3, 4, 5, dtype=D)
+    g = capture_export(copy.deepcopy(model), (x,)).graph
+    ops = g.op_counts()
+    assert "opaque" not in ops and ops["constant"] == 2 and "slice_scatter" in ops, ops
+    with torch.no_grad():
+        ref = model(x)
+        assert rel_err(run_graph(g, x), ref) <= 1e-12
+        fused = repalgebra.fuse(model, x)
+        assert rel_err(fused(x), ref) <= 1e-12
+    assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0
+    proto = export_onnx(repalgebra.fuse(model.float(), x.float()), None, tuple(x.shape), fuse=False)
+    assert {p.key: p.value for p in proto.metadata_props}.get("repalgebra.fallback", "none") == "none"
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})
+    with torch.no_grad():
+        for a, b in zip(got, flat(model.float()(x.float())), strict=True):
+            assert float(np.abs(a - b.numpy()).max() / np.abs(b.numpy()).max()) <= 1e-5

@@ -586,6 +586,24 @@ def _pad_nd(ctx, n, x):
     return ctx.emit("Pad", ins, mode=_PAD_MODES[a["mode"]])
 
 
+@lowering("constant")
+def _constant(ctx, n):
+    return ctx.const("value", n.params["value"], dtype=n.attrs["dtype"])
+
+
+@lowering("expand")
+def _expand(ctx, n, x, *like):
+    """``Expand`` to ``like``'s shape, or to ``shape`` with 1 where the input keeps its size (so a dynamic batch stays dynamic)."""
+    if like:
+        return ctx.emit("Expand", [x, ctx.emit("Shape", [like[0]])])
+    out = list(n.out.shape)
+    given = (1,) * (len(out) - len(n.x.shape)) + tuple(n.x.shape)
+    shape = [1 if o == i else o for o, i in zip(out, given)]
+    if ctx.dynamic_batch and shape[0] != 1:
+        raise LoweringError(f"expand at {_where(n)}: expands the batch axis, which is dynamic (export with dynamic_batch=False)")
+    return ctx.emit("Expand", [x, ctx.ints("shape", shape)])
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -477,6 +477,18 @@ def _pad_nd(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.pad, xs[0], tuple(a["pads"]), mode=a["mode"])
 
 
+@lowers("constant")
+def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.add_buffer(_hint(node, "_const"), node.params["value"].to(node.attrs["dtype"]))
+
+
+@lowers("expand")
+def _expand(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    if len(xs) == 2:
+        return ctx.method("expand_as", xs[0], xs[1])
+    return ctx.method("expand", xs[0], *node.attrs["shape"])
+
+
 @lowers("opaque")
 def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     fn = node.attrs["fn"]

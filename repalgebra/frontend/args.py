@@ -21,6 +21,7 @@ import torch
 from repalgebra.frontend.builder import Const, Made
 from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Value
+from repalgebra.ops import op_def
 
 
 def shaped(x: Any) -> Value | None:
@@ -182,23 +183,37 @@ _CONST_CALLS = {
 
 
 def constant(x: Any) -> "Const | None":
-    """``x`` as a constant: a :class:`Const`, or a value computed from constants only by calls in ``_CONST_CALLS``
-    (``self.layer_scale.unsqueeze(-1).unsqueeze(-1)``: each call an opaque node reading the one before)."""
+    """``x`` as a constant: a :class:`Const`, or a value computed from constants only, by calls in ``_CONST_CALLS``
+    (``self.layer_scale.unsqueeze(-1).unsqueeze(-1)``: each call an opaque node reading the one before) or by
+    layout ops (``table[index].view(...).permute(2, 0, 1)``: the view and permute became ops)."""
     if isinstance(x, Const):
         return x
     n = x.producer if isinstance(x, Value) else None
-    if n is None or n.op != "opaque" or not isinstance(n.attrs["fn"], FnCall):
+    if n is None:
         return None
-    fn = n.attrs["fn"]
-    try:
-        if (fn.kind, fn.target) not in _CONST_CALLS:
+    if n.op == "opaque":
+        fn = n.attrs["fn"]
+        try:
+            if not isinstance(fn, FnCall) or (fn.kind, fn.target) not in _CONST_CALLS:
+                return None
+        except TypeError:  # an unhashable target
             return None
-    except TypeError:  # an unhashable target
+    elif n.op != "constant" and op_def(n.op).kind != "layout" and n.op != "identity":
         return None
     ins = [constant(i) for i in n.inputs]
     if any(c is None for c in ins):
         return None
     with torch.no_grad():
-        t = fn(*(c.tensor for c in ins))
+        tensors = [c.tensor for c in ins]
+        t = n.attrs["fn"](*tensors) if n.op == "opaque" else op_def(n.op)(tensors, n.attrs, n.params)
     path = next((c.path for c in ins if c.path), n.source)
     return Const(t.detach().clone(), path) if torch.is_tensor(t) else None
+
+
+def as_value(b: Any, x: Any) -> Value | None:
+    """``x`` as an activation for an op that reads values: itself, or for a constant (see :func:`constant`) a
+    ``constant`` node added to the builder ``b`` (a carried call it replaces is left unread and dropped)."""
+    c = constant(x)
+    if c is None:
+        return shaped(x)
+    return b.add("constant", [], {"dtype": c.tensor.dtype}, {"value": c.tensor}, c.path)

@@ -742,20 +742,37 @@ def _upsample(mode: str) -> Callable[..., Made]:
 
 def _attention(b: _Builder, n: fx.Node, a: dict) -> Made:
     qkv = [_v(a[k]) for k in ("query", "key", "value")]
-    mask = a["attn_mask"]
     if None in qkv or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
         return None
-    if (mask is not None and (_v(mask) is None or a["is_causal"])) or (a["scale"] is not None and not _is_num(a["scale"])):
+    if (a["attn_mask"] is not None and a["is_causal"]) or (a["scale"] is not None and not _is_num(a["scale"])):
+        return None
+    mask = None if a["attn_mask"] is None else _as_value(b, a["attn_mask"])  # a bias gathered from a table: a constant
+    if a["attn_mask"] is not None and mask is None:
         return None
     scale = None if a["scale"] is None else float(a["scale"])
     return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, None
 
 
 def _einsum(b: _Builder, n: fx.Node, a: dict) -> Made:
-    xs = [_v(t) for t in a["tensors"]] if isinstance(a["tensors"], (list, tuple)) else []
-    if not xs or None in xs or not isinstance(a["equation"], str):
+    """``torch.einsum``; constant operands (a relative-position table) as ``constant`` nodes."""
+    ts = a["tensors"] if isinstance(a["tensors"], (list, tuple)) else []
+    if not any(_v(t) is not None for t in ts) or not isinstance(a["equation"], str):
         return None
-    return "einsum", xs, {"equation": a["equation"].replace(" ", "")}, {}, None
+    xs = [_as_value(b, t) for t in ts]
+    return None if None in xs else ("einsum", xs, {"equation": a["equation"].replace(" ", "")}, {}, None)
+
+
+def _expand(b: _Builder, n: fx.Node, a: dict) -> Made:
+    x, size = _v(a["self"]), _ints(a["size"])
+    return None if x is None or size is None else ("expand", [x], {"shape": size}, {}, None)
+
+
+def _zeros_like(b: _Builder, n: fx.Node, a: dict) -> Made:
+    """``torch.zeros_like(x)`` at the captured shape: a ``constant``."""
+    info = _tensor_info(n.meta.get("val"))
+    if _v(a["self"]) is None or info is None or a.get("memory_format") is not None:
+        return None
+    return "constant", [], {"dtype": info[1]}, {"value": torch.zeros(info[0], dtype=info[1])}, None
 
 
 _END = 2**63 - 1  # aten's "to the end" (``x[a:]``)
@@ -773,8 +790,14 @@ def _slice(b: _Builder, n: fx.Node, a: dict) -> Made:
 
 
 def _slice_scatter(b: _Builder, n: fx.Node, a: dict) -> Made:
-    x, src, start, end, step = _v(a["self"]), _v(a["src"]), a["start"], _bound(a["end"]), a["step"]
-    if x is None or src is None or not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+    """``slice_scatter`` (a functionalized ``y[:, :c] = src``); a constant ``y`` or ``src`` as a ``constant`` node."""
+    start, end, step = a["start"], _bound(a["end"]), a["step"]
+    if not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+        return None
+    if _v(a["self"]) is None and _v(a["src"]) is None:
+        return None
+    x, src = _as_value(b, a["self"]), _as_value(b, a["src"])
+    if x is None or src is None:
         return None
     return "slice_scatter", [x, src], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
 
@@ -924,10 +947,21 @@ def _transpose(b: _Builder, n: fx.Node, a: dict) -> Made:
 
 
 def _cat(b: _Builder, n: fx.Node, a: dict) -> Made:
-    xs = [_v(t) for t in a["tensors"]] if isinstance(a["tensors"], (list, tuple)) else []
-    if not xs or any(x is None for x in xs) or not _is_int(a["dim"]):
+    """``torch.cat``; a constant operand (a class token, folded at the example's batch size) as a ``constant`` node."""
+    ts = a["tensors"] if isinstance(a["tensors"], (list, tuple)) else []
+    if not any(_v(t) is not None for t in ts) or not _is_int(a["dim"]):
+        return None
+    xs = [_as_value(b, t) for t in ts]
+    if any(x is None for x in xs):
         return None
     return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, None
+
+
+def _as_value(b: _Builder, x: Any) -> Value | None:
+    """An activation, or a constant tensor as a ``constant`` node."""
+    if isinstance(x, _Const):
+        return b.add(Node.make("constant", [], {"dtype": x.tensor.dtype}, {"value": x.tensor}, _owner(x) or ""))
+    return _v(x)
 
 
 def _select(b: _Builder, n: fx.Node, a: dict) -> Made:
@@ -1030,6 +1064,8 @@ _HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.slice_scatter.default: _slice_scatter,
     aten.copy.default: _copy,
     aten.roll.default: _roll,
+    aten.expand.default: _expand,
+    aten.zeros_like.default: _zeros_like,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
     aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),
 }

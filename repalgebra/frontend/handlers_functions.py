@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int, max_pool,
-    pad_nd, shaped, single,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int,
+    max_pool, pad_nd, shaped, single,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -173,13 +173,14 @@ def _f_matmul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
 
 
 def _f_einsum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])`` of activations."""
+    """``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])``; constant operands (a relative-position table) as ``constant`` nodes."""
     if kwargs or not args or not isinstance(args[0], str):
         return None
     xs = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-    if not xs or any(shaped(x) is None or constant(x) is not None for x in xs):
+    if not any(shaped(x) is not None and constant(x) is None for x in xs):
         return None
-    return "einsum", xs, {"equation": args[0].replace(" ", "")}, {}, ""
+    xs = [as_value(b, x) for x in xs]
+    return None if any(x is None for x in xs) else ("einsum", xs, {"equation": args[0].replace(" ", "")}, {}, "")
 
 
 def _f_attention(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -189,8 +190,8 @@ def _f_attention(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
     if a is None or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
         return None
     qkv = [shaped(a[k]) for k in ("query", "key", "value")]
-    mask = a["attn_mask"]
-    if None in qkv or (mask is not None and (shaped(mask) is None or a["is_causal"])):
+    mask = None if a["attn_mask"] is None else as_value(b, a["attn_mask"])  # a bias gathered from a table: a constant
+    if None in qkv or (a["attn_mask"] is not None and (mask is None or a["is_causal"])):
         return None
     if a["scale"] is not None and not _is_num(a["scale"]):
         return None
@@ -205,8 +206,10 @@ def _f_cat(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     a = bind([("tensors", REQ), ("dim", 0)], args, kwargs)
     if a is None or not isinstance(a["tensors"], (list, tuple)) or not is_int(a["dim"]):
         return None
-    xs = [shaped(t) for t in a["tensors"]]
-    if not xs or any(x is None for x in xs):
+    if not a["tensors"] or not any(shaped(t) is not None and constant(t) is None for t in a["tensors"]):
+        return None
+    xs = [as_value(b, t) for t in a["tensors"]]  # a constant (a class token) as a ``constant`` node
+    if any(x is None for x in xs):
         return None
     return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, ""
 
@@ -683,13 +686,28 @@ def _size_of(size: Any) -> Value | None:
 
 
 def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.slice_scatter``; a constant input (zeros written into) as a ``constant`` node."""
     a = bind([("input", REQ), ("src", REQ), ("dim", 0), ("start", None), ("end", None), ("step", 1)], args, kwargs)
-    if a is None or shaped(a["input"]) is None or shaped(a["src"]) is None or not is_int(a["dim"]) or not is_int(a["step"]) or a["step"] < 1:
+    if a is None or not is_int(a["dim"]) or not is_int(a["step"]) or a["step"] < 1:
         return None
-    if not all(v is None or is_int(v) for v in (a["start"], a["end"])):
+    if not all(v is None or is_int(v) for v in (a["start"], a["end"])) or constant(a["input"]) is not None and constant(a["src"]) is not None:
+        return None
+    x, src = as_value(b, a["input"]), as_value(b, a["src"])
+    if x is None or src is None:
         return None
     attrs = {"axis": a["dim"], "start": a["start"] or 0, "end": a["end"], "step": a["step"]}
-    return "slice_scatter", [a["input"], a["src"]], attrs, {}, ""
+    return "slice_scatter", [x, src], attrs, {}, ""
+
+
+def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.expand(sizes)`` with int sizes (-1 keeps one) and ``x.expand_as(y)``."""
+    if kwargs or not args or shaped(args[0]) is None or constant(args[0]) is not None:
+        return None
+    x, rest = args[0], args[1:]
+    if target == "expand_as":
+        return ("expand", [x, rest[0]], {}, {}, "") if len(rest) == 1 and shaped(rest[0]) is not None else None
+    shape = ints(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else ints(rest)
+    return None if shape is None else ("expand", [x], {"shape": shape}, {}, "")
 
 
 def _f_roll(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -772,6 +790,7 @@ _register(_f_adaptive_max, F.adaptive_max_pool2d)
 _register(_f_group_norm, F.group_norm)
 _register(_f_interpolate, F.interpolate)
 _register(_f_roll, torch.roll, ("method", "roll"))
+_register(_f_expand, ("method", "expand"), ("method", "expand_as"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
 _register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
 _register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)
