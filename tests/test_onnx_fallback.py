@@ -291,3 +291,28 @@ def test_pool_with_a_kernel_size_computed_from_the_shape_exports_with_a_dynamic_
         x = torch.randn(batch, 3, 8, 8)
         with torch.no_grad():
             assert close(run(proto, x)[0], model(x))
+
+
+@pytest.mark.parametrize("target", [F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default,
+                                    aten._scaled_dot_product_flash_attention_for_cpu.default])
+def test_attention_calls_through_the_fallback(target):
+    """SDPA as the fx front end carries it, as torch.export records it, and as its CPU flash kernel (two results)."""
+    x = Graph.input("x", (2, 3, 5, 4))
+    probe = torch.zeros(2, 3, 5, 4)
+    two = target is aten._scaled_dot_product_flash_attention_for_cpu.default
+    attn = opaque([x], target, (In(0), In(0), In(0)), None if two else probe, source="attn")
+    nodes = [attn] + ([opaque([attn.out], operator.getitem, (In(0), 0), probe, source="attn")] if two else [])
+    relu = Node.make("relu", [nodes[-1].out], source="act")
+    graph = Graph([x], [*nodes, relu], [relu.out])
+    proto, report = graph_to_onnx(graph, return_report=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert report.dynamic_batch and len(report.fallback) == len(nodes)
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 5, 4)
+        assert close(run(proto, xb)[0], run_graph(graph, xb))
+    if two:
+        q, k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)
+        mask = torch.randn(5, 6)
+        for kw in (dict(), dict(is_causal=True), dict(attn_mask=mask, scale=0.3)):
+            got, ref = _rewrite(target)(q, k, v, **kw), target(q, k, v, **kw)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, ref))

@@ -643,7 +643,7 @@ def graph_to_onnx(
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     dtype = graph.inputs[0].dtype or torch.float32
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
-    regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch))
+    regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes))
     exported: list[ExportedRegion | None] = []
     if regions:
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes)
@@ -699,14 +699,19 @@ def graph_to_onnx(
     return (model, report) if return_report else model
 
 
-def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool) -> bool:
-    """Whether our lowering takes ``node``: its op has one and it does not refuse the node (tried on a scratch context)."""
+def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool, notes: list[str]) -> bool:
+    """Whether our lowering takes ``node``: its op has one and it does not refuse the node (tried on a scratch
+    context).  A lowering that fails other than by refusing is noted; the node goes to the fallback."""
     lower = OPS[node.op].lowerings.get("onnx")
     if lower is None:
         return False
     try:
         lower(_Scratch(opset, dtype, dynamic_batch), node, *(f"x{k}" for k in range(len(node.inputs))))
     except LoweringError:
+        return False
+    except Exception as e:  # noqa: BLE001  (a lowering's bug must not stop the export: the fallback takes the node)
+        first = (str(e).strip().splitlines() or [""])[0]
+        notes.append(f"the {node.op} lowering failed at {node.source or node.out.name} ({type(e).__name__}: {first}); exported by the fallback")
         return False
     return True
 

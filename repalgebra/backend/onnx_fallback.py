@@ -17,11 +17,23 @@ batch the graph is run at another batch size than the one it was captured at;
 every axis of a region input or output whose size changes with it is exported
 as a dynamic axis (the batch need not be axis 0 there: ``qkv.permute(2, 0, 3,
 1, 4)``), and the sizes are traced from the run rather than at a batch of 1,
-which the exporter could treat as a broadcast.  A graph that does not run at
-another batch size is exported with the batch fixed, and the report says so.
+which the exporter could treat as a broadcast.  Every region's export is run
+in onnxruntime against the torch module at the graph's own batch.  A graph
+that does not run at another batch size, or a region that cannot be exported
+with a dynamic batch or whose export does not follow it (Python that reads a
+size as a number), is exported with the batch fixed, and the report says why.
+
+A few ATen ops the TorchScript exporter cannot export at our opset are
+rewritten, while a region is traced, as exact equivalents it can export
+(:data:`REWRITES`: ``slice_scatter``, functional ``copy``, ``col2im``/``F.fold``,
+adaptive average pooling to sizes that do not divide, antialiased resampling,
+average pooling over the whole input with a kernel read from the shape, the
+CPU flash-attention kernel).
 
 Which nodes went through the fallback is recorded in :class:`ExportReport`
-(and, as a summary, in the model's ``metadata_props``).
+(and, as a summary, in the model's ``metadata_props``).  :func:`capture_for_export`
+is how ``export_onnx`` captures a module (``torch.fx``, with the submodules it
+cannot trace kept whole, else the whole module as one opaque call).
 """
 
 from __future__ import annotations
@@ -39,9 +51,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Graph, Node, Value
 
-__all__ = ["ExportReport", "NodePath", "Region", "find_regions", "run_regions", "export_region", "splice", "FallbackError"]
+__all__ = [
+    "ExportReport", "NodePath", "RegionReport", "Region", "ExportedRegion", "FallbackError", "REWRITES", "Rewrites",
+    "find_regions", "run_regions", "export_regions", "export_region", "splice", "capture_for_export", "fixed_shape_parts",
+]
 
 
 class FallbackError(ValueError):
@@ -57,7 +73,7 @@ class NodePath:
 
     source: str
     op: str
-    what: str  # the op, or for an opaque node what it calls (``MaxPool2d``, ``FnCall(scaled_dot_product_attention)``)
+    what: str  # the op, or for an opaque node what it calls (``MaxPool2d``, ``scaled_dot_product_attention``)
     path: str  # "own" | "fallback"
     region: int | None = None
 
@@ -104,7 +120,7 @@ class ExportReport:
         """One line for the ONNX metadata (``repalgebra.fallback``): none, or each region's module path and calls."""
         if not self.regions:
             return "none"
-        parts = [f"{r.where} ({', '.join(r.whats)}): {r.onnx_nodes} ONNX nodes" for r in self.regions]
+        parts = [f"{r.where} ({', '.join(r.whats)}): {_count(r.onnx_nodes, 'ONNX node')}" for r in self.regions]
         k, r = len(self.fallback), len(self.regions)
         return f"{k} IR node{'s' * (k != 1)} in {r} region{'s' * (r != 1)} via torch.onnx.export: " + "; ".join(parts)
 
@@ -122,11 +138,15 @@ class ExportReport:
             for r in self.regions:
                 how = r.exporter.removeprefix("torch.onnx.export (TorchScript)").strip()
                 lines.append(
-                    f"    {r.where}: {r.ir_nodes} IR node{'s' * (r.ir_nodes != 1)} ({', '.join(r.whats)}) -> {r.onnx_nodes} ONNX nodes"
+                    f"    {r.where}: {_count(r.ir_nodes, 'IR node')} ({', '.join(r.whats)}) -> {_count(r.onnx_nodes, 'ONNX node')}"
                     + (f" ({how})" if how else "")
                 )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def _dedup(items: Sequence[str]) -> list[str]:
@@ -142,9 +162,8 @@ def describe(node: Node) -> str:
     if node.op != "opaque":
         return node.op
     fn = node.attrs.get("fn")
-    name = getattr(fn, "name", None) if type(fn).__name__ == "FnCall" else None
-    if name is not None:
-        return f"{name}"
+    if isinstance(fn, FnCall):
+        return fn.name
     return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", type(fn).__name__)
 
 
@@ -588,6 +607,23 @@ def _interpolate(
     return _resample(x, resize)
 
 
+def _flash_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, opset=0):
+    """The CPU flash-attention kernel ``torch.export`` may record: ``F.scaled_dot_product_attention`` and the
+    log-sum-exp of the scaled scores it also returns."""
+    if dropout_p:
+        return NotImplemented
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / float(int(q.shape[-1])) ** 0.5)
+    if is_causal:
+        n, m = int(q.shape[-2]), int(k.shape[-2])
+        with _untraced():
+            causal = torch.ones(n, m, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return out, torch.logsumexp(scores, dim=-1)
+
+
 aten = torch.ops.aten
 REWRITES: dict[Any, tuple[str, Callable]] = {
     aten.slice_scatter.default: ("slice_scatter", _slice_scatter),
@@ -604,6 +640,7 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     aten._upsample_bicubic2d_aa.default: ("upsample_bicubic2d_aa", _aa_op(aten._upsample_bicubic2d_aa.default)),
     aten._upsample_bilinear2d_aa.default: ("upsample_bilinear2d_aa", _aa_op(aten._upsample_bilinear2d_aa.default)),
     torch.nn.functional.interpolate: ("interpolate(antialias)", _interpolate),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: ("flash_attention", _flash_attention),
 }
 
 
