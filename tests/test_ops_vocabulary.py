@@ -245,6 +245,7 @@ CASES: dict[str, Case] = {
         lambda: stem(lambda x: F.max_pool2d(x, (3, 2), (2, 3), 1, dilation=(2, 1), ceil_mode=True)), (1, 3, 10, 11), {"max_pool2d"}, _onnx("MaxPool")
     ),
     "adaptive_avg_pool": Case(lambda: stem(nn.AdaptiveAvgPool2d((3, 3))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("AveragePool")),
+    "adaptive_avg_pool_uneven": Case(lambda: stem(nn.AdaptiveAvgPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("MatMul")),
     "adaptive_max_pool": Case(lambda: stem(lambda x: F.adaptive_max_pool2d(x, (2, 3))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("MaxPool")),
     "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
     "silu": Case(lambda: stem(nn.Sequential(nn.SiLU(), Lambda(F.silu))), (1, 3, 5, 5), {"silu"}, _onnx("Sigmoid", "Mul")),
@@ -421,12 +422,14 @@ def test_max_pool_ceil_mode_drops_a_window_starting_in_the_padding():
 
 
 class ClassToken(nn.Module):
-    """ViT's ``torch.cat((cls_token.expand(B, -1, -1), x), dim=1)`` and ShiftViT's ``out = torch.zeros_like(x)`` then
-    slice assignments: at the example's shapes (torch.export) the class token and the zeros are constants."""
+    """ViT's ``torch.cat((cls_token.expand(B, -1, -1), x), dim=1)``, ShiftViT's ``out = torch.zeros_like(x)`` then
+    slice assignments, DBB's ``output[:, :, 0:p, :] = pad_values``: at the example's shapes (torch.export) the class
+    token, the zeros and the values written are constants."""
 
     def __init__(self, c: int = 4) -> None:
         super().__init__()
         self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.edge = nn.Parameter(torch.randn(c))
         self.stem = Stem(3, c)
 
     def forward(self, x):
@@ -436,6 +439,7 @@ class ClassToken(nn.Module):
         out = torch.zeros_like(x)
         out[:, :2, :, 1:] = x[:, :2, :, :-1]
         out[:, 2:] = x[:, 2:]
+        out[:, :, :1, :] = self.edge.view(1, -1, 1, 1)
         return t, out
 
 
@@ -444,7 +448,7 @@ def test_class_token_and_zeros_like_at_fixed_shapes():
     x = torch.randn(2, 3, 4, 5, dtype=D)
     g = capture_export(copy.deepcopy(model), (x,)).graph
     ops = g.op_counts()
-    assert "opaque" not in ops and ops["constant"] == 2 and "slice_scatter" in ops, ops
+    assert "opaque" not in ops and ops["constant"] == 3 and "slice_scatter" in ops, ops
     with torch.no_grad():
         ref = model(x)
         assert rel_err(run_graph(g, x), ref) <= 1e-12

@@ -394,16 +394,30 @@ def _max_pool(ctx, n, x):
 
 @lowering("adaptive_avg_pool2d", "adaptive_max_pool2d")
 def _adaptive_pool(ctx, n, x):
-    """A global pool, or a pool whose window is the ratio of the sizes where the output size divides the input's."""
+    """A global pool, or a pool whose window is the ratio of the sizes where the output size divides the input's;
+    else (average only) ``P_h @ x @ P_w^T`` with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``."""
     size_in = n.x.shape[-2:]
     size_out = [i if o is None else o for i, o in zip(size_in, n.attrs["output_size"])]
     avg = n.op == "adaptive_avg_pool2d"
     if size_out == [1, 1]:
         return ctx.emit("GlobalAveragePool" if avg else "GlobalMaxPool", [x])
-    if any(i % o for i, o in zip(size_in, size_out)):
+    if not any(i % o for i, o in zip(size_in, size_out)):
+        kernel = [i // o for i, o in zip(size_in, size_out)]
+        return ctx.emit("AveragePool" if avg else "MaxPool", [x], kernel_shape=kernel, strides=kernel)
+    if not avg:
         raise LoweringError(f"{n.op} at {_where(n)}: output size {tuple(size_out)} does not divide input size {tuple(size_in)}")
-    kernel = [i // o for i, o in zip(size_in, size_out)]
-    return ctx.emit("AveragePool" if avg else "MaxPool", [x], kernel_shape=kernel, strides=kernel)
+    ph, pw = (_window_means(i, o) for i, o in zip(size_in, size_out))
+    rows = ctx.emit("MatMul", [ctx.const("rows", ph), x])
+    return ctx.emit("MatMul", [rows, ctx.const("cols", pw.t().contiguous())])
+
+
+def _window_means(size_in: int, size_out: int) -> torch.Tensor:
+    """The ``(out, in)`` matrix averaging PyTorch's adaptive-pool window of each output position."""
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
 
 
 @lowering("group_norm")

@@ -818,13 +818,24 @@ def _split(b: _Builder, n: fx.Node, a: dict, index: int) -> Made:
 
 
 def _copy(b: _Builder, n: fx.Node, a: dict) -> Made:
-    """``copy(dst, src)`` (from ``y[...] = src``): the values of ``src`` where it has ``dst``'s shape and dtype."""
-    dst, src = a["self"], _v(a["src"])
-    shape = tuple(dst.shape) if isinstance(dst, Value) else tuple(dst.tensor.shape) if isinstance(dst, _Const) else None
-    dtype = dst.dtype if isinstance(dst, Value) else dst.tensor.dtype if isinstance(dst, _Const) else None
-    if src is None or src.shape != shape or src.dtype != dtype:
+    """``copy(dst, src)`` (from ``y[...] = src``): ``src`` broadcast to ``dst``'s shape in ``dst``'s dtype; the
+    identity of ``src`` where it has them, ``expand`` where it broadcasts, a ``constant`` for a constant ``src``
+    (DBB's ``output[:, :, 0:p, :] = pad_values``)."""
+    info = _tensor_info(n.meta.get("val"))
+    if info is None:
         return None
-    return "identity", [src], {}, {}, None
+    shape, dtype = info
+    src = a["src"]
+    if isinstance(src, _Const):
+        if not _broadcasts(tuple(src.tensor.shape), shape):
+            return None
+        return "constant", [], {"dtype": dtype}, {"value": src.tensor.expand(shape).to(dtype).clone()}, _owner(src)
+    src = _v(src)
+    if src is None or src.dtype != dtype:
+        return None
+    if src.shape == shape:
+        return "identity", [src], {}, {}, None
+    return ("expand", [src], {"shape": shape}, {}, None) if _broadcasts(src.shape, shape) else None
 
 
 def _roll(b: _Builder, n: fx.Node, a: dict) -> Made:
