@@ -462,3 +462,21 @@ def test_class_token_and_zeros_like_at_fixed_shapes():
     with torch.no_grad():
         for a, b in zip(got, flat(model.float()(x.float())), strict=True):
             assert float(np.abs(a - b.numpy()).max() / np.abs(b.numpy()).max()) <= 1e-5
+
+
+def test_average_pool_over_the_inputs_own_size_is_a_mean():
+    """MobileOne's squeeze-excite ``b, c, h, w = x.size(); F.avg_pool2d(x, kernel_size=[h, w])``: a mean at any size;
+    ``F.avg_pool2d(x, x.size(3))`` (a square window) is one only for square maps and stays a call."""
+
+    class SE(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.size()
+            return x * F.avg_pool2d(x, kernel_size=[h, w]).sigmoid() + F.avg_pool2d(x, x.size(3)).sum()
+
+    model = stem(SE()).double().eval()
+    g = trace(model, (torch.randn(1, 3, 5, 5, dtype=D),))
+    assert g.op_counts()["mean"] == 1 and g.op_counts()["opaque"] == 1
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 5, 5, dtype=D))
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12

@@ -605,7 +605,10 @@ def _f_avg_pool(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) 
     a = bind(spec, args, kwargs)
     if a is None:
         return None
-    return avg_pool(shaped(a["input"]), a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
+    x = shaped(a["input"])
+    if x is not None and _size_of(a["kernel_size"]) is x and a["stride"] in (None, [], ()) and a["padding"] in (0, (0, 0), [0, 0]) and a["divisor_override"] is None:
+        return global_mean(x, 1)  # a window of the input's own size (``kernel_size=[h, w]`` read from it): the mean, at any size
+    return avg_pool(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
 
 
 def _f_adaptive_avg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
