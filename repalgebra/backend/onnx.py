@@ -154,21 +154,21 @@ def _unary(ctx, n, x):
 
 @lowering("gelu")
 def _gelu(ctx, n, x):
-    """Opset 20's ``Gelu``; below, ``x/2 (1 + erf(x / sqrt 2))`` or for ``approximate="tanh"``
-    ``x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    """Opset 20's ``Gelu``; below, ``x (1 + erf(x / sqrt 2)) / 2`` or for ``approximate="tanh"``
+    ``x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) / 2``, in the node patterns onnxruntime fuses into one Gelu/FastGelu."""
     approximate = n.attrs["approximate"]
     if approximate not in ("none", "tanh"):
         raise LoweringError(f"gelu at {n.source or '<graph>'}: unknown approximation {approximate!r}")
     if ctx.opset >= 20:
         return ctx.emit("Gelu", [x], approximate=approximate)
-    half = ctx.emit("Mul", [x, ctx.const("half", torch.tensor(0.5))])
+    one = ctx.const("one", torch.tensor(1.0))
     if approximate == "tanh":
-        cube = ctx.emit("Mul", [ctx.emit("Mul", [x, x]), x])
-        inner = ctx.emit("Add", [x, ctx.emit("Mul", [cube, ctx.const("c", torch.tensor(0.044715))])])
-        core = ctx.emit("Tanh", [ctx.emit("Mul", [inner, ctx.const("sqrt_2_over_pi", torch.tensor(math.sqrt(2 / math.pi)))])])
+        inner = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Mul", [x, x]), ctx.const("c", torch.tensor(0.044715))]), one])
+        scaled = ctx.emit("Mul", [ctx.emit("Mul", [x, inner]), ctx.const("sqrt_2_over_pi", torch.tensor(math.sqrt(2 / math.pi)))])
+        core = ctx.emit("Tanh", [scaled])
     else:
-        core = ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.const("inv_sqrt2", torch.tensor(1 / math.sqrt(2)))])])
-    return ctx.emit("Mul", [half, ctx.emit("Add", [core, ctx.const("one", torch.tensor(1.0))])])
+        core = ctx.emit("Erf", [ctx.emit("Div", [x, ctx.const("sqrt2", torch.tensor(math.sqrt(2)))])])
+    return ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Add", [core, one])]), ctx.const("half", torch.tensor(0.5))])
 
 
 @lowering("scale")
