@@ -5,7 +5,9 @@
 Batch 1, 256x256, CPU, float32.  Train-time and fused forwards are timed in
 interleaved rounds; the table reports medians.  The error column is the fused
 float32 model against the train-time model run in float64, relative to the
-largest logit.
+largest logit.  ``fuse s`` is the whole ``repalgebra.fuse`` call (best of 2);
+``check s`` is the part of it spent checking the fused model against the
+original on the example input in float64 (``fuse(..., check=False)`` skips it).
 """
 
 from __future__ import annotations
@@ -32,27 +34,30 @@ def measure(name: str, rounds: int) -> dict:
     """One row of the table for variant ``name``."""
     model = randomize_model_(fastvit_models.create_model(name), torch.Generator().manual_seed(0))
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
-    t = time.perf_counter()
-    fused = repalgebra.fuse(model, (x,))
-    fuse_s = time.perf_counter() - t
+    fuse_s = check_s = float("inf")
+    for _ in range(2):  # the first call in a process also pays one-time imports
+        t = time.perf_counter()
+        fused = repalgebra.fuse(model, (x,))
+        if time.perf_counter() - t < fuse_s:
+            fuse_s, check_s = time.perf_counter() - t, fused.fuse_report.stage_seconds["check"]
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
         err = ((fused(x).double() - ref).abs().max() / ref.abs().max()).item()
         train_s, fused_s = interleaved_medians([lambda: model(x), lambda: fused(x)], rounds=rounds)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return dict(name=name, train_ms=train_s * 1e3, fused_ms=fused_s * 1e3, fuse_s=fuse_s, err=err,
+    return dict(name=name, train_ms=train_s * 1e3, fused_ms=fused_s * 1e3, fuse_s=fuse_s, check_s=check_s, err=err,
                 params_train=params(model), params_fused=params(fused))
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | params train | params fused | train-time ms | fused ms | speed-up | fuse s | fused fp32 rel. error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | params train | params fused | train-time ms | fused ms | speed-up | fuse s | check s | fused fp32 rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['params_train'] / 1e6:.2f}M | {r['params_fused'] / 1e6:.2f}M | {r['train_ms']:.1f} | "
-            f"{r['fused_ms']:.1f} | {r['train_ms'] / r['fused_ms']:.2f}x | {r['fuse_s']:.2f} | {r['err']:.1e} |"
+            f"{r['fused_ms']:.1f} | {r['train_ms'] / r['fused_ms']:.2f}x | {r['fuse_s']:.2f} | {r['check_s']:.2f} | {r['err']:.1e} |"
         )
     return "\n".join(lines)
 

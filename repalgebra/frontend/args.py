@@ -217,3 +217,22 @@ def as_value(b: Any, x: Any) -> Value | None:
     if c is None:
         return shaped(x)
     return b.add("constant", [], {"dtype": c.tensor.dtype}, {"value": c.tensor}, c.path)
+
+
+def scalar_axis(shape: tuple[int, ...]) -> int:
+    """The axis a scalar multiply is written along: channels of an image, else the last (feature) axis."""
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
+def channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int | None:
+    """The axis of ``x`` along which a constant of ``const_shape`` varies, if it is a per-channel vector.
+
+    Both front ends use it: they must agree on which multiplies are a ``scale``.
+    """
+    if len(const_shape) > len(x_shape):
+        return None
+    offset = len(x_shape) - len(const_shape)
+    varying = [offset + j for j, s in enumerate(const_shape) if s != 1]
+    if len(varying) != 1 or const_shape[varying[0] - offset] != x_shape[varying[0]]:
+        return None
+    return varying[0]

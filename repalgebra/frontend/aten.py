@@ -51,6 +51,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from repalgebra.frontend.args import channel_axis, scalar_axis
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.ir import Graph, Node, Value
 
@@ -609,25 +610,6 @@ def _pow(b: _Builder, n: fx.Node, a: dict) -> Made:
     return "pow", [x], {"exponent": e}, {}, None
 
 
-def _scalar_axis(shape: tuple[int, ...]) -> int:
-    """The axis a scalar multiply is written along: channels of an image, else the last (feature) axis."""
-    return 1 if len(shape) == 4 else len(shape) - 1
-
-
-def _channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int | None:
-    """The axis of ``x`` along which a constant of ``const_shape`` varies, if it is a per-channel vector.
-
-    (A private copy of the fx front end's rule: the two must agree on which multiplies are a ``scale``.)
-    """
-    if len(const_shape) > len(x_shape):
-        return None
-    offset = len(x_shape) - len(const_shape)
-    varying = [offset + j for j, s in enumerate(const_shape) if s != 1]
-    if len(varying) != 1 or const_shape[varying[0] - offset] != x_shape[varying[0]]:
-        return None
-    return varying[0]
-
-
 def _mul(b: _Builder, n: fx.Node, a: dict) -> Made:
     """``a * b``: ``mul`` of two activations; ``scale`` by a per-channel constant or a number."""
     x, c = a["self"], a["other"]
@@ -642,14 +624,14 @@ def _mul(b: _Builder, n: fx.Node, a: dict) -> Made:
         if t.dim() > len(x.shape):
             return None
         if t.numel() == 1:
-            axis = _scalar_axis(x.shape)
+            axis = scalar_axis(x.shape)
             vec = t.reshape(()).expand(x.shape[axis]).clone()
         else:
-            axis = _channel_axis(tuple(t.shape), x.shape)
+            axis = channel_axis(tuple(t.shape), x.shape)
             vec = None if axis is None else t.reshape(-1)
         return None if axis is None else ("scale", [x], {"axis": axis}, {"scale": vec}, None)
     if _is_num(c):
-        axis = _scalar_axis(x.shape)
+        axis = scalar_axis(x.shape)
         return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, None
     return None
 

@@ -20,7 +20,7 @@ from torch import fx
 
 from repalgebra.frontend.args import (
     REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int,
-    max_pool, pad_nd, shaped, single,
+    max_pool, pad_nd, scalar_axis, channel_axis, shaped, single,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -110,34 +110,18 @@ def _scale_by(x: Value, c: Any) -> Made:
     if isinstance(c, Const) and c.tensor.is_floating_point():
         shape = tuple(c.tensor.shape)
         if c.tensor.numel() == 1 and len(shape) <= len(x.shape):
-            axis = _scalar_axis(x.shape)
+            axis = scalar_axis(x.shape)
             vec = c.tensor.reshape(()).expand(x.shape[axis]).clone()
         else:
-            axis = _channel_axis(shape, x.shape)
+            axis = channel_axis(shape, x.shape)
             vec = None if axis is None else c.tensor.reshape(-1)
         if axis is None or len(shape) > len(x.shape):
             return None
         return "scale", [x], {"axis": axis}, {"scale": vec}, c.path
     if isinstance(c, (int, float)) and not isinstance(c, bool) and len(x.shape) >= 1:
-        axis = _scalar_axis(x.shape)
+        axis = scalar_axis(x.shape)
         return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, ""
     return None
-
-
-def _scalar_axis(shape: tuple[int, ...]) -> int:
-    """The axis a scalar multiply is written along: channels of an image, else the last (feature) axis."""
-    return 1 if len(shape) == 4 else len(shape) - 1
-
-
-def _channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int | None:
-    """The axis of ``x`` along which a constant of ``const_shape`` varies, if it is a per-channel vector."""
-    if len(const_shape) > len(x_shape):
-        return None
-    offset = len(x_shape) - len(const_shape)
-    varying = [offset + j for j, s in enumerate(const_shape) if s != 1]
-    if len(varying) != 1 or const_shape[varying[0] - offset] != x_shape[varying[0]]:
-        return None
-    return varying[0]
 
 
 def _f_div(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:

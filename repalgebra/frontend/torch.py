@@ -7,12 +7,10 @@ and runs the traced copy once on the example inputs to learn every value's
 shape.  Then it maps each fx node to an IR node:
 
 * modules it recognises (``Conv2d``, ``BatchNorm1d/2d/3d``, ``Linear``,
-  ``Identity``, ``Dropout``, ``AvgPool2d``, ``ReLU``, ``GELU``, ``Sigmoid``,
-  ``ZeroPad2d``/``ConstantPad2d``, ``Flatten``, ``Softmax``, ``LayerNorm``,
-  ``AdaptiveAvgPool2d(1)``) and functions (``F.conv2d``, ``F.pad``,
-  ``F.batch_norm``, ``F.linear``, ``F.relu``, ``F.gelu``, ``+ - *`` and ``@``,
-  ``torch.cat``, flatten/reshape/view/permute/transpose/mean/softmax) become
-  their op;
+  ``LayerNorm``, pools, activations, ...: ``fx_trace._RECOGNISED``) and
+  functions and methods (``F.conv2d``, ``F.pad``, ``+ - * /``, ``@``,
+  ``torch.cat``, slicing, reshapes and permutes, ...: the tables at the bottom
+  of ``handlers_modules.py`` and ``handlers_functions.py``) become their op;
 * ``x * p`` where ``p`` is a parameter or buffer of per-channel shape, such as
   ``(C, 1, 1)`` or ``(1, C, 1, 1)`` (a layer scale), or a Python number,
   becomes a ``scale`` op; ``a * b`` of two activations stays ``mul``;
