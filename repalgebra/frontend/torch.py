@@ -36,7 +36,8 @@ The work is split by job, each file read top to bottom:
   :mod:`~repalgebra.frontend.args`);
 * :mod:`~repalgebra.frontend.shapes`: where a ``reshape_dyn`` reads its sizes from;
 * :mod:`~repalgebra.frontend.inplace`: in-place ops in the fx graph made out-of-place, or refused;
-* :mod:`~repalgebra.frontend.aten`: the second capture path, ``torch.export`` at fixed shapes, ATen ops to IR;
+* :mod:`~repalgebra.frontend.aten`: the second capture path, ``torch.export`` at fixed shapes, ATen ops to IR
+  (the builder in :mod:`~repalgebra.frontend.aten_builder`, the per-op table in :mod:`~repalgebra.frontend.aten_handlers`);
 * :mod:`~repalgebra.frontend.capture`: both paths behind one interface, for ``fuse``.
 """
 

@@ -1,0 +1,700 @@
+"""The export front end's handler table: one function per ATen op family, mapping a call onto the op table.
+
+A handler gets (builder, fx node, the call's arguments by schema name: Values,
+:class:`~repalgebra.frontend.aten_builder.Const` s or literals) and returns
+``(op, inputs, attrs, params, source)``, or None for "carry it through as an
+opaque call".  ``HANDLERS`` maps single-output overloads, ``MULTI_HANDLERS`` the
+parts (``getitem``) of multi-output ones; the builder receives both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from repalgebra.frontend.args import channel_axis, scalar_axis
+from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, tensor_info
+from repalgebra.ir import Node, Value
+
+__all__ = ["HANDLERS", "MULTI_HANDLERS"]
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- handlers
+#
+# A handler gets (builder, fx node, arguments by schema name with Values / _Consts /
+# literals) and returns (op, inputs, attrs, params, source) or None for "carry it
+# through".  Source None means the node's module path.
+
+
+def _v(x: Any) -> Value | None:
+    return x if isinstance(x, Value) and x.shape is not None else None
+
+
+def _c(x: Any) -> torch.Tensor | None:
+    return x.tensor if isinstance(x, Const) and x.tensor.is_floating_point() else None
+
+
+def _owner(c: Any) -> str | None:
+    """``stages.0.conv.weight`` -> ``stages.0.conv``: the module a parameter belongs to."""
+    return c.path.rpartition(".")[0] if isinstance(c, Const) and c.path else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ints(v: Any) -> tuple[int, ...] | None:
+    if isinstance(v, (tuple, list)) and all(_is_int(x) for x in v):
+        return tuple(v)
+    return None
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    """An ATen ``int[2]`` argument (an int, one int or two) as a pair."""
+    if _is_int(v):
+        return (v, v)
+    t = _ints(v)
+    if t is None or len(t) not in (1, 2):
+        return None
+    return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
+
+
+def _conv(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
+    if x is None or len(x.shape) != 4 or w is None or w.dim() != 4 or (bias is not None and _c(bias) is None):
+        return None
+    stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"]), a["groups"]
+    if stride is None or dilation is None or not _is_int(groups):
+        return None
+    padding = a["padding"]
+    if padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif padding == "same":  # PyTorch puts the odd extra row/column at the bottom/right
+        total = [d * (k - 1) for k, d in zip(w.shape[2:], dilation)]
+        pads = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+    else:
+        p = _pair(padding)
+        if p is None:
+            return None
+        pads = (p[0], p[0], p[1], p[1])
+    params = {"weight": w} if bias is None else {"weight": w, "bias": _c(bias)}
+    attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": groups}
+    return "conv2d", [x], attrs, params, _owner(a["weight"])
+
+
+def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.convolution``: a plain 2-D conv when not transposed."""
+    output_padding = _ints(a["output_padding"])
+    if a["transposed"] is not False or output_padding is None or any(output_padding):
+        return None
+    return _conv(b, n, a)
+
+
+def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any) -> Made:
+    x, m, v = _v(x), _c(mean), _c(var)
+    if x is None or len(x.shape) < 2 or m is None or v is None or not _is_num(eps):
+        return None
+    if any(p is not None and _c(p) is None for p in (weight, bias)):
+        return None
+    params = {  # affine=False: weight ones, bias zeros
+        "mean": m,
+        "var": v,
+        "weight": torch.ones_like(m) if weight is None else _c(weight),
+        "bias": torch.zeros_like(m) if bias is None else _c(bias),
+    }
+    return "batch_norm", [x], {"eps": float(eps)}, params, _owner(mean)
+
+
+def _batch_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    if a["training"] is not False:
+        return None
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+
+
+def _bn_no_training(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    """``_native_batch_norm_legit_no_training(...)[0]`` (the other two results are empty)."""
+    if index != 0:
+        return None
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+
+
+def _native_bn(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    if index != 0 or a["training"] is not False:
+        return None
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+
+
+def _linear(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
+    if x is None or w is None or w.dim() != 2 or (bias is not None and _c(bias) is None):
+        return None
+    params = {"weight": w} if bias is None else {"weight": w, "bias": _c(bias)}
+    return "linear", [x], {}, params, _owner(a["weight"])
+
+
+def _ln(x: Any, shape: Any, weight: Any, bias: Any, eps: Any) -> Made:
+    x, shape = _v(x), _ints(shape)
+    if x is None or shape is None or not _is_num(eps) or any(p is not None and _c(p) is None for p in (weight, bias)):
+        return None
+    params = {k: _c(p) for k, p in (("weight", weight), ("bias", bias)) if p is not None}
+    return "layer_norm", [x], {"normalized_shape": shape, "eps": float(eps)}, params, None
+
+
+def _layer_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    return _ln(a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
+
+
+def _native_layer_norm(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    return None if index != 0 else _ln(a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
+
+
+def _unbind(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    """``q, k, v = qkv.unbind(0)``: each result is a select."""
+    x = _v(a["self"])
+    return None if x is None or not _is_int(a["dim"]) else ("select", [x], {"axis": a["dim"], "index": index}, {}, None)
+
+
+def _join(op: str) -> Callable[..., Made]:
+    """``a + b`` / ``a - b``: of two activations of one shape ``add``/``sub``, of other shapes ``broadcast_add``/
+    ``broadcast_sub``; with a constant or a number ``add_const``; ``x + 0`` and ``x - 0`` are the identity."""
+
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+        x, y = a["self"], a["other"]
+        if a.get("alpha", 1) != 1:
+            return None
+        if _v(x) is not None and _is_num(y) and y == 0:
+            return "identity", [x], {}, {}, None
+        if _v(x) is not None and _v(y) is not None:
+            if x.shape == y.shape:
+                return op, [x, y], {}, {}, None
+            return ("broadcast_" + op, [x, y], {}, {}, None) if _broadcasts(x.shape, y.shape) else None
+        if _v(x) is not None:  # x + c, x - c
+            return _add_const(x, y, negate_const=op == "sub", negate_x=False)
+        if _v(y) is not None:  # c + y, c - y
+            return _add_const(y, x, negate_const=False, negate_x=op == "sub")
+        return None
+
+    return handler
+
+
+def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    try:
+        torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
+    """``(-)x + (-)c`` for a number or a constant tensor that does not widen ``x``: ``add_const``."""
+    if not x.dtype.is_floating_point:
+        return None
+    if _is_num(c):
+        t = torch.tensor(float(c), dtype=torch.float64)
+    elif _c(c) is not None and _broadcasts(tuple(c.tensor.shape), x.shape) and torch.broadcast_shapes(c.tensor.shape, x.shape) == x.shape:
+        t = _c(c)
+    else:
+        return None
+    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0}, {"const": -t if negate_const else t}, _owner(c)
+
+
+def _rsub(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.rsub.Scalar(x, c)``: ``c - x``."""
+    x = _v(a["self"])
+    return None if x is None or a.get("alpha", 1) != 1 else _add_const(x, a["other"], negate_const=False, negate_x=True)
+
+
+def _div(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``a / b``: ``div`` of two activations; by a number or a per-channel constant a ``scale``."""
+    x, y = _v(a["self"]), a["other"]
+    if x is None or not x.dtype.is_floating_point or a.get("rounding_mode") is not None:
+        return None
+    if _v(y) is not None:
+        return ("div", [x, y], {}, {}, None) if _broadcasts(x.shape, y.shape) else None
+    if _is_num(y):  # the reciprocal in float64, as the rewrite folds it
+        return None if y == 0 else _mul(b, n, {"self": x, "other": Const(torch.tensor(1.0 / y, dtype=torch.float64), None)})
+    if _c(y) is not None:
+        return _mul(b, n, {"self": x, "other": Const(1.0 / _c(y), y.path)})
+    return None
+
+
+def _pow(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, e = _v(a["self"]), a["exponent"]
+    if x is None or not _is_num(e) or not x.dtype.is_floating_point:
+        return None
+    return "pow", [x], {"exponent": e}, {}, None
+
+
+def _mul(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``a * b``: ``mul`` of two activations; ``scale`` by a per-channel constant or a number."""
+    x, c = a["self"], a["other"]
+    if not isinstance(x, Value):
+        x, c = c, x
+    if _v(x) is None or not x.dtype.is_floating_point or not x.shape:
+        return None
+    if isinstance(c, Value):
+        return "mul", [x, c], {}, {}, None
+    if _c(c) is not None:
+        t = _c(c)
+        if t.dim() > len(x.shape):
+            return None
+        if t.numel() == 1:
+            axis = scalar_axis(x.shape)
+            vec = t.reshape(()).expand(x.shape[axis]).clone()
+        else:
+            axis = channel_axis(tuple(t.shape), x.shape)
+            vec = None if axis is None else t.reshape(-1)
+        return None if axis is None else ("scale", [x], {"axis": axis}, {"scale": vec}, None)
+    if _is_num(c):
+        axis = scalar_axis(x.shape)
+        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, None
+    return None
+
+
+def _clamp(lo: Any = None, hi: Any = None) -> Callable[..., Made]:
+    """``clamp``/``clamp_min``/``clamp_max``/``hardtanh``/``relu6`` with number bounds."""
+
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+        x = _v(a["self"])
+        low = a.get("min", a.get("min_val", lo))
+        high = a.get("max", a.get("max_val", hi))
+        if x is None or (low is None and high is None) or any(v is not None and not _is_num(v) for v in (low, high)):
+            return None
+        return "clamp", [x], {"min": low, "max": high}, {}, None
+
+    return handler
+
+
+def _sum(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, dims = _v(a["self"]), _ints(a.get("dim"))
+    keepdim = a.get("keepdim", False)
+    if x is None or a["dtype"] is not None or not isinstance(keepdim, bool) or not x.shape:
+        return None
+    dims = tuple(range(len(x.shape))) if dims is None or dims == () else dims
+    return "sum", [x], {"dims": dims, "keepdim": keepdim}, {}, None
+
+
+def _max_pool(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, kernel, padding, dilation = _v(a["self"]), _pair(a["kernel_size"]), _pair(a["padding"]), _pair(a["dilation"])
+    stride = kernel if a["stride"] in ([], (), None) else _pair(a["stride"])
+    if x is None or len(x.shape) != 4 or None in (kernel, stride, padding, dilation):
+        return None
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": bool(a["ceil_mode"])}
+    return "max_pool2d", [x], attrs, {}, None
+
+
+def _max_pool_values(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    """``max_pool2d_with_indices(...)[0]``."""
+    return _max_pool(b, n, a) if index == 0 else None
+
+
+def _adaptive(op: str) -> Callable[..., Made]:
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict, index: int = 0) -> Made:
+        x, size = _v(a["self"]), _pair(a["output_size"])
+        if x is None or len(x.shape) not in (3, 4) or size is None or index != 0:
+            return None
+        return op, [x], {"output_size": size}, {}, None
+
+    return handler
+
+
+def _gn(x: Any, weight: Any, bias: Any, groups: Any, eps: Any) -> Made:
+    x = _v(x)
+    if x is None or not _is_int(groups) or not _is_num(eps) or any(p is not None and _c(p) is None for p in (weight, bias)):
+        return None
+    params = {k: _c(p) for k, p in (("weight", weight), ("bias", bias)) if p is not None}
+    return "group_norm", [x], {"num_groups": groups, "eps": float(eps)}, params, _owner(weight)
+
+
+def _group_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    return _gn(a["input"], a["weight"], a["bias"], a["num_groups"], a["eps"])
+
+
+def _native_group_norm(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    return None if index != 0 else _gn(a["input"], a["weight"], a["bias"], a["group"], a["eps"])
+
+
+def _upsample(mode: str) -> Callable[..., Made]:
+    """``upsample_nearest2d.vec``/``_upsample_nearest_exact2d.vec``/``upsample_bilinear2d.vec``: ``interpolate``."""
+
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+        x, size, scales = _v(a["input"]), a["output_size"], a["scale_factors"]
+        if x is None or len(x.shape) != 4 or (size is None) == (scales is None):
+            return None
+        if size is not None and _ints(size) is None:
+            return None
+        if scales is not None and (not isinstance(scales, (list, tuple)) or len(scales) != 2 or not all(_is_num(v) for v in scales)):
+            return None
+        align = a.get("align_corners")
+        attrs = {
+            "size": None if size is None else tuple(size),
+            "scale": None if scales is None else tuple(float(v) for v in scales),
+            "mode": mode,
+            "align_corners": bool(align) if mode == "bilinear" else None,
+        }
+        return "interpolate", [x], attrs, {}, None
+
+    return handler
+
+
+def _attention(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    qkv = [_v(a[k]) for k in ("query", "key", "value")]
+    if None in qkv or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
+        return None
+    if (a["attn_mask"] is not None and a["is_causal"]) or (a["scale"] is not None and not _is_num(a["scale"])):
+        return None
+    mask = None if a["attn_mask"] is None else _as_value(b, a["attn_mask"])  # a bias gathered from a table: a constant
+    if a["attn_mask"] is not None and mask is None:
+        return None
+    scale = None if a["scale"] is None else float(a["scale"])
+    return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, None
+
+
+def _einsum(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``torch.einsum``; constant operands (a relative-position table) as ``constant`` nodes."""
+    ts = a["tensors"] if isinstance(a["tensors"], (list, tuple)) else []
+    if not any(_v(t) is not None for t in ts) or not isinstance(a["equation"], str):
+        return None
+    xs = [_as_value(b, t) for t in ts]
+    return None if None in xs else ("einsum", xs, {"equation": a["equation"].replace(" ", "")}, {}, None)
+
+
+def _expand(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, size = _v(a["self"]), _ints(a["size"])
+    return None if x is None or size is None else ("expand", [x], {"shape": size}, {}, None)
+
+
+def _zeros_like(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``torch.zeros_like(x)`` at the captured shape: a ``constant``."""
+    info = tensor_info(n.meta.get("val"))
+    if _v(a["self"]) is None or info is None or a.get("memory_format") is not None:
+        return None
+    return "constant", [], {"dtype": info[1]}, {"value": torch.zeros(info[0], dtype=info[1])}, None
+
+
+_END = 2**63 - 1  # aten's "to the end" (``x[a:]``)
+
+
+def _bound(v: Any) -> Any:
+    return None if v is None or (_is_int(v) and v >= _END) else v
+
+
+def _slice(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, start, end, step = _v(a["self"]), a["start"], _bound(a["end"]), a["step"]
+    if x is None or not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+        return None
+    return "slice", [x], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
+
+
+def _slice_scatter(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``slice_scatter`` (a functionalized ``y[:, :c] = src``); a constant ``y`` or ``src`` as a ``constant`` node."""
+    start, end, step = a["start"], _bound(a["end"]), a["step"]
+    if not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
+        return None
+    if _v(a["self"]) is None and _v(a["src"]) is None:
+        return None
+    x, src = _as_value(b, a["self"]), _as_value(b, a["src"])
+    if x is None or src is None:
+        return None
+    return "slice_scatter", [x, src], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
+
+
+def _split(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    """``split.Tensor`` (also what ``chunk`` becomes) and ``split_with_sizes``: each result a ``slice``."""
+    x, size = _v(a["self"]), a.get("split_size", a.get("split_sizes"))
+    if x is None or not _is_int(a["dim"]):
+        return None
+    if _is_int(size) and size > 0:
+        start, stop = index * size, (index + 1) * size
+    elif _ints(size) is not None and index < len(size):
+        start = sum(size[:index])
+        stop = start + size[index]
+    else:
+        return None
+    return "slice", [x], {"axis": a["dim"] % len(x.shape), "start": start, "end": stop, "step": 1}, {}, None
+
+
+def _copy(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``copy(dst, src)`` (from ``y[...] = src``): ``src`` broadcast to ``dst``'s shape in ``dst``'s dtype; the
+    identity of ``src`` where it has them, ``expand`` where it broadcasts, a ``constant`` for a constant ``src``
+    (DBB's ``output[:, :, 0:p, :] = pad_values``)."""
+    info = tensor_info(n.meta.get("val"))
+    if info is None:
+        return None
+    shape, dtype = info
+    src = a["src"]
+    if isinstance(src, Const):
+        if not _broadcasts(tuple(src.tensor.shape), shape):
+            return None
+        return "constant", [], {"dtype": dtype}, {"value": src.tensor.expand(shape).to(dtype).clone()}, _owner(src)
+    src = _v(src)
+    if src is None or src.dtype != dtype:
+        return None
+    if src.shape == shape:
+        return "identity", [src], {}, {}, None
+    return ("expand", [src], {"shape": shape}, {}, None) if _broadcasts(src.shape, shape) else None
+
+
+def _roll(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, shifts, dims = _v(a["self"]), _ints(a["shifts"]), _ints(a["dims"])
+    if x is None or shifts is None or dims is None or len(shifts) != len(dims) or not dims:
+        return None
+    return "roll", [x], {"shifts": shifts, "dims": dims}, {}, None
+
+
+def _shuffle(op: str, name: str) -> Callable[..., Made]:
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+        x = _v(a["self"])
+        return None if x is None or len(x.shape) != 4 or not _is_int(a[name]) else (op, [x], {"factor": a[name]}, {}, None)
+
+    return handler
+
+
+def _unary(op: str) -> Callable[..., Made]:
+    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+        x = _v(a["self"])
+        if x is None:
+            return None
+        return op, [x], {"approximate": a["approximate"]} if op == "gelu" else {}, {}, None
+
+    return handler
+
+
+def _pad_op(x: Any, pad: Any, value: Any) -> Made:
+    """Torch order ``(left, right, top, bottom, ...)`` to IR ``(top, bottom, left, right)``; last two axes only."""
+    x, pad = _v(x), _ints(pad)
+    value = 0.0 if value is None else value
+    if x is None or len(x.shape) < 2 or pad is None or len(pad) not in (2, 4, 6, 8) or any(pad[4:]) or not _is_num(value):
+        return None
+    left, right, top, bottom = (*pad, 0, 0)[:4]
+    return "pad", [x], {"pads": (top, bottom, left, right), "value": float(value)}, {}, None
+
+
+def _pad(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    made = _pad_op(a["self"], a["pad"], a["value"]) if a["mode"] == "constant" else None
+    return made or _pad_nd(a["self"], a["pad"], a["mode"], a["value"])
+
+
+def _constant_pad_nd(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    return _pad_op(a["self"], a["pad"], a["value"]) or _pad_nd(a["self"], a["pad"], "constant", a["value"])
+
+
+def _pad_nd(x: Any, pad: Any, mode: Any, value: Any) -> Made:
+    """What ``pad`` cannot say (more axes: a channels-last map; reflect, replicate, circular): ``pad_nd``."""
+    x, pad = _v(x), _ints(pad)
+    value = 0.0 if value is None else value
+    if x is None or pad is None or len(pad) % 2 or len(pad) // 2 > len(x.shape) or not _is_num(value):
+        return None
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        return None
+    return "pad_nd", [x], {"pads": pad, "mode": mode, "value": float(value)}, {}, None
+
+
+def _avg_pool(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, kernel, padding = _v(a["self"]), _pair(a["kernel_size"]), _pair(a["padding"])
+    stride = kernel if a["stride"] in ([], (), None) else _pair(a["stride"])
+    if x is None or len(x.shape) != 4 or None in (kernel, stride, padding) or a["divisor_override"] is not None:
+        return None
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "ceil_mode": bool(a["ceil_mode"]), "count_include_pad": bool(a["count_include_pad"])}
+    return "avg_pool2d", [x], attrs, {}, None
+
+
+def _adaptive_avg(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
+    x = _v(a["self"])
+    if x is None or len(x.shape) < 3:
+        return None
+    if _pair(a["output_size"]) != (1, 1):
+        return _adaptive("adaptive_avg_pool2d")(b, n, a)
+    nd = len(x.shape)
+    return "mean", [x], {"dims": (nd - 2, nd - 1), "keepdim": True}, {}, None
+
+
+def _mean_dim(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, dims = _v(a["self"]), _ints(a["dim"])
+    if x is None or not dims or a["dtype"] is not None or not isinstance(a["keepdim"], bool):
+        return None
+    return "mean", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, None
+
+
+def _mean_all(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not x.shape or a["dtype"] is not None:
+        return None
+    return "mean", [x], {"dims": tuple(range(len(x.shape))), "keepdim": False}, {}, None
+
+
+def _reshape(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, shape = _v(a["self"]), _ints(a.get("size", a.get("shape")))
+    return None if x is None or shape is None else ("reshape", [x], {"shape": shape}, {}, None)
+
+
+def _to_shape(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``unsqueeze``/``squeeze``: a reshape to the recorded shape (sizes are fixed here)."""
+    x, info = _v(a["self"]), tensor_info(n.meta.get("val"))
+    return None if x is None or info is None else ("reshape", [x], {"shape": info[0]}, {}, None)
+
+
+def _flatten(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not (_is_int(a["start_dim"]) and _is_int(a["end_dim"])):
+        return None
+    return "flatten", [x], {"start": a["start_dim"], "end": a["end_dim"]}, {}, None
+
+
+def _permute(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, dims = _v(a["self"]), _ints(a["dims"])
+    return None if x is None or dims is None else ("permute", [x], {"dims": dims}, {}, None)
+
+
+def _transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not (_is_int(a["dim0"]) and _is_int(a["dim1"])):
+        return None
+    return "transpose", [x], {"dim0": a["dim0"], "dim1": a["dim1"]}, {}, None
+
+
+def _cat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``torch.cat``; a constant operand (a class token, folded at the example's batch size) as a ``constant`` node."""
+    ts = a["tensors"] if isinstance(a["tensors"], (list, tuple)) else []
+    if not any(_v(t) is not None for t in ts) or not _is_int(a["dim"]):
+        return None
+    xs = [_as_value(b, t) for t in ts]
+    if any(x is None for x in xs):
+        return None
+    return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, None
+
+
+def _as_value(b: ProgramBuilder, x: Any) -> Value | None:
+    """An activation, or a constant tensor as a ``constant`` node."""
+    if isinstance(x, Const):
+        return b.add(Node.make("constant", [], {"dtype": x.tensor.dtype}, {"value": x.tensor}, _owner(x) or ""))
+    return _v(x)
+
+
+def _select(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not (_is_int(a["dim"]) and _is_int(a["index"])):
+        return None
+    return "select", [x], {"axis": a["dim"], "index": a["index"]}, {}, None
+
+
+def _softmax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not _is_int(a["dim"]) or a.get("dtype") is not None or a.get("half_to_float", False):
+        return None
+    return "softmax", [x], {"axis": a["dim"]}, {}, None
+
+
+def _matmul(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, y = _v(a["self"]), _v(a.get("other", a.get("mat2")))
+    return None if x is None or y is None else ("matmul", [x, y], {}, {}, None)
+
+
+def _identity(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``clone``/``alias``/``detach``/``dropout(train=False)``: the same values."""
+    x = _v(a["self"] if "self" in a else a["input"])
+    if x is None or a.get("train", False) is not False:
+        return None
+    return "identity", [x], {}, {}, None
+
+
+HANDLERS: dict[Any, Callable[..., Made]] = {
+    aten.conv2d.default: _conv,
+    aten.conv2d.padding: _conv,
+    aten.convolution.default: _convolution,
+    aten.batch_norm.default: _batch_norm,
+    aten.linear.default: _linear,
+    aten.layer_norm.default: _layer_norm,
+    aten.add.Tensor: _join("add"),
+    aten.sub.Tensor: _join("sub"),
+    aten.mul.Tensor: _mul,
+    aten.mul.Scalar: _mul,
+    aten.relu.default: _unary("relu"),
+    aten.gelu.default: _unary("gelu"),
+    aten.sigmoid.default: _unary("sigmoid"),
+    aten.pad.default: _pad,
+    aten.constant_pad_nd.default: _constant_pad_nd,
+    aten.avg_pool2d.default: _avg_pool,
+    aten.adaptive_avg_pool2d.default: _adaptive_avg,
+    aten.mean.dim: _mean_dim,
+    aten.mean.default: _mean_all,
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.unsqueeze.default: _to_shape,
+    aten.squeeze.dim: _to_shape,
+    aten.squeeze.dims: _to_shape,
+    aten.squeeze.default: _to_shape,
+    aten.flatten.using_ints: _flatten,
+    aten.permute.default: _permute,
+    aten.transpose.int: _transpose,
+    aten.cat.default: _cat,
+    aten.select.int: _select,
+    aten.softmax.int: _softmax,
+    aten._softmax.default: _softmax,
+    aten.matmul.default: _matmul,
+    aten.bmm.default: _matmul,
+    aten.mm.default: _matmul,
+    aten.dropout.default: _identity,
+    aten.clone.default: _identity,
+    aten.alias.default: _identity,
+    aten.detach.default: _identity,
+    aten.contiguous.default: _identity,
+    aten.add.Scalar: _join("add"),
+    aten.sub.Scalar: _join("sub"),
+    aten.rsub.Scalar: _rsub,
+    aten.div.Tensor: _div,
+    aten.div.Scalar: _div,
+    aten.div.Tensor_mode: _div,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.silu.default: _unary("silu"),
+    aten.hardswish.default: _unary("hardswish"),
+    aten.hardsigmoid.default: _unary("hardsigmoid"),
+    aten.tanh.default: _unary("tanh"),
+    aten.sqrt.default: _unary("sqrt"),
+    aten.rsqrt.default: _unary("rsqrt"),
+    aten.relu6.default: _clamp(0.0, 6.0),
+    aten.hardtanh.default: _clamp(),
+    aten.clamp.default: _clamp(),
+    aten.clamp_min.default: _clamp(),
+    aten.clamp_max.default: _clamp(),
+    aten.sum.dim_IntList: _sum,
+    aten.sum.default: _sum,
+    aten.max_pool2d.default: _max_pool,
+    aten.group_norm.default: _group_norm,
+    aten.upsample_nearest2d.vec: _upsample("nearest"),
+    aten._upsample_nearest_exact2d.vec: _upsample("nearest-exact"),
+    aten.upsample_bilinear2d.vec: _upsample("bilinear"),
+    aten.scaled_dot_product_attention.default: _attention,
+    aten.einsum.default: _einsum,
+    aten.slice.Tensor: _slice,
+    aten.slice_scatter.default: _slice_scatter,
+    aten.copy.default: _copy,
+    aten.roll.default: _roll,
+    aten.expand.default: _expand,
+    aten.zeros_like.default: _zeros_like,
+    aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
+    aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),
+}
+
+# Calls returning several tensors, mapped per ``getitem`` index (None: the generic way, see ProgramBuilder.getitem).
+MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
+    aten._native_batch_norm_legit_no_training.default: _bn_no_training,
+    aten.native_batch_norm.default: _native_bn,
+    aten.native_layer_norm.default: _native_layer_norm,
+    aten.unbind.int: _unbind,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split,
+    aten.max_pool2d_with_indices.default: _max_pool_values,
+    aten.adaptive_max_pool2d.default: _adaptive("adaptive_max_pool2d"),
+    aten.native_group_norm.default: _native_group_norm,
+}
