@@ -357,7 +357,10 @@ class _Fuser:
     def finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
         """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
         t0 = time.perf_counter()
-        g64, rw = rewrite(cap.graph, cast_back=False)
+        graph_in = cap.graph
+        if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
+            graph_in = graph_in.map_params(lambda p, n: p.cpu())  # fold on the CPU (rules build their constants there)
+        g64, rw = rewrite(graph_in, cast_back=False)
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
@@ -395,6 +398,9 @@ class _Fuser:
         that of the weights, exactly as :func:`~repalgebra.verify` does.
         """
         tol = TOLERANCES.get(self.dtype, 1e-5)
+        device = next((t.device for t in [*reference.parameters(), *reference.buffers()]), None)
+        if device is not None:
+            candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64
         try:
             ref = _run(reference, call, dtype)
