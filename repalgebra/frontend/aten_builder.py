@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
+from repalgebra.frontend.builder import map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.ir import Graph, Node, Value
 
@@ -78,20 +79,9 @@ def tensor_info(val: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
         raise CaptureFailed(f"a tensor of data-dependent shape {tuple(val.shape)}: not capturable at fixed shapes") from None
 
 
-def _map(a: Any, fn: Callable[[Any], Any]) -> Any:
-    """``fn`` applied to the leaves of nested tuples/lists/dicts (fx's immutable containers become plain ones)."""
-    if isinstance(a, tuple):
-        return tuple(_map(x, fn) for x in a)
-    if isinstance(a, list):
-        return [_map(x, fn) for x in a]
-    if isinstance(a, dict):
-        return {k: _map(v, fn) for k, v in a.items()}
-    return fn(a)
-
-
 def _leaves(a: Any) -> list[Any]:
     out: list[Any] = []
-    _map(a, out.append)
+    map_leaves(a, out.append)
     return out
 
 
@@ -158,7 +148,7 @@ class ProgramBuilder:
         return Const(t.detach().clone(), path)
 
     def env_of(self, a: Any) -> Any:
-        return _map(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
+        return map_leaves(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
 
     def output_value(self, v: Any, n: fx.Node) -> Value:
         if isinstance(v, Value):
@@ -226,14 +216,14 @@ class ProgramBuilder:
     def fold(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         """A call that reads only constants: computed now (``self.weight.view(...)``, ``clone(lifted)``)."""
         paths = [x.path for x in _leaves((args, kwargs)) if isinstance(x, Const) and x.path]
-        real = lambda a: _map(a, lambda x: x.tensor if isinstance(x, Const) else x)  # noqa: E731
+        real = lambda a: map_leaves(a, lambda x: x.tensor if isinstance(x, Const) else x)  # noqa: E731
         try:
             with torch.no_grad():
                 result = n.target(*real(args), **real(kwargs))
         except Exception:  # it runs at fixed shapes only inside the program: carry it
             return _NOT_FOLDED
         path = paths[0] if paths else None
-        return _map(result, lambda t: Const(t, path) if isinstance(t, torch.Tensor) else t)
+        return map_leaves(result, lambda t: Const(t, path) if isinstance(t, torch.Tensor) else t)
 
     def non_tensor(self, n: fx.Node, val: Any) -> Any:
         if val is None and not n.users:  # a run-time check (asserts on metadata or values)
@@ -283,7 +273,7 @@ class ProgramBuilder:
                 return Buf(consts[id(x)][0])
             return x
 
-        a, k = _map(args, leaf), _map(kwargs, leaf)
+        a, k = map_leaves(args, leaf), map_leaves(kwargs, leaf)
         fn = FnCall("call_function", target, a, k, dict(consts.values()))
         shape, dtype = info if info is not None else (None, None)
         name = str(target) if target is not operator.getitem else "getitem"

@@ -237,23 +237,23 @@ def _has_value(*trees: Any) -> bool:
         return x
 
     for t in trees:
-        _map(t, visit)
+        map_leaves(t, visit)
     return found
 
 
-def _map(a: Any, fn: Callable[[Any], Any]) -> Any:
+def map_leaves(a: Any, fn: Callable[[Any], Any]) -> Any:
     """Apply ``fn`` to the leaves of nested tuples/lists/dicts/slices and inside shape expressions."""
     if isinstance(a, tuple):
-        return tuple(_map(x, fn) for x in a)
+        return tuple(map_leaves(x, fn) for x in a)
     if isinstance(a, list):
-        return [_map(x, fn) for x in a]
+        return [map_leaves(x, fn) for x in a]
     if isinstance(a, dict):
-        return {k: _map(v, fn) for k, v in a.items()}
+        return {k: map_leaves(v, fn) for k, v in a.items()}
     if isinstance(a, slice):
-        return slice(_map(a.start, fn), _map(a.stop, fn), _map(a.step, fn))
+        return slice(map_leaves(a.start, fn), map_leaves(a.stop, fn), map_leaves(a.step, fn))
     if isinstance(a, SymExpr):
         fn(a)
-        return SymExpr(a.kind, a.target, _map(a.args, fn), _map(a.kwargs, fn))
+        return SymExpr(a.kind, a.target, map_leaves(a.args, fn), map_leaves(a.kwargs, fn))
     return fn(a)
 
 
@@ -275,5 +275,5 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
             return Buf(name)
         return x
 
-    fn = FnCall(kind, target, _map(args, leaf), _map(kwargs, leaf), consts)
+    fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts)
     return fn, inputs

@@ -27,7 +27,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
