@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
-from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, record_calls
+from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
@@ -270,10 +270,8 @@ class _Fuser:
             _run(self.pristine, Call(tuple(inputs), {}), None)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-            first = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(
-                f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): "
-                f"{type(e).__name__}: {first}"
+                f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): {first_line(e)}"
             ) from e
 
     def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
@@ -292,7 +290,7 @@ class _Fuser:
         if failure is not None or not kept:
             return self.keep_whole(path, [Call(tuple(inputs), {})], _reasons(failures))
         work = copy.deepcopy(module)
-        calls = record_calls(work, inputs, kept)
+        calls = record_calls(work, Call(tuple(inputs), {}), kept)
         for sub in kept:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
@@ -320,7 +318,7 @@ class _Fuser:
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
         for call in calls:
-            for p, cs in _record_call(self.pristine.get_submodule(path), call, descendants).items():
+            for p, cs in record_calls(self.pristine.get_submodule(path), call, descendants).items():
                 recorded[p] += cs
         swaps = self._fuse_children(module, path, "", recorded)
         original = self.pristine.get_submodule(path)
@@ -410,7 +408,7 @@ class _Fuser:
         try:
             got = _run(candidate, call, dtype)
         except Exception as e:  # noqa: BLE001
-            return f"it fails on the example input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
 
     # -- helpers ------------------------------------------------------------------------
@@ -444,26 +442,6 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None) -> Any:
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
-
-
-def _record_call(module: nn.Module, call: Call, paths: list[str]) -> dict[str, list[Call]]:
-    """The calls made to the submodules at ``paths`` while ``module`` makes ``call``."""
-    if call.tensor_only:
-        return record_calls(module, call.args, paths)
-    got = record_calls(_Bound(module, call), (), ["m." + p for p in paths])
-    return {p.removeprefix("m."): cs for p, cs in got.items()}
-
-
-class _Bound(nn.Module):
-    """``module`` with one call's arguments bound, so it runs without inputs."""
-
-    def __init__(self, m: nn.Module, call: Call) -> None:
-        super().__init__()
-        self.m = m
-        self.call = call
-
-    def forward(self) -> Any:
-        return self.m(*self.call.args, **self.call.kwargs)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -190,10 +190,16 @@ def _compare(o: OutputError, a: Any, b: Any) -> None:
         return
     if a.numel() == 0:
         return
+    err, rel = _errors(a64, b64)
+    o.max_abs = max(o.max_abs, err)
+    o.max_rel = max(o.max_rel, rel)
+
+
+def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
+    """``max |a - b|`` and that relative to ``max |a|`` (the output's magnitude), for non-empty tensors."""
     err = (a64 - b64).abs().max().item()
     scale = a64.abs().max().item()
-    o.max_abs = max(o.max_abs, err)
-    o.max_rel = max(o.max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+    return err, err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | None:
@@ -222,9 +228,7 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
             return f"output {k} has NaN or Inf at other places than the original's"
         if not bool(fa.any()):
             continue
-        err = (a64[fa] - b64[fa]).abs().max().item()
-        scale = a64[fa].abs().max().item()
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        err, rel = _errors(a64[fa], b64[fa])
         if rel > tolerance:
             shape = "x".join(map(str, a.shape)) or "scalar"
             return f"output {k} ({shape}) differs by {err:.3g} (relative {rel:.3g} > {tolerance:.0e})"

@@ -53,6 +53,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from repalgebra.frontend.aten_builder import AtenCapture, CaptureFailed, ProgramBuilder, module_path
 from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS
+from repalgebra.frontend.capture import first_line
 
 __all__ = ["AtenCapture", "CaptureFailed", "capture_export"]
 
@@ -77,14 +78,9 @@ def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
             ep = torch.export.export(module, example_inputs, strict=False)
             ep = ep.run_decompositions({})
     except Exception as e:  # anything torch raises: the first line says why
-        raise CaptureFailed(_first_line(e)) from e
+        raise CaptureFailed(first_line(e)) from e
     _check_program(ep)
     return ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS).build(example_inputs)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"
 
 
 def _check_program(ep: torch.export.ExportedProgram) -> None:

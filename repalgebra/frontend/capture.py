@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.ir import Graph
 from repalgebra.rewrite import LeftAlone
 
-__all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call"]
+__all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call", "first_line"]
 
 
 class CaptureFailed(Exception):
@@ -59,9 +59,10 @@ class Capture:
     left_alone: list[LeftAlone] = field(default_factory=list)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: how a failure is named in reasons and errors."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"
 
 
 def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: Iterable[str] = ()) -> Capture:
@@ -74,9 +75,9 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
     except InplaceHazard as e:
         raise CaptureFailed(e.reason, e.path) from e
     except UntraceableError as e:
-        raise CaptureFailed(_first_line(e.__cause__ or e), getattr(e, "path", "")) from e
+        raise CaptureFailed(first_line(e.__cause__ or e), getattr(e, "path", "")) from e
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
-        raise CaptureFailed(_first_line(e), getattr(e, "path", "")) from e
+        raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone))
 
 
@@ -92,7 +93,7 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     except ExportFailed as e:
         raise CaptureFailed(str(e)) from e
     except Exception as e:  # noqa: BLE001  (torch.export raises many types; all mean "not this path")
-        raise CaptureFailed(_first_line(e)) from e
+        raise CaptureFailed(first_line(e)) from e
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
     return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with shapes fixed at {shapes}", *cap.notes])
 
@@ -131,12 +132,10 @@ class Call:
         """Positional floating-point tensors only: a call ``fuse`` can capture on its own."""
         return not self.kwargs and bool(self.args) and all(torch.is_tensor(a) and a.is_floating_point() for a in self.args)
 
-    def signature(self) -> tuple:
-        return tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else repr(a) for a in self.args)
 
 
-def record_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...], paths: Iterable[str]) -> dict[str, list[Call]]:
-    """Run ``module`` once on ``inputs`` and return every call made to each submodule in ``paths``.
+def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[str, list[Call]]:
+    """Run ``module`` once making ``call`` and return every call made to each submodule in ``paths``.
 
     Forward pre-hooks on those submodules clone what they are given (a later
     in-place op must not change the record); the hooks are removed after the
@@ -144,10 +143,10 @@ def record_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...], paths: Ite
     """
     calls: dict[str, list[Call]] = {p: [] for p in paths}
     handles = []
+    clone = lambda t: t.detach().clone() if torch.is_tensor(t) else t  # noqa: E731
 
     def hook_for(path: str):
         def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            clone = lambda t: t.detach().clone() if torch.is_tensor(t) else t  # noqa: E731
             calls[path].append(Call(pytree.tree_map(clone, args), pytree.tree_map(clone, kwargs)))
 
         return hook
@@ -156,7 +155,7 @@ def record_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...], paths: Ite
         for p in calls:
             handles.append(module.get_submodule(p).register_forward_pre_hook(hook_for(p), with_kwargs=True))
         with torch.no_grad():
-            module(*[t.clone() for t in inputs])
+            module(*pytree.tree_map(clone, call.args), **pytree.tree_map(clone, call.kwargs))
     finally:
         for h in handles:
             h.remove()

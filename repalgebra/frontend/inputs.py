@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
+from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import Root, Tracer
 
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
@@ -157,8 +158,7 @@ def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple[tuple[tor
                 model(*[t.clone() for t in inputs])
             return inputs, how
         except Exception as e:  # noqa: BLE001  (any failure means: not this size)
-            first = (str(e).strip().splitlines() or [""])[0]
-            tried.append(f"{how}: {type(e).__name__}: {first}")
+            tried.append(f"{how}: {first_line(e)}")
     raise ValueError(
         f"cannot find an input {type(model).__name__} runs on (tried {'; '.join(tried)}); pass one, "
         f"e.g. repalgebra.fuse(model, torch.randn(1, 3, 224, 224))  # example_inputs: the shape you run it at"
