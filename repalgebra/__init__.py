@@ -9,11 +9,13 @@ import repalgebra.rules  # noqa: F401,E402  (registers the built-in rules)
 from repalgebra.frontend.torch import UntraceableError, trace  # noqa: E402
 from repalgebra.fuse import FuseReport, fuse  # noqa: E402
 from repalgebra.verify import VerifyReport, verify  # noqa: E402
+from repalgebra.expand import ExpandReport, expand  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "Graph", "Node", "Value", "OPS", "op_def", "RULES", "Refusal", "Rewrite", "RewriteReport", "rewrite", "rule", "run_graph",
     "trace", "fuse", "verify", "export_onnx", "FuseReport", "VerifyReport", "UntraceableError",
+    "expand", "ExpandReport",
 ]
 
 
