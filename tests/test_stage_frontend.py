@@ -1,0 +1,120 @@
+"""The front end alone: a captured graph, run by the IR interpreter, computes what the model computes.
+
+No rewrite and no back end: ``trace`` (``torch.fx``, the module and function handlers) and
+``capture_export`` (``torch.export``, the ATen handlers) on models whose layers reach every attribute
+a handler reads (:mod:`repalgebra.testing_layers`: BN/LN eps, affine off, batch statistics, strides,
+dilations, groups, asymmetric, ``'same'`` and even-kernel paddings, pad values, pool ``ceil_mode``,
+``count_include_pad``, ``divisor_override``, and the channel axes of permute/flatten/transpose), in
+float64 to 1e-9 relative.  The front-end mutants (``python -m repalgebra.mutants --rule frontend``)
+run this file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from repalgebra import run_graph, trace
+from repalgebra.frontend.aten import capture_export
+from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, assert_same_outputs, attribute_case, layer_stacks
+
+
+def _reference(stack: LayerStack) -> torch.Tensor:
+    with torch.no_grad():
+        return stack.model(stack.x)
+
+
+def check_fx(stack: LayerStack) -> None:
+    graph = trace(stack.model, stack.x)
+    assert_same_outputs(_reference(stack), run_graph(graph, stack.x), torch.float64, f"fx capture of {stack}")
+
+
+def check_export(stack: LayerStack) -> None:
+    graph = capture_export(copy.deepcopy(stack.model).eval(), (stack.x,)).graph
+    assert_same_outputs(_reference(stack), run_graph(graph, stack.x), torch.float64, f"torch.export capture of {stack}")
+
+
+def check_functional(stack: LayerStack) -> None:
+    """The same model written with ``F.*`` calls (the function handlers), captured by ``torch.fx``."""
+    graph = trace(Functional(stack.model), stack.x)
+    assert_same_outputs(_reference(stack), run_graph(graph, stack.x), torch.float64, f"fx capture of F.* calls of {stack}")
+
+
+class Functional(torch.nn.Module):
+    """A ``Sequential`` of the layers :mod:`repalgebra.testing_layers` draws, run with ``torch.nn.functional`` calls."""
+
+    def __init__(self, seq: torch.nn.Sequential) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from torch import nn
+
+        from repalgebra.testing_layers import ChannelsLast, Tokens
+
+        for m in self.seq:
+            if isinstance(m, nn.Conv2d):
+                x = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                x = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            elif isinstance(m, nn.ConstantPad2d):  # nn.ZeroPad2d too
+                x = F.pad(x, m.padding, value=m.value)
+            elif isinstance(m, nn.AvgPool2d):
+                x = F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+            elif isinstance(m, nn.MaxPool2d):
+                x = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            elif isinstance(m, nn.GELU):
+                x = F.gelu(x, approximate=m.approximate)
+            elif isinstance(m, ChannelsLast):
+                ln = m.norm
+                x = F.layer_norm(x.permute(0, 2, 3, 1), ln.normalized_shape, ln.weight, ln.bias, ln.eps).permute(0, 3, 1, 2)
+            elif isinstance(m, Tokens):
+                ln = m.norm
+                t = F.layer_norm(torch.transpose(torch.flatten(x, 2), 1, 2), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+                x = F.linear(t, m.proj.weight, m.proj.bias)
+            elif isinstance(m, nn.Flatten):
+                x = torch.flatten(x, m.start_dim, m.end_dim)
+            elif isinstance(m, nn.Linear):
+                x = F.linear(x, m.weight, m.bias)
+            else:
+                x = m(x)
+        return x
+
+
+CASES = sorted(ATTRIBUTE_CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fx_capture_reads_every_attribute(name):
+    check_fx(attribute_case(name))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_function_handlers_read_every_attribute(name):
+    check_functional(attribute_case(name))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_capture_reads_every_attribute(name):
+    check_export(attribute_case(name))
+
+
+@given(stack=layer_stacks())
+def test_fx_capture_of_layer_stacks(stack):
+    check_fx(stack)
+
+
+@given(stack=layer_stacks())
+@settings(max_examples=25)
+def test_function_handlers_on_layer_stacks(stack):
+    check_functional(stack)
+
+
+@given(stack=layer_stacks())
+@settings(max_examples=6)
+def test_export_capture_of_layer_stacks(stack):
+    check_export(stack)
