@@ -117,6 +117,9 @@ def run_file(path: Path, workdir: Path) -> dict[int, str]:
     namespace: dict = {"__name__": f"docs_example_{path.stem}"}
     outputs: dict[int, str] = {}
     old_cwd = os.getcwd()
+    # A page may pin torch's global state for reproducible numbers (train_fold_ship.md: one
+    # thread, deterministic algorithms); put it back so later pages and tests run as before.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     os.chdir(workdir)
     torch.manual_seed(0)
     _restart_value_names()
@@ -139,6 +142,8 @@ def run_file(path: Path, workdir: Path) -> dict[int, str]:
     finally:
         os.chdir(old_cwd)
         torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     return outputs
 
 
