@@ -42,6 +42,11 @@
     REFUSED: a zero-padding 1x1 WITH a bias is not a pad after a pointwise conv: its border is
     the bias b, the pad's border is 0 (symbolic counterexample below).
 
+    (A'') 1x1 (stride 1, padding P1, WITH bias b1) then kxk (padding 0, bias b2): the 1x1's
+         output is pad(conv1x1(x; W1), P1) + b1 everywhere, border included, so
+         conv2(conv1(x)) == conv(x; W, b, groups=G, stride/dilation of conv2, padding P1)
+         with W, b of (A), b1 counted at every tap (DiverseBranchBlock's BN-and-pad).
+
 Proof: symbolic x, W1, b1, W2, b2; expand(lhs - rhs) == 0 elementwise. The refused case is
 shown with a nonzero expand(lhs - rhs) at a border pixel plus a concrete numeric witness,
 and the same formula is shown to agree on the interior (so the failure is exactly the border).
@@ -135,6 +140,12 @@ CONFIGS_B += [  # kxk (any geometry, bias) -> 1x1 with padding p2 (no bias): pad
 ]
 
 
+CONFIGS_A_BIASED = [  # 1x1 with padding p1 AND a bias -> unpadded kxk: padding p1
+    dict(C=2, M=2, O=2, H=3, W=4, k=(3, 3), g1=1, g2=1, stride=(1, 1), p1=(1, 1, 1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), b1=True, b2=True),
+    dict(C=4, M=4, O=2, H=3, W=3, k=(3, 2), g1=2, g2=2, stride=(2, 1), p1=(1, 0, 2, 1), padding=(0, 0, 0, 0), dilation=(1, 1), b1=True, b2=False),
+]
+
+
 def _tensors(cfg, k1, k2):
     C, M, O = cfg["C"], cfg["M"], cfg["O"]
     x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
@@ -157,6 +168,15 @@ def prove() -> list[str]:
         w, b, G = fuse_1x1_kxk(w1, b1, cfg["g1"], w2, b2, cfg["g2"], both)
         rhs = conv2d(x, w, b, groups=G, padding=both, **kw)
         desc = describe("conv1x1 (padding p1, no bias if any) -> convkxk == conv(padding p1 + padding)", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+    for cfg in CONFIGS_A_BIASED:
+        x, w1, b1, w2, b2 = _tensors(cfg, (1, 1), cfg["k"])
+        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"])
+        lhs = conv2d(conv2d(x, w1, b1, padding=cfg["p1"], groups=cfg["g1"]), w2, b2, groups=cfg["g2"], **kw)
+        w, b, G = fuse_1x1_kxk(w1, b1, cfg["g1"], w2, b2, cfg["g2"], none)  # the kxk does not pad
+        rhs = conv2d(x, w, b, groups=G, padding=cfg["p1"], **kw)
+        desc = describe("conv1x1 (padding p1, bias) -> convkxk (no padding) == conv(padding p1)", **cfg)
         assert_equal(lhs, rhs, "seq_merge " + desc)
         done.append(desc)
     for cfg in CONFIGS_B:

@@ -7,16 +7,17 @@ elements, which no conv does; with p = 0 both settings agree.
 
 Preconditions: the pool is exactly a conv (as above, no ``ceil_mode``) and it
 meets a conv: it is summed with a conv of the same input, or it reads a
-pointwise 1x1 conv that it can merge with (exactly only if that conv has no
-bias or the pool does not pad: a biased conv before a zero-padded pool would
-see 0 at the border where the pool sees the bias).
+1x1 stride-1 conv (padded or not) that it can merge with (exactly only if that
+conv has no bias or the pool does not pad: a biased conv before a zero-padded
+pool would see 0 at the border where the pool sees the bias).
 """
 
 import torch
 
 from repalgebra.ir import Node
-from repalgebra.match import JOINS, is_1x1_pointwise, producer, sole_use
+from repalgebra.match import JOINS, producer, sole_use
 from repalgebra.kernels import conv_bias
+from repalgebra.rules.pad_absorb import pixelwise
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -25,7 +26,7 @@ def avg_pool_to_conv(graph, pool):
     a = pool.attrs
     pads = any(_pair(a["padding"]))
     before = producer(pool.x, "conv2d")
-    merges = before is not None and sole_use(graph, pool.x) and is_1x1_pointwise(before)
+    merges = before is not None and sole_use(graph, pool.x) and pixelwise(before)
     joins = any(_has_conv_sibling(j, pool) for j in graph.users(pool.out) if j.op in JOINS)
     if not (merges or joins) or len(pool.x.shape) != 4:
         return None

@@ -20,10 +20,16 @@ pad(conv1x1(x; W), P)``.  Written so, the pad moves to where it belongs:
 
 with ``W`` as above, so ``conv(conv1x1(pad(x)))`` and ``conv(pad(conv1x1(x)))``
 reach the same single conv.  With a bias the padded 1x1's border is the bias,
-not 0, and it is not a pad after a pointwise conv.
+not 0, and it is not a pad after a pointwise conv; but then its output is
+``pad(conv1x1(x; W1), P1) + b1`` *everywhere*, border included, so before a kxk
+conv that does not pad it still merges (DiverseBranchBlock's BN-and-pad, the BN
+folded into the 1x1):
+
+    conv(conv1x1(x; W1, b1, padding P1); W2, b2) = conv(x; W, b2 + sum_{m,taps} W2[o,m,taps] b1[m], padding P1)
 
 Preconditions: the inner conv's output is read only by the outer conv; one of
-them is a 1x1 with stride 1 that has no padding or no bias; the merged kernel
+them is a 1x1 with stride 1 that has no padding or no bias, or the inner one is
+a 1x1 with stride 1 and the outer one does not pad; the merged kernel
 is no larger than the two kernels together, or it is summed right after into a
 sibling conv of the same input at least as large (DiverseBranchBlock), so
 merging never makes a model slower.
@@ -52,6 +58,8 @@ def seq_merge(graph, outer):
         geometry, padding = outer, tuple(p + q for p, q in zip(outer.attrs["padding"], pads))
         if has_bias(inner) and any(outer.attrs["padding"]):
             return Refusal("the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias", about=outer)
+    elif pixelwise(inner) and not any(outer.attrs["padding"]):  # a padded, biased 1x1 then an unpadded kxk
+        geometry, padding = outer, inner.attrs["padding"]
     elif any(pixelwise(c) and any(c.attrs["padding"]) for c in (inner, outer)):
         return Refusal("the 1x1 conv zero-pads and has a bias: its border is the bias, not 0", about=outer)
     else:

@@ -107,6 +107,8 @@ def expected(inner, outer, bias_kind):
         if inner_biased and any(outer.padding):
             return "the 1x1 conv has a bias and the kxk conv after it zero-pads: its border would see 0, not the bias", None, None, None
         geometry, padding, after = outer, tuple(p + q for p, q in zip(outer.padding, before)), (0, 0, 0, 0)
+    elif inner.kernel == (1, 1) and inner.stride == (1, 1) and not any(outer.padding):  # padded, biased 1x1 then unpadded kxk
+        geometry, padding, after = outer, inner.padding, (0, 0, 0, 0)
     else:
         padded_1x1 = any(c.kernel == (1, 1) and c.stride == (1, 1) and any(c.padding) for c in (inner, outer))
         return (PADDED_BIASED if padded_1x1 else NEITHER), None, None, None
@@ -295,17 +297,27 @@ def test_kxk_then_padded_1x1_is_the_merged_conv_then_the_pad(dtype, seed, data):
         assert_graphs_equal(g, f, xt, dtype)
 
 
-@given(dtype=float_dtypes(), seed=seeds(), pads=st.tuples(*[st.integers(0, 2)] * 4).filter(any), k=st.sampled_from([(3, 3), (1, 3), (5, 3)]))
-def test_refused_for_a_biased_1x1_that_pads(dtype, seed, pads, k):
-    """A biased 1x1 that zero-pads has the bias on its border, not 0: it is not a pad after a pointwise conv."""
+@given(dtype=float_dtypes(), seed=seeds(), pads=st.tuples(*[st.integers(0, 2)] * 4).filter(any), k=st.sampled_from([(3, 3), (1, 3), (5, 3)]),
+       outer_pad=st.sampled_from([(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 0)]))
+def test_a_biased_1x1_that_pads_merges_only_before_an_unpadded_kxk(dtype, seed, pads, k, outer_pad):
+    """A biased 1x1 that zero-pads has the bias on its border, not 0: it is not a pad after a pointwise conv.
+
+    Its output is pad(conv1x1(x; W1), P) + b1 everywhere, border included, so before a kxk conv that does
+    not pad it merges into one conv padded by P (DBB's BN-and-pad); before a padded kxk it is refused.
+    """
     pw = ConvSpec(3, 4, 1, (1, 1), padding=pads, bias=True, height=5, width=5)
     h, w = pw.out_size
-    outer = ConvSpec(4, 2, 1, k, height=h, width=w)
+    outer = ConvSpec(4, 2, 1, k, padding=outer_pad, height=h, width=w)
     graph = build(pw, outer, "random", dtype, seed)
     fused, report = run_rules(graph, "seq_merge")
-    assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
-    assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == PADDED_BIASED
-    assert reasons(report, "conv2d") == [f"seq_merge: {PADDED_BIASED}"]
+    if any(outer_pad):
+        assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
+        assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == PADDED_BIASED
+        assert reasons(report, "conv2d") == [f"seq_merge: {PADDED_BIASED}"]
+        return
+    assert report.rule_counts() == {"seq_merge": 1} and fused.op_counts() == {"conv2d": 1}
+    assert only(fused, "conv2d").attrs["padding"] == pads
+    assert_graphs_equal(graph, fused, random_input(pw.input_shape(), dtype, seed + 2), dtype)
 
 
 @given(dtype=float_dtypes(), seed=seeds(), data=st.data())
