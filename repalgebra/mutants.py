@@ -264,6 +264,10 @@ MUTANTS: list[Mutant] = [
     _m("seq_merge", "outer-padding-inside", "kxk-then-padded-1x1 adds the 1x1's padding to the kxk's instead of padding the merged output",
        'geometry, padding, pad_after = inner, inner.attrs["padding"], pads',
        'geometry, padding, pad_after = inner, tuple(p + q for p, q in zip(inner.attrs["padding"], pads)), (0, 0, 0, 0)'),
+    _m("seq_merge", "biased-padded-1x1-padding-dropped", "a padded, biased 1x1 before an unpadded kxk merges without its padding",
+       'geometry, padding = outer, inner.attrs["padding"]', 'geometry, padding = outer, outer.attrs["padding"]'),
+    _m("seq_merge", "biased-padded-1x1-padded-kxk", "a padded, biased 1x1 merges before a kxk that pads too (its border would see 0, not the bias)",
+       'elif pixelwise(inner) and not any(outer.attrs["padding"]):', "elif pixelwise(inner):"),
     # ---------------------------------------------------------------- engine
     Mutant("engine", "fold-in-own-dtype", "fp16 folding: parameters are folded in the model's own dtype, not float64",
            "repalgebra.rewrite:rewrite", "p.to(fold_dtype) if p.is_floating_point() else p", "p",
