@@ -214,6 +214,7 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
         "bn-alone": _case(lambda: [nn.BatchNorm2d(4, eps=2e-3), nn.ReLU(), conv(padding=(1, 0))]),
         "ln-eps-channels-last": _case(lambda: [conv(padding=1), ChannelsLast(nn.LayerNorm(6, eps=1e-2))]),
         "ln-eps-tokens": _case(lambda: [conv(padding=1), Tokens(nn.LayerNorm(6, eps=1e-6), nn.Linear(6, 3))]),
+        "ln-spatial": _case(lambda: [conv(padding=1), nn.LayerNorm([9, 8], eps=2e-3)]),
         "ln-no-affine": _case(lambda: [conv(padding=1), Tokens(nn.LayerNorm(6, eps=3e-3, elementwise_affine=False), nn.Linear(6, 5, bias=False))]),
         "conv-stride-dilation": _case(lambda: [conv(k=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), bias=False), nn.ReLU()]),
         "conv-groups": _case(lambda: [nn.Conv2d(4, 6, 3, padding=(0, 1), groups=2), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU()]),

@@ -76,6 +76,8 @@ class Functional(torch.nn.Module):
                 ln = m.norm
                 t = F.layer_norm(torch.transpose(torch.flatten(x, 2), 1, 2), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
                 x = F.linear(t, m.proj.weight, m.proj.bias)
+            elif isinstance(m, nn.LayerNorm):
+                x = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
             elif isinstance(m, nn.Flatten):
                 x = torch.flatten(x, m.start_dim, m.end_dim)
             elif isinstance(m, nn.Linear):

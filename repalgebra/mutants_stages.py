@@ -1,0 +1,386 @@
+"""Seeded bugs outside the rules: the front end, the engine, the torch back end and the ONNX back end.
+
+:mod:`repalgebra.mutants` runs these with the rule mutants (``python -m repalgebra.mutants``) and prints
+a score per stage.  Each mutant is a one-line slip in the code that reads or writes an attribute, the
+kind a reviewer would not see: an eps read as PyTorch's default, a padding written in another order,
+an axis pair swapped, a flag dropped.  Five of them are the bugs issue 15 found the suite blind to:
+``frontend/bn-module-eps-default``, ``frontend/ln-module-eps-default``,
+``torch_backend/conv-zeropad-order``, ``onnx_backend/conv-pads-order`` and
+``onnx_backend/avg-pool-count-always``.
+
+Coverage (at least three mutants per handler or lowering that carries attributes):
+
+* front end, ``torch.fx`` module handlers: ``nn.Conv2d`` (stride, dilation, ``'same'`` with dilation,
+  bias), BatchNorm (eps, statistics, affine, batch statistics), ``nn.LayerNorm`` (eps, bias,
+  normalized shape), ``nn.AvgPool2d`` (ceil_mode, count_include_pad, divisor_override),
+  ``nn.MaxPool2d`` (dilation, ceil_mode, padding), ``nn.ConstantPad2d``/``ZeroPad2d`` (order, sides,
+  value), ``nn.Linear`` (bias); the shared argument readers (``conv_padding``: ``'same'``, pairs,
+  ``'valid'``; ``avg_pool``, ``max_pool``, ``bn_params``);
+* front end, function handlers: ``F.conv2d``, ``F.batch_norm``, ``F.layer_norm``, ``F.avg_pool2d``,
+  ``F.max_pool2d``, ``F.pad``, and the channel axes of ``transpose``, ``permute``, ``flatten``;
+* front end, ATen handlers (``torch.export``): convolution (``'same'``, pairs, stride, dilation),
+  batch norm, layer norm, avg pool, max pool, constant pad, permute, transpose, flatten;
+* engine: float64 promotion, the one cast back (skipped, or to the wrong dtype), dead-node removal
+  (the first sweep, after each rewrite), rewrite ordering (fixpoint, one rule per node per sweep);
+* torch back end: conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
+  dilation, the symmetry test), batch norm, layer norm, avg pool, max pool, pad, linear, GELU,
+  permute, transpose, flatten;
+* ONNX back end: Conv (pads, strides, dilations, group), BatchNormalization, LayerNormalization,
+  AveragePool (count_include_pad, ceil mode, pads, the end padding and the explicit Pad of a ceil-mode
+  pool that drops a window), MaxPool, Pad, Linear, GELU (``Gelu`` at opset 20, the erf and tanh forms
+  below), Transpose of permute and transpose.
+
+Not mutated: the GELU ``approximate`` flag in the front end (its handlers are closures made when the
+tables are built, and a code swap reaches only the function itself); ops no model of the stage tests
+reaches (interpolate, attention, einsum, ...): their own tests cover them.
+
+:data:`EQUIVALENT` lists surviving mutants that cannot change what is computed, each with the
+argument; a survivor not listed there fails the run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from repalgebra.mutants import Mutant
+
+__all__ = ["STAGES", "STAGE_TESTS", "EQUIVALENT", "stage_of", "stage_mutants"]
+
+#: Mutant group (``Mutant.rule``) -> the stage it belongs to; every other group is a rule (stage ``rules``).
+STAGES = {"frontend": "front end", "engine": "engine", "torch_backend": "torch back end", "onnx_backend": "onnx back end"}
+
+_FE = "tests/test_stage_frontend.py"
+_FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture_of_layer_stacks")
+_FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
+_ATEN = (f"{_FE}::test_export_capture_reads_every_attribute", f"{_FE}::test_export_capture_of_layer_stacks")
+_TORCH = ("tests/test_stage_torch_backend.py",)
+_ONNX = ("tests/test_stage_onnx_backend.py",)
+_ENGINE = (
+    "tests/test_stage_engine.py",
+    "tests/test_rewrite.py::test_fixpoint_a_second_rewrite_changes_nothing",
+    "tests/test_rewrite.py::test_dead_nodes_are_removed",
+    "tests/test_rewrite.py::test_nodes_made_dead_by_rewrites_are_removed",
+    "tests/test_rewrite.py::test_folding_happens_in_float64_and_params_are_cast_back_once",
+    "tests/test_precision.py",
+)
+
+#: The tests each stage's mutants run (a mutant may run a narrower selection of its stage's file).
+STAGE_TESTS = {"frontend": (_FE,), "engine": _ENGINE, "torch_backend": _TORCH, "onnx_backend": _ONNX}
+
+#: Surviving mutants that compute the same thing as the original, with the argument why (none at present).
+EQUIVALENT: dict[str, str] = {}
+
+
+def stage_of(group: str) -> str:
+    """The stage of a mutant group: ``front end``, ``engine``, ``torch back end``, ``onnx back end``, else ``rules``."""
+    return STAGES.get(group, "rules")
+
+
+_HM = "repalgebra.frontend.handlers_modules"
+_HF = "repalgebra.frontend.handlers_functions"
+_ARGS = "repalgebra.frontend.args"
+_AH = "repalgebra.frontend.aten_handlers"
+_TB = "repalgebra.backend.torch"
+_OB = "repalgebra.backend.onnx"
+_RW = "repalgebra.rewrite"
+
+# (group, name, bug, "module:function", old, new, tests)
+_SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
+    # ================================================================ front end: module handlers (torch.fx)
+    ("frontend", "conv-module-stride-swapped", "nn.Conv2d's stride read with its axes swapped", f"{_HM}:_m_conv2d",
+     '"stride": tuple(m.stride)', '"stride": tuple(m.stride)[::-1]', _FX),
+    ("frontend", "conv-module-dilation-swapped", "nn.Conv2d's dilation read with its axes swapped", f"{_HM}:_m_conv2d",
+     '"dilation": tuple(m.dilation)', '"dilation": tuple(m.dilation)[::-1]', _FX),
+    ("frontend", "conv-module-same-undilated", "padding='same' computed as if the conv were not dilated", f"{_HM}:_m_conv2d",
+     "conv_padding(m.padding, m.kernel_size, m.dilation)", "conv_padding(m.padding, m.kernel_size, (1, 1))", _FX),
+    ("frontend", "conv-module-bias-dropped", "nn.Conv2d's bias is not read", f"{_HM}:_m_conv2d",
+     "if m.bias is not None:", "if False:", _FX),
+    ("frontend", "bn-module-eps-default", "a BatchNorm module's eps read as the default 1e-5 (issue 15)", f"{_HM}:_m_batch_norm",
+     '{"eps": float(m.eps)}', '{"eps": 1e-5}', _FX),
+    ("frontend", "bn-module-stats-swapped", "a BatchNorm module's running mean and variance swapped", f"{_HM}:_m_batch_norm",
+     "bn_params(m.running_mean, m.running_var, m.weight, m.bias)", "bn_params(m.running_var, m.running_mean, m.weight, m.bias)", _FX),
+    ("frontend", "bn-module-bias-dropped", "a BatchNorm module's bias (beta) is not read", f"{_HM}:_m_batch_norm",
+     "m.running_var, m.weight, m.bias)", "m.running_var, m.weight, None)", _FX),
+    ("frontend", "bn-module-batch-stats", "a BatchNorm with track_running_stats=False is folded as if it had statistics",
+     f"{_HM}:_m_batch_norm", "if m.running_mean is None or m.running_var is None:", "if False:", _FX),
+    ("frontend", "ln-module-eps-default", "a LayerNorm module's eps read as the default 1e-5 (issue 15)", f"{_HM}:_m_layer_norm",
+     '"eps": float(m.eps)}', '"eps": 1e-5}', _FX),
+    ("frontend", "ln-module-bias-dropped", "a LayerNorm module's bias is not read", f"{_HM}:_m_layer_norm",
+     'for k in ("weight", "bias")', 'for k in ("weight",)', _FX),
+    ("frontend", "ln-module-last-axis", "a LayerNorm module normalizes the last axis only", f"{_HM}:_m_layer_norm",
+     '"normalized_shape": tuple(m.normalized_shape)', '"normalized_shape": tuple(m.normalized_shape)[-1:]', _FX),
+    ("frontend", "avg-pool-module-ceil-dropped", "nn.AvgPool2d's ceil_mode is not read", f"{_HM}:_m_avg_pool",
+     "m.padding, m.ceil_mode, m.count_include_pad", "m.padding, False, m.count_include_pad", _FX),
+    ("frontend", "avg-pool-module-count-dropped", "nn.AvgPool2d's count_include_pad is read as True", f"{_HM}:_m_avg_pool",
+     "m.ceil_mode, m.count_include_pad, m.divisor_override", "m.ceil_mode, True, m.divisor_override", _FX),
+    ("frontend", "avg-pool-module-divisor-dropped", "nn.AvgPool2d's divisor_override is not read", f"{_HM}:_m_avg_pool",
+     "m.count_include_pad, m.divisor_override)", "m.count_include_pad, None)", _FX),
+    ("frontend", "max-pool-module-dilation-dropped", "nn.MaxPool2d's dilation is not read", f"{_HM}:_m_max_pool",
+     "m.padding, m.dilation, m.ceil_mode", "m.padding, 1, m.ceil_mode", _FX),
+    ("frontend", "max-pool-module-ceil-dropped", "nn.MaxPool2d's ceil_mode is not read", f"{_HM}:_m_max_pool",
+     "m.dilation, m.ceil_mode, m.return_indices", "m.dilation, False, m.return_indices", _FX),
+    ("frontend", "max-pool-module-padding-dropped", "nn.MaxPool2d's padding is not read", f"{_HM}:_m_max_pool",
+     "m.stride, m.padding, m.dilation", "m.stride, 0, m.dilation", _FX),
+    ("frontend", "pad-module-order", "nn.ConstantPad2d's amounts kept in torch order (left, right, top, bottom)", f"{_HM}:_m_pad",
+     '{"pads": (top, bottom, left, right)', '{"pads": (left, right, top, bottom)', _FX),
+    ("frontend", "pad-module-sides", "nn.ConstantPad2d's amounts read with each pair's sides swapped", f"{_HM}:_m_pad",
+     "left, right, top, bottom = pads", "right, left, bottom, top = pads", _FX),
+    ("frontend", "pad-module-value", "nn.ConstantPad2d's value read as 0", f"{_HM}:_m_pad",
+     '"value": float(m.value)', '"value": 0.0', _FX),
+    ("frontend", "linear-module-bias-dropped", "nn.Linear's bias is not read", f"{_HM}:_m_linear",
+     "if m.bias is not None:", "if False:", _FX),
+    # ---------------------------------------------------------------- front end: argument readers both handler families use
+    ("frontend", "same-extra-first", "padding='same' puts the odd extra row/column at the top/left", f"{_ARGS}:conv_padding",
+     "out += [total // 2, total - total // 2]", "out += [total - total // 2, total // 2]", _FX),
+    ("frontend", "padding-pair-swapped", "a conv padding pair (h, w) read as (w, h)", f"{_ARGS}:conv_padding",
+     "(p[0], p[0], p[1], p[1])", "(p[1], p[1], p[0], p[0])", _FX),
+    ("frontend", "valid-padded", "padding='valid' read as one row and column at the end", f"{_ARGS}:conv_padding",
+     'return (0, 0, 0, 0)', 'return (0, 1, 0, 1)', _FX),
+    ("frontend", "avg-pool-stride-is-kernel", "an average pool's stride read as its kernel", f"{_ARGS}:avg_pool",
+     "stride = kernel if stride is None or stride == [] else ints(stride, 2)", "stride = kernel", _FX),
+    ("frontend", "avg-pool-padding-swapped", "an average pool's padding pair read as (w, h)", f"{_ARGS}:avg_pool",
+     "padding = ints(padding, 2)", "padding = ints(padding, 2)[::-1]", _FX),
+    ("frontend", "avg-pool-count-forced", "an average pool always counts its padding", f"{_ARGS}:avg_pool",
+     '"count_include_pad": bool(count_include_pad)}', '"count_include_pad": True}', _FX),
+    ("frontend", "avg-pool-divisor-ignored", "an average pool with divisor_override becomes a plain avg_pool2d", f"{_ARGS}:avg_pool",
+     " or divisor is not None:", ":", _FX),
+    ("frontend", "max-pool-dilation-ignored", "a max pool's dilation read as 1", f"{_ARGS}:max_pool",
+     "padding, dilation = ints(padding, 2), ints(dilation, 2)", "padding, dilation = ints(padding, 2), (1, 1)", _FX),
+    ("frontend", "max-pool-ceil-ignored", "a max pool's ceil_mode read as False", f"{_ARGS}:max_pool",
+     '"ceil_mode": bool(ceil_mode)}', '"ceil_mode": False}', _FX),
+    ("frontend", "max-pool-stride-is-kernel", "a max pool's stride read as its kernel", f"{_ARGS}:max_pool",
+     "stride = kernel if stride is None or stride == [] or stride == () else ints(stride, 2)", "stride = kernel", _FX),
+    ("frontend", "bn-params-weight-ignored", "a BN's weight (gamma) read as ones even when affine", f"{_ARGS}:bn_params",
+     '"weight": torch.ones_like(mean) if weight is None else weight.detach().clone(),', '"weight": torch.ones_like(mean),', _FX),
+    ("frontend", "bn-params-bias-ignored", "a BN's bias (beta) read as zeros even when affine", f"{_ARGS}:bn_params",
+     '"bias": torch.zeros_like(mean) if bias is None else bias.detach().clone(),', '"bias": torch.zeros_like(mean),', _FX),
+    ("frontend", "bn-params-mean-ignored", "a BN's running mean read as zeros", f"{_ARGS}:bn_params",
+     '"mean": mean.detach().clone(),', '"mean": torch.zeros_like(mean),', _FX),
+    # ---------------------------------------------------------------- front end: function handlers (torch.fx)
+    ("frontend", "conv-fn-stride-swapped", "F.conv2d's stride read with its axes swapped", f"{_HF}:_f_conv2d",
+     'stride, dilation = ints(a["stride"], 2), ints(a["dilation"], 2)', 'stride, dilation = ints(a["stride"], 2)[::-1], ints(a["dilation"], 2)', _FN),
+    ("frontend", "conv-fn-dilation-swapped", "F.conv2d's dilation read with its axes swapped", f"{_HF}:_f_conv2d",
+     'stride, dilation = ints(a["stride"], 2), ints(a["dilation"], 2)', 'stride, dilation = ints(a["stride"], 2), ints(a["dilation"], 2)[::-1]', _FN),
+    ("frontend", "conv-fn-groups-one", "F.conv2d's groups read as 1", f"{_HF}:_f_conv2d",
+     '"groups": a["groups"]}', '"groups": 1}', _FN),
+    ("frontend", "bn-fn-eps-default", "F.batch_norm's eps read as the default 1e-5", f"{_HF}:_f_batch_norm",
+     '{"eps": float(a["eps"])}', '{"eps": 1e-5}', _FN),
+    ("frontend", "bn-fn-affine-ignored", "F.batch_norm's weight and bias not read", f"{_HF}:_f_batch_norm",
+     'bn_params(mean, var, _const(a["weight"]), _const(a["bias"]))', "bn_params(mean, var, None, None)", _FN),
+    ("frontend", "bn-fn-stats-swapped", "F.batch_norm's running mean and variance swapped", f"{_HF}:_f_batch_norm",
+     "bn_params(mean, var,", "bn_params(var, mean,", _FN),
+    ("frontend", "ln-fn-eps-default", "F.layer_norm's eps read as the default 1e-5", f"{_HF}:_f_layer_norm",
+     '"eps": float(a["eps"])}', '"eps": 1e-5}', _FN),
+    ("frontend", "ln-fn-bias-dropped", "F.layer_norm's bias not read", f"{_HF}:_f_layer_norm",
+     'for k in ("weight", "bias") if a[k] is not None}', 'for k in ("weight",) if a[k] is not None}', _FN),
+    ("frontend", "ln-fn-last-axis", "F.layer_norm normalizes the last axis only", f"{_HF}:_f_layer_norm",
+     '{"normalized_shape": ints(a["normalized_shape"])', '{"normalized_shape": ints(a["normalized_shape"])[-1:]', _FN),
+    ("frontend", "avg-pool-fn-ceil-dropped", "F.avg_pool2d's ceil_mode not read", f"{_HF}:_f_avg_pool",
+     'a["padding"], a["ceil_mode"], a["count_include_pad"]', 'a["padding"], False, a["count_include_pad"]', _FN),
+    ("frontend", "avg-pool-fn-count-dropped", "F.avg_pool2d's count_include_pad read as True", f"{_HF}:_f_avg_pool",
+     'a["ceil_mode"], a["count_include_pad"], a["divisor_override"])', 'a["ceil_mode"], True, a["divisor_override"])', _FN),
+    ("frontend", "avg-pool-fn-divisor-dropped", "F.avg_pool2d's divisor_override not read", f"{_HF}:_f_avg_pool",
+     'a["count_include_pad"], a["divisor_override"])', 'a["count_include_pad"], None)', _FN),
+    ("frontend", "max-pool-fn-dilation-dropped", "F.max_pool2d's dilation not read", f"{_HF}:_f_max_pool",
+     'a["padding"], a["dilation"], a["ceil_mode"]', 'a["padding"], 1, a["ceil_mode"]', _FN),
+    ("frontend", "max-pool-fn-ceil-dropped", "F.max_pool2d's ceil_mode not read", f"{_HF}:_f_max_pool",
+     'a["dilation"], a["ceil_mode"], a["return_indices"]', 'a["dilation"], False, a["return_indices"]', _FN),
+    ("frontend", "max-pool-fn-padding-dropped", "F.max_pool2d's padding not read", f"{_HF}:_f_max_pool",
+     'a["stride"], a["padding"], a["dilation"]', 'a["stride"], 0, a["dilation"]', _FN),
+    ("frontend", "pad-fn-order", "F.pad's amounts kept in torch order (left, right, top, bottom)", f"{_HF}:_f_pad",
+     '{"pads": (top, bottom, left, right)', '{"pads": (left, right, top, bottom)', _FN),
+    ("frontend", "pad-fn-sides", "F.pad's amounts read with each pair's sides swapped", f"{_HF}:_f_pad",
+     "left, right, top, bottom = (*pad, 0, 0)[:4]", "right, left, bottom, top = (*pad, 0, 0)[:4]", _FN),
+    ("frontend", "pad-fn-value", "F.pad's value read as 0", f"{_HF}:_f_pad",
+     '"value": float(value)}', '"value": 0.0}', _FN),
+    ("frontend", "transpose-fn-same-axis", "x.transpose(a, b) read as a transpose of a with itself", f"{_HF}:_f_transpose",
+     '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": a["dim0"], "dim1": a["dim0"]}', _FN),
+    ("frontend", "transpose-fn-batch-axis", "x.transpose(a, b) read as a transpose with the batch axis", f"{_HF}:_f_transpose",
+     '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": 0, "dim1": a["dim1"]}', _FN),
+    ("frontend", "permute-fn-sorted", "x.permute(dims) read as the identity permutation", f"{_HF}:_f_permute",
+     '("permute", [x], {"dims": dims}', '("permute", [x], {"dims": tuple(sorted(dims))}', _FX),
+    ("frontend", "flatten-fn-start", "torch.flatten(x, start) read from axis 1", f"{_HF}:_f_flatten",
+     '{"start": a["start_dim"], "end": a["end_dim"]}', '{"start": 1, "end": a["end_dim"]}', _FN),
+    # ---------------------------------------------------------------- front end: ATen handlers (torch.export)
+    ("frontend", "aten-conv-same-extra-first", "aten conv padding='same' puts the odd extra row/column at the top/left", f"{_AH}:_conv",
+     "pads = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)",
+     "pads = (total[0] - total[0] // 2, total[0] // 2, total[1] - total[1] // 2, total[1] // 2)", _ATEN),
+    ("frontend", "aten-conv-padding-swapped", "aten conv padding pair read as (w, h)", f"{_AH}:_conv",
+     "pads = (p[0], p[0], p[1], p[1])", "pads = (p[1], p[1], p[0], p[0])", _ATEN),
+    ("frontend", "aten-conv-stride-swapped", "aten conv stride read with its axes swapped", f"{_AH}:_conv",
+     'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"]), a["groups"]',
+     'stride, dilation, groups = _pair(a["stride"])[::-1], _pair(a["dilation"]), a["groups"]', _ATEN),
+    ("frontend", "aten-conv-dilation-swapped", "aten conv dilation read with its axes swapped", f"{_AH}:_conv",
+     'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"]), a["groups"]',
+     'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"])[::-1], a["groups"]', _ATEN),
+    ("frontend", "aten-bn-eps-default", "aten batch norm's eps read as the default 1e-5", f"{_AH}:_bn",
+     '{"eps": float(eps)}', '{"eps": 1e-5}', _ATEN),
+    ("frontend", "aten-bn-weight-ignored", "aten batch norm's weight read as ones", f"{_AH}:_bn",
+     '"weight": torch.ones_like(m) if weight is None else _c(weight),', '"weight": torch.ones_like(m),', _ATEN),
+    ("frontend", "aten-bn-mean-is-var", "aten batch norm's running variance read as its mean", f"{_AH}:_bn",
+     '"mean": m,', '"mean": v,', _ATEN),
+    ("frontend", "aten-ln-eps-default", "aten layer norm's eps read as the default 1e-5", f"{_AH}:_ln",
+     '"eps": float(eps)}', '"eps": 1e-5}', _ATEN),
+    ("frontend", "aten-ln-bias-dropped", "aten layer norm's bias not read", f"{_AH}:_ln",
+     '(("weight", weight), ("bias", bias))', '(("weight", weight),)', _ATEN),
+    ("frontend", "aten-ln-last-axis", "aten layer norm normalizes the last axis only", f"{_AH}:_ln",
+     '{"normalized_shape": shape,', '{"normalized_shape": shape[-1:],', _ATEN),
+    ("frontend", "aten-avg-pool-ceil-dropped", "aten avg pool's ceil_mode read as False", f"{_AH}:_avg_pool",
+     '"ceil_mode": bool(a["ceil_mode"])', '"ceil_mode": False', _ATEN),
+    ("frontend", "aten-avg-pool-count-forced", "aten avg pool always counts its padding", f"{_AH}:_avg_pool",
+     '"count_include_pad": bool(a["count_include_pad"])}', '"count_include_pad": True}', _ATEN),
+    ("frontend", "aten-avg-pool-divisor-ignored", "aten avg pool with divisor_override becomes a plain avg_pool2d", f"{_AH}:_avg_pool",
+     ' or a["divisor_override"] is not None:', ":", _ATEN),
+    ("frontend", "aten-avg-pool-padding-swapped", "aten avg pool's padding pair read as (w, h)", f"{_AH}:_avg_pool",
+     '_pair(a["padding"])', '_pair(a["padding"])[::-1]', _ATEN),
+    ("frontend", "aten-max-pool-dilation-ignored", "aten max pool's dilation read as 1", f"{_AH}:_max_pool",
+     '_pair(a["padding"]), _pair(a["dilation"])', '_pair(a["padding"]), (1, 1)', _ATEN),
+    ("frontend", "aten-max-pool-ceil-ignored", "aten max pool's ceil_mode read as False", f"{_AH}:_max_pool",
+     '"ceil_mode": bool(a["ceil_mode"])}', '"ceil_mode": False}', _ATEN),
+    ("frontend", "aten-max-pool-padding-swapped", "aten max pool's padding pair read as (w, h)", f"{_AH}:_max_pool",
+     '_pair(a["kernel_size"]), _pair(a["padding"])', '_pair(a["kernel_size"]), _pair(a["padding"])[::-1]', _ATEN),
+    ("frontend", "aten-pad-order", "aten constant pad amounts kept in torch order", f"{_AH}:_pad_op",
+     '{"pads": (top, bottom, left, right)', '{"pads": (left, right, top, bottom)', _ATEN),
+    ("frontend", "aten-pad-sides", "aten constant pad amounts read with each pair's sides swapped", f"{_AH}:_pad_op",
+     "left, right, top, bottom = (*pad, 0, 0)[:4]", "right, left, bottom, top = (*pad, 0, 0)[:4]", _ATEN),
+    ("frontend", "aten-pad-value", "aten constant pad value read as 0", f"{_AH}:_pad_op",
+     '"value": float(value)}', '"value": 0.0}', _ATEN),
+    ("frontend", "aten-permute-sorted", "aten permute read as the identity permutation", f"{_AH}:_permute",
+     '("permute", [x], {"dims": dims}', '("permute", [x], {"dims": tuple(sorted(dims))}', _ATEN),
+    ("frontend", "aten-transpose-same-axis", "aten transpose read as a transpose of an axis with itself", f"{_AH}:_transpose",
+     '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": a["dim0"], "dim1": a["dim0"]}', _ATEN),
+    ("frontend", "aten-flatten-start", "aten flatten read from axis 1", f"{_AH}:_flatten",
+     '{"start": a["start_dim"], "end": a["end_dim"]}', '{"start": 1, "end": a["end_dim"]}', _ATEN),
+    # ================================================================ engine
+    ("engine", "cast-back-skipped", "the folded parameters stay in float64 (no cast back)", f"{_RW}:rewrite",
+     "    if cast_back:\n        g = cast_params(g)", "    if False:\n        g = cast_params(g)", _ENGINE),
+    ("engine", "cast-to-float32", "parameters are cast back to float32 whatever the dtype of their values", f"{_RW}:cast_params",
+     "p.to(n.out.dtype) if", "p.to(torch.float32) if", _ENGINE),
+    ("engine", "first-sweep-skipped", "the first rewrite does not sweep the whole graph for dead nodes", f"{_RW}:rewrite",
+     "whole_graph=not report.fired", "whole_graph=False", _ENGINE),
+    ("engine", "no-fixpoint", "the engine stops after one sweep over the nodes (not a fixpoint)", f"{_RW}:rewrite",
+     "                changed = True\n", "                changed = False\n", _ENGINE),
+    ("engine", "one-rule-per-node-kept", "after a rule fires on a node, the other rules are still tried on it (it may be dead)",
+     f"{_RW}:rewrite", "                    raise RuntimeError(f\"rewrite did not reach a fixpoint after {max_rewrites} rewrites\")\n                break",
+     "                    raise RuntimeError(f\"rewrite did not reach a fixpoint after {max_rewrites} rewrites\")\n                continue", _ENGINE),
+    # ================================================================ torch back end
+    ("torch_backend", "conv-zeropad-order", "nn.ZeroPad2d((top, bottom, left, right)) for an asymmetric conv padding (issue 15)",
+     f"{_TB}:_conv2d", "nn.ZeroPad2d((left, right, top, bottom))", "nn.ZeroPad2d((top, bottom, left, right))", _TORCH),
+    ("torch_backend", "conv-symmetric-axes", "a symmetric conv padding written (w, h)", f"{_TB}:_conv2d",
+     "(top, left) if symmetric else 0", "(left, top) if symmetric else 0", _TORCH),
+    ("torch_backend", "conv-symmetric-test", "a padding symmetric in height only is taken as symmetric", f"{_TB}:_conv2d",
+     "symmetric = top == bottom and left == right", "symmetric = top == bottom", _TORCH),
+    ("torch_backend", "conv-stride-swapped", "the conv's stride written with its axes swapped", f"{_TB}:_conv2d",
+     'tuple(w.shape[2:]), a["stride"],', 'tuple(w.shape[2:]), tuple(a["stride"])[::-1],', _TORCH),
+    ("torch_backend", "conv-dilation-swapped", "the conv's dilation written with its axes swapped", f"{_TB}:_conv2d",
+     '0, a["dilation"], a["groups"]', '0, tuple(a["dilation"])[::-1], a["groups"]', _TORCH),
+    ("torch_backend", "bn-eps-default", "nn.BatchNorm built with the default eps", f"{_TB}:_batch_norm",
+     'eps=node.attrs["eps"], ', "", _TORCH),
+    ("torch_backend", "bn-stats-swapped", "nn.BatchNorm's running mean set to the variance", f"{_TB}:_batch_norm",
+     'bn.running_mean.copy_(p["mean"])', 'bn.running_mean.copy_(p["var"])', _TORCH),
+    ("torch_backend", "bn-bias-dropped", "nn.BatchNorm's bias left at zero", f"{_TB}:_batch_norm",
+     'bn.bias.copy_(p["bias"])', "bn.bias.zero_()", _TORCH),
+    ("torch_backend", "ln-eps-default", "nn.LayerNorm built with the default eps", f"{_TB}:_layer_norm",
+     'eps=node.attrs["eps"], ', "", _TORCH),
+    ("torch_backend", "ln-bias-dropped", "nn.LayerNorm's bias left at zero", f"{_TB}:_layer_norm",
+     'ln.weight, ln.bias = _param(p["weight"]), _param(p["bias"])', 'ln.weight = _param(p["weight"])', _TORCH),
+    ("torch_backend", "ln-last-axis", "nn.LayerNorm built over the last axis only", f"{_TB}:_layer_norm",
+     'shape = tuple(node.attrs["normalized_shape"])', 'shape = tuple(node.attrs["normalized_shape"])[-1:]', _TORCH),
+    ("torch_backend", "avg-pool-count-dropped", "nn.AvgPool2d built without count_include_pad (it counts the padding)",
+     f"{_TB}:_avg_pool2d", 'a["ceil_mode"], a["count_include_pad"])', 'a["ceil_mode"])', _TORCH),
+    ("torch_backend", "avg-pool-ceil-dropped", "nn.AvgPool2d built without ceil_mode", f"{_TB}:_avg_pool2d",
+     'a["padding"], a["ceil_mode"], a["count_include_pad"])', 'a["padding"], False, a["count_include_pad"])', _TORCH),
+    ("torch_backend", "avg-pool-padding-swapped", "nn.AvgPool2d's padding pair written (w, h)", f"{_TB}:_avg_pool2d",
+     'a["stride"], a["padding"], a["ceil_mode"]', 'a["stride"], tuple(a["padding"])[::-1], a["ceil_mode"]', _TORCH),
+    ("torch_backend", "max-pool-dilation-dropped", "nn.MaxPool2d built without its dilation", f"{_TB}:_max_pool2d",
+     'a["padding"], a["dilation"], ceil_mode', 'a["padding"], 1, ceil_mode', _TORCH),
+    ("torch_backend", "max-pool-ceil-dropped", "nn.MaxPool2d built without ceil_mode", f"{_TB}:_max_pool2d",
+     'ceil_mode=a["ceil_mode"]', "ceil_mode=False", _TORCH),
+    ("torch_backend", "max-pool-stride-is-kernel", "nn.MaxPool2d built with its kernel as stride", f"{_TB}:_max_pool2d",
+     'nn.MaxPool2d(a["kernel"], a["stride"],', 'nn.MaxPool2d(a["kernel"], a["kernel"],', _TORCH),
+    ("torch_backend", "pad-order", "nn.ConstantPad2d((top, bottom, left, right))", f"{_TB}:_pad",
+     "nn.ConstantPad2d((left, right, top, bottom), value)", "nn.ConstantPad2d((top, bottom, left, right), value)", _TORCH),
+    ("torch_backend", "pad-value", "nn.ConstantPad2d built with value 0", f"{_TB}:_pad",
+     "nn.ConstantPad2d((left, right, top, bottom), value)", "nn.ConstantPad2d((left, right, top, bottom), 0.0)", _TORCH),
+    ("torch_backend", "pad-zero-test", "a non-zero pad value is written as an nn.ZeroPad2d", f"{_TB}:_pad",
+     "if value == 0 else", "if value != 0 else", _TORCH),
+    ("torch_backend", "linear-bias-zero", "nn.Linear's bias left at zero", f"{_TB}:_linear",
+     "lin.bias = _param(b)", "lin.bias = _param(torch.zeros_like(b))", _TORCH),
+    ("torch_backend", "gelu-exact", "GELU always the exact (erf) form", f"{_TB}:_gelu",
+     'approximate=node.attrs["approximate"]', 'approximate="none"', _TORCH),
+    ("torch_backend", "gelu-tanh", "GELU always the tanh approximation", f"{_TB}:_gelu",
+     'approximate=node.attrs["approximate"]', 'approximate="tanh"', _TORCH),
+    ("torch_backend", "permute-sorted", "permute written as the identity permutation", f"{_TB}:_permute",
+     'tuple(node.attrs["dims"])', 'tuple(sorted(node.attrs["dims"]))', _TORCH),
+    ("torch_backend", "transpose-same-axis", "transpose written with one axis twice", f"{_TB}:_transpose",
+     'node.attrs["dim0"], node.attrs["dim1"]', 'node.attrs["dim0"], node.attrs["dim0"]', _TORCH),
+    ("torch_backend", "flatten-start", "flatten written from axis 1", f"{_TB}:_flatten",
+     'node.attrs["start"], node.attrs["end"]', '1, node.attrs["end"]', _TORCH),
+    # ================================================================ ONNX back end
+    ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
+     "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
+    ("onnx_backend", "conv-pads-torch-order", "ONNX Conv pads written in torch order [left, right, top, bottom]", f"{_OB}:_conv",
+     "pads=[top, left, bottom, right]", "pads=[left, right, top, bottom]", _ONNX),
+    ("onnx_backend", "conv-strides-swapped", "ONNX Conv strides written with the axes swapped", f"{_OB}:_conv",
+     'strides=list(a["stride"])', 'strides=list(a["stride"])[::-1]', _ONNX),
+    ("onnx_backend", "conv-dilations-swapped", "ONNX Conv dilations written with the axes swapped", f"{_OB}:_conv",
+     'dilations=list(a["dilation"])', 'dilations=list(a["dilation"])[::-1]', _ONNX),
+    ("onnx_backend", "conv-group-one", "ONNX Conv group written as 1", f"{_OB}:_conv",
+     'group=a["groups"]', "group=1", _ONNX),
+    ("onnx_backend", "bn-epsilon-default", "ONNX BatchNormalization without its epsilon (the default 1e-5)", f"{_OB}:_bn",
+     ', epsilon=float(n.attrs["eps"])', "", _ONNX),
+    ("onnx_backend", "bn-stats-order", "ONNX BatchNormalization inputs with mean and var swapped", f"{_OB}:_bn",
+     '("weight", "bias", "mean", "var")', '("weight", "bias", "var", "mean")', _ONNX),
+    ("onnx_backend", "bn-scale-bias-order", "ONNX BatchNormalization inputs with scale and bias swapped", f"{_OB}:_bn",
+     '("weight", "bias", "mean", "var")', '("bias", "weight", "mean", "var")', _ONNX),
+    ("onnx_backend", "ln-epsilon-default", "ONNX LayerNormalization without its epsilon (the default 1e-5)", f"{_OB}:_layer_norm",
+     ', epsilon=float(n.attrs["eps"])', "", _ONNX),
+    ("onnx_backend", "ln-last-axis", "ONNX LayerNormalization over the last axis only", f"{_OB}:_layer_norm",
+     "axis=-len(shape)", "axis=-1", _ONNX),
+    ("onnx_backend", "ln-bias-dropped", "ONNX LayerNormalization with a zero bias", f"{_OB}:_layer_norm",
+     'b = n.params.get("bias", torch.zeros(shape))', "b = torch.zeros(shape)", _ONNX),
+    ("onnx_backend", "avg-pool-count-always", "ONNX AveragePool always count_include_pad=1 (issue 15)", f"{_OB}:_avg_pool",
+     'count_include_pad=int(a["count_include_pad"]), ceil_mode=int(a["ceil_mode"])', 'count_include_pad=1, ceil_mode=int(a["ceil_mode"])', _ONNX),
+    ("onnx_backend", "avg-pool-ceil-dropped", "ONNX AveragePool without ceil_mode", f"{_OB}:_avg_pool",
+     'count_include_pad=int(a["count_include_pad"]), ceil_mode=int(a["ceil_mode"])', 'count_include_pad=int(a["count_include_pad"]), ceil_mode=0', _ONNX),
+    ("onnx_backend", "avg-pool-pads-order", "ONNX AveragePool pads written [h, h, w, w]", f"{_OB}:_avg_pool",
+     "pads=[ph, pw, ph, pw]", "pads=[ph, ph, pw, pw]", _ONNX),
+    ("onnx_backend", "avg-pool-ceil-end-padding", "a ceil-mode pool that drops a window keeps its own end padding (one window short)",
+     f"{_OB}:_avg_pool", "max(p, (o - 1) * s + k - i - p)", "p", _ONNX),
+    ("onnx_backend", "avg-pool-ceil-pad-value", "the explicit Pad of a counted ceil-mode pool pads with ones", f"{_OB}:_avg_pool",
+     '_number(ctx, "zero", 0.0)', '_number(ctx, "zero", 1.0)', _ONNX),
+    ("onnx_backend", "max-pool-dilations-dropped", "ONNX MaxPool without its dilations", f"{_OB}:_max_pool",
+     'dilations=list(a["dilation"])', "dilations=[1, 1]", _ONNX),
+    ("onnx_backend", "max-pool-end-pads", "ONNX MaxPool end pads equal to the begin pads (ceil mode lost)", f"{_OB}:_max_pool",
+     "pads=begins + ends", "pads=begins + begins", _ONNX),
+    ("onnx_backend", "max-pool-strides-kernel", "ONNX MaxPool strides written as the kernel", f"{_OB}:_max_pool",
+     'strides=list(a["stride"])', 'strides=list(a["kernel"])', _ONNX),
+    ("onnx_backend", "pad-order", "ONNX Pad amounts written [top, bottom, left, right]", f"{_OB}:_pad",
+     "lead + [top, left] + lead + [bottom, right]", "lead + [top, bottom] + lead + [left, right]", _ONNX),
+    ("onnx_backend", "pad-ends-begins", "ONNX Pad amounts with begins and ends swapped", f"{_OB}:_pad",
+     "lead + [top, left] + lead + [bottom, right]", "lead + [bottom, right] + lead + [top, left]", _ONNX),
+    ("onnx_backend", "pad-value", "ONNX Pad value written as 0", f"{_OB}:_pad",
+     'torch.tensor(float(n.attrs["value"]))', "torch.tensor(0.0)", _ONNX),
+    ("onnx_backend", "linear-bias-dropped", "the Linear's bias is not added", f"{_OB}:_linear",
+     'if "bias" in n.params else y', "if False else y", _ONNX),
+    ("onnx_backend", "gelu-20-exact", "opset 20's Gelu always the exact form", f"{_OB}:_gelu",
+     'return ctx.emit("Gelu", [x], approximate=approximate)', 'return ctx.emit("Gelu", [x])', _ONNX),
+    ("onnx_backend", "gelu-erf-scale", "the erf form of GELU divides by 2 instead of sqrt 2", f"{_OB}:_gelu",
+     "torch.tensor(math.sqrt(2))", "torch.tensor(2.0)", _ONNX),
+    ("onnx_backend", "gelu-tanh-as-erf", "below opset 20 the tanh approximation is written in the erf form", f"{_OB}:_gelu",
+     'if approximate == "tanh":', "if False:", _ONNX),
+    ("onnx_backend", "gelu-tanh-constant", "the tanh form of GELU scales by sqrt(2 / 3.14)", f"{_OB}:_gelu",
+     "math.sqrt(2 / math.pi)", "math.sqrt(2 / 3.14)", _ONNX),
+    ("onnx_backend", "permute-sorted", "Transpose of a permute written as the identity permutation", f"{_OB}:_permute",
+     'perm=[d % rank for d in n.attrs["dims"]]', 'perm=sorted(d % rank for d in n.attrs["dims"])', _ONNX),
+    ("onnx_backend", "transpose-not-swapped", "Transpose of a transpose written as the identity permutation", f"{_OB}:_transpose",
+     "perm[d0], perm[d1] = perm[d1], perm[d0]", "perm[d0], perm[d1] = perm[d0], perm[d1]", _ONNX),
+]
+
+
+def stage_mutants() -> list["Mutant"]:
+    """The front-end, engine and back-end mutants (each a :class:`~repalgebra.mutants.Mutant`)."""
+    from repalgebra.mutants import Mutant
+
+    return [Mutant(group, name, bug, target, old, new, tests=tests) for group, name, bug, target, old, new, tests in _SPECS]
