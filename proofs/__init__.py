@@ -33,6 +33,7 @@ RULES = [
     "bn_before_conv",
     "bn_into_linear",
     "linear_affine_fold",
+    "query_scale_fold",
     "repmixer",
     "cpe",
 ]

@@ -246,6 +246,17 @@ MUTANTS: list[Mutant] = [
     _m("linear_affine_fold", "axis-unchecked", "a scale or BN on another axis than the Linear's features is folded",
        "follow_chain(chain, len(lin.out.shape) - 1) != axis", "follow_chain(chain, len(lin.out.shape) - 1) is None"),
     _helper("linear_affine_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    # ---------------------------------------------------------------- query_scale_fold
+    _m("query_scale_fold", "all-rows-scaled", "the query scale multiplies every row of the qkv Linear (k and v too)",
+       "torch.where(seen, lo, torch.ones(features, dtype=torch.float64))", "torch.where(seen, lo, lo[seen].max().expand(features))"),
+    _m("query_scale_fold", "overlap-unchecked", "folded although another reader sees the scaled rows unscaled",
+       "if v is not node.x and bool(seen[idx.reshape(-1)].any()):", "if False:"),
+    _m("query_scale_fold", "factors-unchecked", "folded although one feature meets different factors (a scale along the tokens)",
+       "if not bool((lo[seen] == hi[seen]).all()):", "if False:"),
+    _m("query_scale_fold", "bias-unscaled", "the q rows of the bias are not multiplied by the scale",
+       'params["bias"] = b * f.to(b.dtype)', 'params["bias"] = b'),
+    _m("query_scale_fold", "first-rows", "the scaled part is taken to be the first rows of the Linear (q) whichever part it is",
+       "seen[mine.reshape(-1)] = True", "seen[: len(set(mine.reshape(-1).tolist()))] = True"),
     # ---------------------------------------------------------------- seq_merge
     _m("seq_merge", "biased-1x1-padded-kxk", "1x1-then-kxk merge with a biased 1x1 before a zero-padding kxk (wrong at the border)",
        'if has_bias(inner) and any(outer.attrs["padding"]):', "if False:"),

@@ -171,15 +171,18 @@ def _apply(g: Graph, rw: Rewrite, whole_graph: bool = False) -> None:
     The first rewrite sweeps the whole graph for dead nodes (the input may have
     some); later ones only look where the rewrite removed reads.
     """
-    if rw.old.shape != rw.new.shape:
-        raise AssertionError(f"rewrite changes shape {rw.old.shape} -> {rw.new.shape} at {rw.old.producer}")
+    pairs = ((rw.old, rw.new), *rw.also)
+    for old, new in pairs:
+        if old.shape != new.shape:
+            raise AssertionError(f"rewrite changes shape {old.shape} -> {new.shape} at {old.producer}")
     if rw.nodes:
         g.insert_before(rw.old.producer, rw.nodes)
-    g.replace_uses(rw.old, rw.new)
+    for old, new in pairs:
+        g.replace_uses(old, new)
     if whole_graph:
         g.eliminate_dead()
     else:
-        g.eliminate_dead_from([rw.old.producer, *rw.nodes])
+        g.eliminate_dead_from([*(old.producer for old, _ in pairs if old.producer is not None), *rw.nodes])
 
 
 def _unfolded_join(n: Node) -> bool:

@@ -63,6 +63,7 @@ PRIMITIVES = [
     "bn_before_conv",
     "bn_into_linear",
     "linear_affine_fold",
+    "query_scale_fold",
 ]
 COMPOSITES = ["repmixer", "cpe"]
 PAGES = PRIMITIVES + COMPOSITES
@@ -788,6 +789,48 @@ def linear_affine_fold() -> Example:
     ref.grids(tokens("Linear(x; W)", value_of(bad, y, xs)), tokens("s * reshape(...)", truth), tokens("the fold anyway", candidate), ("difference", (truth - candidate)[0]))
     ref.line().line(differ_line(truth, candidate, "they differ wherever a feature lands in a row whose channel is not that feature"))
     return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+def _qkv_graph(w: torch.Tensor, factors: torch.Tensor, axis: int) -> tuple[Graph, Value, Value]:
+    """Two tokens, a qkv Linear to 2 heads of 1 feature, FastViT's split, a scale on q; outputs q and k."""
+    b = GraphBuilder()
+    x = b.input("x", (1, 2, 2), DT)
+    y = b.linear(x, weight=w, source="attn.qkv")
+    parts = b.permute(b.reshape(y, shape=(1, 2, 3, 2, 1), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
+    q, k = (b.select(parts, axis=0, index=i, source="attn") for i in range(2))
+    return b.build(b.scale(q, scale=factors, axis=axis, source="attn"), k), y, q
+
+
+@example
+def query_scale_fold() -> Example:
+    w = t([[1, 2], [0, -1], [2, 1], [1, 1], [3, 0], [0, 2]])  # rows q0 q1 k0 k1 v0 v1 (feature = part * 2 + head)
+    xs = t([[[1, 2], [2, 0]]])  # (1, 2, 2): 2 tokens of 2 features
+    half = t([0.5, 0.5])  # the query scale head_dim ** -0.5, here 1/2 on both heads
+    g, _, _ = _qkv_graph(w, half, axis=1)
+    after, _ = apply("query_scale_fold", g, "query_scale_fold")
+    fused = node(after, "linear")
+    (q_before, k_before), (q_after, k_after) = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    txt.line("2 tokens of 2 features; qkv maps 2 -> 6 = 3 parts x 2 heads x 1 feature; q is scaled by s = 1/2")
+    txt.line("rows of W: q head 0, q head 1, k head 0, k head 1, v head 0, v head 1")
+    txt.grids(tokens("x (tokens)", xs), ("W", w), ("W' (q rows times 1/2)", fused.params["weight"]))
+    txt.grids(("s * q (heads x tokens)", q_before[0, :, :, 0]), ("q from W'", q_after[0, :, :, 0]),
+              ("k before", k_before[0, :, :, 0]), ("k from W'", k_after[0, :, :, 0]))
+    txt.line().line(equal_line(torch.cat([q_before, k_before]), torch.cat([q_after, k_after])))
+
+    # Refused: a factor per token (axis 2 of q): one row of W would need two factors.
+    per_token = t([1, 2])
+    bad, y, q = _qkv_graph(w, per_token, axis=2)
+    truth = run_graph(bad, xs)[0]
+    candidate = value_of(bad, q, xs)  # the fold anyway, with token 0's factor (1) on the q rows
+    ref = Text()
+    ref.line("a factor per token instead (s = [1, 2] along the tokens): feature q0 of token 0 meets 1, of token 1 meets 2,")
+    ref.line("and one row of W can carry only one of them")
+    ref.line(f"query_scale_fold refuses: {refusal(bad, 'query_scale_fold')}")
+    ref.grids(("s * q (heads x tokens)", truth[0, :, :, 0]), ("the fold anyway (factor 1)", candidate[0, :, :, 0]),
+              ("difference", (truth - candidate)[0, :, :, 0]))
+    ref.line().line(differ_line(truth, candidate, "they differ on token 1, whose factor the rows cannot carry"))
+    return Example("query_scale_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example

@@ -19,5 +19,6 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     bn_before_conv,
     bn_into_linear,
     linear_affine_fold,
+    query_scale_fold,
     seq_merge,
 )

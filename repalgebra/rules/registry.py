@@ -26,11 +26,18 @@ __all__ = ["Rewrite", "Refusal", "Rule", "RuleFn", "RULES", "rule"]
 
 @dataclass(frozen=True)
 class Rewrite:
-    """``old`` is replaced everywhere by ``new``, which ``nodes`` (new, in order) compute."""
+    """``old`` is replaced everywhere by ``new``, which ``nodes`` (new, in order) compute.
+
+    ``also``: more ``(old, new)`` pairs replaced in the same step, for a rule
+    that changes a producer and removes a node further down at once (a query
+    scale folded into the qkv Linear: the Linear is replaced, the scale
+    bypassed).  Each ``new`` there must already be computed before its ``old``.
+    """
 
     old: Value
     new: Value
     nodes: tuple[Node, ...] = ()
+    also: tuple[tuple[Value, Value], ...] = ()
 
 
 @dataclass(frozen=True)

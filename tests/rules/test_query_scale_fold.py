@@ -1,0 +1,112 @@
+"""query_scale_fold: a scale on the q part of a qkv Linear's output folds into the q rows.
+
+    scale(P(Linear(x; W, b)); s) = P(Linear(x; f[o] W[o,:], f b)),  f = 1 on the k and v rows
+
+Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
+"""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rulecheck import only, reasons, run_rules
+
+from repalgebra.builder import GraphBuilder
+from repalgebra.testing import assert_graphs_equal, float_dtypes, random_input, seeds
+
+
+@st.composite
+def heads(draw):
+    """(B, N, heads, head_dim, C_in): N tokens of C_in features, a qkv Linear to 3 * heads * head_dim."""
+    return draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 6))
+
+
+def _qkv(shape, bias, seed, dtype):
+    bsz, n, h, d, cin = shape
+    gen = torch.Generator().manual_seed(seed)
+    p = {"weight": (torch.randn(3 * h * d, cin, generator=gen, dtype=torch.float64) / cin**0.5).to(dtype)}
+    if bias:
+        p["bias"] = torch.randn(3 * h * d, generator=gen, dtype=torch.float64).to(dtype)
+    return p
+
+
+def attention_graph(shape, dtype, seed, *, bias=True, factors=None, which=0, scale_k_too=False, read_qkv=False, axis=1):
+    """FastViT's attention up to its scores: qkv -> reshape(B, N, 3, h, d) -> permute(2, 0, 3, 1, 4) -> q * s, k, v.
+
+    ``factors``: the scale's vector along ``axis`` of q (default: head_dim ** -0.5 for every head);
+    ``which``: the part (0 q, 1 k, 2 v) the scale multiplies; ``scale_k_too``: k reads the scaled part as well;
+    ``read_qkv``: the Linear's output is a graph output too.
+    """
+    bsz, n, h, d, cin = shape
+    b = GraphBuilder()
+    x = b.input("x", (bsz, n, cin), dtype)
+    y = b.linear(x, **_qkv(shape, bias, seed, dtype), source="attn.qkv")
+    parts = b.permute(b.reshape(y, shape=(bsz, n, 3, h, d), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
+    q, k, v = (b.select(parts, axis=0, index=i, source="attn") for i in range(3))
+    if factors is None:
+        factors = torch.full((h,), d**-0.5, dtype=torch.float64).to(dtype)
+    picked = (q, k, v)[which]
+    scaled = b.scale(picked, scale=factors, axis=axis, source="attn")
+    q, k, v = [scaled if i == which else p for i, p in enumerate((q, k, v))]
+    if scale_k_too:
+        k = picked
+    # The graph ends at q, k, v: softmax((q * s) k^T) v reads them as they are, and the error bounds
+    # of assert_graphs_equal cover linear and layout ops only.
+    return b.build(q, k, v, y) if read_qkv else b.build(q, k, v)
+
+
+@given(shape=heads(), dtype=float_dtypes(), bias=st.booleans(), seed=seeds())
+def test_folds_the_query_scale_into_the_q_rows(shape, dtype, bias, seed):
+    graph = attention_graph(shape, dtype, seed, bias=bias)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.rule_counts() == {"query_scale_fold": 1} and "scale" not in fused.op_counts()
+    bsz, n, h, d, cin = shape
+    w0, w1 = only(graph, "linear").params["weight"].double(), only(fused, "linear").params["weight"].double()
+    q_rows = torch.zeros(3 * h * d, dtype=torch.bool)
+    q_rows[: h * d] = True  # reshape (3, h, d) of the features: part 0 is the first h * d rows
+    assert torch.equal(w1[~q_rows], w0[~q_rows]), "the k and v rows must stay as they are"
+    factor = torch.tensor(d**-0.5, dtype=dtype).double()
+    torch.testing.assert_close(w1[q_rows], (w0[q_rows] * factor).to(dtype).double())  # the q rows: f[o] W[o, :]
+    assert ("bias" in only(fused, "linear").params) == bias
+    assert_graphs_equal(graph, fused, random_input((bsz, n, cin), dtype, seed + 1), dtype)
+
+
+@given(shape=heads(), dtype=float_dtypes(), which=st.sampled_from([1, 2]), seed=seeds())
+def test_folds_a_per_head_scale_on_any_part(shape, dtype, which, seed):
+    """A different factor per head, on k or v: each head's rows get their own factor."""
+    h = shape[2]
+    factors = (torch.rand(h, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5).to(dtype)
+    graph = attention_graph(shape, dtype, seed, factors=factors, which=which)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.rule_counts() == {"query_scale_fold": 1} and "scale" not in fused.op_counts()
+    assert_graphs_equal(graph, fused, random_input(shape[:2] + shape[-1:], dtype, seed + 1), dtype)
+
+
+@given(shape=heads(), dtype=float_dtypes(), seed=seeds())
+def test_refused_when_the_scaled_rows_are_read_unscaled(shape, dtype, seed):
+    """k reads the very part the scale multiplies (self-attention with q = k): folding would scale k too."""
+    graph = attention_graph(shape, dtype, seed, scale_k_too=True)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert any("also read" in r for r in reasons(report, "scale"))
+
+
+@given(shape=heads(), dtype=float_dtypes(), seed=seeds())
+def test_refused_when_the_linear_output_is_read_elsewhere(shape, dtype, seed):
+    graph = attention_graph(shape, dtype, seed, read_qkv=True)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(shape=heads(), dtype=float_dtypes(), seed=seeds())
+def test_refused_when_one_feature_meets_different_factors(shape, dtype, seed):
+    """A scale along the token axis: feature o of token 0 and of token 1 would need different rows."""
+    bsz, n, h, d, cin = shape
+    factors = torch.arange(1, n + 1, dtype=torch.float64).to(dtype)
+    graph = attention_graph(shape, dtype, seed, factors=factors, axis=2)
+    fused, report = run_rules(graph, "query_scale_fold")
+    if n == 1:  # one token: one factor per feature after all, and the fold is right
+        assert report.rule_counts() == {"query_scale_fold": 1}
+        assert_graphs_equal(graph, fused, random_input((bsz, n, cin), dtype, seed + 1), dtype)
+        return
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert any("different factors" in r for r in reasons(report, "scale"))
