@@ -1508,3 +1508,75 @@ def assert_fuses_exactly(
     problems = _unfolded_batch_norms(trace(fused, xs, leaf_modules=leaf_modules))
     assert not problems, "BatchNorm left in a foldable place:\n  " + "\n  ".join(problems) + f"\n{report}"
     return fused
+
+
+# --------------------------------------------------------------------------- plain conv nets (repalgebra.expand)
+
+__all__ += ["PlainNet", "plain_conv_nets"]
+
+PLAIN_KERNELS = ((1, 1), (3, 3), (3, 3), (5, 5), (1, 3), (3, 1), (3, 5), (2, 2))
+
+
+@dataclass(frozen=True)
+class PlainNet:
+    """A plain conv net drawn by :func:`plain_conv_nets`: the model (float64, eval mode), an input shape, one line per conv."""
+
+    model: nn.Sequential
+    input_shape: tuple[int, int, int, int]
+    convs: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"PlainNet(input {self.input_shape}: " + "; ".join(self.convs) + ")"
+
+
+@st.composite
+def plain_conv_nets(draw, max_convs: int = 4) -> PlainNet:
+    """A random plain CNN, what :func:`repalgebra.expand` takes: an ``nn.Sequential`` of conv [+ BN] + ReLU layers.
+
+    Each conv: 1-8 output channels, a kernel from :data:`PLAIN_KERNELS` (odd and
+    even, square and not), stride 1 or 2, groups dividing both channel counts
+    (depthwise when they are equal), dilation 1 or (rarely) 2, padding usually
+    half the (dilated) kernel and sometimes 0, with or without a bias, followed
+    by a BN (random statistics) or not.  Weights drawn from a seed; float64, eval mode.
+    """
+    gen = torch.Generator().manual_seed(draw(seeds()))
+    channels, size = draw(st.integers(1, 6)), draw(st.integers(5, 10))
+    c, h, w = channels, size, size
+    layers: list[nn.Module] = []
+    convs = []
+    for _ in range(draw(st.integers(1, max_convs))):
+        (kh, kw), stride = draw(st.sampled_from(PLAIN_KERNELS)), draw(st.sampled_from((1, 1, 2)))
+        dilation = draw(st.sampled_from((1, 1, 1, 1, 2)))
+        out = draw(st.sampled_from((c, c, *range(1, 9))))
+        groups = draw(st.sampled_from(_divisors(gcd(c, out))))
+        padding = (dilation * (kh // 2), dilation * (kw // 2)) if draw(st.integers(0, 4)) else (0, 0)
+        oh, ow = ((n + 2 * p - dilation * (k - 1) - 1) // stride + 1 for n, p, k in zip((h, w), padding, (kh, kw)))
+        if oh < 1 or ow < 1:
+            continue
+        bias, bn = draw(st.booleans()), draw(st.booleans())
+        conv = nn.Conv2d(c, out, (kh, kw), stride, padding, dilation, groups, bias=bias, dtype=torch.float64)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64) / (c // groups * kh * kw) ** 0.5)
+            if bias:
+                conv.bias.copy_(0.2 * torch.randn(out, generator=gen, dtype=torch.float64))
+        layers.append(conv)
+        if bn:
+            layers.append(_random_bn(out, gen))
+        layers.append(nn.ReLU())
+        convs.append(f"{c}->{out} {kh}x{kw}/s{stride} p{padding} d{dilation} g{groups}" + " bias" * bias + " +BN" * bn)
+        c, h, w = out, oh, ow
+    assume(convs)
+    return PlainNet(nn.Sequential(*layers).eval(), (2, channels, size, size), tuple(convs))
+
+
+def _random_bn(channels: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    """A float64 BN with statistics and affine parameters far from the identity (a sign flipped on some channels)."""
+    bn = nn.BatchNorm2d(channels, dtype=torch.float64)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(channels, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.copy_(0.2 * torch.randn(channels, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(u(0.5, 2.0))
+        sign = torch.where(torch.rand(channels, generator=gen) < 0.125, -1.0, 1.0).to(torch.float64)
+        bn.weight.copy_(sign * u(0.5, 1.5))
+        bn.bias.copy_(0.2 * torch.randn(channels, generator=gen, dtype=torch.float64))
+    return bn
