@@ -1,4 +1,4 @@
-"""The ``repalgebra`` command line: fuse, export, verify, show, rules, demo.
+"""The ``repalgebra`` command line: fuse, expand, export, verify, show, rules, demo.
 
 MODEL is a FastViT variant name (``fastvit_t8`` ...), optionally with
 ``--checkpoint``, or ``module:attr`` naming an ``nn.Module`` or a factory
@@ -98,6 +98,34 @@ def _fuse(args) -> int:
     else:
         torch.save(state, args.output)
     print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values)")
+    return 0
+
+
+def _expand(args) -> int:
+    import torch
+
+    import repalgebra
+    from repalgebra.recipes import mobileone, recipe_named
+
+    if args.k is not None and args.recipe != "mobileone":
+        raise UsageError("--k is the number of kxk branches of --recipe mobileone")
+    recipe = mobileone.recipe(args.k) if args.k is not None else recipe_named(args.recipe)
+    _step(1, 3, f"building {args.model}")
+    model = load_model(args.model, args.checkpoint)
+    _step(2, 3, f"expanding with {recipe.name} (init={args.init})")
+    expanded = repalgebra.expand(model, recipe, _example(args), init=args.init)
+    print(expanded.expand_report)
+    _step(3, 3, f"writing {args.output}")
+    state = expanded.state_dict()
+    if str(args.output).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
+    else:
+        torch.save(state, args.output)
+    spelled = f"repalgebra.recipes.mobileone.recipe({args.k})" if args.k is not None else repr(recipe.name)
+    print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values): "
+          f"load it into repalgebra.expand(model, {spelled}, init={args.init!r})")
     return 0
 
 
@@ -228,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("fuse", "fold MODEL and write the fused state dict; prints the fuse report", _fuse)
     c.add_argument("-o", "--output", required=True, help="output file (.pt or .safetensors)")
     c.add_argument("--strict", action="store_true", help="fail instead of keeping untraceable parts whole")
+    c = model_cmd("expand", "over-parameterize MODEL for training (the inverse of fuse) and write its state dict; prints the expand report", _expand)
+    c.add_argument("-o", "--output", required=True, help="output file (.pt or .safetensors)")
+    c.add_argument("--recipe", default="repvgg", choices=["repvgg", "acnet", "dbb", "mobileone"], help="the block each conv becomes (default repvgg)")
+    c.add_argument("--k", type=int, default=None, help="mobileone: the number of parallel kxk branches (default 3)")
+    c.add_argument("--init", choices=["preserve", "fresh"], default="preserve",
+                   help="preserve: the same function as MODEL (default); fresh: PyTorch's default initialization")
     c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
     c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
