@@ -455,13 +455,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the equality check
 
-#: Tolerance per compute dtype, relative to the magnitude graph (see :func:`assert_graphs_equal`).
 RTOL: dict[torch.dtype, float] = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
     torch.float16: 1e-2,
     torch.bfloat16: 5e-2,
 }
+"""Tolerance per compute dtype, relative to the magnitude graph (see :func:`assert_graphs_equal`)."""
 
 
 def _abs_params(n: Node) -> dict[str, torch.Tensor]:
@@ -856,9 +856,11 @@ class Contraction(nn.Module):
         return self.kind
 
 
-#: Lipschitz constants of the non-linear ops :func:`magnitude_through` knows; each also has ``|f(y)| <= |y|``.
-#: (GELU: ``y * Phi(y)``, derivative ``Phi(y) + y phi(y)`` at most 1.129.)
 NONLINEAR_LIPSCHITZ: dict[str, float] = {"relu": 1.0, "gelu": 1.13}
+"""Lipschitz constants of the non-linear ops :func:`magnitude_through` knows; each also has ``|f(y)| <= |y|``.
+
+(GELU: ``y * Phi(y)``, derivative ``Phi(y) + y phi(y)`` at most 1.129.)
+"""
 
 
 def magnitude_through(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:

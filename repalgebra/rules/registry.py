@@ -53,6 +53,7 @@ class Refusal:
 
 
 RuleFn = Callable[[Graph, Node], "Rewrite | Refusal | None"]
+"""A rule's function: ``(graph, node) -> Rewrite | Refusal | None`` (``None``: no match)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
+"""Every registered rule by name, in registration order (the order the engine tries them on a node)."""
 
 
 def rule(name: str, on: str | Sequence[str]):
