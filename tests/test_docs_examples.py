@@ -239,7 +239,7 @@ def test_relative_links_resolve(path: Path):
 
 
 def test_mkdocs_build_strict(tmp_path: Path):
-    missing = [m for m in ("mkdocs", "pymdownx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("mkdocs", "pymdownx", "material", "mkdocstrings", "latex2mathml") if importlib.util.find_spec(m) is None]
     if missing:
         msg = f"{', '.join(missing)} not installed: pip install -e '.[dev]'"
         if os.environ.get("CI"):
