@@ -1,12 +1,19 @@
 """Time ``repalgebra.fuse`` on a 100-block RepVGG-style network, and the fused/unfused forward latency.
 
     python bench/fuse_time.py [--blocks 100] [--channels 32] [--size 32] [--batch 1]
+    python bench/fuse_time.py --scale [--runs 3]     # 100..1600 blocks, width 8, 8x8: is fuse linear?
 
 Each block is ``ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))`` (700 traced
 nodes for 100 blocks).  The fuse time is the median of a few runs after one
 warm-up fuse (the very first fuse in a process also pays one-time imports
 inside torch, printed separately).  Latencies are medians of interleaved runs
 (``bench/timing.py``).  Target: fusing 100 blocks in under 1 s on 2 cores.
+
+``--scale``: fuse 100, 200, 400, 800 and 1600 blocks (width 8, 8x8 input) and
+print each stage's seconds (capture, rewrite, build, check; the total includes
+the private copy of the model the check compares against), the median of
+``--runs`` fuses per size after one warm-up, with the growth per doubling.
+Target: each doubling at most 2.3x, 1600 blocks at most 4x the time of 400.
 """
 
 from __future__ import annotations
@@ -60,6 +67,36 @@ def network(blocks: int, channels: int) -> nn.Sequential:
     return net.eval()
 
 
+SCALE_BLOCKS = (100, 200, 400, 800, 1600)
+STAGES = ("capture", "rewrite", "build", "check")
+
+
+def scale_table(runs: int, blocks: tuple[int, ...] = SCALE_BLOCKS, channels: int = 8, size: int = 8) -> str:
+    """Fuse ``blocks`` RepVGG blocks at each size; a table of stage seconds (medians) and growth per doubling."""
+    x = torch.randn(1, channels, size, size)
+    repalgebra.fuse(network(2, channels), x)  # warm-up: one-time imports inside torch
+    rows = []
+    for n in blocks:
+        model = network(n, channels)
+        samples = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fused = repalgebra.fuse(model, x)
+            total = time.perf_counter() - t
+            samples.append({**{k: fused.fuse_report.stage_seconds.get(k, 0.0) for k in STAGES}, "total": total})
+        rows.append((n, {k: statistics.median(s[k] for s in samples) for k in (*STAGES, "total")}))
+        print(f"  {n} blocks: total {rows[-1][1]['total']:.2f} s", file=sys.stderr, flush=True)
+    cols = (*STAGES, "total")
+    lines = ["| blocks | " + " | ".join(f"{c} s" for c in cols) + " | total / previous |", "|---:|" + "---:|" * (len(cols) + 1)]
+    for k, (n, med) in enumerate(rows):
+        growth = f"{med['total'] / rows[k - 1][1]['total']:.2f}x" if k else "-"
+        lines.append(f"| {n} | " + " | ".join(f"{med[c]:.2f}" for c in cols) + f" | {growth} |")
+    by = dict(rows)
+    if 400 in by and 1600 in by:
+        lines.append(f"\n1600 / 400 blocks: {by[1600]['total'] / by[400]['total']:.2f}x (target <= 4x)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print fuse time and latency ratio; exit 1 if the fused model disagrees with the original."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--scale", action="store_true", help="stage times for 100..1600 blocks (width 8, 8x8)")
     args = p.parse_args(argv)
+    if args.scale:
+        print(machine())
+        print(f"fuse of N RepVGG blocks, 8 channels, input 1x8x8x8; medians of {args.runs} fuses per size")
+        print(scale_table(args.runs))
+        return 0
 
     print(machine())
     x = torch.randn(args.batch, args.channels, args.size, args.size)
