@@ -34,9 +34,7 @@ between the ``<!-- onnx_zoo -->`` markers.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import warnings
 from pathlib import Path
 
 import onnx
@@ -51,6 +49,7 @@ for _p in (BENCH, BENCH.parent / "tests"):
     sys.path.insert(0, str(_p))
 
 from zoo import ZOO  # noqa: E402  (before fastvit_latency, which puts bench/ first again)
+from zoo.exporters import torch_onnx_export as torch_export  # noqa: E402  (one helper with tests/test_zoo_onnx.py)
 
 import fastvit_models  # noqa: E402
 from fastvit_latency import write_section  # noqa: E402
@@ -123,27 +122,6 @@ def table(rows: list[dict], thread_counts: list[int]) -> str:
             line += f" {o:.1f} | {f:.1f} | {tr:.1f} | {o / f:.3f} | {o / tr:.3f} |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def torch_export(
-    model: torch.nn.Module, x: torch.Tensor, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET
-) -> onnx.ModelProto | str:
-    """``torch.onnx.export`` (TorchScript) of ``model`` at ``x``; the error's first line when it cannot."""
-    from torch.utils import _pytree as pytree
-
-    buf = io.BytesIO()
-    with torch.no_grad():
-        outs = [f"y{k}" for k in range(len(pytree.tree_leaves(model(x))))]  # named: torch cannot name a GraphModule's
-    axes = {name: {0: "batch"} for name in ["x", *outs]} if dynamic_batch else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"], output_names=outs, dynamic_axes=axes
-            )
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-    return onnx.load_from_string(buf.getvalue())
 
 
 def measure_zoo(entry, rounds: int) -> dict:

@@ -286,6 +286,13 @@ MUTANTS: list[Mutant] = [
 ]
 
 
+def all_mutants() -> list[Mutant]:
+    """The rule mutants (:data:`MUTANTS`) and the stage mutants (:mod:`repalgebra.mutants_stages`): the full run."""
+    from repalgebra.mutants_stages import stage_mutants
+
+    return [*MUTANTS, *stage_mutants()]
+
+
 def tests_for(m: Mutant) -> list[str]:
     """The tests run against mutant ``m``: its rule's property tests, then its extra tests."""
     own = f"tests/rules/test_{m.rule}.py"
@@ -388,7 +395,24 @@ class MutationReport:
 
     @property
     def ok(self) -> bool:
-        return self.killed == self.total and all(b.status == "passed" for b in self.baselines)
+        return not self.unexplained() and all(b.status == "passed" for b in self.baselines)
+
+    def unexplained(self) -> list[str]:
+        """Ids of mutants neither killed nor listed as equivalent (with the argument) in ``mutants_stages.EQUIVALENT``."""
+        from repalgebra.mutants_stages import EQUIVALENT
+
+        return [m.id for m in self.mutants if self.results[m.id].status != "killed" and not (self.results[m.id].status == "survived" and m.id in EQUIVALENT)]
+
+    def per_stage(self) -> dict[str, tuple[int, int]]:
+        """Per stage (``front end``, ``engine``, ``rules``, ``torch back end``, ``onnx back end``): (killed, total)."""
+        from repalgebra.mutants_stages import stage_of
+
+        out: dict[str, tuple[int, int]] = {}
+        for m in self.mutants:
+            k, t = out.get(stage_of(m.rule), (0, 0))
+            out[stage_of(m.rule)] = (k + (self.results[m.id].status == "killed"), t + 1)
+        order = ["front end", "engine", "rules", "torch back end", "onnx back end"]
+        return {s: out[s] for s in order if s in out}
 
     def per_rule(self) -> dict[str, tuple[int, int]]:
         """Per rule: (killed, total)."""
@@ -408,10 +432,17 @@ class MutationReport:
         for b in self.baselines:
             if b.status != "passed":
                 lines.append(f"BASELINE FAILED ({b.mutant}): {b.detail}")
-        rules = {r: t for r, (_, t) in self.per_rule().items() if r != "engine"}
+        from repalgebra.mutants_stages import EQUIVALENT, STAGES
+
+        for m in self.mutants:
+            if self.results[m.id].status == "survived" and m.id in EQUIVALENT:
+                lines.append(f"equivalent ({m.id}): {EQUIVALENT[m.id]}")
+        for stage, (k, t) in self.per_stage().items():
+            lines.append(f"  {stage + ':':<16} {k}/{t} killed")
+        rules = {r: t for r, (_, t) in self.per_rule().items() if r not in STAGES}
         lines.append(
             f"mutants killed: {self.killed}/{self.total} ({len(rules)} rules, at least {min(rules.values(), default=0)} each, "
-            f"plus {self.total - sum(rules.values())} engine) in {self.seconds:.0f}s with {self.jobs} workers"
+            f"plus {self.total - sum(rules.values())} in the front end, engine and back ends) in {self.seconds:.0f}s with {self.jobs} workers"
         )
         return "\n".join(lines)
 
@@ -500,7 +531,7 @@ def _run_mutant(m: Mutant, profile: str = "mutants") -> Result:
 
 def select(rules: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[Mutant]:
     """The mutants of the given rules (all when ``None``), optionally only those with the given ids or names."""
-    out = [m for m in MUTANTS if rules is None or m.rule in rules]
+    out = [m for m in all_mutants() if rules is None or m.rule in rules]
     if names:
         out = [m for m in out if m.id in names or m.name in names]
     return out
@@ -521,7 +552,7 @@ def run(mutants: Sequence[Mutant] | None = None, *, jobs: int = MAX_JOBS, profil
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    mutants = list(MUTANTS if mutants is None else mutants)
+    mutants = list(all_mutants() if mutants is None else mutants)
     for m in mutants:  # fail fast on a mutant that does not apply
         mutated_code(m)
     jobs = max(1, min(MAX_JOBS, jobs))

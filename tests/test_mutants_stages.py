@@ -1,0 +1,98 @@
+"""The stage mutants (``repalgebra/mutants_stages.py``): the front end, the engine and both back ends.
+
+Fast checks of the mutants themselves (the full run is ``python -m repalgebra.mutants``, see
+``tests/test_mutants.py``): each applies (its snippet occurs once), changes the code and is undone;
+the five bugs of issue 15 are among them; every handler or lowering that carries attributes has at
+least three; every stage reports a score; an equivalent mutant names an existing mutant and says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from repalgebra import mutants as M
+from repalgebra.mutants_stages import EQUIVALENT, STAGES, stage_mutants, stage_of
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = stage_mutants()
+
+ISSUE_15 = (
+    "frontend/bn-module-eps-default",
+    "frontend/ln-module-eps-default",
+    "torch_backend/conv-zeropad-order",
+    "onnx_backend/conv-pads-order",
+    "onnx_backend/avg-pool-count-always",
+)
+
+# Handlers and lowerings with fewer than three mutants, and why that is enough.
+FEW = {
+    "repalgebra.frontend.handlers_modules:_m_linear": "no attributes: the bias is its one choice",
+    "repalgebra.backend.torch:_linear": "no attributes: the bias is its one choice",
+    "repalgebra.backend.onnx:_linear": "no attributes: the bias is its one choice",
+    "repalgebra.backend.torch:_gelu": "one attribute, approximate, both ways",
+    "repalgebra.frontend.handlers_functions:_f_transpose": "two axes: one mutant each",
+    "repalgebra.frontend.handlers_functions:_f_permute": "one attribute, the permutation",
+    "repalgebra.frontend.handlers_functions:_f_flatten": "the start axis (the end is -1 in every model)",
+    "repalgebra.frontend.aten_handlers:_permute": "one attribute, the permutation",
+    "repalgebra.frontend.aten_handlers:_transpose": "two axes, the mutant drops one",
+    "repalgebra.frontend.aten_handlers:_flatten": "the start axis (the end is -1 in every model)",
+    "repalgebra.backend.torch:_permute": "one attribute, the permutation",
+    "repalgebra.backend.torch:_transpose": "two axes, the mutant drops one",
+    "repalgebra.backend.torch:_flatten": "the start axis (the end is -1 in every model)",
+    "repalgebra.backend.onnx:_permute": "one attribute, the permutation",
+    "repalgebra.backend.onnx:_transpose": "two axes, the mutant drops one",
+    "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
+}
+
+
+def test_stage_mutants_are_grouped_by_stage_and_unique():
+    assert {m.rule for m in STAGE} == set(STAGES)
+    ids = [m.id for m in M.all_mutants()]
+    assert len(ids) == len(set(ids)), "mutant ids must be unique"
+    assert {stage_of(m.rule) for m in M.all_mutants()} == {"front end", "engine", "rules", "torch back end", "onnx back end"}
+
+
+def test_the_five_bugs_of_issue_15_are_mutants():
+    ids = {m.id for m in STAGE}
+    assert set(ISSUE_15) <= ids
+
+
+def test_every_handler_and_lowering_has_three_mutants_or_a_reason():
+    counts = Counter(m.target for m in STAGE if m.rule != "engine")
+    few = {t: n for t, n in counts.items() if n < 3 and t not in FEW}
+    assert not few, few
+    assert set(FEW) <= set(counts) | {"repalgebra.rewrite:cast_params"}
+
+
+def test_equivalent_mutants_exist_and_say_why():
+    ids = {m.id for m in M.all_mutants()}
+    for mid, why in EQUIVALENT.items():
+        assert mid in ids and len(why) > 40, (mid, why)
+
+
+@pytest.mark.parametrize("m", STAGE, ids=lambda m: m.id)
+def test_stage_mutant_applies_changes_the_code_and_is_undone(m):
+    module_name, fn_name = m.target.split(":")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    before = fn.__code__
+    code = M.mutated_code(m)
+    assert code.co_code != before.co_code or code.co_consts != before.co_consts, "the mutant changes nothing"
+    with M.applied(m):
+        assert fn.__code__ is not before
+    assert fn.__code__ is before
+    assert M.tests_for(m) and all((ROOT / t.split("::")[0]).is_file() for t in M.tests_for(m))
+
+
+def test_report_prints_a_score_per_stage():
+    ms = [M.select(names=[i])[0] for i in ("bn_fold/bias-unscaled", *ISSUE_15)]
+    results = {m.id: M.Result(m.id, "killed", 0.1, "t") for m in ms}
+    results[ISSUE_15[0]] = M.Result(ISSUE_15[0], "survived", 0.1, "all tests passed")
+    report = M.MutationReport(ms, results, [M.Result("baseline: x", "passed", 0.1)], 1.0, 2)
+    text = report.table()
+    for line in ("front end:       1/2 killed", "rules:           1/1 killed", "torch back end:  1/1 killed", "onnx back end:   2/2 killed"):
+        assert line in text, text
+    assert report.unexplained() == [ISSUE_15[0]] and not report.ok
