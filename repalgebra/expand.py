@@ -85,7 +85,8 @@ class ExpandReport:
     def __str__(self) -> str:
         n, m = len(self.expanded), len(self.expanded) + len(self.skipped)
         lines = [f"expand: {n} of {m} convs expanded with {self.recipe} (init={self.init})"]
-        lines.append(f"  parameters: {self.params_before:,} -> {self.params_after:,} ({self.params_after / max(self.params_before, 1):.2f}x)")
+        ratio = self.params_after / max(self.params_before, 1)
+        lines.append(f"  parameters: {self.params_before:,} -> {self.params_after:,} ({ratio:.2f}x)")
         if self.check:
             lines.append(f"  check: {self.check}")
         lines += [f"  note: {note}" for note in self.notes]
@@ -243,4 +244,5 @@ def _check(model: nn.Module, expanded: nn.Module, example_inputs, init: str) -> 
     if not report:
         raise ExpandError(f"init='preserve' but the expanded model differs from the original:\n{report}")
     worst = max((o.max_rel for o in report.outputs), default=0.0)
-    return f"same function as the original in eval mode: max rel err {worst:.1e} ({str(report.dtype).removeprefix('torch.')}, tolerance {report.tolerance:.0e})"
+    dtype = str(report.dtype).removeprefix("torch.")
+    return f"same function as the original in eval mode: max rel err {worst:.1e} ({dtype}, tolerance {report.tolerance:.0e})"

@@ -49,7 +49,8 @@ def test_expand_writes_a_state_expand_can_load(tmp_path, plain_file, capsys, rec
 
 def test_expand_mobileone_k_and_fresh_to_safetensors(tmp_path, plain_file, capsys):
     out = tmp_path / "expanded.safetensors"
-    args = ["expand", f"{plain_file}:make_net", "--recipe", "mobileone", "--k", "2", "--init", "fresh", "-o", str(out), "--input-shape", "1,3,8,8"]
+    args = ["expand", f"{plain_file}:make_net", "--recipe", "mobileone", "--k", "2", "--init", "fresh",
+            "-o", str(out), "--input-shape", "1,3,8,8"]
     assert main(args) == 0
     assert "mobileone.recipe(2)" in capsys.readouterr().out
     from safetensors.torch import load_file

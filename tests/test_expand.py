@@ -105,9 +105,7 @@ def test_fuse_of_expanded_plain_net_is_the_original(recipe, net):
 def test_trained_expanded_plain_net_fuses_exactly_to_the_original_architecture(recipe, net, init, seed):
     m, x = net.model, torch.randn(net.input_shape, dtype=torch.float64)
     expanded = repalgebra.expand(m, recipe, init=init)
-    train_steps(expanded, net.input_shape, seed=seed)
-    if init == "preserve" and expanded.expand_report.expanded:
-        assert silenced_moved(expanded), "training left every added branch at zero: the check below would be vacuous"
+    train_steps(expanded, net.input_shape, seed=seed)  # (the zoo test below checks that training moves the added branches)
     fused = repalgebra.fuse(expanded, x)
     assert conv_signature(fused) == conv_signature(m), f"{fused.fuse_report}"
     with torch.no_grad():

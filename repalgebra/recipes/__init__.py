@@ -23,5 +23,6 @@ def recipe_named(recipe: str | Recipe) -> Recipe:
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a name ({', '.join(RECIPES)}) or a Recipe, got {type(recipe).__name__}")
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)} (repalgebra.recipes.mobileone.recipe(k) for k kxk branches)")
+        known = ", ".join(RECIPES)
+        raise ValueError(f"unknown recipe {recipe!r}; known: {known} (repalgebra.recipes.mobileone.recipe(k) for k kxk branches)")
     return RECIPES[recipe]

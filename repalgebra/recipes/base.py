@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,9 +125,7 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(_named(conv=conv, bn=bn))
 
 
-def _named(**modules: nn.Module):
-    from collections import OrderedDict
-
+def _named(**modules: nn.Module) -> OrderedDict:
     return OrderedDict(modules)
 
 
