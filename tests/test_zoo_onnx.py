@@ -8,6 +8,10 @@ largest output; float32 against float32, different kernels and summation orders)
 (``torch.export``, ``ShapeGuard``) is exported with its batch fixed, run at its own batch, then fused and exported
 again at batch 3.  Where ``fuse`` left no BatchNorm, the export has no ``BatchNormalization`` either.
 
+Differential test against PyTorch's own exporter: ``torch.onnx.export`` of the same fused module (same opset, same
+batch treatment, ``tests/zoo/exporters.py``) and our export agree in onnxruntime to 1e-5 relative (float32) on the
+example batch; a model torch's exporter cannot export is printed, not compared.
+
 Node counts (ours, and ``torch.onnx.export`` of the train-time model) are printed (``pytest -s``), not asserted.
 """
 
@@ -26,6 +30,7 @@ from torch.utils import _pytree as pytree
 from repalgebra import fuse
 from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx
 from zoo import ZOO, count_bn
+from zoo.exporters import torch_onnx_export
 
 RTOL = 1e-5
 
@@ -99,5 +104,15 @@ def test_zoo_model_exports_and_matches(entry):
         + f"\n{report}"
     )
     assert all(e <= RTOL for e in errors.values()), f"{errors}\n{report}"
+    x = sample(shape, shape[0])
+    theirs = torch_onnx_export(fused, x, dynamic_batch=report.dynamic_batch)
+    if isinstance(theirs, str):
+        print(f"{entry.name}: torch.onnx.export of the fused module fails ({theirs}): not compared")
+    else:
+        ours_out, theirs_out = run_onnx(proto, x), run_onnx(theirs, x)
+        assert len(ours_out) == len(theirs_out)
+        diff = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in zip(ours_out, theirs_out))
+        print(f"{entry.name}: ours vs torch.onnx.export of the fused module in onnxruntime: {diff:.1e}")
+        assert diff <= RTOL, f"our export and torch.onnx.export of the fused module differ by {diff:.1e} relative\n{report}"
     if bn_left == 0:
         assert bn_nodes == 0, f"fuse left no BatchNorm, the export has {bn_nodes}\n{report}"
