@@ -72,6 +72,25 @@ def write_section(path: Path, mark: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + mark + "\n" + body + "\n" + mark + "\n"
     path.write_text(text)
+    redraw_chart(path, mark)
+
+
+def redraw_chart(path: Path, mark: str) -> None:
+    """Redraw the section's bar chart (``docs/benchmarks_pictures.py``) next to ``path``, if it has one."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_pictures.py"
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"matplotlib not installed: the chart of {mark} is not redrawn (python {script.name} later)")
+        return
+    spec = importlib.util.spec_from_file_location("benchmarks_pictures", script)
+    charts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(charts)
+    try:
+        for written in charts.redraw(path, mark):
+            print(f"chart: {written}")
+    except ValueError as e:  # a table whose columns the chart does not know: the table stays, say why
+        print(f"chart of {mark} not redrawn: {e} (update CHARTS in {script.name})")
 
 
 def main() -> None:
