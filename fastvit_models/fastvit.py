@@ -70,6 +70,7 @@ FASTVIT_CONFIGS: Dict[str, FastViTConfig] = {
     "fastvit_sa36": FastViTConfig((6, 6, 18, 6),  (64, 128, 256, 512),  4, _HYBRID,     _CPE7,     1e-6),
     "fastvit_ma36": FastViTConfig((6, 6, 18, 6),  (76, 152, 304, 608),  4, _HYBRID,     _CPE7,     1e-6),
 }
+"""The seven ImageNet variants by name (Apple's table): blocks and widths per stage, MLP ratio, token mixers, RepCPE."""
 # fmt: on
 
 

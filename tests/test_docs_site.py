@@ -204,6 +204,7 @@ API_PAGES = {
     "repalgebra.rewrite": "api/rewrite",
     "repalgebra.rules.registry": "api/rules",
     "repalgebra.testing": "api/testing",
+    "fastvit_models": "api/fastvit_models",
 }
 
 
