@@ -261,9 +261,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "whole_graph=not report.fired", "whole_graph=False", _ENGINE),
     ("engine", "no-fixpoint", "the engine stops after one sweep over the nodes (not a fixpoint)", f"{_RW}:rewrite",
      "                changed = True\n", "                changed = False\n", _ENGINE),
-    ("engine", "one-rule-per-node-kept", "after a rule fires on a node, the other rules are still tried on it (it may be dead)",
-     f"{_RW}:rewrite", "                    raise RuntimeError(f\"rewrite did not reach a fixpoint after {max_rewrites} rewrites\")\n                break",
-     "                    raise RuntimeError(f\"rewrite did not reach a fixpoint after {max_rewrites} rewrites\")\n                continue", _ENGINE),
+    ("engine", "refusal-ends-the-node", "a rule's refusal stops the other rules from being tried on that node", f"{_RW}:rewrite",
+     "result.about is not None)\n                    continue", "result.about is not None)\n                    break", _ENGINE),
     # ================================================================ torch back end
     ("torch_backend", "conv-zeropad-order", "nn.ZeroPad2d((top, bottom, left, right)) for an asymmetric conv padding (issue 15)",
      f"{_TB}:_conv2d", "nn.ZeroPad2d((left, right, top, bottom))", "nn.ZeroPad2d((top, bottom, left, right))", _TORCH),
