@@ -33,7 +33,7 @@ from torch import nn
 
 from repalgebra.recipes import INITS, Recipe, Site, recipe_named
 
-__all__ = ["expand", "ExpandReport", "Expanded", "Skipped", "ExpandError", "conv_bn_pairs"]
+__all__ = ["expand", "ExpandReport", "Expanded", "Skipped", "ExpandError", "ConvUses", "conv_uses"]
 
 
 class ExpandError(RuntimeError):
@@ -131,16 +131,16 @@ def expand(
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     recipe = recipe_named(recipe)
     new = copy.deepcopy(model)
-    pairs, notes = conv_bn_pairs(new)
+    uses = conv_uses(new)
     registered = Counter(id(m) for _, m in new.named_modules(remove_duplicate=False))
     expanded, skipped = [], []
     for path, conv in [(p, m) for p, m in new.named_modules() if isinstance(m, nn.Conv2d)]:
-        bn_path = pairs.get(path, "")
+        bn_path = uses.pairs.get(path, "")
         bn = new.get_submodule(bn_path) if bn_path else None
         if bn is not None and registered[id(bn)] > 1:
             bn_path, bn = "", None
         site = Site.of(path, conv, bn)
-        reason = _why_not(site, registered[id(conv)]) or recipe.skip(site)
+        reason = _why_not(site, registered[id(conv)], path in uses.read_directly) or recipe.skip(site)
         if reason:
             skipped.append(Skipped(path, reason))
             continue
@@ -151,18 +151,20 @@ def expand(
         expanded.append(Expanded(path, site.kernel, site.stride, site.groups, bn_path, block.branch_names))
     check = _check(model, new, example_inputs, init) if example_inputs is not None else ""
     new.expand_report = ExpandReport(
-        recipe.name, init, tuple(expanded), tuple(skipped), _count(model), _count(new), tuple(notes), check
+        recipe.name, init, tuple(expanded), tuple(skipped), _count(model), _count(new), uses.notes, check
     )
     return new
 
 
-def _why_not(site: Site, registrations: int) -> str | None:
+def _why_not(site: Site, registrations: int, read_directly: bool) -> str | None:
     """What keeps every recipe from expanding ``site``, or None."""
     conv = site.conv
     if type(conv) is not nn.Conv2d:
-        return f"a {type(conv).__name__} (a Conv2d subclass): its forward may compute something other than a conv"
+        return f"{type(conv).__name__} is a Conv2d subclass: its forward may compute something other than a conv"
     if registrations > 1:
         return "the same conv module is registered at several paths"
+    if read_directly:
+        return "the model's forward reads the conv's weight or bias itself: a block in its place would break it"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}: the branches pad with zeros"
     if site.dilation != (1, 1):
@@ -181,20 +183,35 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def conv_bn_pairs(model: nn.Module) -> tuple[dict[str, str], list[str]]:
-    """``{conv path: bn path}`` for each ``nn.Conv2d`` whose output is read only by an ``nn.BatchNorm2d``, and notes.
+@dataclass(frozen=True)
+class ConvUses:
+    """How a model's forward uses its convs and BNs, as far as ``torch.fx`` can see (:func:`conv_uses`)."""
+
+    pairs: dict[str, str]  # conv path -> path of the BN that alone reads the conv's output
+    read_directly: frozenset[str]  # paths of modules whose parameters or buffers the forward reads itself
+    notes: tuple[str, ...] = ()
+
+
+def conv_uses(model: nn.Module) -> ConvUses:
+    """Which ``nn.Conv2d`` has its output read only by an ``nn.BatchNorm2d``, and which modules' tensors the forward reads.
 
     Found in the ``torch.fx`` graph of ``model``, or where it does not trace,
     of its children (recursively); a conv or BN called more than once is not
-    paired.  An ``nn.Sequential`` that does not trace is read by its order.
+    paired.  An ``nn.Sequential`` that does not trace is read by its order.  A
+    forward that reads ``self.bn.weight`` itself (``read_directly``) would break
+    if that module were replaced.
     """
     pairs: dict[str, str] = {}
+    read: set[str] = set()
     notes: list[str] = []
-    _find_pairs(model, "", pairs, notes)
-    return pairs, notes
+    _find_uses(model, "", pairs, read, notes)
+    for conv, bn in list(pairs.items()):
+        if bn in read:
+            del pairs[conv]
+    return ConvUses(pairs, frozenset(read), tuple(notes))
 
 
-def _find_pairs(module: nn.Module, prefix: str, pairs: dict[str, str], notes: list[str]) -> None:
+def _find_uses(module: nn.Module, prefix: str, pairs: dict[str, str], read: set[str], notes: list[str]) -> None:
     try:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception as e:  # noqa: BLE001  (any failure to trace: look inside)
@@ -203,8 +220,9 @@ def _find_pairs(module: nn.Module, prefix: str, pairs: dict[str, str], notes: li
         elif not prefix:
             notes.append(f"torch.fx could not trace the model ({type(e).__name__}); conv+BN pairs were looked for in its parts")
         for name, child in module.named_children():
-            _find_pairs(child, f"{prefix}{name}.", pairs, notes)
+            _find_uses(child, f"{prefix}{name}.", pairs, read, notes)
         return
+    read.update(prefix + n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr")
     calls = [n for n in graph.nodes if n.op == "call_module"]
     count = Counter(n.target for n in calls)
     for n in calls:

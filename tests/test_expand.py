@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repalgebra
-from repalgebra.expand import ExpandError, conv_bn_pairs
+from repalgebra.expand import ExpandError, conv_uses
 from repalgebra.recipes import RECIPES, ExpandedConv, mobileone
 from repalgebra.testing import plain_conv_nets
 
@@ -201,7 +201,7 @@ def test_skips_name_their_reason():
     reasons = {s.path: s.reason for s in report.skipped}
     assert [e.path for e in report.expanded] == ["6"]
     assert "not half the kernel" in reasons["0"] and "dilation" in reasons["1"] and "padding_mode='reflect'" in reasons["2"]
-    assert "Same (a Conv2d subclass)" in reasons["3"] and "unevenly" in reasons["4"] and "1x1 kernel" in reasons["5"]
+    assert "Same is a Conv2d subclass" in reasons["3"] and "unevenly" in reasons["4"] and "1x1 kernel" in reasons["5"]
     text = str(report)
     assert "1 of 7 convs expanded with repvgg" in text and "left as is:" in text and "6 (3x3)" in text
 
@@ -217,8 +217,8 @@ def test_a_bn_is_taken_in_only_when_it_alone_reads_the_conv():
             y = self.conv(x)
             return self.bn(y) + y + self.bn2(self.conv2(x))
 
-    pairs, notes = conv_bn_pairs(Residual())
-    assert pairs == {"conv2": "bn2"} and notes == []
+    uses = conv_uses(Residual())
+    assert uses.pairs == {"conv2": "bn2"} and uses.notes == ()
     m = Residual().double().eval()
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     e = repalgebra.expand(m, "acnet", x)
@@ -237,8 +237,8 @@ def test_pairs_found_inside_parts_when_the_model_does_not_trace():
                 return self.body(x)
             return self.body(-x)
 
-    pairs, notes = conv_bn_pairs(Untraceable())
-    assert pairs == {"body.0": "body.1"} and "could not trace" in notes[0]
+    uses = conv_uses(Untraceable())
+    assert uses.pairs == {"body.0": "body.1"} and "could not trace" in uses.notes[0]
 
 
 def test_bad_input_and_a_forward_reading_the_conv():
@@ -258,8 +258,33 @@ def test_bad_input_and_a_forward_reading_the_conv():
         def forward(self, x):
             return F.conv2d(x, self.conv.weight, padding=1)
 
+    class ReadsWeightUntraceably(ReadsWeight):
+        def forward(self, x):
+            assert x.sum() != 0  # a value in Python control flow: torch.fx cannot see the weight read
+            return super().forward(x)
+
     with pytest.raises(ExpandError, match="does not run on the example inputs"):
-        repalgebra.expand(ReadsWeight(), "repvgg", torch.randn(1, 3, 5, 5))
+        repalgebra.expand(ReadsWeightUntraceably(), "repvgg", torch.randn(1, 3, 5, 5))
+
+
+def test_modules_whose_tensors_the_forward_reads_are_left_in_place():
+    class ReadsBias(nn.Module):  # DBB's BN-and-pad layer reads self.bn.bias; this one reads self.conv2.weight
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.conv2(y) + self.bn.bias.view(1, -1, 1, 1) + self.conv2.weight.sum()
+
+    m = ReadsBias().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    e = repalgebra.expand(m, "repvgg", x)
+    assert conv_uses(m).read_directly == {"bn", "conv2"}
+    assert isinstance(e.bn, nn.BatchNorm2d) and isinstance(e.conv, ExpandedConv) and isinstance(e.conv2, nn.Conv2d)
+    assert [s.path for s in e.expand_report.skipped] == ["conv2"]
+    assert "reads the conv's weight or bias itself" in e.expand_report.skipped[0].reason
 
 
 def test_report_counts_and_check():
