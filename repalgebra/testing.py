@@ -24,6 +24,10 @@ Strategies
   running variance from 1e-3 to 10, mean, gamma (any sign), beta, eps.
 * :func:`input_shapes` draws NCHW shapes with batch 1-3.
 * :func:`float_dtypes` draws float32 or float64.
+* :func:`layer_stacks` draws small ``nn.Module`` s whose layers reach every attribute the front end and
+  the back ends read (BN/LN eps from :func:`norm_eps`, affine off, asymmetric and even-kernel
+  paddings, ``ceil_mode``, ``count_include_pad=False``, ``divisor_override``, dilations);
+  :data:`ATTRIBUTE_CASES` are one such model per attribute (:mod:`repalgebra.testing_layers`).
 * :func:`linear_graphs` draws a random *foldable* linear branchy region of one
   input (a :class:`RegionExample`): its normal form is a single conv2d.
 
@@ -76,6 +80,7 @@ from repalgebra.builder import GraphBuilder
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.ops import op_def
+from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, attribute_case, layer_stacks, norm_eps
 
 __all__ = [
     "ConvSpec",
@@ -98,6 +103,12 @@ __all__ = [
     "ParamSnapshot",
     "snapshot_params",
     "assert_params_unchanged",
+    # models whose layers reach every attribute the pipeline reads (repalgebra.testing_layers)
+    "norm_eps",
+    "LayerStack",
+    "layer_stacks",
+    "ATTRIBUTE_CASES",
+    "attribute_case",
 ]
 
 MAX_CHANNELS = 16
@@ -357,13 +368,14 @@ def bn_stats(draw, channels: int) -> BNStats:
     Running variance per channel log-uniform in a drawn sub-range of
     [1e-3, 10] (so shrinking reaches the extremes 1e-3 and 10), mean and beta
     normal with a drawn scale (0 to 3), gamma normal (either sign, sometimes
-    exactly 1), eps one of 1e-5, 1e-3, 0.1.
+    exactly 1), eps log-uniform in [1e-6, 1e-2] (:func:`~repalgebra.testing_layers.norm_eps`, the range real
+    models use) or one of 1e-5, 1e-3, 0.1.
     """
     seed = draw(seeds())
     lo, hi = sorted(draw(st.tuples(st.floats(-3, 1), st.floats(-3, 1))))
     mean_scale = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))
     unit_gamma = draw(st.booleans())
-    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    eps = draw(st.one_of(st.sampled_from([1e-5, 1e-3, 0.1]), norm_eps()))
     gen = torch.Generator().manual_seed(seed)
     c = channels
     var = 10 ** (lo + (hi - lo) * torch.rand(c, generator=gen, dtype=torch.float64))
