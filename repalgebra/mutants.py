@@ -1,8 +1,16 @@
-"""Mutation testing: seeded bugs in the rules, and proof that the test suite catches every one.
+"""Mutation testing: seeded bugs in every stage of the pipeline, and proof that the test suite catches every one.
 
     python -m repalgebra.mutants              # all mutants, 2 workers; exit 1 if any survives
     python -m repalgebra.mutants --rule bn_fold --jobs 1
+    python -m repalgebra.mutants --rule onnx_backend   # one stage: frontend, engine, torch_backend, onnx_backend
     python -m repalgebra.mutants --list       # the mutants, without running them
+
+The rule mutants are :data:`MUTANTS` below; the front-end, engine and back-end
+mutants are in :mod:`repalgebra.mutants_stages` (its docstring lists what
+they cover), each running its stage's tests (``tests/test_stage_*.py``).  The
+run prints a score per stage (``front end``, ``engine``, ``rules``, ``torch
+back end``, ``onnx back end``) and the total, and fails on any survivor that
+``mutants_stages.EQUIVALENT`` does not list, with its argument, as equivalent.
 
 A *mutant* is a faulty copy of a rule: the bugs real fusion code has shipped
 (a conv bias not multiplied by the BN scale, ``groups`` dropped, a
