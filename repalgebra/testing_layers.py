@@ -230,8 +230,8 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
     }
 
 
-#: Attribute name -> a builder of its :class:`LayerStack` (float64, eval mode, seeded).
 ATTRIBUTE_CASES: dict[str, Callable[[], LayerStack]] = _cases()
+"""Attribute name -> a builder of its :class:`LayerStack` (float64, eval mode, seeded)."""
 
 
 def attribute_case(name: str) -> LayerStack:
