@@ -39,13 +39,13 @@ FEW = {
     "repalgebra.frontend.handlers_functions:_f_flatten": "the start axis (the end is -1 in every model)",
     "repalgebra.frontend.aten_handlers:_permute": "one attribute, the permutation",
     "repalgebra.frontend.aten_handlers:_transpose": "two axes, the mutant drops one",
-    "repalgebra.frontend.aten_handlers:_flatten": "the start axis (the end is -1 in every model)",
     "repalgebra.backend.torch:_permute": "one attribute, the permutation",
     "repalgebra.backend.torch:_transpose": "two axes, the mutant drops one",
     "repalgebra.backend.torch:_flatten": "the start axis (the end is -1 in every model)",
     "repalgebra.backend.onnx:_permute": "one attribute, the permutation",
     "repalgebra.backend.onnx:_transpose": "two axes, the mutant drops one",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
+    "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }
 
 
@@ -65,7 +65,7 @@ def test_every_handler_and_lowering_has_three_mutants_or_a_reason():
     counts = Counter(m.target for m in STAGE if m.rule != "engine")
     few = {t: n for t, n in counts.items() if n < 3 and t not in FEW}
     assert not few, few
-    assert set(FEW) <= set(counts) | {"repalgebra.rewrite:cast_params"}
+    assert set(FEW) <= set(counts) | {"repalgebra.rewrite:cast_params", "repalgebra.rewrite:_rewrite"}
 
 
 def test_equivalent_mutants_exist_and_say_why():
