@@ -296,9 +296,13 @@ MUTANTS: list[Mutant] = [
 
 def all_mutants() -> list[Mutant]:
     """The rule mutants (:data:`MUTANTS`) and the stage mutants (:mod:`repalgebra.mutants_stages`): the full run."""
-    from repalgebra.mutants_stages import stage_mutants
+    from dataclasses import replace
 
-    return [*MUTANTS, *stage_mutants()]
+    from repalgebra.mutants_stages import engine_loop, stage_mutants
+
+    loop = engine_loop()  # the engine's loop may live in a helper that rewrite() wraps
+    rules = [replace(m, target=loop) if m.target == "repalgebra.rewrite:rewrite" else m for m in MUTANTS]
+    return [*rules, *stage_mutants()]
 
 
 def tests_for(m: Mutant) -> list[str]:
