@@ -514,6 +514,15 @@ def expand(x, *like, shape=None):
     return x.expand_as(like[0]) if like else x.expand(shape)
 
 
+@op("expand_dyn", kind="layout", variadic=True)
+def expand_dyn(x, *refs, shape=REQUIRED):
+    """``x.expand(B, 1, 64)`` to sizes read at run time (``cls_token.expand(B, -1, -1)`` with ``B = y.shape[0]``).
+
+    ``refs`` and the entries of ``shape`` as in ``reshape_dyn``; an int entry is a fixed size.
+    """
+    return x.expand(tuple(_dyn_size(e, refs) for e in shape))
+
+
 # --------------------------------------------------------------------------- opaque
 
 

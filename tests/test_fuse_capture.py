@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,10 @@ def check_exact(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
     assert verify(model, fused, x, n=2), str(fused.fuse_report)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
     return fused
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -289,8 +294,66 @@ def test_specialized_module_refuses_other_shapes():
     model = randomized(WindowAttention())
     fused = fuse(model, torch.randn(1, 8, 10, 9, dtype=D))
     assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
-    with pytest.raises(ValueError, match="shapes fixed at 1x8x10x9"):
+    with pytest.raises(ValueError, match=r"shapes fixed at Bx8x10x9 \(any batch size B\)"):
         fused(torch.randn(1, 8, 12, 12, dtype=D))
+
+
+class ClsTokens(nn.Module):
+    """ViT-style Python torch.fx cannot trace (an assert on sizes) that reads the batch: a class token expanded to it,
+    windows folded into it (``B * 2``), ``zeros_like`` plus slice assignment (ShiftViT's shift)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 2, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        assert H % 2 == 0 and W % 2 == 0, "even sizes only"
+        t = self.bn(self.proj(x)).flatten(2).transpose(1, 2)
+        w = self.fc(t.reshape(B * 2, -1, 8)).reshape(B, -1, 8)
+        shifted = torch.zeros_like(w)
+        shifted[:, 1:] = w[:, :-1]
+        return torch.cat([self.cls.expand(B, -1, -1), shifted], 1)
+
+
+class BatchAsFloat(ClsTokens):
+    """Python that computes with the batch size as a float (Swin's ``int(windows.shape[0] / ...)``): it stays fixed."""
+
+    def forward(self, x):
+        B = int(x.shape[0] / 1.0)
+        return super().forward(x).reshape(B, -1)
+
+
+def test_specialized_capture_keeps_the_batch_free_where_torch_export_proves_it():
+    model = randomized(ClsTokens())
+    fused = check_exact(model, torch.randn(1, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 8, 8, dtype=D)
+            assert rel_err(fused(x), model(x)) <= 1e-12
+    with pytest.raises(ValueError, match="any batch size B"):
+        fused(torch.randn(3, 3, 8, 12, dtype=D))
+    f32 = fuse(randomized(ClsTokens()).float(), torch.randn(1, 3, 8, 8))
+    proto, report = repalgebra.export_onnx(f32, None, (1, 3, 8, 8), fuse=False, return_report=True)
+    assert report.dynamic_batch and report.summary() == "none", report
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 8, 8)
+            (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+            assert rel_err(torch.from_numpy(got), f32(x)) <= 1e-5  # float32 against float32
+
+
+def test_python_that_computes_with_the_batch_keeps_it_fixed():
+    model = randomized(BatchAsFloat())
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
+    with pytest.raises(ValueError, match="shapes fixed at 2x3x8x8"):
+        fused(torch.randn(3, 3, 8, 8, dtype=D))
 
 
 # --------------------------------------------------------------------------- parts kept whole

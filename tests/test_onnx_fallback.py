@@ -151,20 +151,40 @@ def test_model_fx_cannot_trace_at_all_is_exported_whole():
             assert close(run(proto, x)[0], model(x))
 
 
-def test_a_model_fused_with_shapes_fixed_exports_with_the_batch_fixed():
-    class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.export at the example's shapes
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
+class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.export
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
 
-        def forward(self, x):
-            y = self.bn(self.conv(x))
-            for _ in range(int(y.shape[-1]) // 3):
-                y = y + F.max_pool2d(y, 3, 1, 1)
-            return y
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        for _ in range(int(y.shape[-1]) // 3):
+            y = y + F.max_pool2d(y, 3, 1, 1)
+        return y
 
+
+class BatchLoop(SizeLoop):  # ... and Python that computes with the batch size as a float: the batch is fixed too
+    def forward(self, x):
+        y = super().forward(x)
+        return y * (int(x.shape[0] * 0.5) + 1)
+
+
+def test_a_model_fused_with_the_batch_free_exports_with_a_dynamic_batch():
     model = SizeLoop().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 6))
+    assert fused.fuse_report.capture == "specialized"
+    proto, report = export_onnx(fused, None, (2, 3, 6, 6), fuse=False, return_report=True)
+    assert report.dynamic_batch and report.summary() == "none", report
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 0
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+
+
+def test_a_model_fused_with_shapes_fixed_exports_with_the_batch_fixed():
+    model = BatchLoop().eval()
     x = torch.randn(2, 3, 6, 6)
     fused = repalgebra.fuse(model, x)
     assert fused.fuse_report.capture == "specialized"

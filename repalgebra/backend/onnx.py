@@ -250,12 +250,21 @@ def _reshape(ctx, n, x):
 
 @lowering("reshape_dyn")
 def _reshape_dyn(ctx, n, x, *refs):
-    """Sizes read from the reference inputs at run time: Shape -> Gather -> Mul -> Concat -> Reshape."""
+    return ctx.emit("Reshape", [x, _dyn_shape(ctx, n.attrs["shape"], refs)])
+
+
+@lowering("expand_dyn")
+def _expand_dyn(ctx, n, x, *refs):
+    return ctx.emit("Expand", [x, _dyn_shape(ctx, n.attrs["shape"], refs)])
+
+
+def _dyn_shape(ctx, entries: tuple, refs: tuple) -> str:
+    """Sizes read from the reference inputs at run time: Shape -> Gather -> Mul -> Concat."""
     shapes: dict[int, str] = {}
-    entries = []
-    for entry in n.attrs["shape"]:
+    sizes = []
+    for entry in entries:
         if isinstance(entry, int):
-            entries.append(ctx.ints("size", [entry]))
+            sizes.append(ctx.ints("size", [entry]))
             continue
         size = None
         for f in entry:
@@ -267,8 +276,8 @@ def _reshape_dyn(ctx, n, x, *refs):
                     shapes[r] = ctx.emit("Shape", [refs[r]])
                 term = ctx.emit("Gather", [shapes[r], ctx.ints("axis", [axis])], axis=0)
             size = term if size is None else ctx.emit("Mul", [size, term])
-        entries.append(size)
-    return ctx.emit("Reshape", [x, ctx.emit("Concat", entries, axis=0)])
+        sizes.append(size)
+    return ctx.emit("Concat", sizes, axis=0)
 
 
 @lowering("select")
@@ -575,6 +584,8 @@ def _slice_scatter(ctx, n, x, src):
     """``x`` before the slice, ``src``, ``x`` after it, concatenated (step 1)."""
     a = n.attrs
     axis = a["axis"] % len(n.x.shape)
+    if (a["start"], a["end"], a["step"]) in ((0, None, 1), (None, None, 1)):  # the whole axis (``y[:, 1:] = v``'s outer one): src
+        return ctx.emit("Identity", [src])
     length = _static_size(ctx, n, axis)
     start, end, _ = slice(a["start"], a["end"]).indices(length)
     if a["step"] != 1:

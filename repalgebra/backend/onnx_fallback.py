@@ -816,13 +816,13 @@ class Flat(nn.Module):
 
 
 def fixed_shape_parts(model: nn.Module) -> list[str]:
-    """Where ``model`` holds parts ``fuse`` captured with shapes fixed (a ``ShapeGuard`` pre-hook): valid at one batch."""
+    """Where ``model`` holds parts ``fuse`` captured with shapes fixed, batch included (a ``ShapeGuard``): valid at one batch."""
     from repalgebra.fuse import ShapeGuard
 
     found = []
     for path, m in model.named_modules():
         for hook in m._forward_pre_hooks.values():
-            if isinstance(hook, ShapeGuard):
+            if isinstance(hook, ShapeGuard) and not hook.free_batch:
                 shapes = ", ".join("x".join(map(str, s)) for s in hook.shapes)
                 found.append(f"{path or 'the model'} (at {shapes})")
     return found

@@ -282,7 +282,16 @@ def _reshape(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("reshape_dyn")
 def _reshape_dyn(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
-    x, refs = xs[0], xs[1:]
+    return ctx.method("reshape", xs[0], *_dyn_sizes(ctx, node.attrs["shape"], xs[1:]))
+
+
+@lowers("expand_dyn")
+def _expand_dyn(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("expand", xs[0], tuple(_dyn_sizes(ctx, node.attrs["shape"], xs[1:])))  # one tuple: fx traces a buffer's expand so
+
+
+def _dyn_sizes(ctx: Lowering, entries: tuple, refs: list[fx.Node]) -> list[Any]:
+    """``reshape_dyn``/``expand_dyn`` sizes: ints, or products of ints and ``refs[r].shape[axis]`` read at run time."""
     shapes: dict[int, fx.Node] = {}
 
     def size(entry: Any) -> Any:
@@ -298,7 +307,7 @@ def _reshape_dyn(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
             out = f if out is None else ctx.function(operator.mul, out, f)
         return out
 
-    return ctx.method("reshape", x, *[size(e) for e in node.attrs["shape"]])
+    return [size(e) for e in entries]
 
 
 @lowers("flatten")

@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 
-from repalgebra.frontend.aten_builder import AtenCapture, CaptureFailed, ProgramBuilder, module_path
-from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS
+from repalgebra.frontend.aten_builder import AtenCapture, BatchBound, CaptureFailed, ProgramBuilder, module_path
+from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS, SIZED
 from repalgebra.frontend.capture import first_line
 
 __all__ = ["AtenCapture", "CaptureFailed", "capture_export"]
@@ -62,12 +62,44 @@ __all__ = ["AtenCapture", "CaptureFailed", "capture_export"]
 def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> AtenCapture:
     """Capture ``module`` with ``torch.export`` at the shapes of ``example_inputs`` into a Graph.
 
-    ``module`` is already a private deep copy in eval mode; it is run once on
-    fake tensors and not changed.  The graph is valid at these input shapes
-    only.  Raises :class:`CaptureFailed` when ``torch.export`` fails or the
-    program mutates state, holds higher-order ops or reads data-dependent scalars.
+    ``module`` is already a private deep copy in eval mode; it is run on fake
+    tensors and not changed.  First with a symbolic batch (axis 0 of every
+    input, one size): where ``torch.export`` proves the program holds for any
+    batch and the graph can read the batch where the program does (reshapes to
+    ``c * batch``), the capture is ``batch_free``.  Otherwise (Python that
+    branches on the batch, a tensor created at the batch's size, ...) the
+    graph is valid at these input shapes only, and a note says why.  Raises
+    :class:`CaptureFailed` when ``torch.export`` fails or the program mutates
+    state, holds higher-order ops or reads data-dependent scalars.
     """
     example_inputs = tuple(example_inputs)
+    why = _batch_axis_missing(example_inputs)
+    if why is None:
+        try:
+            # torch.export treats sizes 0 and 1 as special: trace at a batch of 2 or more.
+            traced = tuple(t.expand(max(2, t.shape[0]), *t.shape[1:]).contiguous() for t in example_inputs)
+            ep = _export(module, traced, tuple({0: BATCH} for _ in example_inputs))
+            return ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS, SIZED).build(example_inputs)
+        except (CaptureFailed, BatchBound) as e:
+            why = str(e)
+    cap = ProgramBuilder(_export(module, example_inputs, None), HANDLERS, MULTI_HANDLERS).build(example_inputs)
+    cap.notes.insert(1, f"batch fixed: {why}")
+    return cap
+
+
+BATCH = torch.export.Dim("batch")
+
+
+def _batch_axis_missing(example_inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the inputs have no common batch axis to export symbolically (None: axis 0 of each)."""
+    sizes = {t.shape[0] if isinstance(t, torch.Tensor) and t.dim() else None for t in example_inputs}
+    if None in sizes or len(sizes) != 1:
+        return "the inputs do not share a batch axis (axis 0 of each, one size)"
+    return None
+
+
+def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None) -> torch.export.ExportedProgram:
+    """``torch.export`` then ``run_decompositions({})`` (functionalized, high-level ops kept); checked pure."""
     try:
         # Under no_grad a `with torch.no_grad():` block in forward changes nothing, so it records
         # no wrap_with_set_grad_enabled subgraph and its nodes keep their module paths (without
@@ -75,12 +107,12 @@ def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
         # An `enable_grad()` block still records one; run_decompositions inlines it too.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
-            ep = torch.export.export(module, example_inputs, strict=False)
+            ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             ep = ep.run_decompositions({})
     except Exception as e:  # anything torch raises: the first line says why
         raise CaptureFailed(first_line(e)) from e
     _check_program(ep)
-    return ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS).build(example_inputs)
+    return ep
 
 
 def _check_program(ep: torch.export.ExportedProgram) -> None:

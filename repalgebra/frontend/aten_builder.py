@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -25,7 +25,7 @@ from repalgebra.ir import Graph, Node, Value
 
 aten = torch.ops.aten
 
-__all__ = ["AtenCapture", "CaptureFailed", "ProgramBuilder", "Const", "Made", "module_path", "tensor_info"]
+__all__ = ["AtenCapture", "BatchBound", "CaptureFailed", "ProgramBuilder", "Const", "Sym", "Made", "module_path", "tensor_info"]
 
 
 @dataclass
@@ -35,10 +35,18 @@ class AtenCapture:
     graph: Graph  # inputs have the example inputs' shapes and dtypes
     output_spec: pytree.TreeSpec  # structure of the model's outputs; its leaves are the graph outputs
     notes: list[str] = field(default_factory=list)
+    batch_free: bool = False  # valid at any batch size (exported with a symbolic batch, no size read as a number)
 
 
 class CaptureFailed(Exception):
     """The export path cannot capture this module; ``str(e)`` is the one-line reason (first line of torch's error)."""
+
+
+class BatchBound(Exception):
+    """A program exported with a symbolic batch reads the batch size where the graph cannot keep it symbolic.
+
+    ``str(e)`` says where; :func:`~repalgebra.frontend.aten.capture_export` then captures at fixed shapes.
+    """
 
 
 # --------------------------------------------------------------------------- values while building
@@ -50,6 +58,14 @@ class Const:
 
     tensor: torch.Tensor
     path: str | None  # its FQN (``stages.0.conv.weight``) when it is a model tensor
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A size the program computes from the symbolic batch (``x.shape[0]``, ``B * N``): its expression and its value here."""
+
+    expr: Any  # a sympy expression in the batch symbol
+    value: int  # at the example inputs' batch size
 
 
 @dataclass(eq=False)
@@ -70,13 +86,11 @@ def module_path(n: fx.Node) -> str:
     return str(list(stack.values())[-1][0])
 
 
-def tensor_info(val: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+def tensor_info(val: Any, size: Callable[[Any], int] = int) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """``(shape, dtype)`` of a recorded tensor, its sizes made concrete by ``size``; None for non-tensors."""
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return tuple(int(s) for s in val.shape), val.dtype
-    except Exception:  # an unbacked (data-dependent) size
-        raise CaptureFailed(f"a tensor of data-dependent shape {tuple(val.shape)}: not capturable at fixed shapes") from None
+    return tuple(size(s) for s in val.shape), val.dtype
 
 
 def _leaves(a: Any) -> list[Any]:
@@ -95,14 +109,56 @@ Made = "tuple[str, list[Value], dict, dict, str | None] | None"  # op, inputs, a
 class ProgramBuilder:
     """Maps the nodes of one exported program to IR nodes."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, handlers: dict, multi_handlers: dict) -> None:
+    def __init__(self, ep: torch.export.ExportedProgram, handlers: dict, multi_handlers: dict, sized: frozenset = frozenset()) -> None:
         self.ep = ep
         self.handlers = handlers  # ATen overload -> handler (aten_handlers.HANDLERS)
         self.multi_handlers = multi_handlers  # for the parts of multi-output calls
+        self.sized = sized  # overloads whose handler reads sizes from the recorded output (symbolic batch allowed)
         self.env: dict[fx.Node, Any] = {}
         self.nodes: list[Node] = []
         self.notes: list[str] = []
         self.opaque_ops: dict[str, int] = {}
+        self.batch: Any = None  # the batch's sympy symbol, when the program was exported with a symbolic batch
+        self.batch_size = 0  # its value at the example inputs
+        self.batch_ref: Value | None = None  # the graph input whose axis 0 is the batch
+
+    # -- sizes --------------------------------------------------------------------------
+
+    def size(self, s: Any) -> int:
+        """A recorded size at the example inputs (a symbolic batch size evaluated at the example's batch)."""
+        if not isinstance(s, torch.SymInt):
+            return int(s)
+        expr = s.node.expr
+        if self.batch is None or not expr.free_symbols <= {self.batch}:
+            raise CaptureFailed(f"a tensor of data-dependent size {expr}: not capturable at fixed shapes")
+        return int(expr.xreplace({self.batch: self.batch_size}))
+
+    def info(self, n: fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """``(shape, dtype)`` ``torch.export`` recorded for ``n``, at the example inputs."""
+        return tensor_info(n.meta.get("val"), self.size)
+
+    def holds_batch(self, n: fx.Node) -> bool:
+        """Whether the tensor ``n`` computes has a size that follows the symbolic batch."""
+        val = n.meta.get("val")
+        return isinstance(val, torch.Tensor) and any(_symbolic(s) for s in val.shape)
+
+    def batch_sizes(self, n: fx.Node) -> tuple | None:
+        """``n``'s recorded shape as ``reshape_dyn`` sizes (the batch read from :attr:`batch_ref`); None if static.
+
+        A size ``c * batch`` becomes the factors ``((0, 0), c)``; any other expression of the batch is refused.
+        """
+        if not self.holds_batch(n):
+            return None
+        sizes: list[Any] = []
+        for s in n.meta["val"].shape:
+            if not _symbolic(s):
+                sizes.append(int(s))
+                continue
+            coeff, rest = s.node.expr.as_coeff_Mul()
+            if rest != self.batch or not coeff.is_Integer or coeff < 1:
+                raise BatchBound(f"{n.target} at {module_path(n)!r} makes a size {s.node.expr} of the batch")
+            sizes.append(((0, 0),) if coeff == 1 else ((0, 0), int(coeff)))
+        return tuple(sizes)
 
     # -- driver -------------------------------------------------------------------------
 
@@ -121,6 +177,9 @@ class ProgramBuilder:
                     v = Graph.input(n.name, tuple(t.shape), t.dtype)
                     inputs.append(v)
                     self.env[n] = v
+                    val = n.meta.get("val")
+                    if self.batch is None and isinstance(val, torch.Tensor) and val.dim() and _symbolic(val.shape[0]):
+                        self.batch, self.batch_size, self.batch_ref = val.shape[0].node.expr, t.shape[0], v
                 else:
                     self.env[n] = self.model_tensor(spec)
             elif n.op == "call_function":
@@ -129,12 +188,15 @@ class ProgramBuilder:
                 outs = [self.output_value(self.env_of(a), n) for a in n.args[0]]
                 spec = self.ep.call_spec.out_spec
                 shapes = ", ".join("x".join(map(str, v.shape)) + f" {str(v.dtype).replace('torch.', '')}" for v in inputs)
-                notes = [f"captured with torch.export at input shape(s) {shapes}: sizes are specialized to them"]
+                if self.batch is None:
+                    notes = [f"captured with torch.export at input shape(s) {shapes}: sizes are specialized to them"]
+                else:
+                    notes = [f"captured with torch.export at input shape(s) {shapes} with a symbolic batch: other sizes are specialized"]
                 notes += self.notes
                 if self.opaque_ops:
                     listed = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(self.opaque_ops.items()))
                     notes.append(f"carried through unchanged (no op in the table): {listed}")
-                return AtenCapture(Graph(inputs, self.nodes, outs), spec, notes)
+                return AtenCapture(Graph(inputs, self.nodes, outs), spec, notes, batch_free=self.batch is not None)
         raise AssertionError("exported program without output")
 
     def model_tensor(self, spec: Any) -> Const:
@@ -166,18 +228,26 @@ class ProgramBuilder:
     # -- one call -----------------------------------------------------------------------
 
     def call(self, n: fx.Node) -> Any:
+        if self.batch is not None and _symbolic(n.meta.get("val")):
+            return self.non_tensor(n, n.meta["val"])  # size arithmetic on the batch (``B * 9``)
         args, kwargs = self.env_of(n.args), self.env_of(n.kwargs)
         if n.target is operator.getitem:
             return self.getitem(n, *args)
         found = _leaves((args, kwargs))
-        if not any(isinstance(x, (Value, _Multi)) for x in found) and not _seeded(n.target):
+        reads_batch = any(isinstance(x, Sym) for x in found)
+        if reads_batch:
+            if n.target not in self.sized:
+                raise BatchBound(f"{n.target} at {module_path(n)!r} reads the batch size as a number")
+            args, kwargs = (map_leaves(a, lambda x: x.value if isinstance(x, Sym) else x) for a in (args, kwargs))
+            found = _leaves((args, kwargs))
+        if not reads_batch and not any(isinstance(x, (Value, _Multi)) for x in found) and not _seeded(n.target):
             folded = self.fold(n, args, kwargs)
             if folded is not _NOT_FOLDED:
                 return folded
         val = n.meta.get("val")
         if isinstance(val, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in val):
             return _Multi(n, args, kwargs)
-        info = tensor_info(val)
+        info = tensor_info(val, self.size)
         if info is None:
             return self.non_tensor(n, val)
         handler = self.handlers.get(n.target)
@@ -187,6 +257,8 @@ class ProgramBuilder:
             out = self.emit(n, made, info)
             if out is not None:
                 return out
+        if reads_batch:  # carried through, it would keep the example's batch size
+            raise BatchBound(f"{n.target} at {module_path(n)!r} reads the batch size and has no op to keep it symbolic")
         return self.opaque(n, n.target, args, kwargs, info)
 
     def getitem(self, n: fx.Node, src: Any, index: int) -> Any:
@@ -199,7 +271,7 @@ class ProgramBuilder:
         """
         if isinstance(src, (tuple, list)):  # a folded constant tuple
             return src[index]
-        info = tensor_info(n.meta.get("val"))
+        info = self.info(n)
         if not isinstance(src, _Multi) or info is None:
             return self.opaque(n, operator.getitem, (src, index), {}, info)
         handler = self.multi_handlers.get(src.node.target)
@@ -232,6 +304,10 @@ class ProgramBuilder:
             return None
         if isinstance(val, (int, float, bool)) and not isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return val  # a size read at the example's shapes: a literal here
+        if isinstance(val, torch.SymInt) and self.batch is not None and val.node.expr.free_symbols <= {self.batch}:
+            return Sym(val.node.expr, self.size(val))  # a size computed from the batch: only reshapes may read it
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) and self.batch is not None:
+            raise BatchBound(f"{n.format_node()} at {module_path(n)!r} computes {type(val).__name__} {val} from the batch size")
         raise CaptureFailed(f"{n.format_node()} at {module_path(n)!r} gives {type(val).__name__}, not a tensor (a data-dependent value?)")
 
     def emit(self, n: fx.Node, made: Any, info: tuple[tuple[int, ...], torch.dtype]) -> Value | None:
@@ -282,6 +358,10 @@ class ProgramBuilder:
 
 
 _NOT_FOLDED = object()
+
+
+def _symbolic(s: Any) -> bool:
+    return isinstance(s, torch.SymInt) and bool(s.node.expr.free_symbols)
 
 
 def _seeded(target: Any) -> bool:

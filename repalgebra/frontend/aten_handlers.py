@@ -15,10 +15,10 @@ import torch
 from torch import fx
 
 from repalgebra.frontend.args import channel_axis, scalar_axis
-from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, tensor_info
+from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
-__all__ = ["HANDLERS", "MULTI_HANDLERS"]
+__all__ = ["HANDLERS", "MULTI_HANDLERS", "SIZED"]
 
 aten = torch.ops.aten
 
@@ -368,16 +368,38 @@ def _einsum(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 
 def _expand(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    x, size = _v(a["self"]), _ints(a["size"])
+    """``expand``, or ``expand_dyn`` to the recorded shape where it holds the symbolic batch (``expand(B, -1, -1)``)."""
+    sizes = b.batch_sizes(n)
+    if sizes is not None:  # a constant too (``cls_token.expand(B, -1, -1)``): it must be expanded at run time
+        x = _as_value(b, a["self"])
+        return None if x is None else ("expand_dyn", [x, b.batch_ref], {"shape": sizes}, {}, None)
+    x = _v(a["self"])
+    size = _ints(a["size"])
     return None if x is None or size is None else ("expand", [x], {"shape": size}, {}, None)
 
 
 def _zeros_like(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``torch.zeros_like(x)`` at the captured shape: a ``constant``."""
-    info = tensor_info(n.meta.get("val"))
+    """``torch.zeros_like(x)`` at the captured shape: a ``constant`` (expanded to the batch at run time where it has one)."""
+    info = b.info(n)
     if _v(a["self"]) is None or info is None or a.get("memory_format") is not None:
         return None
-    return "constant", [], {"dtype": info[1]}, {"value": torch.zeros(info[0], dtype=info[1])}, None
+    return _filled(b, n, torch.zeros((), dtype=info[1]), info[1], None)
+
+
+def _filled(b: ProgramBuilder, n: fx.Node, value: torch.Tensor, dtype: torch.dtype, source: str | None) -> Made:
+    """``value`` broadcast to ``n``'s recorded shape, as a ``constant``.
+
+    Where that shape holds the symbolic batch, the constant has size 1 there and an ``expand_dyn`` reads the batch at run time.
+    """
+    shape = b.info(n)[0]
+    sizes = b.batch_sizes(n)
+    if sizes is None:
+        return "constant", [], {"dtype": dtype}, {"value": value.expand(shape).to(dtype).clone()}, source
+    small = tuple(1 if isinstance(e, tuple) else e for e in sizes)
+    if not _broadcasts(tuple(value.shape), small):
+        return None
+    const = Node.make("constant", [], {"dtype": dtype}, {"value": value.expand(small).to(dtype).clone()}, source or module_path(n))
+    return "expand_dyn", [b.add(const), b.batch_ref], {"shape": sizes}, {}, source
 
 
 _END = 2**63 - 1  # aten's "to the end" (``x[a:]``)
@@ -391,6 +413,8 @@ def _slice(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     x, start, end, step = _v(a["self"]), a["start"], _bound(a["end"]), a["step"]
     if x is None or not _is_int(a["dim"]) or not (start is None or _is_int(start)) or not (end is None or _is_int(end)) or not _is_int(step) or step < 1:
         return None
+    if not start and end is None and step == 1:  # the whole axis (``x[:, 1:]``'s ``[:]`` over a symbolic batch)
+        return "identity", [x], {}, {}, None
     return "slice", [x], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
 
 
@@ -425,19 +449,20 @@ def _split(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
 def _copy(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``copy(dst, src)`` (from ``y[...] = src``): ``src`` broadcast to ``dst``'s shape in ``dst``'s dtype; the
     identity of ``src`` where it has them, ``expand`` where it broadcasts, a ``constant`` for a constant ``src``
-    (DBB's ``output[:, :, 0:p, :] = pad_values``)."""
-    info = tensor_info(n.meta.get("val"))
+    (DBB's ``output[:, :, 0:p, :] = pad_values``); ``expand_dyn`` where the shape holds the symbolic batch."""
+    info = b.info(n)
     if info is None:
         return None
     shape, dtype = info
     src = a["src"]
     if isinstance(src, Const):
-        if not _broadcasts(tuple(src.tensor.shape), shape):
-            return None
-        return "constant", [], {"dtype": dtype}, {"value": src.tensor.expand(shape).to(dtype).clone()}, _owner(src)
+        return _filled(b, n, src.tensor, dtype, _owner(src)) if _broadcasts(tuple(src.tensor.shape), shape) else None
     src = _v(src)
     if src is None or src.dtype != dtype:
         return None
+    sizes = b.batch_sizes(n)
+    if sizes is not None:  # equal shapes at the example's batch may still broadcast at another
+        return ("expand_dyn", [src, b.batch_ref], {"shape": sizes}, {}, None) if _broadcasts(src.shape, shape) else None
     if src.shape == shape:
         return "identity", [src], {}, {}, None
     return ("expand", [src], {"shape": shape}, {}, None) if _broadcasts(src.shape, shape) else None
@@ -533,13 +558,20 @@ def _mean_all(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 
 def _reshape(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    x, shape = _v(a["self"]), _ints(a.get("size", a.get("shape")))
+    """``view``/``reshape``: ``reshape``, or ``reshape_dyn`` where a size follows the symbolic batch (``B * N``)."""
+    x = _v(a["self"])
+    sizes = b.batch_sizes(n)
+    if x is not None and sizes is not None:
+        return "reshape_dyn", [x, b.batch_ref], {"shape": sizes}, {}, None
+    shape = _ints(a.get("size", a.get("shape")))
     return None if x is None or shape is None else ("reshape", [x], {"shape": shape}, {}, None)
 
 
 def _to_shape(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``unsqueeze``/``squeeze``: a reshape to the recorded shape (sizes are fixed here)."""
-    x, info = _v(a["self"]), tensor_info(n.meta.get("val"))
+    """``unsqueeze``/``squeeze``: a reshape to the recorded shape (``reshape_dyn`` where it holds the batch)."""
+    x, info, sizes = _v(a["self"]), b.info(n), b.batch_sizes(n)
+    if x is not None and sizes is not None:
+        return "reshape_dyn", [x, b.batch_ref], {"shape": sizes}, {}, None
     return None if x is None or info is None else ("reshape", [x], {"shape": info[0]}, {}, None)
 
 
@@ -698,3 +730,7 @@ MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.adaptive_max_pool2d.default: _adaptive("adaptive_max_pool2d"),
     aten.native_group_norm.default: _native_group_norm,
 }
+
+# Overloads that may read sizes computed from a symbolic batch: their handlers take the sizes from the recorded
+# output shape instead (any other call reading one makes the capture fall back to fixed shapes).
+SIZED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default})

@@ -57,6 +57,7 @@ class Capture:
     how: str  # "fx" | "specialized"
     notes: list[str] = field(default_factory=list)
     left_alone: list[LeftAlone] = field(default_factory=list)
+    batch_free: bool = False  # a specialized capture that holds at any batch size (its other sizes fixed)
 
 
 def first_line(e: BaseException) -> str:
@@ -95,7 +96,8 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     except Exception as e:  # noqa: BLE001  (torch.export raises many types; all mean "not this path")
         raise CaptureFailed(first_line(e)) from e
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-    return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with shapes fixed at {shapes}", *cap.notes])
+    fixed = "shapes" if not cap.batch_free else "sizes other than the batch"
+    return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with {fixed} fixed at {shapes}", *cap.notes], batch_free=cap.batch_free)
 
 
 @contextlib.contextmanager

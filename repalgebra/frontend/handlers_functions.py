@@ -231,9 +231,15 @@ def _f_reshape(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
         return None
     if all(is_int(e) for e in rest):
         return "reshape", [x], {"shape": tuple(rest)}, {}, ""
+    dyn = _dyn_sizes(rest)
+    return None if dyn is None else ("reshape_dyn", [x, *dyn[0]], {"shape": dyn[1]}, {}, "")
+
+
+def _dyn_sizes(sizes: tuple) -> tuple[list[Value], tuple] | None:
+    """Sizes read from shapes (``B, C, H, W = y.shape``; ``B * H``) as ``reshape_dyn``/``expand_dyn`` refs and entries."""
     refs: list[Value] = []
     entries = []
-    for e in rest:
+    for e in sizes:
         factors = _size_factors(e)
         if factors is None:
             return None
@@ -246,7 +252,7 @@ def _f_reshape(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
                 f = (next(k for k, r in enumerate(refs) if r is v), axis % len(v.shape))
             entry.append(f)
         entries.append(entry[0] if len(entry) == 1 and is_int(entry[0]) else tuple(entry))
-    return "reshape_dyn", [x, *refs], {"shape": tuple(entries)}, {}, ""
+    return refs, tuple(entries)
 
 
 def _size_factors(e: Any) -> list | None:
@@ -687,14 +693,32 @@ def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: d
 
 
 def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``x.expand(sizes)`` with int sizes (-1 keeps one) and ``x.expand_as(y)``."""
-    if kwargs or not args or shaped(args[0]) is None or constant(args[0]) is not None:
+    """``x.expand(sizes)`` with int sizes (-1 keeps one), ``x.expand_as(y)``, and ``expand_dyn`` for sizes read from
+    shapes (a class token: ``self.cls_token.expand(x.shape[0], -1, -1)``)."""
+    c = constant(args[0]) if args else None
+    if kwargs or not args or (shaped(args[0]) is None and c is None):
         return None
     x, rest = args[0], args[1:]
+    x_shape = tuple(c.tensor.shape) if c is not None else x.shape
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = tuple(rest[0])
     if target == "expand_as":
-        return ("expand", [x, rest[0]], {}, {}, "") if len(rest) == 1 and shaped(rest[0]) is not None else None
-    shape = ints(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else ints(rest)
-    return None if shape is None else ("expand", [x], {"shape": shape}, {}, "")
+        if len(rest) != 1 or shaped(rest[0]) is None or c is not None:
+            return None
+        return "expand", [x, rest[0]], {}, {}, ""
+    shape = ints(rest)
+    if shape is not None:
+        return None if c is not None else ("expand", [x], {"shape": shape}, {}, "")
+    dyn = _dyn_sizes(rest)
+    new = len(rest) - len(x_shape)  # leading axes expand adds
+    if dyn is None or new < 0 or -1 in dyn[1][:new]:
+        return None
+    refs, entries = dyn
+    if c is None and -1 in entries:  # -1 keeps x's size: read from x at run time (it may be the batch)
+        refs = [*refs, x]
+        entries = tuple(((len(refs) - 1, k - new),) if e == -1 else e for k, e in enumerate(entries))
+    sizes = tuple(x_shape[k - new] if e == -1 else e for k, e in enumerate(entries))  # a constant's sizes are fixed
+    return "expand_dyn", [as_value(b, x), *refs], {"shape": sizes}, {}, ""
 
 
 def _f_roll(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
