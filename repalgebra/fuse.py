@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
+from repalgebra.gc_pause import frozen_gc
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
 
@@ -137,31 +138,19 @@ class ShapeGuard:
     shapes it could compute something else, so it refuses instead.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str, free_batch: bool = False) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.where = where
-        self.free_batch = free_batch  # any batch size (axis 0 of every input, one size), the other sizes fixed
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
-        if self._fits(got):
-            return
-        fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
-        fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
-        raise ValueError(
-            f"{self.where} was fused with its input shapes fixed at {fixed} (its forward reads input sizes, so "
-            f"torch.export recorded it at those shapes); it was called with {fmt(got)}. Fuse the model again "
-            f"with an example input of the shape you run it at."
-        )
-
-    def _fits(self, got: list[tuple[int, ...]]) -> bool:
-        if not self.free_batch:
-            return got == self.shapes
-        return (
-            len(got) == len(self.shapes)
-            and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
-            and len({g[0] for g in got}) == 1
-        )
+        if got != self.shapes:
+            fmt = lambda ss: ", ".join("x".join(map(str, s)) for s in ss)  # noqa: E731
+            raise ValueError(
+                f"{self.where} was fused with its input shapes fixed at {fmt(self.shapes)} (its forward reads "
+                f"input sizes, so torch.export recorded it at those shapes); it was called with {fmt(got)}. "
+                f"Fuse the model again with an example input of the shape you run it at."
+            )
 
 
 def fuse(
@@ -258,7 +247,8 @@ class _Fuser:
                 continue  # torch.export cannot keep the user's leaves whole
             t = time.perf_counter()
             try:
-                cap = capture_fx(module, inputs, leaves) if how == "fx" else capture_specialized(module, inputs)
+                with frozen_gc():  # the collector would revisit the model and the growing graph again and again
+                    cap = capture_fx(module, inputs, leaves) if how == "fx" else capture_specialized(module, inputs)
             except CaptureFailed as e:
                 self.stage["capture"] += time.perf_counter() - t
                 if self.strict and how == "fx":
@@ -366,6 +356,10 @@ class _Fuser:
 
     def finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
         """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
+        with frozen_gc():  # the graph, the model and its copies stay alive throughout: keep the collector off them
+            return self._finish(path, cap, inputs, reason)
+
+    def _finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
         t0 = time.perf_counter()
         graph_in = cap.graph
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
@@ -375,22 +369,17 @@ class _Fuser:
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
         fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        if cap.how == "specialized":
+            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path)))
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
-        free_batch = cap.batch_free
         if self.check:
             exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
             problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
-            if problem is not None:
-                self.stage["check"] += time.perf_counter() - t2
-                raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
-            if free_batch:  # torch.export proved the program batch-generic; check the graph at another batch too
-                other = tuple(torch.cat([t, t[:1]]) for t in inputs)
-                free_batch = self.same(self.pristine.get_submodule(path), exact, Call(other, {})) is None
             self.stage["check"] += time.perf_counter() - t2
-        if cap.how == "specialized":
-            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch))
+            if problem is not None:
+                raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
         r = self.report
         r.parts.append(Part(path, cap.how, reason, type(self.pristine.get_submodule(path)).__name__))
         r.fired += [_prefixed(f, path) for f in rw.fired]

@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 
 import repalgebra.rules  # noqa: F401  (registers the built-in rules)
+from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Graph, Node
 from repalgebra.match import branch_input
 from repalgebra.rules.registry import RULES, Refusal, Rewrite, Rule, RuleFn, rule  # noqa: F401  (re-exported)
@@ -108,6 +109,13 @@ def rewrite(
     ``cast_back=False`` they stay in ``fold_dtype``: :func:`cast_params` casts
     them later, so a caller can check the exact folded graph first).
     """
+    with frozen_gc():  # the collector would revisit the whole graph again and again: quadratic time
+        return _rewrite(graph, rules, fold_dtype, max_rewrites, progress, cast_back)
+
+
+def _rewrite(
+    graph: Graph, rules: Iterable[Rule] | None, fold_dtype: torch.dtype, max_rewrites: int, progress: bool, cast_back: bool
+) -> tuple[Graph, RewriteReport]:
     start = time.perf_counter()
     rules = list(RULES.values()) if rules is None else list(rules)
     by_op: dict[str, list[Rule]] = {}
