@@ -138,19 +138,31 @@ class ShapeGuard:
     shapes it could compute something else, so it refuses instead.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str, free_batch: bool = False) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.where = where
+        self.free_batch = free_batch  # any batch size (axis 0 of every input, one size), the other sizes fixed
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
-        if got != self.shapes:
-            fmt = lambda ss: ", ".join("x".join(map(str, s)) for s in ss)  # noqa: E731
-            raise ValueError(
-                f"{self.where} was fused with its input shapes fixed at {fmt(self.shapes)} (its forward reads "
-                f"input sizes, so torch.export recorded it at those shapes); it was called with {fmt(got)}. "
-                f"Fuse the model again with an example input of the shape you run it at."
-            )
+        if self._fits(got):
+            return
+        fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
+        fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
+        raise ValueError(
+            f"{self.where} was fused with its input shapes fixed at {fixed} (its forward reads input sizes, so "
+            f"torch.export recorded it at those shapes); it was called with {fmt(got)}. Fuse the model again "
+            f"with an example input of the shape you run it at."
+        )
+
+    def _fits(self, got: list[tuple[int, ...]]) -> bool:
+        if not self.free_batch:
+            return got == self.shapes
+        return (
+            len(got) == len(self.shapes)
+            and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
+            and len({g[0] for g in got}) == 1
+        )
 
 
 def fuse(
@@ -369,17 +381,22 @@ class _Fuser:
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
         fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
-        if cap.how == "specialized":
-            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path)))
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
+        free_batch = cap.batch_free
         if self.check:
             exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
             problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
-            self.stage["check"] += time.perf_counter() - t2
             if problem is not None:
+                self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
+            if free_batch:  # torch.export proved the program batch-generic; check the graph at another batch too
+                other = tuple(torch.cat([t, t[:1]]) for t in inputs)
+                free_batch = self.same(self.pristine.get_submodule(path), exact, Call(other, {})) is None
+            self.stage["check"] += time.perf_counter() - t2
+        if cap.how == "specialized":
+            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch))
         r = self.report
         r.parts.append(Part(path, cap.how, reason, type(self.pristine.get_submodule(path)).__name__))
         r.fired += [_prefixed(f, path) for f in rw.fired]
