@@ -368,14 +368,14 @@ def bn_stats(draw, channels: int) -> BNStats:
     Running variance per channel log-uniform in a drawn sub-range of
     [1e-3, 10] (so shrinking reaches the extremes 1e-3 and 10), mean and beta
     normal with a drawn scale (0 to 3), gamma normal (either sign, sometimes
-    exactly 1), eps log-uniform in [1e-6, 1e-2] (:func:`~repalgebra.testing_layers.norm_eps`, the range real
-    models use) or one of 1e-5, 1e-3, 0.1.
+    exactly 1), eps one of 1e-5, 1e-3, 0.1 (the rules' tests; models with eps across its realistic range,
+    1e-6 to 1e-2, are :func:`layer_stacks`).
     """
     seed = draw(seeds())
     lo, hi = sorted(draw(st.tuples(st.floats(-3, 1), st.floats(-3, 1))))
     mean_scale = draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]))
     unit_gamma = draw(st.booleans())
-    eps = draw(st.one_of(st.sampled_from([1e-5, 1e-3, 0.1]), norm_eps()))
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
     gen = torch.Generator().manual_seed(seed)
     c = channels
     var = 10 ** (lo + (hi - lo) * torch.rand(c, generator=gen, dtype=torch.float64))
