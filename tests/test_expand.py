@@ -112,7 +112,7 @@ def test_trained_expanded_plain_net_fuses_exactly_to_the_original_architecture(r
         assert rel_err(expanded(x), fused(x)) <= RTOL
 
 
-ZOO_MODELS = ["resnet_basic", "mobilenetv3", "regnety"]
+ZOO_MODELS = ["resnet_basic", "mobilenetv3", "regnety", "pvt_v2"]
 
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
@@ -142,6 +142,31 @@ def test_trained_zoo_model_fuses_exactly(name, recipe):
     assert conv_signature(fused) == conv_signature(repalgebra.fuse(m, x))
     with torch.no_grad():
         assert rel_err(expanded(x), fused(x)) <= RTOL
+
+
+class ReadsItsShape(nn.Module):
+    """A strided conv whose output's ``.shape`` the forward reads (PVT's patch embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.proj(x)
+        _, _, h, w = y.shape
+        tokens = y.flatten(2).transpose(1, 2)
+        return tokens.transpose(1, 2).reshape(-1, 8, h, w).relu()
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_a_read_of_the_blocks_shape_does_not_keep_a_branch_alive(recipe):
+    """The shape read sits on the sum of the branches and moves with the fold (frontend/shapes.py), not on a branch."""
+    m = ReadsItsShape().double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    fused = repalgebra.fuse(repalgebra.expand(m, recipe), x)
+    assert conv_signature(fused) == conv_signature(m), f"{fused.fuse_report}"
+    with torch.no_grad():
+        assert rel_err(m(x), fused(x)) <= RTOL
 
 
 # ---------------------------------------------------------------- what expand builds

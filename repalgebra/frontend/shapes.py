@@ -115,13 +115,22 @@ def _rerouted(graph: Graph, node: Node) -> Node | None:
 
 
 def _earlier(graph: Graph, v: Value, axis: int) -> tuple[Value, int] | int | None:
-    """:func:`size_source`, except onto a conv/linear output that only ``v``'s BN/scale/identity reads and that is the end.
+    """:func:`size_source`, except onto a conv/linear output that only ``v``'s BN/scale/identity reads and that is the end,
+    or off a sum onto a conv, BN or partial sum that only the sum reads.
 
     That BN folds into the conv (``bn_fold``); a shape read left on the conv's
     output would keep the unfolded conv alive and stop the fold (PiT's pooling:
-    a strided conv and a BN).  Left on ``v`` it moves with the fold.
+    a strided conv and a BN).  Left on ``v`` it moves with the fold.  Likewise
+    the branches of a sum fold into one conv (``branch_sum``): a read moved onto
+    the first branch would keep that branch's conv computed beside the folded
+    one (a RepVGG block whose output's ``x.shape`` is read, as PVT's patch
+    embedding does).  Left on the sum, it moves with the fold.
     """
     src = size_source(v, axis)
+    if isinstance(src, tuple) and v.producer.op in ("add", "sub"):
+        p = src[0].producer
+        if p is not None and p.op in ("conv2d", "batch_norm", "add", "sub") and _data_reads(graph, src[0]) == 1:
+            return None
     if isinstance(src, tuple) and v.producer.op in _SAME_SHAPE:
         u, a = src
         p = u.producer
