@@ -145,7 +145,10 @@ def expand(
             skipped.append(Skipped(path, reason))
             continue
         block = recipe.build(site, init).train(conv.training)
-        _replace(new, path, block)
+        if not path:  # the model is itself a conv
+            new = block
+        else:
+            _replace(new, path, block)
         if bn_path:
             _replace(new, bn_path, nn.Identity())
         expanded.append(Expanded(path, site.kernel, site.stride, site.groups, bn_path, block.branch_names))
@@ -222,7 +225,8 @@ def _find_uses(module: nn.Module, prefix: str, pairs: dict[str, str], read: set[
         for name, child in module.named_children():
             _find_uses(child, f"{prefix}{name}.", pairs, read, notes)
         return
-    read.update(prefix + n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr")
+    # A module reading its own tensors is what modules do; a forward reading a child's tensors pins that child.
+    read.update(prefix + n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr" and "." in n.target)
     calls = [n for n in graph.nodes if n.op == "call_module"]
     count = Counter(n.target for n in calls)
     for n in calls:

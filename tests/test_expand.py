@@ -198,6 +198,14 @@ def test_blocks_have_readable_branches_and_the_bn_moves_in():
     assert (a.horizontal.conv.kernel_size, a.vertical.conv.kernel_size) == ((1, 3), (3, 1))
 
 
+def test_a_model_that_is_one_conv_becomes_one_block():
+    conv = nn.Conv2d(4, 4, 3, padding=1).double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    e = repalgebra.expand(conv, "acnet", x)
+    assert isinstance(e, ExpandedConv) and [x.path for x in e.expand_report.expanded] == [""]
+    assert conv_signature(repalgebra.fuse(e, x)) == conv_signature(conv)
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_mobileone_k_branches(k):
     m = nn.Sequential(nn.Conv2d(3, 5, 3, 2, 1)).double()
