@@ -34,6 +34,7 @@ RULES = [
     "bn_into_linear",
     "linear_affine_fold",
     "query_scale_fold",
+    "attention_form",
     "repmixer",
     "cpe",
 ]

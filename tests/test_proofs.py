@@ -22,7 +22,8 @@ from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_nor
                              symbols_tensor)
 
 REFUSAL_RULES = {"seq_merge", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
-                 "linear_affine_fold", "query_scale_fold"}
+                 "linear_affine_fold", "query_scale_fold",
+                 "attention_form"}
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -64,6 +64,7 @@ PRIMITIVES = [
     "bn_into_linear",
     "linear_affine_fold",
     "query_scale_fold",
+    "attention_form",
 ]
 COMPOSITES = ["repmixer", "cpe"]
 PAGES = PRIMITIVES + COMPOSITES
@@ -831,6 +832,37 @@ def query_scale_fold() -> Example:
               ("difference", (truth - candidate)[0, :, :, 0]))
     ref.line().line(differ_line(truth, candidate, "they differ on token 1, whose factor the rows cannot carry"))
     return Example("query_scale_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+def _attention_graph(softmax_axis: int = -1) -> Graph:
+    """One head: q (2 queries), k and v (2 keys), 1 feature each; softmax(q k^T) v written out."""
+    b = GraphBuilder()
+    q, k, v = (b.input(name, (1, 2, 1), DT) for name in "qkv")
+    scores = b.matmul(q, b.transpose(k, dim0=-2, dim1=-1, source="attn"), source="attn")
+    return b.build(b.matmul(b.softmax(scores, axis=softmax_axis, source="attn"), v, source="attn"))
+
+
+@example
+def attention_form() -> Example:
+    qs, ks, vs = t([[[1], [0]]]), t([[[1], [-1]]]), t([[[2], [4]]])
+    g = _attention_graph()
+    after, _ = apply("attention_form", g, "attention_form")
+    before_y, after_y = run_graph(g, qs, ks, vs), run_graph(after, qs, ks, vs)
+    scores = qs[0] @ ks[0].T
+    txt = Text()
+    txt.line("one head, 2 queries, 2 keys, 1 feature: q = [1, 0], k = [1, -1], v = [2, 4]")
+    txt.grids(("q k^T", scores), ("softmax over the keys", scores.softmax(-1)), ("written out", before_y[0]), ("attention op", after_y[0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    bad = _attention_graph(softmax_axis=-2)
+    truth = run_graph(bad, qs, ks, vs)
+    candidate = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=1.0)
+    ref = Text()
+    ref.line("the softmax over the queries (axis -2) normalises each column of the scores, not each row")
+    ref.line(no_match(bad, "attention_form"))
+    ref.grids(("softmax over the queries", scores.softmax(-2)), ("written out", truth[0]), ("attention op anyway", candidate[0]), ("difference", (truth - candidate)[0]))
+    ref.line().line(differ_line(truth, candidate, "they differ: attention normalises over the keys"))
+    return Example("attention_form", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example

@@ -20,5 +20,6 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     bn_into_linear,
     linear_affine_fold,
     query_scale_fold,
+    attention_form,
     seq_merge,
 )
