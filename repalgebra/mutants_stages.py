@@ -54,7 +54,18 @@ STAGES = {"frontend": "front end", "engine": "engine", "torch_backend": "torch b
 _FE = "tests/test_stage_frontend.py"
 _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture_of_layer_stacks")
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
-_ATEN = (f"{_FE}::test_export_capture_reads_every_attribute", f"{_FE}::test_export_capture_of_layer_stacks")
+
+
+def _aten(*cases: str) -> tuple[str, ...]:
+    """The ``torch.export`` cases of one layer family, then the property test: each capture takes a second or so."""
+    return (*(f"{_FE}::test_export_capture_reads_every_attribute[{c}]" for c in cases), f"{_FE}::test_export_capture_of_layer_stacks")
+
+
+_A_CONV = _aten("conv-same-even", "conv-stride-dilation", "bn-alone", "conv-tf-same")
+_A_BN = _aten("bn-alone", "bn-eps", "bn-no-affine")
+_A_LN = _aten("ln-eps-channels-last", "ln-spatial", "ln-eps-tokens", "ln-no-affine")
+_A_POOL = _aten("avg-pool-ceil", "avg-pool-ceil-exclude", "avg-pool-exclude-pad", "avg-pool-divisor", "max-pool")
+_A_PAD = _aten("conv-tf-same", "pad-value")
 _TORCH = ("tests/test_stage_torch_backend.py",)
 _ONNX = ("tests/test_stage_onnx_backend.py",)
 _ENGINE = (
@@ -212,51 +223,51 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     # ---------------------------------------------------------------- front end: ATen handlers (torch.export)
     ("frontend", "aten-conv-same-extra-first", "aten conv padding='same' puts the odd extra row/column at the top/left", f"{_AH}:_conv",
      "pads = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)",
-     "pads = (total[0] - total[0] // 2, total[0] // 2, total[1] - total[1] // 2, total[1] // 2)", _ATEN),
+     "pads = (total[0] - total[0] // 2, total[0] // 2, total[1] - total[1] // 2, total[1] // 2)", _A_CONV),
     ("frontend", "aten-conv-padding-swapped", "aten conv padding pair read as (w, h)", f"{_AH}:_conv",
-     "pads = (p[0], p[0], p[1], p[1])", "pads = (p[1], p[1], p[0], p[0])", _ATEN),
+     "pads = (p[0], p[0], p[1], p[1])", "pads = (p[1], p[1], p[0], p[0])", _A_CONV),
     ("frontend", "aten-conv-stride-swapped", "aten conv stride read with its axes swapped", f"{_AH}:_conv",
      'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"]), a["groups"]',
-     'stride, dilation, groups = _pair(a["stride"])[::-1], _pair(a["dilation"]), a["groups"]', _ATEN),
+     'stride, dilation, groups = _pair(a["stride"])[::-1], _pair(a["dilation"]), a["groups"]', _A_CONV),
     ("frontend", "aten-conv-dilation-swapped", "aten conv dilation read with its axes swapped", f"{_AH}:_conv",
      'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"]), a["groups"]',
-     'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"])[::-1], a["groups"]', _ATEN),
+     'stride, dilation, groups = _pair(a["stride"]), _pair(a["dilation"])[::-1], a["groups"]', _A_CONV),
     ("frontend", "aten-bn-eps-default", "aten batch norm's eps read as the default 1e-5", f"{_AH}:_bn",
-     '{"eps": float(eps)}', '{"eps": 1e-5}', _ATEN),
+     '{"eps": float(eps)}', '{"eps": 1e-5}', _A_BN),
     ("frontend", "aten-bn-weight-ignored", "aten batch norm's weight read as ones", f"{_AH}:_bn",
-     '"weight": torch.ones_like(m) if weight is None else _c(weight),', '"weight": torch.ones_like(m),', _ATEN),
+     '"weight": torch.ones_like(m) if weight is None else _c(weight),', '"weight": torch.ones_like(m),', _A_BN),
     ("frontend", "aten-bn-mean-is-var", "aten batch norm's running variance read as its mean", f"{_AH}:_bn",
-     '"mean": m,', '"mean": v,', _ATEN),
+     '"mean": m,', '"mean": v,', _A_BN),
     ("frontend", "aten-ln-eps-default", "aten layer norm's eps read as the default 1e-5", f"{_AH}:_ln",
-     '"eps": float(eps)}', '"eps": 1e-5}', _ATEN),
+     '"eps": float(eps)}', '"eps": 1e-5}', _A_LN),
     ("frontend", "aten-ln-bias-dropped", "aten layer norm's bias not read", f"{_AH}:_ln",
-     '(("weight", weight), ("bias", bias))', '(("weight", weight),)', _ATEN),
+     '(("weight", weight), ("bias", bias))', '(("weight", weight),)', _A_LN),
     ("frontend", "aten-ln-last-axis", "aten layer norm normalizes the last axis only", f"{_AH}:_ln",
-     '{"normalized_shape": shape,', '{"normalized_shape": shape[-1:],', _ATEN),
+     '{"normalized_shape": shape,', '{"normalized_shape": shape[-1:],', _A_LN),
     ("frontend", "aten-avg-pool-ceil-dropped", "aten avg pool's ceil_mode read as False", f"{_AH}:_avg_pool",
-     '"ceil_mode": bool(a["ceil_mode"])', '"ceil_mode": False', _ATEN),
+     '"ceil_mode": bool(a["ceil_mode"])', '"ceil_mode": False', _A_POOL),
     ("frontend", "aten-avg-pool-count-forced", "aten avg pool always counts its padding", f"{_AH}:_avg_pool",
-     '"count_include_pad": bool(a["count_include_pad"])}', '"count_include_pad": True}', _ATEN),
+     '"count_include_pad": bool(a["count_include_pad"])}', '"count_include_pad": True}', _A_POOL),
     ("frontend", "aten-avg-pool-divisor-ignored", "aten avg pool with divisor_override becomes a plain avg_pool2d", f"{_AH}:_avg_pool",
-     ' or a["divisor_override"] is not None:', ":", _ATEN),
+     ' or a["divisor_override"] is not None:', ":", _A_POOL),
     ("frontend", "aten-avg-pool-padding-swapped", "aten avg pool's padding pair read as (w, h)", f"{_AH}:_avg_pool",
-     '_pair(a["padding"])', '_pair(a["padding"])[::-1]', _ATEN),
+     '_pair(a["padding"])', '_pair(a["padding"])[::-1]', _A_POOL),
     ("frontend", "aten-max-pool-dilation-ignored", "aten max pool's dilation read as 1", f"{_AH}:_max_pool",
-     '_pair(a["padding"]), _pair(a["dilation"])', '_pair(a["padding"]), (1, 1)', _ATEN),
+     '_pair(a["padding"]), _pair(a["dilation"])', '_pair(a["padding"]), (1, 1)', _A_POOL),
     ("frontend", "aten-max-pool-ceil-ignored", "aten max pool's ceil_mode read as False", f"{_AH}:_max_pool",
-     '"ceil_mode": bool(a["ceil_mode"])}', '"ceil_mode": False}', _ATEN),
+     '"ceil_mode": bool(a["ceil_mode"])}', '"ceil_mode": False}', _A_POOL),
     ("frontend", "aten-max-pool-padding-swapped", "aten max pool's padding pair read as (w, h)", f"{_AH}:_max_pool",
-     '_pair(a["kernel_size"]), _pair(a["padding"])', '_pair(a["kernel_size"]), _pair(a["padding"])[::-1]', _ATEN),
+     '_pair(a["kernel_size"]), _pair(a["padding"])', '_pair(a["kernel_size"]), _pair(a["padding"])[::-1]', _A_POOL),
     ("frontend", "aten-pad-order", "aten constant pad amounts kept in torch order", f"{_AH}:_pad_op",
-     '{"pads": (top, bottom, left, right)', '{"pads": (left, right, top, bottom)', _ATEN),
+     '{"pads": (top, bottom, left, right)', '{"pads": (left, right, top, bottom)', _A_PAD),
     ("frontend", "aten-pad-sides", "aten constant pad amounts read with each pair's sides swapped", f"{_AH}:_pad_op",
-     "left, right, top, bottom = (*pad, 0, 0)[:4]", "right, left, bottom, top = (*pad, 0, 0)[:4]", _ATEN),
+     "left, right, top, bottom = (*pad, 0, 0)[:4]", "right, left, bottom, top = (*pad, 0, 0)[:4]", _A_PAD),
     ("frontend", "aten-pad-value", "aten constant pad value read as 0", f"{_AH}:_pad_op",
-     '"value": float(value)}', '"value": 0.0}', _ATEN),
+     '"value": float(value)}', '"value": 0.0}', _A_PAD),
     ("frontend", "aten-permute-sorted", "aten permute read as the identity permutation", f"{_AH}:_permute",
-     '("permute", [x], {"dims": dims}', '("permute", [x], {"dims": tuple(sorted(dims))}', _ATEN),
+     '("permute", [x], {"dims": dims}', '("permute", [x], {"dims": tuple(sorted(dims))}', _A_LN),
     ("frontend", "aten-transpose-same-axis", "aten transpose read as a transpose of an axis with itself", f"{_AH}:_transpose",
-     '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": a["dim0"], "dim1": a["dim0"]}', _ATEN),
+     '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": a["dim0"], "dim1": a["dim0"]}', _A_LN),
     # ================================================================ engine
     ("engine", "cast-back-skipped", "the folded parameters stay in float64 (no cast back)", f"{_RW}:rewrite",
      "    if cast_back:\n        g = cast_params(g)", "    if False:\n        g = cast_params(g)", _ENGINE),
