@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preserve: the same function as MODEL (default); fresh: PyTorch's default initialization")
     c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
-    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20: one Gelu kernel per GELU in onnxruntime)")
     c = model_cmd("verify", "compare the train-time MODEL with its fused form on random inputs", _verify)
     c.add_argument("-n", type=int, default=3, help="number of random inputs (default 3)")
     c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="run both models in this dtype")
