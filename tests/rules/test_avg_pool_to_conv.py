@@ -161,3 +161,32 @@ def test_refused_after_a_biased_pointwise_conv_when_the_pool_pads(pool, dtype, s
             "avg_pool_to_conv: the conv before it has a bias and the pool zero-pads: the border would see 0, not the bias"
         ]
         assert_graphs_equal(graph, fused, xt, dtype)
+
+
+@given(pool=pools(), dtype=float_dtypes(), bias=st.booleans(), conv_pad=st.tuples(*[st.integers(0, 2)] * 4).filter(any),
+       seed=seeds(), data=st.data())
+def test_pool_after_a_padded_pointwise_conv(pool, dtype, bias, conv_pad, seed, data):
+    """A 1x1 conv that zero-pads, then the pool, summed with a kxk conv of the same input (DBB's 1x1 -> average branch
+    as ``repalgebra.expand`` builds it, the BN folded into the 1x1): the pool becomes a conv, and the branch and the
+    kxk fold into one conv; refused, as above, when the conv has a bias and the pool pads too."""
+    c, size, attrs = pool
+    (kh, kw), (ph, pw), (s, _) = _pair(attrs["kernel"]), _pair(attrs["padding"]), _pair(attrs["stride"])
+    pads = bool(ph or pw)
+    b = GraphBuilder()
+    cin = data.draw(st.integers(1, 8))
+    x = b.input("x", (1, cin, *size), dtype)
+    pw_spec = ConvSpec(cin, c, 1, (1, 1), padding=conv_pad, bias=bias, height=size[0], width=size[1])
+    pooled = b.avg_pool2d(add_conv(b, x, pw_spec, dtype, seed, "pw"), **attrs, source="pool")
+    t, bt, l, r = conv_pad
+    kxk = ConvSpec(cin, c, 1, (kh, kw), stride=(s, s), padding=(t + ph, bt + ph, l + pw, r + pw), height=size[0], width=size[1])
+    graph = b.build(b.add(pooled, add_conv(b, x, kxk, dtype, seed + 1, "kxk"), source="blk"))
+    xt = random_input((1, cin, *size), dtype, seed + 2)
+    for rules in (("avg_pool_to_conv",), ()):
+        fused, report = run_rules(graph, *rules)
+        if pads and bias:
+            assert fired(report, "avg_pool_to_conv") == 0 and fused.op_counts()["avg_pool2d"] == 1
+        else:
+            assert fired(report, "avg_pool_to_conv") == 1 and "avg_pool2d" not in fused.op_counts()
+            if not rules:
+                assert fused.op_counts() == {"conv2d": 1}
+        assert_graphs_equal(graph, fused, xt, dtype)
