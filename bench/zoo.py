@@ -10,7 +10,8 @@ How to read the columns:
   float32 model (the other columns are then empty); ``yes, but its forward raised`` and the error when
   ``fuse`` returned a model that fails when called again (timed).
 * **capture**: how the model itself was captured (``fuse_report.capture``): ``fx`` (``torch.fx``
-  symbolic trace), ``specialized`` (``torch.export`` with the shapes fixed at the example input) or
+  symbolic trace), ``specialized`` (``torch.export`` with the shapes fixed at the example input; ``, any
+  batch`` where the batch stayed symbolic, ``, batch fixed`` where a part fixes it too) or
   ``kept whole`` (the model's own class, its submodules fused one by one); ``+ N kept whole`` counts the
   submodules kept whole around the capture or inside the model kept whole (``fuse_report.kept_whole``,
   less the model itself): each such part runs its own ``forward`` with its children fused.
@@ -58,6 +59,7 @@ for _p in (BENCH, TESTS):
 from zoo import ZOO, ZooModel, count_bn, fx_fused_bn_count  # noqa: E402  (first: fastvit_latency puts bench/ first again)
 
 import repalgebra  # noqa: E402
+from repalgebra.backend.onnx_fallback import fixed_shape_parts  # noqa: E402
 from fastvit_latency import write_section  # noqa: E402
 from timing import interleaved_medians, machine  # noqa: E402
 
@@ -142,6 +144,8 @@ def measure(entry: ZooModel, repeats: int, rounds: int, fuse_budget: float) -> R
     if fused is not None and not row.error:
         report = fused.fuse_report
         row.capture = report.capture
+        if any(p.how == "specialized" for p in report.parts):
+            row.capture += ", batch fixed" if fixed_shape_parts(fused) else ", any batch"
         row.kept_whole = sum(p.path != "" for p in report.kept_whole)  # the model itself is in ``capture``
         row.bn_after, row.conv_after = count_bn(fused), count_conv(fused)
         row.check_s = stages[row.fuse_runs.index(statistics.median_low(row.fuse_runs))].get("check")
