@@ -38,7 +38,7 @@ def test_every_rule_has_at_least_three_mutants():
     assert len(ids) == len(set(ids)), "mutant ids must be unique"
 
 
-@pytest.mark.parametrize("m", M.MUTANTS, ids=lambda m: m.id)
+@pytest.mark.parametrize("m", M.all_mutants()[: len(M.MUTANTS)], ids=lambda m: m.id)  # as the run applies them
 def test_mutant_applies_changes_the_code_and_is_undone(m):
     module_name, fn_name = m.target.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
