@@ -22,7 +22,8 @@ Coverage (at least three mutants per handler or lowering that carries attributes
   batch norm, layer norm, avg pool, max pool, constant pad, permute, transpose (``torch.export``
   decomposes ``flatten`` into a view: its handler is not reached);
 * engine: float64 promotion, the one cast back (skipped, or to the wrong dtype), dead-node removal
-  (the first sweep, after each rewrite), rewrite ordering (a fixpoint; a sweep skips the nodes it removed);
+  (the first rewrite's sweep of the whole graph), rewrite ordering (a fixpoint; a sweep skips the nodes
+  it removed, which :data:`EQUIVALENT` argues changes nothing computed);
 * torch back end: conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
   dilation, the symmetry test), batch norm, layer norm, avg pool, max pool, pad, linear, GELU,
   permute, transpose, flatten;
@@ -33,7 +34,7 @@ Coverage (at least three mutants per handler or lowering that carries attributes
 
 Not mutated: the GELU ``approximate`` flag in the front end (its handlers are closures made when the
 tables are built, and a code swap reaches only the function itself); ops no model of the stage tests
-reaches (interpolate, attention, einsum, ...): their own tests cover them.
+reaches (interpolate, attention, einsum, ...), tested in ``tests/test_ops_vocabulary.py`` but not mutated.
 
 :data:`EQUIVALENT` lists surviving mutants that cannot change what is computed, each with the
 argument; a survivor not listed there fails the run.
