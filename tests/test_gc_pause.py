@@ -1,0 +1,46 @@
+"""repalgebra.gc_pause.frozen_gc: objects alive on entry are frozen for the block, and only when nothing else froze any."""
+
+from __future__ import annotations
+
+import gc
+
+from repalgebra.gc_pause import frozen_gc
+
+
+def test_freezes_for_the_block_and_unfreezes_after():
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_unfreezes_after_an_error():
+    try:
+        with frozen_gc():
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert gc.get_freeze_count() == 0
+
+
+def test_leaves_a_process_that_froze_objects_itself_alone():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() == frozen  # its frozen objects are still frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_garbage_made_in_the_block_is_still_collected():
+    class Cycle:
+        pass
+
+    with frozen_gc():
+        a = Cycle()
+        a.me = a
+        alive = len(gc.get_objects())
+        del a
+        assert gc.collect() > 0 and len(gc.get_objects()) < alive
