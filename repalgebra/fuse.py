@@ -259,7 +259,7 @@ class _Fuser:
                 continue  # torch.export cannot keep the user's leaves whole
             t = time.perf_counter()
             try:
-                with frozen_gc():  # the collector would revisit the model and the growing graph again and again
+                with frozen_gc(sum(1 for _ in module.modules())):  # the collector would revisit the model and the growing graph
                     cap = capture_fx(module, inputs, leaves) if how == "fx" else capture_specialized(module, inputs)
             except CaptureFailed as e:
                 self.stage["capture"] += time.perf_counter() - t
@@ -368,7 +368,7 @@ class _Fuser:
 
     def finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
         """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
-        with frozen_gc():  # the graph, the model and its copies stay alive throughout: keep the collector off them
+        with frozen_gc(len(cap.graph.nodes)):  # the graph, the model and its copies stay alive throughout: keep the collector off them
             return self._finish(path, cap, inputs, reason)
 
     def _finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:

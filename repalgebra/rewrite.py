@@ -109,7 +109,7 @@ def rewrite(
     ``cast_back=False`` they stay in ``fold_dtype``: :func:`cast_params` casts
     them later, so a caller can check the exact folded graph first).
     """
-    with frozen_gc():  # the collector would revisit the whole graph again and again: quadratic time
+    with frozen_gc(len(graph.nodes)):  # the collector would revisit the whole graph again and again: quadratic time
         return _rewrite(graph, rules, fold_dtype, max_rewrites, progress, cast_back)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from repalgebra.gc_pause import frozen_gc
+from repalgebra.gc_pause import FREEZE_FROM, frozen_gc
 
 
 def test_freezes_for_the_block_and_unfreezes_after():
@@ -46,3 +46,9 @@ def test_garbage_made_in_the_block_is_still_collected():
         del a
         gc.collect()
         assert ref() is None
+
+
+def test_a_small_graph_is_not_frozen():
+    """Below FREEZE_FROM nodes it does nothing (not even ask the collector, which walks every object)."""
+    with frozen_gc(FREEZE_FROM - 1):
+        assert gc.get_freeze_count() == 0
