@@ -80,30 +80,34 @@ def _example(args):
 
 
 def _fuse(args) -> int:
-    import torch
-
     import repalgebra
 
-    t = _step(1, 3, f"building {args.model}")
+    _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
-    t = _step(2, 3, "fusing")
+    _step(2, 3, "fusing")
     fused = repalgebra.fuse(model, _example(args), strict=args.strict)
     print(fused.fuse_report)
     _step(3, 3, f"writing {args.output}")
-    state = fused.state_dict()
-    if str(args.output).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
-    else:
-        torch.save(state, args.output)
+    state = _save_state(fused, args.output)
     print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values)")
     return 0
 
 
-def _expand(args) -> int:
+def _save_state(module, path) -> dict:
+    """Write ``module``'s state dict to ``path`` (safetensors for ``.safetensors``, else ``torch.save``); return it."""
     import torch
 
+    state = module.state_dict()
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    return state
+
+
+def _expand(args) -> int:
     import repalgebra
     from repalgebra.recipes import mobileone, recipe_named
 
@@ -116,13 +120,7 @@ def _expand(args) -> int:
     expanded = repalgebra.expand(model, recipe, _example(args), init=args.init)
     print(expanded.expand_report)
     _step(3, 3, f"writing {args.output}")
-    state = expanded.state_dict()
-    if str(args.output).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, args.output)
-    else:
-        torch.save(state, args.output)
+    state = _save_state(expanded, args.output)
     spelled = f"repalgebra.recipes.mobileone.recipe({args.k})" if args.k is not None else repr(recipe.name)
     print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values): "
           f"load it into repalgebra.expand(model, {spelled}, init={args.init!r})")

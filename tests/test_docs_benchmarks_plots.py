@@ -13,12 +13,13 @@ Redraw with ``python docs/benchmarks_pictures.py``.
 from __future__ import annotations
 
 import html
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -27,11 +28,7 @@ FIX = "run `python docs/benchmarks_pictures.py` and commit docs/img/benchmarks/"
 
 
 def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name, path)
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,17 @@ The page's Python blocks and its output blocks are checked by
 from __future__ import annotations
 
 import html
-import importlib.util
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import fastvit_models
+
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "fastvit.md"
@@ -33,11 +33,7 @@ FIX = "run `python docs/fastvit_pictures.py` and commit docs/img/fastvit/"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("docs_fastvit_pictures", ROOT / "docs" / "fastvit_pictures.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs_fastvit_pictures", ROOT / "docs" / "fastvit_pictures.py")
 
 
 def referenced_pictures() -> set[str]:

@@ -10,12 +10,12 @@ Redraw with ``python docs/precision_pictures.py``.
 from __future__ import annotations
 
 import html
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "precision.md"
@@ -24,11 +24,7 @@ FIX = "run `python docs/precision_pictures.py` and commit docs/img/precision/"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("docs_precision_pictures", ROOT / "docs" / "precision_pictures.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs_precision_pictures", ROOT / "docs" / "precision_pictures.py")
 
 
 def svg_texts(svg: str) -> list[str]:

@@ -12,25 +12,21 @@ Regenerate the pages with ``python docs/rules/examples.py --write``.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from repalgebra import RULES
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES_DIR = ROOT / "docs" / "rules"
 
 
 def _load_examples():
-    spec = importlib.util.spec_from_file_location("docs_rules_examples", RULES_DIR / "examples.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs_rules_examples", RULES_DIR / "examples.py")
 
 
 examples = _load_examples()

@@ -12,12 +12,12 @@ the page.  Redraw with ``python docs/train_fold_ship_pictures.py``.
 from __future__ import annotations
 
 import html
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "train_fold_ship.md"
@@ -26,11 +26,7 @@ FIX = "run `python docs/train_fold_ship_pictures.py` and commit docs/img/train_f
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("docs_train_fold_ship_pictures", ROOT / "docs" / "train_fold_ship_pictures.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs_train_fold_ship_pictures", ROOT / "docs" / "train_fold_ship_pictures.py")
 
 
 _ROW = re.compile(
