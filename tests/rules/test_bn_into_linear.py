@@ -44,10 +44,21 @@ def cases(draw, chains):
 
 @given(case=cases(CARRYING), dtype=float_dtypes(), seed=seeds())
 def test_folds_through_layout(case, dtype, seed):
+    _check_fold(case, dtype, seed, square=False)
+
+
+@given(case=cases(CARRYING), dtype=float_dtypes(), seed=seeds())
+def test_folds_into_a_square_linear(case, dtype, seed):
+    """C -> C (an attention's proj): the one shape where a scale on the wrong axis of W still fits."""
+    _check_fold(case, dtype, seed, square=True)
+
+
+def _check_fold(case, dtype, seed, square):
     shape, stats, chain, c_out, bias = case
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
     y = CARRYING[chain](b, add_bn(b, x, stats, dtype, "blk.norm"))
+    c_out = y.shape[-1] if square else c_out
     graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.qkv"))
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.rule_counts() == {"bn_into_linear": 1}
