@@ -62,9 +62,11 @@ class Const:
 
 @dataclass(frozen=True)
 class Sym:
-    """A size the program computes from the symbolic batch (``x.shape[0]``, ``B * N``): its expression and its value here."""
+    """A size the program computes from the symbolic batch (``x.shape[0]``, ``B * N``), by its value here.
 
-    expr: Any  # a sympy expression in the batch symbol
+    Only the handlers in ``sized`` may read one: they take the symbolic sizes from the recorded output instead.
+    """
+
     value: int  # at the example inputs' batch size
 
 
@@ -247,7 +249,7 @@ class ProgramBuilder:
         val = n.meta.get("val")
         if isinstance(val, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in val):
             return _Multi(n, args, kwargs)
-        info = tensor_info(val, self.size)
+        info = self.info(n)
         if info is None:
             return self.non_tensor(n, val)
         handler = self.handlers.get(n.target)
@@ -305,7 +307,7 @@ class ProgramBuilder:
         if isinstance(val, (int, float, bool)) and not isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return val  # a size read at the example's shapes: a literal here
         if isinstance(val, torch.SymInt) and self.batch is not None and val.node.expr.free_symbols <= {self.batch}:
-            return Sym(val.node.expr, self.size(val))  # a size computed from the batch: only reshapes may read it
+            return Sym(self.size(val))  # a size computed from the batch: only reshapes may read it
         if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) and self.batch is not None:
             raise BatchBound(f"{n.format_node()} at {module_path(n)!r} computes {type(val).__name__} {val} from the batch size")
         raise CaptureFailed(f"{n.format_node()} at {module_path(n)!r} gives {type(val).__name__}, not a tensor (a data-dependent value?)")
