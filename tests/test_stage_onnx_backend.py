@@ -89,3 +89,11 @@ def test_average_pool_in_ceil_mode_that_drops_a_window(kernel, stride, padding, 
         proto = graph_to_onnx(graph, opset=opset)
         onnx.checker.check_model(proto, full_check=True)
         assert_same_outputs(ref, onnx_outputs(proto, x), torch.float32, f"AveragePool at opset {opset}")
+
+
+def test_max_pool_window_entirely_in_the_padding_is_refused_not_exported_wrong():
+    """PyTorch gives -inf for a window whose taps all fall in the padding; onnxruntime does not: refused, by our
+    lowering and by the fallback's check of torch.onnx.export's export (it was a wrong ONNX model before)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.MaxPool2d((1, 2), (1, 1), (0, 1), dilation=(1, 2)))
+    with pytest.raises(FallbackError, match="computes something else"):
+        export_onnx(model.eval(), None, (1, 1, 1, 1))

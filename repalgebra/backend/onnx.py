@@ -418,6 +418,9 @@ def _max_pool(ctx, n, x):
     a = n.attrs
     begins, ends = list(a["padding"]), []
     for size_in, size_out, k, s, d, p in zip(n.x.shape[-2:], n.out.shape[-2:], a["kernel"], a["stride"], a["dilation"], begins):
+        # A window whose taps all fall in the padding is -inf in PyTorch; onnxruntime does not give -inf there.
+        if any(all(not 0 <= i * s - p + j * d < size_in for j in range(k)) for i in range(size_out)):
+            raise LoweringError(f"max_pool2d at {_where(n)}: a window lies entirely in the padding (-inf in PyTorch, not in ONNX)")
         end = max(p, (size_out - 1) * s + d * (k - 1) + 1 - size_in - p)
         if end >= k:
             raise LoweringError(f"max_pool2d at {_where(n)}: ceil mode needs an end padding of {end}, not below the kernel size {k}")
