@@ -18,13 +18,14 @@ closing marker, outside the part the bench scripts rewrite.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # plotted_numbers.py, whether this runs as a script or is loaded by path
+from plotted_numbers import save, svg_numbers  # noqa: E402  (svg_numbers: for the tests)
 PAGE = HERE / "benchmarks.md"
 IMG = "img/benchmarks"
 
@@ -134,19 +135,7 @@ def draw(chart: Chart, data: dict, path: Path) -> None:
             ax.set_axisbelow(True)
         ax.set_title(chart.title)
         ax.spines[["top", "right"]].set_visible(False)
-        metadata = {"Date": None, "Description": json.dumps(data)} if path.suffix == ".svg" else {}
-        fig.savefig(path, metadata=metadata, dpi=110)
-        plt.close(fig)
-
-
-def svg_numbers(svg: str) -> dict:
-    """The numbers stored in a chart's description by :func:`draw`."""
-    import html
-
-    m = re.search(r"<dc:description>(.*?)</dc:description>", svg, flags=re.S)
-    if m is None:
-        raise ValueError("the SVG has no description with the plotted numbers")
-    return json.loads(html.unescape(m.group(1)))
+        save(fig, path, data, dpi=110)
 
 
 def redraw(page: Path = PAGE, mark: str | None = None, out: Path | None = None, png: bool = False) -> list[Path]:

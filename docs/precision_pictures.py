@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # plotted_numbers.py, whether this runs as a script or is loaded by path
+from plotted_numbers import save, svg_numbers  # noqa: E402  (svg_numbers: for the tests)
 PAGE = HERE / "precision.md"
 OUT = HERE / "img" / "precision"
 NAME = "errors.svg"
@@ -72,19 +74,7 @@ def draw(rows: dict[str, list[float]], path: Path) -> None:
         ax.set_xlim(-0.5, len(dtypes) - 0.5 + 1.1)  # room for the legend on the right
         ax.legend(frameon=False, fontsize=8, loc="center right")
         ax.spines[["top", "right"]].set_visible(False)
-        metadata = {"Date": None, "Description": json.dumps(rows)} if path.suffix == ".svg" else {}
-        fig.savefig(path, metadata=metadata, dpi=120)
-        plt.close(fig)
-
-
-def svg_numbers(svg: str) -> dict[str, list[float]]:
-    """The table stored in a picture's description by :func:`draw`."""
-    import html
-
-    m = re.search(r"<dc:description>(.*?)</dc:description>", svg, flags=re.S)
-    if m is None:
-        raise ValueError("the SVG has no description with the plotted numbers")
-    return json.loads(html.unescape(m.group(1)))
+        save(fig, path, rows, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,13 @@ and fixed ids, so redrawing the same numbers gives the same file.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # plotted_numbers.py, whether this runs as a script or is loaded by path
+from plotted_numbers import save, svg_numbers  # noqa: E402  (svg_numbers: for the tests)
 PAGE = HERE / "train_fold_ship.md"
 OUT = HERE / "img" / "train_fold_ship"
 NAME = "weight_ranges.svg"
@@ -115,19 +116,7 @@ def draw(rows: list[dict], path: Path) -> None:
         right.legend(frameon=False, fontsize=8)
         for ax in (left, right):
             ax.spines[["top", "right"]].set_visible(False)
-        metadata = {"Date": None, "Description": json.dumps(rows)} if path.suffix == ".svg" else {}
-        fig.savefig(path, metadata=metadata, dpi=120)
-        plt.close(fig)
-
-
-def svg_numbers(svg: str) -> list[dict]:
-    """The rows stored in a picture's description by :func:`draw`."""
-    import html
-
-    m = re.search(r"<dc:description>(.*?)</dc:description>", svg, flags=re.S)
-    if m is None:
-        raise ValueError("the SVG has no description with the plotted numbers")
-    return json.loads(html.unescape(m.group(1)))
+        save(fig, path, rows, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
