@@ -10,17 +10,28 @@ from typing import Callable, Sequence
 
 
 def interleaved_medians(fns: Sequence[Callable[[], object]], rounds: int = 15, warmup: int = 3) -> list[float]:
-    """Median seconds per call of each function, timed round-robin so machine noise hits all alike."""
+    """Median seconds per call of each function, timed round-robin so machine noise hits all alike.
+
+    The order rotates every round (round r starts with function r mod n): in a fixed
+    order the first function always runs right after the last one, whose working set
+    has just evicted its own from the caches, and it measured ~1% slower than an
+    identical copy of itself placed second (two ORT sessions of one ONNX file).
+    """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for k, fn in enumerate(fns):
+    for r in range(rounds):
+        for k in rotation(len(fns), r):
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
+
+
+def rotation(n: int, r: int) -> list[int]:
+    """The order of ``n`` functions in round ``r``: over ``n`` rounds each takes every position once."""
+    return [(r + k) % n for k in range(n)]
 
 
 def machine() -> str:
