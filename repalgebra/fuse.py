@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
+from repalgebra.frontend.state import StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
@@ -213,7 +214,7 @@ def fuse(
     check_model(model)
     fuser = _Fuser(model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
-    fused = fuser.fuse_module("", inputs)
+    fused = fuser.fuse_model(inputs)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     fused = fused.to(device).eval()
     report = fuser.report
@@ -235,11 +236,16 @@ class _Fuser:
     """One ``fuse`` call: a pristine eval copy of the model as the reference, the strategy, the report."""
 
     def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
+        self.model = model  # the caller's: copied, never run
         try:
             self.pristine = copy.deepcopy(model).eval()
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
+        self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
+        self.stateful = False  # calls change the model's state: every run below is of a copy
+        self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
+        self.initial: nn.Module | None = None  # then: a copy of the model before any run, the state parts restore from
         self.strict = strict
         self.check = check
         self.dtype = model_dtype(model)
@@ -248,6 +254,69 @@ class _Fuser:
         self.report.stage_seconds = self.stage
 
     # -- strategy -------------------------------------------------------------------
+
+    def fuse_model(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+        """The fused model; parts whose calls change their own state (:mod:`repalgebra.frontend.state`) kept whole."""
+        try:
+            if not self.check:  # the check's run of the original watches for state; without it, one run here does
+                with watch(self.pristine) as changed:
+                    _run(self.pristine, Call(tuple(inputs), {}), None)
+                if changed:
+                    raise StateChanged(changed)
+            return self.fuse_module("", inputs)
+        except StateChanged as e:
+            changed = e.names
+        # Start again from the model as it is: the run that changed state ran the pristine copy.
+        self.pristine = copy.deepcopy(self.model).eval()
+        self.report = FuseReport(stage_seconds=self.stage)
+        self.stateful = True
+        state = find_state(self.pristine, inputs, self.tolerance)
+        if not state:  # only a first call fills it, the same for any input (a cache): fuse the model once called
+            self.report.notes.append(f"a first call fills {', '.join(map(repr, changed[:4]))}, the same for any input: fused as called once")
+            self.stateful = False
+            self.watching = False
+            _run(self.pristine, Call(tuple(inputs), {}), None)
+            return self.fuse_module("", inputs)
+        if self.strict:
+            what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
+            raise FuseError(f"the model's calls change its state, so parts must be kept whole: {what}")
+        initial = self.initial = copy.deepcopy(self.pristine)  # nothing has run on this copy yet
+        if state.whole:
+            return self.untouched("", initial, state.whole)
+        # A region runs as written and is not fused inside, except the model itself: its children are, but not
+        # those that hold the state.  Each is tagged: the tag follows the copies the captures make.
+        leaves = [r for r in state.regions if r] + ([h for h in state.holders if h] if "" in state.regions else [])
+        for path in leaves:
+            self.state_leaves.append(path)
+            self.pristine.get_submodule(path)._repalgebra_state = path
+        for path, why in state.regions.items():
+            if path:
+                self.report.parts.append(Part(path, "kept whole", why, type(self.pristine.get_submodule(path)).__name__))
+        if "" in state.regions:
+            fused = self.keep_whole("", [Call(tuple(inputs), {})], state.regions[""])
+        else:
+            fused = self.fuse_module("", inputs)
+        self.restore_state(fused)
+        if self.check:
+            problem = _second_call_difference(initial, fused, inputs, self.tolerance)
+            if problem is not None:
+                self.report = FuseReport(stage_seconds=self.stage)  # nothing of that attempt is in the result
+                return self.untouched("", initial, f"with the parts that change state kept whole it still differs on a second call: {problem}")
+        return fused
+
+    def restore_state(self, module: nn.Module) -> None:
+        """Give the parts of ``module`` that hold state the model's state: captures ran (and so changed) their copies."""
+        if not self.state_leaves:
+            return
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if getattr(child, "_repalgebra_state", None) in self.state_leaves:
+                    setattr(parent, name, copy.deepcopy(self.initial.get_submodule(child._repalgebra_state)))
+
+    def untouched(self, path: str, module: nn.Module, reason: str) -> nn.Module:
+        """A copy of ``module`` (the part at ``path``), nothing fused in it; the report says why."""
+        self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
+        return copy.deepcopy(module)
 
     def fuse_module(self, path: str, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
         """The fused form of the module at ``path``, called with ``inputs``: captured whole if possible."""
@@ -281,7 +350,7 @@ class _Fuser:
     def ensure_runs(self, inputs: tuple) -> None:
         """Raise ``ValueError`` unless the model runs in eval mode on ``inputs`` (then no capture could work)."""
         try:
-            _run(self.pristine, Call(tuple(inputs), {}), None)
+            _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None)
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
             raise ValueError(
@@ -316,8 +385,8 @@ class _Fuser:
     def fuse_part(self, path: str, calls: list[Call], why: str) -> nn.Module:
         """A submodule kept apart: fused on its own when its calls allow it, else kept whole."""
         module = self.pristine.get_submodule(path)
-        if not calls:
-            return copy.deepcopy(module)
+        if not calls or path in self.user_leaves or path in self.state_leaves:
+            return copy.deepcopy(module)  # a leaf is carried through untouched, also under a parent kept whole
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
             if all(self.same(module, fused, c) is None for c in calls[1:]):
@@ -332,9 +401,10 @@ class _Fuser:
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
         for call in calls:
-            for p, cs in record_calls(self.pristine.get_submodule(path), call, descendants).items():
+            for p, cs in record_calls(copy.deepcopy(self.pristine.get_submodule(path)), call, descendants).items():
                 recorded[p] += cs
         swaps = self._fuse_children(module, path, "", recorded)
+        self.restore_state(module)
         original = self.pristine.get_submodule(path)
         if self.check and swaps and not self.same_on_all(original, module, calls):
             # A forward that reads its children's attributes (``self.bn.weight``) cannot take a fused child:
@@ -381,12 +451,14 @@ class _Fuser:
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
         fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        self.restore_state(fused)
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
         free_batch = cap.batch_free
         if self.check:
             exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
+            self.restore_state(exact)
             problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
@@ -421,16 +493,21 @@ class _Fuser:
         the comparison runs without float32's rounding of the arithmetic but allows for
         that of the weights, exactly as :func:`~repalgebra.verify` does.
         """
-        tol = TOLERANCES.get(self.dtype, 1e-5)
+        tol = self.tolerance
+        if self.stateful:  # runs must not change what fuse returns
+            reference, candidate = copy.deepcopy(reference), copy.deepcopy(candidate)
         device = next((t.device for t in [*reference.parameters(), *reference.buffers()]), None)
         if device is not None:
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64
-        try:
-            ref = _run(reference, call, dtype)
-        except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
-            dtype = None
-            ref = _run(reference, call, None)
+        with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
+            try:
+                ref = _run(reference, call, dtype)
+            except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
+                dtype = None
+                ref = _run(reference, call, None)
+        if changed and self.watching and not self.stateful:
+            raise StateChanged(changed)
         try:
             got = _run(candidate, call, dtype)
         except Exception as e:  # noqa: BLE001
@@ -439,11 +516,17 @@ class _Fuser:
 
     # -- helpers ------------------------------------------------------------------------
 
+    @property
+    def tolerance(self) -> float:
+        """The relative tolerance of a check: :data:`~repalgebra.verify.TOLERANCES` of the model's dtype."""
+        return TOLERANCES.get(self.dtype, 1e-5)
+
     def leaves_under(self, path: str) -> list[str]:
-        """The user's leaf paths inside the module at ``path``, relative to it."""
+        """The paths kept whole and untouched (the user's leaves, the parts that change state) inside ``path``, relative to it."""
+        leaves = [*self.user_leaves, *self.state_leaves]
         if not path:
-            return list(self.user_leaves)
-        return [p[len(path) + 1 :] for p in self.user_leaves if p.startswith(path + ".")]
+            return leaves
+        return [p[len(path) + 1 :] for p in leaves if p.startswith(path + ".")]
 
     def raise_strict(self, path: str, e: CaptureFailed) -> None:
         cause = e.__cause__
@@ -468,6 +551,26 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None) -> Any:
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
+
+
+def _second_call_difference(reference: nn.Module, candidate: nn.Module, inputs: tuple, tol: float) -> str | None:
+    """What differs between fresh copies of the two modules on a first or second call with ``inputs`` (float64 where they run in it)."""
+    copies = [copy.deepcopy(m).to(torch.float64) for m in (reference, candidate)]
+    call = Call(tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs), {})
+    try:
+        outs = [[_run(m, call, None) for _ in range(2)] for m in copies]
+    except Exception:  # noqa: BLE001  (not in float64: in the model's own dtype)
+        copies = [copy.deepcopy(reference), copy.deepcopy(candidate)]
+        call = Call(tuple(inputs), {})
+        try:
+            outs = [[_run(m, call, None) for _ in range(2)] for m in copies]
+        except Exception as e:  # noqa: BLE001
+            return f"it fails on the example input: {first_line(e)}"
+    for k in range(2):
+        problem = first_difference(outs[0][k], outs[1][k], tol)
+        if problem is not None:
+            return f"call {k + 1}: {problem}"
+    return None
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

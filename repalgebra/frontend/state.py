@@ -1,0 +1,233 @@
+"""State a model's forward changes: what a fused copy, built from one recorded call, would not reproduce.
+
+``fuse`` records one call of the model and builds a new module from it.  A
+forward that changes the model's own tensors (``self.count += 1``, a running
+average updated in eval mode, a cache rebound to a new tensor) gives the next
+call a different function, and a capture would bake in the first call's value.
+:func:`find_state` runs a copy of the model twice on the example input and
+names each tensor that changed, the module that owns it and the modules whose
+own code changed it; ``fuse`` keeps their smallest common ancestor whole (it
+runs as written, on its own copy of the state).  When two calls return
+different outputs and no tensor changed (Python state such as an ``int``
+counter, random numbers drawn in eval mode), nothing can be localized and the
+whole model is kept whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from repalgebra.verify import first_difference
+
+__all__ = ["State", "StateChanged", "find_state", "watch"]
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_repalgebra_state"}
+_MISSING = object()
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+class StateChanged(Exception):
+    """A run of the original model changed its state (``names``): ``fuse`` starts again, keeping that part whole."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+@contextlib.contextmanager
+def watch(module: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every call of ``module`` appends to the yielded list the state names it changed."""
+    changed: list[str] = []
+    entry: dict[str, Any] = {}
+    pre = module.register_forward_pre_hook(lambda m, args: entry.update(_snapshot(module)))
+    post = module.register_forward_hook(
+        lambda m, args, out: changed.extend(_changed(entry, _snapshot(module)))
+    )
+    try:
+        yield changed
+    finally:
+        pre.remove()
+        post.remove()
+
+
+@dataclass(frozen=True)
+class State:
+    """What calls of a model change.
+
+    ``regions``: module path -> why it runs as written (the smallest module holding
+    each changed tensor and the code that changes it; ``""`` is the model itself).
+    ``holders``: the modules that own a changed tensor or whose own code changes
+    one (inside the regions; not fused inside).  ``whole``: why nothing can be
+    fused at all (calls differ and no tensor shows why).
+    """
+
+    regions: dict[str, str] = field(default_factory=dict)
+    holders: tuple[str, ...] = ()
+    whole: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.regions or self.whole)
+
+
+def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: float) -> State:
+    """Run copies of ``model`` on ``inputs`` and name the state their calls change (``model`` is not run).
+
+    State is what a second call changes again (a counter, a running average),
+    and what a first call sets from its input (an initialization from the first
+    batch).  What only a first call fills, the same for any input (a cache of
+    values computed from the weights, a weight a hook recomputes), is not: an
+    empty result then means the model is one function of its input once called.
+    """
+    work = copy.deepcopy(model)
+    before = _snapshot(work)
+    try:
+        first = _call(work, inputs)
+        after_first = _snapshot(work)
+        second = _call(work, inputs)
+        changed = set(_changed(after_first, _snapshot(work)))
+        once = set(_changed(before, after_first)) - changed
+        if once:  # filled by the first call: from the input, or the same whatever it is?
+            other = copy.deepcopy(model)
+            _call(other, tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs))
+            theirs = _snapshot(other)
+            changed |= set(_changed({n: after_first.get(n, _MISSING) for n in once}, {n: theirs.get(n, _MISSING) for n in once}))
+    except Exception:  # noqa: BLE001  (a model that does not run: fuse reports that itself)
+        return State()
+    changed = sorted(changed)
+    if not changed:
+        differs = first_difference(first, second, tolerance)
+        if differs is None:
+            return State()
+        return State(whole=f"two calls with the same input return different outputs ({differs}) and no parameter, "
+                     "buffer or attribute changed: its forward reads global state, or draws random numbers")
+    sites = _sites(model, inputs, changed)
+    regions: dict[str, list[str]] = {}
+    holders: set[str] = set()
+    for name in changed:
+        owner = name.rpartition(".")[0]
+        holders.update([owner, *sites.get(name, [])])
+        region = _common_ancestor([owner, *sites.get(name, [])])
+        regions.setdefault(region, []).append(name)
+    outermost = {r: names for r, names in regions.items() if not any(_inside(r, o) for o in regions if o != r)}
+    for r, names in regions.items():
+        if r not in outermost:
+            outermost[next(o for o in outermost if _inside(r, o))] += names
+    return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)))
+
+
+def _why(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"its forward changes {shown}: it runs as written, on its own copy of that state"
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    """Every parameter, buffer and plain attribute of ``module`` and its descendants by name, as :func:`_key` sees it."""
+    seen = {}
+    for path, m in module.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for group in (m._parameters, m._buffers, vars(m)):
+            for leaf, value in group.items():
+                if group is not vars(m) or leaf not in _MODULE_INTERNALS:
+                    seen[prefix + leaf] = _key(value)
+    return seen
+
+
+def _key(value: Any) -> Any:
+    """What a call could change of one attribute: a tensor (with its version counter: an in-place write changes it),
+    a Python scalar's (or tuple of scalars') value, a container's type and length, an object's identity (its
+    insides are not followed)."""
+    if torch.is_tensor(value):
+        return _Tensor(value, value._version)
+    if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)):
+        return ("value", value)  # a size recomputed to the same value is no change
+    if isinstance(value, (list, dict, set, tuple)):
+        return ("container", type(value).__name__, len(value))
+    return ("object", id(value))
+
+
+def _call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    with torch.no_grad():
+        return module(*(t.detach().clone() for t in inputs))
+
+
+def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> dict[str, list[str]]:
+    """For each tensor in ``names``: the modules whose own code (not a child's) changed it, in a call of a fresh copy."""
+    work = copy.deepcopy(model)
+    paths = {m: p for p, m in work.named_modules(remove_duplicate=False)}
+    stack: list[tuple[dict[str, Any], set[str]]] = []  # per active call: snapshot at entry, changes by its children
+    sites: dict[str, list[str]] = {}
+
+    owners = {n: (work.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+
+    def watched() -> dict[str, Any]:
+        seen = {}
+        for n, (owner, leaf) in owners.items():
+            group = next((g for g in (owner._parameters, owner._buffers, vars(owner)) if leaf in g), {})
+            seen[n] = _key(group.get(leaf, _MISSING))
+        return seen
+
+    def enter(m: nn.Module, args: Any) -> None:
+        stack.append((watched(), set()))
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        entry, by_children = stack.pop()
+        changed = set(_changed(entry, watched()))
+        for n in changed - by_children:
+            sites.setdefault(n, []).append(paths[m])
+        if stack:
+            stack[-1][1].update(changed)
+
+    handles = [h for m in paths for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        _call(work, inputs)
+    except Exception:  # noqa: BLE001  (it ran twice before: a failure now leaves the owners as the regions)
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return sites
+
+
+@dataclass(frozen=True, eq=False)
+class _Tensor:
+    t: torch.Tensor
+    version: int
+
+    def same(self, other: Any) -> bool:
+        """Unchanged: the same tensor not written since, or one rebound to an equal value (``weight_norm``'s hook
+        recomputes ``weight`` before every call)."""
+        if not isinstance(other, _Tensor):
+            return False
+        if self.t is other.t:
+            return self.version == other.version
+        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and bool(torch.equal(self.t, other.t))
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The names whose entries differ between two snapshots (one missing from either counts)."""
+    out = []
+    for name in before.keys() | after.keys():
+        a, b = before.get(name, _MISSING), after.get(name, _MISSING)
+        if not (a.same(b) if isinstance(a, _Tensor) else a == b):
+            out.append(name)
+    return out
+
+
+def _common_ancestor(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path.startswith(ancestor + ".")

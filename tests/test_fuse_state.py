@@ -1,0 +1,271 @@
+"""``fuse`` on models whose calls change their own state, and on leaves under a parent kept whole.
+
+A fused module is built from one recorded call; a forward that changes the model's
+tensors or attributes (a counter, a running average kept in eval mode, a
+buffer a parent updates, a Glow-style initialization from the first batch)
+computes another function on the next call, so the part that holds the state
+must run as written.  Each model here is run side by side with the fused module
+over a sequence of calls with different inputs: every call must agree, in
+float64 to 1e-9 relative (``verify``'s float64 tolerance).  What only a first
+call fills, the same for any input (a cache of weight-derived values, the weight
+``spectral_norm``'s hook recomputes), is not state: those models fuse fully.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from repalgebra import fuse
+from repalgebra.fuse import FuseError
+
+D = torch.float64
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights, realistic BN statistics, float64, eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+    return model.to(D).eval()
+
+
+def conv_bn(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+
+class Counter(nn.Module):
+    """Counts its calls in a buffer it scales its output by (``self.n += 1``)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(()))
+        self.body = conv_bn(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.body(x) * self.n
+
+
+class Rebinding(nn.Module):
+    """The same counter written ``self.n = self.n + 1``: a new tensor each call, no in-place write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n = self.n + 1
+        return x + self.n
+
+
+class RunningMean(nn.Module):
+    """Keeps a running mean of its features in eval mode too, and subtracts it."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.body = conv_bn(c)
+        self.register_buffer("mean", torch.zeros(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        self.mean.mul_(0.9).add_(0.1 * y.mean((0, 2, 3)))
+        return y - self.mean[None, :, None, None]
+
+
+class PythonCounter(nn.Module):
+    """Counts its calls in a plain ``int`` attribute."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.body = conv_bn(c)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.body(x) * self.calls
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("v", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.v
+
+
+class ParentUpdatesChild(nn.Module):
+    """The parent writes the child's buffer (``self.scale.v.add_(1)``), the child reads it."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.body = conv_bn(c)
+        self.scale = Scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale.v.add_(1)
+        return self.scale(self.body(x))
+
+
+class ActNorm(nn.Module):
+    """Glow's ActNorm: the first call sets a per-channel affine from that batch's statistics."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.initialized.item() == 0:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
+                self.log_scale.copy_(-torch.log(x.std((0, 2, 3), keepdim=True) + 1e-6))
+                self.initialized.fill_(1)
+        return (x + self.loc) * torch.exp(self.log_scale)
+
+
+class BiasCache(nn.Module):
+    """An attention-style bias table gathered once per device and cached in a dict (as LeViT does in eval mode)."""
+
+    def __init__(self, c: int = 4, n: int = 36) -> None:
+        super().__init__()
+        self.biases = nn.Parameter(torch.randn(c, 7))
+        self.register_buffer("idx", torch.arange(n) % 7, persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.biases[:, self.idx]
+        return x + self.cache[key].reshape(1, x.shape[1], x.shape[2], x.shape[3])
+
+
+class Net(nn.Module):
+    """stem -> inner -> head, each stem and head a conv + BN + ReLU that folds."""
+
+    def __init__(self, inner: nn.Module, c: int = 4) -> None:
+        super().__init__()
+        self.stem, self.inner, self.head = conv_bn(c), inner, conv_bn(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(self.stem(x)))
+
+
+class BranchOnData(Net):
+    """Python branching on a value: neither torch.fx nor torch.export captures the model itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(self.stem(x))
+        if y.sum() > 0:
+            y = y + 1
+        return self.head(y)
+
+
+def inputs(n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 4, 6, 6, generator=g, dtype=D) for _ in range(n)]
+
+
+def fused_and_reference(model: nn.Module, **kw) -> tuple[nn.Module, nn.Module]:
+    """``fuse(model)`` and an untouched copy of the model as it was; the model's own state must not change."""
+    before = copy.deepcopy(model)
+    fused = fuse(model, inputs()[0], **kw)
+    for (name, a), (_, b) in zip(before.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), f"fuse changed the model's {name}"
+    assert vars(before).get("calls") == vars(model).get("calls")
+    return fused, before
+
+
+def assert_same_calls(reference: nn.Module, fused: nn.Module) -> None:
+    """The two agree call after call: x1, x2, x3, x1 again."""
+    xs = inputs()
+    for k, x in enumerate([*xs, xs[0]]):
+        with torch.no_grad():
+            want, got = reference(x.clone()), fused(x.clone())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), msg=lambda m: f"call {k + 1}: {m}")
+
+
+def kept_whole(fused: nn.Module) -> dict[str, str]:
+    return {p.path: p.reason for p in fused.fuse_report.parts if p.how == "kept whole"}
+
+
+def bn_left(fused: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+@pytest.mark.parametrize(
+    "make, region, state, bns",
+    [
+        (lambda: Net(Counter()), "inner", "inner.n", 1),  # the region is not fused inside: its own BN stays
+        (lambda: Net(Rebinding()), "inner", "inner.n", 0),
+        (lambda: Net(RunningMean()), "inner", "inner.mean", 1),
+        (lambda: Net(PythonCounter()), "inner", "inner.calls", 1),
+        (lambda: Net(ParentUpdatesChild()), "inner", "inner.scale.v", 1),
+        (lambda: Net(ActNorm()), "inner", "inner.loc", 0),
+        (lambda: BranchOnData(Counter()), "inner", "inner.n", 1),
+    ],
+    ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent"],
+)
+def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
+    fused, reference = fused_and_reference(randomized(make()))
+    assert_same_calls(reference, fused)
+    assert region in kept_whole(fused), str(fused.fuse_report)
+    assert repr(state) in kept_whole(fused)[region], kept_whole(fused)
+    assert bn_left(fused) == bns, str(fused.fuse_report)  # stem and head fold around it
+
+
+def test_state_of_the_model_itself_keeps_it_whole_and_fuses_its_children():
+    fused, reference = fused_and_reference(randomized(Counter()))
+    assert_same_calls(reference, fused)
+    assert "'n'" in kept_whole(fused)[""]
+    assert bn_left(fused) == 0, str(fused.fuse_report)  # its child was fused on its own
+
+
+def test_without_the_check_state_is_still_found():
+    fused, reference = fused_and_reference(randomized(Net(Counter())), check=False)
+    assert_same_calls(reference, fused)
+    assert "inner" in kept_whole(fused)
+
+
+def test_strict_refuses_naming_the_state():
+    with pytest.raises(FuseError, match=r"inner\.n"):
+        fuse(randomized(Net(Counter())), inputs()[0], strict=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Net(BiasCache()), lambda: Net(nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, padding=1)))],
+    ids=["bias_cache", "spectral_norm"],
+)
+def test_what_a_first_call_fills_the_same_for_any_input_is_not_state(make):
+    fused, reference = fused_and_reference(randomized(make()))
+    assert_same_calls(reference, fused)
+    assert not kept_whole(fused), str(fused.fuse_report)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert any("a first call fills" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+
+
+def test_a_stateless_model_is_not_flagged():
+    fused, reference = fused_and_reference(randomized(Net(conv_bn(4))))
+    assert_same_calls(reference, fused)
+    assert not kept_whole(fused) and not fused.fuse_report.notes and bn_left(fused) == 0
+
+
+def test_a_leaf_under_a_parent_kept_whole_stays_untouched():
+    """``leaf_modules`` are carried through whole also when their parent is kept whole (its children fused one by one)."""
+    model = randomized(BranchOnData(conv_bn(4)))
+    fused = fuse(model, inputs()[0], leaf_modules=["stem"])
+    assert kept_whole(fused).keys() >= {""}
+    assert type(fused.stem) is nn.Sequential and isinstance(fused.stem[1], nn.BatchNorm2d), fused.stem
+    assert bn_left(fused) == 1  # the stem's; the others folded
+    assert_same_calls(model, fused)
