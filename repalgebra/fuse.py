@@ -18,8 +18,10 @@ inside an untraceable attention block still folds.  Each captured graph is
 checked against the original module on the example input before it is used
 (in float64 where the model runs in float64, against the folded weights before
 they are rounded back); a capture that computes something else is discarded and
-the next path tried.  ``fuse`` raises only for a model that does not run on the
-example input, for bad input, or with ``strict=True``.
+the next path tried.  A module whose calls change its own state (a counter, a
+running mean kept in eval mode) is kept whole and untouched on its own copy of
+the state (:mod:`repalgebra.frontend.state`).  ``fuse`` raises only for a model
+that does not run on the example input, for bad input, or with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def fuse(
             through whole and untouched (not fused inside either).
         strict: raise instead of falling back: a model ``torch.fx`` cannot
             trace raises :class:`~repalgebra.UntraceableError`, one whose
-            captures all fail raises :class:`FuseError`.
+            captures all fail or whose calls change its state raises
+            :class:`FuseError`.
         check: run the original and the fused module on the example input
             before returning (float64 where the model runs in it) and reject
             a capture that differs.  Only turn it off when you verify
