@@ -5,17 +5,22 @@
 strides, dilations and groups, BatchNormalization and LayerNormalization epsilon, Pad amounts and
 value, AveragePool ``count_include_pad``/``ceil_mode``/pads, MaxPool dilations and ceil mode, Gelu
 both ways, Gemm-free Linear, Transpose perms), at each opset the lowerings branch on (13, 17, 18,
-20), compared in onnxruntime with the *original module* to 1e-5 relative (float32).  The ONNX
-back-end mutants run this file.
+20), compared in onnxruntime with the *original module* to 1e-5 relative (float32).  A max pool with a window
+whose taps all fall in the padding (-inf in PyTorch, another value in onnxruntime) must be refused, and the
+error must say so; whether a draw has one is asked of PyTorch, not of the lowering.  The ONNX back-end
+mutants run this file.
 """
 
 from __future__ import annotations
 
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
-from hypothesis import given, settings
+import torch.nn.functional as F
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from repalgebra.backend.onnx import export_onnx
 from repalgebra.backend.onnx_fallback import FallbackError
@@ -28,8 +33,31 @@ def _divisor_override(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.AvgPool2d) and m.divisor_override is not None for m in model.modules())
 
 
+def _window_in_padding(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a max pool of ``model`` run on ``x`` has a window that sees no input (all its taps in the padding),
+    asked of PyTorch itself: each ``nn.MaxPool2d`` run on zeros of its input's shape gives -inf there."""
+    found: list[bool] = []
+
+    def hook(m: nn.MaxPool2d, inputs: tuple, output: torch.Tensor) -> None:
+        zeros = torch.zeros_like(inputs[0])
+        found.append(bool(torch.isneginf(F.max_pool2d(zeros, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)).any()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return any(found)
+
+
 def check_export(stack: LayerStack, opset: int) -> None:
     model, x = stack.model.float(), stack.x.float()
+    if _window_in_padding(model, x):  # -inf in PyTorch, another value in onnxruntime: refused, by our lowering and the fallback's check
+        with pytest.raises(FallbackError, match="a window lies entirely in the padding"):
+            export_onnx(model, None, tuple(x.shape), opset=opset)
+        return
     if _divisor_override(model):  # kept opaque: torch.onnx.export ignores the override, so the export may be refused
         try:
             proto = export_onnx(model, None, tuple(x.shape), opset=opset)
@@ -54,8 +82,40 @@ def test_export_matches_the_model(name, opset):
     check_export(attribute_case(name), opset)
 
 
+def _stack(make, shape: tuple[int, ...]) -> LayerStack:
+    """A pinned :class:`LayerStack`: the layers ``make()`` returns (seeded, float64, eval mode) and a seeded input."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(*make()).double().eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return LayerStack(model, x, "; ".join(repr(m) for m in model))
+
+
+# Draws that once failed test_export_of_layer_stacks: a max pool with a window entirely in the padding (refused),
+# and ceil-mode max pools whose dilated last window needs an end padding of the kernel size or more (onnxruntime
+# takes less in MaxPool's pads; the fallback's ceil-mode MaxPool was refused by onnx's shape inference).
+PINNED = {
+    "window-in-padding": lambda: _stack(
+        lambda: [nn.Conv2d(1, 1, 1, bias=False), nn.MaxPool2d((1, 2), (1, 1), (0, 1), dilation=(1, 2))], (1, 1, 1, 1)
+    ),
+    "window-in-padding-ceil": lambda: _stack(
+        lambda: [nn.ZeroPad2d((1, 2, 2, 1)), nn.Conv2d(1, 1, 4, (1, 2), (0, 2), (1, 2)), nn.GELU(), nn.MaxPool2d(2, 2, 1, (1, 2), ceil_mode=True)],
+        (3, 1, 2, 1),
+    ),
+    "dilated-ceil": lambda: _stack(lambda: [nn.Conv2d(1, 1, 1), nn.MaxPool2d(2, 2, 1, dilation=(1, 2), ceil_mode=True)], (3, 1, 1, 2)),
+    "constant-pad-dilated-ceil": lambda: _stack(
+        lambda: [nn.Conv2d(1, 2, 1), nn.ReLU(), nn.ConstantPad2d((1, 0, 0, 0), 0.25), nn.MaxPool2d((2, 1), 2, (1, 0), dilation=2, ceil_mode=True)],
+        (2, 1, 4, 3),
+    ),
+}
+
+
 @given(stack=layer_stacks(), opset=st.sampled_from([17, 18, 20]))
 @settings(max_examples=40)
+@example(stack=PINNED["window-in-padding"](), opset=17)
+@example(stack=PINNED["window-in-padding-ceil"](), opset=20)
+@example(stack=PINNED["dilated-ceil"](), opset=20)
+@example(stack=PINNED["constant-pad-dilated-ceil"](), opset=18)
 def test_export_of_layer_stacks(stack, opset):
     check_export(stack, opset)
 
@@ -91,9 +151,31 @@ def test_average_pool_in_ceil_mode_that_drops_a_window(kernel, stride, padding, 
         assert_same_outputs(ref, onnx_outputs(proto, x), torch.float32, f"AveragePool at opset {opset}")
 
 
-def test_max_pool_window_entirely_in_the_padding_is_refused_not_exported_wrong():
+@pytest.mark.parametrize("case", ["window-in-padding", "window-in-padding-ceil"])
+def test_max_pool_window_entirely_in_the_padding_is_refused_not_exported_wrong(case):
     """PyTorch gives -inf for a window whose taps all fall in the padding; onnxruntime does not: refused, by our
-    lowering and by the fallback's check of torch.onnx.export's export (it was a wrong ONNX model before)."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.MaxPool2d((1, 2), (1, 1), (0, 1), dilation=(1, 2)))
-    with pytest.raises(FallbackError, match="computes something else"):
-        export_onnx(model.eval(), None, (1, 1, 1, 1))
+    lowering and by the fallback's check of torch.onnx.export's export (it was a wrong ONNX model before), and the
+    error says why."""
+    stack = PINNED[case]()
+    assert _window_in_padding(stack.model, stack.x)
+    why = r"computes something else: .*our lowering refused: max_pool2d at \S+: a window lies entirely in the padding"
+    with pytest.raises(FallbackError, match=why):
+        export_onnx(stack.model.float(), None, tuple(stack.x.shape))
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("case", ["dilated-ceil", "constant-pad-dilated-ceil"])
+def test_max_pool_in_ceil_mode_whose_end_padding_reaches_the_kernel_size(case, opset):
+    """Regression: a dilated ceil-mode max pool whose last window needs an end padding of the kernel size or more
+    (onnxruntime refuses MaxPool pads that large) was refused by our lowering; torch.onnx.export's MaxPool with
+    ``ceil_mode=1`` then computes PyTorch's size in onnxruntime, but onnx's shape inference keeps a last window
+    that starts in the end padding, so ``onnx.checker`` refused the model.  Now our lowering pads with -inf."""
+    stack = PINNED[case]()
+    assert not _window_in_padding(stack.model, stack.x)
+    proto, report = export_onnx(stack.model.float(), None, tuple(stack.x.shape), opset=opset, return_report=True)
+    assert report.path == "own lowering", report
+    pool = next(n for n in proto.graph.node if n.op_type == "MaxPool")
+    pad = next(n for n in proto.graph.node if pool.input[0] in n.output)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert pad.op_type == "Pad" and values[pad.input[2]] == -float("inf"), "the pool's padding is not an explicit Pad of -inf"
+    check_export(stack, opset)

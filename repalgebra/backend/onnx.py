@@ -413,7 +413,10 @@ def _max_pool(ctx, n, x):
     """``MaxPool`` in floor mode; ceil mode is more padding at the end, as many rows as PyTorch's ceil mode adds windows.
 
     (PyTorch's ceil mode drops a last window that would start in the right padding; ONNX's does not,
-    so the output size is set by the end padding, which a max ignores.)
+    so the output size is set by the end padding, which a max ignores.)  onnxruntime takes MaxPool pads
+    below the kernel size only; a dilated kernel in ceil mode can need more at the end: then all the
+    padding is an explicit ``Pad`` of -inf, which a max ignores as it ignores MaxPool's own pads.
+    A window whose taps all fall in the padding is refused (-inf in PyTorch; onnxruntime gives another value).
     """
     a = n.attrs
     begins, ends = list(a["padding"]), []
@@ -421,10 +424,11 @@ def _max_pool(ctx, n, x):
         # A window whose taps all fall in the padding is -inf in PyTorch; onnxruntime does not give -inf there.
         if any(all(not 0 <= i * s - p + j * d < size_in for j in range(k)) for i in range(size_out)):
             raise LoweringError(f"max_pool2d at {_where(n)}: a window lies entirely in the padding (-inf in PyTorch, not in ONNX)")
-        end = max(p, (size_out - 1) * s + d * (k - 1) + 1 - size_in - p)
-        if end >= k:
-            raise LoweringError(f"max_pool2d at {_where(n)}: ceil mode needs an end padding of {end}, not below the kernel size {k}")
-        ends.append(end)
+        ends.append(max(p, (size_out - 1) * s + d * (k - 1) + 1 - size_in - p))
+    if any(e >= k for e, k in zip(ends, a["kernel"])):
+        lead = [0] * (len(n.x.shape) - 2)
+        x = ctx.emit("Pad", [x, ctx.ints("pads", lead + begins + lead + ends), _number(ctx, "lowest", float("-inf"))], mode="constant")
+        begins = ends = [0, 0]
     return ctx.emit(
         "MaxPool", [x], kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=begins + ends, dilations=list(a["dilation"])
     )
@@ -698,7 +702,10 @@ def graph_to_onnx(
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     dtype = graph.inputs[0].dtype or torch.float32
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
-    regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes))
+    refused: dict[int, str] = {}
+    regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes, refused))
+    for r in regions:
+        r.refused = [refused[id(n)] for n in r.run if id(n) in refused]
     exported: list[ExportedRegion | None] = []
     if regions:
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes)
@@ -754,15 +761,17 @@ def graph_to_onnx(
     return (model, report) if return_report else model
 
 
-def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool, notes: list[str]) -> bool:
+def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool, notes: list[str], refused: dict[int, str]) -> bool:
     """Whether our lowering takes ``node``: its op has one and it does not refuse the node (tried on a scratch
-    context).  A lowering that fails other than by refusing is noted; the node goes to the fallback."""
+    context).  A refusal's reason goes to ``refused`` (by node id), for the fallback's error should it fail too.
+    A lowering that fails other than by refusing is noted; the node goes to the fallback."""
     lower = OPS[node.op].lowerings.get("onnx")
     if lower is None:
         return False
     try:
         lower(_Scratch(opset, dtype, dynamic_batch), node, *(f"x{k}" for k in range(len(node.inputs))))
-    except LoweringError:
+    except LoweringError as e:
+        refused[id(node)] = str(e)
         return False
     except Exception as e:  # noqa: BLE001  (a lowering's bug must not stop the export: the fallback takes the node)
         first = (str(e).strip().splitlines() or [""])[0]

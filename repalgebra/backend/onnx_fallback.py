@@ -183,6 +183,7 @@ class Region:
     nodes: list[Node]  # what it computes: the run and the non-tensor producers it needs
     inputs: list[Value]  # tensors it reads from outside
     outputs: list[Value]  # tensors of the run read after it (or graph outputs)
+    refused: list[str] = field(default_factory=list)  # why our lowering refused its nodes (for the error, should the fallback fail)
 
     @property
     def where(self) -> str:
@@ -350,7 +351,9 @@ def export_regions(
     for r, e in zip(regions, exported):
         why = e and _differs(e.model, *own[r.index])
         if why:
-            raise FallbackError(f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}")
+            raise FallbackError(
+                f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
+            )
     return _noted(regions, exported, notes), False
 
 
@@ -369,6 +372,11 @@ def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: 
 def _first_line(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {text[:200]}"
+
+
+def _refusals(region: Region) -> str:
+    """Our lowering's reasons for refusing the region's nodes, for a :class:`FallbackError` (empty when it has none)."""
+    return f" (our lowering refused: {'; '.join(region.refused)})" if region.refused else ""
 
 
 def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
@@ -407,7 +415,7 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
         calls = ", ".join(region.whats)
         raise FallbackError(
             f"no ONNX lowering for {calls} at {region.where}, and torch.onnx.export (TorchScript) cannot export it at "
-            f"opset {opset} either: {_first_line(e)}"
+            f"opset {opset} either: {_first_line(e)}{_refusals(region)}"
         ) from e
     how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
     return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches)
