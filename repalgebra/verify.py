@@ -17,6 +17,7 @@ NaN/Inf, fail.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -203,6 +204,17 @@ def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
     return err, err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
+def _fields(out: Any) -> Any:
+    """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, its type kept."""
+
+    def as_dict(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {"<type>": type(x).__qualname__, **{f.name: _fields(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        return x
+
+    return pytree.tree_map(as_dict, out)
+
+
 def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | None:
     """None when two model outputs agree within ``tolerance`` (relative), else a sentence naming the first that differs.
 
@@ -211,13 +223,17 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
     infinite statistic still gives the same output when fused); the error of
     the finite entries is measured as in :func:`verify`.
     """
-    ya, spec_a = pytree.tree_flatten(reference)
-    yb, spec_b = pytree.tree_flatten(candidate)
+    ya, spec_a = pytree.tree_flatten(_fields(reference))
+    yb, spec_b = pytree.tree_flatten(_fields(candidate))
     if spec_a != spec_b:
         return f"the output structures differ: {spec_a} vs {spec_b}"
     for k, (a, b) in enumerate(zip(ya, yb)):
         if not (torch.is_tensor(a) and torch.is_tensor(b)):
-            if a != b:
+            try:
+                differs = bool(a != b)
+            except Exception:  # noqa: BLE001  (an object holding tensors, whose == is elementwise)
+                return f"output {k} ({type(a).__name__}) cannot be compared"
+            if differs:
                 return f"output {k} differs: {a!r} vs {b!r}"
             continue
         if a.shape != b.shape:

@@ -8,6 +8,7 @@ float64 tolerance): folding in float64 loses nothing that a correct fold would k
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import onnxruntime as ort
@@ -19,6 +20,7 @@ from torch import nn
 import repalgebra
 from repalgebra import fuse, verify
 from repalgebra.fuse import FuseError
+from repalgebra.verify import first_difference
 
 D = torch.float64
 
@@ -583,3 +585,35 @@ def test_model_untouched_by_every_path():
     fuse(inplace, torch.randn(2, 8, 6, 6, dtype=D))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert inplace.act.inplace is True
+
+
+@dataclasses.dataclass
+class Outputs:
+    """A model's output record, as detection and segmentation code returns it (not a pytree node)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+class RecordOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        return Outputs(y, self.b(y))
+
+
+def test_dataclass_output_keeps_the_model_whole_and_fuses_its_children():
+    """Neither capture returns a dataclass; the comparison used to raise on its ``==`` (elementwise on tensors)."""
+    model = randomized(RecordOut())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "kept whole" and bn_left(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert type(got) is Outputs
+    for name in ("features", "logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-9)
+    assert first_difference(want, Outputs(got.features, got.logits + 1), 1e-9) is not None
