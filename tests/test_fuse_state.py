@@ -21,20 +21,17 @@ from torch import nn
 
 from repalgebra import fuse
 from repalgebra.fuse import FuseError
+from zoo import randomize_bn
 
 D = torch.float64
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, realistic BN statistics, float64, eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+def randomized(make) -> nn.Module:
+    """``make()`` with seeded weights and realistic BN statistics (the zoo's), float64, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make()
+    randomize_bn(model, seed=0)
     return model.to(D).eval()
 
 
@@ -217,7 +214,7 @@ def bn_left(fused: nn.Module) -> int:
     ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent"],
 )
 def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
-    fused, reference = fused_and_reference(randomized(make()))
+    fused, reference = fused_and_reference(randomized(make))
     assert_same_calls(reference, fused)
     assert region in kept_whole(fused), str(fused.fuse_report)
     assert repr(state) in kept_whole(fused)[region], kept_whole(fused)
@@ -225,21 +222,21 @@ def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
 
 
 def test_state_of_the_model_itself_keeps_it_whole_and_fuses_its_children():
-    fused, reference = fused_and_reference(randomized(Counter()))
+    fused, reference = fused_and_reference(randomized(Counter))
     assert_same_calls(reference, fused)
     assert "'n'" in kept_whole(fused)[""]
     assert bn_left(fused) == 0, str(fused.fuse_report)  # its child was fused on its own
 
 
 def test_without_the_check_state_is_still_found():
-    fused, reference = fused_and_reference(randomized(Net(Counter())), check=False)
+    fused, reference = fused_and_reference(randomized(lambda: Net(Counter())), check=False)
     assert_same_calls(reference, fused)
     assert "inner" in kept_whole(fused)
 
 
 def test_strict_refuses_naming_the_state():
     with pytest.raises(FuseError, match=r"inner\.n"):
-        fuse(randomized(Net(Counter())), inputs()[0], strict=True)
+        fuse(randomized(lambda: Net(Counter())), inputs()[0], strict=True)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +245,7 @@ def test_strict_refuses_naming_the_state():
     ids=["bias_cache", "spectral_norm"],
 )
 def test_what_a_first_call_fills_the_same_for_any_input_is_not_state(make):
-    fused, reference = fused_and_reference(randomized(make()))
+    fused, reference = fused_and_reference(randomized(make))
     assert_same_calls(reference, fused)
     assert not kept_whole(fused), str(fused.fuse_report)
     assert bn_left(fused) == 0, str(fused.fuse_report)
@@ -256,14 +253,14 @@ def test_what_a_first_call_fills_the_same_for_any_input_is_not_state(make):
 
 
 def test_a_stateless_model_is_not_flagged():
-    fused, reference = fused_and_reference(randomized(Net(conv_bn(4))))
+    fused, reference = fused_and_reference(randomized(lambda: Net(conv_bn(4))))
     assert_same_calls(reference, fused)
     assert not kept_whole(fused) and not fused.fuse_report.notes and bn_left(fused) == 0
 
 
 def test_a_leaf_under_a_parent_kept_whole_stays_untouched():
     """``leaf_modules`` are carried through whole also when their parent is kept whole (its children fused one by one)."""
-    model = randomized(BranchOnData(conv_bn(4)))
+    model = randomized(lambda: BranchOnData(conv_bn(4)))
     fused = fuse(model, inputs()[0], leaf_modules=["stem"])
     assert kept_whole(fused).keys() >= {""}
     assert type(fused.stem) is nn.Sequential and isinstance(fused.stem[1], nn.BatchNorm2d), fused.stem
