@@ -199,6 +199,17 @@ def _unfolded_join(n: Node) -> bool:
 
 
 def _no_rule_reason(g: Graph, n: Node) -> str:
-    src = n.x.producer.op if n.x.producer else "graph input"
     users = ", ".join(sorted({u.op for u in g.users(n.out)})) or "graph output"
-    return f"no rule applies (input from {src}, used by {users})"
+    return f"no rule applies (input from {_producer(n)}, used by {users})"
+
+
+def _producer(n: Node) -> str:
+    """What computes ``n``'s input: an op, the graph input, or the call an opaque node makes (``opaque Conv1d 'c1'``)."""
+    p = n.x.producer
+    if p is None:
+        return "graph input"
+    if p.op != "opaque":
+        return p.op
+    fn = p.attrs.get("fn")
+    what = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"opaque {what}" + (f" {p.source!r}" if p.source else "")

@@ -617,3 +617,12 @@ def test_dataclass_output_keeps_the_model_whole_and_fuses_its_children():
     for name in ("features", "logits"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-9)
     assert first_difference(want, Outputs(got.features, got.logits + 1), 1e-9) is not None
+
+
+def test_a_bn_after_a_conv_no_rule_folds_is_reported_with_that_conv():
+    """Only 2-D convolutions fold; a BatchNorm after a Conv1d stays, and the report names the module before it."""
+    model = randomized(nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU()))
+    fused = check_exact(model, torch.randn(2, 4, 16, dtype=D))
+    assert [(la.source, la.reason) for la in fused.fuse_report.left_alone] == [
+        ("1", "no rule applies (input from opaque Conv1d '0', used by relu)")
+    ]
