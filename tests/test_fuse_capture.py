@@ -620,9 +620,9 @@ def test_dataclass_output_keeps_the_model_whole_and_fuses_its_children():
 
 
 def test_a_bn_after_a_conv_no_rule_folds_is_reported_with_that_conv():
-    """Only 2-D convolutions fold; a BatchNorm after a Conv1d stays, and the report names the module before it."""
-    model = randomized(nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU()))
-    fused = check_exact(model, torch.randn(2, 4, 16, dtype=D))
+    """Only 1-D and 2-D convolutions fold; a BatchNorm after a Conv3d stays, and the report names the module before it."""
+    model = randomized(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU()))
+    fused = check_exact(model, torch.randn(2, 4, 3, 6, 6, dtype=D))
     assert [(la.source, la.reason) for la in fused.fuse_report.left_alone] == [
-        ("1", "no rule applies (input from opaque Conv1d '0', used by relu)")
+        ("1", "no rule applies (input from opaque Conv3d '0', used by relu)")
     ]

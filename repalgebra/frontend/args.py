@@ -80,6 +80,13 @@ def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -
 # --------------------------------------------------------------------------- ops both handler families make
 
 
+def unsqueezed(x: Value, axis: int) -> Made:
+    """``x.unsqueeze(axis)`` as a reshape that reads ``x``'s sizes at run time."""
+    rank = len(x.shape)
+    shape = tuple(((0, k),) for k in range(axis)) + (1,) + tuple(((0, k),) for k in range(axis, rank))
+    return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
+
+
 def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> dict:
     """BN parameters, cloned; ``affine=False`` means weight ones and bias zeros."""
     return {

@@ -77,6 +77,7 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 # Recognised module classes and the forward each must still use (a subclass with its own forward is not recognised).
 _RECOGNISED: tuple[type, ...] = (
     nn.Conv2d,
+    nn.Conv1d,
     _BatchNorm,
     nn.Linear,
     nn.Identity,

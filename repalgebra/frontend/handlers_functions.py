@@ -20,7 +20,7 @@ from torch import fx
 
 from repalgebra.frontend.args import (
     REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int,
-    max_pool, pad_nd, scalar_axis, channel_axis, shaped, single,
+    max_pool, pad_nd, scalar_axis, channel_axis, shaped, single, unsqueezed,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -335,21 +335,14 @@ def _index_steps(index: Any, rank: int) -> list[tuple[str, dict]] | None:
 
 
 def _step(x: Value, op: str, attrs: dict) -> Made:
-    return _unsqueezed(x, attrs["axis"]) if op == "unsqueeze" else (op, [x], attrs, {}, "")
-
-
-def _unsqueezed(x: Value, axis: int) -> Made:
-    """``x.unsqueeze(axis)`` as a reshape that reads ``x``'s sizes at run time."""
-    rank = len(x.shape)
-    shape = tuple(((0, k),) for k in range(axis)) + (1,) + tuple(((0, k),) for k in range(axis, rank))
-    return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
+    return unsqueezed(x, attrs["axis"]) if op == "unsqueeze" else (op, [x], attrs, {}, "")
 
 
 def _f_unsqueeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("dim", REQ)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or constant(a["input"]) is not None:
         return None
-    return _unsqueezed(a["input"], a["dim"] % (len(a["input"].shape) + 1))
+    return unsqueezed(a["input"], a["dim"] % (len(a["input"].shape) + 1))
 
 
 def _f_squeeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:

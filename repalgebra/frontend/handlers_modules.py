@@ -15,8 +15,9 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, interpolate, ints, max_pool, pad_nd, single
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, interpolate, ints, max_pool, pad_nd, single, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
+from repalgebra.ir import Value
 from repalgebra.frontend.fx_trace import DROPOUTS
 
 
@@ -35,6 +36,37 @@ def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -
     return "conv2d", [x], attrs, params, ""
 
 
+def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
+    """``Conv1d`` on ``(N, C, L)`` as a ``conv2d`` of height 1: ``flatten(conv2d(x.unsqueeze(2)), 2, 3)``.
+
+    Every 2-D rule then applies to it as it stands (a ``1 x k`` kernel), and
+    :func:`_m_batch_norm` moves a ``BatchNorm1d`` after it inside the flatten,
+    where ``bn_fold`` meets it.
+    """
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 3:
+        return None
+    if m.padding_mode != "zeros":
+        b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
+        return None
+    padding = conv_padding(m.padding if isinstance(m.padding, str) else (0, m.padding[0]), (1, *m.kernel_size), (1, *m.dilation))
+    params = {"weight": m.weight.detach().clone().unsqueeze(2)}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach().clone()
+    attrs = {"stride": (1, m.stride[0]), "padding": padding, "dilation": (1, m.dilation[0]), "groups": m.groups}
+    x4 = b.add(*unsqueezed(x, 2)[:4], source=b.source(n))
+    return "flatten", [b.add("conv2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
+
+
+def _height_one(x: Value) -> Value | None:
+    """The 4-D value ``x`` was flattened from, when ``x = flatten(y, 2, 3)`` of a ``y`` of height 1 (a 1-D conv's)."""
+    p = x.producer
+    if p is None or p.op != "flatten" or (p.attrs.get("start"), p.attrs.get("end")) != (2, 3):
+        return None
+    y = p.inputs[0]
+    return y if len(y.shape) == 4 and y.shape[2] == 1 else None
+
+
 def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     if x is None:
@@ -45,7 +77,11 @@ def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: di
     if m.running_mean is None or m.running_var is None:
         b.leave_bn(n, "track_running_stats=False: it normalises with batch statistics even in eval mode")
         return None
-    return "batch_norm", [x], {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, m.weight, m.bias), ""
+    attrs, params = {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, m.weight, m.bias)
+    y = _height_one(x)
+    if y is not None:  # per channel (axis 1), so it commutes with flattening axes 2 and 3: normalise before
+        return "flatten", [b.add("batch_norm", [y], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
+    return "batch_norm", [x], attrs, params, ""
 
 
 def _m_linear(b: Builder, n: fx.Node, m: nn.Linear, args: tuple, kwargs: dict) -> Made:
@@ -163,6 +199,7 @@ def _m_pad_nd(mode: str) -> Callable[..., Made]:
 
 MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
+    nn.Conv1d: _m_conv1d,
     _BatchNorm: _m_batch_norm,
     nn.Linear: _m_linear,
     nn.Identity: _m_identity,

@@ -1,0 +1,144 @@
+"""``Conv1d`` + ``BatchNorm1d`` fold: a 1-D convolution is a ``conv2d`` of height 1 in the graph.
+
+The front end writes ``Conv1d(x)`` as ``flatten(conv2d(x.unsqueeze(2)), 2, 3)`` with a ``1 x k``
+kernel, and a ``BatchNorm1d`` right after it as a BatchNorm on the 4-D value before the flatten
+(per channel, so it commutes with flattening the two spatial axes): ``bn_fold`` then folds it as
+it folds a 2-D one.  Exactness is checked in float64 to 1e-9 relative (``verify``'s float64
+tolerance) at the example input and at other batch sizes and lengths (the fx capture holds at any
+size), and the ONNX export in float32 to 1e-5 relative (``verify``'s float32 tolerance) at batch 1
+and 3 on one export.
+"""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from repalgebra import export_onnx, fuse
+from zoo import randomize_bn
+
+D = torch.float64
+
+
+def built(make) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make()
+    randomize_bn(model, seed=0)
+    return model.eval()
+
+
+def bn_left(fused: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+
+
+def assert_exact_at(model: nn.Module, fused: nn.Module, shapes: list[tuple[int, ...]]) -> None:
+    g = torch.Generator().manual_seed(2)
+    for shape in shapes:
+        x = torch.randn(shape, generator=g, dtype=D)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), msg=lambda m: f"at {shape}: {m}")
+
+
+@st.composite
+def conv1d_bn(draw) -> tuple[nn.Module, int, int]:
+    """A Conv1d (any groups, kernel, stride, dilation, padding form, bias) + BatchNorm1d + ReLU + a 1x1 Conv1d + BatchNorm1d."""
+    groups = draw(st.sampled_from([1, 2, 4]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel, stride, dilation = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    padding = draw(st.sampled_from([0, 1, 2, "valid"] + (["same"] if stride == 1 else [])))
+    bias = draw(st.booleans())
+    length = draw(st.integers(dilation * (kernel - 1) + 1, 24))
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv1d(cin, cout, kernel, stride, padding, dilation, groups, bias),
+            nn.BatchNorm1d(cout),
+            nn.ReLU(),
+            nn.Conv1d(cout, cout, 1),
+            nn.BatchNorm1d(cout),
+        )
+
+    return built(make).to(D), cin, length
+
+
+@given(conv1d_bn())
+def test_conv1d_bn_folds_exactly_at_any_batch_and_length(case):
+    model, channels, length = case
+    fused = fuse(model, torch.randn(2, channels, length, dtype=D))
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert fused.fuse_report.rule_counts().get("bn_fold") == 2, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, channels, length), (3, channels, length + 7), (1, channels, length + 1)])
+
+
+class SeparableBlock(nn.Module):
+    """QuartzNet/Jasper's block as speech toolkits write it: depthwise-separable Conv1d + BN + ReLU, repeated,
+    with a 1x1 Conv1d + BN residual, ``padding=dilation * (k - 1) // 2``."""
+
+    def __init__(self, cin: int = 8, cout: int = 16, k: int = 5, repeat: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for r in range(repeat):
+            c = cin if r == 0 else cout
+            layers += [
+                nn.Conv1d(c, c, k, padding=(k - 1) // 2, groups=c, bias=False),
+                nn.Conv1d(c, cout, 1, bias=False),
+                nn.BatchNorm1d(cout, eps=1e-3),
+            ]
+            if r < repeat - 1:
+                layers += [nn.ReLU(inplace=True), nn.Dropout(0.1)]
+        self.conv = nn.Sequential(*layers)
+        self.res = nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout, eps=1e-3))
+        self.out = nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.conv(x) + self.res(x))
+
+
+class PointNetFeatures(nn.Module):
+    """PointNet's shared MLP over points as its public code writes it: Conv1d(k=1) + BN1d + ReLU, max over points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv1d(3, 16, 1), nn.Conv1d(16, 32, 1), nn.Conv1d(32, 64, 1)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm1d(16), nn.BatchNorm1d(32), nn.BatchNorm1d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return torch.max(x, 2, keepdim=True)[0].view(-1, 64)
+
+
+def test_speech_and_point_cloud_blocks_fold_every_batch_norm():
+    for make, channels, length in ((SeparableBlock, 8, 40), (PointNetFeatures, 3, 50)):
+        model = built(make).to(D)
+        fused = fuse(model, torch.randn(2, channels, length, dtype=D))
+        assert bn_left(fused) == 0, str(fused.fuse_report)
+        assert_exact_at(model, fused, [(2, channels, length), (3, channels, length + 9)])
+
+
+def test_conv1d_with_reflect_padding_stays_whole_and_says_so():
+    model = built(lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(8))).to(D)
+    fused = fuse(model, torch.randn(2, 4, 16, dtype=D))
+    assert bn_left(fused) == 1
+    assert any("pads with mode 'reflect'" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    assert_exact_at(model, fused, [(2, 4, 16)])
+
+
+def test_onnx_export_of_a_fused_conv1d_block_runs_in_onnxruntime_at_any_batch():
+    model = built(SeparableBlock)
+    x = torch.randn(2, 8, 40)
+    proto = export_onnx(fuse(model, x), None, tuple(x.shape), fuse=False)
+    assert not [n.op_type for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        xb = torch.randn(batch, 8, 40, generator=torch.Generator().manual_seed(batch))
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xb.numpy()})[0])
+        with torch.no_grad():
+            want = model(xb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
