@@ -90,15 +90,19 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         first = _call(work, inputs)
         after_first = _snapshot(work)
         second = _call(work, inputs)
-        changed = set(_changed(after_first, _snapshot(work)))
-        once = set(_changed(before, after_first)) - changed
-        if once:  # filled by the first call: from the input, or the same whatever it is?
-            other = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001  (it ran once for the caller: what else changed is unknown)
+        return State(whole=f"a repeated call of it fails ({type(e).__name__}: {e})")
+    changed = set(_changed(after_first, _snapshot(work)))
+    once = set(_changed(before, after_first)) - changed
+    if once:  # filled by the first call: from the input, or the same whatever it is?
+        other = copy.deepcopy(model)
+        try:
             _call(other, tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs))
+        except Exception:  # noqa: BLE001  (it does not run on another input: count what the first call set as state)
+            changed |= once
+        else:
             theirs = _snapshot(other)
             changed |= set(_changed({n: after_first.get(n, _MISSING) for n in once}, {n: theirs.get(n, _MISSING) for n in once}))
-    except Exception:  # noqa: BLE001  (a model that does not run: fuse reports that itself)
-        return State()
     changed = sorted(changed)
     if not changed:
         differs = first_difference(first, second, tolerance)
