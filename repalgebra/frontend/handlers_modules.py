@@ -21,19 +21,26 @@ from repalgebra.ir import Value
 from repalgebra.frontend.fx_trace import DROPOUTS
 
 
-def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -> Made:
-    x = single(args, kwargs)
-    if x is None or len(x.shape) != 4:
-        return None
+def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict] | None:
+    """The ``conv2d`` attrs and params of ``m``; a ``Conv1d`` as a conv of height 1 (None: not zero padding)."""
     if m.padding_mode != "zeros":
         b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
         return None
-    padding = conv_padding(m.padding, m.kernel_size, m.dilation)
-    params = {"weight": m.weight.detach().clone()}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach().clone()
-    attrs = {"stride": tuple(m.stride), "padding": padding, "dilation": tuple(m.dilation), "groups": m.groups}
-    return "conv2d", [x], attrs, params, ""
+    weight = m.weight.detach().clone()
+    stride, padding, dilation, kernel = m.stride, m.padding, m.dilation, m.kernel_size
+    if isinstance(m, nn.Conv1d):  # the length is the width; the height is 1
+        weight = weight.unsqueeze(2)
+        stride, dilation, kernel = (1, *stride), (1, *dilation), (1, *kernel)
+        padding = padding if isinstance(padding, str) else (0, *padding)
+    params = {"weight": weight} if m.bias is None else {"weight": weight, "bias": m.bias.detach().clone()}
+    attrs = {"stride": tuple(stride), "padding": conv_padding(padding, kernel, dilation), "dilation": tuple(dilation), "groups": m.groups}
+    return attrs, params
+
+
+def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    conv = None if x is None or len(x.shape) != 4 else _conv(b, n, m)
+    return None if conv is None else ("conv2d", [x], *conv, "")
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
@@ -44,18 +51,11 @@ def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -
     where ``bn_fold`` meets it.
     """
     x = single(args, kwargs)
-    if x is None or len(x.shape) != 3:
+    conv = None if x is None or len(x.shape) != 3 else _conv(b, n, m)
+    if conv is None:
         return None
-    if m.padding_mode != "zeros":
-        b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
-        return None
-    padding = conv_padding(m.padding if isinstance(m.padding, str) else (0, m.padding[0]), (1, *m.kernel_size), (1, *m.dilation))
-    params = {"weight": m.weight.detach().clone().unsqueeze(2)}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach().clone()
-    attrs = {"stride": (1, m.stride[0]), "padding": padding, "dilation": (1, m.dilation[0]), "groups": m.groups}
     x4 = b.add(*unsqueezed(x, 2)[:4], source=b.source(n))
-    return "flatten", [b.add("conv2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
+    return "flatten", [b.add("conv2d", [x4], *conv, b.source(n))], {"start": 2, "end": 3}, {}, ""
 
 
 def _height_one(x: Value) -> Value | None:
