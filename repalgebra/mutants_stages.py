@@ -55,6 +55,7 @@ STAGES = {"frontend": "front end", "engine": "engine", "torch_backend": "torch b
 _FE = "tests/test_stage_frontend.py"
 _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture_of_layer_stacks")
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
+_C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 
 
 def _aten(*cases: str) -> tuple[str, ...]:
@@ -107,14 +108,24 @@ _RW = "repalgebra.rewrite"
 # (group, name, bug, "module:function", old, new, tests)
 _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     # ================================================================ front end: module handlers (torch.fx)
-    ("frontend", "conv-module-stride-swapped", "nn.Conv2d's stride read with its axes swapped", f"{_HM}:_m_conv2d",
-     '"stride": tuple(m.stride)', '"stride": tuple(m.stride)[::-1]', _FX),
-    ("frontend", "conv-module-dilation-swapped", "nn.Conv2d's dilation read with its axes swapped", f"{_HM}:_m_conv2d",
-     '"dilation": tuple(m.dilation)', '"dilation": tuple(m.dilation)[::-1]', _FX),
-    ("frontend", "conv-module-same-undilated", "padding='same' computed as if the conv were not dilated", f"{_HM}:_m_conv2d",
-     "conv_padding(m.padding, m.kernel_size, m.dilation)", "conv_padding(m.padding, m.kernel_size, (1, 1))", _FX),
-    ("frontend", "conv-module-bias-dropped", "nn.Conv2d's bias is not read", f"{_HM}:_m_conv2d",
-     "if m.bias is not None:", "if False:", _FX),
+    ("frontend", "conv-module-stride-swapped", "nn.Conv2d's stride read with its axes swapped", f"{_HM}:_conv",
+     '"stride": tuple(stride)', '"stride": tuple(stride)[::-1]', _FX),
+    ("frontend", "conv-module-dilation-swapped", "nn.Conv2d's dilation read with its axes swapped", f"{_HM}:_conv",
+     '"dilation": tuple(dilation)', '"dilation": tuple(dilation)[::-1]', _FX),
+    ("frontend", "conv-module-same-undilated", "padding='same' computed as if the conv were not dilated", f"{_HM}:_conv",
+     "conv_padding(padding, kernel, dilation)", "conv_padding(padding, kernel, (1, 1))", _FX),
+    ("frontend", "conv-module-bias-dropped", "nn.Conv2d's bias is not read", f"{_HM}:_conv",
+     "if m.bias is None else", "if True else", _FX),
+    ("frontend", "conv1d-padding-on-height", "a Conv1d's padding put on the height of its height-1 conv2d", f"{_HM}:_conv",
+     "else (0, *padding)", "else (*padding, 0)", _C1),
+    ("frontend", "conv1d-stride-on-height", "a Conv1d's stride put on the height of its height-1 conv2d", f"{_HM}:_conv",
+     "stride, dilation, kernel = (1, *stride)", "stride, dilation, kernel = (*stride, 1)", _C1),
+    ("frontend", "conv1d-flattens-channels", "a Conv1d's height-1 conv2d flattened over channels and height", f"{_HM}:_m_conv1d",
+     '{"start": 2, "end": 3}, {}, ""', '{"start": 1, "end": 2}, {}, ""', _C1),
+    ("frontend", "conv1d-unsqueezed-last", "a Conv1d's input lifted to (N, C, L, 1) instead of (N, C, 1, L)", f"{_HM}:_m_conv1d",
+     "unsqueezed(x, 2)", "unsqueezed(x, 3)", _C1),
+    ("frontend", "conv1d-unlifted-input", "a Conv1d's height-1 conv2d applied to the 3-D input itself", f"{_HM}:_m_conv1d",
+     'b.add("conv2d", [x4]', 'b.add("conv2d", [x]', _C1),
     ("frontend", "bn-module-eps-default", "a BatchNorm module's eps read as the default 1e-5 (issue 15)", f"{_HM}:_m_batch_norm",
      '{"eps": float(m.eps)}', '{"eps": 1e-5}', _FX),
     ("frontend", "bn-module-stats-swapped", "a BatchNorm module's running mean and variance swapped", f"{_HM}:_m_batch_norm",
