@@ -287,7 +287,7 @@ def test_pool_with_a_kernel_read_from_the_shape_keeps_the_batch_dynamic():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), SqueezeExcite()).eval()
     proto, report = export_onnx(model, None, (1, 3, 7, 9), return_report=True)
     assert report.dynamic_batch, report.notes
-    assert any("avg_pool2d(whole input)" in r.exporter for r in report.regions) or not report.regions  # or lowered by us
+    assert any("avg_pool2d" in r.exporter for r in report.regions) or not report.regions  # or lowered by us
     for batch in (1, 3):
         x = torch.randn(batch, 3, 7, 9)
         with torch.no_grad():
@@ -336,3 +336,27 @@ def test_attention_calls_through_the_fallback(target):
         for kw in (dict(), dict(is_causal=True), dict(attn_mask=mask, scale=0.3)):
             got, ref = _rewrite(target)(q, k, v, **kw), target(q, k, v, **kw)
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, divisor", [((3, 1), 2, 0, 2), (3, 1, 1, 1), ((2, 3), (2, 1), (1, 1), 7)])
+def test_avg_pool_with_a_divisor_override_exports_what_pytorch_computes(kernel, stride, padding, divisor):
+    """torch.onnx.export writes ``divisor_override`` as a plain average; the region is rewritten first.
+
+    The first case is the one the fallback's check once let through: the ReLU zeroes everything the pool
+    sees on a standard-normal example, so only a larger input (all 12s) showed 2.0 where PyTorch gives 3.0.
+    """
+    conv = nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.fill_(-10.0)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(kernel, stride, padding, divisor_override=divisor)).eval()
+    proto = export_onnx(model, None, (1, 1, 5, 4))
+    for x in (torch.full((1, 1, 5, 4), 12.0), 20 * torch.rand(3, 1, 5, 4, generator=torch.Generator().manual_seed(0))):
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x)), (run(proto, x)[0], model(x))
+
+
+def test_avg_pool_with_a_divisor_override_and_ceil_mode_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.AvgPool2d(3, 2, ceil_mode=True, divisor_override=2)).eval()
+    with pytest.raises(Exception, match="divisor_override and ceil_mode"):
+        export_onnx(model, None, (1, 1, 6, 6))

@@ -32,8 +32,8 @@ from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, Tokens, asser
 OPSETS = (13, 17, 18, 20)
 
 
-def _divisor_override(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.AvgPool2d) and m.divisor_override is not None for m in model.modules())
+def _divisor_override_in_ceil_mode(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.AvgPool2d) and m.divisor_override is not None and m.ceil_mode for m in model.modules())
 
 
 def _window_in_padding(model: nn.Module, x: torch.Tensor) -> bool:
@@ -116,13 +116,11 @@ def check_export(stack: LayerStack, opset: int) -> None:
         with pytest.raises(FallbackError, match="a window lies entirely in the padding"):
             export_onnx(model, None, tuple(x.shape), opset=opset)
         return
-    if _divisor_override(model):  # kept opaque: torch.onnx.export ignores the override, so the export may be refused
-        try:
-            proto = export_onnx(model, None, tuple(x.shape), opset=opset)
-        except (FallbackError, onnx.shape_inference.InferenceError):  # refused, never a model that computes something else
-            return
-    else:
-        proto = export_onnx(model, None, tuple(x.shape), opset=opset)
+    if _divisor_override_in_ceil_mode(model):  # the last windows divide by less than kh * kw: refused
+        with pytest.raises(FallbackError, match="divisor_override and ceil_mode"):
+            export_onnx(model, None, tuple(x.shape), opset=opset)
+        return
+    proto = export_onnx(model, None, tuple(x.shape), opset=opset)
     with torch.no_grad():
         for xi in _inputs(x):
             assert_same_outputs(model(xi), onnx_outputs(proto, xi), torch.float32, f"ONNX export (opset {opset}) of {stack}")
@@ -213,10 +211,10 @@ def test_rounding_filter_rejects_draws_whose_float32_output_rounding_alone_moves
     assert not _rounding_small(stack)
 
 
-def test_divisor_override_is_refused_not_exported_wrong():
+def test_divisor_override_is_exported_as_pytorch_computes_it():
+    """torch.onnx.export writes divisor_override as a plain average; the fallback rewrites the pool first."""
     stack = attribute_case("avg-pool-divisor")
-    with pytest.raises(FallbackError, match="computes something else"):
-        export_onnx(stack.model.float(), None, tuple(stack.x.shape))
+    check_export(stack, OPSETS[-1])
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])

@@ -326,6 +326,11 @@ def export_regions(
     batch = graph.inputs[0].shape[0]
     at = lambda b: [torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype) for v in graph.inputs]  # noqa: E731
     own = run_regions(graph, regions, modules, at(batch))
+    # A second, wider input: one example can hide a wrong export (a ReLU zeroing everything a pool sees).
+    try:
+        checks = [own, run_regions(graph, regions, modules, [8 * t for t in at(batch)])]
+    except Exception:  # noqa: BLE001  (the graph does not run there: the one example it runs at)
+        checks = [own]
     if dynamic_batch:
         other = batch + 2
         try:
@@ -339,7 +344,7 @@ def export_regions(
             except FallbackError as e:
                 notes.append(f"batch fixed at {batch}: with a dynamic batch, {e}")
             else:
-                wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs(e.model, *own[r.index]))), None)
+                wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs_on(e.model, checks, r.index))), None)
                 if wrong is None:
                     return _noted(regions, exported, notes), True
                 r, why = wrong
@@ -349,7 +354,7 @@ def export_regions(
                 )
     exported = [_export(r, m, i, ([], []), opset) if r.outputs else None for r, m, (i, _) in zip(regions, modules, own)]
     for r, e in zip(regions, exported):
-        why = e and _differs(e.model, *own[r.index])
+        why = e and _differs_on(e.model, checks, r.index)
         if why:
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
@@ -379,10 +384,17 @@ def _refusals(region: Region) -> str:
     return f" (our lowering refused: {'; '.join(region.refused)})" if region.refused else ""
 
 
+def _differs_on(model: onnx.ModelProto, checks: list[list[tuple[tuple, tuple]]], index: int) -> str:
+    """Why ``model`` differs from region ``index``'s recorded inputs and outputs in any of ``checks`` (empty: it does not)."""
+    return next((why for run in checks if (why := _differs(model, *run[index]))), "")
+
+
 def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
     """Why ``model`` in onnxruntime does not give ``outputs`` on ``inputs`` (empty when it does)."""
     import numpy as np
     import onnxruntime as ort
+
+    from repalgebra.verify import first_difference
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -400,10 +412,10 @@ def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float 
         if ref.size and not np.issubdtype(ref.dtype, np.floating):
             if not np.array_equal(g, ref):
                 return f"output {k} differs"
-        elif ref.size:
-            err = float(np.abs(g.astype(np.float64) - ref).max() / max(float(np.abs(ref).max()), 1e-30))
-            if not err <= rtol:
-                return f"output {k} differs by {err:.1e} relative"
+        elif ref.size:  # NaN/Inf where the reference has them, the finite entries within rtol (as verify compares)
+            why = first_difference(torch.from_numpy(ref), torch.from_numpy(np.asarray(g)), rtol)
+            if why:
+                return why.replace("output 0", f"output {k}", 1)
     return ""
 
 
@@ -537,13 +549,27 @@ def _col2im(x, output_size, kernel_size, dilation=1, padding=0, stride=1, *, ops
     return y if batched else y.squeeze(0)
 
 
-def _global_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None, *, opset=0):
-    """An average pool whose kernel is the whole input (``F.avg_pool2d(x, x.shape[2:])``, a squeeze-excite idiom) as a
-    mean: the exporter needs a kernel size it can read as a constant, and one read from the shape is not."""
+def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None, *, opset=0):
+    """Two average pools torch.onnx.export gets wrong.
+
+    * ``divisor_override``: the exporter writes a plain average (torch 2.13), so the pool is rewritten as
+      one that counts the padding, times ``kh * kw / divisor``: without ``ceil_mode`` every window then
+      divides by ``kh * kw``.  With ``ceil_mode`` the last windows divide by less; that is refused.
+    * a kernel that is the whole input (``F.avg_pool2d(x, x.shape[2:])``, a squeeze-excite idiom) as a mean:
+      the exporter needs a kernel size it can read as a constant, and one read from the shape is not.
+    """
+    if divisor_override:
+        if ceil_mode:
+            raise NotImplementedError(
+                "avg_pool2d with divisor_override and ceil_mode=True: torch.onnx.export writes it as a plain average"
+            )
+        kh, kw = _ints(kernel_size)
+        pooled = torch.nn.functional.avg_pool2d(x, kernel_size, stride, padding, False, True)
+        return pooled * ((kh * kw) / divisor_override)
     size = _ints(x.shape[-2:])
     if _ints(kernel_size) != size or stride not in (None, [], ()) and _ints(stride) != size:
         return NotImplemented
-    if _ints(padding) != (0, 0) or divisor_override:
+    if _ints(padding) != (0, 0):
         return NotImplemented
     return x.mean(dim=(-2, -1), keepdim=True)
 
@@ -640,8 +666,8 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     aten.copy.default: ("copy", _copy),
     aten.col2im.default: ("col2im", _col2im),
     torch.nn.functional.fold: ("fold", _col2im),
-    aten.avg_pool2d.default: ("avg_pool2d(whole input)", _global_avg_pool2d),
-    torch.nn.functional.avg_pool2d: ("avg_pool2d(whole input)", _global_avg_pool2d),
+    aten.avg_pool2d.default: ("avg_pool2d", _avg_pool2d),
+    torch.nn.functional.avg_pool2d: ("avg_pool2d", _avg_pool2d),
     aten.adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
     aten._adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
     torch.nn.functional.adaptive_avg_pool2d: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
