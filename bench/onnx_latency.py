@@ -11,9 +11,10 @@ baseline: the same folded weights, torch's lowering of everything else), and
 ``torch.onnx.export`` of the train-time model (what a user gets without
 repalgebra; onnxruntime folds its conv+BN but not the parallel branches).
 Both torch exports get the batch treatment ours has (a dynamic batch axis).
-The three sessions are timed round-robin (interleaved rounds, so machine
-noise hits all alike) with 1 and 2 threads; the table reports medians and
-ours / baseline ratios (below 1: ours is faster).  Targets: ours / same-fused
+The three sessions, and a second session of ours (an A/A control: the timing's
+own scatter), are timed round-robin (interleaved rounds, the order rotating, so
+machine noise hits all alike) with 1 and 2 threads; the table reports medians
+and ours / baseline ratios (below 1: ours is faster).  Targets: ours / same-fused
 export <= 0.95 on fastvit_t8 and fastvit_sa12 and <= 1.0 on every variant at
 1 thread.  The outputs of the three sessions are compared (float32 tolerance)
 before timing.
@@ -76,7 +77,7 @@ KINDS = ("ours", "fused", "train", "ours_again")
 
 
 def measure(name: str, rounds: int, thread_counts: list[int], opset: int, size: int) -> dict:
-    """One variant: fuse, export three ways, compare outputs, time the three sessions interleaved per thread count."""
+    """One variant: fuse, export three ways, compare outputs, time the four sessions (ours twice: the A/A control) interleaved per thread count."""
     import repalgebra
 
     model = randomize_model_(fastvit_models.create_model(name), torch.Generator().manual_seed(0))
@@ -219,7 +220,7 @@ def main() -> None:
         f"### onnxruntime: our export vs torch.onnx.export of the same fused module and of the train-time model "
         f"(batch 1, {args.size}x{args.size}, float32)\n\n"
         f"Machine: {machine()}, onnxruntime {ort.__version__}, opset {args.opset} for all three exports, all graph "
-        f"optimizations, dynamic batch axis in all three; medians of {args.rounds} interleaved rounds (the three sessions "
+        f"optimizations, dynamic batch axis in all three; medians of {args.rounds} interleaved rounds (the four sessions, ours twice, "
         f"run round-robin, each round starting with the next one).  Ratios below 1: ours is faster.\n\n"
         f"{table(rows, thread_counts)}"
     )
