@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
-from repalgebra.frontend.state import StateChanged, find_state, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
@@ -268,18 +268,20 @@ class _Fuser:
                     raise StateChanged(changed)
             return self.fuse_module("", inputs)
         except StateChanged as e:
-            changed = e.names
-        # Start again from the model as it is: the run that changed state ran the pristine copy.
+            return self.fuse_with_state(inputs, e.names)
+
+    def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
+        """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping
+        whole the parts :func:`~repalgebra.frontend.state.find_state` names, and check two calls in a row."""
         self.pristine = copy.deepcopy(self.model).eval()
         self.report = FuseReport(stage_seconds=self.stage)
-        self.stateful = True
         state = find_state(self.pristine, inputs, self.tolerance)
         if not state:  # only a first call fills it, the same for any input (a cache): fuse the model once called
             self.report.notes.append(f"a first call fills {', '.join(map(repr, changed[:4]))}, the same for any input: fused as called once")
-            self.stateful = False
             self.watching = False
             _run(self.pristine, Call(tuple(inputs), {}), None)
             return self.fuse_module("", inputs)
+        self.stateful = True
         if self.strict:
             what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
             raise FuseError(f"the model's calls change its state, so parts must be kept whole: {what}")
@@ -291,7 +293,7 @@ class _Fuser:
         leaves = [r for r in state.regions if r] + ([h for h in state.holders if h] if "" in state.regions else [])
         for path in leaves:
             self.state_leaves.append(path)
-            self.pristine.get_submodule(path)._repalgebra_state = path
+            setattr(self.pristine.get_submodule(path), STATE_TAG, path)
         for path, why in state.regions.items():
             if path:
                 self.report.parts.append(Part(path, "kept whole", why, type(self.pristine.get_submodule(path)).__name__))
@@ -313,8 +315,9 @@ class _Fuser:
             return
         for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
-                if getattr(child, "_repalgebra_state", None) in self.state_leaves:
-                    setattr(parent, name, copy.deepcopy(self.initial.get_submodule(child._repalgebra_state)))
+                tag = getattr(child, STATE_TAG, None)
+                if tag in self.state_leaves:
+                    setattr(parent, name, copy.deepcopy(self.initial.get_submodule(tag)))
 
     def untouched(self, path: str, module: nn.Module, reason: str) -> nn.Module:
         """A copy of ``module`` (the part at ``path``), nothing fused in it; the report says why."""

@@ -25,9 +25,10 @@ from torch import nn
 
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "find_state", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "watch"]
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_repalgebra_state"}
+STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG}
 _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, type(None))
 
