@@ -1,16 +1,18 @@
 """State a model's forward changes: what a fused copy, built from one recorded call, would not reproduce.
 
 ``fuse`` records one call of the model and builds a new module from it.  A
-forward that changes the model's own tensors (``self.count += 1``, a running
-average updated in eval mode, a cache rebound to a new tensor) gives the next
-call a different function, and a capture would bake in the first call's value.
-:func:`find_state` runs a copy of the model twice on the example input and
-names each tensor that changed, the module that owns it and the modules whose
-own code changed it; ``fuse`` keeps their smallest common ancestor whole (it
-runs as written, on its own copy of the state).  When two calls return
-different outputs and no tensor changed (Python state such as an ``int``
-counter, random numbers drawn in eval mode), nothing can be localized and the
-whole model is kept whole.
+forward that changes the model itself (``self.count += 1``, a running average
+updated in eval mode, a buffer rebound to a new tensor, an ``int`` attribute it
+counts in) gives the next call a different function, and a capture would bake
+in the first call's value.  :func:`watch` notices a change during a call (the
+check's run of the original, so no extra forward pass); :func:`find_state` then
+runs copies of the model and names each parameter, buffer or attribute that
+changed, the module that owns it and the modules whose own code changed it, and
+``fuse`` keeps their smallest common ancestor whole (it runs as written, on its
+own copy of the state).  What only a first call fills, the same for any input
+(a cache), is not state.  When two calls return different outputs and nothing
+changed (random numbers drawn in eval mode, a global read), nothing can be
+localized and the whole model is kept whole.
 """
 
 from __future__ import annotations
