@@ -18,21 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repalgebra import export_onnx, fuse
-from zoo import randomize_bn
+from zoo import count_bn, seeded
 
 D = torch.float64
-
-
-def built(make) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = make()
-    randomize_bn(model, seed=0)
-    return model.eval()
-
-
-def bn_left(fused: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
 
 
 def assert_exact_at(model: nn.Module, fused: nn.Module, shapes: list[tuple[int, ...]]) -> None:
@@ -63,14 +51,14 @@ def conv1d_bn(draw) -> tuple[nn.Module, int, int]:
             nn.BatchNorm1d(cout),
         )
 
-    return built(make).to(D), cin, length
+    return seeded(make, 0)().to(D), cin, length
 
 
 @given(conv1d_bn())
 def test_conv1d_bn_folds_exactly_at_any_batch_and_length(case):
     model, channels, length = case
     fused = fuse(model, torch.randn(2, channels, length, dtype=D))
-    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert count_bn(fused) == 0, str(fused.fuse_report)
     assert fused.fuse_report.rule_counts().get("bn_fold") == 2, str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, channels, length), (3, channels, length + 7), (1, channels, length + 1)])
 
@@ -116,22 +104,22 @@ class PointNetFeatures(nn.Module):
 
 def test_speech_and_point_cloud_blocks_fold_every_batch_norm():
     for make, channels, length in ((SeparableBlock, 8, 40), (PointNetFeatures, 3, 50)):
-        model = built(make).to(D)
+        model = seeded(make, 0)().to(D)
         fused = fuse(model, torch.randn(2, channels, length, dtype=D))
-        assert bn_left(fused) == 0, str(fused.fuse_report)
+        assert count_bn(fused) == 0, str(fused.fuse_report)
         assert_exact_at(model, fused, [(2, channels, length), (3, channels, length + 9)])
 
 
 def test_conv1d_with_reflect_padding_stays_whole_and_says_so():
-    model = built(lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(8))).to(D)
+    model = seeded(lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(8)), 0)().to(D)
     fused = fuse(model, torch.randn(2, 4, 16, dtype=D))
-    assert bn_left(fused) == 1
+    assert count_bn(fused) == 1
     assert any("pads with mode 'reflect'" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
     assert_exact_at(model, fused, [(2, 4, 16)])
 
 
 def test_onnx_export_of_a_fused_conv1d_block_runs_in_onnxruntime_at_any_batch():
-    model = built(SeparableBlock)
+    model = seeded(SeparableBlock, 0)()
     x = torch.randn(2, 8, 40)
     proto = export_onnx(fuse(model, x), None, tuple(x.shape), fuse=False)
     assert not [n.op_type for n in proto.graph.node if n.op_type == "BatchNormalization"]

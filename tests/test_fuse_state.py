@@ -21,18 +21,14 @@ from torch import nn
 
 from repalgebra import fuse
 from repalgebra.fuse import FuseError
-from zoo import randomize_bn
+from zoo import count_bn, seeded
 
 D = torch.float64
 
 
 def randomized(make) -> nn.Module:
-    """``make()`` with seeded weights and realistic BN statistics (the zoo's), float64, eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = make()
-    randomize_bn(model, seed=0)
-    return model.to(D).eval()
+    """``make()`` seeded, with the zoo's realistic BN statistics, float64, eval mode."""
+    return seeded(make, 0)().to(D)
 
 
 def conv_bn(c: int) -> nn.Sequential:
@@ -196,10 +192,6 @@ def kept_whole(fused: nn.Module) -> dict[str, str]:
     return {p.path: p.reason for p in fused.fuse_report.parts if p.how == "kept whole"}
 
 
-def bn_left(fused: nn.Module) -> int:
-    return sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-
-
 @pytest.mark.parametrize(
     "make, region, state, bns",
     [
@@ -218,14 +210,14 @@ def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
     assert_same_calls(reference, fused)
     assert region in kept_whole(fused), str(fused.fuse_report)
     assert repr(state) in kept_whole(fused)[region], kept_whole(fused)
-    assert bn_left(fused) == bns, str(fused.fuse_report)  # stem and head fold around it
+    assert count_bn(fused) == bns, str(fused.fuse_report)  # stem and head fold around it
 
 
 def test_state_of_the_model_itself_keeps_it_whole_and_fuses_its_children():
     fused, reference = fused_and_reference(randomized(Counter))
     assert_same_calls(reference, fused)
     assert "'n'" in kept_whole(fused)[""]
-    assert bn_left(fused) == 0, str(fused.fuse_report)  # its child was fused on its own
+    assert count_bn(fused) == 0, str(fused.fuse_report)  # its child was fused on its own
 
 
 def test_without_the_check_state_is_still_found():
@@ -248,14 +240,14 @@ def test_what_a_first_call_fills_the_same_for_any_input_is_not_state(make):
     fused, reference = fused_and_reference(randomized(make))
     assert_same_calls(reference, fused)
     assert not kept_whole(fused), str(fused.fuse_report)
-    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert count_bn(fused) == 0, str(fused.fuse_report)
     assert any("a first call fills" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
 
 
 def test_a_stateless_model_is_not_flagged():
     fused, reference = fused_and_reference(randomized(lambda: Net(conv_bn(4))))
     assert_same_calls(reference, fused)
-    assert not kept_whole(fused) and not fused.fuse_report.notes and bn_left(fused) == 0
+    assert not kept_whole(fused) and not fused.fuse_report.notes and count_bn(fused) == 0
 
 
 def test_a_leaf_under_a_parent_kept_whole_stays_untouched():
@@ -264,5 +256,5 @@ def test_a_leaf_under_a_parent_kept_whole_stays_untouched():
     fused = fuse(model, inputs()[0], leaf_modules=["stem"])
     assert kept_whole(fused).keys() >= {""}
     assert type(fused.stem) is nn.Sequential and isinstance(fused.stem[1], nn.BatchNorm2d), fused.stem
-    assert bn_left(fused) == 1  # the stem's; the others folded
+    assert count_bn(fused) == 1  # the stem's; the others folded
     assert_same_calls(model, fused)

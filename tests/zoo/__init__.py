@@ -40,9 +40,9 @@ from . import (
     vit,
     windows,
 )
-from ._base import ZooModel, count_bn, fx_fused_bn_count, randomize_bn
+from ._base import ZooModel, count_bn, fx_fused_bn_count, randomize_bn, seeded
 
-__all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "fx_fused_bn_count", "count_bn"]
+__all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_bn_count", "count_bn"]
 
 _FAMILIES = (
     resnet, split_resnets, densenet, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
