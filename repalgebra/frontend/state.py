@@ -138,11 +138,13 @@ def _snapshot(module: nn.Module) -> dict[str, Any]:
     seen = {}
     for path, m in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
-        for group in (m._parameters, m._buffers, vars(m)):
-            for leaf, value in group.items():
-                if group is not vars(m) or leaf not in _MODULE_INTERNALS:
-                    seen[prefix + leaf] = _key(value)
+        seen.update((prefix + leaf, _key(value)) for leaf, value in _own(m).items())
     return seen
+
+
+def _own(m: nn.Module) -> dict[str, Any]:
+    """``m``'s own state by name: its parameters, buffers and plain attributes (not nn.Module's bookkeeping)."""
+    return {**{k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}, **m._buffers, **m._parameters}
 
 
 def _key(value: Any) -> Any:
@@ -175,8 +177,7 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
     def watched() -> dict[str, Any]:
         seen = {}
         for n, (owner, leaf) in owners.items():
-            group = next((g for g in (owner._parameters, owner._buffers, vars(owner)) if leaf in g), {})
-            seen[n] = _key(group.get(leaf, _MISSING))
+            seen[n] = _key(_own(owner).get(leaf, _MISSING))
         return seen
 
     def enter(m: nn.Module, args: Any) -> None:
