@@ -17,8 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, interpolate, ints, max_pool, pad_nd, single, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
-from repalgebra.ir import Value
 from repalgebra.frontend.fx_trace import DROPOUTS
+from repalgebra.ir import Value
 
 
 def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict] | None:
