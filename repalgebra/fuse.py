@@ -219,7 +219,9 @@ def fuse(
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     fused = fuser.fuse_model(inputs)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-    fused = fused.to(device).eval()
+    if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
+        fused = fused.to(device)
+    fused = fused.eval()
     report = fuser.report
     report.params_before = _numel(model.parameters())
     report.params_after = _numel(fused.parameters())

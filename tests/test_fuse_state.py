@@ -258,3 +258,40 @@ def test_a_leaf_under_a_parent_kept_whole_stays_untouched():
     assert type(fused.stem) is nn.Sequential and isinstance(fused.stem[1], nn.BatchNorm2d), fused.stem
     assert count_bn(fused) == 1  # the stem's; the others folded
     assert_same_calls(model, fused)
+
+
+class ScriptedCounter(nn.Module):
+    """The counter as TorchScript code would keep it: a Python int attribute (compiled with ``torch.jit.script``)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.n = 0
+        self.body = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.body(x) * float(self.n)
+
+
+def test_a_torchscript_child_is_carried_through_and_its_neighbours_fold():
+    """A ScriptModule takes no hooks and its Python ``vars`` are compiler internals the first call rebuilds: neither
+    may crash ``fuse`` or count as state.  It runs as it is; the BNs around it fold."""
+    model = randomized(lambda: Net(nn.Conv2d(4, 4, 3, padding=1)))
+    model.inner = torch.jit.script(model.inner)
+    fused, reference = fused_and_reference(model)
+    assert_same_calls(reference, fused)
+    assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
+
+
+def test_state_inside_a_torchscript_child_is_found():
+    """Its declared attributes are watched (``self.n``, compiled): the part holding it runs as written."""
+    model = randomized(lambda: Net(ScriptedCounter()))
+    model.inner = torch.jit.script(model.inner)
+    fused, reference = fused_and_reference(model)
+    assert_same_calls(reference, fused)
+    assert "'inner.n'" in kept_whole(fused).get("inner", ""), str(fused.fuse_report)
+
+
+def test_a_torchscript_model_is_refused_with_the_way_out():
+    with pytest.raises(TypeError, match="TorchScript module .*fuse the nn.Module first"):
+        fuse(torch.jit.script(randomized(lambda: conv_bn(4))), inputs()[0])

@@ -155,7 +155,9 @@ def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[st
 
     try:
         for p in calls:
-            handles.append(module.get_submodule(p).register_forward_pre_hook(hook_for(p), with_kwargs=True))
+            sub = module.get_submodule(p)
+            if not isinstance(sub, torch.jit.ScriptModule):  # compiled code: it takes no hooks, and is not fused inside
+                handles.append(sub.register_forward_pre_hook(hook_for(p), with_kwargs=True))
         with torch.no_grad():
             module(*pytree.tree_map(clone, call.args), **pytree.tree_map(clone, call.kwargs))
     finally:

@@ -28,6 +28,9 @@ def check_model(model: nn.Module) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"the model is a TorchScript module ({type(model).__name__}): its Python code is compiled away, "
+                        "so it cannot be captured; fuse the nn.Module first, then script or trace the fused module")
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}: only floating-point models can be fused")

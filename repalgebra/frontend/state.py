@@ -143,7 +143,13 @@ def _snapshot(module: nn.Module) -> dict[str, Any]:
 
 
 def _own(m: nn.Module) -> dict[str, Any]:
-    """``m``'s own state by name: its parameters, buffers and plain attributes (not nn.Module's bookkeeping)."""
+    """``m``'s own state by name: its parameters, buffers and plain attributes (not nn.Module's bookkeeping).
+
+    A TorchScript module keeps its attributes in C++: its Python ``vars`` are compiler internals, some rebuilt
+    by the first call; its real attributes (parameters, buffers, ``self.n``) are the ones its type declares."""
+    if isinstance(m, torch.jit.ScriptModule):
+        declared = m._concrete_type.get_attributes()
+        return {k: getattr(m, k) for k in declared if k not in _MODULE_INTERNALS}
     return {**{k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}, **m._buffers, **m._parameters}
 
 
@@ -191,7 +197,8 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
         if stack:
             stack[-1][1].update(changed)
 
-    handles = [h for m in paths for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    hooked = [m for m in paths if not isinstance(m, torch.jit.ScriptModule)]  # TorchScript modules take no hooks
+    handles = [h for m in hooked for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         _call(work, inputs)
     except Exception:  # noqa: BLE001  (it ran twice before: a failure now leaves the owners as the regions)
@@ -199,6 +206,15 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
     finally:
         for h in handles:
             h.remove()
+    # A change inside a TorchScript module shows up in the Python module around it, as if that one made it.  It is
+    # put on the outermost TorchScript module holding the name instead (a parent writing its scripted child's
+    # state is rare, and the two-call check of the result still catches it).
+    scripted = [p for m, p in paths.items() if isinstance(m, torch.jit.ScriptModule)]
+    for n in names:
+        owner = n.rpartition(".")[0]
+        around = [s for s in scripted if s == owner or _inside(owner, s)]
+        if around:
+            sites[n] = [min(around, key=len)]
     return sites
 
 
