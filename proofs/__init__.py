@@ -27,6 +27,7 @@ RULES = [
     "regroup",
     "branch_sum",
     "scale_fold",
+    "bias_fold",
     "seq_merge",
     "avg_pool_to_conv",
     "concat_merge",

@@ -146,6 +146,17 @@ MUTANTS: list[Mutant] = [
        "gamma.reshape(-1, 1, 1, 1)", "gamma.reshape(1, -1, 1, 1)"),
     _m("scale_fold", "any-axis", "a scale on the height axis is folded as if it were per channel",
        'node.attrs["axis"] not in (1, -3)', 'node.attrs["axis"] not in (1, -3, 2, -2)'),
+    # ---------------------------------------------------------------- bias_fold
+    _m("bias_fold", "bias-unsigned", "``c - conv(x)``: the conv's own bias keeps its sign",
+       "sign * b + c", "b + c"),
+    _m("bias_fold", "weight-unsigned", "``c - conv(x)``: the weights keep their sign",
+       '"weight": sign * w', '"weight": w'),
+    _m("bias_fold", "chain-unfollowed", "the features are taken to stay on P's own axis whatever the layout ops do",
+       "follow_chain(chain, features)", "features"),
+    _m("bias_fold", "any-constant", "a constant that changes along other axes too (a positional embedding) is folded as its largest value per feature",
+       "if axis is None or any(size != 1 for size in others):",
+       "if axis is not None:\n        return const.reshape(full).amax(tuple(k for k in range(len(full)) if k != axis)).reshape(-1)\n    if True:",
+       target="repalgebra.rules.bias_fold:per_feature"),
     # ---------------------------------------------------------------- bn_to_conv
     _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
        '{"weight": w, "bias": t}', '{"weight": w}'),

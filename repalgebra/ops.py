@@ -388,7 +388,7 @@ def add_const(x, *, const: Tensor, sign=1.0):
     """``sign * x + const`` for a constant tensor (broadcasting) and ``sign`` 1 or -1.
 
     ``x + 1e-6``, ``x + self.pos_embed``, ``x - self.mean``, ``self.anchors - x`` (``sign=-1``).
-    Affine, but no rule folds it: it ends a region.
+    Affine; ``bias_fold`` folds one that is constant per output feature into the conv or Linear before it.
     """
     return x + const if sign == 1 else const - x
 

@@ -461,7 +461,7 @@ def assert_params_unchanged(graph: Graph, snapshot: ParamSnapshot) -> None:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().reshape(-1)  # 1-D: a 0-dim tensor has no byte view
     return t.view(torch.uint8) if t.is_floating_point() else t
 
 
@@ -493,6 +493,8 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         return ms[0] + ms[1]
     if op == "scale":
         return op_def(op)(ms, a, _abs_params(n))
+    if op == "add_const":  # |sign * y + c| <= |y| + |c|
+        return op_def(op)(ms, {**a, "sign": 1.0}, _abs_params(n))
     if op == "pad":
         return op_def(op)(ms, {**a, "value": abs(a["value"])}, {})
     if op == "linear":

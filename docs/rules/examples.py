@@ -57,6 +57,7 @@ PRIMITIVES = [
     "pad_absorb",
     "branch_sum",
     "scale_fold",
+    "bias_fold",
     "seq_merge",
     "avg_pool_to_conv",
     "concat_merge",
@@ -532,6 +533,31 @@ def scale_fold() -> Example:
     sg = shared.build(shared.add(c, shared.scale(c, scale=t([0.5]), source="block.layer_scale"), source="block"))
     ref = Text().line(f"in y = c + gamma * c with c = conv(x), scale_fold refuses: {refusal(sg, 'scale_fold')}")
     return Example("scale_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def bias_fold() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    c = b.conv2d(x, weight=W3, bias=t([1]), padding=P1, source="block.conv")
+    g = b.build(b.add_const(c, const=t([2]).reshape(1, 1, 1, 1), sign=-1.0, source="block.shift"))
+    after, _ = apply("bias_fold", g, "bias_fold")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.line("y = c - conv(x; W, b) with the constant c = 2 (one per channel) and bias b = 1: sign = -1")
+    txt.grids(*maps("x", X), ("W", W3[0, 0]), ("W' = sign W", fused.params["weight"][0, 0]))
+    txt.line(f"b' = sign b + c = {vec(fused.params['bias'])}")
+    txt.grids(("c - conv(x; W, b)", before_y[0, 0]), ("conv(x; W', b')", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+
+    pos = GraphBuilder()
+    x = pos.input("x", X.shape, DT)
+    c = pos.conv2d(x, weight=W3, padding=P1, source="block.conv")
+    bad = pos.build(pos.add_const(c, const=X.clone(), source="block.pos_embed"))
+    ref = Text().line("a positional embedding (one value per position, 1x1x3x3) added after the conv:")
+    ref.line(no_match(bad, "bias_fold") + " (a bias adds one value per channel, the same at every position)")
+    return Example("bias_fold", g, after, {"numbers": str(txt), "unmatched": str(ref)})
 
 
 @example

@@ -650,6 +650,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.sub.Tensor: _join("sub"),
     aten.mul.Tensor: _mul,
     aten.mul.Scalar: _mul,
+    aten.neg.default: lambda b, n, a: _mul(b, n, {"self": a["self"], "other": -1.0}),  # -x: a scale by -1, the same bits
     aten.relu.default: _unary("relu"),
     aten.gelu.default: _unary("gelu"),
     aten.sigmoid.default: _unary("sigmoid"),

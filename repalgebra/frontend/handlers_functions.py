@@ -124,6 +124,14 @@ def _scale_by(x: Value, c: Any) -> Made:
     return None
 
 
+def _f_neg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``-x``: a ``scale`` by -1 (the same bits: both only flip the sign)."""
+    if kwargs or len(args) != 1 or constant(args[0]) is not None:
+        return None  # ``-self.bias`` is a constant, computed once (``_CONST_CALLS``)
+    x = shaped(args[0])
+    return None if x is None or not x.dtype.is_floating_point else _scale_by(x, -1.0)
+
+
 def _f_div(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``a / b``: ``div`` of two activations; dividing by a number or a per-channel constant is a ``scale``."""
     a = bind([("input", REQ), ("other", REQ), ("rounding_mode", None)], args, kwargs)
@@ -750,6 +758,7 @@ def _register(handler: Callable[..., Made], *targets: Any) -> None:
 _register(_f_join("add"), operator.add, torch.add, ("method", "add"))
 _register(_f_join("sub"), operator.sub, torch.sub, ("method", "sub"))
 _register(_f_mul, operator.mul, torch.mul, ("method", "mul"))
+_register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
 _register(_f_flatten, torch.flatten, ("method", "flatten"))

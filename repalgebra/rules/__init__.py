@@ -8,6 +8,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     identity_elim,
     bn_fold,
     scale_fold,
+    bias_fold,
     bn_to_conv,
     identity_to_conv,
     dilation_to_dense,
