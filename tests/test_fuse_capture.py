@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections import OrderedDict, namedtuple
 
 import onnxruntime as ort
 import pytest
@@ -617,6 +618,46 @@ def test_dataclass_output_keeps_the_model_whole_and_fuses_its_children():
     for name in ("features", "logits"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-9)
     assert first_difference(want, Outputs(got.features, got.logits + 1), 1e-9) is not None
+
+
+Pair = namedtuple("Pair", "features logits")
+
+
+class Stages(nn.Module):
+    """torchvision's ``IntermediateLayerGetter`` returns an ``OrderedDict`` of stage outputs; ``shape_branch``
+    adds Python on a size, which only the specialized capture records."""
+
+    def __init__(self, out: str, shape_branch: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.out, self.shape_branch = conv_bn(3, 8), conv_bn(8, 8), out, shape_branch
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y)
+        if self.shape_branch and x.shape[-1] % 2:
+            z = z + 1
+        if self.out == "ordered_dict":
+            return OrderedDict([("c2", y), ("c3", z)])
+        return Pair(y, z)
+
+
+@pytest.mark.parametrize("out", ["ordered_dict", "namedtuple"])
+@pytest.mark.parametrize("shape_branch", [False, True], ids=["fx", "specialized"])
+def test_an_ordered_dict_or_named_tuple_output_keeps_its_type(out, shape_branch):
+    """fx's graph writes an OrderedDict back as a plain dict; the fused model returns the model's own type."""
+    model = randomized(Stages(out, shape_branch))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == ("specialized" if shape_branch else "fx"), str(fused.fuse_report)
+    assert bn_left(fused) == 0
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert type(got) is type(want)
+    torch.testing.assert_close(list(got.values()) if out == "ordered_dict" else list(got), list(want.values()) if out == "ordered_dict" else list(want), rtol=1e-9, atol=1e-9)
+    if out == "ordered_dict":
+        assert list(got) == ["c2", "c3"]
+    assert type(copy.deepcopy(fused)(x)) is type(want)
+    assert type(fuse(fused, x)(x)) is type(want)  # fusing again keeps it too
 
 
 def test_a_bn_after_a_conv_no_rule_folds_is_reported_with_that_conv():

@@ -29,3 +29,16 @@ def test_zoo_model_fuses_exactly(entry):
     baseline = fx_fused_bn_count(model)
     assert baseline is None or left <= baseline, f"{left} BatchNorms left, torch.fx's fuse leaves {baseline}\n{report}"
     assert left <= count_bn(model)
+
+
+def test_frozen_batch_norms_fold_into_their_convs():
+    """torchvision's ``FrozenBatchNorm2d`` is arithmetic on buffers (``x * scale + bias``), not a BatchNorm layer:
+    ``count_bn`` does not see it, so this checks its ops are gone (``scale_fold`` and ``bias_fold``)."""
+    entry = next(e for e in ZOO if e.name == "backbone_fpn")
+    model = entry.build().to(D)
+    x = torch.randn(entry.input_shape, dtype=D, generator=torch.Generator().manual_seed(0))
+    report = fuse(model, x).fuse_report
+    frozen = sum(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
+    assert report.ops_before["scale"] == report.ops_before["add_const"] == frozen, str(report)
+    assert "scale" not in report.ops_after and "add_const" not in report.ops_after, str(report)
+    assert report.capture == "fx", str(report)  # the OrderedDict output no longer keeps the model whole

@@ -15,6 +15,8 @@ from zoo import ZOO, ZooModel, count_bn, fx_fused_bn_count, randomize_bn, zoo_mo
 def _flat(y: object) -> list[torch.Tensor]:
     if isinstance(y, torch.Tensor):
         return [y]
+    if isinstance(y, dict):  # torchvision's detection backbones return an OrderedDict of feature maps
+        y = list(y.values())
     assert isinstance(y, (tuple, list)), f"unexpected output type {type(y).__name__}"
     return [t for item in y for t in _flat(item)]
 

@@ -153,12 +153,32 @@ def to_module(
         lower = op_def(n.op).lowerings.get("torch", _lower_by_reference)
         env[id(n.out)] = lower(ctx, n if keep_param_dtype else _params_in_value_dtype(n), [env[id(i)] for i in n.inputs])
     outs = [env[id(o)] for o in graph.outputs]
-    if output_spec is not None:
+    if output_spec is not None and not _plain(output_spec):
+        # fx writes containers out as tuple, list and dict literals: an OrderedDict or a named tuple would come
+        # back as a plain dict or tuple.  A function holding the spec rebuilds it.
+        ctx.graph.output(ctx.graph.call_function(output_rebuilder(output_spec), (outs,)))
+    elif output_spec is not None:
         ctx.graph.output(pytree.tree_unflatten(outs, output_spec))
     else:
         ctx.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
     gm = fx.GraphModule(ctx.root, ctx.graph, class_name)
     return gm.eval()
+
+
+def _plain(spec: pytree.TreeSpec) -> bool:
+    """Whether fx's generated code returns this structure as it is: leaves in tuples, lists and plain dicts."""
+    return spec.is_leaf() or (spec.type in (tuple, list, dict) and all(_plain(c) for c in spec.children_specs))
+
+
+def output_rebuilder(spec: pytree.TreeSpec) -> Callable[[list], Any]:
+    """A function putting the fused outputs back in the model's structure (an ``OrderedDict``, a named tuple).
+
+    A closure, not a module attribute: copies of the module share it (a deep copy of a TreeSpec warns)."""
+
+    def rebuild_output(flat: list) -> Any:
+        return pytree.tree_unflatten(flat, spec)
+
+    return rebuild_output
 
 
 def _params_in_value_dtype(node: Node) -> Node:

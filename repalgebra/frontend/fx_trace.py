@@ -13,6 +13,7 @@ calls whose shapes cannot be learned on meta tensors.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -169,6 +170,7 @@ class Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
         self.path_stack: list[str] = []
+        self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -183,6 +185,17 @@ class Tracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.path_stack.pop()
         return out
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Callable[..., Any], list]:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        @functools.wraps(fn)
+        def recorded(*a: Any) -> Any:
+            out = fn(*a)
+            self.output_structure = pytree.tree_structure(out)  # the graph turns an OrderedDict into a dict: keep its type
+            return out
+
+        return recorded, args
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return InplaceProxy(node, self)  # records ``y += 1`` as an in-place call, which Proxy would drop

@@ -142,12 +142,31 @@ def trace_model(
     except NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
         builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
+    spec = typed_like(tracer.output_structure, spec)
     notes = [*inplace_notes, *builder.notes]
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes)
+
+
+def typed_like(returned: pytree.TreeSpec | None, built: pytree.TreeSpec) -> pytree.TreeSpec:
+    """``returned`` (what the model's forward returned: an ``OrderedDict``, a named tuple) where it has the
+    shape of ``built`` (the fx graph's output, whose containers are plain dicts, lists and tuples), else ``built``."""
+    if returned is None or returned.num_leaves != built.num_leaves:
+        return built
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    leaves = list(range(built.num_leaves))
+    same = plain(pytree.tree_unflatten(leaves, returned)) == plain(pytree.tree_unflatten(leaves, built))
+    return returned if same else built
 
 
 def _build(builder: Builder, fx_graph: fx.Graph, placeholders: list, given: tuple, inferred: str | None) -> tuple[Graph, pytree.TreeSpec]:

@@ -17,6 +17,7 @@ code whose patterns it reproduces.
 from __future__ import annotations
 
 from . import (
+    backbone_fpn,
     coatnet,
     convnext,
     densenet,
@@ -45,7 +46,7 @@ from ._base import ZooModel, count_bn, fx_fused_bn_count, randomize_bn, seeded
 __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_bn_count", "count_bn"]
 
 _FAMILIES = (
-    resnet, split_resnets, densenet, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
+    resnet, split_resnets, densenet, backbone_fpn, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
     convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt, shiftvit,
 )
 
