@@ -33,7 +33,7 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
                 m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
                 if m.affine:
@@ -177,6 +177,46 @@ def test_in_place_ops_never_give_a_wrong_model(cls, bns):
     x = torch.randn(2, 8, 9, 9, dtype=D)
     fused = check_exact(model, x)
     assert bn_left(fused) == bns, str(fused.fuse_report)
+
+
+class DropoutThenClamp(nn.Module):
+    """``F.dropout`` in eval mode returns its input itself, so ``z.clamp_()`` clamps ``y`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.proj = conv_bn(8, 8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = F.dropout(y, 0.1, self.training)
+        z.clamp_(-1.0, 1.0)
+        return y + self.proj(z)
+
+
+class AddOut(nn.Module):
+    """``torch.add(..., out=y)`` writes into ``y``, not into its first argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(8, 8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        torch.add(self.b(y), y, out=y)
+        return y
+
+
+@pytest.mark.parametrize("cls", [DropoutThenClamp, AddOut])
+@pytest.mark.parametrize("check", [True, False])
+def test_writes_through_an_alias_the_capture_could_miss(cls, check):
+    """Neither may give a wrong model, even where the check cannot see the difference: an example input the clamp
+    never reaches (``0.05 * randn``), or no check at all.  Compared at inputs of scale 3, where it matters."""
+    model = randomized(cls())
+    fused = fuse(model, 0.05 * torch.randn(2, 8, 9, 9, dtype=D), check=check)
+    for seed in (1, 2):
+        x = 3 * torch.randn(2, 8, 9, 9, dtype=D, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
 
 
 def test_in_place_without_other_readers_stays_on_the_fx_path():
@@ -432,6 +472,31 @@ def test_strict_raises_with_the_module_named():
         fuse(model, torch.randn(2, 3, 8, 8, dtype=D), strict=True)
 
 
+def test_a_forward_set_on_the_instance_is_the_one_that_runs(tmp_path):
+    """``conv.forward = types.MethodType(...)`` replaces ``Conv2d.forward`` for that conv: neither fuse (even
+    unchecked) nor the ONNX export may treat it as a plain conv."""
+    import types
+
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)))
+    model[1].forward = types.MethodType(lambda self, x: F.conv2d(x, self.weight * 0.5, None, 1, 1), model[1])
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x, check=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+    model32, x32 = copy.deepcopy(model).float(), x.float()
+    fused32 = fuse(model32, x32)
+    try:
+        repalgebra.export_onnx(fused32, str(tmp_path / "m.onnx"), tuple(x32.shape))
+    except Exception as e:  # a refusal is fine, if it names the module
+        assert "Conv2d" in str(e), e
+        return
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x32.numpy()})
+    with torch.no_grad():
+        want = model32(x32)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))  # float32
+
+
 def test_top_level_data_dependent_model_keeps_itself_whole():
     class M(nn.Module):
         def __init__(self) -> None:
@@ -667,3 +732,12 @@ def test_a_bn_after_a_conv_no_rule_folds_is_reported_with_that_conv():
     assert [(la.source, la.reason) for la in fused.fuse_report.left_alone] == [
         ("1", "no rule applies (input from opaque Conv3d '0', used by relu)")
     ]
+
+
+@pytest.mark.parametrize("running_stats", [True, False])
+def test_sync_batch_norm_in_eval_folds_like_batch_norm(running_stats):
+    """mmdetection's and detectron2's ``SyncBN``: in eval mode its forward is BatchNorm's (syncing is for training);
+    without running statistics it normalises with the batch's, and stays."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8, track_running_stats=running_stats), nn.ReLU()))
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.ops_after == ({"conv2d": 1, "relu": 1} if running_stats else {"conv2d": 1, "opaque": 1, "relu": 1}), str(fused.fuse_report)

@@ -45,6 +45,7 @@ builder is :mod:`~repalgebra.frontend.aten_builder` and the per-op table
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -108,11 +109,51 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            _check_eval_dropout_writes(ep.graph)
             ep = ep.run_decompositions({})
     except Exception as e:  # anything torch raises: the first line says why
         raise CaptureFailed(first_line(e)) from e
     _check_program(ep)
     return ep
+
+
+aten = torch.ops.aten
+_DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default)
+
+
+def _check_eval_dropout_writes(graph: torch.fx.Graph) -> None:
+    """Refuse an in-place write to what an eval-mode dropout returned (or to a view of it).
+
+    In eager PyTorch an eval-mode dropout returns its input itself, so ``F.dropout(y, p, False).clamp_(...)``
+    changes ``y`` too; ``run_decompositions`` turns that dropout into a copy, and the program would compute
+    something else."""
+    for n in graph.nodes:
+        if n.target not in _DROPOUTS or (len(n.args) > 2 and n.args[2] is not False):
+            continue
+        seen, stack = {n}, [n]
+        while stack:
+            v = stack.pop()
+            for u in v.users:
+                how = _passed_as(u, v)
+                if how == "written":
+                    raise CaptureFailed(f"{u.target} at {module_path(u)!r} writes in place into the result of an eval-mode "
+                                        "dropout, which is the dropout's input itself: torch.export's decomposition loses that")
+                if how == "viewed" and u not in seen:  # writes through a view count too
+                    seen.add(u)
+                    stack.append(u)
+
+
+def _passed_as(user: torch.fx.Node, value: torch.fx.Node) -> str | None:
+    """``"written"`` if ``user`` changes ``value`` in place, ``"viewed"`` if it returns a view of it (``getitem``
+    of a list of views passes it on), else None, by the aliasing its schema declares."""
+    if user.target is operator.getitem:
+        return "viewed"
+    if not isinstance(user.target, torch._ops.OpOverload):
+        return None
+    for arg, given in zip(user.target._schema.arguments, user.args):
+        if given is value and arg.alias_info is not None:
+            return "written" if arg.alias_info.is_write else "viewed"
+    return None
 
 
 def _check_program(ep: torch.export.ExportedProgram) -> None:

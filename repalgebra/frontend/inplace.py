@@ -105,6 +105,8 @@ _VIEW_FUNCTIONS = {
     torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.narrow, torch.select, torch.movedim,
     torch.moveaxis, torch.swapaxes, torch.t, torch.tensor_split, torch.detach, torch.diagonal, torch.as_strided,
     torch.broadcast_to, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.real, torch.imag,
+    # In eval mode dropout returns its input itself: a later ``z.clamp_()`` changes ``x`` too.
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
 }  # fmt: skip
 # Calls known to return a new tensor (never one of their inputs or a view of one).
 _FRESH_FUNCTIONS = {
@@ -122,7 +124,7 @@ _FRESH_FUNCTIONS = {
     F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
     F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
     F.interpolate, F.scaled_dot_product_attention, F.normalize, F.unfold, F.fold, F.pixel_shuffle,
-    F.embedding, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.embedding, F.softplus, F.hardtanh,
 }  # fmt: skip
 _FRESH_METHODS = {
     "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs",
@@ -233,6 +235,9 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
     that shares storage with another value read after the mutation.
     """
     nodes = list(graph.nodes)
+    for n in nodes:
+        if isinstance(n.kwargs.get("out"), fx.Node):  # writes into another tensor than its first argument
+            raise InplaceHazard(f"{_describe(n)} writes its result into {n.kwargs['out'].name!r} (out=)", _where(n))
     inplace = [n for n in nodes if is_inplace(n, root)]
     if not inplace:
         return []
