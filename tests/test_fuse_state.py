@@ -143,6 +143,19 @@ class BiasCache(nn.Module):
         return x + self.cache[key].reshape(1, x.shape[1], x.shape[2], x.shape[3])
 
 
+class LazyMean(nn.Module):
+    """A mean over the positions written with a factor filled on the first call, from the first input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inv_area = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_area is None:
+            self.inv_area = torch.full((1, x.shape[1], 1, 1), 1.0 / (x.shape[-2] * x.shape[-1]), dtype=x.dtype)
+        return x + x.sum((2, 3), keepdim=True) * self.inv_area
+
+
 class Net(nn.Module):
     """stem -> inner -> head, each stem and head a conv + BN + ReLU that folds."""
 
@@ -295,3 +308,13 @@ def test_state_inside_a_torchscript_child_is_found():
 def test_a_torchscript_model_is_refused_with_the_way_out():
     with pytest.raises(TypeError, match="TorchScript module .*fuse the nn.Module first"):
         fuse(torch.jit.script(randomized(lambda: conv_bn(4))), inputs()[0])
+
+
+def test_what_a_first_call_fills_from_the_input_size_is_state():
+    """Its value at 6x6 is not its value at another size: the fused model must fill its own on its first call."""
+    model = randomized(lambda: Net(LazyMean()))
+    fused, reference = fused_and_reference(model)
+    assert "inner" in kept_whole(fused), str(fused.fuse_report)
+    x = torch.randn(2, 4, 12, 12, dtype=D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the first call of both is at 12x12
+        torch.testing.assert_close(fused(x.clone()), reference(x.clone()), rtol=1e-9, atol=1e-9)

@@ -79,6 +79,7 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 _RECOGNISED: tuple[type, ...] = (
     nn.Conv2d,
     nn.Conv1d,
+    nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)
     _BatchNorm,
     nn.Linear,
     nn.Identity,
@@ -120,7 +121,11 @@ class Root(nn.Module):
 
 
 def recognised(m: nn.Module) -> type | None:
-    """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None."""
+    """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None.
+
+    A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's: not recognised."""
+    if "forward" in vars(m):
+        return None
     for base in _RECOGNISED:
         if isinstance(m, base) and type(m).forward is base.forward:
             return base

@@ -201,6 +201,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
     _BatchNorm: _m_batch_norm,
+    nn.SyncBatchNorm: _m_batch_norm,
     nn.Linear: _m_linear,
     nn.Identity: _m_identity,
     **{d: _m_identity for d in DROPOUTS},

@@ -98,14 +98,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     changed = set(_changed(after_first, _snapshot(work)))
     once = set(_changed(before, after_first)) - changed
     if once:  # filled by the first call: from the input, or the same whatever it is?
-        other = copy.deepcopy(model)
-        try:
-            _call(other, tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs))
-        except Exception:  # noqa: BLE001  (it does not run on another input: count what the first call set as state)
-            changed |= once
-        else:
-            theirs = _snapshot(other)
-            changed |= set(_changed({n: after_first.get(n, _MISSING) for n in once}, {n: theirs.get(n, _MISSING) for n in once}))
+        changed |= _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once})
     changed = sorted(changed)
     if not changed:
         differs = first_difference(first, second, tolerance)
@@ -126,6 +119,27 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         if r not in outermost:
             outermost[next(o for o in outermost if _inside(r, o))] += names
     return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)))
+
+
+def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any]) -> set[str]:
+    """The names in ``filled`` (as a first call on ``inputs`` set them) that a first call sets otherwise on other
+    values, or at twice the spatial size (a table built for the first input's resolution)."""
+    others = [
+        tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs),
+        tuple(t.repeat(*[1] * (t.dim() - 2), 2, 2) if t.is_floating_point() and t.dim() >= 3 else t for t in inputs),
+    ]
+    differ: set[str] = set()
+    for k, other in enumerate(others):
+        copied = copy.deepcopy(model)
+        try:
+            _call(copied, other)
+        except Exception:  # noqa: BLE001
+            if k == 0:  # it does not run on other values: count what the first call set as state
+                return set(filled)
+            continue  # it does not run at that size: nothing learned
+        theirs = _snapshot(copied)
+        differ |= set(_changed(filled, {n: theirs.get(n, _MISSING) for n in filled}))
+    return differ
 
 
 def _why(names: list[str]) -> str:
