@@ -147,9 +147,9 @@ class ShapeGuard:
         self.free_batch = free_batch  # any batch size (axis 0 of every input, one size), the other sizes fixed
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
-        if self._fits(got):
+        if self.fits(args):
             return
+        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
@@ -158,7 +158,9 @@ class ShapeGuard:
             f"with an example input of the shape you run it at."
         )
 
-    def _fits(self, got: list[tuple[int, ...]]) -> bool:
+    def fits(self, args: tuple) -> bool:
+        """Whether a call with ``args`` has the shapes the module was fused at."""
+        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
         if not self.free_batch:
             return got == self.shapes
         return (
@@ -166,6 +168,24 @@ class ShapeGuard:
             and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
             and len({g[0] for g in got}) == 1
         )
+
+
+class ShapeDispatch(nn.Module):
+    """A part fused with its shapes fixed, beside a copy of the original: calls at the shapes it was fused at run
+    the fused form, any other call the original, as written.
+
+    Used for parts below a parent kept whole: the parent's own code (a branch on values) may call the part at
+    shapes the example never gave it, and the user cannot choose an example that gives them all.
+    """
+
+    def __init__(self, fused: nn.Module, original: nn.Module, guard: ShapeGuard) -> None:
+        super().__init__()
+        self.fused, self.original, self.guard = fused, original, guard
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs and self.guard.fits(args):
+            return self.fused(*args)
+        return self.original(*args, **kwargs)
 
 
 def fuse(
@@ -397,6 +417,11 @@ class _Fuser:
             return copy.deepcopy(module)  # a leaf is carried through untouched, also under a parent kept whole
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
+            guard = next((h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)), None)
+            if guard is not None:  # fixed shapes: other calls (another branch of the parent) run the original
+                fused._forward_pre_hooks.clear()
+                fused = ShapeDispatch(fused, copy.deepcopy(module), guard)
+                self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
             if all(self.same(module, fused, c) is None for c in calls[1:]):
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
@@ -579,6 +604,10 @@ def _second_call_difference(reference: nn.Module, candidate: nn.Module, inputs: 
         if problem is not None:
             return f"call {k + 1}: {problem}"
     return None
+
+
+def _shapes(tensors: Iterable[Any]) -> str:
+    return ", ".join("x".join(map(str, t.shape)) for t in tensors if torch.is_tensor(t))
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -442,6 +442,47 @@ def test_untraceable_submodule_is_kept_whole_and_fused_inside():
     torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
 
 
+class WindowPadded(nn.Module):
+    """Swin-style: pads to a multiple of the window from ``x.shape`` (only torch.export captures it, at fixed shapes)."""
+
+    def __init__(self, c: int = 8, ws: int = 4) -> None:
+        super().__init__()
+        self.ws, self.body = ws, conv_bn(c, c)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        ph, pw = (self.ws - H % self.ws) % self.ws, (self.ws - W % self.ws) % self.ws
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return self.body(x)[..., :H, :W]
+
+
+class RoutedByValue(nn.Module):
+    """A branch on a value sends the child a pooled or a full-size map: the example shows it one size only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.child = conv_bn(3, 8), WindowPadded()
+
+    def forward(self, x):
+        coarse = x.mean() > 0
+        x = self.stem(x)
+        return self.child(F.avg_pool2d(x, 2)) if coarse else self.child(x)
+
+
+def test_a_child_fused_at_fixed_shapes_runs_as_written_at_others():
+    """Below a parent kept whole, the user cannot pick an example that reaches every shape the parent's own code
+    gives a child: a call at another shape runs the child's original, instead of failing."""
+    model = randomized(RoutedByValue())
+    positive = torch.rand(1, 3, 10, 10, dtype=D) + 1
+    fused = check_exact(model, positive)
+    assert {p.path: p.how for p in fused.fuse_report.parts}["child"] == "specialized", str(fused.fuse_report)
+    negative = -positive  # the same shape, the other branch: the child sees 10x10, not 5x5
+    with torch.no_grad():
+        torch.testing.assert_close(fused(negative), model(negative), rtol=1e-9, atol=1e-9)
+    assert bn_left(fused.child.fused) == 0
+
+
 def test_kept_whole_parent_that_reads_a_childs_attributes_keeps_that_child():
     """DBB's BNAndPad reads ``self.bn.weight`` itself: that child stays a BatchNorm, its siblings still fuse."""
 
