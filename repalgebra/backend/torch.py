@@ -167,7 +167,7 @@ def to_module(
 
 def _plain(spec: pytree.TreeSpec) -> bool:
     """Whether fx's generated code returns this structure as it is: leaves in tuples, lists and plain dicts."""
-    return spec.is_leaf() or (spec.type in (tuple, list, dict) and all(_plain(c) for c in spec.children_specs))
+    return spec.is_leaf() or (spec.type in (tuple, list, dict) and all(_plain(c) for c in spec.children()))
 
 
 def output_rebuilder(spec: pytree.TreeSpec) -> Callable[[list], Any]:
