@@ -156,6 +156,18 @@ class LazyMean(nn.Module):
         return x + x.sum((2, 3), keepdim=True) * self.inv_area
 
 
+class SizeScratch(nn.Module):
+    """Swin's ``blk.H, blk.W = H, W``: an attribute every call rewrites from its input before it reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.area = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.area = x.shape[-2] * x.shape[-1]
+        return x + x.sum((2, 3), keepdim=True) / self.area
+
+
 class Net(nn.Module):
     """stem -> inner -> head, each stem and head a conv + BN + ReLU that folds."""
 
@@ -318,3 +330,11 @@ def test_what_a_first_call_fills_from_the_input_size_is_state():
     x = torch.randn(2, 4, 12, 12, dtype=D, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # the first call of both is at 12x12
         torch.testing.assert_close(fused(x.clone()), reference(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+def test_an_attribute_every_call_rewrites_before_reading_is_not_state():
+    """No call sees what an earlier one left: the model is one function of its input, and fuses fully."""
+    model = randomized(lambda: Net(SizeScratch()))
+    fused, reference = fused_and_reference(model)
+    assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
+    assert_same_calls(reference, fused)

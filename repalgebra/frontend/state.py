@@ -98,7 +98,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     changed = set(_changed(after_first, _snapshot(work)))
     once = set(_changed(before, after_first)) - changed
     if once:  # filled by the first call: from the input, or the same whatever it is?
-        changed |= _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once})
+        changed |= _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once}, tolerance)
     changed = sorted(changed)
     if not changed:
         differs = first_difference(first, second, tolerance)
@@ -121,25 +121,33 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)))
 
 
-def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any]) -> set[str]:
-    """The names in ``filled`` (as a first call on ``inputs`` set them) that a first call sets otherwise on other
-    values, or at twice the spatial size (a table built for the first input's resolution)."""
+def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> set[str]:
+    """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values, or at
+    twice the spatial size, computes something else after that first call than as the first call itself.
+
+    An initialization from the first batch, or a table built for the first input's resolution, is state; a cache
+    of the weights (the same for any input) and an attribute every call rewrites before reading it (Swin's
+    ``blk.H, blk.W = H, W``) are not."""
     others = [
         tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs),
         tuple(t.repeat(*[1] * (t.dim() - 2), 2, 2) if t.is_floating_point() and t.dim() >= 3 else t for t in inputs),
     ]
-    differ: set[str] = set()
+    state: set[str] = set()
     for k, other in enumerate(others):
-        copied = copy.deepcopy(model)
+        fresh, primed = copy.deepcopy(model), copy.deepcopy(model)
         try:
-            _call(copied, other)
+            want = _call(fresh, other)
         except Exception:  # noqa: BLE001
             if k == 0:  # it does not run on other values: count what the first call set as state
                 return set(filled)
             continue  # it does not run at that size: nothing learned
-        theirs = _snapshot(copied)
-        differ |= set(_changed(filled, {n: theirs.get(n, _MISSING) for n in filled}))
-    return differ
+        _call(primed, inputs)
+        got = _call(primed, other)
+        if first_difference(want, got, tolerance) is not None:
+            theirs, mine = _snapshot(fresh), _snapshot(primed)
+            names = set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled}))
+            state |= names or set(filled)
+    return state
 
 
 def _why(names: list[str]) -> str:
