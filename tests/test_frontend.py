@@ -137,8 +137,35 @@ def test_subclass_with_its_own_forward_is_not_mistaken_for_its_base():
             w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
             return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
-    g = same(WSConv(2, 3, 3, padding=1), torch.randn(1, 2, 5, 5))
-    assert "conv2d" not in ops_of(g)
+    conv = WSConv(2, 3, 3, padding=1)
+    g = same(conv, torch.randn(1, 2, 5, 5))
+    # Its own forward runs: a conv with the standardized weight (computed once from the parameter), not the raw one.
+    w = node(g, "conv2d").params["weight"]
+    assert not torch.equal(w, conv.weight.detach())
+    torch.testing.assert_close(w.mean((1, 2, 3)), torch.zeros(3), atol=1e-6, rtol=0)  # float32 rounding of the mean
+
+
+class GainedConv(nn.Module):
+    """NF-ResNet's scaled weight: ``weight * gain`` from two parameters, in every forward."""
+
+    def __init__(self, noise: bool = False) -> None:
+        super().__init__()
+        self.conv, self.gain, self.noise = nn.Conv2d(2, 3, 3, padding=1), nn.Parameter(torch.rand(3, 1, 1, 1) + 0.5), noise
+
+    def forward(self, x):
+        w = self.conv.weight * self.gain
+        if self.noise:  # random: must be drawn on every call, never once at capture
+            w = w + 0.0 * torch.randn_like(w)
+        return F.conv2d(x, w, self.conv.bias, padding=1)
+
+
+def test_pure_calls_on_parameters_are_made_once_at_capture():
+    model = GainedConv()
+    g = same(model, torch.randn(1, 2, 5, 5))
+    assert ops_of(g) == ["conv2d"]
+    assert torch.equal(node(g, "conv2d").params["weight"], (model.conv.weight * model.gain).detach())  # the same ops, bits
+    g = trace(GainedConv(noise=True), torch.randn(1, 2, 5, 5))
+    assert "opaque" in ops_of(g)  # randn_like is not pure: it stays a call
 
 
 # --------------------------------------------------------------------------- functions

@@ -42,3 +42,15 @@ def test_frozen_batch_norms_fold_into_their_convs():
     assert report.ops_before["scale"] == report.ops_before["add_const"] == frozen, str(report)
     assert "scale" not in report.ops_after and "add_const" not in report.ops_after, str(report)
     assert report.capture == "fx", str(report)  # the OrderedDict output no longer keeps the model whole
+
+
+def test_weight_standardization_is_computed_once():
+    """NFNet's ``ScaledStdConv2d`` standardizes its weight parameter in every forward: the fused model holds the
+    standardized weight in a plain conv, and carries nothing opaque."""
+    entry = next(e for e in ZOO if e.name == "nfnet")
+    model = entry.build().to(D)
+    x = torch.randn(entry.input_shape, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert "opaque" not in fused.fuse_report.ops_after and not fused.fuse_report.opaque, str(fused.fuse_report)
+    convs = sum(type(m).__name__ == "ScaledStdConv2d" for m in model.modules())
+    assert fused.fuse_report.ops_after["conv2d"] >= convs, str(fused.fuse_report)

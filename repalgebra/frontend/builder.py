@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
+from repalgebra.frontend.pure import is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
@@ -160,6 +161,9 @@ class Builder:
 
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
+        folded = self.fold(n, kind, target, args, kwargs)
+        if folded is not None:
+            return folded
         info = self.info(n, kind, target)
         if info is _NONE:
             return SymExpr(kind, target, args, kwargs) if _has_value(args, kwargs) else None
@@ -188,6 +192,23 @@ class Builder:
         if info is None:
             info = self.run_meta(n, kind, target)
         return self.opaque(n, kind, target, args, kwargs, info)
+
+    def fold(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict) -> Const | None:
+        """A pure call on constants only (:mod:`repalgebra.frontend.pure`), made now: its result, a constant."""
+        leaves = pytree.tree_leaves((args, kwargs))
+        consts = [a for a in leaves if isinstance(a, Const)]
+        if not consts or any(isinstance(a, (Value, SymExpr)) for a in leaves) or not is_pure(kind, target, args, kwargs):
+            return None
+        plain = pytree.tree_map(lambda a: a.tensor if isinstance(a, Const) else a, (args, kwargs))
+        try:
+            with torch.no_grad():
+                out = invoke(kind, target, *plain)
+        except Exception:  # noqa: BLE001  (it fails on real constants too: carried as the model wrote it)
+            return None
+        if not torch.is_tensor(out):
+            return None
+        self.example[n] = _meta(out)
+        return Const(out.detach().clone(), consts[0].path)
 
     def opaque(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict, info: Any) -> Value:
         """Carry the call through unchanged as an ``opaque`` node."""

@@ -1,0 +1,56 @@
+"""Calls that are pure functions of their arguments, so a call on constants only can be made once, at capture.
+
+``torch.fx`` computes what a forward does with buffers while it traces (a buffer is a
+plain tensor to it), but it records what a forward does with *parameters*: timm's
+``ScaledStdConv2d`` and ``StdConv2d`` standardize their weight in every forward
+(``F.batch_norm(self.weight.reshape(1, out, -1), None, None, training=True, ...)``), a
+``weight * self.gain`` or ``self.gamma.view(1, -1, 1, 1)`` reads a parameter.  The
+front end computes such a call on the captured constants once, with the same ops in
+the same dtype as the model, so the fused graph holds its result: the same numbers
+the model computes on every call.
+
+Only calls listed here qualify: no random numbers, no writes into an argument
+(``inplace=True``, methods ending in ``_``), and ``F.batch_norm`` only when it has no
+running statistics to update.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["is_pure"]
+
+PURE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.getitem,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.sqrt, torch.rsqrt, torch.exp, torch.log,
+    torch.abs, torch.sum, torch.mean, torch.var, torch.std, torch.var_mean, torch.std_mean, torch.clamp, torch.clip,
+    torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.cat,
+    torch.stack, torch.matmul, torch.einsum, torch.sigmoid, torch.tanh, torch.softmax, torch.where, torch.maximum,
+    torch.minimum, torch.sign, torch.square, torch.reciprocal, torch.erf,
+    F.batch_norm, F.layer_norm, F.group_norm, F.normalize, F.softmax, F.sigmoid, F.tanh, F.pad, F.softplus,
+}  # fmt: skip
+PURE_METHODS = {
+    "add", "sub", "mul", "div", "pow", "neg", "sqrt", "rsqrt", "exp", "log", "abs", "sum", "mean", "var", "std",
+    "clamp", "clip", "reshape", "view", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze",
+    "squeeze", "expand", "expand_as", "contiguous", "t", "flip", "repeat", "sigmoid", "tanh", "softmax",
+    "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__",
+}  # fmt: skip
+
+
+def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the call computes its result from its arguments alone and changes none of them."""
+    if kwargs.get("inplace") is True or kwargs.get("out") is not None:
+        return False
+    if kind == "call_method":
+        return target in PURE_METHODS
+    if kind != "call_function" or target not in PURE_FUNCTIONS:
+        return False
+    if target is F.batch_norm:  # with running statistics and training=True it updates them
+        running = [kwargs.get("running_mean", args[1] if len(args) > 1 else None), kwargs.get("running_var", args[2] if len(args) > 2 else None)]
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        return not training or all(r is None for r in running)
+    return True
