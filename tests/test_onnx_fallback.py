@@ -360,3 +360,51 @@ def test_avg_pool_with_a_divisor_override_and_ceil_mode_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.AvgPool2d(3, 2, ceil_mode=True, divisor_override=2)).eval()
     with pytest.raises(Exception, match="divisor_override and ceil_mode"):
         export_onnx(model, None, (1, 1, 6, 6))
+
+
+class PosEmbed(nn.Module):
+    """A position embedding resized to the feature map (timm's ``resample_abs_pos_embed``): interpolate a parameter."""
+
+    def __init__(self, mode: str, size_from: str):
+        super().__init__()
+        self.mode, self.size_from = mode, size_from
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.pos = nn.Parameter(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1)))
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.size_from == "slice":
+            size = y.shape[-2:]
+        else:
+            h, w = y.shape[-2:]
+            size = (h, w)
+        corners = {} if self.mode == "nearest" else {"align_corners": False}
+        return y + F.interpolate(self.pos, size=size, mode=self.mode, **corners)
+
+
+@pytest.mark.parametrize(
+    "mode, size_from", [("bilinear", "slice"), ("bicubic", "slice"), ("nearest", "slice"), ("bilinear", "unpacked")]
+)
+def test_parameter_resized_to_the_feature_map_exports_at_another_size(mode, size_from):
+    """``export_onnx`` traces the fused model again; the carried ``F.interpolate`` must stay one call there.
+
+    Its input is the fused call's constant, not a Proxy, so running it traced the body of ``F.interpolate``,
+    which read the size Proxy ``x.shape[-2:]`` as one int (``[size, size]``): a TypeError from
+    ``upsample_bilinear2d``.  Fused at 8x8, exported at 12x12 with a dynamic batch, run at batch 2 and 3.
+    """
+    torch.manual_seed(0)
+    model = PosEmbed(mode, size_from).eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 8, 8))
+    assert fused.fuse_report.capture == "fx"
+    proto, report = export_onnx(fused, None, (2, 3, 12, 12), fuse=False, return_report=True)
+    assert report.dynamic_batch, report.notes
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 0
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 12, 12)
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+

@@ -6,7 +6,8 @@ A traced call such as ``x.reshape(B, N, C)`` (where ``B, N, C`` come from
 rebuilds the original arguments from a *template*: tensor inputs by position,
 constant tensors from its own buffers, and shape expressions (:class:`SymExpr`)
 that it re-evaluates on every call, so the carried-through code keeps working
-at any input size, exactly as the traced model did.
+at any input size, exactly as the traced model did.  Traced again (``export_onnx``
+re-traces a fused model), a call records itself as the one fx node it was.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ class FnCall(nn.Module):
         kwargs = resolve(self.kwargs_template, inputs, self)
         if self.kind == "call_module":
             return self.fn(*args, **kwargs)
+        tracer = next((t.tracer for t in inputs if isinstance(t, fx.Proxy)), None)
+        if tracer is not None:
+            # One node, as when first traced: running the call would trace into its Python body, where a constant
+            # tensor input (our buffer, not a Proxy) skips torch's dispatch and the body misreads the Proxies it
+            # gets (F.interpolate(c, size=x.shape[-2:]) takes the size for one int and passes [size, size]).
+            return tracer.create_proxy(self.kind, self.target, args, kwargs)
         return invoke(self.kind, self.target, args, kwargs)
 
     @property
