@@ -408,3 +408,37 @@ def test_parameter_resized_to_the_feature_map_exports_at_another_size(mode, size
         with torch.no_grad():
             assert close(run(proto, x)[0], model(x))
 
+
+class GlobalMaxPool(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d(x, x.size()[2:])  # torch.onnx.export cannot export this kernel with a dynamic batch
+
+
+def test_a_retried_export_prints_nothing_of_torch(capfd):
+    """The region's export with a dynamic batch fails and is retried with the batch fixed; what torch printed for
+    the failed attempt (its C++ log's "Torch IR graph at exception: ..." dump, past ``sys.stderr``) stays off the
+    terminal, and torch's ONNX log is left as it was (``torch.onnx.export`` turns it on for good)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), GlobalMaxPool()).eval()
+    log_before = torch._C._jit_is_onnx_log_enabled()
+    capfd.readouterr()
+    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True)
+    out, err = capfd.readouterr()
+    assert not report.dynamic_batch and any("cannot export it" in n for n in report.notes), report.notes
+    assert "Torch IR graph" not in out + err and not (out + err).strip(), out + err
+    assert torch._C._jit_is_onnx_log_enabled() == log_before
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))
+
+
+def test_a_failed_export_prints_nothing_and_raises_torch_s_first_line(capfd):
+    class NotExportable(nn.Module):
+        def forward(self, x):
+            return torch.special.i0(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), NotExportable()).eval()
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"cannot export it at opset \d+ either: \w+: .*i0"):
+        export_onnx(model, None, (1, 3, 8, 8))
+    out, err = capfd.readouterr()
+    assert not (out + err).strip(), out + err

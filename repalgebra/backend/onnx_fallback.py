@@ -42,6 +42,9 @@ import contextlib
 import copy
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -435,18 +438,73 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[list[warnings.WarningMessage]]:
-    """torch.onnx.export's tracer warnings and log lines stay off the user's terminal; the warnings are recorded."""
+    """torch.onnx.export's tracer warnings, log lines and dumps stay off the user's terminal; the warnings are recorded.
+
+    An attempt that fails is retried or reported by us (:class:`FallbackError` quotes the exception's first
+    line), so nothing it prints is for the user, including the C++ dump before it raises ("Torch IR graph at
+    exception: ...").
+    """
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            _onnx_log_kept(),
+            _fds_to_scratch(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("always")
             yield caught
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _onnx_log_kept() -> Iterator[None]:
+    """torch's C++ ONNX log left on or off as it was: ``torch.onnx.export`` turns it on and never back off (it
+    tests ``_jit_is_onnx_log_enabled`` uncalled), which would print a dump at every later failed export."""
+    enabled = getattr(torch._C, "_jit_is_onnx_log_enabled", None)
+    before = enabled() if enabled else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch._C._jit_set_onnx_log_enabled(before)
+
+
+@contextlib.contextmanager
+def _fds_to_scratch() -> Iterator[None]:
+    """The process's stdout and stderr (file descriptors 1 and 2) into a scratch file while the block runs.
+
+    C++ code (torch's ONNX log) writes to them directly, past ``sys.stdout``/``sys.stderr`` and their redirects.
+    They are the process's: another thread's output in that time goes there too.  Where they cannot be
+    duplicated (closed descriptors), the block runs without.
+    """
+    for stream in (sys.stdout, sys.stderr):  # what Python has buffered goes out first, where it was headed
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[int] = []
+    try:
+        for fd in (1, 2):
+            saved.append(os.dup(fd))
+    except OSError:
+        for copy_ in saved:
+            os.close(copy_)
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            for fd in (1, 2):
+                os.dup2(scratch.fileno(), fd)
+            yield
+    finally:
+        for fd, copy_ in zip((1, 2), saved):
+            os.dup2(copy_, fd)
+            os.close(copy_)
 
 
 def export_region(
