@@ -32,6 +32,7 @@ RULES = [
     "avg_pool_to_conv",
     "concat_merge",
     "bn_before_conv",
+    "scale_into_conv",
     "bn_into_linear",
     "linear_affine_fold",
     "query_scale_fold",

@@ -25,6 +25,13 @@ def conv_bias(conv: Node) -> torch.Tensor:
     return torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
 
 
+def per_input_channel(v: torch.Tensor, weight_shape: torch.Size, groups: int) -> torch.Tensor:
+    """``v`` (one value per input channel of a conv) laid out like its weight rows ``W[o, i]``: at ``[o, i]`` the
+    value of input channel ``i`` of output channel ``o``'s group; shape ``(O, C / groups)``."""
+    out_ch, in_per_group = weight_shape[:2]
+    return v.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, in_per_group).reshape(out_ch, in_per_group)
+
+
 def identity_kernel(channels: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """The 1x1 kernel of a conv with ``groups`` groups that computes the identity: ``(C, C/G, 1, 1)``."""
     per_group = channels // groups

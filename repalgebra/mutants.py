@@ -119,6 +119,8 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
+_PER_INPUT = "repalgebra.kernels:per_input_channel"
+_GROUPS_DROPPED = ("v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)")
 _REGROUP = "repalgebra.kernels:regroup"
 
 #: Every mutant, grouped by rule.  ``python -m repalgebra.mutants --list`` prints them.
@@ -243,12 +245,21 @@ MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- bn_before_conv
     _m("bn_before_conv", "padded-conv", "BN folded before a zero-padding conv (the border sees 0, not BN(0))",
        'if any(conv.attrs["padding"]):', "if False:"),
-    _m("bn_before_conv", "groups-dropped", "every group of the conv reads the BN scale of the first group's channels",
-       "v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)"),
+    _helper("bn_before_conv", "groups-dropped", "every group of the conv reads the BN scale of the first group's channels",
+            _PER_INPUT, *_GROUPS_DROPPED),
     _m("bn_before_conv", "shift-one-tap", "the BN shift is carried through the kernel's mean tap, not every tap",
        "(w * per_o(t)[:, :, None, None]).sum((1, 2, 3))", "(w * per_o(t)[:, :, None, None]).sum(1).mean((1, 2))"),
     _m("bn_before_conv", "bias-dropped", "the conv's own bias is dropped", "new_b = conv_bias(conv) + (", "new_b = 0 * conv_bias(conv) + ("),
     _helper("bn_before_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    # ---------------------------------------------------------------- scale_into_conv
+    _m("scale_into_conv", "bias-scaled", "the conv's bias is scaled too (by the mean scale its row sees), as if the scale came after it",
+       "weight=w * s[:, :, None, None])", "weight=w * s[:, :, None, None], bias=None if 'bias' not in conv.params else conv.params['bias'] * s.mean(1))"),
+    _m("scale_into_conv", "any-axis", "a scale along the height is folded as if it were per channel",
+       'sc.attrs["axis"] % len(sc.x.shape) != 1', "False"),
+    _m("scale_into_conv", "shared-unchecked", "folded although another reader sees the scaled values",
+       "or not sole_use(graph, sc.out)", ""),
+    _helper("scale_into_conv", "groups-dropped", "every group of the conv reads the scale of the first group's channels",
+            _PER_INPUT, *_GROUPS_DROPPED),
     # ---------------------------------------------------------------- bn_into_linear
     _m("bn_into_linear", "shift-dropped", "the BN shift is dropped when the Linear has a bias",
        "bias = w @ t if b is None else b + w @ t", "bias = w @ t if b is None else b"),

@@ -62,6 +62,7 @@ PRIMITIVES = [
     "avg_pool_to_conv",
     "concat_merge",
     "bn_before_conv",
+    "scale_into_conv",
     "bn_into_linear",
     "linear_affine_fold",
     "query_scale_fold",
@@ -558,6 +559,32 @@ def bias_fold() -> Example:
     ref = Text().line("a positional embedding (one value per position, 1x1x3x3) added after the conv:")
     ref.line(no_match(bad, "bias_fold") + " (a bias adds one value per channel, the same at every position)")
     return Example("bias_fold", g, after, {"numbers": str(txt), "unmatched": str(ref)})
+
+
+@example
+def scale_into_conv() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    sc = b.scale(x, scale=t([0.5]), source="block.gamma")
+    g = b.build(b.conv2d(sc, weight=W3, bias=t([1]), padding=P1, source="block.conv"))
+    after, _ = apply("scale_into_conv", g, "scale_into_conv")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, X), run_graph(after, X)
+    txt = Text()
+    txt.line("a scale s = 1/2 on the one input channel, then a zero-padded 3x3 conv with bias b = 1")
+    txt.grids(*maps("x", X), ("s x", 0.5 * X[0, 0]), ("W", W3[0, 0]), ("W' = s W", fused.params["weight"][0, 0]))
+    txt.line(f"b' = b = {vec(fused.params['bias'])} (the scale comes before the bias)")
+    txt.grids(("conv(s x; W, b)", before_y[0, 0]), ("conv(x; W', b)", after_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+    txt.line("the border too: the conv pads s x with 0 = s * 0")
+
+    shared = GraphBuilder()
+    x = shared.input("x", X.shape, DT)
+    sx = shared.scale(x, scale=t([0.5]), source="block.gamma")
+    bad = shared.build(shared.add(shared.conv2d(sx, weight=W3, padding=P1, source="block.conv"), sx, source="block"))
+    ref = Text().line("y = conv(s x) + s x: the scaled value is read twice")
+    ref.line(no_match(bad, "scale_into_conv") + " (the other reader still needs s x)")
+    return Example("scale_into_conv", g, after, {"numbers": str(txt), "unmatched": str(ref)})
 
 
 @example

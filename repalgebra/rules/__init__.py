@@ -18,6 +18,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     pad_absorb,
     avg_pool_to_conv,
     bn_before_conv,
+    scale_into_conv,
     bn_into_linear,
     linear_affine_fold,
     query_scale_fold,

@@ -8,7 +8,7 @@ not zero-pad.  With padding the identity breaks: the conv's border sees 0
 where the unfused graph sees BN(0) = t != 0, so the rule refuses.
 """
 
-from repalgebra.kernels import bn_affine, conv_bias
+from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -22,10 +22,7 @@ def bn_before_conv(graph, conv):
         return Refusal("the conv after it zero-pads, and BN(0) != 0 at the border", about=bn)
     s, t = bn_affine(bn)
     w = conv.params["weight"]
-    groups = conv.attrs["groups"]
-    out_ch, in_per_group = w.shape[:2]
-    # The scale of input channel i of output channel o's group, laid out like W[o, i].
-    per_o = lambda v: v.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, in_per_group).reshape(out_ch, in_per_group)
+    per_o = lambda v: per_input_channel(v, w.shape, conv.attrs["groups"])  # noqa: E731  (laid out like W[o, i])
     new_w = w * per_o(s)[:, :, None, None]
     new_b = conv_bias(conv) + (w * per_o(t)[:, :, None, None]).sum((1, 2, 3))
     new = conv_with(conv, sources=(bn,), inputs=(bn.x,), weight=new_w, bias=new_b)
