@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import ZooModel, seeded
+from .resnet import Bottleneck  # torchvision's, with its norm_layer argument
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -45,31 +46,6 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + bias
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, norm_layer: type[nn.Module]) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
 class ResNet(nn.Module):
     def __init__(self, widths: tuple[int, ...] = (4, 6, 8, 8), norm_layer: type[nn.Module] = FrozenBatchNorm2d) -> None:
         super().__init__()
@@ -90,7 +66,7 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), self._norm_layer(planes * 4))
-        block = Bottleneck(self.inplanes, planes, stride, downsample, self._norm_layer)
+        block = Bottleneck(self.inplanes, planes, stride, downsample, norm_layer=self._norm_layer)
         self.inplanes = planes * Bottleneck.expansion
         return nn.Sequential(block)
 
@@ -132,25 +108,22 @@ class FeaturePyramidNetwork(nn.Module):
         self.layer_blocks = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels_list)
         self.extra_blocks = LastLevelMaxPool()
 
-    def get_result_from_inner_blocks(self, x: torch.Tensor, idx: int) -> torch.Tensor:
-        num_blocks = len(self.inner_blocks)
+    @staticmethod
+    def _result_from(blocks: nn.ModuleList, x: torch.Tensor, idx: int) -> torch.Tensor:
+        """``blocks[idx](x)``, written as a loop over the whole list (TorchScript cannot index a ModuleList)."""
         if idx < 0:
-            idx += num_blocks
+            idx += len(blocks)
         out = x
-        for i, module in enumerate(self.inner_blocks):
+        for i, module in enumerate(blocks):
             if i == idx:
                 out = module(x)
         return out
 
+    def get_result_from_inner_blocks(self, x: torch.Tensor, idx: int) -> torch.Tensor:
+        return self._result_from(self.inner_blocks, x, idx)
+
     def get_result_from_layer_blocks(self, x: torch.Tensor, idx: int) -> torch.Tensor:
-        num_blocks = len(self.layer_blocks)
-        if idx < 0:
-            idx += num_blocks
-        out = x
-        for i, module in enumerate(self.layer_blocks):
-            if i == idx:
-                out = module(x)
-        return out
+        return self._result_from(self.layer_blocks, x, idx)
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         names = list(x.keys())
