@@ -782,3 +782,18 @@ def test_sync_batch_norm_in_eval_folds_like_batch_norm(running_stats):
     model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8, track_running_stats=running_stats), nn.ReLU()))
     fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
     assert fused.fuse_report.ops_after == ({"conv2d": 1, "relu": 1} if running_stats else {"conv2d": 1, "opaque": 1, "relu": 1}), str(fused.fuse_report)
+
+
+@pytest.mark.parametrize("where", ["model", "leaf conv", "block"])
+def test_forward_hooks_run_in_the_fused_model(where):
+    """torch.fx calls a traced root's ``forward`` directly, and our handlers read a conv's weights, not its hooks:
+    neither may drop a hook.  The hooks here do nothing at the example input (so no check can see them), and the
+    model is fused unchecked; compared at an input where they matter."""
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)), nn.ReLU()))
+    target = {"model": model, "leaf conv": model[1][0], "block": model[1]}[where]
+    target.register_forward_pre_hook(lambda m, args: (args[0] * torch.where(args[0].abs() > 50, 2.0, 1.0),))
+    target.register_forward_hook(lambda m, args, out: out + (out.abs() > 50).to(out.dtype))
+    fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D), check=False)
+    x = 40 * torch.randn(1, 3, 10, 12, dtype=D)  # another size, and values the hooks act on
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))

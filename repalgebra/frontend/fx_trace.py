@@ -50,8 +50,8 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     except Exception as e:  # a module holding a lock, a generator, ...
         raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
     work.eval()
-    wrapped = recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths
-    if wrapped:  # fx never asks whether the root is a leaf: give it a parent
+    wrapped = recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or has_hooks(work)
+    if wrapped:  # fx never asks whether the root is a leaf, and calls its forward without its hooks: give it a parent
         work = Root(work)
         leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
     return work, Tracer(leaf_types, leaf_paths), "m" if wrapped else ""
@@ -120,11 +120,19 @@ class Root(nn.Module):
         return self.m(x)
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module)."""
+    from torch.nn.modules import module as _module
+
+    return bool(m._forward_pre_hooks or m._forward_hooks or _module._global_forward_pre_hooks or _module._global_forward_hooks)
+
+
 def recognised(m: nn.Module) -> type | None:
     """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None.
 
-    A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's: not recognised."""
-    if "forward" in vars(m):
+    A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's, and forward hooks
+    change what a call computes: neither is recognised (the call stays a call of the module, hooks and all)."""
+    if "forward" in vars(m) or has_hooks(m):
         return None
     for base in _RECOGNISED:
         if isinstance(m, base) and type(m).forward is base.forward:
