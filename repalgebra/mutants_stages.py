@@ -11,7 +11,7 @@ an axis pair swapped, a flag dropped.  Five of them are the bugs issue 15 found 
 Coverage (at least three mutants per handler or lowering that carries attributes):
 
 * front end, ``torch.fx`` module handlers: ``nn.Conv2d`` (stride, dilation, ``'same'`` with dilation,
-  bias), BatchNorm (eps, statistics, affine, batch statistics), ``nn.LayerNorm`` (eps, bias,
+  bias, a padding mode's pads and mode), BatchNorm (eps, statistics, affine, batch statistics), ``nn.LayerNorm`` (eps, bias,
   normalized shape), ``nn.AvgPool2d`` (ceil_mode, count_include_pad, divisor_override),
   ``nn.MaxPool2d`` (dilation, ceil_mode, padding), ``nn.ConstantPad2d``/``ZeroPad2d`` (order, sides,
   value), ``nn.Linear`` (bias); the shared argument readers (``conv_padding``: ``'same'``, pairs,
@@ -56,6 +56,7 @@ _FE = "tests/test_stage_frontend.py"
 _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture_of_layer_stacks")
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
+_PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 
 
 def _aten(*cases: str) -> tuple[str, ...]:
@@ -120,10 +121,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "else (0, *padding)", "else (*padding, 0)", _C1),
     ("frontend", "conv1d-stride-on-height", "a Conv1d's stride put on the height of its height-1 conv2d", f"{_HM}:_conv",
      "stride, dilation, kernel = (1, *stride)", "stride, dilation, kernel = (*stride, 1)", _C1),
+    ("frontend", "conv-padding-mode-zeros", "a conv's reflect/replicate/circular padding read as zero padding", f"{_HM}:_conv",
+     '"mode": m.padding_mode', '"mode": "constant"', _PM),
+    ("frontend", "conv-padding-mode-order", "a padding mode's pads given in the conv's (height, width) order, not F.pad's", f"{_HM}:_conv",
+     "list(m._reversed_padding_repeated_twice)", "[p for p in m.padding for _ in (0, 1)]", _PM),
+    ("frontend", "conv1d-pad-after-lift", "a Conv1d's reflect pad applied to the lifted 4-D input (F.pad needs one pad per axis there)", f"{_HM}:_m_conv1d",
+     "unsqueezed(_padded(b, n, x, pre), 2)", "unsqueezed(x, 2)", _PM),
     ("frontend", "conv1d-flattens-channels", "a Conv1d's height-1 conv2d flattened over channels and height", f"{_HM}:_m_conv1d",
      '{"start": 2, "end": 3}, {}, ""', '{"start": 1, "end": 2}, {}, ""', _C1),
     ("frontend", "conv1d-unsqueezed-last", "a Conv1d's input lifted to (N, C, L, 1) instead of (N, C, 1, L)", f"{_HM}:_m_conv1d",
-     "unsqueezed(x, 2)", "unsqueezed(x, 3)", _C1),
+     "unsqueezed(_padded(b, n, x, pre), 2)", "unsqueezed(_padded(b, n, x, pre), 3)", _C1),
     ("frontend", "conv1d-unlifted-input", "a Conv1d's height-1 conv2d applied to the 3-D input itself", f"{_HM}:_m_conv1d",
      'b.add("conv2d", [x4]', 'b.add("conv2d", [x]', _C1),
     ("frontend", "bn-module-eps-default", "a BatchNorm module's eps read as the default 1e-5 (issue 15)", f"{_HM}:_m_batch_norm",

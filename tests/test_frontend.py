@@ -123,7 +123,7 @@ def test_conv_without_bias_and_bn_affine_false():
 def test_unknown_modules_are_opaque_deep_copies():
     pool = nn.LPPool2d(2, 2)
     softplus = nn.Softplus()
-    model = nn.Sequential(nn.Conv2d(2, 2, 1), pool, softplus, nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), pool, softplus, nn.ConvTranspose2d(2, 2, 3, padding=1))
     g = same(model, torch.randn(1, 2, 6, 6))
     assert ops_of(g) == ["conv2d", "opaque", "opaque", "opaque"]
     fns = [n.attrs["fn"] for n in g.nodes[1:]]

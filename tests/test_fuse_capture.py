@@ -797,3 +797,11 @@ def test_forward_hooks_run_in_the_fused_model(where):
     x = 40 * torch.randn(1, 3, 10, 12, dtype=D)  # another size, and values the hooks act on
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_a_tensor():
+    """Built under ``torch.device("meta")`` before its weights are loaded: there is nothing to fold yet."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(TypeError, match=r"'0\.weight' is on the 'meta' device.*load the weights first"):
+        fuse(model, torch.randn(1, 3, 8, 8))

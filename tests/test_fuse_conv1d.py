@@ -12,6 +12,7 @@ and 3 on one export.
 from __future__ import annotations
 
 import onnxruntime as ort
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -110,12 +111,18 @@ def test_speech_and_point_cloud_blocks_fold_every_batch_norm():
         assert_exact_at(model, fused, [(2, channels, length), (3, channels, length + 9)])
 
 
-def test_conv1d_with_reflect_padding_stays_whole_and_says_so():
-    model = seeded(lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(8)), 0)().to(D)
-    fused = fuse(model, torch.randn(2, 4, 16, dtype=D))
-    assert count_bn(fused) == 1
-    assert any("pads with mode 'reflect'" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
-    assert_exact_at(model, fused, [(2, 4, 16)])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_conv_that_pads_by_reflection_folds_its_batch_norm(mode, dims):
+    """``nn.Conv*d(padding_mode=...)`` pads with ``F.pad(x, ..., mode)`` and convolves unpadded: the front end
+    writes it so (a ``pad_nd``, then a conv without padding), and the BatchNorm after the conv folds."""
+    conv = {1: nn.Conv1d(4, 8, 3, padding=2, dilation=2, padding_mode=mode), 2: nn.Conv2d(4, 8, (3, 5), padding=(1, 2), padding_mode=mode)}[dims]
+    bn = {1: nn.BatchNorm1d(8), 2: nn.BatchNorm2d(8)}[dims]
+    model = seeded(lambda: nn.Sequential(conv, bn, nn.ReLU()), 0)().to(D)
+    shapes = [(2, 4, 16), (3, 4, 11)] if dims == 1 else [(2, 4, 9, 7), (3, 4, 6, 10)]
+    fused = fuse(model, torch.randn(shapes[0], dtype=D))
+    assert count_bn(fused) == 0 and fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    assert_exact_at(model, fused, shapes)
 
 
 def test_onnx_export_of_a_fused_conv1d_block_runs_in_onnxruntime_at_any_batch():

@@ -21,11 +21,12 @@ from repalgebra.frontend.fx_trace import DROPOUTS
 from repalgebra.ir import Value
 
 
-def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict] | None:
-    """The ``conv2d`` attrs and params of ``m``; a ``Conv1d`` as a conv of height 1 (None: not zero padding)."""
-    if m.padding_mode != "zeros":
-        b.notes.append(f"conv {b.source(n)!r} pads with mode {m.padding_mode!r}: carried through unchanged")
-        return None
+def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict, dict | None]:
+    """The ``conv2d`` attrs and params of ``m`` (a ``Conv1d`` as a conv of height 1), and the ``pad_nd`` attrs of
+    the ``F.pad`` a padding mode other than zeros applies first (else None)."""
+    pre = None
+    if m.padding_mode != "zeros":  # nn.Conv*d pads with F.pad(x, m._reversed_padding_repeated_twice, mode), then convolves unpadded
+        pre = {"pads": list(m._reversed_padding_repeated_twice), "mode": m.padding_mode, "value": 0.0}
     weight = m.weight.detach().clone()
     stride, padding, dilation, kernel = m.stride, m.padding, m.dilation, m.kernel_size
     if isinstance(m, nn.Conv1d):  # the length is the width; the height is 1
@@ -33,14 +34,22 @@ def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict]
         stride, dilation, kernel = (1, *stride), (1, *dilation), (1, *kernel)
         padding = padding if isinstance(padding, str) else (0, *padding)
     params = {"weight": weight} if m.bias is None else {"weight": weight, "bias": m.bias.detach().clone()}
-    attrs = {"stride": tuple(stride), "padding": conv_padding(padding, kernel, dilation), "dilation": tuple(dilation), "groups": m.groups}
-    return attrs, params
+    padding = (0, 0, 0, 0) if pre else conv_padding(padding, kernel, dilation)
+    attrs = {"stride": tuple(stride), "padding": padding, "dilation": tuple(dilation), "groups": m.groups}
+    return attrs, params, pre
+
+
+def _padded(b: Builder, n: fx.Node, x: Value, pre: dict | None) -> Value:
+    return x if pre is None else b.add("pad_nd", [x], pre, {}, b.source(n))
 
 
 def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     conv = None if x is None or len(x.shape) != 4 else _conv(b, n, m)
-    return None if conv is None else ("conv2d", [x], *conv, "")
+    if conv is None:
+        return None
+    attrs, params, pre = conv
+    return "conv2d", [_padded(b, n, x, pre)], attrs, params, ""
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
@@ -54,8 +63,9 @@ def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -
     conv = None if x is None or len(x.shape) != 3 else _conv(b, n, m)
     if conv is None:
         return None
-    x4 = b.add(*unsqueezed(x, 2)[:4], source=b.source(n))
-    return "flatten", [b.add("conv2d", [x4], *conv, b.source(n))], {"start": 2, "end": 3}, {}, ""
+    attrs, params, pre = conv
+    x4 = b.add(*unsqueezed(_padded(b, n, x, pre), 2)[:4], source=b.source(n))  # reflect etc. pad (N, C, L) as 1-D
+    return "flatten", [b.add("conv2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
 
 
 def _height_one(x: Value) -> Value | None:

@@ -20,7 +20,8 @@ DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
 
 def check_model(model: nn.Module) -> None:
-    """Reject models fusion cannot handle: not a module, non-float parameters or complex buffers (``TypeError``).
+    """Reject models fusion cannot handle: not a module, a TorchScript module, tensors on the 'meta' device,
+    non-float parameters or complex buffers (``TypeError``).
 
     Integer buffers (``num_batches_tracked``) are allowed.  NaN and Inf are
     allowed too (a clamp bound of ``-inf``, say): the rewrite engine only
@@ -31,6 +32,10 @@ def check_model(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"the model is a TorchScript module ({type(model).__name__}): its Python code is compiled away, "
                         "so it cannot be captured; fuse the nn.Module first, then script or trace the fused module")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise TypeError(f"{name!r} is on the 'meta' device, which holds no values: load the weights first "
+                            "(model.load_state_dict(state, assign=True), or model.to_empty(device=...) and then load)")
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}: only floating-point models can be fused")
