@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import repalgebra
-from repalgebra import run_graph, trace
+from repalgebra import rewrite, run_graph, trace
 from repalgebra.backend.torch import OpCall, lowered_ops, to_module
 from repalgebra.frontend.calls import FnCall
+from repalgebra.frontend.pure import is_pure
 from repalgebra.frontend.torch import trace_model
 from repalgebra.ops import OPS, op_def
 
@@ -166,6 +167,27 @@ def test_pure_calls_on_parameters_are_made_once_at_capture():
     assert torch.equal(node(g, "conv2d").params["weight"], (model.conv.weight * model.gain).detach())  # the same ops, bits
     g = trace(GainedConv(noise=True), torch.randn(1, 2, 5, 5))
     assert "opaque" in ops_of(g)  # randn_like is not pure: it stays a call
+
+
+def test_bifpn_fusion_weights_are_made_once_and_fold():
+    """EfficientDet's fast normalized fusion, ``w = relu(self.w); w = w / (w.sum() + eps)``: computed once from the
+    parameter, so each ``w[i] * branch`` is a scale by a number that folds into the branch's conv."""
+
+    class WeightedSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.7, -0.2, 1.3]))
+            self.convs = nn.ModuleList(nn.Conv2d(2, 3, 3, padding=1) for _ in range(3))
+
+        def forward(self, x):
+            w = F.relu(self.w)
+            w = w / (torch.sum(w, dim=0) + 1e-4)
+            return sum(w[i] * conv(x) for i, conv in enumerate(self.convs))
+
+    g = rewrite(same(WeightedSum(), torch.randn(1, 2, 5, 5)))[0]
+    assert g.op_counts() == {"conv2d": 1}, g.op_counts()  # the scales folded, then the three convs summed
+    assert not is_pure("call_function", F.relu, (torch.zeros(2),), {"inplace": True})  # writes its argument
+    assert not is_pure("call_function", F.relu, (torch.zeros(2), True), {})
 
 
 # --------------------------------------------------------------------------- functions

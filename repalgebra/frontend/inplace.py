@@ -144,7 +144,7 @@ _FRESH_MODULES = (
 )  # fmt: skip
 
 
-def _inplace_kwarg(target: Any, args: tuple, kwargs: dict) -> bool:
+def inplace_kwarg(target: Any, args: tuple, kwargs: dict) -> bool:
     """Whether a call of ``target`` (an ``F.relu``-like function) is made with ``inplace=True``."""
     try:
         params = inspect.signature(target).parameters
@@ -170,7 +170,7 @@ def is_inplace(n: fx.Node, root: nn.Module) -> bool:
         name = getattr(n.target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is n.target:
             return True
-        return _inplace_kwarg(n.target, n.args, n.kwargs)
+        return inplace_kwarg(n.target, n.args, n.kwargs)
     if n.op == "call_module":
         m = root.get_submodule(n.target)
         return getattr(m, "inplace", False) is True and not isinstance(m, _ALIAS_MODULES)

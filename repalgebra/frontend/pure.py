@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from repalgebra.frontend.inplace import inplace_kwarg
+
 __all__ = ["is_pure"]
 
 PURE_FUNCTIONS = {
@@ -32,18 +34,19 @@ PURE_FUNCTIONS = {
     torch.stack, torch.matmul, torch.einsum, torch.sigmoid, torch.tanh, torch.softmax, torch.where, torch.maximum,
     torch.minimum, torch.sign, torch.square, torch.reciprocal, torch.erf,
     F.batch_norm, F.layer_norm, F.group_norm, F.normalize, F.softmax, F.sigmoid, F.tanh, F.pad, F.softplus,
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardtanh, F.leaky_relu, F.elu,  # BiFPN: relu(self.w) / (sum + eps)
 }  # fmt: skip
 PURE_METHODS = {
     "add", "sub", "mul", "div", "pow", "neg", "sqrt", "rsqrt", "exp", "log", "abs", "sum", "mean", "var", "std",
     "clamp", "clip", "reshape", "view", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze",
     "squeeze", "expand", "expand_as", "contiguous", "t", "flip", "repeat", "sigmoid", "tanh", "softmax",
-    "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__",
+    "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "relu",
 }  # fmt: skip
 
 
 def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the call computes its result from its arguments alone and changes none of them."""
-    if kwargs.get("inplace") is True or kwargs.get("out") is not None:
+    if kwargs.get("out") is not None or inplace_kwarg(target, args, kwargs):
         return False
     if kind == "call_method":
         return target in PURE_METHODS
