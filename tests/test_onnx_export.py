@@ -173,3 +173,31 @@ def test_writes_file(tmp_path):
     path = tmp_path / "m.onnx"
     export_onnx(randomize(RepVGGBlock(8, 8)).float(), path, (1, 8, 8, 8))
     assert op_types(onnx.load(str(path))).get("Conv") == 1
+
+
+class Conditioned(nn.Module):
+    """Two inputs, as a diffusion block or a conditioned head takes them: an image and an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.emb = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Linear(4, 8)
+
+    def forward(self, x, c):
+        return self.bn(self.conv(x)) + self.emb(c)[:, :, None, None]
+
+
+def test_a_model_of_two_inputs_exports_with_a_shape_for_each():
+    model = randomize_model_(Conditioned(), torch.Generator().manual_seed(0))
+    shapes = ((2, 3, 10, 10), (2, 4))
+    fused = repalgebra.fuse(model, tuple(torch.randn(s) for s in shapes))
+    proto = export_onnx(fused, None, shapes)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] and len(session.get_inputs()) == 2
+    for batch in (2, 3):  # the batch stays dynamic for both inputs
+        x, c = torch.randn(batch, 3, 10, 10), torch.randn(batch, 4)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy(), session.get_inputs()[1].name: c.numpy()})
+        with torch.no_grad():
+            want = model(x, c)
+        assert rel_err(got, want) < 1e-5  # float32
+    with pytest.raises(TypeError, match="tuple of shapes"):
+        export_onnx(fused, None, ((2, 3, 10, 10), "4"))

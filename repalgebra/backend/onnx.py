@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -800,10 +800,23 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
 
 
+def _input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
+    """One shape (a tuple of ints) or several (a tuple of such tuples), as a list of shapes."""
+    def is_shape(s: Any) -> bool:
+        return isinstance(s, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) for d in s)
+
+    if is_shape(input_shape):
+        return [tuple(input_shape)]
+    if isinstance(input_shape, (tuple, list)) and input_shape and all(is_shape(s) for s in input_shape):
+        return [tuple(s) for s in input_shape]
+    raise TypeError(f"input_shape must be a shape such as (1, 3, 224, 224), or a tuple of shapes for a model of several "
+                    f"inputs, not {input_shape!r}")
+
+
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,
-    input_shape: tuple[int, ...] = (1, 3, 256, 256),
+    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] = (1, 3, 256, 256),
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
@@ -813,8 +826,9 @@ def export_onnx(
 ) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Export a model (or an IR graph) to ONNX, fusing it first by default.
 
-    The module is traced into the IR with an input of ``input_shape`` in the
-    model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
+    The module is traced into the IR with an input of ``input_shape`` (or, for
+    a model of several inputs, one of each shape in a tuple of shapes:
+    ``((1, 3, 64, 64), (1, 16))``) in the model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
     and a module whose own ``forward`` it cannot trace is one opaque call),
     rewritten to its fused form (``fuse=True``), lowered op by op with the op
     table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
@@ -839,12 +853,13 @@ def export_onnx(
         graph = model_or_graph
     elif isinstance(model_or_graph, torch.nn.Module):
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
-        graph, capture = capture_for_export(model_or_graph, (torch.zeros(input_shape, dtype=dtype),))
+        shapes = _input_shapes(input_shape)
+        graph, capture = capture_for_export(model_or_graph, tuple(torch.zeros(s, dtype=dtype) for s in shapes))
         fixed = fixed_shape_parts(model_or_graph)
         if fixed and dynamic_batch:
             dynamic_batch = False
             shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
-            notes.append(f"batch fixed at {input_shape[0]}: fused with shapes fixed at its example input: {shown}")
+            notes.append(f"batch fixed at {shapes[0][0]}: fused with shapes fixed at its example input: {shown}")
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     meta = {"producer": "repalgebra", "repalgebra_version": __version__}
