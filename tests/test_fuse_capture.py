@@ -206,6 +206,26 @@ class AddOut(nn.Module):
         return y
 
 
+class LayerScaleInPlace(nn.Module):
+    """timm's ``LayerScale(inplace=True)`` behind a ``proj_drop``: ``x.mul_(gamma)`` writes into the dropout's result,
+    which nothing reads again; a size check in Python sends the model to ``torch.export``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.proj, self.drop = conv_bn(8, 8), nn.Conv2d(8, 8, 1), nn.Dropout(0.1)
+        self.gamma = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+
+    def forward(self, x):
+        assert x.shape[-1] % 3 == 0
+        y = self.a(x)
+        return y + self.drop(self.proj(y)).mul_(self.gamma)
+
+
+def test_an_in_place_write_behind_a_dropout_that_nothing_reads_again_is_captured():
+    fused = check_exact(randomized(LayerScaleInPlace()), torch.randn(2, 8, 9, 9, dtype=D))
+    assert fused.fuse_report.capture == "specialized" and bn_left(fused) == 0, str(fused.fuse_report)
+
+
 @pytest.mark.parametrize("cls", [DropoutThenClamp, AddOut])
 @pytest.mark.parametrize("check", [True, False])
 def test_writes_through_an_alias_the_capture_could_miss(cls, check):

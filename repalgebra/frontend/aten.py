@@ -122,25 +122,45 @@ _DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_drop
 
 
 def _check_eval_dropout_writes(graph: torch.fx.Graph) -> None:
-    """Refuse an in-place write to what an eval-mode dropout returned (or to a view of it).
+    """Refuse an in-place write to what an eval-mode dropout returned (or to a view of it) when the dropout's input
+    is read after it.
 
     In eager PyTorch an eval-mode dropout returns its input itself, so ``F.dropout(y, p, False).clamp_(...)``
-    changes ``y`` too; ``run_decompositions`` turns that dropout into a copy, and the program would compute
-    something else."""
+    changes ``y`` too; ``run_decompositions`` turns that dropout into a copy, and a later read of ``y`` would see
+    the old values.  A write nothing reads the input after (timm's ``x.mul_(gamma)`` layer scale on a projection
+    behind ``proj_drop``) is the same either way."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if n.target not in _DROPOUTS or (len(n.args) > 2 and n.args[2] is not False):
             continue
-        seen, stack = {n}, [n]
-        while stack:
-            v = stack.pop()
-            for u in v.users:
-                how = _passed_as(u, v)
-                if how == "written":
-                    raise CaptureFailed(f"{u.target} at {module_path(u)!r} writes in place into the result of an eval-mode "
-                                        "dropout, which is the dropout's input itself: torch.export's decomposition loses that")
-                if how == "viewed" and u not in seen:  # writes through a view count too
-                    seen.add(u)
-                    stack.append(u)
+        result, writes = _aliases(n, exclude=None)
+        if not writes:
+            continue
+        first = min(order[w] for w in writes)
+        base = n.args[0]
+        while isinstance(base, torch.fx.Node) and base.args and _passed_as(base, base.args[0]) == "viewed":
+            base = base.args[0]
+        inputs, _ = _aliases(base, exclude=n)
+        late = [u for v in inputs for u in v.users if u not in result and u is not n and order[u] > first]
+        if late:
+            raise CaptureFailed(f"{writes[0].target} at {module_path(writes[0])!r} writes in place into the result of an "
+                                "eval-mode dropout, which is the dropout's input itself, read again afterwards: "
+                                "torch.export's decomposition loses that")
+
+
+def _aliases(value: torch.fx.Node, exclude: torch.fx.Node | None) -> tuple[set[torch.fx.Node], list[torch.fx.Node]]:
+    """``value`` and the views of it (not through ``exclude``), and the nodes that write into one of them in place."""
+    seen, stack, writes = {value}, [value], []
+    while stack:
+        v = stack.pop()
+        for u in v.users:
+            how = None if u is exclude else _passed_as(u, v)
+            if how == "written":
+                writes.append(u)
+            if how is not None and u not in seen:  # a write returns its argument: reads of it are reads of v
+                seen.add(u)
+                stack.append(u)
+    return seen, writes
 
 
 def _passed_as(user: torch.fx.Node, value: torch.fx.Node) -> str | None:
