@@ -557,7 +557,7 @@ def bias_fold() -> Example:
     c = pos.conv2d(x, weight=W3, padding=P1, source="block.conv")
     bad = pos.build(pos.add_const(c, const=X.clone(), source="block.pos_embed"))
     ref = Text().line("a positional embedding (one value per position, 1x1x3x3) added after the conv:")
-    ref.line(no_match(bad, "bias_fold") + " (a bias adds one value per channel, the same at every position)")
+    ref.line(no_match(bad, "bias_fold")).line("(a bias adds one value per channel, the same at every position)")
     return Example("bias_fold", g, after, {"numbers": str(txt), "unmatched": str(ref)})
 
 
@@ -583,7 +583,7 @@ def scale_into_conv() -> Example:
     sx = shared.scale(x, scale=t([0.5]), source="block.gamma")
     bad = shared.build(shared.add(shared.conv2d(sx, weight=W3, padding=P1, source="block.conv"), sx, source="block"))
     ref = Text().line("y = conv(s x) + s x: the scaled value is read twice")
-    ref.line(no_match(bad, "scale_into_conv") + " (the other reader still needs s x)")
+    ref.line(no_match(bad, "scale_into_conv")).line("(the other reader still needs s x)")
     return Example("scale_into_conv", g, after, {"numbers": str(txt), "unmatched": str(ref)})
 
 
