@@ -825,3 +825,42 @@ def test_a_model_on_the_meta_device_is_refused_naming_a_tensor():
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     with pytest.raises(TypeError, match=r"'0\.weight' is on the 'meta' device.*load the weights first"):
         fuse(model, torch.randn(1, 3, 8, 8))
+
+
+class VarArgs(nn.Module):
+    """``forward(self, *xs)``: torch.fx makes ``xs`` one symbolic tuple, and ``xs[0]`` read as a tensor is its first row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+
+    def forward(self, *xs):
+        return self.a(xs[0])
+
+
+class KwArgs(nn.Module):
+    """``forward(self, x, **kwargs)`` called without keywords: the fx capture takes them as none given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+
+    def forward(self, x, **kwargs):
+        return self.a(x) * kwargs.get("scale", 1.0)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_star_args_and_keyword_args_forwards(check):
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    model = randomized(VarArgs())
+    fused = fuse(model, x, check=check)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+    model = randomized(KwArgs())
+    fused = fuse(model, x, check=check)
+    assert fused.fuse_report.capture == "fx" and bn_left(fused) == 0, str(fused.fuse_report)
+    x2 = torch.randn(3, 3, 10, 6, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x2), model(x2), rtol=1e-9, atol=1e-9)
+    with pytest.raises(TypeError):  # a keyword the example call did not give is refused, never ignored
+        fused(x, scale=2.0)

@@ -91,6 +91,8 @@ class Builder:
                     graph_inputs.append(v)
                     self.env[n] = v
                     self.example[n] = _meta(t)
+                elif str(n.target).startswith("**"):  # the **kwargs of the example call: none
+                    self.env[n] = self.example[n] = {}
                 else:  # a baked-in default (concrete_args)
                     self.env[n] = self.example[n] = n.args[0] if n.args else None
             elif n.op == "get_attr":

@@ -68,7 +68,12 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
     all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
-    return fx_graph, all_placeholders[: len(all_placeholders) - len(concrete)]
+    star = [n for n in all_placeholders if str(n.target).startswith("*") and not str(n.target).startswith("**")]
+    if star:  # ``xs[0]`` of that Proxy would be read as a tensor's first row
+        raise UntraceableError(f"cannot trace the forward() of {type(work).__name__} itself: it takes {star[0].target}, "
+                               "which torch.fx makes one symbolic tuple of unknown length")
+    named = [n for n in all_placeholders if not str(n.target).startswith("**")]  # **kwargs: none given, baked in as {}
+    return fx_graph, named[: len(named) - len(concrete)]
 
 
 # --------------------------------------------------------------------------- which modules stay whole
