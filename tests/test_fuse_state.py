@@ -353,3 +353,23 @@ def test_an_attribute_every_call_rewrites_before_reading_is_not_state():
     fused, reference = fused_and_reference(model)
     assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
     assert_same_calls(reference, fused)
+
+
+def test_state_an_op_writes_without_a_version_bump_is_found():
+    """torch.ao's default QAT activation fake-quant (``FusedMovingAvgObsFakeQuantize``) still observes in eval mode,
+    and its fused op updates ``min_val``/``max_val`` without bumping their version counters: compared by value."""
+    from torch.ao.quantization import default_fused_act_fake_quant
+
+    model = randomized(lambda: Net(default_fused_act_fake_quant())).float()
+    model.train()
+    with torch.no_grad():  # calibrate, as QAT training would
+        for x in inputs():
+            model(x.float())
+    model.eval()
+    reference = copy.deepcopy(model)
+    fused = fuse(model, inputs()[0].float())  # the fake-quant op runs in float32 only
+    assert "inner" in kept_whole(fused), str(fused.fuse_report)
+    for k, x in enumerate([*inputs(), inputs()[0]]):
+        with torch.no_grad():
+            want = reference(x.float())  # float32, folded in float64: 1e-5 relative (a quantization step is ~1e-2)
+            torch.testing.assert_close(fused(x.float()), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=lambda m: f"call {k + 1}: {m}")

@@ -33,6 +33,7 @@ STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG}
 _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, type(None))
+_COPIED = 4096  # tensors up to this many elements are compared by value too (statistics, observers, counters)
 
 
 class StateChanged(Exception):
@@ -184,7 +185,8 @@ def _key(value: Any) -> Any:
     a Python scalar's (or tuple of scalars') value, a container's type and length, an object's identity (its
     insides are not followed)."""
     if torch.is_tensor(value):
-        return _Tensor(value, value._version)
+        small = value.numel() <= _COPIED and not value.is_meta
+        return _Tensor(value, value._version, value.detach().clone() if small else None)
     if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)):
         return ("value", value)  # a size recomputed to the same value is no change
     if isinstance(value, (list, dict, set, tuple)):
@@ -248,6 +250,7 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
 class _Tensor:
     t: torch.Tensor
     version: int
+    copy: torch.Tensor | None = None  # the values, for a small tensor: some fused ops write without a version bump
 
     def same(self, other: Any) -> bool:
         """Unchanged: the same tensor not written since, or one rebound to an equal value (``weight_norm``'s hook
@@ -255,7 +258,8 @@ class _Tensor:
         if not isinstance(other, _Tensor):
             return False
         if self.t is other.t:
-            return self.version == other.version
+            # torch.ao's fused fake-quant updates its observer's min/max in place without bumping the version
+            return self.version == other.version and (self.copy is None or bool(torch.equal(self.copy, other.t)))
         return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and bool(torch.equal(self.t, other.t))
 
 
