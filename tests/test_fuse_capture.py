@@ -864,3 +864,29 @@ def test_star_args_and_keyword_args_forwards(check):
         torch.testing.assert_close(fused(x2), model(x2), rtol=1e-9, atol=1e-9)
     with pytest.raises(TypeError):  # a keyword the example call did not give is refused, never ignored
         fused(x, scale=2.0)
+
+
+class AutocastBlock(nn.Module):
+    """A ``with torch.autocast("cpu", dtype=torch.bfloat16):`` block in a float32 model's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.c(F.relu(y))
+        return z.float()
+
+
+def test_an_autocast_block_is_never_computed_in_the_model_s_dtype():
+    """fx records the block's ops but not the block: the graph computed in float32 what the model computes in
+    bfloat16 (relative 4e-3), and the float64 check cannot see it (CPU autocast leaves float64 alone)."""
+    model = randomized(AutocastBlock()).float()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture != "fx", str(fused.fuse_report)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32

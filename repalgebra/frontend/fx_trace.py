@@ -12,11 +12,12 @@ calls whose shapes cannot be learned on meta tensors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -64,7 +65,8 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        fx_graph = tracer.trace(work, concrete_args=concrete or None)
+        with _no_autocast():
+            fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
     all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
@@ -74,6 +76,22 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
                                "which torch.fx makes one symbolic tuple of unknown length")
     named = [n for n in all_placeholders if not str(n.target).startswith("**")]  # **kwargs: none given, baked in as {}
     return fx_graph, named[: len(named) - len(concrete)]
+
+
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Make entering ``torch.autocast`` fail while tracing: fx records the ops of a ``with torch.autocast(...):``
+    block but not the block, and the graph would compute in the model's dtype what the model computes in half."""
+    original = torch.amp.autocast_mode.autocast.__enter__
+
+    def refuse(self: Any) -> None:
+        raise TypeError(f"forward() enters torch.autocast({self.device!r}, dtype={self.fast_dtype}): torch.fx does not record it")
+
+    torch.amp.autocast_mode.autocast.__enter__ = refuse
+    try:
+        yield
+    finally:
+        torch.amp.autocast_mode.autocast.__enter__ = original
 
 
 # --------------------------------------------------------------------------- which modules stay whole
