@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import fx, nn
 
+from torch.nn.modules import module as _torch_module  # its global hook registries
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
@@ -145,9 +146,7 @@ class Root(nn.Module):
 
 def has_hooks(m: nn.Module) -> bool:
     """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module)."""
-    from torch.nn.modules import module as _module
-
-    return bool(m._forward_pre_hooks or m._forward_hooks or _module._global_forward_pre_hooks or _module._global_forward_hooks)
+    return bool(m._forward_pre_hooks or m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
 
 
 def recognised(m: nn.Module) -> type | None:

@@ -127,7 +127,7 @@ def _scale_by(x: Value, c: Any) -> Made:
 def _f_neg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``-x``: a ``scale`` by -1 (the same bits: both only flip the sign)."""
     if kwargs or len(args) != 1 or constant(args[0]) is not None:
-        return None  # ``-self.bias`` is a constant, computed once (``_CONST_CALLS``)
+        return None  # ``-self.bias`` is a constant: the builder makes the call once (``frontend/pure.py``)
     x = shaped(args[0])
     return None if x is None or not x.dtype.is_floating_point else _scale_by(x, -1.0)
 
