@@ -201,3 +201,31 @@ def test_a_model_of_two_inputs_exports_with_a_shape_for_each():
         assert rel_err(got, want) < 1e-5  # float32
     with pytest.raises(TypeError, match="tuple of shapes"):
         export_onnx(fused, None, ((2, 3, 10, 10), "4"))
+
+
+class MaskFromInput(nn.Module):
+    """A padding mask computed from the input, as sequence models do: an all-zero row is padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1)
+
+    def forward(self, x):
+        return self.encoder(self.proj(x), src_key_padding_mask=x.abs().sum(-1) == 0)
+
+
+def test_export_traces_with_an_input_that_is_not_all_zeros():
+    # Traced at zeros, every token is padding and the encoder fails: the export has to see real values.
+    model = MaskFromInput().eval()
+    proto = export_onnx(model, None, (2, 5, 8))
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    x[0, 3:] = 0  # padding in one sequence: the mask is computed in the graph, not baked
+    with torch.no_grad():
+        want = model(x)
+    # Compared at the tokens that are not padding: eager's nested-tensor fast path writes zeros at padding,
+    # the non-fast path that ONNX records computes values there that nothing should read.
+    keep = (x.abs().sum(-1) != 0).numpy()
+    got = run_onnx(proto, x)
+    assert keep.sum() == 13 and rel_err(got[keep], want[torch.from_numpy(keep)]) <= RTOL

@@ -826,9 +826,9 @@ def export_onnx(
 ) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Export a model (or an IR graph) to ONNX, fusing it first by default.
 
-    The module is traced into the IR with an input of ``input_shape`` (or, for
+    The module is traced into the IR with a random input of ``input_shape`` (or, for
     a model of several inputs, one of each shape in a tuple of shapes:
-    ``((1, 3, 64, 64), (1, 16))``) in the model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
+    ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
     and a module whose own ``forward`` it cannot trace is one opaque call),
     rewritten to its fused form (``fuse=True``), lowered op by op with the op
     table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
@@ -854,7 +854,11 @@ def export_onnx(
     elif isinstance(model_or_graph, torch.nn.Module):
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
         shapes = _input_shapes(input_shape)
-        graph, capture = capture_for_export(model_or_graph, tuple(torch.zeros(s, dtype=dtype) for s in shapes))
+        # Random values, not zeros: a model may compute from its input what it then relies on (a padding mask
+        # from all-zero rows masks every token, and attention over no token is NaN).
+        gen = torch.Generator().manual_seed(0)
+        example = tuple(torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
+        graph, capture = capture_for_export(model_or_graph, example)
         fixed = fixed_shape_parts(model_or_graph)
         if fixed and dynamic_batch:
             dynamic_batch = False
