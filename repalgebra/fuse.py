@@ -227,7 +227,7 @@ def fuse(
         fixed shapes, and why.  Fusing it again changes nothing.
 
     Raises:
-        TypeError: non-floating-point parameters or inputs, a model that is
+        TypeError: non-floating-point parameters, complex inputs, a model that is
             not an ``nn.Module``.
         ValueError: no input given and none could be inferred, or the model
             does not run on the example input.

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.torch import infer_example_inputs
+from repalgebra.frontend.torch import infer_example_inputs, model_dtype
 
 __all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference"]
 
@@ -117,7 +117,8 @@ def verify(
         reference: the model to compare against (usually the unfused one).
         candidate: the model under test (usually ``fuse(reference)``).
         example_inputs: a tensor or tuple of tensors giving the input shapes
-            and dtype (their values are not used); inferred from the
+            and dtype (the values of floating-point ones are not used; bool and
+            integer ones, a mask or token ids, are used as given); inferred from the
             reference's first Conv2d/Linear/BatchNorm as in
             :func:`repalgebra.trace` when ``None``.
         n: how many random (standard normal) inputs to try.
@@ -138,7 +139,7 @@ def verify(
         example, _ = infer_example_inputs(reference)
     else:
         example = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
-    run_dtype = dtype or example[0].dtype
+    run_dtype = dtype or next((t.dtype for t in example if t.is_floating_point()), None) or model_dtype(reference)
     if not run_dtype.is_floating_point:
         raise TypeError(f"verify compares floating-point models; got dtype {run_dtype}")
     if tolerance is None:  # the coarser of the run's dtype and the models' own
@@ -152,7 +153,8 @@ def verify(
     )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(n):
-        xs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype) for t in example]
+        xs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype) if t.is_floating_point() else t
+              for t in example]  # a mask or token ids: the example's own
         with torch.no_grad():
             ya, spec_a = pytree.tree_flatten(ref(*xs))
             yb, spec_b = pytree.tree_flatten(cand(*xs))

@@ -313,7 +313,9 @@ def test_non_float_rejected():
     model[0].register_parameter("count", nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False))
     with pytest.raises(TypeError, match="count.*int64"):
         fuse(model)
-    with pytest.raises(TypeError, match="floating point"):
+    with pytest.raises(TypeError, match="complex"):
+        fuse(net(), torch.ones(1, 8, 4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="at 0.*int"):  # an integer input is passed on as it is: the conv refuses it
         fuse(net(), torch.ones(1, 8, 4, 4, dtype=torch.int32))
     with pytest.raises(TypeError):
         fuse("not a module")

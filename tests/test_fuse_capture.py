@@ -890,3 +890,73 @@ def test_an_autocast_block_is_never_computed_in_the_model_s_dtype():
     with torch.no_grad():
         want = model(x)
         torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32
+
+
+class MaskedAttention(nn.Module):
+    """Scores masked with ``torch.finfo(dtype).min`` before the softmax, as Hugging Face models write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return q @ k.transpose(-1, -2) / 4.0, v
+
+    def attend(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        y = self.proj(a.softmax(dim=-1) @ v)
+        return self.norm(y.transpose(1, 2)).transpose(1, 2)
+
+
+class MaskFromValues(MaskedAttention):
+    def forward(self, x):
+        a, v = self.scores(x)
+        return self.attend(a.masked_fill((x[:, None, :, 0] > 1.0), torch.finfo(a.dtype).min), v)
+
+
+class MaskInput(MaskedAttention):
+    def forward(self, x, mask):
+        a, v = self.scores(x)
+        return self.attend(a.masked_fill(~mask[:, None, :], torch.finfo(a.dtype).min), v)
+
+
+def test_dtype_limit_follows_the_dtype_the_fused_model_runs_in():
+    # torch.export records torch.finfo(float64).min as a number: the fused model, cast to float32, overflowed.
+    model = randomized(MaskFromValues())
+    x = torch.randn(2, 5, 16, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = check_exact(model, x)
+    assert bn_left(fused) == 0
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        ref, got = model.to(dtype)(x.to(dtype)), copy.deepcopy(fused).to(dtype)(x.to(dtype))
+        assert got.dtype == dtype and rel_err(got.double(), ref.double()) < tol
+
+
+def test_bool_and_integer_inputs_are_passed_as_they_are():
+    model = randomized(MaskInput())
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(2, 5, 16, dtype=D, generator=g), torch.rand(2, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    fused = fuse(model, (x, mask))
+    assert bn_left(fused) == 0
+    for batch in (2, 3):
+        x, mask = torch.randn(batch, 5, 16, dtype=D, generator=g), torch.rand(batch, 5, generator=g) > 0.3
+        mask[:, 0] = True
+        torch.testing.assert_close(fused(x, mask), model(x, mask), rtol=1e-9, atol=1e-9)
+    assert verify(model, fused, (x, mask), n=2)
+
+    class TextConv(nn.Module):  # token ids in, as text classifiers take them
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.conv, self.bn = nn.Embedding(50, 8), nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16)
+
+        def forward(self, ids):
+            return F.relu(self.bn(self.conv(self.embed(ids).transpose(1, 2)))).amax(-1)
+
+    model = randomized(TextConv())
+    ids = torch.randint(0, 50, (2, 11), generator=g)
+    fused = check_exact(model, ids)
+    assert bn_left(fused) == 0
+    ids = torch.randint(0, 50, (3, 20), generator=g)
+    torch.testing.assert_close(fused(ids), model(ids), rtol=1e-9, atol=1e-9)

@@ -199,7 +199,7 @@ def test_a_model_of_two_inputs_exports_with_a_shape_for_each():
         with torch.no_grad():
             want = model(x, c)
         assert rel_err(got, want) < 1e-5  # float32
-    with pytest.raises(TypeError, match="tuple of shapes"):
+    with pytest.raises(TypeError, match="input_shape must be a shape"):
         export_onnx(fused, None, ((2, 3, 10, 10), "4"))
 
 
@@ -229,3 +229,27 @@ def test_export_traces_with_an_input_that_is_not_all_zeros():
     keep = (x.abs().sum(-1) != 0).numpy()
     got = run_onnx(proto, x)
     assert keep.sum() == 13 and rel_err(got[keep], want[torch.from_numpy(keep)]) <= RTOL
+
+
+class MaskInput(nn.Module):
+    """Scores masked by a bool input with ``torch.finfo(dtype).min`` (torch.fx cannot trace the ``dtype`` read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = (q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, :], torch.finfo(x.dtype).min)
+        return self.proj(a.softmax(-1) @ v)
+
+
+def test_an_example_tensor_stands_for_an_input_that_is_not_float():
+    model = MaskInput().eval()
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [True, True, True, False, False]])
+    proto = export_onnx(model, None, ((2, 5, 16), mask))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (got,) = session.run(None, {names[0]: x.numpy(), names[1]: mask.numpy()})
+    with torch.no_grad():
+        assert rel_err(got, model(x, mask)) <= RTOL

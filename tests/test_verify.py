@@ -114,9 +114,17 @@ def test_nan_fails_and_inferred_inputs():
     assert r.input_shapes == [(1, 3, 64, 64)]
 
 
-def test_int_dtype_rejected():
+def test_integer_inputs_are_used_as_given():
+    # Token ids are not data to draw at random: every run uses the example's own, in the models' dtype.
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).eval()
+    ids = torch.tensor([[1, 2, 9]])
+    report = verify(emb, emb, ids, n=2)
+    assert report and report.dtype == torch.float32
+    shifted = nn.Sequential(copy.deepcopy(emb), Perturbed(nn.Identity(), 1e-3))
+    assert not verify(emb, shifted, ids, n=1)
     with pytest.raises(TypeError):
-        verify(model(), model(), torch.ones(1, 3, 4, 4, dtype=torch.int64))
+        verify(model(), model(), torch.ones(1, 3, 4, 4, dtype=torch.int64), dtype=torch.int64)
 
 
 def test_verify_does_not_change_modules_in_place_when_casting():

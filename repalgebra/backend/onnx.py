@@ -53,6 +53,9 @@ _DTYPES = {
     torch.float16: TensorProto.FLOAT16,
     torch.bfloat16: TensorProto.BFLOAT16,
     torch.int64: TensorProto.INT64,
+    torch.int32: TensorProto.INT32,
+    torch.uint8: TensorProto.UINT8,
+    torch.bool: TensorProto.BOOL,
 }
 
 
@@ -675,8 +678,9 @@ def graph_to_onnx(
     metadata: dict[str, str] | None = None,
     return_report: bool = False,
     notes: Sequence[str] = (),
+    examples: Sequence[torch.Tensor] = (),
 ) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
-    """Lower ``graph`` to an ONNX model; parameters keep the graph's dtype.
+    """Lower ``graph`` to an ONNX model; parameters keep the graph's dtype (that of its first floating-point input).
 
     Every node whose op has an ONNX lowering is lowered by it.  Runs of
     consecutive nodes without one (opaque modules and calls, or a lowering
@@ -691,7 +695,9 @@ def graph_to_onnx(
     The model's metadata says which nodes went through the fallback
     (``repalgebra.fallback``) and how the batch was exported
     (``repalgebra.batch``); ``return_report=True`` also returns the
-    :class:`ExportReport`.  ``notes`` are added to the report.
+    :class:`ExportReport`.  ``notes`` are added to the report.  ``examples``
+    are values of the graph's inputs; the fallback's runs use those of the
+    inputs that are not floating point (a mask, token ids), random values for the rest.
 
     Raises :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
     ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
@@ -700,7 +706,7 @@ def graph_to_onnx(
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
-    dtype = graph.inputs[0].dtype or torch.float32
+    dtype = next((v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point), torch.float32)
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
     refused: dict[int, str] = {}
     regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes, refused))
@@ -708,7 +714,7 @@ def graph_to_onnx(
         r.refused = [refused[id(n)] for n in r.run if id(n) in refused]
     exported: list[ExportedRegion | None] = []
     if regions:
-        exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes)
+        exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes, examples)
         report.dynamic_batch = dynamic_batch
     ctx = LowerCtx(opset, dtype, dynamic_batch)
     names: dict[int, str] = {}
@@ -800,23 +806,30 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
 
 
-def _input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
-    """One shape (a tuple of ints) or several (a tuple of such tuples), as a list of shapes."""
+def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The inputs to trace at: a random tensor (seeded, standard normal, ``dtype``) per shape, a given tensor as it is.
+
+    ``input_shape`` is one shape (a tuple of ints), one tensor, or a tuple of them, one per ``forward`` argument."""
     def is_shape(s: Any) -> bool:
         return isinstance(s, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) for d in s)
 
-    if is_shape(input_shape):
-        return [tuple(input_shape)]
-    if isinstance(input_shape, (tuple, list)) and input_shape and all(is_shape(s) for s in input_shape):
-        return [tuple(s) for s in input_shape]
-    raise TypeError(f"input_shape must be a shape such as (1, 3, 224, 224), or a tuple of shapes for a model of several "
-                    f"inputs, not {input_shape!r}")
+    if is_shape(input_shape) or torch.is_tensor(input_shape):
+        items = [input_shape]
+    elif isinstance(input_shape, (tuple, list)) and input_shape and all(is_shape(s) or torch.is_tensor(s) for s in input_shape):
+        items = list(input_shape)
+    else:
+        raise TypeError(f"input_shape must be a shape such as (1, 3, 224, 224), an example tensor, or a tuple of them for "
+                        f"a model of several inputs, not {input_shape!r}")
+    # Random values, not zeros: a model may compute from its input what it then relies on (a padding mask
+    # from all-zero rows masks every token, and attention over no token is NaN).
+    gen = torch.Generator().manual_seed(0)
+    return tuple(s.detach() if torch.is_tensor(s) else torch.randn(tuple(s), generator=gen, dtype=dtype) for s in items)
 
 
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,
-    input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] = (1, 3, 256, 256),
+    input_shape: "tuple[int, ...] | torch.Tensor | Sequence[tuple[int, ...] | torch.Tensor]" = (1, 3, 256, 256),
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
@@ -828,7 +841,8 @@ def export_onnx(
 
     The module is traced into the IR with a random input of ``input_shape`` (or, for
     a model of several inputs, one of each shape in a tuple of shapes:
-    ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype (``torch.fx``; a submodule it cannot trace is kept whole,
+    ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype;
+    an example tensor in place of a shape is used as it is (a bool padding mask, integer token ids) (``torch.fx``; a submodule it cannot trace is kept whole,
     and a module whose own ``forward`` it cannot trace is one opaque call),
     rewritten to its fused form (``fuse=True``), lowered op by op with the op
     table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
@@ -849,21 +863,18 @@ def export_onnx(
 
     notes: list[str] = []
     capture = ""
+    example: tuple[torch.Tensor, ...] = ()
     if isinstance(model_or_graph, Graph):
         graph = model_or_graph
     elif isinstance(model_or_graph, torch.nn.Module):
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
-        shapes = _input_shapes(input_shape)
-        # Random values, not zeros: a model may compute from its input what it then relies on (a padding mask
-        # from all-zero rows masks every token, and attention over no token is NaN).
-        gen = torch.Generator().manual_seed(0)
-        example = tuple(torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
+        example = _example_inputs(input_shape, dtype)
         graph, capture = capture_for_export(model_or_graph, example)
         fixed = fixed_shape_parts(model_or_graph)
         if fixed and dynamic_batch:
             dynamic_batch = False
             shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
-            notes.append(f"batch fixed at {shapes[0][0]}: fused with shapes fixed at its example input: {shown}")
+            notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     meta = {"producer": "repalgebra", "repalgebra_version": __version__}
@@ -871,7 +882,8 @@ def export_onnx(
         graph, rewritten = rewrite(graph)
         meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
     meta.update(metadata or {})
-    model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta, return_report=True, notes=notes)
+    model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta, return_report=True, notes=notes,
+                                  examples=example)
     report.capture = capture
     onnx.checker.check_model(model, full_check=True)
     if path is not None:

@@ -310,7 +310,7 @@ class ExportedRegion:
 
 
 def export_regions(
-    graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str]
+    graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str], examples: Sequence[torch.Tensor] = ()
 ) -> tuple[list[ExportedRegion | None], bool]:
     """Every region exported with ``torch.onnx.export`` and checked in onnxruntime; and whether the batch stays dynamic.
 
@@ -321,17 +321,27 @@ def export_regions(
     module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
     ``notes`` says why.  With the batch fixed, each region is traced at the graph's shapes and checked there.
     A region none of whose values is read outside it (a tuple-valued call, recomputed where it is read) is
-    not exported: ``None``.
+    not exported: ``None``.  The runs draw floating-point inputs at random; an input that is not (a mask, token
+    ids) takes its value from ``examples``, its rows repeated to the batch.
     """
     modules = [r.module() for r in regions]
     gen = torch.Generator().manual_seed(0)
-    dtype = graph.inputs[0].dtype or torch.float32
     batch = graph.inputs[0].shape[0]
-    at = lambda b: [torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype) for v in graph.inputs]  # noqa: E731
+    given = dict(zip(range(len(graph.inputs)), examples))
+
+    def at(b: int) -> list[torch.Tensor]:
+        xs = []
+        for k, v in enumerate(graph.inputs):
+            if v.dtype is not None and not v.dtype.is_floating_point and k in given:
+                xs.append(given[k][torch.arange(b) % given[k].shape[0]])
+            else:
+                xs.append(torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or torch.float32))
+        return xs
+
     own = run_regions(graph, regions, modules, at(batch))
     # A second, wider input: one example can hide a wrong export (a ReLU zeroing everything a pool sees).
     try:
-        checks = [own, run_regions(graph, regions, modules, [8 * t for t in at(batch)])]
+        checks = [own, run_regions(graph, regions, modules, [8 * t if t.is_floating_point() else t for t in at(batch)])]
     except Exception:  # noqa: BLE001  (the graph does not run there: the one example it runs at)
         checks = [own]
     if dynamic_batch:

@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import map_leaves
-from repalgebra.frontend.calls import Buf, FnCall, In
+from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In
 from repalgebra.ir import Graph, Node, Value
 
 aten = torch.ops.aten
@@ -351,7 +351,17 @@ class ProgramBuilder:
                 return Buf(consts[id(x)][0])
             return x
 
-        a, k = map_leaves(args, leaf), map_leaves(kwargs, leaf)
+        # A float at its dtype's limit is torch.finfo(x.dtype).min/max of the model's code (masking scores before a
+        # softmax): it follows the input's dtype, so casting the fused module keeps it in range.
+        first = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Value) and v.dtype.is_floating_point), None)
+        limits = {getattr(torch.finfo(first.dtype), w): w for w in ("min", "max")} if first is not None else {}
+
+        def literal(x: Any) -> Any:
+            if type(x) is float and x in limits:
+                return DtypeLimit(leaf(first).index, limits[x])
+            return leaf(x)
+
+        a, k = map_leaves(args, literal), map_leaves(kwargs, literal)
         fn = FnCall("call_function", target, a, k, dict(consts.values()))
         shape, dtype = info if info is not None else (None, None)
         name = str(target) if target is not operator.getitem else "getitem"

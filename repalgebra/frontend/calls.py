@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,17 @@ class Buf:
     """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall`."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class DtypeLimit:
+    """Template leaf: ``torch.finfo(dtype).min`` (or ``.max``) of the ``index``-th tensor input's dtype, read per call.
+
+    ``x.masked_fill(mask, torch.finfo(x.dtype).min)`` captured by ``torch.export`` holds the limit of the capture's
+    dtype as a number: the call would overflow once the module is cast down (``.float()``, ``.half()``)."""
+
+    index: int
+    which: str  # "min" | "max"
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +61,8 @@ def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
         return inputs[template.index]
     if isinstance(template, Buf):
         return getattr(owner, template.name)
+    if isinstance(template, DtypeLimit):
+        return getattr(torch.finfo(inputs[template.index].dtype), template.which)
     if isinstance(template, SymExpr):
         args = resolve(template.args, inputs, owner)
         kwargs = resolve(template.kwargs, inputs, owner)
@@ -116,6 +130,12 @@ class FnCall(nn.Module):
             # gets (F.interpolate(c, size=x.shape[-2:]) takes the size for one int and passes [size, size]).
             return tracer.create_proxy(self.kind, self.target, args, kwargs)
         return invoke(self.kind, self.target, args, kwargs)
+
+    @property
+    def reads_input_dtype(self) -> bool:
+        """Whether an argument is a dtype's limit, computed from an input's dtype on every call (:class:`DtypeLimit`):
+        such a call is traced again as a call of this module, since a traced input has no dtype to read."""
+        return any(isinstance(t, DtypeLimit) for t in pytree.tree_leaves((self.args_template, self.kwargs_template)))
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from torch.nn.modules import module as _torch_module  # its global hook registri
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
@@ -210,7 +211,7 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if recognised(m) is not None:
+        if recognised(m) is not None or (isinstance(m, FnCall) and m.reads_input_dtype):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -62,12 +62,15 @@ def as_tuple(example_inputs: Any) -> tuple:
 
 
 def check_example_inputs(model: nn.Module, given: tuple, n_inputs: int) -> None:
-    """Raise ``TypeError`` unless ``given`` are ``n_inputs`` floating-point tensors."""
+    """Raise ``TypeError`` unless ``given`` are ``n_inputs`` real tensors.
+
+    Floating-point inputs carry the data; bool and integer ones (a padding mask, token ids, class labels) are
+    passed as they are, never cast or replaced by random values."""
     for k, t in enumerate(given):
         if not torch.is_tensor(t):
             raise TypeError(f"example input {k} is a {type(t).__name__}, not a tensor")
-        if not t.is_floating_point():
-            raise TypeError(f"example input {k} has dtype {t.dtype}: inputs must be floating point")
+        if t.is_complex():
+            raise TypeError(f"example input {k} has dtype {t.dtype}: complex inputs are not supported")
     if len(given) != n_inputs:
         raise TypeError(f"{type(model).__name__}.forward takes {n_inputs} tensor inputs, got {len(given)} example inputs")
 

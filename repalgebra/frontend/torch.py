@@ -109,7 +109,7 @@ def trace(
             the message names the module path and the ``leaf_modules`` fix.
         ValueError: NaN or Inf in a parameter or buffer (named), or no input
             could be inferred.
-        TypeError: non-floating-point parameters or inputs.
+        TypeError: non-floating-point parameters, complex inputs.
     """
     return trace_model(model, example_inputs, leaf_modules=leaf_modules).graph
 
