@@ -9,6 +9,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     bn_fold,
     scale_fold,
     bias_fold,
+    border_fill,
     bn_to_conv,
     identity_to_conv,
     dilation_to_dense,

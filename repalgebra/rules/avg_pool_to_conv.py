@@ -6,7 +6,8 @@ With ``count_include_pad=False`` and p > 0 the border windows divide by fewer
 elements, which no conv does; with p = 0 both settings agree.
 
 Preconditions: the pool is exactly a conv (as above, no ``ceil_mode``) and it
-meets a conv: it is summed with a conv of the same input, or it reads a
+meets a conv: it is summed with a conv of the same input (maybe through a
+BatchNorm, which then folds into it), or it reads a
 1x1 stride-1 conv (padded or not) that it can merge with (exactly only if that
 conv has no bias or the pool does not pad: a biased conv before a zero-padded
 pool would see 0 at the border where the pool sees the bias).
@@ -27,7 +28,10 @@ def avg_pool_to_conv(graph, pool):
     pads = any(_pair(a["padding"]))
     before = producer(pool.x, "conv2d")
     merges = before is not None and sole_use(graph, pool.x) and pixelwise(before)
-    joins = any(_has_conv_sibling(j, pool) for j in graph.users(pool.out) if j.op in JOINS)
+    readers = graph.users(pool.out)
+    if len(readers) == 1 and readers[0].op == "batch_norm" and sole_use(graph, pool.out):
+        readers = graph.users(readers[0].out)  # a BN between (DiverseBranchBlock's pool branch) folds once it is a conv
+    joins = any(_has_conv_sibling(j, pool) for j in readers if j.op in JOINS)
     if not (merges or joins) or len(pool.x.shape) != 4:
         return None
     if a["ceil_mode"] or (pads and not a["count_include_pad"]):
