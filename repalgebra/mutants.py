@@ -159,6 +159,17 @@ MUTANTS: list[Mutant] = [
        "if axis is None or any(size != 1 for size in others):",
        "if axis is not None:\n        return const.reshape(full).amax(tuple(k for k in range(len(full)) if k != axis)).reshape(-1)\n    if True:",
        target="repalgebra.rules.bias_fold:per_feature"),
+    # ---------------------------------------------------------------- border_fill
+    _m("border_fill", "any-values", "the border is taken for the bias whatever values fill it",
+       "if bias is None or not _same(v, bias):", "if bias is None:"),
+    _m("border_fill", "some-sides", "a pad with a side left at zero is taken for a filled one",
+       "if set(fills) != {k for k, q in enumerate(pad.attrs[\"pads\"]) if q > 0}:", "if not fills:"),
+    _m("border_fill", "any-width", "a fill narrower than the pad is taken for the whole border",
+       "if any(_side(c)[1] != pad.attrs[\"pads\"][_side(c)[0]] for c in chain):", "if False:"),
+    _m("border_fill", "bn-eps-dropped", "bn(0) computed without eps in the square root",
+       'torch.sqrt(p["var"] + inner.attrs["eps"])', 'torch.sqrt(p["var"])'),
+    _m("border_fill", "any-kernel", "the conv before the pad is taken for a 1x1 whatever its kernel",
+       'if inner.params["weight"].shape[2:] != (1, 1) or a["stride"] != (1, 1):', 'if a["stride"] != (1, 1):'),
     # ---------------------------------------------------------------- bn_to_conv
     _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
        '{"weight": w, "bias": t}', '{"weight": w}'),

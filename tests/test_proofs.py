@@ -21,7 +21,7 @@ from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_nor
                              bn_symbols, carried_axes, conv2d, layout, linear, scale,
                              symbols_tensor)
 
-REFUSAL_RULES = {"seq_merge", "bias_fold", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
+REFUSAL_RULES = {"seq_merge", "bias_fold", "border_fill", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
                  "linear_affine_fold", "query_scale_fold",
                  "attention_form"}
 

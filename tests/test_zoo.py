@@ -57,3 +57,15 @@ def test_weight_standardization_is_computed_once():
     assert "opaque" not in fused.fuse_report.ops_after and not fused.fuse_report.opaque, str(fused.fuse_report)
     convs = sum(type(m).__name__ == "ScaledStdConv2d" for m in model.modules())
     assert fused.fuse_report.ops_after["conv2d"] >= convs, str(fused.fuse_report)
+
+
+def test_diverse_branch_blocks_fold_to_one_conv_each():
+    """DBB's BNAndPadLayer writes bn(0) into a zero pad's border (border_fill), its pool branch has a BN after the
+    pool (avg_pool_to_conv through the BN): each block ends as the one conv its own switch_to_deploy gives."""
+    entry = next(e for e in ZOO if e.name == "dbb")
+    model = entry.build().to(D)
+    x = torch.randn(entry.input_shape, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    blocks = sum(type(m).__name__ == "DiverseBranchBlock" for m in model.modules())
+    assert fused.fuse_report.ops_after.get("conv2d") == blocks, str(fused.fuse_report)
+    assert count_bn(fused) == 0 and not fused.fuse_report.left_alone, str(fused.fuse_report)

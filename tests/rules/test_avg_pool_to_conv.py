@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from rulecheck import SUM_RULES, fired, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
-from repalgebra.testing import (ConvSpec, add_conv, assert_graphs_equal, conv_params, conv_specs_onto, float_dtypes,
-                                random_input, seeds)
+from repalgebra.testing import (ConvSpec, add_bn, add_conv, assert_graphs_equal, bn_stats, conv_params, conv_specs_onto,
+                                float_dtypes, random_input, seeds)
 
 COUNT_PAD_REASON = (
     "avg_pool_to_conv: count_include_pad=False with padding (or ceil_mode): border windows divide by fewer elements"
@@ -79,6 +79,21 @@ def test_pool_summed_with_a_conv_becomes_a_depthwise_conv(pool, dtype, op, pool_
         fused, _ = run_rules(graph, "avg_pool_to_conv", *SUM_RULES)
         assert fused.op_counts() == {"conv2d": 1}
         assert_graphs_equal(graph, fused, xt, dtype)
+
+
+@given(pool=pools(), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_pool_then_bn_summed_with_a_conv(pool, dtype, seed, data):
+    """DiverseBranchBlock's pool branch: pool -> BN -> summed with a conv; the BN folds once the pool is a conv."""
+    c, size, attrs = pool
+    b = GraphBuilder()
+    x = b.input("x", (data.draw(st.integers(1, 3)), c, *size), dtype)
+    pooled = add_bn(b, b.avg_pool2d(x, **attrs, source="blk.pool"), data.draw(bn_stats(c)), dtype, "blk.bn")
+    spec = data.draw(conv_specs_onto(size, pooled.shape[2:], _pair(attrs["stride"])[0], in_channels=c, out_channels=c))
+    graph = b.build(b.add(pooled, add_conv(b, x, spec, dtype, seed, "blk.conv"), source="blk"))
+
+    fused, report = run_rules(graph, "avg_pool_to_conv", "bn_fold", *SUM_RULES)
+    assert fired(report, "avg_pool_to_conv") == 1 and fused.op_counts() == {"conv2d": 1}
+    assert_graphs_equal(graph, fused, random_input(x.shape, dtype, seed + 1), dtype)
 
 
 @given(pool=pools(), dtype=float_dtypes(), bias=st.sampled_from(["none", "zeros", "random"]), seed=seeds(), data=st.data())
