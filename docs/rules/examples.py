@@ -59,6 +59,7 @@ PRIMITIVES = [
     "scale_fold",
     "bias_fold",
     "seq_merge",
+    "border_fill",
     "avg_pool_to_conv",
     "concat_merge",
     "bn_before_conv",
@@ -655,6 +656,84 @@ def seq_merge() -> Example:
     for s_, sg, sa, _ in merged:
         pads.line(equal_line(run_graph(sg, X), run_graph(sa, X)).replace("before == after", f"{s_} before == after"))
     return Example("seq_merge", g, after, {"numbers": str(txt), "refused": str(ref), "padded": str(pads)})
+
+
+def _filled(b: GraphBuilder, y: Value, fill: torch.Tensor, sides=((2, 0, 1), (2, -1, None), (3, 0, 1), (3, -1, None))) -> Value:
+    """``y`` (a padded map) with its first/last row and column overwritten by ``fill[c]`` in channel ``c``:
+    ``y[:, :, :1] = v`` and so on, as ``torch.export`` records it (``slice_scatter`` of an expanded constant)."""
+    for axis, start, end in sides:
+        shape = list(y.shape)
+        shape[axis] = 1
+        v = b.constant(value=fill.reshape(1, -1, 1, 1), dtype=DT, source="block.fill")
+        y = b.slice_scatter(y, b.expand(v, shape=tuple(shape), source="block.fill"), axis=axis, start=start, end=end, source="block.fill")
+    return y
+
+
+@example
+def border_fill() -> Example:
+    w1 = t([[1], [-1]]).reshape(2, 1, 1, 1)
+    b1 = t([3, -1])
+    w2 = torch.cat([W3, ONES3], 1)  # (1, 2, 3, 3)
+
+    def block(fill: torch.Tensor, sides=None) -> tuple[Graph, Value]:
+        b = GraphBuilder()
+        x = b.input("x", X.shape, DT)
+        padded = b.pad(b.conv2d(x, weight=w1, bias=b1, source="block.conv1x1"), pads=P1, source="block.pad")
+        y = _filled(b, padded, fill) if sides is None else _filled(b, padded, fill, sides)
+        return b.build(b.conv2d(y, weight=w2, source="block.conv3x3")), y
+
+    g, filled = block(b1)
+    after, _ = apply("border_fill", g, "border_fill")
+    pw = node(after, "conv2d")
+    merged, chain = apply("border_fill", g, "border_fill", "seq_merge")
+    fused = node(merged, "conv2d")
+    before_y, after_y, merged_y = run_graph(g, X), run_graph(after, X), run_graph(merged, X)
+    txt = Text()
+    txt.line(f"a 1x1 conv from 1 channel to 2 (W1 = {vec(w1)}, bias b = {vec(b1)}), a zero pad by 1,")
+    txt.line("then the first/last row and column filled with b, and a 3x3 conv that does not pad")
+    txt.grids(*maps("x", X))
+    txt.grids(*maps("fill(pad(conv1x1(x; W1, b)), b)", value_of(g, filled, X)))
+    txt.grids(*maps(f"conv1x1(x; W1, b, padding {pw.attrs['padding'][0]})", value_of(after, pw.out, X)))
+    txt.line().line(equal_line(value_of(g, filled, X), value_of(after, pw.out, X)).replace("before == after", "the border: fill == padding"))
+    txt.line("(a padded position of the 1x1 conv is 0 * W1 + b = b; inside the border nothing changes)")
+    txt.line().line("then seq_merge composes the 1x1 and the 3x3 (W2[0, 0] = W, W2[0, 1] = all ones):")
+    txt.grids(("merged kernel", fused.params["weight"][0, 0]))
+    txt.line(f"merged bias = W2 b summed over the taps (the 3x3 has none of its own) = {vec(fused.params['bias'])}, padding {fused.attrs['padding']}")
+    txt.grids(("conv3x3(fill(pad(conv1x1(x))))", before_y[0, 0]), ("after border_fill", after_y[0, 0]), ("after seq_merge", merged_y[0, 0]))
+    txt.line().line(equal_line(before_y, after_y))
+    txt.line(equal_line(before_y, merged_y).replace("before == after", "before == merged"))
+
+    merge = Text().line(" -> ".join(r.split()[0] for r in chain) + ": one conv")
+    merge.line(str(merged))
+
+    bad, bad_filled = block(t([1, 1]))
+    truth, candidate = run_graph(bad, X), after_y
+    ref = Text()
+    ref.line("the border filled with 1 in both channels, not with the bias b = [3, -1]:")
+    ref.line(f"border_fill refuses: {refusal(bad, 'border_fill')}")
+    ref.grids(("conv3x3(fill(pad(conv1x1(x)), 1))", truth[0, 0]), ("conv3x3(conv1x1(x; padding 1))", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate, "they differ wherever the 3x3 window reaches the border"))
+    three, _ = block(b1, ((2, 0, 1), (2, -1, None), (3, 0, 1)))
+    ref.line().line("the bias written into three borders only, the last column left at 0:")
+    ref.line(no_match(three, "border_fill")).line("(the 1x1's padding would give b in that column too)")
+
+    bnp = bn_params([2, 1], [4, 1], [1, 2], [3, 0])
+    _, at_zero = bn_st(bnp)
+    b = GraphBuilder()
+    x = b.input("x", X2.shape, DT)
+    y = _filled(b, b.pad(b.batch_norm(x, **bnp, source="block.bn"), pads=P1, source="block.pad"), at_zero)
+    bg = b.build(b.conv2d(y, weight=w2, source="block.conv3x3"))
+    bafter, _ = apply("border_fill", bg, "border_fill")
+    ball, bchain = apply("border_fill", bg)
+    bn = Text()
+    for line in bn_text(bnp):
+        bn.line(line)
+    bn.line(f"BN(0) = t = {vec(at_zero)}: the border filled with it is BN(pad(x)), the BN moved after the pad")
+    bn.line(str(bafter))
+    bn.line(equal_line(run_graph(bg, X2), run_graph(bafter, X2)).replace("before == after", "before == after border_fill"))
+    bn.line().line("with all the rules: " + ", ".join(r.split()[0] for r in bchain) + f" -> {len(ball.nodes)} node: conv, padding {node(ball, 'conv2d').attrs['padding']}")
+    bn.line(equal_line(run_graph(bg, X2), run_graph(ball, X2)).replace("before == after", "before == the one conv"))
+    return Example("border_fill", g, after, {"numbers": str(txt), "merged": str(merge), "refused": str(ref), "bn": str(bn)})
 
 
 @example
