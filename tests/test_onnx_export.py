@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastvit_models
@@ -253,3 +254,32 @@ def test_an_example_tensor_stands_for_an_input_that_is_not_float():
     (got,) = session.run(None, {names[0]: x.numpy(), names[1]: mask.numpy()})
     with torch.no_grad():
         assert rel_err(got, model(x, mask)) <= RTOL
+
+
+class BiasPaddedPair(nn.Module):
+    """ECBSR's SeqConv3x3 (and DBB's BN-and-pad): a 1x1 conv, a zero pad whose border is overwritten with the
+    1x1's bias by slice assignments (torch.fx cannot trace them), then an unpadded 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw, self.conv = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        y = F.pad(self.pw(x), (1, 1, 1, 1), "constant", 0)
+        b = self.pw.bias.view(1, -1, 1, 1)
+        y[:, :, 0:1, :] = b
+        y[:, :, -1:, :] = b
+        y[:, :, :, 0:1] = b
+        y[:, :, :, -1:] = b
+        return self.conv(y)
+
+
+def test_export_of_a_model_torch_fx_cannot_trace_goes_through_fuse():
+    # torch.onnx.export of the whole block failed; fuse captures it (torch.export) and folds it to one conv.
+    model = BiasPaddedPair().eval()
+    proto, report = export_onnx(model, None, (1, 4, 12, 12), return_report=True)
+    ops = {k: v for k, v in op_types(proto).items() if k != "Identity"}  # Identity: the output's name
+    assert report.capture.startswith("fused first") and ops == {"Conv": 1}, report
+    x = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

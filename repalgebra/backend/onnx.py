@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from repalgebra.backend.onnx_fallback import (
     ExportedRegion,
     ExportReport,
+    FallbackError,
     NodePath,
     Region,
     RegionReport,
@@ -826,6 +827,22 @@ def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor,
     return tuple(s.detach() if torch.is_tensor(s) else torch.randn(tuple(s), generator=gen, dtype=dtype) for s in items)
 
 
+def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[Graph, str, torch.nn.Module] | None:
+    """What ``repalgebra.fuse`` makes of a model whose parts torch.fx kept whole failed to export: its capture
+    (``torch.export``) reads Python fx cannot (slice assignments, ``int()`` of a size); ``None`` unless that
+    traces whole."""
+    from repalgebra.fuse import fuse as fuse_model
+
+    try:
+        fused = fuse_model(model, example)
+        graph, how = capture_for_export(fused, example)
+    except Exception:  # noqa: BLE001  (fuse cannot do better: the export's own error stands)
+        return None
+    if how != "fx":
+        return None
+    return graph, f"fused first (capture: {fused.fuse_report.capture}; torch.fx alone: {capture})", fused
+
+
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,
@@ -844,7 +861,10 @@ def export_onnx(
     ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype;
     an example tensor in place of a shape is used as it is (a bool padding mask, integer token ids) (``torch.fx``; a submodule it cannot trace is kept whole,
     and a module whose own ``forward`` it cannot trace is one opaque call),
-    rewritten to its fused form (``fuse=True``), lowered op by op with the op
+    rewritten to its fused form (``fuse=True``; where ``torch.fx`` keeps parts
+    whole, the module ``repalgebra.fuse`` returns, whose capture reads Python
+    fx cannot, when it traces whole and keeps the batch dynamic as asked, or
+    when the parts kept whole do not export), lowered op by op with the op
     table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
     spliced in (see :func:`graph_to_onnx`), checked with
     ``onnx.checker.check_model(full_check=True)`` and, when ``path`` is given,
@@ -861,30 +881,45 @@ def export_onnx(
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite
 
-    notes: list[str] = []
-    capture = ""
-    example: tuple[torch.Tensor, ...] = ()
+    def lower(graph: Graph, capture: str, module: torch.nn.Module | None, example: tuple) -> tuple:
+        notes: list[str] = []
+        batch = dynamic_batch
+        fixed = fixed_shape_parts(module) if module is not None else []
+        if fixed and batch:
+            batch = False
+            shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
+            notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
+        meta = {"producer": "repalgebra", "repalgebra_version": __version__}
+        if fuse:
+            graph, rewritten = rewrite(graph)
+            meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
+        meta.update(metadata or {})
+        model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
+                                      notes=notes, examples=example)
+        report.capture = capture
+        return model, report
+
     if isinstance(model_or_graph, Graph):
-        graph = model_or_graph
+        model, report = lower(model_or_graph, "", None, ())
     elif isinstance(model_or_graph, torch.nn.Module):
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
         example = _example_inputs(input_shape, dtype)
         graph, capture = capture_for_export(model_or_graph, example)
-        fixed = fixed_shape_parts(model_or_graph)
-        if fixed and dynamic_batch:
-            dynamic_batch = False
-            shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
-            notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
+        ways = [(graph, capture, model_or_graph)]
+        fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None
+        if fused is not None:  # first when all of it is fused and traced with the batch as asked, else if the other fails
+            ways.insert(0 if not (dynamic_batch and fixed_shape_parts(fused[2])) else 1, fused)
+        for k, way in enumerate(ways):
+            try:
+                model, report = lower(*way, example)
+                break
+            except FallbackError as e:
+                first = e if k == 0 else first
+                if k == len(ways) - 1:
+                    first.__suppress_context__ = True  # the first way's error is the one to read
+                    raise first
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
-    meta = {"producer": "repalgebra", "repalgebra_version": __version__}
-    if fuse:
-        graph, rewritten = rewrite(graph)
-        meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
-    meta.update(metadata or {})
-    model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=dynamic_batch, metadata=meta, return_report=True, notes=notes,
-                                  examples=example)
-    report.capture = capture
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         onnx.save(model, str(path))
