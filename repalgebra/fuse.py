@@ -153,8 +153,8 @@ class ShapeGuard:
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
-            f"{self.where} was fused with its input shapes fixed at {fixed} (its forward reads input sizes, so "
-            f"torch.export recorded it at those shapes); it was called with {fmt(got)}. Fuse the model again "
+            f"{self.where} was fused with its input shapes fixed at {fixed} (torch.fx could not trace its forward, "
+            f"and torch.export recorded it at those shapes); it was called with {fmt(got)}. Fuse the model again "
             f"with an example input of the shape you run it at."
         )
 

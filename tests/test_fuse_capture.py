@@ -960,3 +960,90 @@ def test_bool_and_integer_inputs_are_passed_as_they_are():
     assert bn_left(fused) == 0
     ids = torch.randint(0, 50, (3, 20), generator=g)
     torch.testing.assert_close(fused(ids), model(ids), rtol=1e-9, atol=1e-9)
+
+
+class MasksOutliers(nn.Module):
+    """Masks pixels only when there are any: ``torch.is_tensor`` of a traced value was false while tracing, so fx
+    recorded the branch without the mask (and without failing on ``.any()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        outliers = x.abs() > 3
+        if torch.is_tensor(outliers) and outliers.any():
+            x = x.masked_fill(outliers, 0.0)
+        return self.bn(self.conv(x))
+
+
+class TypeTest(nn.Module):
+    """``isinstance(x, torch.Tensor)`` is always true in eager, false of an fx Proxy (DETR's NestedTensor test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            x = x * 2 + 1
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_branches_on_whether_a_value_is_a_tensor_are_taken_as_the_model_takes_them(check):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 8, 8, dtype=D, generator=g).clamp(-2, 2)  # no outlier at the example
+    other = x.clone()
+    other[0, 0, 0, 0] = 10.0
+    for model in (randomized(MasksOutliers()), randomized(TypeTest())):
+        fused = fuse(model, x, check=check)
+        for t in (x, other):
+            torch.testing.assert_close(fused(t), model(t), rtol=1e-9, atol=1e-9)
+    proto = repalgebra.export_onnx(randomized(TypeTest()).float(), None, (1, 3, 8, 8))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    xf = x.float()
+    (got,) = session.run(None, {session.get_inputs()[0].name: xf.numpy()})
+    assert rel_err(torch.from_numpy(got), randomized(TypeTest()).float()(xf)) < 1e-5
+
+
+class NoneBeside(nn.Module):
+    """PointNet's ``return x, trans, trans_feat`` with ``trans_feat = None`` (no feature transform)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8)
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        if self.untraceable and x.shape[-1] % 2:  # Python on a size: torch.export's capture
+            x = x[..., :-1]
+        y = F.relu(self.bn(self.conv(x)))
+        return torch.max(y, 2, keepdim=True)[0], None
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_a_none_output_is_returned_and_the_rest_fuses(untraceable):
+    model = randomized(NoneBeside(untraceable))
+    x = torch.randn(2, 3, 50, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = check_exact_outputs(model, x)
+    assert bn_left(fused) == 0 and fused.fuse_report.capture == ("specialized" if untraceable else "fx")
+    proto = repalgebra.export_onnx(model.float(), None, (2, 3, 50))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert len(session.get_outputs()) == 1  # the None is left out, as torch.onnx.export does
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})
+    assert rel_err(torch.from_numpy(got), model.float()(x.float())[0]) < 1e-5
+
+
+def check_exact_outputs(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """fuse, then the same outputs leaf by leaf (None where the model returns None) at the example and another batch."""
+    fused = fuse(model, x)
+    for t in (x, torch.cat([x, x[:1] * 2])):
+        want, got = model(t), fused(t)
+        assert type(got) is type(want) and len(got) == len(want)
+        for a, b in zip(want, got):
+            if a is None:
+                assert b is None
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    return fused

@@ -42,6 +42,7 @@ from repalgebra.backend.onnx_fallback import (
     fixed_shape_parts,
     splice,
 )
+from repalgebra.frontend.builder import is_none_output
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.ops import OPS
 
@@ -704,6 +705,10 @@ def graph_to_onnx(
     ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
     """
     opset = DEFAULT_OPSET if opset is None else opset
+    kept = [o for o in graph.outputs if o.producer is None or not is_none_output(o.producer)]
+    if len(kept) < len(graph.outputs):  # an output that is always None: left out, as torch.onnx.export does
+        graph = Graph(graph.inputs, list(graph.nodes), kept)
+        graph.eliminate_dead()
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")

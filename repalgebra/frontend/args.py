@@ -87,6 +87,18 @@ def unsqueezed(x: Value, axis: int) -> Made:
     return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
 
 
+def height_one(x: Value) -> Value | None:
+    """The 4-D value ``x`` was flattened from, when ``x = flatten(y, 2, 3)`` of a ``y`` of height 1 (a 1-D conv's).
+
+    A BatchNorm after it is per channel (axis 1), so it commutes with the flatten: normalising before, it meets
+    the conv in ``bn_fold``."""
+    p = x.producer
+    if p is None or p.op != "flatten" or (p.attrs.get("start"), p.attrs.get("end")) != (2, 3):
+        return None
+    y = p.inputs[0]
+    return y if len(y.shape) == 4 and y.shape[2] == 1 else None
+
+
 def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> dict:
     """BN parameters, cloned; ``affine=False`` means weight ones and bias zeros."""
     return {

@@ -19,7 +19,7 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.builder import map_leaves
+from repalgebra.frontend.builder import map_leaves, none_output
 from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In
 from repalgebra.ir import Graph, Node, Value
 
@@ -198,7 +198,9 @@ class ProgramBuilder:
                 if self.opaque_ops:
                     listed = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(self.opaque_ops.items()))
                     notes.append(f"carried through unchanged (no op in the table): {listed}")
-                return AtenCapture(Graph(inputs, self.nodes, outs), spec, notes, batch_free=self.batch is not None)
+                graph = Graph(inputs, self.nodes, outs)
+                graph.eliminate_dead()  # a value a handler read past (a Conv1d's flatten, its BatchNorm1d moved before it)
+                return AtenCapture(graph, spec, notes, batch_free=self.batch is not None)
         raise AssertionError("exported program without output")
 
     def model_tensor(self, spec: Any) -> Const:
@@ -221,7 +223,9 @@ class ProgramBuilder:
             fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
             attrs = {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
             return self.add(Node.make("opaque", [], attrs, {}, (v.path or "").rpartition(".")[0], name=n.name))
-        raise CaptureFailed(f"model outputs must be tensors; one output is {type(v).__name__} ({v!r})")
+        if v is None:
+            return self.add(Node.make("opaque", [], none_output(), {}, "", name=n.name))
+        raise CaptureFailed(f"model outputs must be tensors or None; one output is {type(v).__name__} ({v!r})")
 
     def add(self, node: Node) -> Value:
         self.nodes.append(node)
@@ -353,7 +357,7 @@ class ProgramBuilder:
 
         # A float at its dtype's limit is torch.finfo(x.dtype).min/max of the model's code (masking scores before a
         # softmax): it follows the input's dtype, so casting the fused module keeps it in range.
-        first = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Value) and v.dtype.is_floating_point), None)
+        first = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Value) and v.dtype is not None and v.dtype.is_floating_point), None)
         limits = {getattr(torch.finfo(first.dtype), w): w for w in ("min", "max")} if first is not None else {}
 
         def literal(x: Any) -> Any:

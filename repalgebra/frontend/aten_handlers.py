@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import channel_axis, scalar_axis
+from repalgebra.frontend.args import channel_axis, height_one, scalar_axis, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -90,6 +90,30 @@ def _conv(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "conv2d", [x], attrs, params, _owner(a["weight"])
 
 
+def _conv1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.conv1d`` on ``(N, C, L)`` as a ``conv2d`` of height 1, as the fx front end writes ``nn.Conv1d``:
+    ``flatten(conv2d(x.unsqueeze(2)), 2, 3)``; a BatchNorm1d after it moves inside the flatten (:func:`_bn`)."""
+    x, w = _v(a["input"]), _c(a["weight"])
+    stride, dilation, padding = _ints(a["stride"]), _ints(a["dilation"]), a["padding"]
+    if x is None or len(x.shape) != 3 or w is None or w.dim() != 3 or stride is None or dilation is None:
+        return None
+    if not isinstance(padding, str):
+        padding = _ints(padding)
+        if padding is None or len(padding) != 1:
+            return None
+        padding = (0, padding[0])
+    where = module_path(n)
+    x4 = b.add(Node.make(*unsqueezed(x, 2)[:4], where))
+    a2 = {**a, "input": x4, "weight": Const(w.unsqueeze(2), a["weight"].path), "stride": (1, *stride),
+          "dilation": (1, *dilation), "padding": padding}
+    made = _conv(b, n, a2)
+    if made is None:
+        return None
+    op, inputs, attrs, params, source = made
+    conv = b.add(Node.make(op, inputs, attrs, params, source or where))
+    return "flatten", [conv], {"start": 2, "end": 3}, {}, None
+
+
 def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``aten.convolution``: a plain 2-D conv when not transposed."""
     output_padding = _ints(a["output_padding"])
@@ -98,7 +122,7 @@ def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return _conv(b, n, a)
 
 
-def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any) -> Made:
+def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any, b: ProgramBuilder | None = None) -> Made:
     x, m, v = _v(x), _c(mean), _c(var)
     if x is None or len(x.shape) < 2 or m is None or v is None or not _is_num(eps):
         return None
@@ -110,26 +134,30 @@ def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any) -> Made:
         "weight": torch.ones_like(m) if weight is None else _c(weight),
         "bias": torch.zeros_like(m) if bias is None else _c(bias),
     }
+    y = height_one(x)
+    if y is not None and b is not None:  # after a Conv1d (a flattened conv2d of height 1): normalise before the flatten
+        bn = b.add(Node.make("batch_norm", [y], {"eps": float(eps)}, params, _owner(mean) or ""))
+        return "flatten", [bn], {"start": 2, "end": 3}, {}, _owner(mean)
     return "batch_norm", [x], {"eps": float(eps)}, params, _owner(mean)
 
 
 def _batch_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     if a["training"] is not False:
         return None
-    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"], b)
 
 
 def _bn_no_training(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
     """``_native_batch_norm_legit_no_training(...)[0]`` (the other two results are empty)."""
     if index != 0:
         return None
-    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"], b)
 
 
 def _native_bn(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
     if index != 0 or a["training"] is not False:
         return None
-    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"])
+    return _bn(a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["eps"], b)
 
 
 def _linear(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -640,6 +668,8 @@ def _identity(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 
 HANDLERS: dict[Any, Callable[..., Made]] = {
+    aten.conv1d.default: _conv1d,
+    aten.conv1d.padding: _conv1d,
     aten.conv2d.default: _conv,
     aten.conv2d.padding: _conv,
     aten.convolution.default: _convolution,

@@ -134,7 +134,9 @@ class Builder:
         if isinstance(v, Const):
             fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
             return self.add("opaque", [], {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}, {}, v.path)
-        raise TypeError(f"model outputs must be tensors; one output is {type(v).__name__} ({v!r})")
+        if v is None:  # PointNet's trans_feat without a feature transform, attention weights not asked for
+            return self.add("opaque", [], none_output(), {}, "")
+        raise TypeError(f"model outputs must be tensors or None; one output is {type(v).__name__} ({v!r})")
 
     def add(self, op: str, inputs: Sequence[Value], attrs: dict | None = None, params: dict | None = None, source: str = "", name: str | None = None) -> Value:
         node = Node.make(op, inputs, attrs, params, source, name=name)
@@ -242,6 +244,17 @@ def _meta(v: Any) -> Any:
 
 def _return(x: Any) -> Any:
     return x
+
+
+def none_output() -> dict:
+    """The attrs of an ``opaque`` node that returns ``None``: a model output that is ``None`` whatever the input."""
+    return {"fn": FnCall("call_function", _return, (None,), {}, {}), "out_shape": None, "out_dtype": None}
+
+
+def is_none_output(node: Node) -> bool:
+    """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
+    fn = node.attrs.get("fn") if node.op == "opaque" else None
+    return isinstance(fn, FnCall) and fn.target is _return and fn.args_template == (None,) and not node.inputs
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

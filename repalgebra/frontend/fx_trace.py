@@ -67,7 +67,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast():
+        with _no_autocast(), _proxies_are_tensors():
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
@@ -94,6 +94,24 @@ def _no_autocast() -> Iterator[None]:
         yield
     finally:
         torch.amp.autocast_mode.autocast.__enter__ = original
+
+
+@contextlib.contextmanager
+def _proxies_are_tensors() -> Iterator[None]:
+    """Make ``torch.is_tensor`` true of a traced value, as of the tensor it stands for, while tracing.
+
+    A Proxy is not a Tensor: fx would record the other branch of ``if torch.is_tensor(mask) and mask.any():``
+    without a word, where the model takes this one (and then fails, as it must, on the value test)."""
+    original = torch.is_tensor
+
+    def is_tensor(obj: Any) -> bool:
+        return isinstance(obj, fx.Proxy) or original(obj)
+
+    torch.is_tensor = is_tensor
+    try:
+        yield
+    finally:
+        torch.is_tensor = original
 
 
 # --------------------------------------------------------------------------- which modules stay whole

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, interpolate, ints, max_pool, pad_nd, single, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS
 from repalgebra.ir import Value
@@ -68,15 +68,6 @@ def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -
     return "flatten", [b.add("conv2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
 
 
-def _height_one(x: Value) -> Value | None:
-    """The 4-D value ``x`` was flattened from, when ``x = flatten(y, 2, 3)`` of a ``y`` of height 1 (a 1-D conv's)."""
-    p = x.producer
-    if p is None or p.op != "flatten" or (p.attrs.get("start"), p.attrs.get("end")) != (2, 3):
-        return None
-    y = p.inputs[0]
-    return y if len(y.shape) == 4 and y.shape[2] == 1 else None
-
-
 def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     if x is None:
@@ -88,7 +79,7 @@ def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: di
         b.leave_bn(n, "track_running_stats=False: it normalises with batch statistics even in eval mode")
         return None
     attrs, params = {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, m.weight, m.bias)
-    y = _height_one(x)
+    y = height_one(x)
     if y is not None:  # per channel (axis 1), so it commutes with flattening axes 2 and 3: normalise before
         return "flatten", [b.add("batch_norm", [y], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
     return "batch_norm", [x], attrs, params, ""

@@ -43,6 +43,7 @@ The work is split by job, each file read top to bottom:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -136,6 +137,7 @@ def trace_model(
     if given is None:
         given, inferred = infer_example_inputs(work, fx_graph, len(placeholders))
     check_example_inputs(model, given, len(placeholders))
+    _check_trace(model, work, fx_graph, given)
     try:  # shapes from the op table and meta tensors: no arithmetic, fast
         builder = Builder(work, HANDLERS, prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
@@ -149,6 +151,34 @@ def trace_model(
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes)
+
+
+def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
+    """Raise :class:`UntraceableError` unless the traced graph computes what ``forward`` does at ``given``.
+
+    torch.fx runs the Python of ``forward`` on Proxies, which are not Tensors: ``isinstance(x, torch.Tensor)``
+    is false for them, so a branch on it is recorded the other way than the model takes it, without an
+    error.  Both run on copies (a call may change state; tracing may have set attributes of ``work`` to
+    Proxies), from the same random state (noise drawn in ``forward``), in the model's dtype; their outputs
+    are compared leaf by leaf (fx writes an ``OrderedDict`` back as a dict)."""
+    from repalgebra.verify import TOLERANCES, first_difference
+
+    outs = []
+    for m in (fx.GraphModule(copy.deepcopy(work), fx_graph), copy.deepcopy(model).eval()):
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(0)
+            try:
+                outs.append(m(*[t.clone() for t in given]))
+            except Exception:  # noqa: BLE001  (the build runs the graph again and reports its own failure)
+                return
+    tolerance = TOLERANCES.get(model_dtype(work), 1e-5)
+    why = first_difference(pytree.tree_leaves(outs[1]), pytree.tree_leaves(outs[0]), tolerance)
+    if why is not None:
+        raise UntraceableError(
+            f"torch.fx's trace of {type(model).__name__} computes something else than its forward at the example input "
+            f"({why}): a test of a traced value's type (isinstance(x, torch.Tensor) is false while tracing) took "
+            "another branch"
+        )
 
 
 def typed_like(returned: pytree.TreeSpec | None, built: pytree.TreeSpec) -> pytree.TreeSpec:
