@@ -14,6 +14,9 @@ Precondition: the conv has NO zero padding. With padding, the conv pads BN(x) wi
 but the fused conv pads x with zeros and BN(0) = t != 0: border outputs would need the shift
 t for in-image taps only. REFUSED (symbolic counterexample below; the interior agrees).
 
+The same holds for any per-channel affine map: a constant added per input channel,
+sign * x + c[c] (YOLOv7's ImplicitA), is s = sign, t = c.
+
 Proof: symbolic x, W, b and BN parameters with the BN scale kept as gamma/sympy.sqrt(var+eps);
 both sides are linear in 1/sqrt(var+eps), so expand(lhs - rhs) == 0 is an exact proof. The
 refused case shows expand(lhs - rhs) != 0 at a border pixel and a numeric witness.
@@ -32,7 +35,11 @@ def fuse(w, b, mean, var, gamma, beta, eps, groups: int = 1, padding=0, allow_re
     """(W', b') for BN -> conv(w, b, groups). Refuses padded convs unless allow_refused."""
     if any(norm_pads(padding)) and not allow_refused:
         raise ValueError("refused: BN before a zero-padded conv is not a conv (BN(0) != 0)")
-    s, t = bn_scale_shift(mean, var, gamma, beta, eps)
+    return fuse_affine(w, b, *bn_scale_shift(mean, var, gamma, beta, eps), groups)
+
+
+def fuse_affine(w, b, s, t, groups: int = 1):
+    """(W', b') for x -> s[c] x + t[c] -> conv(w, b, groups), any per-channel affine map (a BN, an added constant)."""
     O, Cg, kh, kw = w.shape
     w2 = np.empty(w.shape, dtype=object)
     b2 = np.empty(O, dtype=object)
@@ -67,6 +74,20 @@ def prove() -> list[str]:
         rhs = conv2d(x, *fuse(w, b, *bn, groups=g), **kw)
         desc = describe("BN -> conv(padding 0) == conv", **cfg)
         assert_equal(lhs, rhs, "bn_before_conv " + desc)
+        done.append(desc)
+
+    # A constant added per input channel (YOLOv7's ImplicitA), or subtracted from it: s = sign, t = c.
+    for cfg, sign in ((CONFIGS[0], 1), (CONFIGS[1], -1)):
+        C, g = cfg["C"], cfg["groups"]
+        x, w, b = conv_symbols(cfg)
+        c = symbols_tensor("c", (C,))
+        shifted = np.empty(x.shape, dtype=object)
+        for idx in np.ndindex(x.shape):
+            shifted[idx] = sign * x[idx] + c[idx[0]]
+        kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=g)
+        rhs = conv2d(x, *fuse_affine(w, b, np.array([sign] * C, dtype=object), c, groups=g), **kw)
+        desc = describe("(sign * x + c) -> conv(padding 0) == conv", sign=sign, **cfg)
+        assert_equal(conv2d(shifted, w, b, **kw), rhs, "bn_before_conv " + desc)
         done.append(desc)
 
     # REFUSED: padding 1.

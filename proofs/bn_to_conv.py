@@ -14,6 +14,9 @@ local index c mod n selects exactly input channel c: the kernel is a (grouped) d
 G = C gives the depthwise form, G = 1 the dense (C, C, 1, 1) form. Combine with kernel_pad
 to obtain a kxk kernel for branch summation.
 
+A per-channel scale x * s[c] (YOLOv6's LinearAddBlock branch) is the same kernel without a
+bias: scale(x; s) == conv(x; K with K[c, c mod n] = s[c], groups=G).
+
 Proof: symbolic x and BN parameters, BN scale kept as gamma/sympy.sqrt(var+eps) (linear in
 1/sqrt(var+eps), no simplification of roots needed); expand(lhs - rhs) == 0 elementwise.
 """
@@ -60,5 +63,18 @@ def prove() -> list[str]:
         rhs = conv2d(x, k, bias, groups=G)
         desc = describe("BN == conv1x1(grouped diagonal)", **cfg)
         assert_equal(lhs, rhs, "bn_to_conv " + desc)
+        done.append(desc)
+    for cfg in CONFIGS[:3]:
+        C, G = cfg["C"], cfg["G"]
+        x, sc = symbols_tensor("x", (C, cfg["H"], cfg["W"])), symbols_tensor("s", (C,))
+        n = C // G
+        k = zeros((C, n, 1, 1))
+        for c in range(C):
+            k[c, c % n, 0, 0] = sc[c]
+        lhs = np.empty(x.shape, dtype=object)
+        for idx in np.ndindex(x.shape):
+            lhs[idx] = x[idx] * sc[idx[0]]
+        desc = describe("x * s[c] == conv1x1(grouped diagonal of s), no bias", **cfg)
+        assert_equal(lhs, conv2d(x, k, None, groups=G), "bn_to_conv " + desc)
         done.append(desc)
     return done

@@ -171,6 +171,8 @@ MUTANTS: list[Mutant] = [
     _m("border_fill", "any-kernel", "the conv before the pad is taken for a 1x1 whatever its kernel",
        'if inner.params["weight"].shape[2:] != (1, 1) or a["stride"] != (1, 1):', 'if a["stride"] != (1, 1):'),
     # ---------------------------------------------------------------- bn_to_conv
+    _m("bn_to_conv", "scale-broadcast-wrong", "a channel scale branch's kernel takes the first channel's scale for every channel",
+       '(bn.params["scale"].reshape(-1).expand(channels), None)', '(bn.params["scale"].reshape(-1)[:1].expand(channels), None)'),
     _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
        '{"weight": w, "bias": t}', '{"weight": w}'),
     _m("bn_to_conv", "unscaled", "the identity kernel is not multiplied by the BN scale",
@@ -254,6 +256,8 @@ MUTANTS: list[Mutant] = [
     _m("avg_pool_to_conv", "stride-is-kernel", "the conv's stride is the pool's kernel, not its stride",
        '_pair(a["stride"] or a["kernel"])', '_pair(a["kernel"])'),
     # ---------------------------------------------------------------- bn_before_conv
+    _m("bn_before_conv", "added-sign-ignored", "``c - x`` before the conv: the subtracted input keeps its sign",
+       'float(bn.attrs["sign"])', '1.0'),
     _m("bn_before_conv", "padded-conv", "BN folded before a zero-padding conv (the border sees 0, not BN(0))",
        'if any(conv.attrs["padding"]):', "if False:"),
     _helper("bn_before_conv", "groups-dropped", "every group of the conv reads the BN scale of the first group's channels",

@@ -3,9 +3,13 @@
     BN(x) = conv(x; s[c] * I_G, t)     with I_G the identity kernel of a G-group conv
     (I_G[c, c mod C/G] = 1), s = gamma / sqrt(var + eps), t = beta - mean * s
 
-Preconditions: the BN is an operand of add/sub/concat and another operand is a
-conv2d or a BN reading the same input (so the two can be summed next).  G is
-that sibling's groups when it divides the channels, else C (depthwise).
+A per-channel scale branch (``x * w.view(1, C, 1, 1)``, YOLOv6's ``LinearAddBlock``)
+is a BN without a shift: ``scale(x; s) = conv(x; s[c] * I_G)``.
+
+Preconditions: the BN (or channel scale) is an operand of add/sub/concat and
+another operand is a conv2d or a BN reading the same input (so the two can be
+summed next).  G is that sibling's groups when it divides the channels, else C
+(depthwise).
 """
 
 from repalgebra.kernels import bn_affine, identity_kernel
@@ -34,17 +38,18 @@ def identity_groups(sib: Node, channels: int) -> int:
 @rule("bn_to_conv", on=JOINS)
 def bn_to_conv(graph, join):
     for k, value in enumerate(join.inputs):
-        bn = producer(value, "batch_norm")
-        if bn is None or len(bn.x.shape) != 4:
+        bn = producer(value, "batch_norm", "scale")
+        if bn is None or len(bn.x.shape) != 4 or (bn.op == "scale" and bn.attrs["axis"] not in (1, -3)):
             continue
         sib = sibling(join, value, bn.x)
         if sib is None:
             continue
         channels = bn.x.shape[1]
         groups = identity_groups(sib, channels)
-        s, t = bn_affine(bn)
+        s, t = bn_affine(bn) if bn.op == "batch_norm" else (bn.params["scale"].reshape(-1).expand(channels), None)
         w = identity_kernel(channels, groups, s.dtype) * s.reshape(-1, 1, 1, 1)
-        conv = Node.make("conv2d", [bn.x], {"groups": groups}, {"weight": w, "bias": t}, bn.source)
+        params = {"weight": w} if t is None else {"weight": w, "bias": t}
+        conv = Node.make("conv2d", [bn.x], {"groups": groups}, params, bn.source)
         new = with_operands(join, {k: conv.out})
         return Rewrite(join.out, new.out, (conv, new))
     return None

@@ -6,6 +6,7 @@ Refused when the conv zero-pads: its border would see 0 where the unfused graph 
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
+import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from rulecheck import fired, only, reasons, run_rules
@@ -28,6 +29,22 @@ def test_folds_bn_into_unpadded_conv(spec, dtype, batch, seed, data):
     assert conv.x is x and "bias" in conv.params
     assert {k: conv.attrs[k] for k in spec.attrs} == spec.attrs
     assert_graphs_equal(graph, fused, random_input(spec.input_shape(batch), dtype, seed + 1), dtype)
+
+
+@given(spec=conv_specs(), dtype=float_dtypes(), sign=st.sampled_from([1.0, -1.0]), scalar=st.booleans(), seed=seeds())
+def test_a_constant_added_per_input_channel_folds_unless_the_conv_pads(spec, dtype, sign, scalar, seed):
+    """YOLOv7's ImplicitA: ``conv(x + c)`` with ``c`` of shape (1, C, 1, 1) (or one number); ``c - x`` too."""
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    c = torch.randn((1, 1 if scalar else spec.in_channels, 1, 1), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    graph = b.build(add_conv(b, b.add_const(x, const=c.to(dtype), sign=sign, source="blk.ia"), spec, dtype, seed, "blk.conv"))
+    fused, report = run_rules(graph, "bn_before_conv")
+    if any(spec.padding):
+        assert fired(report, "bn_before_conv") == 0 and fused.op_counts() == graph.op_counts()
+        assert reasons(report, "add_const") == ["bn_before_conv: the conv after it zero-pads: its border would see 0, not the added constant"]
+    else:
+        assert report.rule_counts() == {"bn_before_conv": 1} and fused.op_counts() == {"conv2d": 1}
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed + 1), dtype)
 
 
 @given(spec=conv_specs(), dtype=float_dtypes(), seed=seeds(), data=st.data())

@@ -64,6 +64,27 @@ def test_bn_branch_becomes_conv_with_sibling_groups(case, seed):
     assert_graphs_equal(graph, fused, x, dtype)
 
 
+@given(dtype=float_dtypes(), c=st.integers(1, 16), scalar=st.booleans(), join=st.sampled_from(["add", "sub"]), seed=seeds(), data=st.data())
+def test_channel_scale_branch_becomes_a_conv_without_bias(dtype, c, scalar, join, seed, data):
+    """YOLOv6's LinearAddBlock: ``conv(x) + x * w.view(1, C, 1, 1)`` (or one number for all channels)."""
+    h, w = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
+    spec = data.draw(conv_specs_onto((h, w), (h, w), 1, in_channels=c, out_channels=c))
+    shape = (data.draw(st.integers(1, 3)), c, h, w)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    s = torch.randn(1 if scalar else c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    graph = b.build(b.node(join, add_conv(b, x, spec, dtype, seed, "blk.conv"), b.scale(x, scale=s, axis=1, source="blk.scale"), source="blk"))
+
+    fused, report = run_rules(graph, "bn_to_conv")
+    assert report.rule_counts() == {"bn_to_conv": 1} and fused.op_counts() == {"conv2d": 2, join: 1}
+    new = next(n for n in fused.nodes if n.op == "conv2d" and n.source == "blk.scale")
+    assert "bias" not in new.params and new.attrs["groups"] == spec.groups
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+    fused, _ = run_rules(graph, "bn_to_conv", *SUM_RULES)
+    assert fused.op_counts() == {"conv2d": 1}
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
 @given(dtype=float_dtypes(), c=st.integers(1, 16), join=st.sampled_from(["add", "sub", "concat"]), seed=seeds(), data=st.data())
 def test_two_bn_branches_become_depthwise_convs(dtype, c, join, seed, data):
     b = GraphBuilder()
