@@ -15,6 +15,8 @@ Different kernel sizes / paddings are first aligned with kernel_pad (see repmixe
 Preconditions: same input, same output shape, same stride/dilation, aligned windows (same
 kernel size and padding after kernel_pad), groups equal or regrouped to their gcd.
 
+Two Linears of one input: Linear(x; Wa, ba) +- Linear(x; Wb, bb) == Linear(x; Wa +- Wb, ba +- bb).
+
 Proof: symbolic x, W_A, W_B, b_A, b_B; expand(lhs - rhs) == 0 elementwise.
 """
 
@@ -24,7 +26,7 @@ from math import gcd
 
 import numpy as np
 
-from .symbolic import assert_equal, conv2d, describe, regroup_weight, symbols_tensor, zeros
+from .symbolic import assert_equal, conv2d, describe, linear, regroup_weight, symbols_tensor, zeros
 
 
 def fuse(wa, ba, wb, bb, sign: int = 1, groups_a: int = 1, groups_b: int = 1):
@@ -70,6 +72,14 @@ def prove() -> list[str]:
         rhs = conv2d(x, w, b, groups=G, **kw)
         op = "+" if sign == 1 else "-"
         desc = describe(f"conv_A {op} conv_B == conv (groups {ga},{gb} -> {G})", **cfg)
+        assert_equal(lhs, rhs, "branch_sum " + desc)
+        done.append(desc)
+    for sign, bias_b in ((1, True), (-1, False)):  # two Linears of one input
+        x, wa, wb = symbols_tensor("x", (2, 3)), symbols_tensor("wa", (4, 3)), symbols_tensor("wb", (4, 3))
+        ba, bb = symbols_tensor("ba", (4,)), symbols_tensor("bb", (4,)) if bias_b else None
+        lhs = linear(x, wa, ba) + sign * linear(x, wb, bb)
+        rhs = linear(x, wa + sign * wb, ba + sign * (bb if bb is not None else 0))
+        desc = describe("Linear_A +- Linear_B == Linear(W_A +- W_B, b_A +- b_B)", sign=sign, bias_b=bias_b)
         assert_equal(lhs, rhs, "branch_sum " + desc)
         done.append(desc)
     return done

@@ -205,6 +205,9 @@ MUTANTS: list[Mutant] = [
     _m("kernel_pad", "padding-off-by-one", "off by one: the bottom/right padding grows one row/column too few",
        "pb + bottom * dh, pl + left * dw, pr + right * dw", "pb + bottom * dh - 1, pl + left * dw, pr + right * dw - 1"),
     # ---------------------------------------------------------------- branch_sum
+    _m("branch_sum", "linear-sub-added", "``Linear_a(x) - Linear_b(x)``: the weights are added",
+       'params = {"weight": a.params["weight"] + sign * b.params["weight"]}', 'params = {"weight": a.params["weight"] + b.params["weight"]}',
+       target="repalgebra.rules.branch_sum:_linears"),
     _m("branch_sum", "sub-sign", "sign flip: a sub is summed as an add", 'sign = 1.0 if join.op == "add" else -1.0', "sign = 1.0"),
     _m("branch_sum", "sub-bias-sign", "a sub subtracts the weights but adds the biases",
        "bias = conv_bias(a) + sign * conv_bias(b)", "bias = conv_bias(a) + conv_bias(b)"),

@@ -5,7 +5,10 @@
 Grouped convs with different groups are first written with gcd(g_a, g_b)
 groups (a block-diagonal kernel with zeros), which is exact.
 
-Preconditions: both operands of the add/sub are conv2d reading the same value
+Two Linears of one input add the same way (RepViT's distillation head,
+``(head(x) + head_dist(x)) / 2``): ``Linear(x; W_a +- W_b, b_a +- b_b)``.
+
+Preconditions: both operands of the add/sub are conv2d (or Linear) reading the same value
 with equal stride, dilation, kernel size and leading padding, and equal output
 shapes (the add broadcasts: equal windows with different trailing padding can
 give a 1-row output added to every row of a taller one).  ``kernel_pad`` and ``dilation_to_dense`` make
@@ -15,12 +18,15 @@ windows equal first.
 from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
-from repalgebra.match import conv_with, producer, window
+from repalgebra.match import conv_with, merged_source, producer, window
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("branch_sum", on=("add", "sub"))
 def branch_sum(graph, join):
+    a, b = (producer(v, "linear") for v in join.inputs)
+    if a is not None and b is not None and a.x is b.x and a.params["weight"].shape == b.params["weight"].shape:
+        return _linears(join, a, b)
     a, b = (producer(v, "conv2d") for v in join.inputs)
     if a is None or b is None or a.x is not b.x or window(a) != window(b):
         return None
@@ -34,4 +40,15 @@ def branch_sum(graph, join):
     if "bias" in a.params or "bias" in b.params:
         bias = conv_bias(a) + sign * conv_bias(b)
     new = conv_with(a, sources=(b, join), weight=w, bias=bias, groups=g)
+    return Rewrite(join.out, new.out, (new,))
+
+
+def _linears(join, a, b):
+    """``Linear(x; W_a, b_a) +- Linear(x; W_b, b_b) = Linear(x; W_a +- W_b, b_a +- b_b)`` (RepViT's distillation head)."""
+    sign = 1.0 if join.op == "add" else -1.0
+    params = {"weight": a.params["weight"] + sign * b.params["weight"]}
+    if "bias" in a.params or "bias" in b.params:
+        zeros = a.params["weight"].new_zeros(a.params["weight"].shape[0])
+        params["bias"] = a.params.get("bias", zeros) + sign * b.params.get("bias", zeros)
+    new = a.replace(params=params, source=merged_source(a, b, join))
     return Rewrite(join.out, new.out, (new,))

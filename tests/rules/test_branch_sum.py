@@ -130,3 +130,20 @@ def test_refused_when_the_add_broadcasts(dtype, c, kw, seed, op):
             assert fired(report, "branch_sum") == 0
             assert reasons(report, op) == [f"branch_sum: the {op} broadcasts {operands[0].shape} with {operands[1].shape}: the convs do not cover the same outputs"]
             assert_graphs_equal(graph, fused, random_input((1, c, 3, 4), dtype, seed), dtype)
+
+
+@given(dtype=float_dtypes(), n=st.integers(1, 3), cin=st.integers(1, 8), cout=st.integers(1, 8),
+       join=st.sampled_from(["add", "sub"]), bias=st.sampled_from(["both", "a", "b", "none"]), seed=seeds())
+def test_two_linears_of_one_input_sum_into_one(dtype, n, cin, cout, join, bias, seed):
+    """RepViT's distillation head: ``(head(x) + head_dist(x)) / 2``."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    b = GraphBuilder()
+    x = b.input("x", (n, cin), dtype)
+    la = b.linear(x, weight=r(cout, cin), bias=r(cout) if bias in ("both", "a") else None, source="head")
+    lb = b.linear(x, weight=r(cout, cin), bias=r(cout) if bias in ("both", "b") else None, source="head_dist")
+    graph = b.build(b.node(join, la, lb, source=""))
+    fused, report = run_rules(graph, "branch_sum")
+    assert report.rule_counts() == {"branch_sum": 1} and fused.op_counts() == {"linear": 1}
+    assert ("bias" in only(fused, "linear").params) == (bias != "none")
+    assert_graphs_equal(graph, fused, random_input((n, cin), dtype, seed + 1), dtype)
