@@ -134,11 +134,12 @@ def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any, b: Progra
         "weight": torch.ones_like(m) if weight is None else _c(weight),
         "bias": torch.zeros_like(m) if bias is None else _c(bias),
     }
+    attrs = {"eps": float(eps)}
     y = height_one(x)
     if y is not None and b is not None:  # after a Conv1d (a flattened conv2d of height 1): normalise before the flatten
-        bn = b.add(Node.make("batch_norm", [y], {"eps": float(eps)}, params, _owner(mean) or ""))
+        bn = b.add(Node.make("batch_norm", [y], attrs, params, _owner(mean) or ""))
         return "flatten", [bn], {"start": 2, "end": 3}, {}, _owner(mean)
-    return "batch_norm", [x], {"eps": float(eps)}, params, _owner(mean)
+    return "batch_norm", [x], attrs, params, _owner(mean)
 
 
 def _batch_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
