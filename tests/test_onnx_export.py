@@ -283,3 +283,24 @@ def test_export_of_a_model_torch_fx_cannot_trace_goes_through_fuse():
     x = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+class TimeMajor(nn.Module):
+    """CRNN's head: a conv over a line of pixels, then ``(W, B, C)`` time-major features into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).squeeze(2).permute(2, 0, 1)), x.mean()
+
+
+def test_output_axes_that_follow_the_batch_are_the_dynamic_ones():
+    proto = export_onnx(TimeMajor().eval(), None, (2, 1, 1, 7))
+    dims = [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output]
+    assert dims == [[7, "batch", 5], []]  # the batch is axis 1 of the first output; the mean has none
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 1, 7)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert got[0].shape == (7, 3, 5)

@@ -726,10 +726,10 @@ def graph_to_onnx(
     names: dict[int, str] = {}
     extra = Spliced()
 
-    def io(v: Value, name: str):
+    def io(v: Value, name: str, batch_axes: Sequence[int] = (0,)):
         shape: list = list(v.shape)
-        if dynamic_batch and shape:
-            shape[0] = "batch"
+        for k in batch_axes if dynamic_batch and shape else ():
+            shape[k] = "batch"
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
     inputs = []
@@ -749,11 +749,12 @@ def graph_to_onnx(
         names[id(n.out)] = OPS[n.op].lowerings["onnx"](ctx, n, *(names[id(i)] for i in n.inputs))
         report.own_onnx_nodes += len(ctx.nodes) - before
     outputs = []
+    axes = _output_batch_axes(graph, examples, dtype) if dynamic_batch else None
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
         names_out = ctx.emit("Identity", [names[id(v)]], out=ctx.unique(name))
-        outputs.append(io(v, names_out))
+        outputs.append(io(v, names_out, axes[k] if axes is not None else (0,)))
     report.own_onnx_nodes += len(graph.outputs)
     report.onnx_nodes = len(ctx.nodes)
     g = helper.make_graph(ctx.nodes, graph_name, inputs, outputs, ctx.initializers)
@@ -810,6 +811,37 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     count = len(ctx.nodes) - before
     report.fallback_onnx_nodes += count
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
+
+
+def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> list[list[int]] | None:
+    """Per graph output, the axes whose size follows the batch (axis 0 of the inputs): the graph run once at a
+    batch one larger.  A time-major ``(T, B, C)`` output has its batch on axis 1.  ``None`` when the graph does
+    not run there (the axis-0 convention then stands)."""
+    from repalgebra.interpret import run_graph
+
+    batch = graph.inputs[0].shape[0] + 1
+    gen = torch.Generator().manual_seed(0)
+    given = dict(enumerate(examples))
+    xs = []
+    for k, v in enumerate(graph.inputs):
+        if v.dtype is not None and not v.dtype.is_floating_point:
+            if k not in given:
+                return None
+            xs.append(given[k][torch.arange(batch) % given[k].shape[0]])
+        else:
+            xs.append(torch.randn((batch, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype))
+    try:
+        with torch.no_grad():
+            outs = run_graph(graph, *xs)
+    except Exception:  # noqa: BLE001  (shapes fixed somewhere: the export's own batch handling decides)
+        return None
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    axes = []
+    for v, t in zip(graph.outputs, outs):
+        if not torch.is_tensor(t) or t.dim() != len(v.shape):
+            return None
+        axes.append([k for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b])
+    return axes
 
 
 def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
