@@ -1047,3 +1047,41 @@ def check_exact_outputs(model: nn.Module, x: torch.Tensor) -> nn.Module:
             else:
                 torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
     return fused
+
+
+class PatchEmbedHW(nn.Module):
+    """PVT's patch embedding: returns the tokens and the map's height and width, read from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.bn = nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.bn(self.proj(x))
+        h, w = x.shape[2:]
+        return x.flatten(2).transpose(1, 2), h, w
+
+
+class TokensBack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.conv, self.bn = PatchEmbedHW(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        t, h, w = self.embed(x)
+        if t.abs().sum() > 0:  # a branch on values: the model itself stays whole, its parts are fused one by one
+            t = t * 1.0
+        return self.bn(self.conv(t.transpose(1, 2).reshape(t.shape[0], 8, h, w)))
+
+
+def test_sizes_among_a_parts_outputs_are_computed_per_call():
+    model = randomized(TokensBack())
+    fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(0)))
+    parts = {p.path: p.how for p in fused.fuse_report.parts}
+    assert parts["embed"] == "fx", str(fused.fuse_report)  # was kept whole: h and w are not tensors
+    assert isinstance(fused.embed.get_submodule("proj"), nn.Conv2d) and not any(
+        isinstance(m, nn.BatchNorm2d) for m in fused.embed.modules())
+    x = torch.randn(3, 3, 24, 20, dtype=D, generator=torch.Generator().manual_seed(1))  # other sizes: h, w follow
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+    _, h, w = fused.embed(x)
+    assert (h, w) == (12, 10)

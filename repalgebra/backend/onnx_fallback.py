@@ -882,7 +882,7 @@ def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Gra
     """A graph of one opaque node calling ``model`` (then one ``getitem`` per output when it returns several)."""
     from torch.utils import _pytree as pytree
 
-    from repalgebra.frontend.builder import none_output
+    from repalgebra.frontend.builder import literal_output
     from repalgebra.frontend.calls import FnCall, In
 
     work = copy.deepcopy(model).eval()
@@ -897,7 +897,7 @@ def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Gra
     nodes = [whole]
     for k, t in enumerate(leaves):
         if t is None:  # an output that is always None: left out of the ONNX graph
-            nodes.append(Node.make("opaque", [], none_output(), {}, ""))
+            nodes.append(Node.make("opaque", [], literal_output(), {}, ""))
             continue
         fn = FnCall("call_function", _getitem, (In(0), k), {}, {})
         nodes.append(Node.make("opaque", [whole.out], {"fn": fn, "out_shape": tuple(t.shape), "out_dtype": t.dtype}, {}, ""))

@@ -19,7 +19,7 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.builder import map_leaves, none_output
+from repalgebra.frontend.builder import map_leaves, literal_output
 from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In
 from repalgebra.ir import Graph, Node, Value
 
@@ -223,9 +223,9 @@ class ProgramBuilder:
             fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
             attrs = {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
             return self.add(Node.make("opaque", [], attrs, {}, (v.path or "").rpartition(".")[0], name=n.name))
-        if v is None:
-            return self.add(Node.make("opaque", [], none_output(), {}, "", name=n.name))
-        raise CaptureFailed(f"model outputs must be tensors or None; one output is {type(v).__name__} ({v!r})")
+        if v is None or type(v) in (int, float, bool, str):  # a size here is one the shape guard fixes
+            return self.add(Node.make("opaque", [], literal_output(v), {}, "", name=n.name))
+        raise CaptureFailed(f"model outputs must be tensors, sizes or None; one output is {type(v).__name__} ({v!r})")
 
     def add(self, node: Node) -> Value:
         self.nodes.append(node)

@@ -135,8 +135,13 @@ class Builder:
             fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
             return self.add("opaque", [], {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}, {}, v.path)
         if v is None:  # PointNet's trans_feat without a feature transform, attention weights not asked for
-            return self.add("opaque", [], none_output(), {}, "")
-        raise TypeError(f"model outputs must be tensors or None; one output is {type(v).__name__} ({v!r})")
+            return self.add("opaque", [], literal_output(), {}, "")
+        if isinstance(v, SymExpr):  # a size read from an input (PVT's patch embedding returns x, H, W): per call
+            fn, inputs = _compile("call_function", _return, (v,), {})
+            return self.add("opaque", inputs, {"fn": fn, "out_shape": None, "out_dtype": None}, {}, "")
+        if type(v) in (int, float, bool, str):  # a literal of the code: the same for any input
+            return self.add("opaque", [], literal_output(v), {}, "")
+        raise TypeError(f"model outputs must be tensors, sizes or None; one output is {type(v).__name__} ({v!r})")
 
     def add(self, op: str, inputs: Sequence[Value], attrs: dict | None = None, params: dict | None = None, source: str = "", name: str | None = None) -> Value:
         node = Node.make(op, inputs, attrs, params, source, name=name)
@@ -246,9 +251,10 @@ def _return(x: Any) -> Any:
     return x
 
 
-def none_output() -> dict:
-    """The attrs of an ``opaque`` node that returns ``None``: a model output that is ``None`` whatever the input."""
-    return {"fn": FnCall("call_function", _return, (None,), {}, {}), "out_shape": None, "out_dtype": None}
+def literal_output(value: Any = None) -> dict:
+    """The attrs of an ``opaque`` node that returns ``value``: a model output that is ``None`` (or a number of
+    the code) whatever the input."""
+    return {"fn": FnCall("call_function", _return, (value,), {}, {}), "out_shape": None, "out_dtype": None}
 
 
 def is_none_output(node: Node) -> bool:
