@@ -176,8 +176,8 @@ def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: t
     if why is not None:
         raise UntraceableError(
             f"torch.fx's trace of {type(model).__name__} computes something else than its forward at the example input "
-            f"({why}): a test of a traced value's type (isinstance(x, torch.Tensor) is false while tracing) took "
-            "another branch"
+            f"({why}): Python that fx runs on symbolic values took another path than on tensors (isinstance(x, "
+            "torch.Tensor) is false while tracing)"
         )
 
 
