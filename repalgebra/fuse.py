@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
@@ -141,14 +141,23 @@ class ShapeGuard:
     shapes it could compute something else, so it refuses instead.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str, free_batch: bool = False) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str, free_batch: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.where = where
         self.free_batch = free_batch  # any batch size (axis 0 of every input, one size), the other sizes fixed
+        self.dtype = dtype  # set when what it computes depends on the dtype it computes in: only that one
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if self.fits(args):
-            return
+        if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
+            return  # traced again (export_onnx): recorded as fused, at the shapes export_onnx fixes from the guard
+
+        if self._shapes_fit(args):  # the dtype is what differs
+            raise ValueError(
+                f"{self.where} was fused in {str(self.dtype).replace('torch.', '')}, and what it computes depends on "
+                f"the dtype (torch.export recorded a cast or a branch on it); it was called in "
+                f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
+            )
         got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
@@ -158,8 +167,17 @@ class ShapeGuard:
             f"with an example input of the shape you run it at."
         )
 
-    def fits(self, args: tuple) -> bool:
-        """Whether a call with ``args`` has the shapes the module was fused at."""
+    def install(self, module: nn.Module) -> None:
+        """Register on ``module`` as a forward pre-hook, also on its deep copies (a GraphModule's copy drops them)."""
+        module.register_forward_pre_hook(self)
+        if isinstance(module, fx.GraphModule):
+            module._register_deepcopy_hook(_Reinstall(self))
+
+    def fits(self, args: tuple, module: nn.Module) -> bool:
+        """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
+        return self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
+
+    def _shapes_fit(self, args: tuple) -> bool:
         got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
         if not self.free_batch:
             return got == self.shapes
@@ -168,6 +186,22 @@ class ShapeGuard:
             and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
             and len({g[0] for g in got}) == 1
         )
+
+
+@dataclass(frozen=True)
+class _Reinstall:
+    """A GraphModule deep-copy hook putting ``guard`` on the copy (a class, not a closure: the module pickles)."""
+
+    guard: ShapeGuard
+
+    def __call__(self, copied: nn.Module) -> None:
+        copied.register_forward_pre_hook(self.guard)
+
+
+def computes_in(module: nn.Module, args: tuple) -> torch.dtype | None:
+    """The floating-point dtype a call computes in: its first floating-point input's, else the module's own."""
+    tensors = [*(a for a in args if torch.is_tensor(a)), *module.parameters(), *module.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 class ShapeDispatch(nn.Module):
@@ -183,7 +217,7 @@ class ShapeDispatch(nn.Module):
         self.fused, self.original, self.guard = fused, original, guard
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and self.guard.fits(args):
+        if not kwargs and self.guard.fits(args, self.fused):
             return self.fused(*args)
         return self.original(*args, **kwargs)
 
@@ -504,7 +538,8 @@ class _Fuser:
                     free_batch = False
             self.stage["check"] += time.perf_counter() - t2
         if cap.how == "specialized":
-            fused.register_forward_pre_hook(ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch))
+            dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype).install(fused)
         r = self.report
         r.parts.append(Part(path, cap.how, reason, type(self.pristine.get_submodule(path)).__name__))
         r.fired += [_prefixed(f, path) for f in rw.fired]
@@ -546,6 +581,26 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001
             return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
+
+    def follows_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> bool:
+        """Whether a part captured by ``torch.export`` in float64 still computes what the original does in float32.
+
+        The capture records the Python of ``forward`` in its dtype (``if x.dtype == torch.float64``, ``.to(h.dtype)``
+        as a cast to float64); the float64 check cannot see that.  A capture in float32 is checked in float64
+        already (:meth:`same`).  Without the check, it is assumed not to."""
+        if self.dtype != torch.float64 or not self.check:
+            return self.check
+        call = Call(tuple(t.to(torch.float32) if t.is_floating_point() else t for t in inputs), {})
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                want = _run(self.pristine.get_submodule(path), call, torch.float32)
+                got = _run(fused, call, torch.float32)
+            return first_difference(want, got, TOLERANCES[torch.float32]) is None
+        except Exception:  # noqa: BLE001  (it fails in float32: not dtype-generic)
+            return False
+        finally:
+            self.stage["check"] += time.perf_counter() - t0
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -732,12 +732,14 @@ class RecordOut(nn.Module):
         return Outputs(y, self.b(y))
 
 
-def test_dataclass_output_keeps_the_model_whole_and_fuses_its_children():
-    """Neither capture returns a dataclass; the comparison used to raise on its ``==`` (elementwise on tensors)."""
+def test_dataclass_output_is_returned_and_the_convs_fold():
+    """A dataclass output is built by a call carried through (or the model is kept whole); the comparison used to
+    raise on its ``==`` (elementwise on tensors)."""
     model = randomized(RecordOut())
     x = torch.randn(2, 3, 8, 8, dtype=D)
     fused = fuse(model, x)
-    assert fused.fuse_report.capture == "kept whole" and bn_left(fused) == 0, str(fused.fuse_report)
+    assert fused.fuse_report.capture in ("fx", "kept whole") and bn_left(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 3, 10, 10, dtype=D)
     with torch.no_grad():
         want, got = model(x), fused(x)
     assert type(got) is Outputs
@@ -1085,3 +1087,32 @@ def test_sizes_among_a_parts_outputs_are_computed_per_call():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
     _, h, w = fused.embed(x)
     assert (h, w) == (12, 10)
+
+
+class DtypeBranch(nn.Module):
+    """Computes differently in float64 (a dtype test torch.export records as it runs), with a BN to fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = x.shape[-1]
+        if h % 2:  # Python on a size: torch.export's capture
+            x = x[..., :-1]
+        y = self.bn(self.conv(x))
+        return y * 2.0 if y.dtype == torch.float64 else y
+
+
+def test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes():
+    model = randomized(DtypeBranch())
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = check_exact(model, x)
+    assert fused.fuse_report.capture == "specialized"
+    with pytest.raises(ValueError, match="fused in float64.*depends on the dtype.*called in float32"):
+        copy.deepcopy(fused).float()(x.float())  # it would double where the model does not (a copy keeps the guard)
+    with pytest.raises(ValueError, match="shapes fixed"):
+        copy.deepcopy(fused)(torch.randn(2, 3, 10, 10, dtype=D))  # GraphModule's deep copy dropped forward hooks
+    plain = randomized(nn.Sequential(DtypeBranch().conv, nn.BatchNorm2d(4)))  # no dtype test: any dtype goes
+    f32 = copy.deepcopy(fuse(plain, x)).float()
+    assert rel_err(f32(x.float()).double(), plain(x)) < 1e-5

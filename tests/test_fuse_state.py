@@ -373,3 +373,29 @@ def test_state_an_op_writes_without_a_version_bump_is_found():
         with torch.no_grad():
             want = reference(x.float())  # float32, folded in float64: 1e-5 relative (a quantization step is ~1e-2)
             torch.testing.assert_close(fused(x.float()), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=lambda m: f"call {k + 1}: {m}")
+
+
+class RunningMax(nn.Module):
+    """Normalizes by the largest activation seen so far, kept in a buffer (``torch.maximum``): a running max."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.body = conv_bn(c)
+        self.register_buffer("mx", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.body(x)
+        self.mx = torch.maximum(self.mx, y.abs().max())
+        return y / (self.mx + 1.0)
+
+
+def test_a_running_max_is_state_though_larger_inputs_do_not_move_it():
+    # Probed only with larger inputs, the maximum the example left looked like a fill "the same for any input".
+    model = randomized(RunningMax)
+    x = torch.randn(2, 4, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert float(model.mx) == 0.0  # the user's model is not run
+    small = 0.01 * x
+    ref = copy.deepcopy(model)
+    for t in (small, x, small):
+        torch.testing.assert_close(fused(t), ref(t), rtol=1e-9, atol=1e-12)

@@ -304,3 +304,22 @@ def test_output_axes_that_follow_the_batch_are_the_dynamic_ones():
     x = torch.randn(3, 1, 1, 7)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert got[0].shape == (7, 3, 5)
+
+
+class CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return self.conv(x) * self.count
+
+
+def test_a_model_whose_calls_change_its_state_is_refused_by_name():
+    # An ONNX graph is one function of its inputs: the export froze the count at 1.
+    model = CountsCalls().eval()
+    with pytest.raises(ValueError, match="cannot export CountsCalls.*changes 'count'"):
+        export_onnx(model, None, (1, 3, 8, 8))
+    assert float(model.count) == 0.0  # not run

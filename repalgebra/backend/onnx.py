@@ -17,6 +17,8 @@ Opset 17 (the oldest with ``LayerNormalization``) is there for older runtimes:
 
 from __future__ import annotations
 
+import copy
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -813,6 +815,25 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
 
 
+def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` when calls of ``model`` change what its next call computes (a counter, a running
+    statistic updated in eval mode): an ONNX graph is one function of its inputs, and would freeze one call's state."""
+    from repalgebra.frontend.state import find_state
+    from repalgebra.verify import TOLERANCES
+
+    work = copy.deepcopy(model).eval()
+    state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
+    if state.whole:
+        raise ValueError(f"cannot export {type(model).__name__} to ONNX: {state.whole}; an ONNX graph is one function of its inputs")
+    if state.regions:
+        where, why = next(iter(state.regions.items()))
+        raise ValueError(
+            f"cannot export {type(model).__name__} to ONNX: {where or 'the model'}: {why.split(':')[0]}, so each call "
+            "computes with what the calls before it left; an ONNX graph is one function of its inputs and would freeze "
+            "that state at one call"
+        )
+
+
 def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> list[list[int]] | None:
     """Per graph output, the axes whose size follows the batch (axis 0 of the inputs): the graph run once at a
     batch one larger.  A time-major ``(T, B, C)`` output has its batch on axis 1.  ``None`` when the graph does
@@ -941,6 +962,7 @@ def export_onnx(
     elif isinstance(model_or_graph, torch.nn.Module):
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
         example = _example_inputs(input_shape, dtype)
+        _refuse_state(model_or_graph, example, dtype)
         graph, capture = capture_for_export(model_or_graph, example)
         ways = [(graph, capture, model_or_graph)]
         fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None

@@ -123,8 +123,9 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
 
 
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> set[str]:
-    """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values, or at
-    twice the spatial size, computes something else after that first call than as the first call itself.
+    """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
+    and smaller of the other sign), or at twice the spatial size, computes something else after that first call
+    than as the first call itself.
 
     An initialization from the first batch, or a table built for the first input's resolution, is state; a cache
     of the weights (the same for any input) and an attribute every call rewrites before reading it (Swin's
@@ -132,6 +133,8 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     others = [
         tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs),
         tuple(t.repeat(*[1] * (t.dim() - 2), 2, 2) if t.is_floating_point() and t.dim() >= 3 else t for t in inputs),
+        # Smaller and of the other sign: a running max (or min) that the first call raised is not raised again.
+        tuple(t * -0.5 if t.is_floating_point() else t for t in inputs),
     ]
     state: set[str] = set()
     for k, other in enumerate(others):
