@@ -323,3 +323,34 @@ def test_a_model_whose_calls_change_its_state_is_refused_by_name():
     with pytest.raises(ValueError, match="cannot export CountsCalls.*changes 'count'"):
         export_onnx(model, None, (1, 3, 8, 8))
     assert float(model.count) == 0.0  # not run
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x, *, scale=1.0, mask=None):
+        y = self.bn(self.conv(x)) * scale
+        return y if mask is None else y * mask
+
+
+def test_keyword_only_arguments_take_their_defaults():
+    # They were counted as tensor inputs: "forward takes 3 tensor inputs, got 1 example inputs".
+    model = randomize_model_(KeywordOnly(), torch.Generator().manual_seed(0))
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8))
+    assert fused.fuse_report.capture == "fx"
+    with pytest.raises(TypeError, match="scale"):
+        fused(torch.randn(2, 3, 8, 8), scale=2.0)  # a keyword the capture baked in is refused, never ignored
+    proto = export_onnx(model, None, (2, 3, 8, 8))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_bfloat16_model_exports_at_the_opset_where_conv_takes_bfloat16():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval().to(torch.bfloat16)
+    proto = export_onnx(model, None, (1, 3, 8, 8))  # checked with onnx.checker (full_check) inside
+    assert proto.opset_import[0].version == 22 and op_types(proto).get("Conv") == 1
+    with pytest.raises(ValueError, match="bfloat16 model needs opset 22"):
+        export_onnx(model, None, (1, 3, 8, 8), opset=20)

@@ -50,6 +50,7 @@ from repalgebra.ops import OPS
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 13
+BFLOAT16_OPSET = 22  # where Conv, Gemm, BatchNormalization and the pools take bfloat16
 
 _DTYPES = {
     torch.float32: TensorProto.FLOAT,
@@ -699,14 +700,19 @@ def graph_to_onnx(
     The model's metadata says which nodes went through the fallback
     (``repalgebra.fallback``) and how the batch was exported
     (``repalgebra.batch``); ``return_report=True`` also returns the
-    :class:`ExportReport`.  ``notes`` are added to the report.  ``examples``
+    :class:`ExportReport`.  The default opset is 20, or 22 for a bfloat16
+    graph (its Conv takes bfloat16 from there).  ``notes`` are added to the report.  ``examples``
     are values of the graph's inputs; the fallback's runs use those of the
     inputs that are not floating point (a mask, token ids), random values for the rest.
 
     Raises :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
     ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
     """
-    opset = DEFAULT_OPSET if opset is None else opset
+    dtype = next((v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point), torch.float32)
+    if opset is None:
+        opset = BFLOAT16_OPSET if dtype == torch.bfloat16 else DEFAULT_OPSET
+    elif dtype == torch.bfloat16 and opset < BFLOAT16_OPSET:
+        raise ValueError(f"a bfloat16 model needs opset {BFLOAT16_OPSET} or later (its Conv takes bfloat16 from there), got {opset}")
     kept = [o for o in graph.outputs if o.producer is None or not is_none_output(o.producer)]
     if len(kept) < len(graph.outputs):  # an output that is always None: left out, as torch.onnx.export does
         graph = Graph(graph.inputs, list(graph.nodes), kept)
@@ -714,7 +720,6 @@ def graph_to_onnx(
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
-    dtype = next((v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point), torch.float32)
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
     refused: dict[int, str] = {}
     regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes, refused))

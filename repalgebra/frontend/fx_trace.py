@@ -283,12 +283,14 @@ def untraceable(work: nn.Module, stack: list[str], e: Exception) -> UntraceableE
 
 
 def concrete_args(model: nn.Module, n_given: int | None) -> dict[str, Any]:
-    """Defaults of the ``forward`` arguments after the given inputs, to be baked in by the trace."""
+    """Defaults of the ``forward`` arguments after the given inputs, and of its keyword-only ones, to be baked in
+    by the trace (a call of the fused model passing them is a ``TypeError``, never ignored)."""
     params = list(inspect.signature(model.forward).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if n_given is None:
         n_given = sum(p.default is p.empty for p in positional)
-    return {p.name: p.default for p in positional[n_given:] if p.default is not p.empty}
+    keyword_only = [p for p in params if p.kind == p.KEYWORD_ONLY and p.default is not p.empty]
+    return {p.name: p.default for p in [*positional[n_given:], *keyword_only] if p.default is not p.empty}
 
 
 # --------------------------------------------------------------------------- one real run
