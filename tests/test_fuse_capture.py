@@ -1116,3 +1116,13 @@ def test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes():
     plain = randomized(nn.Sequential(DtypeBranch().conv, nn.BatchNorm2d(4)))  # no dtype test: any dtype goes
     f32 = copy.deepcopy(fuse(plain, x)).float()
     assert rel_err(f32(x.float()).double(), plain(x)) < 1e-5
+
+
+def test_a_compiled_model_keeps_its_batch_free():
+    """torch.compile's module takes ``forward(*args)``: the symbolic batch's ``dynamic_shapes`` must be one tuple."""
+    model = randomized(nn.Sequential(*conv_bn(3, 8)))
+    compiled = torch.compile(model)
+    fused = fuse(compiled, torch.randn(2, 3, 8, 8, dtype=D))
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 3, 8, 8, dtype=D)  # another batch: refused when the batch was fixed
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

@@ -45,6 +45,7 @@ builder is :mod:`~repalgebra.frontend.aten_builder` and the per-op table
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 
@@ -79,7 +80,7 @@ def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
         try:
             # torch.export treats sizes 0 and 1 as special: trace at a batch of 2 or more.
             traced = tuple(t.expand(max(2, t.shape[0]), *t.shape[1:]).contiguous() for t in example_inputs)
-            ep = _export(module, traced, tuple({0: BATCH} for _ in example_inputs))
+            ep = _export(module, traced, _batch_shapes(module, len(example_inputs)))
             return ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS, SIZED).build(example_inputs)
         except (CaptureFailed, BatchBound) as e:
             why = str(e)
@@ -89,6 +90,17 @@ def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
 
 
 BATCH = torch.export.Dim("batch")
+
+
+def _batch_shapes(module: nn.Module, n: int) -> tuple:
+    """``dynamic_shapes`` with axis 0 of each of ``n`` inputs the batch, in the structure of ``forward``'s
+    parameters: ``forward(self, *args)`` (torch.compile's module, DataParallel) takes them as one tuple."""
+    specs = [{0: BATCH} for _ in range(n)]
+    params = list(inspect.signature(module.forward).parameters.values())
+    star = next((k for k, p in enumerate(params) if p.kind == p.VAR_POSITIONAL), None)
+    if star is None or star > n:
+        return tuple(specs)
+    return (*specs[:star], tuple(specs[star:]))
 
 
 def _batch_axis_missing(example_inputs: tuple[torch.Tensor, ...]) -> str | None:
