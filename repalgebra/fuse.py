@@ -391,7 +391,7 @@ class _Fuser:
             t = time.perf_counter()
             try:
                 with frozen_gc(sum(1 for _ in module.modules())):  # the collector would revisit the model and the growing graph
-                    cap = capture_fx(module, inputs, leaves) if how == "fx" else capture_specialized(module, inputs)
+                    cap = capture_fx(module, inputs, leaves, not self.check) if how == "fx" else capture_specialized(module, inputs)
             except CaptureFailed as e:
                 self.stage["capture"] += time.perf_counter() - t
                 if self.strict and how == "fx":
@@ -428,7 +428,7 @@ class _Fuser:
         while failure is not None and failure.path and failure.path not in kept and len(kept) < MAX_KEPT_WHOLE:
             kept.append(failure.path)
             try:
-                capture_fx(module, inputs, [*user, *kept])
+                capture_fx(module, inputs, [*user, *kept], not self.check)
                 failure = None
             except CaptureFailed as e:
                 failure = e
@@ -439,7 +439,7 @@ class _Fuser:
         for sub in kept:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
-            cap = capture_fx(work, inputs, [*user, *kept])
+            cap = capture_fx(work, inputs, [*user, *kept], not self.check)
             return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole")
         except CaptureFailed as e:
             return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")

@@ -66,13 +66,15 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"
 
 
-def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: Iterable[str] = ()) -> Capture:
-    """Trace ``module`` with ``torch.fx`` (on a private copy); ``leaf_paths`` are kept whole."""
+def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: Iterable[str] = (),
+               check_trace: bool = True) -> Capture:
+    """Trace ``module`` with ``torch.fx`` (on a private copy); ``leaf_paths`` are kept whole.  ``check_trace=False``
+    skips running the trace against ``forward`` (for a caller that checks the fused result against it anyway)."""
     from repalgebra.frontend.inplace import InplaceHazard
     from repalgebra.frontend.torch import UntraceableError, trace_model
 
     try:
-        traced = trace_model(module, inputs, leaf_modules=tuple(leaf_paths))
+        traced = trace_model(module, inputs, leaf_modules=tuple(leaf_paths), check_trace=check_trace)
     except InplaceHazard as e:
         raise CaptureFailed(e.reason, e.path) from e
     except UntraceableError as e:

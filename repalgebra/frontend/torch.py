@@ -120,8 +120,12 @@ def trace_model(
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     leaf_modules: Iterable[Any] = (),
+    check_trace: bool = True,
 ) -> TraceResult:
-    """:func:`trace`, returning also the output structure, inputs used and the front end's notes."""
+    """:func:`trace`, returning also the output structure, inputs used and the front end's notes.
+
+    With ``check_trace`` the traced graph is run against ``forward`` at the example input (:func:`_check_trace`);
+    ``fuse`` turns it off when it checks the fused result against the model anyway."""
     check_model(model)
     was_training = model.training
     work, tracer, prefix = copy_for_tracing(model, leaf_modules)
@@ -137,7 +141,8 @@ def trace_model(
     if given is None:
         given, inferred = infer_example_inputs(work, fx_graph, len(placeholders))
     check_example_inputs(model, given, len(placeholders))
-    _check_trace(model, work, fx_graph, given)
+    if check_trace:
+        _check_trace(model, work, fx_graph, given)
     try:  # shapes from the op table and meta tensors: no arithmetic, fast
         builder = Builder(work, HANDLERS, prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
@@ -164,11 +169,14 @@ def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: t
     from repalgebra.verify import TOLERANCES, first_difference
 
     outs = []
-    for m in (fx.GraphModule(copy.deepcopy(work), fx_graph), copy.deepcopy(model).eval()):
+    # An Interpreter runs the graph node by node: no code generated for it (a GraphModule would compile a
+    # forward as long as the model).
+    runs = (fx.Interpreter(copy.deepcopy(work), graph=fx_graph).run, copy.deepcopy(model).eval())
+    for run in runs:
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(0)
             try:
-                outs.append(m(*[t.clone() for t in given]))
+                outs.append(run(*[t.clone() for t in given]))
             except Exception:  # noqa: BLE001  (the build runs the graph again and reports its own failure)
                 return
     tolerance = TOLERANCES.get(model_dtype(work), 1e-5)
