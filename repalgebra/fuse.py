@@ -301,6 +301,9 @@ class _Fuser:
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
+        # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it.
+        self.user_leaves += [p for p, m in model.named_modules() if p not in self.user_leaves
+                             and any(isinstance(h, ShapeGuard) for h in m._forward_pre_hooks.values())]
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)

@@ -1126,3 +1126,13 @@ def test_a_compiled_model_keeps_its_batch_free():
     assert bn_left(fused) == 0, str(fused.fuse_report)
     x = torch.randn(3, 3, 8, 8, dtype=D)  # another batch: refused when the batch was fixed
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_fusing_a_fused_model_again_keeps_its_shape_guards():
+    # torch.fx traced past the guard of a part captured at fixed shapes: the result ran it at any shape.
+    model = randomized(DtypeBranch())
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    again = fuse(fuse(model, x), x)
+    torch.testing.assert_close(again(x), model(x), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="shapes fixed"):
+        again(torch.randn(2, 3, 8, 9, dtype=D))
