@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from repalgebra.gc_pause import FREEZE_FROM, frozen_gc
+from repalgebra.gc_pause import ALLOCATIONS_PER_ITEM, FREEZE_FROM, frozen_gc
 
 
 def test_freezes_for_the_block_and_unfreezes_after():
@@ -52,3 +52,17 @@ def test_a_small_graph_is_not_frozen():
     """Below FREEZE_FROM nodes it does nothing (not even ask the collector, which walks every object)."""
     with frozen_gc(FREEZE_FROM - 1):
         assert gc.get_freeze_count() == 0
+
+
+def test_full_collections_are_spaced_with_the_size_and_the_thresholds_restored():
+    """With the old objects frozen, the collector's survivor rule no longer spaces full collections: the block
+    scales the third threshold with ``size`` (one full collection per ~ALLOCATIONS_PER_ITEM * size allocations)."""
+    before = gc.get_threshold()
+    size = 100 * FREEZE_FROM
+    with frozen_gc(size):
+        t0, t1, t2 = gc.get_threshold()
+        assert (t0, t1) == before[:2]
+        assert t0 * t1 * t2 >= ALLOCATIONS_PER_ITEM * size - t0 * t1
+    assert gc.get_threshold() == before
+    with frozen_gc(FREEZE_FROM - 1):
+        assert gc.get_threshold() == before

@@ -7,13 +7,14 @@ other reader shares the mutated storage.  Each case runs the functionalized grap
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from repalgebra.frontend.inplace import InplaceHazard, InplaceProxy, functionalize
+from repalgebra.frontend.inplace import InplaceHazard, InplaceProxy, functionalize, inplace_kwarg
 
 
 class _Tracer(fx.Tracer):
@@ -126,3 +127,20 @@ def test_augmented_assignment_on_a_shared_tensor_is_recorded():
     assert "augmented assignment" in notes[0]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_inplace_keyword_is_read_by_position_and_name_also_for_unhashable_callables():
+    """``inplace_kwarg`` caches each function's ``inplace`` position; a callable that cannot be hashed is read uncached."""
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, x, inplace=False):
+            return x
+
+    f = Unhashable()
+    x = torch.zeros(1)
+    assert inplace_kwarg(f, (x, True), {}) and inplace_kwarg(f, (x,), {"inplace": True})
+    assert not inplace_kwarg(f, (x,), {})
+    assert inplace_kwarg(F.relu, (x, True), {}) and not inplace_kwarg(F.relu, (x,), {"inplace": False})
+    assert not inplace_kwarg(operator.add, (x, x), {})

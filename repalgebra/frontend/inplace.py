@@ -34,6 +34,7 @@ that :func:`functionalize` sees them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -147,16 +148,25 @@ _FRESH_MODULES = (
 def inplace_kwarg(target: Any, args: tuple, kwargs: dict) -> bool:
     """Whether a call of ``target`` (an ``F.relu``-like function) is made with ``inplace=True``."""
     try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
-    if "inplace" not in params:
+        k = _inplace_position(target)
+    except TypeError:  # an unhashable callable: look it up uncached
+        k = _inplace_position.__wrapped__(target)
+    if k is None:
         return False
     if "inplace" in kwargs:
         return kwargs["inplace"] is True
-    names = list(params)
-    k = names.index("inplace")
     return len(args) > k and args[k] is True
+
+
+@functools.lru_cache(maxsize=1024)
+def _inplace_position(target: Any) -> int | None:
+    """The position of ``target``'s ``inplace`` parameter, or None.  Cached: ``inspect.signature`` of a builtin
+    parses its text signature and copies ``sys.modules``, once per traced call otherwise (6% of fusing 1600 blocks)."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def is_inplace(n: fx.Node, root: nn.Module) -> bool:
