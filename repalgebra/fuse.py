@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -133,6 +133,7 @@ class FuseReport:
         return "\n".join(lines)
 
 
+@dataclass
 class ShapeGuard:
     """Forward pre-hook of a module fused with shapes fixed at its example inputs: other shapes are an error.
 
@@ -141,12 +142,13 @@ class ShapeGuard:
     shapes it could compute something else, so it refuses instead.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], where: str, free_batch: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
-        self.shapes = [tuple(s) for s in shapes]
-        self.where = where
-        self.free_batch = free_batch  # any batch size (axis 0 of every input, one size), the other sizes fixed
-        self.dtype = dtype  # set when what it computes depends on the dtype it computes in: only that one
+    shapes: Sequence[tuple[int, ...]]
+    where: str
+    free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
+    dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
+
+    def __post_init__(self) -> None:
+        self.shapes = [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
@@ -168,10 +170,17 @@ class ShapeGuard:
         )
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies (a GraphModule's copy drops them)."""
-        module.register_forward_pre_hook(self)
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
+
+        A GraphModule drops forward pre-hooks both when deep-copied and when unpickled (it is rebuilt from its
+        code), so ``copy.deepcopy`` or ``torch.save`` of a whole fused module would run it at any shape.
+        """
+        if self not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(self)
         if isinstance(module, fx.GraphModule):
-            module._register_deepcopy_hook(_Reinstall(self))
+            if _Reinstall(self) not in module._deepcopy_hooks:  # a copy's hooks hold copies of the guard: equal
+                module._register_deepcopy_hook(_Reinstall(self))
+            type(module).__reduce__ = _reduce_with_guards  # GraphModule gives each instance a class of its own
 
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
@@ -195,7 +204,22 @@ class _Reinstall:
     guard: ShapeGuard
 
     def __call__(self, copied: nn.Module) -> None:
-        copied.register_forward_pre_hook(self.guard)
+        self.guard.install(copied)
+
+
+def _reduce_with_guards(module: fx.GraphModule) -> tuple:
+    """``GraphModule.__reduce__``, and then the module's shape guards installed on the unpickled copy."""
+    rebuild, args = fx.GraphModule.__reduce__(module)
+    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
+    return _rebuild_with_guards, (rebuild, args, guards)
+
+
+def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards: list[ShapeGuard]) -> nn.Module:
+    """Unpickle a guarded GraphModule: rebuild it as torch does, then put its guards back."""
+    module = rebuild(*args)
+    for guard in guards:
+        guard.install(module)
+    return module
 
 
 def computes_in(module: nn.Module, args: tuple) -> torch.dtype | None:
@@ -297,7 +321,8 @@ class _Fuser:
     def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
         self.model = model  # the caller's: copied, never run
         try:
-            self.pristine = copy.deepcopy(model).eval()
+            with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
+                self.pristine = copy.deepcopy(model).eval()
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model

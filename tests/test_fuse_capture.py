@@ -8,6 +8,8 @@ float64 tolerance): folding in float64 loses nothing that a correct fold would k
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 import dataclasses
 import math
 from collections import OrderedDict, namedtuple
@@ -869,29 +871,35 @@ def test_star_args_and_keyword_args_forwards(check):
 
 
 class AutocastBlock(nn.Module):
-    """A ``with torch.autocast("cpu", dtype=torch.bfloat16):`` block in a float32 model's forward."""
+    """A ``with torch.autocast("cpu", dtype=torch.bfloat16):`` block in a float32 model's forward, then a BN to fold.
+
+    The block reads the input itself: a fold before it would change its float32 input by a rounding, which
+    bfloat16 can turn into a whole bfloat16 step of the output (a CI run drew such an input).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1)
+        self.c, self.a = nn.Conv2d(3, 8, 3, padding=1), conv_bn(8, 8)
 
     def forward(self, x):
-        y = self.a(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = self.c(F.relu(y))
-        return z.float()
+            z = self.c(F.relu(x))
+        return self.a(z.float())
 
 
 def test_an_autocast_block_is_never_computed_in_the_model_s_dtype():
     """fx records the block's ops but not the block: the graph computed in float32 what the model computes in
     bfloat16 (relative 4e-3), and the float64 check cannot see it (CPU autocast leaves float64 alone)."""
     model = randomized(AutocastBlock()).float()
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     fused = fuse(model, x)
     assert fused.fuse_report.capture != "fx", str(fused.fuse_report)
     with torch.no_grad():
         want = model(x)
-        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32
+        tol = dict(rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32: the block is the model's own
+        torch.testing.assert_close(fused(x), want, **tol)
+        in_float32 = model.a(model.c(F.relu(x)))  # what the fx graph computed
+        assert not torch.allclose(in_float32, want, **tol)  # so the comparison above tells the two apart
 
 
 class MaskedAttention(nn.Module):
@@ -1136,3 +1144,21 @@ def test_fusing_a_fused_model_again_keeps_its_shape_guards():
     torch.testing.assert_close(again(x), model(x), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="shapes fixed"):
         again(torch.randn(2, 3, 8, 9, dtype=D))
+
+
+def test_a_pickled_fused_model_keeps_its_shape_guards():
+    # torch.save of a whole module pickles a GraphModule as its code, and unpickling rebuilds it without its
+    # forward pre-hooks: the loaded model ran the part captured at 8x8 at any shape (off by 1.0 at 8x9 here).
+    model = randomized(DtypeBranch())
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "specialized"
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(fused), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # a whole module: only from a file one trusts
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-9, atol=1e-9)
+    for again in (loaded, copy.deepcopy(loaded), pickle.loads(pickle.dumps(copy.deepcopy(loaded)))):
+        with pytest.raises(ValueError, match="shapes fixed"):
+            again(torch.randn(2, 3, 8, 9, dtype=D))
+        assert len(again._forward_pre_hooks) == 1 and len(again._deepcopy_hooks) == 1  # copies do not pile up guards
