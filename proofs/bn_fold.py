@@ -12,6 +12,12 @@ Preconditions: BN in eval mode (running statistics), BN channels == conv out cha
 Holds for every stride, padding (zero padding is applied to x, before the weights, so it is
 untouched), dilation and groups; the fused conv keeps all of them.
 
+A transposed convolution stores its weight as ``(C, O/groups, kh, kw)``: output channel o is
+column o mod (O/groups) of the rows of o's group, so W'[i, j] = W[i, j] * s[g(i) * O/G + j] and the
+bias is as above.  Every output of a transposed conv is a sum of weight-times-input terms of its own
+output channel (plus that channel's bias), so the same per-channel argument holds; the configurations
+below check it with stride, padding, output padding, dilation and groups.
+
 Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
 honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
 ``expand(lhs - rhs) == 0`` element by element. The identity is linear in
@@ -23,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, conv_symbols, describe
+from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, conv_symbols, conv_transpose2d, describe, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -47,6 +53,26 @@ CONFIGS = [
 ]
 
 
+def fuse_transposed(w, b, groups, mean, var, gamma, beta, eps):
+    """Fused (W', b') for conv_transpose(W, b) -> BN, with W of shape (C, O/groups, kh, kw)."""
+    C, Og = w.shape[:2]
+    s = [gamma[o] / sympy.sqrt(var[o] + eps) for o in range(Og * groups)]
+    w2 = np.empty(w.shape, dtype=object)
+    for i in range(C):
+        for j in range(Og):
+            w2[i, j] = w[i, j] * s[(i // (C // groups)) * Og + j]
+    b2 = np.array([((b[o] if b is not None else 0) - mean[o]) * s[o] + beta[o] for o in range(Og * groups)], dtype=object)
+    return w2, b2
+
+
+TRANSPOSED_CONFIGS = [
+    # C, O, H, W, (kh, kw), stride, padding, output_padding, dilation, groups, bias
+    dict(C=2, O=3, H=2, W=3, k=(2, 2), stride=(2, 2), padding=(0, 0), output_padding=(0, 0), dilation=(1, 1), groups=1, bias=True),
+    dict(C=4, O=2, H=2, W=2, k=(3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 1), groups=2, bias=False),
+    dict(C=2, O=4, H=2, W=2, k=(2, 3), stride=(1, 2), padding=(1, 1), output_padding=(1, 1), dilation=(2, 1), groups=2, bias=True),
+]
+
+
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
@@ -58,6 +84,19 @@ def prove() -> list[str]:
         w2, b2 = fuse(w, b, *bn)
         rhs = conv2d(x, w2, b2, **conv_kw)
         desc = describe("conv->BN == conv", **cfg)
+        assert_equal(lhs, rhs, "bn_fold " + desc)
+        done.append(desc)
+    for cfg in TRANSPOSED_CONFIGS:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (C, O // g, *cfg["k"]))
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        bn = bn_symbols("", O)
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], output_padding=cfg["output_padding"],
+                  dilation=cfg["dilation"], groups=g)
+        lhs = batch_norm(conv_transpose2d(x, w, b, **kw), *bn)
+        rhs = conv_transpose2d(x, *fuse_transposed(w, b, g, *bn), **kw)
+        desc = describe("conv_transpose->BN == conv_transpose", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
     return done

@@ -147,6 +147,43 @@ def conv2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), padding=(0, 0, 0
     return out
 
 
+def conv_transpose2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
+                     dilation=(1, 1), groups: int = 1) -> np.ndarray:
+    """Transposed 2-D convolution as PyTorch defines it, written as the scatter it is: input pixel ``(a, c)`` of
+    channel ``i`` adds ``x[i, a, c] * w[i, j, u, v]`` to output ``(g(i) * O/G + j, a*sh + u*dh - ph, c*sw + v*dw - pw)``,
+    where ``w`` is ``(C, O/groups, kh, kw)``; the output is ``(H - 1) sh - 2 ph + dh (kh - 1) + oph + 1`` high."""
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    ph, pw = pair(padding)
+    oh, ow = pair(output_padding)
+    C, H, W = x.shape
+    Cw, Og, kh, kw = w.shape
+    if Cw != C or C % groups:
+        raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, groups {groups}")
+    Ho = (H - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
+    Wo = (W - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError("empty output")
+    Cg = C // groups
+    terms = [[[[] for _ in range(Wo)] for _ in range(Ho)] for _ in range(Og * groups)]
+    for i in range(C):
+        for j in range(Og):
+            o = (i // Cg) * Og + j
+            for a in range(H):
+                for c in range(W):
+                    for u in range(kh):
+                        for v in range(kw):
+                            p, q = a * sh + u * dh - ph, c * sw + v * dw - pw
+                            if 0 <= p < Ho and 0 <= q < Wo:
+                                terms[o][p][q].append(w[i, j, u, v] * x[i, a, c])
+    out = np.empty((Og * groups, Ho, Wo), dtype=object)
+    for o in range(Og * groups):
+        for p in range(Ho):
+            for q in range(Wo):
+                out[o, p, q] = sympy.Add(*terms[o][p][q], *([b[o]] if b is not None else []))
+    return out
+
+
 def bn_scale_shift(mean, var, gamma, beta, eps):
     """Per-channel (s, t) with BN(x) = s*x + t: s = gamma/sqrt(var+eps), t = beta - mean*s."""
     C = len(mean)

@@ -19,10 +19,11 @@ def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def conv_bias(conv: Node) -> torch.Tensor:
-    """The conv's bias, zeros when it has none."""
+    """The conv's (or transposed conv's) bias, zeros when it has none."""
     w = conv.params["weight"]
     b = conv.params.get("bias")
-    return torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+    out_channels = w.shape[1] * conv.attrs["groups"] if conv.op == "conv_transpose2d" else w.shape[0]
+    return torch.zeros(out_channels, dtype=w.dtype) if b is None else b
 
 
 def per_input_channel(v: torch.Tensor, weight_shape: torch.Size, groups: int) -> torch.Tensor:

@@ -141,6 +141,9 @@ MUTANTS: list[Mutant] = [
     _helper("bn_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _helper("bn_fold", "var-as-std", "the running variance used as the standard deviation (no square root)", _BN_AFFINE,
             'torch.sqrt(p["var"] + bn.attrs["eps"])', '(p["var"] + bn.attrs["eps"])'),
+    _m("bn_fold", "transposed-as-conv", "a transposed conv's weight scaled along its first (input-channel) axis",
+       "w = w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
+       "w = w * s.reshape(-1, 1, 1, 1) if w.shape[0] == s.shape[0] else w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]"),
     # ---------------------------------------------------------------- scale_fold
     _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
        "bias=None if bias is None else bias * gamma", "bias=bias"),

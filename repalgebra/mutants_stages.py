@@ -18,16 +18,18 @@ Coverage (at least three mutants per handler or lowering that carries attributes
   ``'valid'``; ``avg_pool``, ``max_pool``, ``bn_params``);
 * front end, function handlers: ``F.conv2d``, ``F.batch_norm``, ``F.layer_norm``, ``F.avg_pool2d``,
   ``F.max_pool2d``, ``F.pad``, and the channel axes of ``transpose``, ``permute``, ``flatten``;
+* front end, transposed convs: ``nn.ConvTranspose2d``, ``F.conv_transpose2d`` and ``aten.conv_transpose2d``
+  (bias, padding against output padding, dilation, groups, the functional argument order);
 * front end, ATen handlers (``torch.export``): convolution (``'same'``, pairs, stride, dilation),
   batch norm, layer norm, avg pool, max pool, constant pad, permute, transpose (``torch.export``
   decomposes ``flatten`` into a view: its handler is not reached);
 * engine: float64 promotion, the one cast back (skipped, or to the wrong dtype), dead-node removal
   (the first rewrite's sweep of the whole graph), rewrite ordering (a fixpoint; a sweep skips the nodes
   it removed, which :data:`EQUIVALENT` argues changes nothing computed);
-* torch back end: conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
+* torch back end: transposed conv (padding against output padding, stride, dilation); conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
   dilation, the symmetry test), batch norm, layer norm, avg pool, max pool, pad, linear, GELU,
   permute, transpose, flatten;
-* ONNX back end: Conv (pads, strides, dilations, group), BatchNormalization, LayerNormalization,
+* ONNX back end: Conv (pads, strides, dilations, group), ConvTranspose (begin and end pads, the end padding that stands for output padding, group), BatchNormalization, LayerNormalization,
   AveragePool (count_include_pad, ceil mode, pads, the end padding and the explicit Pad of a ceil-mode
   pool that drops a window), MaxPool, Pad, Linear, GELU (``Gelu`` at opset 20, the erf and tanh forms
   below), Transpose of permute and transpose.
@@ -69,6 +71,7 @@ _A_BN = _aten("bn-alone", "bn-eps", "bn-no-affine")
 _A_LN = _aten("ln-eps-channels-last", "ln-spatial", "ln-eps-tokens", "ln-no-affine")
 _A_POOL = _aten("avg-pool-ceil", "avg-pool-ceil-exclude", "avg-pool-exclude-pad", "avg-pool-divisor", "max-pool")
 _A_PAD = _aten("conv-tf-same", "pad-value")
+_A_CONVT = _aten("conv-transpose", "conv-transpose-dilated")
 _TORCH = ("tests/test_stage_torch_backend.py",)
 _ONNX = ("tests/test_stage_onnx_backend.py",)
 _ENGINE = (
@@ -287,6 +290,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      '("permute", [x], {"dims": dims}', '("permute", [x], {"dims": tuple(sorted(dims))}', _A_LN),
     ("frontend", "aten-transpose-same-axis", "aten transpose read as a transpose of an axis with itself", f"{_AH}:_transpose",
      '{"dim0": a["dim0"], "dim1": a["dim1"]}', '{"dim0": a["dim0"], "dim1": a["dim0"]}', _A_LN),
+    ("frontend", "convT-module-bias-dropped", "nn.ConvTranspose2d's bias is not read", f"{_HM}:_m_conv_transpose2d",
+     "({} if m.bias is None else", "({} if True else", _FX),
+    ("frontend", "convT-module-output-padding", "nn.ConvTranspose2d's output padding read as its padding", f"{_HM}:_m_conv_transpose2d",
+     "m.padding, m.output_padding,", "m.padding, m.padding,", _FX),
+    ("frontend", "convT-module-dilation-swapped", "nn.ConvTranspose2d's dilation read with its axes swapped", f"{_HM}:_m_conv_transpose2d",
+     "m.dilation, m.groups)", "m.dilation[::-1], m.groups)", _FX),
+    ("frontend", "convT-function-conv2d-order", "F.conv_transpose2d's arguments bound in F.conv2d's order (dilation before groups)",
+     f"{_HF}:_f_conv_transpose2d", '("groups", 1), ("dilation", 1)]', '("dilation", 1), ("groups", 1)]', _FN),
+    ("frontend", "convT-function-bias-dropped", "F.conv_transpose2d's bias is not read", f"{_HF}:_f_conv_transpose2d",
+     'params = {"weight": w} if a["bias"] is None else', 'params = {"weight": w} if True else', _FN),
+    ("frontend", "convT-function-output-padding-dropped", "F.conv_transpose2d's output padding is not read", f"{_HF}:_f_conv_transpose2d",
+     'a["padding"], a["output_padding"],', 'a["padding"], 0,', _FN),
+    ("frontend", "convT-aten-padding-order", "aten.conv_transpose2d's padding and output padding read swapped", f"{_AH}:_conv_transpose",
+     '("stride", "padding", "output_padding", "dilation")', '("stride", "output_padding", "padding", "dilation")', _A_CONVT),
+    ("frontend", "convT-aten-bias-dropped", "aten.conv_transpose2d's bias is not read", f"{_AH}:_conv_transpose",
+     'params = {"weight": w} if bias is None else', 'params = {"weight": w} if True else', _A_CONVT),
+    ("frontend", "convT-aten-groups-dropped", "aten.conv_transpose2d's groups are not read", f"{_AH}:_conv_transpose",
+     '"dilation")), a["groups"])', '"dilation")), 1)', _A_CONVT),
     # ================================================================ engine
     ("engine", "cast-back-skipped", "the folded parameters stay in float64 (no cast back)", f"{_RW}:rewrite",
      "    if cast_back:\n        g = cast_params(g)", "    if False:\n        g = cast_params(g)", _ENGINE),
@@ -351,6 +372,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'node.attrs["dim0"], node.attrs["dim1"]', 'node.attrs["dim0"], node.attrs["dim0"]', _TORCH),
     ("torch_backend", "flatten-start", "flatten written from axis 1", f"{_TB}:_flatten",
      'node.attrs["start"], node.attrs["end"]', '1, node.attrs["end"]', _TORCH),
+    ("torch_backend", "convT-padding-output-padding", "nn.ConvTranspose2d built with padding and output padding swapped",
+     f"{_TB}:_conv_transpose2d", 'a["padding"], a["output_padding"],', 'a["output_padding"], a["padding"],', _TORCH),
+    ("torch_backend", "convT-stride-swapped", "nn.ConvTranspose2d built with its stride axes swapped", f"{_TB}:_conv_transpose2d",
+     'a["stride"], a["padding"]', 'a["stride"][::-1], a["padding"]', _TORCH),
+    ("torch_backend", "convT-dilation-swapped", "nn.ConvTranspose2d built with its dilation axes swapped", f"{_TB}:_conv_transpose2d",
+     'dilation=a["dilation"]', 'dilation=a["dilation"][::-1]', _TORCH),
     # ================================================================ ONNX back end
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
@@ -410,6 +437,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'perm=[d % rank for d in n.attrs["dims"]]', 'perm=sorted(d % rank for d in n.attrs["dims"])', _ONNX),
     ("onnx_backend", "transpose-not-swapped", "Transpose of a transpose written as the identity permutation", f"{_OB}:_transpose",
      "perm[d0], perm[d1] = perm[d1], perm[d0]", "perm[d0], perm[d1] = perm[d0], perm[d1]", _ONNX),
+    ("onnx_backend", "convT-end-pads-full", "ONNX ConvTranspose end padded as much as the beginning (output padding lost)",
+     f"{_OB}:_conv_transpose", "end = [p - o for p, o in", "end = [p - 0 * o for p, o in", _ONNX),
+    ("onnx_backend", "convT-pads-order", "ONNX ConvTranspose pads written [begin_h, end_h, begin_w, end_w]", f"{_OB}:_conv_transpose",
+     "pads=begin + [max(0, e) for e in end]", "pads=[begin[0], max(0, end[0]), begin[1], max(0, end[1])]", _ONNX),
+    ("onnx_backend", "convT-group-dropped", "ONNX ConvTranspose without its group", f"{_OB}:_conv_transpose",
+     'group=a["groups"]', "group=1", _ONNX),
 ]
 
 

@@ -171,6 +171,24 @@ def conv2d(
     return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
 
 
+@op("conv_transpose2d", kind="linear")
+def conv_transpose2d(
+    x,
+    *,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    output_padding=(0, 0),
+    dilation=(1, 1),
+    groups=1,
+):
+    """Transposed 2-D convolution (``nn.ConvTranspose2d``): each input pixel scatters ``weight`` of shape
+    ``(C_in, C_out / groups, kh, kw)``; ``padding`` ``(h, w)`` crops both sides and ``output_padding`` adds rows
+    and columns at the bottom and right, as in PyTorch."""
+    return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
 @op("batch_norm", kind="linear")
 def batch_norm(x, *, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps=1e-5):
     """Eval-mode batch norm over axis 1: ``(x - mean) / sqrt(var + eps) * weight + bias``."""

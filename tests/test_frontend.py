@@ -124,12 +124,39 @@ def test_conv_without_bias_and_bn_affine_false():
 def test_unknown_modules_are_opaque_deep_copies():
     pool = nn.LPPool2d(2, 2)
     softplus = nn.Softplus()
-    model = nn.Sequential(nn.Conv2d(2, 2, 1), pool, softplus, nn.ConvTranspose2d(2, 2, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), pool, softplus, nn.Softsign())
     g = same(model, torch.randn(1, 2, 6, 6))
     assert ops_of(g) == ["conv2d", "opaque", "opaque", "opaque"]
     fns = [n.attrs["fn"] for n in g.nodes[1:]]
     assert isinstance(fns[0], nn.LPPool2d) and fns[0] is not pool and fns[1] is not softplus
     assert node(g, "opaque", 2).out.shape == (1, 2, 3, 3)
+
+
+class UpsampleTo(nn.Module):
+    """A transposed conv called with ``output_size`` (its output's size chosen per call): kept opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+
+    def forward(self, x, skip):
+        return self.up(x, output_size=skip.shape[-2:]) + skip
+
+
+def test_transposed_convs_are_an_op_with_pytorch_s_arguments():
+    for conv in [
+        nn.ConvTranspose2d(2, 4, 3, padding=1),
+        nn.ConvTranspose2d(4, 6, (4, 3), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2, bias=False),
+        nn.ConvTranspose2d(2, 2, 3, stride=2, dilation=2, output_padding=1),
+    ]:
+        g = same(conv, torch.randn(2, conv.in_channels, 5, 6))
+        n = node(g, "conv_transpose2d")
+        assert n.attrs == {"stride": conv.stride, "padding": conv.padding, "output_padding": conv.output_padding,
+                           "dilation": conv.dilation, "groups": conv.groups}, conv
+        assert set(n.params) == ({"weight"} if conv.bias is None else {"weight", "bias"})
+        assert torch.equal(n.params["weight"], conv.weight.detach())
+    g = same(UpsampleTo(), (torch.randn(1, 2, 4, 4), torch.randn(1, 3, 8, 8)))
+    assert "conv_transpose2d" not in ops_of(g)
 
 
 def test_subclass_with_its_own_forward_is_not_mistaken_for_its_base():

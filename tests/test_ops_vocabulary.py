@@ -72,6 +72,17 @@ class ChannelsFirstLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class DepthwiseUp(nn.Module):
+    """A learned 2x upsampling written with ``F.conv_transpose2d`` (one 2x2 kernel per channel)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.groups = nn.Parameter(torch.rand(c, 1, 2, 2)), c
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight, stride=2, groups=self.groups)
+
+
 class RsqrtNorm(nn.Module):
     """``x * torch.rsqrt(var + eps)``, ``/ 6.``, ``1 - x``, a positional embedding added, an SE gate."""
 
@@ -272,6 +283,11 @@ CASES: dict[str, Case] = {
     ),
     "group_norm": Case(lambda: stem(lambda x: F.group_norm(x, 1)), (1, 3, 5, 5), {"group_norm"}, _onnx("InstanceNormalization")),
     "group_norm_module": Case(lambda: stem(nn.GroupNorm(2, 4)), (1, 3, 5, 5), {"group_norm"}, _onnx("InstanceNormalization")),
+    "conv_transpose": Case(  # a decoder's upsampling: ConvTranspose2d + BN (folded) and F.conv_transpose2d
+        lambda: stem(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, 2, 1, output_padding=1, groups=2), nn.BatchNorm2d(6),
+                                   DepthwiseUp(6))),
+        (1, 3, 5, 4), {"conv_transpose2d"}, _onnx("ConvTranspose"),
+    ),
     "interpolate_nearest": Case(lambda: stem(FPNTopDown(4)), (1, 3, 8, 6), {"interpolate"}, _onnx("Resize")),
     "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize")),
     "slicing": Case(lambda: stem(Slicing()), (1, 3, 5, 6), {"slice", "select"}, _onnx("Slice", "Gather")),

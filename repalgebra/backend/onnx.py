@@ -143,6 +143,27 @@ def _conv(ctx, n, x):
     )
 
 
+@lowering("conv_transpose2d")
+def _conv_transpose(ctx, n, x):
+    """ConvTranspose without ``output_padding``: onnxruntime refuses one of at least the stride, which PyTorch
+    allows below the dilation.  The extra end rows and columns are those the end padding would crop, so the end is
+    padded ``output_padding`` less; rows past the scattered output (output padding above the padding) hold only the
+    bias, so they are a zero Pad before the bias is added."""
+    a, w, b = n.attrs, n.params["weight"], n.params.get("bias")
+    begin = list(a["padding"])
+    end = [p - o for p, o in zip(begin, a["output_padding"])]
+    extra = [max(0, -e) for e in end]
+    ins = [x, ctx.const("weight", w)] + ([ctx.const("bias", b)] if b is not None and not any(extra) else [])
+    y = ctx.emit(
+        "ConvTranspose", ins, kernel_shape=list(w.shape[2:]), strides=list(a["stride"]), dilations=list(a["dilation"]),
+        pads=begin + [max(0, e) for e in end], group=a["groups"],
+    )
+    if not any(extra):
+        return y
+    y = ctx.emit("Pad", [y, ctx.ints("pads", [0, 0, 0, 0, 0, 0, *extra]), _number(ctx, "zero", 0.0)], mode="constant")
+    return y if b is None else ctx.emit("Add", [y, ctx.const("bias", b.reshape(-1, 1, 1))])
+
+
 @lowering("batch_norm")
 def _bn(ctx, n, x):
     p = n.params

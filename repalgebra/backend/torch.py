@@ -227,6 +227,20 @@ def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.graph.call_module(name, (x,))
 
 
+@lowers("conv_transpose2d")
+def _conv_transpose2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w, b = node.params["weight"], node.params.get("bias")
+    a = node.attrs
+    conv = nn.ConvTranspose2d(
+        w.shape[0], w.shape[1] * a["groups"], tuple(w.shape[2:]), a["stride"], a["padding"], a["output_padding"],
+        a["groups"], bias=b is not None, dilation=a["dilation"], device="meta", dtype=w.dtype,
+    )
+    conv.weight = _param(w)
+    if b is not None:
+        conv.bias = _param(b)
+    return ctx.module(_hint(node), conv, xs[0])
+
+
 _BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 

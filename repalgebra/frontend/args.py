@@ -63,6 +63,15 @@ def ints(v: Any, n: int | None = None) -> tuple[int, ...] | None:
     return None
 
 
+def transposed_conv_attrs(stride: Any, padding: Any, output_padding: Any, dilation: Any, groups: Any) -> dict | None:
+    """The ``conv_transpose2d`` attrs of PyTorch's arguments (an int or a pair each), or None when one is not."""
+    attrs = {k: ints(v, 2) for k, v in
+             (("stride", stride), ("padding", padding), ("output_padding", output_padding), ("dilation", dilation))}
+    if any(v is None for v in attrs.values()) or not is_int(groups):
+        return None
+    return {**attrs, "groups": groups}
+
+
 def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int] | None:
     """PyTorch conv padding (int, pair, 'same', 'valid') as ``(top, bottom, left, right)``."""
     if padding == "valid":

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import channel_axis, height_one, scalar_axis, unsqueezed
+from repalgebra.frontend.args import channel_axis, height_one, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -114,8 +114,22 @@ def _conv1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "flatten", [conv], {"start": 2, "end": 3}, {}, None
 
 
+def _conv_transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.conv_transpose2d`` (``nn.ConvTranspose2d``)."""
+    x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
+    if x is None or len(x.shape) != 4 or w is None or w.dim() != 4 or (bias is not None and _c(bias) is None):
+        return None
+    attrs = transposed_conv_attrs(*(_pair(a[k]) for k in ("stride", "padding", "output_padding", "dilation")), a["groups"])
+    if attrs is None:
+        return None
+    params = {"weight": w} if bias is None else {"weight": w, "bias": _c(bias)}
+    return "conv_transpose2d", [x], attrs, params, _owner(a["weight"])
+
+
 def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``aten.convolution``: a plain 2-D conv when not transposed."""
+    """``aten.convolution``: a 2-D conv, or a transposed one."""
+    if a["transposed"] is True:
+        return _conv_transpose(b, n, a)
     output_padding = _ints(a["output_padding"])
     if a["transposed"] is not False or output_padding is None or any(output_padding):
         return None
@@ -674,6 +688,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.conv2d.default: _conv,
     aten.conv2d.padding: _conv,
     aten.convolution.default: _convolution,
+    aten.conv_transpose2d.input: _conv_transpose,
     aten.batch_norm.default: _batch_norm,
     aten.linear.default: _linear,
     aten.layer_norm.default: _layer_norm,

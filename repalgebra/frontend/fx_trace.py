@@ -122,6 +122,7 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 _RECOGNISED: tuple[type, ...] = (
     nn.Conv2d,
     nn.Conv1d,
+    nn.ConvTranspose2d,
     nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)
     _BatchNorm,
     nn.Linear,

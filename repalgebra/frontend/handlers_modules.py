@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS
 from repalgebra.ir import Value
@@ -50,6 +50,16 @@ def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -
         return None
     attrs, params, pre = conv
     return "conv2d", [_padded(b, n, x, pre)], attrs, params, ""
+
+
+def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tuple, kwargs: dict) -> Made:
+    """``nn.ConvTranspose2d`` on one 4-D input (an ``output_size`` argument leaves the call opaque)."""
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 4:
+        return None
+    attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups)
+    params = {"weight": m.weight.detach().clone()} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    return "conv_transpose2d", [x], attrs, params, ""
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
@@ -201,6 +211,7 @@ def _m_pad_nd(mode: str) -> Callable[..., Made]:
 MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
+    nn.ConvTranspose2d: _m_conv_transpose2d,
     _BatchNorm: _m_batch_norm,
     nn.SyncBatchNorm: _m_batch_norm,
     nn.Linear: _m_linear,

@@ -5,6 +5,7 @@ rounding of each fused parameter to the graph dtype, eps(dtype) x magnitude;
 float32 run 1e-5 x magnitude; float64 1e-12 x magnitude).
 """
 
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from rulecheck import fired, only, reasons, run_rules
@@ -82,3 +83,56 @@ def test_bn_without_conv_is_left_alone(dtype, channels, data):
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert reasons(report, "batch_norm") == ["no rule applies (input from relu, used by graph output)"]
+
+
+@st.composite
+def transposed_convs(draw) -> dict:
+    """An ``nn.ConvTranspose2d``'s geometry: channels 1-12, groups dividing both, kernel 1-5, stride 1-3,
+    dilation 1-2, padding up to the dilated kernel, output padding below max(stride, dilation), input 1-6."""
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = (g * draw(st.integers(1, 12 // g)) for _ in range(2))
+    kernel, stride, dilation = (tuple(draw(st.integers(1, hi)) for _ in range(2)) for hi in (5, 3, 2))
+    padding = tuple(draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    size = []
+    for k, s, d, p, o in zip(kernel, stride, dilation, padding, output_padding):
+        lo = 1  # the smallest input with a non-empty output: (n - 1) s - 2p + d (k - 1) + o + 1 >= 1
+        while (lo - 1) * s - 2 * p + d * (k - 1) + o + 1 < 1:
+            lo += 1
+        size.append(draw(st.integers(lo, lo + 5)))
+    return dict(cin=cin, cout=cout, groups=g, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                output_padding=output_padding, bias=draw(st.booleans()), size=tuple(size))
+
+
+@given(spec=transposed_convs(), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds(), data=st.data())
+def test_folds_bn_into_any_transposed_conv(spec, dtype, batch, seed, data):
+    """``nn.ConvTranspose2d`` + BN (decoders, GAN generators): the weight is ``(C_in, C_out / g, kh, kw)``, so the
+    scale of output channel ``o`` multiplies column ``o mod (C_out / g)`` of the rows of ``o``'s group."""
+    cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(cin, cout // g, *spec["kernel"], generator=gen, dtype=torch.float64) / (cin // g) ** 0.5).to(dtype)
+    params = {"weight": w} | ({"bias": torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)} if spec["bias"] else {})
+    attrs = {k: spec[k] for k in ("stride", "padding", "output_padding", "dilation", "groups")}
+    b = GraphBuilder()
+    x = b.input("x", (batch, cin, *spec["size"]), dtype)
+    y = add_bn(b, b.conv_transpose2d(x, **params, **attrs, source="up.conv"), data.draw(bn_stats(cout)), dtype, "up.bn")
+    graph = b.build(y)
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1} and report.after == {"conv_transpose2d": 1}
+    conv = only(fused, "conv_transpose2d")
+    assert conv.attrs == attrs and conv.params["weight"].shape == w.shape and "bias" in conv.params
+    assert conv.source == "up"
+    assert_graphs_equal(graph, fused, random_input((batch, cin, *spec["size"]), dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_refused_when_the_transposed_conv_output_has_another_user(dtype, seed, data):
+    b = GraphBuilder()
+    x = b.input("x", (1, 4, 3, 3), dtype)
+    w = torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    c = b.conv_transpose2d(x, weight=w, stride=(2, 2), groups=2, source="up")
+    graph = b.build(add_bn(b, c, data.draw(bn_stats(4)), dtype, "bn"), c)
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and reasons(report, "batch_norm") == ["bn_fold: the transposed conv before it is also read elsewhere"]
