@@ -42,6 +42,7 @@ from repalgebra.frontend.torch import UntraceableError, check_model, example_inp
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
+from repalgebra.module_copy import copy_module
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard"]
 
@@ -146,6 +147,7 @@ class ShapeGuard:
     where: str
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
     dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
+    why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
 
     def __post_init__(self) -> None:
         self.shapes = [tuple(s) for s in self.shapes]
@@ -164,8 +166,8 @@ class ShapeGuard:
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
-            f"{self.where} was fused with its input shapes fixed at {fixed} (torch.fx could not trace its forward, "
-            f"and torch.export recorded it at those shapes); it was called with {fmt(got)}. Fuse the model again "
+            f"{self.where} was fused with its input shapes fixed at {fixed} ({self.why}); it was called with "
+            f"{fmt(got)}. Fuse the model again "
             f"with an example input of the shape you run it at."
         )
 
@@ -322,7 +324,7 @@ class _Fuser:
         self.model = model  # the caller's: copied, never run
         try:
             with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
-                self.pristine = copy.deepcopy(model).eval()
+                self.pristine = copy_module(model).eval()
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
@@ -357,7 +359,7 @@ class _Fuser:
     def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
         """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping
         whole the parts :func:`~repalgebra.frontend.state.find_state` names, and check two calls in a row."""
-        self.pristine = copy.deepcopy(self.model).eval()
+        self.pristine = copy_module(self.model).eval()
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
         if not state:  # only a first call fills it, the same for any input (a cache): fuse the model once called
@@ -552,7 +554,11 @@ class _Fuser:
         self.stage["build"] += t2 - t1
         free_batch = cap.batch_free
         if self.check:
-            exact = to_module(g64, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
+            # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
+            # (a float64 model's ``F.group_norm(y.float(), 1, w.float())``): those as the model holds them.
+            own = g64.map_params(lambda p, n: p.to(n.out.dtype) if p.is_floating_point() and n.out.dtype is not None
+                                 and n.out.dtype.is_floating_point and n.out.dtype != self.dtype else p)
+            exact = to_module(own, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
             self.restore_state(exact)
             problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
             if problem is not None:
@@ -564,6 +570,13 @@ class _Fuser:
                     free_batch = self.same(self.pristine.get_submodule(path), exact, Call(other, {})) is None
                 except Exception:  # noqa: BLE001  (the original itself does not run at that batch: keep it fixed)
                     free_batch = False
+            if cap.how == "fx" and rw.fired and any(n.op in _RESHAPES for n in graph_in.nodes):
+                sizes_hold, batch_holds = self.holds_at_other_sizes(path, fused, inputs)
+                if not sizes_hold:  # a fold through a reshape that keeps an axis whole at the example's sizes only
+                    why = ("its folded graph differs from it at other sizes: a reshape keeps an axis whole at the "
+                           "example's sizes only, where an axis has size 1 or two sizes coincide")
+                    ShapeGuard([tuple(t.shape) for t in inputs], _where(path), batch_holds, why=why).install(fused)
+                    cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
             self.stage["check"] += time.perf_counter() - t2
         if cap.how == "specialized":
             dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
@@ -579,7 +592,36 @@ class _Fuser:
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
         return fused
 
-    def same(self, reference: nn.Module, candidate: nn.Module, call: Call) -> str | None:
+    def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:
+        """Whether ``fused`` (an fx capture, which runs at any size) still computes what the part at ``path`` does
+        at other sizes and batches, and whether it does at another batch.
+
+        The rules see the example's sizes only.  A reshape that happens to keep the channel axis whole there
+        (``x.reshape(B, H * W, C)`` of a 1x1 map, ``y.reshape(8, -1)`` at batch 1) lets a per-channel fold through
+        it that is wrong at other sizes.  One run covers both: the batch plus one, and the sizes after the
+        channels resized (:func:`_resized`; for ``(B, N, C)`` tokens, a second run resizes ``N``).  Sizes the
+        original refuses say nothing; where none is accepted, or where one differs, the batch alone is tried.
+        These runs are in the model's own dtype, to its tolerance: what they look for is a fold that is wrong
+        (a difference of the order of the outputs), not one rounding; the float64 check at the example has run."""
+        original = self.pristine.get_submodule(path)
+
+        def holds(other: tuple) -> bool | None:  # None: the original does not run there
+            try:
+                return self.same(original, fused, Call(other, {}), in_float64=False) is None
+            except StateChanged:
+                raise
+            except Exception:  # noqa: BLE001
+                return None
+
+        batched = tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
+        results = [holds(other) for other in (_resized(batched, lambda r: range(2, r) if r >= 3 else ()),
+                                              _resized(batched, lambda r: (1,) if r == 3 else ())) if other is not None]
+        if results and all(r is not False for r in results) and any(results):
+            return True, True
+        batch = holds(batched) is not False
+        return batch and not any(r is False for r in results), batch
+
+    def same(self, reference: nn.Module, candidate: nn.Module, call: Call, in_float64: bool = True) -> str | None:
         """None when ``candidate`` computes what ``reference`` does for ``call``, else what differs.
 
         Both run in float64 where the reference does (their parameters cast on
@@ -595,17 +637,17 @@ class _Fuser:
         device = next((t.device for t in [*reference.parameters(), *reference.buffers()]), None)
         if device is not None:
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
-        dtype: torch.dtype | None = torch.float64
+        dtype: torch.dtype | None = torch.float64 if in_float64 else None
         with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
             try:
-                ref = _run(reference, call, dtype)
+                ref = _run(reference, call, dtype, self.dtype)
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
                 dtype = None
                 ref = _run(reference, call, None)
         if changed and self.watching and not self.stateful:
             raise StateChanged(changed)
         try:
-            got = _run(candidate, call, dtype)
+            got = _run(candidate, call, dtype, self.dtype)
         except Exception as e:  # noqa: BLE001
             return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
@@ -622,8 +664,8 @@ class _Fuser:
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                want = _run(self.pristine.get_submodule(path), call, torch.float32)
-                got = _run(fused, call, torch.float32)
+                want = _run(self.pristine.get_submodule(path), call, torch.float32, self.dtype)
+                got = _run(fused, call, torch.float32, self.dtype)
             return first_difference(want, got, TOLERANCES[torch.float32]) is None
         except Exception:  # noqa: BLE001  (it fails in float32: not dtype-generic)
             return False
@@ -651,9 +693,13 @@ class _Fuser:
         raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
 
 
-def _run(module: nn.Module, call: Call, dtype: torch.dtype | None) -> Any:
+def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None) -> Any:
     """``module`` making ``call`` on copies of its tensors; with ``dtype``, the tensors, parameters and
-    buffers cast to it on the fly (``torch.func.functional_call``: the module is neither copied nor changed)."""
+    buffers cast to it on the fly (``torch.func.functional_call``: the module is neither copied nor changed).
+
+    With ``own`` (the model's dtype), only parameters and buffers of that dtype are cast: a float64 model that
+    computes a norm in float32 on purpose (``F.group_norm(y.float(), 1, w.float())``) fuses to a graph holding
+    ``w.float()`` as a float32 constant, and casting it would mix dtypes where the model does not."""
 
     def prepare(t: Any) -> Any:
         if not torch.is_tensor(t):
@@ -665,7 +711,7 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None) -> Any:
         if dtype is None:
             return module(*args, **kwargs)
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
         return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
 
 
@@ -700,6 +746,46 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else a or b
+
+
+_RESHAPES = ("reshape", "reshape_dyn", "flatten")
+
+
+def _other_size(s: int) -> int:
+    """Another size a model that accepted ``s`` should accept: half of a multiple of 64 from 128 on (256 becomes 128,
+    a quarter of the pixels to check), else ``s`` moved by its largest power-of-two divisor up to 32 (so a model
+    that downsamples by 32 still fits), down where that leaves more than the step (224 becomes 192), else up (8
+    becomes 16, a 1 becomes a 2)."""
+    if s >= 128 and s % 64 == 0:
+        return s // 2
+    d = min(s & -s, 32)
+    return s - d if s > 2 * d else s + d
+
+
+def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | None:
+    """``inputs`` with the axes ``axes(rank)`` of each tensor resized, or None when none is.
+
+    Sizes change as :func:`_other_size` says.  Floating-point values are drawn afresh with the example's mean and spread, others (ids,
+    masks) tiled from the example."""
+    gen = torch.Generator().manual_seed(0)
+    out, resized = [], False
+    for t in inputs:
+        picked = set(axes(t.dim())) if torch.is_tensor(t) else set()
+        if not picked or not all(t.shape[k] for k in picked):
+            out.append(t)
+            continue
+        shape = [_other_size(s) if k in picked else s for k, s in enumerate(t.shape)]
+        resized = True
+        if t.is_floating_point():
+            std = float(t.double().std()) if t.numel() > 1 else 1.0
+            new = torch.randn(shape, generator=gen, dtype=torch.float64) * (std or 1.0) + float(t.double().mean())
+            out.append(new.to(t.dtype).to(t.device))
+        else:
+            new = t
+            for k in sorted(picked):
+                new = new.index_select(k, torch.arange(shape[k], device=t.device) % t.shape[k])
+            out.append(new)
+    return tuple(out) if resized else None
 
 
 def _where(path: str) -> str:

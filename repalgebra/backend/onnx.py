@@ -17,7 +17,6 @@ Opset 17 (the oldest with ``LayerNormalization``) is there for older runtimes:
 
 from __future__ import annotations
 
-import copy
 
 import math
 import re
@@ -47,6 +46,7 @@ from repalgebra.backend.onnx_fallback import (
 from repalgebra.frontend.builder import is_none_output
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.ops import OPS
+from repalgebra.module_copy import copy_module
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 13
@@ -265,7 +265,13 @@ def _linear(ctx, n, x):
 
 
 def _target_shape(ctx, n: Node) -> list[int]:
-    """The output shape for Reshape; with a dynamic batch, the batch axis is copied (0) or inferred (-1)."""
+    """The output shape for Reshape; with a dynamic batch, the batch axis is copied (0) or inferred (-1).
+
+    A reshape the model wrote with a ``-1`` (``y.reshape(8, -1)``, ``y.reshape(1, -1, C)``) keeps its sizes as
+    written: its first axis need not be the batch, and PyTorch puts the batch where the ``-1`` is.
+    """
+    if n.op == "reshape" and -1 in n.attrs["shape"]:
+        return list(n.attrs["shape"])
     shape = list(n.out.shape)
     if ctx.dynamic_batch and shape:
         shape[0] = 0 if shape[0] == n.x.shape[0] else -1
@@ -847,7 +853,7 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
     from repalgebra.frontend.state import find_state
     from repalgebra.verify import TOLERANCES
 
-    work = copy.deepcopy(model).eval()
+    work = copy_module(model).eval()
     state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
     if state.whole:
         raise ValueError(f"cannot export {type(model).__name__} to ONNX: {state.whole}; an ONNX graph is one function of its inputs")
@@ -927,6 +933,30 @@ def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[
     return graph, f"fused first (capture: {fused.fuse_report.capture}; torch.fx alone: {capture})", fused
 
 
+def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
+    """Whether the rewritten ``graph`` still computes what ``module`` does at the example's batch plus one.
+
+    The rules see the example's sizes only: a per-channel fold through ``y.reshape(8, -1)`` is exact at batch 1
+    alone, where that reshape keeps the channel axis whole.  Only graphs with a reshape are run.  A model that does
+    not run at another batch says nothing."""
+    from repalgebra.interpret import run_graph
+    from repalgebra.verify import TOLERANCES, first_difference
+
+    if not any(n.op in ("reshape", "reshape_dyn", "flatten") for n in graph.nodes):
+        return True
+    other = tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in example)
+    try:
+        with torch.no_grad():
+            want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*other)) if torch.is_tensor(t)]
+    except Exception:  # noqa: BLE001
+        return True
+    got = run_graph(graph, *other)
+    got = [t for t in (got if isinstance(got, tuple) else (got,)) if torch.is_tensor(t)]
+    return len(got) == len(want) and all(
+        first_difference(w, g, TOLERANCES.get(w.dtype, 1e-5)) is None for w, g in zip(want, got)
+    )
+
+
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,
@@ -977,6 +1007,10 @@ def export_onnx(
         if fuse:
             graph, rewritten = rewrite(graph)
             meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
+            if batch and module is not None and rewritten.fired and not _holds_at_another_batch(graph, module, example):
+                batch = False
+                notes.append(f"batch fixed at {example[0].shape[0]}: the folded graph differs from the model at another "
+                             "batch (a reshape keeps an axis whole at the example's batch only, such as y.reshape(8, -1) at batch 1)")
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
                                       notes=notes, examples=example)

@@ -1,0 +1,153 @@
+"""A fold through a reshape that keeps an axis whole at the example's sizes only must not reach other sizes.
+
+The rules see one example.  ``x.reshape(B, H * W, C)`` of a 1x1 map keeps the channels on the last axis, so a
+BatchNorm folds into the Linear after it; on a 2x2 map the same reshape scatters the channels.  An fx capture runs
+at any size, so ``fuse`` checks the folded graph at another batch and at grown sizes; where it differs, the
+fused model refuses other sizes by name (and ``export_onnx`` fixes the batch).  Compared in float64 to 1e-9
+relative (a fold rounds once per parameter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import repalgebra
+
+D = torch.float64
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+            m.weight.data.copy_(1 + 0.5 * torch.randn(c, generator=gen))
+            m.bias.data.copy_(torch.randn(c, generator=gen))
+    return model.eval()
+
+
+class TokensByReshape(nn.Module):
+    """A CNN head that makes tokens with ``reshape(B, H * W, C)`` (no permute) after a BatchNorm: right at a 1x1 map."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 2, 1), nn.ReLU())
+        self.norm, self.fc = nn.BatchNorm2d(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x))
+        b, c, h, w = x.shape
+        return self.fc(x.reshape(b, h * w, c)).mean(1)
+
+
+class OneToken(nn.Module):
+    """Tokens through a Linear, ``reshape(B, C, N, 1)`` and a BatchNorm2d: a channel reshape only at one token."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(c, c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return self.norm(self.fc(x).reshape(b, c, n, 1))
+
+
+class BatchBehind(nn.Module):
+    """``fc(x).reshape(8, -1) * g``: the batch moves behind the features; a per-row scale only at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.g = nn.Parameter(torch.linspace(-2, 2, 8).view(8, 1))
+
+    def forward(self, x):
+        return self.fc(x).reshape(8, -1) * self.g
+
+
+CASES = {
+    "tokens-by-reshape": (TokensByReshape, (1, 3, 4, 4), [(3, 3, 4, 4), (1, 3, 8, 8), (2, 3, 16, 12)]),
+    "one-token": (OneToken, (2, 1, 8), [(3, 1, 8), (2, 4, 8), (1, 9, 8)]),
+    "batch-behind": (BatchBehind, (1, 16), [(2, 16), (4, 16)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_fold_exact_at_the_example_only_is_refused_elsewhere(name):
+    make, shape, others = CASES[name]
+    torch.manual_seed(0)
+    model = randomized(make()).to(D)
+    x = torch.randn(shape, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+        refused = 0
+        for s in others:
+            y = torch.randn(s, dtype=D)
+            try:
+                got = fused(y)
+            except ValueError as e:
+                assert "differs from it at other sizes" in str(e)
+                refused += 1
+                continue
+            torch.testing.assert_close(got, model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+    assert refused, "every other size ran: the fold this model is made to mislead is gone, so the test tests nothing"
+    assert any("differs from it at other sizes" in n for n in fused.fuse_report.notes), str(fused.fuse_report)
+
+
+def test_where_the_reshape_moves_no_channel_the_sizes_stay_free():
+    """The same head at a 2x2 map: the BN is not folded through the reshape and every size runs."""
+    torch.manual_seed(0)
+    model = randomized(TokensByReshape()).to(D)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 8, 8, dtype=D))
+    with torch.no_grad():
+        for s in [(1, 3, 8, 8), (3, 3, 16, 12), (2, 3, 4, 4)]:
+            y = torch.randn(s, dtype=D)
+            torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_export_fixes_the_batch_where_a_fold_holds_at_the_example_batch_only(tmp_path):
+    torch.manual_seed(0)
+    model = BatchBehind().eval()
+    _, report = repalgebra.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 16), return_report=True)
+    assert any("differs from the model at another batch" in n for n in report.notes), str(report)
+    x = torch.randn(1, 16)
+    np.testing.assert_allclose(_ort(tmp_path / "m.onnx", x), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="dimensions"):  # a batch of 2 is refused, not computed wrong
+        _ort(tmp_path / "m.onnx", torch.randn(2, 16))
+
+
+class Packed(nn.Module):
+    """Reshapes whose first axis is not the batch: ``reshape(4, -1)`` and ``reshape(1, -1, C)`` (the batch packed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.relu(y.reshape(4, -1)), y.reshape(1, -1, 16).mean(1)
+
+
+def test_export_keeps_a_reshape_s_minus_one_where_the_model_wrote_it(tmp_path):
+    # The ONNX Reshape took axis 0 for the batch: at batch 2, (8, 8) came out where the model gives (4, 16).
+    torch.manual_seed(0)
+    model = Packed().eval()
+    repalgebra.export_onnx(model, tmp_path / "p.onnx", torch.randn(1, 16))
+    s = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 2, 4):
+        x = torch.randn(b, 16)
+        got = s.run(None, {s.get_inputs()[0].name: x.numpy()})
+        for g, w in zip(got, model(x)):
+            assert g.shape == tuple(w.shape)
+            np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-5, atol=1e-5)
