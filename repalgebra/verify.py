@@ -16,7 +16,6 @@ NaN/Inf, fail.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.torch import infer_example_inputs, model_dtype
+from repalgebra.module_copy import copy_module
 
 __all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference"]
 
@@ -176,7 +176,7 @@ def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """``model`` itself when it can run as is; else an eval-mode (and ``dtype``-cast) deep copy."""
     if dtype is None and not any(m.training for m in model.modules()):
         return model
-    copied = copy.deepcopy(model).eval()
+    copied = copy_module(model).eval()
     return copied.to(dtype) if dtype is not None else copied
 
 

@@ -1162,3 +1162,58 @@ def test_a_pickled_fused_model_keeps_its_shape_guards():
         with pytest.raises(ValueError, match="shapes fixed"):
             again(torch.randn(2, 3, 8, 9, dtype=D))
         assert len(again._forward_pre_hooks) == 1 and len(again._deepcopy_hooks) == 1  # copies do not pile up guards
+
+
+class UpcastNorm(nn.Module):
+    """A norm computed in float32 on purpose, as mixed-precision code writes it, after a conv + BN to fold."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.weight, self.bias = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.how == "group":
+            z = F.group_norm(y.float(), 1, self.weight.float(), self.bias.float())
+        else:
+            z = y.float() * self.weight.float()[:, None, None]
+        return z.to(y.dtype)
+
+
+@pytest.mark.parametrize("how", ["group", "mul"])
+def test_a_float64_model_that_computes_a_norm_in_float32_still_folds(how):
+    # The check cast the fused graph's float32 constants (w.float()) to float64: "mixed dtype" or a 1e-8
+    # difference, so both captures were discarded and the model kept whole with its BN.
+    model = randomized(UpcastNorm(how))
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and bn_left(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        want = model(x)  # float32 inside: the fold's float64 rounding can move the cast to float32 by one ulp
+        torch.testing.assert_close(fused(x), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def _hooked(kind: str) -> nn.Module:
+    """Layers with the old hook-based weight reparameterizations (HiFi-GAN, WaveNet, GAN discriminators)."""
+    torch.manual_seed(0)
+    norm = {"weight_norm": nn.utils.weight_norm, "spectral_norm": nn.utils.spectral_norm}[kind]
+    conv = norm(nn.Conv2d(3, 8, 3, padding=1))  # autograd on: its weight is a non-leaf tensor, deepcopy refused it
+    head = norm(nn.Linear(8, 4))
+    return nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head, nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind):
+    # fuse raised "cannot deep-copy" on a freshly built model, and kept such convs opaque, their BNs unfolded.
+    model = randomized(_hooked(kind).eval())
+    with torch.no_grad():  # a training step after the last call: the weight attribute is stale until the next one
+        for m in (model[0], model[5]):
+            getattr(m, "weight_g" if kind == "weight_norm" else "weight_orig").mul_(1.5)
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0 and fused.fuse_report.ops_after.get("opaque") is None, str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(3, 3, 12, 10, dtype=D)
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))

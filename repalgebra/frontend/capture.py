@@ -22,7 +22,6 @@ of the innermost module it happened in (relative to the captured module).
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
@@ -35,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.ir import Graph
 from repalgebra.rewrite import LeftAlone
+from repalgebra.module_copy import copy_module
 
 __all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call", "first_line"]
 
@@ -89,7 +89,7 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     from repalgebra.frontend.aten import CaptureFailed as ExportFailed
     from repalgebra.frontend.aten import capture_export
 
-    work = copy.deepcopy(module).eval()
+    work = copy_module(module).eval()
     try:
         with _quiet_export():
             cap = capture_export(work, tuple(inputs))

@@ -13,7 +13,6 @@ calls whose shapes cannot be learned on meta tensors.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -24,10 +23,13 @@ from torch import fx, nn
 
 from torch.nn.modules import module as _torch_module  # its global hook registries
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy
+from repalgebra.module_copy import copy_module
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
 
@@ -49,7 +51,7 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     """
     leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
     try:
-        work = copy.deepcopy(model)
+        work = copy_module(model)
     except Exception as e:  # a module holding a lock, a generator, ...
         raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
     work.eval()
@@ -169,12 +171,39 @@ def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_pre_hooks or m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
 
 
+# Forward pre-hooks that only set ``weight`` from other parameters before each call (the old hook-based
+# ``torch.nn.utils.weight_norm`` and ``spectral_norm``): the module computes what it would with that weight.
+# Recognised on the layers whose handlers read the weight with :func:`module_weight`.
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
+
+
+def _weight_hooks_only(m: nn.Module) -> bool:
+    hooks = list(m._forward_pre_hooks.values())
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and h.name == "weight" for h in hooks)
+            and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
+
+
+def module_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a call of ``m`` uses (a copy): ``m.weight``, or what its weight-norm hooks compute before the call
+    (spectral norm in eval mode: with its stored vectors, no power iteration), which ``m.weight`` may not yet be."""
+    weight = m.weight
+    with torch.no_grad():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, WeightNorm):
+                weight = h.compute_weight(m)
+            elif isinstance(h, SpectralNorm):
+                weight = h.compute_weight(m, do_power_iteration=False)
+    return weight.detach().clone()
+
+
 def recognised(m: nn.Module) -> type | None:
     """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None.
 
     A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's, and forward hooks
-    change what a call computes: neither is recognised (the call stays a call of the module, hooks and all)."""
-    if "forward" in vars(m) or has_hooks(m):
+    change what a call computes: neither is recognised (the call stays a call of the module, hooks and all),
+    except pre-hooks that only set the weight (:data:`_WEIGHT_HOOKS`; handlers read it with :func:`module_weight`)
+    on a module in eval mode (spectral norm's power iteration runs in training mode)."""
+    if "forward" in vars(m) or (has_hooks(m) and not (_weight_hooks_only(m) and not m.training)):
         return None
     for base in _RECOGNISED:
         if isinstance(m, base) and type(m).forward is base.forward:

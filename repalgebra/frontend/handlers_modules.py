@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
-from repalgebra.frontend.fx_trace import DROPOUTS
+from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
 
 
@@ -27,7 +27,7 @@ def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict,
     pre = None
     if m.padding_mode != "zeros":  # nn.Conv*d pads with F.pad(x, m._reversed_padding_repeated_twice, mode), then convolves unpadded
         pre = {"pads": list(m._reversed_padding_repeated_twice), "mode": m.padding_mode, "value": 0.0}
-    weight = m.weight.detach().clone()
+    weight = module_weight(m)
     stride, padding, dilation, kernel = m.stride, m.padding, m.dilation, m.kernel_size
     if isinstance(m, nn.Conv1d):  # the length is the width; the height is 1
         weight = weight.unsqueeze(2)
@@ -58,7 +58,7 @@ def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tup
     if x is None or len(x.shape) != 4:
         return None
     attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups)
-    params = {"weight": m.weight.detach().clone()} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
     return "conv_transpose2d", [x], attrs, params, ""
 
 
@@ -99,7 +99,7 @@ def _m_linear(b: Builder, n: fx.Node, m: nn.Linear, args: tuple, kwargs: dict) -
     x = single(args, kwargs)
     if x is None:
         return None
-    params = {"weight": m.weight.detach().clone()}
+    params = {"weight": module_weight(m)}
     if m.bias is not None:
         params["bias"] = m.bias.detach().clone()
     return "linear", [x], {}, params, ""

@@ -18,13 +18,13 @@ localized and the whole model is kept whole.
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
 __all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "watch"]
@@ -88,7 +88,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     values computed from the weights, a weight a hook recomputes), is not: an
     empty result then means the model is one function of its input once called.
     """
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     before = _snapshot(work)
     try:
         first = _call(work, inputs)
@@ -138,7 +138,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     ]
     state: set[str] = set()
     for k, other in enumerate(others):
-        fresh, primed = copy.deepcopy(model), copy.deepcopy(model)
+        fresh, primed = copy_module(model), copy_module(model)
         try:
             want = _call(fresh, other)
         except Exception:  # noqa: BLE001
@@ -204,7 +204,7 @@ def _call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
 
 def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> dict[str, list[str]]:
     """For each tensor in ``names``: the modules whose own code (not a child's) changed it, in a call of a fresh copy."""
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     paths = {m: p for p, m in work.named_modules(remove_duplicate=False)}
     stack: list[tuple[dict[str, Any], set[str]]] = []  # per active call: snapshot at entry, changes by its children
     sites: dict[str, list[str]] = {}

@@ -43,7 +43,6 @@ The work is split by job, each file read top to bottom:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -60,6 +59,7 @@ from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_mod
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph
 from repalgebra.rewrite import LeftAlone
+from repalgebra.module_copy import copy_module
 
 __all__ = [
     "trace", "trace_model", "reroute_shape_reads", "TraceResult", "UntraceableError", "check_model", "infer_example_inputs",
@@ -171,7 +171,7 @@ def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: t
     outs = []
     # An Interpreter runs the graph node by node: no code generated for it (a GraphModule would compile a
     # forward as long as the model).
-    runs = (fx.Interpreter(copy.deepcopy(work), graph=fx_graph).run, copy.deepcopy(model).eval())
+    runs = (fx.Interpreter(copy_module(work), graph=fx_graph).run, copy_module(model).eval())
     for run in runs:
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(0)
