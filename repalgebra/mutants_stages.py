@@ -215,7 +215,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "ln-fn-bias-dropped", "F.layer_norm's bias not read", f"{_HF}:_f_layer_norm",
      'for k in ("weight", "bias") if a[k] is not None}', 'for k in ("weight",) if a[k] is not None}', _FN),
     ("frontend", "ln-fn-last-axis", "F.layer_norm normalizes the last axis only", f"{_HF}:_f_layer_norm",
-     '{"normalized_shape": ints(a["normalized_shape"])', '{"normalized_shape": ints(a["normalized_shape"])[-1:]', _FN),
+     '{"normalized_shape": shape,', '{"normalized_shape": shape[-1:],', _FN),
     ("frontend", "avg-pool-fn-ceil-dropped", "F.avg_pool2d's ceil_mode not read", f"{_HF}:_f_avg_pool",
      'a["padding"], a["ceil_mode"], a["count_include_pad"]', 'a["padding"], False, a["count_include_pad"]', _FN),
     ("frontend", "avg-pool-fn-count-dropped", "F.avg_pool2d's count_include_pad read as True", f"{_HF}:_f_avg_pool",

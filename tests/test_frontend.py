@@ -416,3 +416,24 @@ def test_op_without_torch_lowering_runs_by_reference(monkeypatch):
     assert any(isinstance(x, OpCall) for x in m.modules())
     x = torch.randn(1, 2, 3, 3)
     torch.testing.assert_close(m(x), run_graph(g, x))
+
+
+class SizeReadLayerNorm(nn.Module):
+    """``F.layer_norm(y, (y.shape[-1],), w, b)`` on channels-last tokens (the normalized shape read from the input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.ln = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        return F.layer_norm(y, (y.shape[-1],), self.ln.weight, self.ln.bias, 1e-6)
+
+
+def test_a_normalized_shape_read_from_sizes_is_the_weight_s_shape():
+    # It was an opaque call, which kept export_onnx from declaring a dynamic batch.
+    model = SizeReadLayerNorm().eval()
+    g = same(model, torch.randn(2, 3, 5, 6))
+    assert node(g, "layer_norm").attrs["normalized_shape"] == (8,) and "opaque" not in ops_of(g)
+    x = torch.randn(3, 3, 7, 4)
+    torch.testing.assert_close(to_module(g)(x), model(x))

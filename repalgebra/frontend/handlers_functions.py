@@ -599,12 +599,21 @@ def _f_linear(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
 
 def _f_layer_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("normalized_shape", REQ), ("weight", None), ("bias", None), ("eps", 1e-5)], args, kwargs)
-    if a is None or shaped(a["input"]) is None or ints(a["normalized_shape"]) is None or not isinstance(a["eps"], (int, float)):
+    if a is None or shaped(a["input"]) is None or not isinstance(a["eps"], (int, float)):
         return None
     if any(a[k] is not None and _const(a[k]) is None for k in ("weight", "bias")):
         return None
     params = {k: _const(a[k]) for k in ("weight", "bias") if a[k] is not None}
-    return "layer_norm", [a["input"]], {"normalized_shape": ints(a["normalized_shape"]), "eps": float(a["eps"])}, params, ""
+    shape = ints(a["normalized_shape"])
+    if shape is None and params and isinstance(a["normalized_shape"], (tuple, list)):
+        # Read from sizes (``(y.shape[-1],)``): layer_norm runs only where they equal the weight's shape, so that
+        # shape is the normalized shape at every input the model accepts.
+        pinned = tuple(next(iter(params.values())).shape)
+        if len(pinned) == len(a["normalized_shape"]) and tuple(a["input"].shape[-len(pinned):]) == pinned:
+            shape = pinned
+    if shape is None:
+        return None
+    return "layer_norm", [a["input"]], {"normalized_shape": shape, "eps": float(a["eps"])}, params, ""
 
 
 def _f_avg_pool(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
