@@ -18,6 +18,10 @@ bias is as above.  Every output of a transposed conv is a sum of weight-times-in
 output channel (plus that channel's bias), so the same per-channel argument holds; the configurations
 below check it with stride, padding, output padding, dilation and groups.
 
+After a channel concat of convs (MixConv, each conv reading its own input), the BN's channels are
+the concat's: slice k of (mean, var, gamma, beta) normalizes conv k's outputs, so each conv folds its
+own slice and the concat of the folded convs is the BN of the concat.
+
 Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
 honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
 ``expand(lhs - rhs) == 0`` element by element. The identity is linear in
@@ -29,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, conv_symbols, conv_transpose2d, describe, symbols_tensor
+from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv_symbols, conv_transpose2d, describe, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -99,4 +103,22 @@ def prove() -> list[str]:
         desc = describe("conv_transpose->BN == conv_transpose", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
+    done.append(prove_concat())
     return done
+
+
+def prove_concat() -> str:
+    """BN(cat(conv_a(x_a), conv_b(x_b))) == cat(conv_a'(x_a), conv_b'(x_b)): a 3x3 conv with bias and a grouped
+    1x1 without, on inputs of their own, each folding its slice of one BN."""
+    a = dict(C=2, O=2, H=3, W=3, k=(3, 3), groups=1, bias=True)
+    b = dict(C=2, O=4, H=3, W=3, k=(1, 1), groups=2, bias=False)
+    (xa, wa, ba), (xb, wb, bb) = conv_symbols(a), conv_symbols(b)
+    xb = symbols_tensor("y", xb.shape)  # its own input
+    wb = symbols_tensor("v", wb.shape)
+    bn = bn_symbols("", 6)
+    lhs = batch_norm(concat([conv2d(xa, wa, ba, padding=(1, 1, 1, 1)), conv2d(xb, wb, bb, groups=2)]), *bn)
+    wa2, ba2 = fuse(wa, ba, *(p[:2] for p in bn[:4]), bn[4])
+    wb2, bb2 = fuse(wb, bb, *(p[2:] for p in bn[:4]), bn[4])
+    rhs = concat([conv2d(xa, wa2, ba2, padding=(1, 1, 1, 1)), conv2d(xb, wb2, bb2, groups=2)])
+    assert_equal(lhs, rhs, "bn_fold concat of convs")
+    return "cat(conv 3x3 with bias, grouped conv 1x1)->BN == cat(folded convs)"

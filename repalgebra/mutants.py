@@ -118,6 +118,7 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
+_BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
 _GROUPS_DROPPED = ("v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)")
@@ -133,17 +134,21 @@ MUTANTS: list[Mutant] = [
        "return Rewrite(node.out, node.x)", "return Rewrite(node.out, graph.inputs[0])"),
     # ---------------------------------------------------------------- bn_fold
     _m("bn_fold", "bias-unscaled", "the conv bias is not multiplied by the BN scale",
-       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) + t"),
+       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) + t", target=_BN_FOLDED),
     _m("bn_fold", "shift-dropped", "the BN shift t = beta - mean * s is dropped",
-       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) * s"),
+       "bias=conv_bias(conv) * s + t", "bias=conv_bias(conv) * s", target=_BN_FOLDED),
     _m("bn_fold", "groups-dropped", "the fused conv loses its groups",
-       "weight=w, bias=conv_bias(conv) * s + t)", "weight=w, bias=conv_bias(conv) * s + t, groups=1)"),
+       "weight=w, bias=conv_bias(conv) * s + t)", "weight=w, bias=conv_bias(conv) * s + t, groups=1)", target=_BN_FOLDED),
     _helper("bn_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _helper("bn_fold", "var-as-std", "the running variance used as the standard deviation (no square root)", _BN_AFFINE,
             'torch.sqrt(p["var"] + bn.attrs["eps"])', '(p["var"] + bn.attrs["eps"])'),
     _m("bn_fold", "transposed-as-conv", "a transposed conv's weight scaled along its first (input-channel) axis",
        "w = w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
-       "w = w * s.reshape(-1, 1, 1, 1) if w.shape[0] == s.shape[0] else w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]"),
+       "w = w * s.reshape(-1, 1, 1, 1) if w.shape[0] == s.shape[0] else w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
+       target=_BN_FOLDED),
+    _m("bn_fold", "concat-slices-from-start", "every conv of a concat folds the BN's first channels",
+       "new.append(_folded(c, s[start:end], t[start:end], bn))", "new.append(_folded(c, s[:end - start], t[:end - start], bn))",
+       target="repalgebra.rules.bn_fold:_through_concat"),
     # ---------------------------------------------------------------- scale_fold
     _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
        "bias=None if bias is None else bias * gamma", "bias=bias"),

@@ -7,27 +7,60 @@ A transposed conv (``nn.ConvTranspose2d``) stores its weight as ``(C_in, C_out /
 channel ``o`` is column ``o mod (C_out / groups)`` of the rows of its group, so the same ``s[o]`` scales
 those columns.
 
-Preconditions: the BN reads a ``conv2d`` or ``conv_transpose2d`` whose output nothing else reads.
-Any stride, padding, output padding, dilation and groups: BN acts on each output channel alone.
+A BN after a channel concat of convs (MixConv: each conv reads its own split of the input) is one BN per
+slice, and each slice folds into the conv that makes it:
+
+    BN(cat(conv_1(x_1), ..., conv_n(x_n))) = cat(conv_1'(x_1), ..., conv_n'(x_n))
+
+Preconditions: the BN reads a ``conv2d`` or ``conv_transpose2d`` whose output nothing else reads, or a
+concat along the channels, read by nothing else, of such convs.  Any stride, padding, output padding,
+dilation and groups: BN acts on each output channel alone.
 """
 
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
+_CONVS = ("conv2d", "conv_transpose2d")
+
 
 @rule("bn_fold", on="batch_norm")
 def bn_fold(graph, bn):
-    conv = producer(bn.x, "conv2d", "conv_transpose2d")
+    conv = producer(bn.x, *_CONVS)
     if conv is None:
-        return None
+        return _through_concat(graph, bn)
     if not sole_use(graph, conv.out):
         return Refusal(f"the {'transposed ' * (conv.op != 'conv2d')}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
+    new = _folded(conv, s, t, bn)
+    return Rewrite(bn.out, new.out, (new,))
+
+
+def _folded(conv, s, t, bn):
+    """``conv`` with the per-output-channel affine ``s * y + t`` folded in."""
     w = conv.params["weight"]
     if conv.op == "conv2d":
         w = w * s.reshape(-1, 1, 1, 1)
     else:  # (C_in, C_out / g, kh, kw): the scale of output channel o laid out like the weight's rows and columns
         w = w * per_input_channel(s, w.shape[:2], conv.attrs["groups"])[:, :, None, None]
-    new = conv_with(conv, sources=(bn,), weight=w, bias=conv_bias(conv) * s + t)
-    return Rewrite(bn.out, new.out, (new,))
+    return conv_with(conv, sources=(bn,), weight=w, bias=conv_bias(conv) * s + t)
+
+
+def _through_concat(graph, bn):
+    """``BN(cat(conv_1, ..., conv_n))`` on channels: each conv folds its slice of the BN."""
+    cat = producer(bn.x, "concat")
+    if cat is None or len(bn.x.shape) != 4 or cat.attrs["axis"] not in (1, -3):
+        return None
+    convs = [producer(v, *_CONVS) for v in cat.inputs]
+    if any(c is None for c in convs):
+        return None
+    if not sole_use(graph, cat.out) or any(not sole_use(graph, c.out) for c in convs):
+        return Refusal("the concat before it, or a conv in it, is also read elsewhere")
+    s, t = bn_affine(bn)
+    new, start = [], 0
+    for c in convs:
+        end = start + c.out.shape[1]
+        new.append(_folded(c, s[start:end], t[start:end], bn))
+        start = end
+    joined = cat.replace(inputs=tuple(n.out for n in new))
+    return Rewrite(bn.out, joined.out, (*new, joined))

@@ -136,3 +136,48 @@ def test_refused_when_the_transposed_conv_output_has_another_user(dtype, seed, d
     graph = b.build(add_bn(b, c, data.draw(bn_stats(4)), dtype, "bn"), c)
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and reasons(report, "batch_norm") == ["bn_fold: the transposed conv before it is also read elsewhere"]
+
+
+@given(dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_a_bn_after_a_channel_concat_of_convs_slice_by_slice(dtype, batch, seed, data):
+    """MixConv: each conv reads its own input, the BN normalizes their concat; slice k of the BN folds into conv k.
+    Kernels 1, 3, 5 with 'same' padding (transposed convs too), so every output has the input's size."""
+    n = data.draw(st.integers(2, 3), label="convs")
+    h, w = data.draw(st.integers(1, 6), label="h"), data.draw(st.integers(1, 6), label="w")
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    outs, total = [], 0
+    for k in range(n):
+        g = data.draw(st.sampled_from([1, 2]), label="groups")
+        cin, cout = (g * data.draw(st.integers(1, 4)) for _ in range(2))
+        ks = data.draw(st.sampled_from([1, 3, 5]), label="kernel")
+        transposed = data.draw(st.booleans(), label="transposed")
+        shape = (cin, cout // g, ks, ks) if transposed else (cout, cin // g, ks, ks)
+        params = {"weight": (torch.randn(*shape, generator=gen, dtype=torch.float64) / ks).to(dtype)}
+        if data.draw(st.booleans(), label="bias"):
+            params["bias"] = torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)
+        x = b.input(f"x{k}", (batch, cin, h, w), dtype)
+        if transposed:
+            outs.append(b.conv_transpose2d(x, **params, padding=(ks // 2, ks // 2), groups=g, source=f"mix.convs.{k}"))
+        else:
+            p = ks // 2
+            outs.append(b.conv2d(x, **params, padding=(p, p, p, p), groups=g, source=f"mix.convs.{k}"))
+        total += cout
+    y = add_bn(b, b.concat(*outs, axis=1, source="mix"), data.draw(bn_stats(total), label="bn"), dtype, "mix.bn")
+    graph = b.build(y)
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1} and "batch_norm" not in report.after, report.after
+    inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
+    assert_graphs_equal(graph, fused, inputs, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_bn_after_a_concat_with_an_operand_that_is_not_a_conv_is_left_alone(dtype, seed, data):
+    b = GraphBuilder()
+    x = b.input("x", (1, 4, 3, 3), dtype)
+    c = b.conv2d(x, weight=torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype))
+    graph = b.build(add_bn(b, b.concat(c, b.relu(x), axis=1), data.draw(bn_stats(8)), dtype, "bn"))
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
