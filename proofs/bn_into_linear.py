@@ -24,6 +24,9 @@ Configurations: FastViT's attention pre-norm (BatchNorm2d on (B, C, H, W), flatt
 transpose(-2, -1), qkv Linear), a channels-last permute, permute + flatten, BatchNorm1d on
 (B, C, L) with transpose and a reshape to (B*L, C), and the empty chain (BatchNorm1d -> Linear).
 
+Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns features
+[c H W, (c + 1) H W) (:func:`prove_flatten_all`).
+
 REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its
 features (with H*W == C the shapes even fit), element [.., c, p] meets s[c] but the fold puts
 s[p] on it; symbolic counterexample below.
@@ -114,6 +117,8 @@ def prove() -> list[str]:
         assert_equal(lhs, rhs, "bn_into_linear " + desc)
         done.append(desc)
 
+    done.append(prove_flatten_all())
+
     # REFUSED: the Linear's features are the spatial positions, not BN's channels.
     cfg = REFUSED
     try:
@@ -133,3 +138,24 @@ def prove() -> list[str]:
     done.append(f"refused: {cfg['name']}: x (1, C=2, 1, 2) -> (1, 2, 2): at {idx} lhs - rhs = "
                 f"W[0,1] * ((s[0] - s[1]) x[0,0,0,1] + t[0] - t[1]) != 0 (numeric witness {num})")
     return done
+
+
+def prove_flatten_all() -> str:
+    """A classifier head, BN2d -> flatten(1) -> Linear(C H W): feature j comes from channel j // (H W), so
+    W'[o, j] = W[o, j] s[j // (H W)] and b' = b + sum_j W[o, j] t[j // (H W)]."""
+    shape, chain = (1, 2, 2, 1), [("flatten", dict(start=1, end=-1))]
+    x = symbols_tensor("x", shape)
+    w, b = symbols_tensor("w", (3, 4)), symbols_tensor("b", (3,))
+    bn = bn_symbols("", 2)
+    s, t = bn_scale_shift(*bn)
+    per = shape[2] * shape[3]
+    w2 = np.empty(w.shape, dtype=object)
+    b2 = np.empty(3, dtype=object)
+    for o in range(3):
+        for j in range(4):
+            w2[o, j] = w[o, j] * s[j // per]
+        b2[o] = b[o] + sympy.Add(*(w[o, j] * t[j // per] for j in range(4)))
+    lhs = linear(layout(batch_norm(x, *bn, axis=1), chain), w, b)
+    rhs = linear(layout(x, chain), w2, b2)
+    assert_equal(lhs, rhs, "bn_into_linear flatten(1) head")
+    return "classifier head: x (1, C=2, 2, 1) -> flatten(1) -> Linear(4 -> 3): W'[o, j] = W[o, j] s[j // 2]"

@@ -294,6 +294,8 @@ MUTANTS: list[Mutant] = [
     _m("bn_into_linear", "axis-unchecked", "a BN whose channels do not arrive on the Linear's input axis is folded",
        "follow_chain(chain, 1) != len(lin.x.shape) - 1", "follow_chain(chain, 1) is None"),
     _helper("bn_into_linear", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    _m("bn_into_linear", "head-features-interleaved", "a classifier head's scale repeated channel-minor (tiled, not repeated per channel)",
+       "s, t = s.repeat_interleave(repeat), t.repeat_interleave(repeat)", "s, t = s.repeat(repeat), t.repeat(repeat)"),
     # ---------------------------------------------------------------- linear_affine_fold
     _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b"),
     _m("linear_affine_fold", "wrong-axis", "the scale multiplies the Linear's input columns instead of its output rows",

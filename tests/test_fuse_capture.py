@@ -1217,3 +1217,14 @@ def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind):
     with torch.no_grad():
         y = torch.randn(3, 3, 12, 10, dtype=D)
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+
+
+def test_a_classifier_head_s_batch_norm_folds_into_its_linear():
+    """``BN2d -> flatten(1) -> Linear(C H W)``: channel c owns features [c H W, (c + 1) H W) (``bn_into_linear``)."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5)))
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0 and fused.fuse_report.rule_counts() == {"bn_into_linear": 1}, str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(5, 3, 8, 8, dtype=D)
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))

@@ -6,12 +6,16 @@
 ``L`` is a chain of flatten / reshape / transpose / permute ops (possibly
 empty) that moves BN's channel axis, whole, to the last axis the Linear reads:
 it only moves elements, so each element meets the same s[c] and t[c] either
-way.  Unlike a conv there is no padding, so the fold is always exact.
+way.  Or ``L`` is one ``flatten`` of every axis from the channels on (a
+classifier head: ``BN2d``, ``flatten(1)``, ``Linear(C * H * W)``): feature
+``j`` comes from channel ``j // (H W)``, so ``s`` and ``t`` repeat ``H W``
+times each.  Unlike a conv there is no padding, so the fold is always exact.
 This folds FastViT's attention pre-norm (BatchNorm2d, then flatten and
 transpose to tokens) into the qkv projection.
 
 Preconditions: every value from the BN to the Linear is read only by the next
-op, and the layout ops keep the channel axis whole and end with it last.
+op, and the layout ops keep the channel axis whole and end with it last, or are
+that one flatten.
 """
 
 from repalgebra.kernels import bn_affine
@@ -26,9 +30,12 @@ def bn_into_linear(graph, lin):
     if bn is None:
         return None
     one_channel = bn.x.shape[1] == 1 and lin.x.shape[-1] == 1  # a scalar affine: where it lands is moot
-    if not one_channel and follow_chain(chain, 1) != len(lin.x.shape) - 1:
-        return None
     s, t = bn_affine(bn)
+    if not one_channel and follow_chain(chain, 1) != len(lin.x.shape) - 1:
+        repeat = _flattened_features(chain, bn)
+        if repeat is None:
+            return None
+        s, t = s.repeat_interleave(repeat), t.repeat_interleave(repeat)
     w = lin.params["weight"]
     b = lin.params.get("bias")
     bias = w @ t if b is None else b + w @ t
@@ -36,3 +43,17 @@ def bn_into_linear(graph, lin):
     start = moved[-1].out if moved else bn.x
     new = lin.replace(inputs=(start,), params={"weight": w * s, "bias": bias}, source=merged_source(lin, bn))
     return Rewrite(lin.out, new.out, (*moved, new))
+
+
+def _flattened_features(chain, bn) -> int | None:
+    """Features per channel where ``chain`` is one ``flatten`` of every axis from the channels on (a classifier
+    head's ``BN2d -> flatten(1) -> Linear(C * H * W)``): channel ``c`` holds features ``[c r, (c + 1) r)``."""
+    if len(chain) != 1 or chain[0].op != "flatten" or len(bn.x.shape) < 3:
+        return None
+    rank = len(bn.x.shape)
+    if chain[0].attrs["start"] % rank != 1 or chain[0].attrs["end"] % rank != rank - 1:
+        return None
+    repeat = 1
+    for size in bn.x.shape[2:]:
+        repeat *= size
+    return repeat

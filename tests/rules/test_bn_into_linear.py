@@ -19,10 +19,12 @@ CARRYING = {
     "flatten_transpose": lambda b, y: b.transpose(b.flatten(y, start=2), dim0=-2, dim1=-1),
     "permute": lambda b, y: b.permute(y, dims=(0, 2, 3, 1)),
     "permute_flatten": lambda b, y: b.flatten(b.permute(y, dims=(0, 2, 3, 1)), start=1, end=2),
+    # A classifier head: channels and space merged, channel c owning features [c H W, (c + 1) H W).
+    "flatten_all": lambda b, y: b.flatten(y, start=1),
 }
 MIXING = {
     "flatten_only": lambda b, y: b.flatten(y, start=2),  # the Linear reads spatial positions
-    "flatten_all": lambda b, y: b.flatten(y, start=1),  # channels and space merged
+    "permute_flatten_space_major": lambda b, y: b.flatten(b.permute(y, dims=(0, 2, 3, 1)), start=1),  # channel minor
 }
 
 
@@ -75,9 +77,9 @@ def test_not_fired_when_channels_do_not_arrive_last(case, dtype, seed):
     y = MIXING[chain](b, add_bn(b, x, stats, dtype, "norm"))
     graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
     fused, report = run_rules(graph, "bn_into_linear")
-    if shape[2] * shape[3] == 1 and (chain == "flatten_all" or shape[1] == 1):
-        # With 1x1 spatial size flatten_all leaves the channels last, and one channel read as one
-        # feature (flatten_only) is a scalar affine: folding is right, and fires.
+    if shape[2] * shape[3] == 1 or shape[1] == 1:
+        # At a 1x1 spatial size the channels arrive last whole, and one channel is a scalar affine:
+        # folding is right, and fires.
         return
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert reasons(report, "batch_norm") and reasons(report, "batch_norm")[0].startswith("no rule applies")
@@ -89,7 +91,8 @@ def test_not_fired_when_the_bn_output_is_read_elsewhere(case, dtype, seed):
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
     n = add_bn(b, x, stats, dtype, "norm")
-    y = b.linear(CARRYING[chain](b, n), **_linear_params(shape[1], c_out, bias, seed, dtype), source="lin")
+    moved = CARRYING[chain](b, n)
+    y = b.linear(moved, **_linear_params(moved.shape[-1], c_out, bias, seed, dtype), source="lin")
     graph = b.build(y, n)
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
