@@ -147,6 +147,8 @@ def prove() -> list[str]:
         assert_equal(lhs, rhs, "linear_affine_fold " + desc)
         done.append(desc)
 
+    done.append(prove_generator_input())
+
     # REFUSED: the reshape mixes the feature axis with the token axis.
     cfg = REFUSED
     y_shape = tuple(cfg["x"][:-1]) + (cfg["O"],)
@@ -167,3 +169,20 @@ def prove() -> list[str]:
     done.append(f"refused: {cfg['name']}: (1, N=2, C=4) -> (1, 4, 2), layer scale on axis 1: at {idx} "
                 f"lhs - rhs = (s[0] - s[1]) * Linear(x)[0,0,1] != 0 (numeric witness {num})")
     return done
+
+
+def prove_generator_input() -> str:
+    """A generator's input layer: Linear(z) (2 -> C H W = 2 * 2 * 1), reshape to (1, C=2, 2, 1), BN2d: channel c is
+    the rows [c H W, (c + 1) H W), so row o is scaled by s[o // (H W)] and shifted by t[o // (H W)]."""
+    C, H, W = 2, 2, 1
+    z = symbols_tensor("z", (1, 2))
+    w, b = symbols_tensor("w", (C * H * W, 2)), symbols_tensor("b", (C * H * W,))
+    bn = bn_symbols("", C)
+    s, t = bn_scale_shift(*bn)
+    chain = [("reshape", dict(shape=(1, C, H, W)))]
+    lhs = batch_norm(layout(linear(z, w, b), chain), *bn, axis=1)
+    rows = H * W
+    w2, b2 = fuse(w, b, [s[o // rows] for o in range(C * H * W)], [t[o // rows] for o in range(C * H * W)])
+    rhs = layout(linear(z, w2, b2), chain)
+    assert_equal(lhs, rhs, "linear_affine_fold generator input")
+    return "generator input: Linear(2 -> 4) -> reshape (1, C=2, 2, 1) -> BN2d: row o scaled by s[o // 2]"

@@ -305,6 +305,8 @@ MUTANTS: list[Mutant] = [
     _m("linear_affine_fold", "axis-unchecked", "a scale or BN on another axis than the Linear's features is folded",
        "follow_chain(chain, len(lin.out.shape) - 1) != axis", "follow_chain(chain, len(lin.out.shape) - 1) is None"),
     _helper("linear_affine_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    _m("linear_affine_fold", "map-rows-interleaved", "a generator input layer's scale tiled over the rows instead of repeated per channel",
+       "s = s.repeat_interleave(repeat)", "s = s.repeat(repeat)"),
     # ---------------------------------------------------------------- query_scale_fold
     _m("query_scale_fold", "all-rows-scaled", "the query scale multiplies every row of the qkv Linear (k and v too)",
        "torch.where(seen, lo, torch.ones(features, dtype=torch.float64))", "torch.where(seen, lo, lo[seen].max().expand(features))"),

@@ -1228,3 +1228,34 @@ def test_a_classifier_head_s_batch_norm_folds_into_its_linear():
     with torch.no_grad():
         y = torch.randn(5, 3, 8, 8, dtype=D)
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+
+
+class Generator(nn.Module):
+    """A DCGAN-style generator: Linear(z) -> view(-1, C, 4, 4) -> BN2d, then ConvTranspose2d + BN2d up to 16x16."""
+
+    def __init__(self, nz: int = 8, c: int = 8) -> None:
+        super().__init__()
+        self.c = c
+        self.fc, self.bn0 = nn.Linear(nz, c * 16), nn.BatchNorm2d(c)
+        self.up = nn.Sequential(nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True),
+                                nn.ConvTranspose2d(c // 2, 3, 4, 2, 1), nn.Tanh())
+
+    def forward(self, z):
+        return self.up(torch.relu(self.bn0(self.fc(z).view(-1, self.c, 4, 4))))
+
+
+def test_a_generator_fuses_to_its_linear_and_transposed_convs_only(tmp_path):
+    model = randomized(Generator())
+    z = torch.randn(2, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, z)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(5, 8, dtype=D)
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+    f32 = copy.deepcopy(model).float()
+    onnx_model = repalgebra.export_onnx(f32, tmp_path / "g.onnx", torch.randn(2, 8))
+    assert "BatchNormalization" not in {n.op_type for n in onnx_model.graph.node}
+    s = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.randn(3, 8)
+    torch.testing.assert_close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: y.numpy()})[0]), f32(y).detach(),
+                               rtol=1e-5, atol=1e-5)  # float32

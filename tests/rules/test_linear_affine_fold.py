@@ -87,3 +87,22 @@ def test_not_fired_when_the_projection_is_read_elsewhere(t, dtype, seed):
     graph = b.build(b.scale(y, scale=gamma, axis=-1, source="ls"), y)
     fused, report = run_rules(graph, "linear_affine_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(t=tokens(), dtype=float_dtypes(), affine=st.sampled_from(["scale", "bn"]), bias=st.booleans(), seed=seeds(), data=st.data())
+def test_folds_a_generator_input_layer_through_the_reshape_to_a_map(t, dtype, affine, bias, seed, data):
+    """DCGAN: Linear(z) -> view(-1, C, H, W) -> BN2d (or a layer scale): channel c is the rows [c H W, (c+1) H W)."""
+    bsz, h, w, cin, c = t
+    b = GraphBuilder()
+    x = b.input("z", (bsz, cin), dtype)
+    y = b.reshape(b.linear(x, **_params(cin, c * h * w, bias, seed, dtype), source="gen.fc"), shape=(-1, c, h, w))
+    if affine == "scale":
+        gamma = torch.randn(c, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+        y = b.scale(y, scale=gamma, source="gen.layer_scale")
+    else:
+        y = add_bn(b, y, data.draw(bn_stats(c)), dtype, "gen.bn")
+    graph = b.build(y)
+    fused, report = run_rules(graph, "linear_affine_fold")
+    assert report.rule_counts() == {"linear_affine_fold": 1}
+    assert set(fused.op_counts()) == {"linear", "reshape"}
+    assert_graphs_equal(graph, fused, random_input((bsz, cin), dtype, seed + 2), dtype)
