@@ -110,4 +110,38 @@ def prove() -> list[str]:
     assert_equal([diff], [sympy.expand(expected)], "bn_before_conv refused: difference is -t * border taps")
     done.append(f"refused: BN -> conv3x3(padding 1): at corner (0,0) lhs - rhs = "
                 f"-t * sum_(padded taps) W != 0 since BN(0) = t (numeric witness {num}); interior agrees")
+    done += [prove_copying_pad(mode) for mode in ("reflect", "replicate", "circular")]
     return done
+
+
+def copy_pad(x: np.ndarray, pads, mode: str) -> np.ndarray:
+    """``F.pad(x, (left, right, top, bottom), mode)`` on a (C, H, W) tensor: every padded pixel is a pixel of the same
+    channel (reflect: mirrored without the edge; replicate: the edge; circular: wrapped around)."""
+    left, right, top, bottom = pads
+    C, H, W = x.shape
+
+    def source(i: int, n: int) -> int:
+        if mode == "reflect":
+            return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+        if mode == "replicate":
+            return min(max(i, 0), n - 1)
+        return i % n  # circular
+
+    out = np.empty((C, H + top + bottom, W + left + right), dtype=object)
+    for c in range(C):
+        for p in range(-top, H + bottom):
+            for q in range(-left, W + right):
+                out[c, p + top, q + left] = x[c, source(p, H), source(q, W)]
+    return out
+
+
+def prove_copying_pad(mode: str) -> str:
+    """conv(pad(BN(x), mode)) == conv'(pad(x, mode)) for a pad that copies pixels within each channel."""
+    pads = (1, 0, 1, 2)
+    x = symbols_tensor("x", (2, 3, 3))
+    w, b = symbols_tensor("w", (2, 2, 2, 2)), symbols_tensor("b", (2,))
+    bn = bn_symbols("", 2)
+    lhs = conv2d(copy_pad(batch_norm(x, *bn), pads, mode), w, b)
+    rhs = conv2d(copy_pad(x, pads, mode), *fuse(w, b, *bn))
+    assert_equal(lhs, rhs, f"bn_before_conv across a {mode} pad")
+    return f"BN -> {mode} pad (1, 0, 1, 2) -> conv2x2 == {mode} pad -> conv2x2'"

@@ -277,6 +277,8 @@ MUTANTS: list[Mutant] = [
        "(w * per_o(t)[:, :, None, None]).sum((1, 2, 3))", "(w * per_o(t)[:, :, None, None]).sum(1).mean((1, 2))"),
     _m("bn_before_conv", "bias-dropped", "the conv's own bias is dropped", "new_b = conv_bias(conv) + (", "new_b = 0 * conv_bias(conv) + ("),
     _helper("bn_before_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
+    _m("bn_before_conv", "constant-pad-crossed", "a constant (zero) pad between BN and conv is crossed as if it copied pixels",
+       'pad.attrs["mode"] not in _COPYING', 'pad.attrs["mode"] not in (*_COPYING, "constant")', target="repalgebra.rules.bn_before_conv:_copying_pad"),
     # ---------------------------------------------------------------- scale_into_conv
     _m("scale_into_conv", "bias-scaled", "the conv's bias is scaled too (by the mean scale its row sees), as if the scale came after it",
        "weight=w * s[:, :, None, None])", "weight=w * s[:, :, None, None], bias=None if 'bias' not in conv.params else conv.params['bias'] * s.mean(1))"),

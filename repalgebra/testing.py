@@ -495,7 +495,7 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         return op_def(op)(ms, a, _abs_params(n))
     if op == "add_const":  # |sign * y + c| <= |y| + |c|
         return op_def(op)(ms, {**a, "sign": 1.0}, _abs_params(n))
-    if op == "pad":
+    if op in ("pad", "pad_nd"):  # reflect / replicate / circular copy magnitudes; a constant pads with |value|
         return op_def(op)(ms, {**a, "value": abs(a["value"])}, {})
     if op == "linear":
         return op_def(op)(ms, a, _abs_params(n))

@@ -84,3 +84,35 @@ def test_not_fired_when_the_bn_has_another_user(spec, dtype, seed, data):
     fused, report = run_rules(graph, "bn_before_conv")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert reasons(report, "batch_norm")[0].startswith("no rule applies")
+
+
+@given(spec=conv_specs(padding="none", dilation=(1, 1), kernel=st.tuples(*[st.sampled_from([1, 2, 3, 5])] * 2),
+                       height=st.integers(7, 10), width=st.integers(7, 10)),
+       mode=st.sampled_from(["reflect", "replicate", "circular"]), pads=st.tuples(*[st.integers(0, 2)] * 4),
+       dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_folds_bn_across_a_pad_that_copies_pixels(spec, mode, pads, dtype, seed, data):
+    """mmcv's ConvModule(order=('norm', 'conv', 'act'), padding_mode='reflect'): BN -> F.pad(mode) -> unpadded conv.
+    The pad copies pixels within each channel, so the BN's per-channel affine map commutes with it."""
+    left, right, top, bottom = pads
+    shape = (1, spec.in_channels, spec.height - top - bottom, spec.width - left - right)  # >= 3 > every pad: reflect works
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    y = b.pad_nd(add_bn(b, x, data.draw(bn_stats(spec.in_channels)), dtype, "blk.bn"), pads=pads, mode=mode)
+    graph = b.build(add_conv(b, y, spec, dtype, seed, "blk.conv"))
+
+    fused, report = run_rules(graph, "bn_before_conv")
+    assert report.rule_counts() == {"bn_before_conv": 1} and fused.op_counts() == {"pad_nd": 1, "conv2d": 1}
+    assert only(fused, "pad_nd").x is x
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_constant_pad_between_is_not_crossed(dtype, seed, data):
+    """A zero (constant) pad puts 0 where the unfused graph has BN's input 0 normalized: not a copy, not folded."""
+    b = GraphBuilder()
+    x = b.input("x", (1, 3, 4, 4), dtype)
+    y = b.pad_nd(add_bn(b, x, data.draw(bn_stats(3)), dtype, "bn"), pads=(1, 1, 1, 1), mode="constant", value=0.0)
+    w = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    graph = b.build(b.conv2d(y, weight=w))
+    fused, report = run_rules(graph, "bn_before_conv")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
