@@ -258,6 +258,7 @@ CASES: dict[str, Case] = {
     "adaptive_avg_pool": Case(lambda: stem(nn.AdaptiveAvgPool2d((3, 3))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("AveragePool")),
     "adaptive_avg_pool_uneven": Case(lambda: stem(nn.AdaptiveAvgPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("MatMul")),
     "adaptive_max_pool": Case(lambda: stem(lambda x: F.adaptive_max_pool2d(x, (2, 3))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("MaxPool")),
+    "adaptive_max_pool_uneven": Case(lambda: stem(nn.AdaptiveMaxPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("ReduceMax")),
     "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
     "silu": Case(lambda: stem(nn.Sequential(nn.SiLU(), Lambda(F.silu))), (1, 3, 5, 5), {"silu"}, _onnx("Sigmoid", "Mul")),
     "hardswish": Case(

@@ -472,7 +472,8 @@ def _max_pool(ctx, n, x):
 @lowering("adaptive_avg_pool2d", "adaptive_max_pool2d")
 def _adaptive_pool(ctx, n, x):
     """A global pool, or a pool whose window is the ratio of the sizes where the output size divides the input's;
-    else (average only) ``P_h @ x @ P_w^T`` with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``."""
+    else, with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, ``P_h @ x @ P_w^T`` (average) or
+    one ``Slice`` + ``ReduceMax`` per window of each axis in turn (max)."""
     size_in = n.x.shape[-2:]
     size_out = [i if o is None else o for i, o in zip(size_in, n.attrs["output_size"])]
     avg = n.op == "adaptive_avg_pool2d"
@@ -481,11 +482,28 @@ def _adaptive_pool(ctx, n, x):
     if not any(i % o for i, o in zip(size_in, size_out)):
         kernel = [i // o for i, o in zip(size_in, size_out)]
         return ctx.emit("AveragePool" if avg else "MaxPool", [x], kernel_shape=kernel, strides=kernel)
-    if not avg:
-        raise LoweringError(f"{n.op} at {_where(n)}: output size {tuple(size_out)} does not divide input size {tuple(size_in)}")
+    if not avg:  # a max over a rectangle is the max over its rows of the max over its columns
+        rank = len(n.x.shape)
+        for axis, (i, o) in zip((rank - 2, rank - 1), zip(size_in, size_out)):
+            if i != o:
+                x = _window_maxes(ctx, x, axis, i, o)
+        return x
     ph, pw = (_window_means(i, o) for i, o in zip(size_in, size_out))
     rows = ctx.emit("MatMul", [ctx.const("rows", ph), x])
     return ctx.emit("MatMul", [rows, ctx.const("cols", pw.t().contiguous())])
+
+
+def _window_maxes(ctx, x: str, axis: int, size_in: int, size_out: int) -> str:
+    """The max of each of PyTorch's adaptive windows along ``axis``: a Slice and a ReduceMax per window, concatenated."""
+    parts = []
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        window = ctx.emit("Slice", [x, ctx.ints("start", [start]), ctx.ints("end", [end]), ctx.ints("axis", [axis])])
+        if ctx.opset >= 18:
+            parts.append(ctx.emit("ReduceMax", [window, ctx.ints("axes", [axis])], keepdims=1))
+        else:
+            parts.append(ctx.emit("ReduceMax", [window], axes=[axis], keepdims=1))
+    return ctx.emit("Concat", parts, axis=axis)
 
 
 def _window_means(size_in: int, size_out: int) -> torch.Tensor:
