@@ -22,6 +22,14 @@ def _params(c_in, c_out, bias, seed, dtype):
     return p
 
 
+def _affine(b, y, affine, channels, dtype, seed, data, prefix):
+    """A layer scale (``affine == "scale"``) or a BN on ``y``'s channels."""
+    if affine == "scale":
+        gamma = torch.randn(channels, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+        return b.scale(y, scale=gamma, source=f"{prefix}.layer_scale")
+    return add_bn(b, y, data.draw(bn_stats(channels)), dtype, f"{prefix}.bn")
+
+
 @st.composite
 def tokens(draw):
     """(B, H, W, C_in, C_out): tokens (B, H*W, C_in) from an H x W map, C_out output features."""
@@ -36,12 +44,7 @@ def test_folds_after_projection_back_to_nchw(t, dtype, affine, bias, seed, data)
     x = b.input("x", (bsz, h * w, cin), dtype)
     y = b.linear(x, **_params(cin, cout, bias, seed, dtype), source="blk.proj")
     y = b.reshape(b.transpose(y, dim0=-2, dim1=-1), shape=(bsz, cout, h, w))
-    if affine == "scale":
-        gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
-        y = b.scale(y, scale=gamma, source="blk.layer_scale")
-    else:
-        y = add_bn(b, y, data.draw(bn_stats(cout)), dtype, "blk.bn")
-    graph = b.build(y)
+    graph = b.build(_affine(b, y, affine, cout, dtype, seed, data, "blk"))
     fused, report = run_rules(graph, "linear_affine_fold")
     assert report.rule_counts() == {"linear_affine_fold": 1}
     assert set(fused.op_counts()) == {"linear", "transpose", "reshape"}
@@ -96,12 +99,7 @@ def test_folds_a_generator_input_layer_through_the_reshape_to_a_map(t, dtype, af
     b = GraphBuilder()
     x = b.input("z", (bsz, cin), dtype)
     y = b.reshape(b.linear(x, **_params(cin, c * h * w, bias, seed, dtype), source="gen.fc"), shape=(-1, c, h, w))
-    if affine == "scale":
-        gamma = torch.randn(c, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
-        y = b.scale(y, scale=gamma, source="gen.layer_scale")
-    else:
-        y = add_bn(b, y, data.draw(bn_stats(c)), dtype, "gen.bn")
-    graph = b.build(y)
+    graph = b.build(_affine(b, y, affine, c, dtype, seed, data, "gen"))
     fused, report = run_rules(graph, "linear_affine_fold")
     assert report.rule_counts() == {"linear_affine_fold": 1}
     assert set(fused.op_counts()) == {"linear", "reshape"}
