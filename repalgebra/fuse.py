@@ -40,9 +40,9 @@ from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc
+from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
-from repalgebra.module_copy import copy_module
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard"]
 

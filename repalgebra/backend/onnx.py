@@ -45,8 +45,8 @@ from repalgebra.backend.onnx_fallback import (
 )
 from repalgebra.frontend.builder import is_none_output
 from repalgebra.ir import Graph, Node, Value
-from repalgebra.ops import OPS
 from repalgebra.module_copy import copy_module
+from repalgebra.ops import OPS
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 13

@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.ir import Graph
-from repalgebra.rewrite import LeftAlone
 from repalgebra.module_copy import copy_module
+from repalgebra.rewrite import LeftAlone
 
 __all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call", "first_line"]
 

@@ -58,8 +58,8 @@ from repalgebra.frontend.inplace import InplaceHazard, functionalize
 from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_model, example_inputs_for, infer_example_inputs, model_dtype
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph
-from repalgebra.rewrite import LeftAlone
 from repalgebra.module_copy import copy_module
+from repalgebra.rewrite import LeftAlone
 
 __all__ = [
     "trace", "trace_model", "reroute_shape_reads", "TraceResult", "UntraceableError", "check_model", "infer_example_inputs",
