@@ -37,9 +37,11 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
+from repalgebra.frontend.inputs import batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc
+from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
@@ -570,7 +572,7 @@ class _Fuser:
                     free_batch = self.same(self.pristine.get_submodule(path), exact, Call(other, {})) is None
                 except Exception:  # noqa: BLE001  (the original itself does not run at that batch: keep it fixed)
                     free_batch = False
-            if cap.how == "fx" and rw.fired and any(n.op in _RESHAPES for n in graph_in.nodes):
+            if cap.how == "fx" and rw.fired and any(n.op in SIZE_MATCHED for n in graph_in.nodes):
                 sizes_hold, batch_holds = self.holds_at_other_sizes(path, fused, inputs)
                 if not sizes_hold:  # a fold through a reshape that keeps an axis whole at the example's sizes only
                     why = ("its folded graph differs from it at other sizes: a reshape keeps an axis whole at the "
@@ -613,13 +615,14 @@ class _Fuser:
             except Exception:  # noqa: BLE001
                 return None
 
-        batched = tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
-        results = [holds(other) for other in (_resized(batched, lambda r: range(2, r) if r >= 3 else ()),
-                                              _resized(batched, lambda r: (1,) if r == 3 else ())) if other is not None]
-        if results and all(r is not False for r in results) and any(results):
+        batched = batch_plus_one(inputs)
+        resized = (_resized(batched, lambda r: range(2, r) if r >= 3 else ()),  # the sizes after the channels
+                   _resized(batched, lambda r: (1,) if r == 3 else ()))  # the tokens of (B, N, C)
+        ran = [r for r in (holds(other) for other in resized if other is not None) if r is not None]
+        if ran and all(ran):
             return True, True
         batch = holds(batched) is not False
-        return batch and not any(r is False for r in results), batch
+        return batch and all(ran), batch
 
     def same(self, reference: nn.Module, candidate: nn.Module, call: Call, in_float64: bool = True) -> str | None:
         """None when ``candidate`` computes what ``reference`` does for ``call``, else what differs.
@@ -748,9 +751,6 @@ def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else a or b
 
 
-_RESHAPES = ("reshape", "reshape_dyn", "flatten")
-
-
 def _other_size(s: int) -> int:
     """Another size a model that accepted ``s`` should accept: half of a multiple of 64 from 128 on (256 becomes 128,
     a quarter of the pixels to check), else ``s`` moved by its largest power-of-two divisor up to 32 (so a model
@@ -765,8 +765,8 @@ def _other_size(s: int) -> int:
 def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | None:
     """``inputs`` with the axes ``axes(rank)`` of each tensor resized, or None when none is.
 
-    Sizes change as :func:`_other_size` says.  Floating-point values are drawn afresh with the example's mean and spread, others (ids,
-    masks) tiled from the example."""
+    Sizes change as :func:`_other_size` says.  Floating-point values are drawn afresh with the example's mean and
+    spread, others (ids, masks) tiled from the example."""
     gen = torch.Generator().manual_seed(0)
     out, resized = [], False
     for t in inputs:

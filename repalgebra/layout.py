@@ -13,6 +13,9 @@ from math import prod
 from repalgebra.ir import Graph, Node, Value
 
 LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose", "reshape_dyn")
+# The layout ops whose axes :func:`follow_axis` matches by size, at the sizes the graph was built at: a fold through
+# one can hold at those sizes only (an axis of size 1, two equal sizes), so fuse and export_onnx check it at others.
+SIZE_MATCHED = ("flatten", "reshape", "reshape_dyn")
 
 
 def follow_axis(node: Node, axis: int) -> int | None:

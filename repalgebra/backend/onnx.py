@@ -44,7 +44,9 @@ from repalgebra.backend.onnx_fallback import (
     splice,
 )
 from repalgebra.frontend.builder import is_none_output
+from repalgebra.frontend.inputs import batch_plus_one
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
 from repalgebra.ops import OPS
 
@@ -960,9 +962,9 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     from repalgebra.interpret import run_graph
     from repalgebra.verify import TOLERANCES, first_difference
 
-    if not any(n.op in ("reshape", "reshape_dyn", "flatten") for n in graph.nodes):
+    if not any(n.op in SIZE_MATCHED for n in graph.nodes):
         return True
-    other = tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in example)
+    other = batch_plus_one(example)
     try:
         with torch.no_grad():
             want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*other)) if torch.is_tensor(t)]

@@ -19,6 +19,11 @@ from repalgebra.frontend.fx_trace import Root, Tracer
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
 
+def batch_plus_one(inputs: tuple) -> tuple:
+    """``inputs`` at the batch one larger: each tensor with its first row appended (other values as they are)."""
+    return tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
+
+
 def check_model(model: nn.Module) -> None:
     """Reject models fusion cannot handle: not a module, a TorchScript module, tensors on the 'meta' device,
     non-float parameters or complex buffers (``TypeError``).
