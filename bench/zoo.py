@@ -22,7 +22,7 @@ How to read the columns:
 * **BN**: BatchNorm modules before -> after, counted anywhere in the module tree (also inside parts kept
   whole).  **fx BN**: what ``torch.fx.experimental.optimization.fuse`` leaves (it folds a BN into the conv
   right before it, nothing else); ``-`` where ``torch.fx`` cannot trace the model.
-* **convs**: ``nn.Conv2d`` modules (subclasses included) before -> after, anywhere in the tree.
+* **convs**: ``nn.Conv2d`` and ``nn.Conv3d`` modules (subclasses included) before -> after, anywhere in the tree.
 * **fuse s**: seconds for ``repalgebra.fuse`` on the float32 model, the median of ``--repeats`` runs
   (after one warm-up fuse of another model, which pays torch's one-time imports); the runs stop once
   they add up to ``--fuse-budget`` seconds, and the cell then says how many runs it is from.  **check s**:
@@ -101,8 +101,8 @@ class Row:
 
 
 def count_conv(model: nn.Module) -> int:
-    """``nn.Conv2d`` modules (subclasses included) anywhere in ``model``."""
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    """``nn.Conv2d`` and ``nn.Conv3d`` modules (subclasses included) anywhere in ``model``."""
+    return sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules())
 
 
 def first_line(e: BaseException) -> str:

@@ -22,6 +22,10 @@ After a channel concat of convs (MixConv, each conv reading its own input), the 
 the concat's: slice k of (mean, var, gamma, beta) normalizes conv k's outputs, so each conv folds its
 own slice and the concat of the folded convs is the BN of the concat.
 
+A 3-D convolution (``nn.Conv3d``) is the same sum of weight-times-input terms of one output channel, so
+the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, paddings, dilations and groups
+on every axis.
+
 Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
 honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
 ``expand(lhs - rhs) == 0`` element by element. The identity is linear in
@@ -33,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv_symbols, conv_transpose2d, describe, symbols_tensor
+from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, describe, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -77,6 +81,13 @@ TRANSPOSED_CONFIGS = [
 ]
 
 
+CONFIGS_3D = [
+    # C, O, D, H, W, (kd, kh, kw), stride, padding (d, h, w), dilation, groups, bias
+    dict(C=2, O=2, D=3, H=3, W=4, k=(3, 1, 2), stride=(1, 1, 2), padding=(1, 0, 1), dilation=(1, 1, 1), groups=1, bias=True),
+    dict(C=4, O=2, D=4, H=3, W=3, k=(2, 2, 1), stride=(2, 1, 1), padding=(0, 1, 0), dilation=(2, 1, 1), groups=2, bias=False),
+]
+
+
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
@@ -101,6 +112,18 @@ def prove() -> list[str]:
         lhs = batch_norm(conv_transpose2d(x, w, b, **kw), *bn)
         rhs = conv_transpose2d(x, *fuse_transposed(w, b, g, *bn), **kw)
         desc = describe("conv_transpose->BN == conv_transpose", **cfg)
+        assert_equal(lhs, rhs, "bn_fold " + desc)
+        done.append(desc)
+    for cfg in CONFIGS_3D:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["D"], cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (O, C // g, *cfg["k"]))
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        bn = bn_symbols("", O)
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g)
+        lhs = batch_norm(conv3d(x, w, b, **kw), *bn)
+        rhs = conv3d(x, *fuse(w, b, *bn), **kw)
+        desc = describe("conv3d->BN == conv3d", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
     done.append(prove_concat())

@@ -147,6 +147,26 @@ def conv2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), padding=(0, 0, 0
     return out
 
 
+def conv3d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1),
+           groups: int = 1) -> np.ndarray:
+    """Grouped, strided, dilated 3-D cross-correlation of a (C, D, H, W) tensor with zero padding ``(d, h, w)``
+    on both sides of each axis, written as what it is: output frame ``t`` sums, over the kernel's depth taps
+    ``u``, the 2-D cross-correlation of padded input frame ``t sd + u dd`` with the kernel's slice ``u``."""
+    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw) = stride, padding, dilation
+    C, D, H, W = x.shape
+    kd = w.shape[2]
+    xp = np.concatenate([zeros((C, pd, H, W)), x, zeros((C, pd, H, W))], axis=1)
+    Do = (D + 2 * pd - dd * (kd - 1) - 1) // sd + 1
+    if Do <= 0:
+        raise ValueError("empty output")
+    frames = []
+    for t in range(Do):
+        taps = [conv2d(xp[:, t * sd + u * dd], w[:, :, u], b if u == 0 else None, (sh, sw), (ph, ph, pw, pw), (dh, dw), groups)
+                for u in range(kd)]
+        frames.append(sum(taps[1:], taps[0]))
+    return np.stack(frames, axis=1)
+
+
 def conv_transpose2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
                      dilation=(1, 1), groups: int = 1) -> np.ndarray:
     """Transposed 2-D convolution as PyTorch defines it, written as the scatter it is: input pixel ``(a, c)`` of

@@ -146,6 +146,8 @@ MUTANTS: list[Mutant] = [
        "w = w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
        "w = w * s.reshape(-1, 1, 1, 1) if w.shape[0] == s.shape[0] else w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
        target=_BN_FOLDED),
+    _m("bn_fold", "conv3d-weight-unscaled", "only a 4-D weight is scaled: a 3-D conv keeps its weight (its bias folds)",
+       "w = w * s.reshape(-1, *[1] * (w.dim() - 1))", "w = w * s.reshape(-1, 1, 1, 1) if w.dim() == 4 else w", target=_BN_FOLDED),
     _m("bn_fold", "concat-slices-from-start", "every conv of a concat folds the BN's first channels",
        "new.append(_folded(c, s[start:end], t[start:end], bn))", "new.append(_folded(c, s[:end - start], t[:end - start], bn))",
        target="repalgebra.rules.bn_fold:_through_concat"),

@@ -20,16 +20,19 @@ Coverage (at least three mutants per handler or lowering that carries attributes
   ``F.max_pool2d``, ``F.pad``, and the channel axes of ``transpose``, ``permute``, ``flatten``;
 * front end, transposed convs: ``nn.ConvTranspose2d``, ``F.conv_transpose2d`` and ``aten.conv_transpose2d``
   (bias, padding against output padding, dilation, groups, the functional argument order);
+* front end, 3-D convs: ``nn.Conv3d``, ``F.conv3d`` and ``aten.conv3d`` (bias, stride, dilation, padding, groups,
+  the functional argument order);
 * front end, ATen handlers (``torch.export``): convolution (``'same'``, pairs, stride, dilation),
   batch norm, layer norm, avg pool, max pool, constant pad, permute, transpose (``torch.export``
   decomposes ``flatten`` into a view: its handler is not reached);
 * engine: float64 promotion, the one cast back (skipped, or to the wrong dtype), dead-node removal
   (the first rewrite's sweep of the whole graph), rewrite ordering (a fixpoint; a sweep skips the nodes
   it removed, which :data:`EQUIVALENT` argues changes nothing computed);
-* torch back end: transposed conv (padding against output padding, stride, dilation); conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
+* torch back end: transposed conv (padding against output padding, stride, dilation); 3-D conv (stride,
+  padding, dilation); conv (the ``ZeroPad2d`` of an asymmetric padding, symmetric padding axes, stride,
   dilation, the symmetry test), batch norm, layer norm, avg pool, max pool, pad, linear, GELU,
   permute, transpose, flatten;
-* ONNX back end: Conv (pads, strides, dilations, group), ConvTranspose (begin and end pads, the end padding that stands for output padding, group), BatchNormalization, LayerNormalization,
+* ONNX back end: Conv (pads, strides, dilations, group), ConvTranspose (begin and end pads, the end padding that stands for output padding, group), Conv of a 3-D conv (end pads, strides, group), BatchNormalization, LayerNormalization,
   AveragePool (count_include_pad, ceil mode, pads, the end padding and the explicit Pad of a ceil-mode
   pool that drops a window), MaxPool, Pad, Linear, GELU (``Gelu`` at opset 20, the erf and tanh forms
   below), Transpose of permute and transpose.
@@ -72,6 +75,7 @@ _A_LN = _aten("ln-eps-channels-last", "ln-spatial", "ln-eps-tokens", "ln-no-affi
 _A_POOL = _aten("avg-pool-ceil", "avg-pool-ceil-exclude", "avg-pool-exclude-pad", "avg-pool-divisor", "max-pool")
 _A_PAD = _aten("conv-tf-same", "pad-value")
 _A_CONVT = _aten("conv-transpose", "conv-transpose-dilated")
+_A_CONV3D = _aten("conv3d", "conv3d-same")
 _TORCH = ("tests/test_stage_torch_backend.py",)
 _ONNX = ("tests/test_stage_onnx_backend.py",)
 _ENGINE = (
@@ -308,6 +312,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'params = {"weight": w} if bias is None else', 'params = {"weight": w} if True else', _A_CONVT),
     ("frontend", "convT-aten-groups-dropped", "aten.conv_transpose2d's groups are not read", f"{_AH}:_conv_transpose",
      '"dilation")), a["groups"])', '"dilation")), 1)', _A_CONVT),
+    ("frontend", "conv3d-module-bias-dropped", "nn.Conv3d's bias is not read", f"{_HM}:_m_conv3d",
+     "({} if m.bias is None else", "({} if True else", _FX),
+    ("frontend", "conv3d-module-stride-reversed", "nn.Conv3d's stride read as (w, h, d)", f"{_HM}:_m_conv3d",
+     "m.kernel_size, m.stride,", "m.kernel_size, m.stride[::-1],", _FX),
+    ("frontend", "conv3d-module-dilation-dropped", "nn.Conv3d's dilation is not read", f"{_HM}:_m_conv3d",
+     "m.dilation, m.groups)", "1, m.groups)", _FX),
+    ("frontend", "conv3d-function-order", "F.conv3d's arguments bound with groups before dilation",
+     f"{_HF}:_f_conv3d", '("dilation", 1), ("groups", 1)]', '("groups", 1), ("dilation", 1)]', _FN),
+    ("frontend", "conv3d-function-bias-dropped", "F.conv3d's bias is not read", f"{_HF}:_f_conv3d",
+     'params = {"weight": w} if a["bias"] is None else', 'params = {"weight": w} if True else', _FN),
+    ("frontend", "conv3d-function-stride-as-dilation", "F.conv3d's stride read from its dilation argument", f"{_HF}:_f_conv3d",
+     'a["stride"], a["padding"], a["dilation"]', 'a["dilation"], a["padding"], a["dilation"]', _FN),
+    ("frontend", "conv3d-aten-bias-dropped", "aten.conv3d's bias is not read", f"{_AH}:_conv3d",
+     'params = {"weight": w} if bias is None else', 'params = {"weight": w} if True else', _A_CONV3D),
+    ("frontend", "conv3d-aten-groups-dropped", "aten.conv3d's groups are not read", f"{_AH}:_conv3d",
+     'a["dilation"], a["groups"])', 'a["dilation"], 1)', _A_CONV3D),
+    ("frontend", "conv3d-aten-padding-as-dilation", "aten.conv3d's padding read from its dilation argument", f"{_AH}:_conv3d",
+     'a["padding"], a["dilation"]', 'a["dilation"], a["dilation"]', _A_CONV3D),
     # ================================================================ engine
     ("engine", "cast-back-skipped", "the folded parameters stay in float64 (no cast back)", f"{_RW}:rewrite",
      "    if cast_back:\n        g = cast_params(g)", "    if False:\n        g = cast_params(g)", _ENGINE),
@@ -378,6 +400,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'a["stride"], a["padding"]', 'a["stride"][::-1], a["padding"]', _TORCH),
     ("torch_backend", "convT-dilation-swapped", "nn.ConvTranspose2d built with its dilation axes swapped", f"{_TB}:_conv_transpose2d",
      'dilation=a["dilation"]', 'dilation=a["dilation"][::-1]', _TORCH),
+    ("torch_backend", "conv3d-stride-reversed", "nn.Conv3d built with its stride as (w, h, d)", f"{_TB}:_conv3d",
+     'a["stride"], a["padding"], a["dilation"], a["groups"],', 'a["stride"][::-1], a["padding"], a["dilation"], a["groups"],', _TORCH),
+    ("torch_backend", "conv3d-padding-reversed", "nn.Conv3d built with its padding as (w, h, d)", f"{_TB}:_conv3d",
+     'a["stride"], a["padding"], a["dilation"], a["groups"],', 'a["stride"], a["padding"][::-1], a["dilation"], a["groups"],', _TORCH),
+    ("torch_backend", "conv3d-dilation-dropped", "nn.Conv3d built without its dilation", f"{_TB}:_conv3d",
+     'a["stride"], a["padding"], a["dilation"], a["groups"],', 'a["stride"], a["padding"], 1, a["groups"],', _TORCH),
     # ================================================================ ONNX back end
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
@@ -437,6 +465,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'perm=[d % rank for d in n.attrs["dims"]]', 'perm=sorted(d % rank for d in n.attrs["dims"])', _ONNX),
     ("onnx_backend", "transpose-not-swapped", "Transpose of a transpose written as the identity permutation", f"{_OB}:_transpose",
      "perm[d0], perm[d1] = perm[d1], perm[d0]", "perm[d0], perm[d1] = perm[d0], perm[d1]", _ONNX),
+    ("onnx_backend", "conv3d-end-pads-dropped", "ONNX Conv of a 3-D conv padded at the beginning of each axis only",
+     f"{_OB}:_conv3d", 'pads=list(a["padding"]) * 2', 'pads=list(a["padding"]) + [0, 0, 0]', _ONNX),
+    ("onnx_backend", "conv3d-strides-reversed", "ONNX Conv of a 3-D conv with its strides as (w, h, d)", f"{_OB}:_conv3d",
+     'strides=list(a["stride"])', 'strides=list(a["stride"])[::-1]', _ONNX),
+    ("onnx_backend", "conv3d-group-dropped", "ONNX Conv of a 3-D conv without its group", f"{_OB}:_conv3d",
+     'group=a["groups"]', "group=1", _ONNX),
     ("onnx_backend", "convT-end-pads-full", "ONNX ConvTranspose end padded as much as the beginning (output padding lost)",
      f"{_OB}:_conv_transpose", "end = [p - o for p, o in", "end = [p - 0 * o for p, o in", _ONNX),
     ("onnx_backend", "convT-pads-order", "ONNX ConvTranspose pads written [begin_h, end_h, begin_w, end_w]", f"{_OB}:_conv_transpose",

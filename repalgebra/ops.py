@@ -189,6 +189,13 @@ def conv_transpose2d(
     return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
+@op("conv3d", kind="linear")
+def conv3d(x, *, weight: Tensor, bias: Tensor | None = None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
+    """3-D convolution (video and volume models, ``nn.Conv3d``) with zero padding ``(d, h, w)`` on both sides of
+    each axis, as in PyTorch; ``stride`` and ``dilation`` are ``(d, h, w)`` too."""
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
 @op("batch_norm", kind="linear")
 def batch_norm(x, *, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps=1e-5):
     """Eval-mode batch norm over axis 1: ``(x - mean) / sqrt(var + eps) * weight + bias``."""

@@ -482,7 +482,7 @@ def _abs_params(n: Node) -> dict[str, torch.Tensor]:
 
 def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
     op, a = n.op, n.attrs
-    if op in ("conv2d", "conv_transpose2d"):
+    if op in ("conv2d", "conv3d", "conv_transpose2d"):
         return op_def(op)(ms, a, _abs_params(n))
     if op == "batch_norm":
         p = {k: v.to(torch.float64) for k, v in n.params.items()}

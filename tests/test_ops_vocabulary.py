@@ -83,6 +83,17 @@ class DepthwiseUp(nn.Module):
         return F.conv_transpose2d(x, self.weight, stride=2, groups=self.groups)
 
 
+class TemporalConv(nn.Module):
+    """A video model's temporal depthwise conv written with ``F.conv3d`` (R(2+1)D, X3D): ``'same'`` in time only."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.groups = nn.Parameter(torch.randn(c, 1, 3, 1, 1) / 3**0.5), c
+
+    def forward(self, x):
+        return F.conv3d(x, self.weight, None, 1, "same", 1, self.groups)
+
+
 class RsqrtNorm(nn.Module):
     """``x * torch.rsqrt(var + eps)``, ``/ 6.``, ``1 - x``, a positional embedding added, an SE gate."""
 
@@ -289,6 +300,11 @@ CASES: dict[str, Case] = {
                                    DepthwiseUp(6))),
         (1, 3, 5, 4), {"conv_transpose2d"}, _onnx("ConvTranspose"),
     ),
+    "conv3d": Case(  # a (2+1)D video block: spatial Conv3d + BatchNorm3d, then a temporal F.conv3d + BatchNorm3d (folded)
+        lambda: nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), (1, 2, 1), (0, 1, 1)), nn.BatchNorm3d(4), nn.ReLU(), TemporalConv(4),
+                              nn.BatchNorm3d(4)),
+        (1, 3, 4, 5, 6), {"conv3d"}, _onnx("Conv"),
+    ),
     "interpolate_nearest": Case(lambda: stem(FPNTopDown(4)), (1, 3, 8, 6), {"interpolate"}, _onnx("Resize")),
     "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize")),
     "slicing": Case(lambda: stem(Slicing()), (1, 3, 5, 6), {"slice", "select"}, _onnx("Slice", "Gather")),
@@ -314,7 +330,7 @@ def model_of(name: str, dtype: torch.dtype = D) -> nn.Module:
     model = CASES[name].build().eval()
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model.to(dtype)

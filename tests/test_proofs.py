@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from proofs import RULES, is_refused, load  # noqa: E402
 from proofs import bn_fold, bn_before_conv, bn_into_linear, linear_affine_fold, seq_merge  # noqa: E402
-from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm,  # noqa: E402
+from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm, conv3d,  # noqa: E402
                              bn_symbols, carried_axes, conv2d, layout, linear, scale,
                              symbols_tensor)
 
@@ -202,6 +202,23 @@ def test_reference_conv_matches_torch(cfg):
     xt = F.pad(torch.tensor(_num(x))[None], (l, r, t, bo))
     ref = F.conv2d(xt, torch.tensor(_num(w)), torch.tensor(_num(b)), stride=cfg["stride"],
                    dilation=cfg["dilation"], groups=g)[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(C=4, O=2, D=5, H=4, W=3, k=(3, 2, 1), stride=(2, 1, 1), padding=(1, 0, 1), dilation=(1, 2, 1), groups=2),
+    dict(C=2, O=3, D=3, H=3, W=4, k=(2, 1, 3), stride=(1, 2, 2), padding=(2, 1, 0), dilation=(2, 1, 1), groups=1),
+])
+def test_reference_conv3d_matches_torch(cfg):
+    """The symbolic reference conv3d (a sum of 2-D convs over the depth taps) is the torch conv3d (on numbers)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+    x, w, b = (np.vectorize(sympy.Integer, otypes=[object])(rng.integers(-3, 4, shape).astype(object))
+               for shape in ((C, cfg["D"], cfg["H"], cfg["W"]), (O, C // g, *cfg["k"]), (O,)))
+    ours = _num(conv3d(x, w, b, stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g))
+    ref = torch.nn.functional.conv3d(torch.tensor(_num(x))[None], torch.tensor(_num(w)), torch.tensor(_num(b)), cfg["stride"],
+                                     cfg["padding"], cfg["dilation"], g)[0].numpy()
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
 
 

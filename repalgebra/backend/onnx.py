@@ -145,6 +145,16 @@ def _conv(ctx, n, x):
     )
 
 
+@lowering("conv3d")
+def _conv3d(ctx, n, x):
+    a, w = n.attrs, n.params["weight"]
+    ins = [x, ctx.const("weight", w)] + ([ctx.const("bias", n.params["bias"])] if "bias" in n.params else [])
+    return ctx.emit(
+        "Conv", ins, kernel_shape=list(w.shape[2:]), strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+        dilations=list(a["dilation"]), group=a["groups"],
+    )
+
+
 @lowering("conv_transpose2d")
 def _conv_transpose(ctx, n, x):
     """ConvTranspose without ``output_padding``: onnxruntime refuses one of at least the stride, which PyTorch

@@ -241,6 +241,20 @@ def _conv_transpose2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.module(_hint(node), conv, xs[0])
 
 
+@lowers("conv3d")
+def _conv3d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w, b = node.params["weight"], node.params.get("bias")
+    a = node.attrs
+    conv = nn.Conv3d(
+        w.shape[1] * a["groups"], w.shape[0], tuple(w.shape[2:]), a["stride"], a["padding"], a["dilation"], a["groups"],
+        bias=b is not None, device="meta", dtype=w.dtype,
+    )
+    conv.weight = _param(w)
+    if b is not None:
+        conv.bias = _param(b)
+    return ctx.module(_hint(node), conv, xs[0])
+
+
 _BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 

@@ -72,6 +72,27 @@ def transposed_conv_attrs(stride: Any, padding: Any, output_padding: Any, dilati
     return {**attrs, "groups": groups}
 
 
+def conv3d_attrs(kernel: Sequence[int], stride: Any, padding: Any, dilation: Any, groups: Any) -> dict | None:
+    """The ``conv3d`` attrs of PyTorch's arguments (an int, one int or three each; padding also ``'valid'`` or
+    ``'same'``), or None when one is not, or when ``'same'`` pads one side more (an even dilated kernel)."""
+    def triple(v: Any) -> tuple[int, ...] | None:
+        t = ints(v, 3) if is_int(v) else ints(v)
+        return None if t is None or len(t) not in (1, 3) else t * (3 // len(t))
+
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        d = triple(dilation)
+        totals = None if d is None else [di * (k - 1) for k, di in zip(kernel, d)]
+        if totals is None or any(t % 2 for t in totals):
+            return None
+        padding = tuple(t // 2 for t in totals)
+    attrs = {"stride": triple(stride), "padding": triple(padding), "dilation": triple(dilation)}
+    if any(v is None for v in attrs.values()) or not is_int(groups):
+        return None
+    return {**attrs, "groups": groups}
+
+
 def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int] | None:
     """PyTorch conv padding (int, pair, 'same', 'valid') as ``(top, bottom, left, right)``."""
     if padding == "valid":

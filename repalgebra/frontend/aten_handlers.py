@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import channel_axis, height_one, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import channel_axis, conv3d_attrs, height_one, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -126,14 +126,27 @@ def _conv_transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "conv_transpose2d", [x], attrs, params, _owner(a["weight"])
 
 
+def _conv3d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.conv3d`` (``nn.Conv3d``) on one 5-D input."""
+    x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
+    if x is None or len(x.shape) != 5 or w is None or w.dim() != 5 or (bias is not None and _c(bias) is None):
+        return None
+    attrs = conv3d_attrs(w.shape[2:], a["stride"], a["padding"], a["dilation"], a["groups"])
+    if attrs is None:
+        return None
+    params = {"weight": w} if bias is None else {"weight": w, "bias": _c(bias)}
+    return "conv3d", [x], attrs, params, _owner(a["weight"])
+
+
 def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``aten.convolution``: a 2-D conv, or a transposed one."""
+    """``aten.convolution``: a 2-D or 3-D conv, or a transposed 2-D one."""
     if a["transposed"] is True:
         return _conv_transpose(b, n, a)
     output_padding = _ints(a["output_padding"])
     if a["transposed"] is not False or output_padding is None or any(output_padding):
         return None
-    return _conv(b, n, a)
+    w = _c(a["weight"])
+    return _conv3d(b, n, a) if w is not None and w.dim() == 5 else _conv(b, n, a)
 
 
 def _bn(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any, b: ProgramBuilder | None = None) -> Made:
@@ -689,6 +702,8 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.conv2d.padding: _conv,
     aten.convolution.default: _convolution,
     aten.conv_transpose2d.input: _conv_transpose,
+    aten.conv3d.default: _conv3d,
+    aten.conv3d.padding: _conv3d,
     aten.batch_norm.default: _batch_norm,
     aten.linear.default: _linear,
     aten.layer_norm.default: _layer_norm,

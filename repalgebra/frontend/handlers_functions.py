@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv_padding, global_mean, interpolate, ints, is_int,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, interpolate, ints, is_int,
     max_pool, pad_nd, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
@@ -556,6 +556,21 @@ def _f_conv_transpose2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs
     return "conv_transpose2d", [a["input"]], attrs, params, a["weight"].path.rpartition(".")[0]
 
 
+def _f_conv3d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    spec = [("input", REQ), ("weight", REQ), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)]
+    a = bind(spec, args, kwargs)
+    if a is None or shaped(a["input"]) is None or len(a["input"].shape) != 5 or _const(a["weight"]) is None:
+        return None
+    w = _const(a["weight"])
+    if w.dim() != 5 or (a["bias"] is not None and _const(a["bias"]) is None):
+        return None
+    attrs = conv3d_attrs(w.shape[2:], a["stride"], a["padding"], a["dilation"], a["groups"])
+    if attrs is None:
+        return None
+    params = {"weight": w} if a["bias"] is None else {"weight": w, "bias": _const(a["bias"])}
+    return "conv3d", [a["input"]], attrs, params, a["weight"].path.rpartition(".")[0]
+
+
 def _f_pad(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("pad", REQ), ("mode", "constant"), ("value", None)], args, kwargs)
     if a is None or shaped(a["input"]) is None:
@@ -802,6 +817,7 @@ _register(_f_unary("sigmoid"), torch.sigmoid, F.sigmoid, ("method", "sigmoid"))
 _register(_f_identity_unless_training, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 _register(_f_conv2d, F.conv2d, torch.conv2d)
 _register(_f_conv_transpose2d, F.conv_transpose2d, torch.conv_transpose2d)
+_register(_f_conv3d, F.conv3d, torch.conv3d)
 _register(_f_pad, F.pad)
 _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
@@ -60,6 +60,16 @@ def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tup
     attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups)
     params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
     return "conv_transpose2d", [x], attrs, params, ""
+
+
+def _m_conv3d(b: Builder, n: fx.Node, m: nn.Conv3d, args: tuple, kwargs: dict) -> Made:
+    """``nn.Conv3d`` on one 5-D input, zero padding (another padding mode leaves the call opaque)."""
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 5 or m.padding_mode != "zeros":
+        return None
+    attrs = conv3d_attrs(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    return None if attrs is None else ("conv3d", [x], attrs, params, "")
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
@@ -212,6 +222,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
     nn.ConvTranspose2d: _m_conv_transpose2d,
+    nn.Conv3d: _m_conv3d,
     _BatchNorm: _m_batch_norm,
     nn.SyncBatchNorm: _m_batch_norm,
     nn.Linear: _m_linear,

@@ -1,18 +1,19 @@
-"""BN folding: a conv (or a transposed conv) followed by an eval-mode BatchNorm is one conv.
+"""BN folding: a conv (2-D, 3-D or transposed) followed by an eval-mode BatchNorm is one conv.
 
     BN(conv(x; W, b)) = conv(x; W * s[o], b * s + t)
     where s = gamma / sqrt(var + eps), t = beta - mean * s   (per output channel o)
 
 A transposed conv (``nn.ConvTranspose2d``) stores its weight as ``(C_in, C_out / groups, kh, kw)``: output
 channel ``o`` is column ``o mod (C_out / groups)`` of the rows of its group, so the same ``s[o]`` scales
-those columns.
+those columns.  The identity is the same for a 3-D conv (``nn.Conv3d`` + ``BatchNorm3d`` in video models):
+``W`` is ``(C_out, C_in / groups, kd, kh, kw)`` and ``s[o]`` scales row ``o`` of it.
 
 A BN after a channel concat of convs (MixConv: each conv reads its own split of the input) is one BN per
 slice, and each slice folds into the conv that makes it:
 
     BN(cat(conv_1(x_1), ..., conv_n(x_n))) = cat(conv_1'(x_1), ..., conv_n'(x_n))
 
-Preconditions: the BN reads a ``conv2d`` or ``conv_transpose2d`` whose output nothing else reads, or a
+Preconditions: the BN reads a ``conv2d``, ``conv3d`` or ``conv_transpose2d`` whose output nothing else reads, or a
 concat along the channels, read by nothing else, of such convs.  Any stride, padding, output padding,
 dilation and groups: BN acts on each output channel alone.
 """
@@ -21,7 +22,7 @@ from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
-_CONVS = ("conv2d", "conv_transpose2d")
+_CONVS = ("conv2d", "conv3d", "conv_transpose2d")
 
 
 @rule("bn_fold", on="batch_norm")
@@ -30,7 +31,7 @@ def bn_fold(graph, bn):
     if conv is None:
         return _through_concat(graph, bn)
     if not sole_use(graph, conv.out):
-        return Refusal(f"the {'transposed ' * (conv.op != 'conv2d')}conv before it is also read elsewhere")
+        return Refusal(f"the {'transposed ' * (conv.op == 'conv_transpose2d')}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
     new = _folded(conv, s, t, bn)
     return Rewrite(bn.out, new.out, (new,))
@@ -39,8 +40,8 @@ def bn_fold(graph, bn):
 def _folded(conv, s, t, bn):
     """``conv`` with the per-output-channel affine ``s * y + t`` folded in."""
     w = conv.params["weight"]
-    if conv.op == "conv2d":
-        w = w * s.reshape(-1, 1, 1, 1)
+    if conv.op != "conv_transpose2d":  # (C_out, C_in / g, *kernel): output channel o is row o
+        w = w * s.reshape(-1, *[1] * (w.dim() - 1))
     else:  # (C_in, C_out / g, kh, kw): the scale of output channel o laid out like the weight's rows and columns
         w = w * per_input_channel(s, w.shape[:2], conv.attrs["groups"])[:, :, None, None]
     return conv_with(conv, sources=(bn,), weight=w, bias=conv_bias(conv) * s + t)

@@ -181,3 +181,39 @@ def test_a_bn_after_a_concat_with_an_operand_that_is_not_a_conv_is_left_alone(dt
     graph = b.build(add_bn(b, b.concat(c, b.relu(x), axis=1), data.draw(bn_stats(8)), dtype, "bn"))
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@st.composite
+def conv3d_geometries(draw) -> dict:
+    """An ``nn.Conv3d``'s geometry (video models): channels 1-8, groups dividing both, kernel 1-3 per axis,
+    stride 1-2, dilation 1-2, zero padding up to the dilated kernel, an input the conv covers, 1-5 past it."""
+    g = draw(st.sampled_from([1, 1, 2]))
+    cin, cout = (g * draw(st.integers(1, 8 // g)) for _ in range(2))
+    kernel, stride, dilation = (tuple(draw(st.integers(1, hi)) for _ in range(3)) for hi in (3, 2, 2))
+    padding = tuple(draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation))
+    size = tuple(max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4)) for k, d, p in zip(kernel, dilation, padding))
+    return dict(cin=cin, cout=cout, groups=g, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                bias=draw(st.booleans()), size=size)
+
+
+@given(spec=conv3d_geometries(), dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_bn_into_any_3d_conv(spec, dtype, batch, seed, data):
+    """``nn.Conv3d`` + ``BatchNorm3d`` (video models): the scale of output channel ``o`` multiplies row ``o`` of the
+    ``(C_out, C_in / g, kd, kh, kw)`` weight."""
+    cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(cout, cin // g, *spec["kernel"], generator=gen, dtype=torch.float64) / (cin // g) ** 0.5).to(dtype)
+    params = {"weight": w} | ({"bias": torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)} if spec["bias"] else {})
+    attrs = {k: spec[k] for k in ("stride", "padding", "dilation", "groups")}
+    b = GraphBuilder()
+    x = b.input("x", (batch, cin, *spec["size"]), dtype)
+    y = add_bn(b, b.conv3d(x, **params, **attrs, source="stem.conv"), data.draw(bn_stats(cout)), dtype, "stem.bn")
+    graph = b.build(y)
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1} and report.after == {"conv3d": 1}
+    conv = only(fused, "conv3d")
+    assert conv.attrs == attrs and conv.params["weight"].shape == w.shape and "bias" in conv.params
+    assert conv.source == "stem"
+    assert_graphs_equal(graph, fused, random_input((batch, cin, *spec["size"]), dtype, seed + 1), dtype)

@@ -38,6 +38,7 @@ from . import (
     resnet,
     shiftvit,
     split_resnets,
+    video,
     vit,
     windows,
 )
@@ -47,7 +48,7 @@ __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_b
 
 _FAMILIES = (
     resnet, split_resnets, densenet, backbone_fpn, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
-    convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt, shiftvit,
+    convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt, shiftvit, video,
 )
 
 ZOO: tuple[ZooModel, ...] = tuple(e for family in _FAMILIES for e in family.ENTRIES)
