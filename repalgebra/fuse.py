@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.inputs import batch_plus_one
+from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc
@@ -150,6 +151,7 @@ class ShapeGuard:
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
     dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
+    checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
         self.shapes = [tuple(s) for s in self.shapes]
@@ -418,8 +420,8 @@ class _Fuser:
         leaves = self.leaves_under(path)
         failures: list[tuple[str, CaptureFailed]] = []
         for how in ("fx", "specialized"):
-            if how == "specialized" and leaves:
-                continue  # torch.export cannot keep the user's leaves whole
+            if how == "specialized" and (leaves or any(runs_own_hooks(m) for m in module.modules())):
+                continue  # torch.export cannot keep the user's leaves whole, and runs hooks once, while it traces
             t = time.perf_counter()
             try:
                 with frozen_gc(sum(1 for _ in module.modules())):  # the collector would revisit the model and the growing graph

@@ -484,7 +484,19 @@ def slice_(x, *, axis=REQUIRED, start=0, end=None, step=1):
 @op("chunk", kind="layout")
 def chunk(x, *, chunks=REQUIRED, index=REQUIRED, axis=0):
     """``x.chunk(chunks, axis)[index]``: one piece of an (almost) even split, at any size of ``axis``."""
-    return x.chunk(chunks, axis)[index]
+    return chunk_piece(x, chunks, axis, index)
+
+
+def chunk_piece(x: Tensor, chunks: int, axis: int, index: int) -> Tensor:
+    """``x.chunk(chunks, axis)[index]``, and a ``ValueError`` saying why where the axis is too short for that piece.
+
+    ``x.chunk(4, 2)`` of 5 rows is 3 pieces: a model that iterates over its chunks computes with fewer pieces
+    there than the trace saw, so the captured graph must not run."""
+    pieces = x.chunk(chunks, axis)
+    if index >= len(pieces):
+        raise ValueError(f"x.chunk({chunks}, {axis}) gives {len(pieces)} pieces at size {x.shape[axis]} of axis {axis}; "
+                         f"the model was captured where it gives {chunks}, and its code may depend on how many there are")
+    return pieces[index]
 
 
 @op("slice_scatter", kind="layout")

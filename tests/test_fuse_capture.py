@@ -791,8 +791,9 @@ def test_an_ordered_dict_or_named_tuple_output_keeps_its_type(out, shape_branch)
 
 
 def test_a_bn_after_a_conv_no_rule_folds_is_reported_with_that_conv():
-    """Only 1-D and 2-D convolutions fold; a BatchNorm after a Conv3d stays, and the report names the module before it."""
-    model = randomized(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU()))
+    """A Conv3d that pads by wrapping around is carried through whole, so the BatchNorm after it stays, and the report
+    names the module before it."""
+    model = randomized(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1, padding_mode="circular"), nn.BatchNorm3d(8), nn.ReLU()))
     fused = check_exact(model, torch.randn(2, 4, 3, 6, 6, dtype=D))
     assert [(la.source, la.reason) for la in fused.fuse_report.left_alone] == [
         ("1", "no rule applies (input from opaque Conv3d '0', used by relu)")
@@ -821,6 +822,42 @@ def test_forward_hooks_run_in_the_fused_model(where):
     x = 40 * torch.randn(1, 3, 10, 12, dtype=D)  # another size, and values the hooks act on
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+
+
+class HookedNet(nn.Module):
+    """Two conv + BN blocks; with ``pad_odd``, Python that looks at sizes (torch.fx cannot trace it, torch.export can)."""
+
+    def __init__(self, pad_odd: bool) -> None:
+        super().__init__()
+        self.pad_odd = pad_odd
+        self.a = nn.Sequential(conv_bn(3, 8), nn.ReLU())
+        self.b = nn.Sequential(conv_bn(8, 8), nn.ReLU())
+
+    def forward(self, x):
+        if self.pad_odd and x.shape[-1] % 2:
+            x = F.pad(x, (0, 1))
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("pad_odd", [False, True])
+def test_a_hook_that_only_records_runs_on_every_call_of_the_fused_model(pad_odd):
+    """A feature collector returns nothing: a trace (torch.fx or torch.export) that runs it once, on symbolic values,
+    records nothing of it.  A module with such hooks stays a call of itself (kept whole, its children fused), and
+    the report says why."""
+    model = randomized(HookedNet(pad_odd))
+    seen: list[torch.Tensor] = []
+    model.a.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    model.b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    x = torch.randn(1, 3, 10, 9, dtype=D)
+    with torch.no_grad():
+        seen.clear()
+        model(x)
+        want, seen[:] = list(seen), []
+        fused(x)
+    assert len(seen) == len(want) == 2
+    for got, ref in zip(seen, want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
 
 
 def test_a_model_on_the_meta_device_is_refused_naming_a_tensor():
@@ -1259,3 +1296,61 @@ def test_a_generator_fuses_to_its_linear_and_transposed_convs_only(tmp_path):
     y = torch.randn(3, 8)
     torch.testing.assert_close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: y.numpy()})[0]), f32(y).detach(),
                                rtol=1e-5, atol=1e-5)  # float32
+
+
+# --------------------------------------------------------------------------- iterating over a split
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f as ultralytics writes it: ``y = list(self.cv1(x).chunk(2, 1))``, ``y.extend(...)``, one concat;
+    and a second split by sizes, iterated in a comprehension."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.c = c
+        self.cv1 = conv_bn(c, 2 * c, 1)
+        self.m = nn.ModuleList(conv_bn(c, c) for _ in range(2))
+        self.cv2 = conv_bn(4 * c, 3 * c, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        z = self.cv2(torch.cat(y, 1))
+        return torch.cat([p.sigmoid() * (k + 1) for k, p in enumerate(z.split([self.c, 2 * self.c], 1))], 1)
+
+
+def test_a_split_that_states_how_many_pieces_is_iterated_by_torch_fx():
+    """``list(x.chunk(2, 1))`` and ``for p in x.split([a, b], 1)``: torch.fx raises 'Proxy object cannot be iterated'
+    (and 'len' for ``list``), so such a model was captured by torch.export with its sizes fixed.  The count is in the
+    call, so the fx capture takes it: the model fuses at any size."""
+    model = randomized(C2f())
+    fused = check_exact(model, torch.randn(2, 4, 6, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx" and bn_left(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 4, 5, 9, dtype=D)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12
+
+
+class SpatialChunks(nn.Module):
+    """Iterates over ``x.chunk(4, 2)``: 4 pieces of 8 rows, 3 of 5 rows (2 + 2 + 1), so its code does another thing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = conv_bn(3, 3)
+
+    def forward(self, x):
+        return torch.cat([p * (k + 1) for k, p in enumerate(list(self.conv(x).chunk(4, 2)))], 2)
+
+
+def test_a_chunk_that_gives_fewer_pieces_at_another_size_raises_there():
+    """The fused graph reads 4 pieces; where the model makes 3, it raises and says why, rather than computing
+    with the pieces the trace saw.  Where the count holds (7 rows: 2 + 2 + 2 + 1) it computes what the model does."""
+    model = randomized(SpatialChunks())
+    fused = check_exact(model, torch.randn(1, 3, 8, 6, dtype=D))
+    with torch.no_grad():
+        x7 = torch.randn(2, 3, 7, 6, dtype=D)
+        assert rel_err(fused(x7), model(x7)) <= 1e-12
+        x5 = torch.randn(1, 3, 5, 6, dtype=D)
+        model(x5)
+        with pytest.raises(ValueError, match=r"gives 3 pieces at size 5 of axis 2; the model was captured where it gives 4"):
+            fused(x5)

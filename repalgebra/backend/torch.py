@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import CallFn, FnCall
 from repalgebra.ir import Graph, Node
-from repalgebra.ops import OPS, op_def
+from repalgebra.ops import OPS, chunk_piece, op_def
 
 __all__ = ["to_module", "lowers", "Lowering", "OpCall"]
 
@@ -501,8 +501,7 @@ def _slice(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("chunk")
 def _chunk(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
-    parts = ctx.method("chunk", xs[0], node.attrs["chunks"], node.attrs["axis"])
-    return ctx.function(operator.getitem, parts, node.attrs["index"])
+    return ctx.function(chunk_piece, xs[0], node.attrs["chunks"], node.attrs["axis"], node.attrs["index"])
 
 
 @lowers("slice_scatter")

@@ -167,6 +167,13 @@ class Root(nn.Module):
         return self.m(x)
 
 
+def runs_own_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks or pre-hooks of its own, other than the weight-norm ones its handler reads
+    (:func:`recognised`) and checks that change nothing (``checks_only``: the shape guard of a fused part)."""
+    hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+    return any(not getattr(h, "checks_only", False) for h in hooks) and recognised(m) is None
+
+
 def has_hooks(m: nn.Module) -> bool:
     """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module)."""
     return bool(m._forward_pre_hooks or m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
@@ -266,7 +273,13 @@ class Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         # Popped only on success: after an exception the stack names where tracing failed.
-        self.path_stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.path_stack.append(path)
+        if runs_own_hooks(m) and not self.is_leaf_module(m, path):
+            # Traced into, its hooks would run once, on symbolic values: what they return is recorded, what they do
+            # (a feature collector appending to a list) is lost.  The module stays a call of itself (fuse keeps it
+            # whole and fuses its children); torch.export would lose them the same way.
+            raise TypeError("it has forward hooks, which must run on every call of it: kept a call of itself")
         out = super().call_module(m, forward, args, kwargs)
         self.path_stack.pop()
         return out
@@ -282,13 +295,50 @@ class Tracer(fx.Tracer):
 
         return recorded, args
 
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        """The pieces of a split whose call states how many there are, for ``list(x.chunk(2, 1))`` and
+        ``for part in x.split([a, b], 1)`` (YOLOv8's C2f); fx itself only unpacks ``a, b = x.chunk(2)``.
+
+        ``x.chunk(n)`` gives fewer than ``n`` pieces where the axis is too short for them (5 in 4 chunks is 3
+        pieces): then the trace fails at the example, or the captured graph's ``chunk`` op raises at that size,
+        rather than compute something else.  Other iterations (``x.unbind(0)``, ``x.split(2)``, a loop over a
+        tensor) depend on sizes the trace does not know, and stay an error."""
+        n = _stated_pieces(obj.node)
+        return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return InplaceProxy(node, self)  # records ``y += 1`` as an in-place call, which Proxy would drop
+        return _Proxy(node, self)
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
         return node
+
+
+class _Proxy(InplaceProxy):
+    """Records ``y += 1`` as an in-place call (which ``fx.Proxy`` would drop), and knows the length of a split that
+    states its count (``list(x.chunk(2, 1))`` asks for it before iterating; see :meth:`Tracer.iter`)."""
+
+    def __len__(self) -> int:
+        n = _stated_pieces(self.node)
+        return n if n is not None else super().__len__()
+
+
+def _stated_pieces(node: fx.Node) -> int | None:
+    """How many pieces ``node`` splits into, where its call says (``chunk(n)``, ``split([a, b])``), else None."""
+    if node.op == "call_method" and node.target in ("chunk", "split", "split_with_sizes"):
+        kind, args = node.target, node.args[1:]
+    elif node.op == "call_function" and node.target in (torch.chunk, torch.split):
+        kind, args = ("chunk" if node.target is torch.chunk else "split"), node.args[1:]
+    else:
+        return None
+    names = ("chunks",) if kind == "chunk" else ("split_size", "split_size_or_sections", "split_sizes")
+    count = args[0] if args else next((node.kwargs[k] for k in names if k in node.kwargs), None)
+    if kind == "chunk":
+        return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    if isinstance(count, (list, tuple)) and count and all(isinstance(c, int) and not isinstance(c, bool) for c in count):
+        return len(count)
+    return None
 
 
 def untraceable(work: nn.Module, stack: list[str], e: Exception) -> UntraceableError:
