@@ -1354,3 +1354,87 @@ def test_a_chunk_that_gives_fewer_pieces_at_another_size_raises_there():
         model(x5)
         with pytest.raises(ValueError, match=r"gives 3 pieces at size 5 of axis 2; the model was captured where it gives 4"):
             fused(x5)
+
+
+# --------------------------------------------------------------------------- item assignment
+
+
+class ShiftAndFill(nn.Module):
+    """TSM's channel shift into ``torch.zeros_like``, DBB's border fill after ``F.pad``, a fill with a number, and a
+    boolean-mask assignment, all written ``y[...] = v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 4), conv_bn(4, 4)
+        self.edge = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        y = self.a(x)
+        out = torch.zeros_like(y)
+        out[:, :2, :, 1:] = y[:, :2, :, :-1]
+        out[:, 2:] = y[:, 2:]
+        z = F.pad(out, [1, 1, 1, 1])
+        z[:, :, :1, :] = self.edge.view(1, -1, 1, 1)
+        z[:, :, -1:, :] = 0.5
+        z[z > 2] = 2.0  # an index that is a tensor: carried as the call it is
+        return self.b(z)
+
+
+def test_item_assignment_is_traced_by_torch_fx():
+    """torch.fx stopped on ``y[...] = v`` ('does not support item assignment'), so such models (DBB, TSM, ECBSR)
+    were captured by torch.export with their sizes fixed.  Each assignment is now a copy with the slice written:
+    ``slice_scatter`` ops where the index is int slices (a per-channel or number fill expanded to the slice at run
+    time), the call itself otherwise; the model fuses at any size."""
+    model = randomized(ShiftAndFill())
+    fused = check_exact(model, torch.randn(2, 3, 6, 7, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx" and bn_left(fused) == 0, str(r)
+    assert r.ops_after.get("slice_scatter") == 5 and r.ops_after.get("opaque") == 2, str(r)  # z > 2, z[mask] = 2
+    x = torch.randn(3, 3, 9, 5, dtype=D)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12
+
+
+class ViewThenAssign(nn.Module):
+    """A view taken before ``y[:, :2] = 0`` and read after it: it sees the zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        head = y[:, :3]
+        y[:, :2] = 0
+        return head * 2 + y[:, 1:]
+
+
+def test_an_item_assignment_through_a_view_read_again_is_not_traced_past():
+    """The view shares ``y``'s storage, so value semantics cannot express the write: the fx capture refuses it
+    (another capture, which functionalizes through views, computes it)."""
+    model = randomized(ViewThenAssign())
+    fused = check_exact(model, torch.randn(2, 3, 5, 5, dtype=D))
+    assert fused.fuse_report.capture != "fx", str(fused.fuse_report)
+
+
+class IdentityBasedConv(nn.Module):
+    """DBB's identity-based 1x1: its kernel is ``self.weight + self.id_tensor.to(self.weight.device)``, computed in
+    forward from a plain tensor attribute."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 1, 1) * 0.1)
+        self.id_tensor = torch.eye(c).reshape(c, c, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight + self.id_tensor.to(self.weight.device)))
+
+
+def test_a_device_read_from_a_parameter_is_not_the_meta_device():
+    """Shapes are found on meta tensors; a ``.device`` read there is ``meta``, and ``.to(meta)`` of a constant made
+    the fx capture fail.  A constant's device now counts as a constant (made once, at capture), so the kernel folds
+    with the BN into one conv."""
+    model = randomized(IdentityBasedConv())
+    fused = check_exact(model, torch.randn(2, 4, 5, 5, dtype=D))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)

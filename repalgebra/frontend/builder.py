@@ -177,8 +177,10 @@ class Builder:
         if info is _NONE:
             return SymExpr(kind, target, args, kwargs) if _has_value(args, kwargs) else None
         if info is not None and not isinstance(info, TensorInfo) and info != "tensors":
-            # A size, a shape, an assertion: recomputed inside the calls that use it.
-            if _has_value(args, kwargs):
+            # A size, a shape, an assertion: recomputed inside the calls that use it.  So is a device, also one
+            # read from a constant (``self.id_tensor.to(self.weight.device)``): the meta run says "meta", and the
+            # device the module is moved to is the one that counts.
+            if _has_value(args, kwargs) or (isinstance(info, torch.device) and _has_const(args, kwargs)):
                 return SymExpr(kind, target, args, kwargs)
             return info
         if info is None or isinstance(info, TensorInfo):
@@ -206,12 +208,18 @@ class Builder:
         """A pure call on constants only (:mod:`repalgebra.frontend.pure`), made now: its result, a constant."""
         leaves = pytree.tree_leaves((args, kwargs))
         consts = [a for a in leaves if isinstance(a, Const)]
-        if not consts or any(isinstance(a, (Value, SymExpr)) for a in leaves) or not is_pure(kind, target, args, kwargs):
+        if (not consts or any(isinstance(a, Value) or (isinstance(a, SymExpr) and _has_value(a.args, a.kwargs)) for a in leaves)
+                or not is_pure(kind, target, args, kwargs)):
             return None
-        plain = pytree.tree_map(lambda a: a.tensor if isinstance(a, Const) else a, (args, kwargs))
+
+        def plain(a: Any) -> Any:  # a constant's tensor; a device read from one (``self.weight.device``) made now
+            if isinstance(a, SymExpr):
+                return invoke(a.kind, a.target, *pytree.tree_map(plain, (a.args, a.kwargs)))
+            return a.tensor if isinstance(a, Const) else a
+
         try:
             with torch.no_grad():
-                out = invoke(kind, target, *plain)
+                out = invoke(kind, target, *pytree.tree_map(plain, (args, kwargs)))
         except Exception:  # noqa: BLE001  (it fails on real constants too: carried as the model wrote it)
             return None
         if not torch.is_tensor(out):
@@ -268,6 +276,10 @@ def _fetch(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _has_const(*trees: Any) -> bool:
+    return any(isinstance(a, Const) for a in pytree.tree_leaves(trees))
 
 
 def _has_value(*trees: Any) -> bool:

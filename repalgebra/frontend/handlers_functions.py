@@ -24,6 +24,7 @@ from repalgebra.frontend.args import (
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
+from repalgebra.frontend.inplace import setitem_copy
 from repalgebra.ir import Value
 
 # --------------------------------------------------------------------------- arithmetic
@@ -733,6 +734,65 @@ def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: d
     return "slice_scatter", [x, src], attrs, {}, ""
 
 
+def _f_setitem_copy(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``y[:, :2, :, 1:] = v`` (made :func:`~repalgebra.frontend.inplace.setitem_copy` by ``functionalize``): one
+    ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int slices.  A ``v`` that
+    broadcasts (a per-channel fill, a number) is expanded to the slice first, which needs every sliced length fixed
+    whatever the size of its axis (``:p``, ``-p:``, ``a:b``; not ``1:``); else the call is carried as written."""
+    if kwargs or len(args) != 3 or shaped(args[0]) is None:
+        return None
+    x, index, value = args
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > len(x.shape) or not all(isinstance(s, slice) and all(v is None or is_int(v) for v in (s.start, s.stop, s.step))
+                                            and (s.step or 1) > 0 for s in index):
+        return None
+    cuts = [(k, slice(s.start or 0, s.stop, s.step or 1)) for k, s in enumerate(index) if s != slice(None)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = Const(torch.tensor(value, dtype=x.dtype), "")
+    src = as_value(b, value)
+    if not cuts or src is None:
+        return None
+    where = b.source(n)
+    regions = [x]  # the value each scatter writes into: x, then x narrowed by each slice but the last
+    for k, s in cuts[:-1]:
+        regions.append(b.add("slice", [regions[-1]], {"axis": k, "start": s.start, "end": s.stop, "step": s.step}, {}, where))
+    written = tuple(len(range(*s.indices(x.shape[k]))) for k, s in cuts)
+    shape = list(x.shape)
+    for (k, _), length in zip(cuts, written):
+        shape[k] = length
+    if tuple(src.shape) != tuple(shape):  # broadcast to the slice: its lengths must not follow the sizes
+        fixed = [_slice_length(s) for _, s in cuts]
+        if fixed != list(written) or len(src.shape) > len(shape):
+            return None
+        sliced = dict(zip((k for k, _ in cuts), written))
+        sizes = tuple(sliced[k] if k in sliced else ((0, k),) for k in range(len(shape)))  # ((0, k),): x.shape[k] at run time
+        src = b.add("expand_dyn", [src, x], {"shape": sizes}, {}, where)
+    for (k, s), region in zip(reversed(cuts[1:]), reversed(regions[1:])):
+        src = b.add("slice_scatter", [region, src], {"axis": k, "start": s.start, "end": s.stop, "step": s.step}, {}, where)
+    k, s = cuts[0]
+    return "slice_scatter", [x, src], {"axis": k, "start": s.start, "end": s.stop, "step": s.step}, {}, ""
+
+
+def _slice_length(s: slice) -> int | None:
+    """How many elements ``s`` (int start, step) takes from an axis long enough, where that does not depend on the
+    axis' length (``:p``, ``-p:``, ``a:b`` with both of one sign), else None."""
+    if s.stop is None:
+        return -(s.start // s.step) if s.start < 0 else None
+    if (s.start >= 0) != (s.stop >= 0):
+        return None
+    return max(0, -((s.start - s.stop) // s.step))
+
+
+def _f_zeros_like(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.zeros_like(y)`` (ShiftViT's ``out``, written in slices next): a zero expanded to ``y``'s sizes at run
+    time."""
+    if kwargs or len(args) != 1 or shaped(args[0]) is None:
+        return None
+    x = args[0]
+    zero = b.add("constant", [], {"dtype": x.dtype}, {"value": torch.zeros((), dtype=x.dtype)}, b.source(n))
+    return "expand_dyn", [zero, x], {"shape": tuple(((0, k),) for k in range(len(x.shape)))}, {}, ""
+
+
 def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``x.expand(sizes)`` with int sizes (-1 keeps one), ``x.expand_as(y)``, and ``expand_dyn`` for sizes read from
     shapes (a class token: ``self.cls_token.expand(x.shape[0], -1, -1)``)."""
@@ -847,6 +907,8 @@ _register(_f_interpolate, F.interpolate)
 _register(_f_roll, torch.roll, ("method", "roll"))
 _register(_f_expand, ("method", "expand"), ("method", "expand_as"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
+_register(_f_setitem_copy, setitem_copy)
+_register(_f_zeros_like, torch.zeros_like)
 _register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
 _register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)
 _register(_f_unsqueeze, torch.unsqueeze, ("method", "unsqueeze"))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace"]
+__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace", "setitem_copy"]
 
 
 class InplaceHazard(Exception):
@@ -86,6 +86,15 @@ def _augmented(fn: Any) -> Any:
 
 for _fn in _AUGMENTED:
     setattr(InplaceProxy, f"__{_fn.__name__}__", _augmented(_fn))
+
+
+def _setitem(self: fx.Proxy, index: Any, value: Any) -> None:
+    """``y[:, :c] = z`` (DBB's border fill, TSM's shift, an output written in slices): an in-place call of
+    ``operator.setitem``, which ``fx.Proxy`` refuses; :func:`functionalize` makes it a copy with the slice set."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+InplaceProxy.__setitem__ = _setitem
 
 # Methods ending in ``_`` that only change metadata, never values.
 _METADATA_METHODS = {"requires_grad_", "share_memory_", "retain_grad", "resize_as_"}
@@ -175,7 +184,7 @@ def is_inplace(n: fx.Node, root: nn.Module) -> bool:
         name = n.target
         return name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS
     if n.op == "call_function":
-        if n.target in _AUGMENTED:
+        if n.target in _AUGMENTED or n.target is operator.setitem:
             return True
         name = getattr(n.target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is n.target:
@@ -304,6 +313,9 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
     if n.target in _AUGMENTED:
         n.target = _AUGMENTED[n.target]
         return f"{n.target.__name__}= (augmented assignment)"
+    if n.target is operator.setitem:
+        n.target = setitem_copy
+        return "y[...] = z (item assignment)"
     name = getattr(n.target, "__name__", "")
     if name.endswith("_") and getattr(torch, name, None) is n.target and hasattr(torch, name[:-1]):
         n.target = getattr(torch, name[:-1])
@@ -315,6 +327,13 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
             n.args = n.args[:k] + (False,) + n.args[k + 1 :]
             n.kwargs = {key: val for key, val in n.kwargs.items() if key != "inplace"}
     return f"{name}(inplace=True)"
+
+
+def setitem_copy(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``y = x.clone(); y[index] = value``: an item assignment without its side effect."""
+    y = x.clone()
+    y[index] = value
+    return y
 
 
 def _on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

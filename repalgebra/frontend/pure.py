@@ -41,6 +41,7 @@ PURE_METHODS = {
     "clamp", "clip", "reshape", "view", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze",
     "squeeze", "expand", "expand_as", "contiguous", "t", "flip", "repeat", "sigmoid", "tanh", "softmax",
     "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "relu",
+    "detach", "clone", "to",  # DBB: self.bn.bias.detach() - ..., self.id_tensor.to(self.weight.device)
 }  # fmt: skip
 
 
