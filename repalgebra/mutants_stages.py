@@ -20,6 +20,7 @@ Coverage (at least three mutants per handler or lowering that carries attributes
   ``F.max_pool2d``, ``F.pad``, and the channel axes of ``transpose``, ``permute``, ``flatten``;
 * front end, transposed convs: ``nn.ConvTranspose2d``, ``F.conv_transpose2d`` and ``aten.conv_transpose2d``
   (bias, padding against output padding, dilation, groups, the functional argument order);
+* front end, ``F.conv1d`` (bias, dilation, the argument order);
 * front end, 3-D convs: ``nn.Conv3d``, ``F.conv3d`` and ``aten.conv3d`` (bias, stride, dilation, padding, groups,
   the functional argument order);
 * front end, ATen handlers (``torch.export``): convolution (``'same'``, pairs, stride, dilation),
@@ -324,6 +325,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'params = {"weight": w} if a["bias"] is None else', 'params = {"weight": w} if True else', _FN),
     ("frontend", "conv3d-function-stride-as-dilation", "F.conv3d's stride read from its dilation argument", f"{_HF}:_f_conv3d",
      'a["stride"], a["padding"], a["dilation"]', 'a["dilation"], a["padding"], a["dilation"]', _FN),
+    ("frontend", "conv1d-function-order", "F.conv1d's arguments bound with groups before dilation",
+     f"{_HF}:_f_conv1d", '("dilation", 1), ("groups", 1)]', '("groups", 1), ("dilation", 1)]', _FN),
+    ("frontend", "conv1d-function-bias-dropped", "F.conv1d's bias is not read", f"{_HF}:_f_conv1d",
+     '({} if a["bias"] is None else', '({} if True else', _FN),
+    ("frontend", "conv1d-function-dilation-dropped", "F.conv1d's dilation is not read", f"{_HF}:_f_conv1d",
+     '"dilation": (1, *dilation)', '"dilation": (1, 1)', _FN),
     ("frontend", "conv3d-aten-bias-dropped", "aten.conv3d's bias is not read", f"{_AH}:_conv3d",
      'params = {"weight": w} if bias is None else', 'params = {"weight": w} if True else', _A_CONV3D),
     ("frontend", "conv3d-aten-groups-dropped", "aten.conv3d's groups are not read", f"{_AH}:_conv3d",

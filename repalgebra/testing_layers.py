@@ -224,6 +224,8 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
                                          nn.BatchNorm2d(6, eps=1e-3), nn.ReLU()]),
         "conv-transpose-dilated": _case(lambda: [nn.ConvTranspose2d(4, 6, (2, 3), (1, 2), (0, 1), (1, 1), bias=False, dilation=(2, 1)),
                                                  nn.GELU()]),
+        "conv1d": _case(lambda: [nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.BatchNorm1d(6, eps=1e-3), nn.ReLU(),
+                                 nn.Conv1d(6, 6, 4, padding="same", bias=False)], shape=(2, 4, 11)),
         "conv3d": _case(lambda: [nn.Conv3d(4, 6, (3, 2, 3), (2, 1, 1), (1, 0, 2), (2, 1, 1), groups=2), nn.BatchNorm3d(6, eps=1e-3),
                                  nn.ReLU()], shape=(2, 4, 6, 7, 5)),
         "conv3d-same": _case(lambda: [nn.Conv3d(4, 6, (1, 3, 3), padding="same", dilation=(1, 1, 2), bias=False), nn.GELU(),

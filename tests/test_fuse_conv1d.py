@@ -137,3 +137,36 @@ def test_onnx_export_of_a_fused_conv1d_block_runs_in_onnxruntime_at_any_batch():
         with torch.no_grad():
             want = model(xb)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+class CausalConv1d(nn.Conv1d):
+    """A causal TCN's conv as pytorch-tcn and WaveNet ports write it: pad on the left, then ``super().forward``
+    (which calls ``F.conv1d``), so the module is not a plain ``Conv1d`` and fx traces into it."""
+
+    def __init__(self, cin: int, cout: int, k: int, dilation: int) -> None:
+        super().__init__(cin, cout, k, dilation=dilation)
+        self.left = (k - 1) * dilation
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (self.left, 0)))
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, c: int, dilation: int) -> None:
+        super().__init__()
+        self.conv, self.bn = CausalConv1d(c, c, 3, dilation), nn.BatchNorm1d(c)
+        self.pw = nn.Conv1d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return x + self.bn2(nn.functional.conv1d(y, self.pw.weight, None, 1, "same"))
+
+
+def test_a_conv1d_written_as_f_conv1d_folds_its_batch_norm():
+    """``F.conv1d`` (a ``Conv1d`` subclass's ``super().forward``, or called directly) is the same ``conv2d`` of
+    height 1 as ``nn.Conv1d``; it was an opaque call, and the BatchNorm1d after it stayed."""
+    model = seeded(lambda: nn.Sequential(CausalBlock(8, 1), CausalBlock(8, 2)), 7)().double()
+    fused = fuse(model, torch.randn(2, 8, 30, dtype=D))
+    assert count_bn(fused) == 0 and "opaque" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 8, 30), (3, 8, 17), (1, 8, 64)])

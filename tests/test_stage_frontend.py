@@ -75,11 +75,13 @@ class Functional(torch.nn.Module):
         for m in self.seq:
             if isinstance(m, nn.Conv2d):
                 x = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            elif isinstance(m, nn.Conv1d):
+                x = F.conv1d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
             elif isinstance(m, nn.Conv3d):
                 x = F.conv3d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
             elif isinstance(m, nn.ConvTranspose2d):
                 x = F.conv_transpose2d(x, m.weight, m.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) and m.track_running_stats:
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.track_running_stats:
                 x = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
             elif isinstance(m, nn.ConstantPad2d):  # nn.ZeroPad2d too
                 x = F.pad(x, m.padding, value=m.value)

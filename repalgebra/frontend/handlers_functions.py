@@ -541,6 +541,29 @@ def _f_conv2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
     return "conv2d", [a["input"]], attrs, params, a["weight"].path.rpartition(".")[0]
 
 
+def _f_conv1d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.conv1d`` on ``(N, C, L)`` (what a ``Conv1d`` subclass's ``super().forward(x)`` calls: a causal TCN's
+    conv) as ``nn.Conv1d`` is captured: ``flatten(conv2d(x.unsqueeze(2)), 2, 3)``, a ``1 x k`` kernel."""
+    spec = [("input", REQ), ("weight", REQ), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)]
+    a = bind(spec, args, kwargs)
+    if a is None or shaped(a["input"]) is None or len(a["input"].shape) != 3 or _const(a["weight"]) is None:
+        return None
+    w = _const(a["weight"])
+    stride, dilation = ints(a["stride"], 1), ints(a["dilation"], 1)
+    padding = a["padding"] if isinstance(a["padding"], str) else ints(a["padding"], 1)
+    if w.dim() != 3 or stride is None or dilation is None or padding is None or not is_int(a["groups"]) or (
+            a["bias"] is not None and _const(a["bias"]) is None):
+        return None
+    padding = conv_padding(padding if isinstance(padding, str) else (0, *padding), (1, w.shape[2]), (1, *dilation))
+    if padding is None:
+        return None
+    params = {"weight": w.unsqueeze(2)} | ({} if a["bias"] is None else {"bias": _const(a["bias"])})
+    attrs = {"stride": (1, *stride), "padding": padding, "dilation": (1, *dilation), "groups": a["groups"]}
+    where = a["weight"].path.rpartition(".")[0] or b.source(n)
+    x4 = b.add(*unsqueezed(a["input"], 2)[:4], source=where)
+    return "flatten", [b.add("conv2d", [x4], attrs, params, where)], {"start": 2, "end": 3}, {}, where
+
+
 def _f_conv_transpose2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     spec = [("input", REQ), ("weight", REQ), ("bias", None), ("stride", 1), ("padding", 0), ("output_padding", 0),
             ("groups", 1), ("dilation", 1)]
@@ -878,6 +901,7 @@ _register(_f_identity_unless_training, F.dropout, F.dropout1d, F.dropout2d, F.dr
 _register(_f_conv2d, F.conv2d, torch.conv2d)
 _register(_f_conv_transpose2d, F.conv_transpose2d, torch.conv_transpose2d)
 _register(_f_conv3d, F.conv3d, torch.conv3d)
+_register(_f_conv1d, F.conv1d, torch.conv1d)
 _register(_f_pad, F.pad)
 _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)
