@@ -100,23 +100,6 @@ def conv_operands(join: Node) -> dict[tuple, list[tuple[int, Node]]]:
     return groups
 
 
-def merge_cost(join: Node, convs: list[Node]) -> tuple[int, int]:
-    """Weights of the one conv that ``convs`` (operands of ``join`` with one input and stride) would become, and
-    of the convs as they are: multiply-adds per output pixel, before and after.
-
-    The merged kernel spans the union of their windows, densely where their taps lie on different lattices
-    (:func:`on_lattice`); a sum keeps the output channels, a concat stacks them.  Dilated branches of rates 6
-    and 24 merge into a 49 x 49 kernel: many times the work of the branches."""
-    wins = [window(c) for c in convs]
-    steps = wins[0].step if on_lattice(wins) else (1, 1)
-    taps = 1
-    for a in (0, 1):
-        taps *= (max(w.last(a) for w in wins) - min(w.first[a] for w in wins)) // steps[a] + 1
-    outs = [c.params["weight"].shape[0] for c in convs]
-    merged = (sum(outs) if join.op == "concat" else max(outs)) * max(c.params["weight"].shape[1] for c in convs) * taps
-    return merged, sum(c.params["weight"].numel() for c in convs)
-
-
 def on_lattice(windows: list[Window]) -> bool:
     """Whether windows with one common tap step have their taps on one shared lattice."""
     step = windows[0].step

@@ -205,8 +205,6 @@ MUTANTS: list[Mutant] = [
             "repalgebra.kernels:densify", "dense[:, :, ::dh, ::dw] = weight", "dense[:, :, ::dw, ::dh] = weight"),
     _helper("dilation_to_dense", "extent-off-by-one", "the dense kernel is one dilation step too large (k * d instead of (k - 1) * d + 1)",
             "repalgebra.kernels:densify", "(kh - 1) * dh + 1, (kw - 1) * dw + 1", "kh * dh, kw * dw"),
-    _m("dilation_to_dense", "cost-unchecked", "any off-lattice sum is densified, however wide the dense kernel (ASPP: 49 x 49)",
-       "        if merged > apart:\n            refusal", "        if False:\n            refusal"),
     # ---------------------------------------------------------------- kernel_pad
     _m("kernel_pad", "wrong-side", "the kernel is padded on the opposite sides (a 1x1 lands off centre)",
        'pad_kernel(conv.params["weight"], top, bottom, left, right)', 'pad_kernel(conv.params["weight"], bottom, top, right, left)'),
@@ -216,8 +214,6 @@ MUTANTS: list[Mutant] = [
        'pad_kernel(conv.params["weight"], top', 'pad_kernel(conv.params["weight"].transpose(2, 3), top'),
     _m("kernel_pad", "padding-off-by-one", "off by one: the bottom/right padding grows one row/column too few",
        "pb + bottom * dh, pl + left * dw, pr + right * dw", "pb + bottom * dh - 1, pl + left * dw, pr + right * dw - 1"),
-    _m("kernel_pad", "cost-unchecked", "windows are padded to their union even where the merged conv has more weights than the convs",
-       "        if merged > apart:\n            refusal", "        if False:\n            refusal"),
     # ---------------------------------------------------------------- branch_sum
     _m("branch_sum", "linear-sub-added", "``Linear_a(x) - Linear_b(x)``: the weights are added",
        'params = {"weight": a.params["weight"] + sign * b.params["weight"]}', 'params = {"weight": a.params["weight"] + b.params["weight"]}',

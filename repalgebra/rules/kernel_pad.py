@@ -8,26 +8,19 @@ The new taps read only positions multiplied by zero, and the output grid is
 unchanged.  This aligns a 1x1 with a 3x3 (centered), and 1xk / kx1 with kxk (ACNet).
 
 Preconditions: the conv is summed (add/sub/concat) with other convs of the same
-input, stride and tap lattice whose windows differ; each is padded to the union window,
-unless the one conv they merge into would have more weights than they have together
-(a concat of a 1x1 and a 7x7 conv: every output channel would pay for 7x7 taps).
+input, stride and tap lattice whose windows differ; each is padded to the union window.
 """
 
 from repalgebra.kernels import pad_kernel
-from repalgebra.match import JOINS, conv_operands, conv_with, merge_cost, on_lattice, window, with_operands
-from repalgebra.rules.registry import Refusal, Rewrite, rule
+from repalgebra.match import JOINS, conv_operands, conv_with, on_lattice, window, with_operands
+from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("kernel_pad", on=JOINS)
 def kernel_pad(graph, join):
-    refusal = None
     for group in conv_operands(join).values():
         wins = [window(c) for _, c in group]
         if len(group) < 2 or len(set(wins)) == 1 or not on_lattice(wins):
-            continue
-        merged, apart = merge_cost(join, [c for _, c in group])
-        if merged > apart:
-            refusal = Refusal(f"the merged kernel would have {merged} weights, more than the {len(group)} convs together ({apart})", join)
             continue
         step = wins[0].step
         first = [min(w.first[a] for w in wins) for a in (0, 1)]
@@ -49,4 +42,4 @@ def kernel_pad(graph, join):
             replaced[k] = new.out
         new_join = with_operands(join, replaced)
         return Rewrite(join.out, new_join.out, (*new_nodes, new_join))
-    return refusal
+    return None
