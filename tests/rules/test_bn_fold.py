@@ -109,22 +109,30 @@ def test_folds_bn_into_any_transposed_conv(spec, dtype, batch, seed, data):
     """``nn.ConvTranspose2d`` + BN (decoders, GAN generators): the weight is ``(C_in, C_out / g, kh, kw)``, so the
     scale of output channel ``o`` multiplies column ``o mod (C_out / g)`` of the rows of ``o``'s group."""
     cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(cin, cout // g, *spec["kernel"], generator=gen, dtype=torch.float64) / (cin // g) ** 0.5).to(dtype)
-    params = {"weight": w} | ({"bias": torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)} if spec["bias"] else {})
-    attrs = {k: spec[k] for k in ("stride", "padding", "output_padding", "dilation", "groups")}
+    w = torch.randn(cin, cout // g, *spec["kernel"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    folds_into_one(spec, "conv_transpose2d", (w / (cin // g) ** 0.5).to(dtype), ("stride", "padding", "output_padding", "dilation", "groups"),
+                   dtype, batch, seed, data)
+
+
+def folds_into_one(spec: dict, op: str, w: torch.Tensor, attr_names: tuple[str, ...], dtype, batch: int, seed: int, data) -> None:
+    """``op`` (weight ``w``, with a bias where ``spec`` says) then a BN: one ``op`` with the same attributes and
+    weight shape, and a bias, computing the same."""
+    params = {"weight": w}
+    if spec["bias"]:
+        params["bias"] = torch.randn(spec["cout"], generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64).to(dtype)
+    attrs = {k: spec[k] for k in attr_names}
     b = GraphBuilder()
-    x = b.input("x", (batch, cin, *spec["size"]), dtype)
-    y = add_bn(b, b.conv_transpose2d(x, **params, **attrs, source="up.conv"), data.draw(bn_stats(cout)), dtype, "up.bn")
+    x = b.input("x", (batch, spec["cin"], *spec["size"]), dtype)
+    y = add_bn(b, b.node(op, x, **params, **attrs, source="blk.conv"), data.draw(bn_stats(spec["cout"])), dtype, "blk.bn")
     graph = b.build(y)
 
     fused, report = run_rules(graph, "bn_fold")
 
-    assert report.rule_counts() == {"bn_fold": 1} and report.after == {"conv_transpose2d": 1}
-    conv = only(fused, "conv_transpose2d")
+    assert report.rule_counts() == {"bn_fold": 1} and report.after == {op: 1}
+    conv = only(fused, op)
     assert conv.attrs == attrs and conv.params["weight"].shape == w.shape and "bias" in conv.params
-    assert conv.source == "up"
-    assert_graphs_equal(graph, fused, random_input((batch, cin, *spec["size"]), dtype, seed + 1), dtype)
+    assert conv.source == "blk"
+    assert_graphs_equal(graph, fused, random_input((batch, spec["cin"], *spec["size"]), dtype, seed + 1), dtype)
 
 
 @given(dtype=float_dtypes(), seed=seeds(), data=st.data())
@@ -201,19 +209,5 @@ def test_folds_bn_into_any_3d_conv(spec, dtype, batch, seed, data):
     """``nn.Conv3d`` + ``BatchNorm3d`` (video models): the scale of output channel ``o`` multiplies row ``o`` of the
     ``(C_out, C_in / g, kd, kh, kw)`` weight."""
     cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(cout, cin // g, *spec["kernel"], generator=gen, dtype=torch.float64) / (cin // g) ** 0.5).to(dtype)
-    params = {"weight": w} | ({"bias": torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)} if spec["bias"] else {})
-    attrs = {k: spec[k] for k in ("stride", "padding", "dilation", "groups")}
-    b = GraphBuilder()
-    x = b.input("x", (batch, cin, *spec["size"]), dtype)
-    y = add_bn(b, b.conv3d(x, **params, **attrs, source="stem.conv"), data.draw(bn_stats(cout)), dtype, "stem.bn")
-    graph = b.build(y)
-
-    fused, report = run_rules(graph, "bn_fold")
-
-    assert report.rule_counts() == {"bn_fold": 1} and report.after == {"conv3d": 1}
-    conv = only(fused, "conv3d")
-    assert conv.attrs == attrs and conv.params["weight"].shape == w.shape and "bias" in conv.params
-    assert conv.source == "stem"
-    assert_graphs_equal(graph, fused, random_input((batch, cin, *spec["size"]), dtype, seed + 1), dtype)
+    w = torch.randn(cout, cin // g, *spec["kernel"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    folds_into_one(spec, "conv3d", (w / (cin // g) ** 0.5).to(dtype), ("stride", "padding", "dilation", "groups"), dtype, batch, seed, data)
