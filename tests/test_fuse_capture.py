@@ -1438,3 +1438,33 @@ def test_a_device_read_from_a_parameter_is_not_the_meta_device():
     model = randomized(IdentityBasedConv())
     fused = check_exact(model, torch.randn(2, 4, 5, 5, dtype=D))
     assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)
+
+
+class ReadBetweenAssignments(nn.Module):
+    """``out`` is read between two assignments, and the first writes into ``torch.zeros_like`` (a zero expanded to
+    ``y``'s sizes): only the later ones may write in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        c = y.shape[1] // 2  # a bound read from a size: the assignments stay calls, as ShiftViT's do
+        out = torch.zeros_like(y)
+        out[:, :c] = y[:, :c]
+        mid = out.sum(1, keepdim=True)
+        out[:, c:] = y[:, c:] * 2
+        out[:, :1] = mid
+        return out * 3
+
+
+def test_assignments_write_in_place_only_into_what_nothing_else_reads():
+    """A chain of assignments copies once (each later one writes into what the one before made, ShiftViT's five
+    shifts), except where the value between two of them is read by something else."""
+    model = randomized(ReadBetweenAssignments())
+    fused = check_exact(model, torch.randn(2, 3, 5, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    x = torch.randn(1, 3, 7, 4, dtype=D)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12
