@@ -37,8 +37,8 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
-from repalgebra.frontend.inputs import batch_plus_one
 from repalgebra.frontend.fx_trace import runs_own_hooks
+from repalgebra.frontend.inputs import batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.gc_pause import frozen_gc

@@ -68,8 +68,10 @@ def _m_conv3d(b: Builder, n: fx.Node, m: nn.Conv3d, args: tuple, kwargs: dict) -
     if x is None or len(x.shape) != 5 or m.padding_mode != "zeros":
         return None
     attrs = conv3d_attrs(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+    if attrs is None:
+        return None
     params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
-    return None if attrs is None else ("conv3d", [x], attrs, params, "")
+    return "conv3d", [x], attrs, params, ""
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
