@@ -24,7 +24,7 @@ from repalgebra.frontend.args import (
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
-from repalgebra.frontend.inplace import setitem_copy, setitem_into
+from repalgebra.frontend.inplace import setitem_copy
 from repalgebra.ir import Value
 
 # --------------------------------------------------------------------------- arithmetic
@@ -758,9 +758,8 @@ def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: d
 
 
 def _f_setitem_copy(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``y[:, :2, :, 1:] = v`` (made :func:`~repalgebra.frontend.inplace.setitem_copy` or ``setitem_into`` by
-    ``functionalize``): one ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int
-    slices.  A ``v`` that broadcasts (a per-channel fill, a number) is expanded to the slice first, which needs every
+    """``y[:, :2, :, 1:] = v`` (made :func:`~repalgebra.frontend.inplace.setitem_copy` by ``functionalize``): one
+    ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int slices.  A ``v`` that broadcasts (a per-channel fill, a number) is expanded to the slice first, which needs every
     sliced length fixed whatever the size of its axis (``:p``, ``-p:``, ``a:b``; not ``1:``); else the call is
     carried as written."""
     if kwargs or len(args) != 3 or shaped(args[0]) is None:
@@ -932,7 +931,7 @@ _register(_f_interpolate, F.interpolate)
 _register(_f_roll, torch.roll, ("method", "roll"))
 _register(_f_expand, ("method", "expand"), ("method", "expand_as"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
-_register(_f_setitem_copy, setitem_copy, setitem_into)
+_register(_f_setitem_copy, setitem_copy)
 _register(_f_zeros_like, torch.zeros_like)
 _register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
 _register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace", "setitem_copy", "setitem_into"]
+__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace", "setitem_copy"]
 
 
 class InplaceHazard(Exception):
@@ -314,9 +314,7 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
         n.target = _AUGMENTED[n.target]
         return f"{n.target.__name__}= (augmented assignment)"
     if n.target is operator.setitem:
-        v = n.args[0]  # the value before: the previous assignment's result, read by this one alone, is written into
-        own = isinstance(v, fx.Node) and v.op == "call_function" and v.target in _SETITEMS and list(v.users) == [n]
-        n.target = setitem_into if own else setitem_copy
+        n.target = setitem_copy
         return "y[...] = z (item assignment)"
     name = getattr(n.target, "__name__", "")
     if name.endswith("_") and getattr(torch, name, None) is n.target and hasattr(torch, name[:-1]):
@@ -332,20 +330,14 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
 
 
 def setitem_copy(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
-    """``y = x.clone(); y[index] = value``: an item assignment without its side effect."""
+    """``y = x.clone(); y[index] = value``: an item assignment without its side effect.
+
+    Always a copy, also where the value before has no other reader in the trace: rewrites may make a value another's
+    (a ``slice_scatter`` of a whole axis is its source), so a call that wrote into its input could change a value
+    other nodes read."""
     y = x.clone()
     y[index] = value
     return y
-
-
-def setitem_into(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
-    """``x[index] = value; return x``, for an ``x`` that a :func:`setitem_copy` or ``setitem_into`` made and that
-    nothing else reads: five assignments into ``torch.zeros_like(y)`` (ShiftViT) copy once, not five times."""
-    x[index] = value
-    return x
-
-
-_SETITEMS = (operator.setitem, setitem_copy, setitem_into)
 
 
 def _on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
