@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 
 from repalgebra.ir import Graph, Node, Value
 
@@ -100,9 +101,89 @@ def conv_operands(join: Node) -> dict[tuple, list[tuple[int, Node]]]:
     return groups
 
 
+def union_taps(convs: list[Node]) -> int:
+    """Taps of the one kernel spanning the windows of ``convs``: on their lattice, or dense where they
+    lie on different ones."""
+    wins = [window(c) for c in convs]
+    step = lattice_step(wins) or (1, 1)
+    taps = 1
+    for a in (0, 1):
+        taps *= (max(w.last(a) for w in wins) - min(w.first[a] for w in wins)) // step[a] + 1
+    return taps
+
+
+def merge_cost(join: Node, convs: list[Node]) -> tuple[int, int]:
+    """Multiply-adds per output pixel of the one conv that ``convs`` (operands of ``join`` reading one input
+    with one stride) become, and of the convs as they are.
+
+    The merged kernel spans the union of their windows (:func:`union_taps`); its groups are the gcd of
+    theirs (1 for a concat, whose channels interleave the groups), and its output channels are theirs (a
+    sum) or all of them stacked (a concat).  DeepLabV2's ASPP sums 3 x 3 convs of rates 6 and 24: one
+    49 x 49 kernel, many times their work."""
+    in_channels = convs[0].params["weight"].shape[1] * convs[0].attrs["groups"]
+    outs = [c.params["weight"].shape[0] for c in convs]
+    if join.op == "concat":
+        per_tap = sum(outs) * in_channels
+    else:
+        per_tap = max(outs) * (in_channels // gcd(*(c.attrs["groups"] for c in convs)))
+    return per_tap * union_taps(convs), sum(c.params["weight"].numel() for c in convs)
+
+
+def merge_refusal(graph: Graph, join: Node, convs: list[Node]) -> str | None:
+    """Why merging ``convs`` (operands of ``join`` reading one input with one stride, some perhaps about to
+    be made) would make the model slower, or ``None`` where it does not.
+
+    It pays where the one conv they become has no more multiply-adds than they have together (RepVGG's 1x1
+    inside its 3x3, ACNet's 1x3 and 3x1).  It also pays as a step towards merging the whole sum around
+    ``join`` (the add/sub tree over values read once, with its channel concats) where that sum's one conv
+    has no more multiply-adds than all the sum's convs of this input: small dilated kernels that would be
+    dearer merged than apart, inside the window of a large kernel that absorbs them (UniRepLKNet)."""
+    merged, apart = merge_cost(join, convs)
+    if merged <= apart:
+        return None
+    root = join
+    while sole_use(graph, root.out) and (ups := graph.users(root.out)) and ups[0].op in ("add", "sub"):
+        root = ups[0]
+    x, stride = convs[0].x, convs[0].attrs["stride"]
+    leaves, dense = {id(c): c for c in convs}, join.op == "concat"
+    stack = [root]
+    while stack:
+        for v in stack.pop().inputs:
+            p = v.producer
+            if p is not None and p.op == "conv2d" and p.x is x and p.attrs["stride"] == stride:
+                leaves.setdefault(id(p), p)
+            elif p is not None and (p.op in ("add", "sub") or _channel_concat(p)) and sole_use(graph, v):
+                dense |= p.op == "concat"
+                stack.append(p)
+    if len(leaves) > len(convs):
+        groups = 1 if dense else gcd(*(c.attrs["groups"] for c in leaves.values()))
+        whole = root.out.shape[1] * (x.shape[1] // groups) * union_taps(list(leaves.values()))
+        if whole <= sum(c.params["weight"].numel() for c in leaves.values()):
+            return None
+    return f"the one conv they would become has {merged} multiply-adds per output pixel, more than the {len(convs)} convs together ({apart})"
+
+
+def _channel_concat(node: Node) -> bool:
+    return node.op == "concat" and node.attrs["axis"] in (1, -3)
+
+
+def lattice_step(windows: list[Window]) -> tuple[int, int] | None:
+    """The tap step that ``windows`` share, per axis, where their taps lie on one lattice; else ``None``.
+
+    A window of one tap on an axis takes any step there (a 1x1 conv's dilation does nothing): only its
+    offset must lie on the lattice of the others, as an identity branch does inside a dilated 3x3."""
+    step = []
+    for a in (0, 1):
+        steps = {w.step[a] for w in windows if w.count[a] > 1}
+        if len(steps) > 1:
+            return None
+        d = steps.pop() if steps else 1
+        if any((w.first[a] - windows[0].first[a]) % d for w in windows):
+            return None
+        step.append(d)
+    return tuple(step)
+
+
 def on_lattice(windows: list[Window]) -> bool:
-    """Whether windows with one common tap step have their taps on one shared lattice."""
-    step = windows[0].step
-    return all(w.step == step for w in windows) and all(
-        (w.first[a] - windows[0].first[a]) % step[a] == 0 for w in windows for a in (0, 1)
-    )
+    """Whether the taps of ``windows`` lie on one shared lattice (:func:`lattice_step`)."""
+    return lattice_step(windows) is not None

@@ -123,6 +123,10 @@ _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
 _GROUPS_DROPPED = ("v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)")
 _REGROUP = "repalgebra.kernels:regroup"
+_COST_CHECK, _COST_UNCHECKED = "        if why := merge_refusal(graph, join, [c for _, c in group]):", "        if why := None:"
+_MERGE_REFUSAL = "repalgebra.match:merge_refusal"
+_BESIDE_CHECK = "        if why := merge_refusal_beside(graph, join, sib, conv):"
+_WHOLE_SUM_IGNORED = ("        if whole <= sum(", "        if False and whole <= sum(")
 
 #: Every mutant, grouped by rule.  ``python -m repalgebra.mutants --list`` prints them.
 MUTANTS: list[Mutant] = [
@@ -190,7 +194,13 @@ MUTANTS: list[Mutant] = [
     _helper("bn_to_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _helper("bn_to_conv", "identity-tap", "the grouped identity kernel reads the first channel of each group",
             _IDENTITY_KERNEL, "w[c, c % per_group, 0, 0] = 1", "w[c, 0, 0, 0] = 1"),
+    _m("bn_to_conv", "cost-unchecked", "a BN beside a conv becomes a conv even where the two would not merge at no cost",
+       _BESIDE_CHECK, "        if why := None:"),
+    _helper("bn_to_conv", "bn-sibling-unpriced", "a BN sibling is not priced as the depthwise 1x1 it becomes: two BNs concatenated become convs",
+            "repalgebra.rules.bn_to_conv:merge_refusal_beside", '    if sib.op == "batch_norm":', '    if sib.op == "batch_norm" and False:'),
     # ---------------------------------------------------------------- identity_to_conv
+    _m("identity_to_conv", "cost-unchecked", "a skip beside a conv becomes a conv even where the two would not merge at no cost",
+       _BESIDE_CHECK, "        if why := None:"),
     _m("identity_to_conv", "groups-dropped", "the identity conv is built with groups=1 (its kernel is the grouped one)",
        '{"groups": groups}, {"weight": w}', '{"groups": 1}, {"weight": w}'),
     _m("identity_to_conv", "channels-reversed", "the identity kernel maps each channel to its mirror image within its group",
@@ -205,6 +215,10 @@ MUTANTS: list[Mutant] = [
             "repalgebra.kernels:densify", "dense[:, :, ::dh, ::dw] = weight", "dense[:, :, ::dw, ::dh] = weight"),
     _helper("dilation_to_dense", "extent-off-by-one", "the dense kernel is one dilation step too large (k * d instead of (k - 1) * d + 1)",
             "repalgebra.kernels:densify", "(kh - 1) * dh + 1, (kw - 1) * dw + 1", "kh * dh, kw * dw"),
+    _m("dilation_to_dense", "cost-unchecked", "any off-lattice sum is densified, however wide the dense kernel (ASPP: 49 x 49)",
+       _COST_CHECK, _COST_UNCHECKED),
+    _helper("dilation_to_dense", "whole-sum-ignored", "a merge dearer than its branches is refused even where a large kernel of the sum absorbs it",
+            _MERGE_REFUSAL, *_WHOLE_SUM_IGNORED),
     # ---------------------------------------------------------------- kernel_pad
     _m("kernel_pad", "wrong-side", "the kernel is padded on the opposite sides (a 1x1 lands off centre)",
        'pad_kernel(conv.params["weight"], top, bottom, left, right)', 'pad_kernel(conv.params["weight"], bottom, top, right, left)'),
@@ -214,6 +228,10 @@ MUTANTS: list[Mutant] = [
        'pad_kernel(conv.params["weight"], top', 'pad_kernel(conv.params["weight"].transpose(2, 3), top'),
     _m("kernel_pad", "padding-off-by-one", "off by one: the bottom/right padding grows one row/column too few",
        "pb + bottom * dh, pl + left * dw, pr + right * dw", "pb + bottom * dh - 1, pl + left * dw, pr + right * dw - 1"),
+    _m("kernel_pad", "cost-unchecked", "windows are padded to their union even where the merged conv has more weights than the convs",
+       _COST_CHECK, _COST_UNCHECKED),
+    _helper("kernel_pad", "concat-keeps-groups", "a concat's merged conv is priced with the gcd of its convs' groups, as a sum's",
+            _MERGE_REFUSAL, "groups = 1 if dense else gcd(", "groups = 1 if False else gcd("),
     # ---------------------------------------------------------------- branch_sum
     _m("branch_sum", "linear-sub-added", "``Linear_a(x) - Linear_b(x)``: the weights are added",
        'params = {"weight": a.params["weight"] + sign * b.params["weight"]}', 'params = {"weight": a.params["weight"] + b.params["weight"]}',
@@ -225,6 +243,8 @@ MUTANTS: list[Mutant] = [
        'if "bias" in a.params or "bias" in b.params:', 'if "bias" in a.params and "bias" in b.params:'),
     _m("branch_sum", "groups-dropped", "the summed conv keeps the first conv's groups instead of gcd(g_a, g_b)",
        "weight=w, bias=bias, groups=g)", "weight=w, bias=bias, groups=ga)"),
+    _m("branch_sum", "groups-cost-unchecked", "groups whose gcd makes a denser kernel than both are summed anyway",
+       "    if g < min(ga, gb) and (why := merge_refusal(graph, join, [a, b])):", "    if False:"),
     _m("branch_sum", "broadcast", "convs of different output shapes are summed (the add broadcasts)",
        "if a.out.shape != b.out.shape:", "if False:"),
     # ---------------------------------------------------------------- concat_merge

@@ -79,6 +79,7 @@ from hypothesis import strategies as st
 from repalgebra.builder import GraphBuilder
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.match import Window, lattice_step
 from repalgebra.ops import op_def
 from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, attribute_case, layer_stacks, norm_eps
 
@@ -269,8 +270,13 @@ def _axis_options(n: int, n_out: int, stride: int, kernels, dilations, unpadded:
 
 
 def _on_axis_lattice(opt, ref: ConvSpec, axis: int) -> bool:
+    """Whether taps ``opt`` lie on ``ref``'s lattice along ``axis``; a one-tap axis takes the other's step."""
     k, d, before, _ = opt
-    return d == ref.dilation[axis] and (before - ref.padding[2 * axis]) % d == 0
+    kr, dr = ref.kernel[axis], ref.dilation[axis]
+    if k > 1 and kr > 1 and d != dr:
+        return False
+    step = dr if kr > 1 else d if k > 1 else 1
+    return (before - ref.padding[2 * axis]) % step == 0
 
 
 @st.composite
@@ -640,10 +646,30 @@ class _Region:
     stride: int
     size: tuple[int, int]  # input (H, W)
     out: tuple[int, int]  # output (Ho, Wo)
+    windows: list[Window] = field(default_factory=list)  # the taps of every branch, in input offsets
+    groups: list[int] = field(default_factory=list)  # the groups of every conv the branches draw
 
     @property
     def same_grid(self) -> bool:
         return self.stride == 1 and self.out == self.size
+
+    def covers(self, kernel, dilation, padding, groups: int | None = None) -> None:
+        """Record the taps of a branch (and the groups of its conv)."""
+        top, _, left, _ = padding
+        self.windows.append(Window((self.stride, self.stride), (-top, -left), tuple(dilation), tuple(kernel)))
+        if groups is not None:
+            self.groups.append(groups)
+
+    def dominant(self) -> ConvSpec:
+        """The conv that the branches fold into, as a branch of its own: it spans all their windows, on
+        their lattice, with the gcd of their groups.  Beside it, merging the others costs nothing."""
+        step = lattice_step(self.windows) or (1, 1)
+        first = [min(w.first[a] for w in self.windows) for a in (0, 1)]
+        last = [max(w.last(a) for w in self.windows) for a in (0, 1)]
+        after = [max(0, (self.out[a] - 1) * self.stride - (self.size[a] - 1 - last[a])) for a in (0, 1)]
+        kernel = tuple((last[a] - first[a]) // step[a] + 1 for a in (0, 1))
+        return ConvSpec(self.channels, self.channels, gcd(*self.groups), kernel, (self.stride, self.stride), step,
+                        (-first[0], after[0], -first[1], after[1]), True, *self.size)
 
 
 def _feasible_pools(r: _Region) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -697,7 +723,9 @@ class _Gen:
 
     def onto(self, r: "_Region", cin: int | None = None, cout: int | None = None, **kw) -> ConvSpec:
         c = r.channels
-        return self.draw(conv_specs_onto(r.size, r.out, r.stride, in_channels=cin or c, out_channels=cout or c, **kw))
+        spec = self.draw(conv_specs_onto(r.size, r.out, r.stride, in_channels=cin or c, out_channels=cout or c, **kw))
+        r.covers(spec.kernel, spec.dilation, spec.padding, spec.groups)
+        return spec
 
     # -- branches: each returns a value of shape (N, C, Ho, Wo) --------------------------
 
@@ -771,14 +799,17 @@ class _Gen:
     def pool_branch(self, r: _Region) -> Value:
         """avg pool with count_include_pad=True."""
         kernel, padding = self.draw(st.sampled_from(_feasible_pools(r)))
+        r.covers(kernel, (1, 1), (padding[0], padding[0], padding[1], padding[1]))
         self.desc.append(f"avgpool{kernel} p{padding}")
         return self.b.avg_pool2d(r.x, kernel=kernel, stride=(r.stride, r.stride), padding=padding, count_include_pad=True, source=self.src("pool"))
 
     def bn_branch(self, r: _Region) -> Value:
+        r.covers((1, 1), (1, 1), (0, 0, 0, 0))
         self.desc.append("bn")
         return self.bn(r.x, self.src("bn"))
 
     def identity_branch(self, r: _Region) -> Value:
+        r.covers((1, 1), (1, 1), (0, 0, 0, 0))
         self.desc.append("identity")
         return r.x
 
@@ -1032,9 +1063,20 @@ def _branchy_region(draw, gen: _PrefixGen, v: Value, max_branches: int) -> Value
         others.append(gen.pool_branch)
     if r.same_grid:
         others += [gen.bn_branch, gen.identity_branch]
-    y = draw(st.sampled_from(first))(r)
-    for _ in range(draw(st.integers(0, max_branches - 1))):
-        z = draw(st.sampled_from(others))(r)
+    branches = [draw(st.sampled_from(first))(r)]
+    branches += [draw(st.sampled_from(others))(r) for _ in range(draw(st.integers(0, max_branches - 1)))]
+    residual = r.same_grid and draw(st.booleans())
+    if residual:
+        r.covers((1, 1), (1, 1), (0, 0, 0, 0))
+    if len(r.windows) > 1:  # more than one conv's taps to merge (a concat has two)
+        # Merging branches can take more work than the branches (3x3 convs of rates 1 and 2 make a dense
+        # 5x5): fuse merges them only where their one conv is no dearer, as beside a kernel that spans
+        # them all, the main conv of every reparameterized block.
+        main = r.dominant()
+        gen.desc.append(f"main {_short(main)}")
+        branches.insert(draw(st.integers(0, len(branches))), gen.conv(v, main, gen.src("main")))
+    y = branches[0]
+    for z in branches[1:]:
         op = draw(st.sampled_from(["add", "sub"]))
         gen.desc.append(op)
         y = getattr(gen.b, op)(y, z, source=gen.src(op))
@@ -1045,7 +1087,7 @@ def _branchy_region(draw, gen: _PrefixGen, v: Value, max_branches: int) -> Value
         y = gen.bn(y, f"{gen.prefix}.norm")
     if tail != "none":
         gen.desc.append(f"then {tail}")
-    if r.same_grid and draw(st.booleans()):
+    if residual:
         y = gen.b.add(v, y, source=f"{gen.prefix}.residual")
         gen.desc.append("x + region")
     return y
@@ -1343,6 +1385,25 @@ def _draw_branch(draw, kind: str, cin: int, cout: int, stride: int) -> tuple[nn.
     raise ValueError(kind)
 
 
+def _main_branch(branches: list[nn.Module], cin: int, cout: int, stride: int) -> tuple[nn.Module, str]:
+    """The conv-BN a block's branches fold into, as a branch of its own (a RepVGG block's 3x3): it spans every
+    branch's taps ("same" padding, so all are centred), on their lattice, with the gcd of their groups."""
+    windows, groups = [], []
+    for m in branches:
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+        if convs:
+            k, d = convs[-1].kernel_size, convs[-1].dilation
+            groups.append(convs[-1].groups)
+        else:
+            k, d = (getattr(m, "kernel_size", 1),) * 2, (1, 1)
+        windows.append(Window((stride, stride), tuple(-(k[a] - 1) * d[a] // 2 for a in (0, 1)), d, k))
+    step = lattice_step(windows) or (1, 1)
+    d = step[0] if step[0] == step[1] else 1
+    kernel = tuple((max(w.last(a) for w in windows) - min(w.first[a] for w in windows)) // d + 1 for a in (0, 1))
+    g = gcd(*groups)
+    return _conv_bn(cin, cout, kernel, stride, g, d), f"main conv{kernel[0]}x{kernel[1]}{f' d{d}' * (d > 1)}-bn g{g}"
+
+
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
     """Reproducible weights (1/sqrt(fan-in)), biases, BN statistics (var in [0.3, 3]), layer scales."""
     gen = torch.Generator().manual_seed(seed)
@@ -1404,10 +1465,15 @@ def branchy_blocks(draw, max_blocks: int = 3, unfoldable: bool = True) -> BlockE
         first = draw(st.sampled_from(["conv_bn", "asymmetric", "dilated", "conv1x1", "seq"]))
         others = ["conv_bn", "asymmetric", "dilated", "conv1x1", "seq"] + (["pool", "bn", "identity"] if keeps else [])
         kinds = [first] + [draw(st.sampled_from(others)) for _ in range(draw(st.integers(0, 3)))]
-        branches, names = zip(*(_draw_branch(draw, k, c, cout, stride) for k in kinds))
+        branches, names = (list(t) for t in zip(*(_draw_branch(draw, k, c, cout, stride) for k in kinds)))
         post = nn.BatchNorm2d(cout) if draw(st.booleans()) else None
         ls = cout if draw(st.booleans()) else None
         residual = keeps and draw(st.booleans())
+        if len(branches) + residual > 1:  # fuse merges branches only where that is no dearer: beside a main conv
+            main, name = _main_branch(branches + [nn.Identity()] * residual, c, cout, stride)
+            at = draw(st.integers(0, len(branches)))
+            branches.insert(at, main)
+            names.insert(at, name)
         blocks.append(RepBranches(list(branches), post=post, layer_scale=ls, residual=residual, act=act_mod))
         desc.append(
             " + ".join(names) + f" s{stride} {c}->{cout}" + (" +bn" if post else "") + (" +ls" if ls else "") + (" +x" if residual else "") + f" {act}"

@@ -9,12 +9,11 @@ both ways, Gemm-free Linear, Transpose perms), at each opset the lowerings branc
 whose taps all fall in the padding (-inf in PyTorch, another value in onnxruntime) must be refused, and the
 error must say so; whether a draw has one is asked of PyTorch, not of the lowering.  A random draw on which
 float32 rounding alone moves a layer's output by more than a tenth of the tolerance is rejected, not compared with
-a wider tolerance (:func:`_rounding_small`).  The ONNX back-end mutants run this file.
+a wider tolerance (:func:`repalgebra.testing_layers.rounding_small`).  The ONNX back-end mutants run this file.
 """
 
 from __future__ import annotations
 
-import copy
 
 import onnx
 import onnx.numpy_helper
@@ -27,7 +26,8 @@ from torch import nn
 
 from repalgebra.backend.onnx import export_onnx
 from repalgebra.backend.onnx_fallback import FallbackError
-from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, Tokens, assert_same_outputs, attribute_case, layer_stacks, onnx_outputs
+from repalgebra.testing_layers import (ATTRIBUTE_CASES, LayerStack, Tokens, assert_same_outputs, attribute_case, checked_inputs,
+                                      layer_stacks, onnx_outputs, rounding_small)
 
 OPSETS = (13, 17, 18, 20)
 
@@ -55,61 +55,6 @@ def _window_in_padding(model: nn.Module, x: torch.Tensor) -> bool:
     return any(found)
 
 
-def _inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two float32 inputs a stack is checked on: its own and a seeded other of the same shape."""
-    return x.float(), torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-
-
-def _rounding_small(stack: LayerStack, share: float = 0.1) -> bool:
-    """Whether float32 rounding moves the output of each of the stack's layers by at most ``share`` of the float32
-    tolerance (1e-5 of the layer's largest output, as :func:`assert_same_outputs` measures) on the inputs
-    :func:`check_export` runs.
-
-    Two measures, both against the float32 weights run in float64: the model in float32, and the float64 run with
-    each GELU's output moved by one float32 ulp of its input (about what a float32 GELU is accurate to: PyTorch's
-    and onnxruntime's differ by that much, far more than the output deep in the GELU's tail).  Where rounding moves
-    an output more (a LayerNorm of near-equal values, a Linear whose terms cancel, every output in a GELU's tail, a
-    batch-statistics BatchNorm of a constant), two right float32 computations, PyTorch's and onnxruntime's, can
-    differ by more than the tolerance: such a draw cannot tell a wrong export from rounding and is rejected, not
-    compared with a wider tolerance.  Each layer is measured, not only the last: the fallback checks each region's
-    export on its own outputs, and a max pool whose windows all lie in the padding hides the layers before it.
-    """
-    m32 = copy.deepcopy(stack.model).float()
-    m64 = copy.deepcopy(m32).double()
-    gen = torch.Generator().manual_seed(0)
-
-    def one_ulp_of_input(m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-        sign = torch.randint(0, 2, out.shape, generator=gen, dtype=out.dtype) * 2 - 1
-        return out + 2.0**-23 * inputs[0].abs() * sign
-
-    def layer_outputs(model: nn.Module, x: torch.Tensor, perturb: bool = False) -> list[torch.Tensor]:
-        seen: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(one_ulp_of_input) for m in model.modules() if perturb and isinstance(m, nn.GELU)]
-        handles += [m.register_forward_hook(lambda m, i, out: seen.append(out.double())) for m in model.children()]
-        try:
-            model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return seen
-
-    def moved(ref: torch.Tensor, got: torch.Tensor) -> bool:
-        finite = torch.isfinite(ref)  # a max pool's window in the padding: -inf in both
-        if not finite.any():
-            return False
-        if not torch.isfinite(got[finite]).all():
-            return True
-        return not (got - ref)[finite].abs().max() <= share * 1e-5 * ref[finite].abs().max()
-
-    with torch.no_grad():
-        for xi in _inputs(stack.x):
-            refs = layer_outputs(m64, xi.double())
-            for gots in (layer_outputs(m32, xi), layer_outputs(m64, xi.double(), perturb=True)):
-                if any(moved(r, g) for r, g in zip(refs, gots)):
-                    return False
-    return True
-
-
 def check_export(stack: LayerStack, opset: int) -> None:
     model, x = stack.model.float(), stack.x.float()
     if _window_in_padding(model, x):  # -inf in PyTorch, another value in onnxruntime: refused, by our lowering and the fallback's check
@@ -122,7 +67,7 @@ def check_export(stack: LayerStack, opset: int) -> None:
         return
     proto = export_onnx(model, None, tuple(x.shape), opset=opset)
     with torch.no_grad():
-        for xi in _inputs(x):
+        for xi in checked_inputs(x):
             assert_same_outputs(model(xi), onnx_outputs(proto, xi), torch.float32, f"ONNX export (opset {opset}) of {stack}")
 
 
@@ -173,21 +118,21 @@ PINNED = {
 @example(stack=PINNED["dilated-ceil"](), opset=20)
 @example(stack=PINNED["constant-pad-dilated-ceil"](), opset=18)
 def test_export_of_layer_stacks(stack, opset):
-    assume(_rounding_small(stack))
+    assume(rounding_small(stack))
     check_export(stack, opset)
 
 
 @given(stack=layer_stacks(heads=False))
 @settings(max_examples=15)
 def test_export_of_layer_stacks_opset_13(stack):
-    assume(_rounding_small(stack))
+    assume(rounding_small(stack))
     check_export(stack, 13)
 
 
 def test_pinned_draws_are_not_rejected():
     """An explicit example that ``assume`` rejects is skipped silently: the pinned draws must pass the rounding filter."""
     for name, make in PINNED.items():
-        assert _rounding_small(make()), name
+        assert rounding_small(make()), name
 
 
 @pytest.mark.parametrize(
@@ -208,7 +153,7 @@ def test_rounding_filter_rejects_draws_whose_float32_output_rounding_alone_moves
         if isinstance(layers[-1], Tokens):
             layers[-1].proj.weight.copy_(torch.tensor([[0.5, 0.5 + 1e-3]]))
     stack = LayerStack(nn.Sequential(*layers).double().eval(), -1 - torch.rand(1, 1, 3, 3, generator=gen, dtype=torch.float64), "")
-    assert not _rounding_small(stack)
+    assert not rounding_small(stack)
 
 
 def test_divisor_override_is_exported_as_pytorch_computes_it():

@@ -16,11 +16,11 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from repalgebra import fuse, rewrite, trace
 from repalgebra.backend.torch import to_module
-from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, assert_same_outputs, attribute_case, layer_stacks
+from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, assert_same_outputs, attribute_case, layer_stacks, rounding_small
 
 
 def check_built(stack: LayerStack, dtype: torch.dtype) -> None:
@@ -49,6 +49,10 @@ def test_built_module_of_layer_stacks(stack):
 @given(stack=layer_stacks())
 @settings(max_examples=20)
 def test_built_module_of_layer_stacks_float32(stack):
+    # Where float32 rounding alone moves an output by more than the tolerance allows (a LayerNorm of two nearly
+    # equal values), the original model in float32 is no reference: such draws are rejected, not compared
+    # with a wider tolerance (as in the ONNX stage tests).
+    assume(rounding_small(stack))
     check_built(stack, torch.float32)
 
 

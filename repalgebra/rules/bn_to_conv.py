@@ -8,14 +8,17 @@ is a BN without a shift: ``scale(x; s) = conv(x; s[c] * I_G)``.
 
 Preconditions: the BN (or channel scale) is an operand of add/sub/concat and
 another operand is a conv2d or a BN reading the same input (so the two can be
-summed next).  G is that sibling's groups when it divides the channels, else C
-(depthwise).
+summed next), and merging the two is no dearer than the branches
+(:func:`repalgebra.match.merge_refusal`).  G is that sibling's groups when it
+divides the channels, else C (depthwise).
 """
 
+import torch
+
 from repalgebra.kernels import bn_affine, identity_kernel
-from repalgebra.match import JOINS, producer, with_operands
-from repalgebra.ir import Node, Value
-from repalgebra.rules.registry import Rewrite, rule
+from repalgebra.match import JOINS, merge_refusal, producer, with_operands
+from repalgebra.ir import Graph, Node, Value
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 def sibling(join: Node, value: Value, x: Value) -> Node | None:
@@ -35,8 +38,18 @@ def identity_groups(sib: Node, channels: int) -> int:
     return groups if channels % groups == 0 else channels
 
 
+def merge_refusal_beside(graph: Graph, join: Node, sib: Node, conv: Node) -> str | None:
+    """Why ``conv``, the 1x1 a branch would become, would not merge with its sibling at no extra cost
+    (:func:`repalgebra.match.merge_refusal`); a BN sibling counts as the depthwise 1x1 it becomes."""
+    if sib.op == "batch_norm":
+        c = sib.x.shape[1]
+        sib = Node.make("conv2d", [sib.x], {"groups": c}, {"weight": torch.zeros(c, 1, 1, 1)}, sib.source)
+    return merge_refusal(graph, join, [sib, conv])
+
+
 @rule("bn_to_conv", on=JOINS)
 def bn_to_conv(graph, join):
+    refusal = None
     for k, value in enumerate(join.inputs):
         bn = producer(value, "batch_norm", "scale")
         if bn is None or len(bn.x.shape) != 4 or (bn.op == "scale" and bn.attrs["axis"] not in (1, -3)):
@@ -50,6 +63,9 @@ def bn_to_conv(graph, join):
         w = identity_kernel(channels, groups, s.dtype) * s.reshape(-1, 1, 1, 1)
         params = {"weight": w} if t is None else {"weight": w, "bias": t}
         conv = Node.make("conv2d", [bn.x], {"groups": groups}, params, bn.source)
+        if why := merge_refusal_beside(graph, join, sib, conv):
+            refusal = Refusal(why, join)
+            continue
         new = with_operands(join, {k: conv.out})
         return Rewrite(join.out, new.out, (conv, new))
-    return None
+    return refusal

@@ -3,7 +3,9 @@
     conv(x; W_a, b_a) +- conv(x; W_b, b_b) = conv(x; W_a +- W_b, b_a +- b_b)
 
 Grouped convs with different groups are first written with gcd(g_a, g_b)
-groups (a block-diagonal kernel with zeros), which is exact.
+groups (a block-diagonal kernel with zeros), which is exact, where that is no
+dearer than the two (groups 2 and 3 make a dense kernel with more weights than
+both) or a larger conv of the sum absorbs it (:func:`repalgebra.match.merge_refusal`).
 
 Two Linears of one input add the same way (RepViT's distillation head,
 ``(head(x) + head_dist(x)) / 2``): ``Linear(x; W_a +- W_b, b_a +- b_b)``.
@@ -18,7 +20,7 @@ windows equal first.
 from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
-from repalgebra.match import conv_with, merged_source, producer, window
+from repalgebra.match import conv_with, merge_refusal, merged_source, producer, window
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -35,6 +37,8 @@ def branch_sum(graph, join):
     sign = 1.0 if join.op == "add" else -1.0
     ga, gb = a.attrs["groups"], b.attrs["groups"]
     g = gcd(ga, gb)
+    if g < min(ga, gb) and (why := merge_refusal(graph, join, [a, b])):
+        return Refusal(why)
     w = regroup(a.params["weight"], ga, g) + sign * regroup(b.params["weight"], gb, g)
     bias = None
     if "bias" in a.params or "bias" in b.params:

@@ -5,19 +5,26 @@
 
 Preconditions: the conv is summed (add/sub/concat) with another conv of the
 same input and stride whose taps do not lie on the same lattice (a different
-dilation, or an offset that is not a multiple of it).  Alone, a dilated conv
-is cheaper than its dense form, so the rule leaves it.
+dilation, or an offset that is not a multiple of it), and the one conv they
+merge into has no more weights than they have together.  Alone, a dilated conv
+is cheaper than its dense form, so the rule leaves it; so it does where the
+dense window is much wider than the branches (ASPP's rates 6, 12, 18 and 24:
+one 49 x 49 kernel for four 3 x 3 ones).
 """
 
 from repalgebra.kernels import densify
-from repalgebra.match import JOINS, conv_operands, conv_with, on_lattice, window, with_operands
-from repalgebra.rules.registry import Rewrite, rule
+from repalgebra.match import JOINS, conv_operands, conv_with, merge_refusal, on_lattice, window, with_operands
+from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("dilation_to_dense", on=JOINS)
 def dilation_to_dense(graph, join):
+    refusal = None
     for group in conv_operands(join).values():
         if len(group) < 2 or on_lattice([window(c) for _, c in group]):
+            continue
+        if why := merge_refusal(graph, join, [c for _, c in group]):
+            refusal = Refusal(why, join)
             continue
         new_nodes, replaced = [], {}
         for k, conv in group:
@@ -30,4 +37,4 @@ def dilation_to_dense(graph, join):
             continue
         new_join = with_operands(join, replaced)
         return Rewrite(join.out, new_join.out, (*new_nodes, new_join))
-    return None
+    return refusal

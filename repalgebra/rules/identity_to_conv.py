@@ -4,18 +4,22 @@
 
 Preconditions: ``x`` itself is an operand of add/sub/concat and another operand
 is a conv2d or a BN reading ``x``.  G is that sibling's groups (it divides the
-channels, since the sibling reads ``x``), or C for a BN sibling.
+channels, since the sibling reads ``x``), or C for a BN sibling.  The 1x1
+lands inside the sibling's window on its lattice, or the merge is otherwise no
+dearer than the branches (:func:`repalgebra.match.merge_refusal`): a conv that
+never merges would only add work where the skip cost nothing.
 """
 
 from repalgebra.kernels import identity_kernel
 from repalgebra.ir import Node
 from repalgebra.match import JOINS, with_operands
-from repalgebra.rules.registry import Rewrite, rule
-from repalgebra.rules.bn_to_conv import identity_groups, sibling
+from repalgebra.rules.registry import Refusal, Rewrite, rule
+from repalgebra.rules.bn_to_conv import identity_groups, merge_refusal_beside, sibling
 
 
 @rule("identity_to_conv", on=JOINS)
 def identity_to_conv(graph, join):
+    refusal = None
     for k, value in enumerate(join.inputs):
         if value.shape is None or len(value.shape) != 4:
             continue
@@ -25,7 +29,10 @@ def identity_to_conv(graph, join):
         groups = identity_groups(sib, value.shape[1])
         w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype)
         conv = Node.make("conv2d", [value], {"groups": groups}, {"weight": w}, join.source)
+        if why := merge_refusal_beside(graph, join, sib, conv):
+            refusal = Refusal(why, join)
+            continue
         new = with_operands(join, {k: conv.out})
         return Rewrite(join.out, new.out, (conv, new))
-    return None
+    return refusal
 

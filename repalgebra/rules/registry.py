@@ -44,8 +44,10 @@ class Rewrite:
 class Refusal:
     """A rule matched but its precondition failed; ``reason`` says which.
 
-    ``about`` is the node that stays because of it, when that is not the node
-    the rule was tried on (a BN that cannot fold into the conv after it).
+    ``about`` is the node the report names: one that stays because of it, when
+    that is not the node the rule was tried on (a BN that cannot fold into the
+    conv after it), or the tried node itself where the report would not name
+    it otherwise (a concat whose branches do not merge).
     """
 
     reason: str

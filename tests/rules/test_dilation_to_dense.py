@@ -5,9 +5,13 @@
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rulecheck import SUM_RULES, reasons, run_rules
+from torch import nn
+
+import repalgebra
+from rulecheck import SUM_RULES, merges_if_it_pays, reasons, run_rules
 from test_kernel_pad import grid, join_of
 
 from repalgebra.builder import GraphBuilder
@@ -25,6 +29,12 @@ def test_densifies_convs_off_one_lattice(g, dtype, join, seed, data):
     x = b.input("x", shape, dtype)
     graph = b.build(join_of(b, join, [add_conv(b, x, a, dtype, seed, "a"), add_conv(b, x, bb, dtype, seed + 1, "b")]))
 
+    xt = random_input(shape, dtype, seed)
+    fused, report = run_rules(graph, *SUM_RULES)
+    assert_graphs_equal(graph, fused, xt, dtype)
+    if not merges_if_it_pays(graph, fused, report, join):
+        return  # the dense kernel would cost more than the branches: left as they are, with that reason
+
     fused, report = run_rules(graph, "dilation_to_dense")
     assert report.rule_counts() == {"dilation_to_dense": 1}
     assert fused.op_counts() == graph.op_counts()
@@ -34,11 +44,6 @@ def test_densifies_convs_off_one_lattice(g, dtype, join, seed, data):
         assert conv.attrs["dilation"] == (1, 1)
         assert conv.params["weight"].shape[2:] == sp.extent  # (k - 1) * d + 1 per axis
         assert conv.attrs["padding"] == sp.padding and conv.attrs["stride"] == sp.stride
-    xt = random_input(shape, dtype, seed)
-    assert_graphs_equal(graph, fused, xt, dtype)
-
-    fused, _ = run_rules(graph, *SUM_RULES)
-    assert fused.op_counts() == {"conv2d": 1}
     assert_graphs_equal(graph, fused, xt, dtype)
 
 
@@ -67,3 +72,40 @@ def test_not_fired_on_one_lattice(g, dtype, seed, data):
     graph = b.build(b.add(add_conv(b, x, a, dtype, seed), add_conv(b, x, bb, dtype, seed + 1)))
     fused, report = run_rules(graph, "dilation_to_dense")
     assert report.fired == []
+
+
+class DilatedSum(nn.Module):
+    """Parallel convs of one input, summed: ``(kernel, dilation)`` each, padded to keep the size, depthwise or not."""
+
+    def __init__(self, c: int, branches: list[tuple[int, int]], depthwise: bool) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, padding=d * (k - 1) // 2, dilation=d, groups=c if depthwise else 1)
+                                   for k, d in branches)
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+def test_wide_dilations_stay_apart_and_a_large_kernel_absorbs_dilated_ones():
+    """DeepLabV2's ASPP sums 3 x 3 convs of rates 6, 12, 18 and 24 (``sum()``: the first add sums rates 6 and 12):
+    as one dense kernel the first two alone are 25 x 25, 35 times their weights, so all four stay apart and the
+    report says why.  UniRepLKNet's dilated reparam block sums a
+    13 x 13 depthwise kernel with 5 x 5 of rate 2, 3 x 3 of rate 3 and 3 x 3 of rate 4, all inside its window: one
+    13 x 13 kernel, fewer weights than the four."""
+    x = torch.randn(1, 4, 30, 30, dtype=torch.float64)
+    aspp = DilatedSum(4, [(3, 6), (3, 12), (3, 18), (3, 24)], depthwise=False).double().eval()
+    fused = repalgebra.fuse(aspp, x)
+    assert fused.fuse_report.ops_after.get("conv2d") == 4
+    assert "the one conv they would become has 10000 multiply-adds per output pixel, more than the 2 convs together (288)" in str(fused.fuse_report)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in aspp.parameters())
+
+    # The large kernel first: every merge is no dearer than its two branches.  Last: the small dilated ones
+    # meet first (5 x 5 of rate 2 and 3 x 3 of rate 3 alone would be a dense 9 x 9, 81 weights a channel
+    # for their 34), and merge because the 13 x 13 of the same sum absorbs them.
+    for order in ([(13, 1), (5, 2), (3, 3), (3, 4)], [(5, 2), (3, 3), (3, 4), (13, 1)]):
+        lk = DilatedSum(4, order, depthwise=True).double().eval()
+        fused = repalgebra.fuse(lk, x)
+        assert fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)
+        assert next(m for m in fused.modules() if isinstance(m, nn.Conv2d)).weight.shape == (4, 1, 13, 13)
+        with torch.no_grad():
+            assert float((fused(x) - lk(x)).abs().max()) <= 1e-12 * float(lk(x).abs().max())

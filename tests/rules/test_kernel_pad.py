@@ -7,11 +7,11 @@ Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from rulecheck import fired, reasons, run_rules
+from rulecheck import fired, merges_if_it_pays, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
 from repalgebra.match import window
-from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs_onto, float_dtypes, random_input, seeds
+from repalgebra.testing import ConvSpec, add_conv, assert_graphs_equal, conv_specs_onto, float_dtypes, random_input, seeds
 
 
 @st.composite
@@ -48,18 +48,18 @@ def test_pads_windows_on_one_lattice_to_their_union(g, dtype, join, seed, data):
     x = b.input("x", shape, dtype)
     graph = b.build(join_of(b, join, [add_conv(b, x, sp, dtype, seed + k, f"b{k}") for k, sp in enumerate(specs)]))
 
-    if join == "concat" or n == 2:
-        fused, report = run_rules(graph, "kernel_pad")
-        assert report.rule_counts() == {"kernel_pad": 1}
-        assert fused.op_counts() == graph.op_counts()
-        convs = [nd for nd in fused.nodes if nd.op == "conv2d"]
-        assert len({window(cv) for cv in convs}) == 1  # one window now
-        xt = random_input(shape, dtype, seed)
-        assert_graphs_equal(graph, fused, xt, dtype)
-
+    xt = random_input(shape, dtype, seed)
     fused, report = run_rules(graph, "kernel_pad", "branch_sum", "concat_merge")
-    assert fused.op_counts() == {"conv2d": 1}
-    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
+    assert_graphs_equal(graph, fused, xt, dtype)
+    if not merges_if_it_pays(graph, fused, report, join):
+        return  # the union kernel would cost more than the convs: left as they are, with that reason
+
+    fused, report = run_rules(graph, "kernel_pad")
+    assert report.rule_counts() == {"kernel_pad": 1}
+    assert fused.op_counts() == graph.op_counts()
+    convs = [nd for nd in fused.nodes if nd.op == "conv2d"]
+    assert len({window(cv) for cv in convs}) == 1  # one window now
+    assert_graphs_equal(graph, fused, xt, dtype)
 
 
 @given(g=grid(strides=(1,)), dtype=float_dtypes(), seed=seeds(), data=st.data())
@@ -93,3 +93,24 @@ def test_not_fired_off_lattice_or_on_different_inputs(g, dtype, seed, data):
     graph = b.build(b.add(add_conv(b, x, a, dtype, seed), add_conv(b, x if case == "off_lattice" else z, bb, dtype, seed + 1)))
     fused, report = run_rules(graph, "kernel_pad")
     assert fired(report, "kernel_pad") == 0 and fused.op_counts() == graph.op_counts()
+
+
+@given(groups=st.sampled_from([1, 2, 4]), dtype=float_dtypes(), seed=seeds())
+def test_a_concat_in_a_sum_merges_only_where_the_sum_absorbs_its_dense_kernel(groups, dtype, seed):
+    """``cat(conv1x1(x), conv3x3(x)) + main3x3(x)``, 8 channels, every conv with ``groups``.  A concat's one conv
+    is dense (its channels interleave the groups), and so is the sum's.  Dense convs: the main 3x3 (576
+    multiply-adds a pixel) absorbs the concat, and all is one conv.  Grouped: the sum's one dense 3x3 (576) costs
+    more than the three convs (448 with 2 groups, 224 with 4), so the concat's halves stay as they are."""
+    shape = (1, 8, 5, 5)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    conv = lambda cout, k, s: add_conv(b, x, ConvSpec(8, cout, groups, (k, k), padding=(k // 2,) * 4, bias=True, height=5, width=5), dtype, s)  # noqa: E731
+    cat = b.concat(conv(4, 1, seed), conv(4, 3, seed + 1), axis=1, source="block.cat")
+    graph = b.build(b.add(cat, conv(8, 3, seed + 2), source="block"))
+    fused, report = run_rules(graph, "kernel_pad", "branch_sum", "concat_merge")
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
+    if groups == 1:
+        assert fused.op_counts() == {"conv2d": 1}, report
+        return
+    assert fired(report, "kernel_pad") == 0 and fused.op_counts() == graph.op_counts(), report
+    assert any(f"more than the 2 convs together ({(4 + 36) * 8 // groups})" in r for r in reasons(report, "concat")), report
