@@ -356,3 +356,41 @@ def test_a_bfloat16_model_exports_at_the_opset_where_conv_takes_bfloat16():
     assert proto.opset_import[0].version == 22 and op_types(proto).get("Conv") == 1
     with pytest.raises(ValueError, match="bfloat16 model needs opset 22"):
         export_onnx(model, None, (1, 3, 8, 8), opset=20)
+
+
+class SizedShift(nn.Module):
+    """ShiftViT's shift (microsoft/SPACH): a quarter of the channels, ``C // 4`` read from the feature map, moved
+    one column, then YOLO's way of adding a grid made with ``arange`` of the map's height and width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.conv(x)
+        g = y.shape[1] // 4
+        out = torch.zeros_like(y)
+        out[:, :g, :, 1:] = y[:, :g, :, :-1]
+        out[:, g:] = y[:, g:]
+        h, w = y.shape[2:]
+        grid = torch.arange(h, dtype=y.dtype).view(h, 1) * 0.5 + torch.arange(w, dtype=y.dtype).view(1, w)
+        return out + grid
+
+
+def test_sizes_read_from_the_input_are_constants_of_the_export_shape():
+    """torch.fx keeps ``C // 4`` and ``arange(h)`` symbolic, so those parts are calls, exported by the fallback; an
+    export fixes every size but the batch, so ``torch.export`` at the export shape (batch symbolic) makes them
+    constants, and every node is our own lowering.  Run at batches 1 and 3."""
+    from repalgebra.backend.onnx_fallback import capture_for_export
+
+    model = randomize(SizedShift()).float().eval()
+    shape = (2, 3, 6, 7)
+    graph, how = capture_for_export(model, (torch.randn(shape),))
+    assert how == "fx" and any(n.op == "opaque" for n in graph.nodes)  # what the fx capture leaves to the fallback
+    proto, report = export_onnx(model, None, shape, return_report=True)
+    assert report.capture.startswith("torch.export with sizes other than the batch fixed at 2x3x6x7"), report.capture
+    assert report.path == "own lowering" and report.dynamic_batch, report.summary()
+    for batch in (1, 3):
+        x = torch.randn(batch, *shape[1:])
+        with torch.no_grad():
+            assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

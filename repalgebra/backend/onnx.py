@@ -963,6 +963,31 @@ def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[
     return graph, f"fused first (capture: {fused.fuse_report.capture}; torch.fx alone: {capture})", fused
 
 
+def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dynamic_batch: bool) -> tuple[Graph, str, torch.nn.Module] | None:
+    """``model`` captured by ``torch.export`` at the export's own input shapes, where that leaves fewer calls for
+    the fallback than ``graph``; else ``None``.
+
+    An export fixes every size but (maybe) the batch, so what a model computes from its input's height, width or
+    channels (YOLOv8's anchor grid from ``arange`` of the feature map's size, ShiftViT's slices of ``C // 4``
+    channels) can be constants of that shape.  ``torch.fx`` keeps those sizes symbolic: the model then works at
+    any size, and the parts that read them are calls the fallback exports.  With ``dynamic_batch`` the capture
+    must hold at any batch."""
+    from repalgebra.frontend.capture import CaptureFailed, capture_specialized
+
+    calls = sum(n.op == "opaque" for n in graph.nodes)
+    if not calls:
+        return None
+    try:
+        cap = capture_specialized(model, example)
+    except CaptureFailed:
+        return None
+    if (dynamic_batch and not cap.batch_free) or sum(n.op == "opaque" for n in cap.graph.nodes) >= calls:
+        return None
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
+    fixed = "sizes other than the batch" if cap.batch_free else "shapes"
+    return cap.graph, f"torch.export with {fixed} fixed at {shapes} (torch.fx left {calls} call{'s' * (calls != 1)} for the fallback)", model
+
+
 def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
     """Whether the rewritten ``graph`` still computes what ``module`` does at the example's batch plus one.
 
@@ -1015,7 +1040,12 @@ def export_onnx(
     saved there.  A module fused with shapes fixed at its example input
     (``repalgebra.fuse`` on a model it captured with ``torch.export``) is
     exported with the batch fixed, whatever ``dynamic_batch`` says; the report
-    notes it.  The metadata records the producer, version, the rules that
+    notes it.  An export fixes every size but (with ``dynamic_batch``) the
+    batch: where ``torch.fx`` leaves calls for the fallback, the model is also
+    captured by ``torch.export`` at the export's shapes, and that capture is
+    exported if it leaves fewer (sizes read from the input, as in YOLO's anchor
+    grid or ShiftViT's ``C // 4`` channel slices, become constants; a few
+    seconds more).  The metadata records the producer, version, the rules that
     fired, which nodes went through the fallback and anything in ``metadata``
     (the CLI adds the variant name).  The model you pass is not modified.
 
@@ -1058,6 +1088,8 @@ def export_onnx(
         fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None
         if fused is not None:  # first when all of it is fused and traced with the batch as asked, else if the other fails
             ways.insert(0 if not (dynamic_batch and fixed_shape_parts(fused[2])) else 1, fused)
+        if (fixed := _at_export_shapes(model_or_graph, example, ways[0][0], dynamic_batch)) is not None:
+            ways.insert(0, fixed)
         for k, way in enumerate(ways):
             try:
                 model, report = lower(*way, example)
