@@ -151,7 +151,8 @@ def merge_refusal(graph: Graph, join: Node, convs: list[Node]) -> str | None:
         for v in stack.pop().inputs:
             p = v.producer
             if p is not None and p.op == "conv2d" and p.x is x and p.attrs["stride"] == stride:
-                leaves.setdefault(id(p), p)
+                if sole_use(graph, v):  # a conv read elsewhere too stays for that reader: it absorbs nothing
+                    leaves.setdefault(id(p), p)
             elif p is not None and (p.op in ("add", "sub") or _channel_concat(p)) and sole_use(graph, v):
                 dense |= p.op == "concat"
                 stack.append(p)

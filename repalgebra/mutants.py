@@ -219,6 +219,8 @@ MUTANTS: list[Mutant] = [
        _COST_CHECK, _COST_UNCHECKED),
     _helper("dilation_to_dense", "whole-sum-ignored", "a merge dearer than its branches is refused even where a large kernel of the sum absorbs it",
             _MERGE_REFUSAL, *_WHOLE_SUM_IGNORED),
+    _helper("dilation_to_dense", "shared-kernel-absorbs", "a large kernel of the sum that another node also reads counts as absorbing the merge",
+            _MERGE_REFUSAL, "                if sole_use(graph, v):  # a conv read elsewhere", "                if True:  # a conv read elsewhere"),
     # ---------------------------------------------------------------- kernel_pad
     _m("kernel_pad", "wrong-side", "the kernel is padded on the opposite sides (a 1x1 lands off centre)",
        'pad_kernel(conv.params["weight"], top, bottom, left, right)', 'pad_kernel(conv.params["weight"], bottom, top, right, left)'),

@@ -5,11 +5,12 @@
 
 Preconditions: the conv is summed (add/sub/concat) with another conv of the
 same input and stride whose taps do not lie on the same lattice (a different
-dilation, or an offset that is not a multiple of it), and the one conv they
-merge into has no more weights than they have together.  Alone, a dilated conv
-is cheaper than its dense form, so the rule leaves it; so it does where the
-dense window is much wider than the branches (ASPP's rates 6, 12, 18 and 24:
-one 49 x 49 kernel for four 3 x 3 ones).
+dilation, or an offset that is not a multiple of it), and merging them makes
+no more work (:func:`repalgebra.match.merge_refusal`: the one conv has no more
+multiply-adds than they have, or a larger kernel of the same sum absorbs it).
+Alone, a dilated conv is cheaper than its dense form, so the rule leaves it; so
+it does where the dense window is much wider than the branches (ASPP's rates
+6, 12, 18 and 24: one 49 x 49 kernel for four 3 x 3 ones).
 """
 
 from repalgebra.kernels import densify

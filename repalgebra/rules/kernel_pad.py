@@ -11,8 +11,8 @@ the others' (an identity beside a dilated 3x3).
 
 Preconditions: the conv is summed (add/sub/concat) with other convs of the same
 input, stride and tap lattice whose windows differ; each is padded to the union window,
-unless the one conv they merge into would have more weights than they have together
-(a concat of a 1x1 and a 7x7 conv: every output channel would pay for 7x7 taps).
+unless merging them makes more work (:func:`repalgebra.match.merge_refusal`): a concat
+of a 1x1 and a 7x7 conv would make every output channel pay for 7x7 taps.
 """
 
 from repalgebra.kernels import pad_kernel

@@ -15,7 +15,7 @@ from rulecheck import SUM_RULES, merges_if_it_pays, reasons, run_rules
 from test_kernel_pad import grid, join_of
 
 from repalgebra.builder import GraphBuilder
-from repalgebra.testing import add_conv, assert_graphs_equal, conv_specs, conv_specs_onto, float_dtypes, random_input, seeds
+from repalgebra.testing import ConvSpec, add_conv, assert_graphs_equal, conv_specs, conv_specs_onto, float_dtypes, random_input, seeds
 
 
 @given(g=grid(), dtype=float_dtypes(), join=st.sampled_from(["add", "sub", "concat"]), seed=seeds(), data=st.data())
@@ -109,3 +109,20 @@ def test_wide_dilations_stay_apart_and_a_large_kernel_absorbs_dilated_ones():
         assert next(m for m in fused.modules() if isinstance(m, nn.Conv2d)).weight.shape == (4, 1, 13, 13)
         with torch.no_grad():
             assert float((fused(x) - lk(x)).abs().max()) <= 1e-12 * float(lk(x).abs().max())
+
+
+@given(dtype=float_dtypes(), seed=seeds())
+def test_a_large_kernel_read_elsewhere_absorbs_nothing(dtype, seed):
+    """``(a3x3(x) + b3x3_rate2(x)) + main5x5(x)``, with ``main`` also a graph output.  Merged, a and b are a dense
+    5x5 (25 weights a channel pair for 18); the 5x5 main would absorb that, but it stays for its other reader, so
+    the merge would add a second 5x5 conv: nothing merges, and the convs keep their 43 weights a channel pair."""
+    shape = (1, 3, 6, 6)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    conv = lambda k, d, s: add_conv(b, x, ConvSpec(3, 3, 1, (k, k), dilation=(d, d), padding=(d * (k // 2),) * 4, height=6, width=6), dtype, s)  # noqa: E731
+    main = conv(5, 1, seed + 2)
+    graph = b.build(b.add(b.add(conv(3, 1, seed), conv(3, 2, seed + 1), source="sum"), main, source="block"), main)
+    fused, report = run_rules(graph, *SUM_RULES)
+    assert fused.op_counts() == graph.op_counts(), report
+    assert any("the one conv they would become has 225 multiply-adds" in r for r in reasons(report, "add")), report
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
