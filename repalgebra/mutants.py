@@ -358,6 +358,8 @@ MUTANTS: list[Mutant] = [
     _m("attention_form", "scores-read-elsewhere", "fired although the scores are also read elsewhere (they stay computed)",
        "if mm is None or not sole_use(graph, scores):", "if mm is None:"),
     # ---------------------------------------------------------------- seq_merge
+    _helper("seq_merge", "resolution-ignored", "the inner conv's work is counted at the outer conv's resolution: a 1x1 before a strided conv looks cheap",
+            "repalgebra.rules.seq_merge:_pixels_per_output", "    return max(1, (hi * wi) // max(1, ho * wo))", "    return 1"),
     _m("seq_merge", "biased-1x1-padded-kxk", "1x1-then-kxk merge with a biased 1x1 before a zero-padding kxk (wrong at the border)",
        'if has_bias(inner) and any(outer.attrs["padding"]):', "if False:"),
     _helper("seq_merge", "depthwise-1x1", "depthwise-then-1x1 merge computed wrongly: regrouping puts every group's kernel at input 0",

@@ -366,6 +366,18 @@ def clamp(x, *, min=None, max=None):  # noqa: A002 - torch's and ONNX's names
     return torch.clamp(x, min, max)
 
 
+@op("leaky_relu", kind="nonlinear")
+def leaky_relu(x, *, negative_slope=0.01):
+    """``x`` where it is positive, else ``negative_slope * x`` (YOLOv3's and ESRGAN's 0.1 and 0.2)."""
+    return F.leaky_relu(x, negative_slope)
+
+
+@op("prelu", kind="nonlinear")
+def prelu(x, *, weight: Tensor = REQUIRED):
+    """``x`` where it is positive, else ``weight[c] * x`` along axis 1: a learned slope per channel (or one for all)."""
+    return F.prelu(x, weight)
+
+
 @op("tanh", kind="nonlinear")
 def tanh(x):
     """Hyperbolic tangent."""

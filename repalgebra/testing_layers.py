@@ -205,6 +205,13 @@ def _case(make: Callable[[], list[nn.Module]], shape: tuple[int, ...] = (2, 4, 9
     return build
 
 
+def _spread(prelu: nn.PReLU) -> nn.PReLU:
+    """A PReLU whose slopes differ per channel (they all start at 0.25): a slope on the wrong axis shows."""
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.5, 0.9, prelu.num_parameters))
+    return prelu
+
+
 def _cases() -> dict[str, Callable[[], LayerStack]]:
     conv = lambda k=3, **kw: nn.Conv2d(4, 6, k, **kw)  # noqa: E731
     return {
@@ -217,6 +224,8 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
         "ln-eps-tokens": _case(lambda: [conv(padding=1), Tokens(nn.LayerNorm(6, eps=1e-6), nn.Linear(6, 3))]),
         "ln-spatial": _case(lambda: [conv(padding=1), nn.LayerNorm([9, 8], eps=2e-3)]),
         "ln-no-affine": _case(lambda: [conv(padding=1), Tokens(nn.LayerNorm(6, eps=3e-3, elementwise_affine=False), nn.Linear(6, 5, bias=False))]),
+        "leaky-relu-slope": _case(lambda: [conv(padding=1), nn.LeakyReLU(0.3)]),
+        "prelu-per-channel": _case(lambda: [conv(padding=1), _spread(nn.PReLU(6)), nn.Conv2d(6, 6, 1), nn.PReLU()]),
         "conv-stride-dilation": _case(lambda: [conv(k=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), bias=False), nn.ReLU()]),
         "conv-groups": _case(lambda: [nn.Conv2d(4, 6, 3, padding=(0, 1), groups=2), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU()]),
         "conv-same-even": _case(lambda: [conv(k=(2, 4), padding="same", dilation=(2, 1)), nn.ReLU()]),

@@ -72,6 +72,22 @@ class ChannelsFirstLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class Slopes(nn.Module):
+    """``nn.PReLU`` with a slope per channel, then one for all, then ``F.prelu`` with a slope per channel
+    (MobileFaceNet, ESPNet), on the feature map or on ``(N, C, HW)`` tokens."""
+
+    def __init__(self, c: int, tokens: bool = False) -> None:
+        super().__init__()
+        self.per_channel, self.shared, self.tokens = nn.PReLU(c), nn.PReLU(), tokens
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, c))
+        with torch.no_grad():
+            self.per_channel.weight.copy_(torch.linspace(0.1, 0.9, c))
+
+    def forward(self, x):
+        y = self.shared(self.per_channel(x - 0.25))
+        return F.prelu(y.flatten(2) if self.tokens else y, self.weight)
+
+
 class DepthwiseUp(nn.Module):
     """A learned 2x upsampling written with ``F.conv_transpose2d`` (one 2x2 kernel per channel)."""
 
@@ -272,6 +288,11 @@ CASES: dict[str, Case] = {
     "adaptive_max_pool_uneven": Case(lambda: stem(nn.AdaptiveMaxPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("ReduceMax")),
     "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
     "silu": Case(lambda: stem(nn.Sequential(nn.SiLU(), Lambda(F.silu))), (1, 3, 5, 5), {"silu"}, _onnx("Sigmoid", "Mul")),
+    "leaky_relu": Case(
+        lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
+    ),
+    "prelu": Case(lambda: stem(Slopes(4)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
+    "prelu_tokens": Case(lambda: stem(Slopes(4, tokens=True)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
     "hardswish": Case(
         lambda: stem(nn.Hardswish()), (1, 3, 5, 5), {"hardswish"}, lambda opset: {"HardSwish"} if opset >= 14 else {"HardSigmoid", "Mul"}
     ),
@@ -413,7 +434,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
     made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
     vocabulary = {
-        "silu", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "silu", "leaky_relu", "prelu", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn",

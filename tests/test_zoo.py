@@ -4,18 +4,27 @@ Each model runs in float64, so the fused model must equal it to ``1e-9`` relativ
 ``repalgebra.verify``), on the example input and on a second random input of the same shape (a capture with
 shapes fixed at the example input is valid at that shape only).  BatchNorms left anywhere in the fused module
 (also inside parts kept whole) must be no more than ``torch.fx.experimental.optimization.fuse`` leaves, where
-that runs at all.
+that runs at all.  Fusing must not add work: the fused model's FLOPs (PyTorch's count) are at most the model's.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from repalgebra import fuse, verify
 from zoo import ZOO, count_bn, fx_fused_bn_count
 
 D = torch.float64
+
+
+def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward in convolutions, matrix products and attention (PyTorch's own count; pools and
+    elementwise ops are not counted)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
@@ -29,6 +38,8 @@ def test_zoo_model_fuses_exactly(entry):
     baseline = fx_fused_bn_count(model)
     assert baseline is None or left <= baseline, f"{left} BatchNorms left, torch.fx's fuse leaves {baseline}\n{report}"
     assert left <= count_bn(model)
+    # Fusing never adds work: no more multiply-adds in convs and matrix products than the model has.
+    assert flops(fused, x) <= flops(model, x), f"{flops(fused, x)} FLOPs fused, {flops(model, x)} before\n{report}"
     # Every zoo model is captured whole by fx or torch.export: a part kept whole is a regression (a hazard check
     # grown too cautious, a capture that stopped holding), even where the result is still exact.
     assert not [p.path for p in report.parts if p.how == "kept whole"], str(report)

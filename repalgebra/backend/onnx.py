@@ -422,6 +422,19 @@ def _clamp(ctx, n, x):
     return ctx.emit("Clip", ins)
 
 
+@lowering("leaky_relu")
+def _leaky_relu(ctx, n, x):
+    return ctx.emit("LeakyRelu", [x], alpha=float(n.attrs["negative_slope"]))
+
+
+@lowering("prelu")
+def _prelu(ctx, n, x):
+    w = n.params["weight"]
+    rank = len(n.x.shape)
+    slope = w.reshape(1) if w.numel() == 1 else w.reshape(-1, *([1] * (rank - 2)))  # broadcast along axis 1
+    return ctx.emit("PRelu", [x, ctx.const("slope", slope)])
+
+
 @lowering("tanh", "sqrt")
 def _elementwise(ctx, n, x):
     return ctx.emit({"tanh": "Tanh", "sqrt": "Sqrt"}[n.op], [x])

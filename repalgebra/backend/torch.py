@@ -430,6 +430,16 @@ def _clamp(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.clamp, xs[0], min=node.attrs["min"], max=node.attrs["max"])
 
 
+@lowers("leaky_relu")
+def _leaky_relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.leaky_relu, xs[0], node.attrs["negative_slope"])
+
+
+@lowers("prelu")
+def _prelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.prelu, xs[0], ctx.add_buffer(_hint(node, "_weight"), node.params["weight"]))
+
+
 @lowers("pow")
 def _pow(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.pow, xs[0], node.attrs["exponent"])

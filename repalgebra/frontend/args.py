@@ -5,7 +5,7 @@ A handler's arguments arrive with fx nodes replaced by ``Value``s,
 :func:`bind` matches them to a signature, :func:`shaped`, :func:`ints` and
 :func:`conv_padding` read them as the op table wants them.  :func:`bn_params`,
 :func:`avg_pool`, :func:`global_mean`, :func:`max_pool`, :func:`adaptive_pool`,
-:func:`interpolate` and :func:`pad_nd` build the ops that both a module
+:func:`interpolate`, :func:`pad_nd` and :func:`prelu_made` build the ops that both a module
 (``nn.AvgPool2d``) and its function (``F.avg_pool2d``) become.  :func:`constant`
 reads a constant through the calls the front end carries for it
 (``self.weight[:, None, None]``).
@@ -182,6 +182,15 @@ def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: 
 
 
 _MODES = ("nearest", "nearest-exact", "bilinear")
+
+
+def prelu_made(x: Value | None, weight: torch.Tensor, source: str | None) -> Made:
+    """``prelu`` of ``x``: one slope for every element, or one per channel of axis 1 (as ``F.prelu`` reads it)."""
+    if x is None or x.shape is None or weight.dim() != 1:
+        return None
+    if weight.numel() != 1 and (len(x.shape) < 2 or x.shape[1] != weight.numel()):
+        return None
+    return "prelu", [x], {}, {"weight": weight}, source
 
 
 def interpolate(x: Value | None, size: Any, scale: Any, mode: Any, align_corners: Any, recompute: Any = None, antialias: Any = False) -> Made:

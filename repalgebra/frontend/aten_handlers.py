@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import channel_axis, conv3d_attrs, height_one, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import channel_axis, conv3d_attrs, height_one, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -539,6 +539,18 @@ def _shuffle(op: str, name: str) -> Callable[..., Made]:
     return handler
 
 
+def _leaky_relu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, slope = _v(a["self"]), a["negative_slope"]
+    if x is None or not isinstance(slope, (int, float)):
+        return None
+    return "leaky_relu", [x], {"negative_slope": float(slope)}, {}, None
+
+
+def _prelu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    w = _c(a["weight"])
+    return None if w is None else prelu_made(_v(a["self"]), w, _owner(a["weight"]))
+
+
 def _unary(op: str) -> Callable[..., Made]:
     def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
         x = _v(a["self"])
@@ -757,6 +769,8 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.sqrt.default: _unary("sqrt"),
     aten.rsqrt.default: _unary("rsqrt"),
     aten.relu6.default: _clamp(0.0, 6.0),
+    aten.leaky_relu.default: _leaky_relu,
+    aten.prelu.default: _prelu,
     aten.hardtanh.default: _clamp(),
     aten.clamp.default: _clamp(),
     aten.clamp_min.default: _clamp(),

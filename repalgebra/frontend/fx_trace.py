@@ -146,6 +146,8 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Hardswish,
     nn.Hardsigmoid,
     nn.Tanh,
+    nn.LeakyReLU,
+    nn.PReLU,
     nn.Hardtanh,  # and nn.ReLU6
     nn.GroupNorm,
     nn.Upsample,  # and nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d

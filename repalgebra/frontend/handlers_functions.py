@@ -20,7 +20,7 @@ from torch import fx
 
 from repalgebra.frontend.args import (
     REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, interpolate, ints, is_int,
-    max_pool, pad_nd, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
+    max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -522,6 +522,20 @@ def _const(x: Any) -> torch.Tensor | None:
     return x.tensor if isinstance(x, Const) else None
 
 
+def _f_leaky_relu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("negative_slope", 0.01), ("inplace", False)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["negative_slope"], (int, float)):
+        return None
+    return "leaky_relu", [a["input"]], {"negative_slope": float(a["negative_slope"])}, {}, ""
+
+
+def _f_prelu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("weight", REQ)], args, kwargs)
+    if a is None or _const(a["weight"]) is None:
+        return None
+    return prelu_made(shaped(a["input"]), _const(a["weight"]), a["weight"].path.rpartition(".")[0])
+
+
 def _f_conv2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     spec = [("input", REQ), ("weight", REQ), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)]
     a = bind(spec, args, kwargs)
@@ -920,6 +934,8 @@ _register(_f_unary("hardsigmoid", ("inplace", False)), F.hardsigmoid)
 _register(_f_unary("tanh"), torch.tanh, F.tanh, ("method", "tanh"))
 _register(_f_unary("sqrt"), torch.sqrt, ("method", "sqrt"))
 _register(_f_unary("rsqrt"), torch.rsqrt, ("method", "rsqrt"))
+_register(_f_leaky_relu, F.leaky_relu)
+_register(_f_prelu, F.prelu, torch.prelu)
 _register(_f_clamp(), torch.clamp, torch.clip, ("method", "clamp"), ("method", "clip"))
 _register(_f_clamp("min_val", "max_val", -1.0, 1.0), F.hardtanh)
 _register(_f_clamp(None, None, 0.0, 6.0), F.relu6)

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
@@ -167,6 +167,15 @@ def _m_layer_norm(b: Builder, n: fx.Node, m: nn.LayerNorm, args: tuple, kwargs: 
     return "layer_norm", [x], {"normalized_shape": tuple(m.normalized_shape), "eps": float(m.eps)}, params, ""
 
 
+def _m_leaky_relu(b: Builder, n: fx.Node, m: nn.LeakyReLU, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None else ("leaky_relu", [x], {"negative_slope": float(m.negative_slope)}, {}, "")
+
+
+def _m_prelu(b: Builder, n: fx.Node, m: nn.PReLU, args: tuple, kwargs: dict) -> Made:
+    return prelu_made(single(args, kwargs), m.weight.detach().clone(), "")
+
+
 def _m_adaptive_avg(b: Builder, n: fx.Node, m: nn.AdaptiveAvgPool2d, args: tuple, kwargs: dict) -> Made:
     return global_mean(single(args, kwargs), m.output_size)
 
@@ -245,6 +254,8 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Hardswish: _m_act("hardswish"),
     nn.Hardsigmoid: _m_act("hardsigmoid"),
     nn.Tanh: _m_act("tanh"),
+    nn.LeakyReLU: _m_leaky_relu,
+    nn.PReLU: _m_prelu,
     nn.Hardtanh: _m_hardtanh,
     nn.GroupNorm: _m_group_norm,
     nn.Upsample: _m_upsample,

@@ -29,10 +29,11 @@ folded into the 1x1):
 
 Preconditions: the inner conv's output is read only by the outer conv; one of
 them is a 1x1 with stride 1 that has no padding or no bias, or the inner one is
-a 1x1 with stride 1 and the outer one does not pad; the merged kernel
-is no larger than the two kernels together, or it is summed right after into a
-sibling conv of the same input at least as large (DiverseBranchBlock), so
-merging never makes a model slower.
+a 1x1 with stride 1 and the outer one does not pad; the merged conv takes no
+more multiply-adds per output pixel than the two (the inner one counted at its
+own resolution, which a strided outer conv reduces), or it is summed right
+after into a sibling conv of the same input at least as large
+(DiverseBranchBlock), so merging never makes a model slower.
 """
 
 from math import gcd
@@ -70,8 +71,9 @@ def seq_merge(graph, outer):
     taps = (inner if outer.params["weight"].shape[2:] == (1, 1) else outer).params["weight"].shape[2:]
     in_channels = inner.params["weight"].shape[1] * gi
     cost = outer.params["weight"].shape[0] * (in_channels // g) * taps[0] * taps[1]
-    if cost > conv_cost(inner.params["weight"]) + conv_cost(outer.params["weight"]) and not _absorbed(graph, outer, cost):
-        return Refusal(f"the merged kernel would have {cost} weights, more than the two convs together")
+    apart = conv_cost(inner.params["weight"]) * _pixels_per_output(inner, outer) + conv_cost(outer.params["weight"])
+    if cost > apart and not _absorbed(graph, outer, cost):
+        return Refusal(f"the merged conv would take {cost} multiply-adds per output pixel, more than the two convs ({apart})")
     w_in, w_out = regroup(inner.params["weight"], gi, 1), regroup(outer.params["weight"], go, 1)
     w = ungroup(compose_channels(w_out, w_in), 1, g)
     assert conv_cost(w) == cost
@@ -83,6 +85,14 @@ def seq_merge(graph, outer):
         return Rewrite(outer.out, new.out, (new,))
     pad = Node.make("pad", [new.out], {"pads": pad_after}, {}, outer.source)
     return Rewrite(outer.out, pad.out, (new, pad))
+
+
+def _pixels_per_output(inner, outer) -> int:
+    """How many pixels the inner conv computes for each pixel of the outer one (the merged conv computes the
+    outer's): a 1x1 before a stride-2 conv runs at 4 times its resolution (DenseNet's transition, a 1x1 and
+    then a 2x2 average pool, merges into one 2x2 conv of stride 2 with no more work)."""
+    (hi, wi), (ho, wo) = inner.out.shape[-2:], outer.out.shape[-2:]
+    return max(1, (hi * wi) // max(1, ho * wo))
 
 
 def _absorbed(graph, outer, cost: int) -> bool:

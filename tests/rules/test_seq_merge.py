@@ -113,8 +113,11 @@ def expected(inner, outer, bias_kind):
         padded_1x1 = any(c.kernel == (1, 1) and c.stride == (1, 1) and any(c.padding) for c in (inner, outer))
         return (PADDED_BIASED if padded_1x1 else NEITHER), None, None, None
     c = merged_cost(inner, outer)
-    if c > cost(inner) + cost(outer):
-        return f"the merged kernel would have {c} weights, more than the two convs together", None, None, None
+    # The inner conv runs at its own resolution: per output pixel of a stride-s outer conv, s^2 of its pixels.
+    per_output = max(1, (inner.out_size[0] * inner.out_size[1]) // (outer.out_size[0] * outer.out_size[1]))
+    apart = cost(inner) * per_output + cost(outer)
+    if c > apart:
+        return f"the merged conv would take {c} multiply-adds per output pixel, more than the two convs ({apart})", None, None, None
     return None, geometry, padding, after
 
 
@@ -171,7 +174,7 @@ def test_refused_when_merged_kernel_is_larger(dtype, c, k, seed):
     fused, report = run_rules(graph, "seq_merge")
     assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
     assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == (
-        f"the merged kernel would have {c * c * k * k} weights, more than the two convs together"
+        f"the merged conv would take {c * c * k * k} multiply-adds per output pixel, more than the two convs ({c * k * k + c})"
     )
 
 

@@ -36,6 +36,7 @@ from . import (
     pvt,
     reparam,
     resnet,
+    segmentation,
     shiftvit,
     split_resnets,
     video,
@@ -48,7 +49,8 @@ __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_b
 
 _FAMILIES = (
     resnet, split_resnets, densenet, backbone_fpn, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
-    convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt, shiftvit, video,
+    segmentation, convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt,
+    shiftvit, video,
 )
 
 ZOO: tuple[ZooModel, ...] = tuple(e for family in _FAMILIES for e in family.ENTRIES)
