@@ -27,6 +27,7 @@ that does not run on the example input, for bad input, or with ``strict=True``.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -131,9 +132,11 @@ class FuseReport:
             lines.append("  left alone:")
             for la in self.left_alone:
                 lines.append(f"    {la.op} at {la.source or '<graph>'}: {la.reason}")
-        if self.opaque:
-            shown = ", ".join(self.opaque[:6]) + (f", ... ({len(self.opaque) - 6} more)" if len(self.opaque) > 6 else "")
-            lines.append(f"  carried through unchanged ({len(self.opaque)}): {shown}")
+        if self.opaque:  # each place once, with how many calls it makes (a CondConv makes two: routing, conv)
+            counts = Counter(self.opaque)
+            places = [f"{p} x{k}" if k > 1 else p for p, k in counts.items()]
+            shown = ", ".join(places[:6]) + (f", ... ({len(places) - 6} more)" if len(places) > 6 else "")
+            lines.append(f"  carried through unchanged ({len(self.opaque)} calls): {shown}")
         return "\n".join(lines)
 
 
@@ -283,8 +286,10 @@ def fuse(
             yourself.
 
     Returns:
-        A new module in eval mode (a ``torch.fx.GraphModule``, or the model's
-        own class when the model itself had to be kept whole) whose fused
+        A new module in eval mode (a ``torch.fx.GraphModule``, or a copy of the
+        model, its own class, when the model itself had to be kept whole or
+        nothing in it folds: a graph of the same ops would only add the cost
+        of the calls it carries through) whose fused
         regions are plain ``nn.Conv2d``/``nn.Linear`` modules named after
         their source paths; its ``fuse_report`` attribute is a
         :class:`FuseReport` that names every part kept whole or captured with
@@ -548,6 +553,9 @@ class _Fuser:
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
             graph_in = graph_in.map_params(lambda p, n: p.cpu())  # fold on the CPU (rules build their constants there)
         g64, rw = rewrite(graph_in, cast_back=False)
+        if not rw.fired:  # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
+            self.stage["rewrite"] += time.perf_counter() - t0
+            return self.unfolded(path, cap, rw, reason)
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
@@ -585,6 +593,18 @@ class _Fuser:
         if cap.how == "specialized":
             dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype).install(fused)
+        self.record(path, cap, rw, graph, reason)
+        return fused
+
+    def unfolded(self, path: str, cap: Capture, rw, reason: str) -> nn.Module:
+        """A copy of the part at ``path``, where its capture folds nothing (CondConv's dynamic kernels): the graph
+        would compute the same ops, and its calls carried through would only cost time."""
+        cap.notes.append(f"nothing to fold: {'it is' if path else 'the model is'} returned as it is (a copy)")
+        self.record(path, cap, rw, cap.graph, reason)
+        return copy_module(self.pristine.get_submodule(path))
+
+    def record(self, path: str, cap: Capture, rw, graph: Graph, reason: str) -> None:
+        """Add the part at ``path`` to the report: its capture, the rules that fired, what was left alone."""
         r = self.report
         r.parts.append(Part(path, cap.how, reason, type(self.pristine.get_submodule(path)).__name__))
         r.fired += [_prefixed(f, path) for f in rw.fired]
@@ -594,7 +614,6 @@ class _Fuser:
                 mine[op] = mine.get(op, 0) + n
         r.opaque += [_join(path, n.source) if n.source else (path or "<graph>") for n in graph.nodes if n.op == "opaque"]
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
-        return fused
 
     def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:
         """Whether ``fused`` (an fx capture, which runs at any size) still computes what the part at ``path`` does

@@ -437,3 +437,26 @@ def test_a_normalized_shape_read_from_sizes_is_the_weight_s_shape():
     assert node(g, "layer_norm").attrs["normalized_shape"] == (8,) and "opaque" not in ops_of(g)
     x = torch.randn(3, 3, 7, 4)
     torch.testing.assert_close(to_module(g)(x), model(x))
+
+
+def test_the_long_names_of_arithmetic_are_the_short_ones():
+    """``torch.multiply`` (PaddleClas ports' SE modules), ``subtract`` and ``divide``, as functions and methods,
+    are ``mul``, ``sub`` and ``div``: no call is carried through, and the SE scale still reads its conv."""
+
+    class SE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            s = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+            z = torch.multiply(y, s).multiply(2.0)
+            return torch.divide(torch.subtract(z, y), 3.0).subtract(y).divide(s + 1)
+
+    model = SE().eval()
+    x = torch.randn(2, 4, 5, 5)
+    graph = trace(model, x)
+    assert "opaque" not in graph.op_counts(), graph.op_counts()
+    torch.testing.assert_close(run_graph(graph, x), model(x))

@@ -893,8 +893,8 @@ def _register(handler: Callable[..., Made], *targets: Any) -> None:
 
 
 _register(_f_join("add"), operator.add, torch.add, ("method", "add"))
-_register(_f_join("sub"), operator.sub, torch.sub, ("method", "sub"))
-_register(_f_mul, operator.mul, torch.mul, ("method", "mul"))
+_register(_f_join("sub"), operator.sub, torch.sub, torch.subtract, ("method", "sub"), ("method", "subtract"))
+_register(_f_mul, operator.mul, torch.mul, torch.multiply, ("method", "mul"), ("method", "multiply"))  # PaddleClas ports: multiply
 _register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
@@ -923,7 +923,8 @@ _register(_f_layer_norm, F.layer_norm)
 _register(_f_avg_pool, F.avg_pool2d)
 _register(_f_adaptive_avg, F.adaptive_avg_pool2d)
 _register(_f_contiguous, ("method", "contiguous"))
-_register(_f_div, operator.truediv, torch.div, torch.true_divide, ("method", "div"), ("method", "true_divide"))
+_register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
+          ("method", "true_divide"))
 _register(_f_pow, operator.pow, torch.pow, ("method", "pow"))
 _register(_f_matmul, torch.bmm, ("method", "bmm"))
 _register(_f_einsum, torch.einsum)

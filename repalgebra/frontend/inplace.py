@@ -122,7 +122,7 @@ _VIEW_FUNCTIONS = {
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
     operator.neg, operator.pow, operator.mod, operator.pos, operator.abs,
-    torch.add, torch.sub, torch.mul, torch.div, torch.matmul, torch.bmm, torch.mm, torch.einsum,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.matmul, torch.bmm, torch.mm, torch.einsum,
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.relu, torch.sigmoid, torch.tanh,
     torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.softmax, torch.mean, torch.sum,
     torch.amax, torch.amin, torch.max, torch.min, torch.clamp, torch.clip, torch.where, torch.roll,
@@ -137,7 +137,8 @@ _FRESH_FUNCTIONS = {
     F.embedding, F.softplus, F.hardtanh, F.prelu, torch.prelu,
 }  # fmt: skip
 _FRESH_METHODS = {
-    "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs",
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt",
+    "rsqrt", "abs",
     "softmax", "mean", "sum", "amax", "amin", "max", "min", "clamp", "clip", "pow", "neg", "clone", "norm",
     "var", "std", "roll", "masked_fill", "gather", "cumsum", "erf", "sign", "square", "reciprocal", "exp2",
     "addmm", "bmm", "mm", "where", "new_zeros", "new_ones", "new_full", "new_empty", "logsumexp", "argmax",
