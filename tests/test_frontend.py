@@ -312,6 +312,34 @@ def test_shape_reads_move_off_foldable_values():
     assert rs.inputs[1] is g.inputs[0] and rs.attrs["shape"] == (((0, 0),), ((0, 1),), 6)
 
 
+@pytest.mark.parametrize("conv", ["transposed", "3d"])
+def test_a_shape_read_does_not_land_on_a_conv_its_bn_folds_into(conv):
+    """``bn(conv(x)).unsqueeze(2)`` reads the BN output's sizes; moved onto the conv's output, the read kept the conv
+    a second reader, and the BN did not fold ("the conv before it is also read elsewhere", probe).  A transposed
+    conv and a 3-D conv fold their BN as a conv2d does."""
+    if conv == "transposed":
+        model = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, 2, 2, output_padding=1, groups=4, dilation=2), nn.BatchNorm2d(8))
+        x, wrap = torch.randn(2, 8, 6, 6), lambda m: (lambda x: m(x).unsqueeze(2))
+    else:
+        model = nn.Sequential(nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(8))
+        x, wrap = torch.randn(2, 8, 6, 6), lambda m: (lambda x: m(x.unsqueeze(2)).squeeze(2))
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return wrap(self.m)(x)
+
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    fused = repalgebra.fuse(Wrapped().eval(), x)
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    assert repalgebra.verify(Wrapped().eval(), fused, x, dtype=torch.float64)
+
+
 def test_getitem_and_other_calls_are_fncalls():
     class M(nn.Module):
         def __init__(self):

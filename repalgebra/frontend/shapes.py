@@ -14,6 +14,7 @@ from typing import Any
 from repalgebra.ir import Graph, Node, Value
 
 _SAME_SHAPE = ("batch_norm", "scale", "identity")  # ops whose output has their first input's shape
+_FOLDS_A_BN = ("conv2d", "conv3d", "conv_transpose2d", "linear")  # a BN or scale after these folds into them
 
 
 def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
@@ -134,7 +135,7 @@ def _earlier(graph: Graph, v: Value, axis: int) -> tuple[Value, int] | int | Non
     if isinstance(src, tuple) and v.producer.op in _SAME_SHAPE:
         u, a = src
         p = u.producer
-        if p is not None and p.op in ("conv2d", "linear") and _data_reads(graph, u) == 1 and size_source(u, a) is None:
+        if p is not None and p.op in _FOLDS_A_BN and _data_reads(graph, u) == 1 and size_source(u, a) is None:
             return None
     return src
 
