@@ -372,6 +372,13 @@ def leaky_relu(x, *, negative_slope=0.01):
     return F.leaky_relu(x, negative_slope)
 
 
+@op("softplus", kind="nonlinear")
+def softplus(x, *, beta=1.0, threshold=20.0):
+    """``log(1 + exp(beta x)) / beta``, and ``x`` itself where ``beta x > threshold`` (YOLOv4's Mish:
+    ``x * tanh(softplus(x))``)."""
+    return F.softplus(x, beta, threshold)
+
+
 @op("prelu", kind="nonlinear")
 def prelu(x, *, weight: Tensor = REQUIRED):
     """``x`` where it is positive, else ``weight[c] * x`` along axis 1: a learned slope per channel (or one for all)."""

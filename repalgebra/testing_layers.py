@@ -225,6 +225,7 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
         "ln-spatial": _case(lambda: [conv(padding=1), nn.LayerNorm([9, 8], eps=2e-3)]),
         "ln-no-affine": _case(lambda: [conv(padding=1), Tokens(nn.LayerNorm(6, eps=3e-3, elementwise_affine=False), nn.Linear(6, 5, bias=False))]),
         "leaky-relu-slope": _case(lambda: [conv(padding=1), nn.LeakyReLU(0.3)]),
+        "softplus-beta-threshold": _case(lambda: [conv(padding=1), nn.Softplus(beta=1.5, threshold=1.0)]),
         "prelu-per-channel": _case(lambda: [conv(padding=1), _spread(nn.PReLU(6)), nn.Conv2d(6, 6, 1), nn.PReLU()]),
         "conv-stride-dilation": _case(lambda: [conv(k=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), bias=False), nn.ReLU()]),
         "conv-groups": _case(lambda: [nn.Conv2d(4, 6, 3, padding=(0, 1), groups=2), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU()]),

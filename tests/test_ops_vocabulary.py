@@ -292,6 +292,10 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
     ),
     "prelu": Case(lambda: stem(Slopes(4)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
+    "softplus_mish": Case(  # YOLOv4's Mish, nn.Softplus with a beta, and a low threshold that the stem's values cross
+        lambda: stem(nn.Sequential(Lambda(lambda x: x * torch.tanh(F.softplus(x))), nn.Softplus(beta=2.0, threshold=0.5))),
+        (1, 3, 5, 5), {"softplus"}, _onnx("Softplus", "Where"),
+    ),
     "prelu_tokens": Case(lambda: stem(Slopes(4, tokens=True)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
     "hardswish": Case(
         lambda: stem(nn.Hardswish()), (1, 3, 5, 5), {"hardswish"}, lambda opset: {"HardSwish"} if opset >= 14 else {"HardSigmoid", "Mul"}
@@ -434,7 +438,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
     made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
     vocabulary = {
-        "silu", "leaky_relu", "prelu", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn",

@@ -427,6 +427,17 @@ def _leaky_relu(ctx, n, x):
     return ctx.emit("LeakyRelu", [x], alpha=float(n.attrs["negative_slope"]))
 
 
+@lowering("softplus")
+def _softplus(ctx, n, x):
+    """``Softplus(beta x) / beta``, and ``x`` where ``beta x > threshold``, as PyTorch computes it."""
+    beta, threshold = n.attrs["beta"], n.attrs["threshold"]
+    bx = x if beta == 1 else ctx.emit("Mul", [x, _number(ctx, "beta", beta)])
+    soft = ctx.emit("Softplus", [bx])
+    if beta != 1:
+        soft = ctx.emit("Div", [soft, _number(ctx, "beta", beta)])
+    return ctx.emit("Where", [ctx.emit("Greater", [bx, _number(ctx, "threshold", threshold)]), x, soft])
+
+
 @lowering("prelu")
 def _prelu(ctx, n, x):
     w = n.params["weight"]

@@ -435,6 +435,11 @@ def _leaky_relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.leaky_relu, xs[0], node.attrs["negative_slope"])
 
 
+@lowers("softplus")
+def _softplus(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.softplus, xs[0], node.attrs["beta"], node.attrs["threshold"])
+
+
 @lowers("prelu")
 def _prelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.prelu, xs[0], ctx.add_buffer(_hint(node, "_weight"), node.params["weight"]))

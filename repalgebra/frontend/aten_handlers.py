@@ -546,6 +546,13 @@ def _leaky_relu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "leaky_relu", [x], {"negative_slope": float(slope)}, {}, None
 
 
+def _softplus(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, beta, threshold = _v(a["self"]), a["beta"], a["threshold"]
+    if x is None or not all(isinstance(v, (int, float)) for v in (beta, threshold)):
+        return None
+    return "softplus", [x], {"beta": float(beta), "threshold": float(threshold)}, {}, None
+
+
 def _prelu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     w = _c(a["weight"])
     return None if w is None else prelu_made(_v(a["self"]), w, _owner(a["weight"]))
@@ -771,6 +778,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.relu6.default: _clamp(0.0, 6.0),
     aten.leaky_relu.default: _leaky_relu,
     aten.prelu.default: _prelu,
+    aten.softplus.default: _softplus,
     aten.hardtanh.default: _clamp(),
     aten.clamp.default: _clamp(),
     aten.clamp_min.default: _clamp(),

@@ -147,6 +147,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Hardsigmoid,
     nn.Tanh,
     nn.LeakyReLU,
+    nn.Softplus,
     nn.PReLU,
     nn.Hardtanh,  # and nn.ReLU6
     nn.GroupNorm,

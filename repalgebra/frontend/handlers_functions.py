@@ -529,6 +529,13 @@ def _f_leaky_relu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return "leaky_relu", [a["input"]], {"negative_slope": float(a["negative_slope"])}, {}, ""
 
 
+def _f_softplus(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("beta", 1.0), ("threshold", 20.0)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not all(isinstance(a[k], (int, float)) for k in ("beta", "threshold")):
+        return None
+    return "softplus", [a["input"]], {"beta": float(a["beta"]), "threshold": float(a["threshold"])}, {}, ""
+
+
 def _f_prelu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("weight", REQ)], args, kwargs)
     if a is None or _const(a["weight"]) is None:
@@ -936,6 +943,7 @@ _register(_f_unary("tanh"), torch.tanh, F.tanh, ("method", "tanh"))
 _register(_f_unary("sqrt"), torch.sqrt, ("method", "sqrt"))
 _register(_f_unary("rsqrt"), torch.rsqrt, ("method", "rsqrt"))
 _register(_f_leaky_relu, F.leaky_relu)
+_register(_f_softplus, F.softplus)
 _register(_f_prelu, F.prelu, torch.prelu)
 _register(_f_clamp(), torch.clamp, torch.clip, ("method", "clamp"), ("method", "clip"))
 _register(_f_clamp("min_val", "max_val", -1.0, 1.0), F.hardtanh)

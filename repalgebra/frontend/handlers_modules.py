@@ -172,6 +172,11 @@ def _m_leaky_relu(b: Builder, n: fx.Node, m: nn.LeakyReLU, args: tuple, kwargs: 
     return None if x is None else ("leaky_relu", [x], {"negative_slope": float(m.negative_slope)}, {}, "")
 
 
+def _m_softplus(b: Builder, n: fx.Node, m: nn.Softplus, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None else ("softplus", [x], {"beta": float(m.beta), "threshold": float(m.threshold)}, {}, "")
+
+
 def _m_prelu(b: Builder, n: fx.Node, m: nn.PReLU, args: tuple, kwargs: dict) -> Made:
     return prelu_made(single(args, kwargs), m.weight.detach().clone(), "")
 
@@ -255,6 +260,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Hardsigmoid: _m_act("hardsigmoid"),
     nn.Tanh: _m_act("tanh"),
     nn.LeakyReLU: _m_leaky_relu,
+    nn.Softplus: _m_softplus,
     nn.PReLU: _m_prelu,
     nn.Hardtanh: _m_hardtanh,
     nn.GroupNorm: _m_group_norm,
