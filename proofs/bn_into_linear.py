@@ -25,7 +25,9 @@ transpose(-2, -1), qkv Linear), a channels-last permute, permute + flatten, Batc
 (B, C, L) with transpose and a reshape to (B*L, C), and the empty chain (BatchNorm1d -> Linear).
 
 Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns features
-[c H W, (c + 1) H W) (:func:`prove_flatten_all`).
+[c H W, (c + 1) H W) (:func:`prove_flatten_all`); and RepLKNet's head, BN2d, a global average pool
+(a mean over H and W), flatten(1), Linear(C), where each mean reads one channel
+(:func:`prove_mean_head`, with a mean over the channels too as its refused case).
 
 REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its
 features (with H*W == C the shapes even fit), element [.., c, p] meets s[c] but the fold puts
@@ -118,6 +120,7 @@ def prove() -> list[str]:
         done.append(desc)
 
     done.append(prove_flatten_all())
+    done.append(prove_mean_head())
 
     # REFUSED: the Linear's features are the spatial positions, not BN's channels.
     cfg = REFUSED
@@ -138,6 +141,31 @@ def prove() -> list[str]:
     done.append(f"refused: {cfg['name']}: x (1, C=2, 1, 2) -> (1, 2, 2): at {idx} lhs - rhs = "
                 f"W[0,1] * ((s[0] - s[1]) x[0,0,0,1] + t[0] - t[1]) != 0 (numeric witness {num})")
     return done
+
+
+def prove_mean_head() -> str:
+    """RepLKNet's head, BN2d -> global average pool (a mean over H, W keeping them) -> flatten(1) -> Linear: each
+    mean reads one channel, mean(s[c] x + t[c]) = s[c] mean(x) + t[c], so W' and b' are the layout case's.
+    REFUSED: a mean over the channels too mixes every s[c] and t[c] into one feature."""
+    shape, flat = (1, 2, 2, 2), [("flatten", dict(start=1, end=-1))]
+    x = symbols_tensor("x", shape)
+    w, b = symbols_tensor("w", (3, 2)), symbols_tensor("b", (3,))
+    bn = bn_symbols("", 2)
+
+    def pooled(v):
+        return layout(v.sum(axis=(2, 3), keepdims=True) / (shape[2] * shape[3]), flat)
+
+    lhs = linear(pooled(batch_norm(x, *bn, axis=1)), w, b)
+    rhs = linear(pooled(x), *fuse(w, b, *bn))
+    assert_equal(lhs, rhs, "bn_into_linear global average pool head")
+    # Over channels and rows, (1, 2, 2, 2) -> (1, 2): a feature averages both channels, the fold scales it by one.
+    w1 = symbols_tensor("v", (1, 2))
+    over = lambda v: v.sum(axis=(1, 2)) / 4  # noqa: E731
+    mixed = linear(over(batch_norm(x, *bn, axis=1)), w1)
+    folded = linear(over(x), *fuse(w1, None, *bn))
+    assert_differs(mixed, folded, (0, 0), "bn_into_linear mean over channels")
+    return ("global average pool head: x (1, C=2, 2, 2) -> mean(2, 3) -> flatten(1) -> Linear(2 -> 3): W' = W s, "
+            "b' = b + W t; refused: a mean over the channels too differs")
 
 
 def prove_flatten_all() -> str:

@@ -19,10 +19,14 @@ SIZE_MATCHED = ("flatten", "reshape", "reshape_dyn")
 
 
 def follow_axis(node: Node, axis: int) -> int | None:
-    """The output axis of layout ``node`` that holds input axis ``axis`` whole, if any."""
+    """The output axis of layout ``node`` (or of a ``mean``, which keeps the axes it does not reduce) that holds
+    input axis ``axis`` whole, if any."""
     shape_in, shape_out = node.x.shape, node.out.shape
     axis %= len(shape_in)
     a = node.attrs
+    if node.op == "mean":  # a reduced axis is gone; the others close up unless the mean keeps its dims
+        dims = {d % len(shape_in) for d in a["dims"]}
+        return None if axis in dims else axis if a["keepdim"] else axis - sum(d < axis for d in dims)
     if node.op == "transpose":
         d0, d1 = a["dim0"] % len(shape_in), a["dim1"] % len(shape_in)
         return d1 if axis == d0 else d0 if axis == d1 else axis

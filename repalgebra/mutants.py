@@ -313,6 +313,8 @@ MUTANTS: list[Mutant] = [
     _helper("scale_into_conv", "groups-dropped", "every group of the conv reads the scale of the first group's channels",
             _PER_INPUT, *_GROUPS_DROPPED),
     # ---------------------------------------------------------------- bn_into_linear
+    _m("bn_into_linear", "mean-over-channels", "a mean is followed like a layout op even over the channel axis, which it then keeps",
+       "return None if axis in dims else", "return axis if axis in dims else", target="repalgebra.layout:follow_axis"),
     _m("bn_into_linear", "shift-dropped", "the BN shift is dropped when the Linear has a bias",
        "bias = w @ t if b is None else b + w @ t", "bias = w @ t if b is None else b"),
     _m("bn_into_linear", "wrong-axis", "the BN scale multiplies the Linear's output rows instead of its input columns",

@@ -9,24 +9,33 @@ it only moves elements, so each element meets the same s[c] and t[c] either
 way.  Or ``L`` is one ``flatten`` of every axis from the channels on (a
 classifier head: ``BN2d``, ``flatten(1)``, ``Linear(C * H * W)``): feature
 ``j`` comes from channel ``j // (H W)``, so ``s`` and ``t`` repeat ``H W``
-times each.  Unlike a conv there is no padding, so the fold is always exact.
+times each.  ``L`` may also start with a mean over axes after the channels (a
+global average pool: RepLKNet's head is ``BN2d``, pool, flatten, ``Linear``):
+each mean reads one channel, and the mean of ``s[c] x + t[c]`` is
+``s[c] mean(x) + t[c]``.  Unlike a conv there is no padding, so the fold is always exact.
 This folds FastViT's attention pre-norm (BatchNorm2d, then flatten and
 transpose to tokens) into the qkv projection.
 
 Preconditions: every value from the BN to the Linear is read only by the next
-op, and the layout ops keep the channel axis whole and end with it last, or are
-that one flatten.
+op, and the layout ops (and a mean, which must not average the channel axis)
+keep the channel axis whole and end with it last, or are that one flatten.
 """
 
 from repalgebra.kernels import bn_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
-from repalgebra.match import merged_source
+from repalgebra.match import merged_source, producer, sole_use
 from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("bn_into_linear", on="linear")
 def bn_into_linear(graph, lin):
-    bn, chain = layout_chain(graph, lin.x, ("batch_norm",))
+    bn, chain = layout_chain(graph, lin.x, ("batch_norm", "mean"))
+    if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
+        mean = bn
+        bn = producer(mean.x, "batch_norm") if sole_use(graph, mean.x) else None
+        if bn is None:  # (a mean over the channels too fails below: the channel axis does not survive it)
+            return None
+        chain = [mean, *chain]
     if bn is None:
         return None
     one_channel = bn.x.shape[1] == 1 and lin.x.shape[-1] == 1  # a scalar affine: where it lands is moot

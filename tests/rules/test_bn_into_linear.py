@@ -2,6 +2,8 @@
 
     Linear(L(BN(x)); W, b) = Linear(L(x); W[o,c] s[c], b + W t)
 
+(``L`` may start with a mean over axes after the channels: a global average pool.)
+
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
@@ -21,10 +23,15 @@ CARRYING = {
     "permute_flatten": lambda b, y: b.flatten(b.permute(y, dims=(0, 2, 3, 1)), start=1, end=2),
     # A classifier head: channels and space merged, channel c owning features [c H W, (c + 1) H W).
     "flatten_all": lambda b, y: b.flatten(y, start=1),
+    # RepLKNet's head: BN, a global average pool (a mean that keeps its dims), flatten.  Or a mean of the rows.
+    "pool_flatten": lambda b, y: b.flatten(b.node("mean", y, dims=(2, 3), keepdim=True), start=1),
+    "mean_rows_permute": lambda b, y: b.permute(b.node("mean", y, dims=(-2,), keepdim=False), dims=(0, 2, 1)),
 }
 MIXING = {
     "flatten_only": lambda b, y: b.flatten(y, start=2),  # the Linear reads spatial positions
     "permute_flatten_space_major": lambda b, y: b.flatten(b.permute(y, dims=(0, 2, 3, 1)), start=1),  # channel minor
+    # A mean over the channels too: each output mixes every channel's s[c] and t[c].
+    "mean_over_channels": lambda b, y: b.permute(b.node("mean", y, dims=(1, 2), keepdim=False), dims=(0, 1)),
 }
 
 
