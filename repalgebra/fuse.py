@@ -27,8 +27,8 @@ that does not run on the example input, for bad input, or with ``strict=True``.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 

@@ -101,15 +101,19 @@ def conv_operands(join: Node) -> dict[tuple, list[tuple[int, Node]]]:
     return groups
 
 
+def union_window(windows: list[Window]) -> Window:
+    """The one window spanning ``windows``: on their lattice (:func:`lattice_step`), or dense where they lie on
+    different ones."""
+    step = lattice_step(windows) or (1, 1)
+    first = tuple(min(w.first[a] for w in windows) for a in (0, 1))
+    count = tuple((max(w.last(a) for w in windows) - first[a]) // step[a] + 1 for a in (0, 1))
+    return Window(windows[0].stride, first, step, count)
+
+
 def union_taps(convs: list[Node]) -> int:
-    """Taps of the one kernel spanning the windows of ``convs``: on their lattice, or dense where they
-    lie on different ones."""
-    wins = [window(c) for c in convs]
-    step = lattice_step(wins) or (1, 1)
-    taps = 1
-    for a in (0, 1):
-        taps *= (max(w.last(a) for w in wins) - min(w.first[a] for w in wins)) // step[a] + 1
-    return taps
+    """Taps of the one kernel spanning the windows of ``convs`` (:func:`union_window`)."""
+    h, w = union_window([window(c) for c in convs]).count
+    return h * w
 
 
 def merge_cost(join: Node, convs: list[Node]) -> tuple[int, int]:

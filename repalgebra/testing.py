@@ -79,7 +79,7 @@ from hypothesis import strategies as st
 from repalgebra.builder import GraphBuilder
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node, Value
-from repalgebra.match import Window, lattice_step
+from repalgebra.match import Window, union_window
 from repalgebra.ops import op_def
 from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, attribute_case, layer_stacks, norm_eps
 
@@ -663,13 +663,10 @@ class _Region:
     def dominant(self) -> ConvSpec:
         """The conv that the branches fold into, as a branch of its own: it spans all their windows, on
         their lattice, with the gcd of their groups.  Beside it, merging the others costs nothing."""
-        step = lattice_step(self.windows) or (1, 1)
-        first = [min(w.first[a] for w in self.windows) for a in (0, 1)]
-        last = [max(w.last(a) for w in self.windows) for a in (0, 1)]
-        after = [max(0, (self.out[a] - 1) * self.stride - (self.size[a] - 1 - last[a])) for a in (0, 1)]
-        kernel = tuple((last[a] - first[a]) // step[a] + 1 for a in (0, 1))
-        return ConvSpec(self.channels, self.channels, gcd(*self.groups), kernel, (self.stride, self.stride), step,
-                        (-first[0], after[0], -first[1], after[1]), True, *self.size)
+        u = union_window(self.windows)
+        after = [max(0, (self.out[a] - 1) * self.stride - (self.size[a] - 1 - u.last(a))) for a in (0, 1)]
+        return ConvSpec(self.channels, self.channels, gcd(*self.groups), u.count, (self.stride, self.stride), u.step,
+                        (-u.first[0], after[0], -u.first[1], after[1]), True, *self.size)
 
 
 def _feasible_pools(r: _Region) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -1397,9 +1394,9 @@ def _main_branch(branches: list[nn.Module], cin: int, cout: int, stride: int) ->
         else:
             k, d = (getattr(m, "kernel_size", 1),) * 2, (1, 1)
         windows.append(Window((stride, stride), tuple(-(k[a] - 1) * d[a] // 2 for a in (0, 1)), d, k))
-    step = lattice_step(windows) or (1, 1)
-    d = step[0] if step[0] == step[1] else 1
-    kernel = tuple((max(w.last(a) for w in windows) - min(w.first[a] for w in windows)) // d + 1 for a in (0, 1))
+    u = union_window(windows)
+    d = u.step[0] if u.step[0] == u.step[1] else 1  # _conv_bn dilates both axes alike
+    kernel = tuple((u.count[a] - 1) * u.step[a] // d + 1 for a in (0, 1))
     g = gcd(*groups)
     return _conv_bn(cin, cout, kernel, stride, g, d), f"main conv{kernel[0]}x{kernel[1]}{f' d{d}' * (d > 1)}-bn g{g}"
 

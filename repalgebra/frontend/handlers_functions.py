@@ -780,9 +780,10 @@ def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: d
 
 def _f_setitem_copy(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``y[:, :2, :, 1:] = v`` (made :func:`~repalgebra.frontend.inplace.setitem_copy` by ``functionalize``): one
-    ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int slices.  A ``v`` that broadcasts (a per-channel fill, a number) is expanded to the slice first, which needs every
-    sliced length fixed whatever the size of its axis (``:p``, ``-p:``, ``a:b``; not ``1:``); else the call is
-    carried as written."""
+    ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int slices.  A ``v``
+    that broadcasts (a per-channel fill, a number) is expanded to the slice first, which needs every sliced
+    length fixed whatever the size of its axis (``:p``, ``-p:``, ``a:b``; not ``1:``); else the call is carried
+    as written."""
     if kwargs or len(args) != 3 or shaped(args[0]) is None:
         return None
     x, index, value = args

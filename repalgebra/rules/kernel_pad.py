@@ -16,7 +16,7 @@ of a 1x1 and a 7x7 conv would make every output channel pay for 7x7 taps.
 """
 
 from repalgebra.kernels import pad_kernel
-from repalgebra.match import JOINS, conv_operands, conv_with, lattice_step, merge_refusal, window, with_operands
+from repalgebra.match import JOINS, conv_operands, conv_with, lattice_step, merge_refusal, union_window, window, with_operands
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -30,13 +30,12 @@ def kernel_pad(graph, join):
         if why := merge_refusal(graph, join, [c for _, c in group]):
             refusal = Refusal(why, join)
             continue
-        step = lattice_step(wins)
-        first = [min(w.first[a] for w in wins) for a in (0, 1)]
-        last = [max(w.last(a) for w in wins) for a in (0, 1)]
+        union = union_window(wins)
+        step = union.step
         new_nodes, replaced = [], {}
         for (k, conv), w in zip(group, wins):
-            top, left = ((w.first[a] - first[a]) // step[a] for a in (0, 1))
-            bottom, right = ((last[a] - w.last(a)) // step[a] for a in (0, 1))
+            top, left = ((w.first[a] - union.first[a]) // step[a] for a in (0, 1))
+            bottom, right = ((union.last(a) - w.last(a)) // step[a] for a in (0, 1))
             if top == bottom == left == right == 0 and w.step == step:
                 continue
             pt, pb, pl, pr = conv.attrs["padding"]
