@@ -394,3 +394,24 @@ def test_sizes_read_from_the_input_are_constants_of_the_export_shape():
         x = torch.randn(batch, *shape[1:])
         with torch.no_grad():
             assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_capture_at_the_export_shapes_that_computes_something_else_is_not_exported(monkeypatch):
+    """The capture at the export's shapes is checked against the model on the example: one that differs (here the
+    capture of a copy with other weights, standing for a front-end slip) is dropped for the fx capture."""
+    import copy
+
+    import repalgebra.frontend.capture as capture
+
+    model = randomize(SizedShift()).float().eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.conv[0].weight.mul_(2)
+    real = capture.capture_specialized
+    monkeypatch.setattr(capture, "capture_specialized", lambda m, inputs: real(other, inputs))
+    shape = (2, 3, 6, 7)
+    proto, report = export_onnx(model, None, shape, return_report=True)
+    assert report.capture == "fx", report.capture
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

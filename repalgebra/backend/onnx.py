@@ -995,7 +995,7 @@ def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dyna
     channels (YOLOv8's anchor grid from ``arange`` of the feature map's size, ShiftViT's slices of ``C // 4``
     channels) can be constants of that shape.  ``torch.fx`` keeps those sizes symbolic: the model then works at
     any size, and the parts that read them are calls the fallback exports.  With ``dynamic_batch`` the capture
-    must hold at any batch."""
+    must hold at any batch, and it must compute what the model does on the example."""
     from repalgebra.frontend.capture import CaptureFailed, capture_specialized
 
     calls = sum(n.op == "opaque" for n in graph.nodes)
@@ -1006,6 +1006,8 @@ def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dyna
     except CaptureFailed:
         return None
     if (dynamic_batch and not cap.batch_free) or sum(n.op == "opaque" for n in cap.graph.nodes) >= calls:
+        return None
+    if not _computes(cap.graph, model, example):  # the fx way, whose calls are the model's own code, is kept
         return None
     shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
     fixed = "sizes other than the batch" if cap.batch_free else "shapes"
@@ -1018,18 +1020,23 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     The rules see the example's sizes only: a per-channel fold through ``y.reshape(8, -1)`` is exact at batch 1
     alone, where that reshape keeps the channel axis whole.  Only graphs with a reshape are run.  A model that does
     not run at another batch says nothing."""
+    if not any(n.op in SIZE_MATCHED for n in graph.nodes):
+        return True
+    return _computes(graph, module, batch_plus_one(example)) is not False
+
+
+def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | None:
+    """Whether ``graph`` computes what ``module`` does on ``inputs`` (to the dtype's tolerance); ``None`` where the
+    module does not run on them."""
     from repalgebra.interpret import run_graph
     from repalgebra.verify import TOLERANCES, first_difference
 
-    if not any(n.op in SIZE_MATCHED for n in graph.nodes):
-        return True
-    other = batch_plus_one(example)
     try:
         with torch.no_grad():
-            want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*other)) if torch.is_tensor(t)]
+            want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*inputs)) if torch.is_tensor(t)]
     except Exception:  # noqa: BLE001
-        return True
-    got = run_graph(graph, *other)
+        return None
+    got = run_graph(graph, *inputs)
     got = [t for t in (got if isinstance(got, tuple) else (got,)) if torch.is_tensor(t)]
     return len(got) == len(want) and all(
         first_difference(w, g, TOLERANCES.get(w.dtype, 1e-5)) is None for w, g in zip(want, got)
