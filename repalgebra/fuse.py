@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
+from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import batch_plus_one
@@ -136,7 +137,8 @@ class FuseReport:
             counts = Counter(self.opaque)
             places = [f"{p} x{k}" if k > 1 else p for p, k in counts.items()]
             shown = ", ".join(places[:6]) + (f", ... ({len(places) - 6} more)" if len(places) > 6 else "")
-            lines.append(f"  carried through unchanged ({len(self.opaque)} calls): {shown}")
+            calls = f"{len(self.opaque)} call{'s' if len(self.opaque) > 1 else ''}"
+            lines.append(f"  carried through unchanged ({calls}): {shown}")
         return "\n".join(lines)
 
 
@@ -612,7 +614,8 @@ class _Fuser:
         for mine, theirs in ((r.ops_before, rw.before), (r.ops_after, rw.after)):
             for op, n in theirs.items():
                 mine[op] = mine.get(op, 0) + n
-        r.opaque += [_join(path, n.source) if n.source else (path or "<graph>") for n in graph.nodes if n.op == "opaque"]
+        # A call of forward itself has no module path: it is named by what it calls (``getitem``, ``cumsum``).
+        r.opaque += [_join(path, n.source or _call_name(n.attrs["fn"])) for n in graph.nodes if n.op == "opaque"]
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
 
     def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:
@@ -766,6 +769,11 @@ def _shapes(tensors: Iterable[Any]) -> str:
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _call_name(fn: Any) -> str:
+    """What a carried call calls (``getitem``, ``cumsum``, ``MyBlock``)."""
+    return fn.name if isinstance(fn, FnCall) else target_name(fn)
 
 
 def _join(a: str, b: str) -> str:

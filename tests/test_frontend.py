@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -488,3 +490,33 @@ def test_the_long_names_of_arithmetic_are_the_short_ones():
     graph = trace(model, x)
     assert "opaque" not in graph.op_counts(), graph.op_counts()
     torch.testing.assert_close(run_graph(graph, x), model(x))
+
+
+def test_compiled_call_templates_resolve_as_the_template_does():
+    """``compile_template`` (an FnCall's arguments, built once per module) gives what ``resolve`` gives, per call:
+    inputs by position, buffers, a dtype's limit, size expressions with keyword arguments, slices with computed
+    bounds; lists are built anew on each call (a callee may change them), constant tuples are shared."""
+    from repalgebra.frontend.calls import Buf, DtypeLimit, In, SymExpr, compile_template, resolve
+
+    owner = nn.Module()
+    owner.register_buffer("c0", torch.arange(3.0))
+    shape = SymExpr("call_function", getattr, (In(1), "shape"), {})
+    half = SymExpr("call_function", operator.floordiv, (SymExpr("call_method", "size", (In(0),), {"dim": 1}), 2), {})
+    templates = [
+        (In(1), In(0)),
+        (Buf("c0"), [In(0), 2.5], {"k": DtypeLimit(0, "min")}),
+        (In(0), (slice(None), slice(half, None, 2), slice(1, SymExpr("call_function", operator.getitem, (shape, -1), {})))),
+        ((1, (2, None), slice(None, -1)), "mode"),
+    ]
+    for dtype in (torch.float32, torch.float64):
+        inputs = (torch.randn(2, 6, 5, dtype=dtype), torch.randn(3, 4, 7, dtype=dtype))
+        for t in templates:
+            run = compile_template(t)
+            got, want = run(inputs, owner), resolve(t, inputs, owner)
+            assert repr(got) == repr(want), t
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert g is w or g == w
+    lists = compile_template(([In(0), 1],))
+    first, second = lists((torch.ones(1),), owner), lists((torch.ones(1),), owner)
+    assert first == second and first[0] is not second[0]
+    assert compile_template(templates[3])((), owner) is templates[3]

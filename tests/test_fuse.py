@@ -285,6 +285,23 @@ def test_leaf_modules_carry_the_module_through(leaf):
         torch.testing.assert_close(fused(sign * x.abs()), model.eval()(sign * x.abs()))
 
 
+def test_calls_of_forward_itself_are_reported_by_what_they_call():
+    """A call written in the model's own ``forward`` has no module path: the report names the call, not "<graph>"."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y.cumsum(1)[:, : x.shape[1] // 2], self.bn(x).sort(dim=1).values
+
+    fused = fuse(randomize(M()), torch.randn(2, 4, 5, 5))
+    assert sorted(fused.fuse_report.opaque) == ["cumsum", "getattr", "getitem", "sort"]  # getattr: .values
+    assert "carried through unchanged (4 calls): " in str(fused.fuse_report)
+
+
 def test_top_level_control_flow_error():
     class M(nn.Module):
         def forward(self, x):

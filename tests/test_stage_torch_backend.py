@@ -16,10 +16,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
+from torch import nn
 
 from repalgebra import fuse, rewrite, trace
 from repalgebra.backend.torch import to_module
+from repalgebra.frontend.calls import FnCall
 from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, assert_same_outputs, attribute_case, layer_stacks, rounding_small
 
 
@@ -63,3 +66,42 @@ def test_fuse_takes_the_fx_path_and_is_exact(name):
     assert [p.how for p in fused.fuse_report.parts] == ["fx"], fused.fuse_report
     with torch.no_grad():
         assert_same_outputs(stack.model(stack.x), fused(stack.x), torch.float64, f"fuse of {name}")
+
+
+class CarriedCalls(nn.Module):
+    """Calls the IR carries through, their sizes read from the input as public model code reads them.
+
+    ShiftViT's shift (slice assignments into ``zeros_like`` with ``C // 4`` channel groups), a strided slice, a
+    ``view`` after ``contiguous``, keyword arguments computed from ``x.size(dim=1)``, a call returning a tuple,
+    and a learned table resized to the feature map (the one call kept as a module: it reads a constant tensor).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.bn(self.conv(x))
+        B, C, H, W = x.shape
+        g = C // 4
+        out = torch.zeros_like(x)
+        out[:, :g, :, :-1] = x[:, :g, :, 1:]
+        out[:, g:, ::2] = x[:, g:, ::2]
+        values, order = out.cumsum(dim=x.size(dim=1) // C).sort(dim=1)
+        flat = out.transpose(2, 3).contiguous().view(B, C // 2, -1)
+        return flat, values, order, x + F.interpolate(self.pos, size=x.shape[-2:], mode="bilinear")
+
+
+def test_carried_calls_are_generated_code_reading_sizes_at_run_time():
+    """The back end writes a carried call into the generated forward, its size arithmetic as nodes on the input's
+    shape (no per-call module rebuilding arguments in Python); it runs at other batches and sizes than traced."""
+    torch.manual_seed(0)
+    model = CarriedCalls().double().eval()
+    built = to_module(rewrite(trace(model, torch.randn(2, 3, 6, 5, dtype=torch.float64)))[0])
+    assert [m.name for m in built.modules() if isinstance(m, FnCall)] == ["interpolate"]
+    with torch.no_grad():
+        for shape in [(2, 3, 6, 5), (3, 3, 9, 4), (1, 3, 4, 12)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            assert_same_outputs(model(x), built(x), torch.float64, f"carried calls at {shape}")

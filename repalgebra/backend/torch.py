@@ -6,7 +6,8 @@ modules (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.AvgPool2d``,
 ...) named after their source path (``stages.0.blocks.1.token_mixer`` becomes
 ``stages_0_blocks_1_token_mixer``); weightless ops become calls
 (``operator.add``, ``torch.cat``, ``F.gelu``, ``x.reshape``); a layer scale is
-a buffer and a multiply; an ``opaque`` node calls a deep copy of its module.
+a buffer and a multiply; an ``opaque`` node is the carried call written into the generated code
+with its size arithmetic (:func:`_inline_call`), or else calls a deep copy of its module.
 A conv with asymmetric padding is an ``nn.ZeroPad2d`` followed by the conv.
 
 An op without a torch lowering still works: it runs its reference semantics
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import CallFn, FnCall
+from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
 from repalgebra.ir import Graph, Node
 from repalgebra.ops import OPS, chunk_piece, op_def
 
@@ -563,11 +564,85 @@ def _expand(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("opaque")
 def _opaque(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     fn = node.attrs["fn"]
+    if isinstance(fn, FnCall) and not node.attrs["kwargs"]:
+        inlined = _inline_call(ctx, node, fn, xs)
+        if inlined is not None:
+            return inlined
     if not isinstance(fn, nn.Module):
         fn = CallFn(fn)
     hint = _hint(node, "_" + fn.name) if isinstance(fn, FnCall) else (node.source or type(fn).__name__)
     name = ctx.opaque_module(fn, hint)
     return ctx.graph.call_module(name, tuple(xs), dict(node.attrs["kwargs"]))
+
+
+# Template leaves fx writes into generated code as they are (anything else stays in its FnCall module).
+_LITERALS = (type(None), bool, int, float, str, type(Ellipsis), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _inline_call(ctx: Lowering, node: Node, fn: FnCall, xs: list[fx.Node]) -> fx.Node | None:
+    """A carried call written into the graph the way the traced model wrote it, or None to keep its module.
+
+    Its size arithmetic (``C // 4`` from ``x.shape``) becomes nodes reading the inputs' shapes at run time, once
+    per expression.  An :class:`FnCall` module would rebuild the arguments in Python on every call (a ShiftViT
+    shift slice: 13 µs against 3 µs).  Kept as a module: a call of a module; a call reading a constant tensor (a
+    buffer is no Proxy when ``export_onnx`` traces the fused module again, so ``F.interpolate(buffer, size=...)``
+    would trace into its body, where the FnCall records one call); a dtype limit read per call
+    (:attr:`FnCall.reads_input_dtype`); leaves or targets that generated code cannot spell.
+    """
+    if fn.kind == "call_module" or fn.reads_input_dtype or not _spellable(fn.target, fn.kind):
+        return None
+    template = (fn.args_template, fn.kwargs_template)
+    leaves = _template_leaves(template)
+    if not all(isinstance(leaf, (In, SymExpr, *_LITERALS)) for leaf in leaves):
+        return None
+    if not all(_spellable(e.target, e.kind) for e in leaves if isinstance(e, SymExpr)):
+        return None  # size arithmetic through a function torch.fx.wrap kept whole (timm's get_same_padding)
+    emitted: dict[int, fx.Node] = {}  # one node per expression: an expression may be shared within a call
+
+    def emit(t: Any) -> Any:
+        if isinstance(t, In):
+            return xs[t.index]
+        if isinstance(t, SymExpr):
+            if id(t) not in emitted:
+                emitted[id(t)] = ctx.graph.create_node(t.kind, t.target, emit(t.args), emit(t.kwargs))
+            return emitted[id(t)]
+        if isinstance(t, (tuple, list)):
+            return type(t)(emit(a) for a in t) if type(t) in (tuple, list) else tuple(emit(a) for a in t)
+        if isinstance(t, dict):
+            return {k: emit(v) for k, v in t.items()}
+        if isinstance(t, slice):
+            return slice(emit(t.start), emit(t.stop), emit(t.step))
+        return t
+
+    args, kwargs = emit(template)
+    return ctx.graph.create_node(fn.kind, _stride_free_target(fn), args, kwargs)
+
+
+def _template_leaves(t: Any) -> list[Any]:
+    """The leaves of a call template, SymExprs included, looking through SymExpr arguments and slices."""
+    if isinstance(t, SymExpr):
+        return [t, *_template_leaves((t.args, t.kwargs))]
+    if isinstance(t, (tuple, list)):
+        return [leaf for a in t for leaf in _template_leaves(a)]
+    if isinstance(t, dict):
+        return [leaf for k, v in t.items() for leaf in (_template_leaves(v) if isinstance(k, str) else [k])]
+    if isinstance(t, slice):
+        return _template_leaves((t.start, t.stop, t.step))
+    return [t]
+
+
+def _spellable(target: Any, kind: str) -> bool:
+    """Whether the generated code can call ``target`` so that a trace of the fused module records it as one call.
+
+    A method name; a torch function or operator (they record themselves on Proxies); ``operator``, builtins and
+    ``math`` (recorded by fx); a front-end helper marked :func:`traced_as_one_call`.  Not a user function that
+    ``torch.fx.wrap`` made a leaf of the original trace: traced again from our code, it would run its body."""
+    if kind == "call_method":
+        return isinstance(target, str)
+    if getattr(target, "traced_as_one_call", False) or isinstance(target, torch._ops.OpOverload):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return callable(target) and (module in ("_operator", "operator", "builtins", "math") or module.split(".")[0] == "torch")
 
 
 # ``x.view(...)`` needs strides that allow it; ``x.reshape(...)`` gives the same values on any tensor.
@@ -586,14 +661,19 @@ def _stride_free(fn: nn.Module) -> nn.Module:
     in the IR that ``contiguous`` is the identity and is gone.  ``x.view(dtype)`` is a bit cast and stays.
     """
     if isinstance(fn, FnCall) and fn.kind != "call_module":
-        key = (fn.kind, fn.target)
-        try:
-            swap = _VIEW_AS_RESHAPE.get(key)
-        except TypeError:  # an unhashable target
-            swap = None
-        if swap is not None and not any(isinstance(a, torch.dtype) for a in pytree.tree_leaves((fn.args_template, fn.kwargs_template))):
-            fn.target = swap
+        fn.target = _stride_free_target(fn)
     return fn
+
+
+def _stride_free_target(fn: FnCall) -> Any:
+    """The target of a carried call, a ``view`` made a ``reshape`` (see :func:`_stride_free`)."""
+    try:
+        swap = _VIEW_AS_RESHAPE.get((fn.kind, fn.target))
+    except TypeError:  # an unhashable target
+        return fn.target
+    if swap is not None and not any(isinstance(a, torch.dtype) for a in pytree.tree_leaves((fn.args_template, fn.kwargs_template))):
+        return swap
+    return fn.target
 
 
 def lowered_ops() -> Sequence[str]:

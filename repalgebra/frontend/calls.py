@@ -12,6 +12,7 @@ re-traces a fused model), a call records itself as the one fx node it was.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -78,11 +79,74 @@ def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
     return template
 
 
+Resolver = Callable[[tuple, nn.Module], Any]
+
+
+def compile_template(template: Any) -> Resolver:
+    """``resolve(template, ·, ·)`` as a function, for a call made on every forward: the template's constant parts
+    (slice bounds, dims, dtypes) are walked once here, not on every call.  Lists and dicts are built anew per
+    call, as :func:`resolve` builds them, in case the callee changes them."""
+    dynamic = _compiled(template)
+    return dynamic if dynamic is not None else lambda inputs, owner: template
+
+
+def _compiled(t: Any) -> Resolver | None:
+    """The resolver of ``t``, or None where ``t`` resolves to itself (a constant shared between calls)."""
+    if isinstance(t, In):
+        index = t.index
+        return lambda inputs, owner: inputs[index]
+    if isinstance(t, Buf):
+        name = t.name
+        return lambda inputs, owner: getattr(owner, name)
+    if isinstance(t, DtypeLimit):
+        index, which = t.index, t.which
+        return lambda inputs, owner: getattr(torch.finfo(inputs[index].dtype), which)
+    if isinstance(t, SymExpr):
+        args, kwargs, kind, target = compile_template(t.args), compile_template(t.kwargs), t.kind, t.target
+        return lambda inputs, owner: invoke(kind, target, args(inputs, owner), kwargs(inputs, owner))
+    if isinstance(t, (tuple, list)):
+        parts = [_compiled(x) for x in t]
+        if isinstance(t, tuple) and all(f is None for f in parts):
+            return None
+        fs = [f if f is not None else _constant(x) for f, x in zip(parts, t)]
+        build = tuple if isinstance(t, tuple) else list
+        return lambda inputs, owner: build([f(inputs, owner) for f in fs])
+    if isinstance(t, dict):
+        items = [(k, compile_template(v)) for k, v in t.items()]
+        return lambda inputs, owner: {k: f(inputs, owner) for k, f in items}
+    if isinstance(t, slice):
+        bounds = _compiled((t.start, t.stop, t.step))
+        return None if bounds is None else lambda inputs, owner: slice(*bounds(inputs, owner))
+    return None
+
+
+def _constant(value: Any) -> Resolver:
+    return lambda inputs, owner: value
+
+
 def invoke(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
     """Call ``target`` the way an fx node of ``kind`` does."""
     if kind == "call_method":
         return getattr(args[0], target)(*args[1:], **kwargs)
     return target(*args, **kwargs)
+
+
+def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, recorded as one fx call where an argument is a Proxy, instead of running its body on Proxies.
+
+    For the front end's own helpers (``setitem_copy``) that the torch back end writes into a fused module's
+    code: tracing that module again (``export_onnx``, ``fuse`` of a fused model, unpickling a GraphModule) then
+    records the helper as the original trace did, as torch functions record themselves."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for a in args:
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", call, args, kwargs)
+        return fn(*args, **kwargs)
+
+    call.traced_as_one_call = True  # type: ignore[attr-defined]
+    return call
 
 
 def target_name(target: Any) -> str:
@@ -119,8 +183,10 @@ class FnCall(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Rebuild the arguments from ``inputs`` and make the call."""
-        args = resolve(self.args_template, inputs, self)
-        kwargs = resolve(self.kwargs_template, inputs, self)
+        resolvers = self.__dict__.get("_resolvers")
+        if resolvers is None:  # built on first use, not pickled (closures): see __getstate__
+            resolvers = self.__dict__["_resolvers"] = (compile_template(self.args_template), compile_template(self.kwargs_template))
+        args, kwargs = resolvers[0](inputs, self), resolvers[1](inputs, self)
         if self.kind == "call_module":
             return self.fn(*args, **kwargs)
         tracer = next((t.tracer for t in inputs if isinstance(t, fx.Proxy)), None)
@@ -130,6 +196,12 @@ class FnCall(nn.Module):
             # gets (F.interpolate(c, size=x.shape[-2:]) takes the size for one int and passes [size, size]).
             return tracer.create_proxy(self.kind, self.target, args, kwargs)
         return invoke(self.kind, self.target, args, kwargs)
+
+    def __getstate__(self) -> dict:
+        """The module's state without the resolvers built from its templates (closures do not pickle)."""
+        state = super().__getstate__()
+        state.pop("_resolvers", None)
+        return state
 
     @property
     def reads_input_dtype(self) -> bool:
@@ -164,4 +236,4 @@ class CallFn(nn.Module):
         return target_name(self.fn)
 
 
-__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "invoke", "target_name"]
+__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "traced_as_one_call"]

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from repalgebra.frontend.calls import traced_as_one_call
+
 __all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace", "setitem_copy"]
 
 
@@ -330,6 +332,7 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
     return f"{name}(inplace=True)"
 
 
+@traced_as_one_call
 def setitem_copy(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     """``y = x.clone(); y[index] = value``: an item assignment without its side effect.
 
@@ -341,6 +344,7 @@ def setitem_copy(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     return y
 
 
+@traced_as_one_call
 def _on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``getattr(x.clone(), method)(*args, **kwargs)``: an in-place method without its side effect."""
     return getattr(x.clone(), method)(*args, **kwargs)
