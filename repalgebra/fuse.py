@@ -171,7 +171,7 @@ class ShapeGuard:
                 f"the dtype (torch.export recorded a cast or a branch on it); it was called in "
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
-        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
+        got = [_dims(a) for a in args if torch.is_tensor(a)]
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
@@ -198,7 +198,7 @@ class ShapeGuard:
         return self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
 
     def _shapes_fit(self, args: tuple) -> bool:
-        got = [tuple(a.shape) for a in args if torch.is_tensor(a)]
+        got = [_dims(a) for a in args if torch.is_tensor(a)]
         if not self.free_batch:
             return got == self.shapes
         return (
@@ -206,6 +206,12 @@ class ShapeGuard:
             and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
             and len({g[0] for g in got}) == 1
         )
+
+
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``t`` as ints: under TorchScript tracing (``torch.onnx.export`` of a fused module) a size is a
+    0-d tensor, which would never equal the guard's int."""
+    return tuple(int(d) for d in t.shape)
 
 
 @dataclass(frozen=True)
@@ -671,12 +677,24 @@ class _Fuser:
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
                 dtype = None
                 ref = _run(reference, call, None)
+            if dtype is not None:
+                try:
+                    got = _run(candidate, call, dtype, self.dtype)
+                except Exception:  # noqa: BLE001
+                    # A forward that casts to float32 itself (fairseq's Fp32GroupNorm: ``input.float()``, then
+                    # ``weight.float()``) keeps parts of the model float32 in the float64 run; the fused module holds
+                    # those weights as its own, cast to float64: compare both in the model's own dtype instead.
+                    dtype = None
+                    ref = _run(reference, call, None)
         if changed and self.watching and not self.stateful:
             raise StateChanged(changed)
-        try:
-            got = _run(candidate, call, dtype, self.dtype)
-        except Exception as e:  # noqa: BLE001
-            return f"it fails on the example input: {first_line(e)}"
+        if dtype is None:
+            # In the model's dtype: the check module's float64 weights (kept so for the float64 run) cast to it.
+            own = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
+            try:
+                got = _run(candidate, call, *own)
+            except Exception as e:  # noqa: BLE001
+                return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
 
     def follows_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> bool:

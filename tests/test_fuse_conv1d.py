@@ -170,3 +170,31 @@ def test_a_conv1d_written_as_f_conv1d_folds_its_batch_norm():
     fused = fuse(model, torch.randn(2, 8, 30, dtype=D))
     assert count_bn(fused) == 0 and "opaque" not in fused.fuse_report.ops_after, str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, 8, 30), (3, 8, 17), (1, 8, 64)])
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """fairseq's GroupNorm that computes in float32 whatever the model's dtype (wav2vec 2.0's first encoder layer)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = nn.functional.group_norm(input.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return output.type_as(input)
+
+
+def test_a_float32_model_that_casts_to_float32_itself_keeps_any_length():
+    """wav2vec 2.0's feature encoder layer (Conv1d, Dropout, Fp32GroupNorm, GELU) then a Conv1d + BatchNorm1d, in float32.
+
+    ``fuse`` checks a capture in float64, where the model's own ``input.float()`` runs the norm in float32 with
+    float32 weights while the check module holds them in float64: that run fails, and the fx capture (any length)
+    used to be dropped for one at the example's length.  Such a capture is now compared in the model's dtype,
+    float32, to ``verify``'s float32 tolerance 1e-5 (relative to the largest output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 10, 5, bias=False), nn.Dropout(0.1), Fp32GroupNorm(8, 8), nn.GELU(),
+                          nn.Conv1d(8, 8, 3, 2, bias=False), nn.BatchNorm1d(8), nn.GELU()).eval()
+    model[5].running_mean.normal_(0, 0.2), model[5].running_var.uniform_(0.5, 2.0)
+    fused = fuse(model, torch.randn(1, 1, 400))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, fused.fuse_report
+    for shape in [(1, 1, 400), (3, 1, 1000), (2, 1, 333)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()), msg=lambda m: f"at {shape}: {m}")

@@ -196,6 +196,37 @@ def test_a_model_fused_with_shapes_fixed_exports_with_the_batch_fixed():
         assert close(run(proto, x)[0], fused(x))
 
 
+class TwoInputs(nn.Module):
+    """Two inputs, and a size read with ``int()``, which fx cannot trace: ``fuse`` captures it with torch.export.
+    ``repeat`` has no op in the table: the one call for the fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.side = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x, z):
+        y = self.bn(self.conv(x))
+        return torch.cat([y + torch.arange(int(y.shape[-1]), dtype=y.dtype), self.side(z).repeat(1, 1, 2, 2)], dim=1)
+
+
+def test_a_fused_model_of_two_inputs_fixed_at_their_shapes_exports_by_our_lowering():
+    """Its shape guard keeps it a leaf of the export's fx trace, whose root then took one input (``forward() missing 1
+    required positional argument: 'z'``), so the whole model went to ``torch.onnx.export``, where the guard read the
+    traced sizes as tensors and refused the shapes it was fused at."""
+    model = TwoInputs().eval()
+    shapes = ((2, 3, 8, 8), (2, 4, 4, 4))
+    inputs = tuple(torch.randn(s) for s in shapes)
+    fused = repalgebra.fuse(model, inputs)
+    assert fused.fuse_report.capture == "specialized"
+    proto, report = export_onnx(fused, None, shapes, fuse=False, return_report=True)
+    assert report.capture == "fx" and [n.what for n in report.fallback] == ["repeat.default"], report
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 0
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})[0]
+    with torch.no_grad():
+        assert close(got, model(*inputs))
+
+
 def test_spliced_names_are_unique_and_carry_the_module_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), Cumsum(), nn.ReLU(), Cumsum()).eval()
     proto = export_onnx(model, None, (1, 3, 4, 4))

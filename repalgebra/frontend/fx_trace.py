@@ -160,14 +160,30 @@ _RECOGNISED: tuple[type, ...] = (
 
 
 class Root(nn.Module):
-    """A parent for a model that is itself a leaf (a lone ``Conv2d``), which fx would trace into."""
+    """A parent for a model that is itself a leaf (a lone ``Conv2d``), which fx would trace into.
+
+    Its ``forward`` takes the model's inputs by name (fx reads them from the code object: a fused model of two
+    inputs, kept a leaf for its shape guard, is called with both)."""
 
     def __init__(self, m: nn.Module) -> None:
         super().__init__()
         self.m = m
 
-    def forward(self, x: Any) -> Any:
-        return self.m(x)
+    def __new__(cls, m: nn.Module | None = None) -> "Root":  # without ``m``: a copy being made of one
+        if cls is Root and m is not None:
+            cls = type("Root", (Root,), {"forward": _forward_calling_m(m.forward), "__doc__": Root.__doc__})
+        return super().__new__(cls)
+
+
+def _forward_calling_m(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``def forward(self, a, b): return self.m(a, b)`` for the parameters of ``fn`` that have no default (the others
+    keep their defaults, as in a call with the inputs only)."""
+    params = inspect.signature(fn).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = ", ".join(p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty) or "x"
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {names}):\n    return self.m({names})\n", namespace)  # noqa: S102
+    return namespace["forward"]
 
 
 def runs_own_hooks(m: nn.Module) -> bool:
