@@ -464,6 +464,37 @@ def test_untraceable_submodule_is_kept_whole_and_fused_inside():
     torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
 
 
+class GatedByWeights(nn.Module):
+    """Branches on a learned scalar's truth value (PP-YOLOE), and on the same scalar times the input."""
+
+    def __init__(self, on_input: bool) -> None:
+        super().__init__()
+        self.dense, self.point, self.on_input = conv_bn(8, 8), conv_bn(8, 8, 1), on_input
+        self.alpha = nn.Parameter(torch.tensor([0.63]))
+
+    def forward(self, x):
+        gate = (self.alpha * x).mean() if self.on_input else self.alpha.abs() - 0.5
+        return self.dense(x) + (self.alpha * self.point(x) if gate > 0 else self.point(x))
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_a_branch_on_the_weights_alone_is_taken_as_they_decide(on_input):
+    """``if self.alpha:`` depends on the weights only: every input takes the branch the weights choose, so the
+    trace takes it and the block folds to one conv (with a note).  A test that reads the input stays data-dependent:
+    the block is kept whole and runs as written."""
+    model = randomized(GatedByWeights(on_input))
+    x = torch.randn(2, 8, 6, 6, dtype=D)
+    fused = check_exact(model, x)
+    r = fused.fuse_report
+    if on_input:
+        assert [p.path for p in r.kept_whole] == [""] and not any("branch" in n for n in r.notes), str(r)
+        y = -x  # the other branch
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+    else:
+        assert r.capture == "fx" and r.ops_after.get("conv2d") == 1, str(r)
+        assert any("1 branch on the weights' values" in n for n in r.notes), r.notes
+
+
 class WindowPadded(nn.Module):
     """Swin-style: pads to a multiple of the window from ``x.shape`` (only torch.export captures it, at fixed shapes)."""
 

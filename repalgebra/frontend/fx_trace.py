@@ -273,6 +273,44 @@ def leaf_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> list[str]:
 # --------------------------------------------------------------------------- the trace
 
 
+def _weights_only_value(node: fx.Node, root: nn.Module) -> Any:
+    """The value of ``node`` where it reads only the model's parameters, buffers and constants (no input), else None."""
+    values: dict[fx.Node, Any] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n not in values:
+            if n.op == "get_attr":
+                values[n] = functools.reduce(_own_attr, str(n.target).split("."), root)
+            elif n.op in ("call_function", "call_method") and not _writes_in_place(n):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
+                values[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:  # an input (or a module call, which would be traced): the branch may depend on the input
+                raise LookupError(n.name)
+        return values[n]
+
+    try:
+        with torch.no_grad():
+            out = value(node)
+    except Exception:  # noqa: BLE001  (an input, or something that does not run on its own)
+        return None
+    return out if torch.is_tensor(out) or isinstance(out, (bool, int, float)) else None
+
+
+def _writes_in_place(n: fx.Node) -> bool:
+    """Whether the call is an in-place one (``add_``, ``torch.relu_``): run on the weights, it would change them."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _own_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)`` past the tracer's patched ``Module.__getattr__`` (which hands out Proxies for parameters)."""
+    if isinstance(obj, nn.Module):
+        for table in (obj._parameters, obj._buffers, obj._modules):
+            if name in table:
+                return table[name]
+    return getattr(obj, name)
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
@@ -282,6 +320,7 @@ class Tracer(fx.Tracer):
         self.leaf_paths = leaf_paths
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
+        self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -324,6 +363,26 @@ class Tracer(fx.Tracer):
         tensor) depend on sizes the trace does not know, and stay an error."""
         n = _stated_pieces(obj.node)
         return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on the model's weights alone, taken as they decide: PaddleDetection's ``if self.alpha:`` on a
+        learned scale (PP-YOLOE's RepVggBlock).  Every input takes that branch, so the graph is the model's
+        function for these weights.  A branch on anything computed from an input stays an error."""
+        value = _weights_only_value(obj.node, self.root)
+        if value is None:
+            return super().to_bool(obj)
+        self.weight_branches.append(self.path_stack[-1] if self.path_stack else "")
+        return bool(value)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the trace decided that the report should say: the branches taken on the weights' values."""
+        if not self.weight_branches:
+            return []
+        where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
+        shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+        return [f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
+                f"taken as the weights decide (a test such as `if self.alpha:`), in {shown}"]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)

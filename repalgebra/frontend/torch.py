@@ -150,7 +150,7 @@ def trace_model(
         builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     spec = typed_like(tracer.output_structure, spec)
-    notes = [*inplace_notes, *builder.notes]
+    notes = [*inplace_notes, *tracer.notes, *builder.notes]
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:

@@ -1,4 +1,4 @@
-"""Detection necks and heads: FPN + PAFPN (mmdetection) and a YOLOv8-style model (C2f, SPPF, DFL head).
+"""Detection necks and heads: FPN + PAFPN (mmdetection), a YOLOv8-style model (C2f, SPPF, DFL head), PP-YOLOE's backbone.
 
 Patterns reproduced (read in open-mmlab/mmdetection ``mmdet/models/necks/fpn.py``, ``mmdet/models/necks/pafpn.py``
 and ultralytics/ultralytics ``ultralytics/nn/modules/conv.py``, ``block.py``, ``head.py``, ``ultralytics/nn/tasks.py``,
@@ -11,7 +11,9 @@ attribute ``default_act = nn.SiLU()`` (one module instance shared by every conv)
 ``Sequential`` of layers carrying ``.f``/``.i`` attributes walked by a loop that saves outputs and gathers
 ``[x if j == -1 else y[j] for j in m.f]``, ``nn.Upsample(None, 2, 'nearest')``, and the DFL head: a frozen 1x1 conv
 with ``arange`` weights over ``x.view(b, 4, c1, a).transpose(2, 1).softmax(1)``, anchors from ``torch.meshgrid``
-of the feature sizes, ``dist2bbox`` with ``chunk(2, dim)``.
+of the feature sizes, ``dist2bbox`` with ``chunk(2, dim)``.  PP-YOLOE's CSPResNet (PaddlePaddle/PaddleDetection
+``ppdet/modeling/backbones/cspresnet.py``, ported to PyTorch in lyuwenyu/RT-DETR): a RepVGG block whose 1x1 branch is
+scaled by a learned one-element ``alpha`` and chosen by ``if self.alpha:``, a branch on the truth value of a parameter.
 """
 
 from __future__ import annotations
@@ -245,9 +247,76 @@ class YOLO(nn.Module):
         return x
 
 
+# ---------------------------------------------------------------- PP-YOLOE CSPResNet
+class ConvBNAct(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int = 1, stride: int = 1, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class RepVggAlpha(nn.Module):
+    """3x3 conv-BN plus a learned scalar times 1x1 conv-BN; the deployed form (``self.conv``) is tested by hasattr."""
+
+    def __init__(self, c: int, alpha: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = ConvBNAct(c, c, 3, act=False), ConvBNAct(c, c, 1, act=False)
+        self.act = nn.SiLU()
+        self.alpha = nn.Parameter(torch.tensor([0.63])) if alpha else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "conv"):
+            y = self.conv(x)
+        elif self.alpha:  # the truth value of a one-element Parameter: a branch on the weights
+            y = self.conv1(x) + self.alpha * self.conv2(x)
+        else:
+            y = self.conv1(x) + self.conv2(x)
+        return self.act(y)
+
+
+class CSPResStage(nn.Module):
+    def __init__(self, cin: int, cout: int, blocks: int) -> None:
+        super().__init__()
+        mid = (cin + cout) // 2
+        self.conv_down = ConvBNAct(cin, mid, 3, stride=2)
+        self.conv1, self.conv2 = ConvBNAct(mid, mid // 2), ConvBNAct(mid, mid // 2)
+        self.blocks = nn.Sequential(*(nn.Sequential(ConvBNAct(mid // 2, mid // 2, 3), RepVggAlpha(mid // 2)) for _ in range(blocks)))
+        self.attn = nn.Conv2d(mid, mid, 1)  # EffectiveSE: x * hardsigmoid(fc(mean(x)))
+        self.conv3 = ConvBNAct(mid, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_down(x)
+        y2 = self.conv2(x)
+        for block in self.blocks:
+            y2 = torch.add(y2, block(y2))
+        y = torch.concat([self.conv1(x), y2], dim=1)
+        y = y * F.hardsigmoid(self.attn(y.mean((2, 3), keepdim=True)))
+        return self.conv3(y)
+
+
+class CSPResNet(nn.Module):
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 48), blocks: tuple[int, ...] = (1, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(ConvBNAct(3, channels[0] // 2, 3, 2), ConvBNAct(channels[0] // 2, channels[0], 3))
+        self.stages = nn.ModuleList(CSPResStage(channels[i], channels[i + 1], n) for i, n in enumerate(blocks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, outs = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
 ENTRIES = (
     ZooModel("fpn", "FPN + PAFPN neck (mmdetection), in-place top-down", seeded(FPNDetector, 901), (2, 3, 57, 57),
              "HAZARD: laterals[i - 1] += F.interpolate(laterals[i], size=prev_shape) in place on conv+BN outputs read again; inter_outs[i + 1] += downsample; F.max_pool2d(1, stride=2) extra level; tuple output"),
     ZooModel("yolov8", "YOLOv8 (C2f, SPPF, DFL head)", seeded(YOLO, 902), (2, 3, 64, 64),
              "shared class-attribute nn.SiLU(); chunk(2, 1) + extend; SPPF repeated maxpool; Sequential walked with m.f/m.i and saved outputs; Upsample; x[i] = cat(...) in Detect; DFL softmax + frozen arange conv; meshgrid anchors"),
+    ZooModel("ppyoloe", "PP-YOLOE CSPResNet (RepVGG block with a learned alpha, EffectiveSE)", seeded(CSPResNet, 903), (2, 3, 48, 48),
+             "if self.alpha: on a one-element nn.Parameter (a branch on the weights); hasattr(self, 'conv') deploy test; alpha * conv-BN branch; torch.concat; torch.add residual; EffectiveSE mean + hardsigmoid gate; list of stage outputs"),
 )
