@@ -421,6 +421,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "slice(emit(t.start), emit(t.stop), emit(t.step))", "slice(emit(t.start), emit(t.stop))", _TORCH),
     ("torch_backend", "inline-view-kept", "a carried x.view(...) written as a view, not a reshape", f"{_TB}:_inline_call",
      "_stride_free_target(fn), args, kwargs)", "fn.target, args, kwargs)", _TORCH),
+    ("torch_backend", "shared-weights-unchecked", "calls of one source share a module whatever their weights",
+     f"{_TB}:_same_module", "and torch.equal(sa[k], sb[k]) for k in sa)", "for k in sa)", _TORCH),
+    ("torch_backend", "shared-config-unchecked", "calls of one source share a module whatever their padding or stride",
+     f"{_TB}:_same_module", "or a.extra_repr() != b.extra_repr() or", "or", _TORCH),
     # ================================================================ ONNX back end
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),

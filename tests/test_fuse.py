@@ -302,6 +302,33 @@ def test_calls_of_forward_itself_are_reported_by_what_they_call():
     assert "carried through unchanged (4 calls): " in str(fused.fuse_report)
 
 
+class SharedWeights(nn.Module):
+    """One conv + BN block applied three times (ALBERT-style weight sharing) and one MLP on two pooled vectors (CBAM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 8))
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.block(x)
+        gate = self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1))
+        return x * torch.sigmoid(gate)[:, :, None, None]
+
+
+def test_a_module_called_several_times_stays_one_module():
+    """Each call of the shared block folds its BN into the same conv: the fused model holds that conv once, as the
+    model holds the block once, not a copy per call (three times the weights)."""
+    model = randomize(SharedWeights())
+    x = torch.randn(2, 8, 6, 6)
+    fused = fuse(model, x)
+    kinds = [type(m).__name__ for m in fused.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(kinds) == ["Conv2d", "Linear", "Linear"], kinds
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
+    assert verify(model, fused, x, dtype=D)
+
+
 def test_top_level_control_flow_error():
     class M(nn.Module):
         def forward(self, x):

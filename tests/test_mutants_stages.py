@@ -42,6 +42,7 @@ FEW = {
     "repalgebra.backend.torch:_permute": "one attribute, the permutation",
     "repalgebra.backend.torch:_transpose": "two axes, the mutant drops one",
     "repalgebra.backend.torch:_flatten": "the start axis (the end is -1 in every model)",
+    "repalgebra.backend.torch:_same_module": "two checks, configuration and weights (a conv's or linear's extra_repr already tells one with a bias from one without)",
     "repalgebra.backend.onnx:_permute": "one attribute, the permutation",
     "repalgebra.backend.onnx:_transpose": "two axes, the mutant drops one",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",

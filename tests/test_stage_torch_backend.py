@@ -105,3 +105,32 @@ def test_carried_calls_are_generated_code_reading_sizes_at_run_time():
         for shape in [(2, 3, 6, 5), (3, 3, 9, 4), (1, 3, 4, 12)]:
             x = torch.randn(shape, dtype=torch.float64)
             assert_same_outputs(model(x), built(x), torch.float64, f"carried calls at {shape}")
+
+
+class OneConvThreeCalls(nn.Module):
+    """One conv (no bias) called five times: before a BN (which folds into that call: new weights and a bias), after
+    a zero pad (absorbed into that call's padding: same weights), as it is on two inputs, and on ``x + 1`` (the
+    constant folds into a bias: same weights, and a bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.bn(self.conv(x)), self.conv(F.pad(x, (1, 1, 1, 1))), self.conv(x), self.conv(x.relu()), self.conv(x + 1)
+
+
+def test_calls_of_one_module_share_a_module_only_where_they_compute_the_same():
+    """The back end builds one module for calls of one source with equal configuration and weights, and its own
+    module for a call a rule changed (other weights, a bias, another padding)."""
+    torch.manual_seed(0)
+    model = OneConvThreeCalls().double().eval()
+    model.bn.running_mean.normal_(0, 0.2), model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    graph, _ = rewrite(trace(model, x))
+    assert sum(n.op == "pad" for n in graph.nodes) == 0, graph  # the pad is the conv's padding now
+    built = to_module(graph)
+    convs = [m for m in built.modules() if isinstance(m, nn.Conv2d)]
+    assert sorted((m.padding, m.bias is not None) for m in convs) == [((0, 0), False), ((0, 0), True), ((0, 0), True), ((1, 1), False)]
+    with torch.no_grad():
+        assert_same_outputs(model(x), built(x), torch.float64, "one conv called five times")

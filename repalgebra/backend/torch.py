@@ -85,6 +85,7 @@ class Lowering:
         self.graph = fx.Graph()
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
+        self._by_hint: dict[str, list[str]] = {}  # source path -> names of the modules with weights built for it
 
     def name(self, hint: str) -> str:
         """A fresh attribute name derived from ``hint`` (a source path or op name)."""
@@ -98,9 +99,18 @@ class Lowering:
         return name
 
     def add_module(self, hint: str, module: nn.Module) -> str:
-        """Register ``module`` under a fresh name; returns the name."""
+        """Register ``module`` under a fresh name; returns the name.
+
+        A module with weights equal to one registered under the same ``hint`` (its source path) is that one: a
+        module the model calls twice (CBAM's shared MLP, ALBERT's shared layers) stays one module, not a copy per
+        call.  Calls a rule changed have other weights and get their own."""
+        same = next((n for n in self._by_hint.get(hint, ()) if _same_module(self.root.get_submodule(n), module)), None)
+        if same is not None:
+            return same
         name = self.name(hint)
         self.root.add_module(name, module)
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            self._by_hint.setdefault(hint, []).append(name)
         return name
 
     def add_buffer(self, hint: str, tensor: torch.Tensor) -> fx.Node:
@@ -126,6 +136,15 @@ class Lowering:
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
         """Call method ``name`` of ``args[0]``."""
         return self.graph.call_method(name, args, kwargs)
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` compute the same: one type and configuration, equal parameters and buffers."""
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr() or a.training != b.training:
+        return False
+    sa, sb = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in (a, b)]
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def to_module(
@@ -220,12 +239,10 @@ def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     conv.weight = _param(w)
     if b is not None:
         conv.bias = _param(b)
-    name = ctx.name(_hint(node))
     x = xs[0]
     if not symmetric:
-        x = ctx.module(name + "_pad", nn.ZeroPad2d((left, right, top, bottom)), x)
-    ctx.root.add_module(name, conv)
-    return ctx.graph.call_module(name, (x,))
+        x = ctx.module(_hint(node, "_pad"), nn.ZeroPad2d((left, right, top, bottom)), x)
+    return ctx.module(_hint(node), conv, x)
 
 
 @lowers("conv_transpose2d")
