@@ -62,6 +62,7 @@ _FE = "tests/test_stage_frontend.py"
 _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture_of_layer_stacks")
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
+_TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 
 
@@ -348,6 +349,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "                changed = True\n", "                changed = False\n", _ENGINE),
     ("engine", "dead-nodes-visited", "the sweep tries the rules on nodes an earlier rewrite of the sweep removed", f"{_RW}:rewrite",
      "            if not g.contains(node):\n                continue", "            if False:\n                continue", _ENGINE),
+    ("frontend", "select-scatter-index-negative", "y[:, -1] = v scattered at start -1 (an empty slice)", f"{_AH}:_select_scatter",
+     "start = index % x.shape[axis]", "start = index", _TSM),
+    ("frontend", "select-scatter-first", "y[:, k] = v scattered into the first slice of the axis", f"{_AH}:_select_scatter",
+     '{"axis": axis, "start": start, "end": start + 1', '{"axis": axis, "start": 0, "end": 1', _TSM),
+    ("frontend", "select-scatter-unsqueeze-axis-0", "the scattered value unsqueezed on the first axis", f"{_AH}:_select_scatter",
+     "unsqueezed(src, axis)", "unsqueezed(src, 0)", _TSM),
     # ================================================================ torch back end
     ("torch_backend", "conv-zeropad-order", "nn.ZeroPad2d((top, bottom, left, right)) for an asymmetric conv padding (issue 15)",
      f"{_TB}:_conv2d", "nn.ZeroPad2d((left, right, top, bottom))", "nn.ZeroPad2d((top, bottom, left, right))", _TORCH),

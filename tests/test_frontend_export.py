@@ -148,8 +148,41 @@ def test_inplace_module_add_and_slice_assignment():
     join = next(n for n in g.nodes if n.op == "add")
     assert join.inputs == (relu.out, relu.out)  # s + r after the in-place ReLU
     assert relu.source == "act"
-    assert {"add_const", "slice", "slice_scatter"} <= set(ops_of(g))  # y.add_(1); y[:, :4] = 0
-    assert opaque_targets(g) == [aten.fill.Tensor]
+    assert {"add_const", "slice_scatter", "constant"} <= set(ops_of(g))  # y.add_(1); y[:, :4] = 0
+    assert opaque_targets(g) == []  # the zeros written (aten.fill) are a constant
+
+
+def temporal_shift_in_place(x: torch.Tensor, segments: int = 4, fold_div: int = 8) -> torch.Tensor:
+    """TSM's in-place shift (mit-han-lab/temporal-shift-module): a fold of the channels moves one frame back, the
+    next fold one frame forward, written into a view of the block's input (the residual reads it shifted too)."""
+    nt, c, h, w = x.size()
+    x = x.view(nt // segments, segments, c, h, w)
+    fold = c // fold_div
+    out = x
+    tmp = x[:, 1:, :fold].clone()
+    out[:, :-1, :fold] = tmp
+    out[:, -1, :fold] = 0
+    tmp = x[:, :-1, fold : 2 * fold].clone()
+    out[:, 1:, fold : 2 * fold] = tmp
+    out[:, 0, fold : 2 * fold] = 0
+    return out.view(nt, c, h, w)
+
+
+class ShiftedResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.down = ConvBN(3, 16), ConvBN(16, 16, 1), ConvBN(16, 16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.conv(temporal_shift_in_place(x)) + self.down(x)
+
+
+def test_in_place_temporal_shift_is_slices_scattered_and_zeros():
+    """``out[:, -1, :fold] = 0`` is ``select_scatter`` of ``fill``: a one-wide ``slice_scatter`` of a constant (the
+    last frame, index -1 counted from the end); nothing is left for the fallback."""
+    g = capture_checked(ShiftedResidual(), torch.randn(8, 3, 5, 5), pairs=3)
+    assert opaque_targets(g) == [] and ops_of(g).count("constant") == 2, ops_of(g)  # the two folds of zeros
 
 
 # --------------------------------------------------------------------------- shape-dependent Python

@@ -227,6 +227,41 @@ def test_a_fused_model_of_two_inputs_fixed_at_their_shapes_exports_by_our_loweri
         assert close(got, model(*inputs))
 
 
+class TemporalShiftBlock(nn.Module):
+    """TSM's in-place temporal shift (writes into a view of the block's input, so the shortcut reads it shifted too),
+    inside a ResNet block: ``fuse`` captures it with torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+
+    def forward(self, x):
+        x = self.stem(x)
+        nt, c, h, w = x.size()
+        v = x.view(nt // 4, 4, c, h, w)
+        fold = c // 8
+        v[:, :-1, :fold] = v[:, 1:, :fold].clone()
+        v[:, -1, :fold] = 0
+        v[:, 1:, fold:2 * fold] = v[:, :-1, fold:2 * fold].clone()
+        v[:, 0, fold:2 * fold] = 0
+        return torch.relu(self.bn(self.conv(v.view(nt, c, h, w))) + self.down(x))
+
+
+def test_an_in_place_temporal_shift_exports_by_our_lowering():
+    """The zeros written into the first and last frames were ``fill`` and ``select_scatter`` calls that neither our
+    lowering nor torch.onnx.export (TorchScript) could export: both ways of export_onnx failed."""
+    model = TemporalShiftBlock().eval()
+    x = torch.randn(8, 3, 6, 6)  # two clips of four frames
+    fused = repalgebra.fuse(model, x)
+    for target, kw in ((fused, {"fuse": False}), (model, {})):
+        proto, report = export_onnx(target, None, tuple(x.shape), return_report=True, **kw)
+        assert report.summary() == "none", report
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+
+
 def test_spliced_names_are_unique_and_carry_the_module_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), Cumsum(), nn.ReLU(), Cumsum()).eval()
     proto = export_onnx(model, None, (1, 3, 4, 4))

@@ -442,6 +442,19 @@ def _zeros_like(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return _filled(b, n, torch.zeros((), dtype=info[1]), info[1], None)
 
 
+def _fill(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``fill(x, v)`` (``x.fill_(v)``, or ``y[:, -1] = 0`` as torch.export functionalizes it): ``v`` at ``x``'s shape
+    and dtype, a ``constant``; ``v`` a number or a constant one-element tensor, not a value computed at run time."""
+    info, value = b.info(n), a["value"]
+    if isinstance(value, Const) and value.tensor.numel() == 1:
+        filler, source = value.tensor.reshape(()), _owner(value)
+    elif isinstance(value, (bool, int, float)):
+        filler, source = torch.tensor(value), None
+    else:
+        return None
+    return None if info is None else _filled(b, n, filler, info[1], source)
+
+
 def _filled(b: ProgramBuilder, n: fx.Node, value: torch.Tensor, dtype: torch.dtype, source: str | None) -> Made:
     """``value`` broadcast to ``n``'s recorded shape, as a ``constant``.
 
@@ -485,6 +498,23 @@ def _slice_scatter(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     if x is None or src is None:
         return None
     return "slice_scatter", [x, src], {"axis": a["dim"], "start": start or 0, "end": end, "step": step}, {}, None
+
+
+def _select_scatter(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``select_scatter`` (a functionalized ``y[:, -1] = src``): ``src`` unsqueezed along the axis, a ``slice_scatter``
+    into the one-wide slice at the index (a negative index counted from the axis' end: not on a symbolic batch)."""
+    dim, index = a["dim"], a["index"]
+    if not (_is_int(dim) and _is_int(index)) or (_v(a["self"]) is None and _v(a["src"]) is None):
+        return None
+    x, src = _as_value(b, a["self"]), _as_value(b, a["src"])
+    if x is None or src is None:
+        return None
+    axis, sizes = dim % len(x.shape), b.batch_sizes(n)
+    if index < 0 and sizes is not None and isinstance(sizes[axis], tuple):
+        return None
+    start = index % x.shape[axis]
+    wide = b.add(Node.make(*unsqueezed(src, axis)[:4], module_path(n)))
+    return "slice_scatter", [x, wide], {"axis": axis, "start": start, "end": start + 1, "step": 1}, {}, None
 
 
 def _split(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
@@ -794,10 +824,13 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.einsum.default: _einsum,
     aten.slice.Tensor: _slice,
     aten.slice_scatter.default: _slice_scatter,
+    aten.select_scatter.default: _select_scatter,
     aten.copy.default: _copy,
     aten.roll.default: _roll,
     aten.expand.default: _expand,
     aten.zeros_like.default: _zeros_like,
+    aten.fill.Scalar: _fill,
+    aten.fill.Tensor: _fill,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
     aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),
 }
