@@ -36,6 +36,7 @@ RULES = [
     "scale_into_conv",
     "bn_into_linear",
     "linear_affine_fold",
+    "linear_seq_merge",
     "query_scale_fold",
     "attention_form",
     "repmixer",

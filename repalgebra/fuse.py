@@ -151,7 +151,7 @@ class ShapeGuard:
     shapes it could compute something else, so it refuses instead.
     """
 
-    shapes: Sequence[tuple[int, ...]]
+    shapes: Sequence[tuple[int, ...]] | None  # None: any shape (a guard of the dtype only)
     where: str
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
     dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
@@ -159,7 +159,7 @@ class ShapeGuard:
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
-        self.shapes = [tuple(s) for s in self.shapes]
+        self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
@@ -168,7 +168,7 @@ class ShapeGuard:
         if self._shapes_fit(args):  # the dtype is what differs
             raise ValueError(
                 f"{self.where} was fused in {str(self.dtype).replace('torch.', '')}, and what it computes depends on "
-                f"the dtype (torch.export recorded a cast or a branch on it); it was called in "
+                f"the dtype ({'torch.export recorded a cast or a branch on it' if self.shapes is not None else self.why}); it was called in "
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
         got = [_dims(a) for a in args if torch.is_tensor(a)]
@@ -198,6 +198,8 @@ class ShapeGuard:
         return self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
 
     def _shapes_fit(self, args: tuple) -> bool:
+        if self.shapes is None:
+            return True
         got = [_dims(a) for a in args if torch.is_tensor(a)]
         if not self.free_batch:
             return got == self.shapes
@@ -351,6 +353,7 @@ class _Fuser:
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
+        self.own_dtype_only = False  # the last check ran in the model's dtype: the candidate fails in float64
         self.initial: nn.Module | None = None  # then: a copy of the model before any run, the state parts restore from
         self.strict = strict
         self.check = check
@@ -584,6 +587,10 @@ class _Fuser:
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
+            if self.own_dtype_only and cap.how == "fx":  # checked in its dtype only: it holds in that one only
+                ShapeGuard(None, _where(path), True, self.dtype, why="it casts to a dtype of its own").install(fused)
+                cap.notes.append(f"fused for {str(self.dtype).replace('torch.', '')} only: its forward casts to a "
+                                 "dtype of its own, which the fused module keeps; it refuses to run in another")
             if free_batch:  # torch.export proved the program batch-generic; check the graph at another batch too
                 other = tuple(torch.cat([t, t[:1]]) for t in inputs)
                 try:
@@ -671,6 +678,7 @@ class _Fuser:
         if device is not None:
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64 if in_float64 else None
+        self.own_dtype_only = False
         with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
             try:
                 ref = _run(reference, call, dtype, self.dtype)
@@ -683,8 +691,9 @@ class _Fuser:
                 except Exception:  # noqa: BLE001
                     # A forward that casts to float32 itself (fairseq's Fp32GroupNorm: ``input.float()``, then
                     # ``weight.float()``) keeps parts of the model float32 in the float64 run; the fused module holds
-                    # those weights as its own, cast to float64: compare both in the model's own dtype instead.
-                    dtype = None
+                    # those weights as its own, cast to float64: compare both in the model's own dtype instead (the
+                    # fused module then refuses other dtypes: see own_dtype_only).
+                    dtype, self.own_dtype_only = None, True
                     ref = _run(reference, call, None)
         if changed and self.watching and not self.stateful:
             raise StateChanged(changed)

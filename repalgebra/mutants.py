@@ -335,6 +335,15 @@ MUTANTS: list[Mutant] = [
     _helper("linear_affine_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _m("linear_affine_fold", "map-rows-interleaved", "a generator input layer's scale tiled over the rows instead of repeated per channel",
        "s = s.repeat_interleave(repeat)", "s = s.repeat(repeat)"),
+    # ---------------------------------------------------------------- linear_seq_merge
+    _m("linear_seq_merge", "weights-reversed", "the merged weight composed the wrong way round (W1 W2 where it fits)",
+       '"weight": w2 @ inner.params["weight"]}', '"weight": inner.params["weight"] @ w2 if w2.shape[0] == w2.shape[1] == inner.params["weight"].shape[1] else w2 @ inner.params["weight"]}'),
+    _m("linear_seq_merge", "inner-bias-unmapped", "the inner bias added as it is, not through the outer weight",
+       '(w2 @ inner.params["bias"] if', '(inner.params["bias"] if'),
+    _m("linear_seq_merge", "outer-bias-dropped", "the outer Linear's bias dropped when the inner has one",
+       'params["bias"] = outer.params.get("bias", 0) + (', 'params["bias"] = 0 + ('),
+    _m("linear_seq_merge", "cost-unchecked", "a pair merged where the one Linear is more work than the two (and no sum absorbs it)",
+       "if o * i > m * i + o * m and not _absorbed(graph, outer, inner):", "if False:"),
     # ---------------------------------------------------------------- query_scale_fold
     _m("query_scale_fold", "all-rows-scaled", "the query scale multiplies every row of the qkv Linear (k and v too)",
        "torch.where(seen, lo, torch.ones(features, dtype=torch.float64))", "torch.where(seen, lo, lo[seen].max().expand(features))"),

@@ -520,3 +520,21 @@ def test_compiled_call_templates_resolve_as_the_template_does():
     first, second = lists((torch.ones(1),), owner), lists((torch.ones(1),), owner)
     assert first == second and first[0] is not second[0]
     assert compile_template(templates[3])((), owner) is templates[3]
+
+
+def test_a_cast_to_the_dtype_of_a_weight_or_a_computed_value_is_the_identity():
+    """``x.to(w.dtype)`` and ``y.to(z.dtype)`` (PEFT's LoRA layer) change nothing as long as the model is cast as a
+    whole, so they are identities; a dtype written in the code, or read from the input, stays a call."""
+
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x.to(self.fc.weight.dtype))
+            return y.to(y.dtype) + 1, x.to(torch.float64), y.to(x.dtype)
+
+    g = same(Casts(), (torch.randn(2, 4),))
+    assert sorted(f.name for f in (n.attrs["fn"] for n in g.nodes if n.op == "opaque")) == ["to", "to"]
+    assert ops_of(g).count("identity") == 2

@@ -198,3 +198,7 @@ def test_a_float32_model_that_casts_to_float32_itself_keeps_any_length():
         with torch.no_grad():
             want, got = model(x), fused(x)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()), msg=lambda m: f"at {shape}: {m}")
+    # Checked in float32 only, it keeps the model's casts as constants: cast to float64 it refuses, by name.
+    assert any("fused for float32 only" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    with pytest.raises(ValueError, match="was fused in float32.*it casts to a dtype of its own.*called in float64"):
+        fused.double()(torch.randn(1, 1, 400, dtype=torch.float64))

@@ -66,6 +66,7 @@ PRIMITIVES = [
     "scale_into_conv",
     "bn_into_linear",
     "linear_affine_fold",
+    "linear_seq_merge",
     "query_scale_fold",
     "attention_form",
 ]
@@ -923,6 +924,40 @@ def linear_affine_fold() -> Example:
     ref.grids(tokens("Linear(x; W)", value_of(bad, y, xs)), tokens("s * reshape(...)", truth), tokens("the fold anyway", candidate), ("difference", (truth - candidate)[0]))
     ref.line().line(differ_line(truth, candidate, "they differ wherever a feature lands in a row whose channel is not that feature"))
     return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def linear_seq_merge() -> Example:
+    xs = t([[[1, 0, 2], [0, 1, -1]]])  # (1, 2, 3): 2 tokens of 3 features
+    w, bias = t([[1, 0, 1], [0, 2, 0], [1, 1, 0]]), t([0, 1, 0])
+    wa, wb, s = t([[1, -1, 0]]), t([[1], [0], [2]]), 2.0  # rank 1; s = lora_alpha / r
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    base = b.linear(x, weight=w, bias=bias, source="q.base_layer")
+    low = b.linear(b.linear(x, weight=wa, source="q.lora_A"), weight=wb, source="q.lora_B")
+    g = b.build(b.add(base, b.scale(low, scale=t([s] * 3), axis=-1, source="q"), source="q"))
+    after, fired = apply("linear_seq_merge", g, "linear_affine_fold", "linear_seq_merge", "branch_sum")
+    fused = node(after, "linear")
+    before_y, after_y = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    txt.line(f"2 tokens of 3 features; base Linear 3 -> 3 (b = {vec(bias)}); a rank-1 adapter A: 3 -> 1, B: 1 -> 3; s = {fmt(s)}")
+    txt.grids(tokens("x", xs), ("W", w), ("A", wa), ("B", wb))
+    txt.grids(("s B A (3 x 3, rank 1)", s * wb @ wa), ("W' = W + s B A", fused.params["weight"]))
+    txt.line(f"b' = b = {vec(fused.params['bias'])}")
+    txt.grids(tokens("base(x) + s B(A(x))", before_y), tokens("Linear(x; W', b')", after_y))
+    txt.line().line(equal_line(before_y, after_y)).line()
+    txt.line("rules fired, in order:")
+    for f in fired:
+        txt.line("  " + f)
+
+    # Refused: the same pair of Linears on its own, 3 -> 1 -> 3: the one Linear is 9 multiply-adds a token, the two 6.
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    bad = b.build(b.linear(b.linear(x, weight=wa, source="head.fc1"), weight=wb, source="head.fc2"))
+    ref = Text()
+    ref.line("a bottleneck alone, 3 -> 1 -> 3 features, with nothing to absorb it:")
+    ref.line(refusal(bad, "linear_seq_merge"))
+    return Example("linear_seq_merge", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 def _qkv_graph(w: torch.Tensor, factors: torch.Tensor, axis: int) -> tuple[Graph, Value, Value]:

@@ -451,6 +451,25 @@ def _f_contiguous(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return None if x is None else ("identity", [x], {}, {}, "")
 
 
+def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.to(t.dtype)`` where ``t``, a weight of the model or a value it computed, has ``x``'s dtype: the identity.
+
+    PEFT's LoRA layer casts its input to the adapter's weight dtype and the sum back to the base output's dtype.
+    Cast as a whole (``model.double()``), the model changes both dtypes alike, so the two stay equal and the call
+    stays a no-op.  Not a dtype written in the code (``x.to(torch.float32)``, which a cast of the model does not
+    change), nor the dtype of an input (a caller may pass another dtype than the model's)."""
+    x = shaped(args[0]) if len(args) == 2 and not kwargs else None
+    src = n.args[1] if x is not None else None
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1:] == ("dtype",)):
+        return None
+    of = src.args[0]
+    if not isinstance(of, fx.Node) or of.op == "placeholder":
+        return None
+    t = b.env.get(of)
+    dtype = t.tensor.dtype if isinstance(t, Const) else t.dtype if isinstance(t, Value) else None
+    return ("identity", [x], {}, {}, "") if dtype is not None and dtype == x.dtype else None
+
+
 # --------------------------------------------------------------------------- reductions and activations
 
 
@@ -931,6 +950,7 @@ _register(_f_layer_norm, F.layer_norm)
 _register(_f_avg_pool, F.avg_pool2d)
 _register(_f_adaptive_avg, F.adaptive_avg_pool2d)
 _register(_f_contiguous, ("method", "contiguous"))
+_register(_f_to_dtype_of, ("method", "to"))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
           ("method", "true_divide"))
 _register(_f_pow, operator.pow, torch.pow, ("method", "pow"))

@@ -22,6 +22,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     scale_into_conv,
     bn_into_linear,
     linear_affine_fold,
+    linear_seq_merge,
     query_scale_fold,
     attention_form,
     seq_merge,

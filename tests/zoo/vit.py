@@ -1,4 +1,5 @@
-"""Vision Transformers with convolutional parts: ViT with a conv stem (ViT-C / hybrid) and dynamic image size; CeiT.
+"""Vision Transformers with convolutional parts: ViT with a conv stem (ViT-C / hybrid) and dynamic image size; CeiT;
+a ViT with LoRA adapters.
 
 Patterns reproduced (read in huggingface/pytorch-image-models ``timm/models/vision_transformer.py``,
 ``timm/layers/patch_embed.py``, ``timm/layers/pos_embed.py``, ``timm/layers/layer_scale.py`` and
@@ -15,7 +16,10 @@ ports found through code search, whose ``LeFF`` wraps ``BatchNorm1d`` in einops 
 name their repository; here the rearranges are the equivalent ``transpose``/``reshape`` calls): an image-to-tokens
 conv-BN-maxpool stem, ``x += self.pos_embedding[:, :(n + 1)]`` in place, and a locally-enhanced FFN that splits off
 the class token, applies ``BatchNorm1d`` to ``transpose(1, 2)``-ed tokens and rebuilds the square map with ``int(N
-** 0.5)``.
+** 0.5)``.  LoRA (read in huggingface/peft ``src/peft/tuners/lora/layer.py``): ``lora.Linear`` keeps the frozen
+``base_layer`` and per-adapter ``lora_A``/``lora_B``/``lora_dropout`` ``ModuleDict``s and a ``scaling`` dict, loops over
+``active_adapters``, casts ``x = x.to(lora_A.weight.dtype)``, adds ``lora_B(lora_A(dropout(x))) * scaling`` and casts the
+result back to the base output's dtype.
 """
 
 from __future__ import annotations
@@ -243,9 +247,65 @@ class CeiT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+# ---------------------------------------------------------------- LoRA adapters (PEFT)
+class LoraLinear(nn.Module):
+    """A Linear with a low-rank adapter, laid out as PEFT's ``lora.Linear``: adapters in ``ModuleDict``s keyed by
+    name, a loop over the active ones, the input cast to the adapter's weight dtype and the sum back."""
+
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: int = 4) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+        self.lora_dropout = nn.ModuleDict({"default": nn.Dropout(0.05)})
+        self.scaling = {"default": alpha / r}
+        self.active_adapters = ["default"]
+        nn.init.normal_(self.lora_B["default"].weight, std=0.1)  # a trained adapter: B is zero only at its start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A.keys():
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            x = x.to(lora_a.weight.dtype)
+            result = result + lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        return result.to(result_dtype)
+
+
+class LoraBlock(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = LoraLinear(nn.Linear(dim, 3 * dim)), LoraLinear(nn.Linear(dim, dim))
+        self.fc1, self.fc2 = LoraLinear(nn.Linear(dim, 2 * dim)), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class LoraViT(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Sequential(nn.Conv2d(3, dim, 4, 4, bias=False), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(*(LoraBlock(dim) for _ in range(depth)))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(x.mean(1))
+
+
 ENTRIES = (
     ZooModel("vit_conv_stem", "ViT with convolutional stem, dynamic image size", seeded(VisionTransformer, 1401), (2, 3, 40, 40),
              "torch._assert(H % patch == 0); conv-BN-ReLU stem + 1x1 proj to NHWC; pos-embed resample (int(sqrt(N)), bicubic antialias) for a 5x5 grid vs 4x4 table; cls_token.expand + cat; SDPA; qk LayerNorm; LayerScale x.mul_(gamma); x[:, 0]"),
     ZooModel("ceit", "CeiT (image-to-tokens stem, locally-enhanced FFN)", seeded(CeiT, 1402), (2, 3, 64, 64),
              "conv-BN-maxpool-patchify stem; x += pos_embedding[:, :(n + 1)] in place; torch.split cls token; Linear -> BatchNorm1d on transpose(1, 2); h = w = int(N ** 0.5) reshape to a map; dw3x3-BN; cat cls back"),
+    ZooModel("vit_lora", "ViT with LoRA adapters (PEFT lora.Linear layout)", seeded(LoraViT, 1403), (2, 3, 16, 16),
+             "base_layer + lora_B(lora_A(dropout(x))) * scaling over ModuleDicts of adapters, looped by name; x.to(lora_A.weight.dtype) and result.to(result.dtype); adapters on qkv, proj and fc1; conv-BN patchify"),
 )
