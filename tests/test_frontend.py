@@ -538,3 +538,18 @@ def test_a_cast_to_the_dtype_of_a_weight_or_a_computed_value_is_the_identity():
     g = same(Casts(), (torch.randn(2, 4),))
     assert sorted(f.name for f in (n.attrs["fn"] for n in g.nodes if n.op == "opaque")) == ["to", "to"]
     assert ops_of(g).count("identity") == 2
+
+
+def test_a_float_times_one_is_the_identity():
+    """Conformer's residual ``module(x) * module_factor + x * input_factor`` with factors 1.0: no scale op is left."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * 1.0 + x * 1 + x * 0.5
+
+    g = same(Residual(), (torch.randn(2, 4),))
+    assert ops_of(g).count("identity") == 2 and ops_of(g).count("scale") == 1, ops_of(g)

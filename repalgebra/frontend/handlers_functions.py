@@ -120,6 +120,8 @@ def _scale_by(x: Value, c: Any) -> Made:
             return None
         return "scale", [x], {"axis": axis}, {"scale": vec}, c.path
     if isinstance(c, (int, float)) and not isinstance(c, bool) and len(x.shape) >= 1:
+        if c == 1 and x.dtype is not None and x.dtype.is_floating_point:  # Conformer's residual factors of 1.0
+            return "identity", [x], {}, {}, ""
         axis = scalar_axis(x.shape)
         return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, ""
     return None
