@@ -519,3 +519,22 @@ def test_the_report_says_what_the_check_compared():
     x = torch.randn(1, 3, 8, 8)
     assert fuse(model, x).fuse_report.check == "the model on the example input in float64, to 1e-05 relative"
     assert fuse(model, x, check=False).fuse_report.check == "none (check=False)"
+
+
+def test_flags_fixed_at_their_defaults_are_named_in_the_report():
+    """``forward(x, *, return_features=False)``: the capture takes the default's branch; the fused module does not take
+    the flag (a call passing it is a TypeError) and the report says so."""
+
+    class WithFlag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x, *, return_features=False):
+            y = self.bn(self.conv(x))
+            return (y.mean((2, 3)), y) if return_features else y.mean((2, 3))
+
+    fused = fuse(randomize(WithFlag()), torch.randn(1, 3, 6, 6))
+    assert any("fixed at their defaults (return_features=False)" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    with pytest.raises(TypeError, match="return_features"):
+        fused(torch.randn(1, 3, 6, 6), return_features=True)

@@ -51,7 +51,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
-from repalgebra.frontend.fx_trace import LeafSpec, UntraceableError, copy_for_tracing, leaf_paths, record_run, trace_fx
+from repalgebra.frontend.fx_trace import LeafSpec, UntraceableError, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
 from repalgebra.frontend.inplace import InplaceHazard, functionalize
@@ -151,6 +151,9 @@ def trace_model(
         graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     spec = typed_like(tracer.output_structure, spec)
     notes = [*inplace_notes, *tracer.notes, *builder.notes]
+    if fixed := concrete_args(work, len(given)):  # a call passing them is a TypeError, never a silent default
+        shown = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        notes.append(f"forward's arguments after the inputs are fixed at their defaults ({shown}): the fused module does not take them")
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
