@@ -1,4 +1,4 @@
-"""BN into linear: an eval-mode BN before a Linear folds into it, through layout ops.
+"""BN into linear: an eval-mode BN (or a constant scale) before a Linear folds into it, through layout ops.
 
     Linear(L(BN(x)); W, b) = Linear(L(x); W[o,c] * s[c], b + W t)
     where s = gamma / sqrt(var + eps), t = beta - mean * s
@@ -16,6 +16,10 @@ each mean reads one channel, and the mean of ``s[c] x + t[c]`` is
 This folds FastViT's attention pre-norm (BatchNorm2d, then flatten and
 transpose to tokens) into the qkv projection.
 
+A constant per-channel scale is the same fold with ``t = 0`` (the Linear keeps
+its bias, or none), and a scale by one number (StyleGAN2's ``* sqrt(2)`` before
+the next layer) folds through any layout: every element meets it.
+
 Preconditions: every value from the BN to the Linear is read only by the next
 op, and the layout ops (and a mean, which must not average the channel axis)
 keep the channel axis whole and end with it last, or are that one flatten.
@@ -29,28 +33,36 @@ from repalgebra.rules.registry import Rewrite, rule
 
 @rule("bn_into_linear", on="linear")
 def bn_into_linear(graph, lin):
-    bn, chain = layout_chain(graph, lin.x, ("batch_norm", "mean"))
+    bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean"))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
         mean = bn
-        bn = producer(mean.x, "batch_norm") if sole_use(graph, mean.x) else None
+        bn = producer(mean.x, "batch_norm", "scale") if sole_use(graph, mean.x) else None
         if bn is None:  # (a mean over the channels too fails below: the channel axis does not survive it)
             return None
         chain = [mean, *chain]
     if bn is None:
         return None
-    one_channel = bn.x.shape[1] == 1 and lin.x.shape[-1] == 1  # a scalar affine: where it lands is moot
-    s, t = bn_affine(bn)
-    if not one_channel and follow_chain(chain, 1) != len(lin.x.shape) - 1:
-        repeat = _flattened_features(chain, bn)
+    features = lin.x.shape[-1]
+    if bn.op == "batch_norm":
+        (s, t), axis = bn_affine(bn), 1
+    else:  # a constant scale: s on its axis, no shift
+        s, t, axis = bn.params["scale"], None, bn.attrs["axis"] % len(bn.x.shape)
+    if s.numel() and bool((s == s.flatten()[0]).all()) and (t is None or bool((t == t.flatten()[0]).all())):
+        # One number (StyleGAN2's ``* sqrt(2)``, a BN of one channel): every element meets it, wherever it lands.
+        s, t = s.flatten()[0].expand(features), None if t is None else t.flatten()[0].expand(features)
+    elif follow_chain(chain, axis) != len(lin.x.shape) - 1:
+        repeat = _flattened_features(chain, bn) if axis == 1 else None
         if repeat is None:
             return None
-        s, t = s.repeat_interleave(repeat), t.repeat_interleave(repeat)
+        s, t = s.repeat_interleave(repeat), None if t is None else t.repeat_interleave(repeat)
     w = lin.params["weight"]
     b = lin.params.get("bias")
-    bias = w @ t if b is None else b + w @ t
+    params = {"weight": w * s}
+    if t is not None or b is not None:
+        params["bias"] = (0 if b is None else b) + (0 if t is None else w @ t)
     moved = replay(chain, bn.x)
     start = moved[-1].out if moved else bn.x
-    new = lin.replace(inputs=(start,), params={"weight": w * s, "bias": bias}, source=merged_source(lin, bn))
+    new = lin.replace(inputs=(start,), params=params, source=merged_source(lin, bn))
     return Rewrite(lin.out, new.out, (*moved, new))
 
 

@@ -84,9 +84,10 @@ def test_not_fired_when_channels_do_not_arrive_last(case, dtype, seed):
     y = MIXING[chain](b, add_bn(b, x, stats, dtype, "norm"))
     graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
     fused, report = run_rules(graph, "bn_into_linear")
-    if shape[2] * shape[3] == 1 or shape[1] == 1:
-        # At a 1x1 spatial size the channels arrive last whole, and one channel is a scalar affine:
-        # folding is right, and fires.
+    s, t = stats.affine()
+    if shape[2] * shape[3] == 1 or shape[1] == 1 or (bool((s == s[0]).all()) and bool((t == t[0]).all())):
+        # At a 1x1 spatial size the channels arrive last whole, and one channel (or one affine map for every
+        # channel) is a scalar affine: folding is right, and fires.
         return
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert reasons(report, "batch_norm") and reasons(report, "batch_norm")[0].startswith("no rule applies")
@@ -103,3 +104,24 @@ def test_not_fired_when_the_bn_output_is_read_elsewhere(case, dtype, seed):
     graph = b.build(y, n)
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(case=cases({**CARRYING, **MIXING}), uniform=st.booleans(), dtype=float_dtypes(), seed=seeds())
+def test_a_constant_scale_folds_like_a_bn_without_shift(case, uniform, dtype, seed):
+    """A per-channel scale (a layer scale before the tokens' Linear) folds where a BN would, leaving the Linear's bias
+    as it was; a scale by one number (StyleGAN2's ``* sqrt(2)`` before the next layer) folds through any layout, the
+    channel-mixing ones too, since every element meets the same factor."""
+    shape, _, chain, c_out, bias = case
+    gen = torch.Generator().manual_seed(seed)
+    gamma = torch.full((shape[1],), 2**0.5) if uniform else 0.5 + torch.rand(shape[1], generator=gen)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    y = {**CARRYING, **MIXING}[chain](b, b.scale(x, scale=gamma.to(dtype), source="blk.gamma"))
+    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.fc"))
+    fused, report = run_rules(graph, "bn_into_linear")
+    if chain in CARRYING or uniform:
+        assert report.rule_counts() == {"bn_into_linear": 1} and "scale" not in fused.op_counts()
+        assert ("bias" in only(fused, "linear").params) == bias
+    elif shape[1] > 1 and shape[2] * shape[3] > 1:  # distinct factors on channels the Linear does not read as features
+        assert report.fired == []
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
