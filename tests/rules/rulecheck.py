@@ -130,3 +130,12 @@ def converts_if_it_pays(graph: Graph, fused: Graph, report: RewriteReport, join_
     why = f"would become has {merged} multiply-adds per output pixel, more than the 2 convs together ({apart})"
     assert any(why in r for r in reasons(report, join_op)), (why, reasons(report, join_op))
     return False
+
+
+def linear_params(c_in: int, c_out: int, bias: bool, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Linear's parameters, ``c_in -> c_out``: a weight of unit row norm on average and, with ``bias``, a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    p = {"weight": (torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5).to(dtype)}
+    if bias:
+        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
+    return p

@@ -10,7 +10,7 @@ Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rulecheck import only, reasons, run_rules
+from rulecheck import linear_params, only, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
 from repalgebra.testing import add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
@@ -33,15 +33,6 @@ MIXING = {
     # A mean over the channels too: each output mixes every channel's s[c] and t[c].
     "mean_over_channels": lambda b, y: b.permute(b.node("mean", y, dims=(1, 2), keepdim=False), dims=(0, 1)),
 }
-
-
-def _linear_params(c_in, c_out, bias, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5
-    p = {"weight": w.to(dtype)}
-    if bias:
-        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
-    return p
 
 
 @st.composite
@@ -68,7 +59,7 @@ def _check_fold(case, dtype, seed, square):
     x = b.input("x", shape, dtype)
     y = CARRYING[chain](b, add_bn(b, x, stats, dtype, "blk.norm"))
     c_out = y.shape[-1] if square else c_out
-    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.qkv"))
+    graph = b.build(b.linear(y, **linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.qkv"))
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.rule_counts() == {"bn_into_linear": 1}
     assert "batch_norm" not in fused.op_counts() and fused.op_counts()["linear"] == 1
@@ -82,7 +73,7 @@ def test_not_fired_when_channels_do_not_arrive_last(case, dtype, seed):
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
     y = MIXING[chain](b, add_bn(b, x, stats, dtype, "norm"))
-    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
+    graph = b.build(b.linear(y, **linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
     fused, report = run_rules(graph, "bn_into_linear")
     s, t = stats.affine()
     if shape[2] * shape[3] == 1 or shape[1] == 1 or (bool((s == s[0]).all()) and bool((t == t[0]).all())):
@@ -100,7 +91,7 @@ def test_not_fired_when_the_bn_output_is_read_elsewhere(case, dtype, seed):
     x = b.input("x", shape, dtype)
     n = add_bn(b, x, stats, dtype, "norm")
     moved = CARRYING[chain](b, n)
-    y = b.linear(moved, **_linear_params(moved.shape[-1], c_out, bias, seed, dtype), source="lin")
+    y = b.linear(moved, **linear_params(moved.shape[-1], c_out, bias, seed, dtype), source="lin")
     graph = b.build(y, n)
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
@@ -117,7 +108,7 @@ def test_a_constant_scale_folds_like_a_bn_without_shift(case, uniform, dtype, se
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
     y = {**CARRYING, **MIXING}[chain](b, b.scale(x, scale=gamma.to(dtype), source="blk.gamma"))
-    graph = b.build(b.linear(y, **_linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.fc"))
+    graph = b.build(b.linear(y, **linear_params(y.shape[-1], c_out, bias, seed, dtype), source="blk.fc"))
     fused, report = run_rules(graph, "bn_into_linear")
     if chain in CARRYING or uniform:
         assert report.rule_counts() == {"bn_into_linear": 1} and "scale" not in fused.op_counts()

@@ -8,18 +8,10 @@ Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rulecheck import only, run_rules
+from rulecheck import linear_params, only, run_rules
 
 from repalgebra.builder import GraphBuilder
 from repalgebra.testing import add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
-
-
-def _params(c_in, c_out, bias, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    p = {"weight": (torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5).to(dtype)}
-    if bias:
-        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
-    return p
 
 
 def _affine(b, y, affine, channels, dtype, seed, data, prefix):
@@ -42,7 +34,7 @@ def test_folds_after_projection_back_to_nchw(t, dtype, affine, bias, seed, data)
     bsz, h, w, cin, cout = t
     b = GraphBuilder()
     x = b.input("x", (bsz, h * w, cin), dtype)
-    y = b.linear(x, **_params(cin, cout, bias, seed, dtype), source="blk.proj")
+    y = b.linear(x, **linear_params(cin, cout, bias, seed, dtype), source="blk.proj")
     y = b.reshape(b.transpose(y, dim0=-2, dim1=-1), shape=(bsz, cout, h, w))
     graph = b.build(_affine(b, y, affine, cout, dtype, seed, data, "blk"))
     fused, report = run_rules(graph, "linear_affine_fold")
@@ -57,7 +49,7 @@ def test_folds_levit_bn1d_across_flatten(t, dtype, bias, seed, data):
     bsz, h, w, cin, cout = t
     b = GraphBuilder()
     x = b.input("x", (bsz, h * w, cin), dtype)
-    y = b.linear(x, **_params(cin, cout, bias, seed, dtype), source="lin")
+    y = b.linear(x, **linear_params(cin, cout, bias, seed, dtype), source="lin")
     y = b.reshape(add_bn(b, b.flatten(y, start=0, end=1), data.draw(bn_stats(cout)), dtype, "bn"), shape=(bsz, h * w, cout))
     graph = b.build(y)
     fused, report = run_rules(graph, "linear_affine_fold")
@@ -71,7 +63,7 @@ def test_not_fired_when_the_reshape_mixes_features(t, dtype, seed):
     bsz, h, w, cin, cout = t
     b = GraphBuilder()
     x = b.input("x", (bsz, h * w, cin), dtype)
-    y = b.reshape(b.linear(x, **_params(cin, cout, True, seed, dtype), source="lin"), shape=(bsz, cout, h * w))
+    y = b.reshape(b.linear(x, **linear_params(cin, cout, True, seed, dtype), source="lin"), shape=(bsz, cout, h * w))
     gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     graph = b.build(b.scale(y, scale=gamma, source="ls"))
     fused, report = run_rules(graph, "linear_affine_fold")
@@ -85,7 +77,7 @@ def test_not_fired_when_the_projection_is_read_elsewhere(t, dtype, seed):
     bsz, h, w, cin, cout = t
     b = GraphBuilder()
     x = b.input("x", (bsz, h * w, cin), dtype)
-    y = b.linear(x, **_params(cin, cout, True, seed, dtype), source="lin")
+    y = b.linear(x, **linear_params(cin, cout, True, seed, dtype), source="lin")
     gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     graph = b.build(b.scale(y, scale=gamma, axis=-1, source="ls"), y)
     fused, report = run_rules(graph, "linear_affine_fold")
@@ -98,7 +90,7 @@ def test_folds_a_generator_input_layer_through_the_reshape_to_a_map(t, dtype, af
     bsz, h, w, cin, c = t
     b = GraphBuilder()
     x = b.input("z", (bsz, cin), dtype)
-    y = b.reshape(b.linear(x, **_params(cin, c * h * w, bias, seed, dtype), source="gen.fc"), shape=(-1, c, h, w))
+    y = b.reshape(b.linear(x, **linear_params(cin, c * h * w, bias, seed, dtype), source="gen.fc"), shape=(-1, c, h, w))
     graph = b.build(_affine(b, y, affine, c, dtype, seed, data, "gen"))
     fused, report = run_rules(graph, "linear_affine_fold")
     assert report.rule_counts() == {"linear_affine_fold": 1}

@@ -8,18 +8,10 @@ Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rulecheck import only, refusal_reason, run_rules
+from rulecheck import linear_params, only, refusal_reason, run_rules
 
 from repalgebra.builder import GraphBuilder
 from repalgebra.testing import assert_graphs_equal, float_dtypes, random_input, seeds
-
-
-def _params(c_in, c_out, bias, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    p = {"weight": (torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) / c_in**0.5).to(dtype)}
-    if bias:
-        p["bias"] = torch.randn(c_out, generator=gen, dtype=torch.float64).to(dtype)
-    return p
 
 
 @st.composite
@@ -36,8 +28,8 @@ def test_merges_a_pair_exactly_where_it_is_no_more_work(shape, mid, out, biases,
     i = shape[-1]
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
-    y = b.linear(x, **_params(i, mid, biases[0], seed, dtype), source="head.fc1")
-    graph = b.build(b.linear(y, **_params(mid, out, biases[1], seed + 1, dtype), source="head.fc2"))
+    y = b.linear(x, **linear_params(i, mid, biases[0], seed, dtype), source="head.fc1")
+    graph = b.build(b.linear(y, **linear_params(mid, out, biases[1], seed + 1, dtype), source="head.fc2"))
     fused, report = run_rules(graph, "linear_seq_merge")
     if out * i <= mid * i + out * mid:
         assert report.rule_counts() == {"linear_seq_merge": 1}
@@ -59,9 +51,9 @@ def test_a_low_rank_adapter_merges_into_its_base(shape, rank, out, join, base_bi
     i = shape[-1]
     b = GraphBuilder()
     x = b.input("x", shape, dtype)
-    base = b.linear(x, **_params(i, out, base_bias, seed, dtype), source="attn.q.base_layer")
-    low = b.linear(b.linear(x, **_params(i, rank, False, seed + 1, dtype), source="attn.q.lora_A"),
-                   **_params(rank, out, False, seed + 2, dtype), source="attn.q.lora_B")
+    base = b.linear(x, **linear_params(i, out, base_bias, seed, dtype), source="attn.q.base_layer")
+    low = b.linear(b.linear(x, **linear_params(i, rank, False, seed + 1, dtype), source="attn.q.lora_A"),
+                   **linear_params(rank, out, False, seed + 2, dtype), source="attn.q.lora_B")
     low = b.scale(low, scale=torch.full((out,), 2.0, dtype=dtype), axis=-1, source="attn.q")  # alpha / r
     graph = b.build(getattr(b, join)(base, low, source="attn.q"))
     fused, report = run_rules(graph, "linear_affine_fold", "linear_seq_merge", "branch_sum")
@@ -74,8 +66,8 @@ def test_an_adapter_of_another_input_is_not_absorbed():
     """The sum absorbs ``B A`` only where the sibling Linear reads the adapter's own input with the merged shape."""
     b = GraphBuilder()
     x, z = b.input("x", (2, 8)), b.input("z", (2, 8))
-    low = b.linear(b.linear(x, **_params(8, 1, False, 0, torch.float32)), **_params(1, 8, False, 1, torch.float32))
-    graph = b.build(b.add(b.linear(z, **_params(8, 8, True, 2, torch.float32)), low))
+    low = b.linear(b.linear(x, **linear_params(8, 1, False, 0, torch.float32)), **linear_params(1, 8, False, 1, torch.float32))
+    graph = b.build(b.add(b.linear(z, **linear_params(8, 8, True, 2, torch.float32)), low))
     fused, report = run_rules(graph, "linear_seq_merge")
     assert report.fired == [] and fused.op_counts() == {"linear": 3, "add": 1}
 
@@ -83,7 +75,7 @@ def test_an_adapter_of_another_input_is_not_absorbed():
 def test_an_inner_output_read_elsewhere_is_left_alone():
     b = GraphBuilder()
     x = b.input("x", (3, 4))
-    y = b.linear(x, **_params(4, 2, True, 0, torch.float32))
-    graph = b.build(b.linear(y, **_params(2, 3, True, 1, torch.float32)), b.relu(y))
+    y = b.linear(x, **linear_params(4, 2, True, 0, torch.float32))
+    graph = b.build(b.linear(y, **linear_params(2, 3, True, 1, torch.float32)), b.relu(y))
     fused, report = run_rules(graph, "linear_seq_merge")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
