@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.backend.torch import to_module
+from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
@@ -635,7 +636,7 @@ class _Fuser:
             for op, n in theirs.items():
                 mine[op] = mine.get(op, 0) + n
         # A call of forward itself has no module path: it is named by what it calls (``getitem``, ``cumsum``).
-        r.opaque += [_join(path, n.source or _call_name(n.attrs["fn"])) for n in graph.nodes if n.op == "opaque"]
+        r.opaque += [_join(path, n.source or _call_name(n.attrs["fn"])) for n in graph.nodes if n.op == "opaque" and not is_returned_as_is(n)]
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
 
     def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:

@@ -541,7 +541,8 @@ def test_a_cast_to_the_dtype_of_a_weight_or_a_computed_value_is_the_identity():
 
 
 def test_a_float_times_one_is_the_identity():
-    """Conformer's residual ``module(x) * module_factor + x * input_factor`` with factors 1.0: no scale op is left."""
+    """Conformer's residual ``module(x) * module_factor + x * input_factor`` with factors 1.0 (and ``x / 1.0``): no
+    scale op is left."""
 
     class Residual(nn.Module):
         def __init__(self):
@@ -549,7 +550,7 @@ def test_a_float_times_one_is_the_identity():
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.fc(x) * 1.0 + x * 1 + x * 0.5
+            return self.fc(x) * 1.0 + x * 1 + x * 0.5 + x / 1.0
 
     g = same(Residual(), (torch.randn(2, 4),))
-    assert ops_of(g).count("identity") == 2 and ops_of(g).count("scale") == 1, ops_of(g)
+    assert ops_of(g).count("identity") == 3 and ops_of(g).count("scale") == 1, ops_of(g)

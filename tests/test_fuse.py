@@ -538,3 +538,17 @@ def test_flags_fixed_at_their_defaults_are_named_in_the_report():
     assert any("fixed at their defaults (return_features=False)" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
     with pytest.raises(TypeError, match="return_features"):
         fused(torch.randn(1, 3, 6, 6), return_features=True)
+
+
+def test_an_output_that_is_none_is_no_carried_call():
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return {"y": self.bn(self.conv(x)), "mask": None}
+
+    fused = fuse(randomize(WithMask()), torch.randn(1, 3, 4, 4))
+    assert fused.fuse_report.opaque == [] and "carried through" not in str(fused.fuse_report)
+    assert fused(torch.randn(1, 3, 4, 4))["mask"] is None

@@ -265,6 +265,12 @@ def literal_output(value: Any = None) -> dict:
     return {"fn": FnCall("call_function", _return, (value,), {}, {}), "out_shape": None, "out_dtype": None}
 
 
+def is_returned_as_is(node: Node) -> bool:
+    """Whether ``node`` only hands an output back (a literal ``None`` or number, a constant): no call of the model."""
+    fn = node.attrs.get("fn") if node.op == "opaque" else None
+    return isinstance(fn, FnCall) and fn.target is _return
+
+
 def is_none_output(node: Node) -> bool:
     """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
     fn = node.attrs.get("fn") if node.op == "opaque" else None

@@ -145,6 +145,8 @@ def _f_div(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
         return None
     c = constant(y)
     made = None
+    if _is_num(y) and y == 1:
+        return "identity", [x], {}, {}, ""
     if _is_num(y) and y != 0:  # the reciprocal in float64, as the rewrite folds it
         made = _scale_by(x, Const(torch.tensor(1.0 / y, dtype=torch.float64), ""))
     elif c is not None and c.tensor.is_floating_point():
