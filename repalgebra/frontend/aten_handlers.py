@@ -781,6 +781,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.permute.default: _permute,
     aten.transpose.int: _transpose,
     aten.cat.default: _cat,
+    aten.concat.default: _cat,  # torch.concat, as RT-DETR writes it
     aten.select.int: _select,
     aten.softmax.int: _softmax,
     aten._softmax.default: _softmax,
