@@ -113,10 +113,18 @@ class FuseReport:
         lines = [f"fuse: {len(self.fired)} rewrites in {self.seconds:.3f}s (traced at {shapes}; eval-mode semantics)"]
         kept = len(self.kept_whole) - (self.capture == "kept whole")
         lines.append(f"  capture: {self.capture}" + (f", {kept} part{'s' * (kept != 1)} kept whole" if kept > 0 else ""))
+        plain = [p for p in self.parts if p.path and p.how == "fx" and not p.reason]  # children of parts kept whole
         for p in self.parts:
-            if p.path or p.reason:
+            if (p.path or p.reason) and p not in plain:
                 lines.append(f"    {p}")
-        lines += [f"  note: {n}" for n in self.notes]
+        if plain:
+            lines.append(f"    fused on their own with fx ({len(plain)}): {_listed([repr(p.path) for p in plain])}")
+        copies = [n for n in self.notes if n.endswith(_AS_IT_IS)]
+        lines += [f"  note: {n}" for n in self.notes if n not in copies]
+        if copies:
+            where = [n[: -len(_AS_IT_IS)].rstrip(": ") for n in copies]
+            lines.append(f"  note: nothing to fold in {len(copies)} part{'s' * (len(copies) > 1)}, returned as "
+                         f"{'they are (copies)' if len(copies) > 1 else 'it is (a copy)'}: {_listed(where)}")
         ops = sorted(set(self.ops_before) | set(self.ops_after))
         w = max([len(o) for o in ops] + [len("parameters")])
         lines.append(f"  {'':<{w}}  {'before':>9}  {'after':>9}")
@@ -137,10 +145,17 @@ class FuseReport:
         if self.opaque:  # each place once, with how many calls it makes (a CondConv makes two: routing, conv)
             counts = Counter(self.opaque)
             places = [f"{p} x{k}" if k > 1 else p for p, k in counts.items()]
-            shown = ", ".join(places[:6]) + (f", ... ({len(places) - 6} more)" if len(places) > 6 else "")
             calls = f"{len(self.opaque)} call{'s' if len(self.opaque) > 1 else ''}"
-            lines.append(f"  carried through unchanged ({calls}): {shown}")
+            lines.append(f"  carried through unchanged ({calls}): {_listed(places)}")
         return "\n".join(lines)
+
+
+_AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a part whose capture folds nothing
+
+
+def _listed(items: list[str], most: int = 6) -> str:
+    """``a, b, c`` for a report line, at most ``most`` of them and how many more."""
+    return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
 
 
 @dataclass
@@ -622,7 +637,7 @@ class _Fuser:
     def unfolded(self, path: str, cap: Capture, rw, reason: str) -> nn.Module:
         """A copy of the part at ``path``, where its capture folds nothing (CondConv's dynamic kernels): the graph
         would compute the same ops, and its calls carried through would only cost time."""
-        cap.notes.append(f"nothing to fold: {'it is' if path else 'the model is'} returned as it is (a copy)")
+        cap.notes.append(_AS_IT_IS if path else "nothing to fold: the model is returned as it is (a copy)")
         self.record(path, cap, rw, cap.graph, reason)
         return copy_module(self.pristine.get_submodule(path))
 

@@ -552,3 +552,26 @@ def test_an_output_that_is_none_is_no_carried_call():
     fused = fuse(randomize(WithMask()), torch.randn(1, 3, 4, 4))
     assert fused.fuse_report.opaque == [] and "carried through" not in str(fused.fuse_report)
     assert fused(torch.randn(1, 3, 4, 4))["mask"] is None
+
+
+class ValueGate(nn.Module):
+    """A branch on the input's values: kept whole, its children fused on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.a(x)) if x.abs().mean() > 0 else x  # always true, but a value fx cannot branch on
+
+
+def test_the_children_of_parts_kept_whole_share_one_report_line():
+    """Every child of a part kept whole is fused on its own: one line lists them, one note the ones with nothing to
+    fold (an activation), instead of a line and a note each."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 1), ValueGate(), ValueGate())).eval()
+    fused = fuse(model, torch.randn(1, 3, 6, 6))
+    text = str(fused.fuse_report)
+    assert "    fused on their own with fx (4): '1.a', '1.act', '2.a', '2.act'" in text, text
+    assert "  note: nothing to fold in 2 parts, returned as they are (copies): '1.act', '2.act'" in text, text
+    assert "'1.a' (Sequential): fx" not in text
