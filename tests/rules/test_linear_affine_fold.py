@@ -5,13 +5,14 @@
 Tolerances: :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from rulecheck import linear_params, only, run_rules
 
 from repalgebra.builder import GraphBuilder
-from repalgebra.testing import add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
+from repalgebra.testing import BNStats, add_bn, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
 
 
 def _affine(b, y, affine, channels, dtype, seed, data, prefix):
@@ -69,6 +70,24 @@ def test_not_fired_when_the_reshape_mixes_features(t, dtype, seed):
     fused, report = run_rules(graph, "linear_affine_fold")
     if cout == 1 or h * w == 1:
         return  # the reshape is a no-op or keeps whole features: folding is right, and fires
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["scale", "bn"])
+def test_not_fired_on_another_axis_of_the_same_size(dtype, affine):
+    """4 tokens of 4 features, ``reshape(B, C, N)`` without a transpose (here the same shape), then an affine map on
+    axis 1: it acts on the tokens, not on the Linear's features, so nothing folds, although every size fits."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 4, 4), dtype)
+    y = b.reshape(b.linear(x, **linear_params(4, 4, True, 0, dtype), source="lin"), shape=(2, 4, 4))
+    if affine == "scale":
+        graph = b.build(b.scale(y, scale=torch.tensor([0.5, 2.0, -1.0, 3.0], dtype=dtype), axis=1, source="ls"))
+    else:
+        f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        stats = BNStats(f64(0.1, -0.2, 0.3, 0.0), f64(0.5, 1.0, 2.0, 1.5), f64(1.5, 0.5, -1.0, 2.0), f64(0.2, 0.0, -0.3, 0.1), 1e-5)
+        graph = b.build(add_bn(b, y, stats, dtype, "bn"))
+    fused, report = run_rules(graph, "linear_affine_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
 
 
