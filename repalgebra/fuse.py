@@ -136,8 +136,7 @@ class FuseReport:
             lines.append("  rules fired:")
             for name, n in self.rule_counts().items():
                 where = sorted({f.source or "<graph>" for f in self.fired if f.rule == name})
-                shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
-                lines.append(f"    {name:<20} x{n:<4} at {shown}")
+                lines.append(f"    {name:<20} x{n:<4} at {_listed(where, 4)}")
         if self.left_alone:
             lines.append("  left alone:")
             for la in self.left_alone:

@@ -273,8 +273,7 @@ def is_returned_as_is(node: Node) -> bool:
 
 def is_none_output(node: Node) -> bool:
     """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
-    fn = node.attrs.get("fn") if node.op == "opaque" else None
-    return isinstance(fn, FnCall) and fn.target is _return and fn.args_template == (None,) and not node.inputs
+    return is_returned_as_is(node) and node.attrs["fn"].args_template == (None,) and not node.inputs
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

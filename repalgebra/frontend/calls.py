@@ -57,7 +57,10 @@ class SymExpr:
 
 
 def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
-    """The concrete argument that ``template`` stands for, given the call's tensor inputs."""
+    """The concrete argument that ``template`` stands for, given the call's tensor inputs.
+
+    The plain statement of what a template means; an :class:`FnCall` runs :func:`compile_template`'s resolver, which
+    the tests hold to this."""
     if isinstance(template, In):
         return inputs[template.index]
     if isinstance(template, Buf):
@@ -183,10 +186,10 @@ class FnCall(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Rebuild the arguments from ``inputs`` and make the call."""
-        resolvers = self.__dict__.get("_resolvers")
-        if resolvers is None:  # built on first use, not pickled (closures): see __getstate__
-            resolvers = self.__dict__["_resolvers"] = (compile_template(self.args_template), compile_template(self.kwargs_template))
-        args, kwargs = resolvers[0](inputs, self), resolvers[1](inputs, self)
+        arguments = self.__dict__.get("_resolver")
+        if arguments is None:  # built on first use, not pickled (a closure): see __getstate__
+            arguments = self.__dict__["_resolver"] = compile_template((self.args_template, self.kwargs_template))
+        args, kwargs = arguments(inputs, self)
         if self.kind == "call_module":
             return self.fn(*args, **kwargs)
         tracer = next((t.tracer for t in inputs if isinstance(t, fx.Proxy)), None)
@@ -198,9 +201,9 @@ class FnCall(nn.Module):
         return invoke(self.kind, self.target, args, kwargs)
 
     def __getstate__(self) -> dict:
-        """The module's state without the resolvers built from its templates (closures do not pickle)."""
+        """The module's state without the resolver built from its templates (a closure does not pickle)."""
         state = super().__getstate__()
-        state.pop("_resolvers", None)
+        state.pop("_resolver", None)
         return state
 
     @property
