@@ -239,6 +239,14 @@ def avg_pool2d(x, *, kernel=REQUIRED, stride=REQUIRED, padding=(0, 0), count_inc
     return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
 
+@op("avg_pool_nd", kind="nonlinear")
+def avg_pool_nd(x, *, kernel=REQUIRED, stride=REQUIRED, padding=REQUIRED, count_include_pad=True, ceil_mode=False):
+    """Average pooling over the last ``len(kernel)`` axes, 1 or 3 (1-D audio pools, 3-D video pools); ``avg_pool2d``
+    is the 2-D one, which rules read.  Linear, but no rule folds it."""
+    pool = {1: F.avg_pool1d, 3: F.avg_pool3d}[len(kernel)]
+    return pool(x, kernel, stride, padding, ceil_mode, count_include_pad)
+
+
 @op("concat", kind="linear", variadic=True)
 def concat(*xs, axis=1):
     """Concatenation along ``axis``."""

@@ -287,6 +287,25 @@ CASES: dict[str, Case] = {
     "adaptive_max_pool": Case(lambda: stem(lambda x: F.adaptive_max_pool2d(x, (2, 3))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("MaxPool")),
     "adaptive_max_pool_uneven": Case(lambda: stem(nn.AdaptiveMaxPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("ReduceMax")),
     "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
+    # Video and audio pools (pytorchvideo's AvgPool3d head, a discriminator's AvgPool1d): the 4 x 8 map read as 4
+    # frames, or as a sequence of 35 (a ceil-mode window that PyTorch drops: it would start in the end padding).
+    "avg_pool_3d": Case(
+        lambda: stem(nn.Sequential(Lambda(lambda x: x.unsqueeze(1)), nn.AvgPool3d((2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))),
+        (1, 3, 5, 7), {"avg_pool_nd"}, _onnx("AveragePool"),
+    ),
+    "avg_pool_3d_ceil": Case(
+        lambda: stem(lambda x: F.avg_pool3d(x.unsqueeze(1), 2, (1, 2, 3), 1, ceil_mode=True, count_include_pad=False)), (1, 3, 5, 7),
+        {"avg_pool_nd"}, _onnx("AveragePool"),
+    ),
+    "avg_pool_1d": Case(
+        lambda: stem(nn.Sequential(nn.Flatten(2), nn.AvgPool1d(3, 3, 1, ceil_mode=True), Lambda(lambda x: F.avg_pool1d(x, 2)))),
+        (1, 3, 5, 7), {"avg_pool_nd"}, _onnx("AveragePool", "Pad", "Slice"),
+    ),
+    "global_mean_1d_3d": Case(  # to size 1: a mean over the pooled axes, at any size
+        lambda: stem(nn.Sequential(Lambda(lambda x: x.unsqueeze(1)), nn.AdaptiveAvgPool3d(1), nn.Flatten(2), Lambda(lambda x: x.expand(-1, -1, 3)),
+                                   nn.AdaptiveAvgPool1d(1), Lambda(lambda x: x + F.adaptive_avg_pool3d(x.unsqueeze(-1).unsqueeze(-1), (1, 1, 1)).flatten(2)))),
+        (1, 3, 5, 7), {"mean"}, _onnx("ReduceMean"),
+    ),
     "silu": Case(lambda: stem(nn.Sequential(nn.SiLU(), Lambda(F.silu))), (1, 3, 5, 5), {"silu"}, _onnx("Sigmoid", "Mul")),
     "leaky_relu": Case(
         lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
@@ -441,7 +460,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
-        "constant", "expand", "expand_dyn",
+        "constant", "expand", "expand_dyn", "avg_pool_nd",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op

@@ -238,30 +238,32 @@ def _pad(ctx, n, x):
     return ctx.emit("Pad", [x, pads, ctx.const("value", torch.tensor(float(n.attrs["value"])))], mode="constant")
 
 
-@lowering("avg_pool2d")
+@lowering("avg_pool2d", "avg_pool_nd")
 def _avg_pool(ctx, n, x):
-    """``AveragePool``; in ceil mode without its ``ceil_mode`` where PyTorch drops a last window that would start in
-    the end padding (onnx's shape inference keeps it): then ``count_include_pad=False`` is floor mode with as much end
-    padding as PyTorch's windows need (uncounted), and ``True`` is an explicit zero ``Pad`` (counted), a pool in ceil
-    mode whose partial windows divide by what they cover (PyTorch's divisor), and a ``Slice`` to PyTorch's size."""
+    """``AveragePool`` over the last 1, 2 or 3 axes; in ceil mode without its ``ceil_mode`` where PyTorch drops a last
+    window that would start in the end padding (onnx's shape inference keeps it): then ``count_include_pad=False`` is
+    floor mode with as much end padding as PyTorch's windows need (uncounted), and ``True`` is an explicit zero ``Pad``
+    (counted), a pool in ceil mode whose partial windows divide by what they cover (PyTorch's divisor), and a
+    ``Slice`` to PyTorch's size."""
     a = n.attrs
-    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
-    (ph, pw), kernel, stride = pair(a["padding"]), pair(a["kernel"]), pair(a["stride"] or a["kernel"])
-    size_in, size_out = n.x.shape[-2:], n.out.shape[-2:]
-    onnx_ceil = [-(-(i + 2 * p - k) // s) + 1 for i, p, k, s in zip(size_in, (ph, pw), kernel, stride)]
+    nd = len(a["kernel"])
+    each = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * nd  # noqa: E731
+    pads, kernel, stride = each(a["padding"]), each(a["kernel"]), each(a["stride"] or a["kernel"])
+    size_in, size_out = n.x.shape[-nd:], n.out.shape[-nd:]
+    onnx_ceil = [-(-(i + 2 * p - k) // s) + 1 for i, p, k, s in zip(size_in, pads, kernel, stride)]
     if not a["ceil_mode"] or onnx_ceil == list(size_out):
         return ctx.emit(
             "AveragePool", [x], kernel_shape=kernel, strides=stride,
-            pads=[ph, pw, ph, pw], count_include_pad=int(a["count_include_pad"]), ceil_mode=int(a["ceil_mode"]),
+            pads=pads + pads, count_include_pad=int(a["count_include_pad"]), ceil_mode=int(a["ceil_mode"]),
         )
     if not a["count_include_pad"]:
-        ends = [max(p, (o - 1) * s + k - i - p) for i, o, p, k, s in zip(size_in, size_out, (ph, pw), kernel, stride)]
-        return ctx.emit("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=[ph, pw, *ends], count_include_pad=0)
-    lead = [0] * (len(n.x.shape) - 2)
-    padded = ctx.emit("Pad", [x, ctx.ints("pads", lead + [ph, pw] + lead + [ph, pw]), _number(ctx, "zero", 0.0)], mode="constant")
-    y = ctx.emit("AveragePool", [padded], kernel_shape=kernel, strides=stride, ceil_mode=1)
+        ends = [max(p, (o - 1) * s + k - i - p) for i, o, p, k, s in zip(size_in, size_out, pads, kernel, stride)]
+        return ctx.emit("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=[*pads, *ends], count_include_pad=0)
     rank = len(n.x.shape)
-    starts, ends_, axes = ctx.ints("starts", [0, 0]), ctx.ints("ends", list(size_out)), ctx.ints("axes", [rank - 2, rank - 1])
+    lead = [0] * (rank - nd)
+    padded = ctx.emit("Pad", [x, ctx.ints("pads", lead + pads + lead + pads), _number(ctx, "zero", 0.0)], mode="constant")
+    y = ctx.emit("AveragePool", [padded], kernel_shape=kernel, strides=stride, ceil_mode=1)
+    starts, ends_, axes = ctx.ints("starts", [0] * nd), ctx.ints("ends", list(size_out)), ctx.ints("axes", list(range(rank - nd, rank)))
     return ctx.emit("Slice", [y, starts, ends_, axes])
 
 

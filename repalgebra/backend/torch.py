@@ -336,6 +336,14 @@ def _avg_pool2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.module(_hint(node, "_pool"), pool, xs[0])
 
 
+@lowers("avg_pool_nd")
+def _avg_pool_nd(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    cls = {1: nn.AvgPool1d, 3: nn.AvgPool3d}[len(a["kernel"])]
+    pool = cls(a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"])
+    return ctx.module(_hint(node, "_pool"), pool, xs[0])
+
+
 @lowers("concat")
 def _concat(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.cat, list(xs), dim=node.attrs["axis"])

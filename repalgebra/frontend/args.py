@@ -139,25 +139,27 @@ def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None
     }
 
 
-def avg_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, ceil_mode: Any, count_include_pad: Any, divisor: Any) -> Made:
-    """``avg_pool2d`` of a 4-d ``x``, for ``nn.AvgPool2d`` and ``F.avg_pool2d`` (no divisor override)."""
-    kernel = ints(kernel, 2)
-    stride = kernel if stride is None or stride == [] else ints(stride, 2)
-    padding = ints(padding, 2)
-    if x is None or len(x.shape) != 4 or None in (kernel, stride, padding) or divisor is not None:
+def avg_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, ceil_mode: Any, count_include_pad: Any, divisor: Any, spatial: int = 2) -> Made:
+    """``avg_pool2d`` of a 4-d ``x`` (``nn.AvgPool2d``, ``F.avg_pool2d``), or ``avg_pool_nd`` over the last 1 or 3 axes
+    (``spatial``) of a batched ``x`` (``nn.AvgPool1d``/``3d`` and their functions); no divisor override."""
+    kernel = ints(kernel, spatial)
+    stride = kernel if stride is None or stride == [] or stride == () else ints(stride, spatial)
+    padding = ints(padding, spatial)
+    if x is None or len(x.shape) != spatial + 2 or None in (kernel, stride, padding) or divisor is not None:
         return None
     attrs = {"kernel": kernel, "stride": stride, "padding": padding, "ceil_mode": bool(ceil_mode), "count_include_pad": bool(count_include_pad)}
-    return "avg_pool2d", [x], attrs, {}, ""
+    return ("avg_pool2d" if spatial == 2 else "avg_pool_nd"), [x], attrs, {}, ""
 
 
-def global_mean(x: Value | None, output_size: Any) -> Made:
-    """An adaptive average pool: to size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
-    if x is None or len(x.shape) < 3:
+def global_mean(x: Value | None, output_size: Any, spatial: int = 2) -> Made:
+    """An adaptive average pool over the last ``spatial`` axes: to size 1 a ``mean`` over them, else (2-D only)
+    ``adaptive_avg_pool2d``."""
+    if x is None or len(x.shape) < spatial + 1:
         return None
-    if output_size in (1, (1, 1), [1, 1]):
+    if output_size == 1 or (isinstance(output_size, (tuple, list)) and list(output_size) == [1] * spatial):
         nd = len(x.shape)
-        return "mean", [x], {"dims": (nd - 2, nd - 1), "keepdim": True}, {}, ""
-    return adaptive_pool("adaptive_avg_pool2d", x, output_size)
+        return "mean", [x], {"dims": tuple(range(nd - spatial, nd)), "keepdim": True}, {}, ""
+    return adaptive_pool("adaptive_avg_pool2d", x, output_size) if spatial == 2 else None
 
 
 def adaptive_pool(op: str, x: Value | None, output_size: Any) -> Made:

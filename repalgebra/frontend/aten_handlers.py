@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import channel_axis, conv3d_attrs, height_one, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -637,6 +637,17 @@ def _avg_pool(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "avg_pool2d", [x], attrs, {}, None
 
 
+def _avg_pool_nd(spatial: int) -> Callable[..., Made]:
+    """``avg_pool1d`` (no ``divisor_override``) and ``avg_pool3d``."""
+    return lambda b, n, a: avg_pool(_v(a["self"]), a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                                    a.get("divisor_override"), spatial)
+
+
+def _adaptive_avg_nd(spatial: int) -> Callable[..., Made]:
+    """``adaptive_avg_pool1d``/``3d``: to size 1 a ``mean`` over the last 1 or 3 axes (else a call)."""
+    return lambda b, n, a: global_mean(_v(a["self"]), a["output_size"], spatial)
+
+
 def _adaptive_avg(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
     x = _v(a["self"])
@@ -768,6 +779,10 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.constant_pad_nd.default: _constant_pad_nd,
     aten.avg_pool2d.default: _avg_pool,
     aten.adaptive_avg_pool2d.default: _adaptive_avg,
+    aten.avg_pool1d.default: _avg_pool_nd(1),
+    aten.avg_pool3d.default: _avg_pool_nd(3),
+    aten.adaptive_avg_pool1d.default: _adaptive_avg_nd(1),
+    aten.adaptive_avg_pool3d.default: _adaptive_avg_nd(3),
     aten.mean.dim: _mean_dim,
     aten.mean.default: _mean_all,
     aten.view.default: _reshape,

@@ -700,19 +700,25 @@ def _f_layer_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
 
 
 def _f_avg_pool(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    spec = [("input", REQ), ("kernel_size", REQ), ("stride", None), ("padding", 0), ("ceil_mode", False), ("count_include_pad", True), ("divisor_override", None)]
-    a = bind(spec, args, kwargs)
+    """``F.avg_pool1d``/``2d``/``3d`` (the 1-D one has no ``divisor_override``)."""
+    spatial = _POOLED_AXES[target]
+    spec = [("input", REQ), ("kernel_size", REQ), ("stride", None), ("padding", 0), ("ceil_mode", False), ("count_include_pad", True)]
+    a = bind(spec + ([("divisor_override", None)] if spatial > 1 else []), args, kwargs)
     if a is None:
         return None
-    x = shaped(a["input"])
-    if x is not None and _size_of(a["kernel_size"]) is x and a["stride"] in (None, [], ()) and a["padding"] in (0, (0, 0), [0, 0]) and a["divisor_override"] is None:
+    x, divisor = shaped(a["input"]), a.get("divisor_override")
+    if spatial == 2 and x is not None and _size_of(a["kernel_size"]) is x and a["stride"] in (None, [], ()) and a["padding"] in (0, (0, 0), [0, 0]) and divisor is None:
         return global_mean(x, 1)  # a window of the input's own size (``kernel_size=[h, w]`` read from it): the mean, at any size
-    return avg_pool(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
+    return avg_pool(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], divisor, spatial)
 
 
 def _f_adaptive_avg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.adaptive_avg_pool1d``/``2d``/``3d``."""
     a = bind([("input", REQ), ("output_size", REQ)], args, kwargs)
-    return None if a is None else global_mean(shaped(a["input"]), a["output_size"])
+    return None if a is None else global_mean(shaped(a["input"]), a["output_size"], _POOLED_AXES[target])
+
+
+_POOLED_AXES = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 
 
 def _f_adaptive_max(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -951,8 +957,8 @@ _register(_f_pad, F.pad)
 _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)
 _register(_f_layer_norm, F.layer_norm)
-_register(_f_avg_pool, F.avg_pool2d)
-_register(_f_adaptive_avg, F.adaptive_avg_pool2d)
+_register(_f_avg_pool, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+_register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 _register(_f_contiguous, ("method", "contiguous"))
 _register(_f_to_dtype_of, ("method", "to"))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),

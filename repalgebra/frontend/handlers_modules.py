@@ -124,9 +124,10 @@ def _m_identity(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict)
     return "identity", [x], {}, {}, ""
 
 
-def _m_avg_pool(b: Builder, n: fx.Node, m: nn.AvgPool2d, args: tuple, kwargs: dict) -> Made:
-    x = single(args, kwargs)
-    return avg_pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+def _m_avg_pool(b: Builder, n: fx.Node, m: nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d, args: tuple, kwargs: dict) -> Made:
+    x, spatial = single(args, kwargs), _SPATIAL[type(m)]
+    divisor = getattr(m, "divisor_override", None)  # AvgPool1d has none
+    return avg_pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, divisor, spatial)
 
 
 def _m_act(op: str) -> Callable[..., Made]:
@@ -181,8 +182,12 @@ def _m_prelu(b: Builder, n: fx.Node, m: nn.PReLU, args: tuple, kwargs: dict) -> 
     return prelu_made(single(args, kwargs), m.weight.detach().clone(), "")
 
 
-def _m_adaptive_avg(b: Builder, n: fx.Node, m: nn.AdaptiveAvgPool2d, args: tuple, kwargs: dict) -> Made:
-    return global_mean(single(args, kwargs), m.output_size)
+def _m_adaptive_avg(b: Builder, n: fx.Node, m: nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d, args: tuple, kwargs: dict) -> Made:
+    return global_mean(single(args, kwargs), m.output_size, _SPATIAL[type(m)])
+
+
+# The pooled axes of each pool class (the last ones of a batched input).
+_SPATIAL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 
 
 def _m_max_pool(b: Builder, n: fx.Node, m: nn.MaxPool2d, args: tuple, kwargs: dict) -> Made:
@@ -244,7 +249,9 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Linear: _m_linear,
     nn.Identity: _m_identity,
     **{d: _m_identity for d in DROPOUTS},
+    nn.AvgPool1d: _m_avg_pool,
     nn.AvgPool2d: _m_avg_pool,
+    nn.AvgPool3d: _m_avg_pool,
     nn.ReLU: _m_act("relu"),
     nn.GELU: _m_act("gelu"),
     nn.Sigmoid: _m_act("sigmoid"),
@@ -252,7 +259,9 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Flatten: _m_flatten,
     nn.Softmax: _m_softmax,
     nn.LayerNorm: _m_layer_norm,
+    nn.AdaptiveAvgPool1d: _m_adaptive_avg,
     nn.AdaptiveAvgPool2d: _m_adaptive_avg,
+    nn.AdaptiveAvgPool3d: _m_adaptive_avg,
     nn.MaxPool2d: _m_max_pool,
     nn.AdaptiveMaxPool2d: _m_adaptive_max,
     nn.SiLU: _m_act("silu"),
