@@ -538,6 +538,20 @@ def roll(x, *, shifts=REQUIRED, dims=REQUIRED):
     return torch.roll(x, shifts, dims)
 
 
+@op("unfold", kind="layout")
+def unfold(x, *, kernel=REQUIRED, dilation=(1, 1), padding=(0, 0), stride=(1, 1)):
+    """``F.unfold`` (im2col): ``(N, C, H, W) -> (N, C k_h k_w, L)``, one column per window of the zero-padded map,
+    channel-major (``c k_h k_w + i k_w + j``); ``padding`` is symmetric ``(h, w)``."""
+    return F.unfold(x, kernel, dilation, padding, stride)
+
+
+@op("fold", kind="nonlinear")
+def fold(x, *, output_size=REQUIRED, kernel=REQUIRED, dilation=(1, 1), padding=(0, 0), stride=(1, 1)):
+    """``F.fold`` (col2im), the adjoint of ``unfold``: ``(N, C k_h k_w, L) -> (N, C, H, W)``, overlapping windows
+    summed.  Linear, but no rule folds it."""
+    return F.fold(x, output_size, kernel, dilation, padding, stride)
+
+
 @op("pixel_shuffle", kind="layout")
 def pixel_shuffle(x, *, factor=REQUIRED):
     """``(B, C r^2, H, W) -> (B, C, H r, W r)``."""

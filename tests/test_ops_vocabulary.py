@@ -301,6 +301,17 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.Flatten(2), nn.AvgPool1d(3, 3, 1, ceil_mode=True), Lambda(lambda x: F.avg_pool1d(x, 2)))),
         (1, 3, 5, 7), {"avg_pool_nd"}, _onnx("AveragePool", "Pad", "Slice"),
     ),
+    # MobileViT v2's ``F.unfold(x, kernel_size=(2, 2), stride=(2, 2))`` ... ``F.fold(...)`` (windows that tile the
+    # map), and im2col windows that overlap, are padded, dilated (nn.Unfold / nn.Fold modules).
+    "unfold_fold_tiled": Case(
+        lambda: stem(lambda x: F.fold(F.unfold(x, kernel_size=(2, 2), stride=(2, 2)).sigmoid(), output_size=(6, 8), kernel_size=(2, 2), stride=(2, 2))),
+        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Transpose"),
+    ),
+    "unfold_fold_overlapping": Case(
+        lambda: stem(nn.Sequential(nn.Unfold((3, 2), dilation=(1, 2), padding=1, stride=(2, 1)), nn.Sigmoid(),
+                                   nn.Fold((6, 8), (3, 2), dilation=(1, 2), padding=1, stride=(2, 1)))),
+        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Conv", "ConvTranspose"),
+    ),
     "global_mean_1d_3d": Case(  # to size 1: a mean over the pooled axes, at any size
         lambda: stem(nn.Sequential(Lambda(lambda x: x.unsqueeze(1)), nn.AdaptiveAvgPool3d(1), nn.Flatten(2), Lambda(lambda x: x.expand(-1, -1, 3)),
                                    nn.AdaptiveAvgPool1d(1), Lambda(lambda x: x + F.adaptive_avg_pool3d(x.unsqueeze(-1).unsqueeze(-1), (1, 1, 1)).flatten(2)))),
@@ -460,7 +471,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
-        "constant", "expand", "expand_dyn", "avg_pool_nd",
+        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op

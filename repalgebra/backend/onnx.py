@@ -705,6 +705,60 @@ def _roll(ctx, n, x):
     return y if y != x else ctx.emit("Identity", [x])
 
 
+def _window_picks(c: int, kernel: tuple[int, int]) -> torch.Tensor:
+    """The ``(C k_h k_w, 1, k_h, k_w)`` weights of a conv with ``groups=C`` whose output channel ``c k_h k_w + i k_w + j``
+    copies position ``(i, j)`` of each window of channel ``c``: ``unfold`` as a convolution, and ``fold`` as its transpose."""
+    k = kernel[0] * kernel[1]
+    return torch.eye(k).reshape(k, 1, *kernel).repeat(c, 1, 1, 1)
+
+
+def _blocks(n) -> list[int] | None:
+    """``[L_h, k_h, L_w, k_w]`` when the windows tile the map (kernel == stride, no padding or dilation), else None."""
+    a = n.attrs
+    h, w = a["output_size"] if n.op == "fold" else n.x.shape[-2:]
+    (kh, kw), (sh, sw) = a["kernel"], a["stride"]
+    tiled = (kh, kw) == (sh, sw) and tuple(a["padding"]) == (0, 0) and tuple(a["dilation"]) == (1, 1) and h % kh == 0 and w % kw == 0
+    return [h // kh, kh, w // kw, kw] if tiled else None
+
+
+@lowering("unfold")
+def _unfold(ctx, n, x):
+    """Windows that tile the map: ``(N, C, L_h k_h, L_w k_w) -> (N, C, k_h, k_w, L_h, L_w)``, a ``Transpose``
+    between two ``Reshape``s; others a grouped ``Conv`` that copies each window position into a channel."""
+    a, c = n.attrs, n.x.shape[1]
+    blocks = _blocks(n)
+    if blocks is not None:
+        lh, kh, lw, kw = blocks
+        y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, lh, kh, lw, kw])])
+        y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
+        return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c * kh * kw, lh * lw])])
+    (ph, pw), kernel = a["padding"], list(a["kernel"])
+    y = ctx.emit("Conv", [x, ctx.const("picks", _window_picks(c, kernel))], kernel_shape=kernel, strides=list(a["stride"]),
+                 pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=c)
+    return ctx.emit("Reshape", [y, ctx.ints("columns", [0, n.out.shape[1], -1])])
+
+
+@lowering("fold")
+def _fold(ctx, n, x):
+    """The mirror of ``unfold``: tiling windows a ``Transpose`` between two ``Reshape``s; others the windows laid
+    out as a ``(L_h, L_w)`` map and a grouped ``ConvTranspose`` with the same weights, which sums where they overlap
+    (``output_padding`` adds the rows and columns no window reaches, zero)."""
+    a, c = n.attrs, n.out.shape[1]
+    blocks = _blocks(n)
+    if blocks is not None:
+        lh, kh, lw, kw = blocks
+        y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, kh, kw, lh, lw])])
+        y = ctx.emit("Transpose", [y], perm=[0, 1, 4, 2, 5, 3])
+        return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c, lh * kh, lw * kw])])
+    size, kernel, dilation, padding, stride = (list(a[k]) for k in ("output_size", "kernel", "dilation", "padding", "stride"))
+    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    counts = [(o + 2 * p - r) // s + 1 for o, p, r, s in zip(size, padding, reach, stride)]
+    extra = [o - ((l - 1) * s + r - 2 * p) for o, l, s, r, p in zip(size, counts, stride, reach, padding)]
+    y = ctx.emit("Reshape", [x, ctx.ints("windows", [0, n.x.shape[1], *counts])])
+    return ctx.emit("ConvTranspose", [y, ctx.const("picks", _window_picks(c, kernel))], kernel_shape=kernel, strides=stride,
+                    pads=padding + padding, dilations=dilation, group=c, output_padding=extra)
+
+
 @lowering("pixel_shuffle")
 def _pixel_shuffle(ctx, n, x):
     return ctx.emit("DepthToSpace", [x], blocksize=n.attrs["factor"], mode="CRD")

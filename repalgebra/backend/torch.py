@@ -556,6 +556,18 @@ def _roll(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.roll, xs[0], tuple(node.attrs["shifts"]), tuple(node.attrs["dims"]))
 
 
+@lowers("unfold")
+def _unfold(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    return ctx.function(F.unfold, xs[0], a["kernel"], a["dilation"], a["padding"], a["stride"])
+
+
+@lowers("fold")
+def _fold(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    return ctx.function(F.fold, xs[0], a["output_size"], a["kernel"], a["dilation"], a["padding"], a["stride"])
+
+
 @lowers("pixel_shuffle")
 def _pixel_shuffle(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.pixel_shuffle, xs[0], node.attrs["factor"])

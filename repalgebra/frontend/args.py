@@ -172,6 +172,17 @@ def adaptive_pool(op: str, x: Value | None, output_size: Any) -> Made:
     return op, [x], {"output_size": tuple(size)}, {}, ""
 
 
+def im2col(x: Value | None, kernel: Any, dilation: Any, padding: Any, stride: Any, output_size: Any = None) -> Made:
+    """``unfold`` of a 4-d ``x`` (``F.unfold``, ``nn.Unfold``), or with an ``output_size`` ``fold`` of a 3-d ``x``
+    (``F.fold``, ``nn.Fold``); each argument an int or a pair.  A size read from a tensor at run time stays a call."""
+    attrs = {"kernel": ints(kernel, 2), "dilation": ints(dilation, 2), "padding": ints(padding, 2), "stride": ints(stride, 2)}
+    if output_size is not None:
+        attrs["output_size"] = ints(output_size, 2)
+    if x is None or len(x.shape) != (4 if output_size is None else 3) or None in attrs.values():
+        return None
+    return ("unfold" if output_size is None else "fold"), [x], attrs, {}, ""
+
+
 def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any, return_indices: Any) -> Made:
     """``max_pool2d`` of a 4-d ``x``, for ``nn.MaxPool2d`` and ``F.max_pool2d`` (values only)."""
     kernel = ints(kernel, 2)

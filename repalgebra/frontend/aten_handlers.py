@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -848,6 +848,8 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.fill.Scalar: _fill,
     aten.fill.Tensor: _fill,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
+    aten.im2col.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"]),
+    aten.col2im.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"], a["output_size"]),
     aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),
 }
 

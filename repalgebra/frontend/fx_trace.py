@@ -158,6 +158,8 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Upsample,  # and nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d
     nn.PixelShuffle,
     nn.PixelUnshuffle,
+    nn.Unfold,
+    nn.Fold,
     nn.ReflectionPad2d,
     nn.ReplicationPad2d,
 )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, interpolate, ints, is_int,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int,
     max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
@@ -721,6 +721,20 @@ def _f_adaptive_avg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: di
 _POOLED_AXES = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 
 
+def _f_unfold(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.unfold(input, kernel_size, dilation=1, padding=0, stride=1)``."""
+    a = bind([("input", REQ), ("kernel_size", REQ), ("dilation", 1), ("padding", 0), ("stride", 1)], args, kwargs)
+    return None if a is None else im2col(shaped(a["input"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"])
+
+
+def _f_fold(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1)``."""
+    a = bind([("input", REQ), ("output_size", REQ), ("kernel_size", REQ), ("dilation", 1), ("padding", 0), ("stride", 1)], args, kwargs)
+    if a is None or a["output_size"] is None:
+        return None
+    return im2col(shaped(a["input"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"], a["output_size"])
+
+
 def _f_adaptive_max(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("output_size", REQ), ("return_indices", False)], args, kwargs)
     if a is None or a["return_indices"] is not False:
@@ -958,6 +972,8 @@ _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)
 _register(_f_layer_norm, F.layer_norm)
 _register(_f_avg_pool, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+_register(_f_unfold, F.unfold)
+_register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 _register(_f_contiguous, ("method", "contiguous"))
 _register(_f_to_dtype_of, ("method", "to"))

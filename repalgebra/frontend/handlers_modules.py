@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, interpolate, ints, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
@@ -218,6 +218,10 @@ def _m_upsample(b: Builder, n: fx.Node, m: nn.Upsample, args: tuple, kwargs: dic
     return interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
 
 
+def _m_fold(b: Builder, n: fx.Node, m: nn.Unfold | nn.Fold, args: tuple, kwargs: dict) -> Made:
+    return im2col(single(args, kwargs), m.kernel_size, m.dilation, m.padding, m.stride, getattr(m, "output_size", None))
+
+
 def _m_pixel_shuffle(b: Builder, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     if x is None or len(x.shape) != 4:
@@ -276,6 +280,8 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Upsample: _m_upsample,
     nn.PixelShuffle: _m_pixel_shuffle,
     nn.PixelUnshuffle: _m_pixel_shuffle,
+    nn.Unfold: _m_fold,
+    nn.Fold: _m_fold,
     nn.ReflectionPad2d: _m_pad_nd("reflect"),
     nn.ReplicationPad2d: _m_pad_nd("replicate"),
 }
