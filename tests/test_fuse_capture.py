@@ -609,6 +609,26 @@ def test_top_level_data_dependent_model_keeps_itself_whole():
     assert type(fused) is M  # its own class, with its child fused
 
 
+def test_reasons_for_values_read_from_tensors_are_said_in_words():
+    """A part kept whole because its Python reads a tensor's data says so, not in torch's symbols (``Eq(u0, 1)``,
+    ``Size-like symbols``) or about a ``_Proxy``."""
+
+    class Branch(nn.Module):
+        def forward(self, x):
+            return x.relu() if x.mean() > 0 else x
+
+    class Count(nn.Module):
+        def forward(self, x):
+            return x[:, : int(x.abs().sum() > 0) + 1]
+
+    model = randomized(nn.Sequential(conv_bn(3, 4), Branch(), Count(), nn.Conv2d(2, 2, 1)))
+    fused = check_exact(model, torch.randn(2, 3, 6, 6, dtype=D))
+    why = {r.path: r.reason for r in fused.fuse_report.parts}
+    assert "the code branches on a value computed from a tensor's data" in why["1"], why
+    assert "int() of a value torch.fx only knows symbolically" in why["2"], why
+    assert not any(w in text for text in why.values() for w in ("Eq(", "u0", "Size-like", "Proxy'")), why
+
+
 # --------------------------------------------------------------------------- the last line of defence
 
 

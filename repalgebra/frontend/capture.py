@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -61,9 +62,24 @@ class Capture:
 
 
 def first_line(e: BaseException) -> str:
-    """``Type: first line of the message``: how a failure is named in reasons and errors."""
+    """``Type: first line of the message``: how a failure is named in reasons and errors; torch's messages about
+    values the code reads from tensors say so in words (not in torch's symbols: ``Eq(u0, 1)``)."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"
+    line = lines[0] if lines else "(no message)"
+    for pattern, plain in _PLAIN:
+        m = re.match(pattern, line)
+        if m:
+            line = m.expand(plain)
+            break
+    return f"{type(e).__name__}: {line}"
+
+
+# torch's messages whose words say little to a model's author, and what they mean.
+_PLAIN = (
+    (r"Could not guard on data-dependent expression", "the code branches on a value computed from a tensor's data (data-dependent control flow)"),
+    (r"Could not extract specialized integer from data-dependent expression", "the code reads a tensor's data as a Python number"),
+    (r"(int|float|bool)\(\) argument must be .*not '_?Proxy'", r"\1() of a value torch.fx only knows symbolically (a tensor, or a size read from one)"),
+)
 
 
 def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: Iterable[str] = (),
