@@ -199,8 +199,14 @@ def _unfolded_join(n: Node) -> bool:
 
 
 def _no_rule_reason(g: Graph, n: Node) -> str:
-    users = ", ".join(sorted({u.op for u in g.users(n.out)})) or "graph output"
+    users = ", ".join(sorted({_SPOKEN.get(u.op, u.op) for u in g.users(n.out)})) or "graph output"
     return f"no rule applies (input from {_producer(n)}, used by {users})"
+
+
+# Ops of the IR that the model's code does not name, by what it wrote (a reshape reading a size at run time is
+# ``reshape_dyn``; ``x * 0.5`` is ``scale``).
+_SPOKEN = {"reshape_dyn": "reshape", "expand_dyn": "expand", "broadcast_add": "add", "broadcast_sub": "sub", "add_const": "add",
+           "scale": "mul", "pad_nd": "pad", "opaque": "a call"}
 
 
 def _producer(n: Node) -> str:
@@ -209,7 +215,7 @@ def _producer(n: Node) -> str:
     if p is None:
         return "graph input"
     if p.op != "opaque":
-        return p.op
+        return _SPOKEN.get(p.op, p.op)
     fn = p.attrs.get("fn")
     what = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
     return f"opaque {what}" + (f" {p.source!r}" if p.source else "")

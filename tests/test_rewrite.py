@@ -151,6 +151,17 @@ def test_left_alone_reason_names_the_refusing_rule_or_the_neighbours():
     }
 
 
+def test_left_alone_neighbours_are_named_as_the_model_writes_them():
+    """Ops the model's code does not name (``reshape_dyn``, ``scale``) are named by what it wrote: reshape, mul."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 3, 6, 6))
+    bn = b.batch_norm(b.relu(x), mean=torch.zeros(3), var=torch.ones(3), weight=torch.ones(3), bias=torch.ones(3), source="bn")
+    y = b.scale(b.reshape_dyn(bn, x, shape=(((0, 0),), 3, 36)), scale=torch.full((3,), 2.0), source="s")
+    fused, report = fold(b.build(b.reshape_dyn(b.relu(y), x, shape=(((0, 0),), -1))))
+    reasons = {la.source: la.reason for la in report.left_alone}
+    assert reasons["bn"] == "no rule applies (input from relu, used by reshape)", reasons
+
+
 def test_refusal_reasons_are_not_attributed_to_a_later_node_with_a_reused_id(monkeypatch):
     """``id()`` values are reused after objects die; a refusal must stay with its own node.
 
