@@ -119,6 +119,8 @@ class FuseReport:
                 lines.append(f"    {p}")
         if plain:
             lines.append(f"    fused on their own with fx ({len(plain)}): {_listed([repr(p.path) for p in plain])}")
+        if self.check:
+            lines.append(f"  checked against: {self.check}")
         copies = [n for n in self.notes if n.endswith(_AS_IT_IS)]
         lines += [f"  note: {n}" for n in self.notes if n not in copies]
         if copies:
