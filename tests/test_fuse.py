@@ -517,7 +517,9 @@ def test_a_model_with_nothing_to_fold_is_returned_as_a_copy_of_itself():
 def test_the_report_says_what_the_check_compared():
     model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
     x = torch.randn(1, 3, 8, 8)
-    assert fuse(model, x).fuse_report.check == "the model on the example input in float64, to 1e-05 relative"
+    report = fuse(model, x).fuse_report
+    assert report.check == "the model on the example input in float64, to 1e-05 relative"
+    assert "\n  checked against: the model on the example input in float64, to 1e-05 relative\n" in str(report)
     assert fuse(model, x, check=False).fuse_report.check == "none (check=False)"
 
 
