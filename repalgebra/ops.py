@@ -451,6 +451,25 @@ def sum_(x, *, dims=REQUIRED, keepdim=False):
     return x.sum(dim=dims, keepdim=keepdim)
 
 
+@op("amax", kind="nonlinear")
+def amax(x, *, dims=REQUIRED, keepdim=False):
+    """Maximum over ``dims`` (values only: ``torch.amax``)."""
+    return torch.amax(x, dims, keepdim)
+
+
+@op("norm", kind="nonlinear")
+def norm(x, *, p=2.0, dims=REQUIRED, keepdim=False):
+    """The vector ``p``-norm over ``dims``: ``(sum |x|^p)^(1/p)``, the maximum of ``|x|`` for ``p = inf``
+    (``torch.linalg.vector_norm``, which ``torch.norm``, ``x.norm`` and ``F.normalize`` call)."""
+    return torch.linalg.vector_norm(x, p, dims, keepdim)
+
+
+@op("abs", kind="nonlinear")
+def abs_(x):
+    """``|x|``."""
+    return torch.abs(x)
+
+
 @op("max_pool2d", kind="nonlinear")
 def max_pool2d(x, *, kernel=REQUIRED, stride=REQUIRED, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     """Max pooling; ``padding`` is symmetric ``(h, w)`` (padded with -inf), as in PyTorch."""

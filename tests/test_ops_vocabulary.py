@@ -254,6 +254,18 @@ class TableBias(nn.Module):
         return a, r
 
 
+class Norms(nn.Module):
+    """Cosine attention and normalized heads (SwinV2, CLIP, ArcFace): ``F.normalize``, ``x.norm(dim=-1,
+    keepdim=True)``, ``torch.linalg.vector_norm`` of other orders, ``x.abs().amax(...)`` (a max-abs scale)."""
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        q = F.normalize(t, dim=-1)
+        k = t / t.norm(dim=-1, keepdim=True)
+        return (q @ k.transpose(-2, -1), torch.norm(t, p=1, dim=1), torch.linalg.vector_norm(t, ord=3, dim=(1, 2)),
+                torch.linalg.vector_norm(x, float("inf"), dim=1), x / x.abs().amax(dim=(2, 3), keepdim=True), abs(x).amax())
+
+
 class Expands(nn.Module):
     def forward(self, x):
         g = x.mean((2, 3), keepdim=True)
@@ -312,6 +324,7 @@ CASES: dict[str, Case] = {
                                    nn.Fold((6, 8), (3, 2), dilation=(1, 2), padding=1, stride=(2, 1)))),
         (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Conv", "ConvTranspose"),
     ),
+    "norms": Case(lambda: stem(Norms()), (1, 3, 5, 6), {"norm", "abs", "amax"}, _onnx("ReduceL2", "ReduceL1", "ReduceMax", "Abs", "Div")),
     "global_mean_1d_3d": Case(  # to size 1: a mean over the pooled axes, at any size
         lambda: stem(nn.Sequential(Lambda(lambda x: x.unsqueeze(1)), nn.AdaptiveAvgPool3d(1), nn.Flatten(2), Lambda(lambda x: x.expand(-1, -1, 3)),
                                    nn.AdaptiveAvgPool1d(1), Lambda(lambda x: x + F.adaptive_avg_pool3d(x.unsqueeze(-1).unsqueeze(-1), (1, 1, 1)).flatten(2)))),
@@ -471,7 +484,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
-        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold",
+        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op

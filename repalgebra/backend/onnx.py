@@ -355,14 +355,42 @@ def _softmax(ctx, n, x):
     return ctx.emit("Softmax", [x], axis=n.attrs["axis"])
 
 
-@lowering("mean")
-def _mean(ctx, n, x):
+def _reduce(ctx, op_type: str, x, n):
+    """``op_type`` over ``n``'s ``dims``: the axes an input from opset 18 (``ReduceSum`` from 13), an attribute before."""
     dims = n.attrs["dims"]
     dims = [dims] if isinstance(dims, int) else list(dims)
     keep = int(n.attrs["keepdim"])
-    if ctx.opset >= 18:
-        return ctx.emit("ReduceMean", [x, ctx.ints("axes", dims)], keepdims=keep)
-    return ctx.emit("ReduceMean", [x], axes=dims, keepdims=keep)
+    if ctx.opset >= 18 or op_type == "ReduceSum":
+        return ctx.emit(op_type, [x, ctx.ints("axes", dims)], keepdims=keep)
+    return ctx.emit(op_type, [x], axes=dims, keepdims=keep)
+
+
+@lowering("mean")
+def _mean(ctx, n, x):
+    return _reduce(ctx, "ReduceMean", x, n)
+
+
+@lowering("amax")
+def _amax(ctx, n, x):
+    return _reduce(ctx, "ReduceMax", x, n)
+
+
+@lowering("norm")
+def _norm(ctx, n, x):
+    """``ReduceL2``, ``ReduceL1``, ``ReduceMax`` of ``Abs`` (infinity), else ``(ReduceSum |x|^p)^(1/p)``."""
+    p = n.attrs["p"]
+    if p in (1.0, 2.0):
+        return _reduce(ctx, "ReduceL1" if p == 1.0 else "ReduceL2", x, n)
+    magnitude = ctx.emit("Abs", [x])
+    if p == float("inf"):
+        return _reduce(ctx, "ReduceMax", magnitude, n)
+    powered = ctx.emit("Pow", [magnitude, _number(ctx, "p", p)])
+    return ctx.emit("Pow", [_reduce(ctx, "ReduceSum", powered, n), _number(ctx, "inverse_p", 1.0 / p)])
+
+
+@lowering("abs")
+def _abs(ctx, n, x):
+    return ctx.emit("Abs", [x])
 
 
 @lowering("layer_norm")
@@ -476,9 +504,7 @@ def _add_const(ctx, n, x):
 
 @lowering("sum")
 def _sum(ctx, n, x):
-    dims = n.attrs["dims"]
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    return ctx.emit("ReduceSum", [x, ctx.ints("axes", dims)], keepdims=int(n.attrs["keepdim"]))
+    return _reduce(ctx, "ReduceSum", x, n)
 
 
 @lowering("max_pool2d")

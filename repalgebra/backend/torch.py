@@ -488,6 +488,22 @@ def _sum(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.method("sum", xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])
 
 
+@lowers("amax")
+def _amax(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.amax, xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])
+
+
+@lowers("norm")
+def _norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    return ctx.function(torch.linalg.vector_norm, xs[0], a["p"], tuple(a["dims"]), a["keepdim"])
+
+
+@lowers("abs")
+def _abs(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(torch.abs, xs[0])
+
+
 @lowers("max_pool2d")
 def _max_pool2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     a = node.attrs

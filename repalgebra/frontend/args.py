@@ -183,6 +183,16 @@ def im2col(x: Value | None, kernel: Any, dilation: Any, padding: Any, stride: An
     return ("unfold" if output_size is None else "fold"), [x], attrs, {}, ""
 
 
+def vector_norm(x: Value | None, p: Any, dim: Any, keepdim: Any) -> Made:
+    """``norm`` of ``x`` over ``dim`` (an int, ints, or None for all axes), for ``torch.norm``, ``x.norm``,
+    ``torch.linalg.vector_norm`` (``p="fro"`` is 2); ``p`` a positive number or infinity."""
+    p = 2.0 if p == "fro" else p
+    if x is None or not isinstance(keepdim, bool) or isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        return None
+    dims = tuple(range(len(x.shape))) if dim is None else (dim,) if is_int(dim) else ints(dim)
+    return None if not dims else ("norm", [x], {"p": float(p), "dims": dims, "keepdim": keepdim}, {}, "")
+
+
 def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any, return_indices: Any) -> Made:
     """``max_pool2d`` of a 4-d ``x``, for ``nn.MaxPool2d`` and ``F.max_pool2d`` (values only)."""
     kernel = ints(kernel, 2)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, vector_norm, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -648,6 +648,14 @@ def _adaptive_avg_nd(spatial: int) -> Callable[..., Made]:
     return lambda b, n, a: global_mean(_v(a["self"]), a["output_size"], spatial)
 
 
+def _amax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    if x is None or not isinstance(a["keepdim"], bool):
+        return None
+    dims = _ints(a["dim"]) if a["dim"] else tuple(range(len(x.shape)))  # [] is every axis
+    return None if not dims else ("amax", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, None)
+
+
 def _adaptive_avg(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
     x = _v(a["self"])
@@ -848,6 +856,9 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.fill.Scalar: _fill,
     aten.fill.Tensor: _fill,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
+    aten.abs.default: _unary("abs"),
+    aten.amax.default: _amax,
+    aten.linalg_vector_norm.default: lambda b, n, a: None if a["dtype"] is not None else vector_norm(_v(a["self"]), a["ord"], a["dim"], a["keepdim"]),
     aten.im2col.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"]),
     aten.col2im.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"], a["output_size"]),
     aten.pixel_unshuffle.default: _shuffle("pixel_unshuffle", "downscale_factor"),

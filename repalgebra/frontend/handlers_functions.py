@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int, vector_norm,
     max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
@@ -531,6 +531,38 @@ def _f_sum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     return None if not dims else ("sum", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, "")
 
 
+def _f_amax(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("dim", ()), ("keepdim", False)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["keepdim"], bool):
+        return None
+    x = a["input"]
+    dims = tuple(range(len(x.shape))) if a["dim"] in ((), []) else (a["dim"],) if is_int(a["dim"]) else ints(a["dim"])
+    return None if not dims else ("amax", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, "")
+
+
+def _f_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.norm(x, p="fro", dim=None, keepdim=False)``, ``x.norm(...)``, ``torch.linalg.vector_norm(x, ord=2, ...)``."""
+    p = ("ord", 2) if target is torch.linalg.vector_norm else ("p", "fro")
+    last = [("dtype", None)] if n.op == "call_method" else [("out", None), ("dtype", None)]  # x.norm has no out
+    a = bind([("input", REQ), p, ("dim", None), ("keepdim", False), *last], args, kwargs)
+    if a is None or a["dtype"] is not None or a.get("out") is not None:
+        return None
+    return vector_norm(shaped(a["input"]), a[p[0]], a["dim"], a["keepdim"])
+
+
+def _f_normalize(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.normalize(x, p, dim, eps)``: ``x / x.norm(p, dim, keepdim=True).clamp_min(eps)``, as PyTorch computes it."""
+    a = bind([("input", REQ), ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None)], args, kwargs)
+    if a is None or a["out"] is not None or not is_int(a["dim"]) or isinstance(a["eps"], bool) or not isinstance(a["eps"], (int, float)):
+        return None
+    made = vector_norm(shaped(a["input"]), a["p"], a["dim"], True)
+    if made is None:
+        return None
+    where = b.source(n)
+    size = b.add("clamp", [b.add(*made[:4], source=where)], {"min": float(a["eps"])}, {}, where)
+    return "div", [a["input"], size], {}, {}, ""
+
+
 def _f_identity_unless_training(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("p", 0.5), ("training", True), ("inplace", False)], args, kwargs)
     if a is None or shaped(a["input"]) is None or a["training"] is not False:
@@ -972,6 +1004,10 @@ _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)
 _register(_f_layer_norm, F.layer_norm)
 _register(_f_avg_pool, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+_register(_f_unary("abs"), torch.abs, operator.abs, ("method", "abs"))
+_register(_f_amax, torch.amax, ("method", "amax"))
+_register(_f_norm, torch.norm, torch.linalg.vector_norm, ("method", "norm"))
+_register(_f_normalize, F.normalize)
 _register(_f_unfold, F.unfold)
 _register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
