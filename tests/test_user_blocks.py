@@ -413,6 +413,49 @@ def test_levit_network():
 # --------------------------------------------------------------------------- whole small networks
 
 
+# --------------------------------------------------------------------------- VanillaNet
+
+
+class VanillaActivation(nn.ReLU):
+    """VanillaNet's activation: a ReLU, then a learned depthwise conv of ``2 act_num + 1`` taps with its BN."""
+
+    def __init__(self, dim: int, act_num: int = 1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, 1, 2 * act_num + 1, 2 * act_num + 1) * 0.02)
+        self.bias = None
+        self.bn = nn.BatchNorm2d(dim, eps=1e-6)
+        self.dim, self.act_num = dim, act_num
+
+    def forward(self, x):
+        return self.bn(F.conv2d(super().forward(x), self.weight, self.bias, padding=(self.act_num * 2 + 1) // 2, groups=self.dim))
+
+
+class VanillaBlock(nn.Module):
+    """VanillaNet's block in training form: 1x1 conv-BN, ``F.leaky_relu(x, self.act_learn)`` (the slope is annealed
+    from 0 to 1 during training), 1x1 conv-BN, the activation.  At ``act_learn = 1`` the leaky ReLU is the identity
+    and the two 1x1 convs are one (VanillaNet's own deploy form)."""
+
+    def __init__(self, dim: int, dim_out: int, act_learn: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim, eps=1e-6))
+        self.conv2 = nn.Sequential(nn.Conv2d(dim, dim_out, 1), nn.BatchNorm2d(dim_out, eps=1e-6))
+        self.pool = nn.Identity()
+        self.act = VanillaActivation(dim_out)
+        self.act_learn = act_learn
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.leaky_relu(x, self.act_learn)
+        x = self.conv2(x)
+        return self.act(self.pool(x))
+
+
+@pytest.mark.parametrize("act_learn", [1, 0.3])
+def test_vanillanet_block(act_learn):
+    fused = check(randomize(VanillaBlock(8, 16, act_learn)), x4(8), convs=2 if act_learn == 1 else 3, relu=1)
+    assert fused.fuse_report.ops_after.get("leaky_relu", 0) == (act_learn != 1)
+
+
 def test_mixed_network_with_gelu():
     """RepVGG, ACNet, DBB, MobileOne, RepMixer, RepCPE, RepGhost and RepViT blocks in one network, GELU between."""
     net = nn.Sequential(

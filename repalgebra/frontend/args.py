@@ -207,6 +207,14 @@ def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: 
 _MODES = ("nearest", "nearest-exact", "bilinear")
 
 
+def leaky_relu_made(x: Value | None, slope: Any, source: str | None) -> Made:
+    """``leaky_relu`` of ``x``; with slope 1 (VanillaNet's activation at the end of training, ``act_learn = 1``) the
+    identity, which lets the layers either side of it merge."""
+    if x is None or isinstance(slope, bool) or not isinstance(slope, (int, float)):
+        return None
+    return ("identity", [x], {}, {}, source) if slope == 1 else ("leaky_relu", [x], {"negative_slope": float(slope)}, {}, source)
+
+
 def prelu_made(x: Value | None, weight: torch.Tensor, source: str | None) -> Made:
     """``prelu`` of ``x``: one slope for every element, or one per channel of axis 1 (as ``F.prelu`` reads it)."""
     if x is None or x.shape is None or weight.dim() != 1:

@@ -14,7 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from repalgebra.frontend.args import avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, vector_norm, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import (
+    avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, leaky_relu_made, prelu_made, scalar_axis, transposed_conv_attrs,
+    unsqueezed, vector_norm,
+)
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
 
@@ -570,10 +573,7 @@ def _shuffle(op: str, name: str) -> Callable[..., Made]:
 
 
 def _leaky_relu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    x, slope = _v(a["self"]), a["negative_slope"]
-    if x is None or not isinstance(slope, (int, float)):
-        return None
-    return "leaky_relu", [x], {"negative_slope": float(slope)}, {}, None
+    return leaky_relu_made(_v(a["self"]), a["negative_slope"], None)
 
 
 def _softplus(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int, vector_norm,
-    max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int,
+    leaky_relu_made, max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed, vector_norm,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -579,9 +579,7 @@ def _const(x: Any) -> torch.Tensor | None:
 
 def _f_leaky_relu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("negative_slope", 0.01), ("inplace", False)], args, kwargs)
-    if a is None or shaped(a["input"]) is None or not isinstance(a["negative_slope"], (int, float)):
-        return None
-    return "leaky_relu", [a["input"]], {"negative_slope": float(a["negative_slope"])}, {}, ""
+    return None if a is None else leaky_relu_made(shaped(a["input"]), a["negative_slope"], "")
 
 
 def _f_softplus(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
@@ -169,8 +169,7 @@ def _m_layer_norm(b: Builder, n: fx.Node, m: nn.LayerNorm, args: tuple, kwargs: 
 
 
 def _m_leaky_relu(b: Builder, n: fx.Node, m: nn.LeakyReLU, args: tuple, kwargs: dict) -> Made:
-    x = single(args, kwargs)
-    return None if x is None else ("leaky_relu", [x], {"negative_slope": float(m.negative_slope)}, {}, "")
+    return leaky_relu_made(single(args, kwargs), m.negative_slope, "")
 
 
 def _m_softplus(b: Builder, n: fx.Node, m: nn.Softplus, args: tuple, kwargs: dict) -> Made:
