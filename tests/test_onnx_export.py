@@ -7,7 +7,10 @@ orders.  Batch is dynamic: exported at batch 1, run at batch 1 and 3.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -415,3 +418,57 @@ def test_a_capture_at_the_export_shapes_that_computes_something_else_is_not_expo
     x = torch.randn(*shape)
     with torch.no_grad():
         assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+class Features(NamedTuple):
+    features: torch.Tensor
+    logits: torch.Tensor
+    aux: torch.Tensor | None = None  # an optional field left None
+
+
+class UnregisteredOutput(OrderedDict):
+    """An HF-style ``ModelOutput`` (an ``OrderedDict`` dataclass holding its fields that are not None) that older
+    transformers do not register with torch's pytree."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+@dataclasses.dataclass
+class HiddenStates(UnregisteredOutput):
+    last_hidden_state: torch.Tensor = None
+    aux: torch.Tensor = None
+    pooler_output: torch.Tensor = None
+
+
+class Structured(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.conv, self.bn, self.fc = kind, nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.bn(self.conv(x))
+        p = self.fc(f.mean((2, 3)))
+        return Features(f, p) if self.kind == "named_tuple" else HiddenStates(last_hidden_state=f, pooler_output=p)
+
+
+@pytest.mark.parametrize("kind", ["named_tuple", "model_output"])
+@pytest.mark.parametrize("fuse_first", [True, False], ids=["model", "fused"])
+def test_named_tuple_and_model_output_records_export_their_tensors(kind, fuse_first):
+    """A named tuple with a field left None, and a dict dataclass pytree does not know: each tensor one ONNX output,
+    in field order (export_onnx raised TypeError / AttributeError on both)."""
+    model = randomize(Structured(kind)).float()
+    x = torch.randn(1, 3, 8, 8)
+    target = model if fuse_first else repalgebra.fuse(model, x)
+    proto = export_onnx(target, None, (1, 3, 8, 8), fuse=fuse_first)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        got = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            want = model(xb)
+        assert len(got) == 2
+        assert rel_err(got[0], want[0] if kind == "named_tuple" else want["last_hidden_state"]) <= RTOL
+        assert rel_err(got[1], want[1] if kind == "named_tuple" else want["pooler_output"]) <= RTOL

@@ -1027,7 +1027,7 @@ def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: to
     outs = outs if isinstance(outs, tuple) else (outs,)
     axes = []
     for v, t in zip(graph.outputs, outs):
-        if not torch.is_tensor(t) or t.dim() != len(v.shape):
+        if not torch.is_tensor(t) or v.shape is None or t.dim() != len(v.shape):
             return None
         axes.append([k for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b])
     return axes

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -47,7 +48,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import onnx
 import torch
@@ -889,10 +890,14 @@ def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Gra
     with torch.no_grad():
         out = work(*[t.clone() for t in inputs])
     xs = [Graph.input(f"x{k}" if len(inputs) > 1 else "x", tuple(t.shape), t.dtype) for k, t in enumerate(inputs)]
-    leaves, spec = pytree.tree_flatten(out)
-    if spec.is_leaf():
+    if torch.is_tensor(out):
         node = Node.make("opaque", xs, {"fn": work, "out_shape": tuple(out.shape), "out_dtype": out.dtype}, {}, "")
         return Graph(xs, [node], [node.out])
+    leaves = output_leaves(out)
+    odd = next((t for t in leaves if t is not None and not torch.is_tensor(t)), None)
+    if odd is not None:
+        raise TypeError(f"export_onnx: {type(model).__name__} returns a {type(odd).__name__} among its outputs; ONNX outputs are "
+                        "tensors (return tensors in tuples, lists, dicts, named tuples or dataclasses)")
     whole = Node.make("opaque", xs, {"fn": Flat(work), "out_shape": None, "out_dtype": None}, {}, "")
     nodes = [whole]
     for k, t in enumerate(leaves):
@@ -916,9 +921,23 @@ class Flat(nn.Module):
         self.module = module
 
     def forward(self, *xs: Any) -> tuple:
-        from torch.utils import _pytree as pytree
+        return tuple(output_leaves(self.module(*xs)))
 
-        return tuple(pytree.tree_leaves(self.module(*xs)))
+
+def output_leaves(out: Any) -> list:
+    """The tensors (and Nones) of a model's output in order: pytree's leaves, and inside a mapping or dataclass pytree
+    does not know (an HF ``ModelOutput`` class that is not registered) its values, as ``to_tuple()`` gives them."""
+    from torch.utils import _pytree as pytree
+
+    flat = []
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, Mapping):
+            flat += output_leaves(list(t.values()))
+        elif dataclasses.is_dataclass(t) and not isinstance(t, type):
+            flat += output_leaves([getattr(t, f.name) for f in dataclasses.fields(t)])
+        else:
+            flat.append(t)
+    return flat
 
 
 def fixed_shape_parts(model: nn.Module) -> list[str]:

@@ -13,6 +13,7 @@ the other calls on meta tensors, or from one real run when meta tensors fail
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -170,6 +171,15 @@ class Builder:
 
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
+        if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
+            # A named tuple of results (``Pair(features, logits)``, fields left None) is a container, as a plain tuple is:
+            # its fields are the values themselves, and the output structure keeps its type.
+            ex = fx.node.map_aggregate((n.args, n.kwargs), lambda x: self.example.get(x) if isinstance(x, fx.Node) else x)
+            try:
+                self.example[n] = target(*ex[0], **ex[1])
+            except Exception:  # noqa: BLE001  (an example missing: only the values matter)
+                pass
+            return target(*args, **kwargs)
         folded = self.fold(n, kind, target, args, kwargs)
         if folded is not None:
             return folded
@@ -238,6 +248,10 @@ class Builder:
 
     def leave_bn(self, n: fx.Node, reason: str) -> None:
         self.left_alone.append(LeftAlone(self.source(n), "batch_norm", reason))
+
+
+def _is_named_tuple(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields")
 
 
 def _call_meta(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
