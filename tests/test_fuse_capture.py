@@ -629,6 +629,37 @@ def test_reasons_for_values_read_from_tensors_are_said_in_words():
     assert not any(w in text for text in why.values() for w in ("Eq(", "u0", "Size-like", "Proxy'")), why
 
 
+def test_a_torchscript_submodule_is_a_call_and_the_rest_fuses():
+    """A ``torch.jit.script``'ed block has no Python forward: it is carried as a call with a note, and the model
+    around it is traced and folds (it was kept whole, blamed on an in-place ReLU before it)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(conv_bn(3, 8), nn.ReLU(inplace=True))
+            self.block = torch.jit.script(randomized(Block()))
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+    model = randomized(Net())
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and report.rule_counts() == {"bn_fold": 1}, str(report)
+    assert any(n.startswith("'block' is a TorchScript module") for n in report.notes), report.notes
+    with torch.no_grad():
+        x = torch.randn(3, 3, 10, 12, dtype=D)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the last line of defence
 
 

@@ -212,6 +212,11 @@ class Builder:
                     )
         if info is None:
             info = self.run_meta(n, kind, target)
+        if kind == "call_module" and isinstance(target, torch.jit.ScriptModule):
+            note = (f"{self.source(n)!r} is a TorchScript module: compiled code torch.fx cannot see into, carried through as it "
+                    "is (fuse the Python module before scripting it to fold inside it)")
+            if note not in self.notes:
+                self.notes.append(note)
         return self.opaque(n, kind, target, args, kwargs, info)
 
     def fold(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict) -> Const | None:

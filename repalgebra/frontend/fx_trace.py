@@ -333,6 +333,8 @@ class Tracer(fx.Tracer):
             return True
         if recognised(m) is not None or (isinstance(m, FnCall) and m.reads_input_dtype):
             return True
+        if isinstance(m, torch.jit.ScriptModule):  # compiled code, no Python forward to trace: a call of itself
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
