@@ -21,6 +21,17 @@ def sole_use(graph: Graph, value: Value) -> bool:
     return graph.num_uses(value) == 1
 
 
+def every_reader(graph: Graph, value: Value, op: str) -> list[Node] | None:
+    """The nodes reading ``value`` when there are several, all ``op`` nodes that read it as their first input only
+    (and it is no graph output), in graph order; else None."""
+    readers = graph.users(value)
+    if len(readers) < 2 or graph.num_uses(value) != len(readers):
+        return None
+    if any(n.op != op or n.inputs[0] is not value or any(i is value for i in n.inputs[1:]) for n in readers):
+        return None
+    return readers
+
+
 @dataclass(frozen=True)
 class Window:
     """Where a conv's taps land in input coordinates, per axis: ``first`` offset, tap ``step``, tap ``count``."""

@@ -11,15 +11,18 @@ A reflect, replicate or circular pad between them (mmcv's ``ConvModule`` with
 within each channel, so the affine map commutes with it: the pad moves before
 the fold, ``conv(pad(BN(x))) = conv'(pad(x))``.
 
+Read by several convs and nothing else (the 1x1 branches of an Inception block
+after a shared BN), it folds into each of them at once.
+
 Preconditions: the BN's (or the add's) output is read only by the conv (or the
-copying pad, read only by the conv), and the conv does not zero-pad.  With padding the identity breaks: the conv's
+copying pad, read only by the conv), or only by convs, and no such conv zero-pads.  With padding the identity breaks: the conv's
 border sees 0 where the unfused graph sees BN(0) = t != 0, so the rule refuses.
 """
 
 import torch
 
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
-from repalgebra.match import conv_with, producer, sole_use
+from repalgebra.match import conv_with, every_reader, producer, sole_use
 from repalgebra.rules.bias_fold import per_feature
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -31,31 +34,45 @@ _COPYING = ("reflect", "replicate", "circular")  # pads that copy pixels of the 
 def bn_before_conv(graph, conv):
     pad = _copying_pad(graph, conv.x)
     bn = producer(conv.x if pad is None else pad.x, "batch_norm", "add_const")
-    if bn is None or not sole_use(graph, bn.out):
+    if bn is None:
         return None
-    w = conv.params["weight"]
-    if bn.op == "add_const":
-        c = per_feature(bn.params["const"], bn.x.shape, 1)
-        if c is None:
-            return None  # changes along other axes than the channels: not an affine map per channel
-        channels = bn.x.shape[1]
-        s = torch.full((channels,), float(bn.attrs["sign"]), dtype=w.dtype)
-        t = c.to(w.dtype).expand(channels)
-    if any(conv.attrs["padding"]):
+    readers = [conv] if sole_use(graph, bn.out) else every_reader(graph, bn.out, "conv2d") if pad is None else None
+    if readers is None:
+        return None
+    affine = _affine(bn, conv.params["weight"].dtype)
+    if affine is None:
+        return None  # changes along other axes than the channels: not an affine map per channel
+    if any(any(c.attrs["padding"]) for c in readers):
         if bn.op == "add_const":
             return Refusal("the conv after it zero-pads: its border would see 0, not the added constant", about=bn)
         return Refusal("the conv after it zero-pads, and BN(0) != 0 at the border", about=bn)
+    if pad is None:  # one conv, or each conv reading the BN (an Inception block's 1x1 branches)
+        news = [_folded(c, *affine, bn, bn.x) for c in readers]
+        return Rewrite(readers[0].out, news[0].out, tuple(news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
+    moved = pad.replace(inputs=(bn.x, *pad.inputs[1:]))  # the affine commutes with copying pixels
+    new = _folded(conv, *affine, bn, moved.out)
+    return Rewrite(conv.out, new.out, (moved, new))
+
+
+def _affine(bn, dtype):
+    """``(s, t)`` per input channel: the BN's, or ``sign`` and the constant of an ``add_const`` (None when it varies
+    along other axes)."""
     if bn.op == "batch_norm":
-        s, t = bn_affine(bn)
+        return bn_affine(bn)
+    c = per_feature(bn.params["const"], bn.x.shape, 1)
+    if c is None:
+        return None
+    channels = bn.x.shape[1]
+    return torch.full((channels,), float(bn.attrs["sign"]), dtype=dtype), c.to(dtype).expand(channels)
+
+
+def _folded(conv, s, t, bn, x):
+    """``conv`` reading ``x`` with ``x -> s x + t`` per input channel folded into its weights and bias."""
+    w = conv.params["weight"]
     per_o = lambda v: per_input_channel(v, w.shape, conv.attrs["groups"])  # noqa: E731  (laid out like W[o, i])
     new_w = w * per_o(s)[:, :, None, None]
     new_b = conv_bias(conv) + (w * per_o(t)[:, :, None, None]).sum((1, 2, 3))
-    if pad is None:
-        new = conv_with(conv, sources=(bn,), inputs=(bn.x,), weight=new_w, bias=new_b)
-        return Rewrite(conv.out, new.out, (new,))
-    moved = pad.replace(inputs=(bn.x, *pad.inputs[1:]))  # the affine commutes with copying pixels
-    new = conv_with(conv, sources=(bn,), inputs=(moved.out,), weight=new_w, bias=new_b)
-    return Rewrite(conv.out, new.out, (moved, new))
+    return conv_with(conv, sources=(bn,), inputs=(x,), weight=new_w, bias=new_b)
 
 
 def _copying_pad(graph, value):

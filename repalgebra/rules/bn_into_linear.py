@@ -20,19 +20,27 @@ A constant per-channel scale is the same fold with ``t = 0`` (the Linear keeps
 its bias, or none), and a scale by one number (StyleGAN2's ``* sqrt(2)`` before
 the next layer) folds through any layout: every element meets it.
 
+A BN or scale on the features read by several Linears and nothing else
+(LLaMA's RMSNorm weight before ``q_proj``, ``k_proj`` and ``v_proj``) folds
+into each of them at once: ``Linear_i(s x + t) = Linear(x; W_i s, b_i + W_i t)``.
+
 Preconditions: every value from the BN to the Linear is read only by the next
 op, and the layout ops (and a mean, which must not average the channel axis)
 keep the channel axis whole and end with it last, or are that one flatten.
+Read by several Linears, the BN's output feeds them directly, on their last axis.
 """
 
 from repalgebra.kernels import bn_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
-from repalgebra.match import merged_source, producer, sole_use
+from repalgebra.match import every_reader, merged_source, producer, sole_use
 from repalgebra.rules.registry import Rewrite, rule
 
 
 @rule("bn_into_linear", on="linear")
 def bn_into_linear(graph, lin):
+    shared = producer(lin.x, "batch_norm", "scale")
+    if shared is not None and not sole_use(graph, lin.x):
+        return _into_every_linear(graph, shared)
     bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean"))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
         mean = bn
@@ -42,28 +50,50 @@ def bn_into_linear(graph, lin):
         chain = [mean, *chain]
     if bn is None:
         return None
-    features = lin.x.shape[-1]
-    if bn.op == "batch_norm":
-        (s, t), axis = bn_affine(bn), 1
-    else:  # a constant scale: s on its axis, no shift
-        s, t, axis = bn.params["scale"], None, bn.attrs["axis"] % len(bn.x.shape)
-    if s.numel() and bool((s == s.flatten()[0]).all()) and (t is None or bool((t == t.flatten()[0]).all())):
-        # One number (StyleGAN2's ``* sqrt(2)``, a BN of one channel): every element meets it, wherever it lands.
-        s, t = s.flatten()[0].expand(features), None if t is None else t.flatten()[0].expand(features)
-    elif follow_chain(chain, axis) != len(lin.x.shape) - 1:
+    s, t, axis, one = _affine(bn, lin.x.shape[-1])
+    if not one and follow_chain(chain, axis) != len(lin.x.shape) - 1:
         repeat = _flattened_features(chain, bn) if axis == 1 else None
         if repeat is None:
             return None
         s, t = s.repeat_interleave(repeat), None if t is None else t.repeat_interleave(repeat)
-    w = lin.params["weight"]
-    b = lin.params.get("bias")
+    moved = replay(chain, bn.x)
+    start = moved[-1].out if moved else bn.x
+    new = lin.replace(inputs=(start,), params=_folded(lin, s, t), source=merged_source(lin, bn))
+    return Rewrite(lin.out, new.out, (*moved, new))
+
+
+def _affine(bn, features: int):
+    """``(s, t, axis, one)``: the BN's (or scale's, ``t`` None) map on ``axis``; ``one`` when it is one number for
+    every element (StyleGAN2's ``* sqrt(2)``, a BN of one channel), then ``s`` and ``t`` spread over ``features``."""
+    if bn.op == "batch_norm":
+        (s, t), axis = bn_affine(bn), 1
+    else:  # a constant scale: s on its axis, no shift
+        s, t, axis = bn.params["scale"], None, bn.attrs["axis"] % len(bn.x.shape)
+    one = s.numel() > 0 and bool((s == s.flatten()[0]).all()) and (t is None or bool((t == t.flatten()[0]).all()))
+    if one:  # every element meets it, wherever it lands
+        s, t = s.flatten()[0].expand(features), None if t is None else t.flatten()[0].expand(features)
+    return s, t, axis, one
+
+
+def _folded(lin, s, t) -> dict:
+    """The Linear's parameters with ``x -> s x + t`` (``t`` None: no shift) folded in: ``W s``, ``b + W t``."""
+    w, b = lin.params["weight"], lin.params.get("bias")
     params = {"weight": w * s}
     if t is not None or b is not None:
         params["bias"] = (0 if b is None else b) + (0 if t is None else w @ t)
-    moved = replay(chain, bn.x)
-    start = moved[-1].out if moved else bn.x
-    new = lin.replace(inputs=(start,), params=params, source=merged_source(lin, bn))
-    return Rewrite(lin.out, new.out, (*moved, new))
+    return params
+
+
+def _into_every_linear(graph, bn):
+    """``bn`` read by several Linears and nothing else, on the features they read: folded into each at once."""
+    readers = every_reader(graph, bn.out, "linear")
+    if readers is None:
+        return None
+    s, t, axis, one = _affine(bn, bn.x.shape[-1])
+    if not one and axis != len(bn.x.shape) - 1:
+        return None
+    news = [lin.replace(inputs=(bn.x,), params=_folded(lin, s, t), source=merged_source(lin, bn)) for lin in readers]
+    return Rewrite(readers[0].out, news[0].out, tuple(news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
 
 
 def _flattened_features(chain, bn) -> int | None:

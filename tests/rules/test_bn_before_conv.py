@@ -116,3 +116,25 @@ def test_a_constant_pad_between_is_not_crossed(dtype, seed, data):
     graph = b.build(b.conv2d(y, weight=w))
     fused, report = run_rules(graph, "bn_before_conv")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(spec=conv_specs(padding="none"), dtype=float_dtypes(), readers=st.integers(2, 3), padded=st.booleans(), seed=seeds(), data=st.data())
+def test_a_bn_read_by_several_convs_folds_into_each_unless_one_pads(spec, dtype, readers, padded, seed, data):
+    """The 1x1 branches of an Inception block after a shared BN: folded into every conv at once; refused when one
+    of them (not the first) zero-pads."""
+    stats = data.draw(bn_stats(spec.in_channels))
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(), dtype)
+    n = add_bn(b, x, stats, dtype, "blk.bn")
+    outs = [add_conv(b, n, spec, dtype, seed + k, f"blk.conv{k}") for k in range(readers)]
+    if padded:
+        outs[-1] = b.conv2d(n, weight=torch.ones(2, spec.in_channels, 3, 3, dtype=dtype), padding=(1, 1, 1, 1), source="blk.padded")
+    graph = b.build(*outs)
+    fused, report = run_rules(graph, "bn_before_conv")
+    if padded:
+        assert fired(report, "bn_before_conv") == 0 and fused.op_counts() == graph.op_counts()
+        assert reasons(report, "batch_norm") == ["bn_before_conv: the conv after it zero-pads, and BN(0) != 0 at the border"]
+    else:
+        assert report.rule_counts() == {"bn_before_conv": 1} and fused.op_counts() == {"conv2d": readers}
+        assert all(conv.x is x for conv in fused.nodes)
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed + 1), dtype)

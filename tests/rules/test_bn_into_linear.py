@@ -116,3 +116,28 @@ def test_a_constant_scale_folds_like_a_bn_without_shift(case, uniform, dtype, se
     elif shape[1] > 1 and shape[2] * shape[3] > 1:  # distinct factors on channels the Linear does not read as features
         assert report.fired == []
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(readers=st.integers(2, 3), last_axis=st.booleans(), is_bn=st.booleans(), bias=st.booleans(), dtype=float_dtypes(), seed=seeds(),
+       data=st.data())
+def test_a_bn_or_scale_read_by_several_linears_folds_into_each(readers, last_axis, is_bn, bias, dtype, seed, data):
+    """LLaMA's RMSNorm weight before ``q_proj``, ``k_proj`` and ``v_proj`` (a scale on the features), or a BN1d on
+    ``(N, C)`` before two heads: folded into every Linear at once.  On another axis than the features the Linears
+    read (a BN of ``(N, C, L)``, a scale on the tokens), nothing folds."""
+    shape = (2, 6) if is_bn and last_axis else (2, 6, 5)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    if is_bn:
+        n = add_bn(b, x, data.draw(bn_stats(6)), dtype, "norm")
+    else:
+        gamma = 0.5 + torch.rand(shape[-1] if last_axis else shape[1], generator=torch.Generator().manual_seed(seed))
+        n = b.scale(x, scale=gamma.to(dtype), axis=-1 if last_axis else 1, source="norm.weight")
+    outs = [b.linear(n, **linear_params(shape[-1], 4 + k, bias, seed + k, dtype), source=f"proj.{k}") for k in range(readers)]
+    graph = b.build(*outs)
+    fused, report = run_rules(graph, "bn_into_linear")
+    if last_axis:
+        assert report.rule_counts() == {"bn_into_linear": 1}, report
+        assert fused.op_counts() == {"linear": readers} and all(lin.x is x for lin in fused.nodes)
+    else:
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
