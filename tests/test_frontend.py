@@ -254,6 +254,24 @@ def test_functions_and_methods():
     assert node(g, "reshape").attrs["shape"] == (-1, 5)
 
 
+def test_clones_and_contiguous_copies_are_the_same_values():
+    """FasterNet's partial conv, ``x = x.clone(); x[:, :d] = conv(x[:, :d])``, and ``torch.clone``/``contiguous``
+    with a memory format: identities, so no call is carried (they were opaque calls)."""
+
+    class PartialConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            x = x.clone()
+            x[:, :2, :, :] = self.conv(x[:, :2, :, :])
+            return torch.clone(x, memory_format=torch.contiguous_format).contiguous(memory_format=torch.channels_last)
+
+    g = same(PartialConv().double(), torch.randn(2, 4, 5, 6, dtype=torch.float64))
+    assert "opaque" not in ops_of(g) and ops_of(g).count("identity") == 3, ops_of(g)
+
+
 def test_mul_by_constants_and_activations():
     class M(nn.Module):
         def __init__(self):

@@ -450,9 +450,11 @@ def _f_transpose(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
     return "transpose", [a["input"]], {"dim0": a["dim0"], "dim1": a["dim1"]}, {}, ""
 
 
-def _f_contiguous(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    x = single(args, kwargs)
-    return None if x is None else ("identity", [x], {}, {}, "")
+def _f_same_values(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.contiguous()``, ``x.clone()`` (FasterNet's ``x = x.clone()`` before writing a slice of it: the front end
+    has made the write a new value already): the same values, in any memory format."""
+    a = bind([("input", REQ), ("memory_format", None)], args, kwargs)
+    return None if a is None or shaped(a["input"]) is None else ("identity", [a["input"]], {}, {}, "")
 
 
 def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1009,7 +1011,7 @@ _register(_f_normalize, F.normalize)
 _register(_f_unfold, F.unfold)
 _register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
-_register(_f_contiguous, ("method", "contiguous"))
+_register(_f_same_values, ("method", "contiguous"), ("method", "clone"), torch.clone)
 _register(_f_to_dtype_of, ("method", "to"))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
           ("method", "true_divide"))
