@@ -115,7 +115,7 @@ class FuseReport:
         lines.append(f"  capture: {self.capture}" + (f", {kept} part{'s' * (kept != 1)} kept whole" if kept > 0 else ""))
         plain = [p for p in self.parts if p.path and p.how == "fx" and not p.reason]  # children of parts kept whole
         for p in self.parts:
-            if (p.path or p.reason) and p not in plain:
+            if (p.path or p.reason) and p not in plain and f"    {p}" not in lines:  # a part met twice (inside a part kept whole)
                 lines.append(f"    {p}")
         if plain:
             lines.append(f"    fused on their own with fx ({len(plain)}): {_listed([repr(p.path) for p in plain])}")
@@ -405,7 +405,7 @@ class _Fuser:
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
         if not state:  # only a first call fills it, the same for any input (a cache): fuse the model once called
-            self.report.notes.append(f"a first call fills {', '.join(map(repr, changed[:4]))}, the same for any input: fused as called once")
+            self.report.notes.append(f"a first call fills {_listed([repr(c) for c in sorted(changed)], 4)}, the same for any input: fused as called once")
             self.watching = False
             _run(self.pristine, Call(tuple(inputs), {}), None)
             return self.fuse_module("", inputs)
@@ -875,9 +875,12 @@ def _where(path: str) -> str:
 def _reasons(failures: list[tuple[str, CaptureFailed]]) -> str:
     """Why each capture path failed, one short clause each."""
 
-    def short(text: str) -> str:
+    def short(text: str) -> str:  # the first line, at most 140 characters: whole sentences, else whole words
         text = text.strip().splitlines()[0] if text.strip() else ""
-        return text if len(text) <= 140 else text[:137] + "..."
+        if len(text) <= 140:
+            return text
+        end = text.rfind(". ", 60, 140)
+        return text[: end + 1] if end > 0 else text[:136].rsplit(" ", 1)[0] + " ..."
 
     return "; ".join(f"{how}: {short(e.reason)}" + (f" (in {e.path!r})" if e.path else "") for how, e in failures)
 

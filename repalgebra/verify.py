@@ -217,6 +217,17 @@ def _fields(out: Any) -> Any:
     return pytree.tree_map(as_dict, out)
 
 
+def _structure(out: Any) -> str:
+    """An output's structure in one line: ``Out(last_hidden_state, pooler_output)``, ``tuple of 2``, ``tensor``."""
+    if torch.is_tensor(out):
+        return "tensor"
+    if isinstance(out, dict):
+        return f"{type(out).__name__}({', '.join(map(str, out))})"
+    if isinstance(out, (tuple, list)):
+        return f"{type(out).__name__} of {len(out)}"
+    return type(out).__name__
+
+
 def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | None:
     """None when two model outputs agree within ``tolerance`` (relative), else a sentence naming the first that differs.
 
@@ -228,7 +239,7 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
     ya, spec_a = pytree.tree_flatten(_fields(reference))
     yb, spec_b = pytree.tree_flatten(_fields(candidate))
     if spec_a != spec_b:
-        return f"the output structures differ: {spec_a} vs {spec_b}"
+        return f"the output structures differ: {_structure(reference)} vs {_structure(candidate)}"
     for k, (a, b) in enumerate(zip(ya, yb)):
         if not (torch.is_tensor(a) and torch.is_tensor(b)):
             try:

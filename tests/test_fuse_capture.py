@@ -629,6 +629,50 @@ def test_reasons_for_values_read_from_tensors_are_said_in_words():
     assert not any(w in text for text in why.values() for w in ("Eq(", "u0", "Size-like", "Proxy'")), why
 
 
+class WindowReverse(nn.Module):
+    """Swin's ``window_reverse``: ``B = int(windows.shape[0] / (H * W / ws / ws))``, the batch as a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        w = self.proj(x.view(B, 2, 2, 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 2, 2, C))
+        b = int(w.shape[0] / (H * W / 2 / 2))
+        return w.view(b, 2, 2, 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
+
+
+@dataclasses.dataclass
+class UnregisteredRecord(OrderedDict):
+    """An HF-style ``ModelOutput`` that torch's pytree does not know (transformers before it registered them)."""
+
+    last_hidden_state: torch.Tensor = None
+
+    def __post_init__(self):
+        self["last_hidden_state"] = self.last_hidden_state
+
+
+class ReturnsRecord(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+
+    def forward(self, x):
+        return UnregisteredRecord(last_hidden_state=self.a(x))
+
+
+def test_torch_s_messages_about_sizes_and_output_types_are_said_in_words():
+    """Swin's batch read as a number, and an output type torch.export does not know: said in words, without
+    ``Constraints violated (batch)!``, ``TORCH_LOGS`` or multi-line ``TreeSpec(...)`` dumps."""
+    text = str(check_exact(randomized(WindowReverse()), torch.randn(1, 4, 4, 4, dtype=D)).fuse_report)
+    assert "the code computes with the batch size as a number" in text and "TORCH_LOGS" not in text, text
+    report = fuse(randomized(ReturnsRecord()), torch.randn(2, 3, 6, 6, dtype=D)).fuse_report
+    text = str(report)
+    assert "its output type UnregisteredRecord is not registered with torch's pytree" in text, text
+    assert "TreeSpec" not in text and all(len(line) < 400 for line in text.splitlines()), text
+
+
 def test_a_torchscript_submodule_is_a_call_and_the_rest_fuses():
     """A ``torch.jit.script``'ed block has no Python forward: it is carried as a call with a note, and the model
     around it is traced and folds (it was kept whole, blamed on an in-place ReLU before it)."""

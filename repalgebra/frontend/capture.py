@@ -79,6 +79,9 @@ _PLAIN = (
     (r"Could not guard on data-dependent expression", "the code branches on a value computed from a tensor's data (data-dependent control flow)"),
     (r"Could not extract specialized integer from data-dependent expression", "the code reads a tensor's data as a Python number"),
     (r"(int|float|bool)\(\) argument must be .*not '_?Proxy'", r"\1() of a value torch.fx only knows symbolically (a tensor, or a size read from one)"),
+    (r"Found <class '(?:[\w.]+\.)?(\w+)'> in output, which is not a known type",
+     r"its output type \1 is not registered with torch's pytree, which torch.export needs"),
+    (r"Constraints violated \((\w+)\)!", r"the code computes with the \1 size as a number (int(), a Python division), which cannot stay symbolic"),
 )
 
 

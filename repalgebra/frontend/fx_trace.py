@@ -89,7 +89,8 @@ def _no_autocast() -> Iterator[None]:
     original = torch.amp.autocast_mode.autocast.__enter__
 
     def refuse(self: Any) -> None:
-        raise TypeError(f"forward() enters torch.autocast({self.device!r}, dtype={self.fast_dtype}): torch.fx does not record it")
+        how = f"dtype={self.fast_dtype}" if getattr(self, "_enabled", True) else "enabled=False"  # off: the dtype under a caller's autocast
+        raise TypeError(f"forward() enters torch.autocast({self.device!r}, {how}): torch.fx does not record it")
 
     torch.amp.autocast_mode.autocast.__enter__ = refuse
     try:
