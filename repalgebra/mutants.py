@@ -234,6 +234,12 @@ MUTANTS: list[Mutant] = [
        _COST_CHECK, _COST_UNCHECKED),
     _helper("kernel_pad", "concat-keeps-groups", "a concat's merged conv is priced with the gcd of its convs' groups, as a sum's",
             _MERGE_REFUSAL, "groups = 1 if dense else gcd(", "groups = 1 if False else gcd("),
+    _m("kernel_pad", "regroup-drops-other", "``(a + b) + c`` regrouped as ``(a + c) + a``: the branch left out is read twice",
+       "regrouped = outer.replace(inputs=(inner.out, other.out))", "regrouped = outer.replace(inputs=(inner.out, keep.out))",
+       target="repalgebra.rules.kernel_pad:_regroup"),
+    _m("kernel_pad", "regroup-outer-sub", "``(a + b) - c`` regrouped as ``(a + c) + b``: the outer subtraction read as an add",
+       'if len(readers) != 1 or readers[0].op != "add"', 'if len(readers) != 1 or readers[0].op not in ("add", "sub")',
+       target="repalgebra.rules.kernel_pad:_regroup"),
     # ---------------------------------------------------------------- branch_sum
     _m("branch_sum", "linear-sub-added", "``Linear_a(x) - Linear_b(x)``: the weights are added",
        'params = {"weight": a.params["weight"] + sign * b.params["weight"]}', 'params = {"weight": a.params["weight"] + b.params["weight"]}',

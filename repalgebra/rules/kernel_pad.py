@@ -13,10 +13,17 @@ Preconditions: the conv is summed (add/sub/concat) with other convs of the same
 input, stride and tap lattice whose windows differ; each is padded to the union window,
 unless merging them makes more work (:func:`repalgebra.match.merge_refusal`): a concat
 of a 1x1 and a 7x7 conv would make every output channel pay for 7x7 taps.
+
+Where two summed convs are too dear to merge, ``(a + b) + c`` is regrouped as
+``(a + c) + b`` when the conv ``c`` merges with ``a`` at no cost: SLaK's 5x5
+kernel beside its 51x5 and 5x51 ones joins the 51x5 (the sum is the same sum;
+only the order of the two float additions changes).
 """
 
 from repalgebra.kernels import pad_kernel
-from repalgebra.match import JOINS, conv_operands, conv_with, lattice_step, merge_refusal, union_window, window, with_operands
+from repalgebra.match import (
+    JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, sole_use, union_window, window, with_operands,
+)
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -28,6 +35,9 @@ def kernel_pad(graph, join):
         if len(group) < 2 or len(set(wins)) == 1 or lattice_step(wins) is None:
             continue
         if why := merge_refusal(graph, join, [c for _, c in group]):
+            regrouped = _regroup(graph, join, group)
+            if regrouped is not None:
+                return regrouped
             refusal = Refusal(why, join)
             continue
         union = union_window(wins)
@@ -51,3 +61,23 @@ def kernel_pad(graph, join):
         new_join = with_operands(join, replaced)
         return Rewrite(join.out, new_join.out, (*new_nodes, new_join))
     return refusal
+
+
+def _regroup(graph, join, group):
+    """``(a + b) + c`` as ``(a + c) + b`` where ``a`` and ``b`` are too dear to merge but the conv ``c`` of the
+    outer sum merges with ``a`` at no cost (SLaK's 5x5 inside its 51x5 beside the 5x51): then it does."""
+    readers = graph.users(join.out) if join.op == "add" and sole_use(graph, join.out) else []
+    if len(readers) != 1 or readers[0].op != "add" or len(group) != 2:
+        return None
+    outer = readers[0]
+    for c_value in outer.inputs:
+        c = producer(c_value, "conv2d")
+        if c is None or c.x is not group[0][1].x or c.attrs["stride"] != group[0][1].attrs["stride"] or not sole_use(graph, c_value):
+            continue
+        for (_, keep), (_, other) in (group, group[::-1]):
+            merged, apart = merge_cost(join, [keep, c])
+            if lattice_step([window(keep), window(c)]) is not None and merged <= apart:
+                inner = join.replace(inputs=(keep.out, c_value))
+                regrouped = outer.replace(inputs=(inner.out, other.out))
+                return Rewrite(outer.out, regrouped.out, (inner, regrouped))
+    return None

@@ -117,3 +117,30 @@ def test_a_concat_in_a_sum_merges_only_where_the_sum_absorbs_its_dense_kernel(gr
         return
     assert fired(report, "kernel_pad") == 0 and fused.op_counts() == graph.op_counts(), report
     assert any(f"more than the 2 convs together ({(4 + 36) * 8 // groups})" in r for r in reasons(report, "concat")), report
+
+
+@given(long=st.sampled_from([11, 13, 15]), small=st.sampled_from([1, 3, 5]), depthwise=st.booleans(), outer_first=st.booleans(),
+       outer=st.sampled_from(["add", "sub"]), dtype=float_dtypes(), seed=seeds())
+def test_a_small_kernel_beside_two_that_do_not_merge_joins_one_of_them(long, small, depthwise, outer_first, outer, dtype, seed):
+    """SLaK's decomposed kernel, ``(L x 5 + 5 x L) + small``: the L x 5 and 5 x L would merge into one L x L (dearer
+    from L = 11 on: L^2 > 10 L taps),
+    but the small kernel fits in either at no cost: the sum is regrouped and it joins one, 3 convs become 2 (or 1
+    where the whole sum's L x L is no dearer than the three).  Only a sum of a sum is regrouped."""
+    c, size = 4, 2 * long
+    shape = (2, c, size, size)
+    groups = c if depthwise else 1
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    conv = lambda kh, kw, s: add_conv(b, x, ConvSpec(c, c, groups, (kh, kw), padding=(kh // 2, kh // 2, kw // 2, kw // 2), height=size, width=size), dtype, s)  # noqa: E731
+    pair = b.add(conv(long, 5, seed), conv(5, long, seed + 1), source="lk")
+    s = conv(small, small, seed + 2)
+    graph = b.build(b.node(outer, *((s, pair) if outer_first else (pair, s)), source="lk"))
+    fused, report = run_rules(graph, "kernel_pad", "branch_sum")
+    if long * long <= 10 * long + small * small:  # the whole sum's one L x L is no dearer than the three: one conv
+        assert fused.op_counts() == {"conv2d": 1}, report
+    elif outer == "sub":  # ``(a + b) - c`` is not regrouped (only sums of sums are)
+        assert fired(report, "kernel_pad") == 0 and fused.op_counts() == graph.op_counts(), report
+    else:
+        assert fused.op_counts() == {"conv2d": 2, "add": 1}, report
+        assert any("more than the 2 convs together" in r for r in reasons(report, "add")), report
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 3), dtype)
