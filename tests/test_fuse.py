@@ -577,3 +577,37 @@ def test_the_children_of_parts_kept_whole_share_one_report_line():
     assert "    fused on their own with fx (4): '1.a', '1.act', '2.a', '2.act'" in text, text
     assert "  note: nothing to fold in 2 parts, returned as they are (copies): '1.act', '2.act'" in text, text
     assert "'1.a' (Sequential): fx" not in text
+
+
+class SkipAndNorm(nn.Module):
+    """``y + bn(y)`` where ``y`` is returned too: the skip and the BN merge into a 1x1 depthwise conv that cannot
+    merge into the conv before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + self.bn(y), y
+
+
+def test_a_per_channel_affine_left_by_fusion_runs_as_multiply_and_add():
+    """The 1x1 depthwise conv is a ChannelAffine (``x * w + b``, its weights parameters): PyTorch's depthwise conv
+    kernel made the fused model slower than the model (1.8x).  Fusing it again, or exporting it, reads it back as
+    the conv."""
+    from repalgebra.channel_affine import ChannelAffine
+
+    model = randomize(SkipAndNorm(), dtype=D)
+    x = torch.randn(2, 8, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    affine = [m for m in fused.modules() if isinstance(m, ChannelAffine)]
+    assert len(affine) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), fused
+    assert {n for n, _ in affine[0].named_parameters()} == {"weight", "bias"}
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
+    assert verify(model, fused, x, n=2)
+    again = fuse(fused, x)
+    assert again.fuse_report.ops_before == again.fuse_report.ops_after == {"conv2d": 2}, again.fuse_report
+    assert verify(model, again, torch.randn(3, 8, 5, 7, dtype=D), n=2)
+    proto = repalgebra.export_onnx(fused.float(), None, (2, 8, 6, 6), fuse=False)
+    assert {p.key: p.value for p in proto.metadata_props}["repalgebra.fallback"] == "none"

@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
 from repalgebra.ir import Graph, Node
+from repalgebra.match import is_1x1_pointwise
 from repalgebra.ops import OPS, chunk_piece, op_def
 
 __all__ = ["to_module", "lowers", "Lowering", "OpCall"]
@@ -230,6 +232,8 @@ def _lower_by_reference(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node
 def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     w, b = node.params["weight"], node.params.get("bias")
     a = node.attrs
+    if is_1x1_pointwise(node) and a["groups"] == w.shape[0] == node.x.shape[1] and w.shape[1] == 1:
+        return ctx.module(_hint(node), ChannelAffine(w, b), xs[0])  # a per-channel affine map: multiply and add
     top, bottom, left, right = a["padding"]
     symmetric = top == bottom and left == right
     conv = nn.Conv2d(

@@ -27,6 +27,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils import _pytree as pytree
 
+from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy
 from repalgebra.module_copy import copy_module
@@ -126,6 +127,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Conv2d,
     nn.Conv1d,
     nn.ConvTranspose2d,
+    ChannelAffine,  # the torch back end's 1x1 depthwise conv
     nn.Conv3d,
     nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)
     _BatchNorm,

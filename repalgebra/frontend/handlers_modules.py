@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
+from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
 from repalgebra.ir import Value
@@ -50,6 +51,17 @@ def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -
         return None
     attrs, params, pre = conv
     return "conv2d", [_padded(b, n, x, pre)], attrs, params, ""
+
+
+def _m_channel_affine(b: Builder, n: fx.Node, m: ChannelAffine, args: tuple, kwargs: dict) -> Made:
+    """The torch back end's form of a 1x1 depthwise conv, read back as that conv."""
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 4 or x.shape[1] != m.weight.shape[0]:
+        return None
+    c = m.weight.shape[0]
+    attrs = {"stride": (1, 1), "padding": (0, 0, 0, 0), "dilation": (1, 1), "groups": c}
+    params = {"weight": m.weight.detach().reshape(c, 1, 1, 1).clone()} | ({} if m.bias is None else {"bias": m.bias.detach().reshape(c).clone()})
+    return "conv2d", [x], attrs, params, ""
 
 
 def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tuple, kwargs: dict) -> Made:
@@ -246,6 +258,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
     nn.ConvTranspose2d: _m_conv_transpose2d,
+    ChannelAffine: _m_channel_affine,
     nn.Conv3d: _m_conv3d,
     _BatchNorm: _m_batch_norm,
     nn.SyncBatchNorm: _m_batch_norm,
