@@ -6,7 +6,8 @@ merge further (``y`` is read elsewhere too).  PyTorch runs such a conv through
 its general depthwise kernel, 10 to 90 times slower on a CPU than a multiply
 and an add (1 x 256 x 14 x 14, one thread: 1.1 ms against 13 us).  The torch
 back end writes it as this module, which holds the same weights as parameters;
-the front ends read it back as that conv.
+the fx front end reads it back as that conv (torch.export, tracing its forward,
+sees the multiply and the add).
 """
 
 from __future__ import annotations
