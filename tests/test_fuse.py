@@ -593,7 +593,7 @@ class SkipAndNorm(nn.Module):
 
 
 def test_a_per_channel_affine_left_by_fusion_runs_as_multiply_and_add():
-    """The 1x1 depthwise conv is a ChannelAffine (``x * w + b``, its weights parameters): PyTorch's depthwise conv
+    """The 1x1 depthwise conv is a ChannelAffine, a Conv2d computed as ``x * w + b``: PyTorch's depthwise conv
     kernel made the fused model slower than the model (1.8x).  Fusing it again, or exporting it, reads it back as
     the conv."""
     from repalgebra.channel_affine import ChannelAffine
@@ -604,7 +604,7 @@ def test_a_per_channel_affine_left_by_fusion_runs_as_multiply_and_add():
     affine = [m for m in fused.modules() if isinstance(m, ChannelAffine)]
     assert len(affine) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), fused
     assert {n for n, _ in affine[0].named_parameters()} == {"weight", "bias"}
-    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2 and affine[0].groups == 8
     assert verify(model, fused, x, n=2)
     again = fuse(fused, x)
     assert again.fuse_report.ops_before == again.fuse_report.ops_after == {"conv2d": 2}, again.fuse_report

@@ -233,7 +233,7 @@ def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     w, b = node.params["weight"], node.params.get("bias")
     a = node.attrs
     if is_1x1_pointwise(node) and a["groups"] == w.shape[0] == node.x.shape[1] and w.shape[1] == 1:
-        return ctx.module(_hint(node), ChannelAffine(w, b), xs[0])  # a per-channel affine map: multiply and add
+        return ctx.module(_hint(node), ChannelAffine(w, b, a["dilation"]), xs[0])  # a per-channel affine map: multiply and add
     top, bottom, left, right = a["padding"]
     symmetric = top == bottom and left == right
     conv = nn.Conv2d(

@@ -53,17 +53,6 @@ def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -
     return "conv2d", [_padded(b, n, x, pre)], attrs, params, ""
 
 
-def _m_channel_affine(b: Builder, n: fx.Node, m: ChannelAffine, args: tuple, kwargs: dict) -> Made:
-    """The torch back end's form of a 1x1 depthwise conv, read back as that conv."""
-    x = single(args, kwargs)
-    if x is None or len(x.shape) != 4 or x.shape[1] != m.weight.shape[0]:
-        return None
-    c = m.weight.shape[0]
-    attrs = {"stride": (1, 1), "padding": (0, 0, 0, 0), "dilation": (1, 1), "groups": c}
-    params = {"weight": m.weight.detach().reshape(c, 1, 1, 1).clone()} | ({} if m.bias is None else {"bias": m.bias.detach().reshape(c).clone()})
-    return "conv2d", [x], attrs, params, ""
-
-
 def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tuple, kwargs: dict) -> Made:
     """``nn.ConvTranspose2d`` on one 4-D input (an ``output_size`` argument leaves the call opaque)."""
     x = single(args, kwargs)
@@ -258,7 +247,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
     nn.ConvTranspose2d: _m_conv_transpose2d,
-    ChannelAffine: _m_channel_affine,
+    ChannelAffine: _m_conv2d,  # the torch back end's 1x1 depthwise conv: that conv
     nn.Conv3d: _m_conv3d,
     _BatchNorm: _m_batch_norm,
     nn.SyncBatchNorm: _m_batch_norm,
