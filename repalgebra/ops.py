@@ -611,6 +611,12 @@ def expand(x, *like, shape=None):
     return x.expand_as(like[0]) if like else x.expand(shape)
 
 
+@op("repeat", kind="layout")
+def repeat(x, *, repeats=REQUIRED):
+    """``x.repeat(*repeats)``: each axis tiled ``repeats[k]`` times (more repeats than axes add leading axes)."""
+    return x.repeat(*repeats)
+
+
 @op("expand_dyn", kind="layout", variadic=True)
 def expand_dyn(x, *refs, shape=REQUIRED):
     """``x.expand(B, 1, 64)`` to sizes read at run time (``cls_token.expand(B, -1, -1)`` with ``B = y.shape[0]``).

@@ -325,6 +325,10 @@ CASES: dict[str, Case] = {
         (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Conv", "ConvTranspose"),
     ),
     "norms": Case(lambda: stem(Norms()), (1, 3, 5, 6), {"norm", "abs", "amax"}, _onnx("ReduceL2", "ReduceL1", "ReduceMax", "Abs", "Div")),
+    "repeat": Case(  # tiled maps, a batch repeated (its size follows the batch), a leading axis added
+        lambda: stem(lambda x: (x.repeat(1, 2, 1, 3), x.repeat((2, 1, 1, 1)).sigmoid(), x.mean(1).repeat(3, 1, 1, 2))), (1, 3, 4, 5),
+        {"repeat"}, _onnx("Tile", "Unsqueeze"),
+    ),
     "global_mean_1d_3d": Case(  # to size 1: a mean over the pooled axes, at any size
         lambda: stem(nn.Sequential(Lambda(lambda x: x.unsqueeze(1)), nn.AdaptiveAvgPool3d(1), nn.Flatten(2), Lambda(lambda x: x.expand(-1, -1, 3)),
                                    nn.AdaptiveAvgPool1d(1), Lambda(lambda x: x + F.adaptive_avg_pool3d(x.unsqueeze(-1).unsqueeze(-1), (1, 1, 1)).flatten(2)))),
@@ -484,7 +488,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
-        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax",
+        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op

@@ -821,6 +821,15 @@ def _constant(ctx, n):
     return ctx.const("value", n.params["value"], dtype=n.attrs["dtype"])
 
 
+@lowering("repeat")
+def _repeat(ctx, n, x):
+    """``Tile``, after an ``Unsqueeze`` of the leading axes that more repeats than axes add."""
+    counts, rank = list(n.attrs["repeats"]), len(n.x.shape)
+    if len(counts) > rank:
+        x = ctx.emit("Unsqueeze", [x, ctx.ints("axes", list(range(len(counts) - rank)))])
+    return ctx.emit("Tile", [x, ctx.ints("repeats", counts)])
+
+
 @lowering("expand")
 def _expand(ctx, n, x, *like):
     """``Expand`` to ``like``'s shape, or to ``shape`` with 1 where the input keeps its size (so a dynamic batch stays dynamic)."""

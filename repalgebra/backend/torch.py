@@ -611,6 +611,11 @@ def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.add_buffer(_hint(node, "_const"), node.params["value"].to(node.attrs["dtype"]))
 
 
+@lowers("repeat")
+def _repeat(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("repeat", xs[0], *node.attrs["repeats"])
+
+
 @lowers("expand")
 def _expand(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     if len(xs) == 2:

@@ -648,6 +648,13 @@ def _adaptive_avg_nd(spatial: int) -> Callable[..., Made]:
     return lambda b, n, a: global_mean(_v(a["self"]), a["output_size"], spatial)
 
 
+def _repeat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, counts = _v(a["self"]), _ints(a["repeats"])
+    if x is None or counts is None or len(counts) < len(x.shape) or min(counts) < 0:
+        return None
+    return "repeat", [x], {"repeats": counts}, {}, None
+
+
 def _amax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     x = _v(a["self"])
     if x is None or not isinstance(a["keepdim"], bool):
@@ -857,6 +864,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.fill.Tensor: _fill,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
     aten.abs.default: _unary("abs"),
+    aten.repeat.default: _repeat,
     aten.amax.default: _amax,
     aten.linalg_vector_norm.default: lambda b, n, a: None if a["dtype"] is not None else vector_norm(_v(a["self"]), a["ord"], a["dim"], a["keepdim"]),
     aten.im2col.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"]),

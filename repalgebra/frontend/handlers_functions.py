@@ -913,6 +913,16 @@ def _f_zeros_like(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return "expand_dyn", [zero, x], {"shape": tuple(((0, k),) for k in range(len(x.shape)))}, {}, ""
 
 
+def _f_repeat(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.repeat(2, 1, 1)`` or ``x.repeat((2, 1, 1))`` with int counts (a count read from a shape stays a call)."""
+    if kwargs or len(args) < 2 or shaped(args[0]) is None:
+        return None
+    counts = ints(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else ints(args[1:])
+    if counts is None or len(counts) < len(args[0].shape) or min(counts) < 0:
+        return None
+    return "repeat", [args[0]], {"repeats": counts}, {}, ""
+
+
 def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``x.expand(sizes)`` with int sizes (-1 keeps one), ``x.expand_as(y)``, and ``expand_dyn`` for sizes read from
     shapes (a class token: ``self.cls_token.expand(x.shape[0], -1, -1)``)."""
@@ -1038,6 +1048,7 @@ _register(_f_group_norm, F.group_norm)
 _register(_f_interpolate, F.interpolate)
 _register(_f_roll, torch.roll, ("method", "roll"))
 _register(_f_expand, ("method", "expand"), ("method", "expand_as"))
+_register(_f_repeat, ("method", "repeat"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
 _register(_f_setitem_copy, setitem_copy)
 _register(_f_zeros_like, torch.zeros_like)
