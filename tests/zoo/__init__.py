@@ -21,6 +21,7 @@ from . import (
     coatnet,
     convnext,
     densenet,
+    deploy_forms,
     detection,
     efficientnet,
     efficientvit,
@@ -49,7 +50,7 @@ __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_b
 
 _FAMILIES = (
     resnet, split_resnets, densenet, backbone_fpn, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
-    segmentation, convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt,
+    segmentation, deploy_forms, convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt,
     shiftvit, video,
 )
 
