@@ -174,12 +174,17 @@ class Builder:
         if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
             # A named tuple of results (``Pair(features, logits)``, fields left None) is a container, as a plain tuple is:
             # its fields are the values themselves, and the output structure keeps its type.
-            ex = fx.node.map_aggregate((n.args, n.kwargs), lambda x: self.example.get(x) if isinstance(x, fx.Node) else x)
             try:
-                self.example[n] = target(*ex[0], **ex[1])
-            except Exception:  # noqa: BLE001  (an example missing: only the values matter)
-                pass
-            return target(*args, **kwargs)
+                made = target(*args, **kwargs)
+            except Exception:  # noqa: BLE001  (a named tuple whose __new__ computes with its fields: a call, as before)
+                made = None
+            if made is not None:
+                ex = fx.node.map_aggregate((n.args, n.kwargs), lambda x: self.example.get(x) if isinstance(x, fx.Node) else x)
+                try:
+                    self.example[n] = target(*ex[0], **ex[1])
+                except Exception:  # noqa: BLE001  (an example missing: only the values matter)
+                    pass
+                return made
         folded = self.fold(n, kind, target, args, kwargs)
         if folded is not None:
             return folded
