@@ -755,9 +755,7 @@ def _unfold(ctx, n, x):
     blocks = _blocks(n)
     if blocks is not None:
         lh, kh, lw, kw = blocks
-        y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, lh, kh, lw, kw])])
-        y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
-        return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c * kh * kw, lh * lw])])
+        return _split_permute_merge(ctx, x, [0, c, lh, kh, lw, kw], [0, 1, 3, 5, 2, 4], [0, c * kh * kw, lh * lw])
     (ph, pw), kernel = a["padding"], list(a["kernel"])
     y = ctx.emit("Conv", [x, ctx.const("picks", _window_picks(c, kernel))], kernel_shape=kernel, strides=list(a["stride"]),
                  pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=c)
@@ -773,9 +771,7 @@ def _fold(ctx, n, x):
     blocks = _blocks(n)
     if blocks is not None:
         lh, kh, lw, kw = blocks
-        y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, kh, kw, lh, lw])])
-        y = ctx.emit("Transpose", [y], perm=[0, 1, 4, 2, 5, 3])
-        return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c, lh * kh, lw * kw])])
+        return _split_permute_merge(ctx, x, [0, c, kh, kw, lh, lw], [0, 1, 4, 2, 5, 3], [0, c, lh * kh, lw * kw])
     size, kernel, dilation, padding, stride = (list(a[k]) for k in ("output_size", "kernel", "dilation", "padding", "stride"))
     reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
     counts = [(o + 2 * p - r) // s + 1 for o, p, r, s in zip(size, padding, reach, stride)]
@@ -795,9 +791,15 @@ def _pixel_unshuffle(ctx, n, x):
     """``(N, C, H r, W r) -> (N, C, H, r, W, r) -> (N, C, r, r, H, W) -> (N, C r^2, H, W)``."""
     _, c, h, w = n.x.shape
     r = n.attrs["factor"]
-    y = ctx.emit("Reshape", [x, ctx.ints("split", [0, c, h // r, r, w // r, r])])
-    y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
-    return ctx.emit("Reshape", [y, ctx.ints("merged", [0, c * r * r, h // r, w // r])])
+    return _split_permute_merge(ctx, x, [0, c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4], [0, c * r * r, h // r, w // r])
+
+
+def _split_permute_merge(ctx, x, split: list[int], perm: list[int], merged: list[int]):
+    """``Reshape`` to ``split`` (0 keeps the batch), ``Transpose`` by ``perm``, ``Reshape`` to ``merged``: how blocks
+    of pixels move to channels and back (pixel_unshuffle, unfold and fold of windows that tile the map)."""
+    y = ctx.emit("Reshape", [x, ctx.ints("split", split)])
+    y = ctx.emit("Transpose", [y], perm=perm)
+    return ctx.emit("Reshape", [y, ctx.ints("merged", merged)])
 
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
