@@ -24,6 +24,7 @@ RULES = [
     "kernel_pad",
     "dilation_to_dense",
     "pad_absorb",
+    "pad_share",
     "border_fill",
     "regroup",
     "branch_sum",

@@ -144,9 +144,11 @@ def merge_cost(join: Node, convs: list[Node]) -> tuple[int, int]:
     return per_tap * union_taps(convs), sum(c.params["weight"].numel() for c in convs)
 
 
-def merge_refusal(graph: Graph, join: Node, convs: list[Node]) -> str | None:
+def merge_refusal(graph: Graph, join: Node, convs: list[Node], before: list[Node] | None = None) -> str | None:
     """Why merging ``convs`` (operands of ``join`` reading one input with one stride, some perhaps about to
-    be made) would make the model slower, or ``None`` where it does not.
+    be made) would make the model slower, or ``None`` where it does not.  ``before``: the convs as the model
+    has them, where ``convs`` are made from them with larger kernels (:mod:`repalgebra.rules.pad_share`),
+    priced as they are.
 
     It pays where the one conv they become has no more multiply-adds than they have together (RepVGG's 1x1
     inside its 3x3, ACNet's 1x3 and 3x1).  It also pays as a step towards merging the whole sum around
@@ -154,6 +156,8 @@ def merge_refusal(graph: Graph, join: Node, convs: list[Node]) -> str | None:
     has no more multiply-adds than all the sum's convs of this input: small dilated kernels that would be
     dearer merged than apart, inside the window of a large kernel that absorbs them (UniRepLKNet)."""
     merged, apart = merge_cost(join, convs)
+    if before is not None:
+        convs, apart = before, sum(c.params["weight"].numel() for c in before)
     if merged <= apart:
         return None
     root = join

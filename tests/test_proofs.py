@@ -22,7 +22,7 @@ from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_nor
                              symbols_tensor)
 
 REFUSAL_RULES = {"seq_merge", "bias_fold", "border_fill", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
-                 "linear_affine_fold", "query_scale_fold",
+                 "linear_affine_fold", "query_scale_fold", "pad_share",
                  "attention_form"}
 
 
@@ -241,6 +241,20 @@ def test_reference_avg_pool_and_bn_match_torch(k, stride, pad, cip):
     ref = F.batch_norm(torch.tensor(xn)[None], torch.tensor(mean), torch.tensor(var),
                        torch.tensor(gamma), torch.tensor(beta), training=False, eps=1e-5)[0].numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "constant"])
+@pytest.mark.parametrize("pads", [(1, 2, 2, 1), (2, 0, 0, 1), (0, 0, 3, 3)])
+def test_reference_pad_modes_match_torch(mode, pads):
+    """pad_share's padding of each mode (top, bottom, left, right) is torch's ``F.pad`` (on numbers)."""
+    torch = pytest.importorskip("torch")
+    from proofs.pad_share import pad_mode
+
+    x = np.arange(2 * 3 * 4, dtype=object).reshape(2, 3, 4)
+    t, b, l, r = pads
+    kw = {"value": -1.0} if mode == "constant" else {}
+    ref = torch.nn.functional.pad(torch.tensor(_num(x))[None], (l, r, t, b), mode=mode, **kw)[0].numpy()
+    np.testing.assert_array_equal(_num(pad_mode(x, pads, mode, value=-1)), ref)
 
 
 def test_runner_reports_failure(monkeypatch, capsys):

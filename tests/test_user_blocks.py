@@ -103,6 +103,16 @@ def test_repvgg(cin, cout, stride, groups):
     check(randomize(RepVGGBlock(cin, cout, stride, groups)), x4(cin), convs=1, relu=1)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("cin,cout,stride,groups", [(8, 8, 1, 1), (8, 16, 2, 1), (8, 8, 1, 8)])
+def test_repvgg_with_a_padding_mode(mode, cin, cout, stride, groups):
+    """``padding_mode`` other than zeros: the 3x3 reads a padded copy of x, the 1x1 and the identity move onto it
+    (``pad_share``); the copy's pad stays, the one conv's input."""
+    block = RepVGGBlock(cin, cout, stride, groups)
+    block.rbr_dense[0].padding_mode = mode
+    check(randomize(block), x4(cin), convs=1, relu=1, pad_nd=1)
+
+
 def test_repvgg_network():
     net = nn.Sequential(RepVGGBlock(4, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 8, groups=2), RepVGGBlock(8, 16, 2), RepVGGBlock(16, 16))
     check(randomize(net), x4(4, 16), convs=5, relu=5)

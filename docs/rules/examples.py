@@ -55,6 +55,7 @@ PRIMITIVES = [
     "kernel_pad",
     "dilation_to_dense",
     "pad_absorb",
+    "pad_share",
     "branch_sum",
     "scale_fold",
     "bias_fold",
@@ -494,6 +495,48 @@ def pad_absorb() -> Example:
     qt.line().line(equal_line(pool_y, padded_y))
     qt.line().line(f"a pool with padding 1 that does not count it, after the pad: pad_absorb refuses: {refusal(pools[1], 'pad_absorb')}")
     return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref), "pointwise": str(pt), "pool": str(qt)})
+
+
+@example
+def pad_share() -> Example:
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    copy = b.node("pad_nd", x, pads=P1, mode="reflect", value=0.0, source="block.pad")
+    y3 = b.conv2d(copy, weight=W3, source="block.conv3x3")
+    y1 = b.conv2d(x, weight=k([2]), source="block.conv1x1")
+    g = b.build(b.add(y3, y1, source="block"))
+    moved, _ = apply("pad_share", g, "pad_share")
+    after, _ = apply("pad_share", g)
+    reflected = value_of(g, copy, X)
+    one = [n for n in moved.nodes if n.source == "block.conv1x1"][0]
+    txt = Text()
+    txt.line("RepVGG written with padding_mode='reflect': the 3x3 reads the reflected copy, the 1x1 (W = 2) reads x")
+    txt.grids(*maps("x", X), *maps("pad_reflect(x, 1)", reflected), ("W3", W3[0, 0]))
+    txt.line().line("the 1x1, padded to 3x3 by zeros, reads the copy's interior, which is x:")
+    txt.grids(("pad_0(W1, 1)", one.params["weight"][0, 0]), ("conv1x1(x; W1)", value_of(g, y1, X)[0, 0]),
+              ("conv(pad_reflect(x); pad_0(W1))", value_of(moved, one.out, X)[0, 0]))
+    txt.line().line(f"so the two sum to one conv of the copy, W3 + pad_0(W1) (kernel_pad, branch_sum): {dict(after.op_counts())}")
+    fused = [n for n in after.nodes if n.op == "conv2d"][0]
+    txt.grids(("W3 + pad_0(W1)", fused.params["weight"][0, 0]), ("before", run_graph(g, X)[0, 0]), ("after", run_graph(after, X)[0, 0]))
+    txt.line().line(equal_line(run_graph(g, X), run_graph(after, X)))
+
+    # Not moved: a 3x3 with zero padding of its own reads 0 where the copy holds reflected pixels.
+    truth = conv_of(X, weight=ONES3, padding=P1)
+    candidate = run_graph(_moved_padded(), X)
+    ref = Text()
+    ref.line("a 3x3 of x with zero padding 1 (all-ones kernel), computed on the reflected copy instead (padded by 1 more):")
+    ref.grids(("conv(x; W, padding 1)", truth[0, 0]), ("conv(pad_reflect(x); pad_0(W), padding 1)", candidate[0, 0]),
+              ("difference", (truth - candidate)[0, 0]))
+    ref.line().line(differ_line(truth, candidate, "they differ wherever the window reaches past x: the copy holds x's pixels there, not 0"))
+    return Example("pad_share", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+def _moved_padded() -> Graph:
+    """conv(pad_reflect(x; 1); pad_0(ONES3; 1), padding 1): what moving a conv with padding of its own would compute."""
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    copy = b.node("pad_nd", x, pads=P1, mode="reflect", value=0.0, source="block.pad")
+    return b.build(b.conv2d(copy, weight=torch.nn.functional.pad(ONES3, P1), padding=P1, source="block.conv"))
 
 
 @example

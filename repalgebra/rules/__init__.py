@@ -10,6 +10,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     scale_fold,
     bias_fold,
     border_fill,
+    pad_share,  # before bn_to_conv, which imports it: a BN beside a conv of a padded copy becomes a 1x1 only where it moves
     bn_to_conv,
     identity_to_conv,
     dilation_to_dense,

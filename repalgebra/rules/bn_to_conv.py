@@ -18,16 +18,18 @@ import torch
 from repalgebra.kernels import bn_affine, identity_kernel
 from repalgebra.match import JOINS, merge_refusal, producer, with_operands
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.rules.pad_share import takes_1x1
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 def sibling(join: Node, value: Value, x: Value) -> Node | None:
-    """A conv/BN operand of ``join`` (other than ``value``) that reads ``x``."""
+    """A conv/BN operand of ``join`` (other than ``value``) that reads ``x``, or (in a sum) a conv of a padded
+    copy of ``x`` that a 1x1 of ``x`` can move onto (:func:`repalgebra.rules.pad_share.takes_1x1`)."""
     for other in join.inputs:
         if other is value:
             continue
         sib = producer(other, "conv2d", "batch_norm")
-        if sib is not None and sib.x is x:
+        if sib is not None and (sib.x is x or (sib.op == "conv2d" and join.op != "concat" and takes_1x1(sib, x))):
             return sib
     return None
 
