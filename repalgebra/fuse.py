@@ -44,6 +44,7 @@ from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
+from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
@@ -331,6 +332,7 @@ def fuse(
     """
     start = time.perf_counter()
     check_model(model)
+    model, unwrapped = unwrap(model)
     fuser = _Fuser(model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     fused = fuser.fuse_model(inputs)
@@ -346,6 +348,8 @@ def fuse(
     report.input_shapes = [tuple(t.shape) for t in inputs]
     if inferred:
         report.notes.insert(0, f"input inferred: {inferred}")
+    if unwrapped:
+        report.notes.insert(0, unwrapped)
     if model.training:
         report.notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     if not check:

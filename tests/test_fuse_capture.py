@@ -1613,3 +1613,36 @@ def test_assignments_that_stay_calls_never_write_into_a_value_others_read(cls):
     x = torch.randn(1, 3, 7, 4, dtype=D)
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= 1e-12
+
+
+def _conv_bn(c: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "compile_of_data_parallel"])
+@pytest.mark.parametrize("where", ["model", "child"])
+def test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs(wrap, where):
+    """torch.fx refuses a dynamo-optimized forward and takes nn.DataParallel for a leaf: the whole model was captured
+    at fixed shapes (a compiled one recompiled by torch.export), or the wrapped part kept whole. The wrapper runs
+    its module's function, so fuse traces that module: one conv per pair, any size, with a note naming it."""
+    def wrapped(m: nn.Module) -> nn.Module:
+        if wrap == "compile":
+            return torch.compile(m, backend="eager")  # no code generation: the wrapper is what matters here
+        dp = nn.DataParallel(m)  # no device: its forward calls m
+        return torch.compile(dp, backend="eager") if wrap == "compile_of_data_parallel" else dp
+
+    inner = randomized(nn.Sequential(_conv_bn(4, 3), nn.ReLU(), _conv_bn(4, 3))).to(D)
+    model = wrapped(inner) if where == "model" else nn.Sequential(_conv_bn(4, 1).to(D), wrapped(inner)).eval()
+    if where == "child":
+        randomized(model[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    report = fused.fuse_report
+    assert report.capture == "fx" and report.ops_after.get("batch_norm", 0) == 0, str(report)
+    assert report.ops_after["conv2d"] == (2 if where == "model" else 3), str(report)  # the 1x1's bias stops a merge
+    attribute = "_orig_mod" if wrap == "compile" else "module" if wrap == "data_parallel" else "_orig_mod.module"
+    assert any(f"{'model' if where == 'model' else '1'}.{attribute}" in n for n in report.notes), report.notes
+    for other in (x, torch.randn(3, 4, 9, 5, dtype=D)):
+        assert verify(model, fused, other, n=1, dtype=D)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

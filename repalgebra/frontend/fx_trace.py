@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy
+from repalgebra.frontend.wrappers import wrapped
 from repalgebra.module_copy import copy_module
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
@@ -330,10 +331,13 @@ class Tracer(fx.Tracer):
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
+        self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if wrapped(m) is not None:  # torch.nn's DataParallel would be a leaf: traced through instead (call_module)
+            return False
         if recognised(m) is not None or (isinstance(m, FnCall) and m.reads_input_dtype):
             return True
         if isinstance(m, torch.jit.ScriptModule):  # compiled code, no Python forward to trace: a call of itself
@@ -349,7 +353,11 @@ class Tracer(fx.Tracer):
             # (a feature collector appending to a list) is lost.  The module stays a call of itself (fuse keeps it
             # whole and fuses its children); torch.export would lose them the same way.
             raise TypeError("it has forward hooks, which must run on every call of it: kept a call of itself")
-        out = super().call_module(m, forward, args, kwargs)
+        if (w := wrapped(m)) is not None and not self.is_leaf_module(m, path):
+            self.unwrapped.append(f"{path!r} is {w[1]}: traced the module it runs, {path}.{w[0]} (the same function)")
+            out = getattr(m, w[0])(*args, **kwargs)  # fx refuses a dynamo-optimized forward
+        else:
+            out = super().call_module(m, forward, args, kwargs)
         self.path_stack.pop()
         return out
 
@@ -387,13 +395,15 @@ class Tracer(fx.Tracer):
 
     @property
     def notes(self) -> list[str]:
-        """What the trace decided that the report should say: the branches taken on the weights' values."""
-        if not self.weight_branches:
-            return []
-        where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
-        shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
-        return [f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
-                f"taken as the weights decide (a test such as `if self.alpha:`), in {shown}"]
+        """What the trace decided that the report should say: wrappers traced through, the branches taken on the
+        weights' values."""
+        notes = list(dict.fromkeys(self.unwrapped))
+        if self.weight_branches:
+            where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
+            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+            notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
+                         f"taken as the weights decide (a test such as `if self.alpha:`), in {shown}")
+        return notes
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
