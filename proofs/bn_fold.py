@@ -22,6 +22,10 @@ After a channel concat of convs (MixConv, each conv reading its own input), the 
 the concat's: slice k of (mean, var, gamma, beta) normalizes conv k's outputs, so each conv folds its
 own slice and the concat of the folded convs is the BN of the concat.
 
+After a sum of convs, each reading its own input (RepNeXt's ``norm(conv_a(x) + conv_b(conv_c(x)))``),
+BN(z_1 ± z_2 ± ...) = s (z_1 ± z_2 ± ...) + t: every conv folds the scale s, and the first (added)
+conv also the shift t; the others fold (s, 0), their bias only scaled.
+
 A 3-D convolution (``nn.Conv3d``) is the same sum of weight-times-input terms of one output channel, so
 the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, paddings, dilations and groups
 on every axis.
@@ -127,6 +131,7 @@ def prove() -> list[str]:
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
     done.append(prove_concat())
+    done.append(prove_sum())
     return done
 
 
@@ -145,3 +150,27 @@ def prove_concat() -> str:
     rhs = concat([conv2d(xa, wa2, ba2, padding=(1, 1, 1, 1)), conv2d(xb, wb2, bb2, groups=2)])
     assert_equal(lhs, rhs, "bn_fold concat of convs")
     return "cat(conv 3x3 with bias, grouped conv 1x1)->BN == cat(folded convs)"
+
+
+def prove_sum() -> str:
+    """BN((conv_a(x) - conv_b(y)) + conv_c(z)) == (conv_a'(x) - conv_b'(y)) + conv_c'(z): conv_a folds the BN's
+    scale and shift, conv_b and conv_c only its scale (their biases scaled, no shift)."""
+    a = dict(C=2, O=2, H=3, W=3, k=(3, 3), groups=1, bias=True)
+    b = dict(C=2, O=2, H=3, W=3, k=(1, 1), groups=2, bias=True)
+    c = dict(C=1, O=2, H=3, W=3, k=(1, 3), groups=1, bias=False)
+    (xa, wa, ba), (_, wb, bb), (_, wc, _) = conv_symbols(a), conv_symbols(b), conv_symbols(c)
+    xb, xc = symbols_tensor("y", (2, 3, 3)), symbols_tensor("z", (1, 3, 3))
+    wb, bb, wc = symbols_tensor("v", wb.shape), symbols_tensor("d", bb.shape), symbols_tensor("u", wc.shape)
+    mean, var, gamma, beta, eps = bn_symbols("", 2)
+    za = conv2d(xa, wa, ba, padding=(1, 1, 1, 1))
+    zb = conv2d(xb, wb, bb, groups=2)
+    zc = conv2d(xc, wc, None, padding=(0, 0, 1, 1))
+    lhs = batch_norm((za - zb) + zc, mean, var, gamma, beta, eps)
+    zero = np.array([sympy.Integer(0)] * 2, dtype=object)
+    unshifted = (zero, var, gamma, zero, eps)  # scale s = gamma / sqrt(var + eps), shift 0: mean and beta 0
+    wa2, ba2 = fuse(wa, ba, mean, var, gamma, beta, eps)
+    wb2, bb2 = fuse(wb, bb, *unshifted)
+    wc2, bc2 = fuse(wc, None, *unshifted)
+    rhs = (conv2d(xa, wa2, ba2, padding=(1, 1, 1, 1)) - conv2d(xb, wb2, bb2, groups=2)) + conv2d(xc, wc2, bc2, padding=(0, 0, 1, 1))
+    assert_equal(lhs, rhs, "bn_fold sum of convs")
+    return "(conv 3x3 with bias - grouped conv 1x1 with bias) + conv 1x3 without, ->BN == the sum of the folded convs (the shift in the first)"

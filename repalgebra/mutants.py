@@ -155,6 +155,13 @@ MUTANTS: list[Mutant] = [
     _m("bn_fold", "concat-slices-from-start", "every conv of a concat folds the BN's first channels",
        "new.append(_folded(c, s[start:end], t[start:end], bn))", "new.append(_folded(c, s[:end - start], t[:end - start], bn))",
        target="repalgebra.rules.bn_fold:_through_concat"),
+    _m("bn_fold", "sum-shift-everywhere", "every conv of a sum folds the BN's shift, not only the first",
+       "shift.pop() if shift else torch.zeros_like(t)", "t", target="repalgebra.rules.bn_fold:_through_sum"),
+    _m("bn_fold", "sum-later-unscaled", "only the first conv of a sum folds the BN; the others are summed as they are",
+       "nodes.append(_folded(n, s, shift.pop() if shift else torch.zeros_like(t), bn))",
+       "nodes.append(_folded(n, s, shift.pop(), bn) if shift else n)", target="repalgebra.rules.bn_fold:_through_sum"),
+    _m("bn_fold", "sum-shared", "a BN after a sum folds even where a conv of the sum is read elsewhere (computed twice)",
+       "    if shared:\n", "    if False:\n", target="repalgebra.rules.bn_fold:_through_sum"),
     # ---------------------------------------------------------------- scale_fold
     _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
        "bias=None if bias is None else bias * gamma", "bias=bias"),

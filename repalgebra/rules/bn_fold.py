@@ -13,10 +13,20 @@ slice, and each slice folds into the conv that makes it:
 
     BN(cat(conv_1(x_1), ..., conv_n(x_n))) = cat(conv_1'(x_1), ..., conv_n'(x_n))
 
+A BN after a sum (``add``/``sub``, nested) of convs that read different inputs (RepNeXt's
+``norm(conv_7x7(x) + conv_7x1(conv_1x7(x)))``) is the scale folded into every conv and the shift into the
+first:
+
+    BN(conv_1(x_1) ± ... ± conv_n(x_n)) = conv_1'(x_1; s W_1, s b_1 + t) ± ... ± conv_n'(x_n; s W_n, s b_n)
+
+(the first conv of a sum is always added, never subtracted).
+
 Preconditions: the BN reads a ``conv2d``, ``conv3d`` or ``conv_transpose2d`` whose output nothing else reads, or a
-concat along the channels, read by nothing else, of such convs.  Any stride, padding, output padding,
-dilation and groups: BN acts on each output channel alone.
+concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs.  Any stride,
+padding, output padding, dilation and groups: BN acts on each output channel alone.
 """
+
+import torch
 
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
@@ -29,7 +39,7 @@ _CONVS = ("conv2d", "conv3d", "conv_transpose2d")
 def bn_fold(graph, bn):
     conv = producer(bn.x, *_CONVS)
     if conv is None:
-        return _through_concat(graph, bn)
+        return _through_concat(graph, bn) or _through_sum(graph, bn)
     if not sole_use(graph, conv.out):
         return Refusal(f"the {'transposed ' * (conv.op == 'conv_transpose2d')}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
@@ -65,3 +75,34 @@ def _through_concat(graph, bn):
         start = end
     joined = cat.replace(inputs=tuple(n.out for n in new))
     return Rewrite(bn.out, joined.out, (*new, joined))
+
+
+def _through_sum(graph, bn):
+    """``BN(conv_1 ± conv_2 ± ...)``: every conv folds the scale, the first one also the shift."""
+    if producer(bn.x, "add", "sub") is None:
+        return None
+    s, t = bn_affine(bn)
+    nodes, shift = [], [t]  # the shift goes into the first conv of the sum, which is added
+    shared = []
+
+    def folded(value):
+        n = value.producer
+        if n is not None and n.op in ("add", "sub") and value.shape == bn.x.shape:
+            inputs = [folded(v) for v in n.inputs]
+            if None in inputs:
+                return None
+            nodes.append(n.replace(inputs=tuple(inputs)))
+        elif n is not None and n.op in _CONVS and value.shape == bn.x.shape:
+            nodes.append(_folded(n, s, shift.pop() if shift else torch.zeros_like(t), bn))
+        else:
+            return None
+        if not sole_use(graph, value):
+            shared.append(n)
+        return nodes[-1].out
+
+    new = folded(bn.x)
+    if new is None:
+        return None
+    if shared:
+        return Refusal("the sum before it, or a conv in it, is also read elsewhere")
+    return Rewrite(bn.out, new, tuple(nodes))

@@ -211,3 +211,65 @@ def test_folds_bn_into_any_3d_conv(spec, dtype, batch, seed, data):
     cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
     w = torch.randn(cout, cin // g, *spec["kernel"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     folds_into_one(spec, "conv3d", (w / (cin // g) ** 0.5).to(dtype), ("stride", "padding", "dilation", "groups"), dtype, batch, seed, data)
+
+
+def _sum_of_convs(b, dtype, seed, data, n, h, w, cout, batch=1):
+    """``n`` convs (kernels 1, 3, 5 with 'same' padding, some grouped, some with bias), each reading its own input or
+    the one before (RepNeXt's conv_7x1(conv_1x7(x))), summed as add/sub in a random nesting."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = []
+    for k in range(n):
+        g = data.draw(st.sampled_from([1, 2]), label="groups") if cout % 2 == 0 else 1
+        cin = g * data.draw(st.integers(1, 3), label="cin")
+        kh, kw = data.draw(st.sampled_from([1, 3, 5]), label="kh"), data.draw(st.sampled_from([1, 3, 5]), label="kw")
+        params = {"weight": (torch.randn(cout, cin // g, kh, kw, generator=gen, dtype=torch.float64) / kh).to(dtype)}
+        if data.draw(st.booleans(), label="bias"):
+            params["bias"] = torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)
+        x = b.input(f"x{k}", (batch, cin, h, w), dtype)
+        if data.draw(st.booleans(), label="after a conv"):
+            x = b.conv2d(x, weight=torch.randn(cin, 1, 1, 3, generator=gen, dtype=torch.float64).to(dtype), padding=(0, 0, 1, 1),
+                         groups=cin, source=f"blk.pre{k}")
+        outs.append(b.conv2d(x, **params, padding=(kh // 2, kh // 2, kw // 2, kw // 2), groups=g, source=f"blk.convs.{k}"))
+    while len(outs) > 1:
+        i = data.draw(st.integers(0, len(outs) - 2), label="pair")
+        op = data.draw(st.sampled_from(["add", "sub"]), label="op")
+        outs[i:i + 2] = [b.node(op, outs[i], outs[i + 1], source="blk")]
+    return outs[0]
+
+
+@given(dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_a_bn_after_a_sum_of_convs_of_different_inputs(dtype, batch, seed, data):
+    """RepNeXt's norm(conv_a(x) + conv_b(conv_c(x))): every conv folds the scale, the first (added) one the shift."""
+    n, cout = data.draw(st.integers(2, 4), label="convs"), data.draw(st.integers(1, 6), label="cout")
+    h, w = data.draw(st.integers(1, 6), label="h"), data.draw(st.integers(1, 6), label="w")
+    b = GraphBuilder()
+    total = _sum_of_convs(b, dtype, seed, data, n, h, w, cout, batch)
+    graph = b.build(add_bn(b, total, data.draw(bn_stats(cout), label="bn"), dtype, "blk.norm"))
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1} and "batch_norm" not in report.after, report.after
+    assert fused.op_counts() == {k: v for k, v in graph.op_counts().items() if k != "batch_norm"}
+    inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
+    assert_graphs_equal(graph, fused, inputs, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data(), read=st.sampled_from(["conv", "sum"]))
+def test_a_bn_after_a_sum_stays_where_a_conv_or_the_sum_is_read_elsewhere(dtype, seed, data, read):
+    b = GraphBuilder()
+    total = _sum_of_convs(b, dtype, seed, data, 2, 4, 4, 4)
+    other = total.producer.inputs[1] if read == "conv" else total
+    graph = b.build(add_bn(b, total, data.draw(bn_stats(4)), dtype, "blk.norm"), other)
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert reasons(report, "batch_norm") == ["bn_fold: the sum before it, or a conv in it, is also read elsewhere"]
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_bn_after_a_sum_with_an_operand_that_is_not_a_conv_is_left_alone(dtype, seed, data):
+    b = GraphBuilder()
+    x = b.input("x", (1, 4, 3, 3), dtype)
+    c = b.conv2d(x, weight=torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype))
+    graph = b.build(add_bn(b, b.node("add", c, b.relu(x)), data.draw(bn_stats(4)), dtype, "bn"))
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
