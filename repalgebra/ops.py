@@ -331,6 +331,18 @@ def softmax(x, *, axis=-1):
     return F.softmax(x, dim=axis)
 
 
+@op("log_softmax", kind="nonlinear")
+def log_softmax(x, *, axis=-1):
+    """Log of the softmax along ``axis`` (classifier and CTC heads)."""
+    return F.log_softmax(x, dim=axis)
+
+
+@op("glu", kind="nonlinear")
+def glu(x, *, axis=-1):
+    """Gated linear unit: the first half of ``x`` along ``axis`` times the sigmoid of the second (Conformer)."""
+    return F.glu(x, dim=axis)
+
+
 @op("mean", kind="linear")
 def mean(x, *, dims=REQUIRED, keepdim=False):
     """Mean over ``dims`` (global average pooling is ``dims=(2, 3)``)."""

@@ -202,3 +202,19 @@ def test_a_float32_model_that_casts_to_float32_itself_keeps_any_length():
     assert any("fused for float32 only" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
     with pytest.raises(ValueError, match="was fused in float32.*it casts to a dtype of its own.*called in float64"):
         fused.double()(torch.randn(1, 1, 400, dtype=torch.float64))
+
+
+@given(groups=st.sampled_from([1, 2]), kernel=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 2),
+       output_padding=st.integers(0, 2), dilation=st.integers(1, 2), bias=st.booleans())
+def test_a_conv_transpose1d_folds_its_batch_norm(groups, kernel, stride, padding, output_padding, dilation, bias):
+    """``ConvTranspose1d`` + ``BatchNorm1d`` (a TasNet or vocoder decoder's upsampling) is a ``conv_transpose2d`` of
+    height 1, its BN folded; it was an opaque call and an ONNX fallback node, and its BN stayed."""
+    if output_padding >= max(stride, dilation):
+        output_padding = 0  # PyTorch requires it smaller than the stride or the dilation
+    model = seeded(lambda: nn.Sequential(
+        nn.ConvTranspose1d(4, 2 * groups, kernel, stride, padding, output_padding, groups, bias, dilation),
+        nn.BatchNorm1d(2 * groups), nn.ReLU()), 3)().to(D)
+    length = 9
+    fused = fuse(model, torch.randn(2, 4, length, dtype=D))
+    assert count_bn(fused) == 0 and "opaque" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 4, length), (3, 4, 5), (1, 4, 20)])

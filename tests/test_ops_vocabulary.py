@@ -254,6 +254,24 @@ class TableBias(nn.Module):
         return a, r
 
 
+class ConformerConv(nn.Module):
+    """Conformer's convolution module on the stem's map read as a sequence (pointwise Conv1d, ``nn.GLU`` over the
+    channels, depthwise Conv1d, BatchNorm1d, SiLU), an upsampling ConvTranspose1d + BatchNorm1d (a TasNet decoder),
+    a ``F.glu`` over the time axis and ``log_softmax`` heads (CTC), as function, method and module."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.pointwise, self.glu = nn.Conv1d(c, 2 * c, 1), nn.GLU(dim=1)
+        self.depthwise, self.norm = nn.Conv1d(c, c, 3, padding=1, groups=c), nn.BatchNorm1d(c)
+        self.up, self.up_norm = nn.ConvTranspose1d(c, c, 4, stride=2, padding=1, output_padding=1, groups=2), nn.BatchNorm1d(c)
+        self.head = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        y = F.silu(self.norm(self.depthwise(self.glu(self.pointwise(x.flatten(2))))))
+        z = self.up_norm(self.up(y))
+        return self.head(z), F.log_softmax(F.glu(y, -1), dim=-1), z.log_softmax(1)
+
+
 class Norms(nn.Module):
     """Cosine attention and normalized heads (SwinV2, CLIP, ArcFace): ``F.normalize``, ``x.norm(dim=-1,
     keepdim=True)``, ``torch.linalg.vector_norm`` of other orders, ``x.abs().amax(...)`` (a max-abs scale)."""
@@ -324,6 +342,8 @@ CASES: dict[str, Case] = {
                                    nn.Fold((6, 8), (3, 2), dilation=(1, 2), padding=1, stride=(2, 1)))),
         (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Conv", "ConvTranspose"),
     ),
+    "conformer_conv": Case(lambda: stem(ConformerConv()), (1, 3, 5, 6), {"glu", "log_softmax", "conv_transpose2d"},
+                           _onnx("LogSoftmax", "Sigmoid", "ConvTranspose")),
     "norms": Case(lambda: stem(Norms()), (1, 3, 5, 6), {"norm", "abs", "amax"}, _onnx("ReduceL2", "ReduceL1", "ReduceMax", "Abs", "Div")),
     "repeat": Case(  # tiled maps, a batch repeated (its size follows the batch), a leading axis added
         lambda: stem(lambda x: (x.repeat(1, 2, 1, 3), x.repeat((2, 1, 1, 1)).sigmoid(), x.mean(1).repeat(3, 1, 1, 2))), (1, 3, 4, 5),

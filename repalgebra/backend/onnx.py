@@ -355,6 +355,19 @@ def _softmax(ctx, n, x):
     return ctx.emit("Softmax", [x], axis=n.attrs["axis"])
 
 
+@lowering("log_softmax")
+def _log_softmax(ctx, n, x):
+    return ctx.emit("LogSoftmax", [x], axis=n.attrs["axis"])
+
+
+@lowering("glu")
+def _glu(ctx, n, x):
+    """The first half along the axis times the sigmoid of the second: two ``Slice`` s, ``Sigmoid``, ``Mul``."""
+    axis = n.attrs["axis"] % len(n.x.shape)
+    half = _static_size(ctx, n, axis) // 2
+    return ctx.emit("Mul", [_slice_of(ctx, x, axis, 0, half), ctx.emit("Sigmoid", [_slice_of(ctx, x, axis, half, None)])])
+
+
 def _reduce(ctx, op_type: str, x, n):
     """``op_type`` over ``n``'s ``dims``: the axes an input from opset 18 (``ReduceSum`` from 13), an attribute before."""
     dims = n.attrs["dims"]

@@ -428,6 +428,16 @@ def _softmax(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.softmax, xs[0], dim=node.attrs["axis"])
 
 
+@lowers("log_softmax")
+def _log_softmax(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.log_softmax, xs[0], dim=node.attrs["axis"])
+
+
+@lowers("glu")
+def _glu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.glu, xs[0], dim=node.attrs["axis"])
+
+
 @lowers("mean")
 def _mean(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.method("mean", xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])

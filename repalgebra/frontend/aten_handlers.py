@@ -129,6 +129,26 @@ def _conv_transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "conv_transpose2d", [x], attrs, params, _owner(a["weight"])
 
 
+def _conv_transpose1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.conv_transpose1d`` on ``(N, C, L)`` as a ``conv_transpose2d`` of height 1, as the fx front end writes
+    ``nn.ConvTranspose1d``; a BatchNorm1d after it moves inside the flatten (:func:`_bn`)."""
+    x, w = _v(a["input"]), _c(a["weight"])
+    ones = [_ints(a[k]) for k in ("stride", "padding", "output_padding", "dilation")]
+    if x is None or len(x.shape) != 3 or w is None or w.dim() != 3 or any(v is None or len(v) != 1 for v in ones):
+        return None
+    where = module_path(n)
+    x4 = b.add(Node.make(*unsqueezed(x, 2)[:4], where))
+    (stride,), (padding,), (output_padding,), (dilation,) = ones
+    a2 = {**a, "input": x4, "weight": Const(w.unsqueeze(2), a["weight"].path), "stride": (1, stride), "padding": (0, padding),
+          "output_padding": (0, output_padding), "dilation": (1, dilation)}
+    made = _conv_transpose(b, n, a2)
+    if made is None:
+        return None
+    op, inputs, attrs, params, source = made
+    conv = b.add(Node.make(op, inputs, attrs, params, source or where))
+    return "flatten", [conv], {"start": 2, "end": 3}, {}, None
+
+
 def _conv3d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``aten.conv3d`` (``nn.Conv3d``) on one 5-D input."""
     x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
@@ -751,10 +771,16 @@ def _select(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 
 def _softmax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.softmax`` and ``aten.log_softmax`` along one axis, no cast."""
     x = _v(a["self"])
     if x is None or not _is_int(a["dim"]) or a.get("dtype") is not None or a.get("half_to_float", False):
         return None
-    return "softmax", [x], {"axis": a["dim"]}, {}, None
+    return "log_softmax" if "log_softmax" in str(n.target) else "softmax", [x], {"axis": a["dim"]}, {}, None
+
+
+def _glu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x = _v(a["self"])
+    return None if x is None or not _is_int(a["dim"]) else ("glu", [x], {"axis": a["dim"]}, {}, None)
 
 
 def _matmul(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -777,6 +803,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.conv2d.padding: _conv,
     aten.convolution.default: _convolution,
     aten.conv_transpose2d.input: _conv_transpose,
+    aten.conv_transpose1d.default: _conv_transpose1d,
     aten.conv3d.default: _conv3d,
     aten.conv3d.padding: _conv3d,
     aten.batch_norm.default: _batch_norm,
@@ -815,6 +842,9 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.select.int: _select,
     aten.softmax.int: _softmax,
     aten._softmax.default: _softmax,
+    aten.log_softmax.int: _softmax,
+    aten._log_softmax.default: _softmax,
+    aten.glu.default: _glu,
     aten.matmul.default: _matmul,
     aten.bmm.default: _matmul,
     aten.mm.default: _matmul,

@@ -128,6 +128,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Conv2d,
     nn.Conv1d,
     nn.ConvTranspose2d,
+    nn.ConvTranspose1d,
     ChannelAffine,  # the torch back end's 1x1 depthwise conv
     nn.Conv3d,
     nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)
@@ -144,6 +145,8 @@ _RECOGNISED: tuple[type, ...] = (
     nn.ConstantPad2d,
     nn.Flatten,
     nn.Softmax,
+    nn.LogSoftmax,
+    nn.GLU,
     nn.LayerNorm,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,

@@ -488,10 +488,19 @@ def _f_mean(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> M
 
 
 def _f_softmax(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.softmax`` and ``F.log_softmax`` (their methods and ``torch.`` functions) along one axis, no cast."""
     a = bind([("input", REQ), ("dim", None), ("_stacklevel", 3), ("dtype", None)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or a["dtype"] is not None:
         return None
-    return "softmax", [a["input"]], {"axis": a["dim"]}, {}, ""
+    op = "log_softmax" if target in (F.log_softmax, torch.log_softmax, "log_softmax") else "softmax"  # a method: its name
+    return op, [a["input"]], {"axis": a["dim"]}, {}, ""
+
+
+def _f_glu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("dim", -1)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not is_int(a["dim"]):
+        return None
+    return "glu", [a["input"]], {"axis": a["dim"]}, {}, ""
 
 
 def _f_unary(op: str, *extra: tuple[str, Any]) -> Callable[..., Made]:
@@ -999,7 +1008,8 @@ _register(_f_getitem, operator.getitem)
 _register(_f_select, torch.select, ("method", "select"))
 _register(_f_transpose, torch.transpose, ("method", "transpose"))
 _register(_f_mean, torch.mean, ("method", "mean"))
-_register(_f_softmax, F.softmax, torch.softmax, ("method", "softmax"))
+_register(_f_softmax, F.softmax, torch.softmax, ("method", "softmax"), F.log_softmax, torch.log_softmax, ("method", "log_softmax"))
+_register(_f_glu, F.glu)
 _register(_f_unary("relu", ("inplace", False)), F.relu)
 _register(_f_unary("relu"), torch.relu, ("method", "relu"))
 _register(_f_unary("gelu", ("approximate", "none")), F.gelu)

@@ -63,6 +63,18 @@ def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tup
     return "conv_transpose2d", [x], attrs, params, ""
 
 
+def _m_conv_transpose1d(b: Builder, n: fx.Node, m: nn.ConvTranspose1d, args: tuple, kwargs: dict) -> Made:
+    """``ConvTranspose1d`` on ``(N, C, L)`` as a ``conv_transpose2d`` of height 1, as :func:`_m_conv1d` writes a
+    ``Conv1d``: a ``BatchNorm1d`` after it folds (``bn_fold``)."""
+    x = single(args, kwargs)
+    if x is None or len(x.shape) != 3:
+        return None
+    attrs = transposed_conv_attrs((1, *m.stride), (0, *m.padding), (0, *m.output_padding), (1, *m.dilation), m.groups)
+    params = {"weight": module_weight(m).unsqueeze(2)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    x4 = b.add(*unsqueezed(x, 2)[:4], source=b.source(n))
+    return "flatten", [b.add("conv_transpose2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
+
+
 def _m_conv3d(b: Builder, n: fx.Node, m: nn.Conv3d, args: tuple, kwargs: dict) -> Made:
     """``nn.Conv3d`` on one 5-D input, zero padding (another padding mode leaves the call opaque)."""
     x = single(args, kwargs)
@@ -156,9 +168,15 @@ def _m_flatten(b: Builder, n: fx.Node, m: nn.Flatten, args: tuple, kwargs: dict)
     return None if x is None else ("flatten", [x], {"start": m.start_dim, "end": m.end_dim}, {}, "")
 
 
-def _m_softmax(b: Builder, n: fx.Node, m: nn.Softmax, args: tuple, kwargs: dict) -> Made:
+def _m_softmax(b: Builder, n: fx.Node, m: nn.Softmax | nn.LogSoftmax, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
-    return None if x is None or m.dim is None else ("softmax", [x], {"axis": m.dim}, {}, "")
+    op = "log_softmax" if isinstance(m, nn.LogSoftmax) else "softmax"
+    return None if x is None or m.dim is None else (op, [x], {"axis": m.dim}, {}, "")
+
+
+def _m_glu(b: Builder, n: fx.Node, m: nn.GLU, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None else ("glu", [x], {"axis": m.dim}, {}, "")
 
 
 def _m_layer_norm(b: Builder, n: fx.Node, m: nn.LayerNorm, args: tuple, kwargs: dict) -> Made:
@@ -247,6 +265,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
     nn.ConvTranspose2d: _m_conv_transpose2d,
+    nn.ConvTranspose1d: _m_conv_transpose1d,
     ChannelAffine: _m_conv2d,  # the torch back end's 1x1 depthwise conv: that conv
     nn.Conv3d: _m_conv3d,
     _BatchNorm: _m_batch_norm,
@@ -263,6 +282,8 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.ConstantPad2d: _m_pad,
     nn.Flatten: _m_flatten,
     nn.Softmax: _m_softmax,
+    nn.LogSoftmax: _m_softmax,
+    nn.GLU: _m_glu,
     nn.LayerNorm: _m_layer_norm,
     nn.AdaptiveAvgPool1d: _m_adaptive_avg,
     nn.AdaptiveAvgPool2d: _m_adaptive_avg,
