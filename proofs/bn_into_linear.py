@@ -29,6 +29,9 @@ Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns fe
 (a mean over H and W), flatten(1), Linear(C), where each mean reads one channel
 (:func:`prove_mean_head`, with a mean over the channels too as its refused case).
 
+And a constant added per feature (UniRepLKNet's GRN tail, ``Linear(x + beta)``, or ``beta - x``): the
+affine map with s = +-1 and t = beta (:func:`prove_shift`).
+
 REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its
 features (with H*W == C the shapes even fit), element [.., c, p] meets s[c] but the fold puts
 s[p] on it; symbolic counterexample below.
@@ -121,6 +124,7 @@ def prove() -> list[str]:
 
     done.append(prove_flatten_all())
     done.append(prove_mean_head())
+    done.extend(prove_shift(sign) for sign in (1, -1))
 
     # REFUSED: the Linear's features are the spatial positions, not BN's channels.
     cfg = REFUSED
@@ -187,3 +191,14 @@ def prove_flatten_all() -> str:
     rhs = linear(layout(x, chain), w2, b2)
     assert_equal(lhs, rhs, "bn_into_linear flatten(1) head")
     return "classifier head: x (1, C=2, 2, 1) -> flatten(1) -> Linear(4 -> 3): W'[o, j] = W[o, j] s[j // 2]"
+
+
+def prove_shift(sign: int) -> str:
+    """UniRepLKNet's GRN tail, ``Linear(x + beta)`` (and ``Linear(beta - x)``, sign -1): a constant per feature is the
+    affine map with s = sign, t = beta: Linear(sign x + c; W, b) == Linear(x; sign W, b + W c)."""
+    x = symbols_tensor("x", (2, 3, 4))
+    w, b, c = symbols_tensor("w", (2, 4)), symbols_tensor("b", (2,)), symbols_tensor("c", (4,))
+    lhs = linear(sign * x + c, w, b)
+    rhs = linear(x, w * sign, b + np.array([sum(w[o, k] * c[k] for k in range(4)) for o in range(2)], dtype=object))
+    assert_equal(lhs, rhs, f"bn_into_linear constant shift, sign {sign}")
+    return f"Linear({'x' if sign == 1 else '-x'} + c) == Linear(x; {'W' if sign == 1 else '-W'}, b + W c): x (2, 3, 4), c per feature, O=2"

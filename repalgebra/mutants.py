@@ -364,6 +364,13 @@ MUTANTS: list[Mutant] = [
        "s, t = s.repeat_interleave(repeat), None if t is None else t.repeat_interleave(repeat)", "s, t = s.repeat(repeat), None if t is None else t.repeat(repeat)"),
     _m("bn_into_linear", "scale-taken-as-one-number", "a per-channel scale folded as if its first factor were every channel's",
        "one = s.numel() > 0 and bool((s == s.flatten()[0]).all()) and", "one = s.numel() > 0 and", target="repalgebra.rules.bn_into_linear:_affine"),
+    _m("bn_into_linear", "shift-sign-dropped", "``Linear(c - x)`` folded as ``Linear(x + c)``: the sign of x dropped",
+       'float(add.attrs["sign"])', "1.0", target="repalgebra.rules.bn_into_linear:_shift_into"),
+    _m("bn_into_linear", "shift-broadcast", "a constant that broadcasts x to a larger shape is folded (the Linear gets x's fewer rows)",
+       "if c is None or x.shape != add.out.shape or", "if c is None or", target="repalgebra.rules.bn_into_linear:_shift_into"),
+    _m("bn_into_linear", "shift-per-token", "a constant that changes along the tokens is folded as its last row",
+       "c = per_feature(add.params[\"const\"], add.out.shape, len(add.out.shape) - 1)",
+       "c = add.params[\"const\"].flatten()[-features:]", target="repalgebra.rules.bn_into_linear:_shift_into"),
     # ---------------------------------------------------------------- linear_affine_fold
     _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b"),
     _m("linear_affine_fold", "wrong-axis", "the scale multiplies the Linear's input columns instead of its output rows",

@@ -24,15 +24,24 @@ A BN or scale on the features read by several Linears and nothing else
 (LLaMA's RMSNorm weight before ``q_proj``, ``k_proj`` and ``v_proj``) folds
 into each of them at once: ``Linear_i(s x + t) = Linear(x; W_i s, b_i + W_i t)``.
 
+A constant added per feature right before the Linear (UniRepLKNet's GRN ends in ``... + self.beta``, then
+``pwconv2``; ``sign`` -1 for ``c - x``) is the same fold with ``s = sign``:
+``Linear(sign x + c) = Linear(x; sign W, b + W c)``.
+
 Preconditions: every value from the BN to the Linear is read only by the next
 op, and the layout ops (and a mean, which must not average the channel axis)
 keep the channel axis whole and end with it last, or are that one flatten.
-Read by several Linears, the BN's output feeds them directly, on their last axis.
+Read by several Linears, the BN's output feeds them directly, on their last axis.  The constant is one
+value per feature of the Linear's input (or one for all), and adding it does not broadcast ``x`` to a larger
+shape.
 """
+
+import torch
 
 from repalgebra.kernels import bn_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
 from repalgebra.match import every_reader, merged_source, producer, sole_use
+from repalgebra.rules.bias_fold import per_feature
 from repalgebra.rules.registry import Rewrite, rule
 
 
@@ -41,6 +50,9 @@ def bn_into_linear(graph, lin):
     shared = producer(lin.x, "batch_norm", "scale")
     if shared is not None and not sole_use(graph, lin.x):
         return _into_every_linear(graph, shared)
+    shift = producer(lin.x, "add_const")
+    if shift is not None:
+        return _shift_into(graph, lin, shift)
     bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean"))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
         mean = bn
@@ -82,6 +94,17 @@ def _folded(lin, s, t) -> dict:
     if t is not None or b is not None:
         params["bias"] = (0 if b is None else b) + (0 if t is None else w @ t)
     return params
+
+
+def _shift_into(graph, lin, add):
+    """``Linear(sign x + c)``, ``c`` one value per input feature or one for all: ``Linear(x; sign W, b + W c)``."""
+    x, features = add.x, lin.x.shape[-1]
+    c = per_feature(add.params["const"], add.out.shape, len(add.out.shape) - 1)
+    if c is None or x.shape != add.out.shape or not sole_use(graph, add.out):
+        return None
+    s = torch.full((features,), float(add.attrs["sign"]), dtype=c.dtype)
+    new = lin.replace(inputs=(x,), params=_folded(lin, s, c.expand(features)), source=merged_source(lin, add))
+    return Rewrite(lin.out, new.out, (new,))
 
 
 def _into_every_linear(graph, bn):

@@ -144,3 +144,38 @@ def test_a_bn_or_scale_read_by_several_linears_folds_into_each(readers, last_axi
     else:
         assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(sign=st.sampled_from([1.0, -1.0]), per=st.sampled_from(["feature", "one", "token"]), bias=st.booleans(),
+       dtype=float_dtypes(), seed=seeds())
+def test_a_constant_added_per_feature_folds_into_the_bias(sign, per, bias, dtype, seed):
+    """UniRepLKNet's GRN tail ``pwconv2(x + beta)`` (``beta`` (1, 1, 1, C)), or ``beta - x``: ``Linear(x; sign W,
+    b + W beta)``.  A constant that changes along the tokens is no bias of the Linear: left alone."""
+    shape = (2, 3, 3, 6)
+    gen = torch.Generator().manual_seed(seed)
+    const_shape = {"feature": (1, 1, 1, 6), "one": (1,), "token": (1, 3, 1, 6)}[per]
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    shifted = b.add_const(b.relu(x), const=torch.randn(const_shape, generator=gen, dtype=torch.float64).to(dtype), sign=sign, source="grn")
+    graph = b.build(b.linear(shifted, **linear_params(6, 4, bias, seed, dtype), source="pwconv2"))
+    fused, report = run_rules(graph, "bn_into_linear")
+    if per == "token":
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    else:
+        assert report.rule_counts() == {"bn_into_linear": 1} and fused.op_counts() == {"relu": 1, "linear": 1}
+        assert only(fused, "linear").params["bias"].shape == (4,)
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds())
+def test_a_constant_that_broadcasts_the_input_up_stays(dtype, seed):
+    """``x (2, 6) + c (1, 1, 6)``: one value per feature, but the sum has a leading axis x lacks; a Linear of x would
+    drop it."""
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", (2, 6), dtype)
+    shifted = b.add_const(x, const=torch.randn(1, 1, 6, generator=gen, dtype=torch.float64).to(dtype), sign=1.0)
+    graph = b.build(b.linear(shifted, **linear_params(6, 4, True, seed, dtype)))
+    fused, report = run_rules(graph, "bn_into_linear")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input((2, 6), dtype, seed + 1), dtype)
