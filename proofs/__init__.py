@@ -28,6 +28,7 @@ RULES = [
     "border_fill",
     "regroup",
     "branch_sum",
+    "sum_regroup",
     "scale_fold",
     "bias_fold",
     "seq_merge",

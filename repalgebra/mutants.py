@@ -262,6 +262,14 @@ MUTANTS: list[Mutant] = [
        "    if g < min(ga, gb) and (why := merge_refusal(graph, join, [a, b])):", "    if False:"),
     _m("branch_sum", "broadcast", "convs of different output shapes are summed (the add broadcasts)",
        "if a.out.shape != b.out.shape:", "if False:"),
+    # ---------------------------------------------------------------- sum_regroup
+    _m("sum_regroup", "skip-first", "a group is added in the order written, a skip first (x + x meets no conv and nothing merges)",
+       "    return [group[k], *group[:k], *group[k + 1:]]", "    return group", target="repalgebra.rules.sum_regroup:_conv_first"),
+    _m("sum_regroup", "others-dropped", "the terms outside every group are left out of the regrouped sum",
+       "if key not in merging or groups[key][0] == k]", "if key in merging and groups[key][0] == k]"),
+    _m("sum_regroup", "shared-inner-flattened", "an inner add read elsewhere too is taken apart into its terms",
+       "    if n is None or (not root and not sole_use(graph, value)):\n        return [value]",
+       "    if n is None:\n        return [value]", target="repalgebra.rules.sum_regroup:_terms"),
     # ---------------------------------------------------------------- concat_merge
     _m("concat_merge", "bias-order", "the biases are concatenated in reverse order",
        "torch.cat([conv_bias(c) for c in convs])", "torch.cat([conv_bias(c) for c in reversed(convs)])"),

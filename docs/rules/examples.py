@@ -57,6 +57,7 @@ PRIMITIVES = [
     "pad_absorb",
     "pad_share",
     "branch_sum",
+    "sum_regroup",
     "scale_fold",
     "bias_fold",
     "seq_merge",
@@ -529,6 +530,28 @@ def pad_share() -> Example:
               ("difference", (truth - candidate)[0, 0]))
     ref.line().line(differ_line(truth, candidate, "they differ wherever the window reaches past x: the copy holds x's pixels there, not 0"))
     return Example("pad_share", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def sum_regroup() -> Example:
+    w1 = k([2])
+    bnp = bn_params([0], [4], [1], [1])
+    b = GraphBuilder()
+    x = b.input("x", X.shape, DT)
+    gate = b.relu(b.conv2d(x, weight=W3, padding=P1, source="block.gate"), source="block.act")
+    pw = b.conv2d(x, weight=w1, source="block.conv1x1")
+    idt = b.batch_norm(x, **bnp, source="block.bn")
+    g = b.build(b.add(b.add(gate, pw, source="block"), idt, source="block"))
+    regrouped, _ = apply("sum_regroup", g, "sum_regroup")
+    after, fired = apply("sum_regroup", g)
+    txt = Text()
+    txt.line("gate(x) + conv1x1(x) + BN(x), parsed (gate + conv1x1) + BN: no two neighbours read the same input")
+    txt.line("regrouped: gate + (conv1x1 + BN), then bn_to_conv and branch_sum make the pair one 1x1 conv:")
+    for f in fired:
+        txt.line("    " + f)
+    txt.line(f"ops before: {dict(g.op_counts())}").line(f"ops after:  {dict(after.op_counts())}")
+    txt.line().line(equal_line(run_graph(g, X), run_graph(after, X)))
+    return Example("sum_regroup", g, after, {"numbers": str(txt)})
 
 
 def _moved_padded() -> Graph:

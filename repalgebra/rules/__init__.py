@@ -17,6 +17,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     kernel_pad,
     branch_sum,
     concat_merge,
+    sum_regroup,
     pad_absorb,
     avg_pool_to_conv,
     bn_before_conv,

@@ -1,0 +1,100 @@
+"""Sum regrouping: the branches of one input in a sum are added first, wherever the sum writes them.
+
+    (g + a) + b = g + (a + b)        (a + b) + g = (a + b) + g        (a + g) + b = (a + b) + g
+
+for any terms: addition is associative and commutative.  A block that sums a
+nonlinear branch with the linear branches of its input, ``gate(x) + pw(x) +
+bn(x)``, is parsed ``(gate(x) + pw(x)) + bn(x)``: no two neighbours read the
+same input, so nothing merges.  Regrouped as ``gate(x) + (pw(x) + bn(x))``,
+the 1x1 conv and the BN meet and become one conv (:mod:`bn_to_conv`,
+:mod:`kernel_pad`, :mod:`branch_sum`).
+
+The rule reads a tree of ``add`` s (each inner one read only by the next) as
+its list of terms, groups the terms that are branches of one input (a conv2d
+or BatchNorm of ``x``, a channel scale of ``x``, or ``x`` itself; a conv also
+by its stride) where a group has a conv or a BN, and writes the sum again:
+each group's terms added first, in the order the model wrote them, the groups
+and the other terms then added in the order of their first term.  Only the
+order of the float additions changes.
+
+Preconditions: every add of the tree but the root is read only by the next; a
+group has two terms or more, one of them a conv2d or a BatchNorm; the sum is
+not already written that way.  Only ``add``: a ``sub`` keeps its place.
+"""
+
+from __future__ import annotations
+
+from repalgebra.ir import Node, Value
+from repalgebra.match import producer, sole_use
+from repalgebra.rules.registry import Rewrite, rule
+
+
+def _terms(graph, value: Value, root: bool = False) -> list[Value]:
+    """The terms of the add tree at ``value``, left to right (inner adds read only by their sum)."""
+    n = producer(value, "add")
+    if n is None or (not root and not sole_use(graph, value)):
+        return [value]
+    return [t for v in n.inputs for t in _terms(graph, v)]
+
+
+def _branch_of(term: Value) -> tuple | None:
+    """What ``term`` is a branch of, where it may merge with others of the same: ``(input, stride)``."""
+    n = term.producer
+    if n is not None and n.op == "conv2d":
+        return id(n.x), n.attrs["stride"]
+    if n is not None and (n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] in (1, -3))):
+        return id(n.x), (1, 1)
+    return (id(term), (1, 1)) if term.shape is not None and len(term.shape) == 4 else None
+
+
+def _merges(group: list[Value]) -> bool:
+    return len(group) > 1 and any(t.producer is not None and t.producer.op in ("conv2d", "batch_norm") for t in group)
+
+
+@rule("sum_regroup", on="add")
+def sum_regroup(graph, root):
+    readers = graph.users(root.out)
+    if len(readers) == 1 and readers[0].op == "add" and sole_use(graph, root.out):
+        return None  # an inner add: the tree's root regroups it whole
+    terms = _terms(graph, root.out, root=True)
+    keys = [_branch_of(t) or ("term", k) for k, t in enumerate(terms)]
+    groups: dict[tuple, list[int]] = {}
+    for k, key in enumerate(keys):
+        groups.setdefault(key, []).append(k)  # positions: one value may be a term twice (x + conv(x) + x)
+    merging = {key: _conv_first([terms[k] for k in ks]) for key, ks in groups.items() if _merges([terms[k] for k in ks])}
+    units = [merging[key] if key in merging else [terms[k]] for k, key in enumerate(keys)
+             if key not in merging or groups[key][0] == k]
+    if not merging or _tree(graph, root.out, root=True) == _left_deep([_left_deep([id(t) for t in u]) for u in units]):
+        return None  # nothing merges, or the sum is written so already
+    nodes: list[Node] = []
+
+    def added(values: list[Value]) -> Value:
+        total = values[0]
+        for v in values[1:]:
+            nodes.append(root.replace(inputs=(total, v)))
+            total = nodes[-1].out
+        return total
+
+    return Rewrite(root.out, added([added(u) for u in units]), tuple(nodes))
+
+
+def _conv_first(group: list[Value]) -> list[Value]:
+    """``group`` with its first conv or BN first: a skip or scale added first would meet no conv to become one."""
+    k = next(k for k, t in enumerate(group) if t.producer is not None and t.producer.op in ("conv2d", "batch_norm"))
+    return [group[k], *group[:k], *group[k + 1:]]
+
+
+def _tree(graph, value: Value, root: bool = False):
+    """The add tree at ``value`` as nested pairs of its terms' ids."""
+    n = producer(value, "add")
+    if n is None or (not root and not sole_use(graph, value)):
+        return id(value)
+    return tuple(_tree(graph, v) for v in n.inputs)
+
+
+def _left_deep(items: list):
+    """``((i0, i1), i2), ...``: how ``added`` sums ``items``."""
+    total = items[0]
+    for item in items[1:]:
+        total = (total, item)
+    return total
