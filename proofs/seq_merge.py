@@ -146,6 +146,40 @@ CONFIGS_A_BIASED = [  # 1x1 with padding p1 AND a bias -> unpadded kxk: padding 
 ]
 
 
+def fuse_separate(w1, b1, g1, w2, b2, g2):
+    """(W, b, G) for a conv acting on one axis (w1, b1, groups g1; one tap on the other) -> a conv acting on the other
+    (w2, b2, groups g2): W[o, i, u, v] = sum_m w2[o, m, u or 0, v or 0] w1[m, i, u or 0, v or 0], b = b2 + sum w2 b1."""
+    G = gcd(g1, g2)
+    w1r, w2r = _regroup(w1, g1, G), _regroup(w2, g2, G)
+    M, Ci, kh1, kw1 = w1r.shape
+    O, Ml, kh2, kw2 = w2r.shape
+    kh, kw = max(kh1, kh2), max(kw1, kw2)
+    w = zeros((O, Ci, kh, kw))
+    b = np.empty(O, dtype=object)
+    for o in range(O):
+        base = (o // (O // G)) * (M // G)
+        for i in range(Ci):
+            for u in range(kh):
+                for v in range(kw):
+                    w[o, i, u, v] = sympy.Add(*[w2r[o, l, min(u, kh2 - 1), min(v, kw2 - 1)] * w1r[base + l, i, min(u, kh1 - 1), min(v, kw1 - 1)]
+                                                for l in range(Ml)])
+        terms = [b2[o]] if b2 is not None else []
+        if b1 is not None:
+            terms += [w2r[o, l, u, v] * b1[base + l] for l in range(Ml) for u in range(kh2) for v in range(kw2)]
+        b[o] = sympy.Add(*terms)
+    return w, b, G
+
+
+CONFIGS_SEPARATE = [  # RepNeXt's kx1(1xk(x)): each conv's stride, dilation and padding on its own axis
+    dict(C=2, M=2, O=2, H=4, W=5, k1=(1, 3), s1=(1, 1), d1=(1, 1), p1=(0, 0, 1, 1), g1=2,
+         k2=(3, 1), s2=(1, 1), d2=(1, 1), p2=(1, 1, 0, 0), g2=2, b1=False, b2=True),
+    dict(C=2, M=4, O=2, H=5, W=6, k1=(1, 2), s1=(1, 2), d1=(1, 2), p1=(0, 0, 2, 1), g1=1,
+         k2=(2, 1), s2=(2, 1), d2=(1, 1), p2=(0, 1, 0, 0), g2=2, b1=False, b2=False),
+    dict(C=2, M=2, O=2, H=5, W=4, k1=(3, 1), s1=(2, 1), d1=(1, 1), p1=(0, 0, 0, 0), g1=1,
+         k2=(1, 2), s2=(1, 1), d2=(1, 1), p2=(0, 0, 0, 0), g2=1, b1=True, b2=True),  # no padding after: a bias folds
+]
+
+
 def _tensors(cfg, k1, k2):
     C, M, O = cfg["C"], cfg["M"], cfg["O"]
     x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
@@ -189,6 +223,28 @@ def prove() -> list[str]:
         desc = describe("convkxk -> conv1x1 (padding p2, no bias if any) == pad(conv, p2)", **cfg)
         assert_equal(lhs, rhs, "seq_merge " + desc)
         done.append(desc)
+
+    for cfg in CONFIGS_SEPARATE:
+        x, w1, b1, w2, b2 = _tensors(cfg, cfg["k1"], cfg["k2"])
+        lhs = conv2d(conv2d(x, w1, b1, cfg["s1"], cfg["p1"], cfg["d1"], cfg["g1"]), w2, b2, cfg["s2"], cfg["p2"], cfg["d2"], cfg["g2"])
+        w, b, G = fuse_separate(w1, b1, cfg["g1"], w2, b2, cfg["g2"])
+        first_h = cfg["k1"][0] > 1 or cfg["s1"][0] > 1 or any(cfg["p1"][:2])  # which conv acts on the height
+        h, v = (cfg["s1"], cfg["d1"], cfg["p1"]) if first_h else (cfg["s2"], cfg["d2"], cfg["p2"]), \
+               (cfg["s2"], cfg["d2"], cfg["p2"]) if first_h else (cfg["s1"], cfg["d1"], cfg["p1"])
+        rhs = conv2d(x, w, b, (h[0][0], v[0][1]), (*h[2][:2], *v[2][2:]), (h[1][0], v[1][1]), G)
+        desc = describe("conv on one axis -> conv on the other == conv with each one's geometry on its axis", **cfg)
+        assert_equal(lhs, rhs, "seq_merge " + desc)
+        done.append(desc)
+
+    # REFUSED: a 1x3 WITH bias, then a 3x1 that zero-pads: the padded rows are 0, the first conv gives its bias there.
+    cfg = dict(C=1, M=1, O=1, H=3, W=3, g1=1, g2=1, b1=True, b2=False)
+    x, w1, b1, w2, _ = _tensors(cfg, (1, 3), (3, 1))
+    lhs = conv2d(conv2d(x, w1, b1, padding=(0, 0, 1, 1)), w2, padding=(1, 1, 0, 0))
+    w, b, _ = fuse_separate(w1, b1, 1, w2, None, 1)
+    rhs = conv2d(x, w, b, padding=(1, 1, 1, 1))
+    _, num = assert_differs(lhs, rhs, (0, 0, 0), "seq_merge refused separate axes")
+    done.append(f"refused: conv3x1(conv1x3(x; bias), padding 1) != the merged 3x3: the top row reads 0 above x where the "
+                f"1x3 gives its bias (numeric witness {num})")
 
     # REFUSED: a zero-padding 1x1 conv WITH bias is not pad(pointwise conv): the border is b, not 0.
     x, w1, b1 = symbols_tensor("x", (2, 2, 2)), symbols_tensor("w1", (2, 2, 1, 1)), symbols_tensor("b1", (2,))

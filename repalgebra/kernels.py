@@ -93,14 +93,14 @@ def densify(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:
 
 
 def compose_channels(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """Channel-mix ``outer`` (O, M, kh, kw) after ``inner`` (M, I, kh', kw') where one of them is 1x1.
+    """Channel-mix ``outer`` (O, M, kh, kw) after ``inner`` (M, I, kh', kw') where, on each axis, one of the two has
+    one tap (a 1x1 and a kxk; a kx1 after a 1xk).
 
-    Both kernels are dense (groups 1).  The result is ``sum_m outer[o, m] * inner[m, i]``
-    with the spatial taps of whichever kernel is not 1x1.
+    Both kernels are dense (groups 1).  The result is ``sum_m outer[o, m] * inner[m, i]`` tap by tap, each kernel
+    repeated along an axis where it has one tap.
     """
-    if outer.shape[2:] == (1, 1):
-        return torch.einsum("om,mihw->oihw", outer[:, :, 0, 0], inner)
-    return torch.einsum("omhw,mi->oihw", outer, inner[:, :, 0, 0])
+    kh, kw = max(outer.shape[2], inner.shape[2]), max(outer.shape[3], inner.shape[3])
+    return torch.einsum("omhw,mihw->oihw", outer.expand(-1, -1, kh, kw), inner.expand(-1, -1, kh, kw))
 
 
 def conv_cost(weight: torch.Tensor) -> int:

@@ -113,6 +113,27 @@ def test_repvgg_with_a_padding_mode(mode, cin, cout, stride, groups):
     check(randomize(block), x4(cin), convs=1, relu=1, pad_nd=1)
 
 
+class RepDWConvM(nn.Module):
+    """RepNeXt's multi-scale depthwise mixer: a kxk beside a 1xk then a kx1 (each depthwise, the pair bias-free),
+    then a BN; with stride 2 the 1xk strides the width and the kx1 the height."""
+
+    def __init__(self, c: int, k: int = 7, stride: int = 1) -> None:
+        super().__init__()
+        self.conv_k_k = nn.Conv2d(c, c, k, stride, k // 2, groups=c)
+        self.conv_k_w = nn.Conv2d(c, c, (1, k), (1, stride), (0, k // 2), groups=c, bias=False)
+        self.conv_k_h = nn.Conv2d(c, c, (k, 1), (stride, 1), (k // 2, 0), groups=c, bias=False)
+        self.norm = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv_k_k(x) + self.conv_k_h(self.conv_k_w(x)))
+
+
+@pytest.mark.parametrize("k,stride", [(7, 1), (5, 2), (3, 1)])
+def test_repnext_serial_pair_beside_a_kxk(k, stride):
+    """The 1xk and kx1 compose into a kxk (seq_merge), summed into the kxk beside them; the BN after the sum folds."""
+    check(randomize(RepDWConvM(8, k, stride)), x4(8, 13), convs=1)
+
+
 def test_repvgg_network():
     net = nn.Sequential(RepVGGBlock(4, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 8, groups=2), RepVGGBlock(8, 16, 2), RepVGGBlock(16, 16))
     check(randomize(net), x4(4, 16), convs=5, relu=5)

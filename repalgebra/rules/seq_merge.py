@@ -1,4 +1,4 @@
-"""Sequential merge: a 1x1 conv next to a kxk conv composes into one conv.
+"""Sequential merge: a 1x1 conv next to a kxk conv (or a kx1 after a 1xk) composes into one conv.
 
 kxk then 1x1 (the 1x1 has stride 1, no padding), always exact:
 
@@ -27,9 +27,18 @@ folded into the 1x1):
 
     conv(conv1x1(x; W1, b1, padding P1); W2, b2) = conv(x; W, b2 + sum_{m,taps} W2[o,m,taps] b1[m], padding P1)
 
+Two convs that act on different axes (RepNeXt's ``conv_7_h(conv_7_w(x))``: a 1xk with its stride and padding
+on the width, then a kx1 on the height) are one conv with each one's geometry on its axis:
+
+    conv_kx1(conv_1xk(x; W1, b1); W2, b2) = conv(x; W[o,i,u,v] = sum_m W2[o,m,u,0] W1[m,i,0,v], b2 + sum W2 b1)
+
+exact where the second does not zero-pad or ``b1 = 0`` (its padded rows are 0; the first conv gives ``b1``
+there).  Alone the kxk kernel is dearer than the two; beside a kxk conv of the same input it costs nothing.
+
 Preconditions: the inner conv's output is read only by the outer conv; one of
 them is a 1x1 with stride 1 that has no padding or no bias, or the inner one is
-a 1x1 with stride 1 and the outer one does not pad; the merged conv takes no
+a 1x1 with stride 1 and the outer one does not pad, or each acts on an axis the
+other does not (one tap, stride 1, no padding there); the merged conv takes no
 more multiply-adds per output pixel than the two (the inner one counted at its
 own resolution, which a strided outer conv reduces), or it is summed right
 after into a sibling conv of the same input at least as large
@@ -63,12 +72,17 @@ def seq_merge(graph, outer):
         geometry, padding = outer, inner.attrs["padding"]
     elif any(pixelwise(c) and any(c.attrs["padding"]) for c in (inner, outer)):
         return Refusal("the 1x1 conv zero-pads and has a bias: its border is the bias, not 0", about=outer)
+    elif (axes := _acting_axes(inner, outer)) is not None:  # RepNeXt's 1xk then kx1: each acts on an axis of its own
+        if has_bias(inner) and any(outer.attrs["padding"]):
+            return Refusal("the first conv has a bias and the second zero-pads: its border would see 0, not the bias", about=outer)
+        geometry, padding = conv_with(outer, **_per_axis(inner, outer, axes)), None
     else:
-        return Refusal("neither conv is a pointwise 1x1")
+        return Refusal("neither conv is a pointwise 1x1, nor do the two act on different axes (a 1xk then a kx1): "
+                       "a kxk after a kxk is a larger kernel, which is not made", about=outer)
     gi, go = inner.attrs["groups"], outer.attrs["groups"]
     g = gcd(gi, go)
-    # The merged kernel is (O, I/g, taps of the non-1x1 conv): price it before building it.
-    taps = (inner if outer.params["weight"].shape[2:] == (1, 1) else outer).params["weight"].shape[2:]
+    # The merged kernel is (O, I/g, the taps of both, one of them 1 on each axis): price it before building it.
+    taps = tuple(max(a, b) for a, b in zip(inner.params["weight"].shape[2:], outer.params["weight"].shape[2:]))
     in_channels = inner.params["weight"].shape[1] * gi
     cost = outer.params["weight"].shape[0] * (in_channels // g) * taps[0] * taps[1]
     apart = conv_cost(inner.params["weight"]) * _pixels_per_output(inner, outer) + conv_cost(outer.params["weight"])
@@ -80,7 +94,8 @@ def seq_merge(graph, outer):
     bias = None
     if "bias" in inner.params or "bias" in outer.params:
         bias = conv_bias(outer) + torch.einsum("omhw,m->o", w_out, conv_bias(inner))
-    new = conv_with(geometry, sources=(inner, outer), inputs=(inner.x,), weight=w, bias=bias, groups=g, padding=padding)
+    new = conv_with(geometry, sources=(inner, outer), inputs=(inner.x,), weight=w, bias=bias, groups=g,
+                    padding=geometry.attrs["padding"] if padding is None else padding)
     if not any(pad_after):
         return Rewrite(outer.out, new.out, (new,))
     pad = Node.make("pad", [new.out], {"pads": pad_after}, {}, outer.source)
@@ -106,3 +121,31 @@ def _absorbed(graph, outer, cost: int) -> bool:
             if sib is not None and sib is not outer and sib.x is x and conv_cost(sib.params["weight"]) >= cost:
                 return True
     return False
+
+
+def _acts(conv: Node) -> tuple[bool, bool]:
+    """Per axis (height, width): whether ``conv`` does anything there (more than one tap, a stride, padding)."""
+    (kh, kw), (sh, sw), (t, b, l, r) = conv.params["weight"].shape[2:], conv.attrs["stride"], conv.attrs["padding"]
+    return kh > 1 or sh > 1 or t > 0 or b > 0, kw > 1 or sw > 1 or l > 0 or r > 0
+
+
+def _acting_axes(inner: Node, outer: Node) -> tuple[bool, bool] | None:
+    """Per axis, whether the inner conv is the one that acts there, where the two never act on one axis (a 1xk
+    then a kx1, RepNeXt's ``conv_7_h(conv_7_w(x))``): then the pair is one conv with each one's geometry on its
+    axis; else None."""
+    a, b = _acts(inner), _acts(outer)
+    if any(x and y for x, y in zip(a, b)) or not any(a) or not any(b):
+        return None
+    return a
+
+
+def _per_axis(inner: Node, outer: Node, inner_axes: tuple[bool, bool]) -> dict:
+    """The merged conv's stride, dilation and padding: on each axis those of the conv that acts there."""
+    ph, pw = (inner if on else outer for on in inner_axes)
+    it, ib, _, _ = ph.attrs["padding"]
+    _, _, il, ir = pw.attrs["padding"]
+    return {
+        "stride": (ph.attrs["stride"][0], pw.attrs["stride"][1]),
+        "dilation": (ph.attrs["dilation"][0], pw.attrs["dilation"][1]),
+        "padding": (it, ib, il, ir),
+    }

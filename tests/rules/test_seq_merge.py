@@ -34,9 +34,19 @@ def _divisors(n):
 
 
 def merged_cost(inner: ConvSpec, outer: ConvSpec) -> int:
-    """Weights of the composed kernel: (O, I / gcd(g1, g2), taps of the non-1x1 conv)."""
-    kernel = inner.kernel if outer.kernel == (1, 1) else outer.kernel
-    return outer.out_channels * (inner.in_channels // gcd(inner.groups, outer.groups)) * kernel[0] * kernel[1]
+    """Weights of the composed kernel: (O, I / gcd(g1, g2), on each axis the taps of the conv that has several)."""
+    kh, kw = (max(a, b) for a, b in zip(inner.kernel, outer.kernel))
+    return outer.out_channels * (inner.in_channels // gcd(inner.groups, outer.groups)) * kh * kw
+
+
+def acting_axes(inner: ConvSpec, outer: ConvSpec) -> tuple[bool, bool] | None:
+    """Per axis, whether the inner conv acts there (more than one tap, a stride or padding), where the two never act
+    on one axis and each acts somewhere (a 1xk then a kx1); else None."""
+    def acts(c: ConvSpec) -> tuple[bool, bool]:
+        t, b, l, r = c.padding
+        return c.kernel[0] > 1 or c.stride[0] > 1 or t + b > 0, c.kernel[1] > 1 or c.stride[1] > 1 or l + r > 0
+    a, b = acts(inner), acts(outer)
+    return None if any(x and y for x, y in zip(a, b)) or not any(a) or not any(b) else a
 
 
 def cost(spec: ConvSpec) -> int:
@@ -95,7 +105,9 @@ def build(inner, outer, bias_kind, dtype, seed, batch=1):
 
 
 PADDED_BIASED = "the 1x1 conv zero-pads and has a bias: its border is the bias, not 0"
-NEITHER = "neither conv is a pointwise 1x1"
+NEITHER = ("neither conv is a pointwise 1x1, nor do the two act on different axes (a 1xk then a kx1): "
+           "a kxk after a kxk is a larger kernel, which is not made")
+SEPARATE_BIASED = "the first conv has a bias and the second zero-pads: its border would see 0, not the bias"
 
 
 def expected(inner, outer, bias_kind):
@@ -109,9 +121,16 @@ def expected(inner, outer, bias_kind):
         geometry, padding, after = outer, tuple(p + q for p, q in zip(outer.padding, before)), (0, 0, 0, 0)
     elif inner.kernel == (1, 1) and inner.stride == (1, 1) and not any(outer.padding):  # padded, biased 1x1 then unpadded kxk
         geometry, padding, after = outer, inner.padding, (0, 0, 0, 0)
+    elif any(c.kernel == (1, 1) and c.stride == (1, 1) and any(c.padding) for c in (inner, outer)):
+        return PADDED_BIASED, None, None, None
+    elif (axes := acting_axes(inner, outer)) is not None:  # a 1xk then a kx1: each one's geometry on its axis
+        if inner_biased and any(outer.padding):
+            return SEPARATE_BIASED, None, None, None
+        ph, pw = (inner if on else outer for on in axes)
+        geometry = ConvSpec(1, 1, 1, (1, 1), (ph.stride[0], pw.stride[1]), (ph.dilation[0], pw.dilation[1]))
+        padding, after = (*ph.padding[:2], *pw.padding[2:]), (0, 0, 0, 0)
     else:
-        padded_1x1 = any(c.kernel == (1, 1) and c.stride == (1, 1) and any(c.padding) for c in (inner, outer))
-        return (PADDED_BIASED if padded_1x1 else NEITHER), None, None, None
+        return NEITHER, None, None, None
     c = merged_cost(inner, outer)
     # The inner conv runs at its own resolution: per output pixel of a stride-s outer conv, s^2 of its pixels.
     per_output = max(1, (inner.out_size[0] * inner.out_size[1]) // (outer.out_size[0] * outer.out_size[1]))
@@ -121,7 +140,31 @@ def expected(inner, outer, bias_kind):
     return None, geometry, padding, after
 
 
-@given(pair=seq_pair(), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds())
+@st.composite
+def separate_axes_pair(draw):
+    """(inner, outer, inner bias kind): RepNeXt's ``conv_7_h(conv_7_w(x))``, a 1xk (stride, dilation, padding on the
+    width) then a kx1 (on the height), or the other way round; sometimes both on one axis (refused)."""
+    c = draw(st.sampled_from([1, 2, 4]))
+    first_on = draw(st.sampled_from([0, 1]))
+    second_on = draw(st.sampled_from([1 - first_on, 1 - first_on, first_on]))
+
+    def along(axis, cin, size):
+        k, s, d = draw(st.integers(1, 4)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        kernel, stride, dilation = ((v, 1) if axis == 0 else (1, v) for v in (k, s, d))
+        padding = (*p, 0, 0) if axis == 0 else (0, 0, *p)
+        g = draw(st.sampled_from([1, cin]))
+        extent = (k - 1) * d + 1
+        assume(size[axis] + sum(p) >= extent)  # a non-empty output
+        return ConvSpec(cin, cin, g, kernel, stride, dilation, padding, draw(st.booleans()), *size)
+
+    size = (draw(st.integers(4, 9)), draw(st.integers(4, 9)))
+    inner = along(first_on, c, size)
+    outer = along(second_on, c, inner.out_size)
+    return inner, outer, draw(st.sampled_from(["none", "zeros", "random"]))
+
+
+@given(pair=st.one_of(seq_pair(), separate_axes_pair()), dtype=float_dtypes(), batch=st.integers(1, 3), seed=seeds())
 def test_merges_or_refuses_exactly_as_documented(pair, dtype, batch, seed):
     inner, outer, bias_kind = pair
     graph = build(inner, outer, bias_kind, dtype, seed, batch)
@@ -145,8 +188,8 @@ def test_merges_or_refuses_exactly_as_documented(pair, dtype, batch, seed):
     else:
         assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
         assert refusal_reason(graph, "seq_merge", graph.nodes[1]) == refusal
-        # An exactness refusal is reported on the kxk conv; a cost refusal is a choice, not reported.
-        exactness = refusal.startswith("the 1x1 conv has a bias") or refusal == PADDED_BIASED
+        # An exactness refusal, or a pair no form merges, is reported on the outer conv; a cost refusal is a choice.
+        exactness = refusal.startswith("the 1x1 conv has a bias") or refusal in (PADDED_BIASED, NEITHER, SEPARATE_BIASED)
         assert reasons(report, "conv2d") == ([f"seq_merge: {refusal}"] if exactness else [])
     assert_graphs_equal(graph, fused, random_input(inner.input_shape(batch), dtype, seed + 2), dtype)
 
@@ -158,7 +201,7 @@ def test_refused_for_two_non_pointwise_convs(dtype, seed, data):
     h, w = inner.out_size
     outer = data.draw(conv_specs_onto((h, w), (h, w), 1, in_channels=inner.out_channels, out_channels=data.draw(st.integers(1, 16))))
     assume(not outer.is_pointwise)
-    assume(pad_after(inner, True) is None and pad_after(outer, outer.bias) is None)
+    assume(pad_after(inner, True) is None and pad_after(outer, outer.bias) is None and acting_axes(inner, outer) is None)
     graph = build(inner, outer, "random", dtype, seed)
     fused, report = run_rules(graph, "seq_merge")
     assert report.fired == [] and fused.op_counts() == {"conv2d": 2}
