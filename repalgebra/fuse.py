@@ -138,12 +138,12 @@ class FuseReport:
         if self.fired:
             lines.append("  rules fired:")
             for name, n in self.rule_counts().items():
-                where = sorted({f.source or "<graph>" for f in self.fired if f.rule == name})
+                where = sorted({f.source or _TOP for f in self.fired if f.rule == name})
                 lines.append(f"    {name:<20} x{n:<4} at {_listed(where, 4)}")
         if self.left_alone:
             lines.append("  left alone:")
             for la in self.left_alone:
-                lines.append(f"    {la.op} at {la.source or '<graph>'}: {la.reason}")
+                lines.append(f"    {la.op} at {la.source or _TOP}: {la.reason}")
         if self.opaque:  # each place once, with how many calls it makes (a CondConv makes two: routing, conv)
             counts = Counter(self.opaque)
             places = [f"{p} x{k}" if k > 1 else p for p, k in counts.items()]
@@ -153,6 +153,9 @@ class FuseReport:
 
 
 _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a part whose capture folds nothing
+
+
+_TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
 
 def _listed(items: list[str], most: int = 6) -> str:
