@@ -10,7 +10,12 @@ and ``x.view(-1, C, 1, 1)``; MobileOne's ``identity_out = 0``, ``scale_out = 0``
 DBB's ``BNAndPadLayer`` (BN, then ``F.pad`` and four slice assignments ``output[:, :, 0:p, :] = pad_values`` with
 values computed from the BN statistics), the 1x1 -> BN-and-pad -> avg-pool branch, the identity-based 1x1 whose
 kernel is ``self.weight + self.id_tensor`` computed in forward (``id_tensor`` a plain attribute, not a buffer), and
-``out += branch(inputs)`` accumulation.
+``out += branch(inputs)`` accumulation.  RepNeXt (suous/RepNeXt ``repnext.py``): ``ConvNorm`` as a ``Sequential``
+of conv and norm, a token mixer that ``torch.chunk`` s the channels in four (an identity quarter, a small, a medium
+and a large depthwise mixer) and ``torch.cat`` s them back; the small and medium mixers sum a kxk, a (k,1) and a
+(1,k) depthwise conv, a dilated 2x2, and *serial* ``conv_k_h(conv_k_w(x))`` pairs; the large one is a 1x11 then
+an 11x1; the downsampling ``CopyConv`` runs both mixers at stride 2 on the whole input and ``torch.cat`` s them, then
+a BN after the concat; ``NormLinear`` heads (BatchNorm1d, Linear) averaged with a distillation head.
 """
 
 from __future__ import annotations
@@ -299,6 +304,113 @@ class DBBNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ConvNorm(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, stride: int = 1, padding: int = 0, groups: int = 1) -> None:
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=False))
+        self.add_module("norm", nn.BatchNorm2d(cout))
+
+
+class RepDWConvS(nn.Module):
+    """RepNeXt's small mixer: a 3x3, a 3x1, a 1x3 and a dilated 2x2, all depthwise; at stride 2 the 1x3 and 3x1 in
+    series, each striding its own axis."""
+
+    def __init__(self, c: int, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        dw = dict(in_channels=c, out_channels=c, groups=c)
+        self.conv_3_3 = nn.Conv2d(kernel_size=3, stride=stride, padding=1, **dw)
+        self.conv_3_w = nn.Conv2d(kernel_size=(1, 3), stride=(1, stride), padding=(0, 1), bias=stride == 1, **dw)
+        self.conv_3_h = nn.Conv2d(kernel_size=(3, 1), stride=(stride, 1), padding=(1, 0), bias=stride == 1, **dw)
+        self.conv_2_2 = nn.Conv2d(kernel_size=2, stride=stride, dilation=2, padding=1, **dw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return self.conv_3_3(x) + self.conv_3_h(x) + self.conv_3_w(x) + self.conv_2_2(x)
+        return self.conv_3_3(x) + self.conv_3_h(self.conv_3_w(x)) + self.conv_2_2(x)
+
+
+class RepDWConvM(nn.Module):
+    """RepNeXt's medium mixer: a 7x7, a 5x3, a 3x5, and two serial pairs (1x7 then 7x1, 1x5 then 5x1), depthwise."""
+
+    def __init__(self, c: int, stride: int = 1) -> None:
+        super().__init__()
+        dw = dict(in_channels=c, out_channels=c, groups=c)
+        self.conv_7_7 = nn.Conv2d(kernel_size=7, stride=stride, padding=3, **dw)
+        self.conv_5_3 = nn.Conv2d(kernel_size=(5, 3), stride=stride, padding=(2, 1), **dw)
+        self.conv_3_5 = nn.Conv2d(kernel_size=(3, 5), stride=stride, padding=(1, 2), **dw)
+        self.conv_7_w = nn.Conv2d(kernel_size=(1, 7), stride=(1, stride), padding=(0, 3), bias=False, **dw)
+        self.conv_7_h = nn.Conv2d(kernel_size=(7, 1), stride=(stride, 1), padding=(3, 0), bias=False, **dw)
+        self.conv_5_w = nn.Conv2d(kernel_size=(1, 5), stride=(1, stride), padding=(0, 2), bias=False, **dw)
+        self.conv_5_h = nn.Conv2d(kernel_size=(5, 1), stride=(stride, 1), padding=(2, 0), bias=False, **dw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_7_7(x) + self.conv_5_3(x) + self.conv_3_5(x) + self.conv_7_h(self.conv_7_w(x)) + self.conv_5_h(self.conv_5_w(x))
+
+
+class ChunkConv(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        q = c // 4
+        self.conv_s, self.conv_m = RepDWConvS(q), RepDWConvM(q)
+        self.conv_l = nn.Sequential(nn.Conv2d(q, q, (1, 11), padding=(0, 5), groups=q), nn.Conv2d(q, q, (11, 1), padding=(5, 0), groups=q))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i, s, m, l = torch.chunk(x, 4, dim=1)
+        return torch.cat((i, self.conv_s(s), self.conv_m(m), self.conv_l(l)), dim=1)
+
+
+class CopyConv(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv_s, self.conv_m = RepDWConvS(c, stride=2), RepDWConvM(c, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.conv_s(x), self.conv_m(x)), dim=1)
+
+
+def repnext_mlp(c: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(ConvNorm(c, hidden), nn.GELU(), ConvNorm(hidden, c))
+
+
+class MetaNeXtBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.token_mixer, self.norm, self.channel_mixer = ChunkConv(c), nn.BatchNorm2d(c), repnext_mlp(c, 2 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.channel_mixer(self.norm(self.token_mixer(x)))
+
+
+class RepNeXtDownsample(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.token_mixer, self.norm, self.channel_mixer = CopyConv(c), nn.BatchNorm2d(2 * c), repnext_mlp(2 * c, 4 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.token_mixer(x))
+        return x + self.channel_mixer(x)
+
+
+class NormLinear(nn.Sequential):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm1d(cin))
+        self.add_module("linear", nn.Linear(cin, cout))
+
+
+class RepNeXt(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(ConvNorm(3, 8, 3, 2, 1), nn.GELU(), ConvNorm(8, 16, 3, 2, 1))
+        self.stages = nn.Sequential(MetaNeXtBlock(16), RepNeXtDownsample(16), MetaNeXtBlock(32))
+        self.head, self.head_dist = NormLinear(32, num_classes), NormLinear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x)).mean((2, 3), keepdim=False)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
 ENTRIES = (
     ZooModel("repvgg", "RepVGG (3x3 + 1x1 + identity BN)", seeded(RepVGG, 501), (2, 3, 48, 48),
              "conv_bn via Sequential.add_module; id_out = 0 when no identity; three-way sum; grouped layer; SE with F.avg_pool2d(kernel_size=inputs.size(3)) + view(-1, C, 1, 1)"),
@@ -308,4 +420,6 @@ ENTRIES = (
              "square kxk + (k,1) + (1,k) conv-BN branches summed; asymmetric [p - k//2, p] paddings; input sliced input[:, :, :, crop:-crop] when padding < k//2; 5x5 ACB"),
     ZooModel("dbb", "Diverse Branch Block", seeded(DBBNet, 504), (2, 3, 40, 40),
              "BNAndPadLayer: F.pad + four slice assignments of BN-derived pad values; 1x1->BN-pad->AvgPool branch; kernel = weight + id_tensor in forward; out += branch"),
+    ZooModel("repnext", "RepNeXt (multi-scale depthwise, serial and parallel branches)", seeded(RepNeXt, 505), (2, 3, 32, 32),
+             "torch.chunk in 4 / torch.cat; kxk + (k,1) + (1,k) + dilated 2x2 sums; serial conv_k_h(conv_k_w(x)) pairs; BN after a concat of stride-2 mixers; NormLinear heads"),
 )
