@@ -111,7 +111,24 @@ def prove() -> list[str]:
     done.append(f"refused: BN -> conv3x3(padding 1): at corner (0,0) lhs - rhs = "
                 f"-t * sum_(padded taps) W != 0 since BN(0) = t (numeric witness {num}); interior agrees")
     done += [prove_copying_pad(mode) for mode in ("reflect", "replicate", "circular")]
+    done.append(prove_concat())
     return done
+
+
+def prove_concat() -> str:
+    """PP-HGNetV2's aggregation: conv(cat(BN(y1), a y2 + c, y3)) == conv'(cat(y1, y2, y3)), each part's affine map
+    (a BN; a LearnableAffineBlock, one scale a and one shift c; none) folded into the kernel's slice it feeds."""
+    y1, y2, y3 = symbols_tensor("y", (2, 3, 3)), symbols_tensor("z", (1, 3, 3)), symbols_tensor("u", (1, 3, 3))
+    a, c = sympy.Symbol("a"), sympy.Symbol("c")
+    bn = bn_symbols("", 2)
+    _, w, b = conv_symbols(dict(C=4, O=2, H=3, W=3, k=(2, 2), groups=1, bias=True))
+    lhs = conv2d(np.concatenate([batch_norm(y1, *bn), a * y2 + c, y3]), w, b)
+    s1, t1 = bn_scale_shift(*bn)
+    s = [*s1, a, sympy.Integer(1)]
+    t = [*t1, c, sympy.Integer(0)]
+    rhs = conv2d(np.concatenate([y1, y2, y3]), *fuse_affine(w, b, s, t))
+    assert_equal(lhs, rhs, "bn_before_conv concat of affine parts")
+    return "conv2x2(cat(BN(y1), a y2 + c, y3)) == conv2x2'(cat(y1, y2, y3)): C = 2 + 1 + 1, O=2"
 
 
 def copy_pad(x: np.ndarray, pads, mode: str) -> np.ndarray:

@@ -346,6 +346,13 @@ MUTANTS: list[Mutant] = [
     _helper("bn_before_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _m("bn_before_conv", "constant-pad-crossed", "a constant (zero) pad between BN and conv is crossed as if it copied pixels",
        'pad.attrs["mode"] not in _COPYING', 'pad.attrs["mode"] not in (*_COPYING, "constant")', target="repalgebra.rules.bn_before_conv:_copying_pad"),
+    _m("bn_before_conv", "concat-shift-padded", "a shift on a concat's part folds into a conv that zero-pads",
+       "if any(conv.attrs[\"padding\"]) and bool(t.abs().max() > 0):", "if False:", target="repalgebra.rules.bn_before_conv:_through_concat"),
+    _m("bn_before_conv", "concat-slices-from-start", "every part's map is folded into the kernel's first input channels",
+       "scales.append(affine[0])", "scales.insert(0, affine[0])", target="repalgebra.rules.bn_before_conv:_through_concat"),
+    _m("bn_before_conv", "concat-shared-part", "a part read elsewhere too is folded (its other reader gets the unmapped value)",
+       "affine = None if part is None or not sole_use(graph, v) else _affine(part, dtype)",
+       "affine = None if part is None else _affine(part, dtype)", target="repalgebra.rules.bn_before_conv:_through_concat"),
     # ---------------------------------------------------------------- scale_into_conv
     _m("scale_into_conv", "bias-scaled", "the conv's bias is scaled too (by the mean scale its row sees), as if the scale came after it",
        "weight=w * s[:, :, None, None])", "weight=w * s[:, :, None, None], bias=None if 'bias' not in conv.params else conv.params['bias'] * s.mean(1))"),

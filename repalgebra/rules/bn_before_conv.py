@@ -14,6 +14,11 @@ the fold, ``conv(pad(BN(x))) = conv'(pad(x))``.
 Read by several convs and nothing else (the 1x1 branches of an Inception block
 after a shared BN), it folds into each of them at once.
 
+Through a channel concat that only the conv reads (PP-HGNetV2's LearnableAffineBlock, ``scale * x + bias``, on
+each part before the aggregation 1x1), each part's map (a BN, an added constant, a scale) folds into the
+kernel's slice of input channels it feeds; a part read elsewhere too keeps its map, and a zero-padding conv takes
+only scales.
+
 Preconditions: the BN's (or the add's) output is read only by the conv (or the
 copying pad, read only by the conv), or only by convs, and no such conv zero-pads.  With padding the identity breaks: the conv's
 border sees 0 where the unfused graph sees BN(0) = t != 0, so the rule refuses.
@@ -35,7 +40,7 @@ def bn_before_conv(graph, conv):
     pad = _copying_pad(graph, conv.x)
     bn = producer(conv.x if pad is None else pad.x, "batch_norm", "add_const")
     if bn is None:
-        return None
+        return _through_concat(graph, conv) if pad is None else None
     readers = [conv] if sole_use(graph, bn.out) else every_reader(graph, bn.out, "conv2d") if pad is None else None
     if readers is None:
         return None
@@ -55,14 +60,19 @@ def bn_before_conv(graph, conv):
 
 
 def _affine(bn, dtype):
-    """``(s, t)`` per input channel: the BN's, or ``sign`` and the constant of an ``add_const`` (None when it varies
-    along other axes)."""
+    """``(s, t)`` per input channel: the BN's, ``sign`` and the constant of an ``add_const``, or a channel scale's
+    factors and no shift (None when it varies along other axes)."""
     if bn.op == "batch_norm":
         return bn_affine(bn)
+    channels = bn.x.shape[1]
+    if bn.op == "scale":
+        f = bn.params["scale"].reshape(-1).to(dtype)
+        if bn.attrs["axis"] % len(bn.x.shape) != 1 and f.numel() != 1:
+            return None
+        return f.expand(channels), torch.zeros(channels, dtype=dtype)
     c = per_feature(bn.params["const"], bn.x.shape, 1)
     if c is None:
         return None
-    channels = bn.x.shape[1]
     return torch.full((channels,), float(bn.attrs["sign"]), dtype=dtype), c.to(dtype).expand(channels)
 
 
@@ -82,3 +92,31 @@ def _copying_pad(graph, value):
         return None
     pads = pad.attrs["pads"]
     return pad if len(pads) <= 4 and len(value.shape) == 4 else None  # never the channel axis
+
+
+def _through_concat(graph, conv):
+    """``conv(cat(a_1(y_1), ..., y_k, ...))`` on channels, ``a_j`` an affine map per channel (a BN, a constant added, a
+    scale; PP-HGNetV2's LearnableAffineBlock on each layer before the aggregation 1x1): ``conv'(cat(y_1, ...))``, each
+    map folded into the kernel's slice of input channels it feeds."""
+    cat = producer(conv.x, "concat")
+    if cat is None or len(conv.x.shape) != 4 or cat.attrs["axis"] % 4 != 1 or not sole_use(graph, cat.out):
+        return None
+    dtype = conv.params["weight"].dtype
+    scales, shifts, inputs, folded = [], [], [], []
+    for v in cat.inputs:
+        part = producer(v, "batch_norm", "add_const", "scale")
+        affine = None if part is None or not sole_use(graph, v) else _affine(part, dtype)
+        if affine is None:
+            affine, part = (torch.ones(v.shape[1], dtype=dtype), torch.zeros(v.shape[1], dtype=dtype)), None
+        scales.append(affine[0])
+        shifts.append(affine[1])
+        inputs.append(v if part is None else part.x)
+        folded += [part] if part is not None else []
+    if not folded:
+        return None
+    t = torch.cat(shifts)
+    if any(conv.attrs["padding"]) and bool(t.abs().max() > 0):
+        return Refusal("the conv after it zero-pads: its border would see 0, not the shift of what the concat holds", about=folded[0])
+    joined = cat.replace(inputs=tuple(inputs))
+    new = _folded(conv, torch.cat(scales), t, folded[0], joined.out)
+    return Rewrite(conv.out, new.out, (joined, new))

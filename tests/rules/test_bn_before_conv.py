@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from rulecheck import fired, only, reasons, run_rules
 
 from repalgebra.builder import GraphBuilder
+from repalgebra.kernels import bn_affine
 from repalgebra.testing import add_bn, add_conv, assert_graphs_equal, bn_stats, conv_specs, float_dtypes, random_input, seeds
 
 
@@ -138,3 +139,64 @@ def test_a_bn_read_by_several_convs_folds_into_each_unless_one_pads(spec, dtype,
         assert report.rule_counts() == {"bn_before_conv": 1} and fused.op_counts() == {"conv2d": readers}
         assert all(conv.x is x for conv in fused.nodes)
     assert_graphs_equal(graph, fused, random_input(spec.input_shape(), dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_affine_maps_on_the_inputs_of_a_channel_concat_fold_into_the_conv_that_reads_it(dtype, seed, data):
+    """PP-HGNetV2: every layer's output, after its LearnableAffineBlock (``scale * x + bias``, one number each), goes
+    into ``torch.cat`` and the aggregation conv.  Each part's map (a BN, a constant added per channel or one for all,
+    a scale) folds into the kernel's slice of input channels it feeds; a part that is none stays as it is.  With a
+    zero-padding conv only scales fold (s * 0 = 0); a shift is refused."""
+    n = data.draw(st.integers(2, 3), label="parts")
+    kinds = [data.draw(st.sampled_from(["bn", "add", "scale", "scalar", "plain"]), label="kind") for _ in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    parts, channels = [], 0
+    for k, kind in enumerate(kinds):
+        c = data.draw(st.integers(1, 3), label="channels")
+        y = b.relu(b.input(f"x{k}", (2, c, 5, 4), dtype))
+        if kind == "bn":
+            y = add_bn(b, y, data.draw(bn_stats(c)), dtype, f"blk.bn{k}")
+        elif kind == "add":
+            y = b.add_const(y, const=torch.randn(1, c, 1, 1, generator=gen, dtype=torch.float64).to(dtype), sign=data.draw(st.sampled_from([1.0, -1.0])))
+        elif kind in ("scale", "scalar"):
+            f = torch.randn(c if kind == "scale" else 1, generator=gen, dtype=torch.float64).to(dtype)
+            y = b.scale(y, scale=f, axis=1, source=f"blk.lab{k}")
+        parts.append(y)
+        channels += c
+    padded = data.draw(st.booleans(), label="padded")
+    kernel = (3, 3) if padded else st.tuples(st.integers(1, 3), st.integers(1, 3))
+    spec = data.draw(conv_specs(in_channels=channels, height=5, width=4, stride=1, dilation=1,
+                                padding=(1, 1, 1, 1) if padded else "none", kernel=kernel), label="conv")
+    graph = b.build(add_conv(b, b.concat(*parts, axis=1, source="blk.cat"), spec, dtype, seed, "blk.agg"))
+
+    fused, report = run_rules(graph, "bn_before_conv")
+
+    shifts = [bn_affine(n)[1] for n in graph.nodes if n.op == "batch_norm"] + [n.params["const"] for n in graph.nodes if n.op == "add_const"]
+    shifted = any(bool(t.abs().max() > 0) for t in shifts)  # a BN's shift may be 0 (mean and beta drawn 0): then it folds
+    if all(k == "plain" for k in kinds) or (padded and shifted):
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+        if padded and shifted:
+            assert any("zero-pads" in why for why in reasons(report, "batch_norm") + reasons(report, "add_const") + reasons(report, "scale"))
+    else:
+        assert report.rule_counts() == {"bn_before_conv": 1}, report
+        assert not {"batch_norm", "add_const", "scale"} & set(fused.op_counts()), fused.op_counts()
+    inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
+    assert_graphs_equal(graph, fused, inputs, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_part_of_the_concat_read_elsewhere_keeps_its_map(dtype, seed, data):
+    """A scaled part that is also returned: its other reader needs the scaled value, so folding it would compute the
+    scale twice (once for that reader, once in the conv); it stays, the other part's scale folds."""
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    ys = [b.scale(b.relu(b.input(f"x{k}", (1, 2, 4, 4), dtype)), scale=(0.5 + torch.rand(2, generator=gen, dtype=torch.float64)).to(dtype),
+                  axis=1, source=f"blk.lab{k}") for k in range(2)]
+    spec = data.draw(conv_specs(in_channels=4, height=4, width=4, padding="none", kernel=(1, 1)))
+    graph = b.build(add_conv(b, b.concat(*ys, axis=1, source="blk.cat"), spec, dtype, seed, "blk.agg"), ys[1])
+    fused, report = run_rules(graph, "bn_before_conv")
+    assert report.rule_counts() == {"bn_before_conv": 1} and fused.op_counts().get("scale") == 1
+    assert [v.producer.op for v in only(fused, "concat").inputs] == ["relu", "scale"]  # the shared scale is still read
+    inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
+    assert_graphs_equal(graph, fused, inputs, dtype)
