@@ -511,12 +511,14 @@ def pad_share() -> Example:
     reflected = value_of(g, copy, X)
     one = [n for n in moved.nodes if n.source == "block.conv1x1"][0]
     txt = Text()
-    txt.line("RepVGG written with padding_mode='reflect': the 3x3 reads the reflected copy, the 1x1 (W = 2) reads x")
+    txt.line("RepVGG with padding_mode='reflect': the 3x3 reads the reflected copy,")
+    txt.line("the 1x1 (W1 = 2) reads x")
     txt.grids(*maps("x", X), *maps("pad_reflect(x, 1)", reflected), ("W3", W3[0, 0]))
     txt.line().line("the 1x1, padded to 3x3 by zeros, reads the copy's interior, which is x:")
     txt.grids(("pad_0(W1, 1)", one.params["weight"][0, 0]), ("conv1x1(x; W1)", value_of(g, y1, X)[0, 0]),
               ("conv(pad_reflect(x); pad_0(W1))", value_of(moved, one.out, X)[0, 0]))
-    txt.line().line(f"so the two sum to one conv of the copy, W3 + pad_0(W1) (kernel_pad, branch_sum): {dict(after.op_counts())}")
+    txt.line().line("so the two sum to one conv of the copy, W3 + pad_0(W1) (kernel_pad, branch_sum):")
+    txt.line(f"{dict(after.op_counts())}")
     fused = [n for n in after.nodes if n.op == "conv2d"][0]
     txt.grids(("W3 + pad_0(W1)", fused.params["weight"][0, 0]), ("before", run_graph(g, X)[0, 0]), ("after", run_graph(after, X)[0, 0]))
     txt.line().line(equal_line(run_graph(g, X), run_graph(after, X)))
@@ -525,10 +527,11 @@ def pad_share() -> Example:
     truth = conv_of(X, weight=ONES3, padding=P1)
     candidate = run_graph(_moved_padded(), X)
     ref = Text()
-    ref.line("a 3x3 of x with zero padding 1 (all-ones kernel), computed on the reflected copy instead (padded by 1 more):")
+    ref.line("a 3x3 of x with zero padding 1 (all-ones kernel W), computed on the reflected")
+    ref.line("copy instead (its kernel padded by 1 more):")
     ref.grids(("conv(x; W, padding 1)", truth[0, 0]), ("conv(pad_reflect(x); pad_0(W), padding 1)", candidate[0, 0]),
               ("difference", (truth - candidate)[0, 0]))
-    ref.line().line(differ_line(truth, candidate, "they differ wherever the window reaches past x: the copy holds x's pixels there, not 0"))
+    ref.line().line(differ_line(truth, candidate, "they differ where the window reaches past x: the copy holds pixels there, not 0"))
     return Example("pad_share", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
@@ -545,8 +548,9 @@ def sum_regroup() -> Example:
     regrouped, _ = apply("sum_regroup", g, "sum_regroup")
     after, fired = apply("sum_regroup", g)
     txt = Text()
-    txt.line("gate(x) + conv1x1(x) + BN(x), parsed (gate + conv1x1) + BN: no two neighbours read the same input")
-    txt.line("regrouped: gate + (conv1x1 + BN), then bn_to_conv and branch_sum make the pair one 1x1 conv:")
+    txt.line("gate(x) + conv1x1(x) + BN(x), parsed (gate + conv1x1) + BN:")
+    txt.line("no two neighbours read the same input. Regrouped gate + (conv1x1 + BN),")
+    txt.line("bn_to_conv and branch_sum make the pair one 1x1 conv:")
     for f in fired:
         txt.line("    " + f)
     txt.line(f"ops before: {dict(g.op_counts())}").line(f"ops after:  {dict(after.op_counts())}")
