@@ -27,7 +27,6 @@ that does not run on the example input, for bad input, or with ``strict=True``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -594,11 +593,9 @@ class _Fuser:
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
             graph_in = graph_in.map_params(lambda p, n: p.cpu())  # fold on the CPU (rules build their constants there)
         g64, rw = rewrite(graph_in, cast_back=False)
-        # Nothing folds (an nn.Identity or a dropout removed saves nothing): the part as it is, not a graph of the
-        # same ops, whose carried calls cost time.
-        if all(f.rule == "identity_elim" for f in rw.fired):
+        if not rw.fired:  # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
             self.stage["rewrite"] += time.perf_counter() - t0
-            return self.unfolded(path, cap, dataclasses.replace(rw, fired=[], after=dict(rw.before)), reason)
+            return self.unfolded(path, cap, rw, reason)
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"

@@ -514,20 +514,6 @@ def test_a_model_with_nothing_to_fold_is_returned_as_a_copy_of_itself():
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
-def test_a_model_where_only_an_identity_or_dropout_goes_is_returned_as_it_is():
-    """ConvTasNet-like: GroupNorm, PReLU, dilated depthwise convs and a dropout; nothing folds but the dropout,
-    whose removal saves nothing. A graph of the same ops ran 3-5% slower (probe F): the copy is returned."""
-    model = nn.Sequential(nn.Conv1d(4, 8, 1), nn.PReLU(), nn.GroupNorm(1, 8), nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=8),
-                          nn.Dropout(0.1), nn.Identity(), nn.PReLU(), nn.GroupNorm(1, 8)).eval()
-    x = torch.randn(2, 4, 20)
-    fused = fuse(model, x)
-    report = fused.fuse_report
-    assert type(fused) is nn.Sequential and report.fired == [] and report.ops_after == report.ops_before, str(report)
-    assert "nothing to fold: the model is returned as it is (a copy)" in str(report)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
-
-
 def test_the_report_says_what_the_check_compared():
     model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
     x = torch.randn(1, 3, 8, 8)
