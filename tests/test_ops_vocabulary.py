@@ -272,6 +272,20 @@ class ConformerConv(nn.Module):
         return self.head(z), F.log_softmax(F.glu(y, -1), dim=-1), z.log_softmax(1)
 
 
+class AnchorGrid(nn.Module):
+    """YOLOv7's IDetect decode: ``(y[..., 2:4] * 2) ** 2 * self.anchor_grid[i]``, a constant that changes along more
+    than one axis (anchors and box coordinates), here times the map itself and times its 5-D view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("grid", torch.rand(1, 4, 5, 6) + 0.5)
+        self.register_buffer("anchor_grid", torch.rand(1, 2, 1, 1, 6) * 4)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return x * self.grid, x.sigmoid().view(b, 2, 2, h, w) * self.anchor_grid
+
+
 class Norms(nn.Module):
     """Cosine attention and normalized heads (SwinV2, CLIP, ArcFace): ``F.normalize``, ``x.norm(dim=-1,
     keepdim=True)``, ``torch.linalg.vector_norm`` of other orders, ``x.abs().amax(...)`` (a max-abs scale)."""
@@ -344,6 +358,7 @@ CASES: dict[str, Case] = {
     ),
     "conformer_conv": Case(lambda: stem(ConformerConv()), (1, 3, 5, 6), {"glu", "log_softmax", "conv_transpose2d"},
                            _onnx("LogSoftmax", "Sigmoid", "ConvTranspose")),
+    "constant_map_product": Case(lambda: stem(AnchorGrid()), (1, 3, 5, 6), {"mul", "constant"}, _onnx("Mul")),
     "norms": Case(lambda: stem(Norms()), (1, 3, 5, 6), {"norm", "abs", "amax"}, _onnx("ReduceL2", "ReduceL1", "ReduceMax", "Abs", "Div")),
     "repeat": Case(  # tiled maps, a batch repeated (its size follows the batch), a leading axis added
         lambda: stem(lambda x: (x.repeat(1, 2, 1, 3), x.repeat((2, 1, 1, 1)).sigmoid(), x.mean(1).repeat(3, 1, 1, 2))), (1, 3, 4, 5),

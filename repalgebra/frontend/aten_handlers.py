@@ -331,7 +331,9 @@ def _mul(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
         else:
             axis = channel_axis(tuple(t.shape), x.shape)
             vec = None if axis is None else t.reshape(-1)
-        return None if axis is None else ("scale", [x], {"axis": axis}, {"scale": vec}, None)
+        if axis is None:  # a constant map (YOLOv7's anchor grid): a constant node times x
+            return ("mul", [x, _as_value(b, c)], {}, {}, None) if t.is_floating_point() else None
+        return "scale", [x], {"axis": axis}, {"scale": vec}, None
     if _is_num(c):
         axis = scalar_axis(x.shape)
         return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, None

@@ -103,6 +103,8 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     made = _scale_by(x, k if k is not None else c)
     if made is None and isinstance(c, Value):
         return "mul", [x, c], {}, {}, ""
+    if made is None and k is not None and k.tensor.is_floating_point() and k.tensor.dim() <= len(x.shape):
+        return "mul", [x, as_value(b, c)], {}, {}, ""  # a constant map (YOLOv7's anchor grid): a constant node times x
     return made
 
 
