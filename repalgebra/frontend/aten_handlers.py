@@ -105,11 +105,15 @@ def _conv1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
         if padding is None or len(padding) != 1:
             return None
         padding = (0, padding[0])
+    return _height_one(b, n, a, _conv, stride=(1, *stride), dilation=(1, *dilation), padding=padding)
+
+
+def _height_one(b: ProgramBuilder, n: fx.Node, a: dict, conv2d: Callable[..., Made], **along: Any) -> Made:
+    """A 1-D conv on ``(N, C, L)`` as the 2-D one ``conv2d`` makes, of height 1: ``flatten(conv(x.unsqueeze(2)), 2, 3)``
+    (``along``: its geometry arguments as pairs); a BatchNorm1d after it moves inside the flatten (:func:`_bn`)."""
     where = module_path(n)
-    x4 = b.add(Node.make(*unsqueezed(x, 2)[:4], where))
-    a2 = {**a, "input": x4, "weight": Const(w.unsqueeze(2), a["weight"].path), "stride": (1, *stride),
-          "dilation": (1, *dilation), "padding": padding}
-    made = _conv(b, n, a2)
+    x4 = b.add(Node.make(*unsqueezed(_v(a["input"]), 2)[:4], where))
+    made = conv2d(b, n, {**a, "input": x4, "weight": Const(_c(a["weight"]).unsqueeze(2), a["weight"].path), **along})
     if made is None:
         return None
     op, inputs, attrs, params, source = made
@@ -131,22 +135,14 @@ def _conv_transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 def _conv_transpose1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``aten.conv_transpose1d`` on ``(N, C, L)`` as a ``conv_transpose2d`` of height 1, as the fx front end writes
-    ``nn.ConvTranspose1d``; a BatchNorm1d after it moves inside the flatten (:func:`_bn`)."""
+    ``nn.ConvTranspose1d`` (:func:`_height_one`)."""
     x, w = _v(a["input"]), _c(a["weight"])
     ones = [_ints(a[k]) for k in ("stride", "padding", "output_padding", "dilation")]
     if x is None or len(x.shape) != 3 or w is None or w.dim() != 3 or any(v is None or len(v) != 1 for v in ones):
         return None
-    where = module_path(n)
-    x4 = b.add(Node.make(*unsqueezed(x, 2)[:4], where))
     (stride,), (padding,), (output_padding,), (dilation,) = ones
-    a2 = {**a, "input": x4, "weight": Const(w.unsqueeze(2), a["weight"].path), "stride": (1, stride), "padding": (0, padding),
-          "output_padding": (0, output_padding), "dilation": (1, dilation)}
-    made = _conv_transpose(b, n, a2)
-    if made is None:
-        return None
-    op, inputs, attrs, params, source = made
-    conv = b.add(Node.make(op, inputs, attrs, params, source or where))
-    return "flatten", [conv], {"start": 2, "end": 3}, {}, None
+    return _height_one(b, n, a, _conv_transpose, stride=(1, stride), padding=(0, padding), output_padding=(0, output_padding),
+                       dilation=(1, dilation))
 
 
 def _conv3d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
