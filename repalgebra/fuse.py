@@ -158,6 +158,16 @@ _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a
 _TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
 
+def _in_training_mode(model: nn.Module, evaluated: nn.Module) -> list[str]:
+    """The outermost submodules of ``model`` in training mode (a BatchNorm left in ``train()`` by a freezing helper)
+    that ``evaluated`` (its copy after ``eval()``) has in eval mode: one that stays in training mode is left alone."""
+    found: list[str] = []
+    for (path, m), (_, e) in zip(model.named_modules(), evaluated.named_modules()):
+        if path and m.training and not e.training and not any(path.startswith(p + ".") for p in found):
+            found.append(path)
+    return found
+
+
 def _listed(items: list[str], most: int = 6) -> str:
     """``a, b, c`` for a report line, at most ``most`` of them and how many more."""
     return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
@@ -355,6 +365,10 @@ def fuse(
         report.notes.insert(0, unwrapped)
     if model.training:
         report.notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
+    elif training := _in_training_mode(model, fuser.pristine):
+        report.notes.insert(0, f"{len(training)} part{'s were' if len(training) > 1 else ' was'} in training mode inside a model in "
+                               f"eval mode ({_listed([repr(p) for p in training], 3)}): fused with eval-mode semantics "
+                               "(BN running statistics, no dropout), as after model.eval()")
     if not check:
         report.check = "none (check=False)"
     else:
@@ -519,7 +533,7 @@ class _Fuser:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
             cap = capture_fx(work, inputs, [*user, *kept], not self.check)
-            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole")
+            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work)
         except CaptureFailed as e:
             return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")
 
@@ -582,12 +596,13 @@ class _Fuser:
 
     # -- one captured graph ---------------------------------------------------------------
 
-    def finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
-        """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs."""
+    def finish(self, path: str, cap: Capture, inputs: tuple, reason: str, captured: nn.Module | None = None) -> nn.Module:
+        """Rewrite ``cap``'s graph, build the module, check it against the original; raise CaptureFailed if it differs.
+        ``captured``: what ``cap`` was captured from when not the part itself (the part with its kept parts fused)."""
         with frozen_gc(len(cap.graph.nodes)):  # the graph, the model and its copies stay alive throughout: keep the collector off them
-            return self._finish(path, cap, inputs, reason)
+            return self._finish(path, cap, inputs, reason, captured)
 
-    def _finish(self, path: str, cap: Capture, inputs: tuple, reason: str) -> nn.Module:
+    def _finish(self, path: str, cap: Capture, inputs: tuple, reason: str, captured: nn.Module | None) -> nn.Module:
         t0 = time.perf_counter()
         graph_in = cap.graph
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
@@ -595,7 +610,7 @@ class _Fuser:
         g64, rw = rewrite(graph_in, cast_back=False)
         if not rw.fired:  # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
             self.stage["rewrite"] += time.perf_counter() - t0
-            return self.unfolded(path, cap, rw, reason)
+            return self.unfolded(path, cap, rw, reason, captured)
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
@@ -642,12 +657,14 @@ class _Fuser:
         self.record(path, cap, rw, graph, reason)
         return fused
 
-    def unfolded(self, path: str, cap: Capture, rw, reason: str) -> nn.Module:
-        """A copy of the part at ``path``, where its capture folds nothing (CondConv's dynamic kernels): the graph
-        would compute the same ops, and its calls carried through would only cost time."""
-        cap.notes.append(_AS_IT_IS if path else "nothing to fold: the model is returned as it is (a copy)")
+    def unfolded(self, path: str, cap: Capture, rw, reason: str, captured: nn.Module | None = None) -> nn.Module:
+        """A copy of the part at ``path`` (of ``captured``, its parts kept whole fused, when given), where its capture
+        folds nothing (CondConv's dynamic kernels): the graph would compute the same ops, and its calls carried
+        through would only cost time."""
+        if captured is None:
+            cap.notes.append(_AS_IT_IS if path else "nothing to fold: the model is returned as it is (a copy)")
         self.record(path, cap, rw, cap.graph, reason)
-        return copy_module(self.pristine.get_submodule(path))
+        return copy_module(self.pristine.get_submodule(path) if captured is None else captured)
 
     def record(self, path: str, cap: Capture, rw, graph: Graph, reason: str) -> None:
         """Add the part at ``path`` to the report: its capture, the rules that fired, what was left alone."""

@@ -611,3 +611,13 @@ def test_a_per_channel_affine_left_by_fusion_runs_as_multiply_and_add():
     assert verify(model, again, torch.randn(3, 8, 5, 7, dtype=D), n=2)
     proto = repalgebra.export_onnx(fused.float(), None, (2, 8, 6, 6), fuse=False)
     assert {p.key: p.value for p in proto.metadata_props}["repalgebra.fallback"] == "none"
+
+
+def test_a_part_left_in_training_mode_inside_an_eval_model_is_named():
+    """A freezing helper that calls ``bn.train()`` after ``model.eval()``: fused with running statistics, as the
+    whole model in training mode is, and the report says which parts it concerns."""
+    model = net().eval()
+    model[1].train()
+    fused = fuse(model, torch.randn(2, 8, 10, 10))
+    assert "1 part was in training mode inside a model in eval mode ('1')" in str(fused.fuse_report)
+    assert "was in training mode" not in str(fuse(net().eval(), torch.randn(2, 8, 10, 10)).fuse_report)

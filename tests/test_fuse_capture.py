@@ -592,6 +592,35 @@ def test_a_forward_set_on_the_instance_is_the_one_that_runs(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))  # float32
 
 
+class _LayerScaleChoice(nn.Module):
+    """A block choosing its forward in ``__init__`` (``self.forward = self.forward_layer_scale``), as some model
+    zoos do; the class's own ``forward`` is the other variant."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1, dtype=D) + 0.5)
+        self.forward = self.forward_layer_scale
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+    def forward_layer_scale(self, x):
+        return x + self.gamma * self.bn(self.conv(x))
+
+
+def test_the_models_own_forward_set_on_the_instance_is_traced():
+    """fx traces ``type(root).forward``: the class's variant, which the check rejected, so the model was captured
+    with its shapes fixed by torch.export; wrapped in a parent, the instance's forward is traced."""
+    model = randomized(_LayerScaleChoice(8).double())
+    x = torch.randn(2, 8, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.parts[0].how == "fx", fused.fuse_report
+    assert [type(m) for m in fused.modules() if not isinstance(m, torch.fx.GraphModule)] == [nn.Conv2d]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)  # folded in float64
+
+
 def test_top_level_data_dependent_model_keeps_itself_whole():
     class M(nn.Module):
         def __init__(self) -> None:

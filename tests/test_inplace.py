@@ -144,3 +144,38 @@ def test_inplace_keyword_is_read_by_position_and_name_also_for_unhashable_callab
     assert not inplace_kwarg(f, (x,), {})
     assert inplace_kwarg(F.relu, (x, True), {}) and not inplace_kwarg(F.relu, (x,), {"inplace": False})
     assert not inplace_kwarg(operator.add, (x, x), {})
+
+
+class _WritesIntoItsInput(nn.Module):
+    """Carried through whole (a leaf): adds its input's mean to it in place; ``float()`` fails on meta tensors."""
+
+    def forward(self, x):
+        return x.add_(float(x.mean()))
+
+
+class _ShortcutAfterWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.leaf = nn.Conv2d(4, 4, 1), _WritesIntoItsInput()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + self.leaf(y)  # `y` read after the leaf wrote into it (the left operand is read when `add` runs)
+
+
+def test_a_write_by_a_call_kept_whole_is_seen_in_a_real_run_and_refused_at_its_parent():
+    from repalgebra.frontend.torch import trace_model
+
+    with pytest.raises(InplaceHazard, match="writes into 'conv' in place") as e:
+        trace_model(_ShortcutAfterWrite().eval(), torch.randn(1, 4, 5, 5), leaf_modules=[_WritesIntoItsInput])
+    assert e.value.path == ""
+
+
+def test_a_write_no_later_node_reads_is_value_semantics():
+    from repalgebra.frontend.torch import trace_model
+
+    class Chain(_ShortcutAfterWrite):
+        def forward(self, x):
+            return self.leaf(self.conv(x)) * 2
+
+    trace_model(Chain().eval(), torch.randn(1, 4, 5, 5), leaf_modules=[_WritesIntoItsInput])

@@ -512,3 +512,46 @@ def test_a_failed_export_prints_nothing_and_raises_torch_s_first_line(capfd):
         export_onnx(model, None, (1, 3, 8, 8))
     out, err = capfd.readouterr()
     assert not (out + err).strip(), out + err
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial convolution written without ``x = x.clone()``: it writes into the tensor it is given."""
+
+    def __init__(self, c: int, branch: bool) -> None:
+        super().__init__()
+        self.cp, self.branch = c // 4, branch
+        self.conv = nn.Conv2d(self.cp, self.cp, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        if not self.branch or x.sum() > -1e9:  # branch: data-dependent, so neither fx nor torch.export captures it
+            x[:, : self.cp] = self.conv(x[:, : self.cp])
+        return x
+
+
+class FasterBlock(nn.Module):
+    def __init__(self, c: int, branch: bool) -> None:
+        super().__init__()
+        self.mixer = PartialConv(c, branch)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.mixer(x)  # also changes `shortcut`: the sum reads the written contents twice
+        return shortcut + self.mlp(x)
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_a_call_kept_whole_that_writes_into_a_value_read_after_it_exports_what_the_model_computes(branch):
+    """Kept whole (a leaf, or untraceable), the partial conv wrote into the block's input while the shortcut still
+    read it: the IR gave that value one content, and export_onnx refused ("computes something else")."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), FasterBlock(16, branch), FasterBlock(16, branch)).eval()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x.clone())
+    fused = repalgebra.fuse(model, x[:1], leaf_modules=[PartialConv])
+    assert "writes into 'x' in place" in str(fused.fuse_report)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # the blocks kept whole, their MLPs fused
+    with torch.no_grad():
+        assert close(fused(x.clone()).numpy(), ref)
+    for target in (model, fused):
+        assert close(run(export_onnx(target, None, x[:1]), x)[0], ref)

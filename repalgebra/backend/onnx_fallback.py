@@ -277,7 +277,9 @@ def run_regions(
             r = first.get(id(n))
             if r is not None:
                 args = tuple(env[id(v)] for v in r.inputs)
-                got = modules[r.index](*args)
+                # On copies: a region may write into what it is given (the capture made sure nothing else reads
+                # it after), and its inputs are kept as its example.
+                got = modules[r.index](*_copies(args))
                 got = got if isinstance(got, tuple) else (got,)
                 seen[r.index] = (args, got)
                 for v, t in zip(r.outputs, got):
@@ -285,6 +287,10 @@ def run_regions(
             elif id(n) not in in_region:
                 env[id(n.out)] = op_def(n.op)([env[id(i)] for i in n.inputs], n.attrs, n.params)
     return seen
+
+
+def _copies(tensors: Sequence[Any]) -> tuple:
+    return tuple(t.clone() if torch.is_tensor(t) else t for t in tensors)
 
 
 def changed_axes(values: Sequence[Value], tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -536,7 +542,7 @@ def export_region(
     mode = Rewrites(opset)
     with _quiet() as caught, mode:
         torch.onnx.export(
-            copy.deepcopy(module).eval(), tuple(examples), buf, dynamo=False, opset_version=opset,
+            copy.deepcopy(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
     branches = sum(isinstance(w.message, torch.jit.TracerWarning) and "Python boolean" in str(w.message) for w in caught)

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
+from repalgebra.frontend.inplace import hidden_writes, versions
 from repalgebra.frontend.pure import is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
@@ -152,10 +153,12 @@ class Builder:
     def run_meta(self, n: fx.Node, kind: str, target: Any) -> Any:
         """Run the call on meta tensors; returns (and remembers) its summary."""
         ex = lambda a: fx.node.map_aggregate(a, lambda x: self.example[x] if isinstance(x, fx.Node) else x)  # noqa: E731
+        before = versions(n, self.example)
         try:
             result = _call_meta(kind, target, ex(n.args), ex(n.kwargs))
         except Exception as e:
             raise NeedsRealRun(f"{n.format_node()}: {e}") from e
+        hidden_writes(n, before, self.example, self.root)
         self.example[n] = result
         return summarize(result)
 

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
-from repalgebra.frontend.inplace import InplaceProxy
+from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.wrappers import wrapped
 from repalgebra.module_copy import copy_module
 
@@ -57,8 +57,11 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     except Exception as e:  # a module holding a lock, a generator, ...
         raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
     work.eval()
-    wrapped = recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or has_hooks(work)
-    if wrapped:  # fx never asks whether the root is a leaf, and calls its forward without its hooks: give it a parent
+    # fx never asks whether the root is a leaf, calls its forward without its hooks, and traces its class's forward
+    # (not one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
+    wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or has_hooks(work)
+               or "forward" in vars(work))
+    if wrapped:
         work = Root(work)
         leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
     return work, Tracer(leaf_types, leaf_paths), "m" if wrapped else ""
@@ -504,12 +507,14 @@ class _Recorder(fx.Interpreter):
         self.meta: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        before = versions(n, self.env)
         try:
             result = super().run_node(n)
         except Exception as e:
             where = n.meta.get("repalgebra_source") or "the model"
             e.add_note(f"repalgebra: while running {n.format_node()} in {where!r}")
             raise
+        hidden_writes(n, before, self.env, self.module)
         self.meta[n] = summarize(result)
         return result
 

@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from repalgebra.frontend.calls import traced_as_one_call
 
-__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "is_inplace", "setitem_copy"]
+__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "setitem_copy", "versions"]
 
 
 class InplaceHazard(Exception):
@@ -298,6 +298,51 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         what = _make_out_of_place(node, root)
         counts[what] = counts.get(what, 0) + 1
     return ["in-place ops made out-of-place (nothing else shares their storage): " + ", ".join(f"{k} x{c}" for k, c in counts.items())]
+
+
+def versions(n: fx.Node, values: dict[fx.Node, Any]) -> dict[fx.Node, int]:
+    """The version counters of the tensors ``n`` reads (``values``: per node its tensor): a write in place moves one."""
+    return {a: values[a]._version for a in n.all_input_nodes if torch.is_tensor(values.get(a))}
+
+
+def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Node, Any], root: nn.Module) -> None:
+    """Raise :class:`InplaceHazard` when ``node``, a call the trace does not see into, changed one of its inputs in
+    place (their :func:`versions` ``before`` the call differ from those in ``values`` now) and a later node reads
+    it, or a view of it.
+
+    :func:`functionalize` handles the in-place ops the trace records; a module carried through whole can still
+    write into what it is given (FasterNet's partial convolution written without ``x.clone()``:
+    ``x[:, :c] = conv(x[:, :c])``).  Under value semantics the later read would see the contents before the
+    write.  When only the call's own result (and what is computed from it) reads the new contents, the IR
+    means the same.  The path is the innermost module holding the call and the reads, for the caller to keep
+    whole."""
+    written = [a for a, v in before.items() if values[a]._version != v]
+    if not written:
+        return
+    nodes = list(node.graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    after = {node}  # the call's result and what is computed from it: it carries the new contents legitimately
+    for n in nodes[order[node] + 1 :]:
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    cls = _alias_classes(node.graph, root)
+    for w in written:
+        readers = [u for m in nodes if cls[m] is cls[w] and m not in after for u in m.users if order[u] > order[node]]
+        if readers:
+            where = [_source(node), *(_source(u) for u in readers)]
+            common = where[0].split(".") if where[0] else []
+            for path in where[1:]:
+                parts = path.split(".") if path else []
+                k = next((i for i, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
+                common = common[:k]
+            raise InplaceHazard(
+                f"{_describe(node)} writes into {w.name!r} in place (a call kept whole) and {readers[0].name!r} reads "
+                "it afterwards", ".".join(common),
+            )
+
+
+def _source(n: fx.Node) -> str:
+    return n.target if n.op == "call_module" else _where(n)
 
 
 def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:

@@ -143,12 +143,16 @@ def trace_model(
     check_example_inputs(model, given, len(placeholders))
     if check_trace:
         _check_trace(model, work, fx_graph, given)
-    try:  # shapes from the op table and meta tensors: no arithmetic, fast
-        builder = Builder(work, HANDLERS, prefix=prefix)
-        graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
-    except NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
-        builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
-        graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
+    try:
+        try:  # shapes from the op table and meta tensors: no arithmetic, fast
+            builder = Builder(work, HANDLERS, prefix=prefix)
+            graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
+        except NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
+            builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
+            graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
+    except InplaceHazard as e:  # a call kept whole writes into a value read after it (seen in either run)
+        e.path = unprefixed(e.path)
+        raise
     spec = typed_like(tracer.output_structure, spec)
     notes = [*inplace_notes, *tracer.notes, *builder.notes]
     if fixed := concrete_args(work, len(given)):  # a call passing them is a TypeError, never a silent default
