@@ -399,3 +399,24 @@ def test_a_running_max_is_state_though_larger_inputs_do_not_move_it():
     ref = copy.deepcopy(model)
     for t in (small, x, small):
         torch.testing.assert_close(fused(t), ref(t), rtol=1e-9, atol=1e-12)
+
+
+class StoresLast(nn.Module):
+    """``self.last = y``: a side output stored on every call, read by nothing in forward (a feature for a loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = x * 2
+        return x.relu()
+
+
+def test_a_side_output_stored_on_every_call_is_named_as_one_the_fused_module_does_not_store():
+    """It is no state (no call reads it) and no cache either: its value follows the input, and the report said
+    "a first call fills 'inner.last', the same for any input"."""
+    fused, reference = fused_and_reference(randomized(lambda: Net(StoresLast())))
+    assert_same_calls(reference, fused)
+    notes = "\n".join(fused.fuse_report.notes)
+    assert "every call stores 'inner.last' from its input" in notes and "first call fills" not in notes, notes

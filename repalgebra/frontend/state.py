@@ -27,7 +27,7 @@ from torch import nn
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "stored_per_call", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG}
@@ -156,6 +156,22 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             names = set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled}))
             state |= names or set(filled)
     return state
+
+
+def stored_per_call(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> list[str]:
+    """Those of ``names`` (attributes a first call filled, found not to be state) whose value depends on the input:
+    a side output the forward stores on the module (``self.last = y``) and never reads back."""
+    other = tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs)
+    seen = []
+    for x in (inputs, other):
+        work = copy_module(model)
+        try:
+            _call(work, x)
+        except Exception:  # noqa: BLE001  (it ran on both for find_state; nothing to tell apart otherwise)
+            return []
+        shot = _snapshot(work)
+        seen.append({n: shot.get(n, _MISSING) for n in names})
+    return sorted(_changed(*seen))
 
 
 def _why(names: list[str]) -> str:
