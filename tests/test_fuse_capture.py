@@ -1397,18 +1397,28 @@ def _hooked(kind: str) -> nn.Module:
     return nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head, nn.BatchNorm1d(4))
 
 
+def _hooked_1d(kind: str) -> nn.Module:
+    """HiFi-GAN's upsampler: a weight-normed transposed Conv1d, here with a BN after it."""
+    torch.manual_seed(0)
+    norm = {"weight_norm": nn.utils.weight_norm, "spectral_norm": nn.utils.spectral_norm}[kind]
+    up = norm(nn.ConvTranspose1d(3, 8, 4, stride=2, padding=1))
+    return nn.Sequential(up, nn.BatchNorm1d(8), nn.LeakyReLU(0.1), norm(nn.Conv1d(8, 8, 3, padding=1)), nn.BatchNorm1d(8))
+
+
+@pytest.mark.parametrize("dims", [2, 1])
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
-def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind):
-    # fuse raised "cannot deep-copy" on a freshly built model, and kept such convs opaque, their BNs unfolded.
-    model = randomized(_hooked(kind).eval())
+def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind, dims):
+    # fuse raised "cannot deep-copy" on a freshly built model, and kept such convs opaque, their BNs unfolded
+    # (a ConvTranspose1d still was).
+    model = randomized((_hooked(kind) if dims == 2 else _hooked_1d(kind)).eval())
     with torch.no_grad():  # a training step after the last call: the weight attribute is stale until the next one
-        for m in (model[0], model[5]):
+        for m in (model[0], model[5] if dims == 2 else model[3]):
             getattr(m, "weight_g" if kind == "weight_norm" else "weight_orig").mul_(1.5)
-    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, *(8, 8)[:dims], dtype=D, generator=torch.Generator().manual_seed(0))
     fused = fuse(model, x)
     assert bn_left(fused) == 0 and fused.fuse_report.ops_after.get("opaque") is None, str(fused.fuse_report)
     with torch.no_grad():
-        y = torch.randn(3, 3, 12, 10, dtype=D)
+        y = torch.randn(3, 3, *(12, 10)[:dims], dtype=D)
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
 
 

@@ -222,7 +222,7 @@ _WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
 
 def _weight_hooks_only(m: nn.Module) -> bool:
     hooks = list(m._forward_pre_hooks.values())
-    return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and h.name == "weight" for h in hooks)
+    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and h.name == "weight" for h in hooks)
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
 
