@@ -621,6 +621,35 @@ def test_the_models_own_forward_set_on_the_instance_is_traced():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)  # folded in float64
 
 
+class _OptionalKwargs(nn.Module):
+    """``forward(self, x, **kwargs)`` reading ``kwargs.get(...)`` and ``in kwargs`` (model zoos pass masks this way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, **kwargs):
+        y = self.bn(self.conv(x))
+        if kwargs.get("extra") is not None:
+            y = y + kwargs["extra"]
+        return y * kwargs["scale"] if "scale" in kwargs else y
+
+
+def test_a_forward_taking_kwargs_is_traced_with_none_given():
+    """fx made ``kwargs`` a symbolic value, and ``kwargs.get`` failed its trace: the model was captured with its
+    shapes fixed by torch.export.  Now it is an empty dict, as in a call with the inputs only, and a call of the
+    fused module passing one is a TypeError, never ignored."""
+    model = randomized(_OptionalKwargs().double())
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.parts[0].how == "fx" and bn_left(fused) == 0, fused.fuse_report
+    assert any("**kwargs traced empty" in n for n in fused.fuse_report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)  # folded in float64
+    with pytest.raises(TypeError):
+        fused(x, scale=2.0)
+
+
 def test_top_level_data_dependent_model_keeps_itself_whole():
     class M(nn.Module):
         def __init__(self) -> None:

@@ -372,6 +372,9 @@ class Tracer(fx.Tracer):
 
         @functools.wraps(fn)
         def recorded(*a: Any) -> Any:
+            # ``forward(self, x, **kwargs)`` is called with the inputs only: its ``kwargs`` is an empty dict, not a
+            # symbolic one (``kwargs.get("mask")`` and ``"mask" in kwargs`` then trace as Python does them).
+            a = tuple({} if isinstance(v, fx.Proxy) and str(v.node.target).startswith("**") else v for v in a)
             out = fn(*a)
             self.output_structure = pytree.tree_structure(out)  # the graph turns an OrderedDict into a dict: keep its type
             return out

@@ -158,6 +158,8 @@ def trace_model(
     if fixed := concrete_args(work, len(given)):  # a call passing them is a TypeError, never a silent default
         shown = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
         notes.append(f"forward's arguments after the inputs are fixed at their defaults ({shown}): the fused module does not take them")
+    if any(str(n.target).startswith("**") for n in fx_graph.nodes if n.op == "placeholder"):
+        notes.append("forward's **kwargs traced empty, as a call with the inputs only: the fused module does not take them")
     if inferred:
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
