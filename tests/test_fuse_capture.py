@@ -650,6 +650,53 @@ def test_a_forward_taking_kwargs_is_traced_with_none_given():
         fused(x, scale=2.0)
 
 
+class _FrozenBN(nn.Module):
+    """detectron2's FrozenBatchNorm2d: BN statistics as buffers, two ways to apply them chosen on ``x.requires_grad``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.rand(c, dtype=D) + 0.5)
+        self.eps = 1e-5
+
+    def forward(self, x):
+        if x.requires_grad:
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+
+
+class _DeviceTest(nn.Module):
+    """PointNet's T-Net: ``if x.is_cuda: iden = iden.cuda()`` after a batch-sized ``repeat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 9, 1), nn.BatchNorm1d(9)
+
+    def forward(self, x):
+        iden = torch.eye(3, dtype=x.dtype).flatten().reshape(1, 9).repeat(x.shape[0], 1)
+        if x.is_cuda:
+            iden = iden.cuda()
+        return self.bn(self.conv(x)).amax(2) + iden
+
+
+@pytest.mark.parametrize("which", ["requires_grad", "is_cuda"])
+def test_tests_of_gradients_and_device_are_taken_as_the_fused_model_runs(which):
+    """A test of ``x.requires_grad`` or ``x.is_cuda`` failed fx's trace, and the model was captured with its
+    shapes (PointNet's batch) fixed: they are taken as the fused model runs, and the report says so."""
+    if which == "requires_grad":
+        model, x = nn.Sequential(nn.Conv2d(3, 8, 3), _FrozenBN(8), nn.ReLU()), torch.randn(2, 3, 8, 8, dtype=D)
+    else:
+        model, x = _DeviceTest(), torch.randn(2, 3, 20, dtype=D)
+    model = randomized(model.double())
+    fused = fuse(model, x)
+    assert fused.fuse_report.parts[0].how == "fx" and fused.fuse_report.rule_counts() == {"bn_fold": 1}, fused.fuse_report
+    assert any(f"x.{which} taken as False" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    y = torch.randn(5, *x.shape[1:], dtype=D)  # another batch: the capture is not fixed to the example's
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)  # folded in float64
+
+
 def test_top_level_data_dependent_model_keeps_itself_whole():
     class M(nn.Module):
         def __init__(self) -> None:

@@ -338,6 +338,7 @@ class Tracer(fx.Tracer):
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
+        self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -396,17 +397,42 @@ class Tracer(fx.Tracer):
         """A branch on the model's weights alone, taken as they decide: PaddleDetection's ``if self.alpha:`` on a
         learned scale (PP-YOLOE's RepVggBlock).  Every input takes that branch, so the graph is the model's
         function for these weights.  A branch on anything computed from an input stays an error."""
+        fixed = self._fixed_flag(obj.node)
+        if fixed is not None:
+            return fixed
         value = _weights_only_value(obj.node, self.root)
         if value is None:
             return super().to_bool(obj)
         self.weight_branches.append(self.path_stack[-1] if self.path_stack else "")
         return bool(value)
 
+    def _fixed_flag(self, node: fx.Node) -> bool | None:
+        """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
+        fused model runs them: without gradients (fuse's inference semantics, as under ``torch.no_grad``), on the
+        model's device.  None for any other test."""
+        if not (node.op == "call_function" and node.target is getattr and len(node.args) == 2):
+            return None
+        name = node.args[1]
+        if name == "requires_grad":
+            value = False
+        elif name in _DEVICE_FLAGS:
+            device = next((t.device for t in [*self.root.parameters(), *self.root.buffers()]), torch.device("cpu"))
+            value = device.type == _DEVICE_FLAGS[name]
+        else:
+            return None
+        where = self.path_stack[-1] if self.path_stack else ""
+        self.flags.append(f"x.{name} taken as {value} in {where!r}" if where else f"x.{name} taken as {value} in forward")
+        return value
+
     @property
     def notes(self) -> list[str]:
         """What the trace decided that the report should say: wrappers traced through, the branches taken on the
         weights' values."""
         notes = list(dict.fromkeys(self.unwrapped))
+        if self.flags:
+            flags = list(dict.fromkeys(self.flags))
+            shown = "; ".join(flags[:4]) + (f"; ... ({len(flags) - 4} more)" if len(flags) > 4 else "")
+            notes.append(f"{shown}: as the fused model runs (without gradients, on the model's device)")
         if self.weight_branches:
             where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
             shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
@@ -421,6 +447,9 @@ class Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
         return node
+
+
+_DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}
 
 
 class _Proxy(InplaceProxy):
