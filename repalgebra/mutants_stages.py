@@ -20,7 +20,8 @@ Coverage (at least three mutants per handler or lowering that carries attributes
   ``F.max_pool2d``, ``F.pad``, and the channel axes of ``transpose``, ``permute``, ``flatten``;
 * front end, transposed convs: ``nn.ConvTranspose2d``, ``F.conv_transpose2d`` and ``aten.conv_transpose2d``
   (bias, padding against output padding, dilation, groups, the functional argument order);
-* front end, ``F.conv1d`` (bias, dilation, the argument order);
+* front end, ``F.conv1d`` (bias, dilation, the argument order); the height-one pass that keeps 1-D regions in 2-D
+  (one lift per value, a BatchNorm1d beside the convs, height one by construction, not by the example's shape);
 * front end, 3-D convs: ``nn.Conv3d``, ``F.conv3d`` and ``aten.conv3d`` (bias, stride, dilation, padding, groups,
   the functional argument order);
 * front end, ATen handlers (``torch.export``): convolution (``'same'``, pairs, stride, dilation),
@@ -64,6 +65,8 @@ _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_func
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
+_H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
+       "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one")
 
 
 def _aten(*cases: str) -> tuple[str, ...]:
@@ -110,6 +113,7 @@ def stage_of(group: str) -> str:
 _HM = "repalgebra.frontend.handlers_modules"
 _HF = "repalgebra.frontend.handlers_functions"
 _ARGS = "repalgebra.frontend.args"
+_H1M = "repalgebra.frontend.height_one"
 _AH = "repalgebra.frontend.aten_handlers"
 _TB = "repalgebra.backend.torch"
 _OB = "repalgebra.backend.onnx"
@@ -142,6 +146,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "unsqueezed(_padded(b, n, x, pre), 2)", "unsqueezed(_padded(b, n, x, pre), 3)", _C1),
     ("frontend", "conv1d-unlifted-input", "a Conv1d's height-1 conv2d applied to the 3-D input itself", f"{_HM}:_m_conv1d",
      'b.add("conv2d", [x4]', 'b.add("conv2d", [x]', _C1),
+    ("frontend", "height-one-lift-per-use", "every conv of a 1-D value lifts it on its own (the branches read different values)",
+     f"{_H1M}:lift_height_one", "if id(x) not in lifts:", "if True:", _H1),
+    ("frontend", "height-one-bn-stays-1d", "a BatchNorm1d beside the convs of its input stays on the 3-D value",
+     f"{_H1M}:_sinks", "(any(flats) or per_channel)", "any(flats)", _H1),
+    ("frontend", "height-one-by-shape", "a value taken for height one because it has height 1 at the example",
+     f"{_H1M}:_height_one", "v.shape[2] != 1 or n is None:\n        answer = False",
+     "v.shape[2] != 1 or n is None or True:\n        answer = v.shape is not None and len(v.shape) == 4 and v.shape[2] == 1", _H1),
     ("frontend", "bn-module-eps-default", "a BatchNorm module's eps read as the default 1e-5 (issue 15)", f"{_HM}:_m_batch_norm",
      '{"eps": float(m.eps)}', '{"eps": 1e-5}', _FX),
     ("frontend", "bn-module-stats-swapped", "a BatchNorm module's running mean and variance swapped", f"{_HM}:_m_batch_norm",

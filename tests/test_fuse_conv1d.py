@@ -218,3 +218,64 @@ def test_a_conv_transpose1d_folds_its_batch_norm(groups, kernel, stride, padding
     fused = fuse(model, torch.randn(2, 4, length, dtype=D))
     assert count_bn(fused) == 0 and "opaque" not in fused.fuse_report.ops_after, str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, 4, length), (3, 4, 5), (1, 4, 20)])
+
+
+class RepBlock1d(nn.Module):
+    """A 1-D RepVGG block as train-time code writes it: a kxk Conv1d + BN, a 1x1 Conv1d + BN and (stride 1, equal
+    widths) an identity BN, summed in the order given, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, groups: int, order: tuple[str, ...]) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv1d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm1d(cout))
+        self.pw = nn.Sequential(nn.Conv1d(cin, cout, 1, stride, groups=groups, bias=False), nn.BatchNorm1d(cout))
+        self.idn = nn.BatchNorm1d(cin) if stride == 1 and cin == cout else None
+        self.order = [b for b in order if b != "idn" or self.idn is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        terms = [getattr(self, b)(x) for b in self.order]
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        return torch.relu(out)
+
+
+@given(
+    groups=st.sampled_from([1, 2]),
+    widths=st.sampled_from([(4, 4), (4, 8)]),
+    k=st.sampled_from([3, 5]),
+    stride=st.sampled_from([1, 2]),
+    order=st.permutations(["dense", "pw", "idn"]),
+)
+def test_a_1d_repvgg_stack_folds_to_one_conv_per_block(groups, widths, k, stride, order):
+    """The branches of a Conv1d block read one lift of their input and are summed in 2-D (the sum, the identity BN
+    and the ReLU run on the height-one values), so ``branch_sum`` meets them: each block is one conv.  Before, every
+    Conv1d was a lift, a conv2d and a flatten of its own, and nothing summed."""
+    cin, cout = widths
+
+    def make() -> nn.Module:
+        return nn.Sequential(RepBlock1d(cin, cout, k, stride, groups, tuple(order)), RepBlock1d(cout, cout, k, 1, groups, tuple(order)))
+
+    model = seeded(make, 0)().to(D)
+    fused = fuse(model, torch.randn(2, cin, 19, dtype=D))
+    after = fused.fuse_report.ops_after
+    assert count_bn(fused) == 0 and after.get("conv2d") == 2 and "add" not in after, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, cin, 19), (3, cin, 26), (1, cin, 7)])
+
+
+class TallAfterAll(nn.Module):
+    """A 2-D conv flattened to a sequence for a Conv1d: at an example of height 1 the flatten looks like a 1-D
+    conv's, but the height is the input's; lifting the sequence back must not be read as undoing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d, self.conv1d, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv1d(self.conv2d(x).flatten(2, 3)))
+
+
+def test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one():
+    model = seeded(TallAfterAll, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 1, 9, dtype=D))
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 3, 1, 9), (2, 3, 4, 9)])

@@ -25,6 +25,7 @@ from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
 from repalgebra.frontend.inplace import hidden_writes, versions
 from repalgebra.frontend.pure import is_pure
+from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
@@ -109,7 +110,7 @@ class Builder:
                 out = self.args(n.args[0])
                 leaves, spec = pytree.tree_flatten(out)
                 values = [self.as_value(v, n) for v in leaves]
-                graph = Graph(graph_inputs, self.nodes, values)
+                graph = lift_height_one(Graph(graph_inputs, self.nodes, values))
                 reroute_shape_reads(graph)
                 # A call read only through ops that replaced its reads (the tuple of ``x.chunk(2)`` whose
                 # parts became ``chunk`` ops, a constant's ``w[:, None, None]`` folded into a ``scale``).

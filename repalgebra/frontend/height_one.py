@@ -1,0 +1,128 @@
+"""1-D convolutions as 2-D ones of height one, kept in 2-D between them.
+
+Both front ends write a ``Conv1d`` on ``(N, C, L)`` as a ``conv2d`` of height
+one between a lift and a flatten: ``flatten(conv2d(lift(x)), 2, 3)``, where
+``lift(x)`` is ``x.unsqueeze(2)`` (a ``reshape_dyn``).  Every 2-D rule then
+applies to the conv itself, but not across two of them: a 1-D RepVGG block
+``relu(dense(x) + pw(x) + bn(x))`` becomes two lifts of ``x``, two flattens
+summed, and a BatchNorm1d on the 3-D ``x``, so ``branch_sum`` never sees two
+convs of one input.  :func:`lift_height_one` rewrites the graph so that 1-D
+regions run in 2-D, exactly:
+
+* one lift per value (every conv of ``x`` reads the same ``lift(x)``);
+* ``lift(flatten(y, 2, 3)) = y`` for a ``y`` of height one by construction
+  (made from a lift by ops that keep the height: see :func:`_height_one`);
+* an elementwise op of flattens of equal shapes is the flatten of the op:
+  ``f(flatten(a), flatten(b)) = flatten(f(a, b))``;
+* a per-channel op (BatchNorm1d, a channel scale) or a sum term on a 3-D
+  value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``.
+
+Flattening axes 2 and 3 of a height-one tensor and lifting back only rename
+indices, so each step is exact at every input size; ``fuse`` checks the
+result against the model anyway.
+"""
+
+from __future__ import annotations
+
+from repalgebra.ir import Graph, Node, Value
+
+__all__ = ["lift_height_one"]
+
+_LIFT = ((((0, 0),), ((0, 1),), 1, ((0, 2),)))  # reshape_dyn's shape for x.unsqueeze(2) of a 3-D x (args.unsqueezed)
+_UNARY = ("relu", "gelu", "sigmoid", "silu", "hardswish", "hardsigmoid", "tanh", "leaky_relu", "clamp", "softplus",
+          "abs", "sqrt", "rsqrt", "pow", "identity", "prelu", "batch_norm")  # elementwise, or per channel (axis 1)
+_BINARY = ("add", "sub", "mul", "div")  # elementwise where both shapes are equal
+
+
+def _is_lift(n: Node) -> bool:
+    return (n.op == "reshape_dyn" and len(n.inputs) == 2 and n.inputs[0] is n.inputs[1] and n.attrs["shape"] == _LIFT
+            and n.x.shape is not None and len(n.x.shape) == 3)
+
+
+def _flattened(v: Value, known: dict[int, bool]) -> Value | None:
+    """The height-one 4-D value ``v`` is ``flatten(., 2, 3)`` of, if it is."""
+    p = v.producer
+    if p is None or p.op != "flatten" or (p.attrs["start"], p.attrs["end"]) != (2, 3):
+        return None
+    return p.x if _height_one(p.x, known) else None
+
+
+def _height_one(v: Value, known: dict[int, bool]) -> bool:
+    """Whether ``v`` has height one at every input size: a lift, or made from such values by ops that keep it
+    (elementwise and per-channel ops, a conv whose kernel, padding and stride leave the height as it is).
+    ``known``: the answers so far (the values the pass makes are entered as it makes them: no long walks)."""
+    if id(v) in known:
+        return known[id(v)]
+    n = v.producer
+    if v.shape is None or len(v.shape) != 4 or v.shape[2] != 1 or n is None:
+        answer = False
+    elif _is_lift(n):
+        answer = True
+    elif n.op in _UNARY or n.op == "scale":
+        answer = _height_one(n.x, known)
+    elif n.op in _BINARY:
+        answer = all(_height_one(i, known) for i in n.inputs)
+    elif n.op in ("conv2d", "conv_transpose2d"):
+        a, kernel = n.attrs, n.params["weight"].shape[2]
+        keeps = kernel == 1 and a["stride"][0] == 1 and a["padding"][0] == a["padding"][1] == 0
+        answer = keeps and a.get("output_padding", (0, 0))[0] == 0 and _height_one(n.x, known)
+    else:
+        answer = False
+    known[id(v)] = answer
+    return answer
+
+
+def lift_height_one(graph: Graph) -> Graph:
+    """``graph`` with its 1-D regions in 2-D (see the module docstring); the same graph when it has no lift."""
+    if not any(_is_lift(n) for n in graph.nodes):
+        return graph
+    lifted = {id(n.x) for n in graph.nodes if _is_lift(n)}
+    env: dict[int, Value] = {}
+    lifts: dict[int, Value] = {}  # id of a 3-D value (new graph) -> its one lift
+    known: dict[int, bool] = {}  # see _height_one
+    nodes: list[Node] = []
+
+    def add(node: Node, height_one: bool = False) -> Value:
+        nodes.append(node)
+        if height_one:
+            known[id(node.out)] = True
+        return node.out
+
+    def lift(x: Value, source: str) -> Value:
+        if (y := _flattened(x, known)) is not None:
+            return y
+        if id(x) not in lifts:
+            lifts[id(x)] = add(Node.make("reshape_dyn", [x, x], {"shape": _LIFT}, {}, source), height_one=True)
+        return lifts[id(x)]
+
+    def flat(y: Value, source: str) -> Value:
+        return add(Node.make("flatten", [y], {"start": 2, "end": 3}, {}, source))
+
+    for n in graph.nodes:
+        inputs = [env.get(id(i), i) for i in n.inputs]
+        if _is_lift(n):
+            env[id(n.out)] = lift(inputs[0], n.source)
+            continue
+        if n.out.shape is not None and len(n.out.shape) == 3 and _sinks(n, inputs, lifted, known):
+            fours = [lift(i, n.source) for i in inputs]
+            attrs = {**n.attrs, "axis": 1} if n.op == "scale" else n.attrs
+            y = add(Node.make(n.op, fours, attrs, n.params, n.source, name=n.out.name), height_one=True)
+            env[id(n.out)] = flat(y, n.source)
+            continue
+        env[id(n.out)] = add(n if all(a is b for a, b in zip(inputs, n.inputs)) else n.replace(inputs=tuple(inputs)))
+    out = Graph(graph.inputs, nodes, [env.get(id(v), v) for v in graph.outputs])
+    out.eliminate_dead()  # the flattens the lifts read past
+    return out
+
+
+def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool]) -> bool:
+    """Whether 3-D ``n`` runs on the lifts of its ``inputs``: each is a height-one flatten or a value that is lifted
+    anyway, and (for two) their shapes are equal; at least one is a flatten, or ``n`` is per channel (a BN beside
+    the convs of its input: it then meets them)."""
+    per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
+    if not per_channel and n.op not in _UNARY and n.op not in _BINARY:
+        return False
+    if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
+        return False
+    flats = [_flattened(i, known) is not None for i in inputs]
+    return (any(flats) or per_channel) and all(f or id(o) in lifted for f, o in zip(flats, n.inputs))
