@@ -513,3 +513,18 @@ def test_refusals_say_why_in_one_line(model, reason):
         capture_export(model.eval(), (torch.randn(1, 3, 4, 4),))
     msg = str(info.value)
     assert reason in msg and "\n" not in msg
+
+
+def test_stack_is_a_concat_of_unsqueezed_operands():
+    """``aten.stack`` (SKNet's branches on a new axis, at a negative ``dim`` too) in our ops, not a call."""
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = ConvBN(4, 4), ConvBN(4, 4, k=1)
+
+        def forward(self, x):
+            return torch.stack([self.a(x), self.b(x)], 1).sum(1) + torch.stack([x, x * 2], -1).amax(-1)
+
+    graph = capture_checked(Stacked(), torch.randn(2, 4, 6, 5), pairs=2)
+    assert "opaque" not in ops_of(graph) and ops_of(graph).count("concat") == 2

@@ -555,3 +555,32 @@ def test_a_call_kept_whole_that_writes_into_a_value_read_after_it_exports_what_t
         assert close(fused(x.clone()).numpy(), ref)
     for target in (model, fused):
         assert close(run(export_onnx(target, None, x[:1]), x)[0], ref)
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's unit: two dilated conv branches stacked on a new axis, weighted by a softmax over it."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1 + i, dilation=1 + i, bias=False), nn.BatchNorm2d(c), nn.ReLU()) for i in range(2)
+        )
+        self.fc = nn.Sequential(nn.Conv2d(c, c // 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU())
+        self.fcs = nn.ModuleList(nn.Conv2d(c // 2, c, 1) for _ in range(2))
+
+    def forward(self, x):
+        feats = torch.stack([conv(x) for conv in self.convs], dim=1)
+        z = self.fc(feats.sum(1).mean((2, 3), keepdim=True))
+        attention = torch.stack([fc(z) for fc in self.fcs], -4).softmax(1)
+        return (feats * attention).sum(1)
+
+
+def test_torch_stack_is_lowered_by_our_own_ops():
+    """``torch.stack`` was a call, three regions of SKNet's unit left to torch.onnx.export: it is the concat of
+    its operands unsqueezed (``dim`` also negative)."""
+    model = SelectiveKernel().eval()
+    x = torch.randn(3, 8, 10, 10)
+    proto, report = export_onnx(model, None, x[:1], return_report=True)
+    assert report.summary() == "none", report
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))

@@ -754,6 +754,15 @@ def _cat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, None
 
 
+def _stack(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``torch.stack`` as the ``concat`` of the operands unsqueezed, as the fx front end writes it."""
+    made = _cat(b, n, {"tensors": a["tensors"], "dim": 0})
+    if made is None or len({x.shape for x in made[1]}) != 1 or not _is_int(a["dim"]):
+        return None
+    axis = a["dim"] % (len(made[1][0].shape) + 1)
+    return "concat", [b.add(Node.make(*unsqueezed(x, axis)[:4], module_path(n))) for x in made[1]], {"axis": axis}, {}, None
+
+
 def _as_value(b: ProgramBuilder, x: Any) -> Value | None:
     """An activation, or a constant tensor as a ``constant`` node."""
     if isinstance(x, Const):
@@ -836,6 +845,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.permute.default: _permute,
     aten.transpose.int: _transpose,
     aten.cat.default: _cat,
+    aten.stack.default: _stack,
     aten.concat.default: _cat,  # torch.concat, as RT-DETR writes it
     aten.select.int: _select,
     aten.softmax.int: _softmax,

@@ -213,6 +213,16 @@ def _f_cat(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, ""
 
 
+def _f_stack(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.stack(ts, dim)`` as ``torch.cat([t.unsqueeze(dim) for t in ts], dim)`` (SKNet's branches): ops that
+    both back ends lower, where a call would go to the ONNX fallback."""
+    made = _f_cat(b, n, target, args, kwargs)
+    if made is None or len({x.shape for x in made[1]}) != 1:
+        return None
+    axis = bind([("tensors", REQ), ("dim", 0)], args, kwargs)["dim"] % (len(made[1][0].shape) + 1)
+    return "concat", [b.add(*unsqueezed(x, axis)[:4], source=b.source(n)) for x in made[1]], {"axis": axis}, {}, ""
+
+
 def _f_flatten(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("start_dim", 0), ("end_dim", -1)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not (is_int(a["start_dim"]) and is_int(a["end_dim"])):
@@ -1002,6 +1012,7 @@ _register(_f_mul, operator.mul, torch.mul, torch.multiply, ("method", "mul"), ("
 _register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
+_register(_f_stack, torch.stack)
 _register(_f_flatten, torch.flatten, ("method", "flatten"))
 _register(_f_reshape, torch.reshape, ("method", "reshape"), ("method", "view"))
 _register(_f_reshape_as, ("method", "reshape_as"), ("method", "view_as"))
