@@ -425,8 +425,8 @@ class Outputs(nn.Module):
 
     def forward(self, x):
         a, b = torch.maximum(x, self.pos).chunk(2, dim=1)
-        top = x.max(dim=1)
-        return {"y": self.conv(a) + b, "top": top.values, "table": self.table, "k": x * self.k}
+        low = x.min(dim=1)  # values and indices: no op in the table (``max``'s values are an ``amax``)
+        return {"y": self.conv(a) + b, "low": low.values, "table": self.table, "k": x * self.k}
 
 
 def test_outputs_constants_and_tuple_valued_calls():
@@ -443,8 +443,8 @@ def test_outputs_constants_and_tuple_valued_calls():
     g = cap.graph
     big = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].target is aten.maximum.default)
     assert big.attrs["fn"].args_template == (In(0), Buf("c0"))  # the buffer travels with the call
-    top = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].target is aten.max.dim)
-    assert top.out.shape is None and all(u.attrs["fn"].name == "getitem" for u in g.users(top.out))
+    low = next(n for n in g.nodes if n.op == "opaque" and n.attrs["fn"].target is aten.min.dim)
+    assert low.out.shape is None and all(u.attrs["fn"].name == "getitem" for u in g.users(low.out))
     assert [n.attrs["start"] for n in g.nodes if n.op == "slice"] == [0, 2]  # chunk(2, dim=1): aten.split
     assert any("the scale op gives" in note and "float64" in note for note in cap.notes)
     fused, _ = rewrite(g)
@@ -528,3 +528,15 @@ def test_stack_is_a_concat_of_unsqueezed_operands():
 
     graph = capture_checked(Stacked(), torch.randn(2, 4, 6, 5), pairs=2)
     assert "opaque" not in ops_of(graph) and ops_of(graph).count("concat") == 2
+
+
+def test_the_values_of_a_max_over_an_axis_are_an_amax():
+    """``aten.max.dim``'s values (PointNet's pooling over points); its indices stay a call."""
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            values, indices = torch.max(x, 2, keepdim=True)
+            return values * 2, torch.max(x, -1)[0], indices
+
+    graph = capture_checked(Pool(), torch.randn(2, 4, 6))
+    assert ops_of(graph).count("amax") == 2 and ops_of(graph).count("opaque") == 2  # the call, and its indices read

@@ -584,3 +584,27 @@ def test_torch_stack_is_lowered_by_our_own_ops():
     assert report.summary() == "none", report
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+class MaxOverPoints(nn.Module):
+    """PointNet's global feature: ``torch.max(x, 2, keepdim=True)[0]``, and ``x.max(dim=1).values``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 16, 1), nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return torch.max(y, 2, keepdim=True)[0].view(-1, 16) + y.max(dim=1).values.sum(1, keepdim=True)
+
+
+def test_the_values_of_a_max_over_an_axis_are_an_amax():
+    """``torch.max(x, dim)`` returns values and indices: a call whose values went to torch.onnx.export."""
+    model = MaxOverPoints().eval()
+    x = torch.randn(3, 3, 20)
+    fused = repalgebra.fuse(model, x[:1])
+    assert fused.fuse_report.ops_after.get("amax") == 2 and "opaque" not in fused.fuse_report.ops_after, fused.fuse_report
+    proto, report = export_onnx(model, None, x[:1], return_report=True)
+    assert report.summary() == "none", report
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))

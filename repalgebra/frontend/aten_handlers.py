@@ -681,6 +681,14 @@ def _amax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return None if not dims else ("amax", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, None)
 
 
+def _max_values(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
+    """``torch.max(x, dim)[0]`` (``aten.max.dim``): its values are ``amax`` over ``dim`` (PointNet's pooling over
+    points); the indices stay a call."""
+    if index != 0 or not _is_int(a["dim"]):
+        return None
+    return _amax(b, n, {"self": a["self"], "dim": [a["dim"]], "keepdim": a["keepdim"]})
+
+
 def _adaptive_avg(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
     x = _v(a["self"])
@@ -921,6 +929,7 @@ MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.max_pool2d_with_indices.default: _max_pool_values,
     aten.adaptive_max_pool2d.default: _adaptive("adaptive_max_pool2d"),
     aten.native_group_norm.default: _native_group_norm,
+    aten.max.dim: _max_values,
 }
 
 # Overloads that may read sizes computed from a symbolic batch: their handlers take the sizes from the recorded

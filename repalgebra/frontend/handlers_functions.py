@@ -329,6 +329,13 @@ def _f_getitem(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
     return _step(x, *steps[-1])
 
 
+def _f_values(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.max(x, dim).values``: the first field of a tuple-valued call's result (see :func:`_part`)."""
+    if kwargs or args[1:] != ("values",) or not isinstance(args[0], Value) or args[0].shape is not None:
+        return None
+    return _part(args[0], 0)
+
+
 def _index_steps(index: Any, rank: int) -> list[tuple[str, dict]] | None:
     """Basic indexing (ints, slices with int bounds, None, one ``...``) as ``select``/``slice``/``unsqueeze`` steps."""
     items = list(index) if isinstance(index, tuple) else [index]
@@ -396,6 +403,18 @@ _SPLITS = {
 _SIZE_NAMES = ("chunks", "split_size", "split_size_or_sections")
 
 
+_MAX_DIM = {("call_function", torch.max), ("call_method", "max")}
+
+
+def _max_values(fn: FnCall, x: Value | None, index: Any) -> Made:
+    """``torch.max(x, dim)[0]`` (or ``x.max(dim)[0]``): the values, ``amax`` over ``dim`` (PointNet's pooling over
+    points); the indices (``[1]``) stay a call."""
+    a = bind([("input", REQ), ("dim", REQ), ("keepdim", False)], fn.args_template, fn.kwargs_template)
+    if a is None or a["input"] != In(0) or x is None or index != 0 or not is_int(a["dim"]) or not isinstance(a["keepdim"], bool):
+        return None
+    return "amax", [x], {"dims": (a["dim"] % len(x.shape),), "keepdim": a["keepdim"]}, {}, ""
+
+
 def _part(parts: Value, index: Any) -> Made:
     """``parts[index]`` of ``parts = x.chunk(n, dim)`` (``chunk``), ``x.split(s, dim)`` (``slice``), ``x.unbind(dim)`` (``select``).
 
@@ -407,6 +426,8 @@ def _part(parts: Value, index: Any) -> Made:
     fn = n.attrs["fn"]
     try:
         kind = _SPLITS.get((fn.kind, fn.target))
+        if (fn.kind, fn.target) in _MAX_DIM:
+            return _max_values(fn, shaped(n.inputs[0]), index)
     except TypeError:  # an unhashable target
         return None
     kwargs = {("size" if k in _SIZE_NAMES else k): v for k, v in fn.kwargs_template.items()}
@@ -1018,6 +1039,8 @@ _register(_f_reshape, torch.reshape, ("method", "reshape"), ("method", "view"))
 _register(_f_reshape_as, ("method", "reshape_as"), ("method", "view_as"))
 _register(_f_permute, torch.permute, ("method", "permute"))
 _register(_f_getitem, operator.getitem)
+
+_register(_f_values, getattr)
 _register(_f_select, torch.select, ("method", "select"))
 _register(_f_transpose, torch.transpose, ("method", "transpose"))
 _register(_f_mean, torch.mean, ("method", "mean"))
