@@ -360,6 +360,19 @@ CASES: dict[str, Case] = {
                            _onnx("LogSoftmax", "Sigmoid", "ConvTranspose")),
     "constant_map_product": Case(lambda: stem(AnchorGrid()), (1, 3, 5, 6), {"mul", "constant"}, _onnx("Mul")),
     "norms": Case(lambda: stem(Norms()), (1, 3, 5, 6), {"norm", "abs", "amax"}, _onnx("ReduceL2", "ReduceL1", "ReduceMax", "Abs", "Div")),
+    # Restormer's LayerNorm (``x.var(-1, unbiased=False)``), torch.var with correction=0, a variance over all axes:
+    # the mean of the squared deviations; a sample variance (correction=1) stays a call.
+    "population_variance": Case(
+        lambda: stem(lambda x: ((x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5),
+                                torch.var(x, dim=(2, 3), correction=0), x.var(unbiased=False))),
+        (1, 3, 5, 6), {"mean", "broadcast_sub", "pow"}, _onnx("ReduceMean", "Sub", "Pow"),
+    ),
+    # SKNet's branches stacked on a new axis (a negative dim too), PointNet's max over points (values, and .values).
+    "stack_and_max_values": Case(
+        lambda: stem(lambda x: (torch.stack([x, x.sigmoid()], 1).sum(1), torch.stack([x, 2 * x], -1),
+                                torch.max(x, 2, keepdim=True)[0], x.max(dim=1).values)),
+        (1, 3, 5, 6), {"concat", "amax"}, _onnx("Concat", "ReduceMax"),
+    ),
     "repeat": Case(  # tiled maps, a batch repeated (its size follows the batch), a leading axis added
         lambda: stem(lambda x: (x.repeat(1, 2, 1, 3), x.repeat((2, 1, 1, 1)).sigmoid(), x.mean(1).repeat(3, 1, 1, 2))), (1, 3, 4, 5),
         {"repeat"}, _onnx("Tile", "Unsqueeze"),

@@ -14,7 +14,7 @@ reads a constant through the calls the front end carries for it
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -191,6 +191,20 @@ def vector_norm(x: Value | None, p: Any, dim: Any, keepdim: Any) -> Made:
         return None
     dims = tuple(range(len(x.shape))) if dim is None else (dim,) if is_int(dim) else ints(dim)
     return None if not dims else ("norm", [x], {"p": float(p), "dims": dims, "keepdim": keepdim}, {}, "")
+
+
+def population_variance(add: Callable[[str, list[Value], dict], Value], x: Value | None, dim: Any, correction: Any, keepdim: Any) -> Made:
+    """``x.var(dim, unbiased=False)`` (``correction=0``) over ``dim`` (an int, ints, or None for all axes) as the ops it
+    is: ``mean((x - mean(x, dim, keepdim=True)) ** 2, dim)`` (Restormer's and hand-written LayerNorms); ``add`` makes
+    a node in the builder.  A sample variance (``correction=1``, the default) divides by a count read from the
+    shape, which the graph would fix at the example: left a call."""
+    if x is None or not (is_int(correction) and correction == 0) or not isinstance(keepdim, bool):
+        return None
+    dims = tuple(range(len(x.shape))) if dim is None else (dim,) if is_int(dim) else ints(dim)
+    if not dims:
+        return None
+    centred = add("broadcast_sub", [x, add("mean", [x], {"dims": dims, "keepdim": True})], {})
+    return "mean", [add("pow", [centred], {"exponent": 2.0})], {"dims": dims, "keepdim": keepdim}, {}, ""
 
 
 def max_pool(x: Value | None, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any, return_indices: Any) -> Made:

@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from repalgebra.frontend.args import (
-    avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, leaky_relu_made, prelu_made, scalar_axis, transposed_conv_attrs,
-    unsqueezed, vector_norm,
+    avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, leaky_relu_made, population_variance, prelu_made, scalar_axis,
+    transposed_conv_attrs, unsqueezed, vector_norm,
 )
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
@@ -707,6 +707,16 @@ def _mean_dim(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return "mean", [x], {"dims": dims, "keepdim": a["keepdim"]}, {}, None
 
 
+def _var(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.var`` (``x.var(dim, unbiased=False)``, ``torch.var(x, correction=0)``): see :func:`population_variance`."""
+    if "correction" in a:
+        correction = 1 if a["correction"] is None else a["correction"]
+    else:  # var.dim and var.default: ``unbiased``
+        correction = 0 if a["unbiased"] is False else 1
+    add = lambda op, inputs, attrs: b.add(Node.make(op, inputs, attrs, {}, module_path(n)))  # noqa: E731
+    return population_variance(add, _v(a["self"]), a.get("dim"), correction, a.get("keepdim", False))
+
+
 def _mean_all(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     x = _v(a["self"])
     if x is None or not x.shape or a["dtype"] is not None:
@@ -842,6 +852,9 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.adaptive_avg_pool3d.default: _adaptive_avg_nd(3),
     aten.mean.dim: _mean_dim,
     aten.mean.default: _mean_all,
+    aten.var.correction: _var,
+    aten.var.dim: _var,
+    aten.var.default: _var,
     aten.view.default: _reshape,
     aten._unsafe_view.default: _reshape,
     aten.reshape.default: _reshape,

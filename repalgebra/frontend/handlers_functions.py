@@ -20,7 +20,8 @@ from torch import fx
 
 from repalgebra.frontend.args import (
     REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int,
-    leaky_relu_made, max_pool, pad_nd, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs, unsqueezed, vector_norm,
+    leaky_relu_made, max_pool, pad_nd, population_variance, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs,
+    unsqueezed, vector_norm,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -518,6 +519,18 @@ def _f_mean(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> M
         return None
     dims = (a["dim"],) if is_int(a["dim"]) else ints(a["dim"])
     return None if not dims else ("mean", [a["input"]], {"dims": dims, "keepdim": a["keepdim"]}, {}, "")
+
+
+def _f_var(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.var(dim, unbiased=False, keepdim=...)``, ``torch.var(x, dim, correction=0)``: see :func:`population_variance`."""
+    kwargs = dict(kwargs)
+    correction = kwargs.pop("correction", None)
+    a = bind([("input", REQ), ("dim", None), ("unbiased", True), ("keepdim", False)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["unbiased"], bool) or (correction is not None and "unbiased" in kwargs):
+        return None
+    correction = (0 if a["unbiased"] is False else 1) if correction is None else correction
+    add = lambda op, inputs, attrs: b.add(op, inputs, attrs, {}, b.source(n))  # noqa: E731
+    return population_variance(add, a["input"], a["dim"], correction, a["keepdim"])
 
 
 def _f_softmax(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1044,6 +1057,7 @@ _register(_f_values, getattr)
 _register(_f_select, torch.select, ("method", "select"))
 _register(_f_transpose, torch.transpose, ("method", "transpose"))
 _register(_f_mean, torch.mean, ("method", "mean"))
+_register(_f_var, torch.var, ("method", "var"))
 _register(_f_softmax, F.softmax, torch.softmax, ("method", "softmax"), F.log_softmax, torch.log_softmax, ("method", "log_softmax"))
 _register(_f_glu, F.glu)
 _register(_f_unary("relu", ("inplace", False)), F.relu)
