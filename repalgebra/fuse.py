@@ -118,11 +118,12 @@ class FuseReport:
         for p in self.parts:
             if (p.path or p.reason) and p not in plain and f"    {p}" not in lines:  # a part met twice (inside a part kept whole)
                 lines.append(f"    {p}")
-        if plain:
-            lines.append(f"    fused on their own with fx ({len(plain)}): {_listed([repr(p.path) for p in plain])}")
+        if plain:  # a part fused twice (tried under a parent that was then kept whole) is listed once
+            paths = list(dict.fromkeys(repr(p.path) for p in plain))
+            lines.append(f"    fused on their own with fx ({len(paths)}): {_listed(paths)}")
         if self.check:
             lines.append(f"  checked against: {self.check}")
-        copies = [n for n in self.notes if n.endswith(_AS_IT_IS)]
+        copies = list(dict.fromkeys(n for n in self.notes if n.endswith(_AS_IT_IS)))
         lines += [f"  note: {n}" for n in self.notes if n not in copies]
         if copies:
             where = [n[: -len(_AS_IT_IS)].rstrip(": ") for n in copies]
