@@ -21,7 +21,10 @@ its index tensor): (1) every element of one feature meets the same factor; (2) t
 are read by no other path.
 
 Configurations: FastViT's attention (per-head scale head_dim**-0.5, here a symbolic factor per head)
-on q, k or v, with and without a bias, 1 and 2 heads, 1 and 2 tokens.
+on q, k or v, with and without a bias, 1 and 2 heads, 1 and 2 tokens.  A conv's features are its
+output channels (MobileNetV4's multi-query attention: ``q = conv(x)`` reshaped to (h, d, H W) and
+transposed to (h, H W, d), scaled per head): W'[o] = f[o] W[o] over every (c, u, v), for a 1x1 and a
+padded 3x3 kernel.
 
 REFUSED: a scale along the token axis (one factor per token, N = 2): feature o of token 0 meets s[0],
 of token 1 s[1]; a row of W can carry only one, so the fold with s[0] is wrong at token 1. Symbolic
@@ -36,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_differs, assert_equal, describe, linear, permute, reshape, scale, symbols_tensor
+from .symbolic import assert_differs, assert_equal, conv2d, describe, linear, permute, reshape, scale, symbols_tensor, transpose
 
 
 def select(x: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -104,8 +107,39 @@ def _sides(cfg):
     return x, w, b, s, picked, O, lhs
 
 
+# A conv of C channels to h heads of d, on an H x W map, kernel k; the scale per head on the query tokens.
+CONV_CONFIGS = [
+    dict(name="MobileNetV4 query conv 1x1, 2 heads", C=2, h=2, d=1, H=1, W=2, k=1, bias=True),
+    dict(name="query conv 3x3, padded, 1 head of 2", C=1, h=1, d=2, H=2, W=2, k=3, bias=False),
+]
+
+
+def _conv_path(y: np.ndarray, h: int, d: int) -> np.ndarray:
+    """(h d, H, W) -> reshape (h, d, H W) -> transpose to (h, H W, d): the query tokens per head."""
+    return transpose(reshape(y, (h, d, y.shape[1] * y.shape[2])), 1, 2)
+
+
+def _prove_conv(cfg: dict) -> str:
+    C, h, d, H, W, k = (cfg[n] for n in ("C", "h", "d", "H", "W", "k"))
+    O = h * d
+    x, w = symbols_tensor("x", (C, H, W)), symbols_tensor("w", (O, C, k, k))
+    b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+    s = symbols_tensor("s", (h,))
+    labels = np.empty((O, H, W), dtype=object)
+    for idx in np.ndindex(labels.shape):
+        labels[idx] = idx[0]
+    f = factors(O, _conv_path(labels, h, d), s, 0)
+    pads = (k // 2,) * 4
+    w2, b2 = fuse(w, b, f)
+    lhs = scale(_conv_path(conv2d(x, w, b, padding=pads), h, d), s, axis=0)
+    rhs = _conv_path(conv2d(x, w2, b2, padding=pads), h, d)
+    desc = describe("scale(P(conv(x))) == P(conv'(x))", case=cfg["name"], x=(C, H, W), kernel=k, heads=h, head_dim=d, bias=cfg["bias"])
+    assert_equal(lhs, rhs, f"query_scale_fold {desc}")
+    return desc
+
+
 def prove() -> list[str]:
-    done = []
+    done = [_prove_conv(cfg) for cfg in CONV_CONFIGS]
     for cfg in CONFIGS:
         x, w, b, s, picked, O, lhs = _sides(cfg)
         f = factors(O, picked, s, cfg["axis"])

@@ -415,6 +415,11 @@ MUTANTS: list[Mutant] = [
        "if not bool((lo[seen] == hi[seen]).all()):", "if False:"),
     _m("query_scale_fold", "bias-unscaled", "the q rows of the bias are not multiplied by the scale",
        'params["bias"] = b * f.to(b.dtype)', 'params["bias"] = b'),
+    _m("query_scale_fold", "conv-features-last-axis", "a conv's features taken along its last axis (as a Linear's), not its channels",
+       "axis = lin.out, _FEATURE_AXIS[lin.op] % len(lin.out.shape)", "axis = lin.out, len(lin.out.shape) - 1",
+       target="repalgebra.rules.query_scale_fold:_leaves"),
+    _m("query_scale_fold", "conv-factor-on-kernel-width", "a conv's factors multiply its kernel's last axis, not its rows",
+       "w * f.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1))", "w * f.to(w.dtype).reshape(*[1] * (w.dim() - 1), -1)"),
     _m("query_scale_fold", "first-rows", "the scaled part is taken to be the first rows of the Linear (q) whichever part it is",
        "seen[mine.reshape(-1)] = True", "seen[: len(set(mine.reshape(-1).tolist()))] = True"),
     # ---------------------------------------------------------------- attention_form

@@ -2,6 +2,9 @@
 
     scale(P(Linear(x; W, b)); s) = P(Linear(x; f[o] * W[o,:], f * b)),   and the other parts are unchanged
 
+and the same for a conv, whose output channels are its features (MobileNetV4's multi-query attention
+computes ``q`` with a 1x1 conv and reshapes it to heads): ``conv(x; f[o] * W[o], f * b)``.
+
 where ``P`` is a path of layout ops from the Linear to the scale (reshape,
 permute, select, slice, ...: ``qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3,
 1, 4)[0]``), and ``f[o]`` is the factor the scale puts on output feature ``o``
@@ -33,12 +36,15 @@ from repalgebra.rules.registry import Refusal, Rewrite, rule
 PATH_OPS = ("flatten", "reshape", "reshape_dyn", "permute", "transpose", "select", "slice", "chunk")
 
 
+_FEATURE_AXIS = {"linear": -1, "conv2d": 1}  # where a producer's output features (the rows of its weight) are
+
+
 def _path_up(graph: Graph, value: Value) -> Node | None:
-    """The Linear that ``value`` is a layout-only view of (through :data:`PATH_OPS`), if any."""
+    """The Linear (or conv) that ``value`` is a layout-only view of (through :data:`PATH_OPS`), if any."""
     v = value
     while v.producer is not None and v.producer.op in PATH_OPS:
         v = v.producer.x
-    return v.producer if v.producer is not None and v.producer.op == "linear" else None
+    return v.producer if v.producer is not None and v.producer.op in _FEATURE_AXIS else None
 
 
 def _indices(node: Node, idx: torch.Tensor) -> torch.Tensor:
@@ -53,9 +59,9 @@ def _leaves(graph: Graph, lin: Node) -> list[tuple[Value, torch.Tensor, list[Nod
     Returns ``(value, feature indices of its elements, its non-layout readers)``; a graph output
     counts as a reader (an empty list then still means "read").
     """
-    out = lin.out
-    features = out.shape[-1]
-    start = torch.arange(features).expand(out.shape)
+    out, axis = lin.out, _FEATURE_AXIS[lin.op] % len(lin.out.shape)
+    features = out.shape[axis]
+    start = torch.arange(features).reshape(-1, *[1] * (len(out.shape) - 1 - axis)).expand(out.shape)
     found, stack = [], [(out, start)]
     outputs = {id(o) for o in graph.outputs}
     while stack:
@@ -83,7 +89,7 @@ def query_scale_fold(graph, node):
     if mine is None:
         return None
     factors = _channel_view(node.params["scale"], torch.empty(node.x.shape), node.attrs["axis"]).expand(node.x.shape)
-    features = lin.out.shape[-1]
+    features = lin.params["weight"].shape[0]
     seen = torch.zeros(features, dtype=torch.bool)
     seen[mine.reshape(-1)] = True
     for v, idx, _ in leaves:
@@ -96,9 +102,9 @@ def query_scale_fold(graph, node):
         return Refusal("elements of one feature meet different factors")
     f = torch.where(seen, lo, torch.ones(features, dtype=torch.float64))
     w = lin.params["weight"]
-    params = {"weight": w * f.to(w.dtype)[:, None]}
+    params = {"weight": w * f.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1))}
     if "bias" in lin.params:
         b = lin.params["bias"]
         params["bias"] = b * f.to(b.dtype)
-    new = lin.replace(params=params)  # still the qkv Linear: its source stays
+    new = lin.replace(params=params)  # still the qkv Linear (or q conv): its source stays
     return Rewrite(lin.out, new.out, (new,), also=((node.out, node.x),))

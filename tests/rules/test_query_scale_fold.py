@@ -110,3 +110,26 @@ def test_refused_when_one_feature_meets_different_factors(shape, dtype, seed):
         return
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert any("different factors" in r for r in reasons(report, "scale"))
+
+
+@given(shape=heads(), k=st.sampled_from([1, 3]), dtype=float_dtypes(), bias=st.booleans(), seed=seeds())
+def test_folds_a_scale_on_the_heads_of_a_conv_into_its_output_channels(shape, k, dtype, bias, seed):
+    """MobileNetV4's multi-query attention: ``q = conv(x)`` (a 1x1 conv; any kernel works the same), reshaped to
+    ``(B, heads, d, H W)`` and transposed to tokens, then ``q * s[head]``: the conv's output channels are its
+    features, so the factor goes into the rows of its weight (``W[o]``, every ``(c, u, v)``) and its bias."""
+    bsz, hw, h, d, cin = shape
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(h * d, cin, k, k, generator=gen, dtype=torch.float64) / (cin * k * k) ** 0.5).to(dtype)
+    conv_bias = torch.randn(h * d, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    factors = (torch.rand(h, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    b = GraphBuilder()
+    x = b.input("x", (bsz, cin, 2, hw), dtype)
+    q = b.conv2d(x, weight=weight, bias=conv_bias, padding=(k // 2,) * 4, source="attn.query")
+    heads_first = b.transpose(b.reshape(q, shape=(bsz, h, d, 2 * hw), source="attn"), dim0=2, dim1=3, source="attn")
+    graph = b.build(b.scale(heads_first, scale=factors, axis=1, source="attn"))
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.rule_counts() == {"query_scale_fold": 1} and "scale" not in fused.op_counts()
+    w1 = only(fused, "conv2d").params["weight"].double()
+    per_row = factors.double().repeat_interleave(d)
+    torch.testing.assert_close(w1, (weight.double() * per_row[:, None, None, None]).to(dtype).double())
+    assert_graphs_equal(graph, fused, random_input((bsz, cin, 2, hw), dtype, seed + 1), dtype)
