@@ -259,6 +259,7 @@ def test_a_1d_repvgg_stack_folds_to_one_conv_per_block(groups, widths, k, stride
     fused = fuse(model, torch.randn(2, cin, 19, dtype=D))
     after = fused.fuse_report.ops_after
     assert count_bn(fused) == 0 and after.get("conv2d") == 2 and "add" not in after, str(fused.fuse_report)
+    assert after.get("reshape_dyn") == 1 and after.get("flatten") == 1, str(fused.fuse_report)  # one lift in, one flatten out
     assert_exact_at(model, fused, [(2, cin, 19), (3, cin, 26), (1, cin, 7)])
 
 

@@ -45,6 +45,10 @@ FEW = {
     "repalgebra.backend.torch:_same_module": "two checks, configuration and weights (a conv's or linear's extra_repr already tells one with a bias from one without)",
     "repalgebra.backend.onnx:_permute": "one attribute, the permutation",
     "repalgebra.backend.onnx:_transpose": "two axes, the mutant drops one",
+    "repalgebra.frontend.height_one:_sinks": "one decision whose other conditions are conservative: a lift is exact "
+    "wherever it is made, and broadcasting commutes with one (the mutant keeps a BN beside the convs in 1-D)",
+    "repalgebra.frontend.height_one:_height_one": "one property, height one by how a value was made; the mutant makes it "
+    "the example's shape, the bug that matters",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }
