@@ -732,7 +732,7 @@ class _Fuser:
         if self.stateful:  # runs must not change what fuse returns
             reference, candidate = copy.deepcopy(reference), copy.deepcopy(candidate)
         device = next((t.device for t in [*reference.parameters(), *reference.buffers()]), None)
-        if device is not None:
+        if device is not None and any(t.device != device for t in [*candidate.parameters(), *candidate.buffers()]):
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64 if in_float64 else None
         self.own_dtype_only = False

@@ -445,9 +445,12 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
         model, used, branches = export_region(region, module, examples, axes[0], axes[1], opset)
     except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
         calls = ", ".join(region.whats)
+        scripted = any(isinstance(n.attrs.get("fn"), torch.jit.ScriptModule) for n in region.run)
+        hint = (" (a TorchScript module: export the Python module it was scripted from, fused, and script the model "
+                "after)") if scripted else ""
         raise FallbackError(
             f"no ONNX lowering for {calls} at {region.where}, and torch.onnx.export (TorchScript) cannot export it at "
-            f"opset {opset} either: {_first_line(e)}{_refusals(region)}"
+            f"opset {opset} either: {_first_line(e)}{_refusals(region)}{hint}"
         ) from e
     how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
     return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches)
