@@ -33,6 +33,7 @@ RULES = [
     "bias_fold",
     "seq_merge",
     "avg_pool_to_conv",
+    "space_to_depth",
     "concat_merge",
     "bn_before_conv",
     "scale_into_conv",

@@ -422,6 +422,15 @@ MUTANTS: list[Mutant] = [
        "w * f.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1))", "w * f.to(w.dtype).reshape(*[1] * (w.dim() - 1), -1)"),
     _m("query_scale_fold", "first-rows", "the scaled part is taken to be the first rows of the Linear (q) whichever part it is",
        "seen[mine.reshape(-1)] = True", "seen[: len(set(mine.reshape(-1).tolist()))] = True"),
+    # ---------------------------------------------------------------- space_to_depth
+    _m("space_to_depth", "phase-axes-swapped", "a phase's row offset put on the kernel's columns and its column offset on the rows",
+       "dense[:, :, a::r, b::r] = w[:, g * c : (g + 1) * c]", "dense[:, :, b::r, a::r] = w[:, g * c : (g + 1) * c]"),
+    _m("space_to_depth", "stride-not-scaled", "the one conv keeps the small grid's stride",
+       "stride = tuple(r * s for s in conv.attrs[\"stride\"])", "stride = tuple(r for s in conv.attrs[\"stride\"])"),
+    _m("space_to_depth", "padding-not-scaled", "the one conv keeps the small grid's padding",
+       "padding = tuple(r * q for q in conv.attrs[\"padding\"])", "padding = tuple(conv.attrs[\"padding\"])"),
+    _m("space_to_depth", "groups-unchecked", "a grouped conv of the phases taken as an ungrouped one",
+       'if conv.attrs["groups"] != 1:', "if False:"),
     # ---------------------------------------------------------------- attention_form
     _m("attention_form", "softmax-axis-unchecked", "a softmax over the queries (axis -2) is taken for attention's (over the keys)",
        'if sm.attrs["axis"] % rank != rank - 1:', "if False:"),

@@ -507,8 +507,8 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         return op_def(op)(ms, a, _abs_params(n))
     if op == "constant":
         return n.params["value"].to(torch.float64).abs()
-    if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "select", "relu",
-              "expand", "slice_scatter"):
+    if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "select", "slice",
+              "relu", "expand", "slice_scatter"):
         # Non-negative coefficients (or element moves); relu is 1-Lipschitz with |relu(y)| <= |y|.
         return op_def(op)(ms, a, {})
     raise NotImplementedError(f"no magnitude (error bound) rule for op {op!r} at {n.source or '<graph>'}")

@@ -63,6 +63,7 @@ PRIMITIVES = [
     "seq_merge",
     "border_fill",
     "avg_pool_to_conv",
+    "space_to_depth",
     "concat_merge",
     "bn_before_conv",
     "scale_into_conv",
@@ -851,6 +852,34 @@ def avg_pool_to_conv() -> Example:
     ref.grids(("avg_pool(x + 1)", truth[0, 0]), ("conv(x; ones/9, bias 1, padding 1)", candidate[0, 0]), ("difference", (truth - candidate)[0, 0]))
     ref.line().line(differ_line(truth, candidate) + ": -b/9 for every tap that reads padding")
     return Example("avg_pool_to_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def space_to_depth() -> Example:
+    x = image([[1, 2, 0, 1], [0, 1, 3, 2], [2, 0, 1, 1], [1, 3, 0, 2]])
+    order = [(0, 0), (1, 0), (0, 1), (1, 1)]  # YOLOv5's Focus: x[..., ::2, ::2], x[..., 1::2, ::2], ...
+    w = t([[[[1]], [[2]], [[-1]], [[3]]]])  # a 1x1 conv of the four phases: one weight per phase
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    parts = [b.slice(b.slice(v, axis=2, start=a, step=2, source="focus"), axis=3, start=c, step=2, source="focus") for a, c in order]
+    g = b.build(b.conv2d(b.concat(*parts, axis=1, source="focus"), weight=w, source="focus.conv"))
+    after, _ = apply("space_to_depth", g, "space_to_depth")
+    new = node(after, "conv2d")
+    txt = Text()
+    txt.grids(*maps("x", x), *[(f"phase ({a}, {c}): x[{a}::2, {c}::2]", x[0, 0, a::2, c::2]) for a, c in order])
+    txt.line().line("a 1x1 conv of the four phases, weights " + vec(w) + " (one per phase, in that order)")
+    txt.grids(("W' (2x2, stride 2): W'[a, b] = weight of phase (a, b)", new.params["weight"][0, 0]),
+              ("conv of the phases", run_graph(g, x)[0, 0]), ("conv(x; W', stride 2)", run_graph(after, x)[0, 0]))
+    txt.line().line(equal_line(run_graph(g, x), run_graph(after, x)))
+
+    ref = Text()
+    b = GraphBuilder()
+    v = b.input("x", (1, 2, 4, 4), DT)
+    parts = [b.slice(b.slice(v, axis=2, start=a, step=2, source="focus"), axis=3, start=c, step=2, source="focus") for a, c in order]
+    bad = b.build(b.conv2d(b.concat(*parts, axis=1, source="focus"), weight=torch.ones(2, 4, 1, 1, dtype=DT), groups=2, source="focus.conv"))
+    ref.line("a conv of the phases in 2 groups (each output channel reads half of them)")
+    ref.line(f"space_to_depth refuses: {refusal(bad, 'space_to_depth')}")
+    return Example("space_to_depth", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example
