@@ -201,6 +201,28 @@ def test_acnet(k, stride):
     check(randomize(ACBlock(8, 8, k, stride)), x4(8), convs=1)
 
 
+# --------------------------------------------------------------------------- YOLOv5's Focus stem
+
+
+class Focus(nn.Module):
+    """YOLOv5 (before 6.0): the four 2x2 phases of the image stacked as channels, then conv + BN + SiLU."""
+
+    def __init__(self, c1: int, c2: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c1 * 4, c2, k, 1, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_focus_is_one_strided_conv(k):
+    """The 2k x 2k stride-2 conv YOLOv5 6.0 replaced it with (``space_to_depth``, then ``bn_fold``)."""
+    fused = check(randomize(Focus(3, 8, k)), x4(3, 16), convs=1, silu=1)
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert conv.kernel_size == (2 * k, 2 * k) and conv.stride == (2, 2)
+
+
 # --------------------------------------------------------------------------- DiverseBranchBlock
 
 
