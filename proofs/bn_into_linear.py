@@ -2,7 +2,7 @@
 
 Identity: with per-channel s[c] = gamma[c] / sqrt(var[c] + eps), t[c] = beta[c] - mean[c]*s[c]
 (so BN(x) = s[c]*x + t[c] on channel c), a Linear W (O, C), bias b (0 if absent), and L a chain
-of layout ops (flatten / reshape / transpose / permute, possibly empty):
+of layout ops (flatten / reshape / transpose / permute / select, possibly empty):
 
     W'[o, c] = W[o, c] * s[c]
     b'[o]    = b[o] + sum_c W[o, c] * t[c]          (always has a bias)
@@ -22,7 +22,8 @@ both agree on every chain used here.
 
 Configurations: FastViT's attention pre-norm (BatchNorm2d on (B, C, H, W), flatten(2),
 transpose(-2, -1), qkv Linear), a channels-last permute, permute + flatten, BatchNorm1d on
-(B, C, L) with transpose and a reshape to (B*L, C), and the empty chain (BatchNorm1d -> Linear).
+(B, C, L) with transpose and a reshape to (B*L, C), the empty chain (BatchNorm1d -> Linear), and
+an RNN/TCN head's last time step ``y[:, :, -1]`` (a select of another axis).
 
 Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns features
 [c H W, (c + 1) H W) (:func:`prove_flatten_all`); and RepLKNet's head, BN2d, a global average pool
@@ -85,6 +86,8 @@ CONFIGS = [
     dict(name="BN1d, transpose + reshape", shape=(2, 3, 2), axis=1,
          chain=[("transpose", dict(dim0=1, dim1=2)), ("reshape", dict(shape=(4, 3)))], O=2, bias=True),
     dict(name="BN1d, empty chain", shape=(2, 3), axis=1, chain=[], O=2, bias=False),
+    dict(name="BN1d, the last time step (y[:, :, -1])", shape=(2, 2, 3), axis=1,
+         chain=[("select", dict(axis=2, index=-1))], O=2, bias=True),
 ]
 
 # flatten(2) without the transpose: (1, C=2, 1, 2) -> (1, 2, 2); the Linear reads H*W as features.

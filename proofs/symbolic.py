@@ -335,7 +335,12 @@ def permute(x: np.ndarray, dims) -> np.ndarray:
 
 # Same op and attribute names as the library's layout ops (repalgebra.ops), so a chain written
 # as data here can be replayed through the library too (tests/test_proofs.py does).
-LAYOUT_OPS = {"flatten": flatten, "reshape": reshape, "transpose": transpose, "permute": permute}
+def select(x: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """``x.select(axis, index)``: one index of ``axis``, which disappears."""
+    return np.take(x, index, axis=axis)
+
+
+LAYOUT_OPS = {"flatten": flatten, "reshape": reshape, "transpose": transpose, "permute": permute, "select": select}
 
 
 def layout(x: np.ndarray, chain) -> np.ndarray:

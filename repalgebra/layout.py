@@ -1,4 +1,4 @@
-"""Where a channel axis goes through layout ops (flatten, reshape, permute, transpose).
+"""Where a channel axis goes through layout ops (flatten, reshape, permute, transpose, select).
 
 Per-channel maps (BN, layer scale) commute with ops that only move elements, as
 long as every element keeps its channel.  :func:`follow_axis` says on which
@@ -12,7 +12,7 @@ from math import prod
 
 from repalgebra.ir import Graph, Node, Value
 
-LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose", "reshape_dyn")
+LAYOUT_OPS = ("flatten", "reshape", "permute", "transpose", "reshape_dyn", "select")
 # The layout ops whose axes :func:`follow_axis` matches by size, at the sizes the graph was built at: a fold through
 # one can hold at those sizes only (an axis of size 1, two equal sizes), so fuse and export_onnx check it at others.
 SIZE_MATCHED = ("flatten", "reshape", "reshape_dyn")
@@ -32,6 +32,9 @@ def follow_axis(node: Node, axis: int) -> int | None:
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if node.op == "permute":
         return [d % len(shape_in) for d in a["dims"]].index(axis)
+    if node.op == "select":  # one index of another axis (an RNN head's ``y[:, :, -1]``): the others close up
+        picked = a["axis"] % len(shape_in)
+        return None if axis == picked else axis - (axis > picked)
     if node.op == "flatten":
         start, end = a["start"] % len(shape_in), a["end"] % len(shape_in)
         if axis < start:

@@ -363,6 +363,8 @@ MUTANTS: list[Mutant] = [
     _helper("scale_into_conv", "groups-dropped", "every group of the conv reads the scale of the first group's channels",
             _PER_INPUT, *_GROUPS_DROPPED),
     # ---------------------------------------------------------------- bn_into_linear
+    _m("bn_into_linear", "select-of-the-channels", "a select of the channel axis taken to keep the channels (one channel's features read as all)",
+       "return None if axis == picked else axis - (axis > picked)", "return axis - (axis > picked)", target="repalgebra.layout:follow_axis"),
     _m("bn_into_linear", "mean-over-channels", "a mean is followed like a layout op even over the channel axis, which it then keeps",
        "return None if axis in dims else", "return axis if axis in dims else", target="repalgebra.layout:follow_axis"),
     _m("bn_into_linear", "shift-dropped", "the BN shift is dropped when the Linear has a bias",

@@ -3,8 +3,9 @@
     Linear(L(BN(x)); W, b) = Linear(L(x); W[o,c] * s[c], b + W t)
     where s = gamma / sqrt(var + eps), t = beta - mean * s
 
-``L`` is a chain of flatten / reshape / transpose / permute ops (possibly
-empty) that moves BN's channel axis, whole, to the last axis the Linear reads:
+``L`` is a chain of flatten / reshape / transpose / permute / select ops
+(possibly empty; a select of another axis, as in a sequence head's
+``y[:, :, -1]``) that moves BN's channel axis, whole, to the last axis the Linear reads:
 it only moves elements, so each element meets the same s[c] and t[c] either
 way.  Or ``L`` is one ``flatten`` of every axis from the channels on (a
 classifier head: ``BN2d``, ``flatten(1)``, ``Linear(C * H * W)``): feature
