@@ -23,9 +23,9 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
+from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
 from repalgebra.frontend.pure import is_pure
-from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
