@@ -866,9 +866,10 @@ def space_to_depth() -> Example:
     after, _ = apply("space_to_depth", g, "space_to_depth")
     new = node(after, "conv2d")
     txt = Text()
-    txt.grids(*maps("x", x), *[(f"phase ({a}, {c}): x[{a}::2, {c}::2]", x[0, 0, a::2, c::2]) for a, c in order])
+    txt.grids(*maps("x", x), *[(f"x[{a}::2, {c}::2]", x[0, 0, a::2, c::2]) for a, c in order])
     txt.line().line("a 1x1 conv of the four phases, weights " + vec(w) + " (one per phase, in that order)")
-    txt.grids(("W' (2x2, stride 2): W'[a, b] = weight of phase (a, b)", new.params["weight"][0, 0]),
+    txt.line("W'[a, b] = the weight of phase (a, b)")
+    txt.grids(("W' (2x2, stride 2)", new.params["weight"][0, 0]),
               ("conv of the phases", run_graph(g, x)[0, 0]), ("conv(x; W', stride 2)", run_graph(after, x)[0, 0]))
     txt.line().line(equal_line(run_graph(g, x), run_graph(after, x)))
 
@@ -878,7 +879,8 @@ def space_to_depth() -> Example:
     parts = [b.slice(b.slice(v, axis=2, start=a, step=2, source="focus"), axis=3, start=c, step=2, source="focus") for a, c in order]
     bad = b.build(b.conv2d(b.concat(*parts, axis=1, source="focus"), weight=torch.ones(2, 4, 1, 1, dtype=DT), groups=2, source="focus.conv"))
     ref.line("a conv of the phases in 2 groups (each output channel reads half of them)")
-    ref.line(f"space_to_depth refuses: {refusal(bad, 'space_to_depth')}")
+    why = refusal(bad, "space_to_depth")
+    ref.line("space_to_depth refuses: " + why.replace(": as one", ":\n    as one"))
     return Example("space_to_depth", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
