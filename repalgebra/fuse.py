@@ -46,6 +46,7 @@ from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, store
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
+from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
@@ -685,7 +686,7 @@ class _Fuser:
             for op, n in theirs.items():
                 mine[op] = mine.get(op, 0) + n
         # A call of forward itself has no module path: it is named by what it calls (``getitem``, ``cumsum``).
-        r.opaque += [_join(path, n.source or _call_name(n.attrs["fn"])) for n in graph.nodes if n.op == "opaque" and not is_returned_as_is(n)]
+        r.opaque += [_carried(path, n) for n in graph.nodes if n.op == "opaque" and not is_returned_as_is(n)]
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
 
     def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:
@@ -853,6 +854,15 @@ def _shapes(tensors: Iterable[Any]) -> str:
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _carried(path: str, node: Node) -> str:
+    """How the report names a call carried through: a module by its path; a function by what it calls, and where
+    (``0.sep (pad)``: a block whose convs fused, but not the pad it computes from the input size)."""
+    fn, where = node.attrs["fn"], _join(path, node.source)
+    if not isinstance(fn, FnCall):
+        return where or _call_name(fn)
+    return f"{where} ({_call_name(fn)})" if where else _call_name(fn)
 
 
 def _call_name(fn: Any) -> str:

@@ -203,20 +203,26 @@ def test_bifpn_fusion_weights_are_made_once_and_fold():
     parameter, so each ``w[i] * branch`` is a scale by a number that folds into the branch's conv."""
 
     class WeightedSum(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, module: bool) -> None:
             super().__init__()
             self.w = nn.Parameter(torch.tensor([0.7, -0.2, 1.3]))
             self.convs = nn.ModuleList(nn.Conv2d(2, 3, 3, padding=1) for _ in range(3))
+            self.w_relu = nn.ReLU() if module else F.relu  # the official EfficientDet writes an nn.ReLU module
 
         def forward(self, x):
-            w = F.relu(self.w)
+            w = self.w_relu(self.w)
             w = w / (torch.sum(w, dim=0) + 1e-4)
             return sum(w[i] * conv(x) for i, conv in enumerate(self.convs))
 
-    g = rewrite(same(WeightedSum(), torch.randn(1, 2, 5, 5)))[0]
-    assert g.op_counts() == {"conv2d": 1}, g.op_counts()  # the scales folded, then the three convs summed
+    for module in (False, True):
+        g = rewrite(same(WeightedSum(module), torch.randn(1, 2, 5, 5)))[0]
+        assert g.op_counts() == {"conv2d": 1}, g.op_counts()  # the scales folded, then the three convs summed
     assert not is_pure("call_function", F.relu, (torch.zeros(2),), {"inplace": True})  # writes its argument
     assert not is_pure("call_function", F.relu, (torch.zeros(2), True), {})
+    assert not is_pure("call_module", nn.ReLU(inplace=True), (torch.zeros(2),), {})
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda m, a, out: None)
+    assert not is_pure("call_module", hooked, (torch.zeros(2),), {})  # its hook runs on every call
 
 
 # --------------------------------------------------------------------------- functions

@@ -621,3 +621,22 @@ def test_a_part_left_in_training_mode_inside_an_eval_model_is_named():
     fused = fuse(model, torch.randn(2, 8, 10, 10))
     assert "1 part was in training mode inside a model in eval mode ('1')" in str(fused.fuse_report)
     assert "was in training mode" not in str(fuse(net().eval(), torch.randn(2, 8, 10, 10)).fuse_report)
+
+
+def test_a_call_inside_a_submodule_is_reported_with_what_it_calls():
+    """A function a block calls (a size-computed ``F.pad``) was listed by the block's path alone, which read as if
+    the whole block were carried through unfused."""
+
+    class SamePad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            pad = (x.shape[-1] + 1) % 2
+            return self.bn(self.conv(F.pad(x, (pad, 1, pad, 1)).cumsum(1)))
+
+    model = nn.Sequential(SamePad(), nn.Identity()).eval()
+    fused = fuse(randomize(model), torch.randn(2, 4, 7, 7))
+    assert fused.fuse_report.opaque == ["0 (pad)", "0 (cumsum)"], str(fused.fuse_report)
+    assert "carried through unchanged (2 calls): 0 (pad), 0 (cumsum)" in str(fused.fuse_report)

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from repalgebra.frontend.inplace import inplace_kwarg
 
-__all__ = ["is_pure"]
+__all__ = ["PURE_MODULES", "is_pure"]
 
 PURE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.getitem,
@@ -45,8 +46,17 @@ PURE_METHODS = {
 }  # fmt: skip
 
 
+# Activation modules hold no state: EfficientDet's BiFPN writes ``self.p6_w1_relu(self.p6_w1)``.
+PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                nn.Softplus, nn.ELU, nn.Hardtanh, nn.Identity)
+
+
 def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the call computes its result from its arguments alone and changes none of them."""
+    if kind == "call_module":  # its own class's forward, no hooks (see fx_trace.recognised), not in place
+        from repalgebra.frontend.fx_trace import recognised
+
+        return type(target) in PURE_MODULES and recognised(target) is not None and not getattr(target, "inplace", False)
     if kwargs.get("out") is not None or inplace_kwarg(target, args, kwargs):
         return False
     if kind == "call_method":
