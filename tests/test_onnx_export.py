@@ -472,3 +472,42 @@ def test_named_tuple_and_model_output_records_export_their_tensors(kind, fuse_fi
         assert len(got) == 2
         assert rel_err(got[0], want[0] if kind == "named_tuple" else want["last_hidden_state"]) <= RTOL
         assert rel_err(got[1], want[1] if kind == "named_tuple" else want["pooler_output"]) <= RTOL
+
+
+class _Lengths(nn.Module):
+    """Speech models' arithmetic with lengths and masks: a float times an int64 tensor, plus a bool mask, over the
+    lengths, and the sum of a bool mask (an int64 count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x, lengths, mask):
+        y = self.conv(x) * lengths[:, None, None] + mask[:, None]
+        return y.sum(-1) / lengths[:, None], mask.sum(1)
+
+
+def test_arithmetic_of_floats_with_ints_and_bools_is_promoted_as_pytorch_does():
+    """ONNX's Mul/Add/Div take one type and no bool, ReduceSum no bool: the checker rejected the export (ESPnet's
+    ``masks.squeeze(1).sum(1)``).  Each input is cast to the dtype PyTorch computes the op in."""
+    import onnxruntime as ort
+
+    model = _Lengths().eval()
+    x, lengths = torch.randn(2, 4, 10), torch.tensor([10, 7])
+    mask = torch.arange(10)[None, :] < lengths[:, None]
+    proto = export_onnx(model, None, (x, lengths, mask))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, lengths, mask))})
+    with torch.no_grad():
+        want = model(x, lengths, mask)
+    torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, atol=1e-5 * float(want[0].abs().max()))  # float32
+    assert got[1].dtype == np.int64 and np.array_equal(got[1], want[1].numpy())
+
+
+def test_a_size_returned_as_a_number_is_refused_by_name():
+    class SizeOut(nn.Module):
+        def forward(self, x):
+            return {"y": x.relu(), "n": x.shape[0]}
+
+    with pytest.raises(ValueError, match="output 1 of the model is a Python number computed from the input's shape"):
+        export_onnx(SizeOut(), None, (2, 3, 4, 4))

@@ -611,3 +611,29 @@ def test_the_values_of_a_max_over_an_axis_are_an_amax():
     assert report.summary() == "none", report
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+class TimeMajor(nn.Module):
+    """fairseq's layout: a T x B x C sequence and a B x T padding mask (their first axes differ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, padding_mask):
+        y = self.proj(x).exp()  # exp: a call, so the export has a region to run
+        return y.masked_fill(padding_mask.transpose(0, 1)[:, :, None], 0.0)
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_inputs_whose_first_axes_differ_export(dynamic_batch):
+    """The regions' example runs gave every input the first input's first axis as its batch: the B x T mask was
+    drawn T x T, and the export died in a region (``size of tensor a (12) must match the size of tensor b (2)``)."""
+    model = TimeMajor().eval()
+    x, mask = torch.randn(12, 2, 8), torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 9:] = True
+    proto = export_onnx(model, None, (x, mask), dynamic_batch=dynamic_batch)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, mask))})
+    with torch.no_grad():
+        assert close(got, model(x, mask))

@@ -190,7 +190,17 @@ def _identity(ctx, n, x):
 
 @lowering("add", "sub", "mul", "matmul")
 def _binary(ctx, n, a, b):
+    a, b = _promoted(ctx, n, a, b)
     return ctx.emit({"add": "Add", "sub": "Sub", "mul": "Mul", "matmul": "MatMul"}[n.op], [a, b])
+
+
+def _promoted(ctx, n, *names: str) -> list[str]:
+    """``n``'s inputs cast to its output's dtype where they differ: PyTorch promotes a float times an int or a bool
+    mask (``y * lengths``, ``y + mask``, ``y.sum(-1) / lengths``) and a sum of a bool mask to int64; ONNX's arithmetic
+    takes one type, and no bool."""
+    out = n.out.dtype
+    return [ctx.emit("Cast", [name], to=_DTYPES[out]) if v.dtype is not None and out is not None and v.dtype != out
+            and out in _DTYPES else name for name, v in zip(names, n.inputs)]
 
 
 @lowering("relu", "sigmoid")
@@ -506,6 +516,7 @@ def _pow(ctx, n, x):
 
 @lowering("div", "broadcast_add", "broadcast_sub")
 def _broadcasting(ctx, n, a, b):
+    a, b = _promoted(ctx, n, a, b)
     return ctx.emit({"div": "Div", "broadcast_add": "Add", "broadcast_sub": "Sub"}[n.op], [a, b])
 
 
@@ -517,7 +528,7 @@ def _add_const(ctx, n, x):
 
 @lowering("sum")
 def _sum(ctx, n, x):
-    return _reduce(ctx, "ReduceSum", x, n)
+    return _reduce(ctx, "ReduceSum", *_promoted(ctx, n, x), n)
 
 
 @lowering("max_pool2d")
@@ -947,6 +958,11 @@ def graph_to_onnx(
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
+        if id(v) not in names:  # a size read from the input (``{"n": y.shape[0]}``): a Python number, no tensor
+            raise LoweringError(
+                f"output {k} of the model is a Python number computed from the input's shape ({v.name}): an ONNX model "
+                "returns tensors only; return it as a tensor (torch.tensor(n)), or leave it out of what forward returns"
+            )
         names_out = ctx.emit("Identity", [names[id(v)]], out=ctx.unique(name))
         outputs.append(io(v, names_out, axes[k] if axes is not None else (0,)))
     report.own_onnx_nodes += len(graph.outputs)

@@ -339,10 +339,12 @@ def export_regions(
     def at(b: int) -> list[torch.Tensor]:
         xs = []
         for k, v in enumerate(graph.inputs):
+            # An input whose first axis is not the batch (a time-major T x B x C beside a B x T mask) keeps its size.
+            rows = b if v.shape and v.shape[0] == batch else v.shape[0] if v.shape else None
             if v.dtype is not None and not v.dtype.is_floating_point and k in given:
-                xs.append(given[k][torch.arange(b) % given[k].shape[0]])
+                xs.append(given[k] if rows is None else given[k][torch.arange(rows) % given[k].shape[0]])
             else:
-                xs.append(torch.randn((b, *v.shape[1:]), generator=gen, dtype=v.dtype or torch.float32))
+                xs.append(torch.randn(v.shape if rows is None else (rows, *v.shape[1:]), generator=gen, dtype=v.dtype or torch.float32))
         return xs
 
     own = run_regions(graph, regions, modules, at(batch))
