@@ -27,6 +27,7 @@ that does not run on the example input, for bad input, or with ``strict=True``.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -194,7 +195,12 @@ class ShapeGuard:
     def __post_init__(self) -> None:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if kwargs:  # ``fused(x, mask=mask)``: the inputs in the order of forward's parameters
+            try:
+                args = tuple(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
+            except TypeError:
+                return  # forward itself refuses the call, with Python's own message
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
             return  # traced again (export_onnx): recorded as fused, at the shapes export_onnx fixes from the guard
 
@@ -220,7 +226,7 @@ class ShapeGuard:
         code), so ``copy.deepcopy`` or ``torch.save`` of a whole fused module would run it at any shape.
         """
         if self not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(self)
+            module.register_forward_pre_hook(self, with_kwargs=True)
         if isinstance(module, fx.GraphModule):
             if _Reinstall(self) not in module._deepcopy_hooks:  # a copy's hooks hold copies of the guard: equal
                 module._register_deepcopy_hook(_Reinstall(self))

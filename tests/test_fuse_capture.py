@@ -362,6 +362,12 @@ def test_specialized_module_refuses_other_shapes():
     assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
     with pytest.raises(ValueError, match=r"shapes fixed at Bx8x10x9 \(any batch size B\)"):
         fused(torch.randn(1, 8, 12, 12, dtype=D))
+    # Called by keyword, as models usually are: the guard reads the inputs as forward binds them.
+    x = torch.randn(2, 8, 10, 9, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x=x), model(x), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match=r"it was called with 1x8x12x12"):
+        fused(x=torch.randn(1, 8, 12, 12, dtype=D))
 
 
 class ClsTokens(nn.Module):
