@@ -367,6 +367,12 @@ def fuse(
     report.buffers_before = _numel(b for b in model.buffers() if b.is_floating_point())
     report.buffers_after = _numel(b for b in fused.buffers() if b.is_floating_point())
     report.input_shapes = [tuple(t.shape) for t in inputs]
+    if report.params_after > report.params_before:
+        report.notes.append(
+            f"the fused model holds more parameters than the model ({report.params_before} -> {report.params_after}): a "
+            "module called several times (a head shared across levels) is folded once per call, a part fused with "
+            "fixed shapes keeps its original for other shapes, or merged kernels are larger than their parts"
+        )
     if inferred:
         report.notes.insert(0, f"input inferred: {inferred}")
     if unwrapped:

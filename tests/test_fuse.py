@@ -640,3 +640,23 @@ def test_a_call_inside_a_submodule_is_reported_with_what_it_calls():
     fused = fuse(randomize(model), torch.randn(2, 4, 7, 7))
     assert fused.fuse_report.opaque == ["0 (pad)", "0 (cumsum)"], str(fused.fuse_report)
     assert "carried through unchanged (2 calls): 0 (pad), 0 (cumsum)" in str(fused.fuse_report)
+
+
+def test_a_fold_that_grows_the_parameters_is_noted():
+    """A head shared across pyramid levels, each level scaled (FCOS's ``Scale``): the scale folds into a copy of the
+    shared conv per call, so the fused model holds more parameters than the model, which the report says."""
+
+    class SharedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.scales = nn.Parameter(torch.tensor([1.0, 2.0]))
+
+        def forward(self, a, b):
+            return self.conv(a) * self.scales[0], self.conv(b) * self.scales[1]
+
+    model = randomize(SharedHead()).eval()
+    fused = fuse(model, (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)))
+    r = fused.fuse_report
+    assert r.params_after > r.params_before and any("holds more parameters than the model" in n for n in r.notes), str(r)
+    assert not any("holds more parameters" in n for n in fuse(randomize(net()), torch.randn(2, 8, 10, 10)).fuse_report.notes)
