@@ -442,7 +442,10 @@ class _Fuser:
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = stored_per_call(self.pristine, inputs, sorted(changed))
             if cached := [c for c in sorted(changed) if c not in stored]:
-                self.report.notes.append(f"a first call fills {_listed([repr(c) for c in cached], 4)}, the same for any input: fused as called once")
+                self.report.notes.append(
+                    f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
+                    "where the model ran) compute the same after it: fused as called once"
+                )
             if stored:
                 self.report.notes.append(
                     f"every call stores {_listed([repr(c) for c in stored], 4)} from its input, which no call reads back: the "
