@@ -637,3 +637,50 @@ def test_inputs_whose_first_axes_differ_export(dynamic_batch):
     (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, mask))})
     with torch.no_grad():
         assert close(got, model(x, mask))
+
+
+class _PaddedWindows(nn.Module):
+    """Swin's window attention as its code writes it: a pad computed from the size, and the batch recomputed as a
+    float (``int(windows.shape[0] / (H * W / ws / ws))``), so torch.fx keeps the block whole and the batch is fixed."""
+
+    def __init__(self, c: int = 8, ws: int = 4) -> None:
+        super().__init__()
+        self.ws, self.norm, self.qkv, self.proj = ws, nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x, H, W):
+        B, L, C = x.shape
+        ws = self.ws
+        pr, pb = (ws - W % ws) % ws, (ws - H % ws) % ws
+        y = F.pad(self.norm(x).view(B, H, W, C), (0, 0, 0, pr, 0, pb))
+        Hp, Wp = H + pb, W + pr
+        win = y.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        q, k, v = self.qkv(win).chunk(3, -1)
+        a = self.proj(F.scaled_dot_product_attention(q, k, v)).view(-1, ws, ws, C)
+        b = int(a.shape[0] / (Hp * Wp / ws / ws))
+        y = a.view(b, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(b, Hp, Wp, C)
+        return x + y[:, :H, :W].reshape(B, H * W, C)
+
+
+class _WindowNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.blocks = nn.Conv2d(3, 8, 4, 4), nn.ModuleList([_PaddedWindows(), _PaddedWindows()])
+
+    def forward(self, img):
+        x = self.embed(img)
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x, H, W)
+        return x.mean(1)
+
+
+def test_when_the_batch_is_fixed_anyway_the_way_with_less_fallback_is_taken():
+    """The first way (fx, the blocks kept whole) sent both blocks to torch.onnx.export and fixed the batch; the
+    capture fused at the export's shapes fixes it too and lowers everything itself: that one is taken."""
+    model = _WindowNet().eval()
+    x = torch.randn(2, 3, 40, 36)
+    proto, report = export_onnx(model, None, x, return_report=True)
+    assert not report.dynamic_batch and report.summary() == "none", report
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))

@@ -1198,7 +1198,10 @@ def export_onnx(
     captured by ``torch.export`` at the export's shapes, and that capture is
     exported if it leaves fewer (sizes read from the input, as in YOLO's anchor
     grid or ShiftViT's ``C // 4`` channel slices, become constants; a few
-    seconds more).  The metadata records the producer, version, the rules that
+    seconds more).  Where the way taken fixes the batch anyway, the others are
+    tried too, and the one that leaves the least to ``torch.onnx.export`` is
+    kept (a Swin block torch.fx keeps whole goes to it whole; fused at the
+    export's shapes, it is all our own lowering).  The metadata records the producer, version, the rules that
     fired, which nodes went through the fallback and anything in ``metadata``
     (the CLI adds the variant name).  The model you pass is not modified.
 
@@ -1252,6 +1255,16 @@ def export_onnx(
                 if k == len(ways) - 1:
                     first.__suppress_context__ = True  # the first way's error is the one to read
                     raise first
+        if dynamic_batch and not report.dynamic_batch and report.fallback:
+            # The batch got fixed anyway: a later way that also fixes it may leave less to torch.onnx.export (a Swin
+            # block kept whole goes to the fallback whole; fused with its shapes fixed, it is all our own lowering).
+            for way in ways[k + 1 :]:
+                try:
+                    other = lower(*way, example)
+                except FallbackError:
+                    continue
+                if (not other[1].dynamic_batch, len(other[1].fallback)) < (True, len(report.fallback)):
+                    model, report = other
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     onnx.checker.check_model(model, full_check=True)
