@@ -411,6 +411,13 @@ def tanh(x):
     return torch.tanh(x)
 
 
+@op("cast", kind="nonlinear")
+def cast(x, *, dtype=REQUIRED):
+    """``x.to(dtype)`` for a dtype written in the code (``mask.float()``, ``x.to(torch.float32)``): that dtype whatever
+    the model is cast to.  (A cast to the dtype of a weight of the model is the identity; see the front end.)"""
+    return x.to(dtype)
+
+
 @op("sqrt", kind="nonlinear")
 def sqrt(x):
     """Square root."""

@@ -373,6 +373,12 @@ CASES: dict[str, Case] = {
                                 torch.max(x, 2, keepdim=True)[0], x.max(dim=1).values)),
         (1, 3, 5, 6), {"concat", "amax"}, _onnx("Concat", "ReduceMax"),
     ),
+    # Casts written in the code: a float64 copy of the features taken back to float32 (``x.double()...float()``),
+    # ``x.to(dtype=...)``, ``x.type(...)``; the model is float64 in the fuse checks, so each is a real cast there.
+    "cast": Case(
+        lambda: stem(lambda x: (x.float().sigmoid().to(dtype=torch.float64), x.type(torch.float32) * 2, x.half().float())),
+        (1, 3, 5, 6), {"cast"}, _onnx("Cast"),
+    ),
     "repeat": Case(  # tiled maps, a batch repeated (its size follows the batch), a leading axis added
         lambda: stem(lambda x: (x.repeat(1, 2, 1, 3), x.repeat((2, 1, 1, 1)).sigmoid(), x.mean(1).repeat(3, 1, 1, 2))), (1, 3, 4, 5),
         {"repeat"}, _onnx("Tile", "Unsqueeze"),
@@ -536,7 +542,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
         "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
-        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat",
+        "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat", "cast",
     }
     for op in vocabulary:
         assert {"torch", "onnx"} <= set(OPS[op].lowerings), op

@@ -411,6 +411,13 @@ def _norm(ctx, n, x):
     return ctx.emit("Pow", [_reduce(ctx, "ReduceSum", powered, n), _number(ctx, "inverse_p", 1.0 / p)])
 
 
+@lowering("cast")
+def _cast(ctx, n, x):
+    if n.attrs["dtype"] not in _DTYPES:
+        raise LoweringError(f"cast at {_where(n)}: no ONNX type for {n.attrs['dtype']}")
+    return ctx.emit("Cast", [x], to=_DTYPES[n.attrs["dtype"]])
+
+
 @lowering("abs")
 def _abs(ctx, n, x):
     return ctx.emit("Abs", [x])

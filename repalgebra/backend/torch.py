@@ -513,6 +513,11 @@ def _norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.linalg.vector_norm, xs[0], a["p"], tuple(a["dims"]), a["keepdim"])
 
 
+@lowers("cast")
+def _cast(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("to", xs[0], node.attrs["dtype"])
+
+
 @lowers("abs")
 def _abs(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(torch.abs, xs[0])

@@ -689,6 +689,16 @@ def _max_values(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
     return _amax(b, n, {"self": a["self"], "dim": [a["dim"]], "keepdim": a["keepdim"]})
 
 
+def _to_dtype(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``x.float()``, ``x.to(torch.float32)`` (``aten.to.dtype``, or ``aten._to_copy`` once decomposed): a ``cast``;
+    one that also moves the tensor or changes its layout or memory format stays a call."""
+    x = _v(a["self"])
+    keeps = a.get("layout") in (None, torch.strided) and a.get("device") is None and a.get("memory_format") in (None, torch.preserve_format)
+    if x is None or not isinstance(a["dtype"], torch.dtype) or not keeps:
+        return None
+    return "cast", [x], {"dtype": a["dtype"]}, {}, None
+
+
 def _adaptive_avg(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """To size 1 a ``mean`` over the last two axes, else ``adaptive_avg_pool2d``."""
     x = _v(a["self"])
@@ -925,6 +935,8 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.abs.default: _unary("abs"),
     aten.repeat.default: _repeat,
     aten.amax.default: _amax,
+    aten.to.dtype: _to_dtype,
+    aten._to_copy.default: _to_dtype,
     aten.linalg_vector_norm.default: lambda b, n, a: None if a["dtype"] is not None else vector_norm(_v(a["self"]), a["ord"], a["dim"], a["keepdim"]),
     aten.im2col.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"]),
     aten.col2im.default: lambda b, n, a: im2col(_v(a["self"]), a["kernel_size"], a["dilation"], a["padding"], a["stride"], a["output_size"]),

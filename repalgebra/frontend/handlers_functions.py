@@ -510,6 +510,29 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     return ("identity", [x], {}, {}, "") if dtype is not None and dtype == x.dtype else None
 
 
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _f_cast(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.float()``, ``x.to(torch.float32)``, ``x.to(dtype=...)``, ``x.type(torch.float32)``: a ``cast`` to the dtype
+    the code writes (a speech model's ``mask.float()``); ``x.to(w.dtype)`` is :func:`_f_to_dtype_of`'s.  A call that
+    also moves the tensor, or copies it to another memory format, stays a call."""
+    x = shaped(args[0]) if args else None
+    if x is None:
+        return None
+    if target in _CAST_METHODS:
+        dtype = _CAST_METHODS[target] if len(args) == 1 and not kwargs else None
+    elif target == "to":
+        made = _f_to_dtype_of(b, n, target, args, kwargs)
+        if made is not None:
+            return made
+        rest = list(args[1:]) + ([kwargs["dtype"]] if set(kwargs) == {"dtype"} else [] if not kwargs else [None])
+        dtype = rest[0] if len(rest) == 1 else None
+    else:  # type
+        dtype = args[1] if len(args) == 2 and not kwargs else None
+    return ("cast", [x], {"dtype": dtype}, {}, "") if isinstance(dtype, torch.dtype) else None
+
+
 # --------------------------------------------------------------------------- reductions and activations
 
 
@@ -1082,7 +1105,7 @@ _register(_f_unfold, F.unfold)
 _register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 _register(_f_same_values, ("method", "contiguous"), ("method", "clone"), torch.clone)
-_register(_f_to_dtype_of, ("method", "to"))
+_register(_f_cast, ("method", "to"), ("method", "type"), *(("method", m) for m in _CAST_METHODS))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
           ("method", "true_divide"))
 _register(_f_pow, operator.pow, torch.pow, ("method", "pow"))
