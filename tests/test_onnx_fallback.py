@@ -578,15 +578,18 @@ class SelectiveKernel(nn.Module):
         return (feats * attention).sum(1)
 
 
-def test_torch_stack_is_lowered_by_our_own_ops():
-    """``torch.stack`` was a call, three regions of SKNet's unit left to torch.onnx.export: it is the concat of
-    its operands unsqueezed (``dim`` also negative)."""
-    model = SelectiveKernel().eval()
-    x = torch.randn(3, 8, 10, 10)
+def exports_by_our_lowering(model: nn.Module, x: torch.Tensor) -> None:
+    """``model`` exported at batch 1 with nothing left to torch.onnx.export, and equal to it at ``x``'s batch."""
     proto, report = export_onnx(model, None, x[:1], return_report=True)
     assert report.summary() == "none", report
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+def test_torch_stack_is_lowered_by_our_own_ops():
+    """``torch.stack`` was a call, three regions of SKNet's unit left to torch.onnx.export: it is the concat of
+    its operands unsqueezed (``dim`` also negative)."""
+    exports_by_our_lowering(SelectiveKernel().eval(), torch.randn(3, 8, 10, 10))
 
 
 class MaxOverPoints(nn.Module):
@@ -607,10 +610,7 @@ def test_the_values_of_a_max_over_an_axis_are_an_amax():
     x = torch.randn(3, 3, 20)
     fused = repalgebra.fuse(model, x[:1])
     assert fused.fuse_report.ops_after.get("amax") == 2 and "opaque" not in fused.fuse_report.ops_after, fused.fuse_report
-    proto, report = export_onnx(model, None, x[:1], return_report=True)
-    assert report.summary() == "none", report
-    with torch.no_grad():
-        assert close(run(proto, x)[0], model(x))
+    exports_by_our_lowering(model, x)
 
 
 class TimeMajor(nn.Module):
