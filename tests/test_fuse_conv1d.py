@@ -280,3 +280,19 @@ def test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_
     fused = fuse(model, torch.randn(2, 3, 1, 9, dtype=D))
     assert count_bn(fused) == 0, str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, 3, 1, 9), (2, 3, 4, 9)])
+
+
+def test_the_height_one_walk_is_not_recursive():
+    """Whether a value has height one is asked up its producers; a chain longer than Python's recursion limit (a deep
+    stack of ``1 x k`` convs on a height-1 input) must not raise ``RecursionError``."""
+    from repalgebra.builder import GraphBuilder
+    from repalgebra.frontend.height_one import lift_height_one
+
+    b = GraphBuilder()
+    y = b.input("x", (1, 2, 1, 5), D)
+    for _ in range(3000):
+        y = b.relu(y)
+    flat = b.flatten(y, start=2, end=3)
+    lifted = b.reshape_dyn(flat, flat, shape=(((0, 0),), ((0, 1),), 1, ((0, 2),)))
+    graph = lift_height_one(b.build(b.relu(lifted)))
+    assert "reshape_dyn" in graph.op_counts()  # the input's height is the example's only: the lift stays

@@ -50,26 +50,39 @@ def _flattened(v: Value, known: dict[int, bool]) -> Value | None:
 def _height_one(v: Value, known: dict[int, bool]) -> bool:
     """Whether ``v`` has height one at every input size: a lift, or made from such values by ops that keep it
     (elementwise and per-channel ops, a conv whose kernel, padding and stride leave the height as it is).
-    ``known``: the answers so far (the values the pass makes are entered as it makes them: no long walks)."""
-    if id(v) in known:
-        return known[id(v)]
-    n = v.producer
-    if v.shape is None or len(v.shape) != 4 or v.shape[2] != 1 or n is None:
-        answer = False
-    elif _is_lift(n):
-        answer = True
-    elif n.op in _UNARY or n.op == "scale":
-        answer = _height_one(n.x, known)
-    elif n.op in _BINARY:
-        answer = all(_height_one(i, known) for i in n.inputs)
-    elif n.op in ("conv2d", "conv_transpose2d"):
-        a, kernel = n.attrs, n.params["weight"].shape[2]
-        keeps = kernel == 1 and a["stride"][0] == 1 and a["padding"][0] == a["padding"][1] == 0
-        answer = keeps and a.get("output_padding", (0, 0))[0] == 0 and _height_one(n.x, known)
-    else:
-        answer = False
-    known[id(v)] = answer
-    return answer
+    ``known``: the answers so far (the values the pass makes are entered as it makes them).  Iterative: a deep
+    chain of ``1 x k`` convs would exceed Python's recursion limit."""
+    stack = [v]
+    while stack:
+        u = stack[-1]
+        if id(u) in known:
+            stack.pop()
+            continue
+        n = u.producer
+        if u.shape is None or len(u.shape) != 4 or u.shape[2] != 1 or n is None or not _keeps_height(n):
+            known[id(u)] = False
+        elif _is_lift(n):
+            known[id(u)] = True
+        else:
+            sources = [n.x] if n.op not in _BINARY else list(n.inputs)
+            pending = [i for i in sources if id(i) not in known]
+            if pending:
+                stack.extend(pending)
+                continue
+            known[id(u)] = all(known[id(i)] for i in sources)
+        stack.pop()
+    return known[id(v)]
+
+
+def _keeps_height(n: Node) -> bool:
+    """Whether ``n``'s output has height one wherever its inputs have (a lift: always)."""
+    if _is_lift(n) or n.op in _UNARY or n.op in _BINARY or n.op == "scale":
+        return True
+    if n.op in ("conv2d", "conv_transpose2d"):
+        a = n.attrs
+        return (n.params["weight"].shape[2] == 1 and a["stride"][0] == 1 and a["padding"][0] == a["padding"][1] == 0
+                and a.get("output_padding", (0, 0))[0] == 0)
+    return False
 
 
 def lift_height_one(graph: Graph) -> Graph:
