@@ -43,7 +43,7 @@ from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import batch_plus_one
-from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, stored_per_call, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
@@ -440,7 +440,7 @@ class _Fuser:
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
-            stored = stored_per_call(self.pristine, inputs, sorted(changed))
+            stored = list(state.per_call)
             if cached := [c for c in sorted(changed) if c not in stored]:
                 self.report.notes.append(
                     f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "

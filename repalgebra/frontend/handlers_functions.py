@@ -1075,7 +1075,6 @@ _register(_f_reshape, torch.reshape, ("method", "reshape"), ("method", "view"))
 _register(_f_reshape_as, ("method", "reshape_as"), ("method", "view_as"))
 _register(_f_permute, torch.permute, ("method", "permute"))
 _register(_f_getitem, operator.getitem)
-
 _register(_f_values, getattr)
 _register(_f_select, torch.select, ("method", "select"))
 _register(_f_transpose, torch.transpose, ("method", "transpose"))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repalgebra.frontend.fx_trace import recognised
 from repalgebra.frontend.inplace import inplace_kwarg
 
 __all__ = ["PURE_MODULES", "is_pure"]
@@ -54,8 +55,6 @@ PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.Har
 def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the call computes its result from its arguments alone and changes none of them."""
     if kind == "call_module":  # its own class's forward, no hooks (see fx_trace.recognised), not in place
-        from repalgebra.frontend.fx_trace import recognised
-
         return type(target) in PURE_MODULES and recognised(target) is not None and not getattr(target, "inplace", False)
     if kwargs.get("out") is not None or inplace_kwarg(target, args, kwargs):
         return False

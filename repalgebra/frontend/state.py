@@ -27,7 +27,7 @@ from torch import nn
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "stored_per_call", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG}
@@ -74,6 +74,7 @@ class State:
     regions: dict[str, str] = field(default_factory=dict)
     holders: tuple[str, ...] = ()
     whole: str = ""
+    per_call: tuple[str, ...] = ()  # not state: stored from the input on every call, read by none (``self.last = y``)
 
     def __bool__(self) -> bool:
         return bool(self.regions or self.whole)
@@ -98,13 +99,15 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         return State(whole=f"a repeated call of it fails ({type(e).__name__}: {e})")
     changed = set(_changed(after_first, _snapshot(work)))
     once = set(_changed(before, after_first)) - changed
+    per_call: set[str] = set()
     if once:  # filled by the first call: from the input, or the same whatever it is?
-        changed |= _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once}, tolerance)
+        state, per_call = _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once}, tolerance)
+        changed |= state
     changed = sorted(changed)
     if not changed:
         differs = first_difference(first, second, tolerance)
         if differs is None:
-            return State()
+            return State(per_call=tuple(sorted(per_call)))
         return State(whole=f"two calls with the same input return different outputs ({differs}) and no parameter, "
                      "buffer or attribute changed: its forward reads global state, or draws random numbers")
     sites = _sites(model, inputs, changed)
@@ -122,10 +125,11 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)))
 
 
-def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> set[str]:
+def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:
     """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
     and smaller of the other sign), or at twice the spatial size, computes something else after that first call
-    than as the first call itself.
+    than as the first call itself.  And those a first call on other values fills otherwise: stored from the input
+    (a side output, ``self.last = y``; state only if a later call reads it).
 
     An initialization from the first batch, or a table built for the first input's resolution, is state; a cache
     of the weights (the same for any input) and an attribute every call rewrites before reading it (Swin's
@@ -137,14 +141,18 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
         tuple(t * -0.5 if t.is_floating_point() else t for t in inputs),
     ]
     state: set[str] = set()
+    per_call: set[str] = set()
     for k, other in enumerate(others):
         fresh, primed = copy_module(model), copy_module(model)
         try:
             want = _call(fresh, other)
         except Exception:  # noqa: BLE001
             if k == 0:  # it does not run on other values: count what the first call set as state
-                return set(filled)
+                return set(filled), set()
             continue  # it does not run at that size: nothing learned
+        if k == 0:
+            theirs = _snapshot(fresh)
+            per_call = set(_changed(filled, {n: theirs.get(n, _MISSING) for n in filled}))
         _call(primed, inputs)
         try:
             got = _call(primed, other)
@@ -155,23 +163,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             theirs, mine = _snapshot(fresh), _snapshot(primed)
             names = set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled}))
             state |= names or set(filled)
-    return state
-
-
-def stored_per_call(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> list[str]:
-    """Those of ``names`` (attributes a first call filled, found not to be state) whose value depends on the input:
-    a side output the forward stores on the module (``self.last = y``) and never reads back."""
-    other = tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs)
-    seen = []
-    for x in (inputs, other):
-        work = copy_module(model)
-        try:
-            _call(work, x)
-        except Exception:  # noqa: BLE001  (it ran on both for find_state; nothing to tell apart otherwise)
-            return []
-        shot = _snapshot(work)
-        seen.append({n: shot.get(n, _MISSING) for n in names})
-    return sorted(_changed(*seen))
+    return state, per_call - state
 
 
 def _why(names: list[str]) -> str:
