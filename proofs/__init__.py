@@ -24,6 +24,7 @@ RULES = [
     "kernel_pad",
     "dilation_to_dense",
     "pad_absorb",
+    "crop_into_conv",
     "pad_share",
     "border_fill",
     "regroup",

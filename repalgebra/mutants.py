@@ -433,6 +433,18 @@ MUTANTS: list[Mutant] = [
        "padding = tuple(r * q for q in conv.attrs[\"padding\"])", "padding = tuple(conv.attrs[\"padding\"])"),
     _m("space_to_depth", "groups-unchecked", "a grouped conv of the phases taken as an ungrouped one",
        'if conv.attrs["groups"] != 1:', "if False:"),
+    # ---------------------------------------------------------------- crop_into_conv
+    _m("crop_into_conv", "stride-ignored", "the crop taken off the padding in output rows, not input pixels (wrong at stride 2)",
+       "p - k * s for p, k, s in zip", "p - k for p, k, s in zip"),
+    _m("crop_into_conv", "negative-padding-unchecked", "a crop beyond the conv's padding gives a negative padding",
+       "if min(padding) < 0:", "if False:"),
+    _m("crop_into_conv", "fixed-end-taken", "a slice ending at a fixed index taken for one counted from the end",
+       "if end is not None and end >= 0:", "if end is not None and end >= 0 and False:", target="repalgebra.rules.crop_into_conv:cropped"),
+    _m("crop_into_conv", "sides-swapped", "a crop at the start of an axis taken off the padding at its end",
+       "removed = (start, -end if end is not None else 0)", "removed = (-end if end is not None else 0, start)",
+       target="repalgebra.rules.crop_into_conv:cropped"),
+    _m("crop_into_conv", "other-readers-ignored", "the conv read elsewhere too is cropped (its other reader is left the uncropped conv)",
+       "if conv is None or not sole_use(graph, conv.out):", "if conv is None:"),
     # ---------------------------------------------------------------- attention_form
     _m("attention_form", "softmax-axis-unchecked", "a softmax over the queries (axis -2) is taken for attention's (over the keys)",
        'if sm.attrs["axis"] % rank != rank - 1:', "if False:"),

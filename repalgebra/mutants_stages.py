@@ -66,7 +66,10 @@ _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
-       "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one")
+       "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
+       "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
+       "tests/test_fuse_conv1d.py::test_a_causal_or_reflect_padded_1d_repvgg_block_folds_to_one_conv",
+       "tests/test_fuse_conv1d.py::test_a_pad_of_a_1d_values_channels_is_not_taken_for_one_of_its_length")
 
 
 def _aten(*cases: str) -> tuple[str, ...]:
@@ -154,6 +157,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_H1M}:lift_height_one", "env[id(n.out)] = flat(y, n.source)", "env[id(n.out)] = y", _H1),
     ("frontend", "height-one-bn-stays-1d", "a BatchNorm1d beside the convs of its input stays on the 3-D value",
      f"{_H1M}:_sinks", "(any(flats) or per_channel)", "any(flats)", _H1),
+    ("frontend", "height-one-pad-of-channels", "a pad of a 1-D value's channels (the first pair of a pad of its last two axes) moved onto the lift, where it pads the height",
+     f"{_H1M}:_along", 'return dict(a) if a["pads"][0] == a["pads"][1] == 0 else None', "return dict(a)", _H1),
+    ("frontend", "height-one-reflect-pad-short", "a reflect pad of the length moved onto the 4-D lift with its 2 amounts, which torch reads as no 2-D pad",
+     f"{_H1M}:_along", '"pads": pads[:2] + (0, 0)', '"pads": pads[:2]', _H1),
+    ("frontend", "height-one-slice-of-height", "a slice of the length moved onto the lift along its height",
+     f"{_H1M}:_along", '{**a, "axis": 3}', '{**a, "axis": 2}', _H1),
+    ("frontend", "height-one-pad-stays-1d", "a pad a conv reads stays on the 3-D value, so the conv's lift reads it past its branches",
+     f"{_H1M}:_sinks", "if along and id(n.out) in lifted:", "if False:", _H1),
     ("frontend", "height-one-by-shape", "a value taken for height one because it has height 1 at the example",
      f"{_H1M}:_height_one", "or n is None or not _keeps_height(n):\n            known[id(u)] = False",
      "or n is None or not _keeps_height(n) or True:\n            known[id(u)] = u.shape is not None and len(u.shape) == 4 and u.shape[2] == 1",

@@ -296,3 +296,113 @@ def test_the_height_one_walk_is_not_recursive():
     lifted = b.reshape_dyn(flat, flat, shape=(((0, 0),), ((0, 1),), 1, ((0, 2),)))
     graph = lift_height_one(b.build(b.relu(lifted)))
     assert "reshape_dyn" in graph.op_counts()  # the input's height is the example's only: the lift stays
+
+
+class CausalConvModule(nn.Module):
+    """A streaming Conformer's convolution module as speech toolkits write it (causal: the depthwise conv reads only
+    the past): pointwise conv, GLU, ``F.pad(x, (k - 1, 0))``, unpadded depthwise Conv1d, BatchNorm1d, SiLU,
+    pointwise conv."""
+
+    def __init__(self, c: int = 8, k: int = 5) -> None:
+        super().__init__()
+        self.lorder = k - 1
+        self.pointwise_conv1 = nn.Conv1d(c, 2 * c, 1)
+        self.depthwise_conv = nn.Conv1d(c, c, k, padding=0, groups=c)
+        self.norm = nn.BatchNorm1d(c)
+        self.pointwise_conv2 = nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
+        x = nn.functional.pad(x, (self.lorder, 0), "constant", 0.0)
+        x = nn.functional.silu(self.norm(self.depthwise_conv(x)))
+        return self.pointwise_conv2(x).transpose(1, 2)
+
+
+class Chomp1d(nn.Module):
+    """A TCN's chomp: the conv pads both sides, the chomp drops the future."""
+
+    def __init__(self, chomp_size: int) -> None:
+        super().__init__()
+        self.chomp_size = chomp_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, : -self.chomp_size].contiguous()
+
+
+class ChompedBlock(nn.Module):
+    """A TCN block with BatchNorm: ``Conv1d(padding=(k - 1) d)``, chomp, BatchNorm1d, ReLU, twice, and a 1x1 residual."""
+
+    def __init__(self, c: int = 6, k: int = 3, dilation: int = 2) -> None:
+        super().__init__()
+        p = (k - 1) * dilation
+        self.net = nn.Sequential(
+            nn.Conv1d(c, c, k, padding=p, dilation=dilation), Chomp1d(p), nn.BatchNorm1d(c), nn.ReLU(),
+            nn.Conv1d(c, c, k, padding=p, dilation=dilation), Chomp1d(p), nn.BatchNorm1d(c), nn.ReLU(),
+        )
+        self.downsample = nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.net(x) + self.downsample(x))
+
+
+class CausalRepBlock1d(nn.Module):
+    """A causal 1-D RepVGG block: the k-tap branch reads the past (a left pad, or a conv padded both sides and
+    chomped), beside a 1x1 and an identity BatchNorm; or every branch beside a ``padding_mode='reflect'`` conv."""
+
+    def __init__(self, how: str, c: int = 4, k: int = 3) -> None:
+        super().__init__()
+        self.how, self.k = how, k
+        padding = {"left pad": 0, "chomp": k - 1, "reflect": k // 2}[how]
+        mode = "reflect" if how == "reflect" else "zeros"
+        self.dense = nn.Sequential(nn.Conv1d(c, c, k, padding=padding, padding_mode=mode, bias=False), nn.BatchNorm1d(c))
+        self.pw = nn.Sequential(nn.Conv1d(c, c, 1, bias=False), nn.BatchNorm1d(c))
+        self.idn = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "left pad":
+            dense = self.dense(nn.functional.pad(x, (self.k - 1, 0)))
+        elif self.how == "chomp":
+            dense = self.dense[1](self.dense[0](x)[..., : -(self.k - 1)])
+        else:
+            dense = self.dense(x)
+        return torch.relu(dense + self.pw(x) + self.idn(x))
+
+
+def test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm():
+    """A left pad before a conv is the conv's own padding (``pad_absorb``, once the pad runs on the height-one lift);
+    a chomp after a conv padded on both sides is the conv with less padding (``crop_into_conv``); the BatchNorm after
+    either folds.  Exact at other batches and lengths (the fx capture runs at any size)."""
+    for make, x_shape, other in ((CausalConvModule, (2, 19, 8), (3, 31, 8)), (ChompedBlock, (2, 6, 20), (1, 6, 33))):
+        model = seeded(make, 0)().to(D)
+        fused = fuse(model, torch.randn(x_shape, dtype=D))
+        after = fused.fuse_report.ops_after
+        assert count_bn(fused) == 0 and "pad" not in after and "slice" not in after, str(fused.fuse_report)
+        assert_exact_at(model, fused, [x_shape, other])
+
+
+@pytest.mark.parametrize("how", ["left pad", "chomp", "reflect"])
+def test_a_causal_or_reflect_padded_1d_repvgg_block_folds_to_one_conv(how):
+    model = seeded(lambda: nn.Sequential(CausalRepBlock1d(how), CausalRepBlock1d(how)), 0)().to(D)
+    fused = fuse(model, torch.randn(2, 4, 17, dtype=D))
+    after = fused.fuse_report.ops_after
+    assert count_bn(fused) == 0 and after.get("conv2d") == 2 and "add" not in after, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 4, 17), (3, 4, 9), (1, 4, 40)])
+
+
+class PadsChannels(nn.Module):
+    """``F.pad`` of the last two axes of a 1-D value: the first pair pads the channels, not a height, so the pad
+    must stay where it is when the conv after it runs on the lift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(6, 4, 3), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(nn.functional.pad(x, (2, 0, 1, 1))))
+
+
+def test_a_pad_of_a_1d_values_channels_is_not_taken_for_one_of_its_length():
+    model = seeded(PadsChannels, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 4, 12, dtype=D))
+    assert count_bn(fused) == 0 and fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 4, 12), (3, 4, 21)])

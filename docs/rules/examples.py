@@ -55,6 +55,7 @@ PRIMITIVES = [
     "kernel_pad",
     "dilation_to_dense",
     "pad_absorb",
+    "crop_into_conv",
     "pad_share",
     "branch_sum",
     "sum_regroup",
@@ -497,6 +498,31 @@ def pad_absorb() -> Example:
     qt.line().line(equal_line(pool_y, padded_y))
     qt.line().line(f"a pool with padding 1 that does not count it, after the pad: pad_absorb refuses: {refusal(pools[1], 'pad_absorb')}")
     return Example("pad_absorb", g, after, {"numbers": str(txt), "refused": str(ref), "pointwise": str(pt), "pool": str(qt)})
+
+
+@example
+def crop_into_conv() -> Example:
+    x = t([[1, 2, 0, 3, 1]]).reshape(1, 1, 1, 5)  # a sequence of 5 steps, as a conv of height one sees it
+    w = t([[1, -1, 2]]).reshape(1, 1, 1, 3)
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    y = b.conv2d(v, weight=w, padding=(0, 0, 2, 2), source="tcn.conv")
+    g = b.build(b.slice(y, axis=3, start=0, end=-2, step=1, source="tcn.chomp"))
+    after, _ = apply("crop_into_conv", g, "crop_into_conv")
+    txt = Text()
+    txt.line(f"a causal conv as a TCN writes it: kernel {vec(w)}, padding 2 on both sides, then y[..., :-2]")
+    txt.grids(("x", x[0, 0]), ("conv(x; padding (2, 2))", value_of(g, y, x)[0, 0]))
+    txt.line().line("the chomp drops the last 2 outputs: the conv with 2 less padding on the right, padding (2, 0)")
+    txt.grids(("conv(x; padding (2, 2))[..., :-2]", run_graph(g, x)[0, 0]), ("conv(x; padding (2, 0))", run_graph(after, x)[0, 0]))
+    txt.line().line(equal_line(run_graph(g, x), run_graph(after, x)))
+
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    bad = b.build(b.slice(b.conv2d(v, weight=w, padding=(0, 0, 2, 2), source="tcn.conv"), axis=3, start=0, end=4, step=1, source="tcn.chomp"))
+    ref = Text()
+    ref.line("y[..., :4] keeps 4 outputs at every length, a padding keeps a number that grows with the length")
+    ref.line(f"crop_into_conv refuses: {refusal(bad, 'crop_into_conv')}")
+    return Example("crop_into_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example

@@ -15,7 +15,12 @@ regions run in 2-D, exactly:
 * an elementwise op of flattens of equal shapes is the flatten of the op:
   ``f(flatten(a), flatten(b)) = flatten(f(a, b))``;
 * a per-channel op (BatchNorm1d, a channel scale) or a sum term on a 3-D
-  value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``.
+  value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``;
+* a pad or a slice along the length (a causal conv's ``F.pad(x, (k - 1, 0))``,
+  a reflect pad, a TCN's chomp ``y[..., :-(k - 1)]``) or a slice of the
+  channels is the flatten of the same on the lift, where the conv it feeds
+  reads the lift or its input is a flatten: ``pad(x) = flatten(pad(lift(x)))``
+  with the pad on the width, so ``pad_absorb`` and ``pad_share`` meet it.
 
 Flattening axes 2 and 3 of a height-one tensor and lifting back only rename
 indices, so each step is exact at every input size; ``fuse`` checks the
@@ -32,6 +37,7 @@ _LIFT = ((((0, 0),), ((0, 1),), 1, ((0, 2),)))  # reshape_dyn's shape for x.unsq
 _UNARY = ("relu", "gelu", "sigmoid", "silu", "hardswish", "hardsigmoid", "tanh", "leaky_relu", "clamp", "softplus",
           "abs", "sqrt", "rsqrt", "pow", "identity", "prelu", "batch_norm")  # elementwise, or per channel (axis 1)
 _BINARY = ("add", "sub", "mul", "div")  # elementwise where both shapes are equal
+_ALONG = ("pad", "pad_nd", "slice")  # along the length (or a slice of the channels): see _along
 
 
 def _is_lift(n: Node) -> bool:
@@ -78,11 +84,33 @@ def _keeps_height(n: Node) -> bool:
     """Whether ``n``'s output has height one wherever its inputs have (a lift: always)."""
     if _is_lift(n) or n.op in _UNARY or n.op in _BINARY or n.op == "scale":
         return True
+    if n.op in _ALONG:
+        return _along(n, 4) is not None
     if n.op in ("conv2d", "conv_transpose2d"):
         a = n.attrs
         return (n.params["weight"].shape[2] == 1 and a["stride"][0] == 1 and a["padding"][0] == a["padding"][1] == 0
                 and a.get("output_padding", (0, 0))[0] == 0)
     return False
+
+
+def _along(n: Node, rank: int) -> dict | None:
+    """The attributes of pad/slice ``n`` (of a value of ``rank`` 3 or 4) on the height-one lift of its 1-D
+    counterpart, where it keeps the height; else None.  A ``pad`` pads the last two axes, which are the channels
+    and the length of a 3-D value: it must not pad the first of them.  A ``pad_nd`` pads the length only (torch's
+    reflect/replicate/circular pads of a 4-D value take the last two axes: ``(l, r)`` becomes ``(l, r, 0, 0)``).
+    A slice is of the length or of the channels."""
+    a = n.attrs
+    if n.op == "pad":
+        return dict(a) if a["pads"][0] == a["pads"][1] == 0 else None
+    if n.op == "pad_nd":
+        pads = tuple(a["pads"])
+        if len(pads) % 2 or len(pads) > 4 or any(pads[2:]):
+            return None
+        return {**a, "pads": pads[:2] + (0, 0)}
+    axis = a["axis"] % rank
+    if axis == 1:
+        return dict(a)
+    return {**a, "axis": 3} if axis == rank - 1 else None
 
 
 def lift_height_one(graph: Graph) -> Graph:
@@ -118,7 +146,7 @@ def lift_height_one(graph: Graph) -> Graph:
             continue
         if n.out.shape is not None and len(n.out.shape) == 3 and _sinks(n, inputs, lifted, known):
             fours = [lift(i, n.source) for i in inputs]
-            attrs = {**n.attrs, "axis": 1} if n.op == "scale" else n.attrs
+            attrs = {**n.attrs, "axis": 1} if n.op == "scale" else _along(n, 3) if n.op in _ALONG else n.attrs
             y = add(Node.make(n.op, fours, attrs, n.params, n.source, name=n.out.name), height_one=True)
             env[id(n.out)] = flat(y, n.source)
             continue
@@ -131,11 +159,14 @@ def lift_height_one(graph: Graph) -> Graph:
 def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool]) -> bool:
     """Whether 3-D ``n`` runs on the lifts of its ``inputs``: each is a height-one flatten or a value that is lifted
     anyway, and (for two) their shapes are equal; at least one is a flatten, or ``n`` is per channel (a BN beside
-    the convs of its input: it then meets them)."""
+    the convs of its input: it then meets them), or a pad or slice a conv reads (the conv then reads it in 2-D)."""
     per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
-    if not per_channel and n.op not in _UNARY and n.op not in _BINARY:
+    along = n.op in _ALONG and _along(n, 3) is not None
+    if not per_channel and not along and n.op not in _UNARY and n.op not in _BINARY:
         return False
     if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
         return False
     flats = [_flattened(i, known) is not None for i in inputs]
+    if along and id(n.out) in lifted:
+        return True  # lift(pad(x)) = pad(lift(x)): the lift moves up, whatever reads x
     return (any(flats) or per_channel) and all(f or id(o) in lifted for f, o in zip(flats, n.inputs))

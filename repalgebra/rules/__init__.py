@@ -19,6 +19,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     concat_merge,
     sum_regroup,
     pad_absorb,
+    crop_into_conv,
     avg_pool_to_conv,
     space_to_depth,
     bn_before_conv,
