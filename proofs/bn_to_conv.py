@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, describe, symbols_tensor, zeros
+from .symbolic import assert_equal, batch_norm, bn_symbols, conv2d, conv3d, describe, symbols_tensor, zeros
 
 
 def fuse(mean, var, gamma, beta, eps, groups: int):
@@ -77,4 +77,10 @@ def prove() -> list[str]:
         desc = describe("x * s[c] == conv1x1(grouped diagonal of s), no bias", **cfg)
         assert_equal(lhs, conv2d(x, k, None, groups=G), "bn_to_conv " + desc)
         done.append(desc)
+    # BatchNorm3d beside a conv3d: the same kernel with a third unit axis.
+    x, bn = symbols_tensor("x", (4, 2, 3, 2)), bn_symbols("", 4)
+    k, bias = fuse(*bn, groups=2)
+    desc = describe("BN3d == conv1x1x1(grouped diagonal)", C=4, G=2, D=2, H=3, W=2)
+    assert_equal(batch_norm(x, *bn), conv3d(x, k[..., None], bias, groups=2), "bn_to_conv " + desc)
+    done.append(desc)
     return done

@@ -26,7 +26,7 @@ from math import gcd
 
 import numpy as np
 
-from .symbolic import assert_equal, conv2d, describe, linear, regroup_weight, symbols_tensor, zeros
+from .symbolic import assert_equal, conv2d, conv3d, describe, linear, regroup_weight, symbols_tensor, zeros
 
 
 def fuse(wa, ba, wb, bb, sign: int = 1, groups_a: int = 1, groups_b: int = 1):
@@ -74,6 +74,15 @@ def prove() -> list[str]:
         desc = describe(f"conv_A {op} conv_B == conv (groups {ga},{gb} -> {G})", **cfg)
         assert_equal(lhs, rhs, "branch_sum " + desc)
         done.append(desc)
+    # Two conv3d of one input with one window (a 3-D RepVGG block): the same identity, the kernels' third axis along.
+    x = symbols_tensor("x", (2, 3, 3, 4))
+    wa, wb = symbols_tensor("wa", (2, 1, 3, 1, 3)), symbols_tensor("wb", (2, 1, 3, 1, 3))
+    ba, bb = symbols_tensor("ba", (2,)), symbols_tensor("bb", (2,))
+    kw = dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 1), groups=2)
+    rhs = conv3d(x, wa - wb, np.array([ba[o] - bb[o] for o in range(2)], dtype=object), **kw)
+    desc = describe("conv3d_A - conv3d_B == conv3d(W_A - W_B, b_A - b_B)", x=(2, 3, 3, 4), k=(3, 1, 3), groups=2, **{k: v for k, v in kw.items() if k != "groups"})
+    assert_equal(conv3d(x, wa, ba, **kw) - conv3d(x, wb, bb, **kw), rhs, "branch_sum " + desc)
+    done.append(desc)
     for sign, bias_b in ((1, True), (-1, False)):  # two Linears of one input
         x, wa, wb = symbols_tensor("x", (2, 3)), symbols_tensor("wa", (4, 3)), symbols_tensor("wb", (4, 3))
         ba, bb = symbols_tensor("ba", (4,)), symbols_tensor("bb", (4,)) if bias_b else None

@@ -14,7 +14,7 @@ Proof: symbolic x; expand(lhs - rhs) == 0 elementwise.
 
 from __future__ import annotations
 
-from .symbolic import ONE, assert_equal, conv2d, describe, symbols_tensor, zeros
+from .symbolic import ONE, assert_equal, conv2d, conv3d, describe, symbols_tensor, zeros
 
 
 def fuse(C: int, groups: int):
@@ -46,4 +46,9 @@ def prove() -> list[str]:
         desc = describe("x == conv1x1(grouped identity)", **cfg)
         assert_equal(x, rhs, "identity_to_conv " + desc)
         done.append(desc)
+    x = symbols_tensor("x", (4, 2, 3, 2))  # a 3-D skip beside a conv3d: the kernel with a third unit axis
+    k, bias = fuse(4, 2)
+    desc = describe("x == conv1x1x1(grouped identity)", C=4, G=2, D=2, H=3, W=2)
+    assert_equal(x, conv3d(x, k[..., None], bias, groups=2), "identity_to_conv " + desc)
+    done.append(desc)
     return done

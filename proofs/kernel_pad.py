@@ -23,7 +23,7 @@ Proof: symbolic x, W, b; expand(lhs - rhs) == 0 elementwise.
 
 from __future__ import annotations
 
-from .symbolic import conv_symbols, assert_equal, conv2d, describe, norm_pads, pair, zeros
+from .symbolic import conv_symbols, assert_equal, conv2d, conv3d, describe, norm_pads, pair, symbols_tensor, zeros
 
 
 def fuse(w, padding, kpad, dilation=(1, 1)):
@@ -58,4 +58,15 @@ def prove() -> list[str]:
         desc = describe("kernel zero-pad", **cfg)
         assert_equal(lhs, rhs, "kernel_pad " + desc)
         done.append(desc)
+    # A conv3d (padding on both sides of each axis alike): a 1x1x1 grows by a tap on both sides of each axis,
+    # its padding by the dilation, as a 3-D RepVGG block's 1x1x1 inside its 3x3x3.
+    x, w, b = symbols_tensor("x", (2, 3, 4, 5)), symbols_tensor("w", (2, 1, 1, 1, 1)), symbols_tensor("b", (2,))
+    w3 = zeros((2, 1, 3, 3, 3))
+    w3[:, :, 1, 1, 1] = w[:, :, 0, 0, 0]
+    kw = dict(stride=(1, 2, 1), groups=2)
+    lhs = conv3d(x, w, b, padding=(0, 0, 0), dilation=(1, 1, 2), **kw)
+    rhs = conv3d(x, w3, b, padding=(1, 1, 2), dilation=(1, 1, 2), **kw)
+    desc = describe("conv3d kernel zero-pad, 1x1x1 -> 3x3x3 centred", x=(2, 3, 4, 5), dilation=(1, 1, 2), **kw)
+    assert_equal(lhs, rhs, "kernel_pad " + desc)
+    done.append(desc)
     return done

@@ -5,6 +5,8 @@ Everything here builds new tensors; nothing writes into its arguments.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -33,13 +35,14 @@ def per_input_channel(v: torch.Tensor, weight_shape: torch.Size, groups: int) ->
     return v.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, in_per_group).reshape(out_ch, in_per_group)
 
 
-def identity_kernel(channels: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """The 1x1 kernel of a conv with ``groups`` groups that computes the identity: ``(C, C/G, 1, 1)``."""
+def identity_kernel(channels: int, groups: int, dtype: torch.dtype, dims: int = 2) -> torch.Tensor:
+    """The 1x1 kernel of a conv with ``groups`` groups that computes the identity: ``(C, C/G, 1, 1)`` (``dims`` 3:
+    the 1x1x1 kernel of a conv3d)."""
     per_group = channels // groups
-    w = torch.zeros(channels, per_group, 1, 1, dtype=dtype)
+    w = torch.zeros(channels, per_group, dtype=dtype)
     c = torch.arange(channels)
-    w[c, c % per_group, 0, 0] = 1
-    return w
+    w[c, c % per_group] = 1
+    return w.reshape(channels, per_group, *(1,) * dims)
 
 
 def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
@@ -80,7 +83,12 @@ def ungroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
 
 def pad_kernel(weight: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Zero-pad a kernel's spatial extent by rows/columns on each side."""
-    return F.pad(weight, (left, right, top, bottom))
+    return pad_kernel_axes(weight, (top, left), (bottom, right))
+
+
+def pad_kernel_axes(weight: torch.Tensor, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
+    """Zero-pad a 2-D or 3-D kernel by ``before[a]`` taps at the start of spatial axis ``a`` and ``after[a]`` at its end."""
+    return F.pad(weight, [p for a in reversed(range(len(before))) for p in (before[a], after[a])])
 
 
 def densify(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
+from math import gcd, prod
 
 from repalgebra.ir import Graph, Node, Value
 
@@ -32,14 +32,18 @@ def every_reader(graph: Graph, value: Value, op: str) -> list[Node] | None:
     return readers
 
 
+CONVS = ("conv2d", "conv3d")  # the convs whose branches kernel_pad and branch_sum merge (a 3-D RepVGG block's too)
+
+
 @dataclass(frozen=True)
 class Window:
-    """Where a conv's taps land in input coordinates, per axis: ``first`` offset, tap ``step``, tap ``count``."""
+    """Where a conv's taps land in input coordinates, per spatial axis (2 of a conv2d, 3 of a conv3d): ``first``
+    offset, tap ``step``, tap ``count``."""
 
-    stride: tuple[int, int]
-    first: tuple[int, int]  # -padding_top, -padding_left
-    step: tuple[int, int]  # dilation
-    count: tuple[int, int]  # kernel size
+    stride: tuple[int, ...]
+    first: tuple[int, ...]  # -padding_top, -padding_left (a conv3d: minus its padding on each axis)
+    step: tuple[int, ...]  # dilation
+    count: tuple[int, ...]  # kernel size
 
     def last(self, axis: int) -> int:
         return self.first[axis] + (self.count[axis] - 1) * self.step[axis]
@@ -47,8 +51,12 @@ class Window:
 
 def window(conv: Node) -> Window:
     """The conv's tap window."""
-    top, _, left, _ = conv.attrs["padding"]
-    return Window(conv.attrs["stride"], (-top, -left), conv.attrs["dilation"], tuple(conv.params["weight"].shape[2:]))
+    if conv.op == "conv3d":  # pads both sides of an axis alike
+        first = tuple(-p for p in conv.attrs["padding"])
+    else:
+        top, _, left, _ = conv.attrs["padding"]
+        first = (-top, -left)
+    return Window(conv.attrs["stride"], first, conv.attrs["dilation"], tuple(conv.params["weight"].shape[2:]))
 
 
 def is_1x1_pointwise(conv: Node) -> bool:
@@ -102,11 +110,11 @@ def with_operands(join: Node, replaced: dict[int, Value]) -> Node:
     return join.replace(inputs=inputs)
 
 
-def conv_operands(join: Node) -> dict[tuple, list[tuple[int, Node]]]:
-    """The conv2d operands of ``join`` grouped by (input value, stride): the ones that may be summed."""
+def conv_operands(join: Node, ops: tuple[str, ...] = CONVS) -> dict[tuple, list[tuple[int, Node]]]:
+    """The conv operands of ``join`` (of ``ops``) grouped by (input value, stride): the ones that may be summed."""
     groups: dict[tuple, list[tuple[int, Node]]] = {}
     for k, v in enumerate(join.inputs):
-        conv = producer(v, "conv2d")
+        conv = producer(v, *ops)
         if conv is not None:
             groups.setdefault((id(conv.x), conv.attrs["stride"]), []).append((k, conv))
     return groups
@@ -115,16 +123,16 @@ def conv_operands(join: Node) -> dict[tuple, list[tuple[int, Node]]]:
 def union_window(windows: list[Window]) -> Window:
     """The one window spanning ``windows``: on their lattice (:func:`lattice_step`), or dense where they lie on
     different ones."""
-    step = lattice_step(windows) or (1, 1)
-    first = tuple(min(w.first[a] for w in windows) for a in (0, 1))
-    count = tuple((max(w.last(a) for w in windows) - first[a]) // step[a] + 1 for a in (0, 1))
+    axes = range(len(windows[0].first))
+    step = lattice_step(windows) or (1,) * len(axes)
+    first = tuple(min(w.first[a] for w in windows) for a in axes)
+    count = tuple((max(w.last(a) for w in windows) - first[a]) // step[a] + 1 for a in axes)
     return Window(windows[0].stride, first, step, count)
 
 
 def union_taps(convs: list[Node]) -> int:
     """Taps of the one kernel spanning the windows of ``convs`` (:func:`union_window`)."""
-    h, w = union_window([window(c) for c in convs]).count
-    return h * w
+    return prod(union_window([window(c) for c in convs]).count)
 
 
 def merge_cost(join: Node, convs: list[Node]) -> tuple[int, int]:
@@ -169,7 +177,7 @@ def merge_refusal(graph: Graph, join: Node, convs: list[Node], before: list[Node
     while stack:
         for v in stack.pop().inputs:
             p = v.producer
-            if p is not None and p.op == "conv2d" and p.x is x and p.attrs["stride"] == stride:
+            if p is not None and p.op in CONVS and p.x is x and p.attrs["stride"] == stride:
                 if sole_use(graph, v):  # a conv read elsewhere too stays for that reader: it absorbs nothing
                     leaves.setdefault(id(p), p)
             elif p is not None and (p.op in ("add", "sub") or _channel_concat(p)) and sole_use(graph, v):
@@ -193,7 +201,7 @@ def lattice_step(windows: list[Window]) -> tuple[int, int] | None:
     A window of one tap on an axis takes any step there (a 1x1 conv's dilation does nothing): only its
     offset must lie on the lattice of the others, as an identity branch does inside a dilated 3x3."""
     step = []
-    for a in (0, 1):
+    for a in range(len(windows[0].first)):
         steps = {w.step[a] for w in windows if w.count[a] > 1}
         if len(steps) > 1:
             return None

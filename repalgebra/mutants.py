@@ -106,6 +106,9 @@ class Mutant:
         return f"{self.rule}/{self.name}"
 
 
+_3D = ("tests/rules/test_conv3d_branches.py",)  # the 3-D cases of the branch rules
+
+
 def _m(rule: str, name: str, bug: str, old: str, new: str, *, target: str | None = None, scope: str | None = None, tests: tuple[str, ...] = ()) -> Mutant:
     """A mutant of rule ``rule``'s own function unless ``target`` names another function."""
     return Mutant(rule, name, bug, target or f"repalgebra.rules.{rule}:{rule}", old, new, scope, tests)
@@ -197,10 +200,14 @@ MUTANTS: list[Mutant] = [
     _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
        '{"weight": w, "bias": t}', '{"weight": w}'),
     _m("bn_to_conv", "unscaled", "the identity kernel is not multiplied by the BN scale",
-       "w = identity_kernel(channels, groups, s.dtype) * s.reshape(-1, 1, 1, 1)", "w = identity_kernel(channels, groups, s.dtype)"),
+       "w = w * s.reshape(-1, *(1,) * (w.dim() - 1))", "w = w"),
+    _m("bn_to_conv", "volume-as-image", "a BatchNorm3d branch becomes a conv2d (a 2-D kernel for a 5-D value)",
+       "conv = Node.make(op, [bn.x]", 'conv = Node.make("conv2d", [bn.x]', tests=_3D),
+    _m("bn_to_conv", "conv3d-in-concat", "a BatchNorm3d in a channel concat becomes a 1x1x1 conv3d that nothing merges",
+       '5: "conv3d" if join.op != "concat" else None', '5: "conv3d"', target="repalgebra.rules.bn_to_conv:pointwise_op", tests=_3D),
     _helper("bn_to_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _helper("bn_to_conv", "identity-tap", "the grouped identity kernel reads the first channel of each group",
-            _IDENTITY_KERNEL, "w[c, c % per_group, 0, 0] = 1", "w[c, 0, 0, 0] = 1"),
+            _IDENTITY_KERNEL, "w[c, c % per_group] = 1", "w[c, 0] = 1"),
     _m("bn_to_conv", "cost-unchecked", "a BN beside a conv becomes a conv even where the two would not merge at no cost",
        _BESIDE_CHECK, "        if why := None:"),
     _helper("bn_to_conv", "bn-sibling-unpriced", "a BN sibling is not priced as the depthwise 1x1 it becomes: two BNs concatenated become convs",
@@ -211,10 +218,12 @@ MUTANTS: list[Mutant] = [
     _m("identity_to_conv", "groups-dropped", "the identity conv is built with groups=1 (its kernel is the grouped one)",
        '{"groups": groups}, {"weight": w}', '{"groups": 1}, {"weight": w}'),
     _m("identity_to_conv", "channels-reversed", "the identity kernel maps each channel to its mirror image within its group",
-       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype)',
-       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype).flip(1)'),
+       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype, len(value.shape) - 2)',
+       'w = identity_kernel(value.shape[1], groups, next(iter(sib.params.values())).dtype, len(value.shape) - 2).flip(1)'),
+    _m("identity_to_conv", "volume-as-image", "a 3-D skip's identity conv is built as a conv2d (a 2-D kernel for a 5-D value)",
+       "conv = Node.make(op, [value]", 'conv = Node.make("conv2d", [value]', tests=_3D),
     _helper("identity_to_conv", "identity-tap", "the grouped identity kernel reads the first channel of each group",
-            _IDENTITY_KERNEL, "w[c, c % per_group, 0, 0] = 1", "w[c, 0, 0, 0] = 1"),
+            _IDENTITY_KERNEL, "w[c, c % per_group] = 1", "w[c, 0] = 1"),
     # ---------------------------------------------------------------- dilation_to_dense
     _m("dilation_to_dense", "dilation-ignored", "the dilation is dropped and the kernel is not spread",
        "new = conv_with(conv, weight=w, dilation=(1, 1))", "new = conv_with(conv, dilation=(1, 1))"),
@@ -230,13 +239,18 @@ MUTANTS: list[Mutant] = [
             _MERGE_REFUSAL, "                if sole_use(graph, v):  # a conv read elsewhere", "                if True:  # a conv read elsewhere"),
     # ---------------------------------------------------------------- kernel_pad
     _m("kernel_pad", "wrong-side", "the kernel is padded on the opposite sides (a 1x1 lands off centre)",
-       'pad_kernel(conv.params["weight"], top, bottom, left, right)', 'pad_kernel(conv.params["weight"], bottom, top, right, left)'),
+       'pad_kernel_axes(conv.params["weight"], before, after)', 'pad_kernel_axes(conv.params["weight"], after, before)'),
     _m("kernel_pad", "undilated-padding", "the conv padding grows by the new taps, not by taps times dilation",
-       "padding=(pt + top * dh, pb + bottom * dh, pl + left * dw, pr + right * dw)", "padding=(pt + top, pb + bottom, pl + left, pr + right)"),
+       "padding = (pt + before[0] * dh, pb + after[0] * dh, pl + before[1] * dw, pr + after[1] * dw)",
+       "padding = (pt + before[0], pb + after[0], pl + before[1], pr + after[1])"),
     _m("kernel_pad", "transposed-kernel", "the kernel is transposed (kh x kw read as kw x kh) while padding it",
-       'pad_kernel(conv.params["weight"], top', 'pad_kernel(conv.params["weight"].transpose(2, 3), top'),
+       'pad_kernel_axes(conv.params["weight"], before', 'pad_kernel_axes(conv.params["weight"].transpose(2, 3), before'),
     _m("kernel_pad", "padding-off-by-one", "off by one: the bottom/right padding grows one row/column too few",
-       "pb + bottom * dh, pl + left * dw, pr + right * dw", "pb + bottom * dh - 1, pl + left * dw, pr + right * dw - 1"),
+       "pb + after[0] * dh, pl + before[1] * dw, pr + after[1] * dw", "pb + after[0] * dh - 1, pl + before[1] * dw, pr + after[1] * dw - 1"),
+    _m("kernel_pad", "conv3d-uneven-taken", "a conv3d kernel grown on one side of an axis, with its padding grown on both",
+       "if before != after:", "if False:", tests=_3D),
+    _m("kernel_pad", "conv3d-undilated-padding", "a conv3d's padding grows by the new taps, not by taps times dilation",
+       "padding = tuple(p + b * d for p, b, d in zip", "padding = tuple(p + b for p, b, d in zip", tests=_3D),
     _m("kernel_pad", "cost-unchecked", "windows are padded to their union even where the merged conv has more weights than the convs",
        _COST_CHECK, _COST_UNCHECKED),
     _helper("kernel_pad", "concat-keeps-groups", "a concat's merged conv is priced with the gcd of its convs' groups, as a sum's",

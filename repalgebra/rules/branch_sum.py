@@ -10,7 +10,9 @@ both) or a larger conv of the sum absorbs it (:func:`repalgebra.match.merge_refu
 Two Linears of one input add the same way (RepViT's distillation head,
 ``(head(x) + head_dist(x)) / 2``): ``Linear(x; W_a +- W_b, b_a +- b_b)``.
 
-Preconditions: both operands of the add/sub are conv2d (or Linear) reading the same value
+A 3-D RepVGG block's conv3d branches add the same way.
+
+Preconditions: both operands of the add/sub are conv2d, both conv3d (or both Linear) reading the same value
 with equal stride, dilation, kernel size and leading padding, and equal output
 shapes (the add broadcasts: equal windows with different trailing padding can
 give a 1-row output added to every row of a taller one).  ``kernel_pad`` and ``dilation_to_dense`` make
@@ -20,7 +22,7 @@ windows equal first.
 from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
-from repalgebra.match import conv_with, merge_refusal, merged_source, producer, window
+from repalgebra.match import CONVS, conv_with, merge_refusal, merged_source, producer, window
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -29,7 +31,7 @@ def branch_sum(graph, join):
     a, b = (producer(v, "linear") for v in join.inputs)
     if a is not None and b is not None and a.x is b.x and a.params["weight"].shape == b.params["weight"].shape:
         return _linears(join, a, b)
-    a, b = (producer(v, "conv2d") for v in join.inputs)
+    a, b = (producer(v, *CONVS) for v in join.inputs)
     if a is None or b is None or a.x is not b.x or window(a) != window(b):
         return None
     if a.out.shape != b.out.shape:

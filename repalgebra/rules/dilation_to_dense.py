@@ -21,7 +21,7 @@ from repalgebra.rules.registry import Refusal, Rewrite, rule
 @rule("dilation_to_dense", on=JOINS)
 def dilation_to_dense(graph, join):
     refusal = None
-    for group in conv_operands(join).values():
+    for group in conv_operands(join, ("conv2d",)).values():  # a dilated conv3d is left as it is
         if len(group) < 2 or on_lattice([window(c) for _, c in group]):
             continue
         if why := merge_refusal(graph, join, [c for _, c in group]):

@@ -5,7 +5,9 @@
 
 (a rows on top, b at the bottom, c columns left, e right; d the dilation).
 The new taps read only positions multiplied by zero, and the output grid is
-unchanged.  This aligns a 1x1 with a 3x3 (centered), and 1xk / kx1 with kxk (ACNet).
+unchanged.  This aligns a 1x1 with a 3x3 (centered), and 1xk / kx1 with kxk (ACNet);
+a conv3d's kernel grows the same way on its three axes (a 3-D RepVGG block's
+1x1x1 inside its 3x3x3), evenly, since a conv3d pads both sides of an axis alike.
 On an axis where a kernel has one tap its dilation does nothing, so it takes
 the others' (an identity beside a dilated 3x3).
 
@@ -20,9 +22,9 @@ kernel beside its 51x5 and 5x51 ones joins the 51x5 (the sum is the same sum;
 only the order of the two float additions changes).
 """
 
-from repalgebra.kernels import pad_kernel
+from repalgebra.kernels import pad_kernel_axes
 from repalgebra.match import (
-    JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, sole_use, union_window, window, with_operands,
+    CONVS, JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, sole_use, union_window, window, with_operands,
 )
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -30,7 +32,7 @@ from repalgebra.rules.registry import Refusal, Rewrite, rule
 @rule("kernel_pad", on=JOINS)
 def kernel_pad(graph, join):
     refusal = None
-    for group in conv_operands(join).values():
+    for group in conv_operands(join, CONVS if join.op != "concat" else ("conv2d",)).values():  # 2-D convs merge in a concat
         wins = [window(c) for _, c in group]
         if len(group) < 2 or len(set(wins)) == 1 or lattice_step(wins) is None:
             continue
@@ -41,21 +43,22 @@ def kernel_pad(graph, join):
             refusal = Refusal(why, join)
             continue
         union = union_window(wins)
-        step = union.step
+        step, axes = union.step, range(len(union.first))
         new_nodes, replaced = [], {}
         for (k, conv), w in zip(group, wins):
-            top, left = ((w.first[a] - union.first[a]) // step[a] for a in (0, 1))
-            bottom, right = ((union.last(a) - w.last(a)) // step[a] for a in (0, 1))
-            if top == bottom == left == right == 0 and w.step == step:
+            before = [(w.first[a] - union.first[a]) // step[a] for a in axes]
+            after = [(union.last(a) - w.last(a)) // step[a] for a in axes]
+            if not any(before + after) and w.step == step:
                 continue
-            pt, pb, pl, pr = conv.attrs["padding"]
-            dh, dw = step
-            new = conv_with(
-                conv,
-                weight=pad_kernel(conv.params["weight"], top, bottom, left, right),
-                padding=(pt + top * dh, pb + bottom * dh, pl + left * dw, pr + right * dw),
-                dilation=step,  # a one-tap axis takes the others' step
-            )
+            if conv.op == "conv3d":
+                if before != after:
+                    return Refusal("a conv3d pads both sides of an axis alike; its kernel would have to grow unevenly", join)
+                padding = tuple(p + b * d for p, b, d in zip(conv.attrs["padding"], before, step))
+            else:
+                (pt, pb, pl, pr), (dh, dw) = conv.attrs["padding"], step
+                padding = (pt + before[0] * dh, pb + after[0] * dh, pl + before[1] * dw, pr + after[1] * dw)
+            new = conv_with(conv, weight=pad_kernel_axes(conv.params["weight"], before, after), padding=padding,
+                            dilation=step)  # a one-tap axis takes the others' step
             new_nodes.append(new)
             replaced[k] = new.out
         new_join = with_operands(join, replaced)
@@ -71,7 +74,7 @@ def _regroup(graph, join, group):
         return None
     outer = readers[0]
     for c_value in outer.inputs:
-        c = producer(c_value, "conv2d")
+        c = producer(c_value, *CONVS)
         if c is None or c.x is not group[0][1].x or c.attrs["stride"] != group[0][1].attrs["stride"] or not sole_use(graph, c_value):
             continue
         for (_, keep), (_, other) in (group, group[::-1]):
