@@ -520,8 +520,8 @@ def crop_into_conv() -> Example:
     v = b.input("x", x.shape, DT)
     bad = b.build(b.slice(b.conv2d(v, weight=w, padding=(0, 0, 2, 2), source="tcn.conv"), axis=3, start=0, end=4, step=1, source="tcn.chomp"))
     ref = Text()
-    ref.line("y[..., :4] keeps 4 outputs at every length, a padding keeps a number that grows with the length")
-    ref.line(f"crop_into_conv refuses: {refusal(bad, 'crop_into_conv')}")
+    ref.line("y[..., :4] keeps 4 outputs at every length; a padding keeps a number that grows with the length")
+    ref.line("crop_into_conv refuses: " + refusal(bad, "crop_into_conv").replace(": how", ":\n    how"))
     return Example("crop_into_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
