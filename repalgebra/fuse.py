@@ -42,8 +42,9 @@ from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
-from repalgebra.frontend.inputs import batch_plus_one
+from repalgebra.frontend.inputs import as_tuple, batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
+from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
@@ -53,7 +54,7 @@ from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.verify import TOLERANCES, first_difference
 
-__all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard"]
+__all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
 
 MAX_KEPT_WHOLE = 64  # submodules kept whole around one capture before the module itself is
 
@@ -161,6 +162,21 @@ _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a
 _TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
 
+def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, report: "FuseReport") -> nn.Module:
+    """``fused`` (made from a flat view of ``model``: :mod:`repalgebra.frontend.structured`) taking ``model``'s
+    arguments again: a fused graph reads its tensors out of them and refuses another structure; a copy of the
+    model (kept whole, or nothing folded) is of the model's class again."""
+    if getattr(type(fused), "_repalgebra_flat_view", None) is not None:
+        return unviewed(fused, model)
+    if not isinstance(fused, fx.GraphModule):
+        return fused
+    fused = restructured(fused, model, spec)
+    StructureGuard(pytree.treespec_dumps(spec)).install(fused)
+    report.notes.append(f"forward takes {structure_text(spec)}: captured with one input per tensor ({spec.num_leaves}); the "
+                        "fused model takes that structure and refuses another (other lengths or keys)")
+    return fused
+
+
 def _in_training_mode(model: nn.Module, evaluated: nn.Module) -> list[str]:
     """The outermost submodules of ``model`` in training mode (a BatchNorm left in ``train()`` by a freezing helper)
     that ``evaluated`` (its copy after ``eval()``) has in eval mode: one that stays in training mode is left alone."""
@@ -196,11 +212,9 @@ class ShapeGuard:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-        if kwargs:  # ``fused(x, mask=mask)``: the inputs in the order of forward's parameters
-            try:
-                args = tuple(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
-            except TypeError:
-                return  # forward itself refuses the call, with Python's own message
+        args = _bound(module, args, kwargs)
+        if args is None:
+            return  # forward itself refuses the call, with Python's own message
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
             return  # traced again (export_onnx): recorded as fused, at the shapes export_onnx fixes from the guard
 
@@ -210,7 +224,7 @@ class ShapeGuard:
                 f"the dtype ({'torch.export recorded a cast or a branch on it' if self.shapes is not None else self.why}); it was called in "
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
-        got = [_dims(a) for a in args if torch.is_tensor(a)]
+        got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
@@ -220,17 +234,8 @@ class ShapeGuard:
         )
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
-
-        A GraphModule drops forward pre-hooks both when deep-copied and when unpickled (it is rebuilt from its
-        code), so ``copy.deepcopy`` or ``torch.save`` of a whole fused module would run it at any shape.
-        """
-        if self not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(self, with_kwargs=True)
-        if isinstance(module, fx.GraphModule):
-            if _Reinstall(self) not in module._deepcopy_hooks:  # a copy's hooks hold copies of the guard: equal
-                module._register_deepcopy_hook(_Reinstall(self))
-            type(module).__reduce__ = _reduce_with_guards  # GraphModule gives each instance a class of its own
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        _install(self, module)
 
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
@@ -239,7 +244,7 @@ class ShapeGuard:
     def _shapes_fit(self, args: tuple) -> bool:
         if self.shapes is None:
             return True
-        got = [_dims(a) for a in args if torch.is_tensor(a)]
+        got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # a list of feature maps: each
         if not self.free_batch:
             return got == self.shapes
         return (
@@ -255,6 +260,53 @@ def _dims(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in t.shape)
 
 
+def _bound(module: nn.Module, args: tuple, kwargs: dict | None) -> tuple | None:
+    """A guarded call's inputs in the order of ``forward``'s parameters (``fused(x, mask=mask)``); None where forward
+    itself refuses the call (Python's own message is the one to see)."""
+    if not kwargs:
+        return args
+    try:
+        return tuple(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
+    except TypeError:
+        return None
+
+
+def _install(guard: "ShapeGuard | StructureGuard", module: nn.Module) -> None:
+    """Register ``guard`` on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
+
+    A GraphModule drops forward pre-hooks both when deep-copied and when unpickled (it is rebuilt from its
+    code), so ``copy.deepcopy`` or ``torch.save`` of a whole fused module would run it unguarded.
+    """
+    if guard not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(guard, with_kwargs=True)
+    if isinstance(module, fx.GraphModule):
+        if _Reinstall(guard) not in module._deepcopy_hooks:  # a copy's hooks hold copies of the guard: equal
+            module._register_deepcopy_hook(_Reinstall(guard))
+        type(module).__reduce__ = _reduce_with_guards  # GraphModule gives each instance a class of its own
+
+
+@dataclass(frozen=True)
+class StructureGuard:
+    """Forward pre-hook of a fused model whose ``forward`` takes lists, tuples or dicts of tensors (or ``*args``):
+    a call of another structure than the example's is an error.
+
+    The fused graph reads as many feature maps as the example held, by their positions and keys
+    (:mod:`repalgebra.frontend.structured`): given a fourth, it would ignore it."""
+
+    spec: str  # the example's structure, pytree.treespec_dumps
+    checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
+    structural: ClassVar[bool] = True  # a flat view of the module takes its tensors one by one: it drops this guard
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        args = _bound(module, args, kwargs)
+        if args is not None and (problem := structure_mismatch(self.spec, args)) is not None:
+            raise TypeError(f"{problem}. Fuse the model again with an example of that structure.")
+
+    def install(self, module: nn.Module) -> None:
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        _install(self, module)
+
+
 @dataclass(frozen=True)
 class _Reinstall:
     """A GraphModule deep-copy hook putting ``guard`` on the copy (a class, not a closure: the module pickles)."""
@@ -268,11 +320,11 @@ class _Reinstall:
 def _reduce_with_guards(module: fx.GraphModule) -> tuple:
     """``GraphModule.__reduce__``, and then the module's shape guards installed on the unpickled copy."""
     rebuild, args = fx.GraphModule.__reduce__(module)
-    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
+    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard))]
     return _rebuild_with_guards, (rebuild, args, guards)
 
 
-def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards: list[ShapeGuard]) -> nn.Module:
+def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards: list) -> nn.Module:
     """Unpickle a guarded GraphModule: rebuild it as torch does, then put its guards back."""
     module = rebuild(*args)
     for guard in guards:
@@ -282,7 +334,7 @@ def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards:
 
 def computes_in(module: nn.Module, args: tuple) -> torch.dtype | None:
     """The floating-point dtype a call computes in: its first floating-point input's, else the module's own."""
-    tensors = [*(a for a in args if torch.is_tensor(a)), *module.parameters(), *module.buffers()]
+    tensors = [*(a for a in pytree.tree_leaves(args) if torch.is_tensor(a)), *module.parameters(), *module.buffers()]
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
@@ -354,9 +406,16 @@ def fuse(
     start = time.perf_counter()
     check_model(model)
     model, unwrapped = unwrap(model)
-    fuser = _Fuser(model, leaf_modules, strict, check)
+    args = None if example_inputs is None else as_tuple(example_inputs)
+    view = spec = None
+    if args is not None and needs_flat_view(model, args) and not runs_own_hooks(model):
+        example_inputs, spec = flat_leaves(args)  # one capture input per tensor; forward gets the structure back
+        view = flat_view(model, spec)
+    fuser = _Fuser(view or model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     fused = fuser.fuse_model(inputs)
+    if view is not None:
+        fused = _with_structure(fused, model, spec, fuser.report)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
         fused = fused.to(device)

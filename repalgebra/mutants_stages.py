@@ -65,6 +65,8 @@ _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_func
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
+_ST = ("tests/test_fuse_structured_inputs.py",)
+_STM = "repalgebra.frontend.structured"
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -157,6 +159,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_H1M}:lift_height_one", "env[id(n.out)] = flat(y, n.source)", "env[id(n.out)] = y", _H1),
     ("frontend", "height-one-bn-stays-1d", "a BatchNorm1d beside the convs of its input stays on the 3-D value",
      f"{_H1M}:_sinks", "(any(flats) or per_channel)", "any(flats)", _H1),
+    ("frontend", "structured-leaves-reversed", "a model's feature maps read out of its list in reverse order",
+     f"{_STM}:restructured", "zip(pytree.tree_flatten_with_path(args)[0], old)", "zip(pytree.tree_flatten_with_path(args)[0], old[::-1])", _ST),
+    ("frontend", "structured-first-argument", "every tensor read out of the first argument (a *args head's levels all from the first)",
+     f"{_STM}:restructured", "value = tops[path[0].idx]", "value = tops[0]", _ST),
+    ("frontend", "structured-view-unpacked", "the flat view calls forward with the structure as one argument",
+     f"{_STM}:flat_view", 'f"    return _inner(self, *args)\\n"', 'f"    return _inner(self, args)\\n"', _ST),
+    ("frontend", "structured-refused-graph-first-map", "a fused graph read one tensor at a time gives every item the first tensor",
+     f"{_STM}:_flat_graph", "env[node] = xs[leaf]", "env[node] = xs[0]", _ST),
+    ("frontend", "structured-guard-passes", "the fused model's structure guard lets a call of another structure through",
+     f"{_STM}:structure_mismatch", "if spec != want:", "if False:", _ST),
     ("frontend", "height-one-pad-of-channels", "a pad of a 1-D value's channels (the first pair of a pad of its last two axes) moved onto the lift, where it pads the height",
      f"{_H1M}:_along", 'return dict(a) if a["pads"][0] == a["pads"][1] == 0 else None', "return dict(a)", _H1),
     ("frontend", "height-one-reflect-pad-short", "a reflect pad of the length moved onto the 4-D lift with its 2 amounts, which torch reads as no 2-D pad",

@@ -49,6 +49,11 @@ FEW = {
     "wherever it is made, and broadcasting commutes with one (the mutant keeps a BN beside the convs in 1-D)",
     "repalgebra.frontend.height_one:_height_one": "one property, height one by how a value was made; the mutant makes it "
     "the example's shape, the bug that matters",
+    "repalgebra.frontend.structured:flat_view": "one decision, how forward is called; the rest copies the model's "
+    "class, hooks and state, which every capture of the view then runs (a wrong copy fails the check)",
+    "repalgebra.frontend.structured:restructured": "two choices, which argument and which item each tensor is read from",
+    "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
+    "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }

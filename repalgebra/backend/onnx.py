@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 import torch
+from torch.utils import _pytree as pytree
 from onnx import TensorProto, helper, numpy_helper
 
 from repalgebra.backend.onnx_fallback import (
@@ -1080,6 +1081,30 @@ def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: to
     return axes
 
 
+def _flat_for_export(module: torch.nn.Module, input_shape: Any) -> tuple[torch.nn.Module, Any]:
+    """``module`` taking its tensors one by one (ONNX inputs are tensors), and the inputs to trace it at: for a model
+    whose ``forward`` takes lists, tuples or dicts of tensors given as an example of that structure, or one that
+    ``repalgebra.fuse`` made from such a model (its guard holds the structure; one shape or tensor per tensor)."""
+    from repalgebra.frontend.structured import flat_leaves, flat_view
+    from repalgebra.fuse import StructureGuard
+
+    guard = next((h for h in module._forward_pre_hooks.values() if isinstance(h, StructureGuard)), None)
+    given = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else (input_shape,)
+    structured = any(isinstance(a, (list, tuple, dict)) and pytree.tree_leaves(a) and all(torch.is_tensor(t) for t in pytree.tree_leaves(a))
+                     for a in given)
+    if structured:
+        leaves, spec = flat_leaves(given)
+    elif guard is not None:  # one shape or tensor per tensor of the structure
+        leaves, spec = input_shape, pytree.treespec_loads(guard.spec)
+    else:
+        return module, input_shape
+    view = flat_view(module, spec)
+    if view is None:
+        raise TypeError(f"export_onnx: {type(module).__name__}'s graph reads its list or dict inputs whole; export the "
+                        "model it was fused from, with an example of its inputs")
+    return view, leaves
+
+
 def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The inputs to trace at: a random tensor (seeded, standard normal, ``dtype``) per shape, a given tensor as it is.
 
@@ -1243,6 +1268,7 @@ def export_onnx(
     if isinstance(model_or_graph, Graph):
         model, report = lower(model_or_graph, "", None, ())
     elif isinstance(model_or_graph, torch.nn.Module):
+        model_or_graph, input_shape = _flat_for_export(model_or_graph, input_shape)
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
         example = _example_inputs(input_shape, dtype)
         _refuse_state(model_or_graph, example, dtype)

@@ -1,0 +1,192 @@
+"""Models whose ``forward`` takes lists, tuples or dicts of tensors (an FPN's feature maps), or ``*args``.
+
+``torch.fx`` gives each parameter of ``forward`` one Proxy, which a Python loop cannot iterate: ``for f in feats``
+and ``def forward(self, *feats)`` stop it, and ``fuse`` fell back to ``torch.export`` at fixed shapes (or refused
+a list as an example input).  Instead, :func:`flat_view` gives the capture a view of the model whose ``forward``
+takes the tensors one by one: it puts them back in the example's structure and calls the model's own ``forward``,
+whose loops then run over a Python list of Proxies, as long as the example's.  The captured graph has one input
+per tensor; :func:`restructured` gives the fused module the model's parameters again (``forward(self, feats)``),
+each tensor read out of them as the example holds it, and ``fuse`` installs a guard that refuses a call of
+another structure (another number of feature maps, other keys): the fused graph computes that many, no more.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+import types
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["needs_flat_view", "flat_leaves", "flat_view", "restructured", "unviewed", "structure_mismatch", "structure_text"]
+
+_VIEW = "_repalgebra_flat_view"  # class attribute marking a view's class: the model's class it views
+
+
+def needs_flat_view(model: nn.Module, args: tuple) -> bool:
+    """Whether ``model`` called with ``args`` needs a flat view to be captured: an argument is a container of
+    tensors, or ``forward`` takes ``*args``."""
+    if any(not torch.is_tensor(a) for a in args):
+        return True
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def flat_leaves(args: tuple) -> tuple[tuple[torch.Tensor, ...], pytree.TreeSpec]:
+    """The tensors of ``args`` in order and their structure; ``TypeError`` naming a leaf that is not a tensor."""
+    with_paths, spec = pytree.tree_flatten_with_path(args)
+    for path, leaf in with_paths:
+        if not torch.is_tensor(leaf):
+            raise TypeError(f"example input {_where(path)} is a {type(leaf).__name__}, not a tensor (inputs are tensors, "
+                            "or tuples, lists and dicts of them)")
+    return tuple(leaf for _, leaf in with_paths), spec
+
+
+def flat_view(model: nn.Module, spec: pytree.TreeSpec) -> nn.Module:
+    """A view of ``model`` (its own submodules, parameters and buffers, not copies) whose ``forward`` takes the
+    tensors of ``spec``'s structure one by one and calls ``model``'s ``forward`` with them in that structure.
+
+    Its class is a subclass of the model's, of the same name, so the captures name its parts as the model's.  A
+    ``forward`` set on the instance (``self.forward = self.forward_fast``) is the one called.  A GraphModule (a
+    model fused before: it copies itself as a new class) is a new GraphModule reading its tensors one by one
+    (:func:`_flat_graph`); None where its graph reads its arguments otherwise than item by item."""
+    if isinstance(model, fx.GraphModule):
+        return _flat_graph(model, spec)
+    base = type(model)
+    own = vars(model).get("forward")
+    inner = own.__func__ if isinstance(own, types.MethodType) and own.__self__ is model else base.forward
+    names = [f"x{k}" for k in range(spec.num_leaves)]
+    namespace: dict[str, Any] = {"_inner": inner, "_unflatten": pytree.tree_unflatten, "_spec": spec}
+    code = (f"def forward(self, {', '.join(names)}):\n"
+            f"    args = _unflatten([{', '.join(names)}], _spec)\n"
+            f"    return _inner(self, *args)\n")
+    exec(code, namespace)  # noqa: S102  (fx reads the inputs' names from the code object)
+    cls = type(base.__name__, (base,), {"forward": namespace["forward"], _VIEW: base, "__module__": base.__module__})
+    view = copy.copy(model)  # shares the submodule, parameter and buffer dicts: nothing is copied
+    view.__dict__.pop("forward", None)
+    # A guard of the structure (an earlier fuse's) checks the model's arguments, not the view's tensors.
+    view._forward_pre_hooks = OrderedDict((k, h) for k, h in model._forward_pre_hooks.items() if not getattr(h, "structural", False))
+    view._forward_pre_hooks_with_kwargs = OrderedDict((k, v) for k, v in model._forward_pre_hooks_with_kwargs.items() if k in view._forward_pre_hooks)
+    view.__class__ = cls
+    return view
+
+
+def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | None:
+    """``gm`` taking the tensors of ``spec``'s structure one by one, where its graph only reads its arguments item
+    by item (``feats[0]``, ``maps["p3"]``: what :func:`restructured` writes); else None."""
+    args = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    tops = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(tops) != len(args):
+        return None
+    graph = fx.Graph()
+    xs = [graph.placeholder(f"x{k}") for k in range(spec.num_leaves)]
+    env: dict[fx.Node, fx.Node] = {}
+    for top, arg in zip(tops, args):
+        if isinstance(arg, int):
+            env[top] = xs[arg]
+            continue
+        for path, leaf in pytree.tree_flatten_with_path(arg)[0]:
+            node = top
+            for key in path:
+                node = next((u for u in node.users if u.op == "call_function" and u.target is operator.getitem
+                             and u.args[1] == _key(key)), None)
+                if node is None:
+                    return None
+            env[node] = xs[leaf]
+    inside = set(tops)  # the arguments and the items on the way to their tensors: not copied
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or n in env:
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in inside:
+            inside.add(n)
+            continue
+        try:
+            if n.op == "output":
+                graph.output(fx.node.map_arg(n.args[0], lambda a: env[a]))
+            else:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        except KeyError:
+            return None  # an argument read whole (its length, a loop over it), not item by item
+    return fx.GraphModule(gm, graph, type(gm).__name__)
+
+
+def unviewed(module: nn.Module, model: nn.Module) -> nn.Module:
+    """``module`` (a copy of a flat view, fused inside or not) as an instance of the model's own class again, its
+    ``forward`` the model's (an instance ``forward`` bound to it); any other module as it is."""
+    base = getattr(type(module), _VIEW, None)
+    if base is None:
+        return module
+    module.__class__ = base
+    own = vars(model).get("forward")
+    if isinstance(own, types.MethodType) and own.__self__ is model:
+        module.forward = types.MethodType(own.__func__, module)
+    return module
+
+
+def restructured(gm: fx.GraphModule, model: nn.Module, spec: pytree.TreeSpec) -> fx.GraphModule:
+    """``gm`` (a fused graph taking the tensors of ``spec`` one by one) taking ``model``'s arguments instead: one
+    parameter per argument of the example (named as ``forward`` names them), each tensor read out of it."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    old = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = fx.Graph()
+    args = pytree.tree_unflatten([object()] * spec.num_leaves, spec)  # the example's structure, leaves aside
+    tops, taken = [], set()
+    for k in range(len(args)):
+        p = params[min(k, len(params) - 1)] if params else None
+        name = p.name if p is not None and p.kind is not inspect.Parameter.VAR_POSITIONAL else f"{p.name if p else 'x'}_{k}"
+        name = name if name not in taken else f"{name}_{k}"
+        taken.add(name)
+        tops.append(graph.placeholder(name))
+    env: dict[fx.Node, fx.Node] = {}
+    for (path, _), placeholder in zip(pytree.tree_flatten_with_path(args)[0], old):
+        value = tops[path[0].idx]
+        for key in path[1:]:
+            value = graph.call_function(operator.getitem, (value, _key(key)))
+        env[placeholder] = value
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    for hook in gm._forward_pre_hooks.values():
+        new.register_forward_pre_hook(hook, with_kwargs=True)
+    return new.train(gm.training)
+
+
+def structure_mismatch(spec_text: str, args: tuple) -> str | None:
+    """Why a call with ``args`` is not of the structure ``spec_text`` (``pytree.treespec_dumps``), or None where it is
+    (or where a trace calls with Proxies)."""
+    leaves, spec = pytree.tree_flatten(args)
+    if any(isinstance(a, fx.Proxy) for a in leaves):
+        return None
+    want = pytree.treespec_loads(spec_text)
+    if spec != want:
+        return (f"the model was fused with inputs {structure_text(want)} and computes that many tensors; it was called "
+                f"with {structure_text(spec)}")
+    return None
+
+
+def structure_text(spec: pytree.TreeSpec) -> str:
+    """The structure of a call's arguments, for a message: ``(list of 3 tensors, tensor)``."""
+    def text(s: pytree.TreeSpec) -> str:
+        if s.is_leaf():
+            return "tensor"
+        if isinstance(s.type, type) and issubclass(s.type, dict):
+            return f"{s.type.__name__} with keys {list(s.context)}"
+        if all(c.is_leaf() for c in s.children()):
+            return f"{s.type.__name__} of {s.num_children} tensor{'s' * (s.num_children != 1)}"
+        return f"{s.type.__name__} [{', '.join(text(c) for c in s.children())}]"
+
+    return "(" + ", ".join(text(c) for c in spec.children()) + ")"
+
+
+def _key(key: Any) -> Any:
+    return key.idx if isinstance(key, pytree.SequenceKey) else key.key
+
+
+def _where(path: tuple) -> str:
+    return f"{path[0].idx}" + "".join(f"[{_key(k)!r}]" for k in path[1:])

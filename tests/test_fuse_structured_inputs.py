@@ -1,0 +1,194 @@
+"""Models whose ``forward`` takes lists, tuples or dicts of tensors, or ``*args``: FPN necks and detection heads.
+
+fx gives each argument one Proxy, which their loops (``for f in feats``, ``len(inputs)``, ``x.keys()``) cannot
+iterate: ``fuse`` refused a list as an example input, and a ``*args`` forward was captured at fixed shapes.  Now
+the capture reads one tensor per input and calls ``forward`` with them in the example's structure
+(:mod:`repalgebra.frontend.structured`); the fused model takes that structure again, at any size, and refuses
+another (a fourth feature map it would not compute).  The models are written as mmdetection's and torchvision's
+FPNs and FCOS's head are.  Exactness in float64 to 1e-9 relative (``verify``'s float64 tolerance) at the example
+and at other batches and sizes; ONNX in float32 to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import OrderedDict
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repalgebra import export_onnx, fuse
+from zoo import count_bn, seeded
+
+D = torch.float64
+
+
+def conv_module(cin: int, cout: int, k: int) -> nn.Sequential:
+    """mmcv's ConvModule with a BN and a ReLU."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), bn=nn.BatchNorm2d(cout), activate=nn.ReLU()))
+
+
+class MMDetFPN(nn.Module):
+    """``forward(self, inputs: Tuple[Tensor])``: lateral 1x1s, a top-down sum resized to each level's shape, 3x3 outputs, and an
+    extra level by max pooling."""
+
+    def __init__(self, in_channels=(8, 16, 32), out_channels: int = 8, num_outs: int = 4) -> None:
+        super().__init__()
+        self.in_channels, self.num_outs = list(in_channels), num_outs
+        self.lateral_convs = nn.ModuleList(conv_module(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(conv_module(out_channels, out_channels, 3) for _ in in_channels)
+
+    def forward(self, inputs):
+        assert len(inputs) == len(self.in_channels)
+        laterals = [lateral_conv(inputs[i]) for i, lateral_conv in enumerate(self.lateral_convs)]
+        used_backbone_levels = len(laterals)
+        for i in range(used_backbone_levels - 1, 0, -1):
+            prev_shape = laterals[i - 1].shape[2:]
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=prev_shape, mode="nearest")
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(used_backbone_levels)]
+        for _ in range(self.num_outs - used_backbone_levels):
+            outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+        return tuple(outs)
+
+
+class TorchvisionFPN(nn.Module):
+    """``forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]``, its blocks picked by index in a loop."""
+
+    def __init__(self, in_channels=(8, 16, 32), out_channels: int = 8) -> None:
+        super().__init__()
+        self.inner_blocks = nn.ModuleList(conv_module(c, out_channels, 1) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(conv_module(out_channels, out_channels, 3) for _ in in_channels)
+
+    def _block(self, blocks: nn.ModuleList, x: torch.Tensor, idx: int) -> torch.Tensor:
+        idx = idx + len(blocks) if idx < 0 else idx
+        out = x
+        for i, module in enumerate(blocks):
+            if i == idx:
+                out = module(x)
+        return out
+
+    def forward(self, x):
+        names = list(x.keys())
+        x = list(x.values())
+        last_inner = self._block(self.inner_blocks, x[-1], -1)
+        results = [self._block(self.layer_blocks, last_inner, -1)]
+        for idx in range(len(x) - 2, -1, -1):
+            inner_lateral = self._block(self.inner_blocks, x[idx], idx)
+            inner_top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
+            last_inner = inner_lateral + inner_top_down
+            results.insert(0, self._block(self.layer_blocks, last_inner, idx))
+        return OrderedDict([(k, v) for k, v in zip(names, results)])
+
+
+class Scale(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class FCOSHead(nn.Module):
+    """``forward(self, *feats)``: one shared tower (conv + BN + ReLU) per level, a per-level scale on the box branch."""
+
+    def __init__(self, c: int = 8, levels: int = 3) -> None:
+        super().__init__()
+        self.tower = nn.Sequential(conv_module(c, c, 3), conv_module(c, c, 3))
+        self.cls, self.reg = nn.Conv2d(c, 4, 3, padding=1), nn.Conv2d(c, 4, 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0 + 0.5 * i) for i in range(levels))
+
+    def forward(self, *feats):
+        cls_scores, bbox_preds = [], []
+        for x, scale in zip(feats, self.scales):
+            t = self.tower(x)
+            cls_scores.append(self.cls(t))
+            bbox_preds.append(scale(self.reg(t)).float().exp())
+        return cls_scores, bbox_preds
+
+
+def feature_maps(batch: int, size: int, channels=(8, 16, 32), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, size // 2 ** k, size // 2 ** k, generator=g, dtype=D) for k, c in enumerate(channels)]
+
+
+def assert_same(want, got) -> None:
+    want, got = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9 * float(w.abs().max()))
+
+
+CASES = {
+    "mmdet FPN, a tuple": (MMDetFPN, lambda b, s: (tuple(feature_maps(b, s)),)),
+    "torchvision FPN, a dict": (TorchvisionFPN, lambda b, s: (OrderedDict(zip(["p3", "p4", "p5"], feature_maps(b, s))),)),
+    "FCOS head, *feats": (FCOSHead, lambda b, s: tuple(feature_maps(b, s, (8, 8, 8)))),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_neck_or_head_taking_its_feature_maps_together_fuses_at_any_size(case):
+    make, inputs = CASES[case]
+    model = seeded(make, 0)().to(D)
+    state = copy.deepcopy(model.state_dict())
+    fused = fuse(model, inputs(2, 16))
+    r = fused.fuse_report
+    assert r.capture == "fx" and count_bn(fused) == 0, str(r)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for b, s in ((2, 16), (1, 32), (3, 8)):
+        with torch.no_grad():
+            assert_same(model(*inputs(b, s)), fused(*inputs(b, s)))
+    assert type(fused(*inputs(1, 8))) is type(model(*inputs(1, 8)))  # a tuple, an OrderedDict, a pair of lists
+
+
+def test_another_structure_is_refused_by_the_fused_model_and_kept_through_copies():
+    model = seeded(MMDetFPN, 0)().to(D)
+    fused = fuse(model, (tuple(feature_maps(2, 16)),))
+    four = tuple(feature_maps(2, 32, (8, 16, 32, 64)))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for m in (fused, copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        with pytest.raises(TypeError, match=r"fused with inputs \(tuple of 3 tensors\).*called with \(tuple of 4 tensors\)"):
+            m(four)
+    again = fuse(fused, (tuple(feature_maps(2, 16)),))  # a fused model fuses to itself
+    assert again.fuse_report.ops_after == fused.fuse_report.ops_after, str(again.fuse_report)
+    with torch.no_grad():
+        assert_same(model(tuple(feature_maps(1, 8))), again(tuple(feature_maps(1, 8))))
+
+
+def test_a_part_kept_whole_returns_the_models_own_class_taking_its_structure():
+    """A forward fx cannot trace (a branch on a value) is kept whole: the copy is of the model's class, its
+    children fused, and takes the list as the model does."""
+
+    class Routed(MMDetFPN):
+        def forward(self, inputs):
+            outs = super().forward(inputs)
+            return outs if outs[0].sum() > -1e9 else outs[::-1]
+
+    model = seeded(Routed, 0)().to(D)
+    fused = fuse(model, (tuple(feature_maps(2, 16)),))
+    assert type(fused) is Routed and count_bn(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        assert_same(model(tuple(feature_maps(3, 32))), fused(tuple(feature_maps(3, 32))))
+
+
+@pytest.mark.parametrize("what", ["fused", "model"])
+def test_onnx_export_takes_one_input_per_tensor(what):
+    model = seeded(MMDetFPN, 0)().eval()
+    maps = [t.float() for t in feature_maps(2, 16)]
+    source = fuse(model, (tuple(maps),)) if what == "fused" else model
+    proto = export_onnx(source, None, input_shape=(tuple(maps),))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x0", "x1", "x2"]
+    other = [t.float() for t in feature_maps(3, 16, seed=1)]
+    got = session.run(None, {f"x{k}": t.numpy() for k, t in enumerate(other)})
+    with torch.no_grad():
+        want = model(tuple(other))
+    for w, g in zip(want, got):
+        assert float(np.abs(g - w.numpy()).max()) <= 1e-5 * float(w.abs().max())
