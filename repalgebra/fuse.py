@@ -371,7 +371,10 @@ def fuse(
             train or eval mode; it is not modified.  Fusion uses eval-mode
             semantics (BN running statistics, no dropout).
         example_inputs: a tensor or tuple of tensors the model is captured
-            and checked at.  When ``None``: the input size the model carries
+            and checked at, one per ``forward`` argument; an argument may be a
+            list, tuple or dict of tensors (an FPN's feature maps): the fused
+            model then takes that structure and refuses another.  When
+            ``None``: the input size the model carries
             (``model.pretrained_cfg["input_size"]`` or ``default_cfg``, as
             model-zoo libraries set it), else one guessed from the first
             Conv2d/Linear/BatchNorm at 64x64, then at 224x224.

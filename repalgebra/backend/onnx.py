@@ -1213,7 +1213,9 @@ def export_onnx(
     The module is traced into the IR with a random input of ``input_shape`` (or, for
     a model of several inputs, one of each shape in a tuple of shapes:
     ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype;
-    an example tensor in place of a shape is used as it is (a bool padding mask, integer token ids) (``torch.fx``; a submodule it cannot trace is kept whole,
+    an example tensor in place of a shape is used as it is (a bool padding mask, integer token ids); a model whose
+    ``forward`` takes lists, tuples or dicts of tensors is given an example of that structure (``(feats,)``), or,
+    fused by ``repalgebra.fuse``, one shape per tensor, and its ONNX model takes one input per tensor (``torch.fx``; a submodule it cannot trace is kept whole,
     and a module whose own ``forward`` it cannot trace is one opaque call),
     rewritten to its fused form (``fuse=True``; where ``torch.fx`` keeps parts
     whole, the module ``repalgebra.fuse`` returns, whose capture reads Python
