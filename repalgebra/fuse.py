@@ -412,8 +412,9 @@ def fuse(
     args = None if example_inputs is None else as_tuple(example_inputs)
     view = spec = None
     if args is not None and needs_flat_view(model, args) and not runs_own_hooks(model):
-        example_inputs, spec = flat_leaves(args)  # one capture input per tensor; forward gets the structure back
-        view = flat_view(model, spec)
+        leaves, spec = flat_leaves(args)  # one capture input per tensor; forward gets the structure back
+        view = flat_view(model, spec)  # None: a GraphModule that reads its arguments whole
+        example_inputs = leaves if view is not None else example_inputs
     fuser = _Fuser(view or model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     fused = fuser.fuse_model(inputs)
