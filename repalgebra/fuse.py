@@ -430,7 +430,7 @@ def fuse(
     report.buffers_before = _numel(b for b in model.buffers() if b.is_floating_point())
     report.buffers_after = _numel(b for b in fused.buffers() if b.is_floating_point())
     report.input_shapes = [tuple(t.shape) for t in inputs]
-    if report.params_after > report.params_before:
+    if report.params_after + report.buffers_after > report.params_before + report.buffers_before:  # buffers folded into weights are no growth
         report.notes.append(
             f"the fused model holds more parameters than the model ({report.params_before} -> {report.params_after}): a "
             "module called several times (a head shared across levels) is folded once per call, a part fused with "

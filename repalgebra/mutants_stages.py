@@ -66,6 +66,8 @@ _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 _ST = ("tests/test_fuse_structured_inputs.py",)
+_CD = ("tests/test_fuse_capture.py::test_constants_cast_to_the_dtype_of_a_computed_value_fold",
+       "tests/test_fuse_capture.py::test_a_constant_cast_to_an_inputs_dtype_stays_a_call")
 _STM = "repalgebra.frontend.structured"
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
@@ -159,6 +161,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_H1M}:lift_height_one", "env[id(n.out)] = flat(y, n.source)", "env[id(n.out)] = y", _H1),
     ("frontend", "height-one-bn-stays-1d", "a BatchNorm1d beside the convs of its input stays on the 3-D value",
      f"{_H1M}:_sinks", "(any(flats) or per_channel)", "any(flats)", _H1),
+    ("frontend", "computed-dtype-of-input", "a constant cast to an input's dtype made at capture (the caller's dtype fixed to the example's)",
+     "repalgebra.frontend.builder:_computed_dtype", "and a.args[0].producer is not None ", "", _CD),
+    ("frontend", "computed-dtype-unread", "a constant cast to a computed value's dtype stays a call (a frozen BN after a conv does not fold)",
+     "repalgebra.frontend.builder:_computed_dtype", "        return a.args[0].dtype\n", "        return a\n", _CD),
     ("frontend", "structured-leaves-reversed", "a model's feature maps read out of its list in reverse order",
      f"{_STM}:restructured", "zip(pytree.tree_flatten_with_path(args)[0], old)", "zip(pytree.tree_flatten_with_path(args)[0], old[::-1])", _ST),
     ("frontend", "structured-first-argument", "every tensor read out of the first argument (a *args head's levels all from the first)",

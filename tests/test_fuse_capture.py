@@ -704,6 +704,47 @@ def test_tests_of_gradients_and_device_are_taken_as_the_fused_model_runs(which):
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)  # folded in float64
 
 
+class _FrozenBNCast(_FrozenBN):
+    """detectron2's other branch, written as its public code writes it: the folded statistics cast to ``x.dtype``."""
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        out_dtype = x.dtype
+        return x * scale.reshape(1, -1, 1, 1).to(out_dtype) + bias.reshape(1, -1, 1, 1).to(out_dtype)
+
+
+def test_constants_cast_to_the_dtype_of_a_computed_value_fold():
+    """``scale.to(x.dtype)`` for an ``x`` the model computes (a conv's output) is the constant in the model's dtype:
+    made once at capture, so the frozen BN folds into the conv.  It was carried as two calls, and nothing folded;
+    the report also blamed shared heads for the buffers that became a conv bias."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), _FrozenBNCast(8), nn.ReLU()).double())
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    r = fused.fuse_report
+    assert r.ops_after == {"conv2d": 1, "relu": 1} and not any("more parameters" in n for n in r.notes), str(r)
+    y = torch.randn(3, 3, 11, 9, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+
+
+def test_a_constant_cast_to_an_inputs_dtype_stays_a_call():
+    """An input's dtype is the caller's to choose: ``self.gamma.to(x.dtype)`` of the model's input is not made at
+    capture (fused, the model still runs in float32 when called in float32)."""
+
+    class InputCast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+            self.conv = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x * self.gamma.to(x.dtype))
+
+    model = randomized(InputCast().double())
+    fused = check_exact(model, torch.randn(2, 8, 6, 6, dtype=D))
+    assert fused.fuse_report.opaque, str(fused.fuse_report)
+
+
 def test_top_level_data_dependent_model_keeps_itself_whole():
     class M(nn.Module):
         def __init__(self) -> None:

@@ -229,7 +229,12 @@ class Builder:
         return self.opaque(n, kind, target, args, kwargs, info)
 
     def fold(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict) -> Const | None:
-        """A pure call on constants only (:mod:`repalgebra.frontend.pure`), made now: its result, a constant."""
+        """A pure call on constants only (:mod:`repalgebra.frontend.pure`), made now: its result, a constant.
+
+        The dtype of a value the model computes counts as a constant (``scale.to(x.dtype)``, detectron2's frozen BN
+        after a conv): a cast of the whole model changes it and the constants alike (as :func:`_f_to_dtype_of`
+        argues); an input's dtype does not (a caller may pass another)."""
+        args, kwargs = tuple(map(_computed_dtype, args)), {k: _computed_dtype(v) for k, v in kwargs.items()}
         leaves = pytree.tree_leaves((args, kwargs))
         consts = [a for a in leaves if isinstance(a, Const)]
         if (not consts or any(isinstance(a, Value) or (isinstance(a, SymExpr) and _has_value(a.args, a.kwargs)) for a in leaves)
@@ -313,6 +318,14 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 def _has_const(*trees: Any) -> bool:
     return any(isinstance(a, Const) for a in pytree.tree_leaves(trees))
+
+
+def _computed_dtype(a: Any) -> Any:
+    """``x.dtype`` (a template) as the dtype itself where ``x`` is a value the model computes, not an input."""
+    if (isinstance(a, SymExpr) and a.kind == "call_function" and a.target is getattr and a.args[1:] == ("dtype",)
+            and isinstance(a.args[0], Value) and a.args[0].producer is not None and a.args[0].dtype is not None):
+        return a.args[0].dtype
+    return a
 
 
 def _has_value(*trees: Any) -> bool:
