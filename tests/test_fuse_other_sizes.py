@@ -151,3 +151,33 @@ def test_export_keeps_a_reshape_s_minus_one_where_the_model_wrote_it(tmp_path):
         for g, w in zip(got, model(x)):
             assert g.shape == tuple(w.shape)
             np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class T5Style(nn.Module):
+    """T5's layer: an RMSNorm whose weight multiplies the normed input, then an attention whose projections are
+    reshaped with sizes unpacked from a slice of the shape (``bs, L = h.shape[:2]``); a conv stem's ``H, W =
+    x.shape[-2:]`` the same way.  The sizes become shape reads of ``h`` (a ``reshape_dyn``), not a carried call,
+    so the norm's weight has the projection as its one reader and folds into it (``bn_into_linear``)."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(d, generator=torch.Generator().manual_seed(0)))
+        self.q, self.heads = nn.Linear(d, d, bias=False), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        bs, L = h.shape[:2]
+        q = self.q(h).view(bs, L, self.heads, -1).transpose(1, 2)
+        width, = h.shape[-1:]
+        return x + q.transpose(1, 2).reshape(bs * L, width).reshape(bs, L, width)
+
+
+def test_sizes_unpacked_from_a_slice_of_the_shape_are_shape_reads():
+    model = T5Style().double().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 5, 16, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx" and r.rule_counts().get("bn_into_linear") == 1 and "opaque" not in r.ops_after, str(r)
+    for shape in ((2, 5, 16), (3, 9, 16), (1, 1, 16)):
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

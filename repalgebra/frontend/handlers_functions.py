@@ -281,6 +281,15 @@ def _dyn_sizes(sizes: tuple) -> tuple[list[Value], tuple] | None:
     return refs, tuple(entries)
 
 
+def _shape_of(e: SymExpr) -> Value | None:
+    """``v`` where ``e`` is ``v.shape`` or ``v.size()``."""
+    if e.target is getattr and e.args[1:] == ("shape",) and shaped(e.args[0]) is not None:
+        return e.args[0]
+    if e.target == "size" and len(e.args) == 1 and not e.kwargs and shaped(e.args[0]) is not None:
+        return e.args[0]
+    return None
+
+
 def _size_factors(e: Any) -> list | None:
     """A size as a product of ints and ``(value, axis)`` sizes read from shapes, or None."""
     if is_int(e):
@@ -290,10 +299,15 @@ def _size_factors(e: Any) -> list | None:
     t, a = e.target, e.args
     if t is operator.getitem and len(a) == 2 and is_int(a[1]) and isinstance(a[0], SymExpr):
         inner = a[0]
-        if inner.target is getattr and inner.args[1:] == ("shape",) and shaped(inner.args[0]) is not None:
-            return [(inner.args[0], a[1])]
-        if inner.target == "size" and len(inner.args) == 1 and not inner.kwargs and shaped(inner.args[0]) is not None:
-            return [(inner.args[0], a[1])]
+        if (v := _shape_of(inner)) is not None:
+            return [(v, a[1])]
+        # ``bs, L = h.shape[:2]`` (T5's attention): an item of a slice of the shape
+        if inner.target is operator.getitem and len(inner.args) == 2 and isinstance(inner.args[1], slice):
+            v = _shape_of(inner.args[0]) if isinstance(inner.args[0], SymExpr) else None
+            axes = range(len(v.shape))[inner.args[1]] if v is not None and all(
+                x is None or is_int(x) for x in (inner.args[1].start, inner.args[1].stop, inner.args[1].step)) else range(0)
+            if -len(axes) <= a[1] < len(axes):
+                return [(v, axes[a[1]])]
     if t == "size" and len(a) == 2 and is_int(a[1]) and not e.kwargs and shaped(a[0]) is not None:
         return [(a[0], a[1])]
     if t is operator.mul and len(a) == 2 and not e.kwargs:
