@@ -1817,3 +1817,4 @@ def test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs(wrap,
     for other in (x, torch.randn(3, 4, 9, 5, dtype=D)):
         assert verify(model, fused, other, n=1, dtype=D)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
