@@ -782,6 +782,21 @@ def test_reasons_for_values_read_from_tensors_are_said_in_words():
     assert not any(w in text for text in why.values() for w in ("Eq(", "u0", "Size-like", "Proxy'")), why
 
 
+def test_a_tensor_made_from_a_size_is_said_in_words():
+    """RAFT's ``corr / torch.sqrt(torch.tensor(dim).float())``: fx's own message was about ``__cuda_array_interface__``."""
+
+    class Corr(nn.Module):
+        def forward(self, x):
+            dim = x.shape[1]
+            return x / torch.sqrt(torch.tensor(dim).float())
+
+    model = randomized(nn.Sequential(conv_bn(3, 4), Corr()))
+    fused = check_exact(model, torch.randn(2, 3, 6, 6, dtype=D))
+    reasons = " ".join(p.reason for p in fused.fuse_report.parts)
+    assert "torch.tensor() of a value torch.fx only knows symbolically" in reasons, str(fused.fuse_report)
+    assert "__cuda_array_interface__" not in reasons
+
+
 class WindowReverse(nn.Module):
     """Swin's ``window_reverse``: ``B = int(windows.shape[0] / (H * W / ws / ws))``, the batch as a Python number."""
 

@@ -81,6 +81,8 @@ _PLAIN = (
     (r"(int|float|bool)\(\) argument must be .*not '_?Proxy'", r"\1() of a value torch.fx only knows symbolically (a tensor, or a size read from one)"),
     (r"Found <class '(?:[\w.]+\.)?(\w+)'> in output, which is not a known type",
      r"its output type \1 is not registered with torch's pytree, which torch.export needs"),
+    (r"`?__cuda_array_interface__`? must be a dict", "torch.tensor() of a value torch.fx only knows symbolically (a size read from a tensor)"),
+    (r"Proxy object cannot be iterated", "a loop or *unpacking over a value torch.fx only knows symbolically (a tensor, its shape, or a *args argument)"),
     (r"Constraints violated \((\w+)\)!", r"the code computes with the \1 size as a number (int(), a Python division), which cannot stay symbolic"),
 )
 
