@@ -15,6 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from test_fuse_conv1d import assert_exact_at  # float64, to 1e-9 relative, at each shape
+
 from repalgebra import fuse
 from zoo import count_bn, seeded
 
@@ -40,15 +42,6 @@ class RepVGGBlock3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         id_out = 0 if self.rbr_identity is None else self.rbr_identity(x)
         return self.nonlinearity(self.rbr_dense(x) + self.rbr_1x1(x) + id_out)
-
-
-def assert_exact_at(model: nn.Module, fused: nn.Module, shapes: list[tuple[int, ...]]) -> None:
-    g = torch.Generator().manual_seed(3)
-    for shape in shapes:
-        x = torch.randn(shape, generator=g, dtype=D)
-        with torch.no_grad():
-            want, got = model(x), fused(x)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), msg=lambda m: f"at {shape}: {m}")
 
 
 @given(k=st.sampled_from([3, 5]), groups=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]), widths=st.sampled_from([(4, 4), (4, 8)]))
