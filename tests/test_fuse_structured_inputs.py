@@ -192,3 +192,30 @@ def test_onnx_export_takes_one_input_per_tensor(what):
         want = model(tuple(other))
     for w, g in zip(want, got):
         assert float(np.abs(g - w.numpy()).max()) <= 1e-5 * float(w.abs().max())
+
+
+def test_a_structured_model_captured_at_fixed_shapes_keeps_its_shape_guard_through_copies():
+    """Python that reads a size (``if y.shape[-1] % 2``) sends the flat view to torch.export: the fused model
+    takes the list, and refuses other sizes, also as a deep copy."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, feats):
+            out = []
+            for f in feats:
+                y = self.bn(self.conv(f))
+                out.append(y * 2 if y.shape[-1] % 2 == 0 else y)
+            return out
+
+    model = seeded(Branchy, 0)().to(D)
+    maps = [torch.randn(2, 4, 8, 8, dtype=D), torch.randn(2, 4, 4, 4, dtype=D)]
+    fused = fuse(model, (maps,))
+    assert fused.fuse_report.capture == "specialized" and count_bn(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        assert_same(model(maps), fused(maps))
+    for m in (fused, copy.deepcopy(fused)):
+        with pytest.raises(ValueError, match="fixed at"):
+            m([torch.randn(2, 4, 7, 7, dtype=D), maps[1]])

@@ -152,8 +152,8 @@ def restructured(gm: fx.GraphModule, model: nn.Module, spec: pytree.TreeSpec) ->
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
     new = fx.GraphModule(gm, graph, type(gm).__name__)
-    for hook in gm._forward_pre_hooks.values():
-        new.register_forward_pre_hook(hook, with_kwargs=True)
+    for hook in gm._forward_pre_hooks.values():  # a shape guard: also on the copies (its own install)
+        hook.install(new) if hasattr(hook, "install") else new.register_forward_pre_hook(hook, with_kwargs=True)
     return new.train(gm.training)
 
 
