@@ -487,6 +487,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("torch_backend", "shared-config-unchecked", "calls of one source share a module whatever their padding or stride",
      f"{_TB}:_same_module", "or a.extra_repr() != b.extra_repr() or", "or", _TORCH),
     # ================================================================ ONNX back end
+    ("onnx_backend", "bool-in-torch-counted", "torch's own size checks (InstanceNorm's) reported as the model's control flow on values",
+     "repalgebra.backend.onnx_fallback:_called_by_torch", "return f is not None and f.f_code.co_filename.startswith(_TORCH_DIR)", "return False",
+     ("tests/test_onnx_fallback.py::test_torch_s_own_size_checks_are_not_reported_as_control_flow",)),
+    ("onnx_backend", "bool-in-model-unreported", "the model's own branch on a value exported without the note that one branch is fixed",
+     "repalgebra.backend.onnx_fallback:_called_by_torch", "return f is not None and f.f_code.co_filename.startswith(_TORCH_DIR)", "return True",
+     ("tests/test_onnx_fallback.py::test_model_fx_cannot_trace_at_all_is_exported_whole",)),
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
     ("onnx_backend", "conv-pads-torch-order", "ONNX Conv pads written in torch order [left, right, top, bottom]", f"{_OB}:_conv",

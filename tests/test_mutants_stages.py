@@ -55,6 +55,7 @@ FEW = {
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
     "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
+    "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }

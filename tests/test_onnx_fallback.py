@@ -684,3 +684,12 @@ def test_when_the_batch_is_fixed_anyway_the_way_with_less_fallback_is_taken():
     assert not report.dynamic_batch and report.summary() == "none", report
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+def test_torch_s_own_size_checks_are_not_reported_as_control_flow():
+    """InstanceNorm (CycleGAN) goes to torch.onnx.export, whose trace sees ``F.instance_norm`` check that a channel
+    has more than one value: a check in torch's code, not the model branching on its values.  The note said it was,
+    once per InstanceNorm; the model's own branch is still reported (above)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU()).eval()
+    _, report = export_onnx(model, None, (1, 3, 8, 8), return_report=True)
+    assert report.fallback and not any("Python boolean" in n for n in report.notes), report.notes

@@ -550,7 +550,7 @@ def export_region(
             copy.deepcopy(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
-    branches = sum(isinstance(w.message, torch.jit.TracerWarning) and "Python boolean" in str(w.message) for w in caught)
+    branches = mode.branches
     return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), branches
 
 
@@ -766,9 +766,12 @@ class Rewrites(TorchFunctionMode):
         super().__init__()
         self.opset = opset
         self.used: list[str] = []
+        self.branches = 0  # tensor values the model's own code turned into Python booleans
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.__bool__ and not _called_by_torch():
+            self.branches += 1
         try:
             entry = REWRITES.get(func)
         except TypeError:  # an unhashable callable
@@ -779,6 +782,18 @@ class Rewrites(TorchFunctionMode):
                 self.used.append(entry[0])
                 return out
         return func(*args, **kwargs)
+
+
+def _called_by_torch() -> bool:
+    """Whether the ``bool(tensor)`` being dispatched was written in torch's own code (InstanceNorm's check that a
+    channel has more than one value): a check of sizes, not the model's control flow on values."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.endswith((os.path.join("torch", "overrides.py"), os.path.join("torch", "_tensor.py"))):
+        f = f.f_back
+    return f is not None and f.f_code.co_filename.startswith(_TORCH_DIR)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 # --------------------------------------------------------------------------- splice
