@@ -30,10 +30,11 @@ import contextlib
 import copy
 import inspect
 import io
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -168,10 +169,8 @@ def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, r
     """``fused`` (made from a flat view of ``model``: :mod:`repalgebra.frontend.structured`) taking ``model``'s
     arguments again: a fused graph reads its tensors out of them and refuses another structure; a copy of the
     model (kept whole, or nothing folded) is of the model's class again."""
-    if getattr(type(fused), "_repalgebra_flat_view", None) is not None:
+    if not isinstance(fused, fx.GraphModule):  # a copy of the view (kept whole, nothing folded), or a wrapper
         return unviewed(fused, model)
-    if not isinstance(fused, fx.GraphModule):
-        return fused
     fused = restructured(fused, model, spec)
     StructureGuard(pytree.treespec_dumps(spec)).install(fused)
     report.notes.append(f"forward takes {structure_text(spec)}: captured with one input per tensor ({spec.num_leaves}); the "
@@ -910,10 +909,15 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
 
 
-def _quiet_fx() -> contextlib.AbstractContextManager:
-    """Standard error silenced: a GraphModule prints its generated code's traceback there before raising, also for
-    an error ``fuse`` expects and handles (a float64 run of a part that computes in float32 on purpose)."""
-    return contextlib.redirect_stderr(io.StringIO())
+@contextlib.contextmanager
+def _quiet_fx() -> Iterator[None]:
+    """Standard error held back while a run that may fail runs: a GraphModule prints its generated code's traceback
+    there before raising, also for an error ``fuse`` expects and handles (a float64 run of a part that computes in
+    float32 on purpose).  A run that succeeds shows what it printed (a warning of a carried call) after all."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
 
 
 def _second_call_difference(reference: nn.Module, candidate: nn.Module, inputs: tuple, tol: float) -> str | None:

@@ -1089,10 +1089,12 @@ def _flat_for_export(module: torch.nn.Module, input_shape: Any) -> tuple[torch.n
     from repalgebra.fuse import StructureGuard
 
     guard = next((h for h in module._forward_pre_hooks.values() if isinstance(h, StructureGuard)), None)
+    def of_tensors(a: Any) -> bool:  # a container of tensors (an example), not a shape (a tuple of ints)
+        leaves = pytree.tree_leaves(a)
+        return isinstance(a, (list, tuple, dict)) and bool(leaves) and all(torch.is_tensor(t) for t in leaves)
+
     given = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else (input_shape,)
-    structured = any(isinstance(a, (list, tuple, dict)) and pytree.tree_leaves(a) and all(torch.is_tensor(t) for t in pytree.tree_leaves(a))
-                     for a in given)
-    if structured:
+    if any(map(of_tensors, given)):
         leaves, spec = flat_leaves(given)
     elif guard is not None:  # one shape or tensor per tensor of the structure
         leaves, spec = input_shape, pytree.treespec_loads(guard.spec)
