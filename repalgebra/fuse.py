@@ -162,6 +162,10 @@ class FuseReport:
 _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a part whose capture folds nothing
 
 
+# Why an fx capture holds at the example's ranks only: an unbatched image through a graph captured batched would
+# concatenate, slice or split along another axis than the model does.
+_RANK_WHY = "its graph holds each axis at the example's number of axes (an axis counted from the end, dim=-1, is a fixed axis in it)"
+
 _TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
 
@@ -207,6 +211,7 @@ class ShapeGuard:
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
     dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
+    free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see rank_guard)
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
@@ -226,6 +231,15 @@ class ShapeGuard:
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
+        if self.free_sizes:
+            if len(got) != len(self.shapes):
+                return  # another number of tensors: forward itself, or the StructureGuard, refuses the call
+            ranks = lambda ss: ", ".join(str(len(s)) for s in ss)  # noqa: E731
+            raise ValueError(
+                f"{self.where} was fused at inputs with {ranks(self.shapes)} axes (any sizes) and was called with "
+                f"{ranks(got)} ({', '.join('x'.join(map(str, g)) for g in got)}): {self.why}. Fuse the model again with "
+                "an example input with as many axes as you run it with."
+            )
         fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
         fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
@@ -246,6 +260,8 @@ class ShapeGuard:
         if self.shapes is None:
             return True
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # a list of feature maps: each
+        if self.free_sizes:
+            return _ranks_fit(got, self.shapes)
         if not self.free_batch:
             return got == self.shapes
         return (
@@ -253,6 +269,11 @@ class ShapeGuard:
             and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
             and len({g[0] for g in got}) == 1
         )
+
+
+def _ranks_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]]) -> bool:
+    """Whether shapes ``got`` have as many axes, one by one, as ``shapes``."""
+    return len(got) == len(shapes) and all(len(g) == len(s) for g, s in zip(got, shapes))
 
 
 def _dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -347,12 +368,12 @@ class ShapeDispatch(nn.Module):
     shapes the example never gave it, and the user cannot choose an example that gives them all.
     """
 
-    def __init__(self, fused: nn.Module, original: nn.Module, guard: ShapeGuard) -> None:
+    def __init__(self, fused: nn.Module, original: nn.Module, guards: list[ShapeGuard]) -> None:
         super().__init__()
-        self.fused, self.original, self.guard = fused, original, guard
+        self.fused, self.original, self.guards = fused, original, guards
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and self.guard.fits(args, self.fused):
+        if not kwargs and all(g.fits(args, self.fused) for g in self.guards):
             return self.fused(*args)
         return self.original(*args, **kwargs)
 
@@ -467,9 +488,10 @@ class _Fuser:
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
-        # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it.
+        # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it (a guard
+        # of the ranks alone need not stay: the new capture guards its own inputs' ranks).
         self.user_leaves += [p for p, m in model.named_modules() if p not in self.user_leaves
-                             and any(isinstance(h, ShapeGuard) for h in m._forward_pre_hooks.values())]
+                             and any(isinstance(h, ShapeGuard) and not h.free_sizes for h in m._forward_pre_hooks.values())]
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
@@ -633,10 +655,10 @@ class _Fuser:
             return copy.deepcopy(module)  # a leaf is carried through untouched, also under a parent kept whole
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
-            guard = next((h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)), None)
-            if guard is not None:  # fixed shapes: other calls (another branch of the parent) run the original
-                fused._forward_pre_hooks.clear()
-                fused = ShapeDispatch(fused, copy.deepcopy(module), guard)
+            guards = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
+            if not all(g.free_sizes for g in guards):  # fixed shapes: other calls (another branch of the parent) run the original
+                fused._forward_pre_hooks.clear()  # (a guard of the ranks alone stays: a call of another rank is rare, and refused)
+                fused = ShapeDispatch(fused, copy.deepcopy(module), guards)
                 self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
             if all(self.same(module, fused, c) is None for c in calls[1:]):
                 return fused
@@ -708,7 +730,7 @@ class _Fuser:
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
-        free_batch = cap.batch_free
+        free_batch, sized = cap.batch_free, False
         if self.check:
             # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
             # (a float64 model's ``F.group_norm(y.float(), 1, w.float())``): those as the model holds them.
@@ -738,8 +760,11 @@ class _Fuser:
                     why = ("its folded graph differs from it at other sizes: a reshape keeps an axis whole at the "
                            "example's sizes only, where an axis has size 1 or two sizes coincide")
                     ShapeGuard([tuple(t.shape) for t in inputs], _where(path), batch_holds, why=why).install(fused)
+                    sized = True
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
             self.stage["check"] += time.perf_counter() - t2
+        if cap.how == "fx" and not sized:
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         if cap.how == "specialized":
             dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype).install(fused)

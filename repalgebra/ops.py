@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from repalgebra.one_call import traced_as_one_call
+
 REQUIRED = object()  # attribute default meaning "must be given"
 KINDS = ("linear", "layout", "nonlinear", "opaque")
 
@@ -552,6 +554,7 @@ def chunk(x, *, chunks=REQUIRED, index=REQUIRED, axis=0):
     return chunk_piece(x, chunks, axis, index)
 
 
+@traced_as_one_call  # in a fused module's code: traced again (export_onnx, unpickling), one call
 def chunk_piece(x: Tensor, chunks: int, axis: int, index: int) -> Tensor:
     """``x.chunk(chunks, axis)[index]``, and a ``ValueError`` saying why where the axis is too short for that piece.
 

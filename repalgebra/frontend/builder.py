@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, squeeze_to_rank
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
@@ -260,6 +260,8 @@ class Builder:
         """Carry the call through unchanged as an ``opaque`` node."""
         if kind == "call_module" and not kwargs and all(isinstance(a, Value) for a in args):
             fn, inputs = target, list(args)
+        elif (dim := _squeeze_dim(kind, target, args, kwargs)) is not _NOT_SQUEEZE and isinstance(info, TensorInfo):
+            fn, inputs = _compile("call_function", squeeze_to_rank, (args[0], dim, len(info.shape)), {})
         else:
             fn, inputs = _compile(kind, target, args, kwargs)
         shape, dtype = (info.shape, info.dtype) if isinstance(info, TensorInfo) else (None, None)
@@ -267,6 +269,20 @@ class Builder:
 
     def leave_bn(self, n: fx.Node, reason: str) -> None:
         self.left_alone.append(LeftAlone(self.source(n), "batch_norm", reason))
+
+
+_NOT_SQUEEZE = object()
+
+
+def _squeeze_dim(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """The ``dim`` of a carried ``x.squeeze(...)`` / ``torch.squeeze(x, ...)`` of a traced tensor (None: every axis of
+    size 1), else ``_NOT_SQUEEZE``.  How many axes it drops depends on the sizes: carried as :func:`squeeze_to_rank`."""
+    if not ((kind == "call_method" and target == "squeeze") or (kind == "call_function" and target is torch.squeeze)):
+        return _NOT_SQUEEZE
+    if not args or not isinstance(args[0], Value) or len(args) > 2 or set(kwargs) - {"dim"}:
+        return _NOT_SQUEEZE
+    dim = args[1] if len(args) == 2 else kwargs.get("dim")
+    return dim if dim is None or isinstance(dim, int) or (isinstance(dim, tuple) and all(isinstance(d, int) for d in dim)) else _NOT_SQUEEZE
 
 
 def _is_named_tuple(t: Any) -> bool:

@@ -12,13 +12,14 @@ re-traces a fused model), a call records itself as the one fx node it was.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
+
+from repalgebra.one_call import traced_as_one_call
 
 
 @dataclass(frozen=True)
@@ -134,22 +135,23 @@ def invoke(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return target(*args, **kwargs)
 
 
-def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn``, recorded as one fx call where an argument is a Proxy, instead of running its body on Proxies.
+@traced_as_one_call
+def squeeze_to_rank(x: torch.Tensor, dim: Any, rank: int) -> torch.Tensor:
+    """``x.squeeze()`` (``dim=None``) or ``x.squeeze(dim)`` as traced: with ``rank`` axes, else an error.
 
-    For the front end's own helpers (``setitem_copy``) that the torch back end writes into a fused module's
-    code: tracing that module again (``export_onnx``, ``fuse`` of a fused model, unpickling a GraphModule) then
-    records the helper as the original trace did, as torch functions record themselves."""
+    Which axes a squeeze drops depends on the sizes (an axis of size 1 at batch 1 only); the graph after it holds
+    its axes as counted at the example (``dim=-1`` a fixed axis), so at another rank it would compute something
+    else: it refuses instead."""
+    return _of_rank(x.squeeze() if dim is None else x.squeeze(dim), rank, f"x.squeeze({'' if dim is None else dim}) of a "
+                    f"{'x'.join(map(str, x.shape))} tensor")
 
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        for a in args:
-            if isinstance(a, fx.Proxy):
-                return a.tracer.create_proxy("call_function", call, args, kwargs)
-        return fn(*args, **kwargs)
 
-    call.traced_as_one_call = True  # type: ignore[attr-defined]
-    return call
+def _of_rank(y: torch.Tensor, rank: int, what: str) -> torch.Tensor:
+    """``y``, where it has ``rank`` axes; else a ValueError saying that ``what`` made it."""
+    if y.dim() != rank:
+        raise ValueError(f"{what} has {y.dim()} axes, where the fused model was captured with {rank} (sizes of 1 where "
+                         "the example had none, or the reverse): fuse the model again with an example of that kind")
+    return y
 
 
 def target_name(target: Any) -> str:
@@ -239,4 +241,4 @@ class CallFn(nn.Module):
         return target_name(self.fn)
 
 
-__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "traced_as_one_call"]
+__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank"]

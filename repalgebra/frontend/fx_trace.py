@@ -59,7 +59,7 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     work.eval()
     # fx never asks whether the root is a leaf, calls its forward without its hooks, and traces its class's forward
     # (not one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
-    wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or has_hooks(work)
+    wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or _runs_hooks(work)
                or "forward" in vars(work))
     if wrapped:
         work = Root(work)
@@ -212,6 +212,12 @@ def runs_own_hooks(m: nn.Module) -> bool:
 def has_hooks(m: nn.Module) -> bool:
     """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module)."""
     return bool(m._forward_pre_hooks or m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
+
+
+def _runs_hooks(m: nn.Module) -> bool:
+    """:func:`has_hooks`, less checks that change nothing (a fused model's guard: a trace may step past it)."""
+    hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+    return any(not getattr(h, "checks_only", False) for h in hooks) or bool(_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
 
 
 # Forward pre-hooks that only set ``weight`` from other parameters before each call (the old hook-based

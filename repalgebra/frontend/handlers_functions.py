@@ -27,6 +27,7 @@ from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
 from repalgebra.frontend.inplace import setitem_copy
 from repalgebra.ir import Value
+from repalgebra.ops import chunk_piece
 
 # --------------------------------------------------------------------------- arithmetic
 
@@ -393,14 +394,16 @@ def _f_unsqueeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
 
 
 def _f_squeeze(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``x.squeeze(dim)`` with an int ``dim``: a reshape that reads the other sizes at run time (a no-op if not 1)."""
+    """``x.squeeze(dim)`` with an int ``dim`` of an axis of size 1: a reshape that reads the other sizes at run time
+    (it fails where that axis is not 1).  Of an axis not 1 here, it is no op at this size but drops the axis at a
+    size of 1 (a batch of one): carried (:func:`~repalgebra.frontend.builder.Builder.opaque` checks its rank)."""
     a = bind([("input", REQ), ("dim", REQ)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or not a["input"].shape or constant(a["input"]) is not None:
         return None
     x = a["input"]
     axis = a["dim"] % len(x.shape)
     if x.shape[axis] != 1:
-        return "identity", [x], {}, {}, ""
+        return None
     shape = tuple(((0, k),) for k in range(len(x.shape)) if k != axis)
     return "reshape_dyn", [x, x], {"shape": shape}, {}, ""
 
@@ -477,6 +480,14 @@ def _part(parts: Value, index: Any) -> Made:
         start = sum(sizes[:index])
         stop = start + sizes[index]
     return "slice", [x], {"axis": axis, "start": start, "end": stop, "step": 1}, {}, ""
+
+
+def _f_chunk_piece(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """:func:`~repalgebra.ops.chunk_piece` in a fused module traced again: the ``chunk`` op it lowers."""
+    a = bind([("x", REQ), ("chunks", REQ), ("axis", REQ), ("index", REQ)], args, kwargs)
+    if a is None or shaped(a["x"]) is None or not all(is_int(a[k]) for k in ("chunks", "axis", "index")):
+        return None
+    return "chunk", [a["x"]], {"chunks": a["chunks"], "index": a["index"], "axis": a["axis"]}, {}, ""
 
 
 def _f_select(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1147,6 +1158,7 @@ _register(_f_expand, ("method", "expand"), ("method", "expand_as"))
 _register(_f_repeat, ("method", "repeat"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
 _register(_f_setitem_copy, setitem_copy)
+_register(_f_chunk_piece, chunk_piece)
 _register(_f_zeros_like, torch.zeros_like)
 _register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
 _register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from repalgebra.frontend.calls import traced_as_one_call
+from repalgebra.one_call import traced_as_one_call
 
 __all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "setitem_copy", "versions"]
 

@@ -1,0 +1,34 @@
+"""A helper function of ours that a fused module's generated code calls, recorded as one fx call when traced again.
+
+The torch back end writes a few of our own functions into a fused module's code (``chunk_piece``, the front end's
+``setitem_copy``).  Traced again by any fx tracer (``export_onnx``, ``fuse`` of a fused model, unpickling a
+GraphModule, which retraces its code with torch's own tracer), their Python bodies would run on Proxies and fail
+(``len`` of a Proxy) or record something else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from torch import fx
+
+__all__ = ["traced_as_one_call"]
+
+
+def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, recorded as one fx call where an argument is a Proxy, instead of running its body on Proxies.
+
+    For the front end's own helpers (``setitem_copy``) that the torch back end writes into a fused module's
+    code: tracing that module again (``export_onnx``, ``fuse`` of a fused model, unpickling a GraphModule) then
+    records the helper as the original trace did, as torch functions record themselves."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for a in args:
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", call, args, kwargs)
+        return fn(*args, **kwargs)
+
+    call.traced_as_one_call = True  # type: ignore[attr-defined]
+    return call

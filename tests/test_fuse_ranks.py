@@ -1,0 +1,152 @@
+"""A fused graph holds its axes as counted at the example's number of axes: at another, it refuses.
+
+``torch.cat([y, z], -1)`` on a ``(B, N, C)`` example is a concat along axis 2 in the captured graph.  Called with
+a ``(G, B, N, C)`` input (which the model itself accepts), that graph would concatenate along ``N``; a conv model
+fused with a batch and then given one unbatched image would concatenate its rows instead of its channels.  The
+fused model refuses another number of axes by name; at other sizes of the same rank it is the model.  A squeeze
+drops as many axes as the sizes have ones: the fused model checks what it dropped.  Compared in float64 to 1e-9
+relative (a fold rounds once per parameter); the ONNX export in float32 to 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import repalgebra
+
+D = torch.float64
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-9) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= rtol * float(a.abs().max())
+
+
+class Tokens(nn.Module):
+    """Two Linears (which fold into one), then ``body`` of the tokens."""
+
+    def __init__(self, body) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.body = nn.Linear(6, 6), nn.Linear(6, 6), body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.fc2(self.fc1(x)))
+
+
+class Body(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(y)
+
+
+BODIES = {
+    "cat": lambda y: torch.cat([y, 2 * y], -1),
+    "chunk": lambda y: y.chunk(2, -1)[0] * y.chunk(2, -1)[1],
+    "slice": lambda y: y[..., 1:],
+    "softmax": lambda y: y.softmax(-1),
+}
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_a_fused_graph_refuses_another_number_of_axes(body):
+    torch.manual_seed(0)
+    model = Tokens(Body(BODIES[body])).to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 6, 6, dtype=D))
+    assert fused.fuse_report.fired, "the two Linears fold: the graph is a capture, not a copy of the model"
+    other = torch.randn(3, 5, 6, dtype=D)
+    with torch.no_grad():
+        assert close(model(other), fused(other))
+        grouped = torch.randn(3, 2, 6, 6, dtype=D)
+        model(grouped)  # the model runs at four axes
+        for candidate in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            with pytest.raises(ValueError, match=r"fused at inputs with 3 axes .*called with 4 \(3x2x6x6\)"):
+                candidate(grouped)
+
+
+class Stem(nn.Module):
+    """A conv stem whose two branches meet in a concat along the channels, counted from the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b(self.a(x)), self.c(x)], -3)
+
+
+def test_one_unbatched_image_into_a_model_fused_with_a_batch_is_refused():
+    torch.manual_seed(0)
+    model = Stem().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert {f.rule for f in fused.fuse_report.fired} == {"seq_merge"}
+    image = torch.randn(3, 8, 8, dtype=D)
+    with torch.no_grad():
+        assert model(image).shape == (8, 8, 8)  # conv2d takes one image unbatched; the concat is of its channels
+        with pytest.raises(ValueError, match="fused at inputs with 4 axes"):
+            fused(image)
+        assert close(model(image[None]), fused(image[None]))
+
+
+class Squeezed(nn.Module):
+    """``x.squeeze()``, as a classifier head writes it after a pool, or ``x.squeeze(dim)``, then a concat counted
+    from the end."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.dim = nn.Linear(6, 6), nn.Linear(6, 6), dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.fc1(x.squeeze() if self.dim is None else x.squeeze(self.dim)))
+        return torch.cat([y, 2 * y], -2)
+
+
+def test_a_squeeze_that_drops_another_number_of_axes_is_refused():
+    torch.manual_seed(0)
+    model = Squeezed().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 1, 4, 6, dtype=D))
+    with torch.no_grad():
+        other = torch.randn(3, 1, 5, 6, dtype=D)
+        assert close(model(other), fused(other))
+        one = torch.randn(1, 1, 4, 6, dtype=D)  # the batch axis is dropped too: the concat is along another axis
+        assert model(one).shape == (8, 6)
+        with pytest.raises(ValueError, match=r"x.squeeze\(\) of a 1x1x4x6 tensor has 2 axes, where the fused model was captured with 3"):
+            fused(one)
+
+
+def test_a_squeeze_of_an_axis_that_is_not_one_at_the_example_is_refused_where_it_is():
+    torch.manual_seed(0)
+    model = Squeezed(dim=0).to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 6, dtype=D))  # squeeze(0) of a batch of 2: no axis dropped
+    with torch.no_grad():
+        other = torch.randn(3, 5, 6, dtype=D)
+        assert close(model(other), fused(other))
+        one = torch.randn(1, 4, 6, dtype=D)
+        assert model(one).shape == (8, 6)
+        with pytest.raises(ValueError, match=r"x.squeeze\(0\) of a 1x4x6 tensor has 2 axes"):
+            fused(one)
+
+
+def test_a_checked_squeeze_exports_to_onnx_and_fuses_again():
+    torch.manual_seed(0)
+    model = Squeezed().eval()
+    x = torch.randn(2, 1, 4, 6)
+    fused = repalgebra.fuse(model, x)
+    again = repalgebra.fuse(fused, x)
+    assert again.fuse_report.ops_before == again.fuse_report.ops_after == fused.fuse_report.ops_after
+    with pytest.raises(ValueError, match="has 2 axes"):
+        again(torch.randn(1, 1, 4, 6))
+    proto = repalgebra.export_onnx(fused, None, input_shape=tuple(x.shape))
+    session = ort.InferenceSession(proto.SerializeToString())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    want = model(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
