@@ -69,6 +69,7 @@ _ST = ("tests/test_fuse_structured_inputs.py",)
 _CD = ("tests/test_fuse_capture.py::test_constants_cast_to_the_dtype_of_a_computed_value_fold",
        "tests/test_fuse_capture.py::test_a_constant_cast_to_an_inputs_dtype_stays_a_call")
 _STM = "repalgebra.frontend.structured"
+_RK = ("tests/test_fuse_ranks.py",)
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -184,6 +185,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_STM}:_flat_graph", "env[node] = xs[leaf]", "env[node] = xs[0]", _ST),
     ("frontend", "structured-guard-passes", "the fused model's structure guard lets a call of another structure through",
      f"{_STM}:structure_mismatch", "if spec != want:", "if False:", _ST),
+    ("frontend", "rank-guard-any-rank", "a fused graph's guard takes inputs with any number of axes (a concat along dim=-1 lands on another axis)",
+     "repalgebra.fuse:_ranks_fit", "return len(got) == len(shapes) and all(len(g) == len(s) for g, s in zip(got, shapes))",
+     "return len(got) == len(shapes)", _RK),
+    ("frontend", "squeeze-rank-unchecked", "a carried squeeze that drops another number of axes than at the example runs on",
+     "repalgebra.frontend.calls:_of_rank", "if y.dim() != rank:", "if False:", _RK),
+    ("frontend", "squeeze-not-one-no-op", "x.squeeze(dim) of an axis not 1 at the example taken for no op (at a batch of one it drops it)",
+     "repalgebra.frontend.handlers_functions:_f_squeeze", "    if x.shape[axis] != 1:\n        return None",
+     '    if x.shape[axis] != 1:\n        return "identity", [x], {}, {}, ""', _RK),
+    ("frontend", "squeeze-all-carried-as-written", "x.squeeze() carried as written, its rank unchecked",
+     "repalgebra.frontend.builder:_squeeze_dim", "return dim if dim is None or", "return _NOT_SQUEEZE if True else dim if dim is None or", _RK),
     ("frontend", "height-one-pad-of-channels", "a pad of a 1-D value's channels (the first pair of a pad of its last two axes) moved onto the lift, where it pads the height",
      f"{_H1M}:_along", 'return dict(a) if a["pads"][0] == a["pads"][1] == 0 else None', "return dict(a)", _H1),
     ("frontend", "height-one-reflect-pad-short", "a reflect pad of the length moved onto the 4-D lift with its 2 amounts, which torch reads as no 2-D pad",
