@@ -419,7 +419,9 @@ def fuse(
         regions are plain ``nn.Conv2d``/``nn.Linear`` modules named after
         their source paths; its ``fuse_report`` attribute is a
         :class:`FuseReport` that names every part kept whole or captured with
-        fixed shapes, and why.  Fusing it again changes nothing.
+        fixed shapes, and why.  A fused graph takes inputs with as many axes
+        as the example's (an axis counted from the end is a fixed axis in it)
+        and refuses others.  Fusing it again changes nothing.
 
     Raises:
         TypeError: non-floating-point parameters, complex inputs, a model that is

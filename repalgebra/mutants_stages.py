@@ -195,6 +195,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      '    if x.shape[axis] != 1:\n        return "identity", [x], {}, {}, ""', _RK),
     ("frontend", "squeeze-all-carried-as-written", "x.squeeze() carried as written, its rank unchecked",
      "repalgebra.frontend.builder:_squeeze_dim", "return dim if dim is None or", "return _NOT_SQUEEZE if True else dim if dim is None or", _RK),
+    ("frontend", "shape-slice-length-whole", "len(x.shape[2:]) read as the number of axes of x",
+     "repalgebra.frontend.ranks:shape_length", "return None if r is None else len(range(r)[cut])", "return r", _RK),
     ("frontend", "height-one-pad-of-channels", "a pad of a 1-D value's channels (the first pair of a pad of its last two axes) moved onto the lift, where it pads the height",
      f"{_H1M}:_along", 'return dict(a) if a["pads"][0] == a["pads"][1] == 0 else None', "return dict(a)", _H1),
     ("frontend", "height-one-reflect-pad-short", "a reflect pad of the length moved onto the 4-D lift with its 2 amounts, which torch reads as no 2-D pad",

@@ -150,3 +150,132 @@ def test_a_checked_squeeze_exports_to_onnx_and_fuses_again():
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     want = model(x).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+# --------------------------------------------------------------------------- ranks read while tracing
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    return model.to(D).eval()
+
+
+class TimestepBlock(nn.Module):
+    """A guided-diffusion residual block: the embedding is given trailing axes until it has as many as ``h``."""
+
+    def __init__(self, c: int = 8, e: int = 16) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(e, c))
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        e = self.emb(emb).type(h.dtype)
+        while len(e.shape) < len(h.shape):
+            e = e[..., None]
+        return x + self.bn2(self.conv2(h + e))
+
+
+class BatchesOneImage(nn.Module):
+    """``if x.ndim == 3: x = x[None]`` (one image, unbatched), then a conv and a BatchNorm, and tokens out, with
+    ``x.dim()`` and ``len(x.shape[2:])`` read on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x[None]
+        y = self.bn(self.conv(x))
+        if x.dim() == 4 and len(x.shape[2:]) == 2 and len(y.size()) == 4:
+            y = y.flatten(2).transpose(1, 2)
+        return y
+
+
+def test_a_rank_test_is_traced_and_the_fused_model_runs_at_any_size():
+    torch.manual_seed(0)
+    model = randomized(TimestepBlock())
+    x, emb = torch.randn(2, 8, 8, 8, dtype=D), torch.randn(2, 16, dtype=D)
+    fused = repalgebra.fuse(model, (x, emb))
+    report = fused.fuse_report
+    assert report.capture == "fx"  # it was captured at fixed sizes, by torch.export
+    assert any("numbers of axes" in note and "read in forward" in note for note in report.notes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        for other in ((torch.randn(3, 8, 12, 10, dtype=D), torch.randn(3, 16, dtype=D)),
+                      (torch.randn(1, 8, 5, 7, dtype=D), torch.randn(1, 16, dtype=D))):
+            assert close(model(*other), fused(*other))
+        with pytest.raises(ValueError, match="fused at inputs with 4, 2 axes"):
+            fused(torch.randn(8, 8, 8, dtype=D), torch.randn(16, dtype=D))
+
+
+def test_each_rank_read_takes_the_branch_of_the_examples_rank():
+    torch.manual_seed(0)
+    model = randomized(BatchesOneImage())
+    for example, other, refused in ((torch.randn(2, 3, 8, 8, dtype=D), torch.randn(3, 3, 6, 10, dtype=D), torch.randn(3, 6, 10, dtype=D)),
+                                    (torch.randn(3, 8, 8, dtype=D), torch.randn(3, 6, 10, dtype=D), torch.randn(1, 3, 6, 10, dtype=D))):
+        fused = repalgebra.fuse(model, example)
+        assert fused.fuse_report.capture == "fx" and "bn_fold" in {f.rule for f in fused.fuse_report.fired}
+        with torch.no_grad():
+            assert close(model(other), fused(other))
+            model(refused)  # the model takes either rank
+            with pytest.raises(ValueError, match=f"fused at inputs with {example.dim()} axes"):
+                fused(refused)
+
+
+class RankAfterSqueeze(nn.Module):
+    """A rank read after ``x.squeeze()``: the rank the branch was taken on is checked where the squeeze runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.fc1(x.squeeze()))
+        return y.mean(1) if y.dim() == 3 else y
+
+
+def test_a_rank_read_after_a_squeeze_holds_where_the_squeeze_is_checked():
+    torch.manual_seed(0)
+    model = RankAfterSqueeze().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 1, 4, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx"
+    with torch.no_grad():
+        other = torch.randn(3, 1, 5, 6, dtype=D)
+        assert close(model(other), fused(other))
+        with pytest.raises(ValueError, match=r"x.squeeze\(\) of a 1x1x4x6 tensor has 2 axes"):
+            fused(torch.randn(1, 1, 4, 6, dtype=D))  # the model takes its other branch there
+
+
+class Opaque(nn.Module):
+    """A layer of the user's, kept whole: what rank it gives is not known to the trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1)
+
+
+class RankOfAKeptLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.kept = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Opaque()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kept(self.bn(self.conv(x)))
+        return y[:, None] if y.ndim == 3 else y
+
+
+def test_the_rank_of_a_layer_kept_whole_is_not_guessed():
+    torch.manual_seed(0)
+    model = randomized(RankOfAKeptLayer())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x, leaf_modules=[Opaque])
+    assert fused.fuse_report.capture != "fx"
+    assert any("ndim" in p.reason or "control flow" in p.reason for p in fused.fuse_report.parts)
+    with torch.no_grad():
+        assert close(model(x), fused(x))

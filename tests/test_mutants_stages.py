@@ -60,6 +60,8 @@ FEW = {
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",
     "repalgebra.frontend.builder:_squeeze_dim": "one decision, which carried calls are squeezes whose rank is checked",
+    "repalgebra.frontend.ranks:shape_length": "one choice beside the rank itself, how many axes a slice of a shape keeps "
+    "(a wrong rank read elsewhere takes another branch than the model, which the check against it at the example catches)",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
+from repalgebra.frontend.ranks import Ranks, shape_length
 from repalgebra.frontend.wrappers import wrapped
 from repalgebra.module_copy import copy_module
 
@@ -345,6 +346,8 @@ class Tracer(fx.Tracer):
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
+        self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root),
+                           lambda path: functools.reduce(_own_attr, path.split("."), self.root), _keeps_rank)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -430,6 +433,10 @@ class Tracer(fx.Tracer):
         self.flags.append(f"x.{name} taken as {value} in {where!r}" if where else f"x.{name} taken as {value} in forward")
         return value
 
+    def rank(self, node: fx.Node) -> int | None:
+        """How many axes ``node``'s value has at the example inputs (``x.ndim``; :mod:`~repalgebra.frontend.ranks`)."""
+        return self.ranks.rank(node, self.path_stack[-1] if self.path_stack else "")
+
     @property
     def notes(self) -> list[str]:
         """What the trace decided that the report should say: wrappers traced through, the branches taken on the
@@ -439,6 +446,11 @@ class Tracer(fx.Tracer):
             flags = list(dict.fromkeys(self.flags))
             shown = "; ".join(flags[:4]) + (f"; ... ({len(flags) - 4} more)" if len(flags) > 4 else "")
             notes.append(f"{shown}: as the fused model runs (without gradients, on the model's device)")
+        if self.ranks.read:
+            where = sorted({repr(p) if p else "forward" for p in self.ranks.read})
+            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+            notes.append(f"numbers of axes (x.ndim, x.dim(), len(x.shape)) read in {shown}: taken as at the example (a "
+                         "fused graph refuses inputs with other numbers of axes)")
         if self.weight_branches:
             where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
             shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
@@ -459,12 +471,33 @@ _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": 
 
 
 class _Proxy(InplaceProxy):
-    """Records ``y += 1`` as an in-place call (which ``fx.Proxy`` would drop), and knows the length of a split that
-    states its count (``list(x.chunk(2, 1))`` asks for it before iterating; see :meth:`Tracer.iter`)."""
+    """Records ``y += 1`` as an in-place call (which ``fx.Proxy`` would drop), knows the length of a split that
+    states its count (``list(x.chunk(2, 1))`` asks for it before iterating; see :meth:`Tracer.iter`), and the
+    number of axes of its value (``x.ndim``, ``x.dim()``, ``len(x.shape)``: :mod:`~repalgebra.frontend.ranks`)."""
 
     def __len__(self) -> int:
         n = _stated_pieces(self.node)
+        if n is None:
+            n = shape_length(self.node, self.tracer.rank)
         return n if n is not None else super().__len__()
+
+    def __getattr__(self, k: str) -> Any:
+        if k in ("ndim", "dim", "ndimension") and (r := self.tracer.rank(self.node)) is not None:
+            return r if k == "ndim" else functools.partial(int, r)
+        return _Shape(self, k) if k == "shape" else super().__getattr__(k)
+
+
+class _Shape(fx.proxy.Attribute):
+    """``x.shape``, whose ``len`` is the number of axes of ``x`` at the example inputs (where known)."""
+
+    def __len__(self) -> int:
+        r = self.tracer.rank(self.root.node)
+        return r if r is not None else super().__len__()
+
+
+def _keeps_rank(m: nn.Module) -> bool:
+    """Whether a module the trace keeps whole gives a value with as many axes as its input (``nn.Flatten`` aside)."""
+    return recognised(m) is not None and not isinstance(m, (nn.Unfold, nn.Fold))
 
 
 def _stated_pieces(node: fx.Node) -> int | None:

@@ -130,6 +130,7 @@ def trace_model(
     was_training = model.training
     work, tracer, prefix = copy_for_tracing(model, leaf_modules)
     given = as_tuple(example_inputs) if example_inputs is not None else None
+    tracer.ranks.inputs = given  # x.ndim answered at these (fuse guards the fused model's ranks)
     unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
     try:
         fx_graph, placeholders = trace_fx(work, tracer, None if given is None else len(given))

@@ -1,0 +1,99 @@
+"""How many axes a traced value has: ``x.ndim``, ``x.dim()``, ``len(x.shape)`` answered while ``torch.fx`` traces.
+
+Public code tests ranks all the time: guided diffusion's ``while len(emb_out.shape) < len(h.shape):``, an
+``if x.ndim == 3:`` that batches one image, ``if x.dim() == 4:`` before a permute.  fx has no number to give
+and stops, and the model fell back to a capture at fixed sizes.  But a fused graph holds only at its
+example's ranks anyway (an axis counted from the end is a fixed axis in it), and ``fuse`` guards them: the
+fused model refuses inputs with another number of axes.  So the rank of a value the trace computes from
+the inputs is the example's, whatever the sizes, as long as every op on the way has an output rank fixed by
+its inputs' ranks.  Squeezes are the exception, and the captured graph checks the rank each gives
+(:func:`~repalgebra.frontend.calls.squeeze_to_rank`).
+
+Ranks are found on meta tensors (no arithmetic, no state touched): the example inputs' shapes, the
+module's constants, each call made on meta values.  A call of a module the trace keeps whole is not run
+(its forward would read parameters through fx's patched attribute lookup): the recognised layers keep
+their input's rank, ``nn.Flatten`` drops its flattened axes, any other module leaves the rank unknown,
+and the trace stops as before.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from repalgebra.frontend.calls import invoke
+
+__all__ = ["Ranks", "shape_length"]
+
+
+class Ranks:
+    """The ranks of an fx trace's values at its example inputs (None where not known), and where they were read."""
+
+    def __init__(self, inputs: tuple | None, attr: Callable[[str], Any], module: Callable[[str], nn.Module],
+                 keeps_rank: Callable[[nn.Module], bool]) -> None:
+        self.inputs = inputs  # the example inputs, one per placeholder in order; None: no ranks known
+        self.attr = attr  # the root's attribute at a dotted path, past fx's patched lookup
+        self.module = module  # the root's submodule at a path
+        self.keeps_rank = keeps_rank  # whether a module kept whole gives its input's rank
+        self.values: dict[fx.Node, Any] = {}
+        self.read: list[str] = []  # where a rank was read, for the report
+
+    def rank(self, node: fx.Node, where: str) -> int | None:
+        """The number of axes of ``node``'s value at the example inputs, else None; recorded as read at ``where``."""
+        value = self._value(node)
+        if not isinstance(value, torch.Tensor):
+            return None
+        self.read.append(where)
+        return value.dim()
+
+    def _value(self, node: fx.Node) -> Any:
+        if node not in self.values:
+            self.values[node] = None  # a cycle cannot happen in a graph; this keeps a failure cached
+            try:
+                with torch.no_grad():
+                    self.values[node] = self._evaluate(node)
+            except Exception:  # noqa: BLE001  (a call meta tensors cannot make: the rank stays unknown)
+                pass
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
+            if self.inputs is None or index >= len(self.inputs) or not torch.is_tensor(self.inputs[index]):
+                return None
+            return _meta(self.inputs[index])
+        if node.op == "get_attr":
+            return _meta(self.attr(str(node.target)))
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._value)
+        if node.op == "call_module":
+            m = self.module(str(node.target))
+            x = args[0] if args else None
+            if isinstance(m, nn.Flatten) and isinstance(x, torch.Tensor):
+                return x.flatten(m.start_dim, m.end_dim)
+            return x if isinstance(x, torch.Tensor) and self.keeps_rank(m) else None
+        return invoke(node.op, node.target, args, kwargs)
+
+
+def _meta(v: Any) -> Any:
+    """A meta tensor of ``v``'s shape and dtype (``v`` itself where not a tensor)."""
+    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
+
+
+def shape_length(node: fx.Node, rank: Callable[[fx.Node], int | None]) -> int | None:
+    """``len`` of a shape read (``x.shape``, ``x.size()``, ``x.shape[2:]``) at the example's ranks, else None."""
+    if _is_shape(node):
+        return rank(node.args[0])
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], slice):
+        base, cut = node.args
+        if isinstance(base, fx.Node) and _is_shape(base) and all(v is None or isinstance(v, int) for v in (cut.start, cut.stop, cut.step)):
+            r = rank(base.args[0])
+            return None if r is None else len(range(r)[cut])
+    return None
+
+
+def _is_shape(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+            or (node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs))
