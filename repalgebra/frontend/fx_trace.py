@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -75,7 +76,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(), _proxies_are_tensors():
+        with _no_autocast(), _proxies_are_tensors(), _constants_indexed_by_sizes():
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
@@ -121,6 +122,44 @@ def _proxies_are_tensors() -> Iterator[None]:
         yield
     finally:
         torch.is_tensor = original
+
+
+@contextlib.contextmanager
+def _constants_indexed_by_sizes() -> Iterator[None]:
+    """Record ``self.position_ids[:, :seq_length]`` (a buffer, sliced by a size read from the input: BERT's and
+    CLIP's embeddings) and ``torch.finfo(x.dtype)`` as calls, while tracing.
+
+    fx hands out buffers as the tensors they are, so the slice runs at once and fails on the Proxy in its index,
+    and ``torch.finfo`` takes no Proxy for a dtype; the model then fell back to a capture at fixed sizes.
+    Recorded, they are calls that read the size, or the dtype, at run time."""
+    original = torch.Tensor.__getitem__
+
+    def getitem(self: torch.Tensor, index: Any) -> Any:
+        proxy = next((a for a in pytree.tree_leaves(_slices_opened(index)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None or isinstance(self, fx.Proxy):
+            return original(self, index)
+        return proxy.tracer.create_proxy("call_function", operator.getitem, (self, index), {})
+
+    def finfo(type: Any = None) -> Any:  # noqa: A002  (torch's own name for it)
+        if isinstance(type, fx.Proxy):  # torch.finfo(x.dtype).min: HF's attention mask, read from the dtype per call
+            return type.tracer.create_proxy("call_function", original_finfo, (type,), {})
+        return original_finfo() if type is None else original_finfo(type)
+
+    original_finfo = torch.finfo
+    torch.Tensor.__getitem__, torch.finfo = getitem, finfo
+    try:
+        yield
+    finally:
+        torch.Tensor.__getitem__, torch.finfo = original, original_finfo
+
+
+def _slices_opened(index: Any) -> Any:
+    """``index`` with each slice as the tuple of its bounds (pytree does not look into a slice)."""
+    if isinstance(index, slice):
+        return (index.start, index.stop, index.step)
+    if isinstance(index, (tuple, list)):
+        return [_slices_opened(i) for i in index]
+    return index
 
 
 # --------------------------------------------------------------------------- which modules stay whole
