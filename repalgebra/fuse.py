@@ -116,7 +116,7 @@ class FuseReport:
         return RewriteReport(fired=self.fired).rule_counts()
 
     def __str__(self) -> str:
-        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        shapes = _shapes_text(self.input_shapes)
         lines = [f"fuse: {len(self.fired)} rewrites in {self.seconds:.3f}s (traced at {shapes}; eval-mode semantics)"]
         kept = len(self.kept_whole) - (self.capture == "kept whole")
         lines.append(f"  capture: {self.capture}" + (f", {kept} part{'s' * (kept != 1)} kept whole" if kept > 0 else ""))
@@ -240,14 +240,13 @@ class ShapeGuard:
             ranks = lambda ss: ", ".join(str(len(s)) for s in ss)  # noqa: E731
             raise ValueError(
                 f"{self.where} was fused at inputs with {ranks(self.shapes)} axes (any sizes) and was called with "
-                f"{ranks(got)} ({', '.join('x'.join(map(str, g)) for g in got)}): {self.why}. Fuse the model again with "
+                f"{ranks(got)} ({_shapes_text(got)}): {self.why}. Fuse the model again with "
                 "an example input with as many axes as you run it with."
             )
-        fmt = lambda ss, b=False: ", ".join("x".join("B" if b and k == 0 else str(d) for k, d in enumerate(s)) for s in ss)  # noqa: E731
-        fixed = fmt(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
+        fixed = _shapes_text(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
         raise ValueError(
             f"{self.where} was fused with its input shapes fixed at {fixed} ({self.why}); it was called with "
-            f"{fmt(got)}. Fuse the model again "
+            f"{_shapes_text(got)}. Fuse the model again "
             f"with an example input of the shape you run it at."
         )
 
@@ -272,6 +271,11 @@ class ShapeGuard:
             and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
             and len({g[0] for g in got}) == 1
         )
+
+
+def _shapes_text(shapes: Sequence[tuple[int, ...]], batch: bool = False) -> str:
+    """``2x3x16x16, ()`` (a 0-d tensor is ``()``); with ``batch``, the first size of each is ``B``."""
+    return ", ".join("x".join("B" if batch and k == 0 else str(d) for k, d in enumerate(s)) or "()" for s in shapes)
 
 
 def _ranks_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]]) -> bool:
@@ -623,7 +627,7 @@ class _Fuser:
         try:
             _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None)
         except Exception as e:  # noqa: BLE001
-            shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+            shapes = _shapes(inputs)
             raise ValueError(
                 f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): {first_line(e)}"
             ) from e
@@ -971,7 +975,7 @@ def _second_call_difference(reference: nn.Module, candidate: nn.Module, inputs: 
 
 
 def _shapes(tensors: Iterable[Any]) -> str:
-    return ", ".join("x".join(map(str, t.shape)) for t in tensors if torch.is_tensor(t))
+    return _shapes_text([tuple(t.shape) for t in tensors if torch.is_tensor(t)])
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
