@@ -45,7 +45,7 @@ from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
-from repalgebra.frontend.inputs import as_tuple, batch_plus_one
+from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
 from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
@@ -211,7 +211,8 @@ class ShapeGuard:
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
     dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
-    free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see rank_guard)
+    free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
+    min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
@@ -243,7 +244,9 @@ class ShapeGuard:
                 f"{ranks(got)} ({_shapes_text(got)}): {self.why}. Fuse the model again with "
                 "an example input with as many axes as you run it with."
             )
-        fixed = _shapes_text(self.shapes, self.free_batch) + (" (any batch size B)" if self.free_batch else "")
+        fixed = _shapes_text(self.shapes, self.free_batch) + (
+            "" if not self.free_batch else " (any batch size B)" if self.min_batch <= 1 else
+            f" (any batch size B of {self.min_batch} or more: the capture does not hold at batch 1)")
         raise ValueError(
             f"{self.where} was fused with its input shapes fixed at {fixed} ({self.why}); it was called with "
             f"{_shapes_text(got)}. Fuse the model again "
@@ -266,16 +269,22 @@ class ShapeGuard:
             return _ranks_fit(got, self.shapes)
         if not self.free_batch:
             return got == self.shapes
-        return (
-            len(got) == len(self.shapes)
-            and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, self.shapes))
-            and len({g[0] for g in got}) == 1
-        )
+        return _batches_fit(got, self.shapes, self.min_batch)
 
 
 def _shapes_text(shapes: Sequence[tuple[int, ...]], batch: bool = False) -> str:
     """``2x3x16x16, ()`` (a 0-d tensor is ``()``); with ``batch``, the first size of each is ``B``."""
     return ", ".join("x".join("B" if batch and k == 0 else str(d) for k, d in enumerate(s)) or "()" for s in shapes)
+
+
+def _batches_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]], min_batch: int) -> bool:
+    """Whether shapes ``got`` are ``shapes`` but for one batch size (axis 0 of each) of ``min_batch`` or more."""
+    return (
+        len(got) == len(shapes)
+        and all(len(g) == len(s) and g[1:] == s[1:] for g, s in zip(got, shapes))
+        and len({g[0] for g in got}) == 1
+        and (not got or got[0][0] >= min_batch)
+    )
 
 
 def _ranks_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]]) -> bool:
@@ -740,6 +749,7 @@ class _Fuser:
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
         free_batch, sized = cap.batch_free, False
+        min_batch = 2  # torch.export's symbolic batch holds from 2 up: it takes sizes 0 and 1 for special cases
         if self.check:
             # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
             # (a float64 model's ``F.group_norm(y.float(), 1, w.float())``): those as the model holds them.
@@ -757,12 +767,16 @@ class _Fuser:
                 ShapeGuard(None, _where(path), True, self.dtype, why="it casts to a dtype of its own").install(fused)
                 cap.notes.append(f"fused for {str(self.dtype).replace('torch.', '')} only: its forward casts to a "
                                  "dtype of its own, which the fused module keeps; it refuses to run in another")
-            if free_batch:  # torch.export proved the program batch-generic; check the graph at another batch too
-                other = tuple(torch.cat([t, t[:1]]) for t in inputs)
+            if free_batch:  # torch.export proved the program for batches of 2 or more; check the graph at another one
+                original = self.pristine.get_submodule(path)
                 try:
-                    free_batch = self.same(self.pristine.get_submodule(path), exact, Call(other, {})) is None
+                    free_batch = self.same(original, exact, Call(batch_plus_one(inputs), {})) is None
                 except Exception:  # noqa: BLE001  (the original itself does not run at that batch: keep it fixed)
                     free_batch = False
+                try:  # and at batch 1, where a squeeze of the batch axis or a branch on it may compute something else
+                    min_batch = 1 if self.same(original, exact, Call(batch_of_one(inputs), {})) is None else 2
+                except Exception:  # noqa: BLE001  (one of them does not run at batch 1: the fused one refuses it)
+                    min_batch = 2
             if cap.how == "fx" and rw.fired and any(n.op in SIZE_MATCHED for n in graph_in.nodes):
                 sizes_hold, batch_holds = self.holds_at_other_sizes(path, fused, inputs)
                 if not sizes_hold:  # a fold through a reshape that keeps an axis whole at the example's sizes only
@@ -776,7 +790,10 @@ class _Fuser:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         if cap.how == "specialized":
             dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
-            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype).install(fused)
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype, min_batch=min_batch).install(fused)
+            if free_batch and min_batch > 1:
+                cap.notes.append("batch 1 refused: the model computes something else there than the capture, or it was not "
+                                 "checked (torch.export's symbolic batch holds from 2 up; a squeeze of the batch axis, a branch on it)")
         self.record(path, cap, rw, graph, reason)
         return fused
 

@@ -4,7 +4,9 @@
 a ``(G, B, N, C)`` input (which the model itself accepts), that graph would concatenate along ``N``; a conv model
 fused with a batch and then given one unbatched image would concatenate its rows instead of its channels.  The
 fused model refuses another number of axes by name; at other sizes of the same rank it is the model.  A squeeze
-drops as many axes as the sizes have ones: the fused model checks what it dropped.  Compared in float64 to 1e-9
+drops as many axes as the sizes have ones: the fused model checks what it dropped.  Batch 1 is special to
+``torch.export`` too: a capture with its symbolic batch holds from batch 2 up, so batch 1 is checked, and refused
+(or, in an ONNX file, the batch fixed) where it differs.  Compared in float64 to 1e-9
 relative (a fold rounds once per parameter); the ONNX export in float32 to 1e-5.
 """
 
@@ -279,3 +281,64 @@ def test_the_rank_of_a_layer_kept_whole_is_not_guessed():
     assert any("ndim" in p.reason or "control flow" in p.reason for p in fused.fuse_report.parts)
     with torch.no_grad():
         assert close(model(x), fused(x))
+
+
+# --------------------------------------------------------------------------- batch 1
+
+
+class SamePad(nn.Conv2d):
+    """TF-"same" padding computed from the input's size (as TF ports write it): fx cannot trace the ``max``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        x = nn.functional.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    """A TF-style stem and a head: ``pool(x).squeeze()`` (drops the batch axis at batch 1), a branch on a batch of
+    one, or a plain flatten."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.stem, self.bn, self.fc, self.head = SamePad(3, 8, 3, 2, bias=False), nn.BatchNorm2d(8), nn.Linear(8, 4), head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.stem(x)))
+        if self.head == "branch" and x.shape[0] == 1:
+            y = 2 * y
+        pooled = y.mean((2, 3), keepdim=True)
+        return self.fc(pooled.squeeze() if self.head == "squeeze" else pooled.flatten(1))
+
+
+@pytest.mark.parametrize("head", ["squeeze", "branch", "flatten"])
+def test_a_capture_with_a_symbolic_batch_takes_batch_1_only_where_it_holds_there(head):
+    # torch.export's symbolic batch holds from 2 up: it takes sizes 0 and 1 for special cases
+    torch.manual_seed(0)
+    model = randomized(SameNet(head))
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
+    assert fused.fuse_report.capture == "specialized"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        three = torch.randn(3, 3, 16, 16, dtype=D)
+        assert close(model(three), fused(three))
+        one = torch.randn(1, 3, 16, 16, dtype=D)
+        if head == "flatten":  # nothing differs at batch 1: it is taken
+            assert close(model(one), fused(one))
+        else:
+            with pytest.raises(ValueError, match="any batch size B of 2 or more: the capture does not hold at batch 1"):
+                fused(one)
+
+
+def test_an_onnx_export_keeps_a_dynamic_batch_only_where_batch_1_holds():
+    torch.manual_seed(0)
+    for model, dynamic in ((Squeezed().eval(), False), (Tokens(Body(BODIES["cat"])).eval(), True)):
+        x = torch.randn(2, 1, 4, 6) if isinstance(model, Squeezed) else torch.randn(2, 4, 6)
+        proto, report = repalgebra.export_onnx(model, None, input_shape=tuple(x.shape), return_report=True)
+        assert report.dynamic_batch is dynamic
+        assert dynamic or any("at batch 1 the model computes something else" in n for n in report.notes)
+        session = ort.InferenceSession(proto.SerializeToString())
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        want = model(x).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

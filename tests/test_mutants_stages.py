@@ -62,6 +62,8 @@ FEW = {
     "repalgebra.frontend.builder:_squeeze_dim": "one decision, which carried calls are squeezes whose rank is checked",
     "repalgebra.frontend.ranks:shape_length": "one choice beside the rank itself, how many axes a slice of a shape keeps "
     "(a wrong rank read elsewhere takes another branch than the model, which the check against it at the example catches)",
+    "repalgebra.fuse:_batches_fit": "one comparison beside the sizes, the batch with the smallest one the capture holds at",
+    "repalgebra.backend.onnx:_holds_at_batch_one": "one check, the graph against the model at batch 1",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }

@@ -45,7 +45,7 @@ from repalgebra.backend.onnx_fallback import (
     splice,
 )
 from repalgebra.frontend.builder import is_none_output
-from repalgebra.frontend.inputs import batch_plus_one
+from repalgebra.frontend.inputs import batch_of_one, batch_plus_one
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
@@ -1181,6 +1181,17 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     return _computes(graph, module, batch_plus_one(example)) is not False
 
 
+def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
+    """Whether ``graph`` computes what ``module`` does at batch 1 (true where the example's batch is 1).
+
+    A graph captured with a symbolic batch holds from batch 2 up (``torch.export`` takes sizes 0 and 1 for special
+    cases), and ``x.squeeze()`` of the batch axis drops it at batch 1 only: the ONNX file would then run at batch 1
+    and give another shape, or other numbers, than the model (or than a fused model that refuses batch 1)."""
+    if all(not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] == 1 for t in example):
+        return True
+    return bool(_computes(graph, module, batch_of_one(example)))
+
+
 def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | None:
     """Whether ``graph`` computes what ``module`` does on ``inputs`` (to the dtype's tolerance); ``None`` where the
     module does not run on them."""
@@ -1192,7 +1203,10 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
             want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*inputs)) if torch.is_tensor(t)]
     except Exception:  # noqa: BLE001
         return None
-    got = run_graph(graph, *inputs)
+    try:
+        got = run_graph(graph, *inputs)
+    except Exception:  # noqa: BLE001  (a carried call that refuses these inputs, where the model runs)
+        return False
     got = [t for t in (got if isinstance(got, tuple) else (got,)) if torch.is_tensor(t)]
     return len(got) == len(want) and all(
         first_difference(w, g, TOLERANCES.get(w.dtype, 1e-5)) is None for w, g in zip(want, got)
@@ -1263,6 +1277,10 @@ def export_onnx(
                 batch = False
                 notes.append(f"batch fixed at {example[0].shape[0]}: the folded graph differs from the model at another "
                              "batch (a reshape keeps an axis whole at the example's batch only, such as y.reshape(8, -1) at batch 1)")
+        if batch and module is not None and not _holds_at_batch_one(graph, module, example):
+            batch = False
+            notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "
+                         "or refuses it (a squeeze of the batch axis, a branch on it), where a graph with a dynamic batch would run")
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
                                       notes=notes, examples=example)

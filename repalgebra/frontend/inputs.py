@@ -24,6 +24,11 @@ def batch_plus_one(inputs: tuple) -> tuple:
     return tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
 
 
+def batch_of_one(inputs: tuple) -> tuple:
+    """``inputs`` at batch 1: each tensor's first row (other values as they are)."""
+    return tuple(t[:1] if torch.is_tensor(t) and t.dim() else t for t in inputs)
+
+
 def check_model(model: nn.Module) -> None:
     """Reject models fusion cannot handle: not a module, a TorchScript module, tensors on the 'meta' device,
     non-float parameters or complex buffers (``TypeError``).
