@@ -786,6 +786,9 @@ class _Fuser:
                     sized = True
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
             self.stage["check"] += time.perf_counter() - t2
+        if cap.how == "fx" and cap.dtype_tested and not (self.check and self.own_dtype_only):
+            ShapeGuard(None, _where(path), True, computes_in(self.pristine.get_submodule(path), inputs),
+                       why="its forward tests the dtype, taken as at the example").install(fused)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         if cap.how == "specialized":

@@ -342,3 +342,31 @@ def test_an_onnx_export_keeps_a_dynamic_batch_only_where_batch_1_holds():
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         want = model(x).detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+class RankOfComputedValues(nn.Module):
+    """Ranks read of values a known layer computed: a GEGLU half (diffusers' feed-forward), a sum broadcast with a
+    Linear of another input (a timestep embedding added to a conv's output, then ``input_ndim == 4``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.temb, self.proj = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(16, 6), nn.Linear(6, 12)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x)) + self.temb(emb)[:, :, None, None]
+        if y.ndim == 4:
+            b, c, h, w = y.shape
+            y = y.view(b, c, h * w).transpose(1, 2)
+        a, gate = self.proj(y).chunk(2, dim=-1)
+        z = a * torch.nn.functional.gelu(gate)
+        return z.squeeze(1) if z.ndim == 4 else z
+
+
+def test_ranks_of_values_computed_by_known_layers_are_read_on_meta_tensors():
+    torch.manual_seed(0)
+    model = randomized(RankOfComputedValues())
+    fused = repalgebra.fuse(model, (torch.randn(2, 6, 8, 8, dtype=D), torch.randn(2, 16, dtype=D)))
+    assert fused.fuse_report.capture == "fx" and "bn_fold" in {f.rule for f in fused.fuse_report.fired}
+    with torch.no_grad():
+        other = (torch.randn(3, 6, 5, 7, dtype=D), torch.randn(3, 16, dtype=D))
+        assert close(model(*other), fused(*other))

@@ -106,3 +106,40 @@ def test_the_text_encoder_exports_to_onnx():
     (got,) = session.run(None, dict(zip(names, (ids.numpy(), mask.numpy()))))
     want = model(ids, mask).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+class Layer(nn.Module):
+    """A decoder layer of today's text models: RMSNorm-free LLaMA rotary angles from a buffer expanded to the batch,
+    a causal mask made with ``torch.empty`` at the input's sizes (CLIP), a float16-only clamp (Whisper, T5)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, d // 2, dtype=torch.float64) / (d // 2)), persistent=False)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        bsz, length, _ = h.shape
+        position = torch.arange(length, dtype=h.dtype)[None, None, :]
+        angles = (self.inv_freq[None, :, None].expand(bsz, -1, 1).to(h.dtype) @ position).transpose(1, 2)
+        rotary = torch.cat((angles.cos(), angles.sin()), -1)
+        mask = torch.empty(bsz, length, length, dtype=h.dtype).fill_(torch.finfo(h.dtype).min).triu_(1)
+        q, k = self.q(h) * rotary, self.k(h) * rotary
+        h = h + 0.5 * self.o(((q @ k.transpose(1, 2)) / 4 + mask).softmax(-1) @ self.v(h))  # the half folds into o
+        if h.dtype == torch.float16:
+            h = h.clamp(-60000, 60000)
+        return h
+
+
+def test_sizes_and_dtypes_read_without_branching_on_sizes_are_traced():
+    torch.manual_seed(0)
+    model = Layer().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 5, 16, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and report.fired
+    assert any("tests of a dtype" in note for note in report.notes)
+    with torch.no_grad():
+        for batch, length in ((3, 9), (1, 2)):
+            h = torch.randn(batch, length, 16, dtype=D)
+            assert close(model(h), fused(h))
+        with pytest.raises(ValueError, match="fused in float64, and what it computes depends on the dtype"):
+            fused.float()(torch.randn(2, 5, 16))  # the clamp is the float16 branch's: in another dtype it refuses

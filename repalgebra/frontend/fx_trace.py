@@ -76,7 +76,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(), _proxies_are_tensors(), _constants_indexed_by_sizes():
+        with _no_autocast(), _proxies_are_tensors(), _calls_sized_by_traced_values():
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
@@ -125,32 +125,46 @@ def _proxies_are_tensors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _constants_indexed_by_sizes() -> Iterator[None]:
-    """Record ``self.position_ids[:, :seq_length]`` (a buffer, sliced by a size read from the input: BERT's and
-    CLIP's embeddings) and ``torch.finfo(x.dtype)`` as calls, while tracing.
+def _calls_sized_by_traced_values() -> Iterator[None]:
+    """Record calls that take a traced size, or dtype, where they take no tensor to dispatch on, while tracing.
 
-    fx hands out buffers as the tensors they are, so the slice runs at once and fails on the Proxy in its index,
-    and ``torch.finfo`` takes no Proxy for a dtype; the model then fell back to a capture at fixed sizes.
-    Recorded, they are calls that read the size, or the dtype, at run time."""
-    original = torch.Tensor.__getitem__
+    fx hands out buffers as the tensors they are, and torch's factories take sizes only: such a call runs at
+    once and fails on the Proxy among its arguments (``expand() takes 1 positional argument but 3 were given``),
+    and the model fell back to a capture at fixed sizes.  Recorded as calls, they read the size, or the dtype,
+    on every call: BERT's ``self.position_ids[:, :seq_length]``, LLaMA's rotary
+    ``self.inv_freq[None, :, None].expand(B, -1, 1)``, CLIP's ``torch.empty(bsz, L, L)`` causal mask, EdgeNeXt's
+    ``torch.zeros(B, H, W)``, HF's ``torch.finfo(scores.dtype).min``."""
+    patched: list[tuple[Any, str, Any]] = []
 
-    def getitem(self: torch.Tensor, index: Any) -> Any:
-        proxy = next((a for a in pytree.tree_leaves(_slices_opened(index)) if isinstance(a, fx.Proxy)), None)
-        if proxy is None or isinstance(self, fx.Proxy):
-            return original(self, index)
-        return proxy.tracer.create_proxy("call_function", operator.getitem, (self, index), {})
+    def record(owner: Any, name: str, kind: str) -> None:
+        original = getattr(owner, name)
+        target = name if kind == "call_method" else original
 
-    def finfo(type: Any = None) -> Any:  # noqa: A002  (torch's own name for it)
-        if isinstance(type, fx.Proxy):  # torch.finfo(x.dtype).min: HF's attention mask, read from the dtype per call
-            return type.tracer.create_proxy("call_function", original_finfo, (type,), {})
-        return original_finfo() if type is None else original_finfo(type)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kind == "call_method" and isinstance(args[0], fx.Proxy):
+                return original(*args, **kwargs)
+            proxy = next((a for a in pytree.tree_leaves((_slices_opened(args), kwargs)) if isinstance(a, fx.Proxy)), None)
+            if proxy is None:
+                return original(*args, **kwargs)
+            return proxy.tracer.create_proxy(kind, operator.getitem if name == "__getitem__" else target, args, kwargs)
 
-    original_finfo = torch.finfo
-    torch.Tensor.__getitem__, torch.finfo = getitem, finfo
+        patched.append((owner, name, original))
+        setattr(owner, name, call)
+
+    for name in _SIZED_METHODS:
+        record(torch.Tensor, name, "call_function" if name == "__getitem__" else "call_method")
+    for name in _SIZED_FACTORIES:
+        record(torch, name, "call_function")
     try:
         yield
     finally:
-        torch.Tensor.__getitem__, torch.finfo = original, original_finfo
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+
+# Tensor methods and torch functions recorded where a traced value is among their arguments (see above).
+_SIZED_METHODS = ("__getitem__", "expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_empty", "new_full")
+_SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "finfo", "iinfo")
 
 
 def _slices_opened(index: Any) -> Any:
@@ -385,8 +399,9 @@ class Tracer(fx.Tracer):
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
+        self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root),
-                           lambda path: functools.reduce(_own_attr, path.split("."), self.root), _keeps_rank)
+                           lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -444,8 +459,11 @@ class Tracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         """A branch on the model's weights alone, taken as they decide: PaddleDetection's ``if self.alpha:`` on a
         learned scale (PP-YOLOE's RepVggBlock).  Every input takes that branch, so the graph is the model's
-        function for these weights.  A branch on anything computed from an input stays an error."""
+        function for these weights.  A test of a dtype (``if h.dtype == torch.float16:``) is taken as at the
+        example (:meth:`_dtype_test`).  A branch on anything else computed from an input stays an error."""
         fixed = self._fixed_flag(obj.node)
+        if fixed is None:
+            fixed = self._dtype_test(obj.node)
         if fixed is not None:
             return fixed
         value = _weights_only_value(obj.node, self.root)
@@ -453,6 +471,23 @@ class Tracer(fx.Tracer):
             return super().to_bool(obj)
         self.weight_branches.append(self.path_stack[-1] if self.path_stack else "")
         return bool(value)
+
+    def _dtype_test(self, node: fx.Node) -> bool | None:
+        """``x.dtype == torch.float16`` (``!=``, ``in (...)``) as at the example inputs, else None.
+
+        Whisper's and T5's layers clamp in float16 only.  The graph then holds in the example's dtype only: the
+        test is recorded (:attr:`dtype_tests`) and ``fuse`` makes the fused model refuse another dtype."""
+        if not (node.op == "call_function" and node.target in (operator.eq, operator.ne) and len(node.args) == 2):
+            return None
+        read, other = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
+        if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target is getattr
+                and read.args[1:] == ("dtype",) and isinstance(other, torch.dtype) and isinstance(read.args[0], fx.Node)):
+            return None
+        value = self.ranks.value(read.args[0])
+        if not isinstance(value, torch.Tensor):
+            return None
+        self.dtype_tests.append(self.path_stack[-1] if self.path_stack else "")
+        return (value.dtype == other) == (node.target is operator.eq)
 
     def _fixed_flag(self, node: fx.Node) -> bool | None:
         """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
@@ -490,6 +525,11 @@ class Tracer(fx.Tracer):
             shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
             notes.append(f"numbers of axes (x.ndim, x.dim(), len(x.shape)) read in {shown}: taken as at the example (a "
                          "fused graph refuses inputs with other numbers of axes)")
+        if self.dtype_tests:
+            where = sorted({repr(p) if p else "forward" for p in self.dtype_tests})
+            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+            notes.append(f"tests of a dtype (x.dtype == torch.float16) in {shown} taken as at the example's dtype: "
+                         "the fused model runs in that dtype only")
         if self.weight_branches:
             where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
             shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
@@ -534,9 +574,6 @@ class _Shape(fx.proxy.Attribute):
         return r if r is not None else super().__len__()
 
 
-def _keeps_rank(m: nn.Module) -> bool:
-    """Whether a module the trace keeps whole gives a value with as many axes as its input (``nn.Flatten`` aside)."""
-    return recognised(m) is not None and not isinstance(m, (nn.Unfold, nn.Fold))
 
 
 def _stated_pieces(node: fx.Node) -> int | None:

@@ -10,19 +10,20 @@ its inputs' ranks.  Squeezes are the exception, and the captured graph checks th
 (:func:`~repalgebra.frontend.calls.squeeze_to_rank`).
 
 Ranks are found on meta tensors (no arithmetic, no state touched): the example inputs' shapes, the
-module's constants, each call made on meta values.  A call of a module the trace keeps whole is not run
-(its forward would read parameters through fx's patched attribute lookup): the recognised layers keep
-their input's rank, ``nn.Flatten`` drops its flattened axes, any other module leaves the rank unknown,
-and the trace stops as before.
+module's constants, each call made on meta values.  A module the trace keeps whole is run on meta
+tensors too, with meta parameters, where it is one of the layers the front end knows; any other
+(the user's leaves, compiled code) leaves the rank unknown, and the trace stops as before.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import invoke
 
@@ -33,23 +34,24 @@ class Ranks:
     """The ranks of an fx trace's values at its example inputs (None where not known), and where they were read."""
 
     def __init__(self, inputs: tuple | None, attr: Callable[[str], Any], module: Callable[[str], nn.Module],
-                 keeps_rank: Callable[[nn.Module], bool]) -> None:
+                 known: Callable[[nn.Module], bool]) -> None:
         self.inputs = inputs  # the example inputs, one per placeholder in order; None: no ranks known
         self.attr = attr  # the root's attribute at a dotted path, past fx's patched lookup
         self.module = module  # the root's submodule at a path
-        self.keeps_rank = keeps_rank  # whether a module kept whole gives its input's rank
+        self.known = known  # whether a module kept whole is one of torch's layers, run on meta tensors
         self.values: dict[fx.Node, Any] = {}
         self.read: list[str] = []  # where a rank was read, for the report
 
     def rank(self, node: fx.Node, where: str) -> int | None:
         """The number of axes of ``node``'s value at the example inputs, else None; recorded as read at ``where``."""
-        value = self._value(node)
+        value = self.value(node)
         if not isinstance(value, torch.Tensor):
             return None
         self.read.append(where)
         return value.dim()
 
-    def _value(self, node: fx.Node) -> Any:
+    def value(self, node: fx.Node) -> Any:
+        """``node``'s value at the example inputs as a meta tensor (or what it is: a size, a dtype), else None."""
         if node not in self.values:
             self.values[node] = None  # a cycle cannot happen in a graph; this keeps a failure cached
             try:
@@ -67,14 +69,21 @@ class Ranks:
             return _meta(self.inputs[index])
         if node.op == "get_attr":
             return _meta(self.attr(str(node.target)))
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._value)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
         if node.op == "call_module":
             m = self.module(str(node.target))
-            x = args[0] if args else None
-            if isinstance(m, nn.Flatten) and isinstance(x, torch.Tensor):
-                return x.flatten(m.start_dim, m.end_dim)
-            return x if isinstance(x, torch.Tensor) and self.keeps_rank(m) else None
-        return invoke(node.op, node.target, args, kwargs)
+            return _on_meta(m, args, kwargs) if self.known(m) else None
+        # a factory (torch.arange(n)) makes a real tensor: as meta, so that the calls reading it run on meta tensors
+        return pytree.tree_map(_meta, invoke(node.op, node.target, args, kwargs))
+
+
+def _on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``m.forward(*args, **kwargs)`` of a shallow copy of ``m`` holding meta tensors of its parameters' and buffers'
+    shapes (fx's patched attribute lookup hands out Proxies for the traced model's own parameters, not for these)."""
+    c = copy.copy(m)
+    c._parameters = {k: None if p is None else nn.Parameter(_meta(p), p.requires_grad) for k, p in m._parameters.items()}
+    c._buffers = {k: None if b is None else _meta(b) for k, b in m._buffers.items()}
+    return type(m).forward(c, *args, **kwargs)
 
 
 def _meta(v: Any) -> Any:

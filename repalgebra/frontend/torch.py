@@ -79,6 +79,7 @@ class TraceResult:
     was_training: bool = False
     left_alone: list[LeftAlone] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dtype_tested: bool = False  # forward tests a dtype, taken as at the example: the graph holds in that dtype only
 
 
 def trace(
@@ -165,7 +166,7 @@ def trace_model(
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
-    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes)
+    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, bool(tracer.dtype_tests))
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
