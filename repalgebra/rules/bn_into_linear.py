@@ -13,7 +13,8 @@ classifier head: ``BN2d``, ``flatten(1)``, ``Linear(C * H * W)``): feature
 times each.  ``L`` may also start with a mean over axes after the channels (a
 global average pool: RepLKNet's head is ``BN2d``, pool, flatten, ``Linear``):
 each mean reads one channel, and the mean of ``s[c] x + t[c]`` is
-``s[c] mean(x) + t[c]``.  Unlike a conv there is no padding, so the fold is always exact.
+``s[c] mean(x) + t[c]``; layout ops may come before the mean too (EfficientFormerV2's head: ``BN2d``,
+``flatten(2)``, ``mean(-1)``, ``Linear``).  Unlike a conv there is no padding, so the fold is always exact.
 This folds FastViT's attention pre-norm (BatchNorm2d, then flatten and
 transpose to tokens) into the qkv projection.
 
@@ -56,11 +57,11 @@ def bn_into_linear(graph, lin):
         return _shift_into(graph, lin, shift)
     bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean"))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
-        mean = bn
-        bn = producer(mean.x, "batch_norm", "scale") if sole_use(graph, mean.x) else None
+        mean = bn  # (after a layout chain of its own: EfficientFormerV2's head is BN, flatten(2), mean(-1))
+        bn, before = layout_chain(graph, mean.x, ("batch_norm", "scale"))
         if bn is None:  # (a mean over the channels too fails below: the channel axis does not survive it)
             return None
-        chain = [mean, *chain]
+        chain = [*before, mean, *chain]
     if bn is None:
         return None
     s, t, axis, one = _affine(bn, lin.x.shape[-1])

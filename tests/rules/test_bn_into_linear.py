@@ -27,6 +27,8 @@ CARRYING = {
     # RepLKNet's head: BN, a global average pool (a mean that keeps its dims), flatten.  Or a mean of the rows.
     "pool_flatten": lambda b, y: b.flatten(b.node("mean", y, dims=(2, 3), keepdim=True), start=1),
     "mean_rows_permute": lambda b, y: b.permute(b.node("mean", y, dims=(-2,), keepdim=False), dims=(0, 2, 1)),
+    # EfficientFormerV2's head: the positions flattened first, then their mean.
+    "flatten_mean": lambda b, y: b.node("mean", b.flatten(y, start=2), dims=(-1,), keepdim=False),
     # A sequence head's last step: one row, then one column (``y[:, :, -1][:, :, 0]``), the channels left last.
     "select_last_steps": lambda b, y: b.select(b.select(y, axis=2, index=-1), axis=-1, index=0),
 }
@@ -36,6 +38,8 @@ MIXING = {
     # A mean over the channels too: each output mixes every channel's s[c] and t[c].
     "mean_over_channels": lambda b, y: b.permute(b.node("mean", y, dims=(1, 2), keepdim=False), dims=(0, 1)),
     "select_a_channel": lambda b, y: b.select(b.flatten(y, start=2), axis=1, index=0),  # one channel's positions as features
+    # Channels and positions flattened together, then their mean: every feature mixes every channel.
+    "flatten_all_mean": lambda b, y: b.node("mean", b.flatten(y, start=1), dims=(-1,), keepdim=True),
 }
 
 
