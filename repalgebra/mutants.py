@@ -279,6 +279,9 @@ MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- sum_regroup
     _m("sum_regroup", "skip-first", "a group is added in the order written, a skip first (x + x meets no conv and nothing merges)",
        "    return [group[k], *group[:k], *group[k + 1:]]", "    return group", target="repalgebra.rules.sum_regroup:_conv_first"),
+    _m("sum_regroup", "costly-conv-first", "a depthwise or dilated conv stays where the model added it, and its refused merge stops the cheap ones",
+       "    group = [t for t in group if not any(t is c for c in costly)] + costly", "    group = list(group)",
+       target="repalgebra.rules.sum_regroup:_conv_first"),
     _m("sum_regroup", "others-dropped", "the terms outside every group are left out of the regrouped sum",
        "if key not in merging or groups[key][0] == k]", "if key in merging and groups[key][0] == k]"),
     _m("sum_regroup", "shared-inner-flattened", "an inner add read elsewhere too is taken apart into its terms",

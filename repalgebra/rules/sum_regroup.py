@@ -13,7 +13,10 @@ The rule reads a tree of ``add`` s (each inner one read only by the next) as
 its list of terms, groups the terms that are branches of one input (a conv2d
 or BatchNorm of ``x``, a channel scale of ``x``, or ``x`` itself; a conv also
 by its stride) where a group has a conv or a BN, and writes the sum again:
-each group's terms added first, in the order the model wrote them, the groups
+each group's terms added first, in the order the model wrote them (but a
+dilated conv, or a grouped one beside a dense one, last: its merge with a
+dense conv costs more than the two and is refused, and would stop the cheap
+merges after it), the groups
 and the other terms then added in the order of their first term.  Only the
 order of the float additions changes.
 
@@ -79,9 +82,20 @@ def sum_regroup(graph, root):
 
 
 def _conv_first(group: list[Value]) -> list[Value]:
-    """``group`` with its first conv or BN first: a skip or scale added first would meet no conv to become one."""
+    """``group`` with its first conv or BN first (a skip or scale added first would meet no conv to become one),
+    and the costly convs last: a dilated one, or a grouped one beside a dense one, whose merge with a dense conv
+    costs more than the two (and is refused) and would otherwise stop the cheap merges after it
+    (``dw(x) + pw(x) + bn(x)`` is summed ``(pw(x) + bn(x)) + dw(x)``: the BN becomes part of the 1x1)."""
+    dense = any(_conv(t) is not None and _conv(t).attrs["groups"] == 1 for t in group)
+    costly = [t for t in group if (n := _conv(t)) is not None and (n.attrs["dilation"] != (1, 1) or (dense and n.attrs["groups"] > 1))]
+    group = [t for t in group if not any(t is c for c in costly)] + costly
     k = next(k for k, t in enumerate(group) if t.producer is not None and t.producer.op in ("conv2d", "batch_norm"))
     return [group[k], *group[:k], *group[k + 1:]]
+
+
+def _conv(term: Value) -> Node | None:
+    n = term.producer
+    return n if n is not None and n.op == "conv2d" else None
 
 
 def _tree(graph, value: Value, root: bool = False):

@@ -97,3 +97,22 @@ def test_a_group_written_skip_first_is_added_conv_first(dtype, seed, data, order
     fused, report = run_rules(graph)
     assert fused.op_counts() == {"conv2d": 1}, report
     assert_graphs_equal(graph, fused, random_input((1, c, 4, 4), dtype, seed), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data(), costly=st.sampled_from(["depthwise", "dilated"]))
+def test_a_costly_conv_is_added_last_so_the_cheap_branches_merge(dtype, seed, data, costly):
+    """``dw(x) + pw(x) + bn(x)``: a depthwise 3x3 and a dense 1x1 merge into a dense 3x3 that costs more than the
+    two, which is refused; added first, it stopped the 1x1 and the BN from meeting, and the BN stayed.  A dilated
+    conv likewise.  The costly conv is added last: at most two convs, and no BN."""
+    c = data.draw(st.integers(2, 8), label="c")
+    b = GraphBuilder()
+    x = b.input("x", (1, c, 6, 6), dtype)
+    spec = (ConvSpec(c, c, c, (3, 3), padding=(1, 1, 1, 1), height=6, width=6) if costly == "depthwise"
+            else ConvSpec(c, c, 1, (3, 3), padding=(3, 3, 3, 3), dilation=(3, 3), height=6, width=6))
+    first = add_conv(b, x, spec, dtype, seed, "blk.costly")
+    pw, bn = (_term(b, kind, x, c, dtype, seed, data, k, "blk") for k, kind in enumerate(("conv1", "bn"), 1))
+    graph = b.build(b.add(b.add(first, pw, source="blk"), bn, source="blk"))
+    fused, report = run_rules(graph)
+    counts = fused.op_counts()  # two convs where the costly merge is refused, one where the sizes make it cheap
+    assert "batch_norm" not in counts and counts["conv2d"] <= 2 and counts.get("add", 0) == counts["conv2d"] - 1, report
+    assert_graphs_equal(graph, fused, random_input((1, c, 6, 6), dtype, seed), dtype)
