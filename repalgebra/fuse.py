@@ -749,7 +749,9 @@ class _Fuser:
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
         free_batch, sized = cap.batch_free, False
-        min_batch = 2  # torch.export's symbolic batch holds from 2 up: it takes sizes 0 and 1 for special cases
+        # torch.export's symbolic batch holds from 2 up (it takes sizes 0 and 1 for special cases): batch 1 is checked
+        # below, or it is the example's own (check=False: the caller checks the fused model at it)
+        min_batch = 1 if all(t.dim() and t.shape[0] == 1 for t in inputs if torch.is_tensor(t)) else 2
         if self.check:
             # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
             # (a float64 model's ``F.group_norm(y.float(), 1, w.float())``): those as the model holds them.

@@ -143,3 +143,13 @@ def test_sizes_and_dtypes_read_without_branching_on_sizes_are_traced():
             assert close(model(h), fused(h))
         with pytest.raises(ValueError, match="fused in float64, and what it computes depends on the dtype"):
             fused.float()(torch.randn(2, 5, 16))  # the clamp is the float16 branch's: in another dtype it refuses
+
+
+def test_tracing_leaves_torch_as_it_found_it():
+    # The trace records some torch calls by replacing them for its duration; torch.Tensor's own dunders are never
+    # replaced (a __getitem__ set on it, even set back, leaves tensors passing for Python sequences).
+    before, functions = dict(vars(torch.Tensor)), {name: getattr(torch, name) for name in ("zeros", "empty", "finfo")}
+    repalgebra.fuse(Encoder().eval(), masked(2, 5)[0])
+    assert dict(vars(torch.Tensor)) == before
+    assert all(getattr(torch, name) is f for name, f in functions.items())
+    assert torch.tensor(torch.tensor(3.0)).item() == 3.0  # a 0-d tensor is no sequence

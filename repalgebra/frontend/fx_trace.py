@@ -26,6 +26,7 @@ from torch.nn.modules import module as _torch_module  # its global hook registri
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
@@ -134,7 +135,7 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
     on every call: BERT's ``self.position_ids[:, :seq_length]``, LLaMA's rotary
     ``self.inv_freq[None, :, None].expand(B, -1, 1)``, CLIP's ``torch.empty(bsz, L, L)`` causal mask, EdgeNeXt's
     ``torch.zeros(B, H, W)``, HF's ``torch.finfo(scores.dtype).min``."""
-    patched: list[tuple[Any, str, Any]] = []
+    patched: list[tuple[Any, str, Any]] = []  # (owner, name, its own attribute before, or None: inherited)
 
     def record(owner: Any, name: str, kind: str) -> None:
         original = getattr(owner, name)
@@ -143,28 +144,49 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
         def call(*args: Any, **kwargs: Any) -> Any:
             if kind == "call_method" and isinstance(args[0], fx.Proxy):
                 return original(*args, **kwargs)
-            proxy = next((a for a in pytree.tree_leaves((_slices_opened(args), kwargs)) if isinstance(a, fx.Proxy)), None)
+            proxy = _proxy_in((args, kwargs))
             if proxy is None:
                 return original(*args, **kwargs)
-            return proxy.tracer.create_proxy(kind, operator.getitem if name == "__getitem__" else target, args, kwargs)
+            return proxy.tracer.create_proxy(kind, target, args, kwargs)
 
-        patched.append((owner, name, original))
+        patched.append((owner, name, vars(owner).get(name)))
         setattr(owner, name, call)
 
     for name in _SIZED_METHODS:
-        record(torch.Tensor, name, "call_function" if name == "__getitem__" else "call_method")
+        record(torch.Tensor, name, "call_method")
     for name in _SIZED_FACTORIES:
         record(torch, name, "call_function")
     try:
-        yield
+        with _IndexedBySizes():
+            yield
     finally:
-        for owner, name, original in reversed(patched):
-            setattr(owner, name, original)
+        for owner, name, own in reversed(patched):
+            if own is None:  # torch.Tensor inherits its methods from the C TensorBase: a copy on it would not be
+                delattr(owner, name)  # the C slot, and torch would dispatch indexing through Python from then on
+            else:
+                setattr(owner, name, own)
 
 
-# Tensor methods and torch functions recorded where a traced value is among their arguments (see above).
-_SIZED_METHODS = ("__getitem__", "expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_empty", "new_full")
+# Tensor methods and torch functions recorded where a traced value is among their arguments (see above).  Not
+# ``__getitem__``: set on torch.Tensor, a dunder changes the type's C slots for good (a tensor would then pass
+# for a Python sequence, and ``torch.tensor(t)`` of a 0-d one fail); indexing goes through a mode instead.
+_SIZED_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_empty", "new_full")
 _SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "finfo", "iinfo")
+
+
+class _IndexedBySizes(TorchFunctionMode):
+    """``buffer[:, :n]`` with ``n`` traced: recorded as a call (torch reads a slice's bounds as ints, and fails)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and not isinstance(args[0], fx.Proxy) and (proxy := _proxy_in(args[1:])) is not None:
+            return proxy.tracer.create_proxy("call_function", operator.getitem, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _proxy_in(tree: Any) -> fx.Proxy | None:
+    """The first traced value among ``tree``'s leaves, slices' bounds included."""
+    return next((a for a in pytree.tree_leaves(_slices_opened(tree)) if isinstance(a, fx.Proxy)), None)
 
 
 def _slices_opened(index: Any) -> Any:
@@ -173,6 +195,8 @@ def _slices_opened(index: Any) -> Any:
         return (index.start, index.stop, index.step)
     if isinstance(index, (tuple, list)):
         return [_slices_opened(i) for i in index]
+    if isinstance(index, dict):
+        return {k: _slices_opened(v) for k, v in index.items()}
     return index
 
 
