@@ -681,7 +681,7 @@ class _Fuser:
             if all(self.same(module, fused, c) is None for c in calls[1:]):
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
-        return self.keep_whole(path, calls, "called with keyword or non-tensor arguments")
+        return self.keep_whole(path, calls, next(c.not_alone for c in calls if not c.tensor_only))
 
     def keep_whole(self, path: str, calls: list[Call], reason: str) -> nn.Module:
         """A copy of the module at ``path`` whose children, as called in ``calls``, are fused on their own."""

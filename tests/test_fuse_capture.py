@@ -834,7 +834,7 @@ def test_torch_s_messages_about_sizes_and_output_types_are_said_in_words():
     """Swin's batch read as a number, and an output type torch.export does not know: said in words, without
     ``Constraints violated (batch)!``, ``TORCH_LOGS`` or multi-line ``TreeSpec(...)`` dumps."""
     text = str(check_exact(randomized(WindowReverse()), torch.randn(1, 4, 4, 4, dtype=D)).fuse_report)
-    assert "the code computes with the batch size as a number" in text and "TORCH_LOGS" not in text, text
+    assert "the code tests or computes with the batch size as a number" in text and "TORCH_LOGS" not in text, text
     report = fuse(randomized(ReturnsRecord()), torch.randn(2, 3, 6, 6, dtype=D)).fuse_report
     text = str(report)
     assert "its output type UnregisteredRecord is not registered with torch's pytree" in text, text
@@ -1833,3 +1833,37 @@ def test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs(wrap,
         assert verify(model, fused, other, n=1, dtype=D)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
+
+
+class MaskedConvModule(nn.Module):
+    """A Conformer-style conv module called with a padding mask (a bool tensor) by a layer kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+
+    def forward(self, x, mask):
+        return self.bn(self.conv(x)).masked_fill(mask[:, None], 0.0)
+
+
+class LengthsLayer(nn.Module):
+    """Reads the longest length as a number (``int(lengths.max())``): torch.fx and torch.export both refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_module = MaskedConvModule()
+
+    def forward(self, x, lengths):
+        steps = int(lengths.max())
+        mask = torch.arange(steps)[None, :] >= lengths[:, None]
+        return self.conv_module(x[..., :steps], mask)
+
+
+def test_a_part_called_with_a_mask_is_fused_on_its_own():
+    model = randomized(LengthsLayer())
+    x, lengths = torch.randn(2, 4, 8, dtype=D), torch.tensor([8, 5])
+    fused = fuse(model, (x, lengths))
+    report = fused.fuse_report
+    assert report.capture == "kept whole" and {f.rule for f in report.fired} == {"bn_fold"}, report
+    other, other_lengths = torch.randn(3, 4, 11, dtype=D), torch.tensor([9, 11, 2])
+    torch.testing.assert_close(fused(other, other_lengths), model(other, other_lengths), rtol=1e-9, atol=1e-9)

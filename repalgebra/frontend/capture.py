@@ -84,7 +84,8 @@ _PLAIN = (
      r"its output type \1 is not registered with torch's pytree, which torch.export needs"),
     (r"`?__cuda_array_interface__`? must be a dict", "torch.tensor() of a value torch.fx only knows symbolically (a size read from a tensor)"),
     (r"Proxy object cannot be iterated", "a loop or *unpacking over a value torch.fx only knows symbolically (a tensor, its shape, or a *args argument)"),
-    (r"Constraints violated \((\w+)\)!", r"the code computes with the \1 size as a number (int(), a Python division), which cannot stay symbolic"),
+    (r"Constraints violated \((\w+)\)!", r"the code tests or computes with the \1 size as a number (a comparison such as "
+     r"x.shape[0] >= 64, int(), a Python division), which cannot stay symbolic"),
 )
 
 
@@ -154,9 +155,19 @@ class Call:
     kwargs: dict
 
     @property
+    def not_alone(self) -> str:
+        """Why the call cannot be captured on its own (see :attr:`tensor_only`), in words; "" where it can."""
+        if self.kwargs:
+            return f"called with keyword arguments ({', '.join(self.kwargs)})"
+        if not self.args:
+            return "called without arguments"
+        odd = next((a for a in self.args if not torch.is_tensor(a)), None)
+        return "" if odd is None else f"called with a {type(odd).__name__} among its arguments (a part is captured on its own from tensors only)"
+
+    @property
     def tensor_only(self) -> bool:
-        """Positional floating-point tensors only: a call ``fuse`` can capture on its own."""
-        return not self.kwargs and bool(self.args) and all(torch.is_tensor(a) and a.is_floating_point() for a in self.args)
+        """Positional tensors only (a mask or token ids among them too): a call ``fuse`` can capture on its own."""
+        return not self.kwargs and bool(self.args) and all(torch.is_tensor(a) for a in self.args)
 
 
 
