@@ -424,8 +424,7 @@ class Tracer(fx.Tracer):
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
-        self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root),
-                           lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
+        self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -545,18 +544,13 @@ class Tracer(fx.Tracer):
             shown = "; ".join(flags[:4]) + (f"; ... ({len(flags) - 4} more)" if len(flags) > 4 else "")
             notes.append(f"{shown}: as the fused model runs (without gradients, on the model's device)")
         if self.ranks.read:
-            where = sorted({repr(p) if p else "forward" for p in self.ranks.read})
-            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
-            notes.append(f"numbers of axes (x.ndim, x.dim(), len(x.shape)) read in {shown}: taken as at the example (a "
-                         "fused graph refuses inputs with other numbers of axes)")
+            notes.append(f"numbers of axes (x.ndim, x.dim(), len(x.shape)) read in {_places(self.ranks.read)}: taken as "
+                         "at the example (a fused graph refuses inputs with other numbers of axes)")
         if self.dtype_tests:
-            where = sorted({repr(p) if p else "forward" for p in self.dtype_tests})
-            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
-            notes.append(f"tests of a dtype (x.dtype == torch.float16) in {shown} taken as at the example's dtype: "
-                         "the fused model runs in that dtype only")
+            notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
+                         "example's dtype: the fused model runs in that dtype only")
         if self.weight_branches:
-            where = sorted({repr(p) if p else "forward" for p in self.weight_branches})
-            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+            shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
                          f"taken as the weights decide (a test such as `if self.alpha:`), in {shown}")
         return notes
@@ -598,6 +592,10 @@ class _Shape(fx.proxy.Attribute):
         return r if r is not None else super().__len__()
 
 
+def _places(paths: list[str]) -> str:
+    """``'a', 'b', forward, ... (n more)``: the distinct module paths of a report note, at most four of them."""
+    where = sorted({repr(p) if p else "forward" for p in paths})
+    return ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
 
 
 def _stated_pieces(node: fx.Node) -> int | None:

@@ -33,11 +33,9 @@ __all__ = ["Ranks", "shape_length"]
 class Ranks:
     """The ranks of an fx trace's values at its example inputs (None where not known), and where they were read."""
 
-    def __init__(self, inputs: tuple | None, attr: Callable[[str], Any], module: Callable[[str], nn.Module],
-                 known: Callable[[nn.Module], bool]) -> None:
+    def __init__(self, inputs: tuple | None, attr: Callable[[str], Any], known: Callable[[nn.Module], bool]) -> None:
         self.inputs = inputs  # the example inputs, one per placeholder in order; None: no ranks known
-        self.attr = attr  # the root's attribute at a dotted path, past fx's patched lookup
-        self.module = module  # the root's submodule at a path
+        self.attr = attr  # the root's attribute (a tensor, a submodule) at a dotted path, past fx's patched lookup
         self.known = known  # whether a module kept whole is one of torch's layers, run on meta tensors
         self.values: dict[fx.Node, Any] = {}
         self.read: list[str] = []  # where a rank was read, for the report
@@ -71,7 +69,7 @@ class Ranks:
             return _meta(self.attr(str(node.target)))
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
         if node.op == "call_module":
-            m = self.module(str(node.target))
+            m = self.attr(str(node.target))
             return _on_meta(m, args, kwargs) if self.known(m) else None
         # a factory (torch.arange(n)) makes a real tensor: as meta, so that the calls reading it run on meta tensors
         return pytree.tree_map(_meta, invoke(node.op, node.target, args, kwargs))
