@@ -213,6 +213,7 @@ class ShapeGuard:
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
     free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
     min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
+    input_dtypes: tuple[torch.dtype, ...] | None = None  # set where forward tests its inputs' dtypes: these only
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
@@ -228,6 +229,12 @@ class ShapeGuard:
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
             return  # traced again (export_onnx): recorded as fused, at the shapes export_onnx fixes from the guard
 
+        if self._shapes_fit(args) and self.input_dtypes is not None and _dtypes(args) != self.input_dtypes:
+            raise ValueError(
+                f"{self.where} was fused with inputs of dtypes {_dtypes_text(self.input_dtypes)}, and what it computes "
+                f"depends on them ({self.why}); it was called with {_dtypes_text(_dtypes(args))}. Fuse the model again "
+                "with inputs of the dtypes you run it with."
+            )
         if self._shapes_fit(args):  # the dtype is what differs
             raise ValueError(
                 f"{self.where} was fused in {str(self.dtype).replace('torch.', '')}, and what it computes depends on "
@@ -259,7 +266,8 @@ class ShapeGuard:
 
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
-        return self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
+        return (self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
+                and (self.input_dtypes is None or _dtypes(args) == self.input_dtypes))
 
     def _shapes_fit(self, args: tuple) -> bool:
         if self.shapes is None:
@@ -275,6 +283,15 @@ class ShapeGuard:
 def _shapes_text(shapes: Sequence[tuple[int, ...]], batch: bool = False) -> str:
     """``2x3x16x16, ()`` (a 0-d tensor is ``()``); with ``batch``, the first size of each is ``B``."""
     return ", ".join("x".join("B" if batch and k == 0 else str(d) for k, d in enumerate(s)) or "()" for s in shapes)
+
+
+def _dtypes(args: tuple) -> tuple[torch.dtype, ...]:
+    """The dtype of each tensor among ``args`` (a structure's tensors in order)."""
+    return tuple(a.dtype for a in pytree.tree_leaves(args) if torch.is_tensor(a))
+
+
+def _dtypes_text(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _batches_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]], min_batch: int) -> bool:
@@ -749,9 +766,7 @@ class _Fuser:
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
         free_batch, sized = cap.batch_free, False
-        # torch.export's symbolic batch holds from 2 up (it takes sizes 0 and 1 for special cases): batch 1 is checked
-        # below, or it is the example's own (check=False: the caller checks the fused model at it)
-        min_batch = 1 if all(t.dim() and t.shape[0] == 1 for t in inputs if torch.is_tensor(t)) else 2
+        min_batch = 2  # torch.export's symbolic batch holds from 2 up (it takes sizes 0 and 1 for special cases)
         if self.check:
             # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
             # (a float64 model's ``F.group_norm(y.float(), 1, w.float())``): those as the model holds them.
@@ -759,7 +774,12 @@ class _Fuser:
                                  and n.out.dtype.is_floating_point and n.out.dtype != self.dtype else p)
             exact = to_module(own, output_spec=cap.output_spec, class_name=name, keep_param_dtype=True)
             self.restore_state(exact)
-            problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
+            try:
+                problem = self.same(self.pristine.get_submodule(path), exact, Call(tuple(inputs), {}))
+            except StateChanged:
+                raise
+            except Exception as e:  # noqa: BLE001  (the capture does not run: torch.export left a symbolic size in it)
+                problem = f"it does not run: {first_line(e)}"
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
@@ -788,11 +808,21 @@ class _Fuser:
                     sized = True
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
             self.stage["check"] += time.perf_counter() - t2
-        if cap.how == "fx" and cap.dtype_tested and not (self.check and self.own_dtype_only):
+        if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, computes_in(self.pristine.get_submodule(path), inputs),
-                       why="its forward tests the dtype, taken as at the example").install(fused)
+                       why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
+        if free_batch and not self.check:  # batch 1 is checked even so: the example's own batch may be 1
+            try:
+                one = self.same(self.pristine.get_submodule(path), fused, Call(batch_of_one(inputs), {}), in_float64=False)
+            except StateChanged:
+                raise
+            except Exception as e:  # noqa: BLE001
+                one = first_line(e)
+            min_batch = 1 if one is None else 2
+            if one is not None and all(t.shape[0] == 1 for t in inputs if torch.is_tensor(t) and t.dim()):
+                raise CaptureFailed(f"the {cap.how} capture computes something else at its example's batch of 1: {one}")
         if cap.how == "specialized":
             dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype, min_batch=min_batch).install(fused)

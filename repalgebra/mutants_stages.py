@@ -194,7 +194,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.handlers_functions:_f_squeeze", "    if x.shape[axis] != 1:\n        return None",
      '    if x.shape[axis] != 1:\n        return "identity", [x], {}, {}, ""', _RK),
     ("frontend", "squeeze-all-carried-as-written", "x.squeeze() carried as written, its rank unchecked",
-     "repalgebra.frontend.builder:_squeeze_dim", "return dim if dim is None or", "return _NOT_SQUEEZE if True else dim if dim is None or", _RK),
+     "repalgebra.frontend.builder:_squeezed", "    return x, args[1] if len(args) == 2 else kwargs.get(\"dim\")", "    return None", _RK),
     ("frontend", "shape-slice-length-whole", "len(x.shape[2:]) read as the number of axes of x",
      "repalgebra.frontend.ranks:shape_length", "return None if r is None else len(range(r)[cut])", "return r", _RK),
     ("frontend", "symbolic-batch-takes-one", "a capture with torch.export's symbolic batch (which holds from 2 up) taken at batch 1 too",

@@ -370,3 +370,70 @@ def test_ranks_of_values_computed_by_known_layers_are_read_on_meta_tensors():
     with torch.no_grad():
         other = (torch.randn(3, 6, 5, 7, dtype=D), torch.randn(3, 16, dtype=D))
         assert close(model(*other), fused(*other))
+
+
+@pytest.mark.parametrize("form", ["y.squeeze([0])", "torch.squeeze(input=y)", "y.squeeze(y.shape[1] - 4)"])
+def test_every_spelling_of_a_squeeze_is_checked(form):
+    squeeze = {"y.squeeze([0])": lambda y: y.squeeze([0]), "torch.squeeze(input=y)": lambda y: torch.squeeze(input=y),
+               "y.squeeze(y.shape[1] - 4)": lambda y: y.squeeze(y.shape[1] - 4)}[form]
+    torch.manual_seed(0)
+    model = Tokens(Body(lambda y: torch.cat([squeeze(y), squeeze(y)], -1))).to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 6, dtype=D))  # batch 1: the squeeze drops the batch axis
+    with torch.no_grad():
+        one = torch.randn(1, 4, 6, dtype=D)
+        assert close(model(one), fused(one))
+        three = torch.randn(3, 4, 6, dtype=D)
+        model(three)  # the model keeps the batch axis there, and concatenates along another
+        with pytest.raises(ValueError, match="axes, where the fused model was captured with"):
+            fused(three)
+
+
+def test_a_rank_read_after_an_in_place_unsqueeze_is_not_taken_from_before_it():
+    class Unsqueezes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.fc2(self.fc1(x))
+            z.unsqueeze_(0)
+            return z.sum(0) if z.ndim == 4 else 2 * z
+
+    torch.manual_seed(0)
+    model = Unsqueezes().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 6, dtype=D))
+    with torch.no_grad():
+        other = torch.randn(2, 4, 6, dtype=D)
+        assert close(model(other), fused(other))
+
+
+POSITIONS: dict[int, torch.Tensor] = {}  # a module-level cache of the model's own, keyed by the length
+
+
+@torch.fx.wrap
+def with_positions(y: torch.Tensor) -> torch.Tensor:
+    n = y.shape[-2]
+    if n not in POSITIONS:
+        POSITIONS[n] = torch.arange(n, dtype=y.dtype, device=y.device)[:, None] / n
+    return y + POSITIONS[n]
+
+
+class CachedPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return with_positions(self.fc2(self.fc1(x)))
+
+
+def test_the_models_own_functions_are_not_run_on_meta_tensors():
+    # Shapes are learned on meta tensors, but only through torch's own code: the model's function would keep one.
+    POSITIONS.clear()
+    torch.manual_seed(0)
+    model = CachedPositions().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx" and all(t.device.type == "cpu" for t in POSITIONS.values())
+    with torch.no_grad():
+        other = torch.randn(3, 4, 6, dtype=D)
+        assert close(model(other), fused(other))

@@ -141,7 +141,7 @@ def test_sizes_and_dtypes_read_without_branching_on_sizes_are_traced():
         for batch, length in ((3, 9), (1, 2)):
             h = torch.randn(batch, length, 16, dtype=D)
             assert close(model(h), fused(h))
-        with pytest.raises(ValueError, match="fused in float64, and what it computes depends on the dtype"):
+        with pytest.raises(ValueError, match="fused with inputs of dtypes float64, and what it computes depends on them"):
             fused.float()(torch.randn(2, 5, 16))  # the clamp is the float16 branch's: in another dtype it refuses
 
 
@@ -153,3 +153,28 @@ def test_tracing_leaves_torch_as_it_found_it():
     assert dict(vars(torch.Tensor)) == before
     assert all(getattr(torch, name) is f for name, f in functions.items())
     assert torch.tensor(torch.tensor(3.0)).item() == 3.0  # a 0-d tensor is no sequence
+
+
+class MaskKinds(nn.Module):
+    """A mask that may come as bools (made additive here) or already additive, told apart by its dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        if mask.dtype == torch.bool:
+            mask = (1.0 - mask.to(y.dtype)) * -1e4
+        return (y + mask).softmax(-1)
+
+
+def test_a_dtype_test_of_any_input_guards_that_inputs_dtype():
+    torch.manual_seed(0)
+    model = MaskKinds().to(D).eval()
+    x, bools = torch.randn(2, 4, 6, dtype=D), torch.rand(2, 4, 6) > 0.3
+    fused = repalgebra.fuse(model, (x, bools))
+    with torch.no_grad():
+        assert close(model(x, bools), fused(x, bools))
+        with pytest.raises(ValueError, match="fused with inputs of dtypes float64, bool"):
+            fused(x, torch.randn(2, 4, 6, dtype=D))  # an additive mask: the model takes its other branch

@@ -59,7 +59,7 @@ FEW = {
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",
-    "repalgebra.frontend.builder:_squeeze_dim": "one decision, which carried calls are squeezes whose rank is checked",
+    "repalgebra.frontend.builder:_squeezed": "one decision, which carried calls are squeezes whose rank is checked",
     "repalgebra.frontend.ranks:shape_length": "one choice beside the rank itself, how many axes a slice of a shape keeps "
     "(a wrong rank read elsewhere takes another branch than the model, which the check against it at the example catches)",
     "repalgebra.fuse:_batches_fit": "one comparison beside the sizes, the batch with the smallest one the capture holds at",

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, squeeze_to_rank
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, runs_on_meta, squeeze_to_rank
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
@@ -154,6 +154,8 @@ class Builder:
     def run_meta(self, n: fx.Node, kind: str, target: Any) -> Any:
         """Run the call on meta tensors; returns (and remembers) its summary."""
         ex = lambda a: fx.node.map_aggregate(a, lambda x: self.example[x] if isinstance(x, fx.Node) else x)  # noqa: E731
+        if not runs_on_meta(kind, target):
+            raise NeedsRealRun(f"{n.format_node()}: the model's own code, run for real")
         before = versions(n, self.example)
         try:
             result = _call_meta(kind, target, ex(n.args), ex(n.kwargs))
@@ -260,8 +262,8 @@ class Builder:
         """Carry the call through unchanged as an ``opaque`` node."""
         if kind == "call_module" and not kwargs and all(isinstance(a, Value) for a in args):
             fn, inputs = target, list(args)
-        elif (dim := _squeeze_dim(kind, target, args, kwargs)) is not _NOT_SQUEEZE and isinstance(info, TensorInfo):
-            fn, inputs = _compile("call_function", squeeze_to_rank, (args[0], dim, len(info.shape)), {})
+        elif (squeezed := _squeezed(kind, target, args, kwargs)) is not None and isinstance(info, TensorInfo):
+            fn, inputs = _compile("call_function", squeeze_to_rank, (*squeezed, len(info.shape)), {})
         else:
             fn, inputs = _compile(kind, target, args, kwargs)
         shape, dtype = (info.shape, info.dtype) if isinstance(info, TensorInfo) else (None, None)
@@ -271,18 +273,16 @@ class Builder:
         self.left_alone.append(LeftAlone(self.source(n), "batch_norm", reason))
 
 
-_NOT_SQUEEZE = object()
-
-
-def _squeeze_dim(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-    """The ``dim`` of a carried ``x.squeeze(...)`` / ``torch.squeeze(x, ...)`` of a traced tensor (None: every axis of
-    size 1), else ``_NOT_SQUEEZE``.  How many axes it drops depends on the sizes: carried as :func:`squeeze_to_rank`."""
+def _squeezed(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[Value, Any] | None:
+    """``(x, dim)`` of a carried ``x.squeeze(...)`` / ``torch.squeeze(x, ...)`` of a traced tensor (``dim`` None:
+    every axis of size 1; a list, or a size read at run time, as written), else None.  How many axes it drops
+    depends on the sizes: carried as :func:`squeeze_to_rank`, which checks them."""
     if not ((kind == "call_method" and target == "squeeze") or (kind == "call_function" and target is torch.squeeze)):
-        return _NOT_SQUEEZE
-    if not args or not isinstance(args[0], Value) or len(args) > 2 or set(kwargs) - {"dim"}:
-        return _NOT_SQUEEZE
-    dim = args[1] if len(args) == 2 else kwargs.get("dim")
-    return dim if dim is None or isinstance(dim, int) or (isinstance(dim, tuple) and all(isinstance(d, int) for d in dim)) else _NOT_SQUEEZE
+        return None
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not isinstance(x, Value) or len(args) > 2 or set(kwargs) - {"dim", "input", "self"}:
+        return None
+    return x, args[1] if len(args) == 2 else kwargs.get("dim")
 
 
 def _is_named_tuple(t: Any) -> bool:

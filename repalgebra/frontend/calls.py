@@ -128,6 +128,17 @@ def _constant(value: Any) -> Resolver:
     return lambda inputs, owner: value
 
 
+def runs_on_meta(kind: str, target: Any) -> bool:
+    """Whether a call may be made on meta tensors to learn shapes: torch's own code (a tensor method, a function or
+    module of torch, an operator), not the model's (a function ``torch.fx.wrap`` kept whole, the user's leaf module),
+    which may keep what it is given (a module-level cache, filled with a meta tensor, breaks the model)."""
+    if kind == "call_method":
+        return True
+    owner = type(target) if kind == "call_module" else target
+    name = getattr(owner, "__module__", None) or ""
+    return name.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math") or owner in (getattr, len)
+
+
 def invoke(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
     """Call ``target`` the way an fx node of ``kind`` does."""
     if kind == "call_method":
@@ -241,4 +252,4 @@ class CallFn(nn.Module):
         return target_name(self.fn)
 
 
-__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank"]
+__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank", "runs_on_meta"]

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import invoke
+from repalgebra.frontend.calls import invoke, runs_on_meta
 
 __all__ = ["Ranks", "shape_length"]
 
@@ -43,8 +43,8 @@ class Ranks:
     def rank(self, node: fx.Node, where: str) -> int | None:
         """The number of axes of ``node``'s value at the example inputs, else None; recorded as read at ``where``."""
         value = self.value(node)
-        if not isinstance(value, torch.Tensor):
-            return None
+        if not isinstance(value, torch.Tensor) or any(u.op == "call_method" and u.target in _RANK_IN_PLACE for u in node.users):
+            return None  # (``z.unsqueeze_(0)`` before the read: the node's value is z's before it)
         self.read.append(where)
         return value.dim()
 
@@ -67,12 +67,18 @@ class Ranks:
             return _meta(self.inputs[index])
         if node.op == "get_attr":
             return _meta(self.attr(str(node.target)))
+        if node.op != "call_module" and not runs_on_meta(node.op, node.target):
+            return None  # the model's own function: not run on meta tensors (see runs_on_meta)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
         if node.op == "call_module":
             m = self.attr(str(node.target))
             return _on_meta(m, args, kwargs) if self.known(m) else None
         # a factory (torch.arange(n)) makes a real tensor: as meta, so that the calls reading it run on meta tensors
         return pytree.tree_map(_meta, invoke(node.op, node.target, args, kwargs))
+
+
+# In-place methods that change the number of axes of the tensor they are called on.
+_RANK_IN_PLACE = frozenset({"unsqueeze_", "squeeze_", "resize_", "resize_as_", "as_strided_", "set_"})
 
 
 def _on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
