@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
-__all__ = ["traced_as_one_call"]
+__all__ = ["traced_as_one_call", "sized_call"]
 
 
 def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -25,10 +27,18 @@ def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        for a in args:
+        for a in pytree.tree_leaves((args, kwargs)):  # a size among a shape's: torch.zeros((B, n))
             if isinstance(a, fx.Proxy):
                 return a.tracer.create_proxy("call_function", call, args, kwargs)
         return fn(*args, **kwargs)
 
     call.traced_as_one_call = True  # type: ignore[attr-defined]
     return call
+
+
+@traced_as_one_call
+def sized_call(name: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch.<name>(*args, **kwargs)``: a torch factory given sizes read at run time (``torch.zeros(B, n, n)``),
+    or ``torch.finfo(x.dtype)``, as a fused module's code writes it.  Traced again by torch's own tracer (unpickling
+    a GraphModule), ``torch.zeros`` would fail on the Proxies among its sizes; this records itself as one call."""
+    return getattr(torch, name)(*args, **kwargs)

@@ -11,6 +11,7 @@ the ONNX export in float32 to 1e-5.
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import onnxruntime as ort
@@ -178,3 +179,17 @@ def test_a_dtype_test_of_any_input_guards_that_inputs_dtype():
         assert close(model(x, bools), fused(x, bools))
         with pytest.raises(ValueError, match="fused with inputs of dtypes float64, bool"):
             fused(x, torch.randn(2, 4, 6, dtype=D))  # an additive mask: the model takes its other branch
+
+
+def test_a_fused_model_with_calls_sized_at_run_time_pickles_and_fuses_again():
+    # Unpickling a GraphModule traces its code again with torch's own tracer: torch.empty(bsz, L, L) and
+    # torch.finfo(h.dtype) there would fail on its Proxies; they are written so that they record themselves.
+    torch.manual_seed(0)
+    model = Layer().to(D).eval()
+    h = torch.randn(2, 5, 16, dtype=D)
+    fused = repalgebra.fuse(model, h)
+    again = repalgebra.fuse(fused, h)
+    with torch.no_grad():
+        other = torch.randn(3, 7, 16, dtype=D)
+        for copy_ in (pickle.loads(pickle.dumps(fused)), again):
+            assert close(model(other), copy_(other))

@@ -40,6 +40,7 @@ from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
 from repalgebra.ir import Graph, Node
 from repalgebra.match import is_1x1_pointwise
+from repalgebra.one_call import sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
 
 __all__ = ["to_module", "lowers", "Lowering", "OpCall"]
@@ -692,7 +693,14 @@ def _inline_call(ctx: Lowering, node: Node, fn: FnCall, xs: list[fx.Node]) -> fx
         return t
 
     args, kwargs = emit(template)
-    return ctx.graph.create_node(fn.kind, _stride_free_target(fn), args, kwargs)
+    target = _stride_free_target(fn)
+    if fn.kind == "call_function" and target in _SIZED_FACTORIES:  # sized at run time: see sized_call
+        return ctx.graph.create_node("call_function", sized_call, (target.__name__, *args), kwargs)
+    return ctx.graph.create_node(fn.kind, target, args, kwargs)
+
+
+# Torch functions taking sizes (or a dtype) but no tensor: in a fused module's code, called through sized_call.
+_SIZED_FACTORIES = frozenset({torch.zeros, torch.ones, torch.empty, torch.full, torch.finfo, torch.iinfo})
 
 
 def _template_leaves(t: Any) -> list[Any]:
