@@ -437,3 +437,32 @@ def test_the_models_own_functions_are_not_run_on_meta_tensors():
     with torch.no_grad():
         other = torch.randn(3, 4, 6, dtype=D)
         assert close(model(other), fused(other))
+
+
+class BranchOnABatchOfOne(nn.Module):
+    """Python fx cannot trace (a test of the width), then a branch on a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.fc1(x))
+        if x.shape[-1] % 2 == 0:
+            y = 2 * y if len(y) == 1 else y
+        return y
+
+
+def test_an_onnx_file_runs_at_batch_1_only_where_it_computes_what_the_model_does():
+    torch.manual_seed(0)
+    model = BranchOnABatchOfOne().eval()
+    proto = repalgebra.export_onnx(model, None, input_shape=(2, 4, 6))
+    session = ort.InferenceSession(proto.SerializeToString())
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 4, 6)
+        try:
+            (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        except Exception:  # noqa: BLE001  (a batch the file does not take: refused, not computed otherwise)
+            continue
+        want = model(x).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

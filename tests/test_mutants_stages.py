@@ -64,6 +64,7 @@ FEW = {
     "(a wrong rank read elsewhere takes another branch than the model, which the check against it at the example catches)",
     "repalgebra.fuse:_batches_fit": "one comparison beside the sizes, the batch with the smallest one the capture holds at",
     "repalgebra.backend.onnx:_holds_at_batch_one": "one check, the graph against the model at batch 1",
+    "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
 }

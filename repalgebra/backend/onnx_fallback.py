@@ -358,15 +358,17 @@ def export_regions(
         try:
             seen = run_regions(graph, regions, modules, at(other))
             axes = [(changed_axes(r.inputs, i), changed_axes(r.outputs, o)) for r, (i, o) in zip(regions, seen)]
+            # and at batch 1, where a trace at another batch may have taken another branch (``len(x) == 1``)
+            dynamic_checks = checks if batch == 1 else [*checks, run_regions(graph, regions, modules, at(1))]
         except Exception as e:  # noqa: BLE001  (sizes fixed at the captured batch somewhere in the graph)
-            notes.append(f"batch fixed at {batch}: the graph does not run at batch {other} ({_first_line(e)})")
+            notes.append(f"batch fixed at {batch}: the graph does not run at batch {other} or 1 ({_first_line(e)})")
         else:
             try:
                 exported = [_export(r, m, i, a, opset) if r.outputs else None for r, m, (i, _), a in zip(regions, modules, seen, axes)]
             except FallbackError as e:
                 notes.append(f"batch fixed at {batch}: with a dynamic batch, {e}")
             else:
-                wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs_on(e.model, checks, r.index))), None)
+                wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs_on(e.model, dynamic_checks, r.index))), None)
                 if wrong is None:
                     return _noted(regions, exported, notes), True
                 r, why = wrong
