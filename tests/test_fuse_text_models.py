@@ -193,3 +193,25 @@ def test_a_fused_model_with_calls_sized_at_run_time_pickles_and_fuses_again():
         other = torch.randn(3, 7, 16, dtype=D)
         for copy_ in (pickle.loads(pickle.dumps(fused)), again):
             assert close(model(other), copy_(other))
+
+
+class ClampsInFloat64(nn.Module):
+    """``x.dtype is torch.float64``: Python's ``is`` of a traced value is always false, whatever the dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        return y.clamp(-3, 3) if x.dtype is torch.float64 else y
+
+
+def test_a_dtype_looked_at_outside_the_graph_is_not_traced():
+    torch.manual_seed(0)
+    model = ClampsInFloat64().to(D).eval()
+    x = 0.1 * torch.randn(2, 4, 6, dtype=D)  # small: the clamp changes nothing here, and the check cannot tell
+    fused = repalgebra.fuse(model, x)
+    assert "x.dtype where torch.fx cannot record it" in fused.fuse_report.parts[0].reason
+    with torch.no_grad():
+        assert close(model(100 * x), fused(100 * x))

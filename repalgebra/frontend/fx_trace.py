@@ -81,6 +81,9 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
+    if tracer.dtype_read_outside():
+        raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
+                               "cannot record it (x.dtype is torch.float64, str(x.dtype)), so the branch it took is not known")
     all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
     star = [n for n in all_placeholders if str(n.target).startswith("*") and not str(n.target).startswith("**")]
     if star:  # ``xs[0]`` of that Proxy would be read as a tensor's first row
@@ -424,6 +427,7 @@ class Tracer(fx.Tracer):
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
+        self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -530,6 +534,17 @@ class Tracer(fx.Tracer):
         self.flags.append(f"x.{name} taken as {value} in {where!r}" if where else f"x.{name} taken as {value} in forward")
         return value
 
+    @property
+    def dtype_tested(self) -> bool:
+        """Whether the trace took a test of a dtype as at the example (:meth:`_dtype_test`): the graph then holds in
+        the example's dtypes only."""
+        return bool(self.dtype_tests)
+
+    def dtype_read_outside(self) -> bool:
+        """Whether Python used a traced ``x.dtype`` outside the graph (``x.dtype is torch.float64``, always false of
+        a traced value; ``str(x.dtype)``): which branch it took then is not known."""
+        return any(a._node is None or not a._node.users for a in self.dtype_reads)
+
     def rank(self, node: fx.Node) -> int | None:
         """How many axes ``node``'s value has at the example inputs (``x.ndim``; :mod:`~repalgebra.frontend.ranks`)."""
         return self.ranks.rank(node, self.path_stack[-1] if self.path_stack else "")
@@ -581,6 +596,9 @@ class _Proxy(InplaceProxy):
     def __getattr__(self, k: str) -> Any:
         if k in ("ndim", "dim", "ndimension") and (r := self.tracer.rank(self.node)) is not None:
             return r if k == "ndim" else functools.partial(int, r)
+        if k == "dtype":  # watched: Python that looks at it outside the graph (``is``, ``str()``) branches on it
+            self.tracer.dtype_reads.append(attr := fx.proxy.Attribute(self, k))
+            return attr
         return _Shape(self, k) if k == "shape" else super().__getattr__(k)
 
 

@@ -166,7 +166,7 @@ def trace_model(
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
-    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, bool(tracer.dtype_tests))
+    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested)
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
