@@ -99,9 +99,8 @@ def test_wide_dilations_stay_apart_and_a_large_kernel_absorbs_dilated_ones():
     assert "the one conv they would become has 10000 multiply-adds per output pixel, more than the 2 convs together (288)" in str(fused.fuse_report)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in aspp.parameters())
 
-    # The large kernel first: every merge is no dearer than its two branches.  Last: the small dilated ones
-    # meet first (5 x 5 of rate 2 and 3 x 3 of rate 3 alone would be a dense 9 x 9, 81 weights a channel
-    # for their 34), and merge because the 13 x 13 of the same sum absorbs them.
+    # Written with the large kernel first or last, one conv: sum_regroup adds the dilated ones after it (the
+    # sum rules alone, in the model's order, absorb them into it: the next test).
     for order in ([(13, 1), (5, 2), (3, 3), (3, 4)], [(5, 2), (3, 3), (3, 4), (13, 1)]):
         lk = DilatedSum(4, order, depthwise=True).double().eval()
         fused = repalgebra.fuse(lk, x)
@@ -125,4 +124,23 @@ def test_a_large_kernel_read_elsewhere_absorbs_nothing(dtype, seed):
     fused, report = run_rules(graph, *SUM_RULES)
     assert fused.op_counts() == graph.op_counts(), report
     assert any("the one conv they would become has 225 multiply-adds" in r for r in reasons(report, "add")), report
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds())
+def test_small_dilated_kernels_met_first_merge_where_a_large_kernel_of_the_sum_absorbs_them(dtype, seed):
+    """UniRepLKNet's block written with its small dilated kernels first, as the sum rules see it (``sum_regroup`` would
+    put the dilated ones last): ``5x5 rate 2 + 3x3 rate 3`` alone would be a dense 9x9, 81 weights a channel for
+    their 34, but the 13x13 of the same sum absorbs it, so the merge is made and the sum becomes one 13x13 conv."""
+    c, shape = 2, (1, 2, 16, 16)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    conv = lambda k, d, s: add_conv(b, x, ConvSpec(c, c, c, (k, k), dilation=(d, d), padding=(d * (k // 2),) * 4, height=16, width=16), dtype, s)  # noqa: E731
+    total = conv(5, 2, seed)
+    for k, d, s in ((3, 3, seed + 1), (3, 4, seed + 2), (13, 1, seed + 3)):
+        total = b.add(total, conv(k, d, s), source="block")
+    graph = b.build(total)
+    fused, report = run_rules(graph, *SUM_RULES)
+    assert fused.op_counts() == {"conv2d": 1}, report
+    assert next(n for n in fused.nodes if n.op == "conv2d").params["weight"].shape == (c, 1, 13, 13)
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed), dtype)
