@@ -795,10 +795,7 @@ class _Fuser:
                     free_batch = self.same(original, exact, Call(batch_plus_one(inputs), {})) is None
                 except Exception:  # noqa: BLE001  (the original itself does not run at that batch: keep it fixed)
                     free_batch = False
-                try:  # and at batch 1, where a squeeze of the batch axis or a branch on it may compute something else
-                    min_batch = 1 if self.same(original, exact, Call(batch_of_one(inputs), {})) is None else 2
-                except Exception:  # noqa: BLE001  (one of them does not run at batch 1: the fused one refuses it)
-                    min_batch = 2
+                min_batch = 1 if self.holds_at_batch_one(path, exact, inputs) is None else 2
             if cap.how == "fx" and rw.fired and any(n.op in SIZE_MATCHED for n in graph_in.nodes):
                 sizes_hold, batch_holds = self.holds_at_other_sizes(path, fused, inputs)
                 if not sizes_hold:  # a fold through a reshape that keeps an axis whole at the example's sizes only
@@ -814,12 +811,7 @@ class _Fuser:
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         if free_batch and not self.check:  # batch 1 is checked even so: the example's own batch may be 1
-            try:
-                one = self.same(self.pristine.get_submodule(path), fused, Call(batch_of_one(inputs), {}), in_float64=False)
-            except StateChanged:
-                raise
-            except Exception as e:  # noqa: BLE001
-                one = first_line(e)
+            one = self.holds_at_batch_one(path, fused, inputs, in_float64=False)
             min_batch = 1 if one is None else 2
             if one is not None and all(t.shape[0] == 1 for t in inputs if torch.is_tensor(t) and t.dim()):
                 raise CaptureFailed(f"the {cap.how} capture computes something else at its example's batch of 1: {one}")
@@ -883,6 +875,16 @@ class _Fuser:
             return True, True
         batch = holds(batched) is not False
         return batch and all(ran), batch
+
+    def holds_at_batch_one(self, path: str, candidate: nn.Module, inputs: tuple, in_float64: bool = True) -> str | None:
+        """None where ``candidate`` computes what the part at ``path`` does at batch 1, else why not: a capture with
+        torch.export's symbolic batch holds from batch 2 up (a squeeze of the batch axis, a branch on it)."""
+        try:
+            return self.same(self.pristine.get_submodule(path), candidate, Call(batch_of_one(inputs), {}), in_float64=in_float64)
+        except StateChanged:
+            raise
+        except Exception as e:  # noqa: BLE001  (one of them does not run at batch 1: the fused one refuses it)
+            return first_line(e)
 
     def same(self, reference: nn.Module, candidate: nn.Module, call: Call, in_float64: bool = True) -> str | None:
         """None when ``candidate`` computes what ``reference`` does for ``call``, else what differs.
