@@ -220,8 +220,8 @@ class ShapeGuard:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-        if (self.free_sizes and self.dtype is None and not kwargs and len(args) == len(self.shapes)  # the common call, quickly: it runs on every one
-                and all(isinstance(a, torch.Tensor) and a.dim() == len(s) for a, s in zip(args, self.shapes))):
+        if (self.free_sizes and self.dtype is None and not kwargs  # the common call, quickly: it runs on every one
+                and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
             return
         args = _bound(module, args, kwargs)
         if args is None:

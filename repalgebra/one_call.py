@@ -15,7 +15,11 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["traced_as_one_call", "sized_call"]
+__all__ = ["traced_as_one_call", "sized_call", "SIZED_FACTORIES"]
+
+# The torch functions that take sizes (or a dtype) but no tensor: recorded as calls where the trace gives them a
+# traced value (frontend/fx_trace.py), and called through sized_call in a fused module's code (backend/torch.py).
+SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "finfo", "iinfo")
 
 
 def traced_as_one_call(fn: Callable[..., Any]) -> Callable[..., Any]:

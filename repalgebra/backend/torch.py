@@ -40,7 +40,7 @@ from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
 from repalgebra.ir import Graph, Node
 from repalgebra.match import is_1x1_pointwise
-from repalgebra.one_call import sized_call
+from repalgebra.one_call import SIZED_FACTORIES, sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
 
 __all__ = ["to_module", "lowers", "Lowering", "OpCall"]
@@ -700,7 +700,7 @@ def _inline_call(ctx: Lowering, node: Node, fn: FnCall, xs: list[fx.Node]) -> fx
 
 
 # Torch functions taking sizes (or a dtype) but no tensor: in a fused module's code, called through sized_call.
-_SIZED_FACTORIES = frozenset({torch.zeros, torch.ones, torch.empty, torch.full, torch.finfo, torch.iinfo})
+_SIZED_FACTORIES = frozenset(getattr(torch, name) for name in SIZED_FACTORIES)
 
 
 def _template_leaves(t: Any) -> list[Any]:

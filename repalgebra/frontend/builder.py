@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, runs_on_meta, squeeze_to_rank
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, meta_of, runs_on_meta, squeeze_to_rank
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
@@ -93,7 +93,7 @@ class Builder:
                     v = Graph.input(n.name, tuple(t.shape), t.dtype)
                     graph_inputs.append(v)
                     self.env[n] = v
-                    self.example[n] = _meta(t)
+                    self.example[n] = meta_of(t)
                 elif str(n.target).startswith("**"):  # the **kwargs of the example call: none
                     self.env[n] = self.example[n] = {}
                 else:  # a baked-in default (concrete_args)
@@ -101,7 +101,7 @@ class Builder:
             elif n.op == "get_attr":
                 obj = _fetch(self.root, n.target)
                 self.env[n] = Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
-                self.example[n] = _meta(obj)
+                self.example[n] = meta_of(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
             elif n.op in ("call_function", "call_method"):
@@ -255,7 +255,7 @@ class Builder:
             return None
         if not torch.is_tensor(out):
             return None
-        self.example[n] = _meta(out)
+        self.example[n] = meta_of(out)
         return Const(out.detach().clone(), consts[0].path)
 
     def opaque(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict, info: Any) -> Value:
@@ -298,10 +298,6 @@ def _call_meta(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         return target(*args, **kwargs)
     meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
     return torch.func.functional_call(target, meta, args, kwargs)
-
-
-def _meta(v: Any) -> Any:
-    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
 
 
 def _return(x: Any) -> Any:

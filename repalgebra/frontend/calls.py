@@ -139,6 +139,11 @@ def runs_on_meta(kind: str, target: Any) -> bool:
     return name.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math") or owner in (getattr, len)
 
 
+def meta_of(v: Any) -> Any:
+    """A meta tensor of ``v``'s shape and dtype (``v`` itself where not a tensor)."""
+    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
+
+
 def invoke(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
     """Call ``target`` the way an fx node of ``kind`` does."""
     if kind == "call_method":
@@ -252,4 +257,4 @@ class CallFn(nn.Module):
         return target_name(self.fn)
 
 
-__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank", "runs_on_meta"]
+__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank", "runs_on_meta", "meta_of"]

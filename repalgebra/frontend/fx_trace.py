@@ -35,6 +35,7 @@ from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.ranks import Ranks, shape_length
 from repalgebra.frontend.wrappers import wrapped
 from repalgebra.module_copy import copy_module
+from repalgebra.one_call import SIZED_FACTORIES
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
 
@@ -157,7 +158,7 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
 
     for name in _SIZED_METHODS:
         record(torch.Tensor, name, "call_method")
-    for name in _SIZED_FACTORIES:
+    for name in SIZED_FACTORIES:
         record(torch, name, "call_function")
     try:
         with _IndexedBySizes():
@@ -174,7 +175,6 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
 # ``__getitem__``: set on torch.Tensor, a dunder changes the type's C slots for good (a tensor would then pass
 # for a Python sequence, and ``torch.tensor(t)`` of a 0-d one fail); indexing goes through a mode instead.
 _SIZED_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_empty", "new_full")
-_SIZED_FACTORIES = ("zeros", "ones", "empty", "full", "finfo", "iinfo")
 
 
 class _IndexedBySizes(TorchFunctionMode):

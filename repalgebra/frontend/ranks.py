@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import invoke, runs_on_meta
+from repalgebra.frontend.calls import invoke, meta_of, runs_on_meta
 
 __all__ = ["Ranks", "shape_length"]
 
@@ -64,9 +64,9 @@ class Ranks:
             index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
             if self.inputs is None or index >= len(self.inputs) or not torch.is_tensor(self.inputs[index]):
                 return None
-            return _meta(self.inputs[index])
+            return meta_of(self.inputs[index])
         if node.op == "get_attr":
-            return _meta(self.attr(str(node.target)))
+            return meta_of(self.attr(str(node.target)))
         if node.op != "call_module" and not runs_on_meta(node.op, node.target):
             return None  # the model's own function: not run on meta tensors (see runs_on_meta)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
@@ -74,7 +74,7 @@ class Ranks:
             m = self.attr(str(node.target))
             return _on_meta(m, args, kwargs) if self.known(m) else None
         # a factory (torch.arange(n)) makes a real tensor: as meta, so that the calls reading it run on meta tensors
-        return pytree.tree_map(_meta, invoke(node.op, node.target, args, kwargs))
+        return pytree.tree_map(meta_of, invoke(node.op, node.target, args, kwargs))
 
 
 # In-place methods that change the number of axes of the tensor they are called on.
@@ -85,14 +85,9 @@ def _on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
     """``m.forward(*args, **kwargs)`` of a shallow copy of ``m`` holding meta tensors of its parameters' and buffers'
     shapes (fx's patched attribute lookup hands out Proxies for the traced model's own parameters, not for these)."""
     c = copy.copy(m)
-    c._parameters = {k: None if p is None else nn.Parameter(_meta(p), p.requires_grad) for k, p in m._parameters.items()}
-    c._buffers = {k: None if b is None else _meta(b) for k, b in m._buffers.items()}
+    c._parameters = {k: None if p is None else nn.Parameter(meta_of(p), p.requires_grad) for k, p in m._parameters.items()}
+    c._buffers = {k: None if b is None else meta_of(b) for k, b in m._buffers.items()}
     return type(m).forward(c, *args, **kwargs)
-
-
-def _meta(v: Any) -> Any:
-    """A meta tensor of ``v``'s shape and dtype (``v`` itself where not a tensor)."""
-    return torch.empty_like(v, device="meta") if torch.is_tensor(v) else v
 
 
 def shape_length(node: fx.Node, rank: Callable[[fx.Node], int | None]) -> int | None:
