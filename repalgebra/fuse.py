@@ -166,6 +166,11 @@ _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a
 # concatenate, slice or split along another axis than the model does.
 _RANK_WHY = "its graph holds each axis at the example's number of axes (an axis counted from the end, dim=-1, is a fixed axis in it)"
 
+# Why a torch.export capture holds in the dtypes it was checked in only: Python read the dtype while export ran
+# (``if torch.finfo(x.dtype).bits < 32``, ``x.dtype == torch.float16``) and the graph keeps the branch it took.
+_EXPORT_DTYPE_WHY = ("torch.export recorded its Python in one dtype: a cast, or a branch on the dtype "
+                     "(torch.finfo(x.dtype).bits < 32), stays as taken there")
+
 _TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
 
@@ -209,7 +214,7 @@ class ShapeGuard:
     shapes: Sequence[tuple[int, ...]] | None  # None: any shape (a guard of the dtype only)
     where: str
     free_batch: bool = False  # any batch size (axis 0 of every input, one size), the other sizes fixed
-    dtype: torch.dtype | None = None  # set when what it computes depends on the dtype it computes in: only that one
+    dtypes: tuple[torch.dtype, ...] | None = None  # set when what it computes depends on the dtype it computes in: these
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
     free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
     min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
@@ -220,7 +225,7 @@ class ShapeGuard:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-        if (self.free_sizes and self.dtype is None and not kwargs  # the common call, quickly: it runs on every one
+        if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
                 and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
             return
         args = _bound(module, args, kwargs)
@@ -237,8 +242,9 @@ class ShapeGuard:
             )
         if self._shapes_fit(args):  # the dtype is what differs
             raise ValueError(
-                f"{self.where} was fused in {str(self.dtype).replace('torch.', '')}, and what it computes depends on "
-                f"the dtype ({'torch.export recorded a cast or a branch on it' if self.shapes is not None else self.why}); it was called in "
+                f"{self.where} was fused in {str(self.dtypes[0]).replace('torch.', '')} and holds in "
+                f"{_dtypes_text(self.dtypes, ' and ')} only ({_EXPORT_DTYPE_WHY if self.shapes is not None else self.why}); "
+                f"it was called in "
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
@@ -266,7 +272,7 @@ class ShapeGuard:
 
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
-        return (self._shapes_fit(args) and (self.dtype is None or computes_in(module, args) == self.dtype)
+        return (self._shapes_fit(args) and (self.dtypes is None or computes_in(module, args) in self.dtypes)
                 and (self.input_dtypes is None or _dtypes(args) == self.input_dtypes))
 
     def _shapes_fit(self, args: tuple) -> bool:
@@ -290,8 +296,8 @@ def _dtypes(args: tuple) -> tuple[torch.dtype, ...]:
     return tuple(a.dtype for a in pytree.tree_leaves(args) if torch.is_tensor(a))
 
 
-def _dtypes_text(dtypes: tuple[torch.dtype, ...]) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+def _dtypes_text(dtypes: tuple[torch.dtype, ...], sep: str = ", ") -> str:
+    return sep.join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _batches_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]], min_batch: int) -> bool:
@@ -786,7 +792,7 @@ class _Fuser:
             compared = str(self.dtype if self.own_dtype_only or self.dtype is None else torch.float64).replace("torch.", "")
             self.checks.append(f"{_where(path)} on the example input in {compared}, to {self.tolerance:g} relative")
             if self.own_dtype_only and cap.how == "fx":  # checked in its dtype only: it holds in that one only
-                ShapeGuard(None, _where(path), True, self.dtype, why="it casts to a dtype of its own").install(fused)
+                ShapeGuard(None, _where(path), True, (self.dtype,), why="it casts to a dtype of its own").install(fused)
                 cap.notes.append(f"fused for {str(self.dtype).replace('torch.', '')} only: its forward casts to a "
                                  "dtype of its own, which the fused module keeps; it refuses to run in another")
             if free_batch:  # torch.export proved the program for batches of 2 or more; check the graph at another one
@@ -806,7 +812,7 @@ class _Fuser:
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
             self.stage["check"] += time.perf_counter() - t2
         if cap.how == "fx" and cap.dtype_tested:
-            ShapeGuard(None, _where(path), True, computes_in(self.pristine.get_submodule(path), inputs),
+            ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
@@ -816,8 +822,10 @@ class _Fuser:
             if one is not None and all(t.shape[0] == 1 for t in inputs if torch.is_tensor(t) and t.dim()):
                 raise CaptureFailed(f"the {cap.how} capture computes something else at its example's batch of 1: {one}")
         if cap.how == "specialized":
-            dtype = None if self.follows_dtype(path, fused, inputs) else computes_in(fused, inputs)
-            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtype, min_batch=min_batch).install(fused)
+            own = computes_in(fused, inputs)
+            other = torch.float32 if own == torch.float64 else torch.float64  # the dtype it was checked in too
+            dtypes = (own, other) if self.follows_dtype(path, fused, inputs) else (own,)
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), free_batch, dtypes, min_batch=min_batch).install(fused)
             if free_batch and min_batch > 1:
                 cap.notes.append("batch 1 refused: the model computes something else there than the capture, or it was not "
                                  "checked (torch.export's symbolic batch holds from 2 up; a squeeze of the batch axis, a branch on it)")

@@ -1457,13 +1457,39 @@ def test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes():
     x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
     fused = check_exact(model, x)
     assert fused.fuse_report.capture == "specialized"
-    with pytest.raises(ValueError, match="fused in float64.*depends on the dtype.*called in float32"):
+    with pytest.raises(ValueError, match="fused in float64 and holds in float64 only.*called in float32"):
         copy.deepcopy(fused).float()(x.float())  # it would double where the model does not (a copy keeps the guard)
     with pytest.raises(ValueError, match="shapes fixed"):
         copy.deepcopy(fused)(torch.randn(2, 3, 10, 10, dtype=D))  # GraphModule's deep copy dropped forward hooks
     plain = randomized(nn.Sequential(DtypeBranch().conv, nn.BatchNorm2d(4)))  # no dtype test: any dtype goes
     f32 = copy.deepcopy(fuse(plain, x)).float()
     assert rel_err(f32(x.float()).double(), plain(x)) < 1e-5
+
+
+class HalfOnlyBranch(nn.Module):
+    """Doubles in half precision only, a branch on ``finfo(dtype).bits`` that torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if torch.finfo(y.dtype).bits < 32 else y
+
+
+@pytest.mark.parametrize("captured_in", [torch.float32, torch.float64])
+def test_a_torch_export_capture_holds_in_the_dtypes_it_was_checked_in_only(captured_in):
+    """torch.export ran the branch in the example's dtype; a cast to half would skip the doubling the model does."""
+    model = randomized(HalfOnlyBranch()).to(captured_in)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x.to(captured_in))
+    assert fused.fuse_report.capture == "specialized"
+    for dtype in (torch.float32, torch.float64):  # the one it was captured in, and the one it was checked in
+        assert rel_err(copy.deepcopy(fused).to(dtype)(x.to(dtype)).double(), model.double()(x.double())) < 1e-5
+    for half in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=r"holds in float(32|64) and float(32|64) only \(torch.export.*called in "):
+            copy.deepcopy(fused).to(half)(x.to(half))
 
 
 def test_a_compiled_model_keeps_its_batch_free():

@@ -215,3 +215,30 @@ def test_a_dtype_looked_at_outside_the_graph_is_not_traced():
     assert "x.dtype where torch.fx cannot record it" in fused.fuse_report.parts[0].reason
     with torch.no_grad():
         assert close(model(100 * x), fused(100 * x))
+
+
+class BiasOfWeightDtype(nn.Module):
+    """Tensors made in the dtype of a weight (``torch.zeros(..., dtype=self.weight.dtype)``), as HF's layers make
+    their masks and caches: a cast of the model changes that dtype, and the fused model must follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        w = self.a.weight
+        return y + torch.zeros(x.shape[0], 1, 1, dtype=w.dtype) + torch.ones(6, dtype=w.dtype)
+
+
+def test_a_weights_dtype_read_while_tracing_follows_a_cast_of_the_fused_model():
+    torch.manual_seed(0)
+    model = BiasOfWeightDtype().to(D).eval()
+    x = torch.randn(2, 4, 6, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired
+    with torch.no_grad():
+        assert close(model(x), fused(x))
+        single = fused.float()(x.float())  # fused in float64, run in float32: the model's tensors are float32 too
+        assert single.dtype == torch.float32
+        torch.testing.assert_close(single, model.float()(x.float()), rtol=1e-5, atol=1e-6)

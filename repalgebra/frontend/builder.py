@@ -198,10 +198,10 @@ class Builder:
         if info is _NONE:
             return SymExpr(kind, target, args, kwargs) if _has_value(args, kwargs) else None
         if info is not None and not isinstance(info, TensorInfo) and info != "tensors":
-            # A size, a shape, an assertion: recomputed inside the calls that use it.  So is a device, also one
-            # read from a constant (``self.id_tensor.to(self.weight.device)``): the meta run says "meta", and the
-            # device the module is moved to is the one that counts.
-            if _has_value(args, kwargs) or (isinstance(info, torch.device) and _has_const(args, kwargs)):
+            # A size, a shape, an assertion: recomputed inside the calls that use it.  So is a device or a dtype
+            # read from a constant (``self.id_tensor.to(self.weight.device)``, ``torch.zeros(n, dtype=self.w.dtype)``):
+            # the meta run says "meta", and the device the module is moved to, the dtype it is cast to, count.
+            if _has_value(args, kwargs) or (isinstance(info, (torch.device, torch.dtype)) and _has_const(args, kwargs)):
                 return SymExpr(kind, target, args, kwargs)
             return info
         if info is None or isinstance(info, TensorInfo):
