@@ -46,7 +46,7 @@ from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
-from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, watch
 from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
@@ -487,6 +487,7 @@ def fuse(
     if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
         fused = fused.to(device)
     fused = fused.eval()
+    _restart_generators(fused, model)
     report = fuser.report
     report.params_before = _numel(model.parameters())
     report.params_after = _numel(fused.parameters())
@@ -495,7 +496,8 @@ def fuse(
     report.input_shapes = [tuple(t.shape) for t in inputs]
     if report.params_after + report.buffers_after > report.params_before + report.buffers_before:  # buffers folded into weights are no growth
         report.notes.append(
-            f"the fused model holds more parameters than the model ({report.params_before} -> {report.params_after}): a "
+            f"the fused model holds more parameters and buffers than the model ({report.params_before + report.buffers_before} -> "
+            f"{report.params_after + report.buffers_after}): a "
             "module called several times (a head shared across levels) is folded once per call, a part fused with "
             "fixed shapes keeps its original for other shapes, or merged kernels are larger than their parts"
         )
@@ -516,6 +518,20 @@ def fuse(
     report.seconds = time.perf_counter() - start
     fused.fuse_report = report
     return fused
+
+
+def _restart_generators(fused: nn.Module, model: nn.Module) -> None:
+    """Give each ``torch.Generator`` a module of ``fused`` holds the state of the model's at the same path: the
+    checks ran copies of the model, whose generators they advanced, and the fused model must draw what the model
+    draws next."""
+    for path, m in fused.named_modules():
+        try:
+            original = model.get_submodule(path)
+        except AttributeError:
+            continue
+        for name, g in vars(m).items():
+            if isinstance(g, torch.Generator) and isinstance(mine := vars(original).get(name), torch.Generator):
+                g.set_state(mine.get_state())
 
 
 class _Fuser:
@@ -566,6 +582,7 @@ class _Fuser:
         self.pristine = copy_module(self.model).eval()
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
+        mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = list(state.per_call)
             if cached := [c for c in sorted(changed) if c not in stored]:
@@ -575,9 +592,9 @@ class _Fuser:
                 )
             if stored:
                 self.report.notes.append(
-                    f"every call stores {_listed([repr(c) for c in stored], 4)} from its input, which no call reads back: the "
-                    "fused module computes the same outputs but does not store them (return them, or read them with a hook "
-                    "on the original)"
+                    f"every call stores {_listed([repr(c) for c in stored], 4)} from its input, which no later call reads: "
+                    "where the code storing it was fused, the fused module computes the same outputs but does not store it "
+                    "(return it, or read it with a hook on the original)"
                 )
             self.watching = False
             _run(self.pristine, Call(tuple(inputs), {}), None)
@@ -930,7 +947,8 @@ class _Fuser:
                     dtype, self.own_dtype_only = None, True
                     ref = _run(reference, call, None)
         if changed and self.watching and not self.stateful:
-            raise StateChanged(changed)
+            prefix = next((f"{p}." for p, m in self.pristine.named_modules() if m is reference and p), "")
+            raise StateChanged([prefix + c for c in changed])  # as paths of the model, as find_state names them
         if dtype is None:
             # In the model's dtype: the check module's float64 weights (kept so for the float64 run) cast to it.
             own = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)

@@ -249,6 +249,10 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
             if differs:
                 return f"output {k} differs: {a!r} vs {b!r}"
             continue
+        if a.is_nested or b.is_nested:  # nn.TransformerEncoder's fast path: ragged sequences
+            if a.is_nested != b.is_nested:
+                return f"output {k} is {'not ' * a.is_nested}a nested tensor, the original's is{' not' * b.is_nested}"
+            a, b = torch.nested.to_padded_tensor(a, 0.0), torch.nested.to_padded_tensor(b, 0.0)
         if a.shape != b.shape:
             return f"output {k} has shape {tuple(b.shape)}, the original {tuple(a.shape)}"
         a64, b64 = a.detach().double(), b.detach().double()

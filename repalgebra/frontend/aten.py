@@ -56,6 +56,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from repalgebra.frontend.aten_builder import AtenCapture, BatchBound, CaptureFailed, ProgramBuilder, module_path
 from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS, SIZED
 from repalgebra.frontend.capture import first_line
+from repalgebra.frontend.mode_flags import mode_flags_refused
 
 __all__ = ["AtenCapture", "CaptureFailed", "capture_export"]
 
@@ -118,7 +119,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
         # no wrap_with_set_grad_enabled subgraph and its nodes keep their module paths (without
         # no_grad, run_decompositions inlines that subgraph but the module paths inside are lost).
         # An `enable_grad()` block still records one; run_decompositions inlines it too.
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), mode_flags_refused(module):
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             _check_eval_dropout_writes(ep.graph)

@@ -100,6 +100,7 @@ class Builder:
                     self.env[n] = self.example[n] = n.args[0] if n.args else None
             elif n.op == "get_attr":
                 obj = _fetch(self.root, n.target)
+                self.refuse_written(n.target)
                 self.env[n] = Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
@@ -117,6 +118,17 @@ class Builder:
                 graph.eliminate_dead()
                 return graph, spec
         raise AssertionError("fx graph without output")
+
+    def refuse_written(self, target: str) -> None:
+        """Raise where the graph reads a tensor that calls of a part kept whole set (a child's running maximum, a
+        statistic an untraceable child stores): the capture holds the value one earlier call left there, and
+        the model reads the one its call sets now (:func:`~repalgebra.frontend.state.mark_written`)."""
+        from repalgebra.frontend.state import WRITTEN_TAG  # (state.py checks results with verify, which imports the front end)
+
+        owner, _, name = target.rpartition(".")
+        if name in getattr(self.root.get_submodule(owner), WRITTEN_TAG, ()):
+            raise TypeError(f"it reads {self.path(target)!r}, which every call of {self.path(owner) or 'the model'!r} sets: a "
+                            "capture would hold the value of one call (kept as a call of itself, its code reads it on each)")
 
     def args(self, a: Any) -> Any:
         return fx.node.map_aggregate(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)

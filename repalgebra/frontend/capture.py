@@ -27,7 +27,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -180,11 +180,20 @@ def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[st
     """
     calls: dict[str, list[Call]] = {p: [] for p in paths}
     handles = []
-    clone = lambda t: t.detach().clone() if torch.is_tensor(t) else t  # noqa: E731
+
+    def cloned(tree: Any) -> Any:  # one clone per tensor: ``attn(x, x, x)`` is called again with one tensor thrice
+        copies: dict[int, torch.Tensor] = {}
+
+        def clone(t: Any) -> Any:
+            if torch.is_tensor(t) and id(t) not in copies:
+                copies[id(t)] = t.detach().clone()
+            return copies[id(t)] if torch.is_tensor(t) else t
+
+        return pytree.tree_map(clone, tree)
 
     def hook_for(path: str):
         def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[path].append(Call(pytree.tree_map(clone, args), pytree.tree_map(clone, kwargs)))
+            calls[path].append(Call(*cloned((args, kwargs))))
 
         return hook
 
@@ -194,7 +203,8 @@ def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[st
             if not isinstance(sub, torch.jit.ScriptModule):  # compiled code: it takes no hooks, and is not fused inside
                 handles.append(sub.register_forward_pre_hook(hook_for(p), with_kwargs=True))
         with torch.no_grad():
-            module(*pytree.tree_map(clone, call.args), **pytree.tree_map(clone, call.kwargs))
+            args, kwargs = cloned((call.args, call.kwargs))
+            module(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
+from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import Ranks, shape_length
 from repalgebra.frontend.wrappers import wrapped
 from repalgebra.module_copy import copy_module
@@ -78,7 +79,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(), _proxies_are_tensors(), _calls_sized_by_traced_values():
+        with _no_autocast(), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e

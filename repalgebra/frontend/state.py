@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -27,10 +27,11 @@ from torch import nn
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "find_state", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "find_state", "mark_written", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG}
+WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG, WRITTEN_TAG}
 _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, type(None))
 _COPIED = 4096  # tensors up to this many elements are compared by value too (statistics, observers, counters)
@@ -75,6 +76,7 @@ class State:
     holders: tuple[str, ...] = ()
     whole: str = ""
     per_call: tuple[str, ...] = ()  # not state: stored from the input on every call, read by none (``self.last = y``)
+    changed: tuple[str, ...] = ()  # the names in regions: what a call changes again
 
     def __bool__(self) -> bool:
         return bool(self.regions or self.whole)
@@ -122,7 +124,21 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     for r, names in regions.items():
         if r not in outermost:
             outermost[next(o for o in outermost if _inside(r, o))] += names
-    return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)))
+    return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)), changed=tuple(changed))
+
+
+def mark_written(model: nn.Module, names: Iterable[str]) -> None:
+    """Tag each module owning one of ``names`` (tensors or attributes a call sets) with the set of its own names.
+
+    A part kept as a call of itself sets them while it runs; a capture of the code around it sees the value one
+    earlier call left there, so a read of them there must not become a constant (see the front end's builder)."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            m = model.get_submodule(owner)
+        except AttributeError:  # an attribute set on a module wired in at run time: not in the model as built
+            continue
+        m.__dict__.setdefault(WRITTEN_TAG, set()).add(leaf)
 
 
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:

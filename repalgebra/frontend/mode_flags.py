@@ -1,0 +1,120 @@
+"""Mode flags a forward reads while it is captured: a capture would fix the branch they chose.
+
+``if torch.is_grad_enabled():``, ``if torch.compiler.is_compiling():`` or
+``torch.fx._symbolic_trace.is_fx_tracing()`` answer for the capture, not for the
+call: torch.fx traces with gradients on, torch.export under ``no_grad`` and
+while "compiling", and the user calls the fused model either way.
+``nn.TransformerEncoder`` is the case in torch itself: under ``no_grad`` it
+runs padded batches as nested tensors and returns zeros at padded positions,
+which a capture (any of them) would not.
+
+While a capture runs, the model's code sees these functions raise
+:class:`ModeFlagRead`, so the capture fails with that reason and ``fuse`` keeps
+the module that reads the flag whole: its own ``forward`` asks on every call,
+as the model does.  Only the model's code is watched: the global namespaces of
+the modules that define its classes (``torch`` there is a stand-in that hands
+out everything else as it is, and a flag function imported by name is
+replaced).  torch itself is not patched, so its internals (and torch.compile's
+tables of these functions) see the real ones.  Code of other modules the
+forward calls into is not watched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx._symbolic_trace as symbolic_trace
+from torch import nn
+
+__all__ = ["ModeFlagRead", "mode_flags_refused"]
+
+
+class ModeFlagRead(TypeError):
+    """The model's code read a mode flag while it was captured."""
+
+
+# The flag functions by the module that holds them; each is refused where the model's code calls it.
+_FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
+    torch: ("is_grad_enabled", "is_inference_mode_enabled"),
+    torch.compiler: ("is_compiling", "is_dynamo_compiling", "is_exporting"),
+    torch._utils: ("is_compiling",),
+    symbolic_trace: ("is_fx_tracing", "is_fx_symbolic_tracing"),
+}
+# How the model's code reaches them: ``torch.compiler.is_compiling``, ``torch.fx._symbolic_trace.is_fx_tracing``.
+_ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
+    torch: {"compiler": torch.compiler, "_utils": torch._utils, "fx": torch.fx},
+    torch.fx: {"_symbolic_trace": symbolic_trace},
+}
+
+
+class _Watched(types.ModuleType):
+    """A stand-in for a module in the model's namespace: its flag functions refuse, the rest is the module's."""
+
+    def __init__(self, real: types.ModuleType) -> None:
+        super().__init__(real.__name__, real.__doc__)
+        vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()")
+                           for name in _FLAGS.get(real, ()) if callable(getattr(real, name, None))})
+        vars(self).update({name: _Watched(sub) for name, sub in _ROUTES.get(real, {}).items()})
+        vars(self)["_real"] = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(vars(self)["_real"], name)
+
+
+def _refusing(original: Callable[..., bool], name: str) -> Callable[..., bool]:
+    def flag(*args: Any, **kwargs: Any) -> bool:
+        owner = sys._getframe(1).f_locals.get("self")
+        where = f" (in the forward of {type(owner).__name__})" if isinstance(owner, nn.Module) else ""
+        raise ModeFlagRead(f"its code reads {name}{where}: what it computes depends on how it is called, and a capture "
+                           "would fix the answer it got while capturing")
+
+    flag.__wrapped__ = original  # type: ignore[attr-defined]
+    return flag
+
+
+def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
+    """The global namespaces of the code of ``model``'s classes (and their bases), torch.nn's layers included."""
+    seen: dict[int, dict[str, Any]] = {}
+    for cls in {type(m) for m in model.modules()}:
+        for base in cls.__mro__:
+            if base in (nn.Module, object):
+                continue
+            module = sys.modules.get(base.__module__)
+            if module is not None and (not base.__module__.startswith("torch.") or base.__module__.startswith("torch.nn.modules.")):
+                seen.setdefault(id(module), vars(module))
+    return list(seen.values())
+
+
+def _stand_in(value: Any, watched: dict[int, Any]) -> Any:
+    """What the model's code sees instead of ``value`` (a module or a flag function), else None."""
+    if isinstance(value, types.ModuleType) and value in _FLAGS or value is torch.fx:
+        return watched.setdefault(id(value), _Watched(value))
+    for owner, names in _FLAGS.items():
+        for name in names:
+            if value is getattr(owner, name, None):
+                return _refusing(value, f"{owner.__name__}.{name}()")
+    return None
+
+
+@contextlib.contextmanager
+def mode_flags_refused(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s code raises :class:`ModeFlagRead` where it calls a mode flag function."""
+    watched: dict[int, Any] = {}
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for namespace in _namespaces(model):
+            for name, value in list(namespace.items()):
+                if not (isinstance(value, types.ModuleType) or callable(value)):
+                    continue
+                stand_in = _stand_in(value, watched)
+                if stand_in is not None:
+                    swapped.append((namespace, name, value))
+                    namespace[name] = stand_in
+        yield
+    finally:
+        for namespace, name, value in reversed(swapped):
+            namespace[name] = value

@@ -1,0 +1,179 @@
+"""What a call depends on besides its input: mode flags, a child's state read by its parent, a generator.
+
+A capture sees one call.  A branch on ``torch.is_grad_enabled()`` or ``torch.compiler.is_compiling()`` takes
+the capture's answer (fx traces with gradients on, torch.export under ``no_grad`` and "compiling"); a buffer a
+child kept whole updates, read by its parent, is the value one earlier call left; a model's own generator was
+advanced by fuse's checks.  Each made a fused model compute something else, with no note.  The branches here
+change only large activations, so a check at a small example cannot see them: compared at large inputs, in
+float64, to 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+
+D = torch.float64
+FLAGS = {
+    "grad": lambda: torch.is_grad_enabled(),
+    "inference": lambda: torch.is_inference_mode_enabled(),
+    "compiling": lambda: torch.compiler.is_compiling(),
+    "exporting": lambda: torch.compiler.is_exporting(),
+    "fx": lambda: torch.fx._symbolic_trace.is_fx_tracing(),
+}
+
+
+def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.to(D).eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) < 1e-9)
+
+
+class FlagBranch(nn.Module):
+    """Clamps where a mode flag says so; an odd width sends it to torch.export (Python on a size)."""
+
+    def __init__(self, flag, odd_width_pads: bool) -> None:
+        super().__init__()
+        self.flag, self.odd_width_pads = flag, odd_width_pads
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        if self.odd_width_pads and x.shape[-1] % 2:
+            x = F.pad(x, (0, 1))
+        y = self.a(x)
+        if self.flag():
+            y = y.clamp(-3, 3)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("odd_width_pads", [False, True], ids=["fx", "export"])
+@pytest.mark.parametrize("flag", FLAGS, ids=list(FLAGS))
+def test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it(flag, odd_width_pads):
+    model = randomized(FlagBranch(FLAGS[flag], odd_width_pads))
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 0.1)
+    assert fused.fuse_report.capture == "kept whole", str(fused.fuse_report)
+    assert "reads torch." in str(fused.fuse_report)
+    assert any(p.path == "a" and p.how != "kept whole" for p in fused.fuse_report.parts)  # its children still fuse
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+        with mode():
+            assert close(model(x), fused(x)), mode
+
+
+def test_nn_transformer_encoders_nested_fast_path_is_kept():
+    """Under no_grad, nn.TransformerEncoder runs a padded batch as nested tensors and returns zeros at the padded
+    positions; its slow path (what any capture records) does not.  It reads torch.is_grad_enabled() to choose."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(8, 16, 3, padding=1, bias=False), nn.BatchNorm1d(16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+
+        def forward(self, x, mask):
+            if x.shape[-1] % 2:  # Python on a size: torch.export's capture
+                x, mask = F.pad(x, (0, 1)), F.pad(mask, (0, 1), value=True)
+            return self.enc(self.bn(self.conv(x)).transpose(1, 2), src_key_padding_mask=mask)
+
+    model = Model().eval()
+    x = torch.randn(2, 8, 5)
+    padded = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    for example_mask in (torch.zeros(2, 5, dtype=torch.bool), padded):  # a padded example: enc(h, h, h) seen as such
+        fused = repalgebra.fuse(model, (x, example_mask))
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(fused(x, padded), model(x, padded), rtol=1e-5, atol=1e-5)  # float32
+
+
+class RunningMax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("peak", torch.tensor(0.0, dtype=D))
+
+    def forward(self, y):
+        self.peak.copy_(torch.maximum(self.peak, y.amax()))
+        return y / (1 + self.peak)
+
+
+class ReadsChildsBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.observer, self.a = RunningMax(), conv_bn(3, 8)
+
+    def forward(self, x):
+        return self.a(self.observer(x)) + self.observer.peak  # the value this call set
+
+
+class StoresStatistic(nn.Module):
+    """fx cannot trace it (a branch on data); every call stores a statistic of its output on itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = conv_bn(3, 8)
+
+    def forward(self, x):
+        y = self.c(x)
+        if y.sum() > 1e9:
+            y = y * 0
+        self.stat = y.mean((2, 3), keepdim=True)
+        return y
+
+
+class ReadsChildsAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child, self.post = StoresStatistic(), conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        y = self.child(x)
+        return self.post(y - self.child.stat)
+
+
+@pytest.mark.parametrize("make", [ReadsChildsBuffer, ReadsChildsAttribute])
+def test_a_value_a_part_kept_whole_sets_is_read_per_call_around_it(make):
+    model = randomized(make())
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(2)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 6, dtype=D, generator=gen) * 0.1)
+    with torch.no_grad():
+        for scale in (1.0, 4.0, 16.0):
+            x = torch.randn(2, 3, 6, 6, dtype=D, generator=gen) * scale + scale
+            assert close(reference(x), fused(x)), str(fused.fuse_report)
+
+
+def test_a_models_own_generator_starts_where_the_models_does():
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.gen = conv_bn(3, 8), torch.Generator().manual_seed(0)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y + torch.randn(y.shape, generator=self.gen, dtype=y.dtype)
+
+    model = randomized(Noisy())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    fused = repalgebra.fuse(model, x)  # its checks ran copies, drawing from copies of the generator
+    with torch.no_grad():
+        for _ in range(2):
+            assert close(reference(x), fused(x))
