@@ -469,6 +469,12 @@ def fuse(
             does not run on the example input.
         UntraceableError, FuseError: only with ``strict=True``.
     """
+    with torch.inference_mode(False):  # called under inference_mode: the copies it makes must keep version counters
+        return _fuse(model, example_inputs, leaf_modules, strict, check)
+
+
+def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], strict: bool, check: bool) -> nn.Module:
+    """:func:`fuse` outside inference mode."""
     start = time.perf_counter()
     check_model(model)
     model, unwrapped = unwrap(model)
@@ -729,9 +735,14 @@ class _Fuser:
         self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
-        for call in calls:
-            for p, cs in record_calls(copy.deepcopy(self.pristine.get_submodule(path)), call, descendants).items():
-                recorded[p] += cs
+        try:
+            for call in calls:
+                for p, cs in record_calls(copy.deepcopy(self.pristine.get_submodule(path)), call, descendants).items():
+                    recorded[p] += cs
+        except Exception as e:  # noqa: BLE001  (its parent wires it up at run time, ``self.r.src = self.w``)
+            self.report.notes.append(f"{_where(path)} does not run on its own as its parent called it ({first_line(e)}): "
+                                     "its children are not fused either")
+            return module
         swaps = self._fuse_children(module, path, "", recorded)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)
@@ -761,7 +772,14 @@ class _Fuser:
         return swaps
 
     def same_on_all(self, reference: nn.Module, candidate: nn.Module, calls: list[Call]) -> bool:
-        return all(self.same(reference, candidate, c) is None for c in calls)
+        """Whether ``candidate`` computes what ``reference`` does on each of ``calls``; False where the reference does
+        not run on its own (a part its parent wires up at run time: ``self.r.src = self.w``)."""
+        try:
+            return all(self.same(reference, candidate, c) is None for c in calls)
+        except StateChanged:
+            raise
+        except Exception:  # noqa: BLE001  (the original part fails alone: its children stay as they are)
+            return False
 
     # -- one captured graph ---------------------------------------------------------------
 

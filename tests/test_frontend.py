@@ -547,8 +547,9 @@ def test_compiled_call_templates_resolve_as_the_template_does():
 
 
 def test_a_cast_to_the_dtype_of_a_weight_or_a_computed_value_is_the_identity():
-    """``x.to(w.dtype)`` and ``y.to(z.dtype)`` (PEFT's LoRA layer) change nothing as long as the model is cast as a
-    whole, so they are identities; a dtype written in the code is a ``cast`` to it, and one read from the input
+    """``h.to(w.dtype)`` and ``y.to(z.dtype)`` (PEFT's LoRA layer) of values the model computes change nothing as long
+    as the model is cast as a whole, so they are identities; a dtype written in the code is a ``cast`` to it, and
+    one read from the input, or a cast of the input itself to a weight's dtype (the caller's dtype may be another),
     stays a call."""
 
     class Casts(nn.Module):
@@ -558,10 +559,10 @@ def test_a_cast_to_the_dtype_of_a_weight_or_a_computed_value_is_the_identity():
 
         def forward(self, x):
             y = self.fc(x.to(self.fc.weight.dtype))
-            return y.to(y.dtype) + 1, x.to(torch.float64), y.to(x.dtype)
+            return y.to(self.fc.weight.dtype) + 1, x.to(torch.float64), y.to(x.dtype), y.to(y.dtype)
 
     g = same(Casts(), (torch.randn(2, 4),))
-    assert sorted(f.name for f in (n.attrs["fn"] for n in g.nodes if n.op == "opaque")) == ["to"]
+    assert sorted(f.name for f in (n.attrs["fn"] for n in g.nodes if n.op == "opaque")) == ["to", "to"]
     assert ops_of(g).count("identity") == 2 and ops_of(g).count("cast") == 1
 
 

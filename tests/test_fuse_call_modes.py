@@ -177,3 +177,74 @@ def test_a_models_own_generator_starts_where_the_models_does():
     with torch.no_grad():
         for _ in range(2):
             assert close(reference(x), fused(x))
+
+
+def test_fuse_and_verify_run_under_inference_mode():
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.ReLU()))
+    with torch.inference_mode():  # as deploy scripts call it: tensors made here have no version counter
+        x = torch.randn(2, 3, 8, 8, dtype=D)
+        fused = repalgebra.fuse(model, x)
+        assert repalgebra.verify(model, fused).passed
+        assert close(model(x), fused(x))
+
+
+def test_a_lazy_module_that_has_not_made_its_weights_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8))).eval()
+    with pytest.raises(TypeError, match=r"'1.0' \(LazyConv2d\) has not made its parameters yet"):
+        repalgebra.fuse(model, torch.randn(1, 3, 8, 8))
+
+
+def test_a_part_its_parent_wires_up_at_run_time_runs_as_written():
+    class Writer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = conv_bn(3, 8)
+            self.register_buffer("m", torch.zeros(8, dtype=D))
+
+        def forward(self, x):
+            y = self.c(x)
+            self.m.copy_(y.mean((0, 2, 3)))
+            return y
+
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.src = conv_bn(8, 8, 1), None
+
+        def forward(self, y):
+            return self.c(y - self.src.m[None, :, None, None])
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.r = Writer(), Reader()
+
+        def forward(self, x):
+            self.r.src = self.w  # a module wired into another at run time: not in the model as built
+            return self.r(self.w(x))
+
+    model = randomized(Net())
+    reference = copy.deepcopy(model)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 6, dtype=D))
+    with torch.no_grad():
+        for scale in (1.0, 5.0):
+            x = torch.randn(2, 3, 6, 6, dtype=D) * scale
+            assert close(reference(x), fused(x))
+
+
+def test_an_input_cast_to_a_weights_dtype_stays_a_cast():
+    """HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a float32 model."""
+
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = conv_bn(3, 8)
+
+        def forward(self, x):
+            return self.proj(x.to(self.proj[0].weight.dtype))
+
+    model = randomized(Embed()).float()
+    x = torch.randn(2, 3, 8, 8)
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.double()), model(x.double()), rtol=1e-5, atol=1e-6)  # float32 inside

@@ -511,3 +511,48 @@ def test_a_size_returned_as_a_number_is_refused_by_name():
 
     with pytest.raises(ValueError, match="output 1 of the model is a Python number computed from the input's shape"):
         export_onnx(SizeOut(), None, (2, 3, 4, 4))
+
+
+class RecurrentHead(nn.Module):
+    """Returns ``(head(y), (h_n, c_n))`` as an LSTM gave them: a tuple inside the output, from one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(8, 16, 3, padding=1, bias=False), nn.BatchNorm1d(16)
+        self.rnn, self.head = nn.LSTM(16, 12, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        y, state = self.rnn(self.bn(self.conv(x)).transpose(1, 2))
+        return self.head(y), state
+
+
+class MaskedMeanPool(nn.Module):
+    """A mean over the tokens a bool mask keeps: the count is int64, clamped to at least 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, ids, mask):
+        h = (self.embed(ids) * mask[..., None].float()).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.proj(h)
+
+
+@pytest.mark.parametrize("make", [RecurrentHead, MaskedMeanPool])
+def test_outputs_a_call_returns_as_a_tuple_and_clamped_counts_export(make, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    if make is RecurrentHead:
+        inputs = (torch.randn(2, 8, 6),)
+    else:
+        inputs = (torch.randint(0, 10, (3, 5)), torch.rand(3, 5) > 0.3)
+    fused = repalgebra.fuse(model, inputs)
+    path = tmp_path / "model.onnx"
+    export_onnx(fused, str(path), inputs)
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    with torch.no_grad():
+        want = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(*inputs))]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)  # float32 end to end

@@ -478,8 +478,12 @@ def _hardsigmoid(ctx, n, x):
 
 @lowering("clamp")
 def _clamp(ctx, n, x):
+    """``Clip`` with its bounds in the output's dtype (a count of a bool mask clamped to 1 is int64; Clip takes one
+    type for all three), the input cast to it where PyTorch promotes (an int tensor clamped to a float bound)."""
+    (x,), dtype = _promoted(ctx, n, x), n.out.dtype or ctx.dtype
     lo, hi = n.attrs["min"], n.attrs["max"]
-    ins = [x, "" if lo is None else _number(ctx, "min", lo)] + ([] if hi is None else [_number(ctx, "max", hi)])
+    bound = lambda suffix, v: ctx.const(suffix, torch.tensor(v), dtype=dtype)  # noqa: E731
+    ins = [x, "" if lo is None else bound("min", lo)] + ([] if hi is None else [bound("max", hi)])
     return ctx.emit("Clip", ins)
 
 

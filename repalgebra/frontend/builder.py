@@ -108,7 +108,7 @@ class Builder:
             elif n.op in ("call_function", "call_method"):
                 self.env[n] = self.call(n, n.op, n.target)
             elif n.op == "output":
-                out = self.args(n.args[0])
+                out = self.args(self.unpacked(n.args[0]))
                 leaves, spec = pytree.tree_flatten(out)
                 values = [self.as_value(v, n) for v in leaves]
                 graph = lift_height_one(Graph(graph_inputs, self.nodes, values))
@@ -118,6 +118,25 @@ class Builder:
                 graph.eliminate_dead()
                 return graph, spec
         raise AssertionError("fx graph without output")
+
+    def unpacked(self, template: Any) -> Any:
+        """The output template with each call that returns a tuple or list of tensors (an LSTM's ``(h_n, c_n)``,
+        returned as it came) opened into its items: the output structure then has a tensor at each leaf."""
+
+        def open_up(a: Any) -> Any:
+            example = self.example.get(a) if isinstance(a, fx.Node) else None
+            if type(example) not in (tuple, list) or not all(torch.is_tensor(t) for t in pytree.tree_leaves(example)):
+                return a
+            graph = a.graph
+            with graph.inserting_after(a):
+                items = [graph.call_function(operator.getitem, (a, k)) for k in range(len(example))]
+            for item, value in zip(items, example):
+                item.meta = dict(a.meta)
+                self.example[item] = value
+                self.env[item] = self.call(item, "call_function", operator.getitem)
+            return type(example)(open_up(item) for item in items)
+
+        return fx.node.map_aggregate(template, open_up) if isinstance(template, (tuple, list, dict)) else open_up(template)
 
     def refuse_written(self, target: str) -> None:
         """Raise where the graph reads a tensor that calls of a part kept whole set (a child's running maximum, a
@@ -213,8 +232,10 @@ class Builder:
             # A size, a shape, an assertion: recomputed inside the calls that use it.  So is a device or a dtype
             # read from a constant (``self.id_tensor.to(self.weight.device)``, ``torch.zeros(n, dtype=self.w.dtype)``):
             # the meta run says "meta", and the device the module is moved to, the dtype it is cast to, count.
-            if _has_value(args, kwargs) or (isinstance(info, (torch.device, torch.dtype)) and _has_const(args, kwargs)):
+            if _has_value(args, kwargs):
                 return SymExpr(kind, target, args, kwargs)
+            if isinstance(info, (torch.device, torch.dtype)) and _has_const(args, kwargs):
+                return SymExpr(kind, target, *map_leaves((args, kwargs), _token))
             return info
         if info is None or isinstance(info, TensorInfo):
             handler = self.handlers.modules.get(recognised(target)) if kind == "call_module" else self.handlers.functions.get(
@@ -342,6 +363,12 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 def _has_const(*trees: Any) -> bool:
     return any(isinstance(a, Const) for a in pytree.tree_leaves(trees))
+
+
+def _token(a: Any) -> Any:
+    """A constant as an empty tensor of its dtype and device: all a read of ``.dtype`` or ``.device`` needs (the
+    fused call then holds no copy of the weight it asks about)."""
+    return Const(torch.empty(0, dtype=a.tensor.dtype, device=a.tensor.device), a.path) if isinstance(a, Const) else a
 
 
 def _computed_dtype(a: Any) -> Any:

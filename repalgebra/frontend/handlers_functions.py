@@ -522,8 +522,11 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     PEFT's LoRA layer casts its input to the adapter's weight dtype and the sum back to the base output's dtype.
     Cast as a whole (``model.double()``), the model changes both dtypes alike, so the two stay equal and the call
     stays a no-op.  Not a dtype written in the code (``x.to(torch.float32)``, which a cast of the model does not
-    change), nor the dtype of an input (a caller may pass another dtype than the model's)."""
+    change), nor the dtype of an input (a caller may pass another dtype than the model's), nor a cast of an input
+    itself (HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a float32 model)."""
     x = shaped(args[0]) if len(args) == 2 and not kwargs else None
+    if x is not None and x.producer is None:  # the input: its dtype is the caller's
+        return None
     src = n.args[1] if x is not None else None
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1:] == ("dtype",)):
         return None

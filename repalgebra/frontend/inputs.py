@@ -30,8 +30,8 @@ def batch_of_one(inputs: tuple) -> tuple:
 
 
 def check_model(model: nn.Module) -> None:
-    """Reject models fusion cannot handle: not a module, a TorchScript module, tensors on the 'meta' device,
-    non-float parameters or complex buffers (``TypeError``).
+    """Reject models fusion cannot handle: not a module, a TorchScript module, tensors on the 'meta' device, lazy
+    modules that have not made their parameters, non-float parameters or complex buffers (``TypeError``).
 
     Integer buffers (``num_batches_tracked``) are allowed.  NaN and Inf are
     allowed too (a clamp bound of ``-inf``, say): the rewrite engine only
@@ -42,6 +42,11 @@ def check_model(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"the model is a TorchScript module ({type(model).__name__}): its Python code is compiled away, "
                         "so it cannot be captured; fuse the nn.Module first, then script or trace the fused module")
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise TypeError(f"{path or 'the model'!r} ({type(m).__name__}) has not made its parameters yet: its first call "
+                            "makes them, at random, so a model fused before that call would hold other weights than the "
+                            "model after it; call the model once (or load its weights), then fuse it")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise TypeError(f"{name!r} is on the 'meta' device, which holds no values: load the weights first "

@@ -117,6 +117,8 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     holders: set[str] = set()
     for name in changed:
         owner = name.rpartition(".")[0]
+        if not _resolves(model, owner):  # reached through a module wired in at run time (``self.r.src = self.w``)
+            owner = ""  # where it lives is not known before a call: the model runs as written
         holders.update([owner, *sites.get(name, [])])
         region = _common_ancestor([owner, *sites.get(name, [])])
         regions.setdefault(region, []).append(name)
@@ -213,12 +215,22 @@ def _key(value: Any) -> Any:
     insides are not followed)."""
     if torch.is_tensor(value):
         small = value.numel() <= _COPIED and not value.is_meta
-        return _Tensor(value, value._version, value.detach().clone() if small else None)
+        version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
+        return _Tensor(value, version, value.detach().clone() if small else None)
     if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)):
         return ("value", value)  # a size recomputed to the same value is no change
     if isinstance(value, (list, dict, set, tuple)):
         return ("container", type(value).__name__, len(value))
     return ("object", id(value))
+
+
+def _resolves(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a module of ``model`` as built."""
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -233,7 +245,8 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
     stack: list[tuple[dict[str, Any], set[str]]] = []  # per active call: snapshot at entry, changes by its children
     sites: dict[str, list[str]] = {}
 
-    owners = {n: (work.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+    owners = {n: (work.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names
+              if _resolves(work, n.rpartition(".")[0])}
 
     def watched() -> dict[str, Any]:
         seen = {}
