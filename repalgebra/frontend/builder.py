@@ -25,7 +25,7 @@ from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, meta_of,
 from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
-from repalgebra.frontend.pure import is_pure
+from repalgebra.frontend.pure import FACTORIES, is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
@@ -81,6 +81,9 @@ class Builder:
         self.env: dict[fx.Node, Any] = {}
         self.left_alone: list[LeftAlone] = []
         self.notes: list[str] = []
+        # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
+        self._input_free: set[fx.Node] = set()
+        self._weights_only: set[fx.Node] | None = None
 
     # -- driver -------------------------------------------------------------------------
 
@@ -272,7 +275,8 @@ class Builder:
         args, kwargs = tuple(map(_computed_dtype, args)), {k: _computed_dtype(v) for k, v in kwargs.items()}
         leaves = pytree.tree_leaves((args, kwargs))
         consts = [a for a in leaves if isinstance(a, Const)]
-        if (not consts or any(isinstance(a, Value) or (isinstance(a, SymExpr) and _has_value(a.args, a.kwargs)) for a in leaves)
+        made = not consts and kind == "call_function" and target in FACTORIES and self.read_by_constants_only(n)
+        if (not (consts or made) or any(isinstance(a, Value) or (isinstance(a, SymExpr) and _has_value(a.args, a.kwargs)) for a in leaves)
                 or not is_pure(kind, target, args, kwargs)):
             return None
 
@@ -289,7 +293,25 @@ class Builder:
         if not torch.is_tensor(out):
             return None
         self.example[n] = meta_of(out)
-        return Const(out.detach().clone(), consts[0].path)
+        return Const(out.detach().clone(), consts[0].path if consts else self.source(n))
+
+    def read_by_constants_only(self, n: fx.Node) -> bool:
+        """Whether every reader of ``n`` computes from the model's tensors (one of them at least, besides ``n``) and
+        literals alone, with no input and no module call: a kernel made in ``forward`` from the weights (ECBSR's
+        ``RK = torch.zeros(...)``, then ``RK[i, i, :, :] = tmp[i, 0]``).  The weights' dtype is then the model's,
+        which a cast of the fused model follows; a tensor made from literals alone keeps its own."""
+        if self._weights_only is None:
+            self._input_free, self._weights_only = set(), set()
+            for m in n.graph.nodes:
+                if m.op == "get_attr" or (m.op in ("call_function", "call_method") and all(a in self._input_free for a in m.all_input_nodes)):
+                    self._input_free.add(m)
+                    if m.op == "get_attr" or any(a in self._weights_only for a in m.all_input_nodes):
+                        self._weights_only.add(m)
+        free, derived = self._input_free, self._weights_only
+        # Each reader mixes in the weights itself, or hands its result on to readers that do (ECBSR's identity
+        # kernel: ``K = torch.zeros(...)``, ``K[i, i, 1, 1] = 1.0`` per channel, then ``RK + K``).
+        return bool(n.users) and all(u in free and (any(a is not n and a in derived for a in u.all_input_nodes)
+                                                    or self.read_by_constants_only(u)) for u in n.users)
 
     def opaque(self, n: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict, info: Any) -> Value:
         """Carry the call through unchanged as an ``opaque`` node."""

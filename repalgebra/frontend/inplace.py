@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from repalgebra.one_call import traced_as_one_call
 
-__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "setitem_copy", "versions"]
+__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "on_copy", "setitem_copy", "versions"]
 
 
 class InplaceHazard(Exception):
@@ -356,7 +356,7 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
         if hasattr(torch.Tensor, name[:-1]):
             n.target = name[:-1]
         else:  # copy_, fill_, zero_, ...: run it on a copy
-            n.op, n.target, n.args = "call_function", _on_copy, (name, *n.args)
+            n.op, n.target, n.args = "call_function", on_copy, (name, *n.args)
         return name
     if n.target in _AUGMENTED:
         n.target = _AUGMENTED[n.target]
@@ -390,7 +390,7 @@ def setitem_copy(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
 
 
 @traced_as_one_call
-def _on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``getattr(x.clone(), method)(*args, **kwargs)``: an in-place method without its side effect."""
     return getattr(x.clone(), method)(*args, **kwargs)
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from repalgebra.frontend.fx_trace import recognised
-from repalgebra.frontend.inplace import inplace_kwarg
+from repalgebra.frontend.inplace import inplace_kwarg, on_copy, setitem_copy
 
-__all__ = ["PURE_MODULES", "is_pure"]
+__all__ = ["FACTORIES", "PURE_MODULES", "is_pure"]
 
 PURE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.getitem,
@@ -37,7 +37,16 @@ PURE_FUNCTIONS = {
     torch.minimum, torch.sign, torch.square, torch.reciprocal, torch.erf,
     F.batch_norm, F.layer_norm, F.group_norm, F.normalize, F.softmax, F.sigmoid, F.tanh, F.pad, F.softplus,
     torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardtanh, F.leaky_relu, F.elu,  # BiFPN: relu(self.w) / (sum + eps)
+    # A kernel made from kernels (ECBSR's 1x1-3x3 merge in its eval forward: F.conv2d(k1, k0.permute(1, 0, 2, 3))).
+    F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch.mm, torch.bmm, torch.kron,
+    setitem_copy,  # ``k[i, i] = w[i]`` into a kernel being made, made a copy by the front end
 }  # fmt: skip
+# Factories: pure, and called with no tensor at all.  Folded only where what they make is read by calls on
+# constants alone (a kernel filled in: ``k = torch.zeros(...)``, then ``k[i, i] = ...``; see Builder.fold): next
+# to an activation a tensor made per call keeps its dtype through a cast of the model, a constant would not.
+FACTORIES = {torch.zeros, torch.ones, torch.full, torch.eye, torch.arange, torch.linspace, torch.tensor}
+# In-place methods the front end runs on a copy (``on_copy``) that draw no random numbers.
+_COPY_METHODS = {"zero_", "fill_", "copy_", "add_", "sub_", "mul_", "div_", "clamp_", "index_fill_", "masked_fill_", "fill_diagonal_"}
 PURE_METHODS = {
     "add", "sub", "mul", "div", "pow", "neg", "sqrt", "rsqrt", "exp", "log", "abs", "sum", "mean", "var", "std",
     "clamp", "clip", "reshape", "view", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze",
@@ -60,7 +69,9 @@ def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
         return False
     if kind == "call_method":
         return target in PURE_METHODS
-    if kind != "call_function" or target not in PURE_FUNCTIONS:
+    if kind == "call_function" and target is on_copy:
+        return bool(args) and args[0] in _COPY_METHODS
+    if kind != "call_function" or target not in PURE_FUNCTIONS | FACTORIES:
         return False
     if target is F.batch_norm:  # with running statistics and training=True it updates them
         running = [kwargs.get("running_mean", args[1] if len(args) > 1 else None), kwargs.get("running_var", args[2] if len(args) > 2 else None)]

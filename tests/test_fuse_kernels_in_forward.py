@@ -1,0 +1,61 @@
+"""Kernels a forward computes from its parameters on every call: folded once, at capture.
+
+ECBSR's eval forward (and OREPA's, and DBB's ``get_equivalent_kernel_bias`` called in forward) builds its one
+kernel from the training branches each call: a conv of one kernel by another (the 1x1-3x3 merge), a kernel
+filled in item by item (``K = torch.zeros(...)``, ``K[i, i, 1, 1] = 1``), then sums.  torch.fx records that
+arithmetic; the front end computes it on the constants once, so the fused graph holds one conv, as the
+model's own deploy form would.  Compared in float64 to 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repalgebra
+
+D = torch.float64
+
+
+class EvalFormBlock(nn.Module):
+    """A 3x3 conv, a 1x1-then-3x3 branch and an identity, merged into one kernel in ``forward`` (ECBSR's ECB)."""
+
+    def __init__(self, c: int, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.k3, self.b3 = nn.Parameter(torch.randn(c, c, 3, 3)), nn.Parameter(torch.randn(c))
+        self.k0, self.b0 = nn.Parameter(torch.randn(2 * c, c, 1, 1)), nn.Parameter(torch.randn(2 * c))
+        self.k1, self.b1 = nn.Parameter(torch.randn(c, 2 * c, 3, 3)), nn.Parameter(torch.randn(c))
+        self.act = nn.PReLU(c)
+
+    def kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = F.conv2d(self.k1, self.k0.permute(1, 0, 2, 3))  # the 1x1-3x3 sequence as one 3x3
+        b = F.conv2d(torch.ones(1, self.k0.shape[0], 3, 3, dtype=self.k0.dtype) * self.b0.view(1, -1, 1, 1), self.k1)
+        k, b = k + self.k3, b.view(-1) + self.b1 + self.b3
+        if self.how == "identity":
+            eye = torch.zeros(k.shape[0], k.shape[0], 3, 3, dtype=k.dtype)
+            for i in range(k.shape[0]):
+                eye[i, i, 1, 1] = 1.0
+            k = k + eye
+        return k, b
+
+    def forward(self, x):
+        k, b = self.kernel()
+        return self.act(F.conv2d(x, k, b, padding=1))
+
+
+@pytest.mark.parametrize("how", ["branches", "identity"])
+def test_a_kernel_made_from_the_weights_in_forward_folds_into_one_conv(how):
+    torch.manual_seed(0)
+    model = EvalFormBlock(4, how).to(D).eval()
+    x = torch.randn(2, 4, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.ops_after == {"conv2d": 1, "prelu": 1}, str(fused.fuse_report)
+    with torch.no_grad():
+        for shape in ((2, 4, 8, 8), (1, 4, 5, 7)):
+            y = torch.randn(*shape, dtype=D)
+            want, got = model(y), fused(y)
+            assert float((want - got).abs().max() / want.abs().max()) < 1e-9
+
