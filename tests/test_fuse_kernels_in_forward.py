@@ -52,10 +52,44 @@ def test_a_kernel_made_from_the_weights_in_forward_folds_into_one_conv(how):
     model = EvalFormBlock(4, how).to(D).eval()
     x = torch.randn(2, 4, 8, 8, dtype=D)
     fused = repalgebra.fuse(model, x)
-    assert fused.fuse_report.ops_after == {"conv2d": 1, "prelu": 1}, str(fused.fuse_report)
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after == {"conv2d": 1, "prelu": 1}, str(fused.fuse_report)
     with torch.no_grad():
         for shape in ((2, 4, 8, 8), (1, 4, 5, 7)):
             y = torch.randn(*shape, dtype=D)
             want, got = model(y), fused(y)
             assert float((want - got).abs().max() / want.abs().max()) < 1e-9
 
+
+
+class SizedFromWeights(nn.Module):
+    """OREPA's kernel generation: sizes read from weights (``t, ig = w.size()``) and computed with in Python
+    (``int(t / g)``), then a grouped 1x1-kxk merge by einsum and a BN after the conv."""
+
+    def __init__(self, c: int = 4, g: int = 2) -> None:
+        super().__init__()
+        self.g = g
+        self.w1 = nn.Parameter(torch.randn(c, c // g, 1, 1))
+        self.w2 = nn.Parameter(torch.randn(c, c // g, 3, 3))
+        self.bn = nn.BatchNorm2d(c)
+
+    def weight(self) -> torch.Tensor:
+        t, ig = self.w1.squeeze().size()
+        o, tg, h, w = self.w2.size()
+        w1 = self.w1.squeeze().view(self.g, int(t / self.g), ig)
+        w2 = self.w2.view(self.g, int(o / self.g), tg, h, w)
+        return torch.einsum("gti,gothw->goihw", w1, w2).reshape(o, ig, h, w)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight(), padding=1, groups=self.g))
+
+
+def test_sizes_read_from_the_weights_are_numbers_and_the_capture_stays_free():
+    torch.manual_seed(0)
+    model = SizedFromWeights().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)
+    with torch.no_grad():
+        for shape in ((2, 4, 5, 9), (1, 4, 16, 16)):  # not the example's: an fx capture holds at any size
+            y = torch.randn(*shape, dtype=D)
+            want, got = model(y), fused(y)
+            assert float((want - got).abs().max() / want.abs().max()) < 1e-9

@@ -425,6 +425,7 @@ class Tracer(fx.Tracer):
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
+        self.input_free: set[fx.Node] = set()  # nodes computed from the model's tensors and literals alone
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
@@ -577,7 +578,19 @@ class Tracer(fx.Tracer):
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and not _writes_in_place(node)
+                                     and all(a in self.input_free for a in node.all_input_nodes)):
+            self.input_free.add(node)
         return node
+
+    def weights_size(self, node: fx.Node, k: str) -> Any:
+        """``w.shape`` / ``w.size`` of a value computed from the model's tensors alone, as the real tensor's (None
+        for any other): no input changes it, so Python may compute with it (OREPA's ``t, ig = w.size()``, then
+        ``w.view(g, int(t / g), ig)``) and the graph holds for every input."""
+        if node not in self.input_free:
+            return None
+        value = _weights_only_value(node, self.root)
+        return getattr(value, k) if torch.is_tensor(value) else None
 
 
 _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}
@@ -600,6 +613,8 @@ class _Proxy(InplaceProxy):
         if k == "dtype":  # watched: Python that looks at it outside the graph (``is``, ``str()``) branches on it
             self.tracer.dtype_reads.append(attr := fx.proxy.Attribute(self, k))
             return attr
+        if k in ("shape", "size") and (real := self.tracer.weights_size(self.node, k)) is not None:
+            return real
         return _Shape(self, k) if k == "shape" else super().__getattr__(k)
 
 
