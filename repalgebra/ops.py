@@ -394,6 +394,13 @@ def leaky_relu(x, *, negative_slope=0.01):
     return F.leaky_relu(x, negative_slope)
 
 
+@op("log_sigmoid", kind="nonlinear")
+def log_sigmoid(x):
+    """``log(sigmoid(x)) = -softplus(-x)``: finite for every finite ``x`` (a GAN's or a contrastive loss head's
+    ``nn.LogSigmoid``), where ``log`` of a sigmoid rounded to 0 is ``-inf``."""
+    return F.logsigmoid(x)
+
+
 @op("softplus", kind="nonlinear")
 def softplus(x, *, beta=1.0, threshold=20.0):
     """``log(1 + exp(beta x)) / beta``, and ``x`` itself where ``beta x > threshold`` (YOLOv4's Mish:

@@ -556,3 +556,47 @@ def test_outputs_a_call_returns_as_a_tuple_and_clamped_counts_export(make, tmp_p
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)  # float32 end to end
+
+
+class PerSample(nn.Module):
+    """A loop over the rows with a branch on values (kept whole): torch.onnx.export unrolls it at one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.b = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x[i:i + 1]) if x[i].mean() > -100 else self.b(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+def test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch(tmp_path):
+    """The trace at batch 4 passed at the example's batch 2 and at 1 (its rows beyond the input are empty slices);
+    batch 9 shows it stops short, so the file's batch is fixed, not declared dynamic."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PerSample()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "rows.onnx"
+    _, report = export_onnx(repalgebra.fuse(model, x), str(path), x, return_report=True)
+    assert not report.dynamic_batch and any("does not follow the batch" in n for n in report.notes), report.notes
+    assert [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim] == [2, 3, 8, 8]
+
+
+def test_output_axes_that_grow_with_the_batch_are_named_by_how(tmp_path):
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.flatten(2).transpose(1, 2).reshape(-1, 8), y, y.flatten(0, 1)
+
+    x = torch.randn(2, 3, 4, 4)
+    path = tmp_path / "tokens.onnx"
+    export_onnx(repalgebra.fuse(Tokens().eval(), x), str(path), x)
+    dims = [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(path)).graph.output]
+    assert dims == [["batch*16", 8], ["batch", 8, 4, 4], ["batch*8", 4, 4]]
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: np.random.randn(3, 3, 4, 4).astype(np.float32)})
+    assert [g.shape for g in got] == [(48, 8), (3, 8, 4, 4), (24, 4, 4)]

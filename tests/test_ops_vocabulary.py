@@ -393,6 +393,10 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
     ),
     "prelu": Case(lambda: stem(Slopes(4)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
+    "log_sigmoid": Case(  # nn.LogSigmoid and F.logsigmoid; inputs scaled far below -88, where log(sigmoid(x)) is -inf
+        lambda: stem(nn.Sequential(Lambda(lambda x: 200.0 * x), nn.LogSigmoid(), Lambda(lambda x: F.logsigmoid(x - 1.0)))),
+        (1, 3, 5, 5), {"log_sigmoid"}, _onnx("Softplus", "Neg"),
+    ),
     "softplus_mish": Case(  # YOLOv4's Mish, nn.Softplus with a beta, and a low threshold that the stem's values cross
         lambda: stem(nn.Sequential(Lambda(lambda x: x * torch.tanh(F.softplus(x))), nn.Softplus(beta=2.0, threshold=0.5))),
         (1, 3, 5, 5), {"softplus"}, _onnx("Softplus", "Where"),
@@ -539,7 +543,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
     made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
     vocabulary = {
-        "silu", "leaky_relu", "prelu", "softplus", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "silu", "leaky_relu", "prelu", "softplus", "log_sigmoid", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat", "cast",

@@ -503,6 +503,12 @@ def _softplus(ctx, n, x):
     return ctx.emit("Where", [ctx.emit("Greater", [bx, _number(ctx, "threshold", threshold)]), x, soft])
 
 
+@lowering("log_sigmoid")
+def _log_sigmoid(ctx, n, x):
+    """``-Softplus(-x)``, not ``Log(Sigmoid(x))``: that is ``-inf`` wherever the sigmoid rounds to 0 (x < -88 in float32)."""
+    return ctx.emit("Neg", [ctx.emit("Softplus", [ctx.emit("Neg", [x])])])
+
+
 @lowering("prelu")
 def _prelu(ctx, n, x):
     w = n.params["weight"]
@@ -943,10 +949,10 @@ def graph_to_onnx(
     names: dict[int, str] = {}
     extra = Spliced()
 
-    def io(v: Value, name: str, batch_axes: Sequence[int] = (0,)):
+    def io(v: Value, name: str, batch_axes: dict[int, str] | None = None):
         shape: list = list(v.shape)
-        for k in batch_axes if dynamic_batch and shape else ():
-            shape[k] = "batch"
+        for k, dim in (batch_axes or {0: "batch"}).items() if dynamic_batch and shape else ():
+            shape[k] = dim
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
     inputs = []
@@ -976,7 +982,7 @@ def graph_to_onnx(
                 "returns tensors only; return it as a tensor (torch.tensor(n)), or leave it out of what forward returns"
             )
         names_out = ctx.emit("Identity", [names[id(v)]], out=ctx.unique(name))
-        outputs.append(io(v, names_out, axes[k] if axes is not None else (0,)))
+        outputs.append(io(v, names_out, axes[k] if axes is not None else None))
     report.own_onnx_nodes += len(graph.outputs)
     report.onnx_nodes = len(ctx.nodes)
     g = helper.make_graph(ctx.nodes, graph_name, inputs, outputs, ctx.initializers)
@@ -1054,10 +1060,12 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
         )
 
 
-def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> list[list[int]] | None:
-    """Per graph output, the axes whose size follows the batch (axis 0 of the inputs): the graph run once at a
-    batch one larger.  A time-major ``(T, B, C)`` output has its batch on axis 1.  ``None`` when the graph does
-    not run there (the axis-0 convention then stands)."""
+def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> list[dict[int, str]] | None:
+    """Per graph output, the axes whose size follows the batch (axis 0 of the inputs) and their names in the file:
+    ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a ``reshape(-1, C)`` of
+    ``(B, 16, C)`` tokens), else a name of its own.  The graph runs once at a batch one larger.  A time-major
+    ``(T, B, C)`` output has its batch on axis 1.  ``None`` when the graph does not run there (the axis-0
+    convention then stands)."""
     from repalgebra.interpret import run_graph
 
     batch = graph.inputs[0].shape[0] + 1
@@ -1081,8 +1089,16 @@ def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: to
     for v, t in zip(graph.outputs, outs):
         if not torch.is_tensor(t) or v.shape is None or t.dim() != len(v.shape):
             return None
-        axes.append([k for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b])
+        axes.append({k: _batch_dim(b, a, batch - 1, f"{v.name}_{k}") for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b})
     return axes
+
+
+def _batch_dim(size: int, size_after: int, batch: int, own: str) -> str:
+    """The name of an axis of ``size`` at ``batch`` and ``size_after`` at ``batch + 1``."""
+    per = size // batch
+    if size == per * batch and size_after == per * (batch + 1):
+        return "batch" if per == 1 else f"batch*{per}"
+    return own
 
 
 def _flat_for_export(module: torch.nn.Module, input_shape: Any) -> tuple[torch.nn.Module, Any]:
@@ -1255,7 +1271,9 @@ def export_onnx(
     seconds more).  Where the way taken fixes the batch anyway, the others are
     tried too, and the one that leaves the least to ``torch.onnx.export`` is
     kept (a Swin block torch.fx keeps whole goes to it whole; fused at the
-    export's shapes, it is all our own lowering).  The metadata records the producer, version, the rules that
+    export's shapes, it is all our own lowering).  With a dynamic batch, each input's axis 0 is named
+    ``batch``, and an output axis that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds
+    16 rows per sample (tokens flattened into rows).  The metadata records the producer, version, the rules that
     fired, which nodes went through the fallback and anything in ``metadata``
     (the CLI adds the variant name).  The model you pass is not modified.
 

@@ -358,10 +358,11 @@ def export_regions(
         try:
             seen = run_regions(graph, regions, modules, at(other))
             axes = [(changed_axes(r.inputs, i), changed_axes(r.outputs, o)) for r, (i, o) in zip(regions, seen)]
-            # and at batch 1, where a trace at another batch may have taken another branch (``len(x) == 1``)
-            dynamic_checks = checks if batch == 1 else [*checks, run_regions(graph, regions, modules, at(1))]
+            # and at batch 1, where a trace at another batch may have taken another branch (``len(x) == 1``), and
+            # above the traced batch, where a loop over the rows that the trace unrolled would stop short
+            dynamic_checks = [*checks, *(run_regions(graph, regions, modules, at(b)) for b in {1, 2 * other + 1} - {batch})]
         except Exception as e:  # noqa: BLE001  (sizes fixed at the captured batch somewhere in the graph)
-            notes.append(f"batch fixed at {batch}: the graph does not run at batch {other} or 1 ({_first_line(e)})")
+            notes.append(f"batch fixed at {batch}: the graph does not run at batch {other}, 1 or {2 * other + 1} ({_first_line(e)})")
         else:
             try:
                 exported = [_export(r, m, i, a, opset) if r.outputs else None for r, m, (i, _), a in zip(regions, modules, seen, axes)]

@@ -481,6 +481,11 @@ def _softplus(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.softplus, xs[0], node.attrs["beta"], node.attrs["threshold"])
 
 
+@lowers("log_sigmoid")
+def _log_sigmoid(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.logsigmoid, xs[0])
+
+
 @lowers("prelu")
 def _prelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.prelu, xs[0], ctx.add_buffer(_hint(node, "_weight"), node.params["weight"]))

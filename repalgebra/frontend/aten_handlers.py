@@ -909,6 +909,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.leaky_relu.default: _leaky_relu,
     aten.prelu.default: _prelu,
     aten.softplus.default: _softplus,
+    aten.log_sigmoid.default: _unary("log_sigmoid"),
     aten.hardtanh.default: _clamp(),
     aten.clamp.default: _clamp(),
     aten.clamp_min.default: _clamp(),

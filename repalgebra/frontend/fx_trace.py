@@ -244,6 +244,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Tanh,
     nn.LeakyReLU,
     nn.Softplus,
+    nn.LogSigmoid,
     nn.PReLU,
     nn.Hardtanh,  # and nn.ReLU6
     nn.GroupNorm,

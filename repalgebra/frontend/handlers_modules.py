@@ -296,6 +296,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Tanh: _m_act("tanh"),
     nn.LeakyReLU: _m_leaky_relu,
     nn.Softplus: _m_softplus,
+    nn.LogSigmoid: _m_act("log_sigmoid"),
     nn.PReLU: _m_prelu,
     nn.Hardtanh: _m_hardtanh,
     nn.GroupNorm: _m_group_norm,
