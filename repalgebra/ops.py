@@ -351,6 +351,13 @@ def mean(x, *, dims=REQUIRED, keepdim=False):
     return x.mean(dim=dims, keepdim=keepdim)
 
 
+@op("rms_norm", kind="nonlinear")
+def rms_norm(x, *, weight: Tensor | None = None, normalized_shape=REQUIRED, eps=None):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` axes (``nn.RMSNorm``; ``eps``
+    None, its default, is the epsilon of the dtype it runs in, read per call)."""
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
 @op("layer_norm", kind="nonlinear")
 def layer_norm(x, *, weight: Tensor | None = None, bias: Tensor | None = None, normalized_shape=REQUIRED, eps=1e-5):
     """Layer norm over the trailing ``normalized_shape`` axes."""

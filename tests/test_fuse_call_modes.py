@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import repalgebra
+from torch import is_grad_enabled as grads_on  # as some code imports it: by name
 
 D = torch.float64
 FLAGS = {
     "grad": lambda: torch.is_grad_enabled(),
+    "grad-by-name": lambda: grads_on(),
     "inference": lambda: torch.is_inference_mode_enabled(),
     "compiling": lambda: torch.compiler.is_compiling(),
     "exporting": lambda: torch.compiler.is_exporting(),

@@ -393,6 +393,11 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
     ),
     "prelu": Case(lambda: stem(Slopes(4)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
+    "rms_norm": Case(  # nn.RMSNorm over the channels of tokens (LLaMA-style code; eps per dtype), F.rms_norm over (H, W)
+        lambda: stem(nn.Sequential(Lambda(lambda x: x.permute(0, 2, 3, 1)), nn.RMSNorm(4), nn.RMSNorm(4, eps=1e-6),
+                                   Lambda(lambda x: F.rms_norm(x.permute(0, 3, 1, 2), (5, 5), eps=1e-5)))),
+        (1, 3, 5, 5), {"rms_norm"}, lambda opset: {"RMSNormalization"} if opset >= 23 else {"ReduceMean", "Sqrt"},
+    ),
     "log_sigmoid": Case(  # nn.LogSigmoid and F.logsigmoid; inputs scaled far below -88, where log(sigmoid(x)) is -inf
         lambda: stem(nn.Sequential(Lambda(lambda x: 200.0 * x), nn.LogSigmoid(), Lambda(lambda x: F.logsigmoid(x - 1.0)))),
         (1, 3, 5, 5), {"log_sigmoid"}, _onnx("Softplus", "Neg"),
@@ -543,7 +548,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
     made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
     vocabulary = {
-        "silu", "leaky_relu", "prelu", "softplus", "log_sigmoid", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "silu", "leaky_relu", "prelu", "softplus", "log_sigmoid", "rms_norm", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat", "cast",

@@ -436,6 +436,22 @@ def _layer_norm(ctx, n, x):
     )
 
 
+@lowering("rms_norm")
+def _rms_norm(ctx, n, x):
+    """``RMSNormalization`` from opset 23; before it, ``x / Sqrt(ReduceMean(x * x) + eps) * weight``."""
+    shape = list(n.attrs["normalized_shape"])
+    eps = n.attrs["eps"] if n.attrs["eps"] is not None else torch.finfo(n.out.dtype or ctx.dtype).eps  # the file's dtype
+    axes, eps = list(range(-len(shape), 0)), float(eps)
+    w = n.params.get("weight")
+    if ctx.opset >= 23:
+        return ctx.emit("RMSNormalization", [x, ctx.const("weight", torch.ones(shape) if w is None else w)], axis=-len(shape), epsilon=eps)
+    square = ctx.emit("Mul", [x, x])
+    mean = (ctx.emit("ReduceMean", [square, ctx.ints("axes", axes)], keepdims=1) if ctx.opset >= 18
+            else ctx.emit("ReduceMean", [square], axes=axes, keepdims=1))
+    y = ctx.emit("Div", [x, ctx.emit("Sqrt", [ctx.emit("Add", [mean, _number(ctx, "eps", eps)])])])
+    return y if w is None else ctx.emit("Mul", [y, ctx.const("weight", w)])
+
+
 # --------------------------------------------------------------------------- the common vision vocabulary
 
 _INT64_MAX = 2**63 - 1  # Slice's "to the end"

@@ -453,6 +453,9 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
         scripted = any(isinstance(n.attrs.get("fn"), torch.jit.ScriptModule) for n in region.run)
         hint = (" (a TorchScript module: export the Python module it was scripted from, fused, and script the model "
                 "after)") if scripted else ""
+        newest = torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        if opset > newest:  # what our lowering writes goes further than what torch.onnx.export's TorchScript exporter does
+            hint += f" (torch.onnx.export writes opsets up to {newest}: export at opset {newest} or lower)"
         raise FallbackError(
             f"no ONNX lowering for {calls} at {region.where}, and torch.onnx.export (TorchScript) cannot export it at "
             f"opset {opset} either: {_first_line(e)}{_refusals(region)}{hint}"

@@ -444,6 +444,15 @@ def _mean(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.method("mean", xs[0], tuple(node.attrs["dims"]), node.attrs["keepdim"])
 
 
+@lowers("rms_norm")
+def _rms_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    shape = tuple(node.attrs["normalized_shape"])
+    norm = nn.RMSNorm(shape, eps=node.attrs["eps"], elementwise_affine="weight" in node.params, device="meta")
+    if "weight" in node.params:
+        norm.weight = _param(node.params["weight"])
+    return ctx.module(_hint(node), norm, xs[0])
+
+
 @lowers("layer_norm")
 def _layer_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     p = node.params

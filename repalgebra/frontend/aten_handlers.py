@@ -223,6 +223,14 @@ def _ln(x: Any, shape: Any, weight: Any, bias: Any, eps: Any) -> Made:
     return "layer_norm", [x], {"normalized_shape": shape, "eps": float(eps)}, params, None
 
 
+def _rms_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, shape, weight, eps = _v(a["input"]), _ints(a["normalized_shape"]), a["weight"], a["eps"]
+    if x is None or shape is None or not (eps is None or _is_num(eps)) or (weight is not None and _c(weight) is None):
+        return None
+    eps = None if eps is None else float(eps)  # None: the epsilon of the dtype it runs in (torch.export keeps it None)
+    return "rms_norm", [x], {"normalized_shape": shape, "eps": eps}, {} if weight is None else {"weight": _c(weight)}, None
+
+
 def _layer_norm(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return _ln(a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
 
@@ -844,6 +852,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.batch_norm.default: _batch_norm,
     aten.linear.default: _linear,
     aten.layer_norm.default: _layer_norm,
+    aten.rms_norm.default: _rms_norm,
     aten.add.Tensor: _join("add"),
     aten.sub.Tensor: _join("sub"),
     aten.mul.Tensor: _mul,

@@ -233,6 +233,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.LogSoftmax,
     nn.GLU,
     nn.LayerNorm,
+    nn.RMSNorm,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,

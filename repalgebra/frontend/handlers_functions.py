@@ -837,6 +837,17 @@ def _f_layer_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return "layer_norm", [a["input"]], {"normalized_shape": shape, "eps": float(a["eps"])}, params, ""
 
 
+def _f_rms_norm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("normalized_shape", REQ), ("weight", None), ("eps", None)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["eps"], (int, float, type(None))) or ints(a["normalized_shape"]) is None:
+        return None
+    if a["weight"] is not None and _const(a["weight"]) is None:
+        return None
+    params = {} if a["weight"] is None else {"weight": _const(a["weight"])}
+    eps = None if a["eps"] is None else float(a["eps"])  # None: the epsilon of the dtype it runs in, read per call
+    return "rms_norm", [a["input"]], {"normalized_shape": ints(a["normalized_shape"]), "eps": eps}, params, ""
+
+
 def _f_avg_pool(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``F.avg_pool1d``/``2d``/``3d`` (the 1-D one has no ``divisor_override``)."""
     spatial = _POOLED_AXES[target]
@@ -1123,6 +1134,7 @@ _register(_f_pad, F.pad)
 _register(_f_batch_norm, F.batch_norm)
 _register(_f_linear, F.linear)
 _register(_f_layer_norm, F.layer_norm)
+_register(_f_rms_norm, F.rms_norm)
 _register(_f_avg_pool, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 _register(_f_unary("abs"), torch.abs, operator.abs, ("method", "abs"))
 _register(_f_amax, torch.amax, ("method", "amax"))

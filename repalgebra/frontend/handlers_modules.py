@@ -187,6 +187,15 @@ def _m_layer_norm(b: Builder, n: fx.Node, m: nn.LayerNorm, args: tuple, kwargs: 
     return "layer_norm", [x], {"normalized_shape": tuple(m.normalized_shape), "eps": float(m.eps)}, params, ""
 
 
+def _m_rms_norm(b: Builder, n: fx.Node, m: nn.RMSNorm, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    if x is None:
+        return None
+    params = {} if m.weight is None else {"weight": m.weight.detach().clone()}
+    eps = None if m.eps is None else float(m.eps)  # None: the epsilon of the dtype it runs in, read per call
+    return "rms_norm", [x], {"normalized_shape": tuple(m.normalized_shape), "eps": eps}, params, ""
+
+
 def _m_leaky_relu(b: Builder, n: fx.Node, m: nn.LeakyReLU, args: tuple, kwargs: dict) -> Made:
     return leaky_relu_made(single(args, kwargs), m.negative_slope, "")
 
@@ -285,6 +294,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.LogSoftmax: _m_softmax,
     nn.GLU: _m_glu,
     nn.LayerNorm: _m_layer_norm,
+    nn.RMSNorm: _m_rms_norm,
     nn.AdaptiveAvgPool1d: _m_adaptive_avg,
     nn.AdaptiveAvgPool2d: _m_adaptive_avg,
     nn.AdaptiveAvgPool3d: _m_adaptive_avg,
