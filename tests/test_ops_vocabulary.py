@@ -317,6 +317,13 @@ class Case:
     export_ops: set[str] = field(default_factory=set)  # only the export front end makes these
 
 
+def _weighted(norm: nn.Module) -> nn.Module:
+    """``norm`` with a weight that is not all ones (a weight left out must show)."""
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()).reshape(norm.weight.shape))
+    return norm
+
+
 def _onnx(*types: str) -> Callable[[int], set[str]]:
     return lambda opset: set(types)
 
@@ -393,8 +400,10 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.LeakyReLU(0.1), Lambda(lambda x: F.leaky_relu(x - 0.5, 0.2)))), (1, 3, 5, 5), {"leaky_relu"}, _onnx("LeakyRelu")
     ),
     "prelu": Case(lambda: stem(Slopes(4)), (1, 3, 5, 5), {"prelu"}, _onnx("PRelu")),
-    "rms_norm": Case(  # nn.RMSNorm over the channels of tokens (LLaMA-style code; eps per dtype), F.rms_norm over (H, W)
-        lambda: stem(nn.Sequential(Lambda(lambda x: x.permute(0, 2, 3, 1)), nn.RMSNorm(4), nn.RMSNorm(4, eps=1e-6),
+    "rms_norm": Case(  # nn.RMSNorm over the channels of tokens (LLaMA-style code), F.rms_norm over (H, W); values
+        # small enough that the default epsilon, the dtype's, weighs in
+        lambda: stem(nn.Sequential(Lambda(lambda x: 1e-4 * x.permute(0, 2, 3, 1)), _weighted(nn.RMSNorm(4)),
+                                   _weighted(nn.RMSNorm(4, eps=1e-6)),
                                    Lambda(lambda x: F.rms_norm(x.permute(0, 3, 1, 2), (5, 5), eps=1e-5)))),
         (1, 3, 5, 5), {"rms_norm"}, lambda opset: {"RMSNormalization"} if opset >= 23 else {"ReduceMean", "Sqrt"},
     ),
