@@ -332,7 +332,7 @@ def _bound(module: nn.Module, args: tuple, kwargs: dict | None) -> tuple | None:
         return None
 
 
-def _install(guard: "ShapeGuard | StructureGuard", module: nn.Module) -> None:
+def _install(guard: "ShapeGuard | StructureGuard | InputCheck", module: nn.Module) -> None:
     """Register ``guard`` on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
 
     A GraphModule drops forward pre-hooks both when deep-copied and when unpickled (it is rebuilt from its
@@ -344,6 +344,29 @@ def _install(guard: "ShapeGuard | StructureGuard", module: nn.Module) -> None:
         if _Reinstall(guard) not in module._deepcopy_hooks:  # a copy's hooks hold copies of the guard: equal
             module._register_deepcopy_hook(_Reinstall(guard))
         type(module).__reduce__ = _reduce_with_guards  # GraphModule gives each instance a class of its own
+
+
+@dataclass(eq=False)
+class InputCheck:
+    """Forward pre-hook of a fused graph: one of the model's own ``torch._assert`` calls on its inputs' sizes
+    (timm's ``_assert(H % 32 == 0, ...)``), made before each call.
+
+    A graph holds no op for an assertion (it computes nothing), so without it the fused model would return
+    something on inputs the model refuses.  ``call`` is the assertion as the front end carries calls
+    (:class:`~repalgebra.frontend.calls.FnCall`), ``inputs`` the positions of the inputs it reads."""
+
+    call: nn.Module
+    inputs: tuple[int, ...]
+    checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        args = _bound(module, args, kwargs)
+        if args is not None and not any(isinstance(a, fx.Proxy) for a in args):
+            self.call(*(args[k] for k in self.inputs))
+
+    def install(self, module: nn.Module) -> None:
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        _install(self, module)
 
 
 @dataclass(frozen=True)
@@ -372,16 +395,16 @@ class StructureGuard:
 class _Reinstall:
     """A GraphModule deep-copy hook putting ``guard`` on the copy (a class, not a closure: the module pickles)."""
 
-    guard: ShapeGuard
+    guard: "ShapeGuard | StructureGuard | InputCheck"
 
     def __call__(self, copied: nn.Module) -> None:
         self.guard.install(copied)
 
 
 def _reduce_with_guards(module: fx.GraphModule) -> tuple:
-    """``GraphModule.__reduce__``, and then the module's shape guards installed on the unpickled copy."""
+    """``GraphModule.__reduce__``, and then the module's guards and input checks installed on the unpickled copy."""
     rebuild, args = fx.GraphModule.__reduce__(module)
-    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard))]
+    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard, InputCheck))]
     return _rebuild_with_guards, (rebuild, args, guards)
 
 
@@ -494,6 +517,8 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         fused = fused.to(device)
     fused = fused.eval()
     _restart_generators(fused, model)
+    for check in [h for h in model._forward_pre_hooks.values() if isinstance(h, InputCheck)] if fused is not model else ():
+        check.install(fused)  # a fused model fused again: its graph holds no assertion to find
     report = fuser.report
     report.params_before = _numel(model.parameters())
     report.params_after = _numel(fused.parameters())
@@ -851,6 +876,8 @@ class _Fuser:
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
+        for check, positions, _ in cap.input_checks if cap.how == "fx" else ():
+            InputCheck(check, positions).install(fused)
         if free_batch and not self.check:  # batch 1 is checked even so: the example's own batch may be 1
             one = self.holds_at_batch_one(path, fused, inputs, in_float64=False)
             min_batch = 1 if one is None else 2

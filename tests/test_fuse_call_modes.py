@@ -250,3 +250,38 @@ def test_an_input_cast_to_a_weights_dtype_stays_a_cast():
     fused = repalgebra.fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x.double()), model(x.double()), rtol=1e-5, atol=1e-6)  # float32 inside
+
+
+class AssertsOnItsInput(nn.Module):
+    """timm's patch embedding: ``_assert`` (torch._assert) on the input's sizes before the projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.img_size = conv_bn(3, 8, 1), (8, 8)
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        torch._assert(h == self.img_size[0], "input height does not match the model")
+        torch._assert(w % 4 == 0, "input width must be a multiple of 4")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def test_the_models_assertions_on_its_inputs_stay_checked():
+    """The graph holds no op for an assertion: the fused model checks them before each call, in its copies too."""
+    import io
+    import pickle
+
+    model = randomized(AssertsOnItsInput())
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired
+    saved = io.BytesIO()
+    torch.save(fused, saved)
+    saved.seek(0)
+    copies = [fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), torch.load(saved, weights_only=False),
+              repalgebra.fuse(fused, torch.randn(2, 3, 8, 8, dtype=D))]
+    for m in copies:
+        assert close(model(torch.ones(1, 3, 8, 12, dtype=D)), m(torch.ones(1, 3, 8, 12, dtype=D)))
+        with pytest.raises(AssertionError, match="height"):
+            m(torch.randn(1, 3, 12, 8, dtype=D))
+        with pytest.raises(AssertionError, match="multiple of 4"):
+            m(torch.randn(1, 3, 8, 10, dtype=D))

@@ -81,6 +81,9 @@ class Builder:
         self.env: dict[fx.Node, Any] = {}
         self.left_alone: list[LeftAlone] = []
         self.notes: list[str] = []
+        # torch._assert calls on sizes read at run time: (the call, the graph inputs it reads, where), see checks_of
+        self.asserts: list[tuple[tuple, dict, str]] = []
+        self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
         # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
         self._input_free: set[fx.Node] = set()
         self._weights_only: set[fx.Node] | None = None
@@ -114,6 +117,7 @@ class Builder:
                 out = self.args(self.unpacked(n.args[0]))
                 leaves, spec = pytree.tree_flatten(out)
                 values = [self.as_value(v, n) for v in leaves]
+                self.input_checks = self.checks_of(graph_inputs)
                 graph = lift_height_one(Graph(graph_inputs, self.nodes, values))
                 reroute_shape_reads(graph)
                 # A call read only through ops that replaced its reads (the tuple of ``x.chunk(2)`` whose
@@ -140,6 +144,20 @@ class Builder:
             return type(example)(open_up(item) for item in items)
 
         return fx.node.map_aggregate(template, open_up) if isinstance(template, (tuple, list, dict)) else open_up(template)
+
+    def checks_of(self, graph_inputs: list[Value]) -> list[tuple[FnCall, tuple[int, ...], str]]:
+        """The model's ``torch._assert`` calls on its inputs' sizes (timm's ``_assert(H % 32 == 0, ...)``) as calls
+        ``fuse`` makes before each call of the fused graph, which holds no op for them: it would run where the model
+        refuses.  One on a value computed inside is noted: the fused model does not check it."""
+        checks = []
+        for args, kwargs, source in self.asserts:
+            fn, inputs = _compile("call_function", torch._assert, args, kwargs)
+            if all(any(v is g for g in graph_inputs) for v in inputs):
+                checks.append((fn, tuple(next(k for k, g in enumerate(graph_inputs) if g is v) for v in inputs), source))
+            else:
+                self.notes.append(f"a torch._assert in {source or 'forward'!r} checks a value computed inside the model: the "
+                                  "fused model does not check it (only assertions on the inputs are kept)")
+        return checks
 
     def refuse_written(self, target: str) -> None:
         """Raise where the graph reads a tensor that calls of a part kept whole set (a child's running maximum, a
@@ -211,6 +229,9 @@ class Builder:
 
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
+        if kind == "call_function" and target is torch._assert and _has_value(args, kwargs):
+            self.asserts.append((args, kwargs, self.source(n)))  # no value: kept as a check of the inputs (checks_of)
+            return None
         if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
             # A named tuple of results (``Pair(features, logits)``, fields left None) is a container, as a plain tuple is:
             # its fields are the values themselves, and the output structure keeps its type.

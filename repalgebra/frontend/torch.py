@@ -80,6 +80,7 @@ class TraceResult:
     left_alone: list[LeftAlone] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dtype_tested: bool = False  # forward tests a dtype, taken as at the example: the graph holds in that dtype only
+    input_checks: list = field(default_factory=list)  # torch._assert calls on the inputs (Builder.checks_of)
 
 
 def trace(
@@ -166,7 +167,8 @@ def trace_model(
         notes.insert(0, f"input inferred: {inferred}")
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
-    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested)
+    return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested,
+                       builder.input_checks)
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
