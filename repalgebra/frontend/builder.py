@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, meta_of, runs_on_meta, squeeze_to_rank
-from repalgebra.frontend.fx_trace import TensorInfo, recognised, summarize
+from repalgebra.frontend.fx_trace import TensorInfo, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
 from repalgebra.frontend.pure import FACTORIES, is_pure
@@ -324,7 +324,7 @@ class Builder:
         if self._weights_only is None:
             self._input_free, self._weights_only = set(), set()
             for m in n.graph.nodes:
-                if m.op == "get_attr" or (m.op in ("call_function", "call_method") and all(a in self._input_free for a in m.all_input_nodes)):
+                if input_free(m, self._input_free):
                     self._input_free.add(m)
                     if m.op == "get_attr" or any(a in self._weights_only for a in m.all_input_nodes):
                         self._weights_only.add(m)

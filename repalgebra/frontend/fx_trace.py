@@ -402,6 +402,13 @@ def _weights_only_value(node: fx.Node, root: nn.Module) -> Any:
     return out if torch.is_tensor(out) or isinstance(out, (bool, int, float)) else None
 
 
+def input_free(node: fx.Node, free: set[fx.Node]) -> bool:
+    """Whether ``node`` computes from the model's tensors and literals alone, ``free`` the nodes before it that do:
+    a read of a parameter or buffer, or a call (not of a module, not in place) on such nodes."""
+    return node.op == "get_attr" or (node.op in ("call_function", "call_method") and not _writes_in_place(node)
+                                     and all(a in free for a in node.all_input_nodes))
+
+
 def _writes_in_place(n: fx.Node) -> bool:
     """Whether the call is an in-place one (``add_``, ``torch.relu_``): run on the weights, it would change them."""
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
@@ -580,8 +587,7 @@ class Tracer(fx.Tracer):
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["repalgebra_source"] = self.path_stack[-1] if self.path_stack else ""
-        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and not _writes_in_place(node)
-                                     and all(a in self.input_free for a in node.all_input_nodes)):
+        if input_free(node, self.input_free):
             self.input_free.add(node)
         return node
 
