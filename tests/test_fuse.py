@@ -660,3 +660,24 @@ def test_a_fold_that_grows_the_parameters_is_noted():
     r = fused.fuse_report
     assert r.params_after > r.params_before and any("holds more parameters and buffers than the model" in n for n in r.notes), str(r)
     assert not any("holds more parameters" in n for n in fuse(randomize(net()), torch.randn(2, 8, 10, 10)).fuse_report.notes)
+
+
+@pytest.mark.parametrize("norm", [nn.InstanceNorm1d, nn.InstanceNorm2d])
+@pytest.mark.parametrize("running", [True, False])
+def test_an_instance_norm_with_running_statistics_folds_like_a_batch_norm(norm, running):
+    """In eval mode ``track_running_stats=True`` normalises with the running statistics per channel: a BatchNorm, so
+    it folds into the conv before it.  Without them it normalises each sample by its own statistics: it stays."""
+    conv = nn.Conv1d(3, 6, 3, padding=1) if norm is nn.InstanceNorm1d else nn.Conv2d(3, 6, 3, padding=1)
+    inorm = norm(6, affine=True, track_running_stats=running)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if running:
+            inorm.running_mean.copy_(torch.randn(6, generator=gen))
+            inorm.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+        inorm.weight.copy_(torch.randn(6, generator=gen))
+        inorm.bias.copy_(torch.randn(6, generator=gen))
+    model = nn.Sequential(conv, inorm).double().eval()
+    x = torch.randn(2, 3, *(7,) * (conv.weight.dim() - 2), dtype=torch.float64, generator=gen)
+    fused = fuse(model, x)
+    assert ("bn_fold" in {f.rule for f in fused.fuse_report.fired}) == running, str(fused.fuse_report)
+    assert torch.allclose(fused(x), model(x), rtol=1e-9, atol=1e-12)

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from torch.nn.modules import module as _torch_module  # its global hook registries
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
@@ -218,6 +219,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Conv3d,
     nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)
     _BatchNorm,
+    _InstanceNorm,  # with running statistics, in eval mode, a BatchNorm (see handlers_modules._m_instance_norm)
     nn.Linear,
     nn.Identity,
     *DROPOUTS,

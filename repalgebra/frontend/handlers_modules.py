@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.channel_affine import ChannelAffine
@@ -118,6 +119,16 @@ def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: di
     if y is not None:  # per channel (axis 1), so it commutes with flattening axes 2 and 3: normalise before
         return "flatten", [b.add("batch_norm", [y], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
     return "batch_norm", [x], attrs, params, ""
+
+
+def _m_instance_norm(b: Builder, n: fx.Node, m: _InstanceNorm, args: tuple, kwargs: dict) -> Made:
+    """An ``InstanceNorm`` with ``track_running_stats=True`` in eval mode normalises with its running statistics, per
+    channel (``use_input_stats`` is false): a BatchNorm in eval mode, which folds.  Without them it normalises each
+    sample with its own statistics and stays a call (so does an unbatched input, whose channels are axis 0)."""
+    x = single(args, kwargs)
+    if x is None or m.training or m.running_mean is None or len(x.shape) != m._get_no_batch_dim() + 1:
+        return None
+    return _m_batch_norm(b, n, m, args, kwargs)
 
 
 def _m_linear(b: Builder, n: fx.Node, m: nn.Linear, args: tuple, kwargs: dict) -> Made:
@@ -279,6 +290,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv3d: _m_conv3d,
     _BatchNorm: _m_batch_norm,
     nn.SyncBatchNorm: _m_batch_norm,
+    _InstanceNorm: _m_instance_norm,
     nn.Linear: _m_linear,
     nn.Identity: _m_identity,
     **{d: _m_identity for d in DROPOUTS},
