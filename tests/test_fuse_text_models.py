@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import repalgebra
@@ -242,3 +243,42 @@ def test_a_weights_dtype_read_while_tracing_follows_a_cast_of_the_fused_model():
         single = fused.float()(x.float())  # fused in float64, run in float32: the model's tensors are float32 too
         assert single.dtype == torch.float32
         torch.testing.assert_close(single, model.float()(x.float()), rtol=1e-5, atol=1e-6)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection: a Linear with its weight stored transposed, applied with ``torch.addmm`` on the tokens
+    flattened to rows, and the output shape written as ``x.size()[:-1] + (nf,)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) * 0.2), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.ln, self.c_fc, self.c_proj = nn.LayerNorm(d), Conv1D(4 * d, d), Conv1D(d, 4 * d)
+        self.head = nn.Parameter(torch.randn(d, 3))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.c_proj(F.gelu(self.c_fc(self.ln(h))) * 0.5)
+        return h @ self.head  # CLIP's text projection is written so too
+
+
+def test_gpt2s_conv1d_and_a_matrix_product_with_a_weight_are_linears_that_fold():
+    torch.manual_seed(0)
+    model = GPT2MLP().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 5, 8, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and report.ops_after.get("linear") == 3 and "opaque" not in report.ops_after, str(report)
+    assert "bn_into_linear" in {f.rule for f in report.fired}  # the half folds into c_proj through its row view
+    with torch.no_grad():
+        for batch, length in ((3, 7), (1, 1)):
+            h = torch.randn(batch, length, 8, dtype=D)
+            assert close(model(h), fused(h))

@@ -168,9 +168,24 @@ def _f_pow(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
 
 
 def _f_matmul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    if kwargs or len(args) != 2 or shaped(args[0]) is None or shaped(args[1]) is None:
+    if kwargs or len(args) != 2 or shaped(args[0]) is None:
         return None
+    if shaped(args[1]) is None:  # ``x @ self.proj`` (CLIP's projections): a Linear whose weight is the matrix's transpose
+        w = _const(args[1]) if target is not torch.bmm and target != "bmm" else None
+        return None if w is None or w.dim() != 2 else ("linear", [args[0]], {}, {"weight": w.t().contiguous()}, "")
     return "matmul", list(args), {}, {}, ""
+
+
+def _f_addmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.addmm(self.bias, x, self.weight)``, GPT-2's ``Conv1D`` (on ``x.view(-1, nx)``): ``x @ W + b``, a Linear
+    whose weight is ``W`` transposed."""
+    a = bind([("input", REQ), ("mat1", REQ), ("mat2", REQ), ("beta", 1), ("alpha", 1)], args, kwargs)
+    if a is None or shaped(a["mat1"]) is None or a["beta"] != 1 or a["alpha"] != 1:
+        return None
+    w, bias = _const(a["mat2"]), _const(a["input"])
+    if w is None or w.dim() != 2 or bias is None or bias.dim() != 1 or len(a["mat1"].shape) != 2:
+        return None
+    return "linear", [a["mat1"]], {}, {"weight": w.t().contiguous(), "bias": bias}, a["mat2"].path.rpartition(".")[0]
 
 
 def _f_einsum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -252,14 +267,34 @@ def _f_reshape(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
     if not args or shaped(args[0]) is None or set(kwargs) - {"shape", "size"}:
         return None
     x, rest = args[0], args[1:] + tuple(kwargs.values())
-    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-        rest = tuple(rest[0])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, SymExpr)):
+        rest = _shape_items(rest[0])
     if not rest:
         return None
     if all(is_int(e) for e in rest):
         return "reshape", [x], {"shape": tuple(rest)}, {}, ""
     dyn = _dyn_sizes(rest)
     return None if dyn is None else ("reshape_dyn", [x, *dyn[0]], {"shape": dyn[1]}, {}, "")
+
+
+def _shape_items(e: Any) -> tuple | None:
+    """The sizes of a shape written as a whole, one item each: a tuple, ``v.shape`` or ``v.size()``, a slice of one,
+    and sums of these (GPT-2's ``x.size()[:-1] + (self.nf,)``); None for anything else."""
+    if isinstance(e, (tuple, list)):
+        return tuple(e)
+    if not isinstance(e, SymExpr):
+        return None
+    if (v := _shape_of(e)) is not None:
+        return tuple(SymExpr("call_function", operator.getitem, (e, k), {}) for k in range(len(v.shape)))
+    if e.target is operator.getitem and len(e.args) == 2 and isinstance(e.args[1], slice) and isinstance(e.args[0], SymExpr):
+        whole, cut = _shape_items(e.args[0]), e.args[1]
+        if whole is None or not all(k is None or is_int(k) for k in (cut.start, cut.stop, cut.step)):
+            return None
+        return whole[cut]
+    if e.target is operator.add and len(e.args) == 2 and not e.kwargs:
+        left, right = _shape_items(e.args[0]), _shape_items(e.args[1])
+        return None if left is None or right is None else left + right
+    return None
 
 
 def _dyn_sizes(sizes: tuple) -> tuple[list[Value], tuple] | None:
@@ -1107,6 +1142,7 @@ _register(_f_join("sub"), operator.sub, torch.sub, torch.subtract, ("method", "s
 _register(_f_mul, operator.mul, torch.mul, torch.multiply, ("method", "mul"), ("method", "multiply"))  # PaddleClas ports: multiply
 _register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
+_register(_f_addmm, torch.addmm)
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
 _register(_f_stack, torch.stack)
 _register(_f_flatten, torch.flatten, ("method", "flatten"))

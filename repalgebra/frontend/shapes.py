@@ -13,7 +13,9 @@ from typing import Any
 
 from repalgebra.ir import Graph, Node, Value
 
-_SAME_SHAPE = ("batch_norm", "scale", "identity")  # ops whose output has their first input's shape
+# Ops whose output has their first input's shape: per-channel maps, and activations of one input
+_SAME_SHAPE = ("batch_norm", "scale", "identity", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+               "leaky_relu", "softplus", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "rsqrt", "cast")
 _FOLDS_A_BN = ("conv2d", "conv3d", "conv_transpose2d", "linear")  # a BN or scale after these folds into them
 
 
@@ -22,7 +24,8 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
 
     ``v = p(u)`` fixes that size from ``u`` or from ``p``'s weights, for every input:
 
-    * ``batch_norm``, ``scale``, ``identity``, ``add``/``sub`` of equal shapes: ``v.shape[a] = u.shape[a]``;
+    * ``batch_norm``, ``scale``, ``identity``, an activation of one input (``gelu``, ``relu``, ...), ``add``/``sub``
+      of equal shapes: ``v.shape[a] = u.shape[a]``;
     * ``linear(u; W)``: ``v.shape[a] = u.shape[a]`` before the last axis, ``v.shape[-1] = W.shape[0]``;
     * ``conv2d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a spatial
       axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size.
