@@ -46,7 +46,7 @@ from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
-from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
@@ -361,8 +361,11 @@ class InputCheck:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         args = _bound(module, args, kwargs)
-        if args is not None and not any(isinstance(a, fx.Proxy) for a in args):
-            self.call(*(args[k] for k in self.inputs))
+        if args is None or any(isinstance(a, fx.Proxy) for a in args):
+            return
+        tensors = [a for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # the graph's inputs: one per tensor
+        if all(k < len(tensors) for k in self.inputs):  # (another number of tensors: forward, or a guard, refuses it)
+            self.call(*(tensors[k] for k in self.inputs))
 
     def install(self, module: nn.Module) -> None:
         """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
@@ -666,7 +669,11 @@ class _Fuser:
             for name, child in list(parent.named_children()):
                 tag = getattr(child, STATE_TAG, None)
                 if tag in self.state_leaves:
-                    setattr(parent, name, copy.deepcopy(self.initial.get_submodule(tag)))
+                    initial = self.initial.get_submodule(tag)
+                    try:  # in place: a tensor it shares with its parent (a buffer under two names) stays shared
+                        restore_in_place(child, initial)
+                    except Exception:  # noqa: BLE001  (a TorchScript part, whose attributes live in C++)
+                        setattr(parent, name, copy.deepcopy(initial))
 
     def untouched(self, path: str, module: nn.Module, reason: str) -> nn.Module:
         """A copy of ``module`` (the part at ``path``), nothing fused in it; the report says why."""
@@ -788,6 +795,8 @@ class _Fuser:
         swaps = []
         for name, child in list(module.named_children()):
             rel = _join(prefix, name)
+            if recorded.get(rel) and _join(root_path, rel) in (*self.user_leaves, *self.state_leaves):
+                continue  # kept as the copy holds it: what it shares with the rest (a buffer under two names) stays shared
             if recorded.get(rel):
                 new = self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent")
                 setattr(module, name, new)
@@ -846,6 +855,8 @@ class _Fuser:
                 raise
             except Exception as e:  # noqa: BLE001  (the capture does not run: torch.export left a symbolic size in it)
                 problem = f"it does not run: {first_line(e)}"
+            if problem is None and cap.how == "specialized":
+                problem = self.with_gradients(path, exact, inputs)
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
@@ -1004,6 +1015,23 @@ class _Fuser:
                 return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
 
+    def with_gradients(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
+        """How a torch.export capture, recorded without gradients, differs at the example from the part run with
+        them on (None: it does not, or the part does not run so): a branch on the grad mode that the capture fixed
+        and that the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag
+        bound at class creation (``flag = staticmethod(torch.is_grad_enabled)``).  torch.fx traces with gradients
+        on, so its check against the model run without them sees such a branch already."""
+        original = self.pristine.get_submodule(path)
+        original = copy.deepcopy(original) if self.stateful else original
+        call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
+        try:
+            with _quiet_fx():
+                want, got = _run(original, call, dtype, self.dtype, grads=True), _run(exact, call, dtype, self.dtype)
+        except Exception:  # noqa: BLE001  (it does not run with gradients on, as it did without: nothing to compare)
+            return None
+        problem = first_difference(want, got, self.tolerance)
+        return None if problem is None else f"with gradients on (a branch on the grad mode), {problem}"
+
     def follows_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> bool:
         """Whether a part captured by ``torch.export`` in float64 still computes what the original does in float32.
 
@@ -1046,8 +1074,9 @@ class _Fuser:
         raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
 
 
-def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None) -> Any:
-    """``module`` making ``call`` on copies of its tensors; with ``dtype``, the tensors, parameters and
+def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None, grads: bool = False) -> Any:
+    """``module`` making ``call`` on copies of its tensors, without gradients (``grads``: with them on, as a
+    training script calls it); with ``dtype``, the tensors, parameters and
     buffers cast to it on the fly (``torch.func.functional_call``: the module is neither copied nor changed).
 
     With ``own`` (the model's dtype), only parameters and buffers of that dtype are cast: a float64 model that
@@ -1060,7 +1089,7 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
 
     args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
-    with torch.no_grad():
+    with torch.enable_grad() if grads else torch.no_grad():
         if dtype is None:
             return module(*args, **kwargs)
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}

@@ -80,6 +80,19 @@ def test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it(flag, odd_width_p
             assert close(model(x), fused(x)), mode
 
 
+def test_a_flag_bound_before_the_capture_is_seen_by_a_check_with_gradients_on():
+    """``flag = staticmethod(torch.is_grad_enabled)``: bound at class creation, out of the stand-ins' reach.
+    torch.export records it without gradients; the capture is checked with them on too, where the model clamps."""
+    model = randomized(FlagBranch(torch.is_grad_enabled, odd_width_pads=True))
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
+    assert "a branch on the grad mode" in str(fused.fuse_report), str(fused.fuse_report)
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for mode in (torch.no_grad, torch.enable_grad):
+        with mode():
+            assert close(model(x), fused(x)), mode
+
+
 def test_nn_transformer_encoders_nested_fast_path_is_kept():
     """Under no_grad, nn.TransformerEncoder runs a padded batch as nested tensors and returns zeros at the padded
     positions; its slow path (what any capture records) does not.  It reads torch.is_grad_enabled() to choose."""
@@ -285,3 +298,53 @@ def test_the_models_assertions_on_its_inputs_stay_checked():
             m(torch.randn(1, 3, 12, 8, dtype=D))
         with pytest.raises(AssertionError, match="multiple of 4"):
             m(torch.randn(1, 3, 8, 10, dtype=D))
+
+
+def test_a_buffer_a_parent_shares_with_a_child_kept_whole_stays_shared():
+    class Child(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("m", torch.zeros(1, 4, 1, 1))
+
+        def forward(self, x):
+            y = self.c(x)
+            self.m.copy_(y.mean((0, 2, 3), keepdim=True))
+            return y
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.child, self.d = Child(), nn.Conv2d(4, 4, 1)
+            self.register_buffer("alias", self.child.m)  # the same tensor under the parent's name
+
+        def forward(self, x):
+            return self.d(self.child(x)) + self.alias
+
+    torch.manual_seed(0)
+    model = Parent().eval()  # float32: a cast with .to() would give each name a tensor of its own
+    reference = copy.deepcopy(model)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 8, 8))
+    assert fused.alias.data_ptr() == fused.child.m.data_ptr()
+    with torch.no_grad():
+        for scale in (1.0, 3.0):
+            x = torch.randn(1, 3, 8, 8) * scale
+            torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-6)  # float32
+
+
+def test_an_assertion_on_tensors_given_in_a_list_is_checked_on_them():
+    class Pyramid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 4, 1)
+
+        def forward(self, xs):
+            torch._assert(xs[0].shape[-1] == 2 * xs[1].shape[-1], "levels must halve")
+            return self.a(xs[0]), self.a(xs[1])
+
+    model = randomized(Pyramid())
+    levels = [torch.randn(1, 3, 8, 8, dtype=D), torch.randn(1, 3, 4, 4, dtype=D)]
+    fused = repalgebra.fuse(model, (levels,))
+    assert all(close(a, b) for a, b in zip(model(levels), fused(levels)))
+    with pytest.raises(AssertionError, match="levels must halve"):
+        fused([levels[0], levels[0]])

@@ -18,6 +18,7 @@ localized and the whole model is kept whole.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -27,7 +28,7 @@ from torch import nn
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "find_state", "mark_written", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "find_state", "mark_written", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
@@ -222,6 +223,23 @@ def _key(value: Any) -> Any:
     if isinstance(value, (list, dict, set, tuple)):
         return ("container", type(value).__name__, len(value))
     return ("object", id(value))
+
+
+def restore_in_place(module: nn.Module, initial: nn.Module) -> None:
+    """Give ``module`` (a copy of ``initial`` that calls have run) ``initial``'s state: each tensor copied into in
+    place where its shape and dtype allow, so one it shares with the rest of the model (a parent's buffer that is
+    this module's) stays shared; other attributes set to copies, and those the calls added removed."""
+    with torch.no_grad():
+        for m, src in zip(module.modules(), initial.modules()):
+            theirs, mine = _own(src), _own(m)
+            for name in set(mine) - set(theirs):
+                delattr(m, name)
+            for name, value in theirs.items():
+                own = mine.get(name, _MISSING)
+                if torch.is_tensor(value) and torch.is_tensor(own) and (own.shape, own.dtype) == (value.shape, value.dtype):
+                    own.copy_(value)
+                else:
+                    setattr(m, name, copy.deepcopy(value))
 
 
 def _resolves(model: nn.Module, path: str) -> bool:
