@@ -15,14 +15,18 @@ as the model does.  Only the model's code is watched: the global namespaces of
 the modules that define its classes (``torch`` there is a stand-in that hands
 out everything else as it is, and a flag function imported by name is
 replaced).  torch itself is not patched, so its internals (and torch.compile's
-tables of these functions) see the real ones.  Code of other modules the
-forward calls into is not watched.
+tables of these functions) see the real ones; another thread running the same
+code meanwhile gets the real answer too.  Code of other modules the forward
+calls into is not watched, nor a flag function bound before the capture (a
+class attribute, a default argument): ``fuse`` checks a torch.export capture
+with gradients on as well, where such a branch shows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import types
 from typing import Any, Callable, Iterator
 
@@ -66,7 +70,11 @@ class _Watched(types.ModuleType):
 
 
 def _refusing(original: Callable[..., bool], name: str) -> Callable[..., bool]:
+    capturing = threading.get_ident()  # another thread running the same code meanwhile gets the real answer
+
     def flag(*args: Any, **kwargs: Any) -> bool:
+        if threading.get_ident() != capturing:
+            return original(*args, **kwargs)
         owner = sys._getframe(1).f_locals.get("self")
         where = f" (in the forward of {type(owner).__name__})" if isinstance(owner, nn.Module) else ""
         raise ModeFlagRead(f"its code reads {name}{where}: what it computes depends on how it is called, and a capture "
