@@ -407,8 +407,8 @@ def _weights_only_value(node: fx.Node, root: nn.Module) -> Any:
 def input_free(node: fx.Node, free: set[fx.Node]) -> bool:
     """Whether ``node`` computes from the model's tensors and literals alone, ``free`` the nodes before it that do:
     a read of a parameter or buffer, or a call (not of a module, not in place) on such nodes."""
-    return node.op == "get_attr" or (node.op in ("call_function", "call_method") and not _writes_in_place(node)
-                                     and all(a in free for a in node.all_input_nodes))
+    return node.op == "get_attr" or (node.op in ("call_function", "call_method") and all(a in free for a in node.all_input_nodes)
+                                     and not _writes_in_place(node))
 
 
 def _writes_in_place(n: fx.Node) -> bool:
