@@ -380,10 +380,13 @@ def _glu(ctx, n, x):
 
 
 def _reduce(ctx, op_type: str, x, n):
-    """``op_type`` over ``n``'s ``dims``: the axes an input from opset 18 (``ReduceSum`` from 13), an attribute before."""
+    """``op_type`` over ``n``'s ``dims`` (see :func:`_reduce_over`)."""
     dims = n.attrs["dims"]
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    keep = int(n.attrs["keepdim"])
+    return _reduce_over(ctx, op_type, x, [dims] if isinstance(dims, int) else list(dims), int(n.attrs["keepdim"]))
+
+
+def _reduce_over(ctx, op_type: str, x, dims: list[int], keep: int):
+    """``op_type`` over ``dims``: the axes an input from opset 18 (``ReduceSum`` from 13), an attribute before."""
     if ctx.opset >= 18 or op_type == "ReduceSum":
         return ctx.emit(op_type, [x, ctx.ints("axes", dims)], keepdims=keep)
     return ctx.emit(op_type, [x], axes=dims, keepdims=keep)
@@ -446,8 +449,7 @@ def _rms_norm(ctx, n, x):
     if ctx.opset >= 23:
         return ctx.emit("RMSNormalization", [x, ctx.const("weight", torch.ones(shape) if w is None else w)], axis=-len(shape), epsilon=eps)
     square = ctx.emit("Mul", [x, x])
-    mean = (ctx.emit("ReduceMean", [square, ctx.ints("axes", axes)], keepdims=1) if ctx.opset >= 18
-            else ctx.emit("ReduceMean", [square], axes=axes, keepdims=1))
+    mean = _reduce_over(ctx, "ReduceMean", square, axes, 1)
     y = ctx.emit("Div", [x, ctx.emit("Sqrt", [ctx.emit("Add", [mean, _number(ctx, "eps", eps)])])])
     return y if w is None else ctx.emit("Mul", [y, ctx.const("weight", w)])
 

@@ -150,10 +150,11 @@ class Builder:
         ``fuse`` makes before each call of the fused graph, which holds no op for them: it would run where the model
         refuses.  One on a value computed inside is noted: the fused model does not check it."""
         checks = []
+        position = {id(g): k for k, g in enumerate(graph_inputs)}
         for args, kwargs, source in self.asserts:
             fn, inputs = _compile("call_function", torch._assert, args, kwargs)
-            if all(any(v is g for g in graph_inputs) for v in inputs):
-                checks.append((fn, tuple(next(k for k, g in enumerate(graph_inputs) if g is v) for v in inputs), source))
+            if all(id(v) in position for v in inputs):
+                checks.append((fn, tuple(position[id(v)] for v in inputs), source))
             else:
                 self.notes.append(f"a torch._assert in {source or 'forward'!r} checks a value computed inside the model: the "
                                   "fused model does not check it (only assertions on the inputs are kept)")
