@@ -33,6 +33,11 @@ Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns fe
 And a constant added per feature (UniRepLKNet's GRN tail, ``Linear(x + beta)``, or ``beta - x``): the
 affine map with s = +-1 and t = beta (:func:`prove_shift`).
 
+And a LayerNorm's or RMSNorm's own affine, ``gamma * n(x) + beta`` per feature after the normalization n
+(:func:`prove_norm_affine`): whatever n computes, the Linear sees an affine map of it per feature, so the
+fold is the layout case with s = gamma, t = beta, and the norm keeps n alone. REFUSED there: a norm over the
+last two axes, whose gamma differs per token: one W' cannot hold every token's gamma.
+
 REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its
 features (with H*W == C the shapes even fit), element [.., c, p] meets s[c] but the fold puts
 s[p] on it; symbolic counterexample below.
@@ -128,6 +133,7 @@ def prove() -> list[str]:
     done.append(prove_flatten_all())
     done.append(prove_mean_head())
     done.extend(prove_shift(sign) for sign in (1, -1))
+    done.append(prove_norm_affine())
 
     # REFUSED: the Linear's features are the spatial positions, not BN's channels.
     cfg = REFUSED
@@ -205,3 +211,22 @@ def prove_shift(sign: int) -> str:
     rhs = linear(x, w * sign, b + np.array([sum(w[o, k] * c[k] for k in range(4)) for o in range(2)], dtype=object))
     assert_equal(lhs, rhs, f"bn_into_linear constant shift, sign {sign}")
     return f"Linear({'x' if sign == 1 else '-x'} + c) == Linear(x; {'W' if sign == 1 else '-W'}, b + W c): x (2, 3, 4), c per feature, O=2"
+
+
+def prove_norm_affine() -> str:
+    """A LayerNorm's (RMSNorm's: beta = 0) affine before a Linear: with n = n(x) the normalized values (free symbols:
+    the identity does not depend on how n is computed), Linear(gamma n + beta; W, b) == Linear(n; W gamma, b + W beta).
+    REFUSED: gamma over the last two axes (one factor per token and feature): folding the first token's row is wrong
+    for the second token."""
+    n = symbols_tensor("n", (2, 3, 4))
+    w, b = symbols_tensor("w", (2, 4)), symbols_tensor("b", (2,))
+    gamma, beta = symbols_tensor("g", (4,)), symbols_tensor("beta", (4,))
+    lhs = linear(n * gamma + beta, w, b)
+    w2 = w * gamma
+    b2 = b + np.array([sum(w[o, k] * beta[k] for k in range(4)) for o in range(2)], dtype=object)
+    assert_equal(lhs, linear(n, w2, b2), "bn_into_linear norm affine")
+    per_token = symbols_tensor("h", (3, 4))  # gamma of a norm over (tokens, features)
+    wrong = linear(n, w * per_token[0], b)
+    assert_differs(linear(n * per_token, w, b), wrong, (0, 1, 0), "bn_into_linear norm over two axes")
+    return ("norm affine: Linear(gamma n + beta; W, b) == Linear(n; W gamma, b + W beta), n (2, 3, 4) free, O=2; "
+            "refused: gamma per token and feature (a norm over the last two axes) differs at token 1")

@@ -69,7 +69,7 @@ says why, and why ``M`` rather than ``|output|``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from math import gcd
+from math import gcd, prod
 from typing import Any, Callable, Sequence
 
 import torch
@@ -507,6 +507,12 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         return op_def(op)(ms, a, _abs_params(n))
     if op == "constant":
         return n.params["value"].to(torch.float64).abs()
+    if op in ("layer_norm", "rms_norm"):
+        # Over D elements the normalized values' squares sum to at most D, so each is at most sqrt(D) in size;
+        # then |gamma n + beta| <= sqrt(D) |gamma| + |beta|.
+        p = _abs_params(n)
+        bound = torch.full_like(ms[0], prod(a["normalized_shape"]) ** 0.5)
+        return bound * p.get("weight", 1.0) + p.get("bias", 0.0)
     if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "select", "slice",
               "relu", "expand", "slice_scatter"):
         # Non-negative coefficients (or element moves); relu is 1-Lipschitz with |relu(y)| <= |y|.
@@ -521,11 +527,13 @@ def magnitude(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch
     pad pads with ``|value|``; BN is ``|s| (|x| + |mean|) + |beta|`` with
     ``s = gamma / sqrt(var + eps)``, which bounds every intermediate of both
     ways to compute it (``(x - mean) * s + beta`` and ``s * x + t``).  Pools,
-    concat, means and layout ops have non-negative coefficients already.
+    concat, means and layout ops have non-negative coefficients already.  A
+    LayerNorm or RMSNorm over ``D`` elements is ``sqrt(D) |gamma| + |beta|``:
+    its normalized values are at most ``sqrt(D)`` in size whatever its input.
     Evaluated in float64.  Elementwise, the result bounds the absolute value
     of every term summed into that output, hence of the output itself.  Raises
     ``NotImplementedError`` for ops without such a rule (non-linear ones
-    other than relu).
+    other than relu and the norms).
     """
     env: dict[int, torch.Tensor] = {id(v): t.to(torch.float64).abs() for v, t in zip(graph.inputs, inputs)}
     for n in graph.nodes:

@@ -30,12 +30,18 @@ A constant added per feature right before the Linear (UniRepLKNet's GRN ends in 
 ``pwconv2``; ``sign`` -1 for ``c - x``) is the same fold with ``s = sign``:
 ``Linear(sign x + c) = Linear(x; sign W, b + W c)``.
 
+A LayerNorm's or RMSNorm's own affine over the features (``nn.LayerNorm(C)`` before a ViT's ``qkv`` or ``fc1``,
+``nn.RMSNorm(C)`` before ``q_proj``, ``k_proj``, ``v_proj``) is this fold too: the norm ends in ``gamma * n(x) + beta``
+per feature, with ``n`` the normalization alone, so ``Linear(gamma n(x) + beta) = Linear(n(x); W gamma, b + W beta)``
+and the norm keeps only its normalization.
+
 Preconditions: every value from the BN to the Linear is read only by the next
 op, and the layout ops (and a mean, which must not average the channel axis)
 keep the channel axis whole and end with it last, or are that one flatten.
 Read by several Linears, the BN's output feeds them directly, on their last axis.  The constant is one
 value per feature of the Linear's input (or one for all), and adding it does not broadcast ``x`` to a larger
-shape.
+shape.  A norm's affine folds where the norm normalizes the last axis alone (its ``gamma`` and ``beta`` are then one
+value per feature) and only Linears read its output, as their input.
 """
 
 import torch
@@ -49,6 +55,9 @@ from repalgebra.rules.registry import Rewrite, rule
 
 @rule("bn_into_linear", on="linear")
 def bn_into_linear(graph, lin):
+    norm = producer(lin.x, "layer_norm", "rms_norm")
+    if norm is not None:
+        return _norm_affine_into(graph, norm)
     shared = producer(lin.x, "batch_norm", "scale")
     if shared is not None and not sole_use(graph, lin.x):
         return _into_every_linear(graph, shared)
@@ -119,6 +128,22 @@ def _into_every_linear(graph, bn):
         return None
     news = [lin.replace(inputs=(bn.x,), params=_folded(lin, s, t), source=merged_source(lin, bn)) for lin in readers]
     return Rewrite(readers[0].out, news[0].out, tuple(news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
+
+
+def _norm_affine_into(graph, norm):
+    """A LayerNorm or RMSNorm over the last axis alone, read by Linears only: its ``gamma`` and ``beta`` folded into
+    each (``W gamma``, ``b + W beta``), the norm left with its normalization."""
+    gamma, beta = norm.params.get("weight"), norm.params.get("bias")
+    if (gamma is None and beta is None) or len(norm.attrs["normalized_shape"]) != 1:
+        return None
+    readers = [graph.users(norm.out)[0]] if sole_use(graph, norm.out) else every_reader(graph, norm.out, "linear")
+    if readers is None or readers[0].op != "linear" or readers[0].x is not norm.out:
+        return None
+    bare = norm.replace(params={})
+    features = norm.out.shape[-1]
+    s = torch.ones(features, dtype=(beta if gamma is None else gamma).dtype) if gamma is None else gamma
+    news = [lin.replace(inputs=(bare.out,), params=_folded(lin, s, beta), source=merged_source(lin, norm)) for lin in readers]
+    return Rewrite(readers[0].out, news[0].out, (bare, *news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
 
 
 def _flattened_features(chain, bn) -> int | None:

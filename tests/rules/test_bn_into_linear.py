@@ -186,3 +186,51 @@ def test_a_constant_that_broadcasts_the_input_up_stays(dtype, seed):
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert_graphs_equal(graph, fused, random_input((2, 6), dtype, seed + 1), dtype)
+
+
+def _norm(b, x, kind: str, weight: bool, bias: bool, axes: int, seed: int, dtype):
+    """A LayerNorm or RMSNorm of ``x`` over its last ``axes`` axes, with a random affine where asked."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(x.shape[-axes:])
+    gamma = (0.5 + torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype) if weight else None
+    if kind == "rms_norm":
+        return b.rms_norm(x, weight=gamma, normalized_shape=shape, eps=1e-6, source="norm")
+    beta = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    return b.layer_norm(x, weight=gamma, bias=beta, normalized_shape=shape, eps=1e-5, source="norm")
+
+
+@given(kind=st.sampled_from(["layer_norm", "rms_norm"]), weight=st.booleans(), bias=st.booleans(), readers=st.integers(1, 3),
+       shape=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), features=st.integers(1, 12),
+       dtype=float_dtypes(), seed=seeds())
+def test_a_norms_affine_folds_into_the_linears_reading_it(kind, weight, bias, readers, shape, features, dtype, seed):
+    """``Linear(gamma n(x) + beta) = Linear(n(x); W gamma, b + W beta)``: a ViT's ``norm1`` before ``qkv``, LLaMA's
+    ``nn.RMSNorm`` before ``q_proj``, ``k_proj``, ``v_proj``.  The norm keeps its normalization and loses its affine."""
+    shape = (*shape, features)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    n = _norm(b, x, kind, weight, bias, 1, seed, dtype)
+    outs = [b.linear(n, **linear_params(features, 3 + k, k % 2 == 0, seed + k, dtype), source=f"proj.{k}") for k in range(readers)]
+    graph = b.build(*outs)
+    fused, report = run_rules(graph, "bn_into_linear")
+    affine = weight or (bias and kind == "layer_norm")
+    assert report.rule_counts() == ({"bn_into_linear": 1} if affine else {}), report
+    assert fused.op_counts() == {kind: 1, "linear": readers}
+    assert only(fused, kind).params == {} if affine else only(fused, kind).params.keys() == n.producer.params.keys()
+    assert all(lin.x is only(fused, kind).out for lin in fused.nodes if lin.op == "linear")
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(kind=st.sampled_from(["layer_norm", "rms_norm"]), case=st.sampled_from(["two_axes", "also_relu", "also_output"]),
+       dtype=float_dtypes(), seed=seeds())
+def test_a_norms_affine_stays_where_not_every_reader_takes_it(kind, case, dtype, seed):
+    """A norm over the last two axes has a ``gamma`` per token and feature, which no Linear's columns hold; a norm also
+    read by a ReLU, or also an output of the graph, must keep its affine for that reader."""
+    shape = (2, 3, 4)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    n = _norm(b, x, kind, True, True, 2 if case == "two_axes" else 1, seed, dtype)
+    y = b.linear(n, **linear_params(4, 5, True, seed, dtype), source="fc")
+    graph = b.build(y, b.relu(n)) if case == "also_relu" else b.build(y, n) if case == "also_output" else b.build(y)
+    fused, report = run_rules(graph, "bn_into_linear")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
