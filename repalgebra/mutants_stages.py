@@ -75,6 +75,8 @@ _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_sma
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
+_WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
+         "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -225,6 +227,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_rms_norm", 'square = ctx.emit("Mul", [x, x])', "square = x", _VOCAB_RMS),
     ("onnx_backend", "rms-norm-dtype-eps-of-float64", "an RMS norm's dtype epsilon taken as float64's in a float32 file",
      "repalgebra.backend.onnx:_rms_norm", "torch.finfo(n.out.dtype or ctx.dtype).eps", "torch.finfo(torch.float64).eps", _VOCAB_RMS),
+    ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
+     "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
+    ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",
+     "repalgebra.frontend.wrappers:_plain", "isinstance(m, cls) and kind.forward is cls.forward and", "isinstance(m, cls) and", _WRAP),
+    ("frontend", "copy-loses-hooks-unchecked", "a compiled module whose copies lose its hooks is fused (the copies run without them)",
+     "repalgebra.frontend.inputs:_loses_hooks", "c = copy.deepcopy(m)", "c = m", _WRAP),
     ("frontend", "written-read-as-constant", "a tensor a part kept whole sets on every call, read around it, becomes a constant of one call",
      "repalgebra.frontend.state:mark_written", "m.__dict__.setdefault(WRITTEN_TAG, set()).add(leaf)", "pass", _MODES),
     ("frontend", "written-owner-of-the-model", "what calls set is marked on the model, not on the module that owns it",

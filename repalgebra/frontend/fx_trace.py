@@ -35,7 +35,7 @@ from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import Ranks, shape_length
-from repalgebra.frontend.wrappers import wrapped
+from repalgebra.frontend.wrappers import is_wrapper, wrapped
 from repalgebra.module_copy import copy_module
 from repalgebra.one_call import SIZED_FACTORIES
 
@@ -446,8 +446,8 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if wrapped(m) is not None:  # torch.nn's DataParallel would be a leaf: traced through instead (call_module)
-            return False
+        if is_wrapper(m):  # torch.nn's DataParallel would be a leaf: traced through instead (call_module), or kept whole
+            return False  # with its module fused inside where it adds hooks
         if recognised(m) is not None or (isinstance(m, FnCall) and m.reads_input_dtype):
             return True
         if isinstance(m, torch.jit.ScriptModule):  # compiled code, no Python forward to trace: a call of itself

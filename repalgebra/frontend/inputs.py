@@ -44,9 +44,13 @@ def check_model(model: nn.Module) -> None:
                         "so it cannot be captured; fuse the nn.Module first, then script or trace the fused module")
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            raise TypeError(f"{path or 'the model'!r} ({type(m).__name__}) has not made its parameters yet: its first call "
+            raise TypeError(f"{repr(path) if path else 'the model'} ({type(m).__name__}) has not made its parameters yet: its first call "
                             "makes them, at random, so a model fused before that call would hold other weights than the "
                             "model after it; call the model once (or load its weights), then fuse it")
+        if (m._forward_pre_hooks or m._forward_hooks) and _copies_itself(type(m)) and _loses_hooks(m):
+            raise TypeError(f"{repr(path) if path else 'the model'} ({type(m).__name__}) has hooks of its own that a copy of it loses (its class "
+                            "copies itself without them, as torch.compile's OptimizedModule does), and fuse runs copies: "
+                            "register the hooks on the module it wraps, or fuse the module before wrapping it")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise TypeError(f"{name!r} is on the 'meta' device, which holds no values: load the weights first "
@@ -57,6 +61,18 @@ def check_model(model: nn.Module) -> None:
     for name, b in model.named_buffers():
         if b.is_complex():
             raise TypeError(f"buffer {name!r} has dtype {b.dtype}: only floating-point models can be fused")
+
+
+def _copies_itself(cls: type) -> bool:
+    """Whether ``cls`` changes how ``copy.deepcopy`` copies a module (its own ``__reduce__``, ``__getstate__``, ...)."""
+    return any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in ("__reduce__", "__reduce_ex__", "__getstate__", "__deepcopy__"))
+
+
+def _loses_hooks(m: nn.Module) -> bool:
+    """Whether a deep copy of ``m`` drops forward hooks or pre-hooks ``m`` has."""
+    c = copy.deepcopy(m)  # (a fused module's guards are installed again on its copy, under new handles: compare kinds)
+    kinds = lambda hooks: sorted(type(h).__qualname__ for h in hooks.values())  # noqa: E731
+    return kinds(c._forward_pre_hooks) != kinds(m._forward_pre_hooks) or kinds(c._forward_hooks) != kinds(m._forward_hooks)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -5,6 +5,10 @@ Their ``forward`` computes the wrapped module's function: compiled by dynamo, or
 devices and gathered again.  Neither can be captured as written (fx refuses a dynamo-optimized function, and
 ``torch.export`` of one recompiles it at fixed shapes), so ``fuse`` captures the module they wrap, at the path
 ``torch`` gives it (``model._orig_mod``, ``model.module``), and says so in its report.
+
+Only a wrapper that adds nothing is one: a wrapper with hooks of its own (a post-processor on the compiled
+model's output) or a subclass with its own ``forward`` computes more than the module it wraps, so it is
+fused as any other module (kept whole, with the module it wraps fused inside).
 """
 
 from __future__ import annotations
@@ -13,17 +17,35 @@ import sys
 
 from torch import nn
 
-__all__ = ["wrapped", "unwrap"]
+__all__ = ["is_wrapper", "wrapped", "unwrap"]
+
+
+def _wrappers() -> dict[type, tuple[str, str]]:
+    """Each wrapper class: the attribute holding the module it runs, and what to call it in the report."""
+    table = {nn.DataParallel: ("module", "an nn.DataParallel"),
+             nn.parallel.DistributedDataParallel: ("module", "an nn.DistributedDataParallel")}
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile: no compiled module without it
+    if dynamo is not None:
+        table[dynamo.OptimizedModule] = ("_orig_mod", "a torch.compile wrapper (OptimizedModule)")
+    return table
+
+
+def is_wrapper(m: nn.Module) -> bool:
+    """Whether ``m`` is a wrapper (of a class above), whether or not it adds hooks or a ``forward`` of its own."""
+    return isinstance(m, tuple(_wrappers()))
 
 
 def wrapped(m: nn.Module) -> tuple[str, str] | None:
     """``(attribute, what m is)`` where ``m`` only wraps the module ``getattr(m, attribute)``; else None."""
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile: no compiled module without it
-    if dynamo is not None and isinstance(m, dynamo.OptimizedModule):
-        return "_orig_mod", "a torch.compile wrapper (OptimizedModule)"
-    if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return "module", f"an nn.{type(m).__name__}"
-    return None
+    if m._forward_pre_hooks or m._forward_hooks:  # hooks of its own run around the wrapped module's call
+        return None
+    return next((w for cls, w in _wrappers().items() if _plain(m, cls)), None)
+
+
+def _plain(m: nn.Module, cls: type) -> bool:
+    """Whether ``m`` is a ``cls`` that calls and computes as ``cls`` does (a subclass may override neither)."""
+    kind = type(m)
+    return isinstance(m, cls) and kind.forward is cls.forward and kind.__call__ is cls.__call__
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
