@@ -75,6 +75,7 @@ _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_sma
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
+_FITS = ("tests/test_fuse_capture.py::test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
@@ -227,6 +228,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_rms_norm", 'square = ctx.emit("Mul", [x, x])', "square = x", _VOCAB_RMS),
     ("onnx_backend", "rms-norm-dtype-eps-of-float64", "an RMS norm's dtype epsilon taken as float64's in a float32 file",
      "repalgebra.backend.onnx:_rms_norm", "torch.finfo(n.out.dtype or ctx.dtype).eps", "torch.finfo(torch.float64).eps", _VOCAB_RMS),
+    ("engine", "fold-underflow-unchecked", "a fold whose float16 kernel rounds to 0 is made (the fused model returns zeros)",
+     "repalgebra.rewrite:_unfit", "if bool((err > info.eps * rows).any()):", "if False:", _FITS),
+    ("engine", "fold-overflow-unchecked", "a fold whose kernel overflows float16 is made (Inf weights)",
+     "repalgebra.rewrite:_unfit", "if float(rows.max()) > info.max / 2 and", "if False and", _FITS),
+    ("engine", "fold-underflow-row-of-all", "a kernel's rounding measured against its largest value over all rows, not its own row's",
+     "repalgebra.rewrite:_unfit", "if bool((err > info.eps * rows).any()):", "if bool((err > info.eps * rows.max()).any()):", _FITS),
     ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
      "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
     ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",

@@ -136,9 +136,9 @@ def _rewrite(
                 result = r.fn(g, node)
                 if result is None:
                     continue
-                if isinstance(result, Refusal) or not _finite(result):
+                if isinstance(result, Refusal) or (unfit := _unfit(result)) is not None:
                     if not isinstance(result, Refusal):  # a NaN/Inf weight (a statistic of inf, say): fold nothing with it
-                        result = Refusal("a weight it would fold is not finite (NaN or Inf)", node)
+                        result = Refusal(unfit, node)
                     about = result.about or node
                     refusals[id(about)] = (about, f"{r.name}: {result.reason}", result.about is not None)
                     continue
@@ -163,9 +163,29 @@ def _rewrite(
     return g, report
 
 
-def _finite(rw: Rewrite) -> bool:
-    """Whether every floating-point parameter the rewrite computes is finite."""
-    return all(bool(torch.isfinite(p).all()) for n in rw.nodes for p in n.params.values() if p.is_floating_point())
+def _unfit(rw: Rewrite) -> str | None:
+    """Why a parameter the rewrite computes cannot stand for what it folds, or None: it is not finite, or cast to
+    the dtype its node computes in it overflows, or a kernel's output row is so small there (below the smallest
+    normal number) that rounding it loses more than that dtype's epsilon of the row: a float16 conv's weights
+    times a BN scale of 1e-5 all round to 0, where the model scales the conv's output and stays representable."""
+    for n in rw.nodes:
+        dtype = n.out.dtype
+        for p in n.params.values():
+            if not p.is_floating_point():
+                continue
+            if not bool(torch.isfinite(p).all()):
+                return "a weight it would fold is not finite (NaN or Inf)"
+            if dtype is None or not dtype.is_floating_point or dtype == p.dtype or not p.numel():
+                continue
+            info, name = torch.finfo(dtype), str(dtype).replace("torch.", "")
+            rows = p.abs().reshape(p.shape[0], -1).amax(1) if p.dim() > 1 else p.abs().reshape(-1)  # per output row of a kernel
+            if float(rows.max()) > info.max / 2 and not bool(torch.isfinite(p.to(dtype)).all()):
+                return f"a weight it would fold overflows {name}"
+            if p.dim() > 1 and bool(((rows > 0) & (rows < info.tiny)).any()):
+                err = (p.to(dtype).to(p.dtype) - p).abs().reshape(p.shape[0], -1).amax(1)
+                if bool((err > info.eps * rows).any()):
+                    return f"a weight it would fold is below {name}'s smallest normal number, where rounding loses its digits"
+    return None
 
 
 def cast_params(g: Graph) -> Graph:

@@ -965,6 +965,37 @@ def test_non_finite_weight_is_not_folded_and_named():
     assert any("0.1" in la.source and "finite" in la.reason for la in fused.fuse_report.left_alone), str(fused.fuse_report)
 
 
+@pytest.mark.parametrize("case", ["underflow", "one_channel_underflows", "overflow", "fits"])
+def test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made(case):
+    """A float16 conv's weights (~2e-3) times a BN scale of 1e-5 are ~2e-8, under float16's smallest number: every
+    folded weight rounded to 0 and the fused model returned zeros where the model scales the conv's output and
+    stays representable (relative difference 1.0, unchecked: the check runs the float64 fold).  One such channel
+    among normal ones is as wrong, in its own channel.  Scales of 1e4 on weights of 10 overflow the same way.
+    Such a fold is not made, and the report names the BN and why; with scales the dtype holds, it is."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)).eval()
+    small = case in ("underflow", "one_channel_underflows")
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(8, 3, 3, 3) * (1e-2 if small else 10))
+        model[1].weight.fill_(1e4 if case == "overflow" else 0.5)
+        if small:
+            channels = slice(0, 1) if case == "one_channel_underflows" else slice(None)
+            model[1].weight[channels] = 1e-4
+            model[1].running_var[channels] = 1e2
+    model = model.half()
+    x = torch.randn(2, 3, 16, 16).half() * (100 if small else 1e-3)
+    fused = fuse(model, x)
+    with torch.no_grad():
+        want, got = model(x).float(), fused(x).float()
+    per_channel = lambda t: t.abs().transpose(0, 1).flatten(1).amax(1)  # noqa: E731
+    assert (per_channel(got - want) <= 1e-2 * per_channel(want)).all(), str(fused.fuse_report)  # float16's tolerance
+    left = [la for la in fused.fuse_report.left_alone if la.op == "batch_norm"]
+    if case == "fits":
+        assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0 and not left
+    else:
+        word = "overflows float16" if case == "overflow" else "smallest normal"
+        assert left and word in left[0].reason and left[0].source == "1", str(fused.fuse_report)
+
+
 def test_input_size_from_the_models_config():
     class Net(nn.Module):
         def __init__(self) -> None:
