@@ -76,6 +76,12 @@ _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
 _FITS = ("tests/test_fuse_capture.py::test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made",)
+_OE = "tests/test_onnx_export.py"
+_MASKED = (f"{_OE}::test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked",)
+_AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axis",
+         f"{_OE}::test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch")
+_CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
+_NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
@@ -234,6 +240,20 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.rewrite:_unfit", "if float(rows.max()) > info.max / 2 and", "if False and", _FITS),
     ("engine", "fold-underflow-row-of-all", "a kernel's rounding measured against its largest value over all rows, not its own row's",
      "repalgebra.rewrite:_unfit", "if bool((err > info.eps * rows).any()):", "if bool((err > info.eps * rows.max()).any()):", _FITS),
+    ("onnx_backend", "attention-masked-rows-nan", "a query whose keys the mask hides all gets the softmax of nothing but -inf (NaN), not zeros",
+     "repalgebra.backend.onnx:_attention", "    if mask:\n        hidden", "    if False:\n        hidden", _MASKED),
+    ("onnx_backend", "attention-float-mask-hidden-as-positive", "a float mask's hidden keys found by +inf, not -inf",
+     "repalgebra.backend.onnx:_attention", "detect_positive=0", "detect_negative=0", _MASKED),
+    ("onnx_backend", "output-batch-axes-empty-as-unknown", "an output with no axis following the batch declared batch on axis 0",
+     "repalgebra.backend.onnx:graph_to_onnx", '({0: "batch"} if batch_axes is None else batch_axes)', '(batch_axes or {0: "batch"})', _AXES),
+    ("onnx_backend", "batch-one-unchecked", "a graph traced at batch 1 declared a dynamic batch without a run at another",
+     "repalgebra.backend.onnx:export_onnx", "(rewritten.fired or _batch_of_one(example))", "rewritten.fired", _AXES),
+    ("onnx_backend", "clamp-one-bound-clip", "a clamp with one bound lowered to Clip, which onnxruntime bounds by the dtype's largest number",
+     "repalgebra.backend.onnx:_clamp", "    if lo is None or hi is None:", "    if False:", _CLAMP),
+    ("onnx_backend", "clamp-lower-bound-min", "a clamp from below lowered to Min",
+     "repalgebra.backend.onnx:_clamp", 'return ctx.emit("Max", [x, bound("min", lo)])', 'return ctx.emit("Min", [x, bound("min", lo)])', _CLAMP),
+    ("onnx_backend", "numbers-in-float32", "a float64 file's numbers made in float32 first (1/3 as 0.3333333432674408)",
+     "repalgebra.backend.onnx:_number", "torch.tensor(float(value), dtype=torch.float64)", "torch.tensor(float(value))", _NUMBERS),
     ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
      "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
     ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.torch import infer_example_inputs, model_dtype
 from repalgebra.module_copy import copy_module
 
-__all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference"]
+__all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference", "tensor_leaves"]
 
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -215,6 +215,12 @@ def _fields(out: Any) -> Any:
         return x
 
     return pytree.tree_map(as_dict, out)
+
+
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in order: in tuples, lists and dicts, and in output records by their fields
+    (a dataclass, an HF-style ``ModelOutput`` that pytree does not know)."""
+    return [t for t in pytree.tree_leaves(_fields(out)) if torch.is_tensor(t)]
 
 
 def _structure(out: Any) -> str:

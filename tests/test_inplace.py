@@ -179,3 +179,30 @@ def test_a_write_no_later_node_reads_is_value_semantics():
             return self.leaf(self.conv(x)) * 2
 
     trace_model(Chain().eval(), torch.randn(1, 4, 5, 5), leaf_modules=[_WritesIntoItsInput])
+
+
+class LengthsShifted(nn.Module):
+    """A Conformer subsampling's output lengths: ``lengths >> 2``, then ``-= 1`` on that new tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4)
+
+    def forward(self, x, lengths):
+        out = lengths >> 2
+        out -= 1
+        return self.bn(self.conv(x)), out
+
+
+def test_a_bitwise_results_change_in_place_is_not_taken_for_a_change_of_the_input():
+    """``lengths >> 2`` makes a new tensor; it was taken for a possible view of ``lengths``, so ``-= 1`` on it read as
+    the model changing its input: the fx capture was refused and the model fixed to the example's length."""
+    import repalgebra
+
+    model = LengthsShifted().eval()
+    x, lengths = torch.randn(2, 4, 16), torch.tensor([16, 12])
+    fused = repalgebra.fuse(model, (x, lengths))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after.get("batch_norm", 0) == 0, str(fused.fuse_report)
+    other = (torch.randn(3, 4, 20), torch.tensor([20, 8, 4]))
+    for want, got in zip(model(*[t.clone() for t in other]), fused(*other)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ orders.  Batch is dynamic: exported at batch 1, run at batch 1 and 3.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections import OrderedDict
 from typing import NamedTuple
@@ -600,3 +601,122 @@ def test_output_axes_that_grow_with_the_batch_are_named_by_how(tmp_path):
     session = ort.InferenceSession(str(path))
     got = session.run(None, {session.get_inputs()[0].name: np.random.randn(3, 3, 4, 4).astype(np.float32)})
     assert [g.shape for g in got] == [(48, 8), (3, 8, 4, 4), (24, 4, 4)]
+
+
+
+def _declared(proto: onnx.ModelProto) -> list[list]:
+    return [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output]
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_outputs_that_do_not_follow_the_batch_declare_no_batch_axis():
+    """``y[0]``, ``y.mean(0)``, ``y[:1]`` and a sum are the same size at any batch; they were declared ``batch`` on
+    axis 0 (an empty set of batch axes was read as "none known": the axis-0 convention)."""
+    class Reduced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y[0], y.mean(0), y[:1], y.sum().reshape(1), y
+
+    model = Reduced().eval()
+    proto = export_onnx(model, None, (3, 3, 9, 7), opset=20)
+    assert _declared(proto) == [[8, 9, 7], [8, 9, 7], [1, 8, 9, 7], [1], ["batch", 8, 9, 7]]
+    x = torch.randn(5, 3, 9, 7)
+    got, want = _session(proto).run(None, {"x": x.numpy()}), model(x)
+    assert [g.shape for g in got] == [tuple(w.shape) for w in want]
+    assert all(rel_err(g, w) <= RTOL for g, w in zip(got, want))
+
+
+def test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch():
+    """``y.squeeze(0)`` at batch 1 drops the batch axis, and is no op at any other batch: the file declared a dynamic
+    batch and failed in onnxruntime at batch 2 (a reshape to the batch-1 shape).  The batch is fixed, with a note."""
+    class Squeezed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).squeeze(0)
+
+    model = Squeezed().eval()
+    proto, report = export_onnx(model, None, (1, 3, 9, 7), opset=20, return_report=True)
+    assert not report.dynamic_batch and any("squeeze(0)" in n for n in report.notes), report.notes
+    assert _declared(proto) == [[8, 9, 7]]
+    x = torch.randn(1, 3, 9, 7)
+    assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+@pytest.mark.parametrize("how", ["topk", "max_dim", "sort"])
+def test_values_and_indices_returned_as_torch_gives_them_export(how):
+    """``torch.topk``, ``x.max(dim)`` and ``torch.sort`` return a ``torch.return_types`` tuple; returned as it came,
+    export took it for a Python number and refused."""
+    class Ranked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if how == "topk":
+                return torch.topk(y.flatten(2), 5, dim=-1)
+            return y.max(1) if how == "max_dim" else torch.sort(y.flatten(2), dim=-1)
+
+    model = Ranked().eval()
+    x = torch.randn(2, 3, 9, 7)
+    got, (values, indices) = _session(export_onnx(model, None, x, opset=17)).run(None, {"x": x.numpy()}), model(x)
+    assert rel_err(got[0], values) <= RTOL and np.array_equal(got[1], indices.numpy())
+
+
+@pytest.mark.parametrize("bounds", [(0.0, None), (None, 0.0), (-1.0, 1.0)])
+def test_a_clamp_keeps_infinities_where_torch_does(bounds):
+    """onnxruntime's Clip takes a missing bound for float32's largest number: ``clamp(min=0)`` of ``+inf`` came out as
+    3.4e38.  One bound is a Max or a Min now; NaN stays NaN."""
+    lo, hi = bounds
+    model = type("Clamped", (nn.Module,), {"forward": lambda self, x: torch.clamp(x * 2, lo, hi)})().eval()
+    x = torch.tensor([[math.inf, -math.inf, math.nan, -3.0, 3.0, 0.5]])
+    got = run_onnx(export_onnx(model, None, x, opset=17), x)
+    np.testing.assert_array_equal(got, model(x).numpy())
+
+
+def test_a_float64_files_constants_are_float64_numbers():
+    """Constants were made in float32 and cast: a float64 file's ``x ** (1/3)`` raised to 0.3333333432674408, off by
+    3.5e-8 relative; a GELU's sqrt(2) likewise.  Float64 numbers now, to float64's rounding."""
+    model = type("Cubic", (nn.Module,), {"forward": lambda self, x: F.gelu(x.abs() ** (1 / 3), approximate="tanh") / 3})().eval()
+    x = torch.rand(2, 5, dtype=torch.float64) + 0.5
+    proto = export_onnx(model, None, x, opset=17)
+    got = _session(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    assert np.abs(got - model(x).numpy()).max() <= 1e-14
+
+
+class MaskedAttention(nn.Module):
+    """Attention whose constant mask hides every key from the first query (a left-padded or causal-shifted row)."""
+
+    def __init__(self, boolean: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        keep = torch.ones(6, 6, dtype=torch.bool).tril(-1)  # query 0 sees no key
+        self.register_buffer("mask", keep if boolean else torch.zeros(6, 6).masked_fill(~keep, -math.inf))
+
+    def forward(self, x):
+        t = self.proj(x)
+        return F.scaled_dot_product_attention(t, t, t, attn_mask=self.mask)
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+@pytest.mark.parametrize("opset", [17, 20])
+def test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked(boolean, opset):
+    """torch's attention returns zeros for such a query; a softmax over nothing but -inf is NaN in ONNX, and the
+    file returned NaN there (a mean over the tokens after it was NaN everywhere)."""
+    model = MaskedAttention(boolean).eval()
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        want = model(x)
+    assert bool((want[:, 0] == 0).all()) and not bool(want.isnan().any())
+    got = run_onnx(export_onnx(model, None, x, opset=opset), x)
+    assert rel_err(got, want) <= RTOL

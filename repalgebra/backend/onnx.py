@@ -218,14 +218,14 @@ def _gelu(ctx, n, x):
         raise LoweringError(f"gelu at {n.source or '<graph>'}: unknown approximation {approximate!r}")
     if ctx.opset >= 20:
         return ctx.emit("Gelu", [x], approximate=approximate)
-    one = ctx.const("one", torch.tensor(1.0))
+    one = _number(ctx, "one", 1.0)
     if approximate == "tanh":
-        inner = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Mul", [x, x]), ctx.const("c", torch.tensor(0.044715))]), one])
-        scaled = ctx.emit("Mul", [ctx.emit("Mul", [x, inner]), ctx.const("sqrt_2_over_pi", torch.tensor(math.sqrt(2 / math.pi)))])
+        inner = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Mul", [x, x]), _number(ctx, "c", 0.044715)]), one])
+        scaled = ctx.emit("Mul", [ctx.emit("Mul", [x, inner]), _number(ctx, "sqrt_2_over_pi", math.sqrt(2 / math.pi))])
         core = ctx.emit("Tanh", [scaled])
     else:
-        core = ctx.emit("Erf", [ctx.emit("Div", [x, ctx.const("sqrt2", torch.tensor(math.sqrt(2)))])])
-    return ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Add", [core, one])]), ctx.const("half", torch.tensor(0.5))])
+        core = ctx.emit("Erf", [ctx.emit("Div", [x, _number(ctx, "sqrt2", math.sqrt(2))])])
+    return ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Add", [core, one])]), _number(ctx, "half", 0.5)])
 
 
 @lowering("scale")
@@ -246,7 +246,7 @@ def _pad(ctx, n, x):
     top, bottom, left, right = n.attrs["pads"]
     lead = [0] * (len(n.x.shape) - 2)
     pads = ctx.ints("pads", lead + [top, left] + lead + [bottom, right])
-    return ctx.emit("Pad", [x, pads, ctx.const("value", torch.tensor(float(n.attrs["value"])))], mode="constant")
+    return ctx.emit("Pad", [x, pads, _number(ctx, "value", n.attrs["value"])], mode="constant")
 
 
 @lowering("avg_pool2d", "avg_pool_nd")
@@ -473,8 +473,8 @@ def _static_size(ctx, n: Node, axis: int, value: Value | None = None) -> int:
 
 
 def _number(ctx, suffix: str, value: float) -> str:
-    """A 0-d constant of the graph's dtype."""
-    return ctx.const(suffix, torch.tensor(float(value)))
+    """A 0-d constant of the graph's dtype (made in float64: a float64 file's 1/3 is not float32's)."""
+    return ctx.const(suffix, torch.tensor(float(value), dtype=torch.float64))
 
 
 @lowering("silu")
@@ -497,12 +497,15 @@ def _hardsigmoid(ctx, n, x):
 @lowering("clamp")
 def _clamp(ctx, n, x):
     """``Clip`` with its bounds in the output's dtype (a count of a bool mask clamped to 1 is int64; Clip takes one
-    type for all three), the input cast to it where PyTorch promotes (an int tensor clamped to a float bound)."""
+    type for all three), the input cast to it where PyTorch promotes (an int tensor clamped to a float bound).
+    With one bound, ``Max`` or ``Min``: onnxruntime's Clip takes a missing bound for the dtype's largest number,
+    so ``+inf`` clamped from below only came out as 3.4e38."""
     (x,), dtype = _promoted(ctx, n, x), n.out.dtype or ctx.dtype
     lo, hi = n.attrs["min"], n.attrs["max"]
-    bound = lambda suffix, v: ctx.const(suffix, torch.tensor(v), dtype=dtype)  # noqa: E731
-    ins = [x, "" if lo is None else bound("min", lo)] + ([] if hi is None else [bound("max", hi)])
-    return ctx.emit("Clip", ins)
+    bound = lambda suffix, v: ctx.const(suffix, torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None), dtype=dtype)  # noqa: E731
+    if lo is None or hi is None:
+        return ctx.emit("Max", [x, bound("min", lo)]) if hi is None else ctx.emit("Min", [x, bound("max", hi)])
+    return ctx.emit("Clip", [x, bound("min", lo), bound("max", hi)])
 
 
 @lowering("leaky_relu")
@@ -686,7 +689,10 @@ def _interpolate(ctx, n, x, *like):
 
 @lowering("attention")
 def _attention(ctx, n, q, k, v, *mask):
-    """``Softmax(q k^T * scale + mask) v``: the mask added, or where boolean, kept where True; causal as a constant mask."""
+    """``Softmax(q k^T * scale + mask) v``: the mask added, or where boolean, kept where True; causal as a constant mask.
+
+    A query whose keys the mask hides all gets zeros, as torch's attention gives it (its softmax of nothing but
+    ``-inf`` is NaN in ONNX): the weights are set to 0 where the mask hides a key, which changes no other row."""
     qs, ks = n.inputs[0].shape, n.inputs[1].shape
     perm = list(range(len(ks)))
     perm[-2:] = perm[-1], perm[-2]
@@ -702,7 +708,11 @@ def _attention(ctx, n, q, k, v, *mask):
     if n.attrs["causal"]:
         keep = torch.ones(qs[-2], ks[-2], dtype=torch.bool).tril()
         scores = ctx.emit("Add", [scores, ctx.const("causal", torch.zeros(keep.shape).masked_fill(~keep, -math.inf))])
-    return ctx.emit("MatMul", [ctx.emit("Softmax", [scores], axis=-1), v])
+    weights = ctx.emit("Softmax", [scores], axis=-1)
+    if mask:
+        hidden = ctx.emit("Not", [mask[0]]) if n.inputs[3].dtype == torch.bool else ctx.emit("IsInf", [mask[0]], detect_positive=0)
+        weights = ctx.emit("Where", [hidden, _number(ctx, "zero", 0.0), weights])
+    return ctx.emit("MatMul", [weights, v])
 
 
 def _einsum_matmul(equation: str, shapes: list) -> tuple[list[int], list[int], list[int]] | None:
@@ -969,7 +979,7 @@ def graph_to_onnx(
 
     def io(v: Value, name: str, batch_axes: dict[int, str] | None = None):
         shape: list = list(v.shape)
-        for k, dim in (batch_axes or {0: "batch"}).items() if dynamic_batch and shape else ():
+        for k, dim in ({0: "batch"} if batch_axes is None else batch_axes).items() if dynamic_batch and shape else ():
             shape[k] = dim
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
@@ -1212,8 +1222,9 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     """Whether the rewritten ``graph`` still computes what ``module`` does at the example's batch plus one.
 
     The rules see the example's sizes only: a per-channel fold through ``y.reshape(8, -1)`` is exact at batch 1
-    alone, where that reshape keeps the channel axis whole.  Only graphs with a reshape are run.  A model that does
-    not run at another batch says nothing."""
+    alone, where that reshape keeps the channel axis whole; at batch 1, a squeeze of the batch axis
+    (``y.squeeze(0)``, no op at any other batch) is a reshape that drops it.  Only graphs with a reshape are run.  A
+    model that does not run at another batch says nothing."""
     if not any(n.op in SIZE_MATCHED for n in graph.nodes):
         return True
     return _computes(graph, module, batch_plus_one(example)) is not False
@@ -1225,20 +1236,25 @@ def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -
     A graph captured with a symbolic batch holds from batch 2 up (``torch.export`` takes sizes 0 and 1 for special
     cases), and ``x.squeeze()`` of the batch axis drops it at batch 1 only: the ONNX file would then run at batch 1
     and give another shape, or other numbers, than the model (or than a fused model that refuses batch 1)."""
-    if all(not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] == 1 for t in example):
+    if _batch_of_one(example):
         return True
     return bool(_computes(graph, module, batch_of_one(example)))
+
+
+def _batch_of_one(example: tuple) -> bool:
+    """Whether every tensor of ``example`` has a batch of 1 (or no axes)."""
+    return all(not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] == 1 for t in example)
 
 
 def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | None:
     """Whether ``graph`` computes what ``module`` does on ``inputs`` (to the dtype's tolerance); ``None`` where the
     module does not run on them."""
     from repalgebra.interpret import run_graph
-    from repalgebra.verify import TOLERANCES, first_difference
+    from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
     try:
         with torch.no_grad():
-            want = [t for t in torch.utils._pytree.tree_leaves(copy_module(module).eval()(*inputs)) if torch.is_tensor(t)]
+            want = tensor_leaves(copy_module(module).eval()(*inputs))
     except Exception:  # noqa: BLE001
         return None
     try:
@@ -1313,10 +1329,11 @@ def export_onnx(
         if fuse:
             graph, rewritten = rewrite(graph)
             meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
-            if batch and module is not None and rewritten.fired and not _holds_at_another_batch(graph, module, example):
+            if batch and module is not None and (rewritten.fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):
                 batch = False
-                notes.append(f"batch fixed at {example[0].shape[0]}: the folded graph differs from the model at another "
-                             "batch (a reshape keeps an axis whole at the example's batch only, such as y.reshape(8, -1) at batch 1)")
+                notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or "
+                             "refuses it (a reshape keeps an axis whole at the example's batch only, such as y.reshape(8, -1) "
+                             "or y.squeeze(0) at batch 1)")
         if batch and module is not None and not _holds_at_batch_one(graph, module, example):
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "

@@ -128,11 +128,14 @@ class Builder:
 
     def unpacked(self, template: Any) -> Any:
         """The output template with each call that returns a tuple or list of tensors (an LSTM's ``(h_n, c_n)``,
-        returned as it came) opened into its items: the output structure then has a tensor at each leaf."""
+        returned as it came; ``torch.topk``'s values and indices) opened into its items: the output structure then
+        has a tensor at each leaf."""
 
         def open_up(a: Any) -> Any:
             example = self.example.get(a) if isinstance(a, fx.Node) else None
-            if type(example) not in (tuple, list) or not all(torch.is_tensor(t) for t in pytree.tree_leaves(example)):
+            if not (type(example) in (tuple, list) or pytree.is_structseq_instance(example)) or not all(
+                torch.is_tensor(t) for t in pytree.tree_leaves(example)
+            ):
                 return a
             graph = a.graph
             with graph.inserting_after(a):

@@ -123,7 +123,8 @@ _VIEW_FUNCTIONS = {
 # Calls known to return a new tensor (never one of their inputs or a view of one).
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
-    operator.neg, operator.pow, operator.mod, operator.pos, operator.abs,
+    operator.neg, operator.pow, operator.mod, operator.pos, operator.abs, operator.rshift, operator.lshift,
+    operator.and_, operator.or_, operator.xor, operator.invert,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.matmul, torch.bmm, torch.mm, torch.einsum,
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.relu, torch.sigmoid, torch.tanh,
     torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.softmax, torch.mean, torch.sum,
