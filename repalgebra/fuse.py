@@ -486,7 +486,11 @@ def fuse(
         :class:`FuseReport` that names every part kept whole or captured with
         fixed shapes, and why.  A fused graph takes inputs with as many axes
         as the example's (an axis counted from the end is a fixed axis in it)
-        and refuses others.  Fusing it again changes nothing.
+        and refuses others.  Fusing it again changes nothing.  Its parameters require
+        gradients, unless none of the model's did (a frozen model stays frozen).
+        It is for inference: gradients through it follow the fused graph, not
+        the model's ``torch.no_grad()`` blocks, custom ``autograd.Function``
+        backward passes or backward hooks.
 
     Raises:
         TypeError: non-floating-point parameters, complex inputs, a model that is
@@ -519,6 +523,8 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
         fused = fused.to(device)
     fused = fused.eval()
+    if not any(p.requires_grad for p in model.parameters()):  # a frozen model stays frozen (new parameters require grad)
+        fused.requires_grad_(False)
     _restart_generators(fused, model)
     for check in [h for h in model._forward_pre_hooks.values() if isinstance(h, InputCheck)] if fused is not model else ():
         check.install(fused)  # a fused model fused again: its graph holds no assertion to find
@@ -535,6 +541,13 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
             "module called several times (a head shared across levels) is folded once per call, a part fused with "
             "fixed shapes keeps its original for other shapes, or merged kernels are larger than their parts"
         )
+    if backward := [repr(p) if p else "the model" for p, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]:
+        report.notes.append(f"backward hooks on {_listed(backward, 3)}: the fused model is for inference; gradients through "
+                            "it follow the fused graph, and parts that were fused do not run those hooks")
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        report.notes.insert(0, "forward hooks are registered for every module (nn.modules.module.register_module_forward_hook "
+                               "or _pre_hook): each module call must run them, so modules stay calls of themselves and "
+                               "nothing folds across them; remove those hooks while fusing")
     if inferred:
         report.notes.insert(0, f"input inferred: {inferred}")
     if unwrapped:
@@ -715,6 +728,16 @@ class _Fuser:
             _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None)
         except Exception as e:  # noqa: BLE001
             shapes = _shapes(inputs)
+            try:  # it may need gradients on (y.register_hook(...) in forward), where inference runs without them
+                _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None, grads=True)
+            except Exception:  # noqa: BLE001
+                pass
+            else:
+                raise ValueError(
+                    f"{type(self.pristine).__name__} runs on the example input ({shapes}) with gradients on only: without "
+                    f"them, as fuse captures and checks it (and as inference runs), {first_line(e)}; guard that code "
+                    "with `if torch.is_grad_enabled():` or `if y.requires_grad:`"
+                ) from e
             raise ValueError(
                 f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): {first_line(e)}"
             ) from e

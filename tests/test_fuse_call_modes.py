@@ -348,3 +348,42 @@ def test_an_assertion_on_tensors_given_in_a_list_is_checked_on_them():
     assert all(close(a, b) for a, b in zip(model(levels), fused(levels)))
     with pytest.raises(AssertionError, match="levels must halve"):
         fused([levels[0], levels[0]])
+
+
+def test_hooks_registered_for_every_module_are_named_in_the_report():
+    """A profiler's hook on every module call keeps every module a call of itself: nothing folds, and the report
+    said only "nothing to fold"."""
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.ReLU())).eval()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        fused = repalgebra.fuse(model, torch.randn(1, 3, 8, 8, dtype=D))
+    finally:
+        handle.remove()
+    assert any("forward hooks are registered for every module" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+
+
+def test_a_model_that_runs_with_gradients_on_only_is_refused_saying_so():
+    """``y.register_hook(...)`` in forward fails without gradients, as fuse runs the model (and inference does); the
+    error blamed eval mode and the example input."""
+    class ClipsGradients(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            y.register_hook(lambda g: g.clamp(-1, 1))
+            return y
+
+    with pytest.raises(ValueError, match="with gradients on only.*cannot register a hook"):
+        repalgebra.fuse(randomized(ClipsGradients()).eval(), torch.randn(1, 3, 8, 8, dtype=D))
+
+
+def test_a_frozen_model_fuses_to_a_frozen_model_and_backward_hooks_are_noted():
+    model = randomized(nn.Sequential(conv_bn(3, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU())).eval()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    assert all(p.requires_grad for p in repalgebra.fuse(model, x).parameters())
+    model.requires_grad_(False)
+    assert not any(p.requires_grad for p in repalgebra.fuse(model, x).parameters())
+    model[2].register_full_backward_hook(lambda m, gin, gout: None)
+    assert any("backward hooks on '2'" in n for n in repalgebra.fuse(model, x).fuse_report.notes)
