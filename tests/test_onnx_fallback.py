@@ -18,7 +18,7 @@ from torch import nn
 
 import repalgebra
 from repalgebra.backend.onnx import export_onnx, graph_to_onnx
-from repalgebra.backend.onnx_fallback import REWRITES, find_regions
+from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regions
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node
@@ -693,3 +693,20 @@ def test_torch_s_own_size_checks_are_not_reported_as_control_flow():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU()).eval()
     _, report = export_onnx(model, None, (1, 3, 8, 8), return_report=True)
     assert report.fallback and not any("Python boolean" in n for n in report.notes), report.notes
+
+
+def test_a_value_the_trace_read_as_a_number_is_named_when_the_export_differs():
+    """torchlibrosa's ``power_to_db`` clamps at ``log_spec.max().item() - top_db``: torch.onnx.export's trace holds
+    that number as a constant, so the file computes something else at other inputs.  The refusal said only that
+    it differs; it names the number read now."""
+    class TopDb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, spec):
+            log_spec = 10.0 * torch.log10(torch.clamp(spec, min=1e-10))
+            return self.conv(torch.clamp(log_spec, min=log_spec.max().item() - 40.0))
+
+    with pytest.raises(FallbackError, match="read 1 tensor value as a Python number, with .item"):
+        export_onnx(TopDb().eval(), None, (2, 1, 16, 16))

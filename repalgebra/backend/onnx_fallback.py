@@ -314,6 +314,7 @@ class ExportedRegion:
     exporter: str
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     branches: int = 0  # tensor values the trace turned into Python booleans (control flow fixed to one branch)
+    numbers: int = 0  # tensor values the trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
 
 
 def export_regions(
@@ -383,6 +384,8 @@ def export_regions(
         if why:
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
+                + (f" (its trace read {e.numbers} tensor value{'s' * (e.numbers != 1)} as {'Python numbers' if e.numbers != 1 else 'a Python number'}, with .item(), "
+                   "float() or int(): the file holds the traced input's numbers as constants)" if e.numbers else "")
             )
     return _noted(regions, exported, notes), False
 
@@ -447,7 +450,7 @@ def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float 
 def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list, list], opset: int) -> ExportedRegion:
     """One region exported by :func:`export_region`; a :class:`FallbackError` naming it when that fails."""
     try:
-        model, used, branches = export_region(region, module, examples, axes[0], axes[1], opset)
+        model, used, (branches, numbers) = export_region(region, module, examples, axes[0], axes[1], opset)
     except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
         calls = ", ".join(region.whats)
         scripted = any(isinstance(n.attrs.get("fn"), torch.jit.ScriptModule) for n in region.run)
@@ -461,7 +464,7 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
             f"opset {opset} either: {_first_line(e)}{_refusals(region)}{hint}"
         ) from e
     how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
-    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches)
+    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches, numbers)
 
 
 @contextlib.contextmanager
@@ -542,10 +545,10 @@ def export_region(
     dynamic: list[list[int]],
     dynamic_out: list[list[int]],
     opset: int,
-) -> tuple[onnx.ModelProto, list[str], int]:
+) -> tuple[onnx.ModelProto, list[str], tuple[int, int]]:
     """``module`` (the region) exported alone with ``torch.onnx.export`` (TorchScript) under :class:`Rewrites`,
     inputs ``in0, in1, ...``, outputs ``out0, ...``, the given axes dynamic.  Returns the model, the rewrites
-    used and how many tensor values the trace turned into Python booleans."""
+    used and how many tensor values the trace turned into Python booleans and read as numbers."""
     in_names = [f"in{k}" for k in range(len(examples))]
     out_names = [f"out{k}" for k in range(len(region.outputs))]
     axes = {name: {a: f"{name}_d{a}" for a in ax} for name, ax in [*zip(in_names, dynamic), *zip(out_names, dynamic_out)] if ax}
@@ -556,8 +559,7 @@ def export_region(
             copy.deepcopy(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
-    branches = mode.branches
-    return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), branches
+    return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), (mode.branches, mode.numbers)
 
 
 # --------------------------------------------------------------------------- rewrites for torch.onnx.export
@@ -773,11 +775,14 @@ class Rewrites(TorchFunctionMode):
         self.opset = opset
         self.used: list[str] = []
         self.branches = 0  # tensor values the model's own code turned into Python booleans
+        self.numbers = 0  # and read as Python numbers
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.__bool__ and not _called_by_torch():
             self.branches += 1
+        elif func in _NUMBER_READS and not _called_by_torch():
+            self.numbers += 1
         try:
             entry = REWRITES.get(func)
         except TypeError:  # an unhashable callable
@@ -788,6 +793,9 @@ class Rewrites(TorchFunctionMode):
                 self.used.append(entry[0])
                 return out
         return func(*args, **kwargs)
+
+
+_NUMBER_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.tolist}
 
 
 def _called_by_torch() -> bool:
