@@ -652,6 +652,22 @@ def test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch():
     assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
 
 
+def test_a_model_that_runs_at_its_examples_batch_only_gets_a_fixed_batch():
+    """``y.view(1, 2, 4, H, W)`` runs at batch 1 only; the file declared a dynamic batch and onnxruntime returned
+    results at batch 2, where the model refuses."""
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.view(1, 2, 4, 9, 7).mean(2)
+
+    proto, report = export_onnx(Grouped().eval(), None, (1, 3, 9, 7), opset=17, return_report=True)
+    assert not report.dynamic_batch and any("x.view(1, ...)" in n for n in report.notes), report.notes
+
+
 @pytest.mark.parametrize("how", ["topk", "max_dim", "sort"])
 def test_values_and_indices_returned_as_torch_gives_them_export(how):
     """``torch.topk``, ``x.max(dim)`` and ``torch.sort`` return a ``torch.return_types`` tuple; returned as it came,

@@ -1224,10 +1224,10 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     The rules see the example's sizes only: a per-channel fold through ``y.reshape(8, -1)`` is exact at batch 1
     alone, where that reshape keeps the channel axis whole; at batch 1, a squeeze of the batch axis
     (``y.squeeze(0)``, no op at any other batch) is a reshape that drops it.  Only graphs with a reshape are run.  A
-    model that does not run at another batch says nothing."""
+    model that does not run at another batch (``x.view(1, ...)``) does not hold there either: the file would."""
     if not any(n.op in SIZE_MATCHED for n in graph.nodes):
         return True
-    return _computes(graph, module, batch_plus_one(example)) is not False
+    return _computes(graph, module, batch_plus_one(example)) is True
 
 
 def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
@@ -1331,9 +1331,9 @@ def export_onnx(
             meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
             if batch and module is not None and (rewritten.fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):
                 batch = False
-                notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or "
-                             "refuses it (a reshape keeps an axis whole at the example's batch only, such as y.reshape(8, -1) "
-                             "or y.squeeze(0) at batch 1)")
+                notes.append(f"batch fixed at {example[0].shape[0]}: at another batch the graph differs from the model, or "
+                             "one of them does not run (a reshape keeps an axis whole at the example's batch only, such as "
+                             "y.reshape(8, -1) or y.squeeze(0) at batch 1, or reads the batch as a number: x.view(1, ...))")
         if batch and module is not None and not _holds_at_batch_one(graph, module, example):
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "
