@@ -93,3 +93,37 @@ def test_sizes_read_from_the_weights_are_numbers_and_the_capture_stays_free():
             y = torch.randn(*shape, dtype=D)
             want, got = model(y), fused(y)
             assert float((want - got).abs().max() / want.abs().max()) < 1e-9
+
+
+class FakeQuantConvBN(nn.Module):
+    """A QAT conv: its weight fake-quantized in every forward (by hand, LSQ-style, or torch's op), then a BatchNorm."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.register_buffer("scale", torch.full((8,), 0.05))
+
+    def forward(self, x):
+        w = self.conv.weight
+        if self.how == "round":
+            w = (w / 0.05).round().clamp(-8, 7) * 0.05
+        else:
+            w = torch.fake_quantize_per_channel_affine(w, self.scale, torch.zeros(8, dtype=torch.int32), 0, -8, 7)
+        return self.bn(F.conv2d(x, w, None, 1, 1))
+
+
+@pytest.mark.parametrize("how", ["round", "fake_quantize"])
+def test_a_weight_fake_quantized_in_forward_folds_with_its_batch_norm(how):
+    """The quantized weight is a function of the weights alone: its BatchNorm folds into one conv (it was left, the
+    rounding a call the front end did not compute)."""
+    model = FakeQuantConvBN(how).eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.running_mean.normal_(0, 0.1)
+    x = torch.randn(2, 3, 16, 16)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0 and fused.fuse_report.ops_after["conv2d"] == 1, str(fused.fuse_report)
+    for other in (x, torch.randn(3, 3, 12, 20)):
+        with torch.no_grad():
+            torch.testing.assert_close(fused(other), model(other), rtol=1e-5, atol=1e-5)

@@ -40,6 +40,8 @@ PURE_FUNCTIONS = {
     # A kernel made from kernels (ECBSR's 1x1-3x3 merge in its eval forward: F.conv2d(k1, k0.permute(1, 0, 2, 3))).
     F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch.mm, torch.bmm, torch.kron,
     setitem_copy,  # ``k[i, i] = w[i]`` into a kernel being made, made a copy by the front end
+    # A weight fake-quantized in forward (QAT, LSQ: ``(w / s).round().clamp(lo, hi) * s``) is a function of the weights.
+    torch.round, torch.floor, torch.ceil, torch.trunc, torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine,
 }  # fmt: skip
 # Factories: pure, and called with no tensor at all.  Folded only where what they make is read by calls on
 # constants alone (a kernel filled in: ``k = torch.zeros(...)``, then ``k[i, i] = ...``; see Builder.fold): next
@@ -53,6 +55,7 @@ PURE_METHODS = {
     "squeeze", "expand", "expand_as", "contiguous", "t", "flip", "repeat", "sigmoid", "tanh", "softmax",
     "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "relu",
     "detach", "clone", "to",  # DBB: self.bn.bias.detach() - ..., self.id_tensor.to(self.weight.device)
+    "round", "floor", "ceil", "trunc",
 }  # fmt: skip
 
 
