@@ -82,6 +82,8 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
+_CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
+         "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
@@ -254,6 +256,18 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_clamp", 'return ctx.emit("Max", [x, bound("min", lo)])', 'return ctx.emit("Min", [x, bound("min", lo)])', _CLAMP),
     ("onnx_backend", "numbers-in-float32", "a float64 file's numbers made in float32 first (1/3 as 0.3333333432674408)",
      "repalgebra.backend.onnx:_number", "torch.tensor(float(value), dtype=torch.float64)", "torch.tensor(float(value))", _NUMBERS),
+    ("frontend", "size-base-dilation-sign", "a stride-1 conv's output taken as its input's length plus padding plus dilation * (k - 1)",
+     "repalgebra.frontend.shapes:size_base", "- d * (k - 1)", "+ d * (k - 1)", _CROP),
+    ("frontend", "size-base-kernel-of-height", "a conv's kernel size read along the height, not the axis cropped",
+     "repalgebra.frontend.shapes:size_base", 'n.params["weight"].shape[axis]', 'n.params["weight"].shape[2]', _CROP),
+    ("frontend", "size-base-lift-axis", "a 1-D conv's flattened length read from its height-one lift's height",
+     "repalgebra.frontend.shapes:size_base", "                axis = 3\n", "                axis = 2\n", _CROP),
+    ("frontend", "sized-stop-any-value", "a slice ending at any value's size taken for the conv's input length",
+     "repalgebra.frontend.handlers_functions:_sized_stops", "if u is not None and u is w and a == b:", "if u is not None:", _CROP),
+    ("frontend", "sized-stop-no-crop-empty", "a crop of nothing written as the slice :-0, which keeps nothing",
+     "repalgebra.frontend.handlers_functions:_sized_stops", "-(c - d) if c > d else None", "-(c - d)", _CROP),
+    ("frontend", "sized-stop-ellipsis-axis", "the axis after an Ellipsis counted from the rank, not from the items after it",
+     "repalgebra.frontend.handlers_functions:_sized_stops", "axis = len(x.shape) - sum(", "axis = len(x.shape) + 0 * sum(", _CROP),
     ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
      "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
     ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",

@@ -406,3 +406,52 @@ def test_a_pad_of_a_1d_values_channels_is_not_taken_for_one_of_its_length():
     fused = fuse(model, torch.randn(2, 4, 12, dtype=D))
     assert count_bn(fused) == 0 and fused.fuse_report.capture == "fx", str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, 4, 12), (3, 4, 21)])
+
+
+class CroppedToInput(nn.Module):
+    """WaveNet's causal conv (r9y9's wavenet_vocoder): padded on both sides, cropped back to its input's length by a
+    size read, ``y[:, :, :residual.size(-1)]``, then a BatchNorm; ``read`` spells the size another way, or reads it
+    from a value that is not the conv's input."""
+
+    def __init__(self, read: str, stride: int = 1, two_d: bool = False, padding: int = 4) -> None:
+        super().__init__()
+        self.read, self.two_d = read, two_d
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if two_d else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv, self.bn = conv(4, 6, 3, stride=stride, padding=padding, dilation=2), bn(6)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        size = {"size": lambda: x.size(-1), "shape": lambda: x.shape[-1], "size_all": lambda: x.size()[-1],
+                "other": lambda: other.size(-1)}[self.read]()
+        return self.bn(y[..., :size])
+
+
+@pytest.mark.parametrize("read", ["size", "shape", "size_all"])
+@pytest.mark.parametrize("two_d", [False, True])
+@pytest.mark.parametrize("padding", [4, 2])
+def test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp(read, two_d, padding):
+    """The crop is ``pad`` from the end at every length (a stride-1 conv's output is its input's length plus its
+    padding less ``dilation * (k - 1)``): a chomp, which ``crop_into_conv`` folds; the BatchNorm then folds too.  It
+    was a call kept as it was, and the BatchNorm with it.  Padded to keep the length (2), the crop is no crop."""
+    model = seeded(lambda: CroppedToInput(read, two_d=two_d, padding=padding), 0)().to(D)
+    shape = (2, 4, 5, 20) if two_d else (2, 4, 20)
+    fused = fuse(model, (torch.randn(shape, dtype=D), torch.randn(1, 20, dtype=D)))
+    after = fused.fuse_report.ops_after
+    assert count_bn(fused) == 0 and "slice" not in after and "opaque" not in after, str(fused.fuse_report)
+    for length in (20, 9, 33):
+        x = torch.randn(*shape[:-1], length, dtype=D)
+        other = torch.randn(1, length, dtype=D)
+        torch.testing.assert_close(fused(x, other), model(x, other), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["other", "stride"])
+def test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read(case):
+    """Another value's length, or a strided conv's input length (its output is not that length plus a constant):
+    the crop reads the size on every call, and the fused model agrees at lengths the example did not have.  Nothing
+    else folds here, so fuse returns the model as it is (a fold made on the wrong length would show)."""
+    model = seeded(lambda: CroppedToInput("other" if case == "other" else "size", stride=2 if case == "stride" else 1), 0)().to(D)
+    fused = fuse(model, (torch.randn(2, 4, 20, dtype=D), torch.randn(1, 20, dtype=D)))
+    assert isinstance(fused, CroppedToInput) and count_bn(fused) == 1, str(fused.fuse_report)
+    for length, cut in ((20, 14), (33, 5), (40, 21)):
+        x, other = torch.randn(3, 4, length, dtype=D), torch.randn(1, cut, dtype=D)
+        torch.testing.assert_close(fused(x, other), model(x, other), rtol=1e-12, atol=1e-12)

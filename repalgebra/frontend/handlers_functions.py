@@ -26,6 +26,7 @@ from repalgebra.frontend.args import (
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
 from repalgebra.frontend.inplace import setitem_copy
+from repalgebra.frontend.shapes import size_base
 from repalgebra.ir import Value
 from repalgebra.ops import chunk_piece
 
@@ -369,7 +370,7 @@ def _f_getitem(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
         return _part(x, index)
     if shaped(x) is None or constant(x) is not None:  # indexing a constant stays a constant (see args.constant)
         return None
-    steps = _index_steps(index, len(x.shape))
+    steps = _index_steps(_sized_stops(index, x), len(x.shape))
     if steps is None:
         return None
     if not steps:
@@ -385,6 +386,39 @@ def _f_values(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
     if kwargs or args[1:] != ("values",) or not isinstance(args[0], Value) or args[0].shape is not None:
         return None
     return _part(args[0], 0)
+
+
+def _sized_stops(index: Any, x: Value) -> Any:
+    """``index`` with a slice that ends at another value's size (WaveNet's causal crop ``y[:, :, :x.size(-1)]`` of
+    a conv padded on both sides) ending at a number instead, where that size is ``x``'s along the axis less a
+    constant at every input size (:func:`~repalgebra.frontend.shapes.size_base`): ``y[:, :, :-pad]``."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    axis, out = 0, []
+    for it in items:
+        if it is Ellipsis:
+            axis = len(x.shape) - sum(i is not None and i is not Ellipsis for i in items[items.index(it) + 1 :])
+        elif isinstance(it, slice) and (read := _size_read(it.stop)) is not None and (it.step in (None, 1)):
+            (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read)
+            if u is not None and u is w and a == b:  # x.shape[axis] == that size + (c - d), at every size
+                it = slice(it.start, -(c - d) if c > d else None, it.step)
+        out.append(it)
+        axis += it is not None and it is not Ellipsis
+    return tuple(out) if isinstance(index, tuple) else out[0]
+
+
+def _size_read(v: Any) -> tuple[Value, int] | None:
+    """``(u, axis)`` where ``v`` reads ``u.size(axis)``, ``u.shape[axis]`` or ``u.size()[axis]``; else None."""
+    if not isinstance(v, SymExpr):
+        return None
+    if v.kind == "call_method" and v.target == "size" and len(v.args) == 2 and isinstance(v.args[0], Value) and is_int(v.args[1]):
+        return v.args[0], v.args[1]
+    inner = v.args[0] if v.target is operator.getitem and len(v.args) == 2 and is_int(v.args[1]) else None
+    if isinstance(inner, SymExpr) and isinstance(inner.args[0], Value) and (
+        (inner.kind == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",))
+        or (inner.kind == "call_method" and inner.target == "size" and len(inner.args) == 1)
+    ):
+        return inner.args[0], v.args[1]
+    return None
 
 
 def _index_steps(index: Any, rank: int) -> list[tuple[str, dict]] | None:

@@ -52,6 +52,43 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
 
 
 
+def size_base(v: Value, axis: int) -> tuple[Value | None, int, int]:
+    """``(u, a, c)`` with ``v.shape[axis] == u.shape[a] + c`` at every input size (``u`` None: the size is ``c``).
+
+    Followed back through ops of one input that keep the size, convs of stride 1 along the axis (each
+    adds its total padding less ``dilation * (k - 1)``: a causal conv padded on both sides is ``pad`` longer than
+    its input), a ``reshape_dyn`` entry that is one size of one reference or a number, and the ``flatten(2, 3)`` of
+    a 1-D conv's height-one lift (one of the two axes is 1 at every size); it stops where none applies.
+    """
+    offset, axis = 0, axis % len(v.shape) if v.shape else axis
+    while (n := v.producer) is not None and v.shape is not None:
+        axis %= len(v.shape)
+        if n.op in _SAME_SHAPE:  # (not a sum: equal shapes at the example may broadcast at other sizes)
+            v = n.inputs[0]
+        elif n.op == "conv2d" and axis >= 2 and n.attrs["stride"][axis - 2] == 1:
+            k, d = n.params["weight"].shape[axis], n.attrs["dilation"][axis - 2]
+            offset += n.attrs["padding"][2 * (axis - 2)] + n.attrs["padding"][2 * (axis - 2) + 1] - d * (k - 1)
+            v = n.x
+        elif n.op == "reshape_dyn":
+            entry = n.attrs["shape"][axis]
+            if isinstance(entry, int):
+                return None, 0, offset + entry
+            if len(entry) != 1:
+                break
+            axis, v = entry[0][1], n.inputs[1 + entry[0][0]]
+        elif n.op == "flatten" and (n.attrs["start"], n.attrs["end"]) == (2, 3) and len(n.x.shape) == 4 and axis == 2:
+            if size_base(n.x, 2)[::2] == (None, 1):
+                axis = 3
+            elif size_base(n.x, 3)[::2] != (None, 1):
+                break
+            v = n.x
+        elif n.op == "flatten" and axis < n.attrs["start"]:
+            v = n.x
+        else:
+            break
+    return v, axis, offset
+
+
 def reroute_shape_reads(graph: Graph) -> None:
     """Make each ``reshape_dyn`` read its sizes as early as :func:`size_source` allows (in place).
 
