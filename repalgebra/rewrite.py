@@ -165,9 +165,11 @@ def _rewrite(
 
 def _unfit(rw: Rewrite) -> str | None:
     """Why a parameter the rewrite computes cannot stand for what it folds, or None: it is not finite, or cast to
-    the dtype its node computes in it overflows, or a kernel's output row is so small there (below the smallest
-    normal number) that rounding it loses more than that dtype's epsilon of the row: a float16 conv's weights
-    times a BN scale of 1e-5 all round to 0, where the model scales the conv's output and stays representable."""
+    the dtype its node computes in it overflows, or an output channel's kernel is so small there (below the
+    smallest normal number) that rounding it loses more than that dtype's epsilon of the channel's weights and
+    bias together (for inputs of order one): a float16 conv's weights times a BN scale of 1e-5 all round to 0,
+    where the model scales the conv's output and stays representable.  A channel whose bias dominates (network
+    slimming's near-zero BN scales) loses nothing that shows."""
     for n in rw.nodes:
         dtype = n.out.dtype
         for p in n.params.values():
@@ -178,14 +180,29 @@ def _unfit(rw: Rewrite) -> str | None:
             if dtype is None or not dtype.is_floating_point or dtype == p.dtype or not p.numel():
                 continue
             info, name = torch.finfo(dtype), str(dtype).replace("torch.", "")
-            rows = p.abs().reshape(p.shape[0], -1).amax(1) if p.dim() > 1 else p.abs().reshape(-1)  # per output row of a kernel
-            if float(rows.max()) > info.max / 2 and not bool(torch.isfinite(p.to(dtype)).all()):
+            if float(p.abs().max()) > info.max / 2 and not bool(torch.isfinite(p.to(dtype)).all()):
                 return f"a weight it would fold overflows {name}"
-            if p.dim() > 1 and bool(((rows > 0) & (rows < info.tiny)).any()):
-                err = (p.to(dtype).to(p.dtype) - p).abs().reshape(p.shape[0], -1).amax(1)
-                if bool((err > info.eps * rows).any()):
-                    return f"a weight it would fold is below {name}'s smallest normal number, where rounding loses its digits"
+        w = n.params.get("weight")
+        if w is None or w.dim() < 2 or dtype is None or not dtype.is_floating_point or dtype == w.dtype:
+            continue
+        info = torch.finfo(dtype)
+        if not bool(((w != 0) & (w.abs() < info.tiny)).any()):
+            continue
+        bias = n.params.get("bias")
+        held = _per_output(n, w.abs()) + (0 if bias is None else bias.abs())
+        lost = _per_output(n, (w.to(dtype).to(w.dtype) - w).abs())
+        if bool((lost > info.eps * held).any()):
+            return f"a weight it would fold is below {str(dtype).replace('torch.', '')}'s smallest normal number, where rounding loses its digits"
     return None
+
+
+def _per_output(n: Node, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (of ``n``'s weight's shape) summed per output channel: rows of a conv's or Linear's weight; a transposed
+    conv's weight ``(C_in, C_out / groups, k...)`` holds its output channels along axis 1, group by group."""
+    if n.op == "conv_transpose2d":
+        g = n.attrs["groups"]
+        return t.reshape(g, t.shape[0] // g, t.shape[1], -1).sum((1, 3)).reshape(-1)
+    return t.reshape(t.shape[0], -1).sum(1)
 
 
 def cast_params(g: Graph) -> Graph:

@@ -965,22 +965,28 @@ def test_non_finite_weight_is_not_folded_and_named():
     assert any("0.1" in la.source and "finite" in la.reason for la in fused.fuse_report.left_alone), str(fused.fuse_report)
 
 
-@pytest.mark.parametrize("case", ["underflow", "one_channel_underflows", "overflow", "fits"])
+@pytest.mark.parametrize("case", ["underflow", "one_channel_underflows", "transposed_channel_underflows", "overflow", "fits", "slimmed"])
 def test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made(case):
     """A float16 conv's weights (~2e-3) times a BN scale of 1e-5 are ~2e-8, under float16's smallest number: every
     folded weight rounded to 0 and the fused model returned zeros where the model scales the conv's output and
     stays representable (relative difference 1.0, unchecked: the check runs the float64 fold).  One such channel
-    among normal ones is as wrong, in its own channel.  Scales of 1e4 on weights of 10 overflow the same way.
-    Such a fold is not made, and the report names the BN and why; with scales the dtype holds, it is."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)).eval()
-    small = case in ("underflow", "one_channel_underflows")
+    among normal ones is as wrong, in its own channel, also of a transposed conv (whose weight holds its output
+    channels on axis 1).  Scales of 1e4 on weights of 10 overflow the same way.  Such a fold is not made, and the
+    report names the BN and why; with scales the dtype holds, it is, and so it is where the channel's bias
+    dominates what rounding loses (network slimming's near-zero BN scales, beside a BN shift)."""
+    transposed = case == "transposed_channel_underflows"
+    conv = nn.ConvTranspose2d(3, 8, 3, padding=1, bias=False) if transposed else nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    model = nn.Sequential(conv, nn.BatchNorm2d(8)).eval()
+    small = case in ("underflow", "one_channel_underflows", "transposed_channel_underflows", "slimmed")
     with torch.no_grad():
-        model[0].weight.copy_(torch.randn(8, 3, 3, 3) * (1e-2 if small else 10))
+        conv.weight.copy_(torch.randn(conv.weight.shape) * (1e-2 if small else 10))
         model[1].weight.fill_(1e4 if case == "overflow" else 0.5)
         if small:
-            channels = slice(0, 1) if case == "one_channel_underflows" else slice(None)
+            channels = slice(None) if case == "underflow" else slice(0, 1)
             model[1].weight[channels] = 1e-4
             model[1].running_var[channels] = 1e2
+        if case == "slimmed":
+            model[1].bias.fill_(0.1)
     model = model.half()
     x = torch.randn(2, 3, 16, 16).half() * (100 if small else 1e-3)
     fused = fuse(model, x)
@@ -989,8 +995,8 @@ def test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made(case):
     per_channel = lambda t: t.abs().transpose(0, 1).flatten(1).amax(1)  # noqa: E731
     assert (per_channel(got - want) <= 1e-2 * per_channel(want)).all(), str(fused.fuse_report)  # float16's tolerance
     left = [la for la in fused.fuse_report.left_alone if la.op == "batch_norm"]
-    if case == "fits":
-        assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0 and not left
+    if case in ("fits", "slimmed"):
+        assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0 and not left, str(fused.fuse_report)
     else:
         word = "overflows float16" if case == "overflow" else "smallest normal"
         assert left and word in left[0].reason and left[0].source == "1", str(fused.fuse_report)
@@ -1915,6 +1921,23 @@ def test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs(
         with torch.no_grad():
             assert rel_err(fused(other), model(other)) <= 1e-12, str(fused.fuse_report)
     assert not any("the same function" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+
+
+class ForgetsItsHooks(nn.Sequential):
+    """A module class whose ``__setstate__`` (run by ``copy.deepcopy``) starts its copies without forward hooks."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._forward_hooks = OrderedDict()
+
+
+def test_a_module_whose_copies_lose_its_hooks_is_refused_by_name():
+    """Its copy's ``__setstate__`` cleared the hooks: the +100 a hook adds was lost in the result and in the copy it
+    was checked against alike."""
+    model = ForgetsItsHooks(_conv_bn(4, 3)).to(D).eval()
+    model.register_forward_hook(lambda mod, args, out: out + 100)
+    with pytest.raises(TypeError, match="the model \\(ForgetsItsHooks\\) has hooks of its own that a copy of it loses"):
+        fuse(model, torch.randn(2, 4, 6, 6, dtype=D))
 
 
 @pytest.mark.parametrize("where", ["model", "child"])

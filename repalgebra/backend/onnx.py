@@ -710,7 +710,7 @@ def _attention(ctx, n, q, k, v, *mask):
         scores = ctx.emit("Add", [scores, ctx.const("causal", torch.zeros(keep.shape).masked_fill(~keep, -math.inf))])
     weights = ctx.emit("Softmax", [scores], axis=-1)
     if mask:
-        hidden = ctx.emit("Not", [mask[0]]) if n.inputs[3].dtype == torch.bool else ctx.emit("IsInf", [mask[0]], detect_positive=0)
+        hidden = ctx.emit("Not", [mask[0]]) if n.inputs[3].dtype == torch.bool else ctx.emit("Equal", [mask[0], _number(ctx, "hidden", -math.inf)])
         weights = ctx.emit("Where", [hidden, _number(ctx, "zero", 0.0), weights])
     return ctx.emit("MatMul", [weights, v])
 

@@ -50,7 +50,7 @@ def check_model(model: nn.Module) -> None:
         if (m._forward_pre_hooks or m._forward_hooks) and _copies_itself(type(m)) and _loses_hooks(m):
             raise TypeError(f"{repr(path) if path else 'the model'} ({type(m).__name__}) has hooks of its own that a copy of it loses (its class "
                             "copies itself without them, as torch.compile's OptimizedModule does), and fuse runs copies: "
-                            "register the hooks on the module it wraps, or fuse the module before wrapping it")
+                            "register them on a module it calls, or fuse first and add them to the fused module")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise TypeError(f"{name!r} is on the 'meta' device, which holds no values: load the weights first "
@@ -64,8 +64,9 @@ def check_model(model: nn.Module) -> None:
 
 
 def _copies_itself(cls: type) -> bool:
-    """Whether ``cls`` changes how ``copy.deepcopy`` copies a module (its own ``__reduce__``, ``__getstate__``, ...)."""
-    return any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in ("__reduce__", "__reduce_ex__", "__getstate__", "__deepcopy__"))
+    """Whether ``cls`` changes how ``copy.deepcopy`` copies a module (its own ``__reduce__``, ``__setstate__``, ...)."""
+    names = ("__reduce__", "__reduce_ex__", "__getstate__", "__setstate__", "__deepcopy__", "__copy__")
+    return any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in names)
 
 
 def _loses_hooks(m: nn.Module) -> bool:
