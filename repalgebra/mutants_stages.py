@@ -84,6 +84,7 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
+_SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
@@ -272,6 +273,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.handlers_functions:_sized_stops", "-(c - d) if c > d else None", "-(c - d)", _CROP),
     ("frontend", "sized-stop-ellipsis-axis", "the axis after an Ellipsis counted from the rank, not from the items after it",
      "repalgebra.frontend.handlers_functions:_sized_stops", "axis = len(x.shape) - sum(", "axis = len(x.shape) + 0 * sum(", _CROP),
+    ("frontend", "softmax-dtype-dropped", "a softmax computed in a dtype of its own taken in its input's dtype",
+     "repalgebra.frontend.handlers_functions:_f_softmax", 'x = a["input"] if a["dtype"] is None else', 'x = a["input"] if True else', _SOFTMAX),
+    ("frontend", "softmax-stacklevel-as-dtype", "F.softmax's third argument (_stacklevel) read as its dtype",
+     "repalgebra.frontend.handlers_functions:_f_softmax", "functional = target in (F.softmax, F.log_softmax)", "functional = False", _SOFTMAX),
+    ("frontend", "log-softmax-as-softmax", "a log-softmax with a dtype made a softmax",
+     "repalgebra.frontend.handlers_functions:_f_softmax", 'op = "log_softmax" if target in', 'op = "softmax" if target in', _SOFTMAX),
     ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
      "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
     ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",

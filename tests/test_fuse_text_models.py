@@ -282,3 +282,32 @@ def test_gpt2s_conv1d_and_a_matrix_product_with_a_weight_are_linears_that_fold()
         for batch, length in ((3, 7), (1, 1)):
             h = torch.randn(batch, length, 8, dtype=D)
             assert close(model(h), fused(h))
+
+
+@pytest.mark.parametrize("how", ["F", "torch", "method", "F_positional", "log"])
+def test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax(how):
+    """LLaMA's ``softmax(scores, dim=-1, dtype=torch.float32)`` was a call carried whole (and so a fallback region in
+    ONNX); it is a cast, then the softmax, in every spelling, and stays so when the fused model is cast."""
+    class Scores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.proj(x)
+            return {"F": lambda: F.softmax(y, dim=-1, dtype=torch.float64), "torch": lambda: torch.softmax(y, -1, torch.float64),
+                    "method": lambda: y.softmax(-1, torch.float64), "F_positional": lambda: F.softmax(y, -1, 3, torch.float64),
+                    "log": lambda: F.log_softmax(y, dim=-1, dtype=torch.float64)}[how]()
+
+    model = Scores().eval()
+    x = torch.randn(3, 5, 4)
+    fused = repalgebra.fuse(model, x)
+    report = fused.fuse_report
+    assert report.capture == "fx" and "opaque" not in report.ops_after and report.ops_after["cast"] == 1, str(report)
+    assert report.ops_after.get("log_softmax" if how == "log" else "softmax") == 1, str(report)
+    for half in (False, True):  # (the float32 Linear's rounding, then float64: 1e-6; float16's: 1e-2)
+        m, fm, t = (model.half(), fused.half(), x.half()) if half else (model, fused, x)
+        with torch.no_grad():
+            want, got = m(t), fm(t)
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-2 if half else 1e-6, atol=1e-2 if half else 1e-7)

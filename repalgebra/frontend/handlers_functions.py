@@ -654,12 +654,15 @@ def _f_var(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
 
 
 def _f_softmax(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``F.softmax`` and ``F.log_softmax`` (their methods and ``torch.`` functions) along one axis, no cast."""
-    a = bind([("input", REQ), ("dim", None), ("_stacklevel", 3), ("dtype", None)], args, kwargs)
-    if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or a["dtype"] is not None:
+    """``F.softmax`` and ``F.log_softmax`` (their methods and ``torch.`` functions) along one axis; with ``dtype``
+    (LLaMA's ``softmax(scores, dim=-1, dtype=torch.float32)``), of the input cast to it first, as torch computes it."""
+    functional = target in (F.softmax, F.log_softmax)  # (their third argument is _stacklevel; torch's and methods' is dtype)
+    a = bind([("input", REQ), ("dim", None), *([("_stacklevel", 3)] if functional else []), ("dtype", None)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not is_int(a["dim"]) or not (a["dtype"] is None or isinstance(a["dtype"], torch.dtype)):
         return None
+    x = a["input"] if a["dtype"] is None else b.add("cast", [a["input"]], {"dtype": a["dtype"]}, {}, b.source(n))
     op = "log_softmax" if target in (F.log_softmax, torch.log_softmax, "log_softmax") else "softmax"  # a method: its name
-    return op, [a["input"]], {"axis": a["dim"]}, {}, ""
+    return op, [x], {"axis": a["dim"]}, {}, ""
 
 
 def _f_glu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
