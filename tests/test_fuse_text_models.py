@@ -311,3 +311,50 @@ def test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax(how):
             want, got = m(t), fm(t)
         assert got.dtype == want.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-2 if half else 1e-6, atol=1e-2 if half else 1e-7)
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """HF's LlamaRMSNorm: the weight times the normalized values, a ``scale`` in the graph."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(d))
+
+    def forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class ShapeReadingAttention(nn.Module):
+    """HF attention: ``bsz, q_len, _ = hidden_states.size()`` of the normalized input, then q, k, v views."""
+
+    def __init__(self, norm: str, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = HandWrittenRMSNorm(d) if norm == "hand" else nn.LayerNorm(d) if norm == "layer" else nn.RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        h = self.norm(x)
+        bsz, q_len, _ = h.size()
+        q, k, v = (p(h).view(bsz, q_len, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return torch.softmax(q @ k.transpose(2, 3), -1) @ v
+
+
+@pytest.mark.parametrize("norm", ["hand", "layer", "rms"])
+def test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read(norm):
+    """The shape read of the normalized input counted as a fourth reader, so the weight stayed before q, k and v
+    ("no rule applies (used by linear, reshape)"); read from the norm's input instead (the same sizes at every
+    input), the weight folds into each.  Compared in float64 to 1e-10 relative at other batches and lengths."""
+    torch.manual_seed(0)
+    model = ShapeReadingAttention(norm).to(D).eval()
+    with torch.no_grad():
+        for p in model.norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fused = repalgebra.fuse(model, torch.randn(2, 6, 16, dtype=D))
+    report = fused.fuse_report
+    assert report.rule_counts().get("bn_into_linear") == 1 and "scale" not in report.ops_after, str(report)
+    for shape in ((2, 6, 16), (3, 11, 16), (1, 1, 16)):
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        assert (got - want).abs().max() <= 1e-10 * want.abs().max()

@@ -71,6 +71,19 @@ FEW = {
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",
+    "repalgebra.backend.onnx:_attention": "two decisions added to it, which keys are hidden (bool and float masks); the "
+    "rest of its lowering is the vocabulary test's",
+    "repalgebra.backend.onnx:graph_to_onnx": "one decision added to it, an output whose batch axes are none",
+    "repalgebra.backend.onnx:export_onnx": "one decision added to it, a graph traced at batch 1 run at another batch",
+    "repalgebra.backend.onnx:_clamp": "two choices, Max for a lower bound alone and Min for an upper one (the mutants write "
+    "Clip, and Min for a lower bound)",
+    "repalgebra.backend.onnx:_number": "one job, a number in float64 before its cast to the file's dtype",
+    "repalgebra.frontend.wrappers:wrapped": "one decision added to it, a wrapper with hooks of its own is no wrapper",
+    "repalgebra.frontend.wrappers:_plain": "one comparison, the subclass's forward and __call__ with the wrapper's",
+    "repalgebra.frontend.inputs:_loses_hooks": "one comparison, a copy's hooks with the module's",
+    "repalgebra.frontend.shapes:_rerouted": "one decision added to it, a value read for its data by Linears only lets its "
+    "shape reads move (which only changes what is read, not what is computed, elsewhere)",
+    "repalgebra.frontend.shapes:size_source": "one decision added to it, norms keep their input's shape",
 }
 
 

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import Root, Tracer
+from repalgebra.module_copy import copy_module
 
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
@@ -71,7 +72,7 @@ def _copies_itself(cls: type) -> bool:
 
 def _loses_hooks(m: nn.Module) -> bool:
     """Whether a deep copy of ``m`` drops forward hooks or pre-hooks ``m`` has."""
-    c = copy.deepcopy(m)  # (a fused module's guards are installed again on its copy, under new handles: compare kinds)
+    c = copy_module(m)  # (a fused module's guards are installed again on its copy, under new handles: compare kinds)
     kinds = lambda hooks: sorted(type(h).__qualname__ for h in hooks.values())  # noqa: E731
     return kinds(c._forward_pre_hooks) != kinds(m._forward_pre_hooks) or kinds(c._forward_hooks) != kinds(m._forward_hooks)
 

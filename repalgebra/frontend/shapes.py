@@ -15,7 +15,7 @@ from repalgebra.ir import Graph, Node, Value
 
 # Ops whose output has their first input's shape: per-channel maps, and activations of one input
 _SAME_SHAPE = ("batch_norm", "scale", "identity", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-               "leaky_relu", "softplus", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "rsqrt", "cast")
+               "leaky_relu", "softplus", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "rsqrt", "cast", "layer_norm", "rms_norm")
 _FOLDS_A_BN = ("conv2d", "conv3d", "conv_transpose2d", "linear")  # a BN or scale after these folds into them
 
 
@@ -119,7 +119,7 @@ def reroute_shape_reads(graph: Graph) -> None:
 def _rerouted(graph: Graph, node: Node) -> Node | None:
     """``node`` (a ``reshape_dyn``) reading its sizes from earlier sources, or None if none moves."""
     old_refs = node.inputs[1:]
-    movable = {id(r) for r in old_refs if _data_reads(graph, r) <= 1}
+    movable = {id(r) for r in old_refs if _data_reads(graph, r) <= 1 or _linears_only(graph, r)}
     refs: list[Value] = []
 
     def ref(v: Value) -> int:
@@ -178,6 +178,14 @@ def _earlier(graph: Graph, v: Value, axis: int) -> tuple[Value, int] | int | Non
         if p is not None and p.op in _FOLDS_A_BN and _data_reads(graph, u) == 1 and size_source(u, a) is None:
             return None
     return src
+
+
+def _linears_only(graph: Graph, v: Value) -> bool:
+    """Whether the nodes reading ``v`` for its values are all Linears (LLaMA's RMSNorm output read by ``q_proj``,
+    ``k_proj`` and ``v_proj``, and for its shape by ``view(bsz, q_len, ...)``): a norm's weight or a BN before them
+    folds into each once no shape read keeps it (``bn_into_linear``)."""
+    readers = [u for u in graph.users(v) if not (u.op == "reshape_dyn" and u.x is not v)]
+    return bool(readers) and all(o is not v for o in graph.outputs) and all(u.op == "linear" and u.x is v for u in readers)
 
 
 def _data_reads(graph: Graph, v: Value) -> int:
