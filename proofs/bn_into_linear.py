@@ -35,7 +35,7 @@ affine map with s = +-1 and t = beta (:func:`prove_shift`).
 
 And a LayerNorm's or RMSNorm's own affine, ``gamma * n(x) + beta`` per feature after the normalization n
 (:func:`prove_norm_affine`): whatever n computes, the Linear sees an affine map of it per feature, so the
-fold is the layout case with s = gamma, t = beta, and the norm keeps n alone. REFUSED there: a norm over the
+fold is the layout case with s = gamma, t = beta (through the same layout chains), and the norm keeps n alone. REFUSED there: a norm over the
 last two axes, whose gamma differs per token: one W' cannot hold every token's gamma.
 
 REFUSED: flatten(2) *without* the transpose: the Linear then reads the spatial axis as its

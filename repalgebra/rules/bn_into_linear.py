@@ -64,15 +64,17 @@ def bn_into_linear(graph, lin):
     shift = producer(lin.x, "add_const")
     if shift is not None:
         return _shift_into(graph, lin, shift)
-    bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean"))
+    bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean", *_NORMS))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
         mean = bn  # (after a layout chain of its own: EfficientFormerV2's head is BN, flatten(2), mean(-1))
-        bn, before = layout_chain(graph, mean.x, ("batch_norm", "scale"))
+        bn, before = layout_chain(graph, mean.x, ("batch_norm", "scale", *_NORMS))
         if bn is None:  # (a mean over the channels too fails below: the channel axis does not survive it)
             return None
         chain = [*before, mean, *chain]
     if bn is None:
         return None
+    if bn.op in _NORMS:  # a ViT's final norm, then x[:, 0] or the tokens' mean, then the head; Swin's norm1, windows, qkv
+        return _norm_through(lin, bn, chain)
     s, t, axis, one = _affine(bn, lin.x.shape[-1])
     if not one and follow_chain(chain, axis) != len(lin.x.shape) - 1:
         repeat = _flattened_features(chain, bn) if axis == 1 else None
@@ -130,20 +132,40 @@ def _into_every_linear(graph, bn):
     return Rewrite(readers[0].out, news[0].out, tuple(news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
 
 
-def _norm_affine_into(graph, norm):
-    """A LayerNorm or RMSNorm over the last axis alone, read by Linears only: its ``gamma`` and ``beta`` folded into
-    each (``W gamma``, ``b + W beta``), the norm left with its normalization."""
+_NORMS = ("layer_norm", "rms_norm")
+
+
+def _norm_affine(norm) -> tuple | None:
+    """``(gamma, beta)`` of a LayerNorm or RMSNorm over the last axis alone (``gamma`` ones where it has only a
+    ``beta``; ``beta`` None where it has none), or None: no affine, or one per token and feature."""
     gamma, beta = norm.params.get("weight"), norm.params.get("bias")
     if (gamma is None and beta is None) or len(norm.attrs["normalized_shape"]) != 1:
         return None
+    return (torch.ones(norm.out.shape[-1], dtype=beta.dtype) if gamma is None else gamma), beta
+
+
+def _norm_affine_into(graph, norm):
+    """A LayerNorm or RMSNorm over the last axis alone, read by Linears only: its ``gamma`` and ``beta`` folded into
+    each (``W gamma``, ``b + W beta``), the norm left with its normalization."""
+    affine = _norm_affine(norm)
     readers = [graph.users(norm.out)[0]] if sole_use(graph, norm.out) else every_reader(graph, norm.out, "linear")
-    if readers is None or readers[0].op != "linear" or readers[0].x is not norm.out:
+    if affine is None or readers is None or readers[0].op != "linear" or readers[0].x is not norm.out:
         return None
     bare = norm.replace(params={})
-    features = norm.out.shape[-1]
-    s = torch.ones(features, dtype=(beta if gamma is None else gamma).dtype) if gamma is None else gamma
-    news = [lin.replace(inputs=(bare.out,), params=_folded(lin, s, beta), source=merged_source(lin, norm)) for lin in readers]
+    news = [lin.replace(inputs=(bare.out,), params=_folded(lin, *affine), source=merged_source(lin, norm)) for lin in readers]
     return Rewrite(readers[0].out, news[0].out, (bare, *news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
+
+
+def _norm_through(lin, norm, chain):
+    """A norm's affine folded into the one Linear that reads it through ``chain``, which carries the features (the
+    norm's last axis) whole to the Linear's input axis; the chain replayed on the norm's normalization alone."""
+    affine = _norm_affine(norm)
+    if affine is None or follow_chain(chain, len(norm.out.shape) - 1) != len(lin.x.shape) - 1:
+        return None
+    bare = norm.replace(params={})
+    moved = replay(chain, bare.out)
+    new = lin.replace(inputs=(moved[-1].out,), params=_folded(lin, *affine), source=merged_source(lin, norm))
+    return Rewrite(lin.out, new.out, (bare, *moved, new))
 
 
 def _flattened_features(chain, bn) -> int | None:

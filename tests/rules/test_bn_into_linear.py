@@ -234,3 +234,35 @@ def test_a_norms_affine_stays_where_not_every_reader_takes_it(kind, case, dtype,
     fused, report = run_rules(graph, "bn_into_linear")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+# Token layouts after a norm of (B, N, C): the features stay last (a ViT head's ``x[:, 0]`` or mean over the tokens,
+# Swin's tokens viewed as a (B, H, W, C) map), or they do not (a transpose that puts the tokens last).
+TOKEN_CARRYING = {
+    "class_token": lambda b, y: b.select(y, axis=1, index=0),
+    "mean_of_tokens": lambda b, y: b.node("mean", y, dims=(1,), keepdim=False),
+    "as_map": lambda b, y: b.reshape(y, shape=(y.shape[0], 2, y.shape[1] // 2, y.shape[2])),
+    "batch_first_swap": lambda b, y: b.transpose(y, dim0=0, dim1=1),
+}
+TOKEN_MIXING = {
+    "tokens_last": lambda b, y: b.transpose(y, dim0=1, dim1=2),
+}
+
+
+@given(kind=st.sampled_from(["layer_norm", "rms_norm"]), chain=st.sampled_from(sorted({**TOKEN_CARRYING, **TOKEN_MIXING})),
+       bias=st.booleans(), tokens=st.sampled_from([2, 4, 6]), features=st.integers(2, 8), dtype=float_dtypes(), seed=seeds())
+def test_a_norms_affine_folds_through_layout_that_keeps_the_features_last(kind, chain, bias, tokens, features, dtype, seed):
+    """A ViT's final norm, then ``x[:, 0]`` (or the tokens' mean), then the head: the norm's affine folds into the head
+    through the select, as a BN's does.  A transpose that leaves the tokens last would meet gamma on the wrong axis:
+    nothing folds."""
+    shape = (2, tokens, features)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    y = {**TOKEN_CARRYING, **TOKEN_MIXING}[chain](b, _norm(b, x, kind, True, True, 1, seed, dtype))
+    graph = b.build(b.linear(y, **linear_params(y.shape[-1], 3, bias, seed, dtype), source="head"))
+    fused, report = run_rules(graph, "bn_into_linear")
+    if chain in TOKEN_CARRYING:
+        assert report.rule_counts() == {"bn_into_linear": 1} and only(fused, kind).params == {}, report
+    else:
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
