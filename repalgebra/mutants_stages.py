@@ -86,6 +86,7 @@ _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_f
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
+_CAST_BACK = ("tests/test_fuse_text_models.py::test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
@@ -284,6 +285,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.shapes:_rerouted", "if _data_reads(graph, r) <= 1 or _linears_only(graph, r)}", "if _data_reads(graph, r) <= 1}", _NORM_READ),
     ("frontend", "norms-change-shape", "a norm's output shape not taken for its input's",
      "repalgebra.frontend.shapes:size_source", "if n.op in _SAME_SHAPE or", 'if (n.op in _SAME_SHAPE and n.op not in ("layer_norm", "rms_norm")) or', _NORM_READ),
+    ("frontend", "written-cast-unseen", "a cast back from a dtype the code writes taken for the identity",
+     "repalgebra.frontend.handlers_functions:_from_a_written_cast", 'if p.op == "cast":', "if False:", _CAST_BACK),
+    ("frontend", "written-cast-one-step", "only the value's own producer looked at for a written cast (a softmax of a cast is missed)",
+     "repalgebra.frontend.handlers_functions:_from_a_written_cast", "        v = p.inputs[0]\n", "        return False\n", _CAST_BACK),
     ("frontend", "wrapper-hooks-ignored", "a DataParallel with hooks of its own taken for the module it runs (its hooks dropped)",
      "repalgebra.frontend.wrappers:wrapped", "if m._forward_pre_hooks or m._forward_hooks:", "if False:", _WRAP),
     ("frontend", "wrapper-subclass-forward-ignored", "a DataParallel subclass with a forward of its own taken for the module it runs",

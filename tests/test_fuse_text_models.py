@@ -358,3 +358,35 @@ def test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read(norm):
         with torch.no_grad():
             want, got = model(x), fused(x)
         assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+class Float32Softmax(nn.Module):
+    """LLaMA's attention weights: ``softmax(scores, dtype=torch.float32).to(q.dtype)``, with or without the head tied
+    to the embedding."""
+
+    def __init__(self, tied: bool, d: int = 16, vocab: int = 20) -> None:
+        super().__init__()
+        self.emb, self.q, self.k, self.v = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.lm_head(F.softmax(q @ k.transpose(1, 2), dim=-1, dtype=torch.float32).to(q.dtype) @ v)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model(tied):
+    """``.to(q.dtype)`` of float32 weights was taken for the identity (both float32 at capture), but ``q`` follows the
+    model's dtype and the weights do not: the fused model cast with ``.double()`` failed ("expected scalar type
+    Double but found Float"; with the head tied, with no guard naming why).  It runs as the model does."""
+    torch.manual_seed(0)
+    model = Float32Softmax(tied).eval()
+    ids = torch.randint(0, 20, (2, 5))
+    fused = repalgebra.fuse(model, ids)
+    with torch.no_grad():
+        want, got = model.double()(ids), fused.double()(ids)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the same ops in the same dtypes

@@ -84,6 +84,8 @@ FEW = {
     "repalgebra.frontend.shapes:_rerouted": "one decision added to it, a value read for its data by Linears only lets its "
     "shape reads move (which only changes what is read, not what is computed, elsewhere)",
     "repalgebra.frontend.shapes:size_source": "one decision added to it, norms keep their input's shape",
+    "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "
+    "mutants stop it at once and end it one step early",
 }
 
 

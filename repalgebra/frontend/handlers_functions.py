@@ -592,9 +592,11 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     Cast as a whole (``model.double()``), the model changes both dtypes alike, so the two stay equal and the call
     stays a no-op.  Not a dtype written in the code (``x.to(torch.float32)``, which a cast of the model does not
     change), nor the dtype of an input (a caller may pass another dtype than the model's), nor a cast of an input
-    itself (HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a float32 model)."""
+    itself (HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a float32 model), nor
+    a cast of a value computed from a cast the code writes (LLaMA's ``softmax(s, dtype=torch.float32).to(q.dtype)``:
+    float32 whatever the model is cast to, where ``q`` follows the model)."""
     x = shaped(args[0]) if len(args) == 2 and not kwargs else None
-    if x is not None and x.producer is None:  # the input: its dtype is the caller's
+    if x is not None and (x.producer is None or _from_a_written_cast(x)):  # the input: its dtype is the caller's
         return None
     src = n.args[1] if x is not None else None
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1:] == ("dtype",)):
@@ -605,6 +607,15 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     t = b.env.get(of)
     dtype = t.tensor.dtype if isinstance(t, Const) else t.dtype if isinstance(t, Value) else None
     return ("identity", [x], {}, {}, "") if dtype is not None and dtype == x.dtype else None
+
+
+def _from_a_written_cast(v: Value) -> bool:
+    """Whether ``v`` is computed, along first inputs, from a ``cast`` to a dtype written in the code."""
+    while (p := v.producer) is not None and p.inputs:
+        if p.op == "cast":
+            return True
+        v = p.inputs[0]
+    return False
 
 
 _CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
