@@ -15,7 +15,9 @@ but the fused conv pads x with zeros and BN(0) = t != 0: border outputs would ne
 t for in-image taps only. REFUSED (symbolic counterexample below; the interior agrees).
 
 The same holds for any per-channel affine map: a constant added per input channel,
-sign * x + c[c] (YOLOv7's ImplicitA), is s = sign, t = c.
+sign * x + c[c] (YOLOv7's ImplicitA), is s = sign, t = c; a GroupNorm's own affine after its
+normalization n (PoolFormer's GroupNorm(1, C) before a 1x1 conv) is s = gamma, t = beta, with n(x)
+in the place of x.
 
 Proof: symbolic x, W, b and BN parameters with the BN scale kept as gamma/sympy.sqrt(var+eps);
 both sides are linear in 1/sqrt(var+eps), so expand(lhs - rhs) == 0 is an exact proof. The

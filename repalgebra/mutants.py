@@ -379,6 +379,12 @@ MUTANTS: list[Mutant] = [
        "or not sole_use(graph, sc.out)", ""),
     _helper("scale_into_conv", "groups-dropped", "every group of the conv reads the scale of the first group's channels",
             _PER_INPUT, *_GROUPS_DROPPED),
+    _m("bn_before_conv", "group-norm-input-read", "a GroupNorm's affine folded and the conv reading the norm's input, not its normalization",
+       'bare = (bn.replace(params={}),) if bn.op == "group_norm" else ()', "bare = ()"),
+    _m("bn_before_conv", "group-norm-beta-dropped", "a GroupNorm's beta dropped as its affine folds",
+       "(ones * 0 if beta is None else beta.to(dtype))", "(ones * 0)", target="repalgebra.rules.bn_before_conv:_affine"),
+    _m("bn_before_conv", "group-norm-gamma-dropped", "a GroupNorm's gamma dropped as its affine folds",
+       "return (ones if gamma is None else gamma.to(dtype)),", "return ones,", target="repalgebra.rules.bn_before_conv:_affine"),
     # ---------------------------------------------------------------- bn_into_linear
     _m("bn_into_linear", "select-of-the-channels", "a select of the channel axis taken to keep the channels (one channel's features read as all)",
        "return None if axis == picked else axis - (axis > picked)", "return axis - (axis > picked)", target="repalgebra.layout:follow_axis"),

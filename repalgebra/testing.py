@@ -507,11 +507,16 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         return op_def(op)(ms, a, _abs_params(n))
     if op == "constant":
         return n.params["value"].to(torch.float64).abs()
-    if op in ("layer_norm", "rms_norm"):
+    if op in ("layer_norm", "rms_norm", "group_norm"):
         # Over D elements the normalized values' squares sum to at most D, so each is at most sqrt(D) in size;
-        # then |gamma n + beta| <= sqrt(D) |gamma| + |beta|.
+        # then |gamma n + beta| <= sqrt(D) |gamma| + |beta| (a group norm's gamma and beta per channel, axis 1).
         p = _abs_params(n)
-        bound = torch.full_like(ms[0], prod(a["normalized_shape"]) ** 0.5)
+        x = ms[0]
+        if op == "group_norm":
+            size = x[0].numel() // a["num_groups"]
+            view = lambda v: v.reshape(1, -1, *([1] * (x.dim() - 2))) if torch.is_tensor(v) else v  # noqa: E731
+            return torch.full_like(x, size**0.5) * view(p.get("weight", 1.0)) + view(p.get("bias", 0.0))
+        bound = torch.full_like(x, prod(a["normalized_shape"]) ** 0.5)
         return bound * p.get("weight", 1.0) + p.get("bias", 0.0)
     if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "select", "slice",
               "relu", "expand", "slice_scatter"):
@@ -528,7 +533,7 @@ def magnitude(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch
     ``s = gamma / sqrt(var + eps)``, which bounds every intermediate of both
     ways to compute it (``(x - mean) * s + beta`` and ``s * x + t``).  Pools,
     concat, means and layout ops have non-negative coefficients already.  A
-    LayerNorm or RMSNorm over ``D`` elements is ``sqrt(D) |gamma| + |beta|``:
+    LayerNorm, RMSNorm or GroupNorm over ``D`` elements is ``sqrt(D) |gamma| + |beta|``:
     its normalized values are at most ``sqrt(D)`` in size whatever its input.
     Evaluated in float64.  Elementwise, the result bounds the absolute value
     of every term summed into that output, hence of the output itself.  Raises

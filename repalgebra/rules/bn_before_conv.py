@@ -14,6 +14,10 @@ the fold, ``conv(pad(BN(x))) = conv'(pad(x))``.
 Read by several convs and nothing else (the 1x1 branches of an Inception block
 after a shared BN), it folds into each of them at once.
 
+A GroupNorm's own affine (PoolFormer's ``GroupNorm(1, C)`` before its MLP's 1x1 conv) is the same map with
+``s = gamma``, ``t = beta``, after the normalization ``n``: ``conv(gamma n(x) + beta) = conv'(n(x))``, and the
+norm keeps its normalization alone.
+
 Through a channel concat that only the conv reads (PP-HGNetV2's LearnableAffineBlock, ``scale * x + bias``, on
 each part before the aggregation 1x1), each part's map (a BN, an added constant, a scale) folds into the
 kernel's slice of input channels it feeds; a part read elsewhere too keeps its map, and a zero-padding conv takes
@@ -38,7 +42,7 @@ _COPYING = ("reflect", "replicate", "circular")  # pads that copy pixels of the 
 @rule("bn_before_conv", on="conv2d")
 def bn_before_conv(graph, conv):
     pad = _copying_pad(graph, conv.x)
-    bn = producer(conv.x if pad is None else pad.x, "batch_norm", "add_const")
+    bn = producer(conv.x if pad is None else pad.x, "batch_norm", "add_const", "group_norm")
     if bn is None:
         return _through_concat(graph, conv) if pad is None else None
     readers = [conv] if sole_use(graph, bn.out) else every_reader(graph, bn.out, "conv2d") if pad is None else None
@@ -50,13 +54,17 @@ def bn_before_conv(graph, conv):
     if any(any(c.attrs["padding"]) for c in readers):
         if bn.op == "add_const":
             return Refusal("the conv after it zero-pads: its border would see 0, not the added constant", about=bn)
+        if bn.op == "group_norm":
+            return Refusal("the conv after it zero-pads: its border would see 0, not the norm's beta", about=bn)
         return Refusal("the conv after it zero-pads, and BN(0) != 0 at the border", about=bn)
+    bare = (bn.replace(params={}),) if bn.op == "group_norm" else ()  # a norm keeps its normalization
+    x = bare[0].out if bare else bn.x
     if pad is None:  # one conv, or each conv reading the BN (an Inception block's 1x1 branches)
-        news = [_folded(c, *affine, bn, bn.x) for c in readers]
-        return Rewrite(readers[0].out, news[0].out, tuple(news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
-    moved = pad.replace(inputs=(bn.x, *pad.inputs[1:]))  # the affine commutes with copying pixels
+        news = [_folded(c, *affine, bn, x) for c in readers]
+        return Rewrite(readers[0].out, news[0].out, (*bare, *news), also=tuple((r.out, n.out) for r, n in zip(readers[1:], news[1:])))
+    moved = pad.replace(inputs=(x, *pad.inputs[1:]))  # the affine commutes with copying pixels
     new = _folded(conv, *affine, bn, moved.out)
-    return Rewrite(conv.out, new.out, (moved, new))
+    return Rewrite(conv.out, new.out, (*bare, moved, new))
 
 
 def _affine(bn, dtype):
@@ -65,6 +73,12 @@ def _affine(bn, dtype):
     if bn.op == "batch_norm":
         return bn_affine(bn)
     channels = bn.x.shape[1]
+    if bn.op == "group_norm":  # its own affine, after the normalization
+        gamma, beta = bn.params.get("weight"), bn.params.get("bias")
+        if gamma is None and beta is None:
+            return None
+        ones = torch.ones(channels, dtype=dtype)
+        return (ones if gamma is None else gamma.to(dtype)), (ones * 0 if beta is None else beta.to(dtype))
     if bn.op == "scale":
         f = bn.params["scale"].reshape(-1).to(dtype)
         if bn.attrs["axis"] % len(bn.x.shape) != 1 and f.numel() != 1:

@@ -200,3 +200,39 @@ def test_a_part_of_the_concat_read_elsewhere_keeps_its_map(dtype, seed, data):
     assert [v.producer.op for v in only(fused, "concat").inputs] == ["relu", "scale"]  # the shared scale is still read
     inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
     assert_graphs_equal(graph, fused, inputs, dtype)
+
+
+def _group_norm_then_conv(spec, dtype, weight, bias, seed, data):
+    c = spec.in_channels
+    groups = data.draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", spec.input_shape(2), dtype)
+    gamma = (0.5 + torch.rand(c, generator=gen, dtype=torch.float64)).to(dtype) if weight else None
+    beta = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    n = b.group_norm(x, weight=gamma, bias=beta, num_groups=groups, eps=1e-5, source="norm")
+    graph = b.build(add_conv(b, n, spec, dtype, seed, "mlp.fc1"))
+    return graph, run_rules(graph, "bn_before_conv")
+
+
+@given(spec=conv_specs(padding="none"), dtype=float_dtypes(), affine=st.sampled_from(["both", "weight", "bias", "none"]),
+       seed=seeds(), data=st.data())
+def test_a_group_norms_affine_folds_into_an_unpadded_conv(spec, dtype, affine, seed, data):
+    """PoolFormer's ``GroupNorm(1, C)`` before its MLP's 1x1 conv: ``conv(gamma n(x) + beta) = conv'(n(x))``, the norm
+    left with its normalization (a norm without an affine has nothing to fold)."""
+    graph, (fused, report) = _group_norm_then_conv(spec, dtype, affine in ("both", "weight"), affine in ("both", "bias"), seed, data)
+    if affine != "none":
+        assert report.rule_counts() == {"bn_before_conv": 1} and only(fused, "group_norm").params == {}, report
+        assert only(fused, "conv2d").x is only(fused, "group_norm").out
+    else:
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(2), dtype, seed + 1), dtype)
+
+
+@given(spec=conv_specs(padding="symmetric"), dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_group_norms_affine_stays_before_a_zero_padding_conv(spec, dtype, seed, data):
+    """A zero-padding conv would see 0 at its border, not beta."""
+    graph, (fused, report) = _group_norm_then_conv(spec, dtype, True, True, seed, data)
+    if any(only(graph, "conv2d").attrs["padding"]):
+        assert report.fired == [] and "beta" in reasons(report, "group_norm")[0], report
+    assert_graphs_equal(graph, fused, random_input(spec.input_shape(2), dtype, seed + 1), dtype)
