@@ -137,7 +137,7 @@ def _rewrite(
                 if result is None:
                     continue
                 if isinstance(result, Refusal) or (unfit := _unfit(result)) is not None:
-                    if not isinstance(result, Refusal):  # a NaN/Inf weight (a statistic of inf, say): fold nothing with it
+                    if not isinstance(result, Refusal):  # a NaN/Inf weight (a statistic of inf), or one the dtype cannot hold
                         result = Refusal(unfit, node)
                     about = result.about or node
                     refusals[id(about)] = (about, f"{r.name}: {result.reason}", result.about is not None)

@@ -596,7 +596,7 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     a cast of a value computed from a cast the code writes (LLaMA's ``softmax(s, dtype=torch.float32).to(q.dtype)``:
     float32 whatever the model is cast to, where ``q`` follows the model)."""
     x = shaped(args[0]) if len(args) == 2 and not kwargs else None
-    if x is not None and (x.producer is None or _from_a_written_cast(x)):  # the input: its dtype is the caller's
+    if x is not None and (x.producer is None or _from_a_written_cast(x)):  # the input's dtype is the caller's
         return None
     src = n.args[1] if x is not None else None
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1:] == ("dtype",)):
