@@ -83,7 +83,8 @@ def test_not_fired_when_channels_do_not_arrive_last(case, dtype, seed):
     y = MIXING[chain](b, add_bn(b, x, stats, dtype, "norm"))
     graph = b.build(b.linear(y, **linear_params(y.shape[-1], c_out, bias, seed, dtype), source="lin"))
     fused, report = run_rules(graph, "bn_into_linear")
-    s, t = stats.affine()
+    bn = only(graph, "batch_norm")  # as the rule sees it: the statistics in the graph's dtype, folded in float64
+    s, t = bn_affine(bn.replace(params={k: p.to(torch.float64) for k, p in bn.params.items()}))
     if shape[2] * shape[3] == 1 or shape[1] == 1 or (bool((s == s[0]).all()) and bool((t == t[0]).all())):
         # At a 1x1 spatial size the channels arrive last whole, and one channel (or one affine map for every
         # channel) is a scalar affine: folding is right, and fires.
