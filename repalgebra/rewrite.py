@@ -19,6 +19,7 @@ write into parameters they were given.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,27 +173,25 @@ def _unfit(rw: Rewrite) -> str | None:
     slimming's near-zero BN scales) loses nothing that shows."""
     for n in rw.nodes:
         dtype = n.out.dtype
-        for p in n.params.values():
-            if not p.is_floating_point():
+        for key, p in n.params.items():
+            if not p.is_floating_point() or not p.numel():
                 continue
-            if not bool(torch.isfinite(p).all()):
+            size = p.abs()
+            largest = float(size.max())  # (NaN if any is: max propagates it)
+            if not math.isfinite(largest):
                 return "a weight it would fold is not finite (NaN or Inf)"
-            if dtype is None or not dtype.is_floating_point or dtype == p.dtype or not p.numel():
+            if dtype is None or not dtype.is_floating_point or dtype == p.dtype:
                 continue
             info, name = torch.finfo(dtype), str(dtype).replace("torch.", "")
-            if float(p.abs().max()) > info.max / 2 and not bool(torch.isfinite(p.to(dtype)).all()):
+            if largest > info.max / 2 and not bool(torch.isfinite(p.to(dtype)).all()):
                 return f"a weight it would fold overflows {name}"
-        w = n.params.get("weight")
-        if w is None or w.dim() < 2 or dtype is None or not dtype.is_floating_point or dtype == w.dtype:
-            continue
-        info = torch.finfo(dtype)
-        if not bool(((w != 0) & (w.abs() < info.tiny)).any()):
-            continue
-        bias = n.params.get("bias")
-        held = _per_output(n, w.abs()) + (0 if bias is None else bias.abs())
-        lost = _per_output(n, (w.to(dtype).to(w.dtype) - w).abs())
-        if bool((lost > info.eps * held).any()):
-            return f"a weight it would fold is below {str(dtype).replace('torch.', '')}'s smallest normal number, where rounding loses its digits"
+            if key != "weight" or p.dim() < 2 or not bool(((size < info.tiny) & (size > 0)).any()):
+                continue
+            bias = n.params.get("bias")
+            held = _per_output(n, size) + (0 if bias is None else bias.abs())
+            lost = _per_output(n, (p.to(dtype).to(p.dtype) - p).abs())
+            if bool((lost > info.eps * held).any()):
+                return f"a weight it would fold is below {name}'s smallest normal number, where rounding loses its digits"
     return None
 
 
