@@ -508,16 +508,18 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
     if op == "constant":
         return n.params["value"].to(torch.float64).abs()
     if op in ("layer_norm", "rms_norm", "group_norm"):
-        # Over D elements the normalized values' squares sum to at most D, so each is at most sqrt(D) in size;
-        # then |gamma n + beta| <= sqrt(D) |gamma| + |beta| (a group norm's gamma and beta per channel, axis 1).
-        p = _abs_params(n)
-        x = ms[0]
-        if op == "group_norm":
-            size = x[0].numel() // a["num_groups"]
-            view = lambda v: v.reshape(1, -1, *([1] * (x.dim() - 2))) if torch.is_tensor(v) else v  # noqa: E731
-            return torch.full_like(x, size**0.5) * view(p.get("weight", 1.0)) + view(p.get("bias", 0.0))
-        bound = torch.full_like(x, prod(a["normalized_shape"]) ** 0.5)
-        return bound * p.get("weight", 1.0) + p.get("bias", 0.0)
+        # Over D elements the normalized values' squares sum to at most D, so each is at most sqrt(D) in size.  A
+        # LayerNorm or GroupNorm is computed as x * (gamma rstd) + (beta - mean rstd gamma) (PyTorch's kernels): its
+        # terms are up to (|x| + |mean|) |gamma| / sqrt(eps) in size, however well the output is bounded, since
+        # rstd = 1 / sqrt(var + eps) <= 1 / sqrt(eps); an RMSNorm only scales x, so its terms are the output's.
+        p, x = _abs_params(n), ms[0]
+        per_channel = lambda v: v.reshape(1, -1, *([1] * (x.dim() - 2))) if torch.is_tensor(v) else v  # noqa: E731
+        view = per_channel if op == "group_norm" else (lambda v: v)
+        size = x[0].numel() // a["num_groups"] if op == "group_norm" else prod(a["normalized_shape"])
+        bound = torch.full_like(x, size**0.5)
+        if op != "rms_norm":
+            bound = bound + (x + x.amax()) / max(a["eps"], 1e-30) ** 0.5
+        return bound * view(p.get("weight", 1.0)) + view(p.get("bias", 0.0))
     if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "flatten", "permute", "transpose", "select", "slice",
               "relu", "expand", "slice_scatter"):
         # Non-negative coefficients (or element moves); relu is 1-Lipschitz with |relu(y)| <= |y|.
@@ -533,8 +535,10 @@ def magnitude(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch
     ``s = gamma / sqrt(var + eps)``, which bounds every intermediate of both
     ways to compute it (``(x - mean) * s + beta`` and ``s * x + t``).  Pools,
     concat, means and layout ops have non-negative coefficients already.  A
-    LayerNorm, RMSNorm or GroupNorm over ``D`` elements is ``sqrt(D) |gamma| + |beta|``:
-    its normalized values are at most ``sqrt(D)`` in size whatever its input.
+    norm over ``D`` elements is ``sqrt(D) |gamma| + |beta|`` (its normalized values are at
+    most ``sqrt(D)`` in size whatever its input), plus ``(|x| + max |x|) |gamma| / sqrt(eps)``
+    for a LayerNorm or GroupNorm, whose kernels compute ``x * gamma rstd`` and then
+    subtract the mean's share.
     Evaluated in float64.  Elementwise, the result bounds the absolute value
     of every term summed into that output, hence of the output itself.  Raises
     ``NotImplementedError`` for ops without such a rule (non-linear ones
