@@ -20,6 +20,16 @@ def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
     return s, p["bias"] - p["mean"] * s
 
 
+def norm_affine(norm: Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A LayerNorm's, RMSNorm's or GroupNorm's own affine map after its normalization ``n``, ``gamma n + beta``, as
+    ``(gamma, beta)``: ``gamma`` ones where the norm has only a ``beta``, ``beta`` None where it has none; None where
+    it has neither."""
+    gamma, beta = norm.params.get("weight"), norm.params.get("bias")
+    if gamma is None and beta is None:
+        return None
+    return (torch.ones(beta.shape, dtype=beta.dtype) if gamma is None else gamma), beta
+
+
 def conv_bias(conv: Node) -> torch.Tensor:
     """The conv's (or transposed conv's) bias, zeros when it has none."""
     w = conv.params["weight"]

@@ -121,6 +121,8 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
+_NORM_AFFINE = "repalgebra.kernels:norm_affine"
+_NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
 _BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
@@ -382,9 +384,9 @@ MUTANTS: list[Mutant] = [
     _m("bn_before_conv", "group-norm-input-read", "a GroupNorm's affine folded and the conv reading the norm's input, not its normalization",
        'bare = (bn.replace(params={}),) if bn.op == "group_norm" else ()', "bare = ()"),
     _m("bn_before_conv", "group-norm-beta-dropped", "a GroupNorm's beta dropped as its affine folds",
-       "(ones * 0 if beta is None else beta.to(dtype))", "(ones * 0)", target="repalgebra.rules.bn_before_conv:_affine"),
-    _m("bn_before_conv", "group-norm-gamma-dropped", "a GroupNorm's gamma dropped as its affine folds",
-       "return (ones if gamma is None else gamma.to(dtype)),", "return ones,", target="repalgebra.rules.bn_before_conv:_affine"),
+       "torch.zeros(channels, dtype=dtype) if beta is None else beta.to(dtype)", "torch.zeros(channels, dtype=dtype)",
+       target="repalgebra.rules.bn_before_conv:_affine"),
+    _helper("bn_before_conv", "group-norm-gamma-dropped", "a GroupNorm's gamma dropped as its affine folds", _NORM_AFFINE, *_NORM_GAMMA_DROPPED),
     # ---------------------------------------------------------------- bn_into_linear
     _m("bn_into_linear", "select-of-the-channels", "a select of the channel axis taken to keep the channels (one channel's features read as all)",
        "return None if axis == picked else axis - (axis > picked)", "return axis - (axis > picked)", target="repalgebra.layout:follow_axis"),
@@ -411,14 +413,12 @@ MUTANTS: list[Mutant] = [
     _m("bn_into_linear", "shift-per-token", "a constant that changes along the tokens is folded as its last row",
        "c = per_feature(add.params[\"const\"], add.out.shape, len(add.out.shape) - 1)",
        "c = add.params[\"const\"].flatten()[-features:]", target="repalgebra.rules.bn_into_linear:_shift_into"),
-    _m("bn_into_linear", "norm-gamma-dropped", "a LayerNorm's gamma dropped as its affine is folded (only beta moves into the Linear)",
-       "return (torch.ones(norm.out.shape[-1], dtype=beta.dtype) if gamma is None else gamma), beta",
-       "return torch.ones(norm.out.shape[-1], dtype=(beta if gamma is None else gamma).dtype), beta",
-       target="repalgebra.rules.bn_into_linear:_norm_affine"),
-    _m("bn_into_linear", "norm-beta-dropped", "a LayerNorm's beta dropped as its affine is folded",
-       "if gamma is None else gamma), beta", "if gamma is None else gamma), None", target="repalgebra.rules.bn_into_linear:_norm_affine"),
+    _helper("bn_into_linear", "norm-gamma-dropped", "a LayerNorm's gamma dropped as its affine is folded (only beta moves into the Linear)",
+            _NORM_AFFINE, *_NORM_GAMMA_DROPPED),
+    _helper("bn_into_linear", "norm-beta-dropped", "a LayerNorm's beta dropped as its affine is folded", _NORM_AFFINE,
+            "if gamma is None else gamma), beta", "if gamma is None else gamma), None"),
     _m("bn_into_linear", "norm-axes-unchecked", "a norm over the last two axes folded as if its gamma were one per feature",
-       'or len(norm.attrs["normalized_shape"]) != 1:', ":", target="repalgebra.rules.bn_into_linear:_norm_affine"),
+       'if len(norm.attrs["normalized_shape"]) == 1 else None', "", target="repalgebra.rules.bn_into_linear:_norm_affine"),
     _m("bn_into_linear", "norm-readers-unchecked", "a norm's affine folded into its first Linear although a ReLU reads it too",
        'readers = [graph.users(norm.out)[0]] if sole_use(graph, norm.out) else', 'readers = [graph.users(norm.out)[0]] if True else',
        target="repalgebra.rules.bn_into_linear:_norm_affine_into"),

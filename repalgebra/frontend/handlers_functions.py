@@ -397,28 +397,13 @@ def _sized_stops(index: Any, x: Value) -> Any:
     for it in items:
         if it is Ellipsis:
             axis = len(x.shape) - sum(i is not None and i is not Ellipsis for i in items[items.index(it) + 1 :])
-        elif isinstance(it, slice) and (read := _size_read(it.stop)) is not None and (it.step in (None, 1)):
-            (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read)
+        elif isinstance(it, slice) and len(read := _size_factors(it.stop) or ()) == 1 and isinstance(read[0], tuple) and it.step in (None, 1):
+            (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read[0])
             if u is not None and u is w and a == b:  # x.shape[axis] == that size + (c - d), at every size
                 it = slice(it.start, -(c - d) if c > d else None, it.step)
         out.append(it)
         axis += it is not None and it is not Ellipsis
     return tuple(out) if isinstance(index, tuple) else out[0]
-
-
-def _size_read(v: Any) -> tuple[Value, int] | None:
-    """``(u, axis)`` where ``v`` reads ``u.size(axis)``, ``u.shape[axis]`` or ``u.size()[axis]``; else None."""
-    if not isinstance(v, SymExpr):
-        return None
-    if v.kind == "call_method" and v.target == "size" and len(v.args) == 2 and isinstance(v.args[0], Value) and is_int(v.args[1]):
-        return v.args[0], v.args[1]
-    inner = v.args[0] if v.target is operator.getitem and len(v.args) == 2 and is_int(v.args[1]) else None
-    if isinstance(inner, SymExpr) and isinstance(inner.args[0], Value) and (
-        (inner.kind == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",))
-        or (inner.kind == "call_method" and inner.target == "size" and len(inner.args) == 1)
-    ):
-        return inner.args[0], v.args[1]
-    return None
 
 
 def _index_steps(index: Any, rank: int) -> list[tuple[str, dict]] | None:

@@ -30,7 +30,7 @@ border sees 0 where the unfused graph sees BN(0) = t != 0, so the rule refuses.
 
 import torch
 
-from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
+from repalgebra.kernels import bn_affine, conv_bias, norm_affine, per_input_channel
 from repalgebra.match import conv_with, every_reader, producer, sole_use
 from repalgebra.rules.bias_fold import per_feature
 from repalgebra.rules.registry import Refusal, Rewrite, rule
@@ -74,11 +74,11 @@ def _affine(bn, dtype):
         return bn_affine(bn)
     channels = bn.x.shape[1]
     if bn.op == "group_norm":  # its own affine, after the normalization
-        gamma, beta = bn.params.get("weight"), bn.params.get("bias")
-        if gamma is None and beta is None:
+        affine = norm_affine(bn)
+        if affine is None:
             return None
-        ones = torch.ones(channels, dtype=dtype)
-        return (ones if gamma is None else gamma.to(dtype)), (ones * 0 if beta is None else beta.to(dtype))
+        gamma, beta = affine
+        return gamma.to(dtype), torch.zeros(channels, dtype=dtype) if beta is None else beta.to(dtype)
     if bn.op == "scale":
         f = bn.params["scale"].reshape(-1).to(dtype)
         if bn.attrs["axis"] % len(bn.x.shape) != 1 and f.numel() != 1:

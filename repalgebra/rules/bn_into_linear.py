@@ -46,7 +46,7 @@ value per feature) and only Linears read its output, as their input.
 
 import torch
 
-from repalgebra.kernels import bn_affine
+from repalgebra.kernels import bn_affine, norm_affine
 from repalgebra.layout import follow_chain, layout_chain, replay
 from repalgebra.match import every_reader, merged_source, producer, sole_use
 from repalgebra.rules.bias_fold import per_feature
@@ -136,12 +136,9 @@ _NORMS = ("layer_norm", "rms_norm")
 
 
 def _norm_affine(norm) -> tuple | None:
-    """``(gamma, beta)`` of a LayerNorm or RMSNorm over the last axis alone (``gamma`` ones where it has only a
-    ``beta``; ``beta`` None where it has none), or None: no affine, or one per token and feature."""
-    gamma, beta = norm.params.get("weight"), norm.params.get("bias")
-    if (gamma is None and beta is None) or len(norm.attrs["normalized_shape"]) != 1:
-        return None
-    return (torch.ones(norm.out.shape[-1], dtype=beta.dtype) if gamma is None else gamma), beta
+    """:func:`~repalgebra.kernels.norm_affine` of a LayerNorm or RMSNorm over the last axis alone, or None: no
+    affine, or one per token and feature."""
+    return norm_affine(norm) if len(norm.attrs["normalized_shape"]) == 1 else None
 
 
 def _norm_affine_into(graph, norm):
