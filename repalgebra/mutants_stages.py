@@ -79,7 +79,8 @@ _FITS = ("tests/test_fuse_capture.py::test_a_fold_whose_weights_do_not_fit_the_m
 _OE = "tests/test_onnx_export.py"
 _MASKED = (f"{_OE}::test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked",)
 _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axis",
-         f"{_OE}::test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch")
+         f"{_OE}::test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch",
+         f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
@@ -255,6 +256,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_attention", '_number(ctx, "hidden", -math.inf)', '_number(ctx, "hidden", math.inf)', _MASKED),
     ("onnx_backend", "output-batch-axes-empty-as-unknown", "an output with no axis following the batch declared batch on axis 0",
      "repalgebra.backend.onnx:graph_to_onnx", '({0: "batch"} if batch_axes is None else batch_axes)', '(batch_axes or {0: "batch"})', _AXES),
+    ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
+     "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
+    ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",
+     "repalgebra.backend.onnx:_batch_axes", "rows = batch + 1 if grow else", "rows = batch + 1 if True else", _AXES),
+    ("onnx_backend", "input-batch-declared-regardless", "every input declared batch on axis 0, whether it grew with the batch or not",
+     "repalgebra.backend.onnx:graph_to_onnx", '{0: "batch"} if batched[k] else {}', '{0: "batch"}', _AXES),
     ("onnx_backend", "batch-one-unchecked", "a graph traced at batch 1 declared a dynamic batch without a run at another",
      "repalgebra.backend.onnx:export_onnx", "(rewritten.fired or _batch_of_one(example))", "rewritten.fired", _AXES),
     ("onnx_backend", "clamp-one-bound-clip", "a clamp with one bound lowered to Clip, which onnxruntime bounds by the dtype's largest number",

@@ -633,6 +633,33 @@ def test_outputs_that_do_not_follow_the_batch_declare_no_batch_axis():
     assert all(rel_err(g, w) <= RTOL for g, w in zip(got, want))
 
 
+def test_an_input_without_a_batch_is_declared_without_one():
+    """A causal mask shared by the batch, ``(L, L)``, and a key-padding mask that follows it, ``(B, L)``: only the
+    second was to be declared ``batch`` on axis 0 (every input's axis 0 was, the mask's too, even with ``L`` equal to
+    the example's batch).  The file runs at other batches with the one mask."""
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x, mask, keep):
+            h = self.q(x)
+            scores = h @ h.transpose(1, 2) + mask + keep[:, None, :]
+            return torch.softmax(scores, -1) @ h
+
+    model, length = Masked().eval(), 5
+    mask = torch.triu(torch.full((length, length), float("-inf")), 1)
+    for batch in (2, length):
+        keep = torch.zeros(batch, length)
+        proto = export_onnx(model, None, (torch.randn(batch, length, 8), mask, keep), opset=20)
+        declared = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+        assert declared == [["batch", length, 8], [length, length], ["batch", length]]
+        assert _declared(proto) == [["batch", length, 8]]
+    x, keep = torch.randn(3, length, 8), torch.zeros(3, length)
+    got = _session(proto).run(None, {"x": x.numpy(), "mask": mask.numpy(), "keep": keep.numpy()})[0]
+    assert rel_err(got, model(x, mask, keep)) <= RTOL
+
+
 def test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch():
     """``y.squeeze(0)`` at batch 1 drops the batch axis, and is no op at any other batch: the file declared a dynamic
     batch and failed in onnxruntime at batch 2 (a reshape to the batch-1 shape).  The batch is fixed, with a note."""

@@ -983,10 +983,11 @@ def graph_to_onnx(
             shape[k] = dim
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
+    batched, axes = _batch_axes(graph, examples, dtype) if dynamic_batch else (None, None)
     inputs = []
-    for v in graph.inputs:
+    for k, v in enumerate(graph.inputs):
         names[id(v)] = ctx.unique(v.name)
-        inputs.append(io(v, names[id(v)]))
+        inputs.append(io(v, names[id(v)], None if batched is None else {0: "batch"} if batched[k] else {}))
     region_of = {id(n): r for r in regions for n in r.run}
     for n in graph.nodes:
         r = region_of.get(id(n))
@@ -1000,7 +1001,6 @@ def graph_to_onnx(
         names[id(n.out)] = OPS[n.op].lowerings["onnx"](ctx, n, *(names[id(i)] for i in n.inputs))
         report.own_onnx_nodes += len(ctx.nodes) - before
     outputs = []
-    axes = _output_batch_axes(graph, examples, dtype) if dynamic_batch else None
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
@@ -1088,37 +1088,52 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
         )
 
 
-def _output_batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> list[dict[int, str]] | None:
-    """Per graph output, the axes whose size follows the batch (axis 0 of the inputs) and their names in the file:
-    ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a ``reshape(-1, C)`` of
-    ``(B, 16, C)`` tokens), else a name of its own.  The graph runs once at a batch one larger.  A time-major
-    ``(T, B, C)`` output has its batch on axis 1.  ``None`` when the graph does not run there (the axis-0
-    convention then stands)."""
+def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[list[bool] | None, list[dict[int, str]] | None]:
+    """Which inputs have a batch on axis 0, and per graph output the axes whose size follows it, with their names in
+    the file: ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a
+    ``reshape(-1, C)`` of ``(B, 16, C)`` tokens), else a name of its own.
+
+    The batch is the first input's axis 0.  The graph runs once at a batch one larger, with every input whose axis 0
+    has the batch's size grown (the first that runs of: all of them, then fewer, the first input always): an input
+    that does not follow the batch (a shared ``(L, S)`` mask, a position table) does not run grown, and its axis 0 is
+    then declared fixed.  A time-major ``(T, B, C)`` output has its batch on axis 1.  ``(None, None)`` when no choice
+    runs (the axis-0 convention then stands)."""
+    from itertools import combinations
+
     from repalgebra.interpret import run_graph
 
-    batch = graph.inputs[0].shape[0] + 1
+    if not graph.inputs or not graph.inputs[0].shape:
+        return None, None
+    batch = graph.inputs[0].shape[0]
     gen = torch.Generator().manual_seed(0)
     given = dict(enumerate(examples))
-    xs = []
-    for k, v in enumerate(graph.inputs):
+    if any(v.dtype is not None and not v.dtype.is_floating_point and k not in given for k, v in enumerate(graph.inputs)):
+        return None, None  # no values to run an integer input with (token ids, indices)
+
+    def value(k: int, v: Value, grow: bool) -> torch.Tensor:
+        rows = batch + 1 if grow else v.shape[0] if v.shape else None
         if v.dtype is not None and not v.dtype.is_floating_point:
-            if k not in given:
-                return None
-            xs.append(given[k][torch.arange(batch) % given[k].shape[0]])
-        else:
-            xs.append(torch.randn((batch, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype))
-    try:
-        with torch.no_grad():
-            outs = run_graph(graph, *xs)
-    except Exception:  # noqa: BLE001  (shapes fixed somewhere: the export's own batch handling decides)
-        return None
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    axes = []
-    for v, t in zip(graph.outputs, outs):
-        if not torch.is_tensor(t) or v.shape is None or t.dim() != len(v.shape):
-            return None
-        axes.append({k: _batch_dim(b, a, batch - 1, f"{v.name}_{k}") for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b})
-    return axes
+            t = given[k]
+            return t[torch.arange(rows) % t.shape[0]] if grow else t
+        return torch.randn((rows, *v.shape[1:]) if v.shape else (), generator=gen, dtype=v.dtype or dtype)
+
+    others = [k for k, v in enumerate(graph.inputs) if k and v.shape and v.shape[0] == batch]
+    for n in range(len(others), -1, -1) if len(others) <= 4 else (len(others), 0):
+        for chosen in combinations(others, n):
+            grown = [k == 0 or k in chosen for k in range(len(graph.inputs))]
+            try:
+                with torch.no_grad():
+                    outs = run_graph(graph, *(value(k, v, g) for k, (v, g) in enumerate(zip(graph.inputs, grown))))
+            except Exception:  # noqa: BLE001  (does not run so: the next choice)
+                continue
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            axes = []
+            for v, t in zip(graph.outputs, outs):
+                if not torch.is_tensor(t) or v.shape is None or t.dim() != len(v.shape):
+                    return grown, None
+                axes.append({k: _batch_dim(b, a, batch, f"{v.name}_{k}") for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b})
+            return grown, axes
+    return None, None
 
 
 def _batch_dim(size: int, size_after: int, batch: int, own: str) -> str:
@@ -1305,8 +1320,9 @@ def export_onnx(
     seconds more).  Where the way taken fixes the batch anyway, the others are
     tried too, and the one that leaves the least to ``torch.onnx.export`` is
     kept (a Swin block torch.fx keeps whole goes to it whole; fused at the
-    export's shapes, it is all our own lowering).  With a dynamic batch, each input's axis 0 is named
-    ``batch``, and an output axis that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds
+    export's shapes, it is all our own lowering).  With a dynamic batch, the axis 0 of each input that follows
+    the first input's (found by a run at a batch one larger) is named ``batch``, not that of a mask or table the
+    batch shares, and an output axis that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds
     16 rows per sample (tokens flattened into rows).  The metadata records the producer, version, the rules that
     fired, which nodes went through the fallback and anything in ``metadata``
     (the CLI adds the variant name).  The model you pass is not modified.
