@@ -26,6 +26,11 @@ output channels (MobileNetV4's multi-query attention: ``q = conv(x)`` reshaped t
 transposed to (h, H W, d), scaled per head): W'[o] = f[o] W[o] over every (c, u, v), for a 1x1 and a
 padded 3x3 kernel.
 
+A number on the scores instead (BERT's ``matmul(q, k^T) / sqrt(d) + mask``) passes through the product,
+c (q k^T) = (c q) k^T, so it is the same fold with f = c on q's features (or k's, when q is not one
+part of the Linear): proved with a symbolic c and mask for both; a factor per key column is refused
+(q's one feature meets every column), with a symbolic counterexample.
+
 REFUSED: a scale along the token axis (one factor per token, N = 2): feature o of token 0 meets s[0],
 of token 1 s[1]; a row of W can carry only one, so the fold with s[0] is wrong at token 1. Symbolic
 counterexample below. (Precondition (2) is the engine's graph check; a path that reads the picked
@@ -39,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_differs, assert_equal, conv2d, describe, linear, permute, reshape, scale, symbols_tensor, transpose
+from .symbolic import add, assert_differs, assert_equal, conv2d, describe, linear, permute, reshape, scale, symbols_tensor, transpose
 
 
 def select(x: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -138,8 +143,51 @@ def _prove_conv(cfg: dict) -> str:
     return desc
 
 
+# A number on the scores: c * (q k^T) + mask, with q (or k) one part of the qkv Linear.
+SCORES_CONFIGS = [
+    dict(name="BERT scores / sqrt(d) + mask, onto q", B=1, N=2, C=2, h=1, d=2, onto=0),
+    dict(name="scores * c, onto k (q given), 2 heads", B=1, N=2, C=1, h=2, d=1, onto=1),
+]
+
+
+def _prove_scores(cfg: dict) -> str:
+    """c * matmul(q, k^T) + m == matmul(q', k'^T) + m with c folded into the rows of the part ``onto``."""
+    B, N, C, h, d, onto = (cfg[n] for n in ("B", "N", "C", "h", "d", "onto"))
+    O = 3 * h * d
+    x, w, b = symbols_tensor("x", (B, N, C)), symbols_tensor("w", (O, C)), symbols_tensor("b", (O,))
+    c, mask = sympy.Symbol("c"), symbols_tensor("m", (B, h, N, N))
+    given_q = symbols_tensor("g", (B, h, N, d))
+
+    def scores(y: np.ndarray, factor) -> np.ndarray:
+        q = path(y, B, N, h, d, 0) if onto == 0 else given_q
+        return add(factor * np.matmul(q, transpose(path(y, B, N, h, d, 1), -2, -1)), mask)
+
+    f = factors(O, path(_labels(B, N, O), B, N, h, d, onto), [c] * d, -1)
+    w2, b2 = fuse(w, b, f)
+    y, y2 = linear(x, w, b), linear(x, w2, b2)
+    desc = describe("c * matmul(q, k^T) + m == matmul(q', k'^T) + m; v unchanged", case=cfg["name"], x=(B, N, C),
+                    heads=h, head_dim=d, onto="qk"[onto])
+    assert_equal(scores(y, c), scores(y2, 1), f"query_scale_fold {desc}")
+    assert_equal(path(y, B, N, h, d, 2), path(y2, B, N, h, d, 2), f"query_scale_fold {desc}: v")
+    return desc
+
+
+def _refuse_per_key() -> str:
+    """A factor per key column cannot move onto q: q's one feature meets both columns' factors."""
+    x, w = symbols_tensor("x", (1, 2, 1)), symbols_tensor("w", (3, 1))
+    s = symbols_tensor("s", (2,))
+    y = linear(x, w)
+    q, k = path(y, 1, 2, 1, 1, 0), path(y, 1, 2, 1, 1, 1)
+    lhs = scale(np.matmul(q, transpose(k, -2, -1)), s, axis=3)
+    w2, _ = fuse(w, None, [s[0], 1, 1])  # the number token 0's column meets, moved onto q anyway
+    y2 = linear(x, w2)
+    rhs = np.matmul(path(y2, 1, 2, 1, 1, 0), transpose(path(y2, 1, 2, 1, 1, 1), -2, -1))
+    diff, num = assert_differs(lhs, rhs, (0, 0, 0, 1), "query_scale_fold refused scores case")
+    return f"refused: a factor per key on the scores (N=2) moved onto q: at (0, 0, 0, 1) lhs - rhs = {diff} != 0 (numeric witness {num})"
+
+
 def prove() -> list[str]:
-    done = [_prove_conv(cfg) for cfg in CONV_CONFIGS]
+    done = [_prove_conv(cfg) for cfg in CONV_CONFIGS] + [_prove_scores(cfg) for cfg in SCORES_CONFIGS] + [_refuse_per_key()]
     for cfg in CONFIGS:
         x, w, b, s, picked, O, lhs = _sides(cfg)
         f = factors(O, picked, s, cfg["axis"])

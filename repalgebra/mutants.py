@@ -122,6 +122,7 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
 _NORM_AFFINE = "repalgebra.kernels:norm_affine"
+_QSF = "repalgebra.rules.query_scale_fold:_fold"
 _NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
 _BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
@@ -449,20 +450,26 @@ MUTANTS: list[Mutant] = [
        "if o * i > m * i + o * m and not _absorbed(graph, outer, inner):", "if False:"),
     # ---------------------------------------------------------------- query_scale_fold
     _m("query_scale_fold", "all-rows-scaled", "the query scale multiplies every row of the qkv Linear (k and v too)",
-       "torch.where(seen, lo, torch.ones(features, dtype=torch.float64))", "torch.where(seen, lo, lo[seen].max().expand(features))"),
+       "torch.where(seen, lo, torch.ones(features, dtype=torch.float64))", "torch.where(seen, lo, lo[seen].max().expand(features))", target=_QSF),
     _m("query_scale_fold", "overlap-unchecked", "folded although another reader sees the scaled rows unscaled",
-       "if v is not node.x and bool(seen[idx.reshape(-1)].any()):", "if False:"),
+       "if v is not scaled and bool(seen[idx.reshape(-1)].any()):", "if False:", target=_QSF),
     _m("query_scale_fold", "factors-unchecked", "folded although one feature meets different factors (a scale along the tokens)",
-       "if not bool((lo[seen] == hi[seen]).all()):", "if False:"),
+       "if not bool((lo[seen] == hi[seen]).all()):", "if False:", target=_QSF),
     _m("query_scale_fold", "bias-unscaled", "the q rows of the bias are not multiplied by the scale",
-       'params["bias"] = b * f.to(b.dtype)', 'params["bias"] = b'),
+       'params["bias"] = b * f.to(b.dtype)', 'params["bias"] = b', target=_QSF),
     _m("query_scale_fold", "conv-features-last-axis", "a conv's features taken along its last axis (as a Linear's), not its channels",
        "axis = lin.out, _FEATURE_AXIS[lin.op] % len(lin.out.shape)", "axis = lin.out, len(lin.out.shape) - 1",
        target="repalgebra.rules.query_scale_fold:_leaves"),
     _m("query_scale_fold", "conv-factor-on-kernel-width", "a conv's factors multiply its kernel's last axis, not its rows",
-       "w * f.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1))", "w * f.to(w.dtype).reshape(*[1] * (w.dim() - 1), -1)"),
+       "w * f.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1))", "w * f.to(w.dtype).reshape(*[1] * (w.dim() - 1), -1)", target=_QSF),
     _m("query_scale_fold", "first-rows", "the scaled part is taken to be the first rows of the Linear (q) whichever part it is",
-       "seen[mine.reshape(-1)] = True", "seen[: len(set(mine.reshape(-1).tolist()))] = True"),
+       "seen[mine.reshape(-1)] = True", "seen[: len(set(mine.reshape(-1).tolist()))] = True", target=_QSF),
+    _m("query_scale_fold", "scores-factors-unchecked", "a scale on the scores with a factor per key column moved onto q as its first factor",
+       "if not (c.numel() and bool((c == c[0]).all())):", "if not c.numel():"),
+    _m("query_scale_fold", "scores-shared-unchecked", "the scores' number moved onto q although q is read by another product too",
+       "if not (sole_use(graph, node.x) and sole_use(graph, operand)):", "if not sole_use(graph, node.x):"),
+    _m("query_scale_fold", "scores-same-operand", "the number of q @ q^T-like scores (one Linear view on both sides) moved onto it once, squared",
+       "if lin is None or sum(i is operand for i in mm.inputs) > 1:", "if lin is None:"),
     # ---------------------------------------------------------------- space_to_depth
     _m("space_to_depth", "phase-axes-swapped", "a phase's row offset put on the kernel's columns and its column offset on the rows",
        "dense[:, :, a::r, b::r] = w[:, g * c : (g + 1) * c]", "dense[:, :, b::r, a::r] = w[:, g * c : (g + 1) * c]"),

@@ -495,8 +495,10 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         s = (p["weight"] / torch.sqrt(p["var"] + a["eps"])).abs()
         view = lambda v: v.reshape(1, -1, *([1] * (ms[0].dim() - 2)))  # noqa: E731
         return (ms[0] + view(p["mean"].abs())) * view(s) + view(p["bias"].abs())
-    if op in ("add", "sub"):
+    if op in ("add", "sub", "broadcast_add"):
         return ms[0] + ms[1]
+    if op == "matmul":  # bilinear: sum_k |a_ik| |b_kj| bounds every term of (a b)_ij
+        return op_def(op)(ms, a, {})
     if op == "scale":
         return op_def(op)(ms, a, _abs_params(n))
     if op == "add_const":  # |sign * y + c| <= |y| + |c|
@@ -530,7 +532,8 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
 def magnitude(graph: Graph, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The magnitude graph's output: ``graph`` on ``|inputs|`` with every coefficient made non-negative.
 
-    Convs, scales and linears use ``|W|``, ``|b|``; ``sub`` becomes ``add``; a
+    Convs, scales and linears use ``|W|``, ``|b|``; ``sub`` becomes ``add``; a matrix product of two
+    activations multiplies their magnitudes (every term of its sums is a product of two); a
     pad pads with ``|value|``; BN is ``|s| (|x| + |mean|) + |beta|`` with
     ``s = gamma / sqrt(var + eps)``, which bounds every intermediate of both
     ways to compute it (``(x - mean) * s + beta`` and ``s * x + t``).  Pools,

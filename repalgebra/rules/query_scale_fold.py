@@ -20,6 +20,14 @@ read anywhere else (through another layout path, or the Linear's output
 itself); the scale's input is read only by the scale.  Which feature lands
 where is computed, not pattern-matched: the layout path is run on the
 Linear's output-feature indices.
+
+A number on the scores instead (BERT's ``matmul(q, k.transpose(-1, -2)) / sqrt(d)``, then ``+ mask``) is the same
+fold one step further, since a number passes through a matrix product, ``c (A B) = (c A) B``:
+
+    scale(matmul(P(Linear(x; W, b)), K); c) = matmul(P(Linear(x; c W_q, c b_q)), K)
+
+for the features ``P`` picks (or with ``c`` on the right operand's Linear when the left is not one).  Preconditions:
+one factor ``c`` for every element; the scores are read by the scale only, the operand by the product only.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from repalgebra.ir import Graph, Node, Value
-from repalgebra.match import sole_use
+from repalgebra.match import producer, sole_use
 from repalgebra.ops import _channel_view, op_def
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -80,20 +88,39 @@ def _leaves(graph: Graph, lin: Node) -> list[tuple[Value, torch.Tensor, list[Nod
 @rule("query_scale_fold", on="scale")
 def query_scale_fold(graph, node):
     lin = _path_up(graph, node.x)
-    if lin is None:
+    if lin is not None:
+        if not sole_use(graph, node.x):
+            return Refusal("the scaled value is also read elsewhere")
+        factors = _channel_view(node.params["scale"], torch.empty(node.x.shape), node.attrs["axis"]).expand(node.x.shape)
+        return _fold(graph, node, lin, node.x, factors)
+    mm = producer(node.x, "matmul")
+    if mm is None:
         return None
-    if not sole_use(graph, node.x):
-        return Refusal("the scaled value is also read elsewhere")
+    c = node.params["scale"].reshape(-1)
+    for operand in mm.inputs:  # the scores' number moves onto q (or k) through the product: c (A B) = (c A) B
+        lin = _path_up(graph, operand)
+        if lin is None or sum(i is operand for i in mm.inputs) > 1:
+            continue
+        if not (c.numel() and bool((c == c[0]).all())):
+            return Refusal("a scale on a matrix product with more than one factor")
+        if not (sole_use(graph, node.x) and sole_use(graph, operand)):
+            return Refusal("the scores, or the operand the number would move onto, are also read elsewhere")
+        return _fold(graph, node, lin, operand, c[:1].expand(operand.shape))
+    return None
+
+
+def _fold(graph: Graph, node: Node, lin: Node, scaled: Value, factors: torch.Tensor) -> Rewrite | Refusal | None:
+    """Multiply the rows of ``lin`` that the layout view ``scaled`` shows by ``factors`` (one per element of
+    ``scaled``), and take the ``scale`` ``node`` out."""
     leaves = _leaves(graph, lin)
-    mine = next((idx for v, idx, _ in leaves if v is node.x), None)
+    mine = next((idx for v, idx, _ in leaves if v is scaled), None)
     if mine is None:
         return None
-    factors = _channel_view(node.params["scale"], torch.empty(node.x.shape), node.attrs["axis"]).expand(node.x.shape)
     features = lin.params["weight"].shape[0]
     seen = torch.zeros(features, dtype=torch.bool)
     seen[mine.reshape(-1)] = True
     for v, idx, _ in leaves:
-        if v is not node.x and bool(seen[idx.reshape(-1)].any()):
+        if v is not scaled and bool(seen[idx.reshape(-1)].any()):
             return Refusal("a feature it scales is also read unscaled elsewhere")
     flat_idx, flat_f = mine.reshape(-1), factors.reshape(-1).to(torch.float64)
     lo = torch.full((features,), float("inf"), dtype=torch.float64).scatter_reduce(0, flat_idx, flat_f, "amin")

@@ -133,3 +133,83 @@ def test_folds_a_scale_on_the_heads_of_a_conv_into_its_output_channels(shape, k,
     per_row = factors.double().repeat_interleave(d)
     torch.testing.assert_close(w1, (weight.double() * per_row[:, None, None, None]).to(dtype).double())
     assert_graphs_equal(graph, fused, random_input((bsz, cin, 2, hw), dtype, seed + 1), dtype)
+
+
+def scores_graph(shape, dtype, seed, *, factors=None, onto="q", mask=False, q_read_twice=False):
+    """BERT's scores: q, k, v picked from one qkv Linear, ``matmul(q, k^T) * c`` (``/ sqrt(d)``), then ``+ mask``.
+
+    ``factors``: the scale's vector along the key axis (default: one number, head_dim ** -0.5); ``onto="k"``: q is
+    a graph input, so only k is a view of a Linear; ``q_read_twice``: q is also read by a second product.
+    """
+    bsz, n, h, d, cin = shape
+    b = GraphBuilder()
+    x = b.input("x", (bsz, n, cin), dtype)
+    y = b.linear(x, **_qkv(shape, True, seed, dtype), source="attn.qkv")
+    parts = b.permute(b.reshape(y, shape=(bsz, n, 3, h, d), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
+    q, k, v = (b.select(parts, axis=0, index=i, source="attn") for i in range(3))
+    if onto == "k":
+        q = b.input("q", (bsz, h, n, d), dtype)
+    scores = b.matmul(q, b.transpose(k, dim0=-2, dim1=-1, source="attn"), source="attn")
+    if factors is None:
+        factors = torch.full((n,), d**-0.5, dtype=torch.float64).to(dtype)
+    out = b.scale(scores, scale=factors, axis=3, source="attn")
+    if mask:
+        out = b.broadcast_add(out, b.input("mask", (bsz, 1, 1, n), dtype), source="attn")
+    extra = (b.matmul(q, b.transpose(v, dim0=-2, dim1=-1, source="attn"), source="attn"),) if q_read_twice else ()
+    return b.build(out, v, *extra)
+
+
+def _scores_inputs(graph, dtype, seed):
+    return [random_input(tuple(v.shape), dtype, seed + k) for k, v in enumerate(graph.inputs)]
+
+
+@given(shape=heads(), dtype=float_dtypes(), onto=st.sampled_from(["q", "k"]), mask=st.booleans(), seed=seeds())
+def test_folds_a_number_on_the_scores_into_the_rows_of_q_or_k(shape, dtype, onto, mask, seed):
+    """``matmul(q, k^T) / sqrt(d) + mask``: the number passes through the product, ``c (q k^T) = (c q) k^T``, into
+    the q rows of the qkv Linear (the k rows when q comes from elsewhere); the v rows stay."""
+    bsz, n, h, d, cin = shape
+    graph = scores_graph(shape, dtype, seed, onto=onto, mask=mask)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.rule_counts() == {"query_scale_fold": 1} and "scale" not in fused.op_counts()
+    w0, w1 = only(graph, "linear").params["weight"].double(), only(fused, "linear").params["weight"].double()
+    part = {"q": 0, "k": 1}[onto]
+    rows = torch.zeros(3 * h * d, dtype=torch.bool)
+    rows[part * h * d : (part + 1) * h * d] = True
+    assert torch.equal(w1[~rows], w0[~rows]), "the rows of the other parts must stay as they are"
+    factor = torch.tensor(d**-0.5, dtype=dtype).double()
+    torch.testing.assert_close(w1[rows], (w0[rows] * factor).to(dtype).double())
+    assert_graphs_equal(graph, fused, _scores_inputs(graph, dtype, seed), dtype)
+
+
+@given(shape=heads(), dtype=float_dtypes(), seed=seeds())
+def test_a_scale_per_key_on_the_scores_stays(shape, dtype, seed):
+    """A factor per key column is not one number: it cannot pass to q (each q feature meets every column)."""
+    n = shape[1]
+    factors = torch.arange(1, n + 1, dtype=torch.float64).to(dtype)
+    graph = scores_graph(shape, dtype, seed, factors=factors)
+    fused, report = run_rules(graph, "query_scale_fold")
+    if n == 1:  # one key: one number after all
+        assert report.rule_counts() == {"query_scale_fold": 1}
+        assert_graphs_equal(graph, fused, _scores_inputs(graph, dtype, seed), dtype)
+        return
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert any("more than one factor" in r for r in reasons(report, "scale"))
+
+
+@given(shape=heads(), dtype=float_dtypes(), seed=seeds())
+def test_a_number_on_the_scores_stays_when_q_is_read_again(shape, dtype, seed):
+    """q also multiplies something else: scaling its rows would scale that product too."""
+    graph = scores_graph(shape, dtype, seed, q_read_twice=True)
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert any("also read elsewhere" in r for r in reasons(report, "scale"))
+
+
+def test_a_number_on_the_product_of_a_value_with_itself_stays():
+    """``matmul(g, g)`` of one view of a Linear: the number would meet both factors, squared, if moved onto g."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 3, 4), torch.float64)
+    g = b.reshape(b.linear(x, weight=torch.randn(16, 4, dtype=torch.float64), source="proj"), shape=(2, 3, 4, 4))
+    graph = b.build(b.scale(b.matmul(g, g), scale=torch.full((4,), 0.5, dtype=torch.float64), axis=3))
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
