@@ -59,6 +59,19 @@ def window(conv: Node) -> Window:
     return Window(conv.attrs["stride"], first, conv.attrs["dilation"], tuple(conv.params["weight"].shape[2:]))
 
 
+def reach(conv: Node) -> tuple[int, ...]:
+    """Per spatial axis, the padding on both sides less the window's span ``d (k - 1)``: a conv of stride ``s`` has
+    ``(size - 1 + reach) // s + 1`` outputs.  Convs of one input and stride have outputs of one size at every input
+    size exactly when their reaches are equal; at a stride above 1, unequal reaches can agree at the example's size
+    and not at others (a 1x1 and a 2x2 stride-2 conv at even sizes only)."""
+    if conv.op == "conv3d":  # pads both ends of an axis alike
+        pads = [2 * p for p in conv.attrs["padding"]]
+    else:
+        t, b, l, r = conv.attrs["padding"]
+        pads = [t + b, l + r]
+    return tuple(p - d * (k - 1) for p, d, k in zip(pads, conv.attrs["dilation"], conv.params["weight"].shape[2:]))
+
+
 def is_1x1_pointwise(conv: Node) -> bool:
     """A 1x1 conv with stride 1 and no padding: a per-pixel channel mix."""
     a = conv.attrs
@@ -111,12 +124,13 @@ def with_operands(join: Node, replaced: dict[int, Value]) -> Node:
 
 
 def conv_operands(join: Node, ops: tuple[str, ...] = CONVS) -> dict[tuple, list[tuple[int, Node]]]:
-    """The conv operands of ``join`` (of ``ops``) grouped by (input value, stride): the ones that may be summed."""
+    """The conv operands of ``join`` (of ``ops``) grouped by (input value, stride, :func:`reach`): the ones that may be
+    summed, their outputs of one size at every input size."""
     groups: dict[tuple, list[tuple[int, Node]]] = {}
     for k, v in enumerate(join.inputs):
         conv = producer(v, *ops)
         if conv is not None:
-            groups.setdefault((id(conv.x), conv.attrs["stride"]), []).append((k, conv))
+            groups.setdefault((id(conv.x), conv.attrs["stride"], reach(conv)), []).append((k, conv))
     return groups
 
 
@@ -171,13 +185,13 @@ def merge_refusal(graph: Graph, join: Node, convs: list[Node], before: list[Node
     root = join
     while sole_use(graph, root.out) and (ups := graph.users(root.out)) and ups[0].op in ("add", "sub"):
         root = ups[0]
-    x, stride = convs[0].x, convs[0].attrs["stride"]
+    x, stride, span = convs[0].x, convs[0].attrs["stride"], reach(convs[0])
     leaves, dense = {id(c): c for c in convs}, join.op == "concat"
     stack = [root]
     while stack:
         for v in stack.pop().inputs:
             p = v.producer
-            if p is not None and p.op in CONVS and p.x is x and p.attrs["stride"] == stride:
+            if p is not None and p.op in CONVS and p.x is x and p.attrs["stride"] == stride and reach(p) == span:
                 if sole_use(graph, v):  # a conv read elsewhere too stays for that reader: it absorbs nothing
                     leaves.setdefault(id(p), p)
             elif p is not None and (p.op in ("add", "sub") or _channel_concat(p)) and sole_use(graph, v):

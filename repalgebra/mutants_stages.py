@@ -82,6 +82,7 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch",
          f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
+_VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
@@ -256,6 +257,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_attention", '_number(ctx, "hidden", -math.inf)', '_number(ctx, "hidden", math.inf)', _MASKED),
     ("onnx_backend", "output-batch-axes-empty-as-unknown", "an output with no axis following the batch declared batch on axis 0",
      "repalgebra.backend.onnx:graph_to_onnx", '({0: "batch"} if batch_axes is None else batch_axes)', '(batch_axes or {0: "batch"})', _AXES),
+    ("frontend", "einsum-one-operand-fresh", "a one-operand einsum (a view of its operand) taken for a new tensor by the fx path",
+     "repalgebra.frontend.inplace:_alias_inputs", "return tensors[:1] if len(tensors) == 1 else []", "return []", _VIEWS),
+    ("frontend", "plus-fresh", "+y (y itself) taken for a new tensor by the fx path",
+     "repalgebra.frontend.inplace:_alias_inputs", "return tensors[:1] if n.target in _VIEW_FUNCTIONS else tensors",
+     "return tensors[:1] if n.target in _VIEW_FUNCTIONS and n.target is not operator.pos else [] if n.target is operator.pos else tensors", _VIEWS),
+    ("frontend", "einsum-write-lost-by-export", "a write through a one-operand einsum let through to torch.export's decomposition, which loses it",
+     "repalgebra.frontend.aten:_returned_input", "if n.target is aten.einsum.default and len(n.args[1]) == 1:", "if False:", _VIEWS),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",

@@ -159,6 +159,13 @@ class ConvSpec:
         return ((self.height + t + b - eh) // self.stride[0] + 1, (self.width + l + r - ew) // self.stride[1] + 1)
 
     @property
+    def reach(self) -> tuple[int, int]:
+        """Padding on both sides less the kernel's span, per axis (:func:`repalgebra.match.reach`): convs of one input
+        and stride have outputs of one size at every input size when their reaches are equal, and only then."""
+        t, b, l, r = self.padding
+        return (t + b - self.extent[0] + 1, l + r - self.extent[1] + 1)
+
+    @property
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel)
 
@@ -295,6 +302,7 @@ def conv_specs_onto(
     unpadded: bool = False,
     lattice_of: ConvSpec | None = None,
     on_lattice: bool = True,
+    reach: tuple[int, int] | None = None,
 ) -> ConvSpec:
     """A conv reading an input of ``size`` (H, W) with ``stride`` whose output grid is exactly ``out_size``.
 
@@ -304,6 +312,8 @@ def conv_specs_onto(
     conv's taps lie on the same lattice as that conv's (same dilation, leading
     paddings differing by multiples of it: what ``kernel_pad`` needs), or,
     with ``on_lattice=False``, not (what ``dilation_to_dense`` is for).
+    ``reach`` (default: ``lattice_of``'s, if given) fixes :attr:`ConvSpec.reach`, so that the conv's output has the
+    other's size at every input size, not at ``size`` alone (at stride 2 two reaches land on one grid).
     Groups are drawn among the common divisors of the channel counts.
     """
     s = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -312,6 +322,9 @@ def conv_specs_onto(
     axes = [
         _axis_options(size[a], out_size[a], s[a], fix(kernel, a), fixd(dilation, a), unpadded) for a in (0, 1)
     ]
+    reach = lattice_of.reach if reach is None and lattice_of is not None else reach
+    if reach is not None:
+        axes = [[o for o in axes[a] if o[2] + o[3] - o[1] * (o[0] - 1) == reach[a]] for a in (0, 1)]
     if lattice_of is not None:
         on = [[o for o in axes[a] if _on_axis_lattice(o, lattice_of, a)] for a in (0, 1)]
         if on_lattice:
@@ -666,6 +679,7 @@ class _Region:
     stride: int
     size: tuple[int, int]  # input (H, W)
     out: tuple[int, int]  # output (Ho, Wo)
+    reach: tuple[int, int]  # every branch's padding less its span (ConvSpec.reach): outputs alike at every size
     windows: list[Window] = field(default_factory=list)  # the taps of every branch, in input offsets
     groups: list[int] = field(default_factory=list)  # the groups of every conv the branches draw
 
@@ -684,21 +698,20 @@ class _Region:
         """The conv that the branches fold into, as a branch of its own: it spans all their windows, on
         their lattice, with the gcd of their groups.  Beside it, merging the others costs nothing."""
         u = union_window(self.windows)
-        after = [max(0, (self.out[a] - 1) * self.stride - (self.size[a] - 1 - u.last(a))) for a in (0, 1)]
+        after = [self.reach[a] + u.last(a) for a in (0, 1)]  # the region's reach: lead + after - span
         return ConvSpec(self.channels, self.channels, gcd(*self.groups), u.count, (self.stride, self.stride), u.step,
                         (-u.first[0], after[0], -u.first[1], after[1]), True, *self.size)
 
 
 def _feasible_pools(r: _Region) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Avg-pool (kernel, padding) pairs with stride ``r.stride`` mapping the input grid to ``r.out``."""
+    """Avg-pool (kernel, padding) pairs with stride ``r.stride`` and reach ``r.reach`` (so mapping the input grid to
+    ``r.out``)."""
     out = []
     for kh in KERNELS:
         for kw in KERNELS:
             for ph in range(kh // 2 + 1):
                 for pw in range(kw // 2 + 1):
-                    ho = (r.size[0] + 2 * ph - kh) // r.stride + 1
-                    wo = (r.size[1] + 2 * pw - kw) // r.stride + 1
-                    if (ho, wo) == r.out and kh <= r.size[0] + 2 * ph and kw <= r.size[1] + 2 * pw:
+                    if (2 * ph - kh + 1, 2 * pw - kw + 1) == r.reach and kh <= r.size[0] + 2 * ph and kw <= r.size[1] + 2 * pw:
                         out.append(((kh, kw), (ph, pw)))
     return out
 
@@ -740,7 +753,7 @@ class _Gen:
 
     def onto(self, r: "_Region", cin: int | None = None, cout: int | None = None, **kw) -> ConvSpec:
         c = r.channels
-        spec = self.draw(conv_specs_onto(r.size, r.out, r.stride, in_channels=cin or c, out_channels=cout or c, **kw))
+        spec = self.draw(conv_specs_onto(r.size, r.out, r.stride, in_channels=cin or c, out_channels=cout or c, reach=r.reach, **kw))
         r.covers(spec.kernel, spec.dilation, spec.padding, spec.groups)
         return spec
 
@@ -777,7 +790,8 @@ class _Gen:
         """1x1 conv (+ BN) then kxk conv (+ BN); the 1x1 has a bias or a BN only when the kxk is unpadded."""
         draw = self.draw
         c = r.channels
-        unpadded_ok = all(_axis_options(r.size[a], r.out[a], r.stride, KERNELS, DILATIONS, True) for a in (0, 1))
+        unpadded_ok = all(any(o[1] * (o[0] - 1) == -r.reach[a] for o in _axis_options(r.size[a], r.out[a], r.stride, KERNELS, DILATIONS, True))
+                          for a in (0, 1))
         kxk_unpadded = unpadded_ok and draw(st.booleans())
         g = draw(st.sampled_from(_divisors(c)))
         # Mid channels: a multiple of g, at least c, so the merged kernel is never larger than the two.
@@ -1071,7 +1085,9 @@ def _branchy_region(draw, gen: _PrefixGen, v: Value, max_branches: int) -> Value
     else:
         stride = draw(st.sampled_from(STRIDES))
         out = (draw(st.integers(1, (h - 1) // stride + 1)), draw(st.integers(1, (w - 1) // stride + 1)))
-    r = _Region(v, c, stride, (h, w), out)
+    # A reach that lands on that grid: (size - 1 + reach) // stride + 1 == out, one of `stride` values per axis.
+    reach = tuple(stride * (o - 1) - (n - 1) + draw(st.integers(0, stride - 1)) for o, n in zip(out, (h, w)))
+    r = _Region(v, c, stride, (h, w), out, reach)
     first: list[Callable[[_Region], Value]] = [gen.conv_branch, gen.pad_conv_branch, gen.seq_branch]
     if c >= 2:
         first.append(gen.concat_branch)

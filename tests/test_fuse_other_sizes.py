@@ -181,3 +181,25 @@ def test_sizes_unpacked_from_a_slice_of_the_shape_are_shape_reads():
         x = torch.randn(shape, dtype=D)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+class ShortcutBesidePatch(nn.Module):
+    """A 1x1 stride-2 shortcut beside a 2x2 stride-2 patch conv (Conv1d too): their outputs have one size at even
+    sizes only, and where one is a single column the add broadcasts it.  The two were merged into one conv at an
+    even example; at 8x3 the fused model returned other numbers (1.65 apart)."""
+
+    def __init__(self, conv: type = nn.Conv2d) -> None:
+        super().__init__()
+        self.short, self.patch = conv(4, 4, 1, stride=2), conv(4, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.short(x) + self.patch(x)
+
+
+@pytest.mark.parametrize("conv, example, other", [(nn.Conv2d, (1, 4, 8, 2), (1, 4, 8, 3)), (nn.Conv1d, (1, 4, 2), (1, 4, 3))])
+def test_convs_whose_outputs_agree_at_even_sizes_only_stay_apart(conv, example, other):
+    model = ShortcutBesidePatch(conv).to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(example, dtype=D))
+    assert fused.fuse_report.ops_after.get("conv2d", 0) + fused.fuse_report.ops_after.get("conv1d", 0) == 2
+    x = torch.randn(other, dtype=D)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

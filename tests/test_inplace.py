@@ -206,3 +206,33 @@ def test_a_bitwise_results_change_in_place_is_not_taken_for_a_change_of_the_inpu
     other = (torch.randn(3, 4, 20), torch.tensor([20, 8, 4]))
     for want, got in zip(model(*[t.clone() for t in other]), fused(*other)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class ViewWrittenThrough(nn.Module):
+    """``torch.einsum("nchw->nhwc", y)`` (MAE's way to permute) and ``+y`` return a view of ``y`` (``+y`` is ``y``
+    itself): a clamp of the result in place clamps ``y``, which the next conv reads.  Both were listed as making a new
+    tensor, and torch.export's decomposition loses the write through a one-operand einsum too: at inputs where the
+    clamp bites, the fused model's conv read the unclamped values (9.3 apart)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.bn, self.proj = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        t = torch.einsum("nchw->nhwc", y) if self.how == "einsum" else +y
+        t.clamp_(-3.0, 3.0)
+        return self.proj(y)
+
+
+@pytest.mark.parametrize("how", ["einsum", "pos"])
+def test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views(how):
+    import repalgebra
+
+    model = ViewWrittenThrough(how).double().eval()
+    fused = repalgebra.fuse(model, 0.05 * torch.randn(1, 4, 6, 6, dtype=torch.float64))  # the clamp does not bite here
+    x = 10 * torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    want = model(x)
+    assert (model.bn(model.conv(x)).abs() > 3).any(), "the clamp must bite at this input"
+    torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9)

@@ -57,6 +57,8 @@ FEW = {
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
     "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.backend.onnx:_batch_axes": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",
+    "repalgebra.frontend.inplace:_alias_inputs": "a table lookup per call kind; mutated where a view was taken for a new tensor (einsum, +y)",
+    "repalgebra.frontend.aten:_returned_input": "two table rows, eval dropout (its tests predate this target) and a one-operand einsum",
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",

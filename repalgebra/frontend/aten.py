@@ -122,7 +122,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
         with torch.no_grad(), warnings.catch_warnings(), mode_flags_refused(module):
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-            _check_eval_dropout_writes(ep.graph)
+            _check_writes_into_returned_inputs(ep.graph)
             ep = ep.run_decompositions({})
     except Exception as e:  # anything torch raises: the first line says why
         raise CaptureFailed(first_line(e)) from e
@@ -134,31 +134,42 @@ aten = torch.ops.aten
 _DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default)
 
 
-def _check_eval_dropout_writes(graph: torch.fx.Graph) -> None:
-    """Refuse an in-place write to what an eval-mode dropout returned (or to a view of it) when the dropout's input
-    is read after it.
+def _check_writes_into_returned_inputs(graph: torch.fx.Graph) -> None:
+    """Refuse an in-place write to what an eval-mode dropout or a one-operand einsum returned (or to a view of it)
+    when the input is read after it.
 
-    In eager PyTorch an eval-mode dropout returns its input itself, so ``F.dropout(y, p, False).clamp_(...)``
-    changes ``y`` too; ``run_decompositions`` turns that dropout into a copy, and a later read of ``y`` would see
-    the old values.  A write nothing reads the input after (timm's ``x.mul_(gamma)`` layer scale on a projection
-    behind ``proj_drop``) is the same either way."""
+    In eager PyTorch an eval-mode dropout returns its input itself, and ``torch.einsum("nchw->nhwc", y)`` a view
+    of ``y``, so a ``.clamp_(...)`` of the result changes ``y`` too; their schemas declare a new tensor, so
+    ``run_decompositions`` makes the write one to a copy, and a later read of ``y`` would see the old values.  A
+    write nothing reads the input after (timm's ``x.mul_(gamma)`` layer scale on a projection behind
+    ``proj_drop``) is the same either way."""
     order = {n: k for k, n in enumerate(graph.nodes)}
     for n in graph.nodes:
-        if n.target not in _DROPOUTS or (len(n.args) > 2 and n.args[2] is not False):
+        base = _returned_input(n)
+        if base is None:
             continue
         result, writes = _aliases(n, exclude=None)
         if not writes:
             continue
         first = min(order[w] for w in writes)
-        base = n.args[0]
         while isinstance(base, torch.fx.Node) and base.args and _passed_as(base, base.args[0]) == "viewed":
             base = base.args[0]
         inputs, _ = _aliases(base, exclude=n)
         late = [u for v in inputs for u in v.users if u not in result and u is not n and order[u] > first]
         if late:
-            raise CaptureFailed(f"{writes[0].target} at {module_path(writes[0])!r} writes in place into the result of an "
-                                "eval-mode dropout, which is the dropout's input itself, read again afterwards: "
-                                "torch.export's decomposition loses that")
+            what = "a one-operand einsum, a view of its operand" if n.target is aten.einsum.default else \
+                "an eval-mode dropout, which is the dropout's input itself"
+            raise CaptureFailed(f"{writes[0].target} at {module_path(writes[0])!r} writes in place into the result of {what}, "
+                                "read again afterwards: torch.export's decomposition loses that")
+
+
+def _returned_input(n: torch.fx.Node) -> torch.fx.Node | None:
+    """The input that ``n`` returns eagerly, itself or a view of it, though its schema declares a new tensor."""
+    if n.target in _DROPOUTS and not (len(n.args) > 2 and n.args[2] is not False):
+        return n.args[0]
+    if n.target is aten.einsum.default and len(n.args[1]) == 1:
+        return n.args[1][0]
+    return None
 
 
 def _aliases(value: torch.fx.Node, exclude: torch.fx.Node | None) -> tuple[set[torch.fx.Node], list[torch.fx.Node]]:

@@ -113,7 +113,7 @@ _VIEW_METHODS = {
     "real", "imag", "view_as_real", "__getitem__", "align_to", "refine_names", "rename", "clone_if_needed",
 }  # fmt: skip
 _VIEW_FUNCTIONS = {
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+    operator.getitem, operator.pos, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
     torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.narrow, torch.select, torch.movedim,
     torch.moveaxis, torch.swapaxes, torch.t, torch.tensor_split, torch.detach, torch.diagonal, torch.as_strided,
     torch.broadcast_to, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.real, torch.imag,
@@ -123,9 +123,9 @@ _VIEW_FUNCTIONS = {
 # Calls known to return a new tensor (never one of their inputs or a view of one).
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
-    operator.neg, operator.pow, operator.mod, operator.pos, operator.abs, operator.rshift, operator.lshift,
+    operator.neg, operator.pow, operator.mod, operator.abs, operator.rshift, operator.lshift,
     operator.and_, operator.or_, operator.xor, operator.invert,
-    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.matmul, torch.bmm, torch.mm, torch.einsum,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.matmul, torch.bmm, torch.mm,
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.relu, torch.sigmoid, torch.tanh,
     torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.softmax, torch.mean, torch.sum,
     torch.amax, torch.amin, torch.max, torch.min, torch.clamp, torch.clip, torch.where, torch.roll,
@@ -214,6 +214,8 @@ def _alias_inputs(n: fx.Node, root: nn.Module) -> list[fx.Node]:
     if n.op == "call_function":
         if n.target in _FRESH_FUNCTIONS or n.target in _NON_TENSOR_FUNCTIONS:
             return []
+        if n.target is torch.einsum:  # of one operand a permutation or a diagonal: a view of it
+            return tensors[:1] if len(tensors) == 1 else []
         if n.target is getattr and len(n.args) == 2 and n.args[1] in _NON_TENSOR_ATTRIBUTES:
             return []  # x.shape; but x.T, x.data, x.mT are views
         return tensors[:1] if n.target in _VIEW_FUNCTIONS else tensors

@@ -13,16 +13,16 @@ Two Linears of one input add the same way (RepViT's distillation head,
 A 3-D RepVGG block's conv3d branches add the same way.
 
 Preconditions: both operands of the add/sub are conv2d, both conv3d (or both Linear) reading the same value
-with equal stride, dilation, kernel size and leading padding, and equal output
-shapes (the add broadcasts: equal windows with different trailing padding can
-give a 1-row output added to every row of a taller one).  ``kernel_pad`` and ``dilation_to_dense`` make
-windows equal first.
+with equal stride, dilation, kernel size and leading padding, and equal trailing padding, so that their outputs
+have one size at every input size (the add broadcasts: equal windows with different trailing padding can give a
+1-row output added to every row of a taller one, and at a stride of 2 they can agree at even sizes only).
+``kernel_pad`` and ``dilation_to_dense`` make windows equal first; ``kernel_pad`` keeps each conv's output size.
 """
 
 from math import gcd
 
 from repalgebra.kernels import conv_bias, regroup
-from repalgebra.match import CONVS, conv_with, merge_refusal, merged_source, producer, window
+from repalgebra.match import CONVS, conv_with, merge_refusal, merged_source, producer, reach, window
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -34,8 +34,9 @@ def branch_sum(graph, join):
     a, b = (producer(v, *CONVS) for v in join.inputs)
     if a is None or b is None or a.x is not b.x or window(a) != window(b):
         return None
-    if a.out.shape != b.out.shape:
-        return Refusal(f"the {join.op} broadcasts {a.out.shape} with {b.out.shape}: the convs do not cover the same outputs")
+    if reach(a) != reach(b):
+        return Refusal(f"the convs pad the input's end differently ({a.attrs['padding']} and {b.attrs['padding']}): their outputs differ "
+                       f"in size at some input sizes (at a stride of 1, at every size), where the {join.op} broadcasts one or fails")
     sign = 1.0 if join.op == "add" else -1.0
     ga, gb = a.attrs["groups"], b.attrs["groups"]
     g = gcd(ga, gb)

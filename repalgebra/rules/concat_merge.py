@@ -6,7 +6,8 @@ Grouped kernels are written with one group first (block-diagonal with zeros):
 the concatenated output channels are not ordered group by group.
 
 Preconditions: every operand of the channel concat is a conv2d reading the same
-value with the same window (stride, dilation, kernel size, leading padding),
+value with the same window (stride, dilation, kernel size, leading padding) and trailing padding (at a stride
+of 2, a different trailing padding gives outputs of one size at some input sizes only),
 and the merged kernel is no larger than the kernels it replaces (grouped
 kernels written densely can be much larger: that would make a model slower).
 """
@@ -14,7 +15,7 @@ kernels written densely can be much larger: that would make a model slower).
 import torch
 
 from repalgebra.kernels import conv_bias, conv_cost, regroup
-from repalgebra.match import conv_with, producer, window
+from repalgebra.match import conv_with, producer, reach, window
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -26,6 +27,8 @@ def concat_merge(graph, cat):
     first = convs[0]
     if any(c.x is not first.x or window(c) != window(first) for c in convs):
         return None
+    if any(reach(c) != reach(first) for c in convs):
+        return Refusal("the convs pad the input's end differently: their outputs differ in size at some input sizes, where the concat fails")
     groups = {c.attrs["groups"] for c in convs}
     g = groups.pop() if groups == {1} else 1
     w = torch.cat([regroup(c.params["weight"], c.attrs["groups"], g) for c in convs])

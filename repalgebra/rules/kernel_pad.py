@@ -12,7 +12,8 @@ On an axis where a kernel has one tap its dilation does nothing, so it takes
 the others' (an identity beside a dilated 3x3).
 
 Preconditions: the conv is summed (add/sub/concat) with other convs of the same
-input, stride and tap lattice whose windows differ; each is padded to the union window,
+input, stride, reach (padding less span: outputs of one size at every input size,
+:func:`repalgebra.match.reach`) and tap lattice whose windows differ; each is padded to the union window,
 unless merging them makes more work (:func:`repalgebra.match.merge_refusal`): a concat
 of a 1x1 and a 7x7 conv would make every output channel pay for 7x7 taps.
 
@@ -24,15 +25,19 @@ only the order of the two float additions changes).
 
 from repalgebra.kernels import pad_kernel_axes
 from repalgebra.match import (
-    CONVS, JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, sole_use, union_window, window, with_operands,
+    CONVS, JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, reach, sole_use, union_window, window, with_operands,
 )
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
 @rule("kernel_pad", on=JOINS)
 def kernel_pad(graph, join):
+    groups = conv_operands(join, CONVS if join.op != "concat" else ("conv2d",))  # 2-D convs merge in a concat
     refusal = None
-    for group in conv_operands(join, CONVS if join.op != "concat" else ("conv2d",)).values():  # 2-D convs merge in a concat
+    if len({key[:2] for key in groups}) < len(groups):
+        refusal = Refusal("convs of one input and stride whose outputs have one size at the example's size only (their "
+                          "padding less the kernel's span differs): at other sizes one is a row or column shorter", join)
+    for group in groups.values():
         wins = [window(c) for _, c in group]
         if len(group) < 2 or len(set(wins)) == 1 or lattice_step(wins) is None:
             continue
@@ -50,9 +55,7 @@ def kernel_pad(graph, join):
             after = [(union.last(a) - w.last(a)) // step[a] for a in axes]
             if not any(before + after) and w.step == step:
                 continue
-            if conv.op == "conv3d":
-                if before != after:
-                    return Refusal("a conv3d pads both sides of an axis alike; its kernel would have to grow unevenly", join)
+            if conv.op == "conv3d":  # its reach is the others' (conv_operands), so it grows alike on both sides
                 padding = tuple(p + b * d for p, b, d in zip(conv.attrs["padding"], before, step))
             else:
                 (pt, pb, pl, pr), (dh, dw) = conv.attrs["padding"], step
@@ -75,7 +78,8 @@ def _regroup(graph, join, group):
     outer = readers[0]
     for c_value in outer.inputs:
         c = producer(c_value, *CONVS)
-        if c is None or c.x is not group[0][1].x or c.attrs["stride"] != group[0][1].attrs["stride"] or not sole_use(graph, c_value):
+        if c is None or c.x is not group[0][1].x or c.attrs["stride"] != group[0][1].attrs["stride"] or reach(c) != reach(group[0][1]) \
+                or not sole_use(graph, c_value):
             continue
         for (_, keep), (_, other) in (group, group[::-1]):
             merged, apart = merge_cost(join, [keep, c])

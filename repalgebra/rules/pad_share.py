@@ -35,7 +35,7 @@ import torch
 
 from repalgebra.ir import Node, Value
 from repalgebra.kernels import pad_kernel
-from repalgebra.match import conv_with, lattice_step, merge_refusal, producer, union_window, window, with_operands
+from repalgebra.match import conv_with, lattice_step, merge_refusal, producer, reach, union_window, window, with_operands
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 
@@ -70,7 +70,8 @@ def moved(conv: Node, onto: Node) -> Node | None:
     weight = pad_kernel(conv.params["weight"], t // sh, b // sh, l // sw, r // sw)
     new = conv_with(conv, inputs=(onto.x,), weight=weight, dilation=(sh, sw))
     windows = [window(onto), window(new)]
-    return new if lattice_step(windows) is not None and union_window(windows) == windows[0] else None
+    fits = lattice_step(windows) is not None and union_window(windows) == windows[0] and reach(new) == reach(onto)
+    return new if fits else None
 
 
 def takes_1x1(onto: Node, x: Value) -> bool:

@@ -46,12 +46,17 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _reach(attrs):
+    """The pool's padding on both sides less its span (ConvSpec.reach): a conv summed with it needs the same one."""
+    return tuple(2 * p - k + 1 for p, k in zip(_pair(attrs["padding"]), _pair(attrs["kernel"])))
+
+
 def pool_beside_conv(data, c, size, attrs, dtype, seed, op, pool_first=True):
     b = GraphBuilder()
     x = b.input("x", (data.draw(st.integers(1, 3)), c, *size), dtype)
     pooled = b.avg_pool2d(x, **attrs, source="blk.pool")
     s = _pair(attrs["stride"])[0]
-    spec = data.draw(conv_specs_onto(size, pooled.shape[2:], s, in_channels=c, out_channels=c))
+    spec = data.draw(conv_specs_onto(size, pooled.shape[2:], s, in_channels=c, out_channels=c, reach=_reach(attrs)))
     conv = add_conv(b, x, spec, dtype, seed, "blk.conv")
     operands = (pooled, conv) if pool_first else (conv, pooled)
     y = b.concat(*operands, axis=1) if op == "concat" else b.node(op, *operands, source="blk")
@@ -89,7 +94,7 @@ def test_pool_then_bn_summed_with_a_conv(pool, dtype, seed, data):
     b = GraphBuilder()
     x = b.input("x", (data.draw(st.integers(1, 3)), c, *size), dtype)
     pooled = add_bn(b, b.avg_pool2d(x, **attrs, source="blk.pool"), data.draw(bn_stats(c)), dtype, "blk.bn")
-    spec = data.draw(conv_specs_onto(size, pooled.shape[2:], _pair(attrs["stride"])[0], in_channels=c, out_channels=c))
+    spec = data.draw(conv_specs_onto(size, pooled.shape[2:], _pair(attrs["stride"])[0], in_channels=c, out_channels=c, reach=_reach(attrs)))
     graph = b.build(b.add(pooled, add_conv(b, x, spec, dtype, seed, "blk.conv"), source="blk"))
 
     fused, report = run_rules(graph, "avg_pool_to_conv", "bn_fold", *SUM_RULES)

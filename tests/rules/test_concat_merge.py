@@ -114,3 +114,38 @@ def test_not_fired_for_equal_kernel_sizes_with_other_windows(specs, dtype, seed,
     fused, report = run_rules(graph, "concat_merge")
     assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
     assert_graphs_equal(graph, fused, random_input(a.input_shape(), dtype, seed), dtype)
+
+
+@given(dtype=float_dtypes(), c=st.integers(1, 4), half=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=seeds())
+def test_refused_for_other_end_padding(dtype, c, half, seed):
+    """A 1x1 stride-2 conv grown to 2x2 (one row and column of end padding) beside a 2x2 stride-2 conv: one
+    window, outputs of one size at even input sizes only.  At an odd size the model's concat fails; one merged
+    conv would return a result."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    w_short, w_patch = (torch.randn(c, c, 2, 2, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    b = GraphBuilder()
+    x = b.input("x", (1, c, 2 * half[0], 2 * half[1]), dtype)
+    short = b.conv2d(x, weight=w_short, stride=(2, 2), padding=(0, 1, 0, 1), source="blk.short")
+    patch = b.conv2d(x, weight=w_patch, stride=(2, 2), source="blk.patch")
+    graph = b.build(b.concat(short, patch, axis=1, source="blk"))
+    fused, report = run_rules(graph, "concat_merge")
+    assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
+    assert "pad the input's end differently" in refusal_reason(graph, "concat_merge", graph.nodes[-1])
+
+
+@given(dtype=float_dtypes(), c=st.integers(1, 4), seed=seeds())
+def test_not_merged_for_equal_kernels_shifted(dtype, c, seed):
+    """Two 3x3 convs, one padded (1, 1, 1, 1) and one (0, 2, 0, 2): one output size at every input size, equal
+    kernel sizes, but the second's window starts a row and a column later."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    w1, w2 = (torch.randn(c, c, 3, 3, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    b = GraphBuilder()
+    x = b.input("x", (1, c, 5, 4), dtype)
+    graph = b.build(b.concat(b.conv2d(x, weight=w1, padding=(1, 1, 1, 1)), b.conv2d(x, weight=w2, padding=(0, 2, 0, 2)), axis=1))
+    fused, report = run_rules(graph, "concat_merge")
+    assert fired(report, "concat_merge") == 0 and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, random_input((1, c, 5, 4), dtype, seed), dtype)
