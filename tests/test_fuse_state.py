@@ -87,6 +87,31 @@ class PythonCounter(nn.Module):
         return self.body(x) * self.calls
 
 
+class Warmup:
+    """A plain object a block steps on every call (a schedule, an EMA helper)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+
+class StateInside(nn.Module):
+    """Counts in a dict entry (``self.stats["calls"] += 1``: the dict keeps its length) or in a plain object's
+    attribute (``self.warmup.step += 1``: the object keeps its identity).  A snapshot saw only a container's length
+    and an object's identity, so fuse baked the first call's count (2.2 apart at the second call)."""
+
+    def __init__(self, where: str, c: int = 4) -> None:
+        super().__init__()
+        self.body, self.where = conv_bn(c), where
+        self.stats, self.warmup = {"calls": 0}, Warmup()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.where == "dict":
+            self.stats["calls"] += 1
+            return self.body(x) * self.stats["calls"]
+        self.warmup.step += 1
+        return self.body(x) * min(self.warmup.step, 3)
+
+
 class Scale(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -240,8 +265,11 @@ def kept_whole(fused: nn.Module) -> dict[str, str]:
         (lambda: Net(ParentUpdatesChild()), "inner", "inner.scale.v", 1),
         (lambda: Net(ActNorm()), "inner", "inner.loc", 0),
         (lambda: BranchOnData(Counter()), "inner", "inner.n", 1),
+        (lambda: Net(StateInside("dict")), "inner", "inner.stats", 1),
+        (lambda: Net(StateInside("object")), "inner", "inner.warmup", 1),
     ],
-    ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent"],
+    ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent",
+         "dict_entry", "object_attribute"],
 )
 def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
     fused, reference = fused_and_reference(randomized(make))
@@ -420,3 +448,13 @@ def test_a_side_output_stored_on_every_call_is_named_as_one_the_fused_module_doe
     assert_same_calls(reference, fused)
     notes = "\n".join(fused.fuse_report.notes)
     assert "every call stores 'inner.last' from its input" in notes and "first call fills" not in notes, notes
+
+
+def test_a_nan_in_a_weight_is_not_taken_for_a_change():
+    """A parameter holding a NaN equals itself after a call: it was reported as changed by forward (NaN != NaN)
+    and the model kept whole, or refused with ``strict=True``."""
+    model = randomized(lambda: Net(conv_bn(4)))
+    with torch.no_grad():
+        model.inner[0].weight[0, 0, 0, 0] = float("nan")
+    fused = fuse(model, inputs()[0], strict=True)
+    assert not kept_whole(fused), str(fused.fuse_report)

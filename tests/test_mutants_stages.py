@@ -59,6 +59,8 @@ FEW = {
     "repalgebra.backend.onnx:_batch_axes": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",
     "repalgebra.frontend.inplace:_alias_inputs": "a table lookup per call kind; mutated where a view was taken for a new tensor (einsum, +y)",
     "repalgebra.frontend.aten:_returned_input": "two table rows, eval dropout (its tests predate this target) and a one-operand einsum",
+    "repalgebra.frontend.state:_equal": "one decision, whether NaN equals NaN (torch.equal does the rest)",
+    "repalgebra.frontend.state:_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",

@@ -210,19 +210,50 @@ def _own(m: nn.Module) -> dict[str, Any]:
     return {**{k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}, **m._buffers, **m._parameters}
 
 
-def _key(value: Any) -> Any:
+def _key(value: Any, depth: int = 0) -> Any:
     """What a call could change of one attribute: a tensor (with its version counter: an in-place write changes it),
-    a Python scalar's (or tuple of scalars') value, a container's type and length, an object's identity (its
-    insides are not followed)."""
+    a Python scalar's value, and what lists, tuples, dicts, sets and plain objects hold (``self.stats["n"] += 1``,
+    ``self.schedule.step += 1``), followed :data:`_DEPTH` levels deep and up to :data:`_ITEMS` items each; beyond
+    that a container's type and length, an object's identity.  Modules are not followed: their own state is theirs."""
     if torch.is_tensor(value):
         small = value.numel() <= _COPIED and not value.is_meta
         version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
         return _Tensor(value, version, value.detach().clone() if small else None)
-    if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)):
-        return ("value", value)  # a size recomputed to the same value is no change
-    if isinstance(value, (list, dict, set, tuple)):
-        return ("container", type(value).__name__, len(value))
+    if isinstance(value, _SCALARS):
+        return ("value", "nan" if value != value else value)  # a size recomputed to the same value is no change
+    deeper = depth < _DEPTH
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        if not deeper or len(value) > _ITEMS:
+            return ("container", type(value).__name__, len(value))
+        if isinstance(value, dict):
+            return ("dict", type(value).__name__, tuple((_key(k, _DEPTH), _key(v, depth + 1)) for k, v in value.items()))
+        if isinstance(value, (set, frozenset)):
+            return ("set", type(value).__name__, frozenset(_key(v, _DEPTH) for v in value if isinstance(v, _SCALARS)), len(value))
+        return ("items", type(value).__name__, tuple(_key(v, depth + 1) for v in value))
+    if deeper and _plain(value):
+        return ("object", id(value), tuple(sorted((k, _key(v, depth + 1)) for k, v in vars(value).items() if not k.startswith("__"))))
     return ("object", id(value))
+
+
+_DEPTH = 3  # levels of containers and plain objects a snapshot follows
+_ITEMS = 256  # items of one container it compares one by one
+
+
+def _plain(value: Any) -> bool:
+    """An instance of a Python class with a ``__dict__`` of its own data: not a module, tensor, class, function or
+    library object whose attributes are its machinery."""
+    if isinstance(value, (nn.Module, type)) or callable(value) or not hasattr(value, "__dict__"):
+        return False
+    return not type(value).__module__.startswith(("torch", "builtins", "numpy", "typing", "functools", "collections"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two :func:`_key` results say the same state (tensors by :meth:`_Tensor.same`, the rest by value)."""
+    if isinstance(a, _Tensor):
+        return a.same(b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or (not isinstance(b, _Tensor) and a == b)
 
 
 def restore_in_place(module: nn.Module, initial: nn.Module) -> None:
@@ -317,8 +348,15 @@ class _Tensor:
             return False
         if self.t is other.t:
             # torch.ao's fused fake-quant updates its observer's min/max in place without bumping the version
-            return self.version == other.version and (self.copy is None or bool(torch.equal(self.copy, other.t)))
-        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and bool(torch.equal(self.t, other.t))
+            return self.version == other.version and (self.copy is None or _equal(self.copy, other.t))
+        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and _equal(self.t, other.t)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, a NaN equal to a NaN (a weight that holds one is not changed by a call)."""
+    if torch.equal(a, b):
+        return True
+    return a.shape == b.shape and (a.is_floating_point() or a.is_complex()) and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -326,7 +364,7 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     out = []
     for name in before.keys() | after.keys():
         a, b = before.get(name, _MISSING), after.get(name, _MISSING)
-        if not (a.same(b) if isinstance(a, _Tensor) else a == b):
+        if not _same(a, b):
             out.append(name)
     return out
 

@@ -110,9 +110,11 @@ def trace(
     Raises:
         UntraceableError: (a ``TypeError``) ``torch.fx`` cannot trace a module;
             the message names the module path and the ``leaf_modules`` fix.
-        ValueError: NaN or Inf in a parameter or buffer (named), or no input
-            could be inferred.
+        ValueError: no input could be inferred, or the example does not run.
         TypeError: non-floating-point parameters, complex inputs.
+
+    NaN and Inf in parameters are allowed (a clamp bound of ``-inf``): the
+    rewrite engine does not fold a weight that is not finite, and reports it.
     """
     return trace_model(model, example_inputs, leaf_modules=leaf_modules).graph
 
