@@ -265,6 +265,31 @@ def test_an_input_cast_to_a_weights_dtype_stays_a_cast():
         torch.testing.assert_close(fused(x.double()), model(x.double()), rtol=1e-5, atol=1e-6)  # float32 inside
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8])
+def test_a_layout_of_the_input_cast_to_a_weights_dtype_stays_a_cast(dtype):
+    """``x.permute(0, 3, 1, 2).to(self.conv.weight.dtype)``: NHWC images of any dtype, cast to the model's.  The
+    permuted batch has the caller's dtype as much as the batch itself: the cast was taken for the identity and the
+    fused conv failed on a float64 or uint8 batch (and after ``fused.double()`` on a float32 one)."""
+
+    class NHWC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = conv_bn(3, 8)
+
+        def forward(self, x):
+            return self.proj(x.permute(0, 3, 1, 2).to(self.proj[0].weight.dtype))
+
+    model = randomized(NHWC()).float()
+    fused = repalgebra.fuse(model, torch.rand(2, 8, 8, 3))
+    x = (torch.rand(2, 8, 8, 3) * 255).to(dtype)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        x = torch.rand(2, 8, 8, 3)
+        # In float64 both run on float32 weights, the fused ones folded and rounded to float32 once.
+        torch.testing.assert_close(copy.deepcopy(fused).double()(x), copy.deepcopy(model).double()(x), rtol=1e-5, atol=1e-6)
+
+
 class AssertsOnItsInput(nn.Module):
     """timm's patch embedding: ``_assert`` (torch._assert) on the input's sizes before the projection."""
 

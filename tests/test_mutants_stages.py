@@ -61,6 +61,7 @@ FEW = {
     "repalgebra.frontend.aten:_returned_input": "two table rows, eval dropout (its tests predate this target) and a one-operand einsum",
     "repalgebra.frontend.state:_equal": "one decision, whether NaN equals NaN (torch.equal does the rest)",
     "repalgebra.frontend.state:_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",
+    "repalgebra.frontend.handlers_functions:_f_to_dtype_of": "one decision, whether the value's dtype may be the caller's (the written cast has mutants of its own)",
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",

@@ -577,11 +577,12 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     Cast as a whole (``model.double()``), the model changes both dtypes alike, so the two stay equal and the call
     stays a no-op.  Not a dtype written in the code (``x.to(torch.float32)``, which a cast of the model does not
     change), nor the dtype of an input (a caller may pass another dtype than the model's), nor a cast of an input
-    itself (HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a float32 model), nor
+    or of what follows its dtype (HF's ``pixel_values.to(self.patch_embedding.weight.dtype)``: a float64 batch into a
+    float32 model; an NHWC batch permuted first), nor
     a cast of a value computed from a cast the code writes (LLaMA's ``softmax(s, dtype=torch.float32).to(q.dtype)``:
     float32 whatever the model is cast to, where ``q`` follows the model)."""
     x = shaped(args[0]) if len(args) == 2 and not kwargs else None
-    if x is not None and (x.producer is None or _from_a_written_cast(x)):  # the input's dtype is the caller's
+    if x is not None and (_of_an_input_dtype(x) or _from_a_written_cast(x)):  # the input's dtype is the caller's
         return None
     src = n.args[1] if x is not None else None
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1:] == ("dtype",)):
@@ -592,6 +593,26 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     t = b.env.get(of)
     dtype = t.tensor.dtype if isinstance(t, Const) else t.dtype if isinstance(t, Value) else None
     return ("identity", [x], {}, {}, "") if dtype is not None and dtype == x.dtype else None
+
+
+_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear"})  # their output has their weight's dtype
+
+
+def _of_an_input_dtype(v: Value) -> bool:
+    """Whether ``v``'s dtype may be an input's, the caller's: ``v`` is reached from an input through ops other than a
+    cast or a weighted layer (a conv runs in its weight's dtype, or fails); ``x.permute(0, 3, 1, 2)`` of an NHWC
+    batch is the batch's dtype, a float64 or uint8 one too."""
+    seen, stack = set(), [v]
+    while stack:
+        u = stack.pop()
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        if u.producer is None:
+            return True
+        if u.producer.op not in _WEIGHTED and u.producer.op != "cast":
+            stack.extend(u.producer.inputs)
+    return False
 
 
 def _from_a_written_cast(v: Value) -> bool:
