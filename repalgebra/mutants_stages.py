@@ -83,6 +83,7 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
+_NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
 _STATE_INSIDE = ("tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written",
                  "tests/test_fuse_state.py::test_a_nan_in_a_weight_is_not_taken_for_a_change")
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
@@ -275,6 +276,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "to-dtype-of-layout-of-input", "x.permute(...).to(w.dtype) of an input taken for the identity (the input's own cast only kept)",
      "repalgebra.frontend.handlers_functions:_f_to_dtype_of", "(_of_an_input_dtype(x) or _from_a_written_cast(x))",
      "(x.producer is None or _from_a_written_cast(x))", ("tests/test_fuse_call_modes.py::test_a_layout_of_the_input_cast_to_a_weights_dtype_stays_a_cast",)),
+    ("onnx_backend", "nearest-as-resize", "nearest interpolation lowered to Resize (it picks by dst / scale, torch by dst * in / out)",
+     "repalgebra.backend.onnx:_interpolate", '    if a["mode"] in ("nearest", "nearest-exact"):', "    if False:", _NEAREST),
+    ("onnx_backend", "nearest-picks-in-float32-always", "a float64 file's nearest picks computed on float32 indices",
+     "repalgebra.backend.onnx:_nearest", "dtype=torch.float64 if ctx.dtype == torch.float64 else torch.float32", "dtype=torch.float32", _NEAREST),
+    ("onnx_backend", "nearest-picks-transposed", "the picks computed on a map of the input's sizes reversed",
+     "repalgebra.backend.onnx:_nearest", "picks.reshape(1, 1, *spatial)", "picks.reshape(1, 1, *spatial[::-1])", _NEAREST),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",

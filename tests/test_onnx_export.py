@@ -765,3 +765,23 @@ def test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked(boolean, ops
     assert bool((want[:, 0] == 0).all()) and not bool(want.isnan().any())
     got = run_onnx(export_onnx(model, None, x, opset=opset), x)
     assert rel_err(got, want.float()) <= (RTOL if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("mode, sizes", [("nearest", [(70, 21), (14, 4), (20, 12), (20, 24)]), ("nearest-exact", [(30, 9), (13, 40)])])
+def test_nearest_interpolation_picks_the_pixels_torch_picks(mode, sizes):
+    """onnxruntime's ``Resize`` picks the source of ``dst`` by ``dst / scale``, torch by ``floor(dst * (in / out))`` in
+    float32: at 70 -> 21 rows, row 9 came from pixel 29 in the file and 30 in torch (a sweep of sizes up to 64 -> 129
+    found 268 such pairs).  A pick is a copy: the file must give torch's values exactly."""
+    for n_in, n_out in sizes:
+        model = nn.Upsample(size=(n_out, n_out - 1), mode=mode).eval()
+        x = torch.randn(2, 3, n_in, n_in + 1)
+        got = run_onnx(export_onnx(model, None, tuple(x.shape), opset=20), x)
+        assert np.array_equal(got, model(x).numpy()), (n_in, n_out)
+    model = nn.Upsample(scale_factor=0.3, mode=mode).eval()
+    x = torch.randn(1, 2, 70, 70)
+    assert np.array_equal(run_onnx(export_onnx(model, None, tuple(x.shape), opset=20), x), model(x).numpy())
+    # torch picks another way in float64 (its scale in double): scaled by 2.3, rows 56 to 99 do (not 4 to 55).
+    model = nn.Upsample(scale_factor=(2.3, 1.0), mode=mode).eval()
+    x = torch.randn(1, 2, 60, 3, dtype=torch.float64)
+    assert not torch.equal(model(x), model(x.float()).double()), "the float32 picks must differ here"
+    assert np.array_equal(run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy())

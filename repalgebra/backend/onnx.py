@@ -661,9 +661,7 @@ def _group_norm(ctx, n, x):
 
 # PyTorch's source coordinates: nearest floor(dst / scale), nearest-exact floor((dst + 0.5) / scale),
 # bilinear (dst + 0.5) / scale - 0.5 (align_corners=False) or dst * (in - 1) / (out - 1) (True).
-_RESIZE = {
-    ("nearest", None): dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
-    ("nearest-exact", None): dict(mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil"),
+_RESIZE = {  # nearest modes: _nearest
     ("bilinear", False): dict(mode="linear", coordinate_transformation_mode="half_pixel"),
     ("bilinear", None): dict(mode="linear", coordinate_transformation_mode="half_pixel"),
     ("bilinear", True): dict(mode="linear", coordinate_transformation_mode="align_corners"),
@@ -673,6 +671,8 @@ _RESIZE = {
 @lowering("interpolate")
 def _interpolate(ctx, n, x, *like):
     a = n.attrs
+    if a["mode"] in ("nearest", "nearest-exact"):
+        return _nearest(ctx, n, x)
     how = _RESIZE.get((a["mode"], a["align_corners"]))
     if how is None:
         raise LoweringError(f"interpolate at {_where(n)}: mode {a['mode']!r} with align_corners={a['align_corners']} is not lowered")
@@ -685,6 +685,21 @@ def _interpolate(ctx, n, x, *like):
     else:
         hw = ctx.ints("size", list(a["size"]))
     return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, hw], axis=0)], **how)
+
+
+def _nearest(ctx, n, x):
+    """Nearest (and nearest-exact) interpolation as one ``Gather`` of the pixels torch picks.
+
+    ``Resize`` in nearest mode picks its source pixel by ``dst / scale``; torch by ``floor(dst * (in / out))`` in
+    float32: at 9 of 30 -> 70 rows they round to different pixels (29 and 30).  The spatial sizes of a file are fixed,
+    so the picks are computed here by torch itself, on the flat index of every pixel, and gathered."""
+    spatial = n.inputs[0].shape[2:]
+    picks = torch.arange(math.prod(spatial), dtype=torch.float64 if ctx.dtype == torch.float64 else torch.float32)
+    like = [torch.empty(v.shape) for v in n.inputs[1:]]
+    picks = OPS[n.op].run(picks.reshape(1, 1, *spatial), *like, **n.attrs).reshape(-1).to(torch.int64)
+    flat = ctx.emit("Reshape", [x, ctx.ints("flat", [0, 0, -1])])
+    out = ctx.emit("Gather", [flat, ctx.const("picks", picks.numpy())], axis=2)
+    return ctx.emit("Reshape", [out, ctx.ints("shape", [0, 0, *n.out.shape[2:]])])
 
 
 @lowering("attention")
