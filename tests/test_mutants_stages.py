@@ -62,6 +62,8 @@ FEW = {
     "repalgebra.frontend.state:_equal": "one decision, whether NaN equals NaN (torch.equal does the rest)",
     "repalgebra.frontend.state:_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",
     "repalgebra.frontend.handlers_functions:_f_to_dtype_of": "one decision, whether the value's dtype may be the caller's (the written cast has mutants of its own)",
+    "repalgebra.backend.onnx:_interpolate": "the nearest modes' one decision (the Resize of the others is not mutated, as the module says)",
+    "repalgebra.backend.onnx:_nearest": "two choices, the dtype of the picks and the map they are computed on; the gather itself is checked bit for bit",
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",
