@@ -83,6 +83,7 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
+_DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
 _STATE_INSIDE = ("tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written",
                  "tests/test_fuse_state.py::test_a_nan_in_a_weight_is_not_taken_for_a_change")
@@ -282,6 +283,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:_nearest", "dtype=torch.float64 if ctx.dtype == torch.float64 else torch.float32", "dtype=torch.float32", _NEAREST),
     ("onnx_backend", "nearest-picks-transposed", "the picks computed on a map of the input's sizes reversed",
      "repalgebra.backend.onnx:_nearest", "picks.reshape(1, 1, *spatial)", "picks.reshape(1, 1, *spatial[::-1])", _NEAREST),
+    ("onnx_backend", "constants-in-graph-dtype", "a node's constants made in the graph's dtype, not the one it computes in (a float32 part of a float16 model)",
+     "repalgebra.backend.onnx:graph_to_onnx", "ctx.dtype = _node_dtype(n, dtype)", "ctx.dtype = dtype", _DTYPES),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",

@@ -785,3 +785,46 @@ def test_nearest_interpolation_picks_the_pixels_torch_picks(mode, sizes):
     x = torch.randn(1, 2, 60, 3, dtype=torch.float64)
     assert not torch.equal(model(x), model(x.float()).double()), "the float32 picks must differ here"
     assert np.array_equal(run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy())
+
+
+class _TokenClassifier(nn.Module):
+    """Token ids in: the model's dtype is its weights', no input says it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(F.relu(self.emb(ids)))  # not GELU: onnxruntime has no float64 Erf
+
+
+class _RMSNormInFloat32(nn.Module):
+    """transformers' LlamaRMSNorm: the norm in float32 whatever the model's dtype, its weight in the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.linspace(0.5, 1.5, 8)), 1e-6
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("make", [_TokenClassifier, _RMSNormInFloat32])
+def test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file(make, dtype):
+    """A model of token ids took float32 for its dtype (no floating-point input): a float16 or float64 Linear got
+    float32 weights; a part the code computes in float32 got constants in the model's dtype (its ``+ eps``).  Both
+    files were refused by onnx's checker (inconsistent types).  Compared with the fused module, relative to the
+    largest output: float16 1e-2, float64 1e-9, and 1e-5 where a float64 model normalizes in float32 (two runtimes'
+    float32 rsqrt)."""
+    model = make().to(dtype).eval()
+    x = torch.randint(0, 50, (2, 12)) if make is _TokenClassifier else torch.randn(2, 4, 8, dtype=dtype)
+    fused = repalgebra.fuse(model, x)
+    got = run_onnx(export_onnx(fused, None, x, fuse=False), x)
+    want = fused(x).detach()
+    assert got.dtype == want.numpy().dtype
+    tol = 1e-2 if dtype == torch.float16 else 1e-9 if make is _TokenClassifier else 1e-5
+    assert float(np.abs(got.astype(np.float64) - want.double().numpy()).max()) <= tol * float(want.abs().max())

@@ -967,7 +967,7 @@ def graph_to_onnx(
     Raises :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
     ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
     """
-    dtype = next((v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point), torch.float32)
+    dtype = _graph_dtype(graph)
     if opset is None:
         opset = BFLOAT16_OPSET if dtype == torch.bfloat16 else DEFAULT_OPSET
     elif dtype == torch.bfloat16 and opset < BFLOAT16_OPSET:
@@ -1012,9 +1012,11 @@ def graph_to_onnx(
                 _splice(ctx, r, exported[r.index], names, extra, report)
             continue
         ctx.prefix = n.source or n.out.name
+        ctx.dtype = _node_dtype(n, dtype)  # its constants' (a part the code computes in float32 in a float16 model)
         before = len(ctx.nodes)
         names[id(n.out)] = OPS[n.op].lowerings["onnx"](ctx, n, *(names[id(i)] for i in n.inputs))
         report.own_onnx_nodes += len(ctx.nodes) - before
+    ctx.dtype = dtype
     outputs = []
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
@@ -1101,6 +1103,19 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
             "computes with what the calls before it left; an ONNX graph is one function of its inputs and would freeze "
             "that state at one call"
         )
+
+
+def _graph_dtype(graph: Graph) -> torch.dtype:
+    """The floating-point dtype of the graph's first such input, else of its first floating-point parameter (a model
+    of token ids), else float32."""
+    floats = [v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point]
+    floats += [p.dtype for n in graph.nodes for p in n.params.values() if p.is_floating_point()]
+    return floats[0] if floats else torch.float32
+
+
+def _node_dtype(n: Node, default: torch.dtype) -> torch.dtype:
+    """The floating-point dtype ``n`` computes in: its output's, else its first such input's, else ``default``."""
+    return next((v.dtype for v in (n.out, *n.inputs) if v.dtype is not None and v.dtype.is_floating_point), default)
 
 
 def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[list[bool] | None, list[dict[int, str]] | None]:
