@@ -677,14 +677,27 @@ def _interpolate(ctx, n, x, *like):
     if how is None:
         raise LoweringError(f"interpolate at {_where(n)}: mode {a['mode']!r} with align_corners={a['align_corners']} is not lowered")
     if a["scale"] is not None:
-        scales = ctx.const("scales", np.asarray([1.0, 1.0, *a["scale"]], dtype=np.float32))
-        return ctx.emit("Resize", [x, "", scales], **how)
+        scales = [_scale_for(f, size, out) for f, size, out in zip(a["scale"], n.inputs[0].shape[2:], n.out.shape[2:])]
+        return ctx.emit("Resize", [x, "", ctx.const("scales", np.asarray([1.0, 1.0, *scales], dtype=np.float32))], **how)
     lead = ctx.emit("Slice", [ctx.emit("Shape", [x]), ctx.ints("start", [0]), ctx.ints("end", [2])])
     if like:
         hw = ctx.emit("Slice", [ctx.emit("Shape", [like[0]]), ctx.ints("start", [-2]), ctx.ints("end", [_INT64_MAX])])
     else:
         hw = ctx.ints("size", list(a["size"]))
     return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, hw], axis=0)], **how)
+
+
+def _scale_for(factor: float, size: int, out: int) -> np.float32:
+    """``factor`` in float32, moved by as few ulps as it takes for the output size ``floor(size * scale)`` to be
+    torch's (``floor(size * factor)`` with ``factor`` a double): 10 x 0.7 is 7 there, and 6.9999999 with 0.7 rounded
+    to float32 (onnx's shape inference multiplies in double, onnxruntime in float32: both must give it)."""
+    scale = np.float32(factor)
+    for _ in range(64):
+        sizes = (int(np.floor(np.float32(size) * scale)), int(np.floor(size * float(scale))))
+        if sizes == (out, out):
+            break
+        scale = np.nextafter(scale, np.float32(np.inf if min(sizes) < out else -np.inf))
+    return scale
 
 
 def _nearest(ctx, n, x):
