@@ -45,6 +45,7 @@ from repalgebra.backend.onnx_fallback import (
     splice,
 )
 from repalgebra.frontend.builder import is_none_output
+from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.inputs import batch_of_one, batch_plus_one
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
@@ -1106,6 +1107,15 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
     from repalgebra.verify import TOLERANCES
 
     work = copy_module(model).eval()
+    try:
+        with torch.no_grad():
+            work(*example)
+    except Exception as e:  # noqa: BLE001  (any error of the model's own: said with the example it met)
+        given = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in example if torch.is_tensor(t))
+        raise ValueError(f"cannot export {type(model).__name__} to ONNX: it does not run on the example input ({given}): "
+                         f"{first_line(e)}; pass input_shape as the shape it runs at, or example tensors "
+                         "(token ids, a mask)") from e
+    work = copy_module(model).eval()
     state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
     if state.whole:
         raise ValueError(f"cannot export {type(model).__name__} to ONNX: {state.whole}; an ONNX graph is one function of its inputs")
@@ -1385,14 +1395,16 @@ def export_onnx(
             shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
             notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
         meta = {"producer": "repalgebra", "repalgebra_version": __version__}
+        fired = False
         if fuse:
             graph, rewritten = rewrite(graph)
             meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
-            if batch and module is not None and (rewritten.fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):
-                batch = False
-                notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or one "
-                             "of them does not run there (a reshape keeps an axis whole at the example's batch only, such as "
-                             "y.reshape(8, -1) or y.squeeze(0) at batch 1, or reads the batch as a number: x.view(1, ...))")
+            fired = bool(rewritten.fired)
+        if batch and module is not None and (fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):
+            batch = False
+            notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or one "
+                         "of them does not run there (a reshape keeps an axis whole at the example's batch only, such as "
+                         "y.reshape(8, -1) or y.squeeze(0) at batch 1, or reads the batch as a number: x.view(1, ...))")
         if batch and module is not None and not _holds_at_batch_one(graph, module, example):
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "
