@@ -83,6 +83,7 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
+_ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
 _STATE_INSIDE = ("tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written",
@@ -293,6 +294,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "another-batch-unchecked-unfused", "a graph exported with fuse=False declared a dynamic batch without a run at another",
      "repalgebra.backend.onnx:export_onnx", "        if batch and module is not None and (fired or", "        if fuse and batch and module is not None and (fired or",
      (f"{_OE}::test_a_model_that_runs_at_its_examples_batch_only_gets_a_fixed_batch",)),
+    ("torch_backend", "outputs-aliased", "a copy the model returns (x.clone(), y.clone()) returned as the input or an earlier output itself",
+     "repalgebra.backend.torch:_unaliased", 'ctx.graph.call_method("clone", (node,)) if id(v) in inputs or id(v) in seen else node', "node", _ALIASED),
+    ("torch_backend", "outputs-aliased-through-views", "a view of a copy of the input (x.clone().flatten(1)) returned as a view of the input",
+     "repalgebra.backend.torch:_unaliased", "while v.producer is not None and v.producer.op in _VIEWING:", "while False:", _ALIASED),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",

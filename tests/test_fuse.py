@@ -681,3 +681,31 @@ def test_an_instance_norm_with_running_statistics_folds_like_a_batch_norm(norm, 
     fused = fuse(model, x)
     assert ("bn_fold" in {f.rule for f in fused.fuse_report.fired}) == running, str(fused.fuse_report)
     assert torch.allclose(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+def test_copies_the_model_returns_stay_copies():
+    """``return y, y.clone(), x.clone()``: the clones are no ops in the graph, and the fused module returned ``y``
+    twice and the caller's own ``x``; a caller post-processing one in place (``post.clamp_(min=0)``) changed the
+    features, and recycling the kept input (``raw.mul_(0)``) zeroed its own batch."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y, y.clone(), x.clone(), x.clone().flatten(1)
+
+    model = Net().double().eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 6, 6, dtype=torch.float64))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    kept = x.clone()
+    with torch.no_grad():
+        feats, post, raw, flat = fused(x)
+        want = model(kept)[0]
+        post.clamp_(min=0)
+        raw.mul_(0)
+        flat.mul_(0)
+    assert torch.equal(x, kept), "the caller's input must not change"
+    torch.testing.assert_close(feats, want, rtol=1e-9, atol=1e-9)

@@ -150,6 +150,26 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
         sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+# Ops whose torch lowering may return their input itself or a view of it (``x.to(x.dtype)`` is ``x``).
+_VIEWING = frozenset({"identity", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
+                      "expand", "expand_dyn", "cast"})
+
+
+def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node]:
+    """``outs`` with a ``clone`` of each output that would share storage with an input or an earlier output.
+
+    ``return y, y.clone(), x.clone()``: the copies are no ops in the graph (``identity``), so the fused module would
+    return ``y`` twice and the caller's own ``x``, and a caller that post-processes one in place (``out.clamp_()``)
+    would change the other, or its input, where the model's copies kept them apart."""
+    inputs, seen, out = {id(v) for v in graph.inputs}, set(), []
+    for v, node in zip(graph.outputs, outs):
+        while v.producer is not None and v.producer.op in _VIEWING:
+            v = v.producer.inputs[0]
+        out.append(ctx.graph.call_method("clone", (node,)) if id(v) in inputs or id(v) in seen else node)
+        seen.add(id(v))
+    return out
+
+
 def to_module(
     graph: Graph,
     *,
@@ -176,6 +196,7 @@ def to_module(
         lower = op_def(n.op).lowerings.get("torch", _lower_by_reference)
         env[id(n.out)] = lower(ctx, n if keep_param_dtype else _params_in_value_dtype(n), [env[id(i)] for i in n.inputs])
     outs = [env[id(o)] for o in graph.outputs]
+    outs = _unaliased(ctx, graph, outs)
     if output_spec is not None and not _plain(output_spec):
         # fx writes containers out as tuple, list and dict literals: an OrderedDict or a named tuple would come
         # back as a plain dict or tuple.  A function holding the spec rebuilds it.
