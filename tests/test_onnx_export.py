@@ -848,3 +848,23 @@ def test_a_model_that_does_not_run_on_the_example_is_refused_saying_so():
     model = _TokenClassifier().eval()
     with pytest.raises(ValueError, match=r"does not run on the example input \(2x12 float32\).*indices.*pass input_shape"):
         export_onnx(model, None, (2, 12))
+
+
+def test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch():
+    """``y.transpose(0, 1).flatten(1)``: the batch is on axis 1 when flattened, and the Reshape keeps axis 0 as the
+    batch, so the file declared ``batch`` and failed at every other batch.  The file is run at a batch one larger
+    before it is written with a dynamic batch; here it does not run, and the batch is fixed, with a note."""
+    class Moved(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).transpose(0, 1).flatten(1).transpose(0, 1)
+
+    model = Moved().eval()
+    proto, report = export_onnx(model, None, (2, 3, 4, 4), opset=20, return_report=True)
+    assert not report.dynamic_batch and any("did not compute the graph at batch 3" in n for n in report.notes), report.notes
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 4, 4]
+    x = torch.randn(2, 3, 4, 4)
+    assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

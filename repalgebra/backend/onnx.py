@@ -1012,7 +1012,8 @@ def graph_to_onnx(
             shape[k] = dim
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
-    batched, axes = _batch_axes(graph, examples, dtype) if dynamic_batch else (None, None)
+    another = _batch_axes(graph, examples, dtype) if dynamic_batch else None
+    batched, axes = (another.grown, another.axes) if another is not None else (None, None)
     inputs = []
     for k, v in enumerate(graph.inputs):
         names[id(v)] = ctx.unique(v.name)
@@ -1058,6 +1059,12 @@ def graph_to_onnx(
     }
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    if another is not None and another.axes is not None and (why := _runs_there(model, another)):
+        # A lowering took axis 0 for the batch where it is not (a flatten of (C, B*H*W) after a transpose): the file
+        # declared it free and fails there.  Written again with the batch fixed, as an honest file.
+        fixed = f"batch fixed at {graph.inputs[0].shape[0]}: with a dynamic batch the file did not compute the graph at batch {graph.inputs[0].shape[0] + 1} ({why})"
+        return graph_to_onnx(graph, opset=opset, dynamic_batch=False, graph_name=graph_name, metadata=metadata,
+                             return_report=return_report, notes=[*notes, fixed], examples=examples)
     return (model, report) if return_report else model
 
 
@@ -1141,7 +1148,18 @@ def _node_dtype(n: Node, default: torch.dtype) -> torch.dtype:
     return next((v.dtype for v in (n.out, *n.inputs) if v.dtype is not None and v.dtype.is_floating_point), default)
 
 
-def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[list[bool] | None, list[dict[int, str]] | None]:
+@dataclass(frozen=True)
+class _AnotherBatch:
+    """A run of the graph at a batch one larger: which inputs grew, the output axes that follow the batch (None:
+    unknown), and the run's inputs and outputs (to check the file with)."""
+
+    grown: list[bool]
+    axes: list[dict[int, str]] | None
+    inputs: tuple
+    outputs: tuple
+
+
+def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> _AnotherBatch | None:
     """Which inputs have a batch on axis 0, and per graph output the axes whose size follows it, with their names in
     the file: ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a
     ``reshape(-1, C)`` of ``(B, 16, C)`` tokens), else a name of its own.
@@ -1149,19 +1167,19 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     The batch is the first input's axis 0.  The graph runs once at a batch one larger, with every input whose axis 0
     has the batch's size grown (the first that runs of: all of them, then fewer, the first input always): an input
     that does not follow the batch (a shared ``(L, S)`` mask, a position table) does not run grown, and its axis 0 is
-    then declared fixed.  A time-major ``(T, B, C)`` output has its batch on axis 1.  ``(None, None)`` when no choice
-    runs (the axis-0 convention then stands)."""
+    then declared fixed.  A time-major ``(T, B, C)`` output has its batch on axis 1.  None when no choice runs (the
+    axis-0 convention then stands)."""
     from itertools import combinations
 
     from repalgebra.interpret import run_graph
 
     if not graph.inputs or not graph.inputs[0].shape:
-        return None, None
+        return None
     batch = graph.inputs[0].shape[0]
     gen = torch.Generator().manual_seed(0)
     given = dict(enumerate(examples))
     if any(v.dtype is not None and not v.dtype.is_floating_point and k not in given for k, v in enumerate(graph.inputs)):
-        return None, None  # no values to run an integer input with (token ids, indices)
+        return None  # no values to run an integer input with (token ids, indices)
 
     def value(k: int, v: Value, grow: bool) -> torch.Tensor:
         rows = batch + 1 if grow else v.shape[0] if v.shape else None
@@ -1174,19 +1192,53 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     for n in range(len(others), -1, -1) if len(others) <= 4 else (len(others), 0):
         for chosen in combinations(others, n):
             grown = [k == 0 or k in chosen for k in range(len(graph.inputs))]
+            xs = tuple(value(k, v, g) for k, (v, g) in enumerate(zip(graph.inputs, grown)))
             try:
                 with torch.no_grad():
-                    outs = run_graph(graph, *(value(k, v, g) for k, (v, g) in enumerate(zip(graph.inputs, grown))))
+                    outs = run_graph(graph, *xs)
             except Exception:  # noqa: BLE001  (does not run so: the next choice)
                 continue
             outs = outs if isinstance(outs, tuple) else (outs,)
-            axes = []
+            axes: list[dict[int, str]] | None = []
             for v, t in zip(graph.outputs, outs):
                 if not torch.is_tensor(t) or v.shape is None or t.dim() != len(v.shape):
-                    return grown, None
+                    axes = None
+                    break
                 axes.append({k: _batch_dim(b, a, batch, f"{v.name}_{k}") for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b})
-            return grown, axes
-    return None, None
+            return _AnotherBatch(grown, axes, xs, outs)
+    return None
+
+
+def _runs_there(model: "onnx.ModelProto", run: _AnotherBatch) -> str:
+    """Why the file does not compute at the other batch what the graph did (empty when it does, or when onnxruntime
+    cannot load the file at all: no kernel for a dtype is not a question of the batch)."""
+    import onnxruntime as ort
+
+    from repalgebra.verify import TOLERANCES, first_difference
+
+    if any(torch.is_tensor(t) and t.dtype == torch.bfloat16 for t in (*run.inputs, *run.outputs)):
+        return ""  # numpy has no bfloat16 to feed or read
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = 1, 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001
+        return ""
+    try:
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), run.inputs)})
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime: {first_line(e)}"
+    for k, (g, t) in enumerate(zip(got, run.outputs)):
+        if not torch.is_tensor(t):
+            continue
+        if tuple(g.shape) != tuple(t.shape):
+            return f"output {k} has shape {tuple(g.shape)}, not {tuple(t.shape)}"
+        if t.is_floating_point() and (why := first_difference(t, torch.from_numpy(g), max(1e-3, TOLERANCES.get(t.dtype, 1e-3)))):
+            return why
+        if not t.is_floating_point() and not torch.equal(t, torch.from_numpy(g)):
+            return f"output {k} differs"
+    return ""
 
 
 def _batch_dim(size: int, size_after: int, batch: int, own: str) -> str:
