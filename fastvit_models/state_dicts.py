@@ -202,12 +202,18 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            if "unsupported global" not in str(err).lower():  # not a pickle of objects: not a pickle at all
+                raise ValueError(f"{path}: not a PyTorch checkpoint (.pth, .pth.tar) nor safetensors file: torch.load "
+                                 f"fails with {type(err).__name__}: {err}") from err
             # e.g. training checkpoints that also pickle an argparse.Namespace.
             raise ValueError(
                 f"{path}: holds objects other than tensors and plain containers, which "
                 "torch.load(weights_only=True) refuses to unpickle; re-save just the "
                 "state dict (torch.save(ckpt['state_dict'], ...)) from a trusted copy"
             ) from err
+        except (RuntimeError, KeyError, EOFError, OSError) as err:  # not a file torch.save wrote (torch raises a bare KeyError)
+            raise ValueError(f"{path}: not a PyTorch checkpoint (.pth, .pth.tar) nor safetensors file: torch.load "
+                             f"fails with {type(err).__name__}: {err}") from err
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), Mapping):

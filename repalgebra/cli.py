@@ -38,6 +38,28 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _opset(text: str) -> int:
+    import onnx
+
+    from repalgebra.backend.onnx import MIN_OPSET
+
+    value = _positive(text)
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= value <= newest:
+        raise argparse.ArgumentTypeError(f"must be between {MIN_OPSET} and {newest}, got {value}")
+    return value
+
+
 def load_model(spec: str, checkpoint: str | None = None):
     """The train-time model named by ``spec`` (see the module docstring), in eval mode."""
     import torch
@@ -45,6 +67,8 @@ def load_model(spec: str, checkpoint: str | None = None):
     import fastvit_models
 
     if spec in fastvit_models.list_models():
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise UsageError(f"no such checkpoint file: {checkpoint}")
         return fastvit_models.create_model(spec, checkpoint=checkpoint).eval()
     if ":" not in spec:
         names = ", ".join(fastvit_models.list_models())
@@ -52,6 +76,8 @@ def load_model(spec: str, checkpoint: str | None = None):
     if checkpoint is not None:
         raise UsageError("--checkpoint is only for FastViT names; load weights inside your factory")
     mod_name, attr = spec.rsplit(":", 1)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` does: modules of the directory you are in
+        sys.path.insert(0, str(Path.cwd()))
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
@@ -67,16 +93,32 @@ def load_model(spec: str, checkpoint: str | None = None):
     obj = getattr(module, attr, None)
     if obj is None:
         raise UsageError(f"{mod_name!r} has no attribute {attr!r}")
-    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    try:
+        model = obj if isinstance(obj, torch.nn.Module) else obj()
+    except Exception as e:  # noqa: BLE001  (the factory's own error, said as its)
+        raise UsageError(f"calling {spec}() failed (a factory is called with no arguments): {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
     return model.eval()
 
 
+_FASTVIT_SHAPE = (1, 3, 256, 256)
+
+
+def _shape(args) -> tuple[int, ...] | None:
+    """``--input-shape``, else FastViT's 1x3x256x256 for a FastViT name, else None: fuse guesses it from the model."""
+    import fastvit_models
+
+    if args.input_shape is not None:
+        return args.input_shape
+    return _FASTVIT_SHAPE if args.model in fastvit_models.list_models() else None
+
+
 def _example(args):
     import torch
 
-    return (torch.randn(args.input_shape),)
+    shape = _shape(args)
+    return None if shape is None else (torch.randn(shape),)
 
 
 def _fuse(args) -> int:
@@ -89,7 +131,9 @@ def _fuse(args) -> int:
     print(fused.fuse_report)
     _step(3, 3, f"writing {args.output}")
     state = _save_state(fused, args.output)
-    print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values)")
+    shape = ",".join(map(str, fused.fuse_report.input_shapes[0])) if fused.fuse_report.input_shapes else "..."
+    print(f"wrote {args.output} ({sum(v.numel() for v in state.values()):,} values): the fused module's state dict; load it "
+          f"into repalgebra.fuse(model, example) of the same model (here at {shape}) with load_state_dict")
     return 0
 
 
@@ -157,12 +201,13 @@ def _export(args) -> int:
     _step(2, 4, "fusing")
     fused = repalgebra.fuse(model, _example(args))
     _step(3, 4, f"exporting to {args.output} (opset {args.opset or 'default'})")
+    shape = fused.fuse_report.input_shapes[0]  # --input-shape, or the one fuse guessed
     proto, report = export_onnx(
-        fused, args.output, args.input_shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True
+        fused, args.output, shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True
     )
     print(report)
     _step(4, 4, "running it in onnxruntime")
-    x = torch.randn(args.input_shape)
+    x = torch.randn(shape)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
@@ -247,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.add_argument("model", metavar="MODEL", help="FastViT name or module:attr")
         c.add_argument("--checkpoint", help="FastViT checkpoint (.pth, .pth.tar, .safetensors; Apple or timm layout)")
-        c.add_argument("--input-shape", type=_parse_shape, default=(1, 3, 256, 256), metavar="N,C,H,W", help="example input shape (default 1,3,256,256)")
+        c.add_argument("--input-shape", type=_parse_shape, default=None, metavar="N,C,H,W",
+                       help="example input shape (default: 1,3,256,256 for FastViT, else guessed from the model's first layer)")
         c.set_defaults(func=fn)
         return c
 
@@ -257,21 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("expand", "over-parameterize MODEL for training (the inverse of fuse) and write its state dict; prints the expand report", _expand)
     c.add_argument("-o", "--output", required=True, help="output file (.pt or .safetensors)")
     c.add_argument("--recipe", default="repvgg", choices=["repvgg", "acnet", "dbb", "mobileone"], help="the block each conv becomes (default repvgg)")
-    c.add_argument("--k", type=int, default=None, help="mobileone: the number of parallel kxk branches (default 3)")
+    c.add_argument("--k", type=_positive, default=None, help="mobileone: the number of parallel kxk branches (default 3)")
     c.add_argument("--init", choices=["preserve", "fresh"], default="preserve",
                    help="preserve: the same function as MODEL (default); fresh: PyTorch's default initialization")
     c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
-    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20: one Gelu kernel per GELU in onnxruntime)")
+    c.add_argument("--opset", type=_opset, default=None, help="ONNX opset, 13 to the onnx package's newest (default 20: one Gelu kernel per GELU in onnxruntime)")
     c = model_cmd("verify", "compare the train-time MODEL with its fused form on random inputs", _verify)
-    c.add_argument("-n", type=int, default=3, help="number of random inputs (default 3)")
+    c.add_argument("-n", type=_positive, default=3, help="number of random inputs (default 3)")
     c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="run both models in this dtype")
     c = model_cmd("show", "print or draw the IR of MODEL", _show)
     c.add_argument("--fused", action="store_true", help="show the fused graph")
     c.add_argument("-o", "--output", default=None, help="write a picture (.svg, .png, needs graphviz) or .dot")
-    d = sub.add_parser("demo", help="build fastvit_t8, fuse, verify, export to ONNX and time it: the main job in a minute")
+    what = "build fastvit_t8, fuse, verify, export to ONNX and time it: the main job in a minute"
+    d = sub.add_parser("demo", help=what, description=what)
     d.set_defaults(func=_demo)
-    r = sub.add_parser("rules", help="list the fusion rules")
+    what = "list the fusion rules: name, the ops each is tried on, and its identity in one line"
+    r = sub.add_parser("rules", help="list the fusion rules", description=what)
     r.set_defaults(func=_rules)
     return p
 

@@ -88,6 +88,9 @@ def test_rules_lists_every_rule(capsys):
         ["verify", "fastvit_t8", "--input-shape", "1,a,3"],
         ["export", "fastvit_t8"],
         ["bogus"],
+        ["export", "fastvit_t8", "-o", "x.onnx", "--opset", "9"],
+        ["verify", "fastvit_t8", "-n", "0"],
+        ["verify", "fastvit_t8", "--checkpoint", "no_such_file.pth"],
     ],
 )
 def test_bad_arguments_exit_2(argv, capsys):
@@ -167,3 +170,33 @@ def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tm
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["repalgebra.fallback"].startswith("1 IR node in 1 region via torch.onnx.export: m_3 (Gate)")
     assert meta["repalgebra.batch"] == "dynamic"
+
+
+def test_a_module_of_the_working_directory_and_a_shape_guessed_from_it(tmp_path, monkeypatch, capsys):
+    """``repalgebra fuse my_models:make_block`` in the directory holding ``my_models.py``: the console script does not
+    put that directory on ``sys.path`` as ``python -m`` does (cannot import it), and without ``--input-shape`` the
+    example was FastViT's 1x3x256x256 (an 8-channel block does not run on it); now the shape is fuse's guess."""
+    (tmp_path / "cwd_models.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def make_block():
+            return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+        def needs_arg(c):
+            return nn.Conv2d(c, c, 1)
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert main(["fuse", "cwd_models:make_block", "-o", str(tmp_path / "f.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "traced at 1x8x64x64" in out and "load_state_dict" in out
+    assert main(["fuse", "cwd_models:needs_arg", "-o", str(tmp_path / "g.pt")]) == 2
+    assert "calling cwd_models:needs_arg() failed (a factory is called with no arguments)" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
+    path = tmp_path / "text.pth"
+    for text in ("hello\n", "not a checkpoint"):  # torch.load: a bare KeyError, and an UnpicklingError
+        path.write_text(text)
+        assert main(["verify", "fastvit_t8", *SMALL, "--checkpoint", str(path)]) == 1
+        assert "not a PyTorch checkpoint" in capsys.readouterr().err
