@@ -48,7 +48,7 @@ from repalgebra.frontend.fx_trace import runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
-from repalgebra.frontend.torch import UntraceableError, check_model, example_inputs_for, leaf_paths, model_dtype
+from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Node
@@ -591,6 +591,7 @@ class _Fuser:
                 self.pristine = copy_module(model).eval()
         except Exception as e:  # a module holding a lock, a generator, ...
             raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
+        check_leaf_modules(model, leaf_modules)
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
         # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it (a guard
         # of the ranks alone need not stay: the new capture guards its own inputs' ranks).

@@ -134,7 +134,23 @@ def verify(
 
     Both models are evaluated in eval mode under ``torch.no_grad()``: a model in
     training mode is deep-copied and switched to eval, never changed.
+
+    Raises:
+        TypeError: a model that is not an ``nn.Module``, a ``dtype`` that is not a
+            floating-point ``torch.dtype``.
+        ValueError: ``n`` below 1 or a ``tolerance`` that is not positive; a
+            model that fails on an input (which one, on which shapes, and why).
     """
+    for name, m in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"verify: the {name} must be an nn.Module, got {type(m).__name__}"
+                            + (" (a path: load the model first)" if isinstance(m, str) else ""))
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"verify: dtype must be a floating-point torch.dtype (torch.float64, ...), got {dtype!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"verify: n is the number of random inputs to try, 1 or more; got {n!r}")
+    if tolerance is not None and not tolerance > 0:
+        raise ValueError(f"verify: tolerance must be a positive relative error bound, got {tolerance!r}")
     if example_inputs is None:
         example, _ = infer_example_inputs(reference)
     else:
@@ -155,9 +171,8 @@ def verify(
     for _ in range(n):
         xs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype) if t.is_floating_point() else t
               for t in example]  # a mask or token ids: the example's own
-        with torch.no_grad():
-            ya, spec_a = pytree.tree_flatten(ref(*xs))
-            yb, spec_b = pytree.tree_flatten(cand(*xs))
+        ya, spec_a = pytree.tree_flatten(_called("reference", ref, xs))
+        yb, spec_b = pytree.tree_flatten(_called("candidate", cand, xs))
         if spec_a != spec_b or len(ya) != len(yb):
             report.problem = f"output structures differ: {spec_a} vs {spec_b}"
             return report
@@ -166,6 +181,17 @@ def verify(
         for o, a, b in zip(report.outputs, ya, yb):
             _compare(o, a, b)
     return report
+
+
+def _called(name: str, model: nn.Module, xs: list) -> Any:
+    """``model(*xs)`` without gradients; a failure says which model failed, and on what."""
+    try:
+        with torch.no_grad():
+            return model(*xs)
+    except Exception as e:  # noqa: BLE001  (the model's own error, said with where it happened)
+        shapes = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in xs if torch.is_tensor(t))
+        raise ValueError(f"verify: the {name} ({type(model).__name__}) fails on inputs {shapes}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _param_dtypes(model: nn.Module) -> set[torch.dtype]:

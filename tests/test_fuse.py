@@ -422,7 +422,9 @@ def test_several_inputs_and_structured_outputs():
     assert out.keys() == ref.keys()
     torch.testing.assert_close(out["sum"], ref["sum"])
     torch.testing.assert_close(out["other"][0], ref["other"][0])
-    assert out["other"][1] is y
+    # The model returns its input y itself; the fused module returns a copy of it (a copy the model made, y.clone(),
+    # is one no op in the graph too, and a caller writing into it must not write into y).
+    assert torch.equal(out["other"][1], y) and out["other"][1] is not y
     assert fused.fuse_report.ops_after["conv2d"] == 2
     with pytest.raises(ValueError, match="example_inputs"):
         fuse(model)
@@ -709,3 +711,19 @@ def test_copies_the_model_returns_stay_copies():
         flat.mul_(0)
     assert torch.equal(x, kept), "the caller's input must not change"
     torch.testing.assert_close(feats, want, rtol=1e-9, atol=1e-9)
+
+
+def test_leaf_modules_that_name_nothing_are_refused():
+    """``leaf_modules="dense"`` (a string, iterated as its letters) and a path the model does not have kept nothing
+    whole, silently; ``trace`` too."""
+    import pytest
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    for call in (repalgebra.fuse, repalgebra.trace):
+        with pytest.raises(TypeError, match=r"write leaf_modules=\['0'\]"):
+            call(model, x, leaf_modules="0")
+        with pytest.raises(ValueError, match=r"names 'nope', which the model has no submodule at \(its children: '0', '1'\)"):
+            call(model, x, leaf_modules=["nope"])
+    assert "batch_norm" not in repalgebra.fuse(model, x).fuse_report.ops_after
+    assert repalgebra.fuse(model, x, leaf_modules=["0"]).fuse_report.ops_after == {"opaque": 1, "relu": 1}

@@ -133,3 +133,22 @@ def test_verify_does_not_change_modules_in_place_when_casting():
     verify(m, m, torch.randn(1, 3, 4, 4), dtype=torch.float16)
     for (k, a), (_, b) in zip(m.state_dict().items(), before.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), k
+
+
+def test_bad_arguments_and_failing_models_are_named():
+    """``verify(model, "fused.pt")``, ``dtype="float64"``, ``n=0`` and ``tolerance=-1`` gave an AttributeError, an
+    empty FAIL report or a report that fails everything; a model failing on the inputs gave torch's bare error,
+    not saying which of the two failed."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="candidate must be an nn.Module, got str .a path"):
+        verify(model, "fused.pt", x)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        verify(model, model, x, dtype="float64")
+    with pytest.raises(ValueError, match="1 or more; got 0"):
+        verify(model, model, x, n=0)
+    with pytest.raises(ValueError, match="positive relative error bound, got -1"):
+        verify(model, model, x, tolerance=-1)
+    other = nn.Conv2d(4, 4, 3).eval()
+    with pytest.raises(ValueError, match=r"the candidate \(Conv2d\) fails on inputs 1x3x8x8 float32: RuntimeError"):
+        verify(model, other, x)

@@ -366,6 +366,20 @@ def leaf_specs(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[typ
     return tuple(types), paths
 
 
+def check_leaf_modules(model: nn.Module, leaf_modules: Any) -> None:
+    """Refuse ``leaf_modules`` that would silently keep nothing whole: a bare string or class (not a collection of
+    them), or a path no submodule of ``model`` has (``TypeError``, ``ValueError``)."""
+    if isinstance(leaf_modules, (str, type, nn.Module)):
+        raise TypeError(f"leaf_modules is a collection of module classes, instances or paths; got one {type(leaf_modules).__name__} "
+                        f"{leaf_modules!r}: write leaf_modules=[{leaf_modules!r}]" if isinstance(leaf_modules, str) else
+                        f"leaf_modules is a collection of module classes, instances or paths; got one {leaf_modules!r}: put it in a list")
+    _, paths = leaf_specs(model, leaf_modules)
+    names = {p for p, _ in model.named_modules()}
+    if missing := sorted(paths - names):
+        raise ValueError(f"leaf_modules names {', '.join(map(repr, missing))}, which the model has no submodule at "
+                         f"(its children: {', '.join(repr(n) for n, _ in model.named_children()) or 'none'})")
+
+
 def leaf_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> list[str]:
     """``leaf_modules`` as the paths of the outermost matching submodules of ``model``."""
     types, paths = leaf_specs(model, leaf_modules)

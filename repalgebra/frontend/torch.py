@@ -51,7 +51,9 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
-from repalgebra.frontend.fx_trace import LeafSpec, UntraceableError, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx
+from repalgebra.frontend.fx_trace import (
+    LeafSpec, UntraceableError, check_leaf_modules, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx,
+)
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
 from repalgebra.frontend.inplace import InplaceHazard, functionalize
@@ -116,6 +118,7 @@ def trace(
     NaN and Inf in parameters are allowed (a clamp bound of ``-inf``): the
     rewrite engine does not fold a weight that is not finite, and reports it.
     """
+    check_leaf_modules(model, leaf_modules)
     return trace_model(model, example_inputs, leaf_modules=leaf_modules).graph
 
 
