@@ -45,7 +45,9 @@ builder is :mod:`~repalgebra.frontend.aten_builder` and the per-op table
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import operator
 import warnings
 
@@ -112,6 +114,19 @@ def _batch_axis_missing(example_inputs: tuple[torch.Tensor, ...]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """torch logs a traceback at ERROR for an op that fails on its fake tensors (a model that does not run on the
+    example); the failure comes back as the capture's exception, said once, so the log's copy is held back."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None) -> torch.export.ExportedProgram:
     """``torch.export`` then ``run_decompositions({})`` (functionalized, high-level ops kept); checked pure."""
     try:
@@ -119,7 +134,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
         # no wrap_with_set_grad_enabled subgraph and its nodes keep their module paths (without
         # no_grad, run_decompositions inlines that subgraph but the module paths inside are lost).
         # An `enable_grad()` block still records one; run_decompositions inlines it too.
-        with torch.no_grad(), warnings.catch_warnings(), mode_flags_refused(module):
+        with torch.no_grad(), warnings.catch_warnings(), mode_flags_refused(module), _quiet_fake_tensors():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             _check_writes_into_returned_inputs(ep.graph)
