@@ -288,3 +288,22 @@ def test_screenshots_are_not_blank(site: Path, tmp_path: Path):
 
     Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "blank.png")
     assert shots.pixel_variance(tmp_path / "blank.png") == 0
+
+
+def test_every_link_of_a_page_leads_to_a_file_of_the_site(site: Path):
+    """The pages link to the proofs, tests and modules by their paths in the repository (``../../proofs/x.py``);
+    the site holds only ``docs/``, and 80 such links led nowhere.  ``docs/hooks/sources.py`` gives each a highlighted
+    page under ``source/``.  Every relative ``href`` and ``src`` of every page must resolve to a file of the site
+    (404.html, whose links are root-relative for the server that shows it at any depth, aside)."""
+    broken = set()
+    for page in site.rglob("*.html"):
+        if page.name == "404.html" or "search" in page.relative_to(site).parts:
+            continue
+        for url in re.findall(r'(?:href|src)="([^"]+)"', page.read_text(errors="replace")):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", url) or url.startswith(("//", "#")):
+                continue
+            target = (page.parent / html.unescape(url.partition("#")[0])).resolve()
+            if not (target / "index.html" if target.is_dir() else target).exists():
+                broken.add(f"{page.relative_to(site)} -> {url}")
+    assert not broken, sorted(broken)[:20]
+    assert (site / "source" / "proofs" / "kernel_pad.py.html").exists()
