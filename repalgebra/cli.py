@@ -121,9 +121,19 @@ def _example(args):
     return None if shape is None else (torch.randn(shape),)
 
 
+def _writable(path: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path before the work, not after it: another kind of file, or a folder that is not there."""
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise UsageError(f"-o {path}: the file is written as {' or '.join(suffixes)}, so its name must end so")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {path}: no such folder: {out.parent}")
+
+
 def _fuse(args) -> int:
     import repalgebra
 
+    _writable(args.output, (".pt", ".pth", ".safetensors"))
     _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 3, "fusing")
@@ -158,6 +168,7 @@ def _expand(args) -> int:
     if args.k is not None and args.recipe != "mobileone":
         raise UsageError("--k is the number of kxk branches of --recipe mobileone")
     recipe = mobileone.recipe(args.k) if args.k is not None else recipe_named(args.recipe)
+    _writable(args.output, (".pt", ".pth", ".safetensors"))
     _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 3, f"expanding with {recipe.name} (init={args.init})")
@@ -196,6 +207,7 @@ def _export(args) -> int:
     import repalgebra
     from repalgebra.backend.onnx import export_onnx
 
+    _writable(args.output, (".onnx",))
     _step(1, 4, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 4, "fusing")

@@ -84,7 +84,7 @@ def run_demo(name: str = "fastvit_t8", size: int = 256) -> int:
         ("graph nodes", sum(before.values()), sum(after.values()), len(proto.graph.node)),
         ("conv", before.get("conv2d", 0), after.get("conv2d", 0), onnx_ops.get("Conv", 0)),
         ("batch norm", before.get("batch_norm", 0), after.get("batch_norm", 0), onnx_ops.get("BatchNormalization", 0)),
-        ("parameters", f"{report.params_before + report.buffers_before:,}", f"{report.params_after + report.buffers_after:,}", ""),
+        ("parameters + buffers", f"{report.params_before + report.buffers_before:,}", f"{report.params_after + report.buffers_after:,}", ""),
         ("latency ms", f"{train_ms:.1f}", f"{fused_ms:.1f}", f"{ort_ms:.1f}"),
     ]
     widths = [max(len(str(r[k])) for r in rows) for k in range(4)]

@@ -110,6 +110,10 @@ def rewrite(
     ``cast_back=False`` they stay in ``fold_dtype``: :func:`cast_params` casts
     them later, so a caller can check the exact folded graph first).
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"rewrite takes a Graph, got {type(graph).__name__}"
+                        + (": trace it first (repalgebra.trace(model, example)), or fuse the module (repalgebra.fuse)"
+                           if isinstance(graph, torch.nn.Module) else ""))
     with frozen_gc(len(graph.nodes)):  # the collector would revisit the whole graph again and again: quadratic time
         return _rewrite(graph, rules, fold_dtype, max_rewrites, progress, cast_back)
 

@@ -200,3 +200,13 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
         path.write_text(text)
         assert main(["verify", "fastvit_t8", *SMALL, "--checkpoint", str(path)]) == 1
         assert "not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, block_file, capsys):
+    """``fuse -o f.onnx`` wrote a torch pickle named .onnx; ``-o /no/such/dir/f.pt`` failed after the whole fuse."""
+    assert main(["fuse", block_file, "-o", str(tmp_path / "f.onnx"), "--input-shape", "1,3,8,8"]) == 2
+    assert "must end so" in capsys.readouterr().err
+    assert main(["fuse", block_file, "-o", str(tmp_path / "nope" / "f.pt"), "--input-shape", "1,3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "[2/3] fusing" not in err
+    assert main(["export", block_file, "-o", str(tmp_path / "f.pt"), "--input-shape", "1,3,8,8"]) == 2

@@ -868,3 +868,15 @@ def test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch():
     assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 4, 4]
     x = torch.randn(2, 3, 4, 4)
     assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_graph_exported_at_another_shape_than_traced_is_refused():
+    """``export_onnx(trace(block, x), None, (1, 3, 16, 16))`` ignored the shape: the file had the traced sizes, and
+    onnxruntime refused the input the caller meant."""
+    block = nn.Conv2d(8, 4, 3).eval()
+    graph = repalgebra.trace(block, torch.randn(1, 8, 12, 12))
+    with pytest.raises(ValueError, match=r"traced at 1x8x12x12 .* not input_shape 1x3x16x16"):
+        export_onnx(graph, None, (1, 3, 16, 16))
+    export_onnx(graph, None, (4, 8, 12, 12))  # another batch: the file's batch is dynamic
+    with pytest.raises(TypeError, match="rewrite takes a Graph, got Conv2d: trace it first"):
+        repalgebra.rewrite(block)

@@ -1135,6 +1135,21 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
         )
 
 
+def _check_graph_shapes(graph: Graph, input_shape: Any) -> None:
+    """A graph's file has the shapes it was traced at (the batch aside): an ``input_shape`` given with other sizes
+    would be ignored, and onnxruntime would then refuse the input the caller meant.  Refused (``ValueError``)."""
+    if isinstance(input_shape, tuple) and input_shape == (1, 3, 256, 256):
+        return  # the default: not given
+    if torch.is_tensor(input_shape) or (isinstance(input_shape, (tuple, list)) and all(isinstance(d, int) for d in input_shape)):
+        input_shape = [input_shape]
+    given = [tuple(t.shape) if torch.is_tensor(t) else tuple(t) for t in input_shape]
+    traced = [tuple(v.shape or ()) for v in graph.inputs]
+    if [g[1:] for g in given] != [t[1:] for t in traced]:
+        raise ValueError(f"export_onnx: the graph was traced at {', '.join('x'.join(map(str, t)) for t in traced)} and its file "
+                         f"has those sizes (the batch aside), not input_shape {', '.join('x'.join(map(str, g)) for g in given)}: "
+                         "trace the model at the shape you want (repalgebra.trace(model, example)), or export the model")
+
+
 def _graph_dtype(graph: Graph) -> torch.dtype:
     """The floating-point dtype of the graph's first such input, else of its first floating-point parameter (a model
     of token ids), else float32."""
@@ -1468,6 +1483,7 @@ def export_onnx(
         return model, report
 
     if isinstance(model_or_graph, Graph):
+        _check_graph_shapes(model_or_graph, input_shape)
         model, report = lower(model_or_graph, "", None, ())
     elif isinstance(model_or_graph, torch.nn.Module):
         model_or_graph, input_shape = _flat_for_export(model_or_graph, input_shape)
