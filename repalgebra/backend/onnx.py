@@ -1415,40 +1415,58 @@ def export_onnx(
 ) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Export a model (or an IR graph) to ONNX, fusing it first by default.
 
-    The module is traced into the IR with a random input of ``input_shape`` (or, for
-    a model of several inputs, one of each shape in a tuple of shapes:
-    ``((1, 3, 64, 64), (1, 16))``; seeded, standard normal) in the model's dtype;
-    an example tensor in place of a shape is used as it is (a bool padding mask, integer token ids); a model whose
-    ``forward`` takes lists, tuples or dicts of tensors is given an example of that structure (``(feats,)``), or,
-    fused by ``repalgebra.fuse``, one shape per tensor, and its ONNX model takes one input per tensor (``torch.fx``; a submodule it cannot trace is kept whole,
-    and a module whose own ``forward`` it cannot trace is one opaque call),
-    rewritten to its fused form (``fuse=True``; where ``torch.fx`` keeps parts
-    whole, the module ``repalgebra.fuse`` returns, whose capture reads Python
-    fx cannot, when it traces whole and keeps the batch dynamic as asked, or
-    when the parts kept whole do not export), lowered op by op with the op
-    table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
-    spliced in (see :func:`graph_to_onnx`), checked with
-    ``onnx.checker.check_model(full_check=True)`` and, when ``path`` is given,
-    saved there.  A module fused with shapes fixed at its example input
-    (``repalgebra.fuse`` on a model it captured with ``torch.export``) is
-    exported with the batch fixed, whatever ``dynamic_batch`` says; the report
-    notes it.  An export fixes every size but (with ``dynamic_batch``) the
-    batch: where ``torch.fx`` leaves calls for the fallback, the model is also
-    captured by ``torch.export`` at the export's shapes, and that capture is
-    exported if it leaves fewer (sizes read from the input, as in YOLO's anchor
-    grid or ShiftViT's ``C // 4`` channel slices, become constants; a few
-    seconds more).  Where the way taken fixes the batch anyway, the others are
-    tried too, and the one that leaves the least to ``torch.onnx.export`` is
-    kept (a Swin block torch.fx keeps whole goes to it whole; fused at the
-    export's shapes, it is all our own lowering).  With a dynamic batch, the axis 0 of each input that follows
-    the first input's (found by a run at a batch one larger) is named ``batch``, not that of a mask or table the
-    batch shares, and an output axis that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds
-    16 rows per sample (tokens flattened into rows).  The metadata records the producer, version, the rules that
-    fired, which nodes went through the fallback and anything in ``metadata``
-    (the CLI adds the variant name).  The model you pass is not modified.
+    Args:
+        model_or_graph: an ``nn.Module`` (the train-time model, or what ``repalgebra.fuse`` returned), or a
+            :class:`~repalgebra.ir.Graph` from :func:`repalgebra.trace` (its file has the traced sizes).
+        path: where to save the file; ``None`` only returns it.
+        input_shape: the shape of a random input (seeded, standard normal, in the model's dtype), a tuple of
+            shapes for a model of several inputs (``((1, 3, 64, 64), (1, 16))``), or example tensors in their
+            place, used as they are (a bool padding mask, integer token ids).  A model whose ``forward`` takes
+            lists, tuples or dicts of tensors is given an example of that structure (``(feats,)``), or, fused by
+            ``repalgebra.fuse``, one shape per tensor; its ONNX model takes one input per tensor.
+        opset: the ONNX opset, 13 to the onnx package's newest; default 20 (one ``Gelu`` kernel per GELU in
+            onnxruntime), 22 for a bfloat16 model.
+        dynamic_batch: give the file a dynamic batch axis where the model allows it (see below).
+        fuse: fold the graph first (the module ``repalgebra.fuse`` would return); ``False`` exports it as traced
+            (a fused module is exported so).
+        metadata: extra key/value pairs for the file's metadata (the CLI adds the variant name).
+        return_report: also return the :class:`~repalgebra.backend.onnx_fallback.ExportReport`.
 
-    Returns the ``onnx.ModelProto``, or ``(model, ExportReport)`` with
-    ``return_report=True``.
+    Returns:
+        The ``onnx.ModelProto``, or ``(model, ExportReport)`` with ``return_report=True``.
+
+    Raises:
+        ValueError: the model does not run on the example (the message gives the shapes it met), its calls change
+            its state (an ONNX graph is one function of its inputs), an opset out of range, an ``input_shape``
+            other than a graph's traced sizes; :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
+            ``ValueError``) when ``torch.onnx.export`` cannot export, or computes something else for, a part
+            with no lowering of ours.
+        TypeError: ``model_or_graph`` is neither a module nor a graph.
+
+    How.  The module is traced into the IR (``torch.fx``; a submodule it cannot trace is kept whole, and a
+    module whose own ``forward`` it cannot trace is one opaque call), rewritten to its fused form (``fuse=True``;
+    where ``torch.fx`` keeps parts whole, the module ``repalgebra.fuse`` returns, whose capture reads Python fx
+    cannot, when it traces whole and keeps the batch dynamic as asked, or when the parts kept whole do not
+    export), lowered op by op with the op table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
+    spliced in (see :func:`graph_to_onnx`), checked with ``onnx.checker.check_model(full_check=True)`` and, when
+    ``path`` is given, saved there.  The model you pass is not modified.
+
+    Sizes.  An export fixes every size but (with ``dynamic_batch``) the batch.  Where ``torch.fx`` leaves calls
+    for the fallback, the model is also captured by ``torch.export`` at the export's shapes, and that capture is
+    exported if it leaves fewer (sizes read from the input, as in YOLO's anchor grid or ShiftViT's ``C // 4``
+    channel slices, become constants; a few seconds more).  Where the way taken fixes the batch anyway, the
+    others are tried too, and the one that leaves the least to ``torch.onnx.export`` is kept (a Swin block
+    torch.fx keeps whole goes to it whole; fused at the export's shapes, it is all our own lowering).
+
+    The batch.  A module fused with shapes fixed at its example input (``repalgebra.fuse`` on a model it
+    captured with ``torch.export``) is exported with the batch fixed, whatever ``dynamic_batch`` says, and so
+    is one whose graph computes something else than the model at another batch or at batch 1; the report
+    notes why.  With a dynamic batch, the axis 0 of each input that follows the first input's (found by a run
+    at a batch one larger) is named ``batch``, not that of a mask or table the batch shares, and an output axis
+    that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds 16 rows per sample (tokens
+    flattened into rows); the file is run in onnxruntime at that larger batch, and written with the batch fixed
+    where it fails there.  The metadata records the producer, version, the rules that fired, which nodes went
+    through the fallback, how the batch was exported and anything in ``metadata``.
     """
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite
