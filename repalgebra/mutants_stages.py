@@ -83,6 +83,7 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
          f"{_OE}::test_an_input_without_a_batch_is_declared_without_one")
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
+_UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
@@ -301,6 +302,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "file-unchecked-at-another-batch", "a file with a dynamic batch written without a run of it at another batch",
      "repalgebra.backend.onnx:graph_to_onnx", "if another is not None and another.axes is not None and (why :=",
      "if False and another is not None and another.axes is not None and (why :=", (f"{_OE}::test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch",)),
+    ("onnx_backend", "unfold-picks-unpadded", "unfold's picks taken on the map without its padding (the window places shift)",
+     "repalgebra.backend.onnx:_unfold", "reshape(1, 1, h + 2 * ph, w + 2 * pw)", "reshape(1, 1, h + 2 * ph, w + 2 * pw)[..., ph:, pw:]", _UNFOLD),
+    ("onnx_backend", "unfold-pad-order", "unfold's zero padding written as the rows' on both axes",
+     "repalgebra.backend.onnx:_unfold", 'ctx.ints("pads", [0, 0, ph, pw, 0, 0, ph, pw])', 'ctx.ints("pads", [0, 0, ph, ph, 0, 0, ph, ph])', _UNFOLD),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",

@@ -66,6 +66,7 @@ FEW = {
     "repalgebra.backend.onnx:_nearest": "two choices, the dtype of the picks and the map they are computed on; the gather itself is checked bit for bit",
     "repalgebra.backend.onnx:_scale_for": "one loop: whether it moves the scale, and which products it asks to agree",
     "repalgebra.backend.torch:_unaliased": "two decisions, which outputs alias and through which ops",
+    "repalgebra.backend.onnx:_unfold": "two choices besides torch's own picks: the padding and the map the picks are taken on",
     "repalgebra.fuse:_ranks_fit": "one comparison, each input's number of axes with the example's",
     "repalgebra.frontend.calls:_of_rank": "one comparison, the squeeze's number of axes with the example's",
     "repalgebra.frontend.handlers_functions:_f_squeeze": "one decision beside its reshape, what a squeeze of an axis not 1 is",

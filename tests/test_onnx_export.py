@@ -880,3 +880,15 @@ def test_a_graph_exported_at_another_shape_than_traced_is_refused():
     export_onnx(graph, None, (4, 8, 12, 12))  # another batch: the file's batch is dynamic
     with pytest.raises(TypeError, match="rewrite takes a Graph, got Conv2d: trace it first"):
         repalgebra.rewrite(block)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=(1, 2), stride=2), dict(kernel_size=(2, 3), dilation=(2, 1), stride=(1, 2))])
+def test_unfold_copies_windows_inf_and_nan_included(kw):
+    """``F.unfold`` with windows that overlap or leave gaps was a grouped Conv of one-hot kernels: ``0 * inf`` made an
+    Inf of the input NaN in every window beside it (2 non-finite outputs in torch, 18 in the file).  Each window is
+    a copy: the file must give torch's values exactly, Inf and NaN where torch has them."""
+    model = nn.Unfold(**kw).eval()
+    x = torch.randn(1, 2, 7, 8)
+    x[0, 0, 3, 4], x[0, 1, 1, 1] = float("inf"), float("nan")
+    got, want = run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy()
+    assert np.array_equal(got, want, equal_nan=True)

@@ -361,7 +361,7 @@ CASES: dict[str, Case] = {
     "unfold_fold_overlapping": Case(
         lambda: stem(nn.Sequential(nn.Unfold((3, 2), dilation=(1, 2), padding=1, stride=(2, 1)), nn.Sigmoid(),
                                    nn.Fold((6, 8), (3, 2), dilation=(1, 2), padding=1, stride=(2, 1)))),
-        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Conv", "ConvTranspose"),
+        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Gather", "ConvTranspose"),
     ),
     "conformer_conv": Case(lambda: stem(ConformerConv()), (1, 3, 5, 6), {"glu", "log_softmax", "conv_transpose2d"},
                            _onnx("LogSoftmax", "Sigmoid", "ConvTranspose")),

@@ -849,15 +849,20 @@ def _blocks(n) -> list[int] | None:
 @lowering("unfold")
 def _unfold(ctx, n, x):
     """Windows that tile the map: ``(N, C, L_h k_h, L_w k_w) -> (N, C, k_h, k_w, L_h, L_w)``, a ``Transpose``
-    between two ``Reshape``s; others a grouped ``Conv`` that copies each window position into a channel."""
+    between two ``Reshape``s; others the zero-padded map's pixels each window holds, one ``Gather`` of the places
+    torch's own unfold takes them from (a copy: an Inf stays where it is, where a conv of one-hot kernels made NaN of
+    it in every window, ``0 * inf``)."""
     a, c = n.attrs, n.x.shape[1]
     blocks = _blocks(n)
     if blocks is not None:
         lh, kh, lw, kw = blocks
         return _split_permute_merge(ctx, x, [0, c, lh, kh, lw, kw], [0, 1, 3, 5, 2, 4], [0, c * kh * kw, lh * lw])
-    (ph, pw), kernel = a["padding"], list(a["kernel"])
-    y = ctx.emit("Conv", [x, ctx.const("picks", _window_picks(c, kernel))], kernel_shape=kernel, strides=list(a["stride"]),
-                 pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=c)
+    (ph, pw), (h, w) = a["padding"], n.x.shape[2:]
+    if ph or pw:
+        x = ctx.emit("Pad", [x, ctx.ints("pads", [0, 0, ph, pw, 0, 0, ph, pw])])
+    places = torch.arange((h + 2 * ph) * (w + 2 * pw), dtype=torch.float64).reshape(1, 1, h + 2 * ph, w + 2 * pw)
+    picks = OPS[n.op].run(places, **{**a, "padding": (0, 0)}).reshape(-1).to(torch.int64)
+    y = ctx.emit("Gather", [ctx.emit("Reshape", [x, ctx.ints("flat", [0, 0, -1])]), ctx.const("picks", picks.numpy())], axis=2)
     return ctx.emit("Reshape", [y, ctx.ints("columns", [0, n.out.shape[1], -1])])
 
 
