@@ -472,6 +472,10 @@ MUTANTS: list[Mutant] = [
        "if not (c.numel() and bool((c == c[0]).all())):", "if not c.numel():"),
     _m("query_scale_fold", "scores-shared-unchecked", "the scores' number moved onto q although q is read by another product too",
        "if not (sole_use(graph, node.x) and sole_use(graph, operand)):", "if not sole_use(graph, node.x):"),
+    _m("query_scale_fold", "scores-k-untried", "the number stays where q is read again, though k could take it",
+       "            continue  # the other operand may take it", "            return refusal"),
+    _m("query_scale_fold", "scores-half-overflow-unchecked", "a number above 1 moved onto q of float16 scores (100 q overflows)",
+       "if abs(float(c[0])) > 1 and node.out.dtype in", "if False and node.out.dtype in"),
     _m("query_scale_fold", "scores-same-operand", "the number of q @ q^T-like scores (one Linear view on both sides) moved onto it once, squared",
        "if lin is None or sum(i is operand for i in mm.inputs) > 1:", "if lin is None:"),
     # ---------------------------------------------------------------- space_to_depth

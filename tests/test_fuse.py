@@ -695,20 +695,23 @@ def test_copies_the_model_returns_stay_copies():
             super().__init__()
             self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
 
+            self.windows = lambda t: t.unfold(3, 2, 1)  # a call the graph keeps whole: it may return a view
+
         def forward(self, x):
             y = self.bn(self.conv(x))
-            return y, y.clone(), x.clone(), x.clone().flatten(1)
+            return y, y.clone(), x.clone(), x.clone().flatten(1), self.windows(x.clone())
 
     model = Net().double().eval()
     fused = repalgebra.fuse(model, torch.randn(1, 4, 6, 6, dtype=torch.float64))
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     kept = x.clone()
     with torch.no_grad():
-        feats, post, raw, flat = fused(x)
+        feats, post, raw, flat, windows = fused(x)
         want = model(kept)[0]
         post.clamp_(min=0)
         raw.mul_(0)
         flat.mul_(0)
+        windows.zero_()
     assert torch.equal(x, kept), "the caller's input must not change"
     torch.testing.assert_close(feats, want, rtol=1e-9, atol=1e-9)
 

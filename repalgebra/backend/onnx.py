@@ -708,9 +708,14 @@ def _nearest(ctx, n, x):
     float32: at 9 of 30 -> 70 rows they round to different pixels (29 and 30).  The spatial sizes of a file are fixed,
     so the picks are computed here by torch itself, on the flat index of every pixel, and gathered."""
     spatial = n.inputs[0].shape[2:]
-    picks = torch.arange(math.prod(spatial), dtype=torch.float64 if ctx.dtype == torch.float64 else torch.float32)
-    like = [torch.empty(v.shape) for v in n.inputs[1:]]
-    picks = OPS[n.op].run(picks.reshape(1, 1, *spatial), *like, **n.attrs).reshape(-1).to(torch.int64)
+    dtype, like = torch.float64 if ctx.dtype == torch.float64 else torch.float32, [torch.empty(v.shape) for v in n.inputs[1:]]
+    picks = torch.zeros((), dtype=torch.int64)
+    for axis, size in enumerate(spatial):  # each axis's coordinate on its own map: exact in float32 (a flat index is not above 2**24)
+        along = [1] * len(spatial)
+        along[axis] = size
+        coords = torch.arange(size, dtype=dtype).reshape(1, 1, *along).expand(1, 1, *spatial)
+        picks = picks * size + OPS[n.op].run(coords, *like, **n.attrs).to(torch.int64)
+    picks = picks.reshape(-1)
     flat = ctx.emit("Reshape", [x, ctx.ints("flat", [0, 0, -1])])
     out = ctx.emit("Gather", [flat, ctx.const("picks", picks.numpy())], axis=2)
     return ctx.emit("Reshape", [out, ctx.ints("shape", [0, 0, *n.out.shape[2:]])])

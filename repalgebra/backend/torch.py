@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
-from repalgebra.ir import Graph, Node
+from repalgebra.ir import Graph, Node, Value
 from repalgebra.match import is_1x1_pointwise
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
@@ -163,11 +163,26 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
     would change the other, or its input, where the model's copies kept them apart."""
     inputs, seen, out = {id(v) for v in graph.inputs}, set(), []
     for v, node in zip(graph.outputs, outs):
-        while v.producer is not None and v.producer.op in _VIEWING:
-            v = v.producer.inputs[0]
-        out.append(ctx.graph.call_method("clone", (node,)) if id(v) in inputs or id(v) in seen else node)
-        seen.add(id(v))
+        roots = _viewed(v)
+        out.append(ctx.graph.call_method("clone", (node,)) if roots & (inputs | seen) else node)
+        seen |= roots
     return out
+
+
+def _viewed(v: Value) -> set[int]:
+    """The values ``v`` may be a view of, itself included: through the view ops, and through a call the graph keeps
+    whole into each of its inputs (``x.unfold(...)``, ``x.diagonal()``: it may return a view of any)."""
+    found, stack = set(), [v]
+    while stack:
+        u = stack.pop()
+        if id(u) in found:
+            continue
+        found.add(id(u))
+        if u.producer is not None and u.producer.op in _VIEWING:
+            stack.append(u.producer.inputs[0])
+        elif u.producer is not None and u.producer.op == "opaque":
+            stack.extend(u.producer.inputs)
+    return found
 
 
 def to_module(

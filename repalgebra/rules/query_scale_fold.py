@@ -26,8 +26,10 @@ fold one step further, since a number passes through a matrix product, ``c (A B)
 
     scale(matmul(P(Linear(x; W, b)), K); c) = matmul(P(Linear(x; c W_q, c b_q)), K)
 
-for the features ``P`` picks (or with ``c`` on the right operand's Linear when the left is not one).  Preconditions:
-one factor ``c`` for every element; the scores are read by the scale only, the operand by the product only.
+for the features ``P`` picks (or with ``c`` on the right operand's Linear when the left is not one, or is read
+elsewhere).  Preconditions: one factor ``c`` for every element; the scores are read by the scale only, the operand
+by the product only; in half precision ``|c| <= 1`` (``c q`` can overflow where ``c (q k^T)`` does not: a CLIP-style
+logit scale of 100).
 """
 
 from __future__ import annotations
@@ -97,16 +99,20 @@ def query_scale_fold(graph, node):
     if mm is None:
         return None
     c = node.params["scale"].reshape(-1)
+    refusal = None
     for operand in mm.inputs:  # the scores' number moves onto q (or k) through the product: c (A B) = (c A) B
         lin = _path_up(graph, operand)
         if lin is None or sum(i is operand for i in mm.inputs) > 1:
             continue
         if not (c.numel() and bool((c == c[0]).all())):
             return Refusal("a scale on a matrix product with more than one factor")
+        if abs(float(c[0])) > 1 and node.out.dtype in (torch.float16, torch.bfloat16):
+            return Refusal("a number above 1 moved onto an operand can overflow half precision where the product does not")
         if not (sole_use(graph, node.x) and sole_use(graph, operand)):
-            return Refusal("the scores, or the operand the number would move onto, are also read elsewhere")
+            refusal = Refusal("the scores, or the operand the number would move onto, are also read elsewhere")
+            continue  # the other operand may take it
         return _fold(graph, node, lin, operand, c[:1].expand(operand.shape))
-    return None
+    return refusal
 
 
 def _fold(graph: Graph, node: Node, lin: Node, scaled: Value, factors: torch.Tensor) -> Rewrite | Refusal | None:

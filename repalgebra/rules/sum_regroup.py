@@ -28,7 +28,7 @@ not already written that way.  Only ``add``: a ``sub`` keeps its place.
 from __future__ import annotations
 
 from repalgebra.ir import Node, Value
-from repalgebra.match import producer, sole_use
+from repalgebra.match import merged_source, producer, reach, sole_use
 from repalgebra.rules.registry import Rewrite, rule
 
 
@@ -41,13 +41,14 @@ def _terms(graph, value: Value, root: bool = False) -> list[Value]:
 
 
 def _branch_of(term: Value) -> tuple | None:
-    """What ``term`` is a branch of, where it may merge with others of the same: ``(input, stride)``."""
+    """What ``term`` is a branch of, where it may merge with others of the same: ``(input, stride, reach)`` (a BN,
+    a channel scale or the input itself is a 1x1 conv: stride 1, reach 0)."""
     n = term.producer
     if n is not None and n.op == "conv2d":
-        return id(n.x), n.attrs["stride"]
+        return id(n.x), n.attrs["stride"], reach(n)
     if n is not None and (n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] in (1, -3))):
-        return id(n.x), (1, 1)
-    return (id(term), (1, 1)) if term.shape is not None and len(term.shape) == 4 else None
+        return id(n.x), (1, 1), (0, 0)
+    return (id(term), (1, 1), (0, 0)) if term.shape is not None and len(term.shape) == 4 else None
 
 
 def _merges(group: list[Value]) -> bool:
@@ -71,14 +72,17 @@ def sum_regroup(graph, root):
         return None  # nothing merges, or the sum is written so already
     nodes: list[Node] = []
 
-    def added(values: list[Value]) -> Value:
+    def added(values: list[Value], source: str) -> Value:
         total = values[0]
         for v in values[1:]:
-            nodes.append(root.replace(inputs=(total, v)))
+            nodes.append(root.replace(inputs=(total, v), source=source))
             total = nodes[-1].out
         return total
 
-    return Rewrite(root.out, added([added(u) for u in units]), tuple(nodes))
+    # A group's adds are named after its branches (a block's convs keep the block's path when a skip connection's
+    # add is the root of the tree), the adds of the groups after the root.
+    inner = [added(u, merged_source(*(t.producer for t in u if t.producer is not None)) or root.source) for u in units]
+    return Rewrite(root.out, added(inner, root.source), tuple(nodes))
 
 
 def _conv_first(group: list[Value]) -> list[Value]:

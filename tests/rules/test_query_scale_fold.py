@@ -135,11 +135,11 @@ def test_folds_a_scale_on_the_heads_of_a_conv_into_its_output_channels(shape, k,
     assert_graphs_equal(graph, fused, random_input((bsz, cin, 2, hw), dtype, seed + 1), dtype)
 
 
-def scores_graph(shape, dtype, seed, *, factors=None, onto="q", mask=False, q_read_twice=False):
+def scores_graph(shape, dtype, seed, *, factors=None, onto="q", mask=False, read_again=()):
     """BERT's scores: q, k, v picked from one qkv Linear, ``matmul(q, k^T) * c`` (``/ sqrt(d)``), then ``+ mask``.
 
     ``factors``: the scale's vector along the key axis (default: one number, head_dim ** -0.5); ``onto="k"``: q is
-    a graph input, so only k is a view of a Linear; ``q_read_twice``: q is also read by a second product.
+    a graph input, so only k is a view of a Linear; ``read_again``: the parts ("q", "k") a second product reads too.
     """
     bsz, n, h, d, cin = shape
     b = GraphBuilder()
@@ -155,7 +155,7 @@ def scores_graph(shape, dtype, seed, *, factors=None, onto="q", mask=False, q_re
     out = b.scale(scores, scale=factors, axis=3, source="attn")
     if mask:
         out = b.broadcast_add(out, b.input("mask", (bsz, 1, 1, n), dtype), source="attn")
-    extra = (b.matmul(q, b.transpose(v, dim0=-2, dim1=-1, source="attn"), source="attn"),) if q_read_twice else ()
+    extra = tuple(b.matmul({"q": q, "k": k}[p], b.transpose(v, dim0=-2, dim1=-1, source="attn"), source="attn") for p in read_again)
     return b.build(out, v, *extra)
 
 
@@ -197,12 +197,33 @@ def test_a_scale_per_key_on_the_scores_stays(shape, dtype, seed):
 
 
 @given(shape=heads(), dtype=float_dtypes(), seed=seeds())
-def test_a_number_on_the_scores_stays_when_q_is_read_again(shape, dtype, seed):
-    """q also multiplies something else: scaling its rows would scale that product too."""
-    graph = scores_graph(shape, dtype, seed, q_read_twice=True)
+def test_a_number_on_the_scores_moves_onto_k_when_q_is_read_again(shape, dtype, seed):
+    """q also multiplies something else, so its rows cannot take the number: k's can, ``q (c k)^T``; with k read
+    again too, neither can, and the scale stays."""
+    bsz, n, h, d, cin = shape
+    graph = scores_graph(shape, dtype, seed, read_again=("q",))
+    fused, report = run_rules(graph, "query_scale_fold")
+    assert report.rule_counts() == {"query_scale_fold": 1} and "scale" not in fused.op_counts()
+    w0, w1 = only(graph, "linear").params["weight"].double(), only(fused, "linear").params["weight"].double()
+    assert torch.equal(w1[: h * d], w0[: h * d]), "the q rows must stay as they are"
+    assert_graphs_equal(graph, fused, _scores_inputs(graph, dtype, seed), dtype)
+    graph = scores_graph(shape, dtype, seed, read_again=("q", "k"))
     fused, report = run_rules(graph, "query_scale_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
-    assert any("also read elsewhere" in r for r in reasons(report, "scale"))
+    # k itself is read again, k^T (the product's operand) only by the product: the features are what is shared
+    assert any("read elsewhere" in r or "read unscaled elsewhere" in r for r in reasons(report, "scale"))
+
+
+def test_a_number_above_one_on_half_precision_scores_stays():
+    """A CLIP-style logit scale of 100 on float16 scores: ``100 q`` overflows where ``100 (q k^T)`` does not (q up
+    to 880, keys near 1e-3), and the fused model returned inf; fuse's check, in float64, could not see it."""
+    for dtype, factor, fires in ((torch.float16, 100.0, False), (torch.bfloat16, 2.0, False), (torch.float16, 0.5, True),
+                                 (torch.float32, 100.0, True)):
+        graph = scores_graph((1, 3, 1, 2, 2), dtype, 0, factors=torch.full((3,), factor, dtype=dtype))
+        fused, report = run_rules(graph, "query_scale_fold")
+        assert bool(report.fired) == fires, (dtype, factor)
+        if not fires:
+            assert any("overflow half precision" in r for r in reasons(report, "scale"))
 
 
 def test_a_number_on_the_product_of_a_value_with_itself_stays():
