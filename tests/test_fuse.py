@@ -730,4 +730,3 @@ def test_leaf_modules_that_name_nothing_are_refused():
             call(model, x, leaf_modules=["nope"])
     assert "batch_norm" not in repalgebra.fuse(model, x).fuse_report.ops_after
     assert repalgebra.fuse(model, x, leaf_modules=["0"]).fuse_report.ops_after == {"opaque": 1, "relu": 1}
-

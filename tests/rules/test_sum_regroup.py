@@ -116,4 +116,3 @@ def test_a_costly_conv_is_added_last_so_the_cheap_branches_merge(dtype, seed, da
     counts = fused.op_counts()  # two convs where the costly merge is refused, one where the sizes make it cheap
     assert "batch_norm" not in counts and counts["conv2d"] <= 2 and counts.get("add", 0) == counts["conv2d"] - 1, report
     assert_graphs_equal(graph, fused, random_input((1, c, 6, 6), dtype, seed), dtype)
-
