@@ -404,13 +404,19 @@ def _fmt_attrs(attrs: Mapping[str, Any], short: bool = False) -> str:
 
 def walk_back(value: Value) -> Iterable[Node]:
     """The producers upstream of ``value`` (depth first, each once)."""
+    return (v.producer for v in upstream(value) if v.producer is not None)
+
+
+def upstream(value: Value, follow: Callable[[Node], Sequence[Value]] = lambda n: n.inputs) -> Iterable[Value]:
+    """``value`` and the values upstream of it, each once (depth first): from a value's producer ``n`` into the inputs
+    ``follow(n)`` names (all of them by default); a graph input has no producer and ends its path."""
     seen: set[int] = set()
     stack = [value]
     while stack:
         v = stack.pop()
-        n = v.producer
-        if n is None or id(n) in seen:
+        if id(v) in seen:
             continue
-        seen.add(id(n))
-        yield n
-        stack.extend(n.inputs)
+        seen.add(id(v))
+        yield v
+        if v.producer is not None:
+            stack.extend(follow(v.producer))

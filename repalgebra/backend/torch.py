@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
-from repalgebra.ir import Graph, Node, Value
+from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.match import is_1x1_pointwise
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
@@ -172,17 +172,7 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
 def _viewed(v: Value) -> set[int]:
     """The values ``v`` may be a view of, itself included: through the view ops, and through a call the graph keeps
     whole into each of its inputs (``x.unfold(...)``, ``x.diagonal()``: it may return a view of any)."""
-    found, stack = set(), [v]
-    while stack:
-        u = stack.pop()
-        if id(u) in found:
-            continue
-        found.add(id(u))
-        if u.producer is not None and u.producer.op in _VIEWING:
-            stack.append(u.producer.inputs[0])
-        elif u.producer is not None and u.producer.op == "opaque":
-            stack.extend(u.producer.inputs)
-    return found
+    return {id(u) for u in upstream(v, lambda n: n.inputs[:1] if n.op in _VIEWING else n.inputs if n.op == "opaque" else ())}
 
 
 def to_module(

@@ -27,7 +27,7 @@ from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
 from repalgebra.frontend.inplace import setitem_copy
 from repalgebra.frontend.shapes import size_base
-from repalgebra.ir import Value
+from repalgebra.ir import Value, upstream
 from repalgebra.ops import chunk_piece
 
 # --------------------------------------------------------------------------- arithmetic
@@ -602,17 +602,7 @@ def _of_an_input_dtype(v: Value) -> bool:
     """Whether ``v``'s dtype may be an input's, the caller's: ``v`` is reached from an input through ops other than a
     cast or a weighted layer (a conv runs in its weight's dtype, or fails); ``x.permute(0, 3, 1, 2)`` of an NHWC
     batch is the batch's dtype, a float64 or uint8 one too."""
-    seen, stack = set(), [v]
-    while stack:
-        u = stack.pop()
-        if id(u) in seen:
-            continue
-        seen.add(id(u))
-        if u.producer is None:
-            return True
-        if u.producer.op not in _WEIGHTED and u.producer.op != "cast":
-            stack.extend(u.producer.inputs)
-    return False
+    return any(u.producer is None for u in upstream(v, lambda n: () if n.op in _WEIGHTED or n.op == "cast" else n.inputs))
 
 
 def _from_a_written_cast(v: Value) -> bool:
