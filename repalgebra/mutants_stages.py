@@ -297,7 +297,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:export_onnx", "        if batch and module is not None and (fired or", "        if fuse and batch and module is not None and (fired or",
      (f"{_OE}::test_a_model_that_runs_at_its_examples_batch_only_gets_a_fixed_batch",)),
     ("torch_backend", "outputs-aliased", "a copy the model returns (x.clone(), y.clone()) returned as the input or an earlier output itself",
-     "repalgebra.backend.torch:_unaliased", 'ctx.graph.call_method("clone", (node,)) if roots & (inputs | seen) else node', "node", _ALIASED),
+     "repalgebra.backend.torch:_unaliased", "ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen) else node", "node", _ALIASED),
     ("torch_backend", "outputs-aliased-through-calls", "a view a call kept whole returns (x.clone().unfold(...)) taken for a new tensor",
      "repalgebra.backend.torch:_viewed", 'else n.inputs if n.op == "opaque" else ()', "else ()", _ALIASED),
     ("torch_backend", "outputs-aliased-through-views", "a view of a copy of the input (x.clone().flatten(1)) returned as a view of the input",

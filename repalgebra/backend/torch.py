@@ -164,9 +164,14 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
     inputs, seen, out = {id(v) for v in graph.inputs}, set(), []
     for v, node in zip(graph.outputs, outs):
         roots = _viewed(v)
-        out.append(ctx.graph.call_method("clone", (node,)) if roots & (inputs | seen) else node)
+        out.append(ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen) else node)
         seen |= roots
     return out
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a tensor; anything else (a size a call kept whole returns) as it is."""
+    return value.clone() if torch.is_tensor(value) else value
 
 
 def _viewed(v: Value) -> set[int]:
