@@ -276,6 +276,12 @@ def _axis_options(n: int, n_out: int, stride: int, kernels, dilations, unpadded:
     return opts
 
 
+def _option_reach(opt: tuple[int, int, int, int]) -> int:
+    """The reach (:attr:`ConvSpec.reach`) of an :func:`_axis_options` entry ``(kernel, dilation, before, after)``."""
+    k, d, before, after = opt
+    return before + after - d * (k - 1)
+
+
 def _on_axis_lattice(opt, ref: ConvSpec, axis: int) -> bool:
     """Whether taps ``opt`` lie on ``ref``'s lattice along ``axis``; a one-tap axis takes the other's step."""
     k, d, before, _ = opt
@@ -324,7 +330,7 @@ def conv_specs_onto(
     ]
     reach = lattice_of.reach if reach is None and lattice_of is not None else reach
     if reach is not None:
-        axes = [[o for o in axes[a] if o[2] + o[3] - o[1] * (o[0] - 1) == reach[a]] for a in (0, 1)]
+        axes = [[o for o in axes[a] if _option_reach(o) == reach[a]] for a in (0, 1)]
     if lattice_of is not None:
         on = [[o for o in axes[a] if _on_axis_lattice(o, lattice_of, a)] for a in (0, 1)]
         if on_lattice:
@@ -790,7 +796,7 @@ class _Gen:
         """1x1 conv (+ BN) then kxk conv (+ BN); the 1x1 has a bias or a BN only when the kxk is unpadded."""
         draw = self.draw
         c = r.channels
-        unpadded_ok = all(any(o[1] * (o[0] - 1) == -r.reach[a] for o in _axis_options(r.size[a], r.out[a], r.stride, KERNELS, DILATIONS, True))
+        unpadded_ok = all(any(_option_reach(o) == r.reach[a] for o in _axis_options(r.size[a], r.out[a], r.stride, KERNELS, DILATIONS, True))
                           for a in (0, 1))
         kxk_unpadded = unpadded_ok and draw(st.booleans())
         g = draw(st.sampled_from(_divisors(c)))

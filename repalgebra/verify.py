@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from repalgebra.frontend.capture import first_line
+from repalgebra.frontend.inputs import shapes_and_dtypes
 from repalgebra.frontend.torch import infer_example_inputs, model_dtype
 from repalgebra.module_copy import copy_module
 
@@ -189,9 +191,8 @@ def _called(name: str, model: nn.Module, xs: list) -> Any:
         with torch.no_grad():
             return model(*xs)
     except Exception as e:  # noqa: BLE001  (the model's own error, said with where it happened)
-        shapes = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in xs if torch.is_tensor(t))
-        raise ValueError(f"verify: the {name} ({type(model).__name__}) fails on inputs {shapes}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ValueError(f"verify: the {name} ({type(model).__name__}) fails on inputs {shapes_and_dtypes(xs)}: "
+                         f"{first_line(e)}") from e
 
 
 def _param_dtypes(model: nn.Module) -> set[torch.dtype]:

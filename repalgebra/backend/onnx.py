@@ -42,11 +42,12 @@ from repalgebra.backend.onnx_fallback import (
     export_regions,
     find_regions,
     fixed_shape_parts,
+    onnx_differs,
     splice,
 )
 from repalgebra.frontend.builder import is_none_output
 from repalgebra.frontend.capture import first_line
-from repalgebra.frontend.inputs import batch_of_one, batch_plus_one
+from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
@@ -715,10 +716,14 @@ def _nearest(ctx, n, x):
         along[axis] = size
         coords = torch.arange(size, dtype=dtype).reshape(1, 1, *along).expand(1, 1, *spatial)
         picks = picks * size + OPS[n.op].run(coords, *like, **n.attrs).to(torch.int64)
-    picks = picks.reshape(-1)
+    return ctx.emit("Reshape", [_picked(ctx, x, picks), ctx.ints("shape", [0, 0, *n.out.shape[2:]])])
+
+
+def _picked(ctx, x, picks: torch.Tensor):
+    """``(N, C, len(picks))``: of each of ``x``'s ``N x C`` maps, the pixels at the flat indices ``picks``, one
+    ``Gather`` (a copy: nearest interpolation and unfold, whose picks torch computes)."""
     flat = ctx.emit("Reshape", [x, ctx.ints("flat", [0, 0, -1])])
-    out = ctx.emit("Gather", [flat, ctx.const("picks", picks.numpy())], axis=2)
-    return ctx.emit("Reshape", [out, ctx.ints("shape", [0, 0, *n.out.shape[2:]])])
+    return ctx.emit("Gather", [flat, ctx.const("picks", picks.reshape(-1).numpy())], axis=2)
 
 
 @lowering("attention")
@@ -866,9 +871,8 @@ def _unfold(ctx, n, x):
     if ph or pw:
         x = ctx.emit("Pad", [x, ctx.ints("pads", [0, 0, ph, pw, 0, 0, ph, pw])])
     places = torch.arange((h + 2 * ph) * (w + 2 * pw), dtype=torch.float64).reshape(1, 1, h + 2 * ph, w + 2 * pw)
-    picks = OPS[n.op].run(places, **{**a, "padding": (0, 0)}).reshape(-1).to(torch.int64)
-    y = ctx.emit("Gather", [ctx.emit("Reshape", [x, ctx.ints("flat", [0, 0, -1])]), ctx.const("picks", picks.numpy())], axis=2)
-    return ctx.emit("Reshape", [y, ctx.ints("columns", [0, n.out.shape[1], -1])])
+    picks = OPS[n.op].run(places, **{**a, "padding": (0, 0)}).to(torch.int64)
+    return ctx.emit("Reshape", [_picked(ctx, x, picks), ctx.ints("columns", [0, n.out.shape[1], -1])])
 
 
 @lowering("fold")
@@ -1128,8 +1132,8 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
         with torch.no_grad():
             work(*example)
     except Exception as e:  # noqa: BLE001  (any error of the model's own: said with the example it met)
-        given = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in example if torch.is_tensor(t))
-        raise ValueError(f"cannot export {type(model).__name__} to ONNX: it does not run on the example input ({given}): "
+        raise ValueError(f"cannot export {type(model).__name__} to ONNX: it does not run on the example input "
+                         f"({shapes_and_dtypes(example)}): "
                          f"{first_line(e)}; pass input_shape as the shape it runs at, or example tensors "
                          "(token ids, a mask)") from e
     work = copy_module(model).eval()
@@ -1237,33 +1241,9 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
 def _runs_there(model: "onnx.ModelProto", run: _AnotherBatch) -> str:
     """Why the file does not compute at the other batch what the graph did (empty when it does, or when onnxruntime
     cannot load the file at all: no kernel for a dtype is not a question of the batch)."""
-    import onnxruntime as ort
-
-    from repalgebra.verify import TOLERANCES, first_difference
-
     if any(torch.is_tensor(t) and t.dtype == torch.bfloat16 for t in (*run.inputs, *run.outputs)):
         return ""  # numpy has no bfloat16 to feed or read
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level = 1, 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001
-        return ""
-    try:
-        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), run.inputs)})
-    except Exception as e:  # noqa: BLE001
-        return f"onnxruntime: {first_line(e)}"
-    for k, (g, t) in enumerate(zip(got, run.outputs)):
-        if not torch.is_tensor(t):
-            continue
-        if tuple(g.shape) != tuple(t.shape):
-            return f"output {k} has shape {tuple(g.shape)}, not {tuple(t.shape)}"
-        if t.is_floating_point() and (why := first_difference(t, torch.from_numpy(g), max(1e-3, TOLERANCES.get(t.dtype, 1e-3)))):
-            return why
-        if not t.is_floating_point() and not torch.equal(t, torch.from_numpy(g)):
-            return f"output {k} differs"
-    return ""
+    return onnx_differs(model, run.inputs, run.outputs, unloadable="")
 
 
 def _batch_dim(size: int, size_after: int, batch: int, own: str) -> str:

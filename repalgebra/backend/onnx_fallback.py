@@ -61,6 +61,7 @@ from repalgebra.ir import Graph, Node, Value
 __all__ = [
     "ExportReport", "NodePath", "RegionReport", "Region", "ExportedRegion", "FallbackError", "REWRITES", "Rewrites",
     "find_regions", "run_regions", "export_regions", "export_region", "splice", "capture_for_export", "fixed_shape_parts",
+    "onnx_differs",
 ]
 
 
@@ -414,11 +415,12 @@ def _refusals(region: Region) -> str:
 
 def _differs_on(model: onnx.ModelProto, checks: list[list[tuple[tuple, tuple]]], index: int) -> str:
     """Why ``model`` differs from region ``index``'s recorded inputs and outputs in any of ``checks`` (empty: it does not)."""
-    return next((why for run in checks if (why := _differs(model, *run[index]))), "")
+    return next((why for run in checks if (why := onnx_differs(model, *run[index]))), "")
 
 
-def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
-    """Why ``model`` in onnxruntime does not give ``outputs`` on ``inputs`` (empty when it does)."""
+def onnx_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3, *, unloadable: str | None = None) -> str:
+    """Why ``model`` in onnxruntime does not give ``outputs`` on ``inputs`` (empty when it does); ``unloadable``, when
+    given, is the answer for a file onnxruntime cannot load at all (no kernel for a dtype, say)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -432,6 +434,9 @@ def _differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime: {_first_line(e)}" if unloadable is None else unloadable
+    try:
         feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run(None, feed)
     except Exception as e:  # noqa: BLE001

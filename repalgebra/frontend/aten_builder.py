@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.builder import map_leaves, literal_output
 from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In
 from repalgebra.frontend.height_one import lift_height_one
+from repalgebra.frontend.inputs import shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 
 aten = torch.ops.aten
@@ -190,7 +191,7 @@ class ProgramBuilder:
             elif n.op == "output":
                 outs = [self.output_value(self.env_of(a), n) for a in n.args[0]]
                 spec = self.ep.call_spec.out_spec
-                shapes = ", ".join("x".join(map(str, v.shape)) + f" {str(v.dtype).replace('torch.', '')}" for v in inputs)
+                shapes = shapes_and_dtypes(inputs)
                 if self.batch is None:
                     notes = [f"captured with torch.export at input shape(s) {shapes}: sizes are specialized to them"]
                 else:

@@ -607,11 +607,7 @@ def _of_an_input_dtype(v: Value) -> bool:
 
 def _from_a_written_cast(v: Value) -> bool:
     """Whether ``v`` is computed, along first inputs, from a ``cast`` to a dtype written in the code."""
-    while (p := v.producer) is not None and p.inputs:
-        if p.op == "cast":
-            return True
-        v = p.inputs[0]
-    return False
+    return any(u.producer is not None and u.producer.op == "cast" for u in upstream(v, lambda n: n.inputs[:1]))
 
 
 _CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}

@@ -20,6 +20,12 @@ from repalgebra.module_copy import copy_module
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
 
+def shapes_and_dtypes(xs: Iterable[Any]) -> str:
+    """``1x3x8x8 float32, 2x12 int64``: the shapes and dtypes of the tensors (or IR values) among ``xs``."""
+    return ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in xs
+                     if hasattr(t, "shape") and hasattr(t, "dtype"))
+
+
 def batch_plus_one(inputs: tuple) -> tuple:
     """``inputs`` at the batch one larger: each tensor with its first row appended (other values as they are)."""
     return tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
