@@ -29,6 +29,16 @@ def _qkv(shape, bias, seed, dtype):
     return p
 
 
+def _qkv_parts(b, shape, dtype, seed, bias):
+    """FastViT's split, on builder ``b``: ``qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4)`` and its three
+    parts; returns the Linear's output and q, k, v."""
+    bsz, n, h, d, cin = shape
+    x = b.input("x", (bsz, n, cin), dtype)
+    y = b.linear(x, **_qkv(shape, bias, seed, dtype), source="attn.qkv")
+    parts = b.permute(b.reshape(y, shape=(bsz, n, 3, h, d), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
+    return (y, *(b.select(parts, axis=0, index=i, source="attn") for i in range(3)))
+
+
 def attention_graph(shape, dtype, seed, *, bias=True, factors=None, which=0, scale_k_too=False, read_qkv=False, axis=1):
     """FastViT's attention up to its scores: qkv -> reshape(B, N, 3, h, d) -> permute(2, 0, 3, 1, 4) -> q * s, k, v.
 
@@ -38,10 +48,7 @@ def attention_graph(shape, dtype, seed, *, bias=True, factors=None, which=0, sca
     """
     bsz, n, h, d, cin = shape
     b = GraphBuilder()
-    x = b.input("x", (bsz, n, cin), dtype)
-    y = b.linear(x, **_qkv(shape, bias, seed, dtype), source="attn.qkv")
-    parts = b.permute(b.reshape(y, shape=(bsz, n, 3, h, d), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
-    q, k, v = (b.select(parts, axis=0, index=i, source="attn") for i in range(3))
+    y, q, k, v = _qkv_parts(b, shape, dtype, seed, bias)
     if factors is None:
         factors = torch.full((h,), d**-0.5, dtype=torch.float64).to(dtype)
     picked = (q, k, v)[which]
@@ -143,10 +150,7 @@ def scores_graph(shape, dtype, seed, *, factors=None, onto="q", mask=False, read
     """
     bsz, n, h, d, cin = shape
     b = GraphBuilder()
-    x = b.input("x", (bsz, n, cin), dtype)
-    y = b.linear(x, **_qkv(shape, True, seed, dtype), source="attn.qkv")
-    parts = b.permute(b.reshape(y, shape=(bsz, n, 3, h, d), source="attn"), dims=(2, 0, 3, 1, 4), source="attn")
-    q, k, v = (b.select(parts, axis=0, index=i, source="attn") for i in range(3))
+    _, q, k, v = _qkv_parts(b, shape, dtype, seed, True)
     if onto == "k":
         q = b.input("q", (bsz, h, n, d), dtype)
     scores = b.matmul(q, b.transpose(k, dim0=-2, dim1=-1, source="attn"), source="attn")
