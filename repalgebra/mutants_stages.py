@@ -84,6 +84,11 @@ _AXES = (f"{_OE}::test_outputs_that_do_not_follow_the_batch_declare_no_batch_axi
 _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
+_OF = "repalgebra.backend.onnx_fallback"
+_ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
+_FOLD = ("tests/test_onnx_fallback.py::test_fold_rewrite_is_exact", "tests/test_onnx_fallback.py::test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them")
+_FOLD_ONNX = (f"{_OE}::test_fold_sums_windows_inf_and_nan_included", "tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime")
+_ADAPTIVE_REWRITE = ("tests/test_onnx_fallback.py::test_adaptive_avg_pool_rewrite_is_exact",)
 _ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
@@ -680,6 +685,32 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "bool-in-model-unreported", "the model's own branch on a value exported without the note that one branch is fixed",
      "repalgebra.backend.onnx_fallback:_called_by_torch", "return f is not None and f.f_code.co_filename.startswith(_TORCH_DIR)", "return True",
      ("tests/test_onnx_fallback.py::test_model_fx_cannot_trace_at_all_is_exported_whole",)),
+    ("onnx_backend", "adaptive-window-end-floor", "an adaptive pool's window ends at floor((i + 1) in / out) (the last row of a window dropped)",
+     f"{_OB}:_window_reduce", "-(-((i + 1) * size_in) // size_out)", "((i + 1) * size_in) // size_out", _ADAPTIVE),
+    ("onnx_backend", "adaptive-window-start-ceil", "an adaptive pool's window starts at ceil(i in / out) (a shared row left to one window)",
+     f"{_OB}:_window_reduce", "start, end = (i * size_in) // size_out,", "start, end = -(-(i * size_in) // size_out),", _ADAPTIVE),
+    ("onnx_backend", "adaptive-window-other-axis", "an adaptive pool's windows reduced along the axis before theirs",
+     f"{_OB}:_window_reduce", "_reduce_over(ctx, op_type, window, [axis], 1)", "_reduce_over(ctx, op_type, window, [axis - 1], 1)", _ADAPTIVE),
+    ("onnx_backend", "fold-sources-padding-kept", "F.fold's entries that land in the padding summed into the first pixel",
+     f"{_OF}:fold_sources", "        if pixel >= 0:", "        if pixel >= -1:", _FOLD),
+    ("onnx_backend", "fold-sources-off-by-one", "F.fold's entries land one pixel before theirs (the numbers taken from 0)",
+     f"{_OF}:fold_sources", ".to(torch.int64) - 1  # -1: padding", ".to(torch.int64) - 2  # -1: padding", _FOLD),
+    ("onnx_backend", "fold-sources-first-only", "F.fold's pixels take the first entry that lands on them, not their sum",
+     f"{_OF}:fold_sources", "            sources[pixel].append(entry)", "            sources[pixel][:] = sources[pixel][:1] or [entry]", _FOLD),
+    ("onnx_backend", "fold-rewrite-first-only", "the exporter's F.fold keeps the first entry of each pixel, not their sum",
+     f"{_OF}:_col2im", "sources.shape[1]).sum(-1)", "sources.shape[1])[..., 0]", _FOLD),
+    ("onnx_backend", "fold-zero-first", "F.fold's zero prepended to the entries (every place points one entry early)",
+     f"{_OB}:_fold", 'ctx.ints("pads", [0, 0, 0, 0, 0, 1])', 'ctx.ints("pads", [0, 0, 1, 0, 0, 0])', _FOLD_ONNX),
+    ("onnx_backend", "fold-first-only", "F.fold's pixels in the file keep the first entry that lands on them",
+     f"{_OB}:_fold", 'return _reduce_over(ctx, "ReduceSum", y, [4], 0)', 'return _reduce_over(ctx, "ReduceMax", y, [4], 0)', _FOLD_ONNX),
+    ("onnx_backend", "fold-entries-per-batch", "F.fold's entries gathered across the channels (a channel reads its neighbour's)",
+     f"{_OB}:_fold", 'ctx.ints("entries", [0, c, -1])', 'ctx.ints("entries", [0, 1, -1])', _FOLD_ONNX),
+    ("onnx_backend", "adaptive-rewrite-end-floor", "the exporter's adaptive average pool's windows end at floor((o + 1) in / out)",
+     f"{_OF}:_adaptive_avg_pool2d", "-((-(o + 1) * n_in) // n_out)", "((o + 1) * n_in) // n_out", _ADAPTIVE_REWRITE),
+    ("onnx_backend", "adaptive-rewrite-rows-only", "the exporter's adaptive average pool pools the rows only",
+     f"{_OF}:_adaptive_avg_pool2d", "        if n_in != n_out:", "        if n_in != n_out and dim == -2:", _ADAPTIVE_REWRITE),
+    ("onnx_backend", "adaptive-rewrite-sum", "the exporter's adaptive average pool sums its windows",
+     f"{_OF}:_adaptive_avg_pool2d", ".mean(dim, keepdim=True) for lo, hi", ".sum(dim, keepdim=True) for lo, hi", _ADAPTIVE_REWRITE),
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
     ("onnx_backend", "conv-pads-torch-order", "ONNX Conv pads written in torch order [left, right, top, bottom]", f"{_OB}:_conv",

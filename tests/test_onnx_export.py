@@ -894,6 +894,37 @@ def test_unfold_copies_windows_inf_and_nan_included(kw):
     assert np.array_equal(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("kw", [dict(output_size=(7, 8), kernel_size=3, padding=1, stride=2),
+                                dict(output_size=(9, 10), kernel_size=(2, 3), dilation=(2, 1), stride=(1, 2))])
+def test_fold_sums_windows_inf_and_nan_included(kw, opset):
+    """``F.fold`` of windows that overlap or leave gaps was a grouped ConvTranspose of one-hot kernels: ``0 * inf``
+    made an Inf of one column entry NaN in every pixel its window covers.  Each pixel now sums the entries that land
+    on it: Inf and NaN exactly where torch has them, the rest within float32 rounding (a sum of at most four entries,
+    in onnxruntime's order)."""
+    model = nn.Fold(**kw).eval()
+    windows = F.unfold(torch.zeros(1, 2, *kw["output_size"]), kw["kernel_size"], kw.get("dilation", 1), kw.get("padding", 0), kw["stride"])
+    cols = torch.randn(windows.shape)  # not an unfold's: entries that land in the padding are not zeros
+    cols[0, 4, 5], cols[0, -1, 2] = float("inf"), float("nan")
+    got, want = run_onnx(export_onnx(model, None, cols, opset=opset), cols), model(cols).numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d((4, 5)), nn.AdaptiveMaxPool2d((4, 5))])
+def test_adaptive_pools_keep_inf_and_nan_in_their_windows(pool):
+    """Adaptive average pooling to sizes that do not divide was two matrix products: ``0 * inf`` made an Inf of the
+    input NaN in every window of its rows and columns (4 non-finite outputs in torch, 16 in the file).  Each window
+    is reduced on its own now: Inf and NaN exactly where torch has them, the rest within float32 rounding.
+    (onnxruntime's ReduceMax skips a NaN where torch's max returns it: the max pool's input has none.)"""
+    x = torch.randn(1, 2, 9, 11)
+    nan = float("nan") if isinstance(pool, nn.AdaptiveAvgPool2d) else float("inf")
+    x[0, 0, 3, 4], x[0, 1, 1, 1], x[0, 1, 7, 9] = float("inf"), nan, float("-inf")
+    got, want = run_onnx(export_onnx(pool.eval(), None, x, opset=17), x), pool(x).numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_nearest_picks_on_a_map_of_more_than_2_to_the_24_pixels():
     """The picks were computed on the flat index of every pixel in float32, exact up to 2**24 only: on a 4101x4101
     map 3076 of the 1.9 million outputs read a neighbour.  Each axis's coordinate is picked on its own now."""

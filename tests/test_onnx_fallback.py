@@ -302,6 +302,21 @@ def test_adaptive_avg_pool_rewrite_is_exact(out):
     assert _rewrite(F.adaptive_avg_pool2d)(x[..., :8, :8], 4) is NotImplemented  # the exporter takes factor sizes
 
 
+def test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them():
+    """Both were matrix products (a transposed conv of one-hot kernels, an averaging matrix): ``0 * inf`` spread an
+    Inf or NaN of one place to its neighbours."""
+    cols = torch.randn(F.unfold(torch.zeros(1, 2, 7, 8), 3, padding=1, stride=2).shape)  # padding's entries not zero
+    got, want = _rewrite(F.fold)(cols, (7, 8), 3, 1, 1, 2), F.fold(cols, (7, 8), 3, 1, 1, 2)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    cols[0, 4, 5], cols[0, 13, 2] = float("inf"), float("nan")
+    got, want = _rewrite(F.fold)(cols, (7, 8), 3, 1, 1, 2), F.fold(cols, (7, 8), 3, 1, 1, 2)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    x = torch.randn(1, 2, 9, 11)
+    x[0, 0, 3, 4], x[0, 1, 1, 1] = float("inf"), float("nan")
+    got, want = _rewrite(F.adaptive_avg_pool2d)(x, (4, 5)), F.adaptive_avg_pool2d(x, (4, 5))
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("how", [dict(size=(5, 6)), dict(size=(14, 20)), dict(scale_factor=0.5)])
 def test_antialiased_interpolate_rewrite_is_exact(mode, how):

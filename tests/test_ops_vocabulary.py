@@ -334,7 +334,7 @@ CASES: dict[str, Case] = {
         lambda: stem(lambda x: F.max_pool2d(x, (3, 2), (2, 3), 1, dilation=(2, 1), ceil_mode=True)), (1, 3, 10, 11), {"max_pool2d"}, _onnx("MaxPool")
     ),
     "adaptive_avg_pool": Case(lambda: stem(nn.AdaptiveAvgPool2d((3, 3))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("AveragePool")),
-    "adaptive_avg_pool_uneven": Case(lambda: stem(nn.AdaptiveAvgPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("MatMul")),
+    "adaptive_avg_pool_uneven": Case(lambda: stem(nn.AdaptiveAvgPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_avg_pool2d"}, _onnx("ReduceMean")),
     "adaptive_max_pool": Case(lambda: stem(lambda x: F.adaptive_max_pool2d(x, (2, 3))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("MaxPool")),
     "adaptive_max_pool_uneven": Case(lambda: stem(nn.AdaptiveMaxPool2d((4, 7))), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("ReduceMax")),
     "global_max_pool": Case(lambda: stem(nn.AdaptiveMaxPool2d(1)), (1, 3, 6, 9), {"adaptive_max_pool2d"}, _onnx("GlobalMaxPool")),
@@ -361,7 +361,7 @@ CASES: dict[str, Case] = {
     "unfold_fold_overlapping": Case(
         lambda: stem(nn.Sequential(nn.Unfold((3, 2), dilation=(1, 2), padding=1, stride=(2, 1)), nn.Sigmoid(),
                                    nn.Fold((6, 8), (3, 2), dilation=(1, 2), padding=1, stride=(2, 1)))),
-        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Gather", "ConvTranspose"),
+        (1, 3, 6, 8), {"unfold", "fold"}, _onnx("Gather", "ReduceSum"),
     ),
     "conformer_conv": Case(lambda: stem(ConformerConv()), (1, 3, 5, 6), {"glu", "log_softmax", "conv_transpose2d"},
                            _onnx("LogSoftmax", "Sigmoid", "ConvTranspose")),

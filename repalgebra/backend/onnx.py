@@ -42,6 +42,7 @@ from repalgebra.backend.onnx_fallback import (
     export_regions,
     find_regions,
     fixed_shape_parts,
+    fold_sources,
     onnx_differs,
     splice,
 )
@@ -601,8 +602,10 @@ def _max_pool(ctx, n, x):
 @lowering("adaptive_avg_pool2d", "adaptive_max_pool2d")
 def _adaptive_pool(ctx, n, x):
     """A global pool, or a pool whose window is the ratio of the sizes where the output size divides the input's;
-    else, with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, ``P_h @ x @ P_w^T`` (average) or
-    one ``Slice`` + ``ReduceMax`` per window of each axis in turn (max)."""
+    else, with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, one ``Slice`` and ``ReduceMean``
+    or ``ReduceMax`` per window of each axis in turn: the mean (max) over a rectangle is the mean (max) over its
+    rows of the mean (max) over its columns.  (Not a matrix product: ``0 * inf`` would spread an Inf or a NaN of
+    one window into the others.)"""
     size_in = n.x.shape[-2:]
     size_out = [i if o is None else o for i, o in zip(size_in, n.attrs["output_size"])]
     avg = n.op == "adaptive_avg_pool2d"
@@ -611,37 +614,21 @@ def _adaptive_pool(ctx, n, x):
     if not any(i % o for i, o in zip(size_in, size_out)):
         kernel = [i // o for i, o in zip(size_in, size_out)]
         return ctx.emit("AveragePool" if avg else "MaxPool", [x], kernel_shape=kernel, strides=kernel)
-    if not avg:  # a max over a rectangle is the max over its rows of the max over its columns
-        rank = len(n.x.shape)
-        for axis, (i, o) in zip((rank - 2, rank - 1), zip(size_in, size_out)):
-            if i != o:
-                x = _window_maxes(ctx, x, axis, i, o)
-        return x
-    ph, pw = (_window_means(i, o) for i, o in zip(size_in, size_out))
-    rows = ctx.emit("MatMul", [ctx.const("rows", ph), x])
-    return ctx.emit("MatMul", [rows, ctx.const("cols", pw.t().contiguous())])
+    rank = len(n.x.shape)
+    for axis, (i, o) in zip((rank - 2, rank - 1), zip(size_in, size_out)):
+        if i != o:
+            x = _window_reduce(ctx, "ReduceMean" if avg else "ReduceMax", x, axis, i, o)
+    return x
 
 
-def _window_maxes(ctx, x: str, axis: int, size_in: int, size_out: int) -> str:
-    """The max of each of PyTorch's adaptive windows along ``axis``: a Slice and a ReduceMax per window, concatenated."""
+def _window_reduce(ctx, op_type: str, x: str, axis: int, size_in: int, size_out: int) -> str:
+    """``op_type`` over each of PyTorch's adaptive windows along ``axis``: a Slice and a reduction per window, concatenated."""
     parts = []
     for i in range(size_out):
         start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
         window = ctx.emit("Slice", [x, ctx.ints("start", [start]), ctx.ints("end", [end]), ctx.ints("axis", [axis])])
-        if ctx.opset >= 18:
-            parts.append(ctx.emit("ReduceMax", [window, ctx.ints("axes", [axis])], keepdims=1))
-        else:
-            parts.append(ctx.emit("ReduceMax", [window], axes=[axis], keepdims=1))
+        parts.append(_reduce_over(ctx, op_type, window, [axis], 1))
     return ctx.emit("Concat", parts, axis=axis)
-
-
-def _window_means(size_in: int, size_out: int) -> torch.Tensor:
-    """The ``(out, in)`` matrix averaging PyTorch's adaptive-pool window of each output position."""
-    m = torch.zeros(size_out, size_in, dtype=torch.float64)
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
 
 
 @lowering("group_norm")
@@ -840,13 +827,6 @@ def _roll(ctx, n, x):
     return y if y != x else ctx.emit("Identity", [x])
 
 
-def _window_picks(c: int, kernel: tuple[int, int]) -> torch.Tensor:
-    """The ``(C k_h k_w, 1, k_h, k_w)`` weights of a conv with ``groups=C`` whose output channel ``c k_h k_w + i k_w + j``
-    copies position ``(i, j)`` of each window of channel ``c``: ``unfold`` as a convolution, and ``fold`` as its transpose."""
-    k = kernel[0] * kernel[1]
-    return torch.eye(k).reshape(k, 1, *kernel).repeat(c, 1, 1, 1)
-
-
 def _blocks(n) -> list[int] | None:
     """``[L_h, k_h, L_w, k_w]`` when the windows tile the map (kernel == stride, no padding or dilation), else None."""
     a = n.attrs
@@ -877,21 +857,21 @@ def _unfold(ctx, n, x):
 
 @lowering("fold")
 def _fold(ctx, n, x):
-    """The mirror of ``unfold``: tiling windows a ``Transpose`` between two ``Reshape``s; others the windows laid
-    out as a ``(L_h, L_w)`` map and a grouped ``ConvTranspose`` with the same weights, which sums where they overlap
-    (``output_padding`` adds the rows and columns no window reaches, zero)."""
+    """The mirror of ``unfold``: tiling windows a ``Transpose`` between two ``Reshape``s; others each pixel the sum
+    of the column entries that land on it, one ``Gather`` of them (:func:`fold_sources`, with a zero appended to
+    fill up) and a ``ReduceSum`` (a conv of one-hot kernels would make NaN of an Inf in every pixel its window
+    covers, ``0 * inf``)."""
     a, c = n.attrs, n.out.shape[1]
     blocks = _blocks(n)
     if blocks is not None:
         lh, kh, lw, kw = blocks
         return _split_permute_merge(ctx, x, [0, c, kh, kw, lh, lw], [0, 1, 4, 2, 5, 3], [0, c, lh * kh, lw * kw])
-    size, kernel, dilation, padding, stride = (list(a[k]) for k in ("output_size", "kernel", "dilation", "padding", "stride"))
-    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    counts = [(o + 2 * p - r) // s + 1 for o, p, r, s in zip(size, padding, reach, stride)]
-    extra = [o - ((l - 1) * s + r - 2 * p) for o, l, s, r, p in zip(size, counts, stride, reach, padding)]
-    y = ctx.emit("Reshape", [x, ctx.ints("windows", [0, n.x.shape[1], *counts])])
-    return ctx.emit("ConvTranspose", [y, ctx.const("picks", _window_picks(c, kernel))], kernel_shape=kernel, strides=stride,
-                    pads=padding + padding, dilations=dilation, group=c, output_padding=extra)
+    sources = fold_sources(a["output_size"], a["kernel"], a["dilation"], a["padding"], a["stride"])
+    entries = ctx.emit("Reshape", [x, ctx.ints("entries", [0, c, -1])])
+    entries = ctx.emit("Pad", [entries, ctx.ints("pads", [0, 0, 0, 0, 0, 1])])
+    y = ctx.emit("Gather", [entries, ctx.const("sources", sources.flatten().numpy())], axis=2)
+    y = ctx.emit("Reshape", [y, ctx.ints("landed", [0, c, *a["output_size"], sources.shape[1]])])
+    return _reduce_over(ctx, "ReduceSum", y, [4], 0)
 
 
 @lowering("pixel_shuffle")

@@ -618,31 +618,36 @@ def _copy(x, src, non_blocking=False, *, opset=0):
     return src.to(x.dtype).expand_as(x)
 
 
+def fold_sources(output_size: Sequence[int], kernel, dilation, padding, stride) -> torch.Tensor:
+    """For each pixel of ``F.fold``'s ``(H, W)`` output, the entries ``j L + l`` (kernel position ``j`` of window
+    ``l``) of a channel's ``k L`` columns that land on it, filled up with ``k L``, the place of a zero appended to
+    them: an ``(H W, width)`` index.  Torch's own unfold of the pixels' numbers says where each entry lands."""
+    h, w = output_size
+    numbers = torch.arange(1, h * w + 1, dtype=torch.float64).reshape(1, 1, h, w)
+    lands = torch.nn.functional.unfold(numbers, kernel, dilation, padding, stride)[0].to(torch.int64) - 1  # -1: padding
+    sources: list[list[int]] = [[] for _ in range(h * w)]
+    for entry, pixel in enumerate(lands.flatten().tolist()):
+        if pixel >= 0:
+            sources[pixel].append(entry)
+    width = max(map(len, sources), default=0) or 1
+    return torch.tensor([s + [lands.numel()] * (width - len(s)) for s in sources], dtype=torch.int64)
+
+
 def _col2im(x, output_size, kernel_size, dilation=1, padding=0, stride=1, *, opset=0):
-    """``F.fold`` as a transposed convolution with one-hot kernels (one per kernel position, grouped by channel);
-    from opset 18 on, ONNX has ``Col2Im``."""
+    """``F.fold`` as a sum of gathers: each output pixel sums the column entries that land on it
+    (:func:`fold_sources`); from opset 18 on, ONNX has ``Col2Im``.  (Not a transposed convolution of one-hot
+    kernels: its ``0 * inf`` would spread an Inf or a NaN of one entry to every pixel its window covers.)"""
     if opset >= 18:
         return NotImplemented
-    (oh, ow), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_ints, (output_size, kernel_size, dilation, padding, stride))
+    size, kernel = _ints(output_size), _ints(kernel_size)
     batched = x.dim() == 3
     if not batched:
         x = x.unsqueeze(0)
-    k = kh * kw
-    c = int(x.shape[1]) // k
-    lh = (oh + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    lw = (ow + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    c = int(x.shape[1]) // (kernel[0] * kernel[1])
     with _untraced():
-        weight = torch.eye(k, dtype=x.dtype).reshape(k, 1, kh, kw).repeat(c, 1, 1, 1)
-    # The transposed convolution's output before the last rows and columns patches reach: extend by output_padding,
-    # (less than the stride or dilation), then zeros for positions no patch reaches.
-    full = ((lh - 1) * sh - 2 * ph + dh * (kh - 1) + 1, (lw - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
-    extra = tuple(min(o - f, max(s, d) - 1) for o, f, s, d in zip((oh, ow), full, (sh, sw), (dh, dw)))
-    y = torch.nn.functional.conv_transpose2d(
-        x.reshape(-1, c * k, lh, lw), weight, stride=(sh, sw), padding=(ph, pw), output_padding=extra, dilation=(dh, dw), groups=c
-    )
-    got = (full[0] + extra[0], full[1] + extra[1])
-    if got != (oh, ow):
-        y = torch.nn.functional.pad(y, (0, ow - got[1], 0, oh - got[0]))
+        sources = fold_sources(size, kernel, _ints(dilation), _ints(padding), _ints(stride))
+    entries = torch.nn.functional.pad(x.reshape(-1, c, int(x.shape[1]) // c * int(x.shape[2])), (0, 1))
+    y = entries.index_select(-1, sources.flatten()).reshape(-1, c, *size, sources.shape[1]).sum(-1)
     return y if batched else y.squeeze(0)
 
 
@@ -671,26 +676,20 @@ def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_i
     return x.mean(dim=(-2, -1), keepdim=True)
 
 
-def _pool_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (n_out, n_in) averaging matrix of adaptive average pooling along one axis."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for o in range(n_out):
-        lo, hi = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
-        m[o, lo:hi] = 1.0 / (hi - lo)
-    return m.to(dtype)
-
-
 def _adaptive_avg_pool2d(x, output_size, *, opset=0):
     """Adaptive average pooling at fixed sizes whose output size does not divide the input's (the exporter takes
-    only those) as two matrix products."""
+    only those): the mean of each of PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, rows then
+    columns (a matrix product would spread an Inf or a NaN of one window into the others, as ``0 * inf``)."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
     oh, ow = _ints(output_size)
     oh, ow = h if oh is None else oh, w if ow is None else ow
     if h % oh == 0 and w % ow == 0:
         return NotImplemented
-    with _untraced():
-        a_h, a_w = _pool_matrix(h, oh, x.dtype), _pool_matrix(w, ow, x.dtype).t().contiguous()
-    return torch.matmul(torch.matmul(a_h, x), a_w)
+    for dim, (n_in, n_out) in ((-2, (h, oh)), (-1, (w, ow))):
+        if n_in != n_out:
+            bounds = [((o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)) for o in range(n_out)]
+            x = torch.cat([x.narrow(dim, lo, hi - lo).mean(dim, keepdim=True) for lo, hi in bounds], dim)
+    return x
 
 
 def _resample(x, resize: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
