@@ -171,7 +171,23 @@ _RANK_WHY = "its graph holds each axis at the example's number of axes (an axis 
 _EXPORT_DTYPE_WHY = ("torch.export recorded its Python in one dtype: a cast, or a branch on the dtype "
                      "(torch.finfo(x.dtype).bits < 32), stays as taken there")
 
-_TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
+_TOP = "the model's forward"
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # where a node of the model's own forward is, in a report (its module path is "")
+
+
+def _guard_pinned(where: str, fused: nn.Module, cap: Capture, own: torch.dtype | None) -> None:
+    """Keep ``fused`` to the dtypes a cast of the model keeps it computing in: ``forward`` reads a floating tensor
+    that is neither a parameter nor a buffer (``* torch.tensor([8., 16., 32.])``), which a cast leaves as it is, so
+    after ``model.half()`` PyTorch promotes the product to float32, where the fused module (its weights cast, the
+    tensor folded into them) would compute in float16.  Dtypes that already hold it (float64 beside a float32
+    tensor) keep their results' dtype and run."""
+    read, pinned = cap.pinned[0]
+    holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in cap.pinned))]))
+    why = (f"it reads {read}, of dtype {str(pinned).replace('torch.', '')}, which a cast of the model leaves as it is "
+           "and PyTorch promotes what it meets to")
+    ShapeGuard(None, where, True, holds, why=why).install(fused)
+    cap.notes.append(f"fused for {_dtypes_text(holds, ' and ')} only: {why}; it refuses to run in another")
 
 
 def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, report: "FuseReport") -> nn.Module:
@@ -909,6 +925,8 @@ class _Fuser:
         if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
+        if cap.how == "fx" and cap.pinned:
+            _guard_pinned(_where(path), fused, cap, computes_in(self.pristine.get_submodule(path), inputs))
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         for check, positions, _ in cap.input_checks if cap.how == "fx" else ():

@@ -85,6 +85,8 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _OF = "repalgebra.backend.onnx_fallback"
+_PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
+_PINNED_NOT = ("tests/test_fuse_capture.py::test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
 _FOLD = ("tests/test_onnx_fallback.py::test_fold_rewrite_is_exact", "tests/test_onnx_fallback.py::test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them")
 _FOLD_ONNX = (f"{_OE}::test_fold_sums_windows_inf_and_nan_included", "tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime")
@@ -203,6 +205,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_HF}:_size_factors", "return None if left is None or right is None else left + right",
      "return None if left is None or right is None else left",
      ("tests/test_fuse_other_sizes.py::test_sizes_unpacked_from_a_slice_of_the_shape_are_shape_reads",)),
+    ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
+     "repalgebra.frontend.builder:pinned_tensor", "    if name in module._parameters or name in module._buffers:", "    if True:", _PINNED),
+    ("frontend", "pinned-buffers-too", "a buffer taken for a tensor a cast leaves (a fused model with a positional buffer refuses .half())",
+     "repalgebra.frontend.builder:pinned_tensor", "if name in module._parameters or name in module._buffers:", "if name in module._parameters:", _PINNED_NOT),
+    ("frontend", "pinned-holds-any", "a part reading a float32 tensor a cast leaves runs in half precision too (its product no longer promoted)",
+     "repalgebra.fuse:_guard_pinned", "if all(torch.promote_types(t, d) == t for _, d in cap.pinned)", "if True", _PINNED),
+    ("frontend", "pinned-holds-own-only", "a part reading a float32 tensor a cast leaves refuses float64, where the tensor changes nothing",
+     "repalgebra.fuse:_guard_pinned", "holds = tuple(dict.fromkeys([own, *(t for t in", "holds = tuple(dict.fromkeys([own, *(t for t in () if 0 for t in", _PINNED),
     ("frontend", "computed-dtype-of-input", "a constant cast to an input's dtype made at capture (the caller's dtype fixed to the example's)",
      "repalgebra.frontend.builder:_computed_dtype", "and a.args[0].producer is not None ", "", _CD),
     ("frontend", "computed-dtype-unread", "a constant cast to a computed value's dtype stays a call (a frozen BN after a conv does not fold)",

@@ -1529,6 +1529,60 @@ def test_a_torch_export_capture_holds_in_the_dtypes_it_was_checked_in_only(captu
             copy.deepcopy(fused).to(half)(x.to(half))
 
 
+class StrideScaledHead(nn.Module):
+    """A detection head scaling its channels by strides it makes in ``forward`` (or holds as a plain attribute)."""
+
+    def __init__(self, plain_attribute: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.strides = torch.tensor([8.0, 16.0, 32.0, 5000.0]) if plain_attribute else None
+
+    def forward(self, x):
+        strides = self.strides if self.strides is not None else torch.tensor([8.0, 16.0, 32.0, 5000.0])
+        return self.bn(self.conv(x)) * strides.view(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("plain_attribute", [False, True])
+def test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold(plain_attribute):
+    """After ``model.half()`` the float32 strides promote the product to float32; the fused model folded them into
+    its conv, and after ``.half()`` computed in float16: 64 Inf (30 x 5000 x the features), a float16 result.  It now
+    holds in float32 and float64 (where the strides change nothing) and refuses half precision by name."""
+    model = randomized(StrideScaledHead(plain_attribute)).float()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert rel_err(fused(x).double(), model(x).double()) < 1e-5
+    assert rel_err(copy.deepcopy(fused).double()(x.double()), model.double()(x.double())) < 1e-5
+    where = "a tensor the model's forward makes or holds as a plain attribute"  # torch.fx names either _tensor_constant0
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"holds in float32 and float64 only \(it reads {where}, of dtype float32.*called in "):
+            copy.deepcopy(fused).to(half)(x.to(half))
+    half = copy.deepcopy(model).half()  # fused as it runs: the product stays float32, as the model's
+    assert fuse(half, x.half())(x.half()).dtype == half(x.half()).dtype == torch.float32
+
+
+class PositionBuffer(nn.Module):
+    """A positional table held as a buffer and added in ``forward``: a cast of the model casts it too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.register_buffer("pos", torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.pos
+
+
+def test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model():
+    model = randomized(PositionBuffer()).float()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert "only" not in str(fused.fuse_report), str(fused.fuse_report)
+    half, fused_half = copy.deepcopy(model).half(), copy.deepcopy(fused).half()
+    assert fused_half(x.half()).dtype == half(x.half()).dtype == torch.float16
+    assert rel_err(fused_half(x.half()).double(), half(x.half()).double()) < 1e-2  # float16's tolerance
+
+
 def test_a_compiled_model_keeps_its_batch_free():
     """torch.compile's module takes ``forward(*args)``: the symbolic batch's ``dynamic_shapes`` must be one tuple."""
     model = randomized(nn.Sequential(*conv_bn(3, 8)))

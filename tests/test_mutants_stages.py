@@ -55,6 +55,8 @@ FEW = {
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
     "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
+    "repalgebra.frontend.builder:pinned_tensor": "one decision, whether a tensor forward reads is the model's own (a parameter or a buffer)",
+    "repalgebra.fuse:_guard_pinned": "one decision, which dtypes a tensor a cast leaves lets the part run in",
     "repalgebra.backend.onnx_fallback:_col2im": "the gather of fold_sources' places (three mutants of its own) and their sum",
     "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.backend.onnx:_batch_axes": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",

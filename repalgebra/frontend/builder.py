@@ -84,6 +84,8 @@ class Builder:
         # torch._assert calls on sizes read at run time: (the call, the graph inputs it reads, where), see checks_of
         self.asserts: list[tuple[tuple, dict, str]] = []
         self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
+        # floating tensors read that are neither parameters nor buffers: (where, dtype), see pinned_tensor
+        self.pinned: list[tuple[str, torch.dtype]] = []
         # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
         self._input_free: set[fx.Node] = set()
         self._weights_only: set[fx.Node] | None = None
@@ -107,6 +109,8 @@ class Builder:
             elif n.op == "get_attr":
                 obj = _fetch(self.root, n.target)
                 self.refuse_written(n.target)
+                if (pinned := pinned_tensor(self.root, n.target, obj, self.path)) is not None:
+                    self.pinned.append(pinned)
                 self.env[n] = Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
@@ -399,6 +403,22 @@ def is_returned_as_is(node: Node) -> bool:
 def is_none_output(node: Node) -> bool:
     """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
     return is_returned_as_is(node) and node.attrs["fn"].args_template == (None,) and not node.inputs
+
+
+def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], str]) -> tuple[str, torch.dtype] | None:
+    """Where (``path`` names a module path for a message) and of which dtype the floating tensor ``obj`` that
+    ``forward`` reads as ``target`` is, if it is neither a parameter nor a buffer: one it made from numbers
+    (``torch.tensor([8., 16.])``, torch.fx's ``_tensor_constant0``) or a plain attribute.  A cast of the model
+    (``.half()``) leaves its dtype, and PyTorch promotes what it meets to it."""
+    if not (torch.is_tensor(obj) and obj.is_floating_point()):
+        return None
+    owner, _, name = target.rpartition(".")
+    module = root.get_submodule(owner)
+    if name in module._parameters or name in module._buffers:
+        return None
+    where = (f"a tensor {path(owner) or 'the model'}'s forward makes or holds as a plain attribute"
+             if name.startswith("_tensor_constant") else f"{path(target)!r}, a plain attribute")
+    return where, obj.dtype
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

@@ -61,6 +61,7 @@ class Capture:
     batch_free: bool = False  # a specialized capture that holds at any batch size (its other sizes fixed)
     dtype_tested: bool = False  # an fx capture whose forward tests a dtype: it holds in the example's only
     input_checks: list = field(default_factory=list)  # an fx capture's torch._assert calls on its inputs, to make per call
+    pinned: list = field(default_factory=list)  # an fx capture's floating tensors a cast of the model leaves: (where, dtype)
 
 
 def first_line(e: BaseException) -> str:
@@ -106,7 +107,7 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
         raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
-                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks))
+                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned))
 
 
 def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Capture:

@@ -83,6 +83,7 @@ class TraceResult:
     notes: list[str] = field(default_factory=list)
     dtype_tested: bool = False  # forward tests a dtype, taken as at the example: the graph holds in that dtype only
     input_checks: list = field(default_factory=list)  # torch._assert calls on the inputs (Builder.checks_of)
+    pinned: list = field(default_factory=list)  # (where, dtype) of floating tensors a cast leaves (Builder.pinned_tensor)
 
 
 def trace(
@@ -173,7 +174,7 @@ def trace_model(
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested,
-                       builder.input_checks)
+                       builder.input_checks, builder.pinned)
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
