@@ -42,10 +42,14 @@ RTOL = 1e-5
 
 
 def run_onnx(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    return run_onnx_all(proto, x)[0]
+
+
+def run_onnx_all(proto: onnx.ModelProto, x: torch.Tensor) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
 
 
 def rel_err(got: np.ndarray, ref: torch.Tensor) -> float:
@@ -892,6 +896,62 @@ def test_unfold_copies_windows_inf_and_nan_included(kw):
     x[0, 0, 3, 4], x[0, 1, 1, 1] = float("inf"), float("nan")
     got, want = run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy()
     assert np.array_equal(got, want, equal_nan=True)
+
+
+class Saliency(nn.Module):
+    """A saliency map ``(B, H, W)`` normalised by its maximum, and an unbatched image pooled: 2-D pools of 3-D tensors."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 1, 3, padding=1), pool
+
+    def forward(self, x):
+        a = self.conv(x).sigmoid().squeeze(1)
+        return a / F.adaptive_max_pool2d(a, 1), self.pool(x[0])
+
+
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d((2, 2)), nn.AdaptiveMaxPool2d((4, 1)), nn.AdaptiveAvgPool2d((3, 5))])
+def test_adaptive_pools_of_3d_tensors(pool):
+    """ONNX's pools take ``(N, C, H, W)``: ``GlobalMaxPool`` of a ``(B, H, W)`` map reduced its last axis only, and
+    broadcasting hid the ``(B, H, 1)`` (0.35 apart, silent); ``AveragePool`` with a 2-D kernel of a 3-D tensor was
+    refused by onnx.checker.  One map's windows are reduced each on its own."""
+    model = Saliency(pool).eval()
+    x = torch.randn(2, 3, 8, 10)
+    got = run_onnx_all(export_onnx(model, None, x), x)
+    for g, w in zip(got, model(x)):
+        assert np.allclose(g, w.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class HalfScaled(nn.Module):
+    def __init__(self, *factors: float) -> None:
+        super().__init__()
+        self.conv, self.factors = nn.Conv2d(3, 3, 1), factors
+
+    def forward(self, x):
+        y = self.conv(x)
+        for f in self.factors:
+            y = y * f
+        return torch.tanh(y)
+
+
+def test_a_float16_model_times_a_number_float16_cannot_hold():
+    """``y * 1e5`` in float16: torch multiplies by the number as a float32 and rounds the product; the capture made a
+    float16 tensor of the number and raised (1e5 overflows float16).  The number is kept in float64 as a divisor is."""
+    model = HalfScaled(1e5).half().eval()
+    x = torch.randn(2, 3, 5, 7).half()
+    got = run_onnx(export_onnx(model, None, x), x)
+    assert np.allclose(got.astype(np.float32), model(x).float().detach().numpy(), rtol=1e-2, atol=1e-3)
+
+
+def test_a_file_that_differs_from_the_model_at_the_example_is_refused():
+    """``y * 1e-8 * 1e4`` in float16: torch rounds ``y * 1e-8`` to float16's subnormals before multiplying by 1e4, a
+    graph of one factor 1e-4 (or a 1e-8 rounded to 0) does not.  The file was written (all zeros where torch gives
+    up to 0.016), and only a check at batch 1 noticed, fixing the batch.  The file is now compared with the model at
+    the example, and export refuses it by name."""
+    model = HalfScaled(1e-8, 1e4).half().eval()
+    x = (torch.randn(2, 3, 5, 7) * 100).half()
+    with pytest.raises(ValueError, match=r"the file computes something else than the model at the example input \(output 0"):
+        export_onnx(model, None, x)
 
 
 @pytest.mark.parametrize("opset", [17, 20])

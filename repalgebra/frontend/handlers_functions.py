@@ -128,7 +128,7 @@ def _scale_by(x: Value, c: Any) -> Made:
         if c == 1 and x.dtype is not None and x.dtype.is_floating_point:  # Conformer's residual factors of 1.0
             return "identity", [x], {}, {}, ""
         axis = scalar_axis(x.shape)
-        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, ""
+        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=torch.float64)}, ""
     return None
 
 
