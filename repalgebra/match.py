@@ -87,10 +87,34 @@ def branch_input(value: Value) -> Value:
 JOINS = ("add", "sub", "concat")
 
 
+class Source(str):
+    """The source path of a node that replaced others: it reads as their longest common dotted prefix (reports and
+    module names use it) and keeps ``origins``, the paths of every node merged into it.  Two folds under one
+    prefix (a block's ``conv1 + bn1`` and ``conv2 + bn2``, both ``layer1``) are then told apart where their weights
+    happen to be equal (identity-initialised convs): the torch back end shares a module between two calls only
+    where they merged the same modules (ALBERT's block, called three times)."""
+
+    origins: frozenset[str]
+
+    def __new__(cls, text: str, origins: frozenset[str]) -> "Source":
+        made = super().__new__(cls, text)
+        made.origins = origins
+        return made
+
+    def __reduce__(self) -> tuple:
+        return Source, (str(self), self.origins)
+
+
+def origins(source: str) -> frozenset[str]:
+    """The module paths a node with ``source`` was made from: its own, or those a merge kept (:class:`Source`)."""
+    return getattr(source, "origins", None) or (frozenset({str(source)}) if source else frozenset())
+
+
 def merged_source(*nodes: Node) -> str:
     """The source path for a node that replaces ``nodes``: their longest common dotted prefix.
 
-    Without a common prefix it is the first node's source (the one the others fold into).
+    Without a common prefix it is the first node's source (the one the others fold into).  It keeps the paths it
+    merged (:class:`Source`).
     """
     paths = [n.source.split(".") for n in nodes if n.source]
     if not paths:
@@ -100,7 +124,7 @@ def merged_source(*nodes: Node) -> str:
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    return ".".join(common) or ".".join(paths[0])
+    return Source(".".join(common) or ".".join(paths[0]), frozenset().union(*(origins(n.source) for n in nodes)))
 
 
 def conv_with(conv: Node, *, sources: tuple[Node, ...] = (), inputs: tuple[Value, ...] | None = None, **changes) -> Node:

@@ -85,6 +85,9 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _OF = "repalgebra.backend.onnx_fallback"
+_SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modules",
+           "tests/test_fuse.py::test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_hold",
+           "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
 _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _PINNED_NOT = ("tests/test_fuse_capture.py::test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
@@ -684,6 +687,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "slice(emit(t.start), emit(t.stop), emit(t.step))", "slice(emit(t.start), emit(t.stop))", _TORCH),
     ("torch_backend", "inline-view-kept", "a carried x.view(...) written as a view, not a reshape", f"{_TB}:_inline_call",
      "    target = _stride_free_target(fn)\n", "    target = fn.target\n", _TORCH),
+    ("torch_backend", "shared-by-prefix-only", "folds of other modules under one prefix (a block's conv1 + bn1, conv2 + bn2) share a module where their weights are equal",
+     f"{_TB}:_share_key", "    return str(hint), origins(hint)", "    return str(hint), frozenset()", _SHARED),
+    ("torch_backend", "shared-hint-loses-origins", "a module's name hint read as its source's text alone (the paths a fold merged lost)",
+     f"{_TB}:_hint", "    return Source(text, node.source.origins) if isinstance(node.source, Source) else text", "    return text", _SHARED),
+    ("torch_backend", "merged-origins-first-only", "a fold keeps the paths of the node it folds into only (a shared conv's two norms alike)",
+     "repalgebra.match:merged_source", "frozenset().union(*(origins(n.source) for n in nodes))", "origins(nodes[0].source)", _SHARED),
     ("torch_backend", "shared-weights-unchecked", "calls of one source share a module whatever their weights",
      f"{_TB}:_same_module", "and torch.equal(sa[k], sb[k]) for k in sa)", "for k in sa)", _TORCH),
     ("torch_backend", "shared-config-unchecked", "calls of one source share a module whatever their padding or stride",

@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
 from repalgebra.ir import Graph, Node, Value, upstream
-from repalgebra.match import is_1x1_pointwise
+from repalgebra.match import Source, is_1x1_pointwise, origins
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
 
@@ -88,7 +88,7 @@ class Lowering:
         self.graph = fx.Graph()
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
-        self._by_hint: dict[str, list[str]] = {}  # source path -> names of the modules with weights built for it
+        self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
 
     def name(self, hint: str) -> str:
         """A fresh attribute name derived from ``hint`` (a source path or op name)."""
@@ -104,16 +104,18 @@ class Lowering:
     def add_module(self, hint: str, module: nn.Module) -> str:
         """Register ``module`` under a fresh name; returns the name.
 
-        A module with weights equal to one registered under the same ``hint`` (its source path) is that one: a
-        module the model calls twice (CBAM's shared MLP, ALBERT's shared layers) stays one module, not a copy per
-        call.  Calls a rule changed have other weights and get their own."""
-        same = next((n for n in self._by_hint.get(hint, ()) if _same_module(self.root.get_submodule(n), module)), None)
+        A module with weights equal to one registered from the same source (its path, and the paths a fold merged
+        into it: :func:`~repalgebra.match.origins`) is that one: a module the model calls twice (CBAM's shared MLP,
+        ALBERT's shared layers) stays one module, not a copy per call.  Calls a rule changed have other weights and
+        get their own; two folds of other modules get their own whatever their weights."""
+        key = _share_key(hint)
+        same = next((n for n in self._by_hint.get(key, ()) if _same_module(self.root.get_submodule(n), module)), None)
         if same is not None:
             return same
         name = self.name(hint)
         self.root.add_module(name, module)
         if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
-            self._by_hint.setdefault(hint, []).append(name)
+            self._by_hint.setdefault(key, []).append(name)
         return name
 
     def add_buffer(self, hint: str, tensor: torch.Tensor) -> fx.Node:
@@ -245,8 +247,16 @@ def _params_in_value_dtype(node: Node) -> Node:
     return cast
 
 
+def _share_key(hint: str) -> tuple[str, frozenset[str]]:
+    """What two calls' modules must agree on, besides their weights, to be one module: the source path, and the
+    paths a fold merged into it (:func:`~repalgebra.match.origins`)."""
+    return str(hint), origins(hint)
+
+
 def _hint(node: Node, suffix: str = "") -> str:
-    return (node.source or node.op) + suffix
+    """The name hint of ``node``'s module: its source path (and the paths a fold merged into it) or its op."""
+    text = (node.source or node.op) + suffix
+    return Source(text, node.source.origins) if isinstance(node.source, Source) else text
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
