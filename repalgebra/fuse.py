@@ -265,6 +265,7 @@ class ShapeGuard:
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
         if self.free_sizes:
+            _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
                 return  # another number of tensors: forward itself, or the StructureGuard, refuses the call
             ranks = lambda ss: ", ".join(str(len(s)) for s in ss)  # noqa: E731
@@ -300,6 +301,17 @@ class ShapeGuard:
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
+
+
+def _refuse_none_for_a_tensor(where: str, fused_with: int, called_with: int, args: tuple) -> None:
+    """Raise where a call passes None for an input the model was fused with a tensor for (an optional mask given at
+    fuse): the graph reads that input, and would fail inside its code."""
+    if called_with < fused_with and any(a is None for a in args):
+        raise TypeError(
+            f"{where} was fused with {fused_with} tensor inputs and was called with None for {fused_with - called_with} "
+            "of them: its graph reads what the example gave there. Fuse the model again with the inputs you call it "
+            "with (an optional input left out at fuse stays out)."
+        )
 
 
 def _shapes_text(shapes: Sequence[tuple[int, ...]], batch: bool = False) -> str:

@@ -477,6 +477,28 @@ def test_several_inputs_and_structured_outputs():
         fuse(model)
 
 
+def test_an_optional_input_given_at_fuse_and_left_out_after_is_refused_by_name():
+    """``forward(x, mask=None)`` fused with a mask: ``fused(x, None)`` failed inside the generated code
+    (``AttributeError: 'NoneType' object has no attribute 'shape'``); it is refused by name."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(4, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4)
+
+        def forward(self, x, mask=None):
+            y = self.bn(self.conv(x))
+            return y * mask[:, None] if mask is not None else y
+
+    model = randomize(Masked()).eval()
+    x, mask = torch.randn(2, 4, 10), (torch.rand(2, 10) > 0.5).float()
+    fused = fuse(model, (x, mask))
+    torch.testing.assert_close(fused(x, mask), model(x, mask))
+    with pytest.raises(TypeError, match="fused with 2 tensor inputs and was called with None for 1 of them"):
+        fused(x, None)
+    with pytest.raises(TypeError, match="called with None"):
+        fused(x, mask=None)
+
+
 def test_functional_style_and_layer_scale():
     class M(nn.Module):
         def __init__(self):
