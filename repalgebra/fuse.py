@@ -592,7 +592,19 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         report.check = "; ".join(dict.fromkeys(fuser.checks)) or "none needed: nothing was rewritten"
     report.seconds = time.perf_counter() - start
     fused.fuse_report = report
+    if isinstance(fused, fx.GraphModule):  # its deep copy is rebuilt from its code and drops other attributes
+        fused._register_deepcopy_hook(_KeepReport(report))
     return fused
+
+
+@dataclass
+class _KeepReport:
+    """A GraphModule deep-copy hook giving the copy the fuse report (a class, not a closure: the module pickles)."""
+
+    report: "FuseReport"
+
+    def __call__(self, copied: nn.Module) -> None:
+        copied.fuse_report = self.report
 
 
 def _restart_generators(fused: nn.Module, model: nn.Module) -> None:

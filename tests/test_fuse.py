@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -374,6 +375,12 @@ def test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_h
     fresh, trained = fuse(model, x), fuse(randomize(SharedConvTwoNorms()), x)
     assert list(fresh.state_dict()) == list(trained.state_dict()) and len(fresh.state_dict()) == 4  # two convs, biases
     assert verify(model, fresh, x, dtype=D)
+
+
+def test_copies_of_a_fused_model_keep_its_report():
+    fused = fuse(randomize(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))).eval(), torch.randn(1, 4, 8, 8))
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):  # deepcopy dropped it
+        assert str(copied.fuse_report) == str(fused.fuse_report)
 
 
 def test_top_level_control_flow_error():
