@@ -943,6 +943,15 @@ def test_a_float16_model_times_a_number_float16_cannot_hold():
     assert np.allclose(got.astype(np.float32), model(x).float().detach().numpy(), rtol=1e-2, atol=1e-3)
 
 
+def test_a_file_onnxruntime_cannot_load_says_so():
+    """onnxruntime's CPU provider has no float64 Conv (nor LeakyRelu, Erf, ...): the float64 file is valid ONNX, and
+    the report says it could not be run rather than nothing."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU()).double().eval()
+    proto, report = export_onnx(model, None, (1, 3, 8, 8), return_report=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert any("cannot load the file, so it was not run" in n and "float64" in n for n in report.notes), report.notes
+
+
 def test_a_file_that_differs_from_the_model_at_the_example_is_refused():
     """``y * 1e-8 * 1e4`` in float16: torch rounds ``y * 1e-8`` to float16's subnormals before multiplying by 1e4, a
     graph of one factor 1e-4 (or a 1e-8 rounded to 0) does not.  The file was written (all zeros where torch gives

@@ -421,10 +421,16 @@ def _differs_on(model: onnx.ModelProto, checks: list[list[tuple[tuple, tuple]]],
 def onnx_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3, *, unloadable: str | None = None) -> str:
     """Why ``model`` in onnxruntime does not give ``outputs`` on ``inputs`` (empty when it does); ``unloadable``, when
     given, is the answer for a file onnxruntime cannot load at all (no kernel for a dtype, say)."""
-    import numpy as np
-    import onnxruntime as ort
+    try:
+        session = ort_session(model)
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime: {_first_line(e)}" if unloadable is None else unloadable
+    return session_differs(session, inputs, outputs, rtol)
 
-    from repalgebra.verify import TOLERANCES, first_difference
+
+def ort_session(model: onnx.ModelProto) -> Any:
+    """An onnxruntime session of ``model`` as written, on one thread (raises where onnxruntime cannot load it)."""
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -432,10 +438,16 @@ def onnx_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: fl
     # The file as written, not onnxruntime's rewrite of it: its graph optimizer crashes the process (SIGSEGV) on
     # torch.onnx.export's float16 TransformerEncoderLayer with a padding mask.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        return f"onnxruntime: {_first_line(e)}" if unloadable is None else unloadable
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def session_differs(session: Any, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
+    """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does): NaN and Inf where
+    the reference has them, other entries within ``rtol`` or the dtype's tolerance (as verify compares)."""
+    import numpy as np
+
+    from repalgebra.verify import TOLERANCES, first_difference
+
     try:
         feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run(None, feed)
@@ -448,7 +460,7 @@ def onnx_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: fl
         if ref.size and not np.issubdtype(ref.dtype, np.floating):
             if not np.array_equal(g, ref):
                 return f"output {k} differs"
-        elif ref.size:  # NaN/Inf where the reference has them, the finite entries within rtol (as verify compares)
+        elif ref.size:
             tol = max(rtol, TOLERANCES.get(t.dtype, rtol))  # float16 sums rounded in another order: verify's 1e-2
             why = first_difference(torch.from_numpy(ref), torch.from_numpy(np.asarray(g)), tol)
             if why:
