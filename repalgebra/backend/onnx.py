@@ -1464,7 +1464,9 @@ def export_onnx(
     at a batch one larger) is named ``batch``, not that of a mask or table the batch shares, and an output axis
     that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds 16 rows per sample (tokens
     flattened into rows); the file is run in onnxruntime at that larger batch, and written with the batch fixed
-    where it fails there.  The metadata records the producer, version, the rules that fired, which nodes went
+    where it fails there.  Last, the file is run at the example input and compared with the module: where it
+    computes something else, nothing is written (:class:`FallbackError` names the difference); where onnxruntime
+    cannot load it (no float64 kernels), the report notes it.  The metadata records the producer, version, the rules that fired, which nodes went
     through the fallback, how the batch was exported and anything in ``metadata``.
     """
     from repalgebra import __version__
