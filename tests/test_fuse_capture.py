@@ -1561,6 +1561,24 @@ def test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold(pl
     assert fuse(half, x.half())(x.half()).dtype == half(x.half()).dtype == torch.float32
 
 
+class TemperatureScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * torch.tensor(0.5)  # 0-d: promotes nothing
+
+
+def test_a_0d_tensor_a_cast_leaves_does_not_keep_the_fused_model_to_its_dtype():
+    model = randomized(TemperatureScaled()).float()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    half, fused_half = copy.deepcopy(model).half(), copy.deepcopy(fused).half()
+    assert fused_half(x.half()).dtype == half(x.half()).dtype == torch.float16
+    assert rel_err(fused_half(x.half()).double(), half(x.half()).double()) < 1e-2  # float16's tolerance
+
+
 class PositionBuffer(nn.Module):
     """A positional table held as a buffer and added in ``forward``: a cast of the model casts it too."""
 

@@ -55,7 +55,6 @@ FEW = {
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
     "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
-    "repalgebra.frontend.builder:pinned_tensor": "one decision, whether a tensor forward reads is the model's own (a parameter or a buffer)",
     "repalgebra.fuse:_guard_pinned": "one decision, which dtypes a tensor a cast leaves lets the part run in",
     "repalgebra.backend.torch:_share_key": "one decision, whether two calls' paths agree (their weights are _same_module's)",
     "repalgebra.backend.torch:_hint": "one decision, whether a hint keeps the paths a fold merged",

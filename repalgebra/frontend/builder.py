@@ -409,8 +409,9 @@ def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], 
     """Where (``path`` names a module path for a message) and of which dtype the floating tensor ``obj`` that
     ``forward`` reads as ``target`` is, if it is neither a parameter nor a buffer: one it made from numbers
     (``torch.tensor([8., 16.])``, torch.fx's ``_tensor_constant0``) or a plain attribute.  A cast of the model
-    (``.half()``) leaves its dtype, and PyTorch promotes what it meets to it."""
-    if not (torch.is_tensor(obj) and obj.is_floating_point()):
+    (``.half()``) leaves its dtype, and PyTorch promotes what it meets to it (not a 0-d one: a number, to type
+    promotion, does not raise a tensor of its kind to its dtype)."""
+    if not (torch.is_tensor(obj) and obj.is_floating_point() and obj.dim()):
         return None
     owner, _, name = target.rpartition(".")
     module = root.get_submodule(owner)
