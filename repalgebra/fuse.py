@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.backend.torch import to_module
+from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -188,6 +188,23 @@ def _guard_pinned(where: str, fused: nn.Module, cap: Capture, own: torch.dtype |
            "and PyTorch promotes what it meets to")
     ShapeGuard(None, where, True, holds, why=why).install(fused)
     cap.notes.append(f"fused for {_dtypes_text(holds, ' and ')} only: {why}; it refuses to run in another")
+
+
+def _follow_requires_grad(fused: fx.GraphModule, part: nn.Module) -> None:
+    """Each module ``fused`` built from ``part``'s nodes requires gradients where a parameter of a module folded into
+    it does, and not where all of theirs are frozen (a frozen backbone stays frozen beside a head that trains).  Paths
+    that name no module with parameters of its own (a function in a block's ``forward``) say nothing."""
+    for name, paths in fused.meta.get(ORIGINS, {}).items():
+        flags = [p.requires_grad for m in (_module_at(part, q) for q in paths) if m is not None for p in m.parameters(recurse=False)]
+        if flags:
+            fused.get_submodule(name).requires_grad_(any(flags))
+
+
+def _module_at(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, report: "FuseReport") -> nn.Module:
@@ -514,8 +531,9 @@ def fuse(
         :class:`FuseReport` that names every part kept whole or captured with
         fixed shapes, and why.  A fused graph takes inputs with as many axes
         as the example's (an axis counted from the end is a fixed axis in it)
-        and refuses others.  Fusing it again changes nothing.  Its parameters require
-        gradients, unless none of the model's did (a frozen model stays frozen).
+        and refuses others.  Fusing it again changes nothing.  A module folded from
+        others requires gradients where a parameter folded into it did (a frozen
+        backbone stays frozen beside a head that trains; a frozen model stays frozen).
         It is for inference: gradients through it follow the fused graph, not
         the model's ``torch.no_grad()`` blocks, custom ``autograd.Function``
         backward passes or backward hooks.
@@ -900,6 +918,7 @@ class _Fuser:
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
         fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        _follow_requires_grad(fused, self.pristine.get_submodule(path))
         self.restore_state(fused)
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0

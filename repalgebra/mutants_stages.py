@@ -88,6 +88,7 @@ _OF = "repalgebra.backend.onnx_fallback"
 _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modules",
            "tests/test_fuse.py::test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_hold",
            "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
+_FROZEN = ("tests/test_fuse.py::test_a_model_frozen_in_part_is_fused_frozen_in_part",)
 _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _PINNED_NOT = ("tests/test_fuse_capture.py::test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
@@ -211,6 +212,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "none-for-a-tensor-let-through", "None for an input fused with a tensor let through to the graph (an AttributeError inside its code)",
      "repalgebra.fuse:_refuse_none_for_a_tensor", "    if called_with < fused_with and any(a is None for a in args):", "    if False:",
      ("tests/test_fuse.py::test_an_optional_input_given_at_fuse_and_left_out_after_is_refused_by_name",)),
+    ("torch_backend", "frozen-if-all-frozen-only", "a fold of a frozen conv and a BN that trains fused frozen",
+     "repalgebra.fuse:_follow_requires_grad", ".requires_grad_(any(flags))", ".requires_grad_(False not in flags)", _FROZEN),
+    ("torch_backend", "frozen-parts-train", "a module folded from frozen modules fused requiring gradients (fine-tuning trains a frozen backbone)",
+     "repalgebra.fuse:_follow_requires_grad", ".requires_grad_(any(flags))", ".requires_grad_(True)", _FROZEN),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", "    if name in module._parameters or name in module._buffers:", "    if True:", _PINNED),
     ("frontend", "pinned-buffers-too", "a buffer taken for a tensor a cast leaves (a fused model with a positional buffer refuses .half())",

@@ -383,6 +383,21 @@ def test_copies_of_a_fused_model_keep_its_report():
         assert str(copied.fuse_report) == str(fused.fuse_report)
 
 
+def test_a_model_frozen_in_part_is_fused_frozen_in_part():
+    """Every fused parameter required gradients unless none of the model's did: fine-tuning the fused model trained
+    its frozen backbone too.  A module built from folds requires them where a parameter folded into it does."""
+    model = randomize(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),   # frozen
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),   # conv frozen, its BN trains
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))).eval()           # trains
+    for p in [*model[:2].parameters(), *model[3].parameters()]:
+        p.requires_grad_(False)
+    fused = fuse(model, torch.randn(2, 3, 16, 16))
+    trains = {name: all(p.requires_grad for p in m.parameters()) for name, m in fused.named_children() if any(True for _ in m.parameters())}
+    assert trains == {"m_0": False, "m_3": True, "m_8": True}, trains
+    assert all(p.requires_grad is False for p in fused.m_0.parameters())
+
+
 def test_top_level_control_flow_error():
     class M(nn.Module):
         def forward(self, x):
