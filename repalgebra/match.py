@@ -92,7 +92,8 @@ class Source(str):
     module names use it) and keeps ``origins``, the paths of every node merged into it.  Two folds under one
     prefix (a block's ``conv1 + bn1`` and ``conv2 + bn2``, both ``layer1``) are then told apart where their weights
     happen to be equal (identity-initialised convs): the torch back end shares a module between two calls only
-    where they merged the same modules (ALBERT's block, called three times)."""
+    where they merged the same modules (ALBERT's block, called three times), and ``fuse`` gives a fused module's
+    parameters gradients where the modules it merged had them."""
 
     origins: frozenset[str]
 
