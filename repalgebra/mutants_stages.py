@@ -89,6 +89,7 @@ _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modul
            "tests/test_fuse.py::test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_hold",
            "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
 _FROZEN = ("tests/test_fuse.py::test_a_model_frozen_in_part_is_fused_frozen_in_part",)
+_HALF_NUMBER = (f"{_OE}::test_a_float16_model_times_a_number_float16_cannot_hold",)
 _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _PINNED_NOT = ("tests/test_fuse_capture.py::test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
@@ -216,6 +217,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_follow_requires_grad", ".requires_grad_(any(flags))", ".requires_grad_(False not in flags)", _FROZEN),
     ("torch_backend", "frozen-parts-train", "a module folded from frozen modules fused requiring gradients (fine-tuning trains a frozen backbone)",
      "repalgebra.fuse:_follow_requires_grad", ".requires_grad_(any(flags))", ".requires_grad_(True)", _FROZEN),
+    ("frontend", "scale-overflow-kept", "a number the dtype cannot hold (``y * 1e5`` in float16) made a scale (the fused model multiplies by Inf)",
+     "repalgebra.frontend.handlers_functions:_holds", "return bool(((size <= info.max) &", "return bool(((size == size) &", _HALF_NUMBER),
+    ("frontend", "scale-underflow-kept", "a number below the dtype's normal numbers (``y * 1e-8`` in float16) made a scale (zero or a subnormal)",
+     "repalgebra.frontend.handlers_functions:_holds", "((size >= info.tiny) | (size == 0))).all())", "((size == size) | (size == 0))).all())", _HALF_NUMBER),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", "    if name in module._parameters or name in module._buffers:", "    if True:", _PINNED),
     ("frontend", "pinned-buffers-too", "a buffer taken for a tensor a cast leaves (a fused model with a positional buffer refuses .half())",

@@ -62,6 +62,7 @@ FEW = {
     "repalgebra.fuse:_refuse_none_for_a_tensor": "one decision, whether a call passes None where the example gave a tensor",
     "repalgebra.backend.onnx:_differs_at_the_example": "two decisions, whether the file is compared with the model and whether a file onnxruntime cannot load is noted",
     "repalgebra.fuse:_follow_requires_grad": "one decision, whether a module folded from others requires gradients",
+    "repalgebra.frontend.handlers_functions:_holds": "two bounds, the dtype's largest number and its smallest normal one",
     "repalgebra.backend.onnx_fallback:_col2im": "the gather of fold_sources' places (three mutants of its own) and their sum",
     "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.backend.onnx:_batch_axes": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",

@@ -112,7 +112,12 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
 
 
 def _scale_by(x: Value, c: Any) -> Made:
-    """``x * c`` for a number or a per-channel constant ``c``: a ``scale``."""
+    """``x * c`` for a number or a per-channel constant ``c``: a ``scale``; not where the dtype ``x`` computes in
+    cannot hold ``c`` (``y * 1e5`` or ``y / 1e-5`` in float16: torch multiplies by the number in float32, and the
+    product may still fit; as a float16 weight it is Inf), which stays the call the model makes."""
+    number = c.tensor if isinstance(c, Const) else c if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+    if number is not None and not _holds(torch.as_tensor(number, dtype=torch.float64), x.dtype):
+        return None
     if isinstance(c, Const) and c.tensor.is_floating_point():
         shape = tuple(c.tensor.shape)
         if c.tensor.numel() == 1 and len(shape) <= len(x.shape):
@@ -128,8 +133,16 @@ def _scale_by(x: Value, c: Any) -> Made:
         if c == 1 and x.dtype is not None and x.dtype.is_floating_point:  # Conformer's residual factors of 1.0
             return "identity", [x], {}, {}, ""
         axis = scalar_axis(x.shape)
-        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=torch.float64)}, ""
+        return "scale", [x], {"axis": axis}, {"scale": torch.full((x.shape[axis],), float(c), dtype=x.dtype)}, ""
     return None
+
+
+def _holds(t: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """Whether ``dtype`` holds each number of ``t`` as a finite number, and a nonzero one above its subnormals."""
+    if dtype is None or not dtype.is_floating_point or not t.is_floating_point():
+        return True
+    info, size = torch.finfo(dtype), t.abs()
+    return bool(((size <= info.max) & ((size >= info.tiny) | (size == 0))).all()) and not bool(t.isnan().any())
 
 
 def _f_neg(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
