@@ -951,7 +951,7 @@ def test_a_float16_model_times_a_number_float16_cannot_hold(factors):
             export_onnx(model, None, x)
     else:  # the file's float16 3e-5 is 0.1% off: within float16's tolerance
         got = run_onnx(export_onnx(model, None, x), x).astype(np.float32)
-        assert np.allclose(got, model(x).float().detach().numpy(), rtol=1e-2, atol=1e-3)
+        assert rel_err(got, model(x).float()) < 1e-2  # of the largest output, as verify measures
 
 
 def test_a_file_onnxruntime_cannot_load_says_so():
