@@ -55,7 +55,7 @@ from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
-from repalgebra.verify import TOLERANCES, first_difference
+from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
 
@@ -171,23 +171,46 @@ _RANK_WHY = "its graph holds each axis at the example's number of axes (an axis 
 _EXPORT_DTYPE_WHY = ("torch.export recorded its Python in one dtype: a cast, or a branch on the dtype "
                      "(torch.finfo(x.dtype).bits < 32), stays as taken there")
 
-_TOP = "the model's forward"
+_TOP = "the model's forward"  # where a node of the model's own forward is, in a report (its module path is "")
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # where a node of the model's own forward is, in a report (its module path is "")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _guard_pinned(where: str, fused: nn.Module, cap: Capture, own: torch.dtype | None) -> None:
+def _guard_pinned(where: str, fused: nn.Module, cap: Capture, original: nn.Module, inputs: tuple) -> None:
     """Keep ``fused`` to the dtypes a cast of the model keeps it computing in: ``forward`` reads a floating tensor
     that is neither a parameter nor a buffer (``* torch.tensor([8., 16., 32.])``), which a cast leaves as it is, so
     after ``model.half()`` PyTorch promotes the product to float32, where the fused module (its weights cast, the
     tensor folded into them) would compute in float16.  Dtypes that already hold it (float64 beside a float32
-    tensor) keep their results' dtype and run."""
+    tensor) keep their results' dtype and run.  Only where a cast shows it: a tensor forward casts to its input's
+    dtype (``self.mean.to(x.dtype)``), or one torch.fx made of a buffer (a flipped blur kernel), follows the cast
+    in both and keeps nothing from running."""
+    if not _promoted_after_a_cast(original, fused, inputs):
+        return
     read, pinned = cap.pinned[0]
+    own = computes_in(original, inputs)
     holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in cap.pinned))]))
     why = (f"it reads {read}, of dtype {str(pinned).replace('torch.', '')}, which a cast of the model leaves as it is "
            "and PyTorch promotes what it meets to")
     ShapeGuard(None, where, True, holds, why=why).install(fused)
     cap.notes.append(f"fused for {_dtypes_text(holds, ' and ')} only: {why}; it refuses to run in another")
+
+
+def _promoted_after_a_cast(original: nn.Module, fused: nn.Module, inputs: tuple) -> bool:
+    """Whether ``original`` and ``fused``, cast to half precision (float16, else bfloat16 where the model does not
+    run in float16), return outputs of other dtypes, or ``fused`` fails where ``original`` runs."""
+    call = Call(tuple(inputs), {})
+    for dtype in (torch.float16, torch.bfloat16):
+        try:
+            want = tensor_leaves(_run(original, call, dtype))
+        except Exception:  # noqa: BLE001  (the model does not run in it: the next)
+            continue
+        try:
+            with _quiet_fx():
+                got = tensor_leaves(_run(fused, call, dtype))
+        except Exception:  # noqa: BLE001
+            return True
+        return [t.dtype for t in want] != [t.dtype for t in got]
+    return False
 
 
 def _follow_requires_grad(fused: fx.GraphModule, part: nn.Module) -> None:
@@ -969,7 +992,7 @@ class _Fuser:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
         if cap.how == "fx" and cap.pinned:
-            _guard_pinned(_where(path), fused, cap, computes_in(self.pristine.get_submodule(path), inputs))
+            _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         for check, positions, _ in cap.input_checks if cap.how == "fx" else ():

@@ -90,8 +90,8 @@ _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modul
            "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
 _FROZEN = ("tests/test_fuse.py::test_a_model_frozen_in_part_is_fused_frozen_in_part",)
 _HALF_NUMBER = (f"{_OE}::test_a_float16_model_times_a_number_float16_cannot_hold",)
+_PINNED_CAST = ("tests/test_fuse_capture.py::test_a_tensor_that_follows_a_cast_does_not_keep_the_fused_model_to_its_dtype",)
 _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
-_PINNED_NOT = ("tests/test_fuse_capture.py::test_a_buffer_forward_reads_follows_a_cast_of_the_fused_model",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
 _FOLD = ("tests/test_onnx_fallback.py::test_fold_rewrite_is_exact", "tests/test_onnx_fallback.py::test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them")
 _FOLD_ONNX = (f"{_OE}::test_fold_sums_windows_inf_and_nan_included", "tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime")
@@ -221,13 +221,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.handlers_functions:_holds", "return bool(((size <= info.max) &", "return bool(((size == size) &", _HALF_NUMBER),
     ("frontend", "scale-underflow-kept", "a number below the dtype's normal numbers (``y * 1e-8`` in float16) made a scale (zero or a subnormal)",
      "repalgebra.frontend.handlers_functions:_holds", "((size >= info.tiny) | (size == 0))).all())", "((size == size) | (size == 0))).all())", _HALF_NUMBER),
+    ("frontend", "pinned-guard-regardless", "a tensor forward casts to its input's dtype keeps the fused model from half precision (refused where the model runs)",
+     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return True", _PINNED + _PINNED_CAST),
+    ("frontend", "pinned-guard-never", "a cast that promotes in the model and not in the fused model left unguarded",
+     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return False", _PINNED),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", "    if name in module._parameters or name in module._buffers:", "    if True:", _PINNED),
-    ("frontend", "pinned-buffers-too", "a buffer taken for a tensor a cast leaves (a fused model with a positional buffer refuses .half())",
-     "repalgebra.frontend.builder:pinned_tensor", "if name in module._parameters or name in module._buffers:", "if name in module._parameters:", _PINNED_NOT),
-    ("frontend", "pinned-0d-too", "a 0-d tensor forward makes (``* torch.tensor(0.5)``) taken to promote, which keeps the fused model from half precision",
-     "repalgebra.frontend.builder:pinned_tensor", "obj.is_floating_point() and obj.dim()):", "obj.is_floating_point()):",
-     ("tests/test_fuse_capture.py::test_a_0d_tensor_a_cast_leaves_does_not_keep_the_fused_model_to_its_dtype",)),
     ("frontend", "pinned-holds-any", "a part reading a float32 tensor a cast leaves runs in half precision too (its product no longer promoted)",
      "repalgebra.fuse:_guard_pinned", "if all(torch.promote_types(t, d) == t for _, d in cap.pinned)", "if True", _PINNED),
     ("frontend", "pinned-holds-own-only", "a part reading a float32 tensor a cast leaves refuses float64, where the tensor changes nothing",
