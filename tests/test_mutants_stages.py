@@ -60,7 +60,6 @@ FEW = {
     "repalgebra.backend.torch:_hint": "one decision, whether a hint keeps the paths a fold merged",
     "repalgebra.match:merged_source": "the common prefix (reports' wording) and one decision, which paths a fold keeps",
     "repalgebra.fuse:_refuse_none_for_a_tensor": "one decision, whether a call passes None where the example gave a tensor",
-    "repalgebra.backend.onnx:_differs_at_the_example": "two decisions, whether the file is compared with the model and whether a file onnxruntime cannot load is noted",
     "repalgebra.fuse:_follow_requires_grad": "one decision, whether a module folded from others requires gradients",
     "repalgebra.frontend.handlers_functions:_holds": "two bounds, the dtype's largest number and its smallest normal one",
     "repalgebra.fuse:_promoted_after_a_cast": "one decision, whether a cast to half precision gives the outputs other dtypes",
