@@ -713,6 +713,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("torch_backend", "shared-config-unchecked", "calls of one source share a module whatever their padding or stride",
      f"{_TB}:_same_module", "or a.extra_repr() != b.extra_repr() or", "or", _TORCH),
     # ================================================================ ONNX back end
+    ("onnx_backend", "trace-error-raised", "torch.fx's TraceError while the export's graph is built raised, not the model exported whole",
+     "repalgebra.backend.onnx_fallback:capture_for_export", "            reason = _first_line(e)\n            break", "            raise",
+     ("tests/test_onnx_fallback.py::test_a_trace_error_while_the_graph_is_built_exports_the_model_whole",)),
     ("onnx_backend", "bool-in-torch-counted", "torch's own size checks (InstanceNorm's) reported as the model's control flow on values",
      "repalgebra.backend.onnx_fallback:_called_by_torch", "return f is not None and f.f_code.co_filename.startswith(_TORCH_DIR)", "return False",
      ("tests/test_onnx_fallback.py::test_torch_s_own_size_checks_are_not_reported_as_control_flow",)),

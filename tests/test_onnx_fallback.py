@@ -353,6 +353,45 @@ def test_rewrites_reach_calls_inside_a_module_kept_whole():
             assert close(run(proto, x)[0], model(x))
 
 
+class WindowBlock(nn.Module):
+    def __init__(self, c: int, ws: int) -> None:
+        super().__init__()
+        self.proj, self.ws = nn.Linear(c, c), ws
+
+    def forward(self, x, x_size):
+        (h, w), (b, _, c), ws = x_size, x.shape, self.ws
+        win = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+        win = self.proj(win)
+        batch = int(win.shape[0] / (h * w / ws / ws))
+        return x + win.view(batch, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(batch, h * w, c)
+
+
+class SwinIRLike(nn.Module):
+    """SwinIR's forward: a plain tensor attribute rewritten on each call (``self.mean = self.mean.type_as(x)``), then a
+    block given ``x_size`` whose window reverse reads the batch as ``int(windows.shape[0] / (H * W / ws / ws))``:
+    torch.fx's TraceError while the graph is built, at no one submodule."""
+
+    def __init__(self, c: int = 8, ws: int = 4) -> None:
+        super().__init__()
+        self.mean = torch.tensor((0.4488, 0.4371, 0.4040)).view(1, 3, 1, 1)
+        self.conv, self.block = nn.Conv2d(3, c, 3, padding=1), WindowBlock(c, ws)
+
+    def forward(self, x):
+        self.mean = self.mean.type_as(x)
+        x = self.conv(x - self.mean)
+        y = self.block(x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3]))
+        return y.transpose(1, 2).reshape(x.shape)
+
+
+def test_a_trace_error_while_the_graph_is_built_exports_the_model_whole():
+    model = SwinIRLike().eval()
+    x = torch.randn(1, 3, 8, 8)
+    proto, report = export_onnx(model, None, (1, 3, 8, 8), return_report=True)  # it raised torch.fx's TraceError
+    assert report.capture.startswith("whole"), report.capture
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))
+
+
 class SqueezeExcite(nn.Module):
     """Global pooling written with the kernel read from the input's shape (timm's SE blocks): fx carries it opaque."""
 

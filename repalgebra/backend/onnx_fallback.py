@@ -932,6 +932,9 @@ def capture_for_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tu
                 break
             leaves.append(path)
             continue
+        except Exception as e:  # noqa: BLE001  (torch.fx's own TraceError while the graph is built, at no one path)
+            reason = _first_line(e)
+            break
         if not leaves:
             return graph, "fx"
         shown = ", ".join(repr(p) for p in leaves)
