@@ -344,13 +344,14 @@ class ShapeGuard:
 
 
 def _refuse_none_for_a_tensor(where: str, fused_with: int, called_with: int, args: tuple) -> None:
-    """Raise where a call passes None for an input the model was fused with a tensor for (an optional mask given at
-    fuse): the graph reads that input, and would fail inside its code."""
-    if called_with < fused_with and any(a is None for a in args):
+    """Raise where a call passes None or a number for an input the model was fused with a tensor for (an optional
+    mask given at fuse, a diffusion timestep as an int): the graph reads a tensor there, and would fail inside its code."""
+    odd = [type(a).__name__ for a in args if a is None or isinstance(a, (bool, int, float, complex))]
+    if called_with < fused_with and odd:
         raise TypeError(
-            f"{where} was fused with {fused_with} tensor inputs and was called with None for {fused_with - called_with} "
-            "of them: its graph reads what the example gave there. Fuse the model again with the inputs you call it "
-            "with (an optional input left out at fuse stays out)."
+            f"{where} was fused with {fused_with} tensor inputs and was called with {', '.join(dict.fromkeys(odd))} for "
+            f"{fused_with - called_with} of them: its graph reads what the example gave there, a tensor. Fuse the model "
+            "again with the inputs you call it with (an optional input left out at fuse stays out), or pass tensors."
         )
 
 

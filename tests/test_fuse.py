@@ -515,10 +515,12 @@ def test_an_optional_input_given_at_fuse_and_left_out_after_is_refused_by_name()
     x, mask = torch.randn(2, 4, 10), (torch.rand(2, 10) > 0.5).float()
     fused = fuse(model, (x, mask))
     torch.testing.assert_close(fused(x, mask), model(x, mask))
-    with pytest.raises(TypeError, match="fused with 2 tensor inputs and was called with None for 1 of them"):
+    with pytest.raises(TypeError, match="fused with 2 tensor inputs and was called with NoneType for 1 of them"):
         fused(x, None)
-    with pytest.raises(TypeError, match="called with None"):
+    with pytest.raises(TypeError, match="called with NoneType"):
         fused(x, mask=None)
+    with pytest.raises(TypeError, match="called with int for 1 of them"):  # a diffusion timestep as a number
+        fused(x, 3)
 
 
 def test_functional_style_and_layer_scale():
