@@ -90,6 +90,7 @@ _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modul
            "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
 _FROZEN = ("tests/test_fuse.py::test_a_model_frozen_in_part_is_fused_frozen_in_part",)
 _HALF_NUMBER = (f"{_OE}::test_a_float16_model_times_a_number_float16_cannot_hold",)
+_BADDBMM = (f"{_OE}::test_baddbmm_with_beta_0_ignores_its_input",)
 _PINNED_CAST = ("tests/test_fuse_capture.py::test_a_tensor_that_follows_a_cast_does_not_keep_the_fused_model_to_its_dtype",)
 _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
@@ -221,6 +222,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.handlers_functions:_holds", "return bool(((size <= info.max) &", "return bool(((size == size) &", _HALF_NUMBER),
     ("frontend", "scale-underflow-kept", "a number below the dtype's normal numbers (``y * 1e-8`` in float16) made a scale (zero or a subnormal)",
      "repalgebra.frontend.handlers_functions:_holds", "((size >= info.tiny) | (size == 0))).all())", "((size == size) | (size == 0))).all())", _HALF_NUMBER),
+    ("frontend", "baddbmm-beta-ignored", "baddbmm taken as alpha (q @ k) at beta 1 (its input added) instead of 0",
+     f"{_HF}:_f_baddbmm", 'a["beta"] != 0 or', 'a["beta"] != 1 or', _BADDBMM),
+    ("frontend", "baddbmm-alpha-ignored", "baddbmm's alpha (the attention's scale) dropped",
+     f"{_HF}:_f_baddbmm", 'if a["alpha"] == 1 else _scale_by(scores, a["alpha"])', 'if True else _scale_by(scores, a["alpha"])', _BADDBMM),
+    ("frontend", "baddbmm-operands-swapped", "baddbmm's two batches multiplied the other way round",
+     f"{_HF}:_f_baddbmm", '[a["batch1"], a["batch2"]]', '[a["batch2"], a["batch1"]]', _BADDBMM),
     ("frontend", "pinned-guard-regardless", "a tensor forward casts to its input's dtype keeps the fused model from half precision (refused where the model runs)",
      "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return True", _PINNED + _PINNED_CAST),
     ("frontend", "pinned-guard-never", "a cast that promotes in the model and not in the fused model left unguarded",

@@ -972,6 +972,34 @@ def test_a_float16_model_that_rounds_worse_than_its_file_exports():
         assert rel_err(got, exact) < 1e-2
 
 
+class BaddbmmScores(nn.Module):
+    """diffusers' classic attention processor: scores as ``baddbmm(torch.empty(...), q, k^T, beta=0, alpha=scale)``."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.scale = c**-0.5
+
+    def forward(self, x):
+        h = x.flatten(2).transpose(1, 2)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=self.scale)
+        return x + torch.bmm(scores.softmax(-1), v).transpose(1, 2).reshape(x.shape)
+
+
+def test_baddbmm_with_beta_0_ignores_its_input():
+    """torch ignores ``input`` at ``beta=0``; the export carried the ``torch.empty`` to torch.onnx.export, whose check
+    then compared two uninitialised buffers (refused: differs by 2.7e+30).  It is ``alpha (q @ k)``."""
+    model = BaddbmmScores().eval()
+    x = torch.randn(2, 16, 4, 4)
+    fused = repalgebra.fuse(model, x)
+    assert "baddbmm" not in fused.fuse_report.opaque and "empty" not in fused.fuse_report.opaque
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+        assert rel_err(run_onnx(export_onnx(model, None, x, opset=17), x), model(x)) < 1e-5
+
+
 def test_a_file_onnxruntime_cannot_load_says_so():
     """onnxruntime's CPU provider has no float64 Conv (nor LeakyRelu, Erf, ...): the float64 file is valid ONNX, and
     the report says it could not be run rather than nothing."""

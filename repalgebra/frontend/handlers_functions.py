@@ -202,6 +202,16 @@ def _f_addmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> 
     return "linear", [a["mat1"]], {}, {"weight": w.t().contiguous(), "bias": bias}, a["mat2"].path.rpartition(".")[0]
 
 
+def _f_baddbmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.baddbmm(input, q, k, beta=0, alpha=scale)``, diffusers' attention scores: with ``beta=0`` torch ignores
+    ``input`` (an uninitialised ``torch.empty``, NaN and Inf in it included): ``alpha (q @ k)``."""
+    a = bind([("input", REQ), ("batch1", REQ), ("batch2", REQ), ("beta", 1), ("alpha", 1)], args, kwargs)
+    if a is None or a["beta"] != 0 or not _is_num(a["alpha"]) or shaped(a["batch1"]) is None or shaped(a["batch2"]) is None:
+        return None
+    scores = b.add("matmul", [a["batch1"], a["batch2"]], {}, {}, b.source(n))
+    return ("identity", [scores], {}, {}, "") if a["alpha"] == 1 else _scale_by(scores, a["alpha"])
+
+
 def _f_einsum(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])``; constant operands (a relative-position table) as ``constant`` nodes."""
     if kwargs or not args or not isinstance(args[0], str):
@@ -1196,6 +1206,7 @@ _register(_f_mul, operator.mul, torch.mul, torch.multiply, ("method", "mul"), ("
 _register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
 _register(_f_addmm, torch.addmm)
+_register(_f_baddbmm, torch.baddbmm)
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
 _register(_f_stack, torch.stack)
 _register(_f_flatten, torch.flatten, ("method", "flatten"))
