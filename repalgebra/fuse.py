@@ -485,6 +485,8 @@ def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards:
     module = rebuild(*args)
     for guard in guards:
         guard.install(module)
+    if hasattr(module, "fuse_report"):  # and a deep copy of it keeps the report too
+        module._register_deepcopy_hook(_KeepReport(module.fuse_report))
     return module
 
 

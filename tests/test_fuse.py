@@ -379,7 +379,8 @@ def test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_h
 
 def test_copies_of_a_fused_model_keep_its_report():
     fused = fuse(randomize(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))).eval(), torch.randn(1, 4, 8, 8))
-    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):  # deepcopy dropped it
+    unpickled = pickle.loads(pickle.dumps(fused))
+    for copied in (copy.deepcopy(fused), unpickled, copy.deepcopy(unpickled)):  # deepcopy dropped it
         assert str(copied.fuse_report) == str(fused.fuse_report)
 
 
