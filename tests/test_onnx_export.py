@@ -1000,6 +1000,24 @@ def test_baddbmm_with_beta_0_ignores_its_input():
         assert rel_err(run_onnx(export_onnx(model, None, x, opset=17), x), model(x)) < 1e-5
 
 
+def test_a_dataclass_output_is_refused_by_what_it_is():
+    """It was refused as "a Python number computed from the input's shape"."""
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return Out(self.conv(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="output 0 of the model is not a tensor but an object its forward builds"):
+        export_onnx(M().eval(), None, (2, 3, 8, 8))
+
+
 def test_a_file_onnxruntime_cannot_load_says_so():
     """onnxruntime's CPU provider has no float64 Conv (nor LeakyRelu, Erf, ...): the float64 file is valid ONNX, and
     the report says it could not be run rather than nothing."""

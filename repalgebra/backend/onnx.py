@@ -1032,6 +1032,11 @@ def graph_to_onnx(
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
+        if id(v) not in names and v.producer is not None and v.producer.op == "opaque":  # a dataclass the model builds
+            raise LoweringError(
+                f"output {k} of the model is not a tensor but an object its forward builds (a dataclass, say): ONNX "
+                "outputs are tensors; return them in tuples, lists, dicts or named tuples"
+            )
         if id(v) not in names:  # a size read from the input (``{"n": y.shape[0]}``): a Python number, no tensor
             raise LoweringError(
                 f"output {k} of the model is a Python number computed from the input's shape ({v.name}): an ONNX model "
