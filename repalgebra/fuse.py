@@ -486,7 +486,7 @@ def _rebuild_with_guards(rebuild: Callable[..., nn.Module], args: tuple, guards:
     for guard in guards:
         guard.install(module)
     if hasattr(module, "fuse_report"):  # and a deep copy of it keeps the report too
-        module._register_deepcopy_hook(_KeepReport(module.fuse_report))
+        _keep_report(module)
     return module
 
 
@@ -637,8 +637,14 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     report.seconds = time.perf_counter() - start
     fused.fuse_report = report
     if isinstance(fused, fx.GraphModule):  # its deep copy is rebuilt from its code and drops other attributes
-        fused._register_deepcopy_hook(_KeepReport(report))
+        _keep_report(fused)
     return fused
+
+
+def _keep_report(module: fx.GraphModule) -> None:
+    """Have ``module``'s deep copies keep its ``fuse_report`` (once: copies do not pile up hooks)."""
+    if not any(isinstance(h, _KeepReport) for h in module._deepcopy_hooks):
+        module._register_deepcopy_hook(_KeepReport(module.fuse_report))
 
 
 @dataclass

@@ -1032,7 +1032,7 @@ def graph_to_onnx(
     for k, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output{k}"
         ctx.prefix = ""
-        if id(v) not in names and v.producer is not None and v.producer.op == "opaque":  # a dataclass the model builds
+        if id(v) not in names and _builds_an_object(v.producer):  # a dataclass the model builds
             raise LoweringError(
                 f"output {k} of the model is not a tensor but an object its forward builds (a dataclass, say): ONNX "
                 "outputs are tensors; return them in tuples, lists, dicts or named tuples"
@@ -1067,6 +1067,12 @@ def graph_to_onnx(
         return graph_to_onnx(graph, opset=opset, dynamic_batch=False, graph_name=graph_name, metadata=metadata,
                              return_report=return_report, notes=[*notes, fixed], examples=examples)
     return (model, report) if return_report else model
+
+
+def _builds_an_object(node: Node | None) -> bool:
+    """Whether ``node`` is a literal output the model builds by calling a class (``Out(logits=y)``, a dataclass)."""
+    fn = node.attrs.get("fn") if node is not None and node.op == "opaque" else None
+    return any(isinstance(getattr(a, "target", None), type) for a in getattr(fn, "args_template", ()))
 
 
 def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool, notes: list[str], refused: dict[int, str]) -> bool:
