@@ -358,6 +358,23 @@ def test_two_folds_with_equal_weights_stay_two_modules():
     fresh.load_state_dict(trained.state_dict())
 
 
+def test_a_shared_conv_whose_one_call_is_scaled_is_two_modules():
+    """``conv(x) * 2 + conv(x.flip(-1))``: the number folds into one call's weights, whose paths are the conv's
+    alone (the model's own forward has none): only the weights tell the two calls apart."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) * 2.0 + self.conv(x.flip(-1))
+
+    model, x = M().eval(), torch.randn(2, 3, 8, 8)
+    fused = fuse(model, x)
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2
+    assert verify(model, fused, x, dtype=D)
+
+
 class SharedConvTwoNorms(nn.Module):
     """TridentNet's branches: one conv called twice, each call with a BatchNorm of its own (fresh: equal)."""
 
