@@ -218,17 +218,11 @@ def _follow_requires_grad(fused: fx.GraphModule, part: nn.Module) -> None:
     """Each module ``fused`` built from ``part``'s nodes requires gradients where a parameter of a module folded into
     it does, and not where all of theirs are frozen (a frozen backbone stays frozen beside a head that trains).  Paths
     that name no module with parameters of its own (a function in a block's ``forward``) say nothing."""
+    modules = dict(part.named_modules())
     for name, paths in fused.meta.get(ORIGINS, {}).items():
-        flags = [p.requires_grad for m in (_module_at(part, q) for q in paths) if m is not None for p in m.parameters(recurse=False)]
+        flags = [p.requires_grad for q in paths if q in modules for p in modules[q].parameters(recurse=False)]
         if flags:
             fused.get_submodule(name).requires_grad_(any(flags))
-
-
-def _module_at(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, report: "FuseReport") -> nn.Module:

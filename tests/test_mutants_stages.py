@@ -66,6 +66,8 @@ FEW = {
     "repalgebra.frontend.builder:pinned_tensor": "one decision, which tensors a cast is tried on (_promoted_after_a_cast decides; its filters of buffers and 0-d tensors only save that run)",
     "repalgebra.backend.onnx_fallback:capture_for_export": "one decision, what a failure other than the front end's own does (the model exported whole)",
     "repalgebra.backend.onnx_fallback:session_differs": "the comparison itself (verify's first_difference has its own mutants); one decision added, how many integer entries may flip",
+    "repalgebra.backend.onnx:_window_reduce": "the windows are adaptive_windows' (three mutants of its own); one decision, the axis reduced",
+    "repalgebra.backend.onnx_fallback:_adaptive_avg_pool2d": "the windows are adaptive_windows' (three mutants of its own); two decisions, the axes pooled and the mean",
     "repalgebra.backend.onnx_fallback:_col2im": "the gather of fold_sources' places (three mutants of its own) and their sum",
     "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.backend.onnx:_batch_axes": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",

@@ -37,6 +37,7 @@ from repalgebra.backend.onnx_fallback import (
     Region,
     RegionReport,
     Spliced,
+    adaptive_windows,
     capture_for_export,
     describe,
     export_regions,
@@ -604,10 +605,10 @@ def _max_pool(ctx, n, x):
 @lowering("adaptive_avg_pool2d", "adaptive_max_pool2d")
 def _adaptive_pool(ctx, n, x):
     """Of a batch of maps, a global pool, or a pool whose window is the ratio of the sizes where the output size
-    divides the input's; else (or of one unbatched map), with PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, one ``Slice`` and ``ReduceMean``
-    or ``ReduceMax`` per window of each axis in turn: the mean (max) over a rectangle is the mean (max) over its
-    rows of the mean (max) over its columns.  (Not a matrix product: ``0 * inf`` would spread an Inf or a NaN of
-    one window into the others.)"""
+    divides the input's; else (or of one unbatched map), with PyTorch's windows (:func:`adaptive_windows`), one
+    ``Slice`` and ``ReduceMean`` or ``ReduceMax`` per window of each axis in turn: the mean (max) over a rectangle
+    is the mean (max) over its rows of the mean (max) over its columns.  (Not a matrix product: ``0 * inf`` would
+    spread an Inf or a NaN of one window into the others.)"""
     size_in = n.x.shape[-2:]
     size_out = [i if o is None else o for i, o in zip(size_in, n.attrs["output_size"])]
     avg = n.op == "adaptive_avg_pool2d"
@@ -626,8 +627,7 @@ def _adaptive_pool(ctx, n, x):
 def _window_reduce(ctx, op_type: str, x: str, axis: int, size_in: int, size_out: int) -> str:
     """``op_type`` over each of PyTorch's adaptive windows along ``axis``: a Slice and a reduction per window, concatenated."""
     parts = []
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+    for start, end in adaptive_windows(size_in, size_out):
         window = ctx.emit("Slice", [x, ctx.ints("start", [start]), ctx.ints("end", [end]), ctx.ints("axis", [axis])])
         parts.append(_reduce_over(ctx, op_type, window, [axis], 1))
     return ctx.emit("Concat", parts, axis=axis)
@@ -1365,8 +1365,8 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
     is noted in ``notes``).  A file within the dtype's tolerance of the module run in float64 computes it too: a
     float16 BatchNorm of a mean of 100 rounds worse in the model than in the file.  Integer and boolean outputs
     may differ in a tenth of the dtype's tolerance of their entries (a mask ``y > 0`` of a folded float16 conv
-    flips where ``y`` is within rounding of 0: 103 of 2 million).  The last line of defence: the checks at other batches compare the graph with the
-    model, and the file with the graph, but not the file with the model."""
+    flips where ``y`` is within rounding of 0: 103 of 2 million).  The last line of defence: the checks at other
+    batches compare the graph with the model, and the file with the graph, but not the file with the model."""
     import onnxruntime as ort
 
     from repalgebra.fuse import computes_in
@@ -1495,8 +1495,9 @@ def export_onnx(
     flattened into rows); the file is run in onnxruntime at that larger batch, and written with the batch fixed
     where it fails there.  Last, the file is run at the example input and compared with the module: where it
     computes something else, nothing is written (:class:`FallbackError` names the difference); where onnxruntime
-    cannot load it (no float64 kernels), the report notes it.  The metadata records the producer, version, the rules that fired, which nodes went
-    through the fallback, how the batch was exported and anything in ``metadata``.
+    cannot load it (no float64 kernels), the report notes it.  The metadata records the producer, version, the
+    rules that fired, which nodes went through the fallback, how the batch was exported and anything in
+    ``metadata``.
     """
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite

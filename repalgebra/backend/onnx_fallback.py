@@ -631,6 +631,12 @@ def _copy(x, src, non_blocking=False, *, opset=0):
     return src.to(x.dtype).expand_as(x)
 
 
+def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive-pool windows along one axis: ``[floor(o n_in / n_out), ceil((o + 1) n_in / n_out))`` for each
+    output position ``o``."""
+    return [((o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)) for o in range(n_out)]
+
+
 def fold_sources(output_size: Sequence[int], kernel, dilation, padding, stride) -> torch.Tensor:
     """For each pixel of ``F.fold``'s ``(H, W)`` output, the entries ``j L + l`` (kernel position ``j`` of window
     ``l``) of a channel's ``k L`` columns that land on it, filled up with ``k L``, the place of a zero appended to
@@ -700,8 +706,7 @@ def _adaptive_avg_pool2d(x, output_size, *, opset=0):
         return NotImplemented
     for dim, (n_in, n_out) in ((-2, (h, oh)), (-1, (w, ow))):
         if n_in != n_out:
-            bounds = [((o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)) for o in range(n_out)]
-            x = torch.cat([x.narrow(dim, lo, hi - lo).mean(dim, keepdim=True) for lo, hi in bounds], dim)
+            x = torch.cat([x.narrow(dim, lo, hi - lo).mean(dim, keepdim=True) for lo, hi in adaptive_windows(n_in, n_out)], dim)
     return x
 
 

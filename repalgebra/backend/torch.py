@@ -89,7 +89,6 @@ class Lowering:
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
         self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
-        self.origins: dict[str, frozenset[str]] = {}  # name of a module built from nodes -> the source paths it holds
 
     def name(self, hint: str) -> str:
         """A fresh attribute name derived from ``hint`` (a source path or op name)."""
@@ -117,7 +116,6 @@ class Lowering:
         self.root.add_module(name, module)
         if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             self._by_hint.setdefault(key, []).append(name)
-            self.origins[name] = key[1]
         return name
 
     def add_buffer(self, hint: str, tensor: torch.Tensor) -> fx.Node:
@@ -220,7 +218,8 @@ def to_module(
     else:
         ctx.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
     gm = fx.GraphModule(ctx.root, ctx.graph, class_name)
-    gm.meta[ORIGINS] = {k: v for k, v in ctx.origins.items() if k not in ctx._copies.values()}
+    copies = set(ctx._copies.values())
+    gm.meta[ORIGINS] = {name: paths for (_, paths), names in ctx._by_hint.items() for name in names if name not in copies}
     return gm.eval()
 
 
