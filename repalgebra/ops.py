@@ -633,10 +633,11 @@ def _constant_shape(node):
 
 
 @op("constant", kind="layout", shape=_constant_shape)
-def constant(*, value: Tensor, dtype=REQUIRED):
+def constant(*, value: Tensor, dtype=REQUIRED, plain=False):
     """A constant tensor where an op reads a value: a relative-position bias gathered from its table, a class token.
 
-    No inputs.  ``dtype`` is its own: folding in float64 does not change it.
+    No inputs.  ``dtype`` is its own: folding in float64 does not change it.  ``plain``: the model holds it as a
+    plain attribute, not a parameter or buffer (or computes it from one), so a cast of the model leaves it as it is.
     """
     return value.to(dtype)
 

@@ -1614,6 +1614,53 @@ def test_a_tensor_that_follows_a_cast_does_not_keep_the_fused_model_to_its_dtype
     assert rel_err(fused_half(x.half()).double(), half(x.half()).double()) < 1e-2  # float16's tolerance
 
 
+class PlainTable(nn.Module):
+    """A float32 table held as a plain attribute (not a buffer: a cast of the model leaves it) and read after a
+    conv and BN the way detection and positional code reads one."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.table = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        if self.form == "cat":
+            return torch.cat([y, self.table.expand(y.shape[0], -1, -1, -1)], 1)
+        if self.form == "cast":  # to the dtype of a value the model computes: a cast of the model reaches it
+            return torch.cat([y, self.table.to(y.dtype).expand(y.shape[0], -1, -1, -1)], 1)
+        if self.form == "where":
+            return torch.where(y > 0, y, self.table.transpose(2, 3))  # a constant computed from the table
+        if self.form == "add":
+            return y + self.table
+        return y, self.table  # returned as it is
+
+
+@pytest.mark.parametrize("form", ["cat", "where", "add", "output", "cast"])
+@pytest.mark.parametrize("fused_in", [torch.float16, torch.float32])
+def test_a_plain_tensor_attribute_stays_one_a_cast_leaves(form, fused_in):
+    """The fused module held the model's plain tensor as a buffer, which ``fused.half()`` cast: a model fused in
+    float16 (its float32 table promoting the result to float32) and then cast with ``.half()`` again returned
+    float16 where the model, its table left as it is, returns float32.  Fused in float32, the guard refused half
+    precision instead.  The fused module now holds such a tensor as a plain attribute too, out of its state_dict
+    as it is out of the model's; cast to the dtype of a value the model computes, it follows the model's casts,
+    a buffer."""
+    model = randomized(PlainTable(form)).to(fused_in)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(fused_in)
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    if form == "add" and fused_in == torch.float32:
+        return  # an op adding the table, foldable: the guard keeps the fused model to float32 and float64 (test above)
+    assert any(t.shape == model.table.shape for t in fused.state_dict().values()) == (form == "cast")
+    half, fused_half = copy.deepcopy(model).half(), copy.deepcopy(fused).half()
+    want, got = half(x.half()), fused_half(x.half())
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    for a, b in zip(got, want):  # float16's tolerance: the model's conv and the fused one round apart
+        assert rel_err(a.double(), b.double()) < 1e-2
+
+
 def test_a_compiled_model_keeps_its_batch_free():
     """torch.compile's module takes ``forward(*args)``: the symbolic batch's ``dynamic_shapes`` must be one tuple."""
     model = randomized(nn.Sequential(*conv_bn(3, 8)))

@@ -1117,3 +1117,50 @@ def test_nearest_picks_on_a_map_of_more_than_2_to_the_24_pixels():
     model = nn.Upsample(scale_factor=1 / 3, mode="nearest").eval()
     x = torch.randn(1, 1, 4101, 4101)
     assert np.array_equal(run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy())
+
+
+class _Tabled(nn.Module):
+    """A float16 model reading a float32 table it holds as a plain attribute: concatenated (PyTorch promotes the
+    result to float32), clamped from below by it, or returned as it is."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.table = torch.rand(1, 4, 6, 6, generator=torch.Generator().manual_seed(1)) + 0.5
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.form == "cat":
+            return torch.cat([y, self.table.expand(y.shape[0], -1, -1, -1)], 1)
+        if self.form == "clamp":
+            return torch.clamp(y, min=self.table)
+        return y, self.table
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("form", ["cat", "output"])
+def test_a_plain_table_concatenated_or_returned_exports(form, dtype):
+    """Concat took its inputs as they came: a float16 map and a float32 table failed onnx.checker ("inconsistent
+    type").  A table returned as it is went to torch.onnx.export, which cannot export an output no input reaches,
+    once the fused module held it as a plain attribute: it is a constant of the graph now."""
+    model = randomize(_Tabled(form)).to(dtype)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    proto, report = export_onnx(repalgebra.fuse(model, x), None, x, return_report=True)
+    assert not report.fallback
+    with torch.no_grad():
+        want = model(x)
+    for got, ref in zip(run_onnx_all(proto, x), want if isinstance(want, tuple) else (want,)):
+        assert got.dtype == ref.numpy().dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # float16 convs sum in another order
+        torch.testing.assert_close(torch.from_numpy(got).double(), ref.double(), rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_a_fallback_region_of_another_dtype_than_torch_gives_is_refused_by_name():
+    """torch.onnx.export writes ``clamp(float16, min=float32 table)`` as a float16 Clip where PyTorch returns
+    float32: the region's values passed the check, and the spliced file failed onnx.checker with a bare
+    InferenceError.  The check compares dtypes too, and the error names the region."""
+    model = randomize(_Tabled("clamp")).half()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)).half()
+    with pytest.raises(ValueError, match=r"clamp.*output 0 is float16, not float32"):
+        export_onnx(repalgebra.fuse(model, x), None, x)

@@ -286,7 +286,7 @@ def _avg_pool(ctx, n, x):
 
 @lowering("concat")
 def _concat(ctx, n, *xs):
-    return ctx.emit("Concat", list(xs), axis=n.attrs["axis"])
+    return ctx.emit("Concat", _promoted(ctx, n, *xs), axis=n.attrs["axis"])
 
 
 @lowering("linear")

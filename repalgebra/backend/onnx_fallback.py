@@ -442,9 +442,9 @@ def ort_session(model: onnx.ModelProto) -> Any:
 
 
 def session_differs(session: Any, inputs: tuple, outputs: tuple, rtol: float = 1e-3, *, flips: float = 0.0) -> str:
-    """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does): NaN and Inf where
-    the reference has them, other entries within ``rtol`` or the dtype's tolerance (as verify compares), integer
-    and boolean entries equal but for a fraction ``flips`` of them."""
+    """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does): their dtypes, NaN
+    and Inf where the reference has them, other entries within ``rtol`` or the dtype's tolerance (as verify
+    compares), integer and boolean entries equal but for a fraction ``flips`` of them."""
     import numpy as np
 
     from repalgebra.verify import TOLERANCES, first_difference
@@ -458,6 +458,8 @@ def session_differs(session: Any, inputs: tuple, outputs: tuple, rtol: float = 1
         ref = t.detach().cpu().numpy()
         if g.shape != ref.shape:
             return f"output {k} has shape {tuple(g.shape)}, not {tuple(ref.shape)}"
+        if g.dtype != ref.dtype:  # torch.onnx.export's Clip of float16 and a float32 bound is float16, torch's float32
+            return f"output {k} is {g.dtype}, not {ref.dtype}"
         if ref.size and not np.issubdtype(ref.dtype, np.floating):
             if (wrong := int(np.count_nonzero(g != ref))) > flips * ref.size:
                 return f"output {k} differs in {wrong} of {ref.size} entries"

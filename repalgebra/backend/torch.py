@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
-from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr
+from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr, constant_call
 from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.match import Source, is_1x1_pointwise, origins
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
@@ -686,7 +686,10 @@ def _pad_nd(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("constant")
 def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
-    return ctx.add_buffer(_hint(node, "_const"), node.params["value"].to(node.attrs["dtype"]))
+    value = node.params["value"].to(node.attrs["dtype"])
+    if node.attrs.get("plain"):  # as the model holds it: a module's plain attribute, which casts leave
+        return ctx.module(_hint(node, "_const"), constant_call(value, plain=True))
+    return ctx.add_buffer(_hint(node, "_const"), value)
 
 
 @lowers("repeat")

@@ -310,7 +310,7 @@ def constant(x: Any) -> "Const | None":
         tensors = [c.tensor for c in ins]
         t = n.attrs["fn"](*tensors) if n.op == "opaque" else op_def(n.op)(tensors, n.attrs, n.params)
     path = next((c.path for c in ins if c.path), n.source)
-    return Const(t.detach().clone(), path) if torch.is_tensor(t) else None
+    return Const(t.detach().clone(), path, any(c.plain for c in ins)) if torch.is_tensor(t) else None
 
 
 def as_value(b: Any, x: Any) -> Value | None:
@@ -319,7 +319,7 @@ def as_value(b: Any, x: Any) -> Value | None:
     c = constant(x)
     if c is None:
         return shaped(x)
-    return b.add("constant", [], {"dtype": c.tensor.dtype}, {"value": c.tensor}, c.path)
+    return b.add("constant", [], {"dtype": c.tensor.dtype, "plain": c.plain}, {"value": c.tensor}, c.path)
 
 
 def scalar_axis(shape: tuple[int, ...]) -> int:

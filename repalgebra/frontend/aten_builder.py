@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import map_leaves, literal_output
-from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In
+from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In, constant_call
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inputs import shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
@@ -101,10 +101,6 @@ def _leaves(a: Any) -> list[Any]:
     out: list[Any] = []
     map_leaves(a, out.append)
     return out
-
-
-def _return(x: Any) -> Any:
-    return x
 
 
 Made = "tuple[str, list[Value], dict, dict, str | None] | None"  # op, inputs, attrs, params, source (None: module path)
@@ -222,8 +218,7 @@ class ProgramBuilder:
         if isinstance(v, Value):
             return v
         if isinstance(v, Const):  # a model output that is a constant: a node that returns it
-            fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
-            attrs = {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
+            attrs = {"fn": constant_call(v.tensor), "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
             return self.add(Node.make("opaque", [], attrs, {}, (v.path or "").rpartition(".")[0], name=n.name))
         if v is None or type(v) in (int, float, bool, str):  # a size here is one the shape guard fixes
             return self.add(Node.make("opaque", [], literal_output(v), {}, "", name=n.name))

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, invoke, meta_of, runs_on_meta, squeeze_to_rank
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, invoke, meta_of, returned, runs_on_meta, squeeze_to_rank
 from repalgebra.frontend.fx_trace import TensorInfo, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import hidden_writes, versions
@@ -48,10 +48,13 @@ class Handlers:
 
 @dataclass(eq=False)
 class Const:
-    """A parameter or buffer read by a call (``self.layer_scale``), cloned."""
+    """A tensor of the model read by a call (``self.layer_scale``), cloned.  ``plain``: neither a parameter nor a
+    buffer (a plain attribute, or a tensor ``forward`` makes from numbers), which a cast of the model leaves as it is:
+    the fused module holds it the same way (:class:`~repalgebra.frontend.calls.FnCall`, the ``constant`` op)."""
 
     tensor: torch.Tensor
     path: str
+    plain: bool = False
 
 
 _NONE = object()  # Builder.info: the call returned None in the real run
@@ -111,7 +114,7 @@ class Builder:
                 self.refuse_written(n.target)
                 if (pinned := pinned_tensor(self.root, n.target, obj, self.path)) is not None:
                     self.pinned.append(pinned)
-                self.env[n] = Const(obj.detach().clone(), self.path(n.target)) if torch.is_tensor(obj) else obj
+                self.env[n] = Const(obj.detach().clone(), self.path(n.target), _is_plain(self.root, n.target)) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
@@ -195,12 +198,11 @@ class Builder:
         if isinstance(v, Value):
             return v
         if isinstance(v, Const):
-            fn = FnCall("call_function", _return, (Buf("c0"),), {}, {"c0": v.tensor})
-            return self.add("opaque", [], {"fn": fn, "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}, {}, v.path)
+            return self.add("constant", [], {"dtype": v.tensor.dtype, "plain": v.plain}, {"value": v.tensor}, v.path)
         if v is None:  # PointNet's trans_feat without a feature transform, attention weights not asked for
             return self.add("opaque", [], literal_output(), {}, "")
         if isinstance(v, SymExpr):  # a size read from an input (PVT's patch embedding returns x, H, W): per call
-            fn, inputs = _compile("call_function", _return, (v,), {})
+            fn, inputs = _compile("call_function", returned, (v,), {})
             return self.add("opaque", inputs, {"fn": fn, "out_shape": None, "out_dtype": None}, {}, "")
         if type(v) in (int, float, bool, str):  # a literal of the code: the same for any input
             return self.add("opaque", [], literal_output(v), {}, "")
@@ -300,8 +302,11 @@ class Builder:
 
         The dtype of a value the model computes counts as a constant (``scale.to(x.dtype)``, detectron2's frozen BN
         after a conv): a cast of the whole model changes it and the constants alike (as :func:`_f_to_dtype_of`
-        argues); an input's dtype does not (a caller may pass another)."""
+        argues); an input's dtype does not (a caller may pass another).  The result is plain (a cast leaves it) where
+        a tensor it reads is, unless it is cast to such a dtype."""
+        given = (*args, *kwargs.values())
         args, kwargs = tuple(map(_computed_dtype, args)), {k: _computed_dtype(v) for k, v in kwargs.items()}
+        follows_a_cast = any(a is not b for a, b in zip(given, (*args, *kwargs.values())))
         leaves = pytree.tree_leaves((args, kwargs))
         consts = [a for a in leaves if isinstance(a, Const)]
         made = not consts and kind == "call_function" and target in FACTORIES and self.read_by_constants_only(n)
@@ -322,7 +327,8 @@ class Builder:
         if not torch.is_tensor(out):
             return None
         self.example[n] = meta_of(out)
-        return Const(out.detach().clone(), consts[0].path if consts else self.source(n))
+        plain = not follows_a_cast and any(c.plain for c in consts)
+        return Const(out.detach().clone(), consts[0].path if consts else self.source(n), plain)
 
     def read_by_constants_only(self, n: fx.Node) -> bool:
         """Whether every reader of ``n`` computes from the model's tensors (one of them at least, besides ``n``) and
@@ -384,20 +390,16 @@ def _call_meta(kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return torch.func.functional_call(target, meta, args, kwargs)
 
 
-def _return(x: Any) -> Any:
-    return x
-
-
 def literal_output(value: Any = None) -> dict:
     """The attrs of an ``opaque`` node that returns ``value``: a model output that is ``None`` (or a number of
     the code) whatever the input."""
-    return {"fn": FnCall("call_function", _return, (value,), {}, {}), "out_shape": None, "out_dtype": None}
+    return {"fn": FnCall("call_function", returned, (value,), {}, {}), "out_shape": None, "out_dtype": None}
 
 
 def is_returned_as_is(node: Node) -> bool:
     """Whether ``node`` only hands an output back (a literal ``None`` or number, a constant): no call of the model."""
     fn = node.attrs.get("fn") if node.op == "opaque" else None
-    return isinstance(fn, FnCall) and fn.target is _return
+    return isinstance(fn, FnCall) and fn.target is returned
 
 
 def is_none_output(node: Node) -> bool:
@@ -411,15 +413,19 @@ def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], 
     (``torch.tensor([8., 16.])``, torch.fx's ``_tensor_constant0``) or a plain attribute.  A cast of the model
     (``.half()``) leaves its dtype, and PyTorch promotes what it meets to it (not a 0-d one: a number, to type
     promotion, does not raise a tensor of its kind to its dtype)."""
-    if not (torch.is_tensor(obj) and obj.is_floating_point() and obj.dim()):
+    if not (torch.is_tensor(obj) and obj.is_floating_point() and obj.dim()) or not _is_plain(root, target):
         return None
     owner, _, name = target.rpartition(".")
-    module = root.get_submodule(owner)
-    if name in module._parameters or name in module._buffers:
-        return None
     where = (f"a tensor {path(owner) or 'the model'}'s forward makes or holds as a plain attribute"
              if name.startswith("_tensor_constant") else f"{path(target)!r}, a plain attribute")
     return where, obj.dtype
+
+
+def _is_plain(root: nn.Module, target: str) -> bool:
+    """Whether the attribute ``target`` of ``root`` is neither a parameter nor a buffer."""
+    owner, _, name = target.rpartition(".")
+    module = root.get_submodule(owner)
+    return name not in module._parameters and name not in module._buffers
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -481,6 +487,7 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
     inputs: list[Value] = []
     index: dict[int, int] = {}
     consts: dict[str, torch.Tensor] = {}
+    plain: set[str] = set()
 
     def leaf(x: Any) -> Any:
         if isinstance(x, Value):
@@ -491,8 +498,10 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
         if isinstance(x, Const):
             name = f"c{len(consts)}"
             consts[name] = x.tensor
+            if x.plain:
+                plain.add(name)
             return Buf(name)
         return x
 
-    fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts)
+    fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts, plain)
     return fn, inputs

@@ -13,7 +13,7 @@ re-traces a fused model), a call records itself as the one fx node it was.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from torch import fx, nn
@@ -185,10 +185,12 @@ class FnCall(nn.Module):
     ``kind`` is ``"call_function"``, ``"call_method"`` (``target`` a method
     name) or ``"call_module"`` (``target`` a module, registered as ``fn``).
     Constant tensors the call reads are registered as buffers, so ``.to()``
-    moves them with the module.
+    moves and casts them with the module; those named in ``plain`` the model
+    holds as plain attributes, which its casts leave, and so does this module.
     """
 
-    def __init__(self, kind: str, target: Any, args: tuple, kwargs: dict, consts: dict[str, torch.Tensor]) -> None:
+    def __init__(self, kind: str, target: Any, args: tuple, kwargs: dict, consts: dict[str, torch.Tensor],
+                 plain: Collection[str] = ()) -> None:
         """Create the call; ``args``/``kwargs`` are templates (see :func:`resolve`)."""
         super().__init__()
         self.kind = kind
@@ -200,7 +202,10 @@ class FnCall(nn.Module):
         self.args_template = args
         self.kwargs_template = kwargs
         for name, t in consts.items():
-            self.register_buffer(name, t)
+            if name in plain:
+                setattr(self, name, t)
+            else:
+                self.register_buffer(name, t)
 
     def forward(self, *inputs: Any) -> Any:
         """Rebuild the arguments from ``inputs`` and make the call."""
@@ -240,6 +245,17 @@ class FnCall(nn.Module):
         return self.name
 
 
+def returned(x: Any) -> Any:
+    """What it is given: the target of a call that returns a constant (a model output that is a tensor of the model,
+    a literal)."""
+    return x
+
+
+def constant_call(tensor: torch.Tensor, plain: bool = False) -> FnCall:
+    """A call returning ``tensor``, held as a buffer, or for ``plain`` as a plain attribute (see :class:`FnCall`)."""
+    return FnCall("call_function", returned, (Buf("c0"),), {}, {"c0": tensor}, ("c0",) if plain else ())
+
+
 class CallFn(nn.Module):
     """A plain callable as a module: ``CallFn(fn)(*xs, **kw) == fn(*xs, **kw)``."""
 
@@ -257,4 +273,4 @@ class CallFn(nn.Module):
         return target_name(self.fn)
 
 
-__all__ = ["FnCall", "CallFn", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank", "runs_on_meta", "meta_of"]
+__all__ = ["FnCall", "CallFn", "returned", "constant_call", "SymExpr", "In", "Buf", "resolve", "compile_template", "invoke", "target_name", "squeeze_to_rank", "runs_on_meta", "meta_of"]
