@@ -42,7 +42,8 @@ FEW = {
     "repalgebra.backend.torch:_permute": "one attribute, the permutation",
     "repalgebra.backend.torch:_transpose": "two axes, the mutant drops one",
     "repalgebra.backend.torch:_flatten": "the start axis (the end is -1 in every model)",
-    "repalgebra.backend.torch:_same_module": "two checks, configuration and weights (a conv's or linear's extra_repr already tells one with a bias from one without)",
+    "repalgebra.backend.torch:_same_module": "one check, the configuration (the weights are _equal's; a conv's or linear's bias is a parameter or none)",
+    "repalgebra.backend.torch:_equal": "one comparison of tensors, by value (their dtypes and shapes differ only where the configuration does)",
     "repalgebra.backend.onnx:_permute": "one attribute, the permutation",
     "repalgebra.backend.onnx:_transpose": "two axes, the mutant drops one",
     "repalgebra.frontend.height_one:_sinks": "one decision whose other conditions are conservative: a lift is exact "

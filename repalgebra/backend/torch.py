@@ -144,12 +144,25 @@ class Lowering:
 
 
 def _same_module(a: nn.Module, b: nn.Module) -> bool:
-    """Whether ``a`` and ``b`` compute the same: one type and configuration, equal parameters and buffers."""
-    if type(a) is not type(b) or a.extra_repr() != b.extra_repr() or a.training != b.training:
+    """Whether ``a`` and ``b`` compute the same: one type and configuration (its public attributes: a conv's
+    stride, a carried call's arguments, which its ``extra_repr`` does not show), equal parameters and buffers."""
+    if type(a) is not type(b) or a.training != b.training:
         return False
-    sa, sb = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in (a, b)]
-    return sa.keys() == sb.keys() and all(
-        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    sa, sb = [dict(m.named_parameters()) | dict(m.named_buffers()) | _config(m) for m in (a, b)]
+    return sa.keys() == sb.keys() and all(_equal(sa[k], sb[k]) for k in sa)
+
+
+def _config(m: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (a value without a plain equality: taken for different)
+        return False
 
 
 # Ops whose torch lowering may return their input itself or a view of it (``x.to(x.dtype)`` is ``x``).
