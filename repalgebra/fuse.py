@@ -32,6 +32,7 @@ import inspect
 import io
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
@@ -683,6 +684,7 @@ class _Fuser:
         self.user_leaves += [p for p, m in model.named_modules() if p not in self.user_leaves
                              and any(isinstance(h, ShapeGuard) and not h.free_sizes for h in m._forward_pre_hooks.values())]
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
+        self.plain_parts: list[str] = []  # parts fused from a capture that read plain tensors (Capture.reads_plain)
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
         self.own_dtype_only = False  # the last check ran in the model's dtype: the candidate fails in float64
@@ -698,6 +700,46 @@ class _Fuser:
     # -- strategy -------------------------------------------------------------------
 
     def fuse_model(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+        """The fused model; parts whose calls change their own state (:mod:`repalgebra.frontend.state`) kept whole,
+        and parts whose capture read a tensor that is neither a parameter nor a buffer (``Capture.reads_plain``)
+        where the fused model differs from the model on other values than the example: such a tensor, held as a
+        constant, was a value a call left for the next (fastai's U-Net reads its encoder's outputs from the hooks
+        that store them)."""
+        fused = self.fuse_calls(inputs)
+        hooked = any(_own_hooks(m) for m in self.model.modules())
+        other = _other_values(inputs)
+        if not (self.check and (self.plain_parts or hooked) and other is not None and _runs(copy_module(self.model).eval(), other)):
+            return fused
+        for attempt in range(2):
+            problem = _calls_difference(copy_module(self.model).eval(), fused, [other], self.tolerance)
+            if problem is None:
+                self.checks.append(f"the whole model on other values than the example, to {self.tolerance:g} relative")
+                return fused
+            parts = list(self.plain_parts)
+            why = ("{} reads a tensor that is neither a parameter nor a buffer, which its capture held as a constant, and "
+                   f"on other values than the example the fused model computes something else ({problem}): a value a "
+                   "call leaves for the next to read (a hook's stored output, a list modules share) is no constant")
+            if attempt or "" in parts or not parts:
+                self.restart()
+                if not parts:  # its parts were fused apart, and what they share through its hooks with it
+                    why = (f"{{}} computes something else once its parts are fused, on other values than the example "
+                           f"({problem}): its forward hooks pass values between its modules (timm's FeatureHooks), which "
+                           "copies of its parts no longer share")
+                return self.untouched("", copy_module(self.model).eval(), why.format(_where("")))
+            self.restart()
+            self.user_leaves += parts  # kept whole and untouched, as the user's leaves are: read at run time
+            fused = self.fuse_calls(inputs)
+            self.report.parts += [Part(p, "kept whole", why.format(_where(p)), type(self.pristine.get_submodule(p)).__name__) for p in parts]
+        return fused
+
+    def restart(self) -> None:
+        """Start again from the model as it is, with a fresh report."""
+        self.pristine = copy_module(self.model).eval()
+        self.report = FuseReport(stage_seconds=self.stage)
+        self.checks, self.plain_parts, self.state_leaves = [], [], []
+        self.stateful, self.watching, self.initial = False, True, None
+
+    def fuse_calls(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
         """The fused model; parts whose calls change their own state (:mod:`repalgebra.frontend.state`) kept whole."""
         try:
             if not self.check:  # the check's run of the original watches for state; without it, one run here does
@@ -754,7 +796,7 @@ class _Fuser:
             fused = self.fuse_module("", inputs)
         self.restore_state(fused)
         if self.check:
-            problem = _second_call_difference(initial, fused, inputs, self.tolerance)
+            problem = _calls_difference(initial, fused, [inputs, inputs], self.tolerance)
             if problem is not None:
                 self.report = FuseReport(stage_seconds=self.stage)  # nothing of that attempt is in the result
                 return self.untouched("", initial, f"with the parts that change state kept whole it still differs on a second call: {problem}")
@@ -944,7 +986,12 @@ class _Fuser:
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
-        fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        try:
+            with warnings.catch_warnings():  # a copy of such a Proxy warns (torch's LeafSpec) before it fails
+                warnings.simplefilter("ignore", FutureWarning)
+                fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+        except Exception as e:  # noqa: BLE001  (a part it carries does not copy: a hook stored a tracing Proxy in it)
+            raise CaptureFailed(f"the {cap.how} capture's module cannot be built: {first_line(e)}") from e
         _follow_requires_grad(fused, self.pristine.get_submodule(path))
         self.restore_state(fused)
         t2 = time.perf_counter()
@@ -1014,6 +1061,8 @@ class _Fuser:
             if free_batch and min_batch > 1:
                 cap.notes.append("batch 1 refused: the model computes something else there than the capture, or it was not "
                                  "checked (torch.export's symbolic batch holds from 2 up; a squeeze of the batch axis, a branch on it)")
+        if cap.reads_plain:
+            self.plain_parts.append(path)
         self.record(path, cap, rw, graph, reason)
         return fused
 
@@ -1220,24 +1269,58 @@ def _quiet_fx() -> Iterator[None]:
     sys.stderr.write(held.getvalue())
 
 
-def _second_call_difference(reference: nn.Module, candidate: nn.Module, inputs: tuple, tol: float) -> str | None:
-    """What differs between fresh copies of the two modules on a first or second call with ``inputs`` (float64 where they run in it)."""
-    copies = [copy.deepcopy(m).to(torch.float64) for m in (reference, candidate)]
-    call = Call(tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs), {})
+def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tuple], tol: float) -> str | None:
+    """What differs between fresh copies of the two modules making ``calls`` (their inputs) in turn, in float64
+    where they run in it."""
     try:
-        outs = [[_run(m, call, None) for _ in range(2)] for m in copies]
+        copy.deepcopy(candidate)
+    except Exception as e:  # noqa: BLE001  (a hook's handle whose module the fused model no longer holds)
+        return f"a copy of it fails: {first_line(e)}"
+    copies = [copy.deepcopy(m).to(torch.float64) for m in (reference, candidate)]
+    runs = [Call(tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs), {}) for inputs in calls]
+    try:
+        outs = [[_run(m, call, None) for call in runs] for m in copies]
     except Exception:  # noqa: BLE001  (not in float64: in the model's own dtype)
         copies = [copy.deepcopy(reference), copy.deepcopy(candidate)]
-        call = Call(tuple(inputs), {})
         try:
-            outs = [[_run(m, call, None) for _ in range(2)] for m in copies]
+            outs = [[_run(m, Call(tuple(inputs), {}), None) for inputs in calls] for m in copies]
         except Exception as e:  # noqa: BLE001
             return f"it fails on the example input: {first_line(e)}"
-    for k in range(2):
+    for k in range(len(calls)):
         problem = first_difference(outs[0][k], outs[1][k], tol)
         if problem is not None:
-            return f"call {k + 1}: {problem}"
+            return f"call {k + 1}: {problem}" if len(calls) > 1 else problem
     return None
+
+
+def _other_values(inputs: tuple) -> tuple | None:
+    """``inputs`` with other values, drawn like them (their mean and spread), in each floating tensor; None where
+    none has more than one value."""
+    g = torch.Generator().manual_seed(1)
+
+    def other(t: Any) -> Any:
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.numel() > 1):
+            return t
+        drawn = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        return (drawn * t.double().std() + t.double().mean()).to(dtype=t.dtype, device=t.device)
+
+    changed = tuple(other(t) for t in inputs)
+    return changed if any(a is not b for a, b in zip(changed, inputs)) else None
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or pre-hooks of its own (not the guards of a model fused before)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(not isinstance(h, (ShapeGuard, StructureGuard, InputCheck)) for h in hooks)
+
+
+def _runs(module: nn.Module, inputs: tuple) -> bool:
+    """Whether ``module`` runs on ``inputs`` (in eval mode, without gradients)."""
+    try:
+        _run(module, Call(tuple(inputs), {}), None)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _shapes(tensors: Iterable[Any]) -> str:

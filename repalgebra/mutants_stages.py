@@ -93,6 +93,7 @@ _HALF_NUMBER = (f"{_OE}::test_a_float16_model_times_a_number_float16_cannot_hold
                 f"{_OE}::test_a_number_below_float16s_normal_numbers_leaves_the_folds_beside_it")
 _BADDBMM = (f"{_OE}::test_baddbmm_with_beta_0_ignores_its_input",)
 _PINNED_CAST = ("tests/test_fuse_capture.py::test_a_tensor_that_follows_a_cast_does_not_keep_the_fused_model_to_its_dtype",)
+_SHARED_OBJECTS = ("tests/test_fuse_shared_objects.py",)
 _PLAIN = ("tests/test_fuse_capture.py::test_a_plain_tensor_attribute_stays_one_a_cast_leaves",)
 _PLAIN_ONNX = (f"{_OE}::test_a_plain_table_concatenated_or_returned_exports",
                f"{_OE}::test_a_fallback_region_of_another_dtype_than_torch_gives_is_refused_by_name")
@@ -232,12 +233,20 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_HF}:_f_baddbmm", 'if a["alpha"] == 1 else _scale_by(scores, a["alpha"])', 'if True else _scale_by(scores, a["alpha"])', _BADDBMM),
     ("frontend", "baddbmm-operands-swapped", "baddbmm's two batches multiplied the other way round",
      f"{_HF}:_f_baddbmm", '[a["batch1"], a["batch2"]]', '[a["batch2"], a["batch1"]]', _BADDBMM),
+    ("frontend", "other-values-the-example", "the whole-model check on other values run on the example's (a stored skip read as a constant passes)",
+     "repalgebra.fuse:_other_values", "return (drawn * t.double().std() + t.double().mean())", "return (0 * drawn + t.double())", _SHARED_OBJECTS),
+    ("frontend", "hooks-not-seen", "a model whose forward hooks pass values between its parts taken for one without hooks (no whole-model check)",
+     "repalgebra.fuse:_own_hooks", "    return any(not isinstance(h,", "    return False and any(not isinstance(h,", _SHARED_OBJECTS),
+    ("frontend", "copy-failure-unchecked", "a fused model whose copy fails (a hook's handle on a module it no longer holds) compared as if it copied",
+     "repalgebra.fuse:_calls_difference", '        return f"a copy of it fails: {first_line(e)}"', "        pass", _SHARED_OBJECTS),
     ("frontend", "pinned-guard-regardless", "a tensor forward casts to its input's dtype keeps the fused model from half precision (refused where the model runs)",
      "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return True", _PINNED + _PINNED_CAST),
     ("frontend", "pinned-guard-never", "a cast that promotes in the model and not in the fused model left unguarded",
      "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return False", _PINNED),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", " or not _is_plain(root, target):", " or True:", _PINNED),
+    ("frontend", "plain-constant-unmarked", "a plain tensor an op reads (or the model returns) marked as a buffer's",
+     "repalgebra.frontend.builder:constant_attrs", '"_plain": c.plain}', '"_plain": False}', _PLAIN),
     ("frontend", "plain-call-as-buffer", "a plain tensor a carried call reads held as a buffer (cast with the fused module, left by the model's cast)",
      "repalgebra.frontend.builder:_compile", "            if x.plain:", "            if False:", _PLAIN),
     ("frontend", "pinned-holds-any", "a part reading a float32 tensor a cast leaves runs in half precision too (its product no longer promoted)",
@@ -728,7 +737,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_TB}:_same_module", " | _config(m) for m in (a, b)]", " for m in (a, b)]",
      _TORCH + ("tests/test_fuse.py::test_two_calls_of_one_function_with_other_arguments_stay_two_modules",)),
     ("torch_backend", "plain-constant-as-buffer", "a constant the model holds as a plain attribute lowered to a buffer",
-     f"{_TB}:_constant", '    if node.attrs.get("plain"):', "    if False:", _PLAIN),
+     f"{_TB}:_constant", '    if node.attrs["_plain"]:', "    if False:", _PLAIN),
     ("torch_backend", "plain-constant-call-as-buffer", "a constant call's plain tensor registered as a buffer",
      "repalgebra.frontend.calls:constant_call", '("c0",) if plain else ()', "()", _PLAIN),
     # ================================================================ ONNX back end

@@ -633,11 +633,12 @@ def _constant_shape(node):
 
 
 @op("constant", kind="layout", shape=_constant_shape)
-def constant(*, value: Tensor, dtype=REQUIRED, plain=False):
+def constant(*, value: Tensor, dtype=REQUIRED, _plain=False):
     """A constant tensor where an op reads a value: a relative-position bias gathered from its table, a class token.
 
-    No inputs.  ``dtype`` is its own: folding in float64 does not change it.  ``plain``: the model holds it as a
-    plain attribute, not a parameter or buffer (or computes it from one), so a cast of the model leaves it as it is.
+    No inputs.  ``dtype`` is its own: folding in float64 does not change it.  ``_plain``: the model holds it as a
+    plain attribute, not a parameter or buffer (or computes it from one), so a cast of the model leaves it as it is;
+    how the module holds it, not what it computes, so graphs do not print it.
     """
     return value.to(dtype)
 

@@ -700,7 +700,7 @@ def _pad_nd(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("constant")
 def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     value = node.params["value"].to(node.attrs["dtype"])
-    if node.attrs.get("plain"):  # as the model holds it: a module's plain attribute, which casts leave
+    if node.attrs["_plain"]:  # as the model holds it: a module's plain attribute, which casts leave
         return ctx.module(_hint(node, "_const"), constant_call(value, plain=True))
     return ctx.add_buffer(_hint(node, "_const"), value)
 

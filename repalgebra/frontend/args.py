@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from repalgebra.frontend.builder import Const, Made
+from repalgebra.frontend.builder import Const, Made, constant_attrs
 from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Value
 from repalgebra.ops import op_def
@@ -319,7 +319,7 @@ def as_value(b: Any, x: Any) -> Value | None:
     c = constant(x)
     if c is None:
         return shaped(x)
-    return b.add("constant", [], {"dtype": c.tensor.dtype, "plain": c.plain}, {"value": c.tensor}, c.path)
+    return b.add("constant", [], constant_attrs(c), {"value": c.tensor}, c.path)
 
 
 def scalar_axis(shape: tuple[int, ...]) -> int:

@@ -38,6 +38,7 @@ class AtenCapture:
     output_spec: pytree.TreeSpec  # structure of the model's outputs; its leaves are the graph outputs
     notes: list[str] = field(default_factory=list)
     batch_free: bool = False  # valid at any batch size (exported with a symbolic batch, no size read as a number)
+    reads_plain: bool = False  # reads a lifted constant: a tensor neither a parameter nor a buffer (Capture.reads_plain)
 
 
 class CaptureFailed(Exception):
@@ -198,7 +199,8 @@ class ProgramBuilder:
                     notes.append(f"carried through unchanged (no op in the table): {listed}")
                 graph = lift_height_one(Graph(inputs, self.nodes, outs))
                 graph.eliminate_dead()  # a value a handler read past (a Conv1d's flatten, its BatchNorm1d moved before it)
-                return AtenCapture(graph, spec, notes, batch_free=self.batch is not None)
+                lifted = any(s.kind == InputKind.CONSTANT_TENSOR for s in sig.input_specs)
+                return AtenCapture(graph, spec, notes, batch_free=self.batch is not None, reads_plain=lifted)
         raise AssertionError("exported program without output")
 
     def model_tensor(self, spec: Any) -> Const:

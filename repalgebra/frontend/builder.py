@@ -89,6 +89,8 @@ class Builder:
         self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
         # floating tensors read that are neither parameters nor buffers: (where, dtype), see pinned_tensor
         self.pinned: list[tuple[str, torch.dtype]] = []
+        # a tensor read that is neither a parameter nor a buffer: a value a run may have left (a hook's stored output)
+        self.reads_plain = False
         # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
         self._input_free: set[fx.Node] = set()
         self._weights_only: set[fx.Node] | None = None
@@ -114,7 +116,9 @@ class Builder:
                 self.refuse_written(n.target)
                 if (pinned := pinned_tensor(self.root, n.target, obj, self.path)) is not None:
                     self.pinned.append(pinned)
-                self.env[n] = Const(obj.detach().clone(), self.path(n.target), _is_plain(self.root, n.target)) if torch.is_tensor(obj) else obj
+                plain = _is_plain(self.root, n.target)
+                self.reads_plain |= plain and torch.is_tensor(obj)
+                self.env[n] = Const(obj.detach().clone(), self.path(n.target), plain) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
@@ -198,7 +202,7 @@ class Builder:
         if isinstance(v, Value):
             return v
         if isinstance(v, Const):
-            return self.add("constant", [], {"dtype": v.tensor.dtype, "plain": v.plain}, {"value": v.tensor}, v.path)
+            return self.add("constant", [], constant_attrs(v), {"value": v.tensor}, v.path)
         if v is None:  # PointNet's trans_feat without a feature transform, attention weights not asked for
             return self.add("opaque", [], literal_output(), {}, "")
         if isinstance(v, SymExpr):  # a size read from an input (PVT's patch embedding returns x, H, W): per call
@@ -419,6 +423,11 @@ def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], 
     where = (f"a tensor {path(owner) or 'the model'}'s forward makes or holds as a plain attribute"
              if name.startswith("_tensor_constant") else f"{path(target)!r}, a plain attribute")
     return where, obj.dtype
+
+
+def constant_attrs(c: Const) -> dict:
+    """The attributes of a ``constant`` op holding ``c``: its dtype, and whether it is plain."""
+    return {"dtype": c.tensor.dtype, "_plain": c.plain}
 
 
 def _is_plain(root: nn.Module, target: str) -> bool:

@@ -62,6 +62,9 @@ class Capture:
     dtype_tested: bool = False  # an fx capture whose forward tests a dtype: it holds in the example's only
     input_checks: list = field(default_factory=list)  # an fx capture's torch._assert calls on its inputs, to make per call
     pinned: list = field(default_factory=list)  # an fx capture's floating tensors a cast of the model leaves: (where, dtype)
+    # it reads a tensor that is neither a parameter nor a buffer (a plain attribute, a lifted constant), which the
+    # graph holds as the value it had at capture: a value a run left there (a hook's stored output) would not hold
+    reads_plain: bool = False
 
 
 def first_line(e: BaseException) -> str:
@@ -107,7 +110,8 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
         raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
-                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned))
+                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned),
+                   reads_plain=traced.reads_plain)
 
 
 def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Capture:
@@ -125,7 +129,8 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
         raise CaptureFailed(first_line(e)) from e
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
     fixed = "shapes" if not cap.batch_free else "sizes other than the batch"
-    return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with {fixed} fixed at {shapes}", *cap.notes], batch_free=cap.batch_free)
+    return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with {fixed} fixed at {shapes}", *cap.notes],
+                   batch_free=cap.batch_free, reads_plain=cap.reads_plain)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,169 @@
+"""``fuse`` on models whose modules pass tensors to each other through Python objects, not arguments.
+
+fastai's U-Net reads its encoder's outputs from the forward hooks that store them, timm's ``FeatureHooks``
+collects features the same way, and hand-written encoders push skips onto a list their decoders pop.  A part
+captured on its own read such a tensor as a constant: the value of the example's run, so the fused model was exact
+on the example and wrong on any other input (0.17 off at outputs of 0.46 for the U-Net, 0.5 relative for the
+list), or lost the hooks' outputs with the copies of its parts (one output where the model returns two).  The whole
+fused model is now compared with the model on other values than the example wherever a capture read a tensor that
+is neither a parameter nor a buffer, or the model has forward hooks; where they differ, the parts that read such
+tensors are kept whole, else the model.  Every test runs both on new inputs, in float64 to 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repalgebra import fuse
+from zoo import count_bn, seeded
+
+D = torch.float64
+
+
+def conv_bn(ci: int, co: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class StoredOutput:
+    """fastai's ``Hook``: a forward hook keeping the module's last output in ``stored``, and its handle (which a
+    copy of the fused model, whose module it no longer holds, failed to copy)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.stored = None
+        self.handle = module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        self.stored = output
+
+
+class UnetBlock(nn.Module):
+    def __init__(self, up_in: int, skip: int, hook: StoredOutput) -> None:
+        super().__init__()
+        self.hook = hook
+        self.shuf = nn.Sequential(nn.Conv2d(up_in, up_in * 2, 1), nn.PixelShuffle(2))
+        self.bn = nn.BatchNorm2d(skip)
+        self.conv = conv_bn(up_in // 2 + skip, up_in)
+
+    def forward(self, up_in):
+        s = self.hook.stored
+        return self.conv(F.relu(torch.cat([self.shuf(up_in), self.bn(s)], 1)))
+
+
+class HookedUnet(nn.Sequential):
+    """fastai's ``DynamicUnet``: encoder stages hooked, decoder blocks reading what the hooks stored."""
+
+    def __init__(self) -> None:
+        encoder = nn.Sequential(conv_bn(3, 8, 2), conv_bn(8, 16, 2))
+        hooks = [StoredOutput(encoder[0])]
+        super().__init__(encoder, conv_bn(16, 16), UnetBlock(16, 8, hooks[0]))
+        self.hooks = hooks
+
+
+class Down(nn.Module):
+    def __init__(self, skips: list, ci: int, co: int) -> None:
+        super().__init__()
+        self.skips, self.body = skips, conv_bn(ci, co)
+
+    def forward(self, x):
+        y = self.body(x)
+        self.skips.append(y)
+        return F.avg_pool2d(y, 2)
+
+
+class Up(nn.Module):
+    def __init__(self, skips: list, ci: int, co: int) -> None:
+        super().__init__()
+        self.skips, self.body = skips, conv_bn(ci, co)
+
+    def forward(self, x):
+        return self.body(torch.cat([F.interpolate(x, scale_factor=2.0), self.skips.pop()], 1))
+
+
+class SharedSkips(nn.Module):
+    """An encoder pushing its skip onto a list its decoder pops; a branch on values keeps the model whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        skips: list = []
+        self.down, self.mid, self.up = Down(skips, 3, 8), conv_bn(8, 8), Up(skips, 16, 8)
+
+    def forward(self, x):
+        y = self.mid(self.down(x))
+        if y.mean() > 100:
+            y = y * 0
+        return self.up(y)
+
+
+class FeatureHooks:
+    """timm's ``FeatureHooks``: hooks (``partial`` s of a bound method) collecting named outputs per device."""
+
+    def __init__(self, names: list[str], modules: dict[str, nn.Module]) -> None:
+        self._out: dict = defaultdict(OrderedDict)
+        for name in names:
+            modules[name].register_forward_hook(partial(self._collect, name))
+
+    def _collect(self, name, module, inputs, output):
+        self._out[output.device][name] = output
+
+    def get_output(self, device):
+        out, self._out[device] = self._out[device], OrderedDict()
+        return out
+
+
+class Body(nn.Module):
+    """A stem, then a RepVGG-style three-branch block (whose branches the hooks read), then a head."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.head = conv_bn(3, c), conv_bn(c, c)
+        self.dense, self.pw, self.idn = nn.Sequential(*conv_bn(c, c)[:2]), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.dense(x) + self.pw(x) + self.idn(x)))
+
+
+class FeatureHookNet(nn.Module):
+    def __init__(self, return_last: bool) -> None:
+        super().__init__()
+        self.return_last = return_last
+        self.body = Body()
+        self.feature_hooks = FeatureHooks(["body.dense", "body.idn"], dict(self.named_modules()))
+
+    def forward(self, x):
+        y = self.body(x)
+        feats = list(self.feature_hooks.get_output(x.device).values())
+        return [y, *feats] if self.return_last else feats
+
+
+MODELS = {"hooked_unet": HookedUnet, "shared_skips": SharedSkips, "feature_hooks": partial(FeatureHookNet, False),
+          "feature_hooks_and_last": partial(FeatureHookNet, True)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tensors_passed_through_python_objects_are_read_at_run_time(name):
+    model = seeded(MODELS[name], 0)().to(D).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=D)
+    fused = fuse(model, x)
+    for _ in range(3):
+        x = torch.randn(2, 3, 16, 16, generator=g, dtype=D)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        want, got = (want, got) if isinstance(want, list) else ([want], [got])
+        assert len(got) == len(want), str(fused.fuse_report)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+
+
+def test_what_reads_no_stored_value_still_fuses():
+    """Only the parts that read a stored tensor are kept whole: the encoder's stages of the shared-list model fold."""
+    model = seeded(SharedSkips, 0)().to(D).eval()
+    fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
+    assert count_bn(fused) < count_bn(model), str(fused.fuse_report)
