@@ -28,7 +28,12 @@ FLAGS = {
     "compiling": lambda: torch.compiler.is_compiling(),
     "exporting": lambda: torch.compiler.is_exporting(),
     "fx": lambda: torch.fx._symbolic_trace.is_fx_tracing(),
+    "autocast": lambda: torch.is_autocast_enabled("cpu"),
+    "deterministic": lambda: torch.are_deterministic_algorithms_enabled(),
 }
+# How a user calls the fused model; autocast leaves float64 as it is, so only a branch on it differs there.
+MODES = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "inference_mode": torch.inference_mode,
+         "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
 
 
 def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -75,9 +80,9 @@ def test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it(flag, odd_width_p
     assert "reads torch." in str(fused.fuse_report)
     assert any(p.path == "a" and p.how != "kept whole" for p in fused.fuse_report.parts)  # its children still fuse
     x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
-    for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+    for name, mode in MODES.items():
         with mode():
-            assert close(model(x), fused(x)), mode
+            assert close(model(x), fused(x)), name
 
 
 def test_a_flag_bound_before_the_capture_is_seen_by_a_check_with_gradients_on():

@@ -1,9 +1,11 @@
 """Mode flags a forward reads while it is captured: a capture would fix the branch they chose.
 
-``if torch.is_grad_enabled():``, ``if torch.compiler.is_compiling():`` or
-``torch.fx._symbolic_trace.is_fx_tracing()`` answer for the capture, not for the
-call: torch.fx traces with gradients on, torch.export under ``no_grad`` and
-while "compiling", and the user calls the fused model either way.
+``if torch.is_grad_enabled():``, ``if torch.compiler.is_compiling():``,
+``torch.is_autocast_enabled()`` or ``torch.fx._symbolic_trace.is_fx_tracing()``
+answer for the capture, not for the call: torch.fx traces with gradients on,
+torch.export under ``no_grad`` and while "compiling", both outside autocast,
+and the user calls the fused model either way (Hugging Face's attention asks
+whether autocast is on).
 ``nn.TransformerEncoder`` is the case in torch itself: under ``no_grad`` it
 runs padded batches as nested tensors and returns zeros at padded positions,
 which a capture (any of them) would not.
@@ -43,7 +45,9 @@ class ModeFlagRead(TypeError):
 
 # The flag functions by the module that holds them; each is refused where the model's code calls it.
 _FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
-    torch: ("is_grad_enabled", "is_inference_mode_enabled"),
+    torch: ("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "is_autocast_cpu_enabled",
+            "get_autocast_dtype", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype", "is_autocast_cache_enabled",
+            "are_deterministic_algorithms_enabled", "is_deterministic_algorithms_warn_only_enabled"),
     torch.compiler: ("is_compiling", "is_dynamo_compiling", "is_exporting"),
     torch._utils: ("is_compiling",),
     symbolic_trace: ("is_fx_tracing", "is_fx_symbolic_tracing"),
