@@ -857,7 +857,7 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001
             shapes = _shapes(inputs)
             try:  # it may need gradients on (y.register_hook(...) in forward), where inference runs without them
-                _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None, grads=True)
+                _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None, mode=torch.enable_grad)
             except Exception:  # noqa: BLE001
                 pass
             else:
@@ -1013,7 +1013,7 @@ class _Fuser:
             except Exception as e:  # noqa: BLE001  (the capture does not run: torch.export left a symbolic size in it)
                 problem = f"it does not run: {first_line(e)}"
             if problem is None and cap.how == "specialized":
-                problem = self.with_gradients(path, exact, inputs)
+                problem = self.in_other_modes(path, exact, inputs)
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
@@ -1176,22 +1176,28 @@ class _Fuser:
                 return f"it fails on the example input: {first_line(e)}"
         return first_difference(ref, got, tol)
 
-    def with_gradients(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
-        """How a torch.export capture, recorded without gradients, differs at the example from the part run with
-        them on (None: it does not, or the part does not run so): a branch on the grad mode that the capture fixed
-        and that the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag
-        bound at class creation (``flag = staticmethod(torch.is_grad_enabled)``).  torch.fx traces with gradients
-        on, so its check against the model run without them sees such a branch already."""
+    def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
+        """How a torch.export capture, recorded without gradients and outside inference mode, differs at the example
+        from the part called with gradients on or under ``torch.inference_mode`` (None: it does not, or the part
+        does not run so): a branch the capture fixed on the grad mode that the mode flags' stand-ins
+        (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at class creation
+        (``flag = staticmethod(torch.is_grad_enabled)``), or on ``x.is_inference()`` (a tensor's, not a flag
+        function).  torch.fx traces with gradients on, so its check against the model run without them sees such
+        a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` fails its trace."""
         original = self.pristine.get_submodule(path)
-        original = copy.deepcopy(original) if self.stateful else original
         call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
-        try:
-            with _quiet_fx():
-                want, got = _run(original, call, dtype, self.dtype, grads=True), _run(exact, call, dtype, self.dtype)
-        except Exception:  # noqa: BLE001  (it does not run with gradients on, as it did without: nothing to compare)
-            return None
-        problem = first_difference(want, got, self.tolerance)
-        return None if problem is None else f"with gradients on (a branch on the grad mode), {problem}"
+        for mode, why in ((torch.enable_grad, "with gradients on (a branch on the grad mode)"),
+                          (torch.inference_mode, "under torch.inference_mode (a branch on it)")):
+            called = copy.deepcopy(original) if self.stateful else original
+            try:
+                with _quiet_fx():
+                    want, got = _run(called, call, dtype, self.dtype, mode=mode), _run(exact, call, dtype, self.dtype)
+            except Exception:  # noqa: BLE001  (it does not run in that mode, as it did without: nothing to compare)
+                continue
+            problem = first_difference(want, got, self.tolerance)
+            if problem is not None:
+                return f"{why}, {problem}"
+        return None
 
     def follows_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> bool:
         """Whether a part captured by ``torch.export`` in float64 still computes what the original does in float32.
@@ -1235,10 +1241,12 @@ class _Fuser:
         raise FuseError(f"cannot capture {_where(path)} with torch.fx: {e.reason}") from e
 
 
-def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None, grads: bool = False) -> Any:
-    """``module`` making ``call`` on copies of its tensors, without gradients (``grads``: with them on, as a
-    training script calls it); with ``dtype``, the tensors, parameters and
-    buffers cast to it on the fly (``torch.func.functional_call``: the module is neither copied nor changed).
+def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None,
+         mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad) -> Any:
+    """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
+    ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
+    tensors); with ``dtype``, the tensors, parameters and buffers cast to it on the fly
+    (``torch.func.functional_call``: the module is neither copied nor changed).
 
     With ``own`` (the model's dtype), only parameters and buffers of that dtype are cast: a float64 model that
     computes a norm in float32 on purpose (``F.group_norm(y.float(), 1, w.float())``) fuses to a graph holding
@@ -1249,8 +1257,8 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
             return t
         return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
 
-    args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
-    with torch.enable_grad() if grads else torch.no_grad():
+    with mode():
+        args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
         if dtype is None:
             return module(*args, **kwargs)
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}

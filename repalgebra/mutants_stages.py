@@ -416,6 +416,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.state:mark_written", "m = model.get_submodule(owner)", "m = model", _MODES),
     ("frontend", "written-name-with-path", "what calls set is marked with its full path, which no read of the module's own names matches",
      "repalgebra.frontend.state:mark_written", ".add(leaf)", ".add(name)", _MODES),
+    ("frontend", "checks-in-one-mode", "fuse's runs of the model in another mode (gradients on, inference mode) run without gradients",
+     "repalgebra.fuse:_run", "    with mode():", "    with torch.no_grad():", _MODES),
     ("frontend", "generators-not-restarted", "a model's own generator left where fuse's checks advanced it",
      "repalgebra.fuse:_restart_generators", "g.set_state(mine.get_state())", "pass", _MODES),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",

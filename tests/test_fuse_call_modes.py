@@ -417,3 +417,31 @@ def test_a_frozen_model_fuses_to_a_frozen_model_and_backward_hooks_are_noted():
     assert not any(p.requires_grad for p in repalgebra.fuse(model, x).parameters())
     model[2].register_full_backward_hook(lambda m, gin, gout: None)
     assert any("backward hooks on '2'" in n for n in repalgebra.fuse(model, x).fuse_report.notes)
+
+
+class InferenceBranch(FlagBranch):
+    """Clamps where its input is an inference tensor (``x.is_inference()``: the tensor's, not a flag function)."""
+
+    def __init__(self) -> None:
+        super().__init__(flag=None, odd_width_pads=True)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1))
+        y = self.a(x)
+        if x.is_inference():
+            y = y.clamp(-3, 3)
+        return self.b(y)
+
+
+def test_a_branch_on_is_inference_is_seen_by_a_check_under_inference_mode():
+    """torch.export records ``x.is_inference()`` as the example's answer (False); the capture is checked under
+    torch.inference_mode too, where the model clamps."""
+    model = randomized(InferenceBranch())
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
+    assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for name, mode in MODES.items():
+        with mode():
+            assert close(model(x), fused(x)), name
