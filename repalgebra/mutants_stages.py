@@ -111,6 +111,7 @@ _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
+_SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
 _CAST_BACK = ("tests/test_fuse_text_models.py::test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
@@ -398,6 +399,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.handlers_functions:_f_softmax", 'op = "log_softmax" if target in', 'op = "softmax" if target in', _SOFTMAX),
     ("frontend", "shape-reads-stay-on-linears-input", "a norm's output read by q, k, v and for its shape keeps the shape read",
      "repalgebra.frontend.shapes:_rerouted", "if _data_reads(graph, r) <= 1 or _linears_only(graph, r)}", "if _data_reads(graph, r) <= 1}", _NORM_READ),
+    ("frontend", "size-read-stays-before-bn", "a size read between a strided conv and its BN stays on the conv, which then does not fold",
+     "repalgebra.frontend.shapes:_same_shape_reader", "        return readers[0].out", "        return v", _SIZE_READ),
+    ("frontend", "size-read-onto-any-reader", "a size read moves onto the conv's sole reader whatever its output's size (a pool's)",
+     "repalgebra.frontend.shapes:_same_shape_reader", "readers[0].op in _SAME_SHAPE and", "", _SIZE_READ),
+    ("frontend", "size-reads-of-interpolate-count", "an interpolate to another's size counts as a read of its values",
+     "repalgebra.frontend.shapes:_reads_shape_only", '("reshape_dyn", "expand_dyn", "expand", "interpolate")', '("reshape_dyn", "expand_dyn", "expand")', _SIZE_READ),
     ("frontend", "norms-change-shape", "a norm's output shape not taken for its input's",
      "repalgebra.frontend.shapes:size_source", "if n.op in _SAME_SHAPE or", 'if (n.op in _SAME_SHAPE and n.op not in ("layer_norm", "rms_norm")) or', _NORM_READ),
     ("frontend", "written-cast-unseen", "a cast back from a dtype the code writes taken for the identity",

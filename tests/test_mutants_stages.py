@@ -30,6 +30,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",
+    "repalgebra.frontend.shapes:_same_shape_reader": "one decision changes what runs (the reader keeps the size); the others "
+    "only choose where a read sits, which a fold then follows or not",
+    "repalgebra.frontend.shapes:_reads_shape_only": "one list of ops whose inputs after the first are read for their sizes",
     "repalgebra.frontend.handlers_modules:_m_linear": "no attributes: the bias is its one choice",
     "repalgebra.backend.torch:_linear": "no attributes: the bias is its one choice",
     "repalgebra.backend.onnx:_linear": "no attributes: the bias is its one choice",

@@ -286,6 +286,40 @@ def test_levit_linear_bn_across_flatten_and_reshape_as_with_a_dead_reshape():
     assert "batch_norm" not in fused.fuse_report.ops_after
 
 
+class VANStage(nn.Module):
+    """VAN's and PVT's overlapping patch embedding: ``x = self.proj(x); _, _, H, W = x.shape; x = self.norm(x)``
+    (a strided conv, its size read between it and its BN), tokens and back with ``reshape(B, C, H, W)``, and an
+    FPN-style ``F.interpolate(top, size=lateral.shape[-2:])`` sized by a conv's output before its BN; a size read
+    from a conv's output before a pool, which keeps the read where it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Conv2d(3, 8, 7, 4, 3), nn.BatchNorm2d(8)
+        self.mix = nn.Linear(8, 8)
+        self.lat, self.lat_bn = nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x):
+        y = self.proj(x)
+        _, _, H, W = y.shape
+        y = self.norm(y)
+        B, C = y.shape[:2]
+        t = self.mix(y.flatten(2).transpose(1, 2))
+        y = t.transpose(1, 2).reshape(B, C, H, W)
+        lat = self.lat(x)
+        size = lat.shape[-2:]
+        d = self.down(y)
+        size_d = d.shape[-2:]  # read before a pool that halves it: the pool's output has another size
+        d = F.interpolate(F.max_pool2d(d, 2), size=size_d, mode="bilinear")
+        return self.lat_bn(lat) + F.interpolate(y + F.interpolate(d, size=y.shape[-2:]), size=size, mode="nearest")
+
+
+def test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold():
+    fused = fused_equal(randomized(VANStage()), (2, 3, 32, 32), (1, 3, 48, 40))
+    assert fused.fuse_report.capture == "fx"
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+
+
 def test_shape_read_pass_skips_nodes_it_removed():
     """Rerouting the first reshape's size reads removes the dead second one, which the pass has yet to visit."""
     from repalgebra.builder import GraphBuilder

@@ -102,6 +102,7 @@ def reroute_shape_reads(graph: Graph) -> None:
     of the pass's list may be gone by the time the pass reaches it (a stage
     whose tokens-to-image reshape nobody reads, as in PiT): it is skipped.
     """
+    _onto_same_shape(graph)
     changed = True
     while changed:
         changed = False
@@ -114,6 +115,43 @@ def reroute_shape_reads(graph: Graph) -> None:
                 graph.replace_uses(node.out, new.out)
                 graph.eliminate_dead()
                 changed = True
+
+
+def _onto_same_shape(graph: Graph) -> None:
+    """Move a shape read off a conv's or linear's output onto the one op that reads its values, where that op keeps
+    the shape (in place).
+
+    ``x = self.proj(x); _, _, H, W = x.shape; x = self.norm(x)`` (VAN's and PVT's patch embeddings) reads the
+    strided conv's output for its size, which no earlier value gives (:func:`size_source`): the BN's output has
+    that size at every input, and read there the conv keeps a single reader, so ``bn_fold`` applies and the read
+    moves with the fold.  Sizes read for ``reshape_dyn``, ``expand_dyn``, ``expand_as`` and an ``interpolate`` to
+    another's size.
+    """
+    for node in list(graph.nodes):
+        moved = tuple(_same_shape_reader(graph, v) if k and _reads_shape_only(node, v) else v
+                      for k, v in enumerate(node.inputs))
+        if any(m is not v for m, v in zip(moved, node.inputs)):
+            new = node.replace(inputs=moved)
+            graph.insert_before(node, [new])  # re-sorted where the BN comes after the read
+            graph.replace_uses(node.out, new.out)
+            graph.eliminate_dead()
+
+
+def _same_shape_reader(graph: Graph, v: Value) -> Value:
+    """The output of the op of :data:`_SAME_SHAPE` that alone reads the values of ``v``, a conv's or linear's output
+    (else ``v``)."""
+    if v.producer is None or v.producer.op not in _FOLDS_A_BN or any(o is v for o in graph.outputs):
+        return v
+    readers = [u for u in graph.users(v) if not _reads_shape_only(u, v)]
+    if len(readers) == 1 and readers[0].op in _SAME_SHAPE and readers[0].inputs == (v,):
+        return readers[0].out
+    return v
+
+
+def _reads_shape_only(node: Node, v: Value) -> bool:
+    """Whether ``node`` reads ``v`` for its shape only (a reference of a reshape or expand to run-time sizes, the
+    ``like`` of ``expand_as`` or of an ``interpolate`` to another's size)."""
+    return node.op in ("reshape_dyn", "expand_dyn", "expand", "interpolate") and v is not node.x and any(i is v for i in node.inputs[1:])
 
 
 def _rerouted(graph: Graph, node: Node) -> Node | None:
@@ -184,11 +222,10 @@ def _linears_only(graph: Graph, v: Value) -> bool:
     """Whether the nodes reading ``v`` for its values are all Linears (LLaMA's RMSNorm output read by ``q_proj``,
     ``k_proj`` and ``v_proj``, and for its shape by ``view(bsz, q_len, ...)``): a norm's weight or a BN before them
     folds into each once no shape read keeps it (``bn_into_linear``)."""
-    readers = [u for u in graph.users(v) if not (u.op == "reshape_dyn" and u.x is not v)]
+    readers = [u for u in graph.users(v) if not _reads_shape_only(u, v)]
     return bool(readers) and all(o is not v for o in graph.outputs) and all(u.op == "linear" and u.x is v for u in readers)
 
 
 def _data_reads(graph: Graph, v: Value) -> int:
     """How many nodes (and graph outputs) read ``v`` for its values, not only for its shape."""
-    shape_only = sum(u.op == "reshape_dyn" and u.x is not v for u in graph.users(v))
-    return graph.num_uses(v) - shape_only
+    return graph.num_uses(v) - sum(_reads_shape_only(u, v) for u in graph.users(v))
