@@ -56,6 +56,7 @@ from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
+from repalgebra.untouched import rng_kept, tensors_kept
 from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
@@ -567,14 +568,22 @@ def fuse(
             does not run on the example input.
         UntraceableError, FuseError: only with ``strict=True``.
     """
-    with torch.inference_mode(False):  # called under inference_mode: the copies it makes must keep version counters
-        return _fuse(model, example_inputs, leaf_modules, strict, check)
+    check_model(model)
+    restored: list[str] = []
+    hooked = any(_own_hooks(m) for m in model.modules())
+    # Called under inference_mode, the copies it makes must keep version counters; the model's checks draw from
+    # torch's generators, and its hooks may write the model itself.
+    with torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, hooked, restored):
+        fused = _fuse(model, example_inputs, leaf_modules, strict, check)
+    if restored:
+        fused.fuse_report.notes.append(f"the model's hooks changed {_listed(restored)} of the model itself while fuse ran "
+                                       "it: restored")
+    return fused
 
 
 def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], strict: bool, check: bool) -> nn.Module:
     """:func:`fuse` outside inference mode."""
     start = time.perf_counter()
-    check_model(model)
     model, unwrapped = unwrap(model)
     args = None if example_inputs is None else as_tuple(example_inputs)
     view = spec = None

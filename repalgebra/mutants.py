@@ -575,7 +575,7 @@ def tests_for(m: Mutant) -> list[str]:
 def _resolve(target: str):
     module_name, fn_name = target.split(":")
     module = importlib.import_module(module_name)
-    fn = getattr(module, fn_name)
+    fn = inspect.unwrap(getattr(module, fn_name))  # a context manager's generator function, which its wrapper calls
     if not isinstance(fn, types.FunctionType):
         raise MutantError(f"{target} is not a function")
     return module, fn

@@ -111,6 +111,7 @@ _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
+_UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
 _CAST_BACK = ("tests/test_fuse_text_models.py::test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model",)
@@ -331,7 +332,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "state-object-identity-only", "a snapshot sees a plain object by its identity only (a schedule's step is baked)",
      "repalgebra.frontend.state:_key", "if deeper and _plain(value):", "if False:", _STATE_INSIDE),
     ("frontend", "state-nan-changed", "a weight holding a NaN taken for one a call changed (the model kept whole, strict refuses)",
-     "repalgebra.frontend.state:_equal", "return a.shape == b.shape and (a.is_floating_point()", "return False and (a.is_floating_point()", _STATE_INSIDE),
+     "repalgebra.frontend.state:equal_values", "return a.shape == b.shape and (a.is_floating_point()", "return False and (a.is_floating_point()", _STATE_INSIDE),
     ("frontend", "to-dtype-of-layout-of-input", "x.permute(...).to(w.dtype) of an input taken for the identity (the input's own cast only kept)",
      "repalgebra.frontend.handlers_functions:_f_to_dtype_of", "(_of_an_input_dtype(x) or _from_a_written_cast(x))",
      "(x.producer is None or _from_a_written_cast(x))", ("tests/test_fuse_call_modes.py::test_a_layout_of_the_input_cast_to_a_weights_dtype_stays_a_cast",)),
@@ -425,6 +426,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.state:mark_written", ".add(leaf)", ".add(name)", _MODES),
     ("frontend", "checks-in-one-mode", "fuse's runs of the model in another mode (gradients on, inference mode) run without gradients",
      "repalgebra.fuse:_run", "    with mode():", "    with torch.no_grad():", _MODES),
+    ("frontend", "global-rng-advanced", "torch's global generator left where the model's draws during fuse advanced it",
+     "repalgebra.untouched:rng_kept", "with torch.random.fork_rng(devices=devices):", "with contextlib.nullcontext():", _UNTOUCHED),
+    ("frontend", "hooked-model-not-restored", "what the model's hooks wrote into the user's model while fuse ran it left there",
+     "repalgebra.untouched:tensors_kept", " else t.copy_(values)", " else None", _UNTOUCHED),
+    ("frontend", "hooked-model-not-saved", "a model with hooks of its own not saved before fuse runs it",
+     "repalgebra.untouched:tensors_kept", "for path, m in model.named_modules() if hooked", "for path, m in model.named_modules() if False", _UNTOUCHED),
+    ("frontend", "hooked-model-restored-silently", "a restore of the user's model not reported",
+     "repalgebra.untouched:tensors_kept", '            restored.append(f"{path}.{name}" if path else name)', "            pass", _UNTOUCHED),
     ("frontend", "generators-not-restarted", "a model's own generator left where fuse's checks advanced it",
      "repalgebra.fuse:_restart_generators", "g.set_state(mine.get_state())", "pass", _MODES),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",

@@ -167,3 +167,34 @@ def test_what_reads_no_stored_value_still_fuses():
     model = seeded(SharedSkips, 0)().to(D).eval()
     fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
     assert count_bn(fused) < count_bn(model), str(fused.fuse_report)
+
+
+class NoisyCounted(nn.Module):
+    """StyleGAN's noise injection (it draws in eval mode too), a head that folds, and a buffer a hook counts calls in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = conv_bn(3, 8), nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.head(y + 1e-3 * torch.randn_like(y[:, :1]))
+
+
+def test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were():
+    """fuse runs copies of the model; a hook that names the user's model (not the copy) counts those runs into it,
+    and the noise the forward draws advances torch's generator: both are put back, the first noted."""
+    model = seeded(NoisyCounted, 0)().to(D)
+
+    def count(module, args, out):
+        model.calls += 1  # the user's model, whichever copy runs
+
+    model.body.register_forward_hook(count)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    torch.manual_seed(5)
+    fused = fuse(model, x)
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(4)), "fuse advanced torch's global generator"
+    assert model.calls.item() == 0 and "hooks changed calls of the model itself" in str(fused.fuse_report)

@@ -28,7 +28,7 @@ from torch import nn
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "find_state", "mark_written", "restore_in_place", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
@@ -348,11 +348,11 @@ class _Tensor:
             return False
         if self.t is other.t:
             # torch.ao's fused fake-quant updates its observer's min/max in place without bumping the version
-            return self.version == other.version and (self.copy is None or _equal(self.copy, other.t))
-        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and _equal(self.t, other.t)
+            return self.version == other.version and (self.copy is None or equal_values(self.copy, other.t))
+        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and equal_values(self.t, other.t)
 
 
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal values, a NaN equal to a NaN (a weight that holds one is not changed by a call)."""
     if torch.equal(a, b):
         return True

@@ -1,0 +1,52 @@
+"""What ``fuse`` leaves as it found it, though it runs the user's model many times.
+
+``fuse`` runs copies of the model to capture and check it.  Two things those runs can change lie outside the
+copies: torch's global random generators (a forward that draws noise, ``torch.randn_like(x)``), and the user's own
+model where a hook closes over it (``def hook(m, i, o): model.calls += 1``: a copied hook is the same function,
+and it writes the model it names, not the copy).  :func:`rng_kept` restores the first, :func:`tensors_kept` the
+parameters and buffers of the second, and says which it restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from repalgebra.frontend.state import equal_values
+
+__all__ = ["rng_kept", "tensors_kept"]
+
+
+@contextlib.contextmanager
+def rng_kept(model: nn.Module, inputs: Any) -> Iterator[None]:
+    """Within the block, torch's global generators may advance: after it, they are where they were (the CPU one,
+    and those of the CUDA devices the model's tensors and ``inputs`` are on)."""
+    tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
+    devices = sorted({t.device.index or 0 for t in tensors if torch.is_tensor(t) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def tensors_kept(model: nn.Module, hooked: bool, restored: list[str]) -> Iterator[None]:
+    """Within the block, the model's hooks (``hooked``: it has some) may change its parameters and buffers: after it,
+    each holds the tensor and the values it held before, and ``restored`` names those that were changed.  Nothing
+    else of the model's runs on the model itself rather than on a copy, so without hooks nothing is saved."""
+    hooked = hooked or bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    saved = [(path, table, name, t, t.detach().clone())
+             for path, m in model.named_modules() if hooked
+             for table in (m._parameters, m._buffers)
+             for name, t in table.items() if t is not None]
+    try:
+        yield
+    finally:
+        for path, table, name, t, values in saved:
+            if table.get(name) is t and t.shape == values.shape and equal_values(t.detach(), values):
+                continue
+            table[name] = t
+            with torch.no_grad():
+                t.set_(values) if t.shape != values.shape else t.copy_(values)
+            restored.append(f"{path}.{name}" if path else name)
