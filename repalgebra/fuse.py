@@ -681,11 +681,8 @@ class _Fuser:
 
     def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
         self.model = model  # the caller's: copied, never run
-        try:
-            with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
-                self.pristine = copy_module(model).eval()
-        except Exception as e:  # a module holding a lock, a generator, ...
-            raise TypeError(f"cannot deep-copy {type(model).__name__} to fuse it: {e}") from e
+        with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
+            self.pristine = copy_module(model).eval()  # TypeError naming what does not copy (a lock, a generator)
         check_leaf_modules(model, leaf_modules)
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
         # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it (a guard
@@ -860,24 +857,27 @@ class _Fuser:
         return self.fuse_around(path, inputs, failures)
 
     def ensure_runs(self, inputs: tuple) -> None:
-        """Raise ``ValueError`` unless the model runs in eval mode on ``inputs`` (then no capture could work)."""
+        """Raise ``ValueError`` unless the model runs in eval mode on ``inputs`` (then no capture could work).  Copies
+        are made outside the runs: one that fails is that error (a model that copies once and whose copy does not)."""
+        name, call = type(self.pristine).__name__, Call(tuple(inputs), {})
+        copied = copy_module(self.pristine)
         try:
-            _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None)
+            _run(copied, call, None)
+            return
         except Exception as e:  # noqa: BLE001
-            shapes = _shapes(inputs)
-            try:  # it may need gradients on (y.register_hook(...) in forward), where inference runs without them
-                _run(copy.deepcopy(self.pristine), Call(tuple(inputs), {}), None, mode=torch.enable_grad)
-            except Exception:  # noqa: BLE001
-                pass
-            else:
-                raise ValueError(
-                    f"{type(self.pristine).__name__} runs on the example input ({shapes}) with gradients on only: without "
-                    f"them, as fuse captures and checks it (and as inference runs), {first_line(e)}; guard that code "
-                    "with `if torch.is_grad_enabled():` or `if y.requires_grad:`"
-                ) from e
+            error = e
+        shapes, copied = _shapes(inputs), copy_module(self.pristine)
+        try:  # it may need gradients on (y.register_hook(...) in forward), where inference runs without them
+            _run(copied, call, None, mode=torch.enable_grad)
+        except Exception:  # noqa: BLE001
+            pass
+        else:
             raise ValueError(
-                f"{type(self.pristine).__name__} does not run in eval mode on the example input ({shapes}): {first_line(e)}"
-            ) from e
+                f"{name} runs on the example input ({shapes}) with gradients on only: without "
+                f"them, as fuse captures and checks it (and as inference runs), {first_line(error)}; guard that code "
+                "with `if torch.is_grad_enabled():` or `if y.requires_grad:`"
+            ) from error
+        raise ValueError(f"{name} does not run in eval mode on the example input ({shapes}): {first_line(error)}") from error
 
     def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
         """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them."""

@@ -6,6 +6,9 @@ Computed with autograd on (when the hook is registered, or after a training step
 and ``copy.deepcopy`` raises "Only Tensors created explicitly by the user (graph leaves) support the deepcopy
 protocol".  :func:`copy_module` copies such tensors detached: their values are the same, and the hook
 recomputes them from the copied parameters anyway.
+
+Where a copy still fails (a module holds a lock, a generator, or an object whose copy holds one, so that the model
+copies once and its copy does not), the error names the attribute that does not copy.
 """
 
 from __future__ import annotations
@@ -26,4 +29,22 @@ def copy_module(model: M) -> M:
         for v in vars(m).values():
             if torch.is_tensor(v) and not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:
+        raise TypeError(f"cannot copy {type(model).__name__}: {_uncopyable(model) or ''}{e}") from e
+
+
+def _uncopyable(model: nn.Module) -> str | None:
+    """``"its attribute 'a.h' (Handle) does not copy: "`` for the first plain attribute of a module of ``model``
+    that ``copy.deepcopy`` refuses, else None."""
+    for path, m in model.named_modules():
+        for name, v in vars(m).items():
+            if name in ("_modules", "_parameters", "_buffers") or torch.is_tensor(v):
+                continue
+            try:
+                copy.deepcopy(v)
+            except Exception:  # noqa: BLE001
+                where = f"{path}.{name}" if path else name
+                return f"its attribute {where!r} ({type(v).__name__}) does not copy: "
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -463,6 +464,39 @@ def test_nan_or_inf_values_are_allowed_and_never_folded():
     fused = fuse(model, x)
     torch.testing.assert_close(fused(x), model.eval()(x), equal_nan=True)
     assert any("not finite" in la.reason for la in fused.fuse_report.left_alone)
+
+
+class CopiesOnce:
+    """An attribute whose copy holds a lock (a client that opens a connection when copied): the model copies once,
+    its copy does not."""
+
+    def __init__(self, lock=None) -> None:
+        self.lock = lock
+
+    def __deepcopy__(self, memo):
+        return CopiesOnce(copy.deepcopy(self.lock, memo) if self.lock is not None else threading.Lock())
+
+
+def test_a_model_that_does_not_copy_is_refused_naming_the_attribute():
+    """fuse runs copies of the model (and of its copy); a copy that fails names the attribute, not a bare pickling
+    error from deep inside a capture."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net()
+            self.body[0].client = CopiesOnce()
+
+        def forward(self, x):
+            y = self.body(x)
+            return y if y.sum() > 0 else -y  # the capture fails: fuse runs and copies the model more
+
+    with pytest.raises(TypeError, match=r"cannot copy M: its attribute 'body.0.client' \(CopiesOnce\) does not copy: cannot pickle"):
+        fuse(M().eval(), torch.randn(1, 8, 4, 4))
+    model = net()
+    model[0].lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"cannot copy Sequential: its attribute '0.lock' \(lock\) does not copy"):
+        fuse(model, torch.randn(1, 8, 4, 4))
 
 
 def test_non_float_rejected():

@@ -58,11 +58,7 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     model is itself kept whole and so is wrapped in a :class:`Root`, else ``""``.
     """
     leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
-    try:
-        work = copy_module(model)
-    except Exception as e:  # a module holding a lock, a generator, ...
-        raise TypeError(f"cannot deep-copy {type(model).__name__} to trace it: {e}") from e
-    work.eval()
+    work = copy_module(model).eval()  # TypeError naming what does not copy (a lock, a generator)
     # fx never asks whether the root is a leaf, calls its forward without its hooks, and traces its class's forward
     # (not one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
     wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or _runs_hooks(work)
