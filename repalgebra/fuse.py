@@ -1186,21 +1186,28 @@ class _Fuser:
         return first_difference(ref, got, tol)
 
     def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
-        """How a torch.export capture, recorded without gradients and outside inference mode, differs at the example
-        from the part called with gradients on or under ``torch.inference_mode`` (None: it does not, or the part
-        does not run so): a branch the capture fixed on the grad mode that the mode flags' stand-ins
-        (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at class creation
-        (``flag = staticmethod(torch.is_grad_enabled)``), or on ``x.is_inference()`` (a tensor's, not a flag
-        function).  torch.fx traces with gradients on, so its check against the model run without them sees such
-        a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` fails its trace."""
+        """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
+        memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
+        or on inputs in the other layout (channels-last; contiguous for a channels-last example), or None: it does
+        not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where the mode
+        flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at class
+        creation (``flag = staticmethod(torch.is_grad_enabled)``); on ``x.is_inference()`` (a tensor's, not a
+        flag function); on ``x.is_contiguous(memory_format=torch.channels_last)`` (a fast path of another
+        approximation).  torch.fx traces with gradients on, so its check against the model run without them sees
+        such a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` or layout fails its
+        trace."""
         original = self.pristine.get_submodule(path)
         call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
-        for mode, why in ((torch.enable_grad, "with gradients on (a branch on the grad mode)"),
-                          (torch.inference_mode, "under torch.inference_mode (a branch on it)")):
+        other = Call(tuple(_other_layout(t) for t in inputs), {})
+        for mode, laid_out, why in ((torch.enable_grad, call, "with gradients on (a branch on the grad mode)"),
+                                    (torch.inference_mode, call, "under torch.inference_mode (a branch on it)"),
+                                    (torch.no_grad, other, "on an input in the other memory layout (a branch on it)")):
+            if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
+                continue  # no 4-D input: no layout to change
             called = copy.deepcopy(original) if self.stateful else original
             try:
                 with _quiet_fx():
-                    want, got = _run(called, call, dtype, self.dtype, mode=mode), _run(exact, call, dtype, self.dtype)
+                    want, got = _run(called, laid_out, dtype, self.dtype, mode=mode), _run(exact, call, dtype, self.dtype)
             except Exception:  # noqa: BLE001  (it does not run in that mode, as it did without: nothing to compare)
                 continue
             problem = first_difference(want, got, self.tolerance)
@@ -1329,6 +1336,17 @@ def _own_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks or pre-hooks of its own (not the guards of a model fused before)."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return any(not isinstance(h, (ShapeGuard, StructureGuard, InputCheck)) for h in hooks)
+
+
+def _other_layout(t: Any) -> Any:
+    """``t`` laid out channels-last where it is a 4-D tensor that is not, contiguous where it is (else ``t`` itself:
+    a tensor of another rank, or one both layouts describe, as a 1x1 map)."""
+    if not torch.is_tensor(t) or t.dim() != 4:
+        return t
+    last = t.is_contiguous(memory_format=torch.channels_last)
+    if last and t.is_contiguous():
+        return t
+    return t.contiguous() if last else t.contiguous(memory_format=torch.channels_last)
 
 
 def _runs(module: nn.Module, inputs: tuple) -> bool:

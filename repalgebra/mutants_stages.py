@@ -436,6 +436,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.untouched:tensors_kept", '            restored.append(f"{path}.{name}" if path else name)', "            pass", _UNTOUCHED),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
+    ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",
+     "repalgebra.fuse:_other_layout", "    return t.contiguous() if last else t.contiguous(memory_format=torch.channels_last)", "    return t", _MODES),
     ("frontend", "generators-not-restarted", "a model's own generator left where fuse's checks advanced it",
      "repalgebra.fuse:_restart_generators", "g.set_state(mine.get_state())", "pass", _MODES),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",

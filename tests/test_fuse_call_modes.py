@@ -445,3 +445,33 @@ def test_a_branch_on_is_inference_is_seen_by_a_check_under_inference_mode():
     for name, mode in MODES.items():
         with mode():
             assert close(model(x), fused(x)), name
+
+
+class LayoutBranch(FlagBranch):
+    """A channels-last fast path of another approximation (tanh GELU), as a hand-tuned block may have."""
+
+    def __init__(self) -> None:
+        super().__init__(flag=None, odd_width_pads=True)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1))
+        y = self.a(x)
+        y = F.gelu(y, approximate="tanh" if y.is_contiguous(memory_format=torch.channels_last) else "none")
+        return self.b(y)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_a_branch_on_the_memory_layout_is_seen_by_a_check_in_the_other_layout(layout):
+    """torch.export records the example's layout; the capture is checked at the other too, where the model takes its
+    other branch."""
+    model = randomized(LayoutBranch())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen).contiguous(memory_format=layout)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.capture == "kept whole", str(fused.fuse_report)
+    if layout == torch.contiguous_format:  # (a channels-last example: torch.export's capture differs there already)
+        assert "other memory layout" in str(fused.fuse_report), str(fused.fuse_report)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = torch.randn(2, 3, 6, 5, dtype=D, generator=gen).contiguous(memory_format=layout)
+        assert close(model(y), fused(y)), layout

@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.fuse:_other_layout": "one choice: the layout the check runs in",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
     "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",
