@@ -281,9 +281,13 @@ class ShapeGuard:
         if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
                 and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
             return
-        args = _bound(module, args, kwargs)
-        if args is None:
-            return  # forward itself refuses the call, with Python's own message
+        bound = _bound(module, args, kwargs)
+        if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
+            if self.shapes is not None:
+                given = sum(torch.is_tensor(a) for a in pytree.tree_leaves((args, kwargs)))
+                _refuse_more_tensors(self.where, len(self.shapes), given)
+            return
+        args = bound
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
             return  # traced again (export_onnx): recorded as fused, at the shapes export_onnx fixes from the guard
 
@@ -301,6 +305,7 @@ class ShapeGuard:
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
+        _refuse_more_tensors(self.where, len(self.shapes), len(got))
         if self.free_sizes:
             _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
@@ -338,6 +343,17 @@ class ShapeGuard:
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
+
+
+def _refuse_more_tensors(where: str, fused_with: int, called_with: int) -> None:
+    """Raise where a call passes more tensors than the model was fused with (an optional mask left out at fuse): the
+    graph has no input for them, and forward's own message would name the graph's arguments, not the reason."""
+    if called_with > fused_with:
+        raise TypeError(
+            f"{where} was fused with {fused_with} tensor input{'s' * (fused_with != 1)} and was called with "
+            f"{called_with}: its graph computes what the model does with the example's inputs only (an optional input "
+            "left out at fuse stays out). Fuse the model again with an example that passes every input you call it with."
+        )
 
 
 def _refuse_none_for_a_tensor(where: str, fused_with: int, called_with: int, args: tuple) -> None:

@@ -577,7 +577,7 @@ def test_several_inputs_and_structured_outputs():
         fuse(model)
 
 
-def test_an_optional_input_given_at_fuse_and_left_out_after_is_refused_by_name():
+def test_an_optional_input_given_or_left_out_at_fuse_and_not_after_is_refused_by_name():
     """``forward(x, mask=None)`` fused with a mask: ``fused(x, None)`` failed inside the generated code
     (``AttributeError: 'NoneType' object has no attribute 'shape'``); it is refused by name."""
     class Masked(nn.Module):
@@ -599,6 +599,12 @@ def test_an_optional_input_given_at_fuse_and_left_out_after_is_refused_by_name()
         fused(x, mask=None)
     with pytest.raises(TypeError, match="called with int for 1 of them"):  # a diffusion timestep as a number
         fused(x, 3)
+    # The other way round: fused without the mask, called with it (Python's "forward() takes 2 positional
+    # arguments but 3 were given" named the graph's arguments, not the reason).
+    fused = fuse(model, x)
+    for call in (lambda: fused(x, mask), lambda: fused(x, mask=mask)):
+        with pytest.raises(TypeError, match="fused with 1 tensor input and was called with 2: .* optional input left out"):
+            call()
 
 
 def test_functional_style_and_layer_scale():
