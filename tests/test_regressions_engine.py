@@ -320,6 +320,29 @@ def test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold():
     assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
 
 
+class StarSizes(nn.Module):
+    """Tokens back to an image with ``reshape(*y.size())`` (unpacked into the call: fx's Proxy refuses to iterate),
+    and a loop over ``y.shape[2:]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.mix = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        t = self.mix(y.flatten(2).transpose(1, 2))
+        area = 1
+        for s in y.shape[2:]:
+            area = area * s
+        return t.transpose(1, 2).reshape(*y.size()) / area
+
+
+def test_a_shape_unpacked_into_a_call_traces_with_free_sizes():
+    fused = fused_equal(randomized(StarSizes()), (2, 3, 8, 8), (1, 3, 5, 7), (3, 3, 6, 4))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    assert "batch_norm" not in fused.fuse_report.ops_after
+
+
 def test_shape_read_pass_skips_nodes_it_removed():
     """Rerouting the first reshape's size reads removes the dead second one, which the pass has yet to visit."""
     from repalgebra.builder import GraphBuilder

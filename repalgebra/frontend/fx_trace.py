@@ -501,9 +501,13 @@ class Tracer(fx.Tracer):
 
         ``x.chunk(n)`` gives fewer than ``n`` pieces where the axis is too short for them (5 in 4 chunks is 3
         pieces): then the trace fails at the example, or the captured graph's ``chunk`` op raises at that size,
-        rather than compute something else.  Other iterations (``x.unbind(0)``, ``x.split(2)``, a loop over a
-        tensor) depend on sizes the trace does not know, and stay an error."""
+        rather than compute something else.  A shape read (``x.view(*y.size())``, ``for s in y.shape[2:]``) gives
+        one size per axis of its value at the example, as ``len`` does (the graph's ranks are guarded).  Other
+        iterations (``x.unbind(0)``, ``x.split(2)``, a loop over a tensor) depend on sizes the trace does not
+        know, and stay an error."""
         n = _stated_pieces(obj.node)
+        if n is None:  # a shape read, of as many sizes as its value has axes at the example: ``x.view(*y.size())``
+            n = shape_length(obj.node, self.rank)
         return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
