@@ -440,6 +440,18 @@ def sqrt(x):
     return torch.sqrt(x)
 
 
+@op("exp", kind="nonlinear")
+def exp(x):
+    """``e ** x`` (a softmax or a temperature written out: ``(x - x.amax(1, keepdim=True)).exp()``)."""
+    return torch.exp(x)
+
+
+@op("log", kind="nonlinear")
+def log(x):
+    """Natural logarithm (``torch.log(x.clamp(min=eps))``)."""
+    return torch.log(x)
+
+
 @op("rsqrt", kind="nonlinear")
 def rsqrt(x):
     """``1 / sqrt(x)``."""

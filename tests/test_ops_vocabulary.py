@@ -425,6 +425,10 @@ CASES: dict[str, Case] = {
         (1, 3, 5, 5), {"clamp"}, _onnx("Clip"),
     ),
     "tanh": Case(lambda: stem(lambda x: torch.tanh(x) + x.tanh()), (1, 3, 5, 5), {"tanh"}, _onnx("Tanh")),
+    "softmax_written_out": Case(  # a softmax over channels as older code writes it, and a log of a clamped value
+        lambda: stem(lambda x: (e := (x - x.amax(1, keepdim=True)).exp()) / e.sum(1, keepdim=True) + torch.log(x.clamp(min=0.1))),
+        (1, 3, 5, 5), {"exp", "log", "amax", "sum", "div"}, _onnx("Exp", "Log"),
+    ),
     "gelu_tanh": Case(
         lambda: stem(nn.GELU(approximate="tanh")), (1, 3, 5, 5), {"gelu"}, lambda opset: {"Gelu"} if opset >= 20 else {"Tanh"}
     ),
@@ -557,7 +561,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     """Each op of the vocabulary has a torch and an ONNX lowering, and one of the cases above makes it."""
     made = set().union(*(c.ops | c.fx_ops | c.export_ops for c in CASES.values()))
     vocabulary = {
-        "silu", "leaky_relu", "prelu", "softplus", "log_sigmoid", "rms_norm", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
+        "silu", "leaky_relu", "prelu", "softplus", "log_sigmoid", "rms_norm", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "exp", "log", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
         "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat", "cast",

@@ -544,9 +544,9 @@ def _prelu(ctx, n, x):
     return ctx.emit("PRelu", [x, ctx.const("slope", slope)])
 
 
-@lowering("tanh", "sqrt")
+@lowering("tanh", "sqrt", "exp", "log")
 def _elementwise(ctx, n, x):
-    return ctx.emit({"tanh": "Tanh", "sqrt": "Sqrt"}[n.op], [x])
+    return ctx.emit({"tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "log": "Log"}[n.op], [x])
 
 
 @lowering("rsqrt")

@@ -531,7 +531,7 @@ def _layer_norm(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 for _op, _fn in {
     "silu": F.silu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "tanh": torch.tanh, "sqrt": torch.sqrt,
-    "rsqrt": torch.rsqrt, "div": operator.truediv, "broadcast_add": operator.add, "broadcast_sub": operator.sub,
+    "exp": torch.exp, "log": torch.log, "rsqrt": torch.rsqrt, "div": operator.truediv, "broadcast_add": operator.add, "broadcast_sub": operator.sub,
 }.items():
     lowers(_op)(lambda ctx, node, xs, fn=_fn: ctx.function(fn, *xs))
 

@@ -914,6 +914,8 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.tanh.default: _unary("tanh"),
     aten.sqrt.default: _unary("sqrt"),
     aten.rsqrt.default: _unary("rsqrt"),
+    aten.exp.default: _unary("exp"),
+    aten.log.default: _unary("log"),
     aten.relu6.default: _clamp(0.0, 6.0),
     aten.leaky_relu.default: _leaky_relu,
     aten.prelu.default: _prelu,
