@@ -440,6 +440,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
     ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",
      "repalgebra.fuse:_other_layout", "    return t.contiguous() if last else t.contiguous(memory_format=torch.channels_last)", "    return t", _MODES),
+    ("frontend", "pruned-bias-as-weight", "a pruning hook of the bias taken for one of the weight",
+     "repalgebra.frontend.fx_trace:_sets", "return hook._tensor_name if", 'return "weight" if', ("tests/test_fuse_capture.py::test_pruned_convs_fold_with_the_weight_their_pruning_hook_computes",)),
     ("frontend", "generators-not-restarted", "a model's own generator left where fuse's checks advanced it",
      "repalgebra.fuse:_restart_generators", "g.set_state(mine.get_state())", "pass", _MODES),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",

@@ -1765,6 +1765,31 @@ def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind, 
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
 
 
+def test_pruned_convs_fold_with_the_weight_their_pruning_hook_computes():
+    """``torch.nn.utils.prune`` keeps ``weight_orig`` and a ``weight_mask`` buffer, and a forward pre-hook sets
+    ``weight = weight_orig * weight_mask`` before each call: such convs were carried whole, their BNs unfolded.  A
+    mask changed after the last call (``weight`` stale until the next) folds as the hook computes it; a pruned bias
+    is not a weight hook, and its conv stays a call."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).eval())
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[3], "weight", amount=0.3)
+    prune.l1_unstructured(model[3], "weight", amount=0.3)  # two prunings: one PruningContainer hook
+    prune.l1_unstructured(model[6], "bias", amount=0.5)
+    with torch.no_grad():
+        model[0].weight_mask[0].zero_()  # after the last call: model[0].weight is stale
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 1 and fused.fuse_report.opaque == ["6"], str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(3, 3, 12, 10, dtype=D)
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+
+
 def test_a_classifier_head_s_batch_norm_folds_into_its_linear():
     """``BN2d -> flatten(1) -> Linear(C H W)``: channel c owns features [c H W, (c + 1) H W) (``bn_into_linear``)."""
     model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5)))

@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.nn.modules import module as _torch_module  # its global hook registries
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
@@ -302,15 +303,21 @@ def _runs_hooks(m: nn.Module) -> bool:
     return any(not getattr(h, "checks_only", False) for h in hooks) or bool(_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
 
 
-# Forward pre-hooks that only set ``weight`` from other parameters before each call (the old hook-based
-# ``torch.nn.utils.weight_norm`` and ``spectral_norm``): the module computes what it would with that weight.
-# Recognised on the layers whose handlers read the weight with :func:`module_weight`.
-_WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
+# Forward pre-hooks that only set ``weight`` from other parameters and buffers before each call (the old hook-based
+# ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``'s ``weight_orig * weight_mask``):
+# the module computes what it would with that weight.  Recognised on the layers whose handlers read the weight
+# with :func:`module_weight`.
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def _sets(hook: Any) -> str | None:
+    """The attribute a weight hook sets (``weight``, or ``bias`` for a pruned bias), else None."""
+    return hook._tensor_name if isinstance(hook, BasePruningMethod) else getattr(hook, "name", None)
 
 
 def _weight_hooks_only(m: nn.Module) -> bool:
     hooks = list(m._forward_pre_hooks.values())
-    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and h.name == "weight" for h in hooks)
+    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
 
@@ -324,6 +331,8 @@ def module_weight(m: nn.Module) -> torch.Tensor:
                 weight = h.compute_weight(m)
             elif isinstance(h, SpectralNorm):
                 weight = h.compute_weight(m, do_power_iteration=False)
+            elif isinstance(h, BasePruningMethod):
+                weight = h.apply_mask(m)
     return weight.detach().clone()
 
 
