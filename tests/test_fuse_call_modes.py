@@ -419,25 +419,33 @@ def test_a_frozen_model_fuses_to_a_frozen_model_and_backward_hooks_are_noted():
     assert any("backward hooks on '2'" in n for n in repalgebra.fuse(model, x).fuse_report.notes)
 
 
-class InferenceBranch(FlagBranch):
-    """Clamps where its input is an inference tensor (``x.is_inference()``: the tensor's, not a flag function)."""
+class TensorBranch(FlagBranch):
+    """A branch on what a tensor is (``x.is_inference()``, its memory layout), not on a flag function."""
 
-    def __init__(self) -> None:
+    def __init__(self, step) -> None:
         super().__init__(flag=None, odd_width_pads=True)
+        self.step = step
 
     def forward(self, x):
         if x.shape[-1] % 2:
             x = F.pad(x, (0, 1))
-        y = self.a(x)
-        if x.is_inference():
-            y = y.clamp(-3, 3)
-        return self.b(y)
+        return self.b(self.step(self.a(x), x))
+
+
+def clamp_inference(y, x):
+    """Clamps where the input is an inference tensor."""
+    return y.clamp(-3, 3) if x.is_inference() else y
+
+
+def gelu_by_layout(y, x):
+    """A channels-last fast path of another approximation (tanh GELU), as a hand-tuned block may have."""
+    return F.gelu(y, approximate="tanh" if y.is_contiguous(memory_format=torch.channels_last) else "none")
 
 
 def test_a_branch_on_is_inference_is_seen_by_a_check_under_inference_mode():
     """torch.export records ``x.is_inference()`` as the example's answer (False); the capture is checked under
     torch.inference_mode too, where the model clamps."""
-    model = randomized(InferenceBranch())
+    model = randomized(TensorBranch(clamp_inference))
     gen = torch.Generator().manual_seed(1)
     fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
     assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
@@ -447,25 +455,11 @@ def test_a_branch_on_is_inference_is_seen_by_a_check_under_inference_mode():
             assert close(model(x), fused(x)), name
 
 
-class LayoutBranch(FlagBranch):
-    """A channels-last fast path of another approximation (tanh GELU), as a hand-tuned block may have."""
-
-    def __init__(self) -> None:
-        super().__init__(flag=None, odd_width_pads=True)
-
-    def forward(self, x):
-        if x.shape[-1] % 2:
-            x = F.pad(x, (0, 1))
-        y = self.a(x)
-        y = F.gelu(y, approximate="tanh" if y.is_contiguous(memory_format=torch.channels_last) else "none")
-        return self.b(y)
-
-
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_a_branch_on_the_memory_layout_is_seen_by_a_check_in_the_other_layout(layout):
     """torch.export records the example's layout; the capture is checked at the other too, where the model takes its
     other branch."""
-    model = randomized(LayoutBranch())
+    model = randomized(TensorBranch(gelu_by_layout))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen).contiguous(memory_format=layout)
     fused = repalgebra.fuse(model, x)
