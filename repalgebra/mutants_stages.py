@@ -111,6 +111,7 @@ _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
 _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_folds_as_a_chomp",
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
+_WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_read_at_run_time_and_exported",)
 _UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
@@ -886,6 +887,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'group=a["groups"]', "group=1", _ONNX),
     ("onnx_backend", "concat-unpromoted", "ONNX Concat of a float16 map and a float32 table, as they come (onnx.checker refuses the file)",
      f"{_OB}:_concat", "_promoted(ctx, n, *xs)", "list(xs)", _PLAIN_ONNX),
+    ("frontend", "size-divisor-dropped", "a size divided by the window (H // ws) read as the size itself",
+     "repalgebra.frontend.handlers_functions:_size_factors", "            return [(*size[0], int(a[1]))]", "            return [size[0]]", _WINDOWS),
+    ("frontend", "size-divisor-lost-in-reroute", "a size divided by the window loses its divisor where its read moves",
+     "repalgebra.frontend.shapes:_rerouted", "                    f = (ref(v), axis, *divisor)", "                    f = (ref(v), axis)", _WINDOWS),
+    ("frontend", "reshape-sizes-unread", "a reshape's size of one read not traced back to it (the window's reshape keeps its reader)",
+     "repalgebra.frontend.shapes:size_source", "            return n.inputs[1 + entry[0][0]], entry[0][1]", "            return None", _WINDOWS),
+    ("torch_backend", "size-divisor-unapplied", "a reshape's size divided by the window computed undivided in the fused module",
+     f"{_TB}:_dyn_sizes", "                    f = ctx.function(operator.floordiv, f, divisor[0])", "                    pass", _WINDOWS),
+    ("onnx_backend", "size-divisor-unexported", "a reshape's size divided by the window exported undivided",
+     f"{_OB}:_dyn_shape", '                    term = ctx.emit("Div", [term, ctx.ints("divisor", [divisor[0]])])', "                    pass", _WINDOWS),
+    ("torch_backend", "size-product-last-factor", "a reshape's size of several factors read as its last one",
+     f"{_TB}:_dyn_sizes", "            out = f if out is None else ctx.function(operator.mul, out, f)", "            out = f", _WINDOWS + ("tests/test_regressions_engine.py",)),
+    ("torch_backend", "size-read-first-ref", "every size of a reshape read from its first reference",
+     f"{_TB}:_dyn_sizes", 'shapes[r] = ctx.function(getattr, refs[r], "shape")', 'shapes[r] = ctx.function(getattr, refs[0], "shape")', _WINDOWS + ("tests/test_regressions_engine.py",)),
+    ("onnx_backend", "size-product-last-factor", "a reshape's size of several factors exported as its last one",
+     f"{_OB}:_dyn_shape", '            size = term if size is None else ctx.emit("Mul", [size, term])', "            size = term", _WINDOWS + ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime", "tests/test_zoo_onnx.py")),
+    ("onnx_backend", "size-read-first-ref", "every size of a reshape exported from its first reference",
+     f"{_OB}:_dyn_shape", 'shapes[r] = ctx.emit("Shape", [refs[r]])', 'shapes[r] = ctx.emit("Shape", [refs[0]])', _WINDOWS + ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime", "tests/test_zoo_onnx.py")),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

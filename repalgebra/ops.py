@@ -701,7 +701,7 @@ def _dyn_size(entry, refs) -> int:
         return entry
     size = 1
     for f in entry:
-        size *= f if isinstance(f, int) else refs[f[0]].shape[f[1]]
+        size *= f if isinstance(f, int) else refs[f[0]].shape[f[1]] // (f[2] if len(f) > 2 else 1)
     return size
 
 
@@ -711,7 +711,9 @@ def reshape_dyn(x, *refs, shape=REQUIRED):
 
     ``x`` is the first input; the others (``refs``) are read only for their
     shapes.  Each entry of ``shape`` is an int (``-1`` allowed) or a tuple of
-    factors whose product is the size: an int, or ``(r, axis)`` for
-    ``refs[r].shape[axis]``.  ``x.reshape_as(y)`` is ``shape=(((0, 0),), ((0, 1),), ...)``.
+    factors whose product is the size: an int, ``(r, axis)`` for
+    ``refs[r].shape[axis]``, or ``(r, axis, d)`` for ``refs[r].shape[axis] // d``
+    (Swin's window partition: ``x.view(B, H // ws, ws, W // ws, ws, C)``).
+    ``x.reshape_as(y)`` is ``shape=(((0, 0),), ((0, 1),), ...)``.
     """
     return x.reshape(tuple(_dyn_size(e, refs) for e in shape))

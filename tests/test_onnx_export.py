@@ -1164,3 +1164,51 @@ def test_a_fallback_region_of_another_dtype_than_torch_gives_is_refused_by_name(
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)).half()
     with pytest.raises(ValueError, match=r"clamp.*output 0 is float16, not float32"):
         export_onnx(repalgebra.fuse(model, x), None, x)
+
+
+def _partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws, ws, C)
+
+
+def _reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, C)
+
+
+class WindowProjection(nn.Module):
+    """Swin's window partition and reverse (``x.view(B, H // ws, ws, W // ws, ws, C)``) around a projection, and a
+    layer scale after the reverse: the sizes divided by the window were carried calls, and the scale stayed."""
+
+    def __init__(self, c: int = 8, ws: int = 2) -> None:
+        super().__init__()
+        self.ws, self.norm, self.proj = ws, nn.LayerNorm(c), nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        w = self.proj(_partition(self.norm(x), self.ws).view(-1, self.ws * self.ws, C))
+        return x + self.gamma * _reverse(w.view(-1, self.ws, self.ws, C), self.ws, H, W)
+
+
+def test_sizes_divided_by_the_window_are_read_at_run_time_and_exported():
+    torch.manual_seed(0)
+    model = WindowProjection().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    fused = repalgebra.fuse(copy.deepcopy(model).double(), torch.randn(2, 4, 6, 8, dtype=torch.float64))
+    report = fused.fuse_report
+    assert report.capture == "fx" and not report.opaque and "scale" not in report.ops_after, str(report)
+    for shape in ((1, 6, 4, 8), (3, 2, 8, 8)):  # other heights and widths: the window counts follow them
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model.double()(x), rtol=1e-12, atol=1e-12)
+    model = model.float()
+    proto, exported = export_onnx(model, None, (2, 4, 6, 8), return_report=True)
+    assert not exported.fallback and op_types(proto).get("Div"), (exported, op_types(proto))
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, 6, 8, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

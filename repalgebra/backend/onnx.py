@@ -325,7 +325,7 @@ def _expand_dyn(ctx, n, x, *refs):
 
 
 def _dyn_shape(ctx, entries: tuple, refs: tuple) -> str:
-    """Sizes read from the reference inputs at run time: Shape -> Gather -> Mul -> Concat."""
+    """Sizes read from the reference inputs at run time: Shape -> Gather (-> Div) -> Mul -> Concat."""
     shapes: dict[int, str] = {}
     sizes = []
     for entry in entries:
@@ -337,10 +337,12 @@ def _dyn_shape(ctx, entries: tuple, refs: tuple) -> str:
             if isinstance(f, int):
                 term = ctx.ints("factor", [f])
             else:
-                r, axis = f
+                r, axis, *divisor = f
                 if r not in shapes:
                     shapes[r] = ctx.emit("Shape", [refs[r]])
                 term = ctx.emit("Gather", [shapes[r], ctx.ints("axis", [axis])], axis=0)
+                if divisor:  # an int64 Div truncates, which is the floor of a size (never negative)
+                    term = ctx.emit("Div", [term, ctx.ints("divisor", [divisor[0]])])
             size = term if size is None else ctx.emit("Mul", [size, term])
         sizes.append(size)
     return ctx.emit("Concat", sizes, axis=0)

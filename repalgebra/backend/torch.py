@@ -431,7 +431,8 @@ def _expand_dyn(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 
 def _dyn_sizes(ctx: Lowering, entries: tuple, refs: list[fx.Node]) -> list[Any]:
-    """``reshape_dyn``/``expand_dyn`` sizes: ints, or products of ints and ``refs[r].shape[axis]`` read at run time."""
+    """``reshape_dyn``/``expand_dyn`` sizes: ints, or products of ints and ``refs[r].shape[axis]`` (``// d``) read
+    at run time."""
     shapes: dict[int, fx.Node] = {}
 
     def size(entry: Any) -> Any:
@@ -440,10 +441,12 @@ def _dyn_sizes(ctx: Lowering, entries: tuple, refs: list[fx.Node]) -> list[Any]:
         out = None
         for f in entry:
             if not isinstance(f, int):
-                r, axis = f
+                r, axis, *divisor = f
                 if r not in shapes:
                     shapes[r] = ctx.function(getattr, refs[r], "shape")
                 f = ctx.function(operator.getitem, shapes[r], axis)
+                if divisor:
+                    f = ctx.function(operator.floordiv, f, divisor[0])
             out = f if out is None else ctx.function(operator.mul, out, f)
         return out
 

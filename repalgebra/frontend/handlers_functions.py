@@ -332,10 +332,10 @@ def _dyn_sizes(sizes: tuple) -> tuple[list[Value], tuple] | None:
         entry = []
         for f in factors:
             if isinstance(f, tuple):
-                v, axis = f
+                v, axis, *divisor = f
                 if not any(r is v for r in refs):
                     refs.append(v)
-                f = (next(k for k, r in enumerate(refs) if r is v), axis % len(v.shape))
+                f = (next(k for k, r in enumerate(refs) if r is v), axis % len(v.shape), *divisor)
             entry.append(f)
         entries.append(entry[0] if len(entry) == 1 and is_int(entry[0]) else tuple(entry))
     return refs, tuple(entries)
@@ -351,7 +351,8 @@ def _shape_of(e: SymExpr) -> Value | None:
 
 
 def _size_factors(e: Any) -> list | None:
-    """A size as a product of ints and ``(value, axis)`` sizes read from shapes, or None."""
+    """A size as a product of ints and ``(value, axis)`` sizes read from shapes, or of ``(value, axis, d)``, one
+    of those divided by a positive int (``H // ws``), or None."""
     if is_int(e):
         return [e]
     if not isinstance(e, SymExpr):
@@ -373,6 +374,10 @@ def _size_factors(e: Any) -> list | None:
     if t is operator.mul and len(a) == 2 and not e.kwargs:
         left, right = _size_factors(a[0]), _size_factors(a[1])
         return None if left is None or right is None else left + right
+    if t is operator.floordiv and len(a) == 2 and not e.kwargs and is_int(a[1]) and a[1] > 0:
+        size = _size_factors(a[0])
+        if size is not None and len(size) == 1 and isinstance(size[0], tuple) and len(size[0]) == 2:
+            return [(*size[0], int(a[1]))]
     return None
 
 

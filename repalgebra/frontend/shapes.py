@@ -27,6 +27,7 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     * ``batch_norm``, ``scale``, ``identity``, an activation of one input (``gelu``, ``relu``, ...), ``add``/``sub``
       of equal shapes: ``v.shape[a] = u.shape[a]``;
     * ``linear(u; W)``: ``v.shape[a] = u.shape[a]`` before the last axis, ``v.shape[-1] = W.shape[0]``;
+    * ``reshape_dyn``: an axis whose entry is one size read (``refs[r].shape[a]``) or a number;
     * ``conv2d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a spatial
       axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size.
     """
@@ -38,6 +39,15 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         return n.inputs[0], axis
     if n.op == "linear":
         return n.params["weight"].shape[0] if axis == len(v.shape) - 1 else (n.x, axis)
+    if n.op == "reshape_dyn":  # an axis of one size read, or of a number (not -1, which follows the others)
+        entry = n.attrs["shape"][axis]
+        if isinstance(entry, int):
+            return entry if entry >= 0 else None
+        if len(entry) == 1 and isinstance(entry[0], int):
+            return entry[0]
+        if len(entry) == 1 and len(entry[0]) == 2:
+            return n.inputs[1 + entry[0][0]], entry[0][1]
+        return None
     if n.op == "conv2d":
         w = n.params["weight"]
         if axis == 0:
@@ -73,7 +83,7 @@ def size_base(v: Value, axis: int) -> tuple[Value | None, int, int]:
             entry = n.attrs["shape"][axis]
             if isinstance(entry, int):
                 return None, 0, offset + entry
-            if len(entry) != 1:
+            if len(entry) != 1 or len(entry[0]) != 2:  # (a product, or a size divided: ``H // ws``)
                 break
             axis, v = entry[0][1], n.inputs[1 + entry[0][0]]
         elif n.op == "flatten" and (n.attrs["start"], n.attrs["end"]) == (2, 3) and len(n.x.shape) == 4 and axis == 2:
@@ -176,13 +186,13 @@ def _rerouted(graph: Graph, node: Node) -> Node | None:
         factors = []
         for f in entry:
             if isinstance(f, tuple):
-                v, axis = old_refs[f[0]], f[1]
+                v, axis, *divisor = old_refs[f[0]], *f[1:]  # (a size read divided by ``divisor``: ``H // ws``)
                 src = _earlier(graph, v, axis) if id(v) in movable else None
                 changed = changed or src is not None
                 if src is None:
-                    f = (ref(v), axis)
+                    f = (ref(v), axis, *divisor)
                 else:
-                    f = src if isinstance(src, int) else (ref(src[0]), src[1])
+                    f = src // (divisor[0] if divisor else 1) if isinstance(src, int) else (ref(src[0]), src[1], *divisor)
             factors.append(f)
         const = all(isinstance(f, int) for f in factors)
         shape.append(math.prod(factors) if const else tuple(factors))
