@@ -905,6 +905,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OB}:_dyn_shape", '            size = term if size is None else ctx.emit("Mul", [size, term])', "            size = term", _WINDOWS + ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime", "tests/test_zoo_onnx.py")),
     ("onnx_backend", "size-read-first-ref", "every size of a reshape exported from its first reference",
      f"{_OB}:_dyn_shape", 'shapes[r] = ctx.emit("Shape", [refs[r]])', 'shapes[r] = ctx.emit("Shape", [refs[0]])', _WINDOWS + ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime", "tests/test_zoo_onnx.py")),
+    ("frontend", "instance-method-unchecked", "a _conv_forward patched onto a conv instance left unseen (the conv read as a plain one)",
+     "repalgebra.frontend.fx_trace:_runs_base_code", "if name in vars(m) or not (", "if not (", ("tests/test_fuse_capture.py::test_a_layer_that_replaces_a_method_its_forward_calls_is_not_read_as_the_plain_layer",)),
+    ("frontend", "subclass-method-unchecked", "a subclass's _conv_forward / _output_padding / _apply_instance_norm left unseen",
+     "repalgebra.frontend.fx_trace:_runs_base_code", 'owner in base.__mro__ or owner.__module__.startswith("torch.nn.modules.")', "True", ("tests/test_fuse_capture.py::test_a_layer_that_replaces_a_method_its_forward_calls_is_not_read_as_the_plain_layer",)),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

@@ -1765,6 +1765,75 @@ def test_hook_based_weight_norms_fold_with_the_weight_their_hook_computes(kind, 
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
 
 
+class ClampingConv(nn.Conv2d):
+    """A conv whose ``_conv_forward`` clamps its input (its ``forward`` is Conv2d's)."""
+
+    def _conv_forward(self, x, w, b):
+        return super()._conv_forward(x.clamp(-3, 3), w, b)
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow's "same" padding computed from the input's size in ``_conv_forward`` (``padding=1`` kept, which
+    agrees at odd sizes only)."""
+
+    def _conv_forward(self, x, w, b):
+        pads = [max((math.ceil(n / s) - 1) * s + k - n, 0) for n, s, k in zip(x.shape[-2:], self.stride, w.shape[-2:])]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+
+
+class ParityConvT(nn.ConvTranspose2d):
+    """An output padding chosen by the input's parity (``output_padding=1`` kept, which agrees at odd sizes)."""
+
+    def _output_padding(self, input, output_size, stride, padding, kernel_size, num_spatial_dims, dilation=None):
+        return [input.shape[-1] % 2] * 2
+
+
+class ClampingInstanceNorm(nn.InstanceNorm2d):
+    """An instance norm with running statistics (a BN in eval mode) whose ``_apply_instance_norm`` clamps."""
+
+    def _apply_instance_norm(self, input):
+        return super()._apply_instance_norm(input.clamp(-3, 3))
+
+
+def _patched_conv(cin: int, cout: int) -> nn.Conv2d:
+    """A conv whose ``_conv_forward`` is patched on the instance, as diffusion UIs' "seamless tiling" does."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    inner = conv._conv_forward
+    conv._conv_forward = lambda x, w, b: inner(torch.nan_to_num(x.clamp(-3, 3)), w, b)
+    return conv
+
+
+_OVERRIDES = {
+    "conv_forward": lambda: nn.Sequential(ClampingConv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+    "same_pad": lambda: nn.Sequential(SamePadConv(3, 8, 3, 2, padding=1), nn.BatchNorm2d(8)),
+    "output_padding": lambda: nn.Sequential(ParityConvT(3, 8, 3, 2, 1, output_padding=1), nn.BatchNorm2d(8)),
+    "instance_norm": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ClampingInstanceNorm(8, affine=True, track_running_stats=True)),
+    "patched_instance": lambda: nn.Sequential(_patched_conv(3, 8), nn.BatchNorm2d(8)),
+}
+
+
+@pytest.mark.parametrize("case", _OVERRIDES)
+def test_a_layer_that_replaces_a_method_its_forward_calls_is_not_read_as_the_plain_layer(case):
+    """Conv2d's ``forward`` calls ``_conv_forward``, ConvTranspose2d's ``_output_padding``, InstanceNorm's
+    ``_apply_instance_norm``: a subclass (or an instance) replacing one keeps the base's ``forward``, and was read as
+    the plain layer, which agrees with it at a small odd example and computes something else elsewhere (12.9 off
+    for the clamp; another output shape for the parity).  At every other input the fused model computes what the
+    model does, or refuses the shape by name."""
+    torch.manual_seed(0)
+    model = randomized(_OVERRIDES[case]().eval())
+    fused = fuse(model, 0.3 * torch.randn(2, 3, 7, 7, dtype=D))  # odd, and inside every clamp
+    for shape in ((3, 3, 7, 7), (1, 3, 8, 8), (2, 3, 10, 12)):
+        y = 10 * torch.randn(shape, dtype=D)
+        try:
+            got = fused(y)
+        except ValueError as e:
+            assert "fused with its input shapes fixed" in str(e), e
+            continue
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()), equal_nan=True)
+
+
 def test_pruned_convs_fold_with_the_weight_their_pruning_hook_computes():
     """``torch.nn.utils.prune`` keeps ``weight_orig`` and a ``weight_mask`` buffer, and a forward pre-hook sets
     ``weight = weight_orig * weight_mask`` before each call: such convs were carried whole, their BNs unfolded.  A

@@ -337,18 +337,43 @@ def module_weight(m: nn.Module) -> torch.Tensor:
 
 
 def recognised(m: nn.Module) -> type | None:
-    """The recognised base class of ``m`` whose ``forward`` it uses unchanged, else None.
+    """The recognised base class of ``m`` whose code it runs unchanged, else None.
 
     A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's, and forward hooks
     change what a call computes: neither is recognised (the call stays a call of the module, hooks and all),
     except pre-hooks that only set the weight (:data:`_WEIGHT_HOOKS`; handlers read it with :func:`module_weight`)
-    on a module in eval mode (spectral norm's power iteration runs in training mode)."""
+    on a module in eval mode (spectral norm's power iteration runs in training mode).  Nor is a module that keeps
+    the base's ``forward`` but replaces a method it calls (:func:`_runs_base_code`)."""
     if "forward" in vars(m) or (has_hooks(m) and not (_weight_hooks_only(m) and not m.training)):
         return None
     for base in _RECOGNISED:
         if isinstance(m, base) and type(m).forward is base.forward:
-            return base
+            return base if _runs_base_code(m, base) else None
     return None
+
+
+# Methods of torch's layers that no forward calls to compute (construction, loading, printing, an input check).
+_OFF_THE_CALL = frozenset({"__init__", "__setstate__", "__repr__", "extra_repr", "reset_parameters", "reset_running_stats",
+                           "_load_from_state_dict", "_check_input_dim"})
+
+
+def _runs_base_code(m: nn.Module, base: type) -> bool:
+    """Whether every method of ``base`` that its ``forward`` may call is torch's in ``m`` (``base``'s, or that of
+    torch's own layer between them: ``InstanceNorm2d._get_no_batch_dim``): not defined by a class of the user's
+    nor set on ``m``.  A subclass's ``_conv_forward`` that pads "same" for the input's size or clamps, a
+    ``_output_padding`` chosen by the input's parity, an ``_apply_instance_norm`` of its own, or a
+    ``conv._conv_forward = patched`` (the "seamless tiling" patch of diffusion UIs) keep the base's ``forward``
+    and compute something else; read as the base layer, they would fold to what the example alone agrees with."""
+    for cls in base.__mro__:
+        if cls in (nn.Module, object):
+            continue
+        for name, value in vars(cls).items():
+            if name in _OFF_THE_CALL or not inspect.isfunction(value):
+                continue
+            owner = next(c for c in type(m).__mro__ if name in vars(c))
+            if name in vars(m) or not (owner in base.__mro__ or owner.__module__.startswith("torch.nn.modules.")):
+                return False
+    return True
 
 
 def leaf_specs(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:

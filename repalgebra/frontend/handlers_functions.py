@@ -425,7 +425,8 @@ def _sized_stops(index: Any, x: Value) -> Any:
     for it in items:
         if it is Ellipsis:
             axis = len(x.shape) - sum(i is not None and i is not Ellipsis for i in items[items.index(it) + 1 :])
-        elif isinstance(it, slice) and len(read := _size_factors(it.stop) or ()) == 1 and isinstance(read[0], tuple) and it.step in (None, 1):
+        elif (isinstance(it, slice) and len(read := _size_factors(it.stop) or ()) == 1 and isinstance(read[0], tuple)
+              and len(read[0]) == 2 and it.step in (None, 1)):  # (one size read, not divided: ``x.size(-1) // 2``)
             (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read[0])
             if u is not None and u is w and a == b:  # x.shape[axis] == that size + (c - d), at every size
                 it = slice(it.start, -(c - d) if c > d else None, it.step)
