@@ -234,11 +234,14 @@ def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
 
 
 def _fields(out: Any) -> Any:
-    """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, its type kept."""
+    """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, and every dict
+    of a class pytree does not know (``class Out(OrderedDict)``) as a dict of its items, their types kept."""
 
     def as_dict(x: Any) -> Any:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             return {"<type>": type(x).__qualname__, **{f.name: _fields(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, dict) and type(x) not in pytree.SUPPORTED_NODES:
+            return {"<type>": type(x).__qualname__, **{k: _fields(v) for k, v in x.items()}}
         return x
 
     return pytree.tree_map(as_dict, out)

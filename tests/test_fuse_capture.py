@@ -1090,6 +1090,30 @@ def test_dataclass_output_is_returned_and_the_convs_fold():
     assert first_difference(want, Outputs(got.features, got.logits + 1), 1e-9) is not None
 
 
+class OutDict(OrderedDict):
+    """A hand-rolled output record: a dict subclass torch's pytree does not know (a ModelOutput before it was one)."""
+
+
+class DictRecordOut(RecordOut):
+    def forward(self, x):
+        y = self.a(x)
+        return OutDict(features=y, logits=self.b(y))
+
+
+def test_an_unregistered_dict_output_is_compared_by_its_items_and_the_convs_fold():
+    """Such an output was one leaf, compared by ``!=`` (elementwise on its tensors): never equal, so even the
+    children of the model kept whole were left unfused ("its parent reads it otherwise")."""
+    model = randomized(DictRecordOut())
+    fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 3, 10, 10, dtype=D)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert type(got) is OutDict and first_difference(want, got, 1e-9) is None
+    assert first_difference(want, OutDict(features=got["features"], logits=got["logits"] + 1), 1e-9) is not None
+    assert first_difference(want, dict(got), 1e-9) is not None  # another type: another structure
+
+
 Pair = namedtuple("Pair", "features logits")
 
 
