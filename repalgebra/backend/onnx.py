@@ -1065,7 +1065,8 @@ def graph_to_onnx(
     if another is not None and another.axes is not None and (why := _runs_there(model, another)):
         # A lowering took axis 0 for the batch where it is not (a flatten of (C, B*H*W) after a transpose): the file
         # declared it free and fails there.  Written again with the batch fixed, as an honest file.
-        fixed = f"batch fixed at {graph.inputs[0].shape[0]}: with a dynamic batch the file did not compute the graph at batch {graph.inputs[0].shape[0] + 1} ({why})"
+        fixed = (f"batch fixed at {graph.inputs[0].shape[0]}: with a dynamic batch the file was not shown to compute the graph "
+                 f"at batch {graph.inputs[0].shape[0] + 1} ({why})")
         return graph_to_onnx(graph, opset=opset, dynamic_batch=False, graph_name=graph_name, metadata=metadata,
                              return_report=return_report, notes=[*notes, fixed], examples=examples)
     return (model, report) if return_report else model
@@ -1234,11 +1235,14 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
 
 
 def _runs_there(model: "onnx.ModelProto", run: _AnotherBatch) -> str:
-    """Why the file does not compute at the other batch what the graph did (empty when it does, or when onnxruntime
-    cannot load the file at all: no kernel for a dtype is not a question of the batch)."""
+    """Why the file is not shown to compute at the other batch what the graph did (empty when it does).  A file that
+    cannot run there is not shown to: numpy has no bfloat16 to feed or read, and onnxruntime has no float64 kernel
+    of several ops; a lowering that took axis 0 for the batch where it is not would go unseen (probe K: a float64
+    file declared a free batch and was 1.7 off at every other)."""
     if any(torch.is_tensor(t) and t.dtype == torch.bfloat16 for t in (*run.inputs, *run.outputs)):
-        return ""  # numpy has no bfloat16 to feed or read
-    return onnx_differs(model, run.inputs, run.outputs, unloadable="")
+        return "numpy has no bfloat16 to run the file with, so a free batch cannot be checked"
+    unloadable = "onnxruntime cannot load the file (no kernel of an op for its dtype), so a free batch cannot be checked"
+    return onnx_differs(model, run.inputs, run.outputs, unloadable=unloadable)
 
 
 def _batch_dim(size: int, size_after: int, batch: int, own: str) -> str:
