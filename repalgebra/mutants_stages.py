@@ -916,6 +916,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OB}:_runs_there", "    return onnx_differs(model, run.inputs, run.outputs, unloadable=unloadable)", '    return onnx_differs(model, run.inputs, run.outputs, unloadable="")', ("tests/test_onnx_export.py::test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch",)),
     ("onnx_backend", "bfloat16-batch-unchecked", "a free batch of a bfloat16 file (numpy cannot run it) taken as checked",
      f"{_OB}:_runs_there", '        return "numpy has no bfloat16 to run the file with, so a free batch cannot be checked"', '        return ""', ("tests/test_onnx_export.py::test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch",)),
+    ("engine", "uniform-scale-a-vector", "a number times a vector along the batch read as a vector of the example's batch",
+     "repalgebra.ops:scale", "    if not scale.is_meta and scale.numel() and", "    if False and",
+     ("tests/test_onnx_export.py::test_a_number_times_a_vector_along_the_batch_keeps_the_batch_free",)),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

@@ -224,7 +224,12 @@ def sub(a, b):
 
 @op("scale", kind="linear")
 def scale(x, *, scale: Tensor, axis=1):
-    """Per-channel multiply by a constant (layer scale): ``x * scale[c]`` along ``axis``."""
+    """Per-channel multiply by a constant (layer scale): ``x * scale[c]`` along ``axis``.  One factor for every
+    channel is that number (``x * 0.5``), as both back ends lower it: along a batch axis (a per-sample score
+    ``y.mean(1) * 0.5``) the vector has the example's batch, and the number holds at every batch.  (Shapes are
+    inferred on meta tensors, at the example's sizes, where both read alike.)"""
+    if not scale.is_meta and scale.numel() and bool((scale == scale.reshape(-1)[0]).all()):
+        return x * scale.reshape(-1)[0]
     return x * _channel_view(scale, x, axis)
 
 

@@ -129,9 +129,11 @@ FEW = {
     "repalgebra.frontend.wrappers:wrapped": "one decision added to it, a wrapper with hooks of its own is no wrapper",
     "repalgebra.frontend.wrappers:_plain": "one comparison, the subclass's forward and __call__ with the wrapper's",
     "repalgebra.frontend.inputs:_loses_hooks": "one comparison, a copy's hooks with the module's",
-    "repalgebra.frontend.shapes:_rerouted": "one decision added to it, a value read for its data by Linears only lets its "
-    "shape reads move (which only changes what is read, not what is computed, elsewhere)",
-    "repalgebra.frontend.shapes:size_source": "one decision added to it, norms keep their input's shape",
+    "repalgebra.frontend.shapes:_rerouted": "two decisions added to it, a value read for its data by Linears only lets its "
+    "shape reads move (which only changes what is read, not what is computed, elsewhere), and a size divided keeps its "
+    "divisor where its read moves",
+    "repalgebra.frontend.shapes:size_source": "two decisions added to it, norms keep their input's shape, and a reshape's "
+    "axis of one size read is that read",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "
     "mutants stop it at once and end it one step early",
 }

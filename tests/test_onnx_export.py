@@ -1217,3 +1217,28 @@ def test_sizes_divided_by_the_window_are_read_at_run_time_and_exported():
         x = torch.randn(batch, 4, 6, 8, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+class Score(nn.Module):
+    """A per-sample score: a number times a vector along the batch (``y.mean(1) * 0.5``, ``y.sum(-1) / 4``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.mean(1) * 0.5 + y.sum(-1) / 4
+
+
+def test_a_number_times_a_vector_along_the_batch_keeps_the_batch_free():
+    """The multiply is a ``scale`` along axis 0, its vector of the example's batch: the graph run at batch 1 broadcast
+    it to 2 entries, and the file's batch was fixed with a note blaming the model.  One factor is that number."""
+    torch.manual_seed(0)
+    model = Score().eval()
+    proto, report = export_onnx(model, None, (2, 3), return_report=True)
+    assert report.dynamic_batch, report.notes
+    for batch in (1, 3):
+        x = torch.randn(batch, 3)
+        with torch.no_grad():
+            assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
