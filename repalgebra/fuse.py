@@ -284,8 +284,7 @@ class ShapeGuard:
         bound = _bound(module, args, kwargs)
         if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
             if self.shapes is not None:
-                given = sum(torch.is_tensor(a) for a in pytree.tree_leaves((args, kwargs)))
-                _refuse_more_tensors(self.where, len(self.shapes), given)
+                _refuse_more_tensors(self.where, len(self.shapes), (*args, *(kwargs or {}).values()))
             return
         args = bound
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
@@ -305,7 +304,7 @@ class ShapeGuard:
                 f"{str(computes_in(module, args)).replace('torch.', '')}. Cast the model to the dtype you run it in, then fuse it."
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
-        _refuse_more_tensors(self.where, len(self.shapes), len(got))
+        _refuse_more_tensors(self.where, len(self.shapes), args)
         if self.free_sizes:
             _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
@@ -345,9 +344,13 @@ class ShapeGuard:
         return _batches_fit(got, self.shapes, self.min_batch)
 
 
-def _refuse_more_tensors(where: str, fused_with: int, called_with: int) -> None:
-    """Raise where a call passes more tensors than the model was fused with (an optional mask left out at fuse): the
-    graph has no input for them, and forward's own message would name the graph's arguments, not the reason."""
+def _refuse_more_tensors(where: str, fused_with: int, args: tuple) -> None:
+    """Raise where a call passes more tensor arguments than the model was fused with (an optional mask left out at
+    fuse): the graph has no input for them, and forward's own message would name the graph's arguments, not the
+    reason.  (More tensors in a list or dict argument: the :class:`StructureGuard` names the structures.)"""
+    if not all(a is None or torch.is_tensor(a) for a in args):
+        return
+    called_with = sum(torch.is_tensor(a) for a in args)
     if called_with > fused_with:
         raise TypeError(
             f"{where} was fused with {fused_with} tensor input{'s' * (fused_with != 1)} and was called with "
