@@ -919,6 +919,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("engine", "uniform-scale-a-vector", "a number times a vector along the batch read as a vector of the example's batch",
      "repalgebra.ops:scale", "    if not scale.is_meta and scale.numel() and", "    if False and",
      ("tests/test_onnx_export.py::test_a_number_times_a_vector_along_the_batch_keeps_the_batch_free",)),
+    ("onnx_backend", "unrunnable-region-said-to-differ", "a fallback region that does not run in onnxruntime said to compute something else",
+     f"{_OF}:export_regions", '        if why and why.startswith("onnxruntime: "):', "        if False:",
+     ("tests/test_onnx_export.py::test_a_fallback_region_that_does_not_run_in_onnxruntime_is_refused_saying_so",)),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

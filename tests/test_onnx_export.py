@@ -174,6 +174,18 @@ def test_op_neither_exporter_can_export_names_op_and_module_path():
         export_onnx(model, None, (1, 3, 8, 8))
 
 
+def test_a_fallback_region_that_does_not_run_in_onnxruntime_is_refused_saying_so():
+    """A bfloat16 cumsum exported by torch.onnx.export has no onnxruntime kernel: the region's check could not run,
+    and the export said it "computes something else"."""
+    class Cumsum(nn.Module):
+        def forward(self, y):
+            return torch.cumsum(y, 2)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Cumsum()).eval().bfloat16()
+    with pytest.raises(ValueError, match=r"export of .*cumsum.* does not run in onnxruntime, so it cannot be checked.*CumSum"):
+        export_onnx(model, None, (1, 3, 8, 8))
+
+
 def test_bad_opset():
     with pytest.raises(ValueError, match="opset"):
         export_onnx(nn.Conv2d(3, 4, 3), None, (1, 3, 8, 8), opset=7)

@@ -382,6 +382,12 @@ def export_regions(
     exported = [_export(r, m, i, ([], []), opset) if r.outputs else None for r, m, (i, _) in zip(regions, modules, own)]
     for r, e in zip(regions, exported):
         why = e and _differs_on(e.model, checks, r.index)
+        if why and why.startswith("onnxruntime: "):  # it does not run there: no kernel for its dtype, numpy no bfloat16
+            raise FallbackError(
+                f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) does not run in onnxruntime, so it "
+                f"cannot be checked and is not written: {why.removeprefix('onnxruntime: ')}{_refusals(r)}; export the "
+                "model in float32 or float16, where it runs"
+            )
         if why:
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
