@@ -1254,3 +1254,53 @@ def test_a_number_times_a_vector_along_the_batch_keeps_the_batch_free():
         x = torch.randn(batch, 3)
         with torch.no_grad():
             assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_bfloat16_einsum_that_is_no_matmul_exports_through_float32():
+    """ONNX ``Einsum`` takes no bfloat16: the export ended in onnx.checker's ShapeInferenceError.  It is computed on
+    float32 copies and cast back; onnx's reference evaluator runs the file (onnxruntime and numpy cannot)."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return torch.einsum("bchw,bcxw->bhx", y, y)
+
+    torch.manual_seed(0)
+    model = Cross().eval().bfloat16()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    proto = export_onnx(model, None, x)
+    assert op_types(proto).get("Einsum") == 1 and op_types(proto).get("Cast", 0) >= 3
+    feed = x.float().numpy().astype(ml_dtypes.bfloat16)
+    got = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: feed})[0].astype(np.float32)
+    with torch.no_grad():
+        want = model(x).float()
+    assert rel_err(got, want) <= 2 ** -7  # a few bfloat16 roundings (its unit roundoff is 2**-8)
+
+
+def test_an_einsum_that_is_a_batched_matmul_exports_as_one_with_its_axes():
+    """``einsum("bqhd,bkhd->bhqk", q, k)`` of two different maps (a Gram matrix of one map hides a swap): one MatMul,
+    its operands and output transposed to the equation's axes."""
+
+    class Scores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):  # (B, N, 8) as (B, N, heads 2, 4)
+            q, k = self.q(x).unflatten(-1, (2, 4)), self.k(x)[:, :5].unflatten(-1, (2, 4))
+            return torch.einsum("bqhd,bkhd->bqkh", q, k)
+
+    torch.manual_seed(0)
+    model = Scores().eval()
+    proto = export_onnx(model, None, (2, 6, 8))
+    assert op_types(proto).get("MatMul") == 3 and "Einsum" not in op_types(proto)  # (the two Linears are MatMuls too)
+    for batch in (1, 3):
+        x = torch.randn(batch, 6, 8)
+        with torch.no_grad():
+            assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

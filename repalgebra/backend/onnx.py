@@ -774,8 +774,12 @@ def _einsum_matmul(equation: str, shapes: list) -> tuple[list[int], list[int], l
 
 @lowering("einsum")
 def _einsum(ctx, n, *xs):
-    """One MatMul (with transposes) where the equation is a batched matrix product, else ONNX ``Einsum``."""
+    """One MatMul (with transposes) where the equation is a batched matrix product, else ONNX ``Einsum`` (of float32
+    copies, cast back, for bfloat16, which Einsum does not take: torch's bfloat16 einsum accumulates in float32 too)."""
     plan = _einsum_matmul(n.attrs["equation"], [i.shape for i in n.inputs])
+    if plan is None and n.out.dtype == torch.bfloat16:  # ONNX Einsum takes no bfloat16: in float32, rounded once
+        wide = [ctx.emit("Cast", [x], to=onnx.TensorProto.FLOAT) for x in xs]
+        return ctx.emit("Cast", [ctx.emit("Einsum", wide, equation=n.attrs["equation"])], to=onnx.TensorProto.BFLOAT16)
     if plan is None:
         return ctx.emit("Einsum", list(xs), equation=n.attrs["equation"])
     perm_a, perm_b, perm_out = plan
