@@ -1304,3 +1304,29 @@ def test_an_einsum_that_is_a_batched_matmul_exports_as_one_with_its_axes():
         x = torch.randn(batch, 6, 8)
         with torch.no_grad():
             assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_roll_without_dims_rolls_the_flattened_tensor_and_exports():
+    """``torch.roll(y, 3)`` rolls ``y.flatten()``: it was a carried call, and torch.onnx.export cannot write it
+    (``len(shifts)=1 != len(dims)=0``)."""
+
+    class Rolled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return torch.roll(y, 3) + y.roll((-5,))
+
+    torch.manual_seed(0)
+    model = Rolled().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 5, 6))
+    assert not fused.fuse_report.opaque and "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    proto, report = export_onnx(model, None, (2, 3, 5, 6), return_report=True)
+    assert not report.fallback and report.dynamic_batch, report  # the flattened axis holds the batch: sliced from its end
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 3, 5, 6)
+        with torch.no_grad():
+            assert rel_err(fused(x).numpy(), model(x)) <= RTOL
+            assert rel_err(run_onnx(proto, x), model(x)) <= RTOL

@@ -1174,9 +1174,16 @@ def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
 
 
 def _f_roll(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.roll``; without ``dims`` it rolls the flattened tensor: ``x.flatten().roll(s, 0).reshape(x.shape)``."""
     a = bind([("input", REQ), ("shifts", REQ), ("dims", None)], args, kwargs)
     if a is None or shaped(a["input"]) is None:
         return None
+    x = a["input"]
+    if a["dims"] is None and (is_int(a["shifts"]) or len(ints(a["shifts"]) or ()) == 1) and len(x.shape) >= 1:
+        flat = b.add("flatten", [x], {"start": 0, "end": -1}, {}, b.source(n))
+        shift = a["shifts"] if is_int(a["shifts"]) else ints(a["shifts"])[0]
+        rolled = b.add("roll", [flat], {"shifts": (shift,), "dims": (0,)}, {}, b.source(n))
+        return "reshape_dyn", [rolled, x], {"shape": tuple(((0, k),) for k in range(len(x.shape)))}, {}, ""
     shifts, dims = ((v,) if is_int(v) else ints(v) for v in (a["shifts"], a["dims"]))
     if shifts is None or dims is None or len(shifts) != len(dims):
         return None
