@@ -944,6 +944,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "roll-backwards", "a roll along a static axis exported the other way",
      f"{_OB}:_roll", "        s = shift % length", "        s = -shift % length",
      ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime",)),
+    ("frontend", "size-items-of-a-slice-unread", "an interpolate to (h, w) with h, w = y.shape[-2:] left a carried call fixed at one size",
+     "repalgebra.frontend.handlers_functions:_size_of", "        rs = [read(e) or (", "        rs = [read(e) or (None if 1 else ",
+     ("tests/test_ops_vocabulary.py::test_fx_front_end_maps_it",)),
+    ("frontend", "size-slice-wrong-start", "size=y.shape[-2:] read only as y.shape[-1:]",
+     "repalgebra.frontend.handlers_functions:_size_of", "index.start in (len(y.shape) - 2, -2)", "index.start in (len(y.shape) - 1, -1)",
+     ("tests/test_ops_vocabulary.py::test_fx_front_end_maps_it",)),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.handlers_functions:_size_of": "two ways a size is written that it reads: a slice of a shape, and a pair of its items",
     "repalgebra.backend.onnx:_runs_there": "two decisions: a file that cannot run (its dtype) is not shown to hold, either way",
     "repalgebra.verify:_fields": "two forms of output record opened: a dataclass's fields, an unknown dict's items",
     "repalgebra.frontend.fx_trace:_runs_base_code": "two decisions: a method replaced on the instance, or by a class of the user's",

@@ -126,7 +126,8 @@ class RsqrtNorm(nn.Module):
 
 
 class FPNTopDown(nn.Module):
-    """FPN's ``F.interpolate(top, size=lateral.shape[-2:])`` and YOLO's ``nn.Upsample(scale_factor=2)``."""
+    """FPN's ``F.interpolate(top, size=lateral.shape[-2:])`` (and ``h, w = lateral.shape[-2:]``, ``size=(h, w)``) and
+    YOLO's ``nn.Upsample(scale_factor=2)``."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -135,7 +136,8 @@ class FPNTopDown(nn.Module):
 
     def forward(self, x):
         top = self.down(x)
-        return x + F.interpolate(top, size=x.shape[-2:], mode="nearest"), self.up(top)
+        h, w = x.shape[-2:]
+        return x + F.interpolate(top, size=x.shape[-2:], mode="nearest") - F.interpolate(top, size=(h, w)), self.up(top)
 
 
 class Bilinear(nn.Module):

@@ -1051,7 +1051,9 @@ def _size_of(size: Any) -> Value | None:
             return y
         return None
     if isinstance(size, (tuple, list)) and len(size) == 2:
-        rs = [read(e) for e in size]
+        # (y.shape[2], y.shape[3]), or the items of a slice, h, w = y.shape[-2:] (a size read: :func:`_size_factors`)
+        rs = [read(e) or (tuple(f[0]) if (f := _size_factors(e)) and len(f) == 1 and isinstance(f[0], tuple) and len(f[0]) == 2 else None)
+              for e in size]
         if None in rs or rs[0][0] is not rs[1][0] or not all(is_int(i) for _, i in rs):
             return None
         y = rs[0][0]
