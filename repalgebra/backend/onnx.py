@@ -825,14 +825,17 @@ def _slice_scatter(ctx, n, x, src):
 @lowering("roll")
 def _roll(ctx, n, x):
     """Per axis: the last ``shift`` elements, then the others.  Along the dynamic batch axis (a roll of the flattened
-    tensor, ``torch.roll(y, 3)``) the slices count from the end, ``y[-3:]`` then ``y[:-3]``, which hold at every
-    length above the shift (the export's runs at other batches check the file)."""
+    tensor, ``torch.roll(y, 3)``) the cut is computed at run time, ``L - shift mod L`` of the axis's length ``L``, as
+    torch rolls (a shift longer than the axis wraps around)."""
     y = x
     for shift, dim in zip(n.attrs["shifts"], n.attrs["dims"]):
         axis = dim % len(n.x.shape)
-        if axis == 0 and ctx.dynamic_batch and 0 < abs(shift) < n.x.shape[0]:
-            cut = -shift  # y[-s:] + y[:-s] for a shift s > 0; y[k:] + y[:k] for s = -k
-            y = ctx.emit("Concat", [_slice_of(ctx, y, axis, cut, None), _slice_of(ctx, y, axis, 0, cut)], axis=axis)
+        if axis == 0 and ctx.dynamic_batch:
+            length = ctx.emit("Gather", [ctx.emit("Shape", [y]), ctx.ints("axis", [0])], axis=0)
+            cut = ctx.emit("Sub", [length, ctx.emit("Mod", [ctx.ints("shift", [shift]), length])])  # Mod: the divisor's sign
+            last = ctx.emit("Slice", [y, cut, ctx.ints("ends", [_INT64_MAX]), ctx.ints("axes", [0])])
+            rest = ctx.emit("Slice", [y, ctx.ints("starts", [0]), cut, ctx.ints("axes", [0])])
+            y = ctx.emit("Concat", [last, rest], axis=0)
             continue
         length = _static_size(ctx, n, axis)
         s = shift % length
