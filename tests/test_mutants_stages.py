@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",
     "repalgebra.frontend.handlers_functions:_size_of": "two ways a size is written that it reads: a slice of a shape, and a pair of its items",
     "repalgebra.backend.onnx:_runs_there": "two decisions: a file that cannot run (its dtype) is not shown to hold, either way",
     "repalgebra.verify:_fields": "two forms of output record opened: a dataclass's fields, an unknown dict's items",

@@ -337,6 +337,28 @@ class StarSizes(nn.Module):
         return t.transpose(1, 2).reshape(*y.size()) / area
 
 
+class DeadSizeRead(nn.Module):
+    """A patch embedding whose size read also feeds a call nobody uses (``unused = F.interpolate(x, size=(H, W))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        B, C, H, W = y.shape
+        tokens = self.norm(y).reshape(B, C, H * W).transpose(1, 2)
+        unused = F.interpolate(x, size=(H, W))  # noqa: F841  (after the reshape whose move removes it)
+        return self.head(tokens)
+
+
+def test_a_size_read_by_a_dead_call_does_not_stop_the_trace():
+    """Moving size reads removed the dead call before the pass reached it, and the trace failed on it: torch.export
+    then fixed every size."""
+    fused = fused_equal(randomized(DeadSizeRead()), (2, 3, 16, 16), (3, 3, 12, 20))
+    assert fused.fuse_report.capture == "fx" and "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+
+
 def test_a_shape_unpacked_into_a_call_traces_with_free_sizes():
     fused = fused_equal(randomized(StarSizes()), (2, 3, 8, 8), (1, 3, 5, 7), (3, 3, 6, 4))
     assert fused.fuse_report.capture == "fx", str(fused.fuse_report)

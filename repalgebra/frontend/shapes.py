@@ -138,6 +138,8 @@ def _onto_same_shape(graph: Graph) -> None:
     another's size.
     """
     for node in list(graph.nodes):
+        if not graph.contains(node):  # a node nobody read, removed with the dead after an earlier move
+            continue
         moved = tuple(_same_shape_reader(graph, v) if k and _reads_shape_only(node, v) else v
                       for k, v in enumerate(node.inputs))
         if any(m is not v for m, v in zip(moved, node.inputs)):
