@@ -1207,8 +1207,8 @@ class _Fuser:
     def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
         memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
-        or on inputs in the other layout (channels-last; contiguous for a channels-last example), or None: it does
-        not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where the mode
+        or on inputs in another layout (:func:`_other_layout`: channels-last, or a transposed view's strides), or
+        None: it does not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where the mode
         flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at class
         creation (``flag = staticmethod(torch.is_grad_enabled)``); on ``x.is_inference()`` (a tensor's, not a
         flag function); on ``x.is_contiguous(memory_format=torch.channels_last)`` (a fast path of another
@@ -1220,7 +1220,7 @@ class _Fuser:
         other = Call(tuple(_other_layout(t) for t in inputs), {})
         for mode, laid_out, why in ((torch.enable_grad, call, "with gradients on (a branch on the grad mode)"),
                                     (torch.inference_mode, call, "under torch.inference_mode (a branch on it)"),
-                                    (torch.no_grad, other, "on an input in the other memory layout (a branch on it)")):
+                                    (torch.no_grad, other, "on an input in another memory layout (a branch on it)")):
             if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
                 continue  # no 4-D input: no layout to change
             called = copy.deepcopy(original) if self.stateful else original
@@ -1358,14 +1358,22 @@ def _own_hooks(module: nn.Module) -> bool:
 
 
 def _other_layout(t: Any) -> Any:
-    """``t`` laid out channels-last where it is a 4-D tensor that is not, contiguous where it is (else ``t`` itself:
-    a tensor of another rank, or one both layouts describe, as a 1x1 map)."""
-    if not torch.is_tensor(t) or t.dim() != 4:
+    """``t`` with the same values in another memory layout (else ``t`` itself: a tensor of one axis, or one every
+    layout describes alike, as a 1x1 map): a 4-D or 5-D tensor channels-last where it is not, contiguous where it
+    is; another tensor of two axes or more with its last two axes' strides swapped (a transposed view's), or
+    contiguous where it is not."""
+    if not torch.is_tensor(t) or t.dim() < 2:
         return t
-    last = t.is_contiguous(memory_format=torch.channels_last)
-    if last and t.is_contiguous():
-        return t
-    return t.contiguous() if last else t.contiguous(memory_format=torch.channels_last)
+    if t.dim() in (4, 5):
+        last_format = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        last = t.is_contiguous(memory_format=last_format)
+        if last and t.is_contiguous():
+            return t
+        return t.contiguous() if last else t.contiguous(memory_format=last_format)
+    if not t.is_contiguous():
+        return t.contiguous()
+    swapped = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t if swapped.is_contiguous() else swapped
 
 
 def _runs(module: nn.Module, inputs: tuple) -> bool:

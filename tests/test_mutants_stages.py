@@ -38,7 +38,7 @@ FEW = {
     "repalgebra.frontend.fx_trace:_runs_base_code": "two decisions: a method replaced on the instance, or by a class of the user's",
     "repalgebra.frontend.fx_trace:_sets": "one choice: the attribute a pruning hook sets",
     "repalgebra.fuse:_refuse_more_tensors": "one decision: more tensors than the example's",
-    "repalgebra.fuse:_other_layout": "one choice: the layout the check runs in",
+    "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
     "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",
