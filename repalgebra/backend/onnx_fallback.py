@@ -434,6 +434,36 @@ def onnx_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: fl
     return session_differs(session, inputs, outputs, rtol)
 
 
+def reference_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rtol: float = 1e-3) -> str:
+    """Why onnx's reference evaluator does not give ``outputs`` on ``inputs`` with ``model`` (empty when it does),
+    compared as :func:`session_differs` compares.  For a file onnxruntime cannot run: its CPU provider has no float64
+    kernel of several ops, and numpy no bfloat16 (``ml_dtypes``, which onnx depends on, has one).  Pure numpy, so
+    slow: a float64 FastViT-T8 at 256x256 takes 2 s a sample."""
+    import ml_dtypes
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    from repalgebra.verify import TOLERANCES, first_difference
+
+    def array(t: torch.Tensor) -> Any:
+        t = t.detach().cpu()
+        return t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+    try:
+        got = ReferenceEvaluator(model).run(None, {i.name: array(t) for i, t in zip(model.graph.input, inputs)})
+    except Exception as e:  # noqa: BLE001
+        return f"onnx's reference evaluator: {_first_line(e)}"
+    for k, (g, t) in enumerate(zip(got, outputs)):
+        g = np.asarray(g)
+        g = torch.from_numpy(g.astype(np.float32)).to(torch.bfloat16) if g.dtype == ml_dtypes.bfloat16 else torch.from_numpy(g)
+        if g.dtype != t.dtype:
+            return f"output {k} is {g.dtype}, not {t.dtype}"
+        why = first_difference(t.detach().cpu(), g, max(rtol, TOLERANCES.get(t.dtype, rtol)))
+        if why:
+            return why.replace("output 0", f"output {k}", 1)
+    return ""
+
+
 def ort_session(model: onnx.ModelProto) -> Any:
     """An onnxruntime session of ``model`` as written, on one thread (raises where onnxruntime cannot load it)."""
     import onnxruntime as ort
