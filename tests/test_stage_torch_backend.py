@@ -90,7 +90,7 @@ class CarriedCalls(nn.Module):
         out[:, :g, :, :-1] = x[:, :g, :, 1:]
         out[:, g:, ::2] = x[:, g:, ::2]
         values, order = out.cumsum(dim=x.size(dim=1) // C).sort(dim=1)
-        flat = out.transpose(2, 3).contiguous().view(B, C // 2, -1)
+        flat = out.transpose(2, 3).contiguous().view(B, C * H // 2, -1)  # (a product divided: no reshape_dyn size)
         return flat, values, order, x + F.interpolate(self.pos, size=x.shape[-2:], mode="bilinear")
 
 
