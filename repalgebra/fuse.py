@@ -1208,11 +1208,11 @@ class _Fuser:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
         memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
         or on inputs in another layout (:func:`_other_layout`: channels-last, or a transposed view's strides), or
-        None: it does not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where the mode
-        flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at class
-        creation (``flag = staticmethod(torch.is_grad_enabled)``); on ``x.is_inference()`` (a tensor's, not a
-        flag function); on ``x.is_contiguous(memory_format=torch.channels_last)`` (a fast path of another
-        approximation).  torch.fx traces with gradients on, so its check against the model run without them sees
+        None: it does not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where
+        the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at
+        class creation (``flag = staticmethod(torch.is_grad_enabled)``); on ``x.is_inference()`` (a tensor's, not
+        a flag function); on ``x.is_contiguous(memory_format=torch.channels_last)`` or ``x.is_contiguous()`` (a
+        fast path of another approximation).  torch.fx traces with gradients on, so its check against the model run without them sees
         such a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` or layout fails its
         trace."""
         original = self.pristine.get_submodule(path)
@@ -1222,7 +1222,7 @@ class _Fuser:
                                     (torch.inference_mode, call, "under torch.inference_mode (a branch on it)"),
                                     (torch.no_grad, other, "on an input in another memory layout (a branch on it)")):
             if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
-                continue  # no 4-D input: no layout to change
+                continue  # no input of two axes or more: no layout to change
             called = copy.deepcopy(original) if self.stateful else original
             try:
                 with _quiet_fx():

@@ -375,9 +375,8 @@ def _size_factors(e: Any) -> list | None:
         left, right = _size_factors(a[0]), _size_factors(a[1])
         return None if left is None or right is None else left + right
     if t is operator.floordiv and len(a) == 2 and not e.kwargs and is_int(a[1]) and a[1] > 0:
-        size = _size_factors(a[0])
-        if size is not None and len(size) == 1 and isinstance(size[0], tuple) and len(size[0]) == 2:
-            return [(*size[0], int(a[1]))]
+        if (read := _one_read(_size_factors(a[0]))) is not None:
+            return [(*read, int(a[1]))]
     return None
 
 
@@ -425,9 +424,8 @@ def _sized_stops(index: Any, x: Value) -> Any:
     for it in items:
         if it is Ellipsis:
             axis = len(x.shape) - sum(i is not None and i is not Ellipsis for i in items[items.index(it) + 1 :])
-        elif (isinstance(it, slice) and len(read := _size_factors(it.stop) or ()) == 1 and isinstance(read[0], tuple)
-              and len(read[0]) == 2 and it.step in (None, 1)):  # (one size read, not divided: ``x.size(-1) // 2``)
-            (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read[0])
+        elif isinstance(it, slice) and (read := _one_read(_size_factors(it.stop))) is not None and it.step in (None, 1):
+            (u, a, c), (w, b, d) = size_base(x, axis), size_base(*read)
             if u is not None and u is w and a == b:  # x.shape[axis] == that size + (c - d), at every size
                 it = slice(it.start, -(c - d) if c > d else None, it.step)
         out.append(it)
@@ -1027,6 +1025,13 @@ def _f_interpolate(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     return None if made is None else ("interpolate", [x, like], {**made[2], "size": None}, {}, "")
 
 
+def _one_read(factors: list | None) -> tuple[Value, int] | None:
+    """``(value, axis)`` where a size's ``factors`` (:func:`_size_factors`) are one read, undivided, else None."""
+    if factors is not None and len(factors) == 1 and isinstance(factors[0], tuple) and len(factors[0]) == 2:
+        return factors[0]
+    return None
+
+
 def _size_of(size: Any) -> Value | None:
     """The value whose last two sizes ``size`` reads at run time: ``y.shape[-2:]``, ``y.shape[2:]``, ``y.size()[2:]``,
     ``(y.shape[2], y.shape[3])``, ``(y.size(-2), y.size(-1))``; else None."""
@@ -1052,8 +1057,7 @@ def _size_of(size: Any) -> Value | None:
         return None
     if isinstance(size, (tuple, list)) and len(size) == 2:
         # (y.shape[2], y.shape[3]), or the items of a slice, h, w = y.shape[-2:] (a size read: :func:`_size_factors`)
-        rs = [read(e) or (tuple(f[0]) if (f := _size_factors(e)) and len(f) == 1 and isinstance(f[0], tuple) and len(f[0]) == 2 else None)
-              for e in size]
+        rs = [read(e) or _one_read(_size_factors(e)) for e in size]
         if None in rs or rs[0][0] is not rs[1][0] or not all(is_int(i) for _, i in rs):
             return None
         y = rs[0][0]
