@@ -589,10 +589,9 @@ def fuse(
     """
     check_model(model)
     restored: list[str] = []
-    hooked = any(_own_hooks(m) for m in model.modules())
     # Called under inference_mode, the copies it makes must keep version counters; the model's checks draw from
     # torch's generators, and its hooks may write the model itself.
-    with torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, hooked, restored):
+    with torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, restored):
         fused = _fuse(model, example_inputs, leaf_modules, strict, check)
     if restored:
         fused.fuse_report.notes.append(f"the model's hooks changed {_listed(restored)} of the model itself while fuse ran "

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
 from repalgebra.frontend.state import equal_values
 
 __all__ = ["rng_kept", "tensors_kept"]
@@ -31,13 +32,14 @@ def rng_kept(model: nn.Module, inputs: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tensors_kept(model: nn.Module, hooked: bool, restored: list[str]) -> Iterator[None]:
-    """Within the block, the model's hooks (``hooked``: it has some) may change its parameters and buffers: after it,
-    each holds the tensor and the values it held before, and ``restored`` names those that were changed.  Nothing
-    else of the model's runs on the model itself rather than on a copy, so without hooks nothing is saved."""
-    hooked = hooked or bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+def tensors_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
+    """Within the block, the model's hooks may change its parameters and buffers: after it, each holds the tensor and
+    the values it held before, and ``restored`` names those that were changed.  Nothing else of the model's runs on
+    the model itself rather than on a copy, so where no hook may write it (:func:`_hooks_may_write`) nothing is
+    saved: the save is a copy of every parameter."""
+    writes = _hooks_may_write(model)
     saved = [(path, table, name, t, t.detach().clone())
-             for path, m in model.named_modules() if hooked
+             for path, m in model.named_modules() if writes
              for table in (m._parameters, m._buffers)
              for name, t in table.items() if t is not None]
     try:
@@ -50,3 +52,13 @@ def tensors_kept(model: nn.Module, hooked: bool, restored: list[str]) -> Iterato
             with torch.no_grad():
                 t.set_(values) if t.shape != values.shape else t.copy_(values)
             restored.append(f"{path}.{name}" if path else name)
+
+
+def _hooks_may_write(model: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook of ``model`` (or a global one) may write tensors of the model: any but a
+    check that changes nothing (a fused model's guard) and a weight hook, which sets the module it is called with
+    a plain ``weight`` from its parameters (``weight_norm``, ``spectral_norm``, ``prune``)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(not (getattr(h, "checks_only", False) or isinstance(h, WEIGHT_HOOKS))
+               for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))

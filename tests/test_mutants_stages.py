@@ -43,6 +43,7 @@ FEW = {
     "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
+    "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",
     "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",
     "repalgebra.frontend.shapes:_same_shape_reader": "one decision changes what runs (the reader keeps the size); the others "
     "only choose where a read sits, which a fold then follows or not",

@@ -307,7 +307,7 @@ def _runs_hooks(m: nn.Module) -> bool:
 # ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``'s ``weight_orig * weight_mask``):
 # the module computes what it would with that weight.  Recognised on the layers whose handlers read the weight
 # with :func:`module_weight`.
-_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
 
 
 def _sets(hook: Any) -> str | None:
@@ -317,7 +317,7 @@ def _sets(hook: Any) -> str | None:
 
 def _weight_hooks_only(m: nn.Module) -> bool:
     hooks = list(m._forward_pre_hooks.values())
-    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, _WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
+    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
 
@@ -341,7 +341,7 @@ def recognised(m: nn.Module) -> type | None:
 
     A ``forward`` set on the instance (``conv.forward = lambda x: ...``) replaces the class's, and forward hooks
     change what a call computes: neither is recognised (the call stays a call of the module, hooks and all),
-    except pre-hooks that only set the weight (:data:`_WEIGHT_HOOKS`; handlers read it with :func:`module_weight`)
+    except pre-hooks that only set the weight (:data:`WEIGHT_HOOKS`; handlers read it with :func:`module_weight`)
     on a module in eval mode (spectral norm's power iteration runs in training mode).  Nor is a module that keeps
     the base's ``forward`` but replaces a method it calls (:func:`_runs_base_code`)."""
     if "forward" in vars(m) or (has_hooks(m) and not (_weight_hooks_only(m) and not m.training)):
