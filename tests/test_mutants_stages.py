@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.backend.onnx:_leaky_relu": "one choice, the float64 form (its slope is the vocabulary's cases')",
+    "repalgebra.backend.onnx:_hardsigmoid": "no parameters: one choice, the float64 form",
+    "repalgebra.backend.onnx:_hardswish": "no parameters: one choice, the float64 form (the opset's, the vocabulary's cases')",
+    "repalgebra.backend.onnx:_relu6_over_6": "one formula of fixed numbers: its shift is the one a test tells from a rounding",
     "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",
     "repalgebra.frontend.handlers_functions:_size_of": "two ways a size is written that it reads: a slice of a shape, and a pair of its items",
     "repalgebra.backend.onnx:_runs_there": "two decisions: a file onnxruntime cannot run (its dtype) goes to the reference evaluator, either way",

@@ -756,6 +756,21 @@ def test_a_float64_files_constants_are_float64_numbers():
     assert np.abs(got - model(x).numpy()).max() <= 1e-14
 
 
+@pytest.mark.parametrize("act", ["leaky_relu", "hardsigmoid", "hardswish"])
+@pytest.mark.parametrize("opset", [13, 20])
+def test_a_float64_files_activation_parameters_are_float64_numbers(act, opset):
+    """``LeakyRelu``'s alpha and ``HardSigmoid``'s alpha and beta are float attributes, float32 numbers: a float64
+    file computed them to 1e-8 relative.  Written with float64 constants, to float64's rounding."""
+    layer = {"leaky_relu": nn.LeakyReLU(0.3), "hardsigmoid": nn.Hardsigmoid(), "hardswish": nn.Hardswish()}[act]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), layer).eval().double()
+    x = torch.randn(4, 6, dtype=torch.float64) * 4
+    proto = export_onnx(model, None, x, opset=opset)
+    got = _session(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() <= 1e-14 * max(1.0, float(model(x).abs().max()))
+
+
 class MaskedAttention(nn.Module):
     """Attention whose constant mask hides every key from the first query (a left-padded or causal-shifted row)."""
 

@@ -492,6 +492,8 @@ def _silu(ctx, n, x):
 
 @lowering("hardswish")
 def _hardswish(ctx, n, x):
+    if n.out.dtype == torch.float64:  # (a float attribute is a float32 number: 1/6 to 8 digits)
+        return ctx.emit("Mul", [x, _relu6_over_6(ctx, x)])
     if ctx.opset >= 14:
         return ctx.emit("HardSwish", [x])
     return ctx.emit("Mul", [x, ctx.emit("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
@@ -499,7 +501,16 @@ def _hardswish(ctx, n, x):
 
 @lowering("hardsigmoid")
 def _hardsigmoid(ctx, n, x):
+    if n.out.dtype == torch.float64:
+        return _relu6_over_6(ctx, x)
     return ctx.emit("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+
+
+def _relu6_over_6(ctx, x: str) -> str:
+    """``relu6(x + 3) / 6``, as PyTorch computes a hard sigmoid, with float64 constants: ``HardSigmoid``'s alpha is a
+    float attribute, a float32 number, and a float64 file computed it to 1e-8 (ONNX float attributes are float32)."""
+    lifted = ctx.emit("Add", [x, _number(ctx, "three", 3.0)])
+    return ctx.emit("Div", [ctx.emit("Clip", [lifted, _number(ctx, "zero", 0.0), _number(ctx, "six", 6.0)]), _number(ctx, "six", 6.0)])
 
 
 @lowering("clamp")
@@ -518,7 +529,12 @@ def _clamp(ctx, n, x):
 
 @lowering("leaky_relu")
 def _leaky_relu(ctx, n, x):
-    return ctx.emit("LeakyRelu", [x], alpha=float(n.attrs["negative_slope"]))
+    """``LeakyRelu``; in float64 ``x < 0 ? x * slope : x`` with a float64 slope (its alpha attribute is float32)."""
+    slope = float(n.attrs["negative_slope"])
+    if n.out.dtype == torch.float64:
+        negative = ctx.emit("Less", [x, _number(ctx, "zero", 0.0)])
+        return ctx.emit("Where", [negative, ctx.emit("Mul", [x, _number(ctx, "slope", slope)]), x])
+    return ctx.emit("LeakyRelu", [x], alpha=slope)
 
 
 @lowering("softplus")
