@@ -969,6 +969,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OB}:_hardswish", "    if n.out.dtype == torch.float64:", "    if False:", ("tests/test_onnx_export.py::test_a_float64_files_activation_parameters_are_float64_numbers",)),
     ("onnx_backend", "relu6-over-6-unshifted", "a float64 hard sigmoid without its + 3",
      f"{_OB}:_relu6_over_6", '_number(ctx, "three", 3.0)', '_number(ctx, "three", 0.0)', ("tests/test_onnx_export.py::test_a_float64_files_activation_parameters_are_float64_numbers",)),
+    ("torch_backend", "shallow-copy-unguarded", "copy.copy of a fused GraphModule runs its graph without the guards",
+     "repalgebra.fuse:_install", "        type(module).__copy__ = _copy_with_guards", "        pass", ("tests/test_fuse_capture.py::test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes", "tests/test_fuse_call_modes.py")),
+    ("torch_backend", "shallow-copy-guards-dropped", "copy.copy of a fused GraphModule keeps its class's copy but not its guards",
+     "repalgebra.fuse:_copy_with_guards", "        guard.install(copied)", "        pass", ("tests/test_fuse_capture.py::test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes", "tests/test_fuse_call_modes.py")),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

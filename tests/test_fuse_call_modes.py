@@ -320,7 +320,7 @@ def test_the_models_assertions_on_its_inputs_stay_checked():
     saved = io.BytesIO()
     torch.save(fused, saved)
     saved.seek(0)
-    copies = [fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), torch.load(saved, weights_only=False),
+    copies = [fused, copy.deepcopy(fused), copy.copy(fused), pickle.loads(pickle.dumps(fused)), torch.load(saved, weights_only=False),
               repalgebra.fuse(fused, torch.randn(2, 3, 8, 8, dtype=D))]
     for m in copies:
         assert close(model(torch.ones(1, 3, 8, 12, dtype=D)), m(torch.ones(1, 3, 8, 12, dtype=D)))

@@ -1518,10 +1518,12 @@ def test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes():
     x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
     fused = check_exact(model, x)
     assert fused.fuse_report.capture == "specialized"
-    with pytest.raises(ValueError, match="fused in float64 and holds in float64 only.*called in float32"):
-        copy.deepcopy(fused).float()(x.float())  # it would double where the model does not (a copy keeps the guard)
-    with pytest.raises(ValueError, match="shapes fixed"):
-        copy.deepcopy(fused)(torch.randn(2, 3, 10, 10, dtype=D))  # GraphModule's deep copy dropped forward hooks
+    for copied in (copy.deepcopy, copy.copy):  # GraphModule's copies, deep and shallow, dropped forward hooks
+        with pytest.raises(ValueError, match="fused in float64 and holds in float64 only.*called in float32"):
+            copied(fused).float()(x.float())  # it would double where the model does not (a copy keeps the guard)
+        with pytest.raises(ValueError, match="shapes fixed"):
+            copied(fused)(torch.randn(2, 3, 10, 10, dtype=D))
+        assert str(copied(fused).fuse_report) == str(fused.fuse_report)
     plain = randomized(nn.Sequential(DtypeBranch().conv, nn.BatchNorm2d(4)))  # no dtype test: any dtype goes
     f32 = copy.deepcopy(fuse(plain, x)).float()
     assert rel_err(f32(x.float()).double(), plain(x)) < 1e-5
