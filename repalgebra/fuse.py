@@ -30,6 +30,7 @@ import contextlib
 import copy
 import inspect
 import io
+import operator
 import sys
 import time
 import warnings
@@ -325,8 +326,11 @@ class ShapeGuard:
         )
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        """Register on ``module`` as a forward pre-hook, also on its copies (:func:`_install`); on a graph of fixed
+        sizes, assert them in the graph too (:func:`_assert_sizes`)."""
         _install(self, module)
+        if isinstance(module, fx.GraphModule) and self.shapes is not None and not self.free_sizes:
+            _assert_sizes(module, self)
 
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
@@ -342,6 +346,34 @@ class ShapeGuard:
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
+
+
+_SIZE_ASSERT = "repalgebra: fused with this size fixed"
+
+
+def _assert_sizes(module: fx.GraphModule, guard: ShapeGuard) -> None:
+    """Write ``guard``'s fixed sizes into ``module``'s graph as ``torch._assert(x.size(d) == n)`` (and a batch of at
+    least its smallest), once.  Tracers do not run a root module's forward pre-hooks: ``torch.export.export(fused,
+    dynamic_shapes=...)`` gave the width a range and exported a program 0.40 off at another width; with the
+    assertions it refuses that dimension as it refuses the model's own (the pre-hook still speaks first in eager
+    calls)."""
+    graph = module.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    done = any(n.op == "call_function" and n.target is torch._assert and n.args[1:] == (_SIZE_ASSERT,) for n in graph.nodes)
+    if done or len(inputs) != len(guard.shapes):  # (a graph reading its inputs as a structure: the guard alone)
+        return
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        for x, shape in zip(inputs, guard.shapes):
+            for axis, size in enumerate(shape):
+                if axis == 0 and guard.free_batch and guard.min_batch <= 1:
+                    continue
+                at_least = axis == 0 and guard.free_batch  # a batch of its smallest or more
+                size_of = graph.call_method("size", (x, axis))
+                held = graph.call_function(operator.ge if at_least else operator.eq, (size_of, guard.min_batch if at_least else size))
+                graph.call_function(torch._assert, (held, _SIZE_ASSERT))
+    graph.lint()
+    module.recompile()
 
 
 def _refuse_more_tensors(where: str, fused_with: int, args: tuple) -> None:

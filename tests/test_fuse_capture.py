@@ -2239,3 +2239,36 @@ def test_a_part_called_with_a_mask_is_fused_on_its_own():
     assert report.capture == "kept whole" and {f.rule for f in report.fired} == {"bn_fold"}, report
     other, other_lengths = torch.randn(3, 4, 11, dtype=D), torch.tensor([9, 11, 2])
     torch.testing.assert_close(fused(other, other_lengths), model(other, other_lengths), rtol=1e-9, atol=1e-9)
+
+
+class PadToWidth(nn.Module):
+    """Pads to a width of 20 where narrower: Python on a size, which torch.export records at the example's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.shape[-1] < 20:
+            x = F.pad(x, (0, 20 - x.shape[-1]))
+        return self.bn(self.conv(x)).sum((2, 3))
+
+
+def test_an_export_of_a_graph_of_fixed_sizes_with_free_sizes_is_refused_as_the_models_is():
+    """torch.export does not run a root module's forward pre-hooks: ``torch.export.export(fused, dynamic_shapes=...)``
+    gave the width a range, and the program was 0.40 off at another width.  The graph asserts its fixed sizes, so
+    the export refuses that dimension as it refuses the model's; at the fused sizes it exports and computes."""
+    from torch.export import Dim
+
+    model = randomized(PadToWidth()).float().eval()
+    x = torch.randn(2, 3, 16, 18)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
+    free = {"x": {0: Dim("b"), 3: Dim("w", min=4, max=64)}}
+    for m in (model, fused):
+        with pytest.raises(Exception, match="Constraints violated"):
+            torch.export.export(m, (x,), dynamic_shapes=free)
+    exported = torch.export.export(fused, (x,), dynamic_shapes={"x": {0: Dim("b")}}).module()
+    y = torch.randn(3, 3, 16, 18)
+    with torch.no_grad():
+        assert rel_err(exported(y), model(y)) < 1e-5
