@@ -348,7 +348,7 @@ class ShapeGuard:
         return _batches_fit(got, self.shapes, self.min_batch)
 
 
-_SIZE_ASSERT = "repalgebra: fused with this size fixed"
+_SIZE_ASSERT = "repalgebra: "  # the start of a fixed size's assertion message
 
 
 def _assert_sizes(module: fx.GraphModule, guard: ShapeGuard) -> None:
@@ -359,19 +359,22 @@ def _assert_sizes(module: fx.GraphModule, guard: ShapeGuard) -> None:
     calls)."""
     graph = module.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    done = any(n.op == "call_function" and n.target is torch._assert and n.args[1:] == (_SIZE_ASSERT,) for n in graph.nodes)
+    done = any(n.op == "call_function" and n.target is torch._assert and str(n.args[1]).startswith(_SIZE_ASSERT)
+               for n in graph.nodes)
     if done or len(inputs) != len(guard.shapes):  # (a graph reading its inputs as a structure: the guard alone)
         return
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
-        for x, shape in zip(inputs, guard.shapes):
+        for k, (x, shape) in enumerate(zip(inputs, guard.shapes)):
             for axis, size in enumerate(shape):
                 if axis == 0 and guard.free_batch and guard.min_batch <= 1:
                     continue
                 at_least = axis == 0 and guard.free_batch  # a batch of its smallest or more
                 size_of = graph.call_method("size", (x, axis))
                 held = graph.call_function(operator.ge if at_least else operator.eq, (size_of, guard.min_batch if at_least else size))
-                graph.call_function(torch._assert, (held, _SIZE_ASSERT))
+                said = f"{guard.min_batch} or more" if at_least else str(size)
+                graph.call_function(torch._assert, (held, f"{_SIZE_ASSERT}{guard.where} was fused with axis {axis} of input {k} "
+                                                          f"at {said} ({guard.why}); fuse it again at the shape you run it at"))
     graph.lint()
     module.recompile()
 
