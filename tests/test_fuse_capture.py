@@ -2272,3 +2272,7 @@ def test_an_export_of_a_graph_of_fixed_sizes_with_free_sizes_is_refused_as_the_m
     y = torch.randn(3, 3, 16, 18)
     with torch.no_grad():
         assert rel_err(exported(y), model(y)) < 1e-5
+    # A pre-hook added after fuse (a crop) runs after the guard, which saw the input before it: the graph refuses.
+    fused.register_forward_pre_hook(lambda module, args: (args[0][..., :10],))
+    with pytest.raises(AssertionError, match="fused with axis 3 of input 0 at 18"):
+        fused(x)
