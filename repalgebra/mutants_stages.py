@@ -975,6 +975,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_copy_with_guards", "        guard.install(copied)", "        pass", ("tests/test_fuse_capture.py::test_a_part_whose_function_depends_on_its_dtype_refuses_other_dtypes", "tests/test_fuse_call_modes.py")),
     ("torch_backend", "fixed-sizes-unasserted", "a graph of fixed sizes without its assertions: torch.export gives them a range",
      "repalgebra.fuse:_assert_sizes", "                graph.call_function(torch._assert, (held, f\"{_SIZE_ASSERT}{guard.where} was fused", "                (held, (f\"{_SIZE_ASSERT}{guard.where} was fused", ("tests/test_fuse_capture.py::test_an_export_of_a_graph_of_fixed_sizes_with_free_sizes_is_refused_as_the_models_is",)),
+    ("torch_backend", "dtype-limit-inline", "a carried call reading torch.finfo(x.dtype) written inline (torch.load cannot trace it again)",
+     f"{_TB}:_inline_call", "    if any(isinstance(e, SymExpr) and e.target in (torch.finfo, torch.iinfo) for e in leaves):", "    if False:",
+     ("tests/test_fuse_capture.py::test_a_dtype_limit_read_per_call_survives_torch_save",)),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:session_differs", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

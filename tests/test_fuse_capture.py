@@ -1344,6 +1344,31 @@ def test_dtype_limit_follows_the_dtype_the_fused_model_runs_in():
         assert got.dtype == dtype and rel_err(got.double(), ref.double()) < tol
 
 
+def test_a_dtype_limit_read_per_call_survives_torch_save():
+    """torch.load and pickle build a fused GraphModule by tracing its code again: ``torch.finfo`` of a traced dtype
+    raised there ("requires a floating point input type"), so a saved fused model could not be loaded."""
+    class MaskedMap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x, mask):
+            s = self.bn(self.conv(x))
+            return s.masked_fill(mask, torch.finfo(s.dtype).min).softmax(-1)
+
+    model = randomized(MaskedMap()).float()  # (float32: its generated code read torch.finfo(x.dtype) inline)
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(2, 8, 4, 4, generator=g), torch.rand(2, 8, 4, 4, generator=g) > 0.5
+    fused = fuse(model, (x, mask))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    saved = io.BytesIO()
+    torch.save(fused, saved)
+    saved.seek(0)
+    for loaded in (torch.load(saved, weights_only=False), pickle.loads(pickle.dumps(fused))):
+        assert torch.equal(loaded(x, mask), fused(x, mask))
+        assert loaded.double()(x.double(), mask).dtype == torch.float64  # the limit still read per call
+
+
 def test_bool_and_integer_inputs_are_passed_as_they_are():
     model = randomized(MaskInput())
     g = torch.Generator().manual_seed(1)

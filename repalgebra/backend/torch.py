@@ -746,7 +746,8 @@ def _inline_call(ctx: Lowering, node: Node, fn: FnCall, xs: list[fx.Node]) -> fx
     shift slice: 13 µs against 3 µs).  Kept as a module: a call of a module; a call reading a constant tensor (a
     buffer is no Proxy when ``export_onnx`` traces the fused module again, so ``F.interpolate(buffer, size=...)``
     would trace into its body, where the FnCall records one call); a dtype limit read per call
-    (:attr:`FnCall.reads_input_dtype`); leaves or targets that generated code cannot spell.
+    (:attr:`FnCall.reads_input_dtype`, or ``torch.finfo(x.dtype)`` in its arguments: unpickling traces the code
+    again, and ``torch.finfo`` of a traced dtype fails); leaves or targets that generated code cannot spell.
     """
     if fn.kind == "call_module" or fn.reads_input_dtype or not _spellable(fn.target, fn.kind):
         return None
@@ -756,6 +757,8 @@ def _inline_call(ctx: Lowering, node: Node, fn: FnCall, xs: list[fx.Node]) -> fx
         return None
     if not all(_spellable(e.target, e.kind) for e in leaves if isinstance(e, SymExpr)):
         return None  # size arithmetic through a function torch.fx.wrap kept whole (timm's get_same_padding)
+    if any(isinstance(e, SymExpr) and e.target in (torch.finfo, torch.iinfo) for e in leaves):
+        return None  # a dtype's limits (``torch.finfo(x.dtype).min``): torch.load traces the code again, with a Proxy dtype
     emitted: dict[int, fx.Node] = {}  # one node per expression: an expression may be shared within a call
 
     def emit(t: Any) -> Any:
