@@ -103,7 +103,8 @@ class Builder:
             if n.op == "placeholder":
                 if n in placeholders:
                     t = inputs[placeholders.index(n)]
-                    v = Graph.input(n.name, tuple(t.shape), t.dtype)
+                    # (named as forward names it: fx calls ``nn.Sequential``'s ``input`` ``input_1``)
+                    v = Graph.input(n.target if str(n.target).isidentifier() else n.name, tuple(t.shape), t.dtype)
                     graph_inputs.append(v)
                     self.env[n] = v
                     self.example[n] = meta_of(t)
