@@ -912,8 +912,8 @@ def test_leaf_modules_that_name_nothing_are_refused():
 def test_a_fused_sequential_takes_its_input_by_the_name_forward_gives_it():
     """fx names ``nn.Sequential.forward``'s ``input`` ``input_1`` (a builtin's name): the fused module's forward took
     ``input_1``, and ``fused(input=x)`` was a TypeError where the model takes it."""
-    model = net()
+    model = net().eval()  # (net() trains: its dropout would draw)
     fused = fuse(model, torch.randn(1, 8, 4, 4))
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(fused(input=x), model(input=x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(input=x), model(input=x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
