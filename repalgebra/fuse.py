@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import io
 import operator
@@ -1363,16 +1364,20 @@ def _quiet_fx() -> Iterator[None]:
 def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tuple], tol: float) -> str | None:
     """What differs between fresh copies of the two modules making ``calls`` (their inputs) in turn, in float64
     where they run in it."""
+    # A hook's handle whose module the fused model no longer holds copies while that module lives, and fails once
+    # the collector has taken it: collected first, the copies below all fail or all succeed.
+    gc.collect()
     try:
-        copy.deepcopy(candidate)
-    except Exception as e:  # noqa: BLE001  (a hook's handle whose module the fused model no longer holds)
+        copies = [copy.deepcopy(m) for m in (reference, candidate)]
+        spares = [copy.deepcopy(m) for m in (reference, candidate)]  # in their own dtype, should float64 fail
+    except Exception as e:  # noqa: BLE001
         return f"a copy of it fails: {first_line(e)}"
-    copies = [copy.deepcopy(m).to(torch.float64) for m in (reference, candidate)]
+    copies = [m.to(torch.float64) for m in copies]
     runs = [Call(tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs), {}) for inputs in calls]
     try:
         outs = [[_run(m, call, None) for call in runs] for m in copies]
     except Exception:  # noqa: BLE001  (not in float64: in the model's own dtype)
-        copies = [copy.deepcopy(reference), copy.deepcopy(candidate)]
+        copies = spares
         try:
             outs = [[_run(m, Call(tuple(inputs), {}), None) for inputs in calls] for m in copies]
         except Exception as e:  # noqa: BLE001
