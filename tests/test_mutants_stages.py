@@ -92,7 +92,7 @@ FEW = {
     "repalgebra.fuse:_promoted_after_a_cast": "one decision, whether a cast to half precision gives the outputs other dtypes",
     "repalgebra.frontend.builder:pinned_tensor": "one decision, which tensors a cast is tried on (_promoted_after_a_cast decides; its filters of buffers and 0-d tensors only save that run)",
     "repalgebra.backend.onnx_fallback:capture_for_export": "one decision, what a failure other than the front end's own does (the model exported whole)",
-    "repalgebra.backend.onnx_fallback:session_differs": "the comparison itself (verify's first_difference has its own mutants); two decisions added, how many integer entries may flip and whether dtypes agree",
+    "repalgebra.backend.onnx_fallback:_outputs_differ": "the comparison itself (verify's first_difference has its own mutants); two decisions added, how many integer entries may flip and whether dtypes agree",
     "repalgebra.fuse:_other_values": "one decision, values other than the example's (their draw is a seeded normal)",
     "repalgebra.fuse:_own_hooks": "one decision, whether a hook is the user's (a guard of a model fused before is not)",
     "repalgebra.fuse:_calls_difference": "a comparison (verify's first_difference has its own mutants); one decision added, a copy that fails differs",

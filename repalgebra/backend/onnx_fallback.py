@@ -439,29 +439,13 @@ def reference_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rto
     compared as :func:`session_differs` compares.  For a file onnxruntime cannot run: its CPU provider has no float64
     kernel of several ops, and numpy no bfloat16 (``ml_dtypes``, which onnx depends on, has one).  Pure numpy, so
     slow: a float64 FastViT-T8 at 256x256 takes 2 s a sample."""
-    import ml_dtypes
-    import numpy as np
     from onnx.reference import ReferenceEvaluator
 
-    from repalgebra.verify import TOLERANCES, first_difference
-
-    def array(t: torch.Tensor) -> Any:
-        t = t.detach().cpu()
-        return t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-
     try:
-        got = ReferenceEvaluator(model).run(None, {i.name: array(t) for i, t in zip(model.graph.input, inputs)})
+        got = ReferenceEvaluator(model).run(None, {i.name: _numpy(t) for i, t in zip(model.graph.input, inputs)})
     except Exception as e:  # noqa: BLE001
         return f"onnx's reference evaluator: {_first_line(e)}"
-    for k, (g, t) in enumerate(zip(got, outputs)):
-        g = np.asarray(g)
-        g = torch.from_numpy(g.astype(np.float32)).to(torch.bfloat16) if g.dtype == ml_dtypes.bfloat16 else torch.from_numpy(g)
-        if g.dtype != t.dtype:
-            return f"output {k} is {g.dtype}, not {t.dtype}"
-        why = first_difference(t.detach().cpu(), g, max(rtol, TOLERANCES.get(t.dtype, rtol)))
-        if why:
-            return why.replace("output 0", f"output {k}", 1)
-    return ""
+    return _outputs_differ(got, outputs, rtol)
 
 
 def ort_session(model: onnx.ModelProto) -> Any:
@@ -478,33 +462,56 @@ def ort_session(model: onnx.ModelProto) -> Any:
 
 
 def session_differs(session: Any, inputs: tuple, outputs: tuple, rtol: float = 1e-3, *, flips: float = 0.0) -> str:
-    """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does): their dtypes, NaN
-    and Inf where the reference has them, other entries within ``rtol`` or the dtype's tolerance (as verify
-    compares), integer and boolean entries equal but for a fraction ``flips`` of them."""
-    import numpy as np
-
-    from repalgebra.verify import TOLERANCES, first_difference
-
+    """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does), compared by
+    :func:`_outputs_differ`."""
     try:
         feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run(None, feed)
     except Exception as e:  # noqa: BLE001
         return f"onnxruntime: {_first_line(e)}"
+    return _outputs_differ(got, outputs, rtol, flips)
+
+
+def _outputs_differ(got: list, outputs: tuple, rtol: float, flips: float = 0.0) -> str:
+    """Why a file's outputs ``got`` (numpy arrays) are not ``outputs`` (empty when they are): their shapes and dtypes,
+    NaN and Inf where the reference has them, other entries within ``rtol`` or the dtype's tolerance (as verify
+    compares), integer and boolean entries equal but for a fraction ``flips`` of them."""
+    import numpy as np
+
+    from repalgebra.verify import TOLERANCES, first_difference
+
     for k, (g, t) in enumerate(zip(got, outputs)):
-        ref = t.detach().cpu().numpy()
+        g, ref = np.asarray(g), _numpy(t)
         if g.shape != ref.shape:
             return f"output {k} has shape {tuple(g.shape)}, not {tuple(ref.shape)}"
         if g.dtype != ref.dtype:  # torch.onnx.export's Clip of float16 and a float32 bound is float16, torch's float32
             return f"output {k} is {g.dtype}, not {ref.dtype}"
-        if ref.size and not np.issubdtype(ref.dtype, np.floating):
+        if ref.size and not t.is_floating_point():
             if (wrong := int(np.count_nonzero(g != ref))) > flips * ref.size:
                 return f"output {k} differs in {wrong} of {ref.size} entries"
         elif ref.size:
             tol = max(rtol, TOLERANCES.get(t.dtype, rtol))  # float16 sums rounded in another order: verify's 1e-2
-            why = first_difference(torch.from_numpy(ref), torch.from_numpy(np.asarray(g)), tol)
+            why = first_difference(_from_numpy(ref), _from_numpy(g), tol)
             if why:
                 return why.replace("output 0", f"output {k}", 1)
     return ""
+
+
+def _numpy(t: torch.Tensor) -> Any:
+    """``t`` as a numpy array; bfloat16 as ``ml_dtypes.bfloat16`` (numpy has none; onnx depends on ml_dtypes)."""
+    t = t.detach().cpu()
+    if t.dtype != torch.bfloat16:
+        return t.numpy()
+    import ml_dtypes
+
+    return t.float().numpy().astype(ml_dtypes.bfloat16)
+
+
+def _from_numpy(a: Any) -> torch.Tensor:
+    """A numpy array as a tensor to compare; a bfloat16 one in float32 (torch reads no ml_dtypes arrays)."""
+    import numpy as np
+
+    return torch.from_numpy(a.astype(np.float32) if a.dtype.name == "bfloat16" else a)
 
 
 def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list, list], opset: int) -> ExportedRegion:
