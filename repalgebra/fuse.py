@@ -57,6 +57,7 @@ from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import copy_module
+from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.untouched import rng_kept, tensors_kept
 from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
@@ -626,6 +627,8 @@ def fuse(
         and refuses others.  Fusing it again changes nothing.  A module folded from
         others requires gradients where a parameter folded into it did (a frozen
         backbone stays frozen beside a head that trains; a frozen model stays frozen).
+        Parameters the model ties (an embedding and its output head) stay one
+        parameter where no fold changed them (:mod:`repalgebra.ties`).
         It is for inference: gradients through it follow the fused graph, not
         the model's ``torch.no_grad()`` blocks, custom ``autograd.Function``
         backward passes or backward hooks.
@@ -668,6 +671,7 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
         fused = fused.to(device)
     fused = fused.eval()
+    tied = retie(fused, model) if fused is not model else []
     if not any(p.requires_grad for p in model.parameters()):  # a frozen model stays frozen (new parameters require grad)
         fused.requires_grad_(False)
     _restart_generators(fused, model)
@@ -686,6 +690,8 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
             "module called several times (a head shared across levels) is folded once per call, a part fused with "
             "fixed shapes keeps its original for other shapes, or merged kernels are larger than their parts"
         )
+    if tied:
+        report.notes.append(f"parameters the model ties are tied in the fused model too: {_listed(tied, 3)}")
     if backward := [repr(p) if p else "the model" for p, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]:
         report.notes.append(f"backward hooks on {_listed(backward, 3)}: the fused model is for inference; gradients through "
                             "it follow the fused graph, and parts that were fused do not run those hooks")

@@ -112,6 +112,8 @@ _CROP = ("tests/test_fuse_conv1d.py::test_a_crop_to_the_convs_own_input_length_f
          "tests/test_fuse_conv1d.py::test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read")
 _SOFTMAX = ("tests/test_fuse_text_models.py::test_a_softmax_computed_in_a_dtype_of_its_own_is_a_cast_and_a_softmax",)
 _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_read_at_run_time_and_exported",)
+_TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
+         "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
@@ -439,6 +441,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.untouched:tensors_kept", "for path, m in model.named_modules() if writes", "for path, m in model.named_modules() if False", _UNTOUCHED),
     ("frontend", "hooked-model-restored-silently", "a restore of the user's model not reported",
      "repalgebra.untouched:tensors_kept", '            restored.append(f"{path}.{name}" if path else name)', "            pass", _UNTOUCHED),
+    ("torch_backend", "ties-dropped", "parameters the model ties built as copies in the fused model",
+     "repalgebra.ties:retie", "            setattr(m, attr, one)", "            pass", _TIES),
+    ("torch_backend", "ties-by-value", "any fused weight equal to a tied parameter tied to it, though the model holds an equal copy apart",
+     "repalgebra.ties:retie", "if len(names[key]) < 2 or not _distinctive(", "if len(names[key]) < 2 or not True or _distinctive(", _TIES),
+    ("torch_backend", "ties-unreported", "parameters tied again not named in the report",
+     "repalgebra.ties:retie", "        tied.append(", "        (", _TIES),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
     ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",

@@ -10,6 +10,7 @@ the ONNX export in float32 to 1e-5.
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -390,3 +391,67 @@ def test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model(tied):
         want, got = model.double()(ids), fused.double()(ids)
     assert got.dtype == want.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the same ops in the same dtypes
+
+
+class TiedLM(nn.Module):
+    """A language model whose head is its embedding matrix (GPT-2, T5, BERT's decoder), with a conv + BN between
+    them that folds.  ``copy_of_words`` holds an equal matrix the model does not tie."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, copy_of_words: bool = False) -> None:
+        super().__init__()
+        self.words = nn.Embedding(vocab, d)
+        self.conv, self.bn = nn.Conv1d(d, d, 3, padding=1), nn.BatchNorm1d(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.words.weight
+        self.other = nn.Linear(d, vocab, bias=False) if copy_of_words else None
+        if copy_of_words:
+            self.other.weight = nn.Parameter(self.words.weight.detach().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(self.words(ids).transpose(1, 2))).transpose(1, 2)
+        return self.head(h) if self.other is None else (self.head(h), self.other(h))
+
+
+def _tied_lm(**kw) -> TiedLM:
+    torch.manual_seed(0)
+    model = TiedLM(**kw).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _slots(module: nn.Module, tensor: torch.Tensor) -> list[str]:
+    return [name for name, p in module.named_parameters(remove_duplicate=False) if p is tensor]
+
+
+def test_a_head_tied_to_the_embedding_stays_tied():
+    """The fused model built the head from the graph with its own copy of the matrix: twice the memory, a report
+    blaming a module called several times, and a fine-tune that moved the two apart.  One parameter again."""
+    model = _tied_lm()
+    ids = torch.randint(0, 50, (2, 7))
+    fused = repalgebra.fuse(model, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), model(ids), rtol=1e-5, atol=1e-5)  # float32 after a float64 fold
+    shared = dict(fused.named_parameters())["words.weight"]
+    assert sorted(_slots(fused, shared)) == ["head.weight", "words.weight"]
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())  # BN folded
+    assert "words.weight = head.weight" in str(fused.fuse_report)
+    assert "more parameters" not in str(fused.fuse_report)
+    assert fused.state_dict().keys() >= {"words.weight", "head.weight"}
+    again = copy.deepcopy(fused)
+    assert len(_slots(again, dict(again.named_parameters())["words.weight"])) == 2
+
+
+def test_an_equal_matrix_the_model_does_not_tie_stays_its_own():
+    """A tensor equal to the tied matrix but held apart in the model (a copy, not the parameter) stays apart:
+    equality alone does not say a fused weight came from the tied parameter."""
+    model = _tied_lm(copy_of_words=True)
+    ids = torch.randint(0, 50, (2, 7))
+    fused = repalgebra.fuse(model, ids)
+    with torch.no_grad():
+        for got, want in zip(fused(ids), model(ids)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    params = dict(fused.named_parameters(remove_duplicate=False))
+    assert len({id(params[k]) for k in params if params[k].shape == (50, 16)}) == 3
+    assert "ties" not in str(fused.fuse_report)
