@@ -2301,3 +2301,54 @@ def test_an_export_of_a_graph_of_fixed_sizes_with_free_sizes_is_refused_as_the_m
     fused.register_forward_pre_hook(lambda module, args: (args[0][..., :10],))
     with pytest.raises(AssertionError, match="fused with axis 3 of input 0 at 18"):
         fused(x)
+
+
+class GlobalFilter(nn.Module):
+    """GFNet's global filter: the tokens' 2-D FFT times a learned complex filter, held as a real parameter of
+    shape (h, w, C, 2) and viewed as complex per call; ``int(math.sqrt(N))`` stops fx, so torch.export captures it."""
+
+    def __init__(self, dim: int, h: int = 8, w: int = 5) -> None:
+        super().__init__()
+        self.complex_weight = nn.Parameter(torch.randn(h, w, dim, 2) * 0.02 + 0.5)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        a = b = int(math.sqrt(N))
+        x = x.view(B, a, b, C).to(torch.float32)
+        x = torch.fft.rfft2(x, dim=(1, 2), norm="ortho")
+        x = x * torch.view_as_complex(self.complex_weight)
+        x = torch.fft.irfft2(x, s=(a, b), dim=(1, 2), norm="ortho")
+        return x.reshape(B, N, C)
+
+
+class GFNetStem(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 4, stride=4, bias=False), nn.BatchNorm2d(c))
+        self.filter = GlobalFilter(c)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return t + self.filter(t)
+
+
+def test_a_complex_constant_follows_a_cast_of_the_fused_model():
+    """torch.export computes ``view_as_complex(parameter)`` ahead, and the fused model held the complex result as a
+    buffer: ``.to(torch.float64)`` cast it to real, dropping its imaginary part (0.88 off, silently), and fusing the
+    fused model again was refused ("only floating-point models").  It is held as its real view and viewed per call."""
+    torch.manual_seed(0)
+    model = GFNetStem().eval()
+    with torch.no_grad():
+        model.stem[1].running_mean.uniform_(-1, 1)
+        model.stem[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 32, 32)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "specialized" and not fused.fuse_report.kept_whole  # the filter is captured
+    assert not [n for n, t in fused.named_buffers() if t.is_complex()]
+    with torch.no_grad():
+        for cast in (lambda m: m.to(torch.float64), lambda m: m.double()):
+            want, got = cast(copy.deepcopy(model))(x.double()), cast(copy.deepcopy(fused))(x.double())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # weights folded in float64, rounded to float32
+    again = fuse(fused, x)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)

@@ -351,7 +351,7 @@ class ProgramBuilder:
             if isinstance(x, Const):
                 if id(x) not in consts:
                     consts[id(x)] = (f"c{len(consts)}", x.tensor)
-                return Buf(consts[id(x)][0])
+                return Buf(consts[id(x)][0], x.tensor.is_complex())
             return x
 
         # A float at its dtype's limit is torch.finfo(x.dtype).min/max of the model's code (masking scores before a

@@ -510,7 +510,7 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
             consts[name] = x.tensor
             if x.plain:
                 plain.add(name)
-            return Buf(name)
+            return Buf(name, x.tensor.is_complex())
         return x
 
     fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts, plain)

@@ -31,9 +31,15 @@ class In:
 
 @dataclass(frozen=True)
 class Buf:
-    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall`."""
+    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall`.
+
+    A ``complex`` constant (``torch.view_as_complex(self.weight)`` of GFNet's global filter, computed ahead by
+    ``torch.export``) is stored as its real view (:func:`torch.view_as_real`) and viewed as complex per call: a
+    cast of the module (``.to(torch.float64)``) casts a complex buffer to real, dropping its imaginary part, where
+    the model casts the real parameter it views."""
 
     name: str
+    complex: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
     if isinstance(template, In):
         return inputs[template.index]
     if isinstance(template, Buf):
-        return getattr(owner, template.name)
+        held = getattr(owner, template.name)
+        return torch.view_as_complex(held) if template.complex else held
     if isinstance(template, DtypeLimit):
         return getattr(torch.finfo(inputs[template.index].dtype), template.which)
     if isinstance(template, SymExpr):
@@ -101,6 +108,8 @@ def _compiled(t: Any) -> Resolver | None:
         return lambda inputs, owner: inputs[index]
     if isinstance(t, Buf):
         name = t.name
+        if t.complex:
+            return lambda inputs, owner: torch.view_as_complex(getattr(owner, name))
         return lambda inputs, owner: getattr(owner, name)
     if isinstance(t, DtypeLimit):
         index, which = t.index, t.which
@@ -202,6 +211,7 @@ class FnCall(nn.Module):
         self.args_template = args
         self.kwargs_template = kwargs
         for name, t in consts.items():
+            t = _held(t)
             if name in plain:
                 setattr(self, name, t)
             else:
@@ -245,6 +255,11 @@ class FnCall(nn.Module):
         return self.name
 
 
+def _held(t: torch.Tensor) -> torch.Tensor:
+    """A constant as a :class:`FnCall` holds it: a complex one as its real view (see :class:`Buf`)."""
+    return torch.view_as_real(t).clone() if t.is_complex() else t
+
+
 def returned(x: Any) -> Any:
     """What it is given: the target of a call that returns a constant (a model output that is a tensor of the model,
     a literal)."""
@@ -253,7 +268,7 @@ def returned(x: Any) -> Any:
 
 def constant_call(tensor: torch.Tensor, plain: bool = False) -> FnCall:
     """A call returning ``tensor``, held as a buffer, or for ``plain`` as a plain attribute (see :class:`FnCall`)."""
-    return FnCall("call_function", returned, (Buf("c0"),), {}, {"c0": tensor}, ("c0",) if plain else ())
+    return FnCall("call_function", returned, (Buf("c0", tensor.is_complex()),), {}, {"c0": tensor}, ("c0",) if plain else ())
 
 
 class CallFn(nn.Module):
