@@ -28,7 +28,8 @@ conv also the shift t; the others fold (s, 0), their bias only scaled.
 
 A 3-D convolution (``nn.Conv3d``) is the same sum of weight-times-input terms of one output channel, so
 the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, paddings, dilations and groups
-on every axis.
+on every axis.  A transposed 3-D convolution (``nn.ConvTranspose3d``) folds as the 2-D one, its weight
+``(C, O/groups, kd, kh, kw)`` scaled over its first two axes; two configurations check it.
 
 Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
 honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
@@ -41,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, describe, symbols_tensor
+from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, conv_transpose3d, describe, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -92,6 +93,15 @@ CONFIGS_3D = [
 ]
 
 
+TRANSPOSED_CONFIGS_3D = [
+    # C, O, D, H, W, (kd, kh, kw), stride, padding, output_padding, dilation (d, h, w), groups, bias
+    dict(C=2, O=2, D=2, H=2, W=1, k=(2, 1, 2), stride=(2, 1, 1), padding=(1, 0, 0), output_padding=(1, 0, 0),
+         dilation=(1, 1, 1), groups=1, bias=True),
+    dict(C=2, O=4, D=1, H=2, W=2, k=(1, 2, 2), stride=(1, 2, 1), padding=(0, 1, 0), output_padding=(0, 0, 1),
+         dilation=(1, 1, 2), groups=2, bias=False),
+]
+
+
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
@@ -116,6 +126,19 @@ def prove() -> list[str]:
         lhs = batch_norm(conv_transpose2d(x, w, b, **kw), *bn)
         rhs = conv_transpose2d(x, *fuse_transposed(w, b, g, *bn), **kw)
         desc = describe("conv_transpose->BN == conv_transpose", **cfg)
+        assert_equal(lhs, rhs, "bn_fold " + desc)
+        done.append(desc)
+    for cfg in TRANSPOSED_CONFIGS_3D:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["D"], cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (C, O // g, *cfg["k"]))
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        bn = bn_symbols("", O)
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], output_padding=cfg["output_padding"],
+                  dilation=cfg["dilation"], groups=g)
+        lhs = batch_norm(conv_transpose3d(x, w, b, **kw), *bn)
+        rhs = conv_transpose3d(x, *fuse_transposed(w, b, g, *bn), **kw)
+        desc = describe("conv_transpose3d->BN == conv_transpose3d", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
     for cfg in CONFIGS_3D:

@@ -51,7 +51,7 @@ ONE = sympy.Integer(1)
 
 __all__ = [
     "ZERO", "ONE", "symbols_tensor", "zeros", "const_tensor", "norm_pads", "pair",
-    "pad", "conv2d", "batch_norm", "bn_scale_shift", "avg_pool2d", "add", "sub",
+    "pad", "conv2d", "conv_transpose3d", "batch_norm", "bn_scale_shift", "avg_pool2d", "add", "sub",
     "scale", "concat", "regroup_weight", "assert_equal", "assert_differs", "expand_zero",
     "EPS", "bn_symbols", "describe", "identity", "linear", "flatten", "reshape", "transpose",
     "permute", "LAYOUT_OPS", "layout", "carried_axes", "describe_chain",
@@ -201,6 +201,33 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1), paddin
         for p in range(Ho):
             for q in range(Wo):
                 out[o, p, q] = sympy.Add(*terms[o][p][q], *([b[o]] if b is not None else []))
+    return out
+
+
+def conv_transpose3d(x: np.ndarray, w: np.ndarray, b=None, stride=(1, 1, 1), padding=(0, 0, 0), output_padding=(0, 0, 0),
+                     dilation=(1, 1, 1), groups: int = 1) -> np.ndarray:
+    """Transposed 3-D convolution as PyTorch defines it, the scatter of :func:`conv_transpose2d` with a depth axis:
+    input voxel ``a`` (a triple) of channel ``i`` adds ``x[i, a] * w[i, j, u]`` to output
+    ``(g(i) * O/G + j, a * stride + u * dilation - padding)``, axis by axis; ``w`` is ``(C, O/groups, kd, kh, kw)``."""
+    C, *size = x.shape
+    Cw, Og, *kernel = w.shape
+    if Cw != C or C % groups:
+        raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, groups {groups}")
+    out_size = [(n - 1) * s - 2 * p + d * (k - 1) + o + 1
+                for n, s, p, d, k, o in zip(size, stride, padding, dilation, kernel, output_padding)]
+    if min(out_size) <= 0:
+        raise ValueError("empty output")
+    terms: dict[tuple, list] = {}
+    for i, j in itertools.product(range(C), range(Og)):
+        o = (i // (C // groups)) * Og + j
+        for a in itertools.product(*map(range, size)):
+            for u in itertools.product(*map(range, kernel)):
+                at = tuple(ai * s + ui * d - p for ai, ui, s, d, p in zip(a, u, stride, dilation, padding))
+                if all(0 <= t < n for t, n in zip(at, out_size)):
+                    terms.setdefault((o, *at), []).append(w[(i, j, *u)] * x[(i, *a)])
+    out = np.empty((Og * groups, *out_size), dtype=object)
+    for index in itertools.product(range(Og * groups), *map(range, out_size)):
+        out[index] = sympy.Add(*terms.get(index, ()), *([b[index[0]]] if b is not None else []))
     return out
 
 

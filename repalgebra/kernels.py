@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from repalgebra.ir import Node
+from repalgebra.ops import TRANSPOSED_CONVS
 
 
 def bn_affine(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def conv_bias(conv: Node) -> torch.Tensor:
     """The conv's (or transposed conv's) bias, zeros when it has none."""
     w = conv.params["weight"]
     b = conv.params.get("bias")
-    out_channels = w.shape[1] * conv.attrs["groups"] if conv.op == "conv_transpose2d" else w.shape[0]
+    out_channels = w.shape[1] * conv.attrs["groups"] if conv.op in TRANSPOSED_CONVS else w.shape[0]
     return torch.zeros(out_channels, dtype=w.dtype) if b is None else b
 
 

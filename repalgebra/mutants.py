@@ -121,6 +121,7 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
+_TRANSPOSED_SCALED = 'w * per_input_channel(s, w.shape[:2], conv.attrs["groups"]).reshape(*w.shape[:2], *[1] * (w.dim() - 2))'
 _NORM_AFFINE = "repalgebra.kernels:norm_affine"
 _QSF = "repalgebra.rules.query_scale_fold:_fold"
 _NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
@@ -153,9 +154,10 @@ MUTANTS: list[Mutant] = [
     _helper("bn_fold", "var-as-std", "the running variance used as the standard deviation (no square root)", _BN_AFFINE,
             'torch.sqrt(p["var"] + bn.attrs["eps"])', '(p["var"] + bn.attrs["eps"])'),
     _m("bn_fold", "transposed-as-conv", "a transposed conv's weight scaled along its first (input-channel) axis",
-       "w = w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
-       "w = w * s.reshape(-1, 1, 1, 1) if w.shape[0] == s.shape[0] else w * per_input_channel(s, w.shape[:2], conv.attrs[\"groups\"])[:, :, None, None]",
+       f"w = {_TRANSPOSED_SCALED}", f"w = w * s.reshape(-1, *[1] * (w.dim() - 1)) if w.shape[0] == s.shape[0] else {_TRANSPOSED_SCALED}",
        target=_BN_FOLDED),
+    _m("bn_fold", "transposed3d-unscaled", "only a 4-D transposed weight is scaled: a ConvTranspose3d keeps its weight (its bias folds)",
+       f"w = {_TRANSPOSED_SCALED}", f"w = {_TRANSPOSED_SCALED} if w.dim() == 4 else w", target=_BN_FOLDED),
     _m("bn_fold", "conv3d-weight-unscaled", "only a 4-D weight is scaled: a 3-D conv keeps its weight (its bias folds)",
        "w = w * s.reshape(-1, *[1] * (w.dim() - 1))", "w = w * s.reshape(-1, 1, 1, 1) if w.dim() == 4 else w", target=_BN_FOLDED),
     _m("bn_fold", "concat-slices-from-start", "every conv of a concat folds the BN's first channels",

@@ -191,6 +191,28 @@ def conv_transpose2d(
     return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
+@op("conv_transpose3d", kind="linear")
+def conv_transpose3d(
+    x,
+    *,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=(1, 1, 1),
+    padding=(0, 0, 0),
+    output_padding=(0, 0, 0),
+    dilation=(1, 1, 1),
+    groups=1,
+):
+    """Transposed 3-D convolution (``nn.ConvTranspose3d``, a volume decoder's upsampling): ``conv_transpose2d``
+    with a third spatial axis first; ``weight`` is ``(C_in, C_out / groups, kd, kh, kw)`` and each attribute is
+    ``(d, h, w)``."""
+    return F.conv_transpose3d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+# The transposed convs: their weight holds output channels in its second axis (``weight.shape[1] * groups``).
+TRANSPOSED_CONVS = ("conv_transpose2d", "conv_transpose3d")
+
+
 @op("conv3d", kind="linear")
 def conv3d(x, *, weight: Tensor, bias: Tensor | None = None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
     """3-D convolution (video and volume models, ``nn.Conv3d``) with zero padding ``(d, h, w)`` on both sides of

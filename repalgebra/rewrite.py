@@ -31,6 +31,7 @@ import repalgebra.rules  # noqa: F401  (registers the built-in rules)
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Graph, Node
 from repalgebra.match import branch_input
+from repalgebra.ops import TRANSPOSED_CONVS
 from repalgebra.rules.registry import RULES, Refusal, Rewrite, Rule, RuleFn, rule  # noqa: F401  (re-exported)
 
 
@@ -202,7 +203,7 @@ def _unfit(rw: Rewrite) -> str | None:
 def _per_output(n: Node, t: torch.Tensor) -> torch.Tensor:
     """``t`` (of ``n``'s weight's shape) summed per output channel: rows of a conv's or Linear's weight; a transposed
     conv's weight ``(C_in, C_out / groups, k...)`` holds its output channels along axis 1, group by group."""
-    if n.op == "conv_transpose2d":
+    if n.op in TRANSPOSED_CONVS:
         g = n.attrs["groups"]
         return t.reshape(g, t.shape[0] // g, t.shape[1], -1).sum((1, 3)).reshape(-1)
     return t.reshape(t.shape[0], -1).sum(1)

@@ -80,7 +80,7 @@ from repalgebra.builder import GraphBuilder
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.match import Window, union_window
-from repalgebra.ops import op_def
+from repalgebra.ops import TRANSPOSED_CONVS, op_def
 from repalgebra.testing_layers import ATTRIBUTE_CASES, LayerStack, attribute_case, layer_stacks, norm_eps
 
 __all__ = [
@@ -507,7 +507,7 @@ def _abs_params(n: Node) -> dict[str, torch.Tensor]:
 
 def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
     op, a = n.op, n.attrs
-    if op in ("conv2d", "conv3d", "conv_transpose2d"):
+    if op in ("conv2d", "conv3d", *TRANSPOSED_CONVS):
         return op_def(op)(ms, a, _abs_params(n))
     if op == "batch_norm":
         p = {k: v.to(torch.float64) for k, v in n.params.items()}

@@ -239,6 +239,8 @@ def _cases() -> dict[str, Callable[[], LayerStack]]:
                                  nn.Conv1d(6, 6, 4, padding="same", bias=False)], shape=(2, 4, 11)),
         "conv3d": _case(lambda: [nn.Conv3d(4, 6, (3, 2, 3), (2, 1, 1), (1, 0, 2), (2, 1, 1), groups=2), nn.BatchNorm3d(6, eps=1e-3),
                                  nn.ReLU()], shape=(2, 4, 6, 7, 5)),
+        "conv-transpose3d": _case(lambda: [nn.ConvTranspose3d(4, 6, (3, 2, 3), (2, 1, 2), (1, 0, 2), (1, 0, 1), groups=2,
+                                                              dilation=(1, 2, 1)), nn.BatchNorm3d(6, eps=1e-3), nn.ReLU()], shape=(2, 4, 3, 4, 5)),
         "conv3d-same": _case(lambda: [nn.Conv3d(4, 6, (1, 3, 3), padding="same", dilation=(1, 1, 2), bias=False), nn.GELU(),
                                       nn.Conv3d(6, 6, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0), groups=6)], shape=(2, 4, 6, 7, 5)),
         "pad-value": _case(lambda: [nn.ReLU(), nn.ConstantPad2d((2, 0, 1, 3), -1.5), conv(padding=0)]),

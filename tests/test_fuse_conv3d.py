@@ -19,6 +19,7 @@ from test_fuse_conv1d import assert_exact_at  # float64, to 1e-9 relative, at ea
 
 from repalgebra import fuse
 from zoo import count_bn, seeded
+from zoo.vnet import ContBatchNorm3d, VNet
 
 D = torch.float64
 
@@ -78,3 +79,23 @@ def test_3d_branches_whose_kernels_would_grow_unevenly_stay_apart():
     assert count_bn(fused) == 0 and r.ops_after == {"conv3d": 2, "add": 1}, str(r)
     assert any("at the example's size only" in la.reason for la in r.left_alone), str(r)
     assert_exact_at(model, fused, [(2, 4, 4, 6, 6), (1, 4, 8, 4, 6)])
+
+
+def test_a_vnet_folds_its_transposed_convs_and_keeps_batch_statistics_norms_whole():
+    """V-Net's up transitions are a ``ConvTranspose3d`` + BN: with ``nn.BatchNorm3d`` every BN folds, the two after
+    the transposed convs too (they were left as BatchNorms: there was no ``conv_transpose3d`` op).  With the
+    original's ``ContBatchNorm3d``, which normalizes with the batch's own statistics in eval mode too, nothing may
+    fold: the fused model must still follow each batch."""
+    model = seeded(VNet, 5)().to(D)
+    fused = fuse(model, torch.randn(2, 1, 8, 8, 8, dtype=D))
+    assert count_bn(fused) == 0 and fused.fuse_report.ops_after.get("conv_transpose3d") == 2
+    assert_exact_at(model, fused, [(2, 1, 8, 8, 8), (1, 1, 16, 8, 24)])
+
+    batch_stats = seeded(VNet, 5, norm=ContBatchNorm3d)().to(D)
+    x = torch.randn(2, 1, 8, 8, 8, dtype=D)
+    fused = fuse(batch_stats, x)
+    assert count_bn(fused) == count_bn(batch_stats)
+    for shape in [(2, 1, 8, 8, 8), (3, 1, 8, 16, 8)]:
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), batch_stats(x), rtol=1e-9, atol=1e-12)  # float64: the same ops

@@ -51,6 +51,9 @@ FEW = {
     "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
+    "repalgebra.frontend.calls:_held": "one choice: a complex constant held as its real view or as it is",
+    "repalgebra.frontend.calls:_compiled": "the resolver of each template leaf, held to resolve() by tests/test_frontend.py; "
+    "the mutant is the one leaf a fuse test alone reaches (a complex constant)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",
     "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",
     "repalgebra.frontend.shapes:_same_shape_reader": "one decision changes what runs (the reader keeps the size); the others "

@@ -110,6 +110,19 @@ class TemporalConv(nn.Module):
         return F.conv3d(x, self.weight, None, 1, "same", 1, self.groups)
 
 
+class Transposed3d(nn.Module):
+    """A volume decoder's learned upsampling written with ``F.conv_transpose3d``: 2x in height and width with an
+    output padding past the scatter (a bias-free row and column), a cropped 3-tap kernel in depth, grouped."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, 1, 3, 2, 2) / 3)
+
+    def forward(self, x):
+        return F.conv_transpose3d(x, self.weight, stride=(1, 2, 2), padding=(1, 0, 0), output_padding=(0, 1, 1),
+                                  groups=self.weight.shape[0])
+
+
 class RsqrtNorm(nn.Module):
     """``x * torch.rsqrt(var + eps)``, ``/ 6.``, ``1 - x``, a positional embedding added, an SE gate."""
 
@@ -449,6 +462,10 @@ CASES: dict[str, Case] = {
         lambda: stem(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, 2, 1, output_padding=1, groups=2), nn.BatchNorm2d(6),
                                    DepthwiseUp(6))),
         (1, 3, 5, 4), {"conv_transpose2d"}, _onnx("ConvTranspose"),
+    ),
+    "conv_transpose3d": Case(  # a volume decoder's upsampling (V-Net): ConvTranspose3d + BatchNorm3d (folded), F.conv_transpose3d
+        lambda: nn.Sequential(nn.ConvTranspose3d(3, 4, (1, 2, 2), (1, 2, 2)), nn.BatchNorm3d(4), nn.ReLU(), Transposed3d(4)),
+        (1, 3, 2, 3, 4), {"conv_transpose3d"}, _onnx("ConvTranspose"),
     ),
     "conv3d": Case(  # a (2+1)D video block: spatial Conv3d + BatchNorm3d, then a temporal F.conv3d + BatchNorm3d (folded)
         lambda: nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), (1, 2, 1), (0, 1, 1)), nn.BatchNorm3d(4), nn.ReLU(), TemporalConv(4),

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from proofs import RULES, is_refused, load  # noqa: E402
 from proofs import bn_fold, bn_before_conv, bn_into_linear, linear_affine_fold, seq_merge  # noqa: E402
-from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm, conv3d,  # noqa: E402
+from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm, conv3d, conv_transpose3d,  # noqa: E402
                              bn_symbols, carried_axes, conv2d, layout, linear, scale,
                              symbols_tensor)
 
@@ -219,6 +219,22 @@ def test_reference_conv3d_matches_torch(cfg):
     ours = _num(conv3d(x, w, b, stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g))
     ref = torch.nn.functional.conv3d(torch.tensor(_num(x))[None], torch.tensor(_num(w)), torch.tensor(_num(b)), cfg["stride"],
                                      cfg["padding"], cfg["dilation"], g)[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cfg", bn_fold.TRANSPOSED_CONFIGS_3D)
+def test_reference_conv_transpose3d_matches_torch(cfg):
+    """The symbolic reference transposed conv3d (the scatter, voxel by voxel) is torch's (on numbers), at the
+    configurations the bn_fold proof uses."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+    x, w, b = (np.vectorize(sympy.Integer, otypes=[object])(rng.integers(-3, 4, shape).astype(object))
+               for shape in ((C, cfg["D"], cfg["H"], cfg["W"]), (C, O // g, *cfg["k"]), (O,)))
+    kw = {k: cfg[k] for k in ("stride", "padding", "output_padding", "dilation", "groups")}
+    ours = _num(conv_transpose3d(x, w, b, **kw))
+    ref = torch.nn.functional.conv_transpose3d(torch.tensor(_num(x))[None], torch.tensor(_num(w)), torch.tensor(_num(b)),
+                                               **kw)[0].numpy()
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
 
 

@@ -162,7 +162,7 @@ def _conv3d(ctx, n, x):
     )
 
 
-@lowering("conv_transpose2d")
+@lowering("conv_transpose2d", "conv_transpose3d")
 def _conv_transpose(ctx, n, x):
     """ConvTranspose without ``output_padding``: onnxruntime refuses one of at least the stride, which PyTorch
     allows below the dilation.  The extra end rows and columns are those the end padding would crop, so the end is
@@ -179,8 +179,9 @@ def _conv_transpose(ctx, n, x):
     )
     if not any(extra):
         return y
-    y = ctx.emit("Pad", [y, ctx.ints("pads", [0, 0, 0, 0, 0, 0, *extra]), _number(ctx, "zero", 0.0)], mode="constant")
-    return y if b is None else ctx.emit("Add", [y, ctx.const("bias", b.reshape(-1, 1, 1))])
+    # pads: every axis's begin (none), then its end: none on the batch and channels, ``extra`` on each spatial axis
+    y = ctx.emit("Pad", [y, ctx.ints("pads", [0] * (len(extra) + 4) + extra), _number(ctx, "zero", 0.0)], mode="constant")
+    return y if b is None else ctx.emit("Add", [y, ctx.const("bias", b.reshape(-1, *[1] * len(extra)))])
 
 
 @lowering("batch_norm")

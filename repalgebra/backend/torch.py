@@ -311,11 +311,11 @@ def _conv2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.module(_hint(node), conv, x)
 
 
-@lowers("conv_transpose2d")
-def _conv_transpose2d(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+@lowers("conv_transpose2d", "conv_transpose3d")
+def _conv_transpose(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     w, b = node.params["weight"], node.params.get("bias")
     a = node.attrs
-    conv = nn.ConvTranspose2d(
+    conv = (nn.ConvTranspose2d if w.dim() == 4 else nn.ConvTranspose3d)(
         w.shape[0], w.shape[1] * a["groups"], tuple(w.shape[2:]), a["stride"], a["padding"], a["output_padding"],
         a["groups"], bias=b is not None, dilation=a["dilation"], device="meta", dtype=w.dtype,
     )

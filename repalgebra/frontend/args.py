@@ -63,9 +63,11 @@ def ints(v: Any, n: int | None = None) -> tuple[int, ...] | None:
     return None
 
 
-def transposed_conv_attrs(stride: Any, padding: Any, output_padding: Any, dilation: Any, groups: Any) -> dict | None:
-    """The ``conv_transpose2d`` attrs of PyTorch's arguments (an int or a pair each), or None when one is not."""
-    attrs = {k: ints(v, 2) for k, v in
+def transposed_conv_attrs(stride: Any, padding: Any, output_padding: Any, dilation: Any, groups: Any,
+                          axes: int = 2) -> dict | None:
+    """The ``conv_transpose2d`` attrs of PyTorch's arguments (an int or a pair each), or None when one is not;
+    ``axes`` 3: those of a ``conv_transpose3d`` (an int or a triple each)."""
+    attrs = {k: ints(v, axes) for k, v in
              (("stride", stride), ("padding", padding), ("output_padding", output_padding), ("dilation", dilation))}
     if any(v is None for v in attrs.values()) or not is_int(groups):
         return None

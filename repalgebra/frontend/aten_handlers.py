@@ -60,14 +60,14 @@ def _ints(v: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _pair(v: Any) -> tuple[int, int] | None:
-    """An ATen ``int[2]`` argument (an int, one int or two) as a pair."""
+def _pair(v: Any, n: int = 2) -> tuple[int, ...] | None:
+    """An ATen ``int[2]`` argument (an int, one int or two) as a pair; ``n`` 3: an ``int[3]`` as a triple."""
     if _is_int(v):
-        return (v, v)
+        return (v,) * n
     t = _ints(v)
-    if t is None or len(t) not in (1, 2):
+    if t is None or len(t) not in (1, n):
         return None
-    return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
+    return tuple(t) * (n // len(t))
 
 
 def _conv(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -122,15 +122,16 @@ def _height_one(b: ProgramBuilder, n: fx.Node, a: dict, conv2d: Callable[..., Ma
 
 
 def _conv_transpose(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``aten.conv_transpose2d`` (``nn.ConvTranspose2d``)."""
+    """``aten.conv_transpose2d`` (``nn.ConvTranspose2d``), ``aten.conv_transpose3d`` (``nn.ConvTranspose3d``)."""
     x, w, bias = _v(a["input"]), _c(a["weight"]), a["bias"]
-    if x is None or len(x.shape) != 4 or w is None or w.dim() != 4 or (bias is not None and _c(bias) is None):
+    if x is None or len(x.shape) not in (4, 5) or w is None or w.dim() != len(x.shape) or (bias is not None and _c(bias) is None):
         return None
-    attrs = transposed_conv_attrs(*(_pair(a[k]) for k in ("stride", "padding", "output_padding", "dilation")), a["groups"])
+    axes = w.dim() - 2
+    attrs = transposed_conv_attrs(*(_pair(a[k], axes) for k in ("stride", "padding", "output_padding", "dilation")), a["groups"], axes)
     if attrs is None:
         return None
     params = {"weight": w} if bias is None else {"weight": w, "bias": _c(bias)}
-    return "conv_transpose2d", [x], attrs, params, _owner(a["weight"])
+    return f"conv_transpose{axes}d", [x], attrs, params, _owner(a["weight"])
 
 
 def _conv_transpose1d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -158,7 +159,7 @@ def _conv3d(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 
 
 def _convolution(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``aten.convolution``: a 2-D or 3-D conv, or a transposed 2-D one."""
+    """``aten.convolution``: a 2-D or 3-D conv, or a transposed one."""
     if a["transposed"] is True:
         return _conv_transpose(b, n, a)
     output_padding = _ints(a["output_padding"])
@@ -846,6 +847,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.conv2d.padding: _conv,
     aten.convolution.default: _convolution,
     aten.conv_transpose2d.input: _conv_transpose,
+    aten.conv_transpose3d.input: _conv_transpose,
     aten.conv_transpose1d.default: _conv_transpose1d,
     aten.conv3d.default: _conv3d,
     aten.conv3d.padding: _conv3d,

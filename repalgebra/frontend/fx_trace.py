@@ -212,6 +212,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.Conv1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose1d,
+    nn.ConvTranspose3d,
     ChannelAffine,  # the torch back end's 1x1 depthwise conv
     nn.Conv3d,
     nn.SyncBatchNorm,  # its own forward, which in eval mode is _BatchNorm's (a synchronised batch is for training)

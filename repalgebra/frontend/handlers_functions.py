@@ -622,7 +622,7 @@ def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     return ("identity", [x], {}, {}, "") if dtype is not None and dtype == x.dtype else None
 
 
-_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear"})  # their output has their weight's dtype
+_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose2d", "conv_transpose3d", "linear"})  # their output has their weight's dtype
 
 
 def _of_an_input_dtype(v: Value) -> bool:
@@ -848,20 +848,22 @@ def _f_conv1d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
     return "flatten", [b.add("conv2d", [x4], attrs, params, where)], {"start": 2, "end": 3}, {}, where
 
 
-def _f_conv_transpose2d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+def _f_conv_transpose(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``F.conv_transpose2d`` of a 4-D input, ``F.conv_transpose3d`` of a 5-D one."""
     spec = [("input", REQ), ("weight", REQ), ("bias", None), ("stride", 1), ("padding", 0), ("output_padding", 0),
             ("groups", 1), ("dilation", 1)]
     a = bind(spec, args, kwargs)
-    if a is None or shaped(a["input"]) is None or len(a["input"].shape) != 4 or _const(a["weight"]) is None:
+    axes = 3 if target in (F.conv_transpose3d, torch.conv_transpose3d) else 2
+    if a is None or shaped(a["input"]) is None or len(a["input"].shape) != 2 + axes or _const(a["weight"]) is None:
         return None
     w = _const(a["weight"])
-    if w.dim() != 4 or (a["bias"] is not None and _const(a["bias"]) is None):
+    if w.dim() != 2 + axes or (a["bias"] is not None and _const(a["bias"]) is None):
         return None
-    attrs = transposed_conv_attrs(a["stride"], a["padding"], a["output_padding"], a["dilation"], a["groups"])
+    attrs = transposed_conv_attrs(a["stride"], a["padding"], a["output_padding"], a["dilation"], a["groups"], axes)
     if attrs is None:
         return None
     params = {"weight": w} if a["bias"] is None else {"weight": w, "bias": _const(a["bias"])}
-    return "conv_transpose2d", [a["input"]], attrs, params, a["weight"].path.rpartition(".")[0]
+    return f"conv_transpose{axes}d", [a["input"]], attrs, params, a["weight"].path.rpartition(".")[0]
 
 
 def _f_conv3d(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1246,7 +1248,7 @@ _register(_f_unary("gelu", ("approximate", "none")), F.gelu)
 _register(_f_unary("sigmoid"), torch.sigmoid, F.sigmoid, ("method", "sigmoid"))
 _register(_f_identity_unless_training, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 _register(_f_conv2d, F.conv2d, torch.conv2d)
-_register(_f_conv_transpose2d, F.conv_transpose2d, torch.conv_transpose2d)
+_register(_f_conv_transpose, F.conv_transpose2d, torch.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose3d)
 _register(_f_conv3d, F.conv3d, torch.conv3d)
 _register(_f_conv1d, F.conv1d, torch.conv1d)
 _register(_f_pad, F.pad)

@@ -54,14 +54,15 @@ def _m_conv2d(b: Builder, n: fx.Node, m: nn.Conv2d, args: tuple, kwargs: dict) -
     return "conv2d", [_padded(b, n, x, pre)], attrs, params, ""
 
 
-def _m_conv_transpose2d(b: Builder, n: fx.Node, m: nn.ConvTranspose2d, args: tuple, kwargs: dict) -> Made:
-    """``nn.ConvTranspose2d`` on one 4-D input (an ``output_size`` argument leaves the call opaque)."""
-    x = single(args, kwargs)
-    if x is None or len(x.shape) != 4:
+def _m_conv_transpose(b: Builder, n: fx.Node, m: nn.ConvTranspose2d | nn.ConvTranspose3d, args: tuple, kwargs: dict) -> Made:
+    """``nn.ConvTranspose2d`` on one 4-D input, ``nn.ConvTranspose3d`` on one 5-D input (an ``output_size`` argument
+    leaves the call opaque)."""
+    x, axes = single(args, kwargs), len(m.kernel_size)
+    if x is None or len(x.shape) != 2 + axes:
         return None
-    attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups)
+    attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups, axes)
     params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
-    return "conv_transpose2d", [x], attrs, params, ""
+    return f"conv_transpose{axes}d", [x], attrs, params, ""
 
 
 def _m_conv_transpose1d(b: Builder, n: fx.Node, m: nn.ConvTranspose1d, args: tuple, kwargs: dict) -> Made:
@@ -284,7 +285,8 @@ def _m_pad_nd(mode: str) -> Callable[..., Made]:
 MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.Conv2d: _m_conv2d,
     nn.Conv1d: _m_conv1d,
-    nn.ConvTranspose2d: _m_conv_transpose2d,
+    nn.ConvTranspose2d: _m_conv_transpose,
+    nn.ConvTranspose3d: _m_conv_transpose,
     nn.ConvTranspose1d: _m_conv_transpose1d,
     ChannelAffine: _m_conv2d,  # the torch back end's 1x1 depthwise conv: that conv
     nn.Conv3d: _m_conv3d,

@@ -132,7 +132,7 @@ _FRESH_FUNCTIONS = {
     torch.conv2d, torch.erf, torch.pow, torch.addmm, torch.baddbmm, torch.norm, torch.var, torch.std,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.randn_like, torch.pixel_shuffle,
     torch.pixel_unshuffle, torch.cumsum, torch.sort, torch.topk, torch.gather, torch.masked_fill,
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.conv_transpose3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
     F.instance_norm, F.gelu, F.silu, F.mish, F.softmax, F.log_softmax, F.sigmoid, F.tanh, F.hardswish,
     F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
     F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,

@@ -12,11 +12,12 @@ import math
 from typing import Any
 
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.ops import TRANSPOSED_CONVS
 
 # Ops whose output has their first input's shape: per-channel maps, and activations of one input
 _SAME_SHAPE = ("batch_norm", "scale", "identity", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
                "leaky_relu", "softplus", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "exp", "log", "rsqrt", "cast", "layer_norm", "rms_norm")
-_FOLDS_A_BN = ("conv2d", "conv3d", "conv_transpose2d", "linear")  # a BN or scale after these folds into them
+_FOLDS_A_BN = ("conv2d", "conv3d", *TRANSPOSED_CONVS, "linear")  # a BN or scale after these folds into them
 
 
 def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:

@@ -21,7 +21,7 @@ first:
 
 (the first conv of a sum is always added, never subtracted).
 
-Preconditions: the BN reads a ``conv2d``, ``conv3d`` or ``conv_transpose2d`` whose output nothing else reads, or a
+Preconditions: the BN reads a ``conv2d``, ``conv3d``, ``conv_transpose2d`` or ``conv_transpose3d`` whose output nothing else reads, or a
 concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs.  Any stride,
 padding, output padding, dilation and groups: BN acts on each output channel alone.
 """
@@ -30,9 +30,10 @@ import torch
 
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
+from repalgebra.ops import TRANSPOSED_CONVS
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
-_CONVS = ("conv2d", "conv3d", "conv_transpose2d")
+_CONVS = ("conv2d", "conv3d", *TRANSPOSED_CONVS)
 
 
 @rule("bn_fold", on="batch_norm")
@@ -41,7 +42,7 @@ def bn_fold(graph, bn):
     if conv is None:
         return _through_concat(graph, bn) or _through_sum(graph, bn)
     if not sole_use(graph, conv.out):
-        return Refusal(f"the {'transposed ' * (conv.op == 'conv_transpose2d')}conv before it is also read elsewhere")
+        return Refusal(f"the {'transposed ' * (conv.op in TRANSPOSED_CONVS)}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
     new = _folded(conv, s, t, bn)
     return Rewrite(bn.out, new.out, (new,))
@@ -50,10 +51,10 @@ def bn_fold(graph, bn):
 def _folded(conv, s, t, bn):
     """``conv`` with the per-output-channel affine ``s * y + t`` folded in."""
     w = conv.params["weight"]
-    if conv.op != "conv_transpose2d":  # (C_out, C_in / g, *kernel): output channel o is row o
+    if conv.op not in TRANSPOSED_CONVS:  # (C_out, C_in / g, *kernel): output channel o is row o
         w = w * s.reshape(-1, *[1] * (w.dim() - 1))
-    else:  # (C_in, C_out / g, kh, kw): the scale of output channel o laid out like the weight's rows and columns
-        w = w * per_input_channel(s, w.shape[:2], conv.attrs["groups"])[:, :, None, None]
+    else:  # (C_in, C_out / g, *kernel): the scale of output channel o laid out like the weight's rows and columns
+        w = w * per_input_channel(s, w.shape[:2], conv.attrs["groups"]).reshape(*w.shape[:2], *[1] * (w.dim() - 2))
     return conv_with(conv, sources=(bn,), weight=w, bias=conv_bias(conv) * s + t)
 
 

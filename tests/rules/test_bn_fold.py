@@ -86,12 +86,13 @@ def test_bn_without_conv_is_left_alone(dtype, channels, data):
 
 
 @st.composite
-def transposed_convs(draw) -> dict:
-    """An ``nn.ConvTranspose2d``'s geometry: channels 1-12, groups dividing both, kernel 1-5, stride 1-3,
-    dilation 1-2, padding up to the dilated kernel, output padding below max(stride, dilation), input 1-6."""
+def transposed_convs(draw, axes: int = 2) -> dict:
+    """An ``nn.ConvTranspose2d``'s geometry (``axes`` 3: an ``nn.ConvTranspose3d``'s): channels 1-12, groups
+    dividing both, kernel 1-5, stride 1-3, dilation 1-2, padding up to the dilated kernel, output padding below
+    max(stride, dilation), input 1-6 (3-D: kernel 1-3, input 1-4)."""
     g = draw(st.sampled_from([1, 1, 2, 3]))
     cin, cout = (g * draw(st.integers(1, 12 // g)) for _ in range(2))
-    kernel, stride, dilation = (tuple(draw(st.integers(1, hi)) for _ in range(2)) for hi in (5, 3, 2))
+    kernel, stride, dilation = (tuple(draw(st.integers(1, hi)) for _ in range(axes)) for hi in ((5 if axes == 2 else 3), 3, 2))
     padding = tuple(draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation))
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
     size = []
@@ -99,7 +100,7 @@ def transposed_convs(draw) -> dict:
         lo = 1  # the smallest input with a non-empty output: (n - 1) s - 2p + d (k - 1) + o + 1 >= 1
         while (lo - 1) * s - 2 * p + d * (k - 1) + o + 1 < 1:
             lo += 1
-        size.append(draw(st.integers(lo, lo + 5)))
+        size.append(draw(st.integers(lo, lo + (5 if axes == 2 else 3))))
     return dict(cin=cin, cout=cout, groups=g, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
                 output_padding=output_padding, bias=draw(st.booleans()), size=tuple(size))
 
@@ -111,6 +112,16 @@ def test_folds_bn_into_any_transposed_conv(spec, dtype, batch, seed, data):
     cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
     w = torch.randn(cin, cout // g, *spec["kernel"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     folds_into_one(spec, "conv_transpose2d", (w / (cin // g) ** 0.5).to(dtype), ("stride", "padding", "output_padding", "dilation", "groups"),
+                   dtype, batch, seed, data)
+
+
+@given(spec=transposed_convs(axes=3), dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_bn_into_any_transposed_conv3d(spec, dtype, batch, seed, data):
+    """``nn.ConvTranspose3d`` + ``BatchNorm3d`` (a volume decoder's upsampling, V-Net's up transition): the weight
+    is ``(C_in, C_out / g, kd, kh, kw)``, the scale laid out over its first two axes as in 2-D."""
+    cin, cout, g = spec["cin"], spec["cout"], spec["groups"]
+    w = torch.randn(cin, cout // g, *spec["kernel"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    folds_into_one(spec, "conv_transpose3d", (w / (cin // g) ** 0.5).to(dtype), ("stride", "padding", "output_padding", "dilation", "groups"),
                    dtype, batch, seed, data)
 
 

@@ -42,6 +42,7 @@ from . import (
     split_resnets,
     video,
     vit,
+    vnet,
     windows,
 )
 from ._base import ZooModel, count_bn, fx_fused_bn_count, randomize_bn, seeded
@@ -51,7 +52,7 @@ __all__ = ["ZooModel", "ZOO", "zoo_model", "randomize_bn", "seeded", "fx_fused_b
 _FAMILIES = (
     resnet, split_resnets, densenet, backbone_fpn, efficientnet, ghostnet, reparam, inception, hrnet, detection, nfnet,
     segmentation, deploy_forms, convnext, fastvit, metaformer, levit, vit, windows, mobilevit, mvit, efficientvit, coatnet, pvt,
-    shiftvit, video,
+    shiftvit, video, vnet,
 )
 
 ZOO: tuple[ZooModel, ...] = tuple(e for family in _FAMILIES for e in family.ENTRIES)
