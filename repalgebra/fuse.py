@@ -237,7 +237,7 @@ def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, r
     if not isinstance(fused, fx.GraphModule):  # a copy of the view (kept whole, nothing folded), or a wrapper
         return unviewed(fused, model)
     fused = restructured(fused, model, spec)
-    StructureGuard(pytree.treespec_dumps(spec)).install(fused)
+    StructureGuard(pytree.tree_unflatten([0] * spec.num_leaves, spec)).install(fused)
     report.notes.append(f"forward takes {structure_text(spec)}: captured with one input per tensor ({spec.num_leaves}); the "
                         "fused model takes that structure and refuses another (other lengths or keys)")
     return fused
@@ -503,13 +503,15 @@ class StructureGuard:
     The fused graph reads as many feature maps as the example held, by their positions and keys
     (:mod:`repalgebra.frontend.structured`): given a fourth, it would ignore it."""
 
-    spec: str  # the example's structure, pytree.treespec_dumps
+    # The example's structure: its containers with a 0 for each tensor.  Not pytree's TreeSpec (a deep copy of one
+    # warns) nor its JSON (which writes a dict's tuple keys as lists, and refuses a named tuple's class).
+    skeleton: Any
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
     structural: ClassVar[bool] = True  # a flat view of the module takes its tensors one by one: it drops this guard
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         args = _bound(module, args, kwargs)
-        if args is not None and (problem := structure_mismatch(self.spec, args)) is not None:
+        if args is not None and (problem := structure_mismatch(self.skeleton, args)) is not None:
             raise TypeError(f"{problem}. Fuse the model again with an example of that structure.")
 
     def install(self, module: nn.Module) -> None:

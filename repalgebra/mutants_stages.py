@@ -267,6 +267,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.builder:_computed_dtype", "and a.args[0].producer is not None ", "", _CD),
     ("frontend", "computed-dtype-unread", "a constant cast to a computed value's dtype stays a call (a frozen BN after a conv does not fold)",
      "repalgebra.frontend.builder:_computed_dtype", "        return a.args[0].dtype\n", "        return a\n", _CD),
+    ("frontend", "structured-field-as-item", "a named tuple's field read as an item by its name (batch['image'])",
+     f"{_STM}:_access", "        return getattr, key.name", "        return operator.getitem, key.name", _ST),
     ("frontend", "structured-leaves-reversed", "a model's feature maps read out of its list in reverse order",
      f"{_STM}:restructured", "zip(pytree.tree_flatten_with_path(args)[0], old)", "zip(pytree.tree_flatten_with_path(args)[0], old[::-1])", _ST),
     ("frontend", "structured-first-argument", "every tensor read out of the first argument (a *args head's levels all from the first)",

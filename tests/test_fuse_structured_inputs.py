@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import io
-from collections import OrderedDict
+import pickle
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 import onnxruntime as ort
@@ -112,9 +113,37 @@ class FCOSHead(nn.Module):
         return cls_scores, bbox_preds
 
 
-def feature_maps(batch: int, size: int, channels=(8, 16, 32), seed: int = 0) -> list[torch.Tensor]:
+class DepthEncoder(nn.Module):
+    """monodepth2's way: ``inputs[("color_aug", frame_id, 0)]`` for the frames of a dict keyed by tuples, the
+    frames concatenated on channels into a pose encoder (conv + BN + ReLU)."""
+
+    def __init__(self, frames=(0, -1, 1), c: int = 8) -> None:
+        super().__init__()
+        self.frames = frames
+        self.encoder = nn.Sequential(conv_module(8 * len(frames), c, 3), conv_module(c, c, 3))
+
+    def forward(self, inputs):
+        return self.encoder(torch.cat([inputs[("color_aug", f, 0)] for f in self.frames], 1))
+
+
+Batch = namedtuple("Batch", "image depth")
+
+
+class RGBDStem(nn.Module):
+    """A batch as a named tuple read by field (``batch.image``, ``batch.depth``): one stem per modality, summed."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.rgb, self.d = conv_module(8, c, 3), conv_module(16, c, 1)
+
+    def forward(self, batch):
+        return self.rgb(batch.image) + F.interpolate(self.d(batch.depth), size=batch.image.shape[-2:])
+
+
+def feature_maps(batch: int, size: int, channels=(8, 16, 32), seed: int = 0, same_size: bool = False) -> list[torch.Tensor]:
+    """A pyramid (each map half the size of the one before), or maps all of ``size`` (``same_size``)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, c, size // 2 ** k, size // 2 ** k, generator=g, dtype=D) for k, c in enumerate(channels)]
+    return [torch.randn(batch, c, *(2 * (size // 2 ** (0 if same_size else k),)), generator=g, dtype=D) for k, c in enumerate(channels)]
 
 
 def assert_same(want, got) -> None:
@@ -128,6 +157,9 @@ CASES = {
     "mmdet FPN, a tuple": (MMDetFPN, lambda b, s: (tuple(feature_maps(b, s)),)),
     "torchvision FPN, a dict": (TorchvisionFPN, lambda b, s: (OrderedDict(zip(["p3", "p4", "p5"], feature_maps(b, s))),)),
     "FCOS head, *feats": (FCOSHead, lambda b, s: tuple(feature_maps(b, s, (8, 8, 8)))),
+    "monodepth2 frames, a dict keyed by tuples": (
+        DepthEncoder, lambda b, s: (dict(zip([("color_aug", f, 0) for f in (0, -1, 1)], feature_maps(b, s, (8, 8, 8), same_size=True))),)),
+    "a named tuple": (RGBDStem, lambda b, s: (Batch(*feature_maps(b, s, (8, 16))),)),
 }
 
 
@@ -160,6 +192,19 @@ def test_another_structure_is_refused_by_the_fused_model_and_kept_through_copies
     assert again.fuse_report.ops_after == fused.fuse_report.ops_after, str(again.fuse_report)
     with torch.no_grad():
         assert_same(model(tuple(feature_maps(1, 8))), again(tuple(feature_maps(1, 8))))
+
+
+def test_a_named_tuple_of_another_structure_is_refused_naming_its_class():
+    """A named tuple's fields are read by name (``batch.image``): the capture crashed inside pytree (its path
+    names a field by attribute), and a dict keyed by tuples was fused and then refused its own example (pytree's
+    JSON writes tuple keys as lists)."""
+    model = seeded(RGBDStem, 0)().to(D)
+    fused = fuse(model, (Batch(*feature_maps(2, 16, (8, 16))),))
+    with pytest.raises(TypeError, match=r"fused with inputs \(Batch of 2 tensors\).*called with \(tuple of 2 tensors\)"):
+        fused(tuple(feature_maps(2, 16, (8, 16))))
+    with torch.no_grad():
+        for m in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert_same(model(Batch(*feature_maps(1, 8, (8, 16)))), m(Batch(*feature_maps(1, 8, (8, 16)))))
 
 
 def test_a_part_kept_whole_returns_the_models_own_class_taking_its_structure():

@@ -84,6 +84,7 @@ FEW = {
     "repalgebra.frontend.structured:restructured": "two choices, which argument and which item each tensor is read from",
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
     "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
+    "repalgebra.frontend.structured:_access": "one choice per kind of step: an item, or a named tuple's field",
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
     "repalgebra.fuse:_guard_pinned": "one decision, which dtypes a tensor a cast leaves lets the part run in",
     "repalgebra.backend.torch:_share_key": "one decision, whether two calls' paths agree (their weights are _same_module's)",

@@ -1302,7 +1302,7 @@ def _flat_for_export(module: torch.nn.Module, input_shape: Any) -> tuple[torch.n
     if any(map(of_tensors, given)):
         leaves, spec = flat_leaves(given)
     elif guard is not None:  # one shape or tensor per tensor of the structure
-        leaves, spec = input_shape, pytree.treespec_loads(guard.spec)
+        leaves, spec = input_shape, pytree.tree_structure(guard.skeleton)
     else:
         return module, input_shape
     view = flat_view(module, spec)

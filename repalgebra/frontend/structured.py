@@ -12,6 +12,7 @@ another structure (another number of feature maps, other keys): the fused graph 
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import operator
@@ -93,8 +94,8 @@ def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | N
         for path, leaf in pytree.tree_flatten_with_path(arg)[0]:
             node = top
             for key in path:
-                node = next((u for u in node.users if u.op == "call_function" and u.target is operator.getitem
-                             and u.args[1] == _key(key)), None)
+                read, at = _access(key)
+                node = next((u for u in node.users if u.op == "call_function" and u.target is read and u.args[1] == at), None)
                 if node is None:
                     return None
             env[node] = xs[leaf]
@@ -102,7 +103,7 @@ def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | N
     for n in gm.graph.nodes:
         if n.op == "placeholder" or n in env:
             continue
-        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in inside:
+        if n.op == "call_function" and n.target in (operator.getitem, getattr) and n.args[0] in inside:
             inside.add(n)
             continue
         try:
@@ -147,7 +148,8 @@ def restructured(gm: fx.GraphModule, model: nn.Module, spec: pytree.TreeSpec) ->
     for (path, _), placeholder in zip(pytree.tree_flatten_with_path(args)[0], old):
         value = tops[path[0].idx]
         for key in path[1:]:
-            value = graph.call_function(operator.getitem, (value, _key(key)))
+            read, at = _access(key)
+            value = graph.call_function(read, (value, at))
         env[placeholder] = value
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
@@ -157,13 +159,13 @@ def restructured(gm: fx.GraphModule, model: nn.Module, spec: pytree.TreeSpec) ->
     return new.train(gm.training)
 
 
-def structure_mismatch(spec_text: str, args: tuple) -> str | None:
-    """Why a call with ``args`` is not of the structure ``spec_text`` (``pytree.treespec_dumps``), or None where it is
-    (or where a trace calls with Proxies)."""
+def structure_mismatch(skeleton: Any, args: tuple) -> str | None:
+    """Why a call with ``args`` is not of the structure of ``skeleton`` (the example's containers, a 0 per tensor),
+    or None where it is (or where a trace calls with Proxies)."""
     leaves, spec = pytree.tree_flatten(args)
     if any(isinstance(a, fx.Proxy) for a in leaves):
         return None
-    want = pytree.treespec_loads(spec_text)
+    want = pytree.tree_structure(skeleton)
     if spec != want:
         return (f"the model was fused with inputs {structure_text(want)} and computes that many tensors; it was called "
                 f"with {structure_text(spec)}")
@@ -177,16 +179,21 @@ def structure_text(spec: pytree.TreeSpec) -> str:
             return "tensor"
         if isinstance(s.type, type) and issubclass(s.type, dict):
             return f"{s.type.__name__} with keys {list(s.context)}"
+        name = s.context.__name__ if s.type is collections.namedtuple else s.type.__name__  # a named tuple's own class
         if all(c.is_leaf() for c in s.children()):
-            return f"{s.type.__name__} of {s.num_children} tensor{'s' * (s.num_children != 1)}"
-        return f"{s.type.__name__} [{', '.join(text(c) for c in s.children())}]"
+            return f"{name} of {s.num_children} tensor{'s' * (s.num_children != 1)}"
+        return f"{name} [{', '.join(text(c) for c in s.children())}]"
 
     return "(" + ", ".join(text(c) for c in spec.children()) + ")"
 
 
-def _key(key: Any) -> Any:
-    return key.idx if isinstance(key, pytree.SequenceKey) else key.key
+def _access(key: Any) -> tuple[Any, Any]:
+    """How a pytree path step reads its child: ``(operator.getitem, index or key)`` of a sequence or dict,
+    ``(getattr, name)`` of a named tuple's field (pytree names those by attribute)."""
+    if isinstance(key, pytree.GetAttrKey):
+        return getattr, key.name
+    return operator.getitem, key.idx if isinstance(key, pytree.SequenceKey) else key.key
 
 
 def _where(path: tuple) -> str:
-    return f"{path[0].idx}" + "".join(f"[{_key(k)!r}]" for k in path[1:])
+    return f"{path[0].idx}" + "".join(f".{k.name}" if isinstance(k, pytree.GetAttrKey) else f"[{_access(k)[1]!r}]" for k in path[1:])
