@@ -215,7 +215,8 @@ def _export(args) -> int:
     _step(3, 4, f"exporting to {args.output} (opset {args.opset or 'default'})")
     shape = fused.fuse_report.input_shapes[0]  # --input-shape, or the one fuse guessed
     proto, report = export_onnx(
-        fused, args.output, shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True
+        fused, args.output, shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True,
+        allow_example_branches=args.allow_example_branches,
     )
     print(report)
     _step(4, 4, "running it in onnxruntime")
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("export", "fuse MODEL, export it to ONNX, check it and compare onnxruntime with torch", _export)
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
     c.add_argument("--opset", type=_opset, default=None, help="ONNX opset, 13 to the onnx package's newest (default 20: one Gelu kernel per GELU in onnxruntime)")
+    c.add_argument("--allow-example-branches", action="store_true",
+                   help="write a file whose branches on tensor values (if x.mean() > 0) are fixed to the example's (refused by default)")
     c = model_cmd("verify", "compare the train-time MODEL with its fused form on random inputs", _verify)
     c.add_argument("-n", type=_positive, default=3, help="number of random inputs (default 3)")
     c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="run both models in this dtype")

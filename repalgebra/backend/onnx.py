@@ -1144,7 +1144,8 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
         names[id(v)] = name
     count = len(ctx.nodes) - before
     report.fallback_onnx_nodes += count
-    report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes))
+    report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes,
+                                       sub.branches))
 
 
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
@@ -1469,6 +1470,15 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
     )
 
 
+def _branching(regions: list[RegionReport]) -> str:
+    """Why a file whose regions' traces fixed branches on tensor values is not written."""
+    parts = ", ".join(f"{r.where} ({', '.join(r.whats)}; {r.branches} branch{'es' * (r.branches != 1)})" for r in regions)
+    return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans (its Python "
+            "branches on values: if x.mean() > 0, a tensor in an if or while), so the file would always take the "
+            "branches the example input took and compute something else for inputs that take others; no file is "
+            "written.  Write the choice with torch.where, or pass allow_example_branches=True to accept that file")
+
+
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,
@@ -1479,6 +1489,7 @@ def export_onnx(
     fuse: bool = True,
     metadata: dict[str, str] | None = None,
     return_report: bool = False,
+    allow_example_branches: bool = False,
 ) -> "onnx.ModelProto | tuple[onnx.ModelProto, ExportReport]":
     """Export a model (or an IR graph) to ONNX, fusing it first by default.
 
@@ -1498,6 +1509,10 @@ def export_onnx(
             (a fused module is exported so).
         metadata: extra key/value pairs for the file's metadata (the CLI adds the variant name).
         return_report: also return the :class:`~repalgebra.backend.onnx_fallback.ExportReport`.
+        allow_example_branches: write a file in which a part's Python branches on tensor values (``if x.mean() >
+            0:``) are fixed to the branches the example took, as ``torch.onnx.export`` writes it; the report notes
+            each such part.  By default such a part is refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError`
+            naming it): the file would compute something else for inputs that take another branch.
 
     Returns:
         The ``onnx.ModelProto``, or ``(model, ExportReport)`` with ``return_report=True``.
@@ -1507,7 +1522,8 @@ def export_onnx(
             its state (an ONNX graph is one function of its inputs), an opset out of range, an ``input_shape``
             other than a graph's traced sizes; :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
             ``ValueError``) when ``torch.onnx.export`` cannot export, or computes something else for, a part
-            with no lowering of ours.
+            with no lowering of ours, or whose trace fixed a branch on tensor values (see
+            ``allow_example_branches``).
         TypeError: ``model_or_graph`` is neither a module nor a graph.
 
     How.  The module is traced into the IR (``torch.fx``; a submodule it cannot trace is kept whole, and a
@@ -1567,6 +1583,8 @@ def export_onnx(
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
                                       notes=notes, examples=example)
+        if not allow_example_branches and (branching := [r for r in report.regions if r.branches]):
+            raise FallbackError(_branching(branching))
         if module is not None and (why := _differs_at_the_example(model, module, example, report.notes)):
             raise FallbackError(f"export_onnx: the file computes something else than the model at the example input "
                                 f"({why}); no file is written (captured by {capture or 'the graph given'})")

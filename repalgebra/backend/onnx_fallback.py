@@ -94,6 +94,7 @@ class RegionReport:
     onnx_nodes: int
     exporter: str
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    branches: int = 0  # tensor values its trace turned into Python booleans: the branches its example took, fixed
 
 
 @dataclass
@@ -393,6 +394,9 @@ def export_regions(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
                 + (f" (its trace read {e.numbers} tensor value{'s' * (e.numbers != 1)} as {'Python numbers' if e.numbers != 1 else 'a Python number'}, with .item(), "
                    "float() or int(): the file holds the traced input's numbers as constants)" if e.numbers else "")
+                + (f" (its trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean"
+                   f"{'s' * (e.branches != 1)}: the file takes the branches of the input it was traced with, and the "
+                   "check's input took another)" if e.branches else "")
             )
     return _noted(regions, exported, notes), False
 
