@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
 _UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
@@ -909,6 +910,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "value-branches-written", "a file whose trace fixed branches on tensor values written, the branches the example took",
      f"{_OB}:export_onnx", "if not allow_example_branches and (branching :=", "if False and (branching :=",
      ("tests/test_onnx_fallback.py::test_a_branch_on_tensor_values_is_refused_unless_allowed",)),
+    ("onnx_backend", "float-mask-drawn-at-random", "an additive float mask (0 and -inf) given random values in the export's checks",
+     "repalgebra.backend.onnx_fallback:drawn_at_random", "return example.is_floating_point() and bool(example.isfinite().all())",
+     "return example.is_floating_point()", _FLOAT_MASK),
+    ("frontend", "shared-mask-grown", "an (L, L) mask the batch shares grown by a row with the batch in the checks at another batch",
+     "repalgebra.frontend.inputs:_batched", "t.dim() > 0 and t.shape[0] == batch", "t.dim() > 0", _FLOAT_MASK),
     ("onnx_backend", "convT-extra-pads-as-2d", "the zero rows past a transposed conv's scatter padded as for four axes",
      f"{_OB}:_conv_transpose", '[0] * (len(extra) + 4) + extra', '[0, 0, 0, 0, 0, 0, *extra]', _TRANSPOSED3D),
     ("torch_backend", "convT3d-as-2d", "a transposed 3-D conv built as nn.ConvTranspose2d",

@@ -187,6 +187,34 @@ def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
             assert close(run(proto, y)[0], model(y))
 
 
+class CausalEncoder(nn.Module):
+    """A conv + BN front end, then nn.TransformerEncoderLayer given an additive causal mask (0 and -inf) as an input."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(8, c, 3, padding=1, bias=False), nn.BatchNorm1d(c), nn.GELU())
+        self.layer = nn.TransformerEncoderLayer(c, 2, 32, batch_first=True)
+
+    def forward(self, x, src_mask):
+        return self.layer(self.front(x).transpose(1, 2), src_mask=src_mask)
+
+
+def test_an_additive_float_mask_is_given_its_values_in_the_checks():
+    """The checks drew the float mask at random like any float input: torch's eval fast path returned NaN for such
+    a mask, and a right file was refused ("NaN or Inf at other places than the original's").  A float input
+    holding infinities takes the example's values, as integer and boolean masks do."""
+    torch.manual_seed(0)
+    model = CausalEncoder().eval()
+    mask = nn.Transformer.generate_square_subsequent_mask(10)
+    proto = export_onnx(model, None, (torch.randn(2, 8, 10), mask))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (2, 5):
+        x = torch.randn(batch, 8, 10)
+        got = session.run(None, dict(zip([i.name for i in session.get_inputs()], (x.numpy(), mask.numpy()))))[0]
+        with torch.no_grad():
+            assert close(got, model(x, mask))
+
+
 class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.export
     def __init__(self):
         super().__init__()

@@ -40,6 +40,7 @@ from repalgebra.backend.onnx_fallback import (
     adaptive_windows,
     capture_for_export,
     describe,
+    drawn_at_random,
     export_regions,
     find_regions,
     fixed_shape_parts,
@@ -1239,7 +1240,7 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
 
     def value(k: int, v: Value, grow: bool) -> torch.Tensor:
         rows = batch + 1 if grow else v.shape[0] if v.shape else None
-        if v.dtype is not None and not v.dtype.is_floating_point:
+        if (v.dtype is not None and not v.dtype.is_floating_point) or (k in given and not drawn_at_random(given[k])):
             t = given[k]
             return t[torch.arange(rows) % t.shape[0]] if grow else t
         return torch.randn((rows, *v.shape[1:]) if v.shape else (), generator=gen, dtype=v.dtype or dtype)

@@ -319,6 +319,13 @@ class ExportedRegion:
     numbers: int = 0  # tensor values the trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
 
 
+def drawn_at_random(example: torch.Tensor) -> bool:
+    """Whether a check may give an input random values in place of ``example``'s: not for token ids, a boolean
+    mask, or floats holding infinities (an additive attention mask: torch's fast attention path returns NaN for a
+    random one).  Those take the example's values, its rows repeated to the batch."""
+    return example.is_floating_point() and bool(example.isfinite().all())
+
+
 def export_regions(
     graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str], examples: Sequence[torch.Tensor] = ()
 ) -> tuple[list[ExportedRegion | None], bool]:
@@ -331,8 +338,9 @@ def export_regions(
     module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
     ``notes`` says why.  With the batch fixed, each region is traced at the graph's shapes and checked there.
     A region none of whose values is read outside it (a tuple-valued call, recomputed where it is read) is
-    not exported: ``None``.  The runs draw floating-point inputs at random; an input that is not (a mask, token
-    ids) takes its value from ``examples``, its rows repeated to the batch.
+    not exported: ``None``.  The runs draw floating-point inputs at random; an input that is not (token ids, a
+    boolean mask), or holds infinities (an additive attention mask), takes its value from ``examples``, its rows
+    repeated to the batch.
     """
     modules = [r.module() for r in regions]
     gen = torch.Generator().manual_seed(0)
@@ -344,7 +352,7 @@ def export_regions(
         for k, v in enumerate(graph.inputs):
             # An input whose first axis is not the batch (a time-major T x B x C beside a B x T mask) keeps its size.
             rows = b if v.shape and v.shape[0] == batch else v.shape[0] if v.shape else None
-            if v.dtype is not None and not v.dtype.is_floating_point and k in given:
+            if k in given and not drawn_at_random(given[k]):
                 xs.append(given[k] if rows is None else given[k][torch.arange(rows) % given[k].shape[0]])
             else:
                 xs.append(torch.randn(v.shape if rows is None else (rows, *v.shape[1:]), generator=gen, dtype=v.dtype or torch.float32))

@@ -8,7 +8,7 @@ input from the first Conv/Linear/BatchNorm the model calls.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -27,13 +27,23 @@ def shapes_and_dtypes(xs: Iterable[Any]) -> str:
 
 
 def batch_plus_one(inputs: tuple) -> tuple:
-    """``inputs`` at the batch one larger: each tensor with its first row appended (other values as they are)."""
-    return tuple(torch.cat([t, t[:1]]) if torch.is_tensor(t) and t.dim() else t for t in inputs)
+    """``inputs`` at the batch one larger: each batched tensor with its first row appended (other values as they
+    are).  The batch is the first tensor's first size; a tensor whose first size is another (an ``(L, L)``
+    attention mask beside ``(B, L, C)`` tokens) is shared by the batch and stays as it is."""
+    batched = _batched(inputs)
+    return tuple(torch.cat([t, t[:1]]) if batched(t) else t for t in inputs)
 
 
 def batch_of_one(inputs: tuple) -> tuple:
-    """``inputs`` at batch 1: each tensor's first row (other values as they are)."""
-    return tuple(t[:1] if torch.is_tensor(t) and t.dim() else t for t in inputs)
+    """``inputs`` at batch 1: each batched tensor's first row (other values as they are; see :func:`batch_plus_one`)."""
+    batched = _batched(inputs)
+    return tuple(t[:1] if batched(t) else t for t in inputs)
+
+
+def _batched(inputs: tuple) -> Callable[[Any], bool]:
+    """Whether a value of ``inputs`` holds a row per sample: a tensor whose first size is the first tensor's."""
+    batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim()), None)
+    return lambda t: torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch
 
 
 def check_model(model: nn.Module) -> None:
