@@ -115,30 +115,19 @@ def prove() -> list[str]:
         desc = describe("conv->BN == conv", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
-    for cfg in TRANSPOSED_CONFIGS:
+    for cfg in TRANSPOSED_CONFIGS + TRANSPOSED_CONFIGS_3D:
         C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["H"], cfg["W"]))
+        volume = "D" in cfg
+        op, name = (conv_transpose3d, "conv_transpose3d") if volume else (conv_transpose2d, "conv_transpose")
+        x = symbols_tensor("x", (C, *(cfg[a] for a in ("D", "H", "W")[1 - volume:])))
         w = symbols_tensor("w", (C, O // g, *cfg["k"]))
         b = symbols_tensor("b", (O,)) if cfg["bias"] else None
         bn = bn_symbols("", O)
         kw = dict(stride=cfg["stride"], padding=cfg["padding"], output_padding=cfg["output_padding"],
                   dilation=cfg["dilation"], groups=g)
-        lhs = batch_norm(conv_transpose2d(x, w, b, **kw), *bn)
-        rhs = conv_transpose2d(x, *fuse_transposed(w, b, g, *bn), **kw)
-        desc = describe("conv_transpose->BN == conv_transpose", **cfg)
-        assert_equal(lhs, rhs, "bn_fold " + desc)
-        done.append(desc)
-    for cfg in TRANSPOSED_CONFIGS_3D:
-        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
-        x = symbols_tensor("x", (C, cfg["D"], cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (C, O // g, *cfg["k"]))
-        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
-        bn = bn_symbols("", O)
-        kw = dict(stride=cfg["stride"], padding=cfg["padding"], output_padding=cfg["output_padding"],
-                  dilation=cfg["dilation"], groups=g)
-        lhs = batch_norm(conv_transpose3d(x, w, b, **kw), *bn)
-        rhs = conv_transpose3d(x, *fuse_transposed(w, b, g, *bn), **kw)
-        desc = describe("conv_transpose3d->BN == conv_transpose3d", **cfg)
+        lhs = batch_norm(op(x, w, b, **kw), *bn)
+        rhs = op(x, *fuse_transposed(w, b, g, *bn), **kw)
+        desc = describe(f"{name}->BN == {name}", **cfg)
         assert_equal(lhs, rhs, "bn_fold " + desc)
         done.append(desc)
     for cfg in CONFIGS_3D:
