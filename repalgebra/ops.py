@@ -428,6 +428,12 @@ def leaky_relu(x, *, negative_slope=0.01):
     return F.leaky_relu(x, negative_slope)
 
 
+@op("threshold", kind="nonlinear")
+def threshold(x, *, threshold: float, value: float):
+    """``x`` where it is above ``threshold``, else ``value`` (``nn.Threshold``; NaN stays NaN)."""
+    return F.threshold(x, threshold, value)
+
+
 @op("log_sigmoid", kind="nonlinear")
 def log_sigmoid(x):
     """``log(sigmoid(x)) = -softplus(-x)``: finite for every finite ``x`` (a GAN's or a contrastive loss head's

@@ -1349,3 +1349,18 @@ def test_a_roll_without_dims_rolls_the_flattened_tensor_and_exports():
         with torch.no_grad():
             assert rel_err(fused(x).numpy(), model(x)) <= RTOL
             assert rel_err(run_onnx(proto, x), model(x)) <= RTOL
+
+
+def test_a_threshold_keeps_nan_as_pytorch_does():
+    """``nn.Threshold`` replaces what is at most the threshold; NaN is not, so it stays NaN (a lowering written as
+    ``x > threshold ? x : value`` would give the value)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Threshold(0.1, 20.0)).eval()
+    proto = export_onnx(model, None, (1, 3, 2, 2))
+    x = torch.randn(1, 3, 2, 2)
+    x[0, :, 0, 0] = float("nan")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.isnan(got[0, :, 0, 0]).all() and np.isnan(want[0, :, 0, 0]).all()
+    np.testing.assert_allclose(got[..., 1:], want[..., 1:], rtol=1e-5, atol=1e-6)  # float32

@@ -550,6 +550,14 @@ def _softplus(ctx, n, x):
     return ctx.emit("Where", [ctx.emit("Greater", [bx, _number(ctx, "threshold", threshold)]), x, soft])
 
 
+@lowering("threshold")
+def _threshold(ctx, n, x):
+    """``value`` where ``x <= threshold``, else ``x``: written so, not as ``x > threshold``, a NaN stays NaN, as in
+    PyTorch (torch.onnx.export has no export of it)."""
+    at_most = ctx.emit("LessOrEqual", [x, _number(ctx, "threshold", n.attrs["threshold"])])
+    return ctx.emit("Where", [at_most, _number(ctx, "value", n.attrs["value"]), x])
+
+
 @lowering("log_sigmoid")
 def _log_sigmoid(ctx, n, x):
     """``-Softplus(-x)``, not ``Log(Sigmoid(x))``: that is ``-inf`` wherever the sigmoid rounds to 0 (x < -88 in float32)."""

@@ -549,6 +549,11 @@ def _leaky_relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.leaky_relu, xs[0], node.attrs["negative_slope"])
 
 
+@lowers("threshold")
+def _threshold(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.function(F.threshold, xs[0], node.attrs["threshold"], node.attrs["value"])
+
+
 @lowers("softplus")
 def _softplus(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.softplus, xs[0], node.attrs["beta"], node.attrs["threshold"])

@@ -603,6 +603,13 @@ def _leaky_relu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return leaky_relu_made(_v(a["self"]), a["negative_slope"], None)
 
 
+def _threshold(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    x, threshold, value = _v(a["self"]), a["threshold"], a["value"]
+    if x is None or not all(isinstance(v, (int, float)) for v in (threshold, value)):
+        return None
+    return "threshold", [x], {"threshold": float(threshold), "value": float(value)}, {}, None
+
+
 def _softplus(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     x, beta, threshold = _v(a["self"]), a["beta"], a["threshold"]
     if x is None or not all(isinstance(v, (int, float)) for v in (beta, threshold)):
@@ -922,6 +929,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.leaky_relu.default: _leaky_relu,
     aten.prelu.default: _prelu,
     aten.softplus.default: _softplus,
+    aten.threshold.default: _threshold,
     aten.log_sigmoid.default: _unary("log_sigmoid"),
     aten.hardtanh.default: _clamp(),
     aten.clamp.default: _clamp(),

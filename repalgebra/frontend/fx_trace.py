@@ -248,6 +248,7 @@ _RECOGNISED: tuple[type, ...] = (
     nn.LogSigmoid,
     nn.PReLU,
     nn.Hardtanh,  # and nn.ReLU6
+    nn.Threshold,
     nn.GroupNorm,
     nn.Upsample,  # and nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d
     nn.PixelShuffle,

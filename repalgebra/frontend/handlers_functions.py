@@ -792,6 +792,13 @@ def _f_leaky_relu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return None if a is None else leaky_relu_made(shaped(a["input"]), a["negative_slope"], "")
 
 
+def _f_threshold(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    a = bind([("input", REQ), ("threshold", REQ), ("value", REQ), ("inplace", False)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not all(isinstance(a[k], (int, float)) for k in ("threshold", "value")):
+        return None
+    return "threshold", [a["input"]], {"threshold": float(a["threshold"]), "value": float(a["value"])}, {}, ""
+
+
 def _f_softplus(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("beta", 1.0), ("threshold", 20.0)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not all(isinstance(a[k], (int, float)) for k in ("beta", "threshold")):
@@ -1282,6 +1289,7 @@ _register(_f_unary("exp"), torch.exp, ("method", "exp"))
 _register(_f_unary("log"), torch.log, ("method", "log"))
 _register(_f_leaky_relu, F.leaky_relu)
 _register(_f_softplus, F.softplus)
+_register(_f_threshold, F.threshold)
 _register(_f_unary("log_sigmoid"), F.logsigmoid)
 _register(_f_prelu, F.prelu, torch.prelu)
 _register(_f_clamp(), torch.clamp, torch.clip, ("method", "clamp"), ("method", "clip"))

@@ -244,6 +244,11 @@ def _m_hardtanh(b: Builder, n: fx.Node, m: nn.Hardtanh, args: tuple, kwargs: dic
     return None if x is None else ("clamp", [x], {"min": m.min_val, "max": m.max_val}, {}, "")
 
 
+def _m_threshold(b: Builder, n: fx.Node, m: nn.Threshold, args: tuple, kwargs: dict) -> Made:
+    x = single(args, kwargs)
+    return None if x is None else ("threshold", [x], {"threshold": float(m.threshold), "value": float(m.value)}, {}, "")
+
+
 def _m_group_norm(b: Builder, n: fx.Node, m: nn.GroupNorm, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     if x is None:
@@ -323,6 +328,7 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.LogSigmoid: _m_act("log_sigmoid"),
     nn.PReLU: _m_prelu,
     nn.Hardtanh: _m_hardtanh,
+    nn.Threshold: _m_threshold,
     nn.GroupNorm: _m_group_norm,
     nn.Upsample: _m_upsample,
     nn.PixelShuffle: _m_pixel_shuffle,

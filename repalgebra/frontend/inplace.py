@@ -137,7 +137,7 @@ _FRESH_FUNCTIONS = {
     F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
     F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
     F.interpolate, F.scaled_dot_product_attention, F.normalize, F.unfold, F.fold, F.pixel_shuffle,
-    F.embedding, F.softplus, F.hardtanh, F.prelu, torch.prelu,
+    F.embedding, F.softplus, F.hardtanh, F.threshold, F.prelu, torch.prelu,
 }  # fmt: skip
 _FRESH_METHODS = {
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt",
