@@ -163,10 +163,7 @@ def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tm
             return nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), Gate())
     """))
     out = tmp_path / "g.onnx"
-    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8"]) == 1
-    err = capsys.readouterr().err
-    assert "m_3 (Gate; 1 branch)" in err and "allow_example_branches" in err and not out.exists(), err
-    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8", "--allow-example-branches"]) == 0
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8"]) == 0
     printed = capsys.readouterr().out
     assert "fallback (torch.onnx.export):" in printed and "m_3: 1 IR node (Gate)" in printed, printed
     assert "into Python boolean (control flow on values)" in printed and "OK" in printed
@@ -174,6 +171,12 @@ def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tm
     assert meta["repalgebra.fallback"].startswith("1 IR node in 1 region via torch.onnx.export: m_3 (Gate)")
     assert meta["repalgebra.batch"] == "dynamic"
 
+    # A gate the input's values steer: the file would hold the example's branch, so it is refused by name.
+    path.write_text(path.read_text().replace("x.abs().sum() >= 0", "x.mean() > 0"))
+    assert main(["export", f"{path}:make", "-o", str(tmp_path / "steered.onnx"), "--input-shape", "2,3,8,8"]) == 1
+    err = capsys.readouterr().err
+    assert "m_3 (Gate; 1 branch)" in err and "--allow-example-branches" not in err and "allow_example_branches" in err, err
+    assert not (tmp_path / "steered.onnx").exists()
 
 def test_a_module_of_the_working_directory_and_a_shape_guessed_from_it(tmp_path, monkeypatch, capsys):
     """``repalgebra fuse my_models:make_block`` in the directory holding ``my_models.py``: the console script does not

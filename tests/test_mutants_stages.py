@@ -55,6 +55,7 @@ FEW = {
     "repalgebra.backend.onnx_fallback:drawn_at_random": "one decision: an input's values drawn at random or the example's",
     "repalgebra.frontend.inputs:_batched": "one decision: which inputs hold a row per sample",
     "repalgebra.backend.onnx:_threshold": "one comparison and one choice; the mutant is the form that differs only at NaN",
+    "repalgebra.backend.onnx_fallback:steered_by_values": "one comparison of the outcomes: the mutants say never and always",
     "repalgebra.frontend.calls:_compiled": "the resolver of each template leaf, held to resolve() by tests/test_frontend.py; "
     "the mutant is the one leaf a fuse test alone reaches (a complex constant)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

@@ -142,7 +142,7 @@ class Branchy(nn.Module):
 
 def test_model_fx_cannot_trace_at_all_is_exported_whole():
     model = Branchy().eval()
-    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True, allow_example_branches=True)
+    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True)
     assert report.capture.startswith("whole") and len(report.fallback) == 1
     assert any("Python boolean" in n for n in report.notes)
     for batch in (1, 3):
@@ -152,39 +152,51 @@ def test_model_fx_cannot_trace_at_all_is_exported_whole():
 
 
 class ValueRouted(nn.Module):
-    """Two heads, chosen by the input's mean: a branch the file cannot hold (``routed``), or a test that always
-    holds (a check on values written as an ``if``)."""
+    """Two heads, chosen by a test of the values: ``x.mean() > 0`` (``how="mean"``), which the input steers; a test
+    that always holds (``"always"``); or ``y.min() >= 0`` of a ReLU's output (``"nonnegative"``), which holds for
+    every input it gets after a ReLU (:func:`routed`) but not for a negated one."""
 
-    def __init__(self, routed: bool = True):
+    def __init__(self, how: str):
         super().__init__()
         self.stem, self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
-        self.routed = routed
+        self.how = how
 
     def forward(self, x):
+        test = {"mean": lambda: x.mean() > 0, "always": lambda: x.abs().sum() >= 0, "nonnegative": lambda: x.min() >= 0}[self.how]
         y = self.stem(x)
-        return self.a(y) if (x.mean() > 0 if self.routed else x.abs().sum() >= 0) else self.b(y)
+        return self.a(y) if test() else self.b(y)
+
+
+def routed(how: str) -> nn.Module:
+    return (nn.Sequential(nn.ReLU(), ValueRouted(how)) if how == "nonnegative" else ValueRouted(how)).eval()
 
 
 @pytest.mark.parametrize("what", ["model", "fused"])
 def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
     """The file took the example's branch and the report only noted it (2.3 off for an input taking the other,
-    found by a probe), unless the checks' random inputs happened to take another.  Refused by name; allowed, a
-    file whose checks agree with the model is written, and one whose checks took the other branch is refused
-    saying so."""
+    found by a probe), unless the checks' random inputs happened to take another.  A branch that comes out
+    otherwise for the checks' inputs or their negations is refused by name; allowed, the file is written where the
+    checks compare it equal to the model.  One that comes out alike for all (a test that always holds) is
+    written, and noted."""
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 6, 6).abs()
-    for routed in (True, False):
-        model = ValueRouted(routed).eval()
+    x = torch.randn(1, 3, 6, 6)
+    for how in ("mean", "nonnegative"):  # steered: by the checks' inputs (or only by the negated ones)
+        model = routed(how)
         source = model if what == "model" else repalgebra.fuse(model, x)
-        with pytest.raises(FallbackError, match=r"\(ValueRouted(; 1 branch)?\).*Python boolean"):  # the checks may see it first
+        with pytest.raises(FallbackError, match=r"\(ValueRouted(; 1 branch)?\).*Python boolean"):
             export_onnx(source, None, x)
-    with pytest.raises(FallbackError, match=r"\(ValueRouted\) computes something else.*1 tensor value into Python boolean"):
-        export_onnx(ValueRouted(True).eval(), None, -x, allow_example_branches=True)
-    proto, report = export_onnx(source, None, x, return_report=True, allow_example_branches=True)
-    assert [r.branches for r in report.regions] == [1] and any("Python boolean" in n for n in report.notes)
-    for y in (x, -x, torch.randn(3, 3, 6, 6)):
-        with torch.no_grad():
-            assert close(run(proto, y)[0], model(y))
+    with pytest.raises(FallbackError, match=r"\(ValueRouted; 1 branch\) turned tensor values into Python booleans, and they came out otherwise"):
+        export_onnx(source, None, x)  # the ReLU's output: only the negated inputs take the other branch
+    for how in ("nonnegative", "always"):
+        model = routed(how)
+        source = model if what == "model" else repalgebra.fuse(model, x)
+        proto, report = export_onnx(source, None, x, return_report=True, allow_example_branches=how == "nonnegative")
+        assert [(r.branches, r.steered) for r in report.regions] == [(1, how == "nonnegative")]
+        took = "and the checks' inputs took others" if how == "nonnegative" else "the checks' inputs (random, scaled, negated) all took it too"
+        assert any(took in n for n in report.notes), report.notes
+        for y in (x, -x, torch.randn(3, 3, 6, 6)):
+            with torch.no_grad():
+                assert close(run(proto, y)[0], model(y))
 
 
 class CausalEncoder(nn.Module):
@@ -674,8 +686,8 @@ def test_a_call_kept_whole_that_writes_into_a_value_read_after_it_exports_what_t
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # the blocks kept whole, their MLPs fused
     with torch.no_grad():
         assert close(fused(x.clone()).numpy(), ref)
-    for target in (model, fused):  # the branch always holds
-        assert close(run(export_onnx(target, None, x[:1], allow_example_branches=branch), x)[0], ref)
+    for target in (model, fused):  # the branch always holds: written
+        assert close(run(export_onnx(target, None, x[:1]), x)[0], ref)
 
 
 class SelectiveKernel(nn.Module):

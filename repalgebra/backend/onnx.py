@@ -1154,7 +1154,7 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     count = len(ctx.nodes) - before
     report.fallback_onnx_nodes += count
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes,
-                                       sub.branches))
+                                       sub.branches, sub.steered))
 
 
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
@@ -1482,10 +1482,11 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
 def _branching(regions: list[RegionReport]) -> str:
     """Why a file whose regions' traces fixed branches on tensor values is not written."""
     parts = ", ".join(f"{r.where} ({', '.join(r.whats)}; {r.branches} branch{'es' * (r.branches != 1)})" for r in regions)
-    return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans (its Python "
-            "branches on values: if x.mean() > 0, a tensor in an if or while), so the file would always take the "
-            "branches the example input took and compute something else for inputs that take others; no file is "
-            "written.  Write the choice with torch.where, or pass allow_example_branches=True to accept that file")
+    return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans, and they "
+            "came out otherwise for other inputs (its Python branches on values: if x.mean() > 0), so the file would "
+            "always take the branches the example input took and compute something else for inputs that take "
+            "others; no file is written.  Write the choice with torch.where, or pass allow_example_branches=True to "
+            "accept that file")
 
 
 def export_onnx(
@@ -1520,8 +1521,10 @@ def export_onnx(
         return_report: also return the :class:`~repalgebra.backend.onnx_fallback.ExportReport`.
         allow_example_branches: write a file in which a part's Python branches on tensor values (``if x.mean() >
             0:``) are fixed to the branches the example took, as ``torch.onnx.export`` writes it; the report notes
-            each such part.  By default such a part is refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError`
-            naming it): the file would compute something else for inputs that take another branch.
+            each such part.  By default a part whose branches come out otherwise for the export's check inputs
+            (random, scaled, negated) is refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming
+            it): the file would compute something else for inputs that take another branch.  Branches that come
+            out alike for all of them (on sizes, or a test that always holds) are written, and noted.
 
     Returns:
         The ``onnx.ModelProto``, or ``(model, ExportReport)`` with ``return_report=True``.
@@ -1592,7 +1595,7 @@ def export_onnx(
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
                                       notes=notes, examples=example)
-        if not allow_example_branches and (branching := [r for r in report.regions if r.branches]):
+        if not allow_example_branches and (branching := [r for r in report.regions if r.steered]):
             raise FallbackError(_branching(branching))
         if module is not None and (why := _differs_at_the_example(model, module, example, report.notes)):
             raise FallbackError(f"export_onnx: the file computes something else than the model at the example input "

@@ -95,6 +95,7 @@ class RegionReport:
     exporter: str
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     branches: int = 0  # tensor values its trace turned into Python booleans: the branches its example took, fixed
+    steered: bool = False  # and those booleans changed with the values of its inputs (see export_regions)
 
 
 @dataclass
@@ -317,6 +318,7 @@ class ExportedRegion:
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     branches: int = 0  # tensor values the trace turned into Python booleans (control flow fixed to one branch)
     numbers: int = 0  # tensor values the trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
+    steered: bool = False  # its Python booleans changed with its inputs' values: the file holds one input's branches
 
 
 def drawn_at_random(example: torch.Tensor) -> bool:
@@ -382,7 +384,7 @@ def export_regions(
             else:
                 wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs_on(e.model, dynamic_checks, r.index))), None)
                 if wrong is None:
-                    return _noted(regions, exported, notes), True
+                    return _noted(regions, exported, notes, modules, checks), True
                 r, why = wrong
                 notes.append(
                     f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow "
@@ -406,19 +408,55 @@ def export_regions(
                    f"{'s' * (e.branches != 1)}: the file takes the branches of the input it was traced with, and the "
                    "check's input took another)" if e.branches else "")
             )
-    return _noted(regions, exported, notes), False
+    return _noted(regions, exported, notes, modules, checks), False
 
 
-def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: list[str]) -> list[ExportedRegion | None]:
-    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values."""
-    for r, e in zip(regions, exported):
+def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: list[str], modules: list[nn.Module],
+           checks: list[list[tuple[tuple, tuple]]]) -> list[ExportedRegion | None]:
+    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values, and
+    ``steered`` set where those branches change with its inputs' values (:func:`steered_by_values`)."""
+    for r, m, e in zip(regions, modules, exported):
         if e is not None and e.branches:
+            e.steered = steered_by_values(m, [c[r.index][0] for c in checks])
             notes.append(
                 f"{r.where}: torch.onnx.export's trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into "
                 f"Python boolean{'s' * (e.branches != 1)} (control flow on values): the export always takes the branch "
-                "its example input took"
+                "its example input took" + (", and the checks' inputs took others" if e.steered else
+                                            "; the checks' inputs (random, scaled, negated) all took it too")
             )
     return exported
+
+
+def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
+    """Whether ``module``'s own Python booleans of tensors (``if x.mean() > 0``) come out otherwise for some of
+    ``inputs`` or their negations than for the first: its branches follow its inputs' values.  A branch on sizes
+    (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >= 0``) does not.
+    Evidence, not proof: inputs the checks did not draw may take another branch."""
+    runs = [*inputs, *(tuple(-t if torch.is_tensor(t) and t.is_floating_point() else t for t in xs) for xs in inputs)]
+    seen = []
+    for xs in runs:
+        outcomes = _Outcomes()
+        try:
+            with torch.no_grad(), outcomes:
+                module(*_copies(xs))
+        except Exception:  # noqa: BLE001  (a negated input it does not take: a sqrt's NaN raised on, a check)
+            continue
+        seen.append(outcomes.seen)
+    return any(s != seen[0] for s in seen[1:])
+
+
+class _Outcomes(TorchFunctionMode):
+    """While active, the outcomes of the model's own ``bool(tensor)`` calls (its control flow on values), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__bool__ and not _called_by_torch():
+            self.seen.append(out)
+        return out
 
 
 def _first_line(e: BaseException) -> str:
