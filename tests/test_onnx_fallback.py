@@ -199,6 +199,45 @@ def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
                 assert close(run(proto, y)[0], model(y))
 
 
+class SwitchMoE(nn.Module):
+    """Switch-Transformer routing, as its reference ports write it: top-1 expert per token, the tokens of each
+    expert picked with nonzero() and index_select, written back with final[idx, :] = ..."""
+
+    def __init__(self, d: int = 16, h: int = 32, n: int = 3) -> None:
+        super().__init__()
+        self.switch = nn.Linear(d, n)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)) for _ in range(n)])
+
+    def forward(self, x):
+        b, t, d = x.shape
+        x = x.reshape(-1, d)
+        route_prob = torch.softmax(self.switch(x), dim=-1)
+        route_prob_max, routes = torch.max(route_prob, dim=-1)
+        final = x.new_zeros(x.shape)
+        for i in range(len(self.experts)):
+            idx = torch.eq(routes, i).nonzero(as_tuple=True)[0]
+            final[idx, :] = self.experts[i](torch.index_select(x, 0, idx))
+        return (final * route_prob_max.view(-1, 1)).view(b, t, d)
+
+
+def test_a_part_whose_sizes_follow_the_values_is_refused_saying_so():
+    """At this example an expert gets as many tokens as a sample has (8): the export took that size for the
+    sequence's, and the checks' inputs route other counts.  The refusal said the file "does not run in
+    onnxruntime" and to export in float32, which the model is; it names sizes that follow the values.  (Where the
+    example routes otherwise, the file is written, and is the model's at the example.)"""
+    torch.manual_seed(0)
+    model = SwitchMoE().eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 16)
+    try:
+        proto = export_onnx(model, None, x)
+    except FallbackError as e:
+        assert "float32 or float16" not in str(e) and "follow the values" in str(e), str(e)
+    else:
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))
+
+
 class CausalEncoder(nn.Module):
     """A conv + BN front end, then nn.TransformerEncoderLayer given an additive causal mask (0 and -inf) as an input."""
 

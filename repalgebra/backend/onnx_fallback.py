@@ -393,6 +393,13 @@ def export_regions(
     exported = [_export(r, m, i, ([], []), opset) if r.outputs else None for r, m, (i, _) in zip(regions, modules, own)]
     for r, e in zip(regions, exported):
         why = e and _differs_on(e.model, checks, r.index)
+        if why and why.startswith("onnxruntime: ") and "invalid dimensions" in why:  # ran, at other sizes than traced
+            raise FallbackError(
+                f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) holds the sizes of the input it was "
+                f"traced with, and the export's check inputs give it others, so it is not written: "
+                f"{why.removeprefix('onnxruntime: ')}{_refusals(r)}; its inputs' sizes follow the values (the tokens "
+                "routed to an expert, a nonzero() selection), which an ONNX export fixes at one input's"
+            )
         if why and why.startswith("onnxruntime: "):  # it does not run there: no kernel for its dtype, numpy no bfloat16
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) does not run in onnxruntime, so it "
