@@ -116,6 +116,7 @@ _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stay
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
+_TRAINABLE = ("tests/test_fuse.py::test_parameters_read_but_not_folded_stay_parameters",)
 _UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
@@ -257,7 +258,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", " or not _is_plain(root, target):", " or True:", _PINNED),
     ("frontend", "plain-constant-unmarked", "a plain tensor an op reads (or the model returns) marked as a buffer's",
-     "repalgebra.frontend.builder:constant_attrs", '"_plain": c.plain}', '"_plain": False}', _PLAIN),
+     "repalgebra.frontend.builder:constant_attrs", '"_plain": c.plain,', '"_plain": False,', _PLAIN),
     ("frontend", "plain-call-as-buffer", "a plain tensor a carried call reads held as a buffer (cast with the fused module, left by the model's cast)",
      "repalgebra.frontend.builder:_compile", "            if x.plain:", "            if False:", _PLAIN),
     ("frontend", "pinned-holds-any", "a part reading a float32 tensor a cast leaves runs in half precision too (its product no longer promoted)",
@@ -925,6 +926,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "value-branches-always-steered", "every branch of a part taken for one its inputs' values steer (a test that always holds refused)",
      "repalgebra.backend.onnx_fallback:steered_by_values", "return any(s != seen[0] for s in seen[1:])", "return bool(seen and seen[0])",
      ("tests/test_onnx_fallback.py::test_a_branch_on_tensor_values_is_refused_unless_allowed",)),
+    ("torch_backend", "trainable-constant-as-buffer", "a parameter read but not folded (a class token) held as a buffer: a fine-tune leaves it",
+     f"{_TB}:_constant", '    if node.attrs.get("_trainable"):', "    if False:", _TRAINABLE),
+    ("torch_backend", "trainable-added-as-buffer", "a parameter added (a position embedding) held as a buffer: a fine-tune leaves it",
+     f"{_TB}:_add_const", 'hold = ctx.add_parameter if node.attrs.get("_trainable") else ctx.add_buffer', "hold = ctx.add_buffer", _TRAINABLE),
+    ("torch_backend", "prelu-slopes-as-buffer", "a PReLU's slopes held as a buffer: a fine-tune leaves them",
+     f"{_TB}:_prelu", 'ctx.add_parameter(_hint(node, "_weight"), node.params["weight"])',
+     'ctx.add_buffer(_hint(node, "_weight"), node.params["weight"].clone())', _TRAINABLE),
     ("onnx_backend", "convT-extra-pads-as-2d", "the zero rows past a transposed conv's scatter padded as for four axes",
      f"{_OB}:_conv_transpose", '[0] * (len(extra) + 4) + extra', '[0, 0, 0, 0, 0, 0, *extra]', _TRANSPOSED3D),
     ("torch_backend", "convT3d-as-2d", "a transposed 3-D conv built as nn.ConvTranspose2d",

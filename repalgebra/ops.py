@@ -516,11 +516,12 @@ def broadcast_sub(a, b):
 
 
 @op("add_const", kind="nonlinear")
-def add_const(x, *, const: Tensor, sign=1.0):
+def add_const(x, *, const: Tensor, sign=1.0, _trainable=False):
     """``sign * x + const`` for a constant tensor (broadcasting) and ``sign`` 1 or -1.
 
     ``x + 1e-6``, ``x + self.pos_embed``, ``x - self.mean``, ``self.anchors - x`` (``sign=-1``).
     Affine; ``bias_fold`` folds one that is constant per output feature into the conv or Linear before it.
+    ``_trainable``: ``const`` is a parameter that requires gradients (``pos_embed``), a parameter of the fused module.
     """
     return x + const if sign == 1 else const - x
 
@@ -678,12 +679,13 @@ def _constant_shape(node):
 
 
 @op("constant", kind="layout", shape=_constant_shape)
-def constant(*, value: Tensor, dtype=REQUIRED, _plain=False):
+def constant(*, value: Tensor, dtype=REQUIRED, _plain=False, _trainable=False):
     """A constant tensor where an op reads a value: a relative-position bias gathered from its table, a class token.
 
     No inputs.  ``dtype`` is its own: folding in float64 does not change it.  ``_plain``: the model holds it as a
     plain attribute, not a parameter or buffer (or computes it from one), so a cast of the model leaves it as it is;
-    how the module holds it, not what it computes, so graphs do not print it.
+    ``_trainable``: it is a parameter that requires gradients, read as it is (a ViT's ``cls_token``), and the
+    fused module holds it as a parameter; how the module holds it, not what it computes, so graphs do not print it.
     """
     return value.to(dtype)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import threading
 from collections import OrderedDict
@@ -441,6 +442,54 @@ def test_a_model_frozen_in_part_is_fused_frozen_in_part():
     trains = {name: all(p.requires_grad for p in m.parameters()) for name, m in fused.named_children() if any(True for _ in m.parameters())}
     assert trains == {"m_0": False, "m_3": True, "m_8": True}, trains
     assert all(p.requires_grad is False for p in fused.m_0.parameters())
+
+
+class LearnedInputs(nn.Module):
+    """Parameters a forward reads but nothing folds: StyleGAN2's ConstantInput (repeated to the batch), a ViT's
+    class token (expanded) and position embedding (added), a PReLU's slopes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 8)), nn.Parameter(torch.randn(1, 17, 8))
+        self.conv, self.bn, self.act = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8)
+
+    def forward(self, z):
+        h = self.act(self.bn(self.conv(self.input.repeat(z.shape[0], 1, 1, 1) * z[:, :, None, None])))
+        t = h.flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(z.shape[0], -1, -1), t], 1) + self.pos
+
+
+@pytest.mark.parametrize("capture", ["fx", "specialized"])
+def test_parameters_read_but_not_folded_stay_parameters(capture):
+    """They came back as buffers (``const_repeat.c0``, ``pos_const``; found by a probe): fine-tuning the fused model
+    left them frozen, where the model trains them.  Parameters they stay, and a frozen model's stay frozen."""
+    model = randomize(LearnedInputs()).eval()
+    wrapped = model if capture == "fx" else _SizeRead(model)
+    z = torch.randn(2, 8)
+    fused = fuse(wrapped, z)
+    assert fused.fuse_report.capture == capture and fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)
+    # torch.export computes the repeat and the expand ahead, at the example's batch: buffers, computed from parameters
+    ahead = {(2, 8, 4, 4), (2, 1, 8)} if capture == "specialized" else set()
+    assert {tuple(b.shape) for b in fused.buffers() if b.is_floating_point()} == ahead, list(fused.named_buffers())
+    assert {tuple(p.shape) for p in fused.parameters()} >= {(1, 17, 8), (8,)} | (set() if ahead else {(1, 8, 4, 4), (1, 1, 8)})
+    with torch.no_grad():
+        torch.testing.assert_close(fused(z), model(z), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+    fused(z).square().sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())  # every parameter is one the forward reads
+    model.requires_grad_(False)
+    assert not any(p.requires_grad for p in fuse(wrapped, z).parameters())
+
+
+class _SizeRead(nn.Module):
+    """``model`` behind a size read as a number (``int(z.shape[1] ** 0.5)``): torch.fx stops, torch.export captures it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model(z) * int(math.sqrt(z.shape[1] * 4.5) // 6)
 
 
 def test_top_level_control_flow_error():

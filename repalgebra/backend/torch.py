@@ -124,6 +124,12 @@ class Lowering:
         self.root.register_buffer(name, tensor.detach().clone())
         return self.graph.get_attr(name)
 
+    def add_parameter(self, hint: str, tensor: torch.Tensor) -> fx.Node:
+        """Register a parameter holding ``tensor`` (cloned) and return the node reading it."""
+        name = self.name(hint)
+        self.root.register_parameter(name, _param(tensor))
+        return self.graph.get_attr(name)
+
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
         if id(fn) not in self._copies:
@@ -566,7 +572,7 @@ def _log_sigmoid(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("prelu")
 def _prelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
-    return ctx.function(F.prelu, xs[0], ctx.add_buffer(_hint(node, "_weight"), node.params["weight"]))
+    return ctx.function(F.prelu, xs[0], ctx.add_parameter(_hint(node, "_weight"), node.params["weight"]))  # learned, as nn.PReLU's
 
 
 @lowers("pow")
@@ -577,7 +583,8 @@ def _pow(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("add_const")
 def _add_const(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     c = node.params["const"]
-    const = float(c) if c.dim() == 0 else ctx.add_buffer(_hint(node, "_const"), c)  # a number needs no buffer
+    hold = ctx.add_parameter if node.attrs.get("_trainable") else ctx.add_buffer  # as the model holds it (pos_embed: learned)
+    const = float(c) if c.dim() == 0 else hold(_hint(node, "_const"), c)  # a number needs no buffer
     return ctx.function(operator.add, xs[0], const) if node.attrs["sign"] == 1 else ctx.function(operator.sub, const, xs[0])
 
 
@@ -710,6 +717,8 @@ def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     value = node.params["value"].to(node.attrs["dtype"])
     if node.attrs["_plain"]:  # as the model holds it: a module's plain attribute, which casts leave
         return ctx.module(_hint(node, "_const"), constant_call(value, plain=True))
+    if node.attrs.get("_trainable"):  # a parameter the model trains (a class token): one a fine-tune trains here too
+        return ctx.add_parameter(_hint(node, "_const"), value)
     return ctx.add_buffer(_hint(node, "_const"), value)
 
 

@@ -61,6 +61,7 @@ class Const:
 
     tensor: torch.Tensor
     path: str | None  # its FQN (``stages.0.conv.weight``) when it is a model tensor
+    trainable: bool = False  # a parameter that requires gradients, read as it is (see builder.Const)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ class ProgramBuilder:
         else:  # non-persistent buffers live in ``constants``, not in ``state_dict``
             t = self.ep.state_dict[target] if target in self.ep.state_dict else self.ep.constants[target]
             path = target
-        return Const(t.detach().clone(), path)
+        trainable = spec.kind == InputKind.PARAMETER and t.requires_grad
+        return Const(t.detach().clone(), path, trainable=trainable)
 
     def env_of(self, a: Any) -> Any:
         return map_leaves(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
@@ -337,6 +339,7 @@ class ProgramBuilder:
         inputs: list[Value] = []
         index: dict[int, int] = {}
         consts: dict[int, tuple[str, torch.Tensor]] = {}
+        trainable: set[str] = set()
 
         def leaf(x: Any) -> Any:
             if isinstance(x, _Multi):
@@ -351,6 +354,8 @@ class ProgramBuilder:
             if isinstance(x, Const):
                 if id(x) not in consts:
                     consts[id(x)] = (f"c{len(consts)}", x.tensor)
+                    if x.trainable:
+                        trainable.add(consts[id(x)][0])
                 return Buf(consts[id(x)][0], x.tensor.is_complex())
             return x
 
@@ -365,7 +370,7 @@ class ProgramBuilder:
             return leaf(x)
 
         a, k = map_leaves(args, literal), map_leaves(kwargs, literal)
-        fn = FnCall("call_function", target, a, k, dict(consts.values()))
+        fn = FnCall("call_function", target, a, k, dict(consts.values()), trainable=trainable)
         shape, dtype = info if info is not None else (None, None)
         name = str(target) if target is not operator.getitem else "getitem"
         self.opaque_ops[name] = self.opaque_ops.get(name, 0) + 1

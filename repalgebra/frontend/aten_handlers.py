@@ -287,7 +287,8 @@ def _add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
         t = _c(c)
     else:
         return None
-    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0}, {"const": -t if negate_const else t}, _owner(c)
+    trainable = isinstance(c, Const) and c.trainable
+    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0, "_trainable": trainable}, {"const": -t if negate_const else t}, _owner(c)
 
 
 def _rsub(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -810,7 +811,7 @@ def _stack(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
 def _as_value(b: ProgramBuilder, x: Any) -> Value | None:
     """An activation, or a constant tensor as a ``constant`` node."""
     if isinstance(x, Const):
-        return b.add(Node.make("constant", [], {"dtype": x.tensor.dtype}, {"value": x.tensor}, _owner(x) or ""))
+        return b.add(Node.make("constant", [], {"dtype": x.tensor.dtype, "_trainable": x.trainable}, {"value": x.tensor}, _owner(x) or ""))
     return _v(x)
 
 

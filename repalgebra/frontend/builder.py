@@ -55,6 +55,10 @@ class Const:
     tensor: torch.Tensor
     path: str
     plain: bool = False
+    # A parameter that requires gradients, read as it is: a parameter of the fused module.  Not one computed from
+    # parameters (a relative-position bias gathered from its table): training it would not train the table, and a
+    # mask that requires gradients sends scaled_dot_product_attention down a slower path.
+    trainable: bool = False
 
 
 _NONE = object()  # Builder.info: the call returned None in the real run
@@ -119,7 +123,8 @@ class Builder:
                     self.pinned.append(pinned)
                 plain = _is_plain(self.root, n.target)
                 self.reads_plain |= plain and torch.is_tensor(obj)
-                self.env[n] = Const(obj.detach().clone(), self.path(n.target), plain) if torch.is_tensor(obj) else obj
+                trainable = isinstance(obj, nn.Parameter) and obj.requires_grad
+                self.env[n] = Const(obj.detach().clone(), self.path(n.target), plain, trainable) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
@@ -427,8 +432,8 @@ def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], 
 
 
 def constant_attrs(c: Const) -> dict:
-    """The attributes of a ``constant`` op holding ``c``: its dtype, and whether it is plain."""
-    return {"dtype": c.tensor.dtype, "_plain": c.plain}
+    """The attributes of a ``constant`` op holding ``c``: its dtype, and whether it is plain or trainable."""
+    return {"dtype": c.tensor.dtype, "_plain": c.plain, "_trainable": c.trainable}
 
 
 def _is_plain(root: nn.Module, target: str) -> bool:
@@ -498,6 +503,7 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
     index: dict[int, int] = {}
     consts: dict[str, torch.Tensor] = {}
     plain: set[str] = set()
+    trainable: set[str] = set()
 
     def leaf(x: Any) -> Any:
         if isinstance(x, Value):
@@ -510,8 +516,10 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
             consts[name] = x.tensor
             if x.plain:
                 plain.add(name)
+            if x.trainable:
+                trainable.add(name)
             return Buf(name, x.tensor.is_complex())
         return x
 
-    fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts, plain)
+    fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts, plain, trainable)
     return fn, inputs

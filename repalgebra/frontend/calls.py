@@ -195,11 +195,14 @@ class FnCall(nn.Module):
     name) or ``"call_module"`` (``target`` a module, registered as ``fn``).
     Constant tensors the call reads are registered as buffers, so ``.to()``
     moves and casts them with the module; those named in ``plain`` the model
-    holds as plain attributes, which its casts leave, and so does this module.
+    holds as plain attributes, which its casts leave, and so does this module;
+    those named in ``trainable`` are parameters of the model that require
+    gradients, read as they are, and are parameters here, so a fine-tune
+    trains them.
     """
 
     def __init__(self, kind: str, target: Any, args: tuple, kwargs: dict, consts: dict[str, torch.Tensor],
-                 plain: Collection[str] = ()) -> None:
+                 plain: Collection[str] = (), trainable: Collection[str] = ()) -> None:
         """Create the call; ``args``/``kwargs`` are templates (see :func:`resolve`)."""
         super().__init__()
         self.kind = kind
@@ -214,6 +217,8 @@ class FnCall(nn.Module):
             t = _held(t)
             if name in plain:
                 setattr(self, name, t)
+            elif name in trainable:
+                self.register_parameter(name, nn.Parameter(t.detach().clone()))
             else:
                 self.register_buffer(name, t)
 

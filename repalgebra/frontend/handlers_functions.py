@@ -77,6 +77,7 @@ def add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
     if not x.dtype.is_floating_point:
         return None
     cc = constant(c)
+    trainable = cc is not None and cc.trainable
     if _is_num(c):
         t, source = torch.tensor(float(c), dtype=torch.float64), ""
     elif cc is not None and cc.tensor.is_floating_point():
@@ -88,7 +89,7 @@ def add_const(x: Value, c: Any, negate_const: bool, negate_x: bool) -> Made:
             return None
     else:
         return None
-    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0}, {"const": -t if negate_const else t}, source
+    return "add_const", [x], {"sign": -1.0 if negate_x else 1.0, "_trainable": trainable}, {"const": -t if negate_const else t}, source
 
 
 def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
