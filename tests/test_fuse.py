@@ -481,6 +481,32 @@ def test_parameters_read_but_not_folded_stay_parameters(capture):
     assert not any(p.requires_grad for p in fuse(wrapped, z).parameters())
 
 
+class SharedReads(nn.Module):
+    """One PReLU called twice and one position embedding added twice; the stem frozen, PReLU included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.c1, self.bn1, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.c1(x + self.pos)))
+        return self.act(self.bn2(self.c2(y + self.pos)))
+
+
+def test_a_parameter_read_twice_is_one_parameter_and_a_frozen_one_stays_frozen():
+    """A PReLU called twice and an embedding added twice became two parameters each, which a fine-tune moved apart;
+    a frozen PReLU's slopes required gradients in the fused model (found by a review)."""
+    model = randomize(SharedReads()).eval()
+    fused = fuse(model, torch.randn(2, 8, 6, 6))
+    shapes = sorted(tuple(p.shape) for p in fused.parameters())
+    assert shapes.count((1, 8, 1, 1)) == 1 and shapes.count((8,)) == 3, shapes  # pos; the PReLU and two folded biases
+    model.act.requires_grad_(False)
+    frozen = fuse(model, torch.randn(2, 8, 6, 6))
+    assert [tuple(p.shape) for p in frozen.parameters() if not p.requires_grad] == [(8,)]
+
+
 class _SizeRead(nn.Module):
     """``model`` behind a size read as a number (``int(z.shape[1] ** 0.5)``): torch.fx stops, torch.export captures it."""
 

@@ -70,10 +70,20 @@ class BatchBehind(nn.Module):
         return self.fc(x).reshape(8, -1) * self.g
 
 
+class GainFirst(BatchBehind):
+    """:class:`BatchBehind` with a small input the batch does not size, first: ``forward(gain, x)``."""
+
+    def forward(self, gain, x):
+        return super().forward(x) * gain.mean()
+
+
 CASES = {
     "tokens-by-reshape": (TokensByReshape, (1, 3, 4, 4), [(3, 3, 4, 4), (1, 3, 8, 8), (2, 3, 16, 12)]),
     "one-token": (OneToken, (2, 1, 8), [(3, 1, 8), (2, 4, 8), (1, 9, 8)]),
     "batch-behind": (BatchBehind, (1, 16), [(2, 16), (4, 16)]),
+    # The check at another batch grew only the tensors as long as the first one's axis 0 (gain's 3): x stayed at
+    # batch 1, the check passed, and batch 2 was 1.96 off, silently (found by a review).
+    "batch-behind-unbatched-first": (GainFirst, ((3,), (1, 16)), [((3,), (2, 16)), ((3,), (4, 16))]),
 }
 
 
@@ -82,20 +92,21 @@ def test_a_fold_exact_at_the_example_only_is_refused_elsewhere(name):
     make, shape, others = CASES[name]
     torch.manual_seed(0)
     model = randomized(make()).to(D)
-    x = torch.randn(shape, dtype=D)
+    draw = lambda s: tuple(torch.randn(t, dtype=D) for t in s) if isinstance(s[0], tuple) else (torch.randn(s, dtype=D),)  # noqa: E731
+    x = draw(shape)
     fused = repalgebra.fuse(model, x)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+        torch.testing.assert_close(fused(*x), model(*x), rtol=1e-9, atol=1e-9 * float(model(*x).abs().max()))
         refused = 0
         for s in others:
-            y = torch.randn(s, dtype=D)
+            y = draw(s)
             try:
-                got = fused(y)
+                got = fused(*y)
             except ValueError as e:
                 assert "differs from it at other sizes" in str(e)
                 refused += 1
                 continue
-            torch.testing.assert_close(got, model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+            torch.testing.assert_close(got, model(*y), rtol=1e-9, atol=1e-9 * float(model(*y).abs().max()))
     assert refused, "every other size ran: the fold this model is made to mislead is gone, so the test tests nothing"
     assert any("differs from it at other sizes" in n for n in fused.fuse_report.notes), str(fused.fuse_report)
 

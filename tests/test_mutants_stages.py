@@ -56,8 +56,8 @@ FEW = {
     "repalgebra.frontend.inputs:_batched": "one decision: which inputs hold a row per sample",
     "repalgebra.backend.onnx:_threshold": "one comparison and one choice; the mutant is the form that differs only at NaN",
     "repalgebra.backend.onnx_fallback:steered_by_values": "one comparison of the outcomes: the mutants say never and always",
+    "repalgebra.backend.onnx_fallback:_varied": "one variation per kind of tensor; the mutant drops those of ids and masks",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",
-    "repalgebra.backend.torch:_prelu": "one choice: the slopes held as a parameter or a buffer",
     "repalgebra.frontend.calls:_compiled": "the resolver of each template leaf, held to resolve() by tests/test_frontend.py; "
     "the mutant is the one leaf a fuse test alone reaches (a complex constant)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

@@ -1394,7 +1394,7 @@ def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tupl
     model that does not run at another batch (``x.view(1, ...)``) does not hold there either: the file would."""
     if not any(n.op in SIZE_MATCHED for n in graph.nodes):
         return True
-    return _computes(graph, module, batch_plus_one(example)) is True
+    return _computes(graph, module, batch_plus_one(example, _file_batch(example))) is True
 
 
 def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
@@ -1405,7 +1405,12 @@ def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -
     and give another shape, or other numbers, than the model (or than a fused model that refuses batch 1)."""
     if _batch_of_one(example):
         return True
-    return bool(_computes(graph, module, batch_of_one(example)))
+    return bool(_computes(graph, module, batch_of_one(example, _file_batch(example))))
+
+
+def _file_batch(example: tuple) -> int | None:
+    """The batch of the file: the first input's axis 0 (the inputs whose axis 0 has that size grow with it)."""
+    return example[0].shape[0] if example and torch.is_tensor(example[0]) and example[0].dim() else None
 
 
 def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, example: tuple, notes: list[str]) -> str:
@@ -1485,8 +1490,9 @@ def _branching(regions: list[RegionReport]) -> str:
     return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans, and they "
             "came out otherwise for other inputs (its Python branches on values: if x.mean() > 0), so the file would "
             "always take the branches the example input took and compute something else for inputs that take "
-            "others; no file is written.  Write the choice with torch.where, or pass allow_example_branches=True to "
-            "accept that file")
+            "others; no file is written.  Write the choice with torch.where; where the branch cannot be taken by "
+            "inputs the model makes (the checks also vary the part's inputs: negated floats, token ids all 0, "
+            "inverted masks), pass allow_example_branches=True to accept that file")
 
 
 def export_onnx(

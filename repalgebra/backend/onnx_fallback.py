@@ -429,17 +429,18 @@ def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: 
                 f"{r.where}: torch.onnx.export's trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into "
                 f"Python boolean{'s' * (e.branches != 1)} (control flow on values): the export always takes the branch "
                 "its example input took" + (", and the checks' inputs took others" if e.steered else
-                                            "; the checks' inputs (random, scaled, negated) all took it too")
+                                            "; the checks' inputs (random, scaled, varied) all took it too")
             )
     return exported
 
 
 def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
     """Whether ``module``'s own Python booleans of tensors (``if x.mean() > 0``) come out otherwise for some of
-    ``inputs`` or their negations than for the first: its branches follow its inputs' values.  A branch on sizes
-    (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >= 0``) does not.
-    Evidence, not proof: inputs the checks did not draw may take another branch."""
-    runs = [*inputs, *(tuple(-t if torch.is_tensor(t) and t.is_floating_point() else t for t in xs) for xs in inputs)]
+    ``inputs`` or their variations (:func:`_varied`) than for the first: its branches follow its inputs' values.  A
+    branch on sizes (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >=
+    0``) does not.  Evidence, not proof: inputs the checks did not draw may take another branch; and a varied
+    input may be one the model never makes (a negated ReLU output), which ``allow_example_branches`` is for."""
+    runs = [*inputs, *(tuple(_varied(t, k) for t in xs) for xs in inputs for k in (0, 1))]
     seen = []
     for xs in runs:
         outcomes = _Outcomes()
@@ -450,6 +451,19 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
             continue
         seen.append(outcomes.seen)
     return any(s != seen[0] for s in seen[1:])
+
+
+def _varied(t: Any, k: int) -> Any:
+    """Variation ``k`` (0 or 1) of a check input: floats negated; token ids all 0 (padding), then reversed along
+    their last axis; a boolean mask inverted, then all True.  Values the checks do not draw at random (ids and
+    masks keep the example's) still vary."""
+    if not torch.is_tensor(t) or not t.dim():
+        return t
+    if t.is_floating_point():
+        return -t
+    if t.dtype == torch.bool:
+        return ~t if k == 0 else torch.ones_like(t)
+    return torch.zeros_like(t) if k == 0 else t.flip(-1)
 
 
 class _Outcomes(TorchFunctionMode):

@@ -89,6 +89,7 @@ class Lowering:
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
         self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
+        self._params_by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # and parameters registered for it
 
     def name(self, hint: str) -> str:
         """A fresh attribute name derived from ``hint`` (a source path or op name)."""
@@ -125,9 +126,14 @@ class Lowering:
         return self.graph.get_attr(name)
 
     def add_parameter(self, hint: str, tensor: torch.Tensor) -> fx.Node:
-        """Register a parameter holding ``tensor`` (cloned) and return the node reading it."""
-        name = self.name(hint)
-        self.root.register_parameter(name, _param(tensor))
+        """Register a parameter holding ``tensor`` (cloned) and return the node reading it.  One equal to a parameter
+        registered from the same source is that one: a position embedding added in two places stays one."""
+        key = _share_key(hint)
+        name = next((n for n in self._params_by_hint.get(key, ()) if _equal(getattr(self.root, n), tensor.detach())), None)
+        if name is None:
+            name = self.name(hint)
+            self.root.register_parameter(name, _param(tensor))
+            self._params_by_hint.setdefault(key, []).append(name)
         return self.graph.get_attr(name)
 
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
@@ -572,7 +578,10 @@ def _log_sigmoid(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("prelu")
 def _prelu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
-    return ctx.function(F.prelu, xs[0], ctx.add_parameter(_hint(node, "_weight"), node.params["weight"]))  # learned, as nn.PReLU's
+    w = node.params["weight"]
+    prelu = nn.PReLU(w.numel(), device="meta", dtype=w.dtype)  # a module: its slopes learn, or stay frozen, as the model's
+    prelu.weight = _param(w.reshape(-1))
+    return ctx.module(_hint(node), prelu, xs[0])
 
 
 @lowers("pow")
@@ -717,6 +726,8 @@ def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     value = node.params["value"].to(node.attrs["dtype"])
     if node.attrs["_plain"]:  # as the model holds it: a module's plain attribute, which casts leave
         return ctx.module(_hint(node, "_const"), constant_call(value, plain=True))
+    if value.is_complex():  # held as its real view, which casts follow (see calls.Buf)
+        return ctx.module(_hint(node, "_const"), constant_call(value))
     if node.attrs.get("_trainable"):  # a parameter the model trains (a class token): one a fine-tune trains here too
         return ctx.add_parameter(_hint(node, "_const"), value)
     return ctx.add_buffer(_hint(node, "_const"), value)

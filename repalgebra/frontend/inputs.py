@@ -8,7 +8,7 @@ input from the first Conv/Linear/BatchNorm the model calls.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -26,24 +26,21 @@ def shapes_and_dtypes(xs: Iterable[Any]) -> str:
                      if hasattr(t, "shape") and hasattr(t, "dtype"))
 
 
-def batch_plus_one(inputs: tuple) -> tuple:
-    """``inputs`` at the batch one larger: each batched tensor with its first row appended (other values as they
-    are).  The batch is the first tensor's first size; a tensor whose first size is another (an ``(L, L)``
-    attention mask beside ``(B, L, C)`` tokens) is shared by the batch and stays as it is."""
-    batched = _batched(inputs)
-    return tuple(torch.cat([t, t[:1]]) if batched(t) else t for t in inputs)
+def batch_plus_one(inputs: tuple, batch: int | None = None) -> tuple:
+    """``inputs`` at the batch one larger: each tensor with its first row appended (other values as they are).
+    With ``batch``, only the tensors whose first size it is (an ONNX file's batch is its first input's axis 0: an
+    ``(L, L)`` attention mask beside ``(B, L, C)`` tokens is shared by the batch and stays as it is)."""
+    return tuple(torch.cat([t, t[:1]]) if _batched(t, batch) else t for t in inputs)
 
 
-def batch_of_one(inputs: tuple) -> tuple:
-    """``inputs`` at batch 1: each batched tensor's first row (other values as they are; see :func:`batch_plus_one`)."""
-    batched = _batched(inputs)
-    return tuple(t[:1] if batched(t) else t for t in inputs)
+def batch_of_one(inputs: tuple, batch: int | None = None) -> tuple:
+    """``inputs`` at batch 1: each tensor's first row (other values as they are; ``batch``: see :func:`batch_plus_one`)."""
+    return tuple(t[:1] if _batched(t, batch) else t for t in inputs)
 
 
-def _batched(inputs: tuple) -> Callable[[Any], bool]:
-    """Whether a value of ``inputs`` holds a row per sample: a tensor whose first size is the first tensor's."""
-    batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim()), None)
-    return lambda t: torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch
+def _batched(t: Any, batch: int | None) -> bool:
+    """Whether ``t`` holds a row per sample: a tensor with a first axis (of size ``batch``, where given)."""
+    return torch.is_tensor(t) and t.dim() > 0 and (batch is None or t.shape[0] == batch)
 
 
 def check_model(model: nn.Module) -> None:
