@@ -47,7 +47,7 @@ from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
-from repalgebra.frontend.fx_trace import runs_own_hooks
+from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
@@ -583,6 +583,7 @@ class ShapeDispatch(nn.Module):
         return self.original(*args, **kwargs)
 
 
+@one_at_a_time
 def fuse(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -631,6 +632,11 @@ def fuse(
         backbone stays frozen beside a head that trains; a frozen model stays frozen).
         Parameters the model ties (an embedding and its output head) stay one
         parameter where no fold changed them (:mod:`repalgebra.ties`).
+
+    Threads: calls of ``fuse`` and ``export_onnx`` in several threads take
+    turns.  ``torch.fx`` replaces ``nn.Module.__call__`` for the whole process
+    while it traces, so do not run other models in other threads while a
+    ``fuse`` is under way: their module calls would go through its tracer.
         It is for inference: gradients through it follow the fused graph, not
         the model's ``torch.no_grad()`` blocks, custom ``autograd.Function``
         backward passes or backward hooks.
@@ -666,6 +672,11 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         example_inputs = leaves if view is not None else example_inputs
     fuser = _Fuser(view or model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
+    dtype = model_dtype(fuser.pristine)
+    if any(torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype for t in inputs):
+        # The captures are checked against a float64 copy, which runs on a float64 example where the model itself
+        # may not: the fused model came back in float64, refusing the model's own inputs.
+        fuser.ensure_runs(inputs)
     fused = fuser.fuse_model(inputs)
     if view is not None:
         fused = _with_structure(fused, model, spec, fuser.report)

@@ -530,6 +530,61 @@ def test_top_level_control_flow_error():
 # --------------------------------------------------------------------------- bad input, dtypes
 
 
+def test_an_example_in_another_dtype_than_the_model_runs_in_is_refused():
+    """A float32 model and a float64 example: the captures were checked against a float64 copy of the model, which
+    runs on it, and the fused model came back in float64, refusing the model's own float32 inputs (found by a
+    probe).  The model itself must run on the example; one that casts its input takes it."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    with pytest.raises(ValueError, match=r"does not run in eval mode on the example input \(2x3x8x8\).*Double"):
+        fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+
+    class CastsItsInput(nn.Module):
+        def __init__(self, body: nn.Module) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x.float())
+
+    wrapped = CastsItsInput(model)
+    fused = fuse(wrapped, torch.randn(2, 3, 8, 8, dtype=D))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), wrapped(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+
+
+def test_fuse_in_several_threads_at_once():
+    """torch.fx replaces ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces: two fuses in two
+    threads restored each other's replacements, calls raised ``NameError`` inside our tracer, and the process could
+    stay broken after them (found by a probe, 1 to 2 fuses in 30).  The traces take turns."""
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    errors: list[BaseException] = []
+    done: list[tuple[nn.Module, nn.Module, torch.Tensor]] = []
+
+    def work(seed: int) -> None:  # fuse only: a model run in a thread while another traces is not ours to guard
+        try:
+            for k in range(8):
+                model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                                nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), seed=seed + k).eval()
+                x = torch.randn(2, 3, 8, 8)
+                done.append((model, fuse(model, x), x))
+        except BaseException as e:  # noqa: BLE001  (re-raised below, in the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(10 * k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+    assert len(done) == 24
+    for model, fused, x in done:
+        assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+
+
 def test_nan_or_inf_values_are_allowed_and_never_folded():
     """Non-finite values are the model's business; a fold that would spread them is refused (see test_fuse_capture)."""
     model = net(dtype=D)

@@ -52,6 +52,7 @@ from repalgebra.backend.onnx_fallback import (
 )
 from repalgebra.frontend.builder import is_none_output
 from repalgebra.frontend.capture import first_line
+from repalgebra.frontend.fx_trace import one_at_a_time
 from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
@@ -1495,6 +1496,7 @@ def _branching(regions: list[RegionReport]) -> str:
             "inverted masks), pass allow_example_branches=True to accept that file")
 
 
+@one_at_a_time
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
     path: str | None,

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -472,6 +473,23 @@ def _own_attr(obj: Any, name: str) -> Any:
     return getattr(obj, name)
 
 
+# torch.fx replaces nn.Module.__call__ and __getattr__ process-wide while it traces: a module called in another
+# thread meanwhile goes through the tracer's (NameError), and two traces restore each other's replacements, which
+# can leave the process broken.  fuse and export_onnx, which trace and run models, hold this lock throughout.
+TRACING = threading.RLock()
+
+
+def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` holding :data:`TRACING` while it runs."""
+
+    @functools.wraps(fn)
+    def held(*args: Any, **kwargs: Any) -> Any:
+        with TRACING:
+            return fn(*args, **kwargs)
+
+    return held
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
@@ -488,6 +506,11 @@ class Tracer(fx.Tracer):
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """``fx.Tracer.trace``, one at a time in the process (:data:`TRACING`)."""
+        with TRACING:
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
