@@ -117,6 +117,8 @@ _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stay
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
 _TRAINABLE = ("tests/test_fuse.py::test_parameters_read_but_not_folded_stay_parameters",)
+_ELU = ("tests/test_ops_vocabulary.py::test_fuse_is_exact_and_still_folds[elu_selu_celu]",
+        "tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime")
 _UNTOUCHED = ("tests/test_fuse_shared_objects.py::test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were",)
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
 _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_k_v_when_its_output_shape_is_read",)
@@ -935,6 +937,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "ids-not-varied", "a check's token ids and masks kept as the example's when the part runs again (a branch on padding unseen)",
      "repalgebra.backend.onnx_fallback:_varied", "    if t.is_floating_point():\n        return -t\n", "    if True:\n        return -t if t.is_floating_point() else t\n",
      ("tests/test_onnx_fallback.py::test_a_branch_on_token_ids_is_refused",)),
+    ("onnx_backend", "celu-input-scale-dropped", "CELU written as ELU: exp(x) where it is exp(x / alpha)",
+     f"{_OB}:_elu", 'inner = x if a["input_scale"] == 1 else', 'inner = x if True else', _ELU),
+    ("torch_backend", "selu-as-elu", "SELU and CELU built as F.elu with their alpha (scale and input scale dropped)",
+     f"{_TB}:_elu", 'if a["scale"] == 1 and a["input_scale"] == 1:', "if True:", _ELU),
     ("onnx_backend", "convT-extra-pads-as-2d", "the zero rows past a transposed conv's scatter padded as for four axes",
      f"{_OB}:_conv_transpose", '[0] * (len(extra) + 4) + extra', '[0, 0, 0, 0, 0, 0, *extra]', _TRANSPOSED3D),
     ("torch_backend", "convT3d-as-2d", "a transposed 3-D conv built as nn.ConvTranspose2d",

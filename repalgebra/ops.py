@@ -428,6 +428,14 @@ def leaky_relu(x, *, negative_slope=0.01):
     return F.leaky_relu(x, negative_slope)
 
 
+@op("elu", kind="nonlinear")
+def elu(x, *, alpha=1.0, scale=1.0, input_scale=1.0):
+    """``scale * x`` where ``x > 0``, else ``scale * alpha * (exp(input_scale * x) - 1)``: ``nn.ELU`` (V-Net),
+    ``nn.SELU`` (its fixed ``alpha`` and ``scale``) and ``nn.CELU`` (``input_scale = 1 / alpha``), as ATen computes
+    all three."""
+    return torch.ops.aten.elu(x, alpha, scale, input_scale)
+
+
 @op("threshold", kind="nonlinear")
 def threshold(x, *, threshold: float, value: float):
     """``x`` where it is above ``threshold``, else ``value`` (``nn.Threshold``; NaN stays NaN)."""

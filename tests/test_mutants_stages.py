@@ -57,6 +57,8 @@ FEW = {
     "repalgebra.backend.onnx:_threshold": "one comparison and one choice; the mutant is the form that differs only at NaN",
     "repalgebra.backend.onnx_fallback:steered_by_values": "one comparison of the outcomes: the mutants say never and always",
     "repalgebra.backend.onnx_fallback:_varied": "one variation per kind of tensor; the mutant drops those of ids and masks",
+    "repalgebra.backend.onnx:_elu": "the native ops' choice is checked by onnxruntime's own kernels; the mutant drops CELU's input scale",
+    "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",
     "repalgebra.frontend.calls:_compiled": "the resolver of each template leaf, held to resolve() by tests/test_frontend.py; "
     "the mutant is the one leaf a fuse test alone reaches (a complex constant)",

@@ -551,6 +551,22 @@ def _softplus(ctx, n, x):
     return ctx.emit("Where", [ctx.emit("Greater", [bx, _number(ctx, "threshold", threshold)]), x, soft])
 
 
+@lowering("elu")
+def _elu(ctx, n, x):
+    """``Elu`` (``Selu`` with a scale) in float32 and float16; otherwise, or with an input scale (CELU), written
+    out: ``x > 0 ? scale x : scale alpha (exp(input_scale x) - 1)`` with constants of the graph's dtype (an ONNX
+    float attribute is float32)."""
+    a = n.attrs
+    if n.out.dtype in (torch.float32, torch.float16) and a["input_scale"] == 1:
+        if a["scale"] == 1:
+            return ctx.emit("Elu", [x], alpha=float(a["alpha"]))
+        return ctx.emit("Selu", [x], alpha=float(a["alpha"]), gamma=float(a["scale"]))
+    inner = x if a["input_scale"] == 1 else ctx.emit("Mul", [x, _number(ctx, "input_scale", a["input_scale"])])
+    negative = ctx.emit("Mul", [ctx.emit("Sub", [ctx.emit("Exp", [inner]), _number(ctx, "one", 1.0)]), _number(ctx, "alpha", a["alpha"])])
+    y = ctx.emit("Where", [ctx.emit("Greater", [x, _number(ctx, "zero", 0.0)]), x, negative])
+    return y if a["scale"] == 1 else ctx.emit("Mul", [y, _number(ctx, "scale", a["scale"])])
+
+
 @lowering("threshold")
 def _threshold(ctx, n, x):
     """``value`` where ``x <= threshold``, else ``x``: written so, not as ``x > threshold``, a NaN stays NaN, as in

@@ -561,6 +561,14 @@ def _leaky_relu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.leaky_relu, xs[0], node.attrs["negative_slope"])
 
 
+@lowers("elu")
+def _elu(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    if a["scale"] == 1 and a["input_scale"] == 1:
+        return ctx.function(F.elu, xs[0], a["alpha"])
+    return ctx.function(torch.ops.aten.elu, xs[0], a["alpha"], a["scale"], a["input_scale"])  # SELU, CELU: as ATen runs them
+
+
 @lowers("threshold")
 def _threshold(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(F.threshold, xs[0], node.attrs["threshold"], node.attrs["value"])

@@ -341,3 +341,18 @@ def channel_axis(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int 
     if len(varying) != 1 or const_shape[varying[0] - offset] != x_shape[varying[0]]:
         return None
     return varying[0]
+
+
+# SELU's constants (Klambauer et al.), as ATen's selu passes them to elu.
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def elu_made(x: Value | None, kind: str, alpha: Any, source: str | None) -> Made:
+    """``elu`` of ``x`` for ``nn.ELU``/``F.elu`` (``kind`` ``"elu"``), ``SELU`` and ``CELU``; None where ``alpha``
+    is not a number."""
+    if x is None or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    attrs = {"elu": {"alpha": float(alpha), "scale": 1.0, "input_scale": 1.0},
+             "selu": {"alpha": SELU_ALPHA, "scale": SELU_SCALE, "input_scale": 1.0},
+             "celu": {"alpha": float(alpha), "scale": 1.0, "input_scale": 1.0 / float(alpha) if alpha else 0.0}}[kind]
+    return None if kind == "celu" and not alpha else ("elu", [x], attrs, {}, source)

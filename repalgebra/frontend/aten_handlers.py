@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from repalgebra.frontend.args import (
-    avg_pool, channel_axis, conv3d_attrs, global_mean, height_one, im2col, leaky_relu_made, population_variance, prelu_made, scalar_axis,
+    avg_pool, channel_axis, conv3d_attrs, elu_made, global_mean, height_one, im2col, leaky_relu_made, population_variance, prelu_made, scalar_axis,
     transposed_conv_attrs, unsqueezed, vector_norm,
 )
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
@@ -604,6 +604,22 @@ def _leaky_relu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return leaky_relu_made(_v(a["self"]), a["negative_slope"], None)
 
 
+def _elu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``aten.elu`` (ELU; CELU and SELU decompose to it) with number arguments."""
+    x, alpha, scale, input_scale = _v(a["self"]), a["alpha"], a["scale"], a["input_scale"]
+    if x is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, scale, input_scale)):
+        return None
+    return "elu", [x], {"alpha": float(alpha), "scale": float(scale), "input_scale": float(input_scale)}, {}, None
+
+
+def _selu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    return elu_made(_v(a["self"]), "selu", 1.0, None)
+
+
+def _celu(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    return elu_made(_v(a["self"]), "celu", a["alpha"], None)
+
+
 def _threshold(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     x, threshold, value = _v(a["self"]), a["threshold"], a["value"]
     if x is None or not all(isinstance(v, (int, float)) for v in (threshold, value)):
@@ -931,6 +947,9 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.prelu.default: _prelu,
     aten.softplus.default: _softplus,
     aten.threshold.default: _threshold,
+    aten.elu.default: _elu,
+    aten.selu.default: _selu,
+    aten.celu.default: _celu,
     aten.log_sigmoid.default: _unary("log_sigmoid"),
     aten.hardtanh.default: _clamp(),
     aten.clamp.default: _clamp(),

@@ -250,6 +250,9 @@ _RECOGNISED: tuple[type, ...] = (
     nn.PReLU,
     nn.Hardtanh,  # and nn.ReLU6
     nn.Threshold,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
     nn.GroupNorm,
     nn.Upsample,  # and nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d
     nn.PixelShuffle,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, global_mean, im2col, interpolate, ints, is_int,
+    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, elu_made, global_mean, im2col, interpolate, ints, is_int,
     leaky_relu_made, max_pool, pad_nd, population_variance, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs,
     unsqueezed, vector_norm,
 )
@@ -793,6 +793,17 @@ def _f_leaky_relu(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict
     return None if a is None else leaky_relu_made(shaped(a["input"]), a["negative_slope"], "")
 
 
+def _f_elu(kind: str) -> Callable[..., Made]:
+    """``F.elu(x, alpha)``, ``F.selu(x)`` (``torch.selu``), ``F.celu(x, alpha)`` (``torch.celu``): ``elu``."""
+    spec = [("input", REQ)] + ([("alpha", 1.0)] if kind != "selu" else []) + [("inplace", False)]
+
+    def handler(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+        a = bind(spec, args, kwargs)
+        return None if a is None else elu_made(shaped(a["input"]), kind, a.get("alpha", 1.0), "")
+
+    return handler
+
+
 def _f_threshold(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     a = bind([("input", REQ), ("threshold", REQ), ("value", REQ), ("inplace", False)], args, kwargs)
     if a is None or shaped(a["input"]) is None or not all(isinstance(a[k], (int, float)) for k in ("threshold", "value")):
@@ -1291,6 +1302,9 @@ _register(_f_unary("log"), torch.log, ("method", "log"))
 _register(_f_leaky_relu, F.leaky_relu)
 _register(_f_softplus, F.softplus)
 _register(_f_threshold, F.threshold)
+_register(_f_elu("elu"), F.elu)
+_register(_f_elu("selu"), F.selu, torch.selu)
+_register(_f_elu("celu"), F.celu, torch.celu)
 _register(_f_unary("log_sigmoid"), F.logsigmoid)
 _register(_f_prelu, F.prelu, torch.prelu)
 _register(_f_clamp(), torch.clamp, torch.clip, ("method", "clamp"), ("method", "clip"))

@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, elu_made, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
@@ -244,6 +244,11 @@ def _m_hardtanh(b: Builder, n: fx.Node, m: nn.Hardtanh, args: tuple, kwargs: dic
     return None if x is None else ("clamp", [x], {"min": m.min_val, "max": m.max_val}, {}, "")
 
 
+def _m_elu(b: Builder, n: fx.Node, m: nn.ELU | nn.SELU | nn.CELU, args: tuple, kwargs: dict) -> Made:
+    """``nn.ELU``, ``nn.SELU``, ``nn.CELU``: ``elu``."""
+    return elu_made(single(args, kwargs), type(m).__name__.lower(), getattr(m, "alpha", 1.0), "")
+
+
 def _m_threshold(b: Builder, n: fx.Node, m: nn.Threshold, args: tuple, kwargs: dict) -> Made:
     x = single(args, kwargs)
     return None if x is None else ("threshold", [x], {"threshold": float(m.threshold), "value": float(m.value)}, {}, "")
@@ -329,6 +334,9 @@ MODULE_HANDLERS: dict[type, Callable[..., Made]] = {
     nn.PReLU: _m_prelu,
     nn.Hardtanh: _m_hardtanh,
     nn.Threshold: _m_threshold,
+    nn.ELU: _m_elu,
+    nn.SELU: _m_elu,
+    nn.CELU: _m_elu,
     nn.GroupNorm: _m_group_norm,
     nn.Upsample: _m_upsample,
     nn.PixelShuffle: _m_pixel_shuffle,

@@ -34,7 +34,7 @@ from repalgebra.ir import Graph, Node, Value
 __all__ = ["lift_height_one"]
 
 _LIFT = ((((0, 0),), ((0, 1),), 1, ((0, 2),)))  # reshape_dyn's shape for x.unsqueeze(2) of a 3-D x (args.unsqueezed)
-_UNARY = ("relu", "gelu", "sigmoid", "silu", "hardswish", "hardsigmoid", "tanh", "leaky_relu", "clamp", "softplus", "threshold",
+_UNARY = ("relu", "gelu", "sigmoid", "silu", "hardswish", "hardsigmoid", "tanh", "leaky_relu", "clamp", "softplus", "threshold", "elu",
           "abs", "sqrt", "exp", "log", "rsqrt", "pow", "identity", "prelu", "batch_norm")  # elementwise, or per channel (axis 1)
 _BINARY = ("add", "sub", "mul", "div")  # elementwise where both shapes are equal
 _ALONG = ("pad", "pad_nd", "slice")  # along the length (or a slice of the channels): see _along

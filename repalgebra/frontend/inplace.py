@@ -134,7 +134,7 @@ _FRESH_FUNCTIONS = {
     torch.pixel_unshuffle, torch.cumsum, torch.sort, torch.topk, torch.gather, torch.masked_fill,
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.conv_transpose3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
     F.instance_norm, F.gelu, F.silu, F.mish, F.softmax, F.log_softmax, F.sigmoid, F.tanh, F.hardswish,
-    F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
+    F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
     F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
     F.interpolate, F.scaled_dot_product_attention, F.normalize, F.unfold, F.fold, F.pixel_shuffle,
     F.embedding, F.softplus, F.hardtanh, F.threshold, F.prelu, torch.prelu,

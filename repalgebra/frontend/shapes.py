@@ -16,7 +16,7 @@ from repalgebra.ops import TRANSPOSED_CONVS
 
 # Ops whose output has their first input's shape: per-channel maps, and activations of one input
 _SAME_SHAPE = ("batch_norm", "scale", "identity", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-               "leaky_relu", "softplus", "threshold", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "exp", "log", "rsqrt", "cast", "layer_norm", "rms_norm")
+               "leaky_relu", "softplus", "threshold", "elu", "log_sigmoid", "prelu", "clamp", "abs", "sqrt", "exp", "log", "rsqrt", "cast", "layer_norm", "rms_norm")
 _FOLDS_A_BN = ("conv2d", "conv3d", *TRANSPOSED_CONVS, "linear")  # a BN or scale after these folds into them
 
 
