@@ -652,30 +652,32 @@ def test_outputs_that_do_not_follow_the_batch_declare_no_batch_axis():
 
 
 def test_an_input_without_a_batch_is_declared_without_one():
-    """A causal mask shared by the batch, ``(L, L)``, and a key-padding mask that follows it, ``(B, L)``: only the
-    second was to be declared ``batch`` on axis 0 (every input's axis 0 was, the mask's too, even with ``L`` equal to
-    the example's batch).  The file runs at other batches with the one mask."""
+    """A causal mask shared by the batch, ``(L, L)``, a relative-position bias shared too, and a key-padding mask
+    that follows the batch, ``(B, L)``: only the last was to be declared ``batch`` on axis 0 (every input's axis 0
+    was, the masks' too, even with ``L`` equal to the example's batch).  The file runs at other batches with the one
+    mask and bias.  (The causal mask holds -inf: the checks keep its values; the bias is drawn at random.)"""
     class Masked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.q = nn.Linear(8, 8)
 
-        def forward(self, x, mask, keep):
+        def forward(self, x, mask, bias, keep):
             h = self.q(x)
-            scores = h @ h.transpose(1, 2) + mask + keep[:, None, :]
+            scores = h @ h.transpose(1, 2) + mask + bias + keep[:, None, :]
             return torch.softmax(scores, -1) @ h
 
     model, length = Masked().eval(), 5
     mask = torch.triu(torch.full((length, length), float("-inf")), 1)
+    bias = torch.randn(length, length)
     for batch in (2, length):
         keep = torch.zeros(batch, length)
-        proto = export_onnx(model, None, (torch.randn(batch, length, 8), mask, keep), opset=20)
+        proto = export_onnx(model, None, (torch.randn(batch, length, 8), mask, bias, keep), opset=20)
         declared = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
-        assert declared == [["batch", length, 8], [length, length], ["batch", length]]
+        assert declared == [["batch", length, 8], [length, length], [length, length], ["batch", length]]
         assert _declared(proto) == [["batch", length, 8]]
     x, keep = torch.randn(3, length, 8), torch.zeros(3, length)
-    got = _session(proto).run(None, {"x": x.numpy(), "mask": mask.numpy(), "keep": keep.numpy()})[0]
-    assert rel_err(got, model(x, mask, keep)) <= RTOL
+    got = _session(proto).run(None, {"x": x.numpy(), "mask": mask.numpy(), "bias": bias.numpy(), "keep": keep.numpy()})[0]
+    assert rel_err(got, model(x, mask, bias, keep)) <= RTOL
 
 
 def test_a_squeeze_of_the_batch_traced_at_batch_one_fixes_the_batch():
