@@ -459,7 +459,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "complex-constant-held-complex", "a complex constant of a carried call held as a complex buffer (a cast drops its imaginary part)",
      "repalgebra.frontend.calls:_held", "return torch.view_as_real(t).clone() if t.is_complex() else t", "return t", _COMPLEX),
     ("frontend", "complex-constant-read-real", "a complex constant of a carried call read as its real view",
-     "repalgebra.frontend.calls:_compiled", "        if t.complex:\n", "        if False:\n", _COMPLEX),
+     "repalgebra.frontend.calls:_held_value", 'if name in getattr(owner, "complex_consts", ())', "if False", _COMPLEX),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
     ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",

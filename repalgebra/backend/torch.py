@@ -734,7 +734,7 @@ def _constant(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     value = node.params["value"].to(node.attrs["dtype"])
     if node.attrs["_plain"]:  # as the model holds it: a module's plain attribute, which casts leave
         return ctx.module(_hint(node, "_const"), constant_call(value, plain=True))
-    if value.is_complex():  # held as its real view, which casts follow (see calls.Buf)
+    if value.is_complex():  # held as its real view, which casts follow (see calls._held)
         return ctx.module(_hint(node, "_const"), constant_call(value))
     if node.attrs.get("_trainable"):  # a parameter the model trains (a class token): one a fine-tune trains here too
         return ctx.add_parameter(_hint(node, "_const"), value)

@@ -356,7 +356,7 @@ class ProgramBuilder:
                     consts[id(x)] = (f"c{len(consts)}", x.tensor)
                     if x.trainable:
                         trainable.add(consts[id(x)][0])
-                return Buf(consts[id(x)][0], x.tensor.is_complex())
+                return Buf(consts[id(x)][0])
             return x
 
         # A float at its dtype's limit is torch.finfo(x.dtype).min/max of the model's code (masking scores before a

@@ -518,7 +518,7 @@ def _compile(kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[FnCall,
                 plain.add(name)
             if x.trainable:
                 trainable.add(name)
-            return Buf(name, x.tensor.is_complex())
+            return Buf(name)
         return x
 
     fn = FnCall(kind, target, map_leaves(args, leaf), map_leaves(kwargs, leaf), consts, plain, trainable)

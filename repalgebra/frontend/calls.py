@@ -31,15 +31,9 @@ class In:
 
 @dataclass(frozen=True)
 class Buf:
-    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall`.
-
-    A ``complex`` constant (``torch.view_as_complex(self.weight)`` of GFNet's global filter, computed ahead by
-    ``torch.export``) is stored as its real view (:func:`torch.view_as_real`) and viewed as complex per call: a
-    cast of the module (``.to(torch.float64)``) casts a complex buffer to real, dropping its imaginary part, where
-    the model casts the real parameter it views."""
+    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall` (read by :func:`_held_value`)."""
 
     name: str
-    complex: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,8 +65,7 @@ def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
     if isinstance(template, In):
         return inputs[template.index]
     if isinstance(template, Buf):
-        held = getattr(owner, template.name)
-        return torch.view_as_complex(held) if template.complex else held
+        return _held_value(owner, template.name)
     if isinstance(template, DtypeLimit):
         return getattr(torch.finfo(inputs[template.index].dtype), template.which)
     if isinstance(template, SymExpr):
@@ -108,9 +101,7 @@ def _compiled(t: Any) -> Resolver | None:
         return lambda inputs, owner: inputs[index]
     if isinstance(t, Buf):
         name = t.name
-        if t.complex:
-            return lambda inputs, owner: torch.view_as_complex(getattr(owner, name))
-        return lambda inputs, owner: getattr(owner, name)
+        return lambda inputs, owner: _held_value(owner, name)
     if isinstance(t, DtypeLimit):
         index, which = t.index, t.which
         return lambda inputs, owner: getattr(torch.finfo(inputs[index].dtype), which)
@@ -213,6 +204,7 @@ class FnCall(nn.Module):
             self.target = target
         self.args_template = args
         self.kwargs_template = kwargs
+        self.complex_consts = frozenset(name for name, t in consts.items() if t.is_complex())  # see _held
         for name, t in consts.items():
             t = _held(t)
             if name in plain:
@@ -261,8 +253,17 @@ class FnCall(nn.Module):
 
 
 def _held(t: torch.Tensor) -> torch.Tensor:
-    """A constant as a :class:`FnCall` holds it: a complex one as its real view (see :class:`Buf`)."""
+    """A constant as a :class:`FnCall` holds it: a complex one (``torch.view_as_complex(self.weight)`` of GFNet's
+    global filter, computed ahead by ``torch.export``) as its real view, viewed as complex per call
+    (:func:`_held_value`): a cast of the module (``.to(torch.float64)``) casts a complex buffer to real, dropping
+    its imaginary part, where the model casts the real parameter it views."""
     return torch.view_as_real(t).clone() if t.is_complex() else t
+
+
+def _held_value(owner: nn.Module, name: str) -> Any:
+    """The constant ``name`` of ``owner`` (a :class:`FnCall`) as its call reads it: a complex one viewed as complex."""
+    held = getattr(owner, name)
+    return torch.view_as_complex(held) if name in getattr(owner, "complex_consts", ()) else held
 
 
 def returned(x: Any) -> Any:
@@ -273,7 +274,7 @@ def returned(x: Any) -> Any:
 
 def constant_call(tensor: torch.Tensor, plain: bool = False) -> FnCall:
     """A call returning ``tensor``, held as a buffer, or for ``plain`` as a plain attribute (see :class:`FnCall`)."""
-    return FnCall("call_function", returned, (Buf("c0", tensor.is_complex()),), {}, {"c0": tensor}, ("c0",) if plain else ())
+    return FnCall("call_function", returned, (Buf("c0"),), {}, {"c0": tensor}, ("c0",) if plain else ())
 
 
 class CallFn(nn.Module):
