@@ -383,7 +383,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
      "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",
-     "repalgebra.backend.onnx:_batch_axes", "rows = batch + 1 if grow else", "rows = batch + 1 if True else", _AXES),
+     "repalgebra.backend.onnx:_batch_axes", "batch + 1 if grow else v.shape[0]", "batch + 1 if True else v.shape[0]", _AXES),
     ("onnx_backend", "input-batch-declared-regardless", "every input declared batch on axis 0, whether it grew with the batch or not",
      "repalgebra.backend.onnx:graph_to_onnx", '{0: "batch"} if batched[k] else {}', '{0: "batch"}', _AXES),
     ("onnx_backend", "batch-one-unchecked", "a graph traced at batch 1 declared a dynamic batch without a run at another",

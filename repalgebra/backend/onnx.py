@@ -40,7 +40,7 @@ from repalgebra.backend.onnx_fallback import (
     adaptive_windows,
     capture_for_export,
     describe,
-    drawn_at_random,
+    check_input,
     export_regions,
     find_regions,
     fixed_shape_parts,
@@ -1264,11 +1264,7 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
         return None  # no values to run an integer input with (token ids, indices)
 
     def value(k: int, v: Value, grow: bool) -> torch.Tensor:
-        rows = batch + 1 if grow else v.shape[0] if v.shape else None
-        if (v.dtype is not None and not v.dtype.is_floating_point) or (k in given and not drawn_at_random(given[k])):
-            t = given[k]
-            return t[torch.arange(rows) % t.shape[0]] if grow else t
-        return torch.randn((rows, *v.shape[1:]) if v.shape else (), generator=gen, dtype=v.dtype or dtype)
+        return check_input(v, given.get(k), batch + 1 if grow else v.shape[0] if v.shape else None, gen, dtype)
 
     others = [k for k, v in enumerate(graph.inputs) if k and v.shape and v.shape[0] == batch]
     for n in range(len(others), -1, -1) if len(others) <= 4 else (len(others), 0):

@@ -328,6 +328,15 @@ def drawn_at_random(example: torch.Tensor) -> bool:
     return example.is_floating_point() and bool(example.isfinite().all())
 
 
+def check_input(v: Value, example: torch.Tensor | None, rows: int | None, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Graph input ``v`` for a check run with ``rows`` rows (``None``: its own shape): the example's values, its rows
+    repeated, where they are not drawn at random (:func:`drawn_at_random`); else standard normal values from
+    ``gen``, in ``v``'s dtype (``dtype`` where it has none)."""
+    if example is not None and not drawn_at_random(example):
+        return example if rows is None else example[torch.arange(rows) % example.shape[0]]
+    return torch.randn(v.shape if rows is None else (rows, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype)
+
+
 def export_regions(
     graph: Graph, regions: list[Region], dynamic_batch: bool, opset: int, notes: list[str], examples: Sequence[torch.Tensor] = ()
 ) -> tuple[list[ExportedRegion | None], bool]:
@@ -354,10 +363,7 @@ def export_regions(
         for k, v in enumerate(graph.inputs):
             # An input whose first axis is not the batch (a time-major T x B x C beside a B x T mask) keeps its size.
             rows = b if v.shape and v.shape[0] == batch else v.shape[0] if v.shape else None
-            if k in given and not drawn_at_random(given[k]):
-                xs.append(given[k] if rows is None else given[k][torch.arange(rows) % given[k].shape[0]])
-            else:
-                xs.append(torch.randn(v.shape if rows is None else (rows, *v.shape[1:]), generator=gen, dtype=v.dtype or torch.float32))
+            xs.append(check_input(v, given.get(k), rows, gen, torch.float32))
         return xs
 
     own = run_regions(graph, regions, modules, at(batch))
