@@ -350,9 +350,10 @@ SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.050700987355480493
 def elu_made(x: Value | None, kind: str, alpha: Any, source: str | None) -> Made:
     """``elu`` of ``x`` for ``nn.ELU``/``F.elu`` (``kind`` ``"elu"``), ``SELU`` and ``CELU``; None where ``alpha``
     is not a number."""
-    if x is None or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    if x is None or not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or (kind == "celu" and not alpha):
         return None
-    attrs = {"elu": {"alpha": float(alpha), "scale": 1.0, "input_scale": 1.0},
-             "selu": {"alpha": SELU_ALPHA, "scale": SELU_SCALE, "input_scale": 1.0},
-             "celu": {"alpha": float(alpha), "scale": 1.0, "input_scale": 1.0 / float(alpha) if alpha else 0.0}}[kind]
-    return None if kind == "celu" and not alpha else ("elu", [x], attrs, {}, source)
+    if kind == "selu":
+        alpha, scale, input_scale = SELU_ALPHA, SELU_SCALE, 1.0
+    else:  # CELU(x) = ELU(x / alpha) * alpha on the negative side: ATen's elu with input scale 1 / alpha
+        alpha, scale, input_scale = float(alpha), 1.0, 1.0 / alpha if kind == "celu" else 1.0
+    return "elu", [x], {"alpha": alpha, "scale": scale, "input_scale": input_scale}, {}, source
