@@ -115,6 +115,8 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
+                "tests/test_fuse_capture.py::test_a_fused_model_carrying_an_op_packet_pickles")
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
 _TRAINABLE = ("tests/test_fuse.py::test_parameters_read_but_not_folded_stay_parameters",)
 _ELU = ("tests/test_ops_vocabulary.py::test_fuse_is_exact_and_still_folds[elu_selu_celu]",
@@ -460,6 +462,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.calls:_held", "return torch.view_as_real(t).clone() if t.is_complex() else t", "return t", _COMPLEX),
     ("frontend", "complex-constant-read-real", "a complex constant of a carried call read as its real view",
      "repalgebra.frontend.calls:_held_value", 'if name in getattr(owner, "complex_consts", ())', "if False", _COMPLEX),
+    ("frontend", "aten-op-pickled-as-object", "a carried call's aten op pickled as torch's op object, which does not pickle",
+     "repalgebra.frontend.calls:op_named", "if isinstance(target, torch._ops.OpOverload):", "if False:", _PICKLED_OPS),
+    ("frontend", "op-packet-pickled-as-object", "a carried call's op packet pickled as torch's object, which does not pickle",
+     "repalgebra.frontend.calls:op_named", "if isinstance(target, torch._ops.OpOverloadPacket):", "if False:", _PICKLED_OPS),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
     ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",

@@ -23,6 +23,7 @@ from torch import nn
 
 import repalgebra
 from repalgebra import fuse, verify
+from repalgebra.frontend.calls import FnCall
 from repalgebra.fuse import FuseError
 from repalgebra.verify import first_difference
 
@@ -2359,3 +2360,43 @@ def test_a_complex_constant_follows_a_cast_of_the_fused_model(halves):
     again = fuse(fused, x)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_a_fused_model_with_aten_calls_pickles(halves):
+    """The calls ``torch.export`` captured (``aten.fft_rfft2.default``, the filter's ``aten.mul.Tensor``) are carried
+    as modules holding torch's op objects, which do not pickle: ``torch.save`` of the fused GFNet failed.  They are
+    pickled by name, and the loaded model computes what the model does."""
+    torch.manual_seed(0)
+    model = GFNetStem(halves=halves).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = fuse(model, x)
+    saved = io.BytesIO()
+    torch.save(fused, saved)
+    saved.seek(0)
+    with torch.no_grad():
+        for loaded in (torch.load(saved, weights_only=False), pickle.loads(pickle.dumps(copy.deepcopy(fused)))):
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)  # float32: folded in float64
+
+
+class OpPacketCall(nn.Module):
+    """``torch.ops.aten.hypot(buffer, y)``: an op packet (no overload chosen) called with a tensor of the model,
+    so the fused model carries the call as a module holding the packet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("w", torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        return torch.ops.aten.hypot(self.w, self.bn(self.conv(x)))
+
+
+def test_a_fused_model_carrying_an_op_packet_pickles():
+    torch.manual_seed(0)
+    model = OpPacketCall().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model, x)
+    assert any(isinstance(m, FnCall) and isinstance(m.target, torch._ops.OpOverloadPacket) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(fused))(x), model(x), rtol=1e-5, atol=1e-5)  # float32

@@ -231,10 +231,16 @@ class FnCall(nn.Module):
         return invoke(self.kind, self.target, args, kwargs)
 
     def __getstate__(self) -> dict:
-        """The module's state without the resolver built from its templates (a closure does not pickle)."""
+        """The module's state without the resolver built from its templates (a closure does not pickle), and with an
+        aten op as its name (:class:`OpName`)."""
         state = super().__getstate__()
         state.pop("_resolver", None)
+        state["target"] = op_named(state["target"])
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        """The pickled state, its aten op looked up by name."""
+        super().__setstate__({**state, "target": op_of_name(state["target"])})
 
     @property
     def reads_input_dtype(self) -> bool:
@@ -250,6 +256,33 @@ class FnCall(nn.Module):
     def extra_repr(self) -> str:
         """Show the call target in ``print(module)``."""
         return self.name
+
+
+@dataclass(frozen=True)
+class OpName:
+    """An aten op by its name, where a module is pickled: torch's op objects (``torch.ops.aten.fft_rfft2.default``,
+    the targets of calls ``torch.export`` captured) do not pickle, and ``torch.save`` of the fused model failed."""
+
+    namespace: str
+    name: str
+    overload: str | None  # None for a packet (``torch.ops.aten.mul``)
+
+
+def op_named(target: Any) -> Any:
+    """``target`` as it pickles: an op as its :class:`OpName`, anything else as it is."""
+    if isinstance(target, torch._ops.OpOverload):
+        return OpName(target.namespace, target._schema.name.split("::")[1], target._overloadname)
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return OpName(*target._qualified_op_name.split("::"), None)
+    return target
+
+
+def op_of_name(target: Any) -> Any:
+    """The op an :class:`OpName` names; anything else as it is."""
+    if not isinstance(target, OpName):
+        return target
+    packet = getattr(getattr(torch.ops, target.namespace), target.name)
+    return packet if target.overload is None else getattr(packet, target.overload)
 
 
 def _held(t: torch.Tensor) -> torch.Tensor:
