@@ -467,6 +467,21 @@ def _install(guard: "ShapeGuard | StructureGuard | InputCheck", module: nn.Modul
             module._register_deepcopy_hook(_Reinstall(guard))
         type(module).__reduce__ = _reduce_with_guards  # GraphModule gives each instance a class of its own
         type(module).__copy__ = _copy_with_guards
+        type(module).__prepare_scriptable__ = _refuse_script
+
+
+def _refuse_script(module: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` calls first on a guarded fused module: a TypeError saying why and what works.
+
+    TorchScript compiles forward pre-hooks too, and the guards are Python objects: it failed with
+    "'ShapeGuard' object has no attribute '__name__'"."""
+    kinds = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard, InputCheck))})
+    raise TypeError(
+        f"torch.jit.script cannot compile a fused {type(module).__name__}: its input checks ({', '.join(kinds)}, forward "
+        "pre-hooks that refuse inputs the fused graph was not made for) are Python, not TorchScript. For a graph to "
+        "deploy, use repalgebra.export_onnx(fused, ...) or torch.export.export(fused, (x,)); torch.jit.trace(fused, x) "
+        "records one call at x's shapes, without the checks."
+    )
 
 
 @dataclass(eq=False)

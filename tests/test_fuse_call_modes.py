@@ -330,6 +330,19 @@ def test_the_models_assertions_on_its_inputs_stay_checked():
             m(torch.randn(1, 3, 8, 10, dtype=D))
 
 
+def test_torch_jit_script_of_a_fused_model_is_refused_saying_what_works():
+    """TorchScript compiles forward pre-hooks too, and the fused model's input checks are Python objects: it failed
+    with "'ShapeGuard' object has no attribute '__name__'", also for a fused model inside another model."""
+    model = randomized(AssertsOnItsInput())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    for m in (fused, copy.deepcopy(fused), copy.copy(fused), nn.Sequential(fused)):
+        with pytest.raises(TypeError, match=r"torch.jit.script cannot compile a fused \w+: its input checks \(InputCheck, "
+                           r"ShapeGuard.*torch.export.export"):
+            torch.jit.script(m)
+    assert close(torch.export.export(fused, (x,)).module()(x), model(x))  # what the message offers works
+
+
 def test_a_buffer_a_parent_shares_with_a_child_kept_whole_stays_shared():
     class Child(nn.Module):
         def __init__(self) -> None:

@@ -33,7 +33,8 @@ ISSUE_15 = (
 FEW = {
     "repalgebra.fuse:_assert_sizes": "one decision a test reaches: the fixed sizes are asserted (a free batch is not: the "
     "export at any batch in the same test)",
-    "repalgebra.fuse:_install": "one decision added to it a test reaches alone: a shallow copy's guards (the others are older than the mutants of the stage)",
+    "repalgebra.fuse:_install": "two decisions added to it a test reaches alone: a shallow copy's guards, and the refusal of "
+    "torch.jit.script (the others are older than the mutants of the stage)",
     "repalgebra.fuse:_copy_with_guards": "one decision a test reaches: the guards go onto the copy (its report a test reads too)",
     "repalgebra.backend.onnx:_leaky_relu": "one choice, the float64 form (its slope is the vocabulary's cases')",
     "repalgebra.backend.onnx:_hardsigmoid": "no parameters: one choice, the float64 form",
