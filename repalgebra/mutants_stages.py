@@ -115,6 +115,8 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_the_sizes_of_the_call",
+             "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
 _PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
                 "tests/test_fuse_capture.py::test_a_fused_model_carrying_an_op_packet_pickles")
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
@@ -462,6 +464,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.calls:_held", "return torch.view_as_real(t).clone() if t.is_complex() else t", "return t", _COMPLEX),
     ("frontend", "complex-constant-read-real", "a complex constant of a carried call read as its real view",
      "repalgebra.frontend.calls:_held_value", 'if name in getattr(owner, "complex_consts", ())', "if False", _COMPLEX),
+    ("frontend", "assert-message-as-traced", "an assertion's f-string message kept as fx formatted it (\"Proxy(getitem_2)\")",
+     "repalgebra.frontend.builder:_message_per_call", "    return (args[0], template, *fields)", "    return args", _MESSAGES),
+    ("frontend", "assert-message-braces-unescaped", "an assertion message's own braces read as fields of its template",
+     "repalgebra.frontend.builder:_message_per_call", """part.replace("{", "{{").replace("}", "}}")""", "part", _MESSAGES),
+    ("frontend", "assert-message-fields-unchecked", "an assertion message's field that is no size of the inputs read as one",
+     "repalgebra.frontend.builder:_message_per_call", "if not all(isinstance(f, (SymExpr, int)) for f in fields):", "if False:", _MESSAGES),
     ("frontend", "script-unrefused", "torch.jit.script of a guarded fused model not refused by name (TorchScript fails on the guard)",
      "repalgebra.fuse:_install", "        type(module).__prepare_scriptable__ = _refuse_script", "        pass",
      ("tests/test_fuse_call_modes.py::test_torch_jit_script_of_a_fused_model_is_refused_saying_what_works",)),

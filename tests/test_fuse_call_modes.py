@@ -11,6 +11,7 @@ float64, to 1e-9 relative.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -312,7 +313,6 @@ class AssertsOnItsInput(nn.Module):
 def test_the_models_assertions_on_its_inputs_stay_checked():
     """The graph holds no op for an assertion: the fused model checks them before each call, in its copies too."""
     import io
-    import pickle
 
     model = randomized(AssertsOnItsInput())
     fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
@@ -328,6 +328,51 @@ def test_the_models_assertions_on_its_inputs_stay_checked():
             m(torch.randn(1, 3, 12, 8, dtype=D))
         with pytest.raises(AssertionError, match="multiple of 4"):
             m(torch.randn(1, 3, 8, 10, dtype=D))
+
+
+class FormatsItsAssertions(nn.Module):
+    """timm's PatchEmbed: assertions with f-string messages naming the sizes (fx formats them with Proxies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.img_size = conv_bn(3, 8, 1), (8, 8)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        torch._assert(H == self.img_size[0], f"Input height ({H}) doesn't match model ({self.img_size[0]}).")
+        torch._assert(W % 4 == 0, f"Input width {W} of {{B={B}}} is not a multiple of 4")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 12, 8), (2, 3, 8, 10)])
+def test_an_assertions_message_names_the_sizes_of_the_call(shape):
+    """The messages said "Input height (Proxy(getitem_2))": fx had formatted them while tracing."""
+    model = randomized(FormatsItsAssertions())
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    x = torch.randn(shape, dtype=D)
+    with pytest.raises(AssertionError) as want:
+        model(x)
+    for m in (fused, pickle.loads(pickle.dumps(fused))):
+        with pytest.raises(AssertionError) as got:
+            m(x)
+        assert str(got.value) == str(want.value)
+
+
+def test_an_assertion_whose_message_names_a_computed_value_stays_checked():
+    """A message field that is no size of the inputs (a mean the model computes) stays as fx formatted it: read per
+    call, it would make the check one of a value computed inside, which the fused model cannot make before the call."""
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = conv_bn(3, 8, 1)
+
+        def forward(self, x):
+            torch._assert(x.shape[2] == 8, f"height {x.shape[2]}, mean {x.mean()}")
+            return self.proj(x)
+
+    fused = repalgebra.fuse(randomized(Model()), torch.randn(2, 3, 8, 8, dtype=D))
+    with pytest.raises(AssertionError, match="height Proxy"):
+        fused(torch.randn(1, 3, 12, 8, dtype=D))
 
 
 def test_torch_jit_script_of_a_fused_model_is_refused_saying_what_works():

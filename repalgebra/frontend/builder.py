@@ -14,6 +14,7 @@ the other calls on meta tensors, or from one real run when meta tensors fail
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -172,7 +173,7 @@ class Builder:
         checks = []
         position = {id(g): k for k, g in enumerate(graph_inputs)}
         for args, kwargs, source in self.asserts:
-            fn, inputs = _compile("call_function", torch._assert, args, kwargs)
+            fn, inputs = _compile("call_function", assert_with_message if len(args) > 2 else torch._assert, args, kwargs)
             if all(id(v) in position for v in inputs):
                 checks.append((fn, tuple(position[id(v)] for v in inputs), source))
             else:
@@ -250,6 +251,7 @@ class Builder:
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
         if kind == "call_function" and target is torch._assert and _has_value(args, kwargs):
+            args = _message_per_call(n, args, self.env)
             self.asserts.append((args, kwargs, self.source(n)))  # no value: kept as a check of the inputs (checks_of)
             return None
         if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
@@ -466,6 +468,32 @@ def _computed_dtype(a: Any) -> Any:
             and isinstance(a.args[0], Value) and a.args[0].producer is not None and a.args[0].dtype is not None):
         return a.args[0].dtype
     return a
+
+
+_PROXY_TEXT = re.compile(r"Proxy\((\w+)\)")
+
+
+def assert_with_message(condition: Any, template: str, *fields: Any) -> None:
+    """``torch._assert(condition, template.format(*fields))``, the message formatted only where it fails."""
+    if not condition:
+        torch._assert(condition, template.format(*fields))
+
+
+def _message_per_call(n: fx.Node, args: tuple, env: Mapping[fx.Node, Any]) -> tuple:
+    """A ``torch._assert``'s arguments with the sizes its message names read per call, as the model formats them.
+
+    An f-string message (timm's ``f"Input height ({H}) doesn't match model ({self.img_size[0]})"``) was formatted
+    while fx traced, with ``Proxy(getitem_2)`` where the size goes: ``(condition, template, *fields)`` for
+    :func:`assert_with_message`, the fields the sizes of the call.  As it was where a field is no size of the
+    inputs (a value computed inside would make it a check the fused model cannot make before the call)."""
+    if len(args) != 2 or not isinstance(args[1], str) or not _PROXY_TEXT.search(args[1]):
+        return args
+    nodes = {m.name: m for m in n.graph.nodes}
+    fields = [env.get(nodes.get(name)) for name in _PROXY_TEXT.findall(args[1])]
+    if not all(isinstance(f, (SymExpr, int)) for f in fields):
+        return args
+    template = "{}".join(part.replace("{", "{{").replace("}", "}}") for part in _PROXY_TEXT.split(args[1])[::2])
+    return (args[0], template, *fields)
 
 
 def _has_value(*trees: Any) -> bool:
