@@ -56,7 +56,7 @@ from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import copy_module, eval_copy
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.untouched import rng_kept, tensors_kept
@@ -784,7 +784,7 @@ class _Fuser:
     def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
         self.model = model  # the caller's: copied, never run
         with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
-            self.pristine = copy_module(model).eval()  # TypeError naming what does not copy (a lock, a generator)
+            self.pristine = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
         check_leaf_modules(model, leaf_modules)
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
         # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it (a guard
@@ -816,10 +816,10 @@ class _Fuser:
         fused = self.fuse_calls(inputs)
         hooked = any(_own_hooks(m) for m in self.model.modules())
         other = _other_values(inputs)
-        if not (self.check and (self.plain_parts or hooked) and other is not None and _runs(copy_module(self.model).eval(), other)):
+        if not (self.check and (self.plain_parts or hooked) and other is not None and _runs(eval_copy(self.model), other)):
             return fused
         for attempt in range(2):
-            problem = _calls_difference(copy_module(self.model).eval(), fused, [other], self.tolerance)
+            problem = _calls_difference(eval_copy(self.model), fused, [other], self.tolerance)
             if problem is None:
                 self.checks.append(f"the whole model on other values than the example, to {self.tolerance:g} relative")
                 return fused
@@ -833,7 +833,7 @@ class _Fuser:
                     why = (f"{{}} computes something else once its parts are fused, on other values than the example "
                            f"({problem}): its forward hooks pass values between its modules (timm's FeatureHooks), which "
                            "copies of its parts no longer share")
-                return self.untouched("", copy_module(self.model).eval(), why.format(_where("")))
+                return self.untouched("", eval_copy(self.model), why.format(_where("")))
             self.restart()
             self.user_leaves += parts  # kept whole and untouched, as the user's leaves are: read at run time
             fused = self.fuse_calls(inputs)
@@ -842,7 +842,7 @@ class _Fuser:
 
     def restart(self) -> None:
         """Start again from the model as it is, with a fresh report."""
-        self.pristine = copy_module(self.model).eval()
+        self.pristine = eval_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
         self.checks, self.plain_parts, self.state_leaves = [], [], []
         self.stateful, self.watching, self.initial = False, True, None
@@ -862,7 +862,7 @@ class _Fuser:
     def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
         """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping
         whole the parts :func:`~repalgebra.frontend.state.find_state` names, and check two calls in a row."""
-        self.pristine = copy_module(self.model).eval()
+        self.pristine = eval_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants

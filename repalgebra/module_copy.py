@@ -35,6 +35,17 @@ def copy_module(model: M) -> M:
         raise TypeError(f"cannot copy {type(model).__name__}: {_uncopyable(model) or ''}{e}") from e
 
 
+def eval_copy(model: M) -> M:
+    """A copy of ``model`` computing what it computes in eval mode: ``.eval()`` is called on the copy only where some
+    module of it trains.
+
+    ``eval()`` calls each module's ``train``, and a module that overrides it to cache what eval reads (EfficientViT's
+    and TinyViT's attention bias ``self.ab``, gathered from its table) caches again: from parameters loaded since
+    the model's own ``eval()``, where the model as given computes with its cache."""
+    copied = copy_module(model)
+    return copied.eval() if any(m.training for m in copied.modules()) else copied
+
+
 def _uncopyable(model: nn.Module) -> str | None:
     """``"its attribute 'a.h' (Handle) does not copy: "`` for the first plain attribute of a module of ``model``
     that ``copy.deepcopy`` refuses, else None."""

@@ -458,3 +458,42 @@ def test_a_nan_in_a_weight_is_not_taken_for_a_change():
         model.inner[0].weight[0, 0, 0, 0] = float("nan")
     fused = fuse(model, inputs()[0], strict=True)
     assert not kept_whole(fused), str(fused.fuse_report)
+
+
+class CachesItsBiasInTrain(nn.Module):
+    """EfficientViT's (MSRA) and TinyViT's attention: ``train(False)`` caches the bias gathered from its table as
+    ``self.ab``, which eval reads."""
+
+    def __init__(self, c: int = 4, n: int = 16) -> None:
+        super().__init__()
+        self.proj = conv_bn(c)
+        self.biases = nn.Parameter(torch.zeros(3))
+        self.register_buffer("idxs", torch.randint(0, 3, (n, n)))
+
+    @torch.no_grad()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and hasattr(self, "ab"):
+            del self.ab
+        else:
+            self.ab = self.biases[self.idxs]
+        return self
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2)
+        return (t @ (self.biases[self.idxs] if self.training else self.ab)).softmax(-1)
+
+
+def test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again():
+    """The bias table loaded after ``eval()``: the model computes with its cached bias.  ``fuse`` called ``eval()`` on
+    its copy, which cached again from the new table, and the fused model (and its check) followed that copy: 0.64
+    off, unchecked.  A model in training mode is fused as ``model.eval()`` makes it."""
+    model = randomized(CachesItsBiasInTrain).eval()
+    with torch.no_grad():
+        model.biases.copy_(torch.tensor([1.0, -2.0, 3.0]))  # as load_state_dict after eval()
+    x = torch.randn(2, 4, 4, 4, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse(model, x)(x), model(x), rtol=1e-9, atol=1e-12)  # float64: verify's tolerance
+        training = copy.deepcopy(model).train()
+        torch.testing.assert_close(fuse(training, x)(x), copy.deepcopy(training).eval()(x), rtol=1e-9, atol=1e-12)
+        assert training.training and not hasattr(training, "ab")  # the user's model untouched

@@ -62,6 +62,7 @@ FEW = {
     "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",
     "repalgebra.frontend.calls:_held_value": "one choice: a held constant viewed as complex or as it is held",
+    "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",
     "repalgebra.fuse:_run": "one choice: the mode its copies are made and the call runs in",

@@ -56,7 +56,7 @@ from repalgebra.frontend.fx_trace import one_at_a_time
 from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import eval_copy
 from repalgebra.ops import OPS
 
 DEFAULT_OPSET = 20
@@ -1180,7 +1180,7 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
     from repalgebra.frontend.state import find_state
     from repalgebra.verify import TOLERANCES
 
-    work = copy_module(model).eval()
+    work = eval_copy(model)
     try:
         with torch.no_grad():
             work(*example)
@@ -1189,7 +1189,7 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
                          f"({shapes_and_dtypes(example)}): "
                          f"{first_line(e)}; pass input_shape as the shape it runs at, or example tensors "
                          "(token ids, a mask)") from e
-    work = copy_module(model).eval()
+    work = eval_copy(model)
     state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
     if state.whole:
         raise ValueError(f"cannot export {type(model).__name__} to ONNX: {state.whole}; an ONNX graph is one function of its inputs")
@@ -1443,7 +1443,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
         return ""
     try:
         with torch.no_grad():
-            want = tuple(tensor_leaves(copy_module(module).eval()(*example)))
+            want = tuple(tensor_leaves(eval_copy(module)(*example)))
     except Exception:  # noqa: BLE001  (the module refuses its own example: export_onnx said so before)
         return ""
     if any(t.dtype == torch.bfloat16 for t in want):
@@ -1459,7 +1459,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
     if why and all(t.dtype != torch.float64 for t in want):  # the model may be what rounds badly: a float64 run decides
         try:
             with torch.no_grad():
-                exact = tensor_leaves(copy_module(module).eval().double()(*(_in_float64(t) for t in example)))
+                exact = tensor_leaves(eval_copy(module).double()(*(_in_float64(t) for t in example)))
             if not session_differs(session, example, tuple(e.to(w.dtype) for e, w in zip(exact, want)), flips=flips):
                 return ""
         except Exception:  # noqa: BLE001  (the model does not run in float64: its own run stands)
@@ -1484,7 +1484,7 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
 
     try:
         with torch.no_grad():
-            want = tensor_leaves(copy_module(module).eval()(*inputs))
+            want = tensor_leaves(eval_copy(module)(*inputs))
     except Exception:  # noqa: BLE001
         return None
     try:

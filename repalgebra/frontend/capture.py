@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.ir import Graph
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import eval_copy
 from repalgebra.rewrite import LeftAlone
 
 __all__ = ["Capture", "CaptureFailed", "capture_fx", "capture_specialized", "record_calls", "Call", "first_line"]
@@ -119,7 +119,7 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     from repalgebra.frontend.aten import CaptureFailed as ExportFailed
     from repalgebra.frontend.aten import capture_export
 
-    work = copy_module(module).eval()
+    work = eval_copy(module)
     try:
         with _quiet_export():
             cap = capture_export(work, tuple(inputs))

@@ -38,7 +38,7 @@ from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import Ranks, shape_length
 from repalgebra.frontend.wrappers import is_wrapper, wrapped
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import eval_copy
 from repalgebra.one_call import SIZED_FACTORIES
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
@@ -60,7 +60,7 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     model is itself kept whole and so is wrapped in a :class:`Root`, else ``""``.
     """
     leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
-    work = copy_module(model).eval()  # TypeError naming what does not copy (a lock, a generator)
+    work = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
     # fx never asks whether the root is a leaf, calls its forward without its hooks, and traces its class's forward
     # (not one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
     wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or _runs_hooks(work)

@@ -60,7 +60,7 @@ from repalgebra.frontend.inplace import InplaceHazard, functionalize
 from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_model, example_inputs_for, infer_example_inputs, model_dtype
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import copy_module, eval_copy
 from repalgebra.rewrite import LeftAlone
 
 __all__ = [
@@ -191,7 +191,7 @@ def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: t
     outs = []
     # An Interpreter runs the graph node by node: no code generated for it (a GraphModule would compile a
     # forward as long as the model).
-    runs = (fx.Interpreter(copy_module(work), graph=fx_graph).run, copy_module(model).eval())
+    runs = (fx.Interpreter(copy_module(work), graph=fx_graph).run, eval_copy(model))
     for run in runs:
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(0)
