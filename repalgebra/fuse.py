@@ -42,6 +42,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.frontend.builder import is_returned_as_is
@@ -1322,9 +1323,13 @@ class _Fuser:
 
         The capture records the Python of ``forward`` in its dtype (``if x.dtype == torch.float64``, ``.to(h.dtype)``
         as a cast to float64); the float64 check cannot see that.  A capture in float32 is checked in float64
-        already (:meth:`same`).  Without the check, it is assumed not to."""
+        already (:meth:`same`), to float32's tolerance, which a cast to float32 inside the model passes: where the
+        model cast to float64 computes anything in a narrower dtype (``self.output(h).float()``,
+        ``softmax(w, dtype=torch.float32).to(q.dtype)``: casts export recorded as no-ops, or as fixed), it does
+        not follow.  Without the check, it is assumed not to."""
         if self.dtype != torch.float64 or not self.check:
-            return self.check
+            original = self.pristine.get_submodule(path)
+            return self.check and not computes_narrower(copy.deepcopy(original) if self.stateful else original, inputs)
         call = Call(tuple(t.to(torch.float32) if t.is_floating_point() else t for t in inputs), {})
         t0 = time.perf_counter()
         try:
@@ -1382,6 +1387,36 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
         return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
+
+
+class _NarrowFloats(TorchDispatchMode):
+    """Notes whether an op returns a floating or complex tensor of a narrower dtype than float64."""
+
+    NARROW = (torch.float16, torch.bfloat16, torch.float32, torch.complex32, torch.complex64)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.seen = self.seen or any(torch.is_tensor(t) and t.dtype in self.NARROW for t in pytree.tree_leaves(out))
+        return out
+
+
+def computes_narrower(module: nn.Module, inputs: tuple) -> bool:
+    """Whether ``module``, its floating parameters, buffers and inputs cast to float64, computes a tensor in a
+    narrower dtype (a ``.float()``, ``dtype=torch.float32``, a factory of the default dtype), or fails to run."""
+    cast = lambda t: t.detach().to(torch.float64) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    with torch.no_grad():
+        args, state = pytree.tree_map(cast, inputs), {k: cast(v) for k, v in state.items()}
+        try:
+            with _quiet_fx(), _NarrowFloats() as watch:
+                torch.func.functional_call(module, state, tuple(args), tie_weights=False)
+        except Exception:  # noqa: BLE001  (it does not run in float64)
+            return True
+    return watch.seen
 
 
 @contextlib.contextmanager

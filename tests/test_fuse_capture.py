@@ -1581,6 +1581,42 @@ def test_a_torch_export_capture_holds_in_the_dtypes_it_was_checked_in_only(captu
             copy.deepcopy(fused).to(half)(x.to(half))
 
 
+class CastsToFloat32(nn.Module):
+    """Casts to float32 whatever its dtype: Meta LLaMA's logits (``self.output(h).float()``) or HF LLaMA's attention
+    (``softmax(w, dtype=torch.float32).to(x.dtype)``), with a branch on a size that sends it to torch.export."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.q, self.k, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x * 0.5
+        h = self.norm(x)
+        w = self.q(h) @ self.k(h).transpose(1, 2)
+        if self.where == "logits":
+            return w.softmax(-1).float()
+        return F.softmax(w, -1, dtype=torch.float32).to(x.dtype) @ x  # (the norm's affine folds into q and k)
+
+
+@pytest.mark.parametrize("where", ["logits", "attention"])
+def test_a_torch_export_capture_of_a_model_that_casts_to_float32_holds_in_float32_only(where):
+    """export recorded ``.float()`` of a float32 tensor as nothing, and ``.to(h.dtype)`` as nothing: the fused model
+    cast to float64 returned float64 logits where the model returns float32 (silently, the values within float32's
+    tolerance), or failed inside ("expected scalar type Double but found Float").  The float64 check could not see
+    it: a capture in float32 now holds in float64 only where the model cast to float64 computes nothing narrower."""
+    torch.manual_seed(0)
+    model = CastsToFloat32(where).eval()
+    x = torch.randn(2, 6, 8)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "specialized" and fused.fuse_report.fired
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # float32: folded in float64
+        with pytest.raises(ValueError, match=r"fused in float32 and holds in float32 only \(torch.export.*called in float64"):
+            copy.deepcopy(fused).double()(x.double())
+
+
 class StrideScaledHead(nn.Module):
     """A detection head scaling its channels by strides it makes in ``forward`` (or holds as a plain attribute)."""
 
@@ -2308,15 +2344,17 @@ class GlobalFilter(nn.Module):
     """GFNet's global filter: the tokens' 2-D FFT times a learned complex filter, held as a real parameter of
     shape (h, w, C, 2) and viewed as complex per call; ``int(math.sqrt(N))`` stops fx, so torch.export captures it."""
 
-    def __init__(self, dim: int, h: int = 8, w: int = 5, halves: bool = False) -> None:
+    def __init__(self, dim: int, h: int = 8, w: int = 5, halves: bool = False, to_float32: bool = True) -> None:
         super().__init__()
         self.complex_weight = nn.Parameter(torch.randn(h, w, dim, 2) * 0.02 + 0.5)
         self.halves = halves  # the filter also added through a concat with its expansion: a complex constant op
+        self.to_float32 = to_float32  # GFNet's FFT in float32 whatever the model's dtype
 
     def forward(self, x):
         B, N, C = x.shape
         a = b = int(math.sqrt(N))
-        x = x.view(B, a, b, C).to(torch.float32)
+        x = x.view(B, a, b, C)
+        x = x.to(torch.float32) if self.to_float32 else x
         x = torch.fft.rfft2(x, dim=(1, 2), norm="ortho")
         w = torch.view_as_complex(self.complex_weight)
         x = x * w
@@ -2328,10 +2366,10 @@ class GlobalFilter(nn.Module):
 
 
 class GFNetStem(nn.Module):
-    def __init__(self, c: int = 16, halves: bool = False) -> None:
+    def __init__(self, c: int = 16, halves: bool = False, to_float32: bool = True) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c, 4, stride=4, bias=False), nn.BatchNorm2d(c))
-        self.filter = GlobalFilter(c, halves=halves)
+        self.filter = GlobalFilter(c, halves=halves, to_float32=to_float32)
 
     def forward(self, x):
         t = self.stem(x).flatten(2).transpose(1, 2)
@@ -2345,7 +2383,7 @@ def test_a_complex_constant_follows_a_cast_of_the_fused_model(halves):
     fused model again was refused ("only floating-point models").  It is held as its real view and viewed per call,
     by a carried call and by a ``constant`` op (an expansion concatenated, 2.46 off; found by a review)."""
     torch.manual_seed(0)
-    model = GFNetStem(halves=halves).eval()
+    model = GFNetStem(halves=halves, to_float32=False).eval()  # (GFNet's cast to float32 pins the fused model's dtype)
     with torch.no_grad():
         model.stem[1].running_mean.uniform_(-1, 1)
         model.stem[1].running_var.uniform_(0.5, 2)
