@@ -83,10 +83,15 @@ def follow_chain(chain: list[Node], axis: int) -> int | None:
 
 
 def replay(chain: list[Node], start: Value) -> list[Node]:
-    """New copies of the layout ``chain`` applied to ``start`` (same shapes, same attrs, same shape-only inputs)."""
+    """New copies of the layout ``chain`` applied to ``start`` (of the shape of the chain's input; same attrs).
+
+    A shape-only input that is a value of the chain (``x.view(x.size(0), -1)`` reads the sizes of the value it
+    reshapes) is read from its copy: read from the old value, it would keep the old chain, and what it was
+    folded out of, in the graph.  The other shape-only inputs stay."""
     out, v = [], start
+    copies = {id(chain[0].x): start} if chain else {}
     for n in chain:
-        new = n.replace(inputs=(v, *n.inputs[1:]))
+        new = n.replace(inputs=(v, *(copies.get(id(r), r) for r in n.inputs[1:])))
         out.append(new)
-        v = new.out
+        v = copies[id(n.out)] = new.out
     return out

@@ -434,6 +434,12 @@ MUTANTS: list[Mutant] = [
        target="repalgebra.rules.bn_into_linear:_norm_through"),
     _m("bn_into_linear", "norm-chain-on-affine", "the layout chain replayed on the norm's output with its affine, which the Linear then applies again",
        "moved = replay(chain, bare.out)", "moved = replay(chain, norm.out)", target="repalgebra.rules.bn_into_linear:_norm_through"),
+    _m("bn_into_linear", "reshape-flatten-unchecked", "any reshape of a BN output into a Linear's features taken for flatten(1)",
+       "if n.op in (\"reshape\", \"reshape_dyn\") and tuple(n.out.shape) == (shape[0], shape[1] * repeat):",
+       "if n.op in (\"reshape\", \"reshape_dyn\"):", target="repalgebra.rules.bn_into_linear:_flattened_features"),
+    _m("bn_into_linear", "replay-reads-old-sizes", "a replayed view(x.size(0), -1) reads its sizes from the old chain, keeping the BN",
+       "new = n.replace(inputs=(v, *(copies.get(id(r), r) for r in n.inputs[1:])))", "new = n.replace(inputs=(v, *n.inputs[1:]))",
+       target="repalgebra.layout:replay"),
     # ---------------------------------------------------------------- linear_affine_fold
     _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b"),
     _m("linear_affine_fold", "wrong-axis", "the scale multiplies the Linear's input columns instead of its output rows",

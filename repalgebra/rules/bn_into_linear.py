@@ -44,6 +44,8 @@ shape.  A norm's affine folds where the norm normalizes the last axis alone (its
 value per feature) and only Linears read its output, as their input.
 """
 
+from math import prod
+
 import torch
 
 from repalgebra.kernels import bn_affine, norm_affine
@@ -167,13 +169,15 @@ def _norm_through(lin, norm, chain):
 
 def _flattened_features(chain, bn) -> int | None:
     """Features per channel where ``chain`` is one ``flatten`` of every axis from the channels on (a classifier
-    head's ``BN2d -> flatten(1) -> Linear(C * H * W)``): channel ``c`` holds features ``[c r, (c + 1) r)``."""
-    if len(chain) != 1 or chain[0].op != "flatten" or len(bn.x.shape) < 3:
+    head's ``BN2d -> flatten(1) -> Linear(C * H * W)``, or that flatten written as a reshape to ``(N, C H W)``:
+    ``x.view(x.size(0), -1)``): channel ``c`` holds features ``[c r, (c + 1) r)``."""
+    shape = bn.x.shape
+    if len(chain) != 1 or len(shape) < 3:
         return None
-    rank = len(bn.x.shape)
-    if chain[0].attrs["start"] % rank != 1 or chain[0].attrs["end"] % rank != rank - 1:
-        return None
-    repeat = 1
-    for size in bn.x.shape[2:]:
-        repeat *= size
-    return repeat
+    (n,), rank = chain, len(shape)
+    repeat = prod(shape[2:])
+    if n.op == "flatten" and n.attrs["start"] % rank == 1 and n.attrs["end"] % rank == rank - 1:
+        return repeat
+    if n.op in ("reshape", "reshape_dyn") and tuple(n.out.shape) == (shape[0], shape[1] * repeat):
+        return repeat
+    return None

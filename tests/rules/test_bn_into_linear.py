@@ -27,6 +27,9 @@ CARRYING = {
     # RepLKNet's head: BN, a global average pool (a mean that keeps its dims), flatten.  Or a mean of the rows.
     "pool_flatten": lambda b, y: b.flatten(b.node("mean", y, dims=(2, 3), keepdim=True), start=1),
     "mean_rows_permute": lambda b, y: b.permute(b.node("mean", y, dims=(-2,), keepdim=False), dims=(0, 2, 1)),
+    # A torchvision-style head: ``x.view(x.size(0), -1)`` after the pool, the sizes read from the value it reshapes.
+    "pool_view_own_size": lambda b, y: _view_own_batch(b, b.node("mean", y, dims=(2, 3), keepdim=True)),
+    "view_own_size": lambda b, y: _view_own_batch(b, y),  # the classifier head's flatten, written so
     # EfficientFormerV2's head: the positions flattened first, then their mean.
     "flatten_mean": lambda b, y: b.node("mean", b.flatten(y, start=2), dims=(-1,), keepdim=False),
     # A sequence head's last step: one row, then one column (``y[:, :, -1][:, :, 0]``), the channels left last.
@@ -38,9 +41,16 @@ MIXING = {
     # A mean over the channels too: each output mixes every channel's s[c] and t[c].
     "mean_over_channels": lambda b, y: b.permute(b.node("mean", y, dims=(1, 2), keepdim=False), dims=(0, 1)),
     "select_a_channel": lambda b, y: b.select(b.flatten(y, start=2), axis=1, index=0),  # one channel's positions as features
+    # Each channel's positions a row of their own (``y.view(-1, H * W)``): the Linear reads positions.
+    "view_rows_per_channel": lambda b, y: b.node("reshape", y, shape=(-1, y.shape[2] * y.shape[3])),
     # Channels and positions flattened together, then their mean: every feature mixes every channel.
     "flatten_all_mean": lambda b, y: b.node("mean", b.flatten(y, start=1), dims=(-1,), keepdim=True),
 }
+
+
+def _view_own_batch(b, y):
+    """``y.view(y.size(0), -1)``: a reshape whose size is read from its own input."""
+    return b.node("reshape_dyn", y, y, shape=(((0, 0),), -1))
 
 
 @st.composite
