@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_PAIRS = ("tests/test_onnx_complex_pairs.py::test_a_complex_rotary_embedding_exports_as_real_arithmetic",)
 _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_the_sizes_of_the_call",
              "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
 _PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
@@ -463,7 +464,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "complex-constant-held-complex", "a complex constant of a carried call held as a complex buffer (a cast drops its imaginary part)",
      "repalgebra.frontend.calls:_held", "return torch.view_as_real(t).clone() if t.is_complex() else t", "return t", _COMPLEX),
     ("frontend", "complex-constant-read-real", "a complex constant of a carried call read as its real view",
-     "repalgebra.frontend.calls:_held_value", 'if name in getattr(owner, "complex_consts", ())', "if False", _COMPLEX),
+     "repalgebra.frontend.calls:held_value", 'if name in getattr(owner, "complex_consts", ())', "if False", _COMPLEX),
+    ("onnx_backend", "complex-pairs-not-swapped", "a complex product's crossed terms read from the pairs unswapped",
+     "repalgebra.backend.complex_pairs:_times", 'swapped = Node.make("concat", [hi.out, lo.out]', 'swapped = Node.make("concat", [lo.out, hi.out]', _PAIRS),
+    ("onnx_backend", "complex-pairs-sign", "a complex product's crossed terms with the sign on the imaginary part",
+     "repalgebra.backend.complex_pairs:_times", "torch.stack([-im, im], -1)", "torch.stack([im, -im], -1)", _PAIRS),
+    ("onnx_backend", "complex-pairs-conjugate", "a complex product by the conjugate of the constant",
+     "repalgebra.backend.complex_pairs:_times", "re, im = c.real.to(x.dtype), c.imag.to(x.dtype)",
+     "re, im = c.real.to(x.dtype), -c.imag.to(x.dtype)", _PAIRS),
     ("frontend", "narrower-dtype-unseen", "a float32 torch.export capture said to hold in float64 though the model casts to float32 inside",
      "repalgebra.fuse:computes_narrower", "    return watch.seen", "    return False",
      ("tests/test_fuse_capture.py::test_a_torch_export_capture_of_a_model_that_casts_to_float32_holds_in_float32_only",)),

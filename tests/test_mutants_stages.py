@@ -61,7 +61,7 @@ FEW = {
     "repalgebra.backend.onnx:_elu": "the native ops' choice is checked by onnxruntime's own kernels; the mutant drops CELU's input scale",
     "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",
-    "repalgebra.frontend.calls:_held_value": "one choice: a held constant viewed as complex or as it is held",
+    "repalgebra.frontend.calls:held_value": "one choice: a held constant viewed as complex or as it is held",
     "repalgebra.fuse:computes_narrower": "one answer a test reaches: whether the model cast to float64 computes in a narrower "
     "dtype (one that fails to run in float64 counts as one)",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",

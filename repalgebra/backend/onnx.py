@@ -29,6 +29,7 @@ import torch
 from torch.utils import _pytree as pytree
 from onnx import TensorProto, helper, numpy_helper
 
+from repalgebra.backend.complex_pairs import complex_as_pairs
 from repalgebra.backend.onnx_fallback import (
     ExportedRegion,
     ExportReport,
@@ -1048,6 +1049,7 @@ def graph_to_onnx(
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
+    graph = complex_as_pairs(graph)  # ONNX has no complex tensors: RoPE's complex products as real arithmetic
     refused: dict[int, str] = {}
     regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes, refused))
     for r in regions:

@@ -31,7 +31,7 @@ class In:
 
 @dataclass(frozen=True)
 class Buf:
-    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall` (read by :func:`_held_value`)."""
+    """Template leaf: the constant tensor stored as buffer ``name`` of the :class:`FnCall` (read by :func:`held_value`)."""
 
     name: str
 
@@ -65,7 +65,7 @@ def resolve(template: Any, inputs: tuple, owner: nn.Module) -> Any:
     if isinstance(template, In):
         return inputs[template.index]
     if isinstance(template, Buf):
-        return _held_value(owner, template.name)
+        return held_value(owner, template.name)
     if isinstance(template, DtypeLimit):
         return getattr(torch.finfo(inputs[template.index].dtype), template.which)
     if isinstance(template, SymExpr):
@@ -101,7 +101,7 @@ def _compiled(t: Any) -> Resolver | None:
         return lambda inputs, owner: inputs[index]
     if isinstance(t, Buf):
         name = t.name
-        return lambda inputs, owner: _held_value(owner, name)
+        return lambda inputs, owner: held_value(owner, name)
     if isinstance(t, DtypeLimit):
         index, which = t.index, t.which
         return lambda inputs, owner: getattr(torch.finfo(inputs[index].dtype), which)
@@ -288,12 +288,12 @@ def op_of_name(target: Any) -> Any:
 def _held(t: torch.Tensor) -> torch.Tensor:
     """A constant as a :class:`FnCall` holds it: a complex one (``torch.view_as_complex(self.weight)`` of GFNet's
     global filter, computed ahead by ``torch.export``) as its real view, viewed as complex per call
-    (:func:`_held_value`): a cast of the module (``.to(torch.float64)``) casts a complex buffer to real, dropping
+    (:func:`held_value`): a cast of the module (``.to(torch.float64)``) casts a complex buffer to real, dropping
     its imaginary part, where the model casts the real parameter it views."""
     return torch.view_as_real(t).clone() if t.is_complex() else t
 
 
-def _held_value(owner: nn.Module, name: str) -> Any:
+def held_value(owner: nn.Module, name: str) -> Any:
     """The constant ``name`` of ``owner`` (a :class:`FnCall`) as its call reads it: a complex one viewed as complex."""
     held = getattr(owner, name)
     return torch.view_as_complex(held) if name in getattr(owner, "complex_consts", ()) else held
