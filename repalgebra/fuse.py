@@ -57,7 +57,7 @@ from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import copy_module, eval_copy
+from repalgebra.module_copy import cast_floats, copy_module, eval_copy
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.untouched import rng_kept, tensors_kept
@@ -1406,8 +1406,14 @@ class _NarrowFloats(TorchDispatchMode):
 
 def computes_narrower(module: nn.Module, inputs: tuple) -> bool:
     """Whether ``module``, its floating parameters, buffers and inputs cast to float64, computes a tensor in a
-    narrower dtype (a ``.float()``, ``dtype=torch.float32``, a factory of the default dtype), or fails to run."""
-    cast = lambda t: t.detach().to(torch.float64) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    narrower dtype (a ``.float()``, ``dtype=torch.float32``, a factory of the default dtype), or fails to run.
+    Its complex buffers are cast to complex128, as the fused model's real views of them follow its cast."""
+
+    def cast(t: Any) -> Any:
+        if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()):
+            return t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
+        return t
+
     state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     with torch.no_grad():
         args, state = pytree.tree_map(cast, inputs), {k: cast(v) for k, v in state.items()}
@@ -1441,7 +1447,7 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
         spares = [copy.deepcopy(m) for m in (reference, candidate)]  # in their own dtype, should float64 fail
     except Exception as e:  # noqa: BLE001
         return f"a copy of it fails: {first_line(e)}"
-    copies = [m.to(torch.float64) for m in copies]
+    copies = [cast_floats(m, torch.float64) for m in copies]
     runs = [Call(tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs), {}) for inputs in calls]
     try:
         outs = [[_run(m, call, None) for call in runs] for m in copies]

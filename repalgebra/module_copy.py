@@ -46,6 +46,12 @@ def eval_copy(model: M) -> M:
     return copied.eval() if any(m.training for m in copied.modules()) else copied
 
 
+def cast_floats(model: M, dtype: torch.dtype) -> M:
+    """``model`` with its floating parameters and buffers cast to ``dtype``, in place, as ``model.to(dtype)`` casts
+    them; a complex buffer (a RoPE ``freqs_cis``) keeps its dtype, where ``.to`` would drop its imaginary part."""
+    return model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
 def _uncopyable(model: nn.Module) -> str | None:
     """``"its attribute 'a.h' (Handle) does not copy: "`` for the first plain attribute of a module of ``model``
     that ``copy.deepcopy`` refuses, else None."""

@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_COMPLEX_BUFFER = ("tests/test_onnx_complex_pairs.py::test_a_registered_complex_buffer_fuses_verifies_in_float64_and_exports",)
 _PAIRS = ("tests/test_onnx_complex_pairs.py::test_a_complex_rotary_embedding_exports_as_real_arithmetic",)
 _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_the_sizes_of_the_call",
              "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
@@ -475,6 +476,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "narrower-dtype-unseen", "a float32 torch.export capture said to hold in float64 though the model casts to float32 inside",
      "repalgebra.fuse:computes_narrower", "    return watch.seen", "    return False",
      ("tests/test_fuse_capture.py::test_a_torch_export_capture_of_a_model_that_casts_to_float32_holds_in_float32_only",)),
+    ("frontend", "verify-cast-drops-imaginary", "verify in float64 casts a complex buffer to real with .to(), dropping its imaginary part",
+     "repalgebra.verify:_prepared", "return cast_floats(copied, dtype) if dtype is not None else copied",
+     "return copied.to(dtype) if dtype is not None else copied", _COMPLEX_BUFFER),
+    ("frontend", "narrower-complex-buffer", "a complex64 buffer taken for a narrower dtype the model computes in, refusing float64",
+     "repalgebra.fuse:computes_narrower", "torch.complex128 if t.is_complex() else torch.float64", "t.dtype if t.is_complex() else torch.float64",
+     _COMPLEX_BUFFER),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

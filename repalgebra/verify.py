@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.inputs import shapes_and_dtypes
 from repalgebra.frontend.torch import infer_example_inputs, model_dtype
-from repalgebra.module_copy import eval_copy
+from repalgebra.module_copy import cast_floats, eval_copy
 
 __all__ = ["verify", "VerifyReport", "OutputError", "TOLERANCES", "first_difference", "tensor_leaves"]
 
@@ -204,7 +204,7 @@ def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if dtype is None and not any(m.training for m in model.modules()):
         return model
     copied = eval_copy(model)
-    return copied.to(dtype) if dtype is not None else copied
+    return cast_floats(copied, dtype) if dtype is not None else copied
 
 
 def _compare(o: OutputError, a: Any, b: Any) -> None:

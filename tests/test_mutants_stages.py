@@ -62,8 +62,9 @@ FEW = {
     "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",
     "repalgebra.frontend.calls:held_value": "one choice: a held constant viewed as complex or as it is held",
-    "repalgebra.fuse:computes_narrower": "one answer a test reaches: whether the model cast to float64 computes in a narrower "
-    "dtype (one that fails to run in float64 counts as one)",
+    "repalgebra.fuse:computes_narrower": "two decisions a test reaches: whether the model cast to float64 computes in a "
+    "narrower dtype (one that fails to run in float64 counts as one), and its complex buffers cast to complex128",
+    "repalgebra.verify:_prepared": "one decision a test reaches: a copy cast for verify keeps its complex buffers complex",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

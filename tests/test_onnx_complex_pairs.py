@@ -35,15 +35,16 @@ class RotaryAttention(nn.Module):
     sequence, RMSNorm before.  ``after`` is what the rotated keys also go through: nothing, or ``abs`` of their
     complex form (which has no real-pair form here)."""
 
-    def __init__(self, dim: int = 16, heads: int = 2, after: str = "") -> None:
+    def __init__(self, dim: int = 16, heads: int = 2, after: str = "", in_float32: bool = True) -> None:
         super().__init__()
         self.heads, self.head_dim, self.after = heads, dim // heads, after
+        self.in_float32 = in_float32  # Meta's rotation and softmax in float32 whatever the model's dtype
         self.norm = nn.RMSNorm(dim)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.freqs_cis = freqs_cis(self.head_dim, 64)
 
     def rotate(self, x: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
-        z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        z = torch.view_as_complex((x.float() if self.in_float32 else x).reshape(*x.shape[:-1], -1, 2))
         rotated = z * fc.view(1, x.shape[1], 1, -1)
         if self.after == "abs":
             return rotated.abs().repeat_interleave(2, -1).type_as(x)
@@ -58,7 +59,7 @@ class RotaryAttention(nn.Module):
             q = q * 1.0
         q, k = self.rotate(q, fc), self.rotate(k, fc)
         scores = q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3) / math.sqrt(self.head_dim)
-        out = F.softmax(scores.float(), -1).type_as(q) @ v.transpose(1, 2)
+        out = F.softmax(scores.float() if self.in_float32 else scores, -1).type_as(q) @ v.transpose(1, 2)
         return tokens + self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -93,3 +94,30 @@ def test_a_complex_value_used_otherwise_is_still_refused_by_name(tmp_path):
     x = torch.randn(2, 8, 16)
     with pytest.raises(FallbackError, match="view_as_complex"):
         repalgebra.export_onnx(repalgebra.fuse(model, x), str(tmp_path / "abs.onnx"), input_shape=x)
+
+
+class BufferedRotaryAttention(RotaryAttention):
+    """torchtitan's form: ``freqs_cis`` a registered complex buffer (Meta's is a plain attribute).  fuse refused it
+    ("only floating-point models can be fused").  In the model's dtype throughout, so that it runs in float64."""
+
+    def __init__(self) -> None:
+        super().__init__(in_float32=False)
+        table = self.freqs_cis
+        del self.freqs_cis
+        self.register_buffer("freqs_cis", table, persistent=False)
+
+
+def test_a_registered_complex_buffer_fuses_verifies_in_float64_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = BufferedRotaryAttention().eval()
+    x = torch.randn(2, 8, 16)
+    fused = repalgebra.fuse(model, x)
+    assert not [name for name, t in fused.named_buffers() if t.is_complex()]  # held as its real view
+    report = repalgebra.verify(model, fused, x, dtype=torch.float64)  # (a cast by .to() dropped the imaginary part)
+    assert report.passed, report
+    path = str(tmp_path / "buffered.onnx")
+    repalgebra.export_onnx(fused, path, input_shape=x)
+    t = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(t).numpy()
+    assert np.abs(_run(path, t) - want).max() <= 1e-5 * np.abs(want).max()

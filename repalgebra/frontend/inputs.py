@@ -72,9 +72,7 @@ def check_model(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}: only floating-point models can be fused")
-    for name, b in model.named_buffers():
-        if b.is_complex():
-            raise TypeError(f"buffer {name!r} has dtype {b.dtype}: only floating-point models can be fused")
+    # (A complex buffer, a RoPE ``freqs_cis``, is a constant like any other: the fused model holds it as its real view.)
 
 
 def _copies_itself(cls: type) -> bool:
