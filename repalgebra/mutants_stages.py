@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
 _COMPLEX_BUFFER = ("tests/test_onnx_complex_pairs.py::test_a_registered_complex_buffer_fuses_verifies_in_float64_and_exports",)
 _PAIRS = ("tests/test_onnx_complex_pairs.py::test_a_complex_rotary_embedding_exports_as_real_arithmetic",)
 _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_the_sizes_of_the_call",
@@ -482,6 +483,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "narrower-complex-buffer", "a complex64 buffer taken for a narrower dtype the model computes in, refusing float64",
      "repalgebra.fuse:computes_narrower", "torch.complex128 if t.is_complex() else torch.float64", "t.dtype if t.is_complex() else torch.float64",
      _COMPLEX_BUFFER),
+    ("frontend", "factory-batch-as-number", "torch.ones(B, ...) and the like taken to read the batch as a number (the batch fixed)",
+     "repalgebra.frontend.aten_handlers:_one_number", "    return _filled(b, n, torch.tensor(number), info[1], None)", "    return None", _FACTORIES),
+    ("frontend", "factory-filled-with-zero", "a tensor of one number made in forward filled with 0 whatever the number",
+     "repalgebra.frontend.aten_handlers:_one_number", "_filled(b, n, torch.tensor(number), info[1], None)", "_filled(b, n, torch.tensor(0), info[1], None)", _FACTORIES),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

@@ -421,6 +421,37 @@ def test_specialized_capture_keeps_the_batch_free_where_torch_export_proves_it()
             assert rel_err(torch.from_numpy(got), f32(x)) <= 1e-5  # float32 against float32
 
 
+class MakesTensorsOfTheBatch(nn.Module):
+    """Tensors of one number made in ``forward`` at the batch's size: HF's ``torch.ones(batch, seq_len)`` mask, an
+    RNN's ``torch.zeros(layers, B, hidden)`` state (the batch on axis 1), ``torch.full``, ``x.new_ones``.  Python
+    on a size (``if H > 1``) sends it to torch.export, which recorded them reading the batch as a number: the
+    batch was fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        if H > 1:
+            x = x * 0.5
+        y = self.bn(self.conv(x))
+        mask = torch.ones(B, 1, H, W, dtype=torch.bool)
+        state = torch.zeros(1, B, 4).permute(1, 2, 0)[..., None]
+        return (y.masked_fill(~mask, 0.0) + state + torch.full((B, 1, 1, 1), 2.0) + y.new_ones(B, 4, H, W)
+                + torch.ones_like(y))
+
+
+def test_tensors_made_at_the_batch_size_keep_the_batch_free():
+    model = randomized(MakesTensorsOfTheBatch())
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "specialized" and fused.fuse_report.fired, str(fused.fuse_report)
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 8, 8, dtype=D)
+            assert rel_err(fused(x), model(x)) <= 1e-12
+
+
 def test_python_that_computes_with_the_batch_keeps_it_fixed():
     model = randomized(BatchAsFloat())
     fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))

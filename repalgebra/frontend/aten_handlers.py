@@ -473,6 +473,25 @@ def _zeros_like(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return _filled(b, n, torch.zeros((), dtype=info[1]), info[1], None)
 
 
+def _filler(value: str | float) -> Callable[..., Made]:
+    """The handler of a tensor of one number made in ``forward`` (:func:`_one_number`): ``value`` the number, or the
+    name of the argument holding it."""
+    return lambda b, n, a: _one_number(b, n, a, a[value] if isinstance(value, str) else value)
+
+
+def _one_number(b: ProgramBuilder, n: fx.Node, a: dict, number: Any) -> Made:
+    """``torch.ones(B, L)``, ``torch.zeros``, ``torch.full``, ``x.new_ones(...)``, ``torch.ones_like(x)``: ``number``
+    at ``n``'s shape and dtype.
+
+    At fixed shapes a ``constant``; where its shape holds the symbolic batch (HF's ``torch.ones(batch, seq_len)``
+    attention mask, an RNN's ``torch.zeros(layers, B, hidden)`` state), one expanded to the batch at run time, so
+    the batch stays free."""
+    info = b.info(n)
+    if info is None or not isinstance(number, (bool, int, float)) or a.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    return _filled(b, n, torch.tensor(number), info[1], None)
+
+
 def _fill(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``fill(x, v)`` (``x.fill_(v)``, or ``y[:, -1] = 0`` as torch.export functionalizes it): ``v`` at ``x``'s shape
     and dtype, a ``constant``; ``v`` a number or a constant one-element tensor, not a value computed at run time."""
@@ -971,6 +990,14 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.roll.default: _roll,
     aten.expand.default: _expand,
     aten.zeros_like.default: _zeros_like,
+    aten.ones_like.default: _filler(1),
+    aten.full_like.default: _filler("fill_value"),
+    aten.zeros.default: _filler(0),
+    aten.ones.default: _filler(1),
+    aten.full.default: _filler("fill_value"),
+    aten.new_zeros.default: _filler(0),
+    aten.new_ones.default: _filler(1),
+    aten.new_full.default: _filler("fill_value"),
     aten.fill.Scalar: _fill,
     aten.fill.Tensor: _fill,
     aten.pixel_shuffle.default: _shuffle("pixel_shuffle", "upscale_factor"),
@@ -1001,4 +1028,6 @@ MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
 
 # Overloads that may read sizes computed from a symbolic batch: their handlers take the sizes from the recorded
 # output shape instead (any other call reading one makes the capture fall back to fixed shapes).
-SIZED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default})
+SIZED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+                   aten.zeros.default, aten.ones.default, aten.full.default,
+                   aten.new_zeros.default, aten.new_ones.default, aten.new_full.default})
