@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
 _COMPLEX_BUFFER = ("tests/test_onnx_complex_pairs.py::test_a_registered_complex_buffer_fuses_verifies_in_float64_and_exports",)
 _PAIRS = ("tests/test_onnx_complex_pairs.py::test_a_complex_rotary_embedding_exports_as_real_arithmetic",)
@@ -487,6 +488,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.aten_handlers:_one_number", "    return _filled(b, n, torch.tensor(number), info[1], None)", "    return None", _FACTORIES),
     ("frontend", "factory-filled-with-zero", "a tensor of one number made in forward filled with 0 whatever the number",
      "repalgebra.frontend.aten_handlers:_one_number", "_filled(b, n, torch.tensor(number), info[1], None)", "_filled(b, n, torch.tensor(0), info[1], None)", _FACTORIES),
+    ("frontend", "expanded-constant-kept", "a constant expanded to what it multiplies not taken for the constant (SSD's L2Norm stays a mul)",
+     "repalgebra.frontend.handlers_functions:_f_mul", "    x, c = _unexpanded(x, c), _unexpanded(c, x)", "    x, c = x, c", _EXPANDED),
+    ("frontend", "expand-as-of-constant-carried", "expand_as of a constant carried as a call, as before",
+     "repalgebra.frontend.handlers_functions:_f_expand", "        if len(rest) != 1 or shaped(rest[0]) is None:",
+     "        if len(rest) != 1 or shaped(rest[0]) is None or c is not None:", _EXPANDED),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

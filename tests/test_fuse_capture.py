@@ -452,6 +452,34 @@ def test_tensors_made_at_the_batch_size_keep_the_batch_free():
             assert rel_err(fused(x), model(x)) <= 1e-12
 
 
+class L2NormHead(nn.Module):
+    """SSD's L2Norm (ssd.pytorch, mmdet's neck): the normalized map times a learned per-channel weight written
+    ``self.weight.unsqueeze(0).unsqueeze(2).unsqueeze(3).expand_as(x) * x`` (or ``.expand(*x.size())``), then the
+    head's conv.  ``expand_as`` of a constant was carried as a call, so the scale did not fold into the conv."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.weight = nn.Parameter(torch.linspace(5.0, 25.0, 8))
+        self.loc = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        w = self.weight.unsqueeze(0).unsqueeze(2).unsqueeze(3)
+        w = w.expand_as(x) if self.how == "expand_as" else w.expand(*x.size())
+        return self.loc(x * w if self.how == "expand_as" else w * x)
+
+
+@pytest.mark.parametrize("how", ["expand_as", "expand"])
+def test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale(how):
+    model = randomized(L2NormHead(how))
+    fused = check_exact(model, torch.randn(2, 8, 6, 6, dtype=D))
+    assert fused.fuse_report.rule_counts() == {"scale_into_conv": 1} and not fused.fuse_report.opaque, str(fused.fuse_report)
+    x = torch.randn(3, 8, 9, 7, dtype=D)  # other sizes: expand_as follows x, and expand(*x.size()) too
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-12
+
+
 def test_python_that_computes_with_the_batch_keeps_it_fixed():
     model = randomized(BatchAsFloat())
     fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))

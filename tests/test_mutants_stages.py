@@ -66,6 +66,10 @@ FEW = {
     "narrower dtype (one that fails to run in float64 counts as one), and its complex buffers cast to complex128",
     "repalgebra.verify:_prepared": "one decision a test reaches: a copy cast for verify keeps its complex buffers complex",
     "repalgebra.frontend.aten_handlers:_one_number": "one decision and one number: a tensor of one number made, and which number",
+    "repalgebra.frontend.handlers_functions:_f_mul": "one decision added to it a test reaches alone: a constant expanded to "
+    "what it multiplies taken for the constant (the rest is older than the stage's mutants)",
+    "repalgebra.frontend.handlers_functions:_f_expand": "one decision added to it a test reaches alone: expand_as of a "
+    "constant made an op (the rest is older than the stage's mutants)",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

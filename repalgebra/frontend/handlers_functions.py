@@ -97,6 +97,7 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     if kwargs or len(args) != 2:
         return None
     x, c = args
+    x, c = _unexpanded(x, c), _unexpanded(c, x)
     if constant(x) is not None and constant(c) is None:
         x, c = c, x
     if not isinstance(x, Value):
@@ -110,6 +111,19 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     if made is None and k is not None and k.tensor.is_floating_point() and k.tensor.dim() <= len(x.shape):
         return "mul", [x, as_value(b, c)], {}, {}, ""  # a constant map (YOLOv7's anchor grid): a constant node times x
     return made
+
+
+def _unexpanded(c: Any, x: Value) -> Any:
+    """``c``, or the constant ``k`` where ``c`` is ``k.expand_as(y)`` (or ``k.expand(*y.size())``) to ``x``'s shape: ``k * x``
+    broadcasts ``k`` the same way, and a per-channel ``k`` is then a scale (SSD's L2Norm:
+    ``self.weight.unsqueeze(0).unsqueeze(2).unsqueeze(3).expand_as(x) * x``)."""
+    n = c.producer if isinstance(c, Value) else None
+    if n is None or n.op not in ("expand", "expand_dyn") or shaped(x) is None or n.out.shape != x.shape or (k := constant(n.inputs[0])) is None:
+        return c
+    try:
+        return n.inputs[0] if torch.broadcast_shapes(k.tensor.shape, x.shape) == x.shape else c
+    except RuntimeError:
+        return c
 
 
 def _scale_by(x: Value, c: Any) -> Made:
@@ -1181,10 +1195,10 @@ def _f_expand(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) ->
     x_shape = tuple(c.tensor.shape) if c is not None else x.shape
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = tuple(rest[0])
-    if target == "expand_as":
-        if len(rest) != 1 or shaped(rest[0]) is None or c is not None:
+    if target == "expand_as":  # of a constant too (SSD's L2Norm: ``self.weight[...].expand_as(x) * x``, see _f_mul)
+        if len(rest) != 1 or shaped(rest[0]) is None:
             return None
-        return "expand", [x, rest[0]], {}, {}, ""
+        return "expand", [as_value(b, x), rest[0]], {}, {}, ""
     shape = ints(rest)
     if shape is not None:
         return None if c is not None else ("expand", [x], {"shape": shape}, {}, "")
