@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
 _COMPLEX_BUFFER = ("tests/test_onnx_complex_pairs.py::test_a_registered_complex_buffer_fuses_verifies_in_float64_and_exports",)
@@ -493,6 +494,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "expand-as-of-constant-carried", "expand_as of a constant carried as a call, as before",
      "repalgebra.frontend.handlers_functions:_f_expand", "        if len(rest) != 1 or shaped(rest[0]) is None:",
      "        if len(rest) != 1 or shaped(rest[0]) is None or c is not None:", _EXPANDED),
+    ("onnx_backend", "floor-divide-truncated", "a // b exported as torch.onnx.export writes floor_divide: truncated toward zero",
+     "repalgebra.backend.onnx_fallback:_floor_divide", 'return torch.div(a, b, rounding_mode="floor")', 'return torch.div(a, b, rounding_mode="trunc")', _FLOORS),
+    ("onnx_backend", "floor-divide-reflected-swapped", "n // x exported as x // n",
+     "repalgebra.backend.onnx_fallback:_floor_divide_reflected", 'torch.div(torch.as_tensor(b, dtype=a.dtype), a, rounding_mode="floor")',
+     'torch.div(a, torch.as_tensor(b, dtype=a.dtype), rounding_mode="floor")', _FLOORS),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

@@ -70,6 +70,8 @@ FEW = {
     "what it multiplies taken for the constant (the rest is older than the stage's mutants)",
     "repalgebra.frontend.handlers_functions:_f_expand": "one decision added to it a test reaches alone: expand_as of a "
     "constant made an op (the rest is older than the stage's mutants)",
+    "repalgebra.backend.onnx_fallback:_floor_divide": "one formula: the quotient floored",
+    "repalgebra.backend.onnx_fallback:_floor_divide_reflected": "one formula: the number divided by the tensor, floored",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

@@ -935,3 +935,27 @@ def test_a_float16_encoder_layer_with_a_padding_mask_goes_through_the_fallback()
     got = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})[0].astype(np.float64)
     want = fused(x, mask).double().detach().numpy()
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+class FloorDivides(nn.Module):
+    """``//`` of token ids and of floats, and a number by ids: torch floors each."""
+
+    def forward(self, ids, x):
+        return (ids // 3).float() + (7 // (ids.abs() + 1)).float() + x // 0.7 + torch.floor_divide(x, -1.3)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_floor_division_floors_negative_values_in_the_file(capture):
+    """torch.onnx.export writes ``floor_divide`` truncated toward zero (its old meaning): ``-7 // 3`` was -2 in the
+    file, -3 in torch.  The export's checks keep token ids at the example's values, all >= 0, and did not see it."""
+    model = FloorDivides()
+    if capture == "export":  # torch.export records aten.floor_divide
+        model = torch.export.export(model, (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8))).module()
+    gen = torch.Generator().manual_seed(0)
+    ids, x = torch.randint(0, 10, (2, 8), generator=gen), torch.randn(2, 8, generator=gen)
+    proto = export_onnx(model, None, (ids, x))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    negative = torch.tensor([[-7, -1, 0, 5, -3, -4, 8, 9], [-9, -8, -6, -5, -2, 1, 2, 3]])
+    x = torch.randn(2, 8, generator=gen) * 3
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (negative, x))})[0]
+    np.testing.assert_array_equal(got, FloorDivides()(negative, x).numpy())  # floors: equal (these quotients are not near integers)

@@ -894,8 +894,24 @@ def _flash_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     return out, torch.logsumexp(scores, dim=-1)
 
 
+def _floor_divide(a, b, *, opset=0):
+    """``a // b``, which torch floors: torch.onnx.export writes ``floor_divide`` as it used to compute it, truncated
+    toward zero (``-7 // 3`` is -2 in the file, -3 in torch).  ``div(rounding_mode="floor")`` it writes as a floor."""
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _floor_divide_reflected(a, b, *, opset=0):
+    """``b // a`` for a number ``b`` (``Tensor.__rfloordiv__``): :func:`_floor_divide` the other way round."""
+    return torch.div(torch.as_tensor(b, dtype=a.dtype), a, rounding_mode="floor")
+
+
 aten = torch.ops.aten
 REWRITES: dict[Any, tuple[str, Callable]] = {
+    torch.Tensor.__floordiv__: ("floor_divide", _floor_divide),
+    torch.Tensor.floor_divide: ("floor_divide", _floor_divide),
+    torch.floor_divide: ("floor_divide", _floor_divide),
+    aten.floor_divide.default: ("floor_divide", _floor_divide),
+    torch.Tensor.__rfloordiv__: ("floor_divide", _floor_divide_reflected),
     aten.slice_scatter.default: ("slice_scatter", _slice_scatter),
     torch.slice_scatter: ("slice_scatter", _slice_scatter),
     torch.Tensor.slice_scatter: ("slice_scatter", _slice_scatter),
