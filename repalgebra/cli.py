@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output .onnx file")
     c.add_argument("--opset", type=_opset, default=None, help="ONNX opset, 13 to the onnx package's newest (default 20: one Gelu kernel per GELU in onnxruntime)")
     c.add_argument("--allow-example-branches", action="store_true",
-                   help="write a file whose branches on tensor values (if x.mean() > 0) are fixed to the example's (refused by default)")
+                   help="write a file whose branches on tensor values (if x.mean() > 0), and numbers read from them, are fixed to the example's (refused by default)")
     c = model_cmd("verify", "compare the train-time MODEL with its fused form on random inputs", _verify)
     c.add_argument("-n", type=_positive, default=3, help="number of random inputs (default 3)")
     c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="run both models in this dtype")

@@ -185,14 +185,14 @@ def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
         source = model if what == "model" else repalgebra.fuse(model, x)
         with pytest.raises(FallbackError, match=r"\(ValueRouted(; 1 branch)?\).*Python boolean"):
             export_onnx(source, None, x)
-    with pytest.raises(FallbackError, match=r"\(ValueRouted; 1 branch\) turned tensor values into Python booleans, and they came out otherwise"):
+    with pytest.raises(FallbackError, match=r"\(ValueRouted; 1 branch\) turned tensor values into Python booleans or numbers, and they came out otherwise"):
         export_onnx(source, None, x)  # the ReLU's output: only the negated inputs take the other branch
     for how in ("nonnegative", "always"):
         model = routed(how)
         source = model if what == "model" else repalgebra.fuse(model, x)
         proto, report = export_onnx(source, None, x, return_report=True, allow_example_branches=how == "nonnegative")
         assert [(r.branches, r.steered) for r in report.regions] == [(1, how == "nonnegative")]
-        took = "and the checks' inputs took others" if how == "nonnegative" else "the checks' inputs (random, scaled, varied) all took it too"
+        took = "and the checks' inputs gave others" if how == "nonnegative" else "the checks' inputs (random, scaled, varied) all gave the same"
         assert any(took in n for n in report.notes), report.notes
         for y in (x, -x, torch.randn(3, 3, 6, 6)):
             with torch.no_grad():
@@ -265,6 +265,40 @@ def test_a_branch_on_token_ids_is_refused():
     ids = torch.randint(1, 20, (2, 6))  # no padding
     with pytest.raises(FallbackError, match=r"\(PaddedPool; 1 branch\).*came out otherwise.*token ids all 0"):
         export_onnx(TokenModel().eval(), None, ids)
+
+
+class ReadsNumbers(nn.Module):
+    """Tensor values read as Python numbers: ``x * float(ids.max())``, and the classic trim of padding to the longest
+    sequence, ``x[:, :int(lengths.max())]``; ``how="weight"`` reads a number of a weight, the same for any input."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.scale = how, nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x, ids):
+        if self.how == "scale":
+            return x * float(ids.max())
+        if self.how == "trim":
+            return x[:, : int(ids.max())].sum(1)
+        return x * self.scale.item()
+
+
+@pytest.mark.parametrize("how", ["scale", "trim", "weight"])
+def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
+    """The file held the example's number as a constant (3x off for other ids; found by a probe), with no note.
+    Numbers that come out otherwise for the checks' inputs or their variations are refused like branches; one
+    read from a weight is the same for every input."""
+    gen = torch.Generator().manual_seed(0)
+    x, ids = torch.randn(2, 8, generator=gen), torch.randint(1, 8, (2, 8), generator=gen)
+    if how != "weight":
+        with pytest.raises(FallbackError, match=r"\(ReadsNumbers; 1 number read\) turned tensor values into Python booleans or numbers"):
+            export_onnx(ReadsNumbers(how), None, (x, ids))
+        return
+    proto = export_onnx(ReadsNumbers(how), None, (x, ids))  # (the capture holds the weight's number: a scale)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, ids * 2))})[0]
+    with torch.no_grad():
+        assert close(got, ReadsNumbers(how)(x, ids * 2))
 
 
 class CausalEncoder(nn.Module):

@@ -1173,7 +1173,7 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     count = len(ctx.nodes) - before
     report.fallback_onnx_nodes += count
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes,
-                                       sub.branches, sub.steered))
+                                       sub.branches, sub.steered, sub.numbers))
 
 
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
@@ -1500,12 +1500,17 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
 
 
 def _branching(regions: list[RegionReport]) -> str:
-    """Why a file whose regions' traces fixed branches on tensor values is not written."""
-    parts = ", ".join(f"{r.where} ({', '.join(r.whats)}; {r.branches} branch{'es' * (r.branches != 1)})" for r in regions)
-    return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans, and they "
-            "came out otherwise for other inputs (its Python branches on values: if x.mean() > 0), so the file would "
-            "always take the branches the example input took and compute something else for inputs that take "
-            "others; no file is written.  Write the choice with torch.where; where the branch cannot be taken by "
+    """Why a file whose regions' traces fixed branches on tensor values, or numbers read from them, is not written."""
+    def counts(r: RegionReport) -> str:
+        return "; ".join([f"{r.branches} branch{'es' * (r.branches != 1)}"] * bool(r.branches)
+                         + [f"{r.numbers} number{'s' * (r.numbers != 1)} read"] * bool(r.numbers))
+
+    parts = ", ".join(f"{r.where} ({', '.join(r.whats)}; {counts(r)})" for r in regions)
+    return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans or numbers, "
+            "and they came out otherwise for other inputs (its Python branches on values, if x.mean() > 0, or computes "
+            "with them, float(ids.max())), so the file would always take the branches and numbers the example input "
+            "gave and compute something else for inputs that give others; no file is written.  Write the choice with "
+            "torch.where and the arithmetic with tensors; where the branch cannot be taken by "
             "inputs the model makes (the checks also vary the part's inputs: negated floats, token ids all 0, "
             "inverted masks), pass allow_example_branches=True to accept that file")
 
@@ -1542,11 +1547,12 @@ def export_onnx(
         metadata: extra key/value pairs for the file's metadata (the CLI adds the variant name).
         return_report: also return the :class:`~repalgebra.backend.onnx_fallback.ExportReport`.
         allow_example_branches: write a file in which a part's Python branches on tensor values (``if x.mean() >
-            0:``) are fixed to the branches the example took, as ``torch.onnx.export`` writes it; the report notes
-            each such part.  By default a part whose branches come out otherwise for the export's check inputs
-            (random, scaled, negated) is refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming
-            it): the file would compute something else for inputs that take another branch.  Branches that come
-            out alike for all of them (on sizes, or a test that always holds) are written, and noted.
+            0:``), and the numbers it reads from them (``float(ids.max())``), are fixed to those of the example, as
+            ``torch.onnx.export`` writes it; the report notes each such part.  By default a part whose branches
+            or numbers come out otherwise for the export's check inputs (random, scaled, negated, ids all 0) is
+            refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming it): the file would compute
+            something else for inputs that give others.  Those that come out alike for all of them (on sizes, or
+            a test that always holds) are written, and noted.
 
     Returns:
         The ``onnx.ModelProto``, or ``(model, ExportReport)`` with ``return_report=True``.

@@ -95,7 +95,8 @@ class RegionReport:
     exporter: str
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     branches: int = 0  # tensor values its trace turned into Python booleans: the branches its example took, fixed
-    steered: bool = False  # and those booleans changed with the values of its inputs (see export_regions)
+    steered: bool = False  # and those booleans (or numbers) changed with the values of its inputs (see export_regions)
+    numbers: int = 0  # tensor values its trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
 
 
 @dataclass
@@ -394,7 +395,7 @@ def export_regions(
                 r, why = wrong
                 notes.append(
                     f"batch fixed at {batch}: torch.onnx.export's trace of {r.where} at batch {other} does not follow "
-                    f"the batch ({why}; its Python reads sizes as numbers)"
+                    f"the batch ({why}; its Python reads sizes, or tensor values, as numbers)"
                 )
     exported = [_export(r, m, i, ([], []), opset) if r.outputs else None for r, m, (i, _) in zip(regions, modules, own)]
     for r, e in zip(regions, exported):
@@ -426,23 +427,27 @@ def export_regions(
 
 def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: list[str], modules: list[nn.Module],
            checks: list[list[tuple[tuple, tuple]]]) -> list[ExportedRegion | None]:
-    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values, and
-    ``steered`` set where those branches change with its inputs' values (:func:`steered_by_values`)."""
+    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values or read
+    them as numbers, and ``steered`` set where those change with its inputs' values (:func:`steered_by_values`)."""
     for r, m, e in zip(regions, modules, exported):
-        if e is not None and e.branches:
+        if e is not None and (e.branches or e.numbers):
             e.steered = steered_by_values(m, [c[r.index][0] for c in checks])
+            read = [f"turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean{'s' * (e.branches != 1)} "
+                    "(control flow on values)"] * bool(e.branches) + [
+                    f"read {e.numbers} tensor value{'s' * (e.numbers != 1)} as Python number{'s' * (e.numbers != 1)} "
+                    "(.item(), float(t), int(t))"] * bool(e.numbers)
             notes.append(
-                f"{r.where}: torch.onnx.export's trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into "
-                f"Python boolean{'s' * (e.branches != 1)} (control flow on values): the export always takes the branch "
-                "its example input took" + (", and the checks' inputs took others" if e.steered else
-                                            "; the checks' inputs (random, scaled, varied) all took it too")
+                f"{r.where}: torch.onnx.export's trace {' and '.join(read)}: the export always takes the branches and "
+                "numbers of its example input" + (", and the checks' inputs gave others" if e.steered else
+                                                  "; the checks' inputs (random, scaled, varied) all gave the same")
             )
     return exported
 
 
 def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
-    """Whether ``module``'s own Python booleans of tensors (``if x.mean() > 0``) come out otherwise for some of
-    ``inputs`` or their variations (:func:`_varied`) than for the first: its branches follow its inputs' values.  A
+    """Whether ``module``'s own Python booleans of tensors (``if x.mean() > 0``), or the numbers it reads from them
+    (``float(ids.max())``, ``int(lengths.max())``), come out otherwise for some of ``inputs`` or their variations
+    (:func:`_varied`) than for the first: its branches or numbers follow its inputs' values.  A
     branch on sizes (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >=
     0``) does not.  Evidence, not proof: inputs the checks did not draw may take another branch; and a varied
     input may be one the model never makes (a negated ReLU output), which ``allow_example_branches`` is for."""
@@ -473,15 +478,16 @@ def _varied(t: Any, k: int) -> Any:
 
 
 class _Outcomes(TorchFunctionMode):
-    """While active, the outcomes of the model's own ``bool(tensor)`` calls (its control flow on values), in order."""
+    """While active, the outcomes of the model's own ``bool(tensor)`` calls (its control flow on values) and the
+    numbers it reads from tensors (``.item()``, ``float(t)``), in order."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[bool] = []
+        self.seen: list[Any] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.Tensor.__bool__ and not _called_by_torch():
+        if (func is torch.Tensor.__bool__ or func in _NUMBER_READS) and not _called_by_torch():
             self.seen.append(out)
         return out
 
