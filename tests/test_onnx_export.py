@@ -1366,3 +1366,34 @@ def test_a_threshold_keeps_nan_as_pytorch_does():
         want = model(x).numpy()
     assert np.isnan(got[0, :, 0, 0]).all() and np.isnan(want[0, :, 0, 0]).all()
     np.testing.assert_allclose(got[..., 1:], want[..., 1:], rtol=1e-5, atol=1e-6)  # float32
+
+
+class Int8Out(nn.Module):
+    def forward(self, x):
+        return (x * 10).round().to(torch.int8)
+
+
+class Int16In(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
+def test_int8_and_int16_inputs_and_outputs_export():
+    """ONNX has INT8 and INT16; export_onnx raised a bare KeyError(torch.int8)."""
+    torch.manual_seed(0)
+    for model, example in ((Int8Out(), torch.randn(2, 4)), (Int16In().eval(), torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.int16))):
+        proto = export_onnx(model, None, example)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = torch.randn(3, 4) if example.is_floating_point() else torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.int16)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x)
+        assert got.dtype == want.numpy().dtype
+        if want.is_floating_point():
+            assert rel_err(got, want) <= RTOL
+        else:
+            np.testing.assert_array_equal(got, want.numpy())

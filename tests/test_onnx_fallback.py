@@ -993,3 +993,16 @@ def test_floor_division_floors_negative_values_in_the_file(capture):
     x = torch.randn(2, 8, generator=gen) * 3
     got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (negative, x))})[0]
     np.testing.assert_array_equal(got, FloorDivides()(negative, x).numpy())  # floors: equal (these quotients are not near integers)
+
+
+class OneHotOfIds(nn.Module):
+    def forward(self, ids):
+        return F.one_hot(ids).float()  # the number of classes read from the values
+
+
+def test_a_float32_part_that_does_not_run_in_onnxruntime_is_not_told_to_export_in_float32():
+    """The refusal ended "export the model in float32 or float16, where it runs", for a model in float32."""
+    ids = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FallbackError, match="does not run in onnxruntime") as refused:
+        export_onnx(OneHotOfIds(), None, ids)
+    assert "float32 or float16" not in str(refused.value)

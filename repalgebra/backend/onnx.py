@@ -71,6 +71,8 @@ _DTYPES = {
     torch.bfloat16: TensorProto.BFLOAT16,
     torch.int64: TensorProto.INT64,
     torch.int32: TensorProto.INT32,
+    torch.int16: TensorProto.INT16,
+    torch.int8: TensorProto.INT8,
     torch.uint8: TensorProto.UINT8,
     torch.bool: TensorProto.BOOL,
 }

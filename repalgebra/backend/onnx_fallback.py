@@ -408,10 +408,12 @@ def export_regions(
                 "routed to an expert, a nonzero() selection), which an ONNX export fixes at one input's"
             )
         if why and why.startswith("onnxruntime: "):  # it does not run there: no kernel for its dtype, numpy no bfloat16
+            floats = {v.dtype for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point}
+            hint = ("; export the model in float32 or float16, where it runs" if floats - {torch.float32, torch.float16}
+                    else " (an op torch.onnx.export wrote for another dtype than it meets, or a size it computed from values)")
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) does not run in onnxruntime, so it "
-                f"cannot be checked and is not written: {why.removeprefix('onnxruntime: ')}{_refusals(r)}; export the "
-                "model in float32 or float16, where it runs"
+                f"cannot be checked and is not written: {why.removeprefix('onnxruntime: ')}{_refusals(r)}{hint}"
             )
         if why:
             raise FallbackError(
