@@ -114,11 +114,25 @@ def _shape(args) -> tuple[int, ...] | None:
     return _FASTVIT_SHAPE if args.model in fastvit_models.list_models() else None
 
 
-def _example(args):
+_INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
+
+
+def _example(args, model=None, shape: tuple[int, ...] | None = None):
+    """The example input of ``--input-shape`` and ``--input-dtype`` (None where neither says a shape): standard
+    normal values of a floating dtype; token ids below the vocabulary of ``model``'s smallest ``nn.Embedding``
+    (below 2 without one) of an integer dtype; random booleans."""
     import torch
 
-    shape = _shape(args)
-    return None if shape is None else (torch.randn(shape),)
+    shape = shape or _shape(args)
+    if shape is None:
+        return None
+    dtype = getattr(torch, args.input_dtype or "float32")
+    if dtype.is_floating_point:
+        return (torch.randn(shape).to(dtype),)
+    if dtype == torch.bool:
+        return (torch.rand(shape) < 0.5,)
+    vocab = [m.num_embeddings for m in (model.modules() if model is not None else ()) if isinstance(m, torch.nn.Embedding)]
+    return (torch.randint(0, min(vocab, default=2), shape, dtype=dtype),)
 
 
 def _writable(path: str, suffixes: tuple[str, ...]) -> None:
@@ -137,7 +151,7 @@ def _fuse(args) -> int:
     _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 3, "fusing")
-    fused = repalgebra.fuse(model, _example(args), strict=args.strict)
+    fused = repalgebra.fuse(model, _example(args, model), strict=args.strict)
     print(fused.fuse_report)
     _step(3, 3, f"writing {args.output}")
     state = _save_state(fused, args.output)
@@ -172,7 +186,7 @@ def _expand(args) -> int:
     _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 3, f"expanding with {recipe.name} (init={args.init})")
-    expanded = repalgebra.expand(model, recipe, _example(args), init=args.init)
+    expanded = repalgebra.expand(model, recipe, _example(args, model), init=args.init)
     print(expanded.expand_report)
     _step(3, 3, f"writing {args.output}")
     state = _save_state(expanded, args.output)
@@ -190,10 +204,10 @@ def _verify(args) -> int:
     _step(1, 3, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 3, "fusing")
-    fused = repalgebra.fuse(model, _example(args))
+    fused = repalgebra.fuse(model, _example(args, model))
     _step(3, 3, "comparing train-time and fused models")
     dtype = {"float64": torch.float64, "float32": torch.float32, None: None}[args.dtype]
-    report = repalgebra.verify(model, fused, _example(args), n=args.n, dtype=dtype)
+    report = repalgebra.verify(model, fused, _example(args, model), n=args.n, dtype=dtype)
     print(report)
     return 0 if report else 1
 
@@ -211,16 +225,17 @@ def _export(args) -> int:
     _step(1, 4, f"building {args.model}")
     model = load_model(args.model, args.checkpoint)
     _step(2, 4, "fusing")
-    fused = repalgebra.fuse(model, _example(args))
+    example = _example(args, model)
+    fused = repalgebra.fuse(model, example)
     _step(3, 4, f"exporting to {args.output} (opset {args.opset or 'default'})")
     shape = fused.fuse_report.input_shapes[0]  # --input-shape, or the one fuse guessed
     proto, report = export_onnx(
-        fused, args.output, shape, opset=args.opset, fuse=False, metadata={"model": args.model}, return_report=True,
-        allow_example_branches=args.allow_example_branches,
+        fused, args.output, example[0] if example is not None else shape, opset=args.opset, fuse=False,
+        metadata={"model": args.model}, return_report=True, allow_example_branches=args.allow_example_branches,
     )
     print(report)
     _step(4, 4, "running it in onnxruntime")
-    x = torch.randn(shape)
+    (x,) = _example(args, model, shape)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
@@ -249,7 +264,7 @@ def _show(args) -> int:
     if out is not None and fmt not in _PICTURE_FORMATS:
         raise UsageError(f"-o must end in .svg, .png or .dot, got {out!r}")
     model = load_model(args.model, args.checkpoint)
-    graph = repalgebra.trace(model, _example(args))
+    graph = repalgebra.trace(model, _example(args, model))
     if args.fused:
         graph, _ = repalgebra.rewrite(graph)
     if out is None:
@@ -307,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--checkpoint", help="FastViT checkpoint (.pth, .pth.tar, .safetensors; Apple or timm layout)")
         c.add_argument("--input-shape", type=_parse_shape, default=None, metavar="N,C,H,W",
                        help="example input shape (default: 1,3,256,256 for FastViT, else guessed from the model's first layer)")
+        c.add_argument("--input-dtype", choices=_INPUT_DTYPES, default=None,
+                       help="example input dtype (default float32); int64 draws token ids below the smallest nn.Embedding's "
+                       "vocabulary, for a language model")
         c.set_defaults(func=fn)
         return c
 

@@ -178,6 +178,24 @@ def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tm
     assert "m_3 (Gate; 1 branch)" in err and "--allow-example-branches" not in err and "allow_example_branches" in err, err
     assert not (tmp_path / "steered.onnx").exists()
 
+def test_a_language_model_exports_and_verifies_with_token_ids(tmp_path, capsys):
+    """``--input-shape 2,8`` drew a float input, which an nn.Embedding refuses, and the error said "pass
+    example_inputs", which the CLI has no option for.  ``--input-dtype int64`` draws ids below the vocabulary."""
+    path = tmp_path / "tokens.py"
+    path.write_text(textwrap.dedent("""
+        from torch import nn
+
+        def make():
+            return nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    """))
+    shape = ["--input-shape", "2,8", "--input-dtype", "int64"]
+    assert main(["export", f"{path}:make", "-o", str(tmp_path / "t.onnx"), *shape]) == 0
+    assert "-> OK" in capsys.readouterr().out
+    assert main(["verify", f"{path}:make", *shape]) == 0
+    assert main(["export", f"{path}:make", "-o", str(tmp_path / "u.onnx")]) == 1
+    assert "--input-shape and --input-dtype" in capsys.readouterr().err
+
+
 def test_a_module_of_the_working_directory_and_a_shape_guessed_from_it(tmp_path, monkeypatch, capsys):
     """``repalgebra fuse my_models:make_block`` in the directory holding ``my_models.py``: the console script does not
     put that directory on ``sys.path`` as ``python -m`` does (cannot import it), and without ``--input-shape`` the

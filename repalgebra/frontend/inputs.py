@@ -151,7 +151,7 @@ def infer_example_inputs(
             how = f"{'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} from {type(m).__name__}{where}"
             return (torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype),), how
     raise ValueError(
-        f"cannot infer an input shape for {type(root).__name__}: it calls no Conv2d, Linear or BatchNorm; pass example_inputs"
+        f"cannot infer an input shape for {type(root).__name__}: it calls no Conv2d, Linear or BatchNorm; pass example_inputs (the CLI's --input-shape and --input-dtype)"
     )
 
 
@@ -216,5 +216,6 @@ def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple[tuple[tor
             tried.append(f"{how}: {first_line(e)}")
     raise ValueError(
         f"cannot find an input {type(model).__name__} runs on (tried {'; '.join(tried)}); pass one, "
-        f"e.g. repalgebra.fuse(model, torch.randn(1, 3, 224, 224))  # example_inputs: the shape you run it at"
+        f"e.g. repalgebra.fuse(model, torch.randn(1, 3, 224, 224))  # example_inputs: the shape you run it at "
+        "(token ids for a language model; the CLI's --input-shape and --input-dtype)"
     )
