@@ -1397,3 +1397,25 @@ def test_int8_and_int16_inputs_and_outputs_export():
             assert rel_err(got, want) <= RTOL
         else:
             np.testing.assert_array_equal(got, want.numpy())
+
+
+class FirstTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)[:2]  # 2 rows from batch 2 up, 1 at batch 1
+
+
+def test_an_output_axis_that_differs_at_batch_one_is_declared_free():
+    """``y[:2]`` has 2 rows at batch 2 and 3, so the file declared them fixed; at batch 1 onnxruntime returned 1
+    and warned that the file's own output shape was violated."""
+    model = FirstTwo().eval()
+    proto = export_onnx(model, None, (2, 3, 8, 8))
+    dims = [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [4, 8, 8], dims
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        got = run_onnx(proto, x)
+        assert got.shape == (1, 4, 8, 8) and rel_err(got, model(x)) <= RTOL

@@ -1287,8 +1287,26 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
                     axes = None
                     break
                 axes.append({k: _batch_dim(b, a, batch, f"{v.name}_{k}") for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b})
+            if axes is not None and batch > 1:
+                _free_at_batch_one(graph, tuple(value(k, v, False)[:1] if g else value(k, v, False)
+                                                for k, (v, g) in enumerate(zip(graph.inputs, grown))), axes)
             return _AnotherBatch(grown, axes, xs, outs)
     return None
+
+
+def _free_at_batch_one(graph: Graph, xs: tuple, axes: list[dict[int, str]]) -> None:
+    """Add to ``axes`` the output axes whose size differs at batch 1 though not at the larger batch (``y[:2]`` is 2
+    rows from batch 2 up, 1 at batch 1): the file declared them fixed, and onnxruntime warned of its own file."""
+    from repalgebra.interpret import run_graph
+
+    try:
+        with torch.no_grad():
+            outs = run_graph(graph, *xs)
+    except Exception:  # noqa: BLE001  (no run at batch 1: the file's batch check says more)
+        return
+    for v, t, named in zip(graph.outputs, outs if isinstance(outs, tuple) else (outs,), axes):
+        if torch.is_tensor(t) and t.dim() == len(v.shape):
+            named.update({k: f"{v.name}_{k}" for k, (a, b) in enumerate(zip(t.shape, v.shape)) if a != b and k not in named})
 
 
 def _runs_there(model: "onnx.ModelProto", run: _AnotherBatch) -> str:
