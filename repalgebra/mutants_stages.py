@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_EMPTY = ("tests/test_fuse_ranks.py::test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused",)
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
@@ -505,6 +506,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "batch-one-axes-unseen", "an output axis that differs at batch 1 only declared fixed",
      "repalgebra.backend.onnx:_free_at_batch_one", "if a != b and k not in named", "if False",
      ("tests/test_onnx_export.py::test_an_output_axis_that_differs_at_batch_one_is_declared_free",)),
+    ("frontend", "emptiness-unguarded", "a test of emptiness taken as for values, and empty inputs not refused",
+     "repalgebra.fuse:_hold_values", "return all(math.prod(s) for s in shapes)", "return True", _EMPTY),
+    ("frontend", "emptiness-answered-empty", "x.numel() == 0 taken as true: the branch for empty inputs traced",
+     "repalgebra.frontend.fx_trace:emptiness_answer", "node.target is not operator.eq", "node.target is operator.eq", _EMPTY),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

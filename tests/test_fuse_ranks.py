@@ -466,3 +466,43 @@ def test_an_onnx_file_runs_at_batch_1_only_where_it_computes_what_the_model_does
             continue
         want = model(x).detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+class D2Conv2d(nn.Conv2d):
+    """detectron2's ``Conv2d`` wrapper: ``if x.numel() == 0 and self.training:`` before every conv, its norm and
+    activation as keyword arguments; ``early`` returns an empty input at once instead (``if x.numel() == 0:``)."""
+
+    def __init__(self, *args, norm=None, activation=None, early: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.norm, self.activation, self.early = norm, activation, early
+
+    def forward(self, x):
+        if self.early and x.numel() == 0:
+            return x
+        if x.numel() == 0 and self.training:
+            assert not isinstance(self.norm, nn.SyncBatchNorm)
+        x = nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x = self.norm(x) if self.norm is not None else x
+        return self.activation(x) if self.activation is not None else x
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused(early):
+    """The test sent every detectron2 model to a capture at fixed sizes.  Taken as for inputs that hold values, the
+    model is captured by torch.fx and runs at any size; an empty input, for which the model may take the other
+    branch, is refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(D2Conv2d(4, 4, 3, padding=1, bias=False, norm=nn.BatchNorm2d(4), activation=nn.ReLU(), early=early),
+                          D2Conv2d(4, 4, 1, bias=False, norm=nn.BatchNorm2d(4))).to(D).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.rule_counts() == {"bn_fold": 2}, str(fused.fuse_report)
+    assert any("tests of emptiness" in n for n in fused.fuse_report.notes)
+    with torch.no_grad():
+        for shape in ((3, 4, 11, 7), (1, 4, 5, 5)):
+            x = torch.randn(shape, dtype=D)
+            assert close(fused(x), model(x))
+        with pytest.raises(ValueError, match=r"tests emptiness \(x.numel\(\) == 0\).*0x4x8x8"):
+            copy.deepcopy(fused)(torch.randn(0, 4, 8, 8, dtype=D))

@@ -75,6 +75,8 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_noted": "one decision: which regions are run again on varied inputs (their "
     "comparison is steered_by_values')",
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
+    "repalgebra.fuse:_hold_values": "one test: every input holds a value",
+    "repalgebra.frontend.fx_trace:emptiness_answer": "one answer: a value that holds some is not empty",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

@@ -507,6 +507,7 @@ class Tracer(fx.Tracer):
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
+        self.emptiness_tests: list[str] = []  # where ``x.numel() == 0`` was taken as for values (see _emptiness_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
@@ -580,6 +581,8 @@ class Tracer(fx.Tracer):
         fixed = self._fixed_flag(obj.node)
         if fixed is None:
             fixed = self._dtype_test(obj.node)
+        if fixed is None:
+            fixed = self._emptiness_test(obj.node)
         if fixed is not None:
             return fixed
         value = _weights_only_value(obj.node, self.root)
@@ -604,6 +607,17 @@ class Tracer(fx.Tracer):
             return None
         self.dtype_tests.append(self.path_stack[-1] if self.path_stack else "")
         return (value.dtype == other) == (node.target is operator.eq)
+
+    def _emptiness_test(self, node: fx.Node) -> bool | None:
+        """``x.numel() == 0`` (``!= 0``, ``> 0``, or ``if x.numel():``) as for inputs that hold values, else None.
+
+        detectron2's ``Conv2d`` wrapper tests ``if x.numel() == 0 and self.training:`` in every conv, which sent
+        every detectron2 model to a capture at fixed sizes.  The graph then holds for inputs with no axis of size
+        0: the test is recorded (:attr:`emptiness_tests`) and ``fuse`` makes the fused model refuse empty ones."""
+        answer = emptiness_answer(node)
+        if answer is not None:
+            self.emptiness_tests.append(self.path_stack[-1] if self.path_stack else "")
+        return answer
 
     def _fixed_flag(self, node: fx.Node) -> bool | None:
         """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
@@ -653,6 +667,9 @@ class Tracer(fx.Tracer):
         if self.dtype_tests:
             notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
                          "example's dtype: the fused model runs in that dtype only")
+        if self.emptiness_tests:
+            notes.append(f"tests of emptiness (x.numel() == 0) in {_places(self.emptiness_tests)} taken as for inputs "
+                         "that hold values: the fused model refuses an input with an axis of size 0")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
@@ -677,6 +694,19 @@ class Tracer(fx.Tracer):
             return None
         value = _weights_only_value(node, self.root)
         return getattr(value, k) if torch.is_tensor(value) else None
+
+
+def emptiness_answer(node: fx.Node) -> bool | None:
+    """What ``node`` (``x.numel() == 0``, ``!= 0``, ``> 0``, or ``x.numel()`` itself as a boolean) is for a value that
+    holds some; None for any other node."""
+    read, number = node, None
+    if node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.gt) and len(node.args) == 2:
+        read, number = node.args if node.target is operator.gt else sorted(node.args, key=lambda a: not isinstance(a, fx.Node))
+        if number != 0 or not isinstance(read, fx.Node):
+            return None
+    if not (read.op == "call_method" and read.target in ("numel", "nelement") and len(read.args) == 1):
+        return None
+    return number is None or node.target is not operator.eq  # numel() > 0, != 0, and itself: true; == 0: false
 
 
 _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}
