@@ -115,6 +115,7 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
+_AUTOCAST_OFF = ("tests/test_fuse_capture.py::test_autocast_turned_off_on_another_device_does_nothing_to_trace_past",)
 _EMPTY = ("tests/test_fuse_ranks.py::test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused",)
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
@@ -510,6 +511,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_hold_values", "return all(math.prod(s) for s in shapes)", "return True", _EMPTY),
     ("frontend", "emptiness-answered-empty", "x.numel() == 0 taken as true: the branch for empty inputs traced",
      "repalgebra.frontend.fx_trace:emptiness_answer", "node.target is not operator.eq", "node.target is operator.eq", _EMPTY),
+    ("frontend", "autocast-off-any-device", "autocast turned off on the model's own device traced past (it decides the dtype under a caller's autocast)",
+     "repalgebra.frontend.fx_trace:_no_autocast", "and self.device != device:", "and True:", _AUTOCAST_OFF),
+    ("frontend", "autocast-off-refused", "autocast turned off on another device than the model's refused, as before",
+     "repalgebra.frontend.fx_trace:_no_autocast", "and self.device != device:", "and False:", _AUTOCAST_OFF),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
      "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
      "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),

@@ -1363,6 +1363,38 @@ def test_an_autocast_block_is_never_computed_in_the_model_s_dtype():
         assert not torch.allclose(in_float32, want, **tol)  # so the comparison above tells the two apart
 
 
+class ChannelAttention(nn.Module):
+    """mmdet's (RTMDet's) channel attention: its pool under ``torch.cuda.amp.autocast(enabled=False)``, or, with
+    ``device="cpu"``, under ``torch.autocast("cpu", enabled=False)``; after a conv and a BN to fold."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        self.stem, self.fc = conv_bn(3, 8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        with torch.autocast(self.device, enabled=False):
+            pooled = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc(pooled))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_autocast_turned_off_on_another_device_does_nothing_to_trace_past(device):
+    """On a model on the CPU, autocast off for CUDA changes nothing it computes: the model is captured by torch.fx
+    at any size (it was captured at fixed sizes).  Off for the CPU, it decides the dtype under a caller's autocast,
+    and stays refused by torch.fx."""
+    model = randomized(ChannelAttention(device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch warns that CUDA is not there)
+        fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+        assert (fused.fuse_report.capture == "fx") == (device == "cuda"), str(fused.fuse_report)
+        if device == "cuda":
+            x = torch.randn(1, 3, 11, 7, dtype=D)
+            with torch.no_grad():
+                assert rel_err(fused(x), model(x)) <= 1e-12
+
+
 class MaskedAttention(nn.Module):
     """Scores masked with ``torch.finfo(dtype).min`` before the softmax, as Hugging Face models write it."""
 

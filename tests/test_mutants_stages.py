@@ -77,6 +77,8 @@ FEW = {
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
     "repalgebra.fuse:_hold_values": "one test: every input holds a value",
     "repalgebra.frontend.fx_trace:emptiness_answer": "one answer: a value that holds some is not empty",
+    "repalgebra.frontend.fx_trace:_no_autocast": "one decision a test reaches both ways: autocast off on another device is "
+    "traced past, on the model's own it is refused",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

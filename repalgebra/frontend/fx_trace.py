@@ -78,7 +78,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
+        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
@@ -95,12 +95,20 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
 
 
 @contextlib.contextmanager
-def _no_autocast() -> Iterator[None]:
+def _no_autocast(model: nn.Module, tracer: "Tracer") -> Iterator[None]:
     """Make entering ``torch.autocast`` fail while tracing: fx records the ops of a ``with torch.autocast(...):``
-    block but not the block, and the graph would compute in the model's dtype what the model computes in half."""
-    original = torch.amp.autocast_mode.autocast.__enter__
+    block but not the block, and the graph would compute in the model's dtype what the model computes in half.
 
-    def refuse(self: Any) -> None:
+    One that turns autocast off on another device than the model's (mmdet's ``torch.cuda.amp.autocast(enabled=False)``
+    around a pool, in a model on the CPU) changes nothing the model computes there: it is entered, and noted as a
+    flag taken as the fused model runs (on the model's device), as ``x.is_cuda`` is."""
+    original = torch.amp.autocast_mode.autocast.__enter__
+    device = next((t.device.type for t in [*model.parameters(), *model.buffers()]), "cpu")
+
+    def refuse(self: Any) -> Any:
+        if not getattr(self, "_enabled", True) and self.device != device:
+            tracer.flags.append(f"torch.autocast({self.device!r}, enabled=False) taken as doing nothing on {device}")
+            return original(self)
         how = f"dtype={self.fast_dtype}" if getattr(self, "_enabled", True) else "enabled=False"  # off: the dtype under a caller's autocast
         raise TypeError(f"forward() enters torch.autocast({self.device!r}, {how}): torch.fx does not record it")
 
