@@ -31,7 +31,6 @@ import copy
 import gc
 import inspect
 import io
-import math
 import operator
 import sys
 import time
@@ -277,7 +276,6 @@ class ShapeGuard:
     free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
     min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
     input_dtypes: tuple[torch.dtype, ...] | None = None  # set where forward tests its inputs' dtypes: these only
-    nonempty: bool = False  # set where forward tests x.numel() == 0, taken as for values: no axis of size 0
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
@@ -285,8 +283,7 @@ class ShapeGuard:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
-                and all(isinstance(a, torch.Tensor) for a in args) and (not self.nonempty or _hold_values(a.shape for a in args))
-                and _ranks_fit([a.shape for a in args], self.shapes)):
+                and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
             return
         bound = _bound(module, args, kwargs)
         if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
@@ -312,11 +309,6 @@ class ShapeGuard:
             )
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]
         _refuse_more_tensors(self.where, len(self.shapes), args)
-        if self.nonempty and _ranks_fit(got, self.shapes) and not _hold_values(got):
-            raise ValueError(
-                f"{self.where} was fused for inputs that hold values: its forward tests emptiness (x.numel() == 0), "
-                f"which the capture took as for the example; it was called with {_shapes_text(got)}, which holds none"
-            )
         if self.free_sizes:
             _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
@@ -353,15 +345,10 @@ class ShapeGuard:
             return True
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # a list of feature maps: each
         if self.free_sizes:
-            return _ranks_fit(got, self.shapes) and (not self.nonempty or _hold_values(got))
+            return _ranks_fit(got, self.shapes)
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
-
-
-def _hold_values(shapes: Iterable[Sequence[int]]) -> bool:
-    """Whether tensors of ``shapes`` each hold a value: no axis of size 0."""
-    return all(math.prod(s) for s in shapes)
 
 
 _SIZE_ASSERT = "repalgebra: "  # the start of a fixed size's assertion message
@@ -1170,8 +1157,7 @@ class _Fuser:
         if cap.how == "fx" and cap.pinned:
             _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
         if cap.how == "fx" and not sized:
-            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True,
-                       nonempty=cap.nonempty).install(fused)
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         for check, positions, _ in cap.input_checks if cap.how == "fx" else ():
             InputCheck(check, positions).install(fused)
         if free_batch and not self.check:  # batch 1 is checked even so: the example's own batch may be 1

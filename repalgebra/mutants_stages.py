@@ -116,7 +116,8 @@ _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stay
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
 _AUTOCAST_OFF = ("tests/test_fuse_capture.py::test_autocast_turned_off_on_another_device_does_nothing_to_trace_past",)
-_EMPTY = ("tests/test_fuse_ranks.py::test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused",)
+_EMPTY = ("tests/test_fuse_ranks.py::test_a_test_of_emptiness_is_traced_past_where_it_decides_nothing",
+          "tests/test_fuse_ranks.py::test_an_intermediate_value_tested_for_emptiness_keeps_its_other_path")
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
@@ -507,10 +508,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "batch-one-axes-unseen", "an output axis that differs at batch 1 only declared fixed",
      "repalgebra.backend.onnx:_free_at_batch_one", "if a != b and k not in named", "if False",
      ("tests/test_onnx_export.py::test_an_output_axis_that_differs_at_batch_one_is_declared_free",)),
-    ("frontend", "emptiness-unguarded", "a test of emptiness taken as for values, and empty inputs not refused",
-     "repalgebra.fuse:_hold_values", "return all(math.prod(s) for s in shapes)", "return True", _EMPTY),
-    ("frontend", "emptiness-answered-empty", "x.numel() == 0 taken as true: the branch for empty inputs traced",
-     "repalgebra.frontend.fx_trace:emptiness_answer", "node.target is not operator.eq", "node.target is operator.eq", _EMPTY),
+    ("frontend", "emptiness-traced-once", "a test of emptiness answered as for values without tracing the other answer",
+     "repalgebra.frontend.fx_trace:_same_when_empty", 'return traced(other).python_code("self").src == graph.python_code("self").src',
+     "return True", _EMPTY),
+    ("frontend", "emptiness-answered-the-same", "the second trace answers emptiness as the first: any test looks as if it decided nothing",
+     "repalgebra.frontend.fx_trace:emptiness_answer", "!= empty", "!= False", _EMPTY),
     ("frontend", "autocast-off-any-device", "autocast turned off on the model's own device traced past (it decides the dtype under a caller's autocast)",
      "repalgebra.frontend.fx_trace:_no_autocast", "and self.device != device:", "and True:", _AUTOCAST_OFF),
     ("frontend", "autocast-off-refused", "autocast turned off on another device than the model's refused, as before",

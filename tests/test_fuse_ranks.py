@@ -487,10 +487,12 @@ class D2Conv2d(nn.Conv2d):
 
 
 @pytest.mark.parametrize("early", [False, True])
-def test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused(early):
-    """The test sent every detectron2 model to a capture at fixed sizes.  Taken as for inputs that hold values, the
-    model is captured by torch.fx and runs at any size; an empty input, for which the model may take the other
-    branch, is refused by name."""
+def test_a_test_of_emptiness_is_traced_past_where_it_decides_nothing(early):
+    """The test sent every detectron2 model to a capture at fixed sizes.  Traced both ways, its graph is the same
+    in eval mode (``and self.training`` is false either way): the model is captured by torch.fx, and runs at any
+    size, empty inputs included.  Where an empty value takes another path (``early``, or an intermediate value
+    emptied by a slice: a review found a first version answering it as for values return NaN there), the graphs
+    differ, and the model is captured at its example's sizes as before."""
     torch.manual_seed(0)
     model = nn.Sequential(D2Conv2d(4, 4, 3, padding=1, bias=False, norm=nn.BatchNorm2d(4), activation=nn.ReLU(), early=early),
                           D2Conv2d(4, 4, 1, bias=False, norm=nn.BatchNorm2d(4))).to(D).eval()
@@ -498,11 +500,39 @@ def test_a_test_of_emptiness_is_taken_as_for_values_and_empty_inputs_are_refused
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
     fused = repalgebra.fuse(model, torch.randn(2, 4, 8, 8, dtype=D))
-    assert fused.fuse_report.capture == "fx" and fused.fuse_report.rule_counts() == {"bn_fold": 2}, str(fused.fuse_report)
-    assert any("tests of emptiness" in n for n in fused.fuse_report.notes)
+    assert fused.fuse_report.rule_counts() == {"bn_fold": 2}, str(fused.fuse_report)
+    assert (fused.fuse_report.capture == "fx") == (not early), str(fused.fuse_report)
+    shapes = ((3, 4, 11, 7), (1, 4, 5, 5), (0, 4, 8, 8)) if not early else ((3, 4, 8, 8),)
     with torch.no_grad():
-        for shape in ((3, 4, 11, 7), (1, 4, 5, 5)):
+        for shape in shapes:
             x = torch.randn(shape, dtype=D)
-            assert close(fused(x), model(x))
-        with pytest.raises(ValueError, match=r"tests emptiness \(x.numel\(\) == 0\).*0x4x8x8"):
-            copy.deepcopy(fused)(torch.randn(0, 4, 8, 8, dtype=D))
+            want, got = model(x), fused(x)
+            assert got.shape == want.shape and (not x.numel() or close(got, want))
+
+
+class EmptiedBySlice(nn.Module):
+    """``t = y[:, :, 4:]`` is empty at a height of 4 though the input is not: the model then skips its mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        t = y[:, :, 4:]
+        if t.numel() == 0:
+            return y
+        return y + t.mean((2, 3), keepdim=True)
+
+
+def test_an_intermediate_value_tested_for_emptiness_keeps_its_other_path():
+    model = EmptiedBySlice().to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture != "fx", str(fused.fuse_report)
+    x = torch.randn(2, 3, 4, 8, dtype=D)
+    with torch.no_grad():
+        try:
+            got = fused(x)
+        except ValueError:  # refused by name (shapes fixed at the example's): fine
+            return
+        assert close(got, model(x))

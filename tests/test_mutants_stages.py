@@ -75,8 +75,8 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_noted": "one decision: which regions are run again on varied inputs (their "
     "comparison is steered_by_values')",
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
-    "repalgebra.fuse:_hold_values": "one test: every input holds a value",
-    "repalgebra.frontend.fx_trace:emptiness_answer": "one answer: a value that holds some is not empty",
+    "repalgebra.frontend.fx_trace:_same_when_empty": "one comparison: the graphs traced with both answers",
+    "repalgebra.frontend.fx_trace:emptiness_answer": "one answer, flipped for the second trace",
     "repalgebra.frontend.fx_trace:_no_autocast": "one decision a test reaches both ways: autocast off on another device is "
     "traced past, on the model's own it is refused",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",

@@ -60,7 +60,6 @@ class Capture:
     left_alone: list[LeftAlone] = field(default_factory=list)
     batch_free: bool = False  # a specialized capture that holds at any batch size (its other sizes fixed)
     dtype_tested: bool = False  # an fx capture whose forward tests a dtype: it holds in the example's only
-    nonempty: bool = False  # an fx capture whose forward tests x.numel() == 0: it holds for non-empty inputs only
     input_checks: list = field(default_factory=list)  # an fx capture's torch._assert calls on its inputs, to make per call
     pinned: list = field(default_factory=list)  # an fx capture's floating tensors a cast of the model leaves: (where, dtype)
     # it reads a tensor that is neither a parameter nor a buffer (a plain attribute, a lifted constant), which the
@@ -112,7 +111,7 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
         raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
                    dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned),
-                   reads_plain=traced.reads_plain, nonempty=traced.nonempty)
+                   reads_plain=traced.reads_plain)
 
 
 def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Capture:

@@ -77,11 +77,19 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     Defaults of the ``forward`` arguments after the given inputs are baked in.
     """
     concrete = concrete_args(work, n_given)
+
+    def traced(t: Tracer) -> fx.Graph:
+        with _no_autocast(work, t), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
+            return t.trace(work, concrete_args=concrete or None)
+
     try:
-        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
-            fx_graph = tracer.trace(work, concrete_args=concrete or None)
+        fx_graph = traced(tracer)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
+    if tracer.emptiness_tests and not _same_when_empty(fx_graph, tracer, traced):
+        raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it tests emptiness (x.numel() == 0) "
+                               f"in {_places(tracer.emptiness_tests)}, and an empty value takes another path, which a "
+                               "graph traced once cannot hold")
     if tracer.dtype_read_outside():
         raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
                                "cannot record it (x.dtype is torch.float64, str(x.dtype)), so the branch it took is not known")
@@ -92,6 +100,18 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
                                "which torch.fx makes one symbolic tuple of unknown length")
     named = [n for n in all_placeholders if not str(n.target).startswith("**")]  # **kwargs: none given, baked in as {}
     return fx_graph, named[: len(named) - len(concrete)]
+
+
+def _same_when_empty(graph: fx.Graph, tracer: "Tracer", traced: Callable[["Tracer"], fx.Graph]) -> bool:
+    """Whether ``graph`` (traced with each ``x.numel() == 0`` answered false) is also the graph traced with them
+    answered true: then the test decides nothing the graph records (detectron2's ``if x.numel() == 0 and
+    self.training:`` in eval mode), and the graph holds for empty values too."""
+    other = Tracer(tracer.leaf_types, tracer.leaf_paths, empty=True)
+    other.ranks.inputs = tracer.ranks.inputs
+    try:
+        return traced(other).python_code("self").src == graph.python_code("self").src
+    except Exception:  # noqa: BLE001  (the other path does not trace: it is not the same)
+        return False
 
 
 @contextlib.contextmanager
@@ -504,10 +524,11 @@ def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], empty: bool = False) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
+        self.empty = empty  # how tests of emptiness are answered (see _emptiness_test)
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
@@ -617,12 +638,13 @@ class Tracer(fx.Tracer):
         return (value.dtype == other) == (node.target is operator.eq)
 
     def _emptiness_test(self, node: fx.Node) -> bool | None:
-        """``x.numel() == 0`` (``!= 0``, ``> 0``, or ``if x.numel():``) as for inputs that hold values, else None.
+        """``x.numel() == 0`` (``!= 0``, ``> 0``, or ``if x.numel():``) answered as for a value that holds some (or,
+        with :attr:`empty`, none), else None.
 
         detectron2's ``Conv2d`` wrapper tests ``if x.numel() == 0 and self.training:`` in every conv, which sent
-        every detectron2 model to a capture at fixed sizes.  The graph then holds for inputs with no axis of size
-        0: the test is recorded (:attr:`emptiness_tests`) and ``fuse`` makes the fused model refuse empty ones."""
-        answer = emptiness_answer(node)
+        every detectron2 model to a capture at fixed sizes.  The test is recorded (:attr:`emptiness_tests`) and
+        :func:`trace_fx` traces again with the other answer: the graph stands where both answers give it."""
+        answer = emptiness_answer(node, self.empty)
         if answer is not None:
             self.emptiness_tests.append(self.path_stack[-1] if self.path_stack else "")
         return answer
@@ -676,8 +698,8 @@ class Tracer(fx.Tracer):
             notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
                          "example's dtype: the fused model runs in that dtype only")
         if self.emptiness_tests:
-            notes.append(f"tests of emptiness (x.numel() == 0) in {_places(self.emptiness_tests)} taken as for inputs "
-                         "that hold values: the fused model refuses an input with an axis of size 0")
+            notes.append(f"tests of emptiness (x.numel() == 0) in {_places(self.emptiness_tests)} decide nothing the graph "
+                         "records (traced both ways, the graphs are the same)")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
@@ -704,9 +726,9 @@ class Tracer(fx.Tracer):
         return getattr(value, k) if torch.is_tensor(value) else None
 
 
-def emptiness_answer(node: fx.Node) -> bool | None:
+def emptiness_answer(node: fx.Node, empty: bool) -> bool | None:
     """What ``node`` (``x.numel() == 0``, ``!= 0``, ``> 0``, or ``x.numel()`` itself as a boolean) is for a value that
-    holds some; None for any other node."""
+    holds some (or, ``empty``, none); None for any other node."""
     read, number = node, None
     if node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.gt) and len(node.args) == 2:
         read, number = node.args if node.target is operator.gt else sorted(node.args, key=lambda a: not isinstance(a, fx.Node))
@@ -714,7 +736,7 @@ def emptiness_answer(node: fx.Node) -> bool | None:
             return None
     if not (read.op == "call_method" and read.target in ("numel", "nelement") and len(read.args) == 1):
         return None
-    return number is None or node.target is not operator.eq  # numel() > 0, != 0, and itself: true; == 0: false
+    return (number is None or node.target is not operator.eq) != empty  # numel() > 0, != 0, itself: it holds some
 
 
 _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}
