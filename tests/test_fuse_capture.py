@@ -438,7 +438,7 @@ class MakesTensorsOfTheBatch(nn.Module):
         y = self.bn(self.conv(x))
         mask = torch.ones(B, 1, H, W, dtype=torch.bool)
         state = torch.zeros(1, B, 4).permute(1, 2, 0)[..., None]
-        return (y.masked_fill(~mask, 0.0) + state + torch.full((B, 1, 1, 1), 2.0) + y.new_ones(B, 4, H, W)
+        return (y.masked_fill(~mask, 0.0) + state + torch.full((B, 1, 1, 1), 0.1, dtype=x.dtype) + y.new_ones(B, 4, H, W)
                 + torch.ones_like(y))
 
 

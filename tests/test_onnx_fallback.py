@@ -280,10 +280,12 @@ class ReadsNumbers(nn.Module):
             return x * float(ids.max())
         if self.how == "trim":
             return x[:, : int(ids.max())].sum(1)
+        if self.how == "range":  # a 0-d tensor read through __index__ (found by a review)
+            return sum(x[:, i] for i in range(ids.max()))
         return x * self.scale.item()
 
 
-@pytest.mark.parametrize("how", ["scale", "trim", "weight"])
+@pytest.mark.parametrize("how", ["scale", "trim", "range", "weight"])
 def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
     """The file held the example's number as a constant (3x off for other ids; found by a probe), with no note.
     Numbers that come out otherwise for the checks' inputs or their variations are refused like branches; one

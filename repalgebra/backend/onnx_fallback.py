@@ -967,7 +967,7 @@ class Rewrites(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_NUMBER_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.tolist}
+_NUMBER_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.tolist}
 
 
 def _called_by_torch() -> bool:

@@ -489,7 +489,7 @@ def _one_number(b: ProgramBuilder, n: fx.Node, a: dict, number: Any) -> Made:
     info = b.info(n)
     if info is None or not isinstance(number, (bool, int, float)) or a.get("memory_format") not in (None, torch.preserve_format):
         return None
-    return _filled(b, n, torch.tensor(number), info[1], None)
+    return _filled(b, n, torch.tensor(number, dtype=info[1]), info[1], None)  # (a Python float held in float32 first rounded)
 
 
 def _fill(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -498,8 +498,8 @@ def _fill(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     info, value = b.info(n), a["value"]
     if isinstance(value, Const) and value.tensor.numel() == 1:
         filler, source = value.tensor.reshape(()), _owner(value)
-    elif isinstance(value, (bool, int, float)):
-        filler, source = torch.tensor(value), None
+    elif isinstance(value, (bool, int, float)) and info is not None:
+        filler, source = torch.tensor(value, dtype=info[1]), None
     else:
         return None
     return None if info is None else _filled(b, n, filler, info[1], source)
