@@ -480,6 +480,29 @@ def test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale(how):
         assert rel_err(fused(x), model(x)) <= 1e-12
 
 
+class ExpandedToAnother(nn.Module):
+    """``k.expand_as(y) * x`` with ``y`` another tensor, of ``x``'s shape at the example only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+        self.conv = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x, y):
+        return self.conv(self.weight.view(1, -1, 1, 1).expand_as(y) * x)
+
+
+def test_a_constant_expanded_to_another_tensor_is_not_taken_for_a_scale_of_this_one():
+    """Taken for ``k * x``, the product had x's shape where y's is larger: (2, 3, 1, 1) for (2, 3, 6, 6), silently
+    (found by a review)."""
+    model = randomized(ExpandedToAnother())
+    fused = fuse(model, (torch.randn(2, 4, 6, 6, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)))
+    x, y = torch.randn(2, 4, 1, 1, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)
+    with torch.no_grad():
+        want, got = model(x, y), fused(x, y)
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-12
+
+
 def test_python_that_computes_with_the_batch_keeps_it_fixed():
     model = randomized(BatchAsFloat())
     fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))

@@ -114,11 +114,15 @@ def _f_mul(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
 
 
 def _unexpanded(c: Any, x: Value) -> Any:
-    """``c``, or the constant ``k`` where ``c`` is ``k.expand_as(y)`` (or ``k.expand(*y.size())``) to ``x``'s shape: ``k * x``
+    """``c``, or the constant ``k`` where ``c`` is ``k.expand_as(x)`` (or ``k.expand(*x.size())``): ``k * x``
     broadcasts ``k`` the same way, and a per-channel ``k`` is then a scale (SSD's L2Norm:
     ``self.weight.unsqueeze(0).unsqueeze(2).unsqueeze(3).expand_as(x) * x``)."""
     n = c.producer if isinstance(c, Value) else None
-    if n is None or n.op not in ("expand", "expand_dyn") or shaped(x) is None or n.out.shape != x.shape or (k := constant(n.inputs[0])) is None:
+    # Its sizes read from x itself: expanded to another tensor of x's shape at the example (``k.expand_as(y) * x``),
+    # the product would take y's shape where the two differ, and ``k * x`` x's (found by a review).
+    if n is None or n.op not in ("expand", "expand_dyn") or len(n.inputs) < 2 or any(r is not x for r in n.inputs[1:]):
+        return c
+    if shaped(x) is None or n.out.shape != x.shape or (k := constant(n.inputs[0])) is None:
         return c
     try:
         return n.inputs[0] if torch.broadcast_shapes(k.tensor.shape, x.shape) == x.shape else c
