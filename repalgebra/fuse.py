@@ -1325,11 +1325,13 @@ class _Fuser:
         as a cast to float64); the float64 check cannot see that.  A capture in float32 is checked in float64
         already (:meth:`same`), to float32's tolerance, which a cast to float32 inside the model passes: where the
         model cast to float64 computes anything in a narrower dtype (``self.output(h).float()``,
-        ``softmax(w, dtype=torch.float32).to(q.dtype)``: casts export recorded as no-ops, or as fixed), it does
-        not follow.  Without the check, it is assumed not to."""
+        ``softmax(w, dtype=torch.float32).to(q.dtype)``: casts export recorded as no-ops), or the fused graph does
+        (``q.to(x.dtype)`` of a uint8 ``q``, recorded as a cast to float32), it does not follow.  Without the
+        check, it is assumed not to."""
         if self.dtype != torch.float64 or not self.check:
             original = self.pristine.get_submodule(path)
-            return self.check and not computes_narrower(copy.deepcopy(original) if self.stateful else original, inputs)
+            return (self.check and not computes_narrower(copy.deepcopy(original) if self.stateful else original, inputs)
+                    and not computes_narrower(fused, inputs))  # a cast export fixed (q.to(x.dtype) of a uint8 q)
         call = Call(tuple(t.to(torch.float32) if t.is_floating_point() else t for t in inputs), {})
         t0 = time.perf_counter()
         try:
