@@ -977,7 +977,8 @@ class FloorDivides(nn.Module):
     """``//`` of token ids and of floats, and a number by ids: torch floors each."""
 
     def forward(self, ids, x):
-        return (ids // 3).float() + (7 // (ids.abs() + 1)).float() + x // 0.7 + torch.floor_divide(x, -1.3)
+        return ((ids // 3).float() + (7 // (ids.abs() + 1)).float() + x // 0.7 + torch.floor_divide(x, -1.3)
+                + -0.5 // (ids.abs() + 1))  # a float by int ids: a float (found by a review)
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

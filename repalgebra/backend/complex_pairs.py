@@ -57,6 +57,8 @@ def complex_as_pairs(graph: Graph) -> Graph:
         elif target in _AS_REAL and template == ((In(0),), {}):
             renamed[id(n.out)] = pairs[id(n.x)]
         elif target in _MUL and (c := _complex_factor(n, template)) is not None:
+            if torch.promote_types(c.real.dtype, pairs[id(n.x)].dtype) != pairs[id(n.x)].dtype:
+                return graph  # a complex128 constant makes the product complex128: not written in float32 pairs
             product = _times(pairs[id(n.x)], c, n.source)
             nodes += product
             pairs[id(n.out)] = product[-1].out

@@ -909,8 +909,9 @@ def _floor_divide(a, b, *, opset=0):
 
 
 def _floor_divide_reflected(a, b, *, opset=0):
-    """``b // a`` for a number ``b`` (``Tensor.__rfloordiv__``): :func:`_floor_divide` the other way round."""
-    return torch.div(torch.as_tensor(b, dtype=a.dtype), a, rounding_mode="floor")
+    """``b // a`` for a number ``b`` (``Tensor.__rfloordiv__``): :func:`_floor_divide` the other way round, in the
+    dtype torch gives it (a float by int ids is a float: ``-0.5 // ids``)."""
+    return torch.div(torch.full_like(a, b, dtype=torch.result_type(a, b)), a, rounding_mode="floor")
 
 
 aten = torch.ops.aten
