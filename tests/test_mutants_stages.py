@@ -80,6 +80,7 @@ FEW = {
     "repalgebra.frontend.fx_trace:_no_autocast": "one decision a test reaches both ways: autocast off on another device is "
     "traced past, on the model's own it is refused",
     "repalgebra.frontend.handlers_functions:_unexpanded": "one decision: the expand reads its sizes from what it multiplies",
+    "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula whose one slip that fits every shape is the division",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

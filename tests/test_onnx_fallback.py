@@ -1009,3 +1009,23 @@ def test_a_float32_part_that_does_not_run_in_onnxruntime_is_not_told_to_export_i
     with pytest.raises(FallbackError, match="does not run in onnxruntime") as refused:
         export_onnx(OneHotOfIds(), None, ids)
     assert "float32 or float16" not in str(refused.value)
+
+
+def test_a_qat_layers_fake_quantized_weight_is_exported_as_torch_rounds_it():
+    """A QAT Linear (``prepare_qat``'s, observers off): torch.onnx.export writes its weight's fake quantization as
+    QuantizeLinear, which rounds ``w / s`` where torch rounds ``w * (1 / s)``; symmetric per-channel weights put the
+    largest of a channel at a tie (127.5), which lands one step off.  The check's tolerance let it through (found
+    by a probe).  Rewritten as torch computes it, the file equals the model."""
+    import torch.ao.nn.qat as nnqat
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    qconfig = tq.QConfig(activation=tq.default_fake_quant, weight=tq.default_per_channel_weight_fake_quant)
+    model = nn.Sequential(nn.ReLU(), nnqat.Linear(64, 16, qconfig=qconfig))
+    model[1].weight_fake_quant(model[1].weight)  # the observer sees the weight once, as a training step does
+    model.apply(tq.disable_observer).eval()
+    proto = export_onnx(model, None, (4, 64))
+    for seed in range(3):
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x))

@@ -914,8 +914,37 @@ def _floor_divide_reflected(a, b, *, opset=0):
     return torch.div(torch.full_like(a, b, dtype=torch.result_type(a, b)), a, rounding_mode="floor")
 
 
+def _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None):
+    """``fake_quantize_per_{tensor,channel}_affine`` as torch computes it: ``(clamp(round(x * (1 / s)) + z, lo, hi)
+    - z) * s``.  torch.onnx.export writes QuantizeLinear, which rounds ``x / s``: at a tie (symmetric per-channel
+    weights put the largest of each channel at 127.5) it lands on the next integer, one quantization step off."""
+    if torch.is_tensor(zero_point) and zero_point.is_floating_point():
+        return NotImplemented  # float zero points: torch rounds x / s + z, another formula (exported as it writes it)
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    zero = torch.as_tensor(zero_point).to(x.dtype)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = torch.clamp(torch.round(x * (1.0 / scale).to(x.dtype)) + zero, quant_min, quant_max)
+    return (q - zero) * scale.to(x.dtype)
+
+
+def _fake_quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, *, opset=0):
+    return _fake_quantize(x, scale, zero_point, quant_min, quant_max)
+
+
+def _fake_quantize_per_channel(x, scale, zero_point, axis, quant_min, quant_max, *, opset=0):
+    return _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+
+
 aten = torch.ops.aten
 REWRITES: dict[Any, tuple[str, Callable]] = {
+    torch.fake_quantize_per_tensor_affine: ("fake_quantize", _fake_quantize_per_tensor),
+    aten.fake_quantize_per_tensor_affine.default: ("fake_quantize", _fake_quantize_per_tensor),
+    aten.fake_quantize_per_tensor_affine.tensor_qparams: ("fake_quantize", _fake_quantize_per_tensor),
+    torch.fake_quantize_per_channel_affine: ("fake_quantize", _fake_quantize_per_channel),
+    aten.fake_quantize_per_channel_affine.default: ("fake_quantize", _fake_quantize_per_channel),
     torch.Tensor.__floordiv__: ("floor_divide", _floor_divide),
     torch.Tensor.floor_divide: ("floor_divide", _floor_divide),
     torch.floor_divide: ("floor_divide", _floor_divide),
