@@ -481,23 +481,28 @@ def test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale(how):
 
 
 class ExpandedToAnother(nn.Module):
-    """``k.expand_as(y) * x`` with ``y`` another tensor, of ``x``'s shape at the example only."""
+    """``k.expand_as(y) * x`` with ``y`` another tensor, of ``x``'s shape at the example only; or ``k`` expanded to
+    x's sizes in another order (``expand(B, C, W, H)``), the same at a square example only."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
+        self.how = how
         self.weight = nn.Parameter(torch.linspace(0.5, 2.0, 4))
         self.conv = nn.Conv2d(4, 3, 1)
 
     def forward(self, x, y):
-        return self.conv(self.weight.view(1, -1, 1, 1).expand_as(y) * x)
+        k = self.weight.view(1, -1, 1, 1)
+        k = k.expand_as(y) if self.how == "other" else k.expand(x.size(0), x.size(1), x.size(3), x.size(2))
+        return self.conv(k * x)
 
 
-def test_a_constant_expanded_to_another_tensor_is_not_taken_for_a_scale_of_this_one():
-    """Taken for ``k * x``, the product had x's shape where y's is larger: (2, 3, 1, 1) for (2, 3, 6, 6), silently
-    (found by a review)."""
-    model = randomized(ExpandedToAnother())
+@pytest.mark.parametrize("how", ["other", "swapped"])
+def test_a_constant_expanded_to_another_shape_is_not_taken_for_a_scale(how):
+    """Taken for ``k * x``, the product had x's shape where the expanded one differs: (2, 3, 1, 1) for (2, 3, 6, 6),
+    silently (found by reviews)."""
+    model = randomized(ExpandedToAnother(how))
     fused = fuse(model, (torch.randn(2, 4, 6, 6, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)))
-    x, y = torch.randn(2, 4, 1, 1, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)
+    x, y = torch.randn(2, 4, 1, 6, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)
     with torch.no_grad():
         want, got = model(x, y), fused(x, y)
     assert got.shape == want.shape and rel_err(got, want) <= 1e-12

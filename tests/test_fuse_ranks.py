@@ -487,12 +487,11 @@ class D2Conv2d(nn.Conv2d):
 
 
 @pytest.mark.parametrize("early", [False, True])
-def test_a_test_of_emptiness_is_traced_past_where_it_decides_nothing(early):
-    """The test sent every detectron2 model to a capture at fixed sizes.  Traced both ways, its graph is the same
-    in eval mode (``and self.training`` is false either way): the model is captured by torch.fx, and runs at any
-    size, empty inputs included.  Where an empty value takes another path (``early``, or an intermediate value
-    emptied by a slice: a review found a first version answering it as for values return NaN there), the graphs
-    differ, and the model is captured at its example's sizes as before."""
+def test_a_test_of_emptiness_is_left_to_torch_export(early):
+    """``x.numel() == 0`` cannot be answered for every input by one trace: an intermediate value can be empty where
+    the input is not (a slice), and tests of two values can take a path neither all-empty nor all-full traces see
+    (two versions that answered it were found wrong by reviews: NaN, and another branch).  Such a model is captured
+    at its example's sizes (any batch), exact there, and refuses other sizes by name."""
     torch.manual_seed(0)
     model = nn.Sequential(D2Conv2d(4, 4, 3, padding=1, bias=False, norm=nn.BatchNorm2d(4), activation=nn.ReLU(), early=early),
                           D2Conv2d(4, 4, 1, bias=False, norm=nn.BatchNorm2d(4))).to(D).eval()
@@ -500,14 +499,12 @@ def test_a_test_of_emptiness_is_traced_past_where_it_decides_nothing(early):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
     fused = repalgebra.fuse(model, torch.randn(2, 4, 8, 8, dtype=D))
-    assert fused.fuse_report.rule_counts() == {"bn_fold": 2}, str(fused.fuse_report)
-    assert (fused.fuse_report.capture == "fx") == (not early), str(fused.fuse_report)
-    shapes = ((3, 4, 11, 7), (1, 4, 5, 5), (0, 4, 8, 8)) if not early else ((3, 4, 8, 8),)
+    assert fused.fuse_report.capture != "fx" and fused.fuse_report.rule_counts() == {"bn_fold": 2}, str(fused.fuse_report)
     with torch.no_grad():
-        for shape in shapes:
-            x = torch.randn(shape, dtype=D)
-            want, got = model(x), fused(x)
-            assert got.shape == want.shape and (not x.numel() or close(got, want))
+        x = torch.randn(3, 4, 8, 8, dtype=D)
+        assert close(fused(x), model(x))
+        with pytest.raises(ValueError, match="fused with its input shapes fixed"):
+            fused(torch.randn(3, 4, 11, 7, dtype=D))
 
 
 class EmptiedBySlice(nn.Module):
@@ -525,8 +522,24 @@ class EmptiedBySlice(nn.Module):
         return y + t.mean((2, 3), keepdim=True)
 
 
-def test_an_intermediate_value_tested_for_emptiness_keeps_its_other_path():
-    model = EmptiedBySlice().to(D).eval()
+class TwoEmptinessTests(nn.Module):
+    """Tests of two values, the second a slice of the first: full and empty is a path of its own (found by a review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = x[:, :, 4:]
+        if x.numel() == 0:
+            return x * 2 if y.numel() == 0 else x + 100
+        return x + 100 if y.numel() == 0 else x * 2
+
+
+@pytest.mark.parametrize("make", [lambda: EmptiedBySlice(), lambda: TwoEmptinessTests()])
+def test_an_intermediate_value_tested_for_emptiness_keeps_its_other_path(make):
+    model = make().to(D).eval()
     fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
     assert fused.fuse_report.capture != "fx", str(fused.fuse_report)
     x = torch.randn(2, 3, 4, 8, dtype=D)

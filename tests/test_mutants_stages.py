@@ -75,12 +75,10 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_noted": "one decision: which regions are run again on varied inputs (their "
     "comparison is steered_by_values')",
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
-    "repalgebra.frontend.fx_trace:_same_when_empty": "one comparison: the graphs traced with both answers",
-    "repalgebra.frontend.fx_trace:emptiness_answer": "one answer, flipped for the second trace",
     "repalgebra.frontend.fx_trace:_no_autocast": "one decision a test reaches both ways: autocast off on another device is "
     "traced past, on the model's own it is refused",
-    "repalgebra.frontend.handlers_functions:_unexpanded": "one decision: the expand reads its sizes from what it multiplies",
-    "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula whose one slip that fits every shape is the division",
+    "repalgebra.frontend.handlers_functions:_unexpanded": "two decisions: the expand reads its sizes from what it multiplies, axis by axis",
+    "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula: its slips that fit every shape are the division and the dtype",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",

@@ -77,19 +77,11 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     Defaults of the ``forward`` arguments after the given inputs are baked in.
     """
     concrete = concrete_args(work, n_given)
-
-    def traced(t: Tracer) -> fx.Graph:
-        with _no_autocast(work, t), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
-            return t.trace(work, concrete_args=concrete or None)
-
     try:
-        fx_graph = traced(tracer)
+        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
+            fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
-    if tracer.emptiness_tests and not _same_when_empty(fx_graph, tracer, traced):
-        raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it tests emptiness (x.numel() == 0) "
-                               f"in {_places(tracer.emptiness_tests)}, and an empty value takes another path, which a "
-                               "graph traced once cannot hold")
     if tracer.dtype_read_outside():
         raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
                                "cannot record it (x.dtype is torch.float64, str(x.dtype)), so the branch it took is not known")
@@ -100,18 +92,6 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
                                "which torch.fx makes one symbolic tuple of unknown length")
     named = [n for n in all_placeholders if not str(n.target).startswith("**")]  # **kwargs: none given, baked in as {}
     return fx_graph, named[: len(named) - len(concrete)]
-
-
-def _same_when_empty(graph: fx.Graph, tracer: "Tracer", traced: Callable[["Tracer"], fx.Graph]) -> bool:
-    """Whether ``graph`` (traced with each ``x.numel() == 0`` answered false) is also the graph traced with them
-    answered true: then the test decides nothing the graph records (detectron2's ``if x.numel() == 0 and
-    self.training:`` in eval mode), and the graph holds for empty values too."""
-    other = Tracer(tracer.leaf_types, tracer.leaf_paths, empty=True)
-    other.ranks.inputs = tracer.ranks.inputs
-    try:
-        return traced(other).python_code("self").src == graph.python_code("self").src
-    except Exception:  # noqa: BLE001  (the other path does not trace: it is not the same)
-        return False
 
 
 @contextlib.contextmanager
@@ -524,11 +504,10 @@ def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], empty: bool = False) -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
-        self.empty = empty  # how tests of emptiness are answered (see _emptiness_test)
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
@@ -536,7 +515,6 @@ class Tracer(fx.Tracer):
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
-        self.emptiness_tests: list[str] = []  # where ``x.numel() == 0`` was taken as for values (see _emptiness_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
@@ -610,8 +588,6 @@ class Tracer(fx.Tracer):
         fixed = self._fixed_flag(obj.node)
         if fixed is None:
             fixed = self._dtype_test(obj.node)
-        if fixed is None:
-            fixed = self._emptiness_test(obj.node)
         if fixed is not None:
             return fixed
         value = _weights_only_value(obj.node, self.root)
@@ -636,18 +612,6 @@ class Tracer(fx.Tracer):
             return None
         self.dtype_tests.append(self.path_stack[-1] if self.path_stack else "")
         return (value.dtype == other) == (node.target is operator.eq)
-
-    def _emptiness_test(self, node: fx.Node) -> bool | None:
-        """``x.numel() == 0`` (``!= 0``, ``> 0``, or ``if x.numel():``) answered as for a value that holds some (or,
-        with :attr:`empty`, none), else None.
-
-        detectron2's ``Conv2d`` wrapper tests ``if x.numel() == 0 and self.training:`` in every conv, which sent
-        every detectron2 model to a capture at fixed sizes.  The test is recorded (:attr:`emptiness_tests`) and
-        :func:`trace_fx` traces again with the other answer: the graph stands where both answers give it."""
-        answer = emptiness_answer(node, self.empty)
-        if answer is not None:
-            self.emptiness_tests.append(self.path_stack[-1] if self.path_stack else "")
-        return answer
 
     def _fixed_flag(self, node: fx.Node) -> bool | None:
         """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
@@ -697,9 +661,6 @@ class Tracer(fx.Tracer):
         if self.dtype_tests:
             notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
                          "example's dtype: the fused model runs in that dtype only")
-        if self.emptiness_tests:
-            notes.append(f"tests of emptiness (x.numel() == 0) in {_places(self.emptiness_tests)} decide nothing the graph "
-                         "records (traced both ways, the graphs are the same)")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
@@ -724,19 +685,6 @@ class Tracer(fx.Tracer):
             return None
         value = _weights_only_value(node, self.root)
         return getattr(value, k) if torch.is_tensor(value) else None
-
-
-def emptiness_answer(node: fx.Node, empty: bool) -> bool | None:
-    """What ``node`` (``x.numel() == 0``, ``!= 0``, ``> 0``, or ``x.numel()`` itself as a boolean) is for a value that
-    holds some (or, ``empty``, none); None for any other node."""
-    read, number = node, None
-    if node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.gt) and len(node.args) == 2:
-        read, number = node.args if node.target is operator.gt else sorted(node.args, key=lambda a: not isinstance(a, fx.Node))
-        if number != 0 or not isinstance(read, fx.Node):
-            return None
-    if not (read.op == "call_method" and read.target in ("numel", "nelement") and len(read.args) == 1):
-        return None
-    return (number is None or node.target is not operator.eq) != empty  # numel() > 0, != 0, itself: it holds some
 
 
 _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}

@@ -122,6 +122,8 @@ def _unexpanded(c: Any, x: Value) -> Any:
     # the product would take y's shape where the two differ, and ``k * x`` x's (found by a review).
     if n is None or n.op not in ("expand", "expand_dyn") or len(n.inputs) < 2 or any(r is not x for r in n.inputs[1:]):
         return c
+    if n.op == "expand_dyn" and n.attrs["shape"] != tuple(((0, k),) for k in range(len(x.shape))):
+        return c  # x's sizes in another order (expand(x.size(0), x.size(1), x.size(3), x.size(2))), or fixed ones
     if shaped(x) is None or n.out.shape != x.shape or (k := constant(n.inputs[0])) is None:
         return c
     try:
