@@ -721,6 +721,12 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         )
     if tied:
         report.notes.append(f"parameters the model ties are tied in the fused model too: {_listed(tied, 3)}")
+    if len(norms := _batch_norms(fused)) > report.ops_after.get("batch_norm", 0):  # the counts above are of the graphs
+        report.notes.append(
+            f"{len(norms)} BatchNorm module{'s are' if len(norms) > 1 else ' is'} left in the fused model, not all in the "
+            f"counts above: {_listed([repr(p) for p in norms], 3)} (in parts kept whole or carried as calls, or computing "
+            "what no output reads: a module the model runs for what its hooks store)"
+        )
     if backward := [repr(p) if p else "the model" for p, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]:
         report.notes.append(f"backward hooks on {_listed(backward, 3)}: the fused model is for inference; gradients through "
                             "it follow the fused graph, and parts that were fused do not run those hooks")
@@ -763,6 +769,11 @@ class _KeepReport:
 
     def __call__(self, copied: nn.Module) -> None:
         copied.fuse_report = self.report
+
+
+def _batch_norms(module: nn.Module) -> list[str]:
+    """The paths of the BatchNorm modules in ``module``."""
+    return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _restart_generators(fused: nn.Module, model: nn.Module) -> None:

@@ -555,3 +555,35 @@ def test_a_branch_on_the_memory_layout_is_seen_by_a_check_in_the_other_layout(la
     for layout in (torch.contiguous_format, torch.channels_last):
         y = torch.randn(2, 3, 6, 5, dtype=D, generator=gen).contiguous(memory_format=layout)
         assert close(model(y), fused(y)), layout
+
+
+class HookCollector(nn.Module):
+    """A feature extractor written with hooks: a hook on ``layer1`` stores its output, and ``forward`` runs the
+    network for that store alone and returns it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(conv_bn(3, 8, 3), nn.Sequential(conv_bn(8, 8, 3)), conv_bn(8, 8, 3))
+        self.store: dict = {}
+        self.net[1].register_forward_hook(self.keep)  # (a bound method: a copy's hook keeps into the copy's store)
+
+    def keep(self, module, args, out):
+        self.store["layer1"] = out
+
+    def forward(self, x):
+        self.store.clear()
+        self.net(x)
+        return dict(self.store)
+
+
+def test_batch_norms_no_captured_graph_computes_are_named_in_the_report():
+    """The graph of such a model computes no output from the network (the store is read, not its result): the
+    report counted only the hooked part's folds (batch_norm 1 -> 0) and said nothing of the BatchNorms left
+    (found by a probe).  The result is exact; the report now names them."""
+    model = randomized(HookCollector())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        assert close(fused(x)["layer1"], model(x)["layer1"])
+    left = [p for p, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left and any(f"{len(left)} BatchNorm modules are left" in n and repr(left[0]) in n for n in fused.fuse_report.notes), fused.fuse_report.notes

@@ -79,6 +79,7 @@ FEW = {
     "traced past, on the model's own it is refused",
     "repalgebra.frontend.handlers_functions:_unexpanded": "two decisions: the expand reads its sizes from what it multiplies, axis by axis",
     "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula: its slips that fit every shape are the division and the dtype",
+    "repalgebra.fuse:_batch_norms": "one list: the BatchNorm modules left",
     "repalgebra.module_copy:eval_copy": "one decision: eval() called on the copy or not",
     "repalgebra.frontend.calls:op_named": "two choices: an op overload or an op packet pickled by name (anything else as it is)",
     "repalgebra.untouched:_hooks_may_write": "one decision a test reaches: a hook of the user's may write the model",
