@@ -724,8 +724,9 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     if len(norms := _batch_norms(fused)) > report.ops_after.get("batch_norm", 0):  # the counts above are of the graphs
         report.notes.append(
             f"{len(norms)} BatchNorm module{'s are' if len(norms) > 1 else ' is'} left in the fused model, not all in the "
-            f"counts above: {_listed([repr(p) for p in norms], 3)} (in parts kept whole or carried as calls, or computing "
-            "what no output reads: a module the model runs for what its hooks store)"
+            f"counts above: {_listed([repr(p) for p in norms], 3)} (in parts kept whole or carried as calls, in originals "
+            "kept for other shapes than the example's, or computing what no output reads: a module the model runs for "
+            "what its hooks store)"
         )
     if backward := [repr(p) if p else "the model" for p, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]:
         report.notes.append(f"backward hooks on {_listed(backward, 3)}: the fused model is for inference; gradients through "
