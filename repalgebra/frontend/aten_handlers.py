@@ -465,14 +465,6 @@ def _expand(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return None if x is None or size is None else ("expand", [x], {"shape": size}, {}, None)
 
 
-def _zeros_like(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``torch.zeros_like(x)`` at the captured shape: a ``constant`` (expanded to the batch at run time where it has one)."""
-    info = b.info(n)
-    if _v(a["self"]) is None or info is None or a.get("memory_format") is not None:
-        return None
-    return _filled(b, n, torch.zeros((), dtype=info[1]), info[1], None)
-
-
 def _filler(value: str | float) -> Callable[..., Made]:
     """The handler of a tensor of one number made in ``forward`` (:func:`_one_number`): ``value`` the number, or the
     name of the argument holding it."""
@@ -480,8 +472,8 @@ def _filler(value: str | float) -> Callable[..., Made]:
 
 
 def _one_number(b: ProgramBuilder, n: fx.Node, a: dict, number: Any) -> Made:
-    """``torch.ones(B, L)``, ``torch.zeros``, ``torch.full``, ``x.new_ones(...)``, ``torch.ones_like(x)``: ``number``
-    at ``n``'s shape and dtype.
+    """``torch.ones(B, L)``, ``torch.zeros``, ``torch.full``, ``x.new_ones(...)``, ``torch.zeros_like(x)`` and the
+    like: ``number`` at ``n``'s shape and dtype (made in that dtype: a Python float is not rounded to float32 first).
 
     At fixed shapes a ``constant``; where its shape holds the symbolic batch (HF's ``torch.ones(batch, seq_len)``
     attention mask, an RNN's ``torch.zeros(layers, B, hidden)`` state), one expanded to the batch at run time, so
@@ -489,7 +481,7 @@ def _one_number(b: ProgramBuilder, n: fx.Node, a: dict, number: Any) -> Made:
     info = b.info(n)
     if info is None or not isinstance(number, (bool, int, float)) or a.get("memory_format") not in (None, torch.preserve_format):
         return None
-    return _filled(b, n, torch.tensor(number, dtype=info[1]), info[1], None)  # (a Python float held in float32 first rounded)
+    return _filled(b, n, torch.tensor(number, dtype=info[1]), info[1], None)
 
 
 def _fill(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -989,7 +981,7 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.copy.default: _copy,
     aten.roll.default: _roll,
     aten.expand.default: _expand,
-    aten.zeros_like.default: _zeros_like,
+    aten.zeros_like.default: _filler(0),
     aten.ones_like.default: _filler(1),
     aten.full_like.default: _filler("fill_value"),
     aten.zeros.default: _filler(0),
