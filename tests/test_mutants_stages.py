@@ -57,7 +57,7 @@ FEW = {
     "repalgebra.frontend.inputs:_batched": "one decision: which inputs hold a row per sample",
     "repalgebra.backend.onnx:_threshold": "one comparison and one choice; the mutant is the form that differs only at NaN",
     "repalgebra.backend.onnx_fallback:steered_by_values": "one comparison of the outcomes: the mutants say never and always",
-    "repalgebra.backend.onnx_fallback:_varied": "one variation per kind of tensor; the mutant drops those of ids and masks",
+    "repalgebra.backend.onnx_fallback:_varied": "one variation per kind of tensor; the mutants drop those of ids and masks, and the halving of ids",
     "repalgebra.backend.onnx:_elu": "the native ops' choice is checked by onnxruntime's own kernels; the mutant drops CELU's input scale",
     "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",

@@ -303,6 +303,33 @@ def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
         assert close(got, ReadsNumbers(how)(x, ids * 2))
 
 
+class PaddedMean(nn.Module):
+    """Conv + BN over ``(B, T, C)`` features, averaged over each utterance's valid frames, with the padding mask
+    made as ESPnet makes it: the lengths read as a Python list, the mask as long as the longest."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(c, c, 3, padding=1, bias=False), nn.BatchNorm1d(c)
+
+    def forward(self, x, lengths):
+        lengths = lengths.tolist()
+        frames = torch.arange(max(lengths)).unsqueeze(0).expand(len(lengths), -1)
+        valid = (frames < frames.new_tensor(lengths).unsqueeze(1)).unsqueeze(1)
+        y = self.bn(self.conv(x.transpose(1, 2))).relu().masked_fill(~valid, 0.0)
+        return y.sum(-1) / valid.sum(-1)
+
+
+def test_lengths_read_as_numbers_from_full_length_utterances_are_refused():
+    """An example of full-length utterances, lengths ``[12, 12]``: the ids' variations (all 0: a mask of length 0
+    that does not run; reversed: the same lengths) left the numbers alike, and the file held the example's mask,
+    0.35 off for lengths ``[12, 5]`` (found by a probe).  Halved lengths read other numbers."""
+    torch.manual_seed(0)
+    model = PaddedMean().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    with pytest.raises(FallbackError, match=r"\(PaddedMean; .*numbers? read\).*came out otherwise"):
+        export_onnx(model, None, (torch.randn(2, 12, 8), torch.tensor([12, 12])))
+
+
 class CausalEncoder(nn.Module):
     """A conv + BN front end, then nn.TransformerEncoderLayer given an additive causal mask (0 and -inf) as an input."""
 

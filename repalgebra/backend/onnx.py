@@ -1531,8 +1531,8 @@ def _branching(regions: list[RegionReport]) -> str:
             "with them, float(ids.max())), so the file would always take the branches and numbers the example input "
             "gave and compute something else for inputs that give others; no file is written.  Write the choice with "
             "torch.where and the arithmetic with tensors; where the branch cannot be taken by "
-            "inputs the model makes (the checks also vary the part's inputs: negated floats, token ids all 0, "
-            "inverted masks), pass allow_example_branches=True to accept that file")
+            "inputs the model makes (the checks also vary the part's inputs: negated floats, token ids all 0, reversed "
+            "or halved, inverted masks), pass allow_example_branches=True to accept that file")
 
 
 @one_at_a_time
@@ -1569,7 +1569,7 @@ def export_onnx(
         allow_example_branches: write a file in which a part's Python branches on tensor values (``if x.mean() >
             0:``), and the numbers it reads from them (``float(ids.max())``), are fixed to those of the example, as
             ``torch.onnx.export`` writes it; the report notes each such part.  By default a part whose branches
-            or numbers come out otherwise for the export's check inputs (random, scaled, negated, ids all 0) is
+            or numbers come out otherwise for the export's check inputs (random, scaled, negated, ids all 0 or halved) is
             refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming it): the file would compute
             something else for inputs that give others.  Those that come out alike for all of them (on sizes, or
             a test that always holds) are written, and noted.

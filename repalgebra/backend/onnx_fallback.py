@@ -453,7 +453,7 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
     branch on sizes (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >=
     0``) does not.  Evidence, not proof: inputs the checks did not draw may take another branch; and a varied
     input may be one the model never makes (a negated ReLU output), which ``allow_example_branches`` is for."""
-    runs = [*inputs, *(tuple(_varied(t, k) for t in xs) for xs in inputs for k in (0, 1))]
+    runs = [*inputs, *(tuple(_varied(t, k) for t in xs) for xs in inputs for k in (0, 1, 2))]
     seen = []
     for xs in runs:
         outcomes = _Outcomes()
@@ -467,16 +467,19 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
 
 
 def _varied(t: Any, k: int) -> Any:
-    """Variation ``k`` (0 or 1) of a check input: floats negated; token ids all 0 (padding), then reversed along
-    their last axis; a boolean mask inverted, then all True.  Values the checks do not draw at random (ids and
-    masks keep the example's) still vary."""
+    """Variation ``k`` (0, 1 or 2) of a check input: floats negated; token ids all 0 (padding), reversed along
+    their last axis, then halved after the first row; a boolean mask inverted, then all True.  Values the checks do
+    not draw at random (ids and masks keep the example's) still vary.  Halving the rows after the first keeps ids
+    valid, and keeps the longest of lengths: full-length utterances, ``[12, 12]``, read into a padding mask as long
+    as the longest (ESPnet's ``make_pad_mask``) had no other variation that ran and changed them (``[0, 0]`` makes
+    a mask of length 0; found by a probe)."""
     if not torch.is_tensor(t) or not t.dim():
         return t
     if t.is_floating_point():
         return -t
     if t.dtype == torch.bool:
         return ~t if k == 0 else torch.ones_like(t)
-    return torch.zeros_like(t) if k == 0 else t.flip(-1)
+    return torch.zeros_like(t) if k == 0 else t.flip(-1) if k == 1 else torch.cat([t[:1], t[1:] // 2])
 
 
 class _Outcomes(TorchFunctionMode):
