@@ -23,7 +23,6 @@ initialization everywhere, for training from scratch.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from repalgebra.module_copy import copy_module
 from repalgebra.recipes import INITS, Recipe, Site, recipe_named
 
 __all__ = ["expand", "ExpandReport", "Expanded", "Skipped", "ExpandError", "ConvUses", "conv_uses"]
@@ -130,7 +130,7 @@ def expand(
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     recipe = recipe_named(recipe)
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     uses = conv_uses(new)
     registered = Counter(id(m) for _, m in new.named_modules(remove_duplicate=False))
     expanded, skipped = [], []

@@ -899,7 +899,7 @@ class _Fuser:
         if self.strict:
             what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
             raise FuseError(f"the model's calls change its state, so parts must be kept whole: {what}")
-        initial = self.initial = copy.deepcopy(self.pristine)  # nothing has run on this copy yet
+        initial = self.initial = copy_module(self.pristine)  # nothing has run on this copy yet
         if state.whole:
             return self.untouched("", initial, state.whole)
         # A region runs as written and is not fused inside, except the model itself: its children are, but not
@@ -935,12 +935,12 @@ class _Fuser:
                     try:  # in place: a tensor it shares with its parent (a buffer under two names) stays shared
                         restore_in_place(child, initial)
                     except Exception:  # noqa: BLE001  (a TorchScript part, whose attributes live in C++)
-                        setattr(parent, name, copy.deepcopy(initial))
+                        setattr(parent, name, copy_module(initial))
 
     def untouched(self, path: str, module: nn.Module, reason: str) -> nn.Module:
         """A copy of ``module`` (the part at ``path``), nothing fused in it; the report says why."""
         self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
-        return copy.deepcopy(module)
+        return copy_module(module)
 
     def fuse_module(self, path: str, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
         """The fused form of the module at ``path``, called with ``inputs``: captured whole if possible."""
@@ -1009,7 +1009,7 @@ class _Fuser:
                 failure = e
         if failure is not None or not kept:
             return self.keep_whole(path, [Call(tuple(inputs), {})], _reasons(failures))
-        work = copy.deepcopy(module)
+        work = copy_module(module)
         calls = record_calls(work, Call(tuple(inputs), {}), kept)
         for sub in kept:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
@@ -1023,13 +1023,13 @@ class _Fuser:
         """A submodule kept apart: fused on its own when its calls allow it, else kept whole."""
         module = self.pristine.get_submodule(path)
         if not calls or path in self.user_leaves or path in self.state_leaves:
-            return copy.deepcopy(module)  # a leaf is carried through untouched, also under a parent kept whole
+            return copy_module(module)  # a leaf is carried through untouched, also under a parent kept whole
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
             guards = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
             if not all(g.free_sizes for g in guards):  # fixed shapes: other calls (another branch of the parent) run the original
                 fused._forward_pre_hooks.clear()  # (a guard of the ranks alone stays: a call of another rank is rare, and refused)
-                fused = ShapeDispatch(fused, copy.deepcopy(module), guards)
+                fused = ShapeDispatch(fused, copy_module(module), guards)
                 self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
             if all(self.same(module, fused, c) is None for c in calls[1:]):
                 return fused
@@ -1038,13 +1038,13 @@ class _Fuser:
 
     def keep_whole(self, path: str, calls: list[Call], reason: str) -> nn.Module:
         """A copy of the module at ``path`` whose children, as called in ``calls``, are fused on their own."""
-        module = copy.deepcopy(self.pristine.get_submodule(path))
+        module = copy_module(self.pristine.get_submodule(path))
         self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
         try:
             for call in calls:
-                for p, cs in record_calls(copy.deepcopy(self.pristine.get_submodule(path)), call, descendants).items():
+                for p, cs in record_calls(copy_module(self.pristine.get_submodule(path)), call, descendants).items():
                     recorded[p] += cs
         except Exception as e:  # noqa: BLE001  (its parent wires it up at run time, ``self.r.src = self.w``)
             self.report.notes.append(f"{_where(path)} does not run on its own as its parent called it ({first_line(e)}): "
@@ -1264,7 +1264,7 @@ class _Fuser:
         """
         tol = self.tolerance
         if self.stateful:  # runs must not change what fuse returns
-            reference, candidate = copy.deepcopy(reference), copy.deepcopy(candidate)
+            reference, candidate = copy_module(reference), copy_module(candidate)
         device = next((t.device for t in [*reference.parameters(), *reference.buffers()]), None)
         if device is not None and any(t.device != device for t in [*candidate.parameters(), *candidate.buffers()]):
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
@@ -1319,7 +1319,7 @@ class _Fuser:
                                     (torch.no_grad, other, "on an input in another memory layout (a branch on it)")):
             if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
                 continue  # no input of two axes or more: no layout to change
-            called = copy.deepcopy(original) if self.stateful else original
+            called = copy_module(original) if self.stateful else original
             try:
                 with _quiet_fx():
                     want, got = _run(called, laid_out, dtype, self.dtype, mode=mode), _run(exact, call, dtype, self.dtype)
@@ -1342,7 +1342,7 @@ class _Fuser:
         check, it is assumed not to."""
         if self.dtype != torch.float64 or not self.check:
             original = self.pristine.get_submodule(path)
-            return (self.check and not computes_narrower(copy.deepcopy(original) if self.stateful else original, inputs)
+            return (self.check and not computes_narrower(copy_module(original) if self.stateful else original, inputs)
                     and not computes_narrower(fused, inputs))  # a cast export fixed (q.to(x.dtype) of a uint8 q)
         call = Call(tuple(t.to(torch.float32) if t.is_floating_point() else t for t in inputs), {})
         t0 = time.perf_counter()
@@ -1457,8 +1457,8 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
     # the collector has taken it: collected first, the copies below all fail or all succeed.
     gc.collect()
     try:
-        copies = [copy.deepcopy(m) for m in (reference, candidate)]
-        spares = [copy.deepcopy(m) for m in (reference, candidate)]  # in their own dtype, should float64 fail
+        copies = [copy_module(m) for m in (reference, candidate)]
+        spares = [copy_module(m) for m in (reference, candidate)]  # in their own dtype, should float64 fail
     except Exception as e:  # noqa: BLE001
         return f"a copy of it fails: {first_line(e)}"
     copies = [cast_floats(m, torch.float64) for m in copies]

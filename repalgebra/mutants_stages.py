@@ -123,6 +123,7 @@ _COMPLEX_BUFFER = ("tests/test_onnx_complex_pairs.py::test_a_registered_complex_
 _PAIRS = ("tests/test_onnx_complex_pairs.py::test_a_complex_rotary_embedding_exports_as_real_arithmetic",)
 _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_the_sizes_of_the_call",
              "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
+_CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",)
 _PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
                 "tests/test_fuse_capture.py::test_a_fused_model_carrying_an_op_packet_pickles")
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
@@ -543,6 +544,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.calls:op_named", "if isinstance(target, torch._ops.OpOverload):", "if False:", _PICKLED_OPS),
     ("frontend", "op-packet-pickled-as-object", "a carried call's op packet pickled as torch's object, which does not pickle",
      "repalgebra.frontend.calls:op_named", "if isinstance(target, torch._ops.OpOverloadPacket):", "if False:", _PICKLED_OPS),
+    ("frontend", "closure-cells-shared", "a closure of the model (a hook over self) holding the user's objects in fuse's copies",
+     "repalgebra.module_copy:_copied", "    if id(v) in memo and memo[id(v)] is not v:\n        return memo[id(v)]",
+     "    if False:\n        return memo[id(v)]", _CLOSURES),
+    ("frontend", "closure-bound-method-shared", "a patched forward's closure over the block's bound forward runs the user's block",
+     "repalgebra.module_copy:_copied", "    if isinstance(v, types.MethodType) and id(v.__self__) in memo:", "    if False:", _CLOSURES),
+    ("frontend", "closures-not-set", "functions made again for a copy's closures not set on the copy",
+     "repalgebra.module_copy:copy_module", "                vars(m)[name] = new", "                pass", _CLOSURES),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",
      "repalgebra.module_copy:_uncopyable", "                copy.deepcopy(v)", "                pass", ("tests/test_fuse.py::test_a_model_that_does_not_copy_is_refused_naming_the_attribute",)),
     ("frontend", "layout-unchanged", "the check in the other memory layout runs in the example's",

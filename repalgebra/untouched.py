@@ -2,8 +2,8 @@
 
 ``fuse`` runs copies of the model to capture and check it.  Two things those runs can change lie outside the
 copies: torch's global random generators (a forward that draws noise, ``torch.randn_like(x)``), and the user's own
-model where a hook closes over it (``def hook(m, i, o): model.calls += 1``: a copied hook is the same function,
-and it writes the model it names, not the copy).  :func:`rng_kept` restores the first, :func:`tensors_kept` the
+model where a hook names it as a global (``def hook(m, i, o): model.calls += 1`` at module level: a hook's
+closure cells are given the copy's objects, its globals are not).  :func:`rng_kept` restores the first, :func:`tensors_kept` the
 parameters and buffers of the second, and says which it restored.
 """
 

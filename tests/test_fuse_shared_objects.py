@@ -182,15 +182,20 @@ class NoisyCounted(nn.Module):
         return self.head(y + 1e-3 * torch.randn_like(y[:, :1]))
 
 
+COUNTED: list[nn.Module] = []  # the model a module-level hook counts into, named as a global: no copy rebinds it
+
+
+def count_into_the_global_model(module, args, out):
+    COUNTED[0].calls += 1  # the user's model, whichever copy runs
+
+
 def test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were():
-    """fuse runs copies of the model; a hook that names the user's model (not the copy) counts those runs into it,
-    and the noise the forward draws advances torch's generator: both are put back, the first noted."""
+    """fuse runs copies of the model; a hook that names the user's model (not the copy) through a global counts
+    those runs into it, and the noise the forward draws advances torch's generator: both are put back, the first
+    noted."""
     model = seeded(NoisyCounted, 0)().to(D)
-
-    def count(module, args, out):
-        model.calls += 1  # the user's model, whichever copy runs
-
-    model.body.register_forward_hook(count)
+    COUNTED[:] = [model]
+    model.body.register_forward_hook(count_into_the_global_model)
     x = torch.randn(2, 3, 8, 8, dtype=D)
     torch.manual_seed(5)
     fused = fuse(model, x)
@@ -198,3 +203,76 @@ def test_fuse_leaves_the_users_model_and_torchs_generator_as_they_were():
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(4)), "fuse advanced torch's global generator"
     assert model.calls.item() == 0 and "hooks changed calls of the model itself" in str(fused.fuse_report)
+
+
+class HookedFeatures(nn.Module):
+    """A feature extractor whose hook is a closure over the wrapper, written inside ``__init__`` (Grad-CAM's and
+    distillation code's ``self.activations[name] = output``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8))
+        self.feats: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(module, args, out):
+                self.feats[name] = out
+            return hook
+
+        self.backbone[1].register_forward_hook(keep("middle"))
+
+    def forward(self, x):
+        return self.backbone(x), self.feats["middle"]
+
+
+class LambdaBranch(nn.Module):
+    """A helper stored as a lambda over ``self`` in ``__init__``, in a part kept whole for its branch on values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.branch = lambda t: self.bn(self.conv(t))
+
+    def forward(self, x):
+        y = self.branch(x)
+        return F.relu(y) if y.mean() > -100 else y
+
+
+def patched(model: nn.Module, scale: float = 0.5) -> nn.Module:
+    """``model`` with its last block's forward patched on the instance, as patches are written: a closure over the
+    block's own bound forward."""
+    block = model[-1]
+    forward = block.forward
+    block.forward = lambda x: forward(x) * scale
+    return model
+
+
+def test_closures_in_the_model_hold_the_copys_objects_not_the_users():
+    """``copy.deepcopy`` shares functions, so a closure's cells held the user's modules in every copy fuse made: the
+    hook wrote into the user's dict while the copy read its own (a model never called was refused with its
+    ``KeyError``; one called before returned its last call's features, 0.76 off, and so did its ONNX file), a
+    lambda helper ran the user's modules (a fused model that followed weights loaded into the user's model later),
+    and a patched forward ran the user's train-mode BatchNorms, updating their statistics (found by a probe)."""
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    model = seeded(HookedFeatures, 0)().to(D).eval()
+    fused = fuse(model, x)
+    assert model.feats == {}, "fuse wrote into the user's model"
+    other = torch.randn(3, 3, 8, 8, dtype=D)
+    with torch.no_grad():
+        for a, b in zip(fused(other), model(other)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    model = seeded(LambdaBranch, 0)().to(D).eval()
+    want = model(x).detach()
+    fused = fuse(model, x)
+    with torch.no_grad():
+        model.bn.running_mean.add_(1.0)  # the user's model changes after fuse: the fused one does not follow it
+        torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)
+
+    model = patched(seeded(lambda: nn.Sequential(conv_bn(3, 8), conv_bn(8, 8)), 0)().to(D)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse(model, x)
+    fused(torch.randn(4, 3, 8, 8, dtype=D))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "fuse changed the user's BatchNorms"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-9, atol=1e-12)

@@ -51,6 +51,8 @@ FEW = {
     "repalgebra.fuse:_refuse_more_tensors": "one decision: more tensors than the example's",
     "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
+    "repalgebra.module_copy:_copied": "two cases that matter: a model's object in a cell, and a bound method of one",
+    "repalgebra.module_copy:copy_module": "one write: the functions made again set on the copy",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
     "repalgebra.frontend.calls:_held": "one choice: a complex constant held as its real view or as it is",
     "repalgebra.backend.onnx_fallback:drawn_at_random": "one decision: an input's values drawn at random or the example's",

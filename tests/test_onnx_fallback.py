@@ -282,10 +282,12 @@ class ReadsNumbers(nn.Module):
             return x[:, : int(ids.max())].sum(1)
         if self.how == "range":  # a 0-d tensor read through __index__ (found by a review)
             return sum(x[:, i] for i in range(ids.max()))
+        if self.how == "numpy":  # Tacotron2's lengths.cpu().numpy() (found by a probe)
+            return x[:, : ids.cpu().numpy().max()].sum(1)
         return x * self.scale.item()
 
 
-@pytest.mark.parametrize("how", ["scale", "trim", "range", "weight"])
+@pytest.mark.parametrize("how", ["scale", "trim", "range", "numpy", "weight"])
 def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
     """The file held the example's number as a constant (3x off for other ids; found by a probe), with no note.
     Numbers that come out otherwise for the checks' inputs or their variations are refused like branches; one
@@ -1070,3 +1072,32 @@ def test_the_fake_quantize_rewrite_computes_what_torch_computes(dtype):
     assert torch.equal(per_tensor(x, 0.0123, 3, -128, 127), torch.fake_quantize_per_tensor_affine(x, 0.0123, 3, -128, 127))
     if dtype != torch.float64:  # (torch's per-channel kernel takes float32 and half only)
         assert torch.equal(per_channel(x, scale, zero, 1, -128, 127), torch.fake_quantize_per_channel_affine(x, scale, zero, 1, -128, 127))
+
+
+class KeepsAttention(nn.Module):
+    """ESPnet's attention keeps its last weights, ``self.attn = softmax(...)``, in a model whose padding mask reads
+    the lengths as numbers (so the whole model is exported by torch.onnx.export)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.out, self.attn = nn.Linear(d, d), nn.Linear(d, d), None
+
+    def forward(self, x, lengths):
+        mask = (torch.arange(int(max(lengths.tolist())))[None, :] < lengths[:, None])[:, None, :]
+        scores = (self.q(x) @ x.transpose(-2, -1)).masked_fill(~mask, -1e4)
+        self.attn = torch.softmax(scores, dim=-1)
+        return self.out(self.attn @ x)
+
+
+def test_a_model_keeping_a_computed_tensor_exports():
+    """fuse's runs with autograd on left ``self.attn`` a tensor autograd made, and the export's copy of the part
+    raised torch's "Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol"
+    (found by a probe).  Its copies hold it detached, as fuse's do."""
+    torch.manual_seed(0)
+    x, lengths = torch.randn(2, 6, 8), torch.tensor([6, 4])
+    model = KeepsAttention().eval()
+    proto = export_onnx(model, None, (x, lengths), allow_example_branches=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, lengths))})[0]
+    with torch.no_grad():
+        assert close(got, model(x, lengths))

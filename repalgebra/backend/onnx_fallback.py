@@ -50,6 +50,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.module_copy import copy_module
 
 __all__ = [
     "ExportReport", "NodePath", "RegionReport", "Region", "ExportedRegion", "FallbackError", "REWRITES", "Rewrites",
@@ -419,7 +421,7 @@ def export_regions(
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
                 + (f" (its trace read {e.numbers} tensor value{'s' * (e.numbers != 1)} as {'Python numbers' if e.numbers != 1 else 'a Python number'}, with .item(), "
-                   "float() or int(): the file holds the traced input's numbers as constants)" if e.numbers else "")
+                   "float(), int() or .numpy(): the file holds the traced input's numbers as constants)" if e.numbers else "")
                 + (f" (its trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean"
                    f"{'s' * (e.branches != 1)}: the file takes the branches of the input it was traced with, and the "
                    "check's input took another)" if e.branches else "")
@@ -437,7 +439,7 @@ def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: 
             read = [f"turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean{'s' * (e.branches != 1)} "
                     "(control flow on values)"] * bool(e.branches) + [
                     f"read {e.numbers} tensor value{'s' * (e.numbers != 1)} as Python number{'s' * (e.numbers != 1)} "
-                    "(.item(), float(t), int(t))"] * bool(e.numbers)
+                    "(.item(), float(t), int(t), .numpy())"] * bool(e.numbers)
             notes.append(
                 f"{r.where}: torch.onnx.export's trace {' and '.join(read)}: the export always takes the branches and "
                 "numbers of its example input" + (", and the checks' inputs gave others" if e.steered else
@@ -493,7 +495,7 @@ class _Outcomes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if (func is torch.Tensor.__bool__ or func in _NUMBER_READS) and not _called_by_torch():
-            self.seen.append(out)
+            self.seen.append(out.tolist() if isinstance(out, np.ndarray) else out)  # (arrays compare entry by entry)
         return out
 
 
@@ -711,7 +713,7 @@ def export_region(
     mode = Rewrites(opset)
     with _quiet() as caught, mode:
         torch.onnx.export(
-            copy.deepcopy(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
+            copy_module(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), (mode.branches, mode.numbers)
@@ -1003,7 +1005,9 @@ class Rewrites(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_NUMBER_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.tolist}
+# (``.numpy()``: NVIDIA Tacotron2's ``input_lengths.cpu().numpy()`` before ``pack_padded_sequence``; found by a probe)
+_NUMBER_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.tolist,
+                 torch.Tensor.numpy, torch.Tensor.__array__}
 
 
 def _called_by_torch() -> bool:
@@ -1137,7 +1141,7 @@ def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Gra
     from repalgebra.frontend.builder import literal_output
     from repalgebra.frontend.calls import FnCall, In
 
-    work = copy.deepcopy(model).eval()
+    work = copy_module(model).eval()
     with torch.no_grad():
         out = work(*[t.clone() for t in inputs])
     xs = [Graph.input(f"x{k}" if len(inputs) > 1 else "x", tuple(t.shape), t.dtype) for k, t in enumerate(inputs)]

@@ -40,6 +40,7 @@ from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr, constant_call
 from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.match import Source, is_1x1_pointwise, origins
+from repalgebra.module_copy import copy_module
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
 from repalgebra.ops import OPS, chunk_piece, op_def
 
@@ -139,7 +140,7 @@ class Lowering:
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
         if id(fn) not in self._copies:
-            self._copies[id(fn)] = self.add_module(hint, _stride_free(copy.deepcopy(fn)))
+            self._copies[id(fn)] = self.add_module(hint, _stride_free(copy_module(fn)))
         return self._copies[id(fn)]
 
     def module(self, hint: str, module: nn.Module, *args: Any, **kwargs: Any) -> fx.Node:

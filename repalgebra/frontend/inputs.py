@@ -7,7 +7,6 @@ input from the first Conv/Linear/BatchNorm the model calls.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch
@@ -136,7 +135,7 @@ def infer_example_inputs(
     candidates: Iterable[tuple[str, nn.Module]] = [("", root)]
     if fx_graph is None:
         try:
-            fx_graph = Tracer((), set()).trace(copy.deepcopy(root).eval())
+            fx_graph = Tracer((), set()).trace(copy_module(root).eval())
         except Exception:
             candidates = [*candidates, *root.named_modules()]
     if fx_graph is not None:
