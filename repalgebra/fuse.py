@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
+from repalgebra.draws import generators_kept
 from repalgebra.frontend.builder import is_returned_as_is
 from repalgebra.frontend.calls import FnCall, target_name
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -1382,8 +1383,9 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
          mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad) -> Any:
     """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
     ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
-    tensors); with ``dtype``, the tensors, parameters and buffers cast to it on the fly
-    (``torch.func.functional_call``: the module is neither copied nor changed).
+    tensors), the global generators where they were after it (:func:`~repalgebra.draws.generators_kept`); with
+    ``dtype``, the tensors, parameters and buffers cast to it on the fly (``torch.func.functional_call``: the module
+    is neither copied nor changed).
 
     With ``own`` (the model's dtype), only parameters and buffers of that dtype are cast: a float64 model that
     computes a norm in float32 on purpose (``F.group_norm(y.float(), 1, w.float())``) fuses to a graph holding
@@ -1394,7 +1396,7 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
             return t
         return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
 
-    with mode():
+    with generators_kept(), mode():  # each run draws what the one before drew: the checks compare like with like
         args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
         if dtype is None:
             return module(*args, **kwargs)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from repalgebra.draws import generators_kept
 from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
 from repalgebra.frontend.state import equal_values
 
@@ -23,11 +24,11 @@ __all__ = ["rng_kept", "tensors_kept"]
 
 @contextlib.contextmanager
 def rng_kept(model: nn.Module, inputs: Any) -> Iterator[None]:
-    """Within the block, torch's global generators may advance: after it, they are where they were (the CPU one,
-    and those of the CUDA devices the model's tensors and ``inputs`` are on)."""
+    """Within the block, the global generators may advance: after it, they are where they were (torch's CPU one
+    and those of the CUDA devices the model's tensors and ``inputs`` are on, Python's ``random`` and numpy's)."""
     tensors = [*model.parameters(), *model.buffers(), *torch.utils._pytree.tree_leaves(inputs)]
     devices = sorted({t.device.index or 0 for t in tensors if torch.is_tensor(t) and t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), generators_kept():  # (and Python's and numpy's)
         yield
 
 

@@ -14,12 +14,14 @@ call fills, the same for any input (a cache of weight-derived values, the weight
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from repalgebra import fuse
+from repalgebra import export_onnx, fuse
 from repalgebra.fuse import FuseError
 from zoo import count_bn, seeded
 
@@ -497,3 +499,103 @@ def test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_ag
         training = copy.deepcopy(model).train()
         torch.testing.assert_close(fuse(training, x)(x), copy.deepcopy(training).eval()(x), rtol=1e-9, atol=1e-12)
         assert training.training and not hasattr(training, "ab")  # the user's model untouched
+
+
+class StyleMixing(nn.Module):
+    """rosinality's StyleGAN2 style mixing: two styles, crossed at a layer drawn at random on every call (Python's
+    ``random.randint``, numpy's, or torch's read into Python); then a conv + BN that folds."""
+
+    def __init__(self, draw: str, layers: int = 6) -> None:
+        super().__init__()
+        self.draw = draw
+        self.style = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8))
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
+        self.head = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4))
+
+    def crossover(self, n: int) -> int:
+        if self.draw == "python":
+            return random.randint(1, n - 1)
+        if self.draw == "numpy":
+            return int(np.random.randint(1, n))
+        return int(torch.randint(1, n, ()).item())
+
+    def forward(self, z1, z2):
+        cut = self.crossover(len(self.layers))
+        w1, w2 = self.style(z1), self.style(z2)
+        h = z1
+        for i, layer in enumerate(self.layers):
+            h = torch.tanh(layer(h) + (w1 if i < cut else w2))
+        return self.head(h.unsqueeze(1))
+
+
+def generators() -> tuple:
+    return bytes(torch.random.get_rng_state().numpy()), random.getstate(), np.random.get_state()[1].tobytes()
+
+
+def seeded_calls(model: nn.Module, inputs: tuple, seed: int, calls: int = 6) -> list[torch.Tensor]:
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    with torch.no_grad():
+        return [model(*inputs) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("draw", ["python", "numpy", "torch"])
+def test_a_number_drawn_in_python_is_never_frozen_by_a_capture(draw):
+    """torch.fx runs ``random.randint`` once while it traces and records its number: the fused model crossed the
+    styles at one layer on every call, where the model draws one of five.  The checks compared one run of the
+    model with it, so one time in five they drew that layer too and passed (found by a probe).  A call that
+    advances a generator now makes the drawing module state: it runs as written, drawing as the model does, and
+    its children fuse; the generators are left where they were."""
+    torch.manual_seed(0)
+    model = StyleMixing(draw).to(D).eval()
+    model.head[1].running_mean.uniform_(-1, 1)
+    z1, z2 = torch.randn(4, 8, dtype=D), torch.randn(4, 8, dtype=D)
+    for seed in range(8):  # (several seeds: each drew the frozen layer again with its own chance)
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        before = generators()
+        fused = fuse(model, (z1, z2))
+        assert generators() == before, "fuse moved a global generator"
+        assert "draws random numbers" in fused.fuse_report.parts[0].reason, str(fused.fuse_report)
+        got, want = seeded_calls(fused, (z1, z2), seed), seeded_calls(model, (z1, z2), seed)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert len({float(t.sum()) for t in got}) > 1, "the fused model crossed the styles at one layer only"
+
+
+class NoisyBlocks(nn.Module):
+    """A VAE-style sample between two conv + BN stages, and StyleGAN2's noise injection in a child of its own."""
+
+    class Noise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, x):
+            return x + self.weight * x.new_empty(x.shape[0], 1, *x.shape[2:]).normal_()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(conv_bn(4), nn.ReLU(), nn.Conv2d(4, 8, 1))
+        self.decoder = nn.Sequential(conv_bn(4), self.Noise(), conv_bn(4))
+
+    def forward(self, x):
+        mu, log_var = self.encoder(x).chunk(2, dim=1)
+        return self.decoder(mu + torch.exp(0.5 * log_var) * torch.randn_like(mu))
+
+
+def test_around_a_draw_everything_folds_and_the_draws_are_the_models():
+    """A VAE's sample kept the whole model as written, and its encoder and decoder, fused on their own, were
+    swapped back: the checks compared runs that drew other numbers (found by two probes).  The checks now draw the
+    same numbers in the model and the candidate: only the modules whose own code draws run as written (the model's
+    forward, though its decoder draws too, and the noise injection), every BatchNorm folds, and with the same seed the fused model computes what
+    the model does.  export_onnx refuses the model by name."""
+    model = randomized(NoisyBlocks)
+    x = torch.randn(2, 4, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    kept = {p.path: p.reason for p in fused.fuse_report.parts if p.how == "kept whole"}
+    assert list(kept) == [""] and "draws random numbers" in kept[""], str(fused.fuse_report)
+    assert "carried through unchanged (1 call): decoder.1" in str(fused.fuse_report)  # the noise, inside the decoder
+    for a, b in zip(seeded_calls(fused, (x,), 3), seeded_calls(model, (x,), 3)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"NoisyBlocks to ONNX: the model's own forward, 'decoder.1' draws random numbers \(torch's"):
+        export_onnx(model, None, x)

@@ -1181,6 +1181,7 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
     """Raise ``ValueError`` when calls of ``model`` change what its next call computes (a counter, a running
     statistic updated in eval mode): an ONNX graph is one function of its inputs, and would freeze one call's state."""
+    from repalgebra.draws import DRAWS
     from repalgebra.frontend.state import find_state
     from repalgebra.verify import TOLERANCES
 
@@ -1197,6 +1198,11 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
     state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
     if state.whole:
         raise ValueError(f"cannot export {type(model).__name__} to ONNX: {state.whole}; an ONNX graph is one function of its inputs")
+    if drawn := [n for n in state.changed if n in DRAWS]:
+        where = ", ".join(repr(p) if p else "the model's own forward" for p in state.drawn_by)
+        raise ValueError(f"cannot export {type(model).__name__} to ONNX: {where} draws random numbers "
+                         f"({', '.join(drawn)}) on every call; an ONNX graph is one function of its inputs and cannot draw "
+                         "what the model draws (export a model that does not, such as a VAE's mean rather than a sample)")
     if state.regions:
         where, why = next(iter(state.regions.items()))
         raise ValueError(

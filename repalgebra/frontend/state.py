@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from repalgebra.draws import DRAWS, generator_states, generators_kept
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
@@ -33,6 +34,7 @@ __all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG, WRITTEN_TAG}
+_OURS = "_repalgebra_"  # our own attributes on modules (a carried call's resolver, built on its first call): no state
 _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, type(None))
 _COPIED = 4096  # tensors up to this many elements are compared by value too (statistics, observers, counters)
@@ -78,6 +80,7 @@ class State:
     whole: str = ""
     per_call: tuple[str, ...] = ()  # not state: stored from the input on every call, read by none (``self.last = y``)
     changed: tuple[str, ...] = ()  # the names in regions: what a call changes again
+    drawn_by: tuple[str, ...] = ()  # the modules whose own code draws from a global generator (in ``changed``)
 
     def __bool__(self) -> bool:
         return bool(self.regions or self.whole)
@@ -120,14 +123,17 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         owner = name.rpartition(".")[0]
         if not _resolves(model, owner):  # reached through a module wired in at run time (``self.r.src = self.w``)
             owner = ""  # where it lives is not known before a call: the model runs as written
-        holders.update([owner, *sites.get(name, [])])
-        region = _common_ancestor([owner, *sites.get(name, [])])
+        paths = sites.get(name) or [""] if name in DRAWS else [owner, *sites.get(name, [])]  # a generator: its drawers
+        holders.update(paths)
+        region = _common_ancestor(paths)
         regions.setdefault(region, []).append(name)
     outermost = {r: names for r, names in regions.items() if not any(_inside(r, o) for o in regions if o != r)}
     for r, names in regions.items():
         if r not in outermost:
             outermost[next(o for o in outermost if _inside(r, o))] += names
-    return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)), changed=tuple(changed))
+    drawn_by = {p for n in changed if n in DRAWS for p in sites.get(n) or [""]}
+    return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)),
+                 changed=tuple(changed), drawn_by=tuple(sorted(drawn_by)))
 
 
 def mark_written(model: nn.Module, names: Iterable[str]) -> None:
@@ -135,7 +141,7 @@ def mark_written(model: nn.Module, names: Iterable[str]) -> None:
 
     A part kept as a call of itself sets them while it runs; a capture of the code around it sees the value one
     earlier call left there, so a read of them there must not become a constant (see the front end's builder)."""
-    for name in names:
+    for name in (n for n in names if n not in DRAWS):  # (a generator is no module's)
         owner, _, leaf = name.rpartition(".")
         try:
             m = model.get_submodule(owner)
@@ -164,7 +170,8 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     for k, other in enumerate(others):
         fresh, primed = copy_module(model), copy_module(model)
         try:
-            want = _call(fresh, other)
+            with generators_kept():  # (a model that draws: the calls below draw alike)
+                want = _call(fresh, other)
         except Exception:  # noqa: BLE001
             if k == 0:  # it does not run on other values: count what the first call set as state
                 return set(filled), set()
@@ -172,9 +179,11 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
         if k == 0:
             theirs = _snapshot(fresh)
             per_call = set(_changed(filled, {n: theirs.get(n, _MISSING) for n in filled}))
-        _call(primed, inputs)
+        with generators_kept():
+            _call(primed, inputs)
         try:
-            got = _call(primed, other)
+            with generators_kept():
+                got = _call(primed, other)
         except Exception:  # noqa: BLE001  (what the first call left makes the next one fail: a table of its size)
             state |= set(filled)
             continue
@@ -186,13 +195,17 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
 
 
 def _why(names: list[str]) -> str:
+    drawn, names = [n for n in names if n in DRAWS], [n for n in names if n not in DRAWS]
     shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    return f"its forward changes {shown}: it runs as written, on its own copy of that state"
+    return (f"its forward changes {shown}" * bool(names) + " and " * bool(names and drawn)
+            + f"its forward draws random numbers ({', '.join(drawn)})" * bool(drawn)
+            + ": it runs as written, on its own copy of that state" * bool(names) + ", drawing them as it does" * bool(drawn and not names))
 
 
 def _snapshot(module: nn.Module) -> dict[str, Any]:
-    """Every parameter, buffer and plain attribute of ``module`` and its descendants by name, as :func:`_key` sees it."""
-    seen = {}
+    """Every parameter, buffer and plain attribute of ``module`` and its descendants by name, as :func:`_key` sees it,
+    and the global generators' states (:data:`~repalgebra.draws.DRAWS`: a call that draws changes them)."""
+    seen: dict[str, Any] = {n: ("value", s) for n, s in generator_states().items()}
     for path, m in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
         seen.update((prefix + leaf, _key(value)) for leaf, value in _own(m).items())
@@ -207,7 +220,8 @@ def _own(m: nn.Module) -> dict[str, Any]:
     if isinstance(m, torch.jit.ScriptModule):
         declared = m._concrete_type.get_attributes()
         return {k: getattr(m, k) for k in declared if k not in _MODULE_INTERNALS}
-    return {**{k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}, **m._buffers, **m._parameters}
+    own = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS and not k.startswith(_OURS)}
+    return {**own, **m._buffers, **m._parameters}
 
 
 def _key(value: Any, depth: int = 0) -> Any:
@@ -288,14 +302,19 @@ def _call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
 
 
 def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> dict[str, list[str]]:
-    """For each tensor in ``names``: the modules whose own code (not a child's) changed it, in a call of a fresh copy."""
+    """For each tensor in ``names``: the modules whose own code (not a child's) changed it, in a call of a fresh copy.
+
+    For a generator in ``names`` (:data:`~repalgebra.draws.DRAWS`), every module whose own code draws from it: one
+    whose child draws may draw too (a VAE's sample around its decoder's noise), so it is a site where the generator
+    moved while the module's own code ran, between its entry, its children's calls and its exit."""
     work = copy_module(model)
     paths = {m: p for p, m in work.named_modules(remove_duplicate=False)}
-    stack: list[tuple[dict[str, Any], set[str]]] = []  # per active call: snapshot at entry, changes by its children
+    stack: list[list] = []  # per active call: snapshot at entry, changes by its children, module, generators when it last ran
     sites: dict[str, list[str]] = {}
 
     owners = {n: (work.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names
-              if _resolves(work, n.rpartition(".")[0])}
+              if n not in DRAWS and _resolves(work, n.rpartition(".")[0])}
+    drawn = [n for n in names if n in DRAWS]
 
     def watched() -> dict[str, Any]:
         seen = {}
@@ -303,16 +322,29 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
             seen[n] = _key(_own(owner).get(leaf, _MISSING))
         return seen
 
+    def generators() -> dict[str, Any]:
+        return {n: s for n, s in generator_states().items() if n in drawn}
+
+    def drew(call: list, now: dict[str, Any]) -> None:  # the generators ``call``'s own code moved since it last ran
+        for n in (n for n in now if now[n] != call[3][n] and paths[call[2]] not in sites.get(n, [])):
+            sites.setdefault(n, []).append(paths[call[2]])
+
     def enter(m: nn.Module, args: Any) -> None:
-        stack.append((watched(), set()))
+        now = generators()
+        if stack:
+            drew(stack[-1], now)
+        stack.append([watched(), set(), m, now])
 
     def leave(m: nn.Module, args: Any, out: Any) -> None:
-        entry, by_children = stack.pop()
+        entry, by_children, _, _ = call = stack.pop()
+        now = generators()
+        drew(call, now)
         changed = set(_changed(entry, watched()))
         for n in changed - by_children:
             sites.setdefault(n, []).append(paths[m])
         if stack:
             stack[-1][1].update(changed)
+            stack[-1][3] = now
 
     hooked = [m for m in paths if not isinstance(m, torch.jit.ScriptModule)]  # TorchScript modules take no hooks
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]

@@ -1,0 +1,51 @@
+"""The global random generators a model's forward may draw from, and runs that draw the same numbers.
+
+A forward that draws (a VAE's ``mu + std * torch.randn_like(std)``, StyleGAN2's noise injection and its style
+mixing crossover ``random.randint(1, n - 1)``, MC dropout ``F.dropout(x, training=True)``) is no one function of
+its input.  Two things follow for ``fuse``:
+
+- A capture cannot hold a draw that runs in Python while tracing: ``torch.fx`` runs ``random.randint`` once and
+  records its number as a constant.  Comparing two calls finds that only by chance (one time in five where the
+  draw has five outcomes); the generator's state does not: :func:`generator_states` before and after a call says
+  *which* generators the call advanced, and :mod:`repalgebra.frontend.state` treats each as state the module
+  that draws it changes, so that module runs as written.
+- A check that compares the model with a candidate must let both draw the same numbers, or every module around a
+  draw would "differ": each run of the checks is made within :func:`generators_kept`, so it starts where the
+  generators are and leaves them there, and the model and the candidate draw alike.
+
+Only the CPU generators are followed: a CUDA draw is compared as before (two draws differ, and the part around it
+is kept whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["DRAWS", "generator_states", "generators_kept"]
+
+TORCH, PYTHON, NUMPY = "torch's random generator", "Python's random module", "numpy's random module"
+DRAWS = (TORCH, PYTHON, NUMPY)  # the names of the generators, as state names: no module attribute is called so
+
+
+def generator_states() -> dict[str, Any]:
+    """Each global CPU generator's state by name (values that compare equal where the generator did not draw)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {TORCH: bytes(torch.random.get_rng_state().numpy()), PYTHON: random.getstate(),
+            NUMPY: (kind, keys.tobytes(), pos, has_gauss, cached)}
+
+
+@contextlib.contextmanager
+def generators_kept() -> Iterator[None]:
+    """Within the block the global CPU generators may draw: after it, each is where it was."""
+    torch_state, python_state, numpy_state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
