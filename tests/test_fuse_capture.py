@@ -26,6 +26,7 @@ from repalgebra import fuse, verify
 from repalgebra.frontend.calls import FnCall
 from repalgebra.fuse import FuseError
 from repalgebra.verify import first_difference
+from zoo import count_bn, seeded
 
 D = torch.float64
 
@@ -2562,3 +2563,55 @@ def test_a_fused_model_carrying_an_op_packet_pickles():
     assert any(isinstance(m, FnCall) and isinstance(m.target, torch._ops.OpOverloadPacket) for m in fused.modules())
     with torch.no_grad():
         torch.testing.assert_close(pickle.loads(pickle.dumps(fused))(x), model(x), rtol=1e-5, atol=1e-5)  # float32
+
+
+class SlicedLayers(nn.Module):
+    """guided diffusion's ResBlock: ``self.out_layers[0]`` and ``self.out_layers[1:]`` called apart (a new Sequential
+    of the installed layers, made in forward); VGG feature taps ``self.features[:k](x)``; a pool made in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8), nn.ReLU(), conv_bn(8, 8), nn.ReLU())
+        self.out_layers = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x):
+        tap = self.features[:2](x)
+        h = self.features[2:](tap)
+        norm, rest = self.out_layers[0], self.out_layers[1:]
+        return nn.MaxPool2d(2)(rest(norm(h)) + tap)
+
+
+def test_a_sequential_sliced_in_forward_is_traced_into():
+    """``self.features[:2]`` is a Sequential torch.fx cannot name ("module is not installed as a submodule"): the
+    model went to torch.export at its example's sizes, and the fused model refused all others (found by two
+    probes: VGG taps, guided diffusion's ResBlock).  A module made in forward of installed layers, holding none of
+    its own, is traced into."""
+    model = seeded(SlicedLayers, 0)().double()
+    fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 3, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class ListedLayers(nn.Module):
+    """A conv + BN kept in a plain list, not registered: its weights are no member of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.extra = [conv_bn(8, 8)]
+
+    def forward(self, x):
+        return self.extra[0](self.stem(x))
+
+
+def test_a_module_made_in_forward_with_weights_of_its_own_is_not_traced_into():
+    """Only a module holding no weights of its own is traced into when torch.fx cannot name it: one whose weights
+    are no member of the model stays what torch.fx refuses, and the model is kept whole, as it computes."""
+    model = seeded(ListedLayers, 0)()  # (float32: .double() does not reach the listed layer)
+    fused = fuse(model, torch.randn(2, 3, 8, 8))
+    assert "module is not installed as a submodule" in fused.fuse_report.parts[0].reason, str(fused.fuse_report)
+    x = torch.randn(3, 3, 10, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # (float32)

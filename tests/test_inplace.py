@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import operator
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,3 +237,75 @@ def test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views(how):
     want = model(x)
     assert (model.bn(model.conv(x)).abs() > 3).any(), "the clamp must bite at this input"
     torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9)
+
+
+class MeanAggregation(nn.Module):
+    """A graph layer written as PyG-style helpers write it: sums of messages and node degrees, both by ``index_add_``
+    into ``torch.zeros(N, C)`` of the same ``N = x.size(0)``; then PointNet++'s farthest point sampling habit, a
+    ``torch.zeros(B, k)`` filled column by column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x, edges):
+        h = self.bn(self.lin(x))
+        n, (src, dst) = x.size(0), edges
+        total = torch.zeros(n, h.size(1), dtype=h.dtype).index_add_(0, dst, h[src])
+        degree = torch.zeros(n, h.size(1), dtype=h.dtype).index_add_(0, dst, torch.ones_like(h[src]))
+        picked = torch.zeros(n, 2, dtype=h.dtype)
+        for i in range(2):
+            picked[:, i] = h[:, i]
+        return total / degree.clamp(min=1) + picked.sum(1, keepdim=True)
+
+
+def test_a_factorys_result_shares_no_storage_with_its_sizes():
+    """``torch.zeros`` was taken for a view of the sizes it is given, so a write into it "changed" ``n``, read again
+    later: the layer lost the torch.fx capture for one at the example's sizes, refusing every graph of another
+    size (found by a probe, on GNN aggregations and PointNet++).  Factories make new tensors."""
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = MeanAggregation().double().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    ring = lambda n: torch.stack([torch.arange(n), torch.arange(1, n + 1) % n])  # noqa: E731
+    fused = fuse(model, (torch.randn(6, 4, dtype=torch.float64), ring(6)))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, ring(9)), model(x, ring(9)), rtol=1e-9, atol=1e-12)
+
+
+class IdentityAdded(nn.Module):
+    """A PointNet T-Net's head: the identity, made with numpy in float64, added in place to a float32 value."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.fc, self.bn = how, nn.Linear(4, 9), nn.BatchNorm1d(9)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        identity = torch.from_numpy(np.eye(3).flatten()).view(1, 9).repeat(x.size(0), 1)
+        if self.how == "+=":
+            y += identity
+        else:
+            y.add_(identity)
+        return y.view(-1, 3, 3)
+
+
+@pytest.mark.parametrize("how", ["+=", "add_"])
+def test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into(how):
+    """``y += c`` keeps ``y`` float32 for a float64 ``c``; made out of place it is ``y + c``, which promotes: the fused
+    model returned float64 where the model returns float32 (its check, in float64, could not tell; found by a
+    probe).  The out-of-place result is cast to the dtype the op wrote into."""
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = IdentityAdded(how).eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    fused = fuse(model, torch.randn(2, 4))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (float32, folded in float64)

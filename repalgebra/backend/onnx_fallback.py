@@ -331,11 +331,12 @@ def drawn_at_random(example: torch.Tensor) -> bool:
     return example.is_floating_point() and bool(example.isfinite().all())
 
 
-def check_input(v: Value, example: torch.Tensor | None, rows: int | None, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+def check_input(v: Value, example: torch.Tensor | None, rows: int | None, gen: torch.Generator, dtype: torch.dtype,
+                drawn: bool = True) -> torch.Tensor:
     """Graph input ``v`` for a check run with ``rows`` rows (``None``: its own shape): the example's values, its rows
-    repeated, where they are not drawn at random (:func:`drawn_at_random`); else standard normal values from
-    ``gen``, in ``v``'s dtype (``dtype`` where it has none)."""
-    if example is not None and not drawn_at_random(example):
+    repeated, where they are not drawn at random (:func:`drawn_at_random`, or not ``drawn``); else standard normal
+    values from ``gen``, in ``v``'s dtype (``dtype`` where it has none)."""
+    if example is not None and not (drawn and drawn_at_random(example)):
         return example if rows is None else example[torch.arange(rows) % example.shape[0]]
     return torch.randn(v.shape if rows is None else (rows, *v.shape[1:]), generator=gen, dtype=v.dtype or dtype)
 
@@ -361,15 +362,32 @@ def export_regions(
     batch = graph.inputs[0].shape[0]
     given = dict(zip(range(len(graph.inputs)), examples))
 
+    drawn = True
+
     def at(b: int) -> list[torch.Tensor]:
         xs = []
         for k, v in enumerate(graph.inputs):
             # An input whose first axis is not the batch (a time-major T x B x C beside a B x T mask) keeps its size.
             rows = b if v.shape and v.shape[0] == batch else v.shape[0] if v.shape else None
-            xs.append(check_input(v, given.get(k), rows, gen, torch.float32))
+            xs.append(check_input(v, given.get(k), rows, gen, torch.float32, drawn))
         return xs
 
-    own = run_regions(graph, regions, modules, at(batch))
+    try:
+        own = run_regions(graph, regions, modules, at(batch))
+    except Exception as e:  # noqa: BLE001
+        # Floats the model reads as indices (DeepCTR's ids in a float input, ``X[:, :2].long()``): drawn at random,
+        # they index out of range.  The checks take the example's values then, as for token ids.
+        if not given:
+            raise FallbackError(f"export_onnx: the graph does not run on the export's check inputs (random values): "
+                                f"{_first_line(e)}; pass the example tensors it runs on") from e
+        drawn = False
+        try:
+            own = run_regions(graph, regions, modules, at(batch))
+        except Exception as again:  # noqa: BLE001
+            raise FallbackError(f"export_onnx: the graph does not run on the export's check inputs, random or the "
+                                f"example's: {_first_line(again)}") from again
+        notes.append(f"the graph does not run on random values of its inputs ({_first_line(e)}: floats it reads as "
+                     "indices?), so the parts torch.onnx.export writes are checked at the example's values only")
     # A second, wider input: one example can hide a wrong export (a ReLU zeroing everything a pool sees).
     try:
         checks = [own, run_regions(graph, regions, modules, [8 * t if t.is_floating_point() else t for t in at(batch)])]

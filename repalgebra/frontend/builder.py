@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, invoke, meta_of, returned, runs_on_meta, squeeze_to_rank
 from repalgebra.frontend.fx_trace import TensorInfo, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
-from repalgebra.frontend.inplace import hidden_writes, versions
+from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.pure import FACTORIES, is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph, Node, Value
@@ -131,6 +131,8 @@ class Builder:
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
             elif n.op in ("call_function", "call_method"):
                 self.env[n] = self.call(n, n.op, n.target)
+                if n.meta.get(KEEPS_DTYPE):
+                    self.env[n] = self.in_dtype_of_its_target(n, self.env[n])
             elif n.op == "output":
                 out = self.args(self.unpacked(n.args[0]))
                 leaves, spec = pytree.tree_flatten(out)
@@ -143,6 +145,16 @@ class Builder:
                 graph.eliminate_dead()
                 return graph, spec
         raise AssertionError("fx graph without output")
+
+    def in_dtype_of_its_target(self, n: fx.Node, out: Any) -> Any:
+        """``out``, the value of an in-place op made out of place, cast to the dtype of the tensor it wrote into
+        where the out-of-place op promotes (``y += c`` of a float32 ``y`` and a float64 ``c``)."""
+        target = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if (dtype := promoted_from(out, target)) is None:
+            return out
+        cast = self.add("cast", [out], {"dtype": dtype}, {}, self.source(n))
+        self.example[n] = torch.empty(cast.shape, dtype=cast.dtype, device="meta")
+        return cast
 
     def unpacked(self, template: Any) -> Any:
         """The output template with each call that returns a tuple or list of tensors (an LSTM's ``(h_n, c_n)``,
@@ -417,6 +429,13 @@ def is_returned_as_is(node: Node) -> bool:
 def is_none_output(node: Node) -> bool:
     """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
     return is_returned_as_is(node) and node.attrs["fn"].args_template == (None,) and not node.inputs
+
+
+def promoted_from(out: Any, target: Any) -> torch.dtype | None:
+    """The dtype of ``target`` where the value ``out`` computed from it has another (a promotion), else None."""
+    if not (isinstance(out, Value) and isinstance(target, Value)) or None in (out.dtype, target.dtype):
+        return None
+    return None if out.dtype == target.dtype else target.dtype
 
 
 def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], str]) -> tuple[str, torch.dtype] | None:

@@ -216,9 +216,9 @@ class FnCall(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Rebuild the arguments from ``inputs`` and make the call."""
-        arguments = self.__dict__.get("_resolver")
+        arguments = self.__dict__.get("_repalgebra_resolver")
         if arguments is None:  # built on first use, not pickled (a closure): see __getstate__
-            arguments = self.__dict__["_resolver"] = compile_template((self.args_template, self.kwargs_template))
+            arguments = self.__dict__["_repalgebra_resolver"] = compile_template((self.args_template, self.kwargs_template))
         args, kwargs = arguments(inputs, self)
         if self.kind == "call_module":
             return self.fn(*args, **kwargs)
@@ -234,7 +234,7 @@ class FnCall(nn.Module):
         """The module's state without the resolver built from its templates (a closure does not pickle), and with an
         aten op as its name (:class:`OpName`)."""
         state = super().__getstate__()
-        state.pop("_resolver", None)
+        state.pop("_repalgebra_resolver", None)
         state["target"] = op_named(state["target"])
         return state
 

@@ -501,6 +501,20 @@ def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
     return held
 
 
+def holds_nothing_uninstalled(tracer: fx.Tracer, m: nn.Module) -> bool:
+    """Whether ``m`` holds no parameter or buffer of its own and each of its children is installed in the tracer's
+    root, or is such a module itself."""
+    if any(t is not None for t in (*m._parameters.values(), *m._buffers.values())):
+        return False
+    for child in m.children():
+        try:
+            tracer.path_of_module(child)
+        except NameError:
+            if not holds_nothing_uninstalled(tracer, child):
+                return False
+    return True
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
@@ -535,8 +549,16 @@ class Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            if not holds_nothing_uninstalled(self, m):
+                raise
+            # A module made in forward of the model's own modules (``self.features[:k](x)``, guided diffusion's
+            # ``self.out_layers[1:]``: a new Sequential of installed layers) or holding none (``nn.ReLU()(x)``):
+            # traced into, its layers are the installed ones.
+            return forward(*args, **kwargs)
         # Popped only on success: after an exception the stack names where tracing failed.
-        path = self.path_of_module(m)
         self.path_stack.append(path)
         if runs_own_hooks(m) and not self.is_leaf_module(m, path):
             # Traced into, its hooks would run once, on symbolic values: what they return is recorded, what they do

@@ -45,7 +45,12 @@ from torch import fx, nn
 
 from repalgebra.one_call import traced_as_one_call
 
-__all__ = ["InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "on_copy", "setitem_copy", "versions"]
+__all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "on_copy", "setitem_copy",
+           "versions"]
+
+# The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
+# ``y`` float32 for a float64 ``c`` where ``y + c`` promotes (a T-Net's identity made with numpy; found by a probe)
+KEEPS_DTYPE = "repalgebra_keeps_dtype"
 
 
 class InplaceHazard(Exception):
@@ -138,6 +143,10 @@ _FRESH_FUNCTIONS = {
     F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
     F.interpolate, F.scaled_dot_product_attention, F.normalize, F.unfold, F.fold, F.pixel_shuffle,
     F.embedding, F.softplus, F.hardtanh, F.threshold, F.prelu, torch.prelu,
+    # Factories: a new tensor, no view of the sizes they are given (PointNet++'s ``torch.zeros(B, npoint)`` written
+    # in place; a GNN's ``torch.zeros(N, C).index_add_(...)``)
+    torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.eye, torch.linspace, torch.rand,
+    torch.randn, torch.randint,
 }  # fmt: skip
 _FRESH_METHODS = {
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "matmul", "relu", "sigmoid", "tanh", "exp", "log", "sqrt",
@@ -354,6 +363,7 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
         m = root.get_submodule(n.target)
         m.inplace = False  # every call site of this module was checked: none relies on the mutation
         return f"{type(m).__name__}(inplace=True)"
+    n.meta[KEEPS_DTYPE] = True  # (a module in place, ReLU(inplace=True), keeps it anyway)
     if n.op == "call_method":
         name = n.target
         if hasattr(torch.Tensor, name[:-1]):
