@@ -1419,3 +1419,35 @@ def test_an_output_axis_that_differs_at_batch_one_is_declared_free():
     with torch.no_grad():
         got = run_onnx(proto, x)
         assert got.shape == (1, 4, 8, 8) and rel_err(got, model(x)) <= RTOL
+
+
+class EmptyBlock(nn.Module):
+    """A block of no channels (or no rows) expanded from one and concatenated: ``h[:, :1].expand(-1, 0, -1, -1)``."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis, self.conv, self.bn = axis, nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        empty = h[:, :1].expand(-1, 0, -1, -1) if self.axis == 1 else h[:, :, :1].expand(-1, -1, 0, -1)
+        return torch.cat([h, empty], self.axis) + empty.sum(self.axis, keepdim=True)
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_an_expand_to_nothing_survives_onnxruntimes_optimizer(axis):
+    """The checks load a file as written (onnxruntime's optimizer crashed on one of torch's); a default session
+    optimizes it, and dropped the Expand to a size of 0: the Concat after it gained the row it expands (found by
+    a probe).  Such an expand is written as a slice to nothing."""
+    torch.manual_seed(0)
+    model = EmptyBlock(axis).eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    proto = export_onnx(model, None, torch.randn(2, 3, 6, 8))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # optimized
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 8)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # (float32, folded in float64)

@@ -327,7 +327,18 @@ def _reshape_dyn(ctx, n, x, *refs):
 
 @lowering("expand_dyn")
 def _expand_dyn(ctx, n, x, *refs):
-    return ctx.emit("Expand", [x, _dyn_shape(ctx, n.attrs["shape"], refs)])
+    shape = n.attrs["shape"]
+    if not (empty := [k for k, s in enumerate(shape) if s == 0]):
+        return ctx.emit("Expand", [x, _dyn_shape(ctx, shape, refs)])
+    y = ctx.emit("Expand", [x, _dyn_shape(ctx, tuple(1 if s == 0 else s for s in shape), refs)])
+    return _sliced_to_nothing(ctx, y, empty)
+
+
+def _sliced_to_nothing(ctx, y: str, axes: list[int]) -> str:
+    """``y`` with ``axes`` sliced to size 0: an ``Expand`` to a size of 0 is dropped by onnxruntime's graph optimizer,
+    which the checks do not run (a Concat after it gained the row it expands; found by a probe)."""
+    zeros = ctx.ints("zeros", [0] * len(axes))
+    return ctx.emit("Slice", [y, zeros, zeros, ctx.ints("axes", axes)])
 
 
 def _dyn_shape(ctx, entries: tuple, refs: tuple) -> str:
@@ -998,6 +1009,9 @@ def _expand(ctx, n, x, *like):
     shape = [1 if o == i else o for o, i in zip(out, given)]
     if ctx.dynamic_batch and shape[0] != 1:
         raise LoweringError(f"expand at {_where(n)}: expands the batch axis, which is dynamic (export with dynamic_batch=False)")
+    if empty := [k for k, (o, i) in enumerate(zip(out, given)) if o == 0 != i]:
+        y = ctx.emit("Expand", [x, ctx.ints("shape", [1 if k in empty else s for k, s in enumerate(shape)])])
+        return _sliced_to_nothing(ctx, y, empty)
     return ctx.emit("Expand", [x, ctx.ints("shape", shape)])
 
 
