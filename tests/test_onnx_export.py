@@ -1451,3 +1451,26 @@ def test_an_expand_to_nothing_survives_onnxruntimes_optimizer(axis):
             want = model(x).numpy()
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # (float32, folded in float64)
+
+
+class AutocastBody(nn.Module):
+    """Mixed precision inside forward, as detection heads write it: a conv + BN under ``torch.autocast`` (bfloat16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = F.relu(self.bn(self.conv(x)))
+        return y.float()
+
+
+def test_a_file_that_is_not_valid_onnx_is_refused_saying_which_opset_holds_it():
+    """torch.onnx.export writes the autocast region's bfloat16 Conv at any opset, valid from 22 only: onnx's
+    checker raised its bare ShapeInferenceError (found by a probe).  The refusal names the opset that holds it."""
+    torch.manual_seed(0)
+    from repalgebra.backend.onnx_fallback import FallbackError
+
+    with pytest.raises(FallbackError, match=r"not valid ONNX at opset 20: .*bfloat16.*export with opset=22"):
+        export_onnx(AutocastBody().eval(), None, torch.randn(2, 3, 8, 8), opset=20)

@@ -1226,6 +1226,19 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
         )
 
 
+def _valid(model: "onnx.ModelProto") -> None:
+    """Raise :class:`FallbackError` where ``model`` is not valid ONNX (``onnx.checker`` with shape inference): a
+    bfloat16 Conv of a ``torch.autocast`` region, which torch.onnx.export writes at any opset, is valid from 22 only."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        hint = (" (bfloat16 arithmetic, from a torch.autocast region or a bfloat16 model, is valid ONNX for most ops from "
+                "opset 22: export with opset=22)") if "bfloat16" in str(e) and (opset or 0) < 22 else ""
+        raise FallbackError(f"export_onnx: the file is not valid ONNX at opset {opset}: {first_line(e)}{hint}; no file "
+                            "is written") from e
+
+
 def _check_graph_shapes(graph: Graph, input_shape: Any) -> None:
     """A graph's file has the shapes it was traced at (the batch aside): an ``input_shape`` given with other sizes
     would be ignored, and onnxruntime would then refuse the input the caller meant.  Refused (``ValueError``)."""
@@ -1494,7 +1507,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
         session = ort_session(model)
     except Exception as e:  # noqa: BLE001
         notes.append(f"onnxruntime {ort.__version__} cannot load the file, so it was not run: {first_line(e)} (the "
-                     "CPU provider has no float64 kernel of several ops; the file is valid ONNX, checked by onnx.checker)")
+                     "CPU provider has no float64 or bfloat16 kernel of several ops; the file is valid ONNX, checked by onnx.checker)")
         return ""
     flips = TOLERANCES.get(computes_in(module, example), 1e-5) / 10
     why = session_differs(session, example, want, flips=flips)
@@ -1707,7 +1720,7 @@ def export_onnx(
                     model, report = other
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
-    onnx.checker.check_model(model, full_check=True)
+    _valid(model)
     if path is not None:
         onnx.save(model, str(path))
     return (model, report) if return_report else model

@@ -169,8 +169,11 @@ class Call:
             return f"called with keyword arguments ({', '.join(self.kwargs)})"
         if not self.args:
             return "called without arguments"
-        odd = next((a for a in self.args if not torch.is_tensor(a)), None)
-        return "" if odd is None else f"called with a {type(odd).__name__} among its arguments (a part is captured on its own from tensors only)"
+        odd = [a for a in self.args if not torch.is_tensor(a)]  # (None among them: no "nothing found")
+        if not odd:
+            return ""
+        what = "None" if odd[0] is None else f"a {type(odd[0]).__name__}"
+        return f"called with {what} among its arguments (a part is captured on its own from tensors only)"
 
     @property
     def tensor_only(self) -> bool:
