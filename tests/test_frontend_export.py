@@ -540,3 +540,39 @@ def test_the_values_of_a_max_over_an_axis_are_an_amax():
 
     graph = capture_checked(Pool(), torch.randn(2, 4, 6))
     assert ops_of(graph).count("amax") == 2 and ops_of(graph).count("opaque") == 2  # the call, and its indices read
+
+
+class EndOfText(nn.Module):
+    """HF CLIP's text pooling: the hidden state at each sequence's highest token id, read with the ids cast to int on
+    the hidden state's device; a sequence-length check sends it to torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm, self.proj = nn.Embedding(50, 16), nn.LayerNorm(16), nn.Linear(16, 8, bias=False)
+
+    def forward(self, ids):
+        if ids.shape[-1] > 16:
+            raise ValueError("Sequence length must be less than max_position_embeddings")
+        h = self.norm(self.embed(ids))
+        return self.proj(h[torch.arange(h.shape[0], device=h.device), ids.to(dtype=torch.int, device=h.device).argmax(dim=-1)])
+
+
+def test_a_cast_to_the_tensors_own_device_is_a_cast():
+    """``aten._to_copy`` with a ``device=`` was kept a call whatever the device, and export_onnx refused the Stable
+    Diffusion text encoder's pooling ("no ONNX lowering for _to_copy.default"; found by a probe).  A device that is
+    the tensor's own moves nothing: a ``cast``."""
+    import onnxruntime as ort
+
+    from repalgebra import export_onnx
+
+    torch.manual_seed(0)
+    model = EndOfText().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    graph = capture_export(model, (ids,)).graph
+    assert "cast" in [n.op for n in graph.nodes]
+    proto = export_onnx(model, None, ids)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]),
+                                   model(other), rtol=1e-5, atol=1e-5)  # (float32)

@@ -52,6 +52,7 @@ FEW = {
     "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.frontend.builder:promoted_from": "one comparison of two dtypes",
+    "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_valid": "one check of the written file",
     "repalgebra.backend.onnx:_expand": "one Expand; its other forms are checked by every export that expands (the zoo's)",
     "repalgebra.frontend.fx_trace:holds_nothing_uninstalled": "two answers: weights of its own, or a child that is neither",

@@ -735,9 +735,12 @@ def _max_values(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Made:
 
 def _to_dtype(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``x.float()``, ``x.to(torch.float32)`` (``aten.to.dtype``, or ``aten._to_copy`` once decomposed): a ``cast``;
-    one that also moves the tensor or changes its layout or memory format stays a call."""
+    one that also moves the tensor or changes its layout or memory format stays a call.  A device that is the
+    tensor's own moves nothing (HF CLIP's ``input_ids.to(dtype=torch.int, device=h.device)``)."""
     x = _v(a["self"])
-    keeps = a.get("layout") in (None, torch.strided) and a.get("device") is None and a.get("memory_format") in (None, torch.preserve_format)
+    own = getattr(n.args[0].meta.get("val"), "device", None) if n.args and isinstance(n.args[0], fx.Node) else None
+    keeps = (a.get("layout") in (None, torch.strided) and a.get("device") in (None, own)
+             and a.get("memory_format") in (None, torch.preserve_format))
     if x is None or not isinstance(a["dtype"], torch.dtype) or not keeps:
         return None
     return "cast", [x], {"dtype": a["dtype"]}, {}, None
