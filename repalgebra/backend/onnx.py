@@ -1114,9 +1114,10 @@ def graph_to_onnx(
                 "outputs are tensors; return them in tuples, lists, dicts or named tuples"
             )
         if id(v) not in names:  # a size read from the input (``{"n": y.shape[0]}``): a Python number, no tensor
-            raise LoweringError(
-                f"output {k} of the model is a Python number computed from the input's shape ({v.name}): an ONNX model "
-                "returns tensors only; return it as a tensor (torch.tensor(n)), or leave it out of what forward returns"
+            raise LoweringError(  # (or an object a fused model rebuilds from its graph's outputs: a dataclass)
+                f"output {k} of the model is no tensor ({v.name}): a Python number computed from the input's shape, or an "
+                "object its forward builds (a dataclass); an ONNX model returns tensors only: return a size as a tensor "
+                "(torch.tensor(n)), and tensors in tuples, lists, dicts or named tuples"
             )
         names_out = ctx.emit("Identity", [names[id(v)]], out=ctx.unique(name))
         outputs.append(io(v, names_out, axes[k] if axes is not None else None))
