@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.draws import generators_kept
 from repalgebra.frontend.builder import is_returned_as_is
-from repalgebra.frontend.calls import FnCall, target_name
+from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
+from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
@@ -508,8 +509,58 @@ class InputCheck:
             self.call(*(tensors[k] for k in self.inputs))
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`);
+        a test of sizes the trace took is also asserted in the graph (:func:`_assert_size_test`)."""
         _install(self, module)
+        if isinstance(module, fx.GraphModule) and getattr(self.call, "target", None) is taken_as_traced:
+            _assert_size_test(module, self.call, self.inputs)
+
+
+def _assert_size_test(module: fx.GraphModule, call: nn.Module, inputs: tuple[int, ...]) -> None:
+    """Write a test of sizes the trace took (:mod:`~repalgebra.frontend.size_tests`) into ``module``'s graph as
+    ``torch._assert(answer == traced)`` (a test as itself, or negated), its sizes read from the graph's inputs.  Tracers do not run a root module's
+    pre-hooks: ``torch.export.export(fused, dynamic_shapes=...)`` would give the size a range and compute the traced
+    branch where the model takes the other; a ``fuse`` of the fused model would lose the check (it reads a
+    ``torch._assert`` as a check of its inputs, as it reads the model's own)."""
+    graph = module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    answer, traced, where, what = call.args_template
+
+    def emit(t: Any) -> Any:
+        if isinstance(t, In):
+            return placeholders[inputs[t.index]]
+        if isinstance(t, SymExpr):
+            return graph.create_node(t.kind, t.target, emit(t.args), emit(t.kwargs))
+        if isinstance(t, (tuple, list)):
+            return type(t)(emit(x) for x in t)
+        return {k: emit(x) for k, x in t.items()} if isinstance(t, dict) else t
+
+    leaves = list(_template_leaves(answer))
+    if any(isinstance(t, Buf) for t in leaves) or not any(isinstance(t, In) for t in leaves):
+        return  # (a size of a constant's: the pre-hook alone)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        got = emit(answer)  # (a test asserted as itself, or negated: torch.export refuses a SymBool == True)
+        held = (got if traced else graph.call_function(torch.sym_not, (got,))) if isinstance(traced, bool) else (
+            graph.call_function(operator.eq, (got, traced)))
+        graph.call_function(torch._assert, (held, f"{_SIZE_ASSERT}{where or 'the model'}: {what} gave {traced!r} at the "
+                                                  "example input, and the fused graph holds that branch only"))
+    graph.lint()
+    module.recompile()
+
+
+def _template_leaves(t: Any) -> Iterator[Any]:
+    """Every leaf of a call's template, inside its :class:`SymExpr` nodes too."""
+    if isinstance(t, SymExpr):
+        yield from _template_leaves((t.args, t.kwargs))
+    elif isinstance(t, (tuple, list)):
+        for x in t:
+            yield from _template_leaves(x)
+    elif isinstance(t, dict):
+        for x in t.values():
+            yield from _template_leaves(x)
+    else:
+        yield t
 
 
 @dataclass(frozen=True)

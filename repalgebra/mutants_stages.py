@@ -127,6 +127,9 @@ _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_froz
           "tests/test_fuse_state.py::test_around_a_draw_everything_folds_and_the_draws_are_the_models")
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
+_SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_at_the_example_and_the_rest_stays_free",
+               "tests/test_fuse_size_tests.py::test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name",
+               "tests/test_fuse_size_tests.py::test_a_test_of_a_size_computed_inside_is_not_taken")
 _CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",)
 _PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
                 "tests/test_fuse_capture.py::test_a_fused_model_carrying_an_op_packet_pickles")
@@ -581,6 +584,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "cast-to-own-device-a-call", "x.to(dtype, device=x's own device) kept a call (export refuses _to_copy)",
      "repalgebra.frontend.aten_handlers:_to_dtype", 'a.get("device") in (None, own)', 'a.get("device") is None',
      ("tests/test_frontend_export.py::test_a_cast_to_the_tensors_own_device_is_a_cast",)),
+    ("frontend", "size-test-unchecked", "a call whose sizes answer a traced test of sizes otherwise runs the traced branch",
+     "repalgebra.frontend.size_tests:taken_as_traced", "    if answer != traced:", "    if False:", _SIZE_TESTS),
+    ("frontend", "inside-size-test-unrefused", "a test of the size of a value computed inside taken, and left unchecked",
+     "repalgebra.frontend.builder:size_test_at_inputs", "    if read is None:\n", "    if read is None:\n        return None\n", _SIZE_TESTS),
+    ("frontend", "weight-fixed-size-unread", "a size a conv's weight fixes (int(c) of its output) taken for one no producer fixes",
+     "repalgebra.frontend.builder:read_at_inputs", "                return source\n", "                return None\n", _SIZE_TESTS),
+    ("frontend", "shape-item-unread", "v.shape[k] of a value computed inside not read as one size",
+     "repalgebra.frontend.builder:_size_read", "            return inner.args[0], t.args[1]", "            return None, None", _SIZE_TESTS),
     ("frontend", "closure-cells-shared", "a closure of the model (a hook over self) holding the user's objects in fuse's copies",
      "repalgebra.module_copy:_copied", "    if id(v) in memo and memo[id(v)] is not v:\n        return memo[id(v)]",
      "    if False:\n        return memo[id(v)]", _CLOSURES),

@@ -508,14 +508,15 @@ def test_a_parameter_read_twice_is_one_parameter_and_a_frozen_one_stays_frozen()
 
 
 class _SizeRead(nn.Module):
-    """``model`` behind a size read as a number (``int(z.shape[1] ** 0.5)``): torch.fx stops, torch.export captures it."""
+    """``model`` behind a size read as a number (``int(z.shape[1] ** 0.5)``, of a reduction's result, which the fx
+    capture cannot check per call): torch.fx stops, torch.export captures it."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, z):
-        return self.model(z) * int(math.sqrt(z.shape[1] * 4.5) // 6)
+        return self.model(z) * int(math.sqrt(z.amax(0).shape[0] * 4.5) // 6)
 
 
 def test_top_level_control_flow_error():

@@ -213,7 +213,8 @@ class AddOut(nn.Module):
 
 class LayerScaleInPlace(nn.Module):
     """timm's ``LayerScale(inplace=True)`` behind a ``proj_drop``: ``x.mul_(gamma)`` writes into the dropout's result,
-    which nothing reads again; a size check in Python sends the model to ``torch.export``."""
+    which nothing reads again; a size check in Python sends the model to ``torch.export`` (of a reduction's result:
+    one of the input's sizes the fx capture takes, with a check per call)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,7 +222,7 @@ class LayerScaleInPlace(nn.Module):
         self.gamma = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
 
     def forward(self, x):
-        assert x.shape[-1] % 3 == 0
+        assert x.amax(1).shape[-1] % 3 == 0
         y = self.a(x)
         return y + self.drop(self.proj(y)).mul_(self.gamma)
 
@@ -373,7 +374,7 @@ def test_specialized_module_refuses_other_shapes():
 
 
 class ClsTokens(nn.Module):
-    """ViT-style Python torch.fx cannot trace (an assert on sizes) that reads the batch: a class token expanded to it,
+    """ViT-style Python torch.fx cannot trace (an assert on sizes of a reduction's result) that reads the batch: a class token expanded to it,
     windows folded into it (``B * 2``), ``zeros_like`` plus slice assignment (ShiftViT's shift)."""
 
     def __init__(self) -> None:
@@ -385,7 +386,7 @@ class ClsTokens(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        assert H % 2 == 0 and W % 2 == 0, "even sizes only"
+        assert x.amax(1).shape[-2] % 2 == 0 and x.amax(1).shape[-1] % 2 == 0, "even sizes only"  # (see LayerScaleInPlace)
         t = self.bn(self.proj(x)).flatten(2).transpose(1, 2)
         w = self.fc(t.reshape(B * 2, -1, 8)).reshape(B, -1, 8)
         shifted = torch.zeros_like(w)
@@ -425,8 +426,8 @@ def test_specialized_capture_keeps_the_batch_free_where_torch_export_proves_it()
 class MakesTensorsOfTheBatch(nn.Module):
     """Tensors of one number made in ``forward`` at the batch's size: HF's ``torch.ones(batch, seq_len)`` mask, an
     RNN's ``torch.zeros(layers, B, hidden)`` state (the batch on axis 1), ``torch.full``, ``x.new_ones``.  Python
-    on a size (``if H > 1``) sends it to torch.export, which recorded them reading the batch as a number: the
-    batch was fixed."""
+    on a size (``if H > 1``, of a reduction's result: see LayerScaleInPlace) sends it to torch.export, which
+    recorded them reading the batch as a number: the batch was fixed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -434,7 +435,7 @@ class MakesTensorsOfTheBatch(nn.Module):
 
     def forward(self, x):
         B, _, H, W = x.shape
-        if H > 1:
+        if x.amax(1).shape[-2] > 1:
             x = x * 0.5
         y = self.bn(self.conv(x))
         mask = torch.ones(B, 1, H, W, dtype=torch.bool)
@@ -1703,7 +1704,8 @@ def test_a_torch_export_capture_holds_in_the_dtypes_it_was_checked_in_only(captu
 
 class CastsToFloat32(nn.Module):
     """Casts to float32 whatever its dtype: Meta LLaMA's logits (``self.output(h).float()``) or HF LLaMA's attention
-    (``softmax(w, dtype=torch.float32).to(x.dtype)``), with a branch on a size that sends it to torch.export."""
+    (``softmax(w, dtype=torch.float32).to(x.dtype)``), with a branch on a size that sends it to torch.export (of a
+    reduction's result: see LayerScaleInPlace)."""
 
     def __init__(self, where: str) -> None:
         super().__init__()
@@ -1711,7 +1713,7 @@ class CastsToFloat32(nn.Module):
         self.q, self.k, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
 
     def forward(self, x):
-        if x.shape[1] > 1:
+        if x.amax(2).shape[1] > 1:
             x = x * 0.5
         if self.where == "uint8":  # quantized and back (export records .to(x.dtype) as a cast to float32)
             x = (x.clamp(0, 1) * 255).round().to(torch.uint8).to(x.dtype) / 255
@@ -2429,14 +2431,15 @@ def test_a_part_called_with_a_mask_is_fused_on_its_own():
 
 
 class PadToWidth(nn.Module):
-    """Pads to a width of 20 where narrower: Python on a size, which torch.export records at the example's width."""
+    """Pads to a width of 20 where narrower: Python on a size (of a reduction's result: see LayerScaleInPlace), which
+    torch.export records at the example's width."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
 
     def forward(self, x):
-        if x.shape[-1] < 20:
+        if x.amax(1).shape[-1] < 20:
             x = F.pad(x, (0, 20 - x.shape[-1]))
         return self.bn(self.conv(x)).sum((2, 3))
 

@@ -26,8 +26,9 @@ from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, i
 from repalgebra.frontend.fx_trace import TensorInfo, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
+from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.pure import FACTORIES, is_pure
-from repalgebra.frontend.shapes import reroute_shape_reads
+from repalgebra.frontend.shapes import reroute_shape_reads, size_source
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.rewrite import LeftAlone
 
@@ -89,8 +90,9 @@ class Builder:
         self.env: dict[fx.Node, Any] = {}
         self.left_alone: list[LeftAlone] = []
         self.notes: list[str] = []
-        # torch._assert calls on sizes read at run time: (the call, the graph inputs it reads, where), see checks_of
-        self.asserts: list[tuple[tuple, dict, str]] = []
+        # torch._assert calls on sizes read at run time (and the trace's tests of sizes): (args, kwargs, where, the
+        # function), see checks_of
+        self.asserts: list[tuple[tuple, dict, str, Any]] = []
         self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
         # floating tensors read that are neither parameters nor buffers: (where, dtype), see pinned_tensor
         self.pinned: list[tuple[str, torch.dtype]] = []
@@ -181,11 +183,16 @@ class Builder:
     def checks_of(self, graph_inputs: list[Value]) -> list[tuple[FnCall, tuple[int, ...], str]]:
         """The model's ``torch._assert`` calls on its inputs' sizes (timm's ``_assert(H % 32 == 0, ...)``) as calls
         ``fuse`` makes before each call of the fused graph, which holds no op for them: it would run where the model
-        refuses.  One on a value computed inside is noted: the fused model does not check it."""
+        refuses.  One on a value computed inside is noted: the fused model does not check it.  The trace's tests of
+        sizes (:mod:`~repalgebra.frontend.size_tests`) are checks too: see :func:`size_test_at_inputs`."""
         checks = []
         position = {id(g): k for k, g in enumerate(graph_inputs)}
-        for args, kwargs, source in self.asserts:
-            fn, inputs = _compile("call_function", assert_with_message if len(args) > 2 else torch._assert, args, kwargs)
+        for args, kwargs, source, target in self.asserts:
+            if target is taken_as_traced:
+                if (read := size_test_at_inputs(args, kwargs, source, lambda v: id(v) in position)) is None:
+                    continue
+                args, kwargs = read
+            fn, inputs = _compile("call_function", target, args, kwargs)
             if all(id(v) in position for v in inputs):
                 checks.append((fn, tuple(position[id(v)] for v in inputs), source))
             else:
@@ -264,7 +271,12 @@ class Builder:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
         if kind == "call_function" and target is torch._assert and _has_value(args, kwargs):
             args = _message_per_call(n, args, self.env)
-            self.asserts.append((args, kwargs, self.source(n)))  # no value: kept as a check of the inputs (checks_of)
+            target = assert_with_message if len(args) > 2 else torch._assert
+            self.asserts.append((args, kwargs, self.source(n), target))  # no value: kept as a check of the inputs (checks_of)
+            return None
+        if kind == "call_function" and target is taken_as_traced:  # (a test on constants' sizes alone: nothing to check)
+            if _has_value(args, kwargs):
+                self.asserts.append((args, kwargs, self.source(n), target))
             return None
         if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
             # A named tuple of results (``Pair(features, logits)``, fields left None) is a container, as a plain tuple is:
@@ -429,6 +441,68 @@ def is_returned_as_is(node: Node) -> bool:
 def is_none_output(node: Node) -> bool:
     """Whether ``node`` is such a ``None`` (the ONNX export leaves it out, as ``torch.onnx.export`` does)."""
     return is_returned_as_is(node) and node.attrs["fn"].args_template == (None,) and not node.inputs
+
+
+def size_test_at_inputs(args: tuple, kwargs: dict, source: str, is_input: Callable[[Value], bool]) -> tuple | None:
+    """A test of sizes the trace took (:func:`~repalgebra.frontend.size_tests.taken_as_traced`'s arguments) as one of
+    the inputs' sizes alone, for a check per call; None where it reads none (a channel count a conv's weight fixes:
+    the same answer for every input).  ``TypeError`` where it reads a size of a value computed inside that no
+    producer fixes: unchecked, the graph would hold the example's branch for any input."""
+    read = read_at_inputs((args, kwargs), is_input)
+    if read is None:
+        raise TypeError(f"{source or 'forward'!r} tests the size of a value computed inside the model (or reads it as a "
+                        "number): the graph holds the example's answer, which its inputs cannot check per call")
+    return read if _has_value(*read) else None
+
+
+def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
+    """``template`` (a test's arguments) with each size it reads of a value computed inside read where that value's
+    producers fix it (:func:`~repalgebra.frontend.shapes.size_source`): a number (a conv's output channels are its
+    weight's), or the same axis of an input; None where a value computed inside is read otherwise."""
+
+    def size_of(v: Value, axis: Any) -> Any:
+        if not isinstance(axis, int) or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
+            return None
+        while not is_input(v):
+            source = size_source(v, axis)
+            if source is None:
+                return None
+            if isinstance(source, int):
+                return source
+            v, axis = source
+        return SymExpr("call_method", "size", (v, axis), {})
+
+    def walk(t: Any) -> Any:
+        if isinstance(t, SymExpr):
+            v, axis = _size_read(t)
+            if isinstance(v, Value) and not is_input(v):
+                return size_of(v, axis)
+            args, kwargs = walk(t.args), walk(t.kwargs)
+            return None if args is None or kwargs is None else SymExpr(t.kind, t.target, args, kwargs)
+        if isinstance(t, Value):
+            return t if is_input(t) else None
+        if isinstance(t, (tuple, list)):
+            items = [walk(x) for x in t]
+            return None if any(i is None and x is not None for i, x in zip(items, t)) else type(t)(items)
+        if isinstance(t, dict):
+            items = {k: walk(x) for k, x in t.items()}
+            return None if any(items[k] is None and t[k] is not None for k in t) else items
+        return t
+
+    return walk(template)
+
+
+def _size_read(t: SymExpr) -> tuple[Any, Any]:
+    """``(v, axis)`` where ``t`` reads one size of a value: ``v.shape[axis]``, ``v.size(axis)``, ``v.size()[axis]``."""
+    if t.kind == "call_method" and t.target == "size" and len(t.args) == 2:
+        return t.args
+    if t.kind == "call_function" and t.target is operator.getitem and isinstance(t.args[0], SymExpr):
+        inner = t.args[0]
+        whole = (inner.kind == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",)) or (
+            inner.kind == "call_method" and inner.target == "size" and len(inner.args) == 1)
+        if whole:
+            return inner.args[0], t.args[1]
+    return None, None
 
 
 def promoted_from(out: Any, target: Any) -> torch.dtype | None:

@@ -37,6 +37,7 @@ from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import Ranks, shape_length
+from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.wrappers import is_wrapper, wrapped
 from repalgebra.module_copy import eval_copy
 from repalgebra.one_call import SIZED_FACTORIES
@@ -530,6 +531,7 @@ class Tracer(fx.Tracer):
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
+        self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
@@ -614,9 +616,21 @@ class Tracer(fx.Tracer):
             return fixed
         value = _weights_only_value(obj.node, self.root)
         if value is None:
-            return super().to_bool(obj)
+            answer = self.size_answer(obj, "a test of sizes (if D > 3:)")
+            return answer if isinstance(answer, bool) else super().to_bool(obj)
         self.weight_branches.append(self.path_stack[-1] if self.path_stack else "")
         return bool(value)
+
+    def size_answer(self, obj: fx.Proxy, what: str) -> Any:
+        """``obj``'s Python value at the example inputs where it is computed from sizes alone (a test, a number),
+        recorded in the graph to be checked on every call (:mod:`~repalgebra.frontend.size_tests`); else None."""
+        value = self.ranks.value(obj.node)
+        if type(value) not in (bool, int, float):
+            return None  # (a meta tensor: a test of values)
+        where = self.path_stack[-1] if self.path_stack else ""
+        self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
+        self.size_tests.append(where)
+        return value
 
     def _dtype_test(self, node: fx.Node) -> bool | None:
         """``x.dtype == torch.float16`` (``!=``, ``in (...)``) as at the example inputs, else None.
@@ -683,6 +697,9 @@ class Tracer(fx.Tracer):
         if self.dtype_tests:
             notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
                          "example's dtype: the fused model runs in that dtype only")
+        if self.size_tests:
+            notes.append(f"Python tests of sizes or sizes read as numbers (if D > 3:, int(c)) in {_places(self.size_tests)} "
+                         "taken as at the example: the fused model refuses inputs whose sizes answer otherwise")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
@@ -732,6 +749,21 @@ class _Proxy(InplaceProxy):
         if k in ("shape", "size") and (real := self.tracer.weights_size(self.node, k)) is not None:
             return real
         return _Shape(self, k) if k == "shape" else super().__getattr__(k)
+
+    def __int__(self) -> int:
+        return int(self._number("int"))
+
+    # (No __index__: torch's argument parser would take a Proxy for an int where it is a list of sizes, and fail.)
+
+    def __float__(self) -> float:
+        return float(self._number("float"))
+
+    def _number(self, how: str) -> int | float:
+        """A size read as a Python number (the Stable Diffusion VAE's ``int(c) ** -0.5``), as at the example."""
+        value = self.tracer.size_answer(self, f"a size read as a Python number ({how}())")
+        if type(value) not in (int, float):  # (Python's own words, which the report translates)
+            raise TypeError(f"{how}() argument must be a real number computed from sizes, not '_Proxy'")
+        return value
 
 
 class _Shape(fx.proxy.Attribute):
