@@ -33,6 +33,10 @@ Also a classifier head: BN2d, flatten(1), Linear(C H W), where channel c owns fe
 And a constant added per feature (UniRepLKNet's GRN tail, ``Linear(x + beta)``, or ``beta - x``): the
 affine map with s = +-1 and t = beta (:func:`prove_shift`).
 
+And through a concat on the features (fastai's tabular head, :func:`prove_concat`): a BN of one operand is the
+affine map on the columns it fills, s and t there and 1 and 0 on the others; a concat on the batch axis is its
+REFUSED case.
+
 And a LayerNorm's or RMSNorm's own affine, ``gamma * n(x) + beta`` per feature after the normalization n
 (:func:`prove_norm_affine`): whatever n computes, the Linear sees an affine map of it per feature, so the
 fold is the layout case with s = gamma, t = beta (through the same layout chains), and the norm keeps n alone. REFUSED there: a norm over the
@@ -134,6 +138,7 @@ def prove() -> list[str]:
     done.append(prove_mean_head())
     done.extend(prove_shift(sign) for sign in (1, -1))
     done.append(prove_norm_affine())
+    done.append(prove_concat())
 
     # REFUSED: the Linear's features are the spatial positions, not BN's channels.
     cfg = REFUSED
@@ -211,6 +216,30 @@ def prove_shift(sign: int) -> str:
     rhs = linear(x, w * sign, b + np.array([sum(w[o, k] * c[k] for k in range(4)) for o in range(2)], dtype=object))
     assert_equal(lhs, rhs, f"bn_into_linear constant shift, sign {sign}")
     return f"Linear({'x' if sign == 1 else '-x'} + c) == Linear(x; {'W' if sign == 1 else '-W'}, b + W c): x (2, 3, 4), c per feature, O=2"
+
+
+def prove_concat() -> str:
+    """fastai's tabular head: BN1d on the continuous features, concatenated after the embeddings, then a Linear:
+    Linear(cat(e, BN(x)); W, b) == Linear(cat(e, x); W [1; s], b + W [0; t]), the BN's s and t on the columns its
+    features fill.  REFUSED: a concat on the batch axis (rows of e and of BN(x)): the Linear's columns meet both, and
+    the fold would scale e's rows too."""
+    e, x = symbols_tensor("e", (2, 2)), symbols_tensor("x", (2, 3))
+    w, b = symbols_tensor("w", (2, 5)), symbols_tensor("b", (2,))
+    bn = bn_symbols("", 3)
+    s, t = bn_scale_shift(*bn)
+    ones = np.array([1, 1, *s], dtype=object)
+    shift = np.array([0, 0, *t], dtype=object)
+    w2 = w * ones
+    b2 = b + np.array([sum(w[o, k] * shift[k] for k in range(5)) for o in range(2)], dtype=object)
+    lhs = linear(np.concatenate([e, batch_norm(x, *bn, axis=1)], axis=1), w, b)
+    assert_equal(lhs, linear(np.concatenate([e, x], axis=1), w2, b2), "bn_into_linear through a concat")
+    rows = symbols_tensor("r", (2, 3))  # e with x's features, joined on the batch axis
+    v = symbols_tensor("v", (1, 3))
+    joined = linear(np.concatenate([rows, batch_norm(x, *bn, axis=1)], axis=0), v)
+    folded = linear(np.concatenate([rows, x], axis=0), *fuse(v, None, *bn))
+    assert_differs(joined, folded, (0, 0), "bn_into_linear concat on the batch axis")
+    return ("through a concat: Linear(cat(e, BN(x), -1)) == Linear(cat(e, x); W [1; s], b + W [0; t]), e (2, 2), x (2, 3), "
+            "O=2; refused: a concat on the batch axis differs at row 0 (e's, which the fold scales)")
 
 
 def prove_norm_affine() -> str:

@@ -535,16 +535,19 @@ def _assert_size_test(module: fx.GraphModule, call: nn.Module, inputs: tuple[int
             return type(t)(emit(x) for x in t)
         return {k: emit(x) for k, x in t.items()} if isinstance(t, dict) else t
 
+    said = f"{_SIZE_ASSERT}{where or 'the model'}: {what} gave {traced!r} at the example input, and the fused graph holds that branch only"
     leaves = list(_template_leaves(answer))
     if any(isinstance(t, Buf) for t in leaves) or not any(isinstance(t, In) for t in leaves):
         return  # (a size of a constant's: the pre-hook alone)
+    if max(inputs, default=-1) >= len(placeholders) or any(
+            n.op == "call_function" and n.target is torch._assert and n.args[1:] == (said,) for n in graph.nodes):
+        return  # written already (a copy, a graph reading its inputs as a structure: graph_copy kept it)
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
         got = emit(answer)  # (a test asserted as itself, or negated: torch.export refuses a SymBool == True)
         held = (got if traced else graph.call_function(torch.sym_not, (got,))) if isinstance(traced, bool) else (
             graph.call_function(operator.eq, (got, traced)))
-        graph.call_function(torch._assert, (held, f"{_SIZE_ASSERT}{where or 'the model'}: {what} gave {traced!r} at the "
-                                                  "example input, and the fused graph holds that branch only"))
+        graph.call_function(torch._assert, (held, said))
     graph.lint()
     module.recompile()
 

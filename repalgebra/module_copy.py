@@ -15,7 +15,7 @@ written inside ``__init__``, a patched ``blk.forward = lambda x: orig(x) * s``, 
 self.bn(self.conv(t))``) stays the same function object in the copy, its cells holding the *original*'s modules.
 The copy's hook then wrote into the user's dict while its forward read its own (stale features, 0.76 off), and a
 patched forward ran the user's train-mode BatchNorms, updating their statistics.  :func:`copy_module` gives each
-such function of the copy cells that hold the copies of what the model's own objects were (:func:`_rebound`).
+such function of the copy cells that hold the copies of what the model's own objects were (:class:`_Rebinding`).
 """
 
 from __future__ import annotations
@@ -42,53 +42,77 @@ def copy_module(model: M) -> M:
         copied = copy.deepcopy(model, memo)
     except Exception as e:
         raise TypeError(f"cannot copy {type(model).__name__}: {_uncopyable(model) or ''}{e}") from e
+    rebinding = _Rebinding(memo)
     for m in copied.modules():
         for name, v in list(vars(m).items()):
-            if name not in ("_parameters", "_buffers", "_modules") and (new := _rebound(v, memo, set())) is not v:
+            if name not in ("_parameters", "_buffers", "_modules") and (new := rebinding.value(v)) is not v:
                 vars(m)[name] = new
     return copied
 
 
-def _rebound(v: Any, memo: dict[int, Any], seen: set[int]) -> Any:
-    """``v`` with every function in it whose cells (or defaults) hold an object ``memo`` copied made again with the
-    copy in their place; containers of the copy (a hook dict, a list of callbacks) are changed in place.  ``v``
-    itself where nothing in it changes."""
-    if id(v) in seen:
-        return v
-    seen.add(id(v))
-    if isinstance(v, types.FunctionType):
-        cells = tuple(types.CellType(_copied(c.cell_contents, memo, seen)) if _filled(c) else c for c in v.__closure__ or ())
-        defaults = tuple(_copied(d, memo, seen) for d in v.__defaults__ or ()) or v.__defaults__
-        if all(a is b for a, b in zip(cells, v.__closure__ or ())) and all(a is b for a, b in zip(defaults or (), v.__defaults__ or ())):
-            return v
-        new = types.FunctionType(v.__code__, v.__globals__, v.__name__, defaults, cells or None)
-        return functools.update_wrapper(new, v, assigned=("__module__", "__qualname__", "__doc__", "__kwdefaults__"), updated=("__dict__",))
-    if isinstance(v, types.MethodType):
-        func = _rebound(v.__func__, memo, seen)
-        return v if func is v.__func__ else types.MethodType(func, v.__self__)
-    if isinstance(v, functools.partial):
-        func = _rebound(v.func, memo, seen)
-        return v if func is v.func else functools.partial(func, *v.args, **v.keywords)
-    if isinstance(v, dict):
-        for k, item in list(v.items()):
-            if (new := _rebound(item, memo, seen)) is not item:
-                v[k] = new
-    elif isinstance(v, list):
-        for k, item in enumerate(v):
-            if (new := _rebound(item, memo, seen)) is not item:
-                v[k] = new
-    return v
+class _Rebinding:
+    """The functions of one copy made again with cells that hold the copy's objects (``memo``: deepcopy's, the
+    model's object by id to its copy).  Each cell is made again once, so two closures sharing one (a hook that sets
+    ``nonlocal feat`` and the getter that reads it) still share it, and a closure that calls itself calls its new
+    form; containers of the copy (a hook dict, a list of callbacks, a namespace's attributes) are changed in place,
+    a tuple made again."""
+
+    def __init__(self, memo: dict[int, Any]) -> None:
+        self.memo = memo
+        self.done: dict[int, Any] = {}  # id of a function or container seen -> what it is in the copy
+        self.cells: dict[int, types.CellType] = {}  # id of a cell -> its new cell
+
+    def value(self, v: Any) -> Any:
+        """``v`` as the copy holds it: itself where nothing in it changes."""
+        if id(v) in self.done:
+            return self.done[id(v)]
+        self.done[id(v)] = v  # (a container that holds itself)
+        if isinstance(v, types.FunctionType):
+            new = _made_again(self, v)
+        elif isinstance(v, types.MethodType):
+            func = self.value(v.__func__)
+            new = v if func is v.__func__ else types.MethodType(func, v.__self__)
+        elif isinstance(v, functools.partial):
+            func = self.value(v.func)
+            new = v if func is v.func else functools.partial(func, *v.args, **v.keywords)
+        elif type(v) is tuple:
+            items = tuple(self.value(x) for x in v)
+            new = v if all(a is b for a, b in zip(items, v)) else items
+        else:
+            new = v
+            container = v if isinstance(v, (dict, list)) else vars(v) if isinstance(v, types.SimpleNamespace) else None
+            for k in (range(len(container)) if isinstance(container, list) else list(container or ())):
+                if (item := self.value(container[k])) is not container[k]:
+                    container[k] = item
+        self.done[id(v)] = new
+        return new
 
 
-def _copied(v: Any, memo: dict[int, Any], seen: set[int]) -> Any:
-    """What a closure's cell holding ``v`` holds in the copy: the copy of a model's object, a bound method of the
-    model's bound to its copy, a function made again by :func:`_rebound`; anything else is shared, as
-    ``copy.deepcopy`` shares a function."""
-    if id(v) in memo and memo[id(v)] is not v:
-        return memo[id(v)]
-    if isinstance(v, types.MethodType) and id(v.__self__) in memo:
-        return types.MethodType(_rebound(v.__func__, memo, seen), memo[id(v.__self__)])
-    return _rebound(v, memo, seen) if isinstance(v, (types.FunctionType, functools.partial)) else v
+def _made_again(rebinding: _Rebinding, f: types.FunctionType) -> types.FunctionType:
+    """``f`` with new cells (one per cell of ``f``, shared with every closure of the copy that shares it) holding
+    what the copy holds (:func:`_held`), and its defaults so; ``f`` itself where it has neither."""
+    if not (f.__closure__ or f.__defaults__ or f.__kwdefaults__):
+        return f
+    cells = tuple(rebinding.cells.setdefault(id(c), types.CellType()) for c in f.__closure__ or ())
+    new = types.FunctionType(f.__code__, f.__globals__, f.__name__, None, cells or None)
+    rebinding.done[id(f)] = new  # (before its cells are filled: a closure that calls itself)
+    for old, cell in zip(f.__closure__ or (), cells):
+        if _filled(old) and not _filled(cell):
+            cell.cell_contents = _held(rebinding, old.cell_contents)
+    new.__defaults__ = tuple(_held(rebinding, d) for d in f.__defaults__) if f.__defaults__ else None
+    new.__kwdefaults__ = {k: _held(rebinding, d) for k, d in f.__kwdefaults__.items()} if f.__kwdefaults__ else None
+    return functools.update_wrapper(new, f, assigned=("__module__", "__qualname__", "__doc__"), updated=("__dict__",))
+
+
+def _held(rebinding: _Rebinding, v: Any) -> Any:
+    """What a closure's cell (or a default) holding ``v`` holds in the copy: the copy of a model's object, a bound
+    method of one bound to its copy, a function made again; anything else is shared, as ``copy.deepcopy`` shares a
+    function."""
+    if id(v) in rebinding.memo and rebinding.memo[id(v)] is not v:
+        return rebinding.memo[id(v)]
+    if isinstance(v, types.MethodType) and id(v.__self__) in rebinding.memo:
+        return types.MethodType(rebinding.value(v.__func__), rebinding.memo[id(v.__self__)])
+    return rebinding.value(v) if isinstance(v, (types.FunctionType, functools.partial, tuple)) else v
 
 
 def _filled(cell: types.CellType) -> bool:

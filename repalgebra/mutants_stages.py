@@ -130,7 +130,9 @@ _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_chec
 _SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_at_the_example_and_the_rest_stays_free",
                "tests/test_fuse_size_tests.py::test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name",
                "tests/test_fuse_size_tests.py::test_a_test_of_a_size_computed_inside_is_not_taken")
-_CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",)
+_CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",
+             *(f"tests/test_fuse_shared_objects.py::test_every_closure_of_a_copy_holds_the_copys_objects[{f}]"
+               for f in ("shared_cell", "tuple", "twice", "kwdefault", "recursive")))
 _PICKLED_OPS = ("tests/test_fuse_capture.py::test_a_fused_model_with_aten_calls_pickles",
                 "tests/test_fuse_capture.py::test_a_fused_model_carrying_an_op_packet_pickles")
 _FLOAT_MASK = ("tests/test_onnx_fallback.py::test_an_additive_float_mask_is_given_its_values_in_the_checks",)
@@ -592,11 +594,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.builder:read_at_inputs", "                return source\n", "                return None\n", _SIZE_TESTS),
     ("frontend", "shape-item-unread", "v.shape[k] of a value computed inside not read as one size",
      "repalgebra.frontend.builder:_size_read", "            return inner.args[0], t.args[1]", "            return None, None", _SIZE_TESTS),
+    ("frontend", "sum-size-from-first-input", "the size of a sum read from its first input, which a broadcast at other sizes makes another",
+     "repalgebra.frontend.builder:read_at_inputs", 'source = None if v.producer is not None and v.producer.op in ("add", "sub") else size_source(v, axis)',
+     "source = size_source(v, axis)", ("tests/test_fuse_size_tests.py::test_the_size_of_a_sum_is_not_read_from_its_first_input",)),
+    ("onnx_backend", "batch-checks-unread", "a file with a free batch for a model whose checked test of sizes reads the batch",
+     f"{_OB}:_checks_read_the_batch", "            except Exception:  # noqa: BLE001\n                return (",
+     "            except Exception:  # noqa: BLE001\n                return \"\"\n                return (",
+     ("tests/test_fuse_size_tests.py::test_an_onnx_file_of_a_model_that_tests_its_batch_has_the_batch_fixed",)),
     ("frontend", "closure-cells-shared", "a closure of the model (a hook over self) holding the user's objects in fuse's copies",
-     "repalgebra.module_copy:_copied", "    if id(v) in memo and memo[id(v)] is not v:\n        return memo[id(v)]",
-     "    if False:\n        return memo[id(v)]", _CLOSURES),
+     "repalgebra.module_copy:_held", "    if id(v) in rebinding.memo and rebinding.memo[id(v)] is not v:\n",
+     "    if False:\n", _CLOSURES),
     ("frontend", "closure-bound-method-shared", "a patched forward's closure over the block's bound forward runs the user's block",
-     "repalgebra.module_copy:_copied", "    if isinstance(v, types.MethodType) and id(v.__self__) in memo:", "    if False:", _CLOSURES),
+     "repalgebra.module_copy:_held", "    if isinstance(v, types.MethodType) and id(v.__self__) in rebinding.memo:", "    if False:", _CLOSURES),
+    ("frontend", "closure-cells-made-apart", "two closures sharing a cell given a cell each in the copy (a hook's nonlocal unseen by its getter)",
+     "repalgebra.module_copy:_made_again", "cells = tuple(rebinding.cells.setdefault(id(c), types.CellType()) for c in f.__closure__ or ())",
+     "cells = tuple(types.CellType() for c in f.__closure__ or ())", _CLOSURES),
+    ("frontend", "closure-kwdefaults-kept", "a patch holding the original forward as a keyword-only default runs the user's block",
+     "repalgebra.module_copy:_made_again", "new.__kwdefaults__ = {k: _held(rebinding, d) for k, d in f.__kwdefaults__.items()} if f.__kwdefaults__ else None",
+     "new.__kwdefaults__ = f.__kwdefaults__", _CLOSURES),
     ("frontend", "closures-not-set", "functions made again for a copy's closures not set on the copy",
      "repalgebra.module_copy:copy_module", "                vars(m)[name] = new", "                pass", _CLOSURES),
     ("frontend", "uncopyable-unnamed", "a model that does not copy refused with the bare error, its attribute unnamed",

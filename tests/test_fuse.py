@@ -1048,3 +1048,34 @@ def test_a_fused_sequential_takes_its_input_by_the_name_forward_gives_it():
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(fused(input=x), model(input=x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
+
+
+class Tabular(nn.Module):
+    """fastai's TabularModel: an embedding per categorical column, ``bn_cont`` on the continuous ones, the two joined,
+    then its LinBnDrop layers (BatchNorm1d, Dropout, Linear, ReLU) and the output Linear."""
+
+    def __init__(self, sizes=(5, 7), dims=(3, 2), n_cont: int = 4) -> None:
+        super().__init__()
+        self.embeds = nn.ModuleList(nn.Embedding(n, d) for n, d in zip(sizes, dims))
+        self.emb_drop, self.bn_cont = nn.Dropout(0.1), nn.BatchNorm1d(n_cont)
+        width = sum(dims) + n_cont
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.BatchNorm1d(width), nn.Dropout(0.2), nn.Linear(width, 8), nn.ReLU()),
+            nn.Sequential(nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 6), nn.ReLU()),
+            nn.Linear(6, 2))
+
+    def forward(self, x_cat, x_cont):
+        x = self.emb_drop(torch.cat([e(x_cat[:, i]) for i, e in enumerate(self.embeds)], 1))
+        return self.layers(torch.cat([x, self.bn_cont(x_cont)], 1))
+
+
+def test_a_tabular_models_continuous_batch_norm_folds_through_the_concat():
+    """``bn_cont`` normalizes the continuous features beside the embeddings, and the join fed the first Linear: it was
+    left, "no rule applies" (found by a probe).  It folds into the Linear's columns its features fill."""
+    model = randomize(Tabular()).double().eval()
+    ids = lambda n: torch.stack([torch.randint(0, 5, (n,)), torch.randint(0, 7, (n,))], 1)  # noqa: E731
+    fused = fuse(model, (ids(4), torch.randn(4, 4, dtype=D)))
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules()), str(fused.fuse_report)
+    x_cat, x_cont = ids(6), torch.randn(6, 4, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x_cat, x_cont), model(x_cat, x_cont), rtol=1e-9, atol=1e-12)  # float64

@@ -298,7 +298,8 @@ class SamePad(nn.Conv2d):
 
 class SameNet(nn.Module):
     """A TF-style stem and a head: ``pool(x).squeeze()`` (drops the batch axis at batch 1), a branch on a batch of
-    one, or a plain flatten."""
+    one, or a plain flatten.  An assertion on a reduction's size, which the fx capture cannot check per call, sends
+    it to torch.export (the stem's padding alone, tests of the input's sizes, no longer does)."""
 
     def __init__(self, head: str) -> None:
         super().__init__()
@@ -306,6 +307,7 @@ class SameNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.bn(self.stem(x)))
+        assert y.amax(1).shape[-1] > 0
         if self.head == "branch" and x.shape[0] == 1:
             y = 2 * y
         pooled = y.mean((2, 3), keepdim=True)

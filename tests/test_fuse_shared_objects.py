@@ -276,3 +276,71 @@ def test_closures_in_the_model_hold_the_copys_objects_not_the_users():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "fuse changed the user's BatchNorms"
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-9, atol=1e-12)
+
+
+class ClosureForms(nn.Module):
+    """Functions held by a model in the forms a review found copies still missed: two closures sharing a cell (a hook
+    that sets ``nonlocal feat``, a getter that reads it), a lambda over self in a tuple, one function twice in a
+    list, a patch holding the original forward as a keyword-only default, a closure that calls itself."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.layer, self.proj = form, nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)
+        if form == "shared_cell":
+            feat = None
+
+            def hook(module, args, out):
+                nonlocal feat
+                feat = out
+
+            def get():
+                return self.proj(feat)
+
+            self.layer.register_forward_hook(hook)
+            self.get = get
+        elif form == "tuple":
+            self.steps = (lambda t: self.proj(self.layer(t)),)
+        elif form == "twice":
+            step = lambda t: self.layer(t)  # noqa: E731
+            self.steps = [step, step]
+        elif form == "kwdefault":
+            self.layer.forward = lambda x, *, orig=self.layer.forward: orig(x) * 2
+        else:  # recursive
+            def apply(t, k):
+                return t if k == 0 else apply(self.layer(t), k - 1)
+
+            self.apply_fn = apply
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # a test of values: kept whole, and its own functions run as written
+            x = -x
+        if self.form == "shared_cell":
+            self.layer(x)
+            return self.get()
+        if self.form == "tuple":
+            return self.steps[0](x)
+        if self.form == "twice":
+            return self.proj(self.steps[1](self.steps[0](x)))
+        if self.form == "kwdefault":
+            return self.proj(self.layer(x))
+        return self.proj(self.apply_fn(x, 2))
+
+
+@pytest.mark.parametrize("form", ["shared_cell", "tuple", "twice", "kwdefault", "recursive"])
+def test_every_closure_of_a_copy_holds_the_copys_objects(form):
+    """Each form kept a cell of the user's model in fuse's copies (found by a review): a train-mode model's
+    BatchNorm counted fuse's runs, the fused model followed edits of the user's model, or (a shared cell split)
+    returned another call's features.  Every cell is made again once per copy, shared where it was shared."""
+    torch.manual_seed(0)
+    model = ClosureForms(form).to(D).train()
+    x = torch.randn(3, 4, dtype=D)
+    fused = fuse(model, x)
+    assert model.layer[1].num_batches_tracked.item() == 0, "fuse ran the user's BatchNorm"
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):  # a second call: a split cell returns the first call's features
+            y = torch.randn(3, 4, dtype=D)
+            torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-12)
+        want = model(y)
+        model.layer[0].weight.mul_(2)  # the user's model changes after fuse: the fused one does not follow it
+        torch.testing.assert_close(fused(y), want, rtol=1e-9, atol=1e-12)

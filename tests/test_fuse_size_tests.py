@@ -1,12 +1,14 @@
 """Python tests of sizes and sizes read as numbers, taken as at the example and checked on every call.
 
-``if D > 3:`` (PointNet), ``int(c) ** -0.5`` (the Stable Diffusion VAE's attention), ``range(x.shape[1])``:
+``if D > 3:`` (PointNet), ``int(c) ** -0.5`` (the Stable Diffusion VAE's attention), ``math.sqrt(x.shape[1])``:
 torch.fx had no Python value to give, and the model went to torch.export with every size fixed.  The trace now
 takes them as at the example, and the fused model checks them per call (:mod:`repalgebra.frontend.size_tests`).
 Tolerances: float64 models, folded in float64, compared to 1e-9 relative.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -41,8 +43,8 @@ class PointFeatures(nn.Module):
 
 
 class VAEAttention(nn.Module):
-    """The Stable Diffusion VAE's attention block (taming-transformers' AttnBlock): ``w_ * (int(c) ** -0.5)``, and a
-    loop over the channels read as a number."""
+    """The Stable Diffusion VAE's attention block (taming-transformers' AttnBlock): ``w_ * (int(c) ** -0.5)``, and
+    the input's channel count read as a float (``math.sqrt``)."""
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()
@@ -57,8 +59,7 @@ class VAEAttention(nn.Module):
         q = q.reshape(b, c, hh * ww).permute(0, 2, 1)
         w_ = torch.bmm(q, k.reshape(b, c, hh * ww)) * (int(c) ** (-0.5))
         h = torch.bmm(v.reshape(b, c, hh * ww), F.softmax(w_, dim=2).permute(0, 2, 1)).reshape(b, c, hh, ww)
-        scaled = sum(h[:, i : i + 1] * (i + 1) for i in range(x.shape[1]))
-        return x + self.out(h) + scaled
+        return x + self.out(h) * math.sqrt(x.shape[1])
 
 
 @pytest.mark.parametrize("make, example, others", [
@@ -96,7 +97,7 @@ def test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name():
     fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
     assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
     same(fused, model, torch.randn(3, 3, 14, 20, dtype=D))
-    with pytest.raises(ValueError, match=r"a test of sizes \(if D > 3:\) gave True at the example input.*these inputs give False"):
+    with pytest.raises(ValueError, match=r"a Python test of sizes gave True at the example input.*these inputs give False"):
         fused(torch.randn(1, 3, 8, 8, dtype=D))
 
 
@@ -123,3 +124,75 @@ def test_a_test_of_a_size_computed_inside_is_not_taken():
     same(fused, model, torch.randn(2, 3, 16, 16, dtype=D))
     with pytest.raises(ValueError):
         fused(torch.randn(2, 3, 8, 8, dtype=D))
+
+
+class SumThenTest(nn.Module):
+    """A test of the size of a sum, which broadcasts where the inputs' batches differ (1 and 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x, z):
+        y = self.bn(self.lin(x)) + z
+        return y * 2 if y.shape[0] > 3 else y - 1
+
+
+def test_the_size_of_a_sum_is_not_read_from_its_first_input():
+    """Equal shapes at the example do not make a sum's size its first input's: at x 1x4 and z 5x4 it is 5.  The
+    check read x's batch, passed, and the fused model took the example's branch, 4.5 off (found by a review)."""
+    model = seeded(SumThenTest, 0)().to(D)
+    fused = fuse(model, (torch.randn(2, 4, dtype=D), torch.randn(2, 4, dtype=D)))
+    x, z = torch.randn(1, 4, dtype=D), torch.randn(5, 4, dtype=D)
+    with pytest.raises(ValueError, match="(?i)fuse (the model )?again"):
+        fused(x, z)
+
+
+class BatchBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if x.shape[0] > 2 else y - 1
+
+
+def test_an_onnx_file_of_a_model_that_tests_its_batch_has_the_batch_fixed():
+    """A file cannot make the checks the fused model makes: with a free batch it computed the example's branch at
+    every batch, 2.9 off at batch 4 (found by a review).  Where a check reads the batch, the file's batch is fixed."""
+    import onnxruntime as ort
+
+    from repalgebra import export_onnx
+
+    model = seeded(BatchBranch, 0)()
+    x = torch.randn(2, 3, 8, 8)
+    for target in (model, fuse(model, x)):
+        proto, report = export_onnx(target, None, x, return_report=True)
+        assert not report.dynamic_batch and any("tests a size that follows the batch" in n for n in report.notes), report
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+                                       model(x), rtol=1e-5, atol=1e-5)  # (float32)
+    proto, report = export_onnx(seeded(PointFeatures, 0)(), None, torch.randn(2, 6, 32), return_report=True)
+    assert report.dynamic_batch, report  # a test of the channels, which no batch changes
+
+
+class DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, d):
+        y = self.bn(self.conv(d["a"]))
+        return y * 2 if d["b"].shape[0] > 2 else y - 1
+
+
+def test_a_test_of_sizes_of_an_item_of_a_dict_input_is_checked():
+    """fuse raised IndexError writing the check into the graph of a model that takes a dict (found by a review)."""
+    model = seeded(DictInput, 0)().to(D)
+    fused = fuse(model, ({"a": torch.randn(2, 3, 8, 8, dtype=D), "b": torch.randn(2, 3, dtype=D)},))
+    d = {"a": torch.randn(3, 3, 6, 6, dtype=D), "b": torch.randn(1, 3, dtype=D)}
+    same(fused, model, d)
+    with pytest.raises(ValueError, match="gave False at the example input"):
+        fused({"a": torch.randn(2, 3, 8, 8, dtype=D), "b": torch.randn(4, 3, dtype=D)})

@@ -1454,6 +1454,22 @@ def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dyna
     return cap.graph, f"torch.export with {fixed} fixed at {shapes} (torch.fx left {calls} call{'s' * (calls != 1)} for the fallback)", model
 
 
+def _checks_read_the_batch(checks: Sequence, example: tuple) -> str:
+    """Why a file with a free batch would compute something else than the model: a check the fused model makes per
+    call (:mod:`~repalgebra.frontend.size_tests`: ``if x.shape[0] > 2`` taken as at the example) refuses the example
+    at another batch, where the model takes its other branch and the file, which checks nothing, would not.  Empty
+    where every check holds at the example's batch plus one and at batch 1."""
+    batch = _file_batch(example)
+    for fn, positions, where in checks:
+        for other in (batch_plus_one(example, batch), batch_of_one(example, batch)):
+            try:
+                fn(*(other[k] for k in positions))
+            except Exception:  # noqa: BLE001
+                return (f"{where or 'forward'!r} tests a size that follows the batch (taken as at the example, and "
+                        "checked by the fused model on each call), which a file cannot check")
+    return ""
+
+
 def _holds_at_another_batch(graph: Graph, module: torch.nn.Module, example: tuple) -> bool:
     """Whether the rewritten ``graph`` still computes what ``module`` does at the example's batch plus one.
 
@@ -1660,6 +1676,9 @@ def export_onnx(
             shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
             notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
         meta = {"producer": "repalgebra", "repalgebra_version": __version__}
+        if batch and (why := _checks_read_the_batch(getattr(graph, "input_checks", ()), example)):
+            batch = False
+            notes.append(f"batch fixed at {example[0].shape[0]}: {why}")
         fired = False
         if fuse:
             graph, rewritten = rewrite(graph)

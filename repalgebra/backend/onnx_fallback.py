@@ -1128,13 +1128,17 @@ def capture_for_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tu
     opaque node (so the whole export goes through ``torch.onnx.export``).
     """
     from repalgebra.frontend.inplace import InplaceHazard
-    from repalgebra.frontend.torch import UntraceableError, trace
+    from repalgebra.frontend.torch import UntraceableError, trace_model
 
     leaves: list[str] = []
     reason = ""
     while len(leaves) <= MAX_LEAVES:
         try:
-            graph = trace(model, inputs, leaf_modules=tuple(leaves))
+            traced = trace_model(model, inputs, leaf_modules=tuple(leaves))
+            graph = traced.graph
+            # The checks the fused model makes per call (a test of sizes taken as at the example, an assertion): a
+            # file cannot make them, and its batch must not be free where they read it (export_onnx).
+            graph.input_checks = list(traced.input_checks)
         except (UntraceableError, InplaceHazard) as e:
             path = getattr(e, "path", "")
             reason = (str(e).strip().splitlines() or [""])[0]

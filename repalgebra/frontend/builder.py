@@ -464,7 +464,8 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
         if not isinstance(axis, int) or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
             return None
         while not is_input(v):
-            source = size_source(v, axis)
+            # (an add or sub of shapes equal at the example may broadcast at others: its size is not its input's)
+            source = None if v.producer is not None and v.producer.op in ("add", "sub") else size_source(v, axis)
             if source is None:
                 return None
             if isinstance(source, int):

@@ -616,7 +616,7 @@ class Tracer(fx.Tracer):
             return fixed
         value = _weights_only_value(obj.node, self.root)
         if value is None:
-            answer = self.size_answer(obj, "a test of sizes (if D > 3:)")
+            answer = self.size_answer(obj, "a Python test of sizes")
             return answer if isinstance(answer, bool) else super().to_bool(obj)
         self.weight_branches.append(self.path_stack[-1] if self.path_stack else "")
         return bool(value)
@@ -625,8 +625,8 @@ class Tracer(fx.Tracer):
         """``obj``'s Python value at the example inputs where it is computed from sizes alone (a test, a number),
         recorded in the graph to be checked on every call (:mod:`~repalgebra.frontend.size_tests`); else None."""
         value = self.ranks.value(obj.node)
-        if type(value) not in (bool, int, float):
-            return None  # (a meta tensor: a test of values)
+        if type(value) not in (bool, int, float) or not self.ranks.all_known(obj.node):
+            return None  # (a meta tensor: a test of values; or computed from a value not known, None == 3 is False)
         where = self.path_stack[-1] if self.path_stack else ""
         self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
         self.size_tests.append(where)

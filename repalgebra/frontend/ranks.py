@@ -59,6 +59,21 @@ class Ranks:
                 pass
         return self.values[node]
 
+    def all_known(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value and every value it is computed from are known (not None): a call on an unknown
+        value may still answer (``None == 3`` is False), and that answer is no answer at the example."""
+        seen: set[fx.Node] = set()
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.value(n) is None:
+                return False
+            todo.extend(n.all_input_nodes)
+        return True
+
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)

@@ -1,7 +1,7 @@
 """Python that reads sizes as Python values, taken as at the example and checked on every call.
 
 Public code branches on sizes and reads them as numbers all the time: PointNet's ``B, D, N = x.size(); if D > 3:``,
-the Stable Diffusion VAE's attention ``w_ * (int(c) ** -0.5)``, a loop ``for i in range(x.shape[1])``.  ``torch.fx``
+the Stable Diffusion VAE's attention ``w_ * (int(c) ** -0.5)``, ``math.sqrt(x.shape[1])``.  ``torch.fx``
 has no Python value to give and stops, and the model went to ``torch.export`` with *every* size fixed, though the
 channel count ``D`` never changes.  While tracing, the front end knows each size at the example inputs
 (:mod:`~repalgebra.frontend.ranks`): it takes the test or the number as there and records a call of

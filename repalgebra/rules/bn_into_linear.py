@@ -35,13 +35,19 @@ A LayerNorm's or RMSNorm's own affine over the features (``nn.LayerNorm(C)`` bef
 per feature, with ``n`` the normalization alone, so ``Linear(gamma n(x) + beta) = Linear(n(x); W gamma, b + W beta)``
 and the norm keeps only its normalization.
 
+A BN of some of the features a concat joins before the Linear (fastai's tabular model: ``bn_cont`` on the
+continuous features, concatenated with the embeddings) folds into the columns those features fill:
+``Linear(cat(BN(x1), x2)) = Linear(cat(x1, x2); W [s; 1], b + W [t; 0])``.
+
 Preconditions: every value from the BN to the Linear is read only by the next
 op, and the layout ops (and a mean, which must not average the channel axis)
 keep the channel axis whole and end with it last, or are that one flatten.
 Read by several Linears, the BN's output feeds them directly, on their last axis.  The constant is one
 value per feature of the Linear's input (or one for all), and adding it does not broadcast ``x`` to a larger
 shape.  A norm's affine folds where the norm normalizes the last axis alone (its ``gamma`` and ``beta`` are then one
-value per feature) and only Linears read its output, as their input.
+value per feature) and only Linears read its output, as their input.  Through a concat on the Linear's features,
+read by the Linear alone: each operand a BN or scale makes per feature (or by one number), read by the concat
+alone, folds into the columns it fills.
 """
 
 from math import prod
@@ -66,6 +72,9 @@ def bn_into_linear(graph, lin):
     shift = producer(lin.x, "add_const")
     if shift is not None:
         return _shift_into(graph, lin, shift)
+    cat = producer(lin.x, "concat")
+    if cat is not None:
+        return _through_concat(graph, lin, cat) if sole_use(graph, lin.x) else None
     bn, chain = layout_chain(graph, lin.x, ("batch_norm", "scale", "mean", *_NORMS))
     if bn is not None and bn.op == "mean":  # a global average pool between (RepLKNet's head: BN, pool, flatten)
         mean = bn  # (after a layout chain of its own: EfficientFormerV2's head is BN, flatten(2), mean(-1))
@@ -87,6 +96,36 @@ def bn_into_linear(graph, lin):
     start = moved[-1].out if moved else bn.x
     new = lin.replace(inputs=(start,), params=_folded(lin, s, t), source=merged_source(lin, bn))
     return Rewrite(lin.out, new.out, (*moved, new))
+
+
+def _through_concat(graph, lin, cat):
+    """``Linear(cat([BN(x1), x2, ...], -1))``: a BN (or constant scale) of the features of an operand, read by the
+    concat alone, folds into the columns of ``W`` that operand fills (fastai's tabular model normalizes its
+    continuous features beside the embeddings; a DLRM tower's input): ``s`` and ``t`` are the BN's on its columns,
+    1 and 0 on the others."""
+    rank = len(cat.out.shape)
+    if cat.attrs["axis"] % rank != rank - 1:
+        return None
+    w = lin.params["weight"]
+    s, t = torch.ones(w.shape[1], dtype=w.dtype), torch.zeros(w.shape[1], dtype=w.dtype)
+    inputs, folded, start, shifted = [], [], 0, False
+    for x in cat.inputs:
+        width, bn = x.shape[-1], producer(x, "batch_norm", "scale")
+        affine = _affine(bn, width) if bn is not None and sole_use(graph, x) and bn.x.shape == x.shape else None
+        if affine is not None and (affine[3] or affine[2] == len(bn.x.shape) - 1):  # one number, or per feature
+            s[start : start + width] = affine[0]
+            if affine[1] is not None:
+                t[start : start + width], shifted = affine[1], True
+            inputs.append(bn.x)
+            folded.append(bn)
+        else:
+            inputs.append(x)
+        start += width
+    if not folded:
+        return None
+    joined = cat.replace(inputs=tuple(inputs))
+    new = lin.replace(inputs=(joined.out,), params=_folded(lin, s, t if shifted else None), source=merged_source(lin, *folded))
+    return Rewrite(lin.out, new.out, (joined, new))
 
 
 def _affine(bn, features: int):

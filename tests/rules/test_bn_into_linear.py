@@ -277,3 +277,47 @@ def test_a_norms_affine_folds_through_layout_that_keeps_the_features_last(kind, 
     else:
         assert report.fired == [] and fused.op_counts() == graph.op_counts()
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+@given(widths=st.lists(st.integers(1, 4), min_size=2, max_size=4), normed=st.data(), axis=st.sampled_from(["features", "batch"]),
+       tokens=st.booleans(), bias=st.booleans(), dtype=float_dtypes(), seed=seeds())
+def test_a_bn_of_some_features_folds_through_a_concat(widths, normed, axis, tokens, bias, dtype, seed):
+    """fastai's tabular model: ``bn_cont`` on the continuous features, concatenated after the embeddings, then the
+    first Linear: each operand a BN1d or a scale makes per feature, read by the concat alone, folds into the columns
+    it fills.  Joined on the batch axis (rows of one and of the other), the Linear's columns meet every row:
+    nothing folds; nor does a BN1d of ``(N, C, L)`` tokens, whose channels are not the features the Linear reads."""
+    kinds = [normed.draw(st.sampled_from(["bn", "scale", "plain", "twice"])) for _ in widths]
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    joined_on = -1 if axis == "features" else 0
+    shapes = [(2, w) if axis == "features" else (1 + k, widths[0]) for k, w in enumerate(widths)]
+    shapes = [(s[0], 3, s[1]) for s in shapes] if tokens else shapes
+    xs = [b.input(f"x{k}", s, dtype) for k, s in enumerate(shapes)]
+    parts, folds, kept = [], 0, 0
+    for k, (x, kind) in enumerate(zip(xs, kinds)):
+        if kind == "bn":
+            parts.append(add_bn(b, x, normed.draw(bn_stats(x.shape[1])), dtype, f"bn{k}"))
+            s, t = bn_affine(parts[-1].producer)
+            uniform = bool((s == s[0]).all() and (t == t[0]).all())  # one number: every element meets it
+        elif kind == "scale":
+            parts.append(b.scale(x, scale=(0.5 + torch.rand(x.shape[-1], generator=gen)).to(dtype), axis=-1, source=f"s{k}"))
+        else:
+            parts.append(x)
+        kept += kind == "bn" and tokens and not uniform
+        folds += kind == "scale" or (kind == "bn" and (not tokens or uniform))
+    if "twice" in kinds:  # an operand that is also an output: read by the concat and by the graph
+        shared = xs[kinds.index("twice")]
+        extra = add_bn(b, shared, normed.draw(bn_stats(shared.shape[1])), dtype, "shared")
+        parts[kinds.index("twice")] = extra
+    joined = b.concat(*parts, axis=joined_on)
+    features = joined.shape[-1]
+    out = b.linear(joined, **linear_params(features, 3, bias, seed, dtype), source="head")
+    graph = b.build(out, *([extra] if "twice" in kinds else []))
+    fused, report = run_rules(graph, "bn_into_linear")
+    if axis == "features" and folds:
+        assert report.rule_counts() == {"bn_into_linear": 1}, report
+        left = kept + ("twice" in kinds)
+        assert fused.op_counts().get("batch_norm", 0) + fused.op_counts().get("scale", 0) == left, fused.op_counts()
+    else:
+        assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert_graphs_equal(graph, fused, tuple(random_input(s, dtype, seed + 1 + k) for k, s in enumerate(shapes)), dtype)
