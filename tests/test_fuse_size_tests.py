@@ -196,3 +196,31 @@ def test_a_test_of_sizes_of_an_item_of_a_dict_input_is_checked():
     same(fused, model, d)
     with pytest.raises(ValueError, match="gave False at the example input"):
         fused({"a": torch.randn(2, 3, 8, 8, dtype=D), "b": torch.randn(4, 3, dtype=D)})
+
+
+class ChunkCount(nn.Module):
+    """``len(y.chunk(4, -1))``: torch makes 3 pieces of a length of 6, 2 of 5, 3 of 9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        pieces = self.bn(self.conv(x)).chunk(4, -1)
+        return torch.cat(pieces, -1) / len(pieces)
+
+
+def test_the_number_of_pieces_of_a_chunk_is_no_constant():
+    """``len()`` of a chunk was taken as the 4 the call asks for, unchecked: the fused model divided by 4 where the
+    model divides by 3 (found by a review).  It is torch's count at the example, checked per call (or the model
+    is captured at its example's sizes): never the example's count at another length."""
+    model = seeded(ChunkCount, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 8, dtype=D))
+    same(fused, model, torch.randn(3, 3, 8, dtype=D))
+    for length in (5, 6, 9):
+        x = torch.randn(2, 3, length, dtype=D)
+        try:
+            got = fused(x)
+        except ValueError:
+            continue  # refused by name
+        torch.testing.assert_close(got, model(x), rtol=1e-9, atol=1e-12)

@@ -736,6 +736,8 @@ class _Proxy(InplaceProxy):
 
     def __len__(self) -> int:
         n = _stated_pieces(self.node)
+        if n is not None and _chunked(self.node) is not None:
+            return self._chunks(n)
         if n is None:
             n = shape_length(self.node, self.tracer.rank)
         return n if n is not None else super().__len__()
@@ -749,6 +751,17 @@ class _Proxy(InplaceProxy):
         if k in ("shape", "size") and (real := self.tracer.weights_size(self.node, k)) is not None:
             return real
         return _Shape(self, k) if k == "shape" else super().__getattr__(k)
+
+    def _chunks(self, n: int) -> int:
+        """``len(y.chunk(n, dim))``: the pieces torch makes, ``ceil(L / ceil(L / n))`` of a length ``L`` (3 of 6 in 4
+        chunks), as at the example and checked per call (:meth:`Tracer.size_answer`; found by a review)."""
+        x, dim = _chunked(self.node)
+        length = self.tracer.create_proxy("call_method", "size", (x, dim), {})
+        per = (length + (n - 1)) // n
+        count = self.tracer.size_answer((length + per - 1) // per, f"the number of pieces of a chunk into {n}")
+        if type(count) is not int:
+            raise TypeError(f"len() of a chunk into {n} of a length torch.fx only knows symbolically, not '_Proxy'")
+        return count
 
     def __int__(self) -> int:
         return int(self._number("int"))
@@ -778,6 +791,14 @@ def _places(paths: list[str]) -> str:
     """``'a', 'b', forward, ... (n more)``: the distinct module paths of a report note, at most four of them."""
     where = sorted({repr(p) if p else "forward" for p in paths})
     return ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+
+
+def _chunked(node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """``(x, dim)`` of a ``chunk`` call (``x.chunk(n, dim)``, ``torch.chunk(x, n, dim=dim)``), else None."""
+    if not ((node.op == "call_method" and node.target == "chunk") or (node.op == "call_function" and node.target is torch.chunk)):
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return (node.args[0], dim) if isinstance(node.args[0], fx.Node) else None
 
 
 def _stated_pieces(node: fx.Node) -> int | None:
