@@ -599,3 +599,39 @@ def test_around_a_draw_everything_folds_and_the_draws_are_the_models():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match=r"NoisyBlocks to ONNX: the model's own forward, 'decoder.1' draws random numbers \(torch's"):
         export_onnx(model, None, x)
+
+
+SHARED = torch.Generator().manual_seed(0)  # a generator the model draws from without holding it
+
+
+class OwnGenerator(nn.Module):
+    """Draws from a generator it holds (``self.rng = random.Random(0)``, ``np.random.default_rng(0)``), or from a
+    ``torch.Generator`` it is given (``torch.randn(shape, generator=G)``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.lin, self.bn = kind, nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.rng = random.Random(0) if kind == "python" else np.random.default_rng(0) if kind == "numpy" else None
+
+    def forward(self, x):
+        y = self.bn(self.lin(x))
+        if self.kind == "python":
+            return y * self.rng.randint(1, 9)
+        if self.kind == "numpy":
+            return y * float(self.rng.integers(1, 9))
+        return y + torch.randn(y.shape, generator=SHARED, dtype=y.dtype)
+
+
+@pytest.mark.parametrize("kind", ["python", "numpy", "given"])
+def test_a_draw_from_a_generator_the_model_holds_or_is_given_is_not_frozen(kind):
+    """fx ran ``self.rng.randint`` once and held its number (a generator the model holds is no global one, which
+    fuse watched), and a carried call held a copy of the ``generator=`` it was given (found by a review).  The
+    module runs as written: each call draws from its own generator as the model's does."""
+    model = randomized(lambda: OwnGenerator(kind))
+    x = torch.randn(3, 4, dtype=D)
+    fused = fuse(model, x)
+    for _ in range(4):  # each draws the next number of its own generator (a copy of the model's at fuse)
+        SHARED.manual_seed(7)
+        want = model(x)
+        SHARED.manual_seed(7)
+        torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)

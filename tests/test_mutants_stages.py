@@ -52,6 +52,7 @@ FEW = {
     "repalgebra.fuse:_other_layout": "two choices: the layout the check runs in, for images and for other ranks",
     "repalgebra.module_copy:_uncopyable": "one search: the first attribute that does not copy",
     "repalgebra.frontend.builder:promoted_from": "one comparison of two dtypes",
+    "repalgebra.draws:held_generator_state": "one state per kind of generator; the mutants drop Python's and numpy's",
     "repalgebra.frontend.fx_trace:_chunked": "one match: a chunk call's input and axis",
     "repalgebra.backend.onnx:_checks_read_the_batch": "one answer: a check refuses another batch, or none does",
     "repalgebra.frontend.size_tests:taken_as_traced": "one comparison of the call's answer with the example's",

@@ -269,6 +269,9 @@ class Builder:
 
     def call(self, n: fx.Node, kind: str, target: Any) -> Any:
         args, kwargs = self.args(n.args), self.args(n.kwargs)
+        if any(isinstance(a, torch.Generator) for a in pytree.tree_leaves((args, kwargs))):
+            # A carried call would hold a copy of it, drawing apart from the one the model draws from (found by a review)
+            raise TypeError(f"{n.format_node()} draws from a torch.Generator it is given: the model runs it as written")
         if kind == "call_function" and target is torch._assert and _has_value(args, kwargs):
             args = _message_per_call(n, args, self.env)
             target = assert_with_message if len(args) > 2 else torch._assert

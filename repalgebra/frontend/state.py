@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from repalgebra.draws import DRAWS, generator_states, generators_kept
+from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state
 from repalgebra.module_copy import copy_module
 from repalgebra.verify import first_difference
 
@@ -229,6 +229,8 @@ def _key(value: Any, depth: int = 0) -> Any:
     a Python scalar's value, and what lists, tuples, dicts, sets and plain objects hold (``self.stats["n"] += 1``,
     ``self.schedule.step += 1``), followed :data:`_DEPTH` levels deep and up to :data:`_ITEMS` items each; beyond
     that a container's type and length, an object's identity.  Modules are not followed: their own state is theirs."""
+    if (drawn := held_generator_state(value)) is not None:
+        return ("generator", drawn)  # (one the model holds draws when a call advances it: self.rng = random.Random(0))
     if torch.is_tensor(value):
         small = value.numel() <= _COPIED and not value.is_meta
         version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
