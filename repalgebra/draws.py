@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import types
 from typing import Any, Iterator
 
 import numpy as np
@@ -44,6 +45,8 @@ def held_generator_state(value: Any) -> Any:
     ``np.random.default_rng(0)``, a ``torch.Generator``), as a value that compares equal where it did not draw;
     None for anything else.  A call that draws from one changes it: state of the module that holds it, which then
     runs as written (a capture would hold one draw: a review found ``self.rng.randint`` frozen by fx)."""
+    if isinstance(value, types.BuiltinMethodType) and value.__self__ is not None and not isinstance(value.__self__, types.ModuleType):
+        return held_generator_state(value.__self__)  # (self.draw = rng.random)
     if isinstance(value, torch.Generator):
         return bytes(value.get_state().numpy())
     if isinstance(value, random.Random):

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from repalgebra.draws import held_generator_state
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -54,11 +56,12 @@ class _Rebinding:
     """The functions of one copy made again with cells that hold the copy's objects (``memo``: deepcopy's, the
     model's object by id to its copy).  Each cell is made again once, so two closures sharing one (a hook that sets
     ``nonlocal feat`` and the getter that reads it) still share it, and a closure that calls itself calls its new
-    form; containers of the copy (a hook dict, a list of callbacks, a namespace's attributes) are changed in place,
-    a tuple made again."""
+    form.  Containers of the copy (a hook dict, a list of callbacks, a namespace's attributes) are changed in place,
+    and only those: a container reached through what the copy shares with the user is the user's."""
 
     def __init__(self, memo: dict[int, Any]) -> None:
         self.memo = memo
+        self.ours = {id(v) for v in memo.values()}  # the copy's objects
         self.done: dict[int, Any] = {}  # id of a function or container seen -> what it is in the copy
         self.cells: dict[int, types.CellType] = {}  # id of a cell -> its new cell
 
@@ -72,15 +75,21 @@ class _Rebinding:
         elif isinstance(v, types.MethodType):
             func = self.value(v.__func__)
             new = v if func is v.__func__ else types.MethodType(func, v.__self__)
+        elif isinstance(v, types.BuiltinMethodType) and held_generator_state(v.__self__) is not None:
+            new = getattr(_held(self, v.__self__), v.__name__)  # (self.draw = rng.random: deepcopy shares it)
         elif isinstance(v, functools.partial):
-            func = self.value(v.func)
-            new = v if func is v.func else functools.partial(func, *v.args, **v.keywords)
+            func, args = self.value(v.func), tuple(_held(self, a) for a in v.args)
+            keywords = {k: _held(self, a) for k, a in v.keywords.items()}
+            same = func is v.func and all(a is b for a, b in zip(args, v.args)) and all(keywords[k] is v.keywords[k] for k in keywords)
+            new = v if same else functools.partial(func, *args, **keywords)
         elif type(v) is tuple:
-            items = tuple(self.value(x) for x in v)
+            items = tuple(_held(self, x) for x in v)
             new = v if all(a is b for a, b in zip(items, v)) else items
         else:
             new = v
             container = v if isinstance(v, (dict, list)) else vars(v) if isinstance(v, types.SimpleNamespace) else None
+            if id(v) not in self.ours:
+                container = None
             for k in (range(len(container)) if isinstance(container, list) else list(container or ())):
                 if (item := self.value(container[k])) is not container[k]:
                     container[k] = item
@@ -105,14 +114,27 @@ def _made_again(rebinding: _Rebinding, f: types.FunctionType) -> types.FunctionT
 
 
 def _held(rebinding: _Rebinding, v: Any) -> Any:
-    """What a closure's cell (or a default) holding ``v`` holds in the copy: the copy of a model's object, a bound
-    method of one bound to its copy, a function made again; anything else is shared, as ``copy.deepcopy`` shares a
-    function."""
+    """What a closure's cell (or a default, or an item of a tuple the copy holds) holding ``v`` holds in the copy:
+    the copy of a model's object; a bound method of one bound to its copy; a function, partial or tuple made again
+    around what it holds; a list, dict, set or namespace of its own (a call counter) or a generator it draws from,
+    copied, as ``copy.deepcopy`` would copy them; anything else (a logger, a lock) shared, as ``copy.deepcopy``
+    shares a function."""
     if id(v) in rebinding.memo and rebinding.memo[id(v)] is not v:
         return rebinding.memo[id(v)]
+    if id(v) in rebinding.ours:
+        return v
     if isinstance(v, types.MethodType) and id(v.__self__) in rebinding.memo:
         return types.MethodType(rebinding.value(v.__func__), rebinding.memo[id(v.__self__)])
-    return rebinding.value(v) if isinstance(v, (types.FunctionType, functools.partial, tuple)) else v
+    if isinstance(v, (types.FunctionType, functools.partial, tuple, types.BuiltinMethodType)):
+        return rebinding.value(v)
+    if isinstance(v, (list, dict, set, types.SimpleNamespace)) or held_generator_state(v) is not None:
+        try:
+            new = copy.deepcopy(v, rebinding.memo)
+        except Exception:  # noqa: BLE001  (it does not copy: shared, as before)
+            return v
+        rebinding.ours.add(id(new))
+        return rebinding.value(new)
+    return v
 
 
 def _filled(cell: types.CellType) -> bool:

@@ -12,6 +12,7 @@ tensors are kept whole, else the model.  Every test runs both on new inputs, in 
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict, defaultdict
 from functools import partial
 
@@ -344,3 +345,44 @@ def test_every_closure_of_a_copy_holds_the_copys_objects(form):
         want = model(y)
         model.layer[0].weight.mul_(2)  # the user's model changes after fuse: the fused one does not follow it
         torch.testing.assert_close(fused(y), want, rtol=1e-9, atol=1e-12)
+
+
+class HeldByFunctions(nn.Module):
+    """State a function holds, not the module: callbacks in a list inside a closure's tuple, a call counter in a
+    default, a draw from a generator's bound method (``self.draw = random.Random(1).random``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.lin, self.bn = form, nn.Linear(4, 4), nn.BatchNorm1d(4)
+        if form == "callbacks":
+            callbacks = [lambda t: self.bn(t)]
+            held = (callbacks, 2.0)
+            self.f = lambda t: held[0][0](self.lin(t)) * held[1]
+        elif form == "counter":
+            def f(t, bn=self.bn, calls=[]):  # noqa: B006  (the habit under test)
+                calls.append(1)
+                return bn(self.lin(t)) * len(calls)
+            self.f = f
+        else:
+            draw = random.Random(1).random
+            self.f = lambda t: self.bn(self.lin(t)) * (1 + draw())
+
+    def forward(self, x):
+        return self.f(x)
+
+
+@pytest.mark.parametrize("form", ["callbacks", "counter", "generator"])
+def test_what_a_function_of_the_model_holds_is_the_copys_own(form):
+    """A review found fuse rewrote the user's list of callbacks (reached through a tuple in a closure), appended
+    fuse's runs to a counter in a default, and drew from the user's generator: the user's model then computed
+    otherwise than a twin never fused.  Each copy holds its own; the fused model's calls go on as the model's."""
+    torch.manual_seed(0)
+    model, twin = HeldByFunctions(form).to(D).eval(), HeldByFunctions(form).to(D).eval()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, dtype=D)
+    fused = fuse(model, x)
+    with torch.no_grad():
+        for _ in range(3):
+            want = model(x)
+            torch.testing.assert_close(want, twin(x), rtol=0, atol=0)  # fuse left the user's model as it was
+            torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)

@@ -112,10 +112,11 @@ def test_batch_axis_moved_by_our_nodes_is_found():
 
 
 class BakesBatch(nn.Module):
-    """Reads the batch as a Python int (torch.fx cannot trace it; torch.onnx.export's trace fixes it)."""
+    """Reads the batch as a Python int (of a reduction's result, which torch.fx cannot check per call; torch.onnx.export's
+    trace fixes it)."""
 
     def forward(self, x):
-        b = int(x.shape[0])
+        b = int(x.amax(1).shape[0])
         return torch.cumsum(x.reshape(b, -1), dim=1).reshape(x.shape)
 
 
@@ -360,7 +361,7 @@ def test_an_additive_float_mask_is_given_its_values_in_the_checks():
             assert close(got, model(x, mask))
 
 
-class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.export
+class SizeLoop(nn.Module):  # Python on sizes (of a reduction's result: no check per call): fuse captures it with torch.export
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -368,7 +369,7 @@ class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.expor
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        for _ in range(int(y.shape[-1]) // 3):
+        for _ in range(int(y.amax(1).shape[-1]) // 3):
             y = y + F.max_pool2d(y, 3, 1, 1)
         return y
 
@@ -376,7 +377,7 @@ class SizeLoop(nn.Module):  # Python on sizes: fuse captures it with torch.expor
 class BatchLoop(SizeLoop):  # ... and Python that computes with the batch size as a float: the batch is fixed too
     def forward(self, x):
         y = super().forward(x)
-        return y * (int(x.shape[0] * 0.5) + 1)
+        return y * (int(x.amax(1).shape[0] * 0.5) + 1)
 
 
 def test_a_model_fused_with_the_batch_free_exports_with_a_dynamic_batch():
@@ -406,7 +407,8 @@ def test_a_model_fused_with_shapes_fixed_exports_with_the_batch_fixed():
 
 
 class TwoInputs(nn.Module):
-    """Two inputs, and a size read with ``int()``, which fx cannot trace: ``fuse`` captures it with torch.export.
+    """Two inputs, and a size read with ``int()`` (of a reduction's result, which fx cannot check per call): ``fuse``
+    captures it with torch.export.
     ``torch.concat`` as RT-DETR writes it; ``flip`` has no op in the table: the one call for the fallback."""
 
     def __init__(self):
@@ -415,7 +417,7 @@ class TwoInputs(nn.Module):
 
     def forward(self, x, z):
         y = self.bn(self.conv(x))
-        return torch.concat([y + torch.arange(int(y.shape[-1]), dtype=y.dtype), self.side(z).repeat(1, 1, 2, 2).flip(-1)], dim=1)
+        return torch.concat([y + torch.arange(int(y.amax(1).shape[-1]), dtype=y.dtype), self.side(z).repeat(1, 1, 2, 2).flip(-1)], dim=1)
 
 
 def test_a_fused_model_of_two_inputs_fixed_at_their_shapes_exports_by_our_lowering():
@@ -537,14 +539,15 @@ def test_antialiased_interpolate_rewrite_is_exact(mode, how):
 
 
 class Resamples(nn.Module):
-    """What TorchScript cannot export at opset 17, inside a module torch.fx cannot trace (kept whole)."""
+    """What TorchScript cannot export at opset 17, inside a module torch.fx cannot trace (kept whole: a size of a
+    reduction's result read as a number, which it cannot check per call)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x):
-        h = int(x.shape[-1])
+        h = int(x.amax(1).shape[-1])
         y = F.interpolate(self.conv(x), size=(h // 2, h // 2 + 1), mode="bicubic", antialias=True)
         y = F.adaptive_avg_pool2d(y, (3, 3))
         cols = F.unfold(y, 2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import _filled, copy_module
 from repalgebra.verify import first_difference
 
 __all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "restore_in_place", "watch"]
@@ -231,6 +232,10 @@ def _key(value: Any, depth: int = 0) -> Any:
     that a container's type and length, an object's identity.  Modules are not followed: their own state is theirs."""
     if (drawn := held_generator_state(value)) is not None:
         return ("generator", drawn)  # (one the model holds draws when a call advances it: self.rng = random.Random(0))
+    if isinstance(value, types.FunctionType) and (value.__closure__ or value.__defaults__) and depth < _DEPTH:
+        # What a function holds (a generator it draws from, a call counter in a default): a call may change it too
+        held = [c.cell_contents for c in value.__closure__ or () if _filled(c)] + list(value.__defaults__ or ())
+        return ("function", id(value), tuple(_key(h, depth + 1) for h in held))
     if torch.is_tensor(value):
         small = value.numel() <= _COPIED and not value.is_meta
         version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
