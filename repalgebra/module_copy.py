@@ -116,9 +116,11 @@ def _made_again(rebinding: _Rebinding, f: types.FunctionType) -> types.FunctionT
 def _held(rebinding: _Rebinding, v: Any) -> Any:
     """What a closure's cell (or a default, or an item of a tuple the copy holds) holding ``v`` holds in the copy:
     the copy of a model's object; a bound method of one bound to its copy; a function, partial or tuple made again
-    around what it holds; a list, dict, set or namespace of its own (a call counter) or a generator it draws from,
-    copied, as ``copy.deepcopy`` would copy them; anything else (a logger, a lock) shared, as ``copy.deepcopy``
-    shares a function."""
+    around what it holds; a generator it draws from, copied, as ``copy.deepcopy`` copies one the model holds.  A
+    list, dict or namespace is shared, as ``copy.deepcopy`` shares the function holding it (a feature collector's
+    list receives the fused model's features), unless it holds functions made again: then it is a new one holding
+    them (callbacks reached through a tuple: the user's list is left as it is).  Anything else (a logger, a lock)
+    is shared."""
     if id(v) in rebinding.memo and rebinding.memo[id(v)] is not v:
         return rebinding.memo[id(v)]
     if id(v) in rebinding.ours:
@@ -127,13 +129,23 @@ def _held(rebinding: _Rebinding, v: Any) -> Any:
         return types.MethodType(rebinding.value(v.__func__), rebinding.memo[id(v.__self__)])
     if isinstance(v, (types.FunctionType, functools.partial, tuple, types.BuiltinMethodType)):
         return rebinding.value(v)
-    if isinstance(v, (list, dict, set, types.SimpleNamespace)) or held_generator_state(v) is not None:
+    if held_generator_state(v) is not None:
         try:
-            new = copy.deepcopy(v, rebinding.memo)
+            return copy.deepcopy(v, rebinding.memo)
         except Exception:  # noqa: BLE001  (it does not copy: shared, as before)
             return v
-        rebinding.ours.add(id(new))
-        return rebinding.value(new)
+    if isinstance(v, (list, dict, types.SimpleNamespace)):
+        if id(v) in rebinding.done:
+            return rebinding.done[id(v)]
+        rebinding.done[id(v)] = v  # (a container that holds itself)
+        items = vars(v) if isinstance(v, types.SimpleNamespace) else v
+        keys = range(len(items)) if isinstance(items, list) else list(items)
+        held = {k: _held(rebinding, items[k]) for k in keys}
+        if all(held[k] is items[k] for k in keys):
+            return v
+        new = [held[k] for k in keys] if isinstance(v, list) else dict(held) if isinstance(v, dict) else types.SimpleNamespace(**held)
+        rebinding.done[id(v)] = new
+        return new
     return v
 
 

@@ -2170,7 +2170,7 @@ def test_a_chunk_that_gives_fewer_pieces_at_another_size_raises_there():
         assert rel_err(fused(x7), model(x7)) <= 1e-12
         x5 = torch.randn(1, 3, 5, 6, dtype=D)
         model(x5)
-        with pytest.raises(ValueError, match=r"gives 3 pieces at size 5 of axis 2; the model was captured where it gives 4"):
+        with pytest.raises(ValueError, match=r"gives 3 pieces at size 5 of axis 2; the model was captured where it gives 4|the number of pieces of a chunk into 4 gave 4 at the example input.*these inputs give 3"):
             fused(x5)
 
 

@@ -756,7 +756,7 @@ class _Proxy(InplaceProxy):
         """``len(y.chunk(n, dim))``: the pieces torch makes, ``ceil(L / ceil(L / n))`` of a length ``L`` (3 of 6 in 4
         chunks), as at the example and checked per call (:meth:`Tracer.size_answer`; found by a review)."""
         x, dim = _chunked(self.node)
-        length = self.tracer.create_proxy("call_method", "size", (x, dim), {})
+        length = self.tracer.proxy(x).size(dim)
         per = (length + (n - 1)) // n
         count = self.tracer.size_answer((length + per - 1) // per, f"the number of pieces of a chunk into {n}")
         if type(count) is not int:
