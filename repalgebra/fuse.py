@@ -758,7 +758,6 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     tied = retie(fused, model) if fused is not model else []
     if not any(p.requires_grad for p in model.parameters()):  # a frozen model stays frozen (new parameters require grad)
         fused.requires_grad_(False)
-    _restart_generators(fused, model)
     for check in [h for h in model._forward_pre_hooks.values() if isinstance(h, InputCheck)] if fused is not model else ():
         check.install(fused)  # a fused model fused again: its graph holds no assertion to find
     report = fuser.report
@@ -830,20 +829,6 @@ class _KeepReport:
 def _batch_norms(module: nn.Module) -> list[str]:
     """The paths of the BatchNorm modules in ``module``."""
     return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _restart_generators(fused: nn.Module, model: nn.Module) -> None:
-    """Give each ``torch.Generator`` a module of ``fused`` holds the state of the model's at the same path: the
-    checks ran copies of the model, whose generators they advanced, and the fused model must draw what the model
-    draws next."""
-    for path, m in fused.named_modules():
-        try:
-            original = model.get_submodule(path)
-        except AttributeError:
-            continue
-        for name, g in vars(m).items():
-            if isinstance(g, torch.Generator) and isinstance(mine := vars(original).get(name), torch.Generator):
-                g.set_state(mine.get_state())
 
 
 class _Fuser:

@@ -641,8 +641,6 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_other_layout", "    return t if swapped.is_contiguous() else swapped", "    return t", _MODES),
     ("frontend", "pruned-bias-as-weight", "a pruning hook of the bias taken for one of the weight",
      "repalgebra.frontend.fx_trace:_sets", "return hook._tensor_name if", 'return "weight" if', ("tests/test_fuse_capture.py::test_pruned_convs_fold_with_the_weight_their_pruning_hook_computes",)),
-    ("frontend", "generators-not-restarted", "a model's own generator left where fuse's checks advanced it",
-     "repalgebra.fuse:_restart_generators", "g.set_state(mine.get_state())", "pass", _MODES),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",
      "repalgebra.frontend.mode_flags:_namespaces", 'or base.__module__.startswith("torch.nn.modules.")', "or False", _MODES),
     ("frontend", "mode-flags-modules-unwatched", "``torch.`` in the model's code left as torch, its flag functions unwatched",
