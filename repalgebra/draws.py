@@ -35,9 +35,8 @@ DRAWS = (TORCH, PYTHON, NUMPY)  # the names of the generators, as state names: n
 
 def generator_states() -> dict[str, Any]:
     """Each global CPU generator's state by name (values that compare equal where the generator did not draw)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {TORCH: bytes(torch.random.get_rng_state().numpy()), PYTHON: random.getstate(),
-            NUMPY: (kind, keys.tobytes(), pos, has_gauss, cached)}
+    return {TORCH: held_generator_state(torch.default_generator), PYTHON: random.getstate(),
+            NUMPY: _legacy_numpy(np.random.get_state())}
 
 
 def held_generator_state(value: Any) -> Any:
@@ -54,9 +53,14 @@ def held_generator_state(value: Any) -> Any:
     if isinstance(value, np.random.Generator):
         return repr(value.bit_generator.state)
     if isinstance(value, np.random.RandomState):
-        kind, keys, pos, has_gauss, cached = value.get_state()
-        return kind, keys.tobytes(), pos, has_gauss, cached
+        return _legacy_numpy(value.get_state())
     return None
+
+
+def _legacy_numpy(state: tuple) -> tuple:
+    """numpy's legacy generator state (its keys an array) as a value that compares whole."""
+    kind, keys, pos, has_gauss, cached = state
+    return kind, keys.tobytes(), pos, has_gauss, cached
 
 
 @contextlib.contextmanager

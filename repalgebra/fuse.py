@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.draws import generators_kept
-from repalgebra.frontend.builder import is_returned_as_is
+from repalgebra.frontend.builder import is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -536,7 +536,8 @@ def _assert_size_test(module: fx.GraphModule, call: nn.Module, inputs: tuple[int
         return {k: emit(x) for k, x in t.items()} if isinstance(t, dict) else t
 
     said = f"{_SIZE_ASSERT}{where or 'the model'}: {what} gave {traced!r} at the example input, and the fused graph holds that branch only"
-    leaves = list(_template_leaves(answer))
+    leaves: list[Any] = []
+    map_leaves(answer, lambda t: leaves.append(t) or t)
     if any(isinstance(t, Buf) for t in leaves) or not any(isinstance(t, In) for t in leaves):
         return  # (a size of a constant's: the pre-hook alone)
     if max(inputs, default=-1) >= len(placeholders) or any(
@@ -550,20 +551,6 @@ def _assert_size_test(module: fx.GraphModule, call: nn.Module, inputs: tuple[int
         graph.call_function(torch._assert, (held, said))
     graph.lint()
     module.recompile()
-
-
-def _template_leaves(t: Any) -> Iterator[Any]:
-    """Every leaf of a call's template, inside its :class:`SymExpr` nodes too."""
-    if isinstance(t, SymExpr):
-        yield from _template_leaves((t.args, t.kwargs))
-    elif isinstance(t, (tuple, list)):
-        for x in t:
-            yield from _template_leaves(x)
-    elif isinstance(t, dict):
-        for x in t.values():
-            yield from _template_leaves(x)
-    else:
-        yield t
 
 
 @dataclass(frozen=True)

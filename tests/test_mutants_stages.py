@@ -58,7 +58,7 @@ FEW = {
     "repalgebra.frontend.size_tests:taken_as_traced": "one comparison of the call's answer with the example's",
     "repalgebra.frontend.builder:size_test_at_inputs": "one decision: checked on the inputs, nothing to check, or refused",
     "repalgebra.frontend.builder:read_at_inputs": "one walk; the mutant drops the sizes producers fix",
-    "repalgebra.frontend.builder:_size_read": "one match of three spellings of a size read",
+    "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_valid": "one check of the written file",
     "repalgebra.backend.onnx:_expand": "one Expand; its other forms are checked by every export that expands (the zoo's)",

@@ -51,7 +51,7 @@ from repalgebra.backend.onnx_fallback import (
     session_differs,
     splice,
 )
-from repalgebra.frontend.builder import is_none_output
+from repalgebra.frontend.builder import is_none_output, size_read
 from repalgebra.frontend.calls import In, SymExpr
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import one_at_a_time
@@ -1462,13 +1462,11 @@ def _checks_read_the_batch(checks: Sequence, example: tuple) -> str:
     batch unless it reads its inputs only through one size each of an axis after the first (PointNet's
     ``x.size()[1] > 3``): ``x.numel()``, ``a.shape[0] == b.shape[0]`` and ``x.shape[0] <= 8`` all read it (a review
     found the last two a free batch, the file 1.2 off).  Empty where no check does."""
-    from repalgebra.frontend.builder import _size_read
-
     def reads(t: Any, ranks: list[int]) -> bool:
         if isinstance(t, In):
             return True  # (read whole: its batch too)
         if isinstance(t, SymExpr):
-            x, axis = _size_read(t)
+            x, axis = size_read(t)
             if isinstance(x, In) and isinstance(axis, int):
                 return ranks[x.index] == 0 or axis % ranks[x.index] == 0
             return reads((t.args, t.kwargs), ranks)

@@ -478,7 +478,7 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
 
     def walk(t: Any) -> Any:
         if isinstance(t, SymExpr):
-            v, axis = _size_read(t)
+            v, axis = size_read(t)
             if isinstance(v, Value) and not is_input(v):
                 return size_of(v, axis)
             args, kwargs = walk(t.args), walk(t.kwargs)
@@ -496,7 +496,7 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
     return walk(template)
 
 
-def _size_read(t: SymExpr) -> tuple[Any, Any]:
+def size_read(t: SymExpr) -> tuple[Any, Any]:
     """``(v, axis)`` where ``t`` reads one size of a value: ``v.shape[axis]``, ``v.size(axis)``, ``v.size()[axis]``."""
     if t.kind == "call_method" and t.target == "size" and len(t.args) == 2:
         return t.args
