@@ -64,12 +64,17 @@ def _legacy_numpy(state: tuple) -> tuple:
 
 
 @contextlib.contextmanager
-def generators_kept() -> Iterator[None]:
-    """Within the block the global CPU generators may draw: after it, each is where it was."""
+def generators_kept() -> Iterator[dict[str, Any]]:
+    """Within the block the global CPU generators may draw: after it, each is where it was.  It yields a dict that
+    holds, once the block is done, where the block left them (:func:`generator_states`): two runs that compute
+    the same must also leave them alike (a draw inside ``torch.random.fork_rng()`` puts the generator back; a
+    capture of it draws on)."""
     torch_state, python_state, numpy_state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    left: dict[str, Any] = {}
     try:
-        yield
+        yield left
     finally:
+        left.update(generator_states())
         torch.random.set_rng_state(torch_state)
         random.setstate(python_state)
         np.random.set_state(numpy_state)

@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
-from repalgebra.draws import generators_kept
+from repalgebra.draws import DRAWS, generators_kept
 from repalgebra.frontend.builder import is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1297,23 +1297,25 @@ class _Fuser:
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64 if in_float64 else None
         self.own_dtype_only = False
+        ref_left: dict[str, Any] = {}  # where each run leaves the generators
+        got_left: dict[str, Any] = {}
         with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
             try:
-                ref = _run(reference, call, dtype, self.dtype)
+                ref = _run(reference, call, dtype, self.dtype, left=ref_left)
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
                 dtype = None
-                ref = _run(reference, call, None)
+                ref = _run(reference, call, None, left=ref_left)
             if dtype is not None:
                 try:
                     with _quiet_fx():  # a failure here is expected and handled: no traceback printed for it
-                        got = _run(candidate, call, dtype, self.dtype)
+                        got = _run(candidate, call, dtype, self.dtype, left=got_left)
                 except Exception:  # noqa: BLE001
                     # A forward that casts to float32 itself (fairseq's Fp32GroupNorm: ``input.float()``, then
                     # ``weight.float()``) keeps parts of the model float32 in the float64 run; the fused module holds
                     # those weights as its own, cast to float64: compare both in the model's own dtype instead (the
                     # fused module then refuses other dtypes: see own_dtype_only).
                     dtype, self.own_dtype_only = None, True
-                    ref = _run(reference, call, None)
+                    ref = _run(reference, call, None, left=ref_left)
         if changed and self.watching and not self.stateful:
             prefix = next((f"{p}." for p, m in self.pristine.named_modules() if m is reference and p), "")
             raise StateChanged([prefix + c for c in changed])  # as paths of the model, as find_state names them
@@ -1322,10 +1324,10 @@ class _Fuser:
             own = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
             try:
                 with _quiet_fx():
-                    got = _run(candidate, call, *own)
+                    got = _run(candidate, call, *own, left=got_left)
             except Exception as e:  # noqa: BLE001
                 return f"it fails on the example input: {first_line(e)}"
-        return first_difference(ref, got, tol)
+        return first_difference(ref, got, tol) or _drawn_elsewhere(ref_left, got_left)
 
     def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
@@ -1406,7 +1408,7 @@ class _Fuser:
 
 
 def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None,
-         mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad) -> Any:
+         mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad, left: dict | None = None) -> Any:
     """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
     ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
     tensors), the global generators where they were after it (:func:`~repalgebra.draws.generators_kept`); with
@@ -1415,20 +1417,36 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
 
     With ``own`` (the model's dtype), only parameters and buffers of that dtype are cast: a float64 model that
     computes a norm in float32 on purpose (``F.group_norm(y.float(), 1, w.float())``) fuses to a graph holding
-    ``w.float()`` as a float32 constant, and casting it would mix dtypes where the model does not."""
+    ``w.float()`` as a float32 constant, and casting it would mix dtypes where the model does not.
+
+    ``left`` receives where the run left the global generators (before they are put back)."""
 
     def prepare(t: Any) -> Any:
         if not torch.is_tensor(t):
             return t
         return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
 
-    with generators_kept(), mode():  # each run draws what the one before drew: the checks compare like with like
+    with generators_kept() as ends, mode():  # each run draws what the one before drew: the checks compare like with like
         args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
         if dtype is None:
-            return module(*args, **kwargs)
-        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
-        return torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
+            out = module(*args, **kwargs)
+        else:
+            state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
+            out = torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
+    if left is not None:
+        left.update(ends)
+    return out
+
+
+def _drawn_elsewhere(want: dict[str, Any], got: dict[str, Any]) -> str | None:
+    """What differs where a model's run (``want``) and a candidate's (``got``) left the global generators, or None.
+    Equal outputs do not make equal functions where one run advanced a generator the other did not: a draw inside
+    ``torch.random.fork_rng()`` gives the same noise on every call of the model, and a capture of it draws on."""
+    moved = [name for name in DRAWS if want.get(name) != got.get(name)]
+    if not moved:
+        return None
+    return f"it leaves {' and '.join(moved)} elsewhere than the model does (a draw put back, as in torch.random.fork_rng)"
 
 
 class _NarrowFloats(TorchDispatchMode):

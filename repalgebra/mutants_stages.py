@@ -125,6 +125,7 @@ _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_th
              "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
 _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_frozen_by_a_capture",
           "tests/test_fuse_state.py::test_around_a_draw_everything_folds_and_the_draws_are_the_models")
+_PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
 _SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_at_the_example_and_the_rest_stays_free",
@@ -459,7 +460,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "written-name-with-path", "what calls set is marked with its full path, which no read of the module's own names matches",
      "repalgebra.frontend.state:mark_written", ".add(leaf)", ".add(name)", _MODES),
     ("frontend", "checks-in-one-mode", "fuse's runs of the model in another mode (gradients on, inference mode) run without gradients",
-     "repalgebra.fuse:_run", "    with generators_kept(), mode():", "    with generators_kept(), torch.no_grad():", _MODES),
+     "repalgebra.fuse:_run", "    with generators_kept() as ends, mode():", "    with generators_kept() as ends, torch.no_grad():", _MODES),
     ("frontend", "hooks-that-write-unseen", "a hook that closes over the user's model taken for one that cannot write it (nothing saved)",
      "repalgebra.untouched:_hooks_may_write", 'return any(not (getattr(h, "checks_only", False) or', 'return any(not (True or', _UNTOUCHED),
     ("frontend", "global-rng-advanced", "torch's global generator left where the model's draws during fuse advanced it",
@@ -554,11 +555,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "op-packet-pickled-as-object", "a carried call's op packet pickled as torch's object, which does not pickle",
      "repalgebra.frontend.calls:op_named", "if isinstance(target, torch._ops.OpOverloadPacket):", "if False:", _PICKLED_OPS),
     ("frontend", "draws-unaligned", "the checks' runs of the model and the candidate draw other numbers (every part around a draw differs)",
-     "repalgebra.fuse:_run", "    with generators_kept(), mode():", "    with mode():", _DRAWS),
+     "repalgebra.fuse:_run", "    with generators_kept() as ends, mode():", "    with contextlib.nullcontext({}) as ends, mode():", _DRAWS),
     ("frontend", "python-draws-unseen", "a call's draws from Python's random module not seen as state (a capture froze one draw)",
      "repalgebra.draws:generator_states", "PYTHON: random.getstate(),", "", _DRAWS),
     ("frontend", "generators-left-moved", "fuse leaves Python's and numpy's generators where its runs moved them",
      "repalgebra.untouched:rng_kept", "fork_rng(devices=devices), generators_kept():", "fork_rng(devices=devices):", _DRAWS),
+    ("frontend", "put-back-draw-unseen", "a candidate that advances a generator the model's run puts back taken as the same",
+     "repalgebra.fuse:_drawn_elsewhere", "    moved = [name for name in DRAWS if want.get(name) != got.get(name)]", "    moved = []", _PUT_BACK),
+    ("frontend", "generator-ends-unread", "where a run leaves the generators not recorded (every run seen to leave them alike)",
+     "repalgebra.draws:generators_kept", "        left.update(generator_states())\n", "", _PUT_BACK),
     ("frontend", "own-draw-masked-by-child", "a module that draws around a child that draws taken for one that does not",
      "repalgebra.frontend.state:_sites", "        if stack:\n            drew(stack[-1], now)\n", "", _DRAWS),
     ("onnx_backend", "draws-exported", "a model that draws random numbers refused as one whose state changes, not by what it draws",

@@ -601,6 +601,38 @@ def test_around_a_draw_everything_folds_and_the_draws_are_the_models():
         export_onnx(model, None, x)
 
 
+class PutBackNoise(nn.Module):
+    """Noise drawn inside ``torch.random.fork_rng()``: the generator is put back, so every call adds the same noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4), conv_bn(4)
+
+    def forward(self, x):
+        y = self.a(x)
+        with torch.random.fork_rng():
+            noise = torch.randn_like(y)
+        return self.b(y + 0.1 * noise)
+
+
+def test_a_draw_the_model_puts_back_is_not_captured_as_a_draw():
+    """No generator moves across a call, so no module was seen drawing: fx captured ``randn_like`` as a call,
+    the first call agreed (the checks start both from the same state) and the next ones drew on, 0.59 off (the
+    fused model gave new noise on every call; the model the same).  The checks now also compare where each run
+    leaves the generators: the forward runs as written, and its children fuse."""
+    model = randomized(PutBackNoise)
+    x = torch.randn(2, 4, 8, 8, dtype=D)
+    before = generators()
+    fused = fuse(model, x)
+    assert generators() == before, "fuse moved a global generator"
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    assert "torch's random generator elsewhere" in fused.fuse_report.parts[0].reason, str(fused.fuse_report)
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(3):
+            torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)
+
+
 SHARED = torch.Generator().manual_seed(0)  # a generator the model draws from without holding it
 
 

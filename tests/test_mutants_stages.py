@@ -66,6 +66,8 @@ FEW = {
     "repalgebra.frontend.state:_own": "one filter of a module's attributes; the mutant keeps our own",
     "repalgebra.frontend.inplace:_make_out_of_place": "one table lookup per kind of in-place call; the mutant drops the dtype mark",
     "repalgebra.draws:generator_states": "one table of generators; the mutant drops the one Python draws from",
+    "repalgebra.draws:generators_kept": "one record: where a run left the generators (their restore is untouched's mutants')",
+    "repalgebra.fuse:_drawn_elsewhere": "one comparison: the generators a run left elsewhere than the model's run",
     "repalgebra.frontend.state:_sites": "one search; the mutant drops the own draws of a module whose child draws",
     "repalgebra.backend.onnx:_refuse_state": "one refusal per kind of state; the mutant refuses draws as state",
     "repalgebra.module_copy:_held": "two cases that matter: a model's object in a cell, and a bound method of one",
