@@ -125,6 +125,7 @@ _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_th
              "tests/test_fuse_call_modes.py::test_an_assertion_whose_message_names_a_computed_value_stays_checked")
 _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_frozen_by_a_capture",
           "tests/test_fuse_state.py::test_around_a_draw_everything_folds_and_the_draws_are_the_models")
+_GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_reads_its_batch_from_the_input",)
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -418,7 +419,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "size-base-dilation-sign", "a stride-1 conv's output taken as its input's length plus padding plus dilation * (k - 1)",
      "repalgebra.frontend.shapes:size_base", "- d * (k - 1)", "+ d * (k - 1)", _CROP),
     ("frontend", "size-base-kernel-of-height", "a conv's kernel size read along the height, not the axis cropped",
-     "repalgebra.frontend.shapes:size_base", 'n.params["weight"].shape[axis]', 'n.params["weight"].shape[2]', _CROP),
+     "repalgebra.frontend.shapes:_conv_axis", 'n.params["weight"].shape[axis]', 'n.params["weight"].shape[2]', _CROP),
+    ("frontend", "conv3d-padding-one-side", "a 3-D conv's padding of an axis counted once, where it pads both sides",
+     "repalgebra.frontend.shapes:_conv_axis", "else 2 * pads[i]", "else pads[i]", _GATE_3D),
+    ("frontend", "conv3d-batch-unread", "a 3-D or transposed conv's batch not read from its input's",
+     "repalgebra.frontend.shapes:size_source", '("conv2d", "conv3d", *TRANSPOSED_CONVS) and axis == 0', '("conv2d",) and axis == 0', _GATE_3D),
+    ("frontend", "transposed-channels-of-input", "a transposed conv's channels read from its weight's first axis (its input channels)",
+     "repalgebra.frontend.shapes:size_source", 'return n.params["weight"].shape[1] * n.attrs["groups"]', 'return n.params["weight"].shape[0]', _GATE_3D),
     ("frontend", "size-base-lift-axis", "a 1-D conv's flattened length read from its height-one lift's height",
      "repalgebra.frontend.shapes:size_base", "                axis = 3\n", "                axis = 2\n", _CROP),
     ("frontend", "sized-stop-any-value", "a slice ending at any value's size taken for the conv's input length",

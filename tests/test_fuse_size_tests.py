@@ -126,6 +126,33 @@ def test_a_test_of_a_size_computed_inside_is_not_taken():
         fused(torch.randn(2, 3, 8, 8, dtype=D))
 
 
+class GridGate3d(nn.Module):
+    """Oktay's 3-D attention gate: ``assert batch_size == g.size(0)`` on conv outputs, with a strided conv and a
+    transposed one (``g``'s batch is ``x``'s, whatever the volume's size; ``e``'s depth too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4), nn.ReLU(inplace=True))
+        self.down = nn.Conv3d(4, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose3d(4, 8, 2, stride=2)
+
+    def forward(self, x):
+        e = self.enc(x)
+        g = self.down(e)
+        batch_size, channels = e.size()[0], self.up(g).size(1)
+        assert batch_size == g.size(0) and channels == 2 * e.size(1) and e.size(-1) == x.size(-1)
+        return g
+
+
+def test_a_test_of_a_3d_conv_output_reads_its_batch_from_the_input():
+    """A 3-D conv's batch and channels are its input's and its weight's, as a 2-D conv's: the test was taken as
+    one of a size computed inside, and the model went to torch.export with its volume fixed (found by a probe)."""
+    model = seeded(GridGate3d, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 2, 8, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    same(fused, model, torch.randn(3, 2, 12, 10, 6, dtype=D))
+
+
 class SumThenTest(nn.Module):
     """A test of the size of a sum, which broadcasts where the inputs' batches differ (1 and 5)."""
 

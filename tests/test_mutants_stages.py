@@ -198,6 +198,10 @@ FEW = {
     "repalgebra.frontend.shapes:_rerouted": "two decisions added to it, a value read for its data by Linears only lets its "
     "shape reads move (which only changes what is read, not what is computed, elsewhere), and a size divided keeps its "
     "divisor where its read moves",
+    "repalgebra.frontend.shapes:size_base": "a walk whose one number, a conv's padding less its reach, has a mutant of "
+    "its sign (its kernel's axis is _conv_axis's), and a 1-D lift's axis",
+    "repalgebra.frontend.shapes:_conv_axis": "two numbers a test tells apart: the kernel's size along the axis, and "
+    "a 3-D conv's padding on both sides",
     "repalgebra.frontend.shapes:size_source": "two decisions added to it, norms keep their input's shape, and a reshape's "
     "axis of one size read is that read",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "

@@ -29,8 +29,9 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
       of equal shapes: ``v.shape[a] = u.shape[a]``;
     * ``linear(u; W)``: ``v.shape[a] = u.shape[a]`` before the last axis, ``v.shape[-1] = W.shape[0]``;
     * ``reshape_dyn``: an axis whose entry is one size read (``refs[r].shape[a]``) or a number;
-    * ``conv2d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a spatial
-      axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size.
+    * ``conv2d(u; W)``, ``conv3d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a
+      spatial axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size;
+    * a transposed conv: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[1] * groups``.
     """
     n = v.producer
     if n is None or v.shape is None:
@@ -49,17 +50,25 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         if len(entry) == 1 and len(entry[0]) == 2:
             return n.inputs[1 + entry[0][0]], entry[0][1]
         return None
-    if n.op == "conv2d":
-        w = n.params["weight"]
-        if axis == 0:
-            return n.x, 0
+    if n.op in ("conv2d", "conv3d", *TRANSPOSED_CONVS) and axis == 0:
+        return n.x, 0
+    if n.op in TRANSPOSED_CONVS and axis == 1:
+        return n.params["weight"].shape[1] * n.attrs["groups"]
+    if n.op in ("conv2d", "conv3d"):
         if axis == 1:
-            return w.shape[0]
-        k, s, d = w.shape[axis], n.attrs["stride"][axis - 2], n.attrs["dilation"][axis - 2]
-        pads = n.attrs["padding"][2 * (axis - 2)] + n.attrs["padding"][2 * (axis - 2) + 1]
+            return n.params["weight"].shape[0]
+        k, s, d, pads = _conv_axis(n, axis)
         if s == 1 and pads == d * (k - 1):
             return n.x, axis
     return None
+
+
+def _conv_axis(n: Node, axis: int) -> tuple[int, int, int, int]:
+    """A conv's kernel size, stride, dilation and total padding along spatial ``axis`` (``conv2d`` pads
+    ``(top, bottom, left, right)``, ``conv3d`` each of ``(d, h, w)`` on both sides)."""
+    i, pads = axis - 2, n.attrs["padding"]
+    total = pads[2 * i] + pads[2 * i + 1] if n.op == "conv2d" else 2 * pads[i]
+    return n.params["weight"].shape[axis], n.attrs["stride"][i], n.attrs["dilation"][i], total
 
 
 
@@ -76,9 +85,9 @@ def size_base(v: Value, axis: int) -> tuple[Value | None, int, int]:
         axis %= len(v.shape)
         if n.op in _SAME_SHAPE:  # (not a sum: equal shapes at the example may broadcast at other sizes)
             v = n.inputs[0]
-        elif n.op == "conv2d" and axis >= 2 and n.attrs["stride"][axis - 2] == 1:
-            k, d = n.params["weight"].shape[axis], n.attrs["dilation"][axis - 2]
-            offset += n.attrs["padding"][2 * (axis - 2)] + n.attrs["padding"][2 * (axis - 2) + 1] - d * (k - 1)
+        elif n.op in ("conv2d", "conv3d") and axis >= 2 and n.attrs["stride"][axis - 2] == 1:
+            k, _, d, pads = _conv_axis(n, axis)
+            offset += pads - d * (k - 1)
             v = n.x
         elif n.op == "reshape_dyn":
             entry = n.attrs["shape"][axis]
