@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.draws import DRAWS, generators_kept
+from repalgebra.frontend.outside_reads import read_outside
 from repalgebra.frontend.builder import is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1077,7 +1078,12 @@ class _Fuser:
             self.report.notes.append(f"{_where(path)} does not run on its own as its parent called it ({first_line(e)}): "
                                      "its children are not fused either")
             return module
-        swaps = self._fuse_children(module, path, "", recorded)
+        try:
+            outside = read_outside(copy_module(self.pristine.get_submodule(path)), calls, descendants)
+        except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
+            self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
+            return module
+        swaps = self._fuse_children(module, path, "", recorded, outside)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)
         if self.check and swaps and not self.same_on_all(original, module, calls):
@@ -1092,19 +1098,25 @@ class _Fuser:
                     self.report.notes.append(f"{_where(_join(path, name))}: not replaced by its fused form: its parent reads it otherwise")
         return module
 
-    def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]]) -> list[tuple]:
-        """Replace each called descendant by its fused form; returns the swaps ``(parent, name, old, new)``."""
+    def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]],
+                       outside: set[str]) -> list[tuple]:
+        """Replace each called descendant by its fused form; returns the swaps ``(parent, name, old, new)``.  One in
+        ``outside`` (:func:`~repalgebra.frontend.outside_reads.read_outside`: the parent's code reads its weights)
+        stays as written, and its children are fused where the parent reads none of theirs."""
         swaps = []
         for name, child in list(module.named_children()):
             rel = _join(prefix, name)
             if recorded.get(rel) and _join(root_path, rel) in (*self.user_leaves, *self.state_leaves):
                 continue  # kept as the copy holds it: what it shares with the rest (a buffer under two names) stays shared
-            if recorded.get(rel):
+            if recorded.get(rel) and rel not in outside:
                 new = self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent")
                 setattr(module, name, new)
                 swaps.append((module, name, child, new))
-            else:  # not called itself (a ModuleList, or unused): its children may be
-                swaps += self._fuse_children(child, root_path, rel, recorded)
+                continue
+            if recorded.get(rel) and prefix not in outside:  # (one note, at the outermost)
+                self.report.notes.append(f"{_where(_join(root_path, rel))}: not replaced by its fused form: code outside "
+                                         "its forward reads its parameters or buffers")
+            swaps += self._fuse_children(child, root_path, rel, recorded, outside)  # (not called itself: a ModuleList, or unused)
         return swaps
 
     def same_on_all(self, reference: nn.Module, candidate: nn.Module, calls: list[Call]) -> bool:
@@ -1319,15 +1331,25 @@ class _Fuser:
         if changed and self.watching and not self.stateful:
             prefix = next((f"{p}." for p, m in self.pristine.named_modules() if m is reference and p), "")
             raise StateChanged([prefix + c for c in changed])  # as paths of the model, as find_state names them
+        ref_how, got_how = (dtype, self.dtype), (dtype, self.dtype)
         if dtype is None:
             # In the model's dtype: the check module's float64 weights (kept so for the float64 run) cast to it.
-            own = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
+            ref_how = (None,)
+            got_how = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
             try:
                 with _quiet_fx():
-                    got = _run(candidate, call, *own, left=got_left)
+                    got = _run(candidate, call, *got_how, left=got_left)
             except Exception as e:  # noqa: BLE001
                 return f"it fails on the example input: {first_line(e)}"
-        return first_difference(ref, got, tol) or _drawn_elsewhere(ref_left, got_left)
+        if (problem := first_difference(ref, got, tol)) is not None or _drawn_elsewhere(ref_left, got_left) is None:
+            return problem
+        # Another thread's draw during a run moves the generators too: a difference holds where a second pair of
+        # runs leaves them where the first did.
+        again: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        _run(reference, call, *ref_how, left=again[0])
+        with _quiet_fx():
+            _run(candidate, call, *got_how, left=again[1])
+        return _drawn_elsewhere(ref_left, got_left) if again == (ref_left, got_left) else None
 
     def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's

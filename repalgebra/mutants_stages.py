@@ -126,6 +126,9 @@ _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_th
 _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_frozen_by_a_capture",
           "tests/test_fuse_state.py::test_around_a_draw_everything_folds_and_the_draws_are_the_models")
 _GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_reads_its_batch_from_the_input",)
+_OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
+            "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
+            "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -567,6 +570,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.draws:generator_states", "PYTHON: random.getstate(),", "", _DRAWS),
     ("frontend", "generators-left-moved", "fuse leaves Python's and numpy's generators where its runs moved them",
      "repalgebra.untouched:rng_kept", "fork_rng(devices=devices), generators_kept():", "fork_rng(devices=devices):", _DRAWS),
+    ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
+     "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
+    ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",
+     "repalgebra.frontend.outside_reads:_self_and_ancestors", "[\".\".join(parts[:k]) for k in range(len(parts), 0, -1)]", "[path] if path else []", _OUTSIDE),
+    ("frontend", "outside-read-of-dtype", "a read of a child's weights' dtype taken for a read of their values",
+     "repalgebra.frontend.outside_reads:_reads_values", "    return name not in _METADATA", "    return True", _OUTSIDE),
+    ("frontend", "outside-read-property-name", "a property's getter named __get__, not by the property (.dtype counted as a read)",
+     "repalgebra.frontend.outside_reads:_reads_values", 'if name in ("__get__", "__set__"):', "if False:", _OUTSIDE),
     ("frontend", "put-back-draw-unseen", "a candidate that advances a generator the model's run puts back taken as the same",
      "repalgebra.fuse:_drawn_elsewhere", "    moved = [name for name in DRAWS if want.get(name) != got.get(name)]", "    moved = []", _PUT_BACK),
     ("frontend", "generator-ends-unread", "where a run leaves the generators not recorded (every run seen to leave them alike)",

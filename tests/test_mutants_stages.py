@@ -66,6 +66,10 @@ FEW = {
     "repalgebra.frontend.state:_own": "one filter of a module's attributes; the mutant keeps our own",
     "repalgebra.frontend.inplace:_make_out_of_place": "one table lookup per kind of in-place call; the mutant drops the dtype mark",
     "repalgebra.draws:generator_states": "one table of generators; the mutant drops the one Python draws from",
+    "repalgebra.frontend.outside_reads:read_outside": "one answer: the paths read from outside (the hooks' bookkeeping is "
+    "the other mutants' and the tests' own)",
+    "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
+    "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.draws:generators_kept": "one record: where a run left the generators (their restore is untouched's mutants')",
     "repalgebra.fuse:_drawn_elsewhere": "one comparison: the generators a run left elsewhere than the model's run",
     "repalgebra.frontend.state:_sites": "one search; the mutant drops the own draws of a module whose child draws",

@@ -1,0 +1,98 @@
+"""Which submodules a module's own code reads the weights of, outside their calls.
+
+A module kept whole runs its ``forward`` as written, and ``fuse`` swaps each child it calls for the child's fused
+form.  That holds only while the module uses a child by calling it.  MoCo's momentum update reads both encoders'
+weights in the parent's forward (``for pb, pm in zip(self.base.parameters(), self.momentum.parameters()):
+pm.data = pm.data * m + pb.data * (1 - m)``), and a RealNVP BatchNorm flow layer's log-determinant reads
+``self.bn.running_var``.  Swapped in, the fused children hand that code their folded weights: the update averages
+BN-folded convs against each other and drifts further from the model with every call (a probe measured 24% after
+ten calls).  A check at the example cannot be trusted to see it: in float32 the first call differed by less than
+its tolerance.
+
+:func:`read_outside` runs the module once and notes every parameter or buffer that an op reads by value while no
+module holding it is running: the submodules holding it and those of their ancestors below the module that are
+not running either are read from outside, and are not swapped (an ancestor that is running reads its own child:
+swapped whole, its fused form no longer reads it).  Reads of metadata only (``.dtype``, ``.shape``, ``.device``: HF's
+``x.to(self.patch_embedding.weight.dtype)``) do not count: they do not see the weights' values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from repalgebra.frontend.capture import Call
+
+__all__ = ["read_outside"]
+
+# Tensor attributes and methods that read no values: what a swapped child's fused weights give alike
+_METADATA = frozenset({
+    "dtype", "shape", "device", "requires_grad", "is_cuda", "ndim", "layout", "is_sparse", "is_quantized", "is_meta",
+    "names", "grad_fn", "is_leaf", "size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
+    "is_complex", "element_size", "get_device", "stride", "is_contiguous", "data_ptr", "__len__", "storage_offset",
+})
+
+
+def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str]) -> set[str]:
+    """The paths among ``paths`` (submodules of ``module``) whose parameters or buffers an op reads by value, in
+    ``module`` making ``calls``, while neither they nor a module holding the same tensor are running.
+
+    ``module`` runs (without gradients); pass a copy.  Hooks on every submodule track which are running: a pre-hook
+    put first (before the user's own, which may read the weights too) and a forward hook that runs even where the
+    call raises."""
+    paths = set(paths)
+    owners: dict[int, list[str]] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for t in (*sub._parameters.values(), *sub._buffers.values()):
+            if t is not None:
+                owners.setdefault(id(t), []).append(path)
+    running: list[str] = []
+    handles = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if path and not isinstance(sub, torch.jit.ScriptModule):
+            handles.append(sub.register_forward_pre_hook(lambda *_, p=path: running.append(p), prepend=True))
+            handles.append(sub.register_forward_hook(lambda *_, p=path: running.remove(p), always_call=True))
+    reads = _Reads(owners, running)
+    try:
+        with torch.no_grad(), reads:
+            for call in calls:  # (on copies of its tensors: a forward may write into its input)
+                args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (call.args, call.kwargs))
+                module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return paths & reads.found
+
+
+def _reads_values(func: Any) -> bool:
+    """Whether a torch function (or a tensor property's getter or setter) reads its tensors' values."""
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__"):  # a property: ``.data``, ``.dtype``
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name not in _METADATA
+
+
+def _self_and_ancestors(path: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]`` (the module itself, ``""``, is not among them)."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
+
+class _Reads(TorchFunctionMode):
+    """Notes the owners of each parameter or buffer an op reads while none of them runs (``found``)."""
+
+    def __init__(self, owners: dict[int, list[str]], running: list[str]) -> None:
+        super().__init__()
+        self.owners, self.running, self.found = owners, running, set[str]()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if _reads_values(func):
+            for t in pytree.tree_leaves((args, kwargs)):
+                held = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if held and not any(p in self.running for p in held):
+                    self.found.update(a for p in held for a in _self_and_ancestors(p) if a not in self.running)
+        return func(*args, **(kwargs or {}))
