@@ -99,7 +99,9 @@ def load_model(spec: str, checkpoint: str | None = None):
         raise UsageError(f"calling {spec}() failed (a factory is called with no arguments): {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} gave a {type(model).__name__}, not an nn.Module")
-    return model.eval()
+    from repalgebra.module_copy import in_eval
+
+    return in_eval(model)
 
 
 _FASTVIT_SHAPE = (1, 3, 256, 256)

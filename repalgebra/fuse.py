@@ -458,7 +458,7 @@ def _bound(module: nn.Module, args: tuple, kwargs: dict | None) -> tuple | None:
         return None
 
 
-def _install(guard: "ShapeGuard | StructureGuard | InputCheck", module: nn.Module) -> None:
+def _install(guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval", module: nn.Module) -> None:
     """Register ``guard`` on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
 
     A GraphModule drops forward pre-hooks when copied, deep-copied and unpickled (it is rebuilt from its code), so
@@ -479,10 +479,11 @@ def _refuse_script(module: nn.Module) -> nn.Module:
 
     TorchScript compiles forward pre-hooks too, and the guards are Python objects: it failed with
     "'ShapeGuard' object has no attribute '__name__'"."""
-    kinds = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard, InputCheck))})
+    kinds = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, OUR_HOOKS)})
     raise TypeError(
         f"torch.jit.script cannot compile a fused {type(module).__name__}: its input checks ({', '.join(kinds)}, forward "
-        "pre-hooks that refuse inputs the fused graph was not made for) are Python, not TorchScript. For a graph to "
+        "pre-hooks that refuse inputs the fused graph was not made for, or keep its parts in eval mode) are Python, "
+        "not TorchScript. For a graph to "
         "deploy, use repalgebra.export_onnx(fused, ...) or torch.export.export(fused, (x,)); torch.jit.trace(fused, x) "
         "records one call at x's shapes, without the checks."
     )
@@ -579,10 +580,34 @@ class StructureGuard:
 
 
 @dataclass(frozen=True)
+class StaysInEval:
+    """Forward pre-hook of a fused model: what it runs as modules runs in eval mode, whatever ``fused.train()`` set.
+
+    The fused graph computes the model in eval mode (BatchNorms folded with their running statistics, no dropout).
+    What it still holds as modules followed the flag: a BatchNorm that did not fold used batch statistics and
+    overwrote its running ones, and a part kept whole ran its ``F.dropout(y, p, self.training)`` (found by two
+    probes).  The fused model's own flag stays as set where its forward is a graph of ours, which reads no flag."""
+
+    checks_only: ClassVar[bool] = True  # it changes nothing the model computes: a trace may run it once
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if module.training:
+            for m in module.children() if isinstance(module, fx.GraphModule) else (module,):
+                m.eval()
+
+    def install(self, module: nn.Module) -> None:
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        _install(self, module)
+
+
+OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval)  # the forward pre-hooks fuse puts on a fused model
+
+
+@dataclass(frozen=True)
 class _Reinstall:
     """A GraphModule deep-copy hook putting ``guard`` on the copy (a class, not a closure: the module pickles)."""
 
-    guard: "ShapeGuard | StructureGuard | InputCheck"
+    guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval"
 
     def __call__(self, copied: nn.Module) -> None:
         self.guard.install(copied)
@@ -591,7 +616,7 @@ class _Reinstall:
 def _reduce_with_guards(module: fx.GraphModule) -> tuple:
     """``GraphModule.__reduce__``, and then the module's guards and input checks installed on the unpickled copy."""
     rebuild, args = fx.GraphModule.__reduce__(module)
-    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard, InputCheck))]
+    guards = [h for h in module._forward_pre_hooks.values() if isinstance(h, OUR_HOOKS)]
     return _rebuild_with_guards, (rebuild, args, guards)
 
 
@@ -600,7 +625,7 @@ def _copy_with_guards(module: fx.GraphModule) -> fx.GraphModule:
     input checks and report on it: a shallow copy ran the graph on any shape and dtype (0.40 off where the fused
     model refuses a width it was not fused at)."""
     copied = fx.GraphModule.__copy__(module)
-    for guard in [h for h in module._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, StructureGuard, InputCheck))]:
+    for guard in [h for h in module._forward_pre_hooks.values() if isinstance(h, OUR_HOOKS)]:
         guard.install(copied)
     if hasattr(module, "fuse_report"):
         copied.fuse_report = module.fuse_report
@@ -742,7 +767,9 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     if any(t.device != device for t in [*fused.parameters(), *fused.buffers()]):
         fused = fused.to(device)
-    fused = fused.eval()
+    fused.eval()  # (not its return value: a train() that returns None, as OpenMMLab's backbones write it)
+    if fused is not model:
+        StaysInEval().install(fused)
     tied = retie(fused, model) if fused is not model else []
     if not any(p.requires_grad for p in model.parameters()):  # a frozen model stays frozen (new parameters require grad)
         fused.requires_grad_(False)
@@ -1564,7 +1591,7 @@ def _other_values(inputs: tuple) -> tuple | None:
 def _own_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks or pre-hooks of its own (not the guards of a model fused before)."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return any(not isinstance(h, (ShapeGuard, StructureGuard, InputCheck)) for h in hooks)
+    return any(not isinstance(h, OUR_HOOKS) for h in hooks)
 
 
 def _other_layout(t: Any) -> Any:

@@ -165,7 +165,14 @@ def eval_copy(model: M) -> M:
     and TinyViT's attention bias ``self.ab``, gathered from its table) caches again: from parameters loaded since
     the model's own ``eval()``, where the model as given computes with its cache."""
     copied = copy_module(model)
-    return copied.eval() if any(m.training for m in copied.modules()) else copied
+    return in_eval(copied) if any(m.training for m in copied.modules()) else copied
+
+
+def in_eval(model: M) -> M:
+    """``model`` after ``model.eval()``: not what that returns (``nn.Module.eval`` returns what ``train`` returns, and
+    an override without ``return self``, as OpenMMLab's backbones and timm's attention write it, gives None)."""
+    model.eval()
+    return model
 
 
 def cast_floats(model: M, dtype: torch.dtype) -> M:

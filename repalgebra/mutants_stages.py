@@ -126,6 +126,8 @@ _MESSAGES = ("tests/test_fuse_call_modes.py::test_an_assertions_message_names_th
 _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_frozen_by_a_capture",
           "tests/test_fuse_state.py::test_around_a_draw_everything_folds_and_the_draws_are_the_models")
 _GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_reads_its_batch_from_the_input",)
+_TRAIN_FLAG = ("tests/test_fuse_call_modes.py::test_fused_train_changes_nothing_the_fused_model_computes",)
+_TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_verified_and_exported",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -549,8 +551,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_batch_norms", "return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]",
      "return []", ("tests/test_fuse_call_modes.py::test_batch_norms_no_captured_graph_computes_are_named_in_the_report",)),
     ("frontend", "eval-called-on-eval-model", "eval() called on the copy of a model already in eval mode (an overridden train() caches again)",
-     "repalgebra.module_copy:eval_copy", "return copied.eval() if any(m.training for m in copied.modules()) else copied",
-     "return copied.eval()", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),
+     "repalgebra.module_copy:eval_copy", "return in_eval(copied) if any(m.training for m in copied.modules()) else copied",
+     "return in_eval(copied)", ("tests/test_fuse_state.py::test_a_model_in_eval_mode_is_fused_as_it_computes_not_as_eval_would_cache_again",)),
     ("frontend", "assert-message-as-traced", "an assertion's f-string message kept as fx formatted it (\"Proxy(getitem_2)\")",
      "repalgebra.frontend.builder:_message_per_call", "    return (args[0], template, *fields)", "    return args", _MESSAGES),
     ("frontend", "assert-message-braces-unescaped", "an assertion message's own braces read as fields of its template",
@@ -570,6 +572,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.draws:generator_states", "PYTHON: random.getstate(),", "", _DRAWS),
     ("frontend", "generators-left-moved", "fuse leaves Python's and numpy's generators where its runs moved them",
      "repalgebra.untouched:rng_kept", "fork_rng(devices=devices), generators_kept():", "fork_rng(devices=devices):", _DRAWS),
+    ("frontend", "train-flips-parts", "a fused model's parts follow fused.train(): a BatchNorm left in it uses batch statistics",
+     "repalgebra.fuse:_fuse", "        StaysInEval().install(fused)\n", "        pass\n", _TRAIN_FLAG),
+    ("frontend", "eval-returns-none", "a module whose train() returns None taken as what eval() returns",
+     "repalgebra.module_copy:in_eval", "    model.eval()\n    return model\n", "    return model.eval()\n", _TRAIN_NONE),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

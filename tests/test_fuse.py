@@ -1079,3 +1079,33 @@ def test_a_tabular_models_continuous_batch_norm_folds_through_the_concat():
     x_cat, x_cont = ids(6), torch.randn(6, 4, dtype=D)
     with torch.no_grad():
         torch.testing.assert_close(fused(x_cat, x_cont), model(x_cat, x_cont), rtol=1e-9, atol=1e-12)  # float64
+
+
+class FreezesOnTrain(nn.Module):
+    """OpenMMLab's backbones: ``train`` overridden to freeze stages, without ``return self``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.stem.eval()
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_train_that_returns_nothing_is_fused_verified_and_exported(training, tmp_path):
+    """``nn.Module.eval()`` returns what ``train`` returns: None here, and fuse failed with "'NoneType' object has no
+    attribute 'parameters'" (found by a probe)."""
+    model = randomize(FreezesOnTrain())
+    model.train(training)
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model, x)
+    assert model.training == training
+    verify(model, fused, x)
+    repalgebra.export_onnx(fused, tmp_path / "m.onnx", x)

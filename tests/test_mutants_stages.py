@@ -70,6 +70,8 @@ FEW = {
     "the other mutants' and the tests' own)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
+    "repalgebra.module_copy:in_eval": "one call, its result not used",
+    "repalgebra.fuse:_fuse": "the last steps of fuse, each older than the stage's mutants but one: its parts kept in eval mode",
     "repalgebra.draws:generators_kept": "one record: where a run left the generators (their restore is untouched's mutants')",
     "repalgebra.fuse:_drawn_elsewhere": "one comparison: the generators a run left elsewhere than the model's run",
     "repalgebra.frontend.state:_sites": "one search; the mutant drops the own draws of a module whose child draws",

@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.calls import FnCall
 from repalgebra.ir import Graph, Node, Value
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import copy_module, in_eval
 
 __all__ = [
     "ExportReport", "NodePath", "RegionReport", "Region", "ExportedRegion", "FallbackError", "REWRITES", "Rewrites",
@@ -731,7 +731,7 @@ def export_region(
     mode = Rewrites(opset)
     with _quiet() as caught, mode:
         torch.onnx.export(
-            copy_module(module).eval(), _copies(examples), buf, dynamo=False, opset_version=opset,
+            in_eval(copy_module(module)), _copies(examples), buf, dynamo=False, opset_version=opset,
             input_names=in_names, output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue()), sorted(set(mode.used)), (mode.branches, mode.numbers)
@@ -1163,7 +1163,7 @@ def whole_model_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Gra
     from repalgebra.frontend.builder import literal_output
     from repalgebra.frontend.calls import FnCall, In
 
-    work = copy_module(model).eval()
+    work = in_eval(copy_module(model))
     with torch.no_grad():
         out = work(*[t.clone() for t in inputs])
     xs = [Graph.input(f"x{k}" if len(inputs) > 1 else "x", tuple(t.shape), t.dtype) for k, t in enumerate(inputs)]

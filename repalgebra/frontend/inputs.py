@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import Root, Tracer
-from repalgebra.module_copy import copy_module
+from repalgebra.module_copy import copy_module, in_eval
 
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
 
@@ -135,7 +135,7 @@ def infer_example_inputs(
     candidates: Iterable[tuple[str, nn.Module]] = [("", root)]
     if fx_graph is None:
         try:
-            fx_graph = Tracer((), set()).trace(copy_module(root).eval())
+            fx_graph = Tracer((), set()).trace(in_eval(copy_module(root)))
         except Exception:
             candidates = [*candidates, *root.named_modules()]
     if fx_graph is not None:
