@@ -128,6 +128,7 @@ _DRAWS = ("tests/test_fuse_state.py::test_a_number_drawn_in_python_is_never_froz
 _GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_reads_its_batch_from_the_input",)
 _TRAIN_FLAG = ("tests/test_fuse_call_modes.py::test_fused_train_changes_nothing_the_fused_model_computes",)
 _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_verified_and_exported",)
+_VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -576,6 +577,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_fuse", "        StaysInEval().install(fused)\n", "        pass\n", _TRAIN_FLAG),
     ("frontend", "eval-returns-none", "a module whose train() returns None taken as what eval() returns",
      "repalgebra.module_copy:in_eval", "    model.eval()\n    return model\n", "    return model.eval()\n", _TRAIN_NONE),
+    ("frontend", "distribution-by-identity", "a distribution among the outputs compared by identity (every swap under it undone)",
+     "repalgebra.verify:_fields", "        if isinstance(x, torch.distributions.Distribution):", "        if False:", _VERIFY_STRUCTURED),
+    ("frontend", "float-output-exact", "a Python float among the outputs compared exactly, not within the tolerance",
+     "repalgebra.verify:_fields", "        if type(x) is float:", "        if False:", _VERIFY_STRUCTURED),
+    ("frontend", "verify-structured-flat", "verify's random inputs drawn for a flat tuple of tensors only",
+     "repalgebra.verify:verify", "        xs = list(pytree.tree_map(drawn, example))", "        xs = [drawn(t) for t in example]", _VERIFY_STRUCTURED),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

@@ -106,7 +106,7 @@ class VerifyReport:
 def verify(
     reference: nn.Module,
     candidate: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
     *,
     n: int = 3,
     dtype: torch.dtype | None = None,
@@ -118,9 +118,12 @@ def verify(
     Args:
         reference: the model to compare against (usually the unfused one).
         candidate: the model under test (usually ``fuse(reference)``).
-        example_inputs: a tensor or tuple of tensors giving the input shapes
-            and dtype (the values of floating-point ones are not used; bool and
-            integer ones, a mask or token ids, are used as given); inferred from the
+        example_inputs: a tensor, or a tuple of the arguments, each a tensor
+            or a list, tuple or dict of tensors (as :func:`~repalgebra.fuse`
+            takes them), giving the input shapes and dtypes (the values of
+            floating-point ones are not used; bool and integer ones, a mask or
+            token ids, are used as given); a shape (a tuple of ints) stands for
+            one input of that shape in the reference's dtype; inferred from the
             reference's first Conv2d/Linear/BatchNorm as in
             :func:`repalgebra.trace` when ``None``.
         n: how many random (standard normal) inputs to try.
@@ -155,9 +158,12 @@ def verify(
         raise ValueError(f"verify: tolerance must be a positive relative error bound, got {tolerance!r}")
     if example_inputs is None:
         example, _ = infer_example_inputs(reference)
+    elif isinstance(example_inputs, (tuple, list)) and example_inputs and all(type(d) is int for d in example_inputs):
+        example = (torch.zeros(tuple(example_inputs), dtype=model_dtype(reference)),)  # a shape, as export_onnx takes one
     else:
         example = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
-    run_dtype = dtype or next((t.dtype for t in example if t.is_floating_point()), None) or model_dtype(reference)
+    leaves = [t for t in pytree.tree_leaves(example) if torch.is_tensor(t)]  # (an argument may be a list or dict of them)
+    run_dtype = dtype or next((t.dtype for t in leaves if t.is_floating_point()), None) or model_dtype(reference)
     if not run_dtype.is_floating_point:
         raise TypeError(f"verify compares floating-point models; got dtype {run_dtype}")
     if tolerance is None:  # the coarser of the run's dtype and the models' own
@@ -167,14 +173,19 @@ def verify(
         dtype=run_dtype,
         tolerance=tolerance,
         n=n,
-        input_shapes=[tuple(t.shape) for t in example],
+        input_shapes=[tuple(t.shape) for t in leaves],
     )
     gen = torch.Generator().manual_seed(seed)
+
+    def drawn(t: Any) -> Any:  # a mask or token ids: the example's own
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            return t
+        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype)
+
     for _ in range(n):
-        xs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype or t.dtype) if t.is_floating_point() else t
-              for t in example]  # a mask or token ids: the example's own
-        ya, spec_a = pytree.tree_flatten(_called("reference", ref, xs))
-        yb, spec_b = pytree.tree_flatten(_called("candidate", cand, xs))
+        xs = list(pytree.tree_map(drawn, example))
+        ya, spec_a = pytree.tree_flatten(_fields(_called("reference", ref, xs)))
+        yb, spec_b = pytree.tree_flatten(_fields(_called("candidate", cand, xs)))
         if spec_a != spec_b or len(ya) != len(yb):
             report.problem = f"output structures differ: {spec_a} vs {spec_b}"
             return report
@@ -191,7 +202,8 @@ def _called(name: str, model: nn.Module, xs: list) -> Any:
         with torch.no_grad():
             return model(*xs)
     except Exception as e:  # noqa: BLE001  (the model's own error, said with where it happened)
-        raise ValueError(f"verify: the {name} ({type(model).__name__}) fails on inputs {shapes_and_dtypes(xs)}: "
+        shown = shapes_and_dtypes([t for t in pytree.tree_leaves(xs) if torch.is_tensor(t)])
+        raise ValueError(f"verify: the {name} ({type(model).__name__}) fails on inputs {shown}: "
                          f"{first_line(e)}") from e
 
 
@@ -208,6 +220,8 @@ def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _compare(o: OutputError, a: Any, b: Any) -> None:
+    if isinstance(a, _Number) and isinstance(b, _Number):
+        a, b = a.value, b.value
     if not (torch.is_tensor(a) and torch.is_tensor(b)):
         if a != b:
             o.problem = f"values differ: {a!r} vs {b!r}"
@@ -234,17 +248,30 @@ def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
 
 
 def _fields(out: Any) -> Any:
-    """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, and every dict
-    of a class pytree does not know (``class Out(OrderedDict)``) as a dict of its items, their types kept."""
+    """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, every dict
+    of a class pytree does not know (``class Out(OrderedDict)``) as a dict of its items, their types kept, a
+    ``torch.distributions`` object (an actor-critic's ``Categorical(logits=...)``) as a dict of what defines it,
+    and a Python float as a float64 tensor of one number (compared within the tolerance, as a tensor is)."""
 
     def as_dict(x: Any) -> Any:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             return {"<type>": type(x).__qualname__, **{f.name: _fields(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, torch.distributions.Distribution):  # its parameters, and the lazy ones it has computed
+            return {"<type>": type(x).__qualname__, **{k: _fields(v) for k, v in sorted(vars(x).items())}}
+        if type(x) is float:
+            return _Number(torch.tensor(x, dtype=torch.float64))
         if isinstance(x, dict) and type(x) not in pytree.SUPPORTED_NODES:
             return {"<type>": type(x).__qualname__, **{k: _fields(v) for k, v in x.items()}}
         return x
 
     return pytree.tree_map(as_dict, out)
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A Python float of an output, as a tensor to compare (apart from a tensor output: a float is no tensor)."""
+
+    value: torch.Tensor
 
 
 def tensor_leaves(out: Any) -> list[torch.Tensor]:
@@ -277,6 +304,8 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
     if spec_a != spec_b:
         return f"the output structures differ: {_structure(reference)} vs {_structure(candidate)}"
     for k, (a, b) in enumerate(zip(ya, yb)):
+        if isinstance(a, _Number) and isinstance(b, _Number):
+            a, b = a.value, b.value
         if not (torch.is_tensor(a) and torch.is_tensor(b)):
             try:
                 differs = bool(a != b)

@@ -45,7 +45,6 @@ FEW = {
     "repalgebra.backend.onnx:_runs_there": "two decisions: a file onnxruntime cannot run (its dtype) goes to the reference evaluator, either way",
     "repalgebra.backend.onnx_fallback:reference_differs": "one decision a test reaches: only a difference is one (a batch "
     "taken for another axis fails to run there rather than give other values)",
-    "repalgebra.verify:_fields": "two forms of output record opened: a dataclass's fields, an unknown dict's items",
     "repalgebra.frontend.fx_trace:_runs_base_code": "two decisions: a method replaced on the instance, or by a class of the user's",
     "repalgebra.frontend.fx_trace:_sets": "one choice: the attribute a pruning hook sets",
     "repalgebra.fuse:_refuse_more_tensors": "one decision: more tensors than the example's",
@@ -71,6 +70,8 @@ FEW = {
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
+    "repalgebra.verify:verify": "the public check, older than the stage's mutants but for one step: its inputs drawn "
+    "in the example's structure",
     "repalgebra.fuse:_fuse": "the last steps of fuse, each older than the stage's mutants but one: its parts kept in eval mode",
     "repalgebra.draws:generators_kept": "one record: where a run left the generators (their restore is untouched's mutants')",
     "repalgebra.fuse:_drawn_elsewhere": "one comparison: the generators a run left elsewhere than the model's run",

@@ -152,3 +152,32 @@ def test_bad_arguments_and_failing_models_are_named():
     other = nn.Conv2d(4, 4, 3).eval()
     with pytest.raises(ValueError, match=r"the candidate \(Conv2d\) fails on inputs 1x3x8x8 float32: RuntimeError"):
         verify(model, other, x)
+
+
+class Pathways(nn.Module):
+    """SlowFast's list input, a dict of feature maps, and an actor-critic's outputs: a distribution and a float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow, self.fast = model(), model()
+
+    def forward(self, paths, extra):
+        y = self.slow(paths[0]) + self.fast(paths[1]) + extra["bias"]
+        logits = y.mean((2, 3))
+        return torch.distributions.Categorical(logits=logits), float(y.abs().max())
+
+
+def test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them():
+    """A list or dict argument raised "'list' object has no attribute 'is_floating_point'" (found by two probes);
+    a distribution compared by identity, a float exactly (found by a probe).  A shape stands for one input."""
+    m = Pathways()
+    example = ([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)], {"bias": torch.randn(1, 4, 1, 1)})
+    fused = fuse(m, example)
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in fused.modules()) == 0, str(fused.fuse_report)
+    report = verify(m, fused, example, dtype=torch.float64)
+    assert report.passed and sum(o.shape == (2, 4) for o in report.outputs) == 2, str(report)  # logits, and _param
+    off = copy.deepcopy(m)
+    with torch.no_grad():
+        off.fast[1].running_mean += 1e-2
+    assert not verify(m, off, example).passed
+    assert verify(model(), fuse(model(), torch.randn(2, 3, 8, 8)), (2, 3, 8, 8)).passed
