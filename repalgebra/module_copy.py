@@ -34,12 +34,13 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def copy_module(model: M) -> M:
-    """``copy.deepcopy(model)``, with tensors held as plain attributes that are not autograd leaves copied detached."""
+    """``copy.deepcopy(model)``, with tensors held as plain attributes that are not autograd leaves copied detached
+    (also in a dict, list or tuple attribute: timm's ``attention_bias_cache[str(device)]``, filled by a call with
+    autograd on)."""
     memo: dict[int, object] = {}
     for m in model.modules():
-        for v in vars(m).values():
-            if torch.is_tensor(v) and not v.is_leaf:
-                memo[id(v)] = v.detach().clone()
+        for v in _non_leaves(list(vars(m).values())):
+            memo[id(v)] = v.detach().clone()
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as e:
@@ -50,6 +51,18 @@ def copy_module(model: M) -> M:
             if name not in ("_parameters", "_buffers", "_modules") and (new := rebinding.value(v)) is not v:
                 vars(m)[name] = new
     return copied
+
+
+def _non_leaves(values: list, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors among ``values`` that are not autograd leaves, and those in their dicts, lists and tuples,
+    ``depth`` levels deep."""
+    found = []
+    for v in values:
+        if torch.is_tensor(v) and not v.is_leaf:
+            found.append(v)
+        elif depth > 0 and isinstance(v, (dict, list, tuple)):
+            found += _non_leaves(list(v.values()) if isinstance(v, dict) else list(v), depth - 1)
+    return found
 
 
 class _Rebinding:

@@ -667,3 +667,16 @@ def test_a_draw_from_a_generator_the_model_holds_or_is_given_is_not_frozen(kind)
         want = model(x)
         SHARED.manual_seed(7)
         torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_cache_filled_by_a_call_with_autograd_on_copies():
+    """A bias table cached in a dict by an eval call without ``torch.no_grad`` is no autograd leaf, and
+    ``copy.deepcopy`` refused the model (timm's EfficientFormer, LeViT; found by a probe).  It copies detached."""
+    model = randomized(lambda: Net(BiasCache()))
+    x = inputs(1)[0]
+    model(x)  # (autograd on: the cached table has a grad_fn)
+    assert next(iter(model.inner.cache.values())).grad_fn is not None
+    fused = fuse(model, x)
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
