@@ -192,34 +192,44 @@ def _guard_pinned(where: str, fused: nn.Module, cap: Capture, original: nn.Modul
     tensor folded into them) would compute in float16.  Dtypes that already hold it (float64 beside a float32
     tensor) keep their results' dtype and run.  Only where a cast shows it: a tensor forward casts to its input's
     dtype (``self.mean.to(x.dtype)``), or one torch.fx made of a buffer (a flipped blur kernel), follows the cast
-    in both and keeps nothing from running."""
+    in both and keeps nothing from running.
+
+    A tensor written into in place (``logdet += s`` into a ``torch.zeros`` of the default dtype) keeps its dtype
+    where the fused graph's out-of-place op promotes: only dtypes it promotes nothing to hold (after ``fused.double()``
+    the model returned that sum in float32, the fused model in float64)."""
     if not _promoted_after_a_cast(original, fused, inputs):
         return
-    read, pinned = cap.pinned[0]
+    read, pinned = (cap.pinned or cap.kept)[0]
     own = computes_in(original, inputs)
-    holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in cap.pinned))]))
-    why = (f"it reads {read}, of dtype {str(pinned).replace('torch.', '')}, which a cast of the model leaves as it is "
-           "and PyTorch promotes what it meets to")
+    holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in cap.pinned)
+                                        and all(torch.promote_types(t, d) == d for _, d in cap.kept))]))
+    dtype = str(pinned).replace('torch.', '')
+    why = (f"it reads {read}, of dtype {dtype}, which a cast of the model leaves as it is and PyTorch promotes what it "
+           "meets to" if cap.pinned else f"{read} stays {dtype} in a cast of the model, where the fused graph's "
+           "out-of-place op promotes to the wider dtype")
     ShapeGuard(None, where, True, holds, why=why).install(fused)
     cap.notes.append(f"fused for {_dtypes_text(holds, ' and ')} only: {why}; it refuses to run in another")
 
 
 def _promoted_after_a_cast(original: nn.Module, fused: nn.Module, inputs: tuple) -> bool:
     """Whether ``original`` and ``fused``, cast to half precision (bfloat16, else float16 where the model does not
-    run in bfloat16), return outputs of other dtypes, or ``fused`` fails where ``original`` runs.  (bfloat16 first:
+    run in bfloat16) or to float64, return outputs of other dtypes, or ``fused`` fails where ``original`` runs.  (bfloat16 first:
     both promote alike, and torch's float16 conv on the CPU is 30 times slower than its float32 one.)"""
     call = Call(tuple(inputs), {})
-    for dtype in (torch.bfloat16, torch.float16):
-        try:
-            want = tensor_leaves(_run(original, call, dtype))
-        except Exception:  # noqa: BLE001  (the model does not run in it: the next)
-            continue
-        try:
-            with _quiet_fx():
-                got = tensor_leaves(_run(fused, call, dtype))
-        except Exception:  # noqa: BLE001
-            return True
-        return [t.dtype for t in want] != [t.dtype for t in got]
+    for dtypes in ((torch.bfloat16, torch.float16), (torch.float64,)):  # a narrower one, and a wider one
+        for dtype in dtypes:
+            try:
+                want = tensor_leaves(_run(original, call, dtype))
+            except Exception:  # noqa: BLE001  (the model does not run in it: the next)
+                continue
+            try:
+                with _quiet_fx():
+                    got = tensor_leaves(_run(fused, call, dtype))
+            except Exception:  # noqa: BLE001
+                return True
+            if [t.dtype for t in want] != [t.dtype for t in got]:
+                return True
+            break
     return False
 
 
@@ -1232,7 +1242,7 @@ class _Fuser:
         if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
-        if cap.how == "fx" and cap.pinned:
+        if cap.how == "fx" and (cap.pinned or cap.kept):
             _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)

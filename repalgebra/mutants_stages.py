@@ -129,6 +129,7 @@ _GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_read
 _TRAIN_FLAG = ("tests/test_fuse_call_modes.py::test_fused_train_changes_nothing_the_fused_model_computes",)
 _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_verified_and_exported",)
 _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
+_KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -282,9 +283,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "copy-failure-unchecked", "a fused model whose copy fails (a hook's handle on a module it no longer holds) compared as if it copied",
      "repalgebra.fuse:_calls_difference", '        return f"a copy of it fails: {first_line(e)}"', "        pass", _SHARED_OBJECTS),
     ("frontend", "pinned-guard-regardless", "a tensor forward casts to its input's dtype keeps the fused model from half precision (refused where the model runs)",
-     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return True", _PINNED + _PINNED_CAST),
+     "repalgebra.fuse:_promoted_after_a_cast", "            if [t.dtype for t in want] != [t.dtype for t in got]:", "            if True:", _PINNED + _PINNED_CAST),
     ("frontend", "pinned-guard-never", "a cast that promotes in the model and not in the fused model left unguarded",
-     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return False", _PINNED),
+     "repalgebra.fuse:_promoted_after_a_cast", "            if [t.dtype for t in want] != [t.dtype for t in got]:", "            if False:", _PINNED),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", " or not _is_plain(root, target):", " or True:", _PINNED),
     ("frontend", "plain-constant-unmarked", "a plain tensor an op reads (or the model returns) marked as a buffer's",
@@ -586,6 +587,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "non-leaf-in-dict-copied", "a non-leaf tensor in a dict attribute handed to deepcopy, which refuses it",
      "repalgebra.module_copy:_non_leaves", "        elif depth > 0 and isinstance(v, (dict, list, tuple)):", "        elif False:",
      ("tests/test_fuse_state.py::test_a_cache_filled_by_a_call_with_autograd_on_copies",)),
+    ("frontend", "kept-dtype-unseen", "a tensor made in its dtype and written in place not noted (no cast of the model checked)",
+     "repalgebra.frontend.builder:_made_in_its_dtype", '    return n is not None and n.op in ("opaque", "constant", "cast")', "    return False", _KEPT_SUM),
+    ("frontend", "cast-checked-narrower-only", "a cast of the model checked to half precision only, not to float64",
+     "repalgebra.fuse:_promoted_after_a_cast", "((torch.bfloat16, torch.float16), (torch.float64,))", "((torch.bfloat16, torch.float16),)", _KEPT_SUM),
+    ("frontend", "kept-dtype-wider-holds", "a wider dtype taken to hold beside a tensor written in place, as beside one read",
+     "repalgebra.fuse:_guard_pinned", "\n                                        and all(torch.promote_types(t, d) == d for _, d in cap.kept)", "", _KEPT_SUM),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

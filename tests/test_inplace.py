@@ -309,3 +309,38 @@ def test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into(how):
         want, got = model(x), fused(x)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (float32, folded in float64)
+
+
+class LogDetSum(nn.Module):
+    """ikostrikov's FlowSequential: a log-determinant summed in place into ``torch.zeros`` of the default dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        logdets = torch.zeros(x.size(0), 1, device=x.device)
+        for _ in range(2):
+            s = torch.tanh(self.bn(self.lin(x)))
+            x = x * torch.exp(s)
+            logdets += s.sum(-1, keepdim=True)
+        return x, logdets
+
+
+def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold():
+    """After ``fused.double()`` the out-of-place sum promoted to float64 where the model keeps float32 (found by a
+    probe): the fused model now refuses float64 by name, and runs in float32 and below as the model does."""
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = LogDetSum().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    fused = fuse(model, torch.randn(4, 6))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        for got, want in zip(fused(x), model(x)):
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (float32, folded in float64)
+        with pytest.raises(ValueError, match=r"holds in float32 and float16 and bfloat16 only \(a tensor the model's "
+                                             r"forward writes into in place stays float32"):
+            copy.deepcopy(fused).double()(x.double())

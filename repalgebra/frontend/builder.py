@@ -96,6 +96,8 @@ class Builder:
         self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
         # floating tensors read that are neither parameters nor buffers: (where, dtype), see pinned_tensor
         self.pinned: list[tuple[str, torch.dtype]] = []
+        # floating tensors written into in place by an op made out of place: (where, dtype), see in_dtype_of_its_target
+        self.kept: list[tuple[str, torch.dtype]] = []
         # a tensor read that is neither a parameter nor a buffer: a value a run may have left (a hook's stored output)
         self.reads_plain = False
         # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
@@ -152,6 +154,10 @@ class Builder:
         """``out``, the value of an in-place op made out of place, cast to the dtype of the tensor it wrote into
         where the out-of-place op promotes (``y += c`` of a float32 ``y`` and a float64 ``c``)."""
         target = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(target, Value) and target.dtype is not None and target.dtype.is_floating_point and _made_in_its_dtype(target):
+            # The model keeps that dtype in other dtypes too (after fused.double(), a float32 sum made by
+            # torch.zeros, += a float64 term): fuse checks what a cast of the model does (see fuse._guard_pinned).
+            self.kept.append((f"a tensor {self.source(n) or 'the model'}'s forward writes into in place", target.dtype))
         if (dtype := promoted_from(out, target)) is None:
             return out
         cast = self.add("cast", [out], {"dtype": dtype}, {}, self.source(n))
@@ -507,6 +513,14 @@ def size_read(t: SymExpr) -> tuple[Any, Any]:
         if whole:
             return inner.args[0], t.args[1]
     return None, None
+
+
+def _made_in_its_dtype(v: Value) -> bool:
+    """Whether ``v`` comes, through ops of one input, from a call, a constant or a written cast: made in a dtype that a
+    cast of the model does not change (``torch.zeros(n, 1)``), where a value computed from its weights follows it."""
+    while (n := v.producer) is not None and n.op not in ("opaque", "constant", "cast") and len(n.inputs) == 1:
+        v = n.inputs[0]
+    return n is not None and n.op in ("opaque", "constant", "cast")
 
 
 def promoted_from(out: Any, target: Any) -> torch.dtype | None:

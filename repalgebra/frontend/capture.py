@@ -62,6 +62,7 @@ class Capture:
     dtype_tested: bool = False  # an fx capture whose forward tests a dtype: it holds in the example's only
     input_checks: list = field(default_factory=list)  # an fx capture's torch._assert calls on its inputs, to make per call
     pinned: list = field(default_factory=list)  # an fx capture's floating tensors a cast of the model leaves: (where, dtype)
+    kept: list = field(default_factory=list)  # an fx capture's floating tensors written into in place: (where, dtype)
     # it reads a tensor that is neither a parameter nor a buffer (a plain attribute, a lifted constant), which the
     # graph holds as the value it had at capture: a value a run left there (a hook's stored output) would not hold
     reads_plain: bool = False
@@ -110,7 +111,7 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
         raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
-                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned),
+                   dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned), kept=list(traced.kept),
                    reads_plain=traced.reads_plain)
 
 
