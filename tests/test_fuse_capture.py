@@ -1911,8 +1911,9 @@ def test_a_pickled_fused_model_keeps_its_shape_guards():
     for again in (loaded, copy.deepcopy(loaded), pickle.loads(pickle.dumps(copy.deepcopy(loaded)))):
         with pytest.raises(ValueError, match="shapes fixed"):
             again(torch.randn(2, 3, 8, 9, dtype=D))
-        # copies do not pile up hooks: the guard, and the deep-copy hooks of the guard and of the report
-        assert len(again._forward_pre_hooks) == 1 and len(again._deepcopy_hooks) == 2
+        # copies do not pile up hooks: the guard and the eval-mode hook, and the deep-copy hooks of both and of
+        # the report
+        assert len(again._forward_pre_hooks) == 2 and len(again._deepcopy_hooks) == 3
 
 
 class UpcastNorm(nn.Module):
