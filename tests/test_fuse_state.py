@@ -680,3 +680,28 @@ def test_a_cache_filled_by_a_call_with_autograd_on_copies():
     assert count_bn(fused) == 0, str(fused.fuse_report)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class RecastsItsTime(nn.Module):
+    """torchdiffeq's ODEBlock: ``self.integration_time = self.integration_time.type_as(x)`` on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(4)
+        self.integration_time = torch.tensor([0.0, 1.5])
+
+    def forward(self, x):
+        self.integration_time = self.integration_time.type_as(x)
+        return self.body(x) * self.integration_time[1]
+
+
+def test_an_attribute_set_from_itself_each_call_keeps_fx():
+    """fx left a proxy of its trace on the module; the next trace read it and failed, and the model went to
+    torch.export with every size fixed (found by a probe).  The module gets its value back after each trace."""
+    model = randomized(RecastsItsTime)
+    fused = fuse(model, inputs(1)[0])
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 4, 9, 7, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    assert torch.is_tensor(model.integration_time)

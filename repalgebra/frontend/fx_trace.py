@@ -516,6 +516,16 @@ def holds_nothing_uninstalled(tracer: fx.Tracer, m: nn.Module) -> bool:
     return True
 
 
+def _without_proxies(modules: list[nn.Module], before: list[dict[str, Any]]) -> None:
+    """Each module's attributes that a trace set to proxies back as they were (``before``: each one's ``vars``)."""
+    for m, attrs in zip(modules, before):
+        for name in [k for k, v in vars(m).items() if isinstance(v, fx.Proxy)]:
+            if name in attrs:
+                vars(m)[name] = attrs[name]
+            else:
+                del vars(m)[name]
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
@@ -535,9 +545,19 @@ class Tracer(fx.Tracer):
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """``fx.Tracer.trace``, one at a time in the process (:data:`TRACING`)."""
+        """``fx.Tracer.trace``, one at a time in the process (:data:`TRACING`).
+
+        A forward that sets an attribute from what it computes (``self.grid = self.grid.to(x.device)``,
+        torchdiffeq's ``self.integration_time = self.integration_time.type_as(x)``) leaves a proxy of this trace on
+        the module: the graph recomputes it per call, and the module gets its value back (a later trace or run read
+        the stale proxy and failed, and the model lost fx)."""
+        modules = list(root.modules()) if isinstance(root, nn.Module) else []
+        before = [dict(vars(m)) for m in modules]
         with TRACING:
-            return super().trace(root, concrete_args)
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                _without_proxies(modules, before)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
