@@ -130,6 +130,7 @@ _TRAIN_FLAG = ("tests/test_fuse_call_modes.py::test_fused_train_changes_nothing_
 _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_verified_and_exported",)
 _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
 _KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold",)
+_TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -596,6 +597,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "proxy-left-on-module", "a proxy a trace set on a module attribute left there (the next trace reads it)",
      "repalgebra.frontend.fx_trace:_without_proxies", "            if name in attrs:", "            if False:",
      ("tests/test_fuse_state.py::test_an_attribute_set_from_itself_each_call_keeps_fx",)),
+    ("frontend", "topk-items-aliased", "topk's values and indices taken for views of one another (an in-place write sends the model to torch.export)",
+     "repalgebra.frontend.inplace:_alias_inputs", "and _fresh_tuple(n.args[0]):", "and False:", _TOPK),
+    ("frontend", "max-along-dim-aliased", "x.max(dim)'s values and indices taken for views of one another",
+     "repalgebra.frontend.inplace:_fresh_tuple", "        return isinstance(dim, int)", "        return False", _TOPK),
+    ("frontend", "fresh-tuples-unknown", "no call known to return a tuple of new tensors but sort",
+     "repalgebra.frontend.inplace:_fresh_tuple", "if name not in _TUPLES_OF_FRESH or", 'if name not in {"sort"} or', _TOPK),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

@@ -344,3 +344,34 @@ def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_t
         with pytest.raises(ValueError, match=r"holds in float32 and float16 and bfloat16 only \(a tensor the model's "
                                              r"forward writes into in place stays float32"):
             copy.deepcopy(fused).double()(x.double())
+
+
+class TopKRouter(nn.Module):
+    """Mixtral's router: ``w, idx = torch.topk(probs, k)``, then ``w /= w.sum(-1, keepdim=True)`` in place."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.gate = how, nn.Linear(4, 3)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(3))
+
+    def forward(self, x):
+        probs = self.gate(x.mean((2, 3))).softmax(-1)
+        w, idx = torch.topk(probs, 2, dim=-1) if self.how == "topk" else probs.max(dim=-1, keepdim=True)
+        w /= w.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(1, idx, w)
+        return sum(gates[:, i].view(-1, 1, 1, 1) * e(x) for i, e in enumerate(self.experts))
+
+
+@pytest.mark.parametrize("how", ["topk", "max"])
+def test_an_item_of_topk_written_in_place_shares_nothing(how):
+    """topk's values and indices were taken for views of one another: the in-place division sent the model to
+    torch.export with its sizes fixed (found by a probe).  They are tensors of their own: fx, any size."""
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = TopKRouter(how).double().eval()
+    fused = fuse(model, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    x = torch.randn(3, 4, 7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)

@@ -70,6 +70,8 @@ FEW = {
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
+    "repalgebra.frontend.inplace:_fresh_tuple": "two decisions a test reaches: which calls, and max along a dim (the "
+    "rest, a call that is no tuple, is the alias check's conservative default)",
     "repalgebra.frontend.fx_trace:_without_proxies": "one decision: an attribute put back, or one the trace added removed",
     "repalgebra.frontend.builder:_made_in_its_dtype": "one walk to a call, a constant or a written cast",
     "repalgebra.module_copy:_non_leaves": "one walk: a tensor, or a container to look into",

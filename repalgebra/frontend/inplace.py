@@ -223,6 +223,8 @@ def _alias_inputs(n: fx.Node, root: nn.Module) -> list[fx.Node]:
     if n.op == "call_function":
         if n.target in _FRESH_FUNCTIONS or n.target in _NON_TENSOR_FUNCTIONS:
             return []
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and _fresh_tuple(n.args[0]):
+            return []  # one of topk's values and indices: tensors of their own, neither a view of the other
         if n.target is torch.einsum:  # of one operand a permutation or a diagonal: a view of it
             return tensors[:1] if len(tensors) == 1 else []
         if n.target is getattr and len(n.args) == 2 and n.args[1] in _NON_TENSOR_ATTRIBUTES:
@@ -234,6 +236,23 @@ def _alias_inputs(n: fx.Node, root: nn.Module) -> list[fx.Node]:
     if isinstance(m, _FRESH_MODULES) or (type(m).__module__.startswith("torch.nn.modules.activation")):
         return []
     return tensors
+
+
+# Calls that return a tuple of new tensors (``values, indices``); max, min and median only along a dim.
+_TUPLES_OF_FRESH = {"topk", "sort", "kthvalue", "mode", "var_mean", "std_mean", "aminmax", "cummax", "cummin", "max", "min", "median"}
+_ALONG_A_DIM = {"max", "min", "median"}
+
+
+def _fresh_tuple(n: fx.Node) -> bool:
+    """Whether ``n`` returns a tuple of tensors that share storage with nothing (``torch.topk``, ``x.max(dim)``;
+    not ``x.max()``, a tensor, nor ``torch.max(a, b)``), so that its items alias neither each other nor its input."""
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None) if n.op == "call_function" else None
+    if name not in _TUPLES_OF_FRESH or (n.op == "call_function" and getattr(torch, str(name), None) is not n.target):
+        return False
+    if name in _ALONG_A_DIM:  # (a dim: the second argument or a keyword, a number)
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        return isinstance(dim, int)
+    return True
 
 
 def _alias_classes(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, fx.Node]:
