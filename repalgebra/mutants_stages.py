@@ -131,6 +131,7 @@ _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_v
 _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
 _KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
+_DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -603,6 +604,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:_fresh_tuple", "        return isinstance(dim, int)", "        return False", _TOPK),
     ("frontend", "fresh-tuples-unknown", "no call known to return a tuple of new tensors but sort",
      "repalgebra.frontend.inplace:_fresh_tuple", "if name not in _TUPLES_OF_FRESH or", 'if name not in {"sort"} or', _TOPK),
+    ("frontend", "data-kept-as-call", "x.data kept as a call (an ONNX file holds the example's values)",
+     "repalgebra.frontend.handlers_functions:_f_values", '    if not kwargs and args[1:] == ("data",):', "    if False:", _DETACHED),
+    ("frontend", "detach-kept-as-call", "x.detach() and x.data kept as calls (a size read through them keeps a BatchNorm)",
+     "repalgebra.frontend.handlers_functions:_f_detached",
+     '    return None if a is None or shaped(a["input"]) is None else ("identity", [a["input"]], {}, {}, "")', "    return None", _DETACHED),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

@@ -2619,3 +2619,35 @@ def test_a_module_made_in_forward_with_weights_of_its_own_is_not_traced_into():
     x = torch.randn(3, 3, 10, 12)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # (float32)
+
+
+class ShortcutA(nn.Module):
+    """3D-ResNets-PyTorch's shortcut "A" (``torch.cat([out.data, zero_pads], 1)``) and a size read through
+    ``.detach()`` (Efficient-3DCNNs' ``x.data.size()``), after a conv + BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = F.avg_pool2d(self.bn(self.conv(x)), 2)
+        pads = torch.zeros(out.detach().size(0), 2, out.size(2), out.size(3), dtype=out.dtype)
+        return torch.cat([out.data, pads], 1)
+
+
+def test_data_and_detach_are_the_same_values(tmp_path):
+    """Kept as calls, ``.data`` became a constant of the example in the ONNX file (refused, "computes something
+    else"), and a size read through ``.detach()`` kept the BatchNorm from folding (found by a probe)."""
+    model = seeded(ShortcutA, 0)().to(D).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    y = torch.randn(3, 3, 10, 6, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-12)
+    path = tmp_path / "m.onnx"
+    repalgebra.export_onnx(fused.float(), path, x.float())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    z = torch.randn(3, 3, 8, 8)  # (the file's sizes are the example's; its batch is free)
+    (got,) = session.run(None, {session.get_inputs()[0].name: z.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model.float()(z).detach(), rtol=1e-4, atol=1e-5)  # float32 in onnxruntime

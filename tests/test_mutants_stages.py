@@ -70,6 +70,9 @@ FEW = {
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
+    "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
+    "repalgebra.frontend.handlers_functions:_f_values": "two attributes read: .values (older than the stage's mutants) "
+    "and .data, the one with a mutant",
     "repalgebra.frontend.inplace:_fresh_tuple": "two decisions a test reaches: which calls, and max along a dim (the "
     "rest, a call that is no tuple, is the alias check's conservative default)",
     "repalgebra.frontend.fx_trace:_without_proxies": "one decision: an attribute put back, or one the trace added removed",

@@ -430,10 +430,22 @@ def _f_getitem(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
 
 
 def _f_values(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``torch.max(x, dim).values``: the first field of a tuple-valued call's result (see :func:`_part`)."""
+    """``torch.max(x, dim).values``: the first field of a tuple-valued call's result (see :func:`_part`); ``x.data``:
+    ``x`` (:func:`_f_detached`)."""
+    if not kwargs and args[1:] == ("data",):
+        return _f_detached(b, n, target, args[:1], {})
     if kwargs or args[1:] != ("values",) or not isinstance(args[0], Value) or args[0].shape is not None:
         return None
     return _part(args[0], 0)
+
+
+def _f_detached(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``x.detach()``, ``x.data`` (older code's ``torch.cat([out.data, zero_pads], 1)``): the same values.  The fused
+    graph computes the forward; where gradients stop is the training graph's (torch.export's capture takes
+    ``aten.detach`` for the identity too).  Kept as a call, ``.data`` became a constant of the example in an ONNX
+    file, and a size read through it kept a BatchNorm from folding."""
+    a = bind([("input", REQ)], args, kwargs)
+    return None if a is None or shaped(a["input"]) is None else ("identity", [a["input"]], {}, {}, "")
 
 
 def _sized_stops(index: Any, x: Value) -> Any:
@@ -1304,6 +1316,7 @@ _register(_f_unfold, F.unfold)
 _register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 _register(_f_same_values, ("method", "contiguous"), ("method", "clone"), torch.clone)
+_register(_f_detached, ("method", "detach"), torch.detach)
 _register(_f_cast, ("method", "to"), ("method", "type"), *(("method", m) for m in _CAST_METHODS))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
           ("method", "true_divide"))
