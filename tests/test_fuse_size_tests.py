@@ -256,3 +256,13 @@ def test_the_number_of_pieces_of_a_chunk_is_no_constant():
         except ValueError:
             continue  # refused by name
         torch.testing.assert_close(got, model(x), rtol=1e-9, atol=1e-12)
+
+
+def test_torch_jit_trace_records_a_fused_model_with_a_size_test():
+    """Under torch.jit.trace sizes are tensors, and the per-call check of ``if D > 3:`` failed inside TorchScript
+    ("no op for aten::ne ... Tensor, bool"; found by a probe).  The trace records one call at its input's sizes,
+    as it does of the model."""
+    model = seeded(PointFeatures, 0)().to(D)
+    x = torch.randn(2, 6, 32, dtype=D)
+    traced = torch.jit.trace(fuse(model, x), x)
+    same(traced, model, x)
