@@ -132,6 +132,7 @@ _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_
 _KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold",)
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
+_FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -612,6 +613,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "size-test-under-jit-trace", "a size test checked under torch.jit.trace, whose sizes are tensors TorchScript cannot compare",
      "repalgebra.frontend.size_tests:taken_as_traced", "    if torch.jit.is_tracing():\n        return\n", "",
      ("tests/test_fuse_size_tests.py::test_torch_jit_trace_records_a_fused_model_with_a_size_test",)),
+    ("onnx_backend", "region-inputs-fed-by-place", "a region's file fed by the places of its inputs, one torch.onnx.export dropped shifting the rest",
+     "repalgebra.backend.onnx_fallback:_fed", "    return [(n, inputs[k]) for n, k in zip(names, at)]", "    return list(zip(names, inputs))", _FED),
+    ("onnx_backend", "region-inputs-wired-by-place", "a region's file wired into the whole by the places of its inputs",
+     "repalgebra.backend.onnx_fallback:splice", "dict(_fed([i.name for i in g.input], tuple(input_names)))",
+     "{i.name: n for i, n in zip(g.input, input_names)}", _FED),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

@@ -1141,3 +1141,33 @@ def test_floats_holding_ids_are_checked_at_the_examples_values():
             got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
             with torch.no_grad():
                 assert close(got, model(other))
+
+
+class TemporalShift(nn.Module):
+    """TSM's shift on an ``(N*T, C, H, W)`` backbone: ``torch.zeros_like`` of the clip, written slice by slice."""
+
+    def __init__(self, segments: int = 4) -> None:
+        super().__init__()
+        self.segments, self.conv, self.bn = segments, nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        nt, c, h, w = x.size()
+        x5 = x.view(nt // self.segments, self.segments, c, h, w)
+        fold = c // 8
+        out = torch.zeros_like(x5)
+        out[:, :-1, :fold] = x5[:, 1:, :fold]
+        out[:, 1:, fold: 2 * fold] = x5[:, :-1, fold: 2 * fold]
+        out[:, :, 2 * fold:] = x5[:, :, 2 * fold:]
+        return torch.relu(self.bn(self.conv(out.view(nt, c, h, w))) + x)
+
+
+def test_a_region_input_read_only_for_its_sizes_is_fed_by_name():
+    """torch.onnx.export dropped the region's input read only for its sizes, and the region's file was fed and wired by
+    place: the 4-D input went to a 5-D one, and export_onnx refused TSM's backbone (found by a probe)."""
+    torch.manual_seed(0)
+    model = TemporalShift().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(8, 8, 8, 8)
+    proto = export_onnx(repalgebra.fuse(model, x), None, x)
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))

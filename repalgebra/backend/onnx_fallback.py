@@ -550,7 +550,7 @@ def reference_differs(model: onnx.ModelProto, inputs: tuple, outputs: tuple, rto
     from onnx.reference import ReferenceEvaluator
 
     try:
-        got = ReferenceEvaluator(model).run(None, {i.name: _numpy(t) for i, t in zip(model.graph.input, inputs)})
+        got = ReferenceEvaluator(model).run(None, {n: _numpy(t) for n, t in _fed([i.name for i in model.graph.input], inputs)})
     except Exception as e:  # noqa: BLE001
         return f"onnx's reference evaluator: {_first_line(e)}"
     return _outputs_differ(got, outputs, rtol)
@@ -573,11 +573,21 @@ def session_differs(session: Any, inputs: tuple, outputs: tuple, rtol: float = 1
     """Why onnxruntime's ``session`` does not give ``outputs`` on ``inputs`` (empty when it does), compared by
     :func:`_outputs_differ`."""
     try:
-        feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+        feed = {n: t.detach().cpu().numpy() for n, t in _fed([i.name for i in session.get_inputs()], inputs)}
         got = session.run(None, feed)
     except Exception as e:  # noqa: BLE001
         return f"onnxruntime: {_first_line(e)}"
     return _outputs_differ(got, outputs, rtol, flips)
+
+
+def _fed(names: list[str], inputs: tuple) -> list[tuple[str, Any]]:
+    """A file's inputs by name, each with its tensor of ``inputs``: a region's file names them ``in{k}`` after the
+    region's ``k``-th input, and torch.onnx.export drops an input the graph reads only for its sizes (TSM's shift,
+    ``torch.zeros_like(x)``): the rest are fed by their names, not their places (a 4-D input went to a 5-D one)."""
+    at = [int(n[2:]) if n.startswith("in") and n[2:].isdigit() else None for n in names]
+    if None in at or max(at, default=-1) >= len(inputs):
+        return list(zip(names, inputs))
+    return [(n, inputs[k]) for n, k in zip(names, at)]
 
 
 def _outputs_differ(got: list, outputs: tuple, rtol: float, flips: float = 0.0) -> str:
@@ -1066,7 +1076,7 @@ def splice(
                 raise FallbackError(f"torch.onnx.export gave opset {imp.version} for {prefix}, asked for {opset}")
         elif extra.opsets.setdefault(imp.domain, imp.version) != imp.version:
             raise FallbackError(f"two versions of opset domain {imp.domain!r}: {extra.opsets[imp.domain]} and {imp.version}")
-    names: dict[str, str] = {i.name: n for i, n in zip(g.input, input_names)}
+    names: dict[str, str] = dict(_fed([i.name for i in g.input], tuple(input_names)))
     names[""] = ""
 
     def rename(name: str) -> str:
