@@ -1171,3 +1171,31 @@ def test_a_region_input_read_only_for_its_sizes_is_fed_by_name():
     proto = export_onnx(repalgebra.fuse(model, x), None, x)
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+class MultiCrop(nn.Module):
+    """DINO's MultiCropWrapper: features of each crop size appended to ``torch.empty(0)`` with ``torch.cat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        output = torch.empty(0).to(x.device)
+        for crop in (x, x[..., 1:-1, 1:-1]):
+            output = torch.cat((output, self.backbone(crop)))
+        return self.head(output)
+
+
+def test_a_concat_onto_an_empty_start_skips_it():
+    """torch.cat skips a 1-D operand of shape (0,); the concat kept it, with the axis counted by its rank, and the
+    file was no valid ONNX ("All inputs to Concat must have same rank"; found by a probe)."""
+    torch.manual_seed(0)
+    model = MultiCrop().eval()
+    model.backbone[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 12, 12)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        assert close(run(export_onnx(fused, None, x), x)[0], model(x))

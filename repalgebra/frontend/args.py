@@ -324,6 +324,16 @@ def as_value(b: Any, x: Any) -> Value | None:
     return b.add("constant", [], constant_attrs(c), {"value": c.tensor}, c.path)
 
 
+def concat_made(xs: list[Value], dim: int, source: str | None) -> Made:
+    """``torch.cat(xs, dim)``.  A 1-D operand of shape ``(0,)`` is skipped, as torch skips it (DINO's
+    ``output = torch.empty(0)``, grown by ``torch.cat((output, out))``); its rank is no axis to count ``dim`` by, and a
+    concat of mixed ranks is no valid ONNX."""
+    kept = [x for x in xs if tuple(x.shape or ()) != (0,)] or xs
+    if len(kept) == 1:
+        return "identity", kept, {}, {}, source
+    return "concat", kept, {"axis": dim % len(kept[0].shape)}, {}, source
+
+
 def scalar_axis(shape: tuple[int, ...]) -> int:
     """The axis a scalar multiply is written along: channels of an image, else the last (feature) axis."""
     return 1 if len(shape) == 4 else len(shape) - 1

@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from repalgebra.frontend.args import (
-    avg_pool, channel_axis, conv3d_attrs, elu_made, global_mean, height_one, im2col, leaky_relu_made, population_variance, prelu_made, scalar_axis,
-    transposed_conv_attrs, unsqueezed, vector_norm,
+    avg_pool, channel_axis, concat_made, conv3d_attrs, elu_made, global_mean, height_one, im2col, leaky_relu_made,
+    population_variance, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed, vector_norm,
 )
 from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
 from repalgebra.ir import Node, Value
@@ -826,7 +826,7 @@ def _cat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     xs = [_as_value(b, t) for t in ts]
     if any(x is None for x in xs):
         return None
-    return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, None
+    return concat_made(xs, a["dim"], None)
 
 
 def _stack(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import fx
 
 from repalgebra.frontend.args import (
-    REQ, adaptive_pool, as_value, avg_pool, bind, bn_params, constant, conv3d_attrs, conv_padding, elu_made, global_mean, im2col, interpolate, ints, is_int,
-    leaky_relu_made, max_pool, pad_nd, population_variance, prelu_made, scalar_axis, channel_axis, shaped, single, transposed_conv_attrs,
-    unsqueezed, vector_norm,
+    adaptive_pool, as_value, avg_pool, bind, bn_params, channel_axis, concat_made, constant, conv3d_attrs,
+    conv_padding, elu_made, global_mean, im2col, interpolate, ints, is_int, leaky_relu_made, max_pool, pad_nd,
+    population_variance, prelu_made, REQ, scalar_axis, shaped, single, transposed_conv_attrs, unsqueezed,
+    vector_norm,
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
@@ -272,7 +273,7 @@ def _f_cat(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Ma
     xs = [as_value(b, t) for t in a["tensors"]]  # a constant (a class token) as a ``constant`` node
     if any(x is None for x in xs):
         return None
-    return "concat", xs, {"axis": a["dim"] % len(xs[0].shape)}, {}, ""
+    return concat_made(xs, a["dim"], "")
 
 
 def _f_stack(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
