@@ -69,6 +69,18 @@ def test_export_checks_and_compares(tmp_path, block_file, capsys):
     assert model.opset_import[0].version == 18
 
 
+def test_export_in_float64_is_checked_where_onnxruntime_cannot_run_it(tmp_path, capsys):
+    """onnxruntime's CPU provider has no float64 Conv: the command crashed with its traceback after writing the file
+    (found by a probe).  It checks the file in onnx's reference evaluator instead, and says so."""
+    path = tmp_path / "double.py"
+    path.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).double()\n")
+    out = tmp_path / "block.onnx"
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "1,3,16,16", "--input-dtype", "float64"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime cannot run the file" in printed and "reference evaluator vs fused torch" in printed, printed
+    assert "float64) -> OK" in printed, printed
+
+
 def test_verify_passes(block_file, capsys):
     assert main(["verify", block_file, "--input-shape", "1,3,16,16", "--dtype", "float64"]) == 0
     assert "PASS" in capsys.readouterr().out
