@@ -63,7 +63,7 @@ from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import cast_floats, copy_module, eval_copy
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
-from repalgebra.untouched import rng_kept, tensors_kept
+from repalgebra.untouched import attributes_kept, rng_kept, tensors_kept
 from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
@@ -1489,10 +1489,11 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
         if dtype is None:
             out = module(*args, **kwargs)
-        else:
+        else:  # (what it sets on its modules in that dtype, a cache it fills, is not the module's: put back)
             state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
             cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
-            out = torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
+            with attributes_kept(module):
+                out = torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
     if left is not None:
         left.update(ends)
     return out

@@ -133,6 +133,7 @@ _KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
+_CAST_RUN = ("tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -621,6 +622,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "empty-cat-operand-kept", "a 1-D (0,)-shaped operand of torch.cat kept in the concat (mixed ranks: no valid ONNX)",
      "repalgebra.frontend.args:concat_made", "    kept = [x for x in xs if tuple(x.shape or ()) != (0,)] or xs", "    kept = xs",
      ("tests/test_onnx_fallback.py::test_a_concat_onto_an_empty_start_skips_it",)),
+    ("frontend", "cast-run-writes-kept", "what a run in another dtype sets on the module fuse keeps left there (a cache in float64)",
+     "repalgebra.fuse:_run", "            with attributes_kept(module):", "            with contextlib.nullcontext():", _CAST_RUN),
+    ("frontend", "containers-not-restored", "a dict a run filled in place left filled (its attribute restored, not its items)",
+     "repalgebra.untouched:attributes_kept", "                v.clear()\n", "                break\n", _CAST_RUN),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

@@ -10,6 +10,7 @@ parameters and buffers of the second, and says which it restored.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -17,9 +18,9 @@ from torch import nn
 
 from repalgebra.draws import generators_kept
 from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
-from repalgebra.frontend.state import equal_values
+from repalgebra.frontend.state import equal_values, plain_attributes
 
-__all__ = ["rng_kept", "tensors_kept"]
+__all__ = ["attributes_kept", "rng_kept", "tensors_kept"]
 
 
 @contextlib.contextmanager
@@ -53,6 +54,28 @@ def tensors_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
             with torch.no_grad():
                 t.set_(values) if t.shape != values.shape else t.copy_(values)
             restored.append(f"{path}.{name}" if path else name)
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block a forward may set plain attributes of ``model``'s modules (a cache it fills on its first call,
+    ``self.cache[L] = self.kernel(L)``): after it, each module holds the attributes it held, and each dict, list or
+    set among them its items.  For runs that are not the model's own: a check in float64 filled the cache of the
+    copy ``fuse`` keeps with float64 values, and its next run in float32 failed (found by a probe)."""
+    saved = []
+    for m in model.modules():
+        own = plain_attributes(m)
+        saved.append((m, own, [(v, copy.copy(v)) for v in own.values() if type(v) in (dict, list, set)]))
+    try:
+        yield
+    finally:
+        for m, own, containers in saved:
+            for name in set(plain_attributes(m)) - set(own):
+                del vars(m)[name]
+            vars(m).update(own)
+            for v, items in containers:
+                v.clear()
+                v.update(items) if isinstance(v, (dict, set)) else v.extend(items)
 
 
 def _hooks_may_write(model: nn.Module) -> bool:

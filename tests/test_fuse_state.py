@@ -14,6 +14,7 @@ call fills, the same for any input (a cache of weight-derived values, the weight
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
@@ -705,3 +706,53 @@ def test_an_attribute_set_from_itself_each_call_keeps_fx():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
     assert torch.is_tensor(model.integration_time)
+
+
+class S4DKernel(nn.Module):
+    """S4D's convolution kernel of a length, made in complex arithmetic (state-spaces' s4d.py, trimmed)."""
+
+    def __init__(self, h: int = 4, n: int = 8) -> None:
+        super().__init__()
+        self.log_dt = nn.Parameter(torch.linspace(-6, -2, h))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(h, n // 2, dtype=torch.cfloat)))
+        self.log_A_real = nn.Parameter(torch.log(0.5 * torch.ones(h, n // 2)))
+        self.register_buffer("A_imag", math.pi * torch.arange(n // 2).float().repeat(h, 1))
+
+    def forward(self, length):
+        dt = torch.exp(self.log_dt)
+        A = -torch.exp(self.log_A_real) + 1j * self.A_imag
+        dtA = A * dt.unsqueeze(-1)
+        C = torch.view_as_complex(self.C) * (torch.exp(dtA) - 1.0) / A
+        return 2 * torch.einsum("hn, hnl -> hl", C, torch.exp(dtA.unsqueeze(-1) * torch.arange(length))).real
+
+
+class KernelCache(nn.Module):
+    """An S4D layer whose kernel is cached per length on the first call of that length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = S4DKernel()
+        self.pre = nn.Sequential(nn.Conv1d(4, 4, 1, bias=False), nn.BatchNorm1d(4))
+        self.post = nn.Conv1d(4, 4, 1)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def forward(self, u):
+        u = self.pre(u)
+        length = u.size(-1)
+        if length not in self.cache:
+            self.cache[length] = self.kernel(length).detach()
+        return self.post(u * self.cache[length])
+
+
+def test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps():
+    """A check run in float64 filled the cache of fuse's private copy, whose next run in float32 failed: "does not
+    run in eval mode ... Input type (double) and bias type (float)" (found by a probe).  What a run in a dtype
+    other than the model's sets on its modules is put back."""
+    torch.manual_seed(0)
+    model = KernelCache().eval()
+    model.pre[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 4, 16)
+    fused = fuse(model, x)
+    assert count_bn(fused) == 0 and model.cache == {}, str(fused.fuse_report)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # float32, folded in float64

@@ -73,6 +73,8 @@ FEW = {
     "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
     "repalgebra.frontend.args:concat_made": "one decision a test reaches: a (0,)-shaped operand skipped (one operand "
     "left is the identity either way, and the tests concat along axis 0, which every rank counts alike)",
+    "repalgebra.untouched:attributes_kept": "one restore a test reaches alone: a container's items (its attributes' "
+    "restore is the same loop's)",
     "repalgebra.backend.onnx_fallback:_fed": "one decision: inputs by their names where the file names them all in{k}",
     "repalgebra.backend.onnx_fallback:splice": "older than the stage's mutants but for one step: a region file's inputs wired by name",
     "repalgebra.frontend.handlers_functions:_f_values": "two attributes read: .values (older than the stage's mutants) "

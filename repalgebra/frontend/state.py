@@ -30,7 +30,7 @@ from repalgebra.draws import DRAWS, generator_states, generators_kept, held_gene
 from repalgebra.module_copy import _filled, copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "restore_in_place", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
@@ -211,6 +211,11 @@ def _snapshot(module: nn.Module) -> dict[str, Any]:
         prefix = f"{path}." if path else ""
         seen.update((prefix + leaf, _key(value)) for leaf, value in _own(m).items())
     return seen
+
+
+def plain_attributes(m: nn.Module) -> dict[str, Any]:
+    """``m``'s attributes that are neither nn.Module's bookkeeping nor its parameters, buffers and children."""
+    return {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
 
 
 def _own(m: nn.Module) -> dict[str, Any]:
