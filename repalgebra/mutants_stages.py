@@ -134,6 +134,7 @@ _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_sha
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = ("tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps",)
+_TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -626,6 +627,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_run", "            with attributes_kept(module):", "            with contextlib.nullcontext():", _CAST_RUN),
     ("frontend", "containers-not-restored", "a dict a run filled in place left filled (its attribute restored, not its items)",
      "repalgebra.untouched:attributes_kept", "                v.clear()\n", "                break\n", _CAST_RUN),
+    ("frontend", "tensor-of-size-unread", "torch.tensor of a size handed the proxy (torch cannot read it: the model loses fx)",
+     "repalgebra.frontend.fx_trace:_tensor_of_sizes", "    return made(number(data), *args, **kwargs)", "    return made(data, *args, **kwargs)", _TENSOR_OF_SIZE),
+    ("frontend", "tensor-of-size-with-proxy-args-fixed", "torch.tensor of an input's size with dtype=x.dtype taken as at the example (its size fixed)",
+     "repalgebra.frontend.fx_trace:_tensor_of_sizes", "    if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):", "    if False:",
+     ("tests/test_fuse_size_tests.py::test_a_tensor_of_an_input_size_with_a_traced_dtype_stays_per_call",)),
+    ("frontend", "size-through-transpose-unread", "a size of a transposed or permuted value not read from the axis it came from",
+     "repalgebra.frontend.shapes:size_source", '    if n.op in ("permute", "transpose"):  # the axis it came from', "    if False:", _TENSOR_OF_SIZE),
+    ("frontend", "transpose-axes-unswapped", "a transpose's input axes taken as its output's",
+     "repalgebra.frontend.shapes:_swapped", "    dims[dim0 % rank], dims[dim1 % rank] = dims[dim1 % rank], dims[dim0 % rank]\n", "", _TENSOR_OF_SIZE),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

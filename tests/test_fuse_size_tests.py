@@ -266,3 +266,49 @@ def test_torch_jit_trace_records_a_fused_model_with_a_size_test():
     x = torch.randn(2, 6, 32, dtype=D)
     traced = torch.jit.trace(fuse(model, x), x)
     same(traced, model, x)
+
+
+class TutorialAttention(nn.Module):
+    """Attention as tutorials write its scale: ``torch.sqrt(torch.tensor(d_k, dtype=torch.float32))`` of
+    ``d_k = q.size(-1)``, the width of a conv's output flattened and transposed."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        q, k, v = (m(x).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
+        d_k = q.size(-1)
+        attn = F.softmax(q @ k.transpose(-2, -1) / torch.sqrt(torch.tensor(d_k, dtype=torch.float64)), dim=-1)
+        return x + (attn @ v).transpose(1, 2).reshape(B, C, H, W)
+
+
+def test_a_tensor_made_of_a_size_is_taken_as_at_the_example():
+    """torch itself cannot read a proxy: ``torch.tensor(d_k)`` stopped fx, and the model went to torch.export with
+    every size fixed (found by a probe).  The size is read through the transpose and the flatten to the conv's
+    weight: the same for every input, and the model runs at any size."""
+    model = seeded(TutorialAttention, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 6, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    same(fused, model, torch.randn(3, 3, 5, 7, dtype=D))
+
+
+class ScaledByItsWidth(nn.Module):
+    """``torch.tensor(x.shape[-1], dtype=x.dtype)``: a size of the input, recorded by fx as a call per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.body(x) / torch.tensor(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def test_a_tensor_of_an_input_size_with_a_traced_dtype_stays_per_call():
+    model = seeded(ScaledByItsWidth, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 6, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    same(fused, model, torch.randn(3, 3, 5, 9, dtype=D))

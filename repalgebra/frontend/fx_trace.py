@@ -516,6 +516,20 @@ def holds_nothing_uninstalled(tracer: fx.Tracer, m: nn.Module) -> bool:
     return True
 
 
+def _tensor_of_sizes(made: Callable[..., torch.Tensor], data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.tensor(data, ...)`` while a trace runs: a size in ``data`` (``torch.sqrt(torch.tensor(d_k))`` of a
+    ``d_k = q.size(-1)``, as attention tutorials write the scale) as at the example, checked per call (see
+    :meth:`_Proxy._number`); torch itself cannot read a proxy, and the model went to torch.export with every size
+    fixed (found by a probe).  Where another argument is a proxy (``dtype=x.dtype``, ``device=x.device``), fx
+    records the call, its sizes read per call."""
+    if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+        return made(data, *args, **kwargs)
+    number = lambda v: v._number("torch.tensor") if isinstance(v, _Proxy) else v  # noqa: E731
+    if isinstance(data, (list, tuple)):
+        data = type(data)(number(v) for v in data)
+    return made(number(data), *args, **kwargs)
+
+
 def _without_proxies(modules: list[nn.Module], before: list[dict[str, Any]]) -> None:
     """Each module's attributes that a trace set to proxies back as they were (``before``: each one's ``vars``)."""
     for m, attrs in zip(modules, before):
@@ -554,9 +568,12 @@ class Tracer(fx.Tracer):
         modules = list(root.modules()) if isinstance(root, nn.Module) else []
         before = [dict(vars(m)) for m in modules]
         with TRACING:
+            made = torch.tensor
+            torch.tensor = functools.partial(_tensor_of_sizes, made)  # (the lock holds: one trace patches it at a time)
             try:
                 return super().trace(root, concrete_args)
             finally:
+                torch.tensor = made
                 _without_proxies(modules, before)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

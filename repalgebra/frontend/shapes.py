@@ -31,7 +31,8 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     * ``reshape_dyn``: an axis whose entry is one size read (``refs[r].shape[a]``) or a number;
     * ``conv2d(u; W)``, ``conv3d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a
       spatial axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size;
-    * a transposed conv: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[1] * groups``.
+    * a transposed conv: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[1] * groups``;
+    * ``permute``, ``transpose``: the axis it came from; ``flatten``: an axis before or after the flattened ones.
     """
     n = v.producer
     if n is None or v.shape is None:
@@ -50,6 +51,15 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         if len(entry) == 1 and len(entry[0]) == 2:
             return n.inputs[1 + entry[0][0]], entry[0][1]
         return None
+    if n.op in ("permute", "transpose"):  # the axis it came from
+        dims = list(n.attrs["dims"]) if n.op == "permute" else _swapped(len(v.shape), n.attrs["dim0"], n.attrs["dim1"])
+        return n.x, dims[axis] % len(v.shape)
+    if n.op == "flatten" and n.x.shape is not None:  # an axis outside the flattened ones
+        start, end = n.attrs["start"] % len(n.x.shape), n.attrs["end"] % len(n.x.shape)
+        if axis < start:
+            return n.x, axis
+        if axis > start:
+            return n.x, axis + end - start
     if n.op in ("conv2d", "conv3d", *TRANSPOSED_CONVS) and axis == 0:
         return n.x, 0
     if n.op in TRANSPOSED_CONVS and axis == 1:
@@ -61,6 +71,13 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         if s == 1 and pads == d * (k - 1):
             return n.x, axis
     return None
+
+
+def _swapped(rank: int, dim0: int, dim1: int) -> list[int]:
+    """The axes of a transpose's input, by the axis of its output they become."""
+    dims = list(range(rank))
+    dims[dim0 % rank], dims[dim1 % rank] = dims[dim1 % rank], dims[dim0 % rank]
+    return dims
 
 
 def _conv_axis(n: Node, axis: int) -> tuple[int, int, int, int]:
