@@ -2,7 +2,7 @@
 
 Identity: for a constant c that is the same along every axis but the one holding P's output
 features (c[o]; a single number is the case "the same for every o"), a sign in {1, -1}, and P a
-conv2d (any stride, padding, dilation, groups) or a Linear followed by a chain L of layout ops
+conv2d or conv3d (any stride, padding, dilation, groups) or a Linear followed by a chain L of layout ops
 (flatten / reshape / transpose / permute, possibly empty) that carries its output features whole:
 
     sign * L(P(x; W, b)) + c == L(P(x; W', b'))
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .symbolic import (assert_differs, assert_equal, carried_axes, conv2d, conv_symbols, describe,
+from .symbolic import (assert_differs, assert_equal, carried_axes, conv2d, conv3d, conv_symbols, describe,
                        describe_chain, layout, linear, symbols_tensor)
 
 
@@ -74,6 +74,19 @@ def _prove_conv(cfg) -> str:
     return desc
 
 
+def _prove_conv3d() -> str:
+    """A frozen BatchNorm3d's shift after a Conv3d (its scale is scale_fold's), with a bias and groups."""
+    cfg = dict(C=4, O=2, D=3, H=2, W=3, k=(3, 1, 2), stride=(1, 1, 2), padding=(1, 0, 1), dilation=(1, 1, 1), groups=2, bias=True, sign=1)
+    x = symbols_tensor("x", (cfg["C"], cfg["D"], cfg["H"], cfg["W"]))
+    w = symbols_tensor("w", (cfg["O"], cfg["C"] // cfg["groups"], *cfg["k"]))
+    b, c = symbols_tensor("b", (cfg["O"],)), symbols_tensor("c", (cfg["O"],))
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    lhs = add_per_feature(conv3d(x, w, b, **kw), c, 1, axis=0)
+    desc = describe("conv3d + c == conv3d(W, b + c)", **cfg)
+    assert_equal(lhs, conv3d(x, *fuse(w, b, c, 1), **kw), "bias_fold " + desc)
+    return desc
+
+
 def _prove_linear(cfg) -> str:
     O = cfg["O"]
     y_shape = tuple(cfg["x"][:-1]) + (O,)
@@ -92,7 +105,7 @@ def _prove_linear(cfg) -> str:
 
 
 def prove() -> list[str]:
-    done = [_prove_conv(cfg) for cfg in CONV_CONFIGS] + [_prove_linear(cfg) for cfg in LINEAR_CONFIGS]
+    done = [_prove_conv(cfg) for cfg in CONV_CONFIGS] + [_prove_conv3d()] + [_prove_linear(cfg) for cfg in LINEAR_CONFIGS]
 
     # REFUSED: a positional embedding pos[o, h, w] is not one number per channel.
     cfg = dict(C=1, O=1, H=2, W=2, k=(1, 1), groups=1, bias=True)

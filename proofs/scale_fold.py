@@ -6,7 +6,7 @@ affine), any stride, padding, dilation and groups,
     s[o] * conv(x; W, b)[o] == conv(x; W', b')[o]
     with W'[o] = s[o] * W[o]  and  b'[o] = s[o] * b[o]   (no bias stays no bias).
 
-This is linearity of conv2d in (W, b) for each output channel separately.
+This is linearity of the conv in (W, b) for each output channel separately, 2-D or 3-D.
 Precondition: s is constant per output channel (not spatially varying, not input-dependent).
 
 Proof: symbolic x, W, b, s; expand(lhs - rhs) == 0 elementwise.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .symbolic import conv_symbols, assert_equal, conv2d, describe, scale, symbols_tensor
+from .symbolic import conv_symbols, assert_equal, conv2d, conv3d, describe, scale, symbols_tensor
 
 
 def fuse(w, b, s):
@@ -33,8 +33,25 @@ CONFIGS = [
 ]
 
 
+# A frozen BatchNorm3d written as arithmetic after a Conv3d (PySlowFast's SubBatchNorm3d): (kd, kh, kw), (d, h, w)
+CONFIGS_3D = [
+    dict(C=2, O=2, D=3, H=3, W=4, k=(3, 1, 2), stride=(1, 1, 2), padding=(1, 0, 1), dilation=(1, 1, 1), groups=1, bias=True),
+    dict(C=4, O=2, D=4, H=3, W=3, k=(2, 2, 1), stride=(2, 1, 1), padding=(0, 1, 0), dilation=(2, 1, 1), groups=2, bias=False),
+]
+
+
 def prove() -> list[str]:
     done = []
+    for cfg in CONFIGS_3D:
+        C, O, g = cfg["C"], cfg["O"], cfg["groups"]
+        x = symbols_tensor("x", (C, cfg["D"], cfg["H"], cfg["W"]))
+        w = symbols_tensor("w", (O, C // g, *cfg["k"]))
+        b = symbols_tensor("b", (O,)) if cfg["bias"] else None
+        s = symbols_tensor("s", (O,))
+        kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=g)
+        desc = describe("s * conv3d == conv3d(s*W, s*b)", **cfg)
+        assert_equal(scale(conv3d(x, w, b, **kw), s), conv3d(x, *fuse(w, b, s), **kw), "scale_fold " + desc)
+        done.append(desc)
     for cfg in CONFIGS:
         O, g = cfg["O"], cfg["groups"]
         x, w, b = conv_symbols(cfg)

@@ -2,7 +2,7 @@
 
     sign * L(P(x; W, b)) + c = L(P(x; sign * W, sign * b + c[o]))
 
-where ``P`` is a ``conv2d`` or a ``linear``, ``L`` a chain of layout ops
+where ``P`` is a ``conv2d``, a ``conv3d`` or a ``linear``, ``L`` a chain of layout ops
 (flatten, reshape, transpose, permute; possibly empty) that carries P's output
 features whole to one axis, ``c`` a constant that varies along that axis only
 (size 1 on every other axis), ``c[o]`` its value for output feature ``o``, and
@@ -29,10 +29,10 @@ from repalgebra.rules.registry import Rewrite, rule
 
 @rule("bias_fold", on="add_const")
 def bias_fold(graph, node):
-    p, chain = layout_chain(graph, node.x, ("conv2d", "linear"))
+    p, chain = layout_chain(graph, node.x, ("conv2d", "conv3d", "linear"))
     if p is None or node.out.dtype != p.out.dtype:
         return None
-    features = 1 if p.op == "conv2d" else len(p.out.shape) - 1  # the axis P's output features are on
+    features = len(p.out.shape) - 1 if p.op == "linear" else 1  # the axis P's output features are on
     c = per_feature(node.params["const"], node.x.shape, follow_chain(chain, features))
     if c is None:
         return None

@@ -6,8 +6,9 @@
     conv3d(x; W_a, b_a) +- conv3d(x; W_b, b_b) = conv3d(x; W_a +- W_b, b_a +- b_b)
 
 Random kernels (odd per axis, centred with padding ``d (k - 1) / 2``), strides, dilations, groups, widths,
-biases and dtypes.  Refused: a kernel that would have to grow on one side of an axis only (a conv3d pads both
-sides alike).  Not matched: a concat (only 2-D convs merge in one).  Tolerances:
+biases and dtypes; ``scale_fold`` and ``bias_fold`` fold a frozen BatchNorm3d written as arithmetic
+(``x * scale.view(1, -1, 1, 1, 1) + shift.view(...)``, PySlowFast's SubBatchNorm3d) into the conv3d before it.
+Refused: a kernel that would have to grow on one side of an axis only (a conv3d pads both sides alike).  Not matched: a concat (only 2-D convs merge in one).  Tolerances:
 :func:`repalgebra.testing.assert_graphs_equal`.
 """
 
@@ -120,3 +121,23 @@ def test_not_matched_in_a_concat(dtype, seed, kernel):
     graph = b.build(b.concat(conv, b.batch_norm(x, **_bn(gen, 1, dtype), eps=1e-5), x, axis=1))
     fused, report = run_rules(graph, "bn_to_conv", "identity_to_conv", *SUM_RULES)
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(case=block3d(), dtype=float_dtypes(), bias=st.booleans(), axis=st.sampled_from([1, -4]), sign=st.sampled_from([1.0, -1.0]),
+       seed=seeds())
+def test_a_frozen_bn3d_written_as_arithmetic_folds_into_the_conv3d(case, dtype, bias, axis, sign, seed):
+    groups, c, kernel, stride, dilation, size = case
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", (2, c, *size), dtype)
+    padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    extra = {"bias": torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)} if bias else {}
+    conv = b.conv3d(x, weight=_weight(gen, c, c // groups, kernel, dtype), **extra, stride=stride, padding=padding,
+                    dilation=dilation, groups=groups, source="block.conv")
+    scaled = b.scale(conv, scale=torch.randn(c, generator=gen, dtype=torch.float64).to(dtype), axis=axis, source="block.bn")
+    shift = torch.randn(1, c, 1, 1, 1, generator=gen, dtype=torch.float64).to(dtype)
+    graph = b.build(b.add_const(scaled, const=shift, sign=sign, source="block.bn"))
+    fused, report = run_rules(graph, "scale_fold", "bias_fold")
+    assert fused.op_counts() == {"conv3d": 1}, str(fused)
+    assert fired(report, "scale_fold") == 1 and fired(report, "bias_fold") == 1
+    assert_graphs_equal(graph, fused, random_input((2, c, *size), dtype, seed + 1), dtype)
