@@ -135,6 +135,7 @@ _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_valu
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = ("tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps",)
 _TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
+_EXPORTED = ("tests/test_fuse.py::test_the_module_torch_export_gives_is_fused",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -636,6 +637,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.shapes:size_source", '    if n.op in ("permute", "transpose"):  # the axis it came from', "    if False:", _TENSOR_OF_SIZE),
     ("frontend", "transpose-axes-unswapped", "a transpose's input axes taken as its output's",
      "repalgebra.frontend.shapes:_swapped", "    dims[dim0 % rank], dims[dim1 % rank] = dims[dim1 % rank], dims[dim0 % rank]\n", "", _TENSOR_OF_SIZE),
+    ("frontend", "export-hooks-counted", "torch.export's own hooks on ExportedProgram.module() taken for the user's (fuse refuses it)",
+     "repalgebra.frontend.inputs:_loses_hooks", ' if getattr(h, "__module__", None) != _EXPORT_HOOKS', "", _EXPORTED),
+    ("frontend", "aten-graph-through-fx", "a graph of aten ops captured by fx, each op a call (nothing folds)",
+     "repalgebra.frontend.capture:capture_fx", "    if any(_calls_aten(n) for n in traced.graph.nodes):", "    if False:", _EXPORTED),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

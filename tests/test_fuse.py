@@ -1109,3 +1109,18 @@ def test_a_train_that_returns_nothing_is_fused_verified_and_exported(training, t
     assert model.training == training
     verify(model, fused, x)
     repalgebra.export_onnx(fused, tmp_path / "m.onnx", x)
+
+
+def test_the_module_torch_export_gives_is_fused():
+    """``ExportedProgram.module()`` carries torch.export's own hooks (a check of its inputs' sizes), which a copy
+    drops: fuse refused it, asking to move hooks the user never registered; then fx carried its aten ops as
+    calls, and nothing folded (found by a probe).  Its aten graph is read by the torch.export capture."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x,)).module()
+    fused = fuse(exported, x)
+    assert fused.fuse_report.ops_after == {"conv2d": 1, "relu": 1}, str(fused.fuse_report)
+    y = torch.randn(2, 3, 8, 8)  # (exported without dynamic shapes: its batch is fixed, as the module's own check says)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+    assert len(exported._forward_pre_hooks) == 2

@@ -77,6 +77,8 @@ FEW = {
     "restore is the same loop's)",
     "repalgebra.frontend.fx_trace:_tensor_of_sizes": "two decisions: a call fx records, or the sizes in the data as numbers",
     "repalgebra.frontend.shapes:_swapped": "one swap",
+    "repalgebra.frontend.capture:capture_fx": "older than the stage's mutants but for one step: a graph of aten ops "
+    "left to the torch.export capture",
     "repalgebra.backend.onnx_fallback:_fed": "one decision: inputs by their names where the file names them all in{k}",
     "repalgebra.backend.onnx_fallback:splice": "older than the stage's mutants but for one step: a region file's inputs wired by name",
     "repalgebra.frontend.handlers_functions:_f_values": "two attributes read: .values (older than the stage's mutants) "

@@ -110,9 +110,19 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
         raise CaptureFailed(first_line(e.__cause__ or e), getattr(e, "path", "")) from e
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, AssertionError, IndexError, KeyError) as e:
         raise CaptureFailed(first_line(e), getattr(e, "path", "")) from e
+    if any(_calls_aten(n) for n in traced.graph.nodes):
+        # A graph of aten ops (ExportedProgram.module(), make_fx): fx carries each as a call, and nothing folds; the
+        # torch.export path reads them.
+        raise CaptureFailed("its forward calls aten ops (a graph torch.export or make_fx made): read by the torch.export capture", "")
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
                    dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned), kept=list(traced.kept),
                    reads_plain=traced.reads_plain)
+
+
+def _calls_aten(n: Any) -> bool:
+    """Whether an IR node carries a call of an aten op (``torch.ops.aten.conv2d.default``) that fx met as a call."""
+    fn = n.attrs.get("fn") if n.op == "opaque" else None
+    return isinstance(getattr(fn, "target", None), torch._ops.OpOverload)
 
 
 def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Capture:

@@ -74,6 +74,9 @@ def check_model(model: nn.Module) -> None:
     # (A complex buffer, a RoPE ``freqs_cis``, is a constant like any other: the fused model holds it as its real view.)
 
 
+_EXPORT_HOOKS = "torch.export._unlift"  # where the hooks of ExportedProgram.module() are defined
+
+
 def _copies_itself(cls: type) -> bool:
     """Whether ``cls`` changes how ``copy.deepcopy`` copies a module (its own ``__reduce__``, ``__setstate__``, ...)."""
     names = ("__reduce__", "__reduce_ex__", "__getstate__", "__setstate__", "__deepcopy__", "__copy__")
@@ -81,9 +84,12 @@ def _copies_itself(cls: type) -> bool:
 
 
 def _loses_hooks(m: nn.Module) -> bool:
-    """Whether a deep copy of ``m`` drops forward hooks or pre-hooks ``m`` has."""
+    """Whether a deep copy of ``m`` drops forward hooks or pre-hooks ``m`` has, other than torch.export's own on the
+    module ``ExportedProgram.module()`` gives: a check of its inputs' sizes, and a switch for graph inputs that are
+    modules, which compute nothing (fuse refused the standard PyTorch 2 artifact, asking for hooks to be moved that
+    the user never registered; found by a probe)."""
     c = copy_module(m)  # (a fused module's guards are installed again on its copy, under new handles: compare kinds)
-    kinds = lambda hooks: sorted(type(h).__qualname__ for h in hooks.values())  # noqa: E731
+    kinds = lambda hooks: sorted(type(h).__qualname__ for h in hooks.values() if getattr(h, "__module__", None) != _EXPORT_HOOKS)  # noqa: E731
     return kinds(c._forward_pre_hooks) != kinds(m._forward_pre_hooks) or kinds(c._forward_hooks) != kinds(m._forward_hooks)
 
 
