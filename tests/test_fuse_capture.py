@@ -2651,3 +2651,25 @@ def test_data_and_detach_are_the_same_values(tmp_path):
     z = torch.randn(3, 3, 8, 8)  # (the file's sizes are the example's; its batch is free)
     (got,) = session.run(None, {session.get_inputs()[0].name: z.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model.float()(z).detach(), rtol=1e-4, atol=1e-5)  # float32 in onnxruntime
+
+
+class AllButFirst(nn.Module):
+    """``torch.cat([h[1:], h])``: at a batch of one its first operand is ``(0,)``, at others it is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).mean((1, 2, 3))
+        return torch.cat([h[1:], h])
+
+
+def test_a_concat_operand_empty_at_the_example_only_is_kept():
+    """Skipped as torch skips a ``(0,)`` operand, it was missing at batch 3: 3 values where the model returns 5
+    (found by a review).  Only an operand made from no input is skipped."""
+    model = seeded(AllButFirst, 0)().to(D).eval()
+    fused = fuse(model, torch.randn(1, 3, 8, 8, dtype=D))
+    y = torch.randn(3, 3, 8, 8, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-12)

@@ -71,8 +71,9 @@ FEW = {
     "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
     "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
-    "repalgebra.frontend.args:concat_made": "one decision a test reaches: a (0,)-shaped operand skipped (one operand "
-    "left is the identity either way, and the tests concat along axis 0, which every rank counts alike)",
+    "repalgebra.frontend.args:concat_made": "two decisions tests reach: a (0,)-shaped operand skipped, where it is "
+    "made from no input (one operand left is the identity either way, and the tests concat along axis 0, which every "
+    "rank counts alike)",
     "repalgebra.untouched:attributes_kept": "one restore a test reaches alone: a container's items (its attributes' "
     "restore is the same loop's)",
     "repalgebra.frontend.fx_trace:_tensor_of_sizes": "two decisions: a call fx records, or the sizes in the data as numbers",

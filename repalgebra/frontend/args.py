@@ -327,11 +327,27 @@ def as_value(b: Any, x: Any) -> Value | None:
 def concat_made(xs: list[Value], dim: int, source: str | None) -> Made:
     """``torch.cat(xs, dim)``.  A 1-D operand of shape ``(0,)`` is skipped, as torch skips it (DINO's
     ``output = torch.empty(0)``, grown by ``torch.cat((output, out))``); its rank is no axis to count ``dim`` by, and a
-    concat of mixed ranks is no valid ONNX."""
-    kept = [x for x in xs if tuple(x.shape or ()) != (0,)] or xs
+    concat of mixed ranks is no valid ONNX.  Only one made from no input: ``h[1:]`` of a batch of one is ``(0,)`` at
+    the example and not at batch 3 (a review found it dropped)."""
+    kept = [x for x in xs if tuple(x.shape or ()) != (0,) or not _made_of_no_input(x)] or xs
     if len(kept) == 1:
         return "identity", kept, {}, {}, source
     return "concat", kept, {"axis": dim % len(kept[0].shape)}, {}, source
+
+
+def _made_of_no_input(v: Value) -> bool:
+    """Whether ``v`` is computed from no input of the graph (a factory's or a constant's value): its shape is the same
+    for every input."""
+    todo, seen = [v], set()
+    while todo:
+        u = todo.pop()
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        if u.producer is None:
+            return False
+        todo.extend(u.producer.inputs)
+    return True
 
 
 def scalar_axis(shape: tuple[int, ...]) -> int:
