@@ -38,9 +38,19 @@ def copy_module(model: M) -> M:
     (also in a dict, list or tuple attribute: timm's ``attention_bias_cache[str(device)]``, filled by a call with
     autograd on)."""
     memo: dict[int, object] = {}
+    held = {_storage(t): t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None and _storage(t) is not None}
     for m in model.modules():
-        for v in _non_leaves(list(vars(m).values())):
-            memo[id(v)] = v.detach().clone()
+        for v in _non_leaves(list(vars(m).values()), held):
+            base = held.get(_storage(v))
+            if base is None:
+                memo[id(v)] = v.detach().clone()
+                continue
+            # A view of a parameter or buffer (an EMA's ``t.view(-1)``, written in place): the same view of its copy,
+            # not a copy of its values (through one, the copy's writes never reached its parameters).
+            copied = memo[id(base)] if id(base) in memo else copy.deepcopy(base, memo)
+            offset = v.storage_offset() - base.storage_offset() + copied.storage_offset()
+            memo[id(v)] = copied.detach().as_strided(v.size(), v.stride(), offset)
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as e:
@@ -53,15 +63,24 @@ def copy_module(model: M) -> M:
     return copied
 
 
-def _non_leaves(values: list, depth: int = 3) -> list[torch.Tensor]:
-    """The tensors among ``values`` that are not autograd leaves, and those in their dicts, lists and tuples,
-    ``depth`` levels deep."""
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (shared by the views of one tensor), None where it has none to share."""
+    try:
+        return t.untyped_storage().data_ptr() if t.numel() and t.device.type != "meta" else None
+    except (RuntimeError, NotImplementedError):  # (a tensor subclass without storage)
+        return None
+
+
+def _non_leaves(values: list, held: dict[int, torch.Tensor], depth: int = 3) -> list[torch.Tensor]:
+    """The tensors among ``values`` that are not autograd leaves or are views of one of ``held`` (the model's
+    parameters and buffers, by storage) other than itself, and those in their dicts, lists and tuples, ``depth``
+    levels deep."""
     found = []
     for v in values:
-        if torch.is_tensor(v) and not v.is_leaf:
+        if torch.is_tensor(v) and (not v.is_leaf or held.get(_storage(v), v) is not v):
             found.append(v)
         elif depth > 0 and isinstance(v, (dict, list, tuple)):
-            found += _non_leaves(list(v.values()) if isinstance(v, dict) else list(v), depth - 1)
+            found += _non_leaves(list(v.values()) if isinstance(v, dict) else list(v), held, depth - 1)
     return found
 
 

@@ -136,6 +136,7 @@ _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_size
 _CAST_RUN = ("tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps",)
 _TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
 _EXPORTED = ("tests/test_fuse.py::test_the_module_torch_export_gives_is_fused",)
+_VIEWS_EMA = ("tests/test_fuse_outside_reads.py::test_views_of_the_weights_stay_views_of_the_copys_weights",)
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
@@ -644,6 +645,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "empty-at-example-skipped", "a cat operand (0,) at the example only skipped (missing at other batches)",
      "repalgebra.frontend.args:concat_made", " or not _made_of_no_input(x)]", "]",
      ("tests/test_fuse_capture.py::test_a_concat_operand_empty_at_the_example_only_is_kept",)),
+    ("frontend", "param-views-copied-as-values", "a view of a parameter kept as an attribute copied as its values (the copy's writes miss its weights)",
+     "repalgebra.module_copy:copy_module", "            memo[id(v)] = copied.detach().as_strided(v.size(), v.stride(), offset)",
+     "            memo[id(v)] = v.detach().clone()", _VIEWS_EMA),
+    ("frontend", "leaf-views-not-found", "a leaf view of a parameter (made under no_grad, or .data) left to deepcopy, which copies its values",
+     "repalgebra.module_copy:_non_leaves", " or held.get(_storage(v), v) is not v", "", _VIEWS_EMA),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

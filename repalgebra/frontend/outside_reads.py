@@ -45,11 +45,11 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
     put first (before the user's own, which may read the weights too) and a forward hook that runs even where the
     call raises."""
     paths = set(paths)
-    owners: dict[int, list[str]] = {}
+    owners: dict[Any, list[str]] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         for t in (*sub._parameters.values(), *sub._buffers.values()):
             if t is not None:
-                owners.setdefault(id(t), []).append(path)
+                owners.setdefault(_key(t), []).append(path)
     running: list[str] = []
     handles = []
     for path, sub in module.named_modules(remove_duplicate=False):
@@ -66,6 +66,15 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
         for h in handles:
             h.remove()
     return paths & reads.found
+
+
+def _key(t: torch.Tensor) -> Any:
+    """What a parameter or buffer and every view of it share (an EMA's ``t.view(-1)``, kept at ``__init__``): its
+    storage; a tensor with none (empty, or of a tensor subclass) by itself."""
+    try:
+        return ("storage", t.untyped_storage().data_ptr()) if t.numel() else id(t)
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 def _reads_values(func: Any) -> bool:
@@ -85,14 +94,14 @@ def _self_and_ancestors(path: str) -> list[str]:
 class _Reads(TorchFunctionMode):
     """Notes the owners of each parameter or buffer an op reads while none of them runs (``found``)."""
 
-    def __init__(self, owners: dict[int, list[str]], running: list[str]) -> None:
+    def __init__(self, owners: dict[Any, list[str]], running: list[str]) -> None:
         super().__init__()
         self.owners, self.running, self.found = owners, running, set[str]()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if _reads_values(func):
             for t in pytree.tree_leaves((args, kwargs)):
-                held = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+                held = self.owners.get(_key(t)) if isinstance(t, torch.Tensor) else None
                 if held and not any(p in self.running for p in held):
                     self.found.update(a for p in held for a in _self_and_ancestors(p) if a not in self.running)
         return func(*args, **(kwargs or {}))
