@@ -69,15 +69,16 @@ def test_children_whose_weights_the_parent_updates_stay_as_written():
 
 
 class CastsToItsStem(nn.Module):
-    """A forward kept whole (it draws noise) that reads its stem's weights for their dtype only (timm's
-    ``next(self.parameters()).dtype``)."""
+    """A forward kept whole (it draws noise) that reads its stem's weights for their dtype, device and shape only
+    (timm's ``next(self.parameters()).dtype``, ``w.new_zeros``, ``x.type_as(w)``, ``torch.zeros_like(w)``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
 
     def forward(self, x):
-        y = self.stem(x.to(next(self.stem.parameters()).dtype))
+        w = next(self.stem.parameters())
+        y = self.stem(x.to(w.dtype)).type_as(w) + w.new_zeros(1) + torch.zeros_like(w).sum()
         return y + 0.1 * torch.randn_like(y)
 
 

@@ -68,7 +68,6 @@ FEW = {
     "repalgebra.frontend.outside_reads:read_outside": "one answer: the paths read from outside (the hooks' bookkeeping is "
     "the other mutants' and the tests' own)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
-    "repalgebra.frontend.outside_reads:_reads_values": "two decisions: a property by its name, and what reads no values",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
     "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
     "repalgebra.frontend.args:concat_made": "two decisions tests reach: a (0,)-shaped operand skipped, where it is "

@@ -13,7 +13,8 @@ its tolerance.
 module holding it is running: the submodules holding it and those of their ancestors below the module that are
 not running either are read from outside, and are not swapped (an ancestor that is running reads its own child:
 swapped whole, its fused form no longer reads it).  Reads of metadata only (``.dtype``, ``.shape``, ``.device``: HF's
-``x.to(self.patch_embedding.weight.dtype)``) do not count: they do not see the weights' values.
+``x.to(self.patch_embedding.weight.dtype)``; a factory's or a cast's template, ``w.new_zeros(n)``, ``x.type_as(w)``)
+do not count: they do not see the weights' values.
 """
 
 from __future__ import annotations
@@ -77,12 +78,20 @@ def _key(t: torch.Tensor) -> Any:
         return id(t)
 
 
-def _reads_values(func: Any) -> bool:
-    """Whether a torch function (or a tensor property's getter or setter) reads its tensors' values."""
+def _values_read(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The arguments of a torch function (or a tensor property's getter or setter) whose values it reads: none of
+    ``x.dtype``; not the tensor a factory takes its dtype, device or shape from (``w.new_zeros(n)``,
+    ``torch.zeros_like(bn.running_mean)``), nor the one a cast takes its dtype from (``x.type_as(w)``, ``x.to(w)``)."""
     name = getattr(func, "__name__", "")
     if name in ("__get__", "__set__"):  # a property: ``.data``, ``.dtype``
         name = getattr(getattr(func, "__self__", None), "__name__", name)
-    return name not in _METADATA
+    if name in _METADATA:
+        return []
+    if name.startswith("new_") or name.endswith("_like"):
+        return [*args[1:], *kwargs.values()]
+    if name in ("type_as", "to"):
+        return args[:1]
+    return [*args, *kwargs.values()]
 
 
 def _self_and_ancestors(path: str) -> list[str]:
@@ -99,9 +108,8 @@ class _Reads(TorchFunctionMode):
         self.owners, self.running, self.found = owners, running, set[str]()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if _reads_values(func):
-            for t in pytree.tree_leaves((args, kwargs)):
-                held = self.owners.get(_key(t)) if isinstance(t, torch.Tensor) else None
-                if held and not any(p in self.running for p in held):
-                    self.found.update(a for p in held for a in _self_and_ancestors(p) if a not in self.running)
+        for t in pytree.tree_leaves(_values_read(func, args, kwargs or {})):
+            held = self.owners.get(_key(t)) if isinstance(t, torch.Tensor) else None
+            if held and not any(p in self.running for p in held):
+                self.found.update(a for p in held for a in _self_and_ancestors(p) if a not in self.running)
         return func(*args, **(kwargs or {}))
