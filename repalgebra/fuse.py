@@ -606,8 +606,21 @@ class StaysInEval:
                 m.eval()
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`);
+        a fused graph's ``train`` then sets its own flag only.  A tracer runs no pre-hook of the module it traces:
+        ``torch.export.export(fused)`` after ``fused.train()`` recorded its BatchNorms in training mode, and running
+        that overwrote their statistics (found by a review)."""
         _install(self, module)
+        if isinstance(module, fx.GraphModule):  # (a class of its own per instance: the user's classes stay as they are)
+            type(module).train = _train_own_flag
+
+
+def _train_own_flag(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a fused graph: its own flag, read by nothing it computes; its modules stay in eval mode."""
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")
+    module.training = mode
+    return module
 
 
 OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval)  # the forward pre-hooks fuse puts on a fused model

@@ -583,6 +583,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.untouched:rng_kept", "fork_rng(devices=devices), generators_kept():", "fork_rng(devices=devices):", _DRAWS),
     ("frontend", "train-flips-parts", "a fused model's parts follow fused.train(): a BatchNorm left in it uses batch statistics",
      "repalgebra.fuse:_fuse", "        StaysInEval().install(fused)\n", "        pass\n", _TRAIN_FLAG),
+    ("frontend", "graph-train-recurses", "a fused graph's train() flips its modules (a tracer, which runs no pre-hook, records a BatchNorm in training mode)",
+     "repalgebra.fuse:_train_own_flag", "    module.training = mode\n    return module\n", "    return nn.Module.train(module, mode)\n", _TRAIN_FLAG),
     ("frontend", "eval-returns-none", "a module whose train() returns None taken as what eval() returns",
      "repalgebra.module_copy:in_eval", "    model.eval()\n    return model\n", "    return model.eval()\n", _TRAIN_NONE),
     ("frontend", "distribution-by-identity", "a distribution among the outputs compared by identity (every swap under it undone)",
