@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
-from repalgebra.draws import DRAWS, generators_kept
+from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import read_outside
 from repalgebra.frontend.builder import is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
@@ -1483,7 +1483,8 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
          mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad, left: dict | None = None) -> Any:
     """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
     ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
-    tensors), the global generators where they were after it (:func:`~repalgebra.draws.generators_kept`); with
+    tensors), the global generators started at :data:`~repalgebra.draws.CHECK_SEED` and where they were after it
+    (:func:`~repalgebra.draws.generators_kept`); with
     ``dtype``, the tensors, parameters and buffers cast to it on the fly (``torch.func.functional_call``: the module
     is neither copied nor changed).
 
@@ -1499,6 +1500,7 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
 
     with generators_kept() as ends, mode():  # each run draws what the one before drew: the checks compare like with like
+        seeded_for_checks()
         args, kwargs = pytree.tree_map(prepare, call.args), pytree.tree_map(prepare, call.kwargs)
         if dtype is None:
             out = module(*args, **kwargs)
