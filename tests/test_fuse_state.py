@@ -784,3 +784,26 @@ def test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps():
     assert count_bn(fused) == 0 and model.cache == {}, str(fused.fuse_report)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # float32, folded in float64
+
+
+class KeepsItsSize(nn.Module):
+    """A forward that stores the input's size as a tuple attribute and reads it back (``self.hw = (H, W)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(4)
+        self.hw = (0, 0)
+
+    def forward(self, x):
+        self.hw = (x.shape[2], x.shape[3])
+        return self.body(x).flatten(2).reshape(x.shape[0], 4, *self.hw)
+
+
+def test_a_tuple_of_sizes_a_forward_stores_keeps_fx():
+    model = randomized(KeepsItsSize)
+    fused = fuse(model, inputs(1)[0])
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 4, 9, 7, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    assert model.hw == (9, 7)

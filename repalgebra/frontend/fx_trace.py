@@ -516,6 +516,13 @@ def holds_nothing_uninstalled(tracer: fx.Tracer, m: nn.Module) -> bool:
     return True
 
 
+def _holds_proxy(v: Any) -> bool:
+    """Whether ``v`` is a proxy, or a tuple, list or dict with one among its items."""
+    if isinstance(v, fx.Proxy):
+        return True
+    return isinstance(v, (tuple, list, dict)) and any(isinstance(x, fx.Proxy) for x in pytree.tree_leaves(v))
+
+
 def _tensor_of_sizes(made: Callable[..., torch.Tensor], data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``torch.tensor(data, ...)`` while a trace runs: a size in ``data`` (``torch.sqrt(torch.tensor(d_k))`` of a
     ``d_k = q.size(-1)``, as attention tutorials write the scale) as at the example, checked per call (see
@@ -531,9 +538,10 @@ def _tensor_of_sizes(made: Callable[..., torch.Tensor], data: Any, *args: Any, *
 
 
 def _without_proxies(modules: list[nn.Module], before: list[dict[str, Any]]) -> None:
-    """Each module's attributes that a trace set to proxies back as they were (``before``: each one's ``vars``)."""
+    """Each module's attributes that a trace set to proxies, or to tuples, lists or dicts holding one
+    (``self.size = (H, W)``), back as they were (``before``: each one's ``vars``)."""
     for m, attrs in zip(modules, before):
-        for name in [k for k, v in vars(m).items() if isinstance(v, fx.Proxy)]:
+        for name in [k for k, v in vars(m).items() if _holds_proxy(v)]:
             if name in attrs:
                 vars(m)[name] = attrs[name]
             else:
