@@ -129,7 +129,8 @@ _GATE_3D = ("tests/test_fuse_size_tests.py::test_a_test_of_a_3d_conv_output_read
 _TRAIN_FLAG = ("tests/test_fuse_call_modes.py::test_fused_train_changes_nothing_the_fused_model_computes",)
 _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_verified_and_exported",)
 _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
-_KEPT_SUM = ("tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold",)
+_KEPT_SUM = tuple(f"tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold[{h}]"
+                  for h in ("returned", "used"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
@@ -290,9 +291,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "copy-failure-unchecked", "a fused model whose copy fails (a hook's handle on a module it no longer holds) compared as if it copied",
      "repalgebra.fuse:_calls_difference", '        return f"a copy of it fails: {first_line(e)}"', "        pass", _SHARED_OBJECTS),
     ("frontend", "pinned-guard-regardless", "a tensor forward casts to its input's dtype keeps the fused model from half precision (refused where the model runs)",
-     "repalgebra.fuse:_promoted_after_a_cast", "            if [t.dtype for t in want] != [t.dtype for t in got]:", "            if True:", _PINNED + _PINNED_CAST),
+     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return True", _PINNED + _PINNED_CAST),
     ("frontend", "pinned-guard-never", "a cast that promotes in the model and not in the fused model left unguarded",
-     "repalgebra.fuse:_promoted_after_a_cast", "            if [t.dtype for t in want] != [t.dtype for t in got]:", "            if False:", _PINNED),
+     "repalgebra.fuse:_promoted_after_a_cast", "        return [t.dtype for t in want] != [t.dtype for t in got]", "        return False", _PINNED),
     ("frontend", "pinned-never", "a float32 tensor forward makes from numbers taken for the model's own (a cast of the fused model drops the promotion)",
      "repalgebra.frontend.builder:pinned_tensor", " or not _is_plain(root, target):", " or True:", _PINNED),
     ("frontend", "plain-constant-unmarked", "a plain tensor an op reads (or the model returns) marked as a buffer's",
@@ -598,8 +599,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      ("tests/test_fuse_state.py::test_a_cache_filled_by_a_call_with_autograd_on_copies",)),
     ("frontend", "kept-dtype-unseen", "a tensor made in its dtype and written in place not noted (no cast of the model checked)",
      "repalgebra.frontend.builder:_made_in_its_dtype", '    return n is not None and n.op in ("opaque", "constant", "cast")', "    return False", _KEPT_SUM),
-    ("frontend", "cast-checked-narrower-only", "a cast of the model checked to half precision only, not to float64",
-     "repalgebra.fuse:_promoted_after_a_cast", "((torch.bfloat16, torch.float16), (torch.float64,))", "((torch.bfloat16, torch.float16),)", _KEPT_SUM),
+    ("frontend", "kept-dtype-by-cast-check", "a tensor kept narrower guarded only where a cast of the model changes an output's dtype",
+     "repalgebra.fuse:_guard_pinned", "    if not (cap.kept or _promoted_after_a_cast(original, fused, inputs)):", "    if not _promoted_after_a_cast(original, fused, inputs):", _KEPT_SUM),
+    ("frontend", "kept-dtype-of-fixed-values", "a tensor written in place with values of a written dtype taken to be kept narrower (float64 refused)",
+     "repalgebra.frontend.builder:_kept_narrower", "    return any(not _made_in_its_dtype(v) for v in others)", "    return True",
+     ("tests/test_inplace.py::test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype",)),
     ("frontend", "kept-dtype-wider-holds", "a wider dtype taken to hold beside a tensor written in place, as beside one read",
      "repalgebra.fuse:_guard_pinned", "\n                                        and all(torch.promote_types(t, d) == d for _, d in cap.kept)", "", _KEPT_SUM),
     ("frontend", "proxy-left-on-module", "a proxy a trace set on a module attribute left there (the next trace reads it)",

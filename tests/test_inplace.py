@@ -312,11 +312,12 @@ def test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into(how):
 
 
 class LogDetSum(nn.Module):
-    """ikostrikov's FlowSequential: a log-determinant summed in place into ``torch.zeros`` of the default dtype."""
+    """ikostrikov's FlowSequential: a log-determinant summed in place into ``torch.zeros`` of the default dtype,
+    returned (``"returned"``), or used in an output of the model's dtype (``"used"``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.lin, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+        self.how, self.lin, self.bn = how, nn.Linear(6, 6), nn.BatchNorm1d(6)
 
     def forward(self, x):
         logdets = torch.zeros(x.size(0), 1, device=x.device)
@@ -324,16 +325,18 @@ class LogDetSum(nn.Module):
             s = torch.tanh(self.bn(self.lin(x)))
             x = x * torch.exp(s)
             logdets += s.sum(-1, keepdim=True)
-        return x, logdets
+        return (x, logdets) if self.how == "returned" else (x * logdets,)
 
 
-def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold():
+@pytest.mark.parametrize("how", ["returned", "used"])
+def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold(how):
     """After ``fused.double()`` the out-of-place sum promoted to float64 where the model keeps float32 (found by a
-    probe): the fused model now refuses float64 by name, and runs in float32 and below as the model does."""
+    probe; used in an output of the model's dtype, found by a review): the fused model now refuses float64 by
+    name, and runs in float32 and below as the model does."""
     from repalgebra import fuse
 
     torch.manual_seed(0)
-    model = LogDetSum().eval()
+    model = LogDetSum(how).eval()
     model.bn.running_mean.uniform_(-1, 1)
     fused = fuse(model, torch.randn(4, 6))
     x = torch.randn(3, 6)
@@ -375,3 +378,31 @@ def test_an_item_of_topk_written_in_place_shares_nothing(how):
     x = torch.randn(3, 4, 7, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class CountsInPlace(nn.Module):
+    """A count made in its own dtype and added to in place with values of a written dtype (``mask.float()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        counts = torch.zeros(x.size(0), 1)
+        counts += (x > 0).float().sum(-1, keepdim=True)
+        return self.bn(self.lin(x)), counts
+
+
+def test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype():
+    """Nothing in it follows the model's dtype: cast, the model computes the count as before, and so does the
+    fused model, which takes float64 (no guard)."""
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = CountsInPlace().eval()
+    fused = fuse(model, torch.randn(4, 6))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for got, want in zip(copy.deepcopy(fused).double()(x), copy.deepcopy(model).double()(x)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (float32 weights, folded in float64)

@@ -154,9 +154,9 @@ class Builder:
         """``out``, the value of an in-place op made out of place, cast to the dtype of the tensor it wrote into
         where the out-of-place op promotes (``y += c`` of a float32 ``y`` and a float64 ``c``)."""
         target = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        if isinstance(target, Value) and target.dtype is not None and target.dtype.is_floating_point and _made_in_its_dtype(target):
+        if _kept_narrower(target, out):
             # The model keeps that dtype in other dtypes too (after fused.double(), a float32 sum made by
-            # torch.zeros, += a float64 term): fuse checks what a cast of the model does (see fuse._guard_pinned).
+            # torch.zeros, += a float64 term): the fused model holds in no wider dtype (see fuse._guard_pinned).
             self.kept.append((f"a tensor {self.source(n) or 'the model'}'s forward writes into in place", target.dtype))
         if (dtype := promoted_from(out, target)) is None:
             return out
@@ -513,6 +513,15 @@ def size_read(t: SymExpr) -> tuple[Any, Any]:
         if whole:
             return inner.args[0], t.args[1]
     return None, None
+
+
+def _kept_narrower(target: Any, out: Any) -> bool:
+    """Whether an in-place op made out of place (``out``) writes into ``target``, a floating tensor made in its own
+    dtype, a value that follows the model's: cast to a wider dtype, the model keeps ``target``'s, the op promotes."""
+    if not (isinstance(target, Value) and target.dtype is not None and target.dtype.is_floating_point and _made_in_its_dtype(target)):
+        return False
+    others = [v for v in (out.producer.inputs if isinstance(out, Value) and out.producer else ()) if v is not target]
+    return any(not _made_in_its_dtype(v) for v in others)
 
 
 def _made_in_its_dtype(v: Value) -> bool:
