@@ -264,3 +264,32 @@ def test_a_structured_model_captured_at_fixed_shapes_keeps_its_shape_guard_throu
     for m in (fused, copy.deepcopy(fused)):
         with pytest.raises(ValueError, match="fixed at"):
             m([torch.randn(2, 4, 7, 7, dtype=D), maps[1]])
+
+
+class ExtraArgs(nn.Module):
+    """ultralytics' ``BaseModel.forward(self, x, *args, **kwargs)`` handing on to ``predict``, which reads the input
+    tensor's batch for its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_module(3, 8, 3)
+
+    def forward(self, x, *args, **kwargs):
+        return self.predict(x, *args, **kwargs)
+
+    def predict(self, x, augment=False):
+        return self.body(x).view(x.shape[0], 8, -1)
+
+
+def test_a_tensor_argument_beside_args_is_read_as_a_tensor():
+    """The flat view took the tensor argument for a container on the way to its tensors, so its ``x.shape[0]`` was
+    no read of the graph: export_onnx of the fused model refused it as one reading its inputs whole (found by a
+    probe on every ultralytics detection model)."""
+    model = seeded(ExtraArgs, 0)().eval()
+    x = torch.randn(1, 3, 16, 16)
+    proto = export_onnx(fuse(model, x), None, x)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = torch.randn(3, 3, 16, 16)
+    (got,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(y), rtol=1e-5, atol=1e-5)  # float32 in onnxruntime

@@ -99,7 +99,10 @@ def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | N
                 if node is None:
                     return None
             env[node] = xs[leaf]
-    inside = set(tops)  # the arguments and the items on the way to their tensors: not copied
+    # The arguments that are containers and the items on the way to their tensors: not copied.  (Not an argument
+    # that is a tensor itself: ``x.shape[0]`` of it is a read the graph makes; ultralytics' forward(x, *args)
+    # made its export refuse, found by a probe.)
+    inside = {top for top, arg in zip(tops, args) if not isinstance(arg, int)}
     for n in gm.graph.nodes:
         if n.op == "placeholder" or n in env:
             continue
