@@ -31,6 +31,7 @@ FLAGS = {
     "fx": lambda: torch.fx._symbolic_trace.is_fx_tracing(),
     "autocast": lambda: torch.is_autocast_enabled("cpu"),
     "deterministic": lambda: torch.are_deterministic_algorithms_enabled(),
+    "onnx-export": lambda: torch.onnx.is_in_onnx_export(),  # YOLOv6's export branch (found by a probe)
 }
 # How a user calls the fused model; autocast leaves float64 as it is, so only a branch on it differs there.
 MODES = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "inference_mode": torch.inference_mode,

@@ -49,12 +49,13 @@ _FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
             "get_autocast_dtype", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype", "is_autocast_cache_enabled",
             "are_deterministic_algorithms_enabled", "is_deterministic_algorithms_warn_only_enabled"),
     torch.compiler: ("is_compiling", "is_dynamo_compiling", "is_exporting"),
+    torch.onnx: ("is_in_onnx_export",),  # YOLOv6's and mmdet heads' export branch
     torch._utils: ("is_compiling",),
     symbolic_trace: ("is_fx_tracing", "is_fx_symbolic_tracing"),
 }
 # How the model's code reaches them: ``torch.compiler.is_compiling``, ``torch.fx._symbolic_trace.is_fx_tracing``.
 _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
-    torch: {"compiler": torch.compiler, "_utils": torch._utils, "fx": torch.fx},
+    torch: {"compiler": torch.compiler, "_utils": torch._utils, "fx": torch.fx, "onnx": torch.onnx},
     torch.fx: {"_symbolic_trace": symbolic_trace},
 }
 
