@@ -608,7 +608,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_guard_pinned", "\n                                        and all(torch.promote_types(t, d) == d for _, d in cap.kept)", "", _KEPT_SUM),
     ("frontend", "proxy-left-on-module", "a proxy a trace set on a module attribute left there (the next trace reads it)",
      "repalgebra.frontend.fx_trace:_without_proxies", "            if name in attrs:", "            if False:",
-     ("tests/test_fuse_state.py::test_an_attribute_set_from_itself_each_call_keeps_fx",)),
+     ("tests/test_fuse_state.py::test_an_attribute_set_from_itself_each_call_keeps_fx[from-itself]",)),
     ("frontend", "topk-items-aliased", "topk's values and indices taken for views of one another (an in-place write sends the model to torch.export)",
      "repalgebra.frontend.inplace:_alias_inputs", "and _fresh_tuple(n.args[0]):", "and False:", _TOPK),
     ("frontend", "max-along-dim-aliased", "x.max(dim)'s values and indices taken for views of one another",

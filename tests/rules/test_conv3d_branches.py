@@ -44,6 +44,15 @@ def _bn(gen, c, dtype):
                 bias=torch.randn(c, generator=gen, dtype=torch.float64).to(dtype))
 
 
+def _dense(b, x, case, gen, dtype, *, bias, source):
+    """The case's kxkxk conv3d (centred) of ``x``, with a bias or not."""
+    groups, c, kernel, stride, dilation, _ = case
+    padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    extra = {"bias": torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)} if bias else {}
+    return b.conv3d(x, weight=_weight(gen, c, c // groups, kernel, dtype), **extra, stride=stride, padding=padding,
+                    dilation=dilation, groups=groups, source=source)
+
+
 def repvgg3d(case, dtype, seed, *, bias, join="add", skip="bn"):
     """``dense(x) +- pw(x) (+- skip(x))``: a kxkxk conv3d (centred), a 1x1x1 one, and at stride 1 a BN3d or the
     identity; ``skip`` None for none."""
@@ -51,10 +60,7 @@ def repvgg3d(case, dtype, seed, *, bias, join="add", skip="bn"):
     gen = torch.Generator().manual_seed(seed)
     b = GraphBuilder()
     x = b.input("x", (2, c, *size), dtype)
-    padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
-    extra = {"bias": torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)} if bias else {}
-    dense = b.conv3d(x, weight=_weight(gen, c, c // groups, kernel, dtype), **extra, stride=stride, padding=padding,
-                     dilation=dilation, groups=groups, source="block.dense")
+    dense = _dense(b, x, case, gen, dtype, bias=bias, source="block.dense")
     pw = b.conv3d(x, weight=_weight(gen, c, c // groups, (1, 1, 1), dtype), stride=stride, groups=groups, source="block.pw")
     op = getattr(b, join)
     y = op(dense, pw, source="block")
@@ -126,14 +132,11 @@ def test_not_matched_in_a_concat(dtype, seed, kernel):
 @given(case=block3d(), dtype=float_dtypes(), bias=st.booleans(), axis=st.sampled_from([1, -4]), sign=st.sampled_from([1.0, -1.0]),
        seed=seeds())
 def test_a_frozen_bn3d_written_as_arithmetic_folds_into_the_conv3d(case, dtype, bias, axis, sign, seed):
-    groups, c, kernel, stride, dilation, size = case
+    c, size = case[1], case[5]
     gen = torch.Generator().manual_seed(seed)
     b = GraphBuilder()
     x = b.input("x", (2, c, *size), dtype)
-    padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
-    extra = {"bias": torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)} if bias else {}
-    conv = b.conv3d(x, weight=_weight(gen, c, c // groups, kernel, dtype), **extra, stride=stride, padding=padding,
-                    dilation=dilation, groups=groups, source="block.conv")
+    conv = _dense(b, x, case, gen, dtype, bias=bias, source="block.conv")
     scaled = b.scale(conv, scale=torch.randn(c, generator=gen, dtype=torch.float64).to(dtype), axis=axis, source="block.bn")
     shift = torch.randn(1, c, 1, 1, 1, generator=gen, dtype=torch.float64).to(dtype)
     graph = b.build(b.add_const(scaled, const=shift, sign=sign, source="block.bn"))
