@@ -31,6 +31,7 @@ from torch import nn
 from repalgebra.draws import held_generator_state
 
 M = TypeVar("M", bound=nn.Module)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's bookkeeping: its parameters, buffers, children, hooks
 
 
 def copy_module(model: M) -> M:
@@ -38,19 +39,21 @@ def copy_module(model: M) -> M:
     (also in a dict, list or tuple attribute: timm's ``attention_bias_cache[str(device)]``, filled by a call with
     autograd on)."""
     memo: dict[int, object] = {}
-    held = {_storage(t): t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
-            if t is not None and _storage(t) is not None}
+    held: dict[int, list[torch.Tensor]] = {}  # the parameters and buffers by their storage
     for m in model.modules():
-        for v in _non_leaves(list(vars(m).values()), held):
-            base = held.get(_storage(v))
-            if base is None:
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and _storage(t) is not None and not any(t is u for u in held.get(_storage(t), [])):
+                held.setdefault(_storage(t), []).append(t)
+    for m in model.modules():
+        for v in _non_leaves([x for k, x in vars(m).items() if k not in _MODULE_INTERNALS], held):
+            base = _viewed(v, held)
+            if base is not None:
+                # A view of a parameter or buffer (an EMA's ``t.view(-1)``, written in place): the same view of its
+                # copy, not a copy of its values (through one, the copy's writes never reached its parameters).
+                copied = memo[id(base)] if id(base) in memo else copy.deepcopy(base, memo)
+                memo[id(v)] = copied.detach().as_strided(v.size(), v.stride(), v.storage_offset() - base.storage_offset())
+            elif not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
-                continue
-            # A view of a parameter or buffer (an EMA's ``t.view(-1)``, written in place): the same view of its copy,
-            # not a copy of its values (through one, the copy's writes never reached its parameters).
-            copied = memo[id(base)] if id(base) in memo else copy.deepcopy(base, memo)
-            offset = v.storage_offset() - base.storage_offset() + copied.storage_offset()
-            memo[id(v)] = copied.detach().as_strided(v.size(), v.stride(), offset)
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as e:
@@ -71,13 +74,30 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-def _non_leaves(values: list, held: dict[int, torch.Tensor], depth: int = 3) -> list[torch.Tensor]:
-    """The tensors among ``values`` that are not autograd leaves or are views of one of ``held`` (the model's
-    parameters and buffers, by storage) other than itself, and those in their dicts, lists and tuples, ``depth``
+def _viewed(v: torch.Tensor, held: dict[int, list[torch.Tensor]]) -> torch.Tensor | None:
+    """The parameter or buffer ``v`` is a view of, where the same view of its copy holds the same elements: the only
+    tensor in its storage, of ``v``'s dtype, dense (a copy packs it), and holding every element ``v`` reaches.
+    None for any other (a review found a parameter with gaps, ``big[:, ::2]``, and two sharing one flat buffer,
+    ``vector_to_parameters``, rebuilt from other elements)."""
+    candidates = held.get(_storage(v), [])
+    if len(candidates) != 1 or candidates[0] is v:
+        return None
+    base = candidates[0]
+    if base.dtype != v.dtype or not base.is_contiguous() or v.numel() == 0:
+        return None
+    first = v.storage_offset() - base.storage_offset()
+    last = first + sum((n - 1) * st for n, st in zip(v.shape, v.stride()))
+    within = first >= 0 and last < base.numel() and all(st >= 0 for st in v.stride())
+    return base if within else None
+
+
+def _non_leaves(values: list, held: dict[int, list[torch.Tensor]], depth: int = 3) -> list[torch.Tensor]:
+    """The tensors among ``values`` that are not autograd leaves or share storage with one of ``held`` (the model's
+    parameters and buffers, by storage) without being it, and those in their dicts, lists and tuples, ``depth``
     levels deep."""
     found = []
     for v in values:
-        if torch.is_tensor(v) and (not v.is_leaf or held.get(_storage(v), v) is not v):
+        if torch.is_tensor(v) and (not v.is_leaf or any(u is not v for u in held.get(_storage(v), []))):
             found.append(v)
         elif depth > 0 and isinstance(v, (dict, list, tuple)):
             found += _non_leaves(list(v.values()) if isinstance(v, dict) else list(v), held, depth - 1)

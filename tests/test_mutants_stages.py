@@ -69,6 +69,8 @@ FEW = {
     "the other mutants' and the tests' own)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
+    "repalgebra.module_copy:_viewed": "one decision a test reaches alone, a view within its weight (the others, one "
+    "tensor per storage, its dtype, dense, each turn a test's case to a copy that fails or reads other elements)",
     "repalgebra.draws:seeded_for_checks": "three seeds of one kind; the mutant drops torch's, the one a test draws from",
     "repalgebra.fuse:_train_own_flag": "one flag set, and nothing else",
     "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
