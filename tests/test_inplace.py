@@ -313,22 +313,24 @@ def test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into(how):
 
 class LogDetSum(nn.Module):
     """ikostrikov's FlowSequential: a log-determinant summed in place into ``torch.zeros`` of the default dtype,
-    returned (``"returned"``), or used in an output of the model's dtype (``"used"``)."""
+    returned (``"returned"``), or used in an output of the model's dtype (``"used"``), the terms cast to the
+    input's dtype (``"cast"``: a call, which follows the model, found by a review)."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how, self.lin, self.bn = how, nn.Linear(6, 6), nn.BatchNorm1d(6)
 
-    def forward(self, x):
+    def forward(self, inputs):
+        x = inputs
         logdets = torch.zeros(x.size(0), 1, device=x.device)
         for _ in range(2):
             s = torch.tanh(self.bn(self.lin(x)))
             x = x * torch.exp(s)
-            logdets += s.sum(-1, keepdim=True)
+            logdets += s.sum(-1, keepdim=True).to(inputs.dtype) if self.how == "cast" else s.sum(-1, keepdim=True)
         return (x, logdets) if self.how == "returned" else (x * logdets,)
 
 
-@pytest.mark.parametrize("how", ["returned", "used"])
+@pytest.mark.parametrize("how", ["returned", "used", "cast"])
 def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold(how):
     """After ``fused.double()`` the out-of-place sum promoted to float64 where the model keeps float32 (found by a
     probe; used in an output of the model's dtype, found by a review): the fused model now refuses float64 by
@@ -381,25 +383,32 @@ def test_an_item_of_topk_written_in_place_shares_nothing(how):
 
 
 class CountsInPlace(nn.Module):
-    """A count made in its own dtype and added to in place with values of a written dtype (``mask.float()``)."""
+    """A count made in its own dtype and added to in place with values of a written dtype (``mask.float()``), or a
+    sum made in the input's dtype (``dtype=x.dtype``) added to with the model's values."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.lin, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+        self.how, self.lin, self.bn = how, nn.Linear(6, 6), nn.BatchNorm1d(6)
 
     def forward(self, x):
-        counts = torch.zeros(x.size(0), 1)
-        counts += (x > 0).float().sum(-1, keepdim=True)
-        return self.bn(self.lin(x)), counts
+        y = self.bn(self.lin(x))
+        if self.how == "count":
+            counts = torch.zeros(x.size(0), 1)
+            counts += (x > 0).float().sum(-1, keepdim=True)
+        else:
+            counts = torch.zeros(x.size(0), 1, dtype=x.dtype)
+            counts += y.sum(-1, keepdim=True)
+        return y, counts
 
 
-def test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype():
-    """Nothing in it follows the model's dtype: cast, the model computes the count as before, and so does the
-    fused model, which takes float64 (no guard)."""
+@pytest.mark.parametrize("how", ["count", "follows"])
+def test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype(how):
+    """Nothing in it follows the model's dtype, or the sum follows it too: cast, the model computes it as before,
+    and so does the fused model, which takes float64 (no guard)."""
     from repalgebra import fuse
 
     torch.manual_seed(0)
-    model = CountsInPlace().eval()
+    model = CountsInPlace(how).eval()
     fused = fuse(model, torch.randn(4, 6))
     x = torch.randn(3, 6, dtype=torch.float64)
     with torch.no_grad():

@@ -525,11 +525,25 @@ def _kept_narrower(target: Any, out: Any) -> bool:
 
 
 def _made_in_its_dtype(v: Value) -> bool:
-    """Whether ``v`` comes, through ops of one input, from a call, a constant or a written cast: made in a dtype that a
-    cast of the model does not change (``torch.zeros(n, 1)``), where a value computed from its weights follows it."""
+    """Whether ``v`` comes, through ops of one input, from a factory of the default or a written dtype
+    (``torch.zeros(n, 1)``), a constant or a written cast: made in a dtype that a cast of the model does not change,
+    where a value computed from its weights or inputs follows it (as a call does: ``s.to(x.dtype)``, found by a
+    review)."""
     while (n := v.producer) is not None and n.op not in ("opaque", "constant", "cast") and len(n.inputs) == 1:
         v = n.inputs[0]
-    return n is not None and n.op in ("opaque", "constant", "cast")
+    if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
+        return False
+    return True
+
+
+_FACTORIES = frozenset({torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.eye, torch.linspace,
+                        torch.rand, torch.randn, torch.randint, torch.tensor})
+
+
+def _a_factory(fn: Any) -> bool:
+    """Whether a carried call makes a tensor of the default dtype or of one written as a ``torch.dtype``."""
+    dtype = getattr(fn, "kwargs_template", {}).get("dtype") if isinstance(getattr(fn, "kwargs_template", None), dict) else None
+    return getattr(fn, "target", None) in _FACTORIES and (dtype is None or isinstance(dtype, torch.dtype))
 
 
 def promoted_from(out: Any, target: Any) -> torch.dtype | None:
