@@ -60,12 +60,12 @@ def tensors_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
 def attributes_kept(model: nn.Module) -> Iterator[None]:
     """Within the block a forward may set plain attributes of ``model``'s modules (a cache it fills on its first call,
     ``self.cache[L] = self.kernel(L)``): after it, each module holds the attributes it held, and each dict, list or
-    set among them its items.  For runs that are not the model's own: a check in float64 filled the cache of the
+    set among them (and in them) its items.  For runs that are not the model's own: a check in float64 filled the cache of the
     copy ``fuse`` keeps with float64 values, and its next run in float32 failed (found by a probe)."""
     saved = []
     for m in model.modules():
         own = plain_attributes(m)
-        saved.append((m, own, [(v, copy.copy(v)) for v in own.values() if type(v) in (dict, list, set)]))
+        saved.append((m, own, [(v, copy.copy(v)) for v in _containers(list(own.values()))]))
     try:
         yield
     finally:
@@ -76,6 +76,18 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
             for v, items in containers:
                 v.clear()
                 v.update(items) if isinstance(v, (dict, set)) else v.extend(items)
+
+
+def _containers(values: list, depth: int = 3) -> list:
+    """The dicts, lists and sets among ``values`` (an ``OrderedDict`` or a ``defaultdict`` too) and those they hold,
+    ``depth`` levels deep (a cache ``{"len": {}}``; a review found them left filled)."""
+    found = []
+    for v in values:
+        if isinstance(v, (dict, list, set)):
+            found.append(v)
+            if depth > 1 and not isinstance(v, set):
+                found += _containers(list(v.values()) if isinstance(v, dict) else v, depth - 1)
+    return found
 
 
 def _hooks_may_write(model: nn.Module) -> bool:
