@@ -77,6 +77,7 @@ FEW = {
     "repalgebra.frontend.args:concat_made": "two decisions tests reach: a (0,)-shaped operand skipped, where it is "
     "made from no input (one operand left is the identity either way, and the tests concat along axis 0, which every "
     "rank counts alike)",
+    "repalgebra.untouched:_containers": "one walk: containers, and those they hold",
     "repalgebra.untouched:attributes_kept": "one restore a test reaches alone: a container's items (its attributes' "
     "restore is the same loop's)",
     "repalgebra.frontend.fx_trace:_tensor_of_sizes": "two decisions: a call fx records, or the sizes in the data as numbers",
