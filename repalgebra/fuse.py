@@ -604,21 +604,20 @@ class StaysInEval:
                 m.eval()
 
     def install(self, module: nn.Module) -> None:
-        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`);
-        a fused graph's ``train`` then sets its own flag only.  A tracer runs no pre-hook of the module it traces:
-        ``torch.export.export(fused)`` after ``fused.train()`` recorded its BatchNorms in training mode, and running
-        that overwrote their statistics (found by a review)."""
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
         _install(self, module)
-        if isinstance(module, fx.GraphModule):  # (a class of its own per instance: the user's classes stay as they are)
-            type(module).train = _train_own_flag
 
 
-def _train_own_flag(module: nn.Module, mode: bool = True) -> nn.Module:
-    """``train`` of a fused graph: its own flag, read by nothing it computes; its modules stay in eval mode."""
-    if not isinstance(mode, bool):
-        raise ValueError("training mode is expected to be boolean")
-    module.training = mode
-    return module
+def _stays_in_eval(fused: nn.Module) -> None:
+    """:class:`StaysInEval` on ``fused`` and on every module a fused graph in it holds that is no graph of ours (a
+    BatchNorm left unfolded, a part kept whole): a tracer runs the pre-hooks of the modules it calls, not of the one
+    it traces, so ``torch.export.export(fused)`` after ``fused.train()`` recorded the BatchNorm in training mode, 46%
+    off, and running that overwrote its statistics (found by two reviews)."""
+    StaysInEval().install(fused)
+    for graph in [m for m in fused.modules() if isinstance(m, fx.GraphModule)]:
+        for child in graph.children():
+            if not isinstance(child, (fx.GraphModule, torch.jit.ScriptModule)):  # (compiled code takes no hooks)
+                StaysInEval().install(child)
 
 
 OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval)  # the forward pre-hooks fuse puts on a fused model
@@ -790,7 +789,7 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         fused = fused.to(device)
     fused.eval()  # (not its return value: a train() that returns None, as OpenMMLab's backbones write it)
     if fused is not model:
-        StaysInEval().install(fused)
+        _stays_in_eval(fused)
     tied = retie(fused, model) if fused is not model else []
     if not any(p.requires_grad for p in model.parameters()):  # a frozen model stays frozen (new parameters require grad)
         fused.requires_grad_(False)

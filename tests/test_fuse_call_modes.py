@@ -616,7 +616,8 @@ def test_fused_train_changes_nothing_the_fused_model_computes():
     """``fused.train()`` flipped the BatchNorm left in the fused graph to batch statistics (and its running ones
     were overwritten) and turned the kept part's dropout on: 0.57 and 0.98 off, still 0.025 off after ``eval()``
     (found by two probes).  The parts stay in eval mode; the fused model's own flag is as set.  A fused graph's
-    ``train`` sets its own flag only, so a tracer of it, which runs no pre-hook, records them in eval mode too."""
+    modules have the hook too: a tracer runs no pre-hook of the module it traces, only of those it calls, so it
+    records them in eval mode too, also after ``fused.apply(lambda m: m.train())``."""
     model = randomized(LeftInTrainMode())
     x = torch.randn(3, 3, 8, 8, dtype=D)
     fused = repalgebra.fuse(model, x)
@@ -635,3 +636,7 @@ def test_fused_train_changes_nothing_the_fused_model_computes():
             assert close(m(x), want)
         fused.train()  # a tracer runs no pre-hook: torch.export recorded the BatchNorm in training mode (a review)
         assert close(torch.export.export(fused, (x,)).module()(x), want) and close(fused(x), want)
+        fused.apply(lambda m: m.train())  # every module's flag, past the graph's own train (a second review)
+        assert close(torch.export.export(fused, (x,)).module()(x), want) and close(fused(x), want)
+        fused.apply(lambda m: m.train())
+        assert close(torch.jit.trace(fused, x)(x), want)

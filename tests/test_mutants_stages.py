@@ -72,7 +72,7 @@ FEW = {
     "repalgebra.module_copy:_viewed": "one decision a test reaches alone, a view within its weight (the others, one "
     "tensor per storage, its dtype, dense, each turn a test's case to a copy that fails or reads other elements)",
     "repalgebra.draws:seeded_for_checks": "three seeds of one kind; the mutant drops torch's, the one a test draws from",
-    "repalgebra.fuse:_train_own_flag": "one flag set, and nothing else",
+    "repalgebra.fuse:_stays_in_eval": "one hook on the fused model and on each module its graphs hold (the first is _fuse's mutant)",
     "repalgebra.frontend.handlers_functions:_f_detached": "one form: the same values",
     "repalgebra.frontend.args:concat_made": "two decisions tests reach: a (0,)-shaped operand skipped, where it is "
     "made from no input (one operand left is the identity either way, and the tests concat along axis 0, which every "

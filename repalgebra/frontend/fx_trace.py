@@ -307,13 +307,9 @@ def runs_own_hooks(m: nn.Module) -> bool:
     return any(not getattr(h, "checks_only", False) for h in hooks) and recognised(m) is None
 
 
-def has_hooks(m: nn.Module) -> bool:
-    """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module)."""
-    return bool(m._forward_pre_hooks or m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
-
-
 def _runs_hooks(m: nn.Module) -> bool:
-    """:func:`has_hooks`, less checks that change nothing (a fused model's guard: a trace may step past it)."""
+    """Whether calls of ``m`` run forward hooks or pre-hooks (its own, or ones registered for every module), other than
+    checks that change nothing it computes (a fused model's guard, its eval-mode hook: a trace may step past them)."""
     hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
     return any(not getattr(h, "checks_only", False) for h in hooks) or bool(_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
 
@@ -331,7 +327,7 @@ def _sets(hook: Any) -> str | None:
 
 
 def _weight_hooks_only(m: nn.Module) -> bool:
-    hooks = list(m._forward_pre_hooks.values())
+    hooks = [h for h in m._forward_pre_hooks.values() if not getattr(h, "checks_only", False)]
     return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
@@ -359,7 +355,7 @@ def recognised(m: nn.Module) -> type | None:
     except pre-hooks that only set the weight (:data:`WEIGHT_HOOKS`; handlers read it with :func:`module_weight`)
     on a module in eval mode (spectral norm's power iteration runs in training mode).  Nor is a module that keeps
     the base's ``forward`` but replaces a method it calls (:func:`_runs_base_code`)."""
-    if "forward" in vars(m) or (has_hooks(m) and not (_weight_hooks_only(m) and not m.training)):
+    if "forward" in vars(m) or (_runs_hooks(m) and not (_weight_hooks_only(m) and not m.training)):
         return None
     for base in _RECOGNISED:
         if isinstance(m, base) and type(m).forward is base.forward:
