@@ -31,7 +31,7 @@ from torch import nn
 from repalgebra.draws import held_generator_state
 
 M = TypeVar("M", bound=nn.Module)
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's bookkeeping: its parameters, buffers, children, hooks
+MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's bookkeeping: its parameters, buffers, children, hooks
 
 
 def copy_module(model: M) -> M:
@@ -42,10 +42,11 @@ def copy_module(model: M) -> M:
     held: dict[int, list[torch.Tensor]] = {}  # the parameters and buffers by their storage
     for m in model.modules():
         for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and _storage(t) is not None and not any(t is u for u in held.get(_storage(t), [])):
-                held.setdefault(_storage(t), []).append(t)
+            address = None if t is None else storage_address(t)
+            if address is not None and not any(t is u for u in held.get(address, [])):
+                held.setdefault(address, []).append(t)
     for m in model.modules():
-        for v in _non_leaves([x for k, x in vars(m).items() if k not in _MODULE_INTERNALS], held):
+        for v in _non_leaves([x for k, x in vars(m).items() if k not in MODULE_INTERNALS], held):
             base = _viewed(v, held)
             if base is not None:
                 # A view of a parameter or buffer (an EMA's ``t.view(-1)``, written in place): the same view of its
@@ -66,7 +67,7 @@ def copy_module(model: M) -> M:
     return copied
 
 
-def _storage(t: torch.Tensor) -> int | None:
+def storage_address(t: torch.Tensor) -> int | None:
     """The address of ``t``'s storage (shared by the views of one tensor), None where it has none to share."""
     try:
         return t.untyped_storage().data_ptr() if t.numel() and t.device.type != "meta" else None
@@ -79,7 +80,7 @@ def _viewed(v: torch.Tensor, held: dict[int, list[torch.Tensor]]) -> torch.Tenso
     tensor in its storage, of ``v``'s dtype, dense (a copy packs it), and holding every element ``v`` reaches.
     None for any other (a review found a parameter with gaps, ``big[:, ::2]``, and two sharing one flat buffer,
     ``vector_to_parameters``, rebuilt from other elements)."""
-    candidates = held.get(_storage(v), [])
+    candidates = held.get(storage_address(v), [])
     if len(candidates) != 1 or candidates[0] is v:
         return None
     base = candidates[0]
@@ -97,7 +98,7 @@ def _non_leaves(values: list, held: dict[int, list[torch.Tensor]], depth: int = 
     levels deep."""
     found = []
     for v in values:
-        if torch.is_tensor(v) and (not v.is_leaf or any(u is not v for u in held.get(_storage(v), []))):
+        if torch.is_tensor(v) and (not v.is_leaf or any(u is not v for u in held.get(storage_address(v), []))):
             found.append(v)
         elif depth > 0 and isinstance(v, (dict, list, tuple)):
             found += _non_leaves(list(v.values()) if isinstance(v, dict) else list(v), held, depth - 1)

@@ -663,7 +663,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.module_copy:copy_module", "                memo[id(v)] = copied.detach().as_strided(v.size(), v.stride(), v.storage_offset() - base.storage_offset())",
      "                memo[id(v)] = v.detach().clone()", _VIEWS_EMA),
     ("frontend", "leaf-views-not-found", "a leaf view of a parameter (made under no_grad, or .data) left to deepcopy, which copies its values",
-     "repalgebra.module_copy:_non_leaves", " or any(u is not v for u in held.get(_storage(v), []))", "", _VIEWS_EMA),
+     "repalgebra.module_copy:_non_leaves", " or any(u is not v for u in held.get(storage_address(v), []))", "", _VIEWS_EMA),
     ("frontend", "views-rebuilt-from-any-base", "a view rebuilt on a parameter that does not hold its elements (one with gaps, two in one storage)",
      "repalgebra.module_copy:_viewed", "    return base if within else None", "    return base", _VIEW_BASES),
     ("frontend", "checks-from-any-state", "the checks' runs start from wherever the generators are (a trace's own manual_seed hides a reseeding forward)",

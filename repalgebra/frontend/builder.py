@@ -536,14 +536,16 @@ def _made_in_its_dtype(v: Value) -> bool:
     return True
 
 
-_FACTORIES = frozenset({torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.eye, torch.linspace,
-                        torch.rand, torch.randn, torch.randint, torch.tensor})
+# The factories that make a tensor of the default dtype unless told another: the pure ones, and those that draw
+# or leave the values unset
+_IN_THEIR_DTYPE = FACTORIES | {torch.empty, torch.rand, torch.randn, torch.randint}
 
 
 def _a_factory(fn: Any) -> bool:
     """Whether a carried call makes a tensor of the default dtype or of one written as a ``torch.dtype``."""
-    dtype = getattr(fn, "kwargs_template", {}).get("dtype") if isinstance(getattr(fn, "kwargs_template", None), dict) else None
-    return getattr(fn, "target", None) in _FACTORIES and (dtype is None or isinstance(dtype, torch.dtype))
+    kwargs = getattr(fn, "kwargs_template", None)
+    dtype = kwargs.get("dtype") if isinstance(kwargs, dict) else None
+    return getattr(fn, "target", None) in _IN_THEIR_DTYPE and (dtype is None or isinstance(dtype, torch.dtype))
 
 
 def promoted_from(out: Any, target: Any) -> torch.dtype | None:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.capture import Call
+from repalgebra.module_copy import storage_address
 
 __all__ = ["read_outside"]
 
@@ -71,11 +72,9 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
 
 def _key(t: torch.Tensor) -> Any:
     """What a parameter or buffer and every view of it share (an EMA's ``t.view(-1)``, kept at ``__init__``): its
-    storage; a tensor with none (empty, or of a tensor subclass) by itself."""
-    try:
-        return ("storage", t.untyped_storage().data_ptr()) if t.numel() else id(t)
-    except (RuntimeError, NotImplementedError):
-        return id(t)
+    storage; a tensor with none (empty, meta, or of a tensor subclass) by itself."""
+    address = storage_address(t)
+    return id(t) if address is None else ("storage", address)
 
 
 def _values_read(func: Any, args: tuple, kwargs: dict) -> list[Any]:

@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state
-from repalgebra.module_copy import _filled, copy_module
+from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module
 from repalgebra.verify import first_difference
 
 __all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {STATE_TAG, WRITTEN_TAG}
+_MODULE_INTERNALS = MODULE_INTERNALS | {STATE_TAG, WRITTEN_TAG}
 _OURS = "_repalgebra_"  # our own attributes on modules (a carried call's resolver, built on its first call): no state
 _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, type(None))
