@@ -216,6 +216,8 @@ FEW = {
     "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
     "repalgebra.frontend.mode_flags:_namespaces": "one decision, whose code is watched: the model's classes' modules "
     "and torch's layers (the mutant drops the layers: nn.TransformerEncoder's nested path)",
+    "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
+    "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",
     "repalgebra.rewrite:cast_params": "one job (the dtype), covered with rewrite's own mutants",
     "repalgebra.rewrite:_rewrite": "the engine's loop when rewrite wraps it: counted with the engine",

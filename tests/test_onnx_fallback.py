@@ -1218,3 +1218,29 @@ def test_a_concat_onto_an_empty_start_skips_it():
     assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0, str(fused.fuse_report)
     with torch.no_grad():
         assert close(run(export_onnx(fused, None, x), x)[0], model(x))
+
+
+class ExportBranch(nn.Module):
+    """YOLOv6's and mmdet heads' habit: another output while ``torch.onnx.is_in_onnx_export()``."""
+
+    def __init__(self, both: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.both = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), both
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if torch.onnx.is_in_onnx_export():
+            return y.sigmoid()
+        return (y, y.sum()) if self.both else y
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["one-output", "two-outputs"])
+def test_an_export_branch_on_is_in_onnx_export_is_refused_naming_the_flag(both):
+    """The part reading the flag is kept whole, and torch.onnx.export takes its export branch: a file computing
+    something else (refused, 2.0 off) or another number of outputs (refused with an IndexError).  Both refusals
+    named a difference only; they now name the flag the part read while it was exported."""
+    x = torch.randn(2, 3, 8, 8)
+    fused = repalgebra.fuse(ExportBranch(both).eval(), x)
+    with pytest.raises(FallbackError, match=r"its code reads torch\.onnx\.is_in_onnx_export\(\), whose answer while "
+                                            r"torch\.onnx\.export traces it need not be"):
+        export_onnx(fused, None, x)

@@ -57,6 +57,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.calls import FnCall
+from repalgebra.frontend.mode_flags import mode_flags_noted
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.module_copy import copy_module, in_eval
 
@@ -322,6 +323,7 @@ class ExportedRegion:
     branches: int = 0  # tensor values the trace turned into Python booleans (control flow fixed to one branch)
     numbers: int = 0  # tensor values the trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
     steered: bool = False  # its Python booleans changed with its inputs' values: the file holds one input's branches
+    flags: tuple[str, ...] = ()  # the mode flags its code read while traced (``torch.onnx.is_in_onnx_export()``)
 
 
 def drawn_at_random(example: torch.Tensor) -> bool:
@@ -438,6 +440,7 @@ def export_regions(
         if why:
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else: {why}{_refusals(r)}"
+                + _flags_read(e.flags)
                 + (f" (its trace read {e.numbers} tensor value{'s' * (e.numbers != 1)} as {'Python numbers' if e.numbers != 1 else 'a Python number'}, with .item(), "
                    "float(), int() or .numpy(): the file holds the traced input's numbers as constants)" if e.numbers else "")
                 + (f" (its trace turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean"
@@ -634,9 +637,13 @@ def _from_numpy(a: Any) -> torch.Tensor:
 
 def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list, list], opset: int) -> ExportedRegion:
     """One region exported by :func:`export_region`; a :class:`FallbackError` naming it when that fails."""
-    try:
-        model, used, (branches, numbers) = export_region(region, module, examples, axes[0], axes[1], opset)
-    except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
+    error = None
+    with mode_flags_noted(module) as flags:
+        try:
+            model, used, (branches, numbers) = export_region(region, module, examples, axes[0], axes[1], opset)
+        except Exception as e:  # noqa: BLE001  (torch.onnx raises many types)
+            error = e
+    if error is not None:
         calls = ", ".join(region.whats)
         scripted = any(isinstance(n.attrs.get("fn"), torch.jit.ScriptModule) for n in region.run)
         hint = (" (a TorchScript module: export the Python module it was scripted from, fused, and script the model "
@@ -646,10 +653,20 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
             hint += f" (torch.onnx.export writes opsets up to {newest}: export at opset {newest} or lower)"
         raise FallbackError(
             f"no ONNX lowering for {calls} at {region.where}, and torch.onnx.export (TorchScript) cannot export it at "
-            f"opset {opset} either: {_first_line(e)}{_refusals(region)}{hint}"
-        ) from e
+            f"opset {opset} either: {_first_line(error)}{_refusals(region)}{_flags_read(flags)}{hint}"
+        ) from error
     how = "torch.onnx.export (TorchScript)" + (f" with rewrites: {', '.join(used)}" if used else "")
-    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches, numbers)
+    return ExportedRegion(model, how, {f"in{k}": a for k, a in enumerate(axes[0]) if a}, branches, numbers,
+                          flags=tuple(dict.fromkeys(flags)))
+
+
+def _flags_read(flags: Sequence[str]) -> str:
+    """Why a region's export may differ from the module, for a :class:`FallbackError`: the mode flags its code read
+    while traced (empty when it read none)."""
+    if not flags:
+        return ""
+    return (f" (its code reads {' and '.join(dict.fromkeys(flags))}, whose answer while torch.onnx.export traces it "
+            "need not be the one the model gets when called: the file holds the branch the trace took)")
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ import torch
 import torch.fx._symbolic_trace as symbolic_trace
 from torch import nn
 
-__all__ = ["ModeFlagRead", "mode_flags_refused"]
+__all__ = ["ModeFlagRead", "mode_flags_noted", "mode_flags_refused"]
 
 
 class ModeFlagRead(TypeError):
@@ -63,22 +63,26 @@ _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
 class _Watched(types.ModuleType):
     """A stand-in for a module in the model's namespace: its flag functions refuse, the rest is the module's."""
 
-    def __init__(self, real: types.ModuleType) -> None:
+    def __init__(self, real: types.ModuleType, noted: list[str] | None) -> None:
         super().__init__(real.__name__, real.__doc__)
-        vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()")
+        vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()", noted)
                            for name in _FLAGS.get(real, ()) if callable(getattr(real, name, None))})
-        vars(self).update({name: _Watched(sub) for name, sub in _ROUTES.get(real, {}).items()})
+        vars(self).update({name: _Watched(sub, noted) for name, sub in _ROUTES.get(real, {}).items()})
         vars(self)["_real"] = real
 
     def __getattr__(self, name: str) -> Any:
         return getattr(vars(self)["_real"], name)
 
 
-def _refusing(original: Callable[..., bool], name: str) -> Callable[..., bool]:
+def _refusing(original: Callable[..., bool], name: str, noted: list[str] | None) -> Callable[..., bool]:
+    """``original`` as the model's code sees it: refusing, or (``noted`` given) answering and noting ``name`` there."""
     capturing = threading.get_ident()  # another thread running the same code meanwhile gets the real answer
 
     def flag(*args: Any, **kwargs: Any) -> bool:
         if threading.get_ident() != capturing:
+            return original(*args, **kwargs)
+        if noted is not None:
+            noted.append(name)
             return original(*args, **kwargs)
         owner = sys._getframe(1).f_locals.get("self")
         where = f" (in the forward of {type(owner).__name__})" if isinstance(owner, nn.Module) else ""
@@ -102,20 +106,36 @@ def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _stand_in(value: Any, watched: dict[int, Any]) -> Any:
+def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None) -> Any:
     """What the model's code sees instead of ``value`` (a module or a flag function), else None."""
     if isinstance(value, types.ModuleType) and value in _FLAGS or value is torch.fx:
-        return watched.setdefault(id(value), _Watched(value))
+        return watched.setdefault(id(value), _Watched(value, noted))
     for owner, names in _FLAGS.items():
         for name in names:
             if value is getattr(owner, name, None):
-                return _refusing(value, f"{owner.__name__}.{name}()")
+                return _refusing(value, f"{owner.__name__}.{name}()", noted)
     return None
 
 
 @contextlib.contextmanager
 def mode_flags_refused(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s code raises :class:`ModeFlagRead` where it calls a mode flag function."""
+    with _watched(model, None):
+        yield
+
+
+@contextlib.contextmanager
+def mode_flags_noted(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, ``model``'s code gets the mode flags' answers, and the list yielded notes each flag it read
+    (``torch.onnx.is_in_onnx_export()``: an export of a part kept whole takes the branch meant for exports)."""
+    noted: list[str] = []
+    with _watched(model, noted):
+        yield noted
+
+
+@contextlib.contextmanager
+def _watched(model: nn.Module, noted: list[str] | None) -> Iterator[None]:
+    """The flag functions in the namespaces of ``model``'s code swapped for stand-ins (:func:`_refusing`)."""
     watched: dict[int, Any] = {}
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
@@ -123,7 +143,7 @@ def mode_flags_refused(model: nn.Module) -> Iterator[None]:
             for name, value in list(namespace.items()):
                 if not (isinstance(value, types.ModuleType) or callable(value)):
                     continue
-                stand_in = _stand_in(value, watched)
+                stand_in = _stand_in(value, watched, noted)
                 if stand_in is not None:
                     swapped.append((namespace, name, value))
                     namespace[name] = stand_in
