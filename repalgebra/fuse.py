@@ -198,18 +198,35 @@ def _guard_pinned(where: str, fused: nn.Module, cap: Capture, original: nn.Modul
     follows the model's dtype keeps its own where the fused graph's out-of-place op promotes: only dtypes it promotes
     nothing to hold (after ``fused.double()`` the model returned that sum in float32, the fused model in float64;
     a review found the same sum hidden in an output of the model's dtype, ``y * logdet[:, None]``)."""
-    if not (cap.kept or _promoted_after_a_cast(original, fused, inputs)):  # (a sum kept narrower: no dtype shows it)
+    casts = _fixed_casts(cap)
+    if not (cap.pinned or cap.kept or casts):
         return
-    read, pinned = (cap.pinned or cap.kept)[0]
+    promoted = (casts or not cap.kept) and _promoted_after_a_cast(original, fused, inputs)
+    if not (cap.kept or promoted):  # (a sum kept narrower: no dtype shows it)
+        return
+    casts = casts if promoted else []  # casts written in the code, which a cast of the model keeps too
     own = computes_in(original, inputs)
-    holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in cap.pinned)
+    holds = tuple(dict.fromkeys([own, *(t for t in _FLOATS if all(torch.promote_types(t, d) == t for _, d in [*cap.pinned, *casts])
                                         and all(torch.promote_types(t, d) == d for _, d in cap.kept))]))
-    dtype = str(pinned).replace('torch.', '')
-    why = (f"it reads {read}, of dtype {dtype}, which a cast of the model leaves as it is and PyTorch promotes what it "
-           "meets to" if cap.pinned else f"{read} stays {dtype} in a cast of the model, where the fused graph's "
-           "out-of-place op promotes to the wider dtype")
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    whys = [*(f"it reads {read}, of dtype {name(d)}, which a cast of the model leaves as it is and PyTorch promotes "
+              "what it meets to" for read, d in cap.pinned[:1]),
+            *(f"{read} casts to {name(d)}, a dtype its trace took as it was then, where a cast of the model changes "
+              "what the model casts to (a dtype read off its parameters: Hugging Face's self.dtype)" for read, d in casts[:1]),
+            *(f"{read} stays {name(d)} in a cast of the model, where the fused graph's out-of-place op promotes to "
+              "the wider dtype" for read, d in cap.kept[:1])]
+    why = "; ".join(whys)
     ShapeGuard(None, where, True, holds, why=why).install(fused)
     cap.notes.append(f"fused for {_dtypes_text(holds, ' and ')} only: {why}; it refuses to run in another")
+
+
+def _fixed_casts(cap: Capture) -> list[tuple[str, torch.dtype]]:
+    """The casts to a floating dtype in ``cap``'s graph, where and to what: each a dtype the fx trace took as it was
+    then, written in the code (``x.float()``: a cast of the model keeps it) or read off the model
+    (``mask.to(self.dtype)``, a property reading the first parameter's dtype: a cast of the model changes it, the
+    fused graph's stays; found by a probe)."""
+    return [(f"the forward of {_where(n.source)}", n.attrs["dtype"]) for n in cap.graph.nodes
+            if n.op == "cast" and n.attrs["dtype"].is_floating_point]
 
 
 def _promoted_after_a_cast(original: nn.Module, fused: nn.Module, inputs: tuple) -> bool:
@@ -884,6 +901,7 @@ class _Fuser:
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
         self.own_dtype_only = False  # the last check ran in the model's dtype: the candidate fails in float64
+        self.not_in_float64 = False  # the last check ran in the model's dtype: the model itself fails in float64
         self.checks: list[str] = []  # what each captured part was compared with: FuseReport.check
         self.initial: nn.Module | None = None  # then: a copy of the model before any run, the state parts restore from
         self.strict = strict
@@ -1227,8 +1245,10 @@ class _Fuser:
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
-            compared = str(self.dtype if self.own_dtype_only or self.dtype is None else torch.float64).replace("torch.", "")
-            self.checks.append(f"{_where(path)} on the example input in {compared}, to {self.tolerance:g} relative")
+            in_own = self.own_dtype_only or self.not_in_float64 or self.dtype is None
+            compared = str(self.dtype if in_own else torch.float64).replace("torch.", "")
+            self.checks.append(f"{_where(path)} on the example input in {compared}, to {self.tolerance:g} relative"
+                               + " (the model does not run in float64)" * self.not_in_float64)
             if self.own_dtype_only and cap.how == "fx":  # checked in its dtype only: it holds in that one only
                 ShapeGuard(None, _where(path), True, (self.dtype,), why="it casts to a dtype of its own").install(fused)
                 cap.notes.append(f"fused for {str(self.dtype).replace('torch.', '')} only: its forward casts to a "
@@ -1252,7 +1272,7 @@ class _Fuser:
         if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
                        why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
-        if cap.how == "fx" and (cap.pinned or cap.kept):
+        if cap.how == "fx":
             _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
@@ -1355,14 +1375,14 @@ class _Fuser:
         if device is not None and any(t.device != device for t in [*candidate.parameters(), *candidate.buffers()]):
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64 if in_float64 else None
-        self.own_dtype_only = False
+        self.own_dtype_only = self.not_in_float64 = False
         ref_left: dict[str, Any] = {}  # where each run leaves the generators
         got_left: dict[str, Any] = {}
         with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
             try:
                 ref = _run(reference, call, dtype, self.dtype, left=ref_left)
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
-                dtype = None
+                dtype, self.not_in_float64 = None, True
                 ref = _run(reference, call, None, left=ref_left)
             if dtype is not None:
                 try:
@@ -1502,13 +1522,21 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
         if dtype is None:
             out = module(*args, **kwargs)
         else:  # (what it sets on its modules in that dtype, a cache it fills, is not the module's: put back)
-            state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            state = _named_tensors(module)
             cast = {k: v.to(dtype) if v.is_floating_point() and own in (None, v.dtype) else v for k, v in state.items()}
             with attributes_kept(module):
                 out = torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
     if left is not None:
         left.update(ends)
     return out
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s parameters and buffers by every name they have, for ``functional_call(..., tie_weights=False)``
+    in another dtype: a tied one listed once (an LM head sharing its embedding's weight) stayed in the module's
+    dtype under its other name, so the float64 run failed and the check fell back to the model's dtype (where a
+    dtype ``forward`` read from ``self.dtype`` and froze went unseen, found by a probe)."""
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
 
 
 def _drawn_elsewhere(want: dict[str, Any], got: dict[str, Any]) -> str | None:
@@ -1546,7 +1574,7 @@ def computes_narrower(module: nn.Module, inputs: tuple) -> bool:
             return t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
         return t
 
-    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    state = _named_tensors(module)
     with torch.no_grad():
         args, state = pytree.tree_map(cast, inputs), {k: cast(v) for k, v in state.items()}
         try:

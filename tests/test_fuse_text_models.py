@@ -455,3 +455,51 @@ def test_an_equal_matrix_the_model_does_not_tie_stays_its_own():
     params = dict(fused.named_parameters(remove_duplicate=False))
     assert len({id(params[k]) for k in params if params[k].shape == (50, 16)}) == 3
     assert "ties" not in str(fused.fuse_report)
+
+
+class DtypePropertyLM(nn.Module):
+    """Hugging Face's additive mask: ``mask.to(dtype=self.dtype)`` and ``(1.0 - mask) * torch.finfo(self.dtype).min``,
+    ``self.dtype`` a property reading the first parameter (``ModuleUtilsMixin.dtype``); the head tied or not."""
+
+    def __init__(self, tied: bool, vocab: int = 20, d: int = 8) -> None:
+        super().__init__()
+        self.wte, self.proj, self.bn = nn.Embedding(vocab, d), nn.Linear(d, d), nn.BatchNorm1d(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.wte.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, ids, attention_mask):
+        h = self.bn(self.proj(self.wte(ids)).transpose(1, 2)).transpose(1, 2)
+        mask = attention_mask[:, None, :].to(dtype=self.dtype)
+        w = h @ h.transpose(1, 2) + (1.0 - mask) * torch.finfo(self.dtype).min
+        return self.lm_head(w.softmax(-1) @ h)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_dtype_read_from_the_models_property_is_seen_by_the_float64_check(tied):
+    """fx records ``self.dtype`` as the float32 of the trace, so the fused model keeps the mask in float32.  With the
+    head tied, the float64 check cast the embedding's weight under one name only, the model failed to run, and the
+    check fell back to float32 while the report said float64 (a probe's variant was 3.1 off after
+    ``fused.double()``).  In half precision the fused model failed inside its graph ("expected scalar type Float but
+    found Half") where the model runs.  Now: checked in float64; in float64 it computes what the model does (to
+    float32's rounding of the folded weights), and half precision is refused by name."""
+    torch.manual_seed(0)
+    model = DtypePropertyLM(tied).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    fused = repalgebra.fuse(model, (ids, mask))
+    assert "in float64" in fused.fuse_report.check
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, mask), model(ids, mask), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+        got = copy.deepcopy(fused).double()(ids, mask)
+        torch.testing.assert_close(got, copy.deepcopy(model).double()(ids, mask), rtol=1e-5, atol=1e-5)
+        copy.deepcopy(model).half()(ids, mask)  # the model runs in half precision
+        with pytest.raises(ValueError, match=r"holds in float32 and float64 only \(the forward of the model casts to float32"):
+            copy.deepcopy(fused).half()(ids, mask)
