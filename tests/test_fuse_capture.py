@@ -1245,6 +1245,7 @@ def test_an_ordered_dict_or_named_tuple_output_keeps_its_type(out, shape_branch)
     if out == "ordered_dict":
         assert list(got) == ["c2", "c3"]
     assert type(copy.deepcopy(fused)(x)) is type(want)
+    assert type(pickle.loads(pickle.dumps(fused))(x)) is type(want)  # torch.save of the module (a closure did not pickle)
     assert type(fuse(fused, x)(x)) is type(want)  # fusing again keeps it too
 
 

@@ -237,8 +237,8 @@ def to_module(
     outs = _unaliased(ctx, graph, outs)
     if output_spec is not None and not _plain(output_spec):
         # fx writes containers out as tuple, list and dict literals: an OrderedDict or a named tuple would come
-        # back as a plain dict or tuple.  A function holding the spec rebuilds it.
-        ctx.graph.output(ctx.graph.call_function(output_rebuilder(output_spec), (outs,)))
+        # back as a plain dict or tuple.  A module holding the structure rebuilds it.
+        ctx.graph.output(ctx.module("output_structure", OutputStructure(output_spec), outs))
     elif output_spec is not None:
         ctx.graph.output(pytree.tree_unflatten(outs, output_spec))
     else:
@@ -259,15 +259,19 @@ def _plain(spec: pytree.TreeSpec) -> bool:
     return spec.is_leaf() or (spec.type in (tuple, list, dict) and all(_plain(c) for c in spec.children()))
 
 
-def output_rebuilder(spec: pytree.TreeSpec) -> Callable[[list], Any]:
-    """A function putting the fused outputs back in the model's structure (an ``OrderedDict``, a named tuple).
+class OutputStructure(nn.Module):
+    """Puts the fused outputs back in the model's structure (an ``OrderedDict``, a named tuple).
 
-    A closure, not a module attribute: copies of the module share it (a deep copy of a TreeSpec warns)."""
+    It holds the structure as the model's containers with a 0 for each tensor: a module of the fused model, it is
+    deep-copied and pickled with it.  A closure holding pytree's spec (which warns when deep-copied) could not be
+    pickled: ``torch.save`` of every fused segmentation model (torchvision's ``OrderedDict`` outputs) failed."""
 
-    def rebuild_output(flat: list) -> Any:
-        return pytree.tree_unflatten(flat, spec)
+    def __init__(self, spec: pytree.TreeSpec) -> None:
+        super().__init__()
+        self.skeleton = pytree.tree_unflatten([0] * spec.num_leaves, spec)
 
-    return rebuild_output
+    def forward(self, flat: list) -> Any:
+        return pytree.tree_unflatten(list(flat), pytree.tree_structure(self.skeleton))
 
 
 def _params_in_value_dtype(node: Node) -> Node:
