@@ -351,6 +351,58 @@ def test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_t
             copy.deepcopy(fused).double()(x.double())
 
 
+def _conv_bn(c: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
+
+
+class BranchSum(nn.Module):
+    """Branch outputs summed in place: into ``torch.zeros`` of the default dtype after a residual stem
+    (``"zeros"``), or into the sum of two branches of the input (``"branches"``: MobileOne's and FastViT's
+    ``out = scale_out + identity_out; out += conv(x)``, SLaK's ``LoRA1(x) + LoRA2(x)``)."""
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into, self.stem = into, _conv_bn(4, 3)
+        self.branches = nn.ModuleList([_conv_bn(4, 3), _conv_bn(4, 1), _conv_bn(4, 3)])
+
+    def forward(self, x):
+        y = x + self.stem(x) if self.into == "zeros" else x  # (the branches of a block read the model's input)
+        out = torch.zeros(y.shape) if self.into == "zeros" else self.branches[0](y) + self.branches[1](y)
+        for b in self.branches[0 if self.into == "zeros" else 2:]:
+            out += b(y)
+        return out
+
+
+@pytest.mark.parametrize("into", ["zeros", "branches"])
+def test_what_a_sum_written_in_place_starts_from_decides_the_dtypes_that_hold(into):
+    """A value made by an op of two inputs was taken for one made in its own dtype whatever its inputs: the
+    zeros accumulator after a residual ``x + stem(x)`` was not guarded (``fused.double()`` returned float64 where the
+    model returns float32, 2.2e-7 off), and a sum of branches written into was refused float64 (found by a probe).
+    """
+    from repalgebra import fuse
+
+    torch.manual_seed(0)
+    model = BranchSum(into).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    fused = fuse(model, torch.randn(2, 4, 8, 8))
+    assert fused.fuse_report.fired
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x)
+        if into == "zeros":  # the model keeps float32: the fused model refuses float64 by name
+            assert want.dtype == torch.float32
+            with pytest.raises(ValueError, match=r"holds in float32 and float16 and bfloat16 only \(a tensor the "
+                                                 r"model's forward writes into in place stays float32"):
+                copy.deepcopy(fused).double()(x)
+        else:  # the sum follows the model: float64, as the model's, to float32's rounding of the folded weights
+            got = copy.deepcopy(fused).double()(x)
+            assert got.dtype == want.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 class TopKRouter(nn.Module):
     """Mixtral's router: ``w, idx = torch.topk(probs, k)``, then ``w /= w.sum(-1, keepdim=True)`` in place."""
 

@@ -216,6 +216,10 @@ FEW = {
     "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
     "repalgebra.frontend.mode_flags:_namespaces": "one decision, whose code is watched: the model's classes' modules "
     "and torch's layers (the mutant drops the layers: nn.TransformerEncoder's nested path)",
+    "repalgebra.fuse:_fixed_casts": "one list, the casts to a floating dtype in a capture (the guard's own mutants cover what follows)",
+    "repalgebra.fuse:_named_tensors": "one line, the parameters and buffers by every name they have",
+    "repalgebra.backend.torch:to_module": "the lowering's driver: its lowerings have mutants of their own; one decision, how an output "
+    "structure fx cannot write is rebuilt",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",

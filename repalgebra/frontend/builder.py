@@ -525,14 +525,23 @@ def _kept_narrower(target: Any, out: Any) -> bool:
 
 
 def _made_in_its_dtype(v: Value) -> bool:
-    """Whether ``v`` comes, through ops of one input, from a factory of the default or a written dtype
-    (``torch.zeros(n, 1)``), a constant or a written cast: made in a dtype that a cast of the model does not change,
-    where a value computed from its weights or inputs follows it (as a call does: ``s.to(x.dtype)``, found by a
-    review)."""
-    while (n := v.producer) is not None and n.op not in ("opaque", "constant", "cast") and len(n.inputs) == 1:
-        v = n.inputs[0]
-    if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
-        return False
+    """Whether ``v`` comes from factories of the default or a written dtype (``torch.zeros(n, 1)``), constants or
+    written casts only: made in a dtype that a cast of the model does not change, where a value computed from its
+    weights or inputs follows it (as a call does: ``s.to(x.dtype)``, found by a review).  An op of several inputs
+    is where all its floating ones are: a residual ``x + stem(x)`` follows the model (a probe found it taken for
+    made, so an accumulator written into in place was not guarded after it, and ``a(x) + b(x)`` written into
+    was refused float64)."""
+    stack, seen = [v], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        n = v.producer
+        if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
+            return False  # an input (the caller's dtype), or a call computed from something
+        if n.op not in ("opaque", "constant", "cast"):
+            stack += n.inputs if len(n.inputs) == 1 else [u for u in n.inputs if u.dtype is None or u.dtype.is_floating_point]
     return True
 
 
