@@ -247,13 +247,18 @@ def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
     return err, err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
-def _fields(out: Any) -> Any:
+def _fields(out: Any, depth: int = 0) -> Any:
     """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, every dict
     of a class pytree does not know (``class Out(OrderedDict)``) as a dict of its items, their types kept, a
     ``torch.distributions`` object (an actor-critic's ``Categorical(logits=...)``) as a dict of what defines it,
-    and a Python float as a float64 tensor of one number (compared within the tolerance, as a tensor is)."""
+    a Python float as a float64 tensor of one number (compared within the tolerance, as a tensor is), and an object
+    whose class compares by identity (Hugging Face's ``DynamicCache``) as a dict of its attributes: equal outputs of
+    two runs are two objects, which ``!=`` always told apart (a probe found every child of a part kept whole swapped
+    back for it).  ``depth`` bounds how deep such objects are opened (one may hold itself)."""
 
     def as_dict(x: Any) -> Any:
+        if _compared_by_identity(x) and depth < 8:
+            return {"<type>": type(x).__qualname__, **{k: _fields(v, depth + 1) for k, v in sorted(vars(x).items())}}
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             return {"<type>": type(x).__qualname__, **{f.name: _fields(getattr(x, f.name)) for f in dataclasses.fields(x)}}
         if isinstance(x, torch.distributions.Distribution):  # its parameters, and the lazy ones it has computed
@@ -265,6 +270,13 @@ def _fields(out: Any) -> Any:
         return x
 
     return pytree.tree_map(as_dict, out)
+
+
+def _compared_by_identity(x: Any) -> bool:
+    """Whether ``x`` is a plain Python object that ``==`` compares by identity: its class keeps object's ``__eq__``
+    and it holds its attributes in a ``__dict__`` (not a module, class, function or other builtin)."""
+    return (type(x).__eq__ is object.__eq__ and hasattr(x, "__dict__") and not isinstance(x, (type, nn.Module))
+            and not callable(x) and type(x).__module__ != "builtins")
 
 
 @dataclass(frozen=True)

@@ -503,3 +503,55 @@ def test_a_dtype_read_from_the_models_property_is_seen_by_the_float64_check(tied
         copy.deepcopy(model).half()(ids, mask)  # the model runs in half precision
         with pytest.raises(ValueError, match=r"holds in float32 and float64 only \(the forward of the model casts to float32"):
             copy.deepcopy(fused).half()(ids, mask)
+
+
+class KeyCache:
+    """Hugging Face's ``DynamicCache``: a plain object holding the keys per layer, compared by identity."""
+
+    def __init__(self) -> None:
+        self.key_cache: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor, layer: int) -> torch.Tensor:
+        if len(self.key_cache) <= layer:
+            self.key_cache.append(k)
+        else:
+            self.key_cache[layer] = torch.cat([self.key_cache[layer], k], dim=-2)
+        return self.key_cache[layer]
+
+
+class CachingLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.k = nn.Embedding(50, 8), nn.Linear(8, 8)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 50))
+
+    def forward(self, ids):
+        cache = KeyCache()
+        h = self.emb(ids)
+        k = cache.update(self.k(h), 0)
+        h = h + F.softmax(h @ k.transpose(1, 2), -1) @ h
+        b, t, c = h.shape
+        return self.head(h.reshape(b * t, c)).view(b, t, -1), cache
+
+
+def test_a_cache_object_among_the_outputs_is_compared_by_its_tensors():
+    """The model is kept whole (it returns an object fx cannot build), and its children are fused; each was swapped
+    back, "its parent reads it otherwise", because the check compared the two runs' caches with ``!=``, which for a
+    class without ``__eq__`` tells any two objects apart (found by a probe).  The head's BatchNorm folds now, and a
+    cache holding other keys still differs."""
+    from repalgebra.verify import first_difference
+
+    torch.manual_seed(0)
+    model = CachingLM().eval()
+    with torch.no_grad():
+        model.head[1].running_mean.uniform_(-1, 1)
+        model.head[1].running_var.uniform_(0.5, 2)
+    ids = torch.randint(0, 50, (2, 5))
+    fused = repalgebra.fuse(model, ids)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules()), str(fused.fuse_report)
+    with torch.no_grad():
+        (want, want_cache), (got, got_cache) = model(ids), fused(ids)
+    assert type(got_cache) is KeyCache
+    assert first_difference((want, want_cache), (got, got_cache), 1e-5) is None
+    got_cache.key_cache[0] = got_cache.key_cache[0] + 1
+    assert "differs by 1 " in first_difference((want, want_cache), (got, got_cache), 1e-5)
