@@ -210,6 +210,39 @@ def test_an_onnx_file_of_a_model_that_tests_its_batch_has_the_batch_fixed(test):
     assert report.dynamic_batch, report  # a test of the channels, which no batch changes
 
 
+class SlicedShapeTest(nn.Module):
+    """A test of sizes unpacked from a slice of the shape: segmentation_models_pytorch's input check
+    (``h, w = x.shape[-2:]``), or the batch from the first two (``b, c = x.shape[:2]``)."""
+
+    def __init__(self, reads: str) -> None:
+        super().__init__()
+        self.reads, self.conv, self.bn = reads, nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.reads == "height-width":
+            h, w = x.shape[-2:]
+            if h % 4 != 0 or w % 4 != 0:
+                raise RuntimeError(f"Wrong input shape height={h}, width={w}")
+            return y
+        b, _ = x.shape[:2]
+        return y * 2 if b > 2 else y - 1
+
+
+@pytest.mark.parametrize("reads", ["height-width", "batch"])
+def test_an_onnx_files_batch_is_free_where_a_test_reads_sizes_after_it_through_a_slice(reads):
+    """``x.shape[-2:]`` was read as the whole shape, batch included, so every smp model's file had its batch fixed
+    (found by a probe); a slice that holds the batch still fixes it."""
+    from repalgebra import export_onnx
+
+    model = seeded(SlicedShapeTest, 0, reads=reads)()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    proto, report = export_onnx(fused, None, x, return_report=True)
+    assert report.dynamic_batch == (reads == "height-width"), report
+
+
 class DictInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -555,3 +555,45 @@ def test_a_cache_object_among_the_outputs_is_compared_by_its_tensors():
     assert first_difference((want, want_cache), (got, got_cache), 1e-5) is None
     got_cache.key_cache[0] = got_cache.key_cache[0] + 1
     assert "differs by 1 " in first_difference((want, want_cache), (got, got_cache), 1e-5)
+
+
+class EmbeddedTests(nn.Module):
+    """A dtype test (T5's ``if hidden_states.dtype == torch.float16: clamp``) and a size test (LLaMA's rotary cache:
+    ``if seq_len > self.max_seq_len_cached``, ``seq_len`` read from the embedded tokens) after an ``nn.Embedding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens, self.k_proj = nn.Embedding(50, 8), nn.Linear(8, 8)
+        self.register_buffer("cos_cached", torch.randn(32, 4), persistent=False)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, ids):
+        h = self.embed_tokens(ids)
+        if h.dtype == torch.float16:
+            h = h.clamp(-60000, 60000)
+        bsz, q_len, _ = h.size()
+        k = self.k_proj(h).view(bsz, q_len, 2, 4).transpose(1, 2)
+        seq_len = k.shape[-2]
+        if seq_len > self.cos_cached.shape[0]:
+            raise ValueError("longer than the rotary cache")
+        return self.head((k * self.cos_cached[:seq_len].to(k.dtype)).mean((1, 2)))
+
+
+def test_tests_of_what_an_embedding_makes_are_answered_and_checked_per_call():
+    """torch.fx could answer neither test: nothing after an embedding of token ids had a known dtype or size, so
+    the model went to torch.export at the example's length and refused every other (T5, BLOOM, LLaMA, Mistral;
+    found by a probe).  An embedding runs on meta tensors, and its output's sizes are its ids' and its width."""
+    torch.manual_seed(0)
+    model = EmbeddedTests().eval()
+    with torch.no_grad():
+        model.head[1].running_mean.uniform_(-1, 1)
+        model.head[1].running_var.uniform_(0.5, 2)
+    model = model.double()
+    fused = repalgebra.fuse(model, torch.randint(0, 50, (2, 7)))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired, str(fused.fuse_report)
+    with torch.no_grad():
+        for b, length in ((1, 3), (3, 9), (2, 32)):
+            ids = torch.randint(0, 50, (b, length))
+            torch.testing.assert_close(fused(ids), model(ids), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError):  # past the cache, as the model: the test is checked per call
+            fused(torch.randint(0, 50, (2, 33)))

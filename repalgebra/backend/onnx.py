@@ -1466,7 +1466,7 @@ def _checks_read_the_batch(checks: Sequence, example: tuple) -> str:
         if isinstance(t, In):
             return True  # (read whole: its batch too)
         if isinstance(t, SymExpr):
-            x, axis = size_read(t)
+            x, axis = size_read(t, lambda v: ranks[v.index] if isinstance(v, In) else None)
             if isinstance(x, In) and isinstance(axis, int):
                 return ranks[x.index] == 0 or axis % ranks[x.index] == 0
             return reads((t.args, t.kwargs), ranks)

@@ -502,17 +502,37 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
     return walk(template)
 
 
-def size_read(t: SymExpr) -> tuple[Any, Any]:
-    """``(v, axis)`` where ``t`` reads one size of a value: ``v.shape[axis]``, ``v.size(axis)``, ``v.size()[axis]``."""
+def size_read(t: SymExpr, rank: Callable[[Any], int | None] | None = None) -> tuple[Any, Any]:
+    """``(v, axis)`` where ``t`` reads one size of a value: ``v.shape[axis]``, ``v.size(axis)``, ``v.size()[axis]``,
+    or an item of a slice of them (``h, w = x.shape[-2:]``, segmentation_models_pytorch's input check: read as the
+    whole shape, it fixed an ONNX file's batch; found by a probe), where ``rank`` (by default a :class:`Value`'s
+    number of axes) gives ``v``'s number of axes."""
     if t.kind == "call_method" and t.target == "size" and len(t.args) == 2:
         return t.args
     if t.kind == "call_function" and t.target is operator.getitem and isinstance(t.args[0], SymExpr):
         inner = t.args[0]
-        whole = (inner.kind == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",)) or (
-            inner.kind == "call_method" and inner.target == "size" and len(inner.args) == 1)
-        if whole:
-            return inner.args[0], t.args[1]
+        if (v := _whole_shape(inner)) is not None:
+            return v, t.args[1]
+        if (inner.kind == "call_function" and inner.target is operator.getitem and isinstance(inner.args[0], SymExpr)
+                and isinstance(inner.args[1], slice) and isinstance(t.args[1], int)):
+            v = _whole_shape(inner.args[0])
+            r = (rank or _rank)(v) if v is not None else None
+            axes = range(r)[inner.args[1]] if r is not None else range(0)
+            if -len(axes) <= t.args[1] < len(axes):
+                return v, axes[t.args[1]]
     return None, None
+
+
+def _rank(v: Any) -> int | None:
+    return len(v.shape) if isinstance(v, Value) and v.shape is not None else None
+
+
+def _whole_shape(t: SymExpr) -> Any:
+    """``v`` where ``t`` is ``v.shape`` or ``v.size()``, else None."""
+    if (t.kind == "call_function" and t.target is getattr and t.args[1:] == ("shape",)) or (
+            t.kind == "call_method" and t.target == "size" and len(t.args) == 1):
+        return t.args[0]
+    return None
 
 
 def _kept_narrower(target: Any, out: Any) -> bool:

@@ -363,6 +363,16 @@ def recognised(m: nn.Module) -> type | None:
     return None
 
 
+def runs_torch_code(m: nn.Module) -> bool:
+    """Whether a call of ``m`` runs torch's code alone, which meta tensors run as the real ones: a recognised layer,
+    or one of torch's own classes (an ``nn.Embedding``, an ``nn.LSTM``) with no forward of the instance's nor
+    hooks.  What the trace reads after it (a dtype test, a size) is then known at the example: after an embedding
+    of token ids it was not, and T5's, BLOOM's and LLaMA's tests sent the model to torch.export at a fixed
+    length (found by a probe)."""
+    return recognised(m) is not None or (type(m).__module__.startswith("torch.nn.modules.") and "forward" not in vars(m)
+                                         and not _runs_hooks(m))
+
+
 # Methods of torch's layers that no forward calls to compute (construction, loading, printing, an input check).
 _OFF_THE_CALL = frozenset({"__init__", "__setstate__", "__repr__", "extra_repr", "reset_parameters", "reset_running_stats",
                            "_load_from_state_dict", "_check_input_dim"})
@@ -560,7 +570,7 @@ class Tracer(fx.Tracer):
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
         self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
-        self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), lambda m: recognised(m) is not None)
+        self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), runs_torch_code)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """``fx.Tracer.trace``, one at a time in the process (:data:`TRACING`).

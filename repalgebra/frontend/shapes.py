@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from torch import nn
+
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.ops import TRANSPOSED_CONVS
 
@@ -32,7 +34,9 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     * ``conv2d(u; W)``, ``conv3d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a
       spatial axis with stride 1 and total padding ``dilation * (k - 1)`` keeps its size;
     * a transposed conv: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[1] * groups``;
-    * ``permute``, ``transpose``: the axis it came from; ``flatten``: an axis before or after the flattened ones.
+    * ``permute``, ``transpose``: the axis it came from; ``flatten``: an axis before or after the flattened ones;
+    * a carried call of ``nn.Embedding`` on token ids ``u``: ``v.shape[a] = u.shape[a]`` before the last axis,
+      ``v.shape[-1]`` its ``embedding_dim`` (LLaMA's rotary cache tests ``seq_len``, read from the embedded tokens).
     """
     n = v.producer
     if n is None or v.shape is None:
@@ -60,6 +64,8 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
             return n.x, axis
         if axis > start:
             return n.x, axis + end - start
+    if n.op == "opaque" and (dim := _embedding_dim(n)) is not None:
+        return dim if axis == len(v.shape) - 1 else (n.inputs[0], axis)
     if n.op in ("conv2d", "conv3d", *TRANSPOSED_CONVS) and axis == 0:
         return n.x, 0
     if n.op in TRANSPOSED_CONVS and axis == 1:
@@ -71,6 +77,15 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         if s == 1 and pads == d * (k - 1):
             return n.x, axis
     return None
+
+
+def _embedding_dim(n: Node) -> int | None:
+    """The ``embedding_dim`` of an opaque node that calls an ``nn.Embedding`` (torch's class itself, with no
+    forward or hooks of its own) on its one input, else None."""
+    m = n.attrs.get("fn")
+    if type(m) is not nn.Embedding or "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks or len(n.inputs) != 1:
+        return None
+    return m.embedding_dim
 
 
 def _swapped(rank: int, dim0: int, dim1: int) -> list[int]:
