@@ -743,7 +743,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "weight-fixed-size-unread", "a size a conv's weight fixes (int(c) of its output) taken for one no producer fixes",
      "repalgebra.frontend.builder:read_at_inputs", "                return source\n", "                return None\n", _SIZE_TESTS),
     ("frontend", "shape-item-unread", "v.shape[k] of a value computed inside not read as one size",
-     "repalgebra.frontend.builder:size_read", "            return inner.args[0], t.args[1]", "            return None, None", _SIZE_TESTS),
+     "repalgebra.frontend.builder:size_read", "            return v, t.args[1]", "            return None, None", _SIZE_TESTS),
     ("frontend", "sum-size-from-first-input", "the size of a sum read from its first input, which a broadcast at other sizes makes another",
      "repalgebra.frontend.builder:read_at_inputs", 'source = None if v.producer is not None and v.producer.op in ("add", "sub") else size_source(v, axis)',
      "source = size_source(v, axis)", ("tests/test_fuse_size_tests.py::test_the_size_of_a_sum_is_not_read_from_its_first_input",)),
