@@ -259,6 +259,20 @@ def _follow_requires_grad(fused: fx.GraphModule, part: nn.Module) -> None:
             fused.get_submodule(name).requires_grad_(any(flags))
 
 
+def _writes_into(model: nn.Module, args: tuple) -> bool:
+    """Whether ``model`` (a copy of it, in eval mode) called with ``args`` leaves other tensors in the lists, tuples
+    or dicts it was given (HRNet's ``x[i] = self.branches[i](x[i])``, DLA's ``layers[i] = node(...)``), which its
+    caller may read after the call.  Its capture takes the tensors one by one (:mod:`~repalgebra.frontend.structured`):
+    the fused model returned the same outputs and left the caller's list as it was (found by a probe).  Such a
+    model is kept whole, its parts fused."""
+    given: list = []
+    try:
+        _run(eval_copy(model), Call(tuple(args), {}), None, given=given)
+    except Exception:  # noqa: BLE001  (it does not run on the example: fuse says so, with the view)
+        return False
+    return first_difference(list(args), list(given[0][0]), 0.0) is not None
+
+
 def _with_structure(fused: nn.Module, model: nn.Module, spec: pytree.TreeSpec, report: "FuseReport") -> nn.Module:
     """``fused`` (made from a flat view of ``model``: :mod:`repalgebra.frontend.structured`) taking ``model``'s
     arguments again: a fused graph reads its tensors out of them and refuses another structure; a copy of the
@@ -787,10 +801,12 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
     model, unwrapped = unwrap(model)
     args = None if example_inputs is None else as_tuple(example_inputs)
     view = spec = None
+    writes = False
     if args is not None and needs_flat_view(model, args) and not runs_own_hooks(model):
         leaves, spec = flat_leaves(args)  # one capture input per tensor; forward gets the structure back
         view = flat_view(model, spec)  # None: a GraphModule that reads its arguments whole
         example_inputs = leaves if view is not None else example_inputs
+        writes = view is not None and _writes_into(model, args)
     fuser = _Fuser(view or model, leaf_modules, strict, check)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     dtype = model_dtype(fuser.pristine)
@@ -798,7 +814,12 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         # The captures are checked against a float64 copy, which runs on a float64 example where the model itself
         # may not: the fused model came back in float64, refusing the model's own inputs.
         fuser.ensure_runs(inputs)
-    fused = fuser.fuse_model(inputs)
+    if writes:  # its forward runs as written, on the caller's containers; its parts are fused
+        fused = fuser.keep_whole("", [Call(tuple(inputs), {})], "its forward writes into the lists, tuples or dicts it "
+                                 "is given (x[i] = branch(x[i])), which its caller may read after the call and no "
+                                 "capture writes")
+    else:
+        fused = fuser.fuse_model(inputs)
     if view is not None:
         fused = _with_structure(fused, model, spec, fuser.report)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
@@ -1378,23 +1399,25 @@ class _Fuser:
         self.own_dtype_only = self.not_in_float64 = False
         ref_left: dict[str, Any] = {}  # where each run leaves the generators
         got_left: dict[str, Any] = {}
+        ref_given: list = []  # the arguments as each run left them
+        got_given: list = []
         with watch(reference) as changed:  # the original's state must not change: else nothing captured holds
             try:
-                ref = _run(reference, call, dtype, self.dtype, left=ref_left)
+                ref = _run(reference, call, dtype, self.dtype, left=ref_left, given=ref_given)
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
                 dtype, self.not_in_float64 = None, True
-                ref = _run(reference, call, None, left=ref_left)
+                ref = _run(reference, call, None, left=ref_left, given=ref_given)
             if dtype is not None:
                 try:
                     with _quiet_fx():  # a failure here is expected and handled: no traceback printed for it
-                        got = _run(candidate, call, dtype, self.dtype, left=got_left)
+                        got = _run(candidate, call, dtype, self.dtype, left=got_left, given=got_given)
                 except Exception:  # noqa: BLE001
                     # A forward that casts to float32 itself (fairseq's Fp32GroupNorm: ``input.float()``, then
                     # ``weight.float()``) keeps parts of the model float32 in the float64 run; the fused module holds
                     # those weights as its own, cast to float64: compare both in the model's own dtype instead (the
                     # fused module then refuses other dtypes: see own_dtype_only).
                     dtype, self.own_dtype_only = None, True
-                    ref = _run(reference, call, None, left=ref_left)
+                    ref = _run(reference, call, None, left=ref_left, given=ref_given)
         if changed and self.watching and not self.stateful:
             prefix = next((f"{p}." for p, m in self.pristine.named_modules() if m is reference and p), "")
             raise StateChanged([prefix + c for c in changed])  # as paths of the model, as find_state names them
@@ -1405,11 +1428,15 @@ class _Fuser:
             got_how = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
             try:
                 with _quiet_fx():
-                    got = _run(candidate, call, *got_how, left=got_left)
+                    got = _run(candidate, call, *got_how, left=got_left, given=got_given)
             except Exception as e:  # noqa: BLE001
                 return f"it fails on the example input: {first_line(e)}"
-        if (problem := first_difference(ref, got, tol)) is not None or _drawn_elsewhere(ref_left, got_left) is None:
+        if (problem := first_difference(ref, got, tol)) is not None:
             return problem
+        if (problem := first_difference(ref_given, got_given, tol)) is not None:  # items of a list it was given
+            return f"it leaves the arguments it was given otherwise than the model does ({problem.replace('output', 'item', 1)})"
+        if _drawn_elsewhere(ref_left, got_left) is None:
+            return None
         # Another thread's draw during a run moves the generators too: a difference holds where a second pair of
         # runs leaves them where the first did.
         again: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
@@ -1497,7 +1524,8 @@ class _Fuser:
 
 
 def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None,
-         mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad, left: dict | None = None) -> Any:
+         mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad, left: dict | None = None,
+         given: list | None = None) -> Any:
     """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
     ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
     tensors), the global generators started at :data:`~repalgebra.draws.CHECK_SEED` and where they were after it
@@ -1509,7 +1537,9 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
     computes a norm in float32 on purpose (``F.group_norm(y.float(), 1, w.float())``) fuses to a graph holding
     ``w.float()`` as a float32 constant, and casting it would mix dtypes where the model does not.
 
-    ``left`` receives where the run left the global generators (before they are put back)."""
+    ``left`` receives where the run left the global generators (before they are put back), and ``given`` the
+    arguments as the call left them: a forward may write into a list it is given (HRNet's ``x[i] = branch(x[i])``,
+    DLA's ``layers[i] = node(...)``), which its caller reads after the call."""
 
     def prepare(t: Any) -> Any:
         if not torch.is_tensor(t):
@@ -1528,6 +1558,8 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
                 out = torch.func.functional_call(module, cast, args, kwargs, tie_weights=False)
     if left is not None:
         left.update(ends)
+    if given is not None:
+        given[:] = [(args, kwargs)]
     return out
 
 

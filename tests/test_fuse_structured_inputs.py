@@ -299,3 +299,29 @@ def test_a_tensor_argument_beside_args_is_read_as_a_tensor():
     (got,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(y), rtol=1e-5, atol=1e-5)  # float32 in onnxruntime
+
+
+class WritesIntoItsList(nn.Module):
+    """HRNet's ``HighResolutionModule`` and DLA's ``IDAUp``: each branch's output written into the list given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([conv_module(8, 8, 3), conv_module(16, 16, 3)])
+
+    def forward(self, x):
+        for i, branch in enumerate(self.branches):
+            x[i] = branch(x[i])
+        return x[0].mean((2, 3)) + x[1].mean((2, 3))[:, :8]
+
+
+def test_a_forward_writing_into_the_list_it_is_given_is_kept_whole_with_its_parts_fused():
+    """Captured from the tensors one by one, the fused model returned what the model returns and left the caller's
+    list as it was, where the model leaves the branches' outputs in it (4.3 off for a caller reading them, found
+    by a probe).  The model is kept whole, its branches fused."""
+    model = seeded(WritesIntoItsList, 0)().to(D)
+    fused = fuse(model, (feature_maps(2, 16, (8, 16)),))
+    assert count_bn(fused) == 0 and fused.fuse_report.parts[0].how == "kept whole", str(fused.fuse_report)
+    given, ours = feature_maps(3, 8, (8, 16)), feature_maps(3, 8, (8, 16))
+    with torch.no_grad():
+        assert_same(model(given), fused(ours))
+    assert_same(given, ours)  # the caller's lists, as each call left them

@@ -221,6 +221,7 @@ FEW = {
     "repalgebra.backend.torch:to_module": "the lowering's driver: its lowerings have mutants of their own; one decision, how an output "
     "structure fx cannot write is rebuilt",
     "repalgebra.frontend.fx_trace:runs_torch_code": "one decision, which modules run on meta tensors to answer what the trace reads",
+    "repalgebra.fuse:_writes_into": "one comparison, the arguments before and after a run",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",
