@@ -806,3 +806,40 @@ def test_an_attribute_set_from_itself_each_call_keeps_fx(make):
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
     assert torch.is_tensor(model.integration_time) if make is RecastsItsTime else model.hw == (9, 7)
+
+
+def _shift_off(x: torch.Tensor, shift: list, window: int) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` habit: where the window covers the map, ``shift[0] = 0`` on the
+    block's own list, for good."""
+    if window >= x.shape[-1]:
+        shift[0] = 0
+    return torch.roll(x, shifts=shift[0], dims=-1) if shift[0] else x
+
+
+torch.fx.wrap("_shift_off")
+
+
+class ShiftedBlock(nn.Module):
+    def __init__(self, c: int, window: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.window, self.shift = window, [window // 2]
+
+    def forward(self, x):
+        return x + _shift_off(self.conv(x), self.shift, self.window)
+
+
+def test_a_first_call_that_turns_a_shift_off_at_every_size_checked_is_fused_after_it():
+    """Both blocks turn their shift off at the example; the deeper one also at twice its size, so only the first
+    was found to hold state.  The deeper one's capture was kept beside a copy for other sizes that no call had
+    run, whose shift was still on: at a larger input the fused model computed what the model, called in the same
+    order, does not (1.07 off, found by a probe).  It is now fused from the model once called, as a model whose
+    first call fills a cache is."""
+    model = seeded(lambda: nn.Sequential(ShiftedBlock(4, 4), nn.AvgPool2d(2), ShiftedBlock(4, 4)), 0)().double().eval()
+    example = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    used = copy.deepcopy(model)  # called as the fused model is
+    fused = fuse(model, example)
+    with torch.no_grad():
+        for shape in ((1, 4, 4, 4), (1, 4, 16, 16), (2, 4, 12, 12)):
+            x = torch.randn(*shape, dtype=torch.float64)
+            torch.testing.assert_close(fused(x), used(x), rtol=1e-12, atol=1e-12)
