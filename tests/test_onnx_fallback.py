@@ -1244,3 +1244,29 @@ def test_an_export_branch_on_is_in_onnx_export_is_refused_naming_the_flag(both):
     with pytest.raises(FallbackError, match=r"its code reads torch\.onnx\.is_in_onnx_export\(\), whose answer while "
                                             r"torch\.onnx\.export traces it need not be"):
         export_onnx(fused, None, x)
+
+
+class WordLM(nn.Module):
+    """PyTorch's word_language_model: an embedding, an LSTM given its state, the decoded output and the new state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.rnn, self.decoder = nn.Embedding(60, 16), nn.LSTM(16, 16, 2), nn.Linear(16, 60)
+
+    def forward(self, tokens, h0, c0):
+        output, hidden = self.rnn(self.encoder(tokens), (h0, c0))
+        return self.decoder(output), hidden
+
+
+def test_a_tuple_valued_call_on_a_value_another_region_computes_is_exported():
+    """The LSTM's (output, state) is computed again in the region reading the state, from the embedding that the
+    first region computed and did not give out: export_onnx failed with a KeyError (found by a probe)."""
+    torch.manual_seed(0)
+    model = WordLM().eval()
+    example = (torch.randint(0, 60, (7, 2)), torch.randn(2, 2, 16), torch.randn(2, 2, 16))
+    proto = export_onnx(repalgebra.fuse(model, example), None, example)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), example)})
+    with torch.no_grad():
+        decoded, (h, c) = model(*example)
+    assert all(close(g, w) for g, w in zip(got, (decoded, h, c)))

@@ -237,7 +237,7 @@ def find_regions(graph: Graph, lowered: Callable[[Node], bool]) -> list[Region]:
             current = []
             runs.append(current)
         current.append(n)
-    regions = []
+    parts = []
     for k, run in enumerate(runs):
         members = {id(n) for n in run}
         needed = [v for n in run for v in n.inputs if not _is_tensor(v) and id(v.producer) not in members]
@@ -256,10 +256,17 @@ def find_regions(graph: Graph, lowered: Callable[[Node], bool]) -> list[Region]:
                     if not _is_tensor(v):
                         raise AssertionError(f"non-tensor value {v} crosses into a fallback region")
                     inputs.append(v)
+        parts.append((k, run, body, inputs))
+    # A value another region reads is an output of its own: a call that returns a tuple is computed again in each
+    # region reading it, from inputs another region computes (an LSTM on an embedding, found by a probe).
+    read_elsewhere = {id(v) for *_, inputs in parts for v in inputs}
+    regions = []
+    for k, run, body, inputs in parts:
         run_ids = {id(n) for n in run}
         outs = [
             n.out for n in run
-            if _is_tensor(n.out) and (id(n.out) in outputs or any(id(r) not in run_ids for r in readers.get(id(n.out), [])))
+            if _is_tensor(n.out) and (id(n.out) in outputs or id(n.out) in read_elsewhere
+                                      or any(id(r) not in run_ids for r in readers.get(id(n.out), [])))
         ]
         regions.append(Region(k, run, body, inputs, outs))
     return regions
