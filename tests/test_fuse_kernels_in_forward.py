@@ -127,3 +127,41 @@ def test_a_weight_fake_quantized_in_forward_folds_with_its_batch_norm(how):
     for other in (x, torch.randn(3, 3, 12, 20)):
         with torch.no_grad():
             torch.testing.assert_close(fused(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+class UnmergedLoRA(nn.Module):
+    """loralib's layers with ``merge_weights=False``: a conv whose weight is ``W + (B @ A).view(...) * s``
+    (``ConvLoRA``), and a Linear whose delta is scattered into ``x.new_zeros`` and applied transposed with ``.T``
+    (``MergedLinear``), each followed by a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv_a, self.conv_b = nn.Parameter(torch.randn(6, 9) * 0.3), nn.Parameter(torch.randn(24, 6) * 0.3)
+        self.lin, self.bn1 = nn.Linear(8, 12), nn.BatchNorm1d(12)
+        self.lin_a, self.lin_b = nn.Parameter(torch.randn(2, 8) * 0.3), nn.Parameter(torch.randn(8, 1) * 0.3)
+
+    def forward(self, x):
+        w = self.conv.weight + (self.conv_b @ self.conv_a).view(self.conv.weight.shape) * 2.0
+        y = self.bn(self.conv._conv_forward(x, w, None)).mean((2, 3))
+        delta = self.lin_a.new_zeros(12, 8)
+        delta[:8] = self.lin_b @ self.lin_a[:1]
+        return self.bn1(y @ (self.lin.weight.T + delta.T) + self.lin.bias)
+
+
+def test_a_low_rank_update_written_with_matmul_operators_folds():
+    """``B @ A``, ``.T`` and ``new_zeros`` were not taken for functions of the weights: the conv and the Linear were
+    carried as calls and the BatchNorms after them stayed (found by a probe)."""
+    torch.manual_seed(0)
+    model = UnmergedLoRA().to(D).eval()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn1):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(3, 3, 6, 6, dtype=D)
+        want, got = model(y), fused(y)
+        assert float((want - got).abs().max() / want.abs().max()) < 1e-9

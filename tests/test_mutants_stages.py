@@ -224,6 +224,8 @@ FEW = {
     "repalgebra.fuse:_writes_into": "one comparison, the arguments before and after a run",
     "repalgebra.backend.onnx_fallback:find_regions": "one decision added to it, which values a region gives out "
     "(the regions themselves are covered by the fallback's tests)",
+    "repalgebra.frontend.pure:is_pure": "a table lookup per kind of call; one decision added to it, the attributes that "
+    "are functions of a tensor",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",

@@ -30,6 +30,7 @@ __all__ = ["FACTORIES", "PURE_MODULES", "is_pure"]
 
 PURE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.getitem,
+    operator.matmul,  # LoRA's ``self.lora_B @ self.lora_A`` (loralib, peft's DoRA)
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.sqrt, torch.rsqrt, torch.exp, torch.log,
     torch.abs, torch.sum, torch.mean, torch.var, torch.std, torch.var_mean, torch.std_mean, torch.clamp, torch.clip,
     torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.cat,
@@ -56,7 +57,10 @@ PURE_METHODS = {
     "square", "reciprocal", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "relu",
     "detach", "clone", "to",  # DBB: self.bn.bias.detach() - ..., self.id_tensor.to(self.weight.device)
     "round", "floor", "ceil", "trunc",
+    "matmul", "mm", "bmm", "new_zeros", "new_ones", "new_full",  # loralib: ``x.new_zeros(...)`` filled with ``B @ A``
 }  # fmt: skip
+# Attributes that are functions of the tensor: ``self.merge_AB().T`` (loralib's MergedLinear).
+_PURE_ATTRIBUTES = {"T", "mT"}
 
 
 # Activation modules hold no state: EfficientDet's BiFPN writes ``self.p6_w1_relu(self.p6_w1)``.
@@ -72,6 +76,8 @@ def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
         return False
     if kind == "call_method":
         return target in PURE_METHODS
+    if kind == "call_function" and target is getattr:
+        return len(args) == 2 and args[1] in _PURE_ATTRIBUTES
     if kind == "call_function" and target is on_copy:
         return bool(args) and args[0] in _COPY_METHODS
     if kind != "call_function" or target not in PURE_FUNCTIONS | FACTORIES:
