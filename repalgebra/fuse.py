@@ -229,6 +229,17 @@ def _fixed_casts(cap: Capture) -> list[tuple[str, torch.dtype]]:
             if n.op == "cast" and n.attrs["dtype"].is_floating_point]
 
 
+def _made_kernels(cap: Capture, part: nn.Module) -> bool:
+    """Whether ``cap`` (an fx capture carrying no call) made once what ``part`` computes from its weights on every
+    call: its graph holds fewer weights than the part.  ECBSR's and OREPA's eval forward build one kernel from the
+    training branches per call; the front end computes it at capture, and the graph is the deploy form, though no
+    rule fires (the part was returned as it is, found by a probe)."""
+    if cap.how != "fx" or any(n.op == "opaque" for n in cap.graph.nodes):
+        return False
+    held = sum(p.numel() for n in cap.graph.nodes for p in n.params.values())
+    return held < sum(t.numel() for t in (*part.parameters(), *part.buffers()) if t.is_floating_point())
+
+
 def _promoted_after_a_cast(original: nn.Module, fused: nn.Module, inputs: tuple) -> bool:
     """Whether ``original`` and ``fused``, cast to half precision (bfloat16, else float16 where the model does not
     run in bfloat16), return outputs of other dtypes, or ``fused`` fails where ``original`` runs.  (bfloat16 first:
@@ -1237,9 +1248,13 @@ class _Fuser:
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
             graph_in = graph_in.map_params(lambda p, n: p.cpu())  # fold on the CPU (rules build their constants there)
         g64, rw = rewrite(graph_in, cast_back=False)
-        if not rw.fired:  # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
+        if not rw.fired and not _made_kernels(cap, self.pristine.get_submodule(path) if captured is None else captured):
+            # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
             self.stage["rewrite"] += time.perf_counter() - t0
             return self.unfolded(path, cap, rw, reason, captured)
+        if not rw.fired:
+            cap.notes.append("no rule applies, but the kernels forward computes from its weights on every call are made "
+                             "once, at capture: the fused module holds them")
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"

@@ -53,6 +53,9 @@ def test_a_kernel_made_from_the_weights_in_forward_folds_into_one_conv(how):
     x = torch.randn(2, 4, 8, 8, dtype=D)
     fused = repalgebra.fuse(model, x)
     assert fused.fuse_report.capture == "fx" and fused.fuse_report.ops_after == {"conv2d": 1, "prelu": 1}, str(fused.fuse_report)
+    # The deploy form: one kernel and its bias, and the PReLU's slopes (a copy of the block, which no rule changes,
+    # was returned and built its kernel on every call, found by a probe).
+    assert sum(p.numel() for p in fused.parameters()) == 4 * 4 * 9 + 4 + 4
     with torch.no_grad():
         for shape in ((2, 4, 8, 8), (1, 4, 5, 7)):
             y = torch.randn(*shape, dtype=D)
