@@ -597,3 +597,40 @@ def test_tests_of_what_an_embedding_makes_are_answered_and_checked_per_call():
             torch.testing.assert_close(fused(ids), model(ids), rtol=1e-12, atol=1e-12)
         with pytest.raises(ValueError):  # past the cache, as the model: the test is checked per call
             fused(torch.randint(0, 50, (2, 33)))
+
+
+class DistilBertMask(nn.Module):
+    """DistilBERT's attention: ``scores.masked_fill(mask, torch.tensor(torch.finfo(scores.dtype).min))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+
+    def forward(self, x, mask):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        hidden = (mask == 0).view(x.size(0), 1, x.size(1)).expand_as(scores)
+        scores = scores.masked_fill(hidden, torch.tensor(torch.finfo(scores.dtype).min))
+        return self.head((scores.softmax(-1) @ x)[:, 0])
+
+
+def test_a_tensor_of_a_dtypes_minimum_is_made_per_call():
+    """``torch.tensor`` of a number read from a dtype was taken for one of a size, which it is not: the model went
+    to torch.export at the example's length (found by a probe).  It is a call now, which follows a cast."""
+    torch.manual_seed(0)
+    model = DistilBertMask().eval()
+    with torch.no_grad():
+        model.head[1].running_mean.uniform_(-1, 1)
+        model.head[1].running_var.uniform_(0.5, 2)
+    model = model.double()
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    fused = repalgebra.fuse(model, (torch.randn(2, 7, 8, dtype=D), mask))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired, str(fused.fuse_report)
+    with torch.no_grad():
+        for length in (3, 9):
+            x, m = torch.randn(3, length, 8, dtype=D), torch.ones(3, length, dtype=torch.long)
+            m[0, 1:] = 0
+            torch.testing.assert_close(fused(x, m), model(x, m), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(copy.deepcopy(fused).float()(x.float(), m), copy.deepcopy(model).float()(x.float(), m),
+                                       rtol=1e-5, atol=1e-5)  # float32, the weights folded in float64

@@ -537,10 +537,23 @@ def _tensor_of_sizes(made: Callable[..., torch.Tensor], data: Any, *args: Any, *
     records the call, its sizes read per call."""
     if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
         return made(data, *args, **kwargs)
+    if isinstance(data, fx.Proxy) and _of_a_dtype(data.node):  # DistilBERT's torch.tensor(torch.finfo(s.dtype).min)
+        return data.tracer.create_proxy("call_function", made, (data, *args), kwargs)
     number = lambda v: v._number("torch.tensor") if isinstance(v, _Proxy) else v  # noqa: E731
     if isinstance(data, (list, tuple)):
         data = type(data)(number(v) for v in data)
     return made(number(data), *args, **kwargs)
+
+
+def _of_a_dtype(node: fx.Node) -> bool:
+    """Whether ``node`` is a number read from a dtype (``torch.finfo(x.dtype).min``), which follows a cast of the
+    model per call: recorded as a call of ``torch.tensor``, not taken as at the example (a size is), where the model
+    went to torch.export with every size fixed (found by a probe)."""
+    return node.op == "call_function" and node.target is getattr and isinstance(node.args[0], fx.Node) and (
+        node.args[0].op == "call_function" and node.args[0].target in _DTYPE_INFO)
+
+
+_DTYPE_INFO = (torch.finfo, torch.iinfo)  # (as imported: a trace patches torch's names)
 
 
 def _without_proxies(modules: list[nn.Module], before: list[dict[str, Any]]) -> None:
