@@ -2080,6 +2080,29 @@ def test_pruned_convs_fold_with_the_weight_their_pruning_hook_computes():
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
 
 
+@pytest.mark.parametrize("pruned", ["weight", "bias", "both"])
+def test_pruned_batch_norms_fold_with_what_their_pruning_hooks_compute(pruned):
+    """Network slimming prunes BN scales, and a global pruning loop over every module with a ``weight`` takes the
+    BNs too: each pruned BatchNorm was carried whole, and a conv + BN model folded nothing (found by a probe).  A
+    mask changed after the last call folds as the hook computes it."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval())
+    for bn in (model[1], model[4]):
+        for name in (("weight", "bias") if pruned == "both" else (pruned,)):
+            prune.l1_unstructured(bn, name, amount=0.5)
+    with torch.no_grad():
+        getattr(model[4], f"{'bias' if pruned == 'bias' else 'weight'}_mask")[:2] = 0  # after the last call: stale
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        y = torch.randn(3, 3, 12, 10, dtype=D)
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9 * float(model(y).abs().max()))
+
+
 def test_a_classifier_head_s_batch_norm_folds_into_its_linear():
     """``BN2d -> flatten(1) -> Linear(C H W)``: channel c owns features [c H W, (c + 1) H W) (``bn_into_linear``)."""
     model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5)))

@@ -327,24 +327,34 @@ def _sets(hook: Any) -> str | None:
 
 
 def _weight_hooks_only(m: nn.Module) -> bool:
+    """Whether ``m``'s pre-hooks only set its weight (a conv's, a Linear's) or, pruning, a BatchNorm's weight or
+    bias (network slimming prunes BN scales; a global pruning loop over every ``weight`` takes the BNs too, and no
+    BatchNorm of the model folded, found by a probe): its handler reads what they set."""
     hooks = [h for h in m._forward_pre_hooks.values() if not getattr(h, "checks_only", False)]
-    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and bool(hooks) and all(isinstance(h, WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
+    if isinstance(m, _BatchNorm):
+        sets = all(isinstance(h, BasePruningMethod) and _sets(h) in ("weight", "bias") for h in hooks)
+    else:
+        sets = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and all(isinstance(h, WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
+    return (bool(hooks) and sets
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
 
-def module_weight(m: nn.Module) -> torch.Tensor:
-    """The weight a call of ``m`` uses (a copy): ``m.weight``, or what its weight-norm hooks compute before the call
-    (spectral norm in eval mode: with its stored vectors, no power iteration), which ``m.weight`` may not yet be."""
-    weight = m.weight
+def module_weight(m: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """The weight (or, pruned, the bias: ``name``) a call of ``m`` uses (a copy): ``m.weight``, or what its
+    weight-norm hooks compute before the call (spectral norm in eval mode: with its stored vectors, no power
+    iteration), which ``m.weight`` may not yet be."""
+    weight = getattr(m, name)
     with torch.no_grad():
         for h in m._forward_pre_hooks.values():
+            if _sets(h) != name:
+                continue
             if isinstance(h, WeightNorm):
                 weight = h.compute_weight(m)
             elif isinstance(h, SpectralNorm):
                 weight = h.compute_weight(m, do_power_iteration=False)
             elif isinstance(h, BasePruningMethod):
                 weight = h.apply_mask(m)
-    return weight.detach().clone()
+    return None if weight is None else weight.detach().clone()
 
 
 def recognised(m: nn.Module) -> type | None:

@@ -115,7 +115,7 @@ def _m_batch_norm(b: Builder, n: fx.Node, m: _BatchNorm, args: tuple, kwargs: di
     if m.running_mean is None or m.running_var is None:
         b.leave_bn(n, "track_running_stats=False: it normalises with batch statistics even in eval mode")
         return None
-    attrs, params = {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, m.weight, m.bias)
+    attrs, params = {"eps": float(m.eps)}, bn_params(m.running_mean, m.running_var, module_weight(m), module_weight(m, "bias"))
     y = height_one(x)
     if y is not None:  # per channel (axis 1), so it commutes with flattening axes 2 and 3: normalise before
         return "flatten", [b.add("batch_norm", [y], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
