@@ -576,3 +576,43 @@ def test_a_cast_to_the_tensors_own_device_is_a_cast():
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]),
                                    model(other), rtol=1e-5, atol=1e-5)  # (float32)
+
+
+class QueriesRepeated(nn.Module):
+    """DETR: learned queries ``query_embed.weight.unsqueeze(1).repeat(1, bs, 1)``, and aux outputs made by a loop
+    over a tensor (which sends the model to torch.export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.query_embed, self.layer, self.cls = nn.Embedding(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        src = self.proj(x)
+        bs = src.shape[0]
+        memory = src.flatten(2).permute(2, 0, 1)
+        query = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        hs = torch.stack([self.layer(query + memory.mean(0, keepdim=True)), query]).transpose(1, 2)
+        logits = self.cls(hs)
+        return {"pred_logits": logits[-1], "aux_outputs": [{"pred_logits": a} for a in logits[:-1]]}
+
+
+def test_a_repeat_along_the_batch_of_axes_of_size_one_keeps_the_batch_free():
+    """The repeat read the batch as a number, so the torch.export capture fixed it: the fused model refused
+    batches 1 and 3 (found by a probe).  Repeating axes of size 1 is an expand: the batch stays free."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = QueriesRepeated().double().eval()
+    with torch.no_grad():
+        model.proj[1].running_mean.uniform_(-1, 1)
+        model.proj[1].running_var.uniform_(0.5, 2)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert fused.fuse_report.capture == "specialized" and fused.fuse_report.fired, str(fused.fuse_report)
+    with torch.no_grad():
+        for b in (1, 3, 5):
+            x = torch.randn(b, 3, 8, 8, dtype=torch.float64)
+            want, got = pytree.tree_leaves(model(x)), pytree.tree_leaves(fused(x))
+            assert len(want) == len(got)
+            for w, g in zip(want, got):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

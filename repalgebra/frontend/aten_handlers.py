@@ -18,7 +18,7 @@ from repalgebra.frontend.args import (
     avg_pool, channel_axis, concat_made, conv3d_attrs, elu_made, global_mean, height_one, im2col, leaky_relu_made,
     population_variance, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed, vector_norm,
 )
-from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path
+from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, _symbolic, module_path
 from repalgebra.ir import Node, Value
 
 __all__ = ["HANDLERS", "MULTI_HANDLERS", "SIZED"]
@@ -711,10 +711,19 @@ def _adaptive_avg_nd(spatial: int) -> Callable[..., Made]:
 
 
 def _repeat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    x, counts = _v(a["self"]), _ints(a["repeats"])
+    """``repeat``; where a count is the symbolic batch, of axes of size 1 only (DETR's
+    ``query_embed.unsqueeze(1).repeat(1, bs, 1)``), the same values as ``expand_dyn`` to the recorded shape: the
+    batch stays free (it was fixed, found by a probe)."""
+    x, counts = _as_value(b, a["self"]), _ints(a["repeats"])
     if x is None or counts is None or len(counts) < len(x.shape) or min(counts) < 0:
         return None
-    return "repeat", [x], {"repeats": counts}, {}, None
+    if any(isinstance(c, fx.Node) for c in n.args[1]):  # a count is the batch (its example's value here)
+        recorded = n.args[0].meta["val"].shape
+        ones = (1,) * (len(counts) - len(recorded)) + tuple(recorded)
+        sizes = b.batch_sizes(n)
+        return ("expand_dyn", [x, b.batch_ref], {"shape": sizes}, {}, None) if sizes is not None and all(
+            c == 1 or (not _symbolic(s) and int(s) == 1) for c, s in zip(counts, ones)) else None
+    return None if _v(a["self"]) is None else ("repeat", [x], {"repeats": counts}, {}, None)
 
 
 def _amax(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -1023,6 +1032,6 @@ MULTI_HANDLERS: dict[Any, Callable[..., Made]] = {
 
 # Overloads that may read sizes computed from a symbolic batch: their handlers take the sizes from the recorded
 # output shape instead (any other call reading one makes the capture fall back to fixed shapes).
-SIZED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+SIZED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default, aten.repeat.default,
                    aten.zeros.default, aten.ones.default, aten.full.default,
                    aten.new_zeros.default, aten.new_ones.default, aten.new_full.default})
