@@ -345,3 +345,59 @@ def test_a_tensor_of_an_input_size_with_a_traced_dtype_stays_per_call():
     fused = fuse(model, torch.randn(2, 3, 6, 6, dtype=D))
     assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
     same(fused, model, torch.randn(3, 3, 5, 9, dtype=D))
+
+
+class EmptyChecked(nn.Module):
+    """detectron2's ``Conv2d`` wrapper: ``if x.numel() == 0 and self.training:`` before every conv, of values the
+    model computes (after a stride-2 conv, whose sizes the inputs do not fix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        if y.numel() == 0 and self.training:
+            raise RuntimeError("empty input in training")
+        return self.bn_b(self.b(y))
+
+
+def test_a_test_whether_a_computed_value_is_empty_is_read_from_the_inputs():
+    """``y.numel() == 0`` of a value computed inside stopped fx, and torch.export fixed every size: the fused
+    detector refused other image sizes (found by a probe).  A value computed by convs, norms and activations is
+    empty exactly where an input is: the test reads the inputs' sizes, checked per call."""
+    model = seeded(EmptyChecked, 0)().to(D)
+    fused = fuse(model, torch.randn(1, 3, 16, 16, dtype=D))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired, str(fused.fuse_report)
+    with torch.no_grad():
+        for shape in ((2, 3, 24, 32), (1, 3, 9, 7)):
+            x = torch.randn(*shape, dtype=D)
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):  # an empty batch answers the test otherwise: refused, as taken at the example
+        fused(torch.randn(0, 3, 16, 16, dtype=D))
+
+
+class SliceEmptied(nn.Module):
+    """A slice can empty a value its input fills: ``y[:, :, k:]`` is empty where the map is ``k`` rows or fewer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))[:, :, 6:]
+        return y.sum() * 0 + 1 if y.numel() == 0 else y.mean((2, 3))
+
+
+def test_a_slice_that_empties_a_value_keeps_its_emptiness_test_unread():
+    """Read from the inputs, the test would take the example's branch at 6 rows, where the model takes the other."""
+    model = seeded(SliceEmptied, 0)().to(D)
+    fused = fuse(model, torch.randn(1, 3, 8, 8, dtype=D))
+    with torch.no_grad():
+        x = torch.randn(1, 3, 6, 8, dtype=D)
+        try:
+            got = fused(x)
+        except ValueError:
+            return  # fixed at the example's sizes, and refused
+        torch.testing.assert_close(got, model(x), rtol=1e-12, atol=1e-12)

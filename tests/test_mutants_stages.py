@@ -230,6 +230,7 @@ FEW = {
     "repalgebra.frontend.fx_trace:_of_a_dtype": "one decision, whether a number is read from a dtype",
     "repalgebra.frontend.fx_trace:_weight_hooks_only": "one decision added to it, a BatchNorm's pruning hooks",
     "repalgebra.frontend.aten_handlers:_repeat": "one decision added to it, a count of the batch on axes of size 1",
+    "repalgebra.frontend.builder:_nonempty_from": "one walk, over the ops that keep a value full; its use has its own mutant",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",

@@ -13,6 +13,7 @@ the other calls on meta tensors, or from one real run when meta tensors fail
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -483,6 +484,14 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
         return SymExpr("call_method", "size", (v, axis), {})
 
     def walk(t: Any) -> Any:
+        if isinstance(t, SymExpr) and (empty := _emptiness_test(t)) is not None:
+            # ``x.numel() == 0`` of a value computed inside (detectron2's Conv2d wrapper tests it before every
+            # conv): read as a product of input sizes, zero exactly where it is (see _nonempty_from)
+            numel, v = empty
+            sources = None if is_input(v) else _nonempty_from(v, is_input)
+            if sources is not None:
+                product = SymExpr("call_function", math.prod, ([SymExpr("call_method", "numel", (u,), {}) for u in sources],), {})
+                return SymExpr(t.kind, t.target, tuple(product if a is numel else a for a in t.args), t.kwargs)
         if isinstance(t, SymExpr):
             v, axis = size_read(t)
             if isinstance(v, Value) and not is_input(v):
@@ -500,6 +509,55 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
         return t
 
     return walk(template)
+
+
+_COMPARISONS = (operator.eq, operator.ne, operator.gt, operator.ge, operator.lt, operator.le)
+
+
+def _emptiness_test(t: SymExpr) -> tuple[SymExpr, Any] | None:
+    """``(x.numel(), x)`` where ``t`` compares ``x.numel()`` with 0 (a test whether ``x`` is empty), else None."""
+    if t.kind != "call_function" or t.target not in _COMPARISONS or len(t.args) != 2 or t.kwargs:
+        return None
+    numel, zero = t.args if isinstance(t.args[0], SymExpr) else t.args[::-1]
+    if not (isinstance(numel, SymExpr) and numel.kind == "call_method" and numel.target == "numel" and len(numel.args) == 1
+            and type(zero) is int and zero == 0):
+        return None
+    return numel, numel.args[0]
+
+
+# Ops whose output is not empty where their inputs are not (or that fail): a conv's or pool's output has at least
+# one row and column, or the op raises; an elementwise op, a norm, a sum of branches or a reshape keeps its inputs'
+# elements.  Not a slice, a crop (a pad by negative amounts), a resize by a factor below 1, or a call: they can make
+# an empty tensor of a full one.  (A concat is empty only where all its inputs are: a call with one empty input is
+# refused where the model runs, never taken otherwise.)
+_NONEMPTY = frozenset({"conv2d", "conv3d", "conv_transpose2d", "conv_transpose3d", "linear", "batch_norm", "scale",
+                       "identity", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
+                       "softplus", "threshold", "elu", "prelu", "clamp", "abs", "add", "sub", "mul", "add_const",
+                       "broadcast_add", "broadcast_sub", "avg_pool2d", "avg_pool_nd", "max_pool2d", "adaptive_avg_pool2d",
+                       "adaptive_max_pool2d", "layer_norm", "rms_norm", "group_norm", "cast", "reshape", "reshape_dyn",
+                       "permute", "transpose", "flatten", "concat"})
+
+
+def _nonempty_from(v: Value, is_input: Callable[[Value], bool]) -> list[Value] | None:
+    """The inputs ``v`` is computed from where it is computed by ops of :data:`_NONEMPTY` alone: then ``v`` is empty
+    exactly where one of them is.  None where another op (or a constant with no element) is on the way."""
+    found: list[Value] = []
+    todo, seen = [v], set()
+    while todo:
+        u = todo.pop()
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        if is_input(u):
+            found.append(u)
+            continue
+        n = u.producer
+        if n is None or n.op not in _NONEMPTY:
+            return None
+        if any(p.numel() == 0 for p in n.params.values()):
+            return None
+        todo += n.inputs
+    return found
 
 
 def size_read(t: SymExpr, rank: Callable[[Any], int | None] | None = None) -> tuple[Any, Any]:
