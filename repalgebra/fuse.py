@@ -1027,14 +1027,6 @@ class _Fuser:
         initial = self.initial = copy_module(self.pristine)  # nothing has run on this copy yet
         if state.whole:
             return self.untouched("", initial, state.whole)
-        # What a first call fills the same for any input (a cache) is fused once filled, as without state: a part
-        # kept for other shapes beside its capture held it unfilled (a Swin block whose first call at a small size
-        # turns its shift off for good, found by a probe).  The parts holding state get the model's back (restore_state).
-        self.watching = False
-        _run(self.pristine, Call(tuple(inputs), {}), None)
-        self.watching = True
-        for path in sorted({*state.regions, *state.holders}, key=len):  # the state itself as the model holds it
-            restore_in_place(self.pristine.get_submodule(path), initial.get_submodule(path))
         # A region runs as written and is not fused inside, except the model itself: its children are, but not
         # those that hold the state.  Each is tagged: the tag follows the copies the captures make.
         leaves = [r for r in state.regions if r] + ([h for h in state.holders if h] if "" in state.regions else [])

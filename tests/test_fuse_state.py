@@ -829,17 +829,18 @@ class ShiftedBlock(nn.Module):
         return x + _shift_off(self.conv(x), self.shift, self.window)
 
 
-def test_a_first_call_that_turns_a_shift_off_at_every_size_checked_is_fused_after_it():
+def test_a_first_call_that_turns_a_shift_off_at_twice_the_size_too_is_state():
     """Both blocks turn their shift off at the example; the deeper one also at twice its size, so only the first
-    was found to hold state.  The deeper one's capture was kept beside a copy for other sizes that no call had
-    run, whose shift was still on: at a larger input the fused model computed what the model, called in the same
-    order, does not (1.07 off, found by a probe).  It is now fused from the model once called, as a model whose
-    first call fills a cache is."""
+    was found to hold state, and the deeper one's capture was kept beside a copy for other sizes that the calls
+    its capture answered never reached: a larger call after one at the example's size was 1.07 off (found by a
+    probe).  A first call is also compared at four times the size now: both blocks hold state, and the fused
+    model computes what the model does for either order of calls (a review found the first fix wrong for the
+    other order)."""
     model = seeded(lambda: nn.Sequential(ShiftedBlock(4, 4), nn.AvgPool2d(2), ShiftedBlock(4, 4)), 0)().double().eval()
-    example = torch.randn(1, 4, 4, 4, dtype=torch.float64)
-    used = copy.deepcopy(model)  # called as the fused model is
-    fused = fuse(model, example)
-    with torch.no_grad():
-        for shape in ((1, 4, 4, 4), (1, 4, 16, 16), (2, 4, 12, 12)):
-            x = torch.randn(*shape, dtype=torch.float64)
-            torch.testing.assert_close(fused(x), used(x), rtol=1e-12, atol=1e-12)
+    fused = fuse(model, torch.randn(1, 4, 4, 4, dtype=torch.float64))
+    for order in (((1, 4, 4, 4), (1, 4, 16, 16), (2, 4, 12, 12)), ((1, 4, 16, 16), (1, 4, 4, 4), (1, 4, 16, 16))):
+        used, ours = copy.deepcopy(model), copy.deepcopy(fused)  # each called as the other is, from the start
+        with torch.no_grad():
+            for shape in order:
+                x = torch.randn(*shape, dtype=torch.float64)
+                torch.testing.assert_close(ours(x), used(x), rtol=1e-12, atol=1e-12)

@@ -153,7 +153,7 @@ def mark_written(model: nn.Module, names: Iterable[str]) -> None:
 
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:
     """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
-    and smaller of the other sign), or at twice the spatial size, computes something else after that first call
+    and smaller of the other sign), or at twice or four times the spatial size, computes something else after that first call
     than as the first call itself.  And those a first call on other values fills otherwise: stored from the input
     (a side output, ``self.last = y``; state only if a later call reads it).
 
@@ -163,6 +163,9 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     others = [
         tuple(t * 1.5 + 0.25 if t.is_floating_point() else t for t in inputs),
         tuple(t.repeat(*[1] * (t.dim() - 2), 2, 2) if t.is_floating_point() and t.dim() >= 3 else t for t in inputs),
+        # and at four times: a Swin block deeper in the model turns its shift off for good where its window covers
+        # its map, at twice the example's size too (found by a probe)
+        tuple(t.repeat(*[1] * (t.dim() - 2), 4, 4) if t.is_floating_point() and t.dim() >= 3 else t for t in inputs),
         # Smaller and of the other sign: a running max (or min) that the first call raised is not raised again.
         tuple(t * -0.5 if t.is_floating_point() else t for t in inputs),
     ]
