@@ -231,6 +231,9 @@ FEW = {
     "repalgebra.frontend.fx_trace:_weight_hooks_only": "one decision added to it, a BatchNorm's pruning hooks",
     "repalgebra.frontend.aten_handlers:_repeat": "one decision added to it, a count of the batch on axes of size 1",
     "repalgebra.frontend.builder:_nonempty_from": "one walk, over the ops that keep a value full; its use has its own mutant",
+    "repalgebra.frontend.builder:_deciding": "one decision, whether 0-dim inputs decide a dtype",
+    "repalgebra.frontend.builder:_data_inputs": "one decision that counts, which calls keep their tensor's dtype; the rest "
+    "refuse to answer (a call taken to follow the model), covered through _made_in_its_dtype",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",

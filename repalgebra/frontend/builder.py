@@ -615,12 +615,49 @@ def _made_in_its_dtype(v: Value) -> bool:
         if id(v) in seen:
             continue
         seen.add(id(v))
+        if v.dtype is not None and not (v.dtype.is_floating_point or v.dtype.is_complex):
+            continue  # a mask or indices: a cast of the model leaves them (a review found a bool mask taken to follow it)
         n = v.producer
-        if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
-            return False  # an input (the caller's dtype), or a call computed from something
-        if n.op not in ("opaque", "constant", "cast"):
-            stack += n.inputs if len(n.inputs) == 1 else [u for u in n.inputs if u.dtype is None or u.dtype.is_floating_point]
+        if n is None:
+            return False  # an input: the caller's dtype
+        if n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
+            data = _data_inputs(n)
+            if data is None:
+                return False  # a call computed from something
+            stack += data
+        elif n.op not in ("opaque", "constant", "cast"):
+            stack += _deciding(n.inputs)
     return True
+
+
+# Calls whose result has the dtype of the tensor they are called on: views, copies, an expand to another's sizes
+_KEEP_DTYPE = frozenset({"expand", "expand_as", "clone", "contiguous", "repeat", "view", "reshape", "permute",
+                         "transpose", "flatten", "squeeze", "unsqueeze"})
+
+
+def _data_inputs(n: Node) -> list[Value] | None:
+    """The inputs whose dtype decides that of the call ``n``'s result, where that is known: none for a call on
+    masks or indices alone that holds no floating tensor (``torch.where(mask, 0.0, 1.0)``: of the default dtype),
+    the tensor a view or a copy is called on (an input read for its sizes only does not count); else None."""
+    fn = n.attrs.get("fn")
+    if not isinstance(fn, FnCall) or any(t.is_floating_point() or t.is_complex() for t in (*fn.parameters(), *fn.buffers())):
+        return None
+    dtype = fn.kwargs_template.get("dtype") if isinstance(fn.kwargs_template, dict) else None
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        return None
+    read = [n.inputs[i.index] for i in pytree.tree_leaves((fn.args_template, fn.kwargs_template)) if isinstance(i, In)]
+    floating = [u for u in read if u.dtype is None or u.dtype.is_floating_point or u.dtype.is_complex]
+    if not floating:
+        return []
+    first = fn.args_template[0] if fn.args_template else None
+    return [n.inputs[first.index]] if fn.kind == "call_method" and fn.target in _KEEP_DTYPE and isinstance(first, In) else None
+
+
+def _deciding(inputs: Sequence[Value]) -> list[Value]:
+    """The inputs whose dtypes decide an op's: a 0-dim tensor does not raise the dtype of one with axes
+    (``torch.zeros(x.shape) + x.mean()`` stays float32 in a float64 model; a review found it taken to follow it)."""
+    axes = [u for u in inputs if u.shape is None or len(u.shape) > 0]
+    return axes if axes and len(axes) < len(inputs) else list(inputs)
 
 
 # The factories that make a tensor of the default dtype unless told another: the pure ones, and those that draw
