@@ -247,26 +247,31 @@ def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
     return err, err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
-def _fields(out: Any, depth: int = 0) -> Any:
+def _fields(out: Any, path: frozenset[int] = frozenset()) -> Any:
     """``out`` with every dataclass instance in it (a model's output record) as a dict of its fields, every dict
     of a class pytree does not know (``class Out(OrderedDict)``) as a dict of its items, their types kept, a
     ``torch.distributions`` object (an actor-critic's ``Categorical(logits=...)``) as a dict of what defines it,
     a Python float as a float64 tensor of one number (compared within the tolerance, as a tensor is), and an object
     whose class compares by identity (Hugging Face's ``DynamicCache``) as a dict of its attributes: equal outputs of
     two runs are two objects, which ``!=`` always told apart (a probe found every child of a part kept whole swapped
-    back for it).  ``depth`` bounds how deep such objects are opened (one may hold itself)."""
+    back for it).  ``path``: the objects being opened around this one; one met again (a cache layer holding its
+    cache) is its type's name, not opened again (a review found the recursion unbounded through a dataclass)."""
+
+    def opened(x: Any, items: Any) -> Any:
+        if id(x) in path:
+            return f"<{type(x).__qualname__} holding itself>"
+        inner = path | {id(x)}
+        return {"<type>": type(x).__qualname__, **{k: _fields(v, inner) for k, v in items}}
 
     def as_dict(x: Any) -> Any:
-        if _compared_by_identity(x) and depth < 8:
-            return {"<type>": type(x).__qualname__, **{k: _fields(v, depth + 1) for k, v in sorted(vars(x).items())}}
+        if _compared_by_identity(x):  # (a distribution too: its parameters, and the lazy ones it has computed)
+            return opened(x, sorted(vars(x).items()))
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {"<type>": type(x).__qualname__, **{f.name: _fields(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-        if isinstance(x, torch.distributions.Distribution):  # its parameters, and the lazy ones it has computed
-            return {"<type>": type(x).__qualname__, **{k: _fields(v) for k, v in sorted(vars(x).items())}}
+            return opened(x, [(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)])
         if type(x) is float:
             return _Number(torch.tensor(x, dtype=torch.float64))
         if isinstance(x, dict) and type(x) not in pytree.SUPPORTED_NODES:
-            return {"<type>": type(x).__qualname__, **{k: _fields(v) for k, v in x.items()}}
+            return opened(x, x.items())
         return x
 
     return pytree.tree_map(as_dict, out)

@@ -181,3 +181,28 @@ def test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them():
         off.fast[1].running_mean += 1e-2
     assert not verify(m, off, example).passed
     assert verify(model(), fuse(model(), torch.randn(2, 3, 8, 8)), (2, 3, 8, 8)).passed
+
+
+def test_output_objects_that_hold_themselves_are_compared_once_each():
+    """A cache whose layers point back to it: opened again at every level, the comparison recursed without end
+    through a dataclass (a RecursionError) and grew as n**4 with the layers (found by a review)."""
+    import dataclasses
+    import time
+
+    from repalgebra.verify import first_difference
+
+    @dataclasses.dataclass(eq=False)
+    class Layer:
+        keys: torch.Tensor
+        cache: object = None
+
+    class Cache:
+        def __init__(self, n: int, scale: float = 1.0) -> None:
+            self.layers = [Layer(torch.full((2, 3), float(k)) * scale) for k in range(n)]
+            for layer in self.layers:
+                layer.cache = self
+
+    start = time.perf_counter()
+    assert first_difference(Cache(24), Cache(24), 1e-9) is None
+    assert time.perf_counter() - start < 5  # (n**4 took about 10 s at 24 layers; this is one pass)
+    assert "differs" in first_difference(Cache(4), Cache(4, 2.0), 1e-9)
