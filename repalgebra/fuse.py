@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import read_outside
-from repalgebra.frontend.builder import is_returned_as_is, map_leaves
+from repalgebra.frontend.builder import _a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -211,8 +211,9 @@ def _guard_pinned(where: str, fused: nn.Module, cap: Capture, original: nn.Modul
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     whys = [*(f"it reads {read}, of dtype {name(d)}, which a cast of the model leaves as it is and PyTorch promotes "
               "what it meets to" for read, d in cap.pinned[:1]),
-            *(f"{read} casts to {name(d)}, a dtype its trace took as it was then, where a cast of the model changes "
-              "what the model casts to (a dtype read off its parameters: Hugging Face's self.dtype)" for read, d in casts[:1]),
+            *(f"{read} casts to, or makes a tensor of, {name(d)}, a dtype its trace took as it was then (one read off "
+              "the model's parameters, as Hugging Face's self.dtype, changes with a cast of the model; the fused graph's "
+              "does not)" for read, d in casts[:1]),
             *(f"{read} stays {name(d)} in a cast of the model, where the fused graph's out-of-place op promotes to "
               "the wider dtype" for read, d in cap.kept[:1])]
     why = "; ".join(whys)
@@ -225,8 +226,19 @@ def _fixed_casts(cap: Capture) -> list[tuple[str, torch.dtype]]:
     then, written in the code (``x.float()``: a cast of the model keeps it) or read off the model
     (``mask.to(self.dtype)``, a property reading the first parameter's dtype: a cast of the model changes it, the
     fused graph's stays; found by a probe)."""
-    return [(f"the forward of {_where(n.source)}", n.attrs["dtype"]) for n in cap.graph.nodes
-            if n.op == "cast" and n.attrs["dtype"].is_floating_point]
+    return [(f"the forward of {_where(n.source)}", dtype) for n in cap.graph.nodes if (dtype := _written_dtype(n)) is not None]
+
+
+def _written_dtype(n: Node) -> torch.dtype | None:
+    """The floating dtype the node casts to, or makes a tensor of (``torch.full(..., dtype=self.dtype)``, a factory
+    the graph carries as a call), as the trace took it; else None."""
+    if n.op == "cast":
+        dtype = n.attrs["dtype"]
+    elif n.op == "opaque" and _a_factory(n.attrs.get("fn")):
+        dtype = n.attrs["fn"].kwargs_template.get("dtype")
+    else:
+        return None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _made_kernels(cap: Capture, part: nn.Module) -> bool:

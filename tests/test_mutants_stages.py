@@ -234,6 +234,7 @@ FEW = {
     "repalgebra.frontend.builder:_deciding": "one decision, whether 0-dim inputs decide a dtype",
     "repalgebra.frontend.builder:_data_inputs": "one decision that counts, which calls keep their tensor's dtype; the rest "
     "refuse to answer (a call taken to follow the model), covered through _made_in_its_dtype",
+    "repalgebra.fuse:_written_dtype": "one reading, the dtype a cast or a factory writes",
     "repalgebra.frontend.mode_flags:_refusing": "one decision added to it, noting a flag read in place of refusing it "
     "(its refusal is killed through _stand_in's mutants)",
     "repalgebra.backend.onnx:_log_sigmoid": "one formula, -Softplus(-x); the mutant writes the one that overflows",
