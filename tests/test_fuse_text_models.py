@@ -393,6 +393,13 @@ def test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model(tied):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the same ops in the same dtypes
 
 
+def with_statistics(bn: nn.Module) -> None:
+    """Running statistics of a trained BatchNorm (random), so that its fold is not the identity."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+
+
 class TiedLM(nn.Module):
     """A language model whose head is its embedding matrix (GPT-2, T5, BERT's decoder), with a conv + BN between
     them that folds.  ``copy_of_words`` holds an equal matrix the model does not tie."""
@@ -415,9 +422,7 @@ class TiedLM(nn.Module):
 def _tied_lm(**kw) -> TiedLM:
     torch.manual_seed(0)
     model = TiedLM(**kw).eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-1, 1)
-        model.bn.running_var.uniform_(0.5, 2)
+    with_statistics(model.bn)
     return model
 
 
@@ -489,9 +494,7 @@ def test_a_dtype_read_from_the_models_property_is_seen_by_the_float64_check(tied
     float32's rounding of the folded weights), and half precision is refused by name."""
     torch.manual_seed(0)
     model = DtypePropertyLM(tied).eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-1, 1)
-        model.bn.running_var.uniform_(0.5, 2)
+    with_statistics(model.bn)
     ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0  # left padding
     fused = repalgebra.fuse(model, (ids, mask))
@@ -543,9 +546,7 @@ def test_a_cache_object_among_the_outputs_is_compared_by_its_tensors():
 
     torch.manual_seed(0)
     model = CachingLM().eval()
-    with torch.no_grad():
-        model.head[1].running_mean.uniform_(-1, 1)
-        model.head[1].running_var.uniform_(0.5, 2)
+    with_statistics(model.head[1])
     ids = torch.randint(0, 50, (2, 5))
     fused = repalgebra.fuse(model, ids)
     assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules()), str(fused.fuse_report)
@@ -585,9 +586,7 @@ def test_tests_of_what_an_embedding_makes_are_answered_and_checked_per_call():
     found by a probe).  An embedding runs on meta tensors, and its output's sizes are its ids' and its width."""
     torch.manual_seed(0)
     model = EmbeddedTests().eval()
-    with torch.no_grad():
-        model.head[1].running_mean.uniform_(-1, 1)
-        model.head[1].running_var.uniform_(0.5, 2)
+    with_statistics(model.head[1])
     model = model.double()
     fused = repalgebra.fuse(model, torch.randint(0, 50, (2, 7)))
     assert fused.fuse_report.capture == "fx" and fused.fuse_report.fired, str(fused.fuse_report)
@@ -619,9 +618,7 @@ def test_a_tensor_of_a_dtypes_minimum_is_made_per_call():
     to torch.export at the example's length (found by a probe).  It is a call now, which follows a cast."""
     torch.manual_seed(0)
     model = DistilBertMask().eval()
-    with torch.no_grad():
-        model.head[1].running_mean.uniform_(-1, 1)
-        model.head[1].running_var.uniform_(0.5, 2)
+    with_statistics(model.head[1])
     model = model.double()
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0

@@ -20,7 +20,7 @@ import torch
 
 from repalgebra.frontend.builder import Const, Made, constant_attrs
 from repalgebra.frontend.calls import FnCall
-from repalgebra.ir import Value
+from repalgebra.ir import Value, upstream
 from repalgebra.ops import op_def
 
 
@@ -338,16 +338,7 @@ def concat_made(xs: list[Value], dim: int, source: str | None) -> Made:
 def _made_of_no_input(v: Value) -> bool:
     """Whether ``v`` is computed from no input of the graph (a factory's or a constant's value): its shape is the same
     for every input."""
-    todo, seen = [v], set()
-    while todo:
-        u = todo.pop()
-        if id(u) in seen:
-            continue
-        seen.add(id(u))
-        if u.producer is None:
-            return False
-        todo.extend(u.producer.inputs)
-    return True
+    return all(u.producer is not None for u in upstream(v))
 
 
 def scalar_axis(shape: tuple[int, ...]) -> int:

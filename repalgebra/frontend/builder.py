@@ -30,7 +30,7 @@ from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.pure import FACTORIES, is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads, size_source
-from repalgebra.ir import Graph, Node, Value
+from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.rewrite import LeftAlone
 
 # A handler gets (builder, fx node, target, args, kwargs) with fx nodes replaced by
@@ -542,21 +542,13 @@ def _nonempty_from(v: Value, is_input: Callable[[Value], bool]) -> list[Value] |
     """The inputs ``v`` is computed from where it is computed by ops of :data:`_NONEMPTY` alone: then ``v`` is empty
     exactly where one of them is.  None where another op (or a constant with no element) is on the way."""
     found: list[Value] = []
-    todo, seen = [v], set()
-    while todo:
-        u = todo.pop()
-        if id(u) in seen:
-            continue
-        seen.add(id(u))
+    for u in upstream(v, lambda n: n.inputs):
         if is_input(u):
             found.append(u)
             continue
         n = u.producer
-        if n is None or n.op not in _NONEMPTY:
+        if n is None or n.op not in _NONEMPTY or any(p.numel() == 0 for p in n.params.values()):
             return None
-        if any(p.numel() == 0 for p in n.params.values()):
-            return None
-        todo += n.inputs
     return found
 
 
@@ -609,24 +601,17 @@ def _made_in_its_dtype(v: Value) -> bool:
     is where all its floating ones are: a residual ``x + stem(x)`` follows the model (a probe found it taken for
     made, so an accumulator written into in place was not guarded after it, and ``a(x) + b(x)`` written into
     was refused float64)."""
-    stack, seen = [v], set()
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if v.dtype is not None and not (v.dtype.is_floating_point or v.dtype.is_complex):
-            continue  # a mask or indices: a cast of the model leaves them (a review found a bool mask taken to follow it)
-        n = v.producer
-        if n is None:
-            return False  # an input: the caller's dtype
-        if n.op == "opaque" and not _a_factory(n.attrs.get("fn")):
-            data = _data_inputs(n)
-            if data is None:
-                return False  # a call computed from something
-            stack += data
-        elif n.op not in ("opaque", "constant", "cast"):
-            stack += _deciding(n.inputs)
+    floating = lambda u: u.dtype is None or u.dtype.is_floating_point or u.dtype.is_complex  # noqa: E731
+
+    def follow(n: Node) -> list[Value]:  # the floating inputs that decide n's dtype (a mask or indices follow no cast)
+        inputs = [] if n.op in ("constant", "cast") or n.op == "opaque" and _a_factory(n.attrs.get("fn")) else (
+            _data_inputs(n) or [] if n.op == "opaque" else _deciding(n.inputs))
+        return [u for u in inputs if floating(u)]
+
+    for u in upstream(v, follow) if floating(v) else ():
+        n = u.producer
+        if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")) and _data_inputs(n) is None:
+            return False  # an input (the caller's dtype), or a call computed from something
     return True
 
 
