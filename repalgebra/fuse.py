@@ -241,15 +241,14 @@ def _written_dtype(n: Node) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def _made_kernels(cap: Capture, part: nn.Module) -> bool:
-    """Whether ``cap`` (an fx capture carrying no call) made once what ``part`` computes from its weights on every
-    call: its graph holds fewer weights than the part.  ECBSR's and OREPA's eval forward build one kernel from the
-    training branches per call; the front end computes it at capture, and the graph is the deploy form, though no
-    rule fires (the part was returned as it is, found by a probe)."""
-    if cap.how != "fx" or any(n.op == "opaque" for n in cap.graph.nodes):
-        return False
-    held = sum(p.numel() for n in cap.graph.nodes for p in n.params.values())
-    return held < sum(t.numel() for t in (*part.parameters(), *part.buffers()) if t.is_floating_point())
+def _made_kernels(cap: Capture) -> bool:
+    """Whether ``cap`` (an fx capture carrying no call, nor a cast or a size test whose answer it holds) made once
+    what its part computes from its weights on every call.  ECBSR's and OREPA's eval forward build one kernel from
+    the training branches per call; the front end computes it at capture, and the graph is the deploy form, though
+    no rule fires (the part was returned as it is, found by a probe).  A review found a graph that holds fewer
+    weights taken for one: a buffer read for its dtype only, a branch on a size the example did not take."""
+    return (cap.how == "fx" and cap.precomputed > 0 and not cap.input_checks and not cap.dtype_tested
+            and not any(n.op in ("opaque", "cast") for n in cap.graph.nodes))
 
 
 def _promoted_after_a_cast(original: nn.Module, fused: nn.Module, inputs: tuple) -> bool:
@@ -1252,7 +1251,7 @@ class _Fuser:
         if any(p.device.type != "cpu" for n in graph_in.nodes for p in n.params.values()):
             graph_in = graph_in.map_params(lambda p, n: p.cpu())  # fold on the CPU (rules build their constants there)
         g64, rw = rewrite(graph_in, cast_back=False)
-        if not rw.fired and not _made_kernels(cap, self.pristine.get_submodule(path) if captured is None else captured):
+        if not rw.fired and not _made_kernels(cap):
             # nothing folds: the part as it is, not a graph of the same ops (carried calls cost time)
             self.stage["rewrite"] += time.perf_counter() - t0
             return self.unfolded(path, cap, rw, reason, captured)

@@ -255,11 +255,14 @@ def _fields(out: Any, path: frozenset[int] = frozenset()) -> Any:
     whose class compares by identity (Hugging Face's ``DynamicCache``) as a dict of its attributes: equal outputs of
     two runs are two objects, which ``!=`` always told apart (a probe found every child of a part kept whole swapped
     back for it).  ``path``: the objects being opened around this one; one met again (a cache layer holding its
-    cache) is its type's name, not opened again (a review found the recursion unbounded through a dataclass)."""
+    cache) is its type's name, not opened again (a review found the recursion unbounded through a dataclass), and
+    objects :data:`_DEPTH` deep are not opened (a chain of 400, ``hyp.prev``, ran out of Python's stack)."""
 
     def opened(x: Any, items: Any) -> Any:
         if id(x) in path:
             return f"<{type(x).__qualname__} holding itself>"
+        if len(path) >= _DEPTH:  # (a beam search's chain of hypotheses: compared by identity below this depth)
+            return x
         inner = path | {id(x)}
         return {"<type>": type(x).__qualname__, **{k: _fields(v, inner) for k, v in items}}
 
@@ -275,6 +278,9 @@ def _fields(out: Any, path: frozenset[int] = frozenset()) -> Any:
         return x
 
     return pytree.tree_map(as_dict, out)
+
+
+_DEPTH = 32  # how deep output objects are opened
 
 
 def _compared_by_identity(x: Any) -> bool:

@@ -168,3 +168,32 @@ def test_a_low_rank_update_written_with_matmul_operators_folds():
         y = torch.randn(3, 3, 6, 6, dtype=D)
         want, got = model(y), fused(y)
         assert float((want - got).abs().max() / want.abs().max()) < 1e-9
+
+
+class HoldsFewerWeights(nn.Module):
+    """Graphs holding fewer weights than the module, with no kernel made: a buffer read for its dtype only
+    (``x.to(self.dummy.dtype)``), or a branch on a size the example does not take."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.small, self.big = how, nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 5, padding=2)
+        self.register_buffer("dummy", torch.zeros(1))
+
+    def forward(self, x):
+        if self.how == "dtype":
+            return self.small(x.to(self.dummy.dtype))
+        return self.big(x) if x.shape[-1] > 8 else self.small(x)
+
+
+@pytest.mark.parametrize("how", ["dtype", "size"])
+def test_a_graph_holding_fewer_weights_without_a_kernel_made_is_not_taken(how):
+    """Taken for a made kernel, such a graph held the cast at float32 (``fused.double()`` rounded the input) or the
+    example's branch (other sizes refused), where a copy of the part, returned before, runs as the model does
+    (found by a review)."""
+    torch.manual_seed(0)
+    model = HoldsFewerWeights(how).eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8))
+    assert type(fused) is HoldsFewerWeights, str(fused.fuse_report)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 16, 16, dtype=D) * 1e3
+        torch.testing.assert_close(fused.double()(x), model.double()(x), rtol=1e-12, atol=1e-12)

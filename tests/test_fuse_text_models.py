@@ -601,23 +601,26 @@ def test_tests_of_what_an_embedding_makes_are_answered_and_checked_per_call():
 class DistilBertMask(nn.Module):
     """DistilBERT's attention: ``scores.masked_fill(mask, torch.tensor(torch.finfo(scores.dtype).min))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, halved: bool = False) -> None:
         super().__init__()
-        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.q, self.k, self.halved = nn.Linear(8, 8), nn.Linear(8, 8), halved
         self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
 
     def forward(self, x, mask):
         scores = self.q(x) @ self.k(x).transpose(1, 2)
         hidden = (mask == 0).view(x.size(0), 1, x.size(1)).expand_as(scores)
-        scores = scores.masked_fill(hidden, torch.tensor(torch.finfo(scores.dtype).min))
+        fill = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill(hidden, torch.tensor(fill / 2 if self.halved else fill))
         return self.head((scores.softmax(-1) @ x)[:, 0])
 
 
-def test_a_tensor_of_a_dtypes_minimum_is_made_per_call():
+@pytest.mark.parametrize("halved", [False, True], ids=["minimum", "half-minimum"])
+def test_a_tensor_of_a_dtypes_minimum_is_made_per_call(halved):
     """``torch.tensor`` of a number read from a dtype was taken for one of a size, which it is not: the model went
-    to torch.export at the example's length (found by a probe).  It is a call now, which follows a cast."""
+    to torch.export at the example's length (found by a probe; ``finfo.min / 2`` by a review).  It is a call now,
+    which follows a cast."""
     torch.manual_seed(0)
-    model = DistilBertMask().eval()
+    model = DistilBertMask(halved).eval()
     with_statistics(model.head[1])
     model = model.double()
     mask = torch.ones(2, 7, dtype=torch.long)

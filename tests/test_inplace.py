@@ -371,6 +371,8 @@ class BranchSum(nn.Module):
             out = self.branches[0](y) + self.branches[1](y)
         elif self.into == "mask":  # of the default dtype, from a mask, expanded to the input's sizes
             out = torch.where(x[:, :1] > 0, 0.0, 1.0).expand(x.shape).clone()
+        elif self.into == "through-calls":  # calls the front end carries, of a tensor of the default dtype
+            out = torch.zeros(y.shape).flip(1).narrow(1, 0, 4).to(x.device)
         else:  # a 0-dim tensor of the model's dtype does not raise it
             out = torch.zeros(y.shape) + (x.mean() if self.into == "zero-dim" else 0)
         for b in self.branches[2 if self.into == "branches" else 0:]:
@@ -378,13 +380,14 @@ class BranchSum(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("into", ["zeros", "branches", "mask", "zero-dim"])
+@pytest.mark.parametrize("into", ["zeros", "branches", "mask", "zero-dim", "through-calls"])
 def test_what_a_sum_written_in_place_starts_from_decides_the_dtypes_that_hold(into):
     """A value made by an op of two inputs was taken for one made in its own dtype whatever its inputs: the
     zeros accumulator after a residual ``x + stem(x)`` was not guarded (``fused.double()`` returned float64 where the
     model returns float32, 2.2e-7 off), and a sum of branches written into was refused float64 (found by a probe).
     The first fix took a mask (``torch.where(mask, 0.0, 1.0)``) and a 0-dim tensor of the model's dtype, which
-    raises no dtype, for values that follow the model (found by a review)."""
+    raises no dtype, for values that follow the model, and a second review calls it did not know (``flip``,
+    ``narrow``, ``.to(device)``): their result's dtype is decided by their inputs, as an op's is."""
     from repalgebra import fuse
 
     torch.manual_seed(0)

@@ -226,7 +226,7 @@ FEW = {
     "(the regions themselves are covered by the fallback's tests)",
     "repalgebra.frontend.pure:is_pure": "a table lookup per kind of call; one decision added to it, the attributes that "
     "are functions of a tensor",
-    "repalgebra.fuse:_made_kernels": "one comparison, the weights the capture holds against the part's",
+    "repalgebra.fuse:_made_kernels": "one decision, whether a capture made kernels once and holds nothing taken as at the example",
     "repalgebra.frontend.fx_trace:_of_a_dtype": "one decision, whether a number is read from a dtype",
     "repalgebra.frontend.fx_trace:_weight_hooks_only": "one decision added to it, a BatchNorm's pruning hooks",
     "repalgebra.frontend.aten_handlers:_repeat": "one decision added to it, a count of the batch on axes of size 1",

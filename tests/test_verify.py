@@ -206,3 +206,22 @@ def test_output_objects_that_hold_themselves_are_compared_once_each():
     assert first_difference(Cache(24), Cache(24), 1e-9) is None
     assert time.perf_counter() - start < 5  # (n**4 took about 10 s at 24 layers; this is one pass)
     assert "differs" in first_difference(Cache(4), Cache(4, 2.0), 1e-9)
+
+
+def test_a_long_chain_of_output_objects_is_compared_without_running_out_of_stack():
+    """A beam search's hypotheses linked by ``hyp.prev``, 400 deep: opened all the way down, the comparison ran out
+    of Python's stack (found by a review).  Below a depth they are compared by identity: two runs' chains differ."""
+    from repalgebra.verify import first_difference
+
+    class Hyp:
+        def __init__(self, prev, score):
+            self.prev, self.score = prev, score
+
+    def chain(n):
+        h = None
+        for k in range(n):
+            h = Hyp(h, torch.tensor([float(k)]))
+        return h
+
+    assert first_difference(chain(4), chain(4), 1e-9) is None
+    assert "differs" in first_difference(chain(400), chain(400), 1e-9)

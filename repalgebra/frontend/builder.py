@@ -101,6 +101,8 @@ class Builder:
         self.kept: list[tuple[str, torch.dtype]] = []
         # a tensor read that is neither a parameter nor a buffer: a value a run may have left (a hook's stored output)
         self.reads_plain = False
+        # pure calls on the model's tensors made once, at capture, that compute (not views): kernels forward builds
+        self.precomputed = 0
         # fx nodes computed without an input, and those of them that read the model's tensors (read_by_constants_only)
         self._input_free: set[fx.Node] = set()
         self._weights_only: set[fx.Node] | None = None
@@ -374,6 +376,7 @@ class Builder:
             return None
         self.example[n] = meta_of(out)
         plain = not follows_a_cast and any(c.plain for c in consts)
+        self.precomputed += bool(consts) and _computes(kind, target)
         return Const(out.detach().clone(), consts[0].path if consts else self.source(n), plain)
 
     def read_by_constants_only(self, n: fx.Node) -> bool:
@@ -615,27 +618,32 @@ def _made_in_its_dtype(v: Value) -> bool:
     return True
 
 
-# Calls whose result has the dtype of the tensor they are called on: views, copies, an expand to another's sizes
-_KEEP_DTYPE = frozenset({"expand", "expand_as", "clone", "contiguous", "repeat", "view", "reshape", "permute",
-                         "transpose", "flatten", "squeeze", "unsqueeze"})
+# Pure calls that only view, copy or cast a tensor (precomputing them saves no arithmetic per call)
+_VIEWS = frozenset({"view", "reshape", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze", "squeeze",
+                    "expand", "expand_as", "contiguous", "t", "__getitem__", "detach", "clone", "to", "type_as", "float",
+                    "double", "half", "bfloat16", "T", "mT"})
+
+
+def _computes(kind: str, target: Any) -> bool:
+    """Whether a pure call does arithmetic (``W + (B @ A) * s``, ``F.conv2d(k1, k0)``), not a view, copy or cast of
+    a weight (``self.gamma.view(1, -1, 1, 1)``, ``x.to(self.dummy.dtype)``)."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name not in _VIEWS and target not in (operator.getitem, getattr, torch.reshape, torch.flatten, torch.transpose,
+                                                   torch.permute, torch.unsqueeze, torch.squeeze)
 
 
 def _data_inputs(n: Node) -> list[Value] | None:
-    """The inputs whose dtype decides that of the call ``n``'s result, where that is known: none for a call on
-    masks or indices alone that holds no floating tensor (``torch.where(mask, 0.0, 1.0)``: of the default dtype),
-    the tensor a view or a copy is called on (an input read for its sizes only does not count); else None."""
+    """The inputs whose dtypes decide that of the call ``n``'s result (as an op's inputs do: :func:`_deciding`), an
+    input read for its sizes only aside: none for a call on masks alone (``torch.where(mask, 0.0, 1.0)``: of the
+    default dtype), the tensor an ``expand`` to an input's sizes is called on.  None where the call holds a
+    floating tensor or is given a dtype read from a value: its result follows the model."""
     fn = n.attrs.get("fn")
     if not isinstance(fn, FnCall) or any(t.is_floating_point() or t.is_complex() for t in (*fn.parameters(), *fn.buffers())):
         return None
     dtype = fn.kwargs_template.get("dtype") if isinstance(fn.kwargs_template, dict) else None
     if dtype is not None and not isinstance(dtype, torch.dtype):
         return None
-    read = [n.inputs[i.index] for i in pytree.tree_leaves((fn.args_template, fn.kwargs_template)) if isinstance(i, In)]
-    floating = [u for u in read if u.dtype is None or u.dtype.is_floating_point or u.dtype.is_complex]
-    if not floating:
-        return []
-    first = fn.args_template[0] if fn.args_template else None
-    return [n.inputs[first.index]] if fn.kind == "call_method" and fn.target in _KEEP_DTYPE and isinstance(first, In) else None
+    return _deciding([n.inputs[i.index] for i in pytree.tree_leaves((fn.args_template, fn.kwargs_template)) if isinstance(i, In)])
 
 
 def _deciding(inputs: Sequence[Value]) -> list[Value]:

@@ -66,6 +66,7 @@ class Capture:
     # it reads a tensor that is neither a parameter nor a buffer (a plain attribute, a lifted constant), which the
     # graph holds as the value it had at capture: a value a run left there (a hook's stored output) would not hold
     reads_plain: bool = False
+    precomputed: int = 0  # an fx capture's pure calls on the model's tensors made at capture that compute (kernels)
 
 
 def first_line(e: BaseException) -> str:
@@ -116,7 +117,7 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
         raise CaptureFailed("its forward calls aten ops (a graph torch.export or make_fx made): read by the torch.export capture", "")
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
                    dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned), kept=list(traced.kept),
-                   reads_plain=traced.reads_plain)
+                   reads_plain=traced.reads_plain, precomputed=traced.precomputed)
 
 
 def _calls_aten(n: Any) -> bool:

@@ -559,8 +559,14 @@ def _of_a_dtype(node: fx.Node) -> bool:
     """Whether ``node`` is a number read from a dtype (``torch.finfo(x.dtype).min``), which follows a cast of the
     model per call: recorded as a call of ``torch.tensor``, not taken as at the example (a size is), where the model
     went to torch.export with every size fixed (found by a probe)."""
+    if node.op == "call_function" and node.target in _ARITHMETIC:  # ``finfo.min / 2``: of numbers and that one
+        nodes = [a for a in node.args if isinstance(a, fx.Node)]
+        return len(nodes) == 1 and all(isinstance(a, (fx.Node, int, float)) for a in node.args) and _of_a_dtype(nodes[0])
     return node.op == "call_function" and node.target is getattr and isinstance(node.args[0], fx.Node) and (
         node.args[0].op == "call_function" and node.args[0].target in _DTYPE_INFO)
+
+
+_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg)
 
 
 _DTYPE_INFO = (torch.finfo, torch.iinfo)  # (as imported: a trace patches torch's names)

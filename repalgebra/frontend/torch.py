@@ -86,6 +86,7 @@ class TraceResult:
     pinned: list = field(default_factory=list)  # (where, dtype) of floating tensors a cast leaves (Builder.pinned_tensor)
     reads_plain: bool = False  # reads a tensor that is neither a parameter nor a buffer (Builder.reads_plain)
     kept: list = field(default_factory=list)  # (where, dtype) of floating tensors written into in place (Builder.kept)
+    precomputed: int = 0  # pure calls on the model's tensors made at capture that compute (Builder.precomputed)
 
 
 def trace(
@@ -176,7 +177,7 @@ def trace_model(
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested,
-                       builder.input_checks, builder.pinned, builder.reads_plain, builder.kept)
+                       builder.input_checks, builder.pinned, builder.reads_plain, builder.kept, builder.precomputed)
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
