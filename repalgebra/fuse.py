@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import read_outside
-from repalgebra.frontend.builder import _a_factory, is_returned_as_is, map_leaves
+from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -222,8 +222,9 @@ def _guard_pinned(where: str, fused: nn.Module, cap: Capture, original: nn.Modul
 
 
 def _fixed_casts(cap: Capture) -> list[tuple[str, torch.dtype]]:
-    """The casts to a floating dtype in ``cap``'s graph, where and to what: each a dtype the fx trace took as it was
-    then, written in the code (``x.float()``: a cast of the model keeps it) or read off the model
+    """The casts to a floating dtype in ``cap``'s graph, and the factories given one (:func:`_written_dtype`), where
+    and to what: each a dtype the fx trace took as it was then, written in the code (``x.float()``: a cast of the
+    model keeps it) or read off the model
     (``mask.to(self.dtype)``, a property reading the first parameter's dtype: a cast of the model changes it, the
     fused graph's stays; found by a probe)."""
     return [(f"the forward of {_where(n.source)}", dtype) for n in cap.graph.nodes if (dtype := _written_dtype(n)) is not None]
@@ -234,7 +235,7 @@ def _written_dtype(n: Node) -> torch.dtype | None:
     the graph carries as a call), as the trace took it; else None."""
     if n.op == "cast":
         dtype = n.attrs["dtype"]
-    elif n.op == "opaque" and _a_factory(n.attrs.get("fn")):
+    elif n.op == "opaque" and a_factory(n.attrs.get("fn")):
         dtype = n.attrs["fn"].kwargs_template.get("dtype")
     else:
         return None

@@ -669,7 +669,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_written_dtype", '        dtype = n.attrs["fn"].kwargs_template.get("dtype")', "        dtype = None",
      tuple(f"tests/test_fuse_text_models.py::test_a_factory_of_a_dtype_read_off_the_model_is_guarded_like_a_cast[{k}]" for k in ("full", "zeros"))),
     ("frontend", "factory-of-a-read-dtype", "a factory given a dtype read from a value (dtype=x.dtype) taken for one of a written dtype",
-     "repalgebra.frontend.builder:_a_factory", "(dtype is None or isinstance(dtype, torch.dtype))", "True", _KEPT_SUM + ("tests/test_inplace.py::test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype[follows]",)),
+     "repalgebra.frontend.builder:a_factory", "(dtype is None or isinstance(dtype, torch.dtype))", "True", _KEPT_SUM + ("tests/test_inplace.py::test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype[follows]",)),
     ("frontend", "kept-dtype-of-fixed-values", "a tensor written in place with values of a written dtype taken to be kept narrower (float64 refused)",
      "repalgebra.frontend.builder:_kept_narrower", "    return any(not _made_in_its_dtype(v) for v in others)", "    return True",
      ("tests/test_inplace.py::test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype[count]",)),

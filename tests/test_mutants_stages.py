@@ -92,7 +92,7 @@ FEW = {
     "rest, a call that is no tuple, is the alias check's conservative default)",
     "repalgebra.frontend.fx_trace:_without_proxies": "one decision: an attribute put back, or one the trace added removed",
     "repalgebra.frontend.builder:_made_in_its_dtype": "one walk to a call, a constant or a written cast",
-    "repalgebra.frontend.builder:_a_factory": "one decision a test reaches alone: a dtype read from a value (which "
+    "repalgebra.frontend.builder:a_factory": "one decision a test reaches alone: a dtype read from a value (which "
     "factories it knows is a table)",
     "repalgebra.frontend.builder:_kept_narrower": "one decision a test reaches alone: a value written that follows the "
     "model (the target's kind is _made_in_its_dtype's)",

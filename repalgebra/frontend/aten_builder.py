@@ -27,7 +27,7 @@ from repalgebra.ir import Graph, Node, Value
 
 aten = torch.ops.aten
 
-__all__ = ["AtenCapture", "BatchBound", "CaptureFailed", "ProgramBuilder", "Const", "Sym", "Made", "module_path", "tensor_info"]
+__all__ = ["AtenCapture", "BatchBound", "CaptureFailed", "ProgramBuilder", "Const", "Sym", "Made", "module_path", "symbolic", "tensor_info"]
 
 
 @dataclass
@@ -142,7 +142,7 @@ class ProgramBuilder:
     def holds_batch(self, n: fx.Node) -> bool:
         """Whether the tensor ``n`` computes has a size that follows the symbolic batch."""
         val = n.meta.get("val")
-        return isinstance(val, torch.Tensor) and any(_symbolic(s) for s in val.shape)
+        return isinstance(val, torch.Tensor) and any(symbolic(s) for s in val.shape)
 
     def batch_sizes(self, n: fx.Node) -> tuple | None:
         """``n``'s recorded shape as ``reshape_dyn`` sizes (the batch read from :attr:`batch_ref`); None if static.
@@ -153,7 +153,7 @@ class ProgramBuilder:
             return None
         sizes: list[Any] = []
         for s in n.meta["val"].shape:
-            if not _symbolic(s):
+            if not symbolic(s):
                 sizes.append(int(s))
                 continue
             coeff, rest = s.node.expr.as_coeff_Mul()
@@ -180,7 +180,7 @@ class ProgramBuilder:
                     inputs.append(v)
                     self.env[n] = v
                     val = n.meta.get("val")
-                    if self.batch is None and isinstance(val, torch.Tensor) and val.dim() and _symbolic(val.shape[0]):
+                    if self.batch is None and isinstance(val, torch.Tensor) and val.dim() and symbolic(val.shape[0]):
                         self.batch, self.batch_size, self.batch_ref = val.shape[0].node.expr, t.shape[0], v
                 else:
                     self.env[n] = self.model_tensor(spec)
@@ -235,7 +235,7 @@ class ProgramBuilder:
     # -- one call -----------------------------------------------------------------------
 
     def call(self, n: fx.Node) -> Any:
-        if self.batch is not None and _symbolic(n.meta.get("val")):
+        if self.batch is not None and symbolic(n.meta.get("val")):
             return self.non_tensor(n, n.meta["val"])  # size arithmetic on the batch (``B * 9``)
         args, kwargs = self.env_of(n.args), self.env_of(n.kwargs)
         if n.target is operator.getitem:
@@ -380,7 +380,8 @@ class ProgramBuilder:
 _NOT_FOLDED = object()
 
 
-def _symbolic(s: Any) -> bool:
+def symbolic(s: Any) -> bool:
+    """Whether ``s`` (a size, or a recorded value) is a symbolic size of the capture: one that holds the batch."""
     return isinstance(s, torch.SymInt) and bool(s.node.expr.free_symbols)
 
 

@@ -18,7 +18,7 @@ from repalgebra.frontend.args import (
     avg_pool, channel_axis, concat_made, conv3d_attrs, elu_made, global_mean, height_one, im2col, leaky_relu_made,
     population_variance, prelu_made, scalar_axis, transposed_conv_attrs, unsqueezed, vector_norm,
 )
-from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, _symbolic, module_path
+from repalgebra.frontend.aten_builder import Const, Made, ProgramBuilder, module_path, symbolic
 from repalgebra.ir import Node, Value
 
 __all__ = ["HANDLERS", "MULTI_HANDLERS", "SIZED"]
@@ -722,7 +722,7 @@ def _repeat(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
         ones = (1,) * (len(counts) - len(recorded)) + tuple(recorded)
         sizes = b.batch_sizes(n)
         return ("expand_dyn", [x, b.batch_ref], {"shape": sizes}, {}, None) if sizes is not None and all(
-            c == 1 or (not _symbolic(s) and int(s) == 1) for c, s in zip(counts, ones)) else None
+            c == 1 or (not symbolic(s) and int(s) == 1) for c, s in zip(counts, ones)) else None
     return None if _v(a["self"]) is None else ("repeat", [x], {"repeats": counts}, {}, None)
 
 

@@ -607,29 +607,28 @@ def _made_in_its_dtype(v: Value) -> bool:
     floating = lambda u: u.dtype is None or u.dtype.is_floating_point or u.dtype.is_complex  # noqa: E731
 
     def follow(n: Node) -> list[Value]:  # the floating inputs that decide n's dtype (a mask or indices follow no cast)
-        inputs = [] if n.op in ("constant", "cast") or n.op == "opaque" and _a_factory(n.attrs.get("fn")) else (
+        inputs = [] if n.op in ("constant", "cast") or n.op == "opaque" and a_factory(n.attrs.get("fn")) else (
             _data_inputs(n) or [] if n.op == "opaque" else _deciding(n.inputs))
         return [u for u in inputs if floating(u)]
 
     for u in upstream(v, follow) if floating(v) else ():
         n = u.producer
-        if n is None or n.op == "opaque" and not _a_factory(n.attrs.get("fn")) and _data_inputs(n) is None:
+        if n is None or n.op == "opaque" and not a_factory(n.attrs.get("fn")) and _data_inputs(n) is None:
             return False  # an input (the caller's dtype), or a call computed from something
     return True
 
 
-# Pure calls that only view, copy or cast a tensor (precomputing them saves no arithmetic per call)
+# Pure calls that only view, copy or cast a tensor, methods and functions (``torch.reshape``) by their names:
+# precomputing them saves no arithmetic per call
 _VIEWS = frozenset({"view", "reshape", "reshape_as", "view_as", "flatten", "transpose", "permute", "unsqueeze", "squeeze",
-                    "expand", "expand_as", "contiguous", "t", "__getitem__", "detach", "clone", "to", "type_as", "float",
-                    "double", "half", "bfloat16", "T", "mT"})
+                    "expand", "expand_as", "contiguous", "t", "__getitem__", "getitem", "getattr", "detach", "clone", "to",
+                    "type_as", "float", "double", "half", "bfloat16"})
 
 
 def _computes(kind: str, target: Any) -> bool:
     """Whether a pure call does arithmetic (``W + (B @ A) * s``, ``F.conv2d(k1, k0)``), not a view, copy or cast of
-    a weight (``self.gamma.view(1, -1, 1, 1)``, ``x.to(self.dummy.dtype)``)."""
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return name not in _VIEWS and target not in (operator.getitem, getattr, torch.reshape, torch.flatten, torch.transpose,
-                                                   torch.permute, torch.unsqueeze, torch.squeeze)
+    a weight (``self.gamma.view(1, -1, 1, 1)``, ``w.T``, ``x.to(self.dummy.dtype)``)."""
+    return (target if isinstance(target, str) else getattr(target, "__name__", "")) not in _VIEWS
 
 
 def _data_inputs(n: Node) -> list[Value] | None:
@@ -658,7 +657,7 @@ def _deciding(inputs: Sequence[Value]) -> list[Value]:
 _IN_THEIR_DTYPE = FACTORIES | {torch.empty, torch.rand, torch.randn, torch.randint}
 
 
-def _a_factory(fn: Any) -> bool:
+def a_factory(fn: Any) -> bool:
     """Whether a carried call makes a tensor of the default dtype or of one written as a ``torch.dtype``."""
     kwargs = getattr(fn, "kwargs_template", None)
     dtype = kwargs.get("dtype") if isinstance(kwargs, dict) else None
