@@ -25,6 +25,7 @@ RULES = [
     "dilation_to_dense",
     "pad_absorb",
     "crop_into_conv",
+    "crop_before_conv",
     "pad_share",
     "border_fill",
     "regroup",

@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
+from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import read_outside
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
@@ -54,7 +55,7 @@ from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
 from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, restore_in_place, watch
-from repalgebra.frontend.structured import flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
+from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
@@ -1018,7 +1019,7 @@ class _Fuser:
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = list(state.per_call)
-            if cached := [c for c in sorted(changed) if c not in stored]:
+            if cached := [c for c in sorted(changed) if c not in stored and c not in DRAWS]:  # (a draw another thread made)
                 self.report.notes.append(
                     f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
                     "where the model ran) compute the same after it: fused as called once"
@@ -1168,10 +1169,67 @@ class _Fuser:
                 fused._forward_pre_hooks.clear()  # (a guard of the ranks alone stays: a call of another rank is rare, and refused)
                 fused = ShapeDispatch(fused, copy_module(module), guards)
                 self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
-            if all(self.same(module, fused, c) is None for c in calls[1:]):
+            if self.same_on_all(module, fused, calls[1:]):
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
-        return self.keep_whole(path, calls, next(c.not_alone for c in calls if not c.tensor_only))
+        return self.fuse_by_signature(path, calls) or self.keep_whole(path, calls, next(c.not_alone for c in calls if not c.tensor_only))
+
+    def fuse_by_signature(self, path: str, calls: list[Call]) -> nn.Module | None:
+        """The part at ``path``, called with keywords or numbers (``blk(x, H, W)``), fused once per
+        :class:`~repalgebra.call_dispatch.Signature` of its calls, in a :class:`~repalgebra.call_dispatch.CallDispatch`
+        that runs the original for any other call.  None, the report as it was, where a call holds an object that is
+        neither a tensor nor a plain constant, the part is called more than ``MOST_SIGNATURES`` ways or is a
+        GraphModule, or a capture of any sizes differs on a later call of its signature."""
+        module = self.pristine.get_submodule(path)
+        groups: list[tuple[Signature, list[tuple]]] = []
+        for c in calls:
+            for sig, group in groups:
+                if (xs := sig.tensors(c.args, c.kwargs)) is not None:
+                    group.append(xs)
+                    break
+            else:
+                sig = Signature.of(c.args, c.kwargs)
+                xs = None if sig is None else sig.tensors(c.args, c.kwargs)  # (None: a NaN among its constants)
+                if not xs:
+                    return None
+                groups.append((sig, [xs]))
+        if len(groups) > MOST_SIGNATURES or isinstance(module, fx.GraphModule):
+            return None
+        mark = self._mark()
+        forms, guards, as_called = [], [], []
+        for sig, tensors in groups:
+            view = bound_view(module, sig)
+            _set_submodule(self.pristine, path, view)
+            try:
+                fused = self.fuse_module(path, tensors[0])
+                fixed = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard) and not h.free_sizes]
+                for key in [k for k, h in fused._forward_pre_hooks.items() if h in fixed]:
+                    del fused._forward_pre_hooks[key]  # checked by the dispatch: other shapes run the original
+                if not fixed and not self.same_on_all(view, fused, [Call(xs, {}) for xs in tensors[1:]]):
+                    self._rollback(mark)
+                    return None
+            finally:
+                _set_submodule(self.pristine, path, module)
+            view_class = type(fused)
+            fused = unviewed(fused, module)  # a copy of the view, kept whole: the part's own class, called as the part is
+            forms.append(fused)
+            guards.append(fixed)
+            as_called.append(type(fused) is not view_class)
+        self.report.notes.append(f"{_where(path)}: fused for its calls {', '.join(repr(sig) for sig, _ in groups)}; "
+                                 "any other call runs it as written")
+        return CallDispatch(copy_module(module), [sig for sig, _ in groups], forms, guards, as_called)
+
+    def _mark(self) -> tuple:
+        """Where the report stands, for :meth:`_rollback`."""
+        r = self.report
+        return (len(r.fired), len(r.left_alone), len(r.opaque), len(r.notes), len(r.parts), dict(r.ops_before),
+                dict(r.ops_after), len(self.checks))
+
+    def _rollback(self, mark: tuple) -> None:
+        """Take back what the report gained since ``mark``."""
+        r = self.report
+        fired, left, opaque, notes, parts, r.ops_before, r.ops_after, checks = mark
+        del r.fired[fired:], r.left_alone[left:], r.opaque[opaque:], r.notes[notes:], r.parts[parts:], self.checks[checks:]
 
     def keep_whole(self, path: str, calls: list[Call], reason: str) -> nn.Module:
         """A copy of the module at ``path`` whose children, as called in ``calls``, are fused on their own."""

@@ -519,6 +519,18 @@ MUTANTS: list[Mutant] = [
        target="repalgebra.rules.crop_into_conv:cropped"),
     _m("crop_into_conv", "other-readers-ignored", "the conv read elsewhere too is cropped (its other reader is left the uncropped conv)",
        "if conv is None or not sole_use(graph, conv.out):", "if conv is None:"),
+    # ---------------------------------------------------------------- crop_before_conv
+    _m("crop_before_conv", "padded-side-taken", "a crop of a side the conv pads taken as zero taps (the pad's zeros become values)",
+       "        if k and p:\n", "        if False:\n", target="repalgebra.rules.crop_before_conv:grown_taps"),
+    _m("crop_before_conv", "dilation-ignored", "a crop of dilated taps grows the kernel by as many taps as pixels",
+       "taps.append(k // d)", "taps.append(k)", target="repalgebra.rules.crop_before_conv:grown_taps"),
+    _m("crop_before_conv", "sides-swapped", "the zero taps for the top and left put at the bottom and right",
+       "pad_kernel_axes(conv.params[\"weight\"], (t, l), (b, r))", "pad_kernel_axes(conv.params[\"weight\"], (b, r), (t, l))"),
+    _m("crop_before_conv", "alone-grown", "a kernel grown with no conv to merge with (its zero taps only add work)",
+       "    if not merges_with_a_sibling(graph, conv, crop, (kh + t + b, kw + l + r)):", "    if False:"),
+    _m("crop_before_conv", "sibling-any-stride", "a conv of another stride taken to merge with",
+       'same = ("stride", "dilation", "groups")', 'same = ("dilation", "groups")',
+       target="repalgebra.rules.crop_before_conv:merges_with_a_sibling"),
     # ---------------------------------------------------------------- attention_form
     _m("attention_form", "softmax-axis-unchecked", "a softmax over the queries (axis -2) is taken for attention's (over the keys)",
        'if sm.attrs["axis"] % rank != rank - 1:', "if False:"),

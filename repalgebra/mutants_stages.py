@@ -66,6 +66,7 @@ _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 _ST = ("tests/test_fuse_structured_inputs.py",)
+_SIG = ("tests/test_fuse_call_signatures.py",)
 _CD = ("tests/test_fuse_capture.py::test_constants_cast_to_the_dtype_of_a_computed_value_fold",
        "tests/test_fuse_capture.py::test_a_constant_cast_to_an_inputs_dtype_stays_a_call")
 _STM = "repalgebra.frontend.structured"
@@ -317,7 +318,19 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "structured-first-argument", "every tensor read out of the first argument (a *args head's levels all from the first)",
      f"{_STM}:restructured", "value = tops[path[0].idx]", "value = tops[0]", _ST),
     ("frontend", "structured-view-unpacked", "the flat view calls forward with the structure as one argument",
-     f"{_STM}:flat_view", 'f"    return _inner(self, *args)\\n"', 'f"    return _inner(self, args)\\n"', _ST),
+     f"{_STM}:_view", 'f"    return _inner(self, *args, **kwargs)\\n"', 'f"    return _inner(self, args, **kwargs)\\n"', _ST),
+    ("frontend", "bound-view-keywords-dropped", "the view of a part called with keywords calls forward without them (a mask given by name taken as None)",
+     f"{_STM}:_view", 'f"    return _inner(self, *args, **kwargs)\\n"', 'f"    return _inner(self, *args)\\n"', _SIG),
+    ("frontend", "signature-any-structure", "a call of another structure (another keyword) taken as the signature's",
+     "repalgebra.call_dispatch:tensors_in", "    if spec != want_spec:\n        return None\n", "", _SIG),
+    ("frontend", "signature-any-constants", "a call with other numbers than the example's (blk(x, H, W) at another H) runs the form fused at the example's",
+     "repalgebra.call_dispatch:tensors_in", " or (w is not SLOT and not _equal(got, w))", "", _SIG),
+    ("frontend", "signature-tensor-for-constant", "a tensor where the example gave a constant (a mask for None) taken as the signature's",
+     "repalgebra.call_dispatch:tensors_in", "if (w is SLOT) != torch.is_tensor(got) or", "if", _SIG),
+    ("frontend", "signature-any-type", "a constant of another type taken as equal (8.0 for 8, 1 for True)",
+     "repalgebra.call_dispatch:_equal", "return type(a) is type(b) and bool(a == b)", "return bool(a == b)", _SIG),
+    ("frontend", "signature-keywords-as-given", "keywords compared in the order given: the same call written otherwise runs the original",
+     "repalgebra.call_dispatch:_ordered", "dict(sorted(kwargs.items()))", "dict(kwargs)", _SIG),
     ("frontend", "structured-refused-graph-first-map", "a fused graph read one tensor at a time gives every item the first tensor",
      f"{_STM}:_flat_graph", "env[node] = xs[leaf]", "env[node] = xs[0]", _ST),
     ("frontend", "structured-guard-passes", "the fused model's structure guard lets a call of another structure through",

@@ -40,6 +40,10 @@ FEW = {
     "repalgebra.backend.onnx:_hardsigmoid": "no parameters: one choice, the float64 form",
     "repalgebra.backend.onnx:_hardswish": "no parameters: one choice, the float64 form (the opset's, the vocabulary's cases')",
     "repalgebra.backend.onnx:_relu6_over_6": "one formula of fixed numbers: its shift is the one a test tells from a rounding",
+    "repalgebra.frontend.structured:_view": "two decisions, how forward is called (its arguments unpacked, its keywords "
+    "passed); the rest copies the model's class, hooks and state, which every capture of the view then runs (a wrong copy fails the check)",
+    "repalgebra.call_dispatch:_equal": "one decision: constants of another type are not the signature's (their values, tensors_in's mutants)",
+    "repalgebra.call_dispatch:_ordered": "one decision: keywords are compared by name, not in the order given",
     "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",
     "repalgebra.frontend.handlers_functions:_size_of": "two ways a size is written that it reads: a slice of a shape, and a pair of its items",
     "repalgebra.backend.onnx:_runs_there": "two decisions: a file onnxruntime cannot run (its dtype) goes to the reference evaluator, either way",
@@ -163,8 +167,6 @@ FEW = {
     "wherever it is made, and broadcasting commutes with one (the mutant keeps a BN beside the convs in 1-D)",
     "repalgebra.frontend.height_one:_height_one": "one property, height one by how a value was made; the mutant makes it "
     "the example's shape, the bug that matters",
-    "repalgebra.frontend.structured:flat_view": "one decision, how forward is called; the rest copies the model's "
-    "class, hooks and state, which every capture of the view then runs (a wrong copy fails the check)",
     "repalgebra.frontend.structured:restructured": "two choices, which argument and which item each tensor is read from",
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
     "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",

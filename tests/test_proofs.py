@@ -23,7 +23,7 @@ from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_nor
 
 REFUSAL_RULES = {"seq_merge", "bias_fold", "border_fill", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
                  "linear_affine_fold", "query_scale_fold", "pad_share",
-                 "attention_form", "space_to_depth", "crop_into_conv"}
+                 "attention_form", "space_to_depth", "crop_into_conv", "crop_before_conv"}
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -56,6 +56,7 @@ PRIMITIVES = [
     "dilation_to_dense",
     "pad_absorb",
     "crop_into_conv",
+    "crop_before_conv",
     "pad_share",
     "branch_sum",
     "sum_regroup",
@@ -523,6 +524,38 @@ def crop_into_conv() -> Example:
     ref.line("y[..., :4] keeps 4 outputs at every length; a padding keeps a number that grows with the length")
     ref.line("crop_into_conv refuses: " + refusal(bad, "crop_into_conv").replace(": how", ":\n    how"))
     return Example("crop_into_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
+
+
+@example
+def crop_before_conv() -> Example:
+    x = image([[1, 2, 0, 3], [0, 1, 3, 1], [2, 0, 1, 2]])
+    ver = k([1], [2], [-1])
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    cut = b.slice(v, axis=3, start=1, end=-1, step=1, source="acb.crop")
+    g = b.build(b.add(b.conv2d(v, weight=W3, source="acb.square_conv"), b.conv2d(cut, weight=ver, source="acb.ver_conv"), source="acb"))
+    after, _ = apply("crop_before_conv", g, "crop_before_conv")
+    grown = next(n for n in after.nodes if n.op == "conv2d" and n.x is after.inputs[0] and n.params["weight"][0, 0, 0, 0] == 0)
+    txt = Text()
+    txt.line(f"ACNet at padding 0: the 3x1 branch, kernel {vec(ver)}, reads x[..., 1:-1]; the 3x3 reads x")
+    txt.grids(("x", x[0, 0]), ("x[..., 1:-1]", x[0, 0, :, 1:-1]))
+    txt.line().line("the crop removes one column on each side the 3x1 conv does not pad: its kernel grows a zero column there")
+    txt.grids(("3x1 kernel", ver[0, 0]), ("grown kernel", grown.params["weight"][0, 0]))
+    ver_y = conv_of(x[..., 1:-1], weight=ver)
+    grown_y = conv_of(x, weight=grown.params["weight"])
+    txt.grids(("conv(x[..., 1:-1]; 3x1)", ver_y[0, 0]), ("conv(x; grown)", grown_y[0, 0]))
+    txt.line().line(equal_line(run_graph(g, x), run_graph(after, x)))
+
+    b = GraphBuilder()
+    v = b.input("x", x.shape, DT)
+    cut = b.slice(v, axis=3, start=1, end=-1, step=1, source="acb.crop")
+    bad = b.build(b.add(b.conv2d(v, weight=W3, padding=(0, 0, 1, 1), source="acb.square_conv"),
+                        b.conv2d(cut, weight=ver, padding=(0, 0, 1, 1), source="acb.ver_conv"), source="acb"))
+    ref = Text()
+    ref.line("the same crop before a 3x1 conv padded 1 on the left and right: its first output reads a padded zero,")
+    ref.line("where a grown kernel would read x's first column")
+    ref.line("crop_before_conv refuses: " + refusal(bad, "crop_before_conv").replace(": it", ":\n    it"))
+    return Example("crop_before_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
 
 
 @example

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state
+from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state, seeded_for_checks
 from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module
 from repalgebra.verify import first_difference
 
@@ -106,6 +106,9 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         return State(whole=f"a repeated call of it fails ({type(e).__name__}: {e})")
     changed = set(_changed(after_first, _snapshot(work)))
     once = set(_changed(before, after_first)) - changed
+    if drawn := {n for n in changed | once if n in DRAWS}:  # another thread's draws move the generators too
+        kept = _draws_itself(work, inputs, drawn)
+        changed, once = changed - (drawn - kept), once - (drawn - kept)
     per_call: set[str] = set()
     if once:  # filled by the first call: from the input, or the same whatever it is?
         state, per_call = _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once}, tolerance)
@@ -135,6 +138,24 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     drawn_by = {p for n in changed if n in DRAWS for p in sites.get(n) or [""]}
     return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)),
                  changed=tuple(changed), drawn_by=tuple(sorted(drawn_by)))
+
+
+def _draws_itself(module: nn.Module, inputs: tuple, names: set[str]) -> set[str]:
+    """The generators among ``names`` that a call of ``module`` moves itself.  Seeded alike, two calls that draw leave
+    a generator at one state, another than the seed's; another thread drawing during a call leaves it by chance
+    amounts.  Where no two tries agree, all of ``names``."""
+    for _ in range(4):
+        with generators_kept():
+            ends = []
+            for call in (False, False, True, True):
+                seeded_for_checks()
+                if call:
+                    _call(module, inputs)
+                ends.append(generator_states())
+        seed, again, first, second = ends
+        if seed == again and first == second:
+            return {n for n in names if first[n] != seed[n]}
+    return set(names)
 
 
 def mark_written(model: nn.Module, names: Iterable[str]) -> None:

@@ -18,13 +18,15 @@ import inspect
 import operator
 import types
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["needs_flat_view", "flat_leaves", "flat_view", "restructured", "unviewed", "structure_mismatch", "structure_text"]
+from repalgebra.call_dispatch import Signature
+
+__all__ = ["needs_flat_view", "flat_leaves", "flat_view", "bound_view", "restructured", "unviewed", "structure_mismatch", "structure_text"]
 
 _VIEW = "_repalgebra_flat_view"  # class attribute marking a view's class: the model's class it views
 
@@ -58,14 +60,29 @@ def flat_view(model: nn.Module, spec: pytree.TreeSpec) -> nn.Module:
     (:func:`_flat_graph`); None where its graph reads its arguments otherwise than item by item."""
     if isinstance(model, fx.GraphModule):
         return _flat_graph(model, spec)
+    return _view(model, spec.num_leaves, lambda xs: (pytree.tree_unflatten(xs, spec), {}))
+
+
+def bound_view(model: nn.Module, signature: Signature) -> nn.Module | None:
+    """A view of ``model`` whose ``forward`` takes the tensors of a call of ``signature`` one by one and calls the
+    model's ``forward`` with them in their places, the signature's constants in theirs (``blk(x, H, W)``: the view
+    takes ``x``, and ``H`` and ``W`` are the numbers the example's call gave).  None for a GraphModule."""
+    if isinstance(model, fx.GraphModule):
+        return None
+    return _view(model, len(signature.slots()), signature.bind)
+
+
+def _view(model: nn.Module, inputs: int, bind: Callable[[list], tuple[tuple, dict]]) -> nn.Module:
+    """A view of ``model`` whose ``forward`` takes ``inputs`` tensors and calls the model's ``forward`` with the
+    arguments ``bind`` makes of them."""
     base = type(model)
     own = vars(model).get("forward")
     inner = own.__func__ if isinstance(own, types.MethodType) and own.__self__ is model else base.forward
-    names = [f"x{k}" for k in range(spec.num_leaves)]
-    namespace: dict[str, Any] = {"_inner": inner, "_unflatten": pytree.tree_unflatten, "_spec": spec}
+    names = [f"x{k}" for k in range(inputs)]
+    namespace: dict[str, Any] = {"_inner": inner, "_bind": bind}
     code = (f"def forward(self, {', '.join(names)}):\n"
-            f"    args = _unflatten([{', '.join(names)}], _spec)\n"
-            f"    return _inner(self, *args)\n")
+            f"    args, kwargs = _bind([{', '.join(names)}])\n"
+            f"    return _inner(self, *args, **kwargs)\n")
     exec(code, namespace)  # noqa: S102  (fx reads the inputs' names from the code object)
     cls = type(base.__name__, (base,), {"forward": namespace["forward"], _VIEW: base, "__module__": base.__module__})
     view = copy.copy(model)  # shares the submodule, parameter and buffer dicts: nothing is copied

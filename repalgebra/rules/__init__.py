@@ -20,6 +20,7 @@ from repalgebra.rules import (  # noqa: F401  (registration)
     sum_regroup,
     pad_absorb,
     crop_into_conv,
+    crop_before_conv,
     avg_pool_to_conv,
     space_to_depth,
     bn_before_conv,

@@ -1,0 +1,124 @@
+"""Parts called with keywords or numbers: fused once per way they are called, the original for any other call.
+
+A part below a parent kept whole is captured on its own from the calls the parent made.  Vision transformers call
+their blocks ``blk(x, H, W)``, text models ``layer(x, attention_mask=None, output_attentions=False)``: a capture
+takes tensors only, so such parts used to stay as written, their BatchNorms unfolded.  A call's
+:class:`Signature` is its arguments with each tensor replaced by a slot: the constants (``H``, ``None``,
+``False``) are part of the function the capture sees, so the part is captured once per signature (a view of it
+taking the tensors alone, :func:`~repalgebra.frontend.structured.bound_view`), and :class:`CallDispatch` runs
+that capture only for calls of that signature, whose constants are equal and of the same type.  Any other call
+(another ``H``, a mask where the example gave ``None``) runs the original, as written: nothing is assumed about
+what the constants do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["Signature", "CallDispatch", "MOST_SIGNATURES", "tensors_in"]
+
+MOST_SIGNATURES = 4  # ways one part may be called and still be fused per way: more, and it stays as written
+
+# Constants a signature holds: compared by type and value.  Anything else (a cache object, a module) keeps the part
+# as written: its equality says nothing of what the part does with it.
+_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class TensorSlot:
+    """Where a signature's call has a tensor (one instance, :data:`SLOT`; it pickles by name)."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+    def __reduce__(self) -> str:
+        return "SLOT"
+
+
+SLOT = TensorSlot()
+
+
+class Signature:
+    """A call's arguments with each tensor a :data:`SLOT`: ``(args, kwargs)``, the keywords sorted by name."""
+
+    def __init__(self, skeleton: tuple) -> None:
+        self.skeleton = skeleton
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> "Signature | None":
+        """The signature of a call; None where it holds something that is neither a tensor nor a plain constant."""
+        leaves, spec = pytree.tree_flatten(_ordered(args, kwargs))
+        if not all(torch.is_tensor(v) or type(v) in _CONSTANTS for v in leaves):
+            return None
+        return cls(pytree.tree_unflatten([SLOT if torch.is_tensor(v) else v for v in leaves], spec))
+
+    def tensors(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The call's tensors in order where it has this signature, else None."""
+        return tensors_in(self.skeleton, args, kwargs)
+
+    def bind(self, tensors: Sequence[Any]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of this signature's call with ``tensors`` in its slots (Proxies, while traced)."""
+        leaves, spec = pytree.tree_flatten(self.skeleton)
+        it = iter(tensors)
+        args, kwargs = pytree.tree_unflatten([next(it) if v is SLOT else v for v in leaves], spec)
+        return tuple(args), dict(kwargs)
+
+    def slots(self) -> list[int]:
+        """Where the tensors are among the flattened arguments."""
+        return [k for k, v in enumerate(pytree.tree_leaves(self.skeleton)) if v is SLOT]
+
+    def __repr__(self) -> str:
+        args, kwargs = self.skeleton
+        return "(" + ", ".join([*(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
+
+
+def tensors_in(skeleton: tuple, args: tuple, kwargs: dict) -> tuple | None:
+    """The tensors of a call whose arguments are ``skeleton``'s, a tensor in each slot and equal constants elsewhere;
+    None for a call of another signature."""
+    leaves, spec = pytree.tree_flatten(_ordered(args, kwargs))
+    want, want_spec = pytree.tree_flatten(skeleton)
+    if spec != want_spec:
+        return None
+    for got, w in zip(leaves, want):
+        if (w is SLOT) != torch.is_tensor(got) or (w is not SLOT and not _equal(got, w)):
+            return None
+    return tuple(v for v in leaves if torch.is_tensor(v))
+
+
+def _ordered(args: tuple, kwargs: dict) -> tuple:
+    return tuple(args), dict(sorted(kwargs.items()))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Same type and value (``8`` is not ``8.0``, ``True`` not ``1``; no NaN equals a NaN: such a call runs the
+    original)."""
+    return type(a) is type(b) and bool(a == b)
+
+
+class CallDispatch(nn.Module):
+    """A part fused once per :class:`Signature`, beside a copy of the original.
+
+    A call of one of ``signatures`` whose tensors fit the guards of its fused form (its shapes, where fused at
+    fixed shapes) runs that form on its tensors, or on the call as made where ``as_called`` says so (a form kept
+    whole, its children fused); any other call runs ``original`` as written.
+    """
+
+    def __init__(self, original: nn.Module, signatures: list[Signature], fused: list[nn.Module], guards: list[list],
+                 as_called: list[bool]) -> None:
+        super().__init__()
+        self.original = original
+        self.fused = nn.ModuleList(fused)
+        self.signatures, self.guards, self.as_called = signatures, guards, as_called
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for signature, fused, guards, as_called in zip(self.signatures, self.fused, self.guards, self.as_called):
+            tensors = signature.tensors(args, kwargs)
+            if tensors is not None and all(g.fits(tensors, fused) for g in guards):
+                return fused(*args, **kwargs) if as_called else fused(*tensors)
+        return self.original(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return "fused for the calls " + ", ".join(map(repr, self.signatures))

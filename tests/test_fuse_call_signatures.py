@@ -1,0 +1,241 @@
+"""Parts called with keywords or numbers below a parent kept whole: fused once per way they are called.
+
+A vision transformer calls its blocks ``blk(x, H, W)`` (PVT, SegFormer, Twins), a text model its layers
+``layer(x, attention_mask=None)``.  Where the parent cannot be captured (a branch on data), such parts used to stay
+as written, their BatchNorms unfolded.  Each is now captured once per signature (its constants fixed, its tensors
+the inputs) and any other call runs the original.  Models are float64, so the fused model is compared to 1e-10
+relative: folding rounds nothing a float64 model holds beyond that.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import repalgebra
+from repalgebra.call_dispatch import CallDispatch, Signature
+
+D = torch.float64
+RTOL = 1e-10
+
+
+def bn(c: int) -> nn.BatchNorm2d:
+    b = nn.BatchNorm2d(c)
+    b.running_mean.normal_()
+    b.running_var.uniform_(0.5, 2.0)
+    b.weight.data.normal_()
+    b.bias.data.normal_()
+    return b
+
+
+class TokenBlock(nn.Module):
+    """PVT's habit: tokens in, the map's sizes as numbers, a conv and a BatchNorm on the map."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), bn(c)
+
+    def forward(self, x, H, W, scale=None):
+        B, N, C = x.shape
+        y = self.bn(self.conv(x.transpose(1, 2).reshape(B, C, H, W)))
+        if scale is not None:
+            y = y * scale
+        return x + y.flatten(2).transpose(1, 2)
+
+
+class Pyramid(nn.Module):
+    """A parent no capture takes whole: it branches on its input's values."""
+
+    def __init__(self, c: int = 6, depth: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), bn(c))
+        self.blocks = nn.ModuleList([TokenBlock(c) for _ in range(depth)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        if x.mean() > 0:
+            x = -x
+        t = x.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            t = blk(t, H, W, scale=None)
+        return t
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL * b.abs().max().item())
+
+
+def _model(cls=Pyramid, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return cls(**kw).to(D).eval()
+
+
+def test_blocks_called_with_their_sizes_fold_below_a_parent_kept_whole():
+    model = _model()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    before = copy.deepcopy(model.state_dict())
+    fused = repalgebra.fuse(model, x)
+    report = fused.fuse_report
+    assert report.capture == "kept whole"
+    assert {f.source for f in report.fired if f.rule == "bn_fold"} >= {"blocks.0.bn", "blocks.1.bn"}
+    assert all(isinstance(b, CallDispatch) for b in fused.blocks)
+    assert any("fused for its calls (<tensor>, 8, 8, scale=None)" in n for n in report.notes)
+    # the example's sizes, another batch, another map (the original runs: H and W differ), the other branch
+    for y in [x, torch.randn(3, 3, 8, 8, dtype=D), torch.randn(1, 3, 6, 10, dtype=D), -x.abs()]:
+        _close(fused(y), model(y))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class Twice(nn.Module):
+    """One layer called two ways: without a mask, then with one (a cross-attention's memory mask)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.layer = Masked(c)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x * 2
+        y = self.layer(x, mask=None)
+        return self.layer(y, mask=(x > 0).to(x.dtype))
+
+
+class Masked(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 1), bn(c)
+
+    def forward(self, x, mask=None, gain=1.0):
+        y = self.bn(self.conv(x))
+        return y * gain if mask is None else y * mask * gain
+
+
+def test_each_way_of_calling_is_fused_and_other_calls_run_as_written():
+    model = _model(Twice)
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    layer = fused.layer
+    assert isinstance(layer, CallDispatch) and len(layer.fused) == 2
+    assert [f.source for f in fused.fuse_report.fired if f.rule == "bn_fold"].count("layer.bn") == 2
+    _close(fused(x), model(x))
+    _close(fused(-x), model(-x))
+    # calls the model never made run the original: another gain, a gain of another type, a mask by position
+    m = torch.rand(2, 4, 5, 5, dtype=D)
+    ref = model.layer
+    for args, kwargs in [((x,), {"mask": None, "gain": 2.0}), ((x,), {"mask": None, "gain": 1}), ((x, m), {}),
+                         ((x,), {"gain": 1.0, "mask": None}), ((x,), {})]:
+        _close(layer(*args, **kwargs), ref(*args, **kwargs))
+    assert layer.signatures[0].tensors((x,), {"gain": 1.0, "mask": None}) is None  # the example never gave gain
+    assert layer.signatures[0].tensors((x,), {"mask": None}) is not None
+
+
+def test_signatures_compare_constants_by_type_and_value():
+    x = torch.zeros(1)
+    sig = Signature.of((x, 8, True), {"p": 0.5, "d": None})
+    assert sig.tensors((torch.ones(2), 8, True), {"d": None, "p": 0.5}) is not None  # keyword order is no matter
+    for args, kwargs in [((x, 8.0, True), {"p": 0.5, "d": None}), ((x, 8, 1), {"p": 0.5, "d": None}),
+                         ((x, 8, True), {"p": 0.5, "d": x}), ((x, 9, True), {"p": 0.5, "d": None}),
+                         ((x, x, True), {"p": 0.5, "d": None}), ((x, 8, True), {"p": 0.5}),
+                         ((None, 8, True), {"p": 0.5, "d": None}), ((x, (8, True)), {"p": 0.5, "d": None}),
+                         ((x, 8, True), {"q": 0.5, "d": None})]:
+        assert sig.tensors(args, kwargs) is None, (args, kwargs)
+    assert Signature.of((x, object()), {}) is None  # an object's equality says nothing of what a part does with it
+    nan = Signature.of((x, float("nan")), {})
+    assert nan.tensors((x, float("nan")), {}) is None  # no NaN equals a NaN: such a call runs the original
+
+
+class Data(nn.Module):
+    """A parent handing its block a number read off its input's values: each call's number decides."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.block = Repeat(c)
+
+    def forward(self, x):
+        return self.block(x, int(x.abs().mean() > 1) + 1)
+
+
+class Repeat(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), bn(c)
+
+    def forward(self, x, times):
+        for _ in range(times):
+            x = self.bn(self.conv(x))
+        return x
+
+
+def test_a_number_the_parent_computes_per_call_runs_the_original_when_it_differs():
+    model = _model(Data)
+    small = torch.randn(2, 4, 6, 6, dtype=D) * 0.1  # times == 1
+    fused = repalgebra.fuse(model, small)
+    assert isinstance(fused.block, CallDispatch)
+    big = torch.randn(2, 4, 6, 6, dtype=D) * 10  # times == 2: not the fused call
+    for y in (small, big):
+        _close(fused(y), model(y))
+
+
+class Settings:
+    gain = 2.0
+
+
+class WithSettings(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 1), bn(c)
+
+    def forward(self, x, settings):
+        return self.bn(self.conv(x)) * settings.gain
+
+
+class Configured(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.block = WithSettings(c)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x + 1
+        return self.block(x, Settings())  # an object among the arguments
+
+
+def test_a_call_holding_an_object_keeps_the_part_whole_as_before():
+    model = _model(Configured)
+    x = torch.randn(1, 4, 5, 5, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert not isinstance(fused.block, CallDispatch)
+    assert any(p.path == "block" and "a Settings among its arguments" in p.reason for p in fused.fuse_report.kept_whole)
+    _close(fused(x), model(x))
+
+
+def test_a_fused_dispatch_saves_copies_and_fuses_again():
+    model = _model()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    again = repalgebra.fuse(fused, x)
+    for other in (loaded, copy.deepcopy(fused), again):
+        _close(other(x), model(x))
+        y = torch.randn(1, 3, 4, 6, dtype=D)
+        _close(other(y), model(y))
+
+
+def test_a_float32_model_fused_per_call_follows_a_cast_to_float64():
+    torch.manual_seed(0)
+    model = Pyramid().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = repalgebra.fuse(model, x)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+    ref = copy.deepcopy(model).double()(x.double())
+    got = copy.deepcopy(fused).double()(x.double())
+    assert got.dtype == D
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the folded weights are float32 values
