@@ -1237,19 +1237,23 @@ class _Fuser:
         self.report.parts.append(Part(path, "kept whole", reason, type(module).__name__))
         descendants = [p for p, _ in module.named_modules() if p]
         recorded: dict[str, list[Call]] = {p: [] for p in descendants}
+        written: dict[str, set[str]] = {}
         try:
             for call in calls:
-                for p, cs in record_calls(copy_module(self.pristine.get_submodule(path)), call, descendants).items():
+                for p, cs in record_calls(copy_module(self.pristine.get_submodule(path)), call, descendants, written).items():
                     recorded[p] += cs
         except Exception as e:  # noqa: BLE001  (its parent wires it up at run time, ``self.r.src = self.w``)
             self.report.notes.append(f"{_where(path)} does not run on its own as its parent called it ({first_line(e)}): "
                                      "its children are not fused either")
             return module
         try:
-            outside = read_outside(copy_module(self.pristine.get_submodule(path)), calls, descendants)
+            outside = dict.fromkeys(read_outside(copy_module(self.pristine.get_submodule(path)), calls, descendants),
+                                    "code outside its forward reads its parameters or buffers")
         except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
             self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
             return module
+        for p, names in written.items():
+            outside.setdefault(p, _SET_BY_PARENT.format(_listed(sorted(names), 4)))
         swaps = self._fuse_children(module, path, "", recorded, outside)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)
@@ -1266,10 +1270,11 @@ class _Fuser:
         return module
 
     def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]],
-                       outside: set[str]) -> list[tuple]:
+                       outside: dict[str, str]) -> list[tuple]:
         """Replace each called descendant by its fused form; returns the swaps ``(parent, name, old, new)``.  One in
-        ``outside`` (:func:`~repalgebra.frontend.outside_reads.read_outside`: the parent's code reads its weights)
-        stays as written, and its children are fused where the parent reads none of theirs."""
+        ``outside`` (:func:`~repalgebra.frontend.outside_reads.read_outside`: the parent's code reads its weights;
+        or the parent sets its attributes, :func:`~repalgebra.frontend.capture.setting_attributes`) stays as
+        written, the reason its value, and its children are fused where the parent touches none of theirs."""
         swaps = []
         for name, child in list(module.named_children()):
             rel = _join(prefix, name)
@@ -1281,8 +1286,7 @@ class _Fuser:
                 swaps.append((module, name, child, new))
                 continue
             if recorded.get(rel) and prefix not in outside:  # (one note, at the outermost)
-                self.report.notes.append(f"{_where(_join(root_path, rel))}: not replaced by its fused form: code outside "
-                                         "its forward reads its parameters or buffers")
+                self.report.notes.append(f"{_where(_join(root_path, rel))}: not replaced by its fused form: {outside[rel]}")
             swaps += self._fuse_children(child, root_path, rel, recorded, outside)  # (not called itself: a ModuleList, or unused)
         return swaps
 
@@ -1852,6 +1856,12 @@ def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | Non
                 new = new.index_select(k, torch.arange(shape[k], device=t.device) % t.shape[k])
             out.append(new)
     return tuple(out) if resized else None
+
+
+# Why a part whose attributes its parent sets stays as written: a capture of it holds the example's values, and the
+# parent's writes would reach the fused module, which never reads them.
+_SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H, blk.W = H, W), which a capture of it "
+                  "would hold at the example's values")
 
 
 def _where(path: str) -> str:

@@ -239,3 +239,83 @@ def test_a_float32_model_fused_per_call_follows_a_cast_to_float64():
     got = copy.deepcopy(fused).double()(x.double())
     assert got.dtype == D
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the folded weights are float32 values
+
+
+class SwinV1Block(nn.Module):
+    """Swin v1's habit: the layer sets ``blk.H, blk.W`` before each call, and the block reads them."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.H = self.W = None
+        self.dw, self.bn = nn.Conv2d(c, c, 3, padding=1, groups=c), bn(c)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        H, W = self.H, self.W
+        assert L == H * W, "input feature has wrong size"
+        y = self.bn(self.dw(x.view(B, H, W, C).permute(0, 3, 1, 2)))
+        return x + y.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+class SwinV1Layer(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 2, 2)
+        self.blocks = nn.ModuleList([SwinV1Block(c) for _ in range(2)])
+        self.gates = nn.Linear(c, 2)
+
+    def forward(self, x):
+        x = self.patch(x)
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        skip = self.gates(x.mean(1)).mean(0) > 0  # SkipNet's habit: a flag the parent sets from the data
+        for blk, off in zip(self.blocks, skip.tolist()):
+            blk.H, blk.W = H, W
+            if torch.is_grad_enabled() or not off:  # a mode flag keeps the layer whole too
+                x = blk(x)
+        return x
+
+
+def test_a_part_whose_attributes_its_parent_sets_stays_as_written():
+    """Fused at 16x16, a block captured with ``H, W`` read off its attributes held 8x8 tokens: an 8x32 input has as
+    many tokens, passed ``assert L == H * W``, and came out scrambled (found by a probe).  Such a part now stays as
+    written (its children are fused), and the report says which attributes its parent sets."""
+    model = _model(SwinV1Layer)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
+    notes = " ".join(fused.fuse_report.notes)
+    assert "'blocks.0': not replaced by its fused form: its parent sets its attributes H, W on each call" in notes
+    assert all(type(b).__name__ == "SwinV1Block" for b in fused.blocks)
+    for shape in [(2, 3, 16, 16), (1, 3, 8, 32), (1, 3, 32, 8), (3, 3, 12, 20)]:
+        x = torch.randn(shape, dtype=D)
+        for y in (x, -x, 5 * x):  # the gates take other values
+            _close(fused(y), model(y))
+
+
+class Remembers(nn.Module):
+    """A block that notes what it saw in its own forward (``self.last_shape``): its own write, not its parent's."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), bn(c)
+        self.last_shape = None
+
+    def forward(self, x):
+        self.last_shape = tuple(x.shape)
+        return self.bn(self.conv(x))
+
+
+class Branches(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.block = Remembers(c)
+
+    def forward(self, x):
+        return self.block(x) if x.mean() > -10 else x
+
+
+def test_a_part_writing_its_own_attributes_is_still_fused():
+    model = _model(Branches)
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert "block.bn" in {f.source for f in fused.fuse_report.fired if f.rule == "bn_fold"}, str(fused.fuse_report)
+    _close(fused(x), model(x))

@@ -42,6 +42,8 @@ FEW = {
     "repalgebra.backend.onnx:_relu6_over_6": "one formula of fixed numbers: its shift is the one a test tells from a rounding",
     "repalgebra.frontend.structured:_view": "two decisions, how forward is called (its arguments unpacked, its keywords "
     "passed); the rest copies the model's class, hooks and state, which every capture of the view then runs (a wrong copy fails the check)",
+    "repalgebra.frontend.capture:setting_attributes": "two decisions: a write from outside a part's call counts, its own "
+    "do not (the rest is bookkeeping of the calls under way)",
     "repalgebra.call_dispatch:_equal": "one decision: constants of another type are not the signature's (their values, tensors_in's mutants)",
     "repalgebra.call_dispatch:_ordered": "one decision: keywords are compared by name, not in the order given",
     "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",

@@ -194,14 +194,67 @@ class Call:
 
 
 
-def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[str, list[Call]]:
+def record_calls(module: nn.Module, call: Call, paths: Iterable[str],
+                 written: dict[str, set[str]] | None = None) -> dict[str, list[Call]]:
     """Run ``module`` once making ``call`` and return every call made to each submodule in ``paths``.
 
     Forward pre-hooks on those submodules clone what they are given (a later
     in-place op must not change the record); the hooks are removed after the
-    run, whatever happens.
+    run, whatever happens.  ``written`` (where given) gains, for each submodule
+    in ``paths``, the attributes code outside its own call sets during the run
+    (:func:`setting_attributes`).
     """
     calls: dict[str, list[Call]] = {p: [] for p in paths}
+    with setting_attributes(module, list(calls), written if written is not None else {}):
+        _record(module, call, calls)
+    return calls
+
+
+@contextlib.contextmanager
+def setting_attributes(module: nn.Module, paths: list[str], written: dict[str, set[str]]) -> Iterator[None]:
+    """Within the block, ``written[path]`` gains each attribute of the submodule at ``path`` that code outside its
+    own call sets: Swin's ``blk.H, blk.W = H, W`` before ``blk(x)``, SkipNet's ``blk.skip = gate < 0.5``.  Such a
+    part computes with what its parent set each time, so no capture of it on its own holds; and a part its parent
+    calls as a whole module reads the attribute from that module, where a fused form would not.  The part's own
+    writes (``self.cache = y`` in its forward, or its children's) are its state, found elsewhere."""
+    subs = {id(module.get_submodule(p)): p for p in paths}
+    if not subs:
+        yield
+        return
+    running: list[int] = []  # the modules whose call is under way, outermost first
+
+    def enter(m: nn.Module, args: tuple) -> None:
+        running.append(id(m))
+
+    def leave(m: nn.Module, args: tuple, out: Any) -> None:  # (a hook's return value would replace the output)
+        running.pop()
+
+    handles = []
+    for p in paths:
+        sub = module.get_submodule(p)
+        handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave, always_call=True)]
+    setattr_ = nn.Module.__setattr__
+
+    def recording(self: nn.Module, name: str, value: Any) -> None:
+        p = subs.get(id(self))
+        if p is not None and id(self) not in running and not set(running) & _descendant_ids(self, subs):
+            written.setdefault(p, set()).add(name)
+        setattr_(self, name, value)
+
+    nn.Module.__setattr__ = recording
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = setattr_
+        for h in handles:
+            h.remove()
+
+
+def _descendant_ids(module: nn.Module, subs: dict[int, str]) -> set[int]:
+    return {id(m) for m in module.modules() if id(m) in subs and m is not module}
+
+
+def _record(module: nn.Module, call: Call, calls: dict[str, list[Call]]) -> None:
     handles = []
 
     def cloned(tree: Any) -> Any:  # one clone per tensor: ``attn(x, x, x)`` is called again with one tensor thrice
@@ -231,4 +284,3 @@ def record_calls(module: nn.Module, call: Call, paths: Iterable[str]) -> dict[st
     finally:
         for h in handles:
             h.remove()
-    return calls
