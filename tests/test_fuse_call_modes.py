@@ -20,6 +20,7 @@ from torch import nn
 
 import repalgebra
 from torch import is_grad_enabled as grads_on  # as some code imports it: by name
+from torch.jit import is_scripting as scripting  # (timm imports it so in places)
 
 D = torch.float64
 FLAGS = {
@@ -640,3 +641,31 @@ def test_fused_train_changes_nothing_the_fused_model_computes():
         assert close(torch.export.export(fused, (x,)).module()(x), want) and close(fused(x), want)
         fused.apply(lambda m: m.train())
         assert close(torch.jit.trace(fused, x)(x), want)
+
+
+class TracingBranch(nn.Module):
+    """A forward that asks whether TorchScript traces it (timm's attention caches, torchvision's ``_is_tracing()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if torch.jit.is_tracing() or torch._C._get_tracing_state() or scripting():
+            return y.mean((2, 3))
+        return y.amax((2, 3))
+
+
+def test_torchscript_flags_are_answered_as_an_eager_call_and_noted():
+    """fx answered ``torch.jit.is_tracing()`` as an eager call and said nothing: under ``torch.jit.trace`` the fused
+    model took the eager branch where the model took the other (found by a probe).  The capture still answers as an
+    eager call (the fused model is the model's eager function; keeping the part whole would cost timm's attention
+    its folds), and the report names each flag read."""
+    model = TracingBranch().to(D).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.rule_counts().get("bn_fold") == 1
+    note = next(n for n in fused.fuse_report.notes if "torch.jit.trace" in n)
+    assert all(f in note for f in ("torch.jit.is_tracing()", "torch._C._get_tracing_state()", "torch.jit.is_scripting()"))
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)  # float64

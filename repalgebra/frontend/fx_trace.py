@@ -79,10 +79,11 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work):
+        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work) as answered:
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
+    tracer.answered += answered
     if tracer.dtype_read_outside():
         raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
                                "cannot record it (x.dtype is torch.float64, str(x.dtype)), so the branch it took is not known")
@@ -595,6 +596,7 @@ class Tracer(fx.Tracer):
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
         self.input_free: set[fx.Node] = set()  # nodes computed from the model's tensors and literals alone
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
+        self.answered: list[str] = []  # TorchScript flags the code read, answered as an eager call (see mode_flags.py)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
@@ -767,6 +769,10 @@ class Tracer(fx.Tracer):
         """What the trace decided that the report should say: wrappers traced through, the branches taken on the
         weights' values."""
         notes = list(dict.fromkeys(self.unwrapped))
+        if self.answered:
+            notes.append(f"its code reads {', '.join(dict.fromkeys(self.answered))}: captured with the answer of an eager "
+                         "call, so torch.jit.trace or torch.jit.script of the fused model takes the branch an eager call "
+                         "takes, where the model's own code may take another")
         if self.flags:
             flags = list(dict.fromkeys(self.flags))
             shown = "; ".join(flags[:4]) + (f"; ... ({len(flags) - 4} more)" if len(flags) > 4 else "")

@@ -53,9 +53,18 @@ _FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
     torch._utils: ("is_compiling",),
     symbolic_trace: ("is_fx_tracing", "is_fx_symbolic_tracing"),
 }
+# Flags answered as the model runs eagerly, and noted: whether TorchScript traces or compiles the code.  A fused
+# model traced with torch.jit.trace (or scripted) takes the eager branch where the model's own code may take
+# another; keeping whole every part that asks would cost timm's LeViT and EfficientFormer attention (``if
+# torch.jit.is_tracing() or self.training:``, two ways to one value) their folds, so the report says it instead.
+_ANSWERED: dict[types.ModuleType, tuple[str, ...]] = {
+    torch.jit: ("is_tracing", "is_scripting"),
+    torch._C: ("_get_tracing_state",),  # torchvision's _is_tracing()
+}
 # How the model's code reaches them: ``torch.compiler.is_compiling``, ``torch.fx._symbolic_trace.is_fx_tracing``.
 _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
-    torch: {"compiler": torch.compiler, "_utils": torch._utils, "fx": torch.fx, "onnx": torch.onnx},
+    torch: {"compiler": torch.compiler, "_utils": torch._utils, "fx": torch.fx, "onnx": torch.onnx, "jit": torch.jit,
+            "_C": torch._C},
     torch.fx: {"_symbolic_trace": symbolic_trace},
 }
 
@@ -63,11 +72,12 @@ _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
 class _Watched(types.ModuleType):
     """A stand-in for a module in the model's namespace: its flag functions refuse, the rest is the module's."""
 
-    def __init__(self, real: types.ModuleType, noted: list[str] | None) -> None:
+    def __init__(self, real: types.ModuleType, noted: list[str] | None, answered: list[str]) -> None:
         super().__init__(real.__name__, real.__doc__)
-        vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()", noted)
-                           for name in _FLAGS.get(real, ()) if callable(getattr(real, name, None))})
-        vars(self).update({name: _Watched(sub, noted) for name, sub in _ROUTES.get(real, {}).items()})
+        for table, notes in ((_FLAGS, noted), (_ANSWERED, answered)):
+            vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()", notes)
+                               for name in table.get(real, ()) if callable(getattr(real, name, None))})
+        vars(self).update({name: _Watched(sub, noted, answered) for name, sub in _ROUTES.get(real, {}).items()})
         vars(self)["_real"] = real
 
     def __getattr__(self, name: str) -> Any:
@@ -106,22 +116,25 @@ def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None) -> Any:
+def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answered: list[str]) -> Any:
     """What the model's code sees instead of ``value`` (a module or a flag function), else None."""
-    if isinstance(value, types.ModuleType) and value in _FLAGS or value is torch.fx:
-        return watched.setdefault(id(value), _Watched(value, noted))
-    for owner, names in _FLAGS.items():
-        for name in names:
-            if value is getattr(owner, name, None):
-                return _refusing(value, f"{owner.__name__}.{name}()", noted)
+    if isinstance(value, types.ModuleType) and (value in _FLAGS or value in _ANSWERED) or value is torch.fx:
+        return watched.setdefault(id(value), _Watched(value, noted, answered))
+    for table, notes in ((_FLAGS, noted), (_ANSWERED, answered)):
+        for owner, names in table.items():
+            for name in names:
+                if value is getattr(owner, name, None):
+                    return _refusing(value, f"{owner.__name__}.{name}()", notes)
     return None
 
 
 @contextlib.contextmanager
-def mode_flags_refused(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s code raises :class:`ModeFlagRead` where it calls a mode flag function."""
-    with _watched(model, None):
-        yield
+def mode_flags_refused(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, ``model``'s code raises :class:`ModeFlagRead` where it calls a mode flag function; the list
+    yielded notes the TorchScript flags it read (:data:`_ANSWERED`), which answer as the model runs eagerly."""
+    answered: list[str] = []
+    with _watched(model, None, answered):
+        yield answered
 
 
 @contextlib.contextmanager
@@ -129,12 +142,12 @@ def mode_flags_noted(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, ``model``'s code gets the mode flags' answers, and the list yielded notes each flag it read
     (``torch.onnx.is_in_onnx_export()``: an export of a part kept whole takes the branch meant for exports)."""
     noted: list[str] = []
-    with _watched(model, noted):
+    with _watched(model, noted, noted):
         yield noted
 
 
 @contextlib.contextmanager
-def _watched(model: nn.Module, noted: list[str] | None) -> Iterator[None]:
+def _watched(model: nn.Module, noted: list[str] | None, answered: list[str]) -> Iterator[None]:
     """The flag functions in the namespaces of ``model``'s code swapped for stand-ins (:func:`_refusing`)."""
     watched: dict[int, Any] = {}
     swapped: list[tuple[dict[str, Any], str, Any]] = []
@@ -143,7 +156,7 @@ def _watched(model: nn.Module, noted: list[str] | None) -> Iterator[None]:
             for name, value in list(namespace.items()):
                 if not (isinstance(value, types.ModuleType) or callable(value)):
                     continue
-                stand_in = _stand_in(value, watched, noted)
+                stand_in = _stand_in(value, watched, noted, answered)
                 if stand_in is not None:
                     swapped.append((namespace, name, value))
                     namespace[name] = stand_in
