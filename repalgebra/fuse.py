@@ -1162,6 +1162,11 @@ class _Fuser:
         module = self.pristine.get_submodule(path)
         if not calls or path in self.user_leaves or path in self.state_leaves:
             return copy_module(module)  # a leaf is carried through untouched, also under a parent kept whole
+        if all(c.tensor_only for c in calls) and _takes_other_calls(module, calls):
+            # forward(x, return_attention=False) called as blk(x): the parent's other branches may pass the flag
+            dispatch = self.fuse_by_signature(path, calls)
+            if dispatch is not None:
+                return dispatch
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
             guards = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
@@ -1862,6 +1867,18 @@ def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | Non
 # parent's writes would reach the fused module, which never reads them.
 _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H, blk.W = H, W), which a capture of it "
                   "would hold at the example's values")
+
+
+def _takes_other_calls(module: nn.Module, calls: list[Call]) -> bool:
+    """Whether ``module``'s ``forward`` takes other calls than ``calls`` make: it has more parameters than their
+    arguments (an optional flag, ``return_attention=False``), or takes ``*args`` or ``**kwargs``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: as many arguments as it is given
+        return False
+    var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [p for p in params if p.kind not in var]
+    return len(named) < len(params) or len(named) > max(len(c.args) for c in calls)
 
 
 def _where(path: str) -> str:

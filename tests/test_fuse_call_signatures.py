@@ -319,3 +319,50 @@ def test_a_part_writing_its_own_attributes_is_still_fused():
     fused = repalgebra.fuse(model, x)
     assert "block.bn" in {f.source for f in fused.fuse_report.fired if f.rule == "bn_fold"}, str(fused.fuse_report)
     _close(fused(x), model(x))
+
+
+class Attends(nn.Module):
+    """DINO's habit: ``forward(x, return_attention=False)``, asked for the attention on one path only."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn, self.att = nn.Conv2d(c, c, 3, padding=1), bn(c), nn.Conv2d(c, 1, 1)
+
+    def forward(self, x, return_attention=False):
+        y = self.bn(self.conv(x))
+        a = torch.sigmoid(self.att(y))
+        return a if return_attention else x + y * a
+
+
+class AttendsByKeywords(Attends):
+    """The same block taking its flag through ``**kwargs`` (a wrapper's habit)."""
+
+    def forward(self, x, **kwargs):
+        return super().forward(x, kwargs.get("return_attention", False))
+
+
+class LastAttention(nn.Module):
+    def __init__(self, c: int = 4, block: type = Attends) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([block(c) for _ in range(2)])
+
+    def forward(self, x):
+        want = bool(x.mean() > 1)  # a branch the example does not take
+        for i, blk in enumerate(self.blocks):
+            if want and i == len(self.blocks) - 1:
+                return blk(x, return_attention=True)
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("block", [Attends, AttendsByKeywords])
+def test_a_part_called_with_its_tensors_alone_still_takes_its_other_arguments(block):
+    """Fused from ``blk(x)``, a block whose forward also takes ``return_attention`` failed with a bare ``TypeError``
+    when the parent's other branch passed it (found by a probe).  Such a part is fused for the calls made, and any
+    other call runs the original."""
+    model = _model(LastAttention, block=block)
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert {f.source for f in fused.fuse_report.fired if f.rule == "bn_fold"} >= {"blocks.0.bn", "blocks.1.bn"}
+    for y in (x, x + 5):
+        _close(fused(y), model(y))
