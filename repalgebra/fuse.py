@@ -1661,8 +1661,15 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s parameters and buffers by every name they have, for ``functional_call(..., tie_weights=False)``
     in another dtype: a tied one listed once (an LM head sharing its embedding's weight) stayed in the module's
     dtype under its other name, so the float64 run failed and the check fell back to the model's dtype (where a
-    dtype ``forward`` read from ``self.dtype`` and froze went unseen, found by a probe)."""
-    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    dtype ``forward`` read from ``self.dtype`` and froze went unseen, found by a probe).  Each module once, under its
+    first path: a module registered under two names (SkipNet's downsample, also its block's) given two casts kept
+    the second's after the run, as torch puts its slots back in order (the model's copy left in float64, found by a
+    probe)."""
+    named: dict[str, torch.Tensor] = {}
+    for path, m in module.named_modules():
+        prefix = f"{path}." if path else ""
+        named.update((prefix + k, t) for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None)
+    return named
 
 
 def _drawn_elsewhere(want: dict[str, Any], got: dict[str, Any]) -> str | None:

@@ -386,3 +386,31 @@ def test_what_a_function_of_the_model_holds_is_the_copys_own(form):
         if form == "callbacks":  # the user's model changes after fuse: the fused one does not follow it
             model.lin.weight.mul_(2)
             torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-12)
+
+
+class _SharedDownsample(nn.Module):
+    """SkipNet's habit: a downsample registered on its block and on the network, and a float32 tensor made in
+    forward (the model does not run in float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ds = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.ModuleDict({"conv": nn.Conv2d(4, 4, 3, padding=1), "downsample": ds})
+        self.ds = ds
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.block["conv"](x) + self.block["downsample"](x))
+        return (y.permute(0, 2, 3, 1) @ torch.eye(4)).permute(0, 3, 1, 2) + self.ds(x)
+
+
+def test_a_module_under_two_names_keeps_its_dtype_through_the_float64_check():
+    """The float64 check cast each of the module's two names; torch put the slots back in order and left the second
+    cast in place, so fuse's own copy held float64 weights and every later run failed: fuse refused the model as one
+    that does not run (found by a probe)."""
+    model = seeded(_SharedDownsample, 0)().eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = fuse(model, x)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+    assert all(p.dtype == torch.float32 for p in model.parameters())

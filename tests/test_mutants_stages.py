@@ -222,7 +222,7 @@ FEW = {
     "repalgebra.frontend.mode_flags:_namespaces": "one decision, whose code is watched: the model's classes' modules "
     "and torch's layers (the mutant drops the layers: nn.TransformerEncoder's nested path)",
     "repalgebra.fuse:_fixed_casts": "one list, the casts to a floating dtype in a capture (the guard's own mutants cover what follows)",
-    "repalgebra.fuse:_named_tensors": "one line, the parameters and buffers by every name they have",
+    "repalgebra.fuse:_named_tensors": "two decisions: every module's tensors (a tied one under each module holding it), each module once",
     "repalgebra.backend.torch:to_module": "the lowering's driver: its lowerings have mutants of their own; one decision, how an output "
     "structure fx cannot write is rebuilt",
     "repalgebra.frontend.fx_trace:runs_torch_code": "one decision, which modules run on meta tensors to answer what the trace reads",
