@@ -904,3 +904,41 @@ def test_a_draw_of_another_thread_during_a_call_is_not_the_models():
     report = fused.fuse_report
     assert not report.kept_whole and not any("random" in n or "fills" in n for n in report.notes), str(report)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+
+
+class _Leaky(nn.Module):
+    """snntorch's neuron: its update rule a bound method held as an attribute, its membrane a buffer sized lazily."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mem", torch.zeros(0), False)
+        self.state_function = self._base_sub
+
+    def _base_sub(self, x):
+        return 0.5 * self.mem + x
+
+    def forward(self, x):
+        if not self.mem.shape == x.shape:
+            self.mem = torch.zeros_like(x)
+        self.mem = self.state_function(x)
+        spk = (self.mem > 1.0).to(x.dtype)
+        self.mem = self.mem - spk
+        return spk + self.mem
+
+
+def test_a_bound_method_held_by_a_part_with_state_is_bound_to_that_part():
+    """Restoring the neuron's state after fuse's runs copied its ``state_function`` on its own, bound to a third
+    neuron whose membrane no call reached: the two-call check failed and the whole model was kept whole, its BatchNorm
+    unfolded (found by a probe).  The copy is bound to the neuron restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), _Leaky()).double().eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].running_mean.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    for k in range(3):  # the membrane carries over: each call compared in turn, in float64
+        y = x * (k + 1)
+        torch.testing.assert_close(fused(y), ref(y), rtol=1e-10, atol=1e-10)

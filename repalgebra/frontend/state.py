@@ -309,7 +309,10 @@ def _same(a: Any, b: Any) -> bool:
 def restore_in_place(module: nn.Module, initial: nn.Module) -> None:
     """Give ``module`` (a copy of ``initial`` that calls have run) ``initial``'s state: each tensor copied into in
     place where its shape and dtype allow, so one it shares with the rest of the model (a parent's buffer that is
-    this module's) stays shared; other attributes set to copies, and those the calls added removed."""
+    this module's) stays shared; other attributes set to copies, and those the calls added removed.  The copies map
+    ``initial``'s modules to ``module``'s: snntorch's ``self.state_function = self._base_sub``, copied
+    on its own, was bound to a third neuron whose membrane no call reached (found by a probe)."""
+    memo: dict[int, Any] = {id(src): m for m, src in zip(module.modules(), initial.modules())}  # (not its tensors: state)
     with torch.no_grad():
         for m, src in zip(module.modules(), initial.modules()):
             theirs, mine = _own(src), _own(m)
@@ -320,7 +323,7 @@ def restore_in_place(module: nn.Module, initial: nn.Module) -> None:
                 if torch.is_tensor(value) and torch.is_tensor(own) and (own.shape, own.dtype) == (value.shape, value.dtype):
                     own.copy_(value)
                 else:
-                    setattr(m, name, copy.deepcopy(value))
+                    setattr(m, name, copy.deepcopy(value, memo))
 
 
 def _resolves(model: nn.Module, path: str) -> bool:
