@@ -476,3 +476,36 @@ def test_a_sum_in_place_of_values_made_in_their_own_dtype_runs_in_any_dtype(how)
         for got, want in zip(copy.deepcopy(fused).double()(x), copy.deepcopy(model).double()(x)):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (float32 weights, folded in float64)
+
+
+class FlowWarp(nn.Module):
+    """BasicSR's habit: a sampling grid built from a flow, then ``LeakyReLU(inplace=True)`` on fresh features, and
+    ``F.grid_sample`` of both (a call the analysis reads as one that may return either input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flow = nn.Conv2d(3, 2, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.lrelu = nn.LeakyReLU(0.1, inplace=True)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        gy, gx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+        grid = torch.stack((gx, gy), 2) + self.flow(x).permute(0, 2, 3, 1)
+        grid = torch.stack((2.0 * grid[..., 0] / (w - 1) - 1.0, 2.0 * grid[..., 1] / (h - 1) - 1.0), dim=3)
+        feat = self.lrelu(self.bn(self.conv(x)))
+        return F.grid_sample(feat, grid, align_corners=True) + grid.sum(-1).unsqueeze(1)
+
+
+def test_a_call_that_may_return_either_input_does_not_join_them():
+    """Storage sharing is no equivalence: ``grid_sample(feat, grid)`` may share storage with each (to a reading that
+    knows nothing of it), but ``feat`` and ``grid`` share none.  Classes closed under it took the in-place activation
+    on ``feat``'s input for a write into the grid, read afterwards: fx was refused and the model captured at its
+    example's size only (found by a probe)."""
+    model = FlowWarp().eval()
+    gm, notes = functionalized(model)
+    assert notes and "out-of-place" in notes[0]
+    x = torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), model(x.clone()), rtol=0, atol=0)
+

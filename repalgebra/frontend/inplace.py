@@ -255,20 +255,22 @@ def _fresh_tuple(n: fx.Node) -> bool:
     return True
 
 
-def _alias_classes(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, fx.Node]:
-    """Union-find over "may share storage": each node mapped to its class representative."""
-    parent: dict[fx.Node, fx.Node] = {n: n for n in graph.nodes}
+def alias_bases(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, frozenset[fx.Node]]:
+    """Each node mapped to the nodes whose storage it may be: itself, and what each input it may alias
+    (:func:`_alias_inputs`) may be.  Two values may share storage where their bases meet.
 
-    def find(n: fx.Node) -> fx.Node:
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
+    Not an equivalence: a call that may return either of two inputs (``F.grid_sample(feat, grid)``, to a
+    conservative reading) may share storage with each, but the two share none with each other.  Classes closed
+    under that relation (a union-find) took BasicSR's ``LeakyReLU(inplace=True)`` before ``flow_warp`` for a write
+    into the flow grid, and fixed every size of the model (found by a probe)."""
+    bases: dict[fx.Node, frozenset[fx.Node]] = {}
+    for n in graph.nodes:  # (itself too: a view of its result shares that, whatever else it may be)
+        bases[n] = frozenset((n,)).union(*(bases[a] for a in _alias_inputs(n, root)))
+    return bases
 
-    for n in graph.nodes:
-        for a in _alias_inputs(n, root):
-            parent[find(a)] = find(n)
-    return {n: find(n) for n in graph.nodes}
+
+def _shares(bases: dict[fx.Node, frozenset[fx.Node]], a: fx.Node, b: fx.Node) -> bool:
+    return not bases[a].isdisjoint(bases[b])
 
 
 def _where(n: fx.Node) -> str:
@@ -295,16 +297,13 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
     if not inplace:
         return []
     order = {n: k for k, n in enumerate(nodes)}
-    cls = _alias_classes(graph, root)
-    members: dict[fx.Node, list[fx.Node]] = {}
-    for n in nodes:
-        members.setdefault(cls[n], []).append(n)
+    bases = alias_bases(graph, root)
     inplace_set = set(inplace)
     for node in inplace:
         if not node.args or not isinstance(node.args[0], fx.Node):
             raise InplaceHazard(f"in-place call {_describe(node)} on a non-tensor first argument", _where(node))
         v = node.args[0]
-        group = members[cls[v]]
+        group = [w for w in nodes if _shares(bases, w, v)]
         for w in group:
             if w.op == "placeholder":
                 raise InplaceHazard(f"{_describe(node)} changes the input {w.name!r} in place", _where(node))
@@ -313,8 +312,9 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         for w in group:
             if w is v or w in inplace_set:
                 continue
-            if order[w] > order[node] and all(a is v or order[a] >= order[node] for a in _alias_inputs(w, root)):
-                continue  # a view made after the mutation (of the mutated value or the result): it reads the new contents
+            if order[w] > order[node] and all(a is v or order[a] >= order[node] or not _shares(bases, a, v)
+                                              for a in _alias_inputs(w, root)):
+                continue  # made after the mutation (a view of the mutated value or the result): it reads the new contents
             if order[w] > order[node] or any(order[u] > order[node] for u in w.users):
                 raise InplaceHazard(
                     f"{_describe(node)} changes {v.name!r} in place while {w.name!r} may share its storage "
@@ -356,9 +356,9 @@ def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Nod
     for n in nodes[order[node] + 1 :]:
         if any(a in after for a in n.all_input_nodes):
             after.add(n)
-    cls = _alias_classes(node.graph, root)
+    bases = alias_bases(node.graph, root)
     for w in written:
-        readers = [u for m in nodes if cls[m] is cls[w] and m not in after for u in m.users if order[u] > order[node]]
+        readers = [u for m in nodes if _shares(bases, m, w) and m not in after for u in m.users if order[u] > order[node]]
         if readers:
             where = [_source(node), *(_source(u) for u in readers)]
             common = where[0].split(".") if where[0] else []
