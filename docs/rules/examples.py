@@ -539,7 +539,7 @@ def crop_before_conv() -> Example:
     txt = Text()
     txt.line(f"ACNet at padding 0: the 3x1 branch, kernel {vec(ver)}, reads x[..., 1:-1]; the 3x3 reads x")
     txt.grids(("x", x[0, 0]), ("x[..., 1:-1]", x[0, 0, :, 1:-1]))
-    txt.line().line("the crop removes one column on each side the 3x1 conv does not pad: its kernel grows a zero column there")
+    txt.line().line("a column cropped on each side the 3x1 conv does not pad: a zero column of its kernel")
     txt.grids(("3x1 kernel", ver[0, 0]), ("grown kernel", grown.params["weight"][0, 0]))
     ver_y = conv_of(x[..., 1:-1], weight=ver)
     grown_y = conv_of(x, weight=grown.params["weight"])
@@ -552,7 +552,7 @@ def crop_before_conv() -> Example:
     bad = b.build(b.add(b.conv2d(v, weight=W3, padding=(0, 0, 1, 1), source="acb.square_conv"),
                         b.conv2d(cut, weight=ver, padding=(0, 0, 1, 1), source="acb.ver_conv"), source="acb"))
     ref = Text()
-    ref.line("the same crop before a 3x1 conv padded 1 on the left and right: its first output reads a padded zero,")
+    ref.line("the same crop before a 3x1 conv padded 1 left and right: its first output reads a padded zero,")
     ref.line("where a grown kernel would read x's first column")
     ref.line("crop_before_conv refuses: " + refusal(bad, "crop_before_conv").replace(": it", ":\n    it"))
     return Example("crop_before_conv", g, after, {"numbers": str(txt), "refused": str(ref)})
