@@ -2701,3 +2701,40 @@ def test_a_concat_operand_empty_at_the_example_only_is_kept():
     y = torch.randn(3, 3, 8, 8, dtype=D)
     with torch.no_grad():
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-12)
+
+
+@torch.jit.script
+def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """DAC's activation, compiled as its repository compiles it."""
+    shape = x.shape
+    x = x.reshape(shape[0], shape[1], -1)
+    x = x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    return x.reshape(shape)
+
+
+class Snake1d(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1) + 0.2 * torch.randn(1, channels, 1))
+
+    def forward(self, x):
+        return snake(x, self.alpha)
+
+
+def test_a_scripted_function_is_carried_as_a_call_at_any_length():
+    """fx cannot pass a Proxy to a ``@torch.jit.script`` function: DAC's and BigVGAN's ``snake`` sent the model to
+    torch.export at the example's length, and the fused model refused every other (found by a probe).  The trace
+    records each call of one as a call, which the fused model makes; it pickles by the global that holds it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 7, padding=3), nn.BatchNorm1d(8), Snake1d(8), nn.Conv1d(8, 8, 4, stride=2)).double().eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    fused = fuse(model, torch.randn(2, 1, 64, dtype=torch.float64))
+    assert fused.fuse_report.capture == "fx" and fused.fuse_report.rule_counts().get("bn_fold") == 1
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for candidate in (fused, copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        for length in (64, 71):
+            x = torch.randn(3, 1, length, dtype=torch.float64)
+            torch.testing.assert_close(candidate(x), model(x), rtol=1e-10, atol=1e-10)  # float64

@@ -50,6 +50,7 @@ FEW = {
     "repalgebra.frontend.inplace:functionalize": "one decision added to it a test reaches alone: a value made after a write "
     "shares nothing through inputs that share nothing with what was written (the rest is older than the stage's mutants)",
     "repalgebra.frontend.inplace:alias_bases": "one line: a value's bases are itself and its alias inputs' bases",
+    "repalgebra.frontend.fx_trace:_script_functions": "one decision: the scripted functions of the model's code are wrapped",
     "repalgebra.call_dispatch:_equal": "one decision: constants of another type are not the signature's (their values, tensors_in's mutants)",
     "repalgebra.call_dispatch:_ordered": "one decision: keywords are compared by name, not in the order given",
     "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",

@@ -12,6 +12,8 @@ re-traces a fused model), a call records itself as the one fx node it was.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Collection
 
@@ -268,8 +270,29 @@ class OpName:
     overload: str | None  # None for a packet (``torch.ops.aten.mul``)
 
 
+@dataclass(frozen=True)
+class GlobalName:
+    """A ``@torch.jit.script`` function by the module global that holds it, where a module is pickled: compiled code
+    does not pickle (DAC's ``snake``, carried as a call of the fused model)."""
+
+    module: str
+    name: str
+
+
+def _global_name(fn: Any) -> GlobalName | None:
+    """Where ``fn`` is a global of an imported module, its name there."""
+    for module_name, module in list(sys.modules.items()):
+        for name, value in list(vars(module).items()) if module is not None else ():
+            if value is fn:
+                return GlobalName(module_name, name)
+    return None
+
+
 def op_named(target: Any) -> Any:
-    """``target`` as it pickles: an op as its :class:`OpName`, anything else as it is."""
+    """``target`` as it pickles: an op as its :class:`OpName`, a scripted function as its :class:`GlobalName`,
+    anything else as it is."""
+    if isinstance(target, torch.jit.ScriptFunction):
+        return _global_name(target) or target
     if isinstance(target, torch._ops.OpOverload):
         return OpName(target.namespace, target._schema.name.split("::")[1], target._overloadname)
     if isinstance(target, torch._ops.OpOverloadPacket):
@@ -278,7 +301,9 @@ def op_named(target: Any) -> Any:
 
 
 def op_of_name(target: Any) -> Any:
-    """The op an :class:`OpName` names; anything else as it is."""
+    """The op an :class:`OpName` names, the function a :class:`GlobalName` names; anything else as it is."""
+    if isinstance(target, GlobalName):
+        return getattr(importlib.import_module(target.module), target.name)
     if not isinstance(target, OpName):
         return target
     packet = getattr(getattr(torch.ops, target.namespace), target.name)

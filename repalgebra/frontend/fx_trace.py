@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import inspect
 import operator
 import threading
@@ -584,6 +585,18 @@ def _without_proxies(modules: list[nn.Module], before: list[dict[str, Any]]) -> 
                 del vars(m)[name]
 
 
+def _script_functions(modules: list[nn.Module]) -> list[torch.jit.ScriptFunction]:
+    """The ``@torch.jit.script`` functions in the global namespaces of ``modules``' code (DAC's ``snake``): compiled,
+    they take no Proxy, so the trace records each call of one as a call (fx's autowrap) instead of stopping."""
+    seen: dict[int, dict] = {}
+    for m in modules:
+        for cls in type(m).__mro__:
+            module = sys.modules.get(cls.__module__)
+            if module is not None and not cls.__module__.startswith("torch."):
+                seen.setdefault(id(module), vars(module))
+    return [v for namespace in seen.values() for v in namespace.values() if isinstance(v, torch.jit.ScriptFunction)]
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
@@ -612,6 +625,7 @@ class Tracer(fx.Tracer):
         the stale proxy and failed, and the model lost fx)."""
         modules = list(root.modules()) if isinstance(root, nn.Module) else []
         before = [dict(vars(m)) for m in modules]
+        self._autowrap_function_ids.update(id(f) for f in _script_functions(modules))
         with TRACING:
             made = torch.tensor
             torch.tensor = functools.partial(_tensor_of_sizes, made)  # (the lock holds: one trace patches it at a time)
