@@ -50,7 +50,7 @@ class Signature:
     @classmethod
     def of(cls, args: tuple, kwargs: dict) -> "Signature | None":
         """The signature of a call; None where it holds something that is neither a tensor nor a plain constant."""
-        leaves, spec = pytree.tree_flatten(_ordered(args, kwargs))
+        leaves, spec = _flatten(_ordered(args, kwargs))
         if not all(torch.is_tensor(v) or type(v) in _CONSTANTS for v in leaves):
             return None
         return cls(pytree.tree_unflatten([SLOT if torch.is_tensor(v) else v for v in leaves], spec))
@@ -78,7 +78,7 @@ class Signature:
 def tensors_in(skeleton: tuple, args: tuple, kwargs: dict) -> tuple | None:
     """The tensors of a call whose arguments are ``skeleton``'s, a tensor in each slot and equal constants elsewhere;
     None for a call of another signature."""
-    leaves, spec = pytree.tree_flatten(_ordered(args, kwargs))
+    leaves, spec = _flatten(_ordered(args, kwargs))
     want, want_spec = pytree.tree_flatten(skeleton)
     if spec != want_spec:
         return None
@@ -86,6 +86,14 @@ def tensors_in(skeleton: tuple, args: tuple, kwargs: dict) -> tuple | None:
         if (w is SLOT) != torch.is_tensor(got) or (w is not SLOT and not _equal(got, w)):
             return None
     return tuple(v for v in leaves if torch.is_tensor(v))
+
+
+def _flatten(tree: Any) -> tuple[list, Any]:
+    """A call's leaves, opening plain tuples, lists and dicts only: anything else is a leaf, so a structure torch
+    registers with pytree (a ``PackedSequence``, a namedtuple that checks its fields when built) is neither a tensor
+    nor a constant and keeps the part as written.  Opened, a PackedSequence's skeleton could not even be built (its
+    constructor reads its fields' devices) and fuse crashed on an RNN called on one."""
+    return pytree.tree_flatten(tree, is_leaf=lambda v: type(v) not in (tuple, list, dict))
 
 
 def _ordered(args: tuple, kwargs: dict) -> tuple:

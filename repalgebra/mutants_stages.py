@@ -352,6 +352,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.call_dispatch:tensors_in", "if (w is SLOT) != torch.is_tensor(got) or", "if", _SIG),
     ("frontend", "signature-any-type", "a constant of another type taken as equal (8.0 for 8, 1 for True)",
      "repalgebra.call_dispatch:_equal", "return type(a) is type(b) and bool(a == b)", "return bool(a == b)", _SIG),
+    ("frontend", "signature-opens-registered-structures", "a call's PackedSequence opened into its fields: its skeleton cannot be built and fuse crashes on an RNN encoder",
+     "repalgebra.call_dispatch:_flatten", "pytree.tree_flatten(tree, is_leaf=lambda v: type(v) not in (tuple, list, dict))", "pytree.tree_flatten(tree)", _SIG),
     ("frontend", "signature-keywords-as-given", "keywords compared in the order given: the same call written otherwise runs the original",
      "repalgebra.call_dispatch:_ordered", "dict(sorted(kwargs.items()))", "dict(kwargs)", _SIG),
     ("frontend", "structured-refused-graph-first-map", "a fused graph read one tensor at a time gives every item the first tensor",

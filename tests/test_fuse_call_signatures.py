@@ -366,3 +366,32 @@ def test_a_part_called_with_its_tensors_alone_still_takes_its_other_arguments(bl
     assert {f.source for f in fused.fuse_report.fired if f.rule == "bn_fold"} >= {"blocks.0.bn", "blocks.1.bn"}
     for y in (x, x + 5):
         _close(fused(y), model(y))
+
+
+class PackedEncoder(nn.Module):
+    """Tacotron2's encoder: a conv and a BatchNorm, then an LSTM called on a PackedSequence (lengths from values)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c)
+        self.lstm = nn.LSTM(c, 3, batch_first=True)
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x, lengths):
+        x = self.bn(self.conv(x)).transpose(1, 2)
+        x = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        y, _ = self.lstm(x)
+        return nn.utils.rnn.pad_packed_sequence(y, batch_first=True)[0]
+
+
+def test_a_part_called_on_a_packed_sequence_stays_as_written():
+    """A PackedSequence is no plain container of tensors and constants: a signature holding one is None (building
+    its skeleton used to crash fuse, its constructor reading a slot's device) and the LSTM runs as written."""
+    x, lengths = torch.randn(2, 4, 7, dtype=D), torch.tensor([7, 5])
+    packed = nn.utils.rnn.pack_padded_sequence(x.transpose(1, 2), lengths, batch_first=True, enforce_sorted=False)
+    assert Signature.of((packed,), {}) is None
+    model = _model(PackedEncoder)
+    fused = repalgebra.fuse(model, (x, lengths))
+    for args in [(x, lengths), (torch.randn(3, 4, 7, dtype=D), torch.tensor([4, 7, 2]))]:
+        _close(fused(*args), model(*args))

@@ -52,6 +52,7 @@ FEW = {
     "repalgebra.frontend.inplace:alias_bases": "one line: a value's bases are itself and its alias inputs' bases",
     "repalgebra.frontend.fx_trace:_script_functions": "one decision: the scripted functions of the model's code are wrapped",
     "repalgebra.call_dispatch:_equal": "one decision: constants of another type are not the signature's (their values, tensors_in's mutants)",
+    "repalgebra.call_dispatch:_flatten": "one decision: only plain tuples, lists and dicts are opened (a PackedSequence is a leaf)",
     "repalgebra.call_dispatch:_ordered": "one decision: keywords are compared by name, not in the order given",
     "repalgebra.frontend.shapes:_onto_same_shape": "one loop: a node still in the graph has its size reads moved",
     "repalgebra.frontend.handlers_functions:_size_of": "two ways a size is written that it reads: a slice of a shape, and a pair of its items",
