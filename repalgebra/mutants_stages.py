@@ -86,6 +86,7 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _OF = "repalgebra.backend.onnx_fallback"
+_WRITES = (f"{_OE}::test_a_model_that_writes_into_its_input_is_refused_by_name",)
 _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modules",
            "tests/test_fuse.py::test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_hold",
            "tests/test_fuse.py::test_a_module_called_several_times_stays_one_module")
@@ -374,6 +375,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.ranks:shape_length", "return None if r is None else len(range(r)[cut])", "return r", _RK),
     ("frontend", "symbolic-batch-takes-one", "a capture with torch.export's symbolic batch (which holds from 2 up) taken at batch 1 too",
      "repalgebra.fuse:_batches_fit", "and (not got or got[0][0] >= min_batch)", "and True", _RK),
+    ("onnx_backend", "input-written-exported", "a model that updates the cache it is passed, in place, exported as a file that leaves the cache as it was",
+     "repalgebra.backend.onnx:_refuse_state", "    if written:\n", "    if False:\n", _WRITES),
+    ("onnx_backend", "input-written-run-on-example", "the check for writes into the inputs runs the model on the caller's example, and changes it",
+     "repalgebra.backend.onnx:inputs_written", "given = tuple(t.clone() if torch.is_tensor(t) else t for t in example)", "given = tuple(example)", _WRITES),
+    ("onnx_backend", "input-written-by-version-only", "a write into an input that torch's version counter does not see (through .data) taken for none",
+     "repalgebra.backend.onnx:inputs_written", " or not _same(t, example[k])", "", _WRITES),
+    ("onnx_backend", "input-written-by-the-model", "a write into an input made by a part said to be the model's own",
+     "repalgebra.backend.onnx:inputs_written", '(names[k], changed_in.get(k, ""))', '(names[k], "")', _WRITES),
     ("onnx_backend", "dynamic-batch-unchecked-at-one", "an ONNX file given a dynamic batch although the graph differs from the model at batch 1",
      "repalgebra.backend.onnx:_holds_at_batch_one", "return bool(_computes(graph, module, batch_of_one(example, _file_batch(example))))", "return True", _RK),
     ("onnx_backend", "fallback-unchecked-at-one", "an ONNX region traced at another batch is not checked at batch 1 (a branch on len(x) == 1 baked in)",

@@ -73,6 +73,8 @@ FEW = {
     "repalgebra.frontend.builder:read_at_inputs": "one walk; the mutant drops the sizes producers fix",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
+    "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "
+    "(inputs_written's mutants check what counts as one; the state refusals are older than the mutants of the stage)",
     "repalgebra.backend.onnx:_valid": "one check of the written file",
     "repalgebra.backend.onnx:_expand": "one Expand; its other forms are checked by every export that expands (the zoo's)",
     "repalgebra.frontend.fx_trace:holds_nothing_uninstalled": "two answers: weights of its own, or a child that is neither",

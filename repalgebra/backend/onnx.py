@@ -18,6 +18,7 @@ Opset 17 (the oldest with ``LayerNormalization``) is there for older runtimes:
 from __future__ import annotations
 
 
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -1201,15 +1202,23 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
     from repalgebra.frontend.state import find_state
     from repalgebra.verify import TOLERANCES
 
-    work = eval_copy(model)
     try:
-        with torch.no_grad():
-            work(*example)
+        written = inputs_written(eval_copy(model), example)
     except Exception as e:  # noqa: BLE001  (any error of the model's own: said with the example it met)
         raise ValueError(f"cannot export {type(model).__name__} to ONNX: it does not run on the example input "
                          f"({shapes_and_dtypes(example)}): "
                          f"{first_line(e)}; pass input_shape as the shape it runs at, or example tensors "
                          "(token ids, a mask)") from e
+    if written:
+        said = "; ".join(f"{f'{where!r} ({type(model.get_submodule(where)).__name__})' if where else 'its own forward'} "
+                         f"changes the input {name!r} in place" for name, where in written)
+        raise ValueError(
+            f"cannot export {type(model).__name__} to ONNX: {said} (a streaming cache updated with copy_ or "
+            "cache[:] = ...); an ONNX graph cannot write into its inputs, so the file would leave the caller's tensor "
+            "as it was and each later call would compute with the old one. Return the new value instead "
+            "(return y, new_cache) and pass it in on the next call, or, where the caller does not read the change, "
+            "compute it out of place (x = x.clone() first)"
+        )
     work = eval_copy(model)
     state = find_state(work, example, TOLERANCES.get(dtype, 1e-5))
     if state.whole:
@@ -1226,6 +1235,63 @@ def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) ->
             "computes with what the calls before it left; an ONNX graph is one function of its inputs and would freeze "
             "that state at one call"
         )
+
+
+def inputs_written(model: torch.nn.Module, example: tuple) -> list[tuple[str, str]]:
+    """The inputs one call of ``model`` on ``example`` changes in place, each as ``(name, module path)``: the name
+    of its ``forward``'s parameter (``input k`` where it has none) and the innermost module whose call changed it
+    (``""``: the model's own code).  The model runs on copies, so ``example`` is left as given.
+
+    An ONNX graph cannot write into its inputs: a streaming model that updates the cache it is passed
+    (``cache.copy_(x[..., -2:])``) exports as a file whose outputs are right on the first chunk, the caller's
+    cache never updated, and every later chunk convolved with the first context (0.78 off from the second chunk,
+    found by a probe).  A write is seen by the version counter torch bumps on every in-place change of a tensor
+    or a view of it, and by the values (torch.ao's fused fake-quant writes without a bump)."""
+    given = tuple(t.clone() if torch.is_tensor(t) else t for t in example)
+    tensors = [(k, t) for k, t in enumerate(given) if torch.is_tensor(t)]
+    first = {k: t._version for k, t in tensors}
+    changed_in: dict[int, str] = {}
+    before: dict[str, list[int]] = {}
+
+    def pre(path: str) -> Callable:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            before[path] = [t._version for _, t in tensors]
+        return hook
+
+    def post(path: str) -> Callable:
+        def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+            for (k, t), v in zip(tensors, before.get(path, ())):
+                if t._version != v:
+                    changed_in.setdefault(k, path)  # post hooks run innermost first: the first to see it is the writer's
+        return hook
+
+    handles = [h for path, m in model.named_modules() if path and not isinstance(m, torch.jit.ScriptModule)
+               for h in (m.register_forward_pre_hook(pre(path)), m.register_forward_hook(post(path)))]
+    try:
+        with torch.no_grad():
+            model(*given)
+    finally:
+        for h in handles:
+            h.remove()
+    names = _forward_names(model, len(example))
+    return [(names[k], changed_in.get(k, "")) for k, t in tensors if t._version != first[k] or not _same(t, example[k])]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and entries, NaN where the other has NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+def _forward_names(model: torch.nn.Module, n: int) -> list[str]:
+    """The names of ``model.forward``'s first ``n`` positional parameters, ``input k`` past them (``*args``)."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[k] if k < len(params) else f"input {k}" for k in range(n)]
 
 
 def _valid(model: "onnx.ModelProto") -> None:
