@@ -86,6 +86,8 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _OF = "repalgebra.backend.onnx_fallback"
+_PACKED = ("tests/test_onnx_fallback.py::test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input",
+           "tests/test_onnx_fallback.py::test_numbers_read_from_ids_and_allowed_are_not_refused_by_the_lengths_check")
 _WRITES = (f"{_OE}::test_a_model_that_writes_into_its_input_is_refused_by_name",)
 _SHARED = ("tests/test_fuse.py::test_two_folds_with_equal_weights_stay_two_modules",
            "tests/test_fuse.py::test_a_shared_conv_folded_with_two_norms_is_two_modules_whatever_the_norms_hold",
@@ -1358,6 +1360,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "ids-not-halved", "lengths of full-length utterances varied only to 0 and reversed (a padding mask read as numbers unseen)",
      "repalgebra.backend.onnx_fallback:_varied", "else torch.cat([t[:1], t[1:] // 2])", "else t.flip(-1)",
      ("tests/test_onnx_fallback.py::test_lengths_read_as_numbers_from_full_length_utterances_are_refused",)),
+    ("onnx_backend", "lengths-never-all-halved", "check lengths keep their longest ([12, 9] halved after the first row): an LSTM on packed lengths exported at the example's frames",
+     "repalgebra.backend.onnx_fallback:_varied", "if k == 2 else t // 2", "if k == 2 else t", _PACKED),
+    ("onnx_backend", "integer-variations-unchecked", "a part's file not run at other lengths: its output's frames frozen at the example's longest",
+     "repalgebra.backend.onnx_fallback:_refuse_sizes_from_values", "        if e is not None and (why := differs_at_other_integers(",
+     "        if e is None and (why := differs_at_other_integers(", _PACKED),
+    ("onnx_backend", "integer-variations-not-varied", "the check at other lengths runs the file at the check's own lengths",
+     "repalgebra.backend.onnx_fallback:differs_at_other_integers", "varied = _integers_varied(xs, k)", "varied = xs", _PACKED),
+    ("onnx_backend", "integer-variations-on-other-branches", "the file compared with the model where the model's Python read other numbers (allow_example_branches overruled)",
+     "repalgebra.backend.onnx_fallback:differs_at_other_integers", "if got is None or got != seen:", "if got is None:", _PACKED),
     ("onnx_backend", "celu-input-scale-dropped", "CELU written as ELU: exp(x) where it is exp(x / alpha)",
      f"{_OB}:_elu", 'inner = x if a["input_scale"] == 1 else', 'inner = x if True else', _ELU),
     ("torch_backend", "selu-as-elu", "SELU and CELU built as F.elu with their alpha (scale and input scale dropped)",

@@ -306,6 +306,72 @@ def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
         assert close(got, ReadsNumbers(how)(x, ids * 2))
 
 
+class PackedEncoder(nn.Module):
+    """Tacotron2's encoder: conv + BN + ReLU, then a bidirectional LSTM on a ``pack_padded_sequence`` of the frames,
+    padded back; ``total`` pads to the input's length, else to the longest of the lengths (torch's default)."""
+
+    def __init__(self, total: bool, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(c, c, 5, padding=2), nn.BatchNorm1d(c)
+        self.lstm = nn.LSTM(c, 4, batch_first=True, bidirectional=True)
+        self.total = total
+
+    def forward(self, x, lengths):
+        x = self.bn(self.conv(x)).relu().transpose(1, 2)
+        frames = x.shape[1]
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        y, _ = self.lstm(packed)
+        return nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=frames if self.total else None)[0]
+
+
+def _encoder(total: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = PackedEncoder(total).eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("what", ["model", "fused"])
+def test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input(what):
+    """pad_packed_sequence returns as many frames as the longest of the lengths, a size torch reads inside, which
+    neither the checks (the example's lengths, 12 the longest) nor the Python reads saw: the file returned 12 frames
+    for lengths [10, 7] where the model returns 10 (found by a probe).  The checks halve all lengths too, and a file
+    whose output shape differs from the model's there is refused.  Padded to the input's length, it is written and
+    computes the model's frames, float32 to 1e-5 relative, at other lengths and batches."""
+    x, lengths = torch.randn(2, 8, 12), torch.tensor([12, 9])
+    model = _encoder(total=False)
+    source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
+    with pytest.raises(FallbackError, match=r"\(PackedEncoder\) computes something else when only the values of its "
+                                            r"integer inputs change.*output 0 has shape \(2, 12, 8\), not \(2, 6, 8\).*"
+                                            r"output size follows those values"):
+        export_onnx(source, None, (x, lengths))
+    model = _encoder(total=True)
+    source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
+    proto = export_onnx(source, None, (x, lengths))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for y, n in [(torch.randn(2, 8, 12), torch.tensor([10, 7])), (torch.randn(3, 8, 12), torch.tensor([4, 12, 8]))]:
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (y, n))})[0]
+        with torch.no_grad():
+            assert close(got, model(y, n))
+
+
+def test_numbers_read_from_ids_and_allowed_are_not_refused_by_the_lengths_check():
+    """The check at halved ids compares the file with the model only where the model's Python reads what it reads
+    at the check's own ids: a number read from them, accepted with allow_example_branches, is that flag's to judge."""
+    gen = torch.Generator().manual_seed(0)
+    x, ids = torch.randn(2, 8, generator=gen), torch.randint(1, 8, (2, 8), generator=gen)
+    proto, report = export_onnx(ReadsNumbers("scale"), None, (x, ids), return_report=True, allow_example_branches=True)
+    assert [(r.numbers, r.steered) for r in report.regions] == [(1, True)]
+    with torch.no_grad():
+        assert close(run_inputs(proto, (x, ids))[0], ReadsNumbers("scale")(x, ids))
+
+
+def run_inputs(proto: onnx.ModelProto, xs: tuple) -> list[np.ndarray]:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), xs)})
+
+
 class PaddedMean(nn.Module):
     """Conv + BN over ``(B, T, C)`` features, averaged over each utterance's valid frames, with the padding mask
     made as ESPnet makes it: the lengths read as a Python list, the mask as long as the longest."""

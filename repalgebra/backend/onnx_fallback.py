@@ -420,6 +420,7 @@ def export_regions(
             else:
                 wrong = next(((r, why) for r, e in zip(regions, exported) if e and (why := _differs_on(e.model, dynamic_checks, r.index))), None)
                 if wrong is None:
+                    _refuse_sizes_from_values(regions, modules, exported, checks)
                     return _noted(regions, exported, notes, modules, checks), True
                 r, why = wrong
                 notes.append(
@@ -454,6 +455,7 @@ def export_regions(
                    f"{'s' * (e.branches != 1)}: the file takes the branches of the input it was traced with, and the "
                    "check's input took another)" if e.branches else "")
             )
+    _refuse_sizes_from_values(regions, modules, exported, checks)
     return _noted(regions, exported, notes, modules, checks), False
 
 
@@ -483,7 +485,7 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
     branch on sizes (``min(x.shape[0], 4)``, a tensor in a trace) or a test that always holds (``x.abs().sum() >=
     0``) does not.  Evidence, not proof: inputs the checks did not draw may take another branch; and a varied
     input may be one the model never makes (a negated ReLU output), which ``allow_example_branches`` is for."""
-    runs = [*inputs, *(tuple(_varied(t, k) for t in xs) for xs in inputs for k in (0, 1, 2))]
+    runs = [*inputs, *(tuple(_varied(t, k) for t in xs) for xs in inputs for k in VARIATIONS)]
     seen = []
     for xs in runs:
         outcomes = _Outcomes()
@@ -496,20 +498,94 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
     return any(s != seen[0] for s in seen[1:])
 
 
+VARIATIONS = (0, 1, 2, 3)  # the variations of a check input (:func:`_varied`)
+
+
 def _varied(t: Any, k: int) -> Any:
-    """Variation ``k`` (0, 1 or 2) of a check input: floats negated; token ids all 0 (padding), reversed along
-    their last axis, then halved after the first row; a boolean mask inverted, then all True.  Values the checks do
-    not draw at random (ids and masks keep the example's) still vary.  Halving the rows after the first keeps ids
-    valid, and keeps the longest of lengths: full-length utterances, ``[12, 12]``, read into a padding mask as long
-    as the longest (ESPnet's ``make_pad_mask``) had no other variation that ran and changed them (``[0, 0]`` makes
-    a mask of length 0; found by a probe)."""
+    """Variation ``k`` (one of :data:`VARIATIONS`) of a check input: floats negated; token ids all 0 (padding),
+    reversed along their last axis, halved after the first row, then all halved; a boolean mask inverted, then all
+    True.  Values the checks do not draw at random (ids and masks keep the example's) still vary.  Halving the rows
+    after the first keeps ids valid, and keeps the longest of lengths: full-length utterances, ``[12, 12]``, read
+    into a padding mask as long as the longest (ESPnet's ``make_pad_mask``) had no other variation that ran and
+    changed them (``[0, 0]`` makes a mask of length 0; found by a probe).  Halving them all takes the longest below
+    the padded length: an LSTM on a ``pack_padded_sequence`` returns as many frames as the longest of its lengths
+    (torch reads it inside, as a size), and no other variation changed that (found by a probe)."""
     if not torch.is_tensor(t) or not t.dim():
         return t
     if t.is_floating_point():
         return -t
     if t.dtype == torch.bool:
         return ~t if k == 0 else torch.ones_like(t)
-    return torch.zeros_like(t) if k == 0 else t.flip(-1) if k == 1 else torch.cat([t[:1], t[1:] // 2])
+    return torch.zeros_like(t) if k == 0 else t.flip(-1) if k == 1 else torch.cat([t[:1], t[1:] // 2]) if k == 2 else t // 2
+
+
+def _integers_varied(xs: tuple, k: int) -> tuple:
+    """``xs`` with its integer tensors given variation ``k`` (:func:`_varied`), its floats and masks as they are."""
+    return tuple(_varied(t, k) if _is_integer(t) else t for t in xs)
+
+
+def _is_integer(t: Any) -> bool:
+    return torch.is_tensor(t) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def differs_at_other_integers(model: onnx.ModelProto, module: nn.Module, inputs: list[tuple]) -> str:
+    """Why ``model`` (a region's file) does not compute what ``module`` does on ``inputs`` with their integer tensors
+    varied (:func:`_integers_varied`: lengths, token ids), where the module's own Python takes the branches and
+    reads the numbers it takes for the inputs as they are (empty where it does, or no input holds integers).
+
+    The checks' inputs keep the example's ids and lengths, and the booleans and numbers the module's Python reads
+    (:func:`steered_by_values`) do not see what torch reads inside: ``pad_packed_sequence`` returns as many frames
+    as the longest of the lengths ``pack_padded_sequence`` was given, a size torch computes from their values, and
+    the file held the example's (12 frames where the model gave 10, found by a probe).  Where the Python reads the
+    same, the file must give the module's outputs, shapes included; where it reads others, the branches are
+    :func:`steered_by_values`' to judge (and ``allow_example_branches``' to accept)."""
+    if not any(_is_integer(t) and t.dim() for xs in inputs for t in xs):
+        return ""
+    session = None
+    for xs in inputs:
+        seen, _ = _run_noting(module, xs)
+        for k in VARIATIONS:
+            varied = _integers_varied(xs, k)
+            got, out = _run_noting(module, varied)
+            if got is None or got != seen:
+                continue
+            try:
+                session = session or ort_session(model)
+            except Exception:  # noqa: BLE001  (a file onnxruntime cannot load: the checks before refused it or said so)
+                return ""
+            if why := session_differs(session, varied, out):
+                return why
+    return ""
+
+
+def _run_noting(module: nn.Module, xs: tuple) -> tuple[list | None, tuple]:
+    """The booleans and numbers ``module``'s own Python reads from tensors on ``xs`` (:class:`_Outcomes`), and its
+    outputs as a tuple; ``(None, ())`` where it does not run on them."""
+    outcomes = _Outcomes()
+    try:
+        with torch.no_grad(), outcomes:
+            out = module(*_copies(xs))
+    except Exception:  # noqa: BLE001  (inputs it refuses: lengths of 0 that pack_padded_sequence does not take)
+        return None, ()
+    return outcomes.seen, out if isinstance(out, tuple) else (out,)
+
+
+def _refuse_sizes_from_values(regions: list[Region], modules: list[nn.Module], exported: list[ExportedRegion | None],
+                              checks: list[list[tuple[tuple, tuple]]]) -> None:
+    """Raise :class:`FallbackError` naming the first region whose file computes something else than its module
+    where only its integer inputs' values change (:func:`differs_at_other_integers`)."""
+    for r, m, e in zip(regions, modules, exported):
+        if e is not None and (why := differs_at_other_integers(e.model, m, [c[r.index][0] for c in checks])):
+            sizes = "has shape" in why
+            raise FallbackError(
+                f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else when only the "
+                f"values of its integer inputs change (lengths, token ids: all 0, reversed or halved): {why}; "
+                + ("the part's output size follows those values (pad_packed_sequence returns as many frames as the "
+                   "longest of its lengths), and the file would freeze it at the example's" if sizes else
+                   "the file holds what torch computed from the example's values")
+                + f"{_refusals(r)}; no file is written. Give the output the padded length (pad_packed_sequence(..., "
+                "total_length=T), T the padded input's length read before packing), or export the part without it"
+            )
 
 
 class _Outcomes(TorchFunctionMode):
