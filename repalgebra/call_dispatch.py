@@ -13,13 +13,15 @@ what the constants do.
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Signature", "CallDispatch", "MOST_SIGNATURES", "tensors_in"]
+__all__ = ["Signature", "Dispatch", "CallDispatch", "MOST_SIGNATURES", "tensors_in"]
 
 MOST_SIGNATURES = 4  # ways one part may be called and still be fused per way: more, and it stays as written
 
@@ -97,16 +99,76 @@ def _flatten(tree: Any) -> tuple[list, Any]:
 
 
 def _ordered(args: tuple, kwargs: dict) -> tuple:
-    return tuple(args), dict(sorted(kwargs.items()))
+    """The call's arguments, its keywords sorted by name and a ``torch.Size`` as the tuple it is (a recorded call
+    holds one so: ``pos(x, x.shape[2:])`` never matched its own signature)."""
+    return _sizes_as_tuples((tuple(args), dict(sorted(kwargs.items()))))
+
+
+def _sizes_as_tuples(v: Any) -> Any:
+    if isinstance(v, torch.Size):
+        return tuple(v)
+    if type(v) in (tuple, list):
+        return type(v)(_sizes_as_tuples(x) for x in v)
+    if type(v) is dict:
+        return {k: _sizes_as_tuples(x) for k, x in v.items()}
+    return v
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """Same type and value (``8`` is not ``8.0``, ``True`` not ``1``; no NaN equals a NaN: such a call runs the
-    original)."""
-    return type(a) is type(b) and bool(a == b)
+    """Same type and value (``8`` is not ``8.0``, ``True`` not ``1``, ``-0.0`` not ``0.0``: ``math.copysign`` tells
+    them apart; no NaN equals a NaN: such a call runs the original)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (float, complex)):
+        bits = _bits(a)
+        return bits is not None and bits == _bits(b)
+    return bool(a == b)
 
 
-class CallDispatch(nn.Module):
+def _bits(v: float | complex) -> bytes | None:
+    """A float's or complex's bits (None for a NaN, which equals nothing)."""
+    parts = (v.real, v.imag) if isinstance(v, complex) else (v,)
+    return None if any(math.isnan(p) for p in parts) else struct.pack(f"{len(parts)}d", *parts)
+
+
+class Dispatch(nn.Module):
+    """A part fused beside a copy of its original, ``self.original``, which runs the calls the fused forms do not
+    take (:class:`CallDispatch`, and ``fuse``'s ``ShapeDispatch``).
+
+    Its parent's own code may read the part's attributes (``blk.num_heads``) or set them (``blk.gain = 3.0``) on
+    a branch the example did not take: a read is the original's, and a write goes to the original, which from then
+    on runs every call, as written (the fused forms hold what was there when they were captured).  The names
+    listed in ``OWN`` are the dispatcher's own."""
+
+    OWN: frozenset[str] = frozenset({"original", "fused", "guards"})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_modules", {}).get("original")
+            if original is None or name.startswith("_"):
+                raise
+            return getattr(original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_sealed") and not name.startswith("_") and name != "training" and name not in self.OWN:
+            setattr(self.original, name, value)
+            self.__dict__["_as_written"] = True
+            return
+        super().__setattr__(name, value)
+
+    def seal(self) -> None:
+        """From now on, a write to an attribute that is not the dispatcher's own is the original's."""
+        self.__dict__["_sealed"] = True
+
+    @property
+    def as_written(self) -> bool:
+        """Whether the parent set one of the original's attributes: every call then runs the original."""
+        return self.__dict__.get("_as_written", False)
+
+
+class CallDispatch(Dispatch):
     """A part fused once per :class:`Signature`, beside a copy of the original.
 
     A call of one of ``signatures`` whose tensors fit the guards of its fused form (its shapes, where fused at
@@ -120,8 +182,13 @@ class CallDispatch(nn.Module):
         self.original = original
         self.fused = nn.ModuleList(fused)
         self.signatures, self.guards, self.as_called = signatures, guards, as_called
+        self.seal()
+
+    OWN = Dispatch.OWN | {"signatures", "as_called"}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.as_written:
+            return self.original(*args, **kwargs)
         for signature, fused, guards, as_called in zip(self.signatures, self.fused, self.guards, self.as_called):
             tensors = signature.tensors(args, kwargs)
             if tensors is not None and all(g.fits(tensors, fused) for g in guards):

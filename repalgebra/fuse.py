@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from repalgebra.backend.torch import ORIGINS, to_module
-from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Signature
+from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import read_outside
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
@@ -537,6 +537,17 @@ def _install(guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval", mo
         type(module).__prepare_scriptable__ = _refuse_script
 
 
+def _uninstall(guard: Any, module: nn.Module) -> None:
+    """Take ``guard`` off ``module``, and off the copies it makes (:func:`_install`): a dispatcher checks it instead.
+    Left on the copies, a copy had guards its module had not, and fusing a fused model again refused it as one
+    whose copies lose hooks (found by a probe)."""
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is guard]:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if isinstance(module, fx.GraphModule):
+        module._deepcopy_hooks[:] = [h for h in module._deepcopy_hooks if h != _Reinstall(guard)]
+
+
 def _refuse_script(module: nn.Module) -> nn.Module:
     """What ``torch.jit.script`` calls first on a guarded fused module: a TypeError saying why and what works.
 
@@ -724,7 +735,7 @@ def computes_in(module: nn.Module, args: tuple) -> torch.dtype | None:
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
-class ShapeDispatch(nn.Module):
+class ShapeDispatch(Dispatch):
     """A part fused with its shapes fixed, beside a copy of the original: calls at the shapes it was fused at run
     the fused form, any other call the original, as written.
 
@@ -735,9 +746,10 @@ class ShapeDispatch(nn.Module):
     def __init__(self, fused: nn.Module, original: nn.Module, guards: list[ShapeGuard]) -> None:
         super().__init__()
         self.fused, self.original, self.guards = fused, original, guards
+        self.seal()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and all(g.fits(args, self.fused) for g in self.guards):
+        if not kwargs and not self.as_written and all(g.fits(args, self.fused) for g in self.guards):
             return self.fused(*args)
         return self.original(*args, **kwargs)
 
@@ -1019,7 +1031,8 @@ class _Fuser:
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = list(state.per_call)
-            if cached := [c for c in sorted(changed) if c not in stored and c not in DRAWS]:  # (a draw another thread made)
+            if cached := [c for c in sorted(changed) if c not in stored and (c not in DRAWS or c in state.first_draws)]:  # (not
+                # a draw another thread made)
                 self.report.notes.append(
                     f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
                     "where the model ran) compute the same after it: fused as called once"
@@ -1171,13 +1184,14 @@ class _Fuser:
             fused = self.fuse_module(path, calls[0].args)
             guards = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
             if not all(g.free_sizes for g in guards):  # fixed shapes: other calls (another branch of the parent) run the original
-                fused._forward_pre_hooks.clear()  # (a guard of the ranks alone stays: a call of another rank is rare, and refused)
+                for guard in guards:  # (the dispatch checks them: other calls run the original)
+                    _uninstall(guard, fused)
                 fused = ShapeDispatch(fused, copy_module(module), guards)
                 self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
             if self.same_on_all(module, fused, calls[1:]):
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
-        return self.fuse_by_signature(path, calls) or self.keep_whole(path, calls, next(c.not_alone for c in calls if not c.tensor_only))
+        return self.fuse_by_signature(path, calls) or self.keep_whole(path, calls, _not_alone(calls))
 
     def fuse_by_signature(self, path: str, calls: list[Call]) -> nn.Module | None:
         """The part at ``path``, called with keywords or numbers (``blk(x, H, W)``), fused once per
@@ -1186,19 +1200,8 @@ class _Fuser:
         neither a tensor nor a plain constant, the part is called more than ``MOST_SIGNATURES`` ways or is a
         GraphModule, or a capture of any sizes differs on a later call of its signature."""
         module = self.pristine.get_submodule(path)
-        groups: list[tuple[Signature, list[tuple]]] = []
-        for c in calls:
-            for sig, group in groups:
-                if (xs := sig.tensors(c.args, c.kwargs)) is not None:
-                    group.append(xs)
-                    break
-            else:
-                sig = Signature.of(c.args, c.kwargs)
-                xs = None if sig is None else sig.tensors(c.args, c.kwargs)  # (None: a NaN among its constants)
-                if not xs:
-                    return None
-                groups.append((sig, [xs]))
-        if len(groups) > MOST_SIGNATURES or isinstance(module, fx.GraphModule):
+        groups = _by_signature(calls)
+        if groups is None or len(groups) > MOST_SIGNATURES or isinstance(module, fx.GraphModule):
             return None
         mark = self._mark()
         forms, guards, as_called = [], [], []
@@ -1208,8 +1211,8 @@ class _Fuser:
             try:
                 fused = self.fuse_module(path, tensors[0])
                 fixed = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard) and not h.free_sizes]
-                for key in [k for k, h in fused._forward_pre_hooks.items() if h in fixed]:
-                    del fused._forward_pre_hooks[key]  # checked by the dispatch: other shapes run the original
+                for guard in fixed:  # checked by the dispatch: other shapes run the original
+                    _uninstall(guard, fused)
                 if not fixed and not self.same_on_all(view, fused, [Call(xs, {}) for xs in tensors[1:]]):
                     self._rollback(mark)
                     return None
@@ -1257,8 +1260,9 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
             self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
             return module
-        for p, names in written.items():
-            outside.setdefault(p, _SET_BY_PARENT.format(_listed(sorted(names), 4)))
+        for p, names in written.items():  # and each part holding it: a capture of that would hold the values too
+            for holder in [h for h in (".".join(p.split(".")[:k]) for k in range(1, p.count(".") + 2)) if recorded.get(h)]:
+                outside.setdefault(holder, _SET_BY_PARENT.format(_listed(sorted(f"{p[len(holder) + 1:]}.{n}".lstrip(".") for n in names), 4)))
         swaps = self._fuse_children(module, path, "", recorded, outside)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)
@@ -1874,6 +1878,33 @@ def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | Non
 # parent's writes would reach the fused module, which never reads them.
 _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H, blk.W = H, W), which a capture of it "
                   "would hold at the example's values")
+
+
+def _by_signature(calls: list[Call]) -> list[tuple[Signature, list[tuple]]] | None:
+    """``calls`` grouped by :class:`~repalgebra.call_dispatch.Signature`, each with its calls' tensors; None where a
+    call holds something else than tensors and plain constants (or no tensor, or a NaN among its constants)."""
+    groups: list[tuple[Signature, list[tuple]]] = []
+    for c in calls:
+        for sig, group in groups:
+            if (xs := sig.tensors(c.args, c.kwargs)) is not None:
+                group.append(xs)
+                break
+        else:
+            sig = Signature.of(c.args, c.kwargs)
+            xs = None if sig is None else sig.tensors(c.args, c.kwargs)
+            if not xs:
+                return None
+            groups.append((sig, [xs]))
+    return groups
+
+
+def _not_alone(calls: list[Call]) -> str:
+    """Why a part called with keywords or numbers is kept whole: more ways than are fused, or what its calls hold."""
+    groups = _by_signature(calls)
+    if groups is not None and len(groups) > MOST_SIGNATURES:
+        return (f"called {len(groups)} ways with other numbers or keywords (at most {MOST_SIGNATURES} are fused per part): "
+                + ", ".join(repr(sig) for sig, _ in groups[:3]) + ", ...")
+    return next(c.not_alone for c in calls if not c.tensor_only)
 
 
 def _takes_other_calls(module: nn.Module, calls: list[Call]) -> bool:

@@ -529,8 +529,9 @@ MUTANTS: list[Mutant] = [
     _m("crop_before_conv", "alone-grown", "a kernel grown with no conv to merge with (its zero taps only add work)",
        "    if not merges_with_a_sibling(graph, conv, crop, (kh + t + b, kw + l + r)):", "    if False:"),
     _m("crop_before_conv", "sibling-any-stride", "a conv of another stride taken to merge with",
-       'same = ("stride", "dilation", "groups")', 'same = ("dilation", "groups")',
-       target="repalgebra.rules.crop_before_conv:merges_with_a_sibling"),
+       'for k in ("stride", "groups")', 'for k in ("groups",)', target="repalgebra.rules.crop_before_conv:merges_with_a_sibling"),
+    _m("crop_before_conv", "sibling-any-reach", "a conv padded otherwise taken to merge with (it has more outputs: nothing merges, the kernel only grows)",
+       "if reach(n) == reach_grown and lattice_step", "if lattice_step", target="repalgebra.rules.crop_before_conv:merges_with_a_sibling"),
     # ---------------------------------------------------------------- attention_form
     _m("attention_form", "softmax-axis-unchecked", "a softmax over the queries (axis -2) is taken for attention's (over the keys)",
        'if sm.attrs["axis"] % rank != rank - 1:', "if False:"),

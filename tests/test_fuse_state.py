@@ -942,3 +942,25 @@ def test_a_bound_method_held_by_a_part_with_state_is_bound_to_that_part():
     for k in range(3):  # the membrane carries over: each call compared in turn, in float64
         y = x * (k + 1)
         torch.testing.assert_close(fused(y), ref(y), rtol=1e-10, atol=1e-10)
+
+
+class _LazyProjection(nn.Module):
+    """Draws its projection on its first call (a lazy random init)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.proj = None
+
+    def forward(self, x):
+        if self.proj is None:
+            self.proj = torch.randn(x.shape[1], x.shape[1], dtype=x.dtype)
+        return torch.einsum("bchw,cd->bdhw", self.bn(self.conv(x)), self.proj)
+
+
+def test_a_first_calls_draw_is_noted_as_the_models():
+    """The check that tells another thread's draws from the model's ran the copy fuse's first calls had run, saw no
+    draw, and dropped the note that a first call fills the generator (found by a review)."""
+    torch.manual_seed(0)
+    fused = fuse(_LazyProjection().double().eval(), torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert any("a first call fills" in n and "random generator" in n for n in fused.fuse_report.notes), fused.fuse_report.notes

@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -233,21 +234,25 @@ def setting_attributes(module: nn.Module, paths: list[str], written: dict[str, s
     for p in paths:
         sub = module.get_submodule(p)
         handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave, always_call=True)]
-    setattr_ = nn.Module.__setattr__
+    with _SETATTR_PATCH:  # one thread's patch at a time: each puts back what it found
+        setattr_ = nn.Module.__setattr__
 
-    def recording(self: nn.Module, name: str, value: Any) -> None:
-        p = subs.get(id(self))
-        if p is not None and id(self) not in running and not set(running) & _descendant_ids(self, subs):
-            written.setdefault(p, set()).add(name)
-        setattr_(self, name, value)
+        def recording(self: nn.Module, name: str, value: Any) -> None:
+            p = subs.get(id(self))
+            if p is not None and id(self) not in running and not set(running) & _descendant_ids(self, subs):
+                written.setdefault(p, set()).add(name)
+            setattr_(self, name, value)
 
-    nn.Module.__setattr__ = recording
-    try:
-        yield
-    finally:
-        nn.Module.__setattr__ = setattr_
-        for h in handles:
-            h.remove()
+        nn.Module.__setattr__ = recording
+        try:
+            yield
+        finally:
+            nn.Module.__setattr__ = setattr_
+            for h in handles:
+                h.remove()
+
+
+_SETATTR_PATCH = threading.RLock()  # (reentrant: a run inside a run nests its patch, and unwinds it in order)
 
 
 def _descendant_ids(module: nn.Module, subs: dict[int, str]) -> set[int]:

@@ -82,6 +82,7 @@ class State:
     per_call: tuple[str, ...] = ()  # not state: stored from the input on every call, read by none (``self.last = y``)
     changed: tuple[str, ...] = ()  # the names in regions: what a call changes again
     drawn_by: tuple[str, ...] = ()  # the modules whose own code draws from a global generator (in ``changed``)
+    first_draws: tuple[str, ...] = ()  # generators a first call draws from and later ones do not (a lazy random init)
 
     def __bool__(self) -> bool:
         return bool(self.regions or self.whole)
@@ -107,7 +108,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     changed = set(_changed(after_first, _snapshot(work)))
     once = set(_changed(before, after_first)) - changed
     if drawn := {n for n in changed | once if n in DRAWS}:  # another thread's draws move the generators too
-        kept = _draws_itself(work, inputs, drawn)
+        kept = _draws_itself(model, inputs, drawn)
         changed, once = changed - (drawn - kept), once - (drawn - kept)
     per_call: set[str] = set()
     if once:  # filled by the first call: from the input, or the same whatever it is?
@@ -117,7 +118,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     if not changed:
         differs = first_difference(first, second, tolerance)
         if differs is None:
-            return State(per_call=tuple(sorted(per_call)))
+            return State(per_call=tuple(sorted(per_call)), first_draws=tuple(sorted(n for n in once if n in DRAWS)))
         return State(whole=f"two calls with the same input return different outputs ({differs}) and no parameter, "
                      "buffer or attribute changed: its forward reads global state, or draws random numbers")
     sites = _sites(model, inputs, changed)
@@ -148,9 +149,10 @@ def _draws_itself(module: nn.Module, inputs: tuple, names: set[str]) -> set[str]
         with generators_kept():
             ends = []
             for call in (False, False, True, True):
+                fresh = copy_module(module) if call else None  # (a first call may draw what later ones do not: lazy init)
                 seeded_for_checks()
                 if call:
-                    _call(module, inputs)
+                    _call(fresh, inputs)
                 ends.append(generator_states())
         seed, again, first, second = ends
         if seed == again and first == second:

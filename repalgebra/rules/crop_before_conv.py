@@ -25,16 +25,16 @@ start is a number >= 0 and whose end counts from the end, or a pad by amounts
 <= 0 (:func:`~repalgebra.rules.crop_into_conv.cropped`).  The conv pads no side
 the crop removes: there it reads zeros where the uncropped input has values.
 Each crop is a whole number of dilated taps.  Another conv reads the uncropped
-input with the same stride, dilation and groups, and a kernel at least as large
-as the grown one: the grown kernel merges into it; alone, its zero taps would
-only add work.
+input with the same stride and groups, as many outputs at every size, and a
+window that holds the grown kernel's: the grown kernel merges into it; alone,
+or beside a conv padded otherwise, its zero taps would only add work.
 """
 
 from __future__ import annotations
 
 from repalgebra.ir import Graph, Node
 from repalgebra.kernels import pad_kernel_axes
-from repalgebra.match import conv_with, producer
+from repalgebra.match import Window, conv_with, lattice_step, producer, reach, union_window, window
 from repalgebra.rules.crop_into_conv import cropped
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -72,8 +72,21 @@ def grown_taps(removed: tuple[int, int, int, int], padding: tuple[int, int, int,
 
 
 def merges_with_a_sibling(graph: Graph, conv: Node, crop: Node, kernel: tuple[int, int]) -> bool:
-    """Whether another conv reads ``crop``'s input with ``conv``'s stride, dilation and groups and a kernel at least
-    ``kernel`` in each axis."""
-    same = ("stride", "dilation", "groups")
-    return any(n is not conv and n.op == "conv2d" and n.x is crop.x and all(n.attrs[k] == conv.attrs[k] for k in same)
-               and all(a >= b for a, b in zip(n.params["weight"].shape[2:], kernel)) for n in graph.users(crop.x))
+    """Whether another conv reads ``crop``'s input with ``conv``'s stride and groups, as many outputs at every size
+    (:func:`~repalgebra.match.reach`), and a window that holds ``conv``'s grown to ``kernel``: the two then merge
+    into that conv's kernel (:mod:`kernel_pad`, :mod:`branch_sum`) at no cost.  A sibling padded otherwise (a 3x3
+    padded 1 beside a 3x1 padded 0) is no such conv, and growing the kernel would only add work (found by a
+    review)."""
+    t, b, l, r = conv.attrs["padding"]
+    dh, dw = conv.attrs["dilation"]
+    grown = Window(conv.attrs["stride"], (-t, -l), (dh, dw), kernel)
+    reach_grown = (t + b - dh * (kernel[0] - 1), l + r - dw * (kernel[1] - 1))
+    for n in graph.users(crop.x):
+        if n is conv or n.op != "conv2d" or n.x is not crop.x or any(n.attrs[k] != conv.attrs[k] for k in ("stride", "groups")):
+            continue
+        theirs = window(n)
+        if reach(n) == reach_grown and lattice_step([grown, theirs]) is not None:
+            union = union_window([grown, theirs])
+            if (union.first, union.count) == (theirs.first, theirs.count):
+                return True
+    return False

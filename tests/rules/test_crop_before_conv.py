@@ -3,8 +3,8 @@
     conv(crop(x; a, c, e, f); W, padding P) = conv(x; pad(W, a/d_h, c/d_h, e/d_w, f/d_w), padding P)
 
 The crop is a slice of step 1 (start >= 0, end from the end) along the height or width, or a pad by amounts <= 0,
-on sides the conv does not pad, by whole dilated taps; another conv of the uncropped input (same stride, dilation
-and groups, a kernel at least the grown one) is there to merge with.  The identity holds at every input size:
+on sides the conv does not pad, by whole dilated taps; another conv of the uncropped input (same stride and groups,
+as many outputs, a window holding the grown kernel's) is there to merge with.  The identity holds at every input size:
 the rewritten conv is also compared with the model at a second size.  Refused: a cropped side the conv pads, a
 crop that is no whole number of taps, no conv to merge with.  Tolerances: :func:`repalgebra.testing.assert_graphs_equal`
 (float64 1e-9 relative; the model's dtype otherwise).
@@ -75,8 +75,11 @@ def cases(draw):
         axis = draw(st.sampled_from([2, -2] if lo == 0 else [3, -1]))
         crop = ("slice", axis, removed[lo], -removed[hi] if removed[hi] else None)
     grown = (k[0] + taps[0] + taps[1], k[1] + taps[2] + taps[3])
-    sibling = (tuple(g + draw(st.integers(0, 1)) for g in grown), tuple(draw(st.integers(0, 2)) for _ in range(4)), stride)
-    extent = [d * (g - 1) + 1 for d, g in zip(dilation, grown)]
+    # a sibling whose window holds the grown kernel's with as many outputs: more taps on a side, as much more padding
+    more = [draw(st.integers(0, 1)) for _ in range(4)]
+    sibling = ((grown[0] + more[0] + more[1], grown[1] + more[2] + more[3]),
+               tuple(p + m * d for p, m, d in zip(padding, more, (dh, dh, dw, dw))), stride)
+    extent = [d * (g + 2 - 1) + 1 for d, g in zip(dilation, grown)]
     size = tuple(e + 2 * s + draw(st.integers(2, 9)) for e, s in zip(extent, stride))
     return size, k, stride, dilation, draw(st.sampled_from([1, 2])), padding, crop, sibling, tuple(taps)
 
@@ -107,11 +110,13 @@ _ACB = dict(size=(7, 9), k=(3, 1), stride=(1, 1), dilation=(1, 1), groups=1, pad
 
 
 @given(dtype=float_dtypes(), seed=seeds(), which=st.sampled_from(["padded side", "half a tap", "no sibling",
-                                                                   "small sibling", "strided sibling"]))
+                                                                   "small sibling", "strided sibling", "sibling padded otherwise",
+                                                                   "sibling of fewer outputs"]))
 def test_refused_where_the_conv_pads_the_cropped_side_or_nothing_takes_the_grown_kernel(dtype, seed, which):
     case = dict(_ACB)
     why = {"padded side": "pads the left side the crop removes", "half a tap": "not a whole number of taps",
-           "no sibling": "no other conv", "small sibling": "no other conv", "strided sibling": "no other conv"}[which]
+           "no sibling": "no other conv", "small sibling": "no other conv", "strided sibling": "no other conv",
+           "sibling padded otherwise": "no other conv", "sibling of fewer outputs": "no other conv"}[which]
     if which == "padded side":
         case["padding"] = (0, 0, 1, 0)
     elif which == "half a tap":
@@ -120,8 +125,12 @@ def test_refused_where_the_conv_pads_the_cropped_side_or_nothing_takes_the_grown
         case["sibling"] = None
     elif which == "small sibling":
         case["sibling"] = ((3, 2), (0, 0, 0, 0), (1, 1))
-    else:
+    elif which == "strided sibling":
         case["sibling"] = ((3, 3), (0, 0, 0, 0), (2, 1))
+    elif which == "sibling padded otherwise":  # a 3x3 padded 1 beside the 3x1 padded 0 (a review)
+        case["sibling"] = ((3, 3), (1, 1, 1, 1), (1, 1))
+    else:  # its window holds the grown kernel's, but one tap wider unpadded, it has one output fewer
+        case["sibling"] = ((3, 4), (0, 0, 0, 0), (1, 1))
     graph, _ = acnet_branch(**case, dtype=dtype, seed=seed)
     fused, report = run_rules(graph, "crop_before_conv")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
