@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .symbolic import assert_differs, assert_equal, conv2d, describe, symbols_tensor
+from .symbolic import assert_differs, assert_equal, conv2d, conv_symbols, describe, symbols_tensor
 
 
 def fuse(w: np.ndarray, removed, dilation) -> np.ndarray:
@@ -67,9 +67,7 @@ CONFIGS = [
 def prove() -> list[str]:
     done = []
     for cfg in CONFIGS:
-        x = symbols_tensor("x", (cfg["C"], cfg["H"], cfg["W"]))
-        w = symbols_tensor("w", (cfg["O"], cfg["C"] // cfg["groups"], *cfg["k"]))
-        b = symbols_tensor("b", (cfg["O"],)) if cfg["bias"] else None
+        x, w, b = conv_symbols(cfg)
         kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"], padding=cfg["padding"])
         lhs = conv2d(crop(x, cfg["removed"]), w, b, **kw)
         rhs = conv2d(x, fuse(w, cfg["removed"], cfg["dilation"]), b, **kw)
