@@ -1336,3 +1336,38 @@ def test_a_tuple_valued_call_on_a_value_another_region_computes_is_exported():
     with torch.no_grad():
         decoded, (h, c) = model(*example)
     assert all(close(g, w) for g, w in zip(got, (decoded, h, c)))
+
+
+class _MaskedEncoder(nn.Module):
+    """BERT's habit with torch's own encoder: token ids and an int64 attention mask of 1s and 0s."""
+
+    def __init__(self, vocab: int = 50, d: int = 16) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(32, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[1]).unsqueeze(0))
+        return self.head(self.enc(h, src_key_padding_mask=attention_mask == 0)[:, 0])
+
+
+def test_an_encoder_with_an_integer_mask_exports():
+    """The check of integer inputs varied the mask to all 0 (every key masked: no tokenizer's input), where torch and
+    the file put NaN in different places, and refused the encoder, which exported right before (a review).  It
+    compares the file's output shapes only.  onnxruntime against float32, to 1e-4 relative (attention's softmax)."""
+    torch.manual_seed(0)
+    model = _MaskedEncoder().eval()
+    ids, mask = torch.randint(1, 50, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    proto = export_onnx(model, None, (ids, mask))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    ids2, mask2 = torch.randint(1, 50, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    mask2[0, 4:] = 0
+    for xs in ((ids, mask), (ids2, mask2)):
+        with torch.no_grad():
+            want = model(*xs)
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, xs)})[0]
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)

@@ -1245,8 +1245,9 @@ def inputs_written(model: torch.nn.Module, example: tuple) -> list[tuple[str, st
     An ONNX graph cannot write into its inputs: a streaming model that updates the cache it is passed
     (``cache.copy_(x[..., -2:])``) exports as a file whose outputs are right on the first chunk, the caller's
     cache never updated, and every later chunk convolved with the first context (0.78 off from the second chunk,
-    found by a probe).  A write is seen by the version counter torch bumps on every in-place change of a tensor
-    or a view of it, and by the values (torch.ao's fused fake-quant writes without a bump)."""
+    found by a probe).  A write counts where it changes the values (the version counter torch bumps on every
+    in-place change of a tensor or a view of it names the module that wrote; torch.ao's fused fake-quant writes
+    without a bump), unless the model returns that input, which carries the new values to the caller."""
     given = tuple(t.clone() if torch.is_tensor(t) else t for t in example)
     tensors = [(k, t) for k, t in enumerate(given) if torch.is_tensor(t)]
     first = {k: t._version for k, t in tensors}
@@ -1269,12 +1270,15 @@ def inputs_written(model: torch.nn.Module, example: tuple) -> list[tuple[str, st
                for h in (m.register_forward_pre_hook(pre(path)), m.register_forward_hook(post(path)))]
     try:
         with torch.no_grad():
-            model(*given)
+            out = model(*given)
     finally:
         for h in handles:
             h.remove()
     names = _forward_names(model, len(example))
-    return [(names[k], changed_in.get(k, "")) for k, t in tensors if t._version != first[k] or not _same(t, example[k])]
+    # A write that changes no value (an in-place ReLU of a non-negative image) loses nothing, and an input the model
+    # also returns (``cache[:] = new; return y, cache``) reaches the caller through the file's output (a review).
+    returned = {id(t) for t in pytree.tree_leaves(out) if torch.is_tensor(t)}
+    return [(names[k], changed_in.get(k, "")) for k, t in tensors if not _same(t, example[k]) and id(t) not in returned]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -54,6 +54,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.calls import FnCall
@@ -537,7 +538,7 @@ def differs_at_other_integers(model: onnx.ModelProto, module: nn.Module, inputs:
     (:func:`steered_by_values`) do not see what torch reads inside: ``pad_packed_sequence`` returns as many frames
     as the longest of the lengths ``pack_padded_sequence`` was given, a size torch computes from their values, and
     the file held the example's (12 frames where the model gave 10, found by a probe).  Where the Python reads the
-    same, the file must give the module's outputs, shapes included; where it reads others, the branches are
+    same, the file's outputs must have the module's shapes; where it reads others, the branches are
     :func:`steered_by_values`' to judge (and ``allow_example_branches``' to accept)."""
     if not any(_is_integer(t) and t.dim() for xs in inputs for t in xs):
         return ""
@@ -553,8 +554,23 @@ def differs_at_other_integers(model: onnx.ModelProto, module: nn.Module, inputs:
                 session = session or ort_session(model)
             except Exception:  # noqa: BLE001  (a file onnxruntime cannot load: the checks before refused it or said so)
                 return ""
-            if why := session_differs(session, varied, out):
+            if why := _shapes_differ(session, varied, out):
                 return why
+    return ""
+
+
+def _shapes_differ(session: Any, inputs: tuple, outputs: tuple) -> str:
+    """Why the file's outputs on ``inputs`` do not have ``outputs``' shapes (empty where they do).  Shapes only: the
+    values at inputs no model is given (a mask of ids all 0 masks every key, where torch's fast path gives zeros and
+    the file NaN) refused BERT-style encoders that exported right (found by a review); what the values read by the
+    Python decide is :func:`steered_by_values`' to judge."""
+    try:
+        got = session.run(None, dict(_fed([i.name for i in session.get_inputs()], [t.detach().cpu().numpy() for t in inputs])))
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime: {_first_line(e)}"
+    for k, (g, t) in enumerate(zip(got, outputs)):
+        if torch.is_tensor(t) and tuple(g.shape) != tuple(t.shape):
+            return f"output {k} has shape {tuple(g.shape)}, not {tuple(t.shape)}"
     return ""
 
 
@@ -583,8 +599,10 @@ def _refuse_sizes_from_values(regions: list[Region], modules: list[nn.Module], e
                 + ("the part's output size follows those values (pad_packed_sequence returns as many frames as the "
                    "longest of its lengths), and the file would freeze it at the example's" if sizes else
                    "the file holds what torch computed from the example's values")
-                + f"{_refusals(r)}; no file is written. Give the output the padded length (pad_packed_sequence(..., "
-                "total_length=T), T the padded input's length read before packing), or export the part without it"
+                + f"{_refusals(r)}; no file is written. "
+                + ("Give the output the padded length (pad_packed_sequence(..., total_length=T), T the padded input's "
+                   "length read before packing), or export the part without it" if sizes else
+                   "Compute what depends on those values with tensor ops, or export the part without it")
             )
 
 
