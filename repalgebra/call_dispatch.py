@@ -132,40 +132,77 @@ def _bits(v: float | complex) -> bytes | None:
 
 
 class Dispatch(nn.Module):
-    """A part fused beside a copy of its original, ``self.original``, which runs the calls the fused forms do not
+    """A part fused beside a copy of its original, ``self._original``, which runs the calls the fused forms do not
     take (:class:`CallDispatch`, and ``fuse``'s ``ShapeDispatch``).
 
-    Its parent's own code may read the part's attributes (``blk.num_heads``) or set them (``blk.gain = 3.0``) on
-    a branch the example did not take: a read is the original's, and a write goes to the original, which from then
-    on runs every call, as written (the fused forms hold what was there when they were captured).  The names
-    listed in ``OWN`` are the dispatcher's own."""
-
-    OWN: frozenset[str] = frozenset({"original", "fused", "guards"})
+    Its parent's own code may read the part's attributes (``blk.num_heads``) or change them (``blk.gain = 3.0``,
+    ``blk.set_gain(3.0)``, ``blk.attn.H = H``) on a branch the example did not take.  Every public name is the
+    original's (the dispatcher's own state has names of its own, ``_forms`` and the like, so that a part's
+    ``self.fused`` is no dispatcher's), and a write of a name the original has goes to it.  Before each call the
+    plain attributes of the original's modules are compared with those it was sealed with
+    (:func:`_fingerprint`): where they changed, the original runs that call and every later one, as written; the
+    fused forms hold what was there when they were captured (found by reviews)."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            original = self.__dict__.get("_modules", {}).get("original")
-            if original is None or name.startswith("_"):
+            original = self.__dict__.get("_modules", {}).get("_original")
+            if original is None or name in _DISPATCH_STATE:
                 raise
             return getattr(original, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_sealed") and not name.startswith("_") and name != "training" and name not in self.OWN:
-            setattr(self.original, name, value)
-            self.__dict__["_as_written"] = True
+        original = self.__dict__.get("_modules", {}).get("_original")
+        if (self.__dict__.get("_sealed") and original is not None and name not in _DISPATCH_STATE and name not in MODULE_STATE
+                and not hasattr(type(self), name) and hasattr(original, name)):
+            setattr(original, name, value)  # (a name the original lacks, fuse_report or qconfig, stays here)
             return
         super().__setattr__(name, value)
 
-    def seal(self) -> None:
-        """From now on, a write to an attribute that is not the dispatcher's own is the original's."""
-        self.__dict__["_sealed"] = True
+    def _seal(self) -> None:
+        """From now on, a write of a name the original has is the original's, and a change of its plain attributes
+        makes it run every call."""
+        self.__dict__["_sealed"] = _fingerprint(self._original)
+
+    def _changed(self) -> bool:
+        """Whether the original's plain attributes changed since it was sealed, or since it last ran here (its own
+        writes in its forward are its own: state it keeps was left whole before any dispatcher was made)."""
+        if self.__dict__.get("_as_written"):
+            return True
+        if _fingerprint(self._original) != self.__dict__.get("_sealed"):
+            self.__dict__["_as_written"] = True
+        return self.__dict__.get("_as_written", False)
+
+    def _run_original(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._original(*args, **kwargs)
+        if not self.__dict__.get("_as_written"):
+            self.__dict__["_sealed"] = _fingerprint(self._original)
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy's (``copy.deepcopy``, ``torch.load``) identities are its own: sealed again, unless it ran as written."""
+        super().__setstate__(state)
+        if not self.__dict__.get("_as_written") and "_original" in self._modules:
+            self._seal()
 
     @property
-    def as_written(self) -> bool:
-        """Whether the parent set one of the original's attributes: every call then runs the original."""
-        return self.__dict__.get("_as_written", False)
+    def _as_written(self) -> bool:
+        """Whether the original runs every call (its attributes were changed from outside)."""
+        return bool(self.__dict__.get("_as_written", False))
+
+
+_DISPATCH_STATE = frozenset({"_original", "_forms", "_guards", "_signatures", "_as_called", "_sealed", "_as_written"})
+MODULE_STATE = frozenset(vars(nn.Module())) | {"forward"}  # nn.Module's bookkeeping, and a forward a tool wraps
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """The plain attributes of ``module``'s modules, each as its value where it is a number, a string or None, else
+    as its identity: what a parent's write or a method's (``self.gain = g``) changes."""
+    def token(v: Any) -> Any:
+        return v if type(v) in (int, float, bool, str, type(None)) else id(v)
+
+    return tuple(tuple(sorted((k, token(v)) for k, v in vars(m).items() if k not in MODULE_STATE)) for m in module.modules())
 
 
 class CallDispatch(Dispatch):
@@ -173,27 +210,24 @@ class CallDispatch(Dispatch):
 
     A call of one of ``signatures`` whose tensors fit the guards of its fused form (its shapes, where fused at
     fixed shapes) runs that form on its tensors, or on the call as made where ``as_called`` says so (a form kept
-    whole, its children fused); any other call runs ``original`` as written.
+    whole, its children fused); any other call runs the original as written.
     """
 
     def __init__(self, original: nn.Module, signatures: list[Signature], fused: list[nn.Module], guards: list[list],
                  as_called: list[bool]) -> None:
         super().__init__()
-        self.original = original
-        self.fused = nn.ModuleList(fused)
-        self.signatures, self.guards, self.as_called = signatures, guards, as_called
-        self.seal()
-
-    OWN = Dispatch.OWN | {"signatures", "as_called"}
+        self._original = original
+        self._forms = nn.ModuleList(fused)
+        self._signatures, self._guards, self._as_called = signatures, guards, as_called
+        self._seal()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.as_written:
-            return self.original(*args, **kwargs)
-        for signature, fused, guards, as_called in zip(self.signatures, self.fused, self.guards, self.as_called):
-            tensors = signature.tensors(args, kwargs)
-            if tensors is not None and all(g.fits(tensors, fused) for g in guards):
-                return fused(*args, **kwargs) if as_called else fused(*tensors)
-        return self.original(*args, **kwargs)
+        if not self._changed():
+            for signature, fused, guards, as_called in zip(self._signatures, self._forms, self._guards, self._as_called):
+                tensors = signature.tensors(args, kwargs)
+                if tensors is not None and all(g.fits(tensors, fused) for g in guards):
+                    return fused(*args, **kwargs) if as_called else fused(*tensors)
+        return self._run_original(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return "fused for the calls " + ", ".join(map(repr, self.signatures))
+        return "fused for the calls " + ", ".join(map(repr, self._signatures))

@@ -745,13 +745,13 @@ class ShapeDispatch(Dispatch):
 
     def __init__(self, fused: nn.Module, original: nn.Module, guards: list[ShapeGuard]) -> None:
         super().__init__()
-        self.fused, self.original, self.guards = fused, original, guards
-        self.seal()
+        self._forms, self._original, self._guards = nn.ModuleList([fused]), original, guards
+        self._seal()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs and not self.as_written and all(g.fits(args, self.fused) for g in self.guards):
-            return self.fused(*args)
-        return self.original(*args, **kwargs)
+        if not kwargs and not self._changed() and all(g.fits(args, self._forms[0]) for g in self._guards):
+            return self._forms[0](*args)
+        return self._run_original(*args, **kwargs)
 
 
 @one_at_a_time
@@ -1223,6 +1223,9 @@ class _Fuser:
             forms.append(fused)
             guards.append(fixed)
             as_called.append(type(fused) is not view_class)
+        if len(self.report.fired) == mark[0]:  # nothing folded: no copy of the original is worth keeping beside it
+            self._rollback(mark)
+            return None
         self.report.notes.append(f"{_where(path)}: fused for its calls {', '.join(repr(sig) for sig, _ in groups)}; "
                                  "any other call runs it as written")
         return CallDispatch(copy_module(module), [sig for sig, _ in groups], forms, guards, as_called)
@@ -1260,9 +1263,11 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
             self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
             return module
-        for p, names in written.items():  # and each part holding it: a capture of that would hold the values too
-            for holder in [h for h in (".".join(p.split(".")[:k]) for k in range(1, p.count(".") + 2)) if recorded.get(h)]:
-                outside.setdefault(holder, _SET_BY_PARENT.format(_listed(sorted(f"{p[len(holder) + 1:]}.{n}".lstrip(".") for n in names), 4)))
+        for p, names in written.items():  # and each called part holding it, by identity: a capture of that would hold
+            target = module.get_submodule(p)  # the values too (a module under two names is listed under its first)
+            for holder in [h for h, cs in recorded.items() if cs and any(m is target for m in module.get_submodule(h).modules())]:
+                inner = p[len(holder) + 1:] if p.startswith(f"{holder}.") else "" if p == holder else f"{p} (shared)"
+                outside.setdefault(holder, _SET_BY_PARENT.format(_listed(sorted(f"{inner}.{n}".lstrip(".") for n in names), 4)))
         swaps = self._fuse_children(module, path, "", recorded, outside)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)

@@ -630,7 +630,7 @@ def test_a_child_fused_at_fixed_shapes_runs_as_written_at_others():
     negative = -positive  # the same shape, the other branch: the child sees 10x10, not 5x5
     with torch.no_grad():
         torch.testing.assert_close(fused(negative), model(negative), rtol=1e-9, atol=1e-9)
-    assert bn_left(fused.child.fused) == 0
+    assert bn_left(fused.child._forms[0]) == 0
 
 
 def test_kept_whole_parent_that_reads_a_childs_attributes_keeps_that_child():

@@ -55,6 +55,7 @@ FEW = {
     "repalgebra.fuse:_uninstall": "one decision a test reaches alone: the copies made later get no guard back (taking it off the module is a dict's)",
     "repalgebra.fuse:_not_alone": "one decision: more signatures than are fused is said as such (else the first odd argument, older wording)",
     "repalgebra.backend.onnx_fallback:_shapes_differ": "two decisions: output shapes compared, values not (those are steered_by_values')",
+    "repalgebra.call_dispatch:_fingerprint": "two decisions: every module's plain attributes, numbers by value",
     "repalgebra.call_dispatch:_equal": "two decisions: constants of another type are not the signature's, floats compared by their bits",
     "repalgebra.call_dispatch:_flatten": "one decision: only plain tuples, lists and dicts are opened (a PackedSequence is a leaf)",
     "repalgebra.call_dispatch:_ordered": "one decision: keywords are compared by name, not in the order given",

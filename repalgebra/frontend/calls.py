@@ -280,12 +280,16 @@ class GlobalName:
 
 
 def _global_name(fn: Any) -> GlobalName | None:
-    """Where ``fn`` is a global of an imported module, its name there."""
+    """Where ``fn`` is a global of an imported module, its name there: a module other than ``__main__`` first (a
+    script that imported it by name pickled it as the script's, which another process cannot import; a review)."""
+    found = []
     for module_name, module in list(sys.modules.items()):
-        for name, value in list(vars(module).items()) if module is not None else ():
-            if value is fn:
-                return GlobalName(module_name, name)
-    return None
+        try:
+            names = [name for name, value in list(vars(module).items()) if value is fn]
+        except TypeError:  # (an entry vars() does not take)
+            continue
+        found += [GlobalName(module_name, name) for name in names]
+    return min(found, key=lambda g: g.module in ("__main__", "__mp_main__"), default=None)
 
 
 def op_named(target: Any) -> Any:

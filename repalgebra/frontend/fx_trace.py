@@ -150,6 +150,11 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
     on every call: BERT's ``self.position_ids[:, :seq_length]``, LLaMA's rotary
     ``self.inv_freq[None, :, None].expand(B, -1, 1)``, CLIP's ``torch.empty(bsz, L, L)`` causal mask, EdgeNeXt's
     ``torch.zeros(B, H, W)``, HF's ``torch.finfo(scores.dtype).min``."""
+    # torch._dynamo builds its tables of constant types (torch.finfo among them) when first imported: imported here
+    # under the patch, by a capture of a part inside a trace, it held these stand-ins, and torch.compile failed in
+    # that process from then on (found by the test suite, run in another order).
+    import torch._dynamo.utils  # noqa: F401
+
     patched: list[tuple[Any, str, Any]] = []  # (owner, name, its own attribute before, or None: inherited)
 
     def record(owner: Any, name: str, kind: str) -> None:
