@@ -281,6 +281,8 @@ class ReadsNumbers(nn.Module):
             return x * float(ids.max())
         if self.how == "trim":
             return x[:, : int(ids.max())].sum(1)
+        if self.how == "keep":  # the trim itself: the output's size is the number read
+            return x[:, : int(ids.max())]
         if self.how == "range":  # a 0-d tensor read through __index__ (found by a review)
             return sum(x[:, i] for i in range(ids.max()))
         if self.how == "numpy":  # Tacotron2's lengths.cpu().numpy() (found by a probe)
@@ -356,15 +358,17 @@ def test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input(what):
             assert close(got, model(y, n))
 
 
-def test_numbers_read_from_ids_and_allowed_are_not_refused_by_the_lengths_check():
+@pytest.mark.parametrize("how", ["scale", "keep"])
+def test_numbers_read_from_ids_and_allowed_are_not_refused_by_the_lengths_check(how):
     """The check at halved ids compares the file with the model only where the model's Python reads what it reads
-    at the check's own ids: a number read from them, accepted with allow_example_branches, is that flag's to judge."""
+    at the check's own ids: a number read from them (one the output's size follows, too), accepted with
+    allow_example_branches, is that flag's to judge."""
     gen = torch.Generator().manual_seed(0)
     x, ids = torch.randn(2, 8, generator=gen), torch.randint(1, 8, (2, 8), generator=gen)
-    proto, report = export_onnx(ReadsNumbers("scale"), None, (x, ids), return_report=True, allow_example_branches=True)
+    proto, report = export_onnx(ReadsNumbers(how), None, (x, ids), return_report=True, allow_example_branches=True)
     assert [(r.numbers, r.steered) for r in report.regions] == [(1, True)]
     with torch.no_grad():
-        assert close(run_inputs(proto, (x, ids))[0], ReadsNumbers("scale")(x, ids))
+        assert close(run_inputs(proto, (x, ids))[0], ReadsNumbers(how)(x, ids))
 
 
 def run_inputs(proto: onnx.ModelProto, xs: tuple) -> list[np.ndarray]:
