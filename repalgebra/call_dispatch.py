@@ -79,15 +79,35 @@ class Signature:
 
 def tensors_in(skeleton: tuple, args: tuple, kwargs: dict) -> tuple | None:
     """The tensors of a call whose arguments are ``skeleton``'s, a tensor in each slot and equal constants elsewhere;
-    None for a call of another signature."""
-    leaves, spec = _flatten(_ordered(args, kwargs))
-    want, want_spec = pytree.tree_flatten(skeleton)
-    if spec != want_spec:
+    None for a call of another signature.  It runs on every call of a dispatcher, so it walks the call beside the
+    skeleton once, opening what :func:`_flatten` opens (a ``torch.Size`` as its tuple), with no pytree spec built
+    per call (two flattens cost a small block more than its fused form saved)."""
+    want_args, want_kwargs = skeleton
+    if len(args) != len(want_args) or len(kwargs) != len(want_kwargs):
         return None
-    for got, w in zip(leaves, want):
-        if (w is SLOT) != torch.is_tensor(got) or (w is not SLOT and not _equal(got, w)):
+    found: list = []
+    if not _matches(want_args, tuple(args), found):
+        return None
+    for name, want in want_kwargs.items():  # (sorted by name, as the recorded call's were)
+        if name not in kwargs or not _matches(want, kwargs[name], found):
             return None
-    return tuple(v for v in leaves if torch.is_tensor(v))
+    return tuple(found)
+
+
+def _matches(want: Any, got: Any, found: list) -> bool:
+    """Whether ``got`` is ``want`` of a skeleton (a tensor in each slot, appended to ``found``; equal constants and
+    containers of the same kind elsewhere)."""
+    if want is SLOT:
+        found.append(got)
+        return torch.is_tensor(got)
+    kind = type(want)
+    if kind is tuple or kind is list:
+        return ((type(got) is kind or (kind is tuple and type(got) is torch.Size)) and len(got) == len(want)
+                and all(_matches(w, g, found) for w, g in zip(want, got)))
+    if kind is dict:
+        return (type(got) is dict and list(got) == list(want)
+                and all(_matches(w, got[k], found) for k, w in want.items()))
+    return not torch.is_tensor(got) and _equal(got, want)
 
 
 def _flatten(tree: Any) -> tuple[list, Any]:

@@ -134,11 +134,11 @@ FEW = {
     "repalgebra.frontend.inputs:_batched": "one decision: which inputs hold a row per sample",
     "repalgebra.backend.onnx:_threshold": "one comparison and one choice; the mutant is the form that differs only at NaN",
     "repalgebra.backend.onnx_fallback:steered_by_values": "one comparison of the outcomes: the mutants say never and always",
-    "repalgebra.backend.onnx_fallback:_varied": "one variation per kind of tensor; the mutants drop those of ids and masks, the halving of ids after the first row, and of them all",
-    "repalgebra.backend.onnx_fallback:_refuse_sizes_from_values": "one decision: a region whose file differs at other integers is refused (the message is the test's match)",
-    "repalgebra.backend.onnx_fallback:differs_at_other_integers": "two decisions: the integers are varied, and compared only where the "
-    "module's Python reads what it reads at the check's own (which floats vary is left to the outcomes: a negated float "
-    "that changes nothing the Python reads computes the same function in the file)",
+    "repalgebra.backend.onnx_fallback:_refuse_sizes_from_values": "one decision: a region whose file differs at other values is refused (the message is the test's match)",
+    "repalgebra.backend.onnx_fallback:differs_at_other_values": "two decisions: the values are varied, and compared only where the "
+    "module's Python reads what it reads at the check's own (which floats vary is _values_varied's, with its mutant)",
+    "repalgebra.backend.onnx_fallback:_values_varied": "one choice: which inputs vary (ids and masks by _varied's mutants, "
+    "halved floats by its own)",
     "repalgebra.backend.onnx:_elu": "the native ops' choice is checked by onnxruntime's own kernels; the mutant drops CELU's input scale",
     "repalgebra.backend.torch:_elu": "one choice: F.elu, or ATen's elu with a scale and an input scale",
     "repalgebra.backend.torch:_add_const": "one choice besides the sign: how the constant is held (parameter or buffer)",

@@ -310,52 +310,94 @@ def test_a_number_read_from_input_values_is_refused_unless_allowed(how):
 
 class PackedEncoder(nn.Module):
     """Tacotron2's encoder: conv + BN + ReLU, then a bidirectional LSTM on a ``pack_padded_sequence`` of the frames,
-    padded back; ``total`` pads to the input's length, else to the longest of the lengths (torch's default)."""
+    padded back; ``total`` pads to the input's length, else to the longest of the lengths (torch's default).  The
+    lengths are given as integers, or (``given``) summed from a boolean mask, True where valid or where padded
+    (``mask.sum(1)``), or as SpeechBrain's relative lengths in [0, 1] (``round(wav_lens * T)``)."""
 
-    def __init__(self, total: bool, c: int = 8) -> None:
+    def __init__(self, total: bool, given: str = "lengths", c: int = 8) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv1d(c, c, 5, padding=2), nn.BatchNorm1d(c)
         self.lstm = nn.LSTM(c, 4, batch_first=True, bidirectional=True)
-        self.total = total
+        self.total, self.given = total, given
 
     def forward(self, x, lengths):
         x = self.bn(self.conv(x)).relu().transpose(1, 2)
         frames = x.shape[1]
+        if self.given == "valid":
+            lengths = lengths.sum(1)
+        elif self.given == "padded":
+            lengths = frames - lengths.sum(1)
+        elif self.given == "relative":
+            lengths = torch.round(lengths * frames).long()
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         y, _ = self.lstm(packed)
         return nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=frames if self.total else None)[0]
 
 
-def _encoder(total: bool) -> nn.Module:
+def _encoder(total: bool, given: str = "lengths") -> nn.Module:
     torch.manual_seed(0)
-    model = PackedEncoder(total).eval()
+    model = PackedEncoder(total, given).eval()
     model.bn.running_mean.uniform_(-0.5, 0.5)
     model.bn.running_var.uniform_(0.5, 2.0)
     return model
 
 
+def _lengths_as(given: str, lengths: torch.Tensor, frames: int = 12) -> torch.Tensor:
+    """``lengths`` as :class:`PackedEncoder` takes them ``given``."""
+    valid = torch.arange(frames) < lengths[:, None]
+    return {"lengths": lengths, "valid": valid, "padded": ~valid, "relative": lengths / frames}[given]
+
+
+@pytest.mark.parametrize("given", ["lengths", "valid", "padded", "relative"])
 @pytest.mark.parametrize("what", ["model", "fused"])
-def test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input(what):
+def test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input(what, given):
     """pad_packed_sequence returns as many frames as the longest of the lengths, a size torch reads inside, which
     neither the checks (the example's lengths, 12 the longest) nor the Python reads saw: the file returned 12 frames
-    for lengths [10, 7] where the model returns 10 (found by a probe).  The checks halve all lengths too, and a file
-    whose output shape differs from the model's there is refused.  Padded to the input's length, it is written and
-    computes the model's frames, float32 to 1e-5 relative, at other lengths and batches."""
-    x, lengths = torch.randn(2, 8, 12), torch.tensor([12, 9])
-    model = _encoder(total=False)
+    for lengths [10, 7] where the model returns 10 (found by a probe); so it did for lengths summed from a boolean
+    mask, True where valid or where padded, and for relative lengths in floats, which random draws do not give (a
+    review).  The checks halve all lengths, cut masks to their first half or pad their second, and halve floats, and
+    a file whose output shape differs from the model's there is refused.  Padded to the input's length, it is
+    written and computes the model's frames, float32 to 1e-5 relative, at other lengths and batches."""
+    x, lengths = torch.randn(3, 8, 12), _lengths_as(given, torch.tensor([12, 9, 5]))
+    model = _encoder(False, given)
     source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
     with pytest.raises(FallbackError, match=r"\(PackedEncoder\) computes something else when only the values of its "
-                                            r"integer inputs change.*output 0 has shape \(2, 12, 8\), not \(2, 6, 8\).*"
+                                            r"inputs change.*output 0 has shape \(3, 12, 8\), not \(3, 6, 8\).*"
                                             r"output size follows those values"):
         export_onnx(source, None, (x, lengths))
-    model = _encoder(total=True)
+    model = _encoder(True, given)
     source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
     proto = export_onnx(source, None, (x, lengths))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for y, n in [(torch.randn(2, 8, 12), torch.tensor([10, 7])), (torch.randn(3, 8, 12), torch.tensor([4, 12, 8]))]:
-        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (y, n))})[0]
         with torch.no_grad():
-            assert close(got, model(y, n))
+            assert close(run_inputs(proto, (y, _lengths_as(given, n)))[0], model(y, _lengths_as(given, n)))
+
+
+class SlicesByNumber(nn.Module):
+    """Conv + BN, its first ``int(n)`` channels kept: ``n`` a 0-d integer input, read as a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x, n):
+        return self.bn(self.conv(x))[:, :int(n)]
+
+
+def test_a_number_read_from_a_0d_integer_input_is_refused_unless_allowed():
+    """A 0-d integer input was never varied, so ``int(n)`` read the example's 6 in every check and the file kept 6
+    channels where the model keeps 3 for n = 3 (a review).  0-d inputs vary as their kind does; the number read
+    comes out otherwise, and the export is refused unless allowed, where its file keeps the example's channels."""
+    torch.manual_seed(0)
+    model = SlicesByNumber().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    x, n = torch.randn(2, 3, 8, 8), torch.tensor(6)
+    with pytest.raises(FallbackError, match="came out otherwise for other inputs"):
+        export_onnx(model, None, (x, n))
+    proto = export_onnx(model, None, (x, n), allow_example_branches=True)
+    with torch.no_grad():
+        assert close(run_inputs(proto, (x, n))[0], model(x, n))
+        assert run_inputs(proto, (x, torch.tensor(3)))[0].shape[1] == 6
 
 
 @pytest.mark.parametrize("how", ["scale", "keep"])

@@ -503,50 +503,67 @@ VARIATIONS = (0, 1, 2, 3)  # the variations of a check input (:func:`_varied`)
 
 
 def _varied(t: Any, k: int) -> Any:
-    """Variation ``k`` (one of :data:`VARIATIONS`) of a check input: floats negated; token ids all 0 (padding),
-    reversed along their last axis, halved after the first row, then all halved; a boolean mask inverted, then all
-    True.  Values the checks do not draw at random (ids and masks keep the example's) still vary.  Halving the rows
-    after the first keeps ids valid, and keeps the longest of lengths: full-length utterances, ``[12, 12]``, read
-    into a padding mask as long as the longest (ESPnet's ``make_pad_mask``) had no other variation that ran and
-    changed them (``[0, 0]`` makes a mask of length 0; found by a probe).  Halving them all takes the longest below
-    the padded length: an LSTM on a ``pack_padded_sequence`` returns as many frames as the longest of its lengths
-    (torch reads it inside, as a size), and no other variation changed that (found by a probe)."""
-    if not torch.is_tensor(t) or not t.dim():
+    """Variation ``k`` (one of :data:`VARIATIONS`) of a check input: floats negated, then halved after the first
+    row, then all halved; token ids all 0 (padding), reversed along their last axis, halved after the first row,
+    then all halved; a boolean mask inverted, all True, then cut to the first half of its last axis (``&``), then
+    padded over its second half (``|``).  Values the checks do not draw at random (ids and masks keep the
+    example's) still vary.  Halving the rows after the first keeps ids valid, and keeps the longest of lengths:
+    full-length utterances, ``[12, 12]``, read into a padding mask as long as the longest (ESPnet's
+    ``make_pad_mask``) had no other variation that ran and changed them (``[0, 0]`` makes a mask of length 0; found
+    by a probe).  Halving them all takes the longest below the padded length: an LSTM on a
+    ``pack_padded_sequence`` returns as many frames as the longest of its lengths (torch reads it inside, as a
+    size), and no other variation changed that (found by a probe).  The halved masks and floats do the same for
+    lengths summed from a mask (``mask.sum(1)``, True where valid or where padded) and for SpeechBrain's relative
+    lengths (``wav_lens * T``, in [0, 1]).  A 0-d tensor (``y[:, :int(n)]``) varies as its kind does."""
+    if not torch.is_tensor(t):
         return t
     if t.is_floating_point():
-        return -t
+        return -t if k < 2 else _halved(t, k == 2)
     if t.dtype == torch.bool:
-        return ~t if k == 0 else torch.ones_like(t)
-    return torch.zeros_like(t) if k == 0 else t.flip(-1) if k == 1 else torch.cat([t[:1], t[1:] // 2]) if k == 2 else t // 2
+        if k < 2 or not t.dim():
+            return ~t if k == 0 else torch.ones_like(t)
+        first = torch.arange(t.shape[-1], device=t.device) < (t.shape[-1] + 1) // 2
+        return t & first if k == 2 else t | ~first
+    return torch.zeros_like(t) if k == 0 else (t.flip(-1) if t.dim() else t) if k == 1 else _halved(t, k == 2)
 
 
-def _integers_varied(xs: tuple, k: int) -> tuple:
-    """``xs`` with its integer tensors given variation ``k`` (:func:`_varied`), its floats and masks as they are."""
-    return tuple(_varied(t, k) if _is_integer(t) else t for t in xs)
+def _halved(t: torch.Tensor, after_first: bool) -> torch.Tensor:
+    """``t`` halved (floor division for integers), only its rows after the first where ``after_first``."""
+    half = t / 2 if t.is_floating_point() else t // 2
+    return torch.cat([t[:1], half[1:]]) if after_first and t.dim() else half
+
+
+def _values_varied(xs: tuple, k: int) -> tuple:
+    """``xs`` with variation ``k`` (:func:`_varied`) of its integer tensors and masks, and of its floats where it
+    halves them (not their negation: the checks' random draws vary signs already)."""
+    return tuple(_varied(t, k) if _is_integer(t) or (torch.is_tensor(t) and t.is_floating_point() and k >= 2) else t
+                 for t in xs)
 
 
 def _is_integer(t: Any) -> bool:
-    return torch.is_tensor(t) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    """An integer tensor or a boolean mask: values the checks take from the example."""
+    return torch.is_tensor(t) and not (t.is_floating_point() or t.is_complex())
 
 
-def differs_at_other_integers(model: onnx.ModelProto, module: nn.Module, inputs: list[tuple]) -> str:
-    """Why ``model`` (a region's file) does not compute what ``module`` does on ``inputs`` with their integer tensors
-    varied (:func:`_integers_varied`: lengths, token ids), where the module's own Python takes the branches and
-    reads the numbers it takes for the inputs as they are (empty where it does, or no input holds integers).
+def differs_at_other_values(model: onnx.ModelProto, module: nn.Module, inputs: list[tuple]) -> str:
+    """Why ``model`` (a region's file) does not compute what ``module`` does on ``inputs`` with their values varied
+    (:func:`_values_varied`: lengths, token ids, masks, halved floats), where the module's own Python takes the
+    branches and reads the numbers it takes for the inputs as they are (empty where it does).
 
-    The checks' inputs keep the example's ids and lengths, and the booleans and numbers the module's Python reads
-    (:func:`steered_by_values`) do not see what torch reads inside: ``pad_packed_sequence`` returns as many frames
-    as the longest of the lengths ``pack_padded_sequence`` was given, a size torch computes from their values, and
-    the file held the example's (12 frames where the model gave 10, found by a probe).  Where the Python reads the
-    same, the file's outputs must have the module's shapes; where it reads others, the branches are
-    :func:`steered_by_values`' to judge (and ``allow_example_branches``' to accept)."""
-    if not any(_is_integer(t) and t.dim() for xs in inputs for t in xs):
-        return ""
+    The checks' inputs keep the example's ids, masks and lengths (and its floats, where random ones do not run),
+    and the booleans and numbers the module's Python reads (:func:`steered_by_values`) do not see what torch reads
+    inside: ``pad_packed_sequence`` returns as many frames as the longest of the lengths ``pack_padded_sequence``
+    was given, a size torch computes from their values, and the file held the example's (12 frames where the model
+    gave 10, found by a probe; so too with lengths summed from a boolean mask, or relative lengths in floats).
+    Where the Python reads the same, the file's outputs must have the module's shapes; where it reads others, the
+    branches are :func:`steered_by_values`' to judge (and ``allow_example_branches``' to accept)."""
     session = None
     for xs in inputs:
         seen, _ = _run_noting(module, xs)
         for k in VARIATIONS:
-            varied = _integers_varied(xs, k)
+            varied = _values_varied(xs, k)
+            if all(a is b for a, b in zip(varied, xs)):
+                continue
             got, out = _run_noting(module, varied)
             if got is None or got != seen:
                 continue
@@ -589,13 +606,14 @@ def _run_noting(module: nn.Module, xs: tuple) -> tuple[list | None, tuple]:
 def _refuse_sizes_from_values(regions: list[Region], modules: list[nn.Module], exported: list[ExportedRegion | None],
                               checks: list[list[tuple[tuple, tuple]]]) -> None:
     """Raise :class:`FallbackError` naming the first region whose file computes something else than its module
-    where only its integer inputs' values change (:func:`differs_at_other_integers`)."""
+    where only its inputs' values change (:func:`differs_at_other_values`)."""
     for r, m, e in zip(regions, modules, exported):
-        if e is not None and (why := differs_at_other_integers(e.model, m, [c[r.index][0] for c in checks])):
+        if e is not None and (why := differs_at_other_values(e.model, m, [c[r.index][0] for c in checks])):
             sizes = "has shape" in why
             raise FallbackError(
                 f"torch.onnx.export's export of {r.where} ({', '.join(r.whats)}) computes something else when only the "
-                f"values of its integer inputs change (lengths, token ids: all 0, reversed or halved): {why}; "
+                f"values of its inputs change (lengths, token ids, masks: all 0, reversed, halved or cut to their "
+                f"first half): {why}; "
                 + ("the part's output size follows those values (pad_packed_sequence returns as many frames as the "
                    "longest of its lengths), and the file would freeze it at the example's" if sizes else
                    "the file holds what torch computed from the example's values")
