@@ -107,7 +107,7 @@ def _matches(want: Any, got: Any, found: list) -> bool:
     if kind is dict:
         return (type(got) is dict and list(got) == list(want)
                 and all(_matches(w, got[k], found) for k, w in want.items()))
-    return not torch.is_tensor(got) and _equal(got, want)
+    return _equal(got, want)  # (a tensor is of no constant's type)
 
 
 def _flatten(tree: Any) -> tuple[list, Any]:
@@ -182,22 +182,24 @@ class Dispatch(nn.Module):
 
     def _seal(self) -> None:
         """From now on, a write of a name the original has is the original's, and a change of its plain attributes
-        makes it run every call."""
-        self.__dict__["_sealed"] = _fingerprint(self._original)
+        makes it run every call.  The modules watched are listed here, once: a child replaced later changes its
+        parent's fingerprint."""
+        self.__dict__["_watched"] = list(self._original.modules())
+        self.__dict__["_sealed"] = _fingerprint(self._watched)
 
     def _changed(self) -> bool:
         """Whether the original's plain attributes changed since it was sealed, or since it last ran here (its own
         writes in its forward are its own: state it keeps was left whole before any dispatcher was made)."""
         if self.__dict__.get("_as_written"):
             return True
-        if _fingerprint(self._original) != self.__dict__.get("_sealed"):
+        if _fingerprint(self._watched) != self.__dict__.get("_sealed"):
             self.__dict__["_as_written"] = True
         return self.__dict__.get("_as_written", False)
 
     def _run_original(self, *args: Any, **kwargs: Any) -> Any:
         out = self._original(*args, **kwargs)
         if not self.__dict__.get("_as_written"):
-            self.__dict__["_sealed"] = _fingerprint(self._original)
+            self._seal()
         return out
 
     def __setstate__(self, state: dict) -> None:
@@ -212,17 +214,25 @@ class Dispatch(nn.Module):
         return bool(self.__dict__.get("_as_written", False))
 
 
-_DISPATCH_STATE = frozenset({"_original", "_forms", "_guards", "_signatures", "_as_called", "_sealed", "_as_written"})
+_DISPATCH_STATE = frozenset({"_original", "_forms", "_guards", "_signatures", "_as_called", "_sealed", "_watched",
+                             "_as_written"})
 MODULE_STATE = frozenset(vars(nn.Module())) | {"forward"}  # nn.Module's bookkeeping, and a forward a tool wraps
 
 
-def _fingerprint(module: nn.Module) -> tuple:
-    """The plain attributes of ``module``'s modules, each as its value where it is a number, a string or None, else
-    as its identity: what a parent's write or a method's (``self.gain = g``) changes."""
-    def token(v: Any) -> Any:
-        return v if type(v) in (int, float, bool, str, type(None)) else id(v)
+_PLAIN = (int, float, bool, str, type(None))
 
-    return tuple(tuple(sorted((k, token(v)) for k, v in vars(m).items() if k not in MODULE_STATE)) for m in module.modules())
+
+def _fingerprint(modules: list[nn.Module]) -> tuple:
+    """The plain attributes of ``modules``, each as its value where it is a number, a string or None, else
+    as its identity, and the identities of their children, parameters and buffers: what a parent's write or a
+    method's changes (``self.gain = g``, ``blk.conv = nn.Conv2d(...)``, ``blk.conv.weight = nn.Parameter(w)``: a
+    replaced weight the fused form folded before, and a child replaced by one of equal settings, went unseen; a
+    review).  It runs before every call of a dispatcher, so it reads each dict once and sorts nothing (an attribute
+    deleted and set again reads as a change)."""
+    return tuple((tuple([(k, v if type(v) in _PLAIN else id(v)) for k, v in vars(m).items() if k not in MODULE_STATE]),
+                  tuple(map(id, m._modules.values())), tuple(map(id, m._parameters.values())),
+                  tuple(map(id, m._buffers.values())))
+                 for m in modules)
 
 
 class CallDispatch(Dispatch):
