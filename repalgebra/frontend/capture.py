@@ -259,18 +259,21 @@ def _descendant_ids(module: nn.Module, subs: dict[int, str]) -> set[int]:
     return {id(m) for m in module.modules() if id(m) in subs and m is not module}
 
 
+def cloned(tree: Any) -> Any:
+    """``tree`` with each of its tensors a detached clone, one clone per tensor: ``attn(x, x, x)`` is called again
+    with one tensor thrice, and a forward that writes into its inputs (a cache) writes into the clones."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def clone(t: Any) -> Any:
+        if torch.is_tensor(t) and id(t) not in copies:
+            copies[id(t)] = t.detach().clone()
+        return copies[id(t)] if torch.is_tensor(t) else t
+
+    return pytree.tree_map(clone, tree)
+
+
 def _record(module: nn.Module, call: Call, calls: dict[str, list[Call]]) -> None:
     handles = []
-
-    def cloned(tree: Any) -> Any:  # one clone per tensor: ``attn(x, x, x)`` is called again with one tensor thrice
-        copies: dict[int, torch.Tensor] = {}
-
-        def clone(t: Any) -> Any:
-            if torch.is_tensor(t) and id(t) not in copies:
-                copies[id(t)] = t.detach().clone()
-            return copies[id(t)] if torch.is_tensor(t) else t
-
-        return pytree.tree_map(clone, tree)
 
     def hook_for(path: str):
         def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
+from repalgebra.frontend.capture import cloned
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import Ranks, shape_length
@@ -997,11 +998,13 @@ class _Recorder(fx.Interpreter):
 
 
 def record_run(gm: fx.GraphModule, inputs: tuple, inferred: str | None) -> dict[fx.Node, Any]:
-    """Run ``gm`` once on ``inputs``: per fx node, :func:`summarize` of its result."""
+    """Run ``gm`` once on copies of ``inputs`` (:func:`~repalgebra.frontend.capture.cloned`: a forward that
+    writes into a cache it is given advanced the caller's example twice; a probe): per fx node, :func:`summarize`
+    of its result."""
     rec = _Recorder(gm)
     try:
         with torch.no_grad():
-            rec.run(*inputs)
+            rec.run(*cloned(tuple(inputs)))
     except Exception as e:
         if inferred:
             raise ValueError(f"the model does not run on the inferred input ({inferred}): {e}; pass example_inputs") from e
