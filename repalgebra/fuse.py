@@ -1341,7 +1341,7 @@ class _Fuser:
         try:
             with warnings.catch_warnings():  # a copy of such a Proxy warns (torch's LeafSpec) before it fails
                 warnings.simplefilter("ignore", FutureWarning)
-                fused = to_module(graph, output_spec=cap.output_spec, class_name=name)
+                fused = to_module(graph, output_spec=cap.output_spec, class_name=name, own_dtype=self.dtype)
         except Exception as e:  # noqa: BLE001  (a part it carries does not copy: a hook stored a tracing Proxy in it)
             raise CaptureFailed(f"the {cap.how} capture's module cannot be built: {first_line(e)}") from e
         _follow_requires_grad(fused, self.pristine.get_submodule(path))

@@ -1952,6 +1952,39 @@ def test_a_float64_model_that_computes_a_norm_in_float32_still_folds(how):
         torch.testing.assert_close(fused(x), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
+class Float32Scan(nn.Module):
+    """Mamba's ``selective_scan_ref`` habit in a float64 model: ``A = -torch.exp(self.A_log.float())`` and an einsum
+    in float32, the result cast back."""
+
+    def __init__(self, d: int = 8, n: int = 4) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0).repeat(d, 1)))
+        self.proj, self.bn = nn.Conv1d(d, d, 1), nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        delta = F.softplus(self.bn(self.proj(x)).float())
+        A = -torch.exp(self.A_log.float())
+        return torch.einsum("bdl,dn->bdnl", delta, A).sum(2).to(x.dtype)
+
+
+@pytest.mark.parametrize("how", ["group", "mul", "scan"])
+def test_a_cast_of_a_fused_model_to_its_own_dtype_leaves_its_float32_parts(how):
+    """A float64 model computing a part in float32 on purpose fuses to float32 tensors beside its float64 ones, and
+    ``fused.double()`` (a no-op for the model) cast them: the part ran in float64 (7e-7 off) or the einsum refused
+    the mixed dtypes (a probe).  They are read cast to the dtype they are held in: the cast computes bit for bit
+    what the fused model did before it."""
+    torch.manual_seed(0)
+    model = randomized(Float32Scan() if how == "scan" else UpcastNorm(how))
+    x = torch.randn(2, *((8, 5) if how == "scan" else (3, 8, 8)), dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    assert any(t.dtype == torch.float32 for t in [*fused.parameters(), *fused.buffers()]), "the test needs a float32 tensor"
+    with torch.no_grad():
+        before = fused(x)
+        for cast in (lambda m: m.double(), lambda m: m.to(torch.float64)):
+            assert torch.equal(cast(copy.deepcopy(fused))(x), before)
+
+
 def _hooked(kind: str) -> nn.Module:
     """Layers with the old hook-based weight reparameterizations (HiFi-GAN, WaveNet, GAN discriminators)."""
     torch.manual_seed(0)

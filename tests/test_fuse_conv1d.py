@@ -455,3 +455,53 @@ def test_a_crop_to_a_length_the_conv_does_not_fix_stays_a_read(case):
     for length, cut in ((20, 14), (33, 5), (40, 21)):
         x, other = torch.randn(3, 4, length, dtype=D), torch.randn(1, cut, dtype=D)
         torch.testing.assert_close(fused(x, other), model(x, other), rtol=1e-12, atol=1e-12)
+
+
+class LoraConv1d(nn.Module):
+    """peft's LoRA on a Conv1d: ``base(x) + lora_B(lora_A(x)) * scaling``, then a BatchNorm1d; or a residual scale
+    ``conv(x) * 0.5`` before it."""
+
+    def __init__(self, lora: bool) -> None:
+        super().__init__()
+        self.lora, self.scaling = lora, 2.0
+        self.base, self.lora_A = nn.Conv1d(4, 8, 3, padding=1), nn.Conv1d(4, 2, 3, padding=1, bias=False)
+        self.lora_B, self.bn = nn.Conv1d(2, 8, 1, bias=False), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling if self.lora else self.base(x) * 0.5
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_conv1d_scaled_by_a_number_folds_its_batch_norm(lora):
+    """A number times a Conv1d's output is a scale along the length, its factor repeated, and it stopped the 1-D
+    lift: the BatchNorm1d stayed and LoRA's branches did not merge (3 convs; a probe).  A scale by one number runs
+    on the lift like a ReLU: one conv, at any batch and length (float64, to 1e-9)."""
+    model = seeded(lambda: LoraConv1d(lora), 0)().to(D).eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.bn.running_mean.normal_()
+    fused = fuse(model, torch.randn(2, 4, 20, dtype=D))
+    assert count_bn(fused) == 0 and fused.fuse_report.ops_after.get("conv2d") == 1, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 11), (1, 4, 33)])
+
+
+class ScalesTheLength(nn.Module):
+    """A learned factor per position of a fixed length (a 1-D positional gain), after a Conv1d and before its BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 20))
+
+    def forward(self, x):
+        return self.bn(self.conv(x) * self.gain)
+
+
+def test_a_scale_along_the_length_is_not_lifted():
+    """Only a scale by one number runs on the lift: factors that differ along the length are no channel scale,
+    and the model computes what it did (float64, to 1e-9)."""
+    model = seeded(ScalesTheLength, 0)().to(D).eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    fused = fuse(model, torch.randn(2, 4, 20, dtype=D))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)  # (taken for a number, the check refused it)
+    assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 20)])

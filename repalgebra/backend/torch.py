@@ -84,9 +84,10 @@ class OpCall(nn.Module):
 class Lowering:
     """The module and fx graph being built; lowerings add submodules, buffers and calls through it."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_dtype: torch.dtype | None = None) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
+        self.own_dtype = own_dtype  # the model's dtype: a held tensor of another floating dtype is read as its own
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
         self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
@@ -124,7 +125,7 @@ class Lowering:
         """Register a constant tensor (cloned) and return the node reading it."""
         name = self.name(hint)
         self.root.register_buffer(name, tensor.detach().clone())
-        return self.graph.get_attr(name)
+        return self._pinned(self.graph.get_attr(name), tensor)
 
     def add_parameter(self, hint: str, tensor: torch.Tensor) -> fx.Node:
         """Register a parameter holding ``tensor`` (cloned) and return the node reading it.  One equal to a parameter
@@ -135,7 +136,16 @@ class Lowering:
             name = self.name(hint)
             self.root.register_parameter(name, _param(tensor))
             self._params_by_hint.setdefault(key, []).append(name)
-        return self.graph.get_attr(name)
+        return self._pinned(self.graph.get_attr(name), tensor)
+
+    def _pinned(self, read: fx.Node, tensor: torch.Tensor) -> fx.Node:
+        """``read`` (of ``tensor``), cast to the tensor's dtype where that is a floating dtype other than the
+        model's (:func:`held_dtype`): the model computes that part in it on purpose (Mamba's ``-torch.exp(self.A_log.float())`` in a float64 model), and a cast of
+        the fused module (``.double()``, ``.to(torch.float64)``, a no-op for the model) cast the held tensor too, so
+        the part ran in float64 (7e-7 off) or a kernel refused the mixed dtypes (a probe).  A cast back to the
+        dtype it was held in restores its values wherever the cast widened them."""
+        dtype = held_dtype(self.own_dtype, [tensor])
+        return read if dtype is None else self.method("to", read, dtype)
 
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
@@ -144,7 +154,9 @@ class Lowering:
         return self._copies[id(fn)]
 
     def module(self, hint: str, module: nn.Module, *args: Any, **kwargs: Any) -> fx.Node:
-        """Register ``module`` and call it."""
+        """Register ``module`` and call it (held in its dtype where that is not the model's: :class:`HeldInDtype`)."""
+        if (dtype := held_dtype(self.own_dtype, [*module.parameters(), *module.buffers()])) is not None:
+            module = HeldInDtype(module, dtype)
         return self.graph.call_module(self.add_module(hint, module), args, kwargs)
 
     def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
@@ -154,6 +166,33 @@ class Lowering:
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
         """Call method ``name`` of ``args[0]``."""
         return self.graph.call_method(name, args, kwargs)
+
+
+def held_dtype(own: torch.dtype | None, tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``tensors`` where it is not ``own``, the model's (None where ``own`` is None, or
+    they hold no floating tensor, or several dtypes): a dtype a part is computed in on purpose, which casts of the
+    fused model leave."""
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return next(iter(dtypes)) if own is not None and len(dtypes) == 1 and dtypes != {own} else None
+
+
+class HeldInDtype(nn.Module):
+    """A module built for a part the model computes in a floating dtype of its own (a float64 model's
+    ``F.group_norm(y.float(), 1, w.float())``): casts of the fused model (``.double()``, ``.to(torch.float64)``)
+    leave its tensors in that dtype, as they leave what the model's ``w.float()`` makes; moves to a device move
+    them.  Cast with the rest, its float32 weights met float32 inputs as float64 and the kernel refused the mixed
+    dtypes (a probe)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.held_dtype = module, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "HeldInDtype":
+        super()._apply(fn, recurse)
+        return super()._apply(lambda t: t.to(self.held_dtype) if t.is_floating_point() else t, recurse)
 
 
 def _same_module(a: nn.Module, b: nn.Module) -> bool:
@@ -214,6 +253,7 @@ def to_module(
     output_spec: pytree.TreeSpec | None = None,
     class_name: str = "FusedModule",
     keep_param_dtype: bool = False,
+    own_dtype: torch.dtype | None = None,
 ) -> fx.GraphModule:
     """A new module (eval mode) computing ``graph``; shares no storage with the graph.
 
@@ -225,8 +265,10 @@ def to_module(
         keep_param_dtype: keep parameters in their own dtype instead of the
             dtype of the values they act on (``fuse`` builds its float64
             check module this way, from the graph before the cast back).
+        own_dtype: the model's dtype: tensors held in another floating dtype (a part the model computes in float32
+            on purpose) are read cast to their own, so a cast of the module leaves what that part computes.
     """
-    ctx = Lowering()
+    ctx = Lowering(own_dtype)
     env: dict[int, fx.Node] = {}
     for v in graph.inputs:
         env[id(v)] = ctx.graph.placeholder(ctx.name(v.name))

@@ -14,6 +14,8 @@ regions run in 2-D, exactly:
   (made from a lift by ops that keep the height: see :func:`_height_one`);
 * an elementwise op of flattens of equal shapes is the flatten of the op:
   ``f(flatten(a), flatten(b)) = flatten(f(a, b))``;
+* a scale by one number is elementwise too (its factor, repeated along the
+  length, becomes one per channel on the lift);
 * a per-channel op (BatchNorm1d, a channel scale) or a sum term on a 3-D
   value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``;
 * a pad or a slice along the length (a causal conv's ``F.pad(x, (k - 1, 0))``,
@@ -113,6 +115,25 @@ def _along(n: Node, rank: int) -> dict | None:
     return {**a, "axis": 3} if axis == rank - 1 else None
 
 
+def _uniform(n: Node) -> bool:
+    """Whether ``n`` scales by one number (``conv1d(x) * 2.0``, peft LoRA's ``* scaling``), which the front ends
+    write as a ``scale`` along the length, its factor repeated: elementwise, so it runs on the lift like a ReLU
+    (it stopped the lift, and the BatchNorm1d after it stayed; a probe)."""
+    if n.op != "scale":
+        return False
+    s = n.params["scale"]
+    return s.numel() > 0 and bool((s == s.reshape(-1)[0]).all())
+
+
+def _per_channel(n: Node) -> dict:
+    """Scale ``n``'s parameters along the channels of its lift: as they are for a channel scale, else its one
+    number once per channel (as the front ends write ``x * 2.0`` of a 4-D value)."""
+    if n.attrs["axis"] % 3 == 1:
+        return n.params
+    s = n.params["scale"]
+    return {**n.params, "scale": s.reshape(-1)[:1].expand(n.out.shape[1]).clone()}
+
+
 def lift_height_one(graph: Graph) -> Graph:
     """``graph`` with its 1-D regions in 2-D (see the module docstring); the same graph when it has no lift."""
     if not any(_is_lift(n) for n in graph.nodes):
@@ -147,7 +168,8 @@ def lift_height_one(graph: Graph) -> Graph:
         if n.out.shape is not None and len(n.out.shape) == 3 and _sinks(n, inputs, lifted, known):
             fours = [lift(i, n.source) for i in inputs]
             attrs = {**n.attrs, "axis": 1} if n.op == "scale" else _along(n, 3) if n.op in _ALONG else n.attrs
-            y = add(Node.make(n.op, fours, attrs, n.params, n.source, name=n.out.name), height_one=True)
+            params = _per_channel(n) if n.op == "scale" else n.params
+            y = add(Node.make(n.op, fours, attrs, params, n.source, name=n.out.name), height_one=True)
             env[id(n.out)] = flat(y, n.source)
             continue
         env[id(n.out)] = add(n if all(a is b for a, b in zip(inputs, n.inputs)) else n.replace(inputs=tuple(inputs)))
@@ -162,7 +184,7 @@ def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool
     the convs of its input: it then meets them), or a pad or slice a conv reads (the conv then reads it in 2-D)."""
     per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
     along = n.op in _ALONG and _along(n, 3) is not None
-    if not per_channel and not along and n.op not in _UNARY and n.op not in _BINARY:
+    if not per_channel and not along and n.op not in _UNARY and n.op not in _BINARY and not _uniform(n):
         return False
     if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
         return False
