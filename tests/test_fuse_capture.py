@@ -2771,3 +2771,32 @@ def test_a_scripted_function_is_carried_as_a_call_at_any_length():
         for length in (64, 71):
             x = torch.randn(3, 1, length, dtype=torch.float64)
             torch.testing.assert_close(candidate(x), model(x), rtol=1e-10, atol=1e-10)  # float64
+
+
+class HyperConv(nn.Module):
+    """A hypernetwork's kernel: ``w = self.w2(relu(self.w1(self.z)))`` from parameters alone, through Linear
+    modules, then ``F.conv2d(x, w.view(...))`` and a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch.randn(1, 8))
+        self.w1, self.w2 = nn.Linear(8, 16), nn.Linear(16, 8 * 3 * 9)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        w = self.w2(F.relu(self.w1(self.z)))
+        return self.bn(F.conv2d(x, w.view(8, 3, 3, 3), padding=1))
+
+
+def test_a_kernel_made_by_linear_modules_from_weights_alone_folds():
+    """Linear modules of the weights were calls, not constants, while ``F.linear`` of them was made at capture: the
+    conv reading the kernel stayed a call and its BatchNorm stayed (a probe).  One conv now, float64 to 1e-10 at
+    other sizes."""
+    model = randomized(HyperConv())
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    fused = fuse(model, x)
+    assert fused.fuse_report.ops_after == {"conv2d": 1}, str(fused.fuse_report)
+    for y in (x, torch.randn(3, 3, 5, 7, dtype=D)):
+        with torch.no_grad():
+            want = model(y)
+            torch.testing.assert_close(fused(y), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))

@@ -63,9 +63,12 @@ PURE_METHODS = {
 _PURE_ATTRIBUTES = {"T", "mT"}
 
 
-# Activation modules hold no state: EfficientDet's BiFPN writes ``self.p6_w1_relu(self.p6_w1)``.
+# Activation modules hold no state: EfficientDet's BiFPN writes ``self.p6_w1_relu(self.p6_w1)``.  Linear layers and
+# convs compute from their weights and their input alone: a hypernetwork's kernel ``self.w2(relu(self.w1(self.z)))``
+# is made from the weights at capture, as ``F.linear`` of them is (it stayed a call, and the conv that reads the
+# kernel with it, its BatchNorm unfolded; a probe).
 PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-                nn.Softplus, nn.ELU, nn.Hardtanh, nn.Identity)
+                nn.Softplus, nn.ELU, nn.Hardtanh, nn.Identity, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_pure(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
