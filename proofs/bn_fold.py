@@ -24,7 +24,9 @@ own slice and the concat of the folded convs is the BN of the concat.
 
 After a sum of convs, each reading its own input (RepNeXt's ``norm(conv_a(x) + conv_b(conv_c(x)))``),
 BN(z_1 ± z_2 ± ...) = s (z_1 ± z_2 ± ...) + t: every conv folds the scale s, and the first (added)
-conv also the shift t; the others fold (s, 0), their bias only scaled.
+conv also the shift t; the others fold (s, 0), their bias only scaled.  A term e of one value per
+channel, broadcast over the map (a diffusion ResBlock's ``conv(x) + time_mlp(t)[:, :, None, None]``),
+is s * e, and a subtracted first conv takes the shift negated: BN(e - z) = s e - (s z - t).
 
 A 3-D convolution (``nn.Conv3d``) is the same sum of weight-times-input terms of one output channel, so
 the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, paddings, dilations and groups
@@ -42,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, conv_transpose3d, describe, symbols_tensor
+from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, conv_transpose3d, describe, scale, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -144,6 +146,7 @@ def prove() -> list[str]:
         done.append(desc)
     done.append(prove_concat())
     done.append(prove_sum())
+    done.append(prove_sum_with_term())
     return done
 
 
@@ -186,3 +189,26 @@ def prove_sum() -> str:
     rhs = (conv2d(xa, wa2, ba2, padding=(1, 1, 1, 1)) - conv2d(xb, wb2, bb2, groups=2)) + conv2d(xc, wc2, bc2, padding=(0, 0, 1, 1))
     assert_equal(lhs, rhs, "bn_fold sum of convs")
     return "(conv 3x3 with bias - grouped conv 1x1 with bias) + conv 1x3 without, ->BN == the sum of the folded convs (the shift in the first)"
+
+
+def prove_sum_with_term() -> str:
+    """BN(e - conv(x)) == s * e - conv'(x; s W, s b - t), e one value per channel broadcast over the map: the scale
+    s = gamma / sqrt(var + eps) multiplies the term, and the conv, subtracted, takes the shift t = beta - mean s
+    negated."""
+    cfg = dict(C=2, O=2, H=3, W=3, k=(3, 3), groups=1, bias=True)
+    x, w, b = conv_symbols(cfg)
+    e = symbols_tensor("e", (2,))
+    mean, var, gamma, beta, eps = bn_symbols("", 2)
+    z = conv2d(x, w, b, padding=(1, 1, 1, 1))
+    term = np.empty(z.shape, dtype=object)
+    for idx in np.ndindex(z.shape):
+        term[idx] = e[idx[0]]
+    lhs = batch_norm(term - z, mean, var, gamma, beta, eps)
+    s = np.array([gamma[o] / sympy.sqrt(var[o] + eps) for o in range(2)], dtype=object)
+    t = np.array([beta[o] - mean[o] * s[o] for o in range(2)], dtype=object)
+    w2 = np.empty(w.shape, dtype=object)
+    for idx in np.ndindex(w.shape):
+        w2[idx] = w[idx] * s[idx[0]]
+    rhs = scale(term, s) - conv2d(x, w2, s * b - t, padding=(1, 1, 1, 1))
+    assert_equal(lhs, rhs, "bn_fold sum with a per-channel term")
+    return "(e per channel, broadcast) - conv 3x3 with bias, ->BN == s * e - the folded conv (the shift negated)"

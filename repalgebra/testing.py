@@ -514,7 +514,7 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
         s = (p["weight"] / torch.sqrt(p["var"] + a["eps"])).abs()
         view = lambda v: v.reshape(1, -1, *([1] * (ms[0].dim() - 2)))  # noqa: E731
         return (ms[0] + view(p["mean"].abs())) * view(s) + view(p["bias"].abs())
-    if op in ("add", "sub", "broadcast_add"):
+    if op in ("add", "sub", "broadcast_add", "broadcast_sub"):
         return ms[0] + ms[1]
     if op == "matmul":  # bilinear: sum_k |a_ik| |b_kj| bounds every term of (a b)_ij
         return op_def(op)(ms, a, {})

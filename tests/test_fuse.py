@@ -1165,3 +1165,31 @@ def test_fuse_leaves_the_callers_example_inputs_as_they_were():
         got, got_cache = fused(x, cache)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_cache, want_cache, rtol=1e-12, atol=1e-12)
+
+
+class _TimeBlock(nn.Module):
+    """A diffusion ResBlock written with a BatchNorm: the time embedding added to the conv's map before the BN."""
+
+    def __init__(self, c: int = 4, temb: int = 8) -> None:
+        super().__init__()
+        self.conv, self.time_mlp, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.Linear(temb, c), nn.BatchNorm2d(c)
+
+    def forward(self, x, t_emb):
+        return torch.relu(self.bn(self.conv(x) + self.time_mlp(t_emb)[:, :, None, None]))
+
+
+def test_a_bn_after_a_conv_plus_a_time_embedding_folds():
+    """``bn(conv(x) + time_mlp(t)[:, :, None, None])`` kept its BN ("no rule applies (input from add)"; a probe):
+    the conv folds it and the embedding is scaled, at any batch and size (float64, to 1e-10)."""
+    torch.manual_seed(0)
+    model = _TimeBlock().double().eval()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.bn.weight.data.normal_(1.0, 0.3)
+    fused = repalgebra.fuse(model, (torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)))
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    for b, h, w in [(2, 8, 8), (3, 5, 7), (1, 4, 4)]:
+        x, t = torch.randn(b, 4, h, w, dtype=torch.float64), torch.randn(b, 8, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x, t)
+            torch.testing.assert_close(fused(x, t), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))

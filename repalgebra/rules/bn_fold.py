@@ -19,7 +19,10 @@ first:
 
     BN(conv_1(x_1) ± ... ± conv_n(x_n)) = conv_1'(x_1; s W_1, s b_1 + t) ± ... ± conv_n'(x_n; s W_n, s b_n)
 
-(the first conv of a sum is always added, never subtracted).
+(a subtracted first conv takes the shift negated).  A term of one value per channel (and per sample),
+broadcast over the other axes (a diffusion ResBlock's ``conv(x) + time_mlp(t)[:, :, None, None]``), is scaled:
+
+    BN(conv(x) + e) = conv'(x; s W, s b + t) + s * e
 
 Preconditions: the BN reads a ``conv2d``, ``conv3d``, ``conv_transpose2d`` or ``conv_transpose3d`` whose output nothing else reads, or a
 concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs.  Any stride,
@@ -28,12 +31,14 @@ padding, output padding, dilation and groups: BN acts on each output channel alo
 
 import torch
 
+from repalgebra.ir import Node
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
 from repalgebra.ops import TRANSPOSED_CONVS
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 _CONVS = ("conv2d", "conv3d", *TRANSPOSED_CONVS)
+_SUMS = ("add", "sub", "broadcast_add", "broadcast_sub")  # (the broadcast ones: a term of another shape, see below)
 
 
 @rule("bn_fold", on="batch_norm")
@@ -79,31 +84,44 @@ def _through_concat(graph, bn):
 
 
 def _through_sum(graph, bn):
-    """``BN(conv_1 ± conv_2 ± ...)``: every conv folds the scale, the first one also the shift."""
-    if producer(bn.x, "add", "sub") is None:
+    """``BN(conv_1 ± conv_2 ± ... ± e)``: every conv folds the scale, the first one also the shift (with its sign),
+    and a term ``e`` of one value per channel (and per sample), broadcast over the rest, is scaled."""
+    if producer(bn.x, *_SUMS) is None:
         return None
     s, t = bn_affine(bn)
-    nodes, shift = [], [t]  # the shift goes into the first conv of the sum, which is added
+    nodes, shift = [], [t]  # the shift goes into the first conv of the sum, with the sign the sum gives it
     shared = []
 
-    def folded(value):
+    def folded(value, sign):
         n = value.producer
-        if n is not None and n.op in ("add", "sub") and value.shape == bn.x.shape:
-            inputs = [folded(v) for v in n.inputs]
+        if n is not None and n.op in _SUMS and value.shape == bn.x.shape:
+            inputs = [folded(v, -sign if n.op.endswith("sub") and k == 1 else sign) for k, v in enumerate(n.inputs)]
             if None in inputs:
                 return None
             nodes.append(n.replace(inputs=tuple(inputs)))
         elif n is not None and n.op in _CONVS and value.shape == bn.x.shape:
-            nodes.append(_folded(n, s, shift.pop() if shift else torch.zeros_like(t), bn))
+            nodes.append(_folded(n, s, sign * shift.pop() if shift else torch.zeros_like(t), bn))
+        elif _per_channel_term(value, bn.x):  # read as it is: others may read it too
+            nodes.append(Node.make("scale", [value], {"axis": 1}, {"scale": s.to(value.dtype or s.dtype)}, bn.source))
+            return nodes[-1].out
         else:
             return None
         if not sole_use(graph, value):
             shared.append(n)
         return nodes[-1].out
 
-    new = folded(bn.x)
-    if new is None:
+    new = folded(bn.x, 1)
+    if new is None or shift:  # (no conv took the shift: a sum of no convs)
         return None
     if shared:
         return Refusal("the sum before it, or a conv in it, is also read elsewhere")
     return Rewrite(bn.out, new, tuple(nodes))
+
+
+def _per_channel_term(value, like) -> bool:
+    """Whether ``value`` is a term of a sum of ``like``'s shape that holds one number per channel (and per sample),
+    broadcast over the other axes: a diffusion ResBlock's ``time_mlp(t)[:, :, None, None]``, a class-conditional
+    bias.  A BN after the sum scales it (``s * e``, a small tensor), and folds into the convs beside it."""
+    shape, full = value.shape, like.shape
+    return (shape is not None and full is not None and len(shape) == len(full) > 2
+            and shape[1] == full[1] and shape[0] in (1, full[0]) and all(d == 1 for d in shape[2:]))

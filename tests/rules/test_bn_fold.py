@@ -284,3 +284,38 @@ def test_a_bn_after_a_sum_with_an_operand_that_is_not_a_conv_is_left_alone(dtype
     graph = b.build(add_bn(b, b.node("add", c, b.relu(x)), data.draw(bn_stats(4)), dtype, "bn"))
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+@given(dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_a_bn_after_a_sum_of_convs_and_a_per_channel_term(dtype, batch, seed, data):
+    """A diffusion ResBlock written with a BN, ``BN(conv(x) + time_mlp(t)[:, :, None, None])``: the convs fold the
+    BN's scale, the first its shift (negated where the sum subtracts it), and the term of one value per channel
+    (per sample, or one for all) is scaled."""
+    n, cout = data.draw(st.integers(1, 3), label="convs"), data.draw(st.integers(1, 6), label="cout")
+    h, w = data.draw(st.integers(1, 6), label="h"), data.draw(st.integers(1, 6), label="w")
+    b = GraphBuilder()
+    convs = _sum_of_convs(b, dtype, seed, data, n, h, w, cout, batch)
+    term = b.input("e", (data.draw(st.sampled_from([1, batch]), label="rows"), cout, 1, 1), dtype)
+    op = data.draw(st.sampled_from(["broadcast_add", "broadcast_sub"]), label="op")
+    first = data.draw(st.booleans(), label="term first")
+    total = b.node(op, term, convs) if first else b.node(op, convs, term)
+    graph = b.build(add_bn(b, total, data.draw(bn_stats(cout), label="bn"), dtype, "blk.norm"))
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1} and "batch_norm" not in report.after, report.after
+    assert fused.op_counts() == {**{k: v for k, v in graph.op_counts().items() if k != "batch_norm"}, "scale": 1}
+    inputs = [random_input(v.shape, dtype, seed + 1 + k) for k, v in enumerate(graph.inputs)]
+    assert_graphs_equal(graph, fused, inputs, dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_bn_after_a_sum_of_a_conv_and_a_term_of_another_shape_is_left_alone(dtype, seed, data):
+    """A term that varies over the map, or holds one channel for all, is no per-channel term: left alone."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 4, 3, 3), dtype)
+    c = b.conv2d(x, weight=torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype))
+    shape = data.draw(st.sampled_from([(2, 1, 3, 3), (2, 4, 3, 1), (2, 1, 1, 1)]), label="term")
+    graph = b.build(add_bn(b, b.node("broadcast_add", c, b.input("e", shape, dtype)), data.draw(bn_stats(4)), dtype, "bn"))
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
