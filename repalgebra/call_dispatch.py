@@ -202,6 +202,17 @@ class Dispatch(nn.Module):
             self._seal()
         return out
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "Dispatch":
+        """A cast or a move of the fused model (``.to()``, ``.half()``, ``.cuda()``) replaces the original's buffers,
+        which the fingerprint compares by identity: sealed again after it, so the forms run on (every dispatcher
+        ran its original after a cast; a review).  A change made before it is seen first."""
+        if "_watched" in self.__dict__:
+            self._changed()
+        super()._apply(fn, recurse)
+        if not self.__dict__.get("_as_written") and "_original" in self._modules:
+            self._seal()
+        return self
+
     def __setstate__(self, state: dict) -> None:
         """A copy's (``copy.deepcopy``, ``torch.load``) identities are its own: sealed again, unless it ran as written."""
         super().__setstate__(state)
@@ -224,14 +235,14 @@ _PLAIN = (int, float, bool, str, type(None))
 
 def _fingerprint(modules: list[nn.Module]) -> tuple:
     """The plain attributes of ``modules``, each as its value where it is a number, a string or None, else
-    as its identity, and the identities of their children, parameters and buffers: what a parent's write or a
-    method's changes (``self.gain = g``, ``blk.conv = nn.Conv2d(...)``, ``blk.conv.weight = nn.Parameter(w)``: a
-    replaced weight the fused form folded before, and a child replaced by one of equal settings, went unseen; a
-    review).  It runs before every call of a dispatcher, so it reads each dict once and sorts nothing (an attribute
+    as its identity, the identities of their children, parameters and buffers, and their hooks: what a parent's
+    write or a method's changes (``self.gain = g``, ``blk.conv = nn.Conv2d(...)``, ``blk.conv.weight =
+    nn.Parameter(w)``, a hook registered on ``blk.conv``: a replaced weight the fused form folded before, a child
+    replaced by one of equal settings, and a hook that changes a child's output went unseen; reviews).  It runs before every call of a dispatcher, so it reads each dict once and sorts nothing (an attribute
     deleted and set again reads as a change)."""
     return tuple((tuple([(k, v if type(v) in _PLAIN else id(v)) for k, v in vars(m).items() if k not in MODULE_STATE]),
                   tuple(map(id, m._modules.values())), tuple(map(id, m._parameters.values())),
-                  tuple(map(id, m._buffers.values())))
+                  tuple(map(id, m._buffers.values())), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
                  for m in modules)
 
 

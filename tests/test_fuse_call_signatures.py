@@ -728,3 +728,35 @@ def test_a_part_holding_a_module_its_parent_sets_under_another_name_stays_as_wri
     for shape in [(2, 4, 16, 16), (1, 4, 8, 32)]:
         y = torch.randn(shape, dtype=D)
         _close(fused(y), model(y))
+
+
+def test_a_cast_or_move_of_the_fused_model_keeps_its_dispatchers_fused():
+    """A cast replaces the original's buffers, whose identities the fingerprint compares: after ``.to()``,
+    ``.half()`` or ``.cuda()`` every dispatcher ran its original (a review).  It is sealed again after one."""
+    model = _model()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    # (a move to another device makes new tensors of the same values; here, clones on the CPU)
+    for cast in (lambda m: m._apply(torch.Tensor.clone), lambda m: m.float()._apply(torch.Tensor.double)):
+        copied = cast(copy.deepcopy(fused))
+        got = copied(x)  # (through float32 and back: float32's rounding)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5 * float(got.abs().max()))
+        assert not any(b._as_written for b in copied.blocks)
+
+
+class _Doubles(nn.Module):
+    def forward(self, module, args, out):
+        return out * 2
+
+
+def test_a_hook_registered_on_a_dispatched_parts_child_runs():
+    """A forward hook registered after fuse on ``fused.blocks[0].conv`` (the original's, reached through the
+    dispatcher) was never run: the fused form ran on (1.2 off; a review).  The hooks are fingerprinted: the
+    original runs, with the hook, as the model does with the same hook."""
+    model = _model()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    fused.blocks[0].conv.register_forward_hook(_Doubles())
+    model.blocks[0].conv.register_forward_hook(_Doubles())
+    _close(fused(x), model(x))
+    assert fused.blocks[0]._as_written and not fused.blocks[1]._as_written
