@@ -1420,6 +1420,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "0d-inputs-not-varied", "a 0-d integer input kept as the example's: int(n) read the same in every check",
      "repalgebra.backend.onnx_fallback:_varied", "    if not torch.is_tensor(t):\n", "    if not torch.is_tensor(t) or not t.dim():\n",
      ("tests/test_onnx_fallback.py::test_a_number_read_from_a_0d_integer_input_is_refused_unless_allowed",)),
+    ("onnx_backend", "values-never-cut", "the check at other values never zeroes half an axis: lengths counted from ids or 0/1 masks keep the example's frames",
+     "repalgebra.backend.onnx_fallback:differs_at_other_values", "for k in (*VARIATIONS, *CUTS):", "for k in VARIATIONS:",
+     tuple(f"tests/test_onnx_fallback.py::test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input[model-{m}]"
+           for m in ("int_mask", "float_mask", "time_major"))),
+    ("onnx_backend", "cut-keeps-everything", "a cut keeps the whole axis",
+     "repalgebra.backend.onnx_fallback:_cut", "return t & keep if t.dtype == torch.bool else t * keep.to(t.dtype)", "return t",
+     tuple(f"tests/test_onnx_fallback.py::test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input[model-{m}]"
+           for m in ("int_mask", "float_mask", "time_major"))),
     ("onnx_backend", "integer-variations-unchecked", "a part's file not run at other lengths: its output's frames frozen at the example's longest",
      "repalgebra.backend.onnx_fallback:_refuse_sizes_from_values", "        if e is not None and (why := differs_at_other_values(",
      "        if e is None and (why := differs_at_other_values(", _PACKED),

@@ -312,7 +312,9 @@ class PackedEncoder(nn.Module):
     """Tacotron2's encoder: conv + BN + ReLU, then a bidirectional LSTM on a ``pack_padded_sequence`` of the frames,
     padded back; ``total`` pads to the input's length, else to the longest of the lengths (torch's default).  The
     lengths are given as integers, or (``given``) summed from a boolean mask, True where valid or where padded
-    (``mask.sum(1)``), or as SpeechBrain's relative lengths in [0, 1] (``round(wav_lens * T)``)."""
+    (``mask.sum(1)``), as SpeechBrain's relative lengths in [0, 1] (``round(wav_lens * T)``), counted from token
+    ids (``(ids != 0).sum(1)``), from a 0/1 mask in integers (Hugging Face's ``attention_mask.sum(1)``) or floats,
+    or from a time-major ``(T, B)`` mask (``mask.sum(0)``)."""
 
     def __init__(self, total: bool, given: str = "lengths", c: int = 8) -> None:
         super().__init__()
@@ -329,6 +331,12 @@ class PackedEncoder(nn.Module):
             lengths = frames - lengths.sum(1)
         elif self.given == "relative":
             lengths = torch.round(lengths * frames).long()
+        elif self.given in ("ids", "float_mask"):
+            lengths = (lengths != 0).sum(1)
+        elif self.given == "int_mask":
+            lengths = lengths.sum(1)
+        elif self.given == "time_major":
+            lengths = lengths.sum(0)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         y, _ = self.lstm(packed)
         return nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=frames if self.total else None)[0]
@@ -345,30 +353,35 @@ def _encoder(total: bool, given: str = "lengths") -> nn.Module:
 def _lengths_as(given: str, lengths: torch.Tensor, frames: int = 12) -> torch.Tensor:
     """``lengths`` as :class:`PackedEncoder` takes them ``given``."""
     valid = torch.arange(frames) < lengths[:, None]
-    return {"lengths": lengths, "valid": valid, "padded": ~valid, "relative": lengths / frames}[given]
+    ids = (torch.arange(frames) % 7 + 1) * valid  # token ids, 0 the padding
+    return {"lengths": lengths, "valid": valid, "padded": ~valid, "relative": lengths / frames, "ids": ids,
+            "int_mask": valid.long(), "float_mask": valid.double(), "time_major": valid.T}[given]
 
 
-@pytest.mark.parametrize("given", ["lengths", "valid", "padded", "relative"])
+@pytest.mark.parametrize("given", ["lengths", "valid", "padded", "relative", "ids", "int_mask", "float_mask", "time_major"])
 @pytest.mark.parametrize("what", ["model", "fused"])
 def test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input(what, given):
     """pad_packed_sequence returns as many frames as the longest of the lengths, a size torch reads inside, which
     neither the checks (the example's lengths, 12 the longest) nor the Python reads saw: the file returned 12 frames
     for lengths [10, 7] where the model returns 10 (found by a probe); so it did for lengths summed from a boolean
-    mask, True where valid or where padded, and for relative lengths in floats, which random draws do not give (a
-    review).  The checks halve all lengths, cut masks to their first half or pad their second, and halve floats, and
-    a file whose output shape differs from the model's there is refused.  Padded to the input's length, it is
+    mask, True where valid or where padded, for relative lengths in floats, which random draws do not give, and for
+    lengths counted from token ids, from 0/1 masks in integers or floats, or from a time-major mask (reviews).  The
+    checks halve all lengths, cut masks to their first half or pad their second, halve floats, and zero the second
+    half of each input's last and first axis, and a file whose output shape differs from the model's there is
+    refused.  Padded to the input's length, it is
     written and computes the model's frames, float32 to 1e-5 relative, at other lengths and batches."""
     x, lengths = torch.randn(3, 8, 12), _lengths_as(given, torch.tensor([12, 9, 5]))
     model = _encoder(False, given)
     source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
     with pytest.raises(FallbackError, match=r"\(PackedEncoder\) computes something else when only the values of its "
-                                            r"inputs change.*output 0 has shape \(3, 12, 8\), not \(3, 6, 8\).*"
+                                            r"inputs change.*output 0 has shape \(3, 12, 8\), not \(3, (6|10), 8\).*"
                                             r"output size follows those values"):
         export_onnx(source, None, (x, lengths))
     model = _encoder(True, given)
     source = model if what == "model" else repalgebra.fuse(model, (x, lengths))
     proto = export_onnx(source, None, (x, lengths))
-    for y, n in [(torch.randn(2, 8, 12), torch.tensor([10, 7])), (torch.randn(3, 8, 12), torch.tensor([4, 12, 8]))]:
+    checks = [(torch.randn(2, 8, 12), torch.tensor([10, 7])), (torch.randn(3, 8, 12), torch.tensor([4, 12, 8]))]
+    for y, n in checks[given == "time_major":]:  # (a time-major mask's batch, its second axis, is the example's)
         with torch.no_grad():
             assert close(run_inputs(proto, (y, _lengths_as(given, n)))[0], model(y, _lengths_as(given, n)))
 

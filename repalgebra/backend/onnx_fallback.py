@@ -514,9 +514,12 @@ def _varied(t: Any, k: int) -> Any:
     ``pack_padded_sequence`` returns as many frames as the longest of its lengths (torch reads it inside, as a
     size), and no other variation changed that (found by a probe).  The halved masks and floats do the same for
     lengths summed from a mask (``mask.sum(1)``, True where valid or where padded) and for SpeechBrain's relative
-    lengths (``wav_lens * T``, in [0, 1]).  A 0-d tensor (``y[:, :int(n)]``) varies as its kind does."""
+    lengths (``wav_lens * T``, in [0, 1]).  A 0-d tensor (``y[:, :int(n)]``) varies as its kind does.  The
+    variations in :data:`CUTS` zero the second half of an axis (:func:`_cut`), whatever the kind."""
     if not torch.is_tensor(t):
         return t
+    if k in CUTS:
+        return _cut(t, -1 if k == CUTS[0] else 0)
     if t.is_floating_point():
         return -t if k < 2 else _halved(t, k == 2)
     if t.dtype == torch.bool:
@@ -525,6 +528,18 @@ def _varied(t: Any, k: int) -> Any:
         first = torch.arange(t.shape[-1], device=t.device) < (t.shape[-1] + 1) // 2
         return t & first if k == 2 else t | ~first
     return torch.zeros_like(t) if k == 0 else (t.flip(-1) if t.dim() else t) if k == 1 else _halved(t, k == 2)
+
+
+def _cut(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` with the second half of ``axis`` zero (False for a mask): the padding of ids, of a 0/1 mask in integers
+    or floats, or of a time-major mask, grown to half the length, whatever the encoding (``(ids != 0).sum(1)``,
+    Hugging Face's ``attention_mask.sum(1)``, ``m.bool()`` of a float mask, a ``(T, B)`` mask summed over time;
+    a review found each exporting the example's frames).  A 0-d tensor has no axis to cut: as it is."""
+    if not t.dim():
+        return t
+    axis %= t.dim()
+    keep = (torch.arange(t.shape[axis], device=t.device) < (t.shape[axis] + 1) // 2).reshape(-1, *[1] * (t.dim() - 1 - axis))
+    return t & keep if t.dtype == torch.bool else t * keep.to(t.dtype)
 
 
 def _halved(t: torch.Tensor, after_first: bool) -> torch.Tensor:
@@ -540,6 +555,9 @@ def _values_varied(xs: tuple, k: int) -> tuple:
                  for t in xs)
 
 
+CUTS = (4, 5)  # the variations of the check at other values only (:func:`_cut`): the last axis, then the first
+
+
 def _is_integer(t: Any) -> bool:
     """An integer tensor or a boolean mask: values the checks take from the example."""
     return torch.is_tensor(t) and not (t.is_floating_point() or t.is_complex())
@@ -547,7 +565,8 @@ def _is_integer(t: Any) -> bool:
 
 def differs_at_other_values(model: onnx.ModelProto, module: nn.Module, inputs: list[tuple]) -> str:
     """Why ``model`` (a region's file) does not compute what ``module`` does on ``inputs`` with their values varied
-    (:func:`_values_varied`: lengths, token ids, masks, halved floats), where the module's own Python takes the
+    (:func:`_values_varied`: lengths, token ids, masks, halved floats, and each of them with the second half of its
+    last or its first axis zero, :func:`_cut`), where the module's own Python takes the
     branches and reads the numbers it takes for the inputs as they are (empty where it does).
 
     The checks' inputs keep the example's ids, masks and lengths (and its floats, where random ones do not run),
@@ -560,7 +579,7 @@ def differs_at_other_values(model: onnx.ModelProto, module: nn.Module, inputs: l
     session = None
     for xs in inputs:
         seen, _ = _run_noting(module, xs)
-        for k in VARIATIONS:
+        for k in (*VARIATIONS, *CUTS):
             varied = _values_varied(xs, k)
             if all(a is b for a, b in zip(varied, xs)):
                 continue

@@ -123,29 +123,24 @@ class Lowering:
 
     def add_buffer(self, hint: str, tensor: torch.Tensor) -> fx.Node:
         """Register a constant tensor (cloned) and return the node reading it."""
+        if held_dtype(self.own_dtype, [tensor]) is not None:
+            return self.module(hint, HeldTensor(tensor, trainable=False))
         name = self.name(hint)
         self.root.register_buffer(name, tensor.detach().clone())
-        return self._pinned(self.graph.get_attr(name), tensor)
+        return self.graph.get_attr(name)
 
     def add_parameter(self, hint: str, tensor: torch.Tensor) -> fx.Node:
         """Register a parameter holding ``tensor`` (cloned) and return the node reading it.  One equal to a parameter
         registered from the same source is that one: a position embedding added in two places stays one."""
+        if held_dtype(self.own_dtype, [tensor]) is not None:
+            return self.module(hint, HeldTensor(tensor, trainable=True))
         key = _share_key(hint)
         name = next((n for n in self._params_by_hint.get(key, ()) if _equal(getattr(self.root, n), tensor.detach())), None)
         if name is None:
             name = self.name(hint)
             self.root.register_parameter(name, _param(tensor))
             self._params_by_hint.setdefault(key, []).append(name)
-        return self._pinned(self.graph.get_attr(name), tensor)
-
-    def _pinned(self, read: fx.Node, tensor: torch.Tensor) -> fx.Node:
-        """``read`` (of ``tensor``), cast to the tensor's dtype where that is a floating dtype other than the
-        model's (:func:`held_dtype`): the model computes that part in it on purpose (Mamba's ``-torch.exp(self.A_log.float())`` in a float64 model), and a cast of
-        the fused module (``.double()``, ``.to(torch.float64)``, a no-op for the model) cast the held tensor too, so
-        the part ran in float64 (7e-7 off) or a kernel refused the mixed dtypes (a probe).  A cast back to the
-        dtype it was held in restores its values wherever the cast widened them."""
-        dtype = held_dtype(self.own_dtype, [tensor])
-        return read if dtype is None else self.method("to", read, dtype)
+        return self.graph.get_attr(name)
 
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
@@ -166,6 +161,24 @@ class Lowering:
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
         """Call method ``name`` of ``args[0]``."""
         return self.graph.call_method(name, args, kwargs)
+
+
+class HeldTensor(nn.Module):
+    """A tensor a part reads, held as a module's output (a buffer, or a parameter where the model trains it), so
+    that a :class:`HeldInDtype` keeps its dtype: a constant the model makes in another dtype on purpose (Mamba's
+    ``-torch.exp(self.A_log.float())`` in a float64 model) was cast by ``.double()`` of the fused module, and the
+    part ran in float64 (7e-7 off) or a kernel refused the mixed dtypes (a probe).  (A cast of its read in the
+    generated code did not survive ``torch.save``: the code is traced again when loaded; a review.)"""
+
+    def __init__(self, tensor: torch.Tensor, trainable: bool) -> None:
+        super().__init__()
+        if trainable:
+            self.value = _param(tensor)
+        else:
+            self.register_buffer("value", tensor.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.value
 
 
 def held_dtype(own: torch.dtype | None, tensors: list[torch.Tensor]) -> torch.dtype | None:
@@ -189,6 +202,15 @@ class HeldInDtype(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # (``fused.group_norm.num_groups``: the module's)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "HeldInDtype":
         super()._apply(fn, recurse)
