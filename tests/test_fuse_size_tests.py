@@ -401,3 +401,59 @@ def test_a_slice_that_empties_a_value_keeps_its_emptiness_test_unread():
         except ValueError:
             return  # fixed at the example's sizes, and refused
         torch.testing.assert_close(got, model(x), rtol=1e-12, atol=1e-12)
+
+
+class TimeEmbeddedUpsample(nn.Module):
+    """diffusers' ResnetBlock2D time-embedding sum, then Upsample2D's test of the sum's batch (``if
+    hidden_states.shape[0] >= 64:``; here a branch that changes the result, at 4, so a wrong check shows)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn, self.temb = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.Linear(8, c)
+        self.up = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, emb):
+        h = self.bn(self.conv(x)) + self.temb(emb)[:, :, None, None]
+        if h.shape[0] >= 4:
+            h = h * 2
+        return self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+
+def test_a_test_of_the_batch_of_a_broadcast_sum_reads_both_inputs_batches():
+    """The batch of ``h + temb[:, :, None, None]`` is the batch of ``x`` or of ``emb``, whichever is not 1.  The test
+    was refused as one of a value computed inside, and the model went to torch.export with every size fixed: 16x16
+    refused.  Now the check reads both batches: 16x16 runs, and a call of x's batch 1 with emb's batch 4, whose sum
+    has batch 4 and takes the other branch, is refused (read from x alone, the check passed and the result was off
+    by the factor 2)."""
+    model = seeded(TimeEmbeddedUpsample, 0)().to(D)
+    fused = fuse(model, (torch.randn(2, 3, 8, 8, dtype=D), torch.randn(2, 8, dtype=D)))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    same(fused, model, torch.randn(2, 3, 16, 16, dtype=D), torch.randn(2, 8, dtype=D))
+    same(fused, model, torch.randn(1, 3, 12, 12, dtype=D), torch.randn(2, 8, dtype=D))
+    with pytest.raises(ValueError, match="these inputs give True"):
+        fused(torch.randn(1, 3, 8, 8, dtype=D), torch.randn(4, 8, dtype=D))
+
+
+class ResidualThenChannelAssert(nn.Module):
+    """guided-diffusion's ResBlock (``skip(x) + h``) then its Downsample's ``assert x.shape[1] == self.channels``."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.channels, self.down = c, nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.bn(self.conv(x))
+        assert x.shape[1] == self.channels
+        return self.down(x)
+
+
+def test_a_channel_assert_after_a_residual_sum_is_taken():
+    """A sum with a conv's output has the conv's channels at every input size (a broadcast only stretches a 1).  The
+    assert was refused as a test of a value computed inside, and the model went to torch.export with 16x16 fixed:
+    32x32 refused.  Now the test reads the convs' channels, needs no check, and the model runs at any size."""
+    model = seeded(ResidualThenChannelAssert, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    same(fused, model, torch.randn(3, 3, 32, 24, dtype=D))

@@ -73,7 +73,10 @@ FEW = {
     "repalgebra.backend.onnx:_checks_read_the_batch": "one answer: a check refuses another batch, or none does",
     "repalgebra.frontend.size_tests:taken_as_traced": "one comparison of the call's answer with the example's",
     "repalgebra.frontend.builder:size_test_at_inputs": "one decision: checked on the inputs, nothing to check, or refused",
-    "repalgebra.frontend.builder:read_at_inputs": "one walk; the mutant drops the sizes producers fix",
+    "repalgebra.frontend.builder:read_at_inputs": "one walk (the sizes producers fix are size_at_inputs' mutants)",
+    "repalgebra.frontend.builder:_broadcast_size_at_inputs": "two decisions a test tells apart: a size an input's producers "
+    "fix wins, several sizes read from the inputs are broadcast per call (a rank-aligned read is the same at equal ranks)",
+    "repalgebra.frontend.builder:broadcast_size": "one line: the size that is not 1",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "

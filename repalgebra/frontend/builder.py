@@ -476,15 +476,7 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
     def size_of(v: Value, axis: Any) -> Any:
         if not isinstance(axis, int) or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
             return None
-        while not is_input(v):
-            # (an add or sub of shapes equal at the example may broadcast at others: its size is not its input's)
-            source = None if v.producer is not None and v.producer.op in ("add", "sub") else size_source(v, axis)
-            if source is None:
-                return None
-            if isinstance(source, int):
-                return source
-            v, axis = source
-        return SymExpr("call_method", "size", (v, axis), {})
+        return size_at_inputs(v, axis % len(v.shape), is_input)
 
     def walk(t: Any) -> Any:
         if isinstance(t, SymExpr) and (empty := _emptiness_test(t)) is not None:
@@ -512,6 +504,62 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
         return t
 
     return walk(template)
+
+
+def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> Any:
+    """``v.shape[axis]`` (``axis`` counted from 0) read where ``v``'s producers fix it at every input size: a number,
+    a size of an input (a :class:`SymExpr`), or None where a value computed inside is read otherwise.
+
+    A sum (difference, product, quotient) broadcasts its inputs' sizes (:func:`_broadcast_size_at_inputs`): equal at
+    the example, they may differ at other sizes, so its size is not its first input's (diffusers' ``h + temb[:, :,
+    None, None]`` before ``if h.shape[0] >= 64:``); every other op is followed by
+    :func:`~repalgebra.frontend.shapes.size_source`."""
+    while not is_input(v):
+        if v.producer is not None and v.producer.op in _BROADCASTS:
+            return _broadcast_size_at_inputs(v, axis, is_input)
+        source = size_source(v, axis)
+        if source is None:
+            return None
+        if isinstance(source, int):
+            return source
+        v, axis = source
+        axis %= len(v.shape)
+    return SymExpr("call_method", "size", (v, axis), {})
+
+
+# Elementwise ops of two values that broadcast them against each other (``add`` and ``sub`` too: their inputs'
+# shapes are equal at the example only)
+_BROADCASTS = ("add", "sub", "mul", "div", "broadcast_add", "broadcast_sub")
+
+
+def _broadcast_size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> Any:
+    """The size along ``axis`` of ``v``, an op of :data:`_BROADCASTS`, from its inputs' sizes (aligned from the last
+    axis, as torch broadcasts; an input with fewer axes counts as size 1 there).
+
+    Where the op runs, the inputs' sizes along an axis are each 1 or the output's.  So a number other than 1 that
+    one input's producers fix is the output's size whatever the others are (``x + self.conv(x)`` has the conv's
+    channels); inputs of size 1 at every input size drop out; one size read from the inputs left is the output's,
+    and several are :func:`broadcast_size` of them, per call.  None where an input's size is not known."""
+    rank = len(v.shape)
+    sizes: list[Any] = []
+    for u in v.producer.inputs:
+        if u.shape is None:
+            return None
+        a = axis - (rank - len(u.shape))
+        sizes.append(1 if a < 0 else size_at_inputs(u, a, is_input))
+    fixed = [s for s in sizes if isinstance(s, int) and s != 1]
+    if fixed:
+        return fixed[0]
+    read = [s for s in sizes if not isinstance(s, int)]
+    if any(s is None for s in read):
+        return None
+    return 1 if not read else read[0] if len(read) == 1 else SymExpr("call_function", broadcast_size, tuple(read), {})
+
+
+def broadcast_size(*sizes: int) -> int:
+    """The size along one axis of values of these sizes broadcast together: the one that is not 1, or 1.  (Sizes
+    that do not broadcast make the op itself raise.)"""
+    return next((s for s in sizes if s != 1), 1)
 
 
 _COMPARISONS = (operator.eq, operator.ne, operator.gt, operator.ge, operator.lt, operator.le)
