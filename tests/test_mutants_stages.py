@@ -77,6 +77,8 @@ FEW = {
     "repalgebra.frontend.builder:_broadcast_size_at_inputs": "two decisions a test tells apart: a size an input's producers "
     "fix wins, several sizes read from the inputs are broadcast per call (a rank-aligned read is the same at equal ranks)",
     "repalgebra.frontend.builder:broadcast_size": "one line: the size that is not 1",
+    "repalgebra.frontend.torch:_traced": "two decisions: traced again where the example is known, then with every "
+    "x.dtype as at the example (the rest is the first trace, as before)",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "

@@ -56,6 +56,12 @@ class UntraceableError(TypeError):
     path: str = ""
 
 
+class DtypeReadOutside(UntraceableError):
+    """Python used a traced ``x.dtype`` outside the graph (``x.dtype is torch.float16``, ``str(x.dtype)``, a read
+    left unused): :func:`~repalgebra.frontend.torch.trace_with_details` traces again with every dtype as at the
+    example (:attr:`Tracer.dtypes_as_traced`)."""
+
+
 def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.Module, Tracer, str]:
     """An eval-mode deep copy of ``model`` to trace, the tracer for it, and the copy's prefix.
 
@@ -87,7 +93,7 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
         raise untraceable(work, tracer.path_stack, e) from e
     tracer.answered += answered
     if tracer.dtype_read_outside():
-        raise UntraceableError(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
+        raise DtypeReadOutside(f"cannot trace the forward() of {type(work).__name__}: it looks at x.dtype where torch.fx "
                                "cannot record it (x.dtype is torch.float64, str(x.dtype)), so the branch it took is not known")
     all_placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
     star = [n for n in all_placeholders if str(n.target).startswith("*") and not str(n.target).startswith("**")]
@@ -619,6 +625,8 @@ class Tracer(fx.Tracer):
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
+        self.dtypes_as_traced = False  # x.dtype answered as at the example (a second trace: see DtypeReadOutside)
+        self.dtypes_taken: list[str] = []  # where x.dtype was answered so (see example_dtype)
         self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), runs_torch_code)
 
@@ -735,21 +743,29 @@ class Tracer(fx.Tracer):
         return value
 
     def _dtype_test(self, node: fx.Node) -> bool | None:
-        """``x.dtype == torch.float16`` (``!=``, ``in (...)``) as at the example inputs, else None.
+        """``x.dtype == torch.float16`` (``!=``, ``in (...)``), or ``x.dtype == w.dtype`` (peft's
+        ``_cast_input_dtype`` before every LoRA layer), as at the example inputs, else None.
 
         Whisper's and T5's layers clamp in float16 only.  The graph then holds in the example's dtype only: the
         test is recorded (:attr:`dtype_tests`) and ``fuse`` makes the fused model refuse another dtype."""
         if not (node.op == "call_function" and node.target in (operator.eq, operator.ne) and len(node.args) == 2):
             return None
-        read, other = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
-        if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target is getattr
-                and read.args[1:] == ("dtype",) and isinstance(other, torch.dtype) and isinstance(read.args[0], fx.Node)):
-            return None
-        value = self.ranks.value(read.args[0])
-        if not isinstance(value, torch.Tensor):
+        dtypes = [self._dtype_at_example(a) for a in node.args]
+        if any(d is None for d in dtypes):
             return None
         self.dtype_tests.append(self.path_stack[-1] if self.path_stack else "")
-        return (value.dtype == other) == (node.target is operator.eq)
+        return (dtypes[0] == dtypes[1]) == (node.target is operator.eq)
+
+    def _dtype_at_example(self, a: Any) -> torch.dtype | None:
+        """``a`` where it is a dtype, the dtype at the example inputs where ``a`` is a traced ``x.dtype`` read of a
+        value whose example is known, else None."""
+        if isinstance(a, torch.dtype):
+            return a
+        if not (isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr and a.args[1:] == ("dtype",)
+                and isinstance(a.args[0], fx.Node)):
+            return None
+        value = self.ranks.value(a.args[0])
+        return value.dtype if isinstance(value, torch.Tensor) else None
 
     def _fixed_flag(self, node: fx.Node) -> bool | None:
         """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
@@ -773,7 +789,17 @@ class Tracer(fx.Tracer):
     def dtype_tested(self) -> bool:
         """Whether the trace took a test of a dtype as at the example (:meth:`_dtype_test`): the graph then holds in
         the example's dtypes only."""
-        return bool(self.dtype_tests)
+        return bool(self.dtype_tests or self.dtypes_taken)
+
+    def example_dtype(self, node: fx.Node) -> torch.dtype | None:
+        """With :attr:`dtypes_as_traced`, the dtype of ``node``'s value at the example inputs, recorded as taken
+        (:attr:`dtypes_taken`: ``fuse`` makes the fused model refuse other dtypes, as for a test of a dtype); else, or
+        where that value is not known, None (``x.dtype`` stays a traced read)."""
+        value = self.ranks.value(node) if self.dtypes_as_traced else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        self.dtypes_taken.append(self.path_stack[-1] if self.path_stack else "")
+        return value.dtype
 
     def dtype_read_outside(self) -> bool:
         """Whether Python used a traced ``x.dtype`` outside the graph (``x.dtype is torch.float64``, always false of
@@ -803,6 +829,10 @@ class Tracer(fx.Tracer):
         if self.dtype_tests:
             notes.append(f"tests of a dtype (x.dtype == torch.float16) in {_places(self.dtype_tests)} taken as at the "
                          "example's dtype: the fused model runs in that dtype only")
+        if self.dtypes_taken:
+            notes.append("forward looks at a dtype outside what torch.fx records (x.dtype is torch.float16, str(x.dtype), a "
+                         f"read left unused): x.dtype in {_places(self.dtypes_taken)} taken as at the example, and the fused "
+                         "model runs in the example's dtypes only")
         if self.size_tests:
             notes.append(f"Python tests of sizes or sizes read as numbers (if D > 3:, int(c)) in {_places(self.size_tests)} "
                          "taken as at the example: the fused model refuses inputs whose sizes answer otherwise")
@@ -851,6 +881,8 @@ class _Proxy(InplaceProxy):
     def __getattr__(self, k: str) -> Any:
         if k in ("ndim", "dim", "ndimension") and (r := self.tracer.rank(self.node)) is not None:
             return r if k == "ndim" else functools.partial(int, r)
+        if k == "dtype" and (dtype := self.tracer.example_dtype(self.node)) is not None:
+            return dtype
         if k == "dtype":  # watched: Python that looks at it outside the graph (``is``, ``str()``) branches on it
             self.tracer.dtype_reads.append(attr := fx.proxy.Attribute(self, k))
             return attr

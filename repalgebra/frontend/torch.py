@@ -52,7 +52,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
 from repalgebra.frontend.fx_trace import (
-    LeafSpec, UntraceableError, check_leaf_modules, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx,
+    DtypeReadOutside, LeafSpec, Tracer, UntraceableError, check_leaf_modules, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx,
 )
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
@@ -141,10 +141,9 @@ def trace_model(
     was_training = model.training
     work, tracer, prefix = copy_for_tracing(model, leaf_modules)
     given = as_tuple(example_inputs) if example_inputs is not None else None
-    tracer.ranks.inputs = given  # x.ndim answered at these (fuse guards the fused model's ranks)
     unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
     try:
-        fx_graph, placeholders = trace_fx(work, tracer, None if given is None else len(given))
+        work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer)
         inplace_notes = functionalize(fx_graph, work)
     except (UntraceableError, InplaceHazard) as e:
         e.path = unprefixed(e.path)
@@ -178,6 +177,27 @@ def trace_model(
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested,
                        builder.input_checks, builder.pinned, builder.reads_plain, builder.kept, builder.precomputed)
+
+
+def _traced(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, work: nn.Module,
+            tracer: Tracer) -> tuple[nn.Module, Tracer, fx.Graph, list[fx.Node]]:
+    """``work``, a copy of ``model`` (:func:`~repalgebra.frontend.fx_trace.copy_for_tracing`), traced by ``tracer``
+    (:func:`~repalgebra.frontend.fx_trace.trace_fx`): the copy, tracer, graph and input placeholders; ``x.ndim`` is
+    answered at ``given`` (fuse guards the fused model's ranks).
+
+    Where Python looked at a traced ``x.dtype`` outside the graph (peft's ``dtype = x.dtype`` left unused, a
+    ``str(x.dtype)`` in a log message, ``x.dtype is torch.float16``), which branch it took is not known: a
+    fresh copy is traced again with every ``x.dtype`` as at ``given``, which ``fuse`` then guards as it guards a
+    test of a dtype (the fused model refuses other dtypes).  The model went to torch.export with its sizes fixed."""
+    tracer.ranks.inputs = given
+    try:
+        return work, tracer, *trace_fx(work, tracer, None if given is None else len(given))
+    except DtypeReadOutside:
+        if given is None:
+            raise
+    work, tracer, _ = copy_for_tracing(model, leaf_modules)
+    tracer.ranks.inputs, tracer.dtypes_as_traced = given, True
+    return work, tracer, *trace_fx(work, tracer, len(given))
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
