@@ -121,7 +121,9 @@ _WINDOWS = ("tests/test_onnx_export.py::test_sizes_divided_by_the_window_are_rea
 _TIES = ("tests/test_fuse_text_models.py::test_a_head_tied_to_the_embedding_stays_tied",
          "tests/test_fuse_text_models.py::test_an_equal_matrix_the_model_does_not_tie_stays_its_own")
 _COMPLEX = ("tests/test_fuse_capture.py::test_a_complex_constant_follows_a_cast_of_the_fused_model",)
-_AUTOCAST_OFF = ("tests/test_fuse_capture.py::test_autocast_turned_off_on_another_device_does_nothing_to_trace_past",)
+_AUTOCAST_OFF = (*(f"tests/test_fuse_capture.py::test_autocast_turned_off_on_another_device_does_nothing_to_trace_past[{d}]"
+                   for d in ("cuda", "cpu")),
+                 "tests/test_fuse_text_models.py::test_autocast_turned_off_on_the_models_device_is_taken_with_a_check")
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
@@ -655,6 +657,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.fx_trace:_no_autocast", "and self.device != device:", "and True:", _AUTOCAST_OFF),
     ("frontend", "autocast-off-refused", "autocast turned off on another device than the model's refused, as before",
      "repalgebra.frontend.fx_trace:_no_autocast", "and self.device != device:", "and False:", _AUTOCAST_OFF),
+    ("frontend", "autocast-off-own-device-refused", "autocast turned off on the model's own device refused, as before (HF's rotary embeddings fix the length)",
+     "repalgebra.frontend.fx_trace:_no_autocast", "            tracer.autocast_left_off(self.device)\n            return original(self)\n", "            pass\n",
+     _AUTOCAST_OFF),
+    ("frontend", "autocast-off-unchecked", "autocast turned off on the model's device traced past, and a call under autocast not refused",
+     "repalgebra.frontend.fx_trace:autocast_left_off", "    if torch.is_autocast_enabled(device):", "    if False:", _AUTOCAST_OFF),
     ("frontend", "left-norms-unnamed", "BatchNorms left outside the captured graphs not named in the report",
      "repalgebra.fuse:_batch_norms", "return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]",
      "return []", ("tests/test_fuse_call_modes.py::test_batch_norms_no_captured_graph_computes_are_named_in_the_report",)),

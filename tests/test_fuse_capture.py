@@ -1417,17 +1417,26 @@ class ChannelAttention(nn.Module):
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_autocast_turned_off_on_another_device_does_nothing_to_trace_past(device):
     """On a model on the CPU, autocast off for CUDA changes nothing it computes: the model is captured by torch.fx
-    at any size (it was captured at fixed sizes).  Off for the CPU, it decides the dtype under a caller's autocast,
-    and stays refused by torch.fx."""
+    at any size (it was captured at fixed sizes).  Off for the CPU, it decides the dtype under a caller's autocast
+    only: it was refused by torch.fx (sizes fixed); now it is traced past too, and the fused model refuses a call
+    under the CPU's autocast by name."""
     model = randomized(ChannelAttention(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch warns that CUDA is not there)
         fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
-        assert (fused.fuse_report.capture == "fx") == (device == "cuda"), str(fused.fuse_report)
-        if device == "cuda":
-            x = torch.randn(1, 3, 11, 7, dtype=D)
-            with torch.no_grad():
-                assert rel_err(fused(x), model(x)) <= 1e-12
+        notes = " ".join(fused.fuse_report.notes)
+        assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+        assert ("taken as doing nothing on cpu" in notes) == (device == "cuda"), notes
+        assert ("refuses calls under torch.autocast" in notes) == (device == "cpu"), notes
+        x = torch.randn(1, 3, 11, 7, dtype=D)
+        with torch.no_grad():
+            assert rel_err(fused(x), model(x)) <= 1e-12
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if device == "cpu":
+                    with pytest.raises(ValueError, match="outside torch.autocast"):
+                        fused(x)
+                else:
+                    fused(x)
 
 
 class MaskedAttention(nn.Module):

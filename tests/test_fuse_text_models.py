@@ -730,3 +730,39 @@ def test_a_factory_of_a_dtype_read_off_the_model_is_guarded_like_a_cast(kind):
         assert copy.deepcopy(model).half()(x.half()).dtype == torch.float16
         with pytest.raises(ValueError, match=r"makes a tensor of, float32"):
             copy.deepcopy(fused).half()(x.half())
+
+
+class RotaryAutocastOff(nn.Module):
+    """Hugging Face's LLaMA rotary embedding: the angles computed under ``with torch.autocast(device_type,
+    enabled=False):`` (in float32 where the caller runs the model under autocast), after a Linear + BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), persistent=False)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x).transpose(1, 2)).transpose(1, 2)
+        position_ids = torch.arange(x.shape[1], device=x.device)[None, :].to(self.inv_freq.dtype)
+        with torch.autocast(device_type=x.device.type if isinstance(x.device.type, str) else "cpu", enabled=False):
+            freqs = position_ids[:, :, None] * self.inv_freq[None, None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return h * emb.cos() + h.flip(-1) * emb.sin()
+
+
+def test_autocast_turned_off_on_the_models_device_is_taken_with_a_check():
+    """``with torch.autocast(device, enabled=False):`` on the model's own device was refused while tracing, and an
+    LLaMA-like model went to torch.export fixed at its example's length (7): length 11 refused.  Without a caller's
+    autocast the block changes nothing: it is traced past, the fused model runs at any length, and a call under
+    ``torch.autocast`` (where the model computes the block in float32 and the graph would not) is refused by name."""
+    from zoo import count_bn, seeded
+
+    model = seeded(RotaryAutocastOff, 0)().to(D)
+    fused = repalgebra.fuse(model, torch.randn(2, 7, 8, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 11, 8, dtype=D)
+    with torch.no_grad():
+        assert close(model(x), fused(x))
+        for runs in (fused, pickle.loads(pickle.dumps(fused))):
+            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="outside torch.autocast"):
+                runs(x)

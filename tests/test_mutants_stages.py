@@ -164,8 +164,7 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_noted": "one decision: which regions are run again on varied inputs (their "
     "comparison is steered_by_values')",
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
-    "repalgebra.frontend.fx_trace:_no_autocast": "one decision a test reaches both ways: autocast off on another device is "
-    "traced past, on the model's own it is refused",
+    "repalgebra.frontend.fx_trace:autocast_left_off": "one decision: a call under autocast on the device is refused",
     "repalgebra.frontend.handlers_functions:_unexpanded": "two decisions: the expand reads its sizes from what it multiplies, axis by axis",
     "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula: its slips that fit every shape are the division and the dtype",
     "repalgebra.fuse:_batch_norms": "one list: the BatchNorm modules left",

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, invoke, meta_of, returned, runs_on_meta, squeeze_to_rank
-from repalgebra.frontend.fx_trace import TensorInfo, input_free, recognised, summarize
+from repalgebra.frontend.fx_trace import TensorInfo, autocast_left_off, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -285,6 +285,9 @@ class Builder:
             args = _message_per_call(n, args, self.env)
             target = assert_with_message if len(args) > 2 else torch._assert
             self.asserts.append((args, kwargs, self.source(n), target))  # no value: kept as a check of the inputs (checks_of)
+            return None
+        if kind == "call_function" and target is autocast_left_off:  # reads no input: a check of every call (checks_of)
+            self.asserts.append((args, kwargs, self.source(n), target))
             return None
         if kind == "call_function" and target is taken_as_traced:  # (a test on constants' sizes alone: nothing to check)
             if _has_value(args, kwargs):

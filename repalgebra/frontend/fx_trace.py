@@ -111,13 +111,19 @@ def _no_autocast(model: nn.Module, tracer: "Tracer") -> Iterator[None]:
 
     One that turns autocast off on another device than the model's (mmdet's ``torch.cuda.amp.autocast(enabled=False)``
     around a pool, in a model on the CPU) changes nothing the model computes there: it is entered, and noted as a
-    flag taken as the fused model runs (on the model's device), as ``x.is_cuda`` is."""
+    flag taken as the fused model runs (on the model's device), as ``x.is_cuda`` is.  One that turns it off on the
+    model's device (Hugging Face's rotary embeddings, in every LLaMA-like decoder) changes nothing either where the
+    caller has autocast off: it is entered, and recorded as a check the fused model makes on every call
+    (:func:`autocast_left_off`: a call under autocast is refused)."""
     original = torch.amp.autocast_mode.autocast.__enter__
     device = next((t.device.type for t in [*model.parameters(), *model.buffers()]), "cpu")
 
     def refuse(self: Any) -> Any:
         if not getattr(self, "_enabled", True) and self.device != device:
             tracer.flags.append(f"torch.autocast({self.device!r}, enabled=False) taken as doing nothing on {device}")
+            return original(self)
+        if not getattr(self, "_enabled", True):
+            tracer.autocast_left_off(self.device)
             return original(self)
         how = f"dtype={self.fast_dtype}" if getattr(self, "_enabled", True) else "enabled=False"  # off: the dtype under a caller's autocast
         raise TypeError(f"forward() enters torch.autocast({self.device!r}, {how}): torch.fx does not record it")
@@ -628,6 +634,7 @@ class Tracer(fx.Tracer):
         self.dtypes_as_traced = False  # x.dtype answered as at the example (a second trace: see DtypeReadOutside)
         self.dtypes_taken: list[str] = []  # where x.dtype was answered so (see example_dtype)
         self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
+        self.autocast_offs: list[str] = []  # where autocast turned off on the model's device was taken (see _no_autocast)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), runs_torch_code)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
@@ -742,6 +749,13 @@ class Tracer(fx.Tracer):
         self.size_tests.append(where)
         return value
 
+    def autocast_left_off(self, device: str) -> None:
+        """Record a ``with torch.autocast(device, enabled=False):`` on the model's device, taken as doing nothing,
+        as a call of :func:`autocast_left_off` in the graph: the builder makes it a check of every call."""
+        where = self.path_stack[-1] if self.path_stack else ""
+        self.create_proxy("call_function", autocast_left_off, (device, where), {})
+        self.autocast_offs.append(where)
+
     def _dtype_test(self, node: fx.Node) -> bool | None:
         """``x.dtype == torch.float16`` (``!=``, ``in (...)``), or ``x.dtype == w.dtype`` (peft's
         ``_cast_input_dtype`` before every LoRA layer), as at the example inputs, else None.
@@ -833,6 +847,9 @@ class Tracer(fx.Tracer):
             notes.append("forward looks at a dtype outside what torch.fx records (x.dtype is torch.float16, str(x.dtype), a "
                          f"read left unused): x.dtype in {_places(self.dtypes_taken)} taken as at the example, and the fused "
                          "model runs in the example's dtypes only")
+        if self.autocast_offs:
+            notes.append(f"torch.autocast(enabled=False) on the model's device in {_places(self.autocast_offs)} taken as "
+                         "doing nothing: the fused model refuses calls under torch.autocast on that device")
         if self.size_tests:
             notes.append(f"Python tests of sizes or sizes read as numbers (if D > 3:, int(c)) in {_places(self.size_tests)} "
                          "taken as at the example: the fused model refuses inputs whose sizes answer otherwise")
@@ -923,6 +940,15 @@ class _Shape(fx.proxy.Attribute):
     def __len__(self) -> int:
         r = self.tracer.rank(self.root.node)
         return r if r is not None else super().__len__()
+
+
+def autocast_left_off(device: str, where: str) -> None:
+    """Raise ``ValueError`` where the caller has autocast on for ``device``: the model's ``with torch.autocast(device,
+    enabled=False):`` in ``where`` computes that block in full precision there, and the fused graph holds its ops
+    without the block (the trace took it as doing nothing, as it does with autocast off)."""
+    if torch.is_autocast_enabled(device):
+        raise ValueError(f"{where or 'the model'} turns torch.autocast off for {device!r} around part of its forward, and "
+                         "the fused graph holds that part without it: call the fused model outside torch.autocast")
 
 
 def _places(paths: list[str]) -> str:
