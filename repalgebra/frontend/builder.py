@@ -526,6 +526,8 @@ def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> An
         if isinstance(source, int):
             return source
         v, axis = source
+        if v.shape is None:
+            return None
         axis %= len(v.shape)
     return SymExpr("call_method", "size", (v, axis), {})
 
