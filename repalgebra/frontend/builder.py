@@ -509,17 +509,22 @@ def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:
     return walk(template)
 
 
-def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> Any:
+def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool], seen: dict | None = None) -> Any:
     """``v.shape[axis]`` (``axis`` counted from 0) read where ``v``'s producers fix it at every input size: a number,
     a size of an input (a :class:`SymExpr`), or None where a value computed inside is read otherwise.
 
     A sum (difference, product, quotient) broadcasts its inputs' sizes (:func:`_broadcast_size_at_inputs`): equal at
     the example, they may differ at other sizes, so its size is not its first input's (diffusers' ``h + temb[:, :,
     None, None]`` before ``if h.shape[0] >= 64:``); every other op is followed by
-    :func:`~repalgebra.frontend.shapes.size_source`."""
+    :func:`~repalgebra.frontend.shapes.size_source`.  ``seen`` holds the sums' sizes already read (by ``id`` and
+    axis): after ``x = x + f(x)`` blocks both inputs lead back to the sum before, which is read once, not once per
+    path (2 ** depth)."""
+    seen = {} if seen is None else seen
     while not is_input(v):
         if v.producer is not None and v.producer.op in _BROADCASTS:
-            return _broadcast_size_at_inputs(v, axis, is_input)
+            if (id(v), axis) not in seen:
+                seen[(id(v), axis)] = _broadcast_size_at_inputs(v, axis, is_input, seen)
+            return seen[(id(v), axis)]
         source = size_source(v, axis)
         if source is None:
             return None
@@ -537,28 +542,33 @@ def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> An
 _BROADCASTS = ("add", "sub", "mul", "div", "broadcast_add", "broadcast_sub")
 
 
-def _broadcast_size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool]) -> Any:
+def _broadcast_size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool], seen: dict) -> Any:
     """The size along ``axis`` of ``v``, an op of :data:`_BROADCASTS`, from its inputs' sizes (aligned from the last
     axis, as torch broadcasts; an input with fewer axes counts as size 1 there).
 
     Where the op runs, the inputs' sizes along an axis are each 1 or the output's.  So a number other than 1 that
     one input's producers fix is the output's size whatever the others are (``x + self.conv(x)`` has the conv's
     channels); inputs of size 1 at every input size drop out; one size read from the inputs left is the output's,
-    and several are :func:`broadcast_size` of them, per call.  None where an input's size is not known."""
+    and several (each input axis once) are :func:`broadcast_size` of them, per call.  None where an input's size is
+    not known."""
     rank = len(v.shape)
     sizes: list[Any] = []
     for u in v.producer.inputs:
         if u.shape is None:
             return None
         a = axis - (rank - len(u.shape))
-        sizes.append(1 if a < 0 else size_at_inputs(u, a, is_input))
+        sizes.append(1 if a < 0 else size_at_inputs(u, a, is_input, seen))
     fixed = [s for s in sizes if isinstance(s, int) and s != 1]
     if fixed:
         return fixed[0]
-    read = [s for s in sizes if not isinstance(s, int)]
-    if any(s is None for s in read):
+    if any(s is None for s in sizes):
         return None
-    return 1 if not read else read[0] if len(read) == 1 else SymExpr("call_function", broadcast_size, tuple(read), {})
+    read: dict[tuple[int, Any], SymExpr] = {}  # each input's size once, by the input and axis it reads
+    for s in sizes:
+        for t in s.args if isinstance(s, SymExpr) and s.target is broadcast_size else () if isinstance(s, int) else (s,):
+            read.setdefault((id(t.args[0]), t.args[1]), t)
+    leaves = tuple(read.values())
+    return 1 if not leaves else leaves[0] if len(leaves) == 1 else SymExpr("call_function", broadcast_size, leaves, {})
 
 
 def broadcast_size(*sizes: int) -> int:
