@@ -843,19 +843,18 @@ def _fuse(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], st
         view = flat_view(model, spec)  # None: a GraphModule that reads its arguments whole
         example_inputs = leaves if view is not None else example_inputs
         writes = view is not None and _writes_into(model, args)
-    fuser = _Fuser(view or model, leaf_modules, strict, check)
+    whole = ("its forward writes into the lists, tuples or dicts it is given (x[i] = branch(x[i])), which its caller may "
+             "read after the call and no capture writes") if writes else ""
+    fuser = _Fuser(view or model, leaf_modules, strict, check, whole)
     inputs, inferred = example_inputs_for(fuser.pristine, example_inputs)
     dtype = model_dtype(fuser.pristine)
     if any(torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype for t in inputs):
         # The captures are checked against a float64 copy, which runs on a float64 example where the model itself
         # may not: the fused model came back in float64, refusing the model's own inputs.
         fuser.ensure_runs(inputs)
-    if writes:  # its forward runs as written, on the caller's containers; its parts are fused
-        fused = fuser.keep_whole("", [Call(tuple(inputs), {})], "its forward writes into the lists, tuples or dicts it "
-                                 "is given (x[i] = branch(x[i])), which its caller may read after the call and no "
-                                 "capture writes")
-    else:
-        fused = fuser.fuse_model(inputs)
+    # A forward writing into the caller's containers runs as written, its parts fused; what its calls change of its
+    # state is handled as for any model (fuse_calls).
+    fused = fuser.fuse_calls(inputs) if writes else fuser.fuse_model(inputs)
     if view is not None:
         fused = _with_structure(fused, model, spec, fuser.report)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
@@ -943,8 +942,9 @@ def _batch_norms(module: nn.Module) -> list[str]:
 class _Fuser:
     """One ``fuse`` call: a pristine eval copy of the model as the reference, the strategy, the report."""
 
-    def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool) -> None:
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[Any], strict: bool, check: bool, whole: str = "") -> None:
         self.model = model  # the caller's: copied, never run
+        self.whole = whole  # why the model itself is kept whole, its parts fused (see fuse_root); "" where it is captured
         with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
             self.pristine = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
         check_leaf_modules(model, leaf_modules)
@@ -1018,9 +1018,16 @@ class _Fuser:
                     _run(self.pristine, Call(tuple(inputs), {}), None)
                 if changed:
                     raise StateChanged(changed)
-            return self.fuse_module("", inputs)
+            return self.fuse_root(inputs)
         except StateChanged as e:
             return self.fuse_with_state(inputs, e.names)
+
+    def fuse_root(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+        """The model's fused form: captured whole if possible, or kept whole with its parts fused where ``self.whole``
+        says why no capture of it can hold (a forward writing into the containers it is given)."""
+        if self.whole:
+            return self.keep_whole("", [Call(tuple(inputs), {})], self.whole)
+        return self.fuse_module("", inputs)
 
     def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
         """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping
@@ -1045,7 +1052,7 @@ class _Fuser:
                 )
             self.watching = False
             _run(self.pristine, Call(tuple(inputs), {}), None)
-            return self.fuse_module("", inputs)
+            return self.fuse_root(inputs)
         self.stateful = True
         if self.strict:
             what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
@@ -1065,7 +1072,7 @@ class _Fuser:
         if "" in state.regions:
             fused = self.keep_whole("", [Call(tuple(inputs), {})], state.regions[""])
         else:
-            fused = self.fuse_module("", inputs)
+            fused = self.fuse_root(inputs)
         self.restore_state(fused)
         if self.check:
             problem = _calls_difference(initial, fused, [inputs, inputs], self.tolerance)

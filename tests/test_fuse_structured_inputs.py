@@ -325,3 +325,71 @@ def test_a_forward_writing_into_the_list_it_is_given_is_kept_whole_with_its_part
     with torch.no_grad():
         assert_same(model(given), fused(ours))
     assert_same(given, ours)  # the caller's lists, as each call left them
+
+
+class WritesIntoItsListAndCachesAGrid(nn.Module):
+    """YOLOv5's ``Detect``, reduced: each level's prediction written into the list given, and a grid of cell
+    offsets cached on the module, rebuilt where the level's size differs from the grid's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 8, 1, bias=False), nn.BatchNorm2d(8)) for c in (8, 16))
+        self.grid = [torch.empty(0) for _ in range(2)]
+
+    def forward(self, x):
+        z = []
+        for i in range(2):
+            x[i] = self.m[i](x[i])
+            if self.grid[i].shape[2:4] != x[i].shape[2:4]:
+                ny, nx = x[i].shape[2:4]
+                yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+                self.grid[i] = torch.stack((xv, yv), 0)[None].to(x[i].dtype)
+            z.append((x[i][:, :2] + self.grid[i]).flatten(2))
+        return torch.cat(z, 2)
+
+
+class WritesIntoItsListAndCounts(WritesIntoItsList):
+    """The same, counting its calls in a buffer it scales its output by: state, not a cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n += 1
+        return super().forward(x) * self.n
+
+
+def test_a_forward_writing_into_its_list_and_caching_a_grid_is_kept_whole_with_a_note():
+    """fuse raised its internal ``StateChanged: grid`` (neither a FuseError nor a ValueError, found by a probe on
+    YOLOv5's Detect fused on its own): a forward writing into its list skipped the handling of state its calls
+    change.  Now the grid, filled by a first call and rebuilt for other sizes, is a cache: the model is kept whole
+    as called once (a note says so), its levels fused, and it computes what the model does at other batches and
+    sizes, leaving the caller's list as the model does (float64 to 1e-9 relative, verify's float64 tolerance)."""
+    model = seeded(WritesIntoItsListAndCachesAGrid, 0)().to(D)
+    reference = copy.deepcopy(model)
+    fused = fuse(model, (feature_maps(2, 8, (8, 16)),))
+    report = fused.fuse_report
+    assert count_bn(fused) == 0 and report.parts[0].how == "kept whole", str(report)
+    assert any("a first call fills 'grid'" in n for n in report.notes), str(report)
+    for batch, size in [(3, 8), (1, 16), (2, 8)]:
+        given, ours = feature_maps(batch, size, (8, 16), seed=size), feature_maps(batch, size, (8, 16), seed=size)
+        with torch.no_grad():
+            assert_same(reference(given), fused(ours))
+        assert_same(given, ours)
+
+
+def test_a_forward_writing_into_its_list_and_counting_its_calls_runs_on_its_own_state():
+    """As above, with a call counter (``self.n += 1``) instead of a cache: fuse raised ``StateChanged: n``.  Now the
+    model runs as written on its own copy of the counter, its branches fused, and agrees with the model call after
+    call (float64 to 1e-9 relative, verify's float64 tolerance)."""
+    model = seeded(WritesIntoItsListAndCounts, 0)().to(D)
+    reference = copy.deepcopy(model)
+    fused = fuse(model, (feature_maps(2, 8, (8, 16)),))
+    assert count_bn(fused) == 0 and fused.fuse_report.parts[0].how == "kept whole", str(fused.fuse_report)
+    assert "'n'" in fused.fuse_report.parts[0].reason, str(fused.fuse_report)
+    for call in range(3):
+        given, ours = feature_maps(2, 8, (8, 16), seed=call), feature_maps(2, 8, (8, 16), seed=call)
+        with torch.no_grad():
+            assert_same(reference(given), fused(ours))
+        assert_same(given, ours)
