@@ -964,3 +964,36 @@ def test_a_first_calls_draw_is_noted_as_the_models():
     torch.manual_seed(0)
     fused = fuse(_LazyProjection().double().eval(), torch.randn(2, 4, 5, 5, dtype=torch.float64))
     assert any("a first call fills" in n and "random generator" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+
+
+class ComparesWithNoShape(nn.Module):
+    """A shape compared with ``None`` (``!=`` and ``==``) as Ultralytics' ``Detect`` compares its cache before a first
+    call; here nothing is ever cached: the test is the same whatever the sizes."""
+
+    shape = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.down(x)
+        if self.shape != y.shape:
+            y = y + 1.0
+        if y.shape[2:] == self.shape:
+            y = y * 3.0
+        return y
+
+
+def test_a_shape_compared_with_none_is_answered_for_every_input():
+    """fx recorded ``y.shape != None`` as a test of the sizes of a value computed inside, which no input can check,
+    and the model was captured by torch.export at the example's shapes (refused at any other size).  A shape is a
+    tuple, which is never ``None``: now fx answers it for every input, and the fused model runs at any size (float64
+    to 1e-9 relative, verify's float64 tolerance)."""
+    model = randomized(ComparesWithNoShape)
+    fused = fuse(model, torch.randn(2, 4, 16, 16, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    for shape in [(2, 4, 16, 16), (1, 4, 24, 8)]:
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

@@ -729,6 +729,8 @@ class Tracer(fx.Tracer):
         fixed = self._fixed_flag(obj.node)
         if fixed is None:
             fixed = self._dtype_test(obj.node)
+        if fixed is None:
+            fixed = shape_against_no_shape(obj.node, self.ranks.value)
         if fixed is not None:
             return fixed
         value = _weights_only_value(obj.node, self.root)
@@ -949,6 +951,19 @@ def autocast_left_off(device: str, where: str) -> None:
     if torch.is_autocast_enabled(device):
         raise ValueError(f"{where or 'the model'} turns torch.autocast off for {device!r} around part of its forward, and "
                          "the fused graph holds that part without it: call the fused model outside torch.autocast")
+
+
+def shape_against_no_shape(node: fx.Node, value: Callable[[fx.Node], Any]) -> bool | None:
+    """``x.shape != None`` (or ``==``, against a number) as every input answers it, else None.  A shape is a
+    tuple, which equals no ``None`` or number whatever its sizes: no check per call is needed.  Ultralytics'
+    ``Detect`` compares the shape it cached with the input's (``if self.dynamic or self.shape != shape:``), and
+    its cache is ``None`` before a first call: recorded as a test of sizes, it stopped the trace."""
+    if not (node.op == "call_function" and node.target in (operator.eq, operator.ne) and len(node.args) == 2):
+        return None
+    read, other = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
+    if not isinstance(read, fx.Node) or not (other is None or type(other) in (bool, int, float)):
+        return None
+    return node.target is operator.ne if isinstance(value(read), tuple) else None  # (a torch.Size, read as a tuple)
 
 
 def _places(paths: list[str]) -> str:
