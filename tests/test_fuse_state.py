@@ -966,6 +966,96 @@ def test_a_first_calls_draw_is_noted_as_the_models():
     assert any("a first call fills" in n and "random generator" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
 
 
+def make_anchors(feats: list[torch.Tensor], strides: torch.Tensor, offset: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ultralytics' ``make_anchors``: the centre of each cell of each level, and its level's stride."""
+    points, strided = [], []
+    for f, s in zip(feats, strides):
+        h, w = f.shape[2:]
+        sy, sx = torch.meshgrid(torch.arange(h, dtype=f.dtype) + offset, torch.arange(w, dtype=f.dtype) + offset, indexing="ij")
+        points.append(torch.stack((sx, sy), -1).view(-1, 2))
+        strided.append(torch.full((h * w, 1), s, dtype=f.dtype))
+    return torch.cat(points), torch.cat(strided)
+
+
+class AnchorCache(nn.Module):
+    """Ultralytics' YOLOv8/YOLO11 ``Detect`` on a two-level stem: its anchors cached on the module and recomputed
+    ``if self.dynamic or self.shape != shape`` (``shape`` the first level's, batch included; ``None`` before a first
+    call)."""
+
+    dynamic = False
+    shape = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("stride", torch.tensor([4.0, 8.0]))
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.pred = nn.ModuleList(nn.Conv2d(8, 6, 1) for _ in range(2))
+
+    def forward(self, img):
+        a = self.stem(img)
+        x = [a, self.down(a)]
+        for i in range(2):
+            x[i] = self.pred[i](x[i])
+        shape = x[0].shape
+        x_cat = torch.cat([xi.view(shape[0], 6, -1) for xi in x], 2)
+        if self.dynamic or self.shape != shape:
+            self.anchors, self.strides = (t.transpose(0, 1) for t in make_anchors(x, self.stride))
+            self.shape = shape
+        box, cls = x_cat.split((2, 4), 1)
+        return torch.cat(((self.anchors.unsqueeze(0) + box) * self.strides, cls.sigmoid()), 1)
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_a_cache_keyed_by_the_input_shape_is_captured_as_its_recomputation(batch):
+    """YOLOv8's anchors, cached per input shape: fused as called once, the capture compared the example's shape with
+    the cached one, and the fused model refused every other image size (and, from an example of batch 2, every
+    other batch: found by a probe).  Now it is fused as before its first call, where the test recomputes: the fused
+    model is captured with fx, computes the anchors on every call and agrees with the model at other batches and
+    sizes, in any order (float64 to 1e-9 relative, verify's float64 tolerance); the model is not run."""
+    model = randomized(AnchorCache)
+    reference = copy.deepcopy(model)
+    fused = fuse(model, torch.randn(batch, 3, 32, 32, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and count_bn(fused) == 0, str(report)
+    assert any("a first call fills 'anchors'" in n and "fused as before that call" in n for n in report.notes), str(report)
+    assert "shape" not in vars(model)
+    for shape in [(1, 3, 32, 32), (3, 3, 64, 32), (2, 3, 32, 32), (1, 3, 16, 48), (3, 3, 64, 32)]:
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), reference(x), rtol=1e-9, atol=1e-9)
+
+
+class LargestTable(nn.Module):
+    """A table of positions kept for the largest width seen (``None`` before a first call), of which every call
+    reads the mean: a smaller call after a larger one reads it stale, so no capture of one call holds."""
+
+    width = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.down(x)
+        if self.width is None or y.shape[-1] > self.width:
+            self.table = torch.arange(y.shape[-1], dtype=y.dtype)
+            self.width = y.shape[-1]
+        return y + self.table.mean()
+
+
+def test_a_cache_a_smaller_call_reads_stale_is_not_captured_as_its_recomputation():
+    """The model as before its first call computes the table afresh on every call, which the model does not at a
+    smaller size after a larger one (at half the example's size after a call at twice it, 7.5 where 1.5 is fresh).
+    The capture as before the first call is compared with the model over calls at a larger, then a smaller size, and
+    is not taken: the model is fused as called once, at the example's shapes."""
+    model = randomized(LargestTable)
+    fused = fuse(model, torch.randn(2, 4, 16, 16, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "specialized", str(report)
+    assert not any("fused as before that call" in n for n in report.notes), str(report)
+
+
 class ComparesWithNoShape(nn.Module):
     """A shape compared with ``None`` (``!=`` and ``==``) as Ultralytics' ``Detect`` compares its cache before a first
     call; here nothing is ever cached: the test is the same whatever the sizes."""
