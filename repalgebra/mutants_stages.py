@@ -64,6 +64,9 @@ _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
+_EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_is_made_per_call",)
+_EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
+_ADD_PRODUCT = ("tests/test_frontend_export.py::test_a_product_added_to_an_uninitialised_empty_reads_none_of_it",)
 _PM = ("tests/test_fuse_conv1d.py::test_a_conv_that_pads_by_reflection_folds_its_batch_norm",)
 _ST = ("tests/test_fuse_structured_inputs.py",)
 _SIG = ("tests/test_fuse_call_signatures.py",)
@@ -625,6 +628,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.aten_handlers:_one_number", "_filled(b, n, torch.tensor(number, dtype=info[1]), info[1], None)", "_filled(b, n, torch.tensor(0), info[1], None)", _FACTORIES),
     ("frontend", "factory-number-in-float32", "a tensor of one number made in forward holds the number rounded to float32 first",
      "repalgebra.frontend.aten_handlers:_one_number", "torch.tensor(number, dtype=info[1])", "torch.tensor(number)", _FACTORIES),
+    ("frontend", "empty-folded", "an uninitialised torch.empty computed once and held as a constant of garbage",
+     "repalgebra.frontend.aten_builder:_uninitialised", "return target in _UNINITIALISED and", "return False and", _EMPTY_READ),
+    ("frontend", "new-empty-folded", "a buffer's new_empty taken for values written, held as a constant of garbage",
+     "repalgebra.frontend.aten_builder:_uninitialised", "target in _UNINITIALISED", "target is aten.empty.memory_format", _EMPTY_READ),
+    ("frontend", "fill-reads-empty", "fill_ of a torch.empty taken to read it: the empty made per call, its mask no constant",
+     "repalgebra.frontend.aten_builder:_unread", "if target in _OVERWRITES or (", "if (", _EMPTY_FILL),
+    ("frontend", "positional-self-read", "an overwritten self passed by position taken to be read",
+     "repalgebra.frontend.aten_builder:_unread", 'return {0} if args else {"self"}', 'return {"self"}', _EMPTY_FILL),
+    ("frontend", "add-product-beta-dropped", "baddbmm's beta input dropped where beta is not 0",
+     f"{_AH}:_add_product", "if scaled is None or beta == 0:", "if scaled is None or True:", _ADD_PRODUCT),
+    ("frontend", "add-product-alpha-dropped", "baddbmm's alpha read as 1",
+     f"{_AH}:_add_product", "scaled = _times(b, where, product, alpha)", "scaled = _times(b, where, product, 1)", _ADD_PRODUCT),
+    ("frontend", "add-product-beta-unscaled", "baddbmm's input added unscaled by beta",
+     f"{_AH}:_add_product", '_times(b, where, a["self"], beta)', '_times(b, where, a["self"], 1)', _ADD_PRODUCT),
+    ("frontend", "addbmm-unsummed", "addbmm's products not summed over the batch (the call carried through)",
+     f"{_AH}:_add_product", "if n.target is aten.addbmm.default:", "if False:", _ADD_PRODUCT),
+    ("frontend", "times-unscaled", "a product scaled by a number other than 1 left unscaled",
+     f"{_AH}:_times", "    if number == 1:", "    if number != 0:", _ADD_PRODUCT),
     ("frontend", "expanded-constant-kept", "a constant expanded to what it multiplies not taken for the constant (SSD's L2Norm stays a mul)",
      "repalgebra.frontend.handlers_functions:_f_mul", "    x, c = _unexpanded(x, c), _unexpanded(c, x)", "    x, c = x, c", _EXPANDED),
     ("frontend", "expanded-to-another-tensor", "k.expand_as(y) * x taken for k * x where y is not x",

@@ -616,3 +616,102 @@ def test_a_repeat_along_the_batch_of_axes_of_size_one_keeps_the_batch_free():
             assert len(want) == len(got)
             for w, g in zip(want, got):
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- uninitialised torch.empty
+
+
+def held_shapes(graph: Graph) -> list[tuple[int, ...]]:
+    """The shapes of the tensors the graph holds: node params and the buffers of opaque calls."""
+    shapes = [tuple(t.shape) for n in graph.nodes for t in n.params.values()]
+    fns = [n.attrs["fn"] for n in graph.nodes if n.op == "opaque" and isinstance(n.attrs.get("fn"), nn.Module)]
+    return shapes + [tuple(t.shape) for fn in fns for t in fn.buffers()]
+
+
+class ScoresIntoEmpty(nn.Module):
+    """diffusers' attention scores, ``torch.baddbmm(torch.empty(B, L, L), q, k^T, beta, alpha)``, and the same with
+    ``addbmm`` and ``addmm``; ``beta`` 0 ignores the uninitialised input, another beta adds ``1 + x`` along the keys."""
+
+    def __init__(self, call: str, beta: float = 0.0, c: int = 4) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(c, c), nn.Linear(c, c)
+        self.call, self.beta = call, beta
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        B, L = q.shape[:2]
+        if self.call == "baddbmm":
+            start = torch.empty(B, L, L, dtype=q.dtype) if self.beta == 0 else torch.ones(B, L, L, dtype=q.dtype) + x[..., :1].transpose(1, 2)
+            return torch.baddbmm(start, q, k.transpose(-1, -2), beta=self.beta, alpha=0.5).softmax(-1) @ x
+        if self.call == "addbmm":
+            return torch.addbmm(torch.empty(L, L, dtype=q.dtype), q, k.transpose(-1, -2), beta=0, alpha=0.5).softmax(-1) @ x[0]
+        return torch.addmm(torch.empty(L, L, dtype=q.dtype), q[0], k[0].transpose(0, 1), beta=0, alpha=0.5).softmax(-1) @ x[0]
+
+
+@pytest.mark.parametrize("call, beta", [("baddbmm", 0.0), ("baddbmm", 0.25), ("addbmm", 0.0), ("addmm", 0.0)])
+def test_a_product_added_to_an_uninitialised_empty_reads_none_of_it(call, beta):
+    """``aten.baddbmm`` (and ``addbmm``, ``addmm``) had no handler: the call was carried through whole and the
+    ``torch.empty`` it is given at ``beta=0``, computed once like any call of constants, held as its buffer: an
+    (2, 5, 5) tensor of whatever memory held (up to 3e37, NaN at times), another in every capture.  Now it is
+    ``alpha (b1 @ b2)`` (summed over the batch for ``addbmm``) plus ``beta input`` where beta is not 0; the empty
+    is read by nothing and no tensor of its shape is held."""
+    model = ScoresIntoEmpty(call, beta).double().eval()
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cap = capture_export(copy.deepcopy(model), (x,))
+    assert not opaque_targets(cap.graph)
+    assert (5, 5) not in held_shapes(cap.graph) and (2, 5, 5) not in held_shapes(cap.graph)
+    with torch.no_grad():
+        assert rel_err(run_graph(cap.graph, x), model(x)) <= 1e-12  # float64, one product summed in another order
+
+
+class WrittenIntoEmpty(nn.Module):
+    """``torch.empty`` (or a buffer's ``new_empty``) written in part (``out[..., :2] = x``) and read where written:
+    its other values are read by the ``slice_scatter`` the write becomes, not by the output."""
+
+    def __init__(self, maker: str) -> None:
+        super().__init__()
+        self.maker = maker
+        self.register_buffer("table", torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        size = (x.shape[0], x.shape[1], 3)
+        out = torch.empty(size, dtype=x.dtype) if self.maker == "empty" else self.table.new_empty(size)
+        out[..., :2] = x[..., :2].relu()
+        return out[..., :2] * 2
+
+
+@pytest.mark.parametrize("maker", ["empty", "new_empty"])
+def test_an_uninitialised_empty_whose_values_are_read_is_made_per_call(maker):
+    """The ``torch.empty`` was computed once and held as a constant of garbage (a (2, 4, 3) tensor, another in every
+    capture) for the ``slice_scatter`` to read.  A call that reads its values now reads a ``torch.empty`` made per
+    call, as the model does; no tensor of its shape is held, and the output, which reads only the written part, is
+    the model's."""
+    model = WrittenIntoEmpty(maker).eval()
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    cap = capture_export(copy.deepcopy(model), (x,))
+    assert {aten.empty.memory_format, aten.new_empty.default} & set(opaque_targets(cap.graph))
+    assert (2, 4, 3) not in held_shapes(cap.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(run_graph(cap.graph, x), model(x), rtol=0, atol=0)  # a relu and a doubling: exact
+
+
+class FilledMask(nn.Module):
+    """CLIP's causal mask at fixed shapes: ``torch.empty(L, L).fill_(min).triu_(1)``, added to scores."""
+
+    def forward(self, x):
+        mask = torch.empty(x.shape[1], x.shape[1], dtype=x.dtype)
+        mask.fill_(-1e4)
+        mask.triu_(1)
+        return (x @ x.transpose(1, 2) + mask).softmax(-1)
+
+
+def test_an_empty_overwritten_by_a_fill_is_still_a_constant():
+    """``fill_`` reads no value of the ``torch.empty`` it overwrites: the mask is computed once, a constant, as
+    before the empties read were made per call (where a fill took the empty for read, the ``triu`` of the filled
+    mask became a call carried through)."""
+    model = FilledMask().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    cap = capture_export(copy.deepcopy(model), (x,))
+    assert not opaque_targets(cap.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(run_graph(cap.graph, x), model(x), rtol=1e-12, atol=0)  # float64, same ops

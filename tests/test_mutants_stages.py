@@ -292,6 +292,11 @@ FEW = {
     "a 3-D conv's padding on both sides",
     "repalgebra.frontend.shapes:size_source": "two decisions added to it, norms keep their input's shape, and a reshape's "
     "axis of one size read is that read",
+    "repalgebra.frontend.aten_builder:_uninitialised": "one decision, which results hold values no one wrote: the "
+    "mutants fold every empty, and a buffer's new_empty",
+    "repalgebra.frontend.aten_builder:_unread": "one decision, which argument a call overwrites without reading: the "
+    "mutants read fill's self, and a self passed by position (beta=0 is _add_product's, which reads no input there)",
+    "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "
     "mutants stop it at once and end it one step early",
 }

@@ -879,6 +879,37 @@ def _matmul(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     return None if x is None or y is None else ("matmul", [x, y], {}, {}, None)
 
 
+def _add_product(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
+    """``baddbmm(input, batch1, batch2, beta, alpha)`` (diffusers' attention scores), ``addmm(input, mat1, mat2, ...)``
+    and ``addbmm`` (the products summed over the batch): ``alpha (b1 @ b2) + beta input``.
+
+    At ``beta=0`` torch does not read ``input`` (diffusers passes an uninitialised ``torch.empty``, NaN and Inf in it
+    included), and neither does the op made here: ``alpha (b1 @ b2)`` only, so no constant of ``input`` is held.
+    """
+    x, y = (_v(a["mat1"]), _v(a["mat2"])) if "mat1" in a else (_v(a["batch1"]), _v(a["batch2"]))
+    beta, alpha, where = a["beta"], a["alpha"], module_path(n)
+    if x is None or y is None or not x.dtype.is_floating_point or not _is_num(beta) or not _is_num(alpha):
+        return None
+    product = b.add(Node.make("matmul", [x, y], {}, {}, where))
+    if n.target is aten.addbmm.default:
+        product = b.add(Node.make("sum", [product], {"dims": (0,), "keepdim": False}, {}, where))
+    scaled = _times(b, where, product, alpha)
+    if scaled is None or beta == 0:
+        return None if scaled is None else ("identity", [scaled], {}, {}, None)
+    term = _times(b, where, a["self"], beta) if isinstance(a["self"], Value) else a["self"]
+    if isinstance(term, Const):
+        term = Const(term.tensor * beta, term.path) if term.tensor.is_floating_point() else None
+    return None if term is None else _join("add")(b, n, {"self": scaled, "other": term})
+
+
+def _times(b: ProgramBuilder, where: str, x: Value, number: int | float) -> Value | None:
+    """``x * number`` as a node (``x`` itself for 1); None where the ``scale`` op cannot hold it."""
+    if number == 1:
+        return x
+    made = _mul(b, None, {"self": x, "other": number})
+    return None if made is None else b.add(Node.make(*made[:4], where))
+
+
 def _identity(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     """``clone``/``alias``/``detach``/``dropout(train=False)``: the same values."""
     x = _v(a["self"] if "self" in a else a["input"])
@@ -945,6 +976,9 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.matmul.default: _matmul,
     aten.bmm.default: _matmul,
     aten.mm.default: _matmul,
+    aten.baddbmm.default: _add_product,
+    aten.addbmm.default: _add_product,
+    aten.addmm.default: _add_product,
     aten.dropout.default: _identity,
     aten.clone.default: _identity,
     aten.alias.default: _identity,
