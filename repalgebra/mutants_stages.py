@@ -64,6 +64,7 @@ _FX = (f"{_FE}::test_fx_capture_reads_every_attribute", f"{_FE}::test_fx_capture
 _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_function_handlers_on_layer_stacks")
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
+_CUMSUM = ("tests/test_onnx_fallback.py::test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file",)
 _EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_is_made_per_call",)
 _EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
 _ADD_PRODUCT = ("tests/test_frontend_export.py::test_a_product_added_to_an_uninitialised_empty_reads_none_of_it",)
@@ -1602,6 +1603,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("torch_backend", "dtype-limit-inline", "a carried call reading torch.finfo(x.dtype) written inline (torch.load cannot trace it again)",
      f"{_TB}:_inline_call", "    if any(isinstance(e, SymExpr) and e.target in (torch.finfo, torch.iinfo) for e in leaves):", "    if False:",
      ("tests/test_fuse_capture.py::test_a_dtype_limit_read_per_call_survives_torch_save",)),
+    ("onnx_backend", "cumsum-mask-uncast", "a bool mask's cumsum written as CumSum of the bool (an invalid graph)",
+     f"{_OF}:_cumsum", "return torch.cumsum(x.to(torch.int64), dim)", "return torch.cumsum(x, dim)", _CUMSUM),
+    ("onnx_backend", "cumsum-int32-kept", "an int32 cumsum summed in int32 in the file, int64 in torch",
+     f"{_OF}:_cumsum", "or x.dtype == torch.int64:", "or x.dtype in (torch.int64, torch.int32):", _CUMSUM),
+    ("onnx_backend", "cumsum-rewrite-inverted", "the cumsum rewrite taken only where a dtype is given",
+     f"{_OF}:_cumsum", "if dtype is not None or", "if dtype is None or", _CUMSUM),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:_outputs_differ", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

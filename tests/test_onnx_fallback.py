@@ -1430,3 +1430,42 @@ def test_an_encoder_with_an_integer_mask_exports():
             want = model(*xs)
         got = session.run(None, {n: t.numpy() for n, t in zip(names, xs)})[0]
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class IndexFromCounts(nn.Module):
+    """k-diffusion's ``sigma_to_t``: the index of the last of a sorted table's entries below each sigma, from the
+    running count of a bool mask (``dists.ge(0).cumsum(0).argmax(0)``), or of an int8/int32 one; a conv and
+    BatchNorm to fold before it."""
+
+    def __init__(self, dtype: torch.dtype = torch.bool) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2)
+        self.bn.weight.data.uniform_(0.5, 1.5), self.bn.bias.data.normal_()
+        self.register_buffer("levels", torch.linspace(-4, 3, 50))
+
+    def forward(self, x, sigma):
+        counts = (sigma.log() - self.levels[:, None]).ge(0).to(self.dtype).cumsum(dim=0)
+        index = counts.argmax(dim=0).clamp(max=self.levels.shape[0] - 2)
+        return self.bn(self.conv(x)) * self.levels[index][:, None, None, None], counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.int32])
+def test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file(dtype):
+    """torch sums a bool (or other integer) tensor's ``cumsum`` in int64; the exporter wrote ``CumSum`` on the bool
+    tensor itself, an invalid graph, and ``export_onnx`` refused the model ("does not run in onnxruntime").  The
+    mask is cast to int64 first: the file runs, its counts are torch's (int64, equal), and its output is the
+    model's at sigmas other than the example's."""
+    model = IndexFromCounts(dtype).eval()
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    fused = repalgebra.fuse(model, (x, sigma))
+    proto = export_onnx(fused, None, (x, sigma))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for s in (sigma, torch.tensor([0.05, 12.0])):
+        out, counts = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, s))})
+        with torch.no_grad():
+            ref, ref_counts = model(x, s)
+        assert counts.dtype == np.int64
+        np.testing.assert_array_equal(counts, ref_counts.numpy())
+        assert close(out, ref)  # float32, a folded conv: RTOL 1e-5

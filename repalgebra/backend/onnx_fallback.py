@@ -949,6 +949,15 @@ def _copy(x, src, non_blocking=False, *, opset=0):
     return src.to(x.dtype).expand_as(x)
 
 
+def _cumsum(x, dim, dtype=None, *, opset=0):
+    """``x.cumsum(dim)`` of a bool or integer ``x``: torch sums in int64 (``mask.cumsum(0)`` is int64), and so does the
+    file now; the exporter wrote ``CumSum`` on the bool (or int8, int16, uint8) tensor itself, which ONNX does not
+    define (k-diffusion's ``dists.ge(0).cumsum(0)`` was refused as an invalid graph)."""
+    if dtype is not None or x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.int64:
+        return NotImplemented
+    return torch.cumsum(x.to(torch.int64), dim)
+
+
 def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive-pool windows along one axis: ``[floor(o n_in / n_out), ceil((o + 1) n_in / n_out))`` for each
     output position ``o``."""
@@ -1145,6 +1154,9 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     torch.slice_scatter: ("slice_scatter", _slice_scatter),
     torch.Tensor.slice_scatter: ("slice_scatter", _slice_scatter),
     aten.copy.default: ("copy", _copy),
+    aten.cumsum.default: ("cumsum", _cumsum),
+    torch.cumsum: ("cumsum", _cumsum),
+    torch.Tensor.cumsum: ("cumsum", _cumsum),
     aten.col2im.default: ("col2im", _col2im),
     torch.nn.functional.fold: ("fold", _col2im),
     aten.avg_pool2d.default: ("avg_pool2d", _avg_pool2d),
