@@ -65,6 +65,7 @@ _FN = (f"{_FE}::test_function_handlers_read_every_attribute", f"{_FE}::test_func
 _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and_length",)
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _CUMSUM = ("tests/test_onnx_fallback.py::test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file",)
+_CACHE = ("tests/test_onnx_fallback.py::test_a_cache_written_in_place_and_returned_exports",)
 _EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_is_made_per_call",)
 _EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
 _ADD_PRODUCT = ("tests/test_frontend_export.py::test_a_product_added_to_an_uninitialised_empty_reads_none_of_it",)
@@ -1609,6 +1610,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:_cumsum", "or x.dtype == torch.int64:", "or x.dtype in (torch.int64, torch.int32):", _CUMSUM),
     ("onnx_backend", "cumsum-rewrite-inverted", "the cumsum rewrite taken only where a dtype is given",
      f"{_OF}:_cumsum", "if dtype is not None or", "if dtype is None or", _CUMSUM),
+    ("onnx_backend", "copy-into-not-rewritten", "an in-place copy_ of a whole tensor left to the exporter (aten::copy, refused)",
+     f"{_OF}:_copy_into", "    if x.dim() == 0:", "    if True:", _CACHE),
+    ("onnx_backend", "copy-into-rebound", "an in-place copy_ traced as a new tensor: later reads of the cache see the old one",
+     f"{_OF}:_copy_into", "    x[:] = src\n    return x", "    return src", _CACHE),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:_outputs_differ", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
 ]

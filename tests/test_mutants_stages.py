@@ -292,6 +292,8 @@ FEW = {
     "a 3-D conv's padding on both sides",
     "repalgebra.frontend.shapes:size_source": "two decisions added to it, norms keep their input's shape, and a reshape's "
     "axis of one size read is that read",
+    "repalgebra.backend.onnx_fallback:_copy_into": "one job, the write as a slice assignment: the mutants leave it to "
+    "the exporter, and trace it as a new tensor",
     "repalgebra.frontend.aten_builder:_uninitialised": "one decision, which results hold values no one wrote: the "
     "mutants fold every empty, and a buffer's new_empty",
     "repalgebra.frontend.aten_builder:_unread": "one decision, which argument a call overwrites without reading: the "

@@ -1469,3 +1469,54 @@ def test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file(dtype):
         assert counts.dtype == np.int64
         np.testing.assert_array_equal(counts, ref_counts.numpy())
         assert close(out, ref)  # float32, a folded conv: RTOL 1e-5
+
+
+class StreamingConv(nn.Module):
+    """Mamba's decoding step: a depthwise conv over a cache of the last 3 inputs, shifted and written in place
+    (``cache.copy_(torch.roll(cache, -1, -1)); cache[:, :, -1] = x``) and returned."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(c, c), nn.BatchNorm1d(c)
+        self.norm.running_mean.normal_(), self.norm.running_var.uniform_(0.5, 2)
+        self.norm.weight.data.uniform_(0.5, 1.5), self.norm.bias.data.normal_()
+        self.w = nn.Parameter(torch.randn(c, 3))
+
+    def forward(self, x, cache):
+        x = self.norm(self.proj(x))
+        cache.copy_(torch.roll(cache, shifts=-1, dims=-1))
+        cache[:, :, -1] = x
+        return torch.sum(cache * self.w, dim=-1), cache
+
+
+class StreamingBlock(nn.Module):
+    """The cache-writing conv as a child, as Mamba's block calls its mixer."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(c))
+        self.mixer = StreamingConv(c)
+
+    def forward(self, x, cache):
+        out, cache = self.mixer(x * self.scale, cache)
+        return x + out, cache
+
+
+@pytest.mark.parametrize("model_type", [StreamingConv, StreamingBlock])
+def test_a_cache_written_in_place_and_returned_exports(model_type):
+    """``cache.copy_(...)`` of an input the model returns was refused: the exporter turns a ``copy_`` of a whole
+    tensor into ``aten::copy``, which it cannot export ("UnsupportedOperatorError: Exporting the operator
+    'aten::copy'").  It is traced as ``cache[:] = ...``, the same write; the file's outputs and new cache are the
+    model's over two steps, each fed the cache the step before returned."""
+    model = model_type().eval()
+    gen = torch.Generator().manual_seed(0)
+    xs, cache = [torch.randn(2, 4, generator=gen) for _ in range(2)], torch.randn(2, 4, 3, generator=gen)
+    fused = repalgebra.fuse(model, (xs[0], cache.clone()))
+    proto = export_onnx(fused, None, (xs[0], cache.clone()))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    file_cache, torch_cache = cache.numpy(), cache.clone()
+    for x in xs:
+        out, file_cache = session.run(None, {i.name: t for i, t in zip(session.get_inputs(), (x.numpy(), file_cache))})
+        with torch.no_grad():
+            ref, torch_cache = model(x, torch_cache)
+        assert close(out, ref) and close(file_cache, torch_cache)  # float32, BatchNorm's division: RTOL 1e-5

@@ -949,6 +949,16 @@ def _copy(x, src, non_blocking=False, *, opset=0):
     return src.to(x.dtype).expand_as(x)
 
 
+def _copy_into(x, src, non_blocking=False, *, opset=0):
+    """In-place ``x.copy_(src)`` (a streaming conv's ``cache.copy_(torch.roll(cache, -1, -1))``) as ``x[:] = src``,
+    the same write: the exporter turns a ``copy_`` of a whole tensor into ``aten::copy``, which it cannot export,
+    and a write into a slice into ops it can (the later reads of ``x`` see the new values in both)."""
+    if x.dim() == 0:
+        return NotImplemented
+    x[:] = src
+    return x
+
+
 def _cumsum(x, dim, dtype=None, *, opset=0):
     """``x.cumsum(dim)`` of a bool or integer ``x``: torch sums in int64 (``mask.cumsum(0)`` is int64), and so does the
     file now; the exporter wrote ``CumSum`` on the bool (or int8, int16, uint8) tensor itself, which ONNX does not
@@ -1154,6 +1164,7 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     torch.slice_scatter: ("slice_scatter", _slice_scatter),
     torch.Tensor.slice_scatter: ("slice_scatter", _slice_scatter),
     aten.copy.default: ("copy", _copy),
+    torch.Tensor.copy_: ("copy_", _copy_into),
     aten.cumsum.default: ("cumsum", _cumsum),
     torch.cumsum: ("cumsum", _cumsum),
     torch.Tensor.cumsum: ("cumsum", _cumsum),
