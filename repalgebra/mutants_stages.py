@@ -66,6 +66,7 @@ _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _CUMSUM = ("tests/test_onnx_fallback.py::test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file",)
 _CACHE = ("tests/test_onnx_fallback.py::test_a_cache_written_in_place_and_returned_exports",)
+_BETA0 = ("tests/test_onnx_export.py::test_addmm_and_addbmm_with_beta_0_are_captured_by_fx_without_their_input",)
 _EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_is_made_per_call",)
 _EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
 _ADD_PRODUCT = ("tests/test_frontend_export.py::test_a_product_added_to_an_uninitialised_empty_reads_none_of_it",)
@@ -630,6 +631,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.aten_handlers:_one_number", "_filled(b, n, torch.tensor(number, dtype=info[1]), info[1], None)", "_filled(b, n, torch.tensor(0), info[1], None)", _FACTORIES),
     ("frontend", "factory-number-in-float32", "a tensor of one number made in forward holds the number rounded to float32 first",
      "repalgebra.frontend.aten_handlers:_one_number", "torch.tensor(number, dtype=info[1])", "torch.tensor(number)", _FACTORIES),
+    ("frontend", "beta0-product-unsummed", "addbmm at beta=0 not summed over the batch",
+     f"{_HF}:_product_at_beta_0", "    if summed:", "    if False:", _BETA0),
+    ("frontend", "beta0-alpha-dropped", "addmm/addbmm at beta=0 with alpha read as 1",
+     f"{_HF}:_product_at_beta_0", "if alpha == 1 else _scale_by(product, alpha)", "if True else _scale_by(product, alpha)", _BETA0),
+    ("frontend", "beta0-operands-swapped", "addmm/addbmm at beta=0 multiplied the other way round",
+     f"{_HF}:_product_at_beta_0", 'b.add("matmul", [x, y]', 'b.add("matmul", [y, x]', _BETA0),
+    ("frontend", "addmm-beta0-kept", "torch.addmm at beta=0 carried through with its torch.empty",
+     f"{_HF}:_f_addmm", '    if a is not None and a["beta"] == 0:', "    if False:", _BETA0),
+    ("frontend", "addbmm-beta0-kept", "torch.addbmm at beta=0 carried through with its torch.empty",
+     f"{_HF}:_f_addbmm", 'if a is None or a["beta"] != 0:', 'if a is None or a["beta"] != 1:', _BETA0),
     ("frontend", "empty-folded", "an uninitialised torch.empty computed once and held as a constant of garbage",
      "repalgebra.frontend.aten_builder:_uninitialised", "return target in _UNINITIALISED and", "return False and", _EMPTY_READ),
     ("frontend", "new-empty-folded", "a buffer's new_empty taken for values written, held as a constant of garbage",

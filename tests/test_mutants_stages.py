@@ -294,6 +294,10 @@ FEW = {
     "axis of one size read is that read",
     "repalgebra.backend.onnx_fallback:_copy_into": "one job, the write as a slice assignment: the mutants leave it to "
     "the exporter, and trace it as a new tensor",
+    "repalgebra.frontend.handlers_functions:_f_addmm": "one decision added to it, beta=0 goes to _product_at_beta_0 "
+    "(GPT-2's Conv1D as a Linear is older than the mutants of the stage)",
+    "repalgebra.frontend.handlers_functions:_f_addbmm": "one decision, only beta=0 is mapped; the product is "
+    "_product_at_beta_0's",
     "repalgebra.frontend.aten_builder:_uninitialised": "one decision, which results hold values no one wrote: the "
     "mutants fold every empty, and a buffer's new_empty",
     "repalgebra.frontend.aten_builder:_unread": "one decision, which argument a call overwrites without reading: the "

@@ -1114,6 +1114,40 @@ def test_baddbmm_with_beta_0_captured_by_torch_export_holds_no_empty():
         assert rel_err(run_onnx(export_onnx(model, None, x, opset=17), x), model(x)) < 1e-5
 
 
+class ProductScores(BaddbmmScoresAtFixedShapes):
+    """Scores as ``torch.addmm`` (of the first batch's q and k) or ``torch.addbmm`` (summed over the batch) of an
+    uninitialised ``torch.empty`` at ``beta=0``; no size test: ``torch.fx`` captures it."""
+
+    def __init__(self, call: str, c: int = 16) -> None:
+        super().__init__(c)
+        self.call = call
+
+    def forward(self, x):
+        x = self.pre(x)
+        h = x.flatten(2).transpose(1, 2)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        empty = torch.empty(q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        if self.call == "addmm":
+            scores = torch.addmm(empty, q[0], k[0].transpose(0, 1), beta=0, alpha=self.scale)
+        else:
+            scores = torch.addbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=self.scale)
+        return x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("call", ["addmm", "addbmm"])
+def test_addmm_and_addbmm_with_beta_0_are_captured_by_fx_without_their_input(call):
+    """On the ``torch.fx`` path ``torch.addmm`` and ``torch.addbmm`` at ``beta=0`` were carried through with their
+    ``torch.empty`` (two calls left); where ``torch.onnx.export`` wrote them it froze the traced empty's garbage
+    into the file as a constant (``Gemm``'s C).  They are ``alpha (q @ k)`` (summed over the batch for ``addbmm``)."""
+    model = ProductScores(call).eval()
+    x = torch.randn(2, 16, 4, 4)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and not fused.fuse_report.opaque
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)  # float32: the scale folded into q @ k
+        assert rel_err(run_onnx(export_onnx(model, None, x, opset=17), x), model(x)) < 1e-5
+
+
 def test_a_dataclass_output_is_refused_by_what_it_is():
     """It was refused as "a Python number computed from the input's shape"."""
     @dataclasses.dataclass

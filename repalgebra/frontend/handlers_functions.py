@@ -216,12 +216,34 @@ def _f_addmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> 
     """``torch.addmm(self.bias, x, self.weight)``, GPT-2's ``Conv1D`` (on ``x.view(-1, nx)``): ``x @ W + b``, a Linear
     whose weight is ``W`` transposed."""
     a = bind([("input", REQ), ("mat1", REQ), ("mat2", REQ), ("beta", 1), ("alpha", 1)], args, kwargs)
+    if a is not None and a["beta"] == 0:
+        return _product_at_beta_0(b, n, a["mat1"], a["mat2"], a["alpha"], summed=False)
     if a is None or shaped(a["mat1"]) is None or a["beta"] != 1 or a["alpha"] != 1:
         return None
     w, bias = _const(a["mat2"]), _const(a["input"])
     if w is None or w.dim() != 2 or bias is None or bias.dim() != 1 or len(a["mat1"].shape) != 2:
         return None
     return "linear", [a["mat1"]], {}, {"weight": w.t().contiguous(), "bias": bias}, a["mat2"].path.rpartition(".")[0]
+
+
+def _f_addbmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``torch.addbmm(input, b1, b2, beta=0, alpha=scale)``: the products summed over the batch (see
+    :func:`_product_at_beta_0`); another ``beta`` stays the call."""
+    a = bind([("input", REQ), ("batch1", REQ), ("batch2", REQ), ("beta", 1), ("alpha", 1)], args, kwargs)
+    if a is None or a["beta"] != 0:
+        return None
+    return _product_at_beta_0(b, n, a["batch1"], a["batch2"], a["alpha"], summed=True)
+
+
+def _product_at_beta_0(b: Builder, n: fx.Node, x: Any, y: Any, alpha: Any, summed: bool) -> Made:
+    """``alpha (x @ y)`` (summed over axis 0 where ``summed``): ``addmm``/``addbmm`` at ``beta=0``, where torch reads
+    no value of ``input`` (an uninitialised ``torch.empty``, NaN and Inf in it included), and neither does this."""
+    if not _is_num(alpha) or shaped(x) is None or shaped(y) is None:
+        return None
+    product = b.add("matmul", [x, y], {}, {}, b.source(n))
+    if summed:
+        product = b.add("sum", [product], {"dims": (0,), "keepdim": False}, {}, b.source(n))
+    return ("identity", [product], {}, {}, "") if alpha == 1 else _scale_by(product, alpha)
 
 
 def _f_baddbmm(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1279,6 +1301,7 @@ _register(_f_mul, operator.mul, torch.mul, torch.multiply, ("method", "mul"), ("
 _register(_f_neg, operator.neg, torch.neg, ("method", "neg"))
 _register(_f_matmul, operator.matmul, torch.matmul, ("method", "matmul"))
 _register(_f_addmm, torch.addmm)
+_register(_f_addbmm, torch.addbmm)
 _register(_f_baddbmm, torch.baddbmm)
 _register(_f_cat, torch.cat, torch.concat, torch.concatenate)
 _register(_f_stack, torch.stack)
