@@ -300,6 +300,7 @@ FEW = {
     "_product_at_beta_0's",
     "repalgebra.frontend.aten_builder:_uninitialised": "one decision, which results hold values no one wrote: the "
     "mutants fold every empty, and a buffer's new_empty",
+    "repalgebra.frontend.aten_builder:_refuse_empty": "one job, the refusal; the mutant lets the read through",
     "repalgebra.frontend.aten_builder:_unread": "one decision, which argument a call overwrites without reading: the "
     "mutants read fill's self, and a self passed by position (beta=0 is _add_product's, which reads no input there)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",

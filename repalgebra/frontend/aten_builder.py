@@ -124,7 +124,6 @@ class ProgramBuilder:
         self.batch: Any = None  # the batch's sympy symbol, when the program was exported with a symbolic batch
         self.batch_size = 0  # its value at the example inputs
         self.batch_ref: Value | None = None  # the graph input whose axis 0 is the batch
-        self.made_empty: dict[fx.Node, Value] = {}  # the per-call torch.empty of an uninitialised Const, once made
 
     # -- sizes --------------------------------------------------------------------------
 
@@ -223,8 +222,8 @@ class ProgramBuilder:
     def output_value(self, v: Any, n: fx.Node) -> Value:
         if isinstance(v, Value):
             return v
-        if isinstance(v, Const) and v.empty is not None:  # an uninitialised torch.empty returned: made per call
-            return self.empty_value(v)
+        if isinstance(v, Const) and v.empty is not None:  # an uninitialised torch.empty returned: refused
+            _refuse_empty(v)
         if isinstance(v, Const):  # a model output that is a constant: a node that returns it
             attrs = {"fn": constant_call(v.tensor), "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
             return self.add(Node.make("opaque", [], attrs, {}, (v.path or "").rpartition(".")[0], name=n.name))
@@ -244,7 +243,7 @@ class ProgramBuilder:
         args, kwargs = self.env_of(n.args), self.env_of(n.kwargs)
         if n.target is operator.getitem:
             return self.getitem(n, *args)
-        args, kwargs = self.read_empties(n, args, kwargs)
+        self.check_empties(n, args, kwargs)
         found = _leaves((args, kwargs))
         reads_batch = any(isinstance(x, Sym) for x in found)
         if reads_batch:
@@ -310,28 +309,22 @@ class ProgramBuilder:
         empty = n if _uninitialised(n.target, result) else None
         return map_leaves(result, lambda t: Const(t, path, empty=empty) if isinstance(t, torch.Tensor) else t)
 
-    def read_empties(self, n: fx.Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """``n``'s arguments with each uninitialised ``torch.empty`` it reads the values of made per call instead.
+    def check_empties(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
+        """Refuse the capture where ``n`` reads the values of an uninitialised ``torch.empty`` (a folded constant).
 
-        ``torch.empty`` folded like any call of constants would freeze whatever memory held (garbage, NaN and Inf,
-        different in every capture) into the fused model.  An argument ``n`` does not read the values of
+        Computed once like any call of constants, it would freeze whatever memory held (garbage, NaN and Inf,
+        another in every capture) into the fused model.  An argument ``n`` does not read the values of
         (:func:`_unread`: ``fill``, ``copy``, ``baddbmm`` at ``beta=0``) stays the constant, which no node then
-        holds; any other reader gets an opaque call of the ``torch.empty`` itself, made per call as the model does.
+        holds; any other read refuses (:func:`_refuse_empty`), and the module is kept whole (its children fused):
+        the model's own code makes the tensor on every call.
         """
         if not any(isinstance(x, Const) and x.empty is not None for x in _leaves((args, kwargs))):
-            return args, kwargs
+            return
         unread = _unread(n.target, args, kwargs)
-        made = lambda x: self.empty_value(x) if isinstance(x, Const) and x.empty is not None else x  # noqa: E731
-        args = tuple(a if k in unread else map_leaves(a, made) for k, a in enumerate(args))
-        return args, {k: v if k in unread else map_leaves(v, made) for k, v in kwargs.items()}
-
-    def empty_value(self, c: Const) -> Value:
-        """The ``torch.empty`` call that made ``c``, as an opaque node of the graph (one per call site)."""
-        n = c.empty
-        if n not in self.made_empty:
-            args, kwargs = self.env_of(n.args), self.env_of(n.kwargs)
-            self.made_empty[n] = self.opaque(n, n.target, args, kwargs, (tuple(c.tensor.shape), c.tensor.dtype))
-        return self.made_empty[n]
+        read = [a for k, a in list(enumerate(args)) + list(kwargs.items()) if k not in unread]
+        for x in _leaves(read):
+            if isinstance(x, Const) and x.empty is not None:
+                _refuse_empty(x)
 
     def non_tensor(self, n: fx.Node, val: Any) -> Any:
         if val is None and not n.users:  # a run-time check (asserts on metadata or values)
@@ -375,8 +368,8 @@ class ProgramBuilder:
                 if x.value is None:
                     x.value = self.opaque(x.node, x.node.target, x.args, x.kwargs, None)
                 x = x.value
-            if isinstance(x, Const) and x.empty is not None:  # not held as a buffer of garbage: made per call
-                x = self.empty_value(x)
+            if isinstance(x, Const) and x.empty is not None:  # not held as a buffer of garbage: refused
+                _refuse_empty(x)
             if isinstance(x, Value):
                 if id(x) not in index:
                     index[id(x)] = len(inputs)
@@ -416,7 +409,7 @@ def symbolic(s: Any) -> bool:
     return isinstance(s, torch.SymInt) and bool(s.node.expr.free_symbols)
 
 
-# Calls whose result holds whatever memory held: never computed ahead into a constant that is read (see read_empties).
+# Calls whose result holds whatever memory held: never computed ahead into a constant that is read (see check_empties).
 _UNINITIALISED = frozenset({aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
                             aten.empty_strided.default, aten.new_empty_strided.default, aten.empty_permuted.default})
 
@@ -432,6 +425,13 @@ _BETA_SCALED = frozenset({aten.baddbmm.default, aten.addbmm.default, aten.addmm.
 def _uninitialised(target: Any, result: Any) -> bool:
     """Whether ``result`` of a call of ``target`` holds values no one wrote: a ``torch.empty`` with elements."""
     return target in _UNINITIALISED and isinstance(result, torch.Tensor) and result.numel() > 0
+
+
+def _refuse_empty(c: Const) -> None:
+    """Raise :class:`CaptureFailed` for a read of ``c``, an uninitialised ``torch.empty``, naming where it was made."""
+    n = c.empty
+    raise CaptureFailed(f"{n.target} at {module_path(n)!r} makes a tensor whose values a later call reads before anything "
+                        "writes them (an uninitialised torch.empty): kept whole, not frozen into a constant of garbage")
 
 
 def _unread(target: Any, args: tuple, kwargs: dict) -> set[int | str]:
