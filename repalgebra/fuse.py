@@ -1038,8 +1038,12 @@ class _Fuser:
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = list(state.per_call)
-            cached = [c for c in sorted(changed) if c not in stored and (c not in DRAWS or c in state.first_draws)]  # (not
-            # a draw another thread made)
+            if cached := [c for c in sorted(changed) if c not in stored and (c not in DRAWS or c in state.first_draws)]:  # (not
+                # a draw another thread made)
+                self.report.notes.append(
+                    f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
+                    "where the model ran) compute the same after it: fused as called once"
+                )
             if stored:
                 self.report.notes.append(
                     f"every call stores {_listed([repr(c) for c in stored], 4)} from its input, which no later call reads: "
@@ -1047,19 +1051,8 @@ class _Fuser:
                     "(return it, or read it with a hook on the original)"
                 )
             self.watching = False
-            unfilled = copy_module(self.pristine)  # as before any call: what a first call fills is not filled yet
             _run(self.pristine, Call(tuple(inputs), {}), None)
-            at = len(self.report.notes)
-            fused = self.fuse_root(inputs)
-            if cached and self.check and _fixed_shapes(self.report):  # (its report says so)
-                fused = self.fuse_unfilled(unfilled, inputs, cached, self.report.notes[:at]) or fused
-            if cached and self.pristine is not unfilled:  # (else fused as before that call: fuse_unfilled's note)
-                self.report.notes.insert(at,
-                    f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
-                    "where the model ran) compute the same after it: fused as called once"
-                )
-            return fused
-
+            return self.fuse_root(inputs)
         self.stateful = True
         if self.strict:
             what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
@@ -1086,39 +1079,6 @@ class _Fuser:
             if problem is not None:
                 self.report = FuseReport(stage_seconds=self.stage)  # nothing of that attempt is in the result
                 return self.untouched("", initial, f"with the parts that change state kept whole it still differs on a second call: {problem}")
-        return fused
-
-    def fuse_unfilled(self, unfilled: nn.Module, inputs: tuple[torch.Tensor, ...], cached: list[str],
-                      notes: list[str]) -> nn.Module | None:
-        """The model fused as before its first call (``unfilled``), where that holds at sizes the model fused as called
-        once (``self.pristine``, whose capture holds at the example's shapes only) does not; else None, and the fuser
-        as it was.
-
-        A cache keyed by the input's shape (Ultralytics' ``Detect``: ``if self.shape != shape:`` recomputes its
-        anchors) compares the example's shape with the cached one in the model as called once: a capture of that
-        holds at that shape.  Before the first call the test takes the recomputing branch, which a capture holds at
-        any size; :func:`~repalgebra.frontend.state.find_state` found that a call after the first computes what a
-        first call does (on other values, at larger sizes), and the result is compared here with the model as called
-        once, making calls in turn: on the example (the cache read), at a larger size, at a smaller one (a table kept
-        for the largest size seen would be read stale) and at another batch (:func:`_other_calls`)."""
-        called = (self.pristine, self.report, self.checks, self.plain_parts)
-        self.pristine, self.checks, self.plain_parts = unfilled, [], []
-        self.report = FuseReport(stage_seconds=self.stage, notes=list(notes))
-        try:
-            fused = self.fuse_root(inputs)
-            wider = not _fixed_shapes(self.report) and len(self.report.kept_whole) <= len(called[1].kept_whole)
-            problem = _calls_difference(called[0], fused, _other_calls(called[0], inputs), self.tolerance) if wider else "fixed shapes"
-        except Exception as e:  # noqa: BLE001  (before its first call the model takes another path: as called once)
-            problem = first_line(e)
-        if problem is not None:
-            self.pristine, self.report, self.checks, self.plain_parts = called
-            return None
-        self.report.notes.append(
-            f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes) "
-            "compute the same after it: fused as before that call, so the fused model computes it on every call (as "
-            "called once, its capture held at the example's shapes only)")
-        self.checks.append("the model as called once, on the example input and at other sizes and batch, "
-                           f"to {self.tolerance:g} relative")
         return fused
 
     def restore_state(self, module: nn.Module) -> None:
@@ -1811,25 +1771,6 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
         if problem is not None:
             return f"call {k + 1}: {problem}" if len(calls) > 1 else problem
     return None
-
-
-def _fixed_shapes(report: FuseReport) -> bool:
-    """Whether a part of the report's model was captured by ``torch.export``, at the example's shapes."""
-    return any(p.how == "specialized" for p in report.parts)
-
-
-def _other_calls(model: nn.Module, inputs: tuple) -> list[tuple]:
-    """``inputs``, then at a batch one larger, then at twice and at half their spatial sizes (where they have such
-    axes and ``model``, a copy of it, runs there): a cache keyed by the input's shape read, refilled at another
-    batch, refilled larger, and refilled or read at a smaller size (a table kept for the largest size seen is stale
-    there)."""
-    def spatial(t: Any, resize: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        return resize(t) if torch.is_tensor(t) and t.is_floating_point() and t.dim() >= 3 else t
-
-    larger = tuple(spatial(t, lambda t: t.repeat(*[1] * (t.dim() - 2), 2, 2).flip(-1)) for t in inputs)
-    smaller = tuple(spatial(t, lambda t: t[..., : max(t.shape[-2] // 2, 1), : max(t.shape[-1] // 2, 1)]) for t in inputs)
-    resized = [c for c in (larger, smaller) if any(a is not b for a, b in zip(c, inputs)) and _runs(copy_module(model), c)]
-    return [inputs, batch_plus_one(inputs), *resized]
 
 
 def _other_values(inputs: tuple) -> tuple | None:

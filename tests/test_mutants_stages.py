@@ -44,9 +44,6 @@ FEW = {
     "passed); the rest copies the model's class, hooks and state, which every capture of the view then runs (a wrong copy fails the check)",
     "repalgebra.frontend.capture:setting_attributes": "two decisions: a write from outside a part's call counts, its own "
     "do not (the rest is bookkeeping of the calls under way)",
-    "repalgebra.fuse:_fixed_shapes": "one decision: a part captured by torch.export holds at fixed shapes",
-    "repalgebra.fuse:_other_calls": "one decision a test reaches alone: a smaller call after a larger one (the other calls "
-    "refill a cache keyed by the shape, where the capture as before a first call and the model agree)",
     "repalgebra.fuse:_takes_other_calls": "two decisions: more parameters than the call's arguments, or *args and **kwargs",
     "repalgebra.frontend.state:restore_in_place": "two decisions a test reaches: tensors copied back in place, other "
     "attributes copied onto the part restored (an attribute a run adds and no call reads is harmless left)",
