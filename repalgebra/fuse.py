@@ -342,12 +342,19 @@ class ShapeGuard:
     free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
     min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
     input_dtypes: tuple[torch.dtype, ...] | None = None  # set where forward tests its inputs' dtypes: these only
+    no_autocast: bool = False  # set where forward tests a dtype it computes: calls under torch.autocast refused
     checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
 
     def __post_init__(self) -> None:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if self.no_autocast and (device := _autocast_on(args)) is not None:
+            raise ValueError(
+                f"{self.where} tests the dtype of a value its forward computes, taken as at the example, and torch.autocast "
+                f"is on for {device!r}, under which the model computes that value in another dtype and may take the other "
+                "branch: call the fused model outside torch.autocast"
+            )
         if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
                 and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
             return
@@ -404,7 +411,8 @@ class ShapeGuard:
     def fits(self, args: tuple, module: nn.Module) -> bool:
         """Whether ``module`` called with ``args`` has the shapes (and, where it matters, the dtype) it was fused at."""
         return (self._shapes_fit(args) and (self.dtypes is None or computes_in(module, args) in self.dtypes)
-                and (self.input_dtypes is None or _dtypes(args) == self.input_dtypes))
+                and (self.input_dtypes is None or _dtypes(args) == self.input_dtypes)
+                and not (self.no_autocast and _autocast_on(args) is not None))
 
     def _shapes_fit(self, args: tuple) -> bool:
         if self.shapes is None:
@@ -415,6 +423,16 @@ class ShapeGuard:
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
+
+
+def _autocast_on(args: tuple) -> str | None:
+    """The device type of the first of ``args``' tensors for which the caller has ``torch.autocast`` on, else None:
+    under it a test of a computed value's dtype (``if h.dtype is torch.bfloat16``), answered as at the example, may
+    come out otherwise (482 off; a review)."""
+    for t in pytree.tree_leaves(args):
+        if torch.is_tensor(t) and torch.is_autocast_enabled(t.device.type):
+            return t.device.type
+    return None
 
 
 _SIZE_ASSERT = "repalgebra: "  # the start of a fixed size's assertion message
@@ -1402,7 +1420,8 @@ class _Fuser:
             self.stage["check"] += time.perf_counter() - t2
         if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
-                       why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs)).install(fused)
+                       why="its forward tests a dtype, taken as at the example", input_dtypes=_dtypes(inputs),
+                       no_autocast=True).install(fused)
         if cap.how == "fx":
             _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
         if cap.how == "fx" and not sized:

@@ -1193,3 +1193,29 @@ def test_a_bn_after_a_conv_plus_a_time_embedding_folds():
         with torch.no_grad():
             want = model(x, t)
             torch.testing.assert_close(fused(x, t), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
+class _ReshapesASum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x, y):
+        h = y + self.bn(self.conv(x))
+        return h.reshape(h.shape[0], h.shape[1], -1).sum(-1)
+
+
+def test_a_reshape_of_a_sum_reads_its_sizes_where_a_term_may_broadcast():
+    """``h = y + bn(conv(x))`` is a sum of equal shapes at the example, and ``h.reshape(h.shape[0], ...)`` read its
+    sizes from ``y``: for a ``y`` of batch 1, or of 1 channel, the fused model returned another shape with other
+    values (a review).  A sum's size is read from a term only where both have one root (a residual); here from the
+    sum itself (float64, to 1e-10)."""
+    torch.manual_seed(0)
+    model = _ReshapesASum().double().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    fused = repalgebra.fuse(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)))
+    for x, y in [((3, 3, 8, 8), (1, 4, 8, 8)), ((2, 3, 8, 8), (2, 1, 8, 8)), ((2, 3, 5, 5), (2, 4, 5, 5))]:
+        x, y = torch.randn(x, dtype=torch.float64), torch.randn(y, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x, y)
+            torch.testing.assert_close(fused(x, y), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))

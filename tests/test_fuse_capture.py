@@ -2811,3 +2811,36 @@ def test_a_kernel_made_by_linear_modules_from_weights_alone_folds():
         with torch.no_grad():
             want = model(y)
             torch.testing.assert_close(fused(y), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
+class TestsAComputedDtype(nn.Module):
+    """A branch on the dtype of a value the model computes, ``if h.dtype is torch.bfloat16`` (or ``==``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.l, self.bn, self.l2 = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.bn(self.l(x))
+        if (h.dtype is torch.bfloat16) if self.how == "is" else (h.dtype == torch.bfloat16):
+            h = h * 1000
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("how", ["is", "=="])
+def test_a_test_of_a_computed_dtype_refuses_calls_under_autocast(how):
+    """The test is answered as at the example (float32), and the guard checked the inputs' dtypes only: under the
+    caller's ``torch.autocast("cpu", dtype=torch.bfloat16)`` the inputs stay float32, the model's Linear computes
+    in bfloat16 and it takes the other branch (482 off; a review).  Such a fused model refuses calls under
+    autocast by name; outside it, it is exact (float32 inputs, to 1e-5 relative after folding in float64)."""
+    torch.manual_seed(0)
+    model = TestsAComputedDtype(how).eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    fused = fuse(model, torch.randn(2, 4))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="torch.autocast is on for 'cpu'"):
+            fused(x)

@@ -142,6 +142,8 @@ FEW = {
     "repalgebra.frontend.height_one:_uniform": "one decision: one number, or factors that differ",
     "repalgebra.frontend.height_one:_per_channel": "one choice: a number's factors once per channel",
     "repalgebra.backend.onnx_fallback:_cut": "one computation: the second half of an axis zeroed (a mask's cut by &)",
+    "repalgebra.frontend.shapes:_root": "one walk; the mutant of size_source drops the comparison of the roots",
+    "repalgebra.fuse:_autocast_on": "one decision: autocast on for an input's device",
     "repalgebra.frontend.fx_trace:record_run": "one choice: the real run on copies of the example or on the caller's own",
     "repalgebra.backend.onnx_fallback:differs_at_other_values": "two decisions: the values are varied, and compared only where the "
     "module's Python reads what it reads at the check's own (which floats vary is _values_varied's, with its mutant)",

@@ -42,7 +42,8 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     if n is None or v.shape is None:
         return None
     axis %= len(v.shape)
-    if n.op in _SAME_SHAPE or (n.op in ("add", "sub") and all(i.shape == v.shape for i in n.inputs)):
+    if n.op in _SAME_SHAPE or (n.op in ("add", "sub") and all(i.shape == v.shape for i in n.inputs)
+                                and _root(n.inputs[0], axis) == _root(n.inputs[1], axis)):
         return n.inputs[0], axis
     if n.op == "linear":
         return n.params["weight"].shape[0] if axis == len(v.shape) - 1 else (n.x, axis)
@@ -139,6 +140,26 @@ def size_base(v: Value, axis: int) -> tuple[Value | None, int, int]:
         else:
             break
     return v, axis, offset
+
+
+def _root(v: Value, axis: int) -> tuple[int, int] | int:
+    """Where ``v.shape[axis]`` comes from, following :func:`size_source` up to a value it cannot follow or a sum
+    (``(id, axis)``), or a constant.  The two terms of a sum of equal shapes have one size at every input only where
+    they have one root (a residual ``x + f(x)``); where not, either may be 1 at another input and broadcast, and the
+    sum's size is the other's (``y + bn(conv(x))`` read as ``y``'s batch returned another shape with other values
+    for a ``y`` of batch 1; a review).  It stops at a sum, which its own reads follow in turn: a stack of residual
+    sums is walked once, not once per path."""
+    while True:
+        axis = axis % len(v.shape) if v.shape else axis
+        n = v.producer
+        if n is not None and n.op in ("add", "sub"):
+            return id(v), axis
+        source = size_source(v, axis)
+        if source is None:
+            return id(v), axis
+        if isinstance(source, int):
+            return source
+        v, axis = source
 
 
 def reroute_shape_reads(graph: Graph) -> None:
