@@ -238,8 +238,9 @@ def _fingerprint(modules: list[nn.Module]) -> tuple:
     as its identity, the identities of their children, parameters and buffers, and their hooks: what a parent's
     write or a method's changes (``self.gain = g``, ``blk.conv = nn.Conv2d(...)``, ``blk.conv.weight =
     nn.Parameter(w)``, a hook registered on ``blk.conv``: a replaced weight the fused form folded before, a child
-    replaced by one of equal settings, and a hook that changes a child's output went unseen; reviews).  It runs before every call of a dispatcher, so it reads each dict once and sorts nothing (an attribute
-    deleted and set again reads as a change)."""
+    replaced by one of equal settings, and a hook that changes a child's output went unseen; reviews).  It runs
+    before every call of a dispatcher, so it reads each dict once and sorts nothing (an attribute deleted and set
+    again reads as a change)."""
     return tuple((tuple([(k, v if type(v) in _PLAIN else id(v)) for k, v in vars(m).items() if k not in MODULE_STATE]),
                   tuple(map(id, m._modules.values())), tuple(map(id, m._parameters.values())),
                   tuple(map(id, m._buffers.values())), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))

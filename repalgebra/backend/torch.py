@@ -87,7 +87,7 @@ class Lowering:
     def __init__(self, own_dtype: torch.dtype | None = None) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
-        self.own_dtype = own_dtype  # the model's dtype: a held tensor of another floating dtype is read as its own
+        self.own_dtype = own_dtype  # the model's dtype: a tensor or module of another floating dtype stays in it
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
         self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
@@ -287,8 +287,8 @@ def to_module(
         keep_param_dtype: keep parameters in their own dtype instead of the
             dtype of the values they act on (``fuse`` builds its float64
             check module this way, from the graph before the cast back).
-        own_dtype: the model's dtype: tensors held in another floating dtype (a part the model computes in float32
-            on purpose) are read cast to their own, so a cast of the module leaves what that part computes.
+        own_dtype: the model's dtype: tensors and modules in another floating dtype (a part the model computes in
+            float32 on purpose) are held in :class:`HeldInDtype`, so a cast of the module leaves what it computes.
     """
     ctx = Lowering(own_dtype)
     env: dict[int, fx.Node] = {}
