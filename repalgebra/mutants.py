@@ -175,6 +175,8 @@ MUTANTS: list[Mutant] = [
        target="repalgebra.rules.bn_fold:_through_sum"),
     _m("bn_fold", "sum-term-any-map", "a term that varies over the map scaled as if it held one value per channel",
        "and all(d == 1 for d in shape[2:])", "and True", target="repalgebra.rules.bn_fold:_per_channel_term"),
+    _m("bn_fold", "sum-term-own-shape", "a term of the sum's own shape (a 1 x 1 map's conv) scaled: the convs of the sum no longer merge",
+       "len(shape) == len(full) > 2 and shape != full", "len(shape) == len(full) > 2", target="repalgebra.rules.bn_fold:_per_channel_term"),
     _m("bn_fold", "sum-term-one-channel", "a term of one channel for all scaled as if it held one value per channel",
        "and shape[1] == full[1]", "and shape[1] in (1, full[1])", target="repalgebra.rules.bn_fold:_per_channel_term"),
     _m("bn_fold", "sum-shared", "a BN after a sum folds even where a conv of the sum is read elsewhere (computed twice)",

@@ -121,7 +121,9 @@ def _through_sum(graph, bn):
 def _per_channel_term(value, like) -> bool:
     """Whether ``value`` is a term of a sum of ``like``'s shape that holds one number per channel (and per sample),
     broadcast over the other axes: a diffusion ResBlock's ``time_mlp(t)[:, :, None, None]``, a class-conditional
-    bias.  A BN after the sum scales it (``s * e``, a small tensor), and folds into the convs beside it."""
+    bias.  A BN after the sum scales it (``s * e``, a small tensor), and folds into the convs beside it.  A term of
+    the sum's own shape is none (where the map is 1 x 1 a conv of that shape is one too, and the convs of a sum
+    merge first, which the scale would stop)."""
     shape, full = value.shape, like.shape
-    return (shape is not None and full is not None and len(shape) == len(full) > 2
+    return (shape is not None and full is not None and len(shape) == len(full) > 2 and shape != full
             and shape[1] == full[1] and shape[0] in (1, full[0]) and all(d == 1 for d in shape[2:]))
