@@ -210,6 +210,23 @@ class LazyTable(nn.Module):
         return x + self.pos
 
 
+class LargestTable(nn.Module):
+    """A table kept for the largest width seen and sliced to each call's: its values follow the table's size
+    (``linspace`` over it, as normalized coordinates) when ``positional`` is False, or only the position (a
+    rotary-style ``cos`` of the position, as LLaMA's grown cos/sin cache) when True."""
+
+    def __init__(self, positional: bool) -> None:
+        super().__init__()
+        self.positional, self.table = positional, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        if self.table is None or self.table.shape[0] < w:
+            at = torch.arange(w, dtype=x.dtype)
+            self.table = torch.cos(at * 0.3) if self.positional else torch.linspace(-1, 1, w, dtype=x.dtype)
+        return x + self.table[:w]
+
+
 class Net(nn.Module):
     """stem -> inner -> head, each stem and head a conv + BN + ReLU that folds."""
 
@@ -377,6 +394,26 @@ def test_what_a_first_call_fills_from_the_input_size_is_state(make):
     x = torch.randn(2, 4, 12, 12, dtype=D, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # the first call of both is at 12x12
         torch.testing.assert_close(fused(x.clone()), reference(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+def test_a_table_kept_for_the_largest_size_seen_is_state_where_its_values_follow_its_size():
+    """Probed only with calls after the example's, it looked like a cache: at a larger size it is rebuilt for that
+    size.  But the example's size computes otherwise after a larger call, so the original, once called larger,
+    returned another function than the fused model (4.0 apart): it must run as written."""
+    model = randomized(lambda: Net(LargestTable(positional=False)))
+    fused, reference = fused_and_reference(model)
+    assert "'inner.table'" in kept_whole(fused).get("inner", ""), str(fused.fuse_report)
+    large = torch.randn(2, 4, 12, 12, dtype=D, generator=torch.Generator().manual_seed(3))
+    for k, x in enumerate([large, inputs()[0]]):
+        with torch.no_grad():
+            want = reference(x.clone())
+            torch.testing.assert_close(fused(x.clone()), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), msg=lambda m: f"call {k + 1}: {m}")
+
+
+def test_a_table_kept_for_the_largest_size_seen_whose_values_follow_the_position_is_a_cache():
+    fused, reference = fused_and_reference(randomized(lambda: Net(LargestTable(positional=True))))
+    assert_same_calls(reference, fused)
+    assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
 
 
 def test_an_attribute_every_call_rewrites_before_reading_is_not_state():

@@ -177,10 +177,11 @@ def mark_written(model: nn.Module, names: Iterable[str]) -> None:
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:
     """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
     and smaller of the other sign), or at twice or four times the spatial size, computes something else after that first call
-    than as the first call itself.  And those a first call on other values fills otherwise: stored from the input
+    than as the first call itself, or a call on ``inputs`` computes something else after it.  And those a first call on other values fills otherwise: stored from the input
     (a side output, ``self.last = y``; state only if a later call reads it).
 
-    An initialization from the first batch, or a table built for the first input's resolution, is state; a cache
+    An initialization from the first batch, a table built for the first input's resolution, or one kept for the
+    largest seen whose values follow its size (``linspace(-1, 1, w_max)[:w]``), is state; a cache
     of the weights (the same for any input) and an attribute every call rewrites before reading it (Swin's
     ``blk.H, blk.W = H, W``) are not."""
     others = [
@@ -194,6 +195,9 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     ]
     state: set[str] = set()
     per_call: set[str] = set()
+    alone = copy_module(model)
+    with generators_kept():
+        example = _call(alone, inputs)
     for k, other in enumerate(others):
         fresh, primed = copy_module(model), copy_module(model)
         try:
@@ -215,10 +219,27 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             state |= set(filled)
             continue
         if first_difference(want, got, tolerance) is not None:
-            theirs, mine = _snapshot(fresh), _snapshot(primed)
-            names = set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled}))
-            state |= names or set(filled)
+            state |= _differing(filled, fresh, primed)
+        # And the other order: what a call on other values leaves (a table kept for the largest size seen, then
+        # sliced) may change what a later call on the example computes (found by a fixer's probe, 4.0 off).
+        after = copy_module(model)
+        try:
+            with generators_kept():
+                _call(after, other)
+                again = _call(after, inputs)
+        except Exception:  # noqa: BLE001  (what the other call left makes the example's fail)
+            state |= set(filled)
+            continue
+        if first_difference(example, again, tolerance) is not None:
+            state |= _differing(filled, alone, after)
     return state, per_call - state
+
+
+def _differing(filled: dict[str, Any], one: nn.Module, other: nn.Module) -> set[str]:
+    """The names in ``filled`` whose values differ between two copies after their calls (all of them where none
+    does: the difference is then in what they hold, not in a name of the snapshot)."""
+    theirs, mine = _snapshot(one), _snapshot(other)
+    return set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled})) or set(filled)
 
 
 def _why(names: list[str]) -> str:
