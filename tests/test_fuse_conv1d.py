@@ -505,3 +505,30 @@ def test_a_scale_along_the_length_is_not_lifted():
     fused = fuse(model, torch.randn(2, 4, 20, dtype=D))
     assert fused.fuse_report.capture == "fx", str(fused.fuse_report)  # (taken for a number, the check refused it)
     assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 20)])
+
+
+class NormalizedInput(nn.Module):
+    """A BatchNorm1d on the model's input before a Conv1d (PointNet's and DLRM-style feature normalization), its
+    output also added back where ``residual``."""
+
+    def __init__(self, k: int, residual: bool) -> None:
+        super().__init__()
+        self.bn, self.conv, self.residual = nn.BatchNorm1d(4), nn.Conv1d(4, 4, k, padding=k // 2), residual
+
+    def forward(self, x):
+        y = self.bn(x)
+        return torch.relu(self.conv(y) + y if self.residual else self.conv(y))
+
+
+@pytest.mark.parametrize("k, residual, bns", [(1, False, 0), (1, True, 0), (3, False, 1)], ids=["1x1", "read twice", "padded"])
+def test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it(k, residual, bns):
+    """Its output, not its input, was lifted to 2-D, so ``bn_before_conv`` never met it (it stayed; a probe).  The
+    lift now moves above a per-channel op (with a residual the identity becomes a conv of it too, and the two
+    merge).  A zero-padded conv reads its border's zeros, not the BN's shift, so there the BN stays; every case is
+    exact at any batch and length (float64, to 1e-9)."""
+    model = seeded(lambda: NormalizedInput(k, residual), 0)().to(D).eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.bn.running_mean.normal_()
+    fused = fuse(model, torch.randn(2, 4, 20, dtype=D))
+    assert count_bn(fused) == bns, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 11), (1, 4, 33)])

@@ -17,7 +17,9 @@ regions run in 2-D, exactly:
 * a scale by one number is elementwise too (its factor, repeated along the
   length, becomes one per channel on the lift);
 * a per-channel op (BatchNorm1d, a channel scale) or a sum term on a 3-D
-  value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``;
+  value that is also lifted runs on the lift: ``bn(x) = flatten(bn(lift(x)))``,
+  and so does a per-channel op whose own output is lifted (``lift(bn(x)) =
+  bn(lift(x))``: a BatchNorm1d on the input before a conv);
 * a pad or a slice along the length (a causal conv's ``F.pad(x, (k - 1, 0))``,
   a reflect pad, a TCN's chomp ``y[..., :-(k - 1)]``) or a slice of the
   channels is the flatten of the same on the lift, where the conv it feeds
@@ -181,7 +183,9 @@ def lift_height_one(graph: Graph) -> Graph:
 def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool]) -> bool:
     """Whether 3-D ``n`` runs on the lifts of its ``inputs``: each is a height-one flatten or a value that is lifted
     anyway, and (for two) their shapes are equal; at least one is a flatten, or ``n`` is per channel (a BN beside
-    the convs of its input: it then meets them), or a pad or slice a conv reads (the conv then reads it in 2-D)."""
+    the convs of its input: it then meets them), or a pad or slice a conv reads (the conv then reads it in 2-D), or
+    a per-channel op a conv reads (a BatchNorm1d on the model's input before a 1x1 Conv1d: ``bn_before_conv``
+    then meets it; it stayed, a probe)."""
     per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
     along = n.op in _ALONG and _along(n, 3) is not None
     if not per_channel and not along and n.op not in _UNARY and n.op not in _BINARY and not _uniform(n):
@@ -189,6 +193,6 @@ def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool
     if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
         return False
     flats = [_flattened(i, known) is not None for i in inputs]
-    if along and id(n.out) in lifted:
-        return True  # lift(pad(x)) = pad(lift(x)): the lift moves up, whatever reads x
+    if (along or per_channel) and id(n.out) in lifted:
+        return True  # lift(pad(x)) = pad(lift(x)), lift(bn(x)) = bn(lift(x)): the lift moves up, whatever reads x
     return (any(flats) or per_channel) and all(f or id(o) in lifted for f, o in zip(flats, n.inputs))
