@@ -1052,7 +1052,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "height-one-slice-of-height", "a slice of the length moved onto the lift along its height",
      f"{_H1M}:_along", '{**a, "axis": 3}', '{**a, "axis": 2}', _H1),
     ("frontend", "height-one-pad-stays-1d", "a pad a conv reads stays on the 3-D value, so the conv's lift reads it past its branches",
-     f"{_H1M}:_sinks", "if along and id(n.out) in lifted:", "if False:", _H1),
+     f"{_H1M}:_sinks", "if (along or per_channel) and id(n.out) in lifted:", "if per_channel and id(n.out) in lifted:", _H1),
     ("frontend", "height-one-by-shape", "a value taken for height one because it has height 1 at the example",
      f"{_H1M}:_height_one", "or n is None or not _keeps_height(n):\n            known[id(u)] = False",
      "or n is None or not _keeps_height(n) or True:\n            known[id(u)] = u.shape is not None and len(u.shape) == 4 and u.shape[2] == 1",
