@@ -15,6 +15,7 @@ from torch import nn
 
 import repalgebra
 from repalgebra import FuseReport, UntraceableError, fuse, verify
+from zoo.streaming import StreamingBlock
 
 D = torch.float64
 
@@ -1126,36 +1127,12 @@ def test_the_module_torch_export_gives_is_fused():
     assert len(exported._forward_pre_hooks) == 2
 
 
-class _StreamingMixer(nn.Module):
-    """Mamba's ``step()`` habit: a cache given by the caller, rolled and written in place, and returned."""
-
-    def __init__(self, c: int = 4) -> None:
-        super().__init__()
-        self.proj, self.w = nn.Linear(c, c), nn.Parameter(torch.randn(c, 3))
-
-    def forward(self, x, cache):
-        x = self.proj(x)
-        cache.copy_(torch.roll(cache, shifts=-1, dims=-1))
-        cache[:, :, -1] = x
-        return torch.sum(cache * self.w, dim=-1), cache
-
-
-class _StreamingBlock(nn.Module):
-    def __init__(self, c: int = 4) -> None:
-        super().__init__()
-        self.gain, self.mixer = nn.Parameter(1 + 0.3 * torch.randn(c)), _StreamingMixer(c)
-
-    def forward(self, x, cache):
-        out, cache = self.mixer(x * self.gain, cache)
-        return x + out, cache
-
-
 def test_fuse_leaves_the_callers_example_inputs_as_they_were():
     """A model whose calls cannot all run on meta tensors is run once for real while built: on the caller's own
     example tensors, so a cache the model writes in place came back from ``fuse`` two steps on (a probe).  The run
     takes copies; the fused model computes what the model does on the same state, float64 to 1e-12."""
     torch.manual_seed(0)
-    model = _StreamingBlock().double().eval()
+    model = StreamingBlock().double().eval()
     x, cache = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     kept = cache.clone()
     fused = repalgebra.fuse(model, (x, cache))

@@ -22,6 +22,7 @@ from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regio
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node
+from zoo.streaming import StreamingBlock, StreamingConv
 
 RTOL = 1e-5
 aten = torch.ops.aten
@@ -1469,37 +1470,6 @@ def test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file(dtype):
         assert counts.dtype == np.int64
         np.testing.assert_array_equal(counts, ref_counts.numpy())
         assert close(out, ref)  # float32, a folded conv: RTOL 1e-5
-
-
-class StreamingConv(nn.Module):
-    """Mamba's decoding step: a depthwise conv over a cache of the last 3 inputs, shifted and written in place
-    (``cache.copy_(torch.roll(cache, -1, -1)); cache[:, :, -1] = x``) and returned."""
-
-    def __init__(self, c: int = 4) -> None:
-        super().__init__()
-        self.proj, self.norm = nn.Linear(c, c), nn.BatchNorm1d(c)
-        self.norm.running_mean.normal_(), self.norm.running_var.uniform_(0.5, 2)
-        self.norm.weight.data.uniform_(0.5, 1.5), self.norm.bias.data.normal_()
-        self.w = nn.Parameter(torch.randn(c, 3))
-
-    def forward(self, x, cache):
-        x = self.norm(self.proj(x))
-        cache.copy_(torch.roll(cache, shifts=-1, dims=-1))
-        cache[:, :, -1] = x
-        return torch.sum(cache * self.w, dim=-1), cache
-
-
-class StreamingBlock(nn.Module):
-    """The cache-writing conv as a child, as Mamba's block calls its mixer."""
-
-    def __init__(self, c: int = 4) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(1 + 0.3 * torch.randn(c))
-        self.mixer = StreamingConv(c)
-
-    def forward(self, x, cache):
-        out, cache = self.mixer(x * self.scale, cache)
-        return x + out, cache
 
 
 @pytest.mark.parametrize("model_type", [StreamingConv, StreamingBlock])
