@@ -972,6 +972,7 @@ class _Fuser:
         self.user_leaves += [p for p, m in model.named_modules() if p not in self.user_leaves
                              and any(isinstance(h, ShapeGuard) and not h.free_sizes for h in m._forward_pre_hooks.values())]
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
+        self.fused_inside: set[str] = set()  # those of them (regions) whose children were fused, as kept whole
         self.plain_parts: list[str] = []  # parts fused from a capture that read plain tensors (Capture.reads_plain)
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
@@ -1025,7 +1026,7 @@ class _Fuser:
         """Start again from the model as it is, with a fresh report."""
         self.pristine = eval_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
-        self.checks, self.plain_parts, self.state_leaves = [], [], []
+        self.checks, self.plain_parts, self.state_leaves, self.fused_inside = [], [], [], set()
         self.stateful, self.watching, self.initial = False, True, None
 
     def fuse_calls(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
@@ -1078,19 +1079,17 @@ class _Fuser:
         initial = self.initial = copy_module(self.pristine)  # nothing has run on this copy yet
         if state.whole:
             return self.untouched("", initial, state.whole)
-        # A region runs as written and is not fused inside, except the model itself: its children are, but not
+        # A region runs as written; its children are fused on their own, as under any parent kept whole, but not
         # those that hold the state.  Each is tagged: the tag follows the copies the captures make.
-        leaves = [r for r in state.regions if r] + ([h for h in state.holders if h] if "" in state.regions else [])
+        leaves = [r for r in state.regions if r] + [h for h in state.holders if h and h not in state.regions]
         for path in leaves:
             self.state_leaves.append(path)
             setattr(self.pristine.get_submodule(path), STATE_TAG, path)
-        for path, why in state.regions.items():
-            if path:
-                self.report.parts.append(Part(path, "kept whole", why, type(self.pristine.get_submodule(path)).__name__))
         if "" in state.regions:
             fused = self.keep_whole("", [Call(tuple(inputs), {})], state.regions[""])
         else:
             fused = self.fuse_root(inputs)
+            self.fuse_inside_regions(fused, {r: why for r, why in state.regions.items() if r}, inputs)
         self.restore_state(fused)
         if self.check:
             problem = _calls_difference(initial, fused, [inputs, inputs], self.tolerance)
@@ -1098,6 +1097,23 @@ class _Fuser:
                 self.report = FuseReport(stage_seconds=self.stage)  # nothing of that attempt is in the result
                 return self.untouched("", initial, f"with the parts that change state kept whole it still differs on a second call: {problem}")
         return fused
+
+    def fuse_inside_regions(self, fused: nn.Module, regions: dict[str, str], inputs: tuple[torch.Tensor, ...]) -> None:
+        """Replace the copy of each region (path -> why it is kept) that ``fused`` carries by the region kept whole
+        with its children fused (:meth:`keep_whole`): a counter in a block no longer keeps its convs' BatchNorms."""
+        hooked = [r for r in regions if not isinstance(self.pristine.get_submodule(r), torch.jit.ScriptModule)]  # (no hooks there)
+        try:
+            calls = record_calls(copy_module(self.pristine), Call(tuple(inputs), {}), hooked)
+        except Exception:  # noqa: BLE001  (a region wired up at run time: carried as it is)
+            calls = {}
+        for parent in list(fused.modules()):
+            for name, child in list(parent.named_children()):
+                tag = getattr(child, STATE_TAG, None)
+                if tag in regions and calls.get(tag) and tag not in self.fused_inside:
+                    setattr(parent, name, self.keep_whole(tag, calls[tag], regions[tag]))
+                    self.fused_inside.add(tag)
+        for path in regions.keys() - self.fused_inside:  # (no call of it reached: it is reported as kept all the same)
+            self.report.parts.append(Part(path, "kept whole", regions[path], type(self.pristine.get_submodule(path)).__name__))
 
     def restore_state(self, module: nn.Module) -> None:
         """Give the parts of ``module`` that hold state the model's state: captures ran (and so changed) their copies."""
@@ -1109,7 +1125,8 @@ class _Fuser:
                 if tag in self.state_leaves:
                     initial = self.initial.get_submodule(tag)
                     try:  # in place: a tensor it shares with its parent (a buffer under two names) stays shared
-                        restore_in_place(child, initial)
+                        # (a region fused inside: its own state only; its children are fused forms, or leaves restored on their own)
+                        restore_in_place(child, initial, deep=tag not in self.fused_inside)
                     except Exception:  # noqa: BLE001  (a TorchScript part, whose attributes live in C++)
                         setattr(parent, name, copy_module(initial))
 

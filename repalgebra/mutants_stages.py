@@ -496,6 +496,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "lift-stays-below-a-batch-norm", "a per-channel op whose output is lifted keeps the lift below it (a BatchNorm1d on the input stays)",
      "repalgebra.frontend.height_one:_sinks", "    if (along or per_channel) and id(n.out) in lifted:", "    if along and id(n.out) in lifted:",
      ("tests/test_fuse_conv1d.py::test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it",)),
+    ("frontend", "state-restored-through-fused-children", "a part kept for its state and fused inside restored as a copy of itself, its fused children paired with the originals'",
+     "repalgebra.frontend.state:restore_in_place", "if deep else [(module, initial)]", "", ("tests/test_fuse_state.py",)),
     ("frontend", "state-largest-table-as-cache", "a table a larger call leaves taken for a cache: the example's call is not tried after another",
      "repalgebra.frontend.state:_filled_from_input", "        if first_difference(example, again, tolerance) is not None:", "        if False:",
      ("tests/test_fuse_state.py::test_a_table_kept_for_the_largest_size_seen_is_state_where_its_values_follow_its_size",)),

@@ -329,15 +329,17 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (not isinstance(b, _Tensor) and a == b)
 
 
-def restore_in_place(module: nn.Module, initial: nn.Module) -> None:
+def restore_in_place(module: nn.Module, initial: nn.Module, deep: bool = True) -> None:
     """Give ``module`` (a copy of ``initial`` that calls have run) ``initial``'s state: each tensor copied into in
     place where its shape and dtype allow, so one it shares with the rest of the model (a parent's buffer that is
     this module's) stays shared; other attributes set to copies, and those the calls added removed.  The copies map
     ``initial``'s modules to ``module``'s: snntorch's ``self.state_function = self._base_sub``, copied
-    on its own, was bound to a third neuron whose membrane no call reached (found by a probe)."""
-    memo: dict[int, Any] = {id(src): m for m, src in zip(module.modules(), initial.modules())}  # (not its tensors: state)
+    on its own, was bound to a third neuron whose membrane no call reached (found by a probe).  Not ``deep``:
+    ``module``'s own state only (its children are no copies of ``initial``'s: fused forms)."""
+    pairs = list(zip(module.modules(), initial.modules())) if deep else [(module, initial)]
+    memo: dict[int, Any] = {id(src): m for m, src in pairs}  # (not its tensors: state)
     with torch.no_grad():
-        for m, src in zip(module.modules(), initial.modules()):
+        for m, src in pairs:
             theirs, mine = _own(src), _own(m)
             for name in set(mine) - set(theirs):
                 delattr(m, name)
