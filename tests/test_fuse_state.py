@@ -458,6 +458,51 @@ def test_a_table_kept_for_the_largest_size_seen_whose_values_follow_the_position
     assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
 
 
+class CachedGCNConv(nn.Module):
+    """PyG's ``GCNConv(cached=True)``: the first call normalizes its graph (self-loops, ``D^-1/2 A D^-1/2``) and
+    keeps the normalized edges in a plain attribute, which later calls use whatever graph they are given."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.lin, self._cached = nn.Linear(c, c), None
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        if self._cached is None:
+            loop = torch.arange(x.shape[0])
+            edges = torch.cat([edge_index, torch.stack([loop, loop])], 1)
+            deg = torch.zeros(x.shape[0], dtype=x.dtype).scatter_add_(0, edges[1], torch.ones(edges.shape[1], dtype=x.dtype))
+            self._cached = edges, deg.rsqrt()[edges[0]] * deg.rsqrt()[edges[1]]
+        edges, weight = self._cached
+        h = self.lin(x)
+        return torch.zeros_like(h).index_add_(0, edges[1], weight[:, None] * h[edges[0]])
+
+
+class GraphNet(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.pre, self.conv = nn.Sequential(nn.Linear(c, c), nn.BatchNorm1d(c)), CachedGCNConv(c)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pre(x), edge_index)
+
+
+def test_a_cache_filled_from_an_integer_input_is_state():
+    """Only floating inputs were given other values, so a normalization cached from the example's ``edge_index``
+    looked the same for any input: the fused model computed over the example's edges on every other graph (0.17
+    apart; a probe).  Integers are also tried in another order: the conv runs as written, the rest folds."""
+    model = randomized(GraphNet)
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(10, 4, generator=g, dtype=D), torch.randint(0, 10, (2, 30), generator=g))
+    fused = fuse(model, example)
+    assert "'conv._cached'" in kept_whole(fused).get("conv", ""), str(fused.fuse_report)
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    reference = randomized(GraphNet)  # the model as it was: never called
+    for x, edges in [(torch.randn(10, 4, generator=g, dtype=D), torch.randint(0, 10, (2, 30), generator=g)), example]:
+        with torch.no_grad():
+            want = reference(x, edges)
+            torch.testing.assert_close(fused(x, edges), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
 def test_an_attribute_every_call_rewrites_before_reading_is_not_state():
     """No call sees what an earlier one left: the model is one function of its input, and fuses fully."""
     model = randomized(lambda: Net(SizeScratch()))

@@ -176,7 +176,7 @@ def mark_written(model: nn.Module, names: Iterable[str]) -> None:
 
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:
     """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
-    and smaller of the other sign), or at twice or four times the spatial size, computes something else after that first call
+    and smaller of the other sign, integers reordered), or at twice or four times the spatial size, computes something else after that first call
     than as the first call itself, or a call on ``inputs`` computes something else after it.  And those a first call on other values fills otherwise: stored from the input
     (a side output, ``self.last = y``; state only if a later call reads it).
 
@@ -193,6 +193,12 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
         # Smaller and of the other sign: a running max (or min) that the first call raised is not raised again.
         tuple(t * -0.5 if t.is_floating_point() else t for t in inputs),
     ]
+    # Integers in another order (flattened and reversed: the same values, so indices stay valid): a graph's
+    # normalization cached from its edge_index by a first call (PyG's GCNConv(cached=True)) follows them (a probe).
+    reordered = tuple(t.flatten().flip(0).reshape(t.shape) if not t.is_floating_point() and t.numel() > 1 else t for t in inputs)
+    if any(a is not b for a, b in zip(reordered, inputs)):
+        others.append(reordered)
+    must_run = (0, 4)  # on other values: where it does not run, nothing shows a fill the same for any input
     state: set[str] = set()
     per_call: set[str] = set()
     alone = copy_module(model)
@@ -204,7 +210,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             with generators_kept():  # (a model that draws: the calls below draw alike)
                 want = _call(fresh, other)
         except Exception:  # noqa: BLE001
-            if k == 0:  # it does not run on other values: count what the first call set as state
+            if k in must_run:  # it does not run on other values: count what the first call set as state
                 return set(filled), set()
             continue  # it does not run at that size: nothing learned
         if k == 0:
