@@ -2844,3 +2844,51 @@ def test_a_test_of_a_computed_dtype_refuses_calls_under_autocast(how):
         torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="torch.autocast is on for 'cpu'"):
             fused(x)
+
+
+class ScalesImages(nn.Module):
+    """A model that takes 0..255 images too, rescaled around ``super().__call__`` in its class's own ``__call__``;
+    ``cast`` casts integer images, a ``__call__`` fx can trace through."""
+
+    def __init__(self, cast: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.head, self.cast = nn.Conv2d(4, 2, 1), cast
+
+    def forward(self, x):
+        return self.head(F.relu(self.stem(x)))
+
+    def __call__(self, x):
+        if self.cast:
+            return super().__call__(x.to(self.head.weight.dtype) / 255.0)
+        if x.max() > 1.0:
+            x = x / 255.0
+        return super().__call__(x)
+
+
+class HoldsImageModel(nn.Module):
+    """The image model as a child of a parent kept whole (it branches on a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ScalesImages(False)
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y if y.sum() > 0 else -y
+
+
+@pytest.mark.parametrize("make", [lambda: ScalesImages(False), lambda: ScalesImages(True), HoldsImageModel],
+                         ids=["value_test", "cast", "child"])
+def test_a_class_of_its_own_call_is_called(make):
+    """fx traces a root's forward, and fuse called the fused form's: a class's own ``__call__`` never ran, so at an
+    image of 0..255 the fused model was 49 apart (a probe).  The model (or the part) is now called as the class
+    calls it, traced through where fx can (a cast), kept whole where not (a test of a value), exact at 0..1 and at
+    0..255 (float64, to 1e-9)."""
+    model = randomized(make())
+    reference = copy.deepcopy(model)
+    fused = fuse(model, torch.rand(2, 3, 8, 8, dtype=D))
+    for x in (torch.rand(2, 3, 8, 8, dtype=D), 255 * torch.rand(2, 3, 8, 8, dtype=D)):
+        with torch.no_grad():
+            want = reference(x)
+            torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))

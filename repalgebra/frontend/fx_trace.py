@@ -70,10 +70,11 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     """
     leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
     work = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
-    # fx never asks whether the root is a leaf, calls its forward without its hooks, and traces its class's forward
-    # (not one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
+    # fx never asks whether the root is a leaf, calls its forward without its hooks or its class's own ``__call__``
+    # (one that rescales 0..255 images around ``super().__call__``: a probe), and traces its class's forward (not
+    # one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
     wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or _runs_hooks(work)
-               or "forward" in vars(work))
+               or "forward" in vars(work) or type(work).__call__ is not nn.Module.__call__)
     if wrapped:
         work = Root(work)
         leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
