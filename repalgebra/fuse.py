@@ -1110,7 +1110,7 @@ class _Fuser:
             for name, child in list(parent.named_children()):
                 tag = getattr(child, STATE_TAG, None)
                 if tag in regions and calls.get(tag) and tag not in self.fused_inside:
-                    setattr(parent, name, self.keep_whole(tag, calls[tag], regions[tag]))
+                    _put(parent, name, self.keep_whole(tag, calls[tag], regions[tag]))
                     self.fused_inside.add(tag)
         for path in regions.keys() - self.fused_inside:  # (no call of it reached: it is reported as kept all the same)
             self.report.parts.append(Part(path, "kept whole", regions[path], type(self.pristine.get_submodule(path)).__name__))
@@ -1128,7 +1128,7 @@ class _Fuser:
                         # (a region fused inside: its own state only; its children are fused forms, or leaves restored on their own)
                         restore_in_place(child, initial, deep=tag not in self.fused_inside)
                     except Exception:  # noqa: BLE001  (a TorchScript part, whose attributes live in C++)
-                        setattr(parent, name, copy_module(initial))
+                        _put(parent, name, copy_module(initial))
 
     def untouched(self, path: str, module: nn.Module, reason: str) -> nn.Module:
         """A copy of ``module`` (the part at ``path``), nothing fused in it; the report says why."""
@@ -1317,11 +1317,11 @@ class _Fuser:
             # A forward that reads its children's attributes (``self.bn.weight``) cannot take a fused child:
             # put every child back, then swap in only those the module still computes the same with.
             for parent, name, old, _ in swaps:
-                setattr(parent, name, old)
+                _put(parent, name, old)
             for parent, name, old, new in swaps:
-                setattr(parent, name, new)
+                _put(parent, name, new)
                 if not self.same_on_all(original, module, calls):
-                    setattr(parent, name, old)
+                    _put(parent, name, old)
                     self.report.notes.append(f"{_where(_join(path, name))}: not replaced by its fused form: its parent reads it otherwise")
         return module
 
@@ -1338,7 +1338,7 @@ class _Fuser:
                 continue  # kept as the copy holds it: what it shares with the rest (a buffer under two names) stays shared
             if recorded.get(rel) and rel not in outside:
                 new = self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent")
-                setattr(module, name, new)
+                _put(module, name, new)
                 swaps.append((module, name, child, new))
                 continue
             if recorded.get(rel) and prefix not in outside:  # (one note, at the outermost)
@@ -1807,6 +1807,12 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
         if problem is not None:
             return f"call {k + 1}: {problem}" if len(calls) > 1 else problem
     return None
+
+
+def _put(parent: nn.Module, name: str, child: nn.Module) -> None:
+    """Make ``child`` ``parent``'s child ``name`` (one it has), past a ``__setattr__`` of its class that refuses
+    assignments after ``__init__`` (an immutable module: its own AttributeError came out of fuse; a probe)."""
+    parent._modules[name] = child
 
 
 def _other_values(inputs: tuple) -> tuple | None:

@@ -2892,3 +2892,37 @@ def test_a_class_of_its_own_call_is_called(make):
         with torch.no_grad():
             want = reference(x)
             torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+class FrozenBlock(nn.Module):
+    """A block that refuses attribute assignment after ``__init__`` (an immutable module, as config-frozen model
+    code writes it)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False) and name != "training":
+            raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+        super().__setattr__(name, value)
+
+    def forward(self, x):
+        return F.relu(self.dense(x) + self.pw(x))
+
+
+def test_the_children_of_an_immutable_part_kept_whole_are_fused():
+    """A part kept whole (a hook that scales its output) has its children replaced by their fused forms: the
+    block's own ``AttributeError`` came out of fuse (a probe).  Its children fold, and the model is exact (float64,
+    to 1e-9)."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), FrozenBlock(), nn.Conv2d(4, 2, 1)))
+    model[1].register_forward_hook(lambda m, args, out: out * 1.5)
+    reference = copy.deepcopy(model)
+    fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(3, 3, 10, 10, dtype=D)
+    with torch.no_grad():
+        want = reference(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))

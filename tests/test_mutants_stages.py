@@ -92,6 +92,7 @@ FEW = {
     "repalgebra.frontend.outside_reads:read_outside": "one answer: the paths read from outside (the hooks' bookkeeping is "
     "the other mutants' and the tests' own)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
+    "repalgebra.fuse:_put": "one assignment; the mutant is the setattr it replaced",
     "repalgebra.module_copy:in_eval": "one call, its result not used",
     "repalgebra.module_copy:_viewed": "one decision a test reaches alone, a view within its weight (the others, one "
     "tensor per storage, its dtype, dense, each turn a test's case to a copy that fails or reads other elements)",
