@@ -160,6 +160,9 @@ _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_p
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
+_META_READS = ("tests/test_fuse_size_tests.py::test_an_onnx_file_holds_the_branch_of_a_device_test_the_example_takes",
+               "tests/test_fuse_size_tests.py::test_a_test_of_an_inputs_device_is_taken_as_the_example_answers_it_and_checked",
+               "tests/test_fuse_size_tests.py::test_tests_of_pointers_and_layouts_are_not_taken_as_tests_of_sizes")
 _SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_at_the_example_and_the_rest_stays_free",
                "tests/test_fuse_size_tests.py::test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name",
                "tests/test_fuse_size_tests.py::test_a_test_of_a_size_computed_inside_is_not_taken")
@@ -1004,6 +1007,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "broadcast-size-of-the-first", "the size of values broadcast together taken as the first's, a 1 that stretches",
      "repalgebra.frontend.builder:broadcast_size", "    return next((s for s in sizes if s != 1), 1)", "    return sizes[0]",
      ("tests/test_fuse_size_tests.py::test_a_test_of_the_batch_of_a_broadcast_sum_reads_both_inputs_batches",)),
+    ("frontend", "meta-answers-every-read", "every read of a traced tensor answered on its meta value (device 'meta', data_ptr 0) and taken as a test of sizes",
+     "repalgebra.frontend.ranks:answered_on_meta", "return _read_of(node) in SIZE_READS and", "return _read_of(node) is not None and", _META_READS),
+    ("frontend", "meta-answers-layout-and-pointers", "x.is_contiguous() and x.data_ptr() answered on meta tensors (dense, pointer 0) and taken as tests of sizes",
+     "repalgebra.frontend.ranks:answered_on_meta", "return _read_of(node) in SIZE_READS and", 'return _read_of(node) in SIZE_READS | {"is_contiguous", "data_ptr"} and',
+     ("tests/test_fuse_size_tests.py::test_tests_of_pointers_and_layouts_are_not_taken_as_tests_of_sizes",)),
+    ("frontend", "input-device-on-meta", "an input's device read on its meta tensor ('meta'), not on the example",
+     "repalgebra.frontend.ranks:input_device", "read = getattr(inputs[index],", "read = getattr(meta_of(inputs[index]),",
+     ("tests/test_fuse_size_tests.py::test_a_test_of_an_inputs_device_is_taken_as_the_example_answers_it_and_checked",
+      "tests/test_fuse_size_tests.py::test_an_onnx_file_holds_the_branch_of_a_device_test_the_example_takes")),
     ("onnx_backend", "batch-checks-unread", "a file with a free batch for a model whose checked test of sizes reads the batch",
      f"{_OB}:_checks_read_the_batch", "return ranks[x.index] == 0 or axis % ranks[x.index] == 0", "return False",
      tuple(f"tests/test_fuse_size_tests.py::test_an_onnx_file_of_a_model_that_tests_its_batch_has_the_batch_fixed[{t}]"

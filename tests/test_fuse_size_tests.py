@@ -496,3 +496,100 @@ def test_the_batch_of_a_deep_residual_sum_is_read_once_per_sum(monkeypatch):
     same(fused, model, torch.randn(3, 3, 10, 8, dtype=D))
     with pytest.raises(ValueError, match="these inputs give True"):
         fused(torch.randn(4, 3, 6, 6, dtype=D))
+
+
+class ClampsOnCpu(nn.Module):
+    """Two conv+BN branches after a numerical guard the model makes on the CPU only (``if x.device.type ==
+    "cpu":``), as models written for several back ends do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.device.type == "cpu":
+            x = x.clamp(-1.0, 1.0)
+        return self.a(x) + self.b(x)
+
+
+class SelfAttendsWhenSame(ClampsOnCpu):
+    """Older attention code's aliasing test: one input for both branches where the query *is* the key."""
+
+    def forward(self, q, k):
+        if q.data_ptr() == k.data_ptr():
+            return self.a(q) + self.b(q)
+        return self.a(q) + self.b(k)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's older LayerNorm2d: one function, two implementations chosen by the input's layout."""
+
+    def forward(self, x):
+        if x.is_contiguous():
+            y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return y.permute(0, 3, 1, 2)
+        u = x.mean(1, keepdim=True)
+        v = (x - u).pow(2).mean(1, keepdim=True)
+        return (x - u) * torch.rsqrt(v + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class NormedStem(ClampsOnCpu):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(4)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.a(x) + self.b(x)
+
+
+def test_an_onnx_file_holds_the_branch_of_a_device_test_the_example_takes():
+    """``x.device.type`` and ``data_ptr()`` were answered on meta tensors (device 'meta', every pointer 0) and taken as
+    a test of sizes: the file left out the clamp the model makes on the CPU it was exported on (5.1 off for inputs
+    past it), and took the aliasing branch for two distinct inputs (2.3 off; found by a review)."""
+    import onnxruntime as ort
+
+    from repalgebra import export_onnx
+
+    def run(proto, *xs):
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)})[0])
+
+    model = seeded(ClampsOnCpu, 0)()
+    x = torch.randn(2, 4, 6, 6) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(run(export_onnx(model, None, x * 0.03), x), model(x), rtol=1e-5, atol=1e-5)
+    model = seeded(SelfAttendsWhenSame, 0)()
+    q, k = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(run(export_onnx(model, None, (q, q.clone())), q, k), model(q, k), rtol=1e-5, atol=1e-5)
+
+
+def test_a_test_of_an_inputs_device_is_taken_as_the_example_answers_it_and_checked():
+    """The fused model checked the meta tensor's answer (not on the CPU) and refused its own example, calling it "a
+    Python test of sizes" (found by a review).  The example's device answers it; an input elsewhere is refused by
+    name."""
+    model = seeded(ClampsOnCpu, 0)().to(D)
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    same(fused, model, x)
+    same(fused, model, torch.randn(3, 4, 9, 7, dtype=D) * 3)
+    with pytest.raises(ValueError, match="a Python test of an input's device gave True"):
+        fused(x.to("meta"))
+
+
+def test_tests_of_pointers_and_layouts_are_not_taken_as_tests_of_sizes():
+    """``q.data_ptr() == k.data_ptr()`` (0 for every meta tensor) made the fused model refuse its own distinct q and
+    k; ``x.is_contiguous()`` made it refuse channels-last inputs, which the model runs (found by a review).  Such
+    reads are not taken: the part is captured otherwise, and computes what the model does for both."""
+    model = seeded(SelfAttendsWhenSame, 0)().to(D)
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = fuse(model, (x, x.clone()))
+    same(fused, model, x, x.clone())
+    same(fused, model, x, x)
+    model = seeded(NormedStem, 0)().to(D)
+    fused = fuse(model, x)
+    same(fused, model, x)
+    same(fused, model, x.contiguous(memory_format=torch.channels_last))

@@ -303,6 +303,10 @@ FEW = {
     "repalgebra.frontend.aten_builder:_refuse_empty": "one job, the refusal; the mutant lets the read through",
     "repalgebra.frontend.aten_builder:_unread": "one decision, which argument a call overwrites without reading: the "
     "mutants read fill's self, and a self passed by position (beta=0 is _add_product's, which reads no input there)",
+    "repalgebra.frontend.ranks:answered_on_meta": "one decision, which reads of a tensor its meta value answers as the "
+    "example does: the mutants let every read, or a layout and a pointer read, through",
+    "repalgebra.frontend.ranks:input_device": "one job, an input's device read on the example: the mutant reads it on the "
+    "meta tensor (a computed value's device is not read at all)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "
     "mutants stop it at once and end it one step early",

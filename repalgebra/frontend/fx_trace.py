@@ -635,6 +635,7 @@ class Tracer(fx.Tracer):
         self.dtypes_as_traced = False  # x.dtype answered as at the example (a second trace: see DtypeReadOutside)
         self.dtypes_taken: list[str] = []  # where x.dtype was answered so (see example_dtype)
         self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
+        self.device_tests: list[str] = []  # where a test of an input's device was taken (see size_answer)
         self.autocast_offs: list[str] = []  # where autocast turned off on the model's device was taken (see _no_autocast)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), runs_torch_code)
 
@@ -742,14 +743,19 @@ class Tracer(fx.Tracer):
         return bool(value)
 
     def size_answer(self, obj: fx.Proxy, what: str) -> Any:
-        """``obj``'s Python value at the example inputs where it is computed from sizes alone (a test, a number),
-        recorded in the graph to be checked on every call (:mod:`~repalgebra.frontend.size_tests`); else None."""
-        value = self.ranks.value(obj.node)
-        if type(value) not in (bool, int, float) or not self.ranks.all_known(obj.node):
-            return None  # (a meta tensor: a test of values; or computed from a value not known, None == 3 is False)
+        """``obj``'s Python value at the example inputs where it is computed from sizes, dtypes and inputs' devices
+        alone (a test, a number; :meth:`~repalgebra.frontend.ranks.Ranks.answer`), recorded in the graph to be checked
+        on every call (:mod:`~repalgebra.frontend.size_tests`); else None."""
+        value = self.ranks.answer(obj.node)
+        if type(value) not in (bool, int, float):
+            return None  # (a test of values, of strides or storage, or computed from a value not known)
         where = self.path_stack[-1] if self.path_stack else ""
+        if self.ranks.reads_device(obj.node):  # (HF's ``if query.device.type == "cuda":`` of an input)
+            what = what.replace("sizes", "an input's device").replace("a size read", "a device read")
+            self.device_tests.append(where)
+        else:
+            self.size_tests.append(where)
         self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
-        self.size_tests.append(where)
         return value
 
     def autocast_left_off(self, device: str) -> None:
@@ -856,6 +862,9 @@ class Tracer(fx.Tracer):
         if self.size_tests:
             notes.append(f"Python tests of sizes or sizes read as numbers (if D > 3:, int(c)) in {_places(self.size_tests)} "
                          "taken as at the example: the fused model refuses inputs whose sizes answer otherwise")
+        if self.device_tests:
+            notes.append(f"Python tests of an input's device (x.device.type == 'cuda') in {_places(self.device_tests)} taken as "
+                         "at the example: the fused model refuses inputs on another device")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "

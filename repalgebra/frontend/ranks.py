@@ -38,6 +38,7 @@ class Ranks:
         self.attr = attr  # the root's attribute (a tensor, a submodule) at a dotted path, past fx's patched lookup
         self.known = known  # whether a module kept whole is one of torch's layers, run on meta tensors
         self.values: dict[fx.Node, Any] = {}
+        self.reads: dict[fx.Node, Any] = {}  # Python values at the example inputs (see answer)
         self.read: list[str] = []  # where a rank was read, for the report
 
     def rank(self, node: fx.Node, where: str) -> int | None:
@@ -74,6 +75,52 @@ class Ranks:
             todo.extend(n.all_input_nodes)
         return True
 
+    def answer(self, node: fx.Node) -> Any:
+        """``node``'s Python value (a test, a number) at the example inputs where every tensor it is computed from is
+        read for what the example shares with every input the fused model checks it against: a size or a dtype
+        (:data:`SIZE_READS`, read on the meta values), or the device of an input (:data:`DEVICE_READS`, read on the
+        example itself); else None.
+
+        Meta tensors answer everything else otherwise than the example: their device is ``meta`` and their
+        ``data_ptr()`` 0, and a non-dense input's meta copy is contiguous.  Taken as a test of sizes, such an answer
+        put the meta tensor's branch in the graph (an ONNX file left out the clamp a CPU model runs under ``if
+        x.device.type == "cpu":``; found by a review): a read of strides, storage or pointers stays a read of values,
+        which the trace does not take (the capture falls back)."""
+        if node not in self.reads:
+            self.reads[node] = None  # (cached as unknown while computed: a graph has no cycle)
+            try:
+                self.reads[node] = self._answer(node)
+            except Exception:  # noqa: BLE001  (a read or a call that fails at the example: no answer)
+                pass
+        return self.reads[node]
+
+    def _answer(self, node: fx.Node) -> Any:
+        if answered_on_meta(node, self.value):
+            return self.value(node) if self.all_known(node) else None
+        if (device := input_device(node, self.inputs)) is not None:
+            return device
+        if node.op not in ("call_function", "call_method") or not runs_on_meta(node.op, node.target):
+            return None  # an input or a constant itself (its values), a module's or the model's own call
+        unknown = []
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.answer(n) if self.answer(n) is not None else unknown.append(n))
+        if unknown or any(torch.is_tensor(v) for v in pytree.tree_leaves((args, kwargs))):
+            return None  # (a tensor here is read for its values, strides or storage: ``x.data_ptr()``, ``x.stride(1)``)
+        value = invoke(node.op, node.target, args, kwargs)
+        return None if any(torch.is_tensor(v) for v in pytree.tree_leaves(value)) else value
+
+    def reads_device(self, node: fx.Node) -> bool:
+        """Whether :meth:`answer` of ``node`` read an input's device."""
+        seen: set[fx.Node] = set()
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n not in seen and not answered_on_meta(n, self.value):  # (not past a size read: its tensor's devices)
+                seen.add(n)
+                if _read_of(n) in DEVICE_READS:
+                    return True
+                todo.extend(n.all_input_nodes)
+        return False
+
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
@@ -90,6 +137,46 @@ class Ranks:
             return _on_meta(m, args, kwargs) if self.known(m) else None
         # a factory (torch.arange(n)) makes a real tensor: as meta, so that the calls reading it run on meta tensors
         return pytree.tree_map(meta_of, invoke(node.op, node.target, args, kwargs))
+
+
+# Reads of a tensor that its meta value answers as the example does, and every input the fused model takes (the
+# fused graph holds at the example's ranks and dtypes; its sizes are checked per call): attributes and methods.
+SIZE_READS = frozenset({"shape", "size", "numel", "nelement", "dim", "ndimension", "ndim", "len",
+                        "dtype", "is_floating_point", "is_complex", "element_size"})
+
+# Reads of an input's device: meta tensors are on ``meta``, so these are read on the example input.
+DEVICE_READS = frozenset({"device", "get_device"})
+
+
+def answered_on_meta(node: fx.Node, value: Callable[[fx.Node], Any]) -> bool:
+    """Whether ``node`` reads a size or a dtype of a tensor (:data:`SIZE_READS`; ``value`` gives each node's meta
+    value), which its meta value answers as the example does."""
+    return _read_of(node) in SIZE_READS and isinstance(value(node.args[0]), torch.Tensor)
+
+
+def input_device(node: fx.Node, inputs: tuple | None) -> Any:
+    """``x.device`` or ``x.get_device()`` (:data:`DEVICE_READS`) of an input ``x`` as its example answers it, else
+    None: the device of a value computed inside is not followed (``.to()``, ``.cpu()`` move it)."""
+    x = node.args[0] if _read_of(node) in DEVICE_READS else None
+    if not (isinstance(x, fx.Node) and x.op == "placeholder" and inputs is not None):
+        return None
+    index = [n for n in x.graph.nodes if n.op == "placeholder"].index(x)
+    if index >= len(inputs) or not torch.is_tensor(inputs[index]):
+        return None
+    read = getattr(inputs[index], node.target if node.op == "call_method" else node.args[1])
+    return read() if callable(read) else read
+
+
+def _read_of(node: fx.Node) -> str | None:
+    """The name of what ``node`` reads of the tensor it is given (``x.shape``: "shape", ``x.size(1)``: "size",
+    ``len(x)``: "len"), else None."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
+        return node.args[1]
+    if node.op == "call_function" and node.target is len and len(node.args) == 1:
+        return "len"
+    if node.op == "call_method" and node.args:
+        return str(node.target)
+    return None
 
 
 # In-place methods that change the number of axes of the tensor they are called on.

@@ -9,6 +9,10 @@ channel count ``D`` never changes.  While tracing, the front end knows each size
 before every call (as a model's own ``torch._assert``): an input whose sizes answer otherwise is refused by name,
 never computed with the traced branch.  A test of the size of a value computed inside the model cannot be checked
 on the inputs, and the capture is refused (the builder says so).
+
+Only reads that the meta tensors answer as the example does count (sizes and dtypes), and an input's device, read
+on the example input (:meth:`~repalgebra.frontend.ranks.Ranks.answer`): a meta tensor's device, pointer or layout
+is not the example's, and a branch taken on it was the wrong one (found by a review).
 """
 
 from __future__ import annotations
@@ -30,5 +34,9 @@ def taken_as_traced(answer: Any, traced: Any, where: str, what: str) -> None:
     if answer != traced:
         raise ValueError(
             f"{where or 'the model'}: {what} gave {traced!r} at the example input, and the fused graph holds that branch "
-            f"only; these inputs give {answer!r}: fuse again with an example of these sizes"
+            f"only; these inputs give {answer!r}: {_ADVICE['device' in what]}"
         )
+
+
+_ADVICE = {False: "fuse again with an example of these sizes",
+           True: "call it with inputs on the example's device, or fuse again with an example there"}
