@@ -483,8 +483,10 @@ def _refuse_more_tensors(where: str, fused_with: int, args: tuple) -> None:
 
 def _refuse_none_for_a_tensor(where: str, fused_with: int, called_with: int, args: tuple) -> None:
     """Raise where a call passes None or a number for an input the model was fused with a tensor for (an optional
-    mask given at fuse, a diffusion timestep as an int): the graph reads a tensor there, and would fail inside its code."""
-    odd = [type(a).__name__ for a in args if a is None or isinstance(a, (bool, int, float, complex))]
+    mask given at fuse, a diffusion timestep as an int): the graph reads a tensor there, and would fail inside its code.
+    Inside a tuple, list or dict argument too (``(3.0, x)`` for a batch fused as ``(t, x)``), where the checks of the
+    call's tensors counted the others afresh and let it through (found by a review)."""
+    odd = [type(a).__name__ for a in pytree.tree_leaves(args) if a is None or isinstance(a, (bool, int, float, complex))]
     if called_with < fused_with and odd:
         raise TypeError(
             f"{where} was fused with {fused_with} tensor inputs and was called with {', '.join(dict.fromkeys(odd))} for "

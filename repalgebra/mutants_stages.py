@@ -76,6 +76,7 @@ _SIG = ("tests/test_fuse_call_signatures.py",)
 _CD = ("tests/test_fuse_capture.py::test_constants_cast_to_the_dtype_of_a_computed_value_fold",
        "tests/test_fuse_capture.py::test_a_constant_cast_to_an_inputs_dtype_stays_a_call")
 _STM = "repalgebra.frontend.structured"
+_NUMBER_INSIDE = ("tests/test_fuse_structured_inputs.py::test_a_number_for_a_tensor_inside_a_tuple_argument_is_refused_by_the_checks_before_the_graph",)
 _RK = ("tests/test_fuse_ranks.py",)
 _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch",
          "tests/test_onnx_export.py::test_output_axes_that_grow_with_the_batch_are_named_by_how")
@@ -420,7 +421,17 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "structured-refused-graph-first-map", "a fused graph read one tensor at a time gives every item the first tensor",
      f"{_STM}:_flat_graph", "env[node] = xs[leaf]", "env[node] = xs[0]", _ST),
     ("frontend", "structured-guard-passes", "the fused model's structure guard lets a call of another structure through",
-     f"{_STM}:structure_mismatch", "if spec != want:", "if False:", _ST),
+     f"{_STM}:structure_mismatch", "if spec != want or not all(torch.is_tensor(a) for a in leaves):", "if False:", _ST),
+    ("frontend", "structured-guard-number-for-tensor", "the structure guard takes a number inside a tuple argument for a tensor (pytree counts both as leaves)",
+     f"{_STM}:structure_mismatch", "if spec != want or not all(torch.is_tensor(a) for a in leaves):", "if spec != want:", _NUMBER_INSIDE),
+    ("frontend", "structure-text-all-tensors", "a call's structure names every leaf a tensor: (x, False, True) shown as (tensor, tensor, tensor)",
+     f"{_STM}:structure_text", 'return next(read, "tensor")', 'return "tensor"',
+     ("tests/test_fuse_structured_inputs.py::test_a_call_of_a_forward_taking_args_names_what_it_was_given",)),
+    ("frontend", "structure-text-items-unread", "a container of leaves named a container of tensors whatever its leaves are",
+     f"{_STM}:structure_text", 'if all(c.is_leaf() for c in s.children()) and all(i == "tensor" for i in items):',
+     "if all(c.is_leaf() for c in s.children()):", _NUMBER_INSIDE),
+    ("frontend", "number-inside-argument-let-through", "a number for a tensor inside a tuple argument let through the check of None and numbers (top-level arguments only)",
+     "repalgebra.fuse:_refuse_none_for_a_tensor", "for a in pytree.tree_leaves(args) if a is None", "for a in args if a is None", _NUMBER_INSIDE),
     ("frontend", "rank-guard-any-rank", "a fused graph's guard takes inputs with any number of axes (a concat along dim=-1 lands on another axis)",
      "repalgebra.fuse:_ranks_fit", "return len(got) == len(shapes) and all(len(g) == len(s) for g, s in zip(got, shapes))",
      "return len(got) == len(shapes)", _RK),

@@ -393,3 +393,49 @@ def test_a_forward_writing_into_its_list_and_counting_its_calls_runs_on_its_own_
         with torch.no_grad():
             assert_same(reference(given), fused(ours))
         assert_same(given, ours)
+
+
+class ScaledByStep(nn.Module):
+    """A block taking ``(t, x)`` together, as diffusion code passes a timestep with its image (a tensor, or a number),
+    with a test of the image's width against a table's length (ViT: tokens against ``pos_embed``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_module(4, 4, 3), conv_module(4, 4, 1)
+        self.register_buffer("table", torch.zeros(8))
+
+    def forward(self, batch):
+        t, x = batch
+        y = self.a(x) + self.b(x)
+        if x.shape[-1] > self.table.numel():
+            y = y * 2
+        return y * t
+
+
+def test_a_number_for_a_tensor_inside_a_tuple_argument_is_refused_by_the_checks_before_the_graph():
+    """``(3.0, x)`` for a block fused with ``(t, x)``: the structure check took the number for a leaf like a tensor,
+    the check of None and numbers looked at the arguments themselves only, and the size test counted the call's
+    tensors afresh (x became the first) and passed; only the graph's own assertion stopped the call (found by a
+    review).  Each check before the graph refuses it, naming the number."""
+    model = seeded(ScaledByStep, 0)().to(D)
+    fused = fuse(model, ((torch.tensor(3.0, dtype=D), torch.randn(2, 4, 6, 6, dtype=D)),))
+    call = ((3.0, torch.randn(2, 4, 12, 12, dtype=D)),)
+    structure = [h for h in fused._forward_pre_hooks.values() if type(h).__name__ == "StructureGuard"]
+    assert structure, str(fused.fuse_report)
+    with pytest.raises(TypeError, match=r"fused with inputs \(tuple of 2 tensors\).*called with \(tuple \[float, tensor\]\)"):
+        structure[0](fused, call, {})
+    with pytest.raises(TypeError, match="was called with float for 1 of them"):
+        fused(*call)
+    other = (torch.tensor(2.0, dtype=D), torch.randn(3, 4, 5, 7, dtype=D))
+    with torch.no_grad():
+        assert_same(model(other), fused(other))
+
+
+def test_a_call_of_a_forward_taking_args_names_what_it_was_given():
+    """ultralytics' ``forward(x, *args)`` fused with ``x`` alone and called ``fused(x, False, True)`` was refused as
+    "called with (tensor, tensor, tensor)" (found by a review): the flags are named by their type."""
+    model = seeded(ExtraArgs, 0)().to(D)
+    x = torch.randn(1, 3, 16, 16, dtype=D)
+    fused = fuse(model, x)
+    with pytest.raises(TypeError, match=r"called with \(tensor, bool, bool\)"):
+        fused(x, False, True)

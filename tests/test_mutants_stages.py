@@ -200,14 +200,18 @@ FEW = {
     "the example's shape, the bug that matters",
     "repalgebra.frontend.structured:restructured": "two choices, which argument and which item each tensor is read from",
     "repalgebra.frontend.structured:_flat_graph": "one choice, which tensor each item becomes (a graph read otherwise is refused)",
-    "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's",
+    "repalgebra.frontend.structured:structure_mismatch": "one comparison, the call's structure with the example's, its "
+    "leaves tensors",
+    "repalgebra.frontend.structured:structure_text": "two decisions a test reaches: a leaf named by its kind, and a container "
+    "of tensors told from one holding others (the rest is wording)",
     "repalgebra.frontend.structured:_access": "one choice per kind of step: an item, or a named tuple's field",
     "repalgebra.frontend.builder:_computed_dtype": "one decision, whose dtype counts as a constant: a computed value's, not an input's",
     "repalgebra.fuse:_guard_pinned": "one decision, which dtypes a tensor a cast leaves lets the part run in",
     "repalgebra.backend.torch:_share_key": "one decision, whether two calls' paths agree (their weights are _same_module's)",
     "repalgebra.backend.torch:_hint": "one decision, whether a hint keeps the paths a fold merged",
     "repalgebra.match:merged_source": "the common prefix (reports' wording) and one decision, which paths a fold keeps",
-    "repalgebra.fuse:_refuse_none_for_a_tensor": "one decision, whether a call passes None where the example gave a tensor",
+    "repalgebra.fuse:_refuse_none_for_a_tensor": "two decisions, whether a call passes None where the example gave a "
+    "tensor, and whether it looks inside containers",
     "repalgebra.fuse:_follow_requires_grad": "one decision, whether a module folded from others requires gradients",
     "repalgebra.frontend.handlers_functions:_holds": "two bounds, the dtype's largest number and its smallest normal one",
     "repalgebra.fuse:_promoted_after_a_cast": "one decision, whether a cast to half precision gives the outputs other dtypes",

@@ -181,30 +181,43 @@ def restructured(gm: fx.GraphModule, model: nn.Module, spec: pytree.TreeSpec) ->
 
 def structure_mismatch(skeleton: Any, args: tuple) -> str | None:
     """Why a call with ``args`` is not of the structure of ``skeleton`` (the example's containers, a 0 per tensor),
-    or None where it is (or where a trace calls with Proxies)."""
+    or None where it is (or where a trace calls with Proxies).  A leaf that is no tensor (``(3.0, x)`` for a model
+    fused with ``(t, x)``) is another structure: the graph reads a tensor there, and pytree counts a number as a
+    leaf as it counts a tensor (such a call passed every check before the graph's own; found by a review)."""
     leaves, spec = pytree.tree_flatten(args)
     if any(isinstance(a, fx.Proxy) for a in leaves):
         return None
     want = pytree.tree_structure(skeleton)
-    if spec != want:
+    if spec != want or not all(torch.is_tensor(a) for a in leaves):
         return (f"the model was fused with inputs {structure_text(want)} and computes that many tensors; it was called "
-                f"with {structure_text(spec)}")
+                f"with {structure_text(spec, leaves)}")
     return None
 
 
-def structure_text(spec: pytree.TreeSpec) -> str:
-    """The structure of a call's arguments, for a message: ``(list of 3 tensors, tensor)``."""
+def structure_text(spec: pytree.TreeSpec, leaves: list | None = None) -> str:
+    """The structure of a call's arguments, for a message: ``(list of 3 tensors, tensor)``; with the call's
+    ``leaves``, each that is no tensor by its type (``(tensor, bool, bool)``, not three tensors)."""
+    kinds = [_kind(leaf) for leaf in leaves] if leaves is not None else []
+    read = iter(kinds)
+
     def text(s: pytree.TreeSpec) -> str:
         if s.is_leaf():
-            return "tensor"
+            return next(read, "tensor")
+        items = [text(c) for c in s.children()]  # (every leaf read in order, under a dict too)
         if isinstance(s.type, type) and issubclass(s.type, dict):
-            return f"{s.type.__name__} with keys {list(s.context)}"
+            keys = f"{s.type.__name__} with keys {list(s.context)}"
+            return keys if all(k == "tensor" for k in kinds) else f"{keys} [{', '.join(items)}]"
         name = s.context.__name__ if s.type is collections.namedtuple else s.type.__name__  # a named tuple's own class
-        if all(c.is_leaf() for c in s.children()):
+        if all(c.is_leaf() for c in s.children()) and all(i == "tensor" for i in items):
             return f"{name} of {s.num_children} tensor{'s' * (s.num_children != 1)}"
-        return f"{name} [{', '.join(text(c) for c in s.children())}]"
+        return f"{name} [{', '.join(items)}]"
 
     return "(" + ", ".join(text(c) for c in spec.children()) + ")"
+
+
+def _kind(leaf: Any) -> str:
+    """A leaf of a call's arguments as a message names it: ``tensor``, ``None``, ``float``."""
+    return "tensor" if torch.is_tensor(leaf) or isinstance(leaf, fx.Proxy) else "None" if leaf is None else type(leaf).__name__
 
 
 def _access(key: Any) -> tuple[Any, Any]:
