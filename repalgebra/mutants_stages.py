@@ -1686,6 +1686,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:_copy_into", "    x[:] = src\n    return x", "    return src", _CACHE),
     ("onnx_backend", "session-dtype-unchecked", "a fallback region of another dtype than torch gives passed by its values",
      f"{_OF}:_outputs_differ", "        if g.dtype != ref.dtype:", "        if False:", _PLAIN_ONNX),
+    ("frontend", "earlier-inplace-result-skipped", "an earlier in-place node skipped when a later one writes into a view of it "
+     "(ReLU(inplace=True), then y[:, :2].clamp_(): the output reads it before the clamp)",
+     "repalgebra.frontend.inplace:functionalize", "if w is v or w is node:", "if w is v or w is node or is_inplace(w, root):",
+     tuple(f"tests/test_inplace.py::test_a_write_into_a_view_of_an_in_place_result_reaches_its_later_reads[{h}]" for h in ("relu", "itruediv"))),
 ]
 
 

@@ -298,7 +298,6 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         return []
     order = {n: k for k, n in enumerate(nodes)}
     bases = alias_bases(graph, root)
-    inplace_set = set(inplace)
     for node in inplace:
         if not node.args or not isinstance(node.args[0], fx.Node):
             raise InplaceHazard(f"in-place call {_describe(node)} on a non-tensor first argument", _where(node))
@@ -310,7 +309,9 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
             if w.op == "get_attr":
                 raise InplaceHazard(f"{_describe(node)} changes the parameter or buffer {w.target!r} in place", _where(node))
         for w in group:
-            if w is v or w in inplace_set:
+            # An earlier in-place node is checked as any value is: its result is what later reads were rerouted to
+            # (``y = relu_(y); y[:, :2].clamp_(max=1); return y`` reads it after the clamp, which rerouting ``v`` misses)
+            if w is v or w is node:
                 continue
             if order[w] > order[node] and all(a is v or order[a] >= order[node] or not _shares(bases, a, v)
                                               for a in _alias_inputs(w, root)):
