@@ -1690,6 +1690,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "(ReLU(inplace=True), then y[:, :2].clamp_(): the output reads it before the clamp)",
      "repalgebra.frontend.inplace:functionalize", "if w is v or w is node:", "if w is v or w is node or is_inplace(w, root):",
      tuple(f"tests/test_inplace.py::test_a_write_into_a_view_of_an_in_place_result_reaches_its_later_reads[{h}]" for h in ("relu", "itruediv"))),
+    ("frontend", "inplace-function-method-unused", "torch.zero_(y), which has no torch.zero, refused where y.zero_() on a copy is the same",
+     "repalgebra.frontend.inplace:_make_out_of_place", "        elif hasattr(torch.Tensor, name):", "        elif False:",
+     ("tests/test_inplace.py::test_an_in_place_torch_function_without_a_twin_runs_on_a_copy_or_is_refused_by_name",)),
+    ("frontend", "inplace-function-no-method-unrefused", "torch.embedding_renorm_, with neither a twin nor a method, run as a method on a copy",
+     "repalgebra.frontend.inplace:_make_out_of_place", "        elif hasattr(torch.Tensor, name):", "        elif True:",
+     ("tests/test_inplace.py::test_an_in_place_torch_function_without_a_twin_runs_on_a_copy_or_is_refused_by_name",)),
 ]
 
 

@@ -548,3 +548,71 @@ def test_a_write_into_a_view_of_an_in_place_result_reaches_its_later_reads(how):
         want = model(x.clone())
         assert (want[:, :3] == 1.0).any() or (want[:, 2] == 0.0).any(), "the clamp must bite at this input"
         torch.testing.assert_close(fused(x.clone()), want, rtol=1e-9, atol=1e-9)
+
+
+class ProjectedSkip(nn.Module):
+    """``b = a; b @= w``: ``torch.Tensor`` has no ``__imatmul__``, so Python rebinds ``b`` to ``a @ w`` and ``a`` keeps
+    its values."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        a = torch.relu(self.bn(self.conv(x)))
+        b = a
+        b @= self.w
+        return a + b
+
+
+def test_a_matmul_assignment_rebinds_its_name_and_leaves_the_tensor_as_it_was():
+    """``@=`` was recorded as a write into ``a``, and the later read of ``a`` rerouted to the product: the fused model
+    computed ``2 (a @ w)``, unseen at an example where the ReLU zeroes everything (3.5 apart elsewhere)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = ProjectedSkip().double().eval()
+    gm, _ = functionalized(model)
+    assert not any(n.target is operator.imatmul for n in gm.graph.nodes)
+    fused = repalgebra.fuse(model, -torch.rand(1, 8, 8, 8, dtype=torch.float64) - 1)
+    x = torch.rand(2, 8, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x.clone())
+        torch.testing.assert_close(gm(x.clone()), want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(fused(x.clone()), want, rtol=1e-9, atol=1e-12)
+
+
+class ZeroedBranch(nn.Module):
+    """``torch.zero_(y)`` (a torch function in place without an out-of-place ``torch.zero``), or
+    ``torch.embedding_renorm_`` (neither a twin nor a tensor method)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.conv, self.bn = how, nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.how == "zero_":
+            return x + torch.zero_(y)
+        z = y.mean((2, 3))
+        torch.embedding_renorm_(z, torch.tensor([0]), 1.0, 2.0)
+        return z
+
+
+def test_an_in_place_torch_function_without_a_twin_runs_on_a_copy_or_is_refused_by_name():
+    """Making ``torch.zero_`` out of place looked for an ``inplace`` parameter in its signature, which a builtin has
+    none of: an internal ``ValueError`` ('no signature found for builtin'), which ``strict=True`` showed the user."""
+    import repalgebra
+
+    model = ZeroedBranch("zero_").double().eval()
+    gm, notes = functionalized(model)
+    assert "torch.zero_" in notes[0]
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64), strict=True)
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), model(x.clone()), rtol=1e-9, atol=0)
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=0)
+    with pytest.raises(InplaceHazard, match="embedding_renorm_.* writes in place and has no out-of-place form"):
+        functionalized(ZeroedBranch("renorm"))

@@ -29,7 +29,8 @@ Symbolic tracing also loses ``y += 1``: a ``Proxy`` has no ``__iadd__``, so
 Python falls back to ``y = y + 1`` and the mutation of the tensor ``y`` that
 others may still hold is not recorded at all.  :class:`InplaceProxy` (used by
 our tracer) records augmented assignments as ``operator.iadd`` and friends so
-that :func:`functionalize` sees them.
+that :func:`functionalize` sees them (not ``b @= w``: a tensor has no
+``__imatmul__``, and Python rebinds ``b`` to ``b @ w`` there too).
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def _augmented(fn: Any) -> Any:
     return method
 
 
+# Only those a tensor writes in place: ``torch.Tensor`` has no ``__imatmul__``, so ``b @= w`` rebinds ``b`` to ``b @ w``
+# and leaves the tensor ``b`` named before as it was (a Proxy without it falls back to ``__matmul__`` the same way).
 for _fn in _AUGMENTED:
-    setattr(InplaceProxy, f"__{_fn.__name__}__", _augmented(_fn))
+    if hasattr(torch.Tensor, f"__{_fn.__name__}__"):
+        setattr(InplaceProxy, f"__{_fn.__name__}__", _augmented(_fn))
 
 
 def _setitem(self: fx.Proxy, index: Any, value: Any) -> None:
@@ -398,8 +402,13 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
         n.target = setitem_copy
         return "y[...] = z (item assignment)"
     name = getattr(n.target, "__name__", "")
-    if name.endswith("_") and getattr(torch, name, None) is n.target and hasattr(torch, name[:-1]):
-        n.target = getattr(torch, name[:-1])
+    if name.endswith("_") and getattr(torch, name, None) is n.target:
+        if hasattr(torch, name[:-1]):
+            n.target = getattr(torch, name[:-1])
+        elif hasattr(torch.Tensor, name):  # torch.zero_(y) (no torch.zero): the method, on a copy
+            n.target, n.args = on_copy, (name, *n.args)
+        else:  # torch.embedding_renorm_: neither an out-of-place twin nor a method to run on a copy
+            raise InplaceHazard(f"{_describe(n)} writes in place and has no out-of-place form", _where(n))
         return f"torch.{name}"
     n.kwargs = {**n.kwargs, "inplace": False}
     if "inplace" in inspect.signature(n.target).parameters:
