@@ -1696,6 +1696,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "inplace-function-no-method-unrefused", "torch.embedding_renorm_, with neither a twin nor a method, run as a method on a copy",
      "repalgebra.frontend.inplace:_make_out_of_place", "        elif hasattr(torch.Tensor, name):", "        elif True:",
      ("tests/test_inplace.py::test_an_in_place_torch_function_without_a_twin_runs_on_a_copy_or_is_refused_by_name",)),
+    ("frontend", "data-assignment-unrecorded", "y.data = v on a traced tensor set as a Proxy's attribute (later reads read y unclipped)",
+     "repalgebra.frontend.inplace:_setattr", "    if name in _VALUE_ATTRIBUTES:", "    if False:",
+     ("tests/test_inplace.py::test_an_assignment_to_data_is_not_lost_by_the_trace",)),
+    ("frontend", "data-assignment-only-parts", "only y.real = and y.imag = refused, y.data = set as a Proxy's attribute",
+     "repalgebra.frontend.inplace:_setattr", "    if name in _VALUE_ATTRIBUTES:", '    if name in ("real", "imag"):',
+     ("tests/test_inplace.py::test_an_assignment_to_data_is_not_lost_by_the_trace",)),
 ]
 
 

@@ -616,3 +616,41 @@ def test_an_in_place_torch_function_without_a_twin_runs_on_a_copy_or_is_refused_
         torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=0)
     with pytest.raises(InplaceHazard, match="embedding_renorm_.* writes in place and has no out-of-place form"):
         functionalized(ZeroedBranch("renorm"))
+
+
+def _conv_bn2d(c: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+
+class ClippedActivation(nn.Module):
+    """A quantization-aware net's activation clip written as BinaryNet writes ``input.data = Binarize(input.data)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _conv_bn2d(), _conv_bn2d()
+
+    def forward(self, x):
+        y = self.a(x)
+        y.data = y.data.clamp(-4, 4)
+        return self.b(y) + y
+
+
+def test_an_assignment_to_data_is_not_lost_by_the_trace():
+    """``y.data = ...`` only set a Python attribute on the Proxy: nothing was recorded, the later reads of ``y`` read
+    it unclipped, and the fused model skipped the clip wherever it bites (16.6 apart).  The trace refuses it; torch.export
+    cannot capture it either, so the model is kept whole and its children fused on their own."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = ClippedActivation().double().eval()
+    for bn in (model.a[1], model.b[1]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    with pytest.raises(TypeError, match=r"y\.data = \.\.\. replaces a traced tensor's values"):
+        functionalized(model)
+    fused = repalgebra.fuse(model, 0.1 * torch.randn(1, 4, 8, 8, dtype=torch.float64))  # inside the clip range
+    assert fused.fuse_report.ops_after.get("batch_norm", 0) == 0, str(fused.fuse_report)
+    x = 10 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.a(x).abs() > 4).any(), "the clip must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)

@@ -47,8 +47,10 @@ FEW = {
     "repalgebra.fuse:_takes_other_calls": "two decisions: more parameters than the call's arguments, or *args and **kwargs",
     "repalgebra.frontend.state:restore_in_place": "two decisions a test reaches: tensors copied back in place, other "
     "attributes copied onto the part restored (an attribute a run adds and no call reads is harmless left)",
-    "repalgebra.frontend.inplace:functionalize": "one decision added to it a test reaches alone: a value made after a write "
-    "shares nothing through inputs that share nothing with what was written (the rest is older than the stage's mutants)",
+    "repalgebra.frontend.inplace:functionalize": "two decisions added to it a test reaches alone: a value made after a write "
+    "shares nothing through inputs that share nothing with what was written, and an earlier in-place node is checked as "
+    "any value (the rest is older than the stage's mutants)",
+    "repalgebra.frontend.inplace:_setattr": "one decision: an assignment to a tensor attribute that replaces values is refused",
     "repalgebra.frontend.inplace:alias_bases": "one line: a value's bases are itself and its alias inputs' bases",
     "repalgebra.frontend.fx_trace:_script_functions": "one decision: the scripted functions of the model's code are wrapped",
     "repalgebra.fuse:_uninstall": "one decision a test reaches alone: the copies made later get no guard back (taking it off the module is a dict's)",

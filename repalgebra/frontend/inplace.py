@@ -107,6 +107,23 @@ def _setitem(self: fx.Proxy, index: Any, value: Any) -> None:
 
 InplaceProxy.__setitem__ = _setitem
 
+# Tensor attributes whose assignment replaces values: ``y.data = y.data.clamp(-4, 4)`` (an activation clip, BinaryNet's
+# ``input.data = Binarize(input.data)``), ``z.real = x``.
+_VALUE_ATTRIBUTES = {"data", "real", "imag"}
+
+
+def _setattr(self: fx.Proxy, name: str, value: Any) -> None:
+    """Refuse ``y.data = v``: on a Proxy it would only set a Python attribute, and later reads of ``y`` would read the
+    values before.  Not recorded as a write: ``y.data = v`` takes ``v``'s storage, shape and dtype (views of ``y``
+    made before keep the old), which no in-place op of the IR means; torch.export captures it or the module is kept
+    whole."""
+    if name in _VALUE_ATTRIBUTES:
+        raise TypeError(f"y.{name} = ... replaces a traced tensor's values, which torch.fx cannot record")
+    object.__setattr__(self, name, value)
+
+
+InplaceProxy.__setattr__ = _setattr
+
 # Methods ending in ``_`` that only change metadata, never values.
 _METADATA_METHODS = {"requires_grad_", "share_memory_", "retain_grad", "resize_as_"}
 # Calls whose result is not a tensor (sizes, flags): they share no storage.
