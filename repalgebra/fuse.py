@@ -1202,6 +1202,8 @@ class _Fuser:
                 failure = None
             except CaptureFailed as e:
                 failure = e
+        if failure is not None and kept:  # (a call kept whole that writes into what is read after it: say so)
+            return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {failure.reason}")
         if failure is not None or not kept:
             return self.keep_whole(path, [Call(tuple(inputs), {})], _reasons(failures))
         work = copy_module(module)

@@ -146,6 +146,7 @@ _TRAIN_NONE = ("tests/test_fuse.py::test_a_train_that_returns_nothing_is_fused_v
 _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_are_compared_as_fuse_takes_them",)
 _KEPT_SUM = tuple(f"tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold[{h}]"
                   for h in ("returned", "used", "cast"))
+_EFFECTS = ("tests/test_inplace.py::test_a_call_kept_whole_made_for_its_effects_is_taken_to_write_into_what_it_is_given",)
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
@@ -1702,6 +1703,20 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "data-assignment-only-parts", "only y.real = and y.imag = refused, y.data = set as a Proxy's attribute",
      "repalgebra.frontend.inplace:_setattr", "    if name in _VALUE_ATTRIBUTES:", '    if name in ("real", "imag"):',
      ("tests/test_inplace.py::test_an_assignment_to_data_is_not_lost_by_the_trace",)),
+    ("frontend", "effects-call-writes-only-as-run", "a call kept whole whose result is unused taken to write only where the example "
+     "run saw it (a clamp on large inputs only: dropped, conv and bn folded past it)",
+     "repalgebra.frontend.inplace:hidden_writes", "written = list(before) if effects else", "written = list(before) if False else", _EFFECTS),
+    ("frontend", "effects-call-caller-unread", "the caller's tensors and the state not taken as read after a call made for its effects",
+     "repalgebra.frontend.inplace:hidden_writes", "        readers += [o for o in outside if", "        readers += [o for o in () if",
+     ("tests/test_inplace.py::test_a_call_made_for_its_effects_on_the_callers_tensor_runs",)),
+    ("frontend", "effects-call-unnamed", "a call made for its effects refused as one seen writing at the example",
+     "repalgebra.frontend.inplace:hidden_writes", "        if readers and effects:", "        if readers and False:", _EFFECTS),
+    ("frontend", "effects-call-with-result-used", "a call kept whole whose result is read taken to write into what it is given "
+     "(a block's write seen at the example named as a possible one)",
+     "repalgebra.frontend.inplace:_for_its_effects", "    if n.users or n.op not in", "    if n.op not in",
+     ("tests/test_inplace.py::test_a_write_by_a_call_kept_whole_is_seen_in_a_real_run_and_refused_at_its_parent",)),
+    ("frontend", "effects-call-model-code-as-library", "the model's own modules (a test's) taken for a library's, whose writes the trace sees",
+     "repalgebra.frontend.inplace:_for_its_effects", ".startswith(_LIBRARIES)", '.startswith((*_LIBRARIES, "test"))', _EFFECTS),
 ]
 
 

@@ -654,3 +654,68 @@ def test_an_assignment_to_data_is_not_lost_by_the_trace():
     with torch.no_grad():
         assert (model.a(x).abs() > 4).any(), "the clip must bite at this input"
         torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+class SafeClamp(nn.Module):
+    """A sanitizer kept whole (it branches on the data): clamps its input in place, only where something is out of range."""
+
+    def forward(self, x):
+        if x.abs().amax() > 10:
+            x.clamp_(-10, 10)
+        return x
+
+
+class SanitizedConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.clamp, self.bn = nn.Conv2d(4, 4, 3, padding=1), SafeClamp(), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.clamp(y)  # called for its write into y
+        return self.bn(y)
+
+
+def test_a_call_kept_whole_made_for_its_effects_is_taken_to_write_into_what_it_is_given():
+    """At the example nothing is out of range: no version counter moved, conv and bn were folded past the call, and the
+    call (its result unused) was dropped; the fused model never clamped (199 apart on large inputs)."""
+    import repalgebra
+    from repalgebra.frontend.torch import trace_model
+
+    torch.manual_seed(0)
+    model = SanitizedConvBN().double().eval()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    example = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(InplaceHazard, match="result is unused .* 'bn' reads 'conv' afterwards") as e:
+        trace_model(model, example, leaf_modules=[SafeClamp])
+    assert e.value.path == ""
+    fused = repalgebra.fuse(model, example)
+    assert "made for its effects" in str(fused.fuse_report)
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.conv(x).abs() > 10).any(), "the clamp must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+class SanitizedInput(SanitizedConvBN):
+    def forward(self, x):
+        y = self.conv(x)
+        self.clamp(x)  # clamps the caller's tensor, which no later node reads
+        return self.bn(y)
+
+
+def test_a_call_made_for_its_effects_on_the_callers_tensor_runs():
+    """No node reads ``x`` after the call, but the caller does: the call was dropped, and the caller's tensor was left
+    unclamped where the model clamps it."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = SanitizedInput().double().eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    want, got = x.clone(), x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(got), model(want), rtol=1e-9, atol=1e-9)
+    assert want.abs().max() == 10
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

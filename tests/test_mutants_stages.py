@@ -50,6 +50,7 @@ FEW = {
     "repalgebra.frontend.inplace:functionalize": "two decisions added to it a test reaches alone: a value made after a write "
     "shares nothing through inputs that share nothing with what was written, and an earlier in-place node is checked as "
     "any value (the rest is older than the stage's mutants)",
+    "repalgebra.frontend.inplace:_for_its_effects": "two decisions: a result nothing reads, and a call of the model's own code",
     "repalgebra.frontend.inplace:_setattr": "one decision: an assignment to a tensor attribute that replaces values is refused",
     "repalgebra.frontend.inplace:alias_bases": "one line: a value's bases are itself and its alias inputs' bases",
     "repalgebra.frontend.fx_trace:_script_functions": "one decision: the scripted functions of the model's code are wrapped",
@@ -89,7 +90,8 @@ FEW = {
     "repalgebra.backend.onnx:_expand": "one Expand; its other forms are checked by every export that expands (the zoo's)",
     "repalgebra.frontend.fx_trace:holds_nothing_uninstalled": "two answers: weights of its own, or a child that is neither",
     "repalgebra.frontend.state:_own": "one filter of a module's attributes; the mutant keeps our own",
-    "repalgebra.frontend.inplace:_make_out_of_place": "one table lookup per kind of in-place call; the mutant drops the dtype mark",
+    "repalgebra.frontend.inplace:_make_out_of_place": "one table lookup per kind of in-place call; the mutants drop the dtype "
+    "mark and mistake which in-place torch functions run as a method on a copy",
     "repalgebra.draws:generator_states": "one table of generators; the mutant drops the one Python draws from",
     "repalgebra.frontend.outside_reads:read_outside": "one answer: the paths read from outside (the hooks' bookkeeping is "
     "the other mutants' and the tests' own)",

@@ -368,8 +368,15 @@ def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Nod
     ``x[:, :c] = conv(x[:, :c])``).  Under value semantics the later read would see the contents before the
     write.  When only the call's own result (and what is computed from it) reads the new contents, the IR
     means the same.  The path is the innermost module holding the call and the reads, for the caller to keep
-    whole."""
-    written = [a for a, v in before.items() if values[a]._version != v]
+    whole.
+
+    A run shows the writes at the example only: ``if x.abs().amax() > 10: x.clamp_(-10, 10)`` writes on other
+    inputs.  A call of the model's own code whose result is unused (:func:`_for_its_effects`) is made for what it
+    does besides returning, so it is taken to write into every tensor it is given, whatever the run showed: where
+    one is read afterwards (by a later node, or by the caller: an input, a parameter or a buffer), the holder is kept
+    whole, and the call runs as written.  Elsewhere the call, which nothing then observes, may be dropped."""
+    effects = _for_its_effects(node, root)
+    written = list(before) if effects else [a for a, v in before.items() if values[a]._version != v]
     if not written:
         return
     nodes = list(node.graph.nodes)
@@ -379,19 +386,46 @@ def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Nod
         if any(a in after for a in n.all_input_nodes):
             after.add(n)
     bases = alias_bases(node.graph, root)
+    outside = [n for n in nodes if n.op == "output"] if effects else []  # (the caller reads its inputs and the state)
     for w in written:
         readers = [u for m in nodes if _shares(bases, m, w) and m not in after for u in m.users if order[u] > order[node]]
+        readers += [o for o in outside if any(m.op in ("placeholder", "get_attr") and _shares(bases, m, w) for m in nodes)]
+        if readers and effects:
+            raise InplaceHazard(
+                f"{_describe(node)} is a call kept whole whose result is unused (made for its effects: it may write into "
+                f"{w.name!r} on other inputs than the example) and {readers[0].name!r} reads {w.name!r} afterwards",
+                _holder(node, readers),
+            )
         if readers:
-            where = [_source(node), *(_source(u) for u in readers)]
-            common = where[0].split(".") if where[0] else []
-            for path in where[1:]:
-                parts = path.split(".") if path else []
-                k = next((i for i, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
-                common = common[:k]
             raise InplaceHazard(
                 f"{_describe(node)} writes into {w.name!r} in place (a call kept whole) and {readers[0].name!r} reads "
-                "it afterwards", ".".join(common),
+                "it afterwards", _holder(node, readers),
             )
+
+
+def _for_its_effects(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` is a call of the model's own code (a module of its classes, a function it wraps) whose result
+    nothing reads: what it does, it does besides returning.  torch's own layers and functions write in place only
+    where the trace sees it (``inplace=True``, a name ending in ``_``)."""
+    if n.users or n.op not in ("call_module", "call_function"):
+        return False
+    owner = type(root.get_submodule(n.target)) if n.op == "call_module" else n.target
+    return not str(getattr(owner, "__module__", None) or "builtins").startswith(_LIBRARIES)
+
+
+# Modules whose calls write only as the trace sees (and the front end's own helpers, which write nothing).
+_LIBRARIES = ("torch", "builtins", "_operator", "operator", "math", "repalgebra")
+
+
+def _holder(node: fx.Node, readers: list[fx.Node]) -> str:
+    """The innermost module holding ``node`` and its ``readers``: the module path they have in common."""
+    where = [_source(node), *(_source(u) for u in readers)]
+    common = where[0].split(".") if where[0] else []
+    for path in where[1:]:
+        parts = path.split(".") if path else []
+        k = next((i for i, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
+        common = common[:k]
+    return ".".join(common)
 
 
 def _source(n: fx.Node) -> str:
