@@ -403,6 +403,10 @@ def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Nod
             )
 
 
+# Packages whose calls write only as the trace sees (and the front end's own helpers, which write nothing).
+_LIBRARIES = {"torch", "builtins", "_operator", "operator", "math", "repalgebra"}
+
+
 def _for_its_effects(n: fx.Node, root: nn.Module) -> bool:
     """Whether ``n`` is a call of the model's own code (a module of its classes, a function it wraps) whose result
     nothing reads: what it does, it does besides returning.  torch's own layers and functions write in place only
@@ -410,11 +414,7 @@ def _for_its_effects(n: fx.Node, root: nn.Module) -> bool:
     if n.users or n.op not in ("call_module", "call_function"):
         return False
     owner = type(root.get_submodule(n.target)) if n.op == "call_module" else n.target
-    return not str(getattr(owner, "__module__", None) or "builtins").startswith(_LIBRARIES)
-
-
-# Modules whose calls write only as the trace sees (and the front end's own helpers, which write nothing).
-_LIBRARIES = ("torch", "builtins", "_operator", "operator", "math", "repalgebra")
+    return str(getattr(owner, "__module__", None) or "builtins").partition(".")[0] not in _LIBRARIES
 
 
 def _holder(node: fx.Node, readers: list[fx.Node]) -> str:
