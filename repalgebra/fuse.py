@@ -1410,8 +1410,8 @@ class _Fuser:
                 raise
             except Exception as e:  # noqa: BLE001  (the capture does not run: torch.export left a symbolic size in it)
                 problem = f"it does not run: {first_line(e)}"
-            if problem is None and cap.how == "specialized":
-                problem = self.in_other_modes(path, exact, inputs)
+            if problem is None:
+                problem = self.in_other_modes(path, exact, inputs, fx_traced=cap.how == "fx")
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
@@ -1595,17 +1595,19 @@ class _Fuser:
             _run(candidate, call, *got_how, left=again[1])
         return _drawn_elsewhere(ref_left, got_left) if again == (ref_left, got_left) else None
 
-    def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple) -> str | None:
+    def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple, fx_traced: bool = False) -> str | None:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
         memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
         or on inputs in another layout (:func:`_other_layout`: channels-last, or a transposed view's strides), or
         None: it does not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where
         the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at
-        class creation (``flag = staticmethod(torch.is_grad_enabled)``); on ``x.is_inference()`` (a tensor's, not
-        a flag function); on ``x.is_contiguous(memory_format=torch.channels_last)`` or ``x.is_contiguous()`` (a
-        fast path of another approximation).  torch.fx traces with gradients on, so its check against the model run without them sees
-        such a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` or layout fails its
-        trace."""
+        class creation (``flag = staticmethod(torch.is_grad_enabled)``) or read by a helper of another module; on
+        ``x.is_inference()`` (a tensor's, not a flag function); on ``x.is_contiguous(memory_format=torch.channels_last)``
+        or ``x.is_contiguous()`` (a fast path of another approximation).  With ``fx_traced``, the check under
+        ``torch.inference_mode`` only: torch.fx traces with gradients on, so its check against the model run without
+        them sees a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` or layout fails
+        its trace; but a helper of another module asking ``torch.is_inference_mode_enabled()`` is traced past
+        (found by a review)."""
         original = self.pristine.get_submodule(path)
         call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
         other = Call(tuple(_other_layout(t) for t in inputs), {})
@@ -1614,6 +1616,8 @@ class _Fuser:
                                     (torch.no_grad, other, "on an input in another memory layout (a branch on it)")):
             if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
                 continue  # no input of two axes or more: no layout to change
+            if fx_traced and mode is not torch.inference_mode:
+                continue
             called = copy_module(original) if self.stateful else original
             try:
                 with _quiet_fx():

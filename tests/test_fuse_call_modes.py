@@ -23,10 +23,23 @@ from torch import is_grad_enabled as grads_on  # as some code imports it: by nam
 from torch.jit import is_scripting as scripting  # (timm imports it so in places)
 
 D = torch.float64
+
+
+def deploying_or_not() -> bool:
+    """A compatibility shim for an older torch: its ``except Exception`` swallowed the stand-in's refusal, and the
+    capture went on with the answer "not deploying" (found by a review)."""
+    try:
+        return torch.is_inference_mode_enabled()
+    except Exception:
+        return False
+
+
 FLAGS = {
     "grad": lambda: torch.is_grad_enabled(),
     "grad-by-name": lambda: grads_on(),
     "inference": lambda: torch.is_inference_mode_enabled(),
+    "inference-by-_C": lambda: torch._C.is_inference_mode_enabled(),  # only _get_tracing_state was watched there
+    "inference-in-try": deploying_or_not,
     "compiling": lambda: torch.compiler.is_compiling(),
     "exporting": lambda: torch.compiler.is_exporting(),
     "fx": lambda: torch.fx._symbolic_trace.is_fx_tracing(),
@@ -669,3 +682,112 @@ def test_torchscript_flags_are_answered_as_an_eager_call_and_noted():
     note = next(n for n in fused.fuse_report.notes if "torch.jit.trace" in n)
     assert all(f in note for f in ("torch.jit.is_tracing()", "torch._C._get_tracing_state()", "torch.jit.is_scripting()"))
     torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)  # float64
+
+
+class AutocastBranch(nn.Module):
+    """A flag function held by the class (bound at class creation), as Hugging Face code keeps one."""
+
+    autocast_on = staticmethod(torch.is_autocast_enabled)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.autocast_on("cpu"):
+            y = y.clamp(-3, 3)
+        return self.b(y)
+
+
+def test_a_flag_function_the_class_holds_is_refused_as_its_code_reads_it():
+    """``staticmethod(torch.is_autocast_enabled)`` on the class was out of the stand-ins' reach, and no capture is
+    checked under autocast: fx fused the branch away, and under ``torch.autocast`` the fused model did not clamp
+    (found by a review).  The class's attribute is a stand-in too while capturing: the model is kept whole."""
+    model = randomized(AutocastBranch())
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 0.1)
+    assert fused.fuse_report.capture == "kept whole", str(fused.fuse_report)
+    assert "reads torch.is_autocast_enabled()" in str(fused.fuse_report)
+    assert AutocastBranch.autocast_on is torch.is_autocast_enabled  # put back
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for name, mode in MODES.items():
+        with mode():
+            assert close(model(x), fused(x)), name
+
+
+HELPERS = """
+import torch
+
+
+def deploying():
+    return torch.is_inference_mode_enabled()
+"""
+
+
+def test_a_flag_read_by_a_helper_of_another_module_is_seen_by_a_check_under_inference_mode(tmp_path, monkeypatch):
+    """A helper of the model's library (``utils.deploying()``) is not the model's code, so its flag read is out of
+    the stand-ins' reach; fx traced past it, and its capture was never checked under ``torch.inference_mode``,
+    where the model clamps (found by a review).  Now it is, and the capture is refused there."""
+    (tmp_path / "flag_helpers.py").write_text(HELPERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import flag_helpers
+
+    model = randomized(FlagBranch(flag_helpers.deploying, odd_width_pads=False))
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
+    assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for name, mode in MODES.items():
+        with mode():
+            assert close(model(x), fused(x)), name
+
+
+HUBCONF = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if torch.is_inference_mode_enabled():  # a deploy-time branch
+            y = y.clamp(-3, 3)
+        return y
+"""
+
+
+def hub_class(tmp_path, monkeypatch, how: str) -> type:
+    """``Net`` of a ``hubconf.py`` loaded as torch.hub loads it (executed, not registered in ``sys.modules``), or
+    from a registered module with its ``__module__`` set to a public package that re-exports it."""
+    import importlib.util
+    import sys
+
+    path = tmp_path / f"hubconf_{how}.py"
+    path.write_text(HUBCONF)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if how == "renamed":
+        monkeypatch.setitem(sys.modules, path.stem, module)
+        module.Net.__module__ = "repalgebra"
+    return module.Net
+
+
+@pytest.mark.parametrize("how", ["unregistered", "renamed"])
+def test_flags_in_code_of_a_module_missing_from_sys_modules_are_watched(tmp_path, monkeypatch, how):
+    """The stand-ins were put into ``sys.modules[cls.__module__]``: a class from a hubconf.py torch.hub executed
+    (not registered), or one whose ``__module__`` names another package, had its flag reads unwatched, and fx
+    fused the branch away (found by a review).  Its functions' own globals are watched now."""
+    model = randomized(hub_class(tmp_path, monkeypatch, how)())
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 0.1)
+    assert fused.fuse_report.capture == "kept whole", str(fused.fuse_report)
+    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
+    for name, mode in MODES.items():
+        with mode():
+            assert close(model(x), fused(x)), name

@@ -255,8 +255,12 @@ FEW = {
     "repalgebra.fuse:_batches_fit": "one comparison beside the sizes, the batch with the smallest one the capture holds at",
     "repalgebra.backend.onnx:_holds_at_batch_one": "one check, the graph against the model at batch 1",
     "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
-    "repalgebra.frontend.mode_flags:_namespaces": "one decision, whose code is watched: the model's classes' modules "
-    "and torch's layers (the mutant drops the layers: nn.TransformerEncoder's nested path)",
+    "repalgebra.frontend.mode_flags:_namespaces": "two decisions, whose code is watched: the globals of the model's "
+    "classes' functions, and torch's layers (the mutants take sys.modules[cls.__module__], and drop the layers)",
+    "repalgebra.frontend.mode_flags:_bound_on_classes": "one filter of the classes' attributes: the mutants drop it, and "
+    "leave a staticmethod's function unwrapped",
+    "repalgebra.frontend.mode_flags:mode_flags_refused": "one decision added to it, a refusal the model's code swallowed "
+    "raised again (its refusal itself is killed through _stand_in's mutants)",
     "repalgebra.fuse:_fixed_casts": "one list, the casts to a floating dtype in a capture (the guard's own mutants cover what follows)",
     "repalgebra.fuse:_named_tensors": "two decisions: every module's tensors (a tied one under each module holding it), each module once",
     "repalgebra.backend.torch:to_module": "the lowering's driver: its lowerings have mutants of their own; one decision, how an output "

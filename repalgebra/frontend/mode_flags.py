@@ -13,15 +13,20 @@ which a capture (any of them) would not.
 While a capture runs, the model's code sees these functions raise
 :class:`ModeFlagRead`, so the capture fails with that reason and ``fuse`` keeps
 the module that reads the flag whole: its own ``forward`` asks on every call,
-as the model does.  Only the model's code is watched: the global namespaces of
-the modules that define its classes (``torch`` there is a stand-in that hands
-out everything else as it is, and a flag function imported by name is
-replaced).  torch itself is not patched, so its internals (and torch.compile's
-tables of these functions) see the real ones; another thread running the same
-code meanwhile gets the real answer too.  Code of other modules the forward
-calls into is not watched, nor a flag function bound before the capture (a
-class attribute, a default argument): ``fuse`` checks a torch.export capture
-with gradients on as well, where such a branch shows.
+as the model does.  Only the model's code is watched: the globals of the
+functions its classes define (``torch`` there is a stand-in that hands out
+everything else as it is, ``torch._C`` too, and a flag function imported by
+name is replaced), and the flag functions its classes hold as attributes
+(``autocast_on = staticmethod(torch.is_autocast_enabled)``).  A refusal the
+model's code catches itself (``except Exception: flag = False``) is raised
+again when the capture ends.  torch itself is not patched, so its internals
+(and torch.compile's tables of these functions) see the real ones; another
+thread running the same code meanwhile gets the real answer too.  Code of
+other modules the forward calls into is not watched, nor a flag function bound
+on an instance or as a default argument: ``fuse`` checks a torch.export
+capture with gradients on and under ``torch.inference_mode`` as well, and an
+fx capture under ``torch.inference_mode``, where such a branch shows at the
+example; none is checked under ``torch.autocast``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class ModeFlagRead(TypeError):
     """The model's code read a mode flag while it was captured."""
 
 
+# The refusals of the capture under way in this thread (:func:`mode_flags_refused`), swallowed or not
+_capture = threading.local()
+_capture.refused = []
+
+
 # The flag functions by the module that holds them; each is refused where the model's code calls it.
 _FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
     torch: ("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "is_autocast_cpu_enabled",
@@ -51,6 +61,10 @@ _FLAGS: dict[types.ModuleType, tuple[str, ...]] = {
     torch.compiler: ("is_compiling", "is_dynamo_compiling", "is_exporting"),
     torch.onnx: ("is_in_onnx_export",),  # YOLOv6's and mmdet heads' export branch
     torch._utils: ("is_compiling",),
+    # the same functions as torch's (and a few of its own), reached as ``torch._C.is_inference_mode_enabled()``
+    torch._C: ("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "is_autocast_cpu_enabled",
+               "get_autocast_dtype", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype", "is_autocast_cache_enabled",
+               "_is_any_autocast_enabled", "_get_deterministic_algorithms", "_get_deterministic_algorithms_warn_only"),
     symbolic_trace: ("is_fx_tracing", "is_fx_symbolic_tracing"),
 }
 # Flags answered as the model runs eagerly, and noted: whether TorchScript traces or compiles the code.  A fused
@@ -96,24 +110,65 @@ def _refusing(original: Callable[..., bool], name: str, noted: list[str] | None)
             return original(*args, **kwargs)
         owner = sys._getframe(1).f_locals.get("self")
         where = f" (in the forward of {type(owner).__name__})" if isinstance(owner, nn.Module) else ""
-        raise ModeFlagRead(f"its code reads {name}{where}: what it computes depends on how it is called, and a capture "
-                           "would fix the answer it got while capturing")
+        refused = ModeFlagRead(f"its code reads {name}{where}: what it computes depends on how it is called, and a "
+                               "capture would fix the answer it got while capturing")
+        _capture.refused.append(refused)  # (a shim's ``except Exception: flag = False`` may swallow it)
+        raise refused
 
     flag.__wrapped__ = original  # type: ignore[attr-defined]
     return flag
 
 
 def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
-    """The global namespaces of the code of ``model``'s classes (and their bases), torch.nn's layers included."""
+    """The global namespaces of the code of ``model``'s classes (and their bases), torch.nn's layers included: each
+    function's own ``__globals__``, not ``sys.modules[cls.__module__]``, which a ``hubconf.py`` that torch.hub
+    execs is not registered in, and which a library that rewrites ``cls.__module__`` to its public package names
+    wrongly (found by a review)."""
     seen: dict[int, dict[str, Any]] = {}
     for cls in {type(m) for m in model.modules()}:
         for base in cls.__mro__:
             if base in (nn.Module, object):
                 continue
-            module = sys.modules.get(base.__module__)
-            if module is not None and (not base.__module__.startswith("torch.") or base.__module__.startswith("torch.nn.modules.")):
-                seen.setdefault(id(module), vars(module))
+            for function in _functions(base):
+                namespace = function.__globals__
+                name = str(namespace.get("__name__", ""))
+                if not name.startswith("torch.") or name.startswith("torch.nn.modules."):
+                    seen.setdefault(id(namespace), namespace)
     return list(seen.values())
+
+
+def _functions(cls: type) -> list[types.FunctionType]:
+    """The Python functions defined on ``cls``: its methods, static and class methods, and properties' getters."""
+    found = []
+    for value in vars(cls).values():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        elif isinstance(value, property):
+            value = value.fget
+        if isinstance(value, types.FunctionType):
+            found.append(value)
+    return found
+
+
+def _bound_on_classes(model: nn.Module) -> list[tuple[type, str, Any]]:
+    """The flag functions ``model``'s classes hold as attributes (``autocast_on = staticmethod(torch.is_autocast_enabled)``):
+    bound at class creation, which no namespace's stand-in reaches, ``(class, name, value)``."""
+    found = []
+    for cls in {type(m) for m in model.modules()}:
+        for base in cls.__mro__:
+            if base in (nn.Module, object) or base.__module__.startswith("torch."):
+                continue
+            for name, value in vars(base).items():
+                function = value.__func__ if isinstance(value, staticmethod) else value
+                if callable(function) and not isinstance(function, type) and _is_flag(function):
+                    found.append((base, name, value))
+    return list(dict.fromkeys(found))
+
+
+def _is_flag(value: Any) -> bool:
+    """Whether ``value`` is one of the flag functions of :data:`_FLAGS` or :data:`_ANSWERED`."""
+    return any(value is getattr(owner, name, None) for table in (_FLAGS, _ANSWERED) for owner, names in table.items()
+               for name in names)
 
 
 def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answered: list[str]) -> Any:
@@ -131,10 +186,18 @@ def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answ
 @contextlib.contextmanager
 def mode_flags_refused(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, ``model``'s code raises :class:`ModeFlagRead` where it calls a mode flag function; the list
-    yielded notes the TorchScript flags it read (:data:`_ANSWERED`), which answer as the model runs eagerly."""
+    yielded notes the TorchScript flags it read (:data:`_ANSWERED`), which answer as the model runs eagerly.  A
+    refusal the model's code caught itself (``try: ... except Exception: deploying = False``, a shim for old torch)
+    is raised again as the block ends: the capture went on with an answer the model may not get when called."""
     answered: list[str] = []
-    with _watched(model, None, answered):
-        yield answered
+    outer, _capture.refused = getattr(_capture, "refused", []), []
+    try:
+        with _watched(model, None, answered):
+            yield answered
+        if _capture.refused:
+            raise _capture.refused[0]
+    finally:
+        _capture.refused = outer
 
 
 @contextlib.contextmanager
@@ -151,6 +214,7 @@ def _watched(model: nn.Module, noted: list[str] | None, answered: list[str]) -> 
     """The flag functions in the namespaces of ``model``'s code swapped for stand-ins (:func:`_refusing`)."""
     watched: dict[int, Any] = {}
     swapped: list[tuple[dict[str, Any], str, Any]] = []
+    classes: list[tuple[type, str, Any]] = []
     try:
         for namespace in _namespaces(model):
             for name, value in list(namespace.items()):
@@ -160,7 +224,14 @@ def _watched(model: nn.Module, noted: list[str] | None, answered: list[str]) -> 
                 if stand_in is not None:
                     swapped.append((namespace, name, value))
                     namespace[name] = stand_in
+        for cls, name, value in _bound_on_classes(model):
+            function = value.__func__ if isinstance(value, staticmethod) else value
+            stand_in = _stand_in(function, watched, noted, answered)
+            classes.append((cls, name, value))
+            setattr(cls, name, staticmethod(stand_in))  # (a builtin held as it is binds no self either)
         yield
     finally:
+        for cls, name, value in reversed(classes):
+            setattr(cls, name, value)
         for namespace, name, value in reversed(swapped):
             namespace[name] = value
