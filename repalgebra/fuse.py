@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
-from repalgebra.frontend.outside_reads import read_outside
+from repalgebra.frontend.outside_reads import reached_through, read_outside
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1309,6 +1309,8 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
             self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
             return module
+        for p in sorted(reached_through(module) & set(descendants)):  # on any branch, as its code is written
+            outside.setdefault(p, _REACHED_THROUGH)
         for p, names in written.items():  # and each called part holding it, by identity: a capture of that would hold
             target = module.get_submodule(p)  # the values too (a module under two names is listed under its first)
             for holder in [h for h, cs in recorded.items() if cs and any(m is target for m in module.get_submodule(h).modules())]:
@@ -1940,6 +1942,8 @@ def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | Non
 # parent's writes would reach the fused module, which never reads them.
 _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H, blk.W = H, W), which a capture of it "
                   "would hold at the example's values")
+_REACHED_THROUGH = ("its parent's code reaches into it (self.body.conv, self.body[0], self.bn.running_var), on some branch "
+                    "at least: its fused form holds the folded weights, under other names")
 
 
 def _by_signature(calls: list[Call]) -> list[tuple[Signature, list[tuple]]] | None:

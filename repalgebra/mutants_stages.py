@@ -159,6 +159,8 @@ _VIEWS_EMA = ("tests/test_fuse_outside_reads.py::test_views_of_the_weights_stay_
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
+_REACHED = ("tests/test_fuse_outside_reads.py::test_reached_through_names_the_children_code_reaches_into",
+            "tests/test_fuse_outside_reads.py::test_a_grandchild_the_parent_calls_on_another_branch_is_the_models")
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -946,6 +948,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      ("tests/test_fuse_structured_inputs.py::test_a_tensor_argument_beside_args_is_read_as_a_tensor",)),
     ("frontend", "outside-reads-ignored", "children whose weights the parent's own code reads swapped for their fused forms",
      "repalgebra.frontend.outside_reads:read_outside", "    return paths & reads.found", "    return set()", _OUTSIDE),
+    ("frontend", "outside-reads-without-gradients-only", "a part kept whole run without gradients only, where it reads its child's weights with them on",
+     "repalgebra.frontend.outside_reads:read_outside", "        for mode in _MODES:", "        for mode in _MODES[:1]:",
+     ("tests/test_fuse_outside_reads.py::test_a_childs_weights_read_with_gradients_on_only_keep_it_as_written",)),
+    ("frontend", "reached-through-grandchild", "a parent calling its grandchild (self.body.conv) not seen reaching through the child",
+     "repalgebra.frontend.outside_reads:_through", "reached.append(obj)  # on to", "pass  # on to", _REACHED),
+    ("frontend", "reached-through-dtype", "a chain ending in a weight's dtype (self.stem.conv.weight.dtype) taken for a read of its values",
+     "repalgebra.frontend.outside_reads:_through", "return [] if following in _METADATA else [*reached, obj]", "return [*reached, obj]", _REACHED),
+    ("frontend", "reached-through-computed-index", "a child indexed by a computed index (self.blocks[i]) not seen reached into",
+     "repalgebra.frontend.outside_reads:_through", "return [*reached, obj]  # one of its children", "return reached  # one of its children", _REACHED),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",
      "repalgebra.frontend.outside_reads:_self_and_ancestors", "[\".\".join(parts[:k]) for k in range(len(parts), 0, -1)]", "[path] if path else []", _OUTSIDE),
     ("frontend", "outside-read-of-dtype", "a read of a child's weights' dtype taken for a read of their values",

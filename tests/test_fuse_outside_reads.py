@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from repalgebra import fuse
 from repalgebra.frontend.capture import Call
-from repalgebra.frontend.outside_reads import read_outside
+from repalgebra.frontend.outside_reads import reached_through, read_outside
 from zoo import count_bn, seeded
 
 
@@ -175,3 +176,124 @@ def test_a_tensor_in_a_weights_storage_that_no_view_of_it_can_rebuild_is_copied(
     fused = fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-6)  # float32, nothing folded
+
+
+class ConvBN(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def randomized_bn(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 0.2 + 0.1)
+    return model.double().eval()
+
+
+class RescalesOnSomeInputs(nn.Module):
+    """Kept whole (a branch on its input's values); on the branch the example does not take, a weight-norm-style
+    rescale reads its child's conv weight: ``self.body.conv.weight``, or ``self.body[0].weight`` of a Sequential."""
+
+    def __init__(self, sequential: bool) -> None:
+        super().__init__()
+        self.sequential = sequential
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)) if sequential else ConvBN()
+
+    def forward(self, x):
+        y = self.body(x)
+        if x.mean() > 0:
+            w = self.body[0].weight if self.sequential else self.body.conv.weight
+            y = y * w.abs().mean()
+        return y
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["attribute", "index"])
+def test_a_childs_weight_read_on_a_branch_the_example_does_not_take_keeps_it_as_written(sequential):
+    """read_outside sees the example's branch only: the child was swapped for its fused form, and on the other
+    branch the parent read the BN-folded weight (0.54 off), or failed (``FusedSequential`` is not subscriptable)
+    (found by a review).  The parent's code reaching into the child keeps it as written; its own children fuse."""
+    model = randomized_bn(RescalesOnSomeInputs(sequential))
+    fused = fuse(model, -torch.rand(1, 4, 8, 8, dtype=torch.float64))  # the branch without the read
+    assert "'body': not replaced by its fused form: its parent's code reaches into it" in str(fused.fuse_report)
+    x = torch.rand(1, 4, 8, 8, dtype=torch.float64)  # the other branch
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
+class GrandchildOnSomeInputs(nn.Module):
+    """Kept whole (a branch on its input's values); on some inputs it calls its grandchild ``self.body.conv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvBN()
+
+    def forward(self, x):
+        y = self.body(x)
+        if x.mean() < -100:
+            y = self.body.conv(y)
+        return y
+
+
+def test_a_grandchild_the_parent_calls_on_another_branch_is_the_models():
+    """The fused ``body`` (FusedConvBN) has a child named ``conv`` too, holding the folded kernel: on the other
+    branch the fused model applied conv and BN where the model applies the conv alone, 1730 off (found by a
+    review).  ``body`` stays as written; ``body.bn`` still fuses on its own."""
+    model = randomized_bn(GrandchildOnSomeInputs())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    assert type(fused.body) is ConvBN, str(fused.fuse_report)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
+class NormedWhenTraining(nn.Module):
+    """Kept whole (it asks ``torch.is_grad_enabled()``); with gradients on it scales by the norm of its child's
+    parameters (a regulariser's term), read through ``parameters()`` as MoCo's update reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvBN()
+
+    def forward(self, x):
+        y = self.body(x)
+        if torch.is_grad_enabled():
+            y = y * sum(p.abs().mean() for p in self.body.parameters())
+        return y
+
+
+def test_a_childs_weights_read_with_gradients_on_only_keep_it_as_written():
+    """read_outside ran the part without gradients only, where it reads nothing outside its child's call: ``body``
+    was swapped, and a plain ``fused(x)`` (gradients on) scaled by the folded weights' norm (found by a review).
+    It runs with gradients on and under inference mode too now."""
+    model = randomized_bn(NormedWhenTraining())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    assert "'body': not replaced by its fused form: code outside its forward reads" in str(fused.fuse_report)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64, gradients on
+
+
+class ReachesIn(nn.Module):
+    """Code that reaches into its children in every way :func:`reached_through` tells apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.stem, self.blocks = ConvBN(), ConvBN(), nn.Sequential(ConvBN(), ConvBN())
+        self.seq, self.heads = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), nn.ModuleList([ConvBN()])
+
+    def forward(self, x, i: int = 0):
+        y = self.blocks(self.body(self.stem(x.to(self.stem.conv.weight.dtype))))  # a dtype: reaches into nothing
+        y = self.blocks[i](y) * self.seq[-1].running_var.sum()  # blocks by a computed index; seq[-1]'s buffer
+        w = next(self.stem.parameters())  # a method of the child: read_outside's to see
+        return [self.body.conv(h) for h in (y, w.new_zeros(1))]  # in a comprehension
+
+
+def test_reached_through_names_the_children_code_reaches_into():
+    assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body"}

@@ -94,7 +94,7 @@ FEW = {
     "mark and mistake which in-place torch functions run as a method on a copy",
     "repalgebra.draws:generator_states": "one table of generators; the mutant drops the one Python draws from",
     "repalgebra.frontend.outside_reads:read_outside": "one answer: the paths read from outside (the hooks' bookkeeping is "
-    "the other mutants' and the tests' own)",
+    "the other mutants' and the tests' own), and the modes it runs in (the mutant runs it without gradients only)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.fuse:_put": "one assignment; the mutant is the setattr it replaced",
     "repalgebra.module_copy:in_eval": "one call, its result not used",

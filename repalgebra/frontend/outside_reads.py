@@ -19,6 +19,9 @@ do not count: they do not see the weights' values.
 
 from __future__ import annotations
 
+import dis
+import functools
+import types
 from typing import Any, Iterable
 
 import torch
@@ -29,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from repalgebra.frontend.capture import Call
 from repalgebra.module_copy import storage_address
 
-__all__ = ["read_outside"]
+__all__ = ["read_outside", "reached_through"]
 
 # Tensor attributes and methods that read no values: what a swapped child's fused weights give alike
 _METADATA = frozenset({
@@ -43,7 +46,8 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
     """The paths among ``paths`` (submodules of ``module``) whose parameters or buffers an op reads by value, in
     ``module`` making ``calls``, while neither they nor a module holding the same tensor are running.
 
-    ``module`` runs (without gradients); pass a copy.  Hooks on every submodule track which are running: a pre-hook
+    ``module`` runs without gradients, with them and under ``torch.inference_mode`` (a mode it does not run in is
+    skipped); pass a copy.  Hooks on every submodule track which are running: a pre-hook
     put first (before the user's own, which may read the weights too) and a forward hook that runs even where the
     call raises."""
     paths = set(paths)
@@ -59,15 +63,28 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
             handles.append(sub.register_forward_pre_hook(lambda *_, p=path: running.append(p), prepend=True))
             handles.append(sub.register_forward_hook(lambda *_, p=path: running.remove(p), always_call=True))
     reads = _Reads(owners, running)
+    calls = list(calls)
     try:
-        with torch.no_grad(), reads:
-            for call in calls:  # (on copies of its tensors: a forward may write into its input)
-                args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (call.args, call.kwargs))
-                module(*args, **kwargs)
+        for mode in _MODES:
+            try:
+                with mode(), reads:
+                    for call in calls:  # (on copies of its tensors: a forward may write into its input)
+                        args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (call.args, call.kwargs))
+                        module(*args, **kwargs)
+            except Exception:
+                if mode is torch.no_grad:
+                    raise
+                running.clear()  # (it does not run so: nothing more to see there; the hooks' bookkeeping starts anew)
     finally:
         for h in handles:
             h.remove()
     return paths & reads.found
+
+
+# The modes a module kept whole runs in: ``fuse``'s checks run it without gradients, a training script calls the fused
+# model with them on, a deploy script under inference mode.  A forward that reads its child's weights only when
+# ``torch.is_grad_enabled()`` (it is kept whole for asking) is seen reading them in the mode it asks for.
+_MODES = (torch.no_grad, torch.enable_grad, torch.inference_mode)
 
 
 def _key(t: torch.Tensor) -> Any:
@@ -112,3 +129,104 @@ class _Reads(TorchFunctionMode):
             if held and not any(p in self.running for p in held):
                 self.found.update(a for p in held for a in _self_and_ancestors(p) if a not in self.running)
         return func(*args, **(kwargs or {}))
+
+
+def reached_through(module: nn.Module) -> set[str]:
+    """The submodules of ``module`` (paths) whose code, ``module``'s own or a descendant's, reaches through them as
+    written, on any branch: ``self.body.conv(y)`` and ``self.body[0]`` reach through ``body``;
+    ``self.body.conv.weight`` and ``self.bn.running_var`` read ``body.conv``'s and ``bn``'s tensors too.
+
+    :func:`read_outside` sees the branch its calls take only.  A parent kept whole for a branch on its input, or for
+    asking ``torch.is_grad_enabled()``, may take another when called: it then read a swapped child's folded weights, or
+    called the fused form's own ``conv`` (the folded kernel) where the model calls the conv alone (found by a review).
+    A chain that ends in a tensor's metadata (``self.stem.conv.weight.dtype``) or a method of the child
+    (``self.stem.parameters()``, left to :func:`read_outside`) does not count; nor does code that names a child
+    otherwise (``body = self.body; body.conv(y)``, ``getattr``)."""
+    paths: dict[int, str] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        paths.setdefault(id(sub), path)
+    found: set[str] = set()
+    for sub in {id(m): m for m in module.modules()}.values():
+        for chain in _chains(type(sub)):
+            found.update(paths[id(m)] for m in _through(sub, chain) if id(m) in paths)
+    return found - {""}
+
+
+@functools.lru_cache(maxsize=None)
+def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
+    """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
+    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None."""
+    chains: list[tuple[Any, ...]] = []
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            continue
+        for value in vars(base).values():
+            function = value.fget if isinstance(value, property) else value
+            if isinstance(function, types.FunctionType) and function.__code__.co_argcount:
+                chains += _chains_in(function.__code__, function.__code__.co_varnames[0])
+    return tuple(dict.fromkeys(chains))
+
+
+def _chains_in(code: types.CodeType, self_name: str) -> list[tuple[Any, ...]]:
+    """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas)."""
+    ops = list(dis.get_instructions(code))
+    chains = []
+    for i, op in enumerate(ops):
+        if op.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") and op.argval == self_name:
+            chain = _steps(ops, i + 1)
+            if chain:
+                chains.append(chain)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            chains += _chains_in(const, self_name)
+    return chains
+
+
+def _steps(ops: list[dis.Instruction], i: int) -> tuple[Any, ...]:
+    """The attributes and subscripts that follow ``ops[i - 1]`` (a load of ``self``), in order."""
+    steps: list[Any] = []
+    while i < len(ops):
+        op = ops[i]
+        if op.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            steps.append(op.argval)
+            i += 1
+        elif i + 1 < len(ops) and ops[i + 1].opname == "BINARY_SUBSCR" and op.opname in ("LOAD_CONST", "LOAD_SMALL_INT"):
+            steps.append(op.argval)
+            i += 2
+        elif i + 1 < len(ops) and ops[i + 1].opname == "BINARY_SUBSCR" or op.opname == "GET_ITER":
+            steps.append(None)  # an index computed (self.blocks[i]), or every child (for b in self.blocks)
+            break
+        else:
+            break
+    return tuple(steps)
+
+
+def _through(root: nn.Module, chain: tuple[Any, ...]) -> list[nn.Module]:
+    """The submodules of ``root`` that ``chain`` (from ``root``) reaches through, or whose tensors it reads."""
+    obj, reached = root, []
+    for k, step in enumerate(chain):
+        child = _child(obj, step)
+        if child is not None:
+            if obj is not root:
+                reached.append(obj)  # on to a child of its own: its fused form has no such child
+            obj = child
+            continue
+        if obj is root:
+            return reached  # its own attributes, its own children iterated
+        if step is None:
+            return [*reached, obj]  # one of its children, by an index the code computes
+        if step in obj._parameters or step in obj._buffers:
+            following = chain[k + 1] if k + 1 < len(chain) else None
+            return [] if following in _METADATA else [*reached, obj]  # its weights' values (not their dtype)
+        return reached  # a method or a plain attribute of the child: read_outside's to see
+    return reached
+
+
+def _child(obj: nn.Module, step: Any) -> nn.Module | None:
+    """``obj``'s child that ``step`` names (an attribute, a key, an index into a Sequential or a ModuleList)."""
+    children = obj._modules
+    if isinstance(step, str):
+        return children.get(step)
+    if isinstance(step, int) and not isinstance(step, bool) and -len(children) <= step < len(children):
+        return list(children.values())[step]
+    return None
