@@ -706,7 +706,65 @@ def _stays_in_eval(fused: nn.Module) -> None:
                 StaysInEval().install(child)
 
 
-OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval)  # the forward pre-hooks fuse puts on a fused model
+@dataclass(frozen=True)
+class DefaultDtypeGuard:
+    """Forward pre-hook of a fused part whose model computes in torch's default dtype (``torch.linspace(0, 1, n)``,
+    ``torch.tensor(0.1)``, ``torch.randn(n)`` without ``dtype=``): its capture holds what those made under the
+    default dtype of the ``fuse`` call, so a call under another default (``torch.set_default_dtype``) is refused
+    where the model would follow it."""
+
+    where: str
+    dtype: torch.dtype
+    checks_only: ClassVar[bool] = True  # it raises or passes, and changes nothing: a trace may run it once
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if torch.get_default_dtype() != self.dtype and not any(isinstance(a, fx.Proxy) for a in args):
+            raise ValueError(
+                f"{self.where} computes values in torch's default dtype (a factory without dtype=, such as "
+                f"torch.linspace or torch.tensor(0.1)), which was {str(self.dtype).replace('torch.', '')} when it was "
+                f"fused and is {str(torch.get_default_dtype()).replace('torch.', '')} now: call it under the default "
+                "dtype it was fused under, or fuse the model again under this one"
+            )
+
+    def install(self, module: nn.Module) -> None:
+        """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`)."""
+        _install(self, module)
+
+
+def follows_default_dtype(module: nn.Module, call: Call) -> bool:
+    """Whether ``module`` computes exactly the same for ``call`` under the other default dtype (float64, or float32
+    where it is float64): False where it computes otherwise, or does not run so.  Every factory without ``dtype=``
+    reads the default dtype, and a capture holds what it made at the capture (found by a review)."""
+    before = torch.get_default_dtype()
+    try:
+        want = _run(module, call, None)
+        torch.set_default_dtype(torch.float32 if before == torch.float64 else torch.float64)
+        try:
+            got = _run(module, call, None)
+        finally:
+            torch.set_default_dtype(before)
+    except Exception:  # noqa: BLE001  (it does not run under the other default: it depends on it)
+        return False
+    return _identical(want, got)
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Whether two outputs are the same structure of the same values, tensors of the same dtype and elements."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if torch.is_tensor(x) != torch.is_tensor(y):
+            return False
+        if torch.is_tensor(x) and not (x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)):
+            return False
+        if not torch.is_tensor(x) and not (x is y or x == y):
+            return False
+    return True
+
+
+OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval, DefaultDtypeGuard)  # the forward pre-hooks fuse puts on a fused model
 
 
 @dataclass(frozen=True)
@@ -1447,6 +1505,7 @@ class _Fuser:
                        no_autocast=True).install(fused)
         if cap.how == "fx":
             _guard_pinned(_where(path), fused, cap, self.pristine.get_submodule(path), inputs)
+        self.guard_default_dtype(path, fused, inputs)
         if cap.how == "fx" and not sized:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         for check, positions, _ in cap.input_checks if cap.how == "fx" else ():
@@ -1630,6 +1689,21 @@ class _Fuser:
             if problem is not None:
                 return f"{why}, {problem}"
         return None
+
+    def guard_default_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> None:
+        """Where the part computes otherwise under another default dtype, the fused module refuses calls under one
+        (:class:`DefaultDtypeGuard`), and the report says so."""
+        t0 = time.perf_counter()
+        original = self.pristine.get_submodule(path)
+        follows = follows_default_dtype(copy_module(original) if self.stateful else original, Call(tuple(inputs), {}))
+        self.stage["check"] += time.perf_counter() - t0
+        if follows:
+            return
+        default = torch.get_default_dtype()
+        DefaultDtypeGuard(_where(path), default).install(fused)
+        self.report.notes.append(f"{_where(path)}: computes values in torch's default dtype (a factory without dtype=), "
+                                 f"held as made under {str(default).replace('torch.', '')}: the fused model refuses "
+                                 "calls under another default dtype")
 
     def follows_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> bool:
         """Whether a part captured by ``torch.export`` in float64 still computes what the original does in float32.

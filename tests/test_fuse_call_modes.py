@@ -791,3 +791,40 @@ def test_flags_in_code_of_a_module_missing_from_sys_modules_are_watched(tmp_path
     for name, mode in MODES.items():
         with mode():
             assert close(model(x), fused(x)), name
+
+
+class DefaultDtypeRamp(nn.Module):
+    """A ramp and an offset made in torch's default dtype (factories without ``dtype=``), as position encodings are."""
+
+    def __init__(self, factories: bool) -> None:
+        super().__init__()
+        self.factories = factories
+        self.a = conv_bn(3, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.factories:
+            y = y * torch.linspace(0, 1, x.shape[-1]) + torch.tensor(0.1)
+        return y
+
+
+@pytest.mark.parametrize("factories", [True, False], ids=["factories", "none"])
+def test_a_part_computing_in_the_default_dtype_refuses_calls_under_another(factories):
+    """The capture held ``torch.linspace`` and ``torch.tensor(0.1)`` as made under the float32 default; called after
+    ``torch.set_default_dtype(torch.float64)``, the model made them in float64 and the fused model did not (5e-8 off
+    in float64, found by a review).  Such a part refuses the call by name now; one without factories runs."""
+    model = randomized(DefaultDtypeRamp(factories))
+    x = torch.randn(2, 3, 6, 5, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)
+    with torch.no_grad():
+        assert close(model(x), fused(x))
+        torch.set_default_dtype(torch.float64)
+        try:
+            if factories:
+                with pytest.raises(ValueError, match="default dtype"):
+                    fused(x)
+            else:
+                assert close(model(x), fused(x))
+        finally:
+            torch.set_default_dtype(torch.float32)

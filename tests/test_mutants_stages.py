@@ -257,6 +257,10 @@ FEW = {
     "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
     "repalgebra.frontend.mode_flags:_namespaces": "two decisions, whose code is watched: the globals of the model's "
     "classes' functions, and torch's layers (the mutants take sys.modules[cls.__module__], and drop the layers)",
+    "repalgebra.fuse:follows_default_dtype": "one comparison, of runs under two default dtypes: the mutants skip it, "
+    "and make both runs under the same default",
+    "repalgebra.fuse:_identical": "one equality of outputs (its tensors' dtypes, shapes and elements); the mutant finds "
+    "none equal",
     "repalgebra.frontend.mode_flags:_bound_on_classes": "one filter of the classes' attributes: the mutants drop it, and "
     "leave a staticmethod's function unwrapped",
     "repalgebra.frontend.mode_flags:mode_flags_refused": "one decision added to it, a refusal the model's code swallowed "
