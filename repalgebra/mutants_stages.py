@@ -1087,7 +1087,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.mode_flags:_namespaces", 'or name.startswith("torch.nn.modules.")', "or False", _MODES),
     ("frontend", "mode-flags-by-registered-module", "the namespace watched taken from sys.modules[cls.__module__], not the code's own globals "
      "(a hubconf.py torch.hub executes unregistered, a class whose __module__ names its public package)",
-     "repalgebra.frontend.mode_flags:_namespaces", "namespace = function.__globals__", "namespace = vars(sys.modules.get(base.__module__, types))",
+     "repalgebra.frontend.mode_flags:_namespaces", "*(function.__globals__ for function in _functions(base))]", "]",
      (f"{_MODES[0]}::test_flags_in_code_of_a_module_missing_from_sys_modules_are_watched",)),
     ("frontend", "mode-flags-class-attributes-unwatched", "a flag function a class holds (staticmethod(torch.is_autocast_enabled)) left as it is",
      "repalgebra.frontend.mode_flags:_bound_on_classes", "if callable(function) and not isinstance(function, type) and _is_flag(function):", "if False:",

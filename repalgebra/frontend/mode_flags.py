@@ -32,6 +32,7 @@ example; none is checked under ``torch.autocast``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import threading
 import types
@@ -121,7 +122,7 @@ def _refusing(original: Callable[..., bool], name: str, noted: list[str] | None)
 
 def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
     """The global namespaces of the code of ``model``'s classes (and their bases), torch.nn's layers included: each
-    function's own ``__globals__``, not ``sys.modules[cls.__module__]``, which a ``hubconf.py`` that torch.hub
+    function's own ``__globals__`` beside ``sys.modules[cls.__module__]``, which a ``hubconf.py`` that torch.hub
     execs is not registered in, and which a library that rewrites ``cls.__module__`` to its public package names
     wrongly (found by a review)."""
     seen: dict[int, dict[str, Any]] = {}
@@ -129,8 +130,9 @@ def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
         for base in cls.__mro__:
             if base in (nn.Module, object):
                 continue
-            for function in _functions(base):
-                namespace = function.__globals__
+            module = sys.modules.get(base.__module__)  # (where a decorator's wrapper hides a function)
+            for namespace in [*(vars(module) for module in [module] if module is not None),
+                              *(function.__globals__ for function in _functions(base))]:
                 name = str(namespace.get("__name__", ""))
                 if not name.startswith("torch.") or name.startswith("torch.nn.modules."):
                     seen.setdefault(id(namespace), namespace)
@@ -145,6 +147,8 @@ def _functions(cls: type) -> list[types.FunctionType]:
             value = value.__func__
         elif isinstance(value, property):
             value = value.fget
+        if isinstance(value, types.FunctionType):
+            value = inspect.unwrap(value)  # the function a decorator wraps (@torch.no_grad())
         if isinstance(value, types.FunctionType):
             found.append(value)
     return found

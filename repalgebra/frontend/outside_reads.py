@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import inspect
 import types
 from typing import Any, Iterable
 
@@ -162,6 +163,8 @@ def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
             continue
         for value in vars(base).values():
             function = value.fget if isinstance(value, property) else value
+            if isinstance(function, types.FunctionType):
+                function = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
             if isinstance(function, types.FunctionType) and function.__code__.co_argcount:
                 chains += _chains_in(function.__code__, function.__code__.co_varnames[0])
     return tuple(dict.fromkeys(chains))
