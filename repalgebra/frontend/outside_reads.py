@@ -20,9 +20,9 @@ do not count: they do not see the weights' values.
 from __future__ import annotations
 
 import dis
-import functools
 import inspect
 import types
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -153,10 +153,20 @@ def reached_through(module: nn.Module) -> set[str]:
     return found - {""}
 
 
-@functools.lru_cache(maxsize=None)
 def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
-    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None."""
+    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None.
+    Read once per class (held weakly: a GraphModule is a class of its own)."""
+    if cls not in _CHAINS:
+        _CHAINS[cls] = _read_chains(cls)
+    return _CHAINS[cls]
+
+
+_CHAINS: "weakref.WeakKeyDictionary[type, tuple[tuple[Any, ...], ...]]" = weakref.WeakKeyDictionary()
+
+
+def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
+    """:func:`_chains`, read off the code."""
     chains: list[tuple[Any, ...]] = []
     for base in cls.__mro__:
         if base in (nn.Module, object):
