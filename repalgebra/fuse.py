@@ -541,7 +541,7 @@ def _bound(module: nn.Module, args: tuple, kwargs: dict | None) -> tuple | None:
         return None
 
 
-def _install(guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval", module: nn.Module) -> None:
+def _install(guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval | DefaultDtypeGuard", module: nn.Module) -> None:
     """Register ``guard`` on ``module`` as a forward pre-hook, also on its deep copies and pickled copies.
 
     A GraphModule drops forward pre-hooks when copied, deep-copied and unpickled (it is rebuilt from its code), so
@@ -762,7 +762,7 @@ OUR_HOOKS = (ShapeGuard, StructureGuard, InputCheck, StaysInEval, DefaultDtypeGu
 class _Reinstall:
     """A GraphModule deep-copy hook putting ``guard`` on the copy (a class, not a closure: the module pickles)."""
 
-    guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval"
+    guard: "ShapeGuard | StructureGuard | InputCheck | StaysInEval | DefaultDtypeGuard"
 
     def __call__(self, copied: nn.Module) -> None:
         self.guard.install(copied)
