@@ -1652,8 +1652,8 @@ class _Fuser:
         memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
         or on inputs in another layout (:func:`_other_layout`: channels-last, or a transposed view's strides), or
         None: it does not, or the part does not run so.  Each is a branch the capture fixed: on the grad mode where
-        the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound at
-        class creation (``flag = staticmethod(torch.is_grad_enabled)``) or read by a helper of another module; on
+        the mode flags' stand-ins (:mod:`~repalgebra.frontend.mode_flags`) did not reach, such as a flag bound on
+        the instance (``self.flag = torch.is_grad_enabled``) or read by a helper of another module; on
         ``x.is_inference()`` (a tensor's, not a flag function); on ``x.is_contiguous(memory_format=torch.channels_last)``
         or ``x.is_contiguous()`` (a fast path of another approximation).  With ``fx_traced``, the check under
         ``torch.inference_mode`` only: torch.fx traces with gradients on, so its check against the model run without

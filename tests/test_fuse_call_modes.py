@@ -102,7 +102,7 @@ def test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it(flag, odd_width_p
 
 
 def test_a_flag_bound_before_the_capture_is_seen_by_a_check_with_gradients_on():
-    """``flag = staticmethod(torch.is_grad_enabled)``: bound at class creation, out of the stand-ins' reach.
+    """``self.flag = torch.is_grad_enabled``: bound on the instance, out of the stand-ins' reach.
     torch.export records it without gradients; the capture is checked with them on too, where the model clamps."""
     model = randomized(FlagBranch(torch.is_grad_enabled, odd_width_pads=True))
     gen = torch.Generator().manual_seed(1)
