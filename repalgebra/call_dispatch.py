@@ -250,8 +250,8 @@ def _fingerprint(modules: list[nn.Module]) -> tuple:
 class CallDispatch(Dispatch):
     """A part fused once per :class:`Signature`, beside a copy of the original.
 
-    A call of one of ``signatures`` whose tensors fit the guards of its fused form (its shapes, where fused at
-    fixed shapes) runs that form on its tensors, or on the call as made where ``as_called`` says so (a form kept
+    A call of one of ``signatures`` whose tensors pass every check of its fused form (its number of axes, its
+    shapes where fused at fixed shapes, a test of sizes taken as at the example) runs that form on its tensors, or on the call as made where ``as_called`` says so (a form kept
     whole, its children fused); any other call runs the original as written.
     """
 

@@ -69,6 +69,7 @@ from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
 
+Unit = tuple[int, int]  # (input, axis): an axis of one of a capture's inputs (holds_at_other_sizes)
 MAX_KEPT_WHOLE = 64  # submodules kept whole around one capture before the module itself is
 
 
@@ -175,6 +176,10 @@ _AS_IT_IS = "nothing to fold: it is returned as it is (a copy)"  # the note of a
 # Why an fx capture holds at the example's ranks only: an unbatched image through a graph captured batched would
 # concatenate, slice or split along another axis than the model does.
 _RANK_WHY = "its graph holds each axis at the example's number of axes (an axis counted from the end, dim=-1, is a fixed axis in it)"
+
+# Why an fx capture keeps an axis at the example's size where it keeps the others free (holds_at_other_sizes).
+_UNSHOWN_WHY = ("the original refused every other size tried there, so the check that its folded graph holds at "
+                "other sizes never ran on that axis")
 
 # Why a torch.export capture holds in the dtypes it was checked in only: Python read the dtype while export ran
 # (``if torch.finfo(x.dtype).bits < 32``, ``x.dtype == torch.float16``) and the graph keeps the branch it took.
@@ -340,6 +345,7 @@ class ShapeGuard:
     dtypes: tuple[torch.dtype, ...] | None = None  # set when what it computes depends on the dtype it computes in: these
     why: str = "torch.fx could not trace its forward, and torch.export recorded it at those shapes"
     free_sizes: bool = False  # any sizes, batch included: only each input's number of axes is fixed (see _RANK_WHY)
+    fixed_axes: tuple[Unit, ...] = ()  # with free_sizes, these (input, axis) pairs fixed at ``shapes``
     min_batch: int = 1  # with free_batch, the smallest batch it takes (2: batch 1 computes something else)
     input_dtypes: tuple[torch.dtype, ...] | None = None  # set where forward tests its inputs' dtypes: these only
     no_autocast: bool = False  # set where forward tests a dtype it computes: calls under torch.autocast refused
@@ -356,7 +362,8 @@ class ShapeGuard:
                 "branch: call the fused model outside torch.autocast"
             )
         if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
-                and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)):
+                and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)
+                and _axes_fit([a.shape for a in args], self.shapes, self.fixed_axes)):
             return
         bound = _bound(module, args, kwargs)
         if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
@@ -386,6 +393,12 @@ class ShapeGuard:
             _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
                 return  # another number of tensors: forward itself, or the StructureGuard, refuses the call
+            if _ranks_fit(got, self.shapes):  # a fixed axis differs
+                raise ValueError(
+                    f"{self.where} was fused with {_units_text(self.fixed_axes)} fixed at {_shapes_text(self.shapes)} (other "
+                    f"axes any size): {_UNSHOWN_WHY}; it was called with {_shapes_text(got)}. Fuse the model again with "
+                    "an example input of the sizes you run it at."
+                )
             ranks = lambda ss: ", ".join(str(len(s)) for s in ss)  # noqa: E731
             raise ValueError(
                 f"{self.where} was fused at inputs with {ranks(self.shapes)} axes (any sizes) and was called with "
@@ -419,7 +432,7 @@ class ShapeGuard:
             return True
         got = [_dims(a) for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # a list of feature maps: each
         if self.free_sizes:
-            return _ranks_fit(got, self.shapes)
+            return _ranks_fit(got, self.shapes) and _axes_fit(got, self.shapes, self.fixed_axes)
         if not self.free_batch:
             return got == self.shapes
         return _batches_fit(got, self.shapes, self.min_batch)
@@ -524,6 +537,15 @@ def _ranks_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]]) ->
     return len(got) == len(shapes) and all(len(g) == len(s) for g, s in zip(got, shapes))
 
 
+def _axes_fit(got: list[tuple[int, ...]], shapes: Sequence[tuple[int, ...]], units: tuple[Unit, ...]) -> bool:
+    """Whether the call's shapes ``got`` have the sizes of ``shapes`` on the ``(input, axis)`` pairs ``units``."""
+    return all(got[i][k] == shapes[i][k] for i, k in units)
+
+
+def _units_text(units: tuple[Unit, ...]) -> str:
+    return ", ".join(f"axis {k} of input {i}" for i, k in units)
+
+
 def _dims(t: torch.Tensor) -> tuple[int, ...]:
     """The shape of ``t`` as ints: under TorchScript tracing (``torch.onnx.export`` of a fused module) a size is a
     0-d tensor, which would never equal the guard's int."""
@@ -603,6 +625,14 @@ class InputCheck:
         tensors = [a for a in pytree.tree_leaves(args) if torch.is_tensor(a)]  # the graph's inputs: one per tensor
         if all(k < len(tensors) for k in self.inputs):  # (another number of tensors: forward, or a guard, refuses it)
             self.call(*(tensors[k] for k in self.inputs))
+
+    def fits(self, args: tuple, module: nn.Module) -> bool:
+        """Whether ``module`` called with ``args`` passes the check (a dispatcher runs the original where not)."""
+        try:
+            self(module, args)
+        except Exception:  # noqa: BLE001  (the test's ValueError, the model's own AssertionError)
+            return False
+        return True
 
     def install(self, module: nn.Module) -> None:
         """Register on ``module`` as a forward pre-hook, also on its deep copies and pickled copies (:func:`_install`);
@@ -809,10 +839,13 @@ class ShapeDispatch(Dispatch):
     the fused form, any other call the original, as written.
 
     Used for parts below a parent kept whole: the parent's own code (a branch on values) may call the part at
-    shapes the example never gave it, and the user cannot choose an example that gives them all.
+    shapes the example never gave it, and the user cannot choose an example that gives them all.  Made where the
+    fused form's checks refuse calls the original runs (:func:`_refuses_what_runs`: fixed shapes, a test of sizes
+    taken as at the example); then every check decides (:func:`_checks_of`), its number of axes too: left on the
+    form, a test of sizes refused a call the original runs (a review).
     """
 
-    def __init__(self, fused: nn.Module, original: nn.Module, guards: list[ShapeGuard]) -> None:
+    def __init__(self, fused: nn.Module, original: nn.Module, guards: list["ShapeGuard | InputCheck"]) -> None:
         super().__init__()
         self._forms, self._original, self._guards = nn.ModuleList([fused]), original, guards
         self._seal()
@@ -1277,9 +1310,9 @@ class _Fuser:
                 return dispatch
         if all(c.tensor_only for c in calls):
             fused = self.fuse_module(path, calls[0].args)
-            guards = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard)]
-            if not all(g.free_sizes for g in guards):  # fixed shapes: other calls (another branch of the parent) run the original
-                for guard in guards:  # (the dispatch checks them: other calls run the original)
+            guards = _checks_of(fused)
+            if _refuses_what_runs(guards):  # calls its checks refuse (another branch of the parent) run the original
+                for guard in guards:  # (the dispatch checks them)
                     _uninstall(guard, fused)
                 fused = ShapeDispatch(fused, copy_module(module), guards)
                 self.report.notes.append(f"{_where(path)}: called at other shapes than {_shapes(calls[0].args)}, it runs as written")
@@ -1305,8 +1338,9 @@ class _Fuser:
             _set_submodule(self.pristine, path, view)
             try:
                 fused = self.fuse_module(path, tensors[0])
-                fixed = [h for h in fused._forward_pre_hooks.values() if isinstance(h, ShapeGuard) and not h.free_sizes]
-                for guard in fixed:  # checked by the dispatch: other shapes run the original
+                checks = _checks_of(fused)
+                fixed = _refuses_what_runs(checks)  # (other calls of the signature: the dispatch sends them on)
+                for guard in checks:  # checked by the dispatch: calls they refuse run the original
                     _uninstall(guard, fused)
                 if not fixed and not self.same_on_all(view, fused, [Call(xs, {}) for xs in tensors[1:]]):
                     self._rollback(mark)
@@ -1316,7 +1350,7 @@ class _Fuser:
             view_class = type(fused)
             fused = unviewed(fused, module)  # a copy of the view, kept whole: the part's own class, called as the part is
             forms.append(fused)
-            guards.append(fixed)
+            guards.append(checks)
             as_called.append(type(fused) is not view_class)
         if len(self.report.fired) == mark[0]:  # nothing folded: no copy of the original is worth keeping beside it
             self._rollback(mark)
@@ -1446,7 +1480,7 @@ class _Fuser:
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
-        free_batch, sized = cap.batch_free, False
+        free_batch, sized, unshown = cap.batch_free, False, ()
         min_batch = 2  # torch.export's symbolic batch holds from 2 up (it takes sizes 0 and 1 for special cases)
         if self.check:
             # Folded in float64, except the parameters of ops the model computes in another dtype on purpose
@@ -1482,13 +1516,15 @@ class _Fuser:
                     free_batch = False
                 min_batch = 1 if self.holds_at_batch_one(path, exact, inputs) is None else 2
             if cap.how == "fx" and rw.fired and any(n.op in SIZE_MATCHED for n in graph_in.nodes):
-                sizes_hold, batch_holds = self.holds_at_other_sizes(path, fused, inputs)
+                sizes_hold, batch_holds, unshown = self.holds_at_other_sizes(path, fused, inputs)
                 if not sizes_hold:  # a fold through a reshape that keeps an axis whole at the example's sizes only
                     why = ("its folded graph differs from it at other sizes: a reshape keeps an axis whole at the "
                            "example's sizes only, where an axis has size 1 or two sizes coincide")
                     ShapeGuard([tuple(t.shape) for t in inputs], _where(path), batch_holds, why=why).install(fused)
                     sized = True
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
+                elif unshown:  # axes no run showed free: kept at the example's sizes (guarded below), the others free
+                    cap.notes.append(f"fused with {_units_text(unshown)} fixed at the example's sizes: {_UNSHOWN_WHY}")
             self.stage["check"] += time.perf_counter() - t2
         if cap.how == "fx" and cap.dtype_tested:
             ShapeGuard(None, _where(path), True, (computes_in(self.pristine.get_submodule(path), inputs),),
@@ -1501,6 +1537,9 @@ class _Fuser:
             ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True).install(fused)
         for check, positions, _ in cap.input_checks if cap.how == "fx" else ():
             InputCheck(check, positions).install(fused)
+        if not sized and unshown:  # after the model's own assertions, which say why the original refuses first
+            ShapeGuard([tuple(t.shape) for t in inputs], _where(path), why=_RANK_WHY, free_sizes=True,
+                       fixed_axes=unshown).install(fused)
         if free_batch and not self.check:  # batch 1 is checked even so: the example's own batch may be 1
             one = self.holds_at_batch_one(path, fused, inputs, in_float64=False)
             min_batch = 1 if one is None else 2
@@ -1541,17 +1580,19 @@ class _Fuser:
         r.opaque += [_carried(path, n) for n in graph.nodes if n.op == "opaque" and not is_returned_as_is(n)]
         r.notes += [f"{_where(path)}: {n}" if path else n for n in cap.notes]
 
-    def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool]:
+    def holds_at_other_sizes(self, path: str, fused: nn.Module, inputs: tuple) -> tuple[bool, bool, tuple[Unit, ...]]:
         """Whether ``fused`` (an fx capture, which runs at any size) still computes what the part at ``path`` does
-        at other sizes and batches, and whether it does at another batch.
+        at other sizes and batches, whether it does at another batch, and the axes no run showed it for.
 
         The rules see the example's sizes only.  A reshape that happens to keep the channel axis whole there
         (``x.reshape(B, H * W, C)`` of a 1x1 map, ``y.reshape(8, -1)`` at batch 1) lets a per-channel fold through
-        it that is wrong at other sizes.  One run covers both: the batch plus one, and the sizes after the
-        channels resized (:func:`_resized`; for ``(B, N, C)`` tokens, a second run resizes ``N``).  Sizes the
-        original refuses say nothing; where none is accepted, or where one differs, the batch alone is tried.
-        These runs are in the model's own dtype, to its tolerance: what they look for is a fold that is wrong
-        (a difference of the order of the outputs), not one rounding; the float64 check at the example has run."""
+        it that is wrong at other sizes.  Each non-batch axis is resized on its own, at the batch plus one
+        (:func:`_sizes_shown`): resized together, a channels-last ``(B, H, W, C)`` input's runs all changed the
+        ``C`` a Linear fixes, the original refused them, and a fold that holds at ``H = W = 1`` only was declared
+        free (5.6 off; a review).  An axis whose every resized run the original refuses is not shown free: the
+        caller keeps it at the example's size.  These runs are in the model's own dtype, to its tolerance: what they
+        look for is a fold that is wrong (a difference of the order of the outputs), not one rounding; the float64
+        check at the example has run."""
         original = self.pristine.get_submodule(path)
 
         def holds(other: tuple) -> bool | None:  # None: the original does not run there
@@ -1563,13 +1604,13 @@ class _Fuser:
                 return None
 
         batched = batch_plus_one(inputs)
-        resized = (_resized(batched, lambda r: range(2, r) if r >= 3 else ()),  # the sizes after the channels
-                   _resized(batched, lambda r: (1,) if r == 3 else ()))  # the tokens of (B, N, C)
-        ran = [r for r in (holds(other) for other in resized if other is not None) if r is not None]
-        if ran and all(ran):
-            return True, True
-        batch = holds(batched) is not False
-        return batch and all(ran), batch
+        differs, ran, unshown = _sizes_shown(holds, batched)
+        if ran and not differs:  # (every accepted run grew the batch too)
+            return True, True, unshown
+        batch = holds(batched)
+        if batch is None and not ran:  # the original refuses another batch (an unbatched image's C): at the example's
+            differs, ran, unshown = _sizes_shown(holds, inputs)
+        return batch is not False and not differs, batch is not False, unshown
 
     def holds_at_batch_one(self, path: str, candidate: nn.Module, inputs: tuple, in_float64: bool = True) -> str | None:
         """None where ``candidate`` computes what the part at ``path`` does at batch 1, else why not: a capture with
@@ -1977,19 +2018,65 @@ def _other_size(s: int) -> int:
     return s - d if s > 2 * d else s + d
 
 
-def _resized(inputs: tuple, axes: Callable[[int], Iterable[int]]) -> tuple | None:
-    """``inputs`` with the axes ``axes(rank)`` of each tensor resized, or None when none is.
+def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple) -> tuple[bool, bool, tuple[Unit, ...]]:
+    """Run ``holds`` on ``inputs`` with each non-batch axis resized on its own (axis ``k`` of every input that has
+    one); where the original refuses that and several inputs have one, each input's axis ``k`` alone, and at size 1
+    (``y + conv(x)`` takes a ``y`` of one channel, not of another number); then, for an input's axes still refused, those of one size together (a square image, ``H == W`` that
+    ``int(sqrt(N))`` needs, stays one).  Whether a run differed, whether any ran, and the ``(input, axis)`` pairs no
+    accepted run resized: a refused run shows nothing, so such an axis is not free."""
+    ranks = {i: t.dim() for i, t in enumerate(inputs) if torch.is_tensor(t)}
+    refused: list[Unit] = []
+    ran = False
+    for k in range(1, max(ranks.values(), default=0)):
+        units = [(i, k) for i, r in ranks.items() if r > k]
+        tries = [(units, _other_size)]  # the axis of every input at once, then each input's, also at size 1
+        tries += [([u], size) for u in units for size in (_other_size, _one)] if len(units) > 1 else []
+        shown: set[Unit] = set()
+        for picked, size in tries:
+            if set(picked) <= shown:
+                continue
+            held = None if (other := _resized(inputs, picked, size)) is None else holds(other)
+            if held is False:
+                return True, True, ()
+            if held:
+                ran, shown = True, shown | set(picked)
+        refused += [u for u in units if u not in shown]
+    for group in _equal_sized(inputs, refused):
+        held = holds(_resized(inputs, group, _other_size))
+        if held is False:
+            return True, True, ()
+        if held:
+            ran, refused = True, [u for u in refused if u not in group]
+    return False, ran, tuple(refused)
 
-    Sizes change as :func:`_other_size` says.  Floating-point values are drawn afresh with the example's mean and
-    spread, others (ids, masks) tiled from the example."""
+
+def _one(s: int) -> int:
+    """Size 1, the one size a broadcast takes beside any other."""
+    return 1
+
+
+def _equal_sized(inputs: tuple, units: list[Unit]) -> list[list[Unit]]:
+    """``units`` grouped by input and size, groups of two or more."""
+    groups: dict[tuple[int, int], list[Unit]] = {}
+    for i, k in units:
+        groups.setdefault((i, inputs[i].shape[k]), []).append((i, k))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _resized(inputs: tuple, units: Iterable[Unit], size: Callable[[int], int]) -> tuple | None:
+    """``inputs`` with the axes ``units`` resized, each to ``size`` of its size, or None when none changes (an
+    axis of size 0 stays).
+
+    Floating-point values are drawn afresh with the example's mean and spread, others (ids, masks) tiled from the
+    example."""
     gen = torch.Generator().manual_seed(0)
     out, resized = [], False
-    for t in inputs:
-        picked = set(axes(t.dim())) if torch.is_tensor(t) else set()
-        if not picked or not all(t.shape[k] for k in picked):
+    for i, t in enumerate(inputs):
+        picked = {k for j, k in units if j == i and t.shape[k] and size(t.shape[k]) != t.shape[k]}
+        if not picked:
             out.append(t)
             continue
-        shape = [_other_size(s) if k in picked else s for k, s in enumerate(t.shape)]
+        shape = [size(s) if k in picked else s for k, s in enumerate(t.shape)]
         resized = True
         if t.is_floating_point():
             std = float(t.double().std()) if t.numel() > 1 else 1.0
@@ -2009,6 +2096,21 @@ _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H,
                   "would hold at the example's values")
 _REACHED_THROUGH = ("its parent's code reaches into it (self.body.conv, self.body[0], self.bn.running_var), on some branch "
                     "at least: its fused form holds the folded weights, under other names")
+
+
+def _checks_of(fused: nn.Module) -> list["ShapeGuard | InputCheck"]:
+    """The pre-hooks of a fused part that refuse calls (its shapes, ranks and dtypes, a test of sizes taken as at the
+    example, the model's own assertions): a dispatcher beside its original runs the original where one refuses."""
+    return [h for h in fused._forward_pre_hooks.values() if isinstance(h, (ShapeGuard, InputCheck))]
+
+
+def _refuses_what_runs(checks: list["ShapeGuard | InputCheck"]) -> bool:
+    """Whether ``checks`` refuse calls the original runs: fixed shapes or dtypes, or a test of sizes taken as at the
+    example.  Where only the number of axes, an axis the original refused at every size tried, or the model's own
+    assertions are checked, the part stays without a dispatcher (a copy of its original, BatchNorms and all, beside
+    every fused part below a parent kept whole): a call of another rank is refused by name."""
+    return any(isinstance(c, ShapeGuard) and not c.free_sizes
+               or isinstance(c, InputCheck) and getattr(c.call, "target", None) is taken_as_traced for c in checks)
 
 
 def _by_signature(calls: list[Call]) -> list[tuple[Signature, list[tuple]]] | None:

@@ -78,6 +78,9 @@ _CD = ("tests/test_fuse_capture.py::test_constants_cast_to_the_dtype_of_a_comput
 _STM = "repalgebra.frontend.structured"
 _NUMBER_INSIDE = ("tests/test_fuse_structured_inputs.py::test_a_number_for_a_tensor_inside_a_tuple_argument_is_refused_by_the_checks_before_the_graph",)
 _RK = ("tests/test_fuse_ranks.py",)
+_AXES_ALONE = ("tests/test_fuse_other_sizes.py::test_each_axis_of_a_channels_last_input_is_checked_on_its_own",
+               "tests/test_fuse_other_sizes.py::test_an_axis_the_original_refuses_at_every_size_tried_is_fixed_and_the_others_stay_free")
+_PART_CHECKS = ("tests/test_fuse_call_signatures.py::test_a_call_a_parts_checks_refuse_runs_the_original",)
 _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch",
          "tests/test_onnx_export.py::test_output_axes_that_grow_with_the_batch_are_named_by_how")
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
@@ -438,6 +441,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "rank-guard-any-rank", "a fused graph's guard takes inputs with any number of axes (a concat along dim=-1 lands on another axis)",
      "repalgebra.fuse:_ranks_fit", "return len(got) == len(shapes) and all(len(g) == len(s) for g, s in zip(got, shapes))",
      "return len(got) == len(shapes)", _RK),
+    ("frontend", "refused-axis-declared-free", "an axis the original refuses at every size tried declared free, as a refused run that says nothing",
+     "repalgebra.fuse:_sizes_shown", "        refused += [u for u in units if u not in shown]\n", "        pass\n", _AXES_ALONE),
+    ("frontend", "resized-axis-difference-ignored", "a run with one axis resized that differs from the original taken as holding (a channels-last H)",
+     "repalgebra.fuse:_sizes_shown", "            if held is False:\n                return True, True, ()", "            if False:\n                return True, True, ()",
+     ("tests/test_fuse_other_sizes.py::test_a_fold_exact_at_the_example_only_is_refused_elsewhere",)),
+    ("frontend", "broadcast-size-untried", "an input's axis a sum broadcasts (``y + conv(x)``, y of one channel) never tried at size 1: fixed",
+     "repalgebra.fuse:_sizes_shown", "for size in (_other_size, _one)]", "for size in (_other_size,)]",
+     ("tests/test_fuse.py::test_a_reshape_of_a_sum_reads_its_sizes_where_a_term_may_broadcast",)),
+    ("frontend", "fixed-axis-guard-passes", "a fused graph's guard lets an axis fixed at the example's size take another",
+     "repalgebra.fuse:_axes_fit", "return all(got[i][k] == shapes[i][k] for i, k in units)", "return True", _AXES_ALONE),
+    ("frontend", "size-test-not-dispatched", "a part's test of sizes left on its fused form under a dispatcher: a call it refuses raises where the original runs",
+     "repalgebra.fuse:_checks_of", "isinstance(h, (ShapeGuard, InputCheck))", "isinstance(h, ShapeGuard)", _PART_CHECKS),
+    ("frontend", "rank-guard-not-dispatched", "a part's guard of its number of axes left on its fused form: an unbatched call raises where the original runs",
+     "repalgebra.fuse:_checks_of", "isinstance(h, (ShapeGuard, InputCheck))]", "isinstance(h, (ShapeGuard, InputCheck)) and not getattr(h, 'free_sizes', False)]", _PART_CHECKS),
+    ("frontend", "part-checks-none", "a part under a parent kept whole returned with every check on its fused form, no dispatcher",
+     "repalgebra.fuse:_checks_of", "    return [h for h in", "    return [] and [h for h in", _PART_CHECKS),
+    ("frontend", "size-test-no-dispatcher", "a part whose only refusing check is a test of sizes left without a dispatcher: a call it refuses raises where the original runs",
+     "repalgebra.fuse:_refuses_what_runs", "\n               or isinstance(c, InputCheck) and getattr(c.call, \"target\", None) is taken_as_traced", "", _PART_CHECKS),
     ("frontend", "squeeze-rank-unchecked", "a carried squeeze that drops another number of axes than at the example runs on",
      "repalgebra.frontend.calls:_of_rank", "if y.dim() != rank:", "if False:", _RK),
     ("frontend", "squeeze-not-one-no-op", "x.squeeze(dim) of an axis not 1 at the example taken for no op (at a batch of one it drops it)",

@@ -760,3 +760,70 @@ def test_a_hook_registered_on_a_dispatched_parts_child_runs():
     model.blocks[0].conv.register_forward_hook(_Doubles())
     _close(fused(x), model(x))
     assert fused.blocks[0]._as_written and not fused.blocks[1]._as_written
+
+
+class PooledWhenLarge(nn.Module):
+    """A block that pools large maps first (``if x.shape[-1] > 8``: a test of sizes the trace takes as at the
+    example), then a conv+BN beside a 1x1 conv+BN; ``gain`` as a number where given."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), bn(c))
+        self.b = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), bn(c))
+
+    def forward(self, x, gain=None):
+        if x.shape[-1] > 8:
+            x = nn.functional.avg_pool2d(x, 2)
+        y = self.a(x) + self.b(x)
+        return y if gain is None else y * gain
+
+
+class CroppedTokens(nn.Module):
+    """Tokens cropped to 8 where longer (a test of sizes), then Linear, a scale, Linear: it takes tokens with or
+    without a batch axis, as ``nn.Linear`` does."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.l, self.l2 = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        if x.shape[-2] > 8:
+            x = x[..., :8, :]
+        return self.l2(self.l(x) * 0.5)
+
+
+class ValueBranch(nn.Module):
+    """A parent kept whole (a branch on its input's values) around ``blk``, called as ``call`` says."""
+
+    def __init__(self, blk: nn.Module, call) -> None:
+        super().__init__()
+        self.blk, self.call = blk, call
+
+    def forward(self, x):
+        if x.mean() > 1e9:
+            x = x * 0
+        return self.call(self.blk, x)
+
+
+@pytest.mark.parametrize("blk, call, example, other", [
+    (PooledWhenLarge, lambda blk, x: blk(x), (2, 4, 6, 6), (2, 4, 12, 12)),
+    (PooledWhenLarge, lambda blk, x: blk(x, 2.0), (2, 4, 6, 6), (2, 4, 12, 12)),  # a CallDispatch
+    (CroppedTokens, lambda blk, x: blk(x), (2, 5, 8), (5, 8)),  # one unbatched sequence: another number of axes
+], ids=["size-test", "size-test-with-a-number", "rank"])
+def test_a_call_a_parts_checks_refuse_runs_the_original(blk, call, example, other):
+    """A part fused below a parent kept whole kept its test of sizes and its guard of the number of axes on the
+    fused form: the dispatchers read only guards of fixed shapes, so the parent's call at 12x12, or with an
+    unbatched sequence, raised where the original runs ("the model: a Python test of sizes gave False ...").
+    Every check of the form decides now: such a call runs the part as written, the example's the fused form.  (A
+    part whose only check is its number of axes has no dispatcher, whose copy of the original would double its
+    weights: an unbatched call of it is refused by name.)"""
+    torch.manual_seed(0)
+    model = ValueBranch(blk(), call).to(D).eval()
+    fused = repalgebra.fuse(model, torch.randn(example, dtype=D))
+    assert not isinstance(fused.blk, blk), "the part is not fused: the test tests nothing"
+    ran = []
+    getattr(fused.blk, "_forms", [fused.blk])[0].register_forward_pre_hook(lambda m, args: ran.append(tuple(args[0].shape)))
+    for shape in (example, other):
+        y = torch.randn(shape, dtype=D)
+        _close(fused(y), model(y))
+    assert ran == [example] and not fused.blk._as_written  # the fused form at the example, the original elsewhere

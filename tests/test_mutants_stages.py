@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.fuse:_axes_fit": "one decision a test reaches: a fixed axis of another size is refused (the others pass "
+    "in the same test)",
+    "repalgebra.fuse:_refuses_what_runs": "one decision added to it a test reaches alone: a test of sizes makes a dispatcher "
+    "(fixed shapes made one before, tested through the dispatchers' tests)",
     "repalgebra.fuse:_assert_sizes": "one decision a test reaches: the fixed sizes are asserted (a free batch is not: the "
     "export at any batch in the same test)",
     "repalgebra.fuse:_install": "two decisions added to it a test reaches alone: a shallow copy's guards, and the refusal of "
