@@ -363,7 +363,7 @@ class ShapeGuard:
             )
         if (self.free_sizes and self.dtypes is None and not kwargs  # the common call, quickly: it runs on every one
                 and all(isinstance(a, torch.Tensor) for a in args) and _ranks_fit([a.shape for a in args], self.shapes)
-                and _axes_fit([a.shape for a in args], self.shapes, self.fixed_axes)):
+                and (not self.fixed_axes or _axes_fit([_dims(a) for a in args], self.shapes, self.fixed_axes))):
             return
         bound = _bound(module, args, kwargs)
         if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
@@ -2021,9 +2021,10 @@ def _other_size(s: int) -> int:
 def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple) -> tuple[bool, bool, tuple[Unit, ...]]:
     """Run ``holds`` on ``inputs`` with each non-batch axis resized on its own (axis ``k`` of every input that has
     one); where the original refuses that and several inputs have one, each input's axis ``k`` alone, and at size 1
-    (``y + conv(x)`` takes a ``y`` of one channel, not of another number); then, for an input's axes still refused, those of one size together (a square image, ``H == W`` that
-    ``int(sqrt(N))`` needs, stays one).  Whether a run differed, whether any ran, and the ``(input, axis)`` pairs no
-    accepted run resized: a refused run shows nothing, so such an axis is not free."""
+    (``y + conv(x)`` takes a ``y`` of one channel, not of another number); then, for each size of the axes still
+    refused, every axis of that size together (a square image that ``int(sqrt(N))`` needs stays one; ``x`` of
+    ``(B, C, L)`` and its mask of ``(B, L)`` keep one length).  Whether a run differed, whether any ran, and the
+    ``(input, axis)`` pairs no accepted run resized: a refused run shows nothing, so such an axis is not free."""
     ranks = {i: t.dim() for i, t in enumerate(inputs) if torch.is_tensor(t)}
     refused: list[Unit] = []
     ran = False
@@ -2056,11 +2057,12 @@ def _one(s: int) -> int:
 
 
 def _equal_sized(inputs: tuple, units: list[Unit]) -> list[list[Unit]]:
-    """``units`` grouped by input and size, groups of two or more."""
-    groups: dict[tuple[int, int], list[Unit]] = {}
-    for i, k in units:
-        groups.setdefault((i, inputs[i].shape[k]), []).append((i, k))
-    return [g for g in groups.values() if len(g) > 1]
+    """For each size of ``units``, every axis after the batch of that size in ``inputs`` (a length ``x`` and its
+    mask share, ``H == W``), where there are two or more."""
+    every = [(i, k) for i, t in enumerate(inputs) if torch.is_tensor(t) for k in range(1, t.dim())]
+    sizes = dict.fromkeys(inputs[i].shape[k] for i, k in units)
+    groups = [[(i, k) for i, k in every if inputs[i].shape[k] == s] for s in sizes]
+    return [g for g in groups if len(g) > 1]
 
 
 def _resized(inputs: tuple, units: Iterable[Unit], size: Callable[[int], int]) -> tuple | None:
