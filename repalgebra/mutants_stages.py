@@ -80,6 +80,7 @@ _NUMBER_INSIDE = ("tests/test_fuse_structured_inputs.py::test_a_number_for_a_ten
 _RK = ("tests/test_fuse_ranks.py",)
 _AXES_ALONE = ("tests/test_fuse_other_sizes.py::test_each_axis_of_a_channels_last_input_is_checked_on_its_own",
                "tests/test_fuse_other_sizes.py::test_an_axis_the_original_refuses_at_every_size_tried_is_fixed_and_the_others_stay_free")
+_MASKED_PART = ("tests/test_fuse_capture.py::test_a_part_called_with_a_mask_is_fused_on_its_own",)
 _PART_CHECKS = ("tests/test_fuse_call_signatures.py::test_a_call_a_parts_checks_refuse_runs_the_original",)
 _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch",
          "tests/test_onnx_export.py::test_output_axes_that_grow_with_the_batch_are_named_by_how")
@@ -459,6 +460,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:_checks_of", "    return [h for h in", "    return [] and [h for h in", _PART_CHECKS),
     ("frontend", "size-test-no-dispatcher", "a part whose only refusing check is a test of sizes left without a dispatcher: a call it refuses raises where the original runs",
      "repalgebra.fuse:_refuses_what_runs", "\n               or isinstance(c, InputCheck) and getattr(c.call, \"target\", None) is taken_as_traced", "", _PART_CHECKS),
+    ("frontend", "equal-sizes-never-together", "axes the original refuses alone never grown together: a sequence's length, which its mask shares, fixed",
+     "repalgebra.fuse:_equal_sized", "    return [g for g in groups if len(g) > 1]", "    return []", _MASKED_PART),
+    ("frontend", "equal-sizes-of-the-refused-only", "only axes refused alone grown together: the mask's length, shown at size 1, left at its size beside x's",
+     "repalgebra.fuse:_equal_sized", "[[(i, k) for i, k in every if", "[[(i, k) for i, k in units if", _MASKED_PART),
+    ("frontend", "equal-sizes-from-axis-two", "the axes grown together counted from axis 2: a mask's length (its axis 1) left out",
+     "repalgebra.fuse:_equal_sized", "for k in range(1, t.dim())]", "for k in range(2, t.dim())]", _MASKED_PART),
     ("frontend", "squeeze-rank-unchecked", "a carried squeeze that drops another number of axes than at the example runs on",
      "repalgebra.frontend.calls:_of_rank", "if y.dim() != rank:", "if False:", _RK),
     ("frontend", "squeeze-not-one-no-op", "x.squeeze(dim) of an axis not 1 at the example taken for no op (at a batch of one it drops it)",
