@@ -635,6 +635,31 @@ def chunk_piece(x: Tensor, chunks: int, axis: int, index: int) -> Tensor:
     return pieces[index]
 
 
+@op("piece", kind="layout")
+def piece(x, *, how=REQUIRED, size=None, index=REQUIRED, axis=0, count=None):
+    """``x.split(size, axis)[index]``, ``x.unbind(axis)[index]`` or ``x.chunk(size, axis)[index]`` (``how``), where the
+    axis gives ``count`` pieces as at the trace (``None``: where it gives that piece)."""
+    return split_piece(x, how, size, axis, index, count)
+
+
+@traced_as_one_call  # in a fused module's code: traced again (export_onnx, unpickling), one call
+def split_piece(x: Tensor, how: str, size: int | None, axis: int, index: int, count: int | None) -> Tensor:
+    """One piece of a split whose number of pieces follows the size of the axis, and a ``ValueError`` saying why
+    where it does not give the pieces the captured graph reads.
+
+    ``x.unbind(1)[-1]`` is the last time step at every length, ``return h.split(k)`` as many pieces as there are:
+    captured at one size, the graph reads a fixed piece and returns a fixed number of them.  ``count`` is the
+    number of pieces at the trace, required where the model read the last one, counted from the end, or all of
+    them; else (``None``) the piece must exist, as in torch (where ``x.split(2)[3]`` of 4 rows raises)."""
+    pieces = x.unbind(axis) if how == "unbind" else x.split(size, axis) if how == "split" else x.chunk(size, axis)
+    if (count is not None and len(pieces) != count) or index >= len(pieces):
+        call = f"x.unbind({axis})" if how == "unbind" else f"x.{how}({size}, {axis})"
+        raise ValueError(f"{call} gives {len(pieces)} pieces at size {x.shape[axis]} of axis {axis}; the model was captured "
+                         f"where it gives {count or 'at least ' + str(index + 1)}, and reads or returns them as they were there: "
+                         "fuse again with an example of these sizes")
+    return pieces[index]
+
+
 @op("slice_scatter", kind="layout")
 def slice_scatter(x, src, *, axis=REQUIRED, start=0, end=None, step=1):
     """``x`` with ``x[..., start:end:step, ...]`` along ``axis`` replaced by ``src`` (``y = x.clone(); y[:, :c] = src``)."""

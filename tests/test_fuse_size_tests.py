@@ -291,6 +291,123 @@ def test_the_number_of_pieces_of_a_chunk_is_no_constant():
         torch.testing.assert_close(got, model(x), rtol=1e-9, atol=1e-12)
 
 
+class PerGraph(nn.Module):
+    """DGL-style batches of equal-size graphs: node embeddings of the whole batch returned per graph, ``h.split(n)``."""
+
+    def __init__(self, nodes_per_graph: int = 4) -> None:
+        super().__init__()
+        self.n = nodes_per_graph
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.net(x).split(self.n)
+
+
+class PerSample(nn.Module):
+    """A per-environment policy head returning one tensor per sample, ``logits.unbind(0)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x).unbind(0)
+
+
+@pytest.mark.parametrize("cls", [PerGraph, PerSample])
+def test_a_returned_split_or_unbind_is_never_the_examples_number_of_pieces(cls):
+    """``return h.split(k)`` / ``x.unbind(0)`` returned the example's 3 pieces at every size: 2 of the 5 dropped at
+    20 rows, empty pieces at 4 rows, an IndexError at a batch of 2 (found by a probe).  Each call now gives the
+    model's pieces or is refused by name."""
+    model = seeded(cls, 0)().to(D)
+    fused = fuse(model, torch.randn(12 if cls is PerGraph else 3, 6, dtype=D))
+    same(fused, model, torch.randn(12 if cls is PerGraph else 3, 6, dtype=D))
+    for rows in ((20, 4, 13) if cls is PerGraph else (5, 2)):
+        x = torch.randn(rows, 6, dtype=D)
+        with pytest.raises(ValueError, match="pieces at size"):
+            fused(x)
+
+
+@pytest.mark.parametrize("cls, rows", [(PerGraph, 12), (PerSample, 1), (PerGraph, 1)], ids=["split-12", "unbind-1", "split-1"])
+def test_export_of_a_returned_split_never_returns_the_examples_number_of_pieces(tmp_path, cls, rows):
+    """The file declared a dynamic batch and 3 outputs: at 20 rows it returned 3 pieces of the model's 5 (found
+    by a probe).  Now its batch is fixed, also where the example is one piece, which batch 1 cannot tell (a batch
+    one larger: the graph refuses it, or gives as many pieces of 2 rows)."""
+    import onnxruntime as ort
+
+    import repalgebra
+
+    model = seeded(cls, 0)()
+    x = torch.randn(rows, 6)
+    repalgebra.export_onnx(fuse(model, x), str(tmp_path / "m.onnx"), x)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    assert len(session.run(None, {name: x.numpy()})) == len(model(x))
+    for rows in (20, 4):
+        with pytest.raises(Exception, match="dimensions"):
+            session.run(None, {name: torch.randn(rows, 6).numpy()})
+
+
+class LastStep(nn.Module):
+    """A session encoder's last time step, as GRU4Rec-style recommenders take it: ``out.unbind(1)[-1]``,
+    ``out.split(1, dim=1)[-1]``, or the last pair of steps, ``out.split(2, dim=1)[-1]``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        out = torch.tanh(self.conv(x)).transpose(1, 2)  # (B, T, C)
+        if self.how == "unbind":
+            last = out.unbind(1)[-1]
+        elif self.how == "split":
+            last = out.split(1, dim=1)[-1].squeeze(1)
+        else:
+            last = out.split(2, dim=1)[-1].mean(1)
+        return self.head(last)
+
+
+@pytest.mark.parametrize("how", ["unbind", "split", "split2"])
+def test_the_last_piece_of_a_split_is_the_last_at_every_length(how):
+    """``parts[-1]`` was resolved at the traced length: fused at 6 steps and called with 9, the model read step 5
+    instead of 8 (0.138 off), and a mean over an empty slice gave NaN at 4 steps (found by a probe).  The last step
+    is now read at every length; the last pair of steps, whose place follows the length, is refused elsewhere."""
+    model = seeded(LastStep, 0, how=how)().to(D)
+    fused = fuse(model, torch.randn(3, 4, 6, dtype=D))
+    for length in (6, 9, 4, 5):
+        x = torch.randn(3, 4, length, dtype=D)
+        if how == "split2" and length != 6:
+            with pytest.raises(ValueError, match="pieces at size|input shapes fixed"):
+                fused(x)
+        else:
+            same(fused, model, x)
+
+
+class SecondHalf(nn.Module):
+    """``x.split(3, -1)[1]``: the second of the example's three pieces of 8 steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).split(3, -1)[1] * 2
+
+
+def test_a_piece_of_a_split_the_axis_is_too_short_for_is_refused():
+    """At 3 steps the model's ``split(3, -1)`` has no second piece and torch raises IndexError; the fused model
+    returned an empty tensor."""
+    model = seeded(SecondHalf, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 8, dtype=D))
+    same(fused, model, torch.randn(2, 3, 6, dtype=D))
+    with pytest.raises(IndexError):
+        model(torch.randn(2, 3, 3, dtype=D))
+    with pytest.raises(ValueError, match="pieces at size 3"):
+        fused(torch.randn(2, 3, 3, dtype=D))
+
+
 def test_torch_jit_trace_records_a_fused_model_with_a_size_test():
     """Under torch.jit.trace sizes are tensors, and the per-call check of ``if D > 3:`` failed inside TorchScript
     ("no op for aten::ne ... Tensor, bool"; found by a probe).  The trace records one call at its input's sizes,

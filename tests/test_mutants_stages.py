@@ -35,6 +35,12 @@ FEW = {
     "in the same test)",
     "repalgebra.fuse:_refuses_what_runs": "one decision added to it a test reaches alone: a test of sizes makes a dispatcher "
     "(fixed shapes made one before, tested through the dispatchers' tests)",
+    "repalgebra.frontend.handlers_functions:_part": "two decisions added to it a test reaches alone: the last part is "
+    "counted, a part from the end of an unbind is the same at every size (the rest is older than the stage's mutants)",
+    "repalgebra.frontend.handlers_functions:_piece_of": "two decisions with their own ops: an unbind's part not counted is "
+    "a select, a split's first part a slice (a chunk's is the chunk op, whose own mutants are older)",
+    "repalgebra.backend.onnx:_pieces_along_the_batch": "one decision a test reaches alone: no run at a larger batch fixes "
+    "the batch (a split's axis whose size differs there, the file's own check at that batch finds too)",
     "repalgebra.fuse:_assert_sizes": "one decision a test reaches: the fixed sizes are asserted (a free batch is not: the "
     "export at any batch in the same test)",
     "repalgebra.fuse:_install": "two decisions added to it a test reaches alone: a shallow copy's guards, and the refusal of "

@@ -486,7 +486,7 @@ CASES: dict[str, Case] = {
     "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize", "Gather")),
     "slicing": Case(lambda: stem(Slicing()), (1, 3, 5, 6), {"slice", "select"}, _onnx("Slice", "Gather")),
     "split_chunk_unbind": Case(
-        lambda: stem(Splits()), (1, 3, 5, 5), {"slice", "select"}, _onnx("Slice", "Gather"), fx_ops={"chunk"}
+        lambda: stem(Splits()), (1, 3, 5, 5), {"slice", "select"}, _onnx("Slice", "Gather"), fx_ops={"chunk", "piece"}
     ),
     "roll": Case(lambda: stem(Shifts()), (1, 3, 5, 6), {"roll"}, _onnx("Slice", "Concat")),
     "pixel_shuffle": Case(lambda: stem(Shuffles(8), c=8), (1, 3, 6, 4), {"pixel_shuffle", "pixel_unshuffle"}, _onnx("DepthToSpace", "Transpose")),
@@ -593,7 +593,7 @@ def test_every_new_op_has_both_lowerings_and_a_case():
     vocabulary = {
         "silu", "leaky_relu", "prelu", "softplus", "threshold", "elu", "log_sigmoid", "rms_norm", "hardswish", "hardsigmoid", "clamp", "tanh", "sqrt", "exp", "log", "rsqrt", "pow", "div", "broadcast_add", "broadcast_sub",
         "add_const", "sum", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "group_norm", "interpolate",
-        "attention", "einsum", "slice", "chunk", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
+        "attention", "einsum", "slice", "chunk", "piece", "slice_scatter", "roll", "pixel_shuffle", "pixel_unshuffle", "pad_nd",
         "constant", "expand", "expand_dyn", "avg_pool_nd", "unfold", "fold", "norm", "abs", "amax", "repeat", "cast",
     }
     for op in vocabulary:

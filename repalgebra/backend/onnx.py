@@ -60,7 +60,7 @@ from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import eval_copy
-from repalgebra.ops import OPS
+from repalgebra.ops import OPS, op_def
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 13
@@ -866,6 +866,19 @@ def _chunk(ctx, n, x):
     return _slice_of(ctx, x, a["axis"] % len(n.x.shape), a["index"] * size, min(length, (a["index"] + 1) * size))
 
 
+@lowering("piece")
+def _piece(ctx, n, x):
+    """The piece at the traced size: along an axis that follows a dynamic batch, :func:`_pieces_along_the_batch`
+    has fixed the batch."""
+    a = n.attrs
+    axis = a["axis"] % len(n.x.shape)
+    length = n.x.shape[axis]
+    if a["how"] == "unbind":
+        return ctx.emit("Gather", [x, ctx.const("index", np.asarray(a["index"], dtype=np.int64))], axis=axis)
+    size = a["size"] if a["how"] == "split" else -(-length // a["size"])
+    return _slice_of(ctx, x, axis, a["index"] * size, min(length, (a["index"] + 1) * size))
+
+
 @lowering("slice_scatter")
 def _slice_scatter(ctx, n, x, src):
     """``x`` before the slice, ``src``, ``x`` after it, concatenated (step 1)."""
@@ -1068,6 +1081,10 @@ def graph_to_onnx(
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
     graph = complex_as_pairs(graph)  # ONNX has no complex tensors: RoPE's complex products as real arithmetic
+    if dynamic_batch and (counted := _pieces_along_the_batch(graph, examples, dtype)):
+        dynamic_batch = report.dynamic_batch = False
+        report.notes.append(f"batch fixed: the number of pieces of a split at {counted} follows the batch, and the "
+                            "file's pieces are the example's")
     refused: dict[int, str] = {}
     regions = find_regions(graph, lambda n: _lowers(n, opset, dtype, dynamic_batch, report.notes, refused))
     for r in regions:
@@ -1397,6 +1414,31 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
                                                 for k, (v, g) in enumerate(zip(graph.inputs, grown))), axes)
             return _AnotherBatch(grown, axes, xs, outs)
     return None
+
+
+def _pieces_along_the_batch(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> str:
+    """Where the graph reads a piece of a split (a ``piece`` op: ``return h.split(k)``, ``x.split(2)[1]``) along an
+    axis whose size follows the batch, that node's place (empty where none does).  The file lowers each piece at
+    the traced size, a fixed number of them, with no check that the piece exists: its batch must then be fixed.  Run at a batch one larger, a size that
+    differs says so; no run at all, or a ``piece`` that raises there, counts as following it."""
+    counted = [n for n in graph.nodes if n.op == "piece"]
+    if not counted:
+        return ""
+    where = repr(counted[0].source) if counted[0].source else "forward"
+    another = _batch_axes(graph, examples, dtype)
+    if another is None:
+        return where
+    env = {id(v): t for v, t in zip(graph.inputs, another.inputs)}
+    try:
+        with torch.no_grad():
+            for n in graph.nodes:
+                args = [env[id(i)] for i in n.inputs]
+                if n.op == "piece" and args[0].shape[n.attrs["axis"]] != n.x.shape[n.attrs["axis"]]:
+                    return repr(n.source) if n.source else "forward"
+                env[id(n.out)] = op_def(n.op)(args, n.attrs, n.params)
+    except Exception:  # noqa: BLE001  (a piece of the larger batch's: its count changed)
+        return where
+    return ""
 
 
 def _free_at_batch_one(graph: Graph, xs: tuple, axes: list[dict[int, str]]) -> None:

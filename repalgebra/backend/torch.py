@@ -42,7 +42,7 @@ from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.match import Source, is_1x1_pointwise, origins
 from repalgebra.module_copy import copy_module
 from repalgebra.one_call import SIZED_FACTORIES, sized_call
-from repalgebra.ops import OPS, chunk_piece, op_def
+from repalgebra.ops import OPS, chunk_piece, op_def, split_piece
 
 __all__ = ["to_module", "lowers", "Lowering", "OpCall"]
 
@@ -241,7 +241,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 # Ops whose torch lowering may return their input itself or a view of it (``x.to(x.dtype)`` is ``x``).
 _VIEWING = frozenset({"identity", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
-                      "expand", "expand_dyn", "cast"})
+                      "piece", "expand", "expand_dyn", "cast"})
 
 
 def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node]:
@@ -755,6 +755,12 @@ def _slice(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("chunk")
 def _chunk(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.function(chunk_piece, xs[0], node.attrs["chunks"], node.attrs["axis"], node.attrs["index"])
+
+
+@lowers("piece")
+def _piece(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    return ctx.function(split_piece, xs[0], a["how"], a["size"], a["axis"], a["index"], a["count"])
 
 
 @lowers("slice_scatter")

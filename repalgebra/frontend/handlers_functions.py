@@ -29,7 +29,7 @@ from repalgebra.frontend.calls import FnCall, In, SymExpr
 from repalgebra.frontend.inplace import setitem_copy
 from repalgebra.frontend.shapes import size_base
 from repalgebra.ir import Value, upstream
-from repalgebra.ops import chunk_piece
+from repalgebra.ops import chunk_piece, split_piece
 
 # --------------------------------------------------------------------------- arithmetic
 
@@ -573,7 +573,10 @@ def _max_values(fn: FnCall, x: Value | None, index: Any) -> Made:
 def _part(parts: Value, index: Any) -> Made:
     """``parts[index]`` of ``parts = x.chunk(n, dim)`` (``chunk``), ``x.split(s, dim)`` (``slice``), ``x.unbind(dim)`` (``select``).
 
-    The tuple-valued node is then read by nothing and is dropped with the dead nodes.
+    How many parts a split or unbind gives follows the size of the axis: a part counted from the end, the last
+    one, and so each of a tuple returned or unpacked whole, check on every call that there are as many parts as
+    at the trace (a ``piece`` op, see :func:`_piece_of`), unless it is the same part at every size
+    (:func:`_from_end`).  The tuple-valued node is then read by nothing and is dropped with the dead nodes.
     """
     n = parts.producer
     if n is None or n.op != "opaque" or not is_int(index) or len(n.inputs) != 1 or not isinstance(n.attrs["fn"], FnCall):
@@ -604,19 +607,38 @@ def _part(parts: Value, index: Any) -> Made:
         count = -(-length // size)
     else:  # chunk: parts of ceil(length / chunks)
         count = -(-length // -(-length // size))
-    index = index + count if index < 0 else index  # parts[-1]: counted at the traced size
+    if index < 0 and (kind == "unbind" or (kind, size, index) == ("split", 1, -1)):  # parts[-1]: at every size
+        return _from_end(kind, x, axis, index)
+    counted = index < 0 or index == count - 1  # parts[-1], the last part, or all of them (returned, unpacked)
+    index = index + count if index < 0 else index
     if not 0 <= index < count:
         return None
+    if sizes is not None:  # split([a, b]): as many parts at every size (torch refuses others)
+        start = sum(sizes[:index])
+        return "slice", [x], {"axis": axis, "start": start, "end": start + sizes[index], "step": 1}, {}, ""
+    return _piece_of(kind, x, size, axis, index, count if counted else None)
+
+
+def _from_end(kind: str, x: Value, axis: int, index: int) -> Made:
+    """``x.unbind(axis)[index]`` (``index < 0``) is ``x.select(axis, index)``, and ``x.split(1, axis)[-1]`` is
+    ``x[..., -1:]``, at every size of the axis (a GRU's last step, ``out.unbind(1)[-1]``)."""
     if kind == "unbind":
         return "select", [x], {"axis": axis, "index": index}, {}, ""
-    if kind == "chunk":
+    return "slice", [x], {"axis": axis, "start": -1, "end": None, "step": 1}, {}, ""
+
+
+def _piece_of(kind: str, x: Value, size: int | None, axis: int, index: int, count: int | None) -> Made:
+    """Part ``index`` of ``x.unbind(axis)``, ``x.split(size, axis)`` or ``x.chunk(size, axis)``, whose number of parts
+    follows the size of the axis.  Where the model counted them (``count``: the traced number), a ``piece`` op checks
+    it on every call.  Else the part only has to exist: a ``select`` raises where it does not, a ``chunk`` too (it
+    checks), and a ``slice`` of the first part always finds it; a later part of a split is a ``piece`` that checks."""
+    if count is None and kind == "unbind":
+        return "select", [x], {"axis": axis, "index": index}, {}, ""
+    if (count is None or count == size) and kind == "chunk":  # (x.chunk(n) gives n parts at most)
         return "chunk", [x], {"chunks": size, "index": index, "axis": axis}, {}, ""
-    if sizes is None:  # equal parts of ``size``, the last one shorter: exact at any size of the axis
-        start, stop = index * size, (index + 1) * size
-    else:
-        start = sum(sizes[:index])
-        stop = start + sizes[index]
-    return "slice", [x], {"axis": axis, "start": start, "end": stop, "step": 1}, {}, ""
+    if count is None and index == 0:
+        return "slice", [x], {"axis": axis, "start": 0, "end": size, "step": 1}, {}, ""
+    return "piece", [x], {"how": kind, "size": None if kind == "unbind" else size, "index": index, "axis": axis, "count": count}, {}, ""
 
 
 def _f_chunk_piece(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -625,6 +647,15 @@ def _f_chunk_piece(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dic
     if a is None or shaped(a["x"]) is None or not all(is_int(a[k]) for k in ("chunks", "axis", "index")):
         return None
     return "chunk", [a["x"]], {"chunks": a["chunks"], "index": a["index"], "axis": a["axis"]}, {}, ""
+
+
+def _f_split_piece(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """:func:`~repalgebra.ops.split_piece` in a fused module traced again: the ``piece`` op it lowers."""
+    a = bind([("x", REQ), ("how", REQ), ("size", REQ), ("axis", REQ), ("index", REQ), ("count", REQ)], args, kwargs)
+    if a is None or shaped(a["x"]) is None or not all(is_int(a[k]) for k in ("axis", "index")):
+        return None
+    attrs = {k: a[k] for k in ("how", "size", "index", "axis", "count")}
+    return "piece", [a["x"]], attrs, {}, ""
 
 
 def _f_select(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1378,6 +1409,7 @@ _register(_f_repeat, ("method", "repeat"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
 _register(_f_setitem_copy, setitem_copy)
 _register(_f_chunk_piece, chunk_piece)
+_register(_f_split_piece, split_piece)
 _register(_f_zeros_like, torch.zeros_like)
 _register(_f_pixel_shuffle("pixel_shuffle"), F.pixel_shuffle, torch.pixel_shuffle)
 _register(_f_pixel_shuffle("pixel_unshuffle"), F.pixel_unshuffle, torch.pixel_unshuffle)
