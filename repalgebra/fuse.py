@@ -1937,7 +1937,7 @@ def _other_values(inputs: tuple) -> tuple | None:
     g = torch.Generator().manual_seed(1)
 
     def other(t: Any) -> Any:
-        if not (torch.is_tensor(t) and t.is_floating_point() and t.numel() > 1):
+        if not (torch.is_tensor(t) and t.layout is torch.strided and t.is_floating_point() and t.numel() > 1):
             return t
         drawn = torch.randn(t.shape, generator=g, dtype=torch.float64)
         return (drawn * t.double().std() + t.double().mean()).to(dtype=t.dtype, device=t.device)

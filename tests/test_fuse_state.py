@@ -1121,3 +1121,31 @@ def test_a_shape_compared_with_none_is_answered_for_every_input():
         x = torch.randn(shape, dtype=D)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+class TransductiveGCN(nn.Module):
+    """A GCN that holds its graph's sparse normalized adjacency as a buffer (pygcn and LightGCN variants)."""
+
+    def __init__(self, adj: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("adj", adj)
+        self.w1, self.bn, self.w2 = nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(torch.sparse.mm(self.adj, self.w1(x))))
+        return torch.sparse.mm(self.adj, self.w2(h))
+
+
+def test_a_sparse_buffer_is_watched_as_state():
+    """The state watch compared the copied sparse buffer with ``torch.equal``: ``export_onnx`` raised
+    NotImplementedError ('aten::equal' on the SparseCPU backend; found by a probe).  Its entries are compared
+    now: the fused model is exact, and the export refuses by name (torch.onnx.export has no sparse matmul)."""
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(10, 10, generator=gen) > 0.7).to(D) + torch.eye(10, dtype=D)
+    model = seeded(TransductiveGCN, 0, adj=(a / a.sum(1, keepdim=True)).to_sparse())().to(D)
+    x = torch.randn(10, 8, dtype=D)
+    fused = fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="_sparse_mm"):
+        export_onnx(fused, None, x)

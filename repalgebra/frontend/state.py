@@ -455,10 +455,20 @@ class _Tensor:
 
 
 def equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, a NaN equal to a NaN (a weight that holds one is not changed by a call)."""
+    """Equal values, a NaN equal to a NaN (a weight that holds one is not changed by a call).  Sparse tensors (pygcn's
+    adjacency held as a buffer) have no ``torch.equal``: their coalesced indices and values are compared."""
+    if a.layout is not torch.strided or b.layout is not torch.strided:
+        return a.layout == b.layout and a.shape == b.shape and _equal_sparse(a, b)
     if torch.equal(a, b):
         return True
     return a.shape == b.shape and (a.is_floating_point() or a.is_complex()) and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _equal_sparse(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two sparse tensors of one layout and shape with the same entries (an explicit zero stored in one only counts
+    as a difference: the state watch then says changed, which keeps a part whole rather than fuse it wrong)."""
+    a, b = (t.to_sparse_coo().coalesce() if t.layout is not torch.sparse_coo else t.coalesce() for t in (a, b))
+    return torch.equal(a.indices(), b.indices()) and equal_values(a.values(), b.values())
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
