@@ -366,9 +366,10 @@ class ShapeGuard:
                 and (not self.fixed_axes or _axes_fit([_dims(a) for a in args], self.shapes, self.fixed_axes))):
             return
         bound = _bound(module, args, kwargs)
-        if bound is None:  # forward itself refuses the call, with Python's own message, unless it passes more tensors
+        if bound is None or (not kwargs and not _binds(module, args)):  # forward refuses it: more tensors, another form
             if self.shapes is not None:
                 _refuse_more_tensors(self.where, len(self.shapes), (*args, *(kwargs or {}).values()))
+            _refuse_another_form(self.where, module, args, kwargs)
             return
         args = bound
         if any(isinstance(a, fx.Proxy) for a in args) or self.fits(args, module):
@@ -392,7 +393,8 @@ class ShapeGuard:
         if self.free_sizes:
             _refuse_none_for_a_tensor(self.where, len(self.shapes), len(got), args)
             if len(got) != len(self.shapes):
-                return  # another number of tensors: forward itself, or the StructureGuard, refuses the call
+                _refuse_another_form(self.where, module, args, kwargs)
+                return  # another number of tensors in a structure: the StructureGuard refuses the call
             if _ranks_fit(got, self.shapes):  # a fixed axis differs
                 raise ValueError(
                     f"{self.where} was fused with {_units_text(self.fixed_axes)} fixed at {_shapes_text(self.shapes)} (other "
@@ -506,6 +508,30 @@ def _refuse_none_for_a_tensor(where: str, fused_with: int, called_with: int, arg
             f"{fused_with - called_with} of them: its graph reads what the example gave there, a tensor. Fuse the model "
             "again with the inputs you call it with (an optional input left out at fuse stays out), or pass tensors."
         )
+
+
+def _binds(module: nn.Module, args: tuple) -> bool:
+    """Whether ``forward`` takes ``args`` positionally (``fused(x, True)`` of a forward fused as ``forward(x)`` does not)."""
+    try:
+        inspect.signature(module.forward).bind(*args)
+    except TypeError:
+        return False
+    return True
+
+
+def _refuse_another_form(where: str, module: nn.Module, args: tuple, kwargs: dict | None) -> None:
+    """Raise, by name, where the fused forward cannot take a call the model takes: a keyword the example left at its
+    default (Rainbow's ``net(x, log=True)``), an optional input the example gave left out (ArcFace's ``model(x)``
+    after a fuse with labels).  The graph holds the function of the example's form of call only; Python's own
+    message named the graph's parameters, not the reason."""
+    try:
+        inspect.signature(module.forward).bind(*args, **(kwargs or {}))
+    except TypeError as e:
+        raise TypeError(
+            f"{where} was fused for calls of the example's form: its graph takes the inputs the example gave and "
+            f"computes with forward's other arguments as the example left them (at their defaults); this call is of "
+            f"another form ({e}). Fuse the model again with an example call of this form, or call the original model."
+        ) from None
 
 
 def _shapes_text(shapes: Sequence[tuple[int, ...]], batch: bool = False) -> str:

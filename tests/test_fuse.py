@@ -739,6 +739,58 @@ def test_an_optional_input_given_or_left_out_at_fuse_and_not_after_is_refused_by
             call()
 
 
+class DuelingC51(nn.Module):
+    """Kaixhin/Rainbow's distributional dueling head: ``forward(x, log=False)``; its ``learn()`` calls ``log=True``."""
+
+    def __init__(self, atoms: int = 11, actions: int = 4) -> None:
+        super().__init__()
+        self.atoms, self.actions = atoms, actions
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.v, self.a = nn.Linear(32, atoms), nn.Linear(32, actions * atoms)
+
+    def forward(self, x, log=False):
+        h = self.body(x)
+        v, a = self.v(h).view(-1, 1, self.atoms), self.a(h).view(-1, self.actions, self.atoms)
+        q = v + a - a.mean(1, keepdim=True)
+        return F.log_softmax(q, dim=2) if log else F.softmax(q, dim=2)
+
+
+class ArcFaceNeck(nn.Module):
+    """insightface-style ``forward(x, label=None)``: margin logits with labels in training, embeddings without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.neck = nn.Sequential(nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8))
+        self.weight = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x, label=None):
+        emb = self.neck(x)
+        if label is None:
+            return emb
+        cosine = F.linear(F.normalize(emb), F.normalize(self.weight))
+        return 30.0 * (cosine - 0.5 * F.one_hot(label, 5))
+
+
+def test_a_call_of_another_form_than_the_examples_is_refused_by_name():
+    """Arguments the example left at their defaults are fixed, and an optional input it gave becomes required:
+    ``fused(x, log=True)`` raised Python's "forward() got an unexpected keyword argument 'log'", and ``fused(x)``
+    of a model fused with labels "missing 1 required positional argument" (found by a probe).  Both name the
+    reason now; the example's form stays exact."""
+    model = randomize(DuelingC51()).eval().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    fused = fuse(model, x)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    for call in (lambda: fused(x, log=True), lambda: fused(x, True)):
+        with pytest.raises(TypeError, match="fused for calls of the example's form"):
+            call()
+    model = randomize(ArcFaceNeck()).eval().double()
+    x, label = torch.randn(4, 16, dtype=torch.float64), torch.tensor([0, 3, 1, 4])
+    fused = fuse(model, (x, label))
+    torch.testing.assert_close(fused(x, label), model(x, label), rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="fused for calls of the example's form.*'label'"):
+        fused(x)
+
+
 def test_functional_style_and_layer_scale():
     class M(nn.Module):
         def __init__(self):

@@ -35,6 +35,8 @@ FEW = {
     "in the same test)",
     "repalgebra.fuse:_refuses_what_runs": "one decision added to it a test reaches alone: a test of sizes makes a dispatcher "
     "(fixed shapes made one before, tested through the dispatchers' tests)",
+    "repalgebra.fuse:_refuse_another_form": "one decision: a call forward does not bind is refused by name",
+    "repalgebra.fuse:_binds": "one decision: whether forward binds the call's positional arguments",
     "repalgebra.frontend.handlers_functions:_part": "two decisions added to it a test reaches alone: the last part is "
     "counted, a part from the end of an unbind is the same at every size (the rest is older than the stage's mutants)",
     "repalgebra.frontend.handlers_functions:_piece_of": "two decisions with their own ops: an unbind's part not counted is "
