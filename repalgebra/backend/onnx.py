@@ -1419,8 +1419,9 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
 def _pieces_along_the_batch(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype) -> str:
     """Where the graph reads a piece of a split (a ``piece`` op: ``return h.split(k)``, ``x.split(2)[1]``) along an
     axis whose size follows the batch, that node's place (empty where none does).  The file lowers each piece at
-    the traced size, a fixed number of them, with no check that the piece exists: its batch must then be fixed.  Run at a batch one larger, a size that
-    differs says so; no run at all, or a ``piece`` that raises there, counts as following it."""
+    the traced size, a fixed number of them, with no check that the piece exists: its batch must then be fixed.
+    Run at a batch one larger, a size that differs says so; no run at all, or a ``piece`` that raises there, counts
+    as following it (``return x.unbind(0)`` of a batch of 1 runs at no other batch)."""
     counted = [n for n in graph.nodes if n.op == "piece"]
     if not counted:
         return ""
