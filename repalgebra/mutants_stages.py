@@ -565,7 +565,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.state:_filled_from_input", "    if any(a is not b for a, b in zip(reordered, inputs)):", "    if False:",
      ("tests/test_fuse_state.py::test_a_cache_filled_from_an_integer_input_is_state",)),
     ("frontend", "class-call-skipped", "a root whose class has its own __call__ traced from its forward alone (a rescale of 0..255 images is lost)",
-     "repalgebra.frontend.fx_trace:copy_for_tracing", " or type(work).__call__ is not nn.Module.__call__)", ")",
+     "repalgebra.frontend.fx_trace:copy_for_tracing", " or _calls_its_own_way(work))", ")",
      ("tests/test_fuse_capture.py::test_a_class_of_its_own_call_is_called",)),
     ("frontend", "instance-forward-skipped", "a root's forward set on the instance (self.forward = self.forward_layer_scale) traced as its class's",
      "repalgebra.frontend.fx_trace:copy_for_tracing", '               or "forward" in vars(work) or', "               or",

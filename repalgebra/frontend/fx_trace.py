@@ -74,11 +74,17 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     # (one that rescales 0..255 images around ``super().__call__``: a probe), and traces its class's forward (not
     # one ``__init__`` set on the instance: ``self.forward = self.forward_layer_scale``): give it a parent
     wrapped = (recognised(work) is not None or isinstance(work, leaf_types) or "" in leaf_paths or _runs_hooks(work)
-               or "forward" in vars(work) or type(work).__call__ is not nn.Module.__call__)
+               or "forward" in vars(work) or _calls_its_own_way(work))
     if wrapped:
         work = Root(work)
         leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
     return work, Tracer(leaf_types, leaf_paths), "m" if wrapped else ""
+
+
+def _calls_its_own_way(module: nn.Module) -> bool:
+    """Whether ``module``'s class has a ``__call__`` of its own (a GraphModule's, set by ``recompile``, only reports
+    errors in its generated code)."""
+    return type(module).__call__ is not nn.Module.__call__ and not isinstance(module, fx.GraphModule)
 
 
 def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.Graph, list[fx.Node]]:
