@@ -640,7 +640,8 @@ def test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch(tmp_pa
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PerSample()).eval()
     x = torch.randn(2, 3, 8, 8)
     path = tmp_path / "rows.onnx"
-    _, report = export_onnx(repalgebra.fuse(model, x), str(path), x, return_report=True)
+    # (its branch on values, which an ONNX graph cannot hold, is written only when allowed)
+    _, report = export_onnx(repalgebra.fuse(model, x), str(path), x, return_report=True, allow_example_branches=True)
     assert not report.dynamic_batch and any("does not follow the batch" in n for n in report.notes), report.notes
     assert [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim] == [2, 3, 8, 8]
 

@@ -22,6 +22,7 @@ from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regio
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node
+from zoo.input_range import RangeNormalized
 from zoo.streaming import StreamingBlock, StreamingConv
 
 RTOL = 1e-5
@@ -143,8 +144,8 @@ class Branchy(nn.Module):
 
 
 def test_model_fx_cannot_trace_at_all_is_exported_whole():
-    model = Branchy().eval()
-    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True)
+    model = Branchy().eval()  # (its branch on values is one an ONNX graph cannot hold: written only when allowed)
+    proto, report = export_onnx(model, None, (1, 3, 6, 6), return_report=True, allow_example_branches=True)
     assert report.capture.startswith("whole") and len(report.fallback) == 1
     assert any("Python boolean" in n for n in report.notes)
     for batch in (1, 3):
@@ -178,8 +179,9 @@ def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
     """The file took the example's branch and the report only noted it (2.3 off for an input taking the other,
     found by a probe), unless the checks' random inputs happened to take another.  A branch that comes out
     otherwise for the checks' inputs or their negations is refused by name; allowed, the file is written where the
-    checks compare it equal to the model.  One that comes out alike for all (a test that always holds) is
-    written, and noted."""
+    checks compare it equal to the model.  One that comes out alike for all (a test that always holds, but for a
+    NaN) is refused too, by default: an ONNX graph holds no Python branch, and no check proves it is never taken;
+    allowed, it is written and noted."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 6, 6)
     for how in ("mean", "nonnegative"):  # steered: by the checks' inputs (or only by the negated ones)
@@ -189,16 +191,71 @@ def test_a_branch_on_tensor_values_is_refused_unless_allowed(what):
             export_onnx(source, None, x)
     with pytest.raises(FallbackError, match=r"\(ValueRouted; 1 branch\) turned tensor values into Python booleans or numbers, and they came out otherwise"):
         export_onnx(source, None, x)  # the ReLU's output: only the negated inputs take the other branch
+    source = routed("always") if what == "model" else repalgebra.fuse(routed("always"), x)
+    with pytest.raises(FallbackError, match=r"\(ValueRouted; 1 branch\) turned tensor values into Python booleans or numbers, read from the values of its inputs"):
+        export_onnx(source, None, x)
     for how in ("nonnegative", "always"):
         model = routed(how)
         source = model if what == "model" else repalgebra.fuse(model, x)
-        proto, report = export_onnx(source, None, x, return_report=True, allow_example_branches=how == "nonnegative")
+        proto, report = export_onnx(source, None, x, return_report=True, allow_example_branches=True)
         assert [(r.branches, r.steered) for r in report.regions] == [(1, how == "nonnegative")]
         took = "and the checks' inputs gave others" if how == "nonnegative" else "the checks' inputs (random, scaled, varied) all gave the same"
         assert any(took in n for n in report.notes), report.notes
         for y in (x, -x, torch.randn(3, 3, 6, 6)):
             with torch.no_grad():
                 assert close(run(proto, y)[0], model(y))
+
+
+def _range_normalized(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = RangeNormalized(how).eval()
+    with torch.no_grad():
+        model.stem[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("how", ["max", "written", "caught"])
+def test_a_branch_on_input_values_that_no_check_crosses_is_refused(how):
+    """``if x.max() > 1: x = x / 255``: every check input (random, scaled by 8, negated, halved) has a maximum above
+    1, so the branch looked steered by nothing and the file was written dividing always, 0.2 off for images in
+    0..1 (found by a probe).  A Python branch on the values of a part's inputs is found as such (followed through
+    a copy written into, and an assertion a handler catches) and refused by name; allowed, it is written and
+    noted.  The test of a weight (``self.gamma``) is the same for every input, and not counted."""
+    model = _range_normalized(how)
+    with pytest.raises(FallbackError, match=r"\(RangeNormalized; .*\) turned tensor values into Python booleans or "
+                                            r"numbers, read from the values of its inputs"):
+        export_onnx(model, None, (2, 3, 16, 16))
+    proto, report = export_onnx(model, None, (2, 3, 16, 16), return_report=True, allow_example_branches=True)
+    assert [r.on_values for r in report.regions] == [1], report
+    assert any("its code read 1 Python boolean or number from the values of its inputs" in n for n in report.notes), report.notes
+    x = torch.randn(3, 3, 16, 16) * 100  # the branch the example took
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))
+
+
+def test_an_assertion_on_input_values_is_no_branch():
+    """An assertion computes nothing: where it holds the model goes on as the file does, where it fails the model
+    raises.  It is written, and the report says the file does not make the check."""
+    model = _range_normalized("asserted")
+    proto, report = export_onnx(model, None, (2, 3, 16, 16), return_report=True)
+    assert [(r.on_values, r.asserted) for r in report.regions] == [(0, 1)], report
+    assert any("1 assertion on the values of its inputs, which the file does not make" in n for n in report.notes), report.notes
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert close(run(proto, x)[0], model(x))
+
+
+def test_an_example_tensor_is_traced_as_given():
+    """The part torch.onnx.export writes was traced at random values drawn in place of the example tensor given:
+    the trace took the ``/ 255`` branch and the export was refused at the user's own example ("the file computes
+    something else than the model at the example input"; found by a probe).  It is traced at the example; the
+    checks at other values add inputs, and refuse it naming the branch their input took."""
+    model = _range_normalized("max")
+    example = torch.rand(2, 3, 16, 16)  # images in 0..1
+    with pytest.raises(FallbackError, match=r"file takes the branches of the input it was traced with, and the check's "
+                                            r"input took another") as refused:
+        export_onnx(model, None, example, allow_example_branches=True)
+    assert "at the example input" not in str(refused.value)
 
 
 class SwitchMoE(nn.Module):
@@ -967,8 +1024,8 @@ def test_a_call_kept_whole_that_writes_into_a_value_read_after_it_exports_what_t
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # the blocks kept whole, their MLPs fused
     with torch.no_grad():
         assert close(fused(x.clone()).numpy(), ref)
-    for target in (model, fused):  # the branch always holds: written
-        assert close(run(export_onnx(target, None, x[:1]), x)[0], ref)
+    for target in (model, fused):  # the branch always holds (an ONNX graph cannot hold it: written when allowed)
+        assert close(run(export_onnx(target, None, x[:1], allow_example_branches=branch), x)[0], ref)
 
 
 class SelectiveKernel(nn.Module):

@@ -1209,7 +1209,7 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
     count = len(ctx.nodes) - before
     report.fallback_onnx_nodes += count
     report.regions.append(RegionReport(region.index, region.where, region.whats, len(region.run), count, sub.exporter, sub.dynamic_axes,
-                                       sub.branches, sub.steered, sub.numbers))
+                                       sub.branches, sub.steered, sub.numbers, sub.on_values, sub.asserted))
 
 
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
@@ -1695,19 +1695,28 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
 
 
 def _branching(regions: list[RegionReport]) -> str:
-    """Why a file whose regions' traces fixed branches on tensor values, or numbers read from them, is not written."""
+    """Why a file whose regions' code reads its inputs' values as Python booleans or numbers (their traces fixed
+    those to the example's) is not written."""
     def counts(r: RegionReport) -> str:
         return "; ".join([f"{r.branches} branch{'es' * (r.branches != 1)}"] * bool(r.branches)
-                         + [f"{r.numbers} number{'s' * (r.numbers != 1)} read"] * bool(r.numbers))
+                         + [f"{r.numbers} number{'s' * (r.numbers != 1)} read"] * bool(r.numbers)
+                         or [f"{r.on_values} value{'s' * (r.on_values != 1)} read"])
 
     parts = ", ".join(f"{r.where} ({', '.join(r.whats)}; {counts(r)})" for r in regions)
+    if any(r.steered for r in regions):
+        why = ("and they came out otherwise for other inputs (its Python branches on values, if x.mean() > 0, or "
+               "computes with them, float(ids.max())), so the file would always take the branches and numbers the "
+               "example input gave and compute something else for inputs that give others")
+    else:
+        why = ("read from the values of its inputs (its Python branches on values, if x.max() > 1, or computes with "
+               "them, float(ids.max())); an ONNX graph holds no Python branch, so the file would always take the "
+               "branches and numbers the example input gave, and compute something else for any input that gives "
+               "others, although the export's check inputs all gave the same")
     return (f"export_onnx: torch.onnx.export's trace of {parts} turned tensor values into Python booleans or numbers, "
-            "and they came out otherwise for other inputs (its Python branches on values, if x.mean() > 0, or computes "
-            "with them, float(ids.max())), so the file would always take the branches and numbers the example input "
-            "gave and compute something else for inputs that give others; no file is written.  Write the choice with "
-            "torch.where and the arithmetic with tensors; where the branch cannot be taken by "
-            "inputs the model makes (the checks also vary the part's inputs: negated floats, token ids all 0, reversed "
-            "or halved, inverted masks), pass allow_example_branches=True to accept that file")
+            f"{why}; no file is written.  Write the choice with torch.where and the arithmetic with tensors; where "
+            "the branch cannot be taken by inputs the model makes (the checks also vary the part's inputs: negated "
+            "floats, token ids all 0, reversed or halved, inverted masks), pass allow_example_branches=True to accept "
+            "that file")
 
 
 @one_at_a_time
@@ -1821,7 +1830,7 @@ def export_onnx(
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,
                                       notes=notes, examples=example)
-        if not allow_example_branches and (branching := [r for r in report.regions if r.steered]):
+        if not allow_example_branches and (branching := [r for r in report.regions if r.steered or r.on_values]):
             raise FallbackError(_branching(branching))
         if module is not None and (why := _differs_at_the_example(model, module, example, report.notes)):
             raise FallbackError(f"export_onnx: the file computes something else than the model at the example input "

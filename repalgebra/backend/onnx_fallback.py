@@ -101,6 +101,8 @@ class RegionReport:
     branches: int = 0  # tensor values its trace turned into Python booleans: the branches its example took, fixed
     steered: bool = False  # and those booleans (or numbers) changed with the values of its inputs (see export_regions)
     numbers: int = 0  # tensor values its trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
+    on_values: int = 0  # Python booleans and numbers its code read from its inputs' values (value_reads): fixed in the file
+    asserted: int = 0  # assertions on its inputs' values: the file does not make them
 
 
 @dataclass
@@ -331,6 +333,8 @@ class ExportedRegion:
     branches: int = 0  # tensor values the trace turned into Python booleans (control flow fixed to one branch)
     numbers: int = 0  # tensor values the trace read as Python numbers (``.item()``, ``float(t)``): constants in the file
     steered: bool = False  # its Python booleans changed with its inputs' values: the file holds one input's branches
+    on_values: int = 0  # Python booleans and numbers its code read from its inputs' values (value_reads): fixed in the file
+    asserted: int = 0  # assertions on its inputs' values: the file does not make them
     flags: tuple[str, ...] = ()  # the mode flags its code read while traced (``torch.onnx.is_in_onnx_export()``)
 
 
@@ -374,39 +378,43 @@ def export_regions(
 
     drawn = True
 
-    def at(b: int) -> list[torch.Tensor]:
+    def at(b: int, example: bool = False) -> list[torch.Tensor]:
         xs = []
         for k, v in enumerate(graph.inputs):
             # An input whose first axis is not the batch (a time-major T x B x C beside a B x T mask) keeps its size.
             rows = b if v.shape and v.shape[0] == batch else v.shape[0] if v.shape else None
-            xs.append(check_input(v, given.get(k), rows, gen, torch.float32, drawn))
+            xs.append(check_input(v, given.get(k), rows, gen, torch.float32, drawn and not example))
         return xs
 
+    # The example as given: the regions are traced at its values, and the file must compute the model's outputs
+    # there.  Random values only add checks: drawn in its place, a branch on x.max() took the other side in the
+    # trace, and the export was refused at the user's own example (found by a probe).
     try:
-        own = run_regions(graph, regions, modules, at(batch))
+        own = run_regions(graph, regions, modules, at(batch, example=True))
     except Exception as e:  # noqa: BLE001
-        # Floats the model reads as indices (DeepCTR's ids in a float input, ``X[:, :2].long()``): drawn at random,
-        # they index out of range.  The checks take the example's values then, as for token ids.
         if not given:
             raise FallbackError(f"export_onnx: the graph does not run on the export's check inputs (random values): "
                                 f"{_first_line(e)}; pass the example tensors it runs on") from e
-        drawn = False
+        raise FallbackError(f"export_onnx: the graph does not run on the example input: {_first_line(e)}") from e
+    checks = [own]
+    if given:
         try:
-            own = run_regions(graph, regions, modules, at(batch))
-        except Exception as again:  # noqa: BLE001
-            raise FallbackError(f"export_onnx: the graph does not run on the export's check inputs, random or the "
-                                f"example's: {_first_line(again)}") from again
-        notes.append(f"the graph does not run on random values of its inputs ({_first_line(e)}: floats it reads as "
-                     "indices?), so the parts torch.onnx.export writes are checked at the example's values only")
-    # A second, wider input: one example can hide a wrong export (a ReLU zeroing everything a pool sees).
+            checks.append(run_regions(graph, regions, modules, at(batch)))
+        except Exception as e:  # noqa: BLE001
+            # Floats the model reads as indices (DeepCTR's ids in a float input, ``X[:, :2].long()``): drawn at
+            # random, they index out of range.  The checks take the example's values then, as for token ids.
+            drawn = False
+            notes.append(f"the graph does not run on random values of its inputs ({_first_line(e)}: floats it reads as "
+                         "indices?), so the parts torch.onnx.export writes are checked at the example's values only")
+    # A wider input: one example can hide a wrong export (a ReLU zeroing everything a pool sees).
     try:
-        checks = [own, run_regions(graph, regions, modules, [8 * t if t.is_floating_point() else t for t in at(batch)])]
-    except Exception:  # noqa: BLE001  (the graph does not run there: the one example it runs at)
-        checks = [own]
+        checks.append(run_regions(graph, regions, modules, [8 * t if t.is_floating_point() else t for t in at(batch)]))
+    except Exception:  # noqa: BLE001  (the graph does not run there: the inputs it runs at)
+        pass
     if dynamic_batch:
         other = batch + 2
         try:
-            seen = run_regions(graph, regions, modules, at(other))
+            seen = run_regions(graph, regions, modules, at(other, example=True))  # traced at the example's rows
             axes = [(changed_axes(r.inputs, i), changed_axes(r.outputs, o)) for r, (i, o) in zip(regions, seen)]
             # and at batch 1, where a trace at another batch may have taken another branch (``len(x) == 1``), and
             # above the traced batch, where a loop over the rows that the trace unrolled would stop short
@@ -462,21 +470,38 @@ def export_regions(
 
 def _noted(regions: list[Region], exported: list[ExportedRegion | None], notes: list[str], modules: list[nn.Module],
            checks: list[list[tuple[tuple, tuple]]]) -> list[ExportedRegion | None]:
-    """``exported``, with a note for each region whose trace fixed Python control flow on tensor values or read
-    them as numbers, and ``steered`` set where those change with its inputs' values (:func:`steered_by_values`)."""
+    """``exported``, with what each region's code reads from its inputs' values at the example (the first of
+    ``checks``; :func:`~repalgebra.backend.value_reads.value_reads`), ``steered`` set where its Python booleans or
+    numbers change with its inputs' values (:func:`steered_by_values`), and a note for each region that reads
+    values, or that its trace fixed control flow or numbers, or that asserts on values (the file does not)."""
+    from repalgebra.backend.value_reads import value_reads
+
     for r, m, e in zip(regions, modules, exported):
-        if e is not None and (e.branches or e.numbers):
+        if e is None:
+            continue
+        found = value_reads(m, checks[0][r.index][0])
+        e.on_values, e.asserted = found.reads, found.asserted
+        if e.asserted:
+            notes.append(f"{r.where}: {_count(e.asserted, 'assertion')} on the values of its inputs, which the file does "
+                         "not make (an ONNX graph cannot raise): it computes the model wherever they hold")
+        if e.branches or e.numbers or e.on_values:
             e.steered = steered_by_values(m, [c[r.index][0] for c in checks])
-            read = [f"turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean{'s' * (e.branches != 1)} "
-                    "(control flow on values)"] * bool(e.branches) + [
-                    f"read {e.numbers} tensor value{'s' * (e.numbers != 1)} as Python number{'s' * (e.numbers != 1)} "
-                    "(.item(), float(t), int(t), .numpy())"] * bool(e.numbers)
-            notes.append(
-                f"{r.where}: torch.onnx.export's trace {' and '.join(read)}: the export always takes the branches and "
-                "numbers of its example input" + (", and the checks' inputs gave others" if e.steered else
-                                                  "; the checks' inputs (random, scaled, varied) all gave the same")
-            )
+            notes.append(_branch_note(r.where, e))
     return exported
+
+
+def _branch_note(where: str, e: ExportedRegion) -> str:
+    """The note on a region whose trace turned tensor values into Python booleans or numbers, or whose code reads
+    them from its inputs' values."""
+    read = [f"turned {e.branches} tensor value{'s' * (e.branches != 1)} into Python boolean{'s' * (e.branches != 1)} "
+            "(control flow on values)"] * bool(e.branches) + [
+            f"read {e.numbers} tensor value{'s' * (e.numbers != 1)} as Python number{'s' * (e.numbers != 1)} "
+            "(.item(), float(t), int(t), .numpy())"] * bool(e.numbers)
+    said = [f"torch.onnx.export's trace {' and '.join(read)}"] * bool(read) + [
+            f"its code read {e.on_values} Python boolean{'s' * (e.on_values != 1)} or number{'s' * (e.on_values != 1)} "
+            "from the values of its inputs (not sizes, not weights)"] * bool(e.on_values)
+    return (f"{where}: {'; '.join(said)}: the export always takes the branches and numbers of its example input"
+            + (", and the checks' inputs gave others" if e.steered else "; the checks' inputs (random, scaled, varied) all gave the same"))
 
 
 def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
