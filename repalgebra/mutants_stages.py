@@ -97,6 +97,11 @@ _CLAMP = (f"{_OE}::test_a_clamp_keeps_infinities_where_torch_does",)
 _VIEWS = ("tests/test_inplace.py::test_a_write_through_an_einsum_or_plus_view_reaches_what_it_views",)
 _UNFOLD = (f"{_OE}::test_unfold_copies_windows_inf_and_nan_included",)
 _OF = "repalgebra.backend.onnx_fallback"
+_VR = "repalgebra.backend.value_reads"
+_VALUE_BRANCH = tuple(f"tests/test_onnx_fallback.py::test_a_branch_on_input_values_that_no_check_crosses_is_refused[{h}]"
+                      for h in ("max", "written", "caught"))
+_ASSERTED = ("tests/test_onnx_fallback.py::test_an_assertion_on_input_values_is_no_branch",)
+_VALUE_BRANCH_UNITS = ("tests/test_onnx_fallback.py::test_value_reads_follow_writes_and_tell_assertions",)
 _PACKED = ("tests/test_onnx_fallback.py::test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input",
            "tests/test_onnx_fallback.py::test_numbers_read_from_ids_and_allowed_are_not_refused_by_the_lengths_check")
 _PACKED_MASKS = tuple(f"tests/test_onnx_fallback.py::test_an_rnn_on_packed_lengths_is_refused_unless_it_pads_to_the_input[model-{m}]"
@@ -778,9 +783,35 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "floor-divide-reflected-swapped", "n // x exported as x // n",
      "repalgebra.backend.onnx_fallback:_floor_divide_reflected", 'torch.div(torch.full_like(a, b, dtype=torch.result_type(a, b)), a, rounding_mode="floor")',
      'torch.div(a, torch.full_like(a, b, dtype=torch.result_type(a, b)), rounding_mode="floor")', _FLOORS),
-    ("onnx_backend", "numbers-read-unchecked", "a region whose trace read tensor values as numbers not run again on varied inputs",
-     "repalgebra.backend.onnx_fallback:_noted", "if e is not None and (e.branches or e.numbers):", "if e is not None and e.branches:",
-     ("tests/test_onnx_fallback.py::test_a_number_read_from_input_values_is_refused_unless_allowed",)),
+    ("onnx_backend", "value-reads-uncounted", "a region whose code branches on its inputs' values written where no check input crosses",
+     "repalgebra.backend.onnx_fallback:_noted", "e.on_values, e.asserted = found.reads, found.asserted",
+     "e.on_values, e.asserted = 0, found.asserted", _VALUE_BRANCH),
+    ("onnx_backend", "value-assertions-unnoted", "an assertion on values the file does not make left out of the report",
+     "repalgebra.backend.onnx_fallback:_noted", "        if e.asserted:\n", "        if False:\n", _ASSERTED),
+    ("onnx_backend", "value-branches-unsteered", "a region whose branches come out otherwise for the checks' inputs said steered by nothing",
+     "repalgebra.backend.onnx_fallback:_noted", "e.steered = steered_by_values(m, [c[r.index][0] for c in checks])", "e.steered = False",
+     ("tests/test_onnx_fallback.py::test_a_branch_on_tensor_values_is_refused_unless_allowed",)),
+    ("onnx_backend", "value-reads-unrefused", "a file whose part branches on its inputs' values written unless the checks' inputs took another branch",
+     f"{_OB}:export_onnx", "[r for r in report.regions if r.steered or r.on_values]", "[r for r in report.regions if r.steered]", _VALUE_BRANCH),
+    ("onnx_backend", "example-replaced-by-random", "a float example tensor replaced by random values where the fallback's parts are traced",
+     f"{_OF}:export_regions", "own = run_regions(graph, regions, modules, at(batch, example=True))",
+     "own = run_regions(graph, regions, modules, at(batch))", ("tests/test_onnx_fallback.py::test_an_example_tensor_is_traced_as_given",)),
+    ("onnx_backend", "writes-of-values-unfollowed", "a tensor written with input values (peak[0] = x.max()) taken for one computed from none",
+     f"{_VR}:_writes", "or name in _IN_PLACE_OPERATORS or", "or", _VALUE_BRANCH),
+    ("onnx_backend", "assertions-counted-as-branches", "an assertion on values refused as a branch",
+     f"{_VR}:_asserts_at", 'return any(i is not None and i.opname == "LOAD_ASSERTION_ERROR" for i in (after, target))', "return False", _ASSERTED),
+    ("onnx_backend", "assertion-jump-target-unread", "an assert a and b whose first test jumps to the raise counted as a branch",
+     f"{_VR}:_asserts_at", "for i in (after, target))", "for i in (after,))", _VALUE_BRANCH_UNITS),
+    ("onnx_backend", "assertion-any-jump", "any conditional jump taken for an assertion's (if x.max() > 1 not counted)",
+     f"{_VR}:_asserts_at", "    return any(i is not None and", "    return True or any(i is not None and", _VALUE_BRANCH),
+    ("onnx_backend", "caught-assertions-exempt", "an assertion whose failure the model catches (try: assert ... except) taken for a check",
+     f"{_VR}:_in_handler", "return ranges is None or any(start <= offset < end for start, end in ranges)", "return False", _VALUE_BRANCH),
+    ("onnx_backend", "value-reads-not-run", "a region's code never run to find its reads of values",
+     f"{_VR}:value_reads", "        _run_tracked(module, copies, mode)", "        pass", _VALUE_BRANCH),
+    ("onnx_backend", "value-reads-on-originals", "a region's code run on its inputs themselves, which it may write into",
+     f"{_VR}:value_reads", "copies = _copies(inputs)", "copies = inputs", _VALUE_BRANCH_UNITS),
+    ("onnx_backend", "value-reads-failure-raised", "a region that does not run on its inputs makes the read count raise",
+     f"{_VR}:value_reads", "    except Exception:  # noqa: BLE001\n        pass", "    except Exception:  # noqa: BLE001\n        raise", _VALUE_BRANCH_UNITS),
     ("onnx_backend", "batch-one-axes-unseen", "an output axis that differs at batch 1 only declared fixed",
      "repalgebra.backend.onnx:_free_at_batch_one", "if a != b and k not in named", "if False",
      ("tests/test_onnx_export.py::test_an_output_axis_that_differs_at_batch_one_is_declared_free",)),

@@ -68,6 +68,9 @@ FEW = {
     "repalgebra.frontend.fx_trace:_script_functions": "one decision: the scripted functions of the model's code are wrapped",
     "repalgebra.fuse:_uninstall": "one decision a test reaches alone: the copies made later get no guard back (taking it off the module is a dict's)",
     "repalgebra.fuse:_not_alone": "one decision: more signatures than are fused is said as such (else the first odd argument, older wording)",
+    "repalgebra.backend.value_reads:_writes": "one decision a test reaches alone: a write by __setitem__, which returns "
+    "nothing (the other writes return the tensor written, and a call's outputs are followed as such)",
+    "repalgebra.backend.value_reads:_in_handler": "one decision: an instruction under a handler of its code or not",
     "repalgebra.backend.onnx_fallback:_shapes_differ": "two decisions: output shapes compared, values not (those are steered_by_values')",
     "repalgebra.call_dispatch:_fingerprint": "two decisions: every module's plain attributes, numbers by value",
     "repalgebra.call_dispatch:_equal": "two decisions: constants of another type are not the signature's, floats compared by their bits",

@@ -19,10 +19,11 @@ from torch import nn
 import repalgebra
 from repalgebra.backend.onnx import export_onnx, graph_to_onnx
 from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regions
+from repalgebra.backend.value_reads import ValueReads, value_reads
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.interpret import run_graph
 from repalgebra.ir import Graph, Node
-from zoo.input_range import RangeNormalized
+from zoo.input_range import RangeNormalized, ValueReaders
 from zoo.streaming import StreamingBlock, StreamingConv
 
 RTOL = 1e-5
@@ -243,6 +244,18 @@ def test_an_assertion_on_input_values_is_no_branch():
     x = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         assert close(run(proto, x)[0], model(x))
+
+
+def test_value_reads_follow_writes_and_tell_assertions():
+    """``value_reads`` alone: both tests of ``assert a and b`` are the assertion's (the first jumps to the raise), the
+    inputs it is given are not written by the part's run, and a part that does not run reads nothing (the export's
+    own checks say why it fails)."""
+    x = torch.randn(2, 3)
+    assert value_reads(ValueReaders("both_asserted"), (x,)) == ValueReads(reads=0, asserted=2)
+    kept = x.clone()
+    value_reads(ValueReaders("in_place"), (x,))
+    assert torch.equal(x, kept)
+    assert value_reads(ValueReaders("raises"), (x,)) == ValueReads()
 
 
 def test_an_example_tensor_is_traced_as_given():

@@ -130,10 +130,14 @@ def _asserted() -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
+def _instructions(code: types.CodeType) -> tuple[dis.Instruction, ...]:
+    return tuple(dis.get_instructions(code))
+
+
 def _asserts_at(code: types.CodeType, offset: int) -> bool:
     """Whether the instruction at ``offset`` (the truth test of a tensor) is a conditional jump of an ``assert``:
     one way leads to ``LOAD_ASSERTION_ERROR`` (``assert a and b`` jumps there from ``a``)."""
-    ins = list(dis.get_instructions(code))
+    ins = _instructions(code)
     k = next((j for j, i in enumerate(ins) if i.offset == offset), None)
     if k is not None and ins[k].opname == "TO_BOOL":  # (Python 3.13: the test, then the jump)
         k += 1

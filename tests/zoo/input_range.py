@@ -41,3 +41,21 @@ class RangeNormalized(nn.Module):
         if self.gamma.abs().sum() > 0:
             y = y * self.gamma.view(1, -1, 1, 1)
         return self.head(y)
+
+
+class ValueReaders(nn.Module):
+    """Small forwards that read their input's values: an ``assert a and b`` of the range, a write into the input
+    itself (``x.mul_(2)``), and one that refuses every input."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "both_asserted":
+            assert (x > -1e9).all() and (x < 1e9).all(), "values in range"
+        elif self.how == "in_place":
+            x.mul_(2)
+        elif self.how == "raises":
+            raise ValueError("refuses every input")
+        return x
