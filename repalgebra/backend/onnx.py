@@ -1061,8 +1061,8 @@ def graph_to_onnx(
     (``repalgebra.batch``); ``return_report=True`` also returns the
     :class:`ExportReport`.  The default opset is 20, or 22 for a bfloat16
     graph (its Conv takes bfloat16 from there).  ``notes`` are added to the report.  ``examples``
-    are values of the graph's inputs; the fallback's runs use those of the
-    inputs that are not floating point (a mask, token ids), random values for the rest.
+    are values of the graph's inputs; the fallback traces its parts at them (their
+    rows, at another batch), and its checks add random values of the floating-point ones.
 
     Raises :class:`~repalgebra.backend.onnx_fallback.FallbackError` (a
     ``ValueError``) when ``torch.onnx.export`` cannot export a region either.
@@ -1740,7 +1740,8 @@ def export_onnx(
         path: where to save the file; ``None`` only returns it.
         input_shape: the shape of a random input (seeded, standard normal, in the model's dtype), a tuple of
             shapes for a model of several inputs (``((1, 3, 64, 64), (1, 16))``), or example tensors in their
-            place, used as they are (a bool padding mask, integer token ids).  A model whose ``forward`` takes
+            place, used as they are (a bool padding mask, integer token ids, an image in 0..1): the parts
+            ``torch.onnx.export`` writes are traced at them, and checked at other values too.  A model whose ``forward`` takes
             lists, tuples or dicts of tensors is given an example of that structure (``(feats,)``), or, fused by
             ``repalgebra.fuse``, one shape per tensor; its ONNX model takes one input per tensor.
         opset: the ONNX opset, 13 to the onnx package's newest; default 20 (one ``Gelu`` kernel per GELU in
@@ -1752,11 +1753,13 @@ def export_onnx(
         return_report: also return the :class:`~repalgebra.backend.onnx_fallback.ExportReport`.
         allow_example_branches: write a file in which a part's Python branches on tensor values (``if x.mean() >
             0:``), and the numbers it reads from them (``float(ids.max())``), are fixed to those of the example, as
-            ``torch.onnx.export`` writes it; the report notes each such part.  By default a part whose branches
-            or numbers come out otherwise for the export's check inputs (random, scaled, negated, ids all 0 or halved) is
-            refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming it): the file would compute
-            something else for inputs that give others.  Those that come out alike for all of them (on sizes, or
-            a test that always holds) are written, and noted.
+            ``torch.onnx.export`` writes it; the report notes each such part.  By default a part whose own code
+            reads Python booleans or numbers from values computed from its inputs (found by a run in eager:
+            :func:`~repalgebra.backend.value_reads.value_reads`; not sizes, not weights, not an ``assert``'s test),
+            or whose booleans come out otherwise for the export's check inputs (random, scaled, negated, ids all 0
+            or halved), is refused (:class:`~repalgebra.backend.onnx_fallback.FallbackError` naming it): the file
+            would compute something else for inputs that give others, and no check at a few inputs shows that
+            none does (``if x.max() > 1: x = x / 255``: every check input is above 1).
 
     Returns:
         The ``onnx.ModelProto``, or ``(model, ExportReport)`` with ``return_report=True``.

@@ -367,9 +367,10 @@ def export_regions(
     module kept whole that reads sizes as numbers), everything is exported again with the batch fixed and
     ``notes`` says why.  With the batch fixed, each region is traced at the graph's shapes and checked there.
     A region none of whose values is read outside it (a tuple-valued call, recomputed where it is read) is
-    not exported: ``None``.  The runs draw floating-point inputs at random; an input that is not (token ids, a
-    boolean mask), or holds infinities (an additive attention mask), takes its value from ``examples``, its rows
-    repeated to the batch.
+    not exported: ``None``.  The regions are traced at ``examples`` as given (their rows repeated to another
+    batch), and checked there; the other checks draw floating-point inputs at random, but for an input that is
+    not (token ids, a boolean mask), or holds infinities (an additive attention mask), which keeps the example's
+    values, its rows repeated to the batch.  Without ``examples`` (a graph exported alone), all are drawn.
     """
     modules = [r.module() for r in regions]
     gen = torch.Generator().manual_seed(0)
