@@ -54,17 +54,17 @@ from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
-from repalgebra.frontend.state import STATE_TAG, StateChanged, find_state, mark_written, restore_in_place, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, copy_difference, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import cast_floats, copy_module, eval_copy
+from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
-from repalgebra.untouched import attributes_kept, rng_kept, tensors_kept
+from repalgebra.untouched import attributes_kept, model_kept, rng_kept, tensors_kept
 from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
 __all__ = ["fuse", "FuseReport", "Part", "FuseError", "ShapeGuard", "StructureGuard"]
@@ -942,7 +942,8 @@ def fuse(
 
     Raises:
         TypeError: non-floating-point parameters, complex inputs, a model that is
-            not an ``nn.Module``.
+            not an ``nn.Module``, or one no copy of which is its own or holds
+            what it holds (``fuse`` runs copies, never the model).
         ValueError: no input given and none could be inferred, or the model
             does not run on the example input.
         UntraceableError, FuseError: only with ``strict=True``.
@@ -950,8 +951,9 @@ def fuse(
     check_model(model)
     restored: list[str] = []
     # Called under inference_mode, the copies it makes must keep version counters; the model's checks draw from
-    # torch's generators, and its hooks may write the model itself.
-    with torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, restored):
+    # torch's generators, and its hooks may write the model itself and remove themselves from it.
+    with (torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, restored),
+          model_kept(model, restored)):
         fused = _fuse(model, example_inputs, leaf_modules, strict, check)
     if restored:
         fused.fuse_report.notes.append(f"the model's hooks changed {_listed(restored)} of the model itself while fuse ran "
@@ -1067,6 +1069,17 @@ def _batch_norms(module: nn.Module) -> list[str]:
     return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def faithful_copy(model: nn.Module) -> nn.Module:
+    """:func:`~repalgebra.module_copy.eval_copy` of the user's model, refused (TypeError) where the copy does not
+    hold the model's parameters, buffers and plain attributes (:func:`~repalgebra.frontend.state.copy_difference`):
+    every capture and check runs a copy, never the model, so the fused model computes what the copy computes."""
+    copied = copy_module(model)
+    if (difference := copy_difference(model, copied)) is not None:
+        raise TypeError(f"cannot fuse {type(model).__name__}: {difference} (its __deepcopy__, __getstate__ or "
+                        "__setstate__ changes it), and fuse captures and checks a copy")
+    return in_eval(copied) if any(m.training for m in copied.modules()) else copied
+
+
 class _Fuser:
     """One ``fuse`` call: a pristine eval copy of the model as the reference, the strategy, the report."""
 
@@ -1074,7 +1087,7 @@ class _Fuser:
         self.model = model  # the caller's: copied, never run
         self.whole = whole  # why the model itself is kept whole, its parts fused (see fuse_root); "" where it is captured
         with frozen_gc(sum(1 for _ in model.modules())):  # a big model's copy would set off full collections
-            self.pristine = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
+            self.pristine = faithful_copy(model)  # TypeError naming what does not copy (a lock, a generator)
         check_leaf_modules(model, leaf_modules)
         self.user_leaves = leaf_paths(model, leaf_modules)  # instances are the caller's: resolve on the model
         # Parts an earlier fuse captured at fixed shapes: a trace would step past their guard and drop it (a guard
@@ -1134,7 +1147,7 @@ class _Fuser:
 
     def restart(self) -> None:
         """Start again from the model as it is, with a fresh report."""
-        self.pristine = eval_copy(self.model)
+        self.pristine = faithful_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
         self.checks, self.plain_parts, self.state_leaves, self.fused_inside = [], [], [], set()
         self.stateful, self.watching, self.initial = False, True, None
@@ -1161,7 +1174,7 @@ class _Fuser:
     def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
         """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping
         whole the parts :func:`~repalgebra.frontend.state.find_state` names, and check two calls in a row."""
-        self.pristine = eval_copy(self.model)
+        self.pristine = faithful_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
         state = find_state(self.pristine, inputs, self.tolerance)
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants

@@ -23,10 +23,12 @@ from __future__ import annotations
 import copy
 import functools
 import types
+from collections import OrderedDict
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from repalgebra.draws import held_generator_state
 
@@ -37,7 +39,29 @@ MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's bookkeeping: its 
 def copy_module(model: M) -> M:
     """``copy.deepcopy(model)``, with tensors held as plain attributes that are not autograd leaves copied detached
     (also in a dict, list or tuple attribute: timm's ``attention_bias_cache[str(device)]``, filled by a call with
-    autograd on)."""
+    autograd on).
+
+    The copy shares no module, parameter, buffer or tensor storage with ``model``: ``fuse`` sets its copies to eval
+    mode, casts them to float64 and replaces their children, and through a shared part it did so to the user's model
+    (a ``__deepcopy__`` returning ``self``, or one sharing a frozen backbone's tensors with every copy; found by a
+    probe).  Where ``copy.deepcopy`` shares one, the modules whose class writes its own ``__deepcopy__`` are copied
+    as ``copy.deepcopy`` copies any object (``__reduce_ex__``); where that still shares one, a TypeError names it."""
+    copied, memo = _deepcopy(model, bypassed=False)
+    if _shared(model, copied) is not None:
+        copied, memo = _deepcopy(model, bypassed=True)
+        if (shared := _shared(model, copied)) is not None:
+            raise TypeError(f"cannot copy {type(model).__name__}: {shared}, and fuse must not change the model")
+    rebinding = _Rebinding(memo)
+    for m in copied.modules():
+        for name, v in list(vars(m).items()):
+            if name not in ("_parameters", "_buffers", "_modules") and (new := rebinding.value(v)) is not v:
+                vars(m)[name] = new
+    return copied
+
+
+def _deepcopy(model: M, bypassed: bool) -> tuple[M, dict[int, object]]:
+    """``copy.deepcopy(model)`` and its memo (see :func:`copy_module`); ``bypassed``: the modules whose class writes
+    its own ``__deepcopy__`` copied through ``__reduce_ex__`` instead."""
     memo: dict[int, object] = {}
     held: dict[int, list[torch.Tensor]] = {}  # the parameters and buffers by their storage
     for m in model.modules():
@@ -56,15 +80,41 @@ def copy_module(model: M) -> M:
             elif not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
     try:
+        for m in reversed(list(model.modules())) if bypassed else ():  # (a child before its parent copies it)
+            if _own_deepcopy(m) and id(m) not in memo:
+                copy._reconstruct(m, memo, *m.__reduce_ex__(4))  # (which enters the copy in memo)
         copied = copy.deepcopy(model, memo)
     except Exception as e:
         raise TypeError(f"cannot copy {type(model).__name__}: {_uncopyable(model) or ''}{e}") from e
-    rebinding = _Rebinding(memo)
-    for m in copied.modules():
-        for name, v in list(vars(m).items()):
-            if name not in ("_parameters", "_buffers", "_modules") and (new := rebinding.value(v)) is not v:
-                vars(m)[name] = new
-    return copied
+    return copied, memo
+
+
+def _own_deepcopy(m: nn.Module) -> bool:
+    """Whether ``m``'s class writes its own ``__deepcopy__`` (torch's own, a GraphModule's or a ScriptModule's,
+    copy)."""
+    method = getattr(type(m), "__deepcopy__", None)
+    return method is not None and not (getattr(method, "__module__", None) or "").startswith("torch")
+
+
+def _shared(model: nn.Module, copied: nn.Module) -> str | None:
+    """What ``copied`` shares with ``model``, in words: a module, or a parameter or buffer (the same tensor, or one
+    in the same storage); None where it shares none."""
+    modules = {id(m): path for path, m in model.named_modules()}
+    for path, m in copied.named_modules():
+        if id(m) in modules:
+            where = repr(modules[id(m)]) if modules[id(m)] else "the model"
+            return (f"{where} ({type(m).__name__}) is not copied: its copy is the module itself (its __deepcopy__, or "
+                    "its parent's, returns or shares it)")
+    tensors = {id(t) for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
+    storages = {storage_address(t) for m in model.modules()
+                for t in (*m._parameters.values(), *m._buffers.values()) if t is not None} - {None}
+    for path, m in copied.named_modules():
+        for name, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None and (id(t) in tensors or storage_address(t) in storages):
+                where = f"{path}.{name}" if path else name
+                return (f"its copy shares the tensor {where!r} with it (a __deepcopy__ shares it), so a cast or a write "
+                        "of the copy's would change the model's")
+    return None
 
 
 def storage_address(t: torch.Tensor) -> int | None:
@@ -168,7 +218,8 @@ def _made_again(rebinding: _Rebinding, f: types.FunctionType) -> types.FunctionT
 
 def _held(rebinding: _Rebinding, v: Any) -> Any:
     """What a closure's cell (or a default, or an item of a tuple the copy holds) holding ``v`` holds in the copy:
-    the copy of a model's object; a bound method of one bound to its copy; a function, partial or tuple made again
+    the copy of a model's object; a bound method of one bound to its copy; a hook's handle, for the copy's hooks; a
+    function, partial or tuple made again
     around what it holds; a generator it draws from, copied, as ``copy.deepcopy`` copies one the model holds.  A
     list, dict or namespace is shared, as ``copy.deepcopy`` shares the function holding it (a feature collector's
     list receives the fused model's features), unless it holds functions made again: then it is a new one holding
@@ -182,6 +233,8 @@ def _held(rebinding: _Rebinding, v: Any) -> Any:
         return types.MethodType(rebinding.value(v.__func__), rebinding.memo[id(v.__self__)])
     if isinstance(v, (types.FunctionType, functools.partial, tuple, types.BuiltinMethodType)):
         return rebinding.value(v)
+    if isinstance(v, RemovableHandle) and id(v.hooks_dict_ref()) in rebinding.memo:
+        return _handle_of_copy(v, rebinding.memo)
     if held_generator_state(v) is not None:
         try:
             return copy.deepcopy(v, rebinding.memo)
@@ -200,6 +253,16 @@ def _held(rebinding: _Rebinding, v: Any) -> Any:
         rebinding.done[id(v)] = new
         return new
     return v
+
+
+def _handle_of_copy(handle: RemovableHandle, memo: dict[int, Any]) -> RemovableHandle:
+    """``handle`` for the copy's hooks: a one-shot hook removes itself through the handle its closure holds, and the
+    user's handle removed the user's hook when the fused model ran its copy (found by a probe).  A dict of the
+    user's that the copy does not copy is left out (a new empty one stands for it)."""
+    new = RemovableHandle.__new__(RemovableHandle)
+    extra = tuple(memo.get(id(ref()), OrderedDict()) for ref in handle.extra_dict_ref or ())
+    new.__setstate__((memo[id(handle.hooks_dict_ref())], handle.id, extra))
+    return new
 
 
 def _filled(cell: types.CellType) -> bool:

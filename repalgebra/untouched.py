@@ -4,7 +4,10 @@
 copies: torch's global random generators (a forward that draws noise, ``torch.randn_like(x)``), and the user's own
 model where a hook names it as a global (``def hook(m, i, o): model.calls += 1`` at module level: a hook's
 closure cells are given the copy's objects, its globals are not).  :func:`rng_kept` restores the first, :func:`tensors_kept` the
-parameters and buffers of the second, and says which it restored.
+parameters and buffers of the second, and says which it restored; :func:`model_kept` its plain attributes (a call
+counter, a collector's list and mode flag: a probe found a never-called model at ``n_calls = 13``, collector off)
+and its hooks (a one-shot hook removes itself through the handle its closure holds, which is the user's: the
+user's model had lost its hook).
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from torch import nn
 
 from repalgebra.draws import generators_kept
 from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
-from repalgebra.frontend.state import equal_values, plain_attributes
+from repalgebra.frontend.state import _changed, _key, _plain, equal_values, plain_attributes
 
-__all__ = ["attributes_kept", "rng_kept", "tensors_kept"]
+__all__ = ["attributes_kept", "model_kept", "rng_kept", "tensors_kept"]
+
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+              "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 @contextlib.contextmanager
@@ -57,6 +64,39 @@ def tensors_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def model_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
+    """Within the block, the model's hooks may set its plain attributes and remove hooks: after it, each module holds
+    the attributes (and their containers the items) and the hooks it held, and ``restored`` names the attributes
+    that were changed."""
+    before = _attribute_keys(model)
+    with hooks_kept(model), attributes_kept(model):
+        try:
+            yield
+        finally:
+            restored += sorted(_changed(before, _attribute_keys(model)))
+
+
+def _attribute_keys(model: nn.Module) -> dict[str, Any]:
+    """Each plain attribute of ``model``'s modules by path, as a snapshot sees it (what a call could change)."""
+    return {f"{path}.{name}" if path else name: _key(v)
+            for path, m in model.named_modules() for name, v in plain_attributes(m).items()}
+
+
+@contextlib.contextmanager
+def hooks_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block, hooks may be removed from ``model``'s modules: after it, each holds the hooks it held, in
+    their order."""
+    saved = [(d, dict(d)) for m in model.modules() for name in HOOK_DICTS if isinstance(d := vars(m).get(name), dict)]
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            if list(d.items()) != list(items.items()):
+                d.clear()
+                d.update(items)
+
+
+@contextlib.contextmanager
 def attributes_kept(model: nn.Module) -> Iterator[None]:
     """Within the block a forward may set plain attributes of ``model``'s modules (a cache it fills on its first call,
     ``self.cache[L] = self.kernel(L)``): after it, each module holds the attributes it held, and each dict, list or
@@ -79,10 +119,12 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
 
 
 def _containers(values: list, depth: int = 3) -> list:
-    """The dicts, lists and sets among ``values`` (an ``OrderedDict`` or a ``defaultdict`` too) and those they hold,
+    """The dicts, lists and sets among ``values`` (an ``OrderedDict`` or a ``defaultdict`` too, a plain object's
+    attributes) and those they hold,
     ``depth`` levels deep (a cache ``{"len": {}}``; a review found them left filled)."""
     found = []
     for v in values:
+        v = vars(v) if _plain(v) else v  # (a plain object's attributes: ``self.stats.n += 1``)
         if isinstance(v, (dict, list, set)):
             found.append(v)
             if depth > 1 and not isinstance(v, set):

@@ -12,6 +12,7 @@ tensors are kept whole, else the model.  Every test runs both on new inputs, in 
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import OrderedDict, defaultdict
 from functools import partial
@@ -414,3 +415,269 @@ def test_a_module_under_two_names_keeps_its_dtype_through_the_float64_check():
     fused = fuse(model, x)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class _RepBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(self.dense(x) + self.pw(x))
+
+
+class _FrozenEncoder(nn.Module):
+    """A pretrained encoder that EMA copies share rather than duplicate: its ``__deepcopy__`` returns itself."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = conv_bn(3, c)
+
+    def forward(self, x):
+        return self.body(x)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _EncoderNet(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.encoder, self.block, self.head = _FrozenEncoder(c), _RepBlock(c), nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.encoder(x)))
+
+
+class _Singleton(_EncoderNet):
+    """A model shared by reference: never copied."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _SharedBackbone(nn.Module):
+    """Copies share the frozen backbone's tensors (``memo`` seeded with them), as EMA helpers keep one encoder."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, c), _RepBlock(c))
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def __deepcopy__(self, memo):
+        for t in [*self.backbone.parameters(), *self.backbone.buffers()]:
+            memo[id(t)] = t
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+
+def scale_output(module, args, out):
+    return out * 1.5
+
+
+@pytest.mark.parametrize("build, hooked", [(_Singleton, "block"), (_EncoderNet, "block"), (_SharedBackbone, "backbone.1")])
+def test_a_copy_that_is_or_shares_the_model_is_made_again(build, hooked):
+    """fuse runs copies; where ``copy.deepcopy`` gave the model itself (``__deepcopy__`` returning ``self``, on the
+    model or on its encoder) or a copy sharing its tensors, fuse switched the user's model to eval mode, replaced
+    the children of a part kept whole (a hooked block) by fused modules, and cast the shared float32 weights to
+    float64 in place, so the user's model refused float32 input (found by a probe).  Such modules are now copied
+    through ``__reduce_ex__``: the model stays as it was, and the fused model computes what it does."""
+    model = seeded(build, 0)().train()
+    model.get_submodule(hooked).register_forward_hook(scale_output)
+    before = {k: (v.clone(), v.dtype) for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    fused = fuse(model, x)
+    assert all(m.training for m in model.modules()), "fuse switched the user's model to eval mode"
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k][0]) and v.dtype == before[k][1] for k, v in model.state_dict().items())
+    assert count_bn(fused) < count_bn(model), str(fused.fuse_report)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+
+
+class _CountedShared(nn.Module):
+    """Copies hold the model's tensors under new names (parameters and buffers over the same storage), and forward
+    counts its calls in a buffer, in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head = nn.Sequential(conv_bn(3, 8), _RepBlock(8)), nn.Conv2d(8, 4, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.head(self.backbone(x))
+
+    def __deepcopy__(self, memo):
+        for t in self.parameters():
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+        for t in self.buffers():
+            memo[id(t)] = t.detach()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def test_a_copy_over_the_models_storage_is_made_again():
+    """A copy whose tensors share the model's storage took fuse's runs into the user's model: its call counter
+    counted them, though the user never called it."""
+    model = seeded(_CountedShared, 0)().to(D)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert model.calls.item() == 0, "fuse's runs of its copies wrote the user's model"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+def _the_encoder() -> nn.Module:
+    return _ENCODERS["shared"]
+
+
+class _RegisteredEncoder(_FrozenEncoder):
+    """An encoder pickled by reference to a registry (``__reduce__``): no way to copy it is left."""
+
+    def __reduce__(self):
+        return (_the_encoder, ())
+
+
+_ENCODERS: dict[str, nn.Module] = {}
+
+
+def test_a_model_no_copy_of_which_is_its_own_is_refused_by_name():
+    """Where neither ``copy.deepcopy`` nor ``__reduce_ex__`` gives a copy of its own, fuse refuses by name rather
+    than change the user's module through its "copy"."""
+    model = seeded(_EncoderNet, 0)().train()
+    model.encoder = _ENCODERS["shared"] = _RegisteredEncoder(8)
+    with pytest.raises(TypeError, match="'encoder' \\(_RegisteredEncoder\\) is not copied"):
+        fuse(model, torch.randn(2, 3, 16, 16))
+    assert model.encoder.training
+
+
+class _Calibrated(nn.Module):
+    """A run-time setting kept out of pickles: ``__getstate__`` drops it, ``__setstate__`` restores its default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+        self.logit_scale, self.calibration = 1.0, {"shift": 0.0}
+
+    def forward(self, x):
+        return self.head(self.stem(x)) * self.logit_scale + self.calibration["shift"]
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("logit_scale", None)
+        state.pop("calibration", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.logit_scale, self.calibration = 1.0, {"shift": 0.0}
+
+
+class _DefaultActivation(nn.Module):
+    """A module its ``__setstate__`` rebuilds with the default activation, whichever the model was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act = conv_bn(3, 8), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.stem(x))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._modules["act"] = nn.ReLU()
+
+
+def test_a_model_whose_copy_computes_otherwise_is_refused_by_name():
+    """fuse captures and checks a copy, never the model: where the copy held the default ``logit_scale`` (1.0) and
+    the model 0.25, the fused model returned 4x the model's output and its check against the copy passed (found by
+    a probe).  The copy is compared with the model first, and fuse refuses by name where they differ."""
+    model = seeded(_Calibrated, 0)().to(D)
+    model.logit_scale = 0.25
+    with pytest.raises(TypeError, match="'logit_scale' differs"):
+        fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    model.logit_scale, model.calibration["shift"] = 1.0, 0.5
+    with pytest.raises(TypeError, match="'calibration' differs"):
+        fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    model.calibration["shift"] = 0.0  # the copy's values: the same function
+    other = seeded(_DefaultActivation, 0)().to(D)
+    other.act = nn.GELU()
+    with pytest.raises(TypeError, match="its copy holds no GELU at 'act'"):
+        fuse(other, torch.randn(2, 3, 8, 8, dtype=D))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.frames = 0
+
+
+WATCHED: list[nn.Module] = []  # the model a module-level hook writes, named as a global: no copy rebinds it
+
+
+def collect_features(module, args, out):
+    """A feature collector over the user's model: counts calls, keeps the first two outputs, then turns off."""
+    model = WATCHED[0]
+    model.n_calls += 1
+    model.stats.frames += 1
+    if model.mode == "collect":
+        model.feats.append(out.detach())
+        model.mode = "collect" if len(model.feats) < 2 else "off"
+
+
+def test_fuse_puts_back_the_attributes_a_hook_sets_on_the_users_model():
+    """Parameters and buffers such a hook changed were put back, plain attributes were not: a model the user never
+    called came out of fuse with ``n_calls = 13``, two collected features and its collector off (found by a
+    probe).  They are put back too, and noted."""
+    model = seeded(lambda: nn.Sequential(conv_bn(3, 8), conv_bn(8, 8), nn.Conv2d(8, 4, 1)), 0)().to(D)
+    model.n_calls, model.mode, model.feats, model.stats = 0, "collect", [], _Stats()
+    WATCHED[:] = [model]
+    model[1].register_forward_hook(collect_features)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert (model.n_calls, model.mode, model.feats, model.stats.frames) == (0, "collect", [], 0)
+    assert "hooks changed feats, mode, n_calls" in str(fused.fuse_report)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+def log_shape_once(module: nn.Module, with_kwargs: bool = False) -> list:
+    """A one-shot hook: it removes itself after its first call, through the handle its closure holds."""
+    logged, handle = [], None
+
+    def hook(mod, args, *rest):  # (rest: the keyword arguments too where registered with_kwargs)
+        logged.append(tuple(rest[-1].shape))
+        handle.remove()
+
+    handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+    return logged
+
+
+def test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse():
+    """fuse's runs of its copies called the one-shot hook, whose handle is the user's: the user's model, never
+    called, had lost its hook after fuse, and a copy's hook kept in the fused model removed it at its first call
+    (found by a probe).  The hooks of the user's modules are put back, and a copy's hook removes itself from the
+    copy."""
+    model = seeded(lambda: nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 4, 1)), 0)().to(D)
+    logged = log_shape_once(model[0], with_kwargs=True)
+    fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert len(model[0]._forward_hooks) == 1, "fuse removed the user's hook"
+    fused(torch.randn(2, 3, 8, 8, dtype=D))
+    assert len(model[0]._forward_hooks) == 1, "the fused model removed the user's hook"
+    logged.clear()
+    model(torch.randn(1, 3, 8, 8, dtype=D))
+    model(torch.randn(1, 3, 8, 8, dtype=D))
+    assert logged == [(1, 8, 8, 8)] and not model[0]._forward_hooks

@@ -121,7 +121,7 @@ FEW = {
     "repalgebra.frontend.args:concat_made": "two decisions tests reach: a (0,)-shaped operand skipped, where it is "
     "made from no input (one operand left is the identity either way, and the tests concat along axis 0, which every "
     "rank counts alike)",
-    "repalgebra.untouched:_containers": "one walk: containers, and those they hold",
+    "repalgebra.untouched:_containers": "one walk: containers (a plain object's attributes too), and those they hold",
     "repalgebra.untouched:attributes_kept": "one restore a test reaches alone: a container's items (its attributes' "
     "restore is the same loop's)",
     "repalgebra.frontend.fx_trace:_tensor_of_sizes": "two decisions: a call fx records, or the sizes in the data as numbers",
@@ -150,7 +150,9 @@ FEW = {
     "repalgebra.backend.onnx:_refuse_state": "one refusal per kind of state; the mutant refuses draws as state",
     "repalgebra.module_copy:_held": "two cases that matter: a model's object in a cell, and a bound method of one",
     "repalgebra.module_copy:_made_again": "two choices that matter: the cells shared, the keyword defaults rebound",
-    "repalgebra.module_copy:copy_module": "one write: the functions made again set on the copy",
+    "repalgebra.module_copy:_handle_of_copy": "one decision a test reaches alone: the copy's hook dict (a write to the user's "
+    "dict of hooks that take keywords is put back by untouched.hooks_kept before any test can see it)",
+    "repalgebra.module_copy:_own_deepcopy": "one decision: a class's own __deepcopy__, not torch's",
     "repalgebra.untouched:rng_kept": "one choice: torch's generators forked around fuse or not",
     "repalgebra.frontend.calls:_held": "one choice: a complex constant held as its real view or as it is",
     "repalgebra.backend.onnx_fallback:drawn_at_random": "one decision: an input's values drawn at random or the example's",

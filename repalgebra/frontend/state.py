@@ -30,7 +30,7 @@ from repalgebra.draws import DRAWS, generator_states, generators_kept, held_gene
 from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "copy_difference", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
@@ -316,6 +316,62 @@ def _key(value: Any, depth: int = 0) -> Any:
 
 _DEPTH = 3  # levels of containers and plain objects a snapshot follows
 _ITEMS = 256  # items of one container it compares one by one
+
+
+def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
+    """The first parameter, buffer or plain attribute of ``model`` (by path) that its copy ``copied`` does not hold
+    the same (:func:`_alike`), in words; None where the copy holds them all.  ``fuse`` captures and checks a copy:
+    where ``__getstate__`` drops a run-time setting and ``__setstate__`` restores its default, the fused model
+    computed the copy's function, 4x the model's, and its check against the copy passed (found by a probe)."""
+    theirs = dict(copied.named_modules())
+    for path, m in model.named_modules():
+        other = theirs.get(path)
+        graphs = isinstance(m, torch.fx.GraphModule) and isinstance(other, torch.fx.GraphModule)
+        if type(other) is not type(m) and not graphs:
+            return f"its copy holds no {type(m).__name__} at {path!r}"
+        # A GraphModule's copy is rebuilt from its graph, a class made for it and torch's bookkeeping: its code
+        # reads its parameters, buffers and children only.
+        mine, its = ({**m._buffers, **m._parameters}, {**other._buffers, **other._parameters}) if graphs else (_own(m), _own(other))
+        for name in [*mine, *(n for n in its if n not in mine)]:
+            if not _alike(mine.get(name, _MISSING), its.get(name, _MISSING)):
+                return f"its copy's {f'{path}.{name}' if path else name!r} differs from its own"
+    return None
+
+
+def _alike(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether a copy's value ``b`` is ``a`` as :func:`_key` sees state: tensors by shape, dtype and values, scalars
+    by value, containers and plain objects by what they hold (:data:`_DEPTH` levels, :data:`_ITEMS` items), a
+    generator by its state; anything else (a module, a function the copy rebinds, a library object) by its type."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) and torch.is_tensor(b):  # (a ScriptModule's copy gives its parameters as plain tensors)
+        return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and (a.is_meta or _equal_or_opaque(a, b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _SCALARS):
+        return a == b or (a != a and b != b)
+    if held_generator_state(a) is not None:
+        return _same(_key(a), _key(b))
+    if isinstance(a, (list, tuple, dict, set, frozenset)):
+        if len(a) != len(b):
+            return False
+        if depth >= _DEPTH or len(a) > _ITEMS:
+            return True
+        if isinstance(a, (set, frozenset)):
+            return {v for v in a if isinstance(v, _SCALARS)} == {v for v in b if isinstance(v, _SCALARS)}
+        pairs = [*zip(a, b), *zip(a.values(), b.values())] if isinstance(a, dict) else zip(a, b)
+        return all(_alike(x, y, depth + 1) for x, y in pairs)
+    if _plain(a) and depth < _DEPTH:
+        return _alike(vars(a), vars(b), depth + 1)
+    return True
+
+
+def _equal_or_opaque(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values; True for a tensor whose values cannot be compared (a subclass without storage)."""
+    try:
+        return equal_values(a.detach(), b.detach())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return True
 
 
 def _plain(value: Any) -> bool:
