@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repalgebra import fuse
+from repalgebra import fuse, verify
 from zoo import count_bn, seeded
 
 D = torch.float64
@@ -498,6 +498,7 @@ def test_a_copy_that_is_or_shares_the_model_is_made_again(build, hooked):
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(v, before[k][0]) and v.dtype == before[k][1] for k, v in model.state_dict().items())
     assert count_bn(fused) < count_bn(model), str(fused.fuse_report)
+    assert verify(model, fused, x).passed and all(m.training for m in model.modules()), "verify changed the model"
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
 
