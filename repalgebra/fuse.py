@@ -5,7 +5,9 @@
 
 Fusion folds *eval-mode* semantics (BatchNorm with its running statistics,
 dropout as the identity) whatever mode the model is in; the model itself is
-never changed (parameters, buffers and ``training`` flags stay bit for bit).
+never changed (parameters, buffers and ``training`` flags stay bit for bit;
+plain attributes and hooks its hooks change while ``fuse`` runs its copies are
+put back).
 All folding arithmetic runs in float64 on the CPU; a float16/bfloat16 model's
 folded weights are cast back to its dtype once, at the end, and the fused
 module is moved to the model's device.

@@ -193,7 +193,8 @@ _SO = "tests/test_fuse_shared_objects.py"
 _COPIES = (f"{_SO}::test_a_copy_that_is_or_shares_the_model_is_made_again", f"{_SO}::test_a_copy_over_the_models_storage_is_made_again",
            f"{_SO}::test_a_model_no_copy_of_which_is_its_own_is_refused_by_name")
 _COPY_SAME = (f"{_SO}::test_a_model_whose_copy_computes_otherwise_is_refused_by_name", "tests/test_fuse.py::test_idempotent",
-              "tests/test_fuse_state.py::test_a_torchscript_child_is_carried_through_and_its_neighbours_fold")
+              "tests/test_fuse_state.py::test_a_torchscript_child_is_carried_through_and_its_neighbours_fold",
+              "tests/test_fuse_capture.py::test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs")
 _MODEL_KEPT = (f"{_SO}::test_fuse_puts_back_the_attributes_a_hook_sets_on_the_users_model",
                f"{_SO}::test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse")
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
@@ -740,6 +741,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "        graphs = False", _COPY_SAME),
     ("frontend", "copy-paths-unread", "the copy's modules not looked up by path (a copy with other modules taken for the model)",
      "repalgebra.frontend.state:copy_difference", "        if type(other) is not type(m) and not graphs:", "        if False:", _COPY_SAME),
+    ("frontend", "torch-copies-compared-whole", "an OptimizedModule's copy (rebuilt from the module it compiles) compared attribute by attribute",
+     "repalgebra.frontend.state:_copied_by_torch", "    return any((f := getattr(type(m), name, None))", "    return False and any((f := getattr(type(m), name, None))", _COPY_SAME),
+    ("frontend", "user-copies-taken-for-torchs", "a class of the user's with its own __getstate__ taken for torch's (its attributes not compared)",
+     "repalgebra.frontend.state:_copied_by_torch", '.startswith("torch") for name in methods)', '.startswith("") for name in methods)', _COPY_SAME),
+    ("frontend", "every-module-taken-for-torchs", "nn.Module's own copy taken for a class's own",
+     "repalgebra.frontend.state:_copied_by_torch", "is not getattr(nn.Module, name, None)", "is getattr(nn.Module, name, None)", _COPY_SAME),
     ("frontend", "copy-scalars-alike", "a copy's number taken for the model's whatever its value",
      "repalgebra.frontend.state:_alike", "        return a == b or (a != a and b != b)", "        return True", _COPY_SAME),
     ("frontend", "copy-containers-alike", "a copy's dict or list taken for the model's whatever it holds",

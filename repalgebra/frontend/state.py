@@ -329,13 +329,21 @@ def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
         graphs = isinstance(m, torch.fx.GraphModule) and isinstance(other, torch.fx.GraphModule)
         if type(other) is not type(m) and not graphs:
             return f"its copy holds no {type(m).__name__} at {path!r}"
-        # A GraphModule's copy is rebuilt from its graph, a class made for it and torch's bookkeeping: its code
-        # reads its parameters, buffers and children only.
-        mine, its = ({**m._buffers, **m._parameters}, {**other._buffers, **other._parameters}) if graphs else (_own(m), _own(other))
+        # A class of torch's that copies itself its own way (a GraphModule rebuilt from its graph, of a class made for
+        # it; an OptimizedModule from the module it compiles) holds torch's bookkeeping: its tensors are compared.
+        own = not (graphs or _copied_by_torch(m))
+        mine, its = (_own(m), _own(other)) if own else ({**m._buffers, **m._parameters}, {**other._buffers, **other._parameters})
         for name in [*mine, *(n for n in its if n not in mine)]:
             if not _alike(mine.get(name, _MISSING), its.get(name, _MISSING)):
                 return f"its copy's {f'{path}.{name}' if path else name!r} differs from its own"
     return None
+
+
+def _copied_by_torch(m: nn.Module) -> bool:
+    """Whether ``m``'s class is torch's and copies or pickles it otherwise than ``nn.Module`` does."""
+    methods = ("__deepcopy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")
+    return any((f := getattr(type(m), name, None)) is not getattr(nn.Module, name, None)
+               and (getattr(f, "__module__", None) or "").startswith("torch") for name in methods)
 
 
 def _alike(a: Any, b: Any, depth: int = 0) -> bool:
