@@ -194,7 +194,8 @@ _COPIES = (f"{_SO}::test_a_copy_that_is_or_shares_the_model_is_made_again", f"{_
            f"{_SO}::test_a_model_no_copy_of_which_is_its_own_is_refused_by_name")
 _COPY_SAME = (f"{_SO}::test_a_model_whose_copy_computes_otherwise_is_refused_by_name", "tests/test_fuse.py::test_idempotent",
               "tests/test_fuse_state.py::test_a_torchscript_child_is_carried_through_and_its_neighbours_fold",
-              "tests/test_fuse_capture.py::test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs")
+              "tests/test_fuse_capture.py::test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs",
+              "tests/test_fuse_call_signatures.py::test_a_model_fused_per_signature_fuses_again")
 _MODEL_KEPT = (f"{_SO}::test_fuse_puts_back_the_attributes_a_hook_sets_on_the_users_model",
                f"{_SO}::test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse")
 _SIZE_READ = ("tests/test_regressions_engine.py::test_a_size_read_between_a_strided_conv_and_its_bn_leaves_the_fold",)
@@ -744,7 +745,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "torch-copies-compared-whole", "an OptimizedModule's copy (rebuilt from the module it compiles) compared attribute by attribute",
      "repalgebra.frontend.state:_copied_by_torch", "    return any((f := getattr(type(m), name, None))", "    return False and any((f := getattr(type(m), name, None))", _COPY_SAME),
     ("frontend", "user-copies-taken-for-torchs", "a class of the user's with its own __getstate__ taken for torch's (its attributes not compared)",
-     "repalgebra.frontend.state:_copied_by_torch", '.startswith("torch") for name in methods)', '.startswith("") for name in methods)', _COPY_SAME),
+     "repalgebra.frontend.state:_copied_by_torch", '.startswith(("torch", "repalgebra")) for name in methods)', '.startswith("") for name in methods)', _COPY_SAME),
+    ("frontend", "our-copies-compared-whole", "a fused dispatcher's copy (sealed again with its copy's identities) compared attribute by attribute",
+     "repalgebra.frontend.state:_copied_by_torch", '.startswith(("torch", "repalgebra"))', '.startswith(("torch",))', _COPY_SAME),
     ("frontend", "every-module-taken-for-torchs", "nn.Module's own copy taken for a class's own",
      "repalgebra.frontend.state:_copied_by_torch", "is not getattr(nn.Module, name, None)", "is getattr(nn.Module, name, None)", _COPY_SAME),
     ("frontend", "copy-scalars-alike", "a copy's number taken for the model's whatever its value",

@@ -667,18 +667,26 @@ def log_shape_once(module: nn.Module, with_kwargs: bool = False) -> list:
     return logged
 
 
+ONE_SHOT: list = []  # the handle of a one-shot hook, kept in a global: no copy rebinds it
+
+
+def remove_the_global_one_shot(module, args, out):
+    ONE_SHOT[0].remove()
+
+
 def test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse():
     """fuse's runs of its copies called the one-shot hook, whose handle is the user's: the user's model, never
     called, had lost its hook after fuse, and a copy's hook kept in the fused model removed it at its first call
-    (found by a probe).  The hooks of the user's modules are put back, and a copy's hook removes itself from the
-    copy."""
+    (found by a probe), also where the handle is a global.  The hooks of the user's modules are put back, and a
+    copy's hook removes itself from the copy."""
     model = seeded(lambda: nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 4, 1)), 0)().to(D)
     logged = log_shape_once(model[0], with_kwargs=True)
+    ONE_SHOT[:] = [model[1].register_forward_hook(remove_the_global_one_shot)]
     fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
-    assert len(model[0]._forward_hooks) == 1, "fuse removed the user's hook"
+    assert len(model[0]._forward_hooks) == 1 and len(model[1]._forward_hooks) == 1, "fuse removed the user's hooks"
     fused(torch.randn(2, 3, 8, 8, dtype=D))
     assert len(model[0]._forward_hooks) == 1, "the fused model removed the user's hook"
     logged.clear()
     model(torch.randn(1, 3, 8, 8, dtype=D))
     model(torch.randn(1, 3, 8, 8, dtype=D))
-    assert logged == [(1, 8, 8, 8)] and not model[0]._forward_hooks
+    assert logged == [(1, 8, 8, 8)] and not model[0]._forward_hooks and not model[1]._forward_hooks

@@ -330,7 +330,8 @@ def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
         if type(other) is not type(m) and not graphs:
             return f"its copy holds no {type(m).__name__} at {path!r}"
         # A class of torch's that copies itself its own way (a GraphModule rebuilt from its graph, of a class made for
-        # it; an OptimizedModule from the module it compiles) holds torch's bookkeeping: its tensors are compared.
+        # it; an OptimizedModule from the module it compiles) holds torch's bookkeeping (a dispatcher of ours, its
+        # fingerprint of identities): its tensors are compared.
         own = not (graphs or _copied_by_torch(m))
         mine, its = (_own(m), _own(other)) if own else ({**m._buffers, **m._parameters}, {**other._buffers, **other._parameters})
         for name in [*mine, *(n for n in its if n not in mine)]:
@@ -340,10 +341,11 @@ def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
 
 
 def _copied_by_torch(m: nn.Module) -> bool:
-    """Whether ``m``'s class is torch's and copies or pickles it otherwise than ``nn.Module`` does."""
+    """Whether ``m``'s class is torch's (or ours: a fused dispatcher, sealed again with its copy's identities) and
+    copies or pickles it otherwise than ``nn.Module`` does."""
     methods = ("__deepcopy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")
     return any((f := getattr(type(m), name, None)) is not getattr(nn.Module, name, None)
-               and (getattr(f, "__module__", None) or "").startswith("torch") for name in methods)
+               and (getattr(f, "__module__", None) or "").startswith(("torch", "repalgebra")) for name in methods)
 
 
 def _alike(a: Any, b: Any, depth: int = 0) -> bool:
