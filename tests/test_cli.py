@@ -175,7 +175,11 @@ def test_export_a_part_without_lowering_goes_through_the_fallback_and_says_so(tm
             return nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), Gate())
     """))
     out = tmp_path / "g.onnx"
-    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8"]) == 0
+    # A branch on values is refused by default, found where it is read (the file holds the example's branch); this
+    # one every input takes, which the user says with the flag
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8"]) == 1
+    assert "m_3 (Gate; 1 branch)" in capsys.readouterr().err
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "2,3,8,8", "--allow-example-branches"]) == 0
     printed = capsys.readouterr().out
     assert "fallback (torch.onnx.export):" in printed and "m_3: 1 IR node (Gate)" in printed, printed
     assert "into Python boolean (control flow on values)" in printed and "OK" in printed

@@ -297,3 +297,31 @@ class ReachesIn(nn.Module):
 
 def test_reached_through_names_the_children_code_reaches_into():
     assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body"}
+
+
+@pytest.mark.parametrize("where", ["init", "helper"])
+def test_only_the_code_a_call_runs_is_read_for_chains(where):
+    """``reached_through`` read every function of the class, ``__init__`` too: a parent kept whole (a branch on its
+    input's values) whose ``__init__`` sets up ``self.body[1].running_mean`` kept its conv and BN as written.  The
+    code a call runs is ``forward`` and the helpers it calls on ``self``: a read there counts (classes made here,
+    afresh: the chains are read once per class)."""
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.body[1].running_mean.normal_()  # set up here: no call runs it
+
+        def scale(self) -> torch.Tensor:
+            return self.body[0].weight.mean()
+
+        if where == "helper":
+            def forward(self, x):
+                y = self.body(x)
+                return y * self.scale() if float(y.mean()) > 1e9 else y  # (a branch no example takes)
+        else:
+            def forward(self, x):
+                y = self.body(x)
+                return y if float(x.sum()) > -1e9 else -y
+
+    assert reached_through(Parent()) == ({"body", "body.0"} if where == "helper" else set())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repalgebra import export_onnx, fuse
+from repalgebra.frontend.structured import structure_mismatch
 from zoo import count_bn, seeded
 
 D = torch.float64
@@ -433,12 +434,14 @@ def test_a_number_for_a_tensor_inside_a_tuple_argument_is_refused_by_the_checks_
 
 def test_a_call_of_a_forward_taking_args_names_what_it_was_given():
     """ultralytics' ``forward(x, *args)`` fused with ``x`` alone and called ``fused(x, False, True)`` was refused as
-    "called with (tensor, tensor, tensor)" (found by a review): the flags are named by their type."""
+    "called with (tensor, tensor, tensor)" (found by a review): the structure check names the flags by their type.
+    The call is refused first as one of another form than the example's (a probe's fix), by name."""
     model = seeded(ExtraArgs, 0)().to(D)
     x = torch.randn(1, 3, 16, 16, dtype=D)
     fused = fuse(model, x)
-    with pytest.raises(TypeError, match=r"called with \(tensor, bool, bool\)"):
+    with pytest.raises(TypeError, match=r"this call is of another form \(too many positional arguments\)"):
         fused(x, False, True)
+    assert "called with (tensor, bool, bool)" in structure_mismatch((0,), (x, False, True))
 
 
 class GraphConvolution(nn.Module):

@@ -166,17 +166,33 @@ _CHAINS: "weakref.WeakKeyDictionary[type, tuple[tuple[Any, ...], ...]]" = weakre
 
 
 def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
-    """:func:`_chains`, read off the code."""
-    chains: list[tuple[Any, ...]] = []
-    for base in cls.__mro__:
+    """:func:`_chains`, read off the code a call runs: ``forward`` (and a ``__call__`` of the class's own) and the
+    methods and properties of the class it names on ``self``, in turn; not ``__init__`` or a weight init, which
+    reach into every child and never run in a call (a parent kept whole kept its conv and BN as written for
+    ``self.conv.bn.running_mean.normal_()`` in ``__init__``; found by a full run)."""
+    functions: dict[str, types.FunctionType] = {}
+    for base in reversed(cls.__mro__):
         if base in (nn.Module, object):
             continue
-        for value in vars(base).values():
+        for name, value in vars(base).items():
             function = value.fget if isinstance(value, property) else value
+            if isinstance(function, (staticmethod, classmethod)):
+                function = function.__func__
             if isinstance(function, types.FunctionType):
-                function = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
-            if isinstance(function, types.FunctionType) and function.__code__.co_argcount:
-                chains += _chains_in(function.__code__, function.__code__.co_varnames[0])
+                functions[name] = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
+    chains: list[tuple[Any, ...]] = []
+    todo, seen = [n for n in ("forward", "__call__") if n in functions], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        code = functions[name].__code__
+        if not code.co_argcount:
+            continue
+        found = _chains_in(code, code.co_varnames[0])
+        chains += found
+        todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
     return tuple(dict.fromkeys(chains))
 
 
