@@ -518,10 +518,15 @@ def gelu_by_layout(y, x):
 def test_a_branch_on_is_inference_is_seen_by_a_check_under_inference_mode():
     """torch.export records ``x.is_inference()`` as the example's answer (False); the capture is checked under
     torch.inference_mode too, where the model clamps."""
-    model = randomized(TensorBranch(clamp_inference))
+    assert_clamps_in_every_mode(randomized(TensorBranch(clamp_inference)), "under torch.inference_mode")
+
+
+def assert_clamps_in_every_mode(model: nn.Module, why: str) -> None:
+    """Fused at inputs large enough to clamp, the capture is refused for ``why`` and the fused model computes what
+    the model does in every mode (:data:`MODES`)."""
     gen = torch.Generator().manual_seed(1)
     fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
-    assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
+    assert why in str(fused.fuse_report), str(fused.fuse_report)
     x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
     for name, mode in MODES.items():
         with mode():
@@ -733,14 +738,7 @@ def test_a_flag_read_by_a_helper_of_another_module_is_seen_by_a_check_under_infe
     monkeypatch.syspath_prepend(str(tmp_path))
     import flag_helpers
 
-    model = randomized(FlagBranch(flag_helpers.deploying, odd_width_pads=False))
-    gen = torch.Generator().manual_seed(1)
-    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10)  # large enough to clamp
-    assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
-    x = torch.randn(2, 3, 6, 5, dtype=D, generator=gen) * 10
-    for name, mode in MODES.items():
-        with mode():
-            assert close(model(x), fused(x)), name
+    assert_clamps_in_every_mode(randomized(FlagBranch(flag_helpers.deploying, odd_width_pads=False)), "under torch.inference_mode")
 
 
 HUBCONF = """
