@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repalgebra import fuse, verify
+from repalgebra import export_onnx, fuse, verify
 from zoo import count_bn, seeded
 
 D = torch.float64
@@ -619,6 +619,14 @@ def test_a_model_whose_copy_computes_otherwise_is_refused_by_name():
     fused = fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+def test_an_export_of_a_model_whose_copy_computes_otherwise_is_refused_by_name():
+    """export_onnx traces and checks copies too: its file returned 4x the model's output (a fixer's finding)."""
+    model = seeded(_Calibrated, 0)().to(D)
+    model.logit_scale = 0.25
+    with pytest.raises(TypeError, match="cannot export .*'logit_scale' differs"):
+        export_onnx(model, None, torch.randn(2, 3, 8, 8, dtype=D))
 
 
 class _Stats:

@@ -112,6 +112,7 @@ FEW = {
     "the other mutants' and the tests' own), and the modes it runs in (the mutant runs it without gradients only)",
     "repalgebra.frontend.outside_reads:_self_and_ancestors": "one list: a path and its ancestors",
     "repalgebra.fuse:_put": "one assignment; the mutant is the setattr it replaced",
+    "repalgebra.backend.onnx:_refuse_unfaithful_copy": "one decision (copy_difference's mutants check what differs)",
     "repalgebra.frontend.outside_reads:_read_chains": "two decisions: the code a call runs, not __init__, and the "
     "helpers it calls (the chains themselves are _chains_in's and _steps', whose mutants are reached_through's)",
     "repalgebra.module_copy:in_eval": "one call, its result not used",

@@ -1212,6 +1212,18 @@ def _splice(ctx: LowerCtx, region: Region, sub: ExportedRegion, names: dict[int,
                                        sub.branches, sub.steered, sub.numbers, sub.on_values, sub.asserted))
 
 
+def _refuse_unfaithful_copy(model: torch.nn.Module) -> None:
+    """Raise a TypeError, naming what differs, where a copy of ``model`` does not hold its parameters, buffers and
+    plain attributes (:func:`~repalgebra.frontend.state.copy_difference`): the export traces and checks copies, so
+    the file would compute what the copy does (``__setstate__`` putting back a default: 4x the model's output, as
+    fuse's own check was before; found by a fixer)."""
+    from repalgebra.frontend.state import copy_difference
+
+    if (difference := copy_difference(model, eval_copy(model))) is not None:
+        raise TypeError(f"cannot export {type(model).__name__} to ONNX: {difference} (its __deepcopy__, __getstate__ "
+                        "or __setstate__ changes it), and the export traces and checks a copy")
+
+
 def _refuse_state(model: torch.nn.Module, example: tuple, dtype: torch.dtype) -> None:
     """Raise ``ValueError`` when calls of ``model`` change what its next call computes (a counter, a running
     statistic updated in eval mode): an ONNX graph is one function of its inputs, and would freeze one call's state."""
@@ -1845,6 +1857,7 @@ def export_onnx(
         _check_graph_shapes(model_or_graph, input_shape)
         model, report = lower(model_or_graph, "", None, ())
     elif isinstance(model_or_graph, torch.nn.Module):
+        _refuse_unfaithful_copy(model_or_graph)
         model_or_graph, input_shape = _flat_for_export(model_or_graph, input_shape)
         dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
         example = _example_inputs(input_shape, dtype)
