@@ -827,3 +827,17 @@ def test_a_call_a_parts_checks_refuse_runs_the_original(blk, call, example, othe
         y = torch.randn(shape, dtype=D)
         _close(fused(y), model(y))
     assert ran == [example] and not fused.blk._as_written  # the fused form at the example, the original elsewhere
+
+
+def test_a_guard_taken_off_a_fused_form_stays_off_its_copies():
+    """``_uninstall`` takes a guard off a fused GraphModule and off the copies it makes (a dispatcher checks it
+    instead): left on the copies, a copy held guards its module had not.  The dispatchers now check the same guards
+    first, so no call shows it; the contract, checked here directly."""
+    from repalgebra.fuse import ShapeGuard, _uninstall
+
+    fused = repalgebra.fuse(_model(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))), torch.randn(1, 3, 8, 8, dtype=D))
+    guard = ShapeGuard([(1, 3, 8, 8)], "the part")
+    guard.install(fused)
+    assert guard in copy.deepcopy(fused)._forward_pre_hooks.values()
+    _uninstall(guard, fused)
+    assert guard not in fused._forward_pre_hooks.values() and guard not in copy.deepcopy(fused)._forward_pre_hooks.values()

@@ -1149,3 +1149,20 @@ def test_a_sparse_buffer_is_watched_as_state():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="_sparse_mm"):
         export_onnx(fused, None, x)
+
+
+def test_restore_in_place_puts_back_what_runs_changed_in_the_tensors_themselves():
+    """``restore_in_place`` writes the initial values into the tensors a part holds (a buffer it shares with its
+    parent stays shared): with its children fused, fuse's runs touch copies only, so no test of fuse sees it; its
+    contract, checked here directly."""
+    from repalgebra.frontend.state import restore_in_place
+
+    initial = randomized(Counter)
+    part = copy.deepcopy(initial)
+    held = part.n
+    with torch.no_grad():
+        part(inputs()[0])
+        part(inputs()[0])
+    assert float(part.n) == 2.0
+    restore_in_place(part, initial)
+    assert part.n is held and float(held) == float(initial.n) == 0.0
