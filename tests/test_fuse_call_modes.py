@@ -70,17 +70,20 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class FlagBranch(nn.Module):
-    """Clamps where a mode flag says so; an odd width sends it to torch.export (Python on a size)."""
+    """Clamps where a mode flag says so; an odd width sends it to torch.export (Python on a size).  With
+    ``reshaped``, a flatten and a reshape back, which fuse checks at other sizes (its runs are reused then)."""
 
-    def __init__(self, flag, odd_width_pads: bool) -> None:
+    def __init__(self, flag, odd_width_pads: bool, reshaped: bool = False) -> None:
         super().__init__()
-        self.flag, self.odd_width_pads = flag, odd_width_pads
+        self.flag, self.odd_width_pads, self.reshaped = flag, odd_width_pads, reshaped
         self.a, self.b = conv_bn(3, 8), conv_bn(8, 8, 1)
 
     def forward(self, x):
         if self.odd_width_pads and x.shape[-1] % 2:
             x = F.pad(x, (0, 1))
         y = self.a(x)
+        if self.reshaped:
+            y = y.flatten(2).reshape(y.shape)
         if self.flag():
             y = y.clamp(-3, 3)
         return self.b(y)
@@ -730,15 +733,18 @@ def deploying():
 """
 
 
-def test_a_flag_read_by_a_helper_of_another_module_is_seen_by_a_check_under_inference_mode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reshaped", [False, True], ids=["plain", "reshaped"])
+def test_a_flag_read_by_a_helper_of_another_module_is_seen_by_a_check_under_inference_mode(tmp_path, monkeypatch, reshaped):
     """A helper of the model's library (``utils.deploying()``) is not the model's code, so its flag read is out of
     the stand-ins' reach; fx traced past it, and its capture was never checked under ``torch.inference_mode``,
-    where the model clamps (found by a review).  Now it is, and the capture is refused there."""
+    where the model clamps (found by a review).  Now it is, and the capture is refused there.  ``reshaped``: the
+    check starts from a run at other sizes, which must see the clamp too."""
     (tmp_path / "flag_helpers.py").write_text(HELPERS)
     monkeypatch.syspath_prepend(str(tmp_path))
     import flag_helpers
 
-    assert_clamps_in_every_mode(randomized(FlagBranch(flag_helpers.deploying, odd_width_pads=False)), "under torch.inference_mode")
+    model = randomized(FlagBranch(flag_helpers.deploying, odd_width_pads=False, reshaped=reshaped))
+    assert_clamps_in_every_mode(model, "under torch.inference_mode")
 
 
 HUBCONF = """
@@ -794,24 +800,27 @@ def test_flags_in_code_of_a_module_missing_from_sys_modules_are_watched(tmp_path
 class DefaultDtypeRamp(nn.Module):
     """A ramp and an offset made in torch's default dtype (factories without ``dtype=``), as position encodings are."""
 
-    def __init__(self, factories: bool) -> None:
+    def __init__(self, factories: bool, reshaped: bool = False) -> None:
         super().__init__()
-        self.factories = factories
+        self.factories, self.reshaped = factories, reshaped
         self.a = conv_bn(3, 8)
 
     def forward(self, x):
         y = self.a(x)
+        if self.reshaped:  # (fuse then checks it at other sizes, and its default-dtype check starts from such a run)
+            y = y.flatten(2).reshape(y.shape)
         if self.factories:
             y = y * torch.linspace(0, 1, x.shape[-1]) + torch.tensor(0.1)
         return y
 
 
+@pytest.mark.parametrize("reshaped", [False, True], ids=["plain", "reshaped"])
 @pytest.mark.parametrize("factories", [True, False], ids=["factories", "none"])
-def test_a_part_computing_in_the_default_dtype_refuses_calls_under_another(factories):
+def test_a_part_computing_in_the_default_dtype_refuses_calls_under_another(factories, reshaped):
     """The capture held ``torch.linspace`` and ``torch.tensor(0.1)`` as made under the float32 default; called after
     ``torch.set_default_dtype(torch.float64)``, the model made them in float64 and the fused model did not (5e-8 off
     in float64, found by a review).  Such a part refuses the call by name now; one without factories runs."""
-    model = randomized(DefaultDtypeRamp(factories))
+    model = randomized(DefaultDtypeRamp(factories, reshaped))
     x = torch.randn(2, 3, 6, 5, dtype=D)
     fused = repalgebra.fuse(model, x)
     assert fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)

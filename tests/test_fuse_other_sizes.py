@@ -274,3 +274,35 @@ def test_convs_whose_outputs_agree_at_even_sizes_only_stay_apart(conv, example, 
     assert fused.fuse_report.ops_after.get("conv2d", 0) + fused.fuse_report.ops_after.get("conv1d", 0) == 2
     x = torch.randn(other, dtype=D)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+class BatchIntoRows(nn.Module):
+    """A conv, then ``y.reshape(C, -1) * g[:, None]`` and back to ``y.shape``: at batch 1 a per-channel scale at
+    every height and width; at batch 2 a row holds two channels' values."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y.reshape(y.shape[1], -1) * self.g[:, None]).reshape(y.shape)
+
+
+def test_a_fold_exact_at_the_example_batch_at_every_size_is_checked_at_another_batch():
+    """The runs at other sizes resize one axis each; the first the original accepts also grows the batch, the rest
+    keep the example's (they cost less so).  A fold that holds at batch 1 for every height and width must still be
+    seen to differ at batch 2."""
+    model = BatchIntoRows().to(D).eval()
+    x = torch.randn(1, 3, 6, 5, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        for shape in [(1, 3, 6, 5), (1, 3, 8, 7), (2, 3, 6, 5), (3, 3, 4, 4)]:
+            y = torch.randn(shape, dtype=D)
+            try:
+                got = fused(y)
+            except ValueError as e:  # refused by name: the fused graph holds at the example's sizes only
+                assert shape != x.shape and "sizes" in str(e), str(e)
+                continue
+            torch.testing.assert_close(got, model(y), rtol=1e-9, atol=1e-9)

@@ -31,6 +31,8 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
+    "the mutants skip it, or make both runs alike",
     "repalgebra.fuse:_axes_fit": "one decision a test reaches: a fixed axis of another size is refused (the others pass "
     "in the same test)",
     "repalgebra.fuse:_refuses_what_runs": "one decision added to it a test reaches alone: a test of sizes makes a dispatcher "
