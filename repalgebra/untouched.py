@@ -21,7 +21,7 @@ from torch import nn
 
 from repalgebra.draws import generators_kept
 from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
-from repalgebra.frontend.state import _changed, _key, _plain, equal_values, plain_attributes
+from repalgebra.frontend.state import attribute_key, changed_names, equal_values, plain_attributes, plain_object
 
 __all__ = ["attributes_kept", "model_kept", "rng_kept", "tensors_kept"]
 
@@ -73,12 +73,12 @@ def model_kept(model: nn.Module, restored: list[str]) -> Iterator[None]:
         try:
             yield
         finally:
-            restored += sorted(_changed(before, _attribute_keys(model)))
+            restored += sorted(changed_names(before, _attribute_keys(model)))
 
 
 def _attribute_keys(model: nn.Module) -> dict[str, Any]:
     """Each plain attribute of ``model``'s modules by path, as a snapshot sees it (what a call could change)."""
-    return {f"{path}.{name}" if path else name: _key(v)
+    return {f"{path}.{name}" if path else name: attribute_key(v)
             for path, m in model.named_modules() for name, v in plain_attributes(m).items()}
 
 
@@ -124,7 +124,7 @@ def _containers(values: list, depth: int = 3) -> list:
     ``depth`` levels deep (a cache ``{"len": {}}``; a review found them left filled)."""
     found = []
     for v in values:
-        v = vars(v) if _plain(v) else v  # (a plain object's attributes: ``self.stats.n += 1``)
+        v = vars(v) if plain_object(v) else v  # (a plain object's attributes: ``self.stats.n += 1``)
         if isinstance(v, (dict, list, set)):
             found.append(v)
             if depth > 1 and not isinstance(v, set):

@@ -56,7 +56,7 @@ def watch(module: nn.Module) -> Iterator[list[str]]:
     entry: dict[str, Any] = {}
     pre = module.register_forward_pre_hook(lambda m, args: entry.update(_snapshot(module)))
     post = module.register_forward_hook(
-        lambda m, args, out: changed.extend(_changed(entry, _snapshot(module)))
+        lambda m, args, out: changed.extend(changed_names(entry, _snapshot(module)))
     )
     try:
         yield changed
@@ -105,8 +105,8 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         second = _call(work, inputs)
     except Exception as e:  # noqa: BLE001  (it ran once for the caller: what else changed is unknown)
         return State(whole=f"a repeated call of it fails ({type(e).__name__}: {e})")
-    changed = set(_changed(after_first, _snapshot(work)))
-    once = set(_changed(before, after_first)) - changed
+    changed = set(changed_names(after_first, _snapshot(work)))
+    once = set(changed_names(before, after_first)) - changed
     if drawn := {n for n in changed | once if n in DRAWS}:  # another thread's draws move the generators too
         kept = _draws_itself(model, inputs, drawn)
         changed, once = changed - (drawn - kept), once - (drawn - kept)
@@ -215,7 +215,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             continue  # it does not run at that size: nothing learned
         if k == 0:
             theirs = _snapshot(fresh)
-            per_call = set(_changed(filled, {n: theirs.get(n, _MISSING) for n in filled}))
+            per_call = set(changed_names(filled, {n: theirs.get(n, _MISSING) for n in filled}))
         with generators_kept():
             _call(primed, inputs)
         try:
@@ -245,7 +245,7 @@ def _differing(filled: dict[str, Any], one: nn.Module, other: nn.Module) -> set[
     """The names in ``filled`` whose values differ between two copies after their calls (all of them where none
     does: the difference is then in what they hold, not in a name of the snapshot)."""
     theirs, mine = _snapshot(one), _snapshot(other)
-    return set(_changed({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled})) or set(filled)
+    return set(changed_names({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled})) or set(filled)
 
 
 def _why(names: list[str]) -> str:
@@ -257,12 +257,12 @@ def _why(names: list[str]) -> str:
 
 
 def _snapshot(module: nn.Module) -> dict[str, Any]:
-    """Every parameter, buffer and plain attribute of ``module`` and its descendants by name, as :func:`_key` sees it,
+    """Every parameter, buffer and plain attribute of ``module`` and its descendants by name, as :func:`attribute_key` sees it,
     and the global generators' states (:data:`~repalgebra.draws.DRAWS`: a call that draws changes them)."""
     seen: dict[str, Any] = {n: ("value", s) for n, s in generator_states().items()}
     for path, m in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
-        seen.update((prefix + leaf, _key(value)) for leaf, value in _own(m).items())
+        seen.update((prefix + leaf, attribute_key(value)) for leaf, value in _own(m).items())
     return seen
 
 
@@ -283,7 +283,7 @@ def _own(m: nn.Module) -> dict[str, Any]:
     return {**own, **m._buffers, **m._parameters}
 
 
-def _key(value: Any, depth: int = 0) -> Any:
+def attribute_key(value: Any, depth: int = 0) -> Any:
     """What a call could change of one attribute: a tensor (with its version counter: an in-place write changes it),
     a Python scalar's value, and what lists, tuples, dicts, sets and plain objects hold (``self.stats["n"] += 1``,
     ``self.schedule.step += 1``), followed :data:`_DEPTH` levels deep and up to :data:`_ITEMS` items each; beyond
@@ -293,7 +293,7 @@ def _key(value: Any, depth: int = 0) -> Any:
     if isinstance(value, types.FunctionType) and (value.__closure__ or value.__defaults__) and depth < _DEPTH:
         # What a function holds (a generator it draws from, a call counter in a default): a call may change it too
         held = [c.cell_contents for c in value.__closure__ or () if _filled(c)] + list(value.__defaults__ or ())
-        return ("function", id(value), tuple(_key(h, depth + 1) for h in held))
+        return ("function", id(value), tuple(attribute_key(h, depth + 1) for h in held))
     if torch.is_tensor(value):
         small = value.numel() <= _COPIED and not value.is_meta
         version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
@@ -305,12 +305,12 @@ def _key(value: Any, depth: int = 0) -> Any:
         if not deeper or len(value) > _ITEMS:
             return ("container", type(value).__name__, len(value))
         if isinstance(value, dict):
-            return ("dict", type(value).__name__, tuple((_key(k, _DEPTH), _key(v, depth + 1)) for k, v in value.items()))
+            return ("dict", type(value).__name__, tuple((attribute_key(k, _DEPTH), attribute_key(v, depth + 1)) for k, v in value.items()))
         if isinstance(value, (set, frozenset)):
-            return ("set", type(value).__name__, frozenset(_key(v, _DEPTH) for v in value if isinstance(v, _SCALARS)), len(value))
-        return ("items", type(value).__name__, tuple(_key(v, depth + 1) for v in value))
-    if deeper and _plain(value):
-        return ("object", id(value), tuple(sorted((k, _key(v, depth + 1)) for k, v in vars(value).items() if not k.startswith("__"))))
+            return ("set", type(value).__name__, frozenset(attribute_key(v, _DEPTH) for v in value if isinstance(v, _SCALARS)), len(value))
+        return ("items", type(value).__name__, tuple(attribute_key(v, depth + 1) for v in value))
+    if deeper and plain_object(value):
+        return ("object", id(value), tuple(sorted((k, attribute_key(v, depth + 1)) for k, v in vars(value).items() if not k.startswith("__"))))
     return ("object", id(value))
 
 
@@ -349,7 +349,7 @@ def _copied_by_torch(m: nn.Module) -> bool:
 
 
 def _alike(a: Any, b: Any, depth: int = 0) -> bool:
-    """Whether a copy's value ``b`` is ``a`` as :func:`_key` sees state: tensors by shape, dtype and values, scalars
+    """Whether a copy's value ``b`` is ``a`` as :func:`attribute_key` sees state: tensors by shape, dtype and values, scalars
     by value, containers and plain objects by what they hold (:data:`_DEPTH` levels, :data:`_ITEMS` items), a
     generator by its state; anything else (a module, a function the copy rebinds, a library object) by its type."""
     if a is b:
@@ -361,7 +361,7 @@ def _alike(a: Any, b: Any, depth: int = 0) -> bool:
     if isinstance(a, _SCALARS):
         return a == b or (a != a and b != b)
     if held_generator_state(a) is not None:
-        return _same(_key(a), _key(b))
+        return _same(attribute_key(a), attribute_key(b))
     if isinstance(a, (list, tuple, dict, set, frozenset)):
         if len(a) != len(b):
             return False
@@ -371,7 +371,7 @@ def _alike(a: Any, b: Any, depth: int = 0) -> bool:
             return {v for v in a if isinstance(v, _SCALARS)} == {v for v in b if isinstance(v, _SCALARS)}
         pairs = [*zip(a, b), *zip(a.values(), b.values())] if isinstance(a, dict) else zip(a, b)
         return all(_alike(x, y, depth + 1) for x, y in pairs)
-    if _plain(a) and depth < _DEPTH:
+    if plain_object(a) and depth < _DEPTH:
         return _alike(vars(a), vars(b), depth + 1)
     return True
 
@@ -384,7 +384,7 @@ def _equal_or_opaque(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
 
 
-def _plain(value: Any) -> bool:
+def plain_object(value: Any) -> bool:
     """An instance of a Python class with a ``__dict__`` of its own data: not a module, tensor, class, function or
     library object whose attributes are its machinery."""
     if isinstance(value, (nn.Module, type)) or callable(value) or not hasattr(value, "__dict__"):
@@ -393,7 +393,7 @@ def _plain(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Two :func:`_key` results say the same state (tensors by :meth:`_Tensor.same`, the rest by value)."""
+    """Two :func:`attribute_key` results say the same state (tensors by :meth:`_Tensor.same`, the rest by value)."""
     if isinstance(a, _Tensor):
         return a.same(b)
     if isinstance(a, tuple) and isinstance(b, tuple):
@@ -455,7 +455,7 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
     def watched() -> dict[str, Any]:
         seen = {}
         for n, (owner, leaf) in owners.items():
-            seen[n] = _key(_own(owner).get(leaf, _MISSING))
+            seen[n] = attribute_key(_own(owner).get(leaf, _MISSING))
         return seen
 
     def generators() -> dict[str, Any]:
@@ -475,7 +475,7 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
         entry, by_children, _, _ = call = stack.pop()
         now = generators()
         drew(call, now)
-        changed = set(_changed(entry, watched()))
+        changed = set(changed_names(entry, watched()))
         for n in changed - by_children:
             sites.setdefault(n, []).append(paths[m])
         if stack:
@@ -537,7 +537,7 @@ def _equal_sparse(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.indices(), b.indices()) and equal_values(a.values(), b.values())
 
 
-def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def changed_names(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The names whose entries differ between two snapshots (one missing from either counts)."""
     out = []
     for name in before.keys() | after.keys():
