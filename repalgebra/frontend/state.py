@@ -228,16 +228,15 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             state |= _differing(filled, fresh, primed)
         # And the other order: what a call on other values leaves (a table kept for the largest size seen, then
         # sliced) may change what a later call on the example computes (found by a fixer's probe, 4.0 off).
-        after = copy_module(model)
+        # ``fresh`` made that call above (its snapshot read first).
         try:
             with generators_kept():
-                _call(after, other)
-                again = _call(after, inputs)
+                again = _call(fresh, inputs)
         except Exception:  # noqa: BLE001  (what the other call left makes the example's fail)
             state |= set(filled)
             continue
         if first_difference(example, again, tolerance) is not None:
-            state |= _differing(filled, alone, after)
+            state |= _differing(filled, alone, fresh)
     return state, per_call - state
 
 
