@@ -306,3 +306,27 @@ def test_a_fold_exact_at_the_example_batch_at_every_size_is_checked_at_another_b
                 assert shape != x.shape and "sizes" in str(e), str(e)
                 continue
             torch.testing.assert_close(got, model(y), rtol=1e-9, atol=1e-9)
+
+
+class LargePool(nn.Module):
+    """A conv and BN, a flatten and a reshape back, and a 100x100 average pool: a map under 100 is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.nn.functional.avg_pool2d(y.flatten(2).reshape(y.shape), 100)
+
+
+def test_an_axis_refused_at_a_quarter_of_its_size_is_tried_at_half():
+    """Each axis is resized alone to a quarter of its size first (a cheaper run); a model that refuses so small a
+    map is tried at half, and its sizes stay free."""
+    model = randomized(LargePool()).to(D)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D))
+    assert fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)
+    assert not any(f"axis {k}" in n for n in fused.fuse_report.notes for k in (2, 3)), str(fused.fuse_report)
+    y = torch.randn(2, 3, 128, 200, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
