@@ -26,6 +26,12 @@ BatchNorm2d, LeViT's Linear_BN (Linear on (B, N, C) -> flatten(0, 1) -> BatchNor
 back; the final reshape is applied to both sides), a channels-last Linear followed by
 permute to NCHW and BatchNorm2d, and a plain layer scale on the last axis (empty chain).
 
+After a sum of Linears, each reading its own input (PyG's SAGEConv ``lin_l(aggr) + lin_r(x)``
+before a BatchNorm1d): A(L(z_1 ± z_2 ± ...)) = L(s (z_1 ± z_2 ± ...) + t), and s distributes over the
+sum, so every Linear folds the scale s and the first (added) one also the shift t; the others fold
+(s, no shift), their bias only scaled.  :data:`SUM_CONFIGS` check it on (N, C) features with a BN on
+axis 1, on (N, L, C) features transposed to (N, C, L) for a BatchNorm1d, and with a layer scale.
+
 REFUSED: a layout op that mixes the feature axis with another axis. Here the classic slip
 ``y.reshape(B, C, N)`` instead of ``y.transpose(1, 2)``: with N = 2, C = 4 it splits each row of
 4 features over two output rows, so the element at [0, 0, 1] is feature 1 but meets the layer
@@ -105,6 +111,40 @@ REFUSED = dict(name="reshape (B,N,C)->(B,C,N) without transpose", x=(1, 2, 2), O
                chain=[("reshape", dict(shape=(1, 4, 2)))], A="scale", axis=1)
 
 
+# A sum of Linears of their own inputs, ``terms`` of (name, input shape, bias, sign), summed left to right with
+# their signs (the first one added), then L and A.
+SUM_CONFIGS = [
+    dict(name="SAGEConv lin_l(aggr) - lin_r(x) + lin(z), BN1d on (N, C)", O=2, chain=[], A="bn", axis=1,
+         terms=[("x", (2, 3), True, 1), ("y", (2, 2), True, -1), ("z", (2, 3), False, 1)]),
+    dict(name="(N, L, C) features, transpose to (N, C, L), BN1d", O=2,
+         chain=[("transpose", dict(dim0=1, dim1=2))], A="bn", axis=1,
+         terms=[("x", (1, 2, 2), False, 1), ("y", (1, 2, 3), True, 1)]),
+    dict(name="layer scale after fc1(a) - fc2(b) on (N, L, C)", O=3, chain=[], A="scale", axis=-1,
+         terms=[("x", (1, 2, 2), True, 1), ("y", (1, 2, 2), False, -1)]),
+]
+
+
+def prove_sum(cfg) -> str:
+    """A(L(sum_k sign_k Linear_k(x_k))) == L(sum_k sign_k Linear_k'(x_k)): Linear_1 folds (s, t), the others (s, 0)."""
+    O = cfg["O"]
+    params = bn_symbols("", O) if cfg["A"] == "bn" else (symbols_tensor("s", (O,)),)
+    s, t = bn_scale_shift(*params) if cfg["A"] == "bn" else (params[0], None)
+    total = folded = None
+    for k, (name, shape, bias, sign) in enumerate(cfg["terms"]):
+        x, w = symbols_tensor(name, shape), symbols_tensor(f"w{k}", (O, shape[-1]))
+        b = symbols_tensor(f"b{k}", (O,)) if bias else None
+        w2, b2 = fuse(w, b, s, t if k == 0 else None)  # the shift once, into the first (added) Linear
+        z, z2 = sign * linear(x, w, b), sign * linear(x, w2, b2)
+        total, folded = (z, z2) if total is None else (total + z, folded + z2)
+    y = layout(total, cfg["chain"])
+    lhs = batch_norm(y, *params, axis=cfg["axis"]) if cfg["A"] == "bn" else scale(y, s, axis=cfg["axis"])
+    rhs = layout(folded, cfg["chain"])
+    assert_equal(lhs, rhs, "linear_affine_fold sum " + cfg["name"])
+    terms = " ".join(f"{'+-'[sign < 0]} Linear({name}{'' if bias else ', no bias'})" for name, _, bias, sign in cfg["terms"])
+    return describe("A(L(sum of Linears)) == L(sum of folded Linears)", case=cfg["name"], terms=terms,
+                    L=describe_chain(cfg["chain"]), A=f"{cfg['A']}(axis={cfg['axis']})")
+
+
 def _tensors(cfg):
     x = symbols_tensor("x", cfg["x"])
     O = cfg["O"]
@@ -148,6 +188,7 @@ def prove() -> list[str]:
         done.append(desc)
 
     done.append(prove_generator_input())
+    done.extend(prove_sum(cfg) for cfg in SUM_CONFIGS)
 
     # REFUSED: the reshape mixes the feature axis with the token axis.
     cfg = REFUSED

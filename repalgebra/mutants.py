@@ -126,6 +126,7 @@ _NORM_AFFINE = "repalgebra.kernels:norm_affine"
 _QSF = "repalgebra.rules.query_scale_fold:_fold"
 _NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
 _BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
+_LAF_FOLDED, _LAF_SUM = "repalgebra.rules.linear_affine_fold:_folded", "repalgebra.rules.linear_affine_fold:_through_sum"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
 _GROUPS_DROPPED = ("v.reshape(groups, 1, in_per_group)", "v[:in_per_group].reshape(1, 1, in_per_group).expand(groups, 1, in_per_group)")
@@ -464,16 +465,28 @@ MUTANTS: list[Mutant] = [
        "new = n.replace(inputs=(v, *(copies.get(id(r), r) for r in n.inputs[1:])))", "new = n.replace(inputs=(v, *n.inputs[1:]))",
        target="repalgebra.layout:replay"),
     # ---------------------------------------------------------------- linear_affine_fold
-    _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b"),
+    _m("linear_affine_fold", "bias-unscaled", "the Linear's bias is not multiplied by the scale", "bias = b * s if b is not None else None", "bias = b",
+       target=_LAF_FOLDED),
     _m("linear_affine_fold", "wrong-axis", "the scale multiplies the Linear's input columns instead of its output rows",
-       '"weight": w * s[:, None]', '"weight": w * s if w.shape[0] == w.shape[1] else w * s[:, None]'),
+       '"weight": w * s[:, None]', '"weight": w * s if w.shape[0] == w.shape[1] else w * s[:, None]', target=_LAF_FOLDED),
     _m("linear_affine_fold", "shift-dropped", "the BN shift is dropped when the Linear has a bias",
-       "bias = t if bias is None else bias + t", "bias = t if bias is None else bias"),
+       "bias = t if bias is None else bias + t", "bias = t if bias is None else bias", target=_LAF_FOLDED),
     _m("linear_affine_fold", "axis-unchecked", "a scale or BN on another axis than the Linear's features is folded",
-       "follow_chain(chain, len(lin.out.shape) - 1) != axis", "follow_chain(chain, len(lin.out.shape) - 1) is None"),
+       "follow_chain(chain, len(top.out.shape) - 1) != axis", "follow_chain(chain, len(top.out.shape) - 1) is None"),
     _helper("linear_affine_fold", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),
     _m("linear_affine_fold", "map-rows-interleaved", "a generator input layer's scale tiled over the rows instead of repeated per channel",
        "s = s.repeat_interleave(repeat)", "s = s.repeat(repeat)"),
+    _m("linear_affine_fold", "sum-shift-everywhere", "every Linear of a sum folds the BN's shift, not only the first",
+       "shift.pop() if shift else None", "t", target=_LAF_SUM),
+    _m("linear_affine_fold", "sum-later-unscaled", "only the first Linear of a sum folds the affine; the others are summed as they are",
+       "nodes.append(_folded(n, s, shift.pop() if shift else None, node))",
+       "nodes.append(_folded(n, s, shift.pop() if shift else None, node) if not nodes else n)", target=_LAF_SUM),
+    _m("linear_affine_fold", "sum-shared", "an affine after a sum folds even where a Linear of the sum is read elsewhere (computed twice)",
+       "    if shared:\n", "    if False:\n", target=_LAF_SUM),
+    _m("linear_affine_fold", "sum-term-twice", "a term read twice by the sum (y + y) folded twice: its Linear computed twice",
+       "if id(value) in seen:", "if False:", target=_LAF_SUM),
+    _m("linear_affine_fold", "sum-term-kept", "a term of the sum that is no Linear (a residual, a relu) added as it is, not scaled",
+       "        else:\n            return None\n", "        else:\n            return value\n", target=_LAF_SUM),
     # ---------------------------------------------------------------- linear_seq_merge
     _m("linear_seq_merge", "weights-reversed", "the merged weight composed the wrong way round (W1 W2 where it fits)",
        '"weight": w2 @ inner.params["weight"]}', '"weight": inner.params["weight"] @ w2 if w2.shape[0] == w2.shape[1] == inner.params["weight"].shape[1] else w2 @ inner.params["weight"]}'),

@@ -1249,3 +1249,79 @@ def test_a_reshape_of_a_sum_reads_its_sizes_where_a_term_may_broadcast():
         with torch.no_grad():
             want = model(x, y)
             torch.testing.assert_close(fused(x, y), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
+class _SAGEConv(nn.Module):
+    """PyG's ``SAGEConv`` (mean aggregation) written out: ``lin_l(mean of neighbours) + lin_r(x)``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.lin_l, self.lin_r = nn.Linear(c_in, c_out), nn.Linear(c_in, c_out, bias=False)
+
+    def forward(self, x, edge_index):
+        src, dst = edge_index[0], edge_index[1]
+        count = torch.zeros(x.size(0), 1, dtype=x.dtype).index_add_(0, dst, torch.ones(src.numel(), 1, dtype=x.dtype))
+        aggr = torch.zeros_like(x).index_add_(0, dst, x[src]) / count.clamp(min=1)
+        return self.lin_l(aggr) + self.lin_r(x)
+
+
+class _GraphSAGE(nn.Module):
+    """OGB's GraphSAGE: conv, BatchNorm1d, relu, per layer."""
+
+    def __init__(self, c: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([_SAGEConv(c, hidden), _SAGEConv(hidden, hidden)])
+        self.bns = nn.ModuleList([nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)])
+
+    def forward(self, x, edge_index):
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(bn(conv(x, edge_index)))
+        return x
+
+
+class _Towers(nn.Module):
+    """Two Linear towers summed before a BatchNorm1d (a DLRM-style interaction), with the ``dense`` tower called
+    once more on its own for a second output, and on both inputs in the sum (one module, three calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.sparse, self.bn = nn.Linear(8, 16), nn.Linear(6, 16), nn.BatchNorm1d(16)
+
+    def forward(self, a, b, c):
+        return self.bn(self.dense(a) - self.sparse(b) + self.dense(c)), self.dense(a)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_a_bn_after_a_sum_of_linears_folds(dtype, rtol):
+    """A BatchNorm1d after a sum of Linears (PyG's SAGEConv ``lin_l(aggr) + lin_r(x)``, then the BN, as OGB's
+    GraphSAGE stacks them) kept its BN: "batch_norm at bns.0: no rule applies (input from add, used by relu)" (a
+    probe).  The BN folds into the Linears (the scale into each, the shift into one bias), exactly, at other graph
+    sizes."""
+    model = randomize(_GraphSAGE().eval(), dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    graph = lambda n, e: (torch.randn(n, 8, generator=gen, dtype=dtype), torch.randint(0, n, (2, e), generator=gen))  # noqa: E731
+    fused = repalgebra.fuse(model, graph(12, 40))
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    assert fused.fuse_report.rule_counts().get("linear_affine_fold") == 2, str(fused.fuse_report)
+    for n, e in [(12, 40), (5, 9), (30, 100)]:
+        x, edges = graph(n, e)
+        with torch.no_grad():
+            want = model(x, edges)
+            torch.testing.assert_close(fused(x, edges), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_a_bn_after_a_sum_of_linears_of_one_module_called_elsewhere_too_is_exact(dtype, rtol):
+    """One ``nn.Linear`` called twice in the sum and once more outside it: each call is a Linear of its own, the BN
+    folds into the two in the sum and the call outside keeps the module's own weight."""
+    model = randomize(_Towers().eval(), dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    inputs = lambda n: (torch.randn(n, 8, generator=gen, dtype=dtype), torch.randn(n, 6, generator=gen, dtype=dtype),  # noqa: E731
+                        torch.randn(n, 8, generator=gen, dtype=dtype))
+    fused = repalgebra.fuse(model, inputs(4))
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    for n in (4, 1, 7):
+        args = inputs(n)
+        with torch.no_grad():
+            for got, want in zip(fused(*args), model(*args)):
+                torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))

@@ -1083,7 +1083,32 @@ def linear_affine_fold() -> Example:
     ref.line(no_match(bad, "linear_affine_fold"))
     ref.grids(tokens("Linear(x; W)", value_of(bad, y, xs)), tokens("s * reshape(...)", truth), tokens("the fold anyway", candidate), ("difference", (truth - candidate)[0]))
     ref.line().line(differ_line(truth, candidate, "they differ wherever a feature lands in a row whose channel is not that feature"))
-    return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+    sum_before, sum_after, sum_txt = _linear_affine_fold_sum()
+    return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref), "sum_before": str(sum_before),
+                                                    "sum_after": str(sum_after), "sum": str(sum_txt)})
+
+
+def _linear_affine_fold_sum() -> tuple[Graph, Graph, Text]:
+    """PyG's SAGEConv then a BatchNorm1d: ``bn(lin_l(aggr) + lin_r(x))`` on 3 nodes of 2 features."""
+    aggr, xs = t([[1, 0], [2, 1], [0, 2]]), t([[1, 1], [0, 2], [2, 0]])
+    wl, bl, wr = t([[1, 2], [0, 1]]), t([1, -1]), t([[2, 0], [1, -1]])
+    bn = bn_params([4, 1], [4, 1], [1, 2], [1, 0])
+    b = GraphBuilder()
+    a, x = b.input("aggr", aggr.shape, DT), b.input("x", xs.shape, DT)
+    total = b.add(b.linear(a, weight=wl, bias=bl, source="conv.lin_l"), b.linear(x, weight=wr, source="conv.lin_r"), source="conv")
+    g = b.build(b.batch_norm(total, **bn, source="bn"))
+    after, _ = apply("linear_affine_fold", g, "linear_affine_fold")
+    lin_l, lin_r = node(after, "linear"), node(after, "linear", 1)
+    before_y, after_y = run_graph(g, aggr, xs), run_graph(after, aggr, xs)
+    txt = Text()
+    txt.line("3 nodes of 2 features; lin_l has a bias [1, -1], lin_r none; a BatchNorm1d on the 2 output features")
+    for line in bn_text(bn):
+        txt.line(line)
+    txt.grids(("W_l", wl), ("W_l' = s[o] W_l[o, :]", lin_l.params["weight"]), ("W_r", wr), ("W_r' = s[o] W_r[o, :]", lin_r.params["weight"]))
+    txt.line(f"b_l' = s * b_l + t = {vec(lin_l.params['bias'])}   (the shift goes in once, here; lin_r' stays without a bias)")
+    txt.grids(("BN(lin_l(aggr) + lin_r(x))", before_y), ("lin_l'(aggr) + lin_r'(x)", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return g, after, txt
 
 
 @example
