@@ -271,6 +271,7 @@ class Example:
     before: Graph
     after: Graph
     blocks: dict[str, str] = field(default_factory=dict)
+    pictures: dict[str, Graph] = field(default_factory=dict)  # more graphs to draw, as img/{name}_{key}.svg
 
     def all_blocks(self) -> dict[str, str]:
         return {"before": str(self.before), "after": str(self.after), **self.blocks}
@@ -1085,7 +1086,8 @@ def linear_affine_fold() -> Example:
     ref.line().line(differ_line(truth, candidate, "they differ wherever a feature lands in a row whose channel is not that feature"))
     sum_before, sum_after, sum_txt = _linear_affine_fold_sum()
     return Example("linear_affine_fold", g, after, {"numbers": str(txt), "refused": str(ref), "sum_before": str(sum_before),
-                                                    "sum_after": str(sum_after), "sum": str(sum_txt)})
+                                                    "sum_after": str(sum_after), "sum": str(sum_txt)},
+                   {"sum_before": sum_before, "sum_after": sum_after})
 
 
 def _linear_affine_fold_sum() -> tuple[Graph, Graph, Text]:
@@ -1328,8 +1330,8 @@ def update_page(name: str, generated: dict[tuple[str, str], str]) -> tuple[str, 
 
 def write_svgs(name: str, ex: Example) -> None:
     IMG.mkdir(exist_ok=True)
-    for when, graph in (("before", ex.before), ("after", ex.after)):
-        dot = graph.to_dot(title=f"{name}: {when}")
+    for when, graph in (("before", ex.before), ("after", ex.after), *ex.pictures.items()):
+        dot = graph.to_dot(title=f"{name}: {when.replace('_', ' ')}")
         svg = subprocess.run(["dot", "-Tsvg"], input=dot, capture_output=True, text=True, check=True).stdout
         (IMG / f"{name}_{when}.svg").write_text(svg)
 
