@@ -28,6 +28,13 @@ conv also the shift t; the others fold (s, 0), their bias only scaled.  A term e
 channel, broadcast over the map (a diffusion ResBlock's ``conv(x) + time_mlp(t)[:, :, None, None]``),
 is s * e, and a subtracted first conv takes the shift negated: BN(e - z) = s e - (s z - t).
 
+After a pixel shuffle (EDSR's upsampler with ``bn=True``: conv, ``PixelShuffle(r)``, BatchNorm2d), output
+channel c of the shuffle holds the conv's channels c r^2 .. c r^2 + r^2 - 1, each spread over an r x r block of
+pixels: the BN's (s[c], t[c]) meets every one of them, so the conv folds s and t repeated r^2 times each,
+W'[o] = W[o] * s[o // r^2], b'[o] = b[o] * s[o // r^2] + t[o // r^2], and the shuffle follows the folded conv.
+Repeating them the other way (s[o mod C], a tiling) is wrong wherever the channels differ
+(tests/test_proofs.py shows it).
+
 A 3-D convolution (``nn.Conv3d``) is the same sum of weight-times-input terms of one output channel, so
 the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, paddings, dilations and groups
 on every axis.  A transposed 3-D convolution (``nn.ConvTranspose3d``) folds as the 2-D one, its weight
@@ -44,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, conv_transpose3d, describe, scale, symbols_tensor
+from .symbolic import assert_equal, batch_norm, bn_symbols, concat, conv2d, conv3d, conv_symbols, conv_transpose2d, conv_transpose3d, describe, pixel_shuffle, scale, symbols_tensor
 
 
 def fuse(w, b, mean, var, gamma, beta, eps):
@@ -147,7 +154,38 @@ def prove() -> list[str]:
     done.append(prove_concat())
     done.append(prove_sum())
     done.append(prove_sum_with_term())
+    done.extend(prove_shuffle(cfg) for cfg in SHUFFLE_CONFIGS)
     return done
+
+
+# A conv to C r^2 channels, pixel_shuffle(r), BN on the C channels: (r, C, conv config without O).
+SHUFFLE_CONFIGS = [
+    dict(r=2, C=2, conv=dict(C=2, H=2, W=2, k=(3, 3), padding=(1, 1, 1, 1), groups=1, bias=True)),
+    dict(r=3, C=2, conv=dict(C=1, H=2, W=1, k=(1, 1), padding=(0, 0, 0, 0), groups=1, bias=False)),
+    dict(r=2, C=2, conv=dict(C=2, H=1, W=2, k=(1, 3), padding=(0, 0, 1, 1), groups=2, bias=True)),
+]
+
+
+def _shuffle_sides(cfg, repeat):
+    """BN(pixel_shuffle(conv(x))) and pixel_shuffle(conv'(x)) with conv' folding (s, t) spread by ``repeat(o)``."""
+    r, C = cfg["r"], cfg["C"]
+    conv = dict(cfg["conv"], O=C * r * r)
+    x, w, b = conv_symbols(conv)
+    mean, var, gamma, beta, eps = bn_symbols("", C)
+    kw = dict(padding=conv["padding"], groups=conv["groups"])
+    lhs = batch_norm(pixel_shuffle(conv2d(x, w, b, **kw), r), mean, var, gamma, beta, eps)
+    spread = [repeat(o) for o in range(C * r * r)]
+    w2, b2 = fuse(w, b, *(np.array([p[c] for c in spread], dtype=object) for p in (mean, var, gamma, beta)), eps)
+    return lhs, pixel_shuffle(conv2d(x, w2, b2, **kw), r)
+
+
+def prove_shuffle(cfg) -> str:
+    """BN(pixel_shuffle(conv(x), r)) == pixel_shuffle(conv'(x), r): conv output channel o folds BN channel o // r^2."""
+    r = cfg["r"]
+    lhs, rhs = _shuffle_sides(cfg, lambda o: o // (r * r))
+    desc = describe("conv->pixel_shuffle->BN == conv'->pixel_shuffle", r=r, C_bn=cfg["C"], **cfg["conv"])
+    assert_equal(lhs, rhs, "bn_fold " + desc)
+    return desc
 
 
 def prove_concat() -> str:

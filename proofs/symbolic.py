@@ -54,7 +54,7 @@ __all__ = [
     "pad", "conv2d", "conv_transpose3d", "batch_norm", "bn_scale_shift", "avg_pool2d", "add", "sub",
     "scale", "concat", "regroup_weight", "assert_equal", "assert_differs", "expand_zero",
     "EPS", "bn_symbols", "describe", "identity", "linear", "flatten", "reshape", "transpose",
-    "permute", "LAYOUT_OPS", "layout", "carried_axes", "describe_chain",
+    "permute", "pixel_shuffle", "LAYOUT_OPS", "layout", "carried_axes", "describe_chain",
 ]
 
 
@@ -365,6 +365,17 @@ def permute(x: np.ndarray, dims) -> np.ndarray:
 def select(x: np.ndarray, axis: int, index: int) -> np.ndarray:
     """``x.select(axis, index)``: one index of ``axis``, which disappears."""
     return np.take(x, index, axis=axis)
+
+
+def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
+    """``torch.nn.functional.pixel_shuffle`` of a ``(C r^2, H, W)`` map, written out:
+
+        out[c, h r + i, w r + j] = x[c r^2 + i r + j, h, w]."""
+    Cr2, H, W = x.shape
+    out = np.empty((Cr2 // (r * r), H * r, W * r), dtype=object)
+    for c, h, w, i, j in itertools.product(range(Cr2 // (r * r)), range(H), range(W), range(r), range(r)):
+        out[c, h * r + i, w * r + j] = x[c * r * r + i * r + j, h, w]
+    return out
 
 
 LAYOUT_OPS = {"flatten": flatten, "reshape": reshape, "transpose": transpose, "permute": permute, "select": select}

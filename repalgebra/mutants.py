@@ -126,6 +126,7 @@ _NORM_AFFINE = "repalgebra.kernels:norm_affine"
 _QSF = "repalgebra.rules.query_scale_fold:_fold"
 _NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
 _BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
+_BN_SHUFFLE = "repalgebra.rules.bn_fold:_through_shuffle"
 _LAF_FOLDED, _LAF_SUM = "repalgebra.rules.linear_affine_fold:_folded", "repalgebra.rules.linear_affine_fold:_through_sum"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
@@ -182,6 +183,12 @@ MUTANTS: list[Mutant] = [
        "and shape[1] == full[1]", "and shape[1] in (1, full[1])", target="repalgebra.rules.bn_fold:_per_channel_term"),
     _m("bn_fold", "sum-shared", "a BN after a sum folds even where a conv of the sum is read elsewhere (computed twice)",
        "    if shared:\n", "    if False:\n", target="repalgebra.rules.bn_fold:_through_sum"),
+    _m("bn_fold", "shuffle-tiled", "a BN after a pixel shuffle tiled over the conv's channels (o mod C) instead of repeated per channel",
+       "s.repeat_interleave(block), t.repeat_interleave(block)", "s.repeat(block), t.repeat(block)", target=_BN_SHUFFLE),
+    _m("bn_fold", "shuffle-shared", "a BN after a pixel shuffle folds even where the conv or the shuffle is read elsewhere (computed twice)",
+       "if not sole_use(graph, bn.x) or not sole_use(graph, conv.out):", "if False:", target=_BN_SHUFFLE),
+    _m("bn_fold", "shuffle-any-rank", "a BN after a pixel shuffle of a 3-D conv (which shuffles the depth axis) taken for the channel pattern",
+       "if shuffle is None or len(bn.x.shape) != 4:", "if shuffle is None:", target=_BN_SHUFFLE),
     # ---------------------------------------------------------------- scale_fold
     _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
        "bias=None if bias is None else bias * gamma", "bias=bias"),

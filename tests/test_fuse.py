@@ -1325,3 +1325,45 @@ def test_a_bn_after_a_sum_of_linears_of_one_module_called_elsewhere_too_is_exact
         with torch.no_grad():
             for got, want in zip(fused(*args), model(*args)):
                 torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def _default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+class _Upsampler(nn.Sequential):
+    """EDSR's ``common.Upsampler``: per factor of 2 (or one of 3), a conv to ``r² n_feats`` channels, a
+    ``PixelShuffle(r)``, and with ``bn=True`` a ``BatchNorm2d(n_feats)``, then the activation."""
+
+    def __init__(self, conv, scale: int, n_feats: int, bn: bool = False, act: str | bool = False, bias: bool = True) -> None:
+        m: list[nn.Module] = []
+        if (scale & (scale - 1)) == 0:  # scale = 2^n
+            for _ in range(int(math.log(scale, 2))):
+                m.append(conv(n_feats, 4 * n_feats, 3, bias))
+                m.append(nn.PixelShuffle(2))
+                if bn:
+                    m.append(nn.BatchNorm2d(n_feats))
+                if act == "relu":
+                    m.append(nn.ReLU(True))
+        elif scale == 3:
+            m.append(conv(n_feats, 9 * n_feats, 3, bias))
+            m.append(nn.PixelShuffle(3))
+            if bn:
+                m.append(nn.BatchNorm2d(n_feats))
+        super().__init__(*m)
+
+
+@pytest.mark.parametrize("scale", [4, 3])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_a_bn_after_a_pixel_shuffle_folds_into_the_conv_before_it(scale, dtype, rtol):
+    """EDSR's upsampler with ``bn=True`` (conv, ``PixelShuffle(r)``, ``BatchNorm2d``) kept its BNs ("no rule applies
+    (input from pixel_shuffle)"): channel ``c`` after the shuffle is the conv's channels ``[c r², (c + 1) r²)``, so
+    the BN folds into the conv repeated ``r²`` times, exactly, at other sizes."""
+    model = randomize(_Upsampler(_default_conv, scale, 4, bn=True, act="relu").eval(), dtype=dtype)
+    fused = repalgebra.fuse(model, (torch.randn(2, 4, 6, 6, dtype=dtype),))
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    for shape in [(2, 4, 6, 6), (1, 4, 3, 5)]:
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(fused(x), want, rtol=rtol, atol=rtol * float(want.abs().max()))

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 from proofs import RULES, is_refused, load  # noqa: E402
 from proofs import bn_fold, bn_before_conv, bn_into_linear, linear_affine_fold, seq_merge  # noqa: E402
 from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm, conv3d, conv_transpose3d,  # noqa: E402
-                             bn_symbols, carried_axes, conv2d, layout, linear, scale,
+                             bn_symbols, carried_axes, conv2d, layout, linear, pixel_shuffle, scale,
                              symbols_tensor)
 
 REFUSAL_RULES = {"seq_merge", "bias_fold", "border_fill", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
@@ -75,6 +75,26 @@ def test_wrong_formula_is_caught():
     with pytest.raises(AssertionError, match=r"differ at element \(0, 0, 0\)"):
         assert_equal(lhs, wrong, "bn_fold with unscaled bias")
     assert_differs(lhs, wrong, (0, 0, 0), "bn_fold with unscaled bias")
+
+
+def test_wrong_shuffle_fold_is_caught():
+    """bn_fold through a pixel shuffle with the BN tiled over the conv's channels (conv channel o folds BN channel
+    o mod C, not o // r^2) must NOT be proven: pixel (0, 1) of shuffle channel 0 is conv channel 1."""
+    cfg = bn_fold.SHUFFLE_CONFIGS[0]
+    lhs, rhs = bn_fold._shuffle_sides(cfg, lambda o: o % cfg["C"])
+    with pytest.raises(AssertionError, match="differ at element"):
+        assert_equal(lhs, rhs, "bn_fold shuffle tiled")
+    assert_differs(lhs, rhs, (0, 0, 1), "bn_fold shuffle tiled")
+
+
+@pytest.mark.parametrize("r, shape", [(2, (8, 2, 3)), (3, (9, 1, 2)), (1, (2, 2, 2))])
+def test_reference_pixel_shuffle_matches_torch(r, shape):
+    """The symbolic pixel_shuffle is torch's (on numbers)."""
+    torch = pytest.importorskip("torch")
+    xn = np.random.default_rng(3).integers(-3, 4, shape)
+    ours = pixel_shuffle(np.vectorize(sympy.Integer, otypes=[object])(xn), r)
+    ref = torch.nn.functional.pixel_shuffle(torch.tensor(xn, dtype=torch.float64)[None], r)[0].numpy()
+    np.testing.assert_array_equal(_num(ours), ref)
 
 
 def test_refusals_raise_in_fuse():

@@ -323,7 +323,38 @@ def bn_fold() -> Example:
     c = shared.conv2d(x, weight=W3, padding=P1, source="block.conv")
     sg = shared.build(shared.add(c, shared.batch_norm(c, **bn, source="block.bn"), source="block"))
     ref = Text().line(f"in y = z + BN(z) with z = conv(x), bn_fold refuses: {refusal(sg, 'bn_fold')}")
-    return Example("bn_fold", g, after, {"numbers": str(txt), "refused": str(ref)})
+    shuffle_before, shuffle_after, shuffle_txt = _bn_fold_shuffle()
+    return Example("bn_fold", g, after, {"numbers": str(txt), "refused": str(ref), "shuffle": str(shuffle_txt),
+                                         "shuffle_before": str(shuffle_before), "shuffle_after": str(shuffle_after)},
+                   {"shuffle_before": shuffle_before, "shuffle_after": shuffle_after})
+
+
+def _bn_fold_shuffle() -> tuple[Graph, Graph, Text]:
+    """EDSR's upsampler with ``bn=True`` at the smallest size: a 1x1 conv to C r^2 = 2 * 4 channels of a 1 x 1 map,
+    ``PixelShuffle(2)`` to 2 channels of 2 x 2, a BN over those 2 channels."""
+    xs = t([[[[1.0]], [[2.0]]]])  # (1, 2, 1, 1)
+    w = t([[1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, -1], [-1, 0], [0, 0]]).reshape(8, 2, 1, 1)
+    bn = bn_params([1, 2], [4, 1], [1, 3], [0, 1])
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    y = b.pixel_shuffle(b.conv2d(x, weight=w, source="upsample.0"), factor=2, source="upsample.1")
+    g = b.build(b.batch_norm(y, **bn, source="upsample.2"))
+    after, _ = apply("bn_fold", g, "bn_fold")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    txt.line("x: 2 channels of a 1 x 1 map, [1, 2]; a 1x1 conv to 8 = 2 * 2^2 channels, no bias;")
+    txt.line("PixelShuffle(2) to 2 channels of 2 x 2; a BN over those 2 channels")
+    for line in bn_text(bn):
+        txt.line(line)
+    txt.line(f"conv(x) = {vec(value_of(g, y.producer.x, xs))}: channels 0-3 become channel 0 of the shuffle, 4-7 channel 1")
+    txt.line(f"s repeated 4 times each = {vec(bn_st(bn)[0].repeat_interleave(4))}")
+    txt.grids(("W (one row per channel)", w[:, :, 0, 0]), ("W' = s[o // 4] W[o]", fused.params["weight"][:, :, 0, 0]))
+    txt.line(f"b' = t[o // 4] = {vec(fused.params['bias'])}")
+    txt.grids(*maps("BN(shuffle(conv(x; W)))", before_y))
+    txt.grids(*maps("shuffle(conv(x; W', b'))", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return g, after, txt
 
 
 @example

@@ -24,8 +24,16 @@ broadcast over the other axes (a diffusion ResBlock's ``conv(x) + time_mlp(t)[:,
 
     BN(conv(x) + e) = conv'(x; s W, s b + t) + s * e
 
+A BN after a pixel shuffle of a conv (EDSR's upsampler with ``bn=True``: ``conv``, ``PixelShuffle(r)``,
+``BatchNorm2d``) folds into the conv before the shuffle: output channel ``c`` of the shuffle holds the conv's
+channels ``[c r², (c + 1) r²)`` (each spread over an r x r block of pixels), so
+
+    BN(pixel_shuffle(conv(x; W, b), r)) = pixel_shuffle(conv(x; W * s', b * s' + t'), r)
+    where s'[o] = s[o // r²], t'[o] = t[o // r²]
+
 Preconditions: the BN reads a ``conv2d``, ``conv3d``, ``conv_transpose2d`` or ``conv_transpose3d`` whose output nothing else reads, or a
-concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs.  Any stride,
+concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs, or a pixel shuffle of a
+4-D map (a batch axis, then channels) of such a conv, the conv read by the shuffle alone and the shuffle by the BN.  Any stride,
 padding, output padding, dilation and groups: BN acts on each output channel alone.
 """
 
@@ -45,7 +53,7 @@ _SUMS = ("add", "sub", "broadcast_add", "broadcast_sub")  # (the broadcast ones:
 def bn_fold(graph, bn):
     conv = producer(bn.x, *_CONVS)
     if conv is None:
-        return _through_concat(graph, bn) or _through_sum(graph, bn)
+        return _through_concat(graph, bn) or _through_sum(graph, bn) or _through_shuffle(graph, bn)
     if not sole_use(graph, conv.out):
         return Refusal(f"the {'transposed ' * (conv.op in TRANSPOSED_CONVS)}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
@@ -116,6 +124,24 @@ def _through_sum(graph, bn):
     if shared:
         return Refusal("the sum before it, or a conv in it, is also read elsewhere")
     return Rewrite(bn.out, new, tuple(nodes))
+
+
+def _through_shuffle(graph, bn):
+    """``BN(pixel_shuffle(conv, r))``: the shuffle's channel ``c`` is the conv's channels ``[c r², (c + 1) r²)``, so the
+    conv folds ``s`` and ``t`` each repeated ``r²`` times, and the shuffle is rebuilt after it."""
+    shuffle = producer(bn.x, "pixel_shuffle")
+    if shuffle is None or len(bn.x.shape) != 4:  # (B, C, H, W): pixel_shuffle reads the last three axes as C, H, W
+        return None
+    conv = producer(shuffle.x, *_CONVS)
+    if conv is None:
+        return None
+    if not sole_use(graph, bn.x) or not sole_use(graph, conv.out):
+        return Refusal("the conv before the pixel shuffle, or the shuffle, is also read elsewhere")
+    block = shuffle.attrs["factor"] ** 2
+    s, t = bn_affine(bn)
+    new = _folded(conv, s.repeat_interleave(block), t.repeat_interleave(block), bn)
+    moved = shuffle.replace(inputs=(new.out, *shuffle.inputs[1:]))
+    return Rewrite(bn.out, moved.out, (new, moved))
 
 
 def _per_channel_term(value, like) -> bool:

@@ -324,3 +324,69 @@ def test_a_bn_after_a_sum_of_a_conv_and_a_term_of_another_shape_is_left_alone(dt
     graph = b.build(add_bn(b, b.node("broadcast_add", c, b.input("e", shape, dtype)), data.draw(bn_stats(4)), dtype, "bn"))
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+def _conv_then_shuffle(b, dtype, seed, data, batch=1):
+    """A conv (or transposed conv) to ``C r²`` channels, then ``pixel_shuffle(r)``: EDSR's upsampler, a conv to
+    ``4 n_feats`` channels and ``PixelShuffle(2)``.  Returns the shuffle's output and ``C``."""
+    r, c = data.draw(st.integers(1, 3), label="r"), data.draw(st.integers(1, 3), label="C")
+    cout, transposed = c * r * r, data.draw(st.booleans(), label="transposed")
+    g = data.draw(st.sampled_from([1, 2]), label="groups") if cout % 2 == 0 else 1
+    cin, k = g * data.draw(st.integers(1, 2), label="cin"), data.draw(st.sampled_from([1, 2, 3]), label="k")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (cin, cout // g, k, k) if transposed else (cout, cin // g, k, k)
+    params = {"weight": (torch.randn(*shape, generator=gen, dtype=torch.float64) / k).to(dtype)}
+    if data.draw(st.booleans(), label="bias"):
+        params["bias"] = torch.randn(cout, generator=gen, dtype=torch.float64).to(dtype)
+    x = b.input("x", (batch, cin, data.draw(st.integers(k, 5), label="h"), data.draw(st.integers(k, 5), label="w")), dtype)
+    if transposed:
+        y = b.conv_transpose2d(x, **params, stride=(2, 2), groups=g, source="up.conv")
+    else:
+        y = b.conv2d(x, **params, padding=(k // 2,) * 4, groups=g, source="up.conv")
+    return b.pixel_shuffle(y, factor=r, source="up.shuffle"), c
+
+
+@given(dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_a_bn_after_a_pixel_shuffle_of_a_conv(dtype, batch, seed, data):
+    """EDSR's upsampler with ``bn=True`` (conv, ``PixelShuffle(r)``, ``BatchNorm2d``) kept its BN ("no rule applies
+    (input from pixel_shuffle)"): the shuffle's channel ``c`` is the conv's channels ``[c r², (c + 1) r²)``, so the
+    conv folds the BN repeated ``r²`` times and the shuffle follows it."""
+    b = GraphBuilder()
+    y, c = _conv_then_shuffle(b, dtype, seed, data, batch)
+    graph = b.build(add_bn(b, y, data.draw(bn_stats(c), label="bn"), dtype, "up.bn"))
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1}
+    assert fused.op_counts() == {k: v for k, v in graph.op_counts().items() if k != "batch_norm"}
+    assert_graphs_equal(graph, fused, random_input(graph.inputs[0].shape, dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data(), read=st.sampled_from(["conv", "shuffle"]))
+def test_a_bn_after_a_pixel_shuffle_stays_where_the_conv_or_the_shuffle_is_read_elsewhere(dtype, seed, data, read):
+    b = GraphBuilder()
+    y, c = _conv_then_shuffle(b, dtype, seed, data)
+    other = y.producer.x if read == "conv" else y
+    graph = b.build(add_bn(b, y, data.draw(bn_stats(c)), dtype, "up.bn"), other)
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    assert reasons(report, "batch_norm") == ["bn_fold: the conv before the pixel shuffle, or the shuffle, is also read elsewhere"]
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data(), before=st.sampled_from(["input", "relu", "conv3d"]))
+def test_a_bn_after_a_pixel_shuffle_of_something_else_is_left_alone(dtype, seed, data, before):
+    """A shuffle of an input, or of a relu of a conv: no conv right before it to fold into.  A shuffle of a 3-D
+    conv's ``(B, C, D, H, W)`` output shuffles ``D`` (it reads the last three axes as channels, height, width), not
+    the conv's channels, which a BatchNorm3d then normalizes: not the pattern either."""
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    if before == "conv3d":
+        x = b.input("x", (1, 2, 4, 3, 3), dtype)
+        y = b.conv3d(x, weight=torch.randn(2, 2, 1, 1, 1, generator=gen, dtype=torch.float64).to(dtype), source="conv")
+    else:
+        y = b.input("x", (1, 8, 3, 3), dtype)
+        if before == "relu":
+            y = b.relu(b.conv2d(y, weight=torch.randn(8, 8, 1, 1, generator=gen, dtype=torch.float64).to(dtype), source="conv"))
+    graph = b.build(add_bn(b, b.pixel_shuffle(y, factor=2), data.draw(bn_stats(2)), dtype, "bn"))
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
