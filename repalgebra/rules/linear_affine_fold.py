@@ -16,7 +16,7 @@ layer scale after the attention projection (across the reshape back to NCHW).
 After a sum (``add``/``sub``, nested) of Linears that read different inputs
 (PyG's SAGEConv ``lin_l(aggr) + lin_r(x)`` before a BatchNorm1d, a DLRM-style
 ``fc1(a) + fc2(b)``), A distributes over the sum: every Linear folds the scale,
-and the first one also the shift, with the sign the sum gives it:
+and the first one (always added) also the shift:
 
     A(L(Linear_1(x_1) ± ... ± Linear_n(x_n)))
         = L(Linear_1(x_1; s W_1, s b_1 + t) ± ... ± Linear_n(x_n; s W_n, s b_n))
@@ -83,7 +83,7 @@ def _through_sum(graph, node, top, chain, s, t):
 
     def folded(value):
         n = value.producer
-        if id(value) in seen:  # a term twice (``y + y``): one node reading it twice, folded twice would be computed twice
+        if id(value) in seen:  # a term twice (``y + y``): folded twice, its Linear would be computed twice
             shared.append(n)
         seen.add(id(value))
         if n is not None and n.op in _SUMS and value.shape == top.out.shape:
@@ -110,8 +110,9 @@ def _through_sum(graph, node, top, chain, s, t):
 
 def _unflattened_rows(chain, top, node, axis: int) -> int | None:
     """Rows per channel where ``chain`` is one reshape of the ``(B, F)`` output of ``top`` (the Linear, or a sum of
-    Linears) to ``(B, C, ...)`` and the affine acts on ``C`` (a generator's input layer: ``Linear(z).view(-1, C, 4,
-    4)``, then a BatchNorm2d): each row splits channel-major, so channel ``c`` holds rows ``[c r, (c + 1) r)`` with ``r = F / C``, at every batch."""
+    Linears) to ``(B, C, ...)`` and the affine acts on ``C`` (a generator's input layer:
+    ``Linear(z).view(-1, C, 4, 4)``, then a BatchNorm2d): each row splits channel-major, so channel ``c`` holds rows
+    ``[c r, (c + 1) r)`` with ``r = F / C``, at every batch."""
     if len(chain) != 1 or chain[0].op not in ("reshape", "reshape_dyn") or axis != 1 or len(top.out.shape) != 2:
         return None
     shape = node.x.shape

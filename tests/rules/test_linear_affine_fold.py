@@ -127,6 +127,7 @@ _SUM_LAYOUTS = {
     "(N, L, C), layer scale": ("scale", -1),
     "(N, L, C) -> transpose(1, 2) -> BN1d": ("bn", 1),
     "(N, L, C) -> flatten(0, 1) -> BN1d": ("bn", 1),
+    "(N, C H W) -> view(N, C, H, W) -> BN2d": ("bn", 1),  # a generator's input layer: channel c is rows [c H W, (c+1) H W)
 }
 
 
@@ -154,6 +155,10 @@ def _affine_after(b, total, layout, dtype, seed, data):
         total = b.transpose(total, dim0=1, dim1=2)
     elif "flatten" in layout:
         total = b.flatten(total, start=0, end=1)
+    elif "view" in layout:
+        h, w = data.draw(st.sampled_from([(1, 2), (2, 1), (2, 2)]), label="H, W")
+        total = b.reshape(total, shape=(-1, cout // (h * w), h, w))
+        cout //= h * w
     if affine == "scale":
         gamma = torch.randn(cout, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
         y = b.scale(total, scale=gamma, axis=axis, source="ls")
@@ -168,6 +173,8 @@ def test_folds_an_affine_after_a_sum_of_linears(dtype, layout, seed, data):
     add)"; a probe): every Linear folds the scale, the first (added) one the shift, on every layout A can read the
     features in."""
     n, cout = data.draw(st.integers(2, 4), label="linears"), data.draw(st.integers(1, 6), label="cout")
+    if "view" in layout:
+        cout *= 4  # C H W features for any H W of 4 or 2
     rows = (data.draw(st.integers(1, 3), label="N"),)
     if "(N, L, C)" in layout:
         rows += (data.draw(st.integers(1, 4), label="L"),)
