@@ -93,7 +93,16 @@ def _own_deepcopy(m: nn.Module) -> bool:
     """Whether ``m``'s class writes its own ``__deepcopy__`` (torch's own, a GraphModule's or a ScriptModule's,
     copy)."""
     method = getattr(type(m), "__deepcopy__", None)
-    return method is not None and not (getattr(method, "__module__", None) or "").startswith("torch")
+    return method is not None and not in_packages(getattr(method, "__module__", None), ("torch",))
+
+
+def in_packages(module_name: str | None, packages: tuple[str, ...]) -> bool:
+    """Whether a function's ``__module__`` is one of ``packages`` or inside one (``torch.fx.graph_module``); not a
+    package whose name only begins so: ``torch_geometric``, ``torchvision``, ``torchaudio`` and ``torchmetrics`` are
+    libraries of their own (a layer of one whose ``__setstate__`` puts back a default was taken for torch's, its
+    attributes never compared, and fused 5.0 off; a review)."""
+    name = module_name or ""
+    return any(name == p or name.startswith(p + ".") for p in packages)
 
 
 def _shared(model: nn.Module, copied: nn.Module) -> str | None:

@@ -621,6 +621,29 @@ def test_a_model_whose_copy_computes_otherwise_is_refused_by_name():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
 
 
+class _LibraryCalibrated(_Calibrated):
+    """:class:`_Calibrated` as a library named ``torch...`` writes it (torch_geometric, torchvision, torchaudio,
+    torchmetrics): its ``__getstate__`` and ``__setstate__`` are of that package, not of torch."""
+
+    def __getstate__(self):
+        return super().__getstate__()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+
+    __getstate__.__module__ = __setstate__.__module__ = "torch_geometric.nn.dense.linear"
+
+
+def test_a_library_named_torch_something_is_not_taken_for_torch():
+    """A class of ``torch_geometric`` (or ``torchvision``...) was taken for torch's own, which copies itself its own
+    way, and only its tensors were compared: its copy's default ``logit_scale`` was fused, 4x the model (5.0 off; a
+    review).  Only torch's package and those inside it count as torch's."""
+    model = seeded(_LibraryCalibrated, 0)().to(D)
+    model.logit_scale = 0.25
+    with pytest.raises(TypeError, match="'logit_scale' differs"):
+        fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
+
+
 def test_an_export_of_a_model_whose_copy_computes_otherwise_is_refused_by_name():
     """export_onnx traces and checks copies too: its file returned 4x the model's output (a fixer's finding)."""
     model = seeded(_Calibrated, 0)().to(D)

@@ -348,6 +348,8 @@ FEW = {
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "
     "mutants stop it at once and end it one step early",
+    "repalgebra.module_copy:in_packages": "one test, a module name that is a package or inside it: the mutant takes a "
+    "name that only begins so (torch_geometric for torch); its callers' mutants pass everything or nothing",
 }
 
 

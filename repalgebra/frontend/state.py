@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state, seeded_for_checks
-from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module
+from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module, in_packages
 from repalgebra.verify import first_difference
 
 __all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "copy_difference", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
@@ -344,7 +344,7 @@ def _copied_by_torch(m: nn.Module) -> bool:
     copies or pickles it otherwise than ``nn.Module`` does."""
     methods = ("__deepcopy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")
     return any((f := getattr(type(m), name, None)) is not getattr(nn.Module, name, None)
-               and (getattr(f, "__module__", None) or "").startswith(("torch", "repalgebra")) for name in methods)
+               and in_packages(getattr(f, "__module__", None), ("torch", "repalgebra")) for name in methods)
 
 
 def _alike(a: Any, b: Any, depth: int = 0) -> bool:
