@@ -176,11 +176,12 @@ def mark_written(model: nn.Module, names: Iterable[str]) -> None:
 
 def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], filled: dict[str, Any], tolerance: float) -> tuple[set[str], set[str]]:
     """The names in ``filled`` (set by a first call on ``inputs``) that are state: a call on other values (larger,
-    and smaller of the other sign, integers reordered), or at twice or four times the spatial size, computes something else after that first call
+    and smaller of the other sign, integers reordered, integers halved and masks inverted), or at twice or four times the spatial size
+    (where no such call runs, with each axis after the batch doubled on its own), computes something else after that first call
     than as the first call itself, or a call on ``inputs`` computes something else after it.  And those a first call on other values fills otherwise: stored from the input
     (a side output, ``self.last = y``; state only if a later call reads it).
 
-    An initialization from the first batch, a table built for the first input's resolution, or one kept for the
+    An initialization from the first batch, a table built for the first input's resolution (or token count), or one kept for the
     largest seen whose values follow its size (``linspace(-1, 1, w_max)[:w]``), is state; a cache
     of the weights (the same for any input) and an attribute every call rewrites before reading it (Swin's
     ``blk.H, blk.W = H, W``) are not."""
@@ -196,15 +197,28 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
     # Integers in another order (flattened and reversed: the same values, so indices stay valid): a graph's
     # normalization cached from its edge_index by a first call (PyG's GCNConv(cached=True)) follows them (a probe).
     reordered = tuple(t.flatten().flip(0).reshape(t.shape) if not t.is_floating_point() and t.numel() > 1 else t for t in inputs)
+    must_run = {0}  # on other values: where it does not run, nothing shows a fill the same for any input
     if any(a is not b for a, b in zip(reordered, inputs)):
+        must_run.add(len(others))
         others.append(reordered)
-    must_run = (0, 4)  # on other values: where it does not run, nothing shows a fill the same for any input
+    # Integers of other values: reordered, one id (a class label, a timestep) or equal ones (lengths, an all-True
+    # mask) are the same, and an embedding cached from the first call's label was fused as the example's (2.2 off;
+    # a review).  Halved ids stay within the example's range (valid indices); a mask is inverted.
+    others += [v for v in [tuple(_other_integers(t) for t in inputs)] if any(a is not b for a, b in zip(v, inputs))]
+    # Each axis after the batch doubled on its own, where no spatial size above ran: tokens (B, N, C) double C with
+    # N, which the Linear refuses, and a table built for the first call's token count was fused as the example's
+    # (0.81 off; a review).  Tensors of every dtype are repeated alike (a mask and ids keep their length, and values).
+    sized = [tuple(t.repeat(*[2 if j == k else 1 for j in range(t.dim())]) if torch.is_tensor(t) and t.dim() > k and t.shape[k] else t
+                   for t in inputs) for k in range(1, max((t.dim() for t in inputs if torch.is_tensor(t)), default=0))]
     state: set[str] = set()
     per_call: set[str] = set()
+    sizes_ran, last = False, len(others) - 1  # whether a call at another spatial size (others[1], others[2]) ran
     alone = copy_module(model)
     with generators_kept():
         example = _call(alone, inputs)
     for k, other in enumerate(others):
+        if k == last and not sizes_ran:  # (the spatial sizes have been tried: each axis on its own after the rest)
+            others += [v for v in sized if any(a is not b for a, b in zip(v, inputs))]
         fresh, primed = copy_module(model), copy_module(model)
         try:
             with generators_kept():  # (a model that draws: the calls below draw alike)
@@ -213,6 +227,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
             if k in must_run:  # it does not run on other values: count what the first call set as state
                 return set(filled), set()
             continue  # it does not run at that size: nothing learned
+        sizes_ran |= k in (1, 2) and any(a is not b for a, b in zip(other, inputs))
         if k == 0:
             theirs = _snapshot(fresh)
             per_call = set(changed_names(filled, {n: theirs.get(n, _MISSING) for n in filled}))
@@ -238,6 +253,15 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
         if first_difference(example, again, tolerance) is not None:
             state |= _differing(filled, alone, fresh)
     return state, per_call - state
+
+
+def _other_integers(t: Any) -> Any:
+    """``t`` with other values where it is an integer tensor (halved: ids, labels and lengths stay in the example's
+    range) or a mask (inverted); else ``t`` itself (also where halving changes nothing: zeros)."""
+    if not torch.is_tensor(t) or t.is_floating_point() or t.is_complex() or not t.numel():
+        return t
+    other = ~t if t.dtype is torch.bool else torch.div(t, 2, rounding_mode="floor")
+    return t if torch.equal(other, t) else other
 
 
 def _differing(filled: dict[str, Any], one: nn.Module, other: nn.Module) -> set[str]:
