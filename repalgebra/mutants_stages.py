@@ -170,6 +170,7 @@ _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_p
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
 _REACHED = ("tests/test_fuse_outside_reads.py::test_reached_through_names_the_children_code_reaches_into",
             "tests/test_fuse_outside_reads.py::test_a_grandchild_the_parent_calls_on_another_branch_is_the_models")
+_LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a_local_is_the_models",)
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -1130,7 +1131,21 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "reached-through-dtype", "a chain ending in a weight's dtype (self.stem.conv.weight.dtype) taken for a read of its values",
      "repalgebra.frontend.outside_reads:_through", "return [] if following in _METADATA else [*reached, obj]", "return [*reached, obj]", _REACHED),
     ("frontend", "reached-through-computed-index", "a child indexed by a computed index (self.blocks[i]) not seen reached into",
-     "repalgebra.frontend.outside_reads:_through", "return [*reached, obj]  # one of its children", "return reached  # one of its children", _REACHED),
+     "repalgebra.frontend.outside_reads:_through", "return [*reached, obj, *(m for c", "return [*reached, *(m for c", _REACHED),
+    ("frontend", "reached-through-each-block-unread", "a loop's local reaching into each child (for blk in self.blocks: blk.conv) seen reaching the container only",
+     "repalgebra.frontend.outside_reads:_through", ", *(m for c in obj._modules.values() if c is not None for m in _through(root, rest, c))]", "]", _LOCALS),
+    ("frontend", "reached-through-locals-unheld", "a local holding a chain from self (body = self.body) not followed where the code loads it",
+     "repalgebra.frontend.outside_reads:_chains_in", "                held.setdefault(name, []).append(chain)", "                pass", _LOCALS),
+    ("frontend", "reached-through-locals-from-self", "a chain through a local read as if from self (body.conv as self.conv)",
+     "repalgebra.frontend.outside_reads:_chains_in", "for base in [()] if op.argval == self_name else held[op.argval]:", "for base in [()]:", _LOCALS),
+    ("frontend", "reached-through-locals-unloaded", "a load of a local that holds a chain from self not read",
+     "repalgebra.frontend.outside_reads:_chains_in", "(op.argval == self_name or op.argval in held)", "(op.argval == self_name)", _LOCALS),
+    ("frontend", "reached-through-loop-target-unheld", "a loop's target (for blk in self.blocks) not taken for a local holding each child",
+     "repalgebra.frontend.outside_reads:_stored_in", '    if i < len(ops) and ops[i].opname == "GET_ITER":', "    if False:", _LOCALS),
+    ("frontend", "reached-through-loop-target-misplaced", "a loop's target looked for at its FOR_ITER",
+     "repalgebra.frontend.outside_reads:_stored_in", "        i += 2 if", "        i += 1 if", _LOCALS),
+    ("frontend", "reached-through-locals-of-closures-only", "a plain local (STORE_FAST) holding a chain not taken for one",
+     "repalgebra.frontend.outside_reads:_stored_in", '("STORE_FAST", "STORE_DEREF")', '("STORE_DEREF",)', _LOCALS),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",
      "repalgebra.frontend.outside_reads:_self_and_ancestors", "[\".\".join(parts[:k]) for k in range(len(parts), 0, -1)]", "[path] if path else []", _OUTSIDE),
     ("frontend", "outside-read-of-dtype", "a read of a child's weights' dtype taken for a read of their values",

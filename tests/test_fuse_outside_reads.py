@@ -253,6 +253,40 @@ def test_a_grandchild_the_parent_calls_on_another_branch_is_the_models():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
 
 
+def test_a_grandchild_called_through_a_local_is_the_models():
+    """``reached_through`` followed chains from ``self`` only: the fused ``body`` has a ``conv`` too (the folded
+    kernel), which the other branch called through ``body = self.body`` (1.13 off; a review).  Chains through a
+    local count, a loop's too (each block).  (The class is made here, afresh: chains are read once per class.)"""
+
+    class ThroughLocals(nn.Module):
+        """Kept whole (a branch on its input's values); on the branch the example does not take, it calls its
+        grandchildren through locals: ``body = self.body; body.conv(y)``, ``for blk in self.blocks: blk.conv(y)``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.blocks = ConvBN(), nn.ModuleList([ConvBN(), ConvBN()])
+
+        def forward(self, x):
+            body = self.body
+            if x.mean() < -100:
+                y = body.conv(x)
+                for blk in self.blocks:
+                    y = blk.conv(y)
+                return y
+            y = body(x)
+            for blk in self.blocks:
+                y = blk(y)
+            return y
+
+    assert reached_through(ThroughLocals()) == {"body", "blocks", "blocks.0", "blocks.1"}
+    model = randomized_bn(ThroughLocals())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
 class NormedWhenTraining(nn.Module):
     """Kept whole (it asks ``torch.is_grad_enabled()``); with gradients on it scales by the norm of its child's
     parameters (a regulariser's term), read through ``parameters()`` as MoCo's update reads them."""

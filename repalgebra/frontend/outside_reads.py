@@ -141,8 +141,10 @@ def reached_through(module: nn.Module) -> set[str]:
     asking ``torch.is_grad_enabled()``, may take another when called: it then read a swapped child's folded weights, or
     called the fused form's own ``conv`` (the folded kernel) where the model calls the conv alone (found by a review).
     A chain that ends in a tensor's metadata (``self.stem.conv.weight.dtype``) or a method of the child
-    (``self.stem.parameters()``, left to :func:`read_outside`) does not count; nor does code that names a child
-    otherwise (``body = self.body; body.conv(y)``, ``getattr``)."""
+    (``self.stem.parameters()``, left to :func:`read_outside`) does not count.  A chain through a local counts as
+    from ``self`` (``body = self.body; body.conv(y)``; ``for blk in self.blocks: blk.attn.qkv(y)``: each block):
+    ``body.conv`` was the fused form's folded kernel on the branch the example did not take (1.13 off; a review);
+    ``getattr`` does not."""
     paths: dict[int, str] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         paths.setdefault(id(sub), path)
@@ -197,22 +199,44 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
 
 
 def _chains_in(code: types.CodeType, self_name: str) -> list[tuple[Any, ...]]:
-    """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas)."""
+    """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas), also
+    those through a local that holds one (``body = self.body``) or iterates over one (``for blk in self.blocks``),
+    wherever the code loads it (the names are not followed through the flow: a name that holds several counts
+    each)."""
     ops = list(dis.get_instructions(code))
     chains = []
+    held: dict[str, list[tuple[Any, ...]]] = {}  # local name -> the chains from self it holds
     for i, op in enumerate(ops):
-        if op.opname in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") and op.argval == self_name:
-            chain = _steps(ops, i + 1)
+        if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
+            continue
+        steps, end = _steps_to(ops, i + 1)
+        for base in [()] if op.argval == self_name else held[op.argval]:
+            chain = base + steps
             if chain:
                 chains.append(chain)
+            if (name := _stored_in(ops, end)) is not None:
+                held.setdefault(name, []).append(chain)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             chains += _chains_in(const, self_name)
     return chains
 
 
+def _stored_in(ops: list[dis.Instruction], i: int) -> str | None:
+    """The local that ``ops[i:]`` store the value before them in (``body = self.body``) or each item of it in
+    (``for blk in self.blocks``), else None."""
+    if i < len(ops) and ops[i].opname == "GET_ITER":
+        i += 2 if i + 1 < len(ops) and ops[i + 1].opname == "FOR_ITER" else len(ops)
+    return ops[i].argval if i < len(ops) and ops[i].opname in ("STORE_FAST", "STORE_DEREF") else None
+
+
 def _steps(ops: list[dis.Instruction], i: int) -> tuple[Any, ...]:
     """The attributes and subscripts that follow ``ops[i - 1]`` (a load of ``self``), in order."""
+    return _steps_to(ops, i)[0]
+
+
+def _steps_to(ops: list[dis.Instruction], i: int) -> tuple[tuple[Any, ...], int]:
+    """:func:`_steps`, and the place of the instruction after them (a ``GET_ITER`` where the chain is iterated)."""
     steps: list[Any] = []
     while i < len(ops):
         op = ops[i]
@@ -227,12 +251,13 @@ def _steps(ops: list[dis.Instruction], i: int) -> tuple[Any, ...]:
             break
         else:
             break
-    return tuple(steps)
+    return tuple(steps), i
 
 
-def _through(root: nn.Module, chain: tuple[Any, ...]) -> list[nn.Module]:
-    """The submodules of ``root`` that ``chain`` (from ``root``) reaches through, or whose tensors it reads."""
-    obj, reached = root, []
+def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = None) -> list[nn.Module]:
+    """The submodules of ``root`` that ``chain`` (from ``root``, or from its descendant ``start``) reaches through,
+    or whose tensors it reads."""
+    obj, reached = root if start is None else start, []
     for k, step in enumerate(chain):
         child = _child(obj, step)
         if child is not None:
@@ -242,8 +267,9 @@ def _through(root: nn.Module, chain: tuple[Any, ...]) -> list[nn.Module]:
             continue
         if obj is root:
             return reached  # its own attributes, its own children iterated
-        if step is None:
-            return [*reached, obj]  # one of its children, by an index the code computes
+        if step is None:  # one of its children, by an index the code computes, or each (a loop's local)
+            rest = chain[k + 1:]
+            return [*reached, obj, *(m for c in obj._modules.values() if c is not None for m in _through(root, rest, c))]
         if step in obj._parameters or step in obj._buffers:
             following = chain[k + 1] if k + 1 < len(chain) else None
             return [] if following in _METADATA else [*reached, obj]  # its weights' values (not their dtype)
