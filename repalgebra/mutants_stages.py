@@ -156,6 +156,8 @@ _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_
 _KEPT_SUM = tuple(f"tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold[{h}]"
                   for h in ("returned", "used", "cast"))
 _EFFECTS = ("tests/test_inplace.py::test_a_call_kept_whole_made_for_its_effects_is_taken_to_write_into_what_it_is_given",)
+_AFTER = tuple(f"tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[{h}]"
+               for h in ("tensor", "view"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
@@ -1964,10 +1966,23 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:hidden_writes", "        if readers and effects:", "        if readers and False:", _EFFECTS),
     ("frontend", "effects-call-with-result-used", "a call kept whole whose result is read taken to write into what it is given "
      "(a block's write seen at the example named as a possible one)",
-     "repalgebra.frontend.inplace:_for_its_effects", "    if n.users or n.op not in", "    if n.op not in",
+     "repalgebra.frontend.inplace:_for_its_effects", "return not n.users and _own_code(n, root)", "return _own_code(n, root)",
      ("tests/test_inplace.py::test_a_write_by_a_call_kept_whole_is_seen_in_a_real_run_and_refused_at_its_parent",)),
     ("frontend", "effects-call-model-code-as-library", "the model's own modules (a test's) taken for a library's, whose writes the trace sees",
-     "repalgebra.frontend.inplace:_for_its_effects", '.partition(".")[0] not in _LIBRARIES', '.partition(".")[0] not in {*_LIBRARIES, "test_inplace"}', _EFFECTS),
+     "repalgebra.frontend.inplace:_own_code", '.partition(".")[0] not in _LIBRARIES', '.partition(".")[0] not in {*_LIBRARIES, "test_inplace"}', _EFFECTS),
+    ("frontend", "after-call-reads-not-rerouted", "a read of a tensor after a call kept whole that was given it left reading the "
+     "value before the call (h + conv1x1(x) merged into one conv of x, past a clamp on large inputs only)",
+     "repalgebra.frontend.inplace:reads_after_calls", "                u.replace_input_with(m, now)", "                pass", _AFTER),
+    ("frontend", "after-call-views-unseen", "only the tensors a call kept whole is given taken as changed by it, not those sharing "
+     "their storage (a clamp of h[:, :2] changes h)",
+     "repalgebra.frontend.inplace:reads_after_calls", "any(_shares(bases, m, a) for a in given)", "m in given", _AFTER),
+    ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
+     "example's run saw no longer refused",
+     "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",
+     ("tests/test_inplace.py::test_a_write_by_a_call_kept_whole_is_seen_in_a_real_run_and_refused_at_its_parent",)),
+    ("onnx_backend", "after-call-reads-result", "a read after a call kept whole exported as the call's result",
+     "repalgebra.backend.onnx:_after_call", 'return ctx.emit("Identity", [x])', 'return ctx.emit("Identity", [result])',
+     ("tests/test_onnx_fallback.py::test_a_read_after_a_call_kept_whole_is_the_tensor_itself_and_a_write_on_other_inputs_is_refused",)),
 ]
 
 

@@ -761,6 +761,13 @@ def opaque(*xs, fn=REQUIRED, kwargs=(), out_shape=None, out_dtype=None):
     return fn(*xs, **dict(kwargs))
 
 
+@op("after_call", kind="opaque", shape=lambda node: (node.inputs[0].shape, node.inputs[0].dtype))
+def after_call(x, result):
+    """``x`` as the call kept whole that returned ``result`` left it: ``x`` itself, read after that call (it may have
+    written into it; :func:`~repalgebra.frontend.inplace.reads_after_calls`).  No rule folds through it."""
+    return x
+
+
 # --------------------------------------------------------------------------- added by the torch front end
 
 

@@ -719,3 +719,33 @@ def test_a_call_made_for_its_effects_on_the_callers_tensor_runs():
         torch.testing.assert_close(fused(got), model(want), rtol=1e-9, atol=1e-9)
     assert want.abs().max() == 10
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class ClampedWithSkip(nn.Module):
+    """The sanitizer kept whole, its result used, and the features it was given (or a slice of them: ``how="view"``)
+    read again by a RepVGG-style skip (``h + conv1x1(x)``, which branch_sum merges into one conv of ``x``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.clamp, self.conv1x1 = nn.Conv2d(4, 4, 3, padding=1), SafeClamp(), nn.Conv2d(4, 4, 1)
+        self.how = how
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.clamp(h if self.how == "tensor" else h[:, :2])
+        return y.sum(1, keepdim=True) * 2 + (h + self.conv1x1(x))
+
+
+@pytest.mark.parametrize("how", ["tensor", "view"])
+def test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads(how):
+    """Nothing is out of range at the example, so no version counter moved: ``h + conv1x1(x)`` after the call was
+    merged into one conv of ``x``, which never saw the clamp (199 apart on large inputs)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = ClampedWithSkip(how).double().eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.conv(x)[:, :2].abs() > 10).any(), "the clamp must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)

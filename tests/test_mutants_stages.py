@@ -350,6 +350,12 @@ FEW = {
     "mutants stop it at once and end it one step early",
     "repalgebra.module_copy:in_packages": "one test, a module name that is a package or inside it: the mutant takes a "
     "name that only begins so (torch_geometric for torch); its callers' mutants pass everything or nothing",
+    "repalgebra.frontend.inplace:_own_code": "one decision split off _for_its_effects: the model's own code, not a "
+    "library's (its mutant kills through the calls made for their effects)",
+    "repalgebra.frontend.inplace:reads_after_calls": "two decisions: reads after the call rerouted, and the values "
+    "sharing the given tensors' storage among them",
+    "repalgebra.backend.onnx:_after_call": "one decision: the tensor read after the call is the tensor, not the "
+    "call's result",
 }
 
 

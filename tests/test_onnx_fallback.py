@@ -1560,3 +1560,39 @@ def test_a_cache_written_in_place_and_returned_exports(model_type):
         with torch.no_grad():
             ref, torch_cache = model(x, torch_cache)
         assert close(out, ref) and close(file_cache, torch_cache)  # float32, BatchNorm's division: RTOL 1e-5
+
+
+class ClampedSkip(nn.Module):
+    """A sanitizer kept whole that clamps its input in place only where something is out of range, its input read
+    again by a skip after it."""
+
+    class SafeClamp(nn.Module):
+        def forward(self, x):
+            if x.abs().amax() > 10:
+                x.clamp_(-10, 10)
+            return x * 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.clamp, self.conv1x1 = nn.Conv2d(4, 4, 3, padding=1), self.SafeClamp(), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.clamp(h) + (h + self.conv1x1(x))
+
+
+def test_a_read_after_a_call_kept_whole_is_the_tensor_itself_and_a_write_on_other_inputs_is_refused():
+    """``after_call`` (a read of ``x`` after a call kept whole, which may write into it) is ``x`` in the file: a
+    call whose traced path writes nothing leaves it as it was.  One that writes on other inputs than the example
+    branches on the values, which the file cannot: refused by name."""
+    x = Graph.input("x", (2, 4, 5))
+    call = opaque([x], torch.sin, (In(0),), torch.zeros(2, 4, 5), source="odd")
+    after = Node.make("after_call", [x, call.out], source="")
+    add = Node.make("add", [call.out, after.out], source="add")
+    graph = Graph([x], [call, after, add], [add.out])
+    proto = graph_to_onnx(graph)
+    onnx.checker.check_model(proto, full_check=True)
+    xb = torch.randn(3, 4, 5)
+    assert close(run(proto, xb)[0], torch.sin(xb) + xb)
+    with pytest.raises(FallbackError, match=r"export of clamp \(SafeClamp\) computes something else.*Python boolean"):
+        export_onnx(ClampedSkip().eval(), None, torch.randn(1, 4, 8, 8))

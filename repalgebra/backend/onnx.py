@@ -203,6 +203,14 @@ def _identity(ctx, n, x):
     return ctx.emit("Identity", [x])
 
 
+@lowering("after_call")
+def _after_call(ctx, n, x, result):
+    """The tensor as it was: exact where the call kept whole wrote nothing into it.  Its capture saw no write at the
+    example (a write there is refused, :func:`~repalgebra.frontend.inplace.hidden_writes`), and a branch of its on
+    the input's values is refused (``backend/value_reads.py``): its traced path, the file's, writes nothing."""
+    return ctx.emit("Identity", [x])
+
+
 @lowering("add", "sub", "mul", "matmul")
 def _binary(ctx, n, a, b):
     a, b = _promoted(ctx, n, a, b)

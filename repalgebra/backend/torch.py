@@ -240,7 +240,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 # Ops whose torch lowering may return their input itself or a view of it (``x.to(x.dtype)`` is ``x``).
-_VIEWING = frozenset({"identity", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
+_VIEWING = frozenset({"identity", "after_call", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
                       "piece", "expand", "expand_dyn", "cast"})
 
 
@@ -450,6 +450,12 @@ def _linear(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("identity")
 def _identity(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return xs[0]
+
+
+@lowers("after_call")
+def _after_call(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    """The tensor itself, read where the graph reads it: after the call kept whole (its input ``xs[1]`` comes first)."""
     return xs[0]
 
 

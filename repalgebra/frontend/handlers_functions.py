@@ -26,7 +26,7 @@ from repalgebra.frontend.args import (
 )
 from repalgebra.frontend.builder import Builder, Const, Made
 from repalgebra.frontend.calls import FnCall, In, SymExpr
-from repalgebra.frontend.inplace import setitem_copy
+from repalgebra.frontend.inplace import after_call, setitem_copy
 from repalgebra.frontend.shapes import size_base
 from repalgebra.ir import Value, upstream
 from repalgebra.ops import chunk_piece, split_piece
@@ -1187,6 +1187,14 @@ def _f_slice_scatter(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: d
     return "slice_scatter", [x, src], attrs, {}, ""
 
 
+def _f_after_call(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
+    """``after_call(x, result)`` (:func:`~repalgebra.frontend.inplace.reads_after_calls`): ``x`` read after a call kept
+    whole, which may have written into it."""
+    if kwargs or len(args) != 2 or shaped(args[0]) is None or not isinstance(args[1], Value):
+        return None
+    return "after_call", [args[0], args[1]], {}, {}, ""
+
+
 def _f_setitem_copy(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
     """``y[:, :2, :, 1:] = v`` (made :func:`~repalgebra.frontend.inplace.setitem_copy` by ``functionalize``): one
     ``slice_scatter`` per sliced axis, as ``torch.export`` records it, where the index is int slices.  A ``v``
@@ -1408,6 +1416,7 @@ _register(_f_expand, ("method", "expand"), ("method", "expand_as"))
 _register(_f_repeat, ("method", "repeat"))
 _register(_f_slice_scatter, torch.slice_scatter, ("method", "slice_scatter"))
 _register(_f_setitem_copy, setitem_copy)
+_register(_f_after_call, after_call)
 _register(_f_chunk_piece, chunk_piece)
 _register(_f_split_piece, split_piece)
 _register(_f_zeros_like, torch.zeros_like)

@@ -46,8 +46,8 @@ from torch import fx, nn
 
 from repalgebra.one_call import traced_as_one_call
 
-__all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "functionalize", "hidden_writes", "is_inplace", "on_copy", "setitem_copy",
-           "versions"]
+__all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
+           "reads_after_calls", "setitem_copy", "versions"]
 
 # The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
 # ``y`` float32 for a float64 ``c`` where ``y + c`` promotes (a T-Net's identity made with numpy; found by a probe)
@@ -146,6 +146,7 @@ _VIEW_FUNCTIONS = {
     # In eval mode dropout returns its input itself: a later ``z.clamp_()`` changes ``x`` too.
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
 }  # fmt: skip
+# (``after_call`` returns its first input itself: added below, once it is defined)
 # Calls known to return a new tensor (never one of their inputs or a view of one).
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
@@ -382,13 +383,14 @@ def hidden_writes(node: fx.Node, before: dict[fx.Node, int], values: dict[fx.Nod
     nodes = list(node.graph.nodes)
     order = {n: k for k, n in enumerate(nodes)}
     after = {node}  # the call's result and what is computed from it: it carries the new contents legitimately
-    for n in nodes[order[node] + 1 :]:
-        if any(a in after for a in n.all_input_nodes):
+    for n in nodes[order[node] + 1 :]:  # (not an input read again, made ``after_call(x, result)``: that is ``x``)
+        if n.target is not after_call and any(a in after for a in n.all_input_nodes):
             after.add(n)
     bases = alias_bases(node.graph, root)
     outside = [n for n in nodes if n.op == "output"] if effects else []  # (the caller reads its inputs and the state)
     for w in written:
-        readers = [u for m in nodes if _shares(bases, m, w) and m not in after for u in m.users if order[u] > order[node]]
+        readers = [u for m in nodes if _shares(bases, m, w) and m not in after for u in m.users
+                   if order[u] > order[node] and u.target is not after_call]  # (an after_call's readers read w)
         readers += [o for o in outside if any(m.op in ("placeholder", "get_attr") and _shares(bases, m, w) for m in nodes)]
         if readers and effects:
             raise InplaceHazard(
@@ -408,13 +410,59 @@ _LIBRARIES = {"torch", "builtins", "_operator", "operator", "math", "repalgebra"
 
 
 def _for_its_effects(n: fx.Node, root: nn.Module) -> bool:
-    """Whether ``n`` is a call of the model's own code (a module of its classes, a function it wraps) whose result
-    nothing reads: what it does, it does besides returning.  torch's own layers and functions write in place only
-    where the trace sees it (``inplace=True``, a name ending in ``_``)."""
-    if n.users or n.op not in ("call_module", "call_function"):
+    """Whether ``n`` is a call of the model's own code (:func:`_own_code`) whose result nothing reads: what it does,
+    it does besides returning."""
+    return not n.users and _own_code(n, root)
+
+
+def _own_code(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` is a call the trace does not see into of the model's own code (a module of its classes, a
+    function it wraps).  torch's own layers and functions write in place only where the trace sees it
+    (``inplace=True``, a name ending in ``_``)."""
+    if n.op not in ("call_module", "call_function"):
         return False
     owner = type(root.get_submodule(n.target)) if n.op == "call_module" else n.target
     return str(getattr(owner, "__module__", None) or "builtins").partition(".")[0] not in _LIBRARIES
+
+
+def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
+    """Make every read of a tensor after a call of the model's own code that was given it (or a value sharing its
+    storage) read ``after_call(tensor, result)``, the tensor as the call left it; returns how many were made.
+
+    A call kept whole may write into its input on some inputs only (``if x.amax() > 3: x.clamp_(max=3)``):
+    :func:`hidden_writes` sees the writes of the example's run, not these.  Under value semantics a later read of
+    ``h`` (``y = self.odd(h); return y + h``) would be the value before the call, and rewrites would compute it
+    anew from what made ``h`` (``h + conv2(x)`` merged into one conv of ``x``), missing the write.  ``after_call``
+    is an op no rule folds through, and the fused module reads the tensor itself there, after the call: what it
+    holds then, as in the model.  Calls whose result is unused are :func:`hidden_writes`'s (taken to write)."""
+    nodes = list(graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    bases = alias_bases(graph, root)
+    made = 0
+    for call in [n for n in nodes if n.users and _own_code(n, root)]:
+        given = [a for a in call.all_input_nodes if a.op != "get_attr"]
+        before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
+        for m in before:
+            readers = [u for u in m.users if order.get(u, len(nodes)) > order[call] and u.target is not after_call]
+            if not readers:
+                continue
+            with graph.inserting_after(call):
+                now = graph.call_function(after_call, (m, call))
+            now.meta.update(m.meta)
+            for u in readers:
+                u.replace_input_with(m, now)
+            made += 1
+    return made
+
+
+@traced_as_one_call
+def after_call(x: torch.Tensor, result: Any) -> torch.Tensor:
+    """``x`` as the call kept whole that returned ``result`` left it (it may have written into it): ``x`` itself,
+    read after that call (:func:`reads_after_calls`)."""
+    return x
+
+
+_VIEW_FUNCTIONS.add(after_call)  # (x itself: what writes into it later writes into x)
 
 
 def _holder(node: fx.Node, readers: list[fx.Node]) -> str:

@@ -56,7 +56,7 @@ from repalgebra.frontend.fx_trace import (
 )
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
-from repalgebra.frontend.inplace import InplaceHazard, functionalize
+from repalgebra.frontend.inplace import InplaceHazard, functionalize, reads_after_calls
 from repalgebra.frontend.inputs import as_tuple, check_example_inputs, check_model, example_inputs_for, infer_example_inputs, model_dtype
 from repalgebra.frontend.shapes import reroute_shape_reads
 from repalgebra.ir import Graph
@@ -145,6 +145,7 @@ def trace_model(
     try:
         work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer)
         inplace_notes = functionalize(fx_graph, work)
+        reads_after_calls(fx_graph, work)  # (after functionalize: its reroutes are reads too)
     except (UntraceableError, InplaceHazard) as e:
         e.path = unprefixed(e.path)
         raise
