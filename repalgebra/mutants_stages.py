@@ -156,6 +156,7 @@ _VERIFY_STRUCTURED = ("tests/test_verify.py::test_structured_inputs_and_outputs_
 _KEPT_SUM = tuple(f"tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_written_in_place_keeps_the_fused_model_to_the_dtypes_that_hold[{h}]"
                   for h in ("returned", "used", "cast"))
 _EFFECTS = ("tests/test_inplace.py::test_a_call_kept_whole_made_for_its_effects_is_taken_to_write_into_what_it_is_given",)
+_COND = ("tests/test_fuse_outside_reads.py::test_a_parent_kept_whole_for_torch_cond_has_its_children_fused",)
 _AFTER = tuple(f"tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[{h}]"
                for h in ("tensor", "view"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
@@ -1983,6 +1984,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "after-call-reads-result", "a read after a call kept whole exported as the call's result",
      "repalgebra.backend.onnx:_after_call", 'return ctx.emit("Identity", [x])', 'return ctx.emit("Identity", [result])',
      ("tests/test_onnx_fallback.py::test_a_read_after_a_call_kept_whole_is_the_tensor_itself_and_a_write_on_other_inputs_is_refused",)),
+    ("frontend", "cond-other-branch", "torch.cond run with the other branch than its predicate picks while reads are noted",
+     "repalgebra.frontend.outside_reads:_cond_in_eager", "(true_fn if pred else false_fn)", "(false_fn if pred else true_fn)", _COND),
+    ("frontend", "cond-compiled", "torch.cond compiled under read_outside's function mode, which dynamo refuses",
+     "repalgebra.frontend.outside_reads:_cond_in_eager", '    utils._hop_compile_and_call = call\n', "    pass\n", _COND),
+    ("frontend", "cond-wrapper-unknown", "torch.cond's op wrapper not recognised: compiled as another higher-order op",
+     "repalgebra.frontend.outside_reads:_cond_in_eager", '!= "_cond_op_wrapper"', '!= "_cond_wrapper"', _COND),
 ]
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repalgebra import fuse
+from repalgebra.backend.onnx import export_onnx
+from repalgebra.backend.onnx_fallback import FallbackError
 from repalgebra.frontend.capture import Call
 from repalgebra.frontend.outside_reads import reached_through, read_outside
 from zoo import count_bn, seeded
@@ -359,3 +361,46 @@ def test_only_the_code_a_call_runs_is_read_for_chains(where):
                 return y if float(x.sum()) > -1e9 else -y
 
     assert reached_through(Parent()) == ({"body", "body.0"} if where == "helper" else set())
+
+
+class CondNormalized(nn.Module):
+    """Images in 0..255 or in 0..1, scaled with ``torch.cond`` (PyTorch's export-friendly branch on the data), then a
+    conv+BN stem and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def to_unit(self, t):
+        return t / 255.0
+
+    def forward(self, x):
+        x = torch.cond(x.max() > 1.0, self.to_unit, lambda t: t.clone(), (x,))
+        return self.head(self.stem(x))
+
+
+class CondWeighted(CondNormalized):
+    """The 0..255 branch also scales by the stem conv's mean weight: a read outside the conv's call."""
+
+    def to_unit(self, t):
+        return t / 255.0 * self.stem[0].weight.mean()
+
+
+def test_a_parent_kept_whole_for_torch_cond_has_its_children_fused():
+    """Eager ``torch.cond`` compiles its op, which dynamo refused under read_outside's function mode: the parent (kept
+    whole: neither capture carries the branch) did not run again on its calls, and none of its children was fused
+    (the stem's BatchNorm stayed).  Both branches compute as the model does; a branch's reads are seen."""
+    model = seeded(CondNormalized, 0)().double()
+    fused = fuse(model, torch.rand(2, 3, 8, 8, dtype=torch.float64))
+    assert count_bn(fused) == 0
+    for x in (torch.rand(3, 3, 8, 8, dtype=torch.float64), 255 * torch.rand(1, 3, 6, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+    reader = CondWeighted().double().eval()
+    paths = ["stem", "stem.0", "stem.1", "stem.2", "head"]
+    for scale, read in ((255, {"stem", "stem.0"}), (1, set())):
+        x = scale * torch.rand(1, 3, 6, 6, dtype=torch.float64)
+        assert read_outside(copy.deepcopy(reader), [Call((x,), {})], paths) == read
+    with pytest.raises(FallbackError, match="no ONNX lowering for CondNormalized"):  # (the branch: not in the file)
+        export_onnx(model, None, torch.rand(2, 3, 8, 8, dtype=torch.float64))

@@ -19,11 +19,12 @@ do not count: they do not see the weights' values.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import inspect
 import types
 import weakref
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -68,7 +69,7 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
     try:
         for mode in _MODES:
             try:
-                with mode(), reads:
+                with mode(), _cond_in_eager(), reads:
                     for call in calls:  # (on copies of its tensors: a forward may write into its input)
                         args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (call.args, call.kwargs))
                         module(*args, **kwargs)
@@ -80,6 +81,31 @@ def read_outside(module: nn.Module, calls: Iterable[Call], paths: Iterable[str])
         for h in handles:
             h.remove()
     return paths & reads.found
+
+
+@contextlib.contextmanager
+def _cond_in_eager() -> Iterator[None]:
+    """``torch.cond`` called as eager code runs its branch as Python would, not through ``torch.compile``.
+
+    Outside a compile ``torch.cond(pred, true_fn, false_fn, operands)`` compiles its op (``_hop_compile_and_call``),
+    which dynamo refuses under an active function mode (``_Reads``): the module kept whole did not run again, and
+    none of its children was fused (a probe: 7 of 7 BatchNorms left).  Its eager meaning is the branch ``pred``
+    picks, called on the operands; run so, the branch's ops pass through ``_Reads`` as any other code's do."""
+    from torch._higher_order_ops import utils
+
+    compiled = utils._hop_compile_and_call
+
+    def call(fn: Any, args: tuple) -> Any:
+        if getattr(fn, "__name__", "") != "_cond_op_wrapper":  # (another higher-order op: as torch runs it)
+            return compiled(fn, args)
+        pred, true_fn, false_fn, operands = args
+        return (true_fn if pred else false_fn)(*operands)
+
+    utils._hop_compile_and_call = call
+    try:
+        yield
+    finally:
+        utils._hop_compile_and_call = compiled
 
 
 # The modes a module kept whole runs in: ``fuse``'s checks run it without gradients, a training script calls the fused
