@@ -1356,6 +1356,12 @@ class _Fuser:
         module = self.pristine.get_submodule(path)
         if not calls or path in self.user_leaves or path in self.state_leaves:
             return copy_module(module)  # a leaf is carried through untouched, also under a parent kept whole
+        if autocast := next((c.autocast for c in calls if c.autocast), None):  # (see capture.as_without_autocast)
+            self.report.notes.append(
+                f"{_where(path)} is called under torch.autocast({autocast[0]!r}, dtype={autocast[1]}): captured and checked on "
+                "its inputs in its weights' dtype (autocast sets each op's precision, not what it computes); under autocast "
+                f"its fused form computes in {str(autocast[1]).removeprefix('torch.')} as the model does, op by op, its "
+                "folded weights rounded once")
         if all(c.tensor_only for c in calls) and _takes_other_calls(module, calls):
             # forward(x, return_attention=False) called as blk(x): the parent's other branches may pass the flag
             dispatch = self.fuse_by_signature(path, calls)

@@ -157,6 +157,7 @@ _KEPT_SUM = tuple(f"tests/test_inplace.py::test_a_sum_made_in_its_dtype_and_writ
                   for h in ("returned", "used", "cast"))
 _EFFECTS = ("tests/test_inplace.py::test_a_call_kept_whole_made_for_its_effects_is_taken_to_write_into_what_it_is_given",)
 _COND = ("tests/test_fuse_outside_reads.py::test_a_parent_kept_whole_for_torch_cond_has_its_children_fused",)
+_AUTOCAST = ("tests/test_fuse_call_modes.py::test_a_child_called_under_its_parents_autocast_is_fused",)
 _AFTER = tuple(f"tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[{h}]"
                for h in ("tensor", "view"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
@@ -1990,6 +1991,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_cond_in_eager", '    utils._hop_compile_and_call = call\n', "    pass\n", _COND),
     ("frontend", "cond-wrapper-unknown", "torch.cond's op wrapper not recognised: compiled as another higher-order op",
      "repalgebra.frontend.outside_reads:_cond_in_eager", '!= "_cond_op_wrapper"', '!= "_cond_wrapper"', _COND),
+    ("frontend", "autocast-call-kept", "a child's call made under its parent's torch.autocast recorded with autocast's bf16 "
+     "activations: captured and checked outside autocast, its conv refused them and it was kept whole",
+     "repalgebra.frontend.capture:as_without_autocast", "    if device is None or not torch.is_autocast_enabled(device):",
+     "    if True:", _AUTOCAST),
+    ("frontend", "autocast-call-not-cast-back", "the activations autocast made cast to autocast's dtype again, not back to the weights'",
+     "repalgebra.frontend.capture:as_without_autocast", "t.to(own) if torch.is_tensor(t)", "t.to(low) if torch.is_tensor(t)", _AUTOCAST),
+    ("frontend", "autocast-call-cast-to-other-dtype", "the activations autocast made cast to float64, not to the weights' dtype",
+     "repalgebra.frontend.capture:as_without_autocast", "t.to(own) if torch.is_tensor(t)", "t.to(torch.float64) if torch.is_tensor(t)",
+     _AUTOCAST),
 ]
 
 

@@ -174,6 +174,7 @@ class Call:
 
     args: tuple
     kwargs: dict
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) of the torch.autocast it was made under
 
     @property
     def not_alone(self) -> str:
@@ -272,12 +273,35 @@ def cloned(tree: Any) -> Any:
     return pytree.tree_map(clone, tree)
 
 
+def as_without_autocast(module: nn.Module, call: Call) -> Call:
+    """``call``, made under ``torch.autocast``, with the tensors autocast made (of its dtype) cast back to the
+    dtype of ``module``'s weights; :attr:`Call.autocast` says which autocast it was.  ``call`` where no autocast is
+    on for its tensors' device, or where the weights are of no one floating dtype other than autocast's.
+
+    A parent whose forward runs under autocast (accelerate's ``prepare_model`` with ``mixed_precision="bf16"``)
+    hands its children bf16 activations.  Captured and checked on those outside autocast, a child's fp32 conv
+    refused its bf16 input, and the child was kept whole (a probe: its conv+BN pairs stayed).  Autocast is a
+    policy of each op's precision, not a part of the function: the child is fused on the same values in its
+    weights' dtype (bf16 to fp32 is exact), checked in float64 (where autocast casts nothing), and the parent runs
+    it under autocast as written, each op of the fused form in bf16 as the model's ops are."""
+    device = next((t.device.type for t in pytree.tree_leaves((call.args, call.kwargs)) if torch.is_tensor(t)), None)
+    if device is None or not torch.is_autocast_enabled(device):
+        return call
+    low = torch.get_autocast_dtype(device)
+    weights = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    if len(weights) != 1 or low in weights:
+        return call
+    (own,) = weights
+    back = lambda t: t.to(own) if torch.is_tensor(t) and t.dtype == low else t  # noqa: E731
+    return Call(*pytree.tree_map(back, (call.args, call.kwargs)), autocast=(device, low))
+
+
 def _record(module: nn.Module, call: Call, calls: dict[str, list[Call]]) -> None:
     handles = []
 
     def hook_for(path: str):
         def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[path].append(Call(*cloned((args, kwargs))))
+            calls[path].append(as_without_autocast(m, Call(*cloned((args, kwargs)))))
 
         return hook
 
