@@ -1978,6 +1978,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "after-call-views-unseen", "only the tensors a call kept whole is given taken as changed by it, not those sharing "
      "their storage (a clamp of h[:, :2] changes h)",
      "repalgebra.frontend.inplace:reads_after_calls", "any(_shares(bases, m, a) for a in given)", "m in given", _AFTER),
+    ("frontend", "clone-given-to-call-dropped", "x.clone() given to a call kept whole taken for x (the identity): the call "
+     "writes into x itself, which later reads see",
+     "repalgebra.frontend.inplace:_keep_copy", '        n.op, n.target = "call_function", kept_clone', "        pass",
+     ("tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[clone]",)),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
      "example's run saw no longer refused",
      "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",

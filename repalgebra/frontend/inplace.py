@@ -47,7 +47,7 @@ from torch import fx, nn
 from repalgebra.one_call import traced_as_one_call
 
 __all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
-           "reads_after_calls", "setitem_copy", "versions"]
+           "kept_clone", "reads_after_calls", "setitem_copy", "versions"]
 
 # The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
 # ``y`` float32 for a float64 ``c`` where ``y + c`` promotes (a T-Net's identity made with numpy; found by a probe)
@@ -440,6 +440,8 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     bases = alias_bases(graph, root)
     made = 0
     for call in [n for n in nodes if n.users and _own_code(n, root)]:
+        for a in call.all_input_nodes:
+            _keep_copy(a)
         given = [a for a in call.all_input_nodes if a.op != "get_attr"]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
@@ -455,6 +457,21 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     return made
 
 
+def _keep_copy(n: fx.Node) -> None:
+    """Make ``n``, a ``x.clone()`` given to a call kept whole, :func:`kept_clone`: the IR takes a clone for the same
+    values (the identity), and a rewrite would hand the call ``x`` itself to write into, where the model's call
+    writes into its copy and later reads of ``x`` see none of it (``y = self.clamp(h.clone()); return y + conv(h)``)."""
+    if (n.op, n.target) in (("call_method", "clone"), ("call_function", torch.clone)) and len(n.args) == 1 and not n.kwargs:
+        n.op, n.target = "call_function", kept_clone
+
+
+@traced_as_one_call
+def kept_clone(x: torch.Tensor) -> torch.Tensor:
+    """``x.clone()``, given to a call kept whole that may write into it (:func:`_keep_copy`): a copy in the fused
+    module too."""
+    return x.clone()
+
+
 @traced_as_one_call
 def after_call(x: torch.Tensor, result: Any) -> torch.Tensor:
     """``x`` as the call kept whole that returned ``result`` left it (it may have written into it): ``x`` itself,
@@ -463,6 +480,7 @@ def after_call(x: torch.Tensor, result: Any) -> torch.Tensor:
 
 
 _VIEW_FUNCTIONS.add(after_call)  # (x itself: what writes into it later writes into x)
+_FRESH_FUNCTIONS.add(kept_clone)
 
 
 def _holder(node: fx.Node, readers: list[fx.Node]) -> str:
