@@ -753,3 +753,32 @@ def test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_
     with torch.no_grad():
         assert (model.conv(x)[:, :2].abs() > 10).any(), "the clamp must bite at this input"
         torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+class TwiceClamped(nn.Module):
+    """Two sanitizers kept whole given the same features, then the skip reads them again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.a, self.b, self.conv1x1 = nn.Conv2d(4, 4, 3, padding=1), SafeClamp(), SafeClamp(), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        y1 = self.a(h)
+        y2 = self.b(h)
+        return y1 + y2 + (h + self.conv1x1(x))
+
+
+def test_a_call_kept_whole_given_what_an_earlier_one_left_is_read_after_too():
+    """The second call reads ``after_call(h, y1)``, a node the alias table made before the first call's reroute did
+    not hold: a KeyError, and the whole model was kept whole."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = TwiceClamped().double().eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    assert fused.fuse_report.capture == "fx"
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.conv(x).abs() > 10).any(), "the clamps must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)

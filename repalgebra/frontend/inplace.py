@@ -435,17 +435,17 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     anew from what made ``h`` (``h + conv2(x)`` merged into one conv of ``x``), missing the write.  ``after_call``
     is an op no rule folds through, and the fused module reads the tensor itself there, after the call: what it
     holds then, as in the model.  Calls whose result is unused are :func:`hidden_writes`'s (taken to write)."""
-    nodes = list(graph.nodes)
-    order = {n: k for k, n in enumerate(nodes)}
-    bases = alias_bases(graph, root)
     made = 0
-    for call in [n for n in nodes if n.users and _own_code(n, root)]:
+    for call in [n for n in graph.nodes if n.users and _own_code(n, root)]:
         for a in call.all_input_nodes:
             _keep_copy(a)
+        nodes = list(graph.nodes)  # (anew for each call: the after_call nodes made for earlier calls are among them)
+        order = {n: k for k, n in enumerate(nodes)}
+        bases = alias_bases(graph, root)
         given = [a for a in call.all_input_nodes if a.op != "get_attr"]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
-            readers = [u for u in m.users if order.get(u, len(nodes)) > order[call] and u.target is not after_call]
+            readers = [u for u in m.users if order[u] > order[call] and u.target is not after_call]
             if not readers:
                 continue
             with graph.inserting_after(call):
