@@ -435,13 +435,14 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     anew from what made ``h`` (``h + conv2(x)`` merged into one conv of ``x``), missing the write.  ``after_call``
     is an op no rule folds through, and the fused module reads the tensor itself there, after the call: what it
     holds then, as in the model.  Calls whose result is unused are :func:`hidden_writes`'s (taken to write)."""
-    made = 0
+    made, read = 0, -1
     for call in [n for n in graph.nodes if n.users and _own_code(n, root)]:
         for a in call.all_input_nodes:
             _keep_copy(a)
-        nodes = list(graph.nodes)  # (anew for each call: the after_call nodes made for earlier calls are among them)
-        order = {n: k for k, n in enumerate(nodes)}
-        bases = alias_bases(graph, root)
+        if read != made:  # (anew after a call got after_call nodes: later calls may read them)
+            nodes = list(graph.nodes)
+            order = {n: k for k, n in enumerate(nodes)}
+            bases, read = alias_bases(graph, root), made
         given = [a for a in call.all_input_nodes if a.op != "get_attr"]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
