@@ -61,6 +61,7 @@ from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, n
 from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
+from repalgebra.hooked import HookedPart, movable_hooks, without_hooks
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval
@@ -1356,6 +1357,8 @@ class _Fuser:
         module = self.pristine.get_submodule(path)
         if not calls or path in self.user_leaves or path in self.state_leaves:
             return copy_module(module)  # a leaf is carried through untouched, also under a parent kept whole
+        if movable_hooks(module) and (hooked := self.fuse_hooked(path, calls, why)) is not None:
+            return hooked
         if autocast := next((c.autocast for c in calls if c.autocast), None):  # (see capture.as_without_autocast)
             self.report.notes.append(
                 f"{_where(path)} is called under torch.autocast({autocast[0]!r}, dtype={autocast[1]}): captured and checked on "
@@ -1379,6 +1382,25 @@ class _Fuser:
                 return fused
             return self.keep_whole(path, calls, "called at several input shapes; its capture holds at one")
         return self.fuse_by_signature(path, calls) or self.keep_whole(path, calls, _not_alone(calls))
+
+    def fuse_hooked(self, path: str, calls: list[Call], why: str) -> nn.Module | None:
+        """The part at ``path``, whose forward hooks observe or change its calls (Grad-CAM's on ``layer4[-1]``): its
+        ``forward``, fused as ``torch.fx`` traces it (without hooks), in a :class:`~repalgebra.hooked.HookedPart`
+        running the same hooks around it.  None, the report as it was, where that computes something else for the
+        calls (a hook that reads the module it is given: it is given the HookedPart), or where nothing folds inside."""
+        module = self.pristine.get_submodule(path)
+        mark = self._mark()
+        _set_submodule(self.pristine, path, without_hooks(module))  # what the calls' forward runs (after the pre-hooks)
+        try:
+            fused = HookedPart(self.fuse_part(path, calls, why), module)
+        finally:
+            _set_submodule(self.pristine, path, module)
+        if len(self.report.fired) == mark[0] or not self.same_on_all(module, fused, calls):
+            self._rollback(mark)  # (nothing folded inside: the module as it was, its children fused on their own)
+            return None
+        self.report.notes.append(f"{_where(path)}: its forward was fused inside its forward hooks, which run around the fused "
+                                 "form as around the module (their module argument is the fused part)")
+        return fused
 
     def fuse_by_signature(self, path: str, calls: list[Call]) -> nn.Module | None:
         """The part at ``path``, called with keywords or numbers (``blk(x, H, W)``), fused once per

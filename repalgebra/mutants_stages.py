@@ -208,6 +208,8 @@ _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_
 _CAST_BACK = ("tests/test_fuse_text_models.py::test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
+_HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it[{h}]"
+                for h in ("observing", "changing"))
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -1936,6 +1938,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:_cumsum", "or x.dtype == torch.int64:", "or x.dtype in (torch.int64, torch.int32):", _CUMSUM),
     ("onnx_backend", "cumsum-rewrite-inverted", "the cumsum rewrite taken only where a dtype is given",
      f"{_OF}:_cumsum", "if dtype is not None or", "if dtype is None or", _CUMSUM),
+    ("frontend", "hooked-block-kept-a-call", "a block with forward hooks of its own kept a call of itself, its children fused "
+     "one at a time (Grad-CAM's hook on layer4[-1] kept its conv1 -> bn1 apart)",
+     "repalgebra.hooked:movable_hooks", "return (runs_own_hooks(module) and", "return (False and", _HOOKED),
+    ("frontend", "hooked-block-traced-with-hooks", "a hooked block's forward captured with its hooks still on (they run twice, or it stays a call)",
+     "repalgebra.hooked:without_hooks", "            del registry[key]\n", "            pass\n", _HOOKED),
+    ("frontend", "hooked-part-flags-dropped", "a hooked block's hooks carried around its fused form without their flags (with_kwargs)",
+     "repalgebra.hooked:carry_hooks", "if k in kept))", "if False))", _HOOKED[1:]),
     ("onnx_backend", "copy-into-not-rewritten", "an in-place copy_ of a whole tensor left to the exporter (aten::copy, refused)",
      f"{_OF}:_copy_into", "    if x.dim() == 0:", "    if True:", _CACHE),
     ("onnx_backend", "copy-into-rebound", "an in-place copy_ traced as a new tensor: later reads of the cache see the old one",

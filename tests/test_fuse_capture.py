@@ -1301,8 +1301,8 @@ class HookedNet(nn.Module):
 @pytest.mark.parametrize("pad_odd", [False, True])
 def test_a_hook_that_only_records_runs_on_every_call_of_the_fused_model(pad_odd):
     """A feature collector returns nothing: a trace (torch.fx or torch.export) that runs it once, on symbolic values,
-    records nothing of it.  A module with such hooks stays a call of itself (kept whole, its children fused), and
-    the report says why."""
+    records nothing of it.  A module with such hooks stays a call of itself (its forward fused inside its hooks, see
+    test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it), and the report says why."""
     model = randomized(HookedNet(pad_odd))
     seen: list[torch.Tensor] = []
     model.a.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
@@ -1317,6 +1317,83 @@ def test_a_hook_that_only_records_runs_on_every_call_of_the_fused_model(pad_odd)
     assert len(seen) == len(want) == 2
     for got, ref in zip(seen, want):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block: ``conv1 -> bn1`` and ``conv2 -> bn2`` are siblings inside it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(c), BasicBlock(c))
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _gradcam_hooks(block: nn.Module, seen: list) -> list:
+    """pytorch-grad-cam's ActivationsAndGradients on ``layer4[-1]``: store the output, return None."""
+    return [block.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))]
+
+
+def _hooks_that_change_the_call(block: nn.Module, seen: list) -> list:
+    """A pre-hook replacing the input, one writing into it, a with_kwargs forward hook replacing the output and
+    an ``always_call`` one writing into the input after the call."""
+    return [block.register_forward_pre_hook(lambda m, args: (args[0] * 2,)),
+            block.register_forward_pre_hook(lambda m, args: seen.append(args[0].add_(1).clone())),
+            block.register_forward_hook(lambda m, args, kwargs, out: out.tanh(), with_kwargs=True),
+            block.register_forward_hook(lambda m, args, out: seen.append((args[0].mul_(3).clone(), out.clone())), always_call=True)]
+
+
+@pytest.mark.parametrize("hooks", [_gradcam_hooks, _hooks_that_change_the_call], ids=["observing", "changing"])
+def test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it(hooks):
+    """Grad-CAM puts a forward hook on ``layer4[-1]``.  The hooked block was kept a call of itself and its children
+    fused one at a time, so ``conv1 -> bn1`` and ``conv2 -> bn2`` never met and both BatchNorms stayed (a probe).
+    Its forward is now fused as fx traces it (without hooks), and the same hooks run around the fused form: they
+    see the same tensors as many times, what they return or write stays as in the model, and removing the user's
+    handle leaves the fused model's hooks in place."""
+    model = randomized(TinyResNet())
+    seen: list = []
+    handles = hooks(model.layer1[-1], seen)
+    x = torch.randn(2, 3, 16, 16, dtype=D)
+    fused = check_exact(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    y = torch.randn(1, 3, 12, 20, dtype=D)
+    with torch.no_grad():
+        seen.clear()
+        ya, yb = y.clone(), y.clone()
+        want, saw = model(ya), list(seen)
+        seen.clear()
+        got = fused(yb)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    torch.testing.assert_close(seen, saw, rtol=1e-9, atol=1e-9)
+    assert saw and len(seen) == len(saw)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        seen.clear()
+        fused(y.clone())
+        assert len(seen) == len(saw)  # the fused model's hooks are its own
+        seen.clear()
+        copy.deepcopy(fused)(y.clone())
+    assert len(seen) == len(saw)  # and its copies'
 
 
 def test_a_model_on_the_meta_device_is_refused_naming_a_tensor():

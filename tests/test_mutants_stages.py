@@ -33,6 +33,12 @@ ISSUE_15 = (
 FEW = {
     "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
     "the mutants skip it, or make both runs alike",
+    "repalgebra.hooked:movable_hooks": "one decision a test reaches: a block with hooks of its own is fused inside them (the "
+    "other conditions keep the old path, where the fused form's check would refuse it anyway)",
+    "repalgebra.hooked:without_hooks": "one decision: the hooks are taken off the copy that is captured (a flag left "
+    "behind for a hook no longer there is never read)",
+    "repalgebra.hooked:carry_hooks": "one decision a test reaches alone: the hooks' flags travel with them (ids and order "
+    "are the registry's own)",
     "repalgebra.fuse:_axes_fit": "one decision a test reaches: a fixed axis of another size is refused (the others pass "
     "in the same test)",
     "repalgebra.fuse:_refuses_what_runs": "one decision added to it a test reaches alone: a test of sizes makes a dispatcher "
