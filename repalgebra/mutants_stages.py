@@ -210,6 +210,9 @@ _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
 _HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it[{h}]"
                 for h in ("observing", "changing"))
+_DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_takes",
+               *(f"tests/test_fuse_text_models.py::test_a_factory_of_a_dtype_read_off_the_model_{t}[{k}]"
+                 for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -1945,6 +1948,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.hooked:without_hooks", "            del registry[key]\n", "            pass\n", _HOOKED),
     ("frontend", "hooked-part-flags-dropped", "a hooked block's hooks carried around its fused form without their flags (with_kwargs)",
      "repalgebra.hooked:carry_hooks", "if k in kept))", "if False))", _HOOKED[1:]),
+    ("frontend", "dtype-property-not-followed", "a dtype a property reads off the parameters (HF's self.dtype) kept as the "
+     "trace's float32: a float64 batch the model casts refused",
+     "repalgebra.frontend.dtype_properties:follow_dtype_properties", "    if not reads or not held:", "    if True:", _DTYPE_PROP),
+    ("frontend", "dtype-property-other-constants-unseen", "a second trace's other constants (torch.finfo(self.dtype).eps baked in) "
+     "not compared: the dtype follows a cast, the number stays float32's",
+     "repalgebra.frontend.dtype_properties:_read_from_the_property", "            elif not _same(x, y):", "            elif False:", _DTYPE_PROP),
     ("onnx_backend", "copy-into-not-rewritten", "an in-place copy_ of a whole tensor left to the exporter (aten::copy, refused)",
      f"{_OF}:_copy_into", "    if x.dim() == 0:", "    if True:", _CACHE),
     ("onnx_backend", "copy-into-rebound", "an in-place copy_ traced as a new tensor: later reads of the cache see the old one",

@@ -566,6 +566,43 @@ def test_a_dtype_read_from_the_models_property_is_seen_by_the_float64_check(tied
             copy.deepcopy(fused).half()(ids, mask)
 
 
+class DtypePropertyVision(nn.Module):
+    """Hugging Face's vision embeddings and diffusers' models: ``pixel_values.to(self.dtype)``, ``self.dtype`` a
+    property reading the first parameter (``ModuleUtilsMixin.dtype``, ``ModelMixin.dtype``)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.Conv2d(c, 4, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixel_values):
+        x = pixel_values.to(self.dtype)
+        return self.head(F.relu(self.bn(self.conv(x))))
+
+
+def test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_takes():
+    """fx ran the property on the real module and recorded a cast to float32: the fused model held in float32 only and
+    refused a float64 batch, which the model casts and runs (a probe).  The cast now reads its dtype off a parameter in
+    the fused graph, as ``x.to(self.conv.weight.dtype)`` does: any input dtype the model takes, and after
+    ``fused.double()`` it casts to float64 as the model does after ``model.double()``."""
+    torch.manual_seed(0)
+    model = DtypePropertyVision().eval()
+    with_statistics(model.bn)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 16, 16))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), str(fused.fuse_report)
+    assert any("self.dtype" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    x = torch.randn(2, 3, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        for given in (x, x.float(), (x * 40).clamp(0, 255).to(torch.uint8)):
+            torch.testing.assert_close(fused(given), model(given), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+        got = copy.deepcopy(fused).double()(x)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, copy.deepcopy(model).double()(x), rtol=1e-5, atol=1e-5)
+
+
 class KeyCache:
     """Hugging Face's ``DynamicCache``: a plain object holding the keys per layer, compared by identity."""
 
@@ -696,11 +733,12 @@ def test_a_tensor_of_a_dtypes_minimum_is_made_per_call(halved):
 
 class DtypePropertyFactory(nn.Module):
     """A tensor made in the model's dtype read off its parameters: ``torch.full(..., dtype=self.dtype)``, or a
-    ``torch.zeros`` of it written into in place."""
+    ``torch.zeros`` of it written into in place; with ``finfo``, also a number of that dtype
+    (``torch.finfo(self.dtype).eps``, which the trace bakes in)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, finfo: bool = False) -> None:
         super().__init__()
-        self.kind, self.lin, self.bn = kind, nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.kind, self.finfo, self.lin, self.bn = kind, finfo, nn.Linear(8, 8), nn.BatchNorm1d(8)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -708,28 +746,48 @@ class DtypePropertyFactory(nn.Module):
 
     def forward(self, x):
         y = self.bn(self.lin(x).transpose(1, 2)).transpose(1, 2)
+        eps = torch.finfo(self.dtype).eps if self.finfo else 0.0
         if self.kind == "full":
-            return y * torch.full(y.shape, 0.1, dtype=self.dtype)
+            return y * torch.full(y.shape, 0.1 + eps, dtype=self.dtype)
         acc = torch.zeros(y.shape, dtype=self.dtype)
         acc += y
-        return acc
+        return acc + eps
 
 
-@pytest.mark.parametrize("kind", ["full", "zeros"])
-def test_a_factory_of_a_dtype_read_off_the_model_is_guarded_like_a_cast(kind):
-    """fx records the dtype as the float32 of the trace: after ``fused.half()`` the product was float32 where the
-    model's is float16 (found by a review of the guard for casts).  Half precision is refused by name."""
+def _factory_model(kind: str, finfo: bool) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = DtypePropertyFactory(kind).eval()
+    model = DtypePropertyFactory(kind, finfo).eval()
     with torch.no_grad():
         model.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 5, 8)
     fused = repalgebra.fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+    return model, fused, x
+
+
+@pytest.mark.parametrize("kind", ["full", "zeros"])
+def test_a_factory_of_a_dtype_read_off_the_model_is_guarded_like_a_cast(kind):
+    """fx records the dtype as the float32 of the trace: after ``fused.half()`` the product was float32 where the
+    model's is float16 (found by a review of the guard for casts).  Where the property also gives a number the trace
+    bakes in (``torch.finfo(self.dtype).eps``), the graph cannot follow a cast: half precision is refused by name."""
+    model, fused, x = _factory_model(kind, finfo=True)
+    with torch.no_grad():
         assert copy.deepcopy(model).half()(x.half()).dtype == torch.float16
         with pytest.raises(ValueError, match=r"makes a tensor of, float32"):
             copy.deepcopy(fused).half()(x.half())
+
+
+@pytest.mark.parametrize("kind", ["full", "zeros"])
+def test_a_factory_of_a_dtype_read_off_the_model_follows_its_casts(kind):
+    """The dtype a property reads off the parameters, given to a factory, is read off a parameter in the fused graph:
+    after ``fused.half()`` the tensor is made in float16 as the model's is (half precision was refused)."""
+    model, fused, x = _factory_model(kind, finfo=False)
+    with torch.no_grad():
+        want = copy.deepcopy(model).half()(x.half())
+        got = copy.deepcopy(fused).half()(x.half())
+    assert got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 class RotaryAutocastOff(nn.Module):

@@ -33,6 +33,10 @@ ISSUE_15 = (
 FEW = {
     "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
     "the mutants skip it, or make both runs alike",
+    "repalgebra.frontend.dtype_properties:follow_dtype_properties": "one decision a test reaches: the dtype arguments a "
+    "dtype property gave are read off a parameter (the other conditions leave the graph as traced, the old path)",
+    "repalgebra.frontend.dtype_properties:_read_from_the_property": "one decision a test reaches alone: any other "
+    "difference between the two traces (a number baked in) leaves the graph as traced",
     "repalgebra.hooked:movable_hooks": "one decision a test reaches: a block with hooks of its own is fused inside them (the "
     "other conditions keep the old path, where the fused form's check would refuse it anyway)",
     "repalgebra.hooked:without_hooks": "one decision: the hooks are taken off the copy that is captured (a flag left "

@@ -51,6 +51,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
+from repalgebra.frontend.dtype_properties import follow_dtype_properties
 from repalgebra.frontend.fx_trace import (
     DtypeReadOutside, LeafSpec, Tracer, UntraceableError, check_leaf_modules, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx,
 )
@@ -144,6 +145,8 @@ def trace_model(
     unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
     try:
         work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer)
+        retrace = lambda: _traced(model, leaf_modules, given, *copy_for_tracing(model, leaf_modules)[:2])[2]  # noqa: E731
+        followed = follow_dtype_properties(model, work, fx_graph, retrace) if given is not None else None
         inplace_notes = functionalize(fx_graph, work)
         reads_after_calls(fx_graph, work)  # (after functionalize: its reroutes are reads too)
     except (UntraceableError, InplaceHazard) as e:
@@ -166,7 +169,7 @@ def trace_model(
         e.path = unprefixed(e.path)
         raise
     spec = typed_like(tracer.output_structure, spec)
-    notes = [*inplace_notes, *tracer.notes, *builder.notes]
+    notes = [*inplace_notes, *tracer.notes, *builder.notes, *([followed] if followed else [])]
     if fixed := concrete_args(work, len(given)):  # a call passing them is a TypeError, never a silent default
         shown = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
         notes.append(f"forward's arguments after the inputs are fixed at their defaults ({shown}): the fused module does not take them")

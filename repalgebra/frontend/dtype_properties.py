@@ -1,0 +1,130 @@
+"""``self.dtype`` read off the model's parameters, kept following them in the traced graph.
+
+Hugging Face's ``ModuleUtilsMixin.dtype`` and diffusers' ``ModelMixin.dtype`` are properties reading
+``next(self.parameters()).dtype``.  torch.fx runs a property on the real module, so ``pixel_values.to(self.dtype)``
+was recorded as a cast to the float32 of the trace: the fused graph kept it whatever its parameters became, and
+``fuse`` kept the fused model to float32 inputs, refusing a float64 batch the model casts and runs (a probe).
+:func:`follow_dtype_properties` traces a second copy with such properties answering another dtype: the dtype
+arguments that change with the answer, and nothing else does, come from a property; they are read off a parameter
+in the graph (``x.to(w.dtype)``, as ``x.to(self.conv.weight.dtype)`` traces), so a cast of the fused model moves
+them as a cast of the model moves the property.  Where anything else changes (``torch.finfo(self.dtype).min``
+baked in as a number) the graph stays as traced, and ``fuse`` guards its fixed casts as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["follow_dtype_properties"]
+
+_OWN = object()  # a class without a ``dtype`` of its own (the property is inherited)
+
+
+def dtype_properties(model: nn.Module) -> dict[type, property]:
+    """The classes of ``model``'s modules whose ``dtype`` is a property of code outside torch, each with it."""
+    found: dict[type, property] = {}
+    for cls in {type(m) for m in model.modules()}:
+        prop = inspect.getattr_static(cls, "dtype", None)
+        if isinstance(prop, property) and not (getattr(prop.fget, "__module__", None) or "torch").startswith("torch"):
+            found[cls] = prop
+    return found
+
+
+@contextlib.contextmanager
+def answering(classes: Iterable[type], dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, the ``dtype`` property of each class answers ``dtype``."""
+    saved = {cls: vars(cls).get("dtype", _OWN) for cls in classes}
+    try:
+        for cls in saved:
+            setattr(cls, "dtype", property(lambda self: dtype))
+        yield
+    finally:
+        for cls, own in saved.items():
+            if own is _OWN:
+                delattr(cls, "dtype")
+            else:
+                setattr(cls, "dtype", own)
+
+
+def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, retrace: Any) -> str | None:
+    """Make the dtype arguments of ``fx_graph`` (traced from ``work``, a copy of ``model``) that came from a ``dtype``
+    property read off a parameter of ``work``; ``retrace()`` traces a fresh copy and returns its graph.  Returns a
+    note for the report, or None where nothing changed."""
+    props = dtype_properties(model)
+    values = set()
+    for m in model.modules():
+        if type(m) in props:
+            try:
+                values.add(props[type(m)].fget(m))
+            except Exception:  # noqa: BLE001  (a property that fails outside a call: not one of these)
+                return None
+    if len(values) != 1 or not isinstance(dtype := values.pop(), torch.dtype) or not dtype.is_floating_point:
+        return None
+    if not any(a == dtype for n in fx_graph.nodes for a in _leaves(n) if isinstance(a, torch.dtype)):
+        return None
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    try:
+        with answering(props, other):
+            second = retrace()
+    except Exception:  # noqa: BLE001  (it does not trace so: the graph stays as traced)
+        return None
+    reads = _read_from_the_property(fx_graph, second, dtype, other)
+    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
+    if not reads or not held:
+        return None
+    name = min(held, key=lambda item: item[1].numel())[0]  # the smallest: the fused graph holds a copy of it
+    first = next(n for n in fx_graph.nodes if n in reads)
+    with fx_graph.inserting_before(first):
+        read = fx_graph.call_function(getattr, (fx_graph.get_attr(name), "dtype"))
+    for node, positions in reads.items():
+        leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+        for i in positions:
+            leaves[i] = read
+        node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
+    return (f"its forward reads a dtype off the model's parameters (a dtype property, Hugging Face's self.dtype) in "
+            f"{len(reads)} call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of it")
+
+
+def _leaves(n: fx.Node) -> list[Any]:
+    return pytree.tree_leaves((n.args, n.kwargs))
+
+
+def _read_from_the_property(graph: fx.Graph, second: fx.Graph, dtype: torch.dtype, other: torch.dtype) -> dict[fx.Node, list[int]]:
+    """Each node of ``graph`` whose arguments are ``other`` in ``second`` (traced with the property answering it) where
+    they are ``dtype`` in ``graph``, with their positions among its argument leaves; empty where the two graphs differ
+    otherwise (another op, another constant)."""
+    nodes, again = list(graph.nodes), list(second.nodes)
+    if len(nodes) != len(again):
+        return {}
+    reads: dict[fx.Node, list[int]] = {}
+    for n, m in zip(nodes, again):
+        if (n.op, n.target) != (m.op, m.target) and not (n.op == m.op == "call_function" and n.target is m.target):
+            return {}
+        a, b = pytree.tree_flatten((n.args, n.kwargs)), pytree.tree_flatten((m.args, m.kwargs))
+        if a[1] != b[1]:
+            return {}
+        for i, (x, y) in enumerate(zip(a[0], b[0])):
+            if x is dtype and y is other:
+                reads.setdefault(n, []).append(i)
+            elif not _same(x, y):
+                return {}
+    return reads
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Whether two argument leaves of corresponding nodes are the same: nodes by name, tensors by identity of
+    values, the rest by equality."""
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and x.name == y.name
+    if torch.is_tensor(x) or torch.is_tensor(y):
+        return torch.is_tensor(x) and torch.is_tensor(y) and x.dtype == y.dtype and x.shape == y.shape and bool((x == y).all())
+    try:
+        return type(x) is type(y) and bool(x == y)
+    except Exception:  # noqa: BLE001
+        return False
