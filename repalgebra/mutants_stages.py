@@ -213,6 +213,8 @@ _HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_blocks_own_batch_nor
 _DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_takes",
                *(f"tests/test_fuse_text_models.py::test_a_factory_of_a_dtype_read_off_the_model_{t}[{k}]"
                  for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
+_COMPILED_FORWARD = tuple(f"tests/test_fuse_capture.py::test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles[{m}]"
+                          for m in ("forward", "features"))
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -1954,6 +1956,18 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "dtype-property-other-constants-unseen", "a second trace's other constants (torch.finfo(self.dtype).eps baked in) "
      "not compared: the dtype follows a cast, the number stays float32's",
      "repalgebra.frontend.dtype_properties:_read_from_the_property", "            elif not _same(x, y):", "            elif False:", _DTYPE_PROP),
+    ("frontend", "compiled-forward-kept", "model.forward = torch.compile(model.forward) left on the model: fx refuses it, "
+     "torch.export fixes the sizes",
+     "repalgebra.frontend.wrappers:without_compiled_forward", 'if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):',
+     "if True:", _COMPILED_FORWARD),
+    ("frontend", "compiled-method-taken-for-forward", "a compiled method other than forward (torch.compile(model.features)) "
+     "replaced by the class's forward",
+     "repalgebra.frontend.wrappers:without_compiled_forward", "    if method.__func__ is type(m).forward:", "    if True:",
+     _COMPILED_FORWARD),
+    ("frontend", "compiled-forward-taken-off-the-model", "the compiled forward taken off the user's model itself, not a copy",
+     "repalgebra.frontend.wrappers:without_compiled_forward", "    plain = copy.copy(m)", "    plain = m", _COMPILED_FORWARD),
+    ("frontend", "compiled-forward-not-unwrapped", "unwrap leaves a model whose forward torch.compile compiled as it is",
+     "repalgebra.frontend.wrappers:unwrap", "    plain = without_compiled_forward(inner)", "    plain = None", _COMPILED_FORWARD),
     ("onnx_backend", "copy-into-not-rewritten", "an in-place copy_ of a whole tensor left to the exporter (aten::copy, refused)",
      f"{_OF}:_copy_into", "    if x.dim() == 0:", "    if True:", _CACHE),
     ("onnx_backend", "copy-into-rebound", "an in-place copy_ traced as a new tensor: later reads of the cache see the old one",

@@ -2489,6 +2489,40 @@ def test_a_torch_compile_or_data_parallel_wrapper_fuses_the_module_it_runs(wrap,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class FeaturesThenHead(nn.Module):
+    """A model with a second method a compiled forward may stand for (``model.forward = torch.compile(model.features)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = _conv_bn(4, 3), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.stem(x)))
+
+    def features(self, x):
+        return F.relu(self.stem(x))
+
+
+@pytest.mark.parametrize("method", ["forward", "features"])
+def test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles(method):
+    """Hugging Face's recipe ``model.forward = torch.compile(model.forward)``: fx refuses the dynamo function, so the
+    model went to torch.export at the example's sizes, and the fused model refused 24x24 where the model runs (a
+    probe).  The method it compiles is traced instead: any size, the BatchNorm folded, a note saying so, and the
+    user's model keeps its compiled forward."""
+    model = randomized(FeaturesThenHead())
+    compiled = torch.compile(getattr(model, method), backend="eager")  # no code generation: the wrapper is what matters
+    model.forward = compiled
+    fused = fuse(model, torch.randn(1, 4, 16, 16, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and bn_left(fused) == 0, str(report)
+    assert any("torch.compile" in n for n in report.notes), report.notes
+    assert vars(model)["forward"] is compiled and not any("restored" in n for n in report.notes), report.notes  # (a copy's)
+    x = torch.randn(2, 4, 24, 20, dtype=D)
+    with torch.no_grad():
+        want = getattr(FeaturesThenHead, method)(model, x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
 
 class HalvingDataParallel(nn.DataParallel):
     """A DataParallel subclass that computes more than the module it wraps."""

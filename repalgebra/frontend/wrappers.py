@@ -6,6 +6,9 @@ devices and gathered again.  Neither can be captured as written (fx refuses a dy
 ``torch.export`` of one recompiles it at fixed shapes), so ``fuse`` captures the module they wrap, at the path
 ``torch`` gives it (``model._orig_mod``, ``model.module``), and says so in its report.
 
+A ``forward`` compiled on the instance (Hugging Face's ``model.forward = torch.compile(model.forward)``) is
+unwrapped the same way, for the model itself: ``fuse`` captures a shallow copy running the method it compiles.
+
 Only a wrapper that adds nothing is one: a wrapper with hooks of its own (a post-processor on the compiled
 model's output) or a subclass with its own ``forward`` computes more than the module it wraps, so it is
 fused as any other module (kept whole, with the module it wraps fused inside).
@@ -13,11 +16,14 @@ fused as any other module (kept whole, with the module it wraps fused inside).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
+import types
 
 from torch import nn
 
-__all__ = ["is_wrapper", "wrapped", "unwrap"]
+__all__ = ["is_wrapper", "wrapped", "unwrap", "without_compiled_forward"]
 
 
 def _wrappers() -> dict[type, tuple[str, str]]:
@@ -50,13 +56,39 @@ def _plain(m: nn.Module, cls: type) -> bool:
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
     """The module ``model`` wraps (through every layer of wrapping), and a report note; ``(model, None)`` where it
-    wraps none."""
+    wraps none.  A forward compiled on the instance (:func:`without_compiled_forward`) is taken off a shallow copy."""
     inner, path, what = model, "model", []
     while (w := wrapped(inner)) is not None:
         attribute, kind = w
         inner, path = getattr(inner, attribute), f"{path}.{attribute}"
         what.append(kind)
-    if inner is model:
-        return model, None
-    return inner, (f"the model is {' of '.join(what)}: fused {path}, the module it runs (the same function); "
-                   "wrap the fused module again to run it compiled or on several devices")
+    plain = without_compiled_forward(inner)
+    note = None if inner is model else (f"the model is {' of '.join(what)}: fused {path}, the module it runs (the same "
+                                        "function); wrap the fused module again to run it compiled or on several devices")
+    if plain is None:
+        return inner, note
+    compiled = (f"the forward of {path} is torch.compile's of its own method ({path}.forward = torch.compile(...)): "
+                "fused the method it compiles (the same function); compile the fused module's forward again to run it compiled")
+    return plain, compiled if note is None else f"{note}; {compiled}"
+
+
+def without_compiled_forward(m: nn.Module) -> nn.Module | None:
+    """A shallow copy of ``m`` running the method that ``m.forward``, set on the instance by Hugging Face's recipe
+    ``model.forward = torch.compile(model.forward)``, compiles; None where ``m`` has no such forward.
+
+    fx refuses a dynamo-optimized function (the model went to torch.export at fixed sizes, compiling it again), and
+    the compiled function calls the method of ``m`` itself, the user's model, from every copy ``fuse`` makes.  The
+    copy holds the class's ``forward`` (or the method compiled, bound to the copy) and shares the rest with ``m``,
+    which ``fuse`` copies before it runs anything."""
+    fn = vars(m).get("forward")
+    if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):
+        return None
+    method = inspect.unwrap(fn)  # (torch keeps the compiled callable under __wrapped__ too)
+    if not (inspect.ismethod(method) and method.__self__ is m):
+        return None  # (a function of other objects: it stays as it is)
+    plain = copy.copy(m)
+    if method.__func__ is type(m).forward:
+        del vars(plain)["forward"]
+    else:
+        vars(plain)["forward"] = types.MethodType(method.__func__, plain)
+    return plain
