@@ -1954,6 +1954,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "dtype-property-not-followed", "a dtype a property reads off the parameters (HF's self.dtype) kept as the "
      "trace's float32: a float64 batch the model casts refused",
      "repalgebra.frontend.dtype_properties:follow_dtype_properties", "    if not reads or not held:", "    if True:", _DTYPE_PROP),
+    ("frontend", "dtype-property-of-its-own-followed", "a dtype property answering a dtype of its own (self._dtype) taken "
+     "to read the parameters: after .double() the fused model runs where the model fails",
+     "repalgebra.frontend.dtype_properties:follow_dtype_properties",
+     "    if not all(follows_the_tensors(m, props[type(m)], other) for m in model.modules() if type(m) in props):",
+     "    if False:", ("tests/test_fuse_text_models.py::test_a_dtype_property_of_the_modules_own_is_not_read_off_its_parameters",)),
     ("frontend", "dtype-property-other-constants-unseen", "a second trace's other constants (torch.finfo(self.dtype).eps baked in) "
      "not compared: the dtype follows a cast, the number stays float32's",
      "repalgebra.frontend.dtype_properties:_read_from_the_property", "            elif not _same(x, y):", "            elif False:", _DTYPE_PROP),

@@ -570,13 +570,14 @@ class DtypePropertyVision(nn.Module):
     """Hugging Face's vision embeddings and diffusers' models: ``pixel_values.to(self.dtype)``, ``self.dtype`` a
     property reading the first parameter (``ModuleUtilsMixin.dtype``, ``ModelMixin.dtype``)."""
 
-    def __init__(self, c: int = 8) -> None:
+    def __init__(self, c: int = 8, configured: torch.dtype | None = None) -> None:
         super().__init__()
+        self.configured = configured  # a dtype of its own, which a cast of the model leaves
         self.conv, self.bn, self.head = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.Conv2d(c, 4, 1)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.configured or next(self.parameters()).dtype
 
     def forward(self, pixel_values):
         x = pixel_values.to(self.dtype)
@@ -601,6 +602,20 @@ def test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_t
         got = copy.deepcopy(fused).double()(x)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, copy.deepcopy(model).double()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_dtype_property_of_the_modules_own_is_not_read_off_its_parameters():
+    """A ``dtype`` property answering a dtype the module was configured with changes with no cast of the model: the
+    cast stays the trace's (a fused model following its parameters would run after ``.double()`` where the model
+    fails), and the fused model computes what the model does."""
+    torch.manual_seed(0)
+    model = DtypePropertyVision(configured=torch.float32).eval()
+    with_statistics(model.bn)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 16, 16))
+    assert not any("self.dtype" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    x = torch.randn(2, 3, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
 
 
 class KeyCache:

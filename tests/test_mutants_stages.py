@@ -37,8 +37,9 @@ FEW = {
     "fields, and only those not None are its keys (a key set after it was made is refused by fuse's check as well)",
     "repalgebra.frontend.wrappers:unwrap": "one decision added to it a test reaches alone: a forward compiled on the "
     "instance is taken off (its loop over the wrappers is older than the stage's mutants)",
-    "repalgebra.frontend.dtype_properties:follow_dtype_properties": "one decision a test reaches: the dtype arguments a "
-    "dtype property gave are read off a parameter (the other conditions leave the graph as traced, the old path)",
+    "repalgebra.frontend.dtype_properties:follow_dtype_properties": "two decisions a test reaches: the dtype arguments a "
+    "dtype property reading the parameters gave are read off a parameter (the other conditions leave the graph as "
+    "traced, the old path)",
     "repalgebra.frontend.dtype_properties:_read_from_the_property": "one decision a test reaches alone: any other "
     "difference between the two traces (a number baked in) leaves the graph as traced",
     "repalgebra.hooked:movable_hooks": "one decision a test reaches: a block with hooks of its own is fused inside them (the "

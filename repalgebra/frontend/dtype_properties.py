@@ -5,7 +5,8 @@ Hugging Face's ``ModuleUtilsMixin.dtype`` and diffusers' ``ModelMixin.dtype`` ar
 was recorded as a cast to the float32 of the trace: the fused graph kept it whatever its parameters became, and
 ``fuse`` kept the fused model to float32 inputs, refusing a float64 batch the model casts and runs (a probe).
 :func:`follow_dtype_properties` traces a second copy with such properties answering another dtype: the dtype
-arguments that change with the answer, and nothing else does, come from a property; they are read off a parameter
+arguments that change with the answer, and nothing else does, come from a property that reads the parameters
+(asked again with stand-ins of another dtype in their place); they are read off a parameter
 in the graph (``x.to(w.dtype)``, as ``x.to(self.conv.weight.dtype)`` traces), so a cast of the fused model moves
 them as a cast of the model moves the property.  Where anything else changes (``torch.finfo(self.dtype).min``
 baked in as a number) the graph stays as traced, and ``fuse`` guards its fixed casts as before.
@@ -69,6 +70,8 @@ def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
     if not any(a == dtype for n in fx_graph.nodes for a in _leaves(n) if isinstance(a, torch.dtype)):
         return None
     other = torch.float64 if dtype != torch.float64 else torch.float32
+    if not all(follows_the_tensors(m, props[type(m)], other) for m in model.modules() if type(m) in props):
+        return None  # (a dtype the module was configured with: a cast of it leaves that one)
     try:
         with answering(props, other):
             second = retrace()
@@ -89,6 +92,26 @@ def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
         node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
     return (f"its forward reads a dtype off the model's parameters (a dtype property, Hugging Face's self.dtype) in "
             f"{len(reads)} call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of it")
+
+
+def follows_the_tensors(m: nn.Module, prop: property, dtype: torch.dtype) -> bool:
+    """Whether ``prop`` of ``m`` answers ``dtype`` where ``m``'s floating parameters and buffers are of ``dtype`` (meta
+    tensors in their place while it is asked; the module is as it was after): it reads them, as a cast of the model
+    changes it, and not a dtype of its own (``return self._dtype``)."""
+    saved = []
+    try:
+        for sub in m.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in [(k, v) for k, v in table.items() if v is not None and v.is_floating_point()]:
+                    saved.append((table, name, t))
+                    stand_in = torch.empty(t.shape, dtype=dtype, device="meta")
+                    table[name] = nn.Parameter(stand_in, requires_grad=False) if isinstance(t, nn.Parameter) else stand_in
+        return prop.fget(m) == dtype
+    except Exception:  # noqa: BLE001  (it reads more than the dtype: not this property)
+        return False
+    finally:
+        for table, name, t in reversed(saved):
+            table[name] = t
 
 
 def _leaves(n: fx.Node) -> list[Any]:
