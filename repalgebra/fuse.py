@@ -933,7 +933,8 @@ def fuse(
         A new module in eval mode (a ``torch.fx.GraphModule``, or a copy of the
         model, its own class, when the model itself had to be kept whole or
         nothing in it folds: a graph of the same ops would only add the cost
-        of the calls it carries through) whose fused
+        of the calls it carries through; a :class:`~repalgebra.hooked.HookedPart`
+        around the fused graph where the model has forward hooks of its own) whose fused
         regions are plain ``nn.Conv2d``/``nn.Linear`` modules named after
         their source paths; its ``fuse_report`` attribute is a
         :class:`FuseReport` that names every part kept whole or captured with
@@ -1184,7 +1185,31 @@ class _Fuser:
         says why no capture of it can hold (a forward writing into the containers it is given)."""
         if self.whole:
             return self.keep_whole("", [Call(tuple(inputs), {})], self.whole)
+        if movable_hooks(self.pristine) and (hooked := self.fuse_hooked_root(inputs)) is not None:
+            return hooked
         return self.fuse_module("", inputs)
+
+    def fuse_hooked_root(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module | None:
+        """The model with forward hooks of its own (``model.register_forward_hook(save)``): its ``forward`` fused in a
+        :class:`~repalgebra.hooked.HookedPart` running the same hooks, as :meth:`fuse_hooked` does for a part.  None,
+        the report as it was, where nothing folds, the fused form refuses calls the model kept whole runs (shapes
+        fixed by torch.export), or it computes something else."""
+        module = self.pristine
+        mark = self._mark()
+        self.pristine = unwrap(without_hooks(module))[0]  # (a DataParallel's hooks, around the module it runs)
+        try:
+            inner = self.fuse_module("", inputs)
+        finally:
+            self.pristine = module
+        fused = HookedPart(inner, module)
+        # Kept whole, the model ran at any size and dtype: a capture fixed at the example's is no gain
+        if (len(self.report.fired) == mark[0] or _refuses_what_runs(_checks_of(inner))
+                or not self.same_on_all(module, fused, [Call(tuple(inputs), {})])):
+            self._rollback(mark)
+            return None
+        self.report.notes.append("the model's forward was fused inside its forward hooks, which run around the fused form "
+                                 "as around the model (their module argument is the fused model)")
+        return fused
 
     def fuse_with_state(self, inputs: tuple[torch.Tensor, ...], changed: list[str]) -> nn.Module:
         """Start again from the model as it is (the run that changed ``changed`` ran the pristine copy), keeping

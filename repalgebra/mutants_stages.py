@@ -208,8 +208,8 @@ _NORM_READ = ("tests/test_fuse_text_models.py::test_a_norms_weight_folds_into_q_
 _CAST_BACK = ("tests/test_fuse_text_models.py::test_a_cast_back_from_a_dtype_the_code_writes_follows_the_model",)
 _WRAP = ("tests/test_fuse_capture.py::test_a_data_parallel_that_adds_hooks_or_a_forward_is_not_the_module_it_runs",
          "tests/test_fuse_capture.py::test_a_compiled_module_with_hooks_of_its_own_is_refused_by_name")
-_HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it[{h}]"
-                for h in ("observing", "changing"))
+_HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_{w}s_own_batch_norms_fold_and_its_hooks_run_around_it[{h}]"
+                for w in ("block", "model") for h in ("observing", "changing"))
 _DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_takes",
                *(f"tests/test_fuse_text_models.py::test_a_factory_of_a_dtype_read_off_the_model_{t}[{k}]"
                  for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
@@ -1950,7 +1950,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "hooked-block-traced-with-hooks", "a hooked block's forward captured with its hooks still on (they run twice, or it stays a call)",
      "repalgebra.hooked:without_hooks", "            del registry[key]\n", "            pass\n", _HOOKED),
     ("frontend", "hooked-part-flags-dropped", "a hooked block's hooks carried around its fused form without their flags (with_kwargs)",
-     "repalgebra.hooked:carry_hooks", "if k in kept))", "if False))", _HOOKED[1:]),
+     "repalgebra.hooked:carry_hooks", "if k in kept))", "if False))", _HOOKED[1::2]),
     ("frontend", "dtype-property-not-followed", "a dtype a property reads off the parameters (HF's self.dtype) kept as the "
      "trace's float32: a float64 batch the model casts refused",
      "repalgebra.frontend.dtype_properties:follow_dtype_properties", "    if not reads or not held:", "    if True:", _DTYPE_PROP),

@@ -1465,6 +1465,38 @@ def test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it(hooks)
     assert len(seen) == len(saw)  # and its copies'
 
 
+@pytest.mark.parametrize("hooks", [_gradcam_hooks, _hooks_that_change_the_call], ids=["observing", "changing"])
+def test_a_hooked_models_own_batch_norms_fold_and_its_hooks_run_around_it(hooks):
+    """The same hooks on the model itself (``model.register_forward_hook``): it was kept whole, its children fused one
+    at a time, and the stem's ``conv1 -> bn1`` (direct children of the model) stayed apart.  The fused model is now
+    its forward fused, with the model's hooks around it."""
+    model = randomized(TinyResNet())
+    seen: list = []
+    handles = hooks(model, seen)
+    x = torch.randn(2, 3, 16, 16, dtype=D)
+    fused = check_exact(model, x)
+    assert bn_left(fused) == 0 and fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    y = torch.randn(1, 3, 12, 20, dtype=D)
+    with torch.no_grad():
+        seen.clear()
+        want, saw = model(y.clone()), list(seen)
+        seen.clear()
+        got = fused(y.clone())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    torch.testing.assert_close(seen, saw, rtol=1e-9, atol=1e-9)
+    assert saw and len(seen) == len(saw)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        seen.clear()
+        fused(y.clone())
+        assert len(seen) == len(saw)  # the fused model's hooks are its own
+        again = fuse(fused, y)  # (its checks run the hooks too)
+        seen.clear()
+        again(y.clone())  # fused again: the same hooks, once
+    assert len(seen) == len(saw)
+
+
 def test_a_model_on_the_meta_device_is_refused_naming_a_tensor():
     """Built under ``torch.device("meta")`` before its weights are loaded: there is nothing to fold yet."""
     with torch.device("meta"):
