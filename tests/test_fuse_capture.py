@@ -1445,15 +1445,7 @@ def test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it(hooks)
     fused = check_exact(model, x)
     assert bn_left(fused) == 0, str(fused.fuse_report)
     y = torch.randn(1, 3, 12, 20, dtype=D)
-    with torch.no_grad():
-        seen.clear()
-        ya, yb = y.clone(), y.clone()
-        want, saw = model(ya), list(seen)
-        seen.clear()
-        got = fused(yb)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
-    torch.testing.assert_close(seen, saw, rtol=1e-9, atol=1e-9)
-    assert saw and len(seen) == len(saw)
+    saw = _hooks_see_alike(model, fused, y, seen)
     for h in handles:
         h.remove()
     with torch.no_grad():
@@ -1463,6 +1455,20 @@ def test_a_hooked_blocks_own_batch_norms_fold_and_its_hooks_run_around_it(hooks)
         seen.clear()
         copy.deepcopy(fused)(y.clone())
     assert len(seen) == len(saw)  # and its copies'
+
+
+def _hooks_see_alike(model: nn.Module, fused: nn.Module, y: torch.Tensor, seen: list) -> list:
+    """What the hooks saw of a call of ``model`` on ``y``, after checking that a call of ``fused`` computes the same
+    and its hooks see the same tensors, as many (float64: to 1e-9)."""
+    with torch.no_grad():
+        seen.clear()
+        want, saw = model(y.clone()), list(seen)
+        seen.clear()
+        got = fused(y.clone())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    torch.testing.assert_close(seen, saw, rtol=1e-9, atol=1e-9)
+    assert saw and len(seen) == len(saw)
+    return saw
 
 
 @pytest.mark.parametrize("hooks", [_gradcam_hooks, _hooks_that_change_the_call], ids=["observing", "changing"])
@@ -1477,14 +1483,7 @@ def test_a_hooked_models_own_batch_norms_fold_and_its_hooks_run_around_it(hooks)
     fused = check_exact(model, x)
     assert bn_left(fused) == 0 and fused.fuse_report.capture == "fx", str(fused.fuse_report)
     y = torch.randn(1, 3, 12, 20, dtype=D)
-    with torch.no_grad():
-        seen.clear()
-        want, saw = model(y.clone()), list(seen)
-        seen.clear()
-        got = fused(y.clone())
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
-    torch.testing.assert_close(seen, saw, rtol=1e-9, atol=1e-9)
-    assert saw and len(seen) == len(saw)
+    saw = _hooks_see_alike(model, fused, y, seen)
     for h in handles:
         h.remove()
     with torch.no_grad():
