@@ -1633,7 +1633,8 @@ class _Fuser:
                 elif unshown:  # axes no run showed free: kept at the example's sizes (guarded below), the others free
                     cap.notes.append(f"fused with {_units_text(unshown)} fixed at the example's sizes: {_UNSHOWN_WHY}")
             self.own_dtype_only, self.not_in_float64 = flags
-            if cap.how == "fx" and (problem := self.in_other_modes(path, exact, inputs, fx_traced=True)) is not None:
+            if cap.how == "fx" and (problem := self.in_other_modes(path, exact, inputs, fx_traced=True,
+                                                                        grad_taken=cap.grad_taken)) is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
             self.stage["check"] += time.perf_counter() - t2
@@ -1805,7 +1806,8 @@ class _Fuser:
             _run(candidate, call, *got_how, left=again[1])
         return _drawn_elsewhere(ref_left, got_left) if again == (ref_left, got_left) else None
 
-    def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple, fx_traced: bool = False) -> str | None:
+    def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple, fx_traced: bool = False,
+                       grad_taken: bool = False) -> str | None:
         """How a torch.export capture, recorded without gradients, outside inference mode and at the example's
         memory layout, differs at the example from the part called with gradients on, under ``torch.inference_mode``
         or on inputs in another layout (:func:`_other_layout`: channels-last, or a transposed view's strides), or
@@ -1817,24 +1819,34 @@ class _Fuser:
         ``torch.inference_mode`` only: torch.fx traces with gradients on, so its check against the model run without
         them sees a grad-mode branch already, and a branch on a traced tensor's ``is_inference()`` or layout fails
         its trace; but a helper of another module asking ``torch.is_inference_mode_enabled()`` is traced past
-        (found by a review)."""
+        (found by a review).
+
+        Also on inputs at another storage offset (a slice ``t[1:]``) and on inputs that require gradients (computed,
+        not leaves), with gradients on: torch.export records ``x.storage_offset()``, ``x.requires_grad``,
+        ``x.is_leaf`` and ``x.grad_fn`` as the example answers them (found by a review).  An fx capture that took
+        a computed value's ``requires_grad`` as False (``grad_taken``) is checked with gradients on, on the
+        example's inputs and on inputs that require them: the model's parameters, or its inputs, make the value
+        require gradients there (an fx trace fails on the others, and an input's own reads are checked per call)."""
         original = self.pristine.get_submodule(path)
-        if fx_traced and self.same_under_inference_mode(path):
+        if fx_traced and not grad_taken and self.same_under_inference_mode(path):
             return None
         call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
         other = Call(tuple(_other_layout(t) for t in inputs), {})
-        for mode, laid_out, why in ((torch.enable_grad, call, "with gradients on (a branch on the grad mode)"),
-                                    (torch.inference_mode, call, "under torch.inference_mode (a branch on it)"),
-                                    (torch.no_grad, other, "on an input in another memory layout (a branch on it)")):
+        for mode, laid_out, made, why in (
+                (torch.enable_grad, call, None, "with gradients on (a branch on the grad mode)"),
+                (torch.inference_mode, call, None, "under torch.inference_mode (a branch on it)"),
+                (torch.no_grad, other, None, "on an input in another memory layout (a branch on it)"),
+                (torch.no_grad, call, _at_offset, "on an input at another storage offset (a branch on it)"),
+                (torch.enable_grad, call, _needing_grad, "on an input that requires gradients (a branch on it)")):
             if laid_out is other and all(a is b for a, b in zip(other.args, call.args)):
                 continue  # no input of two axes or more: no layout to change
-            if fx_traced and mode is not torch.inference_mode:
+            if fx_traced and mode is not torch.inference_mode and not (grad_taken and mode is torch.enable_grad):
                 continue
             called = copy_module(original) if self.stateful else original
             last = getattr(self, "last_got", None)  # the check's run of ``exact`` at the example, if it was the last
             try:
                 with _quiet_fx():
-                    want = _run(called, laid_out, dtype, self.dtype, mode=mode)
+                    want = _run(called, laid_out, dtype, self.dtype, mode=mode, made=made)
                     reuse = (last is not None and last[0] is exact and len(last[1].args) == len(call.args)
                              and all(a is b for a, b in zip(last[1].args, call.args)) and last[2] == (dtype, self.dtype))
                     got = last[3] if reuse and not self.stateful else _run(exact, call, dtype, self.dtype)
@@ -1923,7 +1935,7 @@ class _Fuser:
 
 def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dtype | None = None,
          mode: Callable[[], contextlib.AbstractContextManager] = torch.no_grad, left: dict | None = None,
-         given: list | None = None) -> Any:
+         given: list | None = None, made: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """``module`` making ``call`` on copies of its tensors, without gradients (``mode``: in another, such as
     ``torch.enable_grad`` as a training script calls it, or ``torch.inference_mode``, whose copies are inference
     tensors), the global generators started at :data:`~repalgebra.draws.CHECK_SEED` and where they were after it
@@ -1937,12 +1949,14 @@ def _run(module: nn.Module, call: Call, dtype: torch.dtype | None, own: torch.dt
 
     ``left`` receives where the run left the global generators (before they are put back), and ``given`` the
     arguments as the call left them: a forward may write into a list it is given (HRNet's ``x[i] = branch(x[i])``,
-    DLA's ``layers[i] = node(...)``), which its caller reads after the call."""
+    DLA's ``layers[i] = node(...)``), which its caller reads after the call.  ``made`` makes each copy of a tensor
+    otherwise, with the same values (:func:`_at_offset`, :func:`_needing_grad`)."""
 
     def prepare(t: Any) -> Any:
         if not torch.is_tensor(t):
             return t
-        return t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
+        t = t.detach().clone().to(dtype) if dtype is not None and t.is_floating_point() else t.detach().clone()
+        return t if made is None else made(t)
 
     with generators_kept() as ends, mode():  # each run draws what the one before drew: the checks compare like with like
         seeded_for_checks()
@@ -2105,6 +2119,20 @@ def _other_layout(t: Any) -> Any:
         return t.contiguous()
     swapped = t.transpose(-1, -2).contiguous().transpose(-1, -2)
     return t if swapped.is_contiguous() else swapped
+
+
+def _at_offset(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a copy of its own, dense) with its values and strides one element into its storage, as a slice ``t[1:]``
+    of a larger tensor is."""
+    buffer = t.new_empty(t.numel() + 1)
+    moved = torch.as_strided(buffer, t.shape, t.stride(), 1)
+    return moved.copy_(t)
+
+
+def _needing_grad(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a copy of its own) as a value computed from a leaf that requires gradients, where it is floating: it
+    requires them, is no leaf, and has a ``grad_fn`` (called under ``torch.enable_grad``)."""
+    return t.requires_grad_().clone() if t.is_floating_point() or t.is_complex() else t
 
 
 def _runs(module: nn.Module, inputs: tuple) -> bool:

@@ -697,6 +697,44 @@ def test_a_test_of_an_inputs_device_is_taken_as_the_example_answers_it_and_check
         fused(x.to("meta"))
 
 
+class ClampsWhenMade(nn.Module):
+    """A conv+BN whose output is clamped on a test of how its input was made: ``if x.requires_grad:`` (a path kept
+    for saliency maps and attacks), ``if x.storage_offset() == 0:``, ``if x.is_leaf:``."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.read = read
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.read == "requires_grad" and x.requires_grad:
+            y = y.clamp(-0.1, 0.1)
+        if self.read == "storage_offset" and x.storage_offset() == 0:
+            y = y.clamp(-0.1, 0.1)
+        if self.read == "is_leaf" and not x.is_leaf:
+            y = y.clamp(-0.1, 0.1)
+        return y
+
+
+@pytest.mark.parametrize("read", ["requires_grad", "storage_offset", "is_leaf"])
+def test_a_test_of_how_an_input_was_made_is_taken_as_the_example_answers_it_and_checked(read):
+    """``x.requires_grad`` of an input was taken as False (as the fused model runs, without gradients), and
+    ``x.storage_offset()``, ``x.is_leaf`` went to torch.export, which held the example's answer: an input that
+    requires gradients (a saliency map's), or a slice ``t[1:]``, took the other branch in the model and the fused
+    model computed the example's, 2.6 off (found by a review).  The example answers them, and an input that answers
+    otherwise is refused by name."""
+    model = seeded(ClampsWhenMade, 0, read=read)().to(D)
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = fuse(model, x)
+    same(fused, model, x)
+    same(fused, model, torch.randn(3, 4, 9, 7, dtype=D))
+    other = {"requires_grad": x.clone().requires_grad_(), "storage_offset": torch.cat([x, x])[1:],
+             "is_leaf": x.clone().requires_grad_() * 1}[read]
+    with pytest.raises(ValueError, match="a Python test of how an input was made gave"):
+        fused(other)
+
+
 def test_tests_of_pointers_and_layouts_are_not_taken_as_tests_of_sizes():
     """``q.data_ptr() == k.data_ptr()`` (0 for every meta tensor) made the fused model refuse its own distinct q and
     k; ``x.is_contiguous()`` made it refuse channels-last inputs, which the model runs (found by a review).  Such

@@ -356,7 +356,10 @@ FEW = {
     "mutants read fill's self, and a self passed by position (beta=0 is _add_product's, which reads no input there)",
     "repalgebra.frontend.ranks:answered_on_meta": "one decision, which reads of a tensor its meta value answers as the "
     "example does: the mutants let every read, or a layout and a pointer read, through",
-    "repalgebra.frontend.ranks:input_device": "one job, an input's device read on the example: the mutant reads it on the "
+    "repalgebra.fuse:_at_offset": "one job, a copy one element into its storage: the mutant leaves it at offset 0",
+    "repalgebra.fuse:_needing_grad": "one job, a copy computed from a leaf that requires gradients: the mutant gives the "
+    "leaf itself (no grad_fn)",
+    "repalgebra.frontend.ranks:input_read": "one job, an input's device (or how it was made) read on the example: the mutant reads it on the "
     "meta tensor (a computed value's device is not read at all)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",
     "repalgebra.frontend.handlers_functions:_from_a_written_cast": "one walk along first inputs to a written cast: the "

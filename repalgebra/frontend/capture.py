@@ -67,6 +67,7 @@ class Capture:
     # it reads a tensor that is neither a parameter nor a buffer (a plain attribute, a lifted constant), which the
     # graph holds as the value it had at capture: a value a run left there (a hook's stored output) would not hold
     reads_plain: bool = False
+    grad_taken: bool = False  # an fx capture that took a computed value's requires_grad as False: checked with gradients on
     precomputed: int = 0  # an fx capture's pure calls on the model's tensors made at capture that compute (kernels)
 
 
@@ -118,7 +119,7 @@ def capture_fx(module: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: 
         raise CaptureFailed("its forward calls aten ops (a graph torch.export or make_fx made): read by the torch.export capture", "")
     return Capture(traced.graph, traced.output_spec, "fx", list(traced.notes), list(traced.left_alone),
                    dtype_tested=traced.dtype_tested, input_checks=list(traced.input_checks), pinned=list(traced.pinned), kept=list(traced.kept),
-                   reads_plain=traced.reads_plain, precomputed=traced.precomputed)
+                   reads_plain=traced.reads_plain, precomputed=traced.precomputed, grad_taken=traced.grad_taken)
 
 
 def _calls_aten(n: Any) -> bool:

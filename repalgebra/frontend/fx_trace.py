@@ -38,7 +38,7 @@ from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
 from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
-from repalgebra.frontend.ranks import Ranks, shape_length
+from repalgebra.frontend.ranks import MADE_READS, Ranks, shape_length
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.wrappers import is_wrapper, wrapped
 from repalgebra.module_copy import eval_copy
@@ -642,6 +642,8 @@ class Tracer(fx.Tracer):
         self.dtypes_taken: list[str] = []  # where x.dtype was answered so (see example_dtype)
         self.size_tests: list[str] = []  # where a test of sizes or a size read as a number was taken (see size_answer)
         self.device_tests: list[str] = []  # where a test of an input's device was taken (see size_answer)
+        self.made_tests: list[str] = []  # where a test of how an input was made (x.requires_grad) was taken (see size_answer)
+        self.grad_taken = False  # a computed value's requires_grad taken as False (see _fixed_flag)
         self.autocast_offs: list[str] = []  # where autocast turned off on the model's device was taken (see _no_autocast)
         self.ranks = Ranks(None, lambda path: functools.reduce(_own_attr, path.split("."), self.root), runs_torch_code)
 
@@ -759,6 +761,9 @@ class Tracer(fx.Tracer):
         if self.ranks.reads_device(obj.node):  # (HF's ``if query.device.type == "cuda":`` of an input)
             what = what.replace("sizes", "an input's device").replace("a size read", "a device read")
             self.device_tests.append(where)
+        elif self.ranks.reads_any(obj.node, MADE_READS):  # (``if x.requires_grad:`` of an input)
+            what = what.replace("sizes", "how an input was made").replace("a size read", "a read of how an input was made")
+            self.made_tests.append(where)
         else:
             self.size_tests.append(where)
         self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
@@ -797,14 +802,20 @@ class Tracer(fx.Tracer):
         return value.dtype if isinstance(value, torch.Tensor) else None
 
     def _fixed_flag(self, node: fx.Node) -> bool | None:
-        """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) and ``if x.is_cuda:`` (PointNet), taken as the
-        fused model runs them: without gradients (fuse's inference semantics, as under ``torch.no_grad``), on the
-        model's device.  None for any other test."""
+        """``if x.requires_grad:`` (detectron2's FrozenBatchNorm2d) of a value computed inside and ``if x.is_cuda:``
+        (PointNet), taken as the fused model runs them: without gradients (fuse's inference semantics, as under
+        ``torch.no_grad``), on the model's device.  None for any other test.  Taken so, ``requires_grad`` is
+        recorded (:attr:`grad_taken`): ``fuse`` checks the capture with gradients on too, where the model's own
+        parameters make the value require them.  An input's ``requires_grad`` is the caller's to choose: answered
+        on the example and checked per call (:meth:`size_answer`; an input requiring gradients took the other branch
+        and the fused graph computed the example's, found by a review)."""
         if not (node.op == "call_function" and node.target is getattr and len(node.args) == 2):
             return None
         name = node.args[1]
+        if name == "requires_grad" and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+            return None
         if name == "requires_grad":
-            value = False
+            value, self.grad_taken = False, True
         elif name in _DEVICE_FLAGS:
             device = next((t.device for t in [*self.root.parameters(), *self.root.buffers()]), torch.device("cpu"))
             value = device.type == _DEVICE_FLAGS[name]
@@ -871,6 +882,10 @@ class Tracer(fx.Tracer):
         if self.device_tests:
             notes.append(f"Python tests of an input's device (x.device.type == 'cuda') in {_places(self.device_tests)} taken as "
                          "at the example: the fused model refuses inputs on another device")
+        if self.made_tests:
+            notes.append(f"Python tests of how an input was made (x.requires_grad, x.is_leaf, x.storage_offset()) in "
+                         f"{_places(self.made_tests)} taken as at the example: the fused model refuses inputs that answer "
+                         "otherwise")
         if self.weight_branches:
             shown = _places(self.weight_branches)
             notes.append(f"{len(self.weight_branches)} branch{'es' * (len(self.weight_branches) > 1)} on the weights' values "
@@ -899,6 +914,10 @@ class Tracer(fx.Tracer):
 
 _DEVICE_FLAGS = {"is_cuda": "cuda", "is_cpu": "cpu", "is_mps": "mps", "is_xpu": "xpu"}
 
+# A tensor's attributes that are None or an object, which Python tests with ``is None``: a Proxy is never None, so
+# ``if x.grad_fn is not None or x.storage_offset() == 0:`` took its first branch at every input (found by a probe).
+_NEVER_NONE = frozenset({"grad_fn", "grad", "_base"})
+
 
 class _Proxy(InplaceProxy):
     """Records ``y += 1`` as an in-place call (which ``fx.Proxy`` would drop), knows the length of a split that
@@ -923,6 +942,8 @@ class _Proxy(InplaceProxy):
             return attr
         if k in ("shape", "size") and (real := self.tracer.weights_size(self.node, k)) is not None:
             return real
+        if k in _NEVER_NONE:  # (a Proxy is never None: ``x.grad_fn is not None or ...`` took a branch unseen)
+            raise fx.proxy.TraceError(f"x.{k} of a traced value is tested with `is`, which torch.fx cannot record")
         return _Shape(self, k) if k == "shape" else super().__getattr__(k)
 
     def _chunks(self, n: int) -> int:

@@ -97,8 +97,8 @@ class Ranks:
     def _answer(self, node: fx.Node) -> Any:
         if answered_on_meta(node, self.value):
             return self.value(node) if self.all_known(node) else None
-        if (device := input_device(node, self.inputs)) is not None:
-            return device
+        if (read := input_read(node, self.inputs)) is not None:
+            return read
         if node.op not in ("call_function", "call_method") or not runs_on_meta(node.op, node.target):
             return None  # an input or a constant itself (its values), a module's or the model's own call
         unknown = []
@@ -110,13 +110,17 @@ class Ranks:
 
     def reads_device(self, node: fx.Node) -> bool:
         """Whether :meth:`answer` of ``node`` read an input's device."""
+        return self.reads_any(node, DEVICE_READS)
+
+    def reads_any(self, node: fx.Node, reads: frozenset[str]) -> bool:
+        """Whether :meth:`answer` of ``node`` read one of ``reads`` (:data:`DEVICE_READS`, :data:`MADE_READS`)."""
         seen: set[fx.Node] = set()
         todo = [node]
         while todo:
             n = todo.pop()
             if n not in seen and not answered_on_meta(n, self.value):  # (not past a size read: its tensor's devices)
                 seen.add(n)
-                if _read_of(n) in DEVICE_READS:
+                if _read_of(n) in reads:
                     return True
                 todo.extend(n.all_input_nodes)
         return False
@@ -147,6 +151,12 @@ SIZE_READS = frozenset({"shape", "size", "numel", "nelement", "dim", "ndimension
 # Reads of an input's device: meta tensors are on ``meta``, so these are read on the example input.
 DEVICE_READS = frozenset({"device", "get_device"})
 
+# Reads of how an input was made, which a meta copy answers otherwise (a leaf at offset 0, without gradients): read
+# on the example input too, and checked per call as a device read is (an input that requires gradients, a slice
+# ``t[1:]`` of a batch, took the other branch of ``if x.requires_grad:`` / ``if x.storage_offset() == 0:`` in the
+# model, and the fused graph computed the example's; found by a review).
+MADE_READS = frozenset({"requires_grad", "is_leaf", "storage_offset"})
+
 
 def answered_on_meta(node: fx.Node, value: Callable[[fx.Node], Any]) -> bool:
     """Whether ``node`` reads a size or a dtype of a tensor (:data:`SIZE_READS`; ``value`` gives each node's meta
@@ -154,10 +164,11 @@ def answered_on_meta(node: fx.Node, value: Callable[[fx.Node], Any]) -> bool:
     return _read_of(node) in SIZE_READS and isinstance(value(node.args[0]), torch.Tensor)
 
 
-def input_device(node: fx.Node, inputs: tuple | None) -> Any:
-    """``x.device`` or ``x.get_device()`` (:data:`DEVICE_READS`) of an input ``x`` as its example answers it, else
-    None: the device of a value computed inside is not followed (``.to()``, ``.cpu()`` move it)."""
-    x = node.args[0] if _read_of(node) in DEVICE_READS else None
+def input_read(node: fx.Node, inputs: tuple | None) -> Any:
+    """``x.device`` or ``x.get_device()`` (:data:`DEVICE_READS`), ``x.requires_grad``, ``x.is_leaf`` or
+    ``x.storage_offset()`` (:data:`MADE_READS`) of an input ``x`` as its example answers it, else None: the device
+    or gradients of a value computed inside are not followed (``.to()`` moves it, grad mode decides them)."""
+    x = node.args[0] if _read_of(node) in DEVICE_READS | MADE_READS else None
     if not (isinstance(x, fx.Node) and x.op == "placeholder" and inputs is not None):
         return None
     index = [n for n in x.graph.nodes if n.op == "placeholder"].index(x)

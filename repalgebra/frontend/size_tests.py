@@ -34,9 +34,11 @@ def taken_as_traced(answer: Any, traced: Any, where: str, what: str) -> None:
     if answer != traced:
         raise ValueError(
             f"{where or 'the model'}: {what} gave {traced!r} at the example input, and the fused graph holds that branch "
-            f"only; these inputs give {answer!r}: {_ADVICE['device' in what]}"
+            f"only; these inputs give {answer!r}: {_ADVICE['device' in what, 'made' in what]}"
         )
 
 
-_ADVICE = {False: "fuse again with an example of these sizes",
-           True: "call it with inputs on the example's device, or fuse again with an example there"}
+_ADVICE = {(False, False): "fuse again with an example of these sizes",
+           (True, False): "call it with inputs on the example's device, or fuse again with an example there",
+           (False, True): "call it with inputs made as the example was (x.detach().clone(): no gradients, a tensor of its "
+                          "own), or fuse again with such an example"}

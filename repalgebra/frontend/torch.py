@@ -88,6 +88,7 @@ class TraceResult:
     reads_plain: bool = False  # reads a tensor that is neither a parameter nor a buffer (Builder.reads_plain)
     kept: list = field(default_factory=list)  # (where, dtype) of floating tensors written into in place (Builder.kept)
     precomputed: int = 0  # pure calls on the model's tensors made at capture that compute (Builder.precomputed)
+    grad_taken: bool = False  # a computed value's requires_grad taken as False (Tracer.grad_taken)
 
 
 def trace(
@@ -180,7 +181,8 @@ def trace_model(
     if was_training:
         notes.insert(0, "the model was in training mode: traced with eval-mode semantics (BN running statistics, no dropout)")
     return TraceResult(graph, spec, tuple(given), inferred, was_training, builder.left_alone, notes, tracer.dtype_tested,
-                       builder.input_checks, builder.pinned, builder.reads_plain, builder.kept, builder.precomputed)
+                       builder.input_checks, builder.pinned, builder.reads_plain, builder.kept, builder.precomputed,
+                       grad_taken=tracer.grad_taken)
 
 
 def _traced(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, work: nn.Module,
