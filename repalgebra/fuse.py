@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
-from repalgebra.frontend.outside_reads import reached_through, read_outside
+from repalgebra.frontend.outside_reads import names_reached, reached_through, read_outside
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1505,7 +1505,9 @@ class _Fuser:
             for holder in [h for h, cs in recorded.items() if cs and any(m is target for m in module.get_submodule(h).modules())]:
                 inner = p[len(holder) + 1:] if p.startswith(f"{holder}.") else "" if p == holder else f"{p} (shared)"
                 outside.setdefault(holder, _SET_BY_PARENT.format(_listed(sorted(f"{inner}.{n}".lstrip(".") for n in names), 4)))
+        reached = names_reached(module)
         swaps = self._fuse_children(module, path, "", recorded, outside)
+        swaps = self._keep_names_reached(path, module, swaps, reached)
         self.restore_state(module)
         original = self.pristine.get_submodule(path)
         if self.check and swaps and not self.same_on_all(original, module, calls):
@@ -1519,6 +1521,22 @@ class _Fuser:
                     _put(parent, name, old)
                     self.report.notes.append(f"{_where(_join(path, name))}: not replaced by its fused form: its parent reads it otherwise")
         return module
+
+    def _keep_names_reached(self, path: str, module: nn.Module, swaps: list[tuple], reached: dict[int, set[str]]) -> list[tuple]:
+        """``swaps`` less those whose fused form lacks a name the parent's code reads on the child it replaced
+        (:func:`~repalgebra.frontend.outside_reads.names_reached`: ``self.body.forward_features(x)`` on a branch the
+        example does not take): that child is put back, as written.  A dispatcher answers its original's names."""
+        kept = []
+        for parent, name, old, new in swaps:
+            lacking = sorted(n for n in reached.get(id(old), ()) if hasattr(old, n) and not hasattr(new, n))
+            if not lacking:
+                kept.append((parent, name, old, new))
+                continue
+            _put(parent, name, old)
+            where = _where(_join(path, next(p for p, m in module.named_modules() if m is old)))
+            self.report.notes.append(f"{where}: not replaced by its fused form: its parent's code reads "
+                                     f"{_listed([f'.{n}' for n in lacking], 4)} on it, which the fused form has not")
+        return kept
 
     def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]],
                        outside: dict[str, str]) -> list[tuple]:

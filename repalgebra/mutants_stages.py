@@ -1252,6 +1252,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "run-inputs-made-as-the-example", "the checks on inputs at another offset or requiring gradients run on the example's copies",
      "repalgebra.fuse:_run", "        return t if made is None else made(t)", "        return t",
      ("tests/test_fuse_capture.py::test_tests_of_gradients_and_storage_hold_for_every_call", "tests/test_fuse_size_tests.py::test_a_test_of_how_an_input_was_made_is_taken_as_the_example_answers_it_and_checked")),
+    ("frontend", "names-reached-on-the-parent", "a name read on a child (self.body.forward_features) recorded on the module whose code reads it",
+     "repalgebra.frontend.outside_reads:names_reached", "found.setdefault(id(obj), set()).add(step)", "found.setdefault(id(sub), set()).add(step)",
+     ("tests/test_fuse_outside_reads.py::test_a_childs_own_method_called_on_another_branch_runs_as_the_models",)),
+    ("frontend", "names-reached-on-self-only", "only names a module reads on itself recorded, not those read on its children",
+     "repalgebra.frontend.outside_reads:names_reached", "if obj is not sub and isinstance(step, str)", "if obj is sub and isinstance(step, str)",
+     ("tests/test_fuse_outside_reads.py::test_a_childs_own_method_called_on_another_branch_runs_as_the_models",)),
     ("onnx_backend", "batch-checks-unread", "a file with a free batch for a model whose checked test of sizes reads the batch",
      f"{_OB}:_checks_read_the_batch", "return ranks[x.index] == 0 or axis % ranks[x.index] == 0", "return False",
      tuple(f"tests/test_fuse_size_tests.py::test_an_onnx_file_of_a_model_that_tests_its_batch_has_the_batch_fixed[{t}]"

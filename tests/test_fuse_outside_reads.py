@@ -289,6 +289,40 @@ def test_a_grandchild_called_through_a_local_is_the_models():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
 
 
+def test_a_childs_own_method_called_on_another_branch_runs_as_the_models():
+    """A parent kept whole calls its child's own method (timm's ``self.body.forward_features(x)``) on a branch the
+    example does not take: the fused ``body`` has no such method, and the fused model raised AttributeError where
+    the model runs (a review).  Such a child stays as written; the report says why.  (Classes made here: chains are
+    read once per class.)"""
+
+    class Body(ConvBN):
+        """A backbone with a features method beside forward, as timm's models have."""
+
+        def forward_features(self, x):
+            return self.conv(x)
+
+    class Head(nn.Module):
+        """Kept whole (a branch on its input's values); the branch the example does not take calls ``forward_features``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = Body()
+
+        def forward(self, x):
+            if x.mean() < -100:
+                return self.body.forward_features(x)
+            return self.body(x)
+
+    model = randomized_bn(Head())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    for shift in (0, -1000):
+        x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) + shift
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    assert any("'body': not replaced by its fused form" in n and ".forward_features" in n for n in fused.fuse_report.notes)
+
+
 class NormedWhenTraining(nn.Module):
     """Kept whole (it asks ``torch.is_grad_enabled()``); with gradients on it scales by the norm of its child's
     parameters (a regulariser's term), read through ``parameters()`` as MoCo's update reads them."""

@@ -359,6 +359,8 @@ FEW = {
     "repalgebra.fuse:_at_offset": "one job, a copy one element into its storage: the mutant leaves it at offset 0",
     "repalgebra.fuse:_needing_grad": "one job, a copy computed from a leaf that requires gradients: the mutant gives the "
     "leaf itself (no grad_fn)",
+    "repalgebra.frontend.outside_reads:names_reached": "one walk along a chain to the child it names; the mutants "
+    "record the name on the module whose code reads it, or on itself only",
     "repalgebra.frontend.ranks:input_read": "one job, an input's device (or how it was made) read on the example: the mutant reads it on the "
     "meta tensor (a computed value's device is not read at all)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",

@@ -181,6 +181,28 @@ def reached_through(module: nn.Module) -> set[str]:
     return found - {""}
 
 
+def names_reached(module: nn.Module) -> dict[int, set[str]]:
+    """The names that the code of ``module`` and its descendants reads on a descendant, by the descendant's ``id``,
+    where they are neither its children nor its tensors: a method or a plain attribute (``self.body.forward_features(x)``
+    reads ``"forward_features"`` on ``body``).  A fused form has none of its original's methods: a parent kept whole
+    that calls one on a branch the example does not take raised AttributeError where the model runs (found by a
+    review).  A chain through an index the code computes, or a loop, names no one descendant and is not followed."""
+    found: dict[int, set[str]] = {}
+    for sub in {id(m): m for m in module.modules()}.values():
+        for chain in _chains(type(sub)):
+            obj, step = sub, None
+            for step in chain:
+                child = _child(obj, step)
+                if child is None:
+                    break
+                obj = child
+            else:
+                continue  # (children all the way: reached_through's)
+            if obj is not sub and isinstance(step, str) and step not in obj._parameters and step not in obj._buffers:
+                found.setdefault(id(obj), set()).add(step)
+    return found
+
+
 def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
     as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None.
