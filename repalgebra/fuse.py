@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
-from repalgebra.frontend.outside_reads import names_reached, reached_through, read_outside
+from repalgebra.frontend.outside_reads import named_by_attributes, names_reached, reached_through, read_outside
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1500,6 +1500,8 @@ class _Fuser:
             return module
         for p in sorted(reached_through(module) & set(descendants)):  # on any branch, as its code is written
             outside.setdefault(p, _REACHED_THROUGH)
+        for p in sorted(named_by_attributes(module) & set(descendants)):
+            outside.setdefault(p, _NAMED_BY_ATTRIBUTE)
         for p, names in written.items():  # and each called part holding it, by identity: a capture of that would hold
             target = module.get_submodule(p)  # the values too (a module under two names is listed under its first)
             for holder in [h for h, cs in recorded.items() if cs and any(m is target for m in module.get_submodule(h).modules())]:
@@ -2302,6 +2304,8 @@ def _resized(inputs: tuple, units: Iterable[Unit], size: Callable[[int], int]) -
 # parent's writes would reach the fused module, which never reads them.
 _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H, blk.W = H, W), which a capture of it "
                   "would hold at the example's values")
+_NAMED_BY_ATTRIBUTE = ("a plain attribute of its parent names it (self.paths = {'main': self.a}), which a fused form "
+                       "swapped in would not be")
 _REACHED_THROUGH = ("its parent's code reaches into it (self.body.conv, self.body[0], self.bn.running_var), on some branch "
                     "at least: its fused form holds the folded weights, under other names")
 

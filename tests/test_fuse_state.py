@@ -1184,6 +1184,38 @@ def test_a_bound_method_held_by_a_part_with_state_is_bound_to_that_part():
         torch.testing.assert_close(fused(y), ref(y), rtol=1e-10, atol=1e-10)
 
 
+class _CountedPaths(nn.Module):
+    """Counts its calls in a plain attribute, and calls its branches through a plain dict naming them, as routing
+    blocks write it (``self.paths = {"main": self.a, "skip": self.b}``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4), conv_bn(4)
+        self.calls = 0
+        self.paths = {"main": self.a, "skip": self.b}
+
+    def forward(self, x):
+        self.calls += 1
+        return self.paths["main"](x) + self.paths["skip"](x) * self.calls
+
+
+def test_a_plain_attribute_naming_a_child_names_the_fused_models_child():
+    """A block kept whole for its counter ran ``self.paths["main"]``, a third copy of its child that no ``_modules``
+    held: ``fused.double()`` did not reach it, and the fused model failed where the model runs (found by a review).
+    The attribute names the fused model's own child (kept as written, as the attribute needs it); the rest fuses."""
+    model = seeded(lambda: nn.Sequential(conv_bn(4), _CountedPaths()), 0)()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 4, 8, 8)
+    fused = fuse(model, x)
+    block = next(m for m in fused.modules() if isinstance(m, _CountedPaths))
+    assert block.paths["main"] is block.a and block.paths["skip"] is block.b, str(fused.fuse_report)
+    assert count_bn(fused) == 2, str(fused.fuse_report)  # the stem's folds; the branches the dict names stay
+    fused.double(), ref.double()
+    for k in range(2):  # the counter carries over: each call compared in turn
+        y = x.double() * (k + 1)
+        torch.testing.assert_close(fused(y), ref(y), rtol=1e-5, atol=1e-5)  # folded in float64, held in float32
+
+
 class _LazyProjection(nn.Module):
     """Draws its projection on its first call (a lazy random init)."""
 

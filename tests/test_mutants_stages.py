@@ -361,6 +361,9 @@ FEW = {
     "leaf itself (no grad_fn)",
     "repalgebra.frontend.outside_reads:names_reached": "one walk along a chain to the child it names; the mutants "
     "record the name on the module whose code reads it, or on itself only",
+    "repalgebra.frontend.outside_reads:named_by_attributes": "one walk over plain attributes and their containers; the "
+    "mutants leave containers unopened, or record the module itself",
+    "repalgebra.frontend.state:same_paths": "one walk pairing modules by path; the mutant pairs the root alone",
     "repalgebra.frontend.ranks:input_read": "one job, an input's device (or how it was made) read on the example: the mutant reads it on the "
     "meta tensor (a computed value's device is not read at all)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",

@@ -203,6 +203,31 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
     return found
 
 
+def named_by_attributes(module: nn.Module) -> set[str]:
+    """The submodules of ``module`` (paths) that a plain attribute of ``module`` or of a descendant names, in a
+    dict, list, tuple or set too (``self.paths = {"main": self.a}``).  A fused form swapped in for such a child is
+    not what the attribute holds: the kept parent ran the attribute's copy, which ``fused.double()`` did not reach,
+    and failed where the model runs (found by a review)."""
+    paths: dict[int, str] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        paths.setdefault(id(sub), path)
+    found: set[str] = set()
+    for sub in {id(m): m for m in module.modules()}.values():
+        todo = [v for k, v in vars(sub).items() if k not in _MODULE_STATE]
+        while todo:
+            value = todo.pop()
+            if isinstance(value, types.MethodType):  # (``self.run = self.a.forward``)
+                value = value.__self__
+            if isinstance(value, nn.Module) and id(value) in paths:
+                found.add(paths[id(value)])
+            elif type(value) in (dict, list, tuple, set):
+                todo += value.values() if type(value) is dict else value
+    return found - {""}
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (its children, parameters, hooks)
+
+
 def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
     as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None.

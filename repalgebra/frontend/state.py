@@ -430,9 +430,10 @@ def restore_in_place(module: nn.Module, initial: nn.Module, deep: bool = True) -
     this module's) stays shared; other attributes set to copies, and those the calls added removed.  The copies map
     ``initial``'s modules to ``module``'s: snntorch's ``self.state_function = self._base_sub``, copied
     on its own, was bound to a third neuron whose membrane no call reached (found by a probe).  Not ``deep``:
-    ``module``'s own state only (its children are no copies of ``initial``'s: fused forms)."""
+    ``module``'s own state only (its children are no copies of ``initial``'s: fused forms); its copies still map
+    ``initial``'s modules to those at the same paths (:func:`same_paths`)."""
     pairs = list(zip(module.modules(), initial.modules())) if deep else [(module, initial)]
-    memo: dict[int, Any] = {id(src): m for m, src in pairs}  # (not its tensors: state)
+    memo: dict[int, Any] = {id(src): m for m, src in pairs} if deep else same_paths(module, initial)  # (not its tensors: state)
     with torch.no_grad():
         for m, src in pairs:
             theirs, mine = _own(src), _own(m)
@@ -444,6 +445,25 @@ def restore_in_place(module: nn.Module, initial: nn.Module, deep: bool = True) -
                     own.copy_(value)
                 else:
                     setattr(m, name, copy.deepcopy(value, memo))
+
+
+def same_paths(module: nn.Module, initial: nn.Module) -> dict[int, nn.Module]:
+    """``initial`` and its descendants (by ``id``) mapped to the modules at the same paths in ``module``, below modules
+    of the same class only (a fused form's children are its own, not the original's).  A plain attribute that names a
+    child (``self.paths = {"main": self.a}``), copied with the region alone in the memo, held a third copy of the
+    child, which ``fused.double()`` did not reach (found by a review)."""
+    memo: dict[int, nn.Module] = {id(initial): module}
+    todo = [(module, initial)]
+    while todo:
+        mine, src = todo.pop()
+        if type(mine) is not type(src):
+            continue
+        for name, child in src._modules.items():
+            got = mine._modules.get(name)
+            if child is not None and got is not None and id(child) not in memo:
+                memo[id(child)] = got
+                todo.append((got, child))
+    return memo
 
 
 def _resolves(model: nn.Module, path: str) -> bool:
