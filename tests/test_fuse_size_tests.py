@@ -408,6 +408,32 @@ def test_a_piece_of_a_split_the_axis_is_too_short_for_is_refused():
         fused(torch.randn(2, 3, 3, dtype=D))
 
 
+def test_the_second_of_two_pieces_read_alone_is_the_models_at_other_lengths():
+    """``x.split(3, -1)[1]`` fused at 6 steps (two pieces) was taken for the last piece of an unpacking and refused
+    9 and 12 steps ("gives 3 pieces"), which the model runs: steps 3:6 at every length of 4 steps or more (found by
+    a review).  Read alone, a piece is the model's at every length that has it."""
+    model = seeded(SecondHalf, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 6, dtype=D))
+    for length in (6, 9, 12, 4):
+        same(fused, model, torch.randn(2, 3, length, dtype=D))
+    with pytest.raises(ValueError, match="pieces at size 3"):
+        fused(torch.randn(2, 3, 3, dtype=D))
+    model = seeded(UnpackedHalves, 0)().to(D)  # both pieces read: at 9 steps the model's unpacking fails
+    fused = fuse(model, torch.randn(2, 3, 6, dtype=D))
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        model(torch.randn(2, 3, 9, dtype=D))
+    with pytest.raises(ValueError, match="pieces at size 9"):
+        fused(torch.randn(2, 3, 9, dtype=D))
+
+
+class UnpackedHalves(SecondHalf):
+    """``a, b = x.split(3, -1)``: both pieces read, as many as at the example."""
+
+    def forward(self, x):
+        a, b = self.bn(self.conv(x)).split(3, -1)
+        return a + b * 2
+
+
 def test_torch_jit_trace_records_a_fused_model_with_a_size_test():
     """Under torch.jit.trace sizes are tensors, and the per-call check of ``if D > 3:`` failed inside TorchScript
     ("no op for aten::ne ... Tensor, bool"; found by a probe).  The trace records one call at its input's sizes,

@@ -364,6 +364,8 @@ FEW = {
     "repalgebra.frontend.outside_reads:named_by_attributes": "one walk over plain attributes and their containers; the "
     "mutants leave containers unopened, or record the module itself",
     "repalgebra.frontend.state:same_paths": "one walk pairing modules by path; the mutant pairs the root alone",
+    "repalgebra.frontend.handlers_functions:_indices_read": "one walk over a split's readers; the mutant takes every "
+    "index read for the first",
     "repalgebra.frontend.ranks:input_read": "one job, an input's device (or how it was made) read on the example: the mutant reads it on the "
     "meta tensor (a computed value's device is not read at all)",
     "repalgebra.frontend.aten_handlers:_times": "one job, a product scaled by a number; the mutant leaves it unscaled",

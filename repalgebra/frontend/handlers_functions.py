@@ -438,7 +438,7 @@ def _f_getitem(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -
         return None
     x, index = args
     if isinstance(x, Value) and x.shape is None:
-        return _part(x, index)
+        return _part(x, index, _indices_read(n))
     if shaped(x) is None or constant(x) is not None:  # indexing a constant stays a constant (see args.constant)
         return None
     steps = _index_steps(_sized_stops(index, x), len(x.shape))
@@ -570,13 +570,30 @@ def _max_values(fn: FnCall, x: Value | None, index: Any) -> Made:
     return "amax", [x], {"dims": (a["dim"] % len(x.shape),), "keepdim": a["keepdim"]}, {}, ""
 
 
-def _part(parts: Value, index: Any) -> Made:
+def _indices_read(n: fx.Node) -> set[int] | None:
+    """The indices that the graph reads of the tuple ``n`` (``parts[i]``) takes an item of, where ``parts[k]`` with a
+    number ``k`` is all it reads; None where it reads the tuple otherwise (returned whole, unpacked into a call)."""
+    parts = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if parts is None:
+        return None
+    read = set()
+    for u in parts.users:
+        if not (u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and is_int(u.args[1])):
+            return None
+        read.add(u.args[1])
+    return read
+
+
+def _part(parts: Value, index: Any, read: set[int] | None = None) -> Made:
     """``parts[index]`` of ``parts = x.chunk(n, dim)`` (``chunk``), ``x.split(s, dim)`` (``slice``), ``x.unbind(dim)`` (``select``).
 
     How many parts a split or unbind gives follows the size of the axis: a part counted from the end, the last
     one, and so each of a tuple returned or unpacked whole, check on every call that there are as many parts as
     at the trace (a ``piece`` op, see :func:`_piece_of`), unless it is the same part at every size
     (:func:`_from_end`).  The tuple-valued node is then read by nothing and is dropped with the dead nodes.
+    ``read``: the indices the graph reads of the parts (None: it reads them otherwise, or is not known); the last
+    part counts where every part is read (``a, b = x.split(2, 2)``), not where one alone is (``parts[1]`` of two
+    at the example is rows 2:4 at every size with more rows, which the model computes: it was refused; a review).
     """
     n = parts.producer
     if n is None or n.op != "opaque" or not is_int(index) or len(n.inputs) != 1 or not isinstance(n.attrs["fn"], FnCall):
@@ -609,7 +626,8 @@ def _part(parts: Value, index: Any) -> Made:
         count = -(-length // -(-length // size))
     if index < 0 and (kind == "unbind" or (kind, size, index) == ("split", 1, -1)):  # parts[-1]: at every size
         return _from_end(kind, x, axis, index)
-    counted = index < 0 or index == count - 1  # parts[-1], the last part, or all of them (returned, unpacked)
+    whole = read is None or set(range(count)) <= read  # (returned, unpacked: every part read)
+    counted = index < 0 or (index == count - 1 and whole)  # parts[-1], or the last of all the parts
     index = index + count if index < 0 else index
     if not 0 <= index < count:
         return None
