@@ -160,6 +160,8 @@ _COND = ("tests/test_fuse_outside_reads.py::test_a_parent_kept_whole_for_torch_c
 _AUTOCAST = ("tests/test_fuse_call_modes.py::test_a_child_called_under_its_parents_autocast_is_fused",)
 _AFTER = tuple(f"tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[{h}]"
                for h in ("tensor", "view"))
+_FRESH = tuple(f"tests/test_inplace.py::test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy[{h}]"
+               for h in ("clone-flattened", "clone-memory-format", "times-one", "one-tensor-cat", "zero-pad"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
@@ -2057,8 +2059,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:reads_after_calls", "any(_shares(bases, m, a) for a in given)", "m in given", _AFTER),
     ("frontend", "clone-given-to-call-dropped", "x.clone() given to a call kept whole taken for x (the identity): the call "
      "writes into x itself, which later reads see",
-     "repalgebra.frontend.inplace:_keep_copy", '        n.op, n.target = "call_function", kept_clone', "        pass",
+     "repalgebra.frontend.inplace:_keep_copies", '            b.op, b.target = "call_function", kept_clone', "            pass",
      ("tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[clone]",)),
+    ("frontend", "fresh-copy-given-to-call-dropped", "h * 1 or torch.cat([h]) given to a call kept whole taken for h (the IR's "
+     "identity): the call writes into h itself, which later reads see (review R4 finding 01)",
+     "repalgebra.frontend.inplace:_keep_copies", "        b.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)",
+     "        pass", _FRESH),
+    ("frontend", "fresh-copy-views-unfollowed", "a clone given to a call kept whole through a view (h.clone().flatten(1)) taken "
+     "for h: only the call's direct argument looked at (review R4 finding 01)",
+     "repalgebra.frontend.inplace:_keep_copies", "for b in bases[a] if _fresh_one_input(b, root)}",
+     "for b in (a,) if _fresh_one_input(b, root)}", _FRESH),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
      "example's run saw no longer refused",
      "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",

@@ -755,6 +755,50 @@ def test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_
         torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
 
 
+# A fresh tensor made from h, given to the sanitizer: the model clamps that copy, and h stays as it was
+_FRESH_COPIES = {
+    "clone-flattened": lambda h: h.clone().flatten(1),
+    "clone-sliced": lambda h: h.clone()[:, :],
+    "clone-memory-format": lambda h: h.clone(memory_format=torch.contiguous_format),
+    "torch-clone-keyword": lambda h: torch.clone(h, memory_format=torch.preserve_format),
+    "clone-contiguous": lambda h: h.clone().contiguous(),
+    "times-one": lambda h: h * 1,
+    "plus-zero": lambda h: h + 0,
+    "one-tensor-cat": lambda h: torch.cat([h], 1),
+    "zero-pad": lambda h: F.pad(h, (0, 0, 0, 0)),
+}
+
+
+class ClampedCopy(nn.Module):
+    """The sanitizer kept whole given a fresh tensor made from ``h`` (:data:`_FRESH_COPIES`), then ``conv1x1(h)``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.clamp, self.conv1x1 = nn.Conv2d(4, 4, 3, padding=1), SafeClamp(), nn.Conv2d(4, 4, 1)
+        self.how = how
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.clamp(_FRESH_COPIES[self.how](h))
+        return y.reshape(h.shape).sum(1, keepdim=True) * 2 + self.conv1x1(h)
+
+
+@pytest.mark.parametrize("how", list(_FRESH_COPIES))
+def test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy(how):
+    """A clone reached through a view or made with a keyword, and the fresh tensors the IR takes for the identity
+    of ``h`` (``h * 1``, ``h + 0``, a one-tensor ``cat``, a zero ``pad``): the fused module handed the call ``h``
+    itself, and ``conv1x1(h)`` read the clamp the model made on its copy only (4 to 8 apart; review R4 finding 01)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = ClampedCopy(how).double().eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.conv(x).abs() > 10).any(), "the clamp must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
 class TwiceClamped(nn.Module):
     """Two sanitizers kept whole given the same features, then the skip reads them again."""
 

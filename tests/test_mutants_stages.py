@@ -377,7 +377,6 @@ FEW = {
     "library's (its mutant kills through the calls made for their effects)",
     "repalgebra.frontend.inplace:reads_after_calls": "two decisions: reads after the call rerouted, and the values "
     "sharing the given tensors' storage among them",
-    "repalgebra.frontend.inplace:_keep_copy": "one decision: a clone given to a call kept whole stays a copy",
     "repalgebra.backend.onnx:_after_call": "one decision: the tensor read after the call is the tensor, not the "
     "call's result",
 }

@@ -158,7 +158,7 @@ _FRESH_FUNCTIONS = {
     torch.amax, torch.amin, torch.max, torch.min, torch.clamp, torch.clip, torch.where, torch.roll,
     torch.conv2d, torch.erf, torch.pow, torch.addmm, torch.baddbmm, torch.norm, torch.var, torch.std,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.randn_like, torch.pixel_shuffle,
-    torch.pixel_unshuffle, torch.cumsum, torch.sort, torch.topk, torch.gather, torch.masked_fill,
+    torch.pixel_unshuffle, torch.cumsum, torch.sort, torch.topk, torch.gather, torch.masked_fill, torch.clone,
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.conv_transpose3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
     F.instance_norm, F.gelu, F.silu, F.mish, F.softmax, F.log_softmax, F.sigmoid, F.tanh, F.hardswish,
     F.hardsigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.avg_pool1d, F.avg_pool2d, F.max_pool2d,
@@ -435,10 +435,10 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     anew from what made ``h`` (``h + conv2(x)`` merged into one conv of ``x``), missing the write.  ``after_call``
     is an op no rule folds through, and the fused module reads the tensor itself there, after the call: what it
     holds then, as in the model.  Calls whose result is unused are :func:`hidden_writes`'s (taken to write)."""
+    calls = [n for n in graph.nodes if n.users and _own_code(n, root)]
+    _keep_copies(graph, root, calls)
     made, read = 0, -1
-    for call in [n for n in graph.nodes if n.users and _own_code(n, root)]:
-        for a in call.all_input_nodes:
-            _keep_copy(a)
+    for call in calls:
         if read != made:  # (anew after a call got after_call nodes: later calls may read them)
             nodes = list(graph.nodes)
             order = {n: k for k, n in enumerate(nodes)}
@@ -458,19 +458,71 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     return made
 
 
-def _keep_copy(n: fx.Node) -> None:
-    """Make ``n``, a ``x.clone()`` given to a call kept whole, :func:`kept_clone`: the IR takes a clone for the same
-    values (the identity), and a rewrite would hand the call ``x`` itself to write into, where the model's call
-    writes into its copy and later reads of ``x`` see none of it (``y = self.clamp(h.clone()); return y + conv(h)``)."""
-    if (n.op, n.target) in (("call_method", "clone"), ("call_function", torch.clone)) and len(n.args) == 1 and not n.kwargs:
-        n.op, n.target = "call_function", kept_clone
+# Calls whose result the IR never takes for the identity of their input (layers computing from their weights,
+# non-linearities without a setting that makes them the identity, reductions): a copy of it for a call kept whole
+# (:func:`_keep_copies`) would only cost time.  (``leaky_relu`` of slope 1, a ``hardtanh`` or a ``threshold`` may
+# be the identity: they are not here.)
+_COMPUTING_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Linear, nn.LayerNorm, nn.GroupNorm,
+                      nn.MultiheadAttention, nn.Embedding, nn.Bilinear)
+_IDENTITY_ACTIVATIONS = (nn.LeakyReLU, nn.Hardtanh, nn.Threshold, nn.RReLU)
+_COMPUTING_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv2d, F.linear,
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.embedding, F.prelu, torch.prelu, F.normalize,
+    F.scaled_dot_product_attention, F.relu, torch.relu, F.gelu, F.silu, F.mish, F.sigmoid, torch.sigmoid, F.tanh,
+    torch.tanh, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.softplus, F.softmax, torch.softmax, F.log_softmax,
+    torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.erf, torch.mean, torch.sum, torch.amax, torch.amin, torch.norm,
+    torch.var, torch.std, torch.cumsum,
+}  # fmt: skip
+_COMPUTING_METHODS = {
+    "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "softmax", "mean", "sum", "amax", "amin", "norm", "var",
+    "std", "cumsum", "erf", "gelu", "sin", "cos", "sign", "square", "reciprocal", "exp2", "logsumexp",
+}  # fmt: skip
+
+
+def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None:
+    """Keep each fresh tensor that ``calls`` (calls of the model's own code, kept whole) are given, directly or through
+    views, a tensor of its own in the fused module: a clone is made :func:`kept_clone` (its keywords kept), and a
+    call of one computed tensor that the IR may take for the identity of it (``h * 1``, ``h + 0``, ``torch.cat([h])``,
+    a zero ``F.pad``) is read through a :func:`kept_clone` of its result.
+
+    In the model the call writes into that tensor, and later reads of ``h`` see none of it; the IR took the clone
+    (or the op) for ``h`` itself and handed the call ``h`` to write into (``y = self.clamp(h.clone().flatten(1));
+    return y + conv(h)``: 6.5 apart where the clamp bites; review R4 finding 01).  Neither the alias table nor
+    :func:`reads_after_calls` sees it: the tensor is fresh there."""
+    bases = alias_bases(graph, root)
+    fresh = {b for call in calls for a in call.all_input_nodes for b in bases[a] if _fresh_one_input(b, root)}
+    for b in [n for n in graph.nodes if n in fresh]:
+        if (b.op, b.target) in (("call_method", "clone"), ("call_function", torch.clone)) and len(b.args) == 1:
+            b.op, b.target = "call_function", kept_clone
+            continue
+        with graph.inserting_after(b):
+            kept = graph.call_function(kept_clone, (b,))
+        kept.meta.update(b.meta)
+        b.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)
+
+
+def _fresh_one_input(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` makes a tensor of its own (:func:`_alias_inputs`: none) from one computed tensor, with torch's
+    code, and may be the identity of it in the IR (a clone, ``* 1``, a zero pad; not a conv or a ReLU)."""
+    if n.op not in ("call_function", "call_method", "call_module") or n.target is kept_clone or _own_code(n, root):
+        return False
+    if (n.target in _NON_TENSOR_METHODS if n.op == "call_method"
+            else n.op == "call_function" and n.target in (*_NON_TENSOR_FUNCTIONS, getattr, operator.getitem)) or _fresh_tuple(n):
+        return False  # (a size, a flag, a tuple or an item of one: no tensor the IR takes for the identity of another)
+    if _alias_inputs(n, root) or len([a for a in n.all_input_nodes if a.op != "get_attr"]) != 1:
+        return False
+    if n.op == "call_module":
+        m = root.get_submodule(n.target)
+        activation = type(m).__module__.startswith("torch.nn.modules.activation") and not isinstance(m, _IDENTITY_ACTIVATIONS)
+        return not (isinstance(m, _COMPUTING_MODULES) or activation)
+    return n.target not in (_COMPUTING_METHODS if n.op == "call_method" else _COMPUTING_FUNCTIONS)
 
 
 @traced_as_one_call
-def kept_clone(x: torch.Tensor) -> torch.Tensor:
-    """``x.clone()``, given to a call kept whole that may write into it (:func:`_keep_copy`): a copy in the fused
-    module too."""
-    return x.clone()
+def kept_clone(x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``x.clone(**kwargs)``, given to a call kept whole that may write into it (:func:`_keep_copies`): a copy in the
+    fused module too."""
+    return x.clone(**kwargs)
 
 
 @traced_as_one_call
