@@ -2069,6 +2069,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "for h: only the call's direct argument looked at (review R4 finding 01)",
      "repalgebra.frontend.inplace:_keep_copies", "for b in bases[a] if _fresh_one_input(b, root)}",
      "for b in (a,) if _fresh_one_input(b, root)}", _FRESH),
+    ("frontend", "contiguous-given-to-call-dropped", "contiguous() of a permuted view given to a call kept whole taken for "
+     "the view (the IR's identity): the call writes through it into h, where the model's call writes into a copy "
+     "(review R4 finding 01)",
+     "repalgebra.frontend.inplace:_keep_copies", '            n.op, n.target = "call_function", kept_contiguous', "            pass",
+     ("tests/test_inplace.py::test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy[contiguous-of-permuted]",)),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
      "example's run saw no longer refused",
      "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",

@@ -766,6 +766,7 @@ _FRESH_COPIES = {
     "plus-zero": lambda h: h + 0,
     "one-tensor-cat": lambda h: torch.cat([h], 1),
     "zero-pad": lambda h: F.pad(h, (0, 0, 0, 0)),
+    "contiguous-of-permuted": lambda h: h.permute(0, 2, 3, 1).contiguous(),  # (a copy: the permuted view is not contiguous)
 }
 
 
@@ -785,9 +786,10 @@ class ClampedCopy(nn.Module):
 
 @pytest.mark.parametrize("how", list(_FRESH_COPIES))
 def test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy(how):
-    """A clone reached through a view or made with a keyword, and the fresh tensors the IR takes for the identity
-    of ``h`` (``h * 1``, ``h + 0``, a one-tensor ``cat``, a zero ``pad``): the fused module handed the call ``h``
-    itself, and ``conv1x1(h)`` read the clamp the model made on its copy only (4 to 8 apart; review R4 finding 01)."""
+    """A clone reached through a view or made with a keyword, the fresh tensors the IR takes for the identity of
+    ``h`` (``h * 1``, ``h + 0``, a one-tensor ``cat``, a zero ``pad``), and ``contiguous()`` of a permuted view (a
+    copy at run time, the identity in the IR): the fused module handed the call ``h`` itself, and ``conv1x1(h)`` read
+    the clamp the model made on its copy only (4 to 8 apart; review R4 finding 01)."""
     import repalgebra
 
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ from torch import fx, nn
 from repalgebra.one_call import traced_as_one_call
 
 __all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
-           "kept_clone", "reads_after_calls", "setitem_copy", "versions"]
+           "kept_clone", "kept_contiguous", "reads_after_calls", "setitem_copy", "versions"]
 
 # The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
 # ``y`` float32 for a float64 ``c`` where ``y + c`` promotes (a T-Net's identity made with numpy; found by a probe)
@@ -483,7 +483,8 @@ def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None
     """Keep each fresh tensor that ``calls`` (calls of the model's own code, kept whole) are given, directly or through
     views, a tensor of its own in the fused module: a clone is made :func:`kept_clone` (its keywords kept), and a
     call of one computed tensor that the IR may take for the identity of it (``h * 1``, ``h + 0``, ``torch.cat([h])``,
-    a zero ``F.pad``) is read through a :func:`kept_clone` of its result.
+    a zero ``F.pad``) is read through a :func:`kept_clone` of its result, and ``contiguous()`` (a copy of a permuted
+    view at run time) is made :func:`kept_contiguous`.
 
     In the model the call writes into that tensor, and later reads of ``h`` see none of it; the IR took the clone
     (or the op) for ``h`` itself and handed the call ``h`` to write into (``y = self.clamp(h.clone().flatten(1));
@@ -499,6 +500,9 @@ def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None
             kept = graph.call_function(kept_clone, (b,))
         kept.meta.update(b.meta)
         b.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)
+    for n in {b for call in calls for a in call.all_input_nodes for b in bases[a]}:
+        if (n.op, n.target) == ("call_method", "contiguous") or (n.op, n.target) == ("call_function", torch.Tensor.contiguous):
+            n.op, n.target = "call_function", kept_contiguous  # (a copy of a strided view at run time, the identity in the IR)
 
 
 def _fresh_one_input(n: fx.Node, root: nn.Module) -> bool:
@@ -532,7 +536,15 @@ def after_call(x: torch.Tensor, result: Any) -> torch.Tensor:
     return x
 
 
+@traced_as_one_call
+def kept_contiguous(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``x.contiguous()``, given to a call kept whole that may write into it (:func:`_keep_copies`): ``x`` itself where
+    it is contiguous, else a copy, as in the model (the IR takes it for the identity)."""
+    return x.contiguous(*args, **kwargs)
+
+
 _VIEW_FUNCTIONS.add(after_call)  # (x itself: what writes into it later writes into x)
+_VIEW_FUNCTIONS.add(kept_contiguous)  # (x itself where x is contiguous)
 _FRESH_FUNCTIONS.add(kept_clone)
 
 
