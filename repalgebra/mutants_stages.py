@@ -2067,8 +2067,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "        pass", _FRESH),
     ("frontend", "fresh-copy-views-unfollowed", "a clone given to a call kept whole through a view (h.clone().flatten(1)) taken "
      "for h: only the call's direct argument looked at (review R4 finding 01)",
-     "repalgebra.frontend.inplace:_keep_copies", "for b in bases[a] if _fresh_one_input(b, root)}",
-     "for b in (a,) if _fresh_one_input(b, root)}", _FRESH),
+     "repalgebra.frontend.inplace:_keep_copies", "for a in call.all_input_nodes for b in bases[a]}",
+     "for a in call.all_input_nodes for b in (a,)}", _FRESH),
     ("frontend", "contiguous-given-to-call-dropped", "contiguous() of a permuted view given to a call kept whole taken for "
      "the view (the IR's identity): the call writes through it into h, where the model's call writes into a copy "
      "(review R4 finding 01)",

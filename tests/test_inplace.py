@@ -795,6 +795,7 @@ def test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy(how):
     torch.manual_seed(0)
     model = ClampedCopy(how).double().eval()
     fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    assert [p.path for p in fused.fuse_report.parts if p.how == "kept whole"] == ["clamp"], fused.fuse_report  # (captured around it)
     x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         assert (model.conv(x).abs() > 10).any(), "the clamp must bite at this input"

@@ -491,7 +491,8 @@ def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None
     return y + conv(h)``: 6.5 apart where the clamp bites; review R4 finding 01).  Neither the alias table nor
     :func:`reads_after_calls` sees it: the tensor is fresh there."""
     bases = alias_bases(graph, root)
-    fresh = {b for call in calls for a in call.all_input_nodes for b in bases[a] if _fresh_one_input(b, root)}
+    given = {b for call in calls for a in call.all_input_nodes for b in bases[a]}  # (before the copies are made)
+    fresh = {b for b in given if _fresh_one_input(b, root)}
     for b in [n for n in graph.nodes if n in fresh]:
         if (b.op, b.target) in (("call_method", "clone"), ("call_function", torch.clone)) and len(b.args) == 1:
             b.op, b.target = "call_function", kept_clone
@@ -500,7 +501,7 @@ def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None
             kept = graph.call_function(kept_clone, (b,))
         kept.meta.update(b.meta)
         b.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)
-    for n in {b for call in calls for a in call.all_input_nodes for b in bases[a]}:
+    for n in given:
         if (n.op, n.target) == ("call_method", "contiguous") or (n.op, n.target) == ("call_function", torch.Tensor.contiguous):
             n.op, n.target = "call_function", kept_contiguous  # (a copy of a strided view at run time, the identity in the IR)
 
