@@ -602,6 +602,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "state-integers-never-other-values", "a first fill probed with integers reordered only (one label, or equal ones, reorders to itself)",
      "repalgebra.frontend.state:_filled_from_input", "[tuple(_other_integers(t) for t in inputs)]", "[]",
      ("tests/test_fuse_state.py::test_a_cache_filled_from_one_integer_is_state",)),
+    ("frontend", "state-zeros-left-as-they-are", "integers that halve to themselves (label 0, a zeros example) given no other "
+     "values: the embedding cached from label 0 fused as the example's (review R4 finding 03)",
+     "repalgebra.frontend.state:_other_integers", "        other = t + 1", "        other = t",
+     ("tests/test_fuse_state.py::test_a_cache_filled_from_one_integer_is_state[0]",)),
     ("frontend", "state-axes-never-alone", "a first fill of tokens (B, N, C) probed at no other size (the spatial sizes double C, which a Linear refuses)",
      "repalgebra.frontend.state:_filled_from_input", "            others += [v for v in sized if", "            others += [v for v in () if",
      ("tests/test_fuse_state.py::test_a_table_built_for_the_first_token_count_is_state",)),

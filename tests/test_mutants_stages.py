@@ -377,6 +377,9 @@ FEW = {
     "library's (its mutant kills through the calls made for their effects)",
     "repalgebra.frontend.inplace:reads_after_calls": "two decisions: reads after the call rerouted, and the values "
     "sharing the given tensors' storage among them",
+    "repalgebra.frontend.state:_other_integers": "one decision added to halving: integers that halve to themselves "
+    "(zeros) are one up (its mutant leaves them as they are); the halving itself is killed through _filled_from_input's "
+    "state-integers-never-other-values",
     "repalgebra.backend.onnx:_after_call": "one decision: the tensor read after the call is the tensor, not the "
     "call's result",
 }

@@ -257,10 +257,13 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
 
 def _other_integers(t: Any) -> Any:
     """``t`` with other values where it is an integer tensor (halved: ids, labels and lengths stay in the example's
-    range) or a mask (inverted); else ``t`` itself (also where halving changes nothing: zeros)."""
+    range; one up where halving changes nothing, zeros: an id 1 out of range makes a call that does not run, which
+    shows nothing) or a mask (inverted); else ``t`` itself."""
     if not torch.is_tensor(t) or t.is_floating_point() or t.is_complex() or not t.numel():
         return t
     other = ~t if t.dtype is torch.bool else torch.div(t, 2, rounding_mode="floor")
+    if torch.equal(other, t) and t.dtype is not torch.bool:
+        other = t + 1  # zeros (and -1s) halve to themselves: label 0 was fused as the example's (review R4 finding 03)
     return t if torch.equal(other, t) else other
 
 
