@@ -1324,6 +1324,31 @@ def test_forward_hooks_run_in_the_fused_model(where):
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
 
 
+class RowScale(nn.Module):
+    """``y.reshape(C, -1) * g[:, None]`` and back: a per-channel scale at batch 1 only (a fold held at the example's
+    sizes)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, c, dtype=D))
+
+    def forward(self, y):
+        return (y.reshape(y.shape[1], -1) * self.g[:, None]).reshape(y.shape)
+
+
+def test_hooks_of_a_model_whose_fused_form_holds_at_the_example_sizes_only_still_run():
+    """Fused inside its hooks, this model's capture would refuse other sizes (a fold through a reshape that holds at
+    the example's only), which the model runs: it is traced with its hooks as before (fx calls the root's forward
+    directly, so it is wrapped), kept whole and its parts fused, and the hooks act on every call."""
+    model = randomized(nn.Sequential(conv_bn(3, 8), RowScale(8)))
+    model.register_forward_pre_hook(lambda m, args: (args[0] * torch.where(args[0].abs() > 50, 2.0, 1.0),))
+    model.register_forward_hook(lambda m, args, out: out + (out.abs() > 50).to(out.dtype))
+    fused = fuse(model, torch.randn(1, 3, 8, 8, dtype=D))
+    x = 40 * torch.randn(2, 3, 10, 12, dtype=D)  # another size, and values the hooks act on
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+
+
 class HookedNet(nn.Module):
     """Two conv + BN blocks; with ``pad_odd``, Python that looks at sizes (torch.fx cannot trace it, torch.export can)."""
 
@@ -3101,7 +3126,8 @@ def test_the_children_of_an_immutable_part_kept_whole_are_fused():
     block's own ``AttributeError`` came out of fuse (a probe).  Its children fold, and the model is exact (float64,
     to 1e-9)."""
     model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), FrozenBlock(), nn.Conv2d(4, 2, 1)))
-    model[1].register_forward_hook(lambda m, args, out: out * 1.5)
+    # (a hook reading the block it is given: it cannot run around a fused form, so the block is kept whole)
+    model[1].register_forward_hook(lambda m, args, out: out * (1.5 if m._frozen else 1.0))
     reference = copy.deepcopy(model)
     fused = fuse(model, torch.randn(2, 3, 8, 8, dtype=D))
     assert count_bn(fused) == 0, str(fused.fuse_report)
