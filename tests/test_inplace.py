@@ -770,13 +770,8 @@ _FRESH_COPIES = {
 }
 
 
-class ClampedCopy(nn.Module):
+class ClampedCopy(ClampedWithSkip):
     """The sanitizer kept whole given a fresh tensor made from ``h`` (:data:`_FRESH_COPIES`), then ``conv1x1(h)``."""
-
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.conv, self.clamp, self.conv1x1 = nn.Conv2d(4, 4, 3, padding=1), SafeClamp(), nn.Conv2d(4, 4, 1)
-        self.how = how
 
     def forward(self, x):
         h = self.conv(x)
