@@ -1784,6 +1784,8 @@ class _Fuser:
             try:
                 ref = _run(reference, call, dtype, self.dtype, left=ref_left, given=ref_given)
             except Exception:  # noqa: BLE001  (the model cannot run in float64: compare in its own dtype)
+                if dtype is None:  # it ran in its own dtype: it refuses the call (a run at another size)
+                    raise
                 dtype, self.not_in_float64 = None, True
                 ref = _run(reference, call, None, left=ref_left, given=ref_given)
             if dtype is not None:
@@ -2212,9 +2214,11 @@ def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple,
     ``(input, axis)`` pairs no accepted run resized: a refused run shows nothing, so such an axis is not free.
 
     With ``after`` (``inputs`` at the example's batch, where ``inputs`` grew it), the runs after the first one
-    accepted resize ``after``: that run showed the batch, and the others cost less (FastViT's fuse, 0.1 s)."""
+    accepted resize ``after``: that run showed the batch, and the others cost less (FastViT's fuse, 0.1 s).  A
+    later axis's run also halves the axes shown free before it (:func:`_holds_beside`)."""
     ranks = {i: t.dim() for i, t in enumerate(inputs) if torch.is_tensor(t)}
     refused: list[Unit] = []
+    free: list[Unit] = []  # the axes before ``k`` that a run showed free
     ran = False
     for k in range(1, max(ranks.values(), default=0)):
         units = [(i, k) for i, r in ranks.items() if r > k]
@@ -2227,12 +2231,13 @@ def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple,
             if set(picked) <= shown:
                 continue
             resized = _resized(after if ran and after is not None else inputs, picked, size)
-            held = None if resized is None else holds(resized)
+            held = None if resized is None else _holds_beside(holds, resized, free, {size(inputs[i].shape[j]) for i, j in picked})
             if held is False:
                 return True, True, ()
             if held:
                 ran, shown = True, shown | set(picked)
         refused += [u for u in units if u not in shown]
+        free += [u for u in units if u in shown]
     for group in _equal_sized(inputs, refused):
         for size in (_other_size, _twice):
             held = holds(_resized(after if ran and after is not None else inputs, group, size))
@@ -2242,6 +2247,19 @@ def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple,
                 ran, refused = True, [u for u in refused if u not in group]
                 break
     return False, ran, tuple(refused)
+
+
+def _holds_beside(holds: Callable[[tuple], bool | None], resized: tuple, free: list[Unit], sizes: set[int]) -> bool | None:
+    """``holds`` of ``resized`` with the axes ``free`` (shown free by earlier runs) at half their size too, where
+    that is smaller and none of the ``sizes`` this run gives its own axis: FastViT's run for W at ``H = 128`` costs
+    half the one at ``H = 256`` (0.03 s), and the checks of modes and default dtypes start from it.  The sizes
+    differ, so ``H`` and ``W`` never become equal there (a square map hides an ``H`` read for a ``W``).  Where
+    the original refuses the two resized together (a model with a fixed aspect), ``resized`` alone."""
+    half = [u for u in free if _other_size(n := resized[u[0]].shape[u[1]]) < n and _other_size(n) not in sizes]
+    both = _resized(resized, half, _other_size) if half else None
+    if both is not None and (held := holds(both)) is not None:
+        return held
+    return holds(resized)
 
 
 def _numel(inputs: tuple) -> int:

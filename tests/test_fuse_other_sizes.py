@@ -9,6 +9,8 @@ relative (a fold rounds once per parameter).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -330,3 +332,73 @@ def test_an_axis_refused_at_a_quarter_of_its_size_is_tried_at_half():
     y = torch.randn(2, 3, 128, 200, dtype=D)
     with torch.no_grad():
         torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+
+
+class FlattenedBack(nn.Module):
+    """A conv and BN, a flatten and a reshape back (so ``fuse`` checks its folded graph at other sizes), a mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.flatten(2).reshape(y.shape).mean((2, 3))
+
+
+class Strips(FlattenedBack):
+    """A scanner's row and column passes: a strip is a full row or a full column of the 256x256 page (one of its
+    sides stays 256), the other side any length."""
+
+    def forward(self, x):
+        torch._assert((x.shape[2] == 256) | (x.shape[3] == 256), "a strip spans the page on one side")
+        return super().forward(x)
+
+
+def _runs_of(model_type: type, monkeypatch) -> list[tuple]:
+    """The input shapes ``fuse`` runs the original (a ``model_type``) at, in order, from now on."""
+    fuse_module = sys.modules["repalgebra.fuse"]
+    real, shapes = fuse_module._run, []
+
+    def recorded(module, call, *args, **kwargs):
+        if type(module) is model_type:
+            shapes.append(tuple(call.args[0].shape))
+        return real(module, call, *args, **kwargs)
+
+    monkeypatch.setattr(fuse_module, "_run", recorded)
+    return shapes
+
+
+def test_the_run_for_a_later_axis_halves_the_axes_shown_free_before(monkeypatch):
+    """The run for W takes H, shown free by the run before, at half its size: (1, 3, 128, 64), not (1, 3, 256, 64),
+    a cheaper run where the sizes still differ (and the checks of modes and default dtype start from it)."""
+    model = randomized(FlattenedBack()).to(D)
+    shapes = _runs_of(FlattenedBack, monkeypatch)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D))
+    assert (2, 3, 64, 256) in shapes and (1, 3, 128, 64) in shapes, shapes
+    assert (1, 3, 256, 64) not in shapes, shapes
+    assert not any(f"axis {k}" in n for n in fused.fuse_report.notes for k in (2, 3)), str(fused.fuse_report)
+    y = torch.randn(2, 3, 96, 40, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+    shapes.clear()  # at 128, half of H is the size W takes: W is resized alone, so no run is square but the example
+    repalgebra.fuse(model, torch.randn(1, 3, 128, 128, dtype=D))
+    assert (1, 3, 128, 64) in shapes, shapes
+    assert [s for s in shapes if s[1] == 3 and s[2] == s[3] != 128] == [], shapes
+
+
+def test_an_axis_refused_beside_the_axes_shown_before_is_tried_alone(monkeypatch):
+    """A model that refuses H and W resized together (a strip keeps one side whole) is run with W resized alone,
+    and W stays free: the run beside a halved H is a saving, not a test the axis must pass."""
+    model = randomized(Strips()).to(D)
+    shapes = _runs_of(Strips, monkeypatch)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D))
+    assert (1, 3, 128, 64) in shapes and (1, 3, 256, 64) in shapes, shapes
+    assert not any(f"axis {k}" in n for n in fused.fuse_report.notes for k in (2, 3)), str(fused.fuse_report)
+    assert fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)
+    with torch.no_grad():
+        for shape in [(1, 3, 256, 40), (2, 3, 24, 256)]:
+            y = torch.randn(shape, dtype=D)
+            torch.testing.assert_close(fused(y), model(y), rtol=1e-9, atol=1e-9)
+        with pytest.raises(Exception, match="spans the page"):  # as the original refuses it
+            fused(torch.randn(1, 3, 64, 64, dtype=D))

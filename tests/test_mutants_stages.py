@@ -273,6 +273,7 @@ FEW = {
     "repalgebra.frontend.inplace:_alias_inputs": "a table lookup per call kind; mutated where a view was taken for a new tensor (einsum, +y)",
     "repalgebra.frontend.aten:_returned_input": "two table rows, eval dropout (its tests predate this target) and a one-operand einsum",
     "repalgebra.frontend.state:equal_values": "one decision, whether NaN equals NaN (torch.equal does the rest)",
+    "repalgebra.frontend.state:_same": "one comparison of two snapshots' entries, tensors through _Tensor.same",
     "repalgebra.frontend.state:attribute_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",
     "repalgebra.frontend.handlers_functions:_f_to_dtype_of": "one decision, whether the value's dtype may be the caller's (the written cast has mutants of its own)",
     "repalgebra.backend.onnx:_interpolate": "the nearest modes' one decision (the Resize of the others is not mutated, as the module says)",
