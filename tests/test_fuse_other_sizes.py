@@ -393,7 +393,8 @@ def test_an_axis_refused_beside_the_axes_shown_before_is_tried_alone(monkeypatch
     model = randomized(Strips()).to(D)
     shapes = _runs_of(Strips, monkeypatch)
     fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D))
-    assert (1, 3, 128, 64) in shapes and (1, 3, 256, 64) in shapes, shapes
+    assert (1, 3, 256, 64) in shapes, shapes
+    assert shapes.count((1, 3, 128, 64)) == 1, shapes  # refused once, not tried again as if float64 had failed
     assert not any(f"axis {k}" in n for n in fused.fuse_report.notes for k in (2, 3)), str(fused.fuse_report)
     assert fused.fuse_report.rule_counts().get("bn_fold") == 1, str(fused.fuse_report)
     with torch.no_grad():
