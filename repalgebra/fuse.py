@@ -1113,8 +1113,8 @@ class _Fuser:
         self.plain_parts: list[str] = []  # parts fused from a capture that read plain tensors (Capture.reads_plain)
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
-        self.own_dtype_only = False  # the last check ran in the model's dtype: the candidate fails in float64
-        self.not_in_float64 = False  # the last check ran in the model's dtype: the model itself fails in float64
+        self.own_dtype_only = False  # the last check in float64 ran in the model's dtype: the candidate fails in float64
+        self.not_in_float64 = False  # the last check in float64 ran in the model's dtype: the model itself fails in it
         self.checks: list[str] = []  # what each captured part was compared with: FuseReport.check
         self.last_ref: tuple | None = None  # the last check's run of the original in its own dtype, in a 1-tuple
         self.own_dtype_runs: dict[str, tuple[Call, tuple]] = {}  # per part: its smallest such run at other sizes
@@ -1626,7 +1626,6 @@ class _Fuser:
             if problem is not None:
                 self.stage["check"] += time.perf_counter() - t2
                 raise CaptureFailed(f"the {cap.how} capture computes something else: {problem}")
-            flags = self.own_dtype_only, self.not_in_float64  # (the runs below set them anew)
             in_own = self.own_dtype_only or self.not_in_float64 or self.dtype is None
             compared = str(self.dtype if in_own else torch.float64).replace("torch.", "")
             self.checks.append(f"{_where(path)} on the example input in {compared}, to {self.tolerance:g} relative"
@@ -1652,7 +1651,6 @@ class _Fuser:
                     cap.notes.append(f"fused with its input sizes fixed{' (any batch size)' * batch_holds}: {why}")
                 elif unshown:  # axes no run showed free: kept at the example's sizes (guarded below), the others free
                     cap.notes.append(f"fused with {_units_text(unshown)} fixed at the example's sizes: {_UNSHOWN_WHY}")
-            self.own_dtype_only, self.not_in_float64 = flags
             if cap.how == "fx" and (problem := self.in_other_modes(path, exact, inputs, fx_traced=True,
                                                                         grad_taken=cap.grad_taken)) is not None:
                 self.stage["check"] += time.perf_counter() - t2
@@ -1775,7 +1773,8 @@ class _Fuser:
         if device is not None and any(t.device != device for t in [*candidate.parameters(), *candidate.buffers()]):
             candidate = candidate.to(device)  # built on the CPU; the model's device at the end
         dtype: torch.dtype | None = torch.float64 if in_float64 else None
-        self.own_dtype_only = self.not_in_float64 = False
+        if in_float64:  # (what a run in the model's dtype by request, at other sizes, leaves as the example's found)
+            self.own_dtype_only = self.not_in_float64 = False
         ref_left: dict[str, Any] = {}  # where each run leaves the generators
         got_left: dict[str, Any] = {}
         ref_given: list = []  # the arguments as each run left them
@@ -1802,11 +1801,9 @@ class _Fuser:
         if changed and self.watching and not self.stateful:
             prefix = next((f"{p}." for p, m in self.pristine.named_modules() if m is reference and p), "")
             raise StateChanged([prefix + c for c in changed])  # as paths of the model, as find_state names them
-        ref_how, got_how = (dtype, self.dtype), (dtype, self.dtype)
+        ref_how, got_how = (dtype, self.dtype), self.candidate_how(dtype)
         if dtype is None:
-            # In the model's dtype: the check module's float64 weights (kept so for the float64 run) cast to it.
             ref_how = (None,)
-            got_how = (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
             try:
                 with _quiet_fx():
                     got = _run(candidate, call, *got_how, left=got_left, given=got_given)
@@ -1827,6 +1824,13 @@ class _Fuser:
         with _quiet_fx():
             _run(candidate, call, *got_how, left=again[1])
         return _drawn_elsewhere(ref_left, got_left) if again == (ref_left, got_left) else None
+
+    def candidate_how(self, dtype: torch.dtype | None) -> tuple:
+        """How :func:`_run` runs a check module (its weights in float64) beside the model run in ``dtype``: both in
+        float64, or, in the model's dtype (None), the check module's float64 weights cast to it."""
+        if dtype is not None:
+            return dtype, self.dtype
+        return (self.dtype, torch.float64) if self.dtype is not None and self.dtype != torch.float64 else (None,)
 
     def in_other_modes(self, path: str, exact: nn.Module, inputs: tuple, fx_traced: bool = False,
                        grad_taken: bool = False) -> str | None:
@@ -1866,14 +1870,19 @@ class _Fuser:
                 continue
             called = copy_module(original) if self.stateful else original
             last = getattr(self, "last_got", None)  # the check's run of ``exact`` at the example, if it was the last
+            how = self.candidate_how(dtype)
             try:
                 with _quiet_fx():
                     want = _run(called, laid_out, dtype, self.dtype, mode=mode, made=made)
-                    reuse = (last is not None and last[0] is exact and len(last[1].args) == len(call.args)
-                             and all(a is b for a, b in zip(last[1].args, call.args)) and last[2] == (dtype, self.dtype))
-                    got = last[3] if reuse and not self.stateful else _run(exact, call, dtype, self.dtype)
             except Exception:  # noqa: BLE001  (it does not run in that mode, as it did without: nothing to compare)
                 continue
+            reuse = (last is not None and last[0] is exact and len(last[1].args) == len(call.args)
+                     and all(a is b for a, b in zip(last[1].args, call.args)) and last[2] == how)
+            try:
+                with _quiet_fx():
+                    got = last[3] if reuse and not self.stateful else _run(exact, call, *how)
+            except Exception as e:  # noqa: BLE001  (it ran on the example: the model runs where it does not)
+                return f"{why}, it fails: {first_line(e)}"
             problem = first_difference(want, got, self.tolerance)
             if problem is not None:
                 return f"{why}, {problem}"

@@ -875,3 +875,42 @@ def test_a_child_called_under_its_parents_autocast_is_fused():
     scale = truth.abs().max()
     assert (got - want).abs().max() <= 2**-6 * scale
     assert (got - truth).abs().max() <= 2 * (want - truth).abs().max()
+
+
+class Fp32Norm(nn.GroupNorm):
+    """fairseq's Fp32GroupNorm: normalizes in float32 whatever the model's dtype (its weights cast too)."""
+
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type_as(x)
+
+
+class DeployClampFp32(FlagBranch):
+    """:class:`FlagBranch` (reshaped, clamping under ``torch.inference_mode`` through a library helper) with an
+    Fp32GroupNorm before its last conv: its fused form does not run in float64, so it is checked in float32."""
+
+    def __init__(self, flag) -> None:
+        super().__init__(flag, odd_width_pads=False, reshaped=True)
+        self.b = nn.Sequential(Fp32Norm(4, 8), conv_bn(8, 8, 1))
+
+
+def test_a_model_checked_in_its_own_dtype_is_checked_so_under_inference_mode(tmp_path, monkeypatch):
+    """Its fused form fails in float64, so it is checked in float32; the check under ``torch.inference_mode`` ran
+    the check module's float64 weights on float32 inputs, which failed, and the check was skipped: the fused model
+    was 1.01 off under that mode.  The check module runs as in the check at the example now, and a check module
+    that fails where the model runs is a difference.  (The runs at other sizes, in the model's dtype by request,
+    also leave what the example's check found as it was.)"""
+    (tmp_path / "flag_helpers_fp32.py").write_text(HELPERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import flag_helpers_fp32
+
+    model = randomized(DeployClampFp32(flag_helpers_fp32.deploying)).float()
+    gen = torch.Generator().manual_seed(1)
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, generator=gen) * 10)  # large enough to clamp
+    assert "under torch.inference_mode" in str(fused.fuse_report), str(fused.fuse_report)
+    x = torch.randn(2, 3, 6, 5, generator=gen) * 10
+    for name, mode in MODES.items():
+        if name == "autocast":  # (a float32 model computes in bfloat16 there, its fused form rounding otherwise)
+            continue
+        with mode():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5, msg=name)
