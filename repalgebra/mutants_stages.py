@@ -217,6 +217,7 @@ _DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models
                  for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
 _COMPILED_FORWARD = tuple(f"tests/test_fuse_capture.py::test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles[{m}]"
                           for m in ("forward", "features"))
+_MODEL_OUTPUT = ("tests/test_fuse_capture.py::test_an_unregistered_model_output_is_rebuilt_from_its_fields_and_the_convs_fold[fields]",)
 _H1 = ("tests/test_fuse_conv1d.py::test_a_1d_repvgg_stack_folds_to_one_conv_per_block",
        "tests/test_fuse_conv1d.py::test_a_sequence_flattened_from_an_image_of_height_one_is_not_taken_for_a_1d_one",
        "tests/test_fuse_conv1d.py::test_causal_convs_fold_their_pad_or_chomp_and_their_batch_norm",
@@ -2031,6 +2032,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.wrappers:without_compiled_forward", "    plain = copy.copy(m)", "    plain = m", _COMPILED_FORWARD),
     ("frontend", "compiled-forward-not-unwrapped", "unwrap leaves a model whose forward torch.compile compiled as it is",
      "repalgebra.frontend.wrappers:unwrap", "    plain = without_compiled_forward(inner)", "    plain = None", _COMPILED_FORWARD),
+    ("frontend", "model-output-taken-for-a-dict", "an unregistered ModelOutput (a dataclass and a dict) written into the graph "
+     "as a dict: the output structures differ, the model kept whole",
+     "repalgebra.frontend.fx_trace:rebuilt_from_fields", "    if not (dataclasses.is_dataclass(a) and isinstance(a, dict)) or isinstance(a, type):",
+     "    if True:", _MODEL_OUTPUT),
+    ("frontend", "model-output-none-fields-as-keys", "a ModelOutput's None fields taken for keys it holds (its __post_init__ leaves them out)",
+     "repalgebra.frontend.fx_trace:rebuilt_from_fields", "    given = [k for k, v in values.items() if v is not None]", "    given = list(values)",
+     _MODEL_OUTPUT),
     ("onnx_backend", "copy-into-not-rewritten", "an in-place copy_ of a whole tensor left to the exporter (aten::copy, refused)",
      f"{_OF}:_copy_into", "    if x.dim() == 0:", "    if True:", _CACHE),
     ("onnx_backend", "copy-into-rebound", "an in-place copy_ traced as a new tensor: later reads of the cache see the old one",

@@ -33,6 +33,8 @@ ISSUE_15 = (
 FEW = {
     "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
     "the mutants skip it, or make both runs alike",
+    "repalgebra.frontend.fx_trace:rebuilt_from_fields": "two decisions a test reaches: a dict dataclass is built from its "
+    "fields, and only those not None are its keys (a key set after it was made is refused by fuse's check as well)",
     "repalgebra.frontend.wrappers:unwrap": "one decision added to it a test reaches alone: a forward compiled on the "
     "instance is taken off (its loop over the wrappers is older than the stage's mutants)",
     "repalgebra.frontend.dtype_properties:follow_dtype_properties": "two decisions a test reaches: the dtype arguments a "

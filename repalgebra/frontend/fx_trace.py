@@ -13,6 +13,7 @@ calls whose shapes cannot be learned on meta tensors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import inspect
@@ -298,6 +299,23 @@ _RECOGNISED: tuple[type, ...] = (
     nn.ReflectionPad2d,
     nn.ReplicationPad2d,
 )
+
+
+def rebuilt_from_fields(a: Any) -> dict[str, Any] | None:
+    """The fields of ``a``, a dataclass that is also a dict (``ModelOutput``: its ``__post_init__`` puts the fields
+    that are not None in the dict, in their order), where calling its class on them gives ``a`` again: every field
+    taken by ``__init__``, and the items those that are not None, in that order, each the field itself; else None
+    (a key set after it was made would be lost)."""
+    if not (dataclasses.is_dataclass(a) and isinstance(a, dict)) or isinstance(a, type):
+        return None
+    fields = dataclasses.fields(a)
+    if not all(f.init for f in fields):
+        return None
+    values = {f.name: getattr(a, f.name) for f in fields}
+    given = [k for k, v in values.items() if v is not None]
+    if list(a.keys()) != given or any(dict.__getitem__(a, k) is not values[k] for k in given):
+        return None
+    return values
 
 
 class Root(nn.Module):
@@ -701,6 +719,15 @@ class Tracer(fx.Tracer):
             out = super().call_module(m, forward, args, kwargs)
         self.path_stack.pop()
         return out
+
+    def create_arg(self, a: Any) -> Any:
+        """``a`` as fx writes it into the graph; a dataclass that is also a dict (transformers' ``ModelOutput``, in
+        the copies not registered with torch's pytree) as a call of its class on its fields, as fx writes a plain
+        dataclass: fx took it for a dict and the graph returned an ``immutable_dict`` (the model was kept whole)."""
+        fields = rebuilt_from_fields(a)
+        if fields is not None:
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in fields.items()})
+        return super().create_arg(a)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Callable[..., Any], list]:
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
