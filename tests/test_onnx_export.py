@@ -536,6 +536,107 @@ def test_named_tuple_and_model_output_records_export_their_tensors(kind, fuse_fi
         assert rel_err(got[1], want[1] if kind == "named_tuple" else want["pooler_output"]) <= RTOL
 
 
+class ModelOutput(OrderedDict):
+    """transformers' ``ModelOutput`` as its vendored copies and older releases write it, not registered with torch's
+    pytree: a dataclass and an OrderedDict whose ``__post_init__`` puts the fields that are not None in the dict."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                self[f.name] = v
+
+    def __getitem__(self, k):
+        return dict(self.items())[k] if isinstance(k, str) else self.to_tuple()[k]
+
+    def __setattr__(self, name, value):
+        if name in self.keys() and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def to_tuple(self):
+        return tuple(self[k] for k in self.keys())
+
+
+@dataclasses.dataclass
+class ImageClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class ConvClassifier(nn.Module):
+    """A transformers-style image classifier: a conv+BN stem, a conv+BN stage, a Linear head, its ModelOutput holding
+    the logits and each stage's hidden state (``loss`` and ``attentions`` unset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.classifier = nn.Linear(8, 5)
+
+    def forward(self, pixel_values):
+        embedded = self.stem(pixel_values)
+        hidden = F.relu(self.bn(self.conv(embedded)))
+        logits = self.classifier(hidden.mean((2, 3)))
+        return ImageClassifierOutput(logits=logits, hidden_states=(embedded, hidden))
+
+
+def test_a_fused_model_output_exports_its_tensor_fields_in_order():
+    """A ModelOutput pytree does not know is now rebuilt by the fused model from its fields (its BatchNorms fold);
+    export_onnx refused that record as "an object its forward builds (a dataclass)".  It is a dict of its fields
+    that are not None: each tensor one ONNX output, in field order (a tuple field's items in turn), as the model
+    kept whole exported it, and onnxruntime computes what the model does."""
+    model = randomize(ConvClassifier()).float().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    proto, report = export_onnx(fused, None, (1, 3, 8, 8), fuse=False, return_report=True)
+    assert report.path == "own lowering" and report.dynamic_batch, report.summary()
+    assert [o.name for o in proto.graph.output] == ["output0", "output1", "output2"]
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = model(x)
+        got = run_onnx_all(proto, x)
+        assert type(fused(x)) is ImageClassifierOutput and list(want.keys()) == ["logits", "hidden_states"]
+        for g, w in zip(got, (want.logits, *want.hidden_states), strict=True):
+            assert rel_err(g, w) <= RTOL
+
+
+@dataclasses.dataclass
+class ClampedOutput(ModelOutput):
+    """A ModelOutput whose ``__post_init__`` computes a field from the value it is given."""
+
+    logits: torch.Tensor = None
+
+    def __post_init__(self):
+        self.logits = self.logits.clamp(-1e4, 1e4)
+        super().__post_init__()
+
+
+class ClampedClassifier(ConvClassifier):
+    def forward(self, pixel_values):
+        hidden = F.relu(self.bn(self.conv(self.stem(pixel_values))))
+        return ClampedOutput(logits=self.classifier(hidden.mean((2, 3))))
+
+
+def test_a_model_output_whose_post_init_computes_its_fields_is_refused_by_name():
+    """The fused model builds it from the clamped logits and clamps them again (the same numbers: fuse's check
+    passes).  Its fields are not the tensors the graph gives it, so the file cannot hand those back as its outputs:
+    refused by name, as a plain dataclass is."""
+    model = randomize(ClampedClassifier()).float().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8))
+    assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
+    with pytest.raises(ValueError, match="not a tensor but an object its forward builds .* not ones its __post_init__ computes"):
+        export_onnx(fused, None, (1, 3, 8, 8), fuse=False)
+
+
 class _Lengths(nn.Module):
     """Speech models' arithmetic with lengths and masks: a float times an int64 tensor, plus a bool mask, over the
     lengths, and the sum of a bool mask (an int64 count)."""

@@ -52,10 +52,10 @@ from repalgebra.backend.onnx_fallback import (
     session_differs,
     splice,
 )
-from repalgebra.frontend.builder import is_none_output, size_read
-from repalgebra.frontend.calls import In, SymExpr
+from repalgebra.frontend.builder import is_none_output, is_returned_as_is, size_read
+from repalgebra.frontend.calls import In, SymExpr, returned
 from repalgebra.frontend.capture import first_line
-from repalgebra.frontend.fx_trace import one_at_a_time
+from repalgebra.frontend.fx_trace import one_at_a_time, rebuilt_from_fields
 from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
@@ -1138,7 +1138,9 @@ def graph_to_onnx(
         if id(v) not in names and _builds_an_object(v.producer):  # a dataclass the model builds
             raise LoweringError(
                 f"output {k} of the model is not a tensor but an object its forward builds (a dataclass, say): ONNX "
-                "outputs are tensors; return them in tuples, lists, dicts or named tuples"
+                "outputs are tensors; return them in tuples, lists, dicts or named tuples (a ModelOutput, a dataclass "
+                "that is a dict, gives its tensor fields where its fields are the tensors it is built from, not ones its "
+                "__post_init__ computes)"
             )
         if id(v) not in names:  # a size read from the input (``{"n": y.shape[0]}``): a Python number, no tensor
             raise LoweringError(  # (or an object a fused model rebuilds from its graph's outputs: a dataclass)
@@ -1177,7 +1179,57 @@ def graph_to_onnx(
 def _builds_an_object(node: Node | None) -> bool:
     """Whether ``node`` is a literal output the model builds by calling a class (``Out(logits=y)``, a dataclass)."""
     fn = node.attrs.get("fn") if node is not None and node.op == "opaque" else None
-    return any(isinstance(getattr(a, "target", None), type) for a in getattr(fn, "args_template", ()))
+    built = any(isinstance(getattr(a, "target", None), type) for a in getattr(fn, "args_template", ()))
+    return built or _object_made(node) is not None  # (a fused model's, traced again)
+
+
+def _object_made(node: Node | None) -> SymExpr | None:
+    """The call of a class whose result ``node`` returns as it is (``Out(logits=y)``), else None.  A fused model traced
+    again returns it through one more ``returned`` call per trace."""
+    if node is None or node.op != "opaque" or not is_returned_as_is(node):
+        return None
+    fn = node.attrs["fn"]
+    made = fn.args_template[0] if len(fn.args_template) == 1 and not fn.kwargs_template else None
+    while isinstance(made, SymExpr) and made.target is returned and len(made.args) == 1 and not made.kwargs:
+        made = made.args[0]  # (what it is given)
+    return made if isinstance(made, SymExpr) and made.kind == "call_function" and isinstance(made.target, type) else None
+
+
+def record_fields(v: Value) -> list[Value] | None:
+    """The tensors of ``v`` in field order where it is a transformers-style ``ModelOutput`` (a dataclass and a dict)
+    the graph builds from its fields (:func:`~repalgebra.frontend.fx_trace.rebuilt_from_fields`), a tuple field's
+    items in turn, None fields left out: the items of that dict, as an export writes a dict's.  None for anything
+    else (a plain dataclass, one built from sizes or constants, one whose ``__post_init__`` makes its fields anew:
+    the export refuses those by name)."""
+    made = _object_made(v.producer)
+    if made is None or made.args or not issubclass(made.target, dict):
+        return None
+    if not all(isinstance(t, In) or t is None for t in pytree.tree_leaves(made.kwargs)):
+        return None
+    # Built again with stand-ins for its tensors: its fields must be those given, and its items those not None.
+    try:
+        stand_ins = [torch.empty(i.shape or (), dtype=i.dtype, device="meta") for i in v.producer.inputs]
+        given = pytree.tree_map(lambda t: t if t is None else stand_ins[t.index], made.kwargs)
+        fields = rebuilt_from_fields(made.target(**given))
+    except Exception:  # noqa: BLE001  (its __post_init__ computes with its fields: not a record of them)
+        return None
+    if fields is None or fields.keys() != given.keys():
+        return None
+    if any(list(map(id, pytree.tree_leaves(fields[k]))) != list(map(id, pytree.tree_leaves(given[k]))) for k in given):
+        return None  # (a field computed anew: the model returns that, not what it is given; a list made a tuple is alike)
+    return [v.producer.inputs[t.index] for k in fields for t in pytree.tree_leaves(made.kwargs[k]) if t is not None]
+
+
+def records_opened(graph: Graph) -> Graph:
+    """``graph`` with each output that is such a record (:func:`record_fields`) given as its tensors (ONNX outputs
+    are tensors); ``graph`` itself where none is."""
+    opened = [record_fields(v) for v in graph.outputs]
+    if all(o is None for o in opened):
+        return graph
+    outputs = [t for v, o in zip(graph.outputs, opened) for t in ([v] if o is None else o)]
+    graph = Graph(graph.inputs, list(graph.nodes), outputs)
+    graph.eliminate_dead()
+    return graph
 
 
 def _lowers(node: Node, opset: int, dtype: torch.dtype, dynamic_batch: bool, notes: list[str], refused: dict[int, str]) -> bool:
@@ -1836,6 +1888,7 @@ def export_onnx(
         if batch and (why := _checks_read_the_batch(getattr(graph, "input_checks", ()), example)):
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: {why}")
+        graph = records_opened(graph)  # (compared with the model's tensors below: its record's fields)
         fired = False
         if fuse:
             graph, rewritten = rewrite(graph)
