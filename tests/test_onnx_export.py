@@ -26,6 +26,7 @@ import fastvit_models
 import repalgebra
 from fastvit_models.testing import randomize_model_
 from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx
+from test_fuse_capture import ModelOutput  # transformers' ModelOutput, as vendored copies write it
 from test_user_blocks import (
     ACBlock,
     DiverseBranchBlock,
@@ -534,32 +535,6 @@ def test_named_tuple_and_model_output_records_export_their_tensors(kind, fuse_fi
         assert len(got) == 2
         assert rel_err(got[0], want[0] if kind == "named_tuple" else want["last_hidden_state"]) <= RTOL
         assert rel_err(got[1], want[1] if kind == "named_tuple" else want["pooler_output"]) <= RTOL
-
-
-class ModelOutput(OrderedDict):
-    """transformers' ``ModelOutput`` as its vendored copies and older releases write it, not registered with torch's
-    pytree: a dataclass and an OrderedDict whose ``__post_init__`` puts the fields that are not None in the dict."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is not None:
-                self[f.name] = v
-
-    def __getitem__(self, k):
-        return dict(self.items())[k] if isinstance(k, str) else self.to_tuple()[k]
-
-    def __setattr__(self, name, value):
-        if name in self.keys() and value is not None:
-            super().__setitem__(name, value)
-        super().__setattr__(name, value)
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        super().__setattr__(key, value)
-
-    def to_tuple(self):
-        return tuple(self[k] for k in self.keys())
 
 
 @dataclasses.dataclass
