@@ -66,6 +66,9 @@ _C1 = ("tests/test_fuse_conv1d.py::test_conv1d_bn_folds_exactly_at_any_batch_and
 _TSM = ("tests/test_frontend_export.py::test_in_place_temporal_shift_is_slices_scattered_and_zeros",)
 _CUMSUM = ("tests/test_onnx_fallback.py::test_a_cumsum_of_a_mask_is_summed_in_int64_in_the_file",)
 _CACHE = ("tests/test_onnx_fallback.py::test_a_cache_written_in_place_and_returned_exports",)
+_INDEX_ADD = ("tests/test_onnx_fallback.py::test_message_passing_with_index_add_exports_and_sums_repeated_destinations",
+              "tests/test_onnx_fallback.py::test_index_add_along_another_axis_with_alpha_keeps_the_batch_dynamic",
+              "tests/test_onnx_fallback.py::test_index_add_below_opset_16_is_refused_by_name")
 _BETA0 = ("tests/test_onnx_export.py::test_addmm_and_addbmm_with_beta_0_are_captured_by_fx_without_their_input",)
 _EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_keeps_the_part_whole",)
 _EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
@@ -2005,6 +2008,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:_cumsum", "or x.dtype == torch.int64:", "or x.dtype in (torch.int64, torch.int32):", _CUMSUM),
     ("onnx_backend", "cumsum-rewrite-inverted", "the cumsum rewrite taken only where a dtype is given",
      f"{_OF}:_cumsum", "if dtype is not None or", "if dtype is None or", _CUMSUM),
+    ("onnx_backend", "index-add-unexpanded", "index_add's index scattered as a column, not expanded along the other axes",
+     f"{_OF}:index_add_as_scatter", "index = index.to(torch.int64).reshape(shape).expand_as(source)",
+     "index = index.to(torch.int64).reshape(shape)", _INDEX_ADD),
+    ("onnx_backend", "index-add-axis-0", "index_add's index laid along axis 0 whatever the axis",
+     f"{_OF}:index_add_as_scatter", "shape[dim] = -1", "shape[0] = -1", _INDEX_ADD),
+    ("onnx_backend", "index-add-alpha-dropped", "index_add's alpha dropped (the source added as it is)",
+     f"{_OF}:index_add_as_scatter", "        source = source * alpha", "        pass", _INDEX_ADD),
+    ("onnx_backend", "index-add-opset-13", "index_add left to torch.onnx.export at opsets 13 to 15, where ScatterElements has no reduction",
+     f"{_OF}:index_add_as_scatter", "if opset < 16:", "if opset < 13:", _INDEX_ADD),
     ("frontend", "hooked-block-kept-a-call", "a block with forward hooks of its own kept a call of itself, its children fused "
      "one at a time (Grad-CAM's hook on layer4[-1] kept its conv1 -> bn1 apart)",
      "repalgebra.hooked:movable_hooks", "return (runs_own_hooks(module) and", "return (False and", _HOOKED),

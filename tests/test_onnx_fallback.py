@@ -1596,3 +1596,77 @@ def test_a_read_after_a_call_kept_whole_is_the_tensor_itself_and_a_write_on_othe
     assert close(run(proto, xb)[0], torch.sin(xb) + xb)
     with pytest.raises(FallbackError, match=r"export of clamp \(SafeClamp\) computes something else.*Python boolean"):
         export_onnx(ClampedSkip().eval(), None, torch.randn(1, 4, 8, 8))
+
+
+class MessagePassing(nn.Module):
+    """A pure-torch GNN layer (GIN/SAGE reimplementations): messages ``x[src]`` summed into their destination nodes
+    with ``index_add_``, a Linear and BatchNorm1d to fold before it."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.channels = channels
+        self.lin, self.bn = nn.Linear(channels, channels), nn.BatchNorm1d(channels)
+        self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, edge_index):
+        src, dst = edge_index[0], edge_index[1]
+        msg = self.bn(self.lin(x))[src]
+        return torch.zeros(x.size(0), self.channels).index_add_(0, dst, msg)
+
+
+def test_message_passing_with_index_add_exports_and_sums_repeated_destinations():
+    """``zeros.index_add_(0, dst, x[src])`` was refused: no lowering of ours, and torch.onnx.export's own refuses
+    more edges than nodes ("duplicated values in 'index'").  It is written as ScatterElements(reduction="add"),
+    which sums the messages of a node that receives several; the file is the model's at the example's edges and at
+    others that all land on three nodes."""
+    gen = torch.Generator().manual_seed(0)
+    model = MessagePassing().eval()
+    x, edges = torch.randn(10, 8, generator=gen), torch.randint(0, 10, (2, 30), generator=gen)
+    proto = export_onnx(repalgebra.fuse(model, (x, edges)), None, (x, edges))
+    assert any(n.op_type == "ScatterElements" for n in proto.graph.node)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    crowded = torch.stack([torch.randint(0, 10, (30,), generator=gen), torch.randint(0, 3, (30,), generator=gen)])
+    for e in (edges, crowded):
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, e))})[0]
+        with torch.no_grad():
+            assert close(got, model(x, e))  # float32, a folded BatchNorm: RTOL 1e-5
+
+
+class NeighbourSum(nn.Module):
+    """Per-sample node features ``(B, N, C)`` summed along a fixed graph (buffers with repeated destinations) on axis
+    ``-2``, scaled by ``alpha``: in place, or functional with an int32 index."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(6)
+        self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2)
+        self.register_buffer("src", torch.tensor([0, 1, 2, 3, 4, 5, 5, 0, 2]))
+        self.register_buffer("dst", torch.tensor([1, 1, 1, 0, 3, 3, 2, 2, 1]))
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))[:, self.src]
+        if self.how == "in place":
+            return torch.zeros_like(x).index_add_(-2, self.dst, h, alpha=0.5)
+        return torch.index_add(x, 1, self.dst.int(), h, alpha=-2)
+
+
+@pytest.mark.parametrize("how", ["in place", "functional"])
+def test_index_add_along_another_axis_with_alpha_keeps_the_batch_dynamic(how):
+    """``index_add`` on axis -2 (or 1) with ``alpha``, where torch.onnx.export refuses ``alpha != 1``: the index is
+    expanded along the batch and channels, and the file is the model's at batches other than the example's."""
+    gen = torch.Generator().manual_seed(0)
+    model = NeighbourSum(how).eval()
+    proto = export_onnx(repalgebra.fuse(model, torch.randn(2, 6, 4, generator=gen)), None, torch.randn(2, 6, 4, generator=gen))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in (1, 2, 5):
+        x = torch.randn(b, 6, 4, generator=gen)
+        with torch.no_grad():
+            assert close(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x))
+
+
+def test_index_add_below_opset_16_is_refused_by_name():
+    """Before opset 16 a ScatterElements has no reduction and keeps one of the entries of a repeated index."""
+    x, edges = torch.randn(10, 8), torch.randint(0, 10, (2, 30), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FallbackError, match=r"index_add.*opset 15.*opset 16 or higher"):
+        export_onnx(MessagePassing().eval(), None, (x, edges), opset=15)

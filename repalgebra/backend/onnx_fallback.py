@@ -28,7 +28,8 @@ rewritten, while a region is traced, as exact equivalents it can export
 (:data:`REWRITES`: ``slice_scatter``, functional ``copy``, ``col2im``/``F.fold``,
 adaptive average pooling to sizes that do not divide, antialiased resampling,
 average pooling over the whole input with a kernel read from the shape, the
-CPU flash-attention kernel).
+CPU flash-attention kernel, ``index_add`` as a ``scatter_add`` that sums repeated
+indices).
 
 Which nodes went through the fallback is recorded in :class:`ExportReport`
 (and, as a summary, in the model's ``metadata_props``).  :func:`capture_for_export`
@@ -994,6 +995,35 @@ def _cumsum(x, dim, dtype=None, *, opset=0):
     return torch.cumsum(x.to(torch.int64), dim)
 
 
+def index_add_as_scatter(x, dim, index, source, alpha=1, *, in_place: bool, opset: int):
+    """``x.index_add(dim, index, source, alpha=alpha)`` as ``x.scatter_add(dim, index, alpha * source)``, the index
+    expanded to ``source``'s shape along the other axes: the exporter writes ``ScatterElements(reduction="add")``,
+    which sums the entries of a duplicated index as torch does (message passing, ``zeros.index_add_(0, dst,
+    x[src])``).  Its own ``index_add`` refuses more entries than rows ("duplicated values in 'index'") and ``alpha``.
+    Without a reduction (before opset 16) a ScatterElements keeps one entry of each duplicate: refused by name."""
+    if opset < 16:
+        raise NotImplementedError(
+            f"index_add: ONNX sums repeated indices only in ScatterElements(reduction='add'), from opset 16 on, "
+            f"and the export is at opset {opset}: export at opset 16 or higher"
+        )
+    if isinstance(dim, str) or x.dim() == 0 or index.dim() > 1 or source.dim() != x.dim():
+        return NotImplemented  # (a named axis, a 0-d tensor: as torch.onnx.export takes them)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    index = index.to(torch.int64).reshape(shape).expand_as(source)
+    if not (isinstance(alpha, (int, float)) and alpha == 1):
+        source = source * alpha
+    return x.scatter_add_(dim, index, source) if in_place else x.scatter_add(dim, index, source)
+
+
+def _index_add(x, dim, index, source, *, alpha=1, opset=0):
+    return index_add_as_scatter(x, dim, index, source, alpha, in_place=False, opset=opset)
+
+
+def _index_add_into(x, dim, index, source, *, alpha=1, opset=0):
+    return index_add_as_scatter(x, dim, index, source, alpha, in_place=True, opset=opset)
+
+
 def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive-pool windows along one axis: ``[floor(o n_in / n_out), ceil((o + 1) n_in / n_out))`` for each
     output position ``o``."""
@@ -1194,6 +1224,11 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     aten.cumsum.default: ("cumsum", _cumsum),
     torch.cumsum: ("cumsum", _cumsum),
     torch.Tensor.cumsum: ("cumsum", _cumsum),
+    aten.index_add.default: ("index_add", _index_add),
+    torch.index_add: ("index_add", _index_add),
+    torch.Tensor.index_add: ("index_add", _index_add),
+    aten.index_add_.default: ("index_add_", _index_add_into),
+    torch.Tensor.index_add_: ("index_add_", _index_add_into),
     aten.col2im.default: ("col2im", _col2im),
     torch.nn.functional.fold: ("fold", _col2im),
     aten.avg_pool2d.default: ("avg_pool2d", _avg_pool2d),
