@@ -69,6 +69,8 @@ _CACHE = ("tests/test_onnx_fallback.py::test_a_cache_written_in_place_and_return
 _INDEX_ADD = ("tests/test_onnx_fallback.py::test_message_passing_with_index_add_exports_and_sums_repeated_destinations",
               "tests/test_onnx_fallback.py::test_index_add_along_another_axis_with_alpha_keeps_the_batch_dynamic",
               "tests/test_onnx_fallback.py::test_index_add_below_opset_16_is_refused_by_name")
+_PROBES = ("tests/test_onnx_fallback.py::test_a_probe_run_that_fails_prints_nothing",
+           "tests/test_onnx_fallback.py::test_a_probe_keeps_what_a_run_that_returns_printed")
 _BETA0 = ("tests/test_onnx_export.py::test_addmm_and_addbmm_with_beta_0_are_captured_by_fx_without_their_input",)
 _EMPTY_READ = ("tests/test_frontend_export.py::test_an_uninitialised_empty_whose_values_are_read_keeps_the_part_whole",)
 _EMPTY_FILL = ("tests/test_frontend_export.py::test_an_empty_overwritten_by_a_fill_is_still_a_constant",)
@@ -2017,6 +2019,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:index_add_as_scatter", "        source = source * alpha", "        pass", _INDEX_ADD),
     ("onnx_backend", "index-add-opset-13", "index_add left to torch.onnx.export at opsets 13 to 15, where ScatterElements has no reduction",
      f"{_OF}:index_add_as_scatter", "if opset < 16:", "if opset < 13:", _INDEX_ADD),
+    ("onnx_backend", "probe-stderr-unheld", "a probe run's stderr left as it is: torch.fx's traceback of a failing run printed",
+     f"{_OF}:probing", "    with contextlib.redirect_stderr(held):", "    with contextlib.nullcontext():", _PROBES),
+    ("onnx_backend", "probe-stderr-swallowed", "what a probe run that returns printed (a model's warnings) dropped too",
+     f"{_OF}:probing", "    sys.stderr.write(held.getvalue())", "    pass", _PROBES),
+    ("onnx_backend", "computes-probe-loud", "the batch-1 probe of the model run without holding its stderr",
+     f"{_OB}:_computes", "        with torch.no_grad(), probing():\n            want", "        with torch.no_grad():\n            want", _PROBES),
     ("frontend", "hooked-block-kept-a-call", "a block with forward hooks of its own kept a call of itself, its children fused "
      "one at a time (Grad-CAM's hook on layer4[-1] kept its conv1 -> bn1 apart)",
      "repalgebra.hooked:movable_hooks", "return (runs_own_hooks(module) and", "return (False and", _HOOKED),

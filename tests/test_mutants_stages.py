@@ -389,6 +389,10 @@ FEW = {
     "state-integers-never-other-values",
     "repalgebra.backend.onnx:_after_call": "one decision: the tensor read after the call is the tensor, not the "
     "call's result",
+    "repalgebra.backend.onnx_fallback:probing": "two decisions: what a probe run prints is held, and written through "
+    "where the run returns",
+    "repalgebra.backend.onnx:_computes": "one decision added to it a test reaches alone: the model's probe run holds "
+    "what it prints (the comparison itself is older than the stage's mutants)",
 }
 
 

@@ -7,6 +7,7 @@ export against the graph or module in onnxruntime (float32, 1e-5 relative) and w
 from __future__ import annotations
 
 import operator
+import sys
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from torch import nn
 
 import repalgebra
 from repalgebra.backend.onnx import export_onnx, graph_to_onnx
-from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regions
+from repalgebra.backend.onnx_fallback import REWRITES, FallbackError, find_regions, probing
 from repalgebra.backend.value_reads import ValueReads, value_reads
 from repalgebra.frontend.calls import Buf, FnCall, In
 from repalgebra.interpret import run_graph
@@ -1663,6 +1664,28 @@ def test_index_add_along_another_axis_with_alpha_keeps_the_batch_dynamic(how):
         x = torch.randn(b, 6, 4, generator=gen)
         with torch.no_grad():
             assert close(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x))
+
+
+def test_a_probe_run_that_fails_prints_nothing(capfd):
+    """The export's probes at other batches ran the fused GraphModule, whose ``x[src]`` indexes past the one node of
+    a batch of 1; torch.fx printed its whole traceback to stderr ("Call using an FX-traced Module ... IndexError"),
+    though the export handles the failure (the batch is fixed) and writes the file."""
+    x, edges = torch.randn(10, 8), torch.randint(0, 10, (2, 30), generator=torch.Generator().manual_seed(0))
+    fused = repalgebra.fuse(MessagePassing().eval(), (x, edges))
+    capfd.readouterr()
+    _, report = export_onnx(fused, None, (x, edges), return_report=True)
+    assert not report.dynamic_batch
+    assert capfd.readouterr().err == ""
+
+
+def test_a_probe_keeps_what_a_run_that_returns_printed(capsys):
+    """What a failing probe run printed is dropped; what a run that returns printed (a model's warnings) is not."""
+    with probing():
+        print("kept", file=sys.stderr)
+    with pytest.raises(IndexError), probing():
+        print("dropped", file=sys.stderr)
+        torch.zeros(1)[torch.tensor([4])]
+    assert capsys.readouterr().err == "kept\n"
 
 
 def test_index_add_below_opset_16_is_refused_by_name():

@@ -48,6 +48,7 @@ from repalgebra.backend.onnx_fallback import (
     fixed_shape_parts,
     fold_sources,
     ort_session,
+    probing,
     reference_differs,
     session_differs,
     splice,
@@ -1470,7 +1471,7 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
             grown = [k == 0 or k in chosen for k in range(len(graph.inputs))]
             xs = tuple(value(k, v, g) for k, (v, g) in enumerate(zip(graph.inputs, grown)))
             try:
-                with torch.no_grad():
+                with torch.no_grad(), probing():
                     outs = run_graph(graph, *xs)
             except Exception:  # noqa: BLE001  (does not run so: the next choice)
                 continue
@@ -1503,7 +1504,7 @@ def _pieces_along_the_batch(graph: Graph, examples: Sequence[torch.Tensor], dtyp
         return where
     env = {id(v): t for v, t in zip(graph.inputs, another.inputs)}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probing():
             for n in graph.nodes:
                 args = [env[id(i)] for i in n.inputs]
                 if n.op == "piece" and args[0].shape[n.attrs["axis"]] != n.x.shape[n.attrs["axis"]]:
@@ -1520,7 +1521,7 @@ def _free_at_batch_one(graph: Graph, xs: tuple, axes: list[dict[int, str]]) -> N
     from repalgebra.interpret import run_graph
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probing():
             outs = run_graph(graph, *xs)
     except Exception:  # noqa: BLE001  (no run at batch 1: the file's batch check says more)
         return
@@ -1711,7 +1712,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
     if any(torch.is_tensor(t) and t.dtype == torch.bfloat16 for t in example):
         return ""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probing():
             want = tuple(tensor_leaves(eval_copy(module)(*example)))
     except Exception:  # noqa: BLE001  (the module refuses its own example: export_onnx said so before)
         return ""
@@ -1727,7 +1728,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
     why = session_differs(session, example, want, flips=flips)
     if why and all(t.dtype != torch.float64 for t in want):  # the model may be what rounds badly: a float64 run decides
         try:
-            with torch.no_grad():
+            with torch.no_grad(), probing():
                 exact = tensor_leaves(eval_copy(module).double()(*(_in_float64(t) for t in example)))
             if not session_differs(session, example, tuple(e.to(w.dtype) for e, w in zip(exact, want)), flips=flips):
                 return ""
@@ -1752,12 +1753,13 @@ def _computes(graph: Graph, module: torch.nn.Module, inputs: tuple) -> bool | No
     from repalgebra.verify import TOLERANCES, first_difference, tensor_leaves
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probing():
             want = tensor_leaves(eval_copy(module)(*inputs))
     except Exception:  # noqa: BLE001
         return None
     try:
-        got = run_graph(graph, *inputs)
+        with probing():
+            got = run_graph(graph, *inputs)
     except Exception:  # noqa: BLE001  (a carried call that refuses these inputs, where the model runs)
         return False
     got = [t for t in (got if isinstance(got, tuple) else (got,)) if torch.is_tensor(t)]

@@ -66,7 +66,7 @@ from repalgebra.module_copy import copy_module, in_eval
 __all__ = [
     "ExportReport", "NodePath", "RegionReport", "Region", "ExportedRegion", "FallbackError", "REWRITES", "Rewrites",
     "find_regions", "run_regions", "export_regions", "export_region", "splice", "capture_for_export", "fixed_shape_parts",
-    "onnx_differs",
+    "onnx_differs", "probing",
 ]
 
 
@@ -290,7 +290,7 @@ def run_regions(
     in_region = {id(n) for r in regions for n in r.run}
     env: dict[int, Any] = {id(v): t for v, t in zip(graph.inputs, x)}
     seen: list[tuple[tuple, tuple]] = [((), ())] * len(regions)
-    with torch.no_grad():
+    with torch.no_grad(), probing():
         for n in graph.nodes:
             r = first.get(id(n))
             if r is not None:
@@ -518,7 +518,7 @@ def steered_by_values(module: nn.Module, inputs: list[tuple]) -> bool:
     for xs in runs:
         outcomes = _Outcomes()
         try:
-            with torch.no_grad(), outcomes:
+            with torch.no_grad(), outcomes, probing():
                 module(*_copies(xs))
         except Exception:  # noqa: BLE001  (a negated input it does not take: a sqrt's NaN raised on, a check)
             continue
@@ -642,7 +642,7 @@ def _run_noting(module: nn.Module, xs: tuple) -> tuple[list | None, tuple]:
     outputs as a tuple; ``(None, ())`` where it does not run on them."""
     outcomes = _Outcomes()
     try:
-        with torch.no_grad(), outcomes:
+        with torch.no_grad(), outcomes, probing():
             out = module(*_copies(xs))
     except Exception:  # noqa: BLE001  (inputs it refuses: lengths of 0 that pack_padded_sequence does not take)
         return None, ()
@@ -832,6 +832,21 @@ def _flags_read(flags: Sequence[str]) -> str:
         return ""
     return (f" (its code reads {' and '.join(dict.fromkeys(flags))}, whose answer while torch.onnx.export traces it "
             "need not be the one the model gets when called: the file holds the branch the trace took)")
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """A run the export makes to probe the model, or a part of it, whose failure the export handles (a batch or values
+    it does not run at): what the run writes to ``sys.stderr`` is held, and dropped where the run raises.
+
+    torch.fx prints the whole traceback of a GraphModule call that fails in its generated code ("Call using an
+    FX-traced Module ...") before it raises, which read as the export's own failure (found by a probe: a GNN's
+    ``x[src]`` at batch 1).  A run that returns writes what it printed (a model's warnings) through, after it.
+    """
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())  # (not reached where the run raised)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from repalgebra.backend.onnx_fallback import _NUMBER_READS, _TORCH_DIR, _called_by_torch, _copies
+from repalgebra.backend.onnx_fallback import _NUMBER_READS, _TORCH_DIR, _called_by_torch, _copies, probing
 
 __all__ = ["ValueReads", "value_reads"]
 
@@ -163,7 +163,7 @@ def _in_handler(code: types.CodeType, offset: int) -> bool:
 
 
 def _run_tracked(module: nn.Module, inputs: tuple, mode: _Tracking) -> None:
-    with torch.no_grad(), mode:
+    with torch.no_grad(), mode, probing():
         module(*inputs)
 
 
