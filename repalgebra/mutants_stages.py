@@ -68,7 +68,11 @@ _CUMSUM = ("tests/test_onnx_fallback.py::test_a_cumsum_of_a_mask_is_summed_in_in
 _CACHE = ("tests/test_onnx_fallback.py::test_a_cache_written_in_place_and_returned_exports",)
 _INDEX_ADD = ("tests/test_onnx_fallback.py::test_message_passing_with_index_add_exports_and_sums_repeated_destinations",
               "tests/test_onnx_fallback.py::test_index_add_along_another_axis_with_alpha_keeps_the_batch_dynamic",
-              "tests/test_onnx_fallback.py::test_index_add_below_opset_16_is_refused_by_name")
+              "tests/test_onnx_fallback.py::test_a_sum_over_repeated_indices_below_opset_16_is_refused_by_name")
+_BINCOUNT = ("tests/test_onnx_fallback.py::test_a_mean_pool_with_bincount_exports_and_counts_other_batch_vectors",
+             "tests/test_onnx_fallback.py::test_the_bincount_rewrite_is_exact",
+             "tests/test_onnx_fallback.py::test_a_bincount_exports_with_its_length_following_the_values",
+             "tests/test_onnx_fallback.py::test_a_sum_over_repeated_indices_below_opset_16_is_refused_by_name")
 _PROBES = ("tests/test_onnx_fallback.py::test_a_probe_run_that_fails_prints_nothing",
            "tests/test_onnx_fallback.py::test_a_probe_keeps_what_a_run_that_returns_printed")
 _BETA0 = ("tests/test_onnx_export.py::test_addmm_and_addbmm_with_beta_0_are_captured_by_fx_without_their_input",)
@@ -2019,6 +2023,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      f"{_OF}:index_add_as_scatter", "        source = source * alpha", "        pass", _INDEX_ADD),
     ("onnx_backend", "index-add-opset-13", "index_add left to torch.onnx.export at opsets 13 to 15, where ScatterElements has no reduction",
      f"{_OF}:index_add_as_scatter", "if opset < 16:", "if opset < 13:", _INDEX_ADD),
+    ("onnx_backend", "bincount-minlength-dropped", "bincount as long as the largest index plus one, whatever minlength",
+     f"{_OF}:_bincount", "torch.arange((x.max() + 1).clamp(min=minlength))", "torch.arange(x.max() + 1)", _BINCOUNT),
+    ("onnx_backend", "bincount-one-short", "bincount as long as the largest index, its last bin lost",
+     f"{_OF}:_bincount", "torch.arange((x.max() + 1).clamp(min=minlength))", "torch.arange(x.max().clamp(min=minlength))", _BINCOUNT),
+    ("onnx_backend", "bincount-opset-13", "bincount left to torch.onnx.export at opsets 13 to 15, where ScatterElements has no reduction",
+     f"{_OF}:_bincount", "if opset < 16:", "if opset < 13:", _BINCOUNT),
     ("onnx_backend", "probe-stderr-unheld", "a probe run's stderr left as it is: torch.fx's traceback of a failing run printed",
      f"{_OF}:probing", "    with contextlib.redirect_stderr(held):", "    with contextlib.nullcontext():", _PROBES),
     ("onnx_backend", "probe-stderr-swallowed", "what a probe run that returns printed (a model's warnings) dropped too",

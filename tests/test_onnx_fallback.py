@@ -1688,8 +1688,66 @@ def test_a_probe_keeps_what_a_run_that_returns_printed(capsys):
     assert capsys.readouterr().err == "kept\n"
 
 
-def test_index_add_below_opset_16_is_refused_by_name():
+@pytest.mark.parametrize("what", ["index_add", "bincount"])
+def test_a_sum_over_repeated_indices_below_opset_16_is_refused_by_name(what):
     """Before opset 16 a ScatterElements has no reduction and keeps one of the entries of a repeated index."""
-    x, edges = torch.randn(10, 8), torch.randint(0, 10, (2, 30), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(FallbackError, match=r"index_add.*opset 15.*opset 16 or higher"):
-        export_onnx(MessagePassing().eval(), None, (x, edges), opset=15)
+    gen = torch.Generator().manual_seed(0)
+    x, edges = torch.randn(10, 8, generator=gen), torch.randint(0, 10, (2, 30), generator=gen)
+    model, example = (MessagePassing().eval(), (x, edges)) if what == "index_add" else (CountsIds(), edges)
+    with pytest.raises(FallbackError, match=rf"{what}.*opset 15.*opset 16 or higher"):
+        export_onnx(model, None, example, opset=15)
+
+
+class GraphMeanPool(nn.Module):
+    """A graph readout: node features averaged per graph, the count of nodes per graph from ``torch.bincount`` of the
+    batch vector (``minlength``: a graph may have no nodes), a Linear and BatchNorm1d to fold before it."""
+
+    def __init__(self, graphs: int = 4) -> None:
+        super().__init__()
+        self.graphs = graphs
+        self.lin, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, batch):
+        h = self.bn(self.lin(x))
+        counts = torch.bincount(batch, minlength=self.graphs)
+        sums = h.new_zeros(self.graphs, h.size(1)).index_add_(0, batch, h)
+        return sums / counts.clamp(min=1).unsqueeze(1).to(h.dtype), counts
+
+
+def test_a_mean_pool_with_bincount_exports_and_counts_other_batch_vectors():
+    """``torch.bincount`` was refused (the exporter has no lowering for it).  It is a scatter_add of ones into as
+    many zeros as torch gives, ``max(batch.max() + 1, minlength)``: the file's counts equal torch's at the example's
+    batch vector and at others (a graph with no nodes, every node in one graph)."""
+    gen = torch.Generator().manual_seed(0)
+    model = GraphMeanPool().eval()
+    x, batch = torch.randn(12, 8, generator=gen), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
+    proto = export_onnx(repalgebra.fuse(model, (x, batch)), None, (x, batch))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in (batch, torch.tensor([0] * 5 + [2] * 7), torch.zeros(12, dtype=torch.long)):
+        means, counts = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, b))})
+        with torch.no_grad():
+            ref_means, ref_counts = model(x, b)
+        np.testing.assert_array_equal(counts, ref_counts.numpy())
+        assert close(means, ref_means)  # float32, a folded BatchNorm: RTOL 1e-5
+
+
+class CountsIds(nn.Module):
+    def forward(self, ids):
+        return torch.bincount(ids.flatten())  # as long as the largest id plus one
+
+
+@pytest.mark.parametrize("minlength", [0, 3, 20])
+def test_the_bincount_rewrite_is_exact(minlength):
+    ids = torch.tensor([0, 2, 2, 7, 7, 7, 1, 0])
+    assert torch.equal(_rewrite(torch.bincount)(ids, minlength=minlength, opset=20), torch.bincount(ids, minlength=minlength))
+
+
+def test_a_bincount_exports_with_its_length_following_the_values():
+    """Without ``minlength`` the count is as long as the largest id plus one: so is the file's, at other ids."""
+    ids = torch.tensor([[0, 2, 2, 7], [7, 7, 1, 0]])
+    proto = export_onnx(CountsIds(), None, ids)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for other in (ids, ids // 3, torch.tensor([[11, 0, 0, 0], [0, 0, 0, 0]])):
+        np.testing.assert_array_equal(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0],
+                                      torch.bincount(other.flatten()).numpy())

@@ -28,8 +28,8 @@ rewritten, while a region is traced, as exact equivalents it can export
 (:data:`REWRITES`: ``slice_scatter``, functional ``copy``, ``col2im``/``F.fold``,
 adaptive average pooling to sizes that do not divide, antialiased resampling,
 average pooling over the whole input with a kernel read from the shape, the
-CPU flash-attention kernel, ``index_add`` as a ``scatter_add`` that sums repeated
-indices).
+CPU flash-attention kernel, ``index_add`` and ``bincount`` as ``scatter_add`` calls,
+which sum repeated indices).
 
 Which nodes went through the fallback is recorded in :class:`ExportReport`
 (and, as a summary, in the model's ``metadata_props``).  :func:`capture_for_export`
@@ -1039,6 +1039,23 @@ def _index_add_into(x, dim, index, source, *, alpha=1, opset=0):
     return index_add_as_scatter(x, dim, index, source, alpha, in_place=True, opset=opset)
 
 
+def _bincount(x, weights=None, minlength=0, *, opset=0):
+    """``torch.bincount(x, minlength=m)`` (a graph readout's count of nodes per graph) as a ``scatter_add`` of ones
+    into ``max(x.max() + 1, m)`` zeros, a length the file computes from ``x`` as torch does (``Range`` of it: the
+    exporter has no ``bincount``).  Counts are integers: exact in any order.  Weighted counts (float sums) are left
+    to the exporter, which refuses them by name; so is a count before opset 16 (no ScatterElements reduction)."""
+    if weights is not None or x.dim() != 1:
+        return NotImplemented
+    if opset < 16:
+        raise NotImplementedError(
+            f"bincount: ONNX sums repeated indices only in ScatterElements(reduction='add'), from opset 16 on, "
+            f"and the export is at opset {opset}: export at opset 16 or higher"
+        )
+    x = x.to(torch.int64)
+    zeros = torch.zeros_like(torch.arange((x.max() + 1).clamp(min=minlength)))
+    return zeros.scatter_add(0, x, torch.ones_like(x))
+
+
 def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive-pool windows along one axis: ``[floor(o n_in / n_out), ceil((o + 1) n_in / n_out))`` for each
     output position ``o``."""
@@ -1244,6 +1261,9 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     torch.Tensor.index_add: ("index_add", _index_add),
     aten.index_add_.default: ("index_add_", _index_add_into),
     torch.Tensor.index_add_: ("index_add_", _index_add_into),
+    aten.bincount.default: ("bincount", _bincount),
+    torch.bincount: ("bincount", _bincount),
+    torch.Tensor.bincount: ("bincount", _bincount),
     aten.col2im.default: ("col2im", _col2im),
     torch.nn.functional.fold: ("fold", _col2im),
     aten.avg_pool2d.default: ("avg_pool2d", _avg_pool2d),
