@@ -1031,7 +1031,9 @@ def index_add_as_scatter(x, dim, index, source, alpha=1, *, in_place: bool, opse
     return x.scatter_add_(dim, index, source) if in_place else x.scatter_add(dim, index, source)
 
 
-def _index_add(x, dim, index, source, *, alpha=1, opset=0):
+def _index_add(x, dim, index, source, *, alpha=1, out=None, opset=0):
+    if out is not None:
+        return NotImplemented  # (written into a given tensor: as torch.onnx.export takes it)
     return index_add_as_scatter(x, dim, index, source, alpha, in_place=False, opset=opset)
 
 
