@@ -176,6 +176,8 @@ _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_valu
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = tuple(f"tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps[{k}]"
                   for k in ("dict", "OrderedDict", "defaultdict", "nested"))
+_CARRIED = ("tests/test_fuse_capture.py::test_a_function_fx_cannot_trace_is_carried_as_a_call_and_the_rest_folds",)
+_CARRIED_MODULE = ("tests/test_fuse_capture.py::test_a_function_handed_a_module_is_not_carried",)
 _TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
 _EXPORTED = ("tests/test_fuse.py::test_the_module_torch_export_gives_is_fused",)
 _VIEW_BASES = ("tests/test_fuse_outside_reads.py::test_a_tensor_in_a_weights_storage_that_no_view_of_it_can_rebuild_is_copied",)
@@ -2168,6 +2170,27 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "autocast-call-cast-to-other-dtype", "the activations autocast made cast to float64, not to the weights' dtype",
      "repalgebra.frontend.capture:as_without_autocast", "t.to(own) if torch.is_tensor(t)", "t.to(torch.float64) if torch.is_tensor(t)",
      _AUTOCAST),
+    ("frontend", "carried-function-none", "no function of the model's code found where fx failed: PyG's GIN, whose "
+     "global_add_pool reads int(batch.max()), kept whole, its outer BatchNorms unfolded",
+     "repalgebra.frontend.fx_trace:carried_function", "            return fn\n", "            pass\n", _CARRIED),
+    ("frontend", "carried-module-argument-unseen", "a function carried with a module among its arguments (it reads that "
+     "module's state, and its children unfused)",
+     "repalgebra.frontend.fx_trace:carried_modules", "                bad.append(", "                (", _CARRIED_MODULE),
+    ("frontend", "carried-module-argument-as-tensor", "a carried function's arguments tested for tensors, not modules",
+     "repalgebra.frontend.fx_trace:carried_modules", "str(a.target).split(\".\"), root), nn.Module)", "str(a.target).split(\".\"), root), torch.Tensor)",
+     _CARRIED_MODULE),
+    ("frontend", "carried-module-argument-placeholder", "a carried function's arguments looked for among the inputs, not the attributes",
+     "repalgebra.frontend.fx_trace:carried_modules", 'a.op == "get_attr"', 'a.op == "placeholder"', _CARRIED_MODULE),
+    ("frontend", "carry-never", "a failed trace raised at once, no function carried",
+     "repalgebra.frontend.torch:_carrying", "            if fn is None or any(c.fn is fn for c in carried) or len(carried) >= MOST_CARRIED:",
+     "            if True:", _CARRIED),
+    ("frontend", "carry-not-traced-again", "the trace made again without the carried functions (it fails as before)",
+     "repalgebra.frontend.torch:_carrying", "copy_for_tracing(model, leaf_modules, tuple(carried))", "copy_for_tracing(model, leaf_modules)", _CARRIED),
+    ("frontend", "carry-reason-dropped", "the report names a carried function without saying why fx could not trace it",
+     "repalgebra.frontend.torch:_carrying", "Carried(fn, first_line(e.__cause__ or e))", 'Carried(fn, "")', _CARRIED),
+    ("frontend", "carried-module-check-skipped", "the trace with a carried function called with a module returned",
+     "repalgebra.frontend.torch:_traced_once", "    if bad := carried_modules(fx_graph, work, tracer.carried):", "    if bad := []:",
+     _CARRIED_MODULE),
 ]
 
 

@@ -893,6 +893,87 @@ def test_top_level_data_dependent_model_keeps_itself_whole():
     assert type(fused) is M  # its own class, with its child fused
 
 
+def global_add_pool(x, batch, size=None):
+    """torch_geometric.nn.pool's readout: the number of graphs read from the data when ``size`` is None."""
+    size = int(batch.max().item() + 1) if size is None else size
+    return x.new_zeros(size, x.size(1)).index_add_(0, batch, x)
+
+
+class GINConv(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.nn = mlp
+        self.eps = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, edge_index):
+        src, dst = edge_index
+        agg = torch.zeros_like(x).index_add_(0, dst, x[src])
+        return self.nn((1 + self.eps) * x + agg)
+
+
+class GIN(nn.Module):
+    """PyG's GIN for graph classification: GINConv(Linear, BN, ReLU, Linear), an outer BN, a sum readout per layer."""
+
+    def __init__(self, cin: int = 5, hid: int = 8, layers: int = 2) -> None:
+        super().__init__()
+        self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
+        for i in range(layers):
+            mlp = nn.Sequential(nn.Linear(cin if i == 0 else hid, hid), nn.BatchNorm1d(hid), nn.ReLU(), nn.Linear(hid, hid))
+            self.convs.append(GINConv(mlp))
+            self.bns.append(nn.BatchNorm1d(hid))
+        self.lin = nn.Linear(hid * layers, 2)
+
+    def forward(self, x, edge_index, batch):
+        hs = []
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(bn(conv(x, edge_index)))
+            hs.append(global_add_pool(x, batch))
+        return self.lin(torch.cat(hs, dim=1))
+
+
+def test_a_function_fx_cannot_trace_is_carried_as_a_call_and_the_rest_folds():
+    """PyG's ``global_add_pool`` reads ``int(batch.max()) + 1``: fx and torch.export failed, so the whole GIN was kept
+    whole and its children fused one by one; the outer ``bns[i]`` after each GINConv (which ends in a Linear) stayed.
+    Now the function is carried as a call, run as written on every call, and every BatchNorm folds: exact for other
+    numbers of nodes and of graphs."""
+    model = randomized(GIN())
+    x, ei = torch.randn(9, 5, dtype=D), torch.randint(0, 9, (2, 20), generator=torch.Generator().manual_seed(0))
+    batch = torch.tensor([0] * 4 + [1] * 5)
+    fused = fuse(model, (x, ei, batch))
+    r = fused.fuse_report
+    assert r.capture == "fx" and bn_left(fused) == 0 and not r.ops_after.get("batch_norm"), str(r)
+    carried = [n for n in r.notes if "global_add_pool() carried as a call" in n]
+    assert carried and "int() of a value torch.fx only knows symbolically" in carried[0], r.notes
+    g = torch.Generator().manual_seed(1)
+    for n, graphs in ((9, 2), (13, 3), (4, 1)):
+        xs, eis = torch.randn(n, 5, dtype=D, generator=g), torch.randint(0, n, (2, 3 * n), generator=g)
+        bs = torch.sort(torch.randint(0, graphs, (n,), generator=g)).values
+        bs[-1] = graphs - 1
+        with torch.no_grad():
+            want, got = model(xs, eis, bs), fused(xs, eis, bs)
+        assert got.shape == (graphs, 2)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+def pool_with(module, x):
+    """A function handed a module: carried, it would read that module (its BatchNorm unfused) where checks cannot."""
+    return module(x)[: int(x.abs().sum() > 0) + 1]
+
+
+def test_a_function_handed_a_module_is_not_carried():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return pool_with(self.b, self.a(x))
+
+    fused = check_exact(randomized(M()), torch.randn(3, 4, dtype=D))
+    assert not any("carried as a call" in n for n in fused.fuse_report.notes), str(fused.fuse_report)
+    assert "with a module among its arguments" in str(fused.fuse_report), str(fused.fuse_report)
+
+
 def test_reasons_for_values_read_from_tensors_are_said_in_words():
     """A part kept whole because its Python reads a tensor's data says so, not in torch's symbols (``Eq(u0, 1)``,
     ``Size-like symbols``) or about a ``_Proxy``."""

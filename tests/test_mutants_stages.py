@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.fx_trace:carried_function": "one decision a test reaches: the innermost function of the model's "
+    "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
+    "fx could not patch by name, whose carrying would fail the same way)",
+    "repalgebra.frontend.torch:_traced_once": "one decision: a trace whose carried function is handed a module is refused",
     "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
     "the mutants skip it, or make both runs alike",
     "repalgebra.frontend.fx_trace:rebuilt_from_fields": "two decisions a test reaches: a dict dataclass is built from its "

@@ -19,6 +19,8 @@ import sys
 import inspect
 import operator
 import threading
+import traceback
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -63,11 +65,13 @@ class DtypeReadOutside(UntraceableError):
     example (:attr:`Tracer.dtypes_as_traced`)."""
 
 
-def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.Module, Tracer, str]:
+def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any],
+                     carried: tuple[Carried, ...] = ()) -> tuple[nn.Module, Tracer, str]:
     """An eval-mode deep copy of ``model`` to trace, the tracer for it, and the copy's prefix.
 
     The prefix is the child name of ``model`` in the copy: ``"m"`` when the
     model is itself kept whole and so is wrapped in a :class:`Root`, else ``""``.
+    ``carried``: functions the tracer records as calls (:func:`carried_function`).
     """
     leaf_types, leaf_paths = leaf_specs(model, leaf_modules)
     work = eval_copy(model)  # TypeError naming what does not copy (a lock, a generator)
@@ -79,7 +83,7 @@ def copy_for_tracing(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[nn.
     if wrapped:
         work = Root(work)
         leaf_paths = {"m." + p if p else "m" for p in leaf_paths}
-    return work, Tracer(leaf_types, leaf_paths), "m" if wrapped else ""
+    return work, Tracer(leaf_types, leaf_paths, carried), "m" if wrapped else ""
 
 
 def _calls_its_own_way(module: nn.Module) -> bool:
@@ -640,13 +644,62 @@ def _script_functions(modules: list[nn.Module]) -> list[torch.jit.ScriptFunction
     return [v for namespace in seen.values() for v in namespace.values() if isinstance(v, torch.jit.ScriptFunction)]
 
 
+@dataclass(frozen=True)
+class Carried:
+    """A function of the model's code a trace records as one call (a graph break), and why: fx failed inside it."""
+
+    fn: Callable[..., Any]
+    why: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__name__}"
+
+
+# Code that is not the model's: torch's own functions are read op by op (or fail for a reason of their own), ours
+# and the standard library's are never where a model's Python stops fx.
+_NOT_THE_MODELS = ("torch", "repalgebra", "numpy", "builtins", *sys.stdlib_module_names)
+
+
+def carried_function(e: BaseException) -> Callable[..., Any] | None:
+    """The innermost plain module-level function of the model's code that the failed trace ``e`` was running (PyG's
+    ``global_add_pool``, whose ``int(batch.max()) + 1`` fx cannot trace), else None.
+
+    Traced again with it autowrapped (fx's ``wrap``), its calls on traced values become calls of it, run as written
+    on every call: exact whatever it does with its inputs' data.  Only a function fx can patch by name qualifies:
+    one its module's namespace holds under its own name, neither a method nor a nested function nor a lambda (their
+    calls fx cannot intercept), nor a decorated one (the name holds the wrapper)."""
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    for frame in reversed(frames):  # innermost first: the function that met what fx cannot trace
+        code = frame.f_code
+        fn = frame.f_globals.get(code.co_name)
+        if (isinstance(fn, types.FunctionType) and fn.__code__ is code and fn.__qualname__ == fn.__name__
+                and str(fn.__module__).split(".")[0] not in _NOT_THE_MODELS):
+            return fn
+    return None
+
+
+def carried_modules(graph: fx.Graph, root: nn.Module, carried: tuple[Carried, ...]) -> list[str]:
+    """The nodes of ``graph`` calling a carried function with a module among its arguments: the call would read the
+    module's state (its buffers, or its children, whose fused forms it would never see) where the checks cannot."""
+    fns = {id(c.fn) for c in carried}
+    bad = []
+    for n in graph.nodes:
+        if n.op == "call_function" and id(n.target) in fns:
+            reads = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node) and a.op == "get_attr"]
+            if any(isinstance(functools.reduce(_own_attr, str(a.target).split("."), root), nn.Module) for a in reads):
+                bad.append(f"{n.target.__name__}() is called with a module among its arguments")
+    return bad
+
+
 class Tracer(fx.Tracer):
     """fx tracer with our leaves, remembering the module path of every node and of a failure."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: set[str], carried: tuple[Carried, ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
+        self.carried = carried  # functions recorded as calls (see carried_function)
         self.path_stack: list[str] = []
         self.output_structure: pytree.TreeSpec | None = None  # of what forward returned, Proxies as leaves
         self.weight_branches: list[str] = []  # where a branch on the weights alone was taken (see to_bool)
@@ -675,6 +728,10 @@ class Tracer(fx.Tracer):
         modules = list(root.modules()) if isinstance(root, nn.Module) else []
         before = [dict(vars(m)) for m in modules]
         self._autowrap_function_ids.update(id(f) for f in _script_functions(modules))
+        self._autowrap_function_ids.update(id(c.fn) for c in self.carried)
+        # (fx patches the namespaces of the forwards it calls; a carried function called from its own module's other
+        # functions is patched there too)
+        self._autowrap_search += [sys.modules[c.fn.__module__] for c in self.carried if c.fn.__module__ in sys.modules]
         with TRACING:
             made = torch.tensor
             torch.tensor = functools.partial(_tensor_of_sizes, made)  # (the lock holds: one trace patches it at a time)
@@ -882,6 +939,9 @@ class Tracer(fx.Tracer):
         """What the trace decided that the report should say: wrappers traced through, the branches taken on the
         weights' values."""
         notes = list(dict.fromkeys(self.unwrapped))
+        for c in self.carried:
+            notes.append(f"{c.name}() carried as a call, run as written on every call (a graph break): torch.fx cannot "
+                         f"trace it ({c.why})")
         if self.answered:
             notes.append(f"its code reads {', '.join(dict.fromkeys(self.answered))}: captured with the answer of an eager "
                          "call, so torch.jit.trace or torch.jit.script of the fused model takes the branch an eager call "

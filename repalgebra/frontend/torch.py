@@ -51,9 +51,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
+from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.dtype_properties import follow_dtype_properties
 from repalgebra.frontend.fx_trace import (
-    DtypeReadOutside, LeafSpec, Tracer, UntraceableError, check_leaf_modules, concrete_args, copy_for_tracing, leaf_paths, record_run, trace_fx,
+    Carried, DtypeReadOutside, LeafSpec, Tracer, UntraceableError, carried_function, carried_modules, check_leaf_modules, concrete_args,
+    copy_for_tracing, leaf_paths, record_run, trace_fx,
 )
 from repalgebra.frontend.handlers_functions import FUNCTION_HANDLERS, TRUSTED_FUNCTIONS
 from repalgebra.frontend.handlers_modules import MODULE_HANDLERS
@@ -194,16 +196,53 @@ def _traced(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, 
     Where Python looked at a traced ``x.dtype`` outside the graph (peft's ``dtype = x.dtype`` left unused, a
     ``str(x.dtype)`` in a log message, ``x.dtype is torch.float16``), which branch it took is not known: a
     fresh copy is traced again with every ``x.dtype`` as at ``given``, which ``fuse`` then guards as it guards a
-    test of a dtype (the fused model refuses other dtypes).  The model went to torch.export with its sizes fixed."""
+    test of a dtype (the fused model refuses other dtypes).  The model went to torch.export with its sizes fixed.
+
+    Where fx fails inside a plain function of the model's code (PyG's ``global_add_pool`` reads ``int(batch.max())``),
+    a fresh copy is traced again with that function carried as a call (see
+    :func:`~repalgebra.frontend.fx_trace.carried_function`), up to ``MOST_CARRIED`` of them, rather than keeping
+    the whole model whole, where nothing folds across its children (a BatchNorm after a part ending in a Linear)."""
+    carried: list[Carried] = []
     tracer.ranks.inputs = given
     try:
-        return work, tracer, *trace_fx(work, tracer, None if given is None else len(given))
+        return _carrying(model, leaf_modules, given, work, tracer, carried)
     except DtypeReadOutside:
         if given is None:
             raise
-    work, tracer, _ = copy_for_tracing(model, leaf_modules)
+    work, tracer, _ = copy_for_tracing(model, leaf_modules, tuple(carried))
     tracer.ranks.inputs, tracer.dtypes_as_traced = given, True
-    return work, tracer, *trace_fx(work, tracer, len(given))
+    return _carrying(model, leaf_modules, given, work, tracer, carried)
+
+
+def _carrying(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, work: nn.Module, tracer: Tracer,
+              carried: list[Carried]) -> tuple[nn.Module, Tracer, fx.Graph, list[fx.Node]]:
+    """``work`` traced by ``tracer`` as :func:`_traced` returns it; where fx fails inside a function of the model's
+    code, a fresh copy traced again with it carried (``carried`` gains it)."""
+    while True:
+        try:
+            return work, tracer, *_traced_once(work, tracer, given)
+        except DtypeReadOutside:
+            raise
+        except UntraceableError as e:
+            fn = carried_function(e.__cause__ or e)
+            if fn is None or any(c.fn is fn for c in carried) or len(carried) >= MOST_CARRIED:
+                raise
+            carried.append(Carried(fn, first_line(e.__cause__ or e)))
+        as_traced = tracer.dtypes_as_traced
+        work, tracer, _ = copy_for_tracing(model, leaf_modules, tuple(carried))
+        tracer.ranks.inputs, tracer.dtypes_as_traced = given, as_traced
+
+
+MOST_CARRIED = 4  # functions carried as calls in one trace: past that, the model's Python is not fx's to trace
+
+
+def _traced_once(work: nn.Module, tracer: Tracer, given: tuple | None) -> tuple[fx.Graph, list[fx.Node]]:
+    """:func:`~repalgebra.frontend.fx_trace.trace_fx`, refusing a carried function called with a module."""
+    fx_graph, placeholders = trace_fx(work, tracer, None if given is None else len(given))
+    if bad := carried_modules(fx_graph, work, tracer.carried):
+        raise UntraceableError(f"{bad[0]}, whose state it could read or change where fuse's checks cannot see: not "
+                               "carried as a call")
+    return fx_graph, placeholders
 
 
 def _check_trace(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, given: tuple) -> None:
