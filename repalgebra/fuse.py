@@ -1317,6 +1317,8 @@ class _Fuser:
                 failures.append((how, e))
                 continue
             self.stage["capture"] += time.perf_counter() - t
+            if how == "specialized" and not cap.batch_free and (around := self.around_at_any_batch(path, inputs, failures)):
+                return around
             try:
                 return self.finish(path, cap, inputs, _reasons(failures))
             except CaptureFailed as e:
@@ -1351,7 +1353,35 @@ class _Fuser:
         raise ValueError(f"{name} does not run in eval mode on the example input ({shapes}): {first_line(error)}") from error
 
     def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
-        """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them."""
+        """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them; where that
+        fails, keep the module at ``path`` whole (its parts fused)."""
+        fused, why = self.captured_around(path, inputs, failures)
+        return fused if fused is not None else self.keep_whole(path, [Call(tuple(inputs), {})], why)
+
+    def around_at_any_batch(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module | None:
+        """The module at ``path`` captured with fx around the submodule fx failed in (kept whole, fused on its own),
+        where torch.export captured it with the batch fixed; None, the report as it was, where fx failed in the
+        module's own forward or no capture around holds.
+
+        TabNet's Ghost BatchNorm (``x.chunk(int(np.ceil(x.shape[0] / vbs)))``) sent the whole model to torch.export,
+        which fixed the batch: every other batch size was refused, where the model runs at any.  Around the part,
+        the rest stays symbolic; folds across the part's boundary are lost (the part is carried as called)."""
+        if not any(how == "fx" and e.path for how, e in failures):
+            return None
+        mark, plain = self._mark(), len(self.plain_parts)
+        fused, _ = self.captured_around(path, inputs, failures)
+        if fused is None:
+            self._rollback(mark)
+            del self.plain_parts[plain:]
+            return None
+        self.report.notes.append(f"{_where(path)}: captured with fx around the parts it could not trace, at any batch "
+                                 "size, rather than with torch.export at the example's batch")
+        return fused
+
+    def captured_around(self, path: str, inputs: tuple,
+                        failures: list[tuple[str, CaptureFailed]]) -> tuple[nn.Module | None, str]:
+        """The module at ``path`` captured with fx around the submodules that fail it, each kept whole and fused on its
+        own; else None and why not."""
         module = self.pristine.get_submodule(path)
         user = set(self.leaves_under(path))
         kept: list[str] = []
@@ -1364,18 +1394,18 @@ class _Fuser:
             except CaptureFailed as e:
                 failure = e
         if failure is not None and kept:  # (a call kept whole that writes into what is read after it: say so)
-            return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {failure.reason}")
+            return None, f"{_reasons(failures)}; around kept parts: {failure.reason}"
         if failure is not None or not kept:
-            return self.keep_whole(path, [Call(tuple(inputs), {})], _reasons(failures))
+            return None, _reasons(failures)
         work = copy_module(module)
         calls = record_calls(work, Call(tuple(inputs), {}), kept)
         for sub in kept:
             _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
         try:
             cap = capture_fx(work, inputs, [*user, *kept], not self.check)
-            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work)
+            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work), ""
         except CaptureFailed as e:
-            return self.keep_whole(path, [Call(tuple(inputs), {})], f"{_reasons(failures)}; around kept parts: {e.reason}")
+            return None, f"{_reasons(failures)}; around kept parts: {e.reason}"
 
     def fuse_part(self, path: str, calls: list[Call], why: str) -> nn.Module:
         """A submodule kept apart: fused on its own when its calls allow it, else kept whole."""

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections import OrderedDict, namedtuple
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -516,6 +517,52 @@ def test_python_that_computes_with_the_batch_keeps_it_fixed():
     assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
     with pytest.raises(ValueError, match="shapes fixed at 2x3x8x8"):
         fused(torch.randn(3, 3, 8, 8, dtype=D))
+
+
+class GBN(nn.Module):
+    """dreamquark-ai/tabnet's Ghost BatchNorm: one BatchNorm1d run on virtual batches of ``vbs`` rows."""
+
+    def __init__(self, d: int, vbs: int = 2) -> None:
+        super().__init__()
+        self.vbs = vbs
+        self.bn = nn.BatchNorm1d(d, momentum=0.01)
+
+    def forward(self, x):
+        chunks = x.chunk(int(np.ceil(x.shape[0] / self.vbs)), 0)
+        res = [self.bn(x_) for x_ in chunks]
+        return torch.cat(res, dim=0)
+
+
+class GLULayer(nn.Module):
+    """TabNet's GLU_Layer (fc without bias, GBN, GLU), then a Linear and a BatchNorm1d."""
+
+    def __init__(self, i: int = 10, o: int = 8) -> None:
+        super().__init__()
+        self.o = o
+        self.fc = nn.Linear(i, 2 * o, bias=False)
+        self.bn = GBN(2 * o)
+        self.head = nn.Sequential(nn.Linear(o, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        x = self.bn(self.fc(x))
+        return self.head(x[:, : self.o] * torch.sigmoid(x[:, self.o :]))
+
+
+def test_a_part_that_fixes_the_batch_is_kept_whole_and_the_rest_runs_at_any_batch():
+    """fx fails on ``np.ceil`` of the batch in TabNet's Ghost BatchNorm, and torch.export captured the whole model at
+    the example's batch of 6: every other batch size was refused, where the model runs at any.  Now the GBN is kept
+    whole (fused on its own) and fx captures around it: the head's BatchNorm folds, and any batch runs, exactly."""
+    model = randomized(GLULayer())
+    fused = check_exact(model, torch.randn(6, 10, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx" and "head.1" not in str(r.left_alone), str(r)
+    assert any("at any batch size, rather than with torch.export" in n for n in r.notes), r.notes
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 10, dtype=D, generator=g)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
 
 
 # --------------------------------------------------------------------------- parts kept whole
