@@ -187,6 +187,8 @@ _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_p
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
 _REACHED = ("tests/test_fuse_outside_reads.py::test_reached_through_names_the_children_code_reaches_into",
             "tests/test_fuse_outside_reads.py::test_a_grandchild_the_parent_calls_on_another_branch_is_the_models")
+_BEFORE = ("tests/test_inplace.py::test_a_copy_made_before_a_call_kept_whole_and_read_after_it_stays_a_copy",)
+_STATE_AFTER = ("tests/test_inplace.py::test_a_buffer_a_call_kept_whole_may_write_is_not_read_after_it_as_a_constant",)
 _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a_local_is_the_models",)
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
@@ -2148,6 +2150,30 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "(review R4 finding 01)",
      "repalgebra.frontend.inplace:_keep_copies", '            n.op, n.target = "call_function", kept_contiguous', "            pass",
      ("tests/test_inplace.py::test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy[contiguous-of-permuted]",)),
+    ("frontend", "copy-before-call-read-after-dropped", "a copy of h made before a call kept whole and read after it taken for h "
+     "(the IR's identity): the fused module reads what the call wrote into h (review R5 finding 01)",
+     "repalgebra.frontend.inplace:_copies_read_after", "                found |= bases[n] & copies", "                pass", _BEFORE),
+    ("frontend", "copy-before-call-fresh-unseen", "only contiguous() counted as a copy made before a call kept whole, not h.clone() "
+     "or h * 1 (review R5 finding 01)",
+     "repalgebra.frontend.inplace:_copies_read_after", "if _fresh_one_input(b, root) or _is_contiguous(b):", "if _is_contiguous(b):",
+     tuple(f"{_BEFORE[0]}[{h}]" for h in ("clone", "times-one"))),
+    ("frontend", "state-read-after-call-unrefused", "a buffer a call kept whole may write into, read after it as a constant of the "
+     "capture (review R5 finding 05)",
+     "repalgebra.frontend.inplace:_refuse_state_read_after", "        if readers:\n            raise", "        if False:\n            raise",
+     _STATE_AFTER),
+    ("frontend", "state-read-after-call-own-unseen", "the called module's own buffers (self.obs.amax) not taken as written by it",
+     "repalgebra.frontend.inplace:_refuse_state_read_after",
+     "and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner)))", "and a in call.all_input_nodes",
+     (f"{_STATE_AFTER[0]}[own-buffer]",)),
+    ("frontend", "copy-before-call-reads-before-taken", "a copy made before a call kept whole kept a copy where it is read before "
+     "the call, not after it",
+     "repalgebra.frontend.inplace:_copies_read_after", "if any(order[u] > order[call] for u in n.users):",
+     "if any(order[u] < order[call] for u in n.users):", _BEFORE),
+    ("frontend", "state-read-before-call-taken", "a buffer read before a call kept whole refused, one read after it not",
+     "repalgebra.frontend.inplace:_refuse_state_read_after", "if order[u] > order[call] and u.target is not after_call]",
+     "if order[u] < order[call] and u.target is not after_call]", _STATE_AFTER),
+    ("frontend", "state-read-after-call-unchecked", "reads of a parameter or buffer after a call kept whole never looked at",
+     "repalgebra.frontend.inplace:reads_after_calls", "        _refuse_state_read_after(call, nodes, order, bases)\n", "", _STATE_AFTER),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
      "example's run saw no longer refused",
      "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",

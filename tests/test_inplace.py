@@ -824,3 +824,93 @@ def test_a_call_kept_whole_given_what_an_earlier_one_left_is_read_after_too():
     with torch.no_grad():
         assert (model.conv(x).abs() > 10).any(), "the clamps must bite at this input"
         torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+# A copy of h made before the sanitizer, read after it: the model's copy holds the values before the clamp
+_COPIES_BEFORE = {
+    "clone": lambda h: h.clone(),
+    "times-one": lambda h: h * 1,
+    "plus-zero": lambda h: h + 0,
+    "one-tensor-cat": lambda h: torch.cat([h], 1),
+    "contiguous-of-permuted": lambda h: h.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+}
+
+
+class CopiedBeforeClamp(ClampedWithSkip):
+    """``shortcut = copy(h)`` (:data:`_COPIES_BEFORE`), then the sanitizer kept whole clamps ``h``, then ``conv1x1`` of the copy."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        shortcut = _COPIES_BEFORE[self.how](h)
+        y = self.clamp(h)
+        return y + self.conv1x1(shortcut)
+
+
+@pytest.mark.parametrize("how", list(_COPIES_BEFORE))
+def test_a_copy_made_before_a_call_kept_whole_and_read_after_it_stays_a_copy(how):
+    """The IR took the copy for ``h`` itself, and only reads of values sharing ``h``'s storage were rerouted after the
+    call: the fused module computed ``conv1x1`` of the clamped ``h`` (112 apart; review R5 finding 01)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = CopiedBeforeClamp(how).double().eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    assert [p.path for p in fused.fuse_report.parts if p.how == "kept whole"] == ["clamp"], fused.fuse_report
+    x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.conv(x).abs() > 10).any(), "the clamp must bite at this input"
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+
+
+class ObserverOfItsArgument(nn.Module):
+    """Calibration kept whole (a branch on the data): widens the range it is given where an input exceeds it."""
+
+    def forward(self, x, amax):
+        m = x.detach().abs().amax()
+        if m > amax:
+            amax.fill_(m)
+        return x.clamp(-amax, amax)
+
+
+class ObserverOfItsOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("amax", torch.tensor(10.0))
+
+    def forward(self, x):
+        m = x.detach().abs().amax()
+        if m > self.amax:
+            self.amax.fill_(m)
+        return x.clamp(-self.amax, self.amax)
+
+
+class Calibrated(nn.Module):
+    """The range read after the observer: its argument (the parent's buffer) or the observer's own buffer."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.own = own
+        self.conv, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.obs = ObserverOfItsOwn() if own else ObserverOfItsArgument()
+        self.register_buffer("amax", torch.tensor(10.0))
+
+    def forward(self, x):
+        if self.own:
+            return self.conv2(self.obs(self.conv(x)) / self.obs.amax)
+        return self.conv2(self.obs(self.conv(x), self.amax) / self.amax)
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["argument", "own-buffer"])
+def test_a_buffer_a_call_kept_whole_may_write_is_not_read_after_it_as_a_constant(own):
+    """The observer widens ``amax`` on large inputs only; ``y / amax`` after it was folded into ``conv2`` with the
+    value of the capture: 11 off on the first large input, and off on every later call (review R5 finding 05)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = Calibrated(own).double().eval()
+    original = copy.deepcopy(model)
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    for x in (100 * torch.randn(1, 4, 8, 8, dtype=torch.float64), 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64)):
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x.clone()), original(x.clone()), rtol=1e-9, atol=1e-9)
+    assert (original.obs.amax if own else original.amax) > 10, "the observer must widen its range"

@@ -443,6 +443,7 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
             nodes = list(graph.nodes)
             order = {n: k for k, n in enumerate(nodes)}
             bases, read = alias_bases(graph, root), made
+        _refuse_state_read_after(call, nodes, order, bases)
         given = [a for a in call.all_input_nodes if a.op != "get_attr"]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
@@ -456,6 +457,59 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
                 u.replace_input_with(m, now)
             made += 1
     return made
+
+
+def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx.Node, int],
+                             bases: dict[fx.Node, frozenset[fx.Node]]) -> None:
+    """Raise :class:`InplaceHazard` where a parameter or buffer that ``call`` (a call of the model's own code kept
+    whole) is given, or that the module it calls holds, is read after it (directly or through a view).
+
+    The call may write into it on other inputs than the example (a calibration observer widening its ``amax``:
+    ``if m > amax: amax.fill_(m)``), and the capture reads a parameter or buffer as a constant copied at capture,
+    which rules fold (``y / self.obs.amax`` into the next conv): the fused model kept the value of the capture where
+    the model reads the one the call left, on that call and every later one (11 off; review R5 finding 05).  The
+    holder is captured another way or kept whole."""
+    owner = f"{call.target}." if call.op == "call_module" else None
+    state = [a for a in nodes if a.op == "get_attr"
+             and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner)))]
+    for a in state:
+        readers = [u for m in nodes if not bases[m].isdisjoint(bases[a]) for u in m.users
+                   if order[u] > order[call] and u.target is not after_call]
+        if readers:
+            raise InplaceHazard(
+                f"{_describe(call)} is a call kept whole that may write into the parameter or buffer {a.target!r} on "
+                f"other inputs than the example, and {readers[0].name!r} reads it afterwards", _holder(call, readers))
+
+
+def _copies_read_after(graph: fx.Graph, root: nn.Module, calls: list[fx.Node],
+                       bases: dict[fx.Node, frozenset[fx.Node]]) -> set[fx.Node]:
+    """The copies of what a call of ``calls`` is given (or of a copy of it) made before that call, which a node after
+    it reads (directly or through views): a fresh tensor of one input the IR may take for the identity
+    (:func:`_fresh_one_input`: ``h.clone()``, ``h * 1``, ``torch.cat([h])``) or a ``contiguous()``.
+
+    In the model ``shortcut = h.clone(); y = self.clamp(h); return y + proj(shortcut)`` reads the values before the
+    call's write; the IR took the copy for ``h`` and the fused module read ``h`` after the call (112 off; review R5
+    finding 01).  :func:`_keep_copies` keeps them copies."""
+    nodes = list(graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    found: set[fx.Node] = set()
+    for call in calls:
+        reach = frozenset().union(*(bases[a] for a in call.all_input_nodes))  # what the call may write into
+        copies: set[fx.Node] = set()
+        for b in nodes[: order[call]]:
+            inputs = [a for a in b.all_input_nodes if a.op != "get_attr"]
+            if len(inputs) != 1 or (bases[inputs[0]].isdisjoint(reach) and bases[inputs[0]].isdisjoint(copies)):
+                continue
+            if _fresh_one_input(b, root) or _is_contiguous(b):
+                copies.add(b)
+        for n in nodes[: order[call]]:
+            if any(order[u] > order[call] for u in n.users):
+                found |= bases[n] & copies
+    return found
+
+
+def _is_contiguous(n: fx.Node) -> bool:
+    return (n.op, n.target) in (("call_method", "contiguous"), ("call_function", torch.Tensor.contiguous))
 
 
 # Calls whose result the IR never takes for the identity of their input (layers computing from their weights,
@@ -492,6 +546,7 @@ def _keep_copies(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None
     :func:`reads_after_calls` sees it: the tensor is fresh there."""
     bases = alias_bases(graph, root)
     given = {b for call in calls for a in call.all_input_nodes for b in bases[a]}  # (before the copies are made)
+    given |= _copies_read_after(graph, root, calls, bases)  # (copies made before a call and read after it)
     fresh = {b for b in given if _fresh_one_input(b, root)}
     for b in [n for n in graph.nodes if n in fresh]:
         if (b.op, b.target) in (("call_method", "clone"), ("call_function", torch.clone)) and len(b.args) == 1:
