@@ -189,6 +189,7 @@ _REACHED = ("tests/test_fuse_outside_reads.py::test_reached_through_names_the_ch
             "tests/test_fuse_outside_reads.py::test_a_grandchild_the_parent_calls_on_another_branch_is_the_models")
 _BEFORE = ("tests/test_inplace.py::test_a_copy_made_before_a_call_kept_whole_and_read_after_it_stays_a_copy",)
 _STATE_AFTER = ("tests/test_inplace.py::test_a_buffer_a_call_kept_whole_may_write_is_not_read_after_it_as_a_constant",)
+_LOOPS_R5 = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_in_a_loop_over_a_call_or_a_generator_is_the_models",)
 _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a_local_is_the_models",)
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
@@ -1187,9 +1188,33 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "reached-through-locals-unloaded", "a load of a local that holds a chain from self not read",
      "repalgebra.frontend.outside_reads:_chains_in", "(op.argval == self_name or op.argval in held)", "(op.argval == self_name)", _LOCALS),
     ("frontend", "reached-through-loop-target-unheld", "a loop's target (for blk in self.blocks) not taken for a local holding each child",
-     "repalgebra.frontend.outside_reads:_stored_in", '    if i < len(ops) and ops[i].opname == "GET_ITER":', "    if False:", _LOCALS),
+     "repalgebra.frontend.outside_reads:_chains_in", 'ops[end].opname in ("FOR_ITER", "GET_ITER")', 'ops[end].opname in ("FOR_ITER",)', _LOCALS),
     ("frontend", "reached-through-loop-target-misplaced", "a loop's target looked for at its FOR_ITER",
-     "repalgebra.frontend.outside_reads:_stored_in", "        i += 2 if", "        i += 1 if", _LOCALS),
+     "repalgebra.frontend.outside_reads:_chains_in", '_loop_targets(ops, end + (ops[end].opname == "GET_ITER"))', "_loop_targets(ops, end)", _LOCALS),
+    ("frontend", "loop-over-call-unheld", "a loop over a call of a chain (for i, blk in enumerate(self.blocks)) not taken for one over "
+     "its items (review R5 finding 03)",
+     "repalgebra.frontend.outside_reads:_chains_in", "                held.setdefault(name, []).extend(items)", "                pass", _LOOPS_R5),
+    ("frontend", "comprehension-iterator-unheld", "a generator over self.blocks (sum(blk.conv(x) for blk in self.blocks)) read without "
+     "its iterator (review R5 finding 03)",
+     "repalgebra.frontend.outside_reads:_chains_in", 'chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)',
+     "chains += _chains_in(const, self_name)", (f"{_LOOPS_R5[0]}[generator]",)),
+    ("frontend", "loop-items-method-kept", "self.blocks.items() iterated taken for a chain through a child named items",
+     "repalgebra.frontend.outside_reads:_items", "(chain[:-1] if chain and chain[-1] in _ITEMS else chain)", "chain",
+     (f"{_LOOPS_R5[0]}[dict-items]",)),
+    ("frontend", "loop-items-as-container", "the items of a chain iterated over taken for the container itself",
+     "repalgebra.frontend.outside_reads:_items", "else chain) + (None,)", "else chain)", (f"{_LOOPS_R5[0]}[enumerate]",)),
+    ("frontend", "loop-target-unpacking-stops", "a loop's target unpacked (for i, blk in ...) taken to store nothing",
+     "repalgebra.frontend.outside_reads:_loop_targets", 'in ("UNPACK_SEQUENCE", "STORE_FAST", "STORE_DEREF")', 'in ("STORE_FAST", "STORE_DEREF")',
+     (f"{_LOOPS_R5[0]}[enumerate]",)),
+    ("frontend", "loop-target-skipped", "a loop's target looked for one instruction after it",
+     "repalgebra.frontend.outside_reads:_loop_targets", "names, i = [], i + 1", "names, i = [], i + 2", _LOCALS),
+    ("frontend", "loop-target-last-name-only", "a loop's target unpacked into several names taken to store its last only",
+     "repalgebra.frontend.outside_reads:_loop_targets", "            names.append(ops[i].argval)", "            names[:] = [ops[i].argval]",
+     (f"{_LOOPS_R5[0]}[zip]",)),
+    ("frontend", "names-reached-loop-unfollowed", "a method of each child called in a loop (for blk in self.blocks: blk.features(x)) "
+     "not recorded on the children (review R5 finding 04)",
+     "repalgebra.frontend.outside_reads:names_reached", "todo += [(c, chain[k + 1:]) for c in obj._modules.values() if c is not None]",
+     "pass", ("tests/test_fuse_outside_reads.py::test_a_childs_own_method_called_in_a_loop_on_another_branch_runs_as_the_models",)),
     ("frontend", "reached-through-locals-of-closures-only", "a plain local (STORE_FAST) holding a chain not taken for one",
      "repalgebra.frontend.outside_reads:_stored_in", '("STORE_FAST", "STORE_DEREF")', '("STORE_DEREF",)', _LOCALS),
     ("frontend", "outside-read-owner-only", "a read of a grandchild's weight blocking the grandchild only, not the child swapped whole",

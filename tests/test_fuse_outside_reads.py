@@ -438,3 +438,109 @@ def test_a_parent_kept_whole_for_torch_cond_has_its_children_fused():
         assert read_outside(copy.deepcopy(reader), [Call((x,), {})], paths) == read
     with pytest.raises(FallbackError, match="no ONNX lowering for CondNormalized"):  # (the branch: not in the file)
         export_onnx(model, None, torch.rand(2, 3, 8, 8, dtype=torch.float64))
+
+
+def _loops_over_blocks(how: str) -> type:
+    """A class, made afresh (chains are read once per class), kept whole (a branch on its input's values), that on the
+    branch the example does not take calls each block's ``conv`` in a loop written as ``how`` says."""
+
+    class LoopsOverBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([ConvBN(), ConvBN()])
+
+        def forward(self, x):
+            if x.mean() < -100:
+                return self.other(x)
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+
+    class Enumerated(LoopsOverBlocks):
+        def other(self, x):
+            for i, blk in enumerate(self.blocks):
+                x = blk.conv(x)
+            return x
+
+    class Zipped(LoopsOverBlocks):
+        scales = (1.0, 2.0)
+
+        def other(self, x):
+            for blk, s in zip(self.blocks, self.scales):
+                x = blk.conv(x) * s
+            return x
+
+    class DictItems(LoopsOverBlocks):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleDict({"a": ConvBN(), "b": ConvBN()})
+
+        def forward(self, x):
+            if x.mean() < -100:
+                for name, blk in self.blocks.items():
+                    x = blk.conv(x)
+                return x
+            for blk in self.blocks.values():
+                x = blk(x)
+            return x
+
+    class Generator(LoopsOverBlocks):
+        def other(self, x):
+            return sum(blk.conv(x) for blk in self.blocks)
+
+    return {"enumerate": Enumerated, "zip": Zipped, "dict-items": DictItems, "generator": Generator}[how]
+
+
+_LOOPS = ["enumerate", "zip", "dict-items", "generator"]
+
+
+@pytest.mark.parametrize("how", _LOOPS)
+def test_a_grandchild_called_in_a_loop_over_a_call_or_a_generator_is_the_models(how):
+    """``for i, blk in enumerate(self.blocks)``, ``zip(self.blocks, ...)``, ``self.blocks.items()`` and a generator
+    over ``self.blocks`` were not followed (only ``for blk in self.blocks`` was): the fused blocks' folded ``conv``
+    ran on the other branch (1000 to 3000 off; review R5 finding 03)."""
+    cls = _loops_over_blocks(how)
+    names = ("blocks.a", "blocks.b") if how == "dict-items" else ("blocks.0", "blocks.1")
+    assert set(names) <= reached_through(cls())
+    model = randomized_bn(cls())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
+def _features_of_each() -> type:
+    """A class made afresh: on the branch the example does not take, each block's own method
+    (``for blk in self.blocks: blk.features(x)``)."""
+
+    class Block(ConvBN):
+        def features(self, x):
+            return self.conv(x)
+
+    class FeaturesOfEach(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            if x.mean() < -100:
+                for blk in self.blocks:
+                    x = blk.features(x)
+                return x
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+
+    return FeaturesOfEach
+
+
+def test_a_childs_own_method_called_in_a_loop_on_another_branch_runs_as_the_models():
+    """names_reached did not follow a loop: the fused blocks lack ``features``, and the fused model raised
+    AttributeError where the model runs (review R5 finding 04)."""
+    model = randomized_bn(_features_of_each()())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64

@@ -397,6 +397,10 @@ FEW = {
     "where the run returns",
     "repalgebra.backend.onnx:_computes": "one decision added to it a test reaches alone: the model's probe run holds "
     "what it prints (the comparison itself is older than the stage's mutants)",
+    "repalgebra.frontend.outside_reads:_items": "two halves, each mutated: a container method dropped (items, values) "
+    "and the item step added",
+    "repalgebra.frontend.outside_reads:_stored_in": "one decision left since loops went to _loop_targets (review R5): "
+    "a plain store (STORE_FAST or STORE_DEREF) of a chain",
 }
 
 

@@ -186,20 +186,27 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
     where they are neither its children nor its tensors: a method or a plain attribute (``self.body.forward_features(x)``
     reads ``"forward_features"`` on ``body``).  A fused form has none of its original's methods: a parent kept whole
     that calls one on a branch the example does not take raised AttributeError where the model runs (found by a
-    review).  A chain through an index the code computes, or a loop, names no one descendant and is not followed."""
+    review).  A chain through an index the code computes, or a loop, reads the name on each child of the container
+    (``for blk in self.blocks: blk.forward_features(x)``: an AttributeError where the model runs; review R5 finding 04)."""
     found: dict[int, set[str]] = {}
     for sub in {id(m): m for m in module.modules()}.values():
-        for chain in _chains(type(sub)):
-            obj, step = sub, None
-            for step in chain:
-                child = _child(obj, step)
-                if child is None:
-                    break
-                obj = child
-            else:
-                continue  # (children all the way: reached_through's)
-            if obj is not sub and isinstance(step, str) and step not in obj._parameters and step not in obj._buffers:
-                found.setdefault(id(obj), set()).add(step)
+        for whole in _chains(type(sub)):
+            todo = [(sub, whole)]
+            while todo:
+                obj, chain = todo.pop()
+                step = None
+                for k, step in enumerate(chain):
+                    if step is None and obj is not sub:  # each child (a loop's item, a computed index): the rest on each
+                        todo += [(c, chain[k + 1:]) for c in obj._modules.values() if c is not None]
+                        break
+                    child = _child(obj, step)
+                    if child is None:
+                        break
+                    obj = child
+                else:
+                    continue  # (children all the way: reached_through's)
+                if obj is not sub and isinstance(step, str) and step not in obj._parameters and step not in obj._buffers:
+                    found.setdefault(id(obj), set()).add(step)
     return found
 
 
@@ -271,15 +278,32 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     return tuple(dict.fromkeys(chains))
 
 
-def _chains_in(code: types.CodeType, self_name: str) -> list[tuple[Any, ...]]:
+def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[Any, ...]]:
     """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas), also
     those through a local that holds one (``body = self.body``) or iterates over one (``for blk in self.blocks``),
     wherever the code loads it (the names are not followed through the flow: a name that holds several counts
-    each)."""
+    each).  ``given``: locals the enclosing code binds (a comprehension's iterator ``.0``).
+
+    A loop over a call of chains (``enumerate(self.blocks)``, ``zip(self.blocks, self.scales)``,
+    ``self.blocks.items()``) binds each name its target stores to an item of each (:func:`_items`), and a generator
+    or comprehension over one (``sum(blk.conv(x) for blk in self.blocks)``) gets it as its ``.0``: those loops were
+    not followed, and a parent kept whole called the fused blocks' folded ``conv`` (review R5 finding 03)."""
     ops = list(dis.get_instructions(code))
     chains = []
-    held: dict[str, list[tuple[Any, ...]]] = {}  # local name -> the chains from self it holds
+    held: dict[str, list[tuple[Any, ...]]] = {k: list(v) for k, v in (given or {}).items()}  # local name -> the chains from self it holds
+    pending: list[tuple[Any, ...]] = []  # chains loaded in the statement so far, not stored: a loop over a call of them
+    iterated: list[tuple[Any, ...]] = []  # items of chains whose iterator goes to nested code (a comprehension's .0)
     for i, op in enumerate(ops):
+        if op.opname == "GET_ITER" and pending:  # (for i, blk in enumerate(self.blocks): each item of each chain)
+            items = [_items(c) for c in pending]
+            names = _loop_targets(ops, i + 1)
+            for name in names:
+                held.setdefault(name, []).extend(items)
+            iterated += [] if names else items
+            pending = []
+            continue
+        if op.opname.startswith(("STORE_", "POP_", "RETURN_", "JUMP_")):
+            pending = []  # (the statement ended)
         if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
             continue
         steps, end = _steps_to(ops, i + 1)
@@ -289,17 +313,45 @@ def _chains_in(code: types.CodeType, self_name: str) -> list[tuple[Any, ...]]:
                 chains.append(chain)
             if (name := _stored_in(ops, end)) is not None:
                 held.setdefault(name, []).append(chain)
+            elif end < len(ops) and ops[end].opname in ("FOR_ITER", "GET_ITER"):  # (for a, b in self.pairs; a
+                # comprehension's .0, its items already; or an iterator handed to a comprehension)
+                targets = _loop_targets(ops, end + (ops[end].opname == "GET_ITER"))
+                for target in targets:
+                    held[target] = [*held.get(target, []), chain]
+                iterated += [] if targets or ops[end].opname == "FOR_ITER" else [chain]
+            elif chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
+                pending.append(chain)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            chains += _chains_in(const, self_name)
+            chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)
     return chains
 
 
+# Methods of a container whose items are (or hold) its children: ``self.blocks.items()`` iterates over the blocks.
+_ITEMS = frozenset({"items", "values", "children", "named_children"})
+
+
+def _items(chain: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The chain of an item of what ``chain`` names (``self.blocks`` -> each block; ``self.blocks.items`` too)."""
+    return (chain[:-1] if chain and chain[-1] in _ITEMS else chain) + (None,)
+
+
+def _loop_targets(ops: list[dis.Instruction], i: int) -> list[str]:
+    """The locals a ``for`` loop's target stores each item in, where ``ops[i]`` is its ``FOR_ITER``
+    (``for i, (blk, s) in ...``: every name it unpacks into), else none."""
+    if i >= len(ops) or ops[i].opname != "FOR_ITER":
+        return []
+    names, i = [], i + 1
+    while i < len(ops) and ops[i].opname in ("UNPACK_SEQUENCE", "STORE_FAST", "STORE_DEREF"):
+        if ops[i].opname != "UNPACK_SEQUENCE":
+            names.append(ops[i].argval)
+        i += 1
+    return names
+
+
 def _stored_in(ops: list[dis.Instruction], i: int) -> str | None:
-    """The local that ``ops[i:]`` store the value before them in (``body = self.body``) or each item of it in
-    (``for blk in self.blocks``), else None."""
-    if i < len(ops) and ops[i].opname == "GET_ITER":
-        i += 2 if i + 1 < len(ops) and ops[i + 1].opname == "FOR_ITER" else len(ops)
+    """The local that ``ops[i:]`` store the value before them in (``body = self.body``), else None (a loop's target
+    is :func:`_loop_targets`')."""
     return ops[i].argval if i < len(ops) and ops[i].opname in ("STORE_FAST", "STORE_DEREF") else None
 
 
