@@ -808,15 +808,6 @@ def follows_default_dtype(module: nn.Module, call: Call, ran: tuple | None = Non
     return _identical(want, got)
 
 
-def same_in_mode(module: nn.Module, call: Call, ran: tuple, mode: Callable[[], contextlib.AbstractContextManager]) -> bool:
-    """Whether ``module`` making ``call`` in ``mode`` gives exactly ``ran[0]``, its output without gradients."""
-    try:
-        got = _run(module, call, None, mode=mode)
-    except Exception:  # noqa: BLE001  (it does not run so: the caller's check decides)
-        return False
-    return _identical(ran[0], got)
-
-
 def _identical(a: Any, b: Any) -> bool:
     """Whether two outputs hold the same values (NaN where the other's is), their tensors in the same dtypes."""
     if first_difference(a, b, 0.0) is not None:
@@ -1116,8 +1107,6 @@ class _Fuser:
         self.own_dtype_only = False  # the last check in float64 ran in the model's dtype: the candidate fails in float64
         self.not_in_float64 = False  # the last check in float64 ran in the model's dtype: the model itself fails in it
         self.checks: list[str] = []  # what each captured part was compared with: FuseReport.check
-        self.last_ref: tuple | None = None  # the last check's run of the original in its own dtype, in a 1-tuple
-        self.own_dtype_runs: dict[str, tuple[Call, tuple]] = {}  # per part: its smallest such run at other sizes
         self.initial: nn.Module | None = None  # then: a copy of the model before any run, the state parts restore from
         self.strict = strict
         self.check = check
@@ -1762,9 +1751,6 @@ class _Fuser:
                 raise
             except Exception:  # noqa: BLE001
                 return None
-            kept = self.own_dtype_runs.get(path)
-            if held and self.last_ref is not None and (kept is None or _numel(other) < _numel(kept[0].args)):
-                self.own_dtype_runs[path] = (Call(other, {}), self.last_ref)
             return held
 
         batched = batch_plus_one(inputs)
@@ -1840,7 +1826,6 @@ class _Fuser:
             except Exception as e:  # noqa: BLE001
                 return f"it fails on the example input: {first_line(e)}"
         self.last_got = (candidate, call, got_how, got)  # (in_other_modes compares with it again)
-        self.last_ref = (ref,) if ref_how == (None,) else None  # (the default-dtype check starts from it)
         if (problem := first_difference(ref, got, tol)) is not None:
             return problem
         if (problem := first_difference(ref_given, got_given, tol)) is not None:  # items of a list it was given
@@ -1884,8 +1869,6 @@ class _Fuser:
         example's inputs and on inputs that require them: the model's parameters, or its inputs, make the value
         require gradients there (an fx trace fails on the others, and an input's own reads are checked per call)."""
         original = self.pristine.get_submodule(path)
-        if fx_traced and not grad_taken and self.same_under_inference_mode(path):
-            return None
         call, dtype = Call(tuple(inputs), {}), None if self.own_dtype_only else torch.float64
         other = Call(tuple(_other_layout(t) for t in inputs), {})
         for mode, laid_out, made, why in (
@@ -1918,25 +1901,14 @@ class _Fuser:
                 return f"{why}, {problem}"
         return None
 
-    def same_under_inference_mode(self, path: str) -> bool:
-        """Whether the part at ``path``, run under ``torch.inference_mode`` at the smallest input a check at other
-        sizes ran it on in its own dtype, gives exactly that run's output: then it does not branch on the mode, and
-        the float64 run at the example is saved (about a sixth of FastViT's fuse time).  False where no such run
-        was kept, or the outputs are not identical (the caller then compares at the example)."""
-        if (kept := self.own_dtype_runs.get(path)) is None:
-            return False
-        original = self.pristine.get_submodule(path)
-        return same_in_mode(copy_module(original) if self.stateful else original, *kept, torch.inference_mode)
-
     def guard_default_dtype(self, path: str, fused: nn.Module, inputs: tuple) -> None:
         """Where the part computes otherwise under another default dtype, the fused module refuses calls under one
         (:class:`DefaultDtypeGuard`), and the report says so."""
         t0 = time.perf_counter()
         original = self.pristine.get_submodule(path)
-        # At the smallest size a check at other sizes ran the part in its own dtype: a factory reads the default
-        # dtype at any size, and that run's output saves one of the two runs (about a fifth of FastViT's fuse time)
-        call, ran = self.own_dtype_runs.pop(path, (Call(tuple(inputs), {}), None))
-        follows = follows_default_dtype(copy_module(original) if self.stateful else original, call, ran)
+        # At the example's sizes: a part may read the default dtype at some sizes only (``if torch.get_default_dtype()
+        # == torch.float64 and h.shape[-1] > 128``), which a run at other sizes does not show (review R5 finding 02)
+        follows = follows_default_dtype(copy_module(original) if self.stateful else original, Call(tuple(inputs), {}))
         self.stage["check"] += time.perf_counter() - t0
         if follows:
             return
@@ -2291,7 +2263,7 @@ def _sizes_shown(holds: Callable[[tuple], bool | None], inputs: tuple,
 def _holds_beside(holds: Callable[[tuple], bool | None], resized: tuple, free: list[Unit], sizes: set[int]) -> bool | None:
     """``holds`` of ``resized`` with the axes ``free`` (shown free by earlier runs) at half their size too, where
     that is smaller and none of the ``sizes`` this run gives its own axis: FastViT's run for W at ``H = 128`` costs
-    half the one at ``H = 256`` (0.03 s), and the checks of modes and default dtypes start from it.  The sizes
+    half the one at ``H = 256`` (0.03 s).  The sizes
     differ, so ``H`` and ``W`` never become equal there (a square map hides an ``H`` read for a ``W``).  Where
     the original refuses the two resized together (a model with a fixed aspect), ``resized`` alone."""
     half = [u for u in free if _other_size(n := resized[u[0]].shape[u[1]]) < n and _other_size(n) not in sizes]
@@ -2299,10 +2271,6 @@ def _holds_beside(holds: Callable[[tuple], bool | None], resized: tuple, free: l
     if both is not None and (held := holds(both)) is not None:
         return held
     return holds(resized)
-
-
-def _numel(inputs: tuple) -> int:
-    return sum(t.numel() for t in inputs if torch.is_tensor(t))
 
 
 def _quarter(s: int) -> int:

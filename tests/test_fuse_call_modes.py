@@ -914,3 +914,59 @@ def test_a_model_checked_in_its_own_dtype_is_checked_so_under_inference_mode(tmp
             continue
         with mode():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5, msg=name)
+SIZED_HELPERS = """
+import torch
+
+
+def deploying_a_large_map(h):
+    return torch.is_inference_mode_enabled() and h.shape[-1] > 128
+"""
+
+
+class LargeMapsOtherwise(nn.Module):
+    """Pools large maps where ``wants`` says so: a mode branch that also depends on the size.  A flatten, which fuse
+    checks at other sizes (a 256-wide example is tried at 64 first, where the branch is not taken)."""
+
+    def __init__(self, wants) -> None:
+        super().__init__()
+        self.wants, self.a = wants, conv_bn(3, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.wants(h):
+            h = F.avg_pool2d(h, 3, 1, 1)
+        return h.flatten(2).transpose(1, 2)
+
+
+def _float64_default_and_large(h):
+    return torch.get_default_dtype() == torch.float64 and h.shape[-1] > 128
+
+
+@pytest.mark.parametrize("how", ["inference-mode", "default-dtype"])
+def test_a_mode_branch_taken_at_large_sizes_only_is_checked_at_the_examples(tmp_path, monkeypatch, how):
+    """The checks under torch.inference_mode and under the other default dtype ran at the smallest run at other sizes
+    (64 wide), where the part takes no branch: the fused model was 3.5 (4.0) off at the example's own size under that
+    mode (review R5 finding 02).  At the example's sizes they see the branch."""
+    (tmp_path / "sized_helpers.py").write_text(SIZED_HELPERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sized_helpers
+
+    wants = sized_helpers.deploying_a_large_map if how == "inference-mode" else _float64_default_and_large
+    model = randomized(LargeMapsOtherwise(wants))
+    gen = torch.Generator().manual_seed(0)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D, generator=gen))
+    x = torch.randn(1, 3, 256, 256, dtype=D, generator=gen)
+    before = torch.get_default_dtype()
+    try:
+        if how == "default-dtype":
+            torch.set_default_dtype(torch.float64)
+        with torch.inference_mode() if how == "inference-mode" else torch.no_grad():
+            want = model(x)
+            try:
+                got = fused(x)
+            except ValueError as e:  # refused by name: fine
+                assert "default dtype" in str(e), e
+                return
+        assert close(want, got)
+    finally:
+        torch.set_default_dtype(before)

@@ -371,7 +371,7 @@ def _runs_of(model_type: type, monkeypatch) -> list[tuple]:
 
 def test_the_run_for_a_later_axis_halves_the_axes_shown_free_before(monkeypatch):
     """The run for W takes H, shown free by the run before, at half its size: (1, 3, 128, 64), not (1, 3, 256, 64),
-    a cheaper run where the sizes still differ (and the checks of modes and default dtype start from it)."""
+    a cheaper run where the sizes still differ."""
     model = randomized(FlattenedBack()).to(D)
     shapes = _runs_of(FlattenedBack, monkeypatch)
     fused = repalgebra.fuse(model, torch.randn(1, 3, 256, 256, dtype=D))

@@ -35,8 +35,6 @@ FEW = {
     "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
     "fx could not patch by name, whose carrying would fail the same way)",
     "repalgebra.frontend.torch:_traced_once": "one decision: a trace whose carried function is handed a module is refused",
-    "repalgebra.fuse:same_in_mode": "one comparison, of a run under torch.inference_mode with one without gradients: "
-    "the mutants skip it, or make both runs alike",
     "repalgebra.frontend.fx_trace:rebuilt_from_fields": "two decisions a test reaches: a dict dataclass is built from its "
     "fields, and only those not None are its keys (a key set after it was made is refused by fuse's check as well)",
     "repalgebra.backend.onnx:_object_made": "one decision a test reaches alone: a fused model's record, traced again, is "
