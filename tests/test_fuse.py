@@ -563,17 +563,19 @@ def test_fuse_in_several_threads_at_once():
     errors: list[BaseException] = []
     done: list[tuple[nn.Module, nn.Module, torch.Tensor]] = []
 
-    def work(seed: int) -> None:  # fuse only: a model run in a thread while another traces is not ours to guard
-        try:
-            for k in range(8):
-                model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                                nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), seed=seed + k).eval()
-                x = torch.randn(2, 3, 8, 8)
+    def work(models: list[tuple[nn.Module, torch.Tensor]]) -> None:  # fuse only: a model run in a thread while
+        try:                                                             # another traces is not ours to guard
+            for model, x in models:
                 done.append((model, fuse(model, x), x))
         except BaseException as e:  # noqa: BLE001  (re-raised below, in the test's thread)
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(10 * k,)) for k in range(3)]
+    # Made before the threads start: fuse's check of the default dtype sets torch's default for the whole process
+    # during one run, and a model or input another thread made then was float64 (it happened in a test run)
+    models = [[(randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), seed=10 * t + k).eval(),
+                torch.randn(2, 3, 8, 8)) for k in range(8)] for t in range(3)]
+    threads = [threading.Thread(target=work, args=(models[t],)) for t in range(3)]
     for t in threads:
         t.start()
     for t in threads:
