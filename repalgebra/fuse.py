@@ -1517,15 +1517,17 @@ class _Fuser:
         except Exception as e:  # noqa: BLE001  (it ran above, on the same calls: keep every child as written)
             self.report.notes.append(f"{_where(path)} does not run again on its calls ({first_line(e)}): its children are not fused")
             return module
-        for p in sorted(reached_through(module) & set(descendants)):  # on any branch, as its code is written
-            outside.setdefault(p, _REACHED_THROUGH)
-        for p in sorted(named_by_attributes(module) & set(descendants)):
-            outside.setdefault(p, _NAMED_BY_ATTRIBUTE)
-        for p, names in written.items():  # and each called part holding it, by identity: a capture of that would hold
+        # Attributes its parent sets on a part first: the reason said of a part the loops below reach too (Swin's
+        # ``for blk in self.blocks: blk.H, blk.W = H, W``)
+        for p, names in written.items():  # each called part holding it, by identity: a capture of that would hold
             target = module.get_submodule(p)  # the values too (a module under two names is listed under its first)
             for holder in [h for h, cs in recorded.items() if cs and any(m is target for m in module.get_submodule(h).modules())]:
                 inner = p[len(holder) + 1:] if p.startswith(f"{holder}.") else "" if p == holder else f"{p} (shared)"
                 outside.setdefault(holder, _SET_BY_PARENT.format(_listed(sorted(f"{inner}.{n}".lstrip(".") for n in names), 4)))
+        for p in sorted(reached_through(module) & set(descendants)):  # on any branch, as its code is written
+            outside.setdefault(p, _REACHED_THROUGH)
+        for p in sorted(named_by_attributes(module) & set(descendants)):
+            outside.setdefault(p, _NAMED_BY_ATTRIBUTE)
         reached = names_reached(module)
         swaps = self._fuse_children(module, path, "", recorded, outside)
         swaps = self._keep_names_reached(path, module, swaps, reached)
@@ -1575,7 +1577,7 @@ class _Fuser:
                 _put(module, name, new)
                 swaps.append((module, name, child, new))
                 continue
-            if recorded.get(rel) and prefix not in outside:  # (one note, at the outermost)
+            if recorded.get(rel) and not (prefix in outside and recorded.get(prefix)):  # (one note, at the outermost called)
                 self.report.notes.append(f"{_where(_join(root_path, rel))}: not replaced by its fused form: {outside[rel]}")
             swaps += self._fuse_children(child, root_path, rel, recorded, outside)  # (not called itself: a ModuleList, or unused)
         return swaps
