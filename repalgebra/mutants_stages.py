@@ -169,6 +169,8 @@ _COND = ("tests/test_fuse_outside_reads.py::test_a_parent_kept_whole_for_torch_c
 _AUTOCAST = ("tests/test_fuse_call_modes.py::test_a_child_called_under_its_parents_autocast_is_fused",)
 _AFTER = tuple(f"tests/test_inplace.py::test_a_call_kept_whole_that_writes_on_other_inputs_than_the_example_is_seen_by_later_reads[{h}]"
                for h in ("tensor", "view"))
+_STATE = tuple(f"tests/test_inplace.py::test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inputs_stays_the_models[{h}]"
+               for h in ("buffer-after", "parameter-before", "parameter-view"))
 _FRESH = tuple(f"tests/test_inplace.py::test_a_fresh_tensor_given_to_a_call_kept_whole_stays_a_copy[{h}]"
                for h in ("clone-flattened", "clone-memory-format", "times-one", "one-tensor-cat", "zero-pad"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
@@ -2152,6 +2154,17 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "after-call-views-unseen", "only the tensors a call kept whole is given taken as changed by it, not those sharing "
      "their storage (a clamp of h[:, :2] changes h)",
      "repalgebra.frontend.inplace:reads_after_calls", "any(_shares(bases, m, a) for a in given)", "m in given", _AFTER),
+    ("frontend", "state-given-to-call-unchecked", "a parameter given to a call kept whole and read by another node too "
+     "folded as a constant: the call's write on other inputs never reaches the folded conv bias",
+     "repalgebra.frontend.inplace:_state_given", "        if readers:", "        if False:", _STATE),
+    ("frontend", "state-given-views-unfollowed", "only a parameter given to a call kept whole itself looked at, not one "
+     "given through a view (self.guard(self.shift[:, :2], x) writes into shift)",
+     "repalgebra.frontend.inplace:_state_given", 'for b in bases[a] if b.op == "get_attr"', 'for b in (a,) if b.op == "get_attr"',
+     _STATE),
+    ("frontend", "state-given-call-counted-as-reader", "the call kept whole taken for another reader of the parameter it is "
+     "given: a model whose parameter only that call reads kept whole",
+     "repalgebra.frontend.inplace:_only_to", "    if n is call:\n        return True", "    if n is call:\n        return False",
+     ("tests/test_inplace.py::test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inputs_stays_the_models[buffer-only]",)),
     ("frontend", "clone-given-to-call-dropped", "x.clone() given to a call kept whole taken for x (the identity): the call "
      "writes into x itself, which later reads see",
      "repalgebra.frontend.inplace:_keep_copies", '            b.op, b.target = "call_function", kept_clone', "            pass",

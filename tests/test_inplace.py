@@ -914,3 +914,58 @@ def test_a_buffer_a_call_kept_whole_may_write_is_not_read_after_it_as_a_constant
         with torch.no_grad():
             torch.testing.assert_close(fused(x.clone()), original(x.clone()), rtol=1e-9, atol=1e-9)
     assert (original.obs.amax if own else original.amax) > 10, "the observer must widen its range"
+class HalveOnOverflow(nn.Module):
+    """A guard kept whole (it branches on the data): halves the scale it is given in place where the input is large."""
+
+    def forward(self, scale, x):
+        if x.abs().amax() > 10:
+            scale.mul_(0.5)
+        return x.sum(1, keepdim=True)
+
+
+class GuardedShift(nn.Module):
+    """A learned shift (a parameter or a buffer) given to the guard, and read by ``conv(x) + shift`` after the call
+    or before it (where the model's next forward reads what this one wrote)."""
+
+    def __init__(self, kind: str, when: str) -> None:
+        super().__init__()
+        self.conv, self.guard, self.when = nn.Conv2d(4, 4, 3, padding=1), HalveOnOverflow(), when
+        if kind == "buffer":
+            self.register_buffer("shift", torch.ones(1, 4, 1, 1))
+        else:
+            self.shift = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        if self.when == "before":
+            z = self.conv(x) + self.shift
+            return z + self.guard(self.shift, x)
+        if self.when == "view":
+            y = self.guard(self.shift[:, :2], x)
+            return self.conv(x) + self.shift + y
+        y = self.guard(self.shift, x)
+        return self.conv(x) + self.shift + y if self.when == "after" else self.conv(x) + y
+
+
+@pytest.mark.parametrize("when", ["after", "before", "view", "only"])
+@pytest.mark.parametrize("kind", ["buffer", "parameter"])
+def test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inputs_stays_the_models(kind, when):
+    """Nothing is large at the example, so no version counter moved, and parameters were not among the tensors read
+    after the call: ``conv(x) + shift`` folded the shift into the conv's bias, a constant the guard's halving never
+    reached (0.5, then 0.75, 0.875 apart over three forwards).  Where another node reads the parameter the model is
+    kept whole with the reason; where only the call reads it (``only``), the fused module's own tensor is written as
+    the model's is."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = GuardedShift(kind, when).double().eval()
+    reference = copy.deepcopy(model)
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    if when != "only":
+        assert "given the parameter or buffer 'shift'" in str(fused.fuse_report), fused.fuse_report
+    else:
+        assert fused.fuse_report.capture == "fx", fused.fuse_report  # (captured around the call)
+    with torch.no_grad():
+        for _ in range(3):  # (each forward halves it again: what the model keeps, the next one reads)
+            x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+            torch.testing.assert_close(fused(x.clone()), reference(x.clone()), rtol=1e-9, atol=1e-9)
+    assert reference.shift.flatten()[0] == 0.125

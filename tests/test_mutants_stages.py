@@ -389,6 +389,9 @@ FEW = {
     "repalgebra.frontend.state:_other_integers": "one decision added to halving: integers that halve to themselves "
     "(zeros) are one up (its mutant leaves them as they are); the halving itself is killed through _filled_from_input's "
     "state-integers-never-other-values",
+    "repalgebra.frontend.inplace:_state_given": "two decisions: a parameter given to the call read by another node "
+    "refused, and one given through a view among them",
+    "repalgebra.frontend.inplace:_only_to": "one decision: the call itself (and views only it reads) is no other reader",
     "repalgebra.backend.onnx:_after_call": "one decision: the tensor read after the call is the tensor, not the "
     "call's result",
     "repalgebra.backend.onnx_fallback:probing": "two decisions: what a probe run prints is held, and written through "

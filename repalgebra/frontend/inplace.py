@@ -436,6 +436,7 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
     is an op no rule folds through, and the fused module reads the tensor itself there, after the call: what it
     holds then, as in the model.  Calls whose result is unused are :func:`hidden_writes`'s (taken to write)."""
     calls = [n for n in graph.nodes if n.users and _own_code(n, root)]
+    _state_given(graph, root, calls)
     _keep_copies(graph, root, calls)
     made, read = 0, -1
     for call in calls:
@@ -510,6 +511,46 @@ def _copies_read_after(graph: fx.Graph, root: nn.Module, calls: list[fx.Node],
 
 def _is_contiguous(n: fx.Node) -> bool:
     return (n.op, n.target) in (("call_method", "contiguous"), ("call_function", torch.Tensor.contiguous))
+def _state_given(graph: fx.Graph, root: nn.Module, calls: list[fx.Node]) -> None:
+    """Raise :class:`InplaceHazard` where a call of ``calls`` (the model's own code, kept whole, its result used) is
+    given a parameter or buffer (or a view of one) that another node reads too.
+
+    The call may write into it on other inputs than the example (``if x.abs().amax() > 10: w.mul_(0.5)``), and the
+    model keeps what it wrote: later reads, and reads before the call in the next forward, see it.  The IR takes a
+    parameter for a constant and folds it (``conv(x) + self.shift`` into the conv's bias), which ``after_call`` cannot
+    follow across forwards.  A parameter that only the call reads is carried to it as the fused module's own tensor,
+    and the call keeps writing into that."""
+    bases = alias_bases(graph, root)
+    for call in calls:
+        storages = {_storage(b, root) for a in call.all_input_nodes for b in bases[a] if b.op == "get_attr"} - {None}
+        held = [m for m in graph.nodes if m.op == "get_attr" and _storage(m, root) in storages]
+        readers = [u for m in held for u in m.users if not _only_to(u, call, root)]
+        if readers:
+            # (a buffer's slice is a constant fx made, ``_tensor_constant0``: the buffer's own name says more)
+            name = min((str(h.target) for h in held), key=lambda t: (t.startswith("_tensor_constant"), t))
+            raise InplaceHazard(
+                f"{_describe(call)} is a call kept whole given the parameter or buffer {name!r}, which it may write into on "
+                f"other inputs than the example, and {readers[0].name!r} reads it too (the IR takes it for a constant)",
+                _holder(call, readers),
+            )
+
+
+def _only_to(n: fx.Node, call: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` is ``call``, or a view (``w[0]``, ``w.view(-1)``) that only ``call`` reads, through views."""
+    if n is call:
+        return True
+    view = (n.target in _VIEW_METHODS if n.op == "call_method" else n.target in _VIEW_FUNCTIONS if n.op == "call_function"
+            else n.op == "call_module" and isinstance(root.get_submodule(n.target), _ALIAS_MODULES))
+    return view and all(_only_to(u, call, root) for u in n.users)
+
+
+def _storage(n: fx.Node, root: nn.Module) -> int | None:
+    """Where the tensor a ``get_attr`` node reads lives (tied weights read under two names share it), or None."""
+    try:
+        t = operator.attrgetter(str(n.target))(root)
+    except AttributeError:
+        return None
+    return t.untyped_storage().data_ptr() if torch.is_tensor(t) and t.untyped_storage().nbytes() else None
 
 
 # Calls whose result the IR never takes for the identity of their input (layers computing from their weights,
