@@ -231,6 +231,8 @@ _HOOKED = tuple(f"tests/test_fuse_capture.py::test_a_hooked_{w}s_own_batch_norms
 _DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models_dtype_property_takes_the_inputs_the_model_takes",
                *(f"tests/test_fuse_text_models.py::test_a_factory_of_a_dtype_read_off_the_model_{t}[{k}]"
                  for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
+_PARAMS_DTYPE = tuple(f"tests/test_fuse_text_models.py::test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_the_inputs_the_model_takes[{h}]"
+                      for h in ("inline", "named"))
 _COMPILED_FORWARD = tuple(f"tests/test_fuse_capture.py::test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles[{m}]"
                           for m in ("forward", "features"))
 _MODEL_OUTPUT = ("tests/test_fuse_capture.py::test_an_unregistered_model_output_is_rebuilt_from_its_fields_and_the_convs_fold[fields]",)
@@ -2078,6 +2080,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "dtype-property-other-constants-unseen", "a second trace's other constants (torch.finfo(self.dtype).eps baked in) "
      "not compared: the dtype follows a cast, the number stays float32's",
      "repalgebra.frontend.dtype_properties:_read_from_the_property", "            elif not _same(x, y):", "            elif False:", _DTYPE_PROP),
+    ("frontend", "parameters-dtype-not-followed", "a dtype read off the parameters inline (next(self.parameters()).dtype) "
+     "kept as the trace's float32: a float64 batch the model casts refused, and fused.double() casts to float32",
+     "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    if not reads or not held:", "    if True:", _PARAMS_DTYPE),
+    ("frontend", "parameters-dtype-stand-ins-unchanged", "the second trace made with stand-ins of the parameters' own dtype: "
+     "no dtype argument seen to follow them",
+     "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    with standing_in(model, other):",
+     "    with standing_in(model, dtype):", _PARAMS_DTYPE),
     ("frontend", "compiled-forward-kept", "model.forward = torch.compile(model.forward) left on the model: fx refuses it, "
      "torch.export fixes the sizes",
      "repalgebra.frontend.wrappers:without_compiled_forward", 'if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):',

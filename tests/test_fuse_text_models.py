@@ -618,6 +618,68 @@ def test_a_dtype_property_of_the_modules_own_is_not_read_off_its_parameters():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
 
 
+class ParametersDtypeVision(nn.Module):
+    """timm's and Hugging Face's inline form: ``pixel_values.to(next(self.parameters()).dtype)``, or ``dtype =
+    next(self.parameters()).dtype`` then a cast and a tensor made in it (a learned-free position bias)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, pixel_values):
+        if self.how == "inline":
+            return self.head(F.relu(self.bn(self.conv(pixel_values.to(next(self.parameters()).dtype)))))
+        dtype = next(self.parameters()).dtype
+        x = pixel_values.to(dtype=dtype)
+        bias = torch.ones(1, 8, 1, 1, dtype=dtype) * 0.5
+        return self.head(F.relu(self.bn(self.conv(x)) + bias))
+
+
+@pytest.mark.parametrize("how", ["inline", "named"])
+def test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_the_inputs_the_model_takes(how):
+    """fx runs ``self.parameters()`` on the real module, so the dtype was the trace's float32: the fused model refused a
+    float64 batch the model casts and runs ("holds in float32 only"), and after ``fused.double()`` it still cast to
+    float32.  The dtype is read off a parameter in the fused graph, so it follows a cast of the model."""
+    torch.manual_seed(0)
+    model = ParametersDtypeVision(how).eval()
+    with_statistics(model.bn)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 16, 16))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), str(fused.fuse_report)
+    assert any("next(self.parameters()).dtype" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    x = torch.randn(2, 3, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        for given in (x, x.float()):
+            torch.testing.assert_close(fused(given), model(given), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+        got = copy.deepcopy(fused).double()(x)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, copy.deepcopy(model).double()(x), rtol=1e-5, atol=1e-5)  # (float32 weights)
+
+
+class ParametersFinfoMask(ParametersDtypeVision):
+    """A number made from the parameters' dtype (``torch.finfo(dtype).min``, baked in by the trace) besides the cast."""
+
+    def forward(self, pixel_values):
+        dtype = next(self.parameters()).dtype
+        x = self.head(F.relu(self.bn(self.conv(pixel_values.to(dtype)))))
+        return x.clamp(min=torch.finfo(dtype).min / 2)
+
+
+def test_a_number_made_from_the_dtype_of_the_models_parameters_keeps_the_cast_as_traced():
+    """The clamp's bound is float32's in the trace and float64's after ``model.double()``: the graph stays as traced,
+    and the fused model keeps to float32 as before (it computes what the model does there)."""
+    torch.manual_seed(0)
+    model = ParametersFinfoMask("inline").eval()
+    with_statistics(model.bn)
+    fused = repalgebra.fuse(model, torch.randn(1, 3, 16, 16))
+    assert not any("next(self.parameters()).dtype" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+    x = torch.randn(2, 3, 12, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+        with pytest.raises(ValueError, match="float32"):
+            copy.deepcopy(fused).double()(x.double())
+
+
 class KeyCache:
     """Hugging Face's ``DynamicCache``: a plain object holding the keys per layer, compared by identity."""
 

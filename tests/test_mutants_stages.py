@@ -46,6 +46,8 @@ FEW = {
     "repalgebra.frontend.dtype_properties:follow_dtype_properties": "two decisions a test reaches: the dtype arguments a "
     "dtype property reading the parameters gave are read off a parameter (the other conditions leave the graph as "
     "traced, the old path)",
+    "repalgebra.frontend.dtype_properties:follow_parameters_dtype": "two decisions a test reaches: the dtype arguments "
+    "that follow stand-ins of another dtype are read off a parameter (the other conditions leave the graph as traced)",
     "repalgebra.frontend.dtype_properties:_read_from_the_property": "one decision a test reaches alone: any other "
     "difference between the two traces (a number baked in) leaves the graph as traced",
     "repalgebra.hooked:movable_hooks": "one decision a test reaches: a block with hooks of its own is fused inside them (the "

@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["follow_dtype_properties"]
+__all__ = ["follow_dtype_properties", "follow_parameters_dtype"]
 
 _OWN = object()  # a class without a ``dtype`` of its own (the property is inherited)
 
@@ -81,7 +81,49 @@ def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
     held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
     if not reads or not held:
         return None
-    name = min(held, key=lambda item: item[1].numel())[0]  # the smallest: the fused graph holds a copy of it
+    name = _read_off(fx_graph, reads, held)
+    return (f"its forward reads a dtype off the model's parameters (a dtype property, Hugging Face's self.dtype) in "
+            f"{len(reads)} call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of it")
+
+
+def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Graph, retrace: Any) -> str | None:
+    """Make the dtype arguments of ``fx_graph`` that came from the model's parameters inline
+    (``x.to(next(self.parameters()).dtype)``, timm's and Hugging Face's ``dtype = next(self.parameters()).dtype``:
+    fx runs ``self.parameters()`` on the real module, so the dtype is a constant of the trace) read off a parameter
+    of ``work``; ``retrace(m)`` traces a fresh copy of ``m`` and returns its graph.  Returns a note, or None where
+    nothing changed.
+
+    Only where every floating parameter and buffer has one dtype: the model is traced again with stand-ins of
+    another dtype in their place, and the dtype arguments that change with them, and nothing else does, read the
+    tensors.  Which one they read is not known, so a parameter stands for all: a cast of the whole model
+    (``fused.double()``) moves it as it moves them.  A dtype of the code (``torch.float32``, a configured
+    ``self._dtype``) does not change, and a number made from one (``torch.finfo(dtype).min``) or a buffer traced
+    as a constant differs otherwise: the graph stays as traced."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    if not any(a == dtype for n in fx_graph.nodes for a in _leaves(n) if isinstance(a, torch.dtype)):
+        return None
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    try:
+        with standing_in(model, other):
+            second = retrace(model)
+    except Exception:  # noqa: BLE001  (it does not trace so: the graph stays as traced)
+        return None
+    reads = _read_from_the_property(fx_graph, second, dtype, other)
+    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
+    if not reads or not held:
+        return None
+    name = _read_off(fx_graph, reads, held)
+    return (f"its forward reads a dtype off the model's parameters (next(self.parameters()).dtype) in {len(reads)} "
+            f"call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of the model")
+
+
+def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[int]], held: list[tuple[str, torch.Tensor]]) -> str:
+    """Make the argument positions ``reads`` names read the dtype of the smallest parameter of ``held`` (the fused
+    graph holds a copy of it); returns its name."""
+    name = min(held, key=lambda item: item[1].numel())[0]
     first = next(n for n in fx_graph.nodes if n in reads)
     with fx_graph.inserting_before(first):
         read = fx_graph.call_function(getattr, (fx_graph.get_attr(name), "dtype"))
@@ -90,25 +132,35 @@ def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
         for i in positions:
             leaves[i] = read
         node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
-    return (f"its forward reads a dtype off the model's parameters (a dtype property, Hugging Face's self.dtype) in "
-            f"{len(reads)} call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of it")
+    return name
 
 
 def follows_the_tensors(m: nn.Module, prop: property, dtype: torch.dtype) -> bool:
-    """Whether ``prop`` of ``m`` answers ``dtype`` where ``m``'s floating parameters and buffers are of ``dtype`` (meta
-    tensors in their place while it is asked; the module is as it was after): it reads them, as a cast of the model
-    changes it, and not a dtype of its own (``return self._dtype``)."""
-    saved = []
+    """Whether ``prop`` of ``m`` answers ``dtype`` where ``m``'s floating parameters and buffers are of ``dtype``
+    (:func:`standing_in`): it reads them, as a cast of the model changes it, and not a dtype of its own
+    (``return self._dtype``)."""
+    try:
+        with standing_in(m, dtype):
+            return prop.fget(m) == dtype
+    except Exception:  # noqa: BLE001  (it reads more than the dtype: not this property)
+        return False
+
+
+@contextlib.contextmanager
+def standing_in(m: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, ``m``'s floating parameters and buffers are meta tensors of ``dtype`` (shared ones by one
+    stand-in each); the module is as it was after."""
+    saved, made = [], {}
     try:
         for sub in m.modules():
             for table in (sub._parameters, sub._buffers):
                 for name, t in [(k, v) for k, v in table.items() if v is not None and v.is_floating_point()]:
                     saved.append((table, name, t))
-                    stand_in = torch.empty(t.shape, dtype=dtype, device="meta")
-                    table[name] = nn.Parameter(stand_in, requires_grad=False) if isinstance(t, nn.Parameter) else stand_in
-        return prop.fget(m) == dtype
-    except Exception:  # noqa: BLE001  (it reads more than the dtype: not this property)
-        return False
+                    if id(t) not in made:  # (tied weights stay tied: one tensor under two names)
+                        stand_in = torch.empty(t.shape, dtype=dtype, device="meta")
+                        made[id(t)] = nn.Parameter(stand_in, requires_grad=False) if isinstance(t, nn.Parameter) else stand_in
+                    table[name] = made[id(t)]
+        yield
     finally:
         for table, name, t in reversed(saved):
             table[name] = t

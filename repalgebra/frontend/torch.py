@@ -52,7 +52,7 @@ from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
 from repalgebra.frontend.capture import first_line
-from repalgebra.frontend.dtype_properties import follow_dtype_properties
+from repalgebra.frontend.dtype_properties import follow_dtype_properties, follow_parameters_dtype
 from repalgebra.frontend.fx_trace import (
     Carried, DtypeReadOutside, LeafSpec, Tracer, UntraceableError, carried_function, carried_modules, check_leaf_modules, concrete_args,
     copy_for_tracing, leaf_paths, record_run, trace_fx,
@@ -148,8 +148,10 @@ def trace_model(
     unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
     try:
         work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer)
-        retrace = lambda: _traced(model, leaf_modules, given, *copy_for_tracing(model, leaf_modules)[:2])[2]  # noqa: E731
+        retrace = lambda m=model: _traced(m, leaf_modules, given, *copy_for_tracing(m, leaf_modules)[:2])[2]  # noqa: E731
         followed = follow_dtype_properties(model, work, fx_graph, retrace) if given is not None else None
+        if given is not None and followed is None:
+            followed = follow_parameters_dtype(model, work, fx_graph, retrace)
         inplace_notes = functionalize(fx_graph, work)
         reads_after_calls(fx_graph, work)  # (after functionalize: its reroutes are reads too)
     except (UntraceableError, InplaceHazard) as e:
