@@ -233,6 +233,8 @@ _DTYPE_PROP = ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_models
                  for t in ("follows_its_casts", "is_guarded_like_a_cast") for k in ("full", "zeros")))
 _PARAMS_DTYPE = tuple(f"tests/test_fuse_text_models.py::test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_the_inputs_the_model_takes[{h}]"
                       for h in ("inline", "named"))
+_COMPILED_PART = tuple(f"tests/test_fuse_capture.py::test_a_forward_compiled_on_a_part_fuses_the_method_it_compiles[{m}]"
+                      for m in ("forward", "features"))
 _COMPILED_FORWARD = tuple(f"tests/test_fuse_capture.py::test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles[{m}]"
                           for m in ("forward", "features"))
 _MODEL_OUTPUT = ("tests/test_fuse_capture.py::test_an_unregistered_model_output_is_rebuilt_from_its_fields_and_the_convs_fold[fields]",)
@@ -2087,13 +2089,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "no dtype argument seen to follow them",
      "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    with standing_in(model, other):",
      "    with standing_in(model, dtype):", _PARAMS_DTYPE),
+    ("frontend", "compiled-part-kept", "self.encoder.forward = torch.compile(self.encoder.forward) left on the part: fx "
+     "refuses it, torch.export fixes the sizes",
+     "repalgebra.frontend.wrappers:without_compiled_parts", "            _run_plain(part, method)", "            pass",
+     _COMPILED_PART),
+    ("frontend", "compiled-part-unlooked", "only the root's compiled forward looked for, not a part's",
+     "repalgebra.frontend.wrappers:without_compiled_parts", "if path and (method := _compiled_method(m)) is not None]",
+     "if not path and (method := _compiled_method(m)) is not None]", _COMPILED_PART),
+    ("frontend", "compiled-part-parents-shared", "the copy's parent sharing its table of children with the user's model: "
+     "setting the plain part there replaces the user's compiled part",
+     "repalgebra.frontend.wrappers:without_compiled_parts", "            made[id(m)]._modules = dict(m._modules)",
+     "            made[id(m)]._modules = m._modules", _COMPILED_PART),
     ("frontend", "compiled-forward-kept", "model.forward = torch.compile(model.forward) left on the model: fx refuses it, "
      "torch.export fixes the sizes",
-     "repalgebra.frontend.wrappers:without_compiled_forward", 'if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):',
+     "repalgebra.frontend.wrappers:_compiled_method", 'if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):',
      "if True:", _COMPILED_FORWARD),
     ("frontend", "compiled-method-taken-for-forward", "a compiled method other than forward (torch.compile(model.features)) "
      "replaced by the class's forward",
-     "repalgebra.frontend.wrappers:without_compiled_forward", "    if method.__func__ is type(m).forward:", "    if True:",
+     "repalgebra.frontend.wrappers:_run_plain", "    if method.__func__ is type(m).forward:", "    if True:",
      _COMPILED_FORWARD),
     ("frontend", "compiled-forward-taken-off-the-model", "the compiled forward taken off the user's model itself, not a copy",
      "repalgebra.frontend.wrappers:without_compiled_forward", "    plain = copy.copy(m)", "    plain = m", _COMPILED_FORWARD),

@@ -2820,6 +2820,37 @@ def test_a_forward_compiled_on_the_instance_fuses_the_method_it_compiles(method)
 
 
 
+class CompiledEncoder(nn.Module):
+    """A stem, then an encoder whose forward is compiled on the instance (``self.encoder.forward =
+    torch.compile(self.encoder.forward)``, or a user's ``model.encoder.forward = torch.compile(model.encoder.features)``)."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.stem, self.encoder = _conv_bn(4, 1), FeaturesThenHead()
+        self.encoder.forward = torch.compile(getattr(self.encoder, method), backend="eager")  # (no code generation)
+
+    def forward(self, x):
+        return self.encoder(F.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("method", ["forward", "features"])
+def test_a_forward_compiled_on_a_part_fuses_the_method_it_compiles(method):
+    """Only the root's compiled forward was taken off: fx refused the part's dynamo function, so the model went to
+    torch.export at the example's sizes, and the fused model refused 24x20 where the model runs.  The part is traced
+    on the method it compiles: any size, both BatchNorms folded, a note saying the fused part is not compiled, and
+    the user's part keeps its compiled forward."""
+    model = randomized(CompiledEncoder(method))
+    compiled = vars(model.encoder)["forward"]
+    fused = fuse(model, torch.randn(1, 4, 16, 16, dtype=D))
+    report = fused.fuse_report
+    assert report.capture == "fx" and bn_left(fused) == 0, str(report)
+    assert any("'encoder' is torch.compile's" in n for n in report.notes), report.notes
+    assert vars(model.encoder)["forward"] is compiled
+    x = torch.randn(2, 4, 24, 20, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9 * float(model(x).abs().max()))
+
+
 class HalvingDataParallel(nn.DataParallel):
     """A DataParallel subclass that computes more than the module it wraps."""
 

@@ -342,6 +342,10 @@ FEW = {
     "repalgebra.backend.onnx:_clamp": "two choices, Max for a lower bound alone and Min for an upper one (the mutants write "
     "Clip, and Min for a lower bound)",
     "repalgebra.backend.onnx:_number": "one job, a number in float64 before its cast to the file's dtype",
+    "repalgebra.frontend.wrappers:without_compiled_forward": "one step, a shallow copy of the model; the decisions it "
+    "took are _compiled_method's and _run_plain's, shared with the parts",
+    "repalgebra.frontend.wrappers:_compiled_method": "one decision, a forward set on the instance by torch.compile",
+    "repalgebra.frontend.wrappers:_run_plain": "one decision, the class's forward or another method bound to the copy",
     "repalgebra.frontend.wrappers:wrapped": "one decision added to it, a wrapper with hooks of its own is no wrapper",
     "repalgebra.frontend.wrappers:_plain": "one comparison, the subclass's forward and __call__ with the wrapper's",
     "repalgebra.frontend.inputs:_loses_hooks": "one comparison, a copy's hooks with the module's",

@@ -7,7 +7,9 @@ devices and gathered again.  Neither can be captured as written (fx refuses a dy
 ``torch`` gives it (``model._orig_mod``, ``model.module``), and says so in its report.
 
 A ``forward`` compiled on the instance (Hugging Face's ``model.forward = torch.compile(model.forward)``) is
-unwrapped the same way, for the model itself: ``fuse`` captures a shallow copy running the method it compiles.
+unwrapped the same way, for the model itself: ``fuse`` captures a shallow copy running the method it compiles; and
+for a part (``self.encoder.forward = torch.compile(self.encoder.forward)``): a copy of the model whose part runs the
+method it compiles.  The compile wrapper is not kept in the fused model.
 
 Only a wrapper that adds nothing is one: a wrapper with hooks of its own (a post-processor on the compiled
 model's output) or a subclass with its own ``forward`` computes more than the module it wraps, so it is
@@ -23,7 +25,7 @@ import types
 
 from torch import nn
 
-__all__ = ["is_wrapper", "wrapped", "unwrap", "without_compiled_forward"]
+__all__ = ["is_wrapper", "wrapped", "unwrap", "without_compiled_forward", "without_compiled_parts"]
 
 
 def _wrappers() -> dict[type, tuple[str, str]]:
@@ -65,11 +67,14 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
     plain = without_compiled_forward(inner)
     note = None if inner is model else (f"the model is {' of '.join(what)}: fused {path}, the module it runs (the same "
                                         "function); wrap the fused module again to run it compiled or on several devices")
+    inner, parts = without_compiled_parts(inner if plain is None else plain)
+    if parts:
+        note = "; ".join([*([note] if note else []), *parts])
     if plain is None:
         return inner, note
     compiled = (f"the forward of {path} is torch.compile's of its own method ({path}.forward = torch.compile(...)): "
                 "fused the method it compiles (the same function); compile the fused module's forward again to run it compiled")
-    return plain, compiled if note is None else f"{note}; {compiled}"
+    return inner, compiled if note is None else f"{note}; {compiled}"
 
 
 def without_compiled_forward(m: nn.Module) -> nn.Module | None:
@@ -80,15 +85,63 @@ def without_compiled_forward(m: nn.Module) -> nn.Module | None:
     the compiled function calls the method of ``m`` itself, the user's model, from every copy ``fuse`` makes.  The
     copy holds the class's ``forward`` (or the method compiled, bound to the copy) and shares the rest with ``m``,
     which ``fuse`` copies before it runs anything."""
+    method = _compiled_method(m)
+    if method is None:
+        return None
+    plain = copy.copy(m)
+    _run_plain(plain, method)
+    return plain
+
+
+def without_compiled_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model``, or a copy of it where each part whose forward is compiled on the instance
+    (``self.encoder.forward = torch.compile(self.encoder.forward)``) runs the method compiled; and a note per part.
+    (The root is :func:`without_compiled_forward`'s.)
+
+    The copy is shallow along the paths to those parts (a part or parent met twice is copied once) and shares the
+    rest with ``model``, which ``fuse`` copies before it runs anything.  fx refuses a compiled function (the model
+    went to torch.export at fixed sizes), and ``fuse``'s copies of it would call the method of the user's part.  The
+    fused model's part is its fused form, without the compile wrapper, as for the root."""
+    parts = [(path, m, method) for path, m in model.named_modules(remove_duplicate=False)
+             if path and (method := _compiled_method(m)) is not None]
+    if not parts:
+        return model, []
+    made: dict[int, nn.Module] = {}
+
+    def copied(m: nn.Module) -> nn.Module:
+        if id(m) not in made:
+            made[id(m)] = copy.copy(m)
+            made[id(m)]._modules = dict(m._modules)  # (its own table: the parts set below are the copy's only)
+        return made[id(m)]
+
+    root, notes = copied(model), []
+    for path, m, method in parts:
+        parent = root
+        for name in path.split(".")[:-1]:
+            parent._modules[name] = copied(parent._modules[name])
+            parent = parent._modules[name]
+        part = parent._modules[path.split(".")[-1]] = copied(m)
+        if "forward" in vars(part):
+            _run_plain(part, method)
+        notes.append(f"the forward of {path!r} is torch.compile's of its own method ({path}.forward = torch.compile(...)): "
+                     "fused the method it compiles (the same function); the fused model's part is not compiled")
+    return root, list(dict.fromkeys(notes))
+
+
+def _compiled_method(m: nn.Module) -> types.MethodType | None:
+    """The method of ``m`` that a forward set on ``m`` by ``torch.compile`` compiles, or None (no such forward, or a
+    function of other objects, which stays as it is)."""
     fn = vars(m).get("forward")
     if fn is None or not hasattr(fn, "_torchdynamo_orig_callable"):
         return None
     method = inspect.unwrap(fn)  # (torch keeps the compiled callable under __wrapped__ too)
-    if not (inspect.ismethod(method) and method.__self__ is m):
-        return None  # (a function of other objects: it stays as it is)
-    plain = copy.copy(m)
+    return method if inspect.ismethod(method) and method.__self__ is m else None
+
+
+def _run_plain(m: nn.Module, method: types.MethodType) -> None:
+    """Make ``m`` (a copy of ``method``'s module) run ``method``'s function on itself: its class's forward where it is
+    that one."""
     if method.__func__ is type(m).forward:
-        del vars(plain)["forward"]
+        del vars(m)["forward"]
     else:
-        vars(plain)["forward"] = types.MethodType(method.__func__, plain)
-    return plain
+        vars(m)["forward"] = types.MethodType(method.__func__, m)
