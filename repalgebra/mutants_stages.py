@@ -2089,6 +2089,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "no dtype argument seen to follow them",
      "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    with standing_in(model, other):",
      "    with standing_in(model, dtype):", _PARAMS_DTYPE),
+    ("frontend", "parameters-device-not-followed", "a device read off the parameters with the dtype "
+     "(x.to(device=p.device, dtype=p.dtype)) taken for another difference between the traces: the dtype kept as traced",
+     "repalgebra.frontend.dtype_properties:_read_from_the_property", "x == device and _on_meta(y):", "x == device and False:",
+     ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_the_inputs_the_model_takes[device]",)),
     ("frontend", "compiled-part-kept", "self.encoder.forward = torch.compile(self.encoder.forward) left on the part: fx "
      "refuses it, torch.export fixes the sizes",
      "repalgebra.frontend.wrappers:without_compiled_parts", "            _run_plain(part, method)", "            pass",

@@ -630,17 +630,21 @@ class ParametersDtypeVision(nn.Module):
     def forward(self, pixel_values):
         if self.how == "inline":
             return self.head(F.relu(self.bn(self.conv(pixel_values.to(next(self.parameters()).dtype)))))
+        if self.how == "device":  # (the device read the same way: the stand-ins' differs too)
+            p = next(self.parameters())
+            return self.head(F.relu(self.bn(self.conv(pixel_values.to(device=p.device, dtype=p.dtype)))))
         dtype = next(self.parameters()).dtype
         x = pixel_values.to(dtype=dtype)
         bias = torch.ones(1, 8, 1, 1, dtype=dtype) * 0.5
         return self.head(F.relu(self.bn(self.conv(x)) + bias))
 
 
-@pytest.mark.parametrize("how", ["inline", "named"])
+@pytest.mark.parametrize("how", ["inline", "named", "device"])
 def test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_the_inputs_the_model_takes(how):
     """fx runs ``self.parameters()`` on the real module, so the dtype was the trace's float32: the fused model refused a
     float64 batch the model casts and runs ("holds in float32 only"), and after ``fused.double()`` it still cast to
-    float32.  The dtype is read off a parameter in the fused graph, so it follows a cast of the model."""
+    float32.  The dtype (and a device read with it) is read off a parameter in the fused graph, so it follows a cast
+    of the model."""
     torch.manual_seed(0)
     model = ParametersDtypeVision(how).eval()
     with_statistics(model.bn)

@@ -48,8 +48,9 @@ FEW = {
     "traced, the old path)",
     "repalgebra.frontend.dtype_properties:follow_parameters_dtype": "two decisions a test reaches: the dtype arguments "
     "that follow stand-ins of another dtype are read off a parameter (the other conditions leave the graph as traced)",
-    "repalgebra.frontend.dtype_properties:_read_from_the_property": "one decision a test reaches alone: any other "
-    "difference between the two traces (a number baked in) leaves the graph as traced",
+    "repalgebra.frontend.dtype_properties:_read_from_the_property": "two decisions a test reaches alone: any other "
+    "difference between the two traces (a number baked in) leaves the graph as traced, and a device the stand-ins "
+    "changed is read off a parameter",
     "repalgebra.hooked:movable_hooks": "one decision a test reaches: a block with hooks of its own is fused inside them (the "
     "other conditions keep the old path, where the fused form's check would refuse it anyway)",
     "repalgebra.hooked:without_hooks": "one decision: the hooks are taken off the copy that is captured (a flag left "

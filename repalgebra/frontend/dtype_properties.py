@@ -95,7 +95,8 @@ def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
 
     Only where every floating parameter and buffer has one dtype: the model is traced again with stand-ins of
     another dtype in their place, and the dtype arguments that change with them, and nothing else does, read the
-    tensors.  Which one they read is not known, so a parameter stands for all: a cast of the whole model
+    tensors.  The stand-ins are meta tensors: a device argument that is theirs in the second trace where it is the
+    model's (one device) in the first (``next(self.parameters()).device``) is read off the parameter too.  Which one they read is not known, so a parameter stands for all: a cast of the whole model
     (``fused.double()``) moves it as it moves them.  A dtype of the code (``torch.float32``, a configured
     ``self._dtype``) does not change, and a number made from one (``torch.finfo(dtype).min``) or a buffer traced
     as a constant differs otherwise: the graph stays as traced."""
@@ -111,7 +112,8 @@ def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
             second = retrace(model)
     except Exception:  # noqa: BLE001  (it does not trace so: the graph stays as traced)
         return None
-    reads = _read_from_the_property(fx_graph, second, dtype, other)
+    devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    reads = _read_from_the_property(fx_graph, second, dtype, other, devices.pop() if len(devices) == 1 else None)
     held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
     if not reads or not held:
         return None
@@ -120,18 +122,22 @@ def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
             f"call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of the model")
 
 
-def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[int]], held: list[tuple[str, torch.Tensor]]) -> str:
-    """Make the argument positions ``reads`` names read the dtype of the smallest parameter of ``held`` (the fused
-    graph holds a copy of it); returns its name."""
+def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[tuple[int, str]]], held: list[tuple[str, torch.Tensor]]) -> str:
+    """Make the argument positions ``reads`` names read the attribute named with them (``dtype``, ``device``) of the
+    smallest parameter of ``held`` (the fused graph holds a copy of it); returns its name."""
     name = min(held, key=lambda item: item[1].numel())[0]
     first = next(n for n in fx_graph.nodes if n in reads)
     with fx_graph.inserting_before(first):
-        read = fx_graph.call_function(getattr, (fx_graph.get_attr(name), "dtype"))
+        weight = fx_graph.get_attr(name)
+        read = {attr: fx_graph.call_function(getattr, (weight, attr)) for attr in ("dtype", "device")}
     for node, positions in reads.items():
         leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
-        for i in positions:
-            leaves[i] = read
+        for i, attr in positions:
+            leaves[i] = read[attr]
         node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
+    for unread in read.values():
+        if not unread.users:
+            fx_graph.erase_node(unread)
     return name
 
 
@@ -170,10 +176,13 @@ def _leaves(n: fx.Node) -> list[Any]:
     return pytree.tree_leaves((n.args, n.kwargs))
 
 
-def _read_from_the_property(graph: fx.Graph, second: fx.Graph, dtype: torch.dtype, other: torch.dtype) -> dict[fx.Node, list[int]]:
+def _read_from_the_property(graph: fx.Graph, second: fx.Graph, dtype: torch.dtype, other: torch.dtype,
+                            device: torch.device | None = None) -> dict[fx.Node, list[tuple[int, str]]]:
     """Each node of ``graph`` whose arguments are ``other`` in ``second`` (traced with the property answering it) where
-    they are ``dtype`` in ``graph``, with their positions among its argument leaves; empty where the two graphs differ
-    otherwise (another op, another constant)."""
+    they are ``dtype`` in ``graph``, with their positions among its argument leaves (and ``"dtype"``); with a
+    ``device``, also those that are the meta device in ``second`` where they are ``device`` in ``graph`` (and
+    ``"device"``: stand-ins on the meta device were read); empty where the two graphs differ otherwise (another op,
+    another constant)."""
     nodes, again = list(graph.nodes), list(second.nodes)
     if len(nodes) != len(again):
         return {}
@@ -186,10 +195,16 @@ def _read_from_the_property(graph: fx.Graph, second: fx.Graph, dtype: torch.dtyp
             return {}
         for i, (x, y) in enumerate(zip(a[0], b[0])):
             if x is dtype and y is other:
-                reads.setdefault(n, []).append(i)
+                reads.setdefault(n, []).append((i, "dtype"))
+            elif device is not None and isinstance(x, torch.device) and x == device and _on_meta(y):
+                reads.setdefault(n, []).append((i, "device"))
             elif not _same(x, y):
                 return {}
     return reads
+
+
+def _on_meta(y: Any) -> bool:
+    return isinstance(y, torch.device) and y.type == "meta"
 
 
 def _same(x: Any, y: Any) -> bool:
