@@ -2230,6 +2230,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "state-read-before-call-taken", "a buffer read before a call kept whole refused, one read after it not",
      "repalgebra.frontend.inplace:_refuse_state_read_after", "if order[u] > order[call] and u.target is not after_call]",
      "if order[u] < order[call] and u.target is not after_call]", _STATE_AFTER),
+    ("frontend", "state-read-through-call-result", "a read of a call kept whole's own result taken for a read of the buffer it was "
+     "given (the result may be it): a model whose call alone reads its shift kept whole",
+     "repalgebra.frontend.inplace:_refuse_state_read_after", " and call not in bases[m] for u in m.users", " for u in m.users",
+     ("tests/test_inplace.py::test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inputs_stays_the_models",)),
     ("frontend", "state-read-after-call-unchecked", "reads of a parameter or buffer after a call kept whole never looked at",
      "repalgebra.frontend.inplace:reads_after_calls", "        _refuse_state_read_after(call, nodes, order, bases)\n", "", _STATE_AFTER),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "

@@ -474,7 +474,9 @@ def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx
     state = [a for a in nodes if a.op == "get_attr"
              and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner)))]
     for a in state:
-        readers = [u for m in nodes if not bases[m].isdisjoint(bases[a]) for u in m.users
+        # (not through the call's own result, which may be the tensor it was given: that read is the value the
+        # call left, no constant)
+        readers = [u for m in nodes if not bases[m].isdisjoint(bases[a]) and call not in bases[m] for u in m.users
                    if order[u] > order[call] and u.target is not after_call]
         if readers:
             raise InplaceHazard(
