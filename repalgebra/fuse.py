@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repalgebra.backend.torch import ORIGINS, to_module
 from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Signature
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
-from repalgebra.frontend.outside_reads import named_by_attributes, names_reached, reached_through, read_outside
+from repalgebra.frontend.outside_reads import named_by_attributes, names_reached, reached_through, read_outside, tests_classes
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -1389,7 +1389,14 @@ class _Fuser:
         work = copy_module(module)
         calls = record_calls(work, Call(tuple(inputs), {}), kept)
         for sub in kept:
-            _set_submodule(work, sub, self.fuse_part(_join(path, sub), calls[sub], _reasons(failures)))
+            mark, plain, original = self._mark(), len(self.plain_parts), work.get_submodule(sub)
+            fused = self.fuse_part(_join(path, sub), calls[sub], _reasons(failures))
+            if type(fused) is not type(original) and _classes_asked(work, sub):  # (as written: its class is asked)
+                self._rollback(mark)
+                del self.plain_parts[plain:]
+                self.report.notes.append(f"{_where(_join(path, sub))}: not replaced by its fused form: {_CLASS_ASKED}")
+                continue
+            _set_submodule(work, sub, fused)
         try:
             cap = capture_fx(work, inputs, [*user, *kept], not self.check)
             return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work), ""
@@ -1562,16 +1569,21 @@ class _Fuser:
         return kept
 
     def _fuse_children(self, module: nn.Module, root_path: str, prefix: str, recorded: dict[str, list[Call]],
-                       outside: dict[str, str]) -> list[tuple]:
+                       outside: dict[str, str], asked: bool = False) -> list[tuple]:
         """Replace each called descendant by its fused form; returns the swaps ``(parent, name, old, new)``.  One in
         ``outside`` (:func:`~repalgebra.frontend.outside_reads.read_outside`: the parent's code reads its weights;
         or the parent sets its attributes, :func:`~repalgebra.frontend.capture.setting_attributes`) stays as
-        written, the reason its value, and its children are fused where the parent touches none of theirs."""
+        written, the reason its value, and its children are fused where the parent touches none of theirs.  So
+        does one whose parent, or a module above it that runs as written, asks classes (``asked``: see
+        :func:`_classes_asked`); a fused form is a class of ours."""
         swaps = []
+        asked = asked or tests_classes(module)
         for name, child in list(module.named_children()):
             rel = _join(prefix, name)
             if recorded.get(rel) and _join(root_path, rel) in (*self.user_leaves, *self.state_leaves):
                 continue  # kept as the copy holds it: what it shares with the rest (a buffer under two names) stays shared
+            if recorded.get(rel) and asked and rel not in outside:
+                outside[rel] = _CLASS_ASKED
             if recorded.get(rel) and rel not in outside:
                 new = self.fuse_part(_join(root_path, rel), recorded[rel], "kept whole parent")
                 _put(module, name, new)
@@ -1579,7 +1591,7 @@ class _Fuser:
                 continue
             if recorded.get(rel) and not (prefix in outside and recorded.get(prefix)):  # (one note, at the outermost called)
                 self.report.notes.append(f"{_where(_join(root_path, rel))}: not replaced by its fused form: {outside[rel]}")
-            swaps += self._fuse_children(child, root_path, rel, recorded, outside)  # (not called itself: a ModuleList, or unused)
+            swaps += self._fuse_children(child, root_path, rel, recorded, outside, asked)  # (not called itself: a ModuleList, or unused)
         return swaps
 
     def same_on_all(self, reference: nn.Module, candidate: nn.Module, calls: list[Call]) -> bool:
@@ -2108,6 +2120,17 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
         if problem is not None:
             return f"call {k + 1}: {problem}" if len(calls) > 1 else problem
     return None
+
+
+def _classes_asked(root: nn.Module, path: str) -> bool:
+    """Whether the code of ``root`` or of a module between it and the submodule at ``path`` asks classes
+    (``isinstance(layer, MaskedConv1d)``), which a fused form of that submodule, a class of ours, answers otherwise."""
+    steps = path.split(".")
+    return any(tests_classes(root.get_submodule(".".join(steps[:k]))) for k in range(len(steps)))
+
+
+_CLASS_ASKED = ("its parent's code asks classes (isinstance), which a fused form, a class of repalgebra's, answers "
+                "otherwise")
 
 
 def _put(parent: nn.Module, name: str, child: nn.Module) -> None:

@@ -2073,7 +2073,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.hooked:carry_hooks", "if k in kept))", "if False))", _HOOKED[1::2]),
     ("frontend", "dtype-property-not-followed", "a dtype a property reads off the parameters (HF's self.dtype) kept as the "
      "trace's float32: a float64 batch the model casts refused",
-     "repalgebra.frontend.dtype_properties:follow_dtype_properties", "    if not reads or not held:", "    if True:", _DTYPE_PROP),
+     "repalgebra.frontend.dtype_properties:follow_dtype_properties", "    if (name := _read_off(fx_graph, reads, work, dtype)) is None:", "    if True:", _DTYPE_PROP),
     ("frontend", "dtype-property-of-its-own-followed", "a dtype property answering a dtype of its own (self._dtype) taken "
      "to read the parameters: after .double() the fused model runs where the model fails",
      "repalgebra.frontend.dtype_properties:follow_dtype_properties",
@@ -2084,7 +2084,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.dtype_properties:_read_from_the_property", "            elif not _same(x, y):", "            elif False:", _DTYPE_PROP),
     ("frontend", "parameters-dtype-not-followed", "a dtype read off the parameters inline (next(self.parameters()).dtype) "
      "kept as the trace's float32: a float64 batch the model casts refused, and fused.double() casts to float32",
-     "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    if not reads or not held:", "    if True:", _PARAMS_DTYPE),
+     "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    if (name := _read_off(fx_graph, reads, work, dtype)) is None:", "    if True:", _PARAMS_DTYPE),
     ("frontend", "parameters-dtype-stand-ins-unchanged", "the second trace made with stand-ins of the parameters' own dtype: "
      "no dtype argument seen to follow them",
      "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    with standing_in(model, other):",
@@ -2234,6 +2234,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "given (the result may be it): a model whose call alone reads its shift kept whole",
      "repalgebra.frontend.inplace:_refuse_state_read_after", " and call not in bases[m] for u in m.users", " for u in m.users",
      ("tests/test_inplace.py::test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inputs_stays_the_models",)),
+    ("frontend", "class-tests-unseen", "a parent's isinstance on its children not seen: a masked conv's fused form, of "
+     "another class, was called without its lengths (a probe)",
+     "repalgebra.frontend.outside_reads:tests_classes", "    return _CLASS_TESTS[cls]", "    return False",
+     ("tests/test_fuse_conv1d.py::test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks",)),
+    ("frontend", "class-asked-around-unseen", "a part kept whole and fused on its own swapped in before its parent's "
+     "capture, though the parent asks its class",
+     "repalgebra.fuse:_classes_asked", "    return any(", "    return False and any(",
+     ("tests/test_fuse_conv1d.py::test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks[captured-around]",)),
     ("frontend", "state-read-after-call-unchecked", "reads of a parameter or buffer after a call kept whole never looked at",
      "repalgebra.frontend.inplace:reads_after_calls", "        _refuse_state_read_after(call, nodes, order, bases)\n", "", _STATE_AFTER),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "

@@ -532,3 +532,57 @@ def test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it(k, residual
     fused = fuse(model, torch.randn(2, 4, 20, dtype=D))
     assert count_bn(fused) == bns, str(fused.fuse_report)
     assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 11), (1, 4, 33)])
+
+
+class MaskedConv1d(nn.Module):
+    """NeMo's masked conv: a Conv1d whose output steps past each sequence's length are zeroed (``lens=None``: no
+    mask); ``len(lens)`` is Python fx cannot trace, so fuse keeps it whole.  With ``bn``, a BatchNorm1d inside."""
+
+    def __init__(self, cin: int, cout: int, k: int, groups: int = 1, bn: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, padding=k // 2, groups=groups)
+        self.bn = nn.BatchNorm1d(cout) if bn else nn.Identity()
+
+    def forward(self, x, lens=None):
+        out = self.bn(self.conv(x))
+        if lens is not None:
+            mask = torch.arange(out.size(2)).expand(len(lens), out.size(2)) >= lens.unsqueeze(1)
+            out = out.masked_fill(mask.unsqueeze(1), 0)
+        return out
+
+
+class JasperBlock(nn.Module):
+    """NeMo's JasperBlock habit: the lengths go to the masked convs only, chosen by class.  ``data_branch``: a
+    branch on the lengths' values too (the block is kept whole, its layers fused on their own)."""
+
+    def __init__(self, c: int = 8, data_branch: bool = False) -> None:
+        super().__init__()
+        self.data_branch = data_branch
+        self.layers = nn.ModuleList([MaskedConv1d(c, c, 5, groups=c, bn=True), MaskedConv1d(c, c, 1, bn=True),
+                                     nn.ReLU(), nn.Conv1d(c, c, 3, padding=1, bias=False), nn.BatchNorm1d(c)])
+
+    def forward(self, x, lens):
+        if self.data_branch and bool(lens.max() > 1000):
+            x = x.flip(2)
+        for layer in self.layers:
+            x = layer(x, lens) if isinstance(layer, MaskedConv1d) else layer(x)
+        return x
+
+
+@pytest.mark.parametrize("data_branch", [False, True], ids=["captured-around", "kept-whole"])
+def test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks(data_branch):
+    """The masked convs' fused forms are classes of ours: the block's ``isinstance(layer, MaskedConv1d)`` said no, its
+    capture (or its run as written) called them without the lengths, and the fused block stopped masking.  At an
+    unpadded example the mask changes nothing, so the checks passed; a padded batch was 26% off (found by a probe).
+    Under a parent that asks classes, a part whose fused form is another class stays as written."""
+    model = seeded(JasperBlock, 0, data_branch=data_branch)().double()
+    example = (torch.randn(2, 8, 40, dtype=D), torch.tensor([40, 40]))
+    fused = fuse(model, example)
+    for lens in (torch.tensor([40, 12]), torch.tensor([7, 30]), torch.tensor([40, 40])):
+        x = torch.randn(2, 8, 40, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x, lens), model(x, lens), rtol=1e-9, atol=1e-9)
+    assert "not replaced by its fused form: its parent's code asks classes" in str(fused.fuse_report), str(fused.fuse_report)
+    if not data_branch:  # (captured around the masked convs: the plain conv's BatchNorm still folds)
+        assert count_bn(fused) == count_bn(model) - 1, str(fused.fuse_report)
+    assert sum(type(m) is MaskedConv1d for m in fused.modules()) == 2  # (as written)

@@ -78,10 +78,8 @@ def follow_dtype_properties(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
     except Exception:  # noqa: BLE001  (it does not trace so: the graph stays as traced)
         return None
     reads = _read_from_the_property(fx_graph, second, dtype, other)
-    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
-    if not reads or not held:
+    if (name := _read_off(fx_graph, reads, work, dtype)) is None:
         return None
-    name = _read_off(fx_graph, reads, held)
     return (f"its forward reads a dtype off the model's parameters (a dtype property, Hugging Face's self.dtype) in "
             f"{len(reads)} call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of it")
 
@@ -114,17 +112,19 @@ def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
         return None
     devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     reads = _read_from_the_property(fx_graph, second, dtype, other, devices.pop() if len(devices) == 1 else None)
-    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
-    if not reads or not held:
+    if (name := _read_off(fx_graph, reads, work, dtype)) is None:
         return None
-    name = _read_off(fx_graph, reads, held)
     return (f"its forward reads a dtype off the model's parameters (next(self.parameters()).dtype) in {len(reads)} "
             f"call{'s' * (len(reads) != 1)}: read off {name!r} in the fused graph, so it follows a cast of the model")
 
 
-def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[tuple[int, str]]], held: list[tuple[str, torch.Tensor]]) -> str:
+def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[tuple[int, str]]], work: nn.Module, dtype: torch.dtype) -> str | None:
     """Make the argument positions ``reads`` names read the attribute named with them (``dtype``, ``device``) of the
-    smallest parameter of ``held`` (the fused graph holds a copy of it); returns its name."""
+    smallest parameter of ``work`` in ``dtype`` (the fused graph holds a copy of it); returns its name, or None where
+    there are no reads or no such parameter."""
+    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
+    if not reads or not held:
+        return None
     name = min(held, key=lambda item: item[1].numel())[0]
     first = next(n for n in fx_graph.nodes if n in reads)
     with fx_graph.inserting_before(first):

@@ -210,6 +210,28 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
     return found
 
 
+def tests_classes(module: nn.Module) -> bool:
+    """Whether the code a call of ``module`` runs (``forward`` and what it calls on ``self``, as :func:`_chains` reads
+    it, comprehensions and closures in it too) asks an object's class: ``isinstance``, ``issubclass``, ``type(...)``
+    or ``.__class__``.  A parent that dispatches on its children's classes (NeMo's ``if isinstance(layer,
+    MaskedConv1d): x = layer(x, lens)``) answers otherwise for a fused form, which is a class of ours: its capture
+    took the other branch and called the masked conv without its lengths (26% off where a batch is padded; found
+    by a probe).  Read once per class."""
+    cls = type(module)
+    if cls not in _CLASS_TESTS:
+        _CLASS_TESTS[cls] = any(_asks_classes(f.__code__) for f in _run_functions(cls))
+    return _CLASS_TESTS[cls]
+
+
+_CLASS_TESTS: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+_CLASS_NAMES = frozenset({"isinstance", "issubclass", "type", "__class__"})
+
+
+def _asks_classes(code: types.CodeType) -> bool:
+    return not _CLASS_NAMES.isdisjoint(code.co_names) or any(
+        _asks_classes(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
 def named_by_attributes(module: nn.Module) -> set[str]:
     """The submodules of ``module`` (paths) that a plain attribute of ``module`` or of a descendant names, in a
     dict, list, tuple or set too (``self.paths = {"main": self.a}``).  A fused form swapped in for such a child is
@@ -252,16 +274,7 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     methods and properties of the class it names on ``self``, in turn; not ``__init__`` or a weight init, which
     reach into every child and never run in a call (a parent kept whole kept its conv and BN as written for
     ``self.conv.bn.running_mean.normal_()`` in ``__init__``; found by a full run)."""
-    functions: dict[str, types.FunctionType] = {}
-    for base in reversed(cls.__mro__):
-        if base in (nn.Module, object):
-            continue
-        for name, value in vars(base).items():
-            function = value.fget if isinstance(value, property) else value
-            if isinstance(function, (staticmethod, classmethod)):
-                function = function.__func__
-            if isinstance(function, types.FunctionType):
-                functions[name] = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
+    functions = _functions(cls)
     chains: list[tuple[Any, ...]] = []
     todo, seen = [n for n in ("forward", "__call__") if n in functions], set()
     while todo:
@@ -276,6 +289,28 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
     return tuple(dict.fromkeys(chains))
+
+
+def _functions(cls: type) -> dict[str, types.FunctionType]:
+    """The functions of ``cls`` and its bases by name (nn.Module's own aside), properties' getters among them."""
+    functions: dict[str, types.FunctionType] = {}
+    for base in reversed(cls.__mro__):
+        if base in (nn.Module, object):
+            continue
+        for name, value in vars(base).items():
+            function = value.fget if isinstance(value, property) else value
+            if isinstance(function, (staticmethod, classmethod)):
+                function = function.__func__
+            if isinstance(function, types.FunctionType):
+                functions[name] = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
+    return functions
+
+
+def _run_functions(cls: type) -> list[types.FunctionType]:
+    """The functions a call of a ``cls`` runs: ``forward`` (or ``__call__``) and the methods it names on ``self``."""
+    functions = _functions(cls)
+    named = {c[0] for c in _chains(cls) if c and isinstance(c[0], str)}
+    return [f for n, f in functions.items() if n in ("forward", "__call__") or n in named]
 
 
 def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[Any, ...]]:
