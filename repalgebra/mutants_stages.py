@@ -1638,6 +1638,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "m.kernel_size, m.stride,", "m.kernel_size, m.stride[::-1],", _FX),
     ("frontend", "conv3d-module-dilation-dropped", "nn.Conv3d's dilation is not read", f"{_HM}:_m_conv3d",
      "m.dilation, m.groups)", "1, m.groups)", _FX),
+    ("frontend", "conv3d-module-same-uneven-unpadded", "an even kernel's padding='same' left to conv3d_attrs (which "
+     "refuses it): the conv carried whole, its BatchNorm3d unfolded", f"{_HM}:_m_conv3d",
+     'pre = {"pads": pads} if pads and', 'pre = None if pads and', ("tests/test_fuse_conv3d.py",)),
+    ("frontend", "same-pads-at-the-start", "padding='same''s odd extra row put at the start of an axis, not its end",
+     "repalgebra.frontend.args:same_pads", "for p in (t // 2, t - t // 2)", "for p in (t - t // 2, t // 2)",
+     ("tests/test_fuse_conv3d.py",)),
     ("frontend", "conv3d-function-order", "F.conv3d's arguments bound with groups before dilation",
      f"{_HF}:_f_conv3d", '("dilation", 1), ("groups", 1)]', '("groups", 1), ("dilation", 1)]', _FN),
     ("frontend", "conv3d-function-bias-dropped", "F.conv3d's bias is not read", f"{_HF}:_f_conv3d",

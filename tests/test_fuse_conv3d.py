@@ -10,6 +10,7 @@ capture runs at any size).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,3 +100,15 @@ def test_a_vnet_folds_its_transposed_convs_and_keeps_batch_statistics_norms_whol
         x = torch.randn(shape, dtype=D)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), batch_stats(x), rtol=1e-9, atol=1e-12)  # float64: the same ops
+
+
+@pytest.mark.parametrize("kernel, dilation", [((2, 3, 3), 1), ((3, 4, 2), 1), ((2, 2, 2), (1, 2, 3))])
+def test_a_same_padded_conv3d_of_an_even_kernel_folds_its_batchnorm(kernel, dilation):
+    """``Conv3d(padding='same')`` with an even kernel (a video net's 2-frame temporal conv) pads the end of an axis
+    one more, which ``conv3d``'s symmetric padding cannot say: the conv was carried whole and its BatchNorm3d stayed
+    (found by a probe).  The extra row is a ``pad_nd`` before the conv now, and the BatchNorm folds."""
+    model = seeded(lambda: nn.Sequential(nn.Conv3d(4, 6, kernel, padding="same", dilation=dilation), nn.BatchNorm3d(6),
+                                         nn.ReLU()), 0)().double()
+    fused = fuse(model, torch.randn(1, 4, 6, 7, 8, dtype=D))
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(1, 4, 6, 7, 8), (2, 4, 5, 9, 6), (1, 4, 8, 8, 8)])

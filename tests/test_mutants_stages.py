@@ -287,6 +287,7 @@ FEW = {
     "repalgebra.frontend.outside_reads:tests_classes": "one reading of a class's code, whether it asks classes (the "
     "walk over its functions is _chains')",
     "repalgebra.fuse:_classes_asked": "one walk up the path, each module asked with tests_classes",
+    "repalgebra.frontend.args:same_pads": "one arithmetic of torch's padding='same', which side takes the odd row",
     "repalgebra.frontend.state:_same": "one comparison of two snapshots' entries, tensors through _Tensor.same",
     "repalgebra.frontend.state:attribute_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",
     "repalgebra.frontend.handlers_functions:_f_to_dtype_of": "one decision, whether the value's dtype may be the caller's (the written cast has mutants of its own)",

@@ -95,6 +95,13 @@ def conv3d_attrs(kernel: Sequence[int], stride: Any, padding: Any, dilation: Any
     return {**attrs, "groups": groups}
 
 
+def same_pads(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """``padding='same'`` as ``F.pad``'s pads (last axis first, ``(begin, end)`` each): PyTorch puts the odd extra
+    row at the end of an axis (``Conv3d((2, 3, 3), padding='same')`` pads its depth by ``(0, 1)``)."""
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return tuple(p for t in reversed(totals) for p in (t // 2, t - t // 2))
+
+
 def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int] | None:
     """PyTorch conv padding (int, pair, 'same', 'valid') as ``(top, bottom, left, right)``."""
     if padding == "valid":

@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, elu_made, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
+from repalgebra.frontend.args import adaptive_pool, avg_pool, bn_params, conv3d_attrs, conv_padding, same_pads, elu_made, global_mean, height_one, im2col, interpolate, ints, leaky_relu_made, max_pool, pad_nd, prelu_made, single, transposed_conv_attrs, unsqueezed
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.builder import Builder, Made
 from repalgebra.frontend.fx_trace import DROPOUTS, module_weight
@@ -82,11 +82,13 @@ def _m_conv3d(b: Builder, n: fx.Node, m: nn.Conv3d, args: tuple, kwargs: dict) -
     x = single(args, kwargs)
     if x is None or len(x.shape) != 5 or m.padding_mode != "zeros":
         return None
-    attrs = conv3d_attrs(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+    pads = same_pads(m.kernel_size, m.dilation) if m.padding == "same" else None
+    pre = {"pads": pads} if pads and pads[::2] != pads[1::2] else None  # (an even kernel: one more at an axis's end)
+    attrs = conv3d_attrs(m.kernel_size, m.stride, 0 if pre else m.padding, m.dilation, m.groups)
     if attrs is None:
         return None
     params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
-    return "conv3d", [x], attrs, params, ""
+    return "conv3d", [_padded(b, n, x, pre)], attrs, params, ""
 
 
 def _m_conv1d(b: Builder, n: fx.Node, m: nn.Conv1d, args: tuple, kwargs: dict) -> Made:
