@@ -187,7 +187,20 @@ class ReadsChildsAttribute(nn.Module):
         return self.post(y - self.child.stat)
 
 
-@pytest.mark.parametrize("make", [ReadsChildsBuffer, ReadsChildsAttribute])
+class ReadsObserversMaximum(nn.Module):
+    """torch.ao's observer, which widens its range on every call, also in eval mode: torch's own code, so the
+    refusal of a state read after a call of the model's own code does not see it, and the mark of what its calls
+    set does (a capture held the maximum of one call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observer, self.a = torch.ao.quantization.MinMaxObserver(dtype=torch.quint8), conv_bn(3, 8)
+
+    def forward(self, x):
+        return self.a(self.observer(x)) + self.observer.max_val
+
+
+@pytest.mark.parametrize("make", [ReadsChildsBuffer, ReadsChildsAttribute, ReadsObserversMaximum])
 def test_a_value_a_part_kept_whole_sets_is_read_per_call_around_it(make):
     model = randomized(make())
     reference = copy.deepcopy(model)
@@ -197,6 +210,8 @@ def test_a_value_a_part_kept_whole_sets_is_read_per_call_around_it(make):
         for scale in (1.0, 4.0, 16.0):
             x = torch.randn(2, 3, 6, 6, dtype=D, generator=gen) * scale + scale
             assert close(reference(x), fused(x)), str(fused.fuse_report)
+    if make is ReadsObserversMaximum:  # (refused for the read itself, before any check at other values could)
+        assert "it reads 'observer.max_val', which every call of 'observer' sets" in str(fused.fuse_report)
 
 
 def test_a_models_own_generator_starts_where_the_models_does():
