@@ -790,14 +790,13 @@ class DefaultDtypeGuard:
         _install(self, module)
 
 
-def follows_default_dtype(module: nn.Module, call: Call, ran: tuple | None = None) -> bool:
+def follows_default_dtype(module: nn.Module, call: Call) -> bool:
     """Whether ``module`` computes exactly the same for ``call`` under the other default dtype (float64, or float32
     where it is float64): False where it computes otherwise, or does not run so.  Every factory without ``dtype=``
-    reads the default dtype, and a capture holds what it made at the capture (found by a review).  ``ran``: the
-    output of ``_run(module, call, None)`` under the current default, in a 1-tuple, where a check has it already."""
+    reads the default dtype, and a capture holds what it made at the capture (found by a review)."""
     before = torch.get_default_dtype()
     try:
-        want = _run(module, call, None) if ran is None else ran[0]
+        want = _run(module, call, None)
         torch.set_default_dtype(torch.float32 if before == torch.float64 else torch.float64)
         try:
             got = _run(module, call, None)
