@@ -40,6 +40,11 @@ the same W'[o] = W[o] * s[o] holds; two configurations check it with strides, pa
 on every axis.  A transposed 3-D convolution (``nn.ConvTranspose3d``) folds as the 2-D one, its weight
 ``(C, O/groups, kd, kh, kw)`` scaled over its first two axes; two configurations check it.
 
+A BN on a channel piece of a conv (IBN-Net: instance norm on the first half of a conv's channels, BN on the rest)
+reads conv channels idx[0], idx[1], ...: BN channel j is conv channel idx[j], a per-channel affine of that row only,
+so row idx[j] folds (s[j], t[j]) and every row outside idx stays as it was; a piece that reads only rows outside idx
+reads the same values from the folded conv.  Three pieces check it: the last channels, a stride, an unordered pick.
+
 Proof method: symbolic x, W, b, mean, var, gamma, beta, eps; the BN scale is kept as the
 honest ``gamma / sympy.sqrt(var + eps)``; both sides are compared with
 ``expand(lhs - rhs) == 0`` element by element. The identity is linear in
@@ -155,6 +160,7 @@ def prove() -> list[str]:
     done.append(prove_sum())
     done.append(prove_sum_with_term())
     done.extend(prove_shuffle(cfg) for cfg in SHUFFLE_CONFIGS)
+    done.extend(prove_piece(mine, rest) for mine, rest in PIECES)
     return done
 
 
@@ -186,6 +192,34 @@ def prove_shuffle(cfg) -> str:
     desc = describe("conv->pixel_shuffle->BN == conv'->pixel_shuffle", r=r, C_bn=cfg["C"], **cfg["conv"])
     assert_equal(lhs, rhs, "bn_fold " + desc)
     return desc
+
+
+# A conv of 5 channels read by two pieces that share none: (the BN's channels in its order, the other piece's).
+PIECES = [([3, 4], [0, 1, 2]), ([1, 3], [0, 2, 4]), ([4, 0, 2], [1])]
+
+
+def piece_rows(w, b, mine, mean, var, gamma, beta, eps):
+    """Fused (W', b') for a conv whose channels ``mine`` (in the BN's order) a BN reads: row ``mine[j]`` folds BN
+    channel j, the other rows stay as they were."""
+    w2, b2 = w.copy(), (b.copy() if b is not None else np.array([sympy.Integer(0)] * w.shape[0], dtype=object))
+    for j, o in enumerate(mine):
+        s = gamma[j] / sympy.sqrt(var[j] + eps)
+        w2[o] = w[o] * s
+        b2[o] = (b2[o] - mean[j]) * s + beta[j]
+    return w2, b2
+
+
+def prove_piece(mine, rest) -> str:
+    """BN(conv(x)[mine]) == conv'(x)[mine] and conv(x)[rest] == conv'(x)[rest]: conv' folds the BN into the rows its
+    piece reads (a split's, a stride's, any order), and the other piece reads the same values from it as before."""
+    cfg = dict(C=2, O=5, H=3, W=3, k=(3, 3), groups=1, bias=True)
+    x, w, b = conv_symbols(cfg)
+    bn = bn_symbols("", len(mine))
+    z = conv2d(x, w, b, padding=(1, 1, 1, 1))
+    z2 = conv2d(x, *piece_rows(w, b, mine, *bn), padding=(1, 1, 1, 1))
+    assert_equal(batch_norm(z[mine], *bn), z2[mine], f"bn_fold piece {mine} of a conv")
+    assert_equal(z[rest], z2[rest], f"bn_fold the other piece {rest} of the conv")
+    return f"conv 3x3 with bias, channels {mine}->BN and channels {rest} == conv' (rows {mine} folded), the same pieces"
 
 
 def prove_concat() -> str:

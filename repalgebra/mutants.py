@@ -127,6 +127,7 @@ _QSF = "repalgebra.rules.query_scale_fold:_fold"
 _NORM_GAMMA_DROPPED = ("if gamma is None else gamma), beta", "if gamma is None else torch.ones_like(gamma)), beta")
 _BN_FOLDED = "repalgebra.rules.bn_fold:_folded"
 _BN_SHUFFLE = "repalgebra.rules.bn_fold:_through_shuffle"
+_BN_PIECE = "repalgebra.rules.bn_fold:_through_piece"
 _LAF_FOLDED, _LAF_SUM = "repalgebra.rules.linear_affine_fold:_folded", "repalgebra.rules.linear_affine_fold:_through_sum"
 _IDENTITY_KERNEL = "repalgebra.kernels:identity_kernel"
 _PER_INPUT = "repalgebra.kernels:per_input_channel"
@@ -189,6 +190,14 @@ MUTANTS: list[Mutant] = [
        "if not sole_use(graph, bn.x) or not sole_use(graph, conv.out):", "if False:", target=_BN_SHUFFLE),
     _m("bn_fold", "shuffle-any-rank", "a BN after a pixel shuffle of a 3-D conv (which shuffles the depth axis) taken for the channel pattern",
        "if shuffle is None or len(bn.x.shape) != 4:", "if shuffle is None:", target=_BN_SHUFFLE),
+    _m("bn_fold", "piece-rows-from-start", "a BN on a channel piece folds into the conv's first rows, not the rows the piece reads",
+       "scale[mine], shift[mine] = s, t", "scale[:len(mine)], shift[:len(mine)] = s, t", target=_BN_PIECE),
+    _m("bn_fold", "piece-overlap", "a BN on a channel piece folds where another piece reads some of its channels (unnormalized there)",
+       "if any(set(r) & set(mine) for n, r in zip(readers, rows) if n is not part):", "if False:", target=_BN_PIECE),
+    _m("bn_fold", "piece-conv-output", "a BN on a channel piece folds where the conv is also a graph output (which then returns the folded rows)",
+       "if graph.num_uses(conv.out) != len(readers) or None in rows", "if None in rows", target=_BN_PIECE),
+    _m("bn_fold", "piece-any-axis", "a piece along the height taken for a piece of the channels",
+       'or node.attrs["axis"] % rank != 1:', ":", target="repalgebra.rules.bn_fold:_channels_read"),
     # ---------------------------------------------------------------- scale_fold
     _m("scale_fold", "bias-unscaled", "the conv bias is not multiplied by the layer scale",
        "bias=None if bias is None else bias * gamma", "bias=bias"),

@@ -542,7 +542,7 @@ def _magnitude_op(n: Node, ms: list[torch.Tensor]) -> torch.Tensor:
             bound = bound + (x + x.amax()) / max(a["eps"], 1e-30) ** 0.5
         return bound * view(p.get("weight", 1.0)) + view(p.get("bias", 0.0))
     if op in ("identity", "avg_pool2d", "concat", "mean", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select",
-              "slice", "relu", "expand", "slice_scatter", "pixel_shuffle", "pixel_unshuffle"):
+              "slice", "piece", "chunk", "relu", "expand", "slice_scatter", "pixel_shuffle", "pixel_unshuffle"):
         # Non-negative coefficients (or element moves); relu is 1-Lipschitz with |relu(y)| <= |y|.
         return op_def(op)(ms, a, {})
     raise NotImplementedError(f"no magnitude (error bound) rule for op {op!r} at {n.source or '<graph>'}")

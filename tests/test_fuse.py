@@ -1369,3 +1369,61 @@ def test_a_bn_after_a_pixel_shuffle_folds_into_the_conv_before_it(scale, dtype, 
         with torch.no_grad():
             want = model(x)
             torch.testing.assert_close(fused(x), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+class _IBN(nn.Module):
+    """IBN-Net's instance-batch norm (fast-reid, IBN-Net): instance norm on the first half of the channels, batch
+    norm on the rest, after one conv."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.half = int(planes / 2)
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x):
+        split = torch.split(x, self.half, 1)
+        out1 = self.IN(split[0].contiguous())
+        out2 = self.BN(split[1].contiguous())
+        return torch.cat((out1, out2), 1)
+
+
+class _BottleneckIBN(nn.Module):
+    """ResNet-50-IBN-a's bottleneck: ``bn1`` is an IBN where ``ibn`` is set."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, ibn: bool = True, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = _IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * self.expansion, 1, stride, bias=False),
+                                        nn.BatchNorm2d(planes * self.expansion))
+
+    def forward(self, x):
+        residual = self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+@pytest.mark.parametrize("planes", [8, 6])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_a_bn_on_a_channel_piece_of_a_conv_folds_into_its_rows(planes, dtype, rtol):
+    """IBN-Net's ``cat(IN(h[:, :half]), BN(h[:, half:]))`` after ``conv1`` kept its BN ("no rule applies (input from
+    piece)"): the BN folds into the conv's rows of its half, the instance norm reads the other rows unchanged."""
+    model = randomize(_BottleneckIBN(16, planes).eval(), dtype=dtype)
+    fused = repalgebra.fuse(model, (torch.randn(2, 16, 8, 8, dtype=dtype),))
+    assert "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in fused.modules()) == 1, str(fused.fuse_report)
+    for shape in [(2, 16, 8, 8), (1, 16, 5, 7)]:
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(fused(x), want, rtol=rtol, atol=rtol * float(want.abs().max()))

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 from proofs import RULES, is_refused, load  # noqa: E402
 from proofs import bn_fold, bn_before_conv, bn_into_linear, linear_affine_fold, seq_merge  # noqa: E402
 from proofs.symbolic import (assert_differs, assert_equal, avg_pool2d, batch_norm, conv3d, conv_transpose3d,  # noqa: E402
-                             bn_symbols, carried_axes, conv2d, layout, linear, pixel_shuffle, scale,
+                             bn_symbols, carried_axes, conv2d, conv_symbols, layout, linear, pixel_shuffle, scale,
                              symbols_tensor)
 
 REFUSAL_RULES = {"seq_merge", "bias_fold", "border_fill", "avg_pool_to_conv", "bn_before_conv", "bn_into_linear",
@@ -85,6 +85,19 @@ def test_wrong_shuffle_fold_is_caught():
     with pytest.raises(AssertionError, match="differ at element"):
         assert_equal(lhs, rhs, "bn_fold shuffle tiled")
     assert_differs(lhs, rhs, (0, 0, 1), "bn_fold shuffle tiled")
+
+
+def test_wrong_piece_fold_is_caught():
+    """bn_fold through a channel piece with the BN folded into the conv's first rows (row j folds BN channel j)
+    rather than the rows the piece reads must NOT be proven: the piece's channel 0 is conv channel 1."""
+    mine = bn_fold.PIECES[1][0]
+    x, w, b = conv_symbols(dict(C=1, O=4, H=2, W=2, k=(1, 1), groups=1, bias=True))
+    bn = bn_symbols("", len(mine))
+    z = conv2d(x, w, b)
+    wrong = conv2d(x, *bn_fold.piece_rows(w, b, list(range(len(mine))), *bn))
+    with pytest.raises(AssertionError, match="differ at element"):
+        assert_equal(batch_norm(z[mine], *bn), wrong[mine], "bn_fold piece folded into the first rows")
+    assert_differs(batch_norm(z[mine], *bn), wrong[mine], (0, 0, 0), "bn_fold piece folded into the first rows")
 
 
 @pytest.mark.parametrize("r, shape", [(2, (8, 2, 3)), (3, (9, 1, 2)), (1, (2, 2, 2))])

@@ -324,9 +324,12 @@ def bn_fold() -> Example:
     sg = shared.build(shared.add(c, shared.batch_norm(c, **bn, source="block.bn"), source="block"))
     ref = Text().line(f"in y = z + BN(z) with z = conv(x), bn_fold refuses: {refusal(sg, 'bn_fold')}")
     shuffle_before, shuffle_after, shuffle_txt = _bn_fold_shuffle()
+    piece_before, piece_after, piece_txt = _bn_fold_piece()
     return Example("bn_fold", g, after, {"numbers": str(txt), "refused": str(ref), "shuffle": str(shuffle_txt),
-                                         "shuffle_before": str(shuffle_before), "shuffle_after": str(shuffle_after)},
-                   {"shuffle_before": shuffle_before, "shuffle_after": shuffle_after})
+                                         "shuffle_before": str(shuffle_before), "shuffle_after": str(shuffle_after),
+                                         "piece": str(piece_txt), "piece_before": str(piece_before), "piece_after": str(piece_after)},
+                   {"shuffle_before": shuffle_before, "shuffle_after": shuffle_after,
+                    "piece_before": piece_before, "piece_after": piece_after})
 
 
 def _bn_fold_shuffle() -> tuple[Graph, Graph, Text]:
@@ -353,6 +356,34 @@ def _bn_fold_shuffle() -> tuple[Graph, Graph, Text]:
     txt.line(f"b' = t[o // 4] = {vec(fused.params['bias'])}")
     txt.grids(*maps("BN(shuffle(conv(x; W)))", before_y))
     txt.grids(*maps("shuffle(conv(x; W', b'))", after_y))
+    txt.line().line(equal_line(before_y, after_y))
+    return g, after, txt
+
+
+def _bn_fold_piece() -> tuple[Graph, Graph, Text]:
+    """IBN-Net's norm at the smallest size: a 1x1 conv to 4 channels of a 1 x 1 map, split in halves; a ReLU (in
+    place of the instance norm) on the first half, a BN on the second, then the concat."""
+    xs = t([[[[1.0]], [[2.0]]]])  # (1, 2, 1, 1)
+    w = t([[1, 0], [0, 1], [1, 1], [2, -1]]).reshape(4, 2, 1, 1)
+    bn = bn_params([1, 2], [4, 1], [1, 3], [0, 1])
+    b = GraphBuilder()
+    x = b.input("x", xs.shape, DT)
+    conv = b.conv2d(x, weight=w, source="conv1")
+    first, second = (b.piece(conv, how="split", size=2, index=i, axis=1, count=2, source="bn1") for i in (0, 1))
+    g = b.build(b.concat(b.relu(first, source="bn1.IN"), b.batch_norm(second, **bn, source="bn1.BN"), axis=1, source="bn1"))
+    after, _ = apply("bn_fold", g, "bn_fold")
+    fused = node(after, "conv2d")
+    before_y, after_y = run_graph(g, xs), run_graph(after, xs)
+    txt = Text()
+    txt.line("x: 2 channels of a 1 x 1 map, [1, 2]; a 1x1 conv to 4 channels, no bias;")
+    txt.line("split in halves: a ReLU on channels 0-1 (the instance norm's place), a BN on channels 2-3")
+    for line in bn_text(bn):
+        txt.line(line)
+    txt.line(f"conv(x) = {vec(value_of(g, conv, xs))}")
+    txt.grids(("W (one row per channel)", w[:, :, 0, 0]), ("W': rows 2-3 scaled by s", fused.params["weight"][:, :, 0, 0]))
+    txt.line(f"b' = [0, 0, t] = {vec(fused.params['bias'])}")
+    txt.line(f"before: cat(relu(conv(x)[0:2]), BN(conv(x)[2:4])) = {vec(before_y)}")
+    txt.line(f"after:  cat(relu(conv'(x)[0:2]), conv'(x)[2:4])    = {vec(after_y)}")
     txt.line().line(equal_line(before_y, after_y))
     return g, after, txt
 

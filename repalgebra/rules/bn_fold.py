@@ -31,9 +31,17 @@ channels ``[c r², (c + 1) r²)`` (each spread over an r x r block of pixels), s
     BN(pixel_shuffle(conv(x; W, b), r)) = pixel_shuffle(conv(x; W * s', b * s' + t'), r)
     where s'[o] = s[o // r²], t'[o] = t[o // r²]
 
+A BN on a channel piece of a conv (IBN-Net's ``cat(IN(h[:, :c]), BN(h[:, c:]))`` after one conv, also a ``chunk``
+or a strided slice) folds into the rows of the conv that the piece reads, where every other reader of the conv is a
+piece of other channels: for the channels ``idx`` the piece reads, in its order,
+
+    BN(conv(x; W, b)[:, idx]) = conv(x; W', b')[:, idx]
+    where W'[idx[j]] = W[idx[j]] * s[j], b'[idx[j]] = b[idx[j]] * s[j] + t[j], the other rows as they were
+
 Preconditions: the BN reads a ``conv2d``, ``conv3d``, ``conv_transpose2d`` or ``conv_transpose3d`` whose output nothing else reads, or a
 concat along the channels, or a sum of the BN's shape, read by nothing else, of such convs, or a pixel shuffle of a
-4-D map (a batch axis, then channels) of such a conv, the conv read by the shuffle alone and the shuffle by the BN.  Any stride,
+4-D map (a batch axis, then channels) of such a conv, the conv read by the shuffle alone and the shuffle by the BN, or a channel piece (``slice``, ``piece``, ``chunk`` on axis 1, keeping the rank) of such a conv,
+read by the BN alone, the conv read by nothing but channel pieces that share no channel with the BN's.  Any stride,
 padding, output padding, dilation and groups: BN acts on each output channel alone.
 """
 
@@ -42,10 +50,11 @@ import torch
 from repalgebra.ir import Node
 from repalgebra.kernels import bn_affine, conv_bias, per_input_channel
 from repalgebra.match import conv_with, producer, sole_use
-from repalgebra.ops import TRANSPOSED_CONVS
+from repalgebra.ops import TRANSPOSED_CONVS, op_def
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
 _CONVS = ("conv2d", "conv3d", *TRANSPOSED_CONVS)
+_PIECES = ("slice", "piece", "chunk")  # (a part of a value along one axis)
 _SUMS = ("add", "sub", "broadcast_add", "broadcast_sub")  # (the broadcast ones: a term of another shape, see below)
 
 
@@ -53,7 +62,7 @@ _SUMS = ("add", "sub", "broadcast_add", "broadcast_sub")  # (the broadcast ones:
 def bn_fold(graph, bn):
     conv = producer(bn.x, *_CONVS)
     if conv is None:
-        return _through_concat(graph, bn) or _through_sum(graph, bn) or _through_shuffle(graph, bn)
+        return _through_concat(graph, bn) or _through_sum(graph, bn) or _through_shuffle(graph, bn) or _through_piece(graph, bn)
     if not sole_use(graph, conv.out):
         return Refusal(f"the {'transposed ' * (conv.op in TRANSPOSED_CONVS)}conv before it is also read elsewhere")
     s, t = bn_affine(bn)
@@ -142,6 +151,38 @@ def _through_shuffle(graph, bn):
     new = _folded(conv, s.repeat_interleave(block), t.repeat_interleave(block), bn)
     moved = shuffle.replace(inputs=(new.out, *shuffle.inputs[1:]))
     return Rewrite(bn.out, moved.out, (new, moved))
+
+
+def _through_piece(graph, bn):
+    """``BN(conv(x)[:, idx])``, every other reader of the conv a piece of other channels: the conv's rows ``idx`` fold
+    the BN, its other rows stay, and every piece reads the folded conv."""
+    part = producer(bn.x, *_PIECES)
+    conv = producer(part.x, *_CONVS) if part is not None else None
+    if conv is None or conv.out.shape is None or _channels_read(part, conv.out) is None or len(bn.x.shape) != len(conv.out.shape):
+        return None  # (an unbind of the channels drops their axis: the BN's channels are another axis then)
+    readers = graph.users(conv.out)
+    rows = [_channels_read(n, conv.out) for n in readers]
+    if graph.num_uses(conv.out) != len(readers) or None in rows or not sole_use(graph, part.out):
+        return Refusal("the conv before the channel piece is also read whole elsewhere, or the piece is")
+    mine = rows[readers.index(part)]
+    if any(set(r) & set(mine) for n, r in zip(readers, rows) if n is not part):
+        return Refusal("another piece of the conv before it reads some of the same channels")
+    s, t = bn_affine(bn)
+    scale, shift = torch.ones(conv.out.shape[1], dtype=s.dtype), torch.zeros(conv.out.shape[1], dtype=t.dtype)
+    scale[mine], shift[mine] = s, t
+    new = _folded(conv, scale, shift, bn)
+    moved = part.replace(inputs=(new.out, *part.inputs[1:]))
+    return Rewrite(conv.out, new.out, (new, moved), also=((bn.out, moved.out),))
+
+
+def _channels_read(node, value) -> list[int] | None:
+    """The channels of ``value`` (``(B, C, ...)``) that ``node`` reads, in its order, where it is a piece of ``value``
+    along the channels; else None.  The piece's own semantics, run on the channel numbers, say which."""
+    rank = len(value.shape)
+    if node.op not in _PIECES or node.x is not value or any(v is value for v in node.inputs[1:]) or node.attrs["axis"] % rank != 1:
+        return None
+    channels = torch.arange(value.shape[1]).reshape(1, -1, *[1] * (rank - 2))
+    return op_def(node.op).run(channels, **node.attrs).reshape(-1).tolist()
 
 
 def _per_channel_term(value, like) -> bool:

@@ -390,3 +390,71 @@ def test_a_bn_after_a_pixel_shuffle_of_something_else_is_left_alone(dtype, seed,
     graph = b.build(add_bn(b, b.pixel_shuffle(y, factor=2), data.draw(bn_stats(2)), dtype, "bn"))
     fused, report = run_rules(graph, "bn_fold")
     assert report.fired == [] and fused.op_counts() == graph.op_counts()
+
+
+def _channel_pieces(b, y, channels, data):
+    """Pieces of ``y``'s channels that share none, as a model cuts them: ``torch.split`` into sizes, ``chunk``, or
+    the even and odd channels (``h[:, 0::2]``, ``h[:, 1::2]``); returns the pieces' values."""
+    how = data.draw(st.sampled_from(["split", "chunk", "strided"]), label="pieces")
+    if how == "strided":
+        return [b.slice(y, axis=1, start=k, end=None, step=2) for k in range(min(2, channels))]
+    if how == "chunk":
+        k = data.draw(st.integers(1, channels), label="chunks")
+        return [b.chunk(y, chunks=k, index=i, axis=1) for i in range(len(torch.arange(channels).chunk(k)))]
+    cuts = sorted(data.draw(st.sets(st.integers(1, channels - 1), max_size=3), label="cuts")) if channels > 1 else []
+    sizes = tuple(e - s for s, e in zip([0, *cuts], [*cuts, channels]))
+    return [b.piece(y, how="split", size=sizes, index=i, axis=1, count=len(sizes)) for i in range(len(sizes))]
+
+
+@given(dtype=float_dtypes(), batch=st.integers(1, 2), seed=seeds(), data=st.data())
+def test_folds_a_bn_on_a_channel_piece_of_a_conv(dtype, batch, seed, data):
+    """IBN-Net's ``cat(IN(h[:, :c]), BN(h[:, c:]))`` after one conv kept its BN ("no rule applies (input from
+    piece)"): the BN folds into the conv's rows that its piece reads, and the other pieces read the same rows as
+    before.  Pieces by split sizes, chunks or strides; a plain or transposed conv; every piece but the BN's is read
+    by a ReLU (the instance norm's place), a BN on any one of them."""
+    transposed = data.draw(st.booleans(), label="transposed")
+    channels, g = data.draw(st.integers(2, 8), label="channels"), 1
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", (batch, 3, 4, 5), dtype)
+    if transposed:
+        y = b.conv_transpose2d(x, weight=torch.randn(3, channels, 2, 2, generator=gen, dtype=torch.float64).to(dtype),
+                               stride=(2, 2), groups=g, source="conv1")
+    else:
+        y = b.conv2d(x, weight=torch.randn(channels, 3, 3, 3, generator=gen, dtype=torch.float64).to(dtype),
+                     padding=(1, 1, 1, 1), source="conv1")
+    pieces = _channel_pieces(b, y, channels, data)
+    normed = data.draw(st.integers(0, len(pieces) - 1), label="normed")
+    outs = [add_bn(b, p, data.draw(bn_stats(p.shape[1]), label="bn"), dtype, "bn1.BN") if i == normed else b.relu(p)
+            for i, p in enumerate(pieces)]
+    graph = b.build(b.concat(*outs, axis=1))
+
+    fused, report = run_rules(graph, "bn_fold")
+
+    assert report.rule_counts() == {"bn_fold": 1}
+    assert fused.op_counts() == {k: v for k, v in graph.op_counts().items() if k != "batch_norm"}
+    assert_graphs_equal(graph, fused, random_input(graph.inputs[0].shape, dtype, seed + 1), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data(), read=st.sampled_from(["overlap", "whole", "piece", "height"]))
+def test_a_bn_on_a_channel_piece_stays_where_its_channels_are_read_elsewhere(dtype, seed, data, read):
+    """Rows that fold the BN must be read by the BN's piece alone: a piece sharing channels with it (``h[:, :5]``
+    beside ``h[:, 4:]``), the conv also read whole, or the BN's piece read elsewhere keep the BN (the conv would be
+    computed twice).  A piece along the height is no channel piece: no rule applies."""
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", (1, 3, 6, 6), dtype)
+    y = b.conv2d(x, weight=torch.randn(8, 3, 1, 1, generator=gen, dtype=torch.float64).to(dtype), source="conv1")
+    axis, start = (2, 0) if read == "height" else (1, 4)
+    mine = b.slice(y, axis=axis, start=start, end=None, step=1)
+    bn = add_bn(b, mine, data.draw(bn_stats(8 if read == "height" else 4)), dtype, "bn")
+    other = {"overlap": lambda: b.relu(b.slice(y, axis=1, start=0, end=5, step=1)), "whole": lambda: y,
+             "piece": lambda: mine, "height": lambda: b.slice(y, axis=1, start=0, end=4, step=1)}[read]()
+    graph = b.build(bn, other)
+    fused, report = run_rules(graph, "bn_fold")
+    assert report.fired == [] and fused.op_counts() == graph.op_counts()
+    expected = {"overlap": ["bn_fold: another piece of the conv before it reads some of the same channels"],
+                "whole": ["bn_fold: the conv before the channel piece is also read whole elsewhere, or the piece is"],
+                "piece": ["bn_fold: the conv before the channel piece is also read whole elsewhere, or the piece is"],
+                "height": []}[read]
+    assert [r for r in reasons(report, "batch_norm") if r.startswith("bn_fold")] == expected
