@@ -202,6 +202,9 @@ _META_READS = ("tests/test_fuse_size_tests.py::test_an_onnx_file_holds_the_branc
 _SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_at_the_example_and_the_rest_stays_free",
                "tests/test_fuse_size_tests.py::test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name",
                "tests/test_fuse_size_tests.py::test_a_test_of_a_size_computed_inside_is_not_taken")
+_WINDOWS = ("tests/test_fuse_size_tests.py::test_a_test_of_a_strided_convs_size_is_read_from_the_inputs",
+            "tests/test_fuse_size_tests.py::test_crnns_height_assert_after_its_convs_and_pools_is_checked_on_the_inputs_height",
+            "tests/test_fuse_size_tests.py::test_window_size_is_torchs_output_size")
 _CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",
              *(f"tests/test_fuse_shared_objects.py::test_every_closure_of_a_copy_holds_the_copys_objects[{f}]"
                for f in ("shared_cell", "tuple", "twice", "kwdefault", "recursive")))
@@ -1270,6 +1273,20 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.builder:size_at_inputs", "            return source\n", "            return None\n", _SIZE_TESTS),
     ("frontend", "shape-item-unread", "v.shape[k] of a value computed inside not read as one size",
      "repalgebra.frontend.builder:size_read", "            return v, t.args[1]", "            return None, None", _SIZE_TESTS),
+    ("frontend", "window-size-unread", "the size of a strided conv's or a pool's output taken as unknown (CRNN's assert h == 1 sent it to torch.export)",
+     "repalgebra.frontend.builder:size_at_inputs", "            return _windowed(size_at_inputs(v.producer.x, axis, is_input, seen), window)", "            return None",
+     _WINDOWS),
+    ("frontend", "window-size-as-input", "a strided conv's output size read as its input's",
+     "repalgebra.frontend.builder:_windowed", 'return SymExpr("call_function", window_size, (size, *window), {})', "return size", _WINDOWS),
+    ("frontend", "window-stride-ignored", "a strided conv's window read with stride 1",
+     "repalgebra.frontend.shapes:window_axis", 'n.attrs["stride"][i], n.attrs["dilation"][i], before, after, False', 'n.attrs["dilation"][i], 1, before, after, False',
+     _WINDOWS),
+    ("frontend", "window-pool-unread", "a pool's window not read (CRNN's pools of stride (2, 1))",
+     "repalgebra.frontend.shapes:window_axis", 'if n.op in ("max_pool2d", "avg_pool2d") and', 'if False and', _WINDOWS),
+    ("frontend", "window-floor-always", "a pool with ceil_mode read as rounding down",
+     "repalgebra.frontend.shapes:window_size", "(-(-span // stride) if ceil_mode else span // stride)", "(span // stride)", _WINDOWS),
+    ("frontend", "window-ceil-unclamped", "a ceil_mode pool's last window counted where it would start in the right padding",
+     "repalgebra.frontend.shapes:window_size", "    if ceil_mode and (out - 1) * stride >= size + before:", "    if False:", _WINDOWS),
     ("frontend", "sum-size-from-first-input", "the size of a sum read as size_source reads it, not from both inputs broadcast (diffusers' batch test refused; since 5d5ea01 size_source reads a sum's first input only where both terms have one root)",
      "repalgebra.frontend.builder:size_at_inputs", "        if v.producer is not None and v.producer.op in _BROADCASTS:", "        if False:",
      ("tests/test_fuse_size_tests.py::test_the_size_of_a_sum_is_not_read_from_its_first_input",

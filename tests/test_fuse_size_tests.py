@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -115,15 +117,135 @@ class PoolsWideInside(PoolsWide):
         return y
 
 
-def test_a_test_of_a_size_computed_inside_is_not_taken():
-    """The fused graph's checks read its inputs: a test of the size of a value computed inside cannot be made per
-    call, so the trace does not take it, and the model is captured at its example's sizes as before."""
+def test_a_test_of_a_strided_convs_size_is_read_from_the_inputs():
+    """A strided conv's width is ``(W + 2 - 3) // 2 + 1`` of its input's: the test reads that per call (it sent the
+    model to torch.export with every size fixed before).  The fused model runs at other sizes giving the same
+    answer, and refuses by name those giving the other."""
     model = seeded(PoolsWideInside, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    for shape in [(2, 3, 16, 16), (1, 3, 13, 14), (3, 3, 9, 40)]:
+        same(fused, model, torch.randn(shape, dtype=D))
+    with pytest.raises(ValueError, match=r"a Python test of sizes gave True at the example input.*these inputs give False"):
+        fused(torch.randn(2, 3, 16, 12, dtype=D))  # a width of 6 after the conv
+
+
+class PoolsWideAfterSlice(PoolsWideInside):
+    """The branch on the width of a slice of a conv's output, whose size nothing reads from the inputs."""
+
+    def forward(self, x):
+        y = self.body(x)[..., 1:]
+        if y.shape[-1] > 6:
+            y = F.avg_pool2d(y, 2)
+        return y
+
+
+def test_a_test_of_a_size_computed_inside_is_not_taken():
+    """The fused graph's checks read its inputs: a test of the size of a value computed inside, which no producer
+    fixes from the inputs (a slice's), cannot be made per call, so the trace does not take it, and the model is
+    captured at its example's sizes as before."""
+    model = seeded(PoolsWideAfterSlice, 0)().to(D)
     fused = fuse(model, torch.randn(2, 3, 16, 16, dtype=D))
     assert "tests the size of a value computed inside the model" in str(fused.fuse_report), str(fused.fuse_report)
     same(fused, model, torch.randn(2, 3, 16, 16, dtype=D))
     with pytest.raises(ValueError):
         fused(torch.randn(2, 3, 8, 8, dtype=D))
+
+
+class BidirectionalLSTM(nn.Module):
+    """crnn.pytorch's recurrent head: ``T, b, h = recurrent.size()``, a Linear over ``view(T * b, h)``."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(n_in, hidden, bidirectional=True)
+        self.embedding = nn.Linear(hidden * 2, n_out)
+
+    def forward(self, input):
+        recurrent, _ = self.rnn(input)
+        T, b, h = recurrent.size()
+        output = self.embedding(recurrent.view(T * b, h))
+        return output.view(T, b, -1)
+
+
+class CRNN(nn.Module):
+    """crnn.pytorch's text recognizer at small width: 3x3 convs, 2x2 pools, then pools of stride (2, 1) and a 2x2
+    conv without padding bring a 32-pixel height to 1, which ``forward`` asserts; the width is the text's length."""
+
+    def __init__(self, nc: int = 1, nclass: int = 11, nh: int = 16) -> None:
+        super().__init__()
+        ks, ps, nm = [3, 3, 3, 3, 3, 3, 2], [1, 1, 1, 1, 1, 1, 0], [8, 16, 32, 32, 64, 64, 64]
+        cnn = nn.Sequential()
+
+        def conv_relu(i: int, batch_normalization: bool = False) -> None:
+            cnn.add_module(f"conv{i}", nn.Conv2d(nc if i == 0 else nm[i - 1], nm[i], ks[i], 1, ps[i]))
+            if batch_normalization:
+                cnn.add_module(f"batchnorm{i}", nn.BatchNorm2d(nm[i]))
+            cnn.add_module(f"relu{i}", nn.ReLU(True))
+
+        conv_relu(0)
+        cnn.add_module("pooling0", nn.MaxPool2d(2, 2))
+        conv_relu(1)
+        cnn.add_module("pooling1", nn.MaxPool2d(2, 2))
+        conv_relu(2, True)
+        conv_relu(3)
+        cnn.add_module("pooling2", nn.MaxPool2d((2, 2), (2, 1), (0, 1)))
+        conv_relu(4, True)
+        conv_relu(5)
+        cnn.add_module("pooling3", nn.MaxPool2d((2, 2), (2, 1), (0, 1)))
+        conv_relu(6, True)
+        self.cnn = cnn
+        self.rnn = nn.Sequential(BidirectionalLSTM(64, nh, nh), BidirectionalLSTM(nh, nh, nclass))
+
+    def forward(self, input):
+        conv = self.cnn(input)
+        b, c, h, w = conv.size()
+        assert h == 1, "the height of conv must be 1"
+        conv = conv.squeeze(2)
+        conv = conv.permute(2, 0, 1)  # [w, b, c]
+        return self.rnn(conv)
+
+
+def test_crnns_height_assert_after_its_convs_and_pools_is_checked_on_the_inputs_height():
+    """CRNN's ``assert h == 1`` on its last conv's height sent the model to torch.export with the width fixed too:
+    every text line of another length was refused.  The height after convs and pools is read from the input's per
+    call, so the fused model runs at any width and batch.  (Its height stays the example's: the original refused
+    the other heights fuse tried, so no check ran there; a height the original asserts on is refused by name.)"""
+    model = seeded(CRNN, 0)().to(D)
+    fused = fuse(model, torch.randn(2, 1, 32, 100, dtype=D))
+    assert fused.fuse_report.capture == "fx" and count_bn(fused) == 0, str(fused.fuse_report)
+    for shape in [(2, 1, 32, 100), (1, 1, 32, 37), (3, 1, 32, 257)]:
+        same(fused, model, torch.randn(shape, dtype=D))
+    with pytest.raises(AssertionError):
+        model(torch.randn(1, 1, 64, 100, dtype=D))
+    with pytest.raises(ValueError, match=r"a Python test of sizes gave True at the example input.*these inputs give False"):
+        fused(torch.randn(1, 1, 64, 100, dtype=D))
+
+
+@settings(max_examples=200)
+@example(size=5, kernel=2, stride=2, dilation=1, pads=(1, 1), op="max", ceil=True)  # the last window would start in the padding
+@example(size=6, kernel=3, stride=2, dilation=1, pads=(0, 0), op="avg", ceil=True)  # rounded up
+@example(size=7, kernel=2, stride=1, dilation=3, pads=(2, 0), op="conv", ceil=False)
+@given(size=st.integers(1, 40), kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 3),
+       pads=st.tuples(st.integers(0, 3), st.integers(0, 3)), op=st.sampled_from(["conv", "max", "avg"]), ceil=st.booleans())
+def test_window_size_is_torchs_output_size(size, kernel, stride, dilation, pads, op, ceil):
+    """``window_size`` (the size a test of a conv's or pool's output reads per call) is the size torch's op gives, where
+    it runs; pools pad both sides alike (at most half their kernel), and only they round up."""
+    from repalgebra.frontend.shapes import window_size
+
+    x = torch.zeros(1, 1, size, 1)
+    before, after = (pads[0], pads[0]) if op != "conv" else pads
+    try:
+        if op == "conv":
+            y = F.conv2d(F.pad(x, (0, 0, before, after)), torch.zeros(1, 1, kernel, 1), stride=(stride, 1), dilation=(dilation, 1))
+            ceil = False
+        elif op == "max":
+            y = F.max_pool2d(x, (kernel, 1), (stride, 1), (before, 0), (dilation, 1), ceil_mode=ceil)
+        else:
+            dilation = 1
+            y = F.avg_pool2d(x, (kernel, 1), (stride, 1), (before, 0), ceil_mode=ceil)
+    except RuntimeError:
+        return  # (torch refuses the window: nothing to read)
+    assert window_size(size, kernel, stride, dilation, before, after, ceil) == y.shape[2]
 
 
 class GridGate3d(nn.Module):

@@ -123,6 +123,11 @@ FEW = {
     "repalgebra.frontend.builder:broadcast_size": "one line: the size that is not 1",
     "repalgebra.frontend.torch:_traced": "two decisions: traced again where the example is known, then with every "
     "x.dtype as at the example (the rest is the first trace, as before)",
+    "repalgebra.frontend.builder:_windowed": "one decision: a size read from the inputs goes through the window's "
+    "arithmetic (a number is computed at once, an unknown stays unknown)",
+    "repalgebra.frontend.shapes:window_axis": "two windows a test tells apart: a conv's stride and a pool's window",
+    "repalgebra.frontend.shapes:window_size": "two roundings of torch's formula: ceil_mode rounding up, and its last "
+    "window dropped where it would start in the right padding",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "

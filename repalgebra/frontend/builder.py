@@ -29,7 +29,7 @@ from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.pure import FACTORIES, is_pure
-from repalgebra.frontend.shapes import reroute_shape_reads, size_source
+from repalgebra.frontend.shapes import reroute_shape_reads, size_source, window_axis, window_size
 from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.rewrite import LeftAlone
 
@@ -526,6 +526,8 @@ def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool], seen:
                 seen[(id(v), axis)] = _broadcast_size_at_inputs(v, axis, is_input, seen)
             return seen[(id(v), axis)]
         source = size_source(v, axis)
+        if source is None and v.producer is not None and (window := window_axis(v.producer, axis)) is not None:
+            return _windowed(size_at_inputs(v.producer.x, axis, is_input, seen), window)
         if source is None:
             return None
         if isinstance(source, int):
@@ -535,6 +537,15 @@ def size_at_inputs(v: Value, axis: int, is_input: Callable[[Value], bool], seen:
             return None
         axis %= len(v.shape)
     return SymExpr("call_method", "size", (v, axis), {})
+
+
+def _windowed(size: Any, window: tuple) -> Any:
+    """The size of a strided (or shrinking) conv's or pool's output along an axis where its input's is ``size`` (a
+    number, a size read from the inputs, or None): CRNN's ``assert h == 1`` after its convs and pools, checked per
+    call on the input's height.  A conv that keeps the size is followed by :func:`size_source` instead."""
+    if size is None or isinstance(size, int):
+        return size if size is None else window_size(size, *window)
+    return SymExpr("call_function", window_size, (size, *window), {})
 
 
 # Elementwise ops of two values that broadcast them against each other (``add`` and ``sub`` too: their inputs'

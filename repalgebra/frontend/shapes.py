@@ -80,6 +80,31 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     return None
 
 
+def window_axis(n: Node, axis: int) -> tuple[int, int, int, int, int, bool] | None:
+    """A conv's or a 2-D pool's window along spatial ``axis`` of its output, ``(kernel, stride, dilation, padding
+    before, padding after, ceil_mode)``, from which :func:`window_size` computes that size from its input's; None for
+    other ops and axes."""
+    if n.op in ("conv2d", "conv3d") and axis >= 2:
+        i, pads = axis - 2, n.attrs["padding"]
+        before, after = (pads[2 * i], pads[2 * i + 1]) if n.op == "conv2d" else (pads[i], pads[i])
+        return n.params["weight"].shape[axis], n.attrs["stride"][i], n.attrs["dilation"][i], before, after, False
+    if n.op in ("max_pool2d", "avg_pool2d") and n.out.shape is not None and len(n.out.shape) == 4 and axis >= 2:
+        i = axis - 2
+        pad, dilation = n.attrs["padding"][i], n.attrs["dilation"][i] if n.op == "max_pool2d" else 1
+        return n.attrs["kernel"][i], n.attrs["stride"][i], dilation, pad, pad, bool(n.attrs["ceil_mode"])
+    return None
+
+
+def window_size(size: int, kernel: int, stride: int, dilation: int, before: int, after: int, ceil_mode: bool) -> int:
+    """The size of a conv's or pool's output along an axis where its input has ``size``, as torch computes it (a
+    pool's ``ceil_mode`` window must start inside the input or its left padding)."""
+    span = size + before + after - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + before:
+        out -= 1
+    return out
+
+
 def _embedding_dim(n: Node) -> int | None:
     """The ``embedding_dim`` of an opaque node that calls an ``nn.Embedding`` (torch's class itself, with no
     forward or hooks of its own) on its one input, else None."""
