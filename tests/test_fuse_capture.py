@@ -1021,6 +1021,149 @@ def test_a_function_handed_a_module_is_not_carried():
     assert "with a module among its arguments" in str(fused.fuse_report), str(fused.fuse_report)
 
 
+def resize(input, size=None, scale_factor=None, mode="nearest", align_corners=None, warning=True):
+    """mmseg's ``resize`` (mmseg/models/utils/wrappers.py), which every decode head calls: with ``align_corners`` it
+    reads its input's and its output's sizes as numbers, only to decide whether to warn."""
+    if warning:
+        if size is not None and align_corners:
+            input_h, input_w = tuple(int(x) for x in input.shape[2:])
+            output_h, output_w = tuple(int(x) for x in size)
+            if output_h > input_h or output_w > input_w:
+                if ((output_h > 1 and output_w > 1 and input_h > 1 and input_w > 1)
+                        and (output_h - 1) % (input_h - 1) and (output_w - 1) % (input_w - 1)):
+                    warnings.warn(f"When align_corners={align_corners}, the output would more aligned if input size "
+                                  f"{(input_h, input_w)} is `x+1` and out size {(output_h, output_w)} is `nx+1`")
+    return F.interpolate(input, size, scale_factor, mode, align_corners)
+
+
+class ConvModule(nn.Sequential):
+    """mmcv's ConvModule: conv, BN, ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ASPPHead(nn.Module):
+    """mmseg's DeepLabV3+ head (DepthwiseSeparableASPPHead), abridged: image pool resized back, ASPP, the low-level
+    features' bottleneck, the decoder output resized to them."""
+
+    def __init__(self, align_corners: bool, c1: int = 4, c: int = 8, ch: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.align_corners = align_corners
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(c, ch, 1))
+        self.aspp = nn.ModuleList([ConvModule(c, ch, 1), ConvModule(c, ch, 3, padding=2, dilation=2)])
+        self.bottleneck = ConvModule(3 * ch, ch, 3, padding=1)
+        self.c1_bottleneck = ConvModule(c1, ch, 1)
+        self.sep_bottleneck = ConvModule(2 * ch, ch, 3, padding=1)
+        self.conv_seg = nn.Conv2d(ch, classes, 1)
+
+    def forward(self, inputs):
+        c1, x = inputs
+        outs = [resize(self.image_pool(x), size=x.size()[2:], mode="bilinear", align_corners=self.align_corners)]
+        outs.extend(m(x) for m in self.aspp)
+        output = self.bottleneck(torch.cat(outs, dim=1))
+        c1_output = self.c1_bottleneck(c1)
+        output = resize(input=output, size=c1_output.shape[2:], mode="bilinear", align_corners=self.align_corners)
+        return self.conv_seg(self.sep_bottleneck(torch.cat([output, c1_output], dim=1)))
+
+
+class Segmentor(nn.Module):
+    """mmseg's EncoderDecoder at inference: backbone, decode head, the logits resized to the image."""
+
+    def __init__(self, align_corners: bool = True) -> None:
+        super().__init__()
+        self.align_corners = align_corners
+        self.backbone = nn.ModuleList([ConvModule(3, 4, 3, 2, 1), ConvModule(4, 8, 3, 2, 1)])
+        self.decode_head = ASPPHead(align_corners)
+
+    def forward(self, img):
+        c1 = self.backbone[0](img)
+        out = self.decode_head([c1, self.backbone[1](c1)])
+        return resize(input=out, size=img.shape[2:], mode="bilinear", align_corners=self.align_corners)
+
+
+def test_a_function_reading_sizes_computed_inside_only_to_warn_is_carried_and_runs_at_any_size():
+    """mmseg's ``resize`` with ``align_corners=True`` reads ``int()`` of a decoder output's sizes to decide whether to
+    warn.  The trace took the read, which the inputs cannot check per call: the build refused it, and the model went
+    to torch.export with the image size fixed (the fused model refused every other size, where the model runs at
+    any).  Now ``resize`` is carried as a call, run as written on every call: fx at any size, every BatchNorm folded,
+    and the ONNX file of the float32 model holds at the example."""
+    model = randomized(Segmentor())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (resize's own warning, the model's as the fused model's)
+        fused = fuse(model, torch.randn(2, 3, 32, 32, dtype=D))
+        r = fused.fuse_report
+        assert r.capture == "fx" and bn_left(fused) == 0 and not r.ops_after.get("batch_norm"), str(r)
+        carried = [n for n in r.notes if "resize() carried as a call" in n]
+        assert carried and "tests the size of a value computed inside the model" in carried[0], r.notes
+        g = torch.Generator().manual_seed(1)
+        for shape in ((2, 3, 32, 32), (1, 3, 24, 40), (3, 3, 17, 29)):
+            x = torch.randn(*shape, dtype=D, generator=g)
+            with torch.no_grad():
+                want, got = model(x), fused(x)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+        f32 = copy.deepcopy(model).float()
+        proto = repalgebra.export_onnx(f32, None, (2, 3, 32, 32))
+        x = torch.randn(2, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            want = f32(x)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def resize_like(block, x, ref):
+    """A helper handed a module, which reads the size of the block's output: carried, it would run the block (its
+    BatchNorm unfused) where no check sees it."""
+    y = block(x)
+    if int(y.shape[-1]) != int(ref.shape[-1]):
+        y = F.interpolate(y, size=ref.shape[2:], mode="bilinear", align_corners=True)
+    return y
+
+
+def resize_clipped(input, size):
+    """A resize that clips its input in place first (``input.clamp_``), then reads its size to decide."""
+    input.clamp_(min=-1.0)
+    if int(input.shape[-1]) == int(size[-1]):
+        return input
+    return F.interpolate(input, size=size, mode="bilinear", align_corners=True)
+
+
+class ResizedLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(resize_like(self.block, x, x))
+
+
+class ResizedClipped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.block(x)
+        return resize_clipped(y, x.shape[2:]) + F.interpolate(y, scale_factor=2.0)  # (reads y after the write)
+
+
+@pytest.mark.parametrize("make, why", [
+    (ResizedLike, "resize_like() not carried: UntraceableError: resize_like() is called with a module among its arguments"),
+    (ResizedClipped, "resize_clipped() not carried: InplaceHazard: resize_clipped("),
+], ids=["handed-a-module", "writes-into-its-input"])
+def test_a_function_reading_sizes_inside_is_not_carried_where_handed_a_module_or_writing_into_its_input(make, why):
+    """A function handed a module would run it (its BatchNorm unfused) where no check sees it, and one that writes
+    into what it is given changes a value the graph reads after it: neither is carried, the model is captured at its
+    example's sizes as before, and the report says why."""
+    model = randomized(make())
+    fused = check_exact(model, torch.randn(2, 3, 16, 16, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "specialized" and not any("carried as a call" in n for n in r.notes), str(r)
+    assert why in r.parts[0].reason, r.parts
+
+
 def test_reasons_for_values_read_from_tensors_are_said_in_words():
     """A part kept whole because its Python reads a tensor's data says so, not in torch's symbols (``Eq(u0, 1)``,
     ``Size-like symbols``) or about a ``_Proxy``."""

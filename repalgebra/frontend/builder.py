@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, invoke, meta_of, returned, runs_on_meta, squeeze_to_rank
-from repalgebra.frontend.fx_trace import TensorInfo, autocast_left_off, input_free, recognised, summarize
+from repalgebra.frontend.fx_trace import READ_IN, TensorInfo, autocast_left_off, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -71,6 +71,14 @@ class NeedsRealRun(Exception):
     """A call could not run on meta tensors; its shape needs a real run."""
 
 
+class SizeReadInside(TypeError):
+    """:func:`size_test_at_inputs`'s refusal, with ``fn``: the plain function of the model's code the read was taken
+    in (:func:`~repalgebra.frontend.fx_trace.reading_function`), None where ``forward`` or a method took it.  The
+    front end traces again with ``fn`` carried as a call (:func:`~repalgebra.frontend.torch.trace_model`)."""
+
+    fn: Callable[..., Any] | None = None
+
+
 class Builder:
     """Maps the fx nodes of one traced model to IR nodes.
 
@@ -92,8 +100,8 @@ class Builder:
         self.left_alone: list[LeftAlone] = []
         self.notes: list[str] = []
         # torch._assert calls on sizes read at run time (and the trace's tests of sizes): (args, kwargs, where, the
-        # function), see checks_of
-        self.asserts: list[tuple[tuple, dict, str, Any]] = []
+        # function, the model's function a test of sizes was taken in), see checks_of
+        self.asserts: list[tuple[tuple, dict, str, Any, Any]] = []
         self.input_checks: list[tuple[FnCall, tuple[int, ...], str]] = []
         # floating tensors read that are neither parameters nor buffers: (where, dtype), see pinned_tensor
         self.pinned: list[tuple[str, torch.dtype]] = []
@@ -196,9 +204,14 @@ class Builder:
         sizes (:mod:`~repalgebra.frontend.size_tests`) are checks too: see :func:`size_test_at_inputs`."""
         checks = []
         position = {id(g): k for k, g in enumerate(graph_inputs)}
-        for args, kwargs, source, target in self.asserts:
+        for args, kwargs, source, target, read_in in self.asserts:
             if target is taken_as_traced:
-                if (read := size_test_at_inputs(args, kwargs, source, lambda v: id(v) in position)) is None:
+                try:
+                    read = size_test_at_inputs(args, kwargs, source, lambda v: id(v) in position)
+                except SizeReadInside as e:
+                    e.fn = read_in  # (the front end traces again with it carried)
+                    raise
+                if read is None:
                     continue
                 args, kwargs = read
             fn, inputs = _compile("call_function", target, args, kwargs)
@@ -284,14 +297,15 @@ class Builder:
         if kind == "call_function" and target is torch._assert and _has_value(args, kwargs):
             args = _message_per_call(n, args, self.env)
             target = assert_with_message if len(args) > 2 else torch._assert
-            self.asserts.append((args, kwargs, self.source(n), target))  # no value: kept as a check of the inputs (checks_of)
+            # no value: kept as a check of the inputs (checks_of)
+            self.asserts.append((args, kwargs, self.source(n), target, None))
             return None
         if kind == "call_function" and target is autocast_left_off:  # reads no input: a check of every call (checks_of)
-            self.asserts.append((args, kwargs, self.source(n), target))
+            self.asserts.append((args, kwargs, self.source(n), target, None))
             return None
         if kind == "call_function" and target is taken_as_traced:  # (a test on constants' sizes alone: nothing to check)
             if _has_value(args, kwargs):
-                self.asserts.append((args, kwargs, self.source(n), target))
+                self.asserts.append((args, kwargs, self.source(n), target, n.meta.get(READ_IN)))
             return None
         if kind == "call_function" and (_is_named_tuple(target) or (target in (getattr, operator.getitem) and _is_named_tuple(type(args[0])))):
             # A named tuple of results (``Pair(features, logits)``, fields left None) is a container, as a plain tuple is:
@@ -466,8 +480,8 @@ def size_test_at_inputs(args: tuple, kwargs: dict, source: str, is_input: Callab
     producer fixes: unchecked, the graph would hold the example's branch for any input."""
     read = read_at_inputs((args, kwargs), is_input)
     if read is None:
-        raise TypeError(f"{source or 'forward'!r} tests the size of a value computed inside the model (or reads it as a "
-                        "number): the graph holds the example's answer, which its inputs cannot check per call")
+        raise SizeReadInside(f"{source or 'forward'!r} tests the size of a value computed inside the model (or reads it "
+                             "as a number): the graph holds the example's answer, which its inputs cannot check per call")
     return read if _has_value(*read) else None
 
 

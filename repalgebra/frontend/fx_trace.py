@@ -646,15 +646,20 @@ def _script_functions(modules: list[nn.Module]) -> list[torch.jit.ScriptFunction
 
 @dataclass(frozen=True)
 class Carried:
-    """A function of the model's code a trace records as one call (a graph break), and why: fx failed inside it."""
+    """A function of the model's code a trace records as one call (a graph break), and why: fx failed inside it, or
+    (``what``) a read of sizes in it could not be checked on the inputs."""
 
     fn: Callable[..., Any]
     why: str
+    what: str = "torch.fx cannot trace it"
 
     @property
     def name(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__name__}"
 
+
+# An fx node's meta key: the function of the model's code a test of sizes was taken in (reading_function).
+READ_IN = "repalgebra_read_in"
 
 # Code that is not the model's: torch's own functions are read op by op (or fail for a reason of their own), ours
 # and the standard library's are never where a model's Python stops fx.
@@ -671,11 +676,31 @@ def carried_function(e: BaseException) -> Callable[..., Any] | None:
     calls fx cannot intercept), nor a decorated one (the name holds the wrapper)."""
     frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
     for frame in reversed(frames):  # innermost first: the function that met what fx cannot trace
-        code = frame.f_code
-        fn = frame.f_globals.get(code.co_name)
-        if (isinstance(fn, types.FunctionType) and fn.__code__ is code and fn.__qualname__ == fn.__name__
-                and str(fn.__module__).split(".")[0] not in _NOT_THE_MODELS):
+        if (fn := _plain_function(frame)) is not None:
             return fn
+    return None
+
+
+def reading_function() -> Callable[..., Any] | None:
+    """The innermost plain module-level function of the model's code (as :func:`carried_function` takes it) that the
+    trace is running now, else None: the one making a read of sizes (mmseg's ``resize``, whose ``int(x) for x in
+    input.shape[2:]`` only decides whether to warn).  The walk stops at fx's ``Tracer.trace``: past it is the code
+    that called ``fuse``, not the model's."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not fx.Tracer.trace.__code__:
+        if (fn := _plain_function(frame)) is not None:
+            return fn
+        frame = frame.f_back
+    return None
+
+
+def _plain_function(frame: types.FrameType) -> Callable[..., Any] | None:
+    """The function ``frame`` runs where fx can patch it by name (:func:`carried_function`), else None."""
+    code = frame.f_code
+    fn = frame.f_globals.get(code.co_name)
+    if (isinstance(fn, types.FunctionType) and fn.__code__ is code and fn.__qualname__ == fn.__name__
+            and str(fn.__module__).split(".")[0] not in _NOT_THE_MODELS):
+        return fn
     return None
 
 
@@ -837,7 +862,8 @@ class Tracer(fx.Tracer):
     def size_answer(self, obj: fx.Proxy, what: str) -> Any:
         """``obj``'s Python value at the example inputs where it is computed from sizes, dtypes and inputs' devices
         alone (a test, a number; :meth:`~repalgebra.frontend.ranks.Ranks.answer`), recorded in the graph to be checked
-        on every call (:mod:`~repalgebra.frontend.size_tests`); else None."""
+        on every call (:mod:`~repalgebra.frontend.size_tests`), with the function of the model's code it was taken in
+        (:func:`reading_function`, in the node's ``meta[READ_IN]``); else None."""
         value = self.ranks.answer(obj.node)
         if type(value) not in (bool, int, float):
             return None  # (a test of values, of strides or storage, or computed from a value not known)
@@ -850,7 +876,8 @@ class Tracer(fx.Tracer):
             self.made_tests.append(where)
         else:
             self.size_tests.append(where)
-        self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
+        taken = self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
+        taken.node.meta[READ_IN] = reading_function()  # (carried where the builder cannot check the read per call)
         return value
 
     def autocast_left_off(self, device: str) -> None:
@@ -940,8 +967,7 @@ class Tracer(fx.Tracer):
         weights' values."""
         notes = list(dict.fromkeys(self.unwrapped))
         for c in self.carried:
-            notes.append(f"{c.name}() carried as a call, run as written on every call (a graph break): torch.fx cannot "
-                         f"trace it ({c.why})")
+            notes.append(f"{c.name}() carried as a call, run as written on every call (a graph break): {c.what} ({c.why})")
         if self.answered:
             notes.append(f"its code reads {', '.join(dict.fromkeys(self.answered))}: captured with the answer of an eager "
                          "call, so torch.jit.trace or torch.jit.script of the fused model takes the branch an eager call "

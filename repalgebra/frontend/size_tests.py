@@ -8,7 +8,9 @@ channel count ``D`` never changes.  While tracing, the front end knows each size
 :func:`taken_as_traced` in the graph.  The builder makes each such call a check of the fused graph's inputs, run
 before every call (as a model's own ``torch._assert``): an input whose sizes answer otherwise is refused by name,
 never computed with the traced branch.  A test of the size of a value computed inside the model cannot be checked
-on the inputs, and the capture is refused (the builder says so).
+on the inputs, and the capture is refused (the builder says so); where the test was taken in a plain function of the
+model's code (mmseg's ``resize``), the model is traced again with that function carried as a call
+(:func:`~repalgebra.frontend.torch.trace_model`).
 
 Only reads that the meta tensors answer as the example does count (sizes and dtypes), and an input's device, read
 on the example input (:meth:`~repalgebra.frontend.ranks.Ranks.answer`): a meta tensor's device, pointer or layout

@@ -50,7 +50,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun
+from repalgebra.frontend.builder import Builder, Handlers, NeedsRealRun, SizeReadInside
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.dtype_properties import follow_dtype_properties, follow_parameters_dtype
 from repalgebra.frontend.fx_trace import (
@@ -140,15 +140,47 @@ def trace_model(
     """:func:`trace`, returning also the output structure, inputs used and the front end's notes.
 
     With ``check_trace`` the traced graph is run against ``forward`` at the example input (:func:`_check_trace`);
-    ``fuse`` turns it off when it checks the fused result against the model anyway."""
+    ``fuse`` turns it off when it checks the fused result against the model anyway.
+
+    Where the graph holds a test of the size of a value computed inside the model (which its inputs cannot check
+    per call) taken in a plain function of the model's code, it is traced again with that function carried as a
+    call (:func:`_size_reads_carried`)."""
     check_model(model)
+    carried: list[Carried] = []
+    try:
+        return _trace_model(model, example_inputs, leaf_modules, check_trace, carried)
+    except SizeReadInside as e:
+        return _size_reads_carried(model, example_inputs, leaf_modules, check_trace, carried, e)
+
+
+def _size_reads_carried(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], check_trace: bool,
+                        carried: list[Carried], error: SizeReadInside) -> TraceResult:
+    """:func:`trace_model`'s result where ``error``'s function (mmseg's ``resize``, which reads ``int()`` of its
+    input's sizes only to decide whether to warn) and those of the reads found after it are carried as calls, run
+    as written on every call, up to ``MOST_CARRIED`` functions in all; else ``error``, with why the trace carrying
+    them failed.  Before, the model went to torch.export with its sizes fixed at the example."""
+    while (fn := error.fn) is not None and not any(c.fn is fn for c in carried) and len(carried) < MOST_CARRIED:
+        carried = [*carried, Carried(fn, str(error), "the fused graph's inputs cannot check its reads of sizes")]
+        try:
+            return _trace_model(model, example_inputs, leaf_modules, check_trace, carried)
+        except SizeReadInside as e:
+            error = e
+        except Exception as e:  # noqa: BLE001  (the refusal stays the read's, with this reason added)
+            raise SizeReadInside(f"{fn.__name__}() not carried: {first_line(e)}; {error}") from e
+    raise error
+
+
+def _trace_model(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], check_trace: bool,
+                 carried: list[Carried]) -> TraceResult:
+    """:func:`trace_model` with the functions in ``carried`` carried as calls (it gains those fx fails in)."""
     was_training = model.training
-    work, tracer, prefix = copy_for_tracing(model, leaf_modules)
+    work, tracer, prefix = copy_for_tracing(model, leaf_modules, tuple(carried))
     given = as_tuple(example_inputs) if example_inputs is not None else None
     unprefixed = lambda path: "" if path == prefix else path.removeprefix(prefix + ".") if prefix else path  # noqa: E731
     try:
-        work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer)
-        retrace = lambda m=model: _traced(m, leaf_modules, given, *copy_for_tracing(m, leaf_modules)[:2])[2]  # noqa: E731
+        work, tracer, fx_graph, placeholders = _traced(model, leaf_modules, given, work, tracer, carried)
+        retrace = lambda m=model: _traced(  # noqa: E731  (a fresh copy, carrying what this trace carries)
+            m, leaf_modules, given, *copy_for_tracing(m, leaf_modules, tuple(carried))[:2], list(carried))[2]
         followed = follow_dtype_properties(model, work, fx_graph, retrace) if given is not None else None
         if given is not None and followed is None:
             followed = follow_parameters_dtype(model, work, fx_graph, retrace)
@@ -190,7 +222,7 @@ def trace_model(
 
 
 def _traced(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, work: nn.Module,
-            tracer: Tracer) -> tuple[nn.Module, Tracer, fx.Graph, list[fx.Node]]:
+            tracer: Tracer, carried: list[Carried]) -> tuple[nn.Module, Tracer, fx.Graph, list[fx.Node]]:
     """``work``, a copy of ``model`` (:func:`~repalgebra.frontend.fx_trace.copy_for_tracing`), traced by ``tracer``
     (:func:`~repalgebra.frontend.fx_trace.trace_fx`): the copy, tracer, graph and input placeholders; ``x.ndim`` is
     answered at ``given`` (fuse guards the fused model's ranks).
@@ -203,8 +235,8 @@ def _traced(model: nn.Module, leaf_modules: Iterable[Any], given: tuple | None, 
     Where fx fails inside a plain function of the model's code (PyG's ``global_add_pool`` reads ``int(batch.max())``),
     a fresh copy is traced again with that function carried as a call (see
     :func:`~repalgebra.frontend.fx_trace.carried_function`), up to ``MOST_CARRIED`` of them, rather than keeping
-    the whole model whole, where nothing folds across its children (a BatchNorm after a part ending in a Linear)."""
-    carried: list[Carried] = []
+    the whole model whole, where nothing folds across its children (a BatchNorm after a part ending in a Linear).
+    ``carried`` holds the functions ``tracer`` carries, and gains those."""
     tracer.ranks.inputs = given
     try:
         return _carrying(model, leaf_modules, given, work, tracer, carried)
