@@ -180,6 +180,9 @@ _CAST_RUN = tuple(f"tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fi
                   for k in ("dict", "OrderedDict", "defaultdict", "nested"))
 _CARRIED = ("tests/test_fuse_capture.py::test_a_function_fx_cannot_trace_is_carried_as_a_call_and_the_rest_folds",)
 _CARRIED_MODULE = ("tests/test_fuse_capture.py::test_a_function_handed_a_module_is_not_carried",)
+_SIZE_CARRIED = ("tests/test_fuse_capture.py::test_a_function_reading_sizes_computed_inside_only_to_warn_is_carried_and_runs_at_any_size",)
+_SIZE_NOT_CARRIED = tuple("tests/test_fuse_capture.py::test_a_function_reading_sizes_inside_is_not_carried_where_handed_a_module_"
+                          f"or_writing_into_its_input[{c}]" for c in ("handed-a-module", "writes-into-its-input"))
 _TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
 _EXPORTED = ("tests/test_fuse.py::test_the_module_torch_export_gives_is_fused",)
 _VIEW_BASES = ("tests/test_fuse_outside_reads.py::test_a_tensor_in_a_weights_storage_that_no_view_of_it_can_rebuild_is_copied",)
@@ -2310,6 +2313,29 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "carried-module-check-skipped", "the trace with a carried function called with a module returned",
      "repalgebra.frontend.torch:_traced_once", "    if bad := carried_modules(fx_graph, work, tracer.carried):", "    if bad := []:",
      _CARRIED_MODULE),
+    ("frontend", "size-read-function-none", "no function of the model's code found where a test of sizes was taken: mmseg's "
+     "resize, reading int() of a decoder output's sizes to warn, not carried, and the model captured at the example's size",
+     "repalgebra.frontend.fx_trace:reading_function", "            return fn\n", "            pass\n", _SIZE_CARRIED),
+    ("frontend", "size-read-function-own-frame-only", "the walk for the function of a size read stops at its own frame",
+     "repalgebra.frontend.fx_trace:reading_function", "        frame = frame.f_back\n", "        frame = None\n", _SIZE_CARRIED),
+    ("frontend", "size-read-refused-unnamed", "a test of the size of a value computed inside refused as a plain TypeError "
+     "(SizeReadInside's base): its function is never carried", "repalgebra.frontend.builder:size_test_at_inputs",
+     "raise SizeReadInside(", "raise SizeReadInside.__base__(", _SIZE_CARRIED),
+    ("frontend", "size-read-never-carried", "a refused test of sizes taken in a function of the model's code raised at once",
+     "repalgebra.frontend.torch:trace_model", "        return _size_reads_carried(", "        raise e\n        return _size_reads_carried(",
+     _SIZE_CARRIED),
+    ("frontend", "size-read-carry-skipped", "the loop carrying the functions of refused tests of sizes never runs",
+     "repalgebra.frontend.torch:_size_reads_carried", "    while (fn := error.fn) is not None and",
+     "    while False and (fn := error.fn) is not None and", _SIZE_CARRIED),
+    ("frontend", "size-read-carry-not-traced-again", "the trace made again without the function just carried (it fails as before)",
+     "repalgebra.frontend.torch:_size_reads_carried", "leaf_modules, check_trace, carried)\n",
+     "leaf_modules, check_trace, carried[:-1])\n", _SIZE_CARRIED),
+    ("frontend", "size-read-carry-reason-dropped", "the report names a function carried for its reads of sizes without the read",
+     "repalgebra.frontend.torch:_size_reads_carried", "Carried(fn, str(error),", 'Carried(fn, "",', _SIZE_CARRIED),
+    ("frontend", "size-read-carry-failure-unsaid", "where a function reading sizes inside cannot be carried (handed a module, "
+     "writing into its input), the report does not say why",
+     "repalgebra.frontend.torch:_size_reads_carried", 'raise SizeReadInside(f"{fn.__name__}() not carried: {first_line(e)}; {error}")',
+     "raise SizeReadInside(str(error))", _SIZE_NOT_CARRIED),
 ]
 
 

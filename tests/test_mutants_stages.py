@@ -35,6 +35,11 @@ FEW = {
     "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
     "fx could not patch by name, whose carrying would fail the same way)",
     "repalgebra.frontend.torch:_traced_once": "one decision: a trace whose carried function is handed a module is refused",
+    "repalgebra.frontend.fx_trace:reading_function": "two decisions a test reaches: the innermost function of the model's "
+    "code found is returned, and the walk goes out past the tracer's own frames (its stop at fx's Tracer.trace keeps it "
+    "off the code that called fuse: functions the trace never calls, whose carrying would change nothing)",
+    "repalgebra.frontend.torch:trace_model": "one decision added to it: a refused test of sizes goes to _size_reads_carried "
+    "(whose loop, trace and reasons are mutated there)",
     "repalgebra.frontend.fx_trace:rebuilt_from_fields": "two decisions a test reaches: a dict dataclass is built from its "
     "fields, and only those not None are its keys (a key set after it was made is refused by fuse's check as well)",
     "repalgebra.backend.onnx:_object_made": "one decision a test reaches alone: a fused model's record, traced again, is "
