@@ -182,7 +182,7 @@ _CARRIED = ("tests/test_fuse_capture.py::test_a_function_fx_cannot_trace_is_carr
 _CARRIED_MODULE = ("tests/test_fuse_capture.py::test_a_function_handed_a_module_is_not_carried",)
 _SIZE_CARRIED = ("tests/test_fuse_capture.py::test_a_function_reading_sizes_computed_inside_only_to_warn_is_carried_and_runs_at_any_size",)
 _SIZE_NOT_CARRIED = tuple("tests/test_fuse_capture.py::test_a_function_reading_sizes_inside_is_not_carried_where_handed_a_module_"
-                          f"or_writing_into_its_input[{c}]" for c in ("handed-a-module", "writes-into-its-input"))
+                          f"or_writing_into_its_input[{c}]" for c in ("handed-a-module", "handed-the-model", "writes-into-its-input"))
 _TENSOR_OF_SIZE = ("tests/test_fuse_size_tests.py::test_a_tensor_made_of_a_size_is_taken_as_at_the_example",)
 _EXPORTED = ("tests/test_fuse.py::test_the_module_torch_export_gives_is_fused",)
 _VIEW_BASES = ("tests/test_fuse_outside_reads.py::test_a_tensor_in_a_weights_storage_that_no_view_of_it_can_rebuild_is_copied",)
@@ -2299,8 +2299,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "module's state, and its children unfused)",
      "repalgebra.frontend.fx_trace:carried_modules", "                bad.append(", "                (", _CARRIED_MODULE),
     ("frontend", "carried-module-argument-as-tensor", "a carried function's arguments tested for tensors, not modules",
-     "repalgebra.frontend.fx_trace:carried_modules", "str(a.target).split(\".\"), root), nn.Module)", "str(a.target).split(\".\"), root), torch.Tensor)",
+     "repalgebra.frontend.fx_trace:carried_modules", "if a.target else root, nn.Module)", "if a.target else root, torch.Tensor)",
      _CARRIED_MODULE),
+    ("frontend", "carried-module-model-itself-unread", "the model itself handed to a carried function (get_attr of the empty "
+     "path) looked up as an attribute named '' (an AttributeError, not the refusal that names it)",
+     "repalgebra.frontend.fx_trace:carried_modules", "if a.target else root, nn.Module)", "if True else root, nn.Module)",
+     _SIZE_NOT_CARRIED[1:2]),
     ("frontend", "carried-module-argument-placeholder", "a carried function's arguments looked for among the inputs, not the attributes",
      "repalgebra.frontend.fx_trace:carried_modules", 'a.op == "get_attr"', 'a.op == "placeholder"', _CARRIED_MODULE),
     ("frontend", "carry-never", "a failed trace raised at once, no function carried",

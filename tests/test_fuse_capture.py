@@ -1129,6 +1129,21 @@ def resize_clipped(input, size):
     return F.interpolate(input, size=size, mode="bilinear", align_corners=True)
 
 
+def pooled_by(model, x):
+    """A helper handed the model itself (``pooled_by(self, x)``), which reads the size of its conv's output."""
+    y = model.conv(x)
+    return F.avg_pool2d(y, 2) if int(y.shape[-1]) > 4 else y
+
+
+class PooledBy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(pooled_by(self, x))
+
+
 class ResizedLike(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1151,12 +1166,14 @@ class ResizedClipped(nn.Module):
 
 @pytest.mark.parametrize("make, why", [
     (ResizedLike, "resize_like() not carried: UntraceableError: resize_like() is called with a module among its arguments"),
+    (PooledBy, "pooled_by() not carried: UntraceableError: pooled_by() is called with a module among its arguments"),
     (ResizedClipped, "resize_clipped() not carried: InplaceHazard: resize_clipped("),
-], ids=["handed-a-module", "writes-into-its-input"])
+], ids=["handed-a-module", "handed-the-model", "writes-into-its-input"])
 def test_a_function_reading_sizes_inside_is_not_carried_where_handed_a_module_or_writing_into_its_input(make, why):
     """A function handed a module would run it (its BatchNorm unfused) where no check sees it, and one that writes
     into what it is given changes a value the graph reads after it: neither is carried, the model is captured at its
-    example's sizes as before, and the report says why."""
+    example's sizes as before, and the report says why.  The model itself handed over (``pooled_by(self, x)``, read
+    as the empty path) failed the check of a module argument with an AttributeError."""
     model = randomized(make())
     fused = check_exact(model, torch.randn(2, 3, 16, 16, dtype=D))
     r = fused.fuse_report

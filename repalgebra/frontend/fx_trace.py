@@ -706,13 +706,15 @@ def _plain_function(frame: types.FrameType) -> Callable[..., Any] | None:
 
 def carried_modules(graph: fx.Graph, root: nn.Module, carried: tuple[Carried, ...]) -> list[str]:
     """The nodes of ``graph`` calling a carried function with a module among its arguments: the call would read the
-    module's state (its buffers, or its children, whose fused forms it would never see) where the checks cannot."""
+    module's state (its buffers, or its children, whose fused forms it would never see) where the checks cannot.
+    The model itself (``helper(self, x)``) is read as ``get_attr`` of the empty path."""
     fns = {id(c.fn) for c in carried}
     bad = []
     for n in graph.nodes:
         if n.op == "call_function" and id(n.target) in fns:
             reads = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node) and a.op == "get_attr"]
-            if any(isinstance(functools.reduce(_own_attr, str(a.target).split("."), root), nn.Module) for a in reads):
+            if any(isinstance(functools.reduce(_own_attr, str(a.target).split("."), root) if a.target else root, nn.Module)
+                   for a in reads):
                 bad.append(f"{n.target.__name__}() is called with a module among its arguments")
     return bad
 
