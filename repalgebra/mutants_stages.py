@@ -196,6 +196,8 @@ _BEFORE = ("tests/test_inplace.py::test_a_copy_made_before_a_call_kept_whole_and
 _STATE_AFTER = ("tests/test_inplace.py::test_a_buffer_a_call_kept_whole_may_write_is_not_read_after_it_as_a_constant",)
 _LOOPS_R5 = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_in_a_loop_over_a_call_or_a_generator_is_the_models",)
 _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a_local_is_the_models",)
+_R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks"
+_R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -2264,6 +2266,31 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "another class, was called without its lengths (a probe)",
      "repalgebra.frontend.outside_reads:tests_classes", "    return _CLASS_TESTS[cls]", "    return False",
      ("tests/test_fuse_conv1d.py::test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks",)),
+    ("frontend", "class-tests-in-base-forward-unread", "the base class's forward a subclass reaches by super().forward(...) "
+     "not read (its chains and class tests unseen: a parent kept whole called the fused blocks' folded conv; review R6)",
+     "repalgebra.frontend.outside_reads:_read_chains", "        todo += _called_above(cls, function)  # super()", "        pass  # super()",
+     (f"{_R6_CLASSES}[super-kept-whole]", f"{_R6_REACHED}[super]")),
+    ("frontend", "super-reads-the-function-itself", "super() taken to reach the first definition from the class holding the "
+     "function on, itself (the base's never read)",
+     "repalgebra.frontend.outside_reads:_called_above", "for b in mro[owner + 1:]", "for b in mro[owner:]",
+     (f"{_R6_REACHED}[super]",)),
+    ("frontend", "class-tests-in-helpers-unseen", "a class test in a module-level function of the model's code that forward "
+     "calls not seen (review R6)",
+     "repalgebra.frontend.outside_reads:_helpers", "            if (isinstance(helper, types.FunctionType) and", "            if (False and",
+     (f"{_R6_CLASSES}[helper-kept-whole]",)),
+    ("frontend", "class-pattern-unseen", "a match statement's class pattern (case MaskedConv1d():) not taken for a class test",
+     "repalgebra.frontend.outside_reads:_asks_classes", 'or any(op.opname == "MATCH_CLASS" for op in dis.get_instructions(code))', "or False",
+     (f"{_R6_CLASSES}[match-kept-whole]",)),
+    ("frontend", "chain-stops-at-held-index", "a chain through an index a local holds (self.blocks[i].conv) stops at the index",
+     "repalgebra.frontend.outside_reads:_steps_to", 'ops[i + 1].opname == "BINARY_SUBSCR" and op.opname in _ONE_LOAD:',
+     'ops[i + 1].opname == "BINARY_SUBSCR" and False:', (f"{_R6_REACHED}[held-index]", f"{_R6_REACHED}[held-key]")),
+    ("frontend", "chain-stops-at-walrus", "a chain through an assignment expression ((blk := self.blocks[1]).conv) stops at it",
+     "repalgebra.frontend.outside_reads:_steps_to", 'elif op.opname == "COPY" and op.arg == 1', 'elif False and op.arg == 1',
+     (f"{_R6_REACHED}[walrus]",)),
+    ("frontend", "unpacked-blocks-unbound", "the names an unpacking of a container stores (a, b = self.blocks) not bound to its items",
+     "repalgebra.frontend.outside_reads:_chains_in",
+     "                    held.setdefault(target, []).append(_items(chain))", "                    pass",
+     (f"{_R6_REACHED}[unpacked]",)),
     ("frontend", "class-asked-around-unseen", "a part kept whole and fused on its own swapped in before its parent's "
      "capture, though the parent asks its class",
      "repalgebra.fuse:_classes_asked", "    return any(", "    return False and any(",

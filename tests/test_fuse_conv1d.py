@@ -586,3 +586,64 @@ def test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks(d
     if not data_branch:  # (captured around the masked convs: the plain conv's BatchNorm still folds)
         assert count_bn(fused) == count_bn(model) - 1, str(fused.fuse_report)
     assert sum(type(m) is MaskedConv1d for m in fused.modules()) == 2  # (as written)
+
+
+def _by_class(layers, x, lens):
+    """A module-level helper of the model's code that dispatches on the layers' classes (NeMo's helpers do)."""
+    for layer in layers:
+        x = layer(x, lens) if isinstance(layer, MaskedConv1d) else layer(x)
+    return x
+
+
+def _asks_otherwise(how: str) -> type:
+    """A Jasper block (made afresh: a class's code is read once) whose class test is in a module-level helper, a
+    ``match`` statement's class pattern, ``_get_name()``, or its base class's ``forward`` reached by ``super()``."""
+
+    class Helper(JasperBlock):
+        def forward(self, x, lens):
+            if self.data_branch and bool(lens.max() > 1000):
+                x = x.flip(2)
+            return _by_class(self.layers, x, lens)
+
+    class Match(JasperBlock):
+        def forward(self, x, lens):
+            if self.data_branch and bool(lens.max() > 1000):
+                x = x.flip(2)
+            for layer in self.layers:
+                match layer:
+                    case MaskedConv1d():
+                        x = layer(x, lens)
+                    case _:
+                        x = layer(x)
+            return x
+
+    class Named(JasperBlock):
+        def forward(self, x, lens):
+            if self.data_branch and bool(lens.max() > 1000):
+                x = x.flip(2)
+            for layer in self.layers:
+                x = layer(x, lens) if layer._get_name() == "MaskedConv1d" else layer(x)
+            return x
+
+    class Super(JasperBlock):
+        def forward(self, x, lens):
+            return super().forward(x * 1.5, lens)
+
+    return {"helper": Helper, "match": Match, "get-name": Named, "super": Super}[how]
+
+
+@pytest.mark.parametrize("data_branch", [False, True], ids=["captured-around", "kept-whole"])
+@pytest.mark.parametrize("how", ["helper", "match", "get-name", "super"])
+def test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks(how, data_branch):
+    """``tests_classes`` read ``forward`` and the methods it names on ``self`` for ``isinstance``, ``type`` or
+    ``__class__``: a module-level helper, a ``case MaskedConv1d():`` pattern, ``_get_name()`` and a base class's
+    ``forward`` reached by ``super()`` were not seen, and the fused masked convs were called without their lengths
+    (1.40 off where a batch is padded; review R6 findings 01, 03)."""
+    model = seeded(_asks_otherwise(how), 0, data_branch=data_branch)().double()
+    example = (torch.randn(2, 8, 40, dtype=D), torch.tensor([40, 40]))
+    fused = fuse(model, example)
+    for lens in (torch.tensor([40, 12]), torch.tensor([7, 30])):
+        x = torch.randn(2, 8, 40, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x, lens), model(x, lens), rtol=1e-9, atol=1e-9)
+    assert sum(type(m) is MaskedConv1d for m in fused.modules()) == 2  # (as written)

@@ -510,6 +510,72 @@ def test_a_grandchild_called_in_a_loop_over_a_call_or_a_generator_is_the_models(
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
 
 
+def _reached_otherwise(how: str) -> type:
+    """A class made afresh, kept whole (a branch on its input's values), that on the branch the example does not take
+    calls a block's ``conv`` through a base class's ``forward`` reached by ``super()``, an index a local holds, a
+    key a local holds, an unpacking of the blocks, or an assignment expression."""
+
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([ConvBN(), ConvBN()])
+            self.heads = nn.ModuleDict({"a": ConvBN()})
+
+        def forward(self, x):
+            if x.mean() < -100:
+                return self.other(x)
+            for blk in self.blocks:
+                x = blk(x)
+            return self.heads["a"](x)
+
+    class Super(Base):
+        def forward(self, x):
+            return super().forward(x * 1.5)
+
+        def other(self, x):  # (read only through the base's forward)
+            return self.blocks[0].conv(x)
+
+    class HeldIndex(Base):
+        def other(self, x):
+            i, s = 0, 0
+            while i < len(self.blocks):
+                s = s + self.blocks[i].conv(x)
+                i += 1
+            return s
+
+    class HeldKey(Base):
+        def other(self, x):
+            k = "a"
+            return self.heads[k].conv(x)
+
+    class Unpacked(Base):
+        def other(self, x):
+            a, b = self.blocks
+            return a.conv(x) + b.conv(x)
+
+    class Walrus(Base):
+        def other(self, x):
+            return (blk := self.blocks[1]).conv(x) + blk(x)
+
+    return {"super": Super, "held-index": HeldIndex, "held-key": HeldKey, "unpacked": Unpacked, "walrus": Walrus}[how]
+
+
+@pytest.mark.parametrize("how", ["super", "held-index", "held-key", "unpacked", "walrus"])
+def test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models(how):
+    """The chain stopped at an index a local holds (``self.blocks[i].conv``), an unpacking and an assignment expression
+    bound no block, and a subclass's ``forward`` hid its base's (``_functions`` keeps the most derived one): the fused
+    blocks' folded ``conv`` ran on the branch the example does not take (120 to 206 off; review R6 findings 02, 03)."""
+    cls = _reached_otherwise(how)
+    reached = reached_through(cls())
+    assert ("heads.a" in reached) if how == "held-key" else ({"blocks.0", "blocks.1"} & reached), reached
+    model = randomized_bn(cls())
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
 def _features_of_each() -> type:
     """A class made afresh: on the branch the example does not take, each block's own method
     (``for blk in self.blocks: blk.features(x)``)."""

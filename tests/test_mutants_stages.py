@@ -31,6 +31,14 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.outside_reads:_called_above": "one decision a test reaches alone: super() reaches the definitions "
+    "above the class holding the function (a function without super() reaches none: the old path)",
+    "repalgebra.frontend.outside_reads:_helpers": "one decision: a module-level function of the model's code that the read "
+    "code names is read too (torch's own and the standard library's are not the model asking)",
+    "repalgebra.frontend.outside_reads:_asks_classes": "one decision added to it: a class pattern (MATCH_CLASS) is a class "
+    "test (the names of the tests are tests_classes' mutant's)",
+    "repalgebra.frontend.outside_reads:_steps_to": "two decisions added to it: an index a name holds goes on to the steps "
+    "after it, and an assignment expression is passed through (the older branches predate the stage's mutants)",
     "repalgebra.frontend.fx_trace:carried_function": "one decision a test reaches: the innermost function of the model's "
     "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
     "fx could not patch by name, whose carrying would fail the same way)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import inspect
+import sys
 import types
 import weakref
 from typing import Any, Iterable, Iterator
@@ -216,7 +217,9 @@ def tests_classes(module: nn.Module) -> bool:
     or ``.__class__``.  A parent that dispatches on its children's classes (NeMo's ``if isinstance(layer,
     MaskedConv1d): x = layer(x, lens)``) answers otherwise for a fused form, which is a class of ours: its capture
     took the other branch and called the masked conv without its lengths (26% off where a batch is padded; found
-    by a probe).  Read once per class."""
+    by a probe).  Also a class pattern (``case MaskedConv1d():``), ``_get_name()``, and the code of a base class
+    reached by ``super()`` and of the model's module-level functions it calls (:func:`_run_functions`; review R6).
+    Read once per class."""
     cls = type(module)
     if cls not in _CLASS_TESTS:
         _CLASS_TESTS[cls] = any(_asks_classes(f.__code__) for f in _run_functions(cls))
@@ -224,12 +227,15 @@ def tests_classes(module: nn.Module) -> bool:
 
 
 _CLASS_TESTS: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
-_CLASS_NAMES = frozenset({"isinstance", "issubclass", "type", "__class__"})
+# (``_get_name``: nn.Module's name of a module's class, ``layer._get_name() == "MaskedConv1d"``)
+_CLASS_NAMES = frozenset({"isinstance", "issubclass", "type", "__class__", "_get_name"})
 
 
 def _asks_classes(code: types.CodeType) -> bool:
-    return not _CLASS_NAMES.isdisjoint(code.co_names) or any(
-        _asks_classes(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    """Whether ``code`` (or code nested in it) names a class test (:data:`_CLASS_NAMES`) or matches a class pattern
+    (``case MaskedConv1d():``, a ``MATCH_CLASS``: no name of a test is loaded)."""
+    return (not _CLASS_NAMES.isdisjoint(code.co_names) or any(op.opname == "MATCH_CLASS" for op in dis.get_instructions(code))
+            or any(_asks_classes(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
 
 def named_by_attributes(module: nn.Module) -> set[str]:
@@ -276,19 +282,62 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     ``self.conv.bn.running_mean.normal_()`` in ``__init__``; found by a full run)."""
     functions = _functions(cls)
     chains: list[tuple[Any, ...]] = []
+    read: list[types.FunctionType] = []
     todo, seen = [n for n in ("forward", "__call__") if n in functions], set()
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        code = functions[name].__code__
+        function = functions[name] if isinstance(name, str) else name
+        read.append(function)
+        todo += _called_above(cls, function)  # super().forward(x): the base class's code runs too
+        code = function.__code__
         if not code.co_argcount:
             continue
         found = _chains_in(code, code.co_varnames[0])
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
+    _READ[cls] = tuple(read)
     return tuple(dict.fromkeys(chains))
+
+
+_READ: "weakref.WeakKeyDictionary[type, tuple[types.FunctionType, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _called_above(cls: type, function: types.FunctionType) -> list[types.FunctionType]:
+    """The functions of the bases of ``cls`` that ``function`` (of ``cls`` or a base) reaches through ``super()``:
+    for each name its code loads, the first definition above the class holding ``function`` along the MRO.
+
+    ``_functions`` holds each name's most derived function: a subclass whose ``forward`` calls
+    ``super().forward(x)`` hid its base's ``forward``, whose chains and class tests were never read (a parent kept
+    whole called its fused blocks' folded conv on the branch the example does not take, 163 off; review R6)."""
+    if "super" not in _names(function.__code__):
+        return []
+    mro = [b for b in cls.__mro__ if b not in (nn.Module, object)]
+    owner = next((k for k, b in enumerate(mro) if any(_function_of(v) is function for v in vars(b).values())), None)
+    if owner is None:
+        return []
+    found = []
+    for name in _names(function.__code__):
+        above = next((f for b in mro[owner + 1:] if (f := _function_of(vars(b).get(name))) is not None), None)
+        if above is not None:
+            found.append(above)
+    return found
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The names ``code`` and the code nested in it load (globals and attributes)."""
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+
+def _function_of(value: Any) -> types.FunctionType | None:
+    """The plain function a class attribute stands for (a property's getter, a static or class method's function,
+    what a decorator wraps), else None."""
+    function = value.fget if isinstance(value, property) else value
+    if isinstance(function, (staticmethod, classmethod)):
+        function = function.__func__
+    return inspect.unwrap(function) if isinstance(function, types.FunctionType) else None
 
 
 def _functions(cls: type) -> dict[str, types.FunctionType]:
@@ -307,10 +356,31 @@ def _functions(cls: type) -> dict[str, types.FunctionType]:
 
 
 def _run_functions(cls: type) -> list[types.FunctionType]:
-    """The functions a call of a ``cls`` runs: ``forward`` (or ``__call__``) and the methods it names on ``self``."""
-    functions = _functions(cls)
-    named = {c[0] for c in _chains(cls) if c and isinstance(c[0], str)}
-    return [f for n, f in functions.items() if n in ("forward", "__call__") or n in named]
+    """The functions a call of a ``cls`` runs: ``forward`` (or ``__call__``), the methods it names on ``self``, those
+    of its bases it calls through ``super()`` (:func:`_called_above`), and the module-level functions of the model's
+    code that these call, in turn (:func:`_helpers`)."""
+    _chains(cls)
+    return _helpers(list(_READ.get(cls, ())))
+
+
+# Modules whose functions are not the model's code: a class test in torch's own code is not the model asking
+_NOT_THE_MODELS = ("torch", "repalgebra", "numpy", "builtins", *sys.stdlib_module_names)
+
+
+def _helpers(functions: list[types.FunctionType]) -> list[types.FunctionType]:
+    """``functions`` and the module-level functions of the model's code they call by a global name, in turn
+    (``return run_layers(self.layers, x, lens)``, where ``run_layers`` asks ``isinstance(layer, MaskedConv1d)``:
+    a class test there was not seen, and the fused masked convs were called without their lengths; review R6)."""
+    found, todo = {id(f): f for f in functions}, list(functions)
+    while todo:
+        function = todo.pop()
+        for name in _names(function.__code__):
+            helper = function.__globals__.get(name)
+            if (isinstance(helper, types.FunctionType) and id(helper) not in found
+                    and str(helper.__module__).partition(".")[0] not in _NOT_THE_MODELS):
+                found[id(helper)] = helper
+                todo.append(helper)
+    return list(found.values())
 
 
 def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[Any, ...]]:
@@ -354,6 +424,9 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 for target in targets:
                     held[target] = [*held.get(target, []), chain]
                 iterated += [] if targets or ops[end].opname == "FOR_ITER" else [chain]
+            elif end < len(ops) and ops[end].opname == "UNPACK_SEQUENCE":  # (a, b = self.blocks: each an item)
+                for target in _unpacked_into(ops, end):
+                    held.setdefault(target, []).append(_items(chain))
             elif chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
                 pending.append(chain)
     for const in code.co_consts:
@@ -384,10 +457,24 @@ def _loop_targets(ops: list[dis.Instruction], i: int) -> list[str]:
     return names
 
 
+def _unpacked_into(ops: list[dis.Instruction], i: int) -> list[str]:
+    """The locals an ``UNPACK_SEQUENCE`` at ``ops[i]`` stores the items in (``a, b = self.blocks``: a block each;
+    review R6), a nested target's too."""
+    names, i = [], i + 1
+    while i < len(ops) and ops[i].opname in ("UNPACK_SEQUENCE", "STORE_FAST", "STORE_DEREF"):
+        if ops[i].opname != "UNPACK_SEQUENCE":
+            names.append(ops[i].argval)
+        i += 1
+    return names
+
+
 def _stored_in(ops: list[dis.Instruction], i: int) -> str | None:
     """The local that ``ops[i:]`` store the value before them in (``body = self.body``), else None (a loop's target
     is :func:`_loop_targets`')."""
     return ops[i].argval if i < len(ops) and ops[i].opname in ("STORE_FAST", "STORE_DEREF") else None
+
+
+_ONE_LOAD = frozenset({"LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME"})  # an index a name holds
 
 
 def _steps(ops: list[dis.Instruction], i: int) -> tuple[Any, ...]:
@@ -406,8 +493,16 @@ def _steps_to(ops: list[dis.Instruction], i: int) -> tuple[tuple[Any, ...], int]
         elif i + 1 < len(ops) and ops[i + 1].opname == "BINARY_SUBSCR" and op.opname in ("LOAD_CONST", "LOAD_SMALL_INT"):
             steps.append(op.argval)
             i += 2
+        elif i + 1 < len(ops) and ops[i + 1].opname == "BINARY_SUBSCR" and op.opname in _ONE_LOAD:
+            # An index a name holds (``self.blocks[i].conv``, ``self.heads[k].proj``): any child, and the steps after
+            # it on each (they stopped at the index, and a parent kept whole called the fused blocks' folded conv:
+            # 195 off; review R6)
+            steps.append(None)
+            i += 2
+        elif op.opname == "COPY" and op.arg == 1 and i + 1 < len(ops) and ops[i + 1].opname in ("STORE_FAST", "STORE_DEREF"):
+            i += 2  # (an assignment expression: ``(blk := self.blocks[0]).conv(x)`` goes on to ``conv``)
         elif i + 1 < len(ops) and ops[i + 1].opname == "BINARY_SUBSCR" or op.opname == "GET_ITER":
-            steps.append(None)  # an index computed (self.blocks[i]), or every child (for b in self.blocks)
+            steps.append(None)  # an index computed (self.blocks[i + 1]), or every child (for b in self.blocks)
             break
         else:
             break
