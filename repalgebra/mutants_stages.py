@@ -198,6 +198,7 @@ _LOOPS_R5 = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_in_a_lo
 _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a_local_is_the_models",)
 _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks"
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
+_R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -2247,9 +2248,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "capture (review R5 finding 05)",
      "repalgebra.frontend.inplace:_refuse_state_read_after", "        if readers:\n            raise", "        if False:\n            raise",
      _STATE_AFTER),
-    ("frontend", "state-read-after-call-own-unseen", "the called module's own buffers (self.obs.amax) not taken as written by it",
+    ("frontend", "state-read-after-call-own-unseen", "the called module's own buffers (self.obs.amax) not taken as written by it "
+     "(by their names, nor by where they live)",
      "repalgebra.frontend.inplace:_refuse_state_read_after",
-     "and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner)))", "and a in call.all_input_nodes",
+     "or (owner is not None and str(a.target).startswith(owner))\n                  or (bool(held) and _storage(a, root) in held))]",
+     "or False)]",
      (f"{_STATE_AFTER[0]}[own-buffer]",)),
     ("frontend", "copy-before-call-reads-before-taken", "a copy made before a call kept whole kept a copy where it is read before "
      "the call, not after it",
@@ -2291,12 +2294,19 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_chains_in",
      "                    held.setdefault(target, []).append(_items(chain))", "                    pass",
      (f"{_R6_REACHED}[unpacked]",)),
+    ("frontend", "state-held-under-another-name-unseen", "a tensor the called module holds tied to the parent's (named by the "
+     "parent in the graph) not taken as written by the call (review R6 finding 04)",
+     "repalgebra.frontend.inplace:_refuse_state_read_after", "or (bool(held) and _storage(a, root) in held))]", "or False)]",
+     (f"{_R6_TIED}[buffer]", f"{_R6_TIED}[parameter]")),
+    ("frontend", "held-storages-empty", "the storages a called module holds left empty",
+     "repalgebra.frontend.inplace:_held_storages", "    for m in module.modules():", "    for m in []:",
+     (f"{_R6_TIED}[buffer]",)),
     ("frontend", "class-asked-around-unseen", "a part kept whole and fused on its own swapped in before its parent's "
      "capture, though the parent asks its class",
      "repalgebra.fuse:_classes_asked", "    return any(", "    return False and any(",
      ("tests/test_fuse_conv1d.py::test_a_block_that_dispatches_on_its_layers_classes_keeps_the_class_it_asks[captured-around]",)),
     ("frontend", "state-read-after-call-unchecked", "reads of a parameter or buffer after a call kept whole never looked at",
-     "repalgebra.frontend.inplace:reads_after_calls", "        _refuse_state_read_after(call, nodes, order, bases)\n", "", _STATE_AFTER),
+     "repalgebra.frontend.inplace:reads_after_calls", "        _refuse_state_read_after(call, nodes, order, bases, root)\n", "", _STATE_AFTER),
     ("frontend", "after-call-counted-as-result", "a read after a call kept whole taken for a read of its result: a write the "
      "example's run saw no longer refused",
      "repalgebra.frontend.inplace:hidden_writes", "        if n.target is not after_call and any(", "        if any(",

@@ -969,3 +969,44 @@ def test_a_parameter_given_to_a_call_kept_whole_that_writes_into_it_on_other_inp
             x = 100 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
             torch.testing.assert_close(fused(x.clone()), reference(x.clone()), rtol=1e-9, atol=1e-9)
     assert reference.shift.flatten()[0] == 0.125
+
+
+class TiedCalibrated(nn.Module):
+    """The observer's range is the parent's tensor too, one tensor under two names (a buffer handed to the observer at
+    construction, or the parent's parameter registered in a guard): fx names it by the parent's name."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        d = torch.float64  # (made in float64: ``.double()`` would untie the two names)
+        self.kind = kind
+        self.conv, self.conv2 = nn.Conv2d(4, 4, 3, padding=1, dtype=d), nn.Conv2d(4, 4, 1, dtype=d)
+        if kind == "buffer":
+            self.register_buffer("amax", torch.tensor(10.0, dtype=d))
+            self.obs = ObserverOfItsOwn()
+            self.obs.amax = self.amax
+        else:
+            self.amax = nn.Parameter(torch.tensor(10.0, dtype=d))
+            self.obs = ObserverOfItsOwn()
+            del self.obs.amax
+            self.obs.register_parameter("amax", self.amax)
+
+    def forward(self, x):
+        return self.conv2(self.obs(self.conv(x)) / self.amax)
+
+
+@pytest.mark.parametrize("kind", ["buffer", "parameter"])
+def test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant(kind):
+    """The refusal of state read after a call kept whole matched the called module's tensors by their names: one tied
+    to the parent's (``self.obs = Observer(self.amax)``) is named ``amax`` in the graph, and ``y / amax`` was folded
+    into ``conv2``: 7.5 off on the first large input, off on every later one (review R6 finding 04)."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = TiedCalibrated(kind).eval()
+    assert model.amax is model.obs.amax
+    original = copy.deepcopy(model)
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        for x in (100 * torch.randn(1, 4, 8, 8, dtype=torch.float64), 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64)):
+            torch.testing.assert_close(fused(x.clone()), original(x.clone()), rtol=1e-9, atol=1e-9)
+    assert original.amax > 10, "the observer must widen its range"

@@ -39,6 +39,7 @@ FEW = {
     "test (the names of the tests are tests_classes' mutant's)",
     "repalgebra.frontend.outside_reads:_steps_to": "two decisions added to it: an index a name holds goes on to the steps "
     "after it, and an assignment expression is passed through (the older branches predate the stage's mutants)",
+    "repalgebra.frontend.inplace:_held_storages": "one decision: the storages of what the called module holds are collected",
     "repalgebra.frontend.fx_trace:carried_function": "one decision a test reaches: the innermost function of the model's "
     "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
     "fx could not patch by name, whose carrying would fail the same way)",

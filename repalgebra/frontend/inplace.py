@@ -444,7 +444,7 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
             nodes = list(graph.nodes)
             order = {n: k for k, n in enumerate(nodes)}
             bases, read = alias_bases(graph, root), made
-        _refuse_state_read_after(call, nodes, order, bases)
+        _refuse_state_read_after(call, nodes, order, bases, root)
         given = [a for a in call.all_input_nodes if a.op != "get_attr"]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
@@ -461,7 +461,7 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
 
 
 def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx.Node, int],
-                             bases: dict[fx.Node, frozenset[fx.Node]]) -> None:
+                             bases: dict[fx.Node, frozenset[fx.Node]], root: nn.Module | None = None) -> None:
     """Raise :class:`InplaceHazard` where a parameter or buffer that ``call`` (a call of the model's own code kept
     whole) is given, or that the module it calls holds, is read after it (directly or through a view).
 
@@ -471,8 +471,12 @@ def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx
     the model reads the one the call left, on that call and every later one (11 off; review R5 finding 05).  The
     holder is captured another way or kept whole."""
     owner = f"{call.target}." if call.op == "call_module" else None
+    # (a tensor the called module holds that the model reads under another name: one tied under two names, fx
+    # naming it by the first, or held as a plain attribute; review R6 finding 04)
+    held = _held_storages(root.get_submodule(str(call.target))) if owner is not None and root is not None else set()
     state = [a for a in nodes if a.op == "get_attr"
-             and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner)))]
+             and (a in call.all_input_nodes or (owner is not None and str(a.target).startswith(owner))
+                  or (bool(held) and _storage(a, root) in held))]
     for a in state:
         # (not through the call's own result, which may be the tensor it was given: that read is the value the
         # call left, no constant)
@@ -482,6 +486,17 @@ def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx
             raise InplaceHazard(
                 f"{_describe(call)} is a call kept whole that may write into the parameter or buffer {a.target!r} on "
                 f"other inputs than the example, and {readers[0].name!r} reads it afterwards", _holder(call, readers))
+
+
+def _held_storages(module: nn.Module) -> set[int]:
+    """Where the tensors ``module`` and its descendants hold live: their parameters and buffers, and tensors among
+    their plain attributes (``self.__dict__["target"] = parent.shift``), which a call of it may write into."""
+    found = set()
+    for m in module.modules():
+        for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()):
+            if torch.is_tensor(t) and t.untyped_storage().nbytes():
+                found.add(t.untyped_storage().data_ptr())
+    return found
 
 
 def _copies_read_after(graph: fx.Graph, root: nn.Module, calls: list[fx.Node],
