@@ -89,10 +89,14 @@ class Builder:
     tensors raises :class:`NeedsRealRun`.
     """
 
-    def __init__(self, root: nn.Module, handlers: Handlers, record: dict[fx.Node, Any] | None = None, prefix: str = "") -> None:
+    def __init__(self, root: nn.Module, handlers: Handlers, record: dict[fx.Node, Any] | None = None, prefix: str = "",
+                 carry_reads: bool = True) -> None:
         self.root = root
         self.handlers = handlers
         self.prefix = prefix  # the wrapper's child name when the model was wrapped (see fx_trace.Root)
+        # a plain function of the model's code that reads sizes computed inside is carried rather than checked per call
+        # (see checks_of); False where carrying it failed
+        self.carry_reads = carry_reads
         self.record = record
         self.example: dict[fx.Node, Any] = {}
         self.nodes: list[Node] = []
@@ -207,6 +211,11 @@ class Builder:
         for args, kwargs, source, target, read_in in self.asserts:
             if target is taken_as_traced:
                 try:
+                    if read_in is not None and self.carry_reads and reads_inside((args, kwargs), lambda v: id(v) in position):
+                        # carried, it runs as written at any size; checked, the fused model refuses the sizes that
+                        # answer otherwise (mmseg's resize warns at some, make_anchors' arange reads each)
+                        raise SizeReadInside(f"{source or 'forward'!r} reads the size of a value computed inside the model "
+                                             f"in {read_in.__name__}()")
                     read = size_test_at_inputs(args, kwargs, source, lambda v: id(v) in position)
                 except SizeReadInside as e:
                     e.fn = read_in  # (the front end traces again with it carried)
@@ -483,6 +492,17 @@ def size_test_at_inputs(args: tuple, kwargs: dict, source: str, is_input: Callab
         raise SizeReadInside(f"{source or 'forward'!r} tests the size of a value computed inside the model (or reads it "
                              "as a number): the graph holds the example's answer, which its inputs cannot check per call")
     return read if _has_value(*read) else None
+
+
+def reads_inside(template: Any, is_input: Callable[[Value], bool]) -> bool:
+    """Whether ``template`` (a test's arguments) reads a size of a value computed inside the model."""
+    if isinstance(template, SymExpr):
+        v, _ = size_read(template)
+        return (isinstance(v, Value) and not is_input(v)) or reads_inside((template.args, template.kwargs), is_input)
+    if isinstance(template, Value):
+        return not is_input(template)
+    items = template.values() if isinstance(template, dict) else template if isinstance(template, (tuple, list)) else ()
+    return any(reads_inside(t, is_input) for t in items)
 
 
 def read_at_inputs(template: Any, is_input: Callable[[Value], bool]) -> Any:

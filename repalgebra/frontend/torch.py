@@ -142,15 +142,25 @@ def trace_model(
     With ``check_trace`` the traced graph is run against ``forward`` at the example input (:func:`_check_trace`);
     ``fuse`` turns it off when it checks the fused result against the model anyway.
 
-    Where the graph holds a test of the size of a value computed inside the model (which its inputs cannot check
-    per call) taken in a plain function of the model's code, it is traced again with that function carried as a
-    call (:func:`_size_reads_carried`)."""
+    Where the graph holds a test of the size of a value computed inside the model taken in a plain function of the
+    model's code, it is traced again with that function carried as a call (:func:`_size_reads_carried`): run as
+    written, it holds at any size, where a check per call (if the inputs could make one) would refuse every size
+    answering otherwise (mmseg's ``resize`` warns at some sizes; YOLO's ``make_anchors`` reads each one).  Where it
+    cannot be carried, its tests are checked per call where the inputs can check them (else the refusal stands)."""
     check_model(model)
     carried: list[Carried] = []
     try:
         return _trace_model(model, example_inputs, leaf_modules, check_trace, carried)
     except SizeReadInside as e:
-        return _size_reads_carried(model, example_inputs, leaf_modules, check_trace, carried, e)
+        try:
+            return _size_reads_carried(model, example_inputs, leaf_modules, check_trace, carried, e)
+        except SizeReadInside as failed:
+            try:  # (its reads checked per call, where the inputs can check them: CRNN's heights after its convs)
+                traced = _trace_model(model, example_inputs, leaf_modules, check_trace, carried, carry_reads=False)
+            except SizeReadInside:
+                raise failed from None
+            traced.notes.append(f"{str(failed).split('; ')[0]}; its tests of sizes are checked per call")
+            return traced
 
 
 def _size_reads_carried(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], check_trace: bool,
@@ -160,7 +170,7 @@ def _size_reads_carried(model: nn.Module, example_inputs: Any, leaf_modules: Ite
     as written on every call, up to ``MOST_CARRIED`` functions in all; else ``error``, with why the trace carrying
     them failed.  Before, the model went to torch.export with its sizes fixed at the example."""
     while (fn := error.fn) is not None and not any(c.fn is fn for c in carried) and len(carried) < MOST_CARRIED:
-        carried = [*carried, Carried(fn, str(error), "the fused graph's inputs cannot check its reads of sizes")]
+        carried = [*carried, Carried(fn, str(error), "the fused graph would hold its reads of sizes as the example answers them")]
         try:
             return _trace_model(model, example_inputs, leaf_modules, check_trace, carried)
         except SizeReadInside as e:
@@ -171,8 +181,9 @@ def _size_reads_carried(model: nn.Module, example_inputs: Any, leaf_modules: Ite
 
 
 def _trace_model(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], check_trace: bool,
-                 carried: list[Carried]) -> TraceResult:
-    """:func:`trace_model` with the functions in ``carried`` carried as calls (it gains those fx fails in)."""
+                 carried: list[Carried], carry_reads: bool = True) -> TraceResult:
+    """:func:`trace_model` with the functions in ``carried`` carried as calls (it gains those fx fails in); without
+    ``carry_reads``, a function's reads of sizes computed inside are checked per call where they can be."""
     was_training = model.training
     work, tracer, prefix = copy_for_tracing(model, leaf_modules, tuple(carried))
     given = as_tuple(example_inputs) if example_inputs is not None else None
@@ -197,10 +208,11 @@ def _trace_model(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[A
         _check_trace(model, work, fx_graph, given)
     try:
         try:  # shapes from the op table and meta tensors: no arithmetic, fast
-            builder = Builder(work, HANDLERS, prefix=prefix)
+            builder = Builder(work, HANDLERS, prefix=prefix, carry_reads=carry_reads)
             graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
         except NeedsRealRun:  # some call cannot run on meta tensors: run the model once for real
-            builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix)
+            builder = Builder(work, HANDLERS, record_run(fx.GraphModule(work, fx_graph), given, inferred), prefix=prefix,
+                              carry_reads=carry_reads)
             graph, spec = _build(builder, fx_graph, placeholders, given, inferred)
     except InplaceHazard as e:  # a call kept whole writes into a value read after it (seen in either run)
         e.path = unprefixed(e.path)
