@@ -56,7 +56,7 @@ from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
-from repalgebra.frontend.state import STATE_TAG, StateChanged, copy_difference, find_state, mark_written, restore_in_place, watch
+from repalgebra.frontend.state import STATE_TAG, StateChanged, cache_regions, copy_difference, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
 from repalgebra.frontend.wrappers import unwrap
@@ -1208,12 +1208,8 @@ class _Fuser:
         mark_written(self.pristine, [*state.changed, *state.per_call])  # a capture around a part kept whole must not read them as constants
         if not state:  # only a first call fills it, the same for any input (a cache), or nothing reads it: fuse the model once called
             stored = list(state.per_call)
-            if cached := [c for c in sorted(changed) if c not in stored and (c not in DRAWS or c in state.first_draws)]:  # (not
-                # a draw another thread made)
-                self.report.notes.append(
-                    f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
-                    "where the model ran) compute the same after it: fused as called once"
-                )
+            cached = [c for c in sorted(changed) if c not in stored and (c not in DRAWS or c in state.first_draws)]  # (not
+            # a draw another thread made)
             if stored:
                 self.report.notes.append(
                     f"every call stores {_listed([repr(c) for c in stored], 4)} from its input, which no later call reads: "
@@ -1221,8 +1217,19 @@ class _Fuser:
                     "(return it, or read it with a hook on the original)"
                 )
             self.watching = False
+            unfilled = copy_module(self.pristine)  # the state the model holds now: what a part kept for its cache starts from
+            notes = list(self.report.notes)
             _run(self.pristine, Call(tuple(inputs), {}), None)
-            return self.fuse_root(inputs)
+            fused = self.fuse_root(inputs)
+            if cached and _fixed_sizes(self.report):  # (held at the example's sizes only: try keeping the caches whole)
+                if (around := self.fuse_around_caches(unfilled, inputs, cached, notes)) is not None:
+                    return around
+            if cached:
+                self.report.notes.insert(0,
+                    f"a first call fills {_listed([repr(c) for c in cached], 4)}, and calls on other values (and at other sizes "
+                    "where the model ran) compute the same after it: fused as called once"
+                )
+            return fused
         self.stateful = True
         if self.strict:
             what = state.whole or "; ".join(f"{_where(p)}: {why}" for p, why in state.regions.items())
@@ -1247,6 +1254,49 @@ class _Fuser:
             if problem is not None:
                 self.report = FuseReport(stage_seconds=self.stage)  # nothing of that attempt is in the result
                 return self.untouched("", initial, f"with the parts that change state kept whole it still differs on a second call: {problem}")
+        return fused
+
+    def fuse_around_caches(self, unfilled: nn.Module, inputs: tuple[torch.Tensor, ...], cached: list[str],
+                           notes: list[str]) -> nn.Module | None:
+        """The model (``unfilled``: as it is, before the run that fused it as called once) with the parts that hold
+        ``cached`` (what a first call fills) kept whole, their children fused on their own, and the rest captured
+        around them, where that capture holds at any size and the model fused as called once holds at the example's
+        sizes only; else None, and the fuser as it was.
+
+        Ultralytics' ``Detect`` keys its anchors by its input's shape (``if self.dynamic or self.shape != shape:``):
+        captured as called once, the test and the anchors hold at the example's shape only.  Kept whole, it runs as
+        written on the state the model holds (never called, or called by the user at some size), so it refills its
+        cache exactly when the model's own would, at any size; folds across its boundary are lost.  (A capture of
+        the cache as its recomputation was unsound: a value filled once may differ at another size.)"""
+        regions = cache_regions(unfilled, inputs, cached)
+        if not regions or "" in regions:
+            return None
+        saved = (self.pristine, self.report, self.checks, self.plain_parts, self.initial)
+        why = "a first call fills {} (a cache): it runs as written, refilling it where the model would, at any size"
+        self.pristine, self.initial, self.checks, self.plain_parts = copy_module(unfilled), copy_module(unfilled), [], []
+        self.report = FuseReport(stage_seconds=self.stage, notes=list(notes))
+        for path in regions:
+            self.state_leaves.append(path)
+            setattr(self.pristine.get_submodule(path), STATE_TAG, path)
+        try:
+            fused = self.fuse_root(inputs)
+            self.fuse_inside_regions(fused, {r: why.format(_listed([repr(c) for c in cached if _inside(c, r)], 4))
+                                             for r in regions}, inputs)
+            self.restore_state(fused)
+            problem = _not_around(self.report)
+            if problem is None and self.check:  # (fresh copies of both run: fused keeps the state it holds)
+                problem = _calls_difference(unfilled, fused, [inputs, batch_plus_one(inputs), inputs], self.tolerance)
+        except Exception as e:  # noqa: BLE001  (as called once, the model was fused: that form stands)
+            problem = first_line(e)
+        if problem is not None:
+            self.pristine, self.report, self.checks, self.plain_parts, self.initial = saved
+            self.state_leaves, self.fused_inside = [], set()
+            return None
+        self.checks.append("the model, calls in turn at the example and at another batch, "
+                           f"to {self.tolerance:g} relative")
+        self.report.notes.insert(0, f"a first call fills {_listed([repr(c) for c in cached], 4)} (a cache): as called "
+                                 f"once, the model's capture held at the example's sizes only; {_listed([_where(r) for r in regions], 4)} "
+                                 "kept whole instead, as the model holds it now, the rest captured around it at any size")
         return fused
 
     def fuse_inside_regions(self, fused: nn.Module, regions: dict[str, str], inputs: tuple[torch.Tensor, ...]) -> None:
@@ -2137,6 +2187,27 @@ def _put(parent: nn.Module, name: str, child: nn.Module) -> None:
     """Make ``child`` ``parent``'s child ``name`` (one it has), past a ``__setattr__`` of its class that refuses
     assignments after ``__init__`` (an immutable module: its own AttributeError came out of fuse; a probe)."""
     parent._modules[name] = child
+
+
+def _fixed_sizes(report: FuseReport) -> bool:
+    """Whether a part of the report's model was captured by ``torch.export``, at the example's sizes."""
+    return any(p.how == "specialized" for p in report.parts)
+
+
+def _not_around(report: FuseReport) -> str | None:
+    """Why the report's model, fused with the parts that hold a cache kept whole, is no capture around them that
+    holds at any size: a part captured at the example's sizes, or the model itself kept whole (its children fused
+    apart, folding less than the capture at fixed sizes did); None where it is one."""
+    if _fixed_sizes(report):
+        return "a part of it is captured at the example's sizes only"
+    if any(p.path == "" and p.how == "kept whole" for p in report.parts):
+        return "the model itself is kept whole: no capture around the parts holds"
+    return None
+
+
+def _inside(name: str, path: str) -> bool:
+    """Whether the attribute ``name`` (``model.14.anchors``) belongs to the module at ``path`` or one inside it."""
+    return not path or name.startswith(f"{path}.")
 
 
 def _other_values(inputs: tuple) -> tuple | None:

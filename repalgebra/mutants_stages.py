@@ -96,6 +96,7 @@ _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_sma
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
+_ANCHORS = ("tests/test_fuse_state.py::test_a_detect_head_whose_anchors_are_cached_by_shape_is_kept_whole_and_the_model_runs_at_any_size",)
 _FITS = ("tests/test_fuse_capture.py::test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made",)
 _OE = "tests/test_onnx_export.py"
 _MASKED = (f"{_OE}::test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked",)
@@ -625,6 +626,31 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "lift-stays-below-a-batch-norm", "a per-channel op whose output is lifted keeps the lift below it (a BatchNorm1d on the input stays)",
      "repalgebra.frontend.height_one:_sinks", "    if (along or per_channel) and id(n.out) in lifted:", "    if along and id(n.out) in lifted:",
      ("tests/test_fuse_conv1d.py::test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it",)),
+    ("frontend", "cache-region-taken-as-the-model", "the part holding what a first call fills (YOLOv8's anchor cache) taken as "
+     "the model itself: the model stays captured at the example's image size, every other refused",
+     "repalgebra.frontend.state:cache_regions", "        found.append(_common_ancestor([owner, *sites.get(name, [])]))",
+     "        found.append(\"\")", _ANCHORS),
+    ("frontend", "cache-region-owner-one-up", "the owner of a cached attribute taken one module up (the Sequential "
+     "around the head kept whole, not the head)",
+     "repalgebra.frontend.state:cache_regions", "        owner = name.rpartition(\".\")[0]",
+     "        owner = name.rpartition(\".\")[0].rpartition(\".\")[0]", _ANCHORS),
+    ("frontend", "leaf-given-fx-immutable-list", "a module kept whole given fx's immutable list (Detect's x[i] = ... fails, "
+     "no capture around it holds)",
+     "repalgebra.frontend.fx_trace:mutable", "        return tuple(items) if type(value) is tuple else items",
+     "        return value", _ANCHORS),
+    ("frontend", "leaf-given-lists-unconverted", "fx's immutable lists in a leaf's arguments handed on as they are",
+     "repalgebra.frontend.fx_trace:mutable", "    if type(value) in (list, tuple, immutable_list):",
+     "    if type(value) in (list, tuple):", _ANCHORS),
+    ("frontend", "cache-fixed-sizes-never", "a model captured at the example's sizes, with a cache, never tried with the cache "
+     "kept whole", "repalgebra.fuse:_fixed_sizes", "    return any(p.how == \"specialized\" for p in report.parts)",
+     "    return False", _ANCHORS),
+    ("frontend", "cache-fixed-sizes-of-fx", "the capture at fixed sizes told by an fx part (the model captured at the "
+     "example's sizes is kept so, the capture around its head refused)", "repalgebra.fuse:_fixed_sizes",
+     "    return any(p.how == \"specialized\" for p in report.parts)", "    return any(p.how == \"fx\" for p in report.parts)", _ANCHORS),
+    ("frontend", "cache-around-the-model-kept-whole", "the model itself kept whole (its head's convs alone folded) taken for "
+     "a capture around its cached head, where the capture at the example's size folds every BatchNorm",
+     "repalgebra.fuse:_not_around", "    if any(p.path == \"\" and p.how == \"kept whole\" for p in report.parts):",
+     "    if False:", ("tests/test_fuse_state.py::test_a_cached_head_is_not_kept_whole_where_no_capture_around_it_holds",)),
     ("frontend", "state-restored-through-fused-children", "a part kept for its state and fused inside restored as a copy of itself, its fused children paired with the originals'",
      "repalgebra.frontend.state:restore_in_place", "if deep else [(module, initial)]", "", ("tests/test_fuse_state.py",)),
     ("frontend", "state-largest-table-as-cache", "a table a larger call leaves taken for a cache: the example's call is not tried after another",

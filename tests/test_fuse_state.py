@@ -1317,3 +1317,142 @@ def test_restore_in_place_puts_back_what_runs_changed_in_the_tensors_themselves(
     assert float(part.n) == 2.0
     restore_in_place(part, initial)
     assert part.n is held and float(held) == float(initial.n) == 0.0
+
+
+class AnchorCachingDetect(nn.Module):
+    """Ultralytics' ``Detect`` (``ultralytics/nn/modules/head.py``) as YOLOv8 and YOLO11 run it: its anchors are cached
+    by the shape of the first feature map, in class attributes until a call fills them, and recomputed where
+    ``self.dynamic or self.shape != shape``.  The zoo's ``Detect`` recomputes them on every call."""
+
+    dynamic = False  # force grid reconstruction
+    export = False  # export mode
+    format = None  # export format
+    shape = None
+    anchors = torch.empty(0)  # init
+    strides = torch.empty(0)  # init
+
+    def __init__(self, nc: int = 3, ch: tuple = ()) -> None:
+        super().__init__()
+        from zoo.detection import DFL, Conv
+
+        self.nc = nc  # number of classes
+        self.nl = len(ch)  # number of detection layers
+        self.reg_max = 8  # DFL channels
+        self.no = nc + self.reg_max * 4  # number of outputs per anchor
+        self.stride = torch.tensor([8.0, 16.0])  # strides computed during build
+        c2, c3 = max((16, ch[0] // 4, self.reg_max * 4)), max(ch[0], min(self.nc, 100))  # channels
+        self.cv2 = nn.ModuleList(
+            nn.Sequential(Conv(x, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * self.reg_max, 1)) for x in ch
+        )
+        self.cv3 = nn.ModuleList(nn.Sequential(Conv(x, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, self.nc, 1)) for x in ch)
+        self.dfl = DFL(self.reg_max) if self.reg_max > 1 else nn.Identity()
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        for i in range(self.nl):
+            x[i] = torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1)
+        return self._inference(x)
+
+    def _inference(self, x: list[torch.Tensor]) -> torch.Tensor:
+        from zoo.detection import dist2bbox, make_anchors
+
+        shape = x[0].shape  # BCHW
+        x_cat = torch.cat([xi.view(shape[0], self.no, -1) for xi in x], 2)
+        if self.format != "imx" and (self.dynamic or self.shape != shape):
+            self.anchors, self.strides = (x.transpose(0, 1) for x in make_anchors(x, self.stride, 0.5))
+            self.shape = shape
+        box, cls = x_cat.split((self.reg_max * 4, self.nc), 1)
+        dbox = dist2bbox(self.dfl(box), self.anchors.unsqueeze(0), xywh=True, dim=1) * self.strides
+        return torch.cat((dbox, cls.sigmoid()), 1)
+
+
+def yolov8_with_anchor_cache() -> nn.Module:
+    """The zoo's YOLOv8 slice with its head as Ultralytics writes it (:class:`AnchorCachingDetect`)."""
+    from zoo.detection import YOLO
+
+    model = YOLO(nc=3)
+    head = AnchorCachingDetect(3, (24, 32))
+    head.i, head.f = model.model[14].i, model.model[14].f
+    model.model[14] = head
+    return model
+
+
+def images(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+@pytest.mark.parametrize("called_at", [None, (1, 3, 32, 96)], ids=["never_called", "called_by_the_user"])
+def test_a_detect_head_whose_anchors_are_cached_by_shape_is_kept_whole_and_the_model_runs_at_any_size(called_at):
+    """YOLOv8's ``Detect`` caches its anchors by its input's shape: as called once, the model's capture read
+    ``self.shape != shape`` and the anchors at the example's 64x64 only, so the fused model was captured by
+    torch.export and refused every other image size by name, where the model runs at any.  The head is kept
+    whole now, as the model holds it (never called, or called by the user at another size), its convs fused on
+    their own, and the rest captured with fx around it: calls at a new size, back at the example's and at
+    another batch agree call for call, and the model itself is not changed."""
+    model = seeded(yolov8_with_anchor_cache, 902)().to(D)
+    if called_at is not None:
+        with torch.no_grad():
+            model(images(*called_at))
+    before = copy.deepcopy(model)
+    fused = fuse(model, images(1, 3, 64, 64))
+    assert vars(model.model[14]).get("shape") == vars(before.model[14]).get("shape")
+    assert "a first call fills 'model.14.anchors'" in kept_whole(fused).get("model.14", ""), str(fused.fuse_report)
+    assert kept_whole(fused).keys() == {"model.14"} and count_bn(fused) == 0, str(fused.fuse_report)
+    head = next(m for m in fused.modules() if isinstance(m, AnchorCachingDetect))
+    assert vars(head).get("shape") == vars(before.model[14]).get("shape")  # its cache, as the model holds it
+    for k, shape in enumerate([(1, 3, 96, 64), (1, 3, 64, 64), (3, 3, 96, 64), (3, 3, 64, 64), (1, 3, 96, 64)]):
+        x = images(*shape)
+        with torch.no_grad():
+            want, got = before(x.clone()), fused(x.clone())
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), msg=lambda m: f"call {k + 1} at {shape}: {m}")
+    for (name, a), (_, b) in zip(before.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), f"fuse changed the model's {name}"
+
+
+def test_a_detect_head_kept_whole_for_its_anchor_cache_exports_to_onnx_at_a_dynamic_batch():
+    """The fused model with the head kept whole exports at the example's image size (the head written by
+    torch.onnx.export), its batch dynamic, and computes what the model does at batches 1 and 3."""
+    import onnxruntime as ort
+
+    model = seeded(yolov8_with_anchor_cache, 902)()
+    fused = fuse(model, torch.randn(1, 3, 64, 64))
+    proto = export_onnx(fused, None, torch.randn(1, 3, 64, 64))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param, proto.graph.input[0]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+class TopDetections(nn.Module):
+    """The model and the top-scoring boxes of its head's output, as Ultralytics' ``v10Detect.postprocess`` takes them:
+    ``min(max_det, anchors)`` reads the number of anchors, a size computed inside, as a number."""
+
+    max_det = 300
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yolo = yolov8_with_anchor_cache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preds = self.yolo(x)  # (b, 4 + nc, anchors)
+        anchors = preds.shape[-1]
+        index = preds[:, 4:].amax(1).topk(min(self.max_det, anchors), dim=1).indices
+        return preds.gather(2, index.unsqueeze(1).expand(-1, preds.shape[1], -1))
+
+
+def test_a_cached_head_is_not_kept_whole_where_no_capture_around_it_holds():
+    """Around the head, the model's own code reads a size of its output as a number, which fx cannot capture: the
+    model itself would be kept whole, folding only the head's convs.  The capture at the example's image size
+    stands (every BatchNorm folded), exact there at any batch."""
+    model = seeded(TopDetections, 902)().to(D)
+    fused = fuse(model, images(1, 3, 64, 64))
+    assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
+    assert any(p.how == "specialized" for p in fused.fuse_report.parts), str(fused.fuse_report)
+    for shape in [(1, 3, 64, 64), (3, 3, 64, 64)]:
+        x = images(*shape)
+        with torch.no_grad():
+            want = model(x.clone())
+        torch.testing.assert_close(fused(x.clone()), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))

@@ -40,6 +40,15 @@ FEW = {
     "repalgebra.frontend.outside_reads:_steps_to": "two decisions added to it: an index a name holds goes on to the steps "
     "after it, and an assignment expression is passed through (the older branches predate the stage's mutants)",
     "repalgebra.frontend.inplace:_held_storages": "one decision: the storages of what the called module holds are collected",
+    "repalgebra.frontend.state:cache_regions": "two decisions a test reaches: the module holding a cached attribute (its "
+    "owner, with the code filling it) is the part kept whole, not the model nor a module around it (a generator or a "
+    "module wired in at run time keeps the model captured as called once, as before)",
+    "repalgebra.frontend.fx_trace:mutable": "two decisions a test reaches: a module kept whole is handed the lists in "
+    "its arguments as plain lists (a dict in them, the same conversion, is rebuilt alike)",
+    "repalgebra.fuse:_fixed_sizes": "one decision, two ways to get it wrong, both killed: a part captured by torch.export "
+    "tells a capture at the example's sizes",
+    "repalgebra.fuse:_not_around": "two decisions: the model itself kept whole is no capture around its cached parts "
+    "(killed); a part captured by torch.export cannot arise there, as parts kept whole rule torch.export out",
     "repalgebra.frontend.fx_trace:carried_function": "one decision a test reaches: the innermost function of the model's "
     "code in a failed trace is carried (its other conditions, not a method, a lambda or torch's own code, are functions "
     "fx could not patch by name, whose carrying would fail the same way)",

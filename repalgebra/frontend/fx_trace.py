@@ -34,6 +34,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
@@ -1220,6 +1221,23 @@ class _Recorder(fx.Interpreter):
         hidden_writes(n, before, self.env, self.module)
         self.meta[n] = summarize(result)
         return result
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        """A module kept whole gets the lists and dicts it is given as the model's code builds them, fresh and
+        mutable: fx's are immutable, and Ultralytics' ``Detect`` writes into the list of feature maps it is given
+        (``x[i] = torch.cat(...)``)."""
+        return super().call_module(target, *mutable((args, kwargs)))
+
+
+def mutable(value: Any) -> Any:
+    """``value`` with each of fx's immutable lists and dicts in it (a node's arguments) a plain one, as the model's
+    code passes them; any other container (a ``torch.Size``, a named tuple) as it is."""
+    if type(value) in (list, tuple, immutable_list):
+        items = [mutable(v) for v in value]
+        return tuple(items) if type(value) is tuple else items
+    if type(value) in (dict, immutable_dict):
+        return {k: mutable(v) for k, v in value.items()}
+    return value
 
 
 def record_run(gm: fx.GraphModule, inputs: tuple, inferred: str | None) -> dict[fx.Node, Any]:

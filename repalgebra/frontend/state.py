@@ -10,9 +10,12 @@ runs copies of the model and names each parameter, buffer or attribute that
 changed, the module that owns it and the modules whose own code changed it, and
 ``fuse`` keeps their smallest common ancestor whole (it runs as written, on its
 own copy of the state).  What only a first call fills, the same for any input
-(a cache), is not state.  When two calls return different outputs and nothing
-changed (random numbers drawn in eval mode, a global read), nothing can be
-localized and the whole model is kept whole.
+(a cache), is not state; where the model as called once is captured at the
+example's sizes only, ``fuse`` keeps the module holding the cache whole
+(:func:`cache_regions`: YOLOv8's ``Detect``, its anchors keyed by shape).
+When two calls return different outputs and nothing changed (random numbers
+drawn in eval mode, a global read), nothing can be localized and the whole
+model is kept whole.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from repalgebra.draws import DRAWS, generator_states, generators_kept, held_gene
 from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module, in_packages
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "copy_difference", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "cache_regions", "copy_difference", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
@@ -139,6 +142,22 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
     drawn_by = {p for n in changed if n in DRAWS for p in sites.get(n) or [""]}
     return State(regions={r: _why(names) for r, names in outermost.items()}, holders=tuple(sorted(holders)),
                  changed=tuple(changed), drawn_by=tuple(sorted(drawn_by)))
+
+
+def cache_regions(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> list[str]:
+    """The outermost modules that hold each of ``names`` (what a first call fills: a cache) together with the code
+    that fills it, as :func:`find_state` finds the regions of state, in a call of a fresh copy of ``model``; ``""``
+    where one lives outside any submodule.  Kept whole with the state ``model`` holds, such a module refills its
+    cache exactly when the model's own would (Ultralytics' ``Detect`` recomputes its anchors where
+    ``self.shape != shape``)."""
+    sites = _sites(model, inputs, [n for n in names if n not in DRAWS])
+    found = []
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if name in DRAWS or not _resolves(model, owner):  # a generator, or a module wired in at run time
+            return [""]
+        found.append(_common_ancestor([owner, *sites.get(name, [])]))
+    return sorted({r for r in found if not any(_inside(r, o) for o in found if o != r)})
 
 
 def _draws_itself(module: nn.Module, inputs: tuple, names: set[str]) -> set[str]:
