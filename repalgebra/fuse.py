@@ -357,6 +357,11 @@ class ShapeGuard:
     def __post_init__(self) -> None:
         self.shapes = None if self.shapes is None else [tuple(s) for s in self.shapes]
 
+    @property
+    def fixes_batch(self) -> bool:
+        """Whether it holds its module at one batch size (every size fixed)."""
+        return self.shapes is not None and not (self.free_batch or self.free_sizes)
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         if self.no_autocast and (device := _autocast_on(args)) is not None:
             raise ValueError(
@@ -1221,7 +1226,10 @@ class _Fuser:
             notes = list(self.report.notes)
             _run(self.pristine, Call(tuple(inputs), {}), None)
             fused = self.fuse_root(inputs)
-            if cached and _fixed_sizes(self.report):  # (held at the example's sizes only: try keeping the caches whole)
+            # Held at the example's sizes, the batch free: try keeping the caches whole.  (Where the capture fixes the
+            # batch too, as Swin v1's blocks' H and W set per call do, its ONNX file keeps a dynamic batch, which
+            # torch.onnx's trace of the parts kept whole would fix: the capture at the example's sizes stands.)
+            if cached and _fixed_sizes(self.report) and not _batch_fixed(fused):
                 if (around := self.fuse_around_caches(unfilled, inputs, cached, notes)) is not None:
                     return around
             if cached:
@@ -2192,6 +2200,11 @@ def _put(parent: nn.Module, name: str, child: nn.Module) -> None:
 def _fixed_sizes(report: FuseReport) -> bool:
     """Whether a part of the report's model was captured by ``torch.export``, at the example's sizes."""
     return any(p.how == "specialized" for p in report.parts)
+
+
+def _batch_fixed(module: nn.Module) -> bool:
+    """Whether a part of ``module`` is held at one batch size (:attr:`ShapeGuard.fixes_batch`)."""
+    return any(isinstance(h, ShapeGuard) and h.fixes_batch for m in module.modules() for h in m._forward_pre_hooks.values())
 
 
 def _not_around(report: FuseReport) -> str | None:

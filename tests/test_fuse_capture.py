@@ -1185,6 +1185,55 @@ def test_a_function_reading_sizes_inside_is_not_carried_where_handed_a_module_or
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
 
 
+def get_same_padding(x: int, kernel_size: int, stride: int, dilation: int) -> int:
+    """timm's TF "same" padding of one axis: what a strided conv needs so that its output has ``ceil(x / stride)``
+    rows."""
+    return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+
+def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
+    ih, iw = x.size()[-2:]
+    pad_h = get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], value=value)
+    return x
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame`` (TF-ported EfficientNets): pads by the input's size on every call."""
+
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class SameStem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8))
+        self.conv = Conv2dSame(8, 8, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(torch.relu(self.stem(x))))
+
+
+def test_a_function_reading_a_strided_convs_size_is_carried_though_the_inputs_could_check_it():
+    """timm's ``pad_same`` reads the size of the stem's output, which the input's fixes (``window_size``): taken and
+    checked per call, the fused model refused every size whose padding differs (an odd width after the stem).  The
+    function is carried instead, so the padding is computed per call, and the model runs at any size."""
+    model = randomized(SameStem())
+    fused = check_exact(model, torch.randn(2, 3, 60, 60, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx" and bn_left(fused) == 0, str(r)
+    assert any("pad_same() carried as a call" in n for n in r.notes), r.notes
+    for shape in ((1, 3, 61, 67), (3, 3, 33, 20)):
+        x = torch.randn(shape, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
 def test_reasons_for_values_read_from_tensors_are_said_in_words():
     """A part kept whole because its Python reads a tensor's data says so, not in torch's symbols (``Eq(u0, 1)``,
     ``Size-like symbols``) or about a ``_Proxy``."""

@@ -151,6 +151,9 @@ FEW = {
     "repalgebra.frontend.shapes:window_axis": "two windows a test tells apart: a conv's stride and a pool's window",
     "repalgebra.frontend.shapes:window_size": "two roundings of torch's formula: ceil_mode rounding up, and its last "
     "window dropped where it would start in the right padding",
+    "repalgebra.frontend.builder:reads_inside": "one answer a test tells apart: a test reads a value computed inside "
+    "(the walk through containers is read_at_inputs' too)",
+    "repalgebra.fuse:_batch_fixed": "one check: a part held at one batch size",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "

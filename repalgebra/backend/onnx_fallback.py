@@ -1510,7 +1510,7 @@ def fixed_shape_parts(model: nn.Module) -> list[str]:
     found = []
     for path, m in model.named_modules():
         for hook in m._forward_pre_hooks.values():
-            if isinstance(hook, ShapeGuard) and hook.shapes is not None and not (hook.free_batch or hook.free_sizes):
+            if isinstance(hook, ShapeGuard) and hook.fixes_batch:
                 shapes = ", ".join("x".join(map(str, s)) for s in hook.shapes)
                 found.append(f"{path or 'the model'} (at {shapes})")
     return found

@@ -496,9 +496,8 @@ def size_test_at_inputs(args: tuple, kwargs: dict, source: str, is_input: Callab
 
 def reads_inside(template: Any, is_input: Callable[[Value], bool]) -> bool:
     """Whether ``template`` (a test's arguments) reads a size of a value computed inside the model."""
-    if isinstance(template, SymExpr):
-        v, _ = size_read(template)
-        return (isinstance(v, Value) and not is_input(v)) or reads_inside((template.args, template.kwargs), is_input)
+    if isinstance(template, SymExpr):  # (a size read holds its value among its arguments)
+        return reads_inside((template.args, template.kwargs), is_input)
     if isinstance(template, Value):
         return not is_input(template)
     items = template.values() if isinstance(template, dict) else template if isinstance(template, (tuple, list)) else ()
