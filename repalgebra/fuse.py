@@ -64,7 +64,7 @@ from repalgebra.gc_pause import frozen_gc
 from repalgebra.hooked import HookedPart, movable_hooks, without_hooks
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval
+from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval, plain_ties
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.untouched import attributes_kept, model_kept, rng_kept, tensors_kept
@@ -1445,7 +1445,11 @@ class _Fuser:
             return None, _reasons(failures)
         work = copy_module(module)
         calls = record_calls(work, Call(tuple(inputs), {}), kept)
+        tied = self.tied_plainly(path, kept)
         for sub in kept:
+            if sub in tied:  # as ``work`` holds it: a copy of its own would hold a tensor of its own
+                self.report.notes.append(f"{_where(_join(path, sub))}: not replaced by its fused form: {_TIED_PLAINLY}")
+                continue
             mark, plain, original = self._mark(), len(self.plain_parts), work.get_submodule(sub)
             fused = self.fuse_part(_join(path, sub), calls[sub], _reasons(failures))
             if type(fused) is not type(original) and _classes_asked(work, sub):  # (as written: its class is asked)
@@ -1592,6 +1596,8 @@ class _Fuser:
             outside.setdefault(p, _REACHED_THROUGH)
         for p in sorted(named_by_attributes(module) & set(descendants)):
             outside.setdefault(p, _NAMED_BY_ATTRIBUTE)
+        for p in self.tied_plainly(path, descendants):  # (a copy of its own would hold a tensor of its own)
+            outside.setdefault(p, _TIED_PLAINLY)
         reached = names_reached(module)
         swaps = self._fuse_children(module, path, "", recorded, outside)
         swaps = self._keep_names_reached(path, module, swaps, reached)
@@ -1608,6 +1614,12 @@ class _Fuser:
                     _put(parent, name, old)
                     self.report.notes.append(f"{_where(_join(path, name))}: not replaced by its fused form: its parent reads it otherwise")
         return module
+
+    def tied_plainly(self, path: str, parts: Iterable[str]) -> list[str]:
+        """Those of ``parts`` (paths below ``path``) that hold a tensor as a plain attribute in the storage of one held
+        outside them (:func:`~repalgebra.module_copy.plain_ties`): kept as the copy of their parent holds them."""
+        ties = plain_ties(self.pristine)
+        return [p for p in parts if _join(path, p) in ties]
 
     def _keep_names_reached(self, path: str, module: nn.Module, swaps: list[tuple], reached: dict[int, set[str]]) -> list[tuple]:
         """``swaps`` less those whose fused form lacks a name the parent's code reads on the child it replaced
@@ -2440,6 +2452,8 @@ _SET_BY_PARENT = ("its parent sets its attributes {} on each call (Swin's blk.H,
                   "would hold at the example's values")
 _NAMED_BY_ATTRIBUTE = ("a plain attribute of its parent names it (self.paths = {'main': self.a}), which a fused form "
                        "swapped in would not be")
+_TIED_PLAINLY = ("it holds as a plain attribute a tensor its model holds elsewhere too (self.__dict__['t'] = parent.shift), "
+                 "which a copy of its own, fused or kept whole, would hold apart: its writes would miss the model's")
 _REACHED_THROUGH = ("its parent's code reaches into it (self.body.conv, self.body[0], self.bn.running_var), on some branch "
                     "at least: its fused form holds the folded weights, under other names")
 

@@ -36,7 +36,7 @@ M = TypeVar("M", bound=nn.Module)
 MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's bookkeeping: its parameters, buffers, children, hooks
 
 
-def copy_module(model: M) -> M:
+def copy_module(model: M, memo: dict[int, Any] | None = None) -> M:
     """``copy.deepcopy(model)``, with tensors held as plain attributes that are not autograd leaves copied detached
     (also in a dict, list or tuple attribute: timm's ``attention_bias_cache[str(device)]``, filled by a call with
     autograd on).
@@ -45,13 +45,18 @@ def copy_module(model: M) -> M:
     mode, casts them to float64 and replaces their children, and through a shared part it did so to the user's model
     (a ``__deepcopy__`` returning ``self``, or one sharing a frozen backbone's tensors with every copy; found by a
     probe).  Where ``copy.deepcopy`` shares one, the modules whose class writes its own ``__deepcopy__`` are copied
-    as ``copy.deepcopy`` copies any object (``__reduce_ex__``); where that still shares one, a TypeError names it."""
-    copied, memo = _deepcopy(model, bypassed=False)
+    as ``copy.deepcopy`` copies any object (``__reduce_ex__``); where that still shares one, a TypeError names it.
+
+    ``memo``: one shared by the copies of several modules of one model (a back end's carried parts), updated, so
+    that what they share (a plain tensor both hold) their copies share too."""
+    given = memo if memo is not None else {}
+    copied, new = _deepcopy(model, bypassed=False, memo=dict(given))
     if _shared(model, copied) is not None:
-        copied, memo = _deepcopy(model, bypassed=True)
+        copied, new = _deepcopy(model, bypassed=True, memo=dict(given))
         if (shared := _shared(model, copied)) is not None:
             raise TypeError(f"cannot copy {type(model).__name__}: {shared}, and fuse must not change the model")
-    rebinding = _Rebinding(memo)
+    given.update(new)
+    rebinding = _Rebinding(new)
     for m in copied.modules():
         for name, v in list(vars(m).items()):
             if name not in ("_parameters", "_buffers", "_modules") and (new := rebinding.value(v)) is not v:
@@ -59,10 +64,9 @@ def copy_module(model: M) -> M:
     return copied
 
 
-def _deepcopy(model: M, bypassed: bool) -> tuple[M, dict[int, object]]:
-    """``copy.deepcopy(model)`` and its memo (see :func:`copy_module`); ``bypassed``: the modules whose class writes
-    its own ``__deepcopy__`` copied through ``__reduce_ex__`` instead."""
-    memo: dict[int, object] = {}
+def _deepcopy(model: M, bypassed: bool, memo: dict[int, Any]) -> tuple[M, dict[int, Any]]:
+    """``copy.deepcopy(model, memo)`` and its memo (see :func:`copy_module`); ``bypassed``: the modules whose class
+    writes its own ``__deepcopy__`` copied through ``__reduce_ex__`` instead."""
     held: dict[int, list[torch.Tensor]] = {}  # the parameters and buffers by their storage
     for m in model.modules():
         for t in (*m._parameters.values(), *m._buffers.values()):
@@ -132,6 +136,45 @@ def storage_address(t: torch.Tensor) -> int | None:
         return t.untyped_storage().data_ptr() if t.numel() and t.device.type != "meta" else None
     except (RuntimeError, NotImplementedError):  # (a tensor subclass without storage)
         return None
+
+
+def plain_ties(model: nn.Module) -> set[str]:
+    """The paths of the submodules of ``model`` that hold, themselves or through a descendant, a tensor as a plain
+    attribute (in a dict, list or tuple too) in the storage of a tensor a module outside them holds (a parameter, a
+    buffer or a plain attribute: ``self.__dict__["target"] = parent.shift``, or a view of it).
+
+    A copy of such a part made on its own holds a tensor of its own, no longer the model's: a part kept whole that
+    halves its ``target`` in place missed the parent's ``shift`` (0.5 off; review R6 finding 06).  ``fuse`` keeps such
+    a part as the copy of its parent holds it."""
+    holders: dict[int, set[str]] = {}  # storage -> the modules holding a tensor in it
+    plain: dict[int, set[str]] = {}  # storage -> the modules holding a tensor in it as a plain attribute
+    for path, m in model.named_modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and (address := storage_address(t)) is not None:
+                holders.setdefault(address, set()).add(path)
+        for t in _tensors([v for k, v in vars(m).items() if k not in MODULE_INTERNALS]):
+            if (address := storage_address(t)) is not None:
+                holders.setdefault(address, set()).add(path)
+                plain.setdefault(address, set()).add(path)
+    found = set()
+    for address, paths in plain.items():
+        for path in paths:
+            parts = path.split(".") if path else []
+            for above in (".".join(parts[:k]) for k in range(len(parts), 0, -1)):  # (the model itself holds all)
+                if any(h != above and not h.startswith(above + ".") for h in holders[address]):
+                    found.add(above)
+    return found
+
+
+def _tensors(values: list, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors among ``values`` and in their dicts, lists and tuples, ``depth`` levels deep."""
+    found = []
+    for v in values:
+        if torch.is_tensor(v):
+            found.append(v)
+        elif depth > 0 and isinstance(v, (dict, list, tuple)):
+            found += _tensors(list(v.values()) if isinstance(v, dict) else list(v), depth - 1)
+    return found
 
 
 def _viewed(v: torch.Tensor, held: dict[int, list[torch.Tensor]]) -> torch.Tensor | None:

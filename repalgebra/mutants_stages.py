@@ -200,6 +200,7 @@ _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a
 _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks"
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
+_R6_PLAIN = "tests/test_inplace.py::test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
 _IDS_IN_FLOATS = ("tests/test_onnx_fallback.py::test_floats_holding_ids_are_checked_at_the_examples_values",)
@@ -819,7 +820,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.module_copy:copy_module", '            raise TypeError(f"cannot copy {type(model).__name__}: {shared}, and fuse must not change the model")',
      "            pass", _COPIES),
     ("frontend", "copy-made-again-the-same-way", "a copy that shares the model made again by the same __deepcopy__",
-     "repalgebra.module_copy:copy_module", "_deepcopy(model, bypassed=True)", "_deepcopy(model, bypassed=False)", _COPIES),
+     "repalgebra.module_copy:copy_module", "_deepcopy(model, bypassed=True, memo=dict(given))",
+     "_deepcopy(model, bypassed=False, memo=dict(given))", _COPIES),
     ("frontend", "own-deepcopy-not-bypassed", "a module whose __deepcopy__ returns itself copied by it again",
      "repalgebra.module_copy:_deepcopy", "            if _own_deepcopy(m) and id(m) not in memo:", "            if False:", _COPIES),
     ("frontend", "bypass-gives-the-module", "a module copied past its __deepcopy__ entered in the memo as itself",
@@ -2327,6 +2329,20 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "held-storages-empty", "the storages a called module holds left empty",
      "repalgebra.frontend.inplace:_held_storages", "    for m in module.modules():", "    for m in []:",
      (f"{_R6_TIED}[buffer]",)),
+    ("frontend", "plain-ties-never-outside", "a part holding a plain tensor its model holds elsewhere too taken for one "
+     "holding its own: copied on its own, its writes missed the model's tensor (review R6 finding 06)",
+     "repalgebra.module_copy:plain_ties", "                if any(h != above and not h.startswith(above + \".\") for h in holders[address]):",
+     "                if False:", (f"{_R6_PLAIN}[parameter]", f"{_R6_PLAIN}[view]", f"{_R6_PLAIN}[siblings]")),
+    ("frontend", "plain-ties-plain-unread", "the plain tensor attributes of a module not read: no part is tied plainly",
+     "repalgebra.module_copy:plain_ties", "        for t in _tensors([v for k, v in vars(m).items() if k not in MODULE_INTERNALS]):",
+     "        for t in []:", (f"{_R6_PLAIN}[parameter]",)),
+    ("frontend", "plain-ties-registered-unseen", "a parameter or buffer not taken as a holder of its storage: a plain "
+     "attribute tied to the parent's parameter taken for the part's own",
+     "repalgebra.module_copy:plain_ties", "        for t in (*m._parameters.values(), *m._buffers.values()):",
+     "        for t in ():", (f"{_R6_PLAIN}[parameter]", f"{_R6_PLAIN}[view]")),
+    ("frontend", "copy-memo-not-shared", "the memo of copies several carried parts share not updated: a tensor two of them "
+     "hold copied once for each",
+     "repalgebra.module_copy:copy_module", "    given.update(new)\n", "    pass\n", (f"{_R6_PLAIN}[siblings]",)),
     ("frontend", "class-asked-around-unseen", "a part kept whole and fused on its own swapped in before its parent's "
      "capture, though the parent asks its class",
      "repalgebra.fuse:_classes_asked", "    return any(", "    return False and any(",

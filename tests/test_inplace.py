@@ -1010,3 +1010,73 @@ def test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_i
         for x in (100 * torch.randn(1, 4, 8, 8, dtype=torch.float64), 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64)):
             torch.testing.assert_close(fused(x.clone()), original(x.clone()), rtol=1e-9, atol=1e-9)
     assert original.amax > 10, "the observer must widen its range"
+
+
+class HalvesItsTarget(nn.Module):
+    """A guard kept whole (it branches on the data) holding the tensor it halves as a plain attribute, not registered:
+    the parent's parameter, a view of the parent's buffer, or a tensor a sibling reads too."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.__dict__["target"] = target
+
+    def forward(self, x):
+        if x.abs().amax() > 10:
+            with torch.no_grad():
+                self.target.mul_(0.5)
+        return x.sum(1, keepdim=True)
+
+
+class AddsItsTensor(nn.Module):
+    """A sibling kept whole (it branches on the data) that adds a tensor it holds as a plain attribute."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        super().__init__()
+        self.__dict__["t"] = t
+
+    def forward(self, x):
+        return x if x.abs().amax() > 1e6 else x + self.t
+
+
+class PlainlyTiedShift(nn.Module):
+    """``bn(conv(x)) + shift`` beside a guard that halves ``shift`` where the input is large, the guard holding it as a
+    plain attribute (``parameter``; ``view``: a flat view of a buffer), or a tensor two parts hold (``siblings``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        d = torch.float64  # (made in float64: ``.double()`` would untie the plain attribute)
+        self.kind, self.conv, self.bn = kind, nn.Conv2d(4, 4, 3, padding=1, dtype=d), nn.BatchNorm2d(4, dtype=d)
+        if kind == "parameter":
+            self.shift = nn.Parameter(torch.ones(1, 4, 1, 1, dtype=d))
+            self.guard = HalvesItsTarget(self.shift)
+        elif kind == "view":
+            self.register_buffer("shift", torch.ones(1, 4, 1, 1, dtype=d))
+            self.guard = HalvesItsTarget(self.shift.view(-1))
+        else:
+            t = torch.ones(1, 4, 1, 1, dtype=d)
+            self.guard, self.adds = HalvesItsTarget(t), AddsItsTensor(t)
+
+    def forward(self, x):
+        y = self.guard(x)
+        if self.kind == "siblings":
+            return self.adds(self.bn(self.conv(x))) + y
+        return self.bn(self.conv(x)) + self.shift + y
+
+
+@pytest.mark.parametrize("kind", ["parameter", "view", "siblings"])
+def test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models(kind):
+    """The copies a fused model is assembled from were made part by part: the guard's copy held a tensor of its own,
+    so its halving missed the parent's ``shift`` (or the sibling's tensor): 0.5, then 0.75 off (review R6 finding
+    06).  Such a part is kept as the copy of its parent holds it, and parts carried through a capture are copied
+    together."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = PlainlyTiedShift(kind).eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    assert "holds as a plain attribute a tensor" in str(fused.fuse_report), fused.fuse_report
+    with torch.no_grad():
+        for _ in range(2):  # (compared with the model itself: a deep copy of it would untie the view)
+            x = 100 * torch.randn(1, 4, 8, 8, dtype=torch.float64)
+            torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+    assert model.guard.target.flatten()[0] == 0.25

@@ -90,6 +90,7 @@ class Lowering:
         self.own_dtype = own_dtype  # the model's dtype: a tensor or module of another floating dtype stays in it
         self._taken: set[str] = set(dir(nn.Module()))
         self._copies: dict[int, str] = {}  # id of an opaque module -> its name here
+        self._memo: dict[int, Any] = {}  # the copies of the opaque modules' objects (copy_module's memo)
         self._by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # (source, origins) -> modules built for it
         self._params_by_hint: dict[tuple[str, frozenset[str]], list[str]] = {}  # and parameters registered for it
 
@@ -145,7 +146,8 @@ class Lowering:
     def opaque_module(self, fn: nn.Module, hint: str) -> str:
         """The name of this back end's deep copy of ``fn`` (one copy per distinct module)."""
         if id(fn) not in self._copies:
-            self._copies[id(fn)] = self.add_module(hint, _stride_free(copy_module(fn)))
+            # (one memo for all: a tensor two carried parts hold stays one; review R6 finding 06)
+            self._copies[id(fn)] = self.add_module(hint, _stride_free(copy_module(fn, self._memo)))
         return self._copies[id(fn)]
 
     def module(self, hint: str, module: nn.Module, *args: Any, **kwargs: Any) -> fx.Node:
