@@ -2144,6 +2144,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "parameters-dtype-not-followed", "a dtype read off the parameters inline (next(self.parameters()).dtype) "
      "kept as the trace's float32: a float64 batch the model casts refused, and fused.double() casts to float32",
      "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    if (name := _read_off(fx_graph, reads, work, dtype)) is None:", "    if True:", _PARAMS_DTYPE),
+    ("frontend", "buffers-dtype-not-read", "a dtype read off the buffers of a module without parameters "
+     "(next(self.buffers()).dtype) kept as the trace's float32: fused.double() refused a float32 input the model casts "
+     "(review R6 finding 05)", "repalgebra.frontend.dtype_properties:_read_off",
+     "            or [(name, b) for name, b in work.named_buffers() if b.is_floating_point() and b.dtype == dtype])",
+     "            or [])",
+     ("tests/test_fuse_text_models.py::test_an_input_cast_to_the_dtype_of_the_models_buffers_follows_a_cast_of_the_model",)),
     ("frontend", "parameters-dtype-stand-ins-unchanged", "the second trace made with stand-ins of the parameters' own dtype: "
      "no dtype argument seen to follow them",
      "repalgebra.frontend.dtype_properties:follow_parameters_dtype", "    with standing_in(model, other):",

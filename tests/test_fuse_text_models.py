@@ -660,6 +660,37 @@ def test_an_input_cast_to_the_dtype_of_the_models_parameters_read_inline_takes_t
         torch.testing.assert_close(got, copy.deepcopy(model).double()(x), rtol=1e-5, atol=1e-5)  # (float32 weights)
 
 
+class BuffersDtypeNormalizer(nn.Module):
+    """A module without parameters (a fixed normalizer and a filter bank held as buffers) that casts its input to
+    ``next(self.buffers()).dtype``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.randn(1, 4, 1, 1))
+        self.register_buffer("bank", torch.randn(4, 4, 1, 1))
+
+    def forward(self, x):
+        x = x.to(next(self.buffers()).dtype)
+        return F.conv2d(x - self.mean, self.bank)
+
+
+def test_an_input_cast_to_the_dtype_of_the_models_buffers_follows_a_cast_of_the_model():
+    """The dtype was read off parameters only: in a module without any it stayed the trace's float32, and after
+    ``fused.double()`` a float32 input raised torch's dtype error where the model casts and runs (review R6 finding
+    05).  It is read off a buffer where there is no parameter."""
+    torch.manual_seed(0)
+    model = BuffersDtypeNormalizer().eval()
+    fused = repalgebra.fuse(model, torch.randn(1, 4, 8, 8))
+    x = torch.randn(2, 4, 6, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)  # float32, folded in float64
+        double, reference = copy.deepcopy(fused).double(), copy.deepcopy(model).double()
+        for given in (x, x.double()):
+            got = double(given)
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, reference(given), rtol=1e-5, atol=1e-5)  # (float32 buffers)
+
+
 class ParametersFinfoMask(ParametersDtypeVision):
     """A number made from the parameters' dtype (``torch.finfo(dtype).min``, baked in by the trace) besides the cast."""
 

@@ -69,6 +69,8 @@ FEW = {
     "repalgebra.frontend.dtype_properties:follow_dtype_properties": "two decisions a test reaches: the dtype arguments a "
     "dtype property reading the parameters gave are read off a parameter (the other conditions leave the graph as "
     "traced, the old path)",
+    "repalgebra.frontend.dtype_properties:_read_off": "one decision a test reaches alone: a buffer stands for the "
+    "tensors where there is no parameter in the dtype (its rewiring of the reads is mutated through its callers)",
     "repalgebra.frontend.dtype_properties:follow_parameters_dtype": "two decisions a test reaches: the dtype arguments "
     "that follow stand-ins of another dtype are read off a parameter (the other conditions leave the graph as traced)",
     "repalgebra.frontend.dtype_properties:_read_from_the_property": "two decisions a test reaches alone: any other "

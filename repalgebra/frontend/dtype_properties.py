@@ -120,9 +120,13 @@ def follow_parameters_dtype(model: nn.Module, work: nn.Module, fx_graph: fx.Grap
 
 def _read_off(fx_graph: fx.Graph, reads: dict[fx.Node, list[tuple[int, str]]], work: nn.Module, dtype: torch.dtype) -> str | None:
     """Make the argument positions ``reads`` names read the attribute named with them (``dtype``, ``device``) of the
-    smallest parameter of ``work`` in ``dtype`` (the fused graph holds a copy of it); returns its name, or None where
-    there are no reads or no such parameter."""
-    held = [(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
+    smallest parameter of ``work`` in ``dtype`` (the fused graph holds a copy of it), or of its smallest floating
+    buffer in ``dtype`` where it has no such parameter (``x.to(next(self.buffers()).dtype)`` in a module without
+    parameters stayed the trace's float32, and ``fused.double()`` refused what the model casts and runs; review R6
+    finding 05): a cast of the model casts its buffers as it casts its parameters.  Returns its name, or None
+    where there are no reads or no such tensor."""
+    held = ([(name, p) for name, p in work.named_parameters() if p.dtype == dtype]
+            or [(name, b) for name, b in work.named_buffers() if b.is_floating_point() and b.dtype == dtype])
     if not reads or not held:
         return None
     name = min(held, key=lambda item: item[1].numel())[0]
