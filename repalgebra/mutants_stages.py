@@ -2295,8 +2295,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:_copies_read_after", "if any(order[u] > order[call] for u in n.users):",
      "if any(order[u] < order[call] for u in n.users):", _BEFORE),
     ("frontend", "state-read-before-call-taken", "a buffer read before a call kept whole refused, one read after it not",
-     "repalgebra.frontend.inplace:_refuse_state_read_after", "if order[u] > order[call] and u.target is not after_call]",
-     "if order[u] < order[call] and u.target is not after_call]", _STATE_AFTER),
+     "repalgebra.frontend.inplace:_refuse_state_read_after", "if (order[u] > order[call] or before)",
+     "if (order[u] < order[call])", _STATE_AFTER),
     ("frontend", "state-read-through-call-result", "a read of a call kept whole's own result taken for a read of the buffer it was "
      "given (the result may be it): a model whose call alone reads its shift kept whole",
      "repalgebra.frontend.inplace:_refuse_state_read_after", " and call not in bases[m] for u in m.users", " for u in m.users",
@@ -2356,6 +2356,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "named-modules-unseen", "a loop over named_modules() or modules() taken for the object's own attribute",
      "repalgebra.frontend.outside_reads:_through", "(step in _EVERY and _child(obj, step) is None)", "(False)",
      (f"{_R6_HANDED}[named-modules]",)),
+    ("frontend", "state-held-read-before-call-unseen", "a tensor the called module holds read before the call kept "
+     "whole taken as a constant: the next forward reads what the call wrote",
+     "repalgebra.frontend.inplace:_refuse_state_read_after", "(order[u] > order[call] or before)", "(order[u] > order[call])",
+     tuple(f"tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_read_before_the_call_is_no_constant[{k}]"
+           for k in ("plain", "registered"))),
     ("frontend", "plain-ties-never-outside", "a part holding a plain tensor its model holds elsewhere too taken for one "
      "holding its own: copied on its own, its writes missed the model's tensor (review R6 finding 06)",
      "repalgebra.module_copy:plain_ties", "                if any(h != above and not h.startswith(above + \".\") for h in holders[address]):",

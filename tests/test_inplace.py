@@ -1080,3 +1080,40 @@ def test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models(
             x = 100 * torch.randn(1, 4, 8, 8, dtype=torch.float64)
             torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
     assert model.guard.target.flatten()[0] == 0.25
+
+
+class ShiftReadBeforeGuard(nn.Module):
+    """``bn(conv(x)) + shift`` read before a guard kept whole that halves ``shift`` where the input is large, the
+    guard holding it as a plain attribute (``plain``) or registered under its own name too (``registered``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        d = torch.float64
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, dtype=d), nn.BatchNorm2d(4, dtype=d)
+        self.shift = nn.Parameter(torch.ones(1, 4, 1, 1, dtype=d))
+        self.guard = HalvesItsTarget(self.shift)
+        if kind == "registered":
+            del self.guard.target
+            self.guard.register_parameter("target", self.shift)
+
+    def forward(self, x):
+        z = self.bn(self.conv(x)) + self.shift
+        return z + self.guard(x)
+
+
+@pytest.mark.parametrize("kind", ["plain", "registered"])
+def test_a_tensor_a_call_kept_whole_holds_read_before_the_call_is_no_constant(kind):
+    """Only reads after the call were refused: ``conv(x) + shift`` before it was folded, a constant the guard's
+    halving never reached, and the next forward read the halved shift in the model (0.5 off on the second call;
+    found while fixing review R6 finding 06).  A tensor the called module holds, read before the call too, keeps
+    the holder from folding it."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = ShiftReadBeforeGuard(kind).eval()
+    fused = repalgebra.fuse(model, 0.01 * torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        for _ in range(3):  # (each forward halves it again: what this one writes, the next one reads)
+            x = 100 * torch.randn(1, 4, 8, 8, dtype=torch.float64)
+            torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
+    assert model.shift.flatten()[0] == 0.125

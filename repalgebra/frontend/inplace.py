@@ -463,7 +463,8 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
 def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx.Node, int],
                              bases: dict[fx.Node, frozenset[fx.Node]], root: nn.Module | None = None) -> None:
     """Raise :class:`InplaceHazard` where a parameter or buffer that ``call`` (a call of the model's own code kept
-    whole) is given, or that the module it calls holds, is read after it (directly or through a view).
+    whole) is given, or that the module it calls holds, is read after it (directly or through a view); one the
+    module holds, also where it is read before it (the next forward reads what the call wrote).
 
     The call may write into it on other inputs than the example (a calibration observer widening its ``amax``:
     ``if m > amax: amax.fill_(m)``), and the capture reads a parameter or buffer as a constant copied at capture,
@@ -479,9 +480,11 @@ def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx
                   or (bool(held) and _storage(a, root) in held))]
     for a in state:
         # (not through the call's own result, which may be the tensor it was given: that read is the value the
-        # call left, no constant)
+        # call left, no constant).  A tensor the called module holds is read before the call too: the next forward
+        # reads what this call wrote, where the capture holds a constant (0.5 off; found fixing review R6 finding 06)
+        before = a not in call.all_input_nodes
         readers = [u for m in nodes if not bases[m].isdisjoint(bases[a]) and call not in bases[m] for u in m.users
-                   if order[u] > order[call] and u.target is not after_call]
+                   if (order[u] > order[call] or before) and u is not call and u.target is not after_call]
         if readers:
             raise InplaceHazard(
                 f"{_describe(call)} is a call kept whole that may write into the parameter or buffer {a.target!r} on "
