@@ -1315,10 +1315,12 @@ class _Fuser:
             calls = record_calls(copy_module(self.pristine), Call(tuple(inputs), {}), hooked)
         except Exception:  # noqa: BLE001  (a region wired up at run time: carried as it is)
             calls = {}
+        for tag in (tied := self.tied_plainly("", regions)):  # (as ``fused`` holds it: a copy would hold a tensor of its own)
+            self.report.notes.append(f"{_where(tag)}: its children are not fused: {_TIED_PLAINLY}")
         for parent in list(fused.modules()):
             for name, child in list(parent.named_children()):
                 tag = getattr(child, STATE_TAG, None)
-                if tag in regions and calls.get(tag) and tag not in self.fused_inside:
+                if tag in regions and calls.get(tag) and tag not in self.fused_inside and tag not in tied:
                     _put(parent, name, self.keep_whole(tag, calls[tag], regions[tag]))
                     self.fused_inside.add(tag)
         for path in regions.keys() - self.fused_inside:  # (no call of it reached: it is reported as kept all the same)

@@ -2364,7 +2364,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "plain-ties-never-outside", "a part holding a plain tensor its model holds elsewhere too taken for one "
      "holding its own: copied on its own, its writes missed the model's tensor (review R6 finding 06)",
      "repalgebra.module_copy:plain_ties", "                if any(h != above and not h.startswith(above + \".\") for h in holders[address]):",
-     "                if False:", (f"{_R6_PLAIN}[parameter]", f"{_R6_PLAIN}[view]", f"{_R6_PLAIN}[siblings]")),
+     "                if False:", (f"{_R6_PLAIN}[parameter]", f"{_R6_PLAIN}[view]", f"{_R6_PLAIN}[siblings]",
+                                   "tests/test_fuse_state.py::test_a_region_kept_for_its_state_holding_its_parents_tensor_plainly_stays_tied_to_it")),
     ("frontend", "plain-ties-plain-unread", "the plain tensor attributes of a module not read: no part is tied plainly",
      "repalgebra.module_copy:plain_ties", "        for t in _tensors([v for k, v in vars(m).items() if k not in MODULE_INTERNALS]):",
      "        for t in []:", (f"{_R6_PLAIN}[parameter]",)),
