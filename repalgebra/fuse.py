@@ -1450,6 +1450,8 @@ class _Fuser:
         tied = self.tied_plainly(path, kept)
         for sub in kept:
             if sub in tied:  # as ``work`` holds it: a copy of its own would hold a tensor of its own
+                # (given back its state as before the recording run, in place: what it shares stays shared)
+                restore_in_place(work.get_submodule(sub), module.get_submodule(sub))
                 self.report.notes.append(f"{_where(_join(path, sub))}: not replaced by its fused form: {_TIED_PLAINLY}")
                 continue
             mark, plain, original = self._mark(), len(self.plain_parts), work.get_submodule(sub)

@@ -1016,12 +1016,13 @@ class HalvesItsTarget(nn.Module):
     """A guard kept whole (it branches on the data) holding the tensor it halves as a plain attribute, not registered:
     the parent's parameter, a view of the parent's buffer, or a tensor a sibling reads too."""
 
-    def __init__(self, target: torch.Tensor) -> None:
+    def __init__(self, target: torch.Tensor, above: float = 10.0) -> None:
         super().__init__()
         self.__dict__["target"] = target
+        self.above = above
 
     def forward(self, x):
-        if x.abs().amax() > 10:
+        if x.abs().amax() > self.above:
             with torch.no_grad():
                 self.target.mul_(0.5)
         return x.sum(1, keepdim=True)
@@ -1040,7 +1041,8 @@ class AddsItsTensor(nn.Module):
 
 class PlainlyTiedShift(nn.Module):
     """``bn(conv(x)) + shift`` beside a guard that halves ``shift`` where the input is large, the guard holding it as a
-    plain attribute (``parameter``; ``view``: a flat view of a buffer), or a tensor two parts hold (``siblings``)."""
+    plain attribute (``parameter``; ``view``: a flat view of a buffer), or a tensor two parts hold (``siblings``;
+    ``always``: halved on every call)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -1052,23 +1054,25 @@ class PlainlyTiedShift(nn.Module):
         elif kind == "view":
             self.register_buffer("shift", torch.ones(1, 4, 1, 1, dtype=d))
             self.guard = HalvesItsTarget(self.shift.view(-1))
-        else:
+        else:  # (``always``: halved on every call, and nothing folds around the two)
             t = torch.ones(1, 4, 1, 1, dtype=d)
-            self.guard, self.adds = HalvesItsTarget(t), AddsItsTensor(t)
+            self.guard, self.adds = HalvesItsTarget(t, -1.0 if kind == "always" else 10.0), AddsItsTensor(t)
 
     def forward(self, x):
         y = self.guard(x)
         if self.kind == "siblings":
             return self.adds(self.bn(self.conv(x))) + y
+        if self.kind == "always":
+            return self.adds(self.conv(x)) + y
         return self.bn(self.conv(x)) + self.shift + y
 
 
-@pytest.mark.parametrize("kind", ["parameter", "view", "siblings"])
+@pytest.mark.parametrize("kind", ["parameter", "view", "siblings", "always"])
 def test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models(kind):
     """The copies a fused model is assembled from were made part by part: the guard's copy held a tensor of its own,
     so its halving missed the parent's ``shift`` (or the sibling's tensor): 0.5, then 0.75 off (review R6 finding
-    06).  Such a part is kept as the copy of its parent holds it, and parts carried through a capture are copied
-    together."""
+    06).  Such a part is kept as the copy of its parent holds it, given back its state from before the run that
+    recorded its calls (``always``: a quarter off), and parts carried through a capture are copied together."""
     import repalgebra
 
     torch.manual_seed(0)
