@@ -215,6 +215,7 @@ _SIZE_TESTS = ("tests/test_fuse_size_tests.py::test_a_test_of_sizes_is_taken_as_
 _WINDOWS = ("tests/test_fuse_size_tests.py::test_a_test_of_a_strided_convs_size_is_read_from_the_inputs",
             "tests/test_fuse_size_tests.py::test_crnns_height_assert_after_its_convs_and_pools_is_checked_on_the_inputs_height",
             "tests/test_fuse_size_tests.py::test_window_size_is_torchs_output_size")
+_SIZES_GIVEN = ("tests/test_inplace.py::test_sizes_given_to_a_carried_call_are_read_as_they_are_after_it",)
 _CLOSURES = ("tests/test_fuse_shared_objects.py::test_closures_in_the_model_hold_the_copys_objects_not_the_users",
              *(f"tests/test_fuse_shared_objects.py::test_every_closure_of_a_copy_holds_the_copys_objects[{f}]"
                for f in ("shared_cell", "tuple", "twice", "kwdefault", "recursive")))
@@ -2446,6 +2447,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "cache-around-where-batch-fixed", "the parts holding a cache kept whole where the capture as called once fixes the batch too (Swin v1's ONNX file lost its dynamic batch)",
      "repalgebra.fuse:_batch_fixed", "    return any(isinstance(h, ShapeGuard)", "    return False and any(isinstance(h, ShapeGuard)",
      ("tests/test_zoo.py::test_zoo_model_fuses_exactly[swin]",)),
+    ("frontend", "sizes-given-read-after-call", "a size given to a carried call read as after_call(size, call): the call made again per read",
+     "repalgebra.frontend.inplace:reads_after_calls", 'a.op != "get_attr" and not of_sizes(a)]', 'a.op != "get_attr"]', _SIZES_GIVEN),
+    ("frontend", "size-reads-unseen", "x.size() not taken for a number read from sizes",
+     "repalgebra.frontend.inplace:of_sizes", "        return n.target in _SIZE_READS", "        return False", _SIZES_GIVEN),
     ("frontend", "size-read-never-carried", "a refused test of sizes taken in a function of the model's code raised at once",
      "repalgebra.frontend.torch:trace_model", "            return _size_reads_carried(", "            raise e\n            return _size_reads_carried(",
      _SIZE_CARRIED),

@@ -156,6 +156,8 @@ FEW = {
     "repalgebra.frontend.builder:reads_inside": "one answer a test tells apart: a test reads a value computed inside "
     "(the walk through containers is read_at_inputs' too)",
     "repalgebra.fuse:_batch_fixed": "one check: a part held at one batch size",
+    "repalgebra.frontend.inplace:of_sizes": "two spellings a test reaches (x.size() and arithmetic of it); a tensor's "
+    "item is no size, which any after_call test of a tensor given to a call checks",
     "repalgebra.frontend.builder:size_read": "one match of three spellings of a size read",
     "repalgebra.frontend.aten_handlers:_to_dtype": "a cast or a call; the casts' lowerings and the dtype tests check the rest",
     "repalgebra.backend.onnx:_refuse_state": "one decision added to it a test reaches: a write into an input is refused "

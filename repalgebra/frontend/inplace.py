@@ -445,7 +445,7 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
             order = {n: k for k, n in enumerate(nodes)}
             bases, read = alias_bases(graph, root), made
         _refuse_state_read_after(call, nodes, order, bases, root)
-        given = [a for a in call.all_input_nodes if a.op != "get_attr"]
+        given = [a for a in call.all_input_nodes if a.op != "get_attr" and not of_sizes(a)]
         before = [m for m in nodes if order[m] < order[call] and any(_shares(bases, m, a) for a in given)]
         for m in before:
             readers = [u for u in m.users if order[u] > order[call] and u.target is not after_call]
@@ -458,6 +458,25 @@ def reads_after_calls(graph: fx.Graph, root: nn.Module) -> int:
                 u.replace_input_with(m, now)
             made += 1
     return made
+
+
+_SIZE_READS = ("size", "dim", "numel")
+_SIZE_ARITHMETIC = (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                    operator.mod, operator.neg, operator.pow)
+
+
+def of_sizes(n: fx.Node) -> bool:
+    """Whether ``n`` is a number (or tuple of numbers) read from sizes: ``x.size()``, ``x.shape``, ``x.dim()``, an
+    item of one, arithmetic of such.  A call given it cannot write into it, so no read after the call needs to be
+    :func:`after_call` (timm's ``get_same_padding(ih, k, s, d)``, carried, was computed again for every later read
+    of ``ih``)."""
+    if n.op == "call_method":
+        return n.target in _SIZE_READS
+    if n.op != "call_function":
+        return False
+    if n.target is getattr:
+        return len(n.args) == 2 and n.args[1] in ("shape", "ndim")
+    return n.target in _SIZE_ARITHMETIC and bool(n.all_input_nodes) and all(of_sizes(a) for a in n.all_input_nodes)
 
 
 def _refuse_state_read_after(call: fx.Node, nodes: list[fx.Node], order: dict[fx.Node, int],
