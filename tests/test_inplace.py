@@ -1170,3 +1170,152 @@ def test_sizes_given_to_a_carried_call_are_read_as_they_are_after_it():
         x = torch.randn(shape, dtype=torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+class SeqConv3x3(nn.Module):
+    """ECBSR's (xindongzhang/ECBSR models/ecb.py) 1x1-then-Sobel branch, its ``rep_params()`` as written there: the
+    depthwise Sobel kernel made dense by item assignment into a tensor it makes, ``k1[i, i, :, :] = tmp[i, 0, :, :]``."""
+
+    def __init__(self, inp_planes: int, out_planes: int) -> None:
+        super().__init__()
+        self.inp_planes, self.out_planes = inp_planes, out_planes
+        conv0 = torch.nn.Conv2d(self.inp_planes, self.out_planes, kernel_size=1, padding=0)
+        self.k0 = conv0.weight
+        self.b0 = conv0.bias
+        self.scale = nn.Parameter(torch.randn(size=(self.out_planes, 1, 1, 1)))
+        self.bias = nn.Parameter(torch.reshape(torch.randn(self.out_planes), (self.out_planes,)))
+        self.mask = torch.zeros((self.out_planes, 1, 3, 3), dtype=torch.float32)
+        for i in range(self.out_planes):
+            self.mask[i, 0, 0, 0] = 1.0
+            self.mask[i, 0, 1, 0] = 2.0
+            self.mask[i, 0, 2, 0] = 1.0
+            self.mask[i, 0, 0, 2] = -1.0
+            self.mask[i, 0, 1, 2] = -2.0
+            self.mask[i, 0, 2, 2] = -1.0
+        self.mask = nn.Parameter(data=self.mask, requires_grad=False)
+
+    def rep_params(self):
+        device = self.k0.get_device()
+        if device < 0:
+            device = None
+        tmp = self.scale * self.mask
+        k1 = torch.zeros((self.out_planes, self.out_planes, 3, 3), device=device)
+        for i in range(self.out_planes):
+            k1[i, i, :, :] = tmp[i, 0, :, :]
+        b1 = self.bias
+        RK = F.conv2d(input=k1, weight=self.k0.permute(1, 0, 2, 3))
+        RB = torch.ones(1, self.out_planes, 3, 3, device=device) * self.b0.view(1, -1, 1, 1)
+        RB = F.conv2d(input=RB, weight=k1).view(-1,) + b1
+        return RK, RB
+
+
+class ECB(nn.Module):
+    """ECBSR's edge-oriented block in eval mode: ``F.conv2d(x, *self.rep_params(), padding=1)``, the identity kernel
+    written by item assignment too (``K_idt[i, i, 1, 1] = 1.0``), after a branch on the kernel's device."""
+
+    def __init__(self, inp_planes: int, out_planes: int, act_type: str = "prelu", with_idt: bool = False) -> None:
+        super().__init__()
+        self.inp_planes, self.out_planes, self.act_type = inp_planes, out_planes, act_type
+        self.with_idt = with_idt and inp_planes == out_planes
+        self.conv3x3 = torch.nn.Conv2d(self.inp_planes, self.out_planes, kernel_size=3, padding=1)
+        self.conv1x1_sbx = SeqConv3x3(self.inp_planes, self.out_planes)
+        self.act = nn.PReLU(num_parameters=self.out_planes)
+
+    def forward(self, x):
+        RK, RB = self.rep_params()
+        y = F.conv2d(input=x, weight=RK, bias=RB, stride=1, padding=1)
+        if self.act_type != "linear":
+            y = self.act(y)
+        return y
+
+    def rep_params(self):
+        K0, B0 = self.conv3x3.weight, self.conv3x3.bias
+        K2, B2 = self.conv1x1_sbx.rep_params()
+        RK, RB = (K0 + K2), (B0 + B2)
+        if self.with_idt:
+            device = RK.get_device()
+            if device < 0:
+                device = None
+            K_idt = torch.zeros(self.out_planes, self.out_planes, 3, 3, device=device)
+            for i in range(self.out_planes):
+                K_idt[i, i, 1, 1] = 1.0
+            B_idt = 0.0
+            RK, RB = RK + K_idt, RB + B_idt
+        return RK, RB
+
+
+class SobelBranch(nn.Module):
+    """The branch's kernel as ``rep_params()`` makes it, the device read left out (a plain fx trace takes the weight
+    for a traced value), convolved as ``ECB.forward`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(8, 1, 1, 1))
+        self.mask = nn.Parameter(torch.randn(8, 1, 3, 3), requires_grad=False)
+        self.out_planes = 8
+
+    def forward(self, x):
+        tmp = self.scale * self.mask
+        k1 = torch.zeros((self.out_planes, self.out_planes, 3, 3))
+        for i in range(self.out_planes):
+            k1[i, i, :, :] = tmp[i, 0, :, :]
+        return F.conv2d(input=x, weight=k1, stride=1, padding=1)
+
+
+def ecbsr_body() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(ECB(4, 8), ECB(8, 8, with_idt=True), ECB(8, 8, act_type="linear", with_idt=True)).eval()
+
+
+def test_a_kernel_built_by_item_assignment_into_a_tensor_forward_makes_is_read_with_its_writes():
+    """fx holds ``k1 = torch.zeros(...)`` as a constant and makes a new ``get_attr`` node of it each time the code hands
+    it on: ``k1[i, i] = tmp[i]`` (a ``__setitem__`` method call, the value traced) wrote into one node, the conv read
+    another, and the capture convolved with zeros (relative 1; fuse's check fell back to torch.export at fixed sizes,
+    export_onnx refused; probe AM finding 01).  Now the writes are read: fx at any size, the kernels made once."""
+    import repalgebra
+
+    model = ecbsr_body()
+    x = torch.randn(2, 4, 8, 8)
+    branch = SobelBranch().eval()
+    x8 = torch.randn(2, 8, 8, 8)
+    gm, notes = functionalized(branch)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x8), branch(x8), rtol=0, atol=0)
+    assert any("item assignment" in n for n in notes), notes
+    fused = repalgebra.fuse(model, x)
+    assert fused.fuse_report.capture == "fx", fused.fuse_report
+    with torch.no_grad():
+        for shape in ((2, 4, 8, 8), (3, 4, 13, 7), (1, 4, 5, 9)):
+            y = torch.randn(shape)
+            torch.testing.assert_close(fused(y), model(y), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 3
+
+
+class WrittenAfterRead(nn.Module):
+    """A kernel made in forward, read by one conv, then written by code that runs at once while tracing (no traced
+    value in it), then read by another: fx holds the tensor itself, so both reads saw the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        k = torch.zeros(4, 4, 3, 3)
+        y = F.conv2d(self.conv(x), k, padding=1)
+        for i in range(4):
+            k[i, i, 1, 1] = 1.0
+        return y + F.conv2d(x, k, padding=1)
+
+
+def test_a_tensor_forward_makes_written_at_once_after_a_read_is_refused_by_the_fx_capture():
+    """Before, the fx capture read the identity kernel in both convs (the first one computes zeros): it computed
+    something else, caught only by fuse's check.  The fx capture now refuses by name; fuse stays exact."""
+    import repalgebra
+    from repalgebra.frontend.capture import CaptureFailed, capture_fx
+
+    torch.manual_seed(0)
+    model = WrittenAfterRead().eval()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(CaptureFailed, match="written in place after"):
+        capture_fx(model, (x,))
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

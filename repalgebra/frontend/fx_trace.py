@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
-from repalgebra.frontend.inplace import InplaceProxy, hidden_writes, versions
+from repalgebra.frontend.inplace import MADE_CONSTANT, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import MADE_READS, Ranks, shape_length
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -514,6 +514,11 @@ def _weights_only_value(node: fx.Node, root: nn.Module) -> Any:
         if n not in values:
             if n.op == "get_attr":
                 values[n] = functools.reduce(_own_attr, str(n.target).split("."), root)
+                if writes := constant_writes(n, root):  # (fx holds the tensor as before them: ECBSR's kernels)
+                    values[n] = values[n].clone()
+                    for w in writes:
+                        index, v = fx.node.map_arg(w.args[1:], value)
+                        values[n][index] = v
             elif n.op in ("call_function", "call_method") and not _writes_in_place(n):
                 args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
                 values[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
@@ -812,7 +817,12 @@ class Tracer(fx.Tracer):
         fields = rebuilt_from_fields(a)
         if fields is not None:
             return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in fields.items()})
-        return super().create_arg(a)
+        out = super().create_arg(a)
+        if torch.is_tensor(a) and isinstance(out, fx.Node) and str(out.target).startswith(MADE_CONSTANT):
+            # fx reads a tensor constant by reference: a write run at once (``k[0] = 1.0``) after this read would show
+            # in it too; functionalize compares (see READ_AT_VERSION)
+            out.meta[READ_AT_VERSION] = a._version
+        return out
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Callable[..., Any], list]:
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)

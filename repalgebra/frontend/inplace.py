@@ -46,12 +46,19 @@ from torch import fx, nn
 
 from repalgebra.one_call import traced_as_one_call
 
-__all__ = ["KEEPS_DTYPE", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
-           "kept_clone", "kept_contiguous", "reads_after_calls", "setitem_copy", "versions"]
+__all__ = ["KEEPS_DTYPE", "MADE_CONSTANT", "READ_AT_VERSION", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
+           "kept_clone", "kept_contiguous", "reads_after_calls", "setitem_copy", "versions", "constant_writes"]
 
 # The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
 # ``y`` float32 for a float64 ``c`` where ``y + c`` promotes (a T-Net's identity made with numpy; found by a probe)
 KEEPS_DTYPE = "repalgebra_keeps_dtype"
+# How fx names a tensor it met in the code that the model holds neither as a parameter, a buffer nor a plain attribute
+# (``k = torch.zeros(C, C, 3, 3)`` made in forward, a slice of a buffer): it reads it by reference, a new ``get_attr``
+# node each time the code hands it on
+MADE_CONSTANT = "_tensor_constant"
+# The meta key of such a ``get_attr`` node: the tensor's version counter when the trace read it (see
+# :func:`_check_constants_read`)
+READ_AT_VERSION = "repalgebra_read_at_version"
 
 
 class InplaceHazard(Exception):
@@ -217,6 +224,8 @@ def is_inplace(n: fx.Node, root: nn.Module) -> bool:
     """Whether ``n`` changes its first argument in place."""
     if n.op == "call_method":
         name = n.target
+        if name == "__setitem__":  # ``k[i] = v`` on a tensor fx holds as a constant, ``v`` traced
+            return True
         return name.endswith("_") and not name.startswith("_") and name not in _METADATA_METHODS
     if n.op == "call_function":
         if n.target in _AUGMENTED or n.target is operator.setitem:
@@ -311,6 +320,7 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
     in-place node mutates a graph input, a parameter or buffer, or a value
     that shares storage with another value read after the mutation.
     """
+    _check_constants_read(graph, root)
     nodes = list(graph.nodes)
     for n in nodes:
         if isinstance(n.kwargs.get("out"), fx.Node):  # writes into another tensor than its first argument
@@ -318,6 +328,8 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
     inplace = [n for n in nodes if is_inplace(n, root)]
     if not inplace:
         return []
+    if _one_node_per_constant(graph, root, inplace):
+        nodes = list(graph.nodes)
     order = {n: k for k, n in enumerate(nodes)}
     bases = alias_bases(graph, root)
     for node in inplace:
@@ -328,7 +340,7 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         for w in group:
             if w.op == "placeholder":
                 raise InplaceHazard(f"{_describe(node)} changes the input {w.name!r} in place", _where(node))
-            if w.op == "get_attr":
+            if w.op == "get_attr" and not _made_in_forward(w, root):
                 raise InplaceHazard(f"{_describe(node)} changes the parameter or buffer {w.target!r} in place", _where(node))
         for w in group:
             # An earlier in-place node is checked as any value is: its result is what later reads were rerouted to
@@ -352,6 +364,88 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
         what = _make_out_of_place(node, root)
         counts[what] = counts.get(what, 0) + 1
     return ["in-place ops made out-of-place (nothing else shares their storage): " + ", ".join(f"{k} x{c}" for k, c in counts.items())]
+
+
+def _check_constants_read(graph: fx.Graph, root: nn.Module) -> None:
+    """Raise :class:`InplaceHazard` where a tensor constant was written in place by code that ran at once while
+    tracing (``k[1] = 1.0``, no traced value in it) after a node read it: fx holds the tensor itself, so that read
+    would see the write too, where the model reads the values before it."""
+    for n in graph.nodes:
+        if READ_AT_VERSION in n.meta and _constant(n, root)._version != n.meta[READ_AT_VERSION]:
+            raise InplaceHazard(f"a tensor forward makes ({n.target!r}) is written in place after {n.name!r} reads it, by code "
+                                "torch.fx runs once while tracing (no traced value in it): the trace would read the values after",
+                                _where(n))
+
+
+def _constant(n: fx.Node, root: nn.Module) -> Any:
+    return operator.attrgetter(str(n.target))(root)
+
+
+def _made_in_forward(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` reads a tensor constant fx made of a tensor that shares no storage with what the model holds
+    (its parameters, buffers and plain tensor attributes): one forward made (``k = torch.zeros(C, C, 3, 3)``,
+    ECBSR's kernel built by item assignment), which a write in place changes for this call only, as a value.
+    (A slice of a buffer is such a constant too, and writes into the buffer.)"""
+    if n.op != "get_attr" or not str(n.target).startswith(MADE_CONSTANT):
+        return False
+    storage = _storage(n, root)
+    return storage is not None and storage not in _model_storages(root)
+
+
+def _model_storages(root: nn.Module) -> set[int]:
+    """Where the tensors the model holds live (:func:`_held_storages`), but for the constants fx set on it."""
+    found = set()
+    for m in root.modules():
+        held = [t for k, t in vars(m).items() if not (m is root and k.startswith(MADE_CONSTANT))]
+        for t in (*m._parameters.values(), *m._buffers.values(), *held):
+            if torch.is_tensor(t) and t.untyped_storage().nbytes():
+                found.add(t.untyped_storage().data_ptr())
+    return found
+
+
+def _one_node_per_constant(graph: fx.Graph, root: nn.Module, inplace: list[fx.Node]) -> bool:
+    """Read each tensor forward made (:func:`_made_in_forward`) that ``inplace`` writes into, directly or through a
+    view, through its first ``get_attr`` node; returns whether the graph changed.
+
+    fx makes a new ``get_attr`` node of such a constant each time the code hands it on: ``k[i, i] = tmp[i]`` writes
+    into one, ``F.conv2d(x, k)`` reads another, which under value semantics never saw the write (ECBSR's
+    ``rep_params()``: the fx capture convolved with zeros; found by a probe).  Read through one node, the write is
+    rerouted to every later read as any other."""
+    bases = alias_bases(graph, root)
+    written = {b.target for n in inplace if n.args and isinstance(n.args[0], fx.Node)
+               for b in bases[n.args[0]] if _made_in_forward(b, root)}
+    first: dict[Any, fx.Node] = {}
+    changed = False
+    for n in list(graph.nodes):
+        if n.op != "get_attr" or n.target not in written:
+            continue
+        if n.target not in first:
+            first[n.target] = n
+            continue
+        n.replace_all_uses_with(first[n.target])
+        graph.erase_node(n)
+        changed = True
+    return changed
+
+
+def constant_writes(n: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """The item assignments traced so far, before ``n``, into the tensor constant (:data:`MADE_CONSTANT`) that ``n``
+    reads, in order: fx holds the tensor as it was before them, and a value computed from ``n`` while tracing (a
+    branch on the weights alone) must apply them.  ``LookupError`` where another write may reach it (an in-place
+    call, or one into a view of it)."""
+    if n.op != "get_attr" or not str(n.target).startswith(MADE_CONSTANT):
+        return []
+    nodes = list(n.graph.nodes)
+    bases = alias_bases(n.graph, root)
+    same = {m for m in nodes if m.op == "get_attr" and m.target == n.target}
+    found = []
+    for w in nodes[: nodes.index(n)]:
+        if not (is_inplace(w, root) and w.args and isinstance(w.args[0], fx.Node) and not bases[w.args[0]].isdisjoint(same)):
+            continue
+        if w.args[0] not in same or not (w.target is operator.setitem or w.target == "__setitem__"):
+            raise LookupError(w.name)
+        found.append(w)
+    return found
 
 
 def versions(n: fx.Node, values: dict[fx.Node, Any]) -> dict[fx.Node, int]:
@@ -708,6 +802,9 @@ def _make_out_of_place(n: fx.Node, root: nn.Module) -> str:
     n.meta[KEEPS_DTYPE] = True  # (a module in place, ReLU(inplace=True), keeps it anyway)
     if n.op == "call_method":
         name = n.target
+        if name == "__setitem__":  # (``k[i] = v`` on a constant: the same arguments as operator.setitem's)
+            n.op, n.target = "call_function", setitem_copy
+            return "y[...] = z (item assignment)"
         if hasattr(torch.Tensor, name[:-1]):
             n.target = name[:-1]
         else:  # copy_, fill_, zero_, ...: run it on a copy
