@@ -1319,3 +1319,63 @@ def test_a_tensor_forward_makes_written_at_once_after_a_read_is_refused_by_the_f
     fused = repalgebra.fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class NormalizedDiagonal(nn.Module):
+    """A kernel built by item assignment, as ECBSR builds its dense Sobel kernel, then tested on its values (a branch
+    on the weights alone, taken at capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.gain = nn.Parameter(torch.ones(4, 1, 1, 1))
+
+    def forward(self, x):
+        k = torch.zeros((4, 4, 3, 3))
+        for i in range(4):
+            k[i, i, :, :] = self.w[i, 0, :, :]
+        kernel = self.gain * k
+        if kernel.abs().sum() > 0:
+            return F.conv2d(x, kernel / kernel.abs().sum(), padding=1)
+        return x
+
+
+def test_a_branch_on_a_kernel_built_by_item_assignment_reads_its_writes():
+    """The branch on the weights was computed from the tensor fx holds, as before the writes (zeros): fx took the other
+    branch, fuse's check caught it and the model went to torch.export at fixed sizes."""
+    import repalgebra
+
+    torch.manual_seed(0)
+    model = NormalizedDiagonal().eval()
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 8, 8))
+    assert fused.fuse_report.capture == "fx", fused.fuse_report
+    with torch.no_grad():
+        for shape in ((2, 4, 8, 8), (1, 4, 11, 6)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class PeakInBuffer(nn.Module):
+    """A running peak kept in a buffer, written through a slice of it (a tensor fx holds as a constant of its own) with
+    a traced value: the write changes the buffer, which the model keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("stats", torch.ones(2))
+
+    def forward(self, x):
+        y = self.conv(x)
+        peak = self.stats[0:1]
+        peak[0] = y.detach().abs().amax()
+        return y / peak
+
+
+def test_a_write_into_a_slice_of_a_buffer_is_refused_by_the_fx_capture_by_name():
+    """A slice of a buffer is a constant fx makes, as a tensor forward makes is: a write into it is the buffer's, never
+    taken out of place (the fused model would leave the buffer as it was)."""
+    from repalgebra.frontend.capture import CaptureFailed, capture_fx
+
+    torch.manual_seed(0)
+    with pytest.raises(CaptureFailed, match="changes the parameter or buffer"):
+        capture_fx(PeakInBuffer().eval(), (torch.randn(2, 4, 8, 8),))
