@@ -1365,7 +1365,7 @@ class _Fuser:
                 failures.append((how, e))
                 continue
             self.stage["capture"] += time.perf_counter() - t
-            if how == "specialized" and not cap.batch_free and (around := self.around_at_any_batch(path, inputs, failures)):
+            if how == "specialized" and (around := self.around_at_free_sizes(path, inputs, failures, cap.batch_free)):
                 return around
             try:
                 return self.finish(path, cap, inputs, _reasons(failures))
@@ -1406,25 +1406,49 @@ class _Fuser:
         fused, why = self.captured_around(path, inputs, failures)
         return fused if fused is not None else self.keep_whole(path, [Call(tuple(inputs), {})], why)
 
-    def around_at_any_batch(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module | None:
-        """The module at ``path`` captured with fx around the submodule fx failed in (kept whole, fused on its own),
-        where torch.export captured it with the batch fixed; None, the report as it was, where fx failed in the
-        module's own forward or no capture around holds.
+    def around_at_free_sizes(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]],
+                             batch_free: bool) -> nn.Module | None:
+        """The module at ``path`` captured with fx around the submodules fx failed in (kept whole, fused on their own),
+        where torch.export captured it with sizes fixed that the capture around leaves free; None, the report as it
+        was, where fx failed in the module's own forward, no capture around holds, or (``batch_free``: torch.export
+        fixed the sizes other than the batch only) no run at another size shows the capture around computing what
+        the module does, where the capture at fixed sizes refuses (a model that runs at the example's sizes only
+        keeps that capture, which folds across the parts).
 
         TabNet's Ghost BatchNorm (``x.chunk(int(np.ceil(x.shape[0] / vbs)))``) sent the whole model to torch.export,
-        which fixed the batch: every other batch size was refused, where the model runs at any.  Around the part,
-        the rest stays symbolic; folds across the part's boundary are lost (the part is carried as called)."""
+        which fixed the batch: every other batch size was refused, where the model runs at any.  NAFNet's local
+        pool (``Local_Base.convert``: ``if self.kernel_size[0] >= x.size(-2)``, then cumsum) sent the whole
+        restoration net there, fixing its image size (probe AM finding 06).  Around the part, the rest stays
+        symbolic; folds across the part's boundary are lost (the part is carried as called)."""
         if not any(how == "fx" and e.path for how, e in failures):
             return None
         mark, plain = self._mark(), len(self.plain_parts)
         fused, _ = self.captured_around(path, inputs, failures)
-        if fused is None:
+        if fused is None or (batch_free and not self.holds_where_fixed_refuses(path, fused, inputs)):
             self._rollback(mark)
             del self.plain_parts[plain:]
             return None
-        self.report.notes.append(f"{_where(path)}: captured with fx around the parts it could not trace, at any batch "
-                                 "size, rather than with torch.export at the example's batch")
+        parts = _listed([_where(p.path) for p in self.report.parts[mark[4]:] if p.path != path], 4)
+        free, fixed = ("size", "sizes") if batch_free else ("batch size", "batch")
+        self.report.notes.append(f"{_where(path)}: captured with fx around the parts it could not trace ({parts}), at any "
+                                 f"{free}, rather than with torch.export at the example's {fixed}")
         return fused
+
+    def holds_where_fixed_refuses(self, path: str, fused: nn.Module, inputs: tuple) -> bool:
+        """Whether a run with a non-batch axis resized (:func:`_sizes_shown`), which a capture at the example's sizes
+        refuses, shows ``fused`` computing what the module at ``path`` does there, and none shows it differ."""
+        original = self.pristine.get_submodule(path)
+
+        def holds(other: tuple) -> bool | None:  # None: the original, or the fused form, does not run there
+            try:
+                return self.same(original, fused, Call(other, {}), in_float64=False) is None
+            except StateChanged:
+                raise
+            except Exception:  # noqa: BLE001
+                return None
+
+        differs, ran, _ = _sizes_shown(holds, inputs)
+        return ran and not differs
 
     def captured_around(self, path: str, inputs: tuple,
                         failures: list[tuple[str, CaptureFailed]]) -> tuple[nn.Module | None, str]:

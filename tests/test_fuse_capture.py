@@ -3578,3 +3578,195 @@ def test_the_children_of_an_immutable_part_kept_whole_are_fused():
     with torch.no_grad():
         want = reference(x)
         torch.testing.assert_close(fused(x), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+class LocalAvgPool2d(nn.Module):
+    """NAFNet's test-time local statistics pool (megvii-research/NAFNet basicsr/models/archs/local_arch.py, its
+    ``AvgPool2d``): the kernel fixed from ``train_size`` at a first forward, a test of sizes, then cumsum."""
+
+    def __init__(self, kernel_size=None, base_size=None, auto_pad=True, fast_imp=False, train_size=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.base_size = base_size
+        self.auto_pad = auto_pad
+        self.fast_imp = fast_imp
+        self.rs = [5, 4, 3, 2, 1]
+        self.max_r1 = self.rs[0]
+        self.max_r2 = self.rs[0]
+        self.train_size = train_size
+
+    def forward(self, x):
+        if self.kernel_size is None and self.base_size:
+            train_size = self.train_size
+            if isinstance(self.base_size, int):
+                self.base_size = (self.base_size, self.base_size)
+            self.kernel_size = list(self.base_size)
+            self.kernel_size[0] = x.shape[2] * self.base_size[0] // train_size[-2]
+            self.kernel_size[1] = x.shape[3] * self.base_size[1] // train_size[-1]
+            self.max_r1 = max(1, self.rs[0] * x.shape[2] // train_size[-2])
+            self.max_r2 = max(1, self.rs[0] * x.shape[3] // train_size[-1])
+
+        if self.kernel_size[0] >= x.size(-2) and self.kernel_size[1] >= x.size(-1):
+            return F.adaptive_avg_pool2d(x, 1)
+
+        n, c, h, w = x.shape
+        s = x.cumsum(dim=-1).cumsum_(dim=-2)
+        s = torch.nn.functional.pad(s, (1, 0, 1, 0))  # pad 0 for convenience
+        k1, k2 = min(h, self.kernel_size[0]), min(w, self.kernel_size[1])
+        s1, s2, s3, s4 = s[:, :, :-k1, :-k2], s[:, :, :-k1, k2:], s[:, :, k1:, :-k2], s[:, :, k1:, k2:]
+        out = s4 + s1 - s2 - s3
+        out = out / (k1 * k2)
+
+        if self.auto_pad:
+            n, c, h, w = x.shape
+            _h, _w = out.shape[2:]
+            pad2d = ((w - _w) // 2, (w - _w + 1) // 2, (h - _h) // 2, (h - _h + 1) // 2)
+            out = torch.nn.functional.pad(out, pad2d, mode="replicate")
+        return out
+
+
+def replace_layers(model, base_size, train_size, fast_imp, **kwargs):
+    """NAFNet's ``replace_layers``: every ``AdaptiveAvgPool2d(1)`` becomes the local pool."""
+    for n, m in model.named_children():
+        if len(list(m.children())) > 0:
+            replace_layers(m, base_size, train_size, fast_imp, **kwargs)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            pool = LocalAvgPool2d(base_size=base_size, fast_imp=fast_imp, train_size=train_size)
+            assert m.output_size == 1
+            setattr(model, n, pool)
+
+
+class LocalBase:
+    """NAFNet's ``Local_Base``: converts the pools, then runs one forward at ``train_size`` to fix their kernels."""
+
+    def convert(self, *args, train_size, **kwargs):
+        replace_layers(self, *args, train_size=train_size, **kwargs)
+        imgs = torch.rand(train_size)
+        with torch.no_grad():
+            self.forward(imgs)
+
+
+class SimpleGate(nn.Module):
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        return x1 * x2
+
+
+class NAFBlock(nn.Module):
+    """NAFNet's block as NAFNet_arch.py writes it (its LayerNorm2d, an autograd Function there, as the same arithmetic)."""
+
+    def __init__(self, c, DW_Expand=2, FFN_Expand=2):
+        super().__init__()
+        dw_channel = c * DW_Expand
+        self.conv1 = nn.Conv2d(in_channels=c, out_channels=dw_channel, kernel_size=1, padding=0, stride=1, groups=1, bias=True)
+        self.conv2 = nn.Conv2d(in_channels=dw_channel, out_channels=dw_channel, kernel_size=3, padding=1, stride=1, groups=dw_channel,
+                               bias=True)
+        self.conv3 = nn.Conv2d(in_channels=dw_channel // 2, out_channels=c, kernel_size=1, padding=0, stride=1, groups=1, bias=True)
+        self.sca = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels=dw_channel // 2, out_channels=dw_channel // 2, kernel_size=1, padding=0, stride=1,
+                      groups=1, bias=True),
+        )
+        self.sg = SimpleGate()
+        ffn_channel = FFN_Expand * c
+        self.conv4 = nn.Conv2d(in_channels=c, out_channels=ffn_channel, kernel_size=1, padding=0, stride=1, groups=1, bias=True)
+        self.conv5 = nn.Conv2d(in_channels=ffn_channel // 2, out_channels=c, kernel_size=1, padding=0, stride=1, groups=1, bias=True)
+        self.norm1 = LayerNorm2d(c)
+        self.norm2 = LayerNorm2d(c)
+        self.dropout1 = nn.Identity()
+        self.dropout2 = nn.Identity()
+        self.beta = nn.Parameter(torch.zeros((1, c, 1, 1)), requires_grad=True)
+        self.gamma = nn.Parameter(torch.zeros((1, c, 1, 1)), requires_grad=True)
+
+    def forward(self, inp):
+        x = inp
+        x = self.norm1(x)
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = self.sg(x)
+        x = x * self.sca(x)
+        x = self.conv3(x)
+        x = self.dropout1(x)
+        y = inp + x * self.beta
+        x = self.conv4(self.norm2(y))
+        x = self.sg(x)
+        x = self.conv5(x)
+        x = self.dropout2(x)
+        return y + x * self.gamma
+
+
+class LayerNorm2d(nn.Module):
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.register_parameter("weight", nn.Parameter(torch.ones(channels)))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(channels)))
+        self.eps = eps
+
+    def forward(self, x):
+        N, C, H, W = x.size()
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / (var + self.eps).sqrt()
+        return self.weight.view(1, C, 1, 1) * y + self.bias.view(1, C, 1, 1)
+
+
+class NAFNetLocalSmall(LocalBase, nn.Module):
+    """NAFNetLocal's shape, small: intro conv, NAFBlocks, ending conv, the input added."""
+
+    def __init__(self, img_channel=3, width=8, blocks=2, train_size=(1, 3, 16, 16)):
+        nn.Module.__init__(self)
+        self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
+        self.body = nn.Sequential(*[NAFBlock(width) for _ in range(blocks)])
+        self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
+        base_size = (int(train_size[-2] * 1.5), int(train_size[-1] * 1.5))
+        self.eval()
+        with torch.no_grad():
+            self.convert(base_size=base_size, train_size=train_size, fast_imp=False)
+
+    def forward(self, inp):
+        return self.ending(self.body(self.intro(inp))) + inp
+
+
+def test_a_part_whose_size_test_fixes_the_image_size_is_kept_whole_and_the_rest_runs_at_any_size():
+    """NAFNet's local pool (``Local_Base.convert``) tests its input's size (``if self.kernel_size[0] >= x.size(-2)``):
+    fx failed inside it, and torch.export captured the whole restoration net at the example's image size, refusing
+    every other (probe AM finding 06).  Now the pools are kept whole and fx captures around them: any image size runs,
+    exactly, also one where the pool takes its global branch."""
+    model = randomized(NAFNetLocalSmall())
+    fused = check_exact(model, torch.randn(2, 3, 32, 32, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "fx", str(r)
+    assert any("'body.0.sca.0'" in n and "at any size, rather than with torch.export at the example's sizes" in n
+               for n in r.notes), r.notes
+    g = torch.Generator().manual_seed(1)
+    for shape in ((1, 3, 24, 40), (3, 3, 48, 24), (1, 3, 16, 16), (2, 3, 8, 8)):
+        x = torch.randn(shape, dtype=D, generator=g)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+class LocalNAFClassifier(LocalBase, nn.Module):
+    """A converted NAFBlock before a head that flattens a map of fixed size into a Linear: the model runs at the
+    example's image size only."""
+
+    def __init__(self, train_size=(1, 3, 8, 8)) -> None:
+        nn.Module.__init__(self)
+        self.intro = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = NAFBlock(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+        self.eval()
+        with torch.no_grad():
+            self.convert(base_size=(12, 12), train_size=train_size, fast_imp=False)
+
+    def forward(self, x):
+        return self.head(self.block(self.intro(x)))
+
+
+def test_a_model_that_runs_at_its_example_size_only_keeps_the_capture_at_fixed_sizes():
+    """The capture around the part is taken only where a run at another size shows it holding where the capture at
+    fixed sizes refuses: a model that runs at no other size keeps torch.export's capture, which folds across the
+    part's boundary."""
+    model = randomized(LocalNAFClassifier())
+    fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
+    assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)

@@ -77,6 +77,7 @@ class SizeReadInside(TypeError):
     front end traces again with ``fn`` carried as a call (:func:`~repalgebra.frontend.torch.trace_model`)."""
 
     fn: Callable[..., Any] | None = None
+    path: str = ""  # the module whose code took the read ("" for the model's own forward)
 
 
 class Builder:
@@ -219,6 +220,7 @@ class Builder:
                     read = size_test_at_inputs(args, kwargs, source, lambda v: id(v) in position)
                 except SizeReadInside as e:
                     e.fn = read_in  # (the front end traces again with it carried)
+                    e.path = source  # (where fuse may keep it whole, capturing around it)
                     raise
                 if read is None:
                     continue
