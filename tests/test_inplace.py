@@ -1379,3 +1379,37 @@ def test_a_write_into_a_slice_of_a_buffer_is_refused_by_the_fx_capture_by_name()
     torch.manual_seed(0)
     with pytest.raises(CaptureFailed, match="changes the parameter or buffer"):
         capture_fx(PeakInBuffer().eval(), (torch.randn(2, 4, 8, 8),))
+
+
+class DiagonalNormalizedAtOnce(nn.Module):
+    """The kernel built by item assignment, then computed with alone (``k.abs().sum()``: no traced value in it, so
+    the trace runs it at once, on the tensor as it was before the writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+    def forward(self, x):
+        k = torch.zeros((4, 4, 3, 3))
+        for i in range(4):
+            k[i, i, :, :] = self.w[i, 0, :, :]
+        if k.abs().sum() > 0:
+            return F.conv2d(x, k / k.abs().sum(), padding=1)
+        return x
+
+
+def test_a_tensor_written_with_a_traced_value_then_computed_with_at_once_is_refused_by_the_fx_capture():
+    """The trace computed ``k.abs().sum()`` from the zeros (the traced writes never run on ``k``) and took the other
+    branch: the fx capture returned ``x``, caught only by the check after it.  It now refuses by name; fuse stays
+    exact."""
+    import repalgebra
+    from repalgebra.frontend.capture import CaptureFailed, capture_fx
+
+    torch.manual_seed(0)
+    model = DiagonalNormalizedAtOnce().eval()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(CaptureFailed, match="computes at once, while tracing, with a tensor the code made"):
+        capture_fx(model, (x,))
+    fused = repalgebra.fuse(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

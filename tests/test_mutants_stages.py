@@ -457,8 +457,14 @@ FEW = {
     "fx set on the model do not",
     "repalgebra.frontend.inplace:_one_node_per_constant": "one decision: the get_attr nodes of a written constant after its "
     "first are merged into it",
-    "repalgebra.frontend.fx_trace:_weights_only_value": "one decision added to it: a constant's traced item assignments "
-    "are applied before a branch on the weights reads it (the older branches predate the stage's mutants)",
+    "repalgebra.frontend.fx_trace:_weights_only_value": "two decisions added to it: a constant's traced item assignments "
+    "are applied before a branch on the weights reads it, outside the refusal of calls at once on written tensors (the "
+    "older branches predate the stage's mutants)",
+    "repalgebra.frontend.fx_trace:_writes_real_tensor": "one decision a test reaches alone: an item assignment into a "
+    "tensor (not a traced value) is a write",
+    "repalgebra.frontend.fx_trace:_metadata": "one decision: a read of metadata (a property's getter or a method) is not "
+    "a computation with the values",
+    "repalgebra.frontend.fx_trace:_tensors_in": "one decision: the tensors among a call's arguments",
 }
 
 

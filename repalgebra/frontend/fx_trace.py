@@ -220,13 +220,51 @@ _SIZED_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones"
 
 
 class _IndexedBySizes(TorchFunctionMode):
-    """``buffer[:, :n]`` with ``n`` traced: recorded as a call (torch reads a slice's bounds as ints, and fails)."""
+    """``buffer[:, :n]`` with ``n`` traced: recorded as a call (torch reads a slice's bounds as ints, and fails).
+
+    Also refuses, while tracing, a call that computes at once (no traced value among its arguments) with a tensor
+    written before with a traced value (``k = torch.zeros(...); k[i, i] = tmp[i]``, ECBSR's kernels): the trace
+    records the write, which never runs on the tensor, so such a call would compute from the values before it
+    (``k.abs().sum()`` of a kernel of zeros) and the graph hold that result as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[int, torch.Tensor] = {}  # where such tensors live -> the tensor (kept: its memory not reused)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.Tensor.__getitem__ and not isinstance(args[0], fx.Proxy) and (proxy := _proxy_in(args[1:])) is not None:
             return proxy.tracer.create_proxy("call_function", operator.getitem, args, kwargs)
+        if _writes_real_tensor(func, args) and _proxy_in((args[1:], kwargs)) is not None:
+            self.written[args[0].untyped_storage().data_ptr()] = args[0]
+        elif self.written and not _APPLYING and not _metadata(func) and _proxy_in((args, kwargs)) is None and any(
+                t.untyped_storage().data_ptr() in self.written for t in _tensors_in((args, kwargs))):
+            raise TypeError(f"{getattr(func, '__name__', func)} computes at once, while tracing, with a tensor the code made and "
+                            "wrote a traced value into (k[i] = v): it would compute from the values before the write")
         return func(*args, **kwargs)
+
+
+def _writes_real_tensor(func: Any, args: tuple) -> bool:
+    """Whether ``func`` writes into ``args[0]``, a tensor (not a traced value): an item assignment or an in-place method."""
+    name = getattr(func, "__name__", "")
+    return (bool(args) and torch.is_tensor(args[0]) and not isinstance(args[0], fx.Proxy)
+            and (name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))))
+
+
+# What reads a tensor's metadata, never its values: ``k.shape``, ``k.size(0)``, ``k.dtype`` (a property's getter is
+# ``__get__`` of a descriptor that names it)
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse", "is_leaf", "grad_fn",
+             "names", "size", "dim", "ndimension", "numel", "nelement", "stride", "get_device", "is_floating_point",
+             "is_complex", "is_contiguous", "element_size", "storage_offset", "_version"}
+
+
+def _metadata(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return (getattr(getattr(func, "__self__", None), "__name__", "") if name == "__get__" else name) in _METADATA
+
+
+def _tensors_in(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()]
 
 
 def _proxy_in(tree: Any) -> fx.Proxy | None:
@@ -527,11 +565,23 @@ def _weights_only_value(node: fx.Node, root: nn.Module) -> Any:
         return values[n]
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _writes_applied():
             out = value(node)
     except Exception:  # noqa: BLE001  (an input, or something that does not run on its own)
         return None
     return out if torch.is_tensor(out) or isinstance(out, (bool, int, float)) else None
+
+
+_APPLYING: list[bool] = []  # set while _weights_only_value runs: it applies the traced writes itself
+
+
+@contextlib.contextmanager
+def _writes_applied() -> Iterator[None]:
+    _APPLYING.append(True)
+    try:
+        yield
+    finally:
+        _APPLYING.pop()
 
 
 def input_free(node: fx.Node, free: set[fx.Node]) -> bool:
