@@ -1105,6 +1105,7 @@ class _Fuser:
                              and any(isinstance(h, ShapeGuard) and not h.free_sizes for h in m._forward_pre_hooks.values())]
         self.state_leaves: list[str] = []  # parts whose forward changes their own state: kept whole and untouched
         self.fused_inside: set[str] = set()  # those of them (regions) whose children were fused, as kept whole
+        self.sizes_freed: list[str] = []  # modules captured around parts at any size where torch.export fixed sizes
         self.plain_parts: list[str] = []  # parts fused from a capture that read plain tensors (Capture.reads_plain)
         self.stateful = False  # calls change the model's state: every run below is of a copy
         self.watching = True  # a run of the original that changes its state restarts fuse (see fuse_model)
@@ -1158,7 +1159,7 @@ class _Fuser:
         """Start again from the model as it is, with a fresh report."""
         self.pristine = faithful_copy(self.model)
         self.report = FuseReport(stage_seconds=self.stage)
-        self.checks, self.plain_parts, self.state_leaves, self.fused_inside = [], [], [], set()
+        self.checks, self.plain_parts, self.state_leaves, self.fused_inside, self.sizes_freed = [], [], [], set(), []
         self.stateful, self.watching, self.initial = False, True, None
 
     def fuse_calls(self, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
@@ -1225,11 +1226,13 @@ class _Fuser:
             unfilled = copy_module(self.pristine)  # the state the model holds now: what a part kept for its cache starts from
             notes = list(self.report.notes)
             _run(self.pristine, Call(tuple(inputs), {}), None)
+            self.sizes_freed = []
             fused = self.fuse_root(inputs)
-            # Held at the example's sizes, the batch free: try keeping the caches whole.  (Where the capture fixes the
-            # batch too, as Swin v1's blocks' H and W set per call do, its ONNX file keeps a dynamic batch, which
+            # Held at the example's sizes, the batch free, or at any size around parts kept as the first call left
+            # them: try keeping the caches whole, as the model holds them now.  (Where the capture fixes the batch
+            # too, as Swin v1's blocks' H and W set per call do, its ONNX file keeps a dynamic batch, which
             # torch.onnx's trace of the parts kept whole would fix: the capture at the example's sizes stands.)
-            if cached and _fixed_sizes(self.report) and not _batch_fixed(fused):
+            if cached and ((_fixed_sizes(self.report) and not _batch_fixed(fused)) or self.sizes_freed):
                 if (around := self.fuse_around_caches(unfilled, inputs, cached, notes)) is not None:
                     return around
             if cached:
@@ -1403,7 +1406,7 @@ class _Fuser:
     def fuse_around(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]]) -> nn.Module:
         """Keep the submodules that fail ``torch.fx`` whole, fuse each on its own, then capture around them; where that
         fails, keep the module at ``path`` whole (its parts fused)."""
-        fused, why = self.captured_around(path, inputs, failures)
+        fused, why, _ = self.captured_around(path, inputs, failures)
         return fused if fused is not None else self.keep_whole(path, [Call(tuple(inputs), {})], why)
 
     def around_at_free_sizes(self, path: str, inputs: tuple, failures: list[tuple[str, CaptureFailed]],
@@ -1423,12 +1426,14 @@ class _Fuser:
         if not any(how == "fx" and e.path for how, e in failures):
             return None
         mark, plain = self._mark(), len(self.plain_parts)
-        fused, _ = self.captured_around(path, inputs, failures)
+        fused, _, kept = self.captured_around(path, inputs, failures)
         if fused is None or (batch_free and not self.holds_where_fixed_refuses(path, fused, inputs)):
             self._rollback(mark)
             del self.plain_parts[plain:]
             return None
-        parts = _listed([_where(p.path) for p in self.report.parts[mark[4]:] if p.path != path], 4)
+        if batch_free:
+            self.sizes_freed.append(path)
+        parts = _listed([_where(_join(path, k)) for k in kept], 4)
         free, fixed = ("size", "sizes") if batch_free else ("batch size", "batch")
         self.report.notes.append(f"{_where(path)}: captured with fx around the parts it could not trace ({parts}), at any "
                                  f"{free}, rather than with torch.export at the example's {fixed}")
@@ -1451,9 +1456,9 @@ class _Fuser:
         return ran and not differs
 
     def captured_around(self, path: str, inputs: tuple,
-                        failures: list[tuple[str, CaptureFailed]]) -> tuple[nn.Module | None, str]:
+                        failures: list[tuple[str, CaptureFailed]]) -> tuple[nn.Module | None, str, list[str]]:
         """The module at ``path`` captured with fx around the submodules that fail it, each kept whole and fused on its
-        own; else None and why not."""
+        own; else None and why not; and the submodules kept (paths in the module)."""
         module = self.pristine.get_submodule(path)
         user = set(self.leaves_under(path))
         kept: list[str] = []
@@ -1466,9 +1471,9 @@ class _Fuser:
             except CaptureFailed as e:
                 failure = e
         if failure is not None and kept:  # (a call kept whole that writes into what is read after it: say so)
-            return None, f"{_reasons(failures)}; around kept parts: {failure.reason}"
+            return None, f"{_reasons(failures)}; around kept parts: {failure.reason}", kept
         if failure is not None or not kept:
-            return None, _reasons(failures)
+            return None, _reasons(failures), kept
         work = copy_module(module)
         calls = record_calls(work, Call(tuple(inputs), {}), kept)
         tied = self.tied_plainly(path, kept)
@@ -1488,9 +1493,9 @@ class _Fuser:
             _set_submodule(work, sub, fused)
         try:
             cap = capture_fx(work, inputs, [*user, *kept], not self.check)
-            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work), ""
+            return self.finish(path, cap, inputs, f"around {len(kept)} part{'s' * (len(kept) != 1)} kept whole", work), "", kept
         except CaptureFailed as e:
-            return None, f"{_reasons(failures)}; around kept parts: {e.reason}"
+            return None, f"{_reasons(failures)}; around kept parts: {e.reason}", kept
 
     def fuse_part(self, path: str, calls: list[Call], why: str) -> nn.Module:
         """A submodule kept apart: fused on its own when its calls allow it, else kept whole."""
