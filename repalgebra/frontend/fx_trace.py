@@ -255,7 +255,7 @@ def _writes_real_tensor(func: Any, args: tuple) -> bool:
 # ``__get__`` of a descriptor that names it)
 _METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse", "is_leaf", "grad_fn",
              "names", "size", "dim", "ndimension", "numel", "nelement", "stride", "get_device", "is_floating_point",
-             "is_complex", "is_contiguous", "element_size", "storage_offset", "_version"}
+             "is_complex", "is_contiguous", "element_size", "storage_offset", "_version", "__hash__"}
 
 
 def _metadata(func: Any) -> bool:
