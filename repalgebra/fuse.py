@@ -1427,7 +1427,8 @@ class _Fuser:
             return None
         mark, plain = self._mark(), len(self.plain_parts)
         fused, _, kept = self.captured_around(path, inputs, failures)
-        if fused is None or (batch_free and not self.holds_where_fixed_refuses(path, fused, inputs)):
+        # (without the check, no run shows the sizes free: the capture at fixed sizes stands, as before)
+        if fused is None or (batch_free and not (self.check and self.holds_where_fixed_refuses(path, fused, inputs))):
             self._rollback(mark)
             del self.plain_parts[plain:]
             return None
