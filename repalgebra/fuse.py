@@ -1423,12 +1423,17 @@ class _Fuser:
         pool (``Local_Base.convert``: ``if self.kernel_size[0] >= x.size(-2)``, then cumsum) sent the whole
         restoration net there, fixing its image size (probe AM finding 06).  Around the part, the rest stays
         symbolic; folds across the part's boundary are lost (the part is carried as called)."""
-        if not any(how == "fx" and e.path for how, e in failures):
+        # (a test of sizes in a part's forward is named for the sizes after the batch only: where torch.export fixed
+        # the batch too, its capture stands, as before the test named the part)
+        if not any(how == "fx" and e.path and (batch_free or not e.reason.startswith("SizeReadInside")) for how, e in failures):
             return None
         mark, plain = self._mark(), len(self.plain_parts)
         fused, _, kept = self.captured_around(path, inputs, failures)
-        # (without the check, no run shows the sizes free: the capture at fixed sizes stands, as before)
-        if fused is None or (batch_free and not (self.check and self.holds_where_fixed_refuses(path, fused, inputs))):
+        # (without the check, no run shows the sizes free: the capture at fixed sizes stands, as before; nor is a
+        # capture around parts captured at the example's sizes themselves one at any size: export_onnx sends those to
+        # its fallback, where the capture at fixed sizes lowered all)
+        if fused is None or (batch_free and (any(p.how == "specialized" for p in self.report.parts[mark[4]:]) or not (
+                self.check and self.holds_where_fixed_refuses(path, fused, inputs)))):
             self._rollback(mark)
             del self.plain_parts[plain:]
             return None
