@@ -200,8 +200,6 @@ _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a
 _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks"
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
-_R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
-_R6_NOT_HANDED = ("tests/test_fuse_outside_reads.py::test_a_container_given_to_a_loop_len_or_a_test_is_still_fused",)
 _R6_PLAIN = "tests/test_inplace.py::test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
@@ -2368,25 +2366,6 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "held-storages-empty", "the storages a called module holds left empty",
      "repalgebra.frontend.inplace:_held_storages", "    for m in module.modules():", "    for m in []:",
      (f"{_R6_TIED}[buffer]",)),
-    ("frontend", "handed-on-never", "a chain handed to a call, a container or out of the code taken as not handed on "
-     "(review R6 finding 02)", "repalgebra.frontend.outside_reads:_handed_on", "        if op.opname in _HANDING:",
-     "        if False:", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[next-iter]", f"{_R6_HANDED}[star]", f"{_R6_HANDED}[list-index]")),
-    ("frontend", "handed-on-callee-too", "a chain that is what is called (self.blocks[i](x)) taken as handed on",
-     "repalgebra.frontend.outside_reads:_handed_on", '(i and ops[i - 1].opname == "PUSH_NULL")', "False", _R6_NOT_HANDED),
-    ("frontend", "handed-on-harmless-too", "a chain given to isinstance or len taken as handed on",
-     "repalgebra.frontend.outside_reads:_handed_on", "ops[i - 1].argval in _HARMLESS:", "ops[i - 1].argval in ():", _R6_NOT_HANDED),
-    ("frontend", "handed-chains-dropped", "the chains handed on dropped at the statement's end, not marked as reaching "
-     "every module below", "repalgebra.frontend.outside_reads:_chains_in",
-     "            chains += [c + (...,) for c in handed]", "            pass", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),
-    ("frontend", "items-not-iterated-unhanded", "the items of a container not iterated (next(self.blocks.children())) not "
-     "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    handed.append(chain[:-1])",
-     "                    pass", (f"{_R6_HANDED}[children]",)),
-    ("frontend", "every-below-unread", "a chain marked as reaching every module below, or named_modules(), reaching none",
-     "repalgebra.frontend.outside_reads:_through", "        if step is ... or (step in _EVERY and _child(obj, step) is None):",
-     "        if False:", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[named-modules]")),
-    ("frontend", "named-modules-unseen", "a loop over named_modules() or modules() taken for the object's own attribute",
-     "repalgebra.frontend.outside_reads:_through", "(step in _EVERY and _child(obj, step) is None)", "(False)",
-     (f"{_R6_HANDED}[named-modules]",)),
     ("frontend", "state-held-read-before-call-unseen", "a tensor the called module holds read before the call kept "
      "whole taken as a constant: the next forward reads what the call wrote",
      "repalgebra.frontend.inplace:_refuse_state_read_after", "(order[u] > order[call] or before)", "(order[u] > order[call])",

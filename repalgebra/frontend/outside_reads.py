@@ -170,9 +170,8 @@ def reached_through(module: nn.Module) -> set[str]:
     A chain that ends in a tensor's metadata (``self.stem.conv.weight.dtype``) or a method of the child
     (``self.stem.parameters()``, left to :func:`read_outside`) does not count.  A chain through a local counts as
     from ``self`` (``body = self.body; body.conv(y)``; ``for blk in self.blocks: blk.attn.qkv(y)``: each block):
-    ``body.conv`` was the fused form's folded kernel on the branch the example did not take (1.13 off; a review).
-    A module the code hands on where its items are not followed (``map(lambda b: b.conv(x), self.blocks)``,
-    ``getattr(self, f"layer{i}")``, ``self.named_modules()``: :func:`_handed_on`) reaches every module below it."""
+    ``body.conv`` was the fused form's folded kernel on the branch the example did not take (1.13 off; a review);
+    ``getattr`` does not."""
     paths: dict[int, str] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         paths.setdefault(id(sub), path)
@@ -266,8 +265,7 @@ _MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (its
 
 def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
-    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None,
-    a chain handed on to code not followed (:func:`_handed_on`) ending in ``...`` (every module below it).
+    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None.
     Read once per class (held weakly: a GraphModule is a class of its own)."""
     if cls not in _CHAINS:
         _CHAINS[cls] = _read_chains(cls)
@@ -399,7 +397,6 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
     chains = []
     held: dict[str, list[tuple[Any, ...]]] = {k: list(v) for k, v in (given or {}).items()}  # local name -> the chains from self it holds
     pending: list[tuple[Any, ...]] = []  # chains loaded in the statement so far, not stored: a loop over a call of them
-    handed: list[tuple[Any, ...]] = []  # those of them handed to a call as arguments (followed only where iterated)
     iterated: list[tuple[Any, ...]] = []  # items of chains whose iterator goes to nested code (a comprehension's .0)
     for i, op in enumerate(ops):
         if op.opname == "GET_ITER" and pending:  # (for i, blk in enumerate(self.blocks): each item of each chain)
@@ -408,11 +405,10 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             for name in names:
                 held.setdefault(name, []).extend(items)
             iterated += [] if names else items
-            pending, handed = [], []
+            pending = []
             continue
         if op.opname.startswith(("STORE_", "POP_", "RETURN_", "JUMP_")):
-            chains += [c + (...,) for c in handed]  # (handed to code not followed: every module below, see _handed_on)
-            pending, handed = [], []  # (the statement ended)
+            pending = []  # (the statement ended)
         if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
             continue
         steps, end = _steps_to(ops, i + 1)
@@ -431,13 +427,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             elif end < len(ops) and ops[end].opname == "UNPACK_SEQUENCE":  # (a, b = self.blocks: each an item)
                 for target in _unpacked_into(ops, end):
                     held.setdefault(target, []).append(_items(chain))
-            else:
-                if chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
-                    pending.append(chain)
-                if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
-                    handed.append(chain[:-1])
-                elif _handed_on(ops, i, end):
-                    handed.append(chain)
+            elif chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
+                pending.append(chain)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)
@@ -446,50 +437,6 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
 
 # Methods of a container whose items are (or hold) its children: ``self.blocks.items()`` iterates over the blocks.
 _ITEMS = frozenset({"items", "values", "children", "named_children"})
-# Methods and attributes of a module that reach every module below it: ``for n, m in self.named_modules()``.
-_EVERY = frozenset({"modules", "named_modules", "apply", "_modules"})
-# Functions handed a module that read nothing through it
-_HARMLESS = frozenset({"len", "isinstance", "issubclass", "hasattr", "id", "type", "callable", "print", "repr", "str", "bool"})
-# Instructions that hand what is on the stack on (to a call, into a container, out of the code), and those that
-# may come between an argument and the call
-_HANDING = frozenset({"PRECALL", "CALL", "CALL_FUNCTION_EX", "CALL_KW", "LIST_EXTEND", "LIST_APPEND", "SET_ADD", "MAP_ADD",
-                      "YIELD_VALUE", "RETURN_VALUE", "STORE_GLOBAL"})
-_WITHIN_CALL = frozenset({"BINARY_SUBSCR", "BINARY_OP", "FORMAT_VALUE", "FORMAT_SIMPLE", "FORMAT_WITH_SPEC", "CONVERT_VALUE",
-                          "BUILD_STRING", "BUILD_TUPLE", "BUILD_LIST", "BUILD_MAP", "BUILD_CONST_KEY_MAP", "KW_NAMES",
-                          "PUSH_NULL", "UNARY_NEGATIVE", "UNARY_NOT", "LIST_TO_TUPLE", "MAKE_FUNCTION", "NOP",
-                          "EXTENDED_ARG", "CACHE"})
-
-
-def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool:
-    """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed to a call as an
-    argument (``map(lambda b: b.conv(x), self.blocks)``, ``next(iter(self.blocks))``, ``f(*self.blocks)``,
-    ``getattr(self, f"layer{i}")``), put into a container, yielded, returned or stored in a global
-    (``[b for b in self.blocks][0]``): code the reader does not follow to named items, so every module below counts
-    as reached (review R6 finding 02).  Not where the chain is what is called (``self.conv(x)``,
-    ``self.blocks[i](x)``), where a function that reads nothing through it gets it first (``len(self.blocks)``), or
-    ``super(Cls, self)``; a comparison or a test (``self.downsample is not None``) is no call."""
-    if ops[i].opname == "LOAD_CLOSURE" or (end < len(ops) and ops[end].opname == "BINARY_SUBSCR"):
-        return False  # (a cell for nested code, which is read; an index: ``for i in range(len(self.blocks))`` binds i)
-    if _method_loaded(ops[end - 1]) or (i and ops[i - 1].opname == "PUSH_NULL") or (end < len(ops) and ops[end].opname == "PUSH_NULL"):
-        return False
-    if i and ops[i - 1].opname in _LOADS and ops[i - 1].argval in _HARMLESS:
-        return False
-    if i > 1 and ops[i - 2].opname in _LOADS and ops[i - 2].argval == "super":
-        return False
-    for op in ops[end:]:
-        if op.opname in _HANDING:
-            return True
-        if op.opname not in _WITHIN_CALL and not op.opname.startswith("LOAD_"):
-            return False
-    return False
-
-
-_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR"})
-
-
-def _method_loaded(op: dis.Instruction) -> bool:
-    """Whether ``op`` loads a method to call (``self.conv(x)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` flagged so from 3.12)."""
-    return op.opname == "LOAD_METHOD" or (op.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((op.arg or 0) & 1))
 
 
 def _items(chain: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -567,8 +514,6 @@ def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = 
     or whose tensors it reads."""
     obj, reached = root if start is None else start, []
     for k, step in enumerate(chain):
-        if step is ... or (step in _EVERY and _child(obj, step) is None):  # every module below (see _handed_on)
-            return [*reached, *(m for m in obj.modules() if m is not root)]
         child = _child(obj, step)
         if child is not None:
             if obj is not root:
