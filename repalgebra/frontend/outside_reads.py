@@ -449,17 +449,12 @@ def _loop_targets(ops: list[dis.Instruction], i: int) -> list[str]:
     (``for i, (blk, s) in ...``: every name it unpacks into), else none."""
     if i >= len(ops) or ops[i].opname != "FOR_ITER":
         return []
-    names, i = [], i + 1
-    while i < len(ops) and ops[i].opname in ("UNPACK_SEQUENCE", "STORE_FAST", "STORE_DEREF"):
-        if ops[i].opname != "UNPACK_SEQUENCE":
-            names.append(ops[i].argval)
-        i += 1
-    return names
+    return _unpacked_into(ops, i)
 
 
 def _unpacked_into(ops: list[dis.Instruction], i: int) -> list[str]:
-    """The locals an ``UNPACK_SEQUENCE`` at ``ops[i]`` stores the items in (``a, b = self.blocks``: a block each;
-    review R6), a nested target's too."""
+    """The locals an ``UNPACK_SEQUENCE`` (or a loop's ``FOR_ITER``) at ``ops[i]`` stores the items in (``a, b =
+    self.blocks``: a block each; review R6), a nested target's too."""
     names, i = [], i + 1
     while i < len(ops) and ops[i].opname in ("UNPACK_SEQUENCE", "STORE_FAST", "STORE_DEREF"):
         if ops[i].opname != "UNPACK_SEQUENCE":
