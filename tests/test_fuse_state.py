@@ -1500,3 +1500,29 @@ def test_a_region_kept_for_its_state_holding_its_parents_tensor_plainly_stays_ti
             x = 100 * torch.randn(1, 4, 8, 8, dtype=D)
             torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-9, atol=1e-9)
     assert model.shift.flatten()[0] == 0.125
+
+
+class FirstBatchScale(nn.Module):
+    """A scale taken from the first batch the model sees (a lazy calibration), kept for every later call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.scale = None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = x.abs().amax().detach()
+        return self.bn(self.conv(x)) * self.scale
+
+
+def test_a_first_call_filled_from_its_input_is_no_cache():
+    """What a first call fills from its input's values is state, not a cache: fused as called once, the fused model
+    would hold the example's scale where the model's first call takes its own.  Both, first called on another batch,
+    compute the same."""
+    model = randomized(FirstBatchScale)
+    fused = fuse(model, torch.randn(2, 4, 5, 5, dtype=D))
+    y = 7.0 * torch.randn(2, 4, 5, 5, dtype=D)
+    used, ours = copy.deepcopy(model), copy.deepcopy(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(y), used(y), rtol=1e-9, atol=1e-12)
