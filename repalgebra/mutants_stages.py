@@ -295,6 +295,12 @@ EQUIVALENT: dict[str, str] = {
         "the nodes it inserts are read by nothing and go in the dead-node sweep of the same _apply; the graph, and so "
         "what the fused model computes, is unchanged (only the report may list a firing that changed nothing)"
     ),
+    "frontend/conv3d-padding-one-side": (
+        "size_source's answer that a 3-D conv keeps a spatial size is a shortcut since window_size: where the mutant "
+        "stops there, a size test reads the conv's output size by torch's window arithmetic, the same number at every "
+        "input, and a reshape's read (or a sum's root) stays where it is and reads that size at run time: every value "
+        "the fused model computes is the same; only which tensor a reshape reads its size from may differ"
+    ),
 }
 
 
@@ -2446,7 +2452,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.fx_trace:reading_function", "        frame = frame.f_back\n", "        frame = None\n", _SIZE_CARRIED),
     ("frontend", "size-read-refused-unnamed", "a test of the size of a value computed inside refused as a plain TypeError "
      "(SizeReadInside's base): its function is never carried", "repalgebra.frontend.builder:size_test_at_inputs",
-     "raise SizeReadInside(", "raise SizeReadInside.__base__(", _SIZE_CARRIED),
+     "raise SizeReadInside(", "raise SizeReadInside.__base__(",
+     (*_SIZE_CARRIED, "tests/test_fuse_capture.py::test_a_function_that_cannot_be_carried_nor_checked_is_refused_naming_why_it_was_not_carried")),
     ("frontend", "size-read-carry-not-preferred", "a function reading sizes computed inside checked per call where the inputs can check it (timm's pad_same refused every size padded otherwise)",
      "repalgebra.frontend.builder:reads_inside", "        return not is_input(template)", "        return False",
      ("tests/test_fuse_capture.py::test_a_function_reading_a_strided_convs_size_is_carried_though_the_inputs_could_check_it",)),

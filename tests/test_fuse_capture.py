@@ -1219,6 +1219,32 @@ class SameStem(nn.Module):
         return self.bn(self.conv(torch.relu(self.stem(x))))
 
 
+def cropped_pool(block, x):
+    """A helper handed a module, which reads the size of a slice of the block's output (no input fixes it)."""
+    y = block(x)[..., 1:]
+    return F.avg_pool2d(y, 2) if int(y.shape[-1]) > 4 else y
+
+
+class CroppedPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return cropped_pool(self.block, x)
+
+
+def test_a_function_that_cannot_be_carried_nor_checked_is_refused_naming_why_it_was_not_carried():
+    """``cropped_pool`` is handed a module, so it is not carried, and it reads the size of a slice, which the inputs
+    cannot check per call: the model goes to torch.export with its sizes fixed, and the reason says why the function
+    was not carried (the read's own refusal, raised again there, would not)."""
+    model = randomized(CroppedPool())
+    fused = check_exact(model, torch.randn(2, 3, 16, 16, dtype=D))
+    r = fused.fuse_report
+    assert r.capture == "specialized", str(r)
+    assert "cropped_pool() not carried" in r.parts[0].reason, r.parts
+
+
 def test_a_function_reading_a_strided_convs_size_is_carried_though_the_inputs_could_check_it():
     """timm's ``pad_same`` reads the size of the stem's output, which the input's fixes (``window_size``): taken and
     checked per call, the fused model refused every size whose padding differs (an odd width after the stem).  The
