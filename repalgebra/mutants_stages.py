@@ -96,7 +96,8 @@ _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_sma
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
-_ANCHORS = ("tests/test_fuse_state.py::test_a_detect_head_whose_anchors_are_cached_by_shape_is_kept_whole_and_the_model_runs_at_any_size",)
+_ANCHORS = ("tests/test_fuse_state.py::test_a_detect_head_whose_anchors_are_cached_by_shape_is_kept_whole_and_the_model_runs_at_any_size",
+            "tests/test_fuse_state.py::test_a_detect_head_fused_without_the_check_is_kept_whole_for_its_cache_too")
 _FITS = ("tests/test_fuse_capture.py::test_a_fold_whose_weights_do_not_fit_the_models_dtype_is_not_made",)
 _OE = "tests/test_onnx_export.py"
 _MASKED = (f"{_OE}::test_attention_gives_zeros_to_a_query_whose_keys_are_all_masked",)
@@ -666,7 +667,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      ("tests/test_fuse_state.py::test_a_table_kept_for_the_largest_size_seen_is_state_where_its_values_follow_its_size",)),
     ("frontend", "state-first-fill-as-cache", "what a first call fills taken for a cache though a later call on other values computes otherwise",
      "repalgebra.frontend.state:_filled_from_input", "        if first_difference(want, got, tolerance) is not None:", "        if False:",
-     ("tests/test_fuse_state.py::test_a_first_call_that_turns_a_shift_off_at_twice_the_size_too_is_state",)),
+     ("tests/test_fuse_state.py::test_a_first_call_that_turns_a_shift_off_at_twice_the_size_too_is_state",
+      "tests/test_fuse_state.py::test_a_first_call_that_turns_a_shift_off_in_forward_is_state")),
     ("frontend", "state-failing-later-call-as-cache", "a fill that makes a later call on other values fail taken for a cache (a table of the first size)",
      "repalgebra.frontend.state:_filled_from_input", "        except Exception:  # noqa: BLE001  (what the first call left makes the next one fail: a table of its size)\n            state |= set(filled)",
      "        except Exception:  # noqa: BLE001  (what the first call left makes the next one fail: a table of its size)\n            pass",

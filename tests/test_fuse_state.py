@@ -1526,3 +1526,47 @@ def test_a_first_call_filled_from_its_input_is_no_cache():
     used, ours = copy.deepcopy(model), copy.deepcopy(fused)
     with torch.no_grad():
         torch.testing.assert_close(ours(y), used(y), rtol=1e-9, atol=1e-12)
+
+
+class ShiftOffInForward(nn.Module):
+    """torchvision's ``shifted_window_attention`` habit in the block's own forward: where the window covers the map,
+    ``self.shift[0] = 0`` on its own list, for good."""
+
+    def __init__(self, c: int, window: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.window, self.shift = window, [window // 2]
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.window >= x.shape[-1]:
+            self.shift[0] = 0
+        return x + (torch.roll(y, shifts=self.shift[0], dims=-1) if self.shift[0] else y)
+
+
+def test_a_first_call_that_turns_a_shift_off_in_forward_is_state():
+    """The shift a first call at the example turns off stays off for a larger later call, which a first call at that
+    size keeps: state, seen only by comparing a later call on other values with that call made first.  Taken for a
+    cache, the model would be fused as called once and refuse the larger call (its size test answers otherwise),
+    where the model computes."""
+    model = seeded(lambda: ShiftOffInForward(4, 4), 0)().double().eval()
+    fused = fuse(model, torch.randn(1, 4, 4, 4, dtype=D))
+    used, ours = copy.deepcopy(model), copy.deepcopy(fused)
+    with torch.no_grad():
+        for shape in ((1, 4, 4, 4), (1, 4, 16, 16), (2, 4, 8, 12)):
+            x = torch.randn(*shape, dtype=D)
+            torch.testing.assert_close(ours(x), used(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_detect_head_fused_without_the_check_is_kept_whole_for_its_cache_too():
+    """Without fuse's check no run shows the sizes free around a part (the capture around parts at free sizes
+    needs it), so the capture as called once held at the example's sizes: the head holding the cache is kept
+    whole as the model holds it, and the model runs at another size as with the check."""
+    model = seeded(yolov8_with_anchor_cache, 902)().to(D)
+    before = copy.deepcopy(model)
+    fused = fuse(model, images(1, 3, 64, 64), check=False)
+    assert "model.14" in kept_whole(fused), str(fused.fuse_report)
+    x = images(1, 3, 96, 64)
+    with torch.no_grad():
+        want = before(x.clone())
+        torch.testing.assert_close(fused(x.clone()), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
