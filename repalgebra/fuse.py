@@ -2207,8 +2207,10 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
     """What differs between fresh copies of the two modules making ``calls`` (their inputs) in turn, in float64
     where they run in it."""
     # A hook's handle whose module the fused model no longer holds copies while that module lives, and fails once
-    # the collector has taken it: collected first, the copies below all fail or all succeed.
-    gc.collect()
+    # the collector has taken it: collected first, the copies below all fail or all succeed.  Only where a module
+    # holds hooks: a full collection costs 0.1-0.2 s in a process with a large heap (a test run).
+    if _holds_hooks(reference, candidate):
+        gc.collect()
     try:
         copies = [copy_module(m) for m in (reference, candidate)]
         spares = [copy_module(m) for m in (reference, candidate)]  # in their own dtype, should float64 fail
@@ -2229,6 +2231,13 @@ def _calls_difference(reference: nn.Module, candidate: nn.Module, calls: list[tu
         if problem is not None:
             return f"call {k + 1}: {problem}" if len(calls) > 1 else problem
     return None
+
+
+def _holds_hooks(*modules: nn.Module) -> bool:
+    """Whether a module in ``modules`` holds a hook (forward, backward, state-dict ...) other than fuse's own guards."""
+    ours = (ShapeGuard, StructureGuard, InputCheck, StaysInEval, DefaultDtypeGuard, _Reinstall, bool)  # (bool: with_kwargs flags)
+    return any(not isinstance(hook, ours) for root in modules for m in root.modules() for name, hooks in vars(m).items()
+               if "hook" in name and isinstance(hooks, dict) for hook in hooks.values())
 
 
 def _classes_asked(root: nn.Module, path: str) -> bool:

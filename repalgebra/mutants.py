@@ -41,8 +41,9 @@ profile ``mutants`` (``tests/conftest.py``: the ``ci`` example counts,
 derandomized so a verdict is reproducible, no example database, no
 shrinking).  Failing tests (pytest exit code 1) kill the mutant; passing
 tests mean it survived; any other outcome (a collection error, ...) is an
-error.  Before the mutants, each test selection runs once unmutated and must
-pass, so a kill is never a test that fails anyway.  Two worker processes at
+error.  Before the mutants, every test some mutant runs is run once unmutated
+(all of them together, split over the workers) and must pass, so a kill is
+never a test that fails anyway.  Two worker processes at
 most (``--jobs``), torch single-threaded in each.  The run prints a table and
 ``mutants killed: N/N`` and exits 1 if any mutant survived (and is not listed
 as equivalent) or errored (or, for a full run, a rule has fewer than three).
@@ -809,11 +810,11 @@ class _FirstFailure:
             self.failed = f"collecting {report.nodeid}"
 
 
-def _pytest(tests: Sequence[str]) -> tuple[int, _FirstFailure, str]:
+def _pytest(tests: Sequence[str], *, first_failure_stops: bool = True) -> tuple[int, _FirstFailure, str]:
     import pytest
 
     plugin = _FirstFailure()
-    args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "--no-header", "--tb=short", "-o", "addopts=", "--rootdir", str(ROOT)]
+    args = [*tests, *(["-x"] if first_failure_stops else []), "-q", "-p", "no:cacheprovider", "--no-header", "--tb=short", "-o", "addopts=", "--rootdir", str(ROOT)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = pytest.main(args, plugins=[plugin])
@@ -831,10 +832,28 @@ def _init_worker(profile: str = "mutants") -> None:
 def _run_baseline(tests: tuple[str, ...], profile: str = "mutants") -> Result:
     _init_worker(profile)
     start = time.perf_counter()
-    code, plugin, out = _pytest(tests)
+    code, plugin, out = _pytest(tests, first_failure_stops=False)
     status = "passed" if code == 0 else "failed"
     detail = "" if code == 0 else (plugin.failed or f"pytest exit code {code}: {out.strip().splitlines()[-1:] }")
-    return Result(f"baseline: {' '.join(tests)}", status, time.perf_counter() - start, detail)
+    return Result(f"baseline: {len(tests)} test files and tests", status, time.perf_counter() - start, detail)
+
+
+def baseline_chunks(mutants: Sequence[Mutant], jobs: int) -> list[tuple[str, ...]]:
+    """Every test the mutants run, each once, in ``jobs`` chunks of about equal size.
+
+    Running the union once instead of each mutant's selection separately saves
+    the tests the selections share (a rule's file is in every one of its
+    mutants' selections).  A test inside a file that is run whole is dropped.
+    """
+    tests = list(dict.fromkeys(t for m in mutants for t in tests_for(m)))
+    whole = {t for t in tests if "::" not in t}
+    tests = [t for t in tests if "::" not in t or t.split("::")[0] not in whole]
+    files = list(dict.fromkeys(t.split("::")[0] for t in tests))
+    by_file = {f: [t for t in tests if t.split("::")[0] == f] for f in files}
+    chunks: list[list[str]] = [[] for _ in range(jobs)]
+    for k, f in enumerate(files):  # whole files together: a module's fixtures and imports are paid once
+        chunks[k % jobs].extend(by_file[f])
+    return [tuple(c) for c in chunks if c]
 
 
 class MutantTimeout(BaseException):
@@ -883,7 +902,7 @@ def select(rules: Sequence[str] | None = None, names: Sequence[str] | None = Non
 def run(mutants: Sequence[Mutant] | None = None, *, jobs: int = MAX_JOBS, profile: str = "mutants", progress=None) -> MutationReport:
     """Run each mutant's tests with the mutant applied; returns a :class:`MutationReport`.
 
-    Each distinct test selection first runs unmutated (it must pass).  With
+    Every test the mutants run first runs once unmutated (it must pass).  With
     ``jobs`` > 1 (at most 2) the runs are spread over that many worker
     processes (spawned, so each imports torch and pytest once).  ``profile``
     is the Hypothesis profile of the tests (``mutants``: derandomized;
@@ -900,7 +919,7 @@ def run(mutants: Sequence[Mutant] | None = None, *, jobs: int = MAX_JOBS, profil
         mutated_code(m)
     jobs = max(1, min(MAX_JOBS, jobs))
     start = time.perf_counter()
-    selections = list(dict.fromkeys(tuple(tests_for(m)) for m in mutants))
+    selections = baseline_chunks(mutants, jobs)
     report = MutationReport(mutants, {}, jobs=jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for r in pool.map(_run_baseline, selections, [profile] * len(selections)):
