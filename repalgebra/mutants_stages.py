@@ -201,6 +201,8 @@ _LOCALS = ("tests/test_fuse_outside_reads.py::test_a_grandchild_called_through_a
 _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_own_forward_keeps_the_class_it_asks"
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
+_R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_R6_NOT_HANDED = ("tests/test_fuse_outside_reads.py::test_a_container_given_to_a_loop_len_or_a_test_is_still_fused",)
 _R6_PLAIN = "tests/test_inplace.py::test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
 _KEPT_DTYPE = tuple(f"tests/test_inplace.py::test_an_op_made_out_of_place_keeps_the_dtype_it_wrote_into[{h}]" for h in ("+=", "add_"))
@@ -1230,9 +1232,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "reached-through-dtype", "a chain ending in a weight's dtype (self.stem.conv.weight.dtype) taken for a read of its values",
      "repalgebra.frontend.outside_reads:_through", "return [] if following in _METADATA else [*reached, obj]", "return [*reached, obj]", _REACHED),
     ("frontend", "reached-through-computed-index", "a child indexed by a computed index (self.blocks[i]) not seen reached into",
-     "repalgebra.frontend.outside_reads:_through", "return [*reached, obj, *(m for c", "return [*reached, *(m for c", _REACHED),
+     "repalgebra.frontend.outside_reads:_through", "return [*reached, *([] if obj is root else [obj]), *below]", "return [*reached, *below]", _REACHED),
     ("frontend", "reached-through-each-block-unread", "a loop's local reaching into each child (for blk in self.blocks: blk.conv) seen reaching the container only",
-     "repalgebra.frontend.outside_reads:_through", ", *(m for c in obj._modules.values() if c is not None for m in _through(root, rest, c))]", "]", _LOCALS),
+     "repalgebra.frontend.outside_reads:_through", "for c in obj._modules.values() if c is not None for m in _through(root, rest, c)]", "for c in []]", _LOCALS),
     ("frontend", "reached-through-locals-unheld", "a local holding a chain from self (body = self.body) not followed where the code loads it",
      "repalgebra.frontend.outside_reads:_chains_in", "                held.setdefault(name, []).append(chain)", "                pass", _LOCALS),
     ("frontend", "reached-through-locals-from-self", "a chain through a local read as if from self (body.conv as self.conv)",
@@ -2379,6 +2381,34 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:_refuse_state_read_after", "(order[u] > order[call] or before)", "(order[u] > order[call])",
      tuple(f"tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_read_before_the_call_is_no_constant[{k}]"
            for k in ("plain", "registered"))),
+    ("frontend", "handed-on-call-never", "a module given to a call of a function the reader does not follow taken as "
+     "not handed on (review R6 finding 02)", "repalgebra.frontend.outside_reads:_handed_on",
+     "                return True  # (where a loop", "                return False  # (where a loop",
+     (f"{_R6_HANDED}[map]",)),
+    ("frontend", "handed-on-callee-too", "a module that is what is called (self.blocks[i](x)) taken as handed on",
+     "repalgebra.frontend.outside_reads:_handed_on", "                if p >= argc:", "                if p > argc + 1:", _R6_NOT_HANDED),
+    ("frontend", "handed-on-harmless-too", "a module given to len, isinstance or checkpoint taken as handed on",
+     "repalgebra.frontend.outside_reads:_handed_on", 'if name in _HARMLESS or name in _CALLERS or name == "super":',
+     'if name == "super":', _R6_NOT_HANDED),
+    ("frontend", "getattr-handed-on", "getattr(self, \"layer0\") taken as self handed on (which is not followed), not as "
+     "the chain self.layer0", "repalgebra.frontend.outside_reads:_handed_on",
+     "                    return (k, const if isinstance(const, str) else None)", "                    return True",
+     (f"{_R6_HANDED}[getattr-self-constant]",)),
+    ("frontend", "stack-unknown-gives-up", "an instruction the reader does not know before the module (a generator's "
+     "first ones, a conditional expression's jump) taken as nothing handed on", "repalgebra.frontend.outside_reads:_handed_on",
+     "        if k < end - 1 and (effect is None or jumps):", "        if False:", (f"{_R6_HANDED}[getattr-computed]",)),
+    ("frontend", "handed-chains-dropped", "the chains handed on dropped at the statement's end, not marked as reaching "
+     "every module below", "repalgebra.frontend.outside_reads:_chains_in",
+     "            chains += [c + (...,) for c in handed]", "            pass", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),
+    ("frontend", "items-not-iterated-unhanded", "the items of a container not iterated (next(self.blocks.children())) not "
+     "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    handed.append(chain[:-1])",
+     "                    pass", (f"{_R6_HANDED}[children]",)),
+    ("frontend", "every-below-unread", "a chain marked as reaching every module below, or named_modules(), reaching none",
+     "repalgebra.frontend.outside_reads:_through", "        if step is ... or (step in _EVERY and _child(obj, step) is None):",
+     "        if False:", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[named-modules]")),
+    ("frontend", "named-modules-unseen", "a loop over named_modules() or modules() taken for the object's own attribute",
+     "repalgebra.frontend.outside_reads:_through", "(step in _EVERY and _child(obj, step) is None)", "(False)",
+     (f"{_R6_HANDED}[named-modules]",)),
     ("frontend", "plain-ties-never-outside", "a part holding a plain tensor its model holds elsewhere too taken for one "
      "holding its own: copied on its own, its writes missed the model's tensor (review R6 finding 06)",
      "repalgebra.module_copy:plain_ties", "                if any(h != above and not h.startswith(above + \".\") for h in holders[address]):",

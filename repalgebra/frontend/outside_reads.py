@@ -170,8 +170,9 @@ def reached_through(module: nn.Module) -> set[str]:
     A chain that ends in a tensor's metadata (``self.stem.conv.weight.dtype``) or a method of the child
     (``self.stem.parameters()``, left to :func:`read_outside`) does not count.  A chain through a local counts as
     from ``self`` (``body = self.body; body.conv(y)``; ``for blk in self.blocks: blk.attn.qkv(y)``: each block):
-    ``body.conv`` was the fused form's folded kernel on the branch the example did not take (1.13 off; a review);
-    ``getattr`` does not."""
+    ``body.conv`` was the fused form's folded kernel on the branch the example did not take (1.13 off; a review).
+    A module the code hands on where its items are not followed (``map(lambda b: b.conv(x), self.blocks)``,
+    ``getattr(self, f"layer{i}")``, ``self.named_modules()``: :func:`_handed_on`) reaches every module below it."""
     paths: dict[int, str] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         paths.setdefault(id(sub), path)
@@ -265,7 +266,8 @@ _MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (its
 
 def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
-    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None.
+    as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None,
+    a chain handed on to code not followed (:func:`_handed_on`) ending in ``...`` (every module below it).
     Read once per class (held weakly: a GraphModule is a class of its own)."""
     if cls not in _CHAINS:
         _CHAINS[cls] = _read_chains(cls)
@@ -397,6 +399,7 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
     chains = []
     held: dict[str, list[tuple[Any, ...]]] = {k: list(v) for k, v in (given or {}).items()}  # local name -> the chains from self it holds
     pending: list[tuple[Any, ...]] = []  # chains loaded in the statement so far, not stored: a loop over a call of them
+    handed: list[tuple[Any, ...]] = []  # those of them handed to a call as arguments (followed only where iterated)
     iterated: list[tuple[Any, ...]] = []  # items of chains whose iterator goes to nested code (a comprehension's .0)
     for i, op in enumerate(ops):
         if op.opname == "GET_ITER" and pending:  # (for i, blk in enumerate(self.blocks): each item of each chain)
@@ -405,10 +408,11 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             for name in names:
                 held.setdefault(name, []).extend(items)
             iterated += [] if names else items
-            pending = []
+            pending, handed = [], []
             continue
         if op.opname.startswith(("STORE_", "POP_", "RETURN_", "JUMP_")):
-            pending = []  # (the statement ended)
+            chains += [c + (...,) for c in handed]  # (handed to code not followed: every module below, see _handed_on)
+            pending, handed = [], []  # (the statement ended)
         if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
             continue
         steps, end = _steps_to(ops, i + 1)
@@ -427,8 +431,19 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             elif end < len(ops) and ops[end].opname == "UNPACK_SEQUENCE":  # (a, b = self.blocks: each an item)
                 for target in _unpacked_into(ops, end):
                     held.setdefault(target, []).append(_items(chain))
-            elif chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
-                pending.append(chain)
+            else:
+                if chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
+                    pending.append(chain)
+                if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
+                    handed.append(chain[:-1])
+                elif isinstance(how := _handed_on(ops, i, end), tuple):  # (getattr(self, f"layer{i}").conv: on each child)
+                    k, name = how
+                    after = chain + (name,) + _steps_to(ops, k + 1)[0]
+                    chains.append(after)
+                    if _handed_on(ops, k, _steps_to(ops, k + 1)[1]) is True:
+                        handed.append(after)
+                elif how and chain:  # (``self`` itself handed on, ``hook(self, args)``: not followed)
+                    handed.append(chain)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)
@@ -437,6 +452,143 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
 
 # Methods of a container whose items are (or hold) its children: ``self.blocks.items()`` iterates over the blocks.
 _ITEMS = frozenset({"items", "values", "children", "named_children"})
+# Methods and attributes of a module that reach every module below it: ``for n, m in self.named_modules()``.
+_EVERY = frozenset({"modules", "named_modules", "apply", "_modules"})
+# Functions handed a module that read nothing through it
+_HARMLESS = frozenset({"len", "isinstance", "issubclass", "hasattr", "id", "type", "callable", "print", "repr", "str", "bool"})
+# Functions that call what they are handed as it is (torch's and timm's activation checkpointing)
+_CALLERS = frozenset({"checkpoint", "checkpoint_seq"})
+
+def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[int, str | None]:
+    """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed on to code the reader
+    does not follow: an argument of a call (``map(lambda b: b.conv(x), self.blocks)``, ``next(iter(self.blocks))``,
+    ``f(*self.blocks)``), put into a container, returned or yielded, or stored anywhere but in a local right away:
+    every module below it then counts as reached (review R6 finding 02).  ``(k, name)`` where it is the object of a
+    ``getattr`` call at ``ops[k]`` (``name`` its constant name, else None: any child).
+
+    The value is followed on the stack (:func:`_stack_effect`) to the instruction that takes it.  Not handed on:
+    called (``self.conv(x)``, ``self.blocks[i](x)``), indexed, iterated (also through ``enumerate``, ``zip`` ...),
+    compared or tested (``self.downsample is not None``), given to a function that reads nothing through it
+    (``len``, ``isinstance``; ``super(Cls, self)``), formatted, or a cell for nested code (which is read itself).
+    An instruction the reader does not know counts as handing it on."""
+    if ops[i].opname == "LOAD_CLOSURE" or _method_loaded(ops[end - 1]):
+        return False  # (a method of it called: the chain names the method, for _through)
+    if ops[end - 1].opname == "LOAD_ATTR" and ops[end - 1].argval in ("__call__", "forward"):
+        return False  # (a way to call it, handed on: HF's ``self._gradient_checkpointing_func(layer.__call__, h)``)
+    k = i
+    while k > 0 and ops[k].starts_line is None:
+        k -= 1  # (the statement's first instruction: the stack is the statement's own from there)
+    stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
+    while k < len(ops):
+        op = ops[k]
+        effect = _stack_effect(op)
+        if op.opname == "SWAP" and len(stack) >= op.arg:
+            stack[-1], stack[-op.arg] = stack[-op.arg], stack[-1]
+            k += 1
+            continue
+        jumps = op.opcode in dis.hasjrel or op.opcode in dis.hasjabs
+        if k < end - 1 and (effect is None or jumps):
+            # Before the value: what was on the stack is no longer known (a generator's first instructions; a jump
+            # of a conditional expression, whose both arms the reading runs through).  Items taken from below
+            # the known ones are unknown (None): a call of an unknown function hands its arguments on.
+            stack = []
+            k += 1
+            continue
+        if effect is None or (op.opname == "COPY" and len(stack) >= op.arg and stack[-op.arg] == "V"):
+            return "V" in stack  # (not known: taken as handed on where the value is still held)
+        pops, pushes = effect
+        taken = [stack.pop() if stack else None for _ in range(pops)]  # top first
+        if "V" in taken:
+            p = taken.index("V")  # its place from the top
+            if op.opname in ("CALL", "CALL_KW") and sys.version_info < (3, 13):
+                argc = op.arg + (op.opname == "CALL_KW")
+                if p >= argc:
+                    return False  # (called, or the object a method is called on)
+                callee = taken[argc] if taken[argc + 1] == "null" or taken[argc + 1] is None else taken[argc + 1]
+                name = ops[callee].argval if isinstance(callee, int) and ops[callee].opname in _LOADS else None
+                if name in _HARMLESS or name in _CALLERS or name == "super":
+                    return False
+                if name == "getattr" and p == argc - 1:
+                    given = taken[argc - 2] if argc >= 2 else None
+                    const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
+                    return (k, const if isinstance(const, str) else None)
+                return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
+            return op.opname not in _NOT_HANDING and not (
+                op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
+        if "V" in stack and jumps:
+            return True  # (a jump while it is on the stack: a conditional expression, not followed)
+        stack += [("null" if op.opname == "PUSH_NULL" or (j == 0 and pushes == 2 and op.opname == "LOAD_GLOBAL") else k)
+                  for j in range(pushes)]
+        if k == end - 1:
+            stack[-1] = "V"
+        k += 1
+    return True
+
+
+# What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index into
+# it or by it, the object of an attribute or item set (STORE_ATTR, STORE_SUBSCR)
+_NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "COMPARE_OP", "IS_OP", "CONTAINS_OP", "POP_TOP", "UNARY_NOT", "TO_BOOL",
+                          "FORMAT_VALUE", "FORMAT_SIMPLE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
+                          "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_IF_FALSE",
+                          "POP_JUMP_FORWARD_IF_NONE", "POP_JUMP_FORWARD_IF_NOT_NONE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE"})
+
+
+def _stack_effect(op: dis.Instruction) -> tuple[int, int] | None:
+    """How many items ``op`` takes from the stack and puts on it, for the instructions of expressions and simple
+    statements (CPython 3.11 and 3.12); None for any other (a jump, a ``with``, an exception handler)."""
+    name, arg = op.opname, op.arg or 0
+    if name in ("NOP", "RESUME", "CACHE", "EXTENDED_ARG", "KW_NAMES", "PRECALL", "MAKE_CELL", "COPY_FREE_VARS", "RETURN_CONST"):
+        return 0, 0
+    if name in ("PUSH_NULL", "LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CONST", "LOAD_NAME", "LOAD_SMALL_INT",
+                "LOAD_FAST_CHECK", "LOAD_ASSERTION_ERROR", "COPY"):
+        return 0, 1
+    if name == "LOAD_GLOBAL":
+        return 0, 1 + (arg & 1)  # (3.11: and a NULL below it, for a call)
+    if name == "LOAD_ATTR":
+        return 1, 1 + (arg & 1 if sys.version_info >= (3, 12) else 0)
+    if name == "LOAD_METHOD":
+        return 1, 2
+    if name in ("BINARY_SUBSCR", "BINARY_OP", "COMPARE_OP", "IS_OP", "CONTAINS_OP"):
+        return 2, 1
+    if name in ("GET_ITER", "UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "UNARY_POSITIVE", "LIST_TO_TUPLE", "TO_BOOL",
+                "FORMAT_SIMPLE"):
+        return 1, 1
+    if name == "FORMAT_VALUE":
+        return 1 + bool(arg & 4), 1
+    if name in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_STRING", "BUILD_SLICE"):
+        return arg, 1
+    if name == "BUILD_MAP":
+        return 2 * arg, 1
+    if name == "BUILD_CONST_KEY_MAP":
+        return arg + 1, 1
+    if name in ("LIST_APPEND", "LIST_EXTEND", "SET_ADD", "SET_UPDATE", "DICT_UPDATE", "DICT_MERGE"):
+        return 1, 0
+    if name == "MAP_ADD":
+        return 2, 0
+    if name == "CALL":
+        return arg + 2, 1
+    if name == "CALL_FUNCTION_EX":
+        return 3 + (arg & 1), 1
+    if name == "MAKE_FUNCTION":
+        return 1 + bin(arg & 15).count("1"), 1
+    if name in ("POP_TOP", "STORE_FAST", "STORE_DEREF", "STORE_GLOBAL", "STORE_NAME", "RETURN_VALUE", "YIELD_VALUE") or (
+            name.startswith("POP_JUMP")):
+        return 1, 0 + (name == "YIELD_VALUE")
+    if name == "STORE_ATTR":
+        return 2, 0
+    if name == "STORE_SUBSCR":
+        return 3, 0
+    if name == "UNPACK_SEQUENCE":
+        return 1, arg
+    return None
+
+
+_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR"})
+
+
+def _method_loaded(op: dis.Instruction) -> bool:
+    """Whether ``op`` loads a method to call (``self.conv(x)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` flagged so from 3.12)."""
+    return op.opname == "LOAD_METHOD" or (op.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((op.arg or 0) & 1))
 
 
 def _items(chain: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -509,17 +661,20 @@ def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = 
     or whose tensors it reads."""
     obj, reached = root if start is None else start, []
     for k, step in enumerate(chain):
+        if step is ... or (step in _EVERY and _child(obj, step) is None):  # every module below (see _handed_on)
+            return [*reached, *(m for m in obj.modules() if m is not root)]
         child = _child(obj, step)
         if child is not None:
             if obj is not root:
                 reached.append(obj)  # on to a child of its own: its fused form has no such child
             obj = child
             continue
+        if step is None:  # one of its children, by an index the code computes, or each (a loop's local; a name
+            rest = chain[k + 1:]  # getattr computes: getattr(self, f"layer{i}").conv)
+            below = [m for c in obj._modules.values() if c is not None for m in _through(root, rest, c)]
+            return [*reached, *([] if obj is root else [obj]), *below]
         if obj is root:
-            return reached  # its own attributes, its own children iterated
-        if step is None:  # one of its children, by an index the code computes, or each (a loop's local)
-            rest = chain[k + 1:]
-            return [*reached, obj, *(m for c in obj._modules.values() if c is not None for m in _through(root, rest, c))]
+            return reached  # its own attributes
         if step in obj._parameters or step in obj._buffers:
             following = chain[k + 1] if k + 1 < len(chain) else None
             return [] if following in _METADATA else [*reached, obj]  # its weights' values (not their dtype)
