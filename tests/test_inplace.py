@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from repalgebra.frontend.inplace import InplaceHazard, InplaceProxy, functionalize, inplace_kwarg
+from repalgebra.frontend.fx_trace import _calls_sized_by_traced_values
+from repalgebra.frontend.inplace import MADE_CONSTANT, MADE_IN_TRACE, InplaceHazard, InplaceProxy, functionalize, inplace_kwarg
 
 
 class _Tracer(fx.Tracer):
@@ -25,7 +26,11 @@ class _Tracer(fx.Tracer):
 
 def functionalized(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
     work = copy.deepcopy(model).eval()
-    graph = _Tracer().trace(work)
+    with _calls_sized_by_traced_values() as mode:  # (which tensors the trace saw made: fuse's tracer marks them so)
+        graph = _Tracer().trace(work)
+    for n in graph.nodes:
+        if n.op == "get_attr" and str(n.target).startswith(MADE_CONSTANT):
+            n.meta[MADE_IN_TRACE] = getattr(work, n.target).untyped_storage().data_ptr() in mode.made
     notes = functionalize(graph, work)
     return fx.GraphModule(work, graph), notes
 
@@ -1413,3 +1418,51 @@ def test_a_tensor_written_with_a_traced_value_then_computed_with_at_once_is_refu
     fused = repalgebra.fuse(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# A module-level tensor of the model's code (a lookup table, a running statistic), written by forward
+_GLOBAL = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+
+
+class WritesAGlobal(nn.Module):
+    """Writes the input's mean into a module-level tensor, then convolves with it (directly, or through a view)."""
+
+    def __init__(self, through_view: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.through_view = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), through_view
+
+    def forward(self, x):
+        if self.through_view:
+            _GLOBAL.view(-1)[4] = x.mean()
+        else:
+            _GLOBAL[0, 0, 1, 1] = x.mean()
+        return self.bn(self.conv(x)) + F.conv2d(x, _GLOBAL, padding=1)
+
+
+@pytest.mark.parametrize("through_view", [False, True], ids=["global", "global-view"])
+def test_a_module_level_tensor_forward_writes_into_stays_written(through_view):
+    """fx holds a module-level tensor the code writes into as it holds one forward makes (``k = torch.zeros(...)``):
+    the write was taken out of place as a value made in the call, and the fused model left the tensor as it was,
+    where the model writes each call's mean into it (0.02 to 0.07 off for code reading it after; found while
+    fixing probe AM finding 01).  Only a tensor the trace saw made counts as made in the call."""
+    import repalgebra
+    from repalgebra.frontend.capture import CaptureFailed, capture_fx
+
+    with pytest.raises(CaptureFailed, match="changes a tensor the call did not make"):
+        capture_fx(WritesAGlobal(through_view).eval(), (torch.randn(2, 4, 8, 8),))
+    model = WritesAGlobal(through_view).double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    fused = repalgebra.fuse(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    for _ in range(2):
+        y = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        _GLOBAL.zero_()
+        with torch.no_grad():
+            want = model(y)
+        written = _GLOBAL.clone()
+        _GLOBAL.zero_()
+        with torch.no_grad():
+            got = fused(y)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)  # float64
+        torch.testing.assert_close(_GLOBAL, written, rtol=0, atol=0)

@@ -451,8 +451,8 @@ FEW = {
     "repalgebra.frontend.inplace:is_inplace": "one decision added to it: a __setitem__ method call (on a constant fx "
     "holds) is a write (the older branches predate the stage's mutants)",
     "repalgebra.frontend.inplace:_check_constants_read": "one decision: a constant's version moved after a read refuses",
-    "repalgebra.frontend.inplace:_made_in_forward": "one decision a test reaches alone: a constant sharing storage with "
-    "the model's tensors (a slice of a buffer) is not one forward made",
+    "repalgebra.frontend.inplace:_made_in_forward": "one decision a test reaches alone: a constant the trace did not see "
+    "made (a module-level tensor, a slice of a buffer) is not one forward made",
     "repalgebra.frontend.inplace:_model_storages": "two decisions: a buffer counts among the model's tensors, the constants "
     "fx set on the model do not",
     "repalgebra.frontend.inplace:_one_node_per_constant": "one decision: the get_attr nodes of a written constant after its "

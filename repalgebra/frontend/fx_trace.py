@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.channel_affine import ChannelAffine
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
-from repalgebra.frontend.inplace import MADE_CONSTANT, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
+from repalgebra.frontend.inplace import MADE_CONSTANT, MADE_IN_TRACE, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.ranks import MADE_READS, Ranks, shape_length
 from repalgebra.frontend.size_tests import taken_as_traced
@@ -100,7 +100,8 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values(), mode_flags_refused(work) as answered:
+        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values() as mode, mode_flags_refused(work) as answered:
+            tracer.made = mode.made
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:
         raise untraceable(work, tracer.path_stack, e) from e
@@ -167,7 +168,7 @@ def _proxies_are_tensors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _calls_sized_by_traced_values() -> Iterator[None]:
+def _calls_sized_by_traced_values() -> Iterator["_IndexedBySizes"]:
     """Record calls that take a traced size, or dtype, where they take no tensor to dispatch on, while tracing.
 
     fx hands out buffers as the tensors they are, and torch's factories take sizes only: such a call runs at
@@ -203,8 +204,8 @@ def _calls_sized_by_traced_values() -> Iterator[None]:
     for name in SIZED_FACTORIES:
         record(torch, name, "call_function")
     try:
-        with _IndexedBySizes():
-            yield
+        with _IndexedBySizes() as mode:
+            yield mode
     finally:
         for owner, name, own in reversed(patched):
             if own is None:  # torch.Tensor inherits its methods from the C TensorBase: a copy on it would not be
@@ -230,6 +231,7 @@ class _IndexedBySizes(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.written: dict[int, torch.Tensor] = {}  # where such tensors live -> the tensor (kept: its memory not reused)
+        self.made: set[int] = set()  # where the tensors made while tracing live, in storage of their own (see MADE_IN_TRACE)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -241,7 +243,11 @@ class _IndexedBySizes(TorchFunctionMode):
                 t.untyped_storage().data_ptr() in self.written for t in _tensors_in((args, kwargs))):
             raise TypeError(f"{getattr(func, '__name__', func)} computes at once, while tracing, with a tensor the code made and "
                             "wrote a traced value into (k[i] = v): it would compute from the values before the write")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if type(out) is torch.Tensor and out.untyped_storage().nbytes() and (
+                (ptr := out.untyped_storage().data_ptr()) not in {t.untyped_storage().data_ptr() for t in _tensors_in((args, kwargs))}):
+            self.made.add(ptr)  # (not a view of what it was given: made here; a module-level tensor never is)
+        return out
 
 
 def _writes_real_tensor(func: Any, args: tuple) -> bool:
@@ -255,7 +261,7 @@ def _writes_real_tensor(func: Any, args: tuple) -> bool:
 # ``__get__`` of a descriptor that names it)
 _METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse", "is_leaf", "grad_fn",
              "names", "size", "dim", "ndimension", "numel", "nelement", "stride", "get_device", "is_floating_point",
-             "is_complex", "is_contiguous", "element_size", "storage_offset", "_version", "__hash__"}
+             "is_complex", "is_contiguous", "element_size", "storage_offset", "_version", "__hash__", "untyped_storage", "data_ptr"}
 
 
 def _metadata(func: Any) -> bool:
@@ -789,6 +795,7 @@ class Tracer(fx.Tracer):
         self.input_free: set[fx.Node] = set()  # nodes computed from the model's tensors and literals alone
         self.unwrapped: list[str] = []  # wrappers (torch.compile, DataParallel) traced through (see wrappers.py)
         self.answered: list[str] = []  # TorchScript flags the code read, answered as an eager call (see mode_flags.py)
+        self.made: set[int] = set()  # where the tensors made while tracing live (set per trace: see _IndexedBySizes)
         self.flags: list[str] = []  # tests of x.requires_grad / x.is_cuda taken as the fused model runs (see to_bool)
         self.dtype_tests: list[str] = []  # where a test of a dtype was taken as at the example (see _dtype_test)
         self.dtype_reads: list[fx.proxy.Attribute] = []  # every x.dtype read (see dtype_tested)
@@ -872,6 +879,7 @@ class Tracer(fx.Tracer):
             # fx reads a tensor constant by reference: a write run at once (``k[0] = 1.0``) after this read would show
             # in it too; functionalize compares (see READ_AT_VERSION)
             out.meta[READ_AT_VERSION] = a._version
+            out.meta[MADE_IN_TRACE] = a.untyped_storage().nbytes() > 0 and a.untyped_storage().data_ptr() in self.made
         return out
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Callable[..., Any], list]:

@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from repalgebra.one_call import traced_as_one_call
 
-__all__ = ["KEEPS_DTYPE", "MADE_CONSTANT", "READ_AT_VERSION", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
+__all__ = ["KEEPS_DTYPE", "MADE_CONSTANT", "MADE_IN_TRACE", "READ_AT_VERSION", "InplaceHazard", "InplaceProxy", "after_call", "functionalize", "hidden_writes", "is_inplace", "on_copy",
            "kept_clone", "kept_contiguous", "reads_after_calls", "setitem_copy", "versions", "constant_writes"]
 
 # The meta key of a node made out of place whose result has the dtype its first argument had: ``y += c`` keeps
@@ -59,6 +59,9 @@ MADE_CONSTANT = "_tensor_constant"
 # The meta key of such a ``get_attr`` node: the tensor's version counter when the trace read it (see
 # :func:`_check_constants_read`)
 READ_AT_VERSION = "repalgebra_read_at_version"
+# The meta key set (True) on such a node where the trace saw the tensor made: a result of a torch call while tracing,
+# in storage of its own (not a module-level tensor of the model's code, which outlives the call)
+MADE_IN_TRACE = "repalgebra_made_in_trace"
 
 
 class InplaceHazard(Exception):
@@ -341,7 +344,10 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> list[str]:
             if w.op == "placeholder":
                 raise InplaceHazard(f"{_describe(node)} changes the input {w.name!r} in place", _where(node))
             if w.op == "get_attr" and not _made_in_forward(w, root):
-                raise InplaceHazard(f"{_describe(node)} changes the parameter or buffer {w.target!r} in place", _where(node))
+                what = (f"the parameter or buffer {w.target!r}" if not str(w.target).startswith(MADE_CONSTANT)
+                        else f"the parameter or buffer that {w.target!r} is a view of" if _storage(w, root) in _model_storages(root)
+                        else "a tensor the call did not make (a module-level tensor of the model's code)")
+                raise InplaceHazard(f"{_describe(node)} changes {what} in place", _where(node))
         for w in group:
             # An earlier in-place node is checked as any value is: its result is what later reads were rerouted to
             # (``y = relu_(y); y[:, :2].clamp_(max=1); return y`` reads it after the clamp, which rerouting ``v`` misses)
@@ -382,14 +388,13 @@ def _constant(n: fx.Node, root: nn.Module) -> Any:
 
 
 def _made_in_forward(n: fx.Node, root: nn.Module) -> bool:
-    """Whether ``n`` reads a tensor constant fx made of a tensor that shares no storage with what the model holds
-    (its parameters, buffers and plain tensor attributes): one forward made (``k = torch.zeros(C, C, 3, 3)``,
-    ECBSR's kernel built by item assignment), which a write in place changes for this call only, as a value.
-    (A slice of a buffer is such a constant too, and writes into the buffer.)"""
-    if n.op != "get_attr" or not str(n.target).startswith(MADE_CONSTANT):
-        return False
-    storage = _storage(n, root)
-    return storage is not None and storage not in _model_storages(root)
+    """Whether ``n`` reads a tensor constant fx made of a tensor the trace saw made (:data:`MADE_IN_TRACE`: a result of
+    a torch call in storage of its own): one forward made (``k = torch.zeros(C, C, 3, 3)``, ECBSR's kernel built by
+    item assignment), which a write in place changes for this call only, as a value.  Not a slice of a buffer (a
+    constant too, in the buffer's storage: a write into it is the buffer's), nor a module-level tensor of the
+    model's code (``G[0, 0] = x.mean()``), which outlives the call: the fused model, computing such a write as a
+    value, left the tensor as it was."""
+    return n.op == "get_attr" and str(n.target).startswith(MADE_CONSTANT) and bool(n.meta.get(MADE_IN_TRACE))
 
 
 def _model_storages(root: nn.Module) -> set[int]:
