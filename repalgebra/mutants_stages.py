@@ -1250,8 +1250,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_chains_in", "                held.setdefault(name, []).extend(items)", "                pass", _LOOPS_R5),
     ("frontend", "comprehension-iterator-unheld", "a generator over self.blocks (sum(blk.conv(x) for blk in self.blocks)) read without "
      "its iterator (review R5 finding 03)",
-     "repalgebra.frontend.outside_reads:_chains_in", 'chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)',
-     "chains += _chains_in(const, self_name)", (f"{_LOOPS_R5[0]}[generator]",)),
+     "repalgebra.frontend.outside_reads:_chains_in", 'chains += _chains_in(const, self_name, {".0": iterated} if iterated else None, functions',
+     "chains += _chains_in(const, self_name, None, functions", (f"{_LOOPS_R5[0]}[generator]",)),
     ("frontend", "loop-items-method-kept", "self.blocks.items() iterated taken for a chain through a child named items",
      "repalgebra.frontend.outside_reads:_items", "(chain[:-1] if chain and chain[-1] in _ITEMS else chain)", "chain",
      (f"{_LOOPS_R5[0]}[dict-items]",)),
@@ -2387,7 +2387,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "handed-on-call-never", "a module given to a call of a function the reader does not follow taken as "
      "not handed on (review R6 finding 02)", "repalgebra.frontend.outside_reads:_handed_on",
      "                return True  # (where a loop", "                return False  # (where a loop",
-     (f"{_R6_HANDED}[map]",)),
+     (f"{_R6_HANDED}[method-given-blocks]",)),
     ("frontend", "handed-on-callee-too", "a module that is what is called (self.blocks[i](x)) taken as handed on",
      "repalgebra.frontend.outside_reads:_handed_on", "                if p >= argc:", "                if p > argc + 1:", _R6_NOT_HANDED),
     ("frontend", "handed-on-harmless-too", "a module given to len, isinstance or checkpoint taken as handed on",
@@ -2395,11 +2395,18 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      'if name == "super":', _R6_NOT_HANDED),
     ("frontend", "getattr-handed-on", "getattr(self, \"layer0\") taken as self handed on (which is not followed), not as "
      "the chain self.layer0", "repalgebra.frontend.outside_reads:_handed_on",
-     "                    return (k, const if isinstance(const, str) else None)", "                    return True",
+     "                    return (\"getattr\", k, const if isinstance(const, str) else None)", "                    return True",
      (f"{_R6_HANDED}[getattr-self-constant]",)),
     ("frontend", "stack-unknown-gives-up", "an instruction the reader does not know before the module (a generator's "
      "first ones, a conditional expression's jump) taken as nothing handed on", "repalgebra.frontend.outside_reads:_handed_on",
      "        if k < end - 1 and (effect is None or jumps):", "        if False:", (f"{_R6_HANDED}[getattr-computed]",)),
+    ("frontend", "helper-unread", "a module-level helper of the model's code given a module (or the model) taken as code "
+     "not followed: the model handed to it reached nothing, the blocks handed to one that only calls them everything",
+     "repalgebra.frontend.outside_reads:_in_helper", "    if how[0] != \"helper\" or functions is None or depth >= 3:",
+     "    if True:", (f"{_R6_HANDED}[helper-given-self]", *_R6_NOT_HANDED)),
+    ("frontend", "helper-first-parameter", "a helper given a module by its second position read from its first parameter",
+     "repalgebra.frontend.outside_reads:_in_helper", "code.co_varnames[position]", "code.co_varnames[0]",
+     _R6_NOT_HANDED),
     ("frontend", "handed-chains-dropped", "the chains handed on dropped at the statement's end, not marked as reaching "
      "every module below", "repalgebra.frontend.outside_reads:_chains_in",
      "            chains += [c + (...,) for c in handed]", "            pass", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),

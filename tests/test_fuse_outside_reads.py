@@ -577,11 +577,24 @@ def test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
 
 
+def _first_conv(x, model):
+    """A module-level helper of the model's code, given the model itself (second, by position)."""
+    return model.blocks[0].conv(x)
+
+
+def _call_each(x, blocks):
+    """A module-level helper that only calls what it is given (second, by position)."""
+    for blk in blocks:
+        x = blk(x)
+    return x
+
+
 def _handed_on(how: str) -> type:
     """A class made afresh, kept whole (a branch on its input's values), that on the branch the example does not take
     hands its blocks (or itself) to code the reader does not follow to named items: ``map`` with a lambda,
     ``next(iter(...))``, a call with ``*self.blocks``, a ``named_modules()`` loop, ``getattr`` with a computed or a
-    constant name, a list the blocks were put into, ``children()`` not iterated."""
+    constant name, a list the blocks were put into, ``children()`` not iterated; or to a helper of the model's
+    code that reaches into them (read: ``_first_conv(x, self)``)."""
 
     class Base(nn.Module):
         def __init__(self) -> None:
@@ -616,6 +629,17 @@ def _handed_on(how: str) -> type:
         def other(self, x):
             return sum(getattr(self, f"layer{i}").conv(x) for i in range(1))
 
+    class MethodGivenBlocks(Base):
+        def other(self, x):
+            return self._first(self.blocks, x)
+
+        def _first(self, blocks, x):
+            return blocks[0].conv(x)
+
+    class HelperGivenSelf(Base):
+        def other(self, x):
+            return _first_conv(x, self)
+
     class GetattrSelfConstant(Base):
         def other(self, x):
             return getattr(self, "layer0").conv(x)
@@ -633,12 +657,14 @@ def _handed_on(how: str) -> type:
             return list(self.blocks[0].children())[0](x)
 
     return {"map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
-            "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant, "getattr-constant": GetattrConstant, "list-index": ListIndex,
+            "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
+            "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks,
+            "getattr-constant": GetattrConstant, "list-index": ListIndex,
             "children": Children}[how]
 
 
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
-           "list-index", "children"]
+           "list-index", "children", "helper-given-self", "method-given-blocks"]
 
 
 @pytest.mark.parametrize("how", _HANDED)
@@ -661,7 +687,8 @@ def test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_modul
 def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
     """Handing the blocks on keeps them as written only where the code is not followed: ``len(self.blocks)``,
     ``enumerate(self.blocks)`` iterated, ``self.blocks[i](x)``, ``self.downsample is not None``, activation
-    checkpointing and a bound ``__call__`` handed on (HF's gradient checkpointing) reach no block."""
+    checkpointing, a bound ``__call__`` handed on (HF's gradient checkpointing) and a helper of the model's code that
+    only calls them (read, not taken as handing them on) reach no block."""
 
     class Plain(nn.Module):
         def __init__(self) -> None:
@@ -675,6 +702,7 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
                 x = blk(x)
             if x.requires_grad:
                 x = checkpoint(self.downsample, x, use_reentrant=False) + self._run(self.downsample.__call__, x)
+            x = _call_each(x, self.blocks)
             return self.downsample(x) if self.downsample is not None and isinstance(self.blocks, nn.ModuleList) else x
 
         def _run(self, fn, x):

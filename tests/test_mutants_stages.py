@@ -451,6 +451,8 @@ FEW = {
     "repalgebra.frontend.inplace:is_inplace": "one decision added to it: a __setitem__ method call (on a constant fx "
     "holds) is a write (the older branches predate the stage's mutants)",
     "repalgebra.frontend.inplace:_check_constants_read": "one decision: a constant's version moved after a read refuses",
+    "repalgebra.frontend.outside_reads:_in_helper": "two decisions: whether the helper is read, and which parameter "
+    "receives the module",
     "repalgebra.frontend.inplace:_made_in_forward": "one decision a test reaches alone: a constant the trace did not see "
     "made (a module-level tensor, a slice of a buffer) is not one forward made",
     "repalgebra.frontend.inplace:_model_storages": "two decisions: a buffer counts among the model's tensors, the constants "

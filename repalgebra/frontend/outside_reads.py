@@ -297,7 +297,7 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         code = function.__code__
         if not code.co_argcount:
             continue
-        found = _chains_in(code, code.co_varnames[0])
+        found = _chains_in(code, code.co_varnames[0], functions=function.__globals__)
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
     _READ[cls] = tuple(read)
@@ -385,7 +385,8 @@ def _helpers(functions: list[types.FunctionType]) -> list[types.FunctionType]:
     return list(found.values())
 
 
-def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[Any, ...]]:
+def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None,
+               functions: dict[str, Any] | None = None, depth: int = 0) -> list[tuple[Any, ...]]:
     """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas), also
     those through a local that holds one (``body = self.body``) or iterates over one (``for blk in self.blocks``),
     wherever the code loads it (the names are not followed through the flow: a name that holds several counts
@@ -436,17 +437,19 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     pending.append(chain)
                 if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
                     handed.append(chain[:-1])
-                elif isinstance(how := _handed_on(ops, i, end), tuple):  # (getattr(self, f"layer{i}").conv: on each child)
-                    k, name = how
+                elif isinstance(how := _handed_on(ops, i, end), tuple) and how[0] == "getattr":  # (getattr(self,
+                    _, k, name = how  # f"layer{i}").conv: on each child)
                     after = chain + (name,) + _steps_to(ops, k + 1)[0]
                     chains.append(after)
-                    if _handed_on(ops, k, _steps_to(ops, k + 1)[1]) is True:
+                    if _handed_on(ops, k, _steps_to(ops, k + 1)[1]) is not False:
                         handed.append(after)
-                elif how and chain:  # (``self`` itself handed on, ``hook(self, args)``: not followed)
-                    handed.append(chain)
+                elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth)) is not None:
+                    chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
+                elif how and (chain or depth):  # (``self`` itself handed to code not followed, ``hook(self, args)``, is
+                    handed.append(chain)  # not followed; a helper's parameter handed on is)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            chains += _chains_in(const, self_name, {".0": iterated} if iterated else None)
+            chains += _chains_in(const, self_name, {".0": iterated} if iterated else None, functions, depth)
     return chains
 
 
@@ -459,12 +462,14 @@ _HARMLESS = frozenset({"len", "isinstance", "issubclass", "hasattr", "id", "type
 # Functions that call what they are handed as it is (torch's and timm's activation checkpointing)
 _CALLERS = frozenset({"checkpoint", "checkpoint_seq"})
 
-def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[int, str | None]:
+def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any, ...]:
     """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed on to code the reader
     does not follow: an argument of a call (``map(lambda b: b.conv(x), self.blocks)``, ``next(iter(self.blocks))``,
     ``f(*self.blocks)``), put into a container, returned or yielded, or stored anywhere but in a local right away:
-    every module below it then counts as reached (review R6 finding 02).  ``(k, name)`` where it is the object of a
-    ``getattr`` call at ``ops[k]`` (``name`` its constant name, else None: any child).
+    every module below it then counts as reached (review R6 finding 02).  ``("getattr", k, name)`` where it is the
+    object of a ``getattr`` call at ``ops[k]`` (``name`` its constant name, else None: any child); ``("helper", name,
+    position)`` where it is an argument, by position, of a call of the global ``name`` (:func:`_in_helper` reads
+    that function, if it is the model's, else it is handed on).
 
     The value is followed on the stack (:func:`_stack_effect`) to the instruction that takes it.  Not handed on:
     called (``self.conv(x)``, ``self.blocks[i](x)``), indexed, iterated (also through ``enumerate``, ``zip`` ...),
@@ -511,7 +516,9 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[int
                 if name == "getattr" and p == argc - 1:
                     given = taken[argc - 2] if argc >= 2 else None
                     const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
-                    return (k, const if isinstance(const, str) else None)
+                    return ("getattr", k, const if isinstance(const, str) else None)
+                if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k]):
+                    return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
@@ -523,6 +530,23 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[int
             stack[-1] = "V"
         k += 1
     return True
+
+
+def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: int) -> list[tuple[Any, ...]] | None:
+    """The chains, from its parameter, that the model's module-level function ``how`` names (``("helper", name,
+    position)``: :func:`_handed_on`) reads in its code (``run_layers(self.layers, x)``, whose ``for layer in
+    layers: layer.conv(x)`` reaches into each layer); None where that is not a plain function of the model's code
+    taking the argument by that position, or helpers nest too deep: the argument is then handed on."""
+    if how[0] != "helper" or functions is None or depth >= 3:
+        return None
+    _, name, position = how
+    helper = functions.get(name)
+    if not isinstance(helper, types.FunctionType) or str(helper.__module__).partition(".")[0] in _NOT_THE_MODELS:
+        return None
+    code = helper.__code__
+    if position >= code.co_argcount:
+        return None  # (taken by *args)
+    return _chains_in(code, code.co_varnames[position], functions=helper.__globals__, depth=depth + 1)
 
 
 # What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index into
