@@ -1250,8 +1250,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_chains_in", "                held.setdefault(name, []).extend(items)", "                pass", _LOOPS_R5),
     ("frontend", "comprehension-iterator-unheld", "a generator over self.blocks (sum(blk.conv(x) for blk in self.blocks)) read without "
      "its iterator (review R5 finding 03)",
-     "repalgebra.frontend.outside_reads:_chains_in", 'chains += _chains_in(const, self_name, {".0": iterated} if iterated else None, functions',
-     "chains += _chains_in(const, self_name, None, functions", (f"{_LOOPS_R5[0]}[generator]",)),
+     "repalgebra.frontend.outside_reads:_chains_in", '{**inner, ".0": iterated} if iterated else inner or None',
+     "inner or None", (f"{_LOOPS_R5[0]}[generator]",)),
     ("frontend", "loop-items-method-kept", "self.blocks.items() iterated taken for a chain through a child named items",
      "repalgebra.frontend.outside_reads:_items", "(chain[:-1] if chain and chain[-1] in _ITEMS else chain)", "chain",
      (f"{_LOOPS_R5[0]}[dict-items]",)),
@@ -2391,15 +2391,25 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "handed-on-callee-too", "a module that is what is called (self.blocks[i](x)) taken as handed on",
      "repalgebra.frontend.outside_reads:_handed_on", "                if p >= argc:", "                if p > argc + 1:", _R6_NOT_HANDED),
     ("frontend", "handed-on-harmless-too", "a module given to len, isinstance or checkpoint taken as handed on",
-     "repalgebra.frontend.outside_reads:_handed_on", 'if name in _HARMLESS or name in _CALLERS or name == "super":',
+     "repalgebra.frontend.outside_reads:_handed_on", 'if name in _HARMLESS or name == "super" or (name in _CALLERS and p == argc - 1):',
      'if name == "super":', _R6_NOT_HANDED),
+    ("frontend", "callers-any-argument", "every argument of checkpoint taken as called by it (checkpoint(f, blk, x) hands "
+     "blk to f; review R7)", "repalgebra.frontend.outside_reads:_handed_on", "(name in _CALLERS and p == argc - 1)",
+     "(name in _CALLERS)", (f"{_R6_HANDED}[checkpoint-argument]",)),
+    ("frontend", "wrapper-iterated-handed", "a loop over enumerate(self.blocks) taken as handing the blocks on",
+     "repalgebra.frontend.outside_reads:_handed_on", '                return op.opname != "GET_ITER"',
+     "                return True", _R6_NOT_HANDED),
+    ("frontend", "computed-index-stops", "a computed index (self.blocks[len(self.blocks) - 1].conv) ending the chain "
+     "(review R7)", "repalgebra.frontend.outside_reads:_handed_on", '                return ("index", k, None)',
+     "                return False", (f"{_R6_HANDED}[computed-index]",)),
+    ("frontend", "statement-start-line", "the stack followed from the line's first instruction, not the statement's "
+     "(len(\\n self.blocks) taken as handing the blocks on)", "repalgebra.frontend.outside_reads:_handed_on",
+     "    while k > 0 and not ops[k - 1].opname.startswith(_ENDS):", "    while k > 0 and ops[k].starts_line is None:",
+     _R6_NOT_HANDED),
     ("frontend", "getattr-handed-on", "getattr(self, \"layer0\") taken as self handed on (which is not followed), not as "
      "the chain self.layer0", "repalgebra.frontend.outside_reads:_handed_on",
      "                    return (\"getattr\", k, const if isinstance(const, str) else None)", "                    return True",
      (f"{_R6_HANDED}[getattr-self-constant]",)),
-    ("frontend", "stack-unknown-gives-up", "an instruction the reader does not know before the module (a generator's "
-     "first ones, a conditional expression's jump) taken as nothing handed on", "repalgebra.frontend.outside_reads:_handed_on",
-     "        if k < end - 1 and (effect is None or jumps):", "        if False:", (f"{_R6_HANDED}[getattr-computed]",)),
     ("frontend", "helper-unread", "a module-level helper of the model's code given a module (or the model) taken as code "
      "not followed: the model handed to it reached nothing, the blocks handed to one that only calls them everything",
      "repalgebra.frontend.outside_reads:_in_helper", "    if how[0] != \"helper\" or functions is None or depth >= 3:",
@@ -2409,7 +2419,19 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      _R6_NOT_HANDED),
     ("frontend", "handed-chains-dropped", "the chains handed on dropped at the statement's end, not marked as reaching "
      "every module below", "repalgebra.frontend.outside_reads:_chains_in",
-     "            chains += [c + (...,) for c in handed]", "            pass", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),
+     "            chains += [c + (...,) for c in handed]  # (handed to code not followed", "            pass  # (",
+     (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),
+    ("frontend", "handed-before-loop-dropped", "the chains handed to a call a loop then iterates over dropped (for conv in "
+     "map(lambda b: b.conv, self.blocks); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
+     "            chains += [c + (...,) for c in handed]  # (for conv in map", "            pass  # (",
+     (f"{_R6_HANDED}[map-loop]",)),
+    ("frontend", "walrus-unbound", "an assignment expression's name bound to nothing (if (blk := self.blocks[0]) is not "
+     "None: blk.conv(x); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
+     "                    held.setdefault(name, []).append(base + _steps_to(ops[:c], i + 1)[0])", "                    pass",
+     (f"{_R6_HANDED}[walrus-test]",)),
+    ("frontend", "closure-unbound", "nested code read without the enclosing code's locals (blk = self.blocks[0]; lambda t: "
+     "blk.conv(t); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
+     "inner = {n: held[n] for n in const.co_freevars if n in held}", "inner = {}", (f"{_R6_HANDED}[closure]",)),
     ("frontend", "items-not-iterated-unhanded", "the items of a container not iterated (next(self.blocks.children())) not "
      "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    handed.append(chain[:-1])",
      "                    pass", (f"{_R6_HANDED}[children]",)),

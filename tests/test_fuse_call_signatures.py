@@ -449,9 +449,10 @@ class ReplacesOnOneBranch(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         if x.mean() > 0:
-            # (``self.blk.conv`` or ``getattr(self.blk, "conv")`` keeps blk as written (test_fuse_outside_reads); the
-            # module's own dict is a way the reader does not follow, so the dispatcher's own comparison is tested)
-            conv = getattr(self.__dict__["_modules"]["blk"], "conv")
+            # (``self.blk.conv`` or ``getattr(self.blk, "conv")`` keeps blk as written (test_fuse_outside_reads);
+            # ``vars(self)``, ``self`` handed to code not read, is a way the reader does not follow, so the
+            # dispatcher's own comparison is tested)
+            conv = getattr(vars(self)["_modules"]["blk"], "conv")
             if self.what == "weight":
                 conv.weight = nn.Parameter(conv.weight.detach() * 2)
             else:

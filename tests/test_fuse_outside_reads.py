@@ -582,6 +582,11 @@ def _first_conv(x, model):
     return model.blocks[0].conv(x)
 
 
+def _run_conv(blk, x):
+    """A function checkpointing runs, given a block as its argument."""
+    return blk.conv(x)
+
+
 def _call_each(x, blocks):
     """A module-level helper that only calls what it is given (second, by position)."""
     for blk in blocks:
@@ -636,6 +641,32 @@ def _handed_on(how: str) -> type:
         def _first(self, blocks, x):
             return blocks[0].conv(x)
 
+    class MapLoop(Base):
+        def other(self, x):
+            for conv in map(lambda b: b.conv, self.blocks):
+                x = conv(x)
+            return x
+
+    class CheckpointArgument(Base):
+        def other(self, x):
+            return checkpoint(_run_conv, self.blocks[0], x, use_reentrant=False)
+
+    class ComputedIndex(Base):
+        def other(self, x):
+            return self.blocks[len(self.blocks) - 1].conv(x)
+
+    class WalrusTest(Base):
+        def other(self, x):
+            if (blk := self.blocks[0]) is not None:
+                return blk.conv(x)
+            return x
+
+    class Closure(Base):
+        def other(self, x):
+            blk = self.blocks[0]
+            f = lambda t: blk.conv(t)  # noqa: E731
+            return f(x)
+
     class HelperGivenSelf(Base):
         def other(self, x):
             return _first_conv(x, self)
@@ -658,13 +689,16 @@ def _handed_on(how: str) -> type:
 
     return {"map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
             "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
-            "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks,
+            "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks, "map-loop": MapLoop,
+            "checkpoint-argument": CheckpointArgument, "computed-index": ComputedIndex, "walrus-test": WalrusTest,
+            "closure": Closure,
             "getattr-constant": GetattrConstant, "list-index": ListIndex,
             "children": Children}[how]
 
 
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
-           "list-index", "children", "helper-given-self", "method-given-blocks"]
+           "list-index", "children", "helper-given-self", "method-given-blocks", "map-loop", "checkpoint-argument",
+           "computed-index", "walrus-test", "closure"]
 
 
 @pytest.mark.parametrize("how", _HANDED)
@@ -696,7 +730,8 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
             self.blocks, self.downsample = nn.ModuleList([ConvBN(), ConvBN()]), ConvBN()
 
         def forward(self, x):
-            for i in range(len(self.blocks)):
+            for i in range(len(
+                    self.blocks)):  # (a statement over lines: the reader starts at the statement, not the line)
                 x = self.blocks[i](x)
             for _, blk in enumerate(self.blocks):
                 x = blk(x)
@@ -745,3 +780,23 @@ def test_a_childs_own_method_called_in_a_loop_on_another_branch_runs_as_the_mode
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
+
+def test_a_container_holding_itself_is_read_once():
+    """``self.cfg["self"] = self.cfg`` made named_by_attributes, so fuse, loop forever (review R7 finding 09)."""
+    import threading
+
+    from repalgebra.frontend.outside_reads import named_by_attributes
+
+    class Configured(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(4, 4, 3, padding=1)
+            self.cfg = {"main": self.body}
+            self.cfg["self"] = self.cfg
+
+    found = []
+    worker = threading.Thread(target=lambda: found.append(named_by_attributes(Configured())), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert found == [{"body"}], "named_by_attributes did not return"

@@ -249,9 +249,12 @@ def named_by_attributes(module: nn.Module) -> set[str]:
         paths.setdefault(id(sub), path)
     found: set[str] = set()
     for sub in {id(m): m for m in module.modules()}.values():
-        todo = [v for k, v in vars(sub).items() if k not in _MODULE_STATE]
+        todo, seen = [v for k, v in vars(sub).items() if k not in _MODULE_STATE], set()
         while todo:
             value = todo.pop()
+            if id(value) in seen:
+                continue  # (a dict holding itself: self.cfg["self"] = self.cfg; review R7)
+            seen.add(id(value))
             if isinstance(value, types.MethodType):  # (``self.run = self.a.forward``)
                 value = value.__self__
             if isinstance(value, nn.Module) and id(value) in paths:
@@ -409,6 +412,7 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             for name in names:
                 held.setdefault(name, []).extend(items)
             iterated += [] if names else items
+            chains += [c + (...,) for c in handed]  # (for conv in map(lambda b: b.conv, self.blocks): handed on; review R7)
             pending, handed = [], []
             continue
         if op.opname.startswith(("STORE_", "POP_", "RETURN_", "JUMP_")):
@@ -421,6 +425,9 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
             chain = base + steps
             if chain:
                 chains.append(chain)
+            for c in range(i + 1, end):  # (if (blk := self.blocks[0]) is not None: blk.conv(x); review R7)
+                if ops[c].opname == "COPY" and ops[c].arg == 1 and (name := _stored_in(ops, c + 1)) is not None:
+                    held.setdefault(name, []).append(base + _steps_to(ops[:c], i + 1)[0])
             if (name := _stored_in(ops, end)) is not None:
                 held.setdefault(name, []).append(chain)
             elif end < len(ops) and ops[end].opname in ("FOR_ITER", "GET_ITER"):  # (for a, b in self.pairs; a
@@ -437,11 +444,14 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     pending.append(chain)
                 if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
                     handed.append(chain[:-1])
-                elif isinstance(how := _handed_on(ops, i, end), tuple) and how[0] == "getattr":  # (getattr(self,
-                    _, k, name = how  # f"layer{i}").conv: on each child)
-                    after = chain + (name,) + _steps_to(ops, k + 1)[0]
+                elif isinstance(how := _handed_on(ops, i, end), tuple) and how[0] in ("getattr", "index"):
+                    _, k, name = how  # (getattr(self, f"layer{i}").conv, self.heads[self.task].conv: on each child)
+                    rest, after_end = _steps_to(ops, k + 1)
+                    after = chain + (name,) + rest
                     chains.append(after)
-                    if _handed_on(ops, k, _steps_to(ops, k + 1)[1]) is not False:
+                    if (stored := _stored_in(ops, after_end)) is not None:
+                        held.setdefault(stored, []).append(after)
+                    elif _handed_on(ops, k, after_end) is not False:
                         handed.append(after)
                 elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth)) is not None:
                     chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
@@ -449,18 +459,25 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     handed.append(chain)  # not followed; a helper's parameter handed on is)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            chains += _chains_in(const, self_name, {".0": iterated} if iterated else None, functions, depth)
+            inner = {n: held[n] for n in const.co_freevars if n in held}  # (lambda t: blk.conv(t); review R7)
+            chains += _chains_in(const, self_name, {**inner, ".0": iterated} if iterated else inner or None, functions, depth)
     return chains
 
 
 # Methods of a container whose items are (or hold) its children: ``self.blocks.items()`` iterates over the blocks.
 _ITEMS = frozenset({"items", "values", "children", "named_children"})
 # Methods and attributes of a module that reach every module below it: ``for n, m in self.named_modules()``.
-_EVERY = frozenset({"modules", "named_modules", "apply", "_modules"})
+_EVERY = frozenset({"modules", "named_modules", "apply", "_modules", "get_submodule", "__getitem__", "__getattr__",
+                    "__dict__", "get_parameter", "get_buffer", "state_dict"})
 # Functions handed a module that read nothing through it
 _HARMLESS = frozenset({"len", "isinstance", "issubclass", "hasattr", "id", "type", "callable", "print", "repr", "str", "bool"})
-# Functions that call what they are handed as it is (torch's and timm's activation checkpointing)
+# Functions that call what they are handed first as it is (torch's and timm's activation checkpointing)
 _CALLERS = frozenset({"checkpoint", "checkpoint_seq"})
+# Functions that iterate over what they are handed and give its items back (iterated, the loop's items are those
+# of the chain: see _chains_in)
+_WRAPPERS = frozenset({"enumerate", "zip", "reversed", "iter", "list", "tuple", "sorted"})
+# Instructions that end a statement (or jump): the stack holds nothing of the next one
+_ENDS = ("STORE_", "POP_TOP", "POP_JUMP", "RETURN_", "JUMP_", "RESUME", "FOR_ITER")
 
 def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any, ...]:
     """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed on to code the reader
@@ -471,19 +488,23 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any
     position)`` where it is an argument, by position, of a call of the global ``name`` (:func:`_in_helper` reads
     that function, if it is the model's, else it is handed on).
 
-    The value is followed on the stack (:func:`_stack_effect`) to the instruction that takes it.  Not handed on:
-    called (``self.conv(x)``, ``self.blocks[i](x)``), indexed, iterated (also through ``enumerate``, ``zip`` ...),
-    compared or tested (``self.downsample is not None``), given to a function that reads nothing through it
-    (``len``, ``isinstance``; ``super(Cls, self)``), formatted, or a cell for nested code (which is read itself).
-    An instruction the reader does not know counts as handing it on."""
+    The value is followed on the stack (:func:`_stack_effect`), from the statement's first instruction (after the
+    last one that ends a statement: a call over several lines is one statement), to the instruction that takes it.
+    Not handed on: called (``self.conv(x)``, ``self.blocks[i](x)``), iterated (also through ``enumerate``, ``zip``
+    ...), compared or tested (``self.downsample is not None``), given to a function that reads nothing through it
+    (``len``, ``isinstance``; ``super(Cls, self)``) or as the function checkpointing calls, formatted, or a cell for
+    nested code (which is read itself, with the enclosing code's locals).  ``("index", k, None)`` where it is indexed
+    by an index the code computes (``self.heads[self.task].conv``: each child, review R7).  An instruction the
+    reader does not know counts as handing it on."""
     if ops[i].opname == "LOAD_CLOSURE" or _method_loaded(ops[end - 1]):
         return False  # (a method of it called: the chain names the method, for _through)
     if ops[end - 1].opname == "LOAD_ATTR" and ops[end - 1].argval in ("__call__", "forward"):
         return False  # (a way to call it, handed on: HF's ``self._gradient_checkpointing_func(layer.__call__, h)``)
     k = i
-    while k > 0 and ops[k].starts_line is None:
-        k -= 1  # (the statement's first instruction: the stack is the statement's own from there)
+    while k > 0 and not ops[k - 1].opname.startswith(_ENDS):
+        k -= 1  # (after the last statement's end: the stack is this statement's own from there, over lines too)
     stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
+    wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
     while k < len(ops):
         op = ops[k]
         effect = _stack_effect(op)
@@ -492,27 +513,28 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any
             k += 1
             continue
         jumps = op.opcode in dis.hasjrel or op.opcode in dis.hasjabs
-        if k < end - 1 and (effect is None or jumps):
-            # Before the value: what was on the stack is no longer known (a generator's first instructions; a jump
-            # of a conditional expression, whose both arms the reading runs through).  Items taken from below
-            # the known ones are unknown (None): a call of an unknown function hands its arguments on.
-            stack = []
-            k += 1
-            continue
         if effect is None or (op.opname == "COPY" and len(stack) >= op.arg and stack[-op.arg] == "V"):
-            return "V" in stack  # (not known: taken as handed on where the value is still held)
+            return "V" in stack or k < end  # (not known: taken as handed on, also where it comes before the value)
         pops, pushes = effect
         taken = [stack.pop() if stack else None for _ in range(pops)]  # top first
         if "V" in taken:
             p = taken.index("V")  # its place from the top
+            if wrapped:
+                return op.opname != "GET_ITER"
+            if op.opname == "BINARY_SUBSCR" and p == 1:  # (self.heads[self.task]: an index _steps_to did not read)
+                return ("index", k, None)
             if op.opname in ("CALL", "CALL_KW") and sys.version_info < (3, 13):
                 argc = op.arg + (op.opname == "CALL_KW")
                 if p >= argc:
                     return False  # (called, or the object a method is called on)
                 callee = taken[argc] if taken[argc + 1] == "null" or taken[argc + 1] is None else taken[argc + 1]
                 name = ops[callee].argval if isinstance(callee, int) and ops[callee].opname in _LOADS else None
-                if name in _HARMLESS or name in _CALLERS or name == "super":
-                    return False
+                if name in _HARMLESS or name == "super" or (name in _CALLERS and p == argc - 1):
+                    return False  # (checkpoint(blk, x) calls blk; checkpoint(f, blk, x) hands blk to f: review R7)
+                if name in _WRAPPERS:
+                    wrapped, stack = True, [*stack, "V"]
+                    k += 1
+                    continue
                 if name == "getattr" and p == argc - 1:
                     given = taken[argc - 2] if argc >= 2 else None
                     const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
