@@ -2425,6 +2425,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "map(lambda b: b.conv, self.blocks); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
      "            chains += [c + (...,) for c in handed]  # (for conv in map", "            pass  # (",
      (f"{_R6_HANDED}[map-loop]",)),
+    ("frontend", "any-method-unread", "getattr(self, f\"forward_{self.mode}\")(x) read without the methods it may "
+     "name (review R7 finding 07)", "repalgebra.frontend.outside_reads:_read_chains",
+     "        todo += list(functions) if (_ANY_METHOD,) in found else []", "        todo += []",
+     (f"{_R6_HANDED}[method-by-getattr]",)),
     ("frontend", "walrus-unbound", "an assignment expression's name bound to nothing (if (blk := self.blocks[0]) is not "
      "None: blk.conv(x); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
      "                    held.setdefault(name, []).append(base + _steps_to(ops[:c], i + 1)[0])", "                    pass",

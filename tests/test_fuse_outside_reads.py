@@ -667,6 +667,15 @@ def _handed_on(how: str) -> type:
             f = lambda t: blk.conv(t)  # noqa: E731
             return f(x)
 
+    class GetattrMethod(Base):
+        mode = "first"
+
+        def other(self, x):
+            return getattr(self, f"_branch_{self.mode}")(x)
+
+        def _branch_first(self, x):
+            return self.blocks[0].conv(x)
+
     class HelperGivenSelf(Base):
         def other(self, x):
             return _first_conv(x, self)
@@ -691,14 +700,14 @@ def _handed_on(how: str) -> type:
             "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
             "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks, "map-loop": MapLoop,
             "checkpoint-argument": CheckpointArgument, "computed-index": ComputedIndex, "walrus-test": WalrusTest,
-            "closure": Closure,
+            "closure": Closure, "method-by-getattr": GetattrMethod,
             "getattr-constant": GetattrConstant, "list-index": ListIndex,
             "children": Children}[how]
 
 
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
            "list-index", "children", "helper-given-self", "method-given-blocks", "map-loop", "checkpoint-argument",
-           "computed-index", "walrus-test", "closure"]
+           "computed-index", "walrus-test", "closure", "method-by-getattr"]
 
 
 @pytest.mark.parametrize("how", _HANDED)

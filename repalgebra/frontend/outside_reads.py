@@ -303,11 +303,13 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         found = _chains_in(code, code.co_varnames[0], functions=function.__globals__)
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
+        todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
     _READ[cls] = tuple(read)
     return tuple(dict.fromkeys(chains))
 
 
 _READ: "weakref.WeakKeyDictionary[type, tuple[types.FunctionType, ...]]" = weakref.WeakKeyDictionary()
+_ANY_METHOD = "<any method>"  # the chain of ``getattr(self, <computed>)``: any function of the class may run
 
 
 def _called_above(cls: type, function: types.FunctionType) -> list[types.FunctionType]:
@@ -449,6 +451,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     rest, after_end = _steps_to(ops, k + 1)
                     after = chain + (name,) + rest
                     chains.append(after)
+                    if how[0] == "getattr" and name is None and not chain:
+                        chains.append((_ANY_METHOD,))  # (getattr(self, f"forward_{self.mode}")(x): any method runs)
                     if (stored := _stored_in(ops, after_end)) is not None:
                         held.setdefault(stored, []).append(after)
                     elif _handed_on(ops, k, after_end) is not False:
