@@ -25,6 +25,16 @@ from repalgebra.frontend.outside_reads import reached_through, read_outside
 from zoo import count_bn, seeded
 
 
+
+def _same_on_the_other_branch(model: nn.Module) -> None:
+    """Fuse ``model`` at an example near 0, then compare on an input far below it (the branch the example does not
+    take), in float64."""
+    gen = torch.Generator().manual_seed(1)
+    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+
 def encoder() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8, affine=False))
@@ -283,11 +293,7 @@ def test_a_grandchild_called_through_a_local_is_the_models():
 
     assert reached_through(ThroughLocals()) == {"body", "blocks", "blocks.0", "blocks.1"}
     model = randomized_bn(ThroughLocals())
-    gen = torch.Generator().manual_seed(1)
-    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    _same_on_the_other_branch(model)
 
 
 def test_a_childs_own_method_called_on_another_branch_runs_as_the_models():
@@ -504,11 +510,7 @@ def test_a_grandchild_called_in_a_loop_over_a_call_or_a_generator_is_the_models(
     names = ("blocks.a", "blocks.b") if how == "dict-items" else ("blocks.0", "blocks.1")
     assert set(names) <= reached_through(cls())
     model = randomized_bn(cls())
-    gen = torch.Generator().manual_seed(1)
-    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    _same_on_the_other_branch(model)
 
 
 def _reached_otherwise(how: str) -> type:
@@ -570,11 +572,7 @@ def test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is
     reached = reached_through(cls())
     assert ("heads.a" in reached) if how == "held-key" else ({"blocks.0", "blocks.1"} & reached), reached
     model = randomized_bn(cls())
-    gen = torch.Generator().manual_seed(1)
-    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    _same_on_the_other_branch(model)
 
 
 def _first_conv(x, model):
@@ -720,11 +718,7 @@ def test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_modul
     reached = reached_through(cls())
     assert {"layer0"} <= reached if how.startswith("getattr") else {"blocks.0"} <= reached, reached
     model = randomized_bn(cls())
-    gen = torch.Generator().manual_seed(1)
-    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    _same_on_the_other_branch(model)
 
 
 def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
@@ -784,11 +778,7 @@ def test_a_childs_own_method_called_in_a_loop_on_another_branch_runs_as_the_mode
     """names_reached did not follow a loop: the fused blocks lack ``features``, and the fused model raised
     AttributeError where the model runs (review R5 finding 04)."""
     model = randomized_bn(_features_of_each()())
-    gen = torch.Generator().manual_seed(1)
-    fused = fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen))
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen) - 1000
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=0)  # float64
+    _same_on_the_other_branch(model)
 
 
 def test_a_container_holding_itself_is_read_once():
