@@ -546,6 +546,9 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any
                 if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k]):
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
+            if op.opname == "MATCH_CLASS":  # (case MaskedConv1d(): a class test; case Block(conv=c): reads into it)
+                names = taken[0]
+                return bool(op.arg) or not (isinstance(names, int) and ops[names].argval == ())
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
         if "V" in stack and jumps:
@@ -575,9 +578,10 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     return _chains_in(code, code.co_varnames[position], functions=helper.__globals__, depth=depth + 1)
 
 
-# What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index into
-# it or by it, the object of an attribute or item set (STORE_ATTR, STORE_SUBSCR)
-_NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "COMPARE_OP", "IS_OP", "CONTAINS_OP", "POP_TOP", "UNARY_NOT", "TO_BOOL",
+# What takes the value without handing it on: iterating, a test, a comparison, arithmetic (``x * s`` where a loop's
+# ``s`` may be a block's partner; ``self.down + self.up`` iterated is the loop's), formatting, dropping it, an index
+# into it or by it, the object of an attribute or item set (STORE_ATTR, STORE_SUBSCR)
+_NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "BINARY_OP", "COMPARE_OP", "IS_OP", "CONTAINS_OP", "POP_TOP", "UNARY_NOT", "TO_BOOL",
                           "FORMAT_VALUE", "FORMAT_SIMPLE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
                           "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_IF_FALSE",
                           "POP_JUMP_FORWARD_IF_NONE", "POP_JUMP_FORWARD_IF_NOT_NONE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE"})
@@ -600,6 +604,8 @@ def _stack_effect(op: dis.Instruction) -> tuple[int, int] | None:
         return 1, 2
     if name in ("BINARY_SUBSCR", "BINARY_OP", "COMPARE_OP", "IS_OP", "CONTAINS_OP"):
         return 2, 1
+    if name == "MATCH_CLASS":
+        return 3, 1
     if name in ("GET_ITER", "UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "UNARY_POSITIVE", "LIST_TO_TUPLE", "TO_BOOL",
                 "FORMAT_SIMPLE"):
         return 1, 1
