@@ -293,6 +293,12 @@ STAGE_TESTS = {"frontend": (_FE,), "engine": _ENGINE, "torch_backend": _TORCH, "
 
 #: Surviving mutants that compute the same thing as the original, with the argument why.
 EQUIVALENT: dict[str, str] = {
+    "frontend/chain-stops-at-held-index": (
+        "where _steps_to stops at an index a local holds (self.blocks[i].conv), _handed_on follows the container on the "
+        "stack to the BINARY_SUBSCR that takes it and answers (\"index\", k, None), and _chains_in goes on after the "
+        "index with the steps that follow on each child: the chain gains one more any-child step, which reaches the "
+        "same blocks (each child, and the conv on each) and no fewer; the models kept whole, and so what the fused "
+        "model computes, are the same"),
     "engine/dead-nodes-visited": (
         "a node removed earlier in the sweep has no users left, so a rewrite a rule returns for it reroutes no use; "
         "the nodes it inserts are read by nothing and go in the dead-node sweep of the same _apply; the graph, and so "
@@ -2419,7 +2425,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      _R6_NOT_HANDED),
     ("frontend", "handed-chains-dropped", "the chains handed on dropped at the statement's end, not marked as reaching "
      "every module below", "repalgebra.frontend.outside_reads:_chains_in",
-     "            chains += [c + (...,) for c in handed]  # (handed to code not followed", "            pass  # (",
+     "            chains += [c + (...,) for c in handed + unlooped]  # (handed to code not followed", "            pass  # (",
      (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[getattr-computed]")),
     ("frontend", "handed-before-loop-dropped", "the chains handed to a call a loop then iterates over dropped (for conv in "
      "map(lambda b: b.conv, self.blocks); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
@@ -2429,6 +2435,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "name (review R7 finding 07)", "repalgebra.frontend.outside_reads:_read_chains",
      "        todo += list(functions) if (_ANY_METHOD,) in found else []", "        todo += []",
      (f"{_R6_HANDED}[method-by-getattr]",)),
+    ("frontend", "unlooped-flushed-at-loop", "a container whose items a method gives, iterated (for blk in "
+     "self.blocks.children()), taken as handed on: every block kept unfused", "repalgebra.frontend.outside_reads:_chains_in",
+     "            pending, handed, unlooped = [], [], []  # (self.blocks.items()",
+     "            chains += [c + (...,) for c in unlooped]; pending, handed, unlooped = [], [], []  # (", _R6_NOT_HANDED),
     ("frontend", "walrus-unbound", "an assignment expression's name bound to nothing (if (blk := self.blocks[0]) is not "
      "None: blk.conv(x); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
      "                    held.setdefault(name, []).append(base + _steps_to(ops[:c], i + 1)[0])", "                    pass",
@@ -2437,7 +2447,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "blk.conv(t); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
      "inner = {n: held[n] for n in const.co_freevars if n in held}", "inner = {}", (f"{_R6_HANDED}[closure]",)),
     ("frontend", "items-not-iterated-unhanded", "the items of a container not iterated (next(self.blocks.children())) not "
-     "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    handed.append(chain[:-1])",
+     "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    unlooped.append(chain[:-1])",
      "                    pass", (f"{_R6_HANDED}[children]",)),
     ("frontend", "every-below-unread", "a chain marked as reaching every module below, or named_modules(), reaching none",
      "repalgebra.frontend.outside_reads:_through", "        if step is ... or (step in _EVERY and _child(obj, step) is None):",

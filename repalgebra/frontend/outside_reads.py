@@ -406,6 +406,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
     held: dict[str, list[tuple[Any, ...]]] = {k: list(v) for k, v in (given or {}).items()}  # local name -> the chains from self it holds
     pending: list[tuple[Any, ...]] = []  # chains loaded in the statement so far, not stored: a loop over a call of them
     handed: list[tuple[Any, ...]] = []  # those of them handed to a call as arguments (followed only where iterated)
+    unlooped: list[tuple[Any, ...]] = []  # containers whose items a method gave (self.blocks.children()): handed on
+    # where the statement ends without a loop over them
     iterated: list[tuple[Any, ...]] = []  # items of chains whose iterator goes to nested code (a comprehension's .0)
     for i, op in enumerate(ops):
         if op.opname == "GET_ITER" and pending:  # (for i, blk in enumerate(self.blocks): each item of each chain)
@@ -415,11 +417,11 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 held.setdefault(name, []).extend(items)
             iterated += [] if names else items
             chains += [c + (...,) for c in handed]  # (for conv in map(lambda b: b.conv, self.blocks): handed on; review R7)
-            pending, handed = [], []
+            pending, handed, unlooped = [], [], []  # (self.blocks.items() iterated: the loop's items, not handed on)
             continue
         if op.opname.startswith(("STORE_", "POP_", "RETURN_", "JUMP_")):
-            chains += [c + (...,) for c in handed]  # (handed to code not followed: every module below, see _handed_on)
-            pending, handed = [], []  # (the statement ended)
+            chains += [c + (...,) for c in handed + unlooped]  # (handed to code not followed: every module below, see _handed_on)
+            pending, handed, unlooped = [], [], []  # (the statement ended)
         if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
             continue
         steps, end = _steps_to(ops, i + 1)
@@ -445,7 +447,7 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 if chain and chain[-1] is not None:  # (a chain iterated itself is the branch above's)
                     pending.append(chain)
                 if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
-                    handed.append(chain[:-1])
+                    unlooped.append(chain[:-1])
                 elif isinstance(how := _handed_on(ops, i, end), tuple) and how[0] in ("getattr", "index"):
                     _, k, name = how  # (getattr(self, f"layer{i}").conv, self.heads[self.task].conv: on each child)
                     rest, after_end = _steps_to(ops, k + 1)
