@@ -2439,6 +2439,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "self.blocks.children()), taken as handed on: every block kept unfused", "repalgebra.frontend.outside_reads:_chains_in",
      "            pending, handed, unlooped = [], [], []  # (self.blocks.items()",
      "            chains += [c + (...,) for c in unlooped]; pending, handed, unlooped = [], [], []  # (", _R6_NOT_HANDED),
+    ("frontend", "arithmetic-never-hands", "a container added to another (self.blocks + self.extra, a new container of the "
+     "blocks the reader does not hold) taken as handing nothing on", "repalgebra.frontend.outside_reads:_handed_on",
+     "                return not item  # makes", "                return False  # makes", (f"{_R6_HANDED}[containers-added]",)),
     ("frontend", "walrus-unbound", "an assignment expression's name bound to nothing (if (blk := self.blocks[0]) is not "
      "None: blk.conv(x); review R7)", "repalgebra.frontend.outside_reads:_chains_in",
      "                    held.setdefault(name, []).append(base + _steps_to(ops[:c], i + 1)[0])", "                    pass",

@@ -661,6 +661,13 @@ def _handed_on(how: str) -> type:
                 return blk.conv(x)
             return x
 
+    class ContainersAdded(Base):
+        extra = nn.ModuleList()
+
+        def other(self, x):
+            both = self.blocks + self.extra
+            return both[0].conv(x)
+
     class Closure(Base):
         def other(self, x):
             blk = self.blocks[0]
@@ -700,14 +707,14 @@ def _handed_on(how: str) -> type:
             "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
             "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks, "map-loop": MapLoop,
             "checkpoint-argument": CheckpointArgument, "computed-index": ComputedIndex, "walrus-test": WalrusTest,
-            "closure": Closure, "method-by-getattr": GetattrMethod,
+            "closure": Closure, "method-by-getattr": GetattrMethod, "containers-added": ContainersAdded,
             "getattr-constant": GetattrConstant, "list-index": ListIndex,
             "children": Children}[how]
 
 
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
            "list-index", "children", "helper-given-self", "method-given-blocks", "map-loop", "checkpoint-argument",
-           "computed-index", "walrus-test", "closure", "method-by-getattr"]
+           "computed-index", "walrus-test", "closure", "method-by-getattr", "containers-added"]
 
 
 @pytest.mark.parametrize("how", _HANDED)

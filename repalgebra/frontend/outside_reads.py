@@ -448,7 +448,7 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     pending.append(chain)
                 if chain and chain[-1] in _ITEMS:  # (next(self.blocks.children()): items not iterated)
                     unlooped.append(chain[:-1])
-                elif isinstance(how := _handed_on(ops, i, end), tuple) and how[0] in ("getattr", "index"):
+                elif isinstance(how := _handed_on(ops, i, end, chain[-1:] == (None,)), tuple) and how[0] in ("getattr", "index"):
                     _, k, name = how  # (getattr(self, f"layer{i}").conv, self.heads[self.task].conv: on each child)
                     rest, after_end = _steps_to(ops, k + 1)
                     after = chain + (name,) + rest
@@ -485,7 +485,7 @@ _WRAPPERS = frozenset({"enumerate", "zip", "reversed", "iter", "list", "tuple", 
 # Instructions that end a statement (or jump): the stack holds nothing of the next one
 _ENDS = ("STORE_", "POP_TOP", "POP_JUMP", "RETURN_", "JUMP_", "RESUME", "FOR_ITER")
 
-def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any, ...]:
+def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False) -> bool | tuple[Any, ...]:
     """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed on to code the reader
     does not follow: an argument of a call (``map(lambda b: b.conv(x), self.blocks)``, ``next(iter(self.blocks))``,
     ``f(*self.blocks)``), put into a container, returned or yielded, or stored anywhere but in a local right away:
@@ -501,7 +501,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any
     (``len``, ``isinstance``; ``super(Cls, self)``) or as the function checkpointing calls, formatted, or a cell for
     nested code (which is read itself, with the enclosing code's locals).  ``("index", k, None)`` where it is indexed
     by an index the code computes (``self.heads[self.task].conv``: each child, review R7).  An instruction the
-    reader does not know counts as handing it on."""
+    reader does not know counts as handing it on.  ``item``: the chain is an item of a container (a loop's local),
+    which arithmetic (``x * s``) does not hand on."""
     if ops[i].opname == "LOAD_CLOSURE" or _method_loaded(ops[end - 1]):
         return False  # (a method of it called: the chain names the method, for _through)
     if ops[end - 1].opname == "LOAD_ATTR" and ops[end - 1].argval in ("__call__", "forward"):
@@ -545,12 +546,15 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int) -> bool | tuple[Any
                     given = taken[argc - 2] if argc >= 2 else None
                     const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
                     return ("getattr", k, const if isinstance(const, str) else None)
-                if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k]):
+                by_keyword = any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k])
+                if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not by_keyword:
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
             if op.opname == "MATCH_CLASS":  # (case MaskedConv1d(): a class test; case Block(conv=c): reads into it)
                 names = taken[0]
                 return bool(op.arg) or not (isinstance(names, int) and ops[names].argval == ())
+            if op.opname == "BINARY_OP":  # (x * s, s a loop's partner of a block: nothing; self.blocks + self.extra
+                return not item  # makes a container of the blocks, which the reader does not hold)
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
         if "V" in stack and jumps:
@@ -580,10 +584,10 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     return _chains_in(code, code.co_varnames[position], functions=helper.__globals__, depth=depth + 1)
 
 
-# What takes the value without handing it on: iterating, a test, a comparison, arithmetic (``x * s`` where a loop's
-# ``s`` may be a block's partner; ``self.down + self.up`` iterated is the loop's), formatting, dropping it, an index
+# What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index
 # into it or by it, the object of an attribute or item set (STORE_ATTR, STORE_SUBSCR)
-_NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "BINARY_OP", "COMPARE_OP", "IS_OP", "CONTAINS_OP", "POP_TOP", "UNARY_NOT", "TO_BOOL",
+_NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "COMPARE_OP", "IS_OP", "CONTAINS_OP", "POP_TOP",
+                          "UNARY_NOT", "TO_BOOL",
                           "FORMAT_VALUE", "FORMAT_SIMPLE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
                           "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_IF_FALSE",
                           "POP_JUMP_FORWARD_IF_NONE", "POP_JUMP_FORWARD_IF_NOT_NONE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE"})
