@@ -848,11 +848,12 @@ def baseline_chunks(mutants: Sequence[Mutant], jobs: int) -> list[tuple[str, ...
     tests = list(dict.fromkeys(t for m in mutants for t in tests_for(m)))
     whole = {t for t in tests if "::" not in t}
     tests = [t for t in tests if "::" not in t or t.split("::")[0] not in whole]
-    files = list(dict.fromkeys(t.split("::")[0] for t in tests))
-    by_file = {f: [t for t in tests if t.split("::")[0] == f] for f in files}
+    by_file: dict[str, list[str]] = {}
+    for t in tests:
+        by_file.setdefault(t.split("::")[0], []).append(t)
     chunks: list[list[str]] = [[] for _ in range(jobs)]
-    for k, f in enumerate(files):  # whole files together: a module's fixtures and imports are paid once
-        chunks[k % jobs].extend(by_file[f])
+    for k, in_file in enumerate(by_file.values()):  # whole files together: a module's fixtures and imports are paid once
+        chunks[k % jobs].extend(in_file)
     return [tuple(c) for c in chunks if c]
 
 

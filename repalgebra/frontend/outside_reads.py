@@ -485,6 +485,7 @@ _WRAPPERS = frozenset({"enumerate", "zip", "reversed", "iter", "list", "tuple", 
 # Instructions that end a statement (or jump): the stack holds nothing of the next one
 _ENDS = ("STORE_", "POP_TOP", "POP_JUMP", "RETURN_", "JUMP_", "RESUME", "FOR_ITER")
 
+
 def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False) -> bool | tuple[Any, ...]:
     """Whether the value of the chain that ``ops[i]`` begins and ``ops[end]`` follows is handed on to code the reader
     does not follow: an argument of a call (``map(lambda b: b.conv(x), self.blocks)``, ``next(iter(self.blocks))``,
@@ -530,8 +531,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 return op.opname != "GET_ITER"
             if op.opname == "BINARY_SUBSCR" and p == 1:  # (self.heads[self.task]: an index _steps_to did not read)
                 return ("index", k, None)
-            if op.opname in ("CALL", "CALL_KW") and sys.version_info < (3, 13):
-                argc = op.arg + (op.opname == "CALL_KW")
+            if op.opname == "CALL" and sys.version_info < (3, 13):  # (3.13 orders a call's stack otherwise: handed on)
+                argc = op.arg
                 if p >= argc:
                     return False  # (called, or the object a method is called on)
                 callee = taken[argc] if taken[argc + 1] == "null" or taken[argc + 1] is None else taken[argc + 1]
@@ -595,7 +596,7 @@ _NOT_HANDING = frozenset({"GET_ITER", "FOR_ITER", "BINARY_SUBSCR", "COMPARE_OP",
 
 def _stack_effect(op: dis.Instruction) -> tuple[int, int] | None:
     """How many items ``op`` takes from the stack and puts on it, for the instructions of expressions and simple
-    statements (CPython 3.11 and 3.12); None for any other (a jump, a ``with``, an exception handler)."""
+    statements (CPython 3.11 and 3.12); None for any other (an unconditional jump, a ``with``, an exception handler)."""
     name, arg = op.opname, op.arg or 0
     if name in ("NOP", "RESUME", "CACHE", "EXTENDED_ARG", "KW_NAMES", "PRECALL", "MAKE_CELL", "COPY_FREE_VARS", "RETURN_CONST"):
         return 0, 0
