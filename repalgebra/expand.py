@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.module_copy import copy_module
 from repalgebra.recipes import INITS, Recipe, Site, recipe_named
 
@@ -216,7 +217,8 @@ def conv_uses(model: nn.Module) -> ConvUses:
 
 def _find_uses(module: nn.Module, prefix: str, pairs: dict[str, str], read: set[str], notes: list[str]) -> None:
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        with globals_kept(module, refuse=False):  # (only its calls are read: a store it made is put back)
+            graph = torch.fx.symbolic_trace(module).graph
     except Exception as e:  # noqa: BLE001  (any failure to trace: look inside)
         if type(module) is nn.Sequential:
             _sequential_pairs(module, prefix, pairs)

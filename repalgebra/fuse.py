@@ -56,6 +56,7 @@ from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
+from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.frontend.state import STATE_TAG, StateChanged, cache_regions, copy_difference, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
 from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, check_model, example_inputs_for, leaf_paths, model_dtype
@@ -962,8 +963,10 @@ def fuse(
     # Called under inference_mode, the copies it makes must keep version counters; the model's checks draw from
     # torch's generators, and its hooks may write the model itself and remove themselves from it.
     with (torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, restored),
-          model_kept(model, restored)):
+          model_kept(model, restored), globals_kept(model, refuse=False) as written):
         fused = _fuse(model, example_inputs, leaf_modules, strict, check)
+    if written:  # (its runs of the model: what the fused model writes is its own, on each call)
+        fused.fuse_report.notes.append(f"the model's code wrote {_listed(written)} while fuse ran it: put back as it was")
     if restored:
         fused.fuse_report.notes.append(f"the model's hooks changed {_listed(restored)} of the model itself while fuse ran "
                                        "it: restored")

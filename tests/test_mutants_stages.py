@@ -341,7 +341,7 @@ FEW = {
     "repalgebra.fuse:_batches_fit": "one comparison beside the sizes, the batch with the smallest one the capture holds at",
     "repalgebra.backend.onnx:_holds_at_batch_one": "one check, the graph against the model at batch 1",
     "repalgebra.backend.onnx_fallback:export_regions": "one decision added to it, which runs an export traced at another batch is checked at",
-    "repalgebra.frontend.mode_flags:_namespaces": "two decisions, whose code is watched: the globals of the model's "
+    "repalgebra.frontend.mode_flags:code_namespaces": "two decisions, whose code is watched: the globals of the model's "
     "classes' functions, and torch's layers (the mutants take sys.modules[cls.__module__], and drop the layers)",
     "repalgebra.fuse:follows_default_dtype": "one comparison, of runs under two default dtypes: the mutants skip it, "
     "and make both runs under the same default",
@@ -378,7 +378,16 @@ FEW = {
     "repalgebra.backend.onnx:_attention": "two decisions added to it, which keys are hidden (bool and float masks); the "
     "rest of its lowering is the vocabulary test's",
     "repalgebra.backend.onnx:graph_to_onnx": "one decision added to it, an output whose batch axes are none",
-    "repalgebra.backend.onnx:export_onnx": "one decision added to it, a graph traced at batch 1 run at another batch",
+    "repalgebra.backend.onnx:export_onnx": "two decisions added to it, a graph traced at batch 1 run at another batch, "
+    "and the model's globals its runs wrote put back",
+    "repalgebra.frontend.module_globals:_is_data": "two decisions: containers are the model's data, and of objects only "
+    "those of classes its code defines (a logger's cache of its levels is no write)",
+    "repalgebra.frontend.module_globals:_data": "one decision: dunder names are no data (a warning's __warningregistry__)",
+    "repalgebra.frontend.fx_trace:trace_fx": "one decision added to it: the trace is made with the model's globals watched",
+    "repalgebra.frontend.aten:_export": "one decision added to it: the capture is made with the model's globals watched "
+    "(its other steps predate the stage's mutants, and are covered by the capture's tests)",
+    "repalgebra.fuse:fuse": "one decision added to it: what its runs of the model wrote into the model's globals is put "
+    "back (the rest is _fuse's)",
     "repalgebra.backend.onnx:_clamp": "two choices, Max for a lower bound alone and Min for an upper one (the mutants write "
     "Clip, and Min for a lower bound)",
     "repalgebra.backend.onnx:_number": "one job, a number in float64 before its cast to the file's dtype",

@@ -58,6 +58,7 @@ from repalgebra.frontend.calls import In, SymExpr, returned
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import one_at_a_time, rebuilt_from_fields
 from repalgebra.frontend.inputs import batch_of_one, batch_plus_one, shapes_and_dtypes
+from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.ir import Graph, Node, Value
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import eval_copy
@@ -1920,37 +1921,41 @@ def export_onnx(
         _check_graph_shapes(model_or_graph, input_shape)
         model, report = lower(model_or_graph, "", None, ())
     elif isinstance(model_or_graph, torch.nn.Module):
-        _refuse_unfaithful_copy(model_or_graph)
-        model_or_graph, input_shape = _flat_for_export(model_or_graph, input_shape)
-        dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
-        example = _example_inputs(input_shape, dtype)
-        _refuse_state(model_or_graph, example, dtype)
-        graph, capture = capture_for_export(model_or_graph, example)
-        ways = [(graph, capture, model_or_graph)]
-        fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None
-        if fused is not None:  # first when all of it is fused and traced with the batch as asked, else if the other fails
-            ways.insert(0 if not (dynamic_batch and fixed_shape_parts(fused[2])) else 1, fused)
-        if (fixed := _at_export_shapes(model_or_graph, example, ways[0][0], dynamic_batch)) is not None:
-            ways.insert(0, fixed)
-        for k, way in enumerate(ways):
-            try:
-                model, report = lower(*way, example)
-                break
-            except FallbackError as e:
-                first = e if k == 0 else first
-                if k == len(ways) - 1:
-                    first.__suppress_context__ = True  # the first way's error is the one to read
-                    raise first
-        if dynamic_batch and not report.dynamic_batch and report.fallback:
-            # The batch got fixed anyway: a later way that also fixes it may leave less to torch.onnx.export (a Swin
-            # block kept whole goes to the fallback whole; fused with its shapes fixed, it is all our own lowering).
-            for way in ways[k + 1 :]:
+        with globals_kept(model_or_graph, refuse=False) as written:  # (its runs and traces of the model: put back)
+            _refuse_unfaithful_copy(model_or_graph)
+            model_or_graph, input_shape = _flat_for_export(model_or_graph, input_shape)
+            dtype = next((p.dtype for p in model_or_graph.parameters() if p.is_floating_point()), torch.float32)
+            example = _example_inputs(input_shape, dtype)
+            _refuse_state(model_or_graph, example, dtype)
+            graph, capture = capture_for_export(model_or_graph, example)
+            ways = [(graph, capture, model_or_graph)]
+            fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None
+            if fused is not None:  # first when all of it is fused and traced with the batch as asked, else if the other fails
+                ways.insert(0 if not (dynamic_batch and fixed_shape_parts(fused[2])) else 1, fused)
+            if (fixed := _at_export_shapes(model_or_graph, example, ways[0][0], dynamic_batch)) is not None:
+                ways.insert(0, fixed)
+            for k, way in enumerate(ways):
                 try:
-                    other = lower(*way, example)
-                except FallbackError:
-                    continue
-                if (not other[1].dynamic_batch, len(other[1].fallback)) < (True, len(report.fallback)):
-                    model, report = other
+                    model, report = lower(*way, example)
+                    break
+                except FallbackError as e:
+                    first = e if k == 0 else first
+                    if k == len(ways) - 1:
+                        first.__suppress_context__ = True  # the first way's error is the one to read
+                        raise first
+            if dynamic_batch and not report.dynamic_batch and report.fallback:
+                # The batch got fixed anyway: a later way that also fixes it may leave less to torch.onnx.export (a Swin
+                # block kept whole goes to the fallback whole; fused with its shapes fixed, it is all our own lowering).
+                for way in ways[k + 1 :]:
+                    try:
+                        other = lower(*way, example)
+                    except FallbackError:
+                        continue
+                    if (not other[1].dynamic_batch, len(other[1].fallback)) < (True, len(report.fallback)):
+                        model, report = other
+        if written:
+            report.notes.append(f"the model's code wrote {', '.join(written)} while export_onnx ran it: put back as it was "
+                                "(the file makes no such write)")
     else:
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     _valid(model)

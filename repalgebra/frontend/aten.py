@@ -59,6 +59,7 @@ from repalgebra.frontend.aten_builder import AtenCapture, BatchBound, CaptureFai
 from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS, SIZED
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.mode_flags import mode_flags_refused
+from repalgebra.frontend.module_globals import globals_kept
 
 __all__ = ["AtenCapture", "CaptureFailed", "capture_export"]
 
@@ -134,7 +135,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
         # no wrap_with_set_grad_enabled subgraph and its nodes keep their module paths (without
         # no_grad, run_decompositions inlines that subgraph but the module paths inside are lost).
         # An `enable_grad()` block still records one; run_decompositions inlines it too.
-        with torch.no_grad(), warnings.catch_warnings(), mode_flags_refused(module), _quiet_fake_tensors():
+        with torch.no_grad(), warnings.catch_warnings(), globals_kept(module), mode_flags_refused(module), _quiet_fake_tensors():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             _check_writes_into_returned_inputs(ep.graph)

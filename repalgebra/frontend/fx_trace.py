@@ -42,6 +42,7 @@ from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
 from repalgebra.frontend.inplace import MADE_CONSTANT, MADE_IN_TRACE, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
 from repalgebra.frontend.mode_flags import mode_flags_refused
+from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.frontend.ranks import MADE_READS, Ranks, shape_length
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.wrappers import is_wrapper, wrapped
@@ -100,7 +101,8 @@ def trace_fx(work: nn.Module, tracer: Tracer, n_given: int | None) -> tuple[fx.G
     """
     concrete = concrete_args(work, n_given)
     try:
-        with _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values() as mode, mode_flags_refused(work) as answered:
+        with globals_kept(work), _no_autocast(work, tracer), _proxies_are_tensors(), _calls_sized_by_traced_values() as mode, \
+                mode_flags_refused(work) as answered:
             tracer.made = mode.made
             fx_graph = tracer.trace(work, concrete_args=concrete or None)
     except Exception as e:

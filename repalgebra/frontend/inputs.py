@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.fx_trace import Root, Tracer
+from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.module_copy import copy_module, in_eval
 
 DEFAULT_SIZE = 64  # spatial size of an inferred image input
@@ -141,7 +142,9 @@ def infer_example_inputs(
     candidates: Iterable[tuple[str, nn.Module]] = [("", root)]
     if fx_graph is None:
         try:
-            fx_graph = Tracer((), set()).trace(in_eval(copy_module(root)))
+            work = in_eval(copy_module(root))
+            with globals_kept(work, refuse=False):  # (only its calls are read: a store it made is put back)
+                fx_graph = Tracer((), set()).trace(work)
         except Exception:
             candidates = [*candidates, *root.named_modules()]
     if fx_graph is not None:

@@ -42,7 +42,7 @@ import torch
 import torch.fx._symbolic_trace as symbolic_trace
 from torch import nn
 
-__all__ = ["ModeFlagRead", "mode_flags_noted", "mode_flags_refused"]
+__all__ = ["ModeFlagRead", "code_namespaces", "mode_flags_noted", "mode_flags_refused"]
 
 
 class ModeFlagRead(TypeError):
@@ -120,7 +120,7 @@ def _refusing(original: Callable[..., bool], name: str, noted: list[str] | None)
     return flag
 
 
-def _namespaces(model: nn.Module) -> list[dict[str, Any]]:
+def code_namespaces(model: nn.Module) -> list[dict[str, Any]]:
     """The global namespaces of the code of ``model``'s classes (and their bases), torch.nn's layers included: each
     function's own ``__globals__`` beside ``sys.modules[cls.__module__]``, which a ``hubconf.py`` that torch.hub
     execs is not registered in, and which a library that rewrites ``cls.__module__`` to its public package names
@@ -220,7 +220,7 @@ def _watched(model: nn.Module, noted: list[str] | None, answered: list[str]) -> 
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     classes: list[tuple[type, str, Any]] = []
     try:
-        for namespace in _namespaces(model):
+        for namespace in code_namespaces(model):
             for name, value in list(namespace.items()):
                 if not (isinstance(value, types.ModuleType) or callable(value)):
                     continue

@@ -1,0 +1,245 @@
+"""``fuse`` on forwards that write module-level data: the fused model makes the same writes, and ``fuse`` leaves
+the globals as it found them.
+
+A capture runs ``forward``'s Python once, on stand-ins: a store into a module-level dict or list, a global
+rebound, an attribute of a module-level object set, happens once, while captured, and no graph holds it (review R7
+finding 08: statistics cached at module level by a first call were never written by the fused model, and the
+user's dict held an fx ``Proxy`` after ``fuse``).  Each model here is run side by side with its fused form over
+calls on different inputs, the globals cleared before each run: the writes must agree, tensors in float64 to
+1e-9 relative (``verify``'s float64 tolerance), Python values exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from repalgebra import export_onnx, fuse
+from repalgebra.frontend.module_globals import GlobalWritten, globals_kept
+from zoo import count_bn, seeded
+
+D = torch.float64
+RTOL = 1e-9
+
+STATS: dict[str, torch.Tensor] = {}
+LOG: list = []
+COUNTS = {"calls": 0}
+SEEN: set = set()
+CALLS = 0
+TABLE = torch.zeros(3, dtype=D)
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    step: int = 0
+
+
+SCHEDULE = Schedule()
+
+
+def _clear() -> None:
+    global CALLS
+    STATS.clear()
+    LOG.clear()
+    COUNTS["calls"] = 0
+    SEEN.clear()
+    CALLS = 0
+    SCHEDULE.step = 0
+
+
+def _globals() -> dict:
+    return {"STATS": dict(STATS), "LOG": list(LOG), "COUNTS": dict(COUNTS), "SEEN": set(SEEN), "CALLS": CALLS, "step": SCHEDULE.step}
+
+
+class Writes(nn.Module):
+    """A conv+BN block whose forward writes module-level data as ``how`` says, before its convolution."""
+
+    def __init__(self, how: str, c: int = 3) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global CALLS
+        if self.how == "cached statistics":  # review R7 finding 08: made by a first call, written on every call
+            s = STATS.get("input")
+            if s is None:
+                s = torch.zeros(2, dtype=x.dtype)
+                STATS["input"] = s
+            s[0] = x.mean()
+        elif self.how == "list append":
+            LOG.append(x.shape[-1])
+        elif self.how == "tensor logged":
+            LOG.append(x.detach().mean())
+        elif self.how == "dict counter":
+            COUNTS["calls"] += 1
+        elif self.how == "global rebound":
+            CALLS += 1
+        elif self.how == "object attribute":
+            SCHEDULE.step += 1
+        elif self.how == "set add":
+            SEEN.add(x.shape[0])
+        return self.bn(self.conv(x))
+
+
+WRITES = ["cached statistics", "list append", "tensor logged", "dict counter", "global rebound", "object attribute", "set add"]
+
+
+def _same_writes(model: nn.Module, fused: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Each input run through ``model`` and ``fused`` from cleared globals: the outputs and the globals agree."""
+    for k in range(1, len(inputs) + 1):
+        _clear()
+        want = [model(x) for x in inputs[:k]]
+        theirs = _globals()
+        _clear()
+        got = [fused(x) for x in inputs[:k]]
+        mine = _globals()
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=RTOL, atol=RTOL)
+        assert mine.keys() == theirs.keys()
+        for name in theirs:
+            a, b = theirs[name], mine[name]
+            if name == "STATS":
+                assert a.keys() == b.keys(), name
+                for key in a:
+                    torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=RTOL)
+            elif name == "LOG":
+                assert len(a) == len(b), name
+                for u, v in zip(a, b):
+                    torch.testing.assert_close(torch.as_tensor(v), torch.as_tensor(u), rtol=RTOL, atol=RTOL)
+            else:
+                assert a == b, name
+
+
+def _inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 3, 8, 8, generator=g, dtype=D) * s + s for s in (1.0, 2.0, 0.5)]
+
+
+@pytest.mark.parametrize("how", WRITES)
+def test_a_forward_writing_module_level_data_is_fused_making_the_same_writes(how: str) -> None:
+    model = seeded(lambda: Writes(how), 0)().to(D).eval()
+    _clear()
+    fused = fuse(model, _inputs()[0])
+    _same_writes(model, fused, _inputs())
+
+
+@pytest.mark.parametrize("how", WRITES)
+def test_fuse_leaves_the_globals_as_it_found_them(how: str) -> None:
+    """``fuse`` runs and captures the model: no value of its runs, and no stand-in of a capture (an fx ``Proxy``),
+    is left in the user's globals, and the report says what was put back."""
+    model = seeded(lambda: Writes(how), 0)().to(D).eval()
+    _clear()
+    before = _globals()
+    fused = fuse(model, _inputs()[0])
+    assert _globals() == before
+    assert any("put back as it was" in n for n in fused.fuse_report.notes), fused.fuse_report.notes
+
+
+class Stack(nn.Module):
+    """Three conv+BN blocks, the middle one writing a module-level list: only it is kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Writes("none"), Writes("list append"), Writes("none"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).relu()
+
+
+def test_only_the_block_that_writes_a_global_is_kept_whole() -> None:
+    model = seeded(Stack, 0)().to(D).eval()
+    fused = fuse(model, _inputs()[0])
+    _same_writes(model, fused, _inputs())
+    assert count_bn(fused) == 1  # the writer's BatchNorm: its siblings fold
+    reasons = {p.path: p.reason for p in fused.fuse_report.parts if p.how == "kept whole"}
+    assert "GlobalWritten" in reasons["blocks.1"] and "LOG" in reasons["blocks.1"], reasons
+
+
+class Reads(nn.Module):
+    """Reads module-level data, logs through a module-level logger and warns, writing no data of the model's code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _logger.debug("called")  # (a logger caches its levels: library objects are not the model's data)
+        warnings.warn("Reads is deprecated", DeprecationWarning)  # (a warning writes the module's __warningregistry__)
+        return self.bn(self.conv(x)) + TABLE.view(1, 3, 1, 1) * len(COUNTS)
+
+
+def test_a_forward_reading_globals_still_fuses_whole() -> None:
+    model = seeded(Reads, 0)().to(D).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fused = fuse(model, _inputs()[0])
+    assert count_bn(fused) == 0
+    assert not any(p.how == "kept whole" for p in fused.fuse_report.parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _same_writes(model, fused, _inputs())
+
+
+def test_globals_kept_puts_back_every_kind_of_write_and_names_them() -> None:
+    """Stores, item writes, a rebinding, a name added, an object's attribute and a tensor written in place are
+    all put back; ``refuse`` raises at the end of a block that ended normally, and only then."""
+    global CALLS
+    model = Writes("none")
+    _clear()
+    STATS["input"] = torch.ones(2, dtype=D)
+    before = {**_globals(), "table": TABLE.clone(), "stats": STATS["input"].clone()}
+    with pytest.raises(GlobalWritten, match=rf"{__name__}.ADDED_BY_THE_BLOCK, {__name__}.CALLS, {__name__}.COUNTS and 5 more:"):
+        with globals_kept(model):
+            LOG.append(1)
+            COUNTS["calls"] = 5
+            COUNTS["new"] = 1
+            CALLS = 3
+            SCHEDULE.step = 7
+            SEEN.add(2)
+            STATS["input"][0] = 5.0
+            TABLE.add_(1)
+            globals()["ADDED_BY_THE_BLOCK"] = [1]
+    now = {**_globals(), "table": TABLE, "stats": STATS["input"]}
+    assert now.keys() == before.keys()
+    for name, value in before.items():
+        if name == "STATS":
+            assert now[name].keys() == value.keys()
+        elif name in ("table", "stats"):  # (a tensor written in place, in a dict held by a global: its values)
+            torch.testing.assert_close(now[name], value, rtol=0, atol=0)
+        else:
+            assert now[name] == value, name
+    assert "ADDED_BY_THE_BLOCK" not in globals()
+    with globals_kept(model, refuse=False) as written:  # put back, not refused
+        LOG.append(1)
+    assert LOG == [] and written == [f"{__name__}.LOG"]
+    with pytest.raises(KeyError):  # the block's own failure stands, its writes put back
+        with globals_kept(model):
+            LOG.append(1)
+            raise KeyError("failed")
+    assert LOG == []
+    _clear()
+
+
+def test_export_onnx_leaves_the_globals_as_it_found_them() -> None:
+    """``export_onnx`` runs, captures and exports the model (``torch.onnx.export`` of the part kept whole runs its
+    Python too): what those runs wrote is put back, and the report says so; the file computes the model's outputs."""
+    import onnxruntime as ort
+
+    model = seeded(Stack, 0)().eval()
+    x = _inputs()[0].float()
+    _clear()
+    before = _globals()
+    proto, report = export_onnx(model, None, x, return_report=True)
+    assert _globals() == before
+    assert any(n.startswith(f"the model's code wrote {__name__}.LOG while export_onnx ran it") for n in report.notes), report.notes
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)  # float32 file, float64-folded weights
