@@ -65,7 +65,7 @@ from repalgebra.gc_pause import frozen_gc
 from repalgebra.hooked import HookedPart, movable_hooks, without_hooks
 from repalgebra.ir import Node
 from repalgebra.layout import SIZE_MATCHED
-from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval, plain_ties
+from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval, keep_registries, plain_ties
 from repalgebra.ties import retie
 from repalgebra.rewrite import Firing, LeftAlone, RewriteReport, cast_params, rewrite
 from repalgebra.untouched import attributes_kept, model_kept, rng_kept, tensors_kept
@@ -2256,7 +2256,11 @@ _CLASS_ASKED = ("its parent's code asks classes (isinstance), which a fused form
 
 def _put(parent: nn.Module, name: str, child: nn.Module) -> None:
     """Make ``child`` ``parent``'s child ``name`` (one it has), past a ``__setattr__`` of its class that refuses
-    assignments after ``__init__`` (an immutable module: its own AttributeError came out of fuse; a probe)."""
+    assignments after ``__init__`` (an immutable module: its own AttributeError came out of fuse; a probe).  The
+    hook registries of the child it replaces stay held (:func:`~repalgebra.module_copy.keep_registries`)."""
+    old = parent._modules.get(name)
+    if old is not None and old is not child:
+        keep_registries(old, child)
     parent._modules[name] = child
 
 

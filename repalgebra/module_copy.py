@@ -310,11 +310,34 @@ def _held(rebinding: _Rebinding, v: Any) -> Any:
 def _handle_of_copy(handle: RemovableHandle, memo: dict[int, Any]) -> RemovableHandle:
     """``handle`` for the copy's hooks: a one-shot hook removes itself through the handle its closure holds, and the
     user's handle removed the user's hook when the fused model ran its copy (found by a probe).  A dict of the
-    user's that the copy does not copy is left out (a new empty one stands for it)."""
+    user's that the copy does not copy is left out (a new empty one stands for it, which the handle holds: a dead
+    weak reference makes ``copy.deepcopy`` of the handle fail)."""
     new = RemovableHandle.__new__(RemovableHandle)
     extra = tuple(memo.get(id(ref()), OrderedDict()) for ref in handle.extra_dict_ref or ())
     new.__setstate__((memo[id(handle.hooks_dict_ref())], handle.id, extra))
+    new.__dict__[_REGISTRIES] = extra
     return new
+
+
+_REGISTRIES = "_repalgebra_registries"  # hook registries held for the handles that point into them
+
+
+def keep_registries(old: nn.Module, new: nn.Module) -> None:
+    """Hold in ``new`` (``old``'s replacement, its fused form) the hook registries of ``old`` and its descendants
+    that ``new`` does not hold itself.  A handle the model keeps (``self.h = self.body.register_
+    forward_hook(f)``, removed or not) holds weak references into them: once ``old`` was gone, ``copy.deepcopy`` of
+    a parent kept whole holding it raised TypeError, where the model copies (review R7, finding 10).  No module runs
+    the hooks of a registry held so, as none ran them in ``old`` either, once replaced."""
+    held = {id(r) for r in _hook_registries(new)}
+    gone = {id(r): r for r in _hook_registries(old) if id(r) not in held}
+    if gone:
+        new.__dict__.setdefault(_REGISTRIES, {}).update(gone)
+
+
+def _hook_registries(module: nn.Module) -> list[dict]:
+    """The hook registries (``_forward_hooks``, ``_forward_hooks_with_kwargs``, ``_state_dict_pre_hooks``, ...) of
+    ``module`` and its descendants."""
+    return [v for m in module.modules() for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)]
 
 
 def _filled(cell: types.CellType) -> bool:

@@ -705,6 +705,39 @@ def remove_the_global_one_shot(module, args, out):
     ONE_SHOT[0].remove()
 
 
+class HoldsRemovedHandle(nn.Module):
+    """Keeps the handle of a hook it removed at once on its body, and branches on a value (kept whole, its body
+    fused): the handle points into the registries of the body the fused form replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4)
+        self.handle = self.body.register_forward_hook(lambda m, args, out: None)
+        self.handle.remove()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y.relu() if y.sum() > 0 else y
+
+
+def test_a_parent_kept_whole_holding_a_handle_into_a_fused_childs_registries_copies():
+    """Review R7 finding 10: once the body was replaced by its fused form, the handle's weak references were dead,
+    and ``copy.deepcopy`` of the fused model raised TypeError where the model copies.  The replaced registries stay
+    held; the copy computes the same, and the handle still removes nothing."""
+    import gc
+
+    model = seeded(HoldsRemovedHandle, 0)().to(D)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert count_bn(fused) == 0 and any(p.path == "" and p.how == "kept whole" for p in fused.fuse_report.parts)
+    gc.collect()  # (what fuse held of the body it replaced is gone)
+    copied = copy.deepcopy(fused)
+    copied.handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+
+
 def test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse():
     """fuse's runs of its copies called the one-shot hook, whose handle is the user's: the user's model, never
     called, had lost its hook after fuse, and a copy's hook kept in the fused model removed it at its first call

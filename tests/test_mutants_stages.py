@@ -380,6 +380,9 @@ FEW = {
     "repalgebra.backend.onnx:graph_to_onnx": "one decision added to it, an output whose batch axes are none",
     "repalgebra.backend.onnx:export_onnx": "two decisions added to it, a graph traced at batch 1 run at another batch, "
     "and the model's globals its runs wrote put back",
+    "repalgebra.module_copy:keep_registries": "one decision: the registries the replaced child alone held are held by "
+    "its replacement (those the replacement holds itself need nothing)",
+    "repalgebra.module_copy:_hook_registries": "one decision: every registry of hooks counts, its flag registries too",
     "repalgebra.frontend.module_globals:_is_data": "two decisions: containers are the model's data, and of objects only "
     "those of classes its code defines (a logger's cache of its levels is no write)",
     "repalgebra.frontend.module_globals:_data": "one decision: dunder names are no data (a warning's __warningregistry__)",
