@@ -10,6 +10,7 @@ float64, outputs rounded to float32), float64 ones to 1e-9.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -594,6 +595,13 @@ def _call_each(x, blocks):
     return x
 
 
+class utils:  # noqa: N801  (a namespace of the model's code, as a utils module would be)
+    @staticmethod
+    def checkpoint(blk, x, use_reentrant=False):
+        """The model's own function named as torch's checkpointing is, which reaches into the block it is given."""
+        return blk.conv(x)
+
+
 def _handed_on(how: str) -> type:
     """A class made afresh, kept whole (a branch on its input's values), that on the branch the example does not take
     hands its blocks (or itself) to code the reader does not follow to named items: ``map`` with a lambda,
@@ -703,7 +711,34 @@ def _handed_on(how: str) -> type:
         def other(self, x):
             return list(self.blocks[0].children())[0](x)
 
-    return {"map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
+    class ConditionalLocal(Base):
+        def other(self, x):
+            blk = self.blocks[0] if len(self.blocks) else None
+            return blk.conv(x)
+
+    class FunctoolsReduce(Base):
+        def other(self, x):
+            return functools.reduce(lambda y, b: y + b.conv(x), self.blocks, 0)
+
+    class OwnCheckpoint(Base):
+        def other(self, x):
+            return utils.checkpoint(self.blocks[0], x, use_reentrant=False)
+
+    class LocalCheckpoint(Base):
+        def other(self, x, checkpoint=_run_conv):  # (a local named as torch's checkpointing: not torch's)
+            return checkpoint(self.blocks[0], x)
+
+    class StaticMethodGivenBlocks(Base):
+        def other(self, x):
+            return self._first(self.blocks, x)
+
+        @staticmethod
+        def _first(blocks, x):  # (read as a method, its x would be the blocks, of which it reads a method only)
+            return blocks[0].conv(x.relu())
+
+    return {"local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
+            "conditional-local": ConditionalLocal, "functools-reduce": FunctoolsReduce, "own-checkpoint": OwnCheckpoint,
+            "map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
             "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
             "helper-given-self": HelperGivenSelf, "method-given-blocks": MethodGivenBlocks, "map-loop": MapLoop,
             "checkpoint-argument": CheckpointArgument, "computed-index": ComputedIndex, "walrus-test": WalrusTest,
@@ -714,7 +749,8 @@ def _handed_on(how: str) -> type:
 
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
            "list-index", "children", "helper-given-self", "method-given-blocks", "map-loop", "checkpoint-argument",
-           "computed-index", "walrus-test", "closure", "method-by-getattr", "containers-added"]
+           "computed-index", "walrus-test", "closure", "method-by-getattr", "containers-added", "conditional-local",
+           "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks"]
 
 
 @pytest.mark.parametrize("how", _HANDED)
@@ -733,8 +769,9 @@ def test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_modul
 def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
     """Handing the blocks on keeps them as written only where the code is not followed: ``len(self.blocks)``,
     ``enumerate(self.blocks)`` iterated, ``self.blocks[i](x)``, ``self.downsample is not None``, activation
-    checkpointing, a bound ``__call__`` handed on (HF's gradient checkpointing) and a helper of the model's code that
-    only calls them (read, not taken as handing them on) reach no block."""
+    checkpointing (torch's, also written out in full), a bound ``__call__`` handed on (HF's gradient checkpointing),
+    a helper of the model's code or a method of its own that only calls them (read, not taken as handing them on),
+    and a local a conditional expression binds reach no block (review R7 finding 11: folds were lost)."""
 
     class Plain(nn.Module):
         def __init__(self) -> None:
@@ -749,13 +786,22 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
                 x = blk(x)
             if x.requires_grad:
                 x = checkpoint(self.downsample, x, use_reentrant=False) + self._run(self.downsample.__call__, x)
+                x = torch.utils.checkpoint.checkpoint(self.downsample, x)  # (written out in full; review R7 finding 11)
             x = _call_each(x, self.blocks)
+            x = self._each(self.blocks, x)  # (a method of its own given them, which only calls them)
+            down = self.downsample if self.downsample is not None else None  # (a conditional expression's arm)
+            x = down(x) if down is not None else x
             for blk in self.blocks.children():  # (the items a method gives, iterated: the loop's, not handed on)
                 x = blk(x)
             return self.downsample(x) if self.downsample is not None and isinstance(self.blocks, nn.ModuleList) else x
 
         def _run(self, fn, x):
             return fn(x)
+
+        def _each(self, blocks, x):
+            for blk in blocks:
+                x = blk(x)
+            return x
 
     assert reached_through(Plain()) == {"blocks"}  # (the list itself, by the computed index: not a block)
 

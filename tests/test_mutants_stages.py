@@ -380,6 +380,13 @@ FEW = {
     "repalgebra.backend.onnx:graph_to_onnx": "one decision added to it, an output whose batch axes are none",
     "repalgebra.backend.onnx:export_onnx": "two decisions added to it, a graph traced at batch 1 run at another batch, "
     "and the model's globals its runs wrote put back",
+    "repalgebra.frontend.outside_reads:_checkpointing": "two decisions: a local of that name is no global, and the name "
+    "resolved in the code's globals must be torch's or timm's function",
+    "repalgebra.frontend.outside_reads:_dotted": "one decision: attributes loaded as methods are named too (the name "
+    "is resolved, or matched with self, by its callers)",
+    "repalgebra.frontend.outside_reads:_in_method": "two decisions a test reaches: the parameter receiving the module "
+    "(after self), and plain functions only (a static method takes no self); its check that the object is the module "
+    "itself keeps a local's method of the same name handed on",
     "repalgebra.module_copy:keep_registries": "one decision: the registries the replaced child alone held are held by "
     "its replacement (those the replacement holds itself need nothing)",
     "repalgebra.module_copy:_hook_registries": "one decision: every registry of hooks counts, its flag registries too",

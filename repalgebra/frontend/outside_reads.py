@@ -19,6 +19,7 @@ do not count: they do not see the weights' values.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dis
 import inspect
@@ -33,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.capture import Call
-from repalgebra.module_copy import storage_address
+from repalgebra.module_copy import in_packages, storage_address
 
 __all__ = ["read_outside", "reached_through"]
 
@@ -300,7 +301,7 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         code = function.__code__
         if not code.co_argcount:
             continue
-        found = _chains_in(code, code.co_varnames[0], functions=function.__globals__)
+        found = _chains_in(code, code.co_varnames[0], functions=function.__globals__, owner=cls)
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
         todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
@@ -391,7 +392,7 @@ def _helpers(functions: list[types.FunctionType]) -> list[types.FunctionType]:
 
 
 def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple[Any, ...]]] | None = None,
-               functions: dict[str, Any] | None = None, depth: int = 0) -> list[tuple[Any, ...]]:
+               functions: dict[str, Any] | None = None, depth: int = 0, owner: type | None = None) -> list[tuple[Any, ...]]:
     """The chains from ``self_name`` in ``code`` and the code nested in it (comprehensions, closures, lambdas), also
     those through a local that holds one (``body = self.body``) or iterates over one (``for blk in self.blocks``),
     wherever the code loads it (the names are not followed through the flow: a name that holds several counts
@@ -459,14 +460,19 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                         held.setdefault(stored, []).append(after)
                     elif _handed_on(ops, k, after_end) is not False:
                         handed.append(after)
-                elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth)) is not None:
+                elif isinstance(how, tuple) and how[0] == "stored":
+                    held.setdefault(how[1], []).append(chain)
+                elif isinstance(how, tuple) and how[0] == "caller":  # (checkpoint(blk, x): called, where it is torch's)
+                    if not _checkpointing(how[1], functions, how[1][0] in code.co_varnames + code.co_freevars + code.co_cellvars):
+                        handed.append(chain)
+                elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth) or _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
                 elif how and (chain or depth):  # (``self`` itself handed to code not followed, ``hook(self, args)``, is
                     handed.append(chain)  # not followed; a helper's parameter handed on is)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             inner = {n: held[n] for n in const.co_freevars if n in held}  # (lambda t: blk.conv(t); review R7)
-            chains += _chains_in(const, self_name, {**inner, ".0": iterated} if iterated else inner or None, functions, depth)
+            chains += _chains_in(const, self_name, {**inner, ".0": iterated} if iterated else inner or None, functions, depth, owner)
     return chains
 
 
@@ -513,8 +519,12 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
         k -= 1  # (after the last statement's end: the stack is this statement's own from there, over lines too)
     stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
     wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
+    at = {o.offset: j for j, o in enumerate(ops)}
     while k < len(ops):
         op = ops[k]
+        if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and op.argval in at:
+            k = at[op.argval]  # (m = self.layer0 if c else None: past the other arm, the value goes on)
+            continue
         effect = _stack_effect(op)
         if op.opname == "SWAP" and len(stack) >= op.arg:
             stack[-1], stack[-op.arg] = stack[-op.arg], stack[-1]
@@ -537,8 +547,11 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                     return False  # (called, or the object a method is called on)
                 callee = taken[argc] if taken[argc + 1] == "null" or taken[argc + 1] is None else taken[argc + 1]
                 name = ops[callee].argval if isinstance(callee, int) and ops[callee].opname in _LOADS else None
-                if name in _HARMLESS or name == "super" or (name in _CALLERS and p == argc - 1):
-                    return False  # (checkpoint(blk, x) calls blk; checkpoint(f, blk, x) hands blk to f: review R7)
+                if name in _HARMLESS or name == "super":
+                    return False
+                dotted = _dotted(ops, callee) if isinstance(callee, int) else None
+                if dotted and dotted[-1] in _CALLERS and p == argc - 1:  # (checkpoint(blk, x) calls blk, where it is
+                    return ("caller", dotted)  # torch's or timm's; checkpoint(f, blk, x) hands blk to f: review R7)
                 if name in _WRAPPERS:
                     wrapped, stack = True, [*stack, "V"]
                     k += 1
@@ -550,12 +563,16 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 by_keyword = any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k])
                 if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not by_keyword:
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
+                if dotted and len(dotted) == 2 and ops[callee - 1].opname in ("LOAD_FAST", "LOAD_DEREF") and not by_keyword:
+                    return ("method", *dotted, argc - 1 - p)  # (self.run(self.blocks, x): read where it is self's)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
             if op.opname == "MATCH_CLASS":  # (case MaskedConv1d(): a class test; case Block(conv=c): reads into it)
                 names = taken[0]
                 return bool(op.arg) or not (isinstance(names, int) and ops[names].argval == ())
             if op.opname == "BINARY_OP":  # (x * s, s a loop's partner of a block: nothing; self.blocks + self.extra
                 return not item  # makes a container of the blocks, which the reader does not hold)
+            if op.opname in ("STORE_FAST", "STORE_DEREF") and p == 0:
+                return ("stored", op.argval)  # (into a local, past a conditional expression's other arm)
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
         if "V" in stack and jumps:
@@ -583,6 +600,24 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     if position >= code.co_argcount:
         return None  # (taken by *args)
     return _chains_in(code, code.co_varnames[position], functions=helper.__globals__, depth=depth + 1)
+
+
+def _in_method(how: tuple[Any, ...], owner: type | None, self_name: str, depth: int) -> list[tuple[Any, ...]] | None:
+    """The chains, from its parameter, that the method ``how`` names (``("method", obj, name, position)``:
+    :func:`_handed_on`) reads, where ``obj`` is the module itself and the method a plain function of its class
+    (``self.run(self.blocks, x)``, whose ``for b in blocks: b(x)`` reaches no block); None otherwise: the argument is
+    then handed on."""
+    if how[0] != "method" or owner is None or how[1] != self_name or depth >= 3:
+        return None
+    _, _, name, position = how
+    raw = inspect.getattr_static(owner, name, None)
+    if not isinstance(raw, types.FunctionType):
+        return None  # (a static or class method takes no self; a property or an attribute is no method)
+    function = inspect.unwrap(raw)  # (the function a decorator wraps: @torch.no_grad())
+    code = function.__code__
+    if position + 1 >= code.co_argcount:
+        return None  # (taken by *args)
+    return _chains_in(code, code.co_varnames[position + 1], functions=function.__globals__, depth=depth + 1)
 
 
 # What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index
@@ -647,6 +682,28 @@ def _stack_effect(op: dis.Instruction) -> tuple[int, int] | None:
 
 
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR"})
+
+
+def _dotted(ops: list[dis.Instruction], k: int) -> tuple[Any, ...]:
+    """The dotted name of what ``ops[k]`` loads: a name and its attributes (``torch.utils.checkpoint.checkpoint``,
+    ``self.run``: ``("self", "run")``).  Where the base is no name (an item, a call's result), its first entry is that
+    instruction's argument, which names nothing (no global resolves it, and it is no ``self``)."""
+    names = []
+    while k > 0 and ops[k].opname in ("LOAD_ATTR", "LOAD_METHOD"):
+        names.append(ops[k].argval)
+        k -= 1
+    return (ops[k].argval, *reversed(names))
+
+
+def _checkpointing(dotted: tuple[str, ...], namespace: dict[str, Any] | None, local: bool) -> bool:
+    """Whether the dotted name, resolved in the code's globals, is torch's or timm's activation checkpointing (which
+    calls the module it is handed first, as it is): not a function of the model's own of that name."""
+    if local or namespace is None:
+        return False
+    found = namespace.get(dotted[0], getattr(builtins, dotted[0], None))
+    for name in dotted[1:]:
+        found = getattr(found, name, None)
+    return getattr(found, "__name__", None) in _CALLERS and in_packages(getattr(found, "__module__", None), ("torch", "timm"))
 
 
 def _method_loaded(op: dis.Instruction) -> bool:
