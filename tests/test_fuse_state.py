@@ -1091,7 +1091,11 @@ def test_a_first_call_that_turns_a_shift_off_at_twice_the_size_too_is_state():
 
 class _Neighbour:
     """Another thread that draws from torch's generator while the model's call number ``on`` runs, and only then
-    (a hook function reads it as a global: fuse copies the model, hooks included)."""
+    (a hook function reads it as a global: fuse copies the model, hooks included).  It keeps its counts in slots:
+    instrumentation of the test, not data of the model's code, which fuse watches in its captures and puts back
+    after its runs (a count in a ``__dict__`` would be both)."""
+
+    __slots__ = ("on", "calls", "drawn", "go", "done")
 
     def __init__(self, on: set[int]) -> None:
         import threading
