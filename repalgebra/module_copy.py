@@ -327,17 +327,37 @@ def keep_registries(old: nn.Module, new: nn.Module) -> None:
     that ``new`` does not hold itself.  A handle the model keeps (``self.h = self.body.register_
     forward_hook(f)``, removed or not) holds weak references into them: once ``old`` was gone, ``copy.deepcopy`` of
     a parent kept whole holding it raised TypeError, where the model copies (review R7, finding 10).  No module runs
-    the hooks of a registry held so, as none ran them in ``old`` either, once replaced."""
+    the hooks of a registry held so.  Where a module of ``new`` runs the same hooks (the same hook ids: a
+    :class:`~repalgebra.hooked.HookedPart`, its registries copies of ``old``'s), it runs them from ``old``'s registries
+    themselves: the parent's ``handle.remove()`` then removes them from the fused model too, and the hooks it runs are
+    the parent's copies, bound to it (review R8: after ``remove_hooks()`` the fused model still ran the hook, 4.7 off)."""
+    running: dict[tuple[str, tuple], list[nn.Module]] = {}  # (registry, hook ids) -> the modules of new holding it
+    for m in new.modules():
+        for name, registry in _registries_of(m).items():
+            if registry:
+                running.setdefault((name, tuple(registry)), []).append(m)
+    for m in old.modules():
+        own = _registries_of(m)
+        same = {id(o): o for name, r in own.items() if r for o in running.get((name, tuple(r)), ())}
+        for other in same.values():  # (hook ids are unique: the same ids are copies of the same hooks)
+            for name, registry in own.items():
+                mine = _registries_of(other).get(name)
+                if mine is not None and list(mine) == list(registry):
+                    other.__dict__[name] = registry  # (run from the registry the handles point into)
     held = {id(r) for r in _hook_registries(new)}
     gone = {id(r): r for r in _hook_registries(old) if id(r) not in held}
     if gone:
         new.__dict__.setdefault(_REGISTRIES, {}).update(gone)
 
 
+def _registries_of(module: nn.Module) -> dict[str, dict]:
+    """``module``'s own hook registries (``_forward_hooks``, ``_forward_hooks_with_kwargs``, ...) by name."""
+    return {k: v for k, v in vars(module).items() if "hooks" in k and isinstance(v, dict)}
+
+
 def _hook_registries(module: nn.Module) -> list[dict]:
-    """The hook registries (``_forward_hooks``, ``_forward_hooks_with_kwargs``, ``_state_dict_pre_hooks``, ...) of
-    ``module`` and its descendants."""
-    return [v for m in module.modules() for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)]
+    """The hook registries of ``module`` and its descendants."""
+    return [v for m in module.modules() for v in _registries_of(m).values()]
 
 
 def _filled(cell: types.CellType) -> bool:

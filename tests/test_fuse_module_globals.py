@@ -11,7 +11,9 @@ calls on different inputs, the globals cleared before each run: the writes must 
 
 from __future__ import annotations
 
+import collections
 import logging
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -243,3 +245,123 @@ def test_export_onnx_leaves_the_globals_as_it_found_them() -> None:
     assert any(n.startswith(f"the model's code wrote {__name__}.LOG while export_onnx ran it") for n in report.notes), report.notes
     got = ort.InferenceSession(proto.SerializeToString()).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)  # float32 file, float64-folded weights
+
+
+TRACE: dict = {"a": {"b": {"sums": []}}}  # (a list three levels down)
+LAST = None  # (rebound by a forward from a value that is no data)
+CONFIG = types.SimpleNamespace(step=0)
+RECENT: collections.deque = collections.deque(maxlen=8)
+CAL: dict = {}
+with torch.inference_mode():
+    RUNNING = torch.zeros(2)  # (made under inference_mode: written back under it)
+
+
+class MoreWrites(nn.Module):
+    """Writes review R8 found unwatched or not put back."""
+
+    calls = 0  # (a class attribute)
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global LAST
+        if self.how == "three levels down":
+            TRACE["a"]["b"]["sums"].append(x.sum())
+        elif self.how == "rebound from no data":
+            LAST = x.shape[-1]
+        elif self.how == "class attribute":
+            type(self).calls += 1
+        elif self.how == "simple namespace":
+            CONFIG.step += 1
+        elif self.how == "deque":
+            RECENT.append(x.shape[0])
+        elif self.how == "inference tensor":
+            with torch.inference_mode():
+                RUNNING[0] += 1
+        return self.bn(self.conv(x))
+
+
+def _clear_more() -> None:
+    TRACE["a"]["b"]["sums"].clear()
+    MoreWrites.calls, CONFIG.step = 0, 0
+    RECENT.clear()
+    with torch.inference_mode():
+        RUNNING.zero_()
+
+
+def _more_globals() -> dict:
+    return {"sums": len(TRACE["a"]["b"]["sums"]), "LAST": LAST, "calls": MoreWrites.calls, "step": CONFIG.step,
+            "recent": list(RECENT), "running": RUNNING.tolist()}
+
+
+@pytest.mark.parametrize("how", ["three levels down", "rebound from no data", "class attribute", "simple namespace",
+                                 "deque", "inference tensor"])
+def test_more_kinds_of_module_level_writes_are_made_and_put_back(how: str) -> None:
+    """Review R8: a list three levels down kept an fx Proxy and fake tensors (a later fuse failed); a global rebound
+    from a numpy array was deleted; a class attribute, a SimpleNamespace and a deque were not watched (never written
+    by the fused model); a tensor made under inference_mode made fuse fail putting it back."""
+    global LAST
+    import numpy as np
+
+    LAST = np.zeros(2)
+    _clear_more()
+    model = seeded(lambda: MoreWrites(how), 0)().to(D).eval()
+    before = _more_globals()
+    fused = fuse(model, _inputs()[0])
+    assert _more_globals().keys() == before.keys()
+    for name, value in before.items():  # (a numpy array by identity: put back, not deleted)
+        assert _more_globals()[name] is value if name == "LAST" else _more_globals()[name] == value, name
+    model(_inputs()[1])
+    theirs = _more_globals()
+    LAST = before["LAST"]
+    _clear_more()
+    fused(_inputs()[1])
+    mine = _more_globals()
+    assert {k: v for k, v in mine.items() if k != "LAST"} == {k: v for k, v in theirs.items() if k != "LAST"}
+    assert (mine["LAST"] == theirs["LAST"]) if how == "rebound from no data" else True
+    _clear_more()
+
+
+class Calibrates(nn.Module):
+    """Calibrates a shift on its first call, kept in a module-level dict (review R8: fuse's own run of the model
+    filled it, and the capture of the block that came after read it as a constant, 5.2 off on every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "shift" not in CAL:
+            CAL["shift"] = x.mean().detach()
+        return self.bn(self.conv(x - CAL["shift"]))
+
+
+class AroundCalibrates(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = Calibrates()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blk(x)
+        return y if y.sum() > 0 else -y  # (a branch on values: kept whole, its child captured on its own)
+
+
+def test_a_first_call_calibration_kept_at_module_level_is_not_baked_from_fuses_own_run() -> None:
+    model = seeded(AroundCalibrates, 0)().to(D).eval()
+    CAL.clear()
+    fused = fuse(model, _inputs()[0])
+    assert CAL == {}
+    xs = [x * 3 + 5 for x in _inputs()[1:]]
+    want = [model(x) for x in xs]
+    theirs = dict(CAL)
+    CAL.clear()
+    got = [fused(x) for x in xs]
+    torch.testing.assert_close(CAL["shift"], theirs["shift"], rtol=0, atol=0)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=RTOL)
+    CAL.clear()

@@ -85,15 +85,17 @@ def test_children_whose_weights_the_parent_updates_stay_as_written():
 
 class CastsToItsStem(nn.Module):
     """A forward kept whole (it draws noise) that reads its stem's weights for their dtype, device and shape only
-    (timm's ``next(self.parameters()).dtype``, ``w.new_zeros``, ``x.type_as(w)``, ``torch.zeros_like(w)``)."""
+    (timm's ``next(self.parameters()).dtype``, ``.device``, ``.new_zeros``).  A first tensor stored or handed on
+    (``w = next(self.stem.parameters())``, then ``x.type_as(w)``) may be read for its values: the stem then stays as
+    written (review R8: ``next(self.blocks[0].parameters())`` read the folded weight, 157 off)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
 
     def forward(self, x):
-        w = next(self.stem.parameters())
-        y = self.stem(x.to(w.dtype)).type_as(w) + w.new_zeros(1) + torch.zeros_like(w).sum()
+        dtype, device = next(self.stem.parameters()).dtype, next(self.stem.parameters()).device
+        y = self.stem(x.to(dtype=dtype, device=device)) + next(self.stem.parameters()).new_zeros(1)
         return y + 0.1 * torch.randn_like(y)
 
 
@@ -369,12 +371,12 @@ class ReachesIn(nn.Module):
     def forward(self, x, i: int = 0):
         y = self.blocks(self.body(self.stem(x.to(self.stem.conv.weight.dtype))))  # a dtype: reaches into nothing
         y = self.blocks[i](y) * self.seq[-1].running_var.sum()  # blocks by a computed index; seq[-1]'s buffer
-        w = next(self.stem.parameters())  # a method of the child: read_outside's to see
+        w = next(self.stem.parameters())  # stored: its values may be read (every module below the stem)
         return [self.body.conv(h) for h in (y, w.new_zeros(1))]  # in a comprehension
 
 
 def test_reached_through_names_the_children_code_reaches_into():
-    assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body"}
+    assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body", "stem", "stem.conv", "stem.bn"}
 
 
 @pytest.mark.parametrize("where", ["init", "helper"])
@@ -602,6 +604,19 @@ class utils:  # noqa: N801  (a namespace of the model's code, as a utils module 
         return blk.conv(x)
 
 
+def _first_block_conv(method):
+    """A decorator of the model's own whose wrapper reaches into the blocks it is given."""
+
+    @functools.wraps(method)
+    def wrapper(self, blocks, x):
+        return method(self, blocks, blocks[0].conv(x))
+
+    return wrapper
+
+
+_partial_checkpoint = functools.partial(checkpoint, use_reentrant=False)  # (the flag fixed once, a common way)
+
+
 def _handed_on(how: str) -> type:
     """A class made afresh, kept whole (a branch on its input's values), that on the branch the example does not take
     hands its blocks (or itself) to code the reader does not follow to named items: ``map`` with a lambda,
@@ -736,7 +751,43 @@ def _handed_on(how: str) -> type:
         def _first(blocks, x):  # (read as a method, its x would be the blocks, of which it reads a method only)
             return blocks[0].conv(x.relu())
 
-    return {"local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
+    class ShadowedMethod(Base):  # (review R8: the instance's attribute runs, not the class's method)
+        def __init__(self) -> None:
+            super().__init__()
+            self.run = self._first_conv
+
+        def other(self, x):
+            return self.run(self.blocks, x)
+
+        def run(self, blocks, x):
+            return x
+
+        def _first_conv(self, blocks, x):
+            return blocks[0].conv(x)
+
+    class DecoratedMethod(Base):  # (review R8: the wrapper reaches into what it is given itself)
+        def other(self, x):
+            return self._first(self.blocks, x)
+
+        @_first_block_conv
+        def _first(self, blocks, x):
+            return x
+
+    class ChildParameters(Base):  # (review R8: the folded weight read, 157 off)
+        def other(self, x):
+            return x * next(self.blocks[0].parameters()).sum()
+
+    class LoopOverConditional(Base):  # (review R8: the loop's items never bound, 301 off)
+        def other(self, x):
+            y = 0
+            for b in (self.blocks if x.sum() < 0 else self.extra):
+                y = y + b.conv(x)
+            return y
+
+        extra = nn.ModuleList()
+
+    return {"shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
+            "loop-over-conditional": LoopOverConditional, "local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
             "conditional-local": ConditionalLocal, "functools-reduce": FunctoolsReduce, "own-checkpoint": OwnCheckpoint,
             "map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
             "getattr-computed": GetattrComputed, "getattr-self-constant": GetattrSelfConstant,
@@ -750,7 +801,8 @@ def _handed_on(how: str) -> type:
 _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "getattr-self-constant", "getattr-constant",
            "list-index", "children", "helper-given-self", "method-given-blocks", "map-loop", "checkpoint-argument",
            "computed-index", "walrus-test", "closure", "method-by-getattr", "containers-added", "conditional-local",
-           "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks"]
+           "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks", "shadowed-method",
+           "decorated-method", "child-parameters", "loop-over-conditional"]
 
 
 @pytest.mark.parametrize("how", _HANDED)
@@ -787,6 +839,7 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
             if x.requires_grad:
                 x = checkpoint(self.downsample, x, use_reentrant=False) + self._run(self.downsample.__call__, x)
                 x = torch.utils.checkpoint.checkpoint(self.downsample, x)  # (written out in full; review R7 finding 11)
+                x = _partial_checkpoint(self.downsample, x)  # (a partial of it: review R8)
             x = _call_each(x, self.blocks)
             x = self._each(self.blocks, x)  # (a method of its own given them, which only calls them)
             down = self.downsample if self.downsample is not None else None  # (a conditional expression's arm)

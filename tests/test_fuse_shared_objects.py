@@ -738,6 +738,49 @@ def test_a_parent_kept_whole_holding_a_handle_into_a_fused_childs_registries_cop
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
 
 
+class RemovesItsHooks(nn.Module):
+    """Keeps the handle of a hook it put on its body or on the body's first conv, which scales what it returns and
+    stores features, and a method that removes it; branches on a value (kept whole, its body fused)."""
+
+    def __init__(self, on: str) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4)
+        self.features: dict = {}
+        self.handles = [(self.body if on == "child" else self.body[0]).register_forward_hook(self._tap)]
+
+    def _tap(self, module, args, out):
+        self.features["tap"] = out.detach()  # (the module argument is a HookedPart in the fused model)
+        return out * 3
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y.relu() if y.sum() > 0 else y - 1
+
+
+@pytest.mark.parametrize("on", ["child", "grandchild"])
+def test_a_parents_handles_remove_the_hooks_its_fused_child_runs(on):
+    """Review R8: the fused body ran copies of the hooks from registries of its own, so after the parent's
+    ``remove_hooks()`` the fused model still scaled its output (4.7 off) and the parent's handles removed nothing.
+    The fused forms run the same hooks from the registries the handles point into, bound to the fused parent."""
+    model = seeded(RemovesItsHooks, 0, on=on)().to(D)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    assert any(p.path == "body" and p.how == "fx" for p in fused.fuse_report.parts), str(fused.fuse_report)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+        assert fused.features.keys() == model.features.keys() != set(), fused.features.keys()
+        model.remove_hooks()
+        fused.remove_hooks()
+        model.features.clear()
+        fused.features.clear()
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-12)
+        assert fused.features == model.features == {}
+
+
 def test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse():
     """fuse's runs of its copies called the one-shot hook, whose handle is the user's: the user's model, never
     called, had lost its hook after fuse, and a copy's hook kept in the fused model removed it at its first call

@@ -20,8 +20,11 @@ of other modules (a helper in ``utils.py`` writing its own globals) is not watch
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 import types
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -32,6 +35,7 @@ from repalgebra.frontend.mode_flags import code_namespaces
 __all__ = ["GlobalWritten", "globals_kept"]
 
 _SCALARS = (bool, int, float, complex, str, type(None))
+_MUTABLE = (list, dict, set, collections.deque, types.SimpleNamespace)  # containers (and a namespace) a write changes
 _DEPTH, _ITEMS, _COPIED = 3, 256, 4096  # as a state snapshot follows them (levels, items per container, tensor elements)
 
 
@@ -39,46 +43,91 @@ class GlobalWritten(TypeError):
     """The model's code wrote module-level data while it was captured (put back as it was before the capture)."""
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the namespaces of a model's code hold: each owner (a module's globals, or a class of the model's code)
+    with every name it binds, the :func:`~repalgebra.frontend.state.attribute_key` of its data, and a copy of what
+    each mutable object among them holds (to put back)."""
+
+    owners: list[tuple[str, Any, dict[str, Any], dict[str, Any]]]  # (label, owner, bindings, keys of the data)
+    classes: frozenset[str]
+    held: list[tuple[Any, Any]]
+
+
+_UNDER_WAY = threading.local()  # per thread: the snapshots of the fuse and export_onnx calls under way (outermost first)
+
+
 @contextlib.contextmanager
 def globals_kept(model: nn.Module, refuse: bool = True) -> Iterator[list[str]]:
-    """Within the block (a capture of ``model``), the module-level data of ``model``'s code may change: at its end
-    each change is put back, the list yielded names them (``"models.stats.STATS"``), and, where the block
-    ended normally and ``refuse``, :class:`GlobalWritten` says so."""
-    from repalgebra.frontend.state import _same, attribute_key  # (state imports verify, which imports the tracer)
-
-    namespaces = code_namespaces(model)
-    classes = {str(ns.get("__name__", "")) for ns in namespaces}
-    before = [(ns, _data(ns, classes)) for ns in namespaces]
-    keys = [{name: attribute_key(value) for name, value in data.items()} for _, data in before]
-    held: list[tuple[Any, Any]] = []
-    for _, data in before:
-        for value in data.values():
-            _contents(value, 0, classes, held)
+    """Within the block, the module-level data of ``model``'s code may change: at its end each change is put back,
+    the list yielded names them (``"models.stats.STATS"``), and, where the block ended normally and ``refuse`` (a
+    capture), :class:`GlobalWritten` says so.  A capture first puts back the globals as each ``fuse`` or
+    ``export_onnx`` under way (a block with ``refuse=False``) found them: fuse's own runs of the model (a first call
+    that calibrates, ``CAL["shift"] = x.mean()``) left values that a later capture of a part read as constants and
+    made no write of (5.2 off on every call; review R8)."""
+    under_way = _UNDER_WAY.__dict__.setdefault("snapshots", [])
+    if refuse:
+        for outer in reversed(under_way):
+            _put_back(outer)
+    snapshot = _snapshot(code_namespaces(model))
     written: list[str] = []
+    if not refuse:
+        under_way.append(snapshot)
     try:
         yield written
     finally:  # (a block that raised: its writes put back, its error stands)
-        for (ns, data), key in zip(before, keys):
-            now = _data(ns, classes)
-            written += [f"{ns.get('__name__', '?')}.{name}" for name in sorted(data.keys() | now.keys())
-                        if name not in data or name not in now or not _same(key[name], attribute_key(now[name]))]
+        if not refuse:
+            under_way.remove(snapshot)
+        written += _written(snapshot)
         if written:
-            _put_back(before, held, classes)
+            _put_back(snapshot)
     if written and refuse:
         shown = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
         raise GlobalWritten(f"its forward writes the module-level {shown}: a capture makes that write once, on stand-ins, "
                             "and holds none, so the fused module would never make it (kept whole, it writes as written)")
 
 
-def _data(namespace: dict[str, Any], classes: set[str]) -> dict[str, Any]:
-    """The entries of ``namespace`` that are data a forward may write (not dunders, modules, classes or functions)."""
-    return {name: value for name, value in namespace.items() if not name.startswith("__") and _is_data(value, classes)}
+def _snapshot(namespaces: list[dict[str, Any]]) -> _Snapshot:
+    from repalgebra.frontend.state import attribute_key  # (state imports verify, which imports the tracer)
+
+    classes = frozenset(str(ns.get("__name__", "")) for ns in namespaces)
+    owners: list[tuple[str, Any, dict[str, Any], dict[str, Any]]] = []
+    for ns in namespaces:
+        label = str(ns.get("__name__", "?"))
+        owners.append((label, ns, _bindings(ns), {}))
+        owners += [(f"{label}.{name}", cls, _bindings(vars(cls)), {}) for name, cls in ns.items()
+                   if isinstance(cls, type) and cls.__module__ == label and not name.startswith("__")]
+    held: list[tuple[Any, Any]] = []
+    for _, _, bindings, keys in owners:
+        for name, value in bindings.items():
+            if _is_data(value, classes):
+                keys[name] = attribute_key(value)
+                _contents(value, 0, classes, held)
+    return _Snapshot(owners, classes, held)
 
 
-def _is_data(value: Any, classes: set[str]) -> bool:
+def _bindings(mapping: Any) -> dict[str, Any]:
+    """The names a namespace or a class binds, dunders aside (a warning writes the module's ``__warningregistry__``)."""
+    return {name: value for name, value in mapping.items() if not name.startswith("__")}
+
+
+def _written(snapshot: _Snapshot) -> list[str]:
+    """The names of ``snapshot`` bound anew, unbound or rebound since, or whose data changed."""
+    from repalgebra.frontend.state import _same, attribute_key
+
+    written = []
+    for label, owner, bindings, keys in snapshot.owners:
+        now = _bindings(owner if isinstance(owner, dict) else vars(owner))
+        written += [f"{label}.{name}" for name in sorted(bindings.keys() | now.keys())
+                    if name not in bindings or name not in now or now[name] is not bindings[name]
+                    or (name in keys and not _same(keys[name], attribute_key(now[name])))]
+    return written
+
+
+def _is_data(value: Any, classes: frozenset[str]) -> bool:
     """A tensor, Python scalar, container, or object of a class defined in the model's code (``classes``: the names
     of its modules): a logger's or a library object's internals change on their own (a logger caches its levels)."""
-    if isinstance(value, (torch.Tensor, *_SCALARS, list, tuple, dict, set)):
+    if isinstance(value, (torch.Tensor, *_SCALARS, tuple, *_MUTABLE)):
         return True
     return _plain(value) and type(value).__module__ in classes
 
@@ -88,52 +137,65 @@ def _plain(value: Any) -> bool:
     return hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type, types.ModuleType)) and not callable(value)
 
 
-def _contents(value: Any, depth: int, classes: set[str], held: list[tuple[Any, Any]]) -> None:
+def _contents(value: Any, depth: int, classes: frozenset[str], held: list[tuple[Any, Any]]) -> None:
     """Append to ``held`` each mutable object ``value`` holds (itself included), :data:`_DEPTH` levels deep, with a
     copy of what it holds: a container's items, an object's attributes, a small tensor's values."""
     if isinstance(value, torch.Tensor):
         if value.numel() <= _COPIED and value.layout is torch.strided and not value.is_meta:
             held.append((value, value.detach().clone()))
         return
-    if depth >= _DEPTH or isinstance(value, (*_SCALARS, nn.Module, type, types.ModuleType)):
+    if depth > _DEPTH or isinstance(value, (*_SCALARS, nn.Module, type, types.ModuleType)):
         return
-    if isinstance(value, dict):
-        held.append((value, dict(value)))
-        items = list(value.values())
+    if isinstance(value, (dict, set, collections.deque)):
+        held.append((value, value.copy()))
+        items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, collections.deque) else []
     elif isinstance(value, list):
         held.append((value, list(value)))
         items = list(value)
-    elif isinstance(value, set):
-        held.append((value, set(value)))
-        items = []
     elif isinstance(value, tuple):
         items = list(value)
-    elif _plain(value) and type(value).__module__ in classes:
+    elif isinstance(value, types.SimpleNamespace) or (_plain(value) and type(value).__module__ in classes):
         held.append((value, dict(vars(value))))
         items = list(vars(value).values())
     else:
         return
-    for item in items[:_ITEMS]:
-        _contents(item, depth + 1, classes, held)
+    if depth < _DEPTH:  # (a container at the last level is put back, what it holds is not followed)
+        for item in items[:_ITEMS]:
+            _contents(item, depth + 1, classes, held)
 
 
-def _put_back(before: list[tuple[dict[str, Any], dict[str, Any]]], held: list[tuple[Any, Any]], classes: set[str]) -> None:
-    """Bind each namespace's data names to their values before the capture (removing those it added), and put back
-    what each mutable object held."""
-    for ns, data in before:
-        for name in set(_data(ns, classes)) - set(data):
-            del ns[name]
-        ns.update(data)
-    with torch.no_grad():
-        for obj, copied in reversed(held):  # (inner objects first: each is put back whole)
-            if isinstance(obj, torch.Tensor):
-                if not torch.equal(obj, copied):
-                    obj.copy_(copied)
-            elif isinstance(obj, (dict, set)):
-                obj.clear()
-                obj.update(copied)
-            elif isinstance(obj, list):
-                obj[:] = copied
+def _put_back(snapshot: _Snapshot) -> None:
+    """Bind each name of ``snapshot`` to its object again (removing those bound since), and put back what each
+    mutable object held."""
+    for _, owner, bindings, _ in snapshot.owners:
+        now = _bindings(owner if isinstance(owner, dict) else vars(owner))
+        for name in now.keys() - bindings.keys():
+            if isinstance(owner, dict):
+                del owner[name]
             else:
-                vars(obj).clear()
-                vars(obj).update(copied)
+                delattr(owner, name)
+        for name, value in bindings.items():
+            if now.get(name, _MISSING) is not value:
+                if isinstance(owner, dict):
+                    owner[name] = value
+                else:
+                    setattr(owner, name, value)
+    for obj, copied in reversed(snapshot.held):  # (inner objects first: each is put back whole)
+        if isinstance(obj, torch.Tensor):
+            if not torch.equal(obj, copied):
+                with torch.inference_mode(obj.is_inference()), torch.no_grad():  # (a tensor made under inference_mode)
+                    obj.copy_(copied)
+        elif isinstance(obj, collections.deque):
+            obj.clear()
+            obj.extend(copied)
+        elif isinstance(obj, (dict, set)):
+            obj.clear()
+            obj.update(copied)
+        elif isinstance(obj, list):
+            obj[:] = copied
+        else:
+            vars(obj).clear()
+            vars(obj).update(copied)
+
+
+_MISSING = object()

@@ -22,10 +22,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dis
+import functools
 import inspect
 import sys
 import types
 import weakref
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -43,6 +45,7 @@ _METADATA = frozenset({
     "dtype", "shape", "device", "requires_grad", "is_cuda", "ndim", "layout", "is_sparse", "is_quantized", "is_meta",
     "names", "grad_fn", "is_leaf", "size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
     "is_complex", "element_size", "get_device", "stride", "is_contiguous", "data_ptr", "__len__", "storage_offset",
+    "new_zeros", "new_ones", "new_empty", "new_full",
 })
 
 
@@ -199,6 +202,10 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
                 obj, chain = todo.pop()
                 step = None
                 for k, step in enumerate(chain):
+                    if isinstance(step, _Method):
+                        if step.name in vars(sub):
+                            break  # (handed on: reached_through keeps every module below)
+                        continue
                     if step is None and obj is not sub:  # each child (a loop's item, a computed index): the rest on each
                         todo += [(c, chain[k + 1:]) for c in obj._modules.values() if c is not None]
                         break
@@ -426,6 +433,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
         if op.opname not in ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE") or not (op.argval == self_name or op.argval in held):
             continue
         steps, end = _steps_to(ops, i + 1)
+        if steps and steps[-1] in _TENSORS_OF and _first_only(ops, i, end):
+            steps = (*steps[:-1], _FIRST_TENSOR)  # (next(self.stem.parameters()): its dtype or device, timm's way)
         for base in [()] if op.argval == self_name else held[op.argval]:
             chain = base + steps
             if chain:
@@ -465,8 +474,11 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 elif isinstance(how, tuple) and how[0] == "caller":  # (checkpoint(blk, x): called, where it is torch's)
                     if not _checkpointing(how[1], functions, how[1][0] in code.co_varnames + code.co_freevars + code.co_cellvars):
                         handed.append(chain)
-                elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth) or _in_method(how, owner, self_name, depth)) is not None:
+                elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth)) is not None:
                     chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
+                elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
+                    chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
+                    # same, where the module does not hold an attribute of that name: see _through)
                 elif how and (chain or depth):  # (``self`` itself handed to code not followed, ``hook(self, args)``, is
                     handed.append(chain)  # not followed; a helper's parameter handed on is)
     for const in code.co_consts:
@@ -481,6 +493,23 @@ _ITEMS = frozenset({"items", "values", "children", "named_children"})
 # Methods and attributes of a module that reach every module below it: ``for n, m in self.named_modules()``.
 _EVERY = frozenset({"modules", "named_modules", "apply", "_modules", "get_submodule", "__getitem__", "__getattr__",
                     "__dict__", "get_parameter", "get_buffer", "state_dict"})
+# Methods of a child that give its tensors (``next(self.blocks[0].parameters())``): its fused form's are the folded
+# ones (review R8, 141 to 273 off).  On the module itself they are left to read_outside's runs (``next(self.parameters())
+# .dtype``, in every other model, reads no value).
+_TENSORS_OF = frozenset({"parameters", "named_parameters", "buffers", "named_buffers"})
+_FIRST_TENSOR = "<first tensor>"  # the step of ``next(child.parameters())``: read for its dtype or device
+
+
+def _first_only(ops: list[dis.Instruction], i: int, end: int) -> bool:
+    """Whether the chain from ``ops[i]`` to ``ops[end]`` (a method giving tensors) is called at once, handed to
+    ``next`` alone, and only that tensor's metadata read: ``next(self.stem.parameters()).dtype`` (timm's way).
+    Stored or read otherwise (``next(self.blocks[0].parameters()).sum()``), its values are the fused form's."""
+    after = [k for k in range(end, min(end + 5, len(ops))) if ops[k].opname == "CALL"][:2]
+    return (i > 0 and ops[i - 1].opname == "LOAD_GLOBAL" and ops[i - 1].argval == "next" and len(after) == 2
+            and [ops[k].arg for k in after] == [0, 1] and after[1] + 1 < len(ops)
+            and ops[after[1] + 1].opname in ("LOAD_ATTR", "LOAD_METHOD") and ops[after[1] + 1].argval in _METADATA)
+
+
 # Functions handed a module that read nothing through it
 _HARMLESS = frozenset({"len", "isinstance", "issubclass", "hasattr", "id", "type", "callable", "print", "repr", "str", "bool"})
 # Functions that call what they are handed first as it is (torch's and timm's activation checkpointing)
@@ -520,10 +549,11 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
     stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
     wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
     at = {o.offset: j for j, o in enumerate(ops)}
+    jumped = False  # (past a conditional expression's other arm: only a store into a local is followed there)
     while k < len(ops):
         op = ops[k]
         if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and op.argval in at:
-            k = at[op.argval]  # (m = self.layer0 if c else None: past the other arm, the value goes on)
+            k, jumped = at[op.argval], True  # (m = self.layer0 if c else None: past the other arm, the value goes on)
             continue
         effect = _stack_effect(op)
         if op.opname == "SWAP" and len(stack) >= op.arg:
@@ -537,6 +567,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
         taken = [stack.pop() if stack else None for _ in range(pops)]  # top first
         if "V" in taken:
             p = taken.index("V")  # its place from the top
+            if jumped:  # (for b in (self.blocks if c else self.extra): the loop binds no local to the arm; review R8)
+                return ("stored", op.argval) if op.opname in ("STORE_FAST", "STORE_DEREF") and p == 0 else True
             if wrapped:
                 return op.opname != "GET_ITER"
             if op.opname == "BINARY_SUBSCR" and p == 1:  # (self.heads[self.task]: an index _steps_to did not read)
@@ -571,8 +603,6 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 return bool(op.arg) or not (isinstance(names, int) and ops[names].argval == ())
             if op.opname == "BINARY_OP":  # (x * s, s a loop's partner of a block: nothing; self.blocks + self.extra
                 return not item  # makes a container of the blocks, which the reader does not hold)
-            if op.opname in ("STORE_FAST", "STORE_DEREF") and p == 0:
-                return ("stored", op.argval)  # (into a local, past a conditional expression's other arm)
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
         if "V" in stack and jumps:
@@ -593,6 +623,8 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     if how[0] != "helper" or functions is None or depth >= 3:
         return None
     _, name, position = how
+    if position == 0 and _checkpointing((name,), functions, False):
+        return []  # (torch's checkpoint under another name, a partial of it: it calls what it is given first)
     helper = functions.get(name)
     if not isinstance(helper, types.FunctionType) or str(helper.__module__).partition(".")[0] in _NOT_THE_MODELS:
         return None
@@ -600,6 +632,16 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     if position >= code.co_argcount:
         return None  # (taken by *args)
     return _chains_in(code, code.co_varnames[position], functions=helper.__globals__, depth=depth + 1)
+
+
+@dataclass(frozen=True)
+class _Method:
+    """A step of a chain into the method ``name`` of the module's class, which the code hands what the chain reached
+    (``self.run(self.blocks, x)``): the steps after it are that method's reads of its parameter.  A module that holds
+    an attribute of that name itself (``self.run = self._first_conv``) calls that instead: the chain is then handed
+    on (review R8, 202 off)."""
+
+    name: str
 
 
 def _in_method(how: tuple[Any, ...], owner: type | None, self_name: str, depth: int) -> list[tuple[Any, ...]] | None:
@@ -613,7 +655,9 @@ def _in_method(how: tuple[Any, ...], owner: type | None, self_name: str, depth: 
     raw = inspect.getattr_static(owner, name, None)
     if not isinstance(raw, types.FunctionType):
         return None  # (a static or class method takes no self; a property or an attribute is no method)
-    function = inspect.unwrap(raw)  # (the function a decorator wraps: @torch.no_grad())
+    function = inspect.unwrap(raw)  # (the function torch's decorator wraps: @torch.no_grad())
+    if function is not raw and not in_packages(raw.__globals__.get("__name__"), ("torch",)):
+        return None  # (another decorator's wrapper may reach into what it is given itself; review R8)
     code = function.__code__
     if position + 1 >= code.co_argcount:
         return None  # (taken by *args)
@@ -703,6 +747,8 @@ def _checkpointing(dotted: tuple[str, ...], namespace: dict[str, Any] | None, lo
     found = namespace.get(dotted[0], getattr(builtins, dotted[0], None))
     for name in dotted[1:]:
         found = getattr(found, name, None)
+    while isinstance(found, functools.partial) and not found.args:  # (partial(checkpoint, use_reentrant=False))
+        found = found.func
     return getattr(found, "__name__", None) in _CALLERS and in_packages(getattr(found, "__module__", None), ("torch", "timm"))
 
 
@@ -781,7 +827,10 @@ def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = 
     or whose tensors it reads."""
     obj, reached = root if start is None else start, []
     for k, step in enumerate(chain):
-        if step is ... or (step in _EVERY and _child(obj, step) is None):  # every module below (see _handed_on)
+        if isinstance(step, _Method) and step.name not in vars(root):
+            continue  # (its own method, read)
+        if step is ... or isinstance(step, _Method) or (step in _EVERY and _child(obj, step) is None) or (
+                step in _TENSORS_OF and obj is not root and _child(obj, step) is None):  # every module below (see _handed_on)
             return [*reached, *(m for m in obj.modules() if m is not root)]
         child = _child(obj, step)
         if child is not None:

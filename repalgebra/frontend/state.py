@@ -20,6 +20,7 @@ model is kept whole.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import types
@@ -347,7 +348,7 @@ def attribute_key(value: Any, depth: int = 0) -> Any:
         held = [c.cell_contents for c in value.__closure__ or () if _filled(c)] + list(value.__defaults__ or ())
         return ("function", id(value), tuple(attribute_key(h, depth + 1) for h in held))
     deeper = depth < _DEPTH
-    if isinstance(value, (list, tuple, dict, set, frozenset)):
+    if isinstance(value, (list, tuple, dict, set, frozenset, collections.deque)):
         if not deeper or len(value) > _ITEMS:
             return ("container", type(value).__name__, len(value))
         if isinstance(value, dict):
