@@ -389,10 +389,15 @@ FEW = {
     "itself keeps a local's method of the same name handed on",
     "repalgebra.module_copy:keep_registries": "one decision: the registries the replaced child alone held are held by "
     "its replacement (those the replacement holds itself need nothing)",
-    "repalgebra.module_copy:_hook_registries": "one decision: every registry of hooks counts, its flag registries too",
+    "repalgebra.module_copy:_registries_of": "one decision: every registry of hooks counts, its flag registries too",
+    "repalgebra.frontend.module_globals:_written": "two decisions: a name rebound counts, and data whose value changed",
+    "repalgebra.frontend.module_globals:_snapshot": "one decision added to the namespaces: the attributes of the classes "
+    "the model's code defines are watched too",
+    "repalgebra.frontend.module_globals:_bindings": "one decision: dunder names are no data (a warning's __warningregistry__)",
+    "repalgebra.frontend.outside_reads:_first_only": "one decision a test reaches: only a metadata read of the first "
+    "tensor counts as reading no values (the call shape of next(X.parameters()) is matched as the bytecode is)",
     "repalgebra.frontend.module_globals:_is_data": "two decisions: containers are the model's data, and of objects only "
     "those of classes its code defines (a logger's cache of its levels is no write)",
-    "repalgebra.frontend.module_globals:_data": "one decision: dunder names are no data (a warning's __warningregistry__)",
     "repalgebra.frontend.fx_trace:trace_fx": "one decision added to it: the trace is made with the model's globals watched",
     "repalgebra.frontend.aten:_export": "one decision added to it: the capture is made with the model's globals watched "
     "(its other steps predate the stage's mutants, and are covered by the capture's tests)",
