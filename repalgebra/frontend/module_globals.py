@@ -68,7 +68,7 @@ def globals_kept(model: nn.Module, refuse: bool = True) -> Iterator[list[str]]:
     under_way = _UNDER_WAY.__dict__.setdefault("snapshots", [])
     if refuse:
         for outer in reversed(under_way):
-            _put_back(outer)
+            _put_back(outer, data_only=True)  # (what fuse itself stands in for a capture, a dtype property, stays)
     snapshot = _snapshot(code_namespaces(model))
     written: list[str] = []
     if not refuse:
@@ -164,17 +164,21 @@ def _contents(value: Any, depth: int, classes: frozenset[str], held: list[tuple[
             _contents(item, depth + 1, classes, held)
 
 
-def _put_back(snapshot: _Snapshot) -> None:
+def _put_back(snapshot: _Snapshot, data_only: bool = False) -> None:
     """Bind each name of ``snapshot`` to its object again (removing those bound since), and put back what each
-    mutable object held."""
+    mutable object held.  ``data_only``: names bound to no data, then and now (a function, a property), stay."""
     for _, owner, bindings, _ in snapshot.owners:
         now = _bindings(owner if isinstance(owner, dict) else vars(owner))
         for name in now.keys() - bindings.keys():
+            if data_only and not _is_data(now[name], snapshot.classes):
+                continue
             if isinstance(owner, dict):
                 del owner[name]
             else:
                 delattr(owner, name)
         for name, value in bindings.items():
+            if data_only and not (_is_data(value, snapshot.classes) or _is_data(now.get(name), snapshot.classes)):
+                continue
             if now.get(name, _MISSING) is not value:
                 if isinstance(owner, dict):
                     owner[name] = value
