@@ -1498,7 +1498,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.module_globals:globals_kept", "        if written:\n            _put_back(snapshot)", "        if written:\n            pass", _GLOBALS),
     ("frontend", "globals-capture-from-fuses-runs", "a capture made on the globals fuse's own runs left (a first call's calibration read "
      "as a constant; review R8)", "repalgebra.frontend.module_globals:globals_kept",
-     "        for outer in reversed(under_way):\n            _put_back(outer)", "        for outer in reversed(under_way):\n            pass", _GLOBALS),
+     "            _put_back(outer, data_only=True)", "            pass", _GLOBALS),
     ("frontend", "globals-reset-undoes-stand-ins", "a capture's start puts back also what fuse stands in for it on the "
      "model's classes (a dtype property answering another dtype: its retrace saw the real one)",
      "repalgebra.frontend.module_globals:_put_back",
