@@ -942,10 +942,17 @@ def fuse(
         Parameters the model ties (an embedding and its output head) stay one
         parameter where no fold changed them (:mod:`repalgebra.ties`).
 
+    Module-level data: a part whose forward writes the module-level data of
+    the model's code (``LOG.append(...)``, ``global CALLS; CALLS += 1``, a
+    class attribute) is kept whole and makes its writes on every call; what
+    ``fuse``'s own runs of the model wrote there is put back as it ends (the
+    report names it).  See ``docs/capture.md``.
+
     Threads: calls of ``fuse`` and ``export_onnx`` in several threads take
     turns.  ``torch.fx`` replaces ``nn.Module.__call__`` for the whole process
     while it traces, so do not run other models in other threads while a
-    ``fuse`` is under way: their module calls would go through its tracer.
+    ``fuse`` is under way: their module calls would go through its tracer, and
+    their writes to the model code's module-level data are put back with fuse's.
         It is for inference: gradients through it follow the fused graph, not
         the model's ``torch.no_grad()`` blocks, custom ``autograd.Function``
         backward passes or backward hooks.

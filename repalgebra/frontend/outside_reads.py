@@ -742,8 +742,8 @@ def _dotted(ops: list[dis.Instruction], k: int) -> tuple[Any, ...]:
 def _checkpointing(dotted: tuple[str, ...], namespace: dict[str, Any] | None, local: bool) -> bool:
     """Whether the dotted name, resolved in the code's globals, is torch's or timm's activation checkpointing (which
     calls the module it is handed first, as it is): not a function of the model's own of that name."""
-    if local or namespace is None:
-        return False
+    if local or namespace is None or not isinstance(dotted[0], str):
+        return False  # (a local of that name, or an attribute of no name: self.blocks[0].checkpoint)
     found = namespace.get(dotted[0], getattr(builtins, dotted[0], None))
     for name in dotted[1:]:
         found = getattr(found, name, None)
