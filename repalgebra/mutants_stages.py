@@ -294,6 +294,13 @@ STAGE_TESTS = {"frontend": (_FE,), "engine": _ENGINE, "torch_backend": _TORCH, "
 
 #: Surviving mutants that compute the same thing as the original, with the argument why.
 EQUIVALENT: dict[str, str] = {
+    "frontend/copy-failure-unchecked": (
+        "the one way a fused candidate failed to copy where the model copies was a hook handle a parent kept whole holds "
+        "into the registries of a child its fused form replaced (dead weak references); since module_copy."
+        "keep_registries (review R7 finding 10) the replacement holds those registries, so no candidate fuse builds "
+        "fails to copy where the model copies, and the check's branch is not reached: the candidates compared, and "
+        "so what the fused model computes, are the same (the branch stays as a guard that names the failure, should a "
+        "new way to fail arise)"),
     "frontend/chain-stops-at-held-index": (
         "where _steps_to stops at an index a local holds (self.blocks[i].conv), _handed_on follows the container on the "
         "stack to the BINARY_SUBSCR that takes it and answers (\"index\", k, None), and _chains_in goes on after the "
@@ -2542,7 +2549,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "review R8)", "repalgebra.frontend.outside_reads:_through",
      " or (\n                step in _TENSORS_OF and obj is not root and _child(obj, step) is None)", "", (f"{_R6_HANDED}[child-parameters]",)),
     ("frontend", "first-tensor-any-use", "next(child.parameters()) taken as read for its metadata whatever follows",
-     "repalgebra.frontend.outside_reads:_first_only", " and ops[after[1] + 1].argval in _METADATA)", ")",
+     "repalgebra.frontend.outside_reads:_first_only", "\n            and (ops[after[1] + 1].argval in _METADATA or str(ops[after[1] + 1].argval).startswith(\"new_\")))", ")",
      (f"{_R6_HANDED}[child-parameters]",)),
     ("frontend", "helper-unread", "a module-level helper of the model's code given a module (or the model) taken as code "
      "not followed: the model handed to it reached nothing, the blocks handed to one that only calls them everything",

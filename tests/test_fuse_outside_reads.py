@@ -371,12 +371,12 @@ class ReachesIn(nn.Module):
     def forward(self, x, i: int = 0):
         y = self.blocks(self.body(self.stem(x.to(self.stem.conv.weight.dtype))))  # a dtype: reaches into nothing
         y = self.blocks[i](y) * self.seq[-1].running_var.sum()  # blocks by a computed index; seq[-1]'s buffer
-        w = next(self.stem.parameters())  # stored: its values may be read (every module below the stem)
+        w = next(self.heads[0].parameters())  # stored: its values may be read (every module below heads[0])
         return [self.body.conv(h) for h in (y, w.new_zeros(1))]  # in a comprehension
 
 
 def test_reached_through_names_the_children_code_reaches_into():
-    assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body", "stem", "stem.conv", "stem.bn"}
+    assert reached_through(ReachesIn()) == {"blocks", "seq", "seq.1", "body", "heads", "heads.0", "heads.0.conv", "heads.0.bn"}
 
 
 @pytest.mark.parametrize("where", ["init", "helper"])

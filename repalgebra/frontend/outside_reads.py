@@ -45,7 +45,6 @@ _METADATA = frozenset({
     "dtype", "shape", "device", "requires_grad", "is_cuda", "ndim", "layout", "is_sparse", "is_quantized", "is_meta",
     "names", "grad_fn", "is_leaf", "size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
     "is_complex", "element_size", "get_device", "stride", "is_contiguous", "data_ptr", "__len__", "storage_offset",
-    "new_zeros", "new_ones", "new_empty", "new_full",
 })
 
 
@@ -507,7 +506,8 @@ def _first_only(ops: list[dis.Instruction], i: int, end: int) -> bool:
     after = [k for k in range(end, min(end + 5, len(ops))) if ops[k].opname == "CALL"][:2]
     return (i > 0 and ops[i - 1].opname == "LOAD_GLOBAL" and ops[i - 1].argval == "next" and len(after) == 2
             and [ops[k].arg for k in after] == [0, 1] and after[1] + 1 < len(ops)
-            and ops[after[1] + 1].opname in ("LOAD_ATTR", "LOAD_METHOD") and ops[after[1] + 1].argval in _METADATA)
+            and ops[after[1] + 1].opname in ("LOAD_ATTR", "LOAD_METHOD")
+            and (ops[after[1] + 1].argval in _METADATA or str(ops[after[1] + 1].argval).startswith("new_")))
 
 
 # Functions handed a module that read nothing through it
