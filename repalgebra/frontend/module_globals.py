@@ -7,15 +7,17 @@ once, while captured, with a stand-in; the graph holds no store.  The fused mode
 and the user's dict held an fx ``Proxy`` after ``fuse`` (review R7, finding 08: statistics a first call caches at
 module level and writes on every call).
 
-:func:`globals_kept` takes what the namespaces of the model's code hold before the capture (the globals of the
+:func:`globals_kept` takes what the namespaces of the model's code bind before the capture (the globals of the
 functions its classes define, as the mode flags' stand-ins see them,
-:func:`~repalgebra.frontend.mode_flags.code_namespaces`: torch's layers' too), puts back whatever the capture
-changed, and then raises :class:`GlobalWritten` naming it: ``fuse`` keeps that module whole, so it makes its
-stores as written, and fuses its children.  ``fuse`` and ``export_onnx`` also put back, as they end, what their
-own runs of the model wrote.  Data is what is watched: tensors, Python scalars, containers and objects of classes
-the model's code defines, followed as a state snapshot follows a module's attributes
-(:func:`~repalgebra.frontend.state.attribute_key`: three levels deep); not modules, classes or functions.  Code
-of other modules (a helper in ``utils.py`` writing its own globals) is not watched.
+:func:`~repalgebra.frontend.mode_flags.code_namespaces`, torch's layers' too, and the attributes of the classes
+defined there), puts back whatever the capture changed, and then raises :class:`GlobalWritten` naming it: ``fuse``
+keeps that module whole, so it makes its stores as written, and fuses its children.  ``fuse`` and
+``export_onnx`` also put back, as they end, what their own runs of the model wrote.  Every name counts when it is
+bound anew, unbound or rebound; the data among them (tensors, Python scalars, containers, a ``deque`` or
+``SimpleNamespace``, objects of classes the model's code defines) also when what it holds changes, followed as a
+state snapshot follows a module's attributes (:func:`~repalgebra.frontend.state.attribute_key`: three levels
+deep).  Not watched: library objects (a logger caches its levels), dunder names (``__warningregistry__``), and
+the globals of code in other modules (a helper in ``utils.py`` writing its own).
 """
 
 from __future__ import annotations
