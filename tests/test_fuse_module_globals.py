@@ -365,3 +365,29 @@ def test_a_first_call_calibration_kept_at_module_level_is_not_baked_from_fuses_o
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=RTOL)
     CAL.clear()
+
+
+def test_nested_blocks_each_put_back_their_own():
+    """``export_onnx`` around ``fuse``: the inner block left the list of blocks under way by comparing snapshots field
+    by field, which compared the held copies of a module-level tensor and raised RuntimeError (an ambiguous truth
+    value) where the two blocks found the same globals.  Each block puts back what was written within it."""
+    import sys
+
+    code = types.ModuleType("nested_blocks_model")  # (a module of its own: its globals are the table alone)
+    exec("import torch\nfrom torch import nn\nTABLE = torch.zeros(3)\nLOG = []\n"
+         "class Adds(nn.Module):\n    def forward(self, x):\n        return x + TABLE\n", vars(code))
+    sys.modules[code.__name__] = code
+    try:
+        model = code.Adds()
+        with globals_kept(model, refuse=False) as outer:
+            with globals_kept(model, refuse=False) as inner:  # (the same globals as the outer one found: a fuse
+                model(torch.ones(3))  # whose runs write nothing)
+            assert inner == []
+            with globals_kept(model, refuse=False) as inner:
+                code.TABLE.add_(1)
+            torch.testing.assert_close(code.TABLE, torch.zeros(3), rtol=0, atol=0)
+            assert inner == ["nested_blocks_model.TABLE"]
+            code.LOG.append(1)
+        assert code.LOG == [] and "nested_blocks_model.LOG" in outer  # (TABLE too: the copy back moved its version)
+    finally:
+        del sys.modules[code.__name__]

@@ -45,11 +45,12 @@ class GlobalWritten(TypeError):
     """The model's code wrote module-level data while it was captured (put back as it was before the capture)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Snapshot:
     """What the namespaces of a model's code hold: each owner (a module's globals, or a class of the model's code)
     with every name it binds, the :func:`~repalgebra.frontend.state.attribute_key` of its data, and a copy of what
-    each mutable object among them holds (to put back)."""
+    each mutable object among them holds (to put back).  Compared by identity: the blocks under way are removed by
+    it, where field equality compared the held copies of tensors (an ambiguous truth value, nested blocks failed)."""
 
     owners: list[tuple[str, Any, dict[str, Any], dict[str, Any]]]  # (label, owner, bindings, keys of the data)
     classes: frozenset[str]
