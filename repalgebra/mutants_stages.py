@@ -2519,7 +2519,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      (f"{_R6_HANDED}[static-method-given-blocks]",)),
     ("frontend", "conditional-arm-unfollowed", "a module in a conditional expression's arm (m = self.layer0 if c else None) "
      "taken as handed on at the jump past the other arm", "repalgebra.frontend.outside_reads:_handed_on",
-     '        if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and op.argval in at:', "        if False:",
+     '        if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and (', "        if False and (",
      _R6_NOT_HANDED),
     ("frontend", "stored-local-handed", "a module stored into a local past a conditional expression taken as handed on",
      "repalgebra.frontend.outside_reads:_handed_on", '                return ("stored", op.argval)', "                return True",

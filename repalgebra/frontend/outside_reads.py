@@ -548,12 +548,12 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
         k -= 1  # (after the last statement's end: the stack is this statement's own from there, over lines too)
     stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
     wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
-    at = {o.offset: j for j, o in enumerate(ops)}
     jumped = False  # (past a conditional expression's other arm: only a store into a local is followed there)
     while k < len(ops):
         op = ops[k]
-        if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and op.argval in at:
-            k, jumped = at[op.argval], True  # (m = self.layer0 if c else None: past the other arm, the value goes on)
+        if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and (
+                target := next((j for j in range(k + 1, len(ops)) if ops[j].offset == op.argval), None)) is not None:
+            k, jumped = target, True  # (m = self.layer0 if c else None: past the other arm, the value goes on)
             continue
         effect = _stack_effect(op)
         if op.opname == "SWAP" and len(stack) >= op.arg:
