@@ -21,7 +21,8 @@ from torch import nn
 
 from repalgebra.draws import generators_kept
 from repalgebra.frontend.fx_trace import WEIGHT_HOOKS
-from repalgebra.frontend.state import attribute_key, changed_names, equal_values, plain_attributes, plain_object
+from repalgebra.frontend.state import plain_attributes
+from repalgebra.frontend.state_keys import attribute_key, changed_names, equal_values, plain_object
 
 __all__ = ["attributes_kept", "model_kept", "rng_kept", "tensors_kept"]
 

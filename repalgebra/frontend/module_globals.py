@@ -15,7 +15,7 @@ keeps that module whole, so it makes its stores as written, and fuses its childr
 ``export_onnx`` also put back, as they end, what their own runs of the model wrote.  Every name counts when it is
 bound anew, unbound or rebound; the data among them (tensors, Python scalars, containers, a ``deque`` or
 ``SimpleNamespace``, objects of classes the model's code defines) also when what it holds changes, followed as a
-state snapshot follows a module's attributes (:func:`~repalgebra.frontend.state.attribute_key`: three levels
+state snapshot follows a module's attributes (:func:`~repalgebra.frontend.state_keys.attribute_key`: three levels
 deep).  Not watched: library objects (a logger caches its levels), dunder names (``__warningregistry__``), and
 the globals of code in other modules (a helper in ``utils.py`` writing its own).
 """
@@ -33,12 +33,11 @@ import torch
 from torch import nn
 
 from repalgebra.frontend.mode_flags import code_namespaces
+from repalgebra.frontend.state_keys import COPIED, DEPTH, ITEMS, SCALARS, attribute_key, holds_data, same_key
 
 __all__ = ["GlobalWritten", "globals_kept"]
 
-_SCALARS = (bool, int, float, complex, str, type(None))
 _MUTABLE = (list, dict, set, collections.deque, types.SimpleNamespace)  # containers (and a namespace) a write changes
-_DEPTH, _ITEMS, _COPIED = 3, 256, 4096  # as a state snapshot follows them (levels, items per container, tensor elements)
 
 
 class GlobalWritten(TypeError):
@@ -48,7 +47,7 @@ class GlobalWritten(TypeError):
 @dataclass(frozen=True, eq=False)
 class _Snapshot:
     """What the namespaces of a model's code hold: each owner (a module's globals, or a class of the model's code)
-    with every name it binds, the :func:`~repalgebra.frontend.state.attribute_key` of its data, and a copy of what
+    with every name it binds, the :func:`~repalgebra.frontend.state_keys.attribute_key` of its data, and a copy of what
     each mutable object among them holds (to put back).  Compared by identity: the blocks under way are removed by
     it, where field equality compared the held copies of tensors (an ambiguous truth value, nested blocks failed)."""
 
@@ -91,8 +90,6 @@ def globals_kept(model: nn.Module, refuse: bool = True) -> Iterator[list[str]]:
 
 
 def _snapshot(namespaces: list[dict[str, Any]]) -> _Snapshot:
-    from repalgebra.frontend.state import attribute_key  # (state imports verify, which imports the tracer)
-
     classes = frozenset(str(ns.get("__name__", "")) for ns in namespaces)
     owners: list[tuple[str, Any, dict[str, Any], dict[str, Any]]] = []
     for ns in namespaces:
@@ -116,38 +113,31 @@ def _bindings(mapping: Any) -> dict[str, Any]:
 
 def _written(snapshot: _Snapshot) -> list[str]:
     """The names of ``snapshot`` bound anew, unbound or rebound since, or whose data changed."""
-    from repalgebra.frontend.state import _same, attribute_key
-
     written = []
     for label, owner, bindings, keys in snapshot.owners:
         now = _bindings(owner if isinstance(owner, dict) else vars(owner))
         written += [f"{label}.{name}" for name in sorted(bindings.keys() | now.keys())
                     if name not in bindings or name not in now or now[name] is not bindings[name]
-                    or (name in keys and not _same(keys[name], attribute_key(now[name])))]
+                    or (name in keys and not same_key(keys[name], attribute_key(now[name])))]
     return written
 
 
 def _is_data(value: Any, classes: frozenset[str]) -> bool:
     """A tensor, Python scalar, container, or object of a class defined in the model's code (``classes``: the names
     of its modules): a logger's or a library object's internals change on their own (a logger caches its levels)."""
-    if isinstance(value, (torch.Tensor, *_SCALARS, tuple, *_MUTABLE)):
+    if isinstance(value, (torch.Tensor, *SCALARS, tuple, *_MUTABLE)):
         return True
-    return _plain(value) and type(value).__module__ in classes
-
-
-def _plain(value: Any) -> bool:
-    """An instance with a ``__dict__`` of its own data (not a module, class or function)."""
-    return hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type, types.ModuleType)) and not callable(value)
+    return holds_data(value) and type(value).__module__ in classes
 
 
 def _contents(value: Any, depth: int, classes: frozenset[str], held: list[tuple[Any, Any]]) -> None:
-    """Append to ``held`` each mutable object ``value`` holds (itself included), :data:`_DEPTH` levels deep, with a
+    """Append to ``held`` each mutable object ``value`` holds (itself included), :data:`~repalgebra.frontend.state_keys.DEPTH` levels deep, with a
     copy of what it holds: a container's items, an object's attributes, a small tensor's values."""
     if isinstance(value, torch.Tensor):
-        if value.numel() <= _COPIED and value.layout is torch.strided and not value.is_meta:
+        if value.numel() <= COPIED and value.layout is torch.strided and not value.is_meta:
             held.append((value, value.detach().clone()))
         return
-    if depth > _DEPTH or isinstance(value, (*_SCALARS, nn.Module, type, types.ModuleType)):
+    if depth > DEPTH or isinstance(value, (*SCALARS, nn.Module, type, types.ModuleType)):
         return
     if isinstance(value, (dict, set, collections.deque)):
         held.append((value, value.copy()))
@@ -157,13 +147,13 @@ def _contents(value: Any, depth: int, classes: frozenset[str], held: list[tuple[
         items = list(value)
     elif isinstance(value, tuple):
         items = list(value)
-    elif isinstance(value, types.SimpleNamespace) or (_plain(value) and type(value).__module__ in classes):
+    elif isinstance(value, types.SimpleNamespace) or (holds_data(value) and type(value).__module__ in classes):
         held.append((value, dict(vars(value))))
         items = list(vars(value).values())
     else:
         return
-    if depth < _DEPTH:  # (a container at the last level is put back, what it holds is not followed)
-        for item in items[:_ITEMS]:
+    if depth < DEPTH:  # (a container at the last level is put back, what it holds is not followed)
+        for item in items[:ITEMS]:
             _contents(item, depth + 1, classes, held)
 
 

@@ -20,10 +20,8 @@ model is kept whole.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
-import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -31,18 +29,17 @@ import torch
 from torch import nn
 
 from repalgebra.draws import DRAWS, generator_states, generators_kept, held_generator_state, seeded_for_checks
-from repalgebra.module_copy import MODULE_INTERNALS, _filled, copy_module, in_packages
+from repalgebra.module_copy import MODULE_INTERNALS, copy_module, in_packages
+from repalgebra.frontend.state_keys import (DEPTH, ITEMS, MISSING, SCALARS, attribute_key, changed_names, equal_values,
+                                            plain_object, same_key)
 from repalgebra.verify import first_difference
 
-__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "cache_regions", "copy_difference", "equal_values", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
+__all__ = ["State", "StateChanged", "STATE_TAG", "WRITTEN_TAG", "cache_regions", "copy_difference", "find_state", "mark_written", "plain_attributes", "restore_in_place", "watch"]
 
 STATE_TAG = "_repalgebra_state"  # fuse marks the parts it keeps for their state with this attribute (their path)
 WRITTEN_TAG = "_repalgebra_written"  # and every module with the names of its own tensors that calls set (a set)
 _MODULE_INTERNALS = MODULE_INTERNALS | {STATE_TAG, WRITTEN_TAG}
 _OURS = "_repalgebra_"  # our own attributes on modules (a carried call's resolver, built on its first call): no state
-_MISSING = object()
-_SCALARS = (bool, int, float, complex, str, type(None))
-_COPIED = 4096  # tensors up to this many elements are compared by value too (statistics, observers, counters)
 
 
 class StateChanged(Exception):
@@ -116,7 +113,7 @@ def find_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: fl
         changed, once = changed - (drawn - kept), once - (drawn - kept)
     per_call: set[str] = set()
     if once:  # filled by the first call: from the input, or the same whatever it is?
-        state, per_call = _filled_from_input(model, inputs, {n: after_first.get(n, _MISSING) for n in once}, tolerance)
+        state, per_call = _filled_from_input(model, inputs, {n: after_first.get(n, MISSING) for n in once}, tolerance)
         changed |= state
     changed = sorted(changed)
     if not changed:
@@ -250,7 +247,7 @@ def _filled_from_input(model: nn.Module, inputs: tuple[torch.Tensor, ...], fille
         sizes_ran |= k in (1, 2) and any(a is not b for a, b in zip(other, inputs))
         if k == 0:
             theirs = _snapshot(fresh)
-            per_call = set(changed_names(filled, {n: theirs.get(n, _MISSING) for n in filled}))
+            per_call = set(changed_names(filled, {n: theirs.get(n, MISSING) for n in filled}))
         with generators_kept():
             _call(primed, inputs)
         try:
@@ -291,7 +288,7 @@ def _differing(filled: dict[str, Any], one: nn.Module, other: nn.Module) -> set[
     """The names in ``filled`` whose values differ between two copies after their calls (all of them where none
     does: the difference is then in what they hold, not in a name of the snapshot)."""
     theirs, mine = _snapshot(one), _snapshot(other)
-    return set(changed_names({n: theirs.get(n, _MISSING) for n in filled}, {n: mine.get(n, _MISSING) for n in filled})) or set(filled)
+    return set(changed_names({n: theirs.get(n, MISSING) for n in filled}, {n: mine.get(n, MISSING) for n in filled})) or set(filled)
 
 
 def _why(names: list[str]) -> str:
@@ -329,42 +326,6 @@ def _own(m: nn.Module) -> dict[str, Any]:
     return {**own, **m._buffers, **m._parameters}
 
 
-def attribute_key(value: Any, depth: int = 0) -> Any:
-    """What a call could change of one attribute: a tensor (with its version counter: an in-place write changes it),
-    a Python scalar's value, and what lists, tuples, dicts, sets and plain objects hold (``self.stats["n"] += 1``,
-    ``self.schedule.step += 1``), followed :data:`_DEPTH` levels deep and up to :data:`_ITEMS` items each; beyond
-    that a container's type and length, an object's identity.  Modules are not followed: their own state is theirs."""
-    # (tensors and scalars first: most of a model's entries, and neither is a generator or a function)
-    if isinstance(value, torch.Tensor):
-        small = value.numel() <= _COPIED and not value.is_meta
-        version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
-        return _Tensor(value, version, value.detach().clone() if small else None)
-    if isinstance(value, _SCALARS):
-        return ("value", "nan" if value != value else value)  # a size recomputed to the same value is no change
-    if (drawn := held_generator_state(value)) is not None:
-        return ("generator", drawn)  # (one the model holds draws when a call advances it: self.rng = random.Random(0))
-    if isinstance(value, types.FunctionType) and (value.__closure__ or value.__defaults__) and depth < _DEPTH:
-        # What a function holds (a generator it draws from, a call counter in a default): a call may change it too
-        held = [c.cell_contents for c in value.__closure__ or () if _filled(c)] + list(value.__defaults__ or ())
-        return ("function", id(value), tuple(attribute_key(h, depth + 1) for h in held))
-    deeper = depth < _DEPTH
-    if isinstance(value, (list, tuple, dict, set, frozenset, collections.deque)):
-        if not deeper or len(value) > _ITEMS:
-            return ("container", type(value).__name__, len(value))
-        if isinstance(value, dict):
-            return ("dict", type(value).__name__, tuple((attribute_key(k, _DEPTH), attribute_key(v, depth + 1)) for k, v in value.items()))
-        if isinstance(value, (set, frozenset)):
-            return ("set", type(value).__name__, frozenset(attribute_key(v, _DEPTH) for v in value if isinstance(v, _SCALARS)), len(value))
-        return ("items", type(value).__name__, tuple(attribute_key(v, depth + 1) for v in value))
-    if deeper and plain_object(value):
-        return ("object", id(value), tuple(sorted((k, attribute_key(v, depth + 1)) for k, v in vars(value).items() if not k.startswith("__"))))
-    return ("object", id(value))
-
-
-_DEPTH = 3  # levels of containers and plain objects a snapshot follows
-_ITEMS = 256  # items of one container it compares one by one
-
-
 def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
     """The first parameter, buffer or plain attribute of ``model`` (by path) that its copy ``copied`` does not hold
     the same (:func:`_alike`), in words; None where the copy holds them all.  ``fuse`` captures and checks a copy:
@@ -382,7 +343,7 @@ def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
         own = not (graphs or _copied_by_torch(m))
         mine, its = (_own(m), _own(other)) if own else ({**m._buffers, **m._parameters}, {**other._buffers, **other._parameters})
         for name in [*mine, *(n for n in its if n not in mine)]:
-            if not _alike(mine.get(name, _MISSING), its.get(name, _MISSING)):
+            if not _alike(mine.get(name, MISSING), its.get(name, MISSING)):
                 return f"its copy's {f'{path}.{name}' if path else name!r} differs from its own"
     return None
 
@@ -397,7 +358,7 @@ def _copied_by_torch(m: nn.Module) -> bool:
 
 def _alike(a: Any, b: Any, depth: int = 0) -> bool:
     """Whether a copy's value ``b`` is ``a`` as :func:`attribute_key` sees state: tensors by shape, dtype and values, scalars
-    by value, containers and plain objects by what they hold (:data:`_DEPTH` levels, :data:`_ITEMS` items), a
+    by value, containers and plain objects by what they hold (:data:`~repalgebra.frontend.state_keys.DEPTH` levels, :data:`~repalgebra.frontend.state_keys.ITEMS` items), a
     generator by its state; anything else (a module, a function the copy rebinds, a library object) by its type."""
     if a is b:
         return True
@@ -405,20 +366,20 @@ def _alike(a: Any, b: Any, depth: int = 0) -> bool:
         return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and (a.is_meta or _equal_or_opaque(a, b))
     if type(a) is not type(b):
         return False
-    if isinstance(a, _SCALARS):
+    if isinstance(a, SCALARS):
         return a == b or (a != a and b != b)
     if held_generator_state(a) is not None:
-        return _same(attribute_key(a), attribute_key(b))
+        return same_key(attribute_key(a), attribute_key(b))
     if isinstance(a, (list, tuple, dict, set, frozenset)):
         if len(a) != len(b):
             return False
-        if depth >= _DEPTH or len(a) > _ITEMS:
+        if depth >= DEPTH or len(a) > ITEMS:
             return True
         if isinstance(a, (set, frozenset)):
-            return {v for v in a if isinstance(v, _SCALARS)} == {v for v in b if isinstance(v, _SCALARS)}
+            return {v for v in a if isinstance(v, SCALARS)} == {v for v in b if isinstance(v, SCALARS)}
         pairs = [*zip(a, b), *zip(a.values(), b.values())] if isinstance(a, dict) else zip(a, b)
         return all(_alike(x, y, depth + 1) for x, y in pairs)
-    if plain_object(a) and depth < _DEPTH:
+    if plain_object(a) and depth < DEPTH:
         return _alike(vars(a), vars(b), depth + 1)
     return True
 
@@ -429,21 +390,6 @@ def _equal_or_opaque(a: torch.Tensor, b: torch.Tensor) -> bool:
         return equal_values(a.detach(), b.detach())
     except (RuntimeError, NotImplementedError, TypeError):
         return True
-
-
-def plain_object(value: Any) -> bool:
-    """An instance of a Python class with a ``__dict__`` of its own data: not a module, tensor, class, function or
-    library object whose attributes are its machinery."""
-    if isinstance(value, (nn.Module, type)) or callable(value) or not hasattr(value, "__dict__"):
-        return False
-    return not type(value).__module__.startswith(("torch", "builtins", "numpy", "typing", "functools", "collections"))
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Two :func:`attribute_key` results say the same state (tensors by :meth:`_Tensor.same`, the rest by value):
-    tuples compare item by item in C, calling Python for their tensors only (each check's run compares two
-    snapshots of the model; FastViT's 2,000 entries took 15 ms, item by item in Python)."""
-    return bool(a == b)
 
 
 def restore_in_place(module: nn.Module, initial: nn.Module, deep: bool = True) -> None:
@@ -462,7 +408,7 @@ def restore_in_place(module: nn.Module, initial: nn.Module, deep: bool = True) -
             for name in set(mine) - set(theirs):
                 delattr(m, name)
             for name, value in theirs.items():
-                own = mine.get(name, _MISSING)
+                own = mine.get(name, MISSING)
                 if torch.is_tensor(value) and torch.is_tensor(own) and (own.shape, own.dtype) == (value.shape, value.dtype):
                     own.copy_(value)
                 else:
@@ -520,7 +466,7 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
     def watched() -> dict[str, Any]:
         seen = {}
         for n, (owner, leaf) in owners.items():
-            seen[n] = attribute_key(_own(owner).get(leaf, _MISSING))
+            seen[n] = attribute_key(_own(owner).get(leaf, MISSING))
         return seen
 
     def generators() -> dict[str, Any]:
@@ -566,53 +512,6 @@ def _sites(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str])
         if around:
             sites[n] = [min(around, key=len)]
     return sites
-
-
-@dataclass(frozen=True, eq=False)
-class _Tensor:
-    t: torch.Tensor
-    version: int
-    copy: torch.Tensor | None = None  # the values, for a small tensor: some fused ops write without a version bump
-
-    def same(self, other: Any) -> bool:
-        """Unchanged: the same tensor not written since, or one rebound to an equal value (``weight_norm``'s hook
-        recomputes ``weight`` before every call)."""
-        if not isinstance(other, _Tensor):
-            return False
-        if self.t is other.t:
-            # torch.ao's fused fake-quant updates its observer's min/max in place without bumping the version
-            return self.version == other.version and (self.copy is None or equal_values(self.copy, other.t))
-        return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and equal_values(self.t, other.t)
-
-    __eq__ = same  # (so tuples of keys holding tensors compare with ``==``: :func:`_same`)
-    __hash__ = object.__hash__
-
-
-def equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, a NaN equal to a NaN (a weight that holds one is not changed by a call).  Sparse tensors (pygcn's
-    adjacency held as a buffer) have no ``torch.equal``: their coalesced indices and values are compared."""
-    if a.layout is not torch.strided or b.layout is not torch.strided:
-        return a.layout == b.layout and a.shape == b.shape and _equal_sparse(a, b)
-    if torch.equal(a, b):
-        return True
-    return a.shape == b.shape and (a.is_floating_point() or a.is_complex()) and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _equal_sparse(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Two sparse tensors of one layout and shape with the same entries (an explicit zero stored in one only counts
-    as a difference: the state watch then says changed, which keeps a part whole rather than fuse it wrong)."""
-    a, b = (t.to_sparse_coo().coalesce() if t.layout is not torch.sparse_coo else t.coalesce() for t in (a, b))
-    return torch.equal(a.indices(), b.indices()) and equal_values(a.values(), b.values())
-
-
-def changed_names(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The names whose entries differ between two snapshots (one missing from either counts)."""
-    out = []
-    for name in before.keys() | after.keys():
-        a, b = before.get(name, _MISSING), after.get(name, _MISSING)
-        if not _same(a, b):
-            out.append(name)
-    return out
 
 
 def _common_ancestor(paths: list[str]) -> str:
