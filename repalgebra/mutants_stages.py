@@ -2698,6 +2698,18 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "writing into its input), the report does not say why",
      "repalgebra.frontend.torch:_size_reads_carried", 'raise SizeReadInside(f"{fn.__name__}() not carried: {first_line(e)}; {error}")',
      "raise SizeReadInside(str(error))", _SIZE_NOT_CARRIED),
+    ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
+     "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
+     "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",
+     "                elif how and chain:  # (``self`` itself too",
+     tuple(f"{_R6_HANDED}[{k}]" for k in ("reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self"))),
+    ("frontend", "hasattr-reads-nothing", "hasattr(child, name) taken as reading nothing of the child, whose fused form "
+     "has not its attributes (review R9, 1.0e3 off)", "repalgebra.frontend.outside_reads:_handed_on",
+     '                if name == "hasattr" and p == argc - 1:', '                if False:',
+     (f"{_R6_HANDED}[hasattr-child]", f"{_R6_HANDED}[hasattr-in-loop]")),
+    ("frontend", "hasattr-name-dropped", "the name hasattr asks of a child not made a step of its chain",
+     "repalgebra.frontend.outside_reads:_chains_in", "chains.append(chain + (how[1],))", "chains.append(chain)",
+     (f"{_R6_HANDED}[hasattr-child]", f"{_R6_HANDED}[hasattr-in-loop]")),
 ]
 
 

@@ -468,6 +468,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                         held.setdefault(stored, []).append(after)
                     elif _handed_on(ops, k, after_end) is not False:
                         handed.append(after)
+                elif isinstance(how, tuple) and how[0] == "hasattr":
+                    chains.append(chain + (how[1],))  # (a name asked of it: as a step into it, as getattr's)
                 elif isinstance(how, tuple) and how[0] == "stored":
                     held.setdefault(how[1], []).append(chain)
                 elif isinstance(how, tuple) and how[0] == "caller":  # (checkpoint(blk, x): called, where it is torch's)
@@ -478,8 +480,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
                     # same, where the module does not hold an attribute of that name: see _through)
-                elif how and (chain or depth):  # (``self`` itself handed to code not followed, ``hook(self, args)``, is
-                    handed.append(chain)  # not followed; a helper's parameter handed on is)
+                elif how:  # (``self`` itself too: functools.reduce(getattr, "layer0.conv".split("."), self),
+                    handed.append(chain)  # operator.attrgetter(...)(self), [self][0].layer0: every module below; R9)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             inner = {n: held[n] for n in const.co_freevars if n in held}  # (lambda t: blk.conv(t); review R7)
@@ -579,6 +581,10 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                     return False  # (called, or the object a method is called on)
                 callee = taken[argc] if taken[argc + 1] == "null" or taken[argc + 1] is None else taken[argc + 1]
                 name = ops[callee].argval if isinstance(callee, int) and ops[callee].opname in _LOADS else None
+                if name == "hasattr" and p == argc - 1:  # (hasattr(self.layer0, "bn"): the fused form has none; R9)
+                    given = taken[argc - 2] if argc >= 2 else None
+                    const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
+                    return ("hasattr", const if isinstance(const, str) else None)
                 if name in _HARMLESS or name == "super":
                     return False
                 dotted = _dotted(ops, callee) if isinstance(callee, int) else None
