@@ -15,7 +15,9 @@ written inside ``__init__``, a patched ``blk.forward = lambda x: orig(x) * s``, 
 self.bn(self.conv(t))``) stays the same function object in the copy, its cells holding the *original*'s modules.
 The copy's hook then wrote into the user's dict while its forward read its own (stale features, 0.76 off), and a
 patched forward ran the user's train-mode BatchNorms, updating their statistics.  :func:`copy_module` gives each
-such function of the copy cells that hold the copies of what the model's own objects were (:class:`_Rebinding`).
+such function of the copy cells that hold the copies of what the model's own objects were (:class:`_Rebinding`),
+and a weak reference to one of them (``self._b = weakref.ref(self.b)``, which ``copy.deepcopy`` keeps as it is) the
+copy's object.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
+import weakref
 from collections import OrderedDict
 from typing import Any, TypeVar
 
@@ -237,6 +240,8 @@ class _Rebinding:
             keywords = {k: _held(self, a) for k, a in v.keywords.items()}
             same = func is v.func and all(a is b for a, b in zip(args, v.args)) and all(keywords[k] is v.keywords[k] for k in keywords)
             new = v if same else functools.partial(func, *args, **keywords)
+        elif type(v) is weakref.ref:
+            new = _reference_to_copy(self, v)
         elif type(v) is tuple:
             items = tuple(_held(self, x) for x in v)
             new = v if all(a is b for a, b in zip(items, v)) else items
@@ -250,6 +255,15 @@ class _Rebinding:
                     container[k] = item
         self.done[id(v)] = new
         return new
+
+
+def _reference_to_copy(rebinding: _Rebinding, ref: weakref.ref) -> weakref.ref:
+    """``ref`` naming the copy of its referent, where that is the model's: ``copy.deepcopy`` keeps a weak reference as
+    it is, and every copy fuse ran called the user's child through ``self._b = weakref.ref(self.b)`` (a train-mode
+    model's statistics updated by ``fuse``, the fused model tied to the user's module; review R9)."""
+    target = ref()
+    copied = target if target is None else rebinding.memo.get(id(target), target)
+    return ref if copied is target else weakref.ref(copied, ref.__callback__)
 
 
 def _made_again(rebinding: _Rebinding, f: types.FunctionType) -> types.FunctionType:
@@ -283,7 +297,7 @@ def _held(rebinding: _Rebinding, v: Any) -> Any:
         return v
     if isinstance(v, types.MethodType) and id(v.__self__) in rebinding.memo:
         return types.MethodType(rebinding.value(v.__func__), rebinding.memo[id(v.__self__)])
-    if isinstance(v, (types.FunctionType, functools.partial, tuple, types.BuiltinMethodType)):
+    if isinstance(v, (types.FunctionType, functools.partial, tuple, types.BuiltinMethodType, weakref.ref)):
         return rebinding.value(v)
     if isinstance(v, RemovableHandle) and id(v.hooks_dict_ref()) in rebinding.memo:
         return _handle_of_copy(v, rebinding.memo)

@@ -2698,11 +2698,23 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "writing into its input), the report does not say why",
      "repalgebra.frontend.torch:_size_reads_carried", 'raise SizeReadInside(f"{fn.__name__}() not carried: {first_line(e)}; {error}")',
      "raise SizeReadInside(str(error))", _SIZE_NOT_CARRIED),
+    ("frontend", "weak-reference-shared", "a copy's weak reference to the model's child left naming the user's child "
+     "(fuse updated a train-mode model's statistics; review R9)", "repalgebra.module_copy:_reference_to_copy",
+     "    return ref if copied is target else", "    return ref if True else",
+     ("tests/test_fuse_shared_objects.py::test_a_weak_reference_to_a_child_is_the_copys[captured]",)),
+    ("frontend", "weak-reference-unnamed", "a child a weak reference names swapped for its fused form in a parent kept "
+     "whole (the reference died: the fused model failed)", "repalgebra.frontend.outside_reads:named_by_attributes",
+     "            if isinstance(value, weakref.ref):", "            if False:",
+     ("tests/test_fuse_shared_objects.py::test_a_weak_reference_to_a_child_is_the_copys[kept-whole]",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",
      "                elif how and chain:  # (``self`` itself too",
      tuple(f"{_R6_HANDED}[{k}]" for k in ("reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self"))),
+    ("frontend", "augmented-attribute-hands-on", "an attribute of the module read and set (self.n += 1) taken as "
+     "handing the module on: every child of a counting module kept unfused", "repalgebra.frontend.outside_reads:_handed_on",
+     '            return ("augmented", ops[k + 1].argval)', "            return True",
+     (*_R6_NOT_HANDED, "tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written[counter]")),
     ("frontend", "hasattr-reads-nothing", "hasattr(child, name) taken as reading nothing of the child, whose fused form "
      "has not its attributes (review R9, 1.0e3 off)", "repalgebra.frontend.outside_reads:_handed_on",
      '                if name == "hasattr" and p == argc - 1:', '                if False:',

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
+import weakref
 from collections import OrderedDict, defaultdict
 from functools import partial
 
@@ -797,3 +798,38 @@ def test_a_hook_that_removes_itself_is_still_on_the_users_model_after_fuse():
     model(torch.randn(1, 3, 8, 8, dtype=D))
     model(torch.randn(1, 3, 8, 8, dtype=D))
     assert logged == [(1, 8, 8, 8)] and not model[0]._forward_hooks and not model[1]._forward_hooks
+
+
+class WeakBackReference(nn.Module):
+    """A model holding an unregistered weak reference to its own child (``self._b = weakref.ref(self.b)``), called
+    through it; with ``branch``, kept whole by a branch on its input's values."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.branch = conv_bn(3, 4), conv_bn(3, 4), branch
+        self._b = weakref.ref(self.b)
+
+    def forward(self, x):
+        if self.branch and x.mean() < -100:
+            return self._b()[0](x)
+        return self.a(x) + self._b()(x)
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["captured", "kept-whole"])
+def test_a_weak_reference_to_a_child_is_the_copys(branch):
+    """``copy.deepcopy`` keeps a weak reference as it is: every copy fuse ran called the user's child, a model in
+    train mode had its BatchNorm statistics updated by ``fuse``, and the fused model went on calling the user's
+    module (1.3 off while the user's model trained; review R9).  A copy's weak reference now names the copy's
+    child; a parent kept whole keeps the child it names as written (a fused form swapped in, the reference died)."""
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    model = seeded(WeakBackReference, 0, branch=branch)().to(D).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse(model, x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"fuse changed the user's {k}"
+    reference = copy.deepcopy(model).eval()
+    reference._b = weakref.ref(reference.b)
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 3, 8, 8, dtype=D), x - 1000):
+            torch.testing.assert_close(fused(inputs), reference(inputs), rtol=1e-9, atol=1e-12)
+    assert all(v is not model.b for v in [getattr(m, "_b", lambda: None)() for m in fused.modules()])

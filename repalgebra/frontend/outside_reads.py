@@ -248,7 +248,7 @@ def _asks_classes(code: types.CodeType) -> bool:
 
 def named_by_attributes(module: nn.Module) -> set[str]:
     """The submodules of ``module`` (paths) that a plain attribute of ``module`` or of a descendant names, in a
-    dict, list, tuple or set too (``self.paths = {"main": self.a}``).  A fused form swapped in for such a child is
+    dict, list, tuple or set too (``self.paths = {"main": self.a}``), or by a weak reference.  A fused form swapped in for such a child is
     not what the attribute holds: the kept parent ran the attribute's copy, which ``fused.double()`` did not reach,
     and failed where the model runs (found by a review)."""
     paths: dict[int, str] = {}
@@ -262,6 +262,8 @@ def named_by_attributes(module: nn.Module) -> set[str]:
             if id(value) in seen:
                 continue  # (a dict holding itself: self.cfg["self"] = self.cfg; review R7)
             seen.add(id(value))
+            if isinstance(value, weakref.ref):  # (``self._b = weakref.ref(self.b)``: a swapped child's dies; R9)
+                value = value()
             if isinstance(value, types.MethodType):  # (``self.run = self.a.forward``)
                 value = value.__self__
             if isinstance(value, nn.Module) and id(value) in paths:
@@ -468,8 +470,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                         held.setdefault(stored, []).append(after)
                     elif _handed_on(ops, k, after_end) is not False:
                         handed.append(after)
-                elif isinstance(how, tuple) and how[0] == "hasattr":
-                    chains.append(chain + (how[1],))  # (a name asked of it: as a step into it, as getattr's)
+                elif isinstance(how, tuple) and how[0] in ("hasattr", "augmented"):
+                    chains.append(chain + (how[1],))  # (a name asked of it, or read and set: a step into it)
                 elif isinstance(how, tuple) and how[0] == "stored":
                     held.setdefault(how[1], []).append(chain)
                 elif isinstance(how, tuple) and how[0] == "caller":  # (checkpoint(blk, x): called, where it is torch's)
@@ -563,6 +565,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
             k += 1
             continue
         jumps = op.opcode in dis.hasjrel or op.opcode in dis.hasjabs
+        if op.opname == "COPY" and op.arg == 1 and stack[-1:] == ["V"] and ops[k + 1].opname == "LOAD_ATTR":
+            return ("augmented", ops[k + 1].argval)  # (self.n += 1: one attribute of it read and set again)
         if effect is None or (op.opname == "COPY" and len(stack) >= op.arg and stack[-op.arg] == "V"):
             return "V" in stack or k < end  # (not known: taken as handed on, also where it comes before the value)
         pops, pushes = effect
