@@ -2706,6 +2706,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "whole (the reference died: the fused model failed)", "repalgebra.frontend.outside_reads:named_by_attributes",
      "            if isinstance(value, weakref.ref):", "            if False:",
      ("tests/test_fuse_shared_objects.py::test_a_weak_reference_to_a_child_is_the_copys[kept-whole]",)),
+    ("onnx_backend", "graph-batch-dynamic", "a graph (no model to check another batch against) exported with a dynamic batch "
+     "(a fold through y.reshape(8, -1) traced at batch 1 ran at batch 2, 2.3 off; review R9)",
+     "repalgebra.backend.onnx:export_onnx", "        batch = dynamic_batch and module is not None\n",
+     "        batch = dynamic_batch\n",
+     ("tests/test_onnx_export.py::test_a_graph_whose_fold_holds_at_its_batch_only_is_exported_at_that_batch",
+      "tests/test_onnx_export.py::test_a_graph_exported_at_another_shape_than_traced_is_refused")),
+    ("onnx_backend", "graph-shape-batch-ignored", "a graph exported at another batch than traced: the input_shape asked for is not "
+     "the file's", "repalgebra.backend.onnx:_check_graph_shapes", "    if given != traced:",
+     "    if [g[1:] for g in given] != [t[1:] for t in traced]:",
+     ("tests/test_onnx_export.py::test_a_graph_exported_at_another_shape_than_traced_is_refused",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

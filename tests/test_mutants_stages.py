@@ -323,6 +323,7 @@ FEW = {
     "walk over its functions is _chains')",
     "repalgebra.fuse:_classes_asked": "one walk up the path, each module asked with tests_classes",
     "repalgebra.frontend.args:same_pads": "one arithmetic of torch's padding='same', which side takes the odd row",
+    "repalgebra.backend.onnx:_check_graph_shapes": "one comparison, the shapes asked for against those traced",
     "repalgebra.module_copy:_reference_to_copy": "one decision, the referent's copy or the reference as it is",
     "repalgebra.frontend.state_keys:same_key": "one comparison of two snapshots' entries, tensors through _Tensor.same",
     "repalgebra.frontend.state_keys:attribute_key": "two ways into what an attribute holds, containers and plain objects, one mutant each",

@@ -1036,14 +1036,47 @@ def test_a_batch_moved_off_axis_0_before_a_flatten_fixes_the_batch():
 
 def test_a_graph_exported_at_another_shape_than_traced_is_refused():
     """``export_onnx(trace(block, x), None, (1, 3, 16, 16))`` ignored the shape: the file had the traced sizes, and
-    onnxruntime refused the input the caller meant."""
+    onnxruntime refused the input the caller meant.  The batch too: a graph has no model to check another batch
+    against (a fold through ``y.reshape(8, -1)`` traced at batch 1 ran at batch 2 in onnxruntime, 2.3 off; review R9)."""
     block = nn.Conv2d(8, 4, 3).eval()
     graph = repalgebra.trace(block, torch.randn(1, 8, 12, 12))
     with pytest.raises(ValueError, match=r"traced at 1x8x12x12 .* not input_shape 1x3x16x16"):
         export_onnx(graph, None, (1, 3, 16, 16))
-    export_onnx(graph, None, (4, 8, 12, 12))  # another batch: the file's batch is dynamic
+    with pytest.raises(ValueError, match=r"traced at 1x8x12x12 .* not input_shape 4x8x12x12"):
+        export_onnx(graph, None, (4, 8, 12, 12))
+    proto, report = export_onnx(graph, None, (1, 8, 12, 12), return_report=True)
+    assert not report.dynamic_batch and any("no model to check another batch against" in n for n in report.notes)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     with pytest.raises(TypeError, match="rewrite takes a Graph, got Conv2d: trace it first"):
         repalgebra.rewrite(block)
+
+
+class BatchBehind(nn.Module):
+    """A per-channel fold through ``y.reshape(8, -1)``, exact at batch 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.g = nn.Parameter(torch.linspace(-2, 2, 8).view(8, 1))
+
+    def forward(self, x):
+        return self.fc(x).reshape(8, -1) * self.g
+
+
+def test_a_graph_whose_fold_holds_at_its_batch_only_is_exported_at_that_batch():
+    """The graph of ``BatchBehind`` traced at batch 1 and exported with ``fuse=True`` had a dynamic batch, and
+    onnxruntime answered batch 2 and 4 from the fold that holds at batch 1 only (2.3 and 3.0 off; review R9): the
+    file now refuses another batch, and computes the model at its own (float32, 1e-5 relative)."""
+    model = BatchBehind().eval()
+    x = torch.randn(1, 16)
+    proto = export_onnx(repalgebra.trace(model, x), None, (1, 16))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), want,
+                               rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {session.get_inputs()[0].name: torch.randn(2, 16).numpy()})
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=(1, 2), stride=2), dict(kernel_size=(2, 3), dilation=(2, 1), stride=(1, 2))])

@@ -1402,18 +1402,24 @@ def _valid(model: "onnx.ModelProto") -> None:
                             "is written") from e
 
 
+_GRAPH_BATCH_WHY = ("a graph holds what its trace read of the example's sizes (y.reshape(8, -1), min(x.shape[0], 2) as a "
+                    "constant) and no model to check another batch against; export the model, or its fused module, for a "
+                    "dynamic batch")
+
+
 def _check_graph_shapes(graph: Graph, input_shape: Any) -> None:
-    """A graph's file has the shapes it was traced at (the batch aside): an ``input_shape`` given with other sizes
-    would be ignored, and onnxruntime would then refuse the input the caller meant.  Refused (``ValueError``)."""
+    """A graph's file has the shapes it was traced at, its batch too (:data:`_GRAPH_BATCH_WHY`): an ``input_shape``
+    given with other sizes would be ignored, and onnxruntime would then refuse the input the caller meant.  Refused
+    (``ValueError``)."""
     if isinstance(input_shape, tuple) and input_shape == (1, 3, 256, 256):
         return  # the default: not given
     if torch.is_tensor(input_shape) or (isinstance(input_shape, (tuple, list)) and all(isinstance(d, int) for d in input_shape)):
         input_shape = [input_shape]
     given = [tuple(t.shape) if torch.is_tensor(t) else tuple(t) for t in input_shape]
     traced = [tuple(v.shape or ()) for v in graph.inputs]
-    if [g[1:] for g in given] != [t[1:] for t in traced]:
+    if given != traced:
         raise ValueError(f"export_onnx: the graph was traced at {', '.join('x'.join(map(str, t)) for t in traced)} and its file "
-                         f"has those sizes (the batch aside), not input_shape {', '.join('x'.join(map(str, g)) for g in given)}: "
+                         f"has those sizes, not input_shape {', '.join('x'.join(map(str, g)) for g in given)}: "
                          "trace the model at the shape you want (repalgebra.trace(model, example)), or export the model")
 
 
@@ -1811,7 +1817,8 @@ def export_onnx(
 
     Args:
         model_or_graph: an ``nn.Module`` (the train-time model, or what ``repalgebra.fuse`` returned), or a
-            :class:`~repalgebra.ir.Graph` from :func:`repalgebra.trace` (its file has the traced sizes).
+            :class:`~repalgebra.ir.Graph` from :func:`repalgebra.trace` (its file has the traced sizes, the batch
+            too: a graph has no model to check another batch against).
         path: where to save the file; ``None`` only returns it.
         input_shape: the shape of a random input (seeded, standard normal, in the model's dtype), a tuple of
             shapes for a model of several inputs (``((1, 3, 64, 64), (1, 16))``), or example tensors in their
@@ -1881,7 +1888,10 @@ def export_onnx(
 
     def lower(graph: Graph, capture: str, module: torch.nn.Module | None, example: tuple) -> tuple:
         notes: list[str] = []
-        batch = dynamic_batch
+        batch = dynamic_batch and module is not None
+        if dynamic_batch and module is None:  # (nothing to check another batch against: review R9, 2.3 off at batch 2)
+            notes.append(f"batch fixed at {graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else 1}: "
+                         f"{_GRAPH_BATCH_WHY}")
         fixed = fixed_shape_parts(module) if module is not None else []
         if fixed and batch:
             batch = False
