@@ -2716,6 +2716,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "the file's", "repalgebra.backend.onnx:_check_graph_shapes", "    if given != traced:",
      "    if [g[1:] for g in given] != [t[1:] for t in traced]:",
      ("tests/test_onnx_export.py::test_a_graph_exported_at_another_shape_than_traced_is_refused",)),
+    ("onnx_backend", "another-batch-output-tolerance", "the check at another batch compares an output cast wider than "
+     "the model computes to that dtype's tolerance (a float32 model's .double(): batch fixed; review R9)",
+     "repalgebra.backend.onnx:_computes", "max(TOLERANCES.get(w.dtype, 1e-5), own)", "TOLERANCES.get(w.dtype, 1e-5)",
+     ("tests/test_onnx_export.py::test_an_output_cast_wider_than_the_model_computes_keeps_a_dynamic_batch",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

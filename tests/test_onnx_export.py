@@ -26,6 +26,8 @@ import fastvit_models
 import repalgebra
 from fastvit_models.testing import randomize_model_
 from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx
+from repalgebra.verify import TOLERANCES
+from zoo import seeded
 from test_fuse_capture import ModelOutput  # transformers' ModelOutput, as vendored copies write it
 from test_user_blocks import (
     ACBlock,
@@ -1751,3 +1753,33 @@ def test_ecbsr_kernels_built_by_item_assignment_export():
         with torch.no_grad():
             want = model(x)
         assert rel_err(run_onnx(proto, x), want) < 1e-5
+
+
+class WidenedOutput(nn.Module):
+    """Conv + BN, pooled, a Linear, and its output cast to ``out`` (a float32 model's ``logits.double()``)."""
+
+    def __init__(self, out: torch.dtype) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4), out
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3))).to(self.out)
+
+
+@pytest.mark.parametrize("dtype,out", [(torch.float32, torch.float64), (torch.float16, torch.float32)], ids=["f32-f64", "f16-f32"])
+def test_an_output_cast_wider_than_the_model_computes_keeps_a_dynamic_batch(dtype, out):
+    """The check at another batch compared the graph with the model to the output's dtype's tolerance (1e-9 for a
+    float64 output): the fold's rounding in the dtype the model computes in read as a difference, and the file's
+    batch was fixed, its note saying the model computes something else at batch 1 (review R9).  The file keeps its
+    dynamic batch and computes the model at batch 5 (to the tolerance of the dtype it computes in)."""
+    model = seeded(WidenedOutput, 0, out=out)().to(dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    proto, report = export_onnx(model, None, x, return_report=True)
+    assert report.dynamic_batch, report.notes
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    other = torch.randn(5, 3, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        want = model(other)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0])
+    tol = TOLERANCES[dtype]  # (of the dtype it computes in: float32 1e-5, float16 1e-2)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
