@@ -135,7 +135,8 @@ _PINNED = ("tests/test_fuse_capture.py::test_a_tensor_a_cast_leaves_keeps_the_fu
 _ADAPTIVE = (f"{_OE}::test_adaptive_pools_keep_inf_and_nan_in_their_windows",)
 _FOLD = ("tests/test_onnx_fallback.py::test_fold_rewrite_is_exact", "tests/test_onnx_fallback.py::test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them")
 _FOLD_ONNX = (f"{_OE}::test_fold_sums_windows_inf_and_nan_included", "tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime")
-_ADAPTIVE_REWRITE = ("tests/test_onnx_fallback.py::test_adaptive_avg_pool_rewrite_is_exact",)
+_ADAPTIVE_REWRITE = ("tests/test_onnx_fallback.py::test_adaptive_avg_pool_rewrite_is_exact",
+                     "tests/test_onnx_fallback.py::test_adaptive_pool_rewrites_of_every_rank_are_exact")
 _ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
@@ -1957,9 +1958,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "fold-entries-per-batch", "F.fold's entries gathered across the channels (a channel reads its neighbour's)",
      f"{_OB}:_fold", 'ctx.ints("entries", [0, c, -1])', 'ctx.ints("entries", [0, 1, -1])', _FOLD_ONNX),
     ("onnx_backend", "adaptive-rewrite-rows-only", "the exporter's adaptive average pool pools the rows only",
-     f"{_OF}:_adaptive_avg_pool2d", "        if n_in != n_out:", "        if n_in != n_out and dim == -2:", _ADAPTIVE_REWRITE),
+     f"{_OF}:_adaptive_pool", "        if n_in != n_out:", "        if n_in != n_out and dim == -spatial:", _ADAPTIVE_REWRITE),
     ("onnx_backend", "adaptive-rewrite-sum", "the exporter's adaptive average pool sums its windows",
-     f"{_OF}:_adaptive_avg_pool2d", ".mean(dim, keepdim=True) for lo, hi", ".sum(dim, keepdim=True) for lo, hi", _ADAPTIVE_REWRITE),
+     f"{_OF}:_window_mean", "x.mean(dim, keepdim=True)", "x.sum(dim, keepdim=True)", _ADAPTIVE_REWRITE),
+    ("onnx_backend", "adaptive-rewrite-max-averages", "the exporter's adaptive max pool averages its windows",
+     f"{_OF}:_window_max", "x.amax(dim, keepdim=True)", "x.mean(dim, keepdim=True)", _ADAPTIVE_REWRITE),
+    ("onnx_backend", "adaptive-rewrite-one-size", "an adaptive pool's one output size taken for the first axis only",
+     f"{_OF}:_adaptive_pool", "(output_size,) * spatial if one", "(output_size,) + (None,) * (spatial - 1) if one",
+     _ADAPTIVE_REWRITE),
     ("onnx_backend", "conv-pads-order", "ONNX Conv pads written [top, left, right, bottom] (issue 15)", f"{_OB}:_conv",
      "pads=[top, left, bottom, right]", "pads=[top, left, right, bottom]", _ONNX),
     ("onnx_backend", "conv-pads-torch-order", "ONNX Conv pads written in torch order [left, right, top, bottom]", f"{_OB}:_conv",

@@ -1783,3 +1783,31 @@ def test_an_output_cast_wider_than_the_model_computes_keeps_a_dynamic_batch(dtyp
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0])
     tol = TOLERANCES[dtype]  # (of the dtype it computes in: float32 1e-5, float16 1e-2)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+class PooledTail(nn.Module):
+    """A conv, a BN and a ReLU of ``spatial`` axes, then ``tail`` (an adaptive pool to a size that does not divide)."""
+
+    def __init__(self, spatial: int, tail: nn.Module) -> None:
+        super().__init__()
+        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[spatial]
+        self.conv, self.bn, self.tail = conv(3, 8, 3, padding=1), bn(8), tail
+
+    def forward(self, x):
+        return self.tail(torch.relu(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("spatial,tail,shape", [(1, nn.AdaptiveAvgPool1d(4), (2, 3, 11)), (1, nn.AdaptiveMaxPool1d(4), (2, 3, 11)),
+                                                (3, nn.AdaptiveAvgPool3d((2, 3, 2)), (2, 3, 5, 7, 6))], ids=["avg1d", "max1d", "avg3d"])
+def test_a_1d_or_3d_adaptive_pool_to_a_size_that_does_not_divide_exports(spatial, tail, shape):
+    """``fuse`` handled these and ``export_onnx`` raised FallbackError (torch.onnx.export takes factor sizes only;
+    review R9): the file now computes the model, at the example and at another batch (float32, 1e-5 relative)."""
+    model = seeded(PooledTail, 0, spatial=spatial, tail=tail)()
+    proto = export_onnx(model, None, shape)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (shape[0], 3):
+        x = torch.randn(batch, *shape[1:])
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -710,6 +710,20 @@ def test_adaptive_avg_pool_rewrite_is_exact(out):
     assert _rewrite(F.adaptive_avg_pool2d)(x[..., :8, :8], 4) is NotImplemented  # the exporter takes factor sizes
 
 
+@pytest.mark.parametrize("fn,shape,out", [
+    (torch.adaptive_avg_pool1d, (2, 3, 11), 4), (F.adaptive_max_pool1d, (2, 3, 11), (4,)),
+    (F.adaptive_max_pool2d, (2, 3, 9, 11), (4, None)), (F.adaptive_avg_pool3d, (2, 3, 5, 7, 6), (2, 3, 2)),
+    (F.adaptive_max_pool3d, (1, 2, 5, 7, 6), 4)], ids=["avg1d", "max1d", "max2d", "avg3d", "max3d"])
+def test_adaptive_pool_rewrites_of_every_rank_are_exact(fn, shape, out):
+    """The 1-D and 3-D adaptive pools (and the 2-D max) at sizes that do not divide went to ``torch.onnx.export``
+    as they are, which refuses them: models ``fuse`` handled did not export (review R9).  Each window's mean or max,
+    axis by axis, is PyTorch's (the max exactly; the mean to float32's rounding of a sum)."""
+    x = torch.randn(shape)
+    got, want = _rewrite(fn)(x, out), fn(x, out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0 if "max" in fn.__name__ else 1e-6)
+    assert _rewrite(fn)(torch.randn(2, 3, *[8] * (x.dim() - 2)), 4) is NotImplemented  # (factor sizes: the exporter's)
+
+
 def test_fold_and_adaptive_pool_rewrites_keep_inf_and_nan_where_torch_has_them():
     """Both were matrix products (a transposed conv of one-hot kernels, an averaging matrix): ``0 * inf`` spread an
     Inf or NaN of one place to its neighbours."""

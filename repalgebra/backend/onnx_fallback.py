@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -1122,19 +1123,30 @@ def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_i
     return x.mean(dim=(-2, -1), keepdim=True)
 
 
-def _adaptive_avg_pool2d(x, output_size, *, opset=0):
-    """Adaptive average pooling at fixed sizes whose output size does not divide the input's (the exporter takes
-    only those): the mean of each of PyTorch's windows ``[floor(i in / out), ceil((i + 1) in / out))``, rows then
-    columns (a matrix product would spread an Inf or a NaN of one window into the others, as ``0 * inf``)."""
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    oh, ow = _ints(output_size)
-    oh, ow = h if oh is None else oh, w if ow is None else ow
-    if h % oh == 0 and w % ow == 0:
+def _adaptive_pool(x, output_size, return_indices=False, *, spatial: int, reduce: Callable[[torch.Tensor, int], torch.Tensor],
+                   opset=0):
+    """Adaptive pooling of ``spatial`` axes at fixed sizes whose output size does not divide the input's (the
+    exporter takes only those): ``reduce`` (:func:`_window_mean`, :func:`_window_max`) of each of PyTorch's windows
+    ``[floor(i in / out), ceil((i + 1) in / out))``, one axis after the other (a matrix product would spread an Inf
+    or a NaN of one window into the others, as ``0 * inf``).  Not with ``return_indices``; 1-D and 3-D too (their
+    export failed on models ``fuse`` handled; review R9)."""
+    sizes = [int(n) for n in x.shape[-spatial:]]
+    one = isinstance(output_size, (int, torch.Tensor)) and not (torch.is_tensor(output_size) and output_size.dim() > 0)
+    wanted = [n if o is None else int(o) for n, o in zip(sizes, (output_size,) * spatial if one else tuple(output_size))]
+    if return_indices or not any(n % o for n, o in zip(sizes, wanted)):
         return NotImplemented
-    for dim, (n_in, n_out) in ((-2, (h, oh)), (-1, (w, ow))):
+    for dim, (n_in, n_out) in zip(range(-spatial, 0), zip(sizes, wanted)):
         if n_in != n_out:
-            x = torch.cat([x.narrow(dim, lo, hi - lo).mean(dim, keepdim=True) for lo, hi in adaptive_windows(n_in, n_out)], dim)
+            x = torch.cat([reduce(x.narrow(dim, lo, hi - lo), dim) for lo, hi in adaptive_windows(n_in, n_out)], dim)
     return x
+
+
+def _window_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.mean(dim, keepdim=True)
+
+
+def _window_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.amax(dim, keepdim=True)
 
 
 def _resample(x, resize: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
@@ -1270,9 +1282,15 @@ REWRITES: dict[Any, tuple[str, Callable]] = {
     torch.nn.functional.fold: ("fold", _col2im),
     aten.avg_pool2d.default: ("avg_pool2d", _avg_pool2d),
     torch.nn.functional.avg_pool2d: ("avg_pool2d", _avg_pool2d),
-    aten.adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
-    aten._adaptive_avg_pool2d.default: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
-    torch.nn.functional.adaptive_avg_pool2d: ("adaptive_avg_pool2d", _adaptive_avg_pool2d),
+    **{f: (f"adaptive_avg_pool{d}d", functools.partial(_adaptive_pool, spatial=d, reduce=_window_mean)) for d, fs in (
+        (1, (aten.adaptive_avg_pool1d.default, torch.adaptive_avg_pool1d)),
+        (2, (aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, torch.nn.functional.adaptive_avg_pool2d)),
+        (3, (aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool3d.default, torch.nn.functional.adaptive_avg_pool3d)))
+       for f in fs},
+    **{f: (f"adaptive_max_pool{d}d", functools.partial(_adaptive_pool, spatial=d, reduce=_window_max)) for d, f in (  # (aten's
+        # give indices too)
+        (1, torch.nn.functional.adaptive_max_pool1d), (2, torch.nn.functional.adaptive_max_pool2d),
+        (3, torch.nn.functional.adaptive_max_pool3d))},
     aten._upsample_bicubic2d_aa.default: ("upsample_bicubic2d_aa", _aa_op(aten._upsample_bicubic2d_aa.default)),
     aten._upsample_bilinear2d_aa.default: ("upsample_bilinear2d_aa", _aa_op(aten._upsample_bilinear2d_aa.default)),
     torch.nn.functional.interpolate: ("interpolate(antialias)", _interpolate),
