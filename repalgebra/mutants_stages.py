@@ -2726,6 +2726,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "the model computes to that dtype's tolerance (a float32 model's .double(): batch fixed; review R9)",
      "repalgebra.backend.onnx:_computes", "max(TOLERANCES.get(w.dtype, 1e-5), own)", "TOLERANCES.get(w.dtype, 1e-5)",
      ("tests/test_onnx_export.py::test_an_output_cast_wider_than_the_model_computes_keeps_a_dynamic_batch",)),
+    ("frontend", "traced-script-copy-refused", "a torch.jit.trace'd child, whose copy is a RecursiveScriptModule of the "
+     "same code, taken for a copy of another class: the model refused (review R9)", "repalgebra.frontend.state:copy_difference",
+     "        if type(other) is not type(m) and not graphs and not scripted:",
+     "        if type(other) is not type(m) and not graphs:",
+     ("tests/test_fuse_capture.py::test_a_torchscript_submodule_is_a_call_and_the_rest_fuses[trace]",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

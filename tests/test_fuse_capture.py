@@ -1347,9 +1347,12 @@ def test_torch_s_messages_about_sizes_and_output_types_are_said_in_words():
     assert "TreeSpec" not in text and all(len(line) < 400 for line in text.splitlines()), text
 
 
-def test_a_torchscript_submodule_is_a_call_and_the_rest_fuses():
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_submodule_is_a_call_and_the_rest_fuses(how):
     """A ``torch.jit.script``'ed block has no Python forward: it is carried as a call with a note, and the model
-    around it is traced and folds (it was kept whole, blamed on an in-place ReLU before it)."""
+    around it is traced and folds (it was kept whole, blamed on an in-place ReLU before it).  A ``torch.jit.trace``'d
+    one too: its copy is a ``RecursiveScriptModule`` of the same code, and the model was refused as one whose copy
+    holds another class (review R9)."""
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -1363,7 +1366,8 @@ def test_a_torchscript_submodule_is_a_call_and_the_rest_fuses():
         def __init__(self) -> None:
             super().__init__()
             self.stem = nn.Sequential(conv_bn(3, 8), nn.ReLU(inplace=True))
-            self.block = torch.jit.script(randomized(Block()))
+            block = randomized(Block())
+            self.block = torch.jit.script(block) if how == "script" else torch.jit.trace(block, torch.randn(1, 8, 6, 6, dtype=D))
 
         def forward(self, x):
             return self.block(self.stem(x))

@@ -335,7 +335,9 @@ def copy_difference(model: nn.Module, copied: nn.Module) -> str | None:
     for path, m in model.named_modules():
         other = theirs.get(path)
         graphs = isinstance(m, torch.fx.GraphModule) and isinstance(other, torch.fx.GraphModule)
-        if type(other) is not type(m) and not graphs:
+        # (a copy of a torch.jit.trace'd module is a RecursiveScriptModule of the same code: review R9)
+        scripted = isinstance(m, torch.jit.ScriptModule) and isinstance(other, torch.jit.ScriptModule)
+        if type(other) is not type(m) and not graphs and not scripted:
             return f"its copy holds no {type(m).__name__} at {path!r}"
         # A class of torch's that copies itself its own way (a GraphModule rebuilt from its graph, of a class made for
         # it; an OptimizedModule from the module it compiles) holds torch's bookkeeping (a dispatcher of ours, its
