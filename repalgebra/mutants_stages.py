@@ -874,7 +874,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.state:copy_difference", "        graphs = isinstance(m, torch.fx.GraphModule) and isinstance(other, torch.fx.GraphModule)",
      "        graphs = False", _COPY_SAME),
     ("frontend", "copy-paths-unread", "the copy's modules not looked up by path (a copy with other modules taken for the model)",
-     "repalgebra.frontend.state:copy_difference", "        if type(other) is not type(m) and not graphs:", "        if False:", _COPY_SAME),
+     "repalgebra.frontend.state:copy_difference", "        if type(other) is not type(m) and not graphs and not scripted:", "        if False:", _COPY_SAME),
     ("frontend", "torch-copies-compared-whole", "an OptimizedModule's copy (rebuilt from the module it compiles) compared attribute by attribute",
      "repalgebra.frontend.state:_copied_by_torch", "    return any((f := getattr(type(m), name, None))", "    return False and any((f := getattr(type(m), name, None))", _COPY_SAME),
     ("frontend", "user-copies-taken-for-torchs", "a class of the user's with its own __getstate__ taken for torch's (its attributes not compared)",
