@@ -2731,6 +2731,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "        if type(other) is not type(m) and not graphs and not scripted:",
      "        if type(other) is not type(m) and not graphs:",
      ("tests/test_fuse_capture.py::test_a_torchscript_submodule_is_a_call_and_the_rest_fuses[trace]",)),
+    ("frontend", "instance-forward-a-leaf", "a forward set on a conv for one call (mmcv's efficient conv-BN eval) taken "
+     "for torch's conv: the model came back unfused (review R9)", "repalgebra.frontend.fx_trace:forward_of_its_own",
+     '    return "forward" in vars(m) and', '    return False and',
+     ("tests/test_fuse_kernels_in_forward.py::test_a_forward_set_on_a_conv_for_one_call_is_traced_and_folds",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

@@ -9,6 +9,8 @@ model's own deploy form would.  Compared in float64 to 1e-9 relative.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +199,48 @@ def test_a_graph_holding_fewer_weights_without_a_kernel_made_is_not_taken(how):
     with torch.no_grad():
         x = torch.randn(1, 3, 16, 16, dtype=D) * 1e3
         torch.testing.assert_close(fused.double()(x), model.double()(x), rtol=1e-12, atol=1e-12)
+
+
+def _bn_folded_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The conv with the BN's eval transform folded into its kernel on the fly (mmcv's efficient conv-BN eval)."""
+    scale = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_var)
+    return conv._conv_forward(x, conv.weight * scale, bn.bias + scale.flatten() * (bias - bn.running_mean))
+
+
+class SwapsConvForward(nn.Module):
+    """A conv, a BN and a ReLU that in eval sets ``self.conv.forward`` to a function of the BN and the conv for one
+    call, then deletes it (mmcv's ``ConvModule(efficient_conv_bn_eval=True)``, an mmdet/mmseg config option)."""
+
+    def __init__(self, cin: int, cout: int, k: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        if not self.bn.training:
+            self.conv.forward = functools.partial(_bn_folded_conv, self.bn, self.conv)
+            x = self.conv(x)
+            del self.conv.forward
+        else:
+            x = self.bn(self.conv(x))
+        return torch.relu(x)
+
+
+def test_a_forward_set_on_a_conv_for_one_call_is_traced_and_folds():
+    """The trace took the conv for a layer of torch's and recorded a plain conv; the check caught the missing BN, and
+    the model came back unfused ("nothing to fold"), its kernel folded again on every call (review R9).  The
+    function set on the instance is what runs: traced, it folds to one conv with no BatchNorm left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SwapsConvForward(4, 8, 3), SwapsConvForward(8, 8, 1)).to(D).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+    x = torch.randn(2, 4, 8, 8, dtype=D)
+    fused = repalgebra.fuse(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), str(fused.fuse_report)
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2, str(fused.fuse_report)
+    with torch.no_grad():
+        other = torch.randn(3, 4, 10, 12, dtype=D)
+        torch.testing.assert_close(fused(other), model(other), rtol=1e-9, atol=1e-12)

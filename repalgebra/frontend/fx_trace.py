@@ -469,6 +469,13 @@ def recognised(m: nn.Module) -> type | None:
     return None
 
 
+def forward_of_its_own(m: nn.Module) -> bool:
+    """Whether ``m`` runs a ``forward`` set on the instance, without hooks: traced into, not a call of a layer of
+    torch's (mmcv's ``self.conv.forward = partial(fold_bn, self.bn, self.conv)`` for one call recorded a plain conv,
+    and the model came back unfused; review R9)."""
+    return "forward" in vars(m) and not _runs_hooks(m)
+
+
 def runs_torch_code(m: nn.Module) -> bool:
     """Whether a call of ``m`` runs torch's code alone, which meta tensors run as the real ones: a recognised layer,
     or one of torch's own classes (an ``nn.Embedding``, an ``nn.LSTM``) with no forward of the instance's nor
@@ -842,6 +849,8 @@ class Tracer(fx.Tracer):
             return True
         if isinstance(m, torch.jit.ScriptModule):  # compiled code, no Python forward to trace: a call of itself
             return True
+        if forward_of_its_own(m):
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
