@@ -896,3 +896,61 @@ def test_tests_of_pointers_and_layouts_are_not_taken_as_tests_of_sizes():
     fused = fuse(model, x)
     same(fused, model, x)
     same(fused, model, x.contiguous(memory_format=torch.channels_last))
+
+
+def _conv_bn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+
+
+class GainBySize(nn.Module):
+    """A gain looked up by the input's width, in a dict (``self.gain.get(W, 1.0)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.gain = _conv_bn(), {12: 3.0, 16: 0.25}
+
+    def forward(self, x):
+        return self.body(x) * self.gain.get(x.shape[-1], 1.0)
+
+
+class FlipsSomeSizes(nn.Module):
+    """A flip at the sizes a set holds (``tuple(x.shape[-2:]) in self.flip_sizes``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.flip_sizes = _conv_bn(), {(12, 12), (16, 16)}
+
+    def forward(self, x):
+        y = self.body(x)
+        return y.flip(-1) if tuple(x.shape[-2:]) in self.flip_sizes else y
+
+
+class ScaleByResolution(nn.Module):
+    """A scale per resolution in a ParameterDict keyed by ``str(W)`` (and ``f"{W}"``)."""
+
+    def __init__(self, formatted: bool) -> None:
+        super().__init__()
+        self.body, self.formatted = _conv_bn(), formatted
+        self.scales = nn.ParameterDict({"12": nn.Parameter(torch.full((4, 1, 1), 2.0)), "16": nn.Parameter(torch.full((4, 1, 1), -1.0))})
+
+    def forward(self, x):
+        y = self.body(x)
+        scale = self.scales.get(f"{x.shape[-1]}" if self.formatted else str(x.shape[-1]))
+        return y if scale is None else y * scale
+
+
+@pytest.mark.parametrize("make", [GainBySize, FlipsSomeSizes, lambda: ScaleByResolution(False), lambda: ScaleByResolution(True)],
+                         ids=["dict-get", "set-membership", "str-key", "format-key"])
+def test_a_size_used_as_a_key_is_read_as_at_the_example(make):
+    """The trace hashed a size by identity (or named it by its node in ``str()``): the lookup missed, and the graph
+    held the miss at every size, while the model looks up a gain at 12 and 16 (5.0 off at 12x12; review R9).  The
+    key is read as at the example and checked per call: the fused model computes the model at the example and
+    refuses the sizes where the read would differ."""
+    model = seeded(make, 0)().to(D)
+    x = torch.randn(2, 4, 8, 8, dtype=D)
+    fused = fuse(model, x)
+    same(fused, model, x)
+    same(fused, model, torch.randn(3, 4, 8, 8, dtype=D))  # (the batch stays free)
+    for size in (12, 16):
+        with pytest.raises(ValueError, match="size"):
+            fused(torch.randn(2, 4, size, size, dtype=D))

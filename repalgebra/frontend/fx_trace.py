@@ -1155,6 +1155,20 @@ class _Proxy(InplaceProxy):
     def __int__(self) -> int:
         return int(self._number("int"))
 
+    # A size as a key (``self.gain.get(x.shape[-1], 1.0)``, ``tuple(x.shape[-2:]) in self.sizes``, a ParameterDict's
+    # ``str(x.shape[-1])``): see :func:`size_key`.
+    def __hash__(self) -> int:
+        key = size_key(self, "hash")
+        return object.__hash__(self) if key is None else hash(key)
+
+    def __str__(self) -> str:
+        key = size_key(self, "str")
+        return super().__str__() if key is None else str(key)
+
+    def __format__(self, spec: str) -> str:
+        key = size_key(self, "format")
+        return super().__format__(spec) if key is None else format(key, spec)
+
     # (No __index__: torch's argument parser would take a Proxy for an int where it is a list of sizes, and fail.)
 
     def __float__(self) -> float:
@@ -1166,6 +1180,16 @@ class _Proxy(InplaceProxy):
         if type(value) not in (int, float):  # (Python's own words, which the report translates)
             raise TypeError(f"{how}() argument must be a real number computed from sizes, not '_Proxy'")
         return value
+
+
+def size_key(proxy: fx.Proxy, how: str) -> int | float | bool | None:
+    """A number computed from sizes that ``how`` (``hash``, ``str``, ``format``) makes a key of, read as at the
+    example and checked on every call, as ``int()`` is; None for any other value (hashed by identity, named by its
+    node).  Hashed by identity, ``self.gain.get(x.shape[-1], 1.0)`` matched no key, and the graph held the miss at
+    every size, where the model looks up a gain at others (review R9, 5.0 off)."""
+    if type(proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):
+        return None
+    return proxy.tracer.size_answer(proxy, f"a size read as a Python number ({how}(): a key)")
 
 
 class _Shape(fx.proxy.Attribute):
