@@ -2740,6 +2740,18 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "    if type(proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):", "    if True:",
      tuple(f"tests/test_fuse_size_tests.py::test_a_size_used_as_a_key_is_read_as_at_the_example[{k}]"
            for k in ("dict-get", "set-membership", "str-key", "format-key"))),
+    ("frontend", "view-read-as-itself", "a view of a model taking a list read as its own class (its forward hands self "
+     "to the model's: no chain, 3,570 off; review R9)", "repalgebra.frontend.outside_reads:_chains",
+     "    cls = vars(cls).get(VIEWED, cls)\n", "    cls = cls\n",
+     ("tests/test_fuse_outside_reads.py::test_a_model_taking_a_list_reads_its_own_forward",)),
+    ("frontend", "raise-continues-statement", "a raise taken for part of the next statement (an assert before a loop over "
+     "the blocks hands them on: every block kept unfused)", "repalgebra.frontend.outside_reads:_handed_on",
+     '    while k > 0 and not ops[k - 1].opname.startswith(_ENDS):',
+     '    while k > 0 and not ops[k - 1].opname.startswith(_ENDS[:-2]):', _R6_NOT_HANDED),
+    ("frontend", "pytest-assert-hands-on", "pytest's rewritten assert, which formats a repr of the module, taken as "
+     "handing it on (a model of a test file kept every block unfused)", "repalgebra.frontend.outside_reads:_handed_on",
+     '                if dotted and dotted[0] == "@pytest_ar":', '                if False:',
+     ("tests/test_fuse_structured_inputs.py::test_a_part_kept_whole_returns_the_models_own_class_taking_its_structure",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

@@ -229,7 +229,10 @@ def _compare(o: OutputError, a: Any, b: Any) -> None:
     if a.shape != b.shape:
         o.problem = f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
         return
-    a64, b64 = a.detach().double(), b.detach().double()
+    if (kinds := _kinds(a, b)) is not None:
+        o.problem = kinds
+        return
+    a64, b64 = _wide(a), _wide(b)
     if not (bool(torch.isfinite(a64).all()) and bool(torch.isfinite(b64).all())):
         o.problem = "NaN or Inf in an output"
         return
@@ -238,6 +241,19 @@ def _compare(o: OutputError, a: Any, b: Any) -> None:
     err, rel = _errors(a64, b64)
     o.max_abs = max(o.max_abs, err)
     o.max_rel = max(o.max_rel, rel)
+
+
+def _kinds(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """What differs in kind between two outputs' dtypes (complex, floating point, integer or bool), else None: a
+    precision is no kind (a part computing in float32 inside a float64 model)."""
+    kind = lambda t: "complex" if t.is_complex() else "floating-point" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "integer"  # noqa: E731
+    return None if kind(a) == kind(b) else f"dtypes differ: {kind(b)} ({str(b.dtype).replace('torch.', '')}) where the original's is {kind(a)} ({str(a.dtype).replace('torch.', '')})"
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 to compare, a complex tensor as its real and imaginary parts (``.double()`` drops the
+    imaginary part: a conjugate passed, 24 off; review R9)."""
+    return torch.view_as_real(t.detach().to(torch.complex128).resolve_conj()) if t.is_complex() else t.detach().double()
 
 
 def _errors(a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
@@ -343,7 +359,9 @@ def first_difference(reference: Any, candidate: Any, tolerance: float) -> str | 
             a, b = torch.nested.to_padded_tensor(a, 0.0), torch.nested.to_padded_tensor(b, 0.0)
         if a.shape != b.shape:
             return f"output {k} has shape {tuple(b.shape)}, the original {tuple(a.shape)}"
-        a64, b64 = a.detach().double(), b.detach().double()
+        if (kinds := _kinds(a, b)) is not None:
+            return f"output {k}'s {kinds}"
+        a64, b64 = _wide(a), _wide(b)
         fa, fb = torch.isfinite(a64), torch.isfinite(b64)
         nan_a, inf_a = torch.isnan(a64), torch.isinf(a64)
         if not (bool((fa == fb).all()) and torch.equal(nan_a, torch.isnan(b64)) and torch.equal(a64[inf_a], b64[inf_a])):

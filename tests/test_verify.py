@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from repalgebra import VerifyReport, fuse, verify
-from repalgebra.verify import TOLERANCES
+from repalgebra.verify import TOLERANCES, first_difference
 
 
 def model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -225,3 +226,40 @@ def test_a_long_chain_of_output_objects_is_compared_without_running_out_of_stack
 
     assert first_difference(chain(4), chain(4), 1e-9) is None
     assert "differs" in first_difference(chain(400), chain(400), 1e-9)
+
+
+class Spectrum(nn.Module):
+    """A conv's 2-D real FFT (a spectral head), or its conjugate."""
+
+    def __init__(self, conjugate: bool = False) -> None:
+        super().__init__()
+        self.conv, self.conjugate = nn.Conv2d(3, 3, 3, padding=1), conjugate
+
+    def forward(self, x):
+        y = torch.fft.rfft2(self.conv(x))
+        return y.conj() if self.conjugate else y
+
+
+def test_complex_outputs_are_compared_in_both_parts():
+    """``.double()`` of a complex output dropped its imaginary part: a conjugate passed ``verify`` at 0.0 and fuse's
+    own check (``first_difference``), 24 off (review R9).  Both parts are compared now (float64, 1e-9)."""
+    torch.manual_seed(0)
+    ref = Spectrum().double().eval()
+    conj = Spectrum(conjugate=True).double().eval()
+    conj.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a complex output is noted)
+        assert not verify(ref, conj, x)
+        assert verify(ref, copy.deepcopy(ref), x)
+    with torch.no_grad():
+        assert first_difference(ref(x), conj(x), 1e-9) is not None
+        assert first_difference(ref(x), ref(x).clone(), 1e-9) is None
+
+
+def test_outputs_of_another_kind_of_dtype_differ():
+    """An integer output against a floating-point one of equal values passed (review R9); a precision is no kind."""
+    labels = torch.tensor([0, 2, 1])
+    assert "integer" in first_difference(labels, labels.double(), 1e-9)
+    assert first_difference(labels.float(), labels.double(), 1e-9) is None
+    assert "bool" in first_difference(labels > 0, (labels > 0).long(), 1e-9)

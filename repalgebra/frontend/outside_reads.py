@@ -36,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.capture import Call
+from repalgebra.frontend.structured import VIEWED
 from repalgebra.module_copy import in_packages, storage_address
 
 __all__ = ["read_outside", "reached_through"]
@@ -280,7 +281,10 @@ def _chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     """The attribute chains from ``self`` in the code of ``cls`` and its bases (nn.Module's own aside): ``self.body.conv``
     as ``("body", "conv")``, ``self.body[0]`` as ``("body", 0)``, an index the code computes or an iteration as None,
     a chain handed on to code not followed (:func:`_handed_on`) ending in ``...`` (every module below it).
-    Read once per class (held weakly: a GraphModule is a class of its own)."""
+    Read once per class (held weakly: a GraphModule is a class of its own).  A view of the model's class
+    (:mod:`~repalgebra.frontend.structured`: its ``forward`` takes the tensors one by one and hands ``self`` to the
+    class's own) is read as that class."""
+    cls = vars(cls).get(VIEWED, cls)
     if cls not in _CHAINS:
         _CHAINS[cls] = _read_chains(cls)
     return _CHAINS[cls]
@@ -522,7 +526,7 @@ _CALLERS = frozenset({"checkpoint", "checkpoint_seq"})
 # of the chain: see _chains_in)
 _WRAPPERS = frozenset({"enumerate", "zip", "reversed", "iter", "list", "tuple", "sorted"})
 # Instructions that end a statement (or jump): the stack holds nothing of the next one
-_ENDS = ("STORE_", "POP_TOP", "POP_JUMP", "RETURN_", "JUMP_", "RESUME", "FOR_ITER")
+_ENDS = ("STORE_", "POP_TOP", "POP_JUMP", "RETURN_", "JUMP_", "RESUME", "FOR_ITER", "RAISE_VARARGS", "RERAISE")
 
 
 def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False) -> bool | tuple[Any, ...]:
@@ -592,6 +596,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 if name in _HARMLESS or name == "super":
                     return False
                 dotted = _dotted(ops, callee) if isinstance(callee, int) else None
+                if dotted and dotted[0] == "@pytest_ar":  # (pytest's rewritten assert formats its message: a repr)
+                    return False
                 if dotted and dotted[-1] in _CALLERS and p == argc - 1:  # (checkpoint(blk, x) calls blk, where it is
                     return ("caller", dotted)  # torch's or timm's; checkpoint(f, blk, x) hands blk to f: review R7)
                 if name in _WRAPPERS:

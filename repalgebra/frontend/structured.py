@@ -28,7 +28,7 @@ from repalgebra.call_dispatch import Signature
 
 __all__ = ["needs_flat_view", "flat_leaves", "flat_view", "bound_view", "restructured", "unviewed", "structure_mismatch", "structure_text"]
 
-_VIEW = "_repalgebra_flat_view"  # class attribute marking a view's class: the model's class it views
+VIEWED = "_repalgebra_flat_view"  # class attribute marking a view's class: the model's class it views
 
 
 def needs_flat_view(model: nn.Module, args: tuple) -> bool:
@@ -84,7 +84,7 @@ def _view(model: nn.Module, inputs: int, bind: Callable[[list], tuple[tuple, dic
             f"    args, kwargs = _bind([{', '.join(names)}])\n"
             f"    return _inner(self, *args, **kwargs)\n")
     exec(code, namespace)  # noqa: S102  (fx reads the inputs' names from the code object)
-    cls = type(base.__name__, (base,), {"forward": namespace["forward"], _VIEW: base, "__module__": base.__module__})
+    cls = type(base.__name__, (base,), {"forward": namespace["forward"], VIEWED: base, "__module__": base.__module__})
     view = copy.copy(model)  # shares the submodule, parameter and buffer dicts: nothing is copied
     view.__dict__.pop("forward", None)
     # A guard of the structure (an earlier fuse's) checks the model's arguments, not the view's tensors.
@@ -139,7 +139,7 @@ def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | N
 def unviewed(module: nn.Module, model: nn.Module) -> nn.Module:
     """``module`` (a copy of a flat view, fused inside or not) as an instance of the model's own class again, its
     ``forward`` the model's (an instance ``forward`` bound to it); any other module as it is."""
-    base = getattr(type(module), _VIEW, None)
+    base = getattr(type(module), VIEWED, None)
     if base is None:
         return module
     module.__class__ = base
