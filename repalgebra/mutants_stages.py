@@ -2752,6 +2752,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "handing it on (a model of a test file kept every block unfused)", "repalgebra.frontend.outside_reads:_handed_on",
      '                if dotted and dotted[0] == "@pytest_ar":', '                if False:',
      ("tests/test_fuse_structured_inputs.py::test_a_part_kept_whole_returns_the_models_own_class_taking_its_structure",)),
+    ("frontend", "argument-conditional-hands-on", "a conditional expression as a block's argument (b(t, 0.5 if i "
+     "else 1.0)) taken as handing the block on: every block kept unfused (review R9)",
+     "repalgebra.frontend.outside_reads:_handed_on", "            arms.append(len(stack))", "            return True",
+     _R6_NOT_HANDED),
+    ("frontend", "argument-conditional-arm-joined", "past the first arm of a conditional expression above the block, the "
+     "block taken for that expression's value (handed on where it is called)",
+     "repalgebra.frontend.outside_reads:_handed_on", "            if arms and len(stack) == arms[-1] + 1:", "            if False:",
+     _R6_NOT_HANDED),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

@@ -856,8 +856,9 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
     ``enumerate(self.blocks)`` iterated, ``self.blocks[i](x)``, ``self.downsample is not None``, activation
     checkpointing (torch's, also written out in full), a bound ``__call__`` handed on (HF's gradient checkpointing),
     a helper of the model's code or a method of its own that only calls them (read, not taken as handing them on),
-    a local a conditional expression binds (review R7 finding 11: folds were lost), and ``self.calls += 1`` (the
-    module itself, which reaches every block where it is handed on) reach no block."""
+    a local a conditional expression binds (review R7 finding 11: folds were lost), a conditional expression as a
+    block's argument, and ``self.calls += 1`` (the module itself, which reaches every block where it is handed on)
+    reach no block."""
 
     class Plain(nn.Module):
         def __init__(self) -> None:
@@ -884,6 +885,8 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
             if x.dim() != 4:
                 raise ValueError(f"{self} takes images")  # (a raise ends a statement: the next starts after it)
             x = sum(blk(x) for _, blk in enumerate(self.blocks))
+            for i, blk in enumerate(self.blocks):
+                x = blk(x * 0.5 if i else x)  # (a conditional expression as its argument: review R9)
             return self.downsample(x) if self.downsample is not None and isinstance(self.blocks, nn.ModuleList) else x
 
         def _run(self, fn, x):

@@ -557,10 +557,15 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
     stack: list[Any] = []  # per item, the index of the instruction that pushed it, "V" for the value followed
     wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
     jumped = False  # (past a conditional expression's other arm: only a store into a local is followed there)
+    arms: list[int] = []  # the stack's heights at the tests of conditional expressions above the value
     while k < len(ops):
         op = ops[k]
         if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and (
                 target := next((j for j in range(k + 1, len(ops)) if ops[j].offset == op.argval), None)) is not None:
+            if arms and len(stack) == arms[-1] + 1:  # (b(t, scale=0.5 if i else 1.0): one arm's value is on the
+                arms.pop()  # stack, the other's would be: the value below goes on; review R9)
+                k = target
+                continue
             k, jumped = target, True  # (m = self.layer0 if c else None: past the other arm, the value goes on)
             continue
         effect = _stack_effect(op)
@@ -621,8 +626,12 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 return not item  # makes a container of the blocks, which the reader does not hold)
             return op.opname not in _NOT_HANDING and not (
                 op.opname == "STORE_ATTR" and p == 0) and not (op.opname == "STORE_SUBSCR" and p < 2)
+        if "V" in stack and jumps and op.opname.startswith("POP_JUMP") and "BACKWARD" not in op.opname and k >= end:
+            arms.append(len(stack))  # (a conditional expression's test, the value below it: its first arm followed)
+            k += 1
+            continue
         if "V" in stack and jumps:
-            return True  # (a jump while it is on the stack: a conditional expression, not followed)
+            return True  # (a jump while it is on the stack: another conditional, not followed)
         stack += [("null" if op.opname == "PUSH_NULL" or (j == 0 and pushes == 2 and op.opname == "LOAD_GLOBAL") else k)
                   for j in range(pushes)]
         if k == end - 1:
