@@ -2737,7 +2737,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      ("tests/test_fuse_kernels_in_forward.py::test_a_forward_set_on_a_conv_for_one_call_is_traced_and_folds",)),
     ("frontend", "size-key-by-identity", "a size used as a dict or set key hashed by identity (the lookup missed at "
      "every size, 5.0 off; review R9)", "repalgebra.frontend.fx_trace:size_key",
-     "    if type(proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):", "    if True:",
+     "    if type(value := proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):", "    if True:",
      tuple(f"tests/test_fuse_size_tests.py::test_a_size_used_as_a_key_is_read_as_at_the_example[{k}]"
            for k in ("dict-get", "set-membership", "str-key", "format-key"))),
     ("frontend", "view-read-as-itself", "a view of a model taking a list read as its own class (its forward hands self "
@@ -2760,6 +2760,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "block taken for that expression's value (handed on where it is called)",
      "repalgebra.frontend.outside_reads:_handed_on", "            if arms and len(stack) == arms[-1] + 1:", "            if False:",
      _R6_NOT_HANDED),
+    ("frontend", "size-name-no-key", "str() of a size a plain name, as a key too (a ParameterDict by resolution missed "
+     "at every size; review R9)", "repalgebra.frontend.fx_trace:size_key",
+     '    return value if how is None else proxy.tracer.size_answer(', '    return None if how is None else proxy.tracer.size_answer(',
+     tuple(f"tests/test_fuse_size_tests.py::test_a_size_used_as_a_key_is_read_as_at_the_example[{k}]" for k in ("str-key", "format-key"))),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

@@ -942,10 +942,11 @@ class ScaleByResolution(nn.Module):
 @pytest.mark.parametrize("make", [GainBySize, FlipsSomeSizes, lambda: ScaleByResolution(False), lambda: ScaleByResolution(True)],
                          ids=["dict-get", "set-membership", "str-key", "format-key"])
 def test_a_size_used_as_a_key_is_read_as_at_the_example(make):
-    """The trace hashed a size by identity (or named it by its node in ``str()``): the lookup missed, and the graph
-    held the miss at every size, while the model looks up a gain at 12 and 16 (5.0 off at 12x12; review R9).  The
-    key is read as at the example and checked per call: the fused model computes the model at the example and
-    refuses the sizes where the read would differ."""
+    """The trace hashed a size by identity: the lookup missed, and the graph held the miss at every size, while the
+    model looks up a gain at 12 and 16 (5.0 off at 12x12; review R9).  The key is read as at the example and
+    checked per call: the fused model computes the model at the example and refuses the sizes where the read would
+    differ.  ``str(W)`` of a size is its node's name in a message (timm's assertions, named per call), and its
+    digits as a key."""
     model = seeded(make, 0)().to(D)
     x = torch.randn(2, 4, 8, 8, dtype=D)
     fused = fuse(model, x)

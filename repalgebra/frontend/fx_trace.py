@@ -1156,18 +1156,13 @@ class _Proxy(InplaceProxy):
         return int(self._number("int"))
 
     # A size as a key (``self.gain.get(x.shape[-1], 1.0)``, ``tuple(x.shape[-2:]) in self.sizes``, a ParameterDict's
-    # ``str(x.shape[-1])``): see :func:`size_key`.
+    # ``str(x.shape[-1])``): see :func:`size_key` and :class:`_SizeName`.
     def __hash__(self) -> int:
         key = size_key(self, "hash")
         return object.__hash__(self) if key is None else hash(key)
 
     def __str__(self) -> str:
-        key = size_key(self, "str")
-        return super().__str__() if key is None else str(key)
-
-    def __format__(self, spec: str) -> str:
-        key = size_key(self, "format")
-        return super().__format__(spec) if key is None else format(key, spec)
+        return _SizeName(super().__str__(), self) if size_key(self, None) is not None else super().__str__()
 
     # (No __index__: torch's argument parser would take a Proxy for an int where it is a list of sizes, and fail.)
 
@@ -1182,14 +1177,36 @@ class _Proxy(InplaceProxy):
         return value
 
 
-def size_key(proxy: fx.Proxy, how: str) -> int | float | bool | None:
-    """A number computed from sizes that ``how`` (``hash``, ``str``, ``format``) makes a key of, read as at the
-    example and checked on every call, as ``int()`` is; None for any other value (hashed by identity, named by its
-    node).  Hashed by identity, ``self.gain.get(x.shape[-1], 1.0)`` matched no key, and the graph held the miss at
+class _SizeName(str):
+    """``str()`` of a size: the name of its node, as fx formats it (timm's assertion messages name sizes, which the
+    fused model names per call), that as a key (``self.scales.get(str(W))``, a ParameterDict by resolution) is the
+    size's own digits, read as at the example with a check (:func:`size_key`)."""
+
+    proxy: fx.Proxy
+
+    def __new__(cls, name: str, proxy: fx.Proxy) -> "_SizeName":
+        named = super().__new__(cls, name)
+        named.proxy = proxy
+        return named
+
+    def __hash__(self) -> int:
+        return hash(str(size_key(self.proxy, "str")))
+
+    def __eq__(self, other: object) -> bool:
+        return str(size_key(self.proxy, "str")) == other if isinstance(other, str) and other is not self else str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+
+def size_key(proxy: fx.Proxy, how: str | None) -> int | float | bool | None:
+    """A number computed from sizes that ``how`` (``hash``, ``str``) makes a key of, read as at the example and
+    checked on every call, as ``int()`` is; None for any other value (hashed by identity).  With ``how`` None,
+    whether it is such a number, and nothing read.  Hashed by identity, ``self.gain.get(x.shape[-1], 1.0)`` matched no key, and the graph held the miss at
     every size, where the model looks up a gain at others (review R9, 5.0 off)."""
-    if type(proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):
+    if type(value := proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):
         return None
-    return proxy.tracer.size_answer(proxy, f"a size read as a Python number ({how}(): a key)")
+    return value if how is None else proxy.tracer.size_answer(proxy, f"a size read as a Python number ({how}(): a key)")
 
 
 class _Shape(fx.proxy.Attribute):
