@@ -1193,7 +1193,9 @@ class _SizeName(str):
         return hash(str(size_key(self.proxy, "str")))
 
     def __eq__(self, other: object) -> bool:
-        return str(size_key(self.proxy, "str")) == other if isinstance(other, str) and other is not self else str.__eq__(self, other)
+        if isinstance(other, str) and other is not self:
+            return str(size_key(self.proxy, "str")) == other
+        return str.__eq__(self, other)
 
     def __ne__(self, other: object) -> bool:
         return not self == other
@@ -1202,8 +1204,8 @@ class _SizeName(str):
 def size_key(proxy: fx.Proxy, how: str | None) -> int | float | bool | None:
     """A number computed from sizes that ``how`` (``hash``, ``str``) makes a key of, read as at the example and
     checked on every call, as ``int()`` is; None for any other value (hashed by identity).  With ``how`` None,
-    whether it is such a number, and nothing read.  Hashed by identity, ``self.gain.get(x.shape[-1], 1.0)`` matched no key, and the graph held the miss at
-    every size, where the model looks up a gain at others (review R9, 5.0 off)."""
+    the number, nothing read.  Hashed by identity, ``self.gain.get(x.shape[-1], 1.0)`` matched no key, and the
+    graph held the miss at every size, where the model looks up a gain at others (review R9, 5.0 off)."""
     if type(value := proxy.tracer.ranks.answer(proxy.node)) not in (bool, int, float):
         return None
     return value if how is None else proxy.tracer.size_answer(proxy, f"a size read as a Python number ({how}(): a key)")

@@ -249,9 +249,9 @@ def _asks_classes(code: types.CodeType) -> bool:
 
 def named_by_attributes(module: nn.Module) -> set[str]:
     """The submodules of ``module`` (paths) that a plain attribute of ``module`` or of a descendant names, in a
-    dict, list, tuple or set too (``self.paths = {"main": self.a}``), or by a weak reference.  A fused form swapped in for such a child is
-    not what the attribute holds: the kept parent ran the attribute's copy, which ``fused.double()`` did not reach,
-    and failed where the model runs (found by a review)."""
+    dict, list, tuple or set too (``self.paths = {"main": self.a}``), or by a weak reference.  A fused form swapped
+    in for such a child is not what the attribute holds: the kept parent ran the attribute's copy, which
+    ``fused.double()`` did not reach, and failed where the model runs (found by a review)."""
     paths: dict[int, str] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         paths.setdefault(id(sub), path)
