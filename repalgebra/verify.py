@@ -246,8 +246,17 @@ def _compare(o: OutputError, a: Any, b: Any) -> None:
 def _kinds(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """What differs in kind between two outputs' dtypes (complex, floating point, integer or bool), else None: a
     precision is no kind (a part computing in float32 inside a float64 model)."""
-    kind = lambda t: "complex" if t.is_complex() else "floating-point" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "integer"  # noqa: E731
-    return None if kind(a) == kind(b) else f"dtypes differ: {kind(b)} ({str(b.dtype).replace('torch.', '')}) where the original's is {kind(a)} ({str(a.dtype).replace('torch.', '')})"
+    if _kind(a) == _kind(b):
+        return None
+    return f"dtypes differ: {_kind(b)} ({_dtype_name(b)}) where the original's is {_kind(a)} ({_dtype_name(a)})"
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "floating-point" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "integer"
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
