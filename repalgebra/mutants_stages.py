@@ -2764,6 +2764,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "at every size; review R9)", "repalgebra.frontend.fx_trace:size_key",
      '    return value if how is None else proxy.tracer.size_answer(', '    return None if how is None else proxy.tracer.size_answer(',
      tuple(f"tests/test_fuse_size_tests.py::test_a_size_used_as_a_key_is_read_as_at_the_example[{k}]" for k in ("str-key", "format-key"))),
+    ("frontend", "complex-real-part-only", "complex outputs compared by their real part only (a conjugate passed verify "
+     "and fuse's check, 24 off; review R9)", "repalgebra.verify:_wide",
+     "    return torch.view_as_real(t.detach().to(torch.complex128).resolve_conj()) if t.is_complex() else t.detach().double()",
+     "    return t.detach().real.double() if t.is_complex() else t.detach().double()",
+     ("tests/test_verify.py::test_complex_outputs_are_compared_in_both_parts",)),
+    ("frontend", "dtype-kinds-unseen", "an integer output taken for a floating-point one of equal values (review R9)",
+     "repalgebra.verify:_kinds", "    if _kind(a) == _kind(b):", "    if True:",
+     ("tests/test_verify.py::test_outputs_of_another_kind_of_dtype_differ",)),
     ("frontend", "self-handed-on-unfollowed", "the module itself handed to code the reader does not follow "
      "(functools.reduce(getattr, names, self), [self][0].layer0) taken as reaching nothing (review R9, 2.4e3 off)",
      "repalgebra.frontend.outside_reads:_chains_in", "                elif how:  # (``self`` itself too",

@@ -326,6 +326,8 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_window_mean": "one reduction",
     "repalgebra.backend.onnx_fallback:_window_max": "one reduction",
     "repalgebra.frontend.outside_reads:_chains": "a cache of _read_chains (mutated there), and one decision: a view read as its class",
+    "repalgebra.verify:_wide": "one decision, a complex tensor as its two parts",
+    "repalgebra.verify:_kinds": "one comparison of two kinds (_kind's branches are torch's own tests)",
     "repalgebra.frontend.fx_trace:size_key": "two decisions, whether the value is a number of sizes and whether it is read",
     "repalgebra.frontend.fx_trace:forward_of_its_own": "one decision, whether the instance's forward runs",
     "repalgebra.backend.onnx:_check_graph_shapes": "one comparison, the shapes asked for against those traced",
