@@ -28,6 +28,7 @@ from fastvit_models.testing import randomize_model_
 from repalgebra.backend.onnx import DEFAULT_OPSET, export_onnx
 from repalgebra.verify import TOLERANCES
 from zoo import seeded
+from test_fuse_other_sizes import BatchBehind  # a per-row scale folded through reshape(8, -1): exact at batch 1 only
 from test_fuse_capture import ModelOutput  # transformers' ModelOutput, as vendored copies write it
 from test_user_blocks import (
     ACBlock,
@@ -1051,18 +1052,6 @@ def test_a_graph_exported_at_another_shape_than_traced_is_refused():
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     with pytest.raises(TypeError, match="rewrite takes a Graph, got Conv2d: trace it first"):
         repalgebra.rewrite(block)
-
-
-class BatchBehind(nn.Module):
-    """A per-channel fold through ``y.reshape(8, -1)``, exact at batch 1 only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-        self.g = nn.Parameter(torch.linspace(-2, 2, 8).view(8, 1))
-
-    def forward(self, x):
-        return self.fc(x).reshape(8, -1) * self.g
 
 
 def test_a_graph_whose_fold_holds_at_its_batch_only_is_exported_at_that_batch():

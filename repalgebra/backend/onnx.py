@@ -1911,12 +1911,12 @@ def export_onnx(
             graph, rewritten = rewrite(graph)
             meta["rules_fired"] = ", ".join(f"{k} x{v}" for k, v in rewritten.rule_counts().items()) or "none"
             fired = bool(rewritten.fired)
-        if batch and module is not None and (fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):
+        if batch and (fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):  # (batch: a module)
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or one "
                          "of them does not run there (a reshape keeps an axis whole at the example's batch only, such as "
                          "y.reshape(8, -1) or y.squeeze(0) at batch 1, or reads the batch as a number: x.view(1, ...))")
-        if batch and module is not None and not _holds_at_batch_one(graph, module, example):
+        if batch and not _holds_at_batch_one(graph, module, example):
             batch = False
             notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "
                          "or refuses it (a squeeze of the batch axis, a branch on it), where a graph with a dynamic batch would run")

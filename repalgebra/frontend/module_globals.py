@@ -131,8 +131,9 @@ def _is_data(value: Any, classes: frozenset[str]) -> bool:
 
 
 def _contents(value: Any, depth: int, classes: frozenset[str], held: list[tuple[Any, Any]]) -> None:
-    """Append to ``held`` each mutable object ``value`` holds (itself included), :data:`~repalgebra.frontend.state_keys.DEPTH` levels deep, with a
-    copy of what it holds: a container's items, an object's attributes, a small tensor's values."""
+    """Append to ``held`` each mutable object ``value`` holds (itself included),
+    :data:`~repalgebra.frontend.state_keys.DEPTH` levels deep, with a copy of what it holds: a container's items, an
+    object's attributes, a small tensor's values."""
     if isinstance(value, torch.Tensor):
         if value.numel() <= COPIED and value.layout is torch.strided and not value.is_meta:
             held.append((value, value.detach().clone()))
