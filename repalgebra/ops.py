@@ -321,6 +321,15 @@ def select(x, *, axis=0, index=REQUIRED):
     return x.select(axis, index)
 
 
+@op("contiguous", kind="layout")
+def contiguous(x, *, memory_format=torch.contiguous_format):
+    """``x.contiguous(memory_format)``: the same values, laid out densely.  The IR has values, not layouts, so the
+    front end keeps this op only where a layout is read: at an output, or before a call it carries through
+    (``torch.view_as_complex``, a caller's ``out.view``); elsewhere it is the identity
+    (:func:`~repalgebra.frontend.layout_reads.drop_unread_layouts`)."""
+    return x.contiguous(memory_format=memory_format)
+
+
 # --------------------------------------------------------------------------- non-linear ops
 
 

@@ -3800,3 +3800,78 @@ def test_a_model_that_runs_at_its_example_size_only_keeps_the_capture_at_fixed_s
     model = randomized(LocalNAFClassifier())
     fused = check_exact(model, torch.randn(2, 3, 8, 8, dtype=D))
     assert fused.fuse_report.capture == "specialized", str(fused.fuse_report)
+
+
+# --------------------------------------------------------------------------- layouts read
+
+
+class DenseNHWCHead(nn.Module):
+    """A channels-last head made dense, as ConvNeXt-style code writes it: the caller may ``view`` the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(4, 4)
+
+    def forward(self, x):
+        return self.body(x).permute(0, 2, 3, 1).contiguous()
+
+
+class ComplexRotation(nn.Module):
+    """RoPE / spectral code: ``torch.view_as_complex`` needs a last axis of stride one, which ``contiguous`` makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(4, 4)
+
+    def forward(self, x):
+        y = self.body(x)
+        z = torch.view_as_complex(y.permute(0, 2, 3, 1).contiguous().view(y.shape[0], y.shape[2], y.shape[3], 2, 2))
+        return torch.view_as_real(z * 1j)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's shuffle between two conv + BN: a layout only the next conv reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4), conv_bn(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        B, C, H, W = y.shape
+        y = y.view(B, 2, C // 2, H, W).transpose(1, 2).contiguous().view(B, C, H, W)
+        return self.b(y)
+
+
+def test_a_dense_output_stays_dense(tmp_path):
+    """``.contiguous()`` at the output is kept: the fused output has the model's strides, so a caller's
+    ``out.view(B, -1)`` works on it (it raised: the fused model returned the permuted view).  torch.export's capture
+    (a clone to a memory format there) keeps it too, and the ONNX file, where layouts do not exist, computes it."""
+    model, x = randomized(DenseNHWCHead()), torch.randn(2, 4, 6, 5, dtype=D)
+    fused = check_exact(model, x)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert out.stride() == ref.stride() and out.view(2, -1).shape == (2, 120)
+    assert bn_left(fused) == 0 and fused.fuse_report.ops_after["contiguous"] == 1, str(fused.fuse_report)
+    from repalgebra.frontend.aten import capture_export
+
+    assert capture_export(model, (x,)).graph.op_counts()["contiguous"] == 1
+    path = str(tmp_path / "head.onnx")
+    repalgebra.export_onnx(fused.float(), path, (2, 4, 6, 5))
+    got = ort.InferenceSession(path).run(None, {"x": x.float().numpy()})[0]
+    np.testing.assert_allclose(got, ref.float().numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # float32
+
+
+def test_a_layout_a_carried_call_reads_is_kept():
+    """``torch.view_as_complex`` of a permuted value made contiguous: the fx capture failed on it (the IR dropped the
+    ``contiguous``) and the model was kept whole, its conv + BN unfolded."""
+    model = randomized(ComplexRotation())
+    fused = check_exact(model, torch.randn(2, 4, 6, 6, dtype=D))
+    assert fused.fuse_report.capture == "fx" and bn_left(fused) == 0, str(fused.fuse_report)
+
+
+def test_a_layout_only_known_ops_read_is_dropped():
+    """The shuffle's ``contiguous`` meets no reader of layouts: none is kept, and both BNs fold."""
+    model = randomized(ChannelShuffle())
+    fused = check_exact(model, torch.randn(2, 4, 6, 6, dtype=D))
+    assert "contiguous" not in fused.fuse_report.ops_after and bn_left(fused) == 0, str(fused.fuse_report)

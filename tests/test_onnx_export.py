@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import copy
+import io
 import math
 import warnings
 from collections import OrderedDict
@@ -195,10 +196,19 @@ def test_bad_opset():
         export_onnx(nn.Conv2d(3, 4, 3), None, (1, 3, 8, 8), opset=7)
 
 
-def test_writes_file(tmp_path):
+def test_writes_file(tmp_path, monkeypatch):
+    """To a path, or to a binary file object as ``torch.onnx.export`` takes it (a ``BytesIO`` was written to a file
+    named after its repr, in the working directory, and stayed empty); anything else is refused before exporting."""
     path = tmp_path / "m.onnx"
     export_onnx(randomize(RepVGGBlock(8, 8)).float(), path, (1, 8, 8, 8))
     assert op_types(onnx.load(str(path))).get("Conv") == 1
+    monkeypatch.chdir(tmp_path)
+    buffer = io.BytesIO()
+    export_onnx(randomize(RepVGGBlock(8, 8)).float(), buffer, (1, 8, 8, 8))
+    assert op_types(onnx.load_from_string(buffer.getvalue())).get("Conv") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(TypeError, match="saves to a path"):
+        export_onnx(randomize(RepVGGBlock(8, 8)).float(), 3, (1, 8, 8, 8))
 
 
 class Conditioned(nn.Module):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -202,6 +203,12 @@ def _bn(ctx, n, x):
 
 @lowering("identity")
 def _identity(ctx, n, x):
+    return ctx.emit("Identity", [x])
+
+
+@lowering("contiguous")
+def _contiguous(ctx, n, x):
+    """ONNX tensors have no memory layout: the same values."""
     return ctx.emit("Identity", [x])
 
 
@@ -1807,7 +1814,7 @@ def _branching(regions: list[RegionReport]) -> str:
 @one_at_a_time
 def export_onnx(
     model_or_graph: "torch.nn.Module | Graph",
-    path: str | None,
+    path: "str | os.PathLike | BinaryIO | None",
     input_shape: "tuple[int, ...] | torch.Tensor | Sequence[tuple[int, ...] | torch.Tensor]" = (1, 3, 256, 256),
     *,
     opset: int | None = None,
@@ -1823,7 +1830,8 @@ def export_onnx(
         model_or_graph: an ``nn.Module`` (the train-time model, or what ``repalgebra.fuse`` returned), or a
             :class:`~repalgebra.ir.Graph` from :func:`repalgebra.trace` (its file has the traced sizes, the batch
             too: a graph has no model to check another batch against).
-        path: where to save the file; ``None`` only returns it.
+        path: where to save the file (a path, or a binary file object such as ``io.BytesIO``); ``None`` only
+            returns it.
         input_shape: the shape of a random input (seeded, standard normal, in the model's dtype), a tuple of
             shapes for a model of several inputs (``((1, 3, 64, 64), (1, 16))``), or example tensors in their
             place, used as they are (a bool padding mask, integer token ids, an image in 0..1): the parts
@@ -1889,6 +1897,9 @@ def export_onnx(
     """
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite
+
+    if not (path is None or hasattr(path, "write") or isinstance(path, (str, os.PathLike))):
+        raise TypeError(f"export_onnx saves to a path (str or os.PathLike) or a binary file object, not {type(path).__name__}")
 
     def lower(graph: Graph, capture: str, module: torch.nn.Module | None, example: tuple) -> tuple:
         notes: list[str] = []
@@ -1974,5 +1985,5 @@ def export_onnx(
         raise TypeError(f"export_onnx takes an nn.Module or a repalgebra Graph, not {type(model_or_graph).__name__}")
     _valid(model)
     if path is not None:
-        onnx.save(model, str(path))
+        onnx.save(model, path if hasattr(path, "write") else os.fspath(path))
     return (model, report) if return_report else model

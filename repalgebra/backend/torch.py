@@ -242,7 +242,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 # Ops whose torch lowering may return their input itself or a view of it (``x.to(x.dtype)`` is ``x``).
-_VIEWING = frozenset({"identity", "after_call", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
+_VIEWING = frozenset({"identity", "after_call", "contiguous", "reshape", "reshape_dyn", "flatten", "permute", "transpose", "select", "slice", "chunk",
                       "piece", "expand", "expand_dyn", "cast"})
 
 
@@ -550,6 +550,11 @@ def _flatten(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("permute")
 def _permute(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     return ctx.method("permute", xs[0], tuple(node.attrs["dims"]))
+
+
+@lowers("contiguous")
+def _contiguous(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return ctx.method("contiguous", xs[0], memory_format=node.attrs["memory_format"])
 
 
 @lowers("transpose")

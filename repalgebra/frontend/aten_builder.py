@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.builder import map_leaves, literal_output
 from repalgebra.frontend.calls import Buf, DtypeLimit, FnCall, In, constant_call
 from repalgebra.frontend.height_one import lift_height_one
+from repalgebra.frontend.layout_reads import drop_unread_layouts
 from repalgebra.frontend.inputs import shapes_and_dtypes
 from repalgebra.ir import Graph, Node, Value
 
@@ -199,7 +200,7 @@ class ProgramBuilder:
                 if self.opaque_ops:
                     listed = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(self.opaque_ops.items()))
                     notes.append(f"carried through unchanged (no op in the table): {listed}")
-                graph = lift_height_one(Graph(inputs, self.nodes, outs))
+                graph = drop_unread_layouts(lift_height_one(Graph(inputs, self.nodes, outs)))
                 graph.eliminate_dead()  # a value a handler read past (a Conv1d's flatten, its BatchNorm1d moved before it)
                 lifted = any(s.kind == InputKind.CONSTANT_TENSOR for s in sig.input_specs)
                 return AtenCapture(graph, spec, notes, batch_free=self.batch is not None, reads_plain=lifted)

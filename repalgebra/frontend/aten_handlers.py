@@ -911,10 +911,14 @@ def _times(b: ProgramBuilder, where: str, x: Value, number: int | float) -> Valu
 
 
 def _identity(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-    """``clone``/``alias``/``detach``/``dropout(train=False)``: the same values."""
+    """``clone``/``alias``/``detach``/``dropout(train=False)``: the same values.  A clone to a memory format is
+    ``x.contiguous()`` (as ``run_decompositions`` writes it): a ``contiguous`` op, kept where a layout is read."""
     x = _v(a["self"] if "self" in a else a["input"])
     if x is None or a.get("train", False) is not False:
         return None
+    layout = a.get("memory_format")
+    if layout not in (None, torch.preserve_format):
+        return "contiguous", [x], {"memory_format": layout}, {}, None
     return "identity", [x], {}, {}, None
 
 

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, invoke, meta_of, returned, runs_on_meta, squeeze_to_rank
 from repalgebra.frontend.fx_trace import READ_IN, TensorInfo, autocast_left_off, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
+from repalgebra.frontend.layout_reads import drop_unread_layouts
 from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.pure import FACTORIES, is_pure
@@ -158,7 +159,7 @@ class Builder:
                 leaves, spec = pytree.tree_flatten(out)
                 values = [self.as_value(v, n) for v in leaves]
                 self.input_checks = self.checks_of(graph_inputs)
-                graph = lift_height_one(Graph(graph_inputs, self.nodes, values))
+                graph = drop_unread_layouts(lift_height_one(Graph(graph_inputs, self.nodes, values)))
                 reroute_shape_reads(graph)
                 # A call read only through ops that replaced its reads (the tuple of ``x.chunk(2)`` whose
                 # parts became ``chunk`` ops, a constant's ``w[:, None, None]`` folded into a ``scale``).

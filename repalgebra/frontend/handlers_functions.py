@@ -696,10 +696,16 @@ def _f_transpose(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
 
 
 def _f_same_values(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
-    """``x.contiguous()``, ``x.clone()`` (FasterNet's ``x = x.clone()`` before writing a slice of it: the front end
-    has made the write a new value already): the same values, in any memory format."""
-    a = bind([("input", REQ), ("memory_format", None)], args, kwargs)
-    return None if a is None or shaped(a["input"]) is None else ("identity", [a["input"]], {}, {}, "")
+    """``x.clone()`` (FasterNet's ``x = x.clone()`` before writing a slice of it: the front end has made the write a
+    new value already): the same values, in ``x``'s layout.  ``x.contiguous()``, or a clone to a memory format: the
+    same values, laid out densely (a ``contiguous`` op, kept where a layout is read: ``layout_reads``)."""
+    dense = target == "contiguous" or target is torch.Tensor.contiguous
+    a = bind([("input", REQ), ("memory_format", torch.contiguous_format if dense else torch.preserve_format)], args, kwargs)
+    if a is None or shaped(a["input"]) is None or not isinstance(a["memory_format"], torch.memory_format):
+        return None
+    if a["memory_format"] == torch.preserve_format:
+        return "identity", [a["input"]], {}, {}, ""
+    return "contiguous", [a["input"]], {"memory_format": a["memory_format"]}, {}, ""
 
 
 def _f_to_dtype_of(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> Made:
@@ -1396,7 +1402,7 @@ _register(_f_normalize, F.normalize)
 _register(_f_unfold, F.unfold)
 _register(_f_fold, F.fold)
 _register(_f_adaptive_avg, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
-_register(_f_same_values, ("method", "contiguous"), ("method", "clone"), torch.clone)
+_register(_f_same_values, ("method", "contiguous"), torch.Tensor.contiguous, ("method", "clone"), torch.clone)
 _register(_f_detached, ("method", "detach"), torch.detach)
 _register(_f_cast, ("method", "to"), ("method", "type"), *(("method", m) for m in _CAST_METHODS))
 _register(_f_div, operator.truediv, torch.div, torch.divide, torch.true_divide, ("method", "div"), ("method", "divide"),
