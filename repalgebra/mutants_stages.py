@@ -179,6 +179,9 @@ _FRESH = tuple(f"tests/test_inplace.py::test_a_fresh_tensor_given_to_a_call_kept
                for h in ("clone-flattened", "clone-memory-format", "times-one", "one-tensor-cat", "zero-pad"))
 _TOPK = tuple(f"tests/test_inplace.py::test_an_item_of_topk_written_in_place_shares_nothing[{h}]" for h in ("topk", "max"))
 _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_values",)
+_LAYOUTS = tuple(f"tests/test_fuse_capture.py::{t}" for t in (
+    "test_a_dense_output_stays_dense", "test_a_layout_a_carried_call_reads_is_kept", "test_a_layout_only_known_ops_read_is_dropped")) + (
+    "tests/test_frontend.py::test_clones_and_contiguous_copies_are_the_same_values",)
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = tuple(f"tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps[{k}]"
                   for k in ("dict", "OrderedDict", "defaultdict", "nested"))
@@ -1179,6 +1182,23 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.inplace:_fresh_tuple", "if name not in _TUPLES_OF_FRESH or", 'if name not in {"sort"} or', _TOPK),
     ("frontend", "data-kept-as-call", "x.data kept as a call (an ONNX file holds the example's values)",
      "repalgebra.frontend.handlers_functions:_f_values", '    if not kwargs and args[1:] == ("data",):', "    if False:", _DETACHED),
+    ("frontend", "contiguous-dropped", "every x.contiguous() taken for the identity (the fused output a permuted view)",
+     "repalgebra.frontend.layout_reads:drop_unread_layouts", "        if not _layout_read(graph, n.out):", "        if True:", _LAYOUTS),
+    ("frontend", "contiguous-kept", "every x.contiguous() kept, between the ops rules fold too",
+     "repalgebra.frontend.layout_reads:drop_unread_layouts", "        if not _layout_read(graph, n.out):", "        if False:", _LAYOUTS),
+    ("frontend", "layout-unread-by-carried-calls", "a call carried through taken for a reader of values only (view_as_complex)",
+     "repalgebra.frontend.layout_reads:_layout_read", '            if u.op == "opaque":', "            if False:", _LAYOUTS),
+    ("frontend", "layout-not-followed-through-views", "a contiguous value read through a view (.contiguous().view(...)) taken for unread",
+     "repalgebra.frontend.layout_reads:_layout_read", "                stack.append(u.out)", "                pass", _LAYOUTS),
+    ("frontend", "layout-followed-through-contiguous", "a layout another contiguous lays out anew taken for read",
+     "repalgebra.frontend.layout_reads:_layout_read", ' and u.op != "contiguous")', ")", _LAYOUTS),
+    ("frontend", "contiguous-format-dropped", "x.contiguous(memory_format=torch.channels_last) made dense in the default format",
+     "repalgebra.frontend.handlers_functions:_f_same_values", '{"memory_format": a["memory_format"]}', "{}", _LAYOUTS),
+    ("frontend", "aten-clone-format-ignored", "torch.export's clone to a memory format (its .contiguous()) taken for the identity",
+     "repalgebra.frontend.aten_handlers:_identity", "    if layout not in (None, torch.preserve_format):", "    if False:", _LAYOUTS),
+    ("torch_backend", "contiguous-lowered-as-identity", "a contiguous kept in the graph written as its input",
+     "repalgebra.backend.torch:_contiguous", '    return ctx.method("contiguous", xs[0], memory_format=node.attrs["memory_format"])',
+     "    return xs[0]", _LAYOUTS),
     ("frontend", "detach-kept-as-call", "x.detach() and x.data kept as calls (a size read through them keeps a BatchNorm)",
      "repalgebra.frontend.handlers_functions:_f_detached",
      '    return None if a is None or shaped(a["input"]) is None else ("identity", [a["input"]], {}, {}, "")', "    return None", _DETACHED),

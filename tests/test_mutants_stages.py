@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.layout_reads:drop_unread_layouts": "one decision, mutated both ways: a contiguous kept or not",
+    "repalgebra.frontend.handlers_functions:_f_same_values": "one attribute: the memory format of a contiguous op",
+    "repalgebra.frontend.aten_handlers:_identity": "one decision added to it: a clone to a memory format is a contiguous op",
+    "repalgebra.backend.torch:_contiguous": "one line: the contiguous call written",
     "repalgebra.frontend.outside_reads:_called_above": "one decision a test reaches alone: super() reaches the definitions "
     "above the class holding the function (a function without super() reaches none: the old path)",
     "repalgebra.frontend.outside_reads:_helpers": "one decision: a module-level function of the model's code that the read "
