@@ -182,6 +182,8 @@ _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_valu
 _LAYOUTS = tuple(f"tests/test_fuse_capture.py::{t}" for t in (
     "test_a_dense_output_stays_dense", "test_a_layout_a_carried_call_reads_is_kept", "test_a_layout_only_known_ops_read_is_dropped")) + (
     "tests/test_frontend.py::test_clones_and_contiguous_copies_are_the_same_values",)
+_NEAREST = ("tests/test_onnx_fallback.py::test_a_3d_nearest_exact_interpolate_exports",
+            "tests/test_onnx_fallback.py::test_nearest_interpolate_rewrite_picks_torchs_pixels")
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = tuple(f"tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps[{k}]"
                   for k in ("dict", "OrderedDict", "defaultdict", "nested"))
@@ -1205,6 +1207,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "size-test-under-jit-trace", "a size test checked under torch.jit.trace, whose sizes are tensors TorchScript cannot compare",
      "repalgebra.frontend.size_tests:taken_as_traced", "    if torch.jit.is_tracing():\n        return\n", "",
      ("tests/test_fuse_size_tests.py::test_torch_jit_trace_records_a_fused_model_with_a_size_test",)),
+    ("onnx_backend", "nearest-to-the-exporter", "nearest interpolation left to torch.onnx.export (no 3-D nearest-exact; Resize's picks)",
+     "repalgebra.backend.onnx_fallback:_interpolate", '    if mode in ("nearest", "nearest-exact") and not antialias:', "    if False:", _NEAREST),
+    ("onnx_backend", "nearest-axes-reversed", "the picks of each axis gathered along another axis",
+     "repalgebra.backend.onnx_fallback:_nearest", "        x = x.index_select(axis + 2, pick)", "        x = x.index_select(len(picks) + 1 - axis, pick)", _NEAREST),
+    ("onnx_backend", "nearest-picks-of-the-first-axis", "every axis given the picks along the first",
+     "repalgebra.backend.onnx_fallback:_nearest", "line[(0,) * axis + (slice(None),) + (0,) * (len(spatial) - axis - 1)]",
+     "line[(slice(None),) + (0,) * (len(spatial) - 1)]", _NEAREST),
     ("onnx_backend", "region-inputs-fed-by-place", "a region's file fed by the places of its inputs, one torch.onnx.export dropped shifting the rest",
      "repalgebra.backend.onnx_fallback:_fed", "    return [(n, inputs[k]) for n, k in zip(names, at)]", "    return list(zip(names, inputs))", _FED),
     ("onnx_backend", "region-inputs-wired-by-place", "a region's file wired into the whole by the places of its inputs",

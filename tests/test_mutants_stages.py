@@ -31,6 +31,8 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.backend.onnx_fallback:_interpolate": "one decision added to it: nearest interpolation picked by torch",
+    "repalgebra.backend.onnx_fallback:_nearest": "two lines a mistake would reach: each axis's picks and the axis gathered",
     "repalgebra.frontend.layout_reads:drop_unread_layouts": "one decision, mutated both ways: a contiguous kept or not",
     "repalgebra.frontend.handlers_functions:_f_same_values": "one attribute: the memory format of a contiguous op",
     "repalgebra.frontend.aten_handlers:_identity": "one decision added to it: a clone to a memory format is a contiguous op",

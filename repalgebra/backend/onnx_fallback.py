@@ -1178,7 +1178,10 @@ def _aa_op(op: Callable) -> Callable:
 def _interpolate(
     x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None, antialias=False, *, opset=0
 ):
-    """``F.interpolate(..., antialias=True)`` (no ONNX op before opset 18) as two matrix products; others unchanged."""
+    """``F.interpolate(..., antialias=True)`` (no ONNX op before opset 18) as two matrix products; nearest and
+    nearest-exact as a ``Gather`` per axis of the pixels torch picks (:func:`_nearest`); others unchanged."""
+    if mode in ("nearest", "nearest-exact") and not antialias:
+        return _nearest(x, size, scale_factor, mode, recompute_scale_factor)
     if not antialias or x.dim() != 4:
         return NotImplemented
     pair = lambda v: (v, v) if not isinstance(v, (tuple, list)) else tuple(v)  # noqa: E731
@@ -1192,6 +1195,26 @@ def _interpolate(
         return torch.nn.functional.interpolate(e, scale_factor=(scale[0], 1.0) if axis == 0 else (1.0, scale[1]), **kw)
 
     return _resample(x, resize)
+
+
+def _nearest(x, size, scale_factor, mode, recompute_scale_factor) -> torch.Tensor:
+    """Nearest interpolation at fixed sizes as one ``index_select`` per spatial axis, of the indices torch itself
+    picks (run on each axis's coordinates): exact, where the exporter's ``Resize`` picks by ``dst / scale`` and
+    rounds to other pixels at some sizes, and has no 3-D nearest-exact at all (review R9)."""
+    spatial = [int(n) for n in x.shape[2:]]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # (as the kernel computes its scale)
+    kw = dict(size=size, scale_factor=scale_factor, mode=mode, recompute_scale_factor=recompute_scale_factor)
+    with _untraced():
+        picks = []
+        for axis, n in enumerate(spatial):
+            along = [1] * len(spatial)
+            along[axis] = n
+            coords = torch.arange(n, dtype=dtype).reshape(1, 1, *along).expand(1, 1, *spatial)
+            line = torch.nn.functional.interpolate(coords, **kw)[0, 0]
+            picks.append(line[(0,) * axis + (slice(None),) + (0,) * (len(spatial) - axis - 1)].to(torch.int64))
+    for axis, pick in enumerate(picks):
+        x = x.index_select(axis + 2, pick)
+    return x
 
 
 def _flash_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, opset=0):
