@@ -199,6 +199,8 @@ _VIEWS_EMA = ("tests/test_fuse_outside_reads.py::test_views_of_the_weights_stay_
 _OUTSIDE = ("tests/test_fuse_outside_reads.py::test_children_whose_weights_the_parent_updates_stay_as_written",
             "tests/test_fuse_outside_reads.py::test_a_read_of_a_childs_weight_dtype_leaves_it_fused",
             "tests/test_fuse_outside_reads.py::test_read_outside_names_the_children_read_by_code_outside_their_calls")
+_DELEGATED = tuple(f"tests/test_fuse_outside_reads.py::{t}" for t in (
+    "test_a_name_a_wrapper_hands_on_reaches_every_module_below_it", "test_a_wrapper_that_hands_on_unknown_names_is_copied_whole"))
 _REACHED = ("tests/test_fuse_outside_reads.py::test_reached_through_names_the_children_code_reaches_into",
             "tests/test_fuse_outside_reads.py::test_a_grandchild_the_parent_calls_on_another_branch_is_the_models")
 _BEFORE = ("tests/test_inplace.py::test_a_copy_made_before_a_call_kept_whole_and_read_after_it_stays_a_copy",)
@@ -854,7 +856,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.module_copy:copy_module", "_deepcopy(model, bypassed=True, memo=dict(given))",
      "_deepcopy(model, bypassed=False, memo=dict(given))", _COPIES),
     ("frontend", "own-deepcopy-not-bypassed", "a module whose __deepcopy__ returns itself copied by it again",
-     "repalgebra.module_copy:_deepcopy", "            if _own_deepcopy(m) and id(m) not in memo:", "            if False:", _COPIES),
+     "repalgebra.module_copy:_deepcopy", "(bypassed and _own_deepcopy(m))", "False", _COPIES),
+    ("frontend", "delegated-deepcopy-trusted", "a wrapper whose __getattr__ answers __deepcopy__ with its child's copied by it",
+     "repalgebra.module_copy:_deepcopy", " or _delegated_deepcopy(m))", ")", _DELEGATED),
     ("frontend", "bypass-gives-the-module", "a module copied past its __deepcopy__ entered in the memo as itself",
      "repalgebra.module_copy:_deepcopy", "copy._reconstruct(m, memo, *m.__reduce_ex__(4))", "memo[id(m)] = m", _COPIES),
     ("frontend", "own-deepcopy-never", "no class taken for one that writes its own __deepcopy__",
@@ -2622,6 +2626,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "items-not-iterated-unhanded", "the items of a container not iterated (next(self.blocks.children())) not "
      "taken as handed on", "repalgebra.frontend.outside_reads:_chains_in", "                    unlooped.append(chain[:-1])",
      "                    pass", (f"{_R6_HANDED}[children]",)),
+    ("frontend", "delegated-name-unread", "a name a wrapper's __getattr__ hands to the model it wraps taken for its own attribute",
+     "repalgebra.frontend.outside_reads:_through", " or _delegated(obj, step):", ":", _DELEGATED),
+    ("frontend", "delegating-class-unseen", "no class taken for one with a __getattr__ of its own",
+     "repalgebra.frontend.outside_reads:_delegated", " or type(obj).__getattr__ is nn.Module.__getattr__:", " or True:", _DELEGATED),
     ("frontend", "every-below-unread", "a chain marked as reaching every module below, or named_modules(), reaching none",
      "repalgebra.frontend.outside_reads:_through", "        if step is ... or isinstance(step, _Method) or (step in _EVERY and _child(obj, step) is None) or (",
      "        if False or (", (f"{_R6_HANDED}[map]", f"{_R6_HANDED}[named-modules]")),

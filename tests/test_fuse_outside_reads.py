@@ -978,3 +978,56 @@ def test_a_model_taking_a_list_reads_its_own_forward():
     other = [xs[0] - 1000, xs[1]]
     with torch.no_grad():
         torch.testing.assert_close(fused(other), model(other), rtol=1e-9, atol=0)  # float64
+
+
+class Delegating(nn.Module):
+    """A wrapper that hands the names it does not hold to the model it wraps, as PEFT's ``PeftModel`` writes it."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+
+class ReachesThroughDelegation(Delegating):
+    def forward(self, x):
+        if x.mean() < -100:  # kept whole; on this branch the wrapped model's conv alone, named as the wrapper's
+            return self.conv(x)
+        return self.base_model(x)
+
+
+class ScalesFarInputs(Delegating):
+    def forward(self, x):
+        if x.mean() < -100:
+            x = x / 255
+        return self.base_model(x)
+
+
+class HoldsAWrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = ScalesFarInputs(ConvBN())
+
+    def forward(self, x):
+        return self.pre(x)
+
+
+def test_a_name_a_wrapper_hands_on_reaches_every_module_below_it():
+    """``self.conv`` is ``self.base_model.conv`` through the wrapper's ``__getattr__``: the reader took it for a
+    name the wrapper does not hold, and the fused ``base_model``'s folded conv ran there (5.05e3 off; review R10)."""
+    _same_on_the_other_branch(randomized_bn(ReachesThroughDelegation(ConvBN())))
+
+
+def test_a_wrapper_that_hands_on_unknown_names_is_copied_whole():
+    """``copy.deepcopy`` asks the wrapper for ``__deepcopy__``, which its ``__getattr__`` answered with the fused
+    child's (a GraphModule's): fuse's copy of the wrapper was the child alone, its ``/ 255`` gone (review R10)."""
+    model = randomized_bn(HoldsAWrapper())
+    _same_on_the_other_branch(model)
+    assert type(fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64)).pre) is ScalesFarInputs

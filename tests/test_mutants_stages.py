@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.outside_reads:_delegated": "one decision a test reaches alone: a class with a __getattr__ of its own",
     "repalgebra.backend.onnx_fallback:_interpolate": "one decision added to it: nearest interpolation picked by torch",
     "repalgebra.backend.onnx_fallback:_nearest": "two lines a mistake would reach: each axis's picks and the axis gathered",
     "repalgebra.frontend.layout_reads:drop_unread_layouts": "one decision, mutated both ways: a contiguous kept or not",
