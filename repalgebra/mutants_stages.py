@@ -128,6 +128,7 @@ _HALF_NUMBER = (f"{_OE}::test_a_float16_model_times_a_number_float16_cannot_hold
 _BADDBMM = (f"{_OE}::test_baddbmm_with_beta_0_ignores_its_input",)
 _PINNED_CAST = ("tests/test_fuse_capture.py::test_a_tensor_that_follows_a_cast_does_not_keep_the_fused_model_to_its_dtype",)
 _SHARED_OBJECTS = ("tests/test_fuse_shared_objects.py",)
+_MADE_ANEW = tuple(f"tests/test_fuse.py::test_an_output_computed_from_weights_alone_is_made_anew_per_call[{k}]" for k in ("fx", "specialized"))
 _PLAIN = ("tests/test_fuse_capture.py::test_a_plain_tensor_attribute_stays_one_a_cast_leaves",)
 _PLAIN_ONNX = (f"{_OE}::test_a_plain_table_concatenated_or_returned_exports",
                f"{_OE}::test_a_fallback_region_of_another_dtype_than_torch_gives_is_refused_by_name")
@@ -182,8 +183,8 @@ _DETACHED = ("tests/test_fuse_capture.py::test_data_and_detach_are_the_same_valu
 _LAYOUTS = tuple(f"tests/test_fuse_capture.py::{t}" for t in (
     "test_a_dense_output_stays_dense", "test_a_layout_a_carried_call_reads_is_kept", "test_a_layout_only_known_ops_read_is_dropped")) + (
     "tests/test_frontend.py::test_clones_and_contiguous_copies_are_the_same_values",)
-_NEAREST = ("tests/test_onnx_fallback.py::test_a_3d_nearest_exact_interpolate_exports",
-            "tests/test_onnx_fallback.py::test_nearest_interpolate_rewrite_picks_torchs_pixels")
+_NEAREST_REWRITE = ("tests/test_onnx_fallback.py::test_a_3d_nearest_exact_interpolate_exports",
+                    "tests/test_onnx_fallback.py::test_nearest_interpolate_rewrite_picks_torchs_pixels")
 _FED = ("tests/test_onnx_fallback.py::test_a_region_input_read_only_for_its_sizes_is_fed_by_name",)
 _CAST_RUN = tuple(f"tests/test_fuse_state.py::test_a_cache_a_check_in_float64_fills_is_not_left_in_the_model_fuse_keeps[{k}]"
                   for k in ("dict", "OrderedDict", "defaultdict", "nested"))
@@ -759,7 +760,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.backend.onnx:export_onnx", "        if batch and (fired or", "        if fuse and batch and (fired or",
      (f"{_OE}::test_a_model_that_runs_at_its_examples_batch_only_gets_a_fixed_batch",)),
     ("torch_backend", "outputs-aliased", "a copy the model returns (x.clone(), y.clone()) returned as the input or an earlier output itself",
-     "repalgebra.backend.torch:_unaliased", "ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen) else node", "node", _ALIASED),
+     "repalgebra.backend.torch:_unaliased", "ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen | made) else node", "node", _ALIASED),
+    ("torch_backend", "made-constant-output-shared", "an output the model computes from its weights alone returned as the tensor the fused module holds",
+     "repalgebra.backend.torch:_unaliased", "roots & (inputs | seen | made)", "roots & (inputs | seen)", _MADE_ANEW),
+    ("frontend", "fx-made-constant-taken-for-own", "a tensor fx computed while tracing (_tensor_constant0) taken for the model's own",
+     "repalgebra.frontend.builder:traced_constant", "    return str(target).rpartition(\".\")[2].startswith(MADE_CONSTANT)", "    return False", _MADE_ANEW),
+    ("frontend", "constant-never-own", "a parameter or buffer returned as it is taken for one computed anew (a copy per call)",
+     "repalgebra.frontend.builder:constant_attrs", '"_own": c.own}', '"_own": False}', _MADE_ANEW),
+    ("frontend", "aten-constant-output-shared", "torch.export's output computed from weights alone returned as the tensor held",
+     "repalgebra.frontend.aten_builder:constant_output", "constant_call(v.tensor, copied=not v.own)", "constant_call(v.tensor)", _MADE_ANEW),
     ("torch_backend", "outputs-aliased-through-calls", "a view a call kept whole returns (x.clone().unfold(...)) taken for a new tensor",
      "repalgebra.backend.torch:_viewed", 'else n.inputs if n.op == "opaque" else ()', "else ()", _ALIASED),
     ("torch_backend", "outputs-aliased-through-views", "a view of a copy of the input (x.clone().flatten(1)) returned as a view of the input",
@@ -1212,12 +1221,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.size_tests:taken_as_traced", "    if torch.jit.is_tracing():\n        return\n", "",
      ("tests/test_fuse_size_tests.py::test_torch_jit_trace_records_a_fused_model_with_a_size_test",)),
     ("onnx_backend", "nearest-to-the-exporter", "nearest interpolation left to torch.onnx.export (no 3-D nearest-exact; Resize's picks)",
-     "repalgebra.backend.onnx_fallback:_interpolate", '    if mode in ("nearest", "nearest-exact") and not antialias:', "    if False:", _NEAREST),
+     "repalgebra.backend.onnx_fallback:_interpolate", '    if mode in ("nearest", "nearest-exact") and not antialias:', "    if False:", _NEAREST_REWRITE),
     ("onnx_backend", "nearest-axes-reversed", "the picks of each axis gathered along another axis",
-     "repalgebra.backend.onnx_fallback:_nearest", "        x = x.index_select(axis + 2, pick)", "        x = x.index_select(len(picks) + 1 - axis, pick)", _NEAREST),
+     "repalgebra.backend.onnx_fallback:_nearest", "        x = x.index_select(axis + 2, pick)", "        x = x.index_select(len(picks) + 1 - axis, pick)", _NEAREST_REWRITE),
     ("onnx_backend", "nearest-picks-of-the-first-axis", "every axis given the picks along the first",
      "repalgebra.backend.onnx_fallback:_nearest", "line[(0,) * axis + (slice(None),) + (0,) * (len(spatial) - axis - 1)]",
-     "line[(slice(None),) + (0,) * (len(spatial) - 1)]", _NEAREST),
+     "line[(slice(None),) + (0,) * (len(spatial) - 1)]", _NEAREST_REWRITE),
     ("onnx_backend", "region-inputs-fed-by-place", "a region's file fed by the places of its inputs, one torch.onnx.export dropped shifting the rest",
      "repalgebra.backend.onnx_fallback:_fed", "    return [(n, inputs[k]) for n, k in zip(names, at)]", "    return list(zip(names, inputs))", _FED),
     ("onnx_backend", "region-inputs-wired-by-place", "a region's file wired into the whole by the places of its inputs",

@@ -721,13 +721,15 @@ def _constant_shape(node):
 
 
 @op("constant", kind="layout", shape=_constant_shape)
-def constant(*, value: Tensor, dtype=REQUIRED, _plain=False, _trainable=False):
+def constant(*, value: Tensor, dtype=REQUIRED, _plain=False, _trainable=False, _own=False):
     """A constant tensor where an op reads a value: a relative-position bias gathered from its table, a class token.
 
     No inputs.  ``dtype`` is its own: folding in float64 does not change it.  ``_plain``: the model holds it as a
     plain attribute, not a parameter or buffer (or computes it from one), so a cast of the model leaves it as it is;
     ``_trainable``: it is a parameter that requires gradients, read as it is (a ViT's ``cls_token``), and the
-    fused module holds it as a parameter; how the module holds it, not what it computes, so graphs do not print it.
+    fused module holds it as a parameter; ``_own``: it is the model's tensor itself, read as it is (``self.w``, not
+    ``self.w.exp()``), which a model returning it shares with its caller (a graph output of any other constant is a
+    copy per call).  How the module holds it, not what it computes, so graphs do not print them.
     """
     return value.to(dtype)
 

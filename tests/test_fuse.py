@@ -1049,6 +1049,47 @@ def test_an_instance_norm_with_running_statistics_folds_like_a_batch_norm(norm, 
     assert torch.allclose(fused(x), model(x), rtol=1e-9, atol=1e-12)
 
 
+class ReturnsWhatItComputesFromWeights(nn.Module):
+    """open_clip's CLIP returns ``self.logit_scale.exp()`` beside its features; a dense head returns its priors
+    (``self.anchors * stride``), and its buffer as it is.  With ``pad``, Swin's pad to a window multiple (Python on a
+    size: the capture is torch.export's)."""
+
+    def __init__(self, pad: bool) -> None:
+        super().__init__()
+        self.pad = pad
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+        self.register_buffer("anchors", torch.tensor([[10.0, 13.0], [16.0, 30.0]]))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.pad and y.shape[-2] % 4:
+            y = F.pad(y, (0, 0, 0, 4 - y.shape[-2] % 4))
+        outs = (y, self.logit_scale.exp(), self.anchors * 8)
+        return outs if self.pad else (*outs, self.anchors)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["fx", "specialized"])
+def test_an_output_computed_from_weights_alone_is_made_anew_per_call(pad):
+    """Folded, the fused module held it and returned that tensor on every call: a caller's ``scale.mul_(2)`` changed
+    every later call (28.57 for 14.29; review R10).  A buffer returned as it is stays the module's own, as the
+    model's is."""
+    model = ReturnsWhatItComputesFromWeights(pad).double().eval()
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == ("specialized" if pad else "fx"), str(fused.fuse_report)
+    with torch.no_grad():
+        first = fused(x)
+        first[1].mul_(2)
+        first[2].mul_(2)
+        again, want = fused(x), model(x)
+    torch.testing.assert_close(again[0], want[0], rtol=1e-9, atol=1e-12)  # float64, folded
+    for got, ref in zip(again[1:], want[1:]):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same values, not twice them
+    if not pad:
+        assert want[3] is model.anchors and again[3] is fused(x)[3]
+
+
 def test_copies_the_model_returns_stay_copies():
     """``return y, y.clone(), x.clone()``: the clones are no ops in the graph, and the fused module returned ``y``
     twice and the caller's own ``x``; a caller post-processing one in place (``post.clamp_(min=0)``) changed the

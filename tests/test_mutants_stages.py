@@ -31,6 +31,8 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.builder:traced_constant": "one line: a tensor fx computed while tracing",
+    "repalgebra.frontend.aten_builder:constant_output": "one decision: a copy per call of a constant output computed from weights",
     "repalgebra.frontend.outside_reads:_delegated": "one decision a test reaches alone: a class with a __getattr__ of its own",
     "repalgebra.backend.onnx_fallback:_interpolate": "one decision added to it: nearest interpolation picked by torch",
     "repalgebra.backend.onnx_fallback:_nearest": "two lines a mistake would reach: each axis's picks and the axis gathered",
@@ -313,7 +315,7 @@ FEW = {
     "repalgebra.fuse:_other_values": "one decision, values other than the example's (their draw is a seeded normal)",
     "repalgebra.fuse:_own_hooks": "one decision, whether a hook is the user's (a guard of a model fused before is not)",
     "repalgebra.fuse:_calls_difference": "a comparison (verify's first_difference has its own mutants); one decision added, a copy that fails differs",
-    "repalgebra.frontend.builder:constant_attrs": "one decision, whether the constant is marked plain",
+    "repalgebra.frontend.builder:constant_attrs": "two decisions, whether the constant is marked plain and whether it is the model's own",
     "repalgebra.frontend.builder:_compile": "one decision, whether a constant a call reads is held as the model holds it",
     "repalgebra.backend.torch:_constant": "one decision, a buffer or a plain attribute",
     "repalgebra.frontend.calls:constant_call": "one decision, a buffer or a plain attribute",

@@ -1970,8 +1970,12 @@ def export_onnx(
                         raise first
             if dynamic_batch and not report.dynamic_batch and report.fallback:
                 # The batch got fixed anyway: a later way that also fixes it may leave less to torch.onnx.export (a Swin
-                # block kept whole goes to the fallback whole; fused with its shapes fixed, it is all our own lowering).
-                for way in ways[k + 1 :]:
+                # block kept whole goes to the fallback whole; captured with its shapes fixed, batch too, it is all our
+                # own lowering, whether or not fuse finds anything to fold in it).
+                later = ways[k + 1 :]
+                if fixed is None and (fixed := _at_export_shapes(model_or_graph, example, graph, False)) is not None:
+                    later.append(fixed)
+                for way in later:
                     try:
                         other = lower(*way, example)
                     except FallbackError:

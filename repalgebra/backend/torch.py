@@ -251,11 +251,15 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
 
     ``return y, y.clone(), x.clone()``: the copies are no ops in the graph (``identity``), so the fused module would
     return ``y`` twice and the caller's own ``x``, and a caller that post-processes one in place (``out.clamp_()``)
-    would change the other, or its input, where the model's copies kept them apart."""
+    would change the other, or its input, where the model's copies kept them apart.  So is an output that views a
+    constant the model computes anew on each call (open_clip's ``self.logit_scale.exp()``, a head's ``self.anchors *
+    stride``): folded, the fused module held it, and a caller's ``scale.mul_(2)`` changed every later call (review
+    R10).  A parameter or buffer the model returns as it is stays the fused module's own, as the model's is."""
     inputs, seen, out = {id(v) for v in graph.inputs}, set(), []
+    made = {id(n.out) for n in graph.nodes if n.op == "constant" and not n.attrs.get("_own")}
     for v, node in zip(graph.outputs, outs):
         roots = _viewed(v)
-        out.append(ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen) else node)
+        out.append(ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen | made) else node)
         seen |= roots
     return out
 

@@ -64,6 +64,13 @@ class Const:
     path: str | None  # its FQN (``stages.0.conv.weight``) when it is a model tensor
     trainable: bool = False  # a parameter that requires gradients, read as it is (see builder.Const)
     empty: fx.Node | None = None  # the ``torch.empty`` call that made it: its values are whatever memory held
+    own: bool = False  # the model's parameter or buffer itself, read as it is (see builder.Const)
+
+
+def constant_output(v: Const) -> dict:
+    """The attributes of an ``opaque`` node returning ``v`` as a model output: the model's own tensor itself, or a
+    copy per call of one computed from them (the model makes it anew on each call; see ``backend.torch._unaliased``)."""
+    return {"fn": constant_call(v.tensor, copied=not v.own), "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ class ProgramBuilder:
                 if self.opaque_ops:
                     listed = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(self.opaque_ops.items()))
                     notes.append(f"carried through unchanged (no op in the table): {listed}")
-                graph = drop_unread_layouts(lift_height_one(Graph(inputs, self.nodes, outs)))
+                graph = lift_height_one(drop_unread_layouts(Graph(inputs, self.nodes, outs)))
                 graph.eliminate_dead()  # a value a handler read past (a Conv1d's flatten, its BatchNorm1d moved before it)
                 lifted = any(s.kind == InputKind.CONSTANT_TENSOR for s in sig.input_specs)
                 return AtenCapture(graph, spec, notes, batch_free=self.batch is not None, reads_plain=lifted)
@@ -215,7 +222,7 @@ class ProgramBuilder:
             t = self.ep.state_dict[target] if target in self.ep.state_dict else self.ep.constants[target]
             path = target
         trainable = spec.kind == InputKind.PARAMETER and t.requires_grad
-        return Const(t.detach().clone(), path, trainable=trainable)
+        return Const(t.detach().clone(), path, trainable=trainable, own=spec.kind != InputKind.CONSTANT_TENSOR)
 
     def env_of(self, a: Any) -> Any:
         return map_leaves(a, lambda x: self.env[x] if isinstance(x, fx.Node) else x)
@@ -226,8 +233,7 @@ class ProgramBuilder:
         if isinstance(v, Const) and v.empty is not None:  # an uninitialised torch.empty returned: refused
             _refuse_empty(v)
         if isinstance(v, Const):  # a model output that is a constant: a node that returns it
-            attrs = {"fn": constant_call(v.tensor), "out_shape": tuple(v.tensor.shape), "out_dtype": v.tensor.dtype}
-            return self.add(Node.make("opaque", [], attrs, {}, (v.path or "").rpartition(".")[0], name=n.name))
+            return self.add(Node.make("opaque", [], constant_output(v), {}, (v.path or "").rpartition(".")[0], name=n.name))
         if v is None or type(v) in (int, float, bool, str):  # a size here is one the shape guard fixes
             return self.add(Node.make("opaque", [], literal_output(v), {}, "", name=n.name))
         raise CaptureFailed(f"model outputs must be tensors, sizes or None; one output is {type(v).__name__} ({v!r})")

@@ -27,7 +27,7 @@ from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, constant_call, i
 from repalgebra.frontend.fx_trace import READ_IN, TensorInfo, autocast_left_off, input_free, recognised, summarize
 from repalgebra.frontend.height_one import lift_height_one
 from repalgebra.frontend.layout_reads import drop_unread_layouts
-from repalgebra.frontend.inplace import KEEPS_DTYPE, hidden_writes, versions
+from repalgebra.frontend.inplace import KEEPS_DTYPE, MADE_CONSTANT, hidden_writes, versions
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.pure import FACTORIES, is_pure
 from repalgebra.frontend.shapes import reroute_shape_reads, size_source, window_axis, window_size
@@ -63,6 +63,10 @@ class Const:
     # parameters (a relative-position bias gathered from its table): training it would not train the table, and a
     # mask that requires gradients sends scaled_dot_product_attention down a slower path.
     trainable: bool = False
+    # The model's tensor itself, as reading it returns it (``self.w``), not one computed from it (``self.w.exp()``):
+    # a model that returns it returns its own tensor, and the fused module returns its own too.  One computed is
+    # made anew by each call of the model, and the fused module returns a copy of what it holds (see ``to_module``).
+    own: bool = False
 
 
 _NONE = object()  # Builder.info: the call returned None in the real run
@@ -146,7 +150,8 @@ class Builder:
                 plain = _is_plain(self.root, n.target)
                 self.reads_plain |= plain and torch.is_tensor(obj)
                 trainable = isinstance(obj, nn.Parameter) and obj.requires_grad
-                self.env[n] = Const(obj.detach().clone(), self.path(n.target), plain, trainable) if torch.is_tensor(obj) else obj
+                own = not traced_constant(n.target)
+                self.env[n] = Const(obj.detach().clone(), self.path(n.target), plain, trainable, own) if torch.is_tensor(obj) else obj
                 self.example[n] = meta_of(obj)
             elif n.op == "call_module":
                 self.env[n] = self.call(n, "call_module", self.root.get_submodule(n.target))
@@ -159,7 +164,7 @@ class Builder:
                 leaves, spec = pytree.tree_flatten(out)
                 values = [self.as_value(v, n) for v in leaves]
                 self.input_checks = self.checks_of(graph_inputs)
-                graph = drop_unread_layouts(lift_height_one(Graph(graph_inputs, self.nodes, values)))
+                graph = lift_height_one(drop_unread_layouts(Graph(graph_inputs, self.nodes, values)))
                 reroute_shape_reads(graph)
                 # A call read only through ops that replaced its reads (the tuple of ``x.chunk(2)`` whose
                 # parts became ``chunk`` ops, a constant's ``w[:, None, None]`` folded into a ``scale``).
@@ -795,9 +800,16 @@ def pinned_tensor(root: nn.Module, target: str, obj: Any, path: Callable[[str], 
     return where, obj.dtype
 
 
+def traced_constant(target: str) -> bool:
+    """Whether the attribute ``target`` is a tensor torch.fx computed while tracing (``_tensor_constant0``: the
+    model's ``self.anchors * 8``), not one the model holds."""
+    return str(target).rpartition(".")[2].startswith(MADE_CONSTANT)
+
+
 def constant_attrs(c: Const) -> dict:
-    """The attributes of a ``constant`` op holding ``c``: its dtype, and whether it is plain or trainable."""
-    return {"dtype": c.tensor.dtype, "_plain": c.plain, "_trainable": c.trainable}
+    """The attributes of a ``constant`` op holding ``c``: its dtype, whether it is plain or trainable, and whether it
+    is the model's tensor itself."""
+    return {"dtype": c.tensor.dtype, "_plain": c.plain, "_trainable": c.trainable, "_own": c.own}
 
 
 def _is_plain(root: nn.Module, target: str) -> bool:

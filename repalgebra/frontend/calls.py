@@ -334,9 +334,10 @@ def returned(x: Any) -> Any:
     return x
 
 
-def constant_call(tensor: torch.Tensor, plain: bool = False) -> FnCall:
-    """A call returning ``tensor``, held as a buffer, or for ``plain`` as a plain attribute (see :class:`FnCall`)."""
-    return FnCall("call_function", returned, (Buf("c0"),), {}, {"c0": tensor}, ("c0",) if plain else ())
+def constant_call(tensor: torch.Tensor, plain: bool = False, copied: bool = False) -> FnCall:
+    """A call returning ``tensor``, held as a buffer, or for ``plain`` as a plain attribute (see :class:`FnCall`);
+    ``copied``: a copy of it, made per call (a model output the model computes anew each call from its weights)."""
+    return FnCall("call_function", torch.clone if copied else returned, (Buf("c0"),), {}, {"c0": tensor}, ("c0",) if plain else ())
 
 
 class CallFn(nn.Module):
