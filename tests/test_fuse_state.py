@@ -14,6 +14,7 @@ call fills, the same for any input (a cache of weight-derived values, the weight
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict, defaultdict
 import random
@@ -114,6 +115,38 @@ class StateInside(nn.Module):
             return self.body(x) * self.stats["calls"]
         self.warmup.step += 1
         return self.body(x) * min(self.warmup.step, 3)
+
+
+@dataclasses.dataclass(slots=True)
+class StreamStep:
+    step: int = 0
+
+
+class UnseenState(nn.Module):
+    """State a snapshot did not see (review R10): a memory too large to copy at every snapshot, written through
+    ``.data`` (no version bump), in place or rebound to new storage (a streaming conv's ``self.cache.data = ...``);
+    a call counter in a numpy array (``self.calls += 1``); a step in a ``@dataclass(slots=True)`` object (no
+    ``__dict__``).  Each was fused as a constant: 1.4 to 10 off from the second call on."""
+
+    def __init__(self, where: str, c: int = 4) -> None:
+        super().__init__()
+        self.body, self.where = conv_bn(c), where
+        self.register_buffer("mem", torch.zeros(c, 2048))
+        self.calls, self.state = np.zeros(1, dtype=np.int64), StreamStep()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.where == "data_in_place":
+            self.mem.data[:, 0] += 1.0
+        elif self.where == "data_rebound":
+            self.mem.data = self.mem + 1.0
+        elif self.where == "numpy":
+            self.calls += 1
+            return y * float(self.calls[0])
+        else:
+            self.state.step += 1
+            return y * self.state.step
+        return y + self.mem[:, :1].reshape(1, -1, 1, 1)
 
 
 class Scale(nn.Module):
@@ -288,9 +321,13 @@ def kept_whole(fused: nn.Module) -> dict[str, str]:
         (lambda: BranchOnData(Counter()), "inner", "inner.n", 0),
         (lambda: Net(StateInside("dict")), "inner", "inner.stats", 0),
         (lambda: Net(StateInside("object")), "inner", "inner.warmup", 0),
+        (lambda: Net(UnseenState("data_in_place")), "inner", "inner.mem", 0),
+        (lambda: Net(UnseenState("data_rebound")), "inner", "inner.mem", 0),
+        (lambda: Net(UnseenState("numpy")), "inner", "inner.calls", 0),
+        (lambda: Net(UnseenState("slots")), "inner", "inner.state", 0),
     ],
     ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent",
-         "dict_entry", "object_attribute"],
+         "dict_entry", "object_attribute", "data_in_place", "data_rebound", "numpy_array", "slots_object"],
 )
 def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
     fused, reference = fused_and_reference(randomized(make))

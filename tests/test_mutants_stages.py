@@ -31,6 +31,8 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.state_keys:_checksum": "one line: the storage and sum of a large buffer",
+    "repalgebra.frontend.state_keys:_slots": "one loop: the slots a class declares",
     "repalgebra.frontend.builder:traced_constant": "one line: a tensor fx computed while tracing",
     "repalgebra.frontend.aten_builder:constant_output": "one decision: a copy per call of a constant output computed from weights",
     "repalgebra.frontend.outside_reads:_delegated": "one decision a test reaches alone: a class with a __getattr__ of its own",

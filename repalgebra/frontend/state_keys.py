@@ -4,8 +4,9 @@ A snapshot is taken before a run and compared after it.  The watch on a model's 
 (:mod:`~repalgebra.frontend.state`), the watch on its code's module-level data
 (:mod:`~repalgebra.frontend.module_globals`) and the check that ``fuse`` leaves the user's model as it found it
 (:mod:`~repalgebra.untouched`) all see a value the same way: a tensor by identity, version counter and (small ones)
-values, a scalar by value, containers and plain objects by what they hold, :data:`DEPTH` levels deep.  This module
-imports nothing of the front end, so each of them can import it.
+values (larger buffers by their storage and a checksum), a numpy array by its bytes (or checksum), a scalar by
+value, containers and plain objects (with a ``__dict__`` or ``__slots__``) by what they hold, :data:`DEPTH` levels
+deep.  This module imports nothing of the front end, so each of them can import it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +42,13 @@ def attribute_key(value: Any, depth: int = 0) -> Any:
     if isinstance(value, torch.Tensor):
         small = value.numel() <= COPIED and not value.is_meta
         version = None if value.is_inference() else value._version  # made under inference_mode: no counter to read
-        return _Tensor(value, version, value.detach().clone() if small else None)
+        if small:
+            return _Tensor(value, version, value.detach().clone())
+        return _Tensor(value, version, None, None if isinstance(value, nn.Parameter) else _checksum(value))
+    if isinstance(value, np.ndarray):  # (a call counter: ``self.calls += 1`` writes into it; review R10)
+        if value.nbytes <= 8 * COPIED or value.dtype.hasobject:
+            return ("array", id(value), value.dtype.str, value.shape, value.tobytes())
+        return ("array", id(value), value.dtype.str, value.shape, value.ctypes.data, str(value.sum(dtype=np.complex128)))
     if isinstance(value, SCALARS):
         return ("value", "nan" if value != value else value)  # a size recomputed to the same value is no change
     if (drawn := held_generator_state(value)) is not None:
@@ -60,7 +68,36 @@ def attribute_key(value: Any, depth: int = 0) -> Any:
         return ("items", type(value).__name__, tuple(attribute_key(v, depth + 1) for v in value))
     if deeper and plain_object(value):
         return ("object", id(value), tuple(sorted((k, attribute_key(v, depth + 1)) for k, v in vars(value).items() if not k.startswith("__"))))
+    if deeper and (slots := _slots(value)) is not None:  # (``@dataclass(slots=True)``: no ``__dict__``; review R10)
+        return ("object", id(value), tuple(sorted((k, attribute_key(v, depth + 1)) for k, v in slots.items())))
     return ("object", id(value))
+
+
+def _checksum(t: torch.Tensor) -> tuple | None:
+    """A buffer too large to copy at every snapshot (:data:`COPIED`), as its storage and the sum of its values: a
+    write through ``.data`` bumps no version counter (a streaming conv's ``self.cache.data = x[..., -k:]``, a
+    memory's ``self.mem.data[:, 0] += 1``: fused as constants; review R10).  Not a parameter's: its weights are
+    the model's, which a forward rewriting through ``.data`` would be no model to fuse (and each snapshot summing
+    every weight would cost a pass over the model)."""
+    if t.is_meta or t.layout is not torch.strided:
+        return None
+    data = t.detach()
+    total = torch.view_as_real(data).sum(dtype=torch.float64) if data.is_complex() else data.sum(
+        dtype=torch.float64 if data.is_floating_point() else torch.int64)
+    return data.data_ptr(), str(total.item())  # (str: a NaN sum equals itself)
+
+
+def _slots(value: Any) -> dict[str, Any] | None:
+    """What an instance of a Python class with ``__slots__`` and no ``__dict__`` holds, by name; None for others."""
+    cls = type(value)
+    if (hasattr(value, "__dict__") or callable(value) or isinstance(value, (nn.Module, type, types.ModuleType))
+            or cls.__module__.startswith(("torch", "builtins", "numpy", "typing", "functools", "collections"))):
+        return None
+    names: list[str] = []
+    for c in cls.__mro__:
+        declared = c.__dict__.get("__slots__", ())
+        names += [declared] if isinstance(declared, str) else [n for n in declared if n != "__weakref__"]
+    return {n: getattr(value, n, MISSING) for n in names} if names else None
 
 
 def holds_data(value: Any) -> bool:
@@ -87,6 +124,7 @@ class _Tensor:
     t: torch.Tensor
     version: int
     copy: torch.Tensor | None = None  # the values, for a small tensor: some fused ops write without a version bump
+    checksum: tuple | None = None  # a larger buffer's storage and sum (:func:`_checksum`)
 
     def same(self, other: Any) -> bool:
         """Unchanged: the same tensor not written since, or one rebound to an equal value (``weight_norm``'s hook
@@ -95,7 +133,8 @@ class _Tensor:
             return False
         if self.t is other.t:
             # torch.ao's fused fake-quant updates its observer's min/max in place without bumping the version
-            return self.version == other.version and (self.copy is None or equal_values(self.copy, other.t))
+            return (self.version == other.version and (self.copy is None or equal_values(self.copy, other.t))
+                    and self.checksum == other.checksum)
         return self.t.shape == other.t.shape and self.t.dtype == other.t.dtype and equal_values(self.t, other.t)
 
     __eq__ = same  # (so tuples of keys holding tensors compare with ``==``: :func:`same_key`)
