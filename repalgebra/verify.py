@@ -137,8 +137,9 @@ def verify(
             float64 measures float32 rounding: tolerance 1e-5).
         seed: seed of the random inputs.
 
-    Both models are evaluated in eval mode under ``torch.no_grad()``: a model in
-    training mode is deep-copied and switched to eval, never changed.
+    Both models are evaluated in eval mode under ``torch.no_grad()``, each as a
+    deep copy (switched to eval where it trains): a model that keeps state
+    between calls is never changed.
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, a ``dtype`` that is not a
@@ -212,9 +213,9 @@ def _param_dtypes(model: nn.Module) -> set[torch.dtype]:
 
 
 def _prepared(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """``model`` itself when it can run as is; else an eval-mode (and ``dtype``-cast) deep copy."""
-    if dtype is None and not any(m.training for m in model.modules()):
-        return model
+    """An eval-mode (and ``dtype``-cast) deep copy of ``model``.  Always a copy: a model that keeps state between
+    calls (a streaming block's previous frame, a call counter) came back from ``verify`` holding what its random
+    inputs left, and the caller's next call computed with it (review R10)."""
     copied = eval_copy(model)
     return cast_floats(copied, dtype) if dtype is not None else copied
 

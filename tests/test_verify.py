@@ -136,6 +136,30 @@ def test_verify_does_not_change_modules_in_place_when_casting():
         assert a.dtype == b.dtype and torch.equal(a, b), k
 
 
+class Smoothed(nn.Module):
+    """A video model's temporal smoothing: each call adds the previous frame's features and keeps its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.register_buffer("prev", torch.zeros(1, 3, 8, 8))
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = y + self.prev
+        self.prev = y.detach()
+        return out
+
+
+def test_verify_leaves_the_state_of_both_models_as_it_was():
+    """``verify`` ran an eval-mode model itself: the caller's next call added verify's random frame (review R10)."""
+    torch.manual_seed(0)
+    model = Smoothed().eval()
+    other = copy.deepcopy(model)
+    assert verify(model, other, (1, 3, 8, 8), n=3)
+    assert not model.prev.any() and not other.prev.any()
+
+
 def test_bad_arguments_and_failing_models_are_named():
     """``verify(model, "fused.pt")``, ``dtype="float64"``, ``n=0`` and ``tolerance=-1`` gave an AttributeError, an
     empty FAIL report or a report that fails everything; a model failing on the inputs gave torch's bare error,
