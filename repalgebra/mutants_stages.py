@@ -93,6 +93,9 @@ _MASKED_PART = ("tests/test_fuse_capture.py::test_a_part_called_with_a_mask_is_f
 _PART_CHECKS = ("tests/test_fuse_call_signatures.py::test_a_call_a_parts_checks_refuse_runs_the_original",)
 _ROWS = ("tests/test_onnx_export.py::test_a_loop_over_the_rows_unrolled_at_a_smaller_batch_fixes_the_batch",
          "tests/test_onnx_export.py::test_output_axes_that_grow_with_the_batch_are_named_by_how")
+_GQA = tuple(f"tests/test_ops_vocabulary.py::{t}[attention_gqa{o}]" for t, o in (
+    ("test_fx_front_end_maps_it", ""), ("test_export_front_end_maps_it", ""), ("test_fuse_is_exact_and_still_folds", ""),
+    ("test_onnx_lowering_runs_in_onnxruntime", "-13"), ("test_onnx_lowering_runs_in_onnxruntime", "-20")))
 _VOCAB_LOG_SIGMOID = ("tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[log_sigmoid-20]",)
 _VOCAB_RMS = tuple(f"tests/test_ops_vocabulary.py::test_onnx_lowering_runs_in_onnxruntime[rms_norm-{o}]" for o in (13, 17, 20))
 _MODES = ("tests/test_fuse_call_modes.py",)
@@ -628,6 +631,17 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "log-sigmoid-as-log-of-sigmoid", "log(sigmoid(x)) written as Log of Sigmoid: -inf where the sigmoid rounds to 0",
      "repalgebra.backend.onnx:_log_sigmoid", 'return ctx.emit("Neg", [ctx.emit("Softplus", [ctx.emit("Neg", [x])])])',
      'return ctx.emit("Log", [ctx.emit("Sigmoid", [x])])', _VOCAB_LOG_SIGMOID),
+    ("onnx_backend", "gqa-heads-not-repeated", "grouped-query attention's key and value heads used as they are (fewer than the query's)",
+     "repalgebra.backend.onnx:_attention", '    if n.attrs["gqa"] and qs[-3] != ks[-3]:', "    if False:", _GQA),
+    ("onnx_backend", "gqa-heads-tiled-whole", "the key and value heads repeated as a whole (h0 h1 h0 h1) where each serves its group (h0 h0 h1 h1)",
+     "repalgebra.backend.onnx:_heads_repeated", "ctx.emit(\"Unsqueeze\", [x, ctx.ints(\"axes\", [axis])]), ctx.ints(\"repeats\", [1] * axis + [times, 1, 1])",
+     "ctx.emit(\"Unsqueeze\", [x, ctx.ints(\"axes\", [axis - 1])]), ctx.ints(\"repeats\", [1] * (axis - 1) + [times, 1, 1, 1])", _GQA),
+    ("torch_backend", "gqa-dropped", "grouped-query attention written without enable_gqa",
+     "repalgebra.backend.torch:_attention", '    gqa = {"enable_gqa": True} if node.attrs["gqa"] else {}', "    gqa = {}", _GQA),
+    ("frontend", "fx-gqa-dropped", "F.scaled_dot_product_attention's enable_gqa read as False",
+     "repalgebra.frontend.handlers_functions:_f_attention", '"gqa": a["enable_gqa"]}', '"gqa": False}', _GQA),
+    ("frontend", "aten-gqa-dropped", "torch.export's enable_gqa read as False",
+     "repalgebra.frontend.aten_handlers:_attention", '"gqa": a["enable_gqa"]}', '"gqa": False}', _GQA),
     ("onnx_backend", "rms-norm-weight-dropped", "an RMS norm's weight left out below opset 23",
      "repalgebra.backend.onnx:_rms_norm", 'return y if w is None else ctx.emit("Mul", [y, ctx.const("weight", w)])', "return y", _VOCAB_RMS),
     ("onnx_backend", "rms-norm-mean-not-of-squares", "an RMS norm divides by the root of the mean of x, not of x squared",

@@ -602,13 +602,15 @@ def interpolate(x, *like, size=None, scale=None, mode="nearest", align_corners=N
 
 
 @op("attention", kind="nonlinear", variadic=True)
-def attention(q, k, v, *mask, scale=None, causal=False):
+def attention(q, k, v, *mask, scale=None, causal=False, gqa=False):
     """``F.scaled_dot_product_attention(q, k, v, mask)``: ``softmax(q k^T * scale + mask) v``, no dropout.
 
     ``mask`` (optional, a fourth input) is added to the scores, or where it is boolean, keeps the
-    scores it is True for; ``scale`` None is ``1 / sqrt(q.shape[-1])``.
+    scores it is True for; ``scale`` None is ``1 / sqrt(q.shape[-1])``; ``gqa``: ``k`` and ``v`` may have
+    fewer heads (axis -3) than ``q``, each serving the next ``q`` heads in turn (grouped-query attention,
+    ``enable_gqa=True``).
     """
-    return F.scaled_dot_product_attention(q, k, v, mask[0] if mask else None, 0.0, causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, mask[0] if mask else None, 0.0, causal, scale=scale, enable_gqa=gqa)
 
 
 @op("einsum", kind="nonlinear", variadic=True)

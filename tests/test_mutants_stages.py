@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.backend.onnx:_heads_repeated": "one line a mistake would reach: the axis the heads are tiled along",
+    "repalgebra.backend.torch:_attention": "one attribute: enable_gqa (the mask, causal and scale are the op's own, tested by value)",
+    "repalgebra.frontend.handlers_functions:_f_attention": "one attribute added: enable_gqa",
+    "repalgebra.frontend.aten_handlers:_attention": "one attribute added: enable_gqa",
     "repalgebra.frontend.state_keys:_checksum": "one line: the storage and sum of a large buffer",
     "repalgebra.frontend.state_keys:_slots": "one loop: the slots a class declares",
     "repalgebra.frontend.builder:traced_constant": "one line: a tensor fx computed while tracing",

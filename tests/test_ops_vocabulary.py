@@ -229,6 +229,24 @@ class Attention(nn.Module):
         return a + b + c
 
 
+class GroupedQueryAttention(nn.Module):
+    """Llama's grouped-query attention as torchtitan and transformers' SDPA path write it: 4 query heads over 2 key
+    and value heads, ``enable_gqa=True`` (it went to torch.onnx.export, which cannot write it; review R10)."""
+
+    def __init__(self, dim: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * kv_heads * (dim // heads))
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        B, N, C = t.shape
+        q = self.q(t).reshape(B, N, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(t).reshape(B, N, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return a.transpose(1, 2).reshape(B, N, C)
+
+
 class Pads(nn.Module):
     """Swin's ``F.pad(x, (0, 0, 0, pad_r, 0, pad_b))`` on a channels-last map, reflection and replication pads."""
 
@@ -492,6 +510,7 @@ CASES: dict[str, Case] = {
     "pixel_shuffle": Case(lambda: stem(Shuffles(8), c=8), (1, 3, 6, 4), {"pixel_shuffle", "pixel_unshuffle"}, _onnx("DepthToSpace", "Transpose")),
     "einsum_bmm": Case(lambda: stem(Products()), (1, 3, 5, 5), {"matmul"}, _onnx("MatMul", "Einsum"), fx_ops={"einsum"}),
     "attention": Case(lambda: stem(Attention(), c=8), (1, 3, 3, 4), {"attention"}, _onnx("Softmax", "MatMul")),
+    "attention_gqa": Case(lambda: stem(GroupedQueryAttention(), c=8), (1, 3, 3, 4), {"attention"}, _onnx("Tile", "Softmax")),
     "pad_nd": Case(lambda: stem(Pads()), (1, 3, 5, 5), {"pad_nd"}, _onnx("Pad")),
     "slice_scatter": Case(lambda: stem(SliceAssign()), (1, 3, 5, 5), {"slice_scatter", "slice"}, _onnx("Concat")),
     "constant_operands": Case(lambda: stem(TableBias()), (1, 3, 3, 4), {"constant", "attention", "einsum"}, _onnx("Einsum", "Softmax")),

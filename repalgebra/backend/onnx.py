@@ -800,6 +800,8 @@ def _attention(ctx, n, q, k, v, *mask):
     A query whose keys the mask hides all gets zeros, as torch's attention gives it (its softmax of nothing but
     ``-inf`` is NaN in ONNX): the weights are set to 0 where the mask hides a key, which changes no other row."""
     qs, ks = n.inputs[0].shape, n.inputs[1].shape
+    if n.attrs["gqa"] and qs[-3] != ks[-3]:  # each of k's and v's heads serves the next qs[-3] // ks[-3] heads of q
+        k, v = (_heads_repeated(ctx, t, s, qs[-3] // ks[-3]) for t, s in ((k, ks), (v, n.inputs[2].shape)))
     perm = list(range(len(ks)))
     perm[-2:] = perm[-1], perm[-2]
     scores = ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)])
@@ -819,6 +821,14 @@ def _attention(ctx, n, q, k, v, *mask):
         hidden = ctx.emit("Not", [mask[0]]) if n.inputs[3].dtype == torch.bool else ctx.emit("Equal", [mask[0], _number(ctx, "hidden", -math.inf)])
         weights = ctx.emit("Where", [hidden, _number(ctx, "zero", 0.0), weights])
     return ctx.emit("MatMul", [weights, v])
+
+
+def _heads_repeated(ctx, x, shape: tuple, times: int):
+    """``x.repeat_interleave(times, dim=-3)`` of a ``shape`` tensor: a new axis after the heads, tiled ``times``
+    along it, merged into them (``Reshape``'s 0 keeps the leading axes, the batch among them)."""
+    axis = len(shape) - 2
+    tiled = ctx.emit("Tile", [ctx.emit("Unsqueeze", [x, ctx.ints("axes", [axis])]), ctx.ints("repeats", [1] * axis + [times, 1, 1])])
+    return ctx.emit("Reshape", [tiled, ctx.ints("shape", [0] * (len(shape) - 3) + [shape[-3] * times, *shape[-2:]])])
 
 
 def _einsum_matmul(equation: str, shapes: list) -> tuple[list[int], list[int], list[int]] | None:

@@ -754,7 +754,8 @@ def _interpolate(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 @lowers("attention")
 def _attention(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
     mask = xs[3] if len(xs) == 4 else None
-    return ctx.function(F.scaled_dot_product_attention, *xs[:3], attn_mask=mask, is_causal=node.attrs["causal"], scale=node.attrs["scale"])
+    gqa = {"enable_gqa": True} if node.attrs["gqa"] else {}
+    return ctx.function(F.scaled_dot_product_attention, *xs[:3], attn_mask=mask, is_causal=node.attrs["causal"], scale=node.attrs["scale"], **gqa)
 
 
 @lowers("einsum")

@@ -434,7 +434,7 @@ def _upsample(mode: str) -> Callable[..., Made]:
 
 def _attention(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     qkv = [_v(a[k]) for k in ("query", "key", "value")]
-    if None in qkv or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
+    if None in qkv or a["dropout_p"] != 0 or not isinstance(a["enable_gqa"], bool) or not isinstance(a["is_causal"], bool):
         return None
     if (a["attn_mask"] is not None and a["is_causal"]) or (a["scale"] is not None and not _is_num(a["scale"])):
         return None
@@ -442,7 +442,8 @@ def _attention(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
     if a["attn_mask"] is not None and mask is None:
         return None
     scale = None if a["scale"] is None else float(a["scale"])
-    return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, None
+    attrs = {"scale": scale, "causal": a["is_causal"], "gqa": a["enable_gqa"]}
+    return "attention", qkv + ([mask] if mask is not None else []), attrs, {}, None
 
 
 def _einsum(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:

@@ -271,7 +271,7 @@ def _f_attention(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
     """``F.scaled_dot_product_attention`` without dropout, the mask (if any) an activation."""
     spec = [("query", REQ), ("key", REQ), ("value", REQ), ("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False)]
     a = bind(spec, args, kwargs)
-    if a is None or a["dropout_p"] != 0 or a["enable_gqa"] is not False or not isinstance(a["is_causal"], bool):
+    if a is None or a["dropout_p"] != 0 or not isinstance(a["enable_gqa"], bool) or not isinstance(a["is_causal"], bool):
         return None
     qkv = [shaped(a[k]) for k in ("query", "key", "value")]
     mask = None if a["attn_mask"] is None else as_value(b, a["attn_mask"])  # a bias gathered from a table: a constant
@@ -280,7 +280,8 @@ def _f_attention(b: Builder, n: fx.Node, target: Any, args: tuple, kwargs: dict)
     if a["scale"] is not None and not _is_num(a["scale"]):
         return None
     scale = None if a["scale"] is None else float(a["scale"])
-    return "attention", qkv + ([mask] if mask is not None else []), {"scale": scale, "causal": a["is_causal"]}, {}, ""
+    attrs = {"scale": scale, "causal": a["is_causal"], "gqa": a["enable_gqa"]}
+    return "attention", qkv + ([mask] if mask is not None else []), attrs, {}, ""
 
 
 # --------------------------------------------------------------------------- layout
