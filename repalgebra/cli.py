@@ -252,7 +252,8 @@ def _export(args) -> int:
         got = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         ref = [t.numpy() for t in pytree.tree_leaves(fused(x))]
-    err = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref))
+    # (np.max, not max: a NaN in any output's error is the error; Python's max skips one that is not first)
+    err = float(np.max([float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref)] or [0.0]))
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
