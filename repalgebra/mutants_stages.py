@@ -1629,6 +1629,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.fuse:fuse", "globals_kept(model, refuse=False) as written", "contextlib.nullcontext([]) as written", _GLOBALS),
     ("onnx_backend", "globals-export-onnx-runs-kept", "what export_onnx's runs of the model wrote into its globals left there",
      "repalgebra.backend.onnx:export_onnx", "with globals_kept(model_or_graph, refuse=False) as written:", "for written in [[]]:", _GLOBALS),
+    ("onnx_backend", "fixed-batch-capture-untried", "the capture at the export's shapes not tried once the batch is fixed anyway",
+     "repalgebra.backend.onnx:export_onnx", "                if fixed is None and (fixed := _at_export_shapes(model_or_graph, example, graph, False)) is not None:",
+     "                if False:", ("tests/test_onnx_fallback.py::test_when_the_batch_is_fixed_anyway_the_way_with_less_fallback_is_taken",
+                                  "tests/test_onnx_fallback.py::test_an_attribute_a_forward_sets_from_itself_exports_through_fx")),
     ("frontend", "mode-flags-torch-layers-unwatched", "torch's own layers (nn.TransformerEncoder) read mode flags unwatched",
      "repalgebra.frontend.mode_flags:code_namespaces", 'or name.startswith("torch.nn.modules.")', "or False", _MODES),
     ("frontend", "mode-flags-by-registered-module", "the namespace watched taken from sys.modules[cls.__module__], not the code's own globals "
