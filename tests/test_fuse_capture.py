@@ -3862,6 +3862,44 @@ def test_a_dense_output_stays_dense(tmp_path):
     np.testing.assert_allclose(got, ref.float().numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # float32
 
 
+class ViewingHead(nn.Module):
+    """A head kept whole (a branch on its input's values) that views its input flat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.fc(x.view(x.shape[0], -1))
+
+
+class DenseThenActivated(nn.Module):
+    """``x.permute(0, 2, 3, 1).contiguous()`` then an activation (mmseg's nlc layouts, YOLOv5's Detect): the
+    activation keeps the dense layout, which the caller, or a head kept whole, views."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        self.body, self.head = conv_bn(4, 4), ViewingHead() if head else nn.Identity()
+
+    def forward(self, x):
+        return self.head(F.gelu(self.body(x).permute(0, 2, 3, 1).contiguous()))
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["output", "viewing-head"])
+def test_a_layout_read_after_elementwise_ops_is_kept(head):
+    """Only layout ops were followed from the ``contiguous``: the fused output was the permuted view's layout (a
+    caller's ``out.view`` raised), and a head kept whole failed on it, which lost the fold (review R11)."""
+    model = randomized(DenseThenActivated(head))
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    fused = check_exact(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    if not head:
+        with torch.no_grad():
+            assert fused(x).stride() == model(x).stride()
+
+
 def test_a_layout_a_carried_call_reads_is_kept():
     """``torch.view_as_complex`` of a permuted value made contiguous: the fx capture failed on it (the IR dropped the
     ``contiguous``) and the model was kept whole, its conv + BN unfolded."""
