@@ -1232,7 +1232,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "layout-unread-by-carried-calls", "a call carried through taken for a reader of values only (view_as_complex)",
      "repalgebra.frontend.layout_reads:_layout_read", '            if u.op == "opaque":', "            if False:", _LAYOUTS),
     ("frontend", "layout-not-followed-through-views", "a contiguous value read through a view (.contiguous().view(...)) taken for unread",
-     "repalgebra.frontend.layout_reads:_layout_read", "                stack.append(u.out)", "                pass", _LAYOUTS),
+     "repalgebra.frontend.layout_reads:_layout_read", "(which lays out anew)\n                stack.append(u.out)", "(which lays out anew)\n                pass", _LAYOUTS),
     ("frontend", "layout-not-followed-through-elementwise", "a contiguous value read through an activation (gelu(x.contiguous())) taken for unread",
      "repalgebra.frontend.layout_reads:_layout_read", "            elif u.op in _ELEMENTWISE and u.out.shape == v.shape:", "            elif False:",
      _LAYOUTS + tuple(f"tests/test_fuse_capture.py::test_a_layout_read_after_elementwise_ops_is_kept[{k}]" for k in ("output", "viewing-head"))),
