@@ -231,12 +231,14 @@ class Attention(nn.Module):
 
 class GroupedQueryAttention(nn.Module):
     """Llama's grouped-query attention as torchtitan and transformers' SDPA path write it: 4 query heads over 2 key
-    and value heads, ``enable_gqa=True`` (it went to torch.onnx.export, which cannot write it; review R10)."""
+    and value heads, ``enable_gqa=True`` (it went to torch.onnx.export, which cannot write it; review R10); and 4
+    query heads over 2 key heads and 1 value head, which torch takes too (review R11)."""
 
     def __init__(self, dim: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads
         self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * kv_heads * (dim // heads))
+        self.v1 = nn.Linear(dim, dim // heads)
 
     def forward(self, x):
         t = x.flatten(2).transpose(1, 2)
@@ -244,7 +246,8 @@ class GroupedQueryAttention(nn.Module):
         q = self.q(t).reshape(B, N, self.heads, -1).transpose(1, 2)
         k, v = self.kv(t).reshape(B, N, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return a.transpose(1, 2).reshape(B, N, C)
+        b = F.scaled_dot_product_attention(q, k, self.v1(t)[:, None], enable_gqa=True)  # one value head
+        return (a + b).transpose(1, 2).reshape(B, N, C)
 
 
 class Pads(nn.Module):

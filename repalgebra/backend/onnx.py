@@ -800,8 +800,8 @@ def _attention(ctx, n, q, k, v, *mask):
     A query whose keys the mask hides all gets zeros, as torch's attention gives it (its softmax of nothing but
     ``-inf`` is NaN in ONNX): the weights are set to 0 where the mask hides a key, which changes no other row."""
     qs, ks = n.inputs[0].shape, n.inputs[1].shape
-    if n.attrs["gqa"] and qs[-3] != ks[-3]:  # each of k's and v's heads serves the next qs[-3] // ks[-3] heads of q
-        k, v = (_heads_repeated(ctx, t, s, qs[-3] // ks[-3]) for t, s in ((k, ks), (v, n.inputs[2].shape)))
+    if n.attrs["gqa"]:  # each of k's (v's) heads serves the next qs[-3] // ks[-3] heads of q (v's own count: review R11)
+        k, v = (t if s[-3] == qs[-3] else _heads_repeated(ctx, t, s, qs[-3] // s[-3]) for t, s in ((k, ks), (v, n.inputs[2].shape)))
     perm = list(range(len(ks)))
     perm[-2:] = perm[-1], perm[-2]
     scores = ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], perm=perm)])
