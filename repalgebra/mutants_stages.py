@@ -144,6 +144,7 @@ _ADAPTIVE_REWRITE = ("tests/test_onnx_fallback.py::test_adaptive_avg_pool_rewrit
 _ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
+_UNSUMMABLE = ("tests/test_fuse_state.py::test_attributes_a_checksum_cannot_sum_are_no_state",)
 _STATE_INSIDE = ("tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written",
                  "tests/test_fuse_state.py::test_a_nan_in_a_weight_is_not_taken_for_a_change")
 _NUMBERS = (f"{_OE}::test_a_float64_files_constants_are_float64_numbers",)
@@ -758,6 +759,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.state_keys:attribute_key", "    if deeper and (slots := _slots(value)) is not None:", "    if False:", _STATE_INSIDE),
     ("frontend", "slots-undeclared", "no class's __slots__ read",
      "repalgebra.frontend.state_keys:_slots", "        names += [declared] if isinstance(declared, str) else", "        names += [] if True else", _STATE_INSIDE),
+    ("frontend", "byte-buffers-by-identity", "a snapshot sees a bytearray or array.array by its identity only",
+     "repalgebra.frontend.state_keys:attribute_key", "    if isinstance(value, (bytearray, array.array)):", "    if False:", _STATE_INSIDE),
+    ("frontend", "count-by-identity", "a snapshot sees an itertools.count by its identity only",
+     "repalgebra.frontend.state_keys:attribute_key", "    if isinstance(value, itertools.count):", "    if False:", _STATE_INSIDE),
+    ("frontend", "object-array-by-addresses", "an array of objects seen by its bytes (the items' addresses: a tensor item written in place is baked)",
+     "repalgebra.frontend.state_keys:_array_key", "    if value.dtype.hasobject:", "    if False:", _STATE_INSIDE),
+    ("frontend", "strings-summed", "a large array of strings summed (numpy's TypeError out of fuse)",
+     "repalgebra.frontend.state_keys:_array_key", ' and value.dtype.kind in "biufc":', ":", _UNSUMMABLE),
+    ("frontend", "quantized-summed", "a large quantized buffer summed (every capture failed)",
+     "repalgebra.frontend.state_keys:_checksum", " or t.is_quantized or t.is_nested or type(t) is not torch.Tensor:", ":", _UNSUMMABLE),
     ("frontend", "state-tensors-never-differ", "two snapshots compared without their tensors (a buffer a call updates in place is baked)",
      "repalgebra.frontend.state_keys:same_key", "    return bool(a == b)", "    return bool(a == b) or isinstance(a, _Tensor)", _STATE_INSIDE),
     ("frontend", "state-nan-changed", "a weight holding a NaN taken for one a call changed (the model kept whole, strict refuses)",

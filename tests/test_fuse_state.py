@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from collections import OrderedDict, defaultdict
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -126,13 +128,17 @@ class UnseenState(nn.Module):
     """State a snapshot did not see (review R10): a memory too large to copy at every snapshot, written through
     ``.data`` (no version bump), in place or rebound to new storage (a streaming conv's ``self.cache.data = ...``);
     a call counter in a numpy array (``self.calls += 1``); a step in a ``@dataclass(slots=True)`` object (no
-    ``__dict__``).  Each was fused as a constant: 1.4 to 10 off from the second call on."""
+    ``__dict__``).  Each was fused as a constant: 1.4 to 10 off from the second call on.  Then (review R11): a counter
+    in an ``itertools.count``, a ``bytearray``, and a tensor in a numpy array of objects."""
 
     def __init__(self, where: str, c: int = 4) -> None:
         super().__init__()
         self.body, self.where = conv_bn(c), where
         self.register_buffer("mem", torch.zeros(c, 2048))
         self.calls, self.state = np.zeros(1, dtype=np.int64), StreamStep()
+        self.counter, self.raw = itertools.count(1), bytearray(1)
+        self.held = np.empty(1, dtype=object)
+        self.held[0] = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
@@ -143,6 +149,14 @@ class UnseenState(nn.Module):
         elif self.where == "numpy":
             self.calls += 1
             return y * float(self.calls[0])
+        elif self.where == "count":
+            return y * next(self.counter)
+        elif self.where == "bytearray":
+            self.raw[0] += 1
+            return y * self.raw[0]
+        elif self.where == "object_array":
+            self.held[0] += 1
+            return y * self.held[0]
         else:
             self.state.step += 1
             return y * self.state.step
@@ -325,9 +339,13 @@ def kept_whole(fused: nn.Module) -> dict[str, str]:
         (lambda: Net(UnseenState("data_rebound")), "inner", "inner.mem", 0),
         (lambda: Net(UnseenState("numpy")), "inner", "inner.calls", 0),
         (lambda: Net(UnseenState("slots")), "inner", "inner.state", 0),
+        (lambda: Net(UnseenState("count")), "inner", "inner.counter", 0),
+        (lambda: Net(UnseenState("bytearray")), "inner", "inner.raw", 0),
+        (lambda: Net(UnseenState("object_array")), "inner", "inner.held", 0),
     ],
     ids=["counter", "rebinding", "running_mean", "python_counter", "parent_updates_child", "actnorm", "untraceable_parent",
-         "dict_entry", "object_attribute", "data_in_place", "data_rebound", "numpy_array", "slots_object"],
+         "dict_entry", "object_attribute", "data_in_place", "data_rebound", "numpy_array", "slots_object", "itertools_count",
+         "bytearray", "numpy_object_array"],
 )
 def test_the_part_that_holds_state_runs_as_written(make, region, state, bns):
     fused, reference = fused_and_reference(randomized(make))
@@ -665,6 +683,18 @@ def test_an_attribute_every_call_rewrites_before_reading_is_not_state():
     fused, reference = fused_and_reference(model)
     assert not kept_whole(fused) and count_bn(fused) == 0, str(fused.fuse_report)
     assert_same_calls(reference, fused)
+
+
+def test_attributes_a_checksum_cannot_sum_are_no_state():
+    """A large array of class names (numpy strings) made fuse raise numpy's TypeError, and a large quantized buffer
+    made every capture fail (no sum): the model folds as before (review R11)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    model.class_names = np.array([f"n{i:08d} class {i}" for i in range(1000)])
+    with warnings.catch_warnings():  # (torch says quantized tensors are deprecated)
+        warnings.simplefilter("ignore")
+        model.register_buffer("codebook", torch.quantize_per_tensor(torch.randn(5000), 0.1, 0, torch.qint8))
+    fused = fuse(model, torch.randn(1, 3, 8, 8))
+    assert count_bn(fused) == 0 and not kept_whole(fused), str(fused.fuse_report)
 
 
 def test_state_an_op_writes_without_a_version_bump_is_found():

@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.state_keys:_array_key": "two decisions: an array of objects by its items, a large one summed only where numeric",
     "repalgebra.backend.onnx:_heads_repeated": "one line a mistake would reach: the axis the heads are tiled along",
     "repalgebra.backend.torch:_attention": "one attribute: enable_gqa (the mask, causal and scale are the op's own, tested by value)",
     "repalgebra.frontend.handlers_functions:_f_attention": "one attribute added: enable_gqa",

@@ -11,7 +11,9 @@ deep.  This module imports nothing of the front end, so each of them can import 
 
 from __future__ import annotations
 
+import array
 import collections
+import itertools
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +48,11 @@ def attribute_key(value: Any, depth: int = 0) -> Any:
             return _Tensor(value, version, value.detach().clone())
         return _Tensor(value, version, None, None if isinstance(value, nn.Parameter) else _checksum(value))
     if isinstance(value, np.ndarray):  # (a call counter: ``self.calls += 1`` writes into it; review R10)
-        if value.nbytes <= 8 * COPIED or value.dtype.hasobject:
-            return ("array", id(value), value.dtype.str, value.shape, value.tobytes())
-        return ("array", id(value), value.dtype.str, value.shape, value.ctypes.data, str(value.sum(dtype=np.complex128)))
+        return ("array", id(value), value.dtype.str, value.shape, _array_key(value, depth))
+    if isinstance(value, (bytearray, array.array)):  # (their bytes: a counter in one is written in place; R11)
+        return ("buffer", id(value), _bytes_key(bytes(value)))
+    if isinstance(value, itertools.count):  # (its next number shows only in its repr: ``count(5)``; R11)
+        return ("count", id(value), repr(value))
     if isinstance(value, SCALARS):
         return ("value", "nan" if value != value else value)  # a size recomputed to the same value is no change
     if (drawn := held_generator_state(value)) is not None:
@@ -73,14 +77,31 @@ def attribute_key(value: Any, depth: int = 0) -> Any:
     return ("object", id(value))
 
 
+def _array_key(value: np.ndarray, depth: int) -> Any:
+    """What a numpy array holds: its bytes (a large one's sum where it is numeric, else a hash of its bytes), or for
+    an array of objects (tensors, say), each item's key: its bytes are the items' addresses."""
+    if value.dtype.hasobject:
+        if value.size > ITEMS or depth >= DEPTH:
+            return ("objects", value.size)
+        return tuple(attribute_key(v, depth + 1) for v in value.flat)
+    if value.nbytes > 8 * COPIED and value.dtype.kind in "biufc":
+        return value.ctypes.data, str(value.sum(dtype=np.complex128))
+    return _bytes_key(value.tobytes())
+
+
+def _bytes_key(data: bytes) -> Any:
+    """``data`` itself where it is small, else its hash (a snapshot holds every key until it is compared)."""
+    return data if len(data) <= 8 * COPIED else hash(data)
+
+
 def _checksum(t: torch.Tensor) -> tuple | None:
     """A buffer too large to copy at every snapshot (:data:`COPIED`), as its storage and the sum of its values: a
     write through ``.data`` bumps no version counter (a streaming conv's ``self.cache.data = x[..., -k:]``, a
     memory's ``self.mem.data[:, 0] += 1``: fused as constants; review R10).  Not a parameter's: its weights are
     the model's, which a forward rewriting through ``.data`` would be no model to fuse (and each snapshot summing
     every weight would cost a pass over the model)."""
-    if t.is_meta or t.layout is not torch.strided:
-        return None
+    if t.is_meta or t.layout is not torch.strided or t.is_quantized or t.is_nested or type(t) is not torch.Tensor:
+        return None  # (a quantized buffer has no sum: its capture "did not run", and every fold was lost; review R11)
     data = t.detach()
     total = torch.view_as_real(data).sum(dtype=torch.float64) if data.is_complex() else data.sum(
         dtype=torch.float64 if data.is_floating_point() else torch.int64)
