@@ -1090,6 +1090,37 @@ def test_an_output_computed_from_weights_alone_is_made_anew_per_call(pad):
         assert want[3] is model.anchors and again[3] is fused(x)[3]
 
 
+class Boxes(nn.Module):
+    def forward(self, a):
+        return a.view(-1, 2)
+
+
+class PostProcessed(nn.Module):
+    """A head whose post-processing child is carried through (a forward hook of the user's on it), fed priors made
+    from a buffer: the folded product is the carried call's own tensor, which it returns a view of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.register_buffer("anchors", torch.rand(10, 2))
+        self.post = Boxes()
+        self.post.register_forward_hook(lambda m, args, out: None)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)), self.post(self.anchors * 8)
+
+
+def test_what_a_carried_call_returns_of_its_own_tensors_is_made_anew_per_call():
+    """The fused module returned the carried call's view of the product it held: a caller's ``boxes.mul_(100)``
+    left every later call 770 off (review R11)."""
+    model = PostProcessed().double().eval()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    fused = fuse(model, x)
+    with torch.no_grad():
+        fused(x)[1].mul_(100)
+        torch.testing.assert_close(fused(x)[1], model(x)[1], rtol=0, atol=0)
+
+
 def test_copies_the_model_returns_stay_copies():
     """``return y, y.clone(), x.clone()``: the clones are no ops in the graph, and the fused module returned ``y``
     twice and the caller's own ``x``; a caller post-processing one in place (``post.clamp_(min=0)``) changed the

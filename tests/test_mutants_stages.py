@@ -31,6 +31,7 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.backend.torch:_holds_tensors": "one decision a test reaches alone: the tensors a carried call holds",
     "repalgebra.frontend.state_keys:_array_key": "two decisions: an array of objects by its items, a large one summed only where numeric",
     "repalgebra.backend.onnx:_heads_repeated": "one line a mistake would reach: the axis the heads are tiled along",
     "repalgebra.backend.torch:_attention": "one attribute: enable_gqa (the mask, causal and scale are the op's own, tested by value)",

@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
-from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr, constant_call
+from repalgebra.frontend.calls import CallFn, FnCall, In, SymExpr, constant_call, returned
 from repalgebra.ir import Graph, Node, Value, upstream
 from repalgebra.match import Source, is_1x1_pointwise, origins
 from repalgebra.module_copy import copy_module
@@ -254,9 +254,11 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
     would change the other, or its input, where the model's copies kept them apart.  So is an output that views a
     constant the model computes anew on each call (open_clip's ``self.logit_scale.exp()``, a head's ``self.anchors *
     stride``): folded, the fused module held it, and a caller's ``scale.mul_(2)`` changed every later call (review
-    R10).  A parameter or buffer the model returns as it is stays the fused module's own, as the model's is."""
+    R10).  A parameter or buffer the model returns as it is stays the fused module's own, as the model's is.  So is
+    an output of a call carried through that holds tensors of its own (``self.post(self.anchors * 8)``: the folded
+    product is its buffer, and it may return it or a view: 770 off after a caller's ``mul_``; review R11)."""
     inputs, seen, out = {id(v) for v in graph.inputs}, set(), []
-    made = {id(n.out) for n in graph.nodes if n.op == "constant" and not n.attrs.get("_own")}
+    made = {id(n.out) for n in graph.nodes if (n.op == "constant" and not n.attrs.get("_own")) or (n.op == "opaque" and _holds_tensors(n.attrs["fn"]))}
     for v, node in zip(graph.outputs, outs):
         roots = _viewed(v)
         out.append(ctx.graph.call_function(_copied, (node,)) if roots & (inputs | seen | made) else node)
@@ -267,6 +269,14 @@ def _unaliased(ctx: Lowering, graph: Graph, outs: list[fx.Node]) -> list[fx.Node
 def _copied(value: Any) -> Any:
     """A copy of a tensor; anything else (a size a call kept whole returns) as it is."""
     return value.clone() if torch.is_tensor(value) else value
+
+
+def _holds_tensors(fn: Any) -> bool:
+    """Whether a carried call holds tensors it may return (not a constant output's call, :func:`constant_call`,
+    whose copy per call its ``own`` decides)."""
+    if not isinstance(fn, FnCall) or fn.target in (returned, torch.clone):
+        return False
+    return bool(fn._buffers or fn._parameters or any(torch.is_tensor(v) for v in vars(fn).values()))
 
 
 def _viewed(v: Value) -> set[int]:
