@@ -44,7 +44,6 @@ FEW = {
     "repalgebra.frontend.outside_reads:_delegated": "one decision a test reaches alone: a class with a __getattr__ of its own",
     "repalgebra.backend.onnx_fallback:_interpolate": "one decision added to it: nearest interpolation picked by torch",
     "repalgebra.backend.onnx_fallback:_nearest": "two lines a mistake would reach: each axis's picks and the axis gathered",
-    "repalgebra.frontend.layout_reads:drop_unread_layouts": "one decision, mutated both ways: a contiguous kept or not",
     "repalgebra.frontend.handlers_functions:_f_same_values": "one attribute: the memory format of a contiguous op",
     "repalgebra.frontend.aten_handlers:_identity": "one decision added to it: a clone to a memory format is a contiguous op",
     "repalgebra.backend.torch:_contiguous": "one line: the contiguous call written",
