@@ -13,6 +13,7 @@ call fills, the same for any input (a cache of weight-derived values, the weight
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import itertools
@@ -1157,9 +1158,10 @@ def test_a_first_call_that_turns_a_shift_off_at_twice_the_size_too_is_state():
 
 class _Neighbour:
     """Another thread that draws from torch's generator while the model's call number ``on`` runs, and only then
-    (a hook function reads it as a global: fuse copies the model, hooks included).  It keeps its counts in slots:
-    instrumentation of the test, not data of the model's code, which fuse watches in its captures and puts back
-    after its runs (a count in a ``__dict__`` would be both)."""
+    (a hook function reads it as a global: fuse copies the model, hooks included).  Its counts are instrumentation
+    of the test, not data of the model's code, which fuse watches in its captures and puts back after its runs: the
+    model's code reaches it through a ``ContextVar``, which that watch sees by identity (a global list holding it
+    shows its counts, slots included)."""
 
     __slots__ = ("on", "calls", "drawn", "go", "done")
 
@@ -1178,13 +1180,13 @@ class _Neighbour:
             self.done.release()
 
 
-NEIGHBOUR: list[_Neighbour] = []
+NEIGHBOUR: contextvars.ContextVar[_Neighbour | None] = contextvars.ContextVar("NEIGHBOUR", default=None)
 
 
 def _neighbour_draws() -> None:
-    if not NEIGHBOUR:
+    n = NEIGHBOUR.get()
+    if n is None:
         return
-    n = NEIGHBOUR[0]
     n.calls += 1
     if n.calls in n.on:
         n.go.release()
@@ -1207,12 +1209,13 @@ def test_a_draw_of_another_thread_during_a_call_is_not_the_models():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), _Ticks()).eval()
     with torch.no_grad():
         model[1].running_var.uniform_(0.5, 2.0)
-    NEIGHBOUR[:] = [_Neighbour(on={2, 3})]  # during fuse's first runs of the model
+    token = NEIGHBOUR.set(_Neighbour(on={2, 3}))  # during fuse's first runs of the model
     x = torch.randn(2, 3, 6, 6)
     try:
         fused = fuse(model, x)
     finally:
-        neighbour, NEIGHBOUR[:] = NEIGHBOUR[0], []
+        neighbour = NEIGHBOUR.get()
+        NEIGHBOUR.reset(token)
     assert neighbour.drawn == 2, neighbour.calls
     report = fused.fuse_report
     assert not report.kept_whole and not any("random" in n or "fills" in n for n in report.notes), str(report)
