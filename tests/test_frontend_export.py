@@ -335,7 +335,7 @@ def test_vit_block_with_sdpa():
     # embed's conv is 4 x 4 with padding 2 (k // 2): the map is 3 x 3 for a 8 x 8 input
     g = capture_checked(ViTBlock(), torch.randn(2, 3, 8, 8), pairs=1)
     sdpa = [n for n in g.nodes if n.op == "attention"]
-    assert len(sdpa) == 1 and not opaque_targets(g) and sdpa[0].attrs == {"scale": None, "causal": False}
+    assert len(sdpa) == 1 and not opaque_targets(g) and sdpa[0].attrs == {"scale": None, "causal": False, "gqa": False}
     q, k, v = (i.producer for i in sdpa[0].inputs)  # qkv.unbind(0): three selects of one permuted value
     assert [(n.op, n.attrs["index"]) for n in (q, k, v)] == [("select", 0), ("select", 1), ("select", 2)]
     assert q.x is k.x is v.x and q.x.producer.op == "permute"
