@@ -16,7 +16,8 @@ by its stride) where a group has a conv or a BN, and writes the sum again:
 each group's terms added first, in the order the model wrote them (but a
 dilated conv, or a grouped one beside a dense one, last: its merge with a
 dense conv costs more than the two and is refused, and would stop the cheap
-merges after it), the groups
+merges after it; not one that merges with another of the group at no cost, a
+depthwise 5x1 beside a dense 5x1, which :mod:`kernel_pad` pairs), the groups
 and the other terms then added in the order of their first term.  Only the
 order of the float additions changes.
 
@@ -28,7 +29,7 @@ not already written that way.  Only ``add``: a ``sub`` keeps its place.
 from __future__ import annotations
 
 from repalgebra.ir import Node, Value
-from repalgebra.match import merged_source, producer, reach, sole_use
+from repalgebra.match import lattice_step, merge_cost, merged_source, producer, reach, sole_use, window
 from repalgebra.rules.registry import Rewrite, rule
 
 
@@ -65,7 +66,7 @@ def sum_regroup(graph, root):
     groups: dict[tuple, list[int]] = {}
     for k, key in enumerate(keys):
         groups.setdefault(key, []).append(k)  # positions: one value may be a term twice (x + conv(x) + x)
-    merging = {key: _conv_first([terms[k] for k in ks]) for key, ks in groups.items() if _merges([terms[k] for k in ks])}
+    merging = {key: _conv_first(root, [terms[k] for k in ks]) for key, ks in groups.items() if _merges([terms[k] for k in ks])}
     units = [merging[key] if key in merging else [terms[k]] for k, key in enumerate(keys)
              if key not in merging or groups[key][0] == k]
     if not merging or _tree(graph, root.out, root=True) == _left_deep([_left_deep([id(t) for t in u]) for u in units]):
@@ -85,16 +86,25 @@ def sum_regroup(graph, root):
     return Rewrite(root.out, added(inner, root.source), tuple(nodes))
 
 
-def _conv_first(group: list[Value]) -> list[Value]:
+def _conv_first(root: Node, group: list[Value]) -> list[Value]:
     """``group`` with its first conv or BN first (a skip or scale added first would meet no conv to become one),
     and the costly convs last: a dilated one, or a grouped one beside a dense one, whose merge with a dense conv
     costs more than the two (and is refused) and would otherwise stop the cheap merges after it
     (``dw(x) + pw(x) + bn(x)`` is summed ``(pw(x) + bn(x)) + dw(x)``: the BN becomes part of the 1x1)."""
     dense = any(_conv(t) is not None and _conv(t).attrs["groups"] == 1 for t in group)
-    costly = [t for t in group if (n := _conv(t)) is not None and (n.attrs["dilation"] != (1, 1) or (dense and n.attrs["groups"] > 1))]
+    costly = [t for t in group if (n := _conv(t)) is not None and (n.attrs["dilation"] != (1, 1) or (dense and n.attrs["groups"] > 1))
+              and not any(_free_together(root, n, c) for u in group if (c := _conv(u)) is not None and c is not n)]
     group = [t for t in group if not any(t is c for c in costly)] + costly
     k = next(k for k, t in enumerate(group) if t.producer is not None and t.producer.op in ("conv2d", "batch_norm"))
     return [group[k], *group[:k], *group[k + 1:]]
+
+
+def _free_together(root: Node, a: Node, b: Node) -> bool:
+    """Whether convs ``a`` and ``b`` merge at no cost (a depthwise 5x1 beside a dense 5x1): then neither is costly.
+    :mod:`kernel_pad` pairs such a conv with its partner wherever the sum meets it first; summed last as costly here,
+    the two rules wrote the sum back and forth for ever (review R12)."""
+    merged, apart = merge_cost(root, [a, b])
+    return lattice_step([window(a), window(b)]) is not None and merged <= apart
 
 
 def _conv(term: Value) -> Node | None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from rulecheck import fired, run_rules
 
 from repalgebra.builder import GraphBuilder
+from repalgebra.rewrite import rewrite
 from repalgebra.testing import ConvSpec, add_bn, add_conv, assert_graphs_equal, bn_stats, float_dtypes, random_input, seeds
 
 KINDS = ("conv1", "conv3", "bn", "skip", "gate")  # gate: relu(conv(x)), a term that merges with nothing
@@ -116,3 +117,27 @@ def test_a_costly_conv_is_added_last_so_the_cheap_branches_merge(dtype, seed, da
     counts = fused.op_counts()  # two convs where the costly merge is refused, one where the sizes make it cheap
     assert "batch_norm" not in counts and counts["conv2d"] <= 2 and counts.get("add", 0) == counts["conv2d"] - 1, report
     assert_graphs_equal(graph, fused, random_input((1, c, 6, 6), dtype, seed), dtype)
+
+
+@given(dtype=float_dtypes(), seed=seeds(), data=st.data())
+def test_a_grouped_conv_with_a_free_partner_is_not_costly(dtype, seed, data):
+    """ACNet's branches with a depthwise 5x1 beside the dense 5x1 and a 1x5, and a term that merges with nothing:
+    ``pw(x) + ver(x) + dw_ver(x) + hor(x) + relu(x)``.  Summed last as costly here, the depthwise conv was paired
+    with the dense 5x1 (a merge at no cost) by kernel_pad, wherever the sum met it, and back: the rewrite never
+    reached a fixpoint (review R12).  It merges into the 5x1; the 1x5 stays apart (a 5x5 costs more than the two)."""
+    c = data.draw(st.integers(2, 6), label="c")
+    b = GraphBuilder()
+    x = b.input("x", (1, c, 7, 7), dtype)
+
+    def conv(groups, kernel, pads, k):
+        return add_conv(b, x, ConvSpec(c, c, groups, kernel, padding=pads, height=7, width=7), dtype, seed + k, f"blk.conv{k}")
+
+    terms = [conv(1, (1, 1), (0, 0, 0, 0), 0), conv(1, (5, 1), (2, 2, 0, 0), 1), conv(c, (5, 1), (2, 2, 0, 0), 2),
+             conv(1, (1, 5), (0, 0, 2, 2), 3), b.relu(x)]
+    total = terms[0]
+    for t in terms[1:]:
+        total = b.add(total, t, source="blk")
+    graph = b.build(total)
+    fused, report = rewrite(graph, max_rewrites=100)  # (a loop raises, where run_rules would spin a million times)
+    assert fused.op_counts()["conv2d"] == 2, report
+    assert_graphs_equal(graph, fused, random_input((1, c, 7, 7), dtype, seed), dtype)
