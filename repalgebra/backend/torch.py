@@ -13,11 +13,13 @@ A conv with asymmetric padding is an ``nn.ZeroPad2d`` followed by the conv.
 An op without a torch lowering still works: it runs its reference semantics
 from the op table (:class:`OpCall`), so adding an op is adding one entry.
 
-The IR has values, not memory layouts: the front end maps ``x.contiguous()``
-to the identity, and a rewrite may drop it.  So no lowering may need a
-contiguous input: reshapes lower to ``reshape`` (a view where one exists, a
-copy where not), never ``view``, and a carried-through ``x.view(...)`` or
-``x.view_as(y)`` call runs as ``reshape``/``reshape_as`` (:func:`_stride_free`).
+The IR has values, not memory layouts: the front end keeps ``x.contiguous()``
+only right before an output or a carried call whose layout it made
+(:mod:`~repalgebra.frontend.layout_reads`), and takes it for the identity
+between ops the graph knows.  So no lowering may need a contiguous input:
+reshapes lower to ``reshape`` (a view where one exists, a copy where not),
+never ``view``, and a carried-through ``x.view(...)`` or ``x.view_as(y)`` call
+runs as ``reshape``/``reshape_as`` (:func:`_stride_free`).
 
 The generated module is itself ``torch.fx``-traceable and the front end maps
 every lowering back to the same op, so fusing a fused model changes nothing.
