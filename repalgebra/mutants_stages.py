@@ -307,6 +307,12 @@ STAGE_TESTS = {"frontend": (_FE,), "engine": _ENGINE, "torch_backend": _TORCH, "
 
 #: Surviving mutants that compute the same thing as the original, with the argument why.
 EQUIVALENT: dict[str, str] = {
+    "frontend/contiguous-given-to-call-dropped": (
+        "a contiguous() given to a call kept whole is a contiguous op of the IR where the mutant leaves it, and "
+        "layout_reads puts that op back right before every carried call its value reaches (the call reads its layout): "
+        "the generated code calls x.contiguous() before the call, as kept_contiguous does, a copy of a permuted view "
+        "and the tensor itself where it is dense; what the call writes into, and so what the fused model computes, is "
+        "the same (kept_contiguous dates from when the IR took every contiguous() for the identity)"),
     "frontend/copy-failure-unchecked": (
         "the one way a fused candidate failed to copy where the model copies was a hook handle a parent kept whole holds "
         "into the registries of a child its fused form replaced (dead weak references); since module_copy."

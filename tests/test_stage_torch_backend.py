@@ -72,7 +72,7 @@ class CarriedCalls(nn.Module):
     """Calls the IR carries through, their sizes read from the input as public model code reads them.
 
     ShiftViT's shift (slice assignments into ``zeros_like`` with ``C // 4`` channel groups), a strided slice, a
-    ``view`` after ``contiguous``, keyword arguments computed from ``x.size(dim=1)``, a call returning a tuple,
+    ``view`` of a dense copy the IR takes for a transposed view, keyword arguments computed from ``x.size(dim=1)``, a call returning a tuple,
     and a learned table resized to the feature map (the one call kept as a module: it reads a constant tensor).
     """
 
@@ -90,7 +90,9 @@ class CarriedCalls(nn.Module):
         out[:, :g, :, :-1] = x[:, :g, :, 1:]
         out[:, g:, ::2] = x[:, g:, ::2]
         values, order = out.cumsum(dim=x.size(dim=1) // C).sort(dim=1)
-        flat = out.transpose(2, 3).contiguous().view(B, C * H // 2, -1)  # (a product divided: no reshape_dyn size)
+        # (a one-tensor cat: a dense copy in the model, which the IR takes for the transposed view itself, so the
+        # carried view must run as a reshape; a product divided: no reshape_dyn size)
+        flat = torch.cat([out.transpose(2, 3)], 1).view(B, C * H // 2, -1)
         return flat, values, order, x + F.interpolate(self.pos, size=x.shape[-2:], mode="bilinear")
 
 

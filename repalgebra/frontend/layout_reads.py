@@ -29,8 +29,11 @@ _ELEMENTWISE = frozenset({"relu", "gelu", "sigmoid", "silu", "hardswish", "hards
 def drop_unread_layouts(graph: Graph) -> Graph:
     """``graph`` without its ``contiguous`` nodes, and with one before each output or carried call's input that
     reads the layout one of them made (a new graph)."""
+    layouts = [n for n in graph.nodes if n.op == "contiguous"]
+    if not layouts:
+        return graph  # (as it is: the dead nodes too, which the passes after this one remove as they go)
     reads: dict[tuple[int, int], tuple[Node | None, int, Any, str]] = {}  # (reader, input) -> where, and the format
-    for n in [n for n in graph.nodes if n.op == "contiguous"]:
+    for n in layouts:
         for reader, k in _reads(graph, n.out):
             reads[(id(reader), k)] = (reader, k, n.attrs["memory_format"], n.source)
         graph.replace_uses(n.out, n.x)
