@@ -251,6 +251,16 @@ def lattice_step(windows: list[Window]) -> tuple[int, int] | None:
     return tuple(step)
 
 
+def merges_free(join: Node, a: Node, b: Node) -> bool:
+    """Whether convs ``a`` and ``b`` (operands of ``join`` reading one input with one stride) merge at no cost: their
+    taps lie on one lattice and the one conv they become has no more multiply-adds than the two (a depthwise 5x1
+    inside a dense 5x1).  :mod:`~repalgebra.rules.kernel_pad` pairs such convs and
+    :mod:`~repalgebra.rules.sum_regroup` keeps them apart from the costly ones: one test, so the two agree (they
+    disagreed, and wrote a sum back and forth for ever; review R12)."""
+    merged, apart = merge_cost(join, [a, b])
+    return lattice_step([window(a), window(b)]) is not None and merged <= apart
+
+
 def on_lattice(windows: list[Window]) -> bool:
     """Whether the taps of ``windows`` lie on one shared lattice (:func:`lattice_step`)."""
     return lattice_step(windows) is not None

@@ -323,7 +323,7 @@ MUTANTS: list[Mutant] = [
        "    group = [t for t in group if not any(t is c for c in costly)] + costly", "    group = list(group)",
        target="repalgebra.rules.sum_regroup:_conv_first"),
     _m("sum_regroup", "free-partner-costly", "a depthwise conv that merges with a dense one at no cost is summed last, and kernel_pad pairs them back: no fixpoint",
-       "\n              and not any(_free_together(root, n, c) for u in group if (c := _conv(u)) is not None and c is not n)]", "]",
+       "\n              and not any(merges_free(root, n, c) for u in group if (c := _conv(u)) is not None and c is not n)]", "]",
        target="repalgebra.rules.sum_regroup:_conv_first"),
     _m("sum_regroup", "others-dropped", "the terms outside every group are left out of the regrouped sum",
        "if key not in merging or groups[key][0] == k]", "if key in merging and groups[key][0] == k]"),

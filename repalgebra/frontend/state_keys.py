@@ -33,6 +33,8 @@ COPIED = 4096  # tensors up to this many elements are compared by value too (sta
 DEPTH = 3  # levels of containers and plain objects a snapshot follows
 ITEMS = 256  # items of one container it compares one by one
 MISSING = object()  # a name a snapshot does not hold
+# Libraries whose objects' attributes are their machinery, not the model's data: not followed into
+_LIBRARIES = ("torch", "builtins", "numpy", "typing", "functools", "collections")
 
 
 def attribute_key(value: Any, depth: int = 0) -> Any:
@@ -112,7 +114,7 @@ def _slots(value: Any) -> dict[str, Any] | None:
     """What an instance of a Python class with ``__slots__`` and no ``__dict__`` holds, by name; None for others."""
     cls = type(value)
     if (hasattr(value, "__dict__") or callable(value) or isinstance(value, (nn.Module, type, types.ModuleType))
-            or cls.__module__.startswith(("torch", "builtins", "numpy", "typing", "functools", "collections"))):
+            or cls.__module__.startswith(_LIBRARIES)):
         return None
     names: list[str] = []
     for c in cls.__mro__:
@@ -129,8 +131,7 @@ def holds_data(value: Any) -> bool:
 def plain_object(value: Any) -> bool:
     """An instance of a Python class that :func:`holds_data`, not of a library whose objects' attributes are its
     machinery (torch's, numpy's, the standard library's)."""
-    return holds_data(value) and not type(value).__module__.startswith(
-        ("torch", "builtins", "numpy", "typing", "functools", "collections"))
+    return holds_data(value) and not type(value).__module__.startswith(_LIBRARIES)
 
 
 def same_key(a: Any, b: Any) -> bool:

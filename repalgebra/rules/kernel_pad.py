@@ -25,7 +25,7 @@ only the order of the two float additions changes).
 
 from repalgebra.kernels import pad_kernel_axes
 from repalgebra.match import (
-    CONVS, JOINS, conv_operands, conv_with, lattice_step, merge_cost, merge_refusal, producer, reach, sole_use, union_window, window, with_operands,
+    CONVS, JOINS, conv_operands, conv_with, lattice_step, merge_refusal, merges_free, producer, reach, sole_use, union_window, window, with_operands,
 )
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -82,8 +82,7 @@ def _regroup(graph, join, group):
                 or not sole_use(graph, c_value):
             continue
         for (_, keep), (_, other) in (group, group[::-1]):
-            merged, apart = merge_cost(join, [keep, c])
-            if lattice_step([window(keep), window(c)]) is not None and merged <= apart:
+            if merges_free(join, keep, c):
                 inner = join.replace(inputs=(keep.out, c_value))
                 regrouped = outer.replace(inputs=(inner.out, other.out))
                 return Rewrite(outer.out, regrouped.out, (inner, regrouped))

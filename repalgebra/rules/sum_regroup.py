@@ -29,7 +29,7 @@ not already written that way.  Only ``add``: a ``sub`` keeps its place.
 from __future__ import annotations
 
 from repalgebra.ir import Node, Value
-from repalgebra.match import lattice_step, merge_cost, merged_source, producer, reach, sole_use, window
+from repalgebra.match import merged_source, merges_free, producer, reach, sole_use
 from repalgebra.rules.registry import Rewrite, rule
 
 
@@ -93,18 +93,10 @@ def _conv_first(root: Node, group: list[Value]) -> list[Value]:
     (``dw(x) + pw(x) + bn(x)`` is summed ``(pw(x) + bn(x)) + dw(x)``: the BN becomes part of the 1x1)."""
     dense = any(_conv(t) is not None and _conv(t).attrs["groups"] == 1 for t in group)
     costly = [t for t in group if (n := _conv(t)) is not None and (n.attrs["dilation"] != (1, 1) or (dense and n.attrs["groups"] > 1))
-              and not any(_free_together(root, n, c) for u in group if (c := _conv(u)) is not None and c is not n)]
+              and not any(merges_free(root, n, c) for u in group if (c := _conv(u)) is not None and c is not n)]
     group = [t for t in group if not any(t is c for c in costly)] + costly
     k = next(k for k, t in enumerate(group) if t.producer is not None and t.producer.op in ("conv2d", "batch_norm"))
     return [group[k], *group[:k], *group[k + 1:]]
-
-
-def _free_together(root: Node, a: Node, b: Node) -> bool:
-    """Whether convs ``a`` and ``b`` merge at no cost (a depthwise 5x1 beside a dense 5x1): then neither is costly.
-    :mod:`kernel_pad` pairs such a conv with its partner wherever the sum meets it first; summed last as costly here,
-    the two rules wrote the sum back and forth for ever (review R12)."""
-    merged, apart = merge_cost(root, [a, b])
-    return lattice_step([window(a), window(b)]) is not None and merged <= apart
 
 
 def _conv(term: Value) -> Node | None:
