@@ -216,6 +216,7 @@ _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_o
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_SPREAD_FUSED = ("tests/test_fuse_outside_reads.py::test_a_dict_of_branches_spread_into_a_method_of_its_own_is_fused",)
 _R6_NOT_HANDED = ("tests/test_fuse_outside_reads.py::test_a_container_given_to_a_loop_len_or_a_test_is_still_fused",)
 _R6_PLAIN = "tests/test_inplace.py::test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models"
 _PUT_BACK = ("tests/test_fuse_state.py::test_a_draw_the_model_puts_back_is_not_captured_as_a_draw",)
@@ -2624,7 +2625,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_in_method", "code.co_varnames[position + 1]", "code.co_varnames[position]",
      (f"{_R6_HANDED}[method-given-blocks]",)),
     ("frontend", "static-method-as-method", "a static method given a module read as if it took self first",
-     "repalgebra.frontend.outside_reads:_in_method", "    if not isinstance(raw, types.FunctionType):", "    if raw is None:",
+     "repalgebra.frontend.outside_reads:_own_method", "    if not isinstance(raw, types.FunctionType):", "    if raw is None:",
      (f"{_R6_HANDED}[static-method-given-blocks]",)),
     ("frontend", "conditional-arm-unfollowed", "a module in a conditional expression's arm (m = self.layer0 if c else None) "
      "taken as handed on at the jump past the other arm", "repalgebra.frontend.outside_reads:_handed_on",
@@ -2647,8 +2648,8 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.outside_reads:_in_helper", "    if position == 0 and _checkpointing((name,), functions, False):",
      "    if False:", _R6_NOT_HANDED),
     ("frontend", "decorated-method-unwrapped", "a method under a decorator of the model's own read as the function it wraps "
-     "(the wrapper reaches into the blocks itself, 28 off; review R8)", "repalgebra.frontend.outside_reads:_in_method",
-     '    if function is not raw and not in_packages(raw.__globals__.get("__name__"), ("torch",)):', "    if False:",
+     "(the wrapper reaches into the blocks itself, 28 off; review R8)", "repalgebra.frontend.outside_reads:_own_method",
+     'function is raw or in_packages(raw.__globals__.get("__name__"), ("torch",))', "True",
      (f"{_R6_HANDED}[decorated-method]",)),
     ("frontend", "shadowed-method-read", "a method the instance shadows with an attribute (self.run = self._first_conv) read as "
      "the class's (202 off; review R8)", "repalgebra.frontend.outside_reads:_through",
@@ -2664,6 +2665,44 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "not followed: the model handed to it reached nothing, the blocks handed to one that only calls them everything",
      "repalgebra.frontend.outside_reads:_in_helper", "    if how[0] != \"helper\" or functions is None or depth >= 3:",
      "    if True:", (f"{_R6_HANDED}[helper-given-self]", *_R6_NOT_HANDED)),
+    ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
+     "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
+     "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",
+     _SPREAD_FUSED),
+    ("frontend", "spread-keys-unread", "a key of a spread dict bound to its parameter without reading the method's code "
+     "(first[0].conv(x) there reached nothing)", "repalgebra.frontend.outside_reads:_spread_into",
+     "[value + (_Method(how[2]),) + c for c in [(), *inner]]", "[value]", (f"{_R6_HANDED}[spread-reaching]",)),
+    ("frontend", "spread-kwargs-bound", "a key no parameter names (it goes to **kwargs) taken as reaching nothing",
+     "repalgebra.frontend.outside_reads:_spread_into", "            found.append(value + (...,))", "            pass",
+     (f"{_R6_HANDED}[spread-to-kwargs]",)),
+    ("frontend", "spread-any-callee", "a dict spread into any call read as into a method of the module's own",
+     "repalgebra.frontend.outside_reads:_spread_into", "how[1:2] != (self_name,) or len(how) != 3", "False",
+     (f"{_R6_HANDED}[spread-to-helper]",)),
+    ("frontend", "spread-unseen", "a dict spread into a call's keywords not told apart from any other handing on",
+     "repalgebra.frontend.outside_reads:_handed_on", '                return ("spread", *_dotted(ops, stack[-3]))',
+     "                return True", _SPREAD_FUSED),
+    ("frontend", "mapping-getter-read", "a property returning a dict of its children read as code (its return taken for "
+     "handing them on: folds lost)", "repalgebra.frontend.outside_reads:_read_chains",
+     "        found = [t for c in found for t in _through_mappings(c, cls)]\n", "", _SPREAD_FUSED),
+    ("frontend", "mapping-key-dropped", "self.heads[\"first\"][0].conv read as reaching nothing",
+     "repalgebra.frontend.outside_reads:_through_mappings", "        return [] if value is None else [value + rest[1:]]",
+     "        return []", (f"{_R6_HANDED}[mapping-indexed]",)),
+    ("frontend", "mapping-items-dropped", "a loop over a property's dict of children (self.heads.values()) read as "
+     "reaching nothing", "repalgebra.frontend.outside_reads:_through_mappings",
+     "    return [v + tail for v in mapping.values() if v is not None]", "    return []", (f"{_R6_HANDED}[mapping-values]",)),
+    ("frontend", "mapping-dict-call-unread", "a property returning dict(key=self.a) not read as a dict of chains",
+     "repalgebra.frontend.returned_mapping:mapping_returned",
+     '    if build.opname == "CALL" and values[:1]', '    if False and values[:1]', (f"{_SPREAD_FUSED[0]}[dict-call]",)),
+    ("frontend", "mapping-display-unread", "a property returning a dict display not read as a dict of chains",
+     "repalgebra.frontend.returned_mapping:mapping_returned",
+     '    elif build.opname == "BUILD_CONST_KEY_MAP"', '    elif False', (f"{_SPREAD_FUSED[0]}[dict-display]",)),
+    ("frontend", "mapping-any-dict", "a property returning dict(...) read as a dict of chains where dict is the model's own",
+     "repalgebra.frontend.returned_mapping:mapping_returned",
+     '        if function.__globals__.get("dict", builtins.dict) is not dict:', "        if False:",
+     ("tests/test_fuse_outside_reads.py::test_mapping_returned_reads_only_a_dict_of_chains",)),
+    ("frontend", "mapping-values-any", "a dict whose values are calls or locals read as chains",
+     "repalgebra.frontend.returned_mapping:_values", "        else:\n            return None\n", "\n",
+     ("tests/test_fuse_outside_reads.py::test_mapping_returned_reads_only_a_dict_of_chains",)),
     ("frontend", "helper-first-parameter", "a helper given a module by its second position read from its first parameter",
      "repalgebra.frontend.outside_reads:_in_helper", "code.co_varnames[position]", "code.co_varnames[0]",
      _R6_NOT_HANDED),

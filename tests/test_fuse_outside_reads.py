@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import types
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from repalgebra.backend.onnx import export_onnx
 from repalgebra.backend.onnx_fallback import FallbackError
 from repalgebra.frontend.capture import Call
 from repalgebra.frontend.outside_reads import reached_through, read_outside
+from repalgebra.frontend.returned_mapping import mapping_returned
 from zoo import count_bn, seeded
 
 
@@ -586,6 +588,11 @@ def _first_conv(x, model):
     return model.blocks[0].conv(x)
 
 
+def _first_of(x, first, rest=None):
+    """A module-level helper given the blocks by keyword."""
+    return first[0].conv(x)
+
+
 def _run_conv(blk, x):
     """A function checkpointing runs, given a block as its argument."""
     return blk.conv(x)
@@ -815,7 +822,43 @@ def _handed_on(how: str) -> type:
 
         extra = nn.ModuleList()
 
-    return {"shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
+    class Heads(Base):  # (a property returning a dict of its children, ultralytics' ``one2many``)
+        @property
+        def heads(self):
+            return dict(first=self.blocks, rest=None)
+
+    class SpreadReaching(Heads):  # (bound by its key to the method's parameter, which reaches into a block)
+        def other(self, x):
+            return self._first(x, **self.heads)
+
+        def _first(self, x, first, rest=None):
+            return first[0].conv(x)
+
+    class SpreadToKwargs(Heads):  # (the key goes to **kwargs: handed on)
+        def other(self, x):
+            return self._first(x, **self.heads)
+
+        def _first(self, x, **heads):
+            return heads["first"][0].conv(x)
+
+    class SpreadToHelper(Heads):  # (a function the reader does not bind by keys: handed on)
+        def other(self, x):
+            return _first_of(x, **self.heads)
+
+    class MappingIndexed(Heads):
+        def other(self, x):
+            return self.heads["first"][0].conv(x)
+
+    class MappingValues(Heads):
+        def other(self, x):
+            for blocks in self.heads.values():
+                if blocks is not None:
+                    return blocks[0].conv(x)
+            return x
+
+    return {"spread-reaching": SpreadReaching, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
+            "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
+            "shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
             "loop-over-conditional": LoopOverConditional, "local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
             "conditional-local": ConditionalLocal, "functools-reduce": FunctoolsReduce, "own-checkpoint": OwnCheckpoint,
             "map": Map, "next-iter": NextIter, "star": Star, "named-modules": NamedModules,
@@ -834,7 +877,8 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "computed-index", "walrus-test", "closure", "method-by-getattr", "containers-added", "conditional-local",
            "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks", "shadowed-method",
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
-           "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop"]
+           "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
+           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 
@@ -899,6 +943,104 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
             return x
 
     assert reached_through(Plain()) == {"blocks"}  # (the list itself, by the computed index: not a block)
+
+
+def _detect_head(display: bool) -> type:
+    """A class made afresh (the reader's chains are kept per class): ultralytics' detection head as its 2025 code
+    writes it, the branches named in a property (``one2many``) and spread as keywords into ``forward_head``; the
+    anchors cached per input shape, for which ``fuse`` keeps the head whole and fuses its children one by one.
+    ``display``: the property is a dict display (as other forks write it), not a ``dict(...)`` call."""
+
+    class DetectHead(nn.Module):
+        shape = None
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.cv2 = nn.ModuleList([nn.Sequential(ConvBN(), nn.Conv2d(4, 2, 1)) for _ in range(2)])
+            self.cv3 = nn.ModuleList([nn.Sequential(ConvBN(), ConvBN(), nn.Conv2d(4, 3, 1)) for _ in range(2)])
+
+        @property
+        def one2many(self):
+            return dict(box_head=self.cv2, cls_head=self.cv3)
+
+        def forward_head(self, x, box_head=None, cls_head=None):
+            bs = x[0].shape[0]
+            boxes = torch.cat([box_head[i](x[i]).view(bs, 2, -1) for i in range(2)], dim=-1)
+            scores = torch.cat([cls_head[i](x[i]).view(bs, 3, -1) for i in range(2)], dim=-1)
+            return dict(boxes=boxes, scores=scores, feats=x)
+
+        def forward(self, x):
+            preds = self.forward_head(x, **self.one2many)
+            if self.shape != preds["feats"][0].shape:  # (state: the head is kept whole)
+                self.anchors = torch.arange(preds["boxes"].shape[-1], dtype=x[0].dtype)
+                self.shape = preds["feats"][0].shape
+            return torch.cat((preds["boxes"] + self.anchors, preds["scores"].sigmoid()), 1)
+
+    class DisplayedDetectHead(DetectHead):
+        @property
+        def one2many(self):
+            return {"box_head": self.cv2, "cls_head": self.cv3}
+
+    return DisplayedDetectHead if display else DetectHead
+
+
+@pytest.mark.parametrize("display", [False, True], ids=["dict-call", "dict-display"])
+def test_a_dict_of_branches_spread_into_a_method_of_its_own_is_fused(display):
+    """``self.forward_head(x, **self.one2many)``, where the property returns ``dict(box_head=self.cv2, ...)`` or a
+    dict display: each key binds the parameter of that name, which ``forward_head`` only calls.  The reader took
+    the dict for the branches handed on, and all the head's Conv+BN pairs stayed unfolded (review R10a 03)."""
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p3, self.p4, self.head = ConvBN(), nn.Sequential(nn.AvgPool2d(2), ConvBN()), head()
+
+        def forward(self, x):
+            return self.head([self.p3(x), self.p4(x)])
+
+    head = _detect_head(display)
+    model = randomized_bn(Detector())
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    fused = fuse(model, x)
+    notes = str(fused.fuse_report)
+    assert f"'head' ({head.__name__}): kept whole" in notes and count_bn(fused) == 0, notes
+    with torch.no_grad():
+        for t in (x, torch.randn(2, 4, 12, 12, dtype=torch.float64), x):
+            torch.testing.assert_close(fused(t), reference(t), rtol=1e-9, atol=0)  # float64
+
+
+def test_mapping_returned_reads_only_a_dict_of_chains():
+    """A getter reads as a dict of chains only where its code is just that ``return``: anything else (a call, a local,
+    ``self`` itself, a ``dict`` of the model's own) is read as code, which hands its values on."""
+
+    def call(self):
+        return dict(box=self.cv2, cls=self.heads.cv3, none=None)
+
+    def display(self):
+        """(A docstring is no code.)"""
+        return {"box": self.cv2, "cls": self.cv3}
+
+    def one_key(self):
+        return {"box": self.cv2}
+
+    def values_called(self):
+        return dict(box=self.make().cv2)
+
+    def local(self):
+        heads = dict(box=self.cv2)
+        return heads
+
+    def itself(self):
+        return {"me": self}
+
+    namespace = {"dict": lambda **kw: list(kw.values())}
+    own_dict = types.FunctionType(call.__code__, namespace)
+    assert mapping_returned(call) == {"box": ("cv2",), "cls": ("heads", "cv3"), "none": None}
+    assert mapping_returned(display) == {"box": ("cv2",), "cls": ("cv3",)}
+    assert mapping_returned(one_key) == {"box": ("cv2",)}
+    for other in (values_called, local, itself, own_dict):
+        assert mapping_returned(other) is None, other
 
 
 def _features_of_each() -> type:

@@ -41,6 +41,11 @@ FEW = {
     "repalgebra.frontend.state_keys:_slots": "one loop: the slots a class declares",
     "repalgebra.frontend.builder:traced_constant": "one line: a tensor fx computed while tracing",
     "repalgebra.frontend.aten_builder:constant_output": "one decision: a copy per call of a constant output computed from weights",
+    "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "
+    "given the module, and a decorator's wrapper other than torch's is not read through",
+    "repalgebra.frontend.outside_reads:_through_mappings": "two decisions a test reaches: a key goes on from its value's "
+    "chain, a loop over the values from each (the dict alone reaching nothing is the spread's, mutated there)",
+    "repalgebra.frontend.returned_mapping:_values": "one decision: only chains from self, constants and the dict call are values",
     "repalgebra.frontend.outside_reads:_delegated": "one decision a test reaches alone: a class with a __getattr__ of its own",
     "repalgebra.backend.onnx_fallback:_interpolate": "one decision added to it: nearest interpolation picked by torch",
     "repalgebra.backend.onnx_fallback:_nearest": "two lines a mistake would reach: each axis's picks and the axis gathered",

@@ -36,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.capture import Call
+from repalgebra.frontend.returned_mapping import mapping_returned
 from repalgebra.frontend.structured import VIEWED
 from repalgebra.module_copy import in_packages, storage_address
 
@@ -314,6 +315,7 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         if not code.co_argcount:
             continue
         found = _chains_in(code, code.co_varnames[0], functions=function.__globals__, owner=cls)
+        found = [t for c in found for t in _through_mappings(c, cls)]
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
         todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
@@ -483,6 +485,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                         handed.append(chain)
                 elif isinstance(how, tuple) and (inner := _in_helper(how, functions, depth)) is not None:
                     chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
+                elif isinstance(how, tuple) and (inner := _spread_into(chain, how, owner, self_name, depth)) is not None:
+                    chains += inner  # (self.forward_head(x, **self.one2many): by the keys; review R10a 03)
                 elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
                     # same, where the module does not hold an attribute of that name: see _through)
@@ -619,6 +623,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 if dotted and len(dotted) == 2 and ops[callee - 1].opname in ("LOAD_FAST", "LOAD_DEREF") and not by_keyword:
                     return ("method", *dotted, argc - 1 - p)  # (self.run(self.blocks, x): read where it is self's)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
+            if op.opname == "DICT_MERGE" and p == 0 and len(stack) >= 3 and isinstance(stack[-3], int):
+                return ("spread", *_dotted(ops, stack[-3]))  # (f(x, **self.heads): the keywords of a call of f)
             if op.opname == "MATCH_CLASS":  # (case MaskedConv1d(): a class test; case Block(conv=c): reads into it)
                 names = taken[0]
                 return bool(op.arg) or not (isinstance(names, int) and ops[names].argval == ())
@@ -674,19 +680,74 @@ def _in_method(how: tuple[Any, ...], owner: type | None, self_name: str, depth: 
     :func:`_handed_on`) reads, where ``obj`` is the module itself and the method a plain function of its class
     (``self.run(self.blocks, x)``, whose ``for b in blocks: b(x)`` reaches no block); None otherwise: the argument is
     then handed on."""
-    if how[0] != "method" or owner is None or how[1] != self_name or depth >= 3:
+    if how[0] != "method" or how[1] != self_name or depth >= 3 or (function := _own_method(owner, how[2])) is None:
         return None
-    _, _, name, position = how
-    raw = inspect.getattr_static(owner, name, None)
-    if not isinstance(raw, types.FunctionType):
-        return None  # (a static or class method takes no self; a property or an attribute is no method)
-    function = inspect.unwrap(raw)  # (the function torch's decorator wraps: @torch.no_grad())
-    if function is not raw and not in_packages(raw.__globals__.get("__name__"), ("torch",)):
-        return None  # (another decorator's wrapper may reach into what it is given itself; review R8)
-    code = function.__code__
+    code, position = function.__code__, how[3]
     if position + 1 >= code.co_argcount:
         return None  # (taken by *args)
     return _chains_in(code, code.co_varnames[position + 1], functions=function.__globals__, depth=depth + 1)
+
+
+def _own_method(owner: type | None, name: str) -> types.FunctionType | None:
+    """The plain function of ``owner`` that ``self.<name>(...)`` calls, where the reader may follow what it is given
+    into its code; None for a static or class method (no self), a property or an attribute (no method), or a wrapper
+    of a decorator that is not torch's (it may reach into what it is given itself; review R8)."""
+    raw = inspect.getattr_static(owner, name, None) if owner is not None else None
+    if not isinstance(raw, types.FunctionType):
+        return None
+    function = inspect.unwrap(raw)  # (the function torch's decorator wraps: @torch.no_grad())
+    return function if function is raw or in_packages(raw.__globals__.get("__name__"), ("torch",)) else None
+
+
+def _mapping_of(owner: type | None, name: Any) -> dict[str, tuple[str, ...] | None] | None:
+    """The dict of chains the property ``name`` of ``owner`` returns (:func:`mapping_returned`), else None."""
+    raw = inspect.getattr_static(owner, name, None) if owner is not None and isinstance(name, str) else None
+    if not isinstance(raw, property) or not isinstance(raw.fget, types.FunctionType):
+        return None
+    return mapping_returned(inspect.unwrap(raw.fget))
+
+
+def _spread_into(chain: tuple[Any, ...], how: tuple[Any, ...], owner: type | None, self_name: str,
+                 depth: int) -> list[tuple[Any, ...]] | None:
+    """The chains that ``self.<method>(x, **self.<property>)`` reaches (``how``: ``("spread", obj, method)``, from
+    :func:`_handed_on`), where the property returns a dict of chains (:func:`_mapping_of`; ultralytics'
+    ``self.forward_head(x, **self.one2many)``): each key binds the method's parameter of that name, whose reads in
+    the method's code follow its chain; a key no parameter names goes to ``**kwargs``, and is handed on.  None where
+    the property, the method or ``obj`` is another: the dict is then handed on."""
+    if (len(chain) != 1 or how[0] != "spread" or how[1:2] != (self_name,) or len(how) != 3 or depth >= 3
+            or (mapping := _mapping_of(owner, chain[0])) is None or (function := _own_method(owner, how[2])) is None):
+        return None
+    code = function.__code__
+    named = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
+    found: list[tuple[Any, ...]] = []
+    for key, value in mapping.items():
+        if value is None:
+            continue
+        if key not in named:
+            found.append(value + (...,))
+            continue
+        inner = _chains_in(code, key, functions=function.__globals__, depth=depth + 1)
+        found += [value + (_Method(how[2]),) + c for c in [(), *inner]]
+    return found
+
+
+def _through_mappings(chain: tuple[Any, ...], owner: type) -> list[tuple[Any, ...]]:
+    """``chain`` read through a property of ``owner`` that returns a dict of chains (:func:`_mapping_of`): its
+    getter's code is not read (a dict it returns would be taken for every module below its values), the chain goes on
+    from the value it names instead: ``self.one2many["box_head"][0]`` as ``self.cv2[0]``; the dict alone reaches
+    nothing (tested, or spread into a method: :func:`_spread_into`), an item of each (a loop over its values) each
+    value, anything else done with it every module below each value."""
+    mapping = _mapping_of(owner, chain[0]) if chain else None
+    if mapping is None:
+        return [chain]
+    rest = chain[1:]
+    if not rest:
+        return []
+    if isinstance(rest[0], str) and rest[0] in mapping:
+        value = mapping[rest[0]]
+        return [] if value is None else [value + rest[1:]]
+    tail = rest[1:] if rest[0] is None else (...,)
+    return [v + tail for v in mapping.values() if v is not None]
 
 
 # What takes the value without handing it on: iterating, a test, a comparison, formatting, dropping it, an index
