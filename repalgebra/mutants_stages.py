@@ -1688,7 +1688,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "mode-flags-modules-unwatched", "``torch.`` in the model's code left as torch, its flag functions unwatched",
      "repalgebra.frontend.mode_flags:_stand_in", "return watched.setdefault(id(value), _Watched(value, noted, answered))", "return None", _MODES),
     ("frontend", "torchscript-flags-unnoted", "a TorchScript flag (torch.jit.is_scripting imported by name) answered with no note",
-     "repalgebra.frontend.mode_flags:_stand_in", "for table, notes in ((_FLAGS, noted), (_ANSWERED, answered)):", "for table, notes in ((_FLAGS, noted),):",
+     "repalgebra.frontend.mode_flags:_stand_in", "for table, notes in ((_flags(), noted), (_ANSWERED, answered)):", "for table, notes in ((_flags(), noted),):",
      ("tests/test_fuse_call_modes.py::test_torchscript_flags_are_answered_as_an_eager_call_and_noted",)),
     ("frontend", "mode-flags-by-name-unwatched", "a flag function the model's module imported by name (from torch import is_grad_enabled) left as it is",
      "repalgebra.frontend.mode_flags:_stand_in", "if value is getattr(owner, name, None):", "if False:", _MODES),
@@ -2665,6 +2665,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "not followed: the model handed to it reached nothing, the blocks handed to one that only calls them everything",
      "repalgebra.frontend.outside_reads:_in_helper", "    if how[0] != \"helper\" or functions is None or depth >= 3:",
      "    if True:", (f"{_R6_HANDED}[helper-given-self]", *_R6_NOT_HANDED)),
+    ("frontend", "dynamo-flag-unwatched", "torch._dynamo.is_compiling() (the older spelling of torch.compiler's) not "
+     "refused: torch.export's answer True fixed, the eager branch dropped (105 off; review R13a)",
+     "repalgebra.frontend.mode_flags:_flags", "{**_FLAGS, torch._dynamo: (\"is_compiling\",), external_utils: (\"is_compiling\",)}",
+     "dict(_FLAGS)", (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",
+      f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-external-utils-export]")),
+    ("frontend", "dynamo-route-missing", "torch._dynamo reached through the stand-in for torch handed out as it is",
+     "repalgebra.frontend.mode_flags:_routes", '{**_ROUTES[torch], "_dynamo": torch._dynamo}', "_ROUTES[torch]",
+     (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

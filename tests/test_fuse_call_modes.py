@@ -42,6 +42,8 @@ FLAGS = {
     "inference-in-try": deploying_or_not,
     "compiling": lambda: torch.compiler.is_compiling(),
     "exporting": lambda: torch.compiler.is_exporting(),
+    "dynamo-compiling": lambda: torch._dynamo.is_compiling(),  # the older spelling (litgpt, torchao; review R13a)
+    "dynamo-external-utils": lambda: torch._dynamo.external_utils.is_compiling(),
     "fx": lambda: torch.fx._symbolic_trace.is_fx_tracing(),
     "autocast": lambda: torch.is_autocast_enabled("cpu"),
     "deterministic": lambda: torch.are_deterministic_algorithms_enabled(),

@@ -84,15 +84,34 @@ _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
 }
 
 
+def _flags() -> dict[types.ModuleType, tuple[str, ...]]:
+    """:data:`_FLAGS`, and ``torch._dynamo.is_compiling``: the older spelling of ``torch.compiler.is_compiling`` (a
+    function of its own, which torch.export answers True), still common in public code (litgpt, torchao).  Missed,
+    an export capture dropped the eager branch it guards (a clamp: 105 off at other values; review R13a).
+    ``torch._dynamo`` takes a second to import, so it is imported at the first capture, which needs it anyway (not
+    cached: a dict of a few entries, and no state of this module's)."""
+    import torch._dynamo.external_utils as external_utils
+
+    return {**_FLAGS, torch._dynamo: ("is_compiling",), external_utils: ("is_compiling",)}
+
+
+def _routes() -> dict[types.ModuleType, dict[str, types.ModuleType]]:
+    """:data:`_ROUTES`, and the routes to ``torch._dynamo``'s flag (:func:`_flags`)."""
+    import torch._dynamo.external_utils as external_utils
+
+    return {**_ROUTES, torch: {**_ROUTES[torch], "_dynamo": torch._dynamo},
+            torch._dynamo: {"external_utils": external_utils}}
+
+
 class _Watched(types.ModuleType):
     """A stand-in for a module in the model's namespace: its flag functions refuse, the rest is the module's."""
 
     def __init__(self, real: types.ModuleType, noted: list[str] | None, answered: list[str]) -> None:
         super().__init__(real.__name__, real.__doc__)
-        for table, notes in ((_FLAGS, noted), (_ANSWERED, answered)):
+        for table, notes in ((_flags(), noted), (_ANSWERED, answered)):
             vars(self).update({name: _refusing(getattr(real, name), f"{real.__name__}.{name}()", notes)
                                for name in table.get(real, ()) if callable(getattr(real, name, None))})
-        vars(self).update({name: _Watched(sub, noted, answered) for name, sub in _ROUTES.get(real, {}).items()})
+        vars(self).update({name: _Watched(sub, noted, answered) for name, sub in _routes().get(real, {}).items()})
         vars(self)["_real"] = real
 
     def __getattr__(self, name: str) -> Any:
@@ -170,16 +189,16 @@ def _bound_on_classes(model: nn.Module) -> list[tuple[type, str, Any]]:
 
 
 def _is_flag(value: Any) -> bool:
-    """Whether ``value`` is one of the flag functions of :data:`_FLAGS` or :data:`_ANSWERED`."""
-    return any(value is getattr(owner, name, None) for table in (_FLAGS, _ANSWERED) for owner, names in table.items()
+    """Whether ``value`` is one of the flag functions of :func:`_flags` or :data:`_ANSWERED`."""
+    return any(value is getattr(owner, name, None) for table in (_flags(), _ANSWERED) for owner, names in table.items()
                for name in names)
 
 
 def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answered: list[str]) -> Any:
     """What the model's code sees instead of ``value`` (a module or a flag function), else None."""
-    if isinstance(value, types.ModuleType) and (value in _FLAGS or value in _ANSWERED) or value is torch.fx:
+    if isinstance(value, types.ModuleType) and (value in _flags() or value in _ANSWERED) or value is torch.fx:
         return watched.setdefault(id(value), _Watched(value, noted, answered))
-    for table, notes in ((_FLAGS, noted), (_ANSWERED, answered)):
+    for table, notes in ((_flags(), noted), (_ANSWERED, answered)):
         for owner, names in table.items():
             for name in names:
                 if value is getattr(owner, name, None):
