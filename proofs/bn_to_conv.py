@@ -15,7 +15,9 @@ G = C gives the depthwise form, G = 1 the dense (C, C, 1, 1) form. Combine with 
 to obtain a kxk kernel for branch summation.
 
 A per-channel scale x * s[c] (YOLOv6's LinearAddBlock branch) is the same kernel without a
-bias: scale(x; s) == conv(x; K with K[c, c mod n] = s[c], groups=G).
+bias: scale(x; s) == conv(x; K with K[c, c mod n] = s[c], groups=G).  An affine map per channel
+plus a shift, sign * (s[c] x + t[c]) + c[c] (FrozenBatchNorm2d's x * scale + bias), is the kernel
+of sign * s with the bias sign * t + c.
 
 Proof: symbolic x and BN parameters, BN scale kept as gamma/sympy.sqrt(var+eps) (linear in
 1/sqrt(var+eps), no simplification of roots needed); expand(lhs - rhs) == 0 elementwise.
@@ -76,6 +78,23 @@ def prove() -> list[str]:
             lhs[idx] = x[idx] * sc[idx[0]]
         desc = describe("x * s[c] == conv1x1(grouped diagonal of s), no bias", **cfg)
         assert_equal(lhs, conv2d(x, k, None, groups=G), "bn_to_conv " + desc)
+        done.append(desc)
+    # Any affine map per channel plus a shift (FrozenBatchNorm2d's x * scale + bias, c - y): the diagonal of sign * s,
+    # the bias sign * t + c.
+    for sign in (1, -1):
+        C, G = 4, 2
+        x = symbols_tensor("x", (C, 2, 3))
+        sc, t, c = symbols_tensor("s", (C,)), symbols_tensor("t", (C,)), symbols_tensor("c", (C,))
+        n = C // G
+        k = zeros((C, n, 1, 1))
+        for ch in range(C):
+            k[ch, ch % n, 0, 0] = sign * sc[ch]
+        lhs = np.empty(x.shape, dtype=object)
+        for idx in np.ndindex(x.shape):
+            lhs[idx] = sign * (x[idx] * sc[idx[0]] + t[idx[0]]) + c[idx[0]]
+        desc = describe(f"{'' if sign == 1 else '-'}(s x + t) + c == conv1x1(diagonal of sign s, bias sign t + c)", C=C, G=G, H=2, W=3)
+        assert_equal(lhs, conv2d(x, k, np.array([sign * t[ch] + c[ch] for ch in range(C)], dtype=object), groups=G),
+                     "bn_to_conv " + desc)
         done.append(desc)
     # BatchNorm3d beside a conv3d: the same kernel with a third unit axis.
     x, bn = symbols_tensor("x", (4, 2, 3, 2)), bn_symbols("", 4)

@@ -121,6 +121,7 @@ def _helper(rule: str, name: str, bug: str, helper: str, old: str, new: str) -> 
 
 
 _EPS_OUTSIDE = ('torch.sqrt(p["var"] + bn.attrs["eps"])', '(torch.sqrt(p["var"]) + bn.attrs["eps"])')
+_AFFINE = "repalgebra.rules.bn_to_conv:channel_affine"
 _BN_AFFINE = "repalgebra.kernels:bn_affine"
 _TRANSPOSED_SCALED = 'w * per_input_channel(s, w.shape[:2], conv.attrs["groups"]).reshape(*w.shape[:2], *[1] * (w.dim() - 2))'
 _NORM_AFFINE = "repalgebra.kernels:norm_affine"
@@ -234,13 +235,21 @@ MUTANTS: list[Mutant] = [
        'if inner.params["weight"].shape[2:] != (1, 1) or a["stride"] != (1, 1):', 'if a["stride"] != (1, 1):'),
     # ---------------------------------------------------------------- bn_to_conv
     _m("bn_to_conv", "scale-broadcast-wrong", "a channel scale branch's kernel takes the first channel's scale for every channel",
-       '(bn.params["scale"].reshape(-1).expand(channels), None)', '(bn.params["scale"].reshape(-1)[:1].expand(channels), None)'),
+       '(bn.params["scale"].reshape(-1).expand(channels), None)', '(bn.params["scale"].reshape(-1)[:1].expand(channels), None)',
+       target=_AFFINE),
+    _m("bn_to_conv", "affine-sign-dropped", "an affine branch written c - y (sign -1) taken for y + c",
+       "s, t = sign * s, (c if t is None else sign * t + c)", "s, t = s, (c if t is None else t + c)", target=_AFFINE),
+    _m("bn_to_conv", "affine-inner-shift-dropped", "a BN plus a constant per channel loses the BN's own shift",
+       "(c if t is None else sign * t + c)", "c", target=_AFFINE),
+    _m("bn_to_conv", "affine-any-constant", "a constant that varies along the width taken as a shift per channel",
+       "    c = None if shift is None else per_feature(shift.params[\"const\"], shift.x.shape, 1)",
+       "    c = None if shift is None else shift.params[\"const\"].reshape(-1)[:1]", target=_AFFINE),
     _m("bn_to_conv", "shift-dropped", "the BN branch's conv has no bias (the shift t is dropped)",
        '{"weight": w, "bias": t}', '{"weight": w}'),
     _m("bn_to_conv", "unscaled", "the identity kernel is not multiplied by the BN scale",
        "w = w * s.reshape(-1, *(1,) * (w.dim() - 1))", "w = w"),
     _m("bn_to_conv", "volume-as-image", "a BatchNorm3d branch becomes a conv2d (a 2-D kernel for a 5-D value)",
-       "conv = Node.make(op, [bn.x]", 'conv = Node.make("conv2d", [bn.x]', tests=_3D),
+       "conv = Node.make(op, [x]", 'conv = Node.make("conv2d", [x]', tests=_3D),
     _m("bn_to_conv", "conv3d-in-concat", "a BatchNorm3d in a channel concat becomes a 1x1x1 conv3d that nothing merges",
        '5: "conv3d" if join.op != "concat" else None', '5: "conv3d"', target="repalgebra.rules.bn_to_conv:pointwise_op", tests=_3D),
     _helper("bn_to_conv", "eps-outside-sqrt", "eps outside the square root: gamma / (sqrt(var) + eps)", _BN_AFFINE, *_EPS_OUTSIDE),

@@ -4,12 +4,16 @@
     (I_G[c, c mod C/G] = 1), s = gamma / sqrt(var + eps), t = beta - mean * s
 
 A per-channel scale branch (``x * w.view(1, C, 1, 1)``, YOLOv6's ``LinearAddBlock``)
-is a BN without a shift: ``scale(x; s) = conv(x; s[c] * I_G)``.
+is a BN without a shift: ``scale(x; s) = conv(x; s[c] * I_G)``.  Any affine map per
+channel is, too: a BN, a scale or the branch's input itself plus a constant per channel
+(torchvision's ``FrozenBatchNorm2d`` as the identity branch, ``x * scale + bias``;
+PP-LCNet's learnable affine ``s * x + t``), ``sign * (s x + t) + c = conv(x; sign s[c] I_G,
+sign t + c)``.
 
 A BatchNorm3d beside a conv3d (a 3-D RepVGG block's identity branch) becomes a
 1x1x1 conv3d the same way.
 
-Preconditions: the BN (or channel scale) is an operand of add/sub/concat and
+Preconditions: the BN (or channel scale, or affine map) is an operand of add/sub/concat and
 another operand is a conv2d (conv3d) or a BN reading the same input (so the two can be
 summed next), and merging the two is no dearer than the branches
 (:func:`repalgebra.match.merge_refusal`).  G is that sibling's groups when it
@@ -21,6 +25,7 @@ import torch
 from repalgebra.kernels import bn_affine, identity_kernel
 from repalgebra.match import CONVS, JOINS, merge_refusal, producer, with_operands
 from repalgebra.ir import Graph, Node, Value
+from repalgebra.rules.bias_fold import per_feature
 from repalgebra.rules.pad_share import takes_1x1
 from repalgebra.rules.registry import Refusal, Rewrite, rule
 
@@ -58,24 +63,46 @@ def pointwise_op(x: Value, join: Node) -> str | None:
     return {4: "conv2d", 5: "conv3d" if join.op != "concat" else None}.get(len(x.shape or ()))
 
 
+def channel_affine(value: Value) -> tuple[Value, torch.Tensor, torch.Tensor | None, Node] | None:
+    """``(x, s, t, node)`` where ``value`` is ``s[c] * x + t[c]`` along the channels (axis 1) of ``x``: a BN, a channel
+    scale, or either of them (or ``x`` itself) plus a constant per channel, ``sign * y + c`` (torchvision's
+    ``FrozenBatchNorm2d``, ``x * scale + bias``; PP-LCNet's learnable affine); ``t`` None where there is no shift,
+    ``node`` the op that makes ``value``."""
+    shift = producer(value, "add_const")
+    c = None if shift is None else per_feature(shift.params["const"], shift.x.shape, 1)
+    if shift is not None and (c is None or shift.out.dtype != shift.x.dtype):
+        return None  # (a constant that varies along another axis, or promotes x to another dtype)
+    bn = producer(value if shift is None else shift.x, "batch_norm", "scale")
+    if bn is None and shift is None or bn is not None and bn.op == "scale" and bn.attrs["axis"] % len(bn.x.shape) != 1:
+        return None
+    x = bn.x if bn is not None else shift.x
+    channels = x.shape[1]
+    s, t = (bn_affine(bn) if bn.op == "batch_norm" else (bn.params["scale"].reshape(-1).expand(channels), None)) if (
+        bn is not None) else (torch.ones(channels, dtype=c.dtype), None)
+    if shift is not None:
+        sign = shift.attrs["sign"]
+        s, t = sign * s, (c if t is None else sign * t + c).expand(channels)
+    return x, s, t, shift if shift is not None else bn
+
+
 @rule("bn_to_conv", on=JOINS)
 def bn_to_conv(graph, join):
     refusal = None
     for k, value in enumerate(join.inputs):
-        bn = producer(value, "batch_norm", "scale")
-        op = None if bn is None else pointwise_op(bn.x, join)
-        if op is None or (bn.op == "scale" and bn.attrs["axis"] % len(bn.x.shape) != 1):
+        found = channel_affine(value)
+        op = None if found is None else pointwise_op(found[0], join)
+        if op is None:
             continue
-        sib = sibling(join, value, bn.x)
+        x, s, t, node = found
+        sib = sibling(join, value, x)
         if sib is None:
             continue
-        channels = bn.x.shape[1]
+        channels = x.shape[1]
         groups = identity_groups(sib, channels)
-        s, t = bn_affine(bn) if bn.op == "batch_norm" else (bn.params["scale"].reshape(-1).expand(channels), None)
-        w = identity_kernel(channels, groups, s.dtype, len(bn.x.shape) - 2)
+        w = identity_kernel(channels, groups, s.dtype, len(x.shape) - 2)
         w = w * s.reshape(-1, *(1,) * (w.dim() - 1))
         params = {"weight": w} if t is None else {"weight": w, "bias": t}
-        conv = Node.make(op, [bn.x], {"groups": groups}, params, bn.source)
+        conv = Node.make(op, [x], {"groups": groups}, params, node.source)
         if why := merge_refusal_beside(graph, join, sib, conv):
             refusal = Refusal(why, join)
             continue

@@ -84,6 +84,47 @@ def test_channel_scale_branch_becomes_a_conv_without_bias(dtype, c, scalar, join
     assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
 
 
+@given(dtype=float_dtypes(), c=st.integers(1, 16), inner=st.sampled_from(["input", "scale", "bn"]), sign=st.sampled_from([1.0, -1.0]),
+       per_channel=st.booleans(), join=st.sampled_from(["add", "sub"]), seed=seeds(), data=st.data())
+def test_an_affine_branch_becomes_a_conv_with_bias(dtype, c, inner, sign, per_channel, join, seed, data):
+    """torchvision's ``FrozenBatchNorm2d`` as the identity branch, ``conv(x) + (x * scale + bias)``, and the other
+    affine maps per channel: ``sign * y + c`` with ``y`` the input itself, a channel scale or a BN of it, ``c`` one
+    number or one per channel.  One conv with the sum rules (review R13a: scale, add_const and add were left)."""
+    h, w = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
+    spec = data.draw(conv_specs_onto((h, w), (h, w), 1, in_channels=c, out_channels=c))
+    shape = (data.draw(st.integers(1, 3)), c, h, w)
+    gen = torch.Generator().manual_seed(seed)
+    b = GraphBuilder()
+    x = b.input("x", shape, dtype)
+    conv = add_conv(b, x, spec, dtype, seed, "blk.conv")  # (first: converts_if_it_pays prices the first node of x)
+    y = {"input": lambda: x, "scale": lambda: b.scale(x, scale=torch.randn(c, generator=gen, dtype=torch.float64).to(dtype),
+                                                        axis=1, source="blk.scale"),
+         "bn": lambda: add_bn(b, x, data.draw(bn_stats(c)), dtype, "blk.bn")}[inner]()
+    shift = torch.randn((1, c, 1, 1) if per_channel else (1,), generator=gen, dtype=torch.float64).to(dtype)
+    graph = b.build(b.node(join, conv, b.add_const(y, const=shift, sign=sign, source="blk.shift"), source="blk"))
+
+    fused, report = run_rules(graph, "bn_to_conv")
+    if not converts_if_it_pays(graph, fused, report, join):
+        return  # the 1x1 would not merge with the conv at no cost (off its lattice)
+    assert report.rule_counts() == {"bn_to_conv": 1}, report
+    new = next(n for n in fused.nodes if n.op == "conv2d" and n.source == "blk.shift")
+    assert "bias" in new.params and new.attrs["groups"] == spec.groups
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+    fused, report = run_rules(graph, "bn_to_conv", *SUM_RULES)
+    assert fused.op_counts() == {"conv2d": 1}, report
+    assert_graphs_equal(graph, fused, random_input(shape, dtype, seed + 1), dtype)
+
+
+def test_a_constant_that_is_not_per_channel_is_left():
+    """``x + c`` with ``c`` varying along the width is no affine map per channel of ``x``: left as it is."""
+    b = GraphBuilder()
+    x = b.input("x", (1, 3, 5, 5), torch.float64)
+    conv = add_conv(b, x, conv_specs_onto((5, 5), (5, 5), 1, in_channels=3, out_channels=3).example(), torch.float64, 0, "conv")
+    graph = b.build(b.add(conv, b.add_const(x, const=torch.randn(1, 1, 1, 5, dtype=torch.float64), source="shift")))
+    fused, report = run_rules(graph, "bn_to_conv")
+    assert "bn_to_conv" not in report.rule_counts(), report
+
+
 @given(dtype=float_dtypes(), c=st.integers(1, 16), join=st.sampled_from(["add", "sub", "concat"]), seed=seeds(), data=st.data())
 def test_two_bn_branches_become_depthwise_convs(dtype, c, join, seed, data):
     b = GraphBuilder()
