@@ -2673,6 +2673,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "dynamo-route-missing", "torch._dynamo reached through the stand-in for torch handed out as it is",
      "repalgebra.frontend.mode_flags:_routes", '{**_ROUTES[torch], "_dynamo": torch._dynamo}', "_ROUTES[torch]",
      (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",)),
+    ("onnx_backend", "fixed-capture-dynamic-batch", "a capture at the export's shapes that fixes the batch too written with a "
+     "dynamic batch (one sample of guidance at batch 2; review R13b)", "repalgebra.backend.onnx:export_onnx",
+     "        if batch and not batch_free:", "        if False:",
+     ("tests/test_onnx_fallback.py::test_a_capture_with_every_shape_fixed_exports_with_the_batch_fixed",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

@@ -1221,6 +1221,37 @@ def test_when_the_batch_is_fixed_anyway_the_way_with_less_fallback_is_taken():
         assert close(run(proto, x)[0], model(x))
 
 
+class _Guidance(nn.Module):
+    """Classifier-free guidance around a denoiser, as diffusers' pipelines write it: the batch doubled, then split by
+    the latents' own batch (``split(latents.shape[0])``, which fx leaves for the fallback and torch.export fixes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, latents):
+        eps = self.net(torch.cat([latents] * 2))
+        uncond, cond = eps.split(latents.shape[0])
+        return uncond + 7.5 * (cond - uncond)
+
+
+def test_a_capture_with_every_shape_fixed_exports_with_the_batch_fixed():
+    """The later way of the batch fixed anyway, torch.export at the export's shapes, fixes the batch too: its file
+    was written with a dynamic batch, and at batch 2 it returned one sample, guidance between two different ones
+    (review R13b, the model at batch 2: (2, 4, 8, 8); the file: (1, 4, 8, 8)).  Either the file runs at another batch
+    as the model does, or its batch is fixed."""
+    model = _Guidance().eval()
+    proto, report = export_onnx(model, None, (1, 4, 8, 8), return_report=True)
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    x = torch.randn(2, 4, 8, 8)
+    if report.dynamic_batch:
+        with torch.no_grad():
+            assert close(run(proto, x)[0], model(x)), report
+    else:
+        assert dims == [1, 4, 8, 8] and "batch fixed at 1" in str(report), (dims, report)
+    assert dims[0] == ("batch" if report.dynamic_batch else 1), (dims, report)
+
+
 def test_torch_s_own_size_checks_are_not_reported_as_control_flow():
     """InstanceNorm (CycleGAN) goes to torch.onnx.export, whose trace sees ``F.instance_norm`` check that a channel
     has more than one value: a check in torch's code, not the model branching on its values.  The note said it was,

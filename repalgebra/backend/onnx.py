@@ -1622,7 +1622,7 @@ def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor,
     return tuple(s.detach() if torch.is_tensor(s) else torch.randn(tuple(s), generator=gen, dtype=dtype) for s in items)
 
 
-def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[Graph, str, torch.nn.Module] | None:
+def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[Graph, str, torch.nn.Module, bool] | None:
     """What ``repalgebra.fuse`` makes of a model whose parts torch.fx kept whole failed to export: its capture
     (``torch.export``) reads Python fx cannot (slice assignments, ``int()`` of a size); ``None`` unless that
     traces whole."""
@@ -1635,12 +1635,13 @@ def _fused_first(model: torch.nn.Module, example: tuple, capture: str) -> tuple[
         return None
     if how != "fx":
         return None
-    return graph, f"fused first (capture: {fused.fuse_report.capture}; torch.fx alone: {capture})", fused
+    return graph, f"fused first (capture: {fused.fuse_report.capture}; torch.fx alone: {capture})", fused, True
 
 
-def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dynamic_batch: bool) -> tuple[Graph, str, torch.nn.Module] | None:
+def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph,
+                      dynamic_batch: bool) -> tuple[Graph, str, torch.nn.Module, bool] | None:
     """``model`` captured by ``torch.export`` at the export's own input shapes, where that leaves fewer calls for
-    the fallback than ``graph``; else ``None``.
+    the fallback than ``graph``, and whether its batch is free; else ``None``.
 
     An export fixes every size but (maybe) the batch, so what a model computes from its input's height, width or
     channels (YOLOv8's anchor grid from ``arange`` of the feature map's size, ShiftViT's slices of ``C // 4``
@@ -1662,7 +1663,8 @@ def _at_export_shapes(model: torch.nn.Module, example: tuple, graph: Graph, dyna
         return None
     shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
     fixed = "sizes other than the batch" if cap.batch_free else "shapes"
-    return cap.graph, f"torch.export with {fixed} fixed at {shapes} (torch.fx left {calls} call{'s' * (calls != 1)} for the fallback)", model
+    return (cap.graph, f"torch.export with {fixed} fixed at {shapes} (torch.fx left {calls} call{'s' * (calls != 1)} for the fallback)",
+            model, cap.batch_free)
 
 
 def _checks_read_the_batch(checks: Sequence, example: tuple) -> str:
@@ -1911,9 +1913,12 @@ def export_onnx(
     if not (path is None or hasattr(path, "write") or isinstance(path, (str, os.PathLike))):
         raise TypeError(f"export_onnx saves to a path (str or os.PathLike) or a binary file object, not {type(path).__name__}")
 
-    def lower(graph: Graph, capture: str, module: torch.nn.Module | None, example: tuple) -> tuple:
+    def lower(graph: Graph, capture: str, module: torch.nn.Module | None, batch_free: bool, example: tuple) -> tuple:
         notes: list[str] = []
         batch = dynamic_batch and module is not None
+        if batch and not batch_free:  # (a capture at the export's shapes, the batch too: review R13b, 1.8 off at batch 2)
+            batch = False
+            notes.append(f"batch fixed at {example[0].shape[0]}: captured by torch.export with every shape fixed, the batch too")
         if dynamic_batch and module is None:  # (nothing to check another batch against: review R9, 2.3 off at batch 2)
             notes.append(f"batch fixed at {graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else 1}: "
                          f"{_GRAPH_BATCH_WHY}")
@@ -1954,7 +1959,7 @@ def export_onnx(
 
     if isinstance(model_or_graph, Graph):
         _check_graph_shapes(model_or_graph, input_shape)
-        model, report = lower(model_or_graph, "", None, ())
+        model, report = lower(model_or_graph, "", None, True, ())
     elif isinstance(model_or_graph, torch.nn.Module):
         with globals_kept(model_or_graph, refuse=False) as written:  # (its runs and traces of the model: put back)
             _refuse_unfaithful_copy(model_or_graph)
@@ -1963,7 +1968,7 @@ def export_onnx(
             example = _example_inputs(input_shape, dtype)
             _refuse_state(model_or_graph, example, dtype)
             graph, capture = capture_for_export(model_or_graph, example)
-            ways = [(graph, capture, model_or_graph)]
+            ways = [(graph, capture, model_or_graph, True)]
             fused = _fused_first(model_or_graph, example, capture) if fuse and capture != "fx" else None
             if fused is not None:  # first when all of it is fused and traced with the batch as asked, else if the other fails
                 ways.insert(0 if not (dynamic_batch and fixed_shape_parts(fused[2])) else 1, fused)
