@@ -63,7 +63,8 @@ from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, chec
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.hooked import HookedPart, movable_hooks, without_hooks
-from repalgebra.ir import Node
+from repalgebra.frontend.layout_reads import dense_outputs, layouts_to_match
+from repalgebra.ir import Graph, Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval, keep_registries, plain_ties
 from repalgebra.ties import retie
@@ -1746,14 +1747,19 @@ class _Fuser:
         graph = cast_params(g64)
         t1 = time.perf_counter()
         name = f"Fused{type(self.pristine.get_submodule(path)).__name__}"
-        try:
-            with warnings.catch_warnings():  # a copy of such a Proxy warns (torch's LeafSpec) before it fails
-                warnings.simplefilter("ignore", FutureWarning)
-                fused = to_module(graph, output_spec=cap.output_spec, class_name=name, own_dtype=self.dtype)
-        except Exception as e:  # noqa: BLE001  (a part it carries does not copy: a hook stored a tracing Proxy in it)
-            raise CaptureFailed(f"the {cap.how} capture's module cannot be built: {first_line(e)}") from e
-        _follow_requires_grad(fused, self.pristine.get_submodule(path))
-        self.restore_state(fused)
+
+        def build(graph: Graph) -> nn.Module:
+            try:
+                with warnings.catch_warnings():  # a copy of such a Proxy warns (torch's LeafSpec) before it fails
+                    warnings.simplefilter("ignore", FutureWarning)
+                    fused = to_module(graph, output_spec=cap.output_spec, class_name=name, own_dtype=self.dtype)
+            except Exception as e:  # noqa: BLE001  (a part it carries does not copy: a hook stored a tracing Proxy in it)
+                raise CaptureFailed(f"the {cap.how} capture's module cannot be built: {first_line(e)}") from e
+            _follow_requires_grad(fused, self.pristine.get_submodule(path))
+            self.restore_state(fused)
+            return fused
+
+        fused = build(graph)
         t2 = time.perf_counter()
         self.stage["rewrite"] += t1 - t0
         self.stage["build"] += t2 - t1
@@ -1772,6 +1778,11 @@ class _Fuser:
                 raise
             except Exception as e:  # noqa: BLE001  (the capture does not run: torch.export left a symbolic size in it)
                 problem = f"it does not run: {first_line(e)}"
+            if problem is None and (layouts := layouts_to_match(self.last_ref, self.last_got[3], len(graph.outputs))):
+                graph = dense_outputs(graph, layouts)  # (the model's outputs dense where the folded ones are not)
+                fused = build(graph)
+                cap.notes.append(f"output{'s' * (len(layouts) != 1)} {', '.join(map(str, sorted(layouts)))} made dense, "
+                                 "as the model's are: folding changed where the tensors reaching them are made")
             if problem is None and cap.how != "fx":  # (an fx capture's: after the runs at other sizes, see below)
                 problem = self.in_other_modes(path, exact, inputs)
             if problem is not None:
@@ -1958,7 +1969,7 @@ class _Fuser:
             except Exception as e:  # noqa: BLE001
                 return f"it fails on the example input: {first_line(e)}"
         if in_float64:  # (in_other_modes compares with the example's run again; a run at other sizes is no such)
-            self.last_got = (candidate, call, got_how, got)
+            self.last_got, self.last_ref = (candidate, call, got_how, got), ref
         if (problem := first_difference(ref, got, tol)) is not None:
             return problem
         if (problem := first_difference(ref_given, got_given, tol)) is not None:  # items of a list it was given

@@ -175,8 +175,9 @@ class ResNetBasic(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "cls,bns",  # AddAfterRead: BN ``b`` reads a conv output the add reads too, so it cannot fold
-    [(ReluAfterRead, 0), (InplaceModuleReread, 0), (AddAfterRead, 1), (SliceAssign, 0), (AugmentedAlias, 0), (ViewChanged, 0)],
+    "cls,bns",  # AddAfterRead: BN ``b`` reads a conv output the add reads too, so it does not fold into the conv; beside
+    # ``y + 1``, an affine branch of the same value, the two become one 1x1 conv (bn_to_conv), and seq_merge folds that
+    [(ReluAfterRead, 0), (InplaceModuleReread, 0), (AddAfterRead, 0), (SliceAssign, 0), (AugmentedAlias, 0), (ViewChanged, 0)],
 )
 def test_in_place_ops_never_give_a_wrong_model(cls, bns):
     model = randomized(cls())
@@ -3862,6 +3863,93 @@ def test_a_dense_output_stays_dense(tmp_path):
     np.testing.assert_allclose(got, ref.float().numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # float32
 
 
+class LayerNorm2dThenConv(nn.Module):
+    """mmpretrain's ``LayerNorm2d`` (``x.permute(0, 2, 3, 1)``, LayerNorm, ``.permute(0, 3, 1, 2).contiguous()``, its
+    own comment: a discontiguous output may cause problems downstream), then conv + BN + ReLU, returned.  ``mid``: a
+    ``.contiguous()`` between two conv + BN alone (a no-op at the example, not for a channels-last input)."""
+
+    def __init__(self, mid: bool) -> None:
+        super().__init__()
+        self.mid, self.a, self.b, self.ln = mid, conv_bn(4, 4), conv_bn(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        if self.mid:
+            return F.relu(self.b(self.a(x).contiguous()))
+        y = self.ln(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        return F.relu(self.b(y))
+
+
+class SliceNormed(nn.Module):
+    """A BN of a channel slice of a conv's output (``chunk``, or a slice then a scale), returned: folded, the output
+    is the slice itself, a view of the wider conv's output."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.conv, self.bn = how, nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.how == "chunk":
+            return self.bn(self.conv(x).chunk(2, 1)[0])
+        return self.bn(self.conv(x)[:, 2:6]) * 2.0
+
+
+@pytest.mark.parametrize("how", ["layer-norm-2d", "contiguous-between-convs", "chunk", "slice-scaled"])
+def test_an_output_dense_in_the_model_is_dense_in_the_fused_model(how):
+    """Folding changes where the tensors that reach an output are made, never their values: without the dropped
+    ``.contiguous()`` the convs after it ran on the permuted view's strides and the output came back channels-last;
+    a BN of a slice folded into the conv returned the slice.  A caller's ``out.view(B, -1)`` raised where the model's
+    ran (review R13c).  As the model's output at the example; dense where the model's is for a channels-last input
+    (a BN of a channels-last slice is channels-last, the fused slice made dense is not: stricter, never looser)."""
+    model = randomized(SliceNormed(how.partition("-")[0]) if how in ("chunk", "slice-scaled") else
+                       LayerNorm2dThenConv(mid=how == "contiguous-between-convs"))
+    x = torch.randn(2, 4, 8, 10, dtype=D)
+    fused = check_exact(model, x)
+    assert bn_left(fused) == 0, str(fused.fuse_report)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+        assert out.stride() == ref.stride() and out.view(2, -1).shape == ref.view(2, -1).shape
+        out, ref = fused(x.contiguous(memory_format=torch.channels_last)), model(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous() or not ref.is_contiguous(), (out.stride(), ref.stride())
+        assert how in ("chunk", "slice-scaled") or ref.is_contiguous()  # (the model's own contiguous() makes it dense)
+
+
+class ChannelsLastPermuted(nn.Module):
+    """Convs on ``x.contiguous(memory_format=torch.channels_last)``, returned as ``permute(0, 2, 3, 1)``: the model's
+    output is dense (NHWC, its default layout), not channels-last of that shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(4, 4)
+
+    def forward(self, x):
+        return self.a(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+
+
+def test_a_channels_last_layout_permuted_at_the_output_is_not_made_channels_last():
+    """A channels-last layout permuted is none: followed through the permute, the output was made channels-last of the
+    permuted shape (then dense again, as the model's at the example: two copies)."""
+    model = randomized(ChannelsLastPermuted())
+    x = torch.randn(2, 4, 6, 5, dtype=D)
+    fused = check_exact(model, x)
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert ref.is_contiguous() and out.stride() == ref.stride(), (out.stride(), ref.stride())
+    assert fused.code.count(".contiguous(") == 1, fused.code  # (one copy, at the output)
+
+
+def test_layouts_to_match_names_the_outputs_dense_in_the_model_only():
+    """Per output, the format in which the model's is dense and the fused one's is not; nothing where the two
+    structures differ (the outputs are matched by position)."""
+    from repalgebra.frontend.layout_reads import layouts_to_match
+
+    dense, view = torch.zeros(2, 4, 3, 3), torch.zeros(2, 8, 3, 3)[:, :4]
+    channels_last = torch.zeros(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert layouts_to_match((dense, dense), (view, dense), 2) == {0: torch.contiguous_format}
+    assert layouts_to_match((channels_last,), (view,), 1) == {0: torch.channels_last}
+    assert layouts_to_match((view,), (dense,), 1) == {}  # (the model's not dense: nothing to match)
+    assert layouts_to_match((dense, dense), (view,), 2) == {} and layouts_to_match((dense,), (view,), 2) == {}
+
+
 class ViewingHead(nn.Module):
     """A head kept whole (a branch on its input's values) that views its input flat."""
 
@@ -3909,7 +3997,13 @@ def test_a_layout_a_carried_call_reads_is_kept():
 
 
 def test_a_layout_only_known_ops_read_is_dropped():
-    """The shuffle's ``contiguous`` meets no reader of layouts: none is kept, and both BNs fold."""
+    """The shuffle's ``contiguous`` meets no reader of layouts between the folded ops: it is dropped there, and both
+    BNs fold.  Its layout reaches the output through the conv after it (a conv's output is laid out as its input), so
+    one ``contiguous`` is kept there: for a channels-last input the model's output is dense, and so is the fused one's
+    (review R13c: it came back channels-last)."""
     model = randomized(ChannelShuffle())
     fused = check_exact(model, torch.randn(2, 4, 6, 6, dtype=D))
-    assert "contiguous" not in fused.fuse_report.ops_after and bn_left(fused) == 0, str(fused.fuse_report)
+    assert fused.fuse_report.ops_after["contiguous"] == 1 and bn_left(fused) == 0, str(fused.fuse_report)
+    x = torch.randn(2, 4, 6, 6, dtype=D).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert fused(x).stride() == model(x).stride() and fused(x).is_contiguous()
