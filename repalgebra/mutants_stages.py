@@ -2667,11 +2667,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "    if True:", (f"{_R6_HANDED}[helper-given-self]", *_R6_NOT_HANDED)),
     ("frontend", "dynamo-flag-unwatched", "torch._dynamo.is_compiling() (the older spelling of torch.compiler's) not "
      "refused: torch.export's answer True fixed, the eager branch dropped (105 off; review R13a)",
-     "repalgebra.frontend.mode_flags:_flags", "{**_FLAGS, torch._dynamo: (\"is_compiling\",), external_utils: (\"is_compiling\",)}",
-     "dict(_FLAGS)", (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",
+     "repalgebra.frontend.mode_flags:_flags", "{**_FLAGS, torch._dynamo: (\"is_compiling\",), external_utils: (\"is_compiling\",),",
+     "{**_FLAGS,", (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",
       f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-external-utils-export]")),
     ("frontend", "dynamo-route-missing", "torch._dynamo reached through the stand-in for torch handed out as it is",
-     "repalgebra.frontend.mode_flags:_routes", '{**_ROUTES[torch], "_dynamo": torch._dynamo}', "_ROUTES[torch]",
+     "repalgebra.frontend.mode_flags:_routes", '"_dynamo": torch._dynamo, "_guards"', '"_guards"',
      (f"{_MODES[0]}::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dynamo-compiling-export]",)),
     ("onnx_backend", "fixed-capture-dynamic-batch", "a capture at the export's shapes that fixes the batch too written with a "
      "dynamic batch (one sample of guidance at batch 2; review R13b)", "repalgebra.backend.onnx:export_onnx",
@@ -2691,6 +2691,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "output-layout-unmatched-shapes", "outputs matched to the model's by position where the structures differ",
      "repalgebra.frontend.layout_reads:layouts_to_match", "len(ours) != len(theirs) or len(ours) != outputs", "False",
      ("tests/test_fuse_capture.py::test_layouts_to_match_names_the_outputs_dense_in_the_model_only",)),
+    ("frontend", "library-flags-unwatched", "Hugging Face's is_torchdynamo_compiling() (a library helper importing torch "
+     "inside itself) answered: torch.export's True fixed (11.7 off; review R14a)", "repalgebra.frontend.mode_flags:_stand_in",
+     "    if isinstance(value, types.FunctionType) and value.__name__ in _LIBRARY_FLAGS", "    if False and value.__name__ in _LIBRARY_FLAGS",
+     ("tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[hf-is-torchdynamo-compiling-export]",)),
+    ("frontend", "flag-attributes-unwatched", "torch.fx._symbolic_trace._is_fx_tracing_flag, a value torch.export sets, read as it is",
+     "repalgebra.frontend.mode_flags:_attribute", "    if name in held[\"_read\"]:", "    if False:",
+     ("tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[fx-tracing-flag-export]",)),
+    ("frontend", "guards-flags-unwatched", "torch._guards.detect_fake_mode and the dispatch mode's flag answered while captured",
+     "repalgebra.frontend.mode_flags:_flags", "torch._guards: (\"detect_fake_mode\",), python_dispatch: (\"is_in_torch_dispatch_mode\",)", "",
+     ("tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[fake-mode-export]", "tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dispatch-mode-export]")),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

@@ -91,16 +91,21 @@ def _flags() -> dict[types.ModuleType, tuple[str, ...]]:
     ``torch._dynamo`` takes a second to import, so it is imported at the first capture, which needs it anyway (not
     cached: a dict of a few entries, and no state of this module's)."""
     import torch._dynamo.external_utils as external_utils
+    import torch._guards
+    import torch.utils._python_dispatch as python_dispatch
 
-    return {**_FLAGS, torch._dynamo: ("is_compiling",), external_utils: ("is_compiling",)}
+    return {**_FLAGS, torch._dynamo: ("is_compiling",), external_utils: ("is_compiling",),
+            torch._guards: ("detect_fake_mode",), python_dispatch: ("is_in_torch_dispatch_mode",)}
 
 
 def _routes() -> dict[types.ModuleType, dict[str, types.ModuleType]]:
     """:data:`_ROUTES`, and the routes to ``torch._dynamo``'s flag (:func:`_flags`)."""
     import torch._dynamo.external_utils as external_utils
+    import torch._guards
+    import torch.utils._python_dispatch as python_dispatch
 
-    return {**_ROUTES, torch: {**_ROUTES[torch], "_dynamo": torch._dynamo},
-            torch._dynamo: {"external_utils": external_utils}}
+    return {**_ROUTES, torch: {**_ROUTES[torch], "_dynamo": torch._dynamo, "_guards": torch._guards, "utils": torch.utils},
+            torch._dynamo: {"external_utils": external_utils}, torch.utils: {"_python_dispatch": python_dispatch}}
 
 
 class _Watched(types.ModuleType):
@@ -113,9 +118,23 @@ class _Watched(types.ModuleType):
                                for name in table.get(real, ()) if callable(getattr(real, name, None))})
         vars(self).update({name: _Watched(sub, noted, answered) for name, sub in _routes().get(real, {}).items()})
         vars(self)["_real"] = real
+        vars(self)["_read"] = {name: _refusing(lambda name=name: getattr(real, name), f"{real.__name__}.{name}", noted)
+                               for name in _FLAG_ATTRIBUTES.get(real, ())}
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(vars(self)["_real"], name)
+        return _attribute(vars(self), name)
+
+
+def _attribute(held: dict[str, Any], name: str) -> Any:
+    """The attribute ``name`` of a stand-in's module (``held``: the stand-in's own attributes): a flag it holds as a
+    value (:data:`_FLAG_ATTRIBUTES`) refused or noted on the read, anything else the module's."""
+    if name in held["_read"]:
+        return held["_read"][name]()
+    return getattr(held["_real"], name)
+
+
+# Flags a module holds as plain values, which torch.export sets while it traces (shims of public code read fx's)
+_FLAG_ATTRIBUTES: dict[types.ModuleType, tuple[str, ...]] = {symbolic_trace: ("_is_fx_tracing_flag",)}
 
 
 def _refusing(original: Callable[..., bool], name: str, noted: list[str] | None) -> Callable[..., bool]:
@@ -196,14 +215,25 @@ def _is_flag(value: Any) -> bool:
 
 def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answered: list[str]) -> Any:
     """What the model's code sees instead of ``value`` (a module or a flag function), else None."""
-    if isinstance(value, types.ModuleType) and (value in _flags() or value in _ANSWERED) or value is torch.fx:
+    routes = _routes()
+    if isinstance(value, types.ModuleType) and (value in _flags() or value in _ANSWERED or value in routes) or value is torch.fx:
         return watched.setdefault(id(value), _Watched(value, noted, answered))
     for table, notes in ((_flags(), noted), (_ANSWERED, answered)):
         for owner, names in table.items():
             for name in names:
                 if value is getattr(owner, name, None):
                     return _refusing(value, f"{owner.__name__}.{name}()", notes)
+    if isinstance(value, types.FunctionType) and value.__name__ in _LIBRARY_FLAGS and not str(value.__module__).startswith("torch"):
+        return _refusing(value, f"{value.__module__}.{value.__name__}()", noted)
     return None
+
+
+# Flag helpers of model libraries, which the model's code imports by name: Hugging Face's
+# ``transformers.utils.is_torchdynamo_compiling()`` imports torch inside the function (no stand-in of this module
+# reaches it there) and asks ``torch.compiler.is_compiling()``; a torch.export capture fixed its answer, True, and
+# dropped the eager branch (11.7 off; review R14a).  ``is_tracing`` is transformers 5's (jit, fx or dynamo), and
+# ``is_torch_fx_proxy`` answers True for fx's traced values only.
+_LIBRARY_FLAGS = frozenset({"is_torchdynamo_compiling", "is_torchdynamo_exporting", "is_tracing", "is_torch_fx_proxy"})
 
 
 @contextlib.contextmanager
