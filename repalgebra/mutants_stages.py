@@ -2701,6 +2701,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "guards-flags-unwatched", "torch._guards.detect_fake_mode and the dispatch mode's flag answered while captured",
      "repalgebra.frontend.mode_flags:_flags", "torch._guards: (\"detect_fake_mode\",), python_dispatch: (\"is_in_torch_dispatch_mode\",)", "",
      ("tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[fake-mode-export]", "tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dispatch-mode-export]")),
+    ("frontend", "cached-property-unread", "a functools.cached_property's getter not read (a dict of children it returns "
+     "reached by no one: 4.7e3 off; review R14a)", "repalgebra.frontend.outside_reads:_function_of",
+     "value.func if isinstance(value, functools.cached_property) else value", "value",
+     (f"{_R6_HANDED}[cached-heads]",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

@@ -845,6 +845,17 @@ def _handed_on(how: str) -> type:
         def other(self, x):
             return _first_of(x, **self.heads)
 
+    class CachedHeads(Base):  # (a cached property: its getter read as code; review R14a, 4.7e3 off)
+        @functools.cached_property
+        def heads(self):
+            return dict(first=self.blocks, rest=None)
+
+        def other(self, x):
+            return self._first(x, **self.heads)
+
+        def _first(self, x, first, rest=None):
+            return first[0].conv(x)
+
     class MappingIndexed(Heads):
         def other(self, x):
             return self.heads["first"][0].conv(x)
@@ -856,7 +867,7 @@ def _handed_on(how: str) -> type:
                     return blocks[0].conv(x)
             return x
 
-    return {"spread-reaching": SpreadReaching, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
+    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
             "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
             "shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
             "loop-over-conditional": LoopOverConditional, "local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
@@ -878,7 +889,7 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks", "shadowed-method",
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
-           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values"]
+           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 

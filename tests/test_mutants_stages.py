@@ -44,6 +44,8 @@ FEW = {
     "repalgebra.frontend.layout_reads:layouts_to_match": "two decisions, both mutated: the outputs matched by position only "
     "where the structures agree, and the formats the model's are dense in (the format named is dense_outputs' to write)",
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
+    "repalgebra.frontend.outside_reads:_function_of": "one decision added to it, mutated: a cached property's getter is a "
+    "function of the class (the rest is _functions' old reading)",
     "repalgebra.frontend.mode_flags:_flags": "one table: the flags of torch._dynamo beside the others (refused, mutated)",
     "repalgebra.frontend.mode_flags:_routes": "one table: the way to torch._dynamo from the stand-in for torch (mutated)",
     "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "

@@ -354,26 +354,24 @@ def _names(code: types.CodeType) -> set[str]:
 
 
 def _function_of(value: Any) -> types.FunctionType | None:
-    """The plain function a class attribute stands for (a property's getter, a static or class method's function,
-    what a decorator wraps), else None."""
-    function = value.fget if isinstance(value, property) else value
+    """The plain function a class attribute stands for (a property's getter, a cached property's, a static or class
+    method's function, what a decorator wraps), else None."""
+    function = value.fget if isinstance(value, property) else value.func if isinstance(value, functools.cached_property) else value
     if isinstance(function, (staticmethod, classmethod)):
         function = function.__func__
     return inspect.unwrap(function) if isinstance(function, types.FunctionType) else None
 
 
 def _functions(cls: type) -> dict[str, types.FunctionType]:
-    """The functions of ``cls`` and its bases by name (nn.Module's own aside), properties' getters among them."""
+    """The functions of ``cls`` and its bases by name (nn.Module's own aside), properties' getters among them, and
+    those of ``functools.cached_property`` (a dict of children it returns was read by no one: 4.7e3 off; review R14a)."""
     functions: dict[str, types.FunctionType] = {}
     for base in reversed(cls.__mro__):
         if base in (nn.Module, object):
             continue
         for name, value in vars(base).items():
-            function = value.fget if isinstance(value, property) else value
-            if isinstance(function, (staticmethod, classmethod)):
-                function = function.__func__
-            if isinstance(function, types.FunctionType):
-                functions[name] = inspect.unwrap(function)  # the function a decorator wraps (@torch.no_grad())
+            if (function := _function_of(value)) is not None:
+                functions[name] = function  # (the function a decorator wraps: @torch.no_grad())
     return functions
 
 
