@@ -250,10 +250,10 @@ def _export(args) -> int:
         runner = "onnx's reference evaluator"
         print(f"onnxruntime cannot run the file ({str(e).strip().splitlines()[0][:160]}): running it in {runner}")
         got = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
-    with torch.no_grad():
-        ref = [t.numpy() for t in pytree.tree_leaves(fused(x))]
+    with torch.no_grad():  # (the file's outputs are the tensors: a None among the model's is no output of it)
+        ref = [t.numpy() for t in pytree.tree_leaves(fused(x)) if torch.is_tensor(t)]
     # (np.max, not max: a NaN in any output's error is the error; Python's max skips one that is not first)
-    err = float(np.max([float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref)] or [0.0]))
+    err = float(np.max([_relative_error(g, r) for g, r in zip(got, ref)] or [0.0]))
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
@@ -262,6 +262,16 @@ def _export(args) -> int:
     print(f"{runner} vs fused torch: max relative error {err:.2e} (tolerance 1e-05, {str(x.dtype).replace('torch.', '')}) "
           f"-> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def _relative_error(got: "np.ndarray", want: "np.ndarray") -> float:
+    """The largest difference of ``got`` from ``want`` relative to ``want``'s largest magnitude; for a mask or an index
+    (bool or integer outputs), 0 where they are equal and 1 where not (a bool has no difference: numpy refuses it)."""
+    import numpy as np
+
+    if want.dtype == np.bool_ or np.issubdtype(want.dtype, np.integer):
+        return 0.0 if got.shape == want.shape and np.array_equal(got, want) else 1.0
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)) if want.size else 0.0
 
 
 _PICTURE_FORMATS = ("svg", "png", "dot")

@@ -81,6 +81,20 @@ def test_export_in_float64_is_checked_where_onnxruntime_cannot_run_it(tmp_path, 
     assert "float64) -> OK" in printed, printed
 
 
+@pytest.mark.parametrize("extra", ["y > 0", "None"], ids=["bool-mask", "none"])
+def test_export_compares_a_mask_and_skips_a_none_among_the_outputs(tmp_path, capsys, extra):
+    """The command wrote the file, then crashed comparing it: numpy refuses to subtract bools, and a None output (which
+    the file does not have) met ``.numpy()`` (review R13b).  A mask is compared for equality, a None skipped."""
+    path = tmp_path / "masked.py"
+    path.write_text("import torch\nfrom torch import nn\n\n\nclass Masked(nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)\n\n"
+                    f"    def forward(self, x):\n        y = self.bn(self.conv(x))\n        return y, {extra}\n\n\n"
+                    "def make():\n    return Masked()\n")
+    out = tmp_path / "masked.onnx"
+    assert main(["export", f"{path}:make", "-o", str(out), "--input-shape", "1,3,16,16"]) == 0
+    assert "-> OK" in capsys.readouterr().out
+
+
 def test_verify_passes(block_file, capsys):
     assert main(["verify", block_file, "--input-shape", "1,3,16,16", "--dtype", "float64"]) == 0
     assert "PASS" in capsys.readouterr().out

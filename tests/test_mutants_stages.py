@@ -46,6 +46,10 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision added to it, mutated: a cached property's getter is a "
     "function of the class (the rest is _functions' old reading)",
+    "repalgebra.backend.onnx:_binary": "one decision added to it, mutated: a bool add or mul is ONNX's Or or And",
+    "repalgebra.cli:_relative_error": "one decision, mutated: masks and indices compared for equality",
+    "repalgebra.backend.onnx:_example_inputs": "one decision added to it, mutated: sizes below 1 refused (its shapes' "
+    "types are test_a_model_of_two_inputs_exports_with_a_shape_for_each's)",
     "repalgebra.frontend.mode_flags:_flags": "one table: the flags of torch._dynamo beside the others (refused, mutated)",
     "repalgebra.frontend.mode_flags:_routes": "one table: the way to torch._dynamo from the stand-in for torch (mutated)",
     "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "

@@ -196,6 +196,18 @@ def test_bad_opset():
         export_onnx(nn.Conv2d(3, 4, 3), None, (1, 3, 8, 8), opset=7)
 
 
+@pytest.mark.parametrize("bad", ["opset", "metadata", "empty-batch"])
+def test_bad_arguments_are_refused_by_name_before_exporting(bad):
+    """An opset read from a config (``"20"``), a metadata key that is no string and a batch of 0 came out as Python's
+    own errors (comparing an int with a str, a bad argument to a builtin, a division by zero), the second after the
+    whole export had run (review R13b)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    kwargs = {"opset": {"opset": "20"}, "metadata": {"metadata": {"epoch": "3", 2: "b"}}, "empty-batch": {}}[bad]
+    shape = (0, 3, 8, 8) if bad == "empty-batch" else (1, 3, 8, 8)
+    with pytest.raises(ValueError if bad == "empty-batch" else TypeError, match="input_shape" if bad == "empty-batch" else bad):
+        export_onnx(model, None, shape, **kwargs)
+
+
 def test_writes_file(tmp_path, monkeypatch):
     """To a path, or to a binary file object as ``torch.onnx.export`` takes it (a ``BytesIO`` was written to a file
     named after its repr, in the working directory, and stayed empty); anything else is refused before exporting."""
@@ -653,6 +665,36 @@ def test_arithmetic_of_floats_with_ints_and_bools_is_promoted_as_pytorch_does():
         want = model(x, lengths, mask)
     torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, atol=1e-5 * float(want[0].abs().max()))  # float32
     assert got[1].dtype == np.int64 and np.array_equal(got[1], want[1].numpy())
+
+
+class _MasksCombined(nn.Module):
+    """Masks combined with ``+`` and ``*`` (detection code's ``valid = valid_a + valid_b``): torch's logical or and and
+    of two bool tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        either, both = (y > 0) + (x > 0), (y > 0) * (x > 0)
+        return y * either, both
+
+
+def test_a_sum_and_a_product_of_bool_masks_export_as_or_and_and():
+    """bool + bool was an ONNX ``Add`` of bools, which ONNX does not define: the export was refused by the checker's
+    shape inference (review R13b).  ``Or`` and ``And``, as torch computes them."""
+    import onnxruntime as ort
+
+    model = randomize(_MasksCombined()).float().eval()
+    x = torch.randn(2, 4, 6, 6)
+    proto, report = export_onnx(model, None, (2, 4, 6, 6), return_report=True)
+    assert "add" not in {n.what for n in report.fallback}, report.fallback  # (ours; the comparisons are the fallback's)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, atol=1e-5 * float(want[0].abs().max()))  # float32
+    assert got[1].dtype == np.bool_ and np.array_equal(got[1], want[1].numpy())
 
 
 def test_a_size_returned_as_a_number_is_refused_by_name():

@@ -223,6 +223,8 @@ def _after_call(ctx, n, x, result):
 @lowering("add", "sub", "mul", "matmul")
 def _binary(ctx, n, a, b):
     a, b = _promoted(ctx, n, a, b)
+    if n.out.dtype == torch.bool and n.op in ("add", "mul"):  # (bool + bool is torch's logical or, bool * bool its
+        return ctx.emit({"add": "Or", "mul": "And"}[n.op], [a, b])  # and; ONNX's Add and Mul take no bool: R13b)
     return ctx.emit({"add": "Add", "sub": "Sub", "mul": "Mul", "matmul": "MatMul"}[n.op], [a, b])
 
 
@@ -1616,6 +1618,8 @@ def _example_inputs(input_shape: Any, dtype: torch.dtype) -> tuple[torch.Tensor,
     else:
         raise TypeError(f"input_shape must be a shape such as (1, 3, 224, 224), an example tensor, or a tuple of them for "
                         f"a model of several inputs, not {input_shape!r}")
+    if any(d < 1 for s in items if not torch.is_tensor(s) for d in s):
+        raise ValueError(f"input_shape must have sizes of 1 or more (a batch of 0 has nothing to export), not {input_shape!r}")
     # Random values, not zeros: a model may compute from its input what it then relies on (a padding mask
     # from all-zero rows masks every token, and attention over no token is NaN).
     gen = torch.Generator().manual_seed(0)
@@ -1912,6 +1916,10 @@ def export_onnx(
 
     if not (path is None or hasattr(path, "write") or isinstance(path, (str, os.PathLike))):
         raise TypeError(f"export_onnx saves to a path (str or os.PathLike) or a binary file object, not {type(path).__name__}")
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool)):  # (read from a config: "20"; R13b)
+        raise TypeError(f"export_onnx: opset must be an int such as {DEFAULT_OPSET}, not {opset!r}")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)):
+        raise TypeError(f"export_onnx: metadata must be a dict with str keys (ONNX's metadata is text), not {metadata!r}")
 
     def lower(graph: Graph, capture: str, module: torch.nn.Module | None, batch_free: bool, example: tuple) -> tuple:
         notes: list[str] = []
