@@ -2721,6 +2721,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "empty-batch-unchecked", "a batch of 0 in input_shape met as a division by zero",
      "repalgebra.backend.onnx:_example_inputs", "    if any(d < 1 for s in items if not torch.is_tensor(s) for d in s):", "    if False:",
      ("tests/test_onnx_export.py::test_bad_arguments_are_refused_by_name_before_exporting[empty-batch]",)),
+    ("frontend", "super-method-handed", "a module handed to super().<method>(...) (ultralytics' Segment) taken as handed "
+     "on: the heads' folds lost (review R14a)", "repalgebra.frontend.outside_reads:_handed_on",
+     '                    return ("super", ops[callee].argval, argc - 1 - p)', "                    return True",
+     (f"{_SPREAD_FUSED[0]}[segment-super]",)),
+    ("frontend", "super-method-own", "super().<method> read as the class's own method, not the next one above it",
+     "repalgebra.frontend.outside_reads:_in_super", "for b in mro[at + 1:] if how[1] in vars(b)", "for b in mro[at:] if how[1] in vars(b)",
+     (f"{_SPREAD_FUSED[0]}[segment-super]",)),
+    ("frontend", "super-method-position", "the argument given to super().<method> read from the parameter before it",
+     "repalgebra.frontend.outside_reads:_in_super", "inner.co_varnames[how[2] + 1]", "inner.co_varnames[how[2]]",
+     (f"{_SPREAD_FUSED[0]}[segment-super]", f"{_R6_HANDED}[super-reaching]")),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

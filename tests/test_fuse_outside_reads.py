@@ -856,6 +856,17 @@ def _handed_on(how: str) -> type:
         def _first(self, x, first, rest=None):
             return first[0].conv(x)
 
+    class Reaching(Base):
+        def reach(self, x, blocks):
+            return blocks[0].conv(x)
+
+    class SuperReaching(Reaching):  # (super().reach(x, self.blocks): the base's code, which reaches into a block)
+        def reach(self, x, blocks):
+            return super().reach(x, blocks)
+
+        def other(self, x):
+            return self.reach(x, self.blocks)
+
     class MappingIndexed(Heads):
         def other(self, x):
             return self.heads["first"][0].conv(x)
@@ -867,7 +878,7 @@ def _handed_on(how: str) -> type:
                     return blocks[0].conv(x)
             return x
 
-    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
+    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
             "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
             "shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
             "loop-over-conditional": LoopOverConditional, "local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
@@ -889,7 +900,7 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks", "shadowed-method",
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
-           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads"]
+           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 
@@ -956,11 +967,12 @@ def test_a_container_given_to_a_loop_len_or_a_test_is_still_fused():
     assert reached_through(Plain()) == {"blocks"}  # (the list itself, by the computed index: not a block)
 
 
-def _detect_head(display: bool) -> type:
+def _detect_head(display: str) -> type:
     """A class made afresh (the reader's chains are kept per class): ultralytics' detection head as its 2025 code
     writes it, the branches named in a property (``one2many``) and spread as keywords into ``forward_head``; the
     anchors cached per input shape, for which ``fuse`` keeps the head whole and fuses its children one by one.
-    ``display``: the property is a dict display (as other forks write it), not a ``dict(...)`` call."""
+    ``display``: the property a ``dict(...)`` call (``"call"``), a dict display (``"display"``, as other forks write
+    it), or the head's ``forward_head`` handing the heads on to its base's (``"segment"``, ultralytics' Segment)."""
 
     class DetectHead(nn.Module):
         shape = None
@@ -992,10 +1004,14 @@ def _detect_head(display: bool) -> type:
         def one2many(self):
             return {"box_head": self.cv2, "cls_head": self.cv3}
 
-    return DisplayedDetectHead if display else DetectHead
+    class SegmentHead(DetectHead):  # (ultralytics' Segment: its forward_head hands the heads on to Detect's)
+        def forward_head(self, x, box_head=None, cls_head=None):
+            return super().forward_head(x, box_head, cls_head)
+
+    return {"display": DisplayedDetectHead, "call": DetectHead, "segment": SegmentHead}[display]
 
 
-@pytest.mark.parametrize("display", [False, True], ids=["dict-call", "dict-display"])
+@pytest.mark.parametrize("display", ["call", "display", "segment"], ids=["dict-call", "dict-display", "segment-super"])
 def test_a_dict_of_branches_spread_into_a_method_of_its_own_is_fused(display):
     """``self.forward_head(x, **self.one2many)``, where the property returns ``dict(box_head=self.cv2, ...)`` or a
     dict display: each key binds the parameter of that name, which ``forward_head`` only calls.  The reader took

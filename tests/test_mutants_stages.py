@@ -50,6 +50,8 @@ FEW = {
     "repalgebra.cli:_relative_error": "one decision, mutated: masks and indices compared for equality",
     "repalgebra.backend.onnx:_example_inputs": "one decision added to it, mutated: sizes below 1 refused (its shapes' "
     "types are test_a_model_of_two_inputs_exports_with_a_shape_for_each's)",
+    "repalgebra.frontend.outside_reads:_in_super": "two decisions, both mutated: the definition above the class whose "
+    "code calls super(), and the parameter that receives the argument",
     "repalgebra.frontend.mode_flags:_flags": "one table: the flags of torch._dynamo beside the others (refused, mutated)",
     "repalgebra.frontend.mode_flags:_routes": "one table: the way to torch._dynamo from the stand-in for torch (mutated)",
     "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "

@@ -485,6 +485,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                     chains += [chain + c for c in inner]  # (run_layers(self.layers, x): its code, from the parameter)
                 elif isinstance(how, tuple) and (inner := _spread_into(chain, how, owner, self_name, depth)) is not None:
                     chains += inner  # (self.forward_head(x, **self.one2many): by the keys; review R10a 03)
+                elif isinstance(how, tuple) and (inner := _in_super(how, owner, code, depth)) is not None:
+                    chains += [chain + c for c in inner]  # (ultralytics' Segment: super().forward_head(x, box_head, ...))
                 elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
                     # same, where the module does not hold an attribute of that name: see _through)
@@ -616,6 +618,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                     const = ops[given].argval if isinstance(given, int) and ops[given].opname == "LOAD_CONST" else None
                     return ("getattr", k, const if isinstance(const, str) else None)
                 by_keyword = any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k])
+                if isinstance(callee, int) and _of_super(ops, callee) and not by_keyword:
+                    return ("super", ops[callee].argval, argc - 1 - p)  # (super().forward_head(x, box_head): its code)
                 if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not by_keyword:
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 if dotted and len(dotted) == 2 and ops[callee - 1].opname in ("LOAD_FAST", "LOAD_DEREF") and not by_keyword:
@@ -678,12 +682,44 @@ def _in_method(how: tuple[Any, ...], owner: type | None, self_name: str, depth: 
     :func:`_handed_on`) reads, where ``obj`` is the module itself and the method a plain function of its class
     (``self.run(self.blocks, x)``, whose ``for b in blocks: b(x)`` reaches no block); None otherwise: the argument is
     then handed on."""
-    if how[0] != "method" or how[1] != self_name or depth >= 3 or (function := _own_method(owner, how[2])) is None:
-        return None
+    if how[0] != "method" or how[1] != self_name or depth or (function := _own_method(owner, how[2])) is None:
+        return None  # (depth: in a method's code read from a parameter, self_name is that parameter, not self)
     code, position = function.__code__, how[3]
     if position + 1 >= code.co_argcount:
         return None  # (taken by *args)
-    return _chains_in(code, code.co_varnames[position + 1], functions=function.__globals__, depth=depth + 1)
+    return _chains_in(code, code.co_varnames[position + 1], functions=function.__globals__, depth=depth + 1, owner=owner)
+
+
+def _of_super(ops: list[dis.Instruction], k: int) -> bool:
+    """Whether ``ops[k]`` loads a method of ``super()`` (``super().forward_head``: a call of ``super`` with no
+    arguments just before; 3.12's ``LOAD_SUPER_ATTR`` is not read, and hands the value on)."""
+    def before(j: int) -> int:
+        j -= 1
+        while j >= 0 and ops[j].opname == "PRECALL":
+            j -= 1
+        return j
+
+    if ops[k].opname not in ("LOAD_METHOD", "LOAD_ATTR") or (j := before(k)) < 1 or ops[j].opname != "CALL" or ops[j].arg:
+        return False
+    return ops[before(j)].opname == "LOAD_GLOBAL" and ops[before(j)].argval == "super"
+
+
+def _in_super(how: tuple[Any, ...], owner: type | None, code: types.CodeType, depth: int) -> list[tuple[Any, ...]] | None:
+    """The chains, from its parameter, that ``super().<name>(...)`` (``("super", name, position)``: :func:`_handed_on`)
+    reads, where ``code`` is a method of a class of ``owner``'s: the next definition of ``name`` along the MRO after
+    that class, if a plain method (:func:`_own_method`'s terms).  Ultralytics' ``Segment.forward_head`` hands its heads
+    on to Detect's (``super().forward_head(x, box_head, cls_head)``), which only calls them: taken as handed on, every
+    Conv+BN of the heads stayed unfolded (review R14a).  None otherwise: the argument is then handed on."""
+    if how[0] != "super" or owner is None or depth >= 3:
+        return None
+    mro = owner.__mro__
+    at = next((k for k, b in enumerate(mro) if any(getattr(_function_of(v), "__code__", None) is code for v in vars(b).values())), None)
+    above = next((b for b in mro[at + 1:] if how[1] in vars(b)), None) if at is not None else None
+    function = _own_method(above, how[1]) if above is not None and above not in (nn.Module, object) else None
+    if function is None or how[2] + 1 >= function.__code__.co_argcount:
+        return None
+    inner = function.__code__
+    return _chains_in(inner, inner.co_varnames[how[2] + 1], functions=function.__globals__, depth=depth + 1, owner=owner)
 
 
 def _own_method(owner: type | None, name: str) -> types.FunctionType | None:
@@ -712,7 +748,7 @@ def _spread_into(chain: tuple[Any, ...], how: tuple[Any, ...], owner: type | Non
     ``self.forward_head(x, **self.one2many)``): each key binds the method's parameter of that name, whose reads in
     the method's code follow its chain; a key no parameter names goes to ``**kwargs``, and is handed on.  None where
     the property, the method or ``obj`` is another: the dict is then handed on."""
-    if (len(chain) != 1 or how[0] != "spread" or how[1:2] != (self_name,) or len(how) != 3 or depth >= 3
+    if (len(chain) != 1 or how[0] != "spread" or how[1:2] != (self_name,) or len(how) != 3 or depth
             or (mapping := _mapping_of(owner, chain[0])) is None or (function := _own_method(owner, how[2])) is None):
         return None
     code = function.__code__
@@ -724,7 +760,7 @@ def _spread_into(chain: tuple[Any, ...], how: tuple[Any, ...], owner: type | Non
         if key not in named:
             found.append(value + (...,))
             continue
-        inner = _chains_in(code, key, functions=function.__globals__, depth=depth + 1)
+        inner = _chains_in(code, key, functions=function.__globals__, depth=depth + 1, owner=owner)
         found += [value + (_Method(how[2]),) + c for c in [(), *inner]]
     return found
 
