@@ -2731,6 +2731,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "super-method-position", "the argument given to super().<method> read from the parameter before it",
      "repalgebra.frontend.outside_reads:_in_super", "inner.co_varnames[how[2] + 1]", "inner.co_varnames[how[2]]",
      (f"{_SPREAD_FUSED[0]}[segment-super]", f"{_R6_HANDED}[super-reaching]")),
+    ("onnx_backend", "unprobed-axis0-named-batch", "where the graph ran at no other batch, axis 0 of every input named batch, "
+     "a time-major mask's too (the file refused every other batch; review R13b)", "repalgebra.backend.onnx:graph_to_onnx",
+     "    if dynamic_batch and another is None and (odd :=", "    if False and (odd :=",
+     ("tests/test_onnx_export.py::test_an_input_whose_axis_0_is_not_the_batch_fixes_it_where_no_other_batch_runs",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

@@ -251,6 +251,33 @@ def test_a_model_of_two_inputs_exports_with_a_shape_for_each():
         export_onnx(fused, None, ((2, 3, 10, 10), "4"))
 
 
+class TimeMajorMask(nn.Module):
+    """Batch-first features ``(B, T, C)`` beside a time-major mask ``(T, B)`` (fairseq's padding masks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x, m):
+        return self.ln(self.lin(x)).transpose(0, 1) * m[..., None]
+
+
+def test_an_input_whose_axis_0_is_not_the_batch_fixes_it_where_no_other_batch_runs():
+    """Where the graph ran at no other batch, axis 0 of every input was named ``batch``: the time-major mask's too
+    (its batch is axis 1), and the file said its batch was dynamic, yet onnxruntime refused every other (review
+    R13b).  Either the file runs at another batch as the model does, or its batch is fixed."""
+    model = TimeMajorMask().eval()
+    proto, report = export_onnx(model, None, (torch.randn(3, 5, 8), torch.rand(5, 3)), return_report=True)
+    x, m = torch.randn(4, 5, 8), torch.rand(5, 4)
+    if report.dynamic_batch:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            assert rel_err(session.run(None, {"x": x.numpy(), "m": m.numpy()})[0], model(x, m)) < 1e-5  # float32
+    else:
+        dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+        assert dims == [[3, 5, 8], [5, 3]] and "batch fixed at 3" in str(report), (dims, report)
+
+
 class MaskFromInput(nn.Module):
     """A padding mask computed from the input, as sequence models do: an all-zero row is padding."""
 

@@ -1122,6 +1122,13 @@ def graph_to_onnx(
     if regions:
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes, examples)
         report.dynamic_batch = dynamic_batch
+    another = _batch_axes(graph, examples, dtype) if dynamic_batch else None
+    if dynamic_batch and another is None and (odd := next((k for k, v in enumerate(graph.inputs) if k and v.shape
+                                                              and v.shape[0] != graph.inputs[0].shape[0]), None)) is not None:
+        dynamic_batch = report.dynamic_batch = False  # (a time-major mask (T, B) beside (B, T, C): axis 0 named batch on
+        # both, the file ran at no other batch; review R13b)
+        report.notes.append(f"batch fixed at {graph.inputs[0].shape[0]}: input {odd}'s axis 0 ({graph.inputs[odd].shape[0]}) "
+                            "is not the batch, and the graph did not run at another batch to find where its batch is")
     ctx = LowerCtx(opset, dtype, dynamic_batch)
     names: dict[int, str] = {}
     extra = Spliced()
@@ -1132,7 +1139,6 @@ def graph_to_onnx(
             shape[k] = dim
         return helper.make_tensor_value_info(name, _DTYPES[v.dtype or dtype], shape)
 
-    another = _batch_axes(graph, examples, dtype) if dynamic_batch else None
     batched, axes = (another.grown, another.axes) if another is not None else (None, None)
     inputs = []
     for k, v in enumerate(graph.inputs):
