@@ -2735,6 +2735,12 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "a time-major mask's too (the file refused every other batch; review R13b)", "repalgebra.backend.onnx:graph_to_onnx",
      "    if dynamic_batch and another is None and (odd :=", "    if False and (odd :=",
      ("tests/test_onnx_export.py::test_an_input_whose_axis_0_is_not_the_batch_fixes_it_where_no_other_batch_runs",)),
+    ("onnx_backend", "resize-factor-unmoved", "an interpolation by a factor with no exact float32 value left to the exporter, "
+     "whose Resize makes one row fewer (the export refused; review R13b)", "repalgebra.backend.onnx_fallback:_interpolate",
+     "    if not antialias and scale_factor is not None and not recompute_scale_factor:", "    if False:", ("tests/test_onnx_fallback.py::test_an_interpolation_by_a_factor_without_an_exact_float32_exports",)),
+    ("onnx_backend", "resize-factor-moved-wrong-way", "each factor moved toward the float32 product's size, not torch's",
+     "repalgebra.backend.onnx_fallback:_scaled", "_scale_for(f, n, math.floor(n * f))", "_scale_for(f, n, math.floor(n * float(np.float32(f))))",
+     ("tests/test_onnx_fallback.py::test_an_interpolation_by_a_factor_without_an_exact_float32_exports",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

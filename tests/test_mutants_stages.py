@@ -52,6 +52,8 @@ FEW = {
     "types are test_a_model_of_two_inputs_exports_with_a_shape_for_each's)",
     "repalgebra.frontend.outside_reads:_in_super": "two decisions, both mutated: the definition above the class whose "
     "code calls super(), and the parameter that receives the argument",
+    "repalgebra.backend.onnx_fallback:_scaled": "one decision, mutated: each factor moved to torch's own output size "
+    "(whether it must move at all is _interpolate's mutant's)",
     "repalgebra.frontend.mode_flags:_flags": "one table: the flags of torch._dynamo beside the others (refused, mutated)",
     "repalgebra.frontend.mode_flags:_routes": "one table: the way to torch._dynamo from the stand-in for torch (mutated)",
     "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "

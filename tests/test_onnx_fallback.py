@@ -774,6 +774,34 @@ def test_a_3d_nearest_exact_interpolate_exports():
     assert "interpolate" in str(report), str(report)
 
 
+class ScaledBy(nn.Module):
+    """A conv, then an interpolation by a factor with no exact float32 value (a multi-scale model's resampling)."""
+
+    def __init__(self, mode: str, factor: float, rank: int) -> None:
+        super().__init__()
+        self.mode, self.factor = mode, factor
+        self.conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank](3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.interpolate(self.conv(x), scale_factor=self.factor, mode=self.mode, align_corners=False)
+
+
+@pytest.mark.parametrize("mode,factor,shape", [("bicubic", 1.3, (2, 3, 10, 10)), ("bicubic", 0.7, (2, 3, 10, 10)),
+                                               ("linear", 1.3, (2, 3, 10)), ("trilinear", 1.3, (2, 3, 4, 10, 10))])
+def test_an_interpolation_by_a_factor_without_an_exact_float32_exports(mode, factor, shape):
+    """torch makes ``floor(10 * 1.3) = 13`` rows; the exporter's ``Resize``, its scale 1.3 in float32
+    (1.29999995), made 12, and the export was refused with an error about an ``Identity`` node (review R13b).  The
+    factor moves by an ulp or two, as our own lowering's ``_scale_for`` does."""
+    model = ScaledBy(mode, factor, len(shape) - 2).eval()
+    x = torch.randn(*shape)
+    proto = export_onnx(model, None, x)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x)
+    assert got.shape == tuple(want.shape)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("how", [dict(size=(5, 6)), dict(size=(14, 20)), dict(scale_factor=0.5)])
 def test_antialiased_interpolate_rewrite_is_exact(mode, how):
