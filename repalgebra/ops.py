@@ -326,7 +326,11 @@ def contiguous(x, *, memory_format=torch.contiguous_format):
     """``x.contiguous(memory_format)``: the same values, laid out densely.  The IR has values, not layouts, so the
     front end keeps this op only where a layout is read: at an output, or before a call it carries through
     (``torch.view_as_complex``, a caller's ``out.view``); elsewhere it is the identity
-    (:func:`~repalgebra.frontend.layout_reads.drop_unread_layouts`)."""
+    (:func:`~repalgebra.frontend.layout_reads.drop_unread_layouts`).  ``torch.preserve_format``: a dense copy in
+    the layout its input suggests (as a fresh op's output is: a BN of a channels-last slice is channels-last), for an
+    output that folding left a view (:func:`~repalgebra.frontend.layout_reads.layouts_to_match`)."""
+    if memory_format == torch.preserve_format:
+        return x.clone(memory_format=memory_format)
     return x.contiguous(memory_format=memory_format)
 
 

@@ -121,6 +121,30 @@ def test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it(flag, odd_width_p
             assert close(model(x), fused(x)), name
 
 
+def is_tracing() -> bool:
+    """mmpretrain's own helper of that name (``models/utils/helpers.py``): it asks a TorchScript flag only."""
+    return torch.jit.is_tracing()
+
+
+class OwnTracingHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+
+    def forward(self, x):
+        if not is_tracing():
+            assert x.dim() == 4, "images"
+        return self.a(x)
+
+
+def test_a_helper_named_as_a_librarys_flag_that_asks_torchscript_only_is_answered():
+    """Refused by its name alone, the model it is in was kept whole and kept its BN (review R15a): a helper named as a
+    library's flag is refused where its code asks whether dynamo, an export or fx runs, as Hugging Face's does."""
+    model = randomized(OwnTracingHelper())
+    fused = repalgebra.fuse(model, torch.randn(2, 3, 6, 5, dtype=D))
+    assert fused.fuse_report.capture == "fx" and "batch_norm" not in fused.fuse_report.ops_after, str(fused.fuse_report)
+
+
 def test_a_flag_bound_before_the_capture_is_seen_by_a_check_with_gradients_on():
     """``self.flag = torch.is_grad_enabled``: bound on the instance, out of the stand-ins' reach.
     torch.export records it without gradients; the capture is checked with them on too, where the model clamps."""

@@ -3913,6 +3913,18 @@ def test_an_output_dense_in_the_model_is_dense_in_the_fused_model(how):
         assert how in ("chunk", "slice-scaled") or ref.is_contiguous()  # (the model's own contiguous() makes it dense)
 
 
+def test_a_slice_returned_dense_follows_the_layout_of_each_call():
+    """Fused at a channels-last example, the folded slice was made channels-last at every call: for a contiguous input
+    the model's output is contiguous, the fused one was channels-last and a caller's ``out.view(2, -1)`` raised
+    (review R15a).  A slice is made dense in the layout its input suggests, as the model's BN makes its output."""
+    model = randomized(SliceNormed("chunk"))
+    x = torch.randn(2, 4, 8, 10, dtype=D)
+    fused = check_exact(model, x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert fused(t).stride() == model(t).stride(), (fused(t).stride(), model(t).stride())
+
+
 class ChannelsLastPermuted(nn.Module):
     """Convs on ``x.contiguous(memory_format=torch.channels_last)``, returned as ``permute(0, 2, 3, 1)``: the model's
     output is dense (NHWC, its default layout), not channels-last of that shape."""
@@ -3944,8 +3956,11 @@ def test_layouts_to_match_names_the_outputs_dense_in_the_model_only():
 
     dense, view = torch.zeros(2, 4, 3, 3), torch.zeros(2, 8, 3, 3)[:, :4]
     channels_last = torch.zeros(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
-    assert layouts_to_match((dense, dense), (view, dense), 2) == {0: torch.contiguous_format}
-    assert layouts_to_match((channels_last,), (view,), 1) == {0: torch.channels_last}
+    permuted = torch.zeros(2, 3, 3, 4).permute(0, 3, 1, 2)  # (dense, laid out otherwise)
+    assert layouts_to_match((dense, dense), (permuted, dense), 2) == {0: torch.contiguous_format}
+    assert layouts_to_match((channels_last,), (dense,), 1) == {0: torch.channels_last}
+    # A view with gaps (a slice): dense as a fresh op would make it, in the layout its input suggests, at any input
+    assert layouts_to_match((dense,), (view,), 1) == {0: torch.preserve_format} == layouts_to_match((channels_last,), (view,), 1)
     assert layouts_to_match((view,), (dense,), 1) == {}  # (the model's not dense: nothing to match)
     assert layouts_to_match((dense, dense), (view,), 2) == {} and layouts_to_match((dense,), (view,), 2) == {}
 

@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+from torch.distributions.utils import lazy_property
 from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from torch import nn
@@ -856,6 +857,17 @@ def _handed_on(how: str) -> type:
         def _first(self, x, first, rest=None):
             return first[0].conv(x)
 
+    def heads_of(self):
+        return dict(first=self.blocks, rest=None)
+
+    class LazyHeads(Base):  # (torch's lazy_property, a descriptor of its own; review R15a, 1.8e3 off)
+        other, _first = CachedHeads.other, CachedHeads._first
+        heads = lazy_property(heads_of)
+
+    class LruHeads(Base):  # (a property over functools.lru_cache: its getter is the cache's wrapper)
+        other, _first = CachedHeads.other, CachedHeads._first
+        heads = property(functools.lru_cache(maxsize=None)(heads_of))
+
     class Reaching(Base):
         def reach(self, x, blocks):
             return blocks[0].conv(x)
@@ -878,7 +890,8 @@ def _handed_on(how: str) -> type:
                     return blocks[0].conv(x)
             return x
 
-    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
+    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching,
+            "lazy-heads": LazyHeads, "lru-heads": LruHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
             "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
             "shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
             "loop-over-conditional": LoopOverConditional, "local-checkpoint": LocalCheckpoint, "static-method-given-blocks": StaticMethodGivenBlocks,
@@ -900,7 +913,8 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "functools-reduce", "own-checkpoint", "local-checkpoint", "static-method-given-blocks", "shadowed-method",
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
-           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching"]
+           "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching",
+           "lazy-heads", "lru-heads"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 

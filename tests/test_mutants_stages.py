@@ -44,8 +44,8 @@ FEW = {
     "repalgebra.frontend.layout_reads:layouts_to_match": "two decisions, both mutated: the outputs matched by position only "
     "where the structures agree, and the formats the model's are dense in (the format named is dense_outputs' to write)",
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
-    "repalgebra.frontend.outside_reads:_function_of": "one decision added to it, mutated: a cached property's getter is a "
-    "function of the class (the rest is _functions' old reading)",
+    "repalgebra.frontend.outside_reads:_function_of": "two decisions added to it, both mutated: a cached property's getter "
+    "is a function of the class, and so is what a caching descriptor wraps (the rest is _functions' old reading)",
     "repalgebra.backend.onnx:_binary": "one decision added to it, mutated: a bool add or mul is ONNX's Or or And",
     "repalgebra.cli:_relative_error": "one decision, mutated: masks and indices compared for equality",
     "repalgebra.backend.onnx:_example_inputs": "one decision added to it, mutated: sizes below 1 refused (its shapes' "
@@ -54,6 +54,8 @@ FEW = {
     "code calls super(), and the parameter that receives the argument",
     "repalgebra.backend.onnx_fallback:_scaled": "one decision, mutated: each factor moved to torch's own output size "
     "(whether it must move at all is _interpolate's mutant's)",
+    "repalgebra.frontend.layout_reads:_without_gaps": "one decision, mutated: the elements fill the storage they span",
+    "repalgebra.frontend.mode_flags:_asks_a_capture": "one decision, mutated: the names a helper's code loads",
     "repalgebra.frontend.mode_flags:_flags": "one table: the flags of torch._dynamo beside the others (refused, mutated)",
     "repalgebra.frontend.mode_flags:_routes": "one table: the way to torch._dynamo from the stand-in for torch (mutated)",
     "repalgebra.frontend.outside_reads:_own_method": "two decisions, both mutated: a static or class method is no method "

@@ -206,6 +206,8 @@ def test_bad_arguments_are_refused_by_name_before_exporting(bad):
     shape = (0, 3, 8, 8) if bad == "empty-batch" else (1, 3, 8, 8)
     with pytest.raises(ValueError if bad == "empty-batch" else TypeError, match="input_shape" if bad == "empty-batch" else bad):
         export_onnx(model, None, shape, **kwargs)
+    proto = export_onnx(model, None, (1, 3, 8, 8), opset=np.int64(17))  # (an opset read from an array: numpy's int)
+    assert proto.opset_import[0].version == 17
 
 
 def test_writes_file(tmp_path, monkeypatch):

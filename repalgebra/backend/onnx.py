@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -1922,8 +1923,9 @@ def export_onnx(
 
     if not (path is None or hasattr(path, "write") or isinstance(path, (str, os.PathLike))):
         raise TypeError(f"export_onnx saves to a path (str or os.PathLike) or a binary file object, not {type(path).__name__}")
-    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool)):  # (read from a config: "20"; R13b)
+    if opset is not None and (not isinstance(opset, numbers.Integral) or isinstance(opset, bool)):  # (a config's "20")
         raise TypeError(f"export_onnx: opset must be an int such as {DEFAULT_OPSET}, not {opset!r}")
+    opset = None if opset is None else int(opset)  # (numpy's int64, read from an array: R15a)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)):
         raise TypeError(f"export_onnx: metadata must be a dict with str keys (ONNX's metadata is text), not {metadata!r}")
 

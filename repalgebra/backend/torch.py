@@ -570,6 +570,8 @@ def _permute(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @lowers("contiguous")
 def _contiguous(ctx: Lowering, node: Node, xs: list[fx.Node]) -> fx.Node:
+    if node.attrs["memory_format"] == torch.preserve_format:  # (contiguous() takes no preserve_format; see the op)
+        return ctx.method("clone", xs[0], memory_format=torch.preserve_format)
     return ctx.method("contiguous", xs[0], memory_format=node.attrs["memory_format"])
 
 

@@ -120,10 +120,17 @@ def layouts_to_match(model_out: Any, fused_out: Any, outputs: int) -> dict[int, 
             continue
         for layout, rank in _FORMATS:
             if (rank is None or want.dim() == rank) and want.is_contiguous(memory_format=layout):
-                if not got.is_contiguous(memory_format=layout):
-                    found[k] = layout
+                if not got.is_contiguous(memory_format=layout):  # (a view with gaps, a slice: dense as a fresh op's
+                    # output would be, in the layout its input suggests, at any input (review R15a); laid out otherwise,
+                    # a permuted view: the model's layout)
+                    found[k] = layout if _without_gaps(got) else torch.preserve_format
                 break
     return found
+
+
+def _without_gaps(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill the storage they span (a permuted dense tensor does; a slice of one does not)."""
+    return t.numel() == 0 or 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) == t.numel()
 
 
 def dense_outputs(graph: Graph, layouts: dict[int, torch.memory_format]) -> Graph:

@@ -223,9 +223,23 @@ def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answ
             for name in names:
                 if value is getattr(owner, name, None):
                     return _refusing(value, f"{owner.__name__}.{name}()", notes)
-    if isinstance(value, types.FunctionType) and value.__name__ in _LIBRARY_FLAGS and not str(value.__module__).startswith("torch"):
+    if (isinstance(value, types.FunctionType) and value.__name__ in _LIBRARY_FLAGS and not str(value.__module__).startswith("torch")
+            and _asks_a_capture(value)):
         return _refusing(value, f"{value.__module__}.{value.__name__}()", noted)
     return None
+
+
+def _asks_a_capture(function: types.FunctionType) -> bool:
+    """Whether a library's flag helper asks whether dynamo, an export or fx runs (the names its code, nested code
+    too, loads): mmpretrain's own ``is_tracing()`` asks ``torch.jit.is_tracing()`` only, a TorchScript flag answered
+    as the model runs eagerly; refused by its name, the model it was in was kept whole and lost its folds (R15a)."""
+    def names(code: types.CodeType) -> set[str]:
+        return set(code.co_names).union(*(names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+    return not (names(function.__code__) - {function.__name__}).isdisjoint(_CAPTURE_NAMES)
+
+
+
 
 
 # Flag helpers of model libraries, which the model's code imports by name: Hugging Face's
@@ -234,6 +248,9 @@ def _stand_in(value: Any, watched: dict[int, Any], noted: list[str] | None, answ
 # dropped the eager branch (11.7 off; review R14a).  ``is_tracing`` is transformers 5's (jit, fx or dynamo), and
 # ``is_torch_fx_proxy`` answers True for fx's traced values only.
 _LIBRARY_FLAGS = frozenset({"is_torchdynamo_compiling", "is_torchdynamo_exporting", "is_tracing", "is_torch_fx_proxy"})
+# What a helper asking whether a capture runs loads: torch's flags (and the library's own helpers that ask them)
+_CAPTURE_NAMES = frozenset({"is_compiling", "is_dynamo_compiling", "is_exporting", "_dynamo", "dynamo", "is_fx_tracing",
+                            "is_fx_symbolic_tracing", "Proxy", "FakeTensor", *_LIBRARY_FLAGS})
 
 
 @contextlib.contextmanager

@@ -355,11 +355,18 @@ def _names(code: types.CodeType) -> set[str]:
 
 def _function_of(value: Any) -> types.FunctionType | None:
     """The plain function a class attribute stands for (a property's getter, a cached property's, a static or class
-    method's function, what a decorator wraps), else None."""
+    method's function, what a decorator or a caching descriptor wraps: ``functools.lru_cache`` under a property,
+    torch's ``lazy_property``, which keep it as ``__wrapped__``; review R15a), else None."""
     function = value.fget if isinstance(value, property) else value.func if isinstance(value, functools.cached_property) else value
     if isinstance(function, (staticmethod, classmethod)):
         function = function.__func__
-    return inspect.unwrap(function) if isinstance(function, types.FunctionType) else None
+    if not isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__"):
+        return None
+    try:
+        function = inspect.unwrap(function)
+    except ValueError:  # (a cycle of wrappers)
+        return None
+    return function if isinstance(function, types.FunctionType) else None
 
 
 def _functions(cls: type) -> dict[str, types.FunctionType]:
