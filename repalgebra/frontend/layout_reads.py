@@ -6,9 +6,10 @@ the model made contiguous, and a call carried through unchanged (``torch.view_as
 stride one; a module kept whole may ``view`` its input).  :func:`drop_unread_layouts` takes every ``contiguous`` op
 out of the graph and, where its value reaches an output or an ``opaque`` call's input through layout ops (which may
 view it), elementwise ops and convs, pools and the like (which keep its layout), makes that output or input dense
-instead, right where it is read.  Where folding changes the layout an output has at the example (a BN of a channel
-slice, folded, returns the slice), :func:`layouts_to_match` and :func:`dense_outputs` make it dense as the model's is.  No rule meets a ``contiguous`` between the ops it folds (a TCN's chomp, ``x[..., :-p].contiguous()``,
-before its BatchNorm).
+instead, right where it is read.  No rule meets a ``contiguous`` between the ops it folds (a TCN's chomp,
+``x[..., :-p].contiguous()``, before its BatchNorm).  Where folding changes the layout an output has at the example (a
+BN of a channel slice, folded, returns the slice), :func:`layouts_to_match` and :func:`dense_outputs` make it dense as
+the model's is.
 """
 
 from __future__ import annotations
