@@ -56,6 +56,7 @@ from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
 from repalgebra.frontend.fx_trace import one_at_a_time, runs_own_hooks
 from repalgebra.frontend.inputs import as_tuple, batch_of_one, batch_plus_one
+from repalgebra.frontend.layout_reads import dense_outputs, layouts_to_match
 from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.frontend.state import STATE_TAG, StateChanged, cache_regions, copy_difference, find_state, mark_written, restore_in_place, watch
 from repalgebra.frontend.structured import bound_view, flat_leaves, flat_view, needs_flat_view, restructured, structure_mismatch, structure_text, unviewed
@@ -63,7 +64,6 @@ from repalgebra.frontend.torch import UntraceableError, check_leaf_modules, chec
 from repalgebra.frontend.wrappers import unwrap
 from repalgebra.gc_pause import frozen_gc
 from repalgebra.hooked import HookedPart, movable_hooks, without_hooks
-from repalgebra.frontend.layout_reads import dense_outputs, layouts_to_match
 from repalgebra.ir import Graph, Node
 from repalgebra.layout import SIZE_MATCHED
 from repalgebra.module_copy import cast_floats, copy_module, eval_copy, in_eval, keep_registries, plain_ties

@@ -87,7 +87,8 @@ _ROUTES: dict[types.ModuleType, dict[str, types.ModuleType]] = {
 def _flags() -> dict[types.ModuleType, tuple[str, ...]]:
     """:data:`_FLAGS`, and ``torch._dynamo.is_compiling``: the older spelling of ``torch.compiler.is_compiling`` (a
     function of its own, which torch.export answers True), still common in public code (litgpt, torchao).  Missed,
-    an export capture dropped the eager branch it guards (a clamp: 105 off at other values; review R13a).
+    an export capture dropped the eager branch it guards (a clamp: 105 off at other values; review R13a).  Also
+    ``torch._guards.detect_fake_mode`` and the dispatch mode's flag, which a trace answers otherwise (review R14a).
     ``torch._dynamo`` takes a second to import, so it is imported at the first capture, which needs it anyway (not
     cached: a dict of a few entries, and no state of this module's)."""
     import torch._dynamo.external_utils as external_utils
@@ -237,9 +238,6 @@ def _asks_a_capture(function: types.FunctionType) -> bool:
         return set(code.co_names).union(*(names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
     return not (names(function.__code__) - {function.__name__}).isdisjoint(_CAPTURE_NAMES)
-
-
-
 
 
 # Flag helpers of model libraries, which the model's code imports by name: Hugging Face's
