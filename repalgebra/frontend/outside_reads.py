@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repalgebra.frontend.capture import Call
-from repalgebra.frontend.returned_mapping import mapping_returned
+from repalgebra.frontend.returned_mapping import mapping_returned, method_loaded
 from repalgebra.frontend.structured import VIEWED
 from repalgebra.module_copy import in_packages, storage_address
 
@@ -558,7 +558,7 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
     by an index the code computes (``self.heads[self.task].conv``: each child, review R7).  An instruction the
     reader does not know counts as handing it on.  ``item``: the chain is an item of a container (a loop's local),
     which arithmetic (``x * s``) does not hand on."""
-    if ops[i].opname == "LOAD_CLOSURE" or _method_loaded(ops[end - 1]):
+    if ops[i].opname == "LOAD_CLOSURE" or method_loaded(ops[end - 1]):
         return False  # (a method of it called: the chain names the method, for _through)
     if ops[end - 1].opname == "LOAD_ATTR" and ops[end - 1].argval in ("__call__", "forward"):
         return False  # (a way to call it, handed on: HF's ``self._gradient_checkpointing_func(layer.__call__, h)``)
@@ -877,11 +877,6 @@ def _checkpointing(dotted: tuple[str, ...], namespace: dict[str, Any] | None, lo
     while isinstance(found, functools.partial) and not found.args:  # (partial(checkpoint, use_reentrant=False))
         found = found.func
     return getattr(found, "__name__", None) in _CALLERS and in_packages(getattr(found, "__module__", None), ("torch", "timm"))
-
-
-def _method_loaded(op: dis.Instruction) -> bool:
-    """Whether ``op`` loads a method to call (``self.conv(x)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` flagged so from 3.12)."""
-    return op.opname == "LOAD_METHOD" or (op.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((op.arg or 0) & 1))
 
 
 def _items(chain: tuple[Any, ...]) -> tuple[Any, ...]:

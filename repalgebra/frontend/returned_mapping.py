@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["mapping_returned"]
+__all__ = ["mapping_returned", "method_loaded"]
 
 # Instructions that carry no value of the expression (3.11 and 3.12)
 _NOTHING = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "EXTENDED_ARG"})
@@ -76,7 +76,7 @@ def _values(ops: list[dis.Instruction], self_name: str) -> list[Any] | None:
     for op in ops:
         if op.opname == "LOAD_FAST" and op.argval == self_name:
             values.append(())
-        elif op.opname == "LOAD_ATTR" and values and isinstance(values[-1], tuple) and not _method_flag(op):
+        elif op.opname == "LOAD_ATTR" and values and isinstance(values[-1], tuple) and not method_loaded(op):
             values[-1] = (*values[-1], op.argval)
         elif op.opname == "LOAD_CONST":
             values.append(_Const(op.argval))
@@ -89,6 +89,6 @@ def _values(ops: list[dis.Instruction], self_name: str) -> list[Any] | None:
     return None if () in values else values
 
 
-def _method_flag(op: dis.Instruction) -> bool:
-    """Whether a ``LOAD_ATTR`` loads a method to call (flagged so from 3.12)."""
-    return sys.version_info >= (3, 12) and bool((op.arg or 0) & 1)
+def method_loaded(op: dis.Instruction) -> bool:
+    """Whether ``op`` loads a method to call (``self.conv(x)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` flagged so from 3.12)."""
+    return op.opname == "LOAD_METHOD" or (op.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((op.arg or 0) & 1))
