@@ -216,6 +216,7 @@ _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_o
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_WRAPPED_FOLDS = "tests/test_fuse_outside_reads.py::test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds"
 _SPREAD_FUSED = ("tests/test_fuse_outside_reads.py::test_a_dict_of_branches_spread_into_a_method_of_its_own_is_fused",)
 _R6_NOT_HANDED = ("tests/test_fuse_outside_reads.py::test_a_container_given_to_a_loop_len_or_a_test_is_still_fused",)
 _R6_PLAIN = "tests/test_inplace.py::test_a_tensor_a_part_kept_whole_holds_as_a_plain_attribute_stays_the_models"
@@ -2702,7 +2703,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.mode_flags:_flags", "torch._guards: (\"detect_fake_mode\",), python_dispatch: (\"is_in_torch_dispatch_mode\",)", "",
      ("tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[fake-mode-export]", "tests/test_fuse_call_modes.py::test_a_branch_on_a_mode_flag_is_kept_as_the_model_wrote_it[dispatch-mode-export]")),
     ("frontend", "cached-property-unread", "a functools.cached_property's getter not read (a dict of children it returns "
-     "reached by no one: 4.7e3 off; review R14a)", "repalgebra.frontend.outside_reads:_function_of",
+     "reached by no one: 4.7e3 off; review R14a)", "repalgebra.frontend.outside_reads:_layers",
      "value.func if isinstance(value, functools.cached_property) else value", "value",
      (f"{_R6_HANDED}[cached-heads]",)),
     ("onnx_backend", "bool-add-as-add", "bool + bool (torch's logical or) written as an ONNX Add, which takes no bool",
@@ -2755,8 +2756,31 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      ("tests/test_fuse_capture.py::test_a_channels_last_layout_permuted_at_the_output_is_not_made_channels_last",)),
     ("frontend", "wrapped-getter-unread", "a getter a caching descriptor wraps (torch's lazy_property, a property over "
      "lru_cache) not read: a dict of children it returns reached by no one (1.8e3 off; review R15a)",
-     "repalgebra.frontend.outside_reads:_function_of", ' and not hasattr(function, "__wrapped__"):', ":",
-     (f"{_R6_HANDED}[lazy-heads]", f"{_R6_HANDED}[lru-heads]")),
+     "repalgebra.frontend.outside_reads:_layers", 'getattr(function, "__wrapped__", None)',
+     "None", (f"{_R6_HANDED}[lazy-heads]", f"{_R6_HANDED}[lru-heads]")),
+    ("frontend", "wrapper-unread", "a decorator's wrapper of the model's own looked through to the function it wraps: "
+     "its own reach into a child never read (2.4e3 off; review R14a)", "repalgebra.frontend.outside_reads:_function_of",
+     "and (last or not _trusted(layer)):", "and last:",
+     (f"{_R6_HANDED}[wrapper-reaching]", f"{_R6_HANDED}[args-wrapper-reaching]")),
+    ("frontend", "wrapped-call-handed", "self handed by a wrapper to the function it wraps taken as handed on "
+     "(every decorated forward kept whole lost its folds)", "repalgebra.frontend.outside_reads:_chains_in",
+     'how[0] == "cell" and not chain and not depth', 'how[0] == "cell" and False',
+     (f"{_WRAPPED_FOLDS}[plain]", f"{_WRAPPED_FOLDS}[self-star]")),
+    ("frontend", "self-first-star-handed", "fn(self, *args, **kwargs) in a wrapper (Hugging Face's can_return_tuple) "
+     "taken as self put in a list and handed on: folds lost", "repalgebra.frontend.outside_reads:_handed_on",
+     '                first, stack = True, [*stack, "V"]', "                return True",
+     (f"{_WRAPPED_FOLDS}[self-star]",)),
+    ("frontend", "args-wrapper-unread", "a wrapper(*args, **kwargs) skipped for taking no named parameter: its reach "
+     "through args[0] never read", "repalgebra.frontend.outside_reads:_from_first", "        return chain[1:] or None",
+     "        return None", (f"{_R6_HANDED}[args-wrapper-reaching]",)),
+    ("frontend", "args-wrapper-other-arguments", "a chain from a wrapper's args read as from self whatever its first "
+     "index (args[1], the input, handed to torch.is_tensor taken for self handed on: folds lost)",
+     "repalgebra.frontend.outside_reads:_from_first", "    if chain[:1] == (0,):", "    if chain[:1] and chain[0] in (0, 1):",
+     (f"{_WRAPPED_FOLDS}[args-star]",)),
+    ("frontend", "wrapped-getter-mapped", "a property whose getter a wrapper of the model's own adds to read as the "
+     "dict the getter returns (the added child reached by no one: 4.5e3 off; review R14a)",
+     "repalgebra.frontend.outside_reads:_mapping_of", "else mapping_returned(getter)", "else mapping_returned(_layers(raw)[-1])",
+     (f"{_R6_HANDED}[wrapped-getter]",)),
     ("frontend", "spread-dict-handed", "a dict of its children from a property spread into a method of its own "
      "(self.forward_head(x, **self.one2many)) taken as handed on: all the head's folds lost (review R10a 03)",
      "repalgebra.frontend.outside_reads:_spread_into", "    code = function.__code__\n    named = ", "    return None\n    named = ",

@@ -623,6 +623,54 @@ def _first_block_conv(method):
     return wrapper
 
 
+def _raw_on_outliers(method):
+    """A decorator of the model's own whose wrapper reaches into a block itself, on inputs far below 0 (review R14a)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x):
+        if x.mean() < -100:
+            return self.blocks[0].conv(x)
+        return method(self, x)
+
+    return wrapper
+
+
+def _raw_on_outliers_by_args(method):
+    """The same, written as a wrapper of any signature (``*args``, as mmcv's ``auto_fp16`` is): ``args[0]`` is the
+    module."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if args[1].mean() < -100:
+            return args[0].blocks[0].conv(args[1])
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+def _raw_on_outliers_unwrapped(method):
+    """The same without ``functools.wraps``: nothing names what the wrapper calls but its closure."""
+
+    def wrapper(self, *args, **kwargs):
+        if args[0].mean() < -100:
+            return self.blocks[0].conv(args[0])
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _with_raw_first(getter):
+    """A decorator of the model's own over a property's getter, which adds a block to the dict it returns."""
+
+    @functools.wraps(getter)
+    def wrapper(self):
+        heads = getter(self)
+        heads["raw"] = self.blocks[0].conv
+        return heads
+
+    return wrapper
+
+
 _partial_checkpoint = functools.partial(checkpoint, use_reentrant=False)  # (the flag fixed once, a common way)
 
 
@@ -890,7 +938,36 @@ def _handed_on(how: str) -> type:
                     return blocks[0].conv(x)
             return x
 
-    return {"spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching,
+    class WrapperReaching(Base):  # (the wrapper's own code reaches into a block; review R14a, 2.4e3 off)
+        @_raw_on_outliers
+        def other(self, x):
+            return x
+
+    class ArgsWrapperReaching(Base):
+        @_raw_on_outliers_by_args
+        def other(self, x):
+            return x
+
+    class UnwrappedWrapperReaching(Base):
+        @_raw_on_outliers_unwrapped
+        def other(self, x):
+            return x
+
+    class WrappedGetter(Base):  # (the getter's wrapper adds a block to the dict: 4.5e3 off; review R14a)
+        @property
+        @_with_raw_first
+        def heads(self):
+            return dict(first=self.layer0, rest=None)
+
+        def other(self, x):
+            return self._first(x, **self.heads)
+
+        def _first(self, x, first, rest=None, raw=None):
+            return raw(x) if raw is not None else first(x)
+
+    return {"wrapper-reaching": WrapperReaching, "args-wrapper-reaching": ArgsWrapperReaching,
+            "unwrapped-wrapper-reaching": UnwrappedWrapperReaching, "wrapped-getter": WrappedGetter,
+            "spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching,
             "lazy-heads": LazyHeads, "lru-heads": LruHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
             "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
             "shadowed-method": ShadowedMethod, "decorated-method": DecoratedMethod, "child-parameters": ChildParameters,
@@ -914,7 +991,8 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
            "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching",
-           "lazy-heads", "lru-heads"]
+           "lazy-heads", "lru-heads", "wrapper-reaching", "args-wrapper-reaching", "unwrapped-wrapper-reaching",
+           "wrapped-getter"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 
@@ -1214,3 +1292,61 @@ def test_a_wrapper_that_hands_on_unknown_names_is_copied_whole():
     model = randomized_bn(HoldsAWrapper())
     _same_on_the_other_branch(model)
     assert type(fuse(model, torch.randn(1, 4, 8, 8, dtype=torch.float64)).pre) is ScalesFarInputs
+
+
+def _passing_through(style: str):
+    """A decorator of the model's own whose wrapper only calls what it wraps, in the ways libraries write one:
+    ``fn(self, *args, **kwargs)`` (Hugging Face's ``can_return_tuple``), ``fn(*args, **kwargs)`` after reading a flag
+    of ``args[0]`` (the shape of mmcv's ``auto_fp16``), and ``fn(self, x)`` without ``functools.wraps``.  (mmcv's own
+    wrapper also asks ``isinstance(args[0], nn.Module)`` and hands each ``args[i]`` to a cast: read, its module counts
+    as asking classes and handing itself on, and keeps its children as written where it is kept whole.)"""
+
+    def decorator(method):
+        if style == "self-star":
+            def wrapper(self, *args, **kwargs):
+                return_dict = kwargs.pop("return_dict", getattr(self, "return_dict", True))
+                out = method(self, *args, **kwargs)
+                return out if return_dict else (out,)
+        elif style == "args-star":
+            def wrapper(*args, **kwargs):
+                if not torch.is_tensor(args[1]):
+                    raise TypeError("a method of a module, given a tensor")
+                if not getattr(args[0], "fp16_enabled", False):
+                    return method(*args, **kwargs)
+                return method(*args, **kwargs).half()
+        else:
+            def wrapper(self, x):
+                return method(self, x)
+            return wrapper
+        return functools.wraps(method)(wrapper)
+
+    return decorator
+
+
+@pytest.mark.parametrize("style", ["self-star", "args-star", "plain"])
+def test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds(style):
+    """A wrapper of the model's own is read as a method (review R14a); the function it calls with ``self`` first is
+    read as a method too, not taken for ``self`` handed on: a parent kept whole for a branch on its input, under a
+    decorator that only passes the call through, still has its blocks fused."""
+
+    class Body(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([ConvBN(), ConvBN()])
+
+        @_passing_through(style)
+        def forward(self, x):
+            for blk in self.blocks:
+                x = blk(x) if x.mean() > -100 else blk(-x)
+            return x
+
+    assert reached_through(Body()) == {"blocks"}  # (the list itself, iterated: no block)
+    model = randomized_bn(nn.Sequential(ConvBN(), Body()))
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    fused = fuse(model, x)
+    notes = str(fused.fuse_report)
+    assert "kept whole" in notes and count_bn(fused) == 0, notes
+    with torch.no_grad():
+        for t in (x, torch.randn(2, 4, 12, 12, dtype=torch.float64) - 1000):
+            torch.testing.assert_close(fused(t), reference(t), rtol=1e-9, atol=0)  # float64

@@ -44,8 +44,14 @@ FEW = {
     "repalgebra.frontend.layout_reads:layouts_to_match": "two decisions, both mutated: the outputs matched by position only "
     "where the structures agree, and the formats the model's are dense in (the format named is dense_outputs' to write)",
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
-    "repalgebra.frontend.outside_reads:_function_of": "two decisions added to it, both mutated: a cached property's getter "
-    "is a function of the class, and so is what a caching descriptor wraps (the rest is _functions' old reading)",
+    "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
+    "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
+    "repalgebra.frontend.outside_reads:_layers": "two decisions, both mutated: a cached property's getter is a function "
+    "of the class, and so is what a wrapper or caching descriptor wraps",
+    "repalgebra.frontend.outside_reads:_from_first": "two decisions, both mutated: args[0] is self, another argument "
+    "reaches nothing (the rest, every module below, is the safe default)",
+    "repalgebra.frontend.outside_reads:_mapping_of": "one decision, mutated: a getter under a wrapper of the model's own "
+    "is read as code, not as the dict it returns",
     "repalgebra.backend.onnx:_binary": "one decision added to it, mutated: a bool add or mul is ONNX's Or or And",
     "repalgebra.cli:_relative_error": "one decision, mutated: masks and indices compared for equality",
     "repalgebra.backend.onnx:_example_inputs": "one decision added to it, mutated: sizes below 1 refused (its shapes' "

@@ -312,15 +312,66 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
         read.append(function)
         todo += _called_above(cls, function)  # super().forward(x): the base class's code runs too
         code = function.__code__
-        if not code.co_argcount:
+        if function is _opaque:
+            chains.append((...,))
             continue
-        found = _chains_in(code, code.co_varnames[0], functions=function.__globals__, owner=cls)
+        if code.co_argcount:
+            found = _chains_in(code, code.co_varnames[0], functions=function.__globals__, owner=cls)
+        elif code.co_flags & inspect.CO_VARARGS:  # (a decorator's wrapper(*args, **kwargs): self is args[0])
+            found = [_from_first(c) for c in _chains_in(code, code.co_varnames[code.co_kwonlyargcount],
+                                                         functions=function.__globals__, owner=cls)]
+            found = [c for c in found if c is not None]
+        else:
+            continue
         found = [t for c in found for t in _through_mappings(c, cls)]
+        for c in [c for c in found if c and isinstance(c[0], _Cell)]:  # (a decorator's wrapper calls what it wraps)
+            found.remove(c)
+            inner = _called_cell(function, c[0])
+            if inner is None:
+                found.append((...,))
+            elif inner not in seen:
+                todo.append(inner)
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
         todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
     _READ[cls] = tuple(read)
     return tuple(dict.fromkeys(chains))
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """The chain of ``self`` handed to a call of the closure variable ``name`` (a decorator's wrapper calling the
+    function it wraps, ``fn(self, x)``, ``fn(self, *args)``, or ``fn(*args)`` where ``star``: what it was given)."""
+
+    name: str
+    star: bool
+
+
+def _from_first(chain: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A chain from a wrapper's ``args`` (whose first item is ``self``) as one from ``self``: ``args[0].blocks`` as
+    ``self.blocks``, ``fn(*args)`` as ``fn(self, ...)``; None for another argument (``args[1]``); every module below for
+    anything else done with ``args`` (handed on, indexed by a computed index)."""
+    if chain[:1] == (0,):
+        return chain[1:] or None
+    if chain and isinstance(chain[0], int) and not isinstance(chain[0], bool):
+        return None
+    if chain and isinstance(chain[0], _Cell) and chain[0].star:
+        return (_Cell(chain[0].name, False),)
+    return (...,)
+
+
+def _called_cell(function: types.FunctionType, cell: _Cell) -> types.FunctionType | None:
+    """What ``function`` (a decorator's wrapper) calls with ``self`` first through its closure variable ``cell.name``, as
+    :func:`_function_of` reads it (read as a method of the class); None where that is no function of the closure or not
+    given ``self`` first (``fn(*self)``)."""
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+    if cell.star or cell.name not in cells:
+        return None
+    try:
+        called = _function_of(cells[cell.name].cell_contents)
+    except ValueError:  # (an empty cell)
+        return None
+    return None if called is None or called is _opaque else called
 
 
 _READ: "weakref.WeakKeyDictionary[type, tuple[types.FunctionType, ...]]" = weakref.WeakKeyDictionary()
@@ -337,7 +388,7 @@ def _called_above(cls: type, function: types.FunctionType) -> list[types.Functio
     if "super" not in _names(function.__code__):
         return []
     mro = [b for b in cls.__mro__ if b not in (nn.Module, object)]
-    owner = next((k for k, b in enumerate(mro) if any(_function_of(v) is function for v in vars(b).values())), None)
+    owner = next((k for k, b in enumerate(mro) if any(f is function for v in vars(b).values() for f in _layers(v))), None)
     if owner is None:
         return []
     found = []
@@ -355,18 +406,48 @@ def _names(code: types.CodeType) -> set[str]:
 
 def _function_of(value: Any) -> types.FunctionType | None:
     """The plain function a class attribute stands for (a property's getter, a cached property's, a static or class
-    method's function, what a decorator or a caching descriptor wraps: ``functools.lru_cache`` under a property,
-    torch's ``lazy_property``, which keep it as ``__wrapped__``; review R15a), else None."""
+    method's function), else None.  Under a decorator it is the outermost wrapper of the model's code: the reader
+    reads it as a method, and the function it calls with ``self`` (:func:`_read_chains`).  A wrapper that reaches into
+    a child itself (``if outlier: return self.blocks[0].conv(x)``) was never read, and its parent, kept whole, called
+    the fused block's folded conv (2.4e3 off; review R14a).  torch's and the standard library's wrappers are looked
+    through (``@torch.no_grad()``, ``functools.lru_cache`` under a property, torch's ``lazy_property``: what they wrap
+    was read by no one, 1.8e3 off; review R15a); a wrapper object of the model's code is :func:`_opaque`."""
+    layers = _layers(value)
+    for k, layer in enumerate(layers):
+        last = k == len(layers) - 1 and len(layers) < _MOST_LAYERS
+        if isinstance(layer, types.FunctionType) and (last or not _trusted(layer)):
+            return layer
+        if not last and not isinstance(layer, types.FunctionType) and not _trusted(layer):
+            return _opaque
+    return None
+
+
+def _layers(value: Any) -> list[Any]:
+    """A class attribute's function and what it wraps (``__wrapped__``, as ``functools.wraps`` sets it), outermost first;
+    at most :data:`_MOST_LAYERS` (a cycle of wrappers)."""
     function = value.fget if isinstance(value, property) else value.func if isinstance(value, functools.cached_property) else value
     if isinstance(function, (staticmethod, classmethod)):
         function = function.__func__
-    if not isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__"):
-        return None
-    try:
-        function = inspect.unwrap(function)
-    except ValueError:  # (a cycle of wrappers)
-        return None
-    return function if isinstance(function, types.FunctionType) else None
+    layers = []
+    while function is not None and len(layers) < _MOST_LAYERS:
+        layers.append(function)
+        function = getattr(function, "__wrapped__", None)
+    return layers
+
+
+_MOST_LAYERS = 64
+
+
+def _trusted(layer: Any) -> bool:
+    """Whether a wrapper is torch's, the standard library's or ours: it calls what it wraps, and reads no child.
+    (A function's globals say where it was written; ``functools.wraps`` copies the wrapped function's ``__module__``.)"""
+    module = layer.__globals__.get("__name__") if isinstance(layer, types.FunctionType) else type(layer).__module__
+    return in_packages(module, _NOT_THE_MODELS)
+
+
+def _opaque(self: Any) -> None:
+    """Stands for a wrapper object of the model's code (a class with ``__call__``): the reader cannot read it, and
+    takes it for reaching every module below."""
 
 
 def _functions(cls: type) -> dict[str, types.FunctionType]:
@@ -497,6 +578,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
                     # same, where the module does not hold an attribute of that name: see _through)
+                elif isinstance(how, tuple) and how[0] == "cell" and not chain and not depth and how[2] in (0, "*"):
+                    chains.append((_Cell(how[1], how[2] == "*"),))  # (fn(self, x) in a decorator's wrapper: _read_chains)
                 elif how:  # (``self`` itself too: functools.reduce(getattr, "layer0.conv".split("."), self),
                     handed.append(chain)  # operator.attrgetter(...)(self), [self][0].layer0: every module below; R9)
     for const in code.co_consts:
@@ -569,6 +652,7 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
     wrapped = False  # (the value is what enumerate, zip ... made of it: iterated, its items are the loop's)
     jumped = False  # (past a conditional expression's other arm: only a store into a local is followed there)
     arms: list[int] = []  # the stack's heights at the tests of conditional expressions above the value
+    first = False  # (the value is the first of a call's positional arguments, before a star: f(self, *args))
     while k < len(ops):
         op = ops[k]
         if op.opname == "JUMP_FORWARD" and "V" in stack and k >= end and (
@@ -595,8 +679,23 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
             p = taken.index("V")  # its place from the top
             if jumped:  # (for b in (self.blocks if c else self.extra): the loop binds no local to the arm; review R8)
                 return ("stored", op.argval) if op.opname in ("STORE_FAST", "STORE_DEREF") and p == 0 else True
+            if first and op.opname in ("LIST_TO_TUPLE", "CALL_INTRINSIC_1"):
+                stack.append("V")
+                k += 1
+                continue
+            if op.opname == "CALL_FUNCTION_EX" and p == op.arg & 1 and not wrapped:  # (fn(*args, **kwargs), fn(self, *args))
+                callee = next((t for t in taken[p + 1:] if t != "null"), None)
+                cell = isinstance(callee, int) and ops[callee].opname == "LOAD_DEREF"
+                return ("cell", ops[callee].argval, 0 if first else "*") if cell else True
+            if first:
+                return True  # (the list of arguments put to another use)
             if wrapped:
                 return op.opname != "GET_ITER"
+            if op.opname == "BUILD_LIST" and p == op.arg - 1 and ops[k + 1].opname in ("LOAD_FAST", "LOAD_DEREF") and (
+                    ops[k + 2].opname == "LIST_EXTEND"):
+                first, stack = True, [*stack, "V"]
+                k += 1
+                continue
             if op.opname == "BINARY_SUBSCR" and p == 1:  # (self.heads[self.task]: an index _steps_to did not read)
                 return ("index", k, None)
             if op.opname == "CALL" and sys.version_info < (3, 13):  # (3.13 orders a call's stack otherwise: handed on)
@@ -627,6 +726,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                 by_keyword = any(o.opname == "KW_NAMES" for o in ops[max(k - 2, 0):k])
                 if isinstance(callee, int) and _of_super(ops, callee) and not by_keyword:
                     return ("super", ops[callee].argval, argc - 1 - p)  # (super().forward_head(x, box_head): its code)
+                if isinstance(callee, int) and ops[callee].opname == "LOAD_DEREF" and not by_keyword:
+                    return ("cell", name, argc - 1 - p)  # (fn(self, x) in a decorator's wrapper: see _read_chains)
                 if isinstance(callee, int) and ops[callee].opname == "LOAD_GLOBAL" and not by_keyword:
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 if dotted and len(dotted) == 2 and ops[callee - 1].opname in ("LOAD_FAST", "LOAD_DEREF") and not by_keyword:
@@ -720,7 +821,7 @@ def _in_super(how: tuple[Any, ...], owner: type | None, code: types.CodeType, de
     if how[0] != "super" or owner is None or depth >= 3:
         return None
     mro = owner.__mro__
-    at = next((k for k, b in enumerate(mro) if any(getattr(_function_of(v), "__code__", None) is code for v in vars(b).values())), None)
+    at = next((k for k, b in enumerate(mro) if any(getattr(f, "__code__", None) is code for v in vars(b).values() for f in _layers(v))), None)
     above = next((b for b in mro[at + 1:] if how[1] in vars(b)), None) if at is not None else None
     function = _own_method(above, how[1]) if above is not None and above not in (nn.Module, object) else None
     if function is None or how[2] + 1 >= function.__code__.co_argcount:
@@ -743,9 +844,8 @@ def _own_method(owner: type | None, name: str) -> types.FunctionType | None:
 def _mapping_of(owner: type | None, name: Any) -> dict[str, tuple[str, ...] | None] | None:
     """The dict of chains the property ``name`` of ``owner`` returns (:func:`mapping_returned`), else None."""
     raw = inspect.getattr_static(owner, name, None) if owner is not None and isinstance(name, str) else None
-    if not isinstance(raw, property) or not isinstance(raw.fget, types.FunctionType):
-        return None
-    return mapping_returned(inspect.unwrap(raw.fget))
+    getter = _function_of(raw) if isinstance(raw, property) else None  # (under a decorator of the model's own, its
+    return None if getter is None else mapping_returned(getter)  # wrapper, which may add to the dict: review R14a)
 
 
 def _spread_into(chain: tuple[Any, ...], how: tuple[Any, ...], owner: type | None, self_name: str,
@@ -820,7 +920,7 @@ def _stack_effect(op: dis.Instruction) -> tuple[int, int] | None:
     if name == "MATCH_CLASS":
         return 3, 1
     if name in ("GET_ITER", "UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "UNARY_POSITIVE", "LIST_TO_TUPLE", "TO_BOOL",
-                "FORMAT_SIMPLE"):
+                "FORMAT_SIMPLE", "CALL_INTRINSIC_1"):
         return 1, 1
     if name == "FORMAT_VALUE":
         return 1 + bool(arg & 4), 1
