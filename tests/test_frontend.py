@@ -369,6 +369,39 @@ def test_a_shape_read_does_not_land_on_a_conv_its_bn_folds_into(conv):
     assert repalgebra.verify(Wrapped().eval(), fused, x, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("const", ["per-channel", "per-column"])
+def test_a_shape_read_moves_through_an_added_constant_of_size_one_along_the_axis(const):
+    """YOLOv7's head: ``x = im(m(ia(x))); bs, _, ny, nx = x.shape; x.view(bs, na, no, ny, nx)``, where ``ia`` adds a
+    ``(1, C, 1, 1)`` parameter (ImplicitA) before the 1x1 conv ``m``.  The read moved off the conv onto the add and
+    stopped there: the add then had two readers, and did not fold into the conv (review R16a).  Along an axis where
+    the constant has size 1 the sum has its input's size at every size; along one where it does not (``x +
+    pos[..., :W]`` of shape ``(1, 1, 1, W)``: an input of width 1 takes its width) the read stays."""
+    shape = (1, 4, 1, 1) if const == "per-channel" else (1, 1, 1, 8)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.implicit, self.m, self.bn = nn.Parameter(torch.randn(shape)), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            y = self.bn(self.m(self.implicit + x))
+            bs, _, ny, nx = y.shape
+            return y.view(bs, 2, 3, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+
+    model, x = Head().eval(), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    fused = repalgebra.fuse(model, x)
+    ops = fused.fuse_report.ops_after
+    assert "batch_norm" not in ops and ("add_const" in ops) == (const == "per-column"), str(fused.fuse_report)
+    for t in (x, torch.randn(1, 4, 5, 8)):
+        torch.testing.assert_close(fused(t), model(t), rtol=1e-5, atol=1e-6)  # float32, folded in float64
+    if const == "per-column":  # (the model runs at width 8 and 1 only: fuse fixed the width, and refuses width 1)
+        with pytest.raises(ValueError, match="fixed at"):
+            fused(torch.randn(1, 4, 5, 1))
+
+
 def test_getitem_and_other_calls_are_fncalls():
     class M(nn.Module):
         def __init__(self):

@@ -28,7 +28,8 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
     ``v = p(u)`` fixes that size from ``u`` or from ``p``'s weights, for every input:
 
     * ``batch_norm``, ``scale``, ``identity``, an activation of one input (``gelu``, ``relu``, ...), ``add``/``sub``
-      of equal shapes: ``v.shape[a] = u.shape[a]``;
+      of equal shapes, ``add_const`` along an axis where its constant has size 1 (YOLOv7's ``ImplicitA``, ``x +
+      self.implicit`` of shape ``(1, C, 1, 1)``): ``v.shape[a] = u.shape[a]``;
     * ``linear(u; W)``: ``v.shape[a] = u.shape[a]`` before the last axis, ``v.shape[-1] = W.shape[0]``;
     * ``reshape_dyn``: an axis whose entry is one size read (``refs[r].shape[a]``) or a number;
     * ``conv2d(u; W)``, ``conv3d(u; W)``: ``v.shape[0] = u.shape[0]``, ``v.shape[1] = W.shape[0]``, and a
@@ -43,7 +44,7 @@ def size_source(v: Value, axis: int) -> tuple[Value, int] | int | None:
         return None
     axis %= len(v.shape)
     if n.op in _SAME_SHAPE or (n.op in ("add", "sub") and all(i.shape == v.shape for i in n.inputs)
-                                and _root(n.inputs[0], axis) == _root(n.inputs[1], axis)):
+                                and _root(n.inputs[0], axis) == _root(n.inputs[1], axis)) or _kept_by_const(n, axis):
         return n.inputs[0], axis
     if n.op == "linear":
         return n.params["weight"].shape[0] if axis == len(v.shape) - 1 else (n.x, axis)
@@ -235,6 +236,19 @@ def _onto_same_shape(graph: Graph) -> None:
             graph.insert_before(node, [new])  # re-sorted where the BN comes after the read
             graph.replace_uses(node.out, new.out)
             graph.eliminate_dead()
+
+
+def _kept_by_const(n: Node, axis: int) -> bool:
+    """Whether ``n`` is an ``add_const`` whose output has its input's size along ``axis`` at every size: its constant
+    has no more axes than the input and size 1 along that one (a larger constant would broadcast an input of size 1
+    to its own)."""
+    if n.op != "add_const" or n.x.shape is None:
+        return False
+    const, rank = n.params["const"], len(n.x.shape)
+    if const.dim() > rank:
+        return False
+    at = axis - (rank - const.dim())  # (the constant's axes align with the input's last ones)
+    return at < 0 or const.shape[at] == 1
 
 
 def _same_shape_reader(graph: Graph, v: Value) -> Value:
