@@ -46,6 +46,9 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
     "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
+    "repalgebra.frontend.shapes:_kept_by_const": "one decision mutated: an add_const passes a read on.  That it does so "
+    "only along an axis where its constant has size 1 is defence in depth: where the constant is wider, the model runs "
+    "at that size and 1 only, so fuse fixes the axis and refuses other sizes (test_frontend's per-column case)",
     "repalgebra.frontend.outside_reads:_layers": "two decisions, both mutated: a cached property's getter is a function "
     "of the class, and so is what a wrapper or caching descriptor wraps",
     "repalgebra.frontend.outside_reads:_from_first": "two decisions, both mutated: args[0] is self, another argument "
