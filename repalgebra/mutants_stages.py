@@ -216,6 +216,7 @@ _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_o
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_ZERO_D_FIRST = "tests/test_onnx_export.py::test_a_0d_first_input_leaves_the_batch_to_the_next"
 _CONST_READ = "tests/test_frontend.py::test_a_shape_read_moves_through_an_added_constant_of_size_one_along_the_axis"
 _WRAPPED_FOLDS = "tests/test_fuse_outside_reads.py::test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds"
 _SPREAD_FUSED = ("tests/test_fuse_outside_reads.py::test_a_dict_of_branches_spread_into_a_method_of_its_own_is_fused",)
@@ -2759,6 +2760,13 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "lru_cache) not read: a dict of children it returns reached by no one (1.8e3 off; review R15a)",
      "repalgebra.frontend.outside_reads:_layers", 'getattr(function, "__wrapped__", None)',
      "None", (f"{_R6_HANDED}[lazy-heads]", f"{_R6_HANDED}[lru-heads]")),
+    ("onnx_backend", "batch-of-a-0d-first-input", "the batch read off the first input, a 0-d time (a neural ODE's "
+     "forward(t, x)): the export failed with an IndexError (review R16b)", "repalgebra.backend.onnx_fallback:batch_input",
+     "    return next((k for k, v in enumerate(graph.inputs) if v.shape), None)", "    return 0 if graph.inputs else None",
+     (f"{_ZERO_D_FIRST}[lowered]", f"{_ZERO_D_FIRST}[fallback]")),
+    ("onnx_backend", "scalar-inputs-dynamic", "a graph of 0-d inputs only written with a batch said to be dynamic",
+     "repalgebra.backend.onnx:graph_to_onnx", "    if dynamic_batch and first is None:", "    if False:",
+     (f"{_ZERO_D_FIRST}[lowered]",)),
     ("frontend", "added-const-stops-reads", "a shape read stopped at an added constant (YOLOv7's ImplicitA before a 1x1 "
      "conv): the add read twice, not folded (review R16a)", "repalgebra.frontend.shapes:_kept_by_const",
      '    if n.op != "add_const" or n.x.shape is None:', "    if True:", (f"{_CONST_READ}[per-channel]",)),

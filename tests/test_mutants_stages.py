@@ -46,6 +46,7 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
     "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
+    "repalgebra.backend.onnx_fallback:batch_input": "one line, mutated: the first input with axes holds the batch",
     "repalgebra.frontend.shapes:_kept_by_const": "one decision mutated: an add_const passes a read on.  That it does so "
     "only along an axis where its constant has size 1 is defence in depth: where the constant is wider, the model runs "
     "at that size and 1 only, so fuse fixes the axis and refuses other sizes (test_frontend's per-column case)",

@@ -280,6 +280,41 @@ def test_an_input_whose_axis_0_is_not_the_batch_fixes_it_where_no_other_batch_ru
         assert dims == [[3, 5, 8], [5, 3]] and "batch fixed at 3" in str(report), (dims, report)
 
 
+class TimeFirst(nn.Module):
+    """A neural ODE's vector field as torchdiffeq calls it, ``func(t, y)``: the time first, a 0-d tensor."""
+
+    def __init__(self, fallback: bool) -> None:
+        super().__init__()
+        self.fallback, self.conv, self.bn = fallback, nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, t, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y * torch.cos(t) if self.fallback else y * t
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["lowered", "fallback"])
+def test_a_0d_first_input_leaves_the_batch_to_the_next(fallback):
+    """The batch was read off the first input's axis 0: a 0-d time first (``forward(t, x)``) failed the export with
+    an IndexError (review R16b).  The batch is axis 0 of the first input with axes; a graph whose inputs are all 0-d
+    has none, and is written with every size fixed."""
+    model = TimeFirst(fallback).eval()
+    proto, report = export_onnx(model, None, (torch.tensor(0.5), torch.randn(2, 4, 5, 5)), return_report=True)
+    assert report.dynamic_batch, str(report)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for b in (1, 3):
+        t, x = torch.tensor(0.3 + b), torch.randn(b, 4, 5, 5)
+        with torch.no_grad():
+            assert rel_err(session.run(None, dict(zip(names, (t.numpy(), x.numpy()))))[0], model(t, x)) < 1e-5  # float32
+
+    class Scalars(nn.Module):
+        def forward(self, a, b):
+            return torch.cos(a) * b if fallback else a * b + 1
+
+    proto, report = export_onnx(Scalars(), None, (torch.tensor(0.5), torch.tensor(2.0)), return_report=True)
+    assert not report.dynamic_batch and "every input is 0-d" in str(report), str(report)
+
+
 class MaskFromInput(nn.Module):
     """A padding mask computed from the input, as sequence models do: an all-zero row is padding."""
 

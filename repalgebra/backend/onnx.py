@@ -42,6 +42,7 @@ from repalgebra.backend.onnx_fallback import (
     RegionReport,
     Spliced,
     adaptive_windows,
+    batch_input,
     capture_for_export,
     describe,
     check_input,
@@ -1111,6 +1112,11 @@ def graph_to_onnx(
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest}, got {opset}")
     report = ExportReport(opset=opset, dynamic_batch=dynamic_batch, notes=list(notes))
     graph = complex_as_pairs(graph)  # ONNX has no complex tensors: RoPE's complex products as real arithmetic
+    first = batch_input(graph)
+    batch = graph.inputs[first].shape[0] if first is not None else None
+    if dynamic_batch and first is None:
+        dynamic_batch = report.dynamic_batch = False
+        report.notes.append("batch fixed: every input is 0-d, and no axis of an input is a batch")
     if dynamic_batch and (counted := _pieces_along_the_batch(graph, examples, dtype)):
         dynamic_batch = report.dynamic_batch = False
         report.notes.append(f"batch fixed: the number of pieces of a split at {counted} follows the batch, and the "
@@ -1124,11 +1130,11 @@ def graph_to_onnx(
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes, examples)
         report.dynamic_batch = dynamic_batch
     another = _batch_axes(graph, examples, dtype) if dynamic_batch else None
-    if dynamic_batch and another is None and (odd := next((k for k, v in enumerate(graph.inputs) if k and v.shape
-                                                              and v.shape[0] != graph.inputs[0].shape[0]), None)) is not None:
+    if dynamic_batch and another is None and (odd := next((k for k, v in enumerate(graph.inputs) if k != first and v.shape
+                                                              and v.shape[0] != batch), None)) is not None:
         dynamic_batch = report.dynamic_batch = False  # (a time-major mask (T, B) beside (B, T, C): axis 0 named batch on
         # both, the file ran at no other batch; review R13b)
-        report.notes.append(f"batch fixed at {graph.inputs[0].shape[0]}: input {odd}'s axis 0 ({graph.inputs[odd].shape[0]}) "
+        report.notes.append(f"batch fixed at {batch}: input {odd}'s axis 0 ({graph.inputs[odd].shape[0]}) "
                             "is not the batch, and the graph did not run at another batch to find where its batch is")
     ctx = LowerCtx(opset, dtype, dynamic_batch)
     names: dict[int, str] = {}
@@ -1190,15 +1196,14 @@ def graph_to_onnx(
     meta = {
         **(metadata or {}),
         "repalgebra.fallback": report.summary(),
-        "repalgebra.batch": "dynamic" if dynamic_batch else f"fixed at {graph.inputs[0].shape[0] if graph.inputs[0].shape else '-'}",
+        "repalgebra.batch": "dynamic" if dynamic_batch else f"fixed at {batch if batch is not None else '-'}",
     }
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     if another is not None and another.axes is not None and (why := _runs_there(model, another)):
         # A lowering took axis 0 for the batch where it is not (a flatten of (C, B*H*W) after a transpose): the file
         # declared it free and fails there.  Written again with the batch fixed, as an honest file.
-        fixed = (f"batch fixed at {graph.inputs[0].shape[0]}: with a dynamic batch the file was not shown to compute the graph "
-                 f"at batch {graph.inputs[0].shape[0] + 1} ({why})")
+        fixed = f"batch fixed at {batch}: with a dynamic batch the file was not shown to compute the graph at batch {batch + 1} ({why})"
         return graph_to_onnx(graph, opset=opset, dynamic_batch=False, graph_name=graph_name, metadata=metadata,
                              return_report=return_report, notes=[*notes, fixed], examples=examples)
     return (model, report) if return_report else model
@@ -1487,9 +1492,9 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
 
     from repalgebra.interpret import run_graph
 
-    if not graph.inputs or not graph.inputs[0].shape:
+    if (first := batch_input(graph)) is None:
         return None
-    batch = graph.inputs[0].shape[0]
+    batch = graph.inputs[first].shape[0]
     gen = torch.Generator().manual_seed(0)
     given = dict(enumerate(examples))
     if any(v.dtype is not None and not v.dtype.is_floating_point and k not in given for k, v in enumerate(graph.inputs)):
@@ -1498,10 +1503,10 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     def value(k: int, v: Value, grow: bool) -> torch.Tensor:
         return check_input(v, given.get(k), batch + 1 if grow else v.shape[0] if v.shape else None, gen, dtype)
 
-    others = [k for k, v in enumerate(graph.inputs) if k and v.shape and v.shape[0] == batch]
+    others = [k for k, v in enumerate(graph.inputs) if k != first and v.shape and v.shape[0] == batch]
     for n in range(len(others), -1, -1) if len(others) <= 4 else (len(others), 0):
         for chosen in combinations(others, n):
-            grown = [k == 0 or k in chosen for k in range(len(graph.inputs))]
+            grown = [k == first or k in chosen for k in range(len(graph.inputs))]
             xs = tuple(value(k, v, g) for k, (v, g) in enumerate(zip(graph.inputs, grown)))
             try:
                 with torch.no_grad(), probing():
@@ -1729,8 +1734,8 @@ def _holds_at_batch_one(graph: Graph, module: torch.nn.Module, example: tuple) -
 
 
 def _file_batch(example: tuple) -> int | None:
-    """The batch of the file: the first input's axis 0 (the inputs whose axis 0 has that size grow with it)."""
-    return example[0].shape[0] if example and torch.is_tensor(example[0]) and example[0].dim() else None
+    """The batch of the file: axis 0 of the first input with axes (the inputs whose axis 0 has that size grow with it)."""
+    return next((t.shape[0] for t in example if torch.is_tensor(t) and t.dim()), None)
 
 
 def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, example: tuple, notes: list[str]) -> str:
@@ -1934,19 +1939,19 @@ def export_onnx(
         batch = dynamic_batch and module is not None
         if batch and not batch_free:  # (a capture at the export's shapes, the batch too: review R13b, 1.8 off at batch 2)
             batch = False
-            notes.append(f"batch fixed at {example[0].shape[0]}: captured by torch.export with every shape fixed, the batch too")
+            notes.append(f"batch fixed at {_file_batch(example)}: captured by torch.export with every shape fixed, the batch too")
         if dynamic_batch and module is None:  # (nothing to check another batch against: review R9, 2.3 off at batch 2)
-            notes.append(f"batch fixed at {graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else 1}: "
+            notes.append(f"batch fixed at {graph.inputs[k].shape[0] if (k := batch_input(graph)) is not None else '-'}: "
                          f"{_GRAPH_BATCH_WHY}")
         fixed = fixed_shape_parts(module) if module is not None else []
         if fixed and batch:
             batch = False
             shown = ", ".join(fixed[:3]) + (f", ... ({len(fixed) - 3} more)" if len(fixed) > 3 else "")
-            notes.append(f"batch fixed at {example[0].shape[0]}: fused with shapes fixed at its example input: {shown}")
+            notes.append(f"batch fixed at {_file_batch(example)}: fused with shapes fixed at its example input: {shown}")
         meta = {"producer": "repalgebra", "repalgebra_version": __version__}
         if batch and (why := _checks_read_the_batch(getattr(graph, "input_checks", ()), example)):
             batch = False
-            notes.append(f"batch fixed at {example[0].shape[0]}: {why}")
+            notes.append(f"batch fixed at {_file_batch(example)}: {why}")
         graph = records_opened(graph)  # (compared with the model's tensors below: its record's fields)
         fired = False
         if fuse:
@@ -1955,12 +1960,12 @@ def export_onnx(
             fired = bool(rewritten.fired)
         if batch and (fired or _batch_of_one(example)) and not _holds_at_another_batch(graph, module, example):  # (batch: a module)
             batch = False
-            notes.append(f"batch fixed at {example[0].shape[0]}: the graph differs from the model at another batch, or one "
+            notes.append(f"batch fixed at {_file_batch(example)}: the graph differs from the model at another batch, or one "
                          "of them does not run there (a reshape keeps an axis whole at the example's batch only, such as "
                          "y.reshape(8, -1) or y.squeeze(0) at batch 1, or reads the batch as a number: x.view(1, ...))")
         if batch and not _holds_at_batch_one(graph, module, example):
             batch = False
-            notes.append(f"batch fixed at {example[0].shape[0]}: at batch 1 the model computes something else than the graph, "
+            notes.append(f"batch fixed at {_file_batch(example)}: at batch 1 the model computes something else than the graph, "
                          "or refuses it (a squeeze of the batch axis, a branch on it), where a graph with a dynamic batch would run")
         meta.update(metadata or {})
         model, report = graph_to_onnx(graph, opset=opset, dynamic_batch=batch, metadata=meta, return_report=True,

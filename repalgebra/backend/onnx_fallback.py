@@ -341,6 +341,13 @@ class ExportedRegion:
     flags: tuple[str, ...] = ()  # the mode flags its code read while traced (``torch.onnx.is_in_onnx_export()``)
 
 
+def batch_input(graph: Graph) -> int | None:
+    """The place of the input whose axis 0 is the file's batch: the first input with axes (a neural ODE's ``forward(t,
+    x)`` takes a 0-d time first: taken for the batch's, the export failed with an IndexError; review R16b); None where
+    every input is 0-d."""
+    return next((k for k, v in enumerate(graph.inputs) if v.shape), None)
+
+
 def drawn_at_random(example: torch.Tensor) -> bool:
     """Whether a check may give an input random values in place of ``example``'s: not for token ids, a boolean
     mask, or floats holding infinities (an additive attention mask: torch's fast attention path returns NaN for a
@@ -377,7 +384,7 @@ def export_regions(
     """
     modules = [r.module() for r in regions]
     gen = torch.Generator().manual_seed(0)
-    batch = graph.inputs[0].shape[0]
+    batch = graph.inputs[first].shape[0] if (first := batch_input(graph)) is not None else None
     given = dict(zip(range(len(graph.inputs)), examples))
 
     drawn = True
