@@ -103,6 +103,28 @@ def test_inputs_whose_sizes_take_the_other_branch_are_refused_by_name():
         fused(torch.randn(1, 3, 8, 8, dtype=D))
 
 
+class ScalesIntegerImages(nn.Module):
+    """An image model that takes uint8 images too (``if not x.is_floating_point(): x = x.float().div(255)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        if not x.is_floating_point():
+            x = x.float().div(255)
+        return self.body(x)
+
+
+def test_a_test_of_a_dtype_is_named_as_such_where_a_call_answers_otherwise():
+    """Fused at a float image, the graph holds that branch only: a uint8 image is refused, and the refusal says a test
+    of sizes or dtypes answered otherwise (it said "a test of sizes", naming no dtype; review R16a)."""
+    model = seeded(ScalesIntegerImages, 0)().eval()
+    fused = fuse(model, torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"a Python test of sizes or dtypes gave True at the example input.*give False"):
+        fused(torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8))
+
+
 class PoolsWideInside(PoolsWide):
     """The same branch on the width of a value computed inside (a strided conv's output)."""
 

@@ -957,6 +957,8 @@ class Tracer(fx.Tracer):
             what = what.replace("sizes", "how an input was made").replace("a size read", "a read of how an input was made")
             self.made_tests.append(where)
         else:
+            if self.ranks.reads_dtype(obj.node):  # (``if not x.is_floating_point(): x = x.float() / 255``; review R16a)
+                what = what.replace("sizes", "sizes or dtypes").replace("a size read", "a size or dtype read")
             self.size_tests.append(where)
         taken = self.create_proxy("call_function", taken_as_traced, (obj, value, where, what), {})
         taken.node.meta[READ_IN] = reading_function()  # (carried where the builder cannot check the read per call)

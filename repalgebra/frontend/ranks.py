@@ -112,6 +112,19 @@ class Ranks:
         """Whether :meth:`answer` of ``node`` read an input's device."""
         return self.reads_any(node, DEVICE_READS)
 
+    def reads_dtype(self, node: fx.Node) -> bool:
+        """Whether :meth:`answer` of ``node`` read a dtype (:data:`DTYPE_READS`: ``if not x.is_floating_point():``)."""
+        seen: set[fx.Node] = set()
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                if _read_of(n) in DTYPE_READS:
+                    return True
+                todo.extend(n.all_input_nodes)
+        return False
+
     def reads_any(self, node: fx.Node, reads: frozenset[str]) -> bool:
         """Whether :meth:`answer` of ``node`` read one of ``reads`` (:data:`DEVICE_READS`, :data:`MADE_READS`)."""
         seen: set[fx.Node] = set()
@@ -147,6 +160,9 @@ class Ranks:
 # fused graph holds at the example's ranks and dtypes; its sizes are checked per call): attributes and methods.
 SIZE_READS = frozenset({"shape", "size", "numel", "nelement", "dim", "ndimension", "ndim", "len",
                         "dtype", "is_floating_point", "is_complex", "element_size"})
+
+# The reads among them of a dtype, which a refusal names as such (a uint8 image refused for "a test of sizes")
+DTYPE_READS = frozenset({"dtype", "is_floating_point", "is_complex", "element_size"})
 
 # Reads of an input's device: meta tensors are on ``meta``, so these are read on the example input.
 DEVICE_READS = frozenset({"device", "get_device"})
