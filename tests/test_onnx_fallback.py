@@ -1371,6 +1371,21 @@ def test_a_float32_part_that_does_not_run_in_onnxruntime_is_not_told_to_export_i
     assert "float32 or float16" not in str(refused.value)
 
 
+class Cosine(nn.Module):
+    def forward(self, x):
+        return torch.cos(x)  # (no lowering of ours: torch.onnx.export writes it)
+
+
+def test_an_opset_past_torch_onnx_exports_names_the_last_it_writes():
+    """torch.onnx.export's TorchScript exporter writes opsets up to 23 (its constant for a "max" says 20): the refusal
+    at 24 said "export at opset 20 or lower", where 21 to 23 work (review R16b)."""
+    newest = torch.onnx._constants.ONNX_MAX_OPSET
+    assert export_onnx(Cosine(), None, (2, 8), opset=newest).opset_import[0].version == newest
+    if newest + 1 <= onnx.defs.onnx_opset_version():
+        with pytest.raises(FallbackError, match=f"export at opset {newest} or lower"):
+            export_onnx(Cosine(), None, (2, 8), opset=newest + 1)
+
+
 def test_a_qat_layers_fake_quantized_weight_is_exported_as_torch_rounds_it():
     """A QAT Linear (``prepare_qat``'s, observers off): torch.onnx.export writes its weight's fake quantization as
     QuantizeLinear, which rounds ``w / s`` where torch rounds ``w * (1 / s)``; symmetric per-channel weights put the

@@ -822,7 +822,7 @@ def _export(region: Region, module: nn.Module, examples: tuple, axes: tuple[list
         scripted = any(isinstance(n.attrs.get("fn"), torch.jit.ScriptModule) for n in region.run)
         hint = (" (a TorchScript module: export the Python module it was scripted from, fused, and script the model "
                 "after)") if scripted else ""
-        newest = torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        newest = torch.onnx._constants.ONNX_MAX_OPSET  # (its TorchScript exporter's own "max", 20, is not: 21 to 23 run)
         if opset > newest:  # what our lowering writes goes further than what torch.onnx.export's TorchScript exporter does
             hint += f" (torch.onnx.export writes opsets up to {newest}: export at opset {newest} or lower)"
         raise FallbackError(
