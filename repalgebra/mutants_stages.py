@@ -216,6 +216,7 @@ _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_o
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_NAMED_OUTPUTS = "tests/test_onnx_export.py::test_the_files_outputs_are_named_by_their_keys_in_the_models_output"
 _ZERO_D_FIRST = "tests/test_onnx_export.py::test_a_0d_first_input_leaves_the_batch_to_the_next"
 _CONST_READ = "tests/test_frontend.py::test_a_shape_read_moves_through_an_added_constant_of_size_one_along_the_axis"
 _WRAPPED_FOLDS = "tests/test_fuse_outside_reads.py::test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds"
@@ -2760,6 +2761,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "lru_cache) not read: a dict of children it returns reached by no one (1.8e3 off; review R15a)",
      "repalgebra.frontend.outside_reads:_layers", 'getattr(function, "__wrapped__", None)',
      "None", (f"{_R6_HANDED}[lazy-heads]", f"{_R6_HANDED}[lru-heads]")),
+    ("onnx_backend", "outputs-named-by-position", "a dict output's tensors named output0, output1 ... in the file, not "
+     "by their keys (review R16b)", "repalgebra.backend.onnx:_name_outputs",
+     "    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name and new not in taken}",
+     "    renamed = {}", (_NAMED_OUTPUTS,)),
+    ("onnx_backend", "output-name-taken", "an output named by its key where the file uses that name already (an input "
+     "x): two values of one name", "repalgebra.backend.onnx:_name_outputs", " and new not in taken}", "}", (_NAMED_OUTPUTS,)),
+    ("onnx_backend", "tuple-outputs-named-by-index", "the items of a plain tuple output named 0, 1 ... in the file, not "
+     "output0, output1 as before", "repalgebra.verify:named_tensor_leaves",
+     "    keyed = any(not isinstance(k, pytree.SequenceKey) for path, _ in leaves for k in path)", "    keyed = True",
+     (_NAMED_OUTPUTS,)),
     ("onnx_backend", "batch-of-a-0d-first-input", "the batch read off the first input, a 0-d time (a neural ODE's "
      "forward(t, x)): the export failed with an IndexError (review R16b)", "repalgebra.backend.onnx_fallback:batch_input",
      "    return next((k for k, v in enumerate(graph.inputs) if v.shape), None)", "    return 0 if graph.inputs else None",

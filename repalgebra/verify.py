@@ -329,6 +329,21 @@ def tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(_fields(out)) if torch.is_tensor(t)]
 
 
+def named_tensor_leaves(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """:func:`tensor_leaves` with each one's place in the output as a name: the keys and fields that lead to it, joined
+    by dots (``{"boxes": b, "aux": [a]}``: ``boxes``, ``aux.0``); a tensor alone is ``output``, and an item of a plain
+    tuple or list ``output0``, ``output1`` ... (as ``export_onnx`` names its outputs)."""
+    leaves = [(path, t) for path, t in pytree.tree_flatten_with_path(_fields(out))[0] if torch.is_tensor(t)]
+    keyed = any(not isinstance(k, pytree.SequenceKey) for path, _ in leaves for k in path)
+    if not keyed:
+        return [("output" if len(leaves) == 1 else f"output{k}", t) for k, (_, t) in enumerate(leaves)]
+
+    def step(k: Any) -> str:
+        return str(k.key if isinstance(k, pytree.MappingKey) else k.idx if isinstance(k, pytree.SequenceKey) else k.name)
+
+    return [(".".join(map(step, path)), t) for path, t in leaves]
+
+
 def _structure(out: Any) -> str:
     """An output's structure in one line: ``Out(last_hidden_state, pooler_output)``, ``tuple of 2``, ``tensor``."""
     if torch.is_tensor(out):

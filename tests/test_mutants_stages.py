@@ -46,6 +46,10 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
     "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
+    "repalgebra.backend.onnx:_name_outputs": "two decisions, both mutated: outputs renamed by their keys, where the "
+    "name is free",
+    "repalgebra.verify:named_tensor_leaves": "one decision, mutated: a plain tuple keeps output0, output1 ... (the names "
+    "of keyed leaves are the keys joined, read by the test of _name_outputs)",
     "repalgebra.backend.onnx_fallback:batch_input": "one line, mutated: the first input with axes holds the batch",
     "repalgebra.frontend.shapes:_kept_by_const": "one decision mutated: an add_const passes a read on.  That it does so "
     "only along an axis where its constant has size 1 is defence in depth: where the constant is wider, the model runs "

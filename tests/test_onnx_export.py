@@ -315,6 +315,41 @@ def test_a_0d_first_input_leaves_the_batch_to_the_next(fallback):
     assert not report.dynamic_batch and "every input is 0-d" in str(report), str(report)
 
 
+class Detections(nn.Module):
+    """A detector's dict of outputs, a list in it, and a key that names its input too (``x``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return {"boxes": y, "scores": y.sigmoid(), "aux": [y.mean((2, 3))], "x": y * 2}
+
+
+def test_the_files_outputs_are_named_by_their_keys_in_the_models_output():
+    """A dict output's tensors were ``output0``, ``output1`` ... in the file (review R16b): each is named by the keys
+    that lead to it, and a name the file uses already inside keeps its ``outputK``; the order is the model's."""
+    model = Detections().eval()
+    proto = export_onnx(model, None, (1, 3, 8, 8))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()][:3] == ["boxes", "scores", "aux.0"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+    for key, name in (("boxes", "boxes"), ("scores", "scores")):
+        assert rel_err(got[name], want[key]) < 1e-5  # float32
+    assert rel_err(got["aux.0"], want["aux"][0]) < 1e-5
+    assert session.get_outputs()[3].name == "output3" and rel_err(got["output3"], want["x"]) < 1e-5
+
+    class Pair(nn.Module):  # (a plain tuple: output0, output1 as before)
+        def forward(self, x):
+            return x.relu(), [x.sigmoid()]
+
+    assert [o.name for o in export_onnx(Pair(), None, (1, 4)).graph.output] == ["output0", "output1"]
+
+
 class MaskFromInput(nn.Module):
     """A padding mask computed from the input, as sequence models do: an all-zero row is padding."""
 
@@ -655,14 +690,14 @@ def test_a_fused_model_output_exports_its_tensor_fields_in_order():
     """A ModelOutput pytree does not know is now rebuilt by the fused model from its fields (its BatchNorms fold);
     export_onnx refused that record as "an object its forward builds (a dataclass)".  It is a dict of its fields
     that are not None: each tensor one ONNX output, in field order (a tuple field's items in turn), as the model
-    kept whole exported it, and onnxruntime computes what the model does."""
+    kept whole exported it, named by its field, and onnxruntime computes what the model does."""
     model = randomize(ConvClassifier()).float().eval()
     fused = repalgebra.fuse(model, torch.randn(2, 3, 8, 8))
     assert fused.fuse_report.capture == "fx", str(fused.fuse_report)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     proto, report = export_onnx(fused, None, (1, 3, 8, 8), fuse=False, return_report=True)
     assert report.path == "own lowering" and report.dynamic_batch, report.summary()
-    assert [o.name for o in proto.graph.output] == ["output0", "output1", "output2"]
+    assert [o.name for o in proto.graph.output] == ["logits", "hidden_states.0", "hidden_states.1"]
     for batch in (1, 3):
         x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():

@@ -24,7 +24,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -1738,7 +1738,43 @@ def _file_batch(example: tuple) -> int | None:
     return next((t.shape[0] for t in example if torch.is_tensor(t) and t.dim()), None)
 
 
-def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, example: tuple, notes: list[str]) -> str:
+def _run_at(module: torch.nn.Module, example: tuple) -> tuple[Any] | None:
+    """``(output,)`` of ``module`` (in eval mode, a copy) at ``example``; None where it refuses its own example
+    (export_onnx said so before)."""
+    try:
+        with torch.no_grad(), probing():
+            return (eval_copy(module)(*example),)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _name_outputs(model: "onnx.ModelProto", names: list[str]) -> None:
+    """The file's outputs named by their places in the model's output (``boxes``, ``aux.0``: :func:`named_tensor_leaves`),
+    where those are as many as its outputs and each name is free; else each keeps its ``outputK``.  A detector
+    returning ``{"boxes": ..., "scores": ...}`` had its file's outputs named ``output0``, ``output1`` (review R16b)."""
+    outputs = model.graph.output
+    if len(names) != len(outputs) or len(set(names)) != len(names):
+        return
+    taken = {n for node in _nodes_within(model.graph) for n in (*node.input, *node.output)}
+    taken |= {v.name for v in (*model.graph.input, *model.graph.initializer, *model.graph.value_info)}
+    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name and new not in taken}
+    for node in _nodes_within(model.graph):
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+    for o in outputs:
+        o.name = renamed.get(o.name, o.name)
+
+
+def _nodes_within(graph: "onnx.GraphProto") -> Iterator["onnx.NodeProto"]:
+    """The nodes of ``graph`` and of the graphs its nodes hold (an ``If``'s branches, a ``Loop``'s body)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                yield from _nodes_within(g)
+
+
+def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, example: tuple, out: Any, notes: list[str]) -> str:
     """Why the file does not compute what ``module`` does at ``example`` in onnxruntime (empty when it does, or where
     either cannot run it: numpy has no bfloat16; a file onnxruntime cannot load, with no kernel for a float64 op,
     is noted in ``notes``).  A file within the dtype's tolerance of the module run in float64 computes it too: a
@@ -1753,11 +1789,7 @@ def _differs_at_the_example(model: "onnx.ModelProto", module: torch.nn.Module, e
 
     if any(torch.is_tensor(t) and t.dtype == torch.bfloat16 for t in example):
         return ""
-    try:
-        with torch.no_grad(), probing():
-            want = tuple(tensor_leaves(eval_copy(module)(*example)))
-    except Exception:  # noqa: BLE001  (the module refuses its own example: export_onnx said so before)
-        return ""
+    want = tuple(tensor_leaves(out))  # (the module's output at the example: _run_at)
     if any(t.dtype == torch.bfloat16 for t in want):
         return ""
     try:
@@ -1901,7 +1933,9 @@ def export_onnx(
     cannot, when it traces whole and keeps the batch dynamic as asked, or when the parts kept whole do not
     export), lowered op by op with the op table's ONNX lowerings, the rest exported by ``torch.onnx.export`` and
     spliced in (see :func:`graph_to_onnx`), checked with ``onnx.checker.check_model(full_check=True)`` and, when
-    ``path`` is given, saved there.  The model you pass is not modified.
+    ``path`` is given, saved there.  The model you pass is not modified.  The file's inputs are named by
+    ``forward``'s parameters, its outputs by their places in the model's output (``boxes`` of a dict, ``aux.0``
+    of a list in it, ``logits`` of an output record), or ``output0``, ``output1`` ... for a tuple.
 
     Sizes.  An export fixes every size but (with ``dynamic_batch``) the batch.  Where ``torch.fx`` leaves calls
     for the fallback, the model is also captured by ``torch.export`` at the export's shapes, and that capture is
@@ -1913,7 +1947,7 @@ def export_onnx(
     The batch.  A module fused with shapes fixed at its example input (``repalgebra.fuse`` on a model it
     captured with ``torch.export``) is exported with the batch fixed, whatever ``dynamic_batch`` says, and so
     is one whose graph computes something else than the model at another batch or at batch 1; the report
-    notes why.  With a dynamic batch, the axis 0 of each input that follows the first input's (found by a run
+    notes why.  With a dynamic batch, the axis 0 of each input that follows the first input's with axes (found by a run
     at a batch one larger) is named ``batch``, not that of a mask or table the batch shares, and an output axis
     that grows with it ``batch`` where it is the batch, ``batch*16`` where it holds 16 rows per sample (tokens
     flattened into rows); the file is run in onnxruntime at that larger batch, and written with the batch fixed
@@ -1925,6 +1959,7 @@ def export_onnx(
     """
     from repalgebra import __version__
     from repalgebra.rewrite import rewrite
+    from repalgebra.verify import named_tensor_leaves
 
     if not (path is None or hasattr(path, "write") or isinstance(path, (str, os.PathLike))):
         raise TypeError(f"export_onnx saves to a path (str or os.PathLike) or a binary file object, not {type(path).__name__}")
@@ -1972,9 +2007,12 @@ def export_onnx(
                                       notes=notes, examples=example)
         if not allow_example_branches and (branching := [r for r in report.regions if r.steered or r.on_values]):
             raise FallbackError(_branching(branching))
-        if module is not None and (why := _differs_at_the_example(model, module, example, report.notes)):
+        ran = _run_at(module, example) if module is not None else None
+        if ran is not None and (why := _differs_at_the_example(model, module, example, ran[0], report.notes)):
             raise FallbackError(f"export_onnx: the file computes something else than the model at the example input "
                                 f"({why}); no file is written (captured by {capture or 'the graph given'})")
+        if ran is not None:
+            _name_outputs(model, [name for name, _ in named_tensor_leaves(ran[0])])
         report.capture = capture
         return model, report
 
