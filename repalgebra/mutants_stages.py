@@ -216,6 +216,7 @@ _R6_CLASSES = "tests/test_fuse_conv1d.py::test_a_class_test_outside_the_blocks_o
 _R6_REACHED = "tests/test_fuse_outside_reads.py::test_a_grandchild_reached_through_a_base_forward_an_index_or_an_unpacking_is_the_models"
 _R6_TIED = "tests/test_inplace.py::test_a_tensor_a_call_kept_whole_holds_under_another_name_is_not_read_after_it_as_a_constant"
 _R6_HANDED = "tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it"
+_TORCH_SUBCLASS = "tests/test_inplace.py::test_a_subclass_of_a_torch_conv_running_its_code_unchanged_writes_nothing_hidden"
 _NAMED_OUTPUTS = "tests/test_onnx_export.py::test_the_files_outputs_are_named_by_their_keys_in_the_models_output"
 _ZERO_D_FIRST = "tests/test_onnx_export.py::test_a_0d_first_input_leaves_the_batch_to_the_next"
 _CONST_READ = "tests/test_frontend.py::test_a_shape_read_moves_through_an_added_constant_of_size_one_along_the_axis"
@@ -2761,6 +2762,14 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "lru_cache) not read: a dict of children it returns reached by no one (1.8e3 off; review R15a)",
      "repalgebra.frontend.outside_reads:_layers", 'getattr(function, "__wrapped__", None)',
      "None", (f"{_R6_HANDED}[lazy-heads]", f"{_R6_HANDED}[lru-heads]")),
+    ("frontend", "torch-conv-subclass-own-code", "a subclass of nn.Conv2d running torch's code unchanged (torchvision's "
+     "Conv3DSimple) taken for the model's code that may write its input: the folds after it lost (review R17b)",
+     "repalgebra.frontend.inplace:_own_code", '    if n.op == "call_module" and recognised(root.get_submodule(n.target)) is not None:',
+     "    if False:", (f"{_TORCH_SUBCLASS}[torch-forward]",)),
+    ("frontend", "any-conv-subclass-torchs", "every subclass of a torch conv taken for torch's code, one replacing a "
+     "method its forward calls (and writing into its input) too", "repalgebra.frontend.inplace:_own_code",
+     "recognised(root.get_submodule(n.target)) is not None:", "isinstance(root.get_submodule(n.target), nn.Conv2d):",
+     (f"{_TORCH_SUBCLASS}[own-conv-forward]",)),
     ("onnx_backend", "outputs-named-by-position", "a dict output's tensors named output0, output1 ... in the file, not "
      "by their keys (review R16b)", "repalgebra.backend.onnx:_name_outputs",
      "    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name and new not in taken}",

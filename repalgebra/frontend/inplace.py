@@ -517,8 +517,15 @@ def _for_its_effects(n: fx.Node, root: nn.Module) -> bool:
 def _own_code(n: fx.Node, root: nn.Module) -> bool:
     """Whether ``n`` is a call the trace does not see into of the model's own code (a module of its classes, a
     function it wraps).  torch's own layers and functions write in place only where the trace sees it
-    (``inplace=True``, a name ending in ``_``)."""
+    (``inplace=True``, a name ending in ``_``), and so does a subclass of theirs that runs their code unchanged
+    (torchvision's video ResNet builds its convs as ``Conv3DSimple(nn.Conv3d)``, which adds a static method only:
+    taken for the model's code, its input read again after it, by a residual, had every BN after it unfolded;
+    review R17b)."""
+    from repalgebra.frontend.fx_trace import recognised  # (fx_trace imports this module)
+
     if n.op not in ("call_module", "call_function"):
+        return False
+    if n.op == "call_module" and recognised(root.get_submodule(n.target)) is not None:
         return False
     owner = type(root.get_submodule(n.target)) if n.op == "call_module" else n.target
     return str(getattr(owner, "__module__", None) or "builtins").partition(".")[0] not in _LIBRARIES
