@@ -971,7 +971,7 @@ def fuse(
     # Called under inference_mode, the copies it makes must keep version counters; the model's checks draw from
     # torch's generators, and its hooks may write the model itself and remove themselves from it.
     with (torch.inference_mode(False), rng_kept(model, example_inputs), tensors_kept(model, restored),
-          model_kept(model, restored), globals_kept(model, refuse=False) as written, frozen_gc()):  # (see gc_pause)
+          model_kept(model, restored), globals_kept(model, refuse=False) as written):
         fused = _fuse(model, example_inputs, leaf_modules, strict, check)
     if written:  # (its runs of the model: what the fused model writes is its own, on each call)
         fused.fuse_report.notes.append(f"the model's code wrote {_listed(written)} while fuse ran it: put back as it was")

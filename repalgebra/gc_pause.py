@@ -25,19 +25,16 @@ rewrite was collector time).  :func:`frozen_gc` does two things for the block:
 
 Garbage among the frozen objects is collected after the block, as usual.
 Where the process has frozen objects already (a server that froze its
-start-up state), it changes nothing.  Inside a block of its own (``fuse``
-freezes for the whole call: a full collection there had walked torch's own
-175,000 objects, 0.25 s of a FastViT-SA12 fuse, on one call in two), an inner
-block only spaces the full collections for its size.  Below
-:data:`FREEZE_FROM` nodes (or modules) an inner block does nothing: asking the
-collector whether anything is frozen walks every frozen object (16 ms with
-torch imported, once frozen).
+start-up state, or an enclosing ``frozen_gc``), it changes nothing.  Below
+:data:`FREEZE_FROM` nodes (or modules) it does nothing either: asking the
+collector whether anything is frozen walks every object alive (about 10 ms
+with torch imported), more than the collections it would save on a small
+graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import gc
 from typing import Iterator
 
@@ -51,28 +48,17 @@ def frozen_gc(size: int = FREEZE_FROM) -> Iterator[None]:
     """Freeze the objects alive now for the collector during the block, for a graph of ``size`` nodes or modules,
     and space its full collections in proportion to ``size``; both are undone on exit.
 
-    Nothing happens for a small graph (``size < FREEZE_FROM``) or where something else froze objects; inside a block
-    of its own, only the spacing.
+    Nothing happens for a small graph (``size < FREEZE_FROM``) or where something else froze objects.
     """
-    ours = _OURS.get()
-    freeze = size >= FREEZE_FROM and not ours and gc.isenabled() and gc.get_freeze_count() == 0
-    spaced = freeze or (ours and size >= FREEZE_FROM)
-    thresholds = gc.get_threshold()
-    if spaced:
+    mine = size >= FREEZE_FROM and gc.isenabled() and gc.get_freeze_count() == 0
+    if mine:
+        thresholds = gc.get_threshold()
         t0, t1, t2 = thresholds
         gc.set_threshold(t0, t1, max(t2, ALLOCATIONS_PER_ITEM * size // max(t0 * t1, 1)))
-    if freeze:
         gc.freeze()
-        token = _OURS.set(True)
     try:
         yield
     finally:
-        if freeze:
-            _OURS.reset(token)
+        if mine:
             gc.unfreeze()
-        if spaced:
             gc.set_threshold(*thresholds)
-
-
-# Whether a block of frozen_gc's own froze the objects: an inner one need not ask the collector (which walks them)
-_OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("repalgebra_frozen_gc", default=False)
