@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import sys
+import sysconfig
 import types
 import weakref
 from collections import OrderedDict
@@ -110,6 +113,29 @@ def _delegated_deepcopy(m: nn.Module) -> bool:
     answers with its child's.  A fused child is a ``GraphModule``, whose ``__deepcopy__`` copied the child alone in
     the wrapper's place, and the wrapper's own forward was gone from the fused model (41.8 off; review R10)."""
     return getattr(type(m), "__deepcopy__", None) is None and getattr(m, "__deepcopy__", None) is not None
+
+
+def not_the_models(module_name: str | None) -> bool:
+    """Whether a function or class of the module ``module_name`` is not the model's code: torch's, ours, numpy's, or
+    the standard library's.  A package of the model's own that bears a standard module's name (a research repo's
+    top-level ``code/``, ``trace/`` or ``profile/``) is the model's: only a module loaded from the standard library's
+    own directory is the library's (a decorator in ``code/utils.py`` had its wrapper trusted, and its reach into a
+    child never read: 2.2e3 off; review R17a)."""
+    top = (module_name or "builtins").partition(".")[0]
+    if top in ("torch", "repalgebra", "numpy", "builtins"):
+        return True
+    return top in sys.stdlib_module_names and _in_the_standard_library(top)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_the_standard_library(top: str) -> bool:
+    """Whether the module ``top`` was loaded from the standard library (built in, or from its directory)."""
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None:
+        return module is not None  # (built in: sys, itertools; not loaded: nothing of it runs)
+    home = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    return os.path.realpath(path).startswith(home + os.sep)
 
 
 def in_packages(module_name: str | None, packages: tuple[str, ...]) -> bool:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import operator
+import os
+import sys
 import types
 
 import pytest
@@ -648,6 +651,18 @@ def _raw_on_outliers_by_args(method):
     return wrapper
 
 
+def _raw_on_outliers_by_negative_index(method):
+    """The same, the module read as ``args[-2]`` (a method of one input)."""
+
+    @functools.wraps(method)
+    def wrapper(*args):
+        if args[-1].mean() < -100:
+            return args[-2].blocks[0].conv(args[-1])
+        return method(*args)
+
+    return wrapper
+
+
 def _raw_on_outliers_unwrapped(method):
     """The same without ``functools.wraps``: nothing names what the wrapper calls but its closure."""
 
@@ -965,7 +980,59 @@ def _handed_on(how: str) -> type:
         def _first(self, x, first, rest=None, raw=None):
             return raw(x) if raw is not None else first(x)
 
-    return {"wrapper-reaching": WrapperReaching, "args-wrapper-reaching": ArgsWrapperReaching,
+    class CachedReach:  # (Bottle's cached_property, copied into many projects: a descriptor class, no __wrapped__)
+        def __init__(self, func):
+            self.func = func
+
+        def __get__(self, obj, cls):
+            return self if obj is None else self.func(obj)
+
+    class DescriptorObject(Base):  # (review R17a: a descriptor object's code was read by no one, 2.2e3 off)
+        @CachedReach
+        def first_conv(self):
+            return self.blocks[0].conv
+
+        def other(self, x):
+            return self.first_conv(x)
+
+    class PartialMethod(Base):
+        def _other(self, x, k):
+            return self.blocks[k].conv(x)
+
+        other = functools.partialmethod(_other, k=0)
+
+    class InstanceBound(Base):  # (self.run = self._reach in __init__: YOLOv5's m.forward = m.forward_fuse too)
+        def __init__(self) -> None:
+            super().__init__()
+            self.run = self._reach
+
+        def _reach(self, x):
+            return self.blocks[0].conv(x)
+
+        def other(self, x):
+            return self.run(x)
+
+    class PropertySetter(Base):  # (self.gain = x runs the setter, which calls a block)
+        @property
+        def gain(self):
+            return self._gain
+
+        @gain.setter
+        def gain(self, x):
+            self._gain = self.blocks[0].conv(x)
+
+        def other(self, x):
+            self.gain = x
+            return self._gain
+
+    class NegativeArgs(Base):  # (a wrapper reaching the module as args[-2])
+        @_raw_on_outliers_by_negative_index
+        def other(self, x):
+            return x
+
+    return {"descriptor-object": DescriptorObject, "partialmethod": PartialMethod, "instance-bound": InstanceBound,
+            "property-setter": PropertySetter, "negative-args": NegativeArgs,
+            "wrapper-reaching": WrapperReaching, "args-wrapper-reaching": ArgsWrapperReaching,
             "unwrapped-wrapper-reaching": UnwrappedWrapperReaching, "wrapped-getter": WrappedGetter,
             "spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching,
             "lazy-heads": LazyHeads, "lru-heads": LruHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
@@ -992,7 +1059,7 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
            "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching",
            "lazy-heads", "lru-heads", "wrapper-reaching", "args-wrapper-reaching", "unwrapped-wrapper-reaching",
-           "wrapped-getter"]
+           "wrapped-getter", "descriptor-object", "partialmethod", "instance-bound", "property-setter", "negative-args"]
 _REACHES_LAYER0 = ("getattr", "reduce-getattr-self", "attrgetter-self", "self-in-list", "lambda-given-self", "hasattr-child")
 
 
@@ -1296,8 +1363,9 @@ def test_a_wrapper_that_hands_on_unknown_names_is_copied_whole():
 
 def _passing_through(style: str):
     """A decorator of the model's own whose wrapper only calls what it wraps, in the ways libraries write one:
-    ``fn(self, *args, **kwargs)`` (Hugging Face's ``can_return_tuple``), ``fn(*args, **kwargs)`` after reading a flag
-    of ``args[0]`` (the shape of mmcv's ``auto_fp16``), and ``fn(self, x)`` without ``functools.wraps``.  (mmcv's own
+    ``fn(self, *args, **kwargs)`` and a class test of what it returned (Hugging Face's ``can_return_tuple``: counted
+    as the module asking its children's classes, its folds were lost; review R17a), ``fn(*args, **kwargs)`` after
+    reading a flag of ``args[0]`` (the shape of mmcv's ``auto_fp16``), and ``fn(self, x)`` without ``functools.wraps``.  (mmcv's own
     wrapper also asks ``isinstance(args[0], nn.Module)`` and hands each ``args[i]`` to a cast: read, its module counts
     as asking classes and handing itself on, and keeps its children as written where it is kept whole.)"""
 
@@ -1306,7 +1374,9 @@ def _passing_through(style: str):
             def wrapper(self, *args, **kwargs):
                 return_dict = kwargs.pop("return_dict", getattr(self, "return_dict", True))
                 out = method(self, *args, **kwargs)
-                return out if return_dict else (out,)
+                if not return_dict and not isinstance(out, tuple):  # (a class test of the output: no child's)
+                    out = (out,)
+                return out
         elif style == "args-star":
             def wrapper(*args, **kwargs):
                 if not torch.is_tensor(args[1]):
@@ -1350,3 +1420,44 @@ def test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds(style):
     with torch.no_grad():
         for t in (x, torch.randn(2, 4, 12, 12, dtype=torch.float64) - 1000):
             torch.testing.assert_close(fused(t), reference(t), rtol=1e-9, atol=0)  # float64
+
+
+def test_a_decorator_of_a_package_named_as_a_standard_module_is_the_models(tmp_path, monkeypatch):
+    """A research repo's top-level package ``code/`` (or ``trace/``, ``profile/``) bears a standard module's name: its
+    decorator's wrapper was taken for the standard library's and never read, and its reach into a block was missed
+    (2.2e3 off; review R17a).  A module is the standard library's only where it was loaded from its directory."""
+    package = tmp_path / "tabnanny"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import functools\n\n"
+        "def raw_on_outliers(method):\n"
+        "    @functools.wraps(method)\n"
+        "    def wrapper(self, x):\n"
+        "        if x.mean() < -100:\n"
+        "            return self.blocks[0].conv(x)\n"
+        "        return method(self, x)\n"
+        "    return wrapper\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tabnanny", raising=False)
+    own = importlib.import_module("tabnanny")
+    assert os.path.dirname(own.__file__) == str(package)
+
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([ConvBN(), ConvBN()])
+
+        def forward(self, x):
+            if x.mean() < -100:
+                return self.other(x)
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+
+        @own.raw_on_outliers
+        def other(self, x):
+            return x
+
+    assert {"blocks.0"} <= reached_through(Base())
+    _same_on_the_other_branch(randomized_bn(Base()))
+    monkeypatch.delitem(sys.modules, "tabnanny")

@@ -50,6 +50,10 @@ FEW = {
     "name is free",
     "repalgebra.verify:named_tensor_leaves": "one decision, mutated: a plain tuple keeps output0, output1 ... (the names "
     "of keyed leaves are the keys joined, read by the test of _name_outputs)",
+    "repalgebra.frontend.outside_reads:reached_through": "one decision added, mutated: the methods of its own an instance "
+    "holds are read beside its class's (the rest is _read_from's, mutated there)",
+    "repalgebra.module_copy:not_the_models": "one decision added, mutated: a standard module's name is the library's only "
+    "where it was loaded from the standard library",
     "repalgebra.backend.onnx_fallback:batch_input": "one line, mutated: the first input with axes holds the batch",
     "repalgebra.frontend.shapes:_kept_by_const": "one decision mutated: an add_const passes a read on.  That it does so "
     "only along an axis where its constant has size 1 is defence in depth: where the constant is wider, the model runs "

@@ -46,7 +46,7 @@ from repalgebra.frontend.module_globals import globals_kept
 from repalgebra.frontend.ranks import MADE_READS, Ranks, shape_length
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.wrappers import is_wrapper, wrapped
-from repalgebra.module_copy import eval_copy
+from repalgebra.module_copy import eval_copy, not_the_models
 from repalgebra.one_call import SIZED_FACTORIES
 
 LeafSpec = "type[nn.Module] | nn.Module | str"
@@ -732,9 +732,6 @@ class Carried:
 # An fx node's meta key: the function of the model's code a test of sizes was taken in (reading_function).
 READ_IN = "repalgebra_read_in"
 
-# Code that is not the model's: torch's own functions are read op by op (or fail for a reason of their own), ours
-# and the standard library's are never where a model's Python stops fx.
-_NOT_THE_MODELS = ("torch", "repalgebra", "numpy", "builtins", *sys.stdlib_module_names)
 
 
 def carried_function(e: BaseException) -> Callable[..., Any] | None:
@@ -770,7 +767,7 @@ def _plain_function(frame: types.FrameType) -> Callable[..., Any] | None:
     code = frame.f_code
     fn = frame.f_globals.get(code.co_name)
     if (isinstance(fn, types.FunctionType) and fn.__code__ is code and fn.__qualname__ == fn.__name__
-            and str(fn.__module__).split(".")[0] not in _NOT_THE_MODELS):
+            and not not_the_models(fn.__module__)):
         return fn
     return None
 

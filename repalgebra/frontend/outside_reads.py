@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from repalgebra.frontend.capture import Call
 from repalgebra.frontend.returned_mapping import mapping_returned, method_loaded
 from repalgebra.frontend.structured import VIEWED
-from repalgebra.module_copy import in_packages, storage_address
+from repalgebra.module_copy import in_packages, not_the_models, storage_address
 
 __all__ = ["read_outside", "reached_through"]
 
@@ -183,7 +183,7 @@ def reached_through(module: nn.Module) -> set[str]:
         paths.setdefault(id(sub), path)
     found: set[str] = set()
     for sub in {id(m): m for m in module.modules()}.values():
-        for chain in _chains(type(sub)):
+        for chain in (*_chains(type(sub)), *_bound_chains(sub)):
             found.update(paths[id(m)] for m in _through(sub, chain) if id(m) in paths)
     return found - {""}
 
@@ -197,7 +197,7 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
     (``for blk in self.blocks: blk.forward_features(x)``: an AttributeError where the model runs; review R5 finding 04)."""
     found: dict[int, set[str]] = {}
     for sub in {id(m): m for m in module.modules()}.values():
-        for whole in _chains(type(sub)):
+        for whole in (*_chains(type(sub)), *_bound_chains(sub)):
             todo = [(sub, whole)]
             while todo:
                 obj, chain = todo.pop()
@@ -229,11 +229,19 @@ def tests_classes(module: nn.Module) -> bool:
     took the other branch and called the masked conv without its lengths (26% off where a batch is padded; found
     by a probe).  Also a class pattern (``case MaskedConv1d():``), ``_get_name()``, and the code of a base class
     reached by ``super()`` and of the model's module-level functions it calls (:func:`_run_functions`; review R6).
-    Read once per class."""
+    A decorator's wrapper counts only where its own reads reach a module below: Hugging Face's ``can_return_tuple``
+    asks ``isinstance(output, tuple)`` of what the method returned, and ``deprecate_kwarg`` the module's own
+    ``__class__``; counted, every child of a part kept whole under them stayed unfused (review R17a).  Read once per
+    class (the wrappers' reads, and the methods the instance holds, per module)."""
     cls = type(module)
     if cls not in _CLASS_TESTS:
-        _CLASS_TESTS[cls] = any(_asks_classes(f.__code__) for f in _run_functions(cls))
-    return _CLASS_TESTS[cls]
+        functions = _run_functions(cls)  # (reading the class finds its decorators' wrappers too)
+        wrappers = _DECORATORS.get(cls, {})
+        _CLASS_TESTS[cls] = any(_asks_classes(f.__code__) for f in functions if f not in wrappers)
+    bound = [f for _, read in _bound(module) for f in read]  # (self.run = self._run_eager: its code too)
+    return (_CLASS_TESTS[cls] or any(_asks_classes(f.__code__) for f in _helpers(bound))
+            or any(_asks_classes(f.__code__) and any(_through(module, c) for c in chains)
+                   for f, chains in _DECORATORS.get(cls, {}).items()))
 
 
 _CLASS_TESTS: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
@@ -300,9 +308,19 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     reach into every child and never run in a call (a parent kept whole kept its conv and BN as written for
     ``self.conv.bn.running_mean.normal_()`` in ``__init__``; found by a full run)."""
     functions = _functions(cls)
+    roots = [n for n in ("forward", "__call__") if n in functions]
+    chains, read = _read_from(cls, [*roots, *_setters(cls)])  # (self.gain = x runs a property's setter: review R17a)
+    _READ[cls] = tuple(read)
+    return chains
+
+
+def _read_from(cls: type, todo: list[Any]) -> tuple[tuple[tuple[Any, ...], ...], list[types.FunctionType]]:
+    """:func:`_read_chains` from the functions (or names of functions of ``cls``) ``todo``: the chains, and the
+    functions read."""
+    functions = _functions(cls)
     chains: list[tuple[Any, ...]] = []
     read: list[types.FunctionType] = []
-    todo, seen = [n for n in ("forward", "__call__") if n in functions], set()
+    seen: set[Any] = set()
     while todo:
         name = todo.pop()
         if name in seen:
@@ -331,11 +349,43 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
                 found.append((...,))
             elif inner not in seen:
                 todo.append(inner)
+            _DECORATORS.setdefault(cls, {})[function] = found
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
         todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
-    _READ[cls] = tuple(read)
-    return tuple(dict.fromkeys(chains))
+    return tuple(dict.fromkeys(chains)), read
+
+
+def _bound_chains(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
+    """The chains of the methods of its own that ``module`` holds as attributes of the instance (``self.run =
+    self._run_eager`` in ``__init__``, ``self.forward = self.forward_fuse``: YOLOv5's ``fuse()``), or in a
+    ``functools.partial`` of one: what they call on ``self`` was read by no one, and a parent kept whole called its
+    fused block's folded conv through them (2.2e3 off; review R17a)."""
+    return tuple(c for chains, _ in _bound(module) for c in chains)
+
+
+def _bound(module: nn.Module) -> list[tuple[tuple[tuple[Any, ...], ...], list[types.FunctionType]]]:
+    """:func:`_read_from` of each method of its own ``module`` holds as an attribute of the instance (see
+    :func:`_bound_chains`), read once per class and function."""
+    found = []
+    cls = type(module)
+    for name, value in vars(module).items():
+        value = value.func if isinstance(value, functools.partial) else value
+        if name in _MODULE_STATE or not (isinstance(value, types.MethodType) and value.__self__ is module):
+            continue
+        function = _function_of(value.__func__)
+        if function is None:
+            continue
+        cached = _BOUND.setdefault(cls, {})
+        if function not in cached:
+            cached[function] = _read_from(cls, [function])
+        found.append(cached[function])
+    return found
+
+
+_BOUND: "weakref.WeakKeyDictionary[type, dict[Any, tuple]]" = weakref.WeakKeyDictionary()
+# The decorators' wrappers among the functions read, by class: their chains (see tests_classes)
+_DECORATORS: "weakref.WeakKeyDictionary[type, dict[types.FunctionType, list]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -350,11 +400,11 @@ class _Cell:
 def _from_first(chain: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """A chain from a wrapper's ``args`` (whose first item is ``self``) as one from ``self``: ``args[0].blocks`` as
     ``self.blocks``, ``fn(*args)`` as ``fn(self, ...)``; None for another argument (``args[1]``); every module below for
-    anything else done with ``args`` (handed on, indexed by a computed index)."""
+    anything else done with ``args`` (handed on, indexed by a computed or a negative index)."""
     if chain[:1] == (0,):
         return chain[1:] or None
-    if chain and isinstance(chain[0], int) and not isinstance(chain[0], bool):
-        return None
+    if chain and isinstance(chain[0], int) and not isinstance(chain[0], bool) and chain[0] > 0:
+        return None  # (args[-2] may be the module: every module below, as for an index the code computes; review R17a)
     if chain and isinstance(chain[0], _Cell) and chain[0].star:
         return (_Cell(chain[0].name, False),)
     return (...,)
@@ -412,6 +462,8 @@ def _function_of(value: Any) -> types.FunctionType | None:
     the fused block's folded conv (2.4e3 off; review R14a).  torch's and the standard library's wrappers are looked
     through (``@torch.no_grad()``, ``functools.lru_cache`` under a property, torch's ``lazy_property``: what they wrap
     was read by no one, 1.8e3 off; review R15a); a wrapper object of the model's code is :func:`_opaque`."""
+    if isinstance(value, functools.partialmethod):  # (self.other(x), other = partialmethod(_other, k=0): _other's code)
+        return _function_of(value.func)
     layers = _layers(value)
     for k, layer in enumerate(layers):
         last = k == len(layers) - 1 and len(layers) < _MOST_LAYERS
@@ -419,7 +471,11 @@ def _function_of(value: Any) -> types.FunctionType | None:
             return layer
         if not last and not isinstance(layer, types.FunctionType) and not _trusted(layer):
             return _opaque
-    return None
+    outer = layers[0] if layers else None
+    if isinstance(outer, functools.singledispatchmethod) or (
+            outer is not None and not isinstance(outer, type) and hasattr(type(outer), "__get__") and not _trusted(outer)):
+        return _opaque  # (a descriptor object of the model's code: Bottle's cached_property, a decorator class with
+    return None  # __get__ and __call__, which binds the module and runs code the reader cannot read; review R17a)
 
 
 def _layers(value: Any) -> list[Any]:
@@ -442,12 +498,22 @@ def _trusted(layer: Any) -> bool:
     """Whether a wrapper is torch's, the standard library's or ours: it calls what it wraps, and reads no child.
     (A function's globals say where it was written; ``functools.wraps`` copies the wrapped function's ``__module__``.)"""
     module = layer.__globals__.get("__name__") if isinstance(layer, types.FunctionType) else type(layer).__module__
-    return in_packages(module, _NOT_THE_MODELS)
+    return not_the_models(module)
 
 
 def _opaque(self: Any) -> None:
     """Stands for a wrapper object of the model's code (a class with ``__call__``): the reader cannot read it, and
     takes it for reaching every module below."""
+
+
+def _setters(cls: type) -> list[types.FunctionType]:
+    """The setters (and deleters) of the properties of ``cls`` and its bases, as :func:`_function_of` reads them."""
+    found = []
+    for base in cls.__mro__:
+        if base not in (nn.Module, object):
+            found += [f for v in vars(base).values() if isinstance(v, property)
+                      for f in map(_function_of, (v.fset, v.fdel)) if f is not None]
+    return found
 
 
 def _functions(cls: type) -> dict[str, types.FunctionType]:
@@ -471,9 +537,6 @@ def _run_functions(cls: type) -> list[types.FunctionType]:
     return _helpers(list(_READ.get(cls, ())))
 
 
-# Modules whose functions are not the model's code: a class test in torch's own code is not the model asking
-_NOT_THE_MODELS = ("torch", "repalgebra", "numpy", "builtins", *sys.stdlib_module_names)
-
 
 def _helpers(functions: list[types.FunctionType]) -> list[types.FunctionType]:
     """``functions`` and the module-level functions of the model's code they call by a global name, in turn
@@ -485,7 +548,7 @@ def _helpers(functions: list[types.FunctionType]) -> list[types.FunctionType]:
         for name in _names(function.__code__):
             helper = function.__globals__.get(name)
             if (isinstance(helper, types.FunctionType) and id(helper) not in found
-                    and str(helper.__module__).partition(".")[0] not in _NOT_THE_MODELS):
+                    and not not_the_models(helper.__module__)):
                 found[id(helper)] = helper
                 todo.append(helper)
     return list(found.values())
@@ -767,7 +830,7 @@ def _in_helper(how: tuple[Any, ...], functions: dict[str, Any] | None, depth: in
     if position == 0 and _checkpointing((name,), functions, False):
         return []  # (torch's checkpoint under another name, a partial of it: it calls what it is given first)
     helper = functions.get(name)
-    if not isinstance(helper, types.FunctionType) or str(helper.__module__).partition(".")[0] in _NOT_THE_MODELS:
+    if not isinstance(helper, types.FunctionType) or not_the_models(helper.__module__):
         return None
     code = helper.__code__
     if position >= code.co_argcount:
