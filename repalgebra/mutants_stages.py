@@ -836,9 +836,9 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("onnx_backend", "unfold-pad-order", "unfold's zero padding written as the rows' on both axes",
      "repalgebra.backend.onnx:_unfold", 'ctx.ints("pads", [0, 0, ph, pw, 0, 0, ph, pw])', 'ctx.ints("pads", [0, 0, ph, ph, 0, 0, ph, ph])', _UNFOLD),
     ("onnx_backend", "input-batch-all-or-none", "inputs grown all together or not at all (a shared mask makes every input axis 0 batch)",
-     "repalgebra.backend.onnx:_batch_axes", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
+     "repalgebra.backend.onnx:_grown_at", "for n in range(len(others), -1, -1) if", "for n in range(len(others), len(others) - 1, -1) if", _AXES),
     ("onnx_backend", "input-batch-grown-regardless", "the inputs left out of a run at another batch grown anyway",
-     "repalgebra.backend.onnx:_batch_axes", "batch + 1 if grow else v.shape[0]", "batch + 1 if True else v.shape[0]", _AXES),
+     "repalgebra.backend.onnx:_grown_at", "batch + 1 if grow else v.shape[0]", "batch + 1 if True else v.shape[0]", _AXES),
     ("onnx_backend", "input-batch-declared-regardless", "every input declared batch on axis 0, whether it grew with the batch or not",
      "repalgebra.backend.onnx:graph_to_onnx", '{0: "batch"} if batched[k] else {}', '{0: "batch"}', _AXES),
     ("onnx_backend", "batch-one-unchecked", "a graph traced at batch 1 declared a dynamic batch without a run at another",
@@ -2793,6 +2793,10 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "method its forward calls (and writing into its input) too", "repalgebra.frontend.inplace:_own_code",
      "recognised(root.get_submodule(n.target)) is not None:", "isinstance(root.get_submodule(n.target), nn.Conv2d):",
      (f"{_TORCH_SUBCLASS}[own-conv-forward]",)),
+    ("onnx_backend", "batch-of-a-shared-vector", "the batch taken from the first input with axes though no output "
+     "follows it (a vector of coefficients before the images: their batch written fixed; review R17a)",
+     "repalgebra.backend.onnx:_batch_axes", "(another.axes is None or any(another.axes))", "True",
+     ("tests/test_onnx_export.py::test_the_batch_is_the_first_input_whose_size_an_output_follows",)),
     ("onnx_backend", "outputs-named-by-position", "a dict output's tensors named output0, output1 ... in the file, not "
      "by their keys (review R16b)", "repalgebra.backend.onnx:_name_outputs",
      "    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name and new not in taken}",

@@ -350,6 +350,32 @@ def test_the_files_outputs_are_named_by_their_keys_in_the_models_output():
     assert [o.name for o in export_onnx(Pair(), None, (1, 4)).graph.output] == ["output0", "output1"]
 
 
+class CoefficientsFirst(nn.Module):
+    """A vector of coefficients shared by the batch, given before the images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, coeffs, x):
+        return torch.relu(self.bn(self.conv(x))) + coeffs.sum()
+
+
+def test_the_batch_is_the_first_input_whose_size_an_output_follows():
+    """The batch was axis 0 of the first input with axes: a ``(3,)`` vector of coefficients before the images took
+    it, the images' batch was declared fixed, and the report said the batch was dynamic (review R17a)."""
+    model = CoefficientsFirst().eval()
+    proto, report = export_onnx(model, None, (torch.rand(3), torch.randn(2, 4, 5, 5)), return_report=True)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert report.dynamic_batch and dims == [[3], ["batch", 4, 5, 5]], (dims, str(report))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        coeffs, x = torch.rand(3), torch.randn(b, 4, 5, 5)
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (coeffs, x))})[0]
+        with torch.no_grad():
+            assert rel_err(got, model(coeffs, x)) < 1e-5  # float32
+
+
 class MaskFromInput(nn.Module):
     """A padding mask computed from the input, as sequence models do: an all-zero row is padding."""
 

@@ -1483,17 +1483,28 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     the file: ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a
     ``reshape(-1, C)`` of ``(B, 16, C)`` tokens), else a name of its own.
 
-    The batch is the first input's axis 0.  The graph runs once at a batch one larger, with every input whose axis 0
-    has the batch's size grown (the first that runs of: all of them, then fewer, the first input always): an input
+    The batch is axis 0 of the first input with axes whose size an output follows (:func:`batch_input`'s where none
+    does: a model returning a sum over the batch).  The graph runs once at a batch one larger, with every input whose
+    axis 0 has the batch's size grown (the first that runs of: all of them, then fewer, that input always): an input
     that does not follow the batch (a shared ``(L, S)`` mask, a position table) does not run grown, and its axis 0 is
     then declared fixed.  A time-major ``(T, B, C)`` output has its batch on axis 1.  None when no choice runs (the
-    axis-0 convention then stands)."""
+    axis-0 convention then stands).  A ``(3,)`` vector of coefficients before the images took the batch, and the file
+    declared the images' batch fixed while saying it was dynamic (review R17a)."""
+    found = None
+    for first in [k for k, v in enumerate(graph.inputs) if v.shape]:
+        another = _grown_at(graph, examples, dtype, first)
+        if another is not None and (another.axes is None or any(another.axes)):
+            return another
+        found = another if found is None and first == batch_input(graph) else found
+    return found
+
+
+def _grown_at(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype, first: int) -> _AnotherBatch | None:
+    """:func:`_batch_axes`, with the batch on axis 0 of input ``first``."""
     from itertools import combinations
 
     from repalgebra.interpret import run_graph
 
-    if (first := batch_input(graph)) is None:
-        return None
     batch = graph.inputs[first].shape[0]
     gen = torch.Generator().manual_seed(0)
     given = dict(enumerate(examples))
