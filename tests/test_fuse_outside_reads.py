@@ -457,9 +457,9 @@ def test_a_parent_kept_whole_for_torch_cond_has_its_children_fused():
         export_onnx(model, None, torch.rand(2, 3, 8, 8, dtype=torch.float64))
 
 
-def _loops_over_blocks(how: str) -> type:
+def _kept_whole_over_blocks() -> type:
     """A class, made afresh (chains are read once per class), kept whole (a branch on its input's values), that on the
-    branch the example does not take calls each block's ``conv`` in a loop written as ``how`` says."""
+    branch the example does not take runs ``self.other(x)``, a method its subclasses write."""
 
     class LoopsOverBlocks(nn.Module):
         def __init__(self) -> None:
@@ -472,6 +472,13 @@ def _loops_over_blocks(how: str) -> type:
             for blk in self.blocks:
                 x = blk(x)
             return x
+
+    return LoopsOverBlocks
+
+
+def _loops_over_blocks(how: str) -> type:
+    """:func:`_kept_whole_over_blocks`, whose ``other`` calls each block's ``conv`` in a loop written as ``how`` says."""
+    LoopsOverBlocks = _kept_whole_over_blocks()
 
     class Enumerated(LoopsOverBlocks):
         def other(self, x):
@@ -1442,18 +1449,7 @@ def test_a_decorator_of_a_package_named_as_a_standard_module_is_the_models(tmp_p
     own = importlib.import_module("tabnanny")
     assert os.path.dirname(own.__file__) == str(package)
 
-    class Base(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([ConvBN(), ConvBN()])
-
-        def forward(self, x):
-            if x.mean() < -100:
-                return self.other(x)
-            for blk in self.blocks:
-                x = blk(x)
-            return x
-
+    class Base(_kept_whole_over_blocks()):
         @own.raw_on_outliers
         def other(self, x):
             return x
