@@ -121,7 +121,9 @@ def not_the_models(module_name: str | None) -> bool:
     top-level ``code/``, ``trace/`` or ``profile/``) is the model's: only a module loaded from the standard library's
     own directory is the library's (a decorator in ``code/utils.py`` had its wrapper trusted, and its reach into a
     child never read: 2.2e3 off; review R17a)."""
-    top = (module_name or "builtins").partition(".")[0]
+    if not module_name:  # (code exec'd in a namespace without __name__: detectron2's LazyConfig files; review R18a)
+        return False
+    top = module_name.partition(".")[0]
     if top in ("torch", "repalgebra", "numpy", "builtins"):
         return True
     return top in sys.stdlib_module_names and _in_the_standard_library(top)

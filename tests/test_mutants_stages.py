@@ -46,8 +46,8 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
     "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
-    "repalgebra.backend.onnx:_name_outputs": "two decisions, both mutated: outputs renamed by their keys, where the "
-    "name is free",
+    "repalgebra.frontend.outside_reads:_may_reach_a_module": "one decision mutated: a child named counts (the other "
+    "steps that count are those reached_through follows, mutated there)",
     "repalgebra.verify:named_tensor_leaves": "one decision, mutated: a plain tuple keeps output0, output1 ... (the names "
     "of keyed leaves are the keys joined, read by the test of _name_outputs)",
     "repalgebra.frontend.outside_reads:reached_through": "one decision added, mutated: the methods of its own an instance "
@@ -371,7 +371,8 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_col2im": "the gather of fold_sources' places (three mutants of its own) and their sum",
     "repalgebra.backend.onnx_fallback:_called_by_torch": "one decision, whose code a bool() of a tensor is in: torch's or the model's",
     "repalgebra.backend.onnx:_grown_at": "two choices, which inputs run grown and how far to look; the third, what is declared of them, is graph_to_onnx's",
-    "repalgebra.backend.onnx:_batch_axes": "one decision, mutated: the batch input is the first whose size an output follows",
+    "repalgebra.backend.onnx:_batch_axes": "two decisions, both mutated: the batch input is the first whose size an "
+    "output follows, an output's axis 0 first",
     "repalgebra.frontend.inplace:_alias_inputs": "a table lookup per call kind; mutated where a view was taken for a new tensor (einsum, +y)",
     "repalgebra.frontend.aten:_returned_input": "two table rows, eval dropout (its tests predate this target) and a one-operand einsum",
     "repalgebra.frontend.state_keys:equal_values": "one decision, whether NaN equals NaN (torch.equal does the rest)",

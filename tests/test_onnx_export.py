@@ -316,32 +316,37 @@ def test_a_0d_first_input_leaves_the_batch_to_the_next(fallback):
 
 
 class Detections(nn.Module):
-    """A detector's dict of outputs, a list in it, and a key that names its input too (``x``)."""
+    """A detector's dict of outputs, a list in it, and a last key given (``"x"`` names its input too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, last: str) -> None:
         super().__init__()
+        self.last = last
         self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
 
     def forward(self, x):
         y = self.stem(x)
-        return {"boxes": y, "scores": y.sigmoid(), "aux": [y.mean((2, 3))], "x": y * 2}
+        return {"boxes": y, "scores": y.sigmoid(), "aux": [y.mean((2, 3))], self.last: y * 2}
 
 
-def test_the_files_outputs_are_named_by_their_keys_in_the_models_output():
+@pytest.mark.parametrize("last", ["masks", "output0", "x", ""])
+def test_the_files_outputs_are_named_by_their_keys_in_the_models_output(last):
     """A dict output's tensors were ``output0``, ``output1`` ... in the file (review R16b): each is named by the keys
-    that lead to it, and a name the file uses already inside keeps its ``outputK``; the order is the model's."""
-    model = Detections().eval()
+    that lead to it, in the model's order, all at once (a key ``output0`` of the last output takes that name from
+    the first).  Where a name is empty or the file uses it already (an input ``x``), every output keeps its
+    ``outputK``: an empty name was refused by onnx's checker, and a name kept beside renamed ones could repeat one
+    (review R18a)."""
+    model = Detections(last).eval()
     proto = export_onnx(model, None, (1, 3, 8, 8))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()][:3] == ["boxes", "scores", "aux.0"]
+    names = [o.name for o in session.get_outputs()]
+    keyed = last not in ("x", "")
+    assert names == (["boxes", "scores", "aux.0", last] if keyed else [f"output{k}" for k in range(4)]), names
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = model(x)
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x.numpy()})))
-    for key, name in (("boxes", "boxes"), ("scores", "scores")):
-        assert rel_err(got[name], want[key]) < 1e-5  # float32
-    assert rel_err(got["aux.0"], want["aux"][0]) < 1e-5
-    assert session.get_outputs()[3].name == "output3" and rel_err(got["output3"], want["x"]) < 1e-5
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for t, w in zip(got, (want["boxes"], want["scores"], want["aux"][0], want[last])):
+        assert rel_err(t, w) < 1e-5  # float32
 
     class Pair(nn.Module):  # (a plain tuple: output0, output1 as before)
         def forward(self, x):
@@ -359,6 +364,32 @@ class CoefficientsFirst(nn.Module):
 
     def forward(self, coeffs, x):
         return torch.relu(self.bn(self.conv(x))) + coeffs.sum()
+
+
+class PromptsFirst(nn.Module):
+    """A CLIP-style scorer as Hugging Face writes it, ``forward(prompts, pixel_values)``: logits of (images, prompts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, prompts, pixel_values):
+        images = torch.relu(self.bn(self.conv(pixel_values))).mean((2, 3))
+        return images @ prompts.t()
+
+
+def test_the_batch_is_the_input_whose_size_the_outputs_axis_0_follows():
+    """Growing the prompts changes the logits' axis 1 and the images their axis 0: the batch is the images' (it was
+    the prompts', and the file refused 3 images while its report said the batch was dynamic; review R18a)."""
+    model = PromptsFirst().eval()
+    proto, report = export_onnx(model, None, (torch.randn(7, 8), torch.randn(2, 3, 6, 6)), return_report=True)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert report.dynamic_batch and dims == [[7, 8], ["batch", 3, 6, 6]], (dims, str(report))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    prompts, images = torch.randn(7, 8), torch.randn(3, 3, 6, 6)
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (prompts, images))})[0]
+    with torch.no_grad():
+        assert rel_err(got, model(prompts, images)) < 1e-5  # float32
 
 
 def test_the_batch_is_the_first_input_whose_size_an_output_follows():

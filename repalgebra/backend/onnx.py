@@ -1483,20 +1483,22 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     the file: ``batch`` where the size is the batch, ``batch*16`` where it is 16 rows per sample (a
     ``reshape(-1, C)`` of ``(B, 16, C)`` tokens), else a name of its own.
 
-    The batch is axis 0 of the first input with axes whose size an output follows (:func:`batch_input`'s where none
+    The batch is axis 0 of the first input with axes whose size an output's axis 0 follows, else any axis of an
+    output (:func:`batch_input`'s where none
     does: a model returning a sum over the batch).  The graph runs once at a batch one larger, with every input whose
     axis 0 has the batch's size grown (the first that runs of: all of them, then fewer, that input always): an input
     that does not follow the batch (a shared ``(L, S)`` mask, a position table) does not run grown, and its axis 0 is
     then declared fixed.  A time-major ``(T, B, C)`` output has its batch on axis 1.  None when no choice runs (the
     axis-0 convention then stands).  A ``(3,)`` vector of coefficients before the images took the batch, and the file
-    declared the images' batch fixed while saying it was dynamic (review R17a)."""
-    found = None
-    for first in [k for k, v in enumerate(graph.inputs) if v.shape]:
-        another = _grown_at(graph, examples, dtype, first)
-        if another is not None and (another.axes is None or any(another.axes)):
-            return another
-        found = another if found is None and first == batch_input(graph) else found
-    return found
+    declared the images' batch fixed while saying it was dynamic (review R17a); a CLIP written Hugging Face's way,
+    ``forward(input_ids, pixel_values)`` returning ``(images, prompts)`` logits, gave the batch to the prompts (review
+    R18a): an input whose size an output's axis 0 follows comes first."""
+    runs = {k: _grown_at(graph, examples, dtype, k) for k, v in enumerate(graph.inputs) if v.shape}
+    for follows in (lambda axes: any(0 in d for d in axes), any):  # (an output's axis 0 first: CLIP's (images, texts))
+        for another in runs.values():
+            if another is not None and (another.axes is None or follows(another.axes)):
+                return another
+    return runs.get(batch_input(graph))
 
 
 def _grown_at(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype, first: int) -> _AnotherBatch | None:
@@ -1761,14 +1763,18 @@ def _run_at(module: torch.nn.Module, example: tuple) -> tuple[Any] | None:
 
 def _name_outputs(model: "onnx.ModelProto", names: list[str]) -> None:
     """The file's outputs named by their places in the model's output (``boxes``, ``aux.0``: :func:`named_tensor_leaves`),
-    where those are as many as its outputs and each name is free; else each keeps its ``outputK``.  A detector
-    returning ``{"boxes": ..., "scores": ...}`` had its file's outputs named ``output0``, ``output1`` (review R16b)."""
+    where those are as many as its outputs and every name is free and not empty; else each keeps its ``outputK``.  A
+    detector returning ``{"boxes": ..., "scores": ...}`` had its file's outputs named ``output0``, ``output1`` (review
+    R16b)."""
     outputs = model.graph.output
     if len(names) != len(outputs) or len(set(names)) != len(names):
         return
-    taken = {n for node in _nodes_within(model.graph) for n in (*node.input, *node.output)}
+    own = {o.name for o in outputs}  # (renamed all at once: {"output1": a, "output0": b} swaps the two)
+    taken = {n for node in _nodes_within(model.graph) for n in (*node.input, *node.output)} - own
     taken |= {v.name for v in (*model.graph.input, *model.graph.initializer, *model.graph.value_info)}
-    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name and new not in taken}
+    if any(not new or new in taken for new in names):
+        return  # (an empty key, or a name the file uses inside: every output keeps its outputK; review R18a)
+    renamed = {o.name: new for o, new in zip(outputs, names) if new != o.name}
     for node in _nodes_within(model.graph):
         node.input[:] = [renamed.get(n, n) for n in node.input]
         node.output[:] = [renamed.get(n, n) for n in node.output]

@@ -183,8 +183,10 @@ def reached_through(module: nn.Module) -> set[str]:
         paths.setdefault(id(sub), path)
     found: set[str] = set()
     for sub in {id(m): m for m in module.modules()}.values():
-        for chain in (*_chains(type(sub)), *_bound_chains(sub)):
+        for chain in _chains(type(sub)):
             found.update(paths[id(m)] for m in _through(sub, chain) if id(m) in paths)
+        for owner, chains, _ in _held(sub):
+            found.update(paths[id(m)] for c in chains for m in _through(owner, c) if id(m) in paths)
     return found - {""}
 
 
@@ -197,17 +199,17 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
     (``for blk in self.blocks: blk.forward_features(x)``: an AttributeError where the model runs; review R5 finding 04)."""
     found: dict[int, set[str]] = {}
     for sub in {id(m): m for m in module.modules()}.values():
-        for whole in (*_chains(type(sub)), *_bound_chains(sub)):
-            todo = [(sub, whole)]
+        for owner, whole in [*((sub, c) for c in _chains(type(sub))), *((o, c) for o, cs, _ in _held(sub) for c in cs)]:
+            todo = [(owner, whole)]
             while todo:
                 obj, chain = todo.pop()
                 step = None
                 for k, step in enumerate(chain):
                     if isinstance(step, _Method):
-                        if step.name in vars(sub):
+                        if step.name in vars(owner):
                             break  # (handed on: reached_through keeps every module below)
                         continue
-                    if step is None and obj is not sub:  # each child (a loop's item, a computed index): the rest on each
+                    if step is None and obj is not owner:  # each child (a loop's item, a computed index): the rest on each
                         todo += [(c, chain[k + 1:]) for c in obj._modules.values() if c is not None]
                         break
                     child = _child(obj, step)
@@ -216,7 +218,7 @@ def names_reached(module: nn.Module) -> dict[int, set[str]]:
                     obj = child
                 else:
                     continue  # (children all the way: reached_through's)
-                if obj is not sub and isinstance(step, str) and step not in obj._parameters and step not in obj._buffers:
+                if obj is not owner and isinstance(step, str) and step not in obj._parameters and step not in obj._buffers:
                     found.setdefault(id(obj), set()).add(step)
     return found
 
@@ -229,19 +231,33 @@ def tests_classes(module: nn.Module) -> bool:
     took the other branch and called the masked conv without its lengths (26% off where a batch is padded; found
     by a probe).  Also a class pattern (``case MaskedConv1d():``), ``_get_name()``, and the code of a base class
     reached by ``super()`` and of the model's module-level functions it calls (:func:`_run_functions`; review R6).
-    A decorator's wrapper counts only where its own reads reach a module below: Hugging Face's ``can_return_tuple``
-    asks ``isinstance(output, tuple)`` of what the method returned, and ``deprecate_kwarg`` the module's own
-    ``__class__``; counted, every child of a part kept whole under them stayed unfused (review R17a).  Read once per
-    class (the wrappers' reads, and the methods the instance holds, per module)."""
+    A decorator's wrapper, and a property's setter, count only where their own reads may reach a module below
+    (:func:`_may_reach_a_module`): Hugging Face's ``can_return_tuple`` asks ``isinstance(output, tuple)`` of what the
+    method returned, ``deprecate_kwarg`` the module's own ``__class__``, and Lightning's ``trainer`` setter the value
+    it is given; counted, every child of a part kept whole under them stayed unfused (reviews R17a, R18a).  Read once
+    per class (the wrappers' and setters' reads, and the methods the instance holds, per module)."""
     cls = type(module)
     if cls not in _CLASS_TESTS:
         functions = _run_functions(cls)  # (reading the class finds its decorators' wrappers too)
-        wrappers = _DECORATORS.get(cls, {})
+        wrappers = _GUARDED.get(cls, {})
         _CLASS_TESTS[cls] = any(_asks_classes(f.__code__) for f in functions if f not in wrappers)
-    bound = [f for _, read in _bound(module) for f in read]  # (self.run = self._run_eager: its code too)
+    bound = [f for _, _, read in _held(module) for f in read]  # (self.run = self._run_eager: its code too)
     return (_CLASS_TESTS[cls] or any(_asks_classes(f.__code__) for f in _helpers(bound))
-            or any(_asks_classes(f.__code__) and any(_through(module, c) for c in chains)
-                   for f, chains in _DECORATORS.get(cls, {}).items()))
+            or any(_asks_classes(f.__code__) and any(_may_reach_a_module(module, c) for c in chains)
+                   for f, chains in _GUARDED.get(cls, {}).items()))
+
+
+def _may_reach_a_module(module: nn.Module, chain: tuple[Any, ...]) -> bool:
+    """Whether ``chain`` (from ``module``) may give code a module below ``module``: all but a chain to a plain attribute
+    of its own (``self.config.return_dict``, ``self.__class__``).  A child named, its children looped over
+    (``self.children()``), a method of its class (which may return one), anything handed on or computed counts
+    (a wrapper asking ``isinstance(self.head, ConvBN)`` was taken for asking none, 4.1e3 off; review R18a)."""
+    step = chain[0] if chain else None
+    if not chain or (isinstance(step, str) and step in ("__class__", "__dict__") and len(chain) > 1 and chain[1] != "values"):
+        return False
+    if not isinstance(step, str) or step in _EVERY or step in _ITEMS or step in _TENSORS_OF or step == _ANY_METHOD:
+        return True
+    return _child(module, step) is not None or step in _functions(type(module)) or _delegated(module, step)
 
 
 _CLASS_TESTS: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
@@ -309,14 +325,27 @@ def _read_chains(cls: type) -> tuple[tuple[Any, ...], ...]:
     ``self.conv.bn.running_mean.normal_()`` in ``__init__``; found by a full run)."""
     functions = _functions(cls)
     roots = [n for n in ("forward", "__call__") if n in functions]
-    chains, read = _read_from(cls, [*roots, *_setters(cls)])  # (self.gain = x runs a property's setter: review R17a)
+    chains, read = _read_from(cls, roots)
+    while setters := [f for name, f in _setters(cls) if f not in read and name in _stored(read)]:
+        more, also = _read_from(cls, setters, guarded=set(setters))  # (self.gain = x runs its setter: review R17a)
+        chains, read = (*chains, *more), [*read, *also]
     _READ[cls] = tuple(read)
     return chains
 
 
-def _read_from(cls: type, todo: list[Any]) -> tuple[tuple[tuple[Any, ...], ...], list[types.FunctionType]]:
+def _stored(functions: list[types.FunctionType]) -> set[str]:
+    """The attribute names the code of ``functions`` (and the code nested in it) sets: ``self.gain = x``."""
+    def names(code: types.CodeType) -> set[str]:
+        own = {op.argval for op in dis.get_instructions(code) if op.opname in ("STORE_ATTR", "DELETE_ATTR")}
+        return own.union(*(names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+    return set().union(*(names(f.__code__) for f in functions))
+
+
+def _read_from(cls: type, todo: list[Any], guarded: set[Any] = frozenset()) -> tuple[tuple[tuple[Any, ...], ...], list[types.FunctionType]]:
     """:func:`_read_chains` from the functions (or names of functions of ``cls``) ``todo``: the chains, and the
-    functions read."""
+    functions read.  The chains of the decorators' wrappers among them, and of ``guarded`` (the setters), are kept
+    in :data:`_GUARDED` too: their class tests count only where they may reach a module (:func:`tests_classes`)."""
     functions = _functions(cls)
     chains: list[tuple[Any, ...]] = []
     read: list[types.FunctionType] = []
@@ -349,43 +378,64 @@ def _read_from(cls: type, todo: list[Any]) -> tuple[tuple[tuple[Any, ...], ...],
                 found.append((...,))
             elif inner not in seen:
                 todo.append(inner)
-            _DECORATORS.setdefault(cls, {})[function] = found
+            guarded = {*guarded, function}
+        if function in guarded:
+            _GUARDED.setdefault(cls, {})[function] = found
         chains += found
         todo += [c[0] for c in found if c and c[0] in functions]  # self.helper(x): its code runs too
         todo += list(functions) if (_ANY_METHOD,) in found else []  # (a method named by a computed getattr; review R7)
     return tuple(dict.fromkeys(chains)), read
 
 
-def _bound_chains(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
-    """The chains of the methods of its own that ``module`` holds as attributes of the instance (``self.run =
-    self._run_eager`` in ``__init__``, ``self.forward = self.forward_fuse``: YOLOv5's ``fuse()``), or in a
-    ``functools.partial`` of one: what they call on ``self`` was read by no one, and a parent kept whole called its
-    fused block's folded conv through them (2.2e3 off; review R17a)."""
-    return tuple(c for chains, _ in _bound(module) for c in chains)
-
-
-def _bound(module: nn.Module) -> list[tuple[tuple[tuple[Any, ...], ...], list[types.FunctionType]]]:
-    """:func:`_read_from` of each method of its own ``module`` holds as an attribute of the instance (see
-    :func:`_bound_chains`), read once per class and function."""
-    found = []
-    cls = type(module)
-    for name, value in vars(module).items():
-        value = value.func if isinstance(value, functools.partial) else value
-        if name in _MODULE_STATE or not (isinstance(value, types.MethodType) and value.__self__ is module):
+def _held(module: nn.Module) -> list[tuple[nn.Module, tuple[tuple[Any, ...], ...], list[types.FunctionType]]]:
+    """What the callables ``module`` holds as attributes of the instance may reach, as ``(owner, chains from owner,
+    functions read)``: a method of a module (``self.run = self._run_eager`` in ``__init__``, YOLOv5's ``m.forward =
+    m.forward_fuse``, a child given its parent's method as a callback), read from the module it is bound to, also
+    inside a dict, list or tuple (a dispatch table), a ``functools.partial``, what a wrapper wraps (``torch.no_grad()(
+    self._reach)``); a module a lambda's closure, a partial's arguments or a callable object holds: every module
+    below it.  What they called on ``self`` was read by no one, and a parent kept whole called its fused block's
+    folded conv through them (2.2e3 off; reviews R17a, R18a).  Read once per class and function."""
+    found: list[tuple[nn.Module, tuple[tuple[Any, ...], ...], list[types.FunctionType]]] = []
+    todo = [(v, 0) for k, v in vars(module).items() if k not in _MODULE_STATE]
+    seen: set[int] = set()
+    while todo:
+        value, depth = todo.pop()
+        if id(value) in seen or depth > 4 or isinstance(value, (str, bytes, int, float, bool, type(None), torch.Tensor)):
             continue
-        function = _function_of(value.__func__)
-        if function is None:
-            continue
-        cached = _BOUND.setdefault(cls, {})
-        if function not in cached:
-            cached[function] = _read_from(cls, [function])
-        found.append(cached[function])
+        seen.add(id(value))
+        if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module):
+            if (function := _function_of(value.__func__)) is not None:
+                cached = _BOUND.setdefault(type(value.__self__), {})
+                if function not in cached:
+                    cached[function] = _read_from(type(value.__self__), [function])
+                found.append((value.__self__, *cached[function]))
+        elif isinstance(value, nn.Module):
+            if depth:  # (held by a callable: what it does with it is not read)
+                found.append((value, ((...,),), []))
+        elif type(value) in (dict, list, tuple, set, frozenset):
+            todo += [(v, depth + 1) for v in (value.values() if type(value) is dict else value)]
+        elif isinstance(value, functools.partial):
+            todo += [(v, depth + 1) for v in (value.func, *value.args, *value.keywords.values())]
+        elif isinstance(value, types.FunctionType):
+            todo += [(c.cell_contents, depth + 1) for c in value.__closure__ or () if _filled(c)]
+            todo += [(value.__wrapped__, depth + 1)] if hasattr(value, "__wrapped__") else []
+        elif callable(value) and hasattr(value, "__dict__") and not isinstance(value, type):
+            todo += [(v, depth + 1) for v in vars(value).values()]  # (an object with __call__ holding the module)
     return found
 
 
+def _filled(cell: Any) -> bool:
+    """Whether a closure's cell holds a value (a cell of a name not yet bound raises on reading)."""
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 _BOUND: "weakref.WeakKeyDictionary[type, dict[Any, tuple]]" = weakref.WeakKeyDictionary()
-# The decorators' wrappers among the functions read, by class: their chains (see tests_classes)
-_DECORATORS: "weakref.WeakKeyDictionary[type, dict[types.FunctionType, list]]" = weakref.WeakKeyDictionary()
+# The decorators' wrappers and the setters among the functions read, by class: their chains (see tests_classes)
+_GUARDED: "weakref.WeakKeyDictionary[type, dict[types.FunctionType, list]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -506,12 +556,15 @@ def _opaque(self: Any) -> None:
     takes it for reaching every module below."""
 
 
-def _setters(cls: type) -> list[types.FunctionType]:
-    """The setters (and deleters) of the properties of ``cls`` and its bases, as :func:`_function_of` reads them."""
+def _setters(cls: type) -> list[tuple[str, types.FunctionType]]:
+    """The setters (and deleters) of the properties of ``cls`` and its bases by the property's name, as
+    :func:`_function_of` reads them: read where the code read sets that name (Lightning's ``trainer`` setter asks
+    its children's classes, and is run by the trainer, never in a call: read always, every fold below a part kept
+    whole was lost; review R18a)."""
     found = []
     for base in cls.__mro__:
         if base not in (nn.Module, object):
-            found += [f for v in vars(base).values() if isinstance(v, property)
+            found += [(name, f) for name, v in vars(base).items() if isinstance(v, property)
                       for f in map(_function_of, (v.fset, v.fdel)) if f is not None]
     return found
 
