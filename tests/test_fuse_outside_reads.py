@@ -1581,3 +1581,22 @@ def test_a_decorator_of_code_execd_without_a_name_is_the_models():
 
     assert {"blocks.0"} <= reached_through(Configured())
     _same_on_the_other_branch(randomized_bn(Configured()))
+
+
+def test_a_plain_list_of_children_held_costs_no_folds():
+    """A module holding its children in a plain list too (``self.stages = [self.s1, self.s2]``) calls them through it:
+    those children stay as written (an attribute names them: named_by_attributes), and their own children are fused
+    on their own.  Taken for a callable holding them, every module below them counted as reached."""
+
+    class Listed(_kept_whole_over_blocks()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stages = [self.blocks[0], self.blocks[1]]
+
+        def other(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return x
+
+    assert reached_through(Listed()) == {"blocks"}  # (the list itself, iterated: no block, nothing below one)
+    _same_on_the_other_branch(randomized_bn(Listed()))

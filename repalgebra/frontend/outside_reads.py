@@ -396,10 +396,10 @@ def _held(module: nn.Module) -> list[tuple[nn.Module, tuple[tuple[Any, ...], ...
     below it.  What they called on ``self`` was read by no one, and a parent kept whole called its fused block's
     folded conv through them (2.2e3 off; reviews R17a, R18a).  Read once per class and function."""
     found: list[tuple[nn.Module, tuple[tuple[Any, ...], ...], list[types.FunctionType]]] = []
-    todo = [(v, 0) for k, v in vars(module).items() if k not in _MODULE_STATE]
+    todo = [(v, 0, False) for k, v in vars(module).items() if k not in _MODULE_STATE]  # (value, depth, in a callable)
     seen: set[int] = set()
     while todo:
-        value, depth = todo.pop()
+        value, depth, called = todo.pop()
         if id(value) in seen or depth > 4 or isinstance(value, (str, bytes, int, float, bool, type(None), torch.Tensor)):
             continue
         seen.add(id(value))
@@ -410,17 +410,17 @@ def _held(module: nn.Module) -> list[tuple[nn.Module, tuple[tuple[Any, ...], ...
                     cached[function] = _read_from(type(value.__self__), [function])
                 found.append((value.__self__, *cached[function]))
         elif isinstance(value, nn.Module):
-            if depth:  # (held by a callable: what it does with it is not read)
-                found.append((value, ((...,),), []))
+            if called:  # (held by a callable: what it does with it is not read; a plain list of children is
+                found.append((value, ((...,),), []))  # named_by_attributes')
         elif type(value) in (dict, list, tuple, set, frozenset):
-            todo += [(v, depth + 1) for v in (value.values() if type(value) is dict else value)]
+            todo += [(v, depth + 1, called) for v in (value.values() if type(value) is dict else value)]
         elif isinstance(value, functools.partial):
-            todo += [(v, depth + 1) for v in (value.func, *value.args, *value.keywords.values())]
+            todo += [(v, depth + 1, True) for v in (value.func, *value.args, *value.keywords.values())]
         elif isinstance(value, types.FunctionType):
-            todo += [(c.cell_contents, depth + 1) for c in value.__closure__ or () if _filled(c)]
-            todo += [(value.__wrapped__, depth + 1)] if hasattr(value, "__wrapped__") else []
+            todo += [(c.cell_contents, depth + 1, True) for c in value.__closure__ or () if _filled(c)]
+            todo += [(value.__wrapped__, depth + 1, True)] if hasattr(value, "__wrapped__") else []
         elif callable(value) and hasattr(value, "__dict__") and not isinstance(value, type):
-            todo += [(v, depth + 1) for v in vars(value).values()]  # (an object with __call__ holding the module)
+            todo += [(v, depth + 1, True) for v in vars(value).values()]  # (an object with __call__ holding the module)
     return found
 
 
