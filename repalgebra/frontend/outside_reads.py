@@ -252,9 +252,9 @@ def _may_reach_a_module(module: nn.Module, chain: tuple[Any, ...]) -> bool:
     of its own (``self.config.return_dict``, ``self.__class__``).  A child named, its children looped over
     (``self.children()``), a method of its class (which may return one), anything handed on or computed counts
     (a wrapper asking ``isinstance(self.head, ConvBN)`` was taken for asking none, 4.1e3 off; review R18a)."""
-    step = chain[0] if chain else None
-    if not chain or (isinstance(step, str) and step in ("__class__", "__dict__") and len(chain) > 1 and chain[1] != "values"):
+    if not chain:
         return False
+    step = chain[0]
     if not isinstance(step, str) or step in _EVERY or step in _ITEMS or step in _TENSORS_OF or step == _ANY_METHOD:
         return True
     return _child(module, step) is not None or step in _functions(type(module)) or _delegated(module, step)
