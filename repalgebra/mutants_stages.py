@@ -2783,6 +2783,16 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "child's class (4.1e3 off; review R18a)", "repalgebra.frontend.outside_reads:_may_reach_a_module",
      "    return _child(module, step) is not None or", "    return False or",
      ("tests/test_fuse_outside_reads.py::test_a_class_test_of_a_child_in_a_decorators_wrapper_keeps_the_child",)),
+    ("frontend", "hook-call-handed", "self handed to a method of an attribute the module holds not (diffusers' "
+     "apply_forward_hook: self._hf_hook.pre_forward(self) behind a hasattr) taken as handed on: every fold lost",
+     "repalgebra.frontend.outside_reads:_handed_on", '                    return ("held-method", dotted[0], dotted[1])',
+     "                    return True", (f"{_WRAPPED_FOLDS}[hf-hook]",)),
+    ("frontend", "hook-never-held", "a hook the module holds taken for none: what its method is given reached by no one",
+     "repalgebra.frontend.outside_reads:_holds", "    return (name in vars(obj) or", "    return False and (name in vars(obj) or",
+     (f"{_R6_HANDED}[hook-held]", f"{_R6_HANDED}[child-method-given-self]")),
+    ("frontend", "hook-child-unheld", "a child the module holds taken for no attribute: self.proc.process(self, x) read as "
+     "never called", "repalgebra.frontend.outside_reads:_holds", " or any(name in d for d in (obj._modules, obj._parameters, obj._buffers))",
+     "", (f"{_R6_HANDED}[child-method-given-self]",)),
     ("frontend", "held-list-of-children-reached", "a plain list of its children the module holds taken for a callable "
      "holding them: every fold below them lost", "repalgebra.frontend.outside_reads:_held", "            if called:  # (held by a callable",
      "            if True:  # (held by a callable", ("tests/test_fuse_outside_reads.py::test_a_plain_list_of_children_held_costs_no_folds",)),

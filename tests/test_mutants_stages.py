@@ -46,6 +46,8 @@ FEW = {
     "repalgebra.frontend.mode_flags:_attribute": "one decision, mutated: a flag a module holds as a value refused on the read",
     "repalgebra.frontend.outside_reads:_function_of": "one decision, mutated: a wrapper of the model's code is read, "
     "torch's and the standard library's looked through (a wrapper object of the model's is _opaque, every module below)",
+    "repalgebra.frontend.outside_reads:_holds": "two decisions, both mutated: an attribute or a child is held (a class "
+    "that answers unknown names itself holds any)",
     "repalgebra.frontend.outside_reads:_may_reach_a_module": "one decision mutated: a child named counts (the other "
     "steps that count are those reached_through follows, mutated there)",
     "repalgebra.verify:named_tensor_leaves": "one decision, mutated: a plain tuple keeps output0, output1 ... (the names "

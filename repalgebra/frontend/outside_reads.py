@@ -439,6 +439,16 @@ _GUARDED: "weakref.WeakKeyDictionary[type, dict[types.FunctionType, list]]" = we
 
 
 @dataclass(frozen=True)
+class _IfHeld:
+    """A step of a chain handed to a method of the module's attribute ``name`` (diffusers' ``apply_forward_hook``:
+    ``self._hf_hook.pre_forward(self)``, behind a ``hasattr``): every module below where the module holds that
+    attribute, nothing where it holds none (no call can reach that code: every fold of a VAE kept whole had been
+    lost; review R17a)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class _Cell:
     """The chain of ``self`` handed to a call of the closure variable ``name`` (a decorator's wrapper calling the
     function it wraps, ``fn(self, x)``, ``fn(self, *args)``, or ``fn(*args)`` where ``star``: what it was given)."""
@@ -694,6 +704,8 @@ def _chains_in(code: types.CodeType, self_name: str, given: dict[str, list[tuple
                 elif isinstance(how, tuple) and (inner := _in_method(how, owner, self_name, depth)) is not None:
                     chains += [chain + (_Method(how[2]),) + c for c in [(), *inner]]  # (self.run(self.blocks, x): the
                     # same, where the module does not hold an attribute of that name: see _through)
+                elif isinstance(how, tuple) and how[0] == "held-method" and how[1] == self_name and not depth:
+                    chains.append(chain + (_IfHeld(how[2]),))  # (handed on where the module holds that attribute)
                 elif isinstance(how, tuple) and how[0] == "cell" and not chain and not depth and how[2] in (0, "*"):
                     chains.append((_Cell(how[1], how[2] == "*"),))  # (fn(self, x) in a decorator's wrapper: _read_chains)
                 elif how:  # (``self`` itself too: functools.reduce(getattr, "layer0.conv".split("."), self),
@@ -848,6 +860,8 @@ def _handed_on(ops: list[dis.Instruction], i: int, end: int, item: bool = False)
                     return ("helper", name, argc - 1 - p)  # (a function of the model's code, given it by position)
                 if dotted and len(dotted) == 2 and ops[callee - 1].opname in ("LOAD_FAST", "LOAD_DEREF") and not by_keyword:
                     return ("method", *dotted, argc - 1 - p)  # (self.run(self.blocks, x): read where it is self's)
+                if dotted and len(dotted) == 3 and ops[callee - 2].opname in ("LOAD_FAST", "LOAD_DEREF"):
+                    return ("held-method", dotted[0], dotted[1])  # (self._hf_hook.pre_forward(self): see _IfHeld)
                 return True  # (where a loop iterates over what it makes, enumerate(self.blocks), _chains_in takes it back)
             if op.opname == "DICT_MERGE" and p == 0 and len(stack) >= 3 and isinstance(stack[-3], int):
                 return ("spread", *_dotted(ops, stack[-3]))  # (f(x, **self.heads): the keywords of a call of f)
@@ -1165,6 +1179,10 @@ def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = 
     or whose tensors it reads."""
     obj, reached = root if start is None else start, []
     for k, step in enumerate(chain):
+        if isinstance(step, _IfHeld) and not _holds(root, step.name):
+            return reached  # (the module holds no such attribute: the call is never made)
+        if isinstance(step, _IfHeld):
+            return [*reached, *(m for m in obj.modules() if m is not root)]
         if isinstance(step, _Method) and step.name not in vars(root):
             continue  # (its own method, read)
         if step is ... or isinstance(step, _Method) or (step in _EVERY and _child(obj, step) is None) or (
@@ -1187,6 +1205,13 @@ def _through(root: nn.Module, chain: tuple[Any, ...], start: nn.Module | None = 
             return [] if following in _METADATA else [*reached, obj]  # its weights' values (not their dtype)
         return reached  # a method or a plain attribute of the child: read_outside's to see
     return reached
+
+
+def _holds(obj: nn.Module, name: str) -> bool:
+    """Whether ``obj.<name>`` may give something: an attribute of the instance or its class, a child, a tensor, or
+    any name where its class answers unknown names itself (``__getattr__``)."""
+    return (name in vars(obj) or any(name in d for d in (obj._modules, obj._parameters, obj._buffers))
+            or inspect.getattr_static(obj, name, _MISSING) is not _MISSING or type(obj).__getattr__ is not nn.Module.__getattr__)
 
 
 def _delegated(obj: nn.Module, step: Any) -> bool:
