@@ -1130,6 +1130,8 @@ def graph_to_onnx(
         exported, dynamic_batch = export_regions(graph, regions, dynamic_batch, opset, report.notes, examples)
         report.dynamic_batch = dynamic_batch
     another = _batch_axes(graph, examples, dtype) if dynamic_batch else None
+    if another is not None and True in another.grown:  # (the batch another input's: the notes below name its size)
+        batch = graph.inputs[another.grown.index(True)].shape[0]
     if dynamic_batch and another is None and (odd := next((k for k, v in enumerate(graph.inputs) if k != first and v.shape
                                                               and v.shape[0] != batch), None)) is not None:
         dynamic_batch = report.dynamic_batch = False  # (a time-major mask (T, B) beside (B, T, C): axis 0 named batch on
