@@ -1528,21 +1528,24 @@ def test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds(style):
             torch.testing.assert_close(fused(t), reference(t), rtol=1e-9, atol=0)  # float64
 
 
+# _raw_on_outliers as the text of a file of the model's code (imported from a package, or exec'd by a config loader)
+_RAW_ON_OUTLIERS = (
+    "def raw_on_outliers(method):\n"
+    "    @functools.wraps(method)\n"
+    "    def wrapper(self, x):\n"
+    "        if x.mean() < -100:\n"
+    "            return self.blocks[0].conv(x)\n"
+    "        return method(self, x)\n"
+    "    return wrapper\n")
+
+
 def test_a_decorator_of_a_package_named_as_a_standard_module_is_the_models(tmp_path, monkeypatch):
     """A research repo's top-level package ``code/`` (or ``trace/``, ``profile/``) bears a standard module's name: its
     decorator's wrapper was taken for the standard library's and never read, and its reach into a block was missed
     (2.2e3 off; review R17a).  A module is the standard library's only where it was loaded from its directory."""
     package = tmp_path / "tabnanny"
     package.mkdir()
-    (package / "__init__.py").write_text(
-        "import functools\n\n"
-        "def raw_on_outliers(method):\n"
-        "    @functools.wraps(method)\n"
-        "    def wrapper(self, x):\n"
-        "        if x.mean() < -100:\n"
-        "            return self.blocks[0].conv(x)\n"
-        "        return method(self, x)\n"
-        "    return wrapper\n")
+    (package / "__init__.py").write_text("import functools\n\n" + _RAW_ON_OUTLIERS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "tabnanny", raising=False)
     own = importlib.import_module("tabnanny")
@@ -1597,14 +1600,7 @@ def test_a_decorator_of_code_execd_without_a_name_is_the_models():
     defined there was taken for a builtin's, and its wrapper's reach into a block never read (1.8e3 off; review
     R18a)."""
     namespace: dict = {"functools": functools}
-    exec(compile(  # noqa: S102  (the way a config loader runs a file)
-        "def raw_on_outliers(method):\n"
-        "    @functools.wraps(method)\n"
-        "    def wrapper(self, x):\n"
-        "        if x.mean() < -100:\n"
-        "            return self.blocks[0].conv(x)\n"
-        "        return method(self, x)\n"
-        "    return wrapper\n", "config.py", "exec"), namespace)
+    exec(compile(_RAW_ON_OUTLIERS, "config.py", "exec"), namespace)  # noqa: S102  (the way a config loader runs a file)
 
     class Configured(_kept_whole_over_blocks()):
         @namespace["raw_on_outliers"]

@@ -1495,12 +1495,18 @@ def _batch_axes(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dty
     declared the images' batch fixed while saying it was dynamic (review R17a); a CLIP written Hugging Face's way,
     ``forward(input_ids, pixel_values)`` returning ``(images, prompts)`` logits, gave the batch to the prompts (review
     R18a): an input whose size an output's axis 0 follows comes first."""
-    runs = {k: _grown_at(graph, examples, dtype, k) for k, v in enumerate(graph.inputs) if v.shape}
+    runs: dict[int, _AnotherBatch | None] = {}  # (each input's run, made where it is asked: the first mostly answers)
+
+    def grown_at(k: int) -> _AnotherBatch | None:
+        if k not in runs:
+            runs[k] = _grown_at(graph, examples, dtype, k)
+        return runs[k]
+
     for follows in (lambda axes: any(0 in d for d in axes), any):  # (an output's axis 0 first: CLIP's (images, texts))
-        for another in runs.values():
-            if another is not None and (another.axes is None or follows(another.axes)):
+        for k in [k for k, v in enumerate(graph.inputs) if v.shape]:
+            if (another := grown_at(k)) is not None and (another.axes is None or follows(another.axes)):
                 return another
-    return runs.get(batch_input(graph))
+    return grown_at(first) if (first := batch_input(graph)) is not None else None
 
 
 def _grown_at(graph: Graph, examples: Sequence[torch.Tensor], dtype: torch.dtype, first: int) -> _AnotherBatch | None:
