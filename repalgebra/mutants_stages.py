@@ -144,6 +144,7 @@ _ADAPTIVE_REWRITE = ("tests/test_onnx_fallback.py::test_adaptive_avg_pool_rewrit
 _ALIASED = ("tests/test_fuse.py::test_copies_the_model_returns_stay_copies",)
 _DTYPES = (f"{_OE}::test_a_models_dtype_and_its_parts_own_dtypes_reach_the_file",)
 _NEAREST = (f"{_OE}::test_nearest_interpolation_picks_the_pixels_torch_picks",)
+_RESIZE = _NEAREST + (f"{_OE}::test_resize_is_written_only_where_it_picks_torchs_pixels", f"{_OE}::test_nearest_upsampling_exports_as_a_resize")
 _UNSUMMABLE = ("tests/test_fuse_state.py::test_attributes_a_checksum_cannot_sum_are_no_state",)
 _STATE_INSIDE = ("tests/test_fuse_state.py::test_the_part_that_holds_state_runs_as_written",
                  "tests/test_fuse_state.py::test_a_nan_in_a_weight_is_not_taken_for_a_change")
@@ -798,6 +799,24 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "torch.float32, [torch.empty", _NEAREST),
     ("onnx_backend", "nearest-picks-transposed", "the axes' picks combined in the reverse order (a flat index of the transposed map)",
      "repalgebra.backend.onnx:_nearest", "for axis, size in enumerate(spatial):", "for axis, size in reversed(list(enumerate(spatial))):", _NEAREST),
+    ("onnx_backend", "resize-picks-unchecked", "nearest written as a Resize where torch's own float32 picks are not the exact ones (2 -> 82: row 41)",
+     "repalgebra.backend.onnx:_resize_picks", "    if not np.array_equal(line.numpy(), exact):", "    if False:", _RESIZE),
+    ("onnx_backend", "resize-ties-at-any-scale", "a Resize whose scale is not exactly out / size picking at integer coordinates (21 of 70)",
+     "repalgebra.backend.onnx:_resize_picks", "if not exact_scale and bool(", "if False and bool(", _RESIZE),
+    ("onnx_backend", "resize-no-margin", "a Resize picking coordinates within float32's error of a pixel's edge (1000 -> 1001 nearest-exact)",
+     "repalgebra.backend.onnx:_resize_picks", "    return not bool(np.any(np.minimum(", "    return True or not bool(np.any(np.minimum(", _RESIZE),
+    ("onnx_backend", "resize-any-dtype", "a float64 nearest interpolation written as a Resize (onnxruntime has no float64 Resize)",
+     "repalgebra.backend.onnx:_nearest", "(n.out.dtype or ctx.dtype) in (torch.float32, torch.float16)", "True", _RESIZE),
+    ("onnx_backend", "resize-exact-as-floor", "nearest-exact written as Resize's asymmetric floor (torch picks floor((dst + 0.5) * in / out))",
+     "repalgebra.backend.onnx:_nearest", 'coordinate_transformation_mode="half_pixel" if exact else "asymmetric"',
+     'coordinate_transformation_mode="asymmetric"', _RESIZE),
+    ("frontend", "interpolate-4d-only", "a 1-d or 3-d nearest interpolation left to the exporter's fallback (a Gather per axis, 40x slower)",
+     "repalgebra.frontend.args:interpolate", "not (rank in (3, 5) and mode in", "not (False and mode in",
+     _RESIZE + ("tests/test_onnx_fallback.py::test_a_3d_nearest_exact_interpolate_exports",)),
+    ("frontend", "interpolate-size-of-two", "a 3-d interpolation's size taken as a pair (left to the fallback)",
+     "repalgebra.frontend.args:interpolate", "        size = ints(size, rank - 2)", "        size = ints(size, 2)", _RESIZE),
+    ("frontend", "interpolate-scale-of-two", "a 1-d interpolation's factor taken as a pair (left to the fallback)",
+     "repalgebra.frontend.args:interpolate", "len(axes) != rank - 2", "len(axes) != 2", _RESIZE),
     ("onnx_backend", "constants-in-graph-dtype", "a node's constants made in the graph's dtype, not the one it computes in (a float32 part of a float16 model)",
      "repalgebra.backend.onnx:graph_to_onnx", "ctx.dtype = _node_dtype(n, dtype)", "ctx.dtype = dtype", _DTYPES),
     ("onnx_backend", "resize-scale-as-written", "a Resize's scale written as the float32 of the factor (10 x 0.7 rows: 6, where torch makes 7)",

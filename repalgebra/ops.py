@@ -599,7 +599,8 @@ def group_norm(x, *, weight: Tensor | None = None, bias: Tensor | None = None, n
 @op("interpolate", kind="nonlinear", variadic=True)
 def interpolate(x, *like, size=None, scale=None, mode="nearest", align_corners=None):
     """``F.interpolate``: to ``size`` ``(h, w)``, by ``scale`` ``(sh, sw)``, or to the last two sizes of a second
-    input ``like`` (FPN's ``F.interpolate(top, size=lateral.shape[-2:])``); ``nearest``, ``nearest-exact``, ``bilinear``."""
+    input ``like`` (FPN's ``F.interpolate(top, size=lateral.shape[-2:])``); ``nearest``, ``nearest-exact``, ``bilinear``.
+    Nearest modes also on one spatial axis or three (``size``/``scale`` of that length; no ``like``)."""
     if like:
         size = tuple(like[0].shape[-2:])
     return F.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align_corners)

@@ -1158,6 +1158,80 @@ def test_nearest_interpolation_picks_the_pixels_torch_picks(mode, sizes):
     assert np.array_equal(run_onnx(export_onnx(model, None, x, opset=20), x), model(x).numpy())
 
 
+def _resize_session(half: bool) -> ort.InferenceSession:
+    """One ``Resize`` as :func:`repalgebra.backend.onnx._nearest` writes it, its output sizes an input of the file."""
+    how = dict(coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil") if half else dict(
+        coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest", **how)], "resize",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, None]),
+         onnx.helper.make_tensor_value_info("sizes", onnx.TensorProto.INT64, [3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    return ort.InferenceSession(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+                                .SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_resize_is_written_only_where_it_picks_torchs_pixels(mode):
+    """Every resize from 1..40 to 1..90 pixels: where ``_resize_picks`` lets the file ``Resize``, onnxruntime's
+    ``Resize`` picks exactly torch's pixels (a pick is a copy: no tolerance), and it lets it at every whole factor
+    where torch picks ``floor(dst / k)`` (the usual 2x upsampling) and at coprime sizes (GhostNetV3's 12 -> 25), never at 21 of 70 (see above)."""
+    from repalgebra.backend.onnx import _resize_picks
+
+    half, session, allowed = mode == "nearest-exact", _resize_session(mode == "nearest-exact"), set()
+    for size in range(1, 41):
+        x = torch.arange(size, dtype=torch.float32).reshape(1, 1, size)
+        for out in range(1, 91):
+            line = F.interpolate(x, size=out, mode=mode)[0, 0].to(torch.int64).tolist()
+            if _resize_picks(torch.tensor(line), size, half):
+                allowed.add((size, out))
+                got = session.run(None, {"x": x.numpy(), "sizes": np.asarray([1, 1, out])})[0][0, 0]
+                assert got.astype(np.int64).tolist() == line, (size, out)
+    whole = {(s, k * s) for s in range(1, 41) for k in range(1, 90 // s + 1)
+             if F.interpolate(torch.arange(s * 1.0).reshape(1, 1, s), scale_factor=k, mode=mode).flatten().tolist()
+             == [d // k for d in range(k * s)]}  # (torch's own float32 picks miss at 2 -> 82: row 41 from pixel 0)
+    assert len(whole) > 180 and whole <= allowed
+    assert (70, 21) not in allowed
+    # Larger lines, where onnxruntime's float32 coordinates pick otherwise than the exact ones torch picks (at
+    # 248 -> 497 and 1000 -> 1001 in nearest-exact, 4097 -> 12289 in nearest): refused there, exact where written.
+    for size, out in [(248, 497), (1000, 1001), (1284, 2569), (4097, 12289), (4099, 4100), (2048, 4096), (1000, 3000)]:
+        x = torch.arange(size, dtype=torch.float32).reshape(1, 1, size)
+        line = F.interpolate(x, size=out, mode=mode)[0, 0].to(torch.int64)
+        got = session.run(None, {"x": x.numpy(), "sizes": np.asarray([1, 1, out])})[0][0, 0]
+        assert not _resize_picks(line, size, half) or got.astype(np.int64).tolist() == line.tolist(), (size, out)
+    assert mode == "nearest-exact" or {(12, 25), (6, 13)} <= allowed
+    assert 1500 < len(allowed) < 3600  # (1, out) and coprime pairs mostly; not all 3600
+
+
+@pytest.mark.parametrize("shape, how", [((2, 8, 14, 14), dict(scale_factor=2)), ((2, 8, 12, 12), dict(size=(25, 25))),
+                                        ((2, 4, 9), dict(scale_factor=3, mode="nearest-exact")),
+                                        ((2, 8, 5, 5), dict(size=(7, 11), mode="nearest-exact")),
+                                        ((1, 4, 3, 5, 6), dict(size=(6, 10, 12)))])
+def test_nearest_upsampling_exports_as_a_resize(shape, how):
+    """A neck's ``nn.Upsample(scale_factor=2)`` (YOLO, FPN) and GhostNetV3's gate (12 -> 25) are one ``Resize`` in
+    the file, not a ``Gather`` of every pixel (onnxruntime ran it 5 to 40 times slower), in float32 and float16
+    (float64 gathers: onnxruntime has no float64 ``Resize``), at the example's batch and another (the batch axis is
+    dynamic).  Tolerance: the folded BN's rounding, 1e-5 in float32, 1e-2 in float16 and 1e-12 in float64 of the
+    output's magnitude (a wrong pick is off by order 1)."""
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if len(shape) == 4 else (nn.Conv1d, nn.BatchNorm1d) if len(shape) == 3 else (
+        nn.Conv3d, nn.BatchNorm3d)
+    model = randomize_model_(nn.Sequential(conv(shape[1], shape[1], 1), norm(shape[1]), nn.Upsample(**{"mode": "nearest", **how})),
+                             torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    normed = randomize_model_(nn.Sequential(norm(shape[1]), nn.ReLU(), model[2]), torch.Generator().manual_seed(0)).eval()
+    for dtype, tol in ((torch.float32, RTOL), (torch.float16, 1e-2), (torch.float64, 1e-12)):
+        if dtype == torch.float64:  # (no float64 Conv in onnxruntime either: a BN before the upsampling)
+            model = normed.to(dtype)
+        proto = export_onnx(model.to(dtype), None, x.to(dtype), opset=17)
+        ops = [node.op_type for node in proto.graph.node]
+        picks = any("picks" in i.name for i in proto.graph.initializer)
+        assert ("Resize" in ops and not picks) if dtype != torch.float64 else picks, ops  # (no float64 Resize in onnxruntime)
+        for batch in (x, torch.cat([x, -x, 2 * x])):
+            with torch.no_grad():
+                want = model(batch.to(dtype))
+            assert rel_err(run_onnx(proto, batch.to(dtype)), want) <= tol
+
+
 class _TokenClassifier(nn.Module):
     """Token ids in: the model's dtype is its weights', no input says it."""
 

@@ -503,8 +503,8 @@ CASES: dict[str, Case] = {
                               nn.BatchNorm3d(4)),
         (1, 3, 4, 5, 6), {"conv3d"}, _onnx("Conv"),
     ),
-    "interpolate_nearest": Case(lambda: stem(FPNTopDown(4)), (1, 3, 8, 6), {"interpolate"}, _onnx("Gather")),
-    "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize", "Gather")),
+    "interpolate_nearest": Case(lambda: stem(FPNTopDown(4)), (1, 3, 8, 6), {"interpolate"}, _onnx("Resize")),
+    "interpolate_bilinear": Case(lambda: stem(Bilinear()), (1, 3, 5, 5), {"interpolate"}, _onnx("Resize")),
     "slicing": Case(lambda: stem(Slicing()), (1, 3, 5, 6), {"slice", "select"}, _onnx("Slice", "Gather")),
     "split_chunk_unbind": Case(
         lambda: stem(Splits()), (1, 3, 5, 5), {"slice", "select"}, _onnx("Slice", "Gather"), fx_ops={"chunk", "piece"}

@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
@@ -774,20 +775,60 @@ def _scale_for(factor: float, size: int, out: int) -> np.float32:
 
 
 def _nearest(ctx, n, x):
-    """Nearest (and nearest-exact) interpolation as one ``Gather`` of the pixels torch picks.
+    """Nearest (and nearest-exact) interpolation: a ``Resize`` where it provably picks torch's pixels, else one
+    ``Gather`` of them.
 
     ``Resize`` in nearest mode picks its source pixel by ``dst / scale``; torch by ``floor(dst * (in / out))`` in
     float32: at 9 of 30 -> 70 rows they round to different pixels (29 and 30).  The spatial sizes of a file are fixed,
-    so the picks are computed here by torch itself, on the flat index of every pixel, and gathered."""
-    spatial = n.inputs[0].shape[2:]
+    so the picks are computed here by torch itself, on the flat index of every pixel.  Where on every axis they are
+    the exact picks and ``Resize`` computes them without a rounding that could decide one (:func:`_resize_picks`),
+    the file resizes: onnxruntime runs a ``Resize`` 5 to 40 times faster than the ``Gather`` (a 2x upsampling of
+    64 maps of 28x28: 15 us against 560).  Else it gathers them."""
+    spatial, sizes = n.inputs[0].shape[2:], n.out.shape[2:]
     dtype, like = torch.float64 if ctx.dtype == torch.float64 else torch.float32, [torch.empty(v.shape) for v in n.inputs[1:]]
-    picks = torch.zeros((), dtype=torch.int64)
+    picks, resizes = torch.zeros((), dtype=torch.int64), (n.out.dtype or ctx.dtype) in (torch.float32, torch.float16)
     for axis, size in enumerate(spatial):  # each axis's coordinate on its own map: exact in float32 (a flat index is not above 2**24)
         along = [1] * len(spatial)
         along[axis] = size
         coords = torch.arange(size, dtype=dtype).reshape(1, 1, *along).expand(1, 1, *spatial)
-        picks = picks * size + OPS[n.op].run(coords, *like, **n.attrs).to(torch.int64)
-    return ctx.emit("Reshape", [_picked(ctx, x, picks), ctx.ints("shape", [0, 0, *n.out.shape[2:]])])
+        on_axis = OPS[n.op].run(coords, *like, **n.attrs).to(torch.int64)
+        picks = picks * size + on_axis
+        line = on_axis.reshape(sizes).movedim(axis, 0).reshape(sizes[axis], -1)[:, 0] if on_axis.numel() else None
+        resizes = resizes and line is not None and _resize_picks(line, size, n.attrs["mode"] == "nearest-exact")
+    if resizes:  # (onnxruntime has no float64 or integer Resize: those gather)
+        lead = ctx.emit("Slice", [ctx.emit("Shape", [x]), ctx.ints("start", [0]), ctx.ints("end", [2])])
+        exact = n.attrs["mode"] == "nearest-exact"
+        return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, ctx.ints("size", list(sizes))], axis=0)],
+                        mode="nearest", coordinate_transformation_mode="half_pixel" if exact else "asymmetric",
+                        nearest_mode="round_prefer_ceil" if exact else "floor")
+    return ctx.emit("Reshape", [_picked(ctx, x, picks), ctx.ints("shape", [0, 0, *sizes])])
+
+
+def _resize_picks(line: torch.Tensor, size: int, half: bool) -> bool:
+    """Whether ``Resize`` (nearest; ``asymmetric`` and ``floor``, or with ``half``, torch's nearest-exact,
+    ``half_pixel`` and ``round_prefer_ceil``) from ``size`` to ``len(line)`` picks ``line`` in any runtime that
+    computes ONNX's coordinate ``dst / scale`` (``(dst + 0.5) / scale - 0.5``) in float32 or wider, ``scale`` the
+    float32 ``out / size``.
+
+    Each pick is ``floor(v)`` of ``v = dst * size / out`` (``(dst + 0.5) * size / out``) in both, ``line`` must be
+    that exactly, and rounding must decide none: a ``v`` near an integer but not one is at least ``1 / (2 out)``
+    from it, which must stay far above float32's error (a margin of 2**-20 of ``v + 1``: onnxruntime picks
+    otherwise than torch at 1000 -> 1001 nearest-exact without it); a ``v`` that is an integer (other than 0) comes
+    out exact only where ``scale`` is exactly ``out / size`` (a division rounded correctly gives a representable
+    quotient exactly): 2x, 3x, 0.5x, never 21 of 70, where ``9 / 0.3`` is 29.999998."""
+    out, den = len(line), 2 * len(line)
+    if size < 1 or out < 1 or out >= 2**23:  # (dst + 0.5 exact in float32)
+        return False
+    dst = np.arange(out, dtype=np.int64)
+    num = (2 * dst + 1) * size if half else 2 * dst * size  # v = num / den
+    exact, r = np.divmod(num, den)
+    if not np.array_equal(line.numpy(), exact):
+        return False
+    exact_scale = Fraction(float(np.float32(out / size))) == Fraction(out, size)
+    if not exact_scale and bool(np.any((r == 0) & (num != 0))):
+        return False
+    near = r != 0
+    return not bool(np.any(np.minimum(r, den - r)[near] <= (num[near] + den) * 2.0**-20))
 
 
 def _picked(ctx, x, picks: torch.Tensor):

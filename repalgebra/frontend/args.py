@@ -248,20 +248,22 @@ def prelu_made(x: Value | None, weight: torch.Tensor, source: str | None) -> Mad
 
 
 def interpolate(x: Value | None, size: Any, scale: Any, mode: Any, align_corners: Any, recompute: Any = None, antialias: Any = False) -> Made:
-    """``F.interpolate``/``nn.Upsample`` of a 4-d ``x`` (nearest, nearest-exact, bilinear) as ``interpolate``."""
-    if x is None or len(x.shape) != 4 or mode not in _MODES or antialias or recompute:
+    """``F.interpolate``/``nn.Upsample`` of a 4-d ``x`` (nearest, nearest-exact, bilinear), or a 3-d or 5-d one
+    (nearest, nearest-exact: a 1-d signal's, a volume's), as ``interpolate``."""
+    rank = len(x.shape) if x is not None and x.shape is not None else 0
+    if rank != 4 and not (rank in (3, 5) and mode in ("nearest", "nearest-exact")):
         return None
-    if (size is None) == (scale is None):
+    if mode not in _MODES or antialias or recompute or (size is None) == (scale is None):
         return None
     if size is not None:
-        size = ints(size, 2)
+        size = ints(size, rank - 2)
         if size is None:
             return None
     else:
-        pair = (scale, scale) if isinstance(scale, (int, float)) else scale
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+        axes = (scale,) * (rank - 2) if isinstance(scale, (int, float)) else scale
+        if not isinstance(axes, (tuple, list)) or len(axes) != rank - 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in axes):
             return None
-        scale = tuple(float(v) for v in pair)
+        scale = tuple(float(v) for v in axes)
     if align_corners is not None and (mode != "bilinear" or not isinstance(align_corners, bool)):
         return None
     attrs = {"size": size, "scale": scale, "mode": mode, "align_corners": align_corners}
