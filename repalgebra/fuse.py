@@ -51,6 +51,7 @@ from repalgebra.call_dispatch import MOST_SIGNATURES, CallDispatch, Dispatch, Si
 from repalgebra.draws import DRAWS, generators_kept, seeded_for_checks
 from repalgebra.frontend.outside_reads import named_by_attributes, names_reached, reached_through, read_outside, tests_classes
 from repalgebra.frontend.builder import a_factory, is_returned_as_is, map_leaves
+from repalgebra.frontend.autocast_off import autocast_left_off
 from repalgebra.frontend.calls import Buf, FnCall, In, SymExpr, target_name
 from repalgebra.frontend.size_tests import taken_as_traced
 from repalgebra.frontend.capture import Call, Capture, CaptureFailed, capture_fx, capture_specialized, first_line, record_calls
@@ -676,6 +677,13 @@ class InputCheck:
         _install(self, module)
         if isinstance(module, fx.GraphModule) and getattr(self.call, "target", None) is taken_as_traced:
             _assert_size_test(module, self.call, self.inputs)
+
+
+def _refuse_autocast(fused: nn.Module, devices: tuple[str, ...], where: str) -> None:
+    """Make ``fused`` refuse calls under autocast on each of ``devices``, which the part at ``where`` turned autocast
+    off on around what its captured graph holds without it (:func:`~repalgebra.frontend.autocast_off.autocast_left_off`)."""
+    for device in devices:
+        InputCheck(FnCall("call_function", autocast_left_off, (device, where), {}, {}), ()).install(fused)
 
 
 def _assert_size_test(module: fx.GraphModule, call: nn.Module, inputs: tuple[int, ...]) -> None:
@@ -1837,6 +1845,7 @@ class _Fuser:
             min_batch = 1 if one is None else 2
             if one is not None and all(t.shape[0] == 1 for t in inputs if torch.is_tensor(t) and t.dim()):
                 raise CaptureFailed(f"the {cap.how} capture computes something else at its example's batch of 1: {one}")
+        _refuse_autocast(fused, cap.autocast_off, _where(path))  # (an fx capture holds that check in its graph)
         if cap.how == "specialized":
             own = computes_in(fused, inputs)
             other = torch.float32 if own == torch.float64 else torch.float64  # the dtype it was checked in too

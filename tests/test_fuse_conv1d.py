@@ -534,6 +534,37 @@ def test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it(k, residual
     assert_exact_at(model, fused, [(2, 4, 20), (3, 4, 11), (1, 4, 33)])
 
 
+class PaddedAfterNorm(nn.Module):
+    """SpeechBrain's ``Conv1d`` after a BatchNorm1d: it pads "same" with ``F.pad(x, (p, p), mode="reflect")`` before
+    its ``nn.Conv1d``, even of 0 (a 1x1 conv: ECAPA-TDNN's ``asp_bn`` then ``fc``, on pooled statistics of length 1)."""
+
+    def __init__(self, k: int, mode: str, pooled: bool) -> None:
+        super().__init__()
+        self.k, self.mode, self.pooled = k, mode, pooled
+        self.bn, self.conv = nn.BatchNorm1d(4), nn.Conv1d(4, 3, k)
+
+    def forward(self, x):
+        if self.pooled:  # mean and std over time, as attentive statistics pooling ends
+            x = torch.cat([x.mean(-1, keepdim=True), x.std(-1, keepdim=True)], 1)
+        p = (self.k - 1) // 2
+        return self.conv(torch.nn.functional.pad(self.bn(x), (p, p), mode=self.mode))
+
+
+@pytest.mark.parametrize("k, mode, pooled", [(1, "reflect", True), (3, "reflect", False), (5, "replicate", False),
+                                             (3, "circular", False)])
+def test_a_batch_norm_before_a_copying_pad_and_a_conv1d_folds_into_it(k, mode, pooled):
+    """The pad ran on the lift (it was read by the conv), the BatchNorm before it on the 3-D value, so
+    ``bn_before_conv`` never met the two in 2-D, and ECAPA-TDNN kept every BatchNorm it has (review R19a).  A pad
+    that copies pixels commutes with a per-channel map; exact at any batch and length (float64, to 1e-9)."""
+    model = seeded(lambda: PaddedAfterNorm(k, mode, pooled), 0)().to(D).eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.bn.running_mean.normal_()
+    c_in = 2 if pooled else 4
+    fused = fuse(model, torch.randn(2, c_in, 20, dtype=D))
+    assert count_bn(fused) == 0, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, c_in, 20), (3, c_in, 11), (1, c_in, 33)])
+
+
 class MaskedConv1d(nn.Module):
     """NeMo's masked conv: a Conv1d whose output steps past each sequence's length are zeroed (``lens=None``: no
     mask); ``len(lens)`` is Python fx cannot trace, so fuse keeps it whole.  With ``bn``, a BatchNorm1d inside."""

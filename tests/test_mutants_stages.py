@@ -31,6 +31,10 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.height_one:_lifted": "one decision: the lift moves up through what runs on it (its rank test is implied)",
+    "repalgebra.frontend.structured:_rebound": "one decision: a hook holding the model is made to hold the view",
+    "repalgebra.frontend.autocast_off:autocast_left_off": "one decision: a call under autocast on the device is refused",
+    "repalgebra.frontend.autocast_off:autocast_turned_off": "one decision a test reaches alone: custom_fwd's question (an autocast block turned on is refused by the builder too)",
     "repalgebra.backend.torch:_holds_tensors": "one decision a test reaches alone: the tensors a carried call holds",
     "repalgebra.frontend.state_keys:_array_key": "two decisions: an array of objects by its items, a large one summed only where numeric",
     "repalgebra.backend.onnx:_heads_repeated": "one line a mistake would reach: the axis the heads are tiled along",
@@ -310,7 +314,6 @@ FEW = {
     "repalgebra.backend.onnx_fallback:_noted": "one decision: which regions are run again on varied inputs (their "
     "comparison is steered_by_values')",
     "repalgebra.backend.onnx:_free_at_batch_one": "one decision: an output axis declared free where batch 1 changes it",
-    "repalgebra.frontend.fx_trace:autocast_left_off": "one decision: a call under autocast on the device is refused",
     "repalgebra.frontend.handlers_functions:_unexpanded": "two decisions: the expand reads its sizes from what it multiplies, axis by axis",
     "repalgebra.backend.onnx_fallback:_fake_quantize": "one formula: its slips that fit every shape are the division and the dtype",
     "repalgebra.fuse:_batch_norms": "one list: the BatchNorm modules left",

@@ -57,6 +57,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from repalgebra.frontend.aten_builder import AtenCapture, BatchBound, CaptureFailed, ProgramBuilder, module_path
 from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS, SIZED
+from repalgebra.frontend.autocast_off import autocast_turned_off
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.module_globals import globals_kept
@@ -84,12 +85,23 @@ def capture_export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
         try:
             # torch.export treats sizes 0 and 1 as special: trace at a batch of 2 or more.
             traced = tuple(t.expand(max(2, t.shape[0]), *t.shape[1:]).contiguous() for t in example_inputs)
-            ep = _export(module, traced, _batch_shapes(module, len(example_inputs)))
-            return ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS, SIZED).build(example_inputs)
+            ep, offs = _export(module, traced, _batch_shapes(module, len(example_inputs)))
+            return _left_off(ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS, SIZED).build(example_inputs), offs)
         except (CaptureFailed, BatchBound) as e:
             why = str(e)
-    cap = ProgramBuilder(_export(module, example_inputs, None), HANDLERS, MULTI_HANDLERS).build(example_inputs)
+    ep, offs = _export(module, example_inputs, None)
+    cap = _left_off(ProgramBuilder(ep, HANDLERS, MULTI_HANDLERS).build(example_inputs), offs)
     cap.notes.insert(1, f"batch fixed: {why}")
+    return cap
+
+
+def _left_off(cap: AtenCapture, devices: list[str]) -> AtenCapture:
+    """``cap``, with the devices its forward turned autocast off on (:mod:`~repalgebra.frontend.autocast_off`) and a
+    note: the fused module refuses calls under autocast on them."""
+    cap.autocast_off = tuple(dict.fromkeys(devices))
+    if cap.autocast_off:
+        cap.notes.append(f"torch.autocast turned off for {', '.join(map(repr, cap.autocast_off))} around part of its "
+                         "forward, which the graph holds without it: the fused module refuses calls under torch.autocast there")
     return cap
 
 
@@ -128,14 +140,20 @@ def _quiet_fake_tensors():
         log.setLevel(level)
 
 
-def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None) -> torch.export.ExportedProgram:
-    """``torch.export`` then ``run_decompositions({})`` (functionalized, high-level ops kept); checked pure."""
+def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...],
+            dynamic_shapes: tuple | None) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """``torch.export`` then ``run_decompositions({})`` (functionalized, high-level ops kept); checked pure.  Also
+    the devices of the model's the forward turned autocast off on (which the program does not record: it was traced
+    outside autocast; review R19b)."""
+    device = next((t.device.type for t in [*module.parameters(), *module.buffers()]), "cpu")
+    offs: list[str] = []
     try:
         # Under no_grad a `with torch.no_grad():` block in forward changes nothing, so it records
         # no wrap_with_set_grad_enabled subgraph and its nodes keep their module paths (without
         # no_grad, run_decompositions inlines that subgraph but the module paths inside are lost).
         # An `enable_grad()` block still records one; run_decompositions inlines it too.
-        with torch.no_grad(), warnings.catch_warnings(), globals_kept(module), mode_flags_refused(module), _quiet_fake_tensors():
+        with torch.no_grad(), warnings.catch_warnings(), globals_kept(module), mode_flags_refused(module), _quiet_fake_tensors(), \
+                autocast_turned_off(lambda on: offs.append(on) if on == device else None):
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)  # torch-internal
             ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             _check_writes_into_returned_inputs(ep.graph)
@@ -143,7 +161,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes:
     except Exception as e:  # anything torch raises: the first line says why
         raise CaptureFailed(first_line(e)) from e
     _check_program(ep)
-    return ep
+    return ep, offs
 
 
 aten = torch.ops.aten

@@ -40,6 +40,7 @@ class AtenCapture:
     notes: list[str] = field(default_factory=list)
     batch_free: bool = False  # valid at any batch size (exported with a symbolic batch, no size read as a number)
     reads_plain: bool = False  # reads a lifted constant: a tensor neither a parameter nor a buffer (Capture.reads_plain)
+    autocast_off: tuple[str, ...] = ()  # devices the forward turned autocast off on (Capture.autocast_off)
 
 
 class CaptureFailed(Exception):

@@ -69,6 +69,7 @@ class Capture:
     reads_plain: bool = False
     grad_taken: bool = False  # an fx capture that took a computed value's requires_grad as False: checked with gradients on
     precomputed: int = 0  # an fx capture's pure calls on the model's tensors made at capture that compute (kernels)
+    autocast_off: tuple[str, ...] = ()  # a specialized capture's devices its forward turns autocast off on
 
 
 def first_line(e: BaseException) -> str:
@@ -144,7 +145,7 @@ def capture_specialized(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
     fixed = "shapes" if not cap.batch_free else "sizes other than the batch"
     return Capture(cap.graph, cap.output_spec, "specialized", [f"captured with {fixed} fixed at {shapes}", *cap.notes],
-                   batch_free=cap.batch_free, reads_plain=cap.reads_plain)
+                   batch_free=cap.batch_free, reads_plain=cap.reads_plain, autocast_off=cap.autocast_off)
 
 
 @contextlib.contextmanager

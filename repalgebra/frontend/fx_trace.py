@@ -38,6 +38,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
+from repalgebra.frontend.autocast_off import autocast_left_off, autocast_turned_off
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
 from repalgebra.frontend.inplace import MADE_CONSTANT, MADE_IN_TRACE, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
@@ -128,27 +129,24 @@ def _no_autocast(model: nn.Module, tracer: "Tracer") -> Iterator[None]:
     One that turns autocast off on another device than the model's (mmdet's ``torch.cuda.amp.autocast(enabled=False)``
     around a pool, in a model on the CPU) changes nothing the model computes there: it is entered, and noted as a
     flag taken as the fused model runs (on the model's device), as ``x.is_cuda`` is.  One that turns it off on the
-    model's device (Hugging Face's rotary embeddings, in every LLaMA-like decoder) changes nothing either where the
-    caller has autocast off: it is entered, and recorded as a check the fused model makes on every call
-    (:func:`autocast_left_off`: a call under autocast is refused)."""
-    original = torch.amp.autocast_mode.autocast.__enter__
+    model's device (Hugging Face's rotary embeddings, in every LLaMA-like decoder; ``@torch.amp.custom_fwd(
+    cast_inputs=torch.float32)``, review R19b) changes nothing either where the caller has autocast off: it is
+    entered, and recorded as a check the fused model makes on every call (:func:`autocast_left_off`: a call under
+    autocast is refused)."""
     device = next((t.device.type for t in [*model.parameters(), *model.buffers()]), "cpu")
 
-    def refuse(self: Any) -> Any:
-        if not getattr(self, "_enabled", True) and self.device != device:
-            tracer.flags.append(f"torch.autocast({self.device!r}, enabled=False) taken as doing nothing on {device}")
-            return original(self)
-        if not getattr(self, "_enabled", True):
-            tracer.autocast_left_off(self.device)
-            return original(self)
-        how = f"dtype={self.fast_dtype}" if getattr(self, "_enabled", True) else "enabled=False"  # off: the dtype under a caller's autocast
-        raise TypeError(f"forward() enters torch.autocast({self.device!r}, {how}): torch.fx does not record it")
+    def left_off(on: str) -> None:
+        if on != device:
+            tracer.flags.append(f"torch.autocast({on!r}, enabled=False) taken as doing nothing on {device}")
+        else:
+            tracer.autocast_left_off(on)
 
-    torch.amp.autocast_mode.autocast.__enter__ = refuse
-    try:
+    def turned_on(autocast: Any) -> None:
+        raise TypeError(f"forward() enters torch.autocast({autocast.device!r}, dtype={autocast.fast_dtype}): "
+                        "torch.fx does not record it")
+
+    with autocast_turned_off(left_off, turned_on):
         yield
-    finally:
-        torch.amp.autocast_mode.autocast.__enter__ = original
 
 
 @contextlib.contextmanager
@@ -423,14 +421,16 @@ def _sets(hook: Any) -> str | None:
 
 
 def _weight_hooks_only(m: nn.Module) -> bool:
-    """Whether ``m``'s pre-hooks only set its weight (a conv's, a Linear's) or, pruning, a BatchNorm's weight or
-    bias (network slimming prunes BN scales; a global pruning loop over every ``weight`` takes the BNs too, and no
+    """Whether ``m``'s pre-hooks only set its weight (a conv's, a Linear's; pruning, its bias too) or, pruning, a
+    BatchNorm's weight or bias (network slimming prunes BN scales; a global pruning loop over every ``weight`` takes the BNs too, and no
     BatchNorm of the model folded, found by a probe): its handler reads what they set."""
     hooks = [h for h in m._forward_pre_hooks.values() if not getattr(h, "checks_only", False)]
     if isinstance(m, _BatchNorm):
         sets = all(isinstance(h, BasePruningMethod) and _sets(h) in ("weight", "bias") for h in hooks)
     else:
-        sets = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and all(isinstance(h, WEIGHT_HOOKS) and _sets(h) == "weight" for h in hooks)
+        sets = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and all(
+            isinstance(h, WEIGHT_HOOKS) and (_sets(h) == "weight" or isinstance(h, BasePruningMethod) and _sets(h) == "bias")
+            for h in hooks)  # (PyTorch's pruning tutorial prunes a conv's bias too: its BN fold was lost; review R19a)
     return (bool(hooks) and sets
             and not (m._forward_hooks or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks))
 
@@ -1216,15 +1216,6 @@ class _Shape(fx.proxy.Attribute):
     def __len__(self) -> int:
         r = self.tracer.rank(self.root.node)
         return r if r is not None else super().__len__()
-
-
-def autocast_left_off(device: str, where: str) -> None:
-    """Raise ``ValueError`` where the caller has autocast on for ``device``: the model's ``with torch.autocast(device,
-    enabled=False):`` in ``where`` computes that block in full precision there, and the fused graph holds its ops
-    without the block (the trace took it as doing nothing, as it does with autocast off)."""
-    if torch.is_autocast_enabled(device):
-        raise ValueError(f"{where or 'the model'} turns torch.autocast off for {device!r} around part of its forward, and "
-                         "the fused graph holds that part without it: call the fused model outside torch.autocast")
 
 
 def shape_against_no_shape(node: fx.Node, value: Callable[[fx.Node], Any]) -> bool | None:

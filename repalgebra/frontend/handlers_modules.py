@@ -35,7 +35,7 @@ def _conv(b: Builder, n: fx.Node, m: nn.Conv2d | nn.Conv1d) -> tuple[dict, dict,
         weight = weight.unsqueeze(2)
         stride, dilation, kernel = (1, *stride), (1, *dilation), (1, *kernel)
         padding = padding if isinstance(padding, str) else (0, *padding)
-    params = {"weight": weight} if m.bias is None else {"weight": weight, "bias": m.bias.detach().clone()}
+    params = {"weight": weight} if m.bias is None else {"weight": weight, "bias": module_weight(m, "bias")}
     padding = (0, 0, 0, 0) if pre else conv_padding(padding, kernel, dilation)
     attrs = {"stride": tuple(stride), "padding": padding, "dilation": tuple(dilation), "groups": m.groups}
     return attrs, params, pre
@@ -61,7 +61,7 @@ def _m_conv_transpose(b: Builder, n: fx.Node, m: nn.ConvTranspose2d | nn.ConvTra
     if x is None or len(x.shape) != 2 + axes:
         return None
     attrs = transposed_conv_attrs(m.stride, m.padding, m.output_padding, m.dilation, m.groups, axes)
-    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": module_weight(m, "bias")})
     return f"conv_transpose{axes}d", [x], attrs, params, ""
 
 
@@ -72,7 +72,7 @@ def _m_conv_transpose1d(b: Builder, n: fx.Node, m: nn.ConvTranspose1d, args: tup
     if x is None or len(x.shape) != 3:
         return None
     attrs = transposed_conv_attrs((1, *m.stride), (0, *m.padding), (0, *m.output_padding), (1, *m.dilation), m.groups)
-    params = {"weight": module_weight(m).unsqueeze(2)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    params = {"weight": module_weight(m).unsqueeze(2)} | ({} if m.bias is None else {"bias": module_weight(m, "bias")})
     x4 = b.add(*unsqueezed(x, 2)[:4], source=b.source(n))
     return "flatten", [b.add("conv_transpose2d", [x4], attrs, params, b.source(n))], {"start": 2, "end": 3}, {}, ""
 
@@ -87,7 +87,7 @@ def _m_conv3d(b: Builder, n: fx.Node, m: nn.Conv3d, args: tuple, kwargs: dict) -
     attrs = conv3d_attrs(m.kernel_size, m.stride, 0 if pre else m.padding, m.dilation, m.groups)
     if attrs is None:
         return None
-    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": m.bias.detach().clone()})
+    params = {"weight": module_weight(m)} | ({} if m.bias is None else {"bias": module_weight(m, "bias")})
     return "conv3d", [_padded(b, n, x, pre)], attrs, params, ""
 
 
@@ -140,7 +140,7 @@ def _m_linear(b: Builder, n: fx.Node, m: nn.Linear, args: tuple, kwargs: dict) -
         return None
     params = {"weight": module_weight(m)}
     if m.bias is not None:
-        params["bias"] = m.bias.detach().clone()
+        params["bias"] = module_weight(m, "bias")
     return "linear", [x], {}, params, ""
 
 

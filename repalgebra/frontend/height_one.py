@@ -140,7 +140,7 @@ def lift_height_one(graph: Graph) -> Graph:
     """``graph`` with its 1-D regions in 2-D (see the module docstring); the same graph when it has no lift."""
     if not any(_is_lift(n) for n in graph.nodes):
         return graph
-    lifted = {id(n.x) for n in graph.nodes if _is_lift(n)}
+    lifted = _lifted(graph)
     env: dict[int, Value] = {}
     lifts: dict[int, Value] = {}  # id of a 3-D value (new graph) -> its one lift
     known: dict[int, bool] = {}  # see _height_one
@@ -180,6 +180,22 @@ def lift_height_one(graph: Graph) -> Graph:
     return out
 
 
+def _lifted(graph: Graph) -> set[int]:
+    """The ids of the 3-D values that are lifted: read by a lift, or by a pad, slice or per-channel op whose own
+    output is (which runs on the lift, see :func:`_sinks`, and lifts its input in turn: SpeechBrain's BatchNorm1d,
+    then its Conv1d's reflect pad, then the conv, whose BN stayed where the pad came between; review R19a)."""
+    lifted = {id(n.x) for n in graph.nodes if _is_lift(n)}
+    for n in reversed(graph.nodes):
+        if id(n.out) in lifted and n.out.shape is not None and len(n.out.shape) == 3 and _moves_with_lift(n):
+            lifted.add(id(n.x))
+    return lifted
+
+
+def _moves_with_lift(n: Node) -> bool:
+    """Whether ``n`` runs on the lift of its input wherever its output is lifted: per channel, or along the length."""
+    return n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1) or (n.op in _ALONG and _along(n, 3) is not None)
+
+
 def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool]) -> bool:
     """Whether 3-D ``n`` runs on the lifts of its ``inputs``: each is a height-one flatten or a value that is lifted
     anyway, and (for two) their shapes are equal; at least one is a flatten, or ``n`` is per channel (a BN beside
@@ -187,12 +203,12 @@ def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool
     a per-channel op a conv reads (a BatchNorm1d on the model's input before a 1x1 Conv1d: ``bn_before_conv``
     then meets it; it stayed, a probe)."""
     per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
-    along = n.op in _ALONG and _along(n, 3) is not None
-    if not per_channel and not along and n.op not in _UNARY and n.op not in _BINARY and not _uniform(n):
+    moves = _moves_with_lift(n)
+    if not moves and n.op not in _UNARY and n.op not in _BINARY and not _uniform(n):
         return False
     if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
         return False
     flats = [_flattened(i, known) is not None for i in inputs]
-    if (along or per_channel) and id(n.out) in lifted:
+    if moves and id(n.out) in lifted:
         return True  # lift(pad(x)) = pad(lift(x)), lift(bn(x)) = bn(lift(x)): the lift moves up, whatever reads x
     return (any(flats) or per_channel) and all(f or id(o) in lifted for f, o in zip(flats, n.inputs))

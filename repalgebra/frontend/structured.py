@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.module import _WrappedHook
 from torch.utils import _pytree as pytree
 
 from repalgebra.call_dispatch import Signature
@@ -90,8 +91,23 @@ def _view(model: nn.Module, inputs: int, bind: Callable[[list], tuple[tuple, dic
     # A guard of the structure (an earlier fuse's) checks the model's arguments, not the view's tensors.
     view._forward_pre_hooks = OrderedDict((k, h) for k, h in model._forward_pre_hooks.items() if not getattr(h, "structural", False))
     view._forward_pre_hooks_with_kwargs = OrderedDict((k, v) for k, v in model._forward_pre_hooks_with_kwargs.items() if k in view._forward_pre_hooks)
+    for name in _STATE_DICT_HOOKS:  # (they hold the model by a weak reference: a copy of the view would lose it)
+        setattr(view, name, OrderedDict((k, _rebound(h, model, view)) for k, h in getattr(model, name, {}).items()))
     view.__class__ = cls
     return view
+
+
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _rebound(hook: Any, model: nn.Module, view: nn.Module) -> Any:
+    """A state-dict hook of ``model``'s for ``view``: torch wraps one that takes the module
+    (``register_load_state_dict_pre_hook``) holding a weak reference to it, which a copy of the view copies as a
+    second model held by nothing, and the next copy refused the dead reference (torch's ``checkpoint_wrapper`` on
+    a whole model; review R19b)."""
+    if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is model:
+        return _WrappedHook(hook.hook, view)
+    return hook
 
 
 def _flat_graph(gm: fx.GraphModule, spec: pytree.TreeSpec) -> fx.GraphModule | None:
