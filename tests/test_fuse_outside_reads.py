@@ -659,6 +659,40 @@ def _raw_on_outliers_by_args(method):
     return wrapper
 
 
+class _OutputsToFloat32:
+    """accelerate's ``ConvertOutputsToFp32``: a callable object of the model's code over what it wraps."""
+
+    def __init__(self, forward) -> None:
+        self.model_forward = forward
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args, **kwargs):
+        return _to_float32(self.model_forward(*args, **kwargs))
+
+
+class _OutputsToFloat32Reaching(_OutputsToFloat32):
+    """The same, its ``__call__`` also reaching into a block itself, on inputs far below 0."""
+
+    def __call__(self, *args, **kwargs):
+        out = _to_float32(self.model_forward(*args, **kwargs))
+        return args[0].blocks[0].conv(args[1]) if args[1].mean() < -100 else out
+
+
+def _to_float32(out):
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _outputs_to_float32(method, reach: bool = False):
+    """accelerate's ``convert_outputs_to_fp32``: a plain wrapper calling the object with what it was given."""
+    converter = (_OutputsToFloat32Reaching if reach else _OutputsToFloat32)(method)
+
+    def forward(*args, **kwargs):
+        return converter(*args, **kwargs)
+
+    forward.__wrapped__ = converter
+    return forward
+
+
 def _first_block_checked(method):
     """A decorator of the model's own whose wrapper asks a child's class (a fused form answers otherwise)."""
 
@@ -983,6 +1017,11 @@ def _handed_on(how: str) -> type:
         def other(self, x):
             return x
 
+    class ObjectWrapperReaching(Base):  # (a callable object that reaches into a block: read as every module below)
+        @functools.partial(_outputs_to_float32, reach=True)
+        def other(self, x):
+            return x
+
     class UnwrappedWrapperReaching(Base):
         @_raw_on_outliers_unwrapped
         def other(self, x):
@@ -1131,7 +1170,7 @@ def _handed_on(how: str) -> type:
             "descriptor-object": DescriptorObject, "partialmethod": PartialMethod, "instance-bound": InstanceBound,
             "property-setter": PropertySetter, "negative-args": NegativeArgs,
             "wrapper-reaching": WrapperReaching, "args-wrapper-reaching": ArgsWrapperReaching,
-            "unwrapped-wrapper-reaching": UnwrappedWrapperReaching, "wrapped-getter": WrappedGetter,
+            "object-wrapper-reaching": ObjectWrapperReaching, "unwrapped-wrapper-reaching": UnwrappedWrapperReaching, "wrapped-getter": WrappedGetter,
             "spread-reaching": SpreadReaching, "cached-heads": CachedHeads, "super-reaching": SuperReaching,
             "lazy-heads": LazyHeads, "lru-heads": LruHeads, "spread-to-kwargs": SpreadToKwargs, "spread-to-helper": SpreadToHelper,
             "mapping-indexed": MappingIndexed, "mapping-values": MappingValues,
@@ -1156,7 +1195,8 @@ _HANDED = ["map", "next-iter", "star", "named-modules", "getattr-computed", "get
            "decorated-method", "child-parameters", "loop-over-conditional", "reduce-getattr-self", "attrgetter-self",
            "self-in-list", "lambda-given-self", "hasattr-child", "hasattr-in-loop", "spread-reaching",
            "spread-to-kwargs", "spread-to-helper", "mapping-indexed", "mapping-values", "cached-heads", "super-reaching",
-           "lazy-heads", "lru-heads", "wrapper-reaching", "args-wrapper-reaching", "unwrapped-wrapper-reaching",
+           "lazy-heads", "lru-heads", "wrapper-reaching", "args-wrapper-reaching", "object-wrapper-reaching",
+           "unwrapped-wrapper-reaching",
            "wrapped-getter", "descriptor-object", "partialmethod", "instance-bound", "property-setter", "negative-args",
            "lambda-closure", "partial-of-self", "dispatch-dict", "no-grad-bound", "callable-object",
            "parent-method-on-child", "hook-held", "child-method-given-self"]
@@ -1484,6 +1524,8 @@ def _passing_through(style: str):
                 if not getattr(args[0], "fp16_enabled", False):
                     return method(*args, **kwargs)
                 return method(*args, **kwargs).half()
+        elif style == "object":  # (accelerate's convert_outputs_to_fp32: a callable object between; review R19b)
+            return _outputs_to_float32(method)
         elif style == "hf-hook":  # (diffusers' apply_forward_hook: no functools.wraps, a hook behind hasattr)
             def wrapper(self, *args, **kwargs):
                 if hasattr(self, "_hf_hook") and hasattr(self._hf_hook, "pre_forward"):
@@ -1499,7 +1541,7 @@ def _passing_through(style: str):
     return decorator
 
 
-@pytest.mark.parametrize("style", ["self-star", "args-star", "plain", "hf-hook"])
+@pytest.mark.parametrize("style", ["self-star", "args-star", "plain", "hf-hook", "object"])
 def test_a_decorated_forward_whose_wrapper_only_calls_it_keeps_its_folds(style):
     """A wrapper of the model's own is read as a method (review R14a); the function it calls with ``self`` first is
     read as a method too, not taken for ``self`` handed on: a parent kept whole for a branch on its input, under a

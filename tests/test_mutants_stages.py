@@ -31,6 +31,8 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.outside_reads:_passes_through": "two decisions a test reaches alone: the arguments read once each, "
+    "in the call of the attribute holding what it wraps (its pattern)",
     "repalgebra.frontend.height_one:_lifted": "one decision: the lift moves up through what runs on it (its rank test is implied)",
     "repalgebra.frontend.structured:_rebound": "one decision: a hook holding the model is made to hold the view",
     "repalgebra.frontend.autocast_off:autocast_left_off": "one decision: a call under autocast on the device is refused",

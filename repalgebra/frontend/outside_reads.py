@@ -529,13 +529,49 @@ def _function_of(value: Any) -> types.FunctionType | None:
         last = k == len(layers) - 1 and len(layers) < _MOST_LAYERS
         if isinstance(layer, types.FunctionType) and (last or not _trusted(layer)):
             return layer
-        if not last and not isinstance(layer, types.FunctionType) and not _trusted(layer):
+        if not last and not isinstance(layer, types.FunctionType) and not _trusted(layer) and not _passes_through(layer):
             return _opaque
     outer = layers[0] if layers else None
     if isinstance(outer, functools.singledispatchmethod) or (
             outer is not None and not isinstance(outer, type) and hasattr(type(outer), "__get__") and not _trusted(outer)):
         return _opaque  # (a descriptor object of the model's code: Bottle's cached_property, a decorator class with
     return None  # __get__ and __call__, which binds the module and runs code the reader cannot read; review R17a)
+
+
+def _passes_through(obj: Any) -> bool:
+    """Whether ``obj``, a callable object of the model's code between a wrapper and what it wraps, only calls what it
+    wraps with the arguments it was given and holds no module: accelerate's ``ConvertOutputsToFp32``, whose
+    ``__call__`` is ``convert_to_fp32(self.model_forward(*args, **kwargs))``.  The reader looks through it to what it
+    wraps; it took it for reaching every module below, and a model ``Accelerator.prepare`` had wrapped kept every
+    child as written (review R19b).  Its ``__call__`` must take ``(self, *args, **kwargs)`` and read ``args`` and
+    ``kwargs`` once each, in that call of the attribute holding ``__wrapped__``."""
+    call = inspect.getattr_static(type(obj), "__call__", None)
+    wrapped = getattr(obj, "__wrapped__", None)
+    if not isinstance(call, types.FunctionType) or wrapped is None or not isinstance(getattr(obj, "__dict__", None), dict) \
+            or _holds_a_module(obj):
+        return False
+    code = call.__code__
+    star = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+    if code.co_argcount != 1 or code.co_kwonlyargcount or code.co_flags & star != star or code.co_cellvars:
+        return False
+    self_name, args, kwargs = code.co_varnames[:3]
+    held = {name for name, value in vars(obj).items() if value is wrapped and name != "__wrapped__"}
+    ops = [op for op in dis.get_instructions(code) if op.opname != "CACHE"]
+    given = [k for k, op in enumerate(ops) if op.opname in ("LOAD_FAST", "STORE_FAST", "DELETE_FAST") and op.argval in (args, kwargs)]
+    if len(given) != 2 or given[0] < 2 or given[0] + 4 >= len(ops):
+        return False
+    k = given[0]
+    shape = [(op.opname, op.argval) for op in ops[k - 2:k + 5]]
+    return (given[1] == k + 2 and shape[0] == ("LOAD_FAST", self_name) and shape[1][0] == "LOAD_ATTR" and shape[1][1] in held
+            and shape[2:] == [("LOAD_FAST", args), ("BUILD_MAP", 0), ("LOAD_FAST", kwargs), ("DICT_MERGE", 1), ("CALL_FUNCTION_EX", 1)])
+
+
+def _holds_a_module(obj: Any) -> bool:
+    """Whether ``obj``'s attributes (or the items of a list, tuple or dict among them) hold a module or a method bound
+    to one."""
+    values = list(vars(obj).values())
+    values += [v for c in values if isinstance(c, (list, tuple)) for v in c] + [v for c in values if isinstance(c, dict) for v in c.values()]
+    return any(isinstance(v, nn.Module) or isinstance(getattr(v, "__self__", None), nn.Module) for v in values)
 
 
 def _layers(value: Any) -> list[Any]:
