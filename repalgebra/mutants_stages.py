@@ -161,6 +161,7 @@ _AUTOCAST_OFF = (*(f"tests/test_fuse_capture.py::test_autocast_turned_off_on_ano
                  "tests/test_fuse_text_models.py::test_autocast_turned_off_on_the_models_device_is_taken_with_a_check")
 _PADDED_AFTER_NORM = tuple(f"tests/test_fuse_conv1d.py::test_a_batch_norm_before_a_copying_pad_and_a_conv1d_folds_into_it[{k}]"
                            for k in ("1-reflect-True", "3-reflect-False", "5-replicate-False", "3-circular-False"))
+_EXPORT_BILINEAR = ("tests/test_frontend_export.py::test_a_1d_or_3d_nearest_upsampling_is_an_interpolate[shape4-how4]",)
 _PINNED = tuple(f"tests/test_fuse_capture.py::test_a_part_pinned_to_float32_refuses_calls_under_autocast[{k}]"
                 for k in ("method-False", "function-False", "function-True", "block-True"))
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
@@ -1155,6 +1156,15 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "object-wrapper-args-read-twice", "a callable object reading its arguments besides the call of what it wraps taken for one that only calls it",
      "repalgebra.frontend.outside_reads:_passes_through", "    if len(given) != 2 or given[0] < 2", "    if given[0] < 2",
      ("tests/test_fuse_outside_reads.py::test_a_container_handed_to_code_the_reader_does_not_follow_keeps_every_module_below_it[object-wrapper-reaching]",)),
+    ("frontend", "upsample-4d-only", "torch.export's 1-d and 3-d nearest upsampling left opaque (ONNX gathered every pixel)",
+     "repalgebra.frontend.aten_handlers:_upsampled", "len(x.shape) != rank or", "len(x.shape) != 4 or",
+     tuple(f"tests/test_frontend_export.py::test_a_1d_or_3d_nearest_upsampling_is_an_interpolate[shape{k}-how{k}]" for k in range(4))),
+    ("frontend", "upsample-scales-any-length", "torch.export's 1-d upsampling by a factor taken with a pair of factors",
+     "repalgebra.frontend.aten_handlers:_upsampled", "len(scales) != rank - 2", "len(scales) != 2",
+     tuple(f"tests/test_frontend_export.py::test_a_1d_or_3d_nearest_upsampling_is_an_interpolate[shape{k}-how{k}]" for k in range(4))),
+    ("frontend", "upsample-bilinear-align-dropped", "torch.export's bilinear upsampling with align_corners=True taken without it",
+     "repalgebra.frontend.aten_handlers:_upsampled", '"align_corners": bool(align) if mode == "bilinear" else None',
+     '"align_corners": False if mode == "bilinear" else None', _EXPORT_BILINEAR),
     ("frontend", "custom-fwd-unseen", "a part decorated with custom_fwd(cast_inputs=torch.float32) traced as computing in the caller's autocast dtype",
      "repalgebra.frontend.autocast_off:autocast_turned_off", "caller.f_code is _CUSTOM_FWD", "caller.f_code is None", _PINNED),
     ("frontend", "export-autocast-off-unseen", "torch.export's capture of a part that turns autocast off taken as computing in the caller's autocast dtype",

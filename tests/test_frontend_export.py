@@ -726,3 +726,28 @@ def test_an_empty_overwritten_by_a_fill_is_still_a_constant():
     assert not opaque_targets(cap.graph)
     with torch.no_grad():
         torch.testing.assert_close(run_graph(cap.graph, x), model(x), rtol=1e-12, atol=0)  # float64, same ops
+
+
+class Upsampled(nn.Module):
+    """A 1-d or 3-d nearest interpolation, captured by ``torch.export`` (an audio decoder's, a 3-D U-Net's)."""
+
+    def __init__(self, rank: int, how: dict) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[rank](3, 4, 1)
+
+    def forward(self, x):
+        return F.interpolate(self.conv(x), **self.how)
+
+
+@pytest.mark.parametrize("shape, how", [((2, 3, 9), dict(scale_factor=2, mode="nearest")),
+                                        ((2, 3, 9), dict(size=13, mode="nearest-exact")),
+                                        ((1, 3, 3, 4, 5), dict(scale_factor=(2, 1, 3), mode="nearest")),
+                                        ((1, 3, 3, 4, 5), dict(size=(5, 7, 6), mode="nearest-exact")),
+                                        ((2, 3, 5, 6), dict(size=(7, 9), mode="bilinear", align_corners=True))])
+def test_a_1d_or_3d_nearest_upsampling_is_an_interpolate(shape, how):
+    """``upsample_nearest1d``/``3d`` (and nearest-exact) were opaque calls of the export path, which ONNX export left
+    to torch.onnx.export's rewrite (a ``Gather`` per axis); they are the IR's ``interpolate`` now, exact in float64
+    (as a 2-D bilinear one with ``align_corners=True`` is)."""
+    graph = capture_checked(Upsampled(len(shape), how), torch.randn(shape))
+    assert "interpolate" in ops_of(graph) and not opaque_targets(graph), ops_of(graph)

@@ -754,23 +754,26 @@ def test_nearest_interpolate_rewrite_picks_torchs_pixels(shape, how):
 
 
 class Upsampled3d(nn.Module):
-    def __init__(self, **how) -> None:
+    def __init__(self, hooked: bool) -> None:
         super().__init__()
-        self.conv, self.bn, self.how = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), how
+        self.conv, self.bn = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8)
+        self.up = nn.Upsample(size=(7, 5, 9), mode="nearest-exact")
+        if hooked:  # (a forward hook is never traced past, and one testing values stops torch.export: the upsampling
+            self.up.register_forward_hook(lambda module, args, out: out.clamp(max=1e30) if bool(out.max() > 1e30) else None)  # is a
+            # call the fallback exports)
 
     def forward(self, x):
-        return F.interpolate(torch.relu(self.bn(self.conv(x))), mode="nearest-exact", **self.how)
+        return self.up(torch.relu(self.bn(self.conv(x))))
 
 
-@pytest.mark.parametrize("how, path", [(dict(size=(7, 5, 9)), "own lowering"),
-                                       (dict(scale_factor=1.5, recompute_scale_factor=True), "fallback (1 node)")])
-def test_a_3d_nearest_exact_interpolate_exports(how, path):
+@pytest.mark.parametrize("hooked, path", [(False, "own lowering"), (True, "fallback (1 node)")])
+def test_a_3d_nearest_exact_interpolate_exports(hooked, path):
     """``torch.onnx.export`` has no 3-D nearest-exact: a model ``fuse`` handled did not export (review R9).  The
-    interpolation is an IR op in 3-D now, which our lowering writes; a recomputed scale factor is not, and the
-    fallback's rewrite picks torch's pixels for the exporter."""
-    model = seeded(Upsampled3d, 0, **how)()
+    interpolation is an IR op in 3-D now, which our lowering writes; where it is a call the fallback exports (a
+    hooked module), the fallback's rewrite picks torch's pixels for the exporter."""
+    model = seeded(Upsampled3d, 0, hooked=hooked)()
     x = torch.randn(2, 3, 5, 7, 6)
-    proto, report = export_onnx(model, None, x, return_report=True)
+    proto, report = export_onnx(model, None, x, return_report=True, allow_example_branches=hooked)  # (its hook's branch)
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         want = model(x)

@@ -409,27 +409,29 @@ def _native_group_norm(b: ProgramBuilder, n: fx.Node, a: dict, index: int) -> Ma
     return None if index != 0 else _gn(a["input"], a["weight"], a["bias"], a["group"], a["eps"])
 
 
-def _upsample(mode: str) -> Callable[..., Made]:
-    """``upsample_nearest2d.vec``/``_upsample_nearest_exact2d.vec``/``upsample_bilinear2d.vec``: ``interpolate``."""
+def _upsample(mode: str, rank: int = 4) -> Callable[..., Made]:
+    """``upsample_nearest2d.vec``/``_upsample_nearest_exact2d.vec``/``upsample_bilinear2d.vec`` (and, ``rank`` 3 or 5,
+    the 1-d and 3-d nearest ones): ``interpolate`` (:func:`_upsampled`)."""
+    return lambda b, n, a: _upsampled(a, mode, rank)
 
-    def handler(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
-        x, size, scales = _v(a["input"]), a["output_size"], a["scale_factors"]
-        if x is None or len(x.shape) != 4 or (size is None) == (scales is None):
-            return None
-        if size is not None and _ints(size) is None:
-            return None
-        if scales is not None and (not isinstance(scales, (list, tuple)) or len(scales) != 2 or not all(_is_num(v) for v in scales)):
-            return None
-        align = a.get("align_corners")
-        attrs = {
-            "size": None if size is None else tuple(size),
-            "scale": None if scales is None else tuple(float(v) for v in scales),
-            "mode": mode,
-            "align_corners": bool(align) if mode == "bilinear" else None,
-        }
-        return "interpolate", [x], attrs, {}, None
 
-    return handler
+def _upsampled(a: dict, mode: str, rank: int) -> Made:
+    """The ``interpolate`` of an upsampling's arguments ``a``, where its input has ``rank`` axes."""
+    x, size, scales = _v(a["input"]), a["output_size"], a["scale_factors"]
+    if x is None or len(x.shape) != rank or (size is None) == (scales is None):
+        return None
+    if size is not None and (_ints(size) is None or len(size) != rank - 2):
+        return None
+    if scales is not None and (not isinstance(scales, (list, tuple)) or len(scales) != rank - 2 or not all(_is_num(v) for v in scales)):
+        return None
+    align = a.get("align_corners")
+    attrs = {
+        "size": None if size is None else tuple(size),
+        "scale": None if scales is None else tuple(float(v) for v in scales),
+        "mode": mode,
+        "align_corners": bool(align) if mode == "bilinear" else None,
+    }
+    return "interpolate", [x], attrs, {}, None
 
 
 def _attention(b: ProgramBuilder, n: fx.Node, a: dict) -> Made:
@@ -1024,6 +1026,10 @@ HANDLERS: dict[Any, Callable[..., Made]] = {
     aten.upsample_nearest2d.vec: _upsample("nearest"),
     aten._upsample_nearest_exact2d.vec: _upsample("nearest-exact"),
     aten.upsample_bilinear2d.vec: _upsample("bilinear"),
+    aten.upsample_nearest1d.vec: _upsample("nearest", 3),
+    aten._upsample_nearest_exact1d.vec: _upsample("nearest-exact", 3),
+    aten.upsample_nearest3d.vec: _upsample("nearest", 5),
+    aten._upsample_nearest_exact3d.vec: _upsample("nearest-exact", 5),
     aten.scaled_dot_product_attention.default: _attention,
     aten.einsum.default: _einsum,
     aten.slice.Tensor: _slice,
