@@ -565,6 +565,31 @@ def test_a_batch_norm_before_a_copying_pad_and_a_conv1d_folds_into_it(k, mode, p
     assert_exact_at(model, fused, [(2, c_in, 20), (3, c_in, 11), (1, c_in, 33)])
 
 
+class GatedSteps(nn.Module):
+    """A gated 1-D CNN taking its value and gate channels with ``y.narrow(-2, ...)``, after a per-step loop torch.fx
+    cannot trace (captured by torch.export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.conv_b, self.bn_b = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = torch.cat([x[:, :, t:t + 1] for t in range(x.shape[2])], 2)
+        return self.bn_a(self.conv_a(y.narrow(-2, 0, 8))) * torch.sigmoid(self.bn_b(self.conv_b(y.narrow(-2, 8, 8))))
+
+
+def test_a_channel_slice_by_a_negative_axis_runs_on_the_channels_of_the_lift():
+    """torch.export writes ``narrow(-2, ...)`` of a 3-D value's channels with the axis as given: on the height-one lift
+    axis -2 is the height, and the conv after it got 1 channel (the part was kept whole, its BNs unfolded; review
+    R20a).  The slice's axis is 1 on the lift; exact at the example (float64, 1e-9)."""
+    model = seeded(GatedSteps, 0)().to(D).eval()
+    x = torch.randn(2, 16, 20, dtype=D)
+    fused = fuse(model, x)
+    assert fused.fuse_report.capture == "specialized" and count_bn(fused) == 0, str(fused.fuse_report)
+    assert_exact_at(model, fused, [(2, 16, 20)])
+
+
 class MaskedConv1d(nn.Module):
     """NeMo's masked conv: a Conv1d whose output steps past each sequence's length are zeroed (``lens=None``: no
     mask); ``len(lens)`` is Python fx cannot trace, so fuse keeps it whole.  With ``bn``, a BatchNorm1d inside."""

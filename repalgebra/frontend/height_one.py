@@ -112,8 +112,8 @@ def _along(n: Node, rank: int) -> dict | None:
             return None
         return {**a, "pads": pads[:2] + (0, 0)}
     axis = a["axis"] % rank
-    if axis == 1:
-        return dict(a)
+    if axis == 1:  # (as 1: torch.export writes narrow(-2, ...) of a 3-D value's channels as -2, the lift's height)
+        return {**a, "axis": 1}
     return {**a, "axis": 3} if axis == rank - 1 else None
 
 
