@@ -783,7 +783,8 @@ def _nearest(ctx, n, x):
     so the picks are computed here by torch itself, on the flat index of every pixel.  Where on every axis they are
     the exact picks and ``Resize`` computes them without a rounding that could decide one (:func:`_resize_picks`),
     the file resizes: onnxruntime runs a ``Resize`` 5 to 40 times faster than the ``Gather`` (a 2x upsampling of
-    64 maps of 28x28: 15 us against 560).  Else it gathers them."""
+    64 maps of 28x28: 15 us against 560), by whole factors as constant ``scales`` (exact: ``size * k``), else to
+    the output's sizes.  Else it gathers them."""
     spatial, sizes = n.inputs[0].shape[2:], n.out.shape[2:]
     dtype, like = torch.float64 if ctx.dtype == torch.float64 else torch.float32, [torch.empty(v.shape) for v in n.inputs[1:]]
     picks, resizes = torch.zeros((), dtype=torch.int64), (n.out.dtype or ctx.dtype) in (torch.float32, torch.float16)
@@ -796,11 +797,15 @@ def _nearest(ctx, n, x):
         line = on_axis.reshape(sizes).movedim(axis, 0).reshape(sizes[axis], -1)[:, 0] if on_axis.numel() else None
         resizes = resizes and line is not None and _resize_picks(line, size, n.attrs["mode"] == "nearest-exact")
     if resizes:  # (onnxruntime has no float64 or integer Resize: those gather)
-        lead = ctx.emit("Slice", [ctx.emit("Shape", [x]), ctx.ints("start", [0]), ctx.ints("end", [2])])
         exact = n.attrs["mode"] == "nearest-exact"
-        return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, ctx.ints("size", list(sizes))], axis=0)],
-                        mode="nearest", coordinate_transformation_mode="half_pixel" if exact else "asymmetric",
-                        nearest_mode="round_prefer_ceil" if exact else "floor")
+        how = dict(mode="nearest", coordinate_transformation_mode="half_pixel" if exact else "asymmetric",
+                   nearest_mode="round_prefer_ceil" if exact else "floor")
+        if all(out % size == 0 for size, out in zip(spatial, sizes)):  # (whole factors: constant scales, which
+            # onnxruntime's optimizer turns into its blocked-layout upsampling; a YOLOv8 neck ran 5% slower without)
+            factors = np.asarray([1.0, 1.0, *(out // size for size, out in zip(spatial, sizes))], dtype=np.float32)
+            return ctx.emit("Resize", [x, "", ctx.const("scales", factors)], **how)
+        lead = ctx.emit("Slice", [ctx.emit("Shape", [x]), ctx.ints("start", [0]), ctx.ints("end", [2])])
+        return ctx.emit("Resize", [x, "", "", ctx.emit("Concat", [lead, ctx.ints("size", list(sizes))], axis=0)], **how)
     return ctx.emit("Reshape", [_picked(ctx, x, picks), ctx.ints("shape", [0, 0, *sizes])])
 
 

@@ -1228,7 +1228,9 @@ def _scaled(x, scale_factor, mode, align_corners) -> Any:
 def _nearest(x, size, scale_factor, mode, recompute_scale_factor) -> torch.Tensor:
     """Nearest interpolation at fixed sizes as one ``index_select`` per spatial axis, of the indices torch itself
     picks (run on each axis's coordinates): exact, where the exporter's ``Resize`` picks by ``dst / scale`` and
-    rounds to other pixels at some sizes, and has no 3-D nearest-exact at all (review R9)."""
+    rounds to other pixels at some sizes, and has no 3-D nearest-exact at all (review R9).  By whole factors where
+    torch picks ``floor(dst / k)`` (:func:`~repalgebra.backend.onnx._resize_picks`), an interpolation by those
+    factors, which the exporter writes as a ``Resize`` by constant scales picking the same pixels."""
     spatial = [int(n) for n in x.shape[2:]]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # (as the kernel computes its scale)
     kw = dict(size=size, scale_factor=scale_factor, mode=mode, recompute_scale_factor=recompute_scale_factor)
@@ -1240,6 +1242,14 @@ def _nearest(x, size, scale_factor, mode, recompute_scale_factor) -> torch.Tenso
             coords = torch.arange(n, dtype=dtype).reshape(1, 1, *along).expand(1, 1, *spatial)
             line = torch.nn.functional.interpolate(coords, **kw)[0, 0]
             picks.append(line[(0,) * axis + (slice(None),) + (0,) * (len(spatial) - axis - 1)].to(torch.int64))
+    from repalgebra.backend.onnx import _resize_picks
+
+    if mode == "nearest" and x.dtype in (torch.float32, torch.float16) and all(
+            len(pick) % n == 0 and _resize_picks(pick, n, False) for pick, n in zip(picks, spatial)):
+        # by whole factors, picking floor(dst / k): the exporter's Resize by constant scales picks the same pixels,
+        # and onnxruntime runs it many times faster than a Gather per axis (diffusers' Upsample2D in a UNet fx cannot
+        # trace: 28 ms against 15.9 for a 2x upsampling of 128 maps of 80x80; review R20b)
+        return torch.nn.functional.interpolate(x, scale_factor=tuple(float(len(p) // n) for p, n in zip(picks, spatial)), mode="nearest")
     for axis, pick in enumerate(picks):
         x = x.index_select(axis + 2, pick)
     return x
