@@ -162,8 +162,8 @@ _AUTOCAST_OFF = (*(f"tests/test_fuse_capture.py::test_autocast_turned_off_on_ano
 _PADDED_AFTER_NORM = tuple(f"tests/test_fuse_conv1d.py::test_a_batch_norm_before_a_copying_pad_and_a_conv1d_folds_into_it[{k}]"
                            for k in ("1-reflect-True", "3-reflect-False", "5-replicate-False", "3-circular-False"))
 _EXPORT_BILINEAR = ("tests/test_frontend_export.py::test_a_1d_or_3d_nearest_upsampling_is_an_interpolate[shape4-how4]",)
-_PINNED = tuple(f"tests/test_fuse_capture.py::test_a_part_pinned_to_float32_refuses_calls_under_autocast[{k}]"
-                for k in ("method-False", "function-False", "function-True", "block-True"))
+_PINNED_FLOAT32 = tuple(f"tests/test_fuse_capture.py::test_a_part_pinned_to_float32_refuses_calls_under_autocast[{k}]"
+                        for k in ("method-False", "function-False", "function-True", "block-True"))
 _FLOORS = ("tests/test_onnx_fallback.py::test_floor_division_floors_negative_values_in_the_file",)
 _EXPANDED = ("tests/test_fuse_capture.py::test_a_constant_expanded_to_what_it_multiplies_folds_as_a_scale",)
 _FACTORIES = ("tests/test_fuse_capture.py::test_tensors_made_at_the_batch_size_keep_the_batch_free",)
@@ -1147,7 +1147,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "autocast-off-own-device-refused", "autocast turned off on the model's own device refused, as before (HF's rotary embeddings fix the length)",
      "repalgebra.frontend.fx_trace:_no_autocast", "            tracer.autocast_left_off(on)", "            raise TypeError(on)", _AUTOCAST_OFF),
     ("frontend", "autocast-off-unchecked", "autocast turned off on the model's device traced past, and a call under autocast not refused",
-     "repalgebra.frontend.autocast_off:autocast_left_off", "    if torch.is_autocast_enabled(device):", "    if False:", _AUTOCAST_OFF + _PINNED),
+     "repalgebra.frontend.autocast_off:autocast_left_off", "    if torch.is_autocast_enabled(device):", "    if False:", _AUTOCAST_OFF + _PINNED_FLOAT32),
     ("frontend", "view-hooks-of-the-model", "a forward(*args) view sharing the state-dict hooks that hold the user's model (the copy lost it)",
      "repalgebra.frontend.structured:_rebound", "    if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is model:", "    if False:",
      tuple(f"tests/test_fuse_capture.py::test_a_star_args_wrapper_with_a_load_hook_fuses[{k}]" for k in ("own", "checkpoint_wrapper"))),
@@ -1176,11 +1176,11 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
      "repalgebra.frontend.height_one:_along", '        return {**a, "axis": 1}', "        return dict(a)",
      ("tests/test_fuse_conv1d.py::test_a_channel_slice_by_a_negative_axis_runs_on_the_channels_of_the_lift",)),
     ("frontend", "custom-fwd-unseen", "a part decorated with custom_fwd(cast_inputs=torch.float32) traced as computing in the caller's autocast dtype",
-     "repalgebra.frontend.autocast_off:autocast_turned_off", "caller.f_code is _CUSTOM_FWD", "caller.f_code is None", _PINNED),
+     "repalgebra.frontend.autocast_off:autocast_turned_off", "caller.f_code is _CUSTOM_FWD", "caller.f_code is None", _PINNED_FLOAT32),
     ("frontend", "export-autocast-off-unseen", "torch.export's capture of a part that turns autocast off taken as computing in the caller's autocast dtype",
-     "repalgebra.frontend.aten:_export", "offs.append(on) if on == device else None", "None", _PINNED),
+     "repalgebra.frontend.aten:_export", "offs.append(on) if on == device else None", "None", _PINNED_FLOAT32),
     ("engine", "specialized-autocast-unchecked", "a specialized capture's autocast-off parts not checked on every call",
-     "repalgebra.fuse:_refuse_autocast", "    for device in devices:", "    for device in ():", _PINNED),
+     "repalgebra.fuse:_refuse_autocast", "    for device in devices:", "    for device in ():", _PINNED_FLOAT32),
     ("frontend", "left-norms-unnamed", "BatchNorms left outside the captured graphs not named in the report",
      "repalgebra.fuse:_batch_norms", "return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]",
      "return []", ("tests/test_fuse_call_modes.py::test_batch_norms_no_captured_graph_computes_are_named_in_the_report",)),
