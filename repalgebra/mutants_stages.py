@@ -693,7 +693,7 @@ _SPECS: list[tuple[str, str, str, str, str, str, tuple[str, ...]]] = [
     ("frontend", "einsum-write-lost-by-export", "a write through a one-operand einsum let through to torch.export's decomposition, which loses it",
      "repalgebra.frontend.aten:_returned_input", "if n.target is aten.einsum.default and len(n.args[1]) == 1:", "if False:", _VIEWS),
     ("frontend", "lift-stays-below-a-batch-norm", "a per-channel op whose output is lifted keeps the lift below it (a BatchNorm1d on the input stays)",
-     "repalgebra.frontend.height_one:_moves_with_lift", 'return n.op == "batch_norm" or (n.op == "scale"', 'return (n.op == "scale"',
+     "repalgebra.frontend.height_one:_per_channel_op", 'return n.op == "batch_norm" or (n.op == "scale"', 'return (n.op == "scale"',
      ("tests/test_fuse_conv1d.py::test_a_batch_norm_on_the_input_before_a_1x1_conv1d_folds_into_it",)),
     ("frontend", "lift-stays-below-a-pad", "a BatchNorm1d before a pad the conv reads left 3-D (SpeechBrain's ECAPA-TDNN kept every BN)",
      "repalgebra.frontend.height_one:_lifted", "            lifted.add(id(n.x))", "            pass", _PADDED_AFTER_NORM),

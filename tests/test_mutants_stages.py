@@ -31,6 +31,9 @@ ISSUE_15 = (
 
 # Handlers and lowerings with fewer than three mutants, and why that is enough.
 FEW = {
+    "repalgebra.frontend.height_one:_per_channel_op": "one decision a test reaches alone: a BatchNorm1d counts as per channel",
+    "repalgebra.frontend.height_one:_moves_with_lift": "two decisions: per channel (its own function's) or along the length, "
+    "each reached alone",
     "repalgebra.frontend.outside_reads:_passes_through": "two decisions a test reaches alone: the arguments read once each, "
     "in the call of the attribute holding what it wraps (its pattern)",
     "repalgebra.frontend.height_one:_lifted": "one decision: the lift moves up through what runs on it (its rank test is implied)",

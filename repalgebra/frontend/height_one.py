@@ -193,7 +193,12 @@ def _lifted(graph: Graph) -> set[int]:
 
 def _moves_with_lift(n: Node) -> bool:
     """Whether ``n`` runs on the lift of its input wherever its output is lifted: per channel, or along the length."""
-    return n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1) or (n.op in _ALONG and _along(n, 3) is not None)
+    return _per_channel_op(n) or (n.op in _ALONG and _along(n, 3) is not None)
+
+
+def _per_channel_op(n: Node) -> bool:
+    """Whether 3-D ``n`` is a BatchNorm1d or a scale of the channels."""
+    return n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
 
 
 def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool]) -> bool:
@@ -202,8 +207,7 @@ def _sinks(n: Node, inputs: list[Value], lifted: set[int], known: dict[int, bool
     the convs of its input: it then meets them), or a pad or slice a conv reads (the conv then reads it in 2-D), or
     a per-channel op a conv reads (a BatchNorm1d on the model's input before a 1x1 Conv1d: ``bn_before_conv``
     then meets it; it stayed, a probe)."""
-    per_channel = n.op == "batch_norm" or (n.op == "scale" and n.attrs["axis"] % 3 == 1)
-    moves = _moves_with_lift(n)
+    per_channel, moves = _per_channel_op(n), _moves_with_lift(n)
     if not moves and n.op not in _UNARY and n.op not in _BINARY and not _uniform(n):
         return False
     if n.op in _BINARY and inputs[0].shape != inputs[1].shape:
