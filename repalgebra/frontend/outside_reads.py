@@ -555,7 +555,8 @@ def _passes_through(obj: Any) -> bool:
     if code.co_argcount != 1 or code.co_kwonlyargcount or code.co_flags & star != star or code.co_cellvars:
         return False
     self_name, args, kwargs = code.co_varnames[:3]
-    held = {name for name, value in vars(obj).items() if value is wrapped and name != "__wrapped__"}
+    held = {name for name, value in vars(obj).items()  # (not one a class attribute shadows: a property would run)
+            if value is wrapped and name != "__wrapped__" and inspect.getattr_static(type(obj), name, None) is None}
     ops = [op for op in dis.get_instructions(code) if op.opname != "CACHE"]
     given = [k for k, op in enumerate(ops) if op.opname in ("LOAD_FAST", "STORE_FAST", "DELETE_FAST") and op.argval in (args, kwargs)]
     if len(given) != 2 or given[0] < 2 or given[0] + 4 >= len(ops):
