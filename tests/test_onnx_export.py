@@ -1219,6 +1219,8 @@ def test_nearest_upsampling_exports_as_a_resize(shape, how):
                              torch.Generator().manual_seed(0)).eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     normed = randomize_model_(nn.Sequential(norm(shape[1]), nn.ReLU(), model[2]), torch.Generator().manual_seed(0)).eval()
+    report = repalgebra.fuse(model, x).fuse_report  # (an op of the graph in 1-D and 3-D too, not a call carried)
+    assert report.ops_after.get("interpolate") == 1 and not report.opaque, str(report)
     for dtype, tol in ((torch.float32, RTOL), (torch.float16, 1e-2), (torch.float64, 1e-12)):
         if dtype == torch.float64:  # (no float64 Conv in onnxruntime either: a BN before the upsampling)
             model = normed.to(dtype)
