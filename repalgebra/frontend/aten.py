@@ -57,7 +57,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from repalgebra.frontend.aten_builder import AtenCapture, BatchBound, CaptureFailed, ProgramBuilder, module_path
 from repalgebra.frontend.aten_handlers import HANDLERS, MULTI_HANDLERS, SIZED
-from repalgebra.frontend.autocast_off import autocast_turned_off
+from repalgebra.frontend.autocast_off import autocast_turned_off, device_type_of
 from repalgebra.frontend.capture import first_line
 from repalgebra.frontend.mode_flags import mode_flags_refused
 from repalgebra.frontend.module_globals import globals_kept
@@ -145,7 +145,7 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...],
     """``torch.export`` then ``run_decompositions({})`` (functionalized, high-level ops kept); checked pure.  Also
     the devices of the model's the forward turned autocast off on (which the program does not record: it was traced
     outside autocast; review R19b)."""
-    device = next((t.device.type for t in [*module.parameters(), *module.buffers()]), "cpu")
+    device = device_type_of(module)
     offs: list[str] = []
     try:
         # Under no_grad a `with torch.no_grad():` block in forward changes nothing, so it records

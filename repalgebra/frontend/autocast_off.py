@@ -18,8 +18,9 @@ import threading
 from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 
-__all__ = ["autocast_left_off", "autocast_turned_off"]
+__all__ = ["autocast_left_off", "autocast_turned_off", "device_type_of"]
 
 # The code of ``torch.amp.custom_fwd``'s wrapper (``torch.cuda.amp.custom_fwd`` makes the same one)
 _CUSTOM_FWD = torch.amp.custom_fwd(lambda *args: None, device_type="cpu").__code__
@@ -53,6 +54,12 @@ def autocast_turned_off(left_off: Callable[[str], None],
         yield
     finally:
         torch.amp.autocast_mode.autocast.__enter__, torch.is_autocast_enabled = enter, asked
+
+
+def device_type_of(model: nn.Module) -> str:
+    """The device type of ``model``'s first parameter or buffer (``"cpu"`` where it holds none): where turning
+    autocast off changes what it computes."""
+    return next((t.device.type for t in [*model.parameters(), *model.buffers()]), "cpu")
 
 
 def autocast_left_off(device: str, where: str) -> None:

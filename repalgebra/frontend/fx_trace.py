@@ -38,7 +38,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from repalgebra.channel_affine import ChannelAffine
-from repalgebra.frontend.autocast_off import autocast_left_off, autocast_turned_off
+from repalgebra.frontend.autocast_off import autocast_left_off, autocast_turned_off, device_type_of
 from repalgebra.frontend.calls import FnCall
 from repalgebra.frontend.capture import cloned
 from repalgebra.frontend.inplace import MADE_CONSTANT, MADE_IN_TRACE, READ_AT_VERSION, InplaceProxy, constant_writes, hidden_writes, versions
@@ -133,7 +133,7 @@ def _no_autocast(model: nn.Module, tracer: "Tracer") -> Iterator[None]:
     cast_inputs=torch.float32)``, review R19b) changes nothing either where the caller has autocast off: it is
     entered, and recorded as a check the fused model makes on every call (:func:`autocast_left_off`: a call under
     autocast is refused)."""
-    device = next((t.device.type for t in [*model.parameters(), *model.buffers()]), "cpu")
+    device = device_type_of(model)
 
     def left_off(on: str) -> None:
         if on != device:
